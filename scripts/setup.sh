@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what pg-neon needs on Debian 12: postgresql-15 (when its binaries are missing)
+# and a .venv with the package and its test extras. Idempotent: a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_BIN="${NEON_PG_BIN:-/usr/lib/postgresql/15/bin}"
+if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_waldump" ] || [ ! -x "$PG_BIN/pgbench" ]; then
+    echo "setup: PostgreSQL 15 binaries missing in $PG_BIN; installing postgresql-15 with apt-get"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q postgresql-15 postgresql-contrib-15 || $SUDO apt-get install -y -q postgresql-15
+    # Debian starts a default cluster; pg-neon runs its own, so stop that one if it was started.
+    if command -v pg_ctlcluster >/dev/null 2>&1; then $SUDO pg_ctlcluster 15 main stop 2>/dev/null || true; fi
+fi
+
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+stamp=.venv/.installed
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing pg-neon and its dependencies into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
