@@ -1,0 +1,183 @@
+"""One PostgreSQL server process: initdb, configuration, start, stop, liveness.
+
+The manager knows the postmaster PID it started (from postmaster.pid, checked against /proc)
+and stops servers by that PID, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
+from proto.errors import ExternalCommandFailed, InvalidArgument
+
+NEON_CONF = "neon.conf"
+STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+
+def initdb(
+    datadir: Path,
+    *,
+    superuser: str,
+    password: str | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> None:
+    """Create a new cluster in an empty (or absent) directory."""
+    if datadir.exists() and any(datadir.iterdir()):
+        raise InvalidArgument(f"data directory {datadir} is not empty")
+    make_pg_dir(datadir)
+    args = [
+        "-D",
+        str(datadir),
+        "-U",
+        superuser,
+        "--encoding=UTF8",
+        "--locale=C.UTF-8",
+        "--no-instructions",
+        "-A",
+        "trust",
+        *extra_args,
+    ]
+    pwfile: Path | None = None
+    if password is not None:
+        pwfile = datadir.parent / f".{datadir.name}.initpw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        give_to_pg_user(pwfile)
+        args.append(f"--pwfile={pwfile}")
+    try:
+        run_pg("initdb", args, what=f"initdb of {datadir}")
+    finally:
+        if pwfile is not None:
+            pwfile.unlink(missing_ok=True)
+
+
+def quote_conf_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def write_config(datadir: Path, settings: Mapping[str, object], hba_lines: list[str]) -> None:
+    """Write our settings to neon.conf (included from postgresql.conf) and pg_hba.conf."""
+    conf = datadir / "postgresql.conf"
+    text = conf.read_text()
+    include = f"include_if_exists = '{NEON_CONF}'"
+    if include not in text:
+        conf.write_text(text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n")
+    body = "".join(f"{k} = {quote_conf_value(v)}\n" for k, v in settings.items())
+    _write_pg_file(datadir / NEON_CONF, "# written by neon; edits are overwritten\n" + body)
+    _write_pg_file(datadir / "pg_hba.conf", "# written by neon\n" + "\n".join(hba_lines) + "\n")
+
+
+def _write_pg_file(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    give_to_pg_user(tmp)
+    os.replace(tmp, path)
+
+
+def read_pid_file(datadir: Path) -> int | None:
+    try:
+        first = (datadir / "postmaster.pid").read_text().splitlines()[0]
+        return int(first.strip())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_our_postmaster(pid: int, datadir: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie (state Z) is dead for our purposes.
+    state = stat.rsplit(")", 1)[1].split()[0]
+    if state == "Z":
+        return False
+    return any(part.endswith(b"postgres") for part in cmdline[:1]) and str(datadir).encode() in (
+        b" ".join(cmdline)
+    )
+
+
+def running_pid(datadir: Path) -> int | None:
+    """The PID of the live postmaster of this data directory, or None if it is not running."""
+    pid = read_pid_file(datadir)
+    if pid is None or not _is_our_postmaster(pid, datadir):
+        return None
+    return pid
+
+
+def start(datadir: Path, logfile: Path, *, timeout: int = 60) -> int:
+    """Start the server and wait until it accepts connections; return the postmaster PID."""
+    if not logfile.exists():
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        logfile.touch(mode=0o600)
+    give_to_pg_user(logfile)
+    try:
+        run_pg(
+            "pg_ctl",
+            [
+                "start",
+                "-w",
+                "-t",
+                str(timeout),
+                "-D",
+                str(datadir),
+                "-l",
+                str(logfile),
+                "-o",
+                f"-D {datadir}",
+            ],
+            what=f"starting PostgreSQL on {datadir}",
+            timeout=timeout + 10,
+        )
+    except ExternalCommandFailed as exc:
+        tail = _log_tail(logfile)
+        raise ExternalCommandFailed(f"{exc.message}{'; log: ' + tail if tail else ''}") from None
+    pid = running_pid(datadir)
+    if pid is None:
+        raise ExternalCommandFailed(
+            f"PostgreSQL on {datadir} exited right after starting; see {logfile}"
+        )
+    return pid
+
+
+def _log_tail(logfile: Path) -> str:
+    try:
+        lines = [ln for ln in logfile.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "FATAL" in ln or "ERROR" in ln or "PANIC" in ln]
+    return (errors or lines or [""])[-1].strip()
+
+
+def stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> bool:
+    """Stop the server by its PID; return False if it was not running."""
+    if mode not in STOP_SIGNALS:
+        raise InvalidArgument(f"unknown stop mode {mode!r}: use smart, fast or immediate")
+    pid = running_pid(datadir)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, STOP_SIGNALS[mode])
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_our_postmaster(pid, datadir):
+            return True
+        time.sleep(0.05)
+    raise ExternalCommandFailed(
+        f"PostgreSQL (pid {pid}) on {datadir} did not stop within {timeout:.0f}s in {mode} mode; "
+        "try `-m immediate`"
+    )

@@ -1,0 +1,149 @@
+"""Real PostgreSQL servers for tests: initdb into a temp dir, 127.0.0.1, a free port.
+
+Every server started here is stopped by its PID at fixture teardown, even on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli import postmaster
+from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+
+SUPERUSER = "neon_test"
+PASSWORD = "test-secret-pw"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PgTestServer:
+    """A throwaway PostgreSQL 15 server; `psql` runs SQL through the unix socket."""
+
+    root: Path
+    port: int
+    settings: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def datadir(self) -> Path:
+        return self.root / "pgdata"
+
+    @property
+    def sockdir(self) -> Path:
+        return self.root / "sock"
+
+    @property
+    def logfile(self) -> Path:
+        return self.root / "postgres.log"
+
+    @property
+    def wal_dir(self) -> Path:
+        return self.datadir / "pg_wal"
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return (
+            f"host=127.0.0.1 port={self.port} user={SUPERUSER} password={PASSWORD} dbname={dbname}"
+        )
+
+    def init(self) -> None:
+        make_pg_dir(self.root, 0o711)
+        make_pg_dir(self.sockdir)
+        postmaster.initdb(self.datadir, superuser=SUPERUSER, password=PASSWORD)
+        base = {
+            "port": self.port,
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.sockdir),
+            "wal_level": "replica",
+            "max_wal_senders": 10,
+            "max_replication_slots": 10,
+            "fsync": "off",
+            "shared_buffers": "32MB",
+            "max_prepared_transactions": 10,
+        }
+        base.update(self.settings)
+        hba = [
+            "local all all trust",
+            f"host all {SUPERUSER} 127.0.0.1/32 scram-sha-256",
+            f"host replication {SUPERUSER} 127.0.0.1/32 scram-sha-256",
+        ]
+        postmaster.write_config(self.datadir, base, hba)
+
+    def start(self) -> int:
+        return postmaster.start(self.datadir, self.logfile)
+
+    def stop(self, mode: str = "fast") -> None:
+        postmaster.stop(self.datadir, mode)
+
+    def run(
+        self, binary: str, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a client binary (psql, pgbench, pg_waldump...) against this server."""
+        env = {"PGHOST": str(self.sockdir), "PGPORT": str(self.port), "PGUSER": SUPERUSER}
+        return subprocess.run(
+            [pg_binary(binary), *args],
+            input=input,
+            text=True,
+            capture_output=True,
+            check=check,
+            **popen_kwargs(env),
+        )  # type: ignore[call-overload]
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        """Run SQL (ON_ERROR_STOP) and return unaligned, tuples-only output."""
+        proc = self.run(
+            "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-d", dbname, input=sql, check=False
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"psql failed: {proc.stderr}")
+        return proc.stdout.strip()
+
+
+class PgTestCluster:
+    """Creates servers on demand and stops every one of them at the end."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.servers: list[PgTestServer] = []
+
+    def create(
+        self, settings: Mapping[str, object] | None = None, start: bool = True
+    ) -> PgTestServer:
+        root = Path(tempfile.mkdtemp(prefix="pg", dir=self.base))
+        server = PgTestServer(root, free_port(), dict(settings or {}))
+        self.servers.append(server)
+        server.init()
+        if start:
+            server.start()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            try:
+                server.stop("immediate")
+            except Exception:
+                pid = postmaster.read_pid_file(server.datadir)
+                if pid:
+                    try:
+                        os.kill(pid, 9)
+                    except OSError:
+                        pass
+
+
+def cluster_fixture(tmp_path_factory: object) -> Iterator[PgTestCluster]:
+    base = Path(tempfile.mkdtemp(prefix="neon-pgtest-"))
+    os.chmod(base, 0o711)
+    cluster = PgTestCluster(base)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
