@@ -5,6 +5,7 @@ Every server started here is stopped by its PID at fixture teardown, even on fai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -133,10 +134,8 @@ class PgTestCluster:
             except Exception:
                 pid = postmaster.read_pid_file(server.datadir)
                 if pid:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.kill(pid, 9)
-                    except OSError:
-                        pass
 
 
 def cluster_fixture(tmp_path_factory: object) -> Iterator[PgTestCluster]:
