@@ -1,7 +1,54 @@
-"""Entry point of the `neon` command (placeholder, replaced by the CLI module)."""
+"""The `neon` command: the top-level group, global options and error reporting."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import click
+
+from proto.errors import NeonError
+
+
+class NeonGroup(click.Group):
+    """Turns every NeonError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except NeonError as exc:
+            click.echo(f"neon: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("neon: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=NeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="NEON_HOME",
+    default=None,
+    help="State directory (default: $NEON_HOME or ~/.neon).",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """Git-like history for PostgreSQL data directories."""
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = home
+
+
+def _register_commands() -> None:
+    from cli.waldump import waldump_command
+
+    cli.add_command(waldump_command)
+
 
 def main() -> None:
-    raise SystemExit("neon: not yet built")
+    _register_commands()
+    cli(prog_name="neon")
+
+
+if __name__ == "__main__":
+    main()
