@@ -1,0 +1,237 @@
+"""A durable directory of raw WAL, laid out like pg_wal.
+
+Files are named as PostgreSQL names segments. The segment being written carries a `.partial`
+suffix and holds exactly the bytes received so far (no zero pre-fill, so its size says how
+far it got). When it is full it is fsynced, renamed to its final name, and the directory
+fsynced: a complete segment in the archive is always whole and byte-identical to the server's.
+
+Resume rule (after a crash, SIGKILL or power loss): streaming restarts at the newest file's
+valid prefix: a complete segment resumes at the next segment's start; a partial one at its
+size rounded down to a WAL page (8192), then further down past any page whose header does not
+carry its own address (`xlp_pageaddr`), which catches a torn or zero-filled tail left by a lost
+page cache. Those bytes are truncated and received again; the server resends them because the
+flush position we reported (and so the slot's restart_lsn) is never beyond what was fsynced,
+and the resume point stays inside the segment the slot still retains.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from proto.errors import CorruptData, InvalidArgument
+from walreceiver.lsn import (
+    WAL_BLOCK_SIZE,
+    format_lsn,
+    lsn_segno,
+    parse_segment_file_name,
+    segment_file_name,
+    segment_start,
+)
+
+PARTIAL = ".partial"
+_PAGEADDR = struct.Struct("<Q")
+_PAGEADDR_OFFSET = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedSegment:
+    timeline: int
+    segno: int
+    partial: bool
+    path: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WalArchive:
+    """Writes streamed WAL into segment files; `flush()` returns the fsynced end LSN.
+
+    Not thread-safe: the owner serializes calls (the receiver runs them on one worker thread
+    so fsync never blocks the event loop).
+    """
+
+    def __init__(self, directory: Path, segment_size: int) -> None:
+        if segment_size < WAL_BLOCK_SIZE or segment_size & (segment_size - 1):
+            raise InvalidArgument(f"WAL segment size {segment_size} is not a power of two")
+        self.directory = Path(directory)
+        self.segment_size = segment_size
+        self.timeline = 0
+        self.written_lsn = 0
+        self.flushed_lsn = 0
+        self._fd: int | None = None
+        self._segno = -1
+        self._dirty = False
+        self._dir_dirty = False
+        self._begun = False
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    # -- inventory ------------------------------------------------------------------------
+
+    def segments(self) -> list[ArchivedSegment]:
+        """Every segment file, ordered by (timeline, segno), complete before partial."""
+        out = []
+        for entry in os.scandir(self.directory):
+            try:
+                tli, segno, partial = parse_segment_file_name(entry.name, self.segment_size)
+            except InvalidArgument:
+                continue
+            out.append(ArchivedSegment(tli, segno, partial, Path(entry.path)))
+        out.sort(key=lambda s: (s.timeline, s.segno, s.partial))
+        return out
+
+    def _valid_prefix(self, path: Path, seg_start: int) -> int:
+        """Length of the partial file's page-aligned prefix whose pages carry their address."""
+        size = path.stat().st_size
+        if size > self.segment_size:
+            raise CorruptData(
+                f"{path} is {size} bytes, larger than a {self.segment_size}-byte segment; "
+                "was the archive written with another wal_segment_size? Move it away."
+            )
+        end = size - size % WAL_BLOCK_SIZE
+        with open(path, "rb") as f:
+            while end > 0:
+                page = end - WAL_BLOCK_SIZE
+                f.seek(page + _PAGEADDR_OFFSET)
+                raw = f.read(_PAGEADDR.size)
+                if len(raw) == _PAGEADDR.size and _PAGEADDR.unpack(raw)[0] == seg_start + page:
+                    break
+                end = page
+        return end
+
+    def resume(self) -> tuple[int, int] | None:
+        """(timeline, LSN) to restart streaming from, or None for an empty archive."""
+        segs = self.segments()
+        if not segs:
+            return None
+        newest = segs[-1]
+        start = segment_start(newest.segno, self.segment_size)
+        if not newest.partial:
+            return newest.timeline, start + self.segment_size
+        return newest.timeline, start + self._valid_prefix(newest.path, start)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _path(self, timeline: int, segno: int, partial: bool) -> Path:
+        name = segment_file_name(timeline, segno, self.segment_size)
+        return self.directory / (name + (PARTIAL if partial else ""))
+
+    def begin(self, timeline: int, lsn: int) -> None:
+        """Position for writing at `lsn` on `timeline` (a segment start or a resume point).
+
+        Mid-segment starts need that segment's partial file to hold at least the bytes before
+        `lsn`; anything after it is truncated (it will be received again).
+        """
+        self._close_current()
+        segno = lsn_segno(lsn, self.segment_size)
+        offset = lsn - segment_start(segno, self.segment_size)
+        if self._path(timeline, segno, False).exists():
+            raise InvalidArgument(
+                f"segment {segment_file_name(timeline, segno, self.segment_size)} is already "
+                f"complete in {self.directory}; cannot write {format_lsn(lsn)} into it again"
+            )
+        path = self._path(timeline, segno, True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        size = os.fstat(fd).st_size
+        if size < offset:
+            os.close(fd)
+            raise CorruptData(
+                f"cannot resume at {format_lsn(lsn)}: {path} holds only {size} bytes of that "
+                "segment; streaming must start at a segment boundary"
+            )
+        if size != offset:
+            os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        self._fd, self._segno, self.timeline = fd, segno, timeline
+        self._begun = True
+        self.written_lsn = self.flushed_lsn = lsn
+        self._dirty = size != offset
+        self._dir_dirty = size == 0
+
+    def write(self, lsn: int, data: bytes | memoryview) -> None:
+        """Append WAL received at `lsn`; it must continue exactly where the last write ended."""
+        if not self._begun:
+            raise InvalidArgument("WalArchive.write before begin()")
+        if lsn != self.written_lsn:
+            raise CorruptData(
+                f"WAL chunk at {format_lsn(lsn)} does not continue the archive at "
+                f"{format_lsn(self.written_lsn)}"
+            )
+        view = memoryview(data)
+        while view:
+            if self._fd is None:  # the previous segment just completed
+                path = self._path(self.timeline, self._segno, True)
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                self._dir_dirty = True
+            seg_end = segment_start(self._segno + 1, self.segment_size)
+            n = min(len(view), seg_end - self.written_lsn)
+            piece = view[:n]
+            while piece:
+                written = os.write(self._fd, piece)
+                piece = piece[written:]
+            self.written_lsn += n
+            self._dirty = True
+            view = view[n:]
+            if self.written_lsn == seg_end:
+                self._complete_segment()
+
+    def _complete_segment(self) -> None:
+        """fsync the full segment and give it its final name; the next opens on demand."""
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(
+            self._path(self.timeline, self._segno, True),
+            self._path(self.timeline, self._segno, False),
+        )
+        _fsync_dir(self.directory)
+        self.flushed_lsn = self.written_lsn
+        self._segno += 1
+        self._dirty = False
+
+    def flush(self) -> int:
+        """fsync what was written; return the LSN up to which WAL is durable."""
+        if self._fd is not None and self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        if self._dir_dirty:
+            _fsync_dir(self.directory)
+            self._dir_dirty = False
+        self.flushed_lsn = self.written_lsn
+        return self.flushed_lsn
+
+    def write_history(self, filename: str, content: bytes) -> Path:
+        """Store a timeline history file (atomically: temp file, fsync, rename, dir fsync)."""
+        if "/" in filename or not filename.endswith(".history"):
+            raise CorruptData(f"refusing to store history file with name {filename!r}")
+        path = self.directory / filename
+        tmp = path.with_name(filename + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.directory)
+        return path
+
+    def _close_current(self) -> None:
+        if self._begun:
+            self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._begun = False
+
+    def close(self) -> int:
+        """Flush and close; the current segment stays `.partial`. Returns the flushed LSN."""
+        self._close_current()
+        return self.flushed_lsn

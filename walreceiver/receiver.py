@@ -1,0 +1,358 @@
+"""The WAL receiver: a replication slot, streamed into the durable archive, forever.
+
+`WalReceiver.run()` connects, makes sure the slot exists, resumes where the archive's durable
+data ends (else at the slot's restart point, else at the server's current position), streams
+into the archive, reports write/flush positions (flush only after fsync), follows timeline
+switches, and reconnects with exponential backoff when the connection drops. It returns when
+the server ends the stream (shutdown after its final WAL was confirmed); the caller decides
+whether to run it again. Cancel the task to stop it.
+
+Archive I/O runs on one dedicated worker thread: calls are serialized there, and an fsync
+never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from proto.errors import Conflict, NeonError, Unavailable
+from walreceiver.archive import WalArchive
+from walreceiver.lsn import format_lsn, lsn_segno, segment_start
+from walreceiver.replication import (
+    ReplicationConnection,
+    ReplicationStream,
+    SlotAlreadyExists,
+    SlotNotFound,
+    connect,
+)
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SERVER_ENDED = "server ended stream"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnParams:
+    host: str
+    port: int
+    user: str
+    password: str | None = None
+    application_name: str = "pg-neon-walreceiver"
+
+
+@dataclass(frozen=True, slots=True)
+class WalChunk:
+    """Contiguous WAL, durable in the archive, handed to `on_flushed` in stream order."""
+
+    timeline: int
+    start_lsn: int
+    data: bytes
+
+    @property
+    def end_lsn(self) -> int:
+        return self.start_lsn + len(self.data)
+
+
+class ReceiverState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    BACKOFF = "backoff"
+    ENDED = "ended"  # the server ended the stream cleanly
+    STOPPED = "stopped"  # cancelled by the owner
+    FAILED = "failed"  # a non-retryable error; see last_error
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Connection trouble and a slot still held by our previous (dead) session are transient."""
+    return isinstance(err, Unavailable | Conflict | OSError)
+
+
+class WalReceiver:
+    """Streams a slot into a WAL archive; see the module docstring for the life cycle."""
+
+    def __init__(
+        self,
+        params: ConnParams,
+        slot: str,
+        archive_dir: Path,
+        *,
+        create_slot: bool = False,
+        status_interval: float = 1.0,
+        on_flushed: Callable[[WalChunk], Awaitable[None]] | None = None,
+        min_backoff: float = 0.2,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.params = params
+        self.slot = slot
+        self.archive_dir = Path(archive_dir)
+        self.create_slot = create_slot
+        self.status_interval = status_interval
+        self.on_flushed = on_flushed
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.state = ReceiverState.IDLE
+        self.timeline = 0
+        self.received_lsn = 0
+        self.flushed_lsn = 0
+        self.last_error: BaseException | None = None
+        self.end_reason: str | None = None
+        self.archive: WalArchive | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[WalChunk] = deque()
+        self._queued_end: int | None = None  # end of WAL already handed (or queued) to the hook
+        self._delivered_end: int | None = None
+        self._deliver_lock = asyncio.Lock()
+        self._stream: ReplicationStream | None = None
+
+    async def _io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-archive")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Stream until the server ends the stream (returns the reason) or a fatal error."""
+        backoff = self.min_backoff
+        try:
+            while True:
+                self.state = ReceiverState.CONNECTING
+                try:
+                    reason = await self._session()
+                except NeonError as exc:
+                    self.last_error = exc
+                    if not is_retryable(exc):
+                        self.state = ReceiverState.FAILED
+                        raise
+                except OSError as exc:
+                    self.last_error = exc
+                else:
+                    self.state = ReceiverState.ENDED
+                    self.end_reason = reason
+                    return reason
+                if self.state == ReceiverState.STREAMING:
+                    backoff = self.min_backoff  # we got somewhere: start backing off afresh
+                self.state = ReceiverState.BACKOFF
+                log.warning("%s; reconnecting in %.1fs", self.last_error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        except asyncio.CancelledError:
+            self.state = ReceiverState.STOPPED
+            raise
+        finally:
+            await self._close_archive()
+
+    async def _close_archive(self) -> None:
+        if self.archive is not None:
+            archive, self.archive = self.archive, None
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._io(archive.close))
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _session(self) -> str:
+        p = self.params
+        conn = await connect(p.host, p.port, p.user, p.password, p.application_name)
+        try:
+            if self.archive is None:
+                seg_size = await conn.wal_segment_size()
+                self.archive = await self._io(WalArchive, self.archive_dir, seg_size)
+            timeline, lsn = await self._start_point(conn, self.archive)
+            while True:
+                await self._io(self.archive.begin, timeline, lsn)
+                # Bytes past the resume point were truncated and come again: until re-fsynced
+                # they are not durable, and the hook must not see them twice.
+                self._pending.clear()
+                self._queued_end = self._delivered_end
+                self.timeline = timeline
+                self.flushed_lsn = lsn
+                log.info("streaming from %s on timeline %d", format_lsn(lsn), timeline)
+                stream = await conn.start_replication(
+                    self.slot,
+                    lsn,
+                    timeline,
+                    status_interval=self.status_interval,
+                    on_reply_requested=self._flush,
+                )
+                await self._stream_into_archive(stream)
+                if stream.next_timeline is None:
+                    return SERVER_ENDED
+                timeline, switch = stream.next_timeline
+                history = await conn.timeline_history(timeline)
+                await self._io(self.archive.write_history, history.filename, history.content)
+                log.info("timeline %d starts at %s", timeline, format_lsn(switch))
+                # Like pg_receivewal: restart at the segment start, on the new timeline.
+                seg = self.archive.segment_size
+                lsn = segment_start(lsn_segno(switch, seg), seg)
+        finally:
+            self._stream = None
+            await conn.close()
+
+    async def _start_point(
+        self, conn: ReplicationConnection, archive: WalArchive
+    ) -> tuple[int, int]:
+        slot = await conn.read_replication_slot(self.slot)
+        if slot is None:
+            if not self.create_slot:
+                raise SlotNotFound(
+                    f"replication slot {self.slot!r} does not exist on {conn.where}; create it "
+                    "or let the receiver create it (--create-slot)"
+                )
+            with contextlib.suppress(SlotAlreadyExists):
+                await conn.create_physical_slot(self.slot)
+            slot = await conn.read_replication_slot(self.slot)
+        resume = await self._io(archive.resume)
+        if resume is not None:
+            return resume
+        seg = archive.segment_size
+        if slot is not None and slot.restart_lsn is not None:
+            tli = slot.restart_tli or (await conn.identify_system()).timeline
+            return tli, segment_start(lsn_segno(slot.restart_lsn, seg), seg)
+        ident = await conn.identify_system()
+        return ident.timeline, segment_start(lsn_segno(ident.xlogpos, seg), seg)
+
+    async def _stream_into_archive(self, stream: ReplicationStream) -> None:
+        assert self.archive is not None
+        archive = self.archive
+        self._stream = stream
+        stream.update(write=archive.written_lsn, flush=archive.flushed_lsn)
+        flusher = asyncio.create_task(self._flush_timer())
+        self.state = ReceiverState.STREAMING
+        try:
+            async for msg in stream:
+                await self._io(archive.write, msg.data_start, msg.data)
+                self.received_lsn = msg.data_end
+                stream.update(write=msg.data_end)
+                if self.on_flushed is not None:
+                    self._queue(WalChunk(archive.timeline, msg.data_start, msg.data))
+                if archive.flushed_lsn > self.flushed_lsn:  # a segment just completed
+                    await self._flushed(archive.flushed_lsn)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(BaseException):
+                await flusher
+        await self._flush()
+
+    def _queue(self, chunk: WalChunk) -> None:
+        """Queue a chunk for the hook, minus any prefix it already has (after a resume)."""
+        done = self._queued_end
+        if done is not None and chunk.start_lsn < done:
+            if chunk.end_lsn <= done:
+                return
+            chunk = WalChunk(chunk.timeline, done, chunk.data[done - chunk.start_lsn :])
+        self._pending.append(chunk)
+        self._queued_end = chunk.end_lsn
+
+    async def _flush_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.status_interval)
+            await self._flush()
+            if self._stream is not None:
+                await self._stream.send_status()
+
+    async def _flush(self) -> None:
+        """fsync the archive, then let the server and the hook know."""
+        if self.archive is not None:
+            await self._flushed(await self._io(self.archive.flush))
+
+    async def _flushed(self, lsn: int) -> None:
+        self.flushed_lsn = max(self.flushed_lsn, lsn)
+        if self._stream is not None:
+            self._stream.update(flush=lsn)
+        if self.on_flushed is None:
+            return
+        async with self._deliver_lock:
+            while self._pending and self._pending[0].start_lsn < lsn:
+                chunk = self._pending.popleft()
+                if chunk.end_lsn > lsn:  # deliver the durable part, keep the rest
+                    cut = lsn - chunk.start_lsn
+                    self._pending.appendleft(WalChunk(chunk.timeline, lsn, chunk.data[cut:]))
+                    chunk = WalChunk(chunk.timeline, chunk.start_lsn, chunk.data[:cut])
+                await self.on_flushed(chunk)
+                self._delivered_end = chunk.end_lsn
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point: `python -m walreceiver.receiver ...` (tests run it as a killable process)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Stream a PostgreSQL replication slot into a WAL dir")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=5432)
+    ap.add_argument("--user", required=True)
+    ap.add_argument("--password-file", type=Path)
+    ap.add_argument("--slot", required=True)
+    ap.add_argument("--archive", type=Path, required=True)
+    ap.add_argument("--create-slot", action="store_true")
+    ap.add_argument("--status-interval", type=float, default=1.0)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace) -> str:
+    password = None
+    if args.password_file:
+        password = args.password_file.read_text().rstrip("\r\n")
+    receiver = WalReceiver(
+        ConnParams(args.host, args.port, args.user, password),
+        args.slot,
+        args.archive,
+        create_slot=args.create_slot,
+        status_interval=args.status_interval,
+    )
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if task is not None:
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await receiver.run()
+    except asyncio.CancelledError:
+        return "stopped"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="walreceiver: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+
+        runner: Callable[..., str] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        reason = runner(_main(args))
+    except NeonError as exc:
+        print(f"walreceiver: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"walreceiver: {reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
