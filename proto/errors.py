@@ -64,6 +64,12 @@ class ExternalCommandFailed(NeonError):
     code = "external_command_failed"
 
 
+class InternalError(NeonError):
+    """A bug on the other side of the wire: the server logged details, the user sees a summary."""
+
+    code = "internal"
+
+
 ERRORS_BY_CODE: dict[str, type[NeonError]] = {
     cls.code: cls
     for cls in (
@@ -77,6 +83,7 @@ ERRORS_BY_CODE: dict[str, type[NeonError]] = {
         ProtocolError,
         CorruptData,
         ExternalCommandFailed,
+        InternalError,
     )
 }
 

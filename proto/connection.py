@@ -1,0 +1,109 @@
+"""Typed messages over one asyncio stream pair: the I/O edge shared by client and server.
+
+All protocol logic stays in frames/messages; this only moves bytes, applies write backpressure
+and turns socket failures into typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from contextlib import suppress
+from typing import Any
+
+from proto.errors import ProtocolError, Unavailable
+from proto.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from proto.messages import Message, StreamData, decode_payload, encode_message
+
+READ_SIZE = 256 * 1024
+STREAM_CHUNK_SIZE = 1024 * 1024
+"""Larger byte strings are split so a frame never nears the limit and memory stays bounded."""
+_STREAM_DATA_OVERHEAD = 64
+_CLOSE_TIMEOUT = 2.0
+
+
+class MessageStream:
+    """Reads and writes whole messages; `failed` is set once the byte stream is out of sync.
+
+    Cancellation does not desynchronize it: writes are whole frames, reads consume nothing
+    until data arrives.
+
+    After a failure (malformed input, EOF mid-frame, socket error) the only sensible thing left
+    is to report the error if possible and close.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = FrameDecoder(max_frame_size=max_frame_size)
+        self._pending: deque[Any] = deque()
+        self.max_frame_size = max_frame_size
+        self.chunk_size = max(1, min(STREAM_CHUNK_SIZE, max_frame_size - _STREAM_DATA_OVERHEAD))
+        self.failed = False
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    async def recv(self) -> Message | None:
+        """The next message, or None on a clean end of stream (at a frame boundary)."""
+        try:
+            while not self._pending:
+                try:
+                    data = await self._reader.read(READ_SIZE)
+                except OSError as exc:
+                    raise Unavailable(f"connection to {self.peer} lost: {exc}") from exc
+                if not data:
+                    self.failed = True
+                    if self._decoder.buffered:
+                        raise ProtocolError("connection closed in the middle of a frame")
+                    return None
+                self._pending.extend(self._decoder.feed(data))
+            return decode_payload(self._pending.popleft())
+        except Exception:
+            self.failed = True
+            raise
+
+    def encode(self, msg: Message) -> bytes:
+        """Encode before writing, so an unencodable message leaves the stream in sync."""
+        return encode_message(msg, max_frame_size=self.max_frame_size)
+
+    async def write_frame(self, frame: bytes) -> None:
+        """Write and wait for the transport to drain below its high-water mark (backpressure)."""
+        try:
+            if self._writer.is_closing():
+                raise Unavailable(f"connection to {self.peer} is closed")
+            self._writer.write(frame)
+            await self._writer.drain()
+        except OSError as exc:
+            self.failed = True
+            raise Unavailable(f"connection to {self.peer} lost: {exc}") from exc
+
+    async def send(self, msg: Message) -> None:
+        await self.write_frame(self.encode(msg))
+
+    async def send_data(self, id: int, data: bytes | bytearray | memoryview) -> None:
+        """Send bytes as StreamData chunks of at most `chunk_size` bytes each."""
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.chunk_size):
+            await self.send(StreamData(id, bytes(view[start : start + self.chunk_size])))
+
+    async def close(self) -> None:
+        """Flush and close; abort if the peer does not let us flush in time."""
+        if not self._writer.is_closing():
+            self._writer.close()
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self._writer.wait_closed()
+        except (OSError, TimeoutError):
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding unsent data."""
+        self.failed = True
+        with suppress(Exception):
+            self._writer.transport.abort()

@@ -1,0 +1,341 @@
+"""ProtoServer and ProtoClient over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proto.client import ProtoClient, call_sync
+from proto.errors import (
+    AuthFailed,
+    Conflict,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    Unavailable,
+)
+from proto.frames import FrameDecoder
+from proto.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    HelloOk,
+    Request,
+    Response,
+    StreamData,
+    StreamEnd,
+    decode_payload,
+    encode_message,
+)
+from proto.server import ProtoServer, RequestContext
+
+TOKEN = "t0ken"
+STEP = 5.0  # generous bound for any single network step on loopback
+
+
+def blob(size: int) -> bytes:
+    """Deterministic, non-repeating-looking content."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(counter.to_bytes(8, "big")).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+async def echo(ctx: RequestContext) -> Any:
+    return ctx.params
+
+
+async def fail(ctx: RequestContext) -> Any:
+    raise InvalidArgument(f"bad value {ctx.params.get('x')!r}")
+
+
+async def crash(ctx: RequestContext) -> Any:
+    raise ZeroDivisionError("oops")
+
+
+async def unencodable(ctx: RequestContext) -> Any:
+    return object()
+
+
+async def download(ctx: RequestContext) -> Any:
+    data = blob(ctx.params["size"])
+    for start in range(0, len(data), 300_000):  # deliberately not the wire chunk size
+        await ctx.send(data[start : start + 300_000])
+    if ctx.params.get("fail_after"):
+        raise NotFound("vanished midway")
+    return {"sha256": hashlib.sha256(data).hexdigest()}
+
+
+async def upload(ctx: RequestContext) -> Any:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in ctx.upload():
+        digest.update(chunk)
+        size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+async def refuse_upload(ctx: RequestContext) -> Any:
+    raise Conflict("not now")
+
+
+HANDLERS = {
+    "echo": echo,
+    "fail": fail,
+    "crash": crash,
+    "unencodable": unencodable,
+    "download": download,
+    "upload": upload,
+    "refuse_upload": refuse_upload,
+}
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ProtoServer]:
+    srv = ProtoServer(HANDLERS, token=TOKEN, server_name="test-ps", hello_timeout=1.0)
+    await srv.start()
+    yield srv
+    await asyncio.wait_for(srv.close(), STEP)
+
+
+async def connect(srv: ProtoServer, **kw: Any) -> ProtoClient:
+    kw.setdefault("token", TOKEN)
+    return await ProtoClient.connect("127.0.0.1", srv.port, timeout=STEP, **kw)
+
+
+async def assert_serves(srv: ProtoServer) -> None:
+    async with await connect(srv) as client:
+        assert await asyncio.wait_for(client.call("echo", ok=1), STEP) == {"ok": 1}
+
+
+async def test_call_and_typed_errors(server: ProtoServer) -> None:
+    assert server.port > 0
+    async with await connect(server) as client:
+        assert client.server_name == "test-ps"
+        assert await client.call("echo", a=1, b=[b"x", None]) == {"a": 1, "b": [b"x", None]}
+        with pytest.raises(InvalidArgument, match="bad value 3"):
+            await client.call("fail", x=3)
+        with pytest.raises(NotFound, match="no method 'nope'"):
+            await client.call("nope")
+        with pytest.raises(InternalError, match="ZeroDivisionError: oops"):
+            await client.call("crash")
+        with pytest.raises(InternalError, match="cannot be sent"):
+            await client.call("unencodable")
+        with pytest.raises(ProtocolError, match="cannot encode"):
+            await client.call("echo", x=object())
+        # Every error above left the connection usable.
+        assert await client.call("echo") == {}
+
+
+async def test_wrong_or_missing_token(server: ProtoServer) -> None:
+    with pytest.raises(AuthFailed, match=r"127\.0\.0\.1:\d+ refused.*wrong token"):
+        await connect(server, token="nope")
+    with pytest.raises(AuthFailed, match="requires a token"):
+        await connect(server, token=None)
+    await assert_serves(server)
+
+
+async def raw_exchange(port: int, data: bytes, *, eof: bool = True) -> list[Any]:
+    """Send raw bytes, then collect every message the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        if eof:
+            writer.write_eof()
+        await writer.drain()
+        received = b""
+        async with asyncio.timeout(STEP):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        received = b""  # the server closed first: fine, it did not hang
+    finally:
+        writer.close()
+    try:
+        return [decode_payload(p) for p in FrameDecoder().feed(received)]
+    except ProtocolError:
+        pytest.fail(f"server sent an undecodable reply: {received!r}")
+
+
+async def test_wrong_protocol_version(server: ProtoServer) -> None:
+    replies = await raw_exchange(server.port, encode_message(Hello(99, TOKEN, "future")))
+    assert len(replies) == 1 and isinstance(replies[0], Error)
+    assert replies[0].code == "protocol_error"
+    assert "client speaks version 99" in replies[0].message
+    assert f"speaks version {PROTOCOL_VERSION}" in replies[0].message
+
+
+async def test_download_several_mib(server: ProtoServer) -> None:
+    size = 5 * 1024 * 1024 + 123
+    async with await connect(server) as client:
+        async with client.download("download", size=size) as stream:
+            chunks = [chunk async for chunk in stream]
+        assert len(chunks) > 1
+        data = b"".join(chunks)
+        assert data == blob(size)
+        assert stream.result == {"sha256": hashlib.sha256(data).hexdigest()}
+        # An empty download ends with the result too; the connection is reusable.
+        empty = client.download("download", size=0)
+        assert await empty.read() == b""
+        assert empty.result == {"sha256": hashlib.sha256(b"").hexdigest()}
+        # A failure midway raises the typed error after the chunks already sent.
+        with pytest.raises(NotFound, match="vanished"):
+            await client.download("download", size=1000, fail_after=True).read()
+        with pytest.raises(ProtocolError, match="use download"):
+            await client.call("download", size=10)
+    # call() on a streaming method closed that connection; the server is fine.
+    await assert_serves(server)
+
+
+async def test_abandoned_download_closes_the_connection(server: ProtoServer) -> None:
+    client = await connect(server)
+    async with client.download("download", size=3_000_000) as stream:
+        async for _ in stream:
+            with pytest.raises(Conflict, match="busy"):
+                await client.call("echo")
+            break
+    with pytest.raises(Unavailable, match="closed"):
+        await client.call("echo")
+    await assert_serves(server)
+
+
+async def chunked(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def test_upload_stream(server: ProtoServer) -> None:
+    data = blob(3 * 1024 * 1024 + 7)
+    async with await connect(server) as client:
+        result = await client.upload("upload", chunked(data, 100_000), label="x")
+        assert result == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert await client.upload("upload", chunked(b"", 1)) == {
+            "size": 0,
+            "sha256": hashlib.sha256(b"").hexdigest(),
+        }
+        # A handler that answers without reading the upload: typed error, connection in sync.
+        with pytest.raises(Conflict, match="not now"):
+            await client.upload("refuse_upload", chunked(data, 100_000))
+        assert await client.call("echo", after=True) == {"after": True}
+
+
+async def test_failing_upload_source_closes_the_connection(server: ProtoServer) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise OSError("disk went away")
+
+    client = await connect(server)
+    with pytest.raises(OSError, match="disk went away"):
+        await client.upload("upload", broken())
+    with pytest.raises(Unavailable):
+        await client.call("echo")
+    await assert_serves(server)
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connections are refused
+        with pytest.raises(Unavailable, match=rf"127\.0\.0\.1:{port}.*neon pageserver start"):
+            await ProtoClient.connect("127.0.0.1", port, timeout=STEP)
+
+
+async def test_call_sync_from_a_thread(server: ProtoServer) -> None:
+    result = await asyncio.to_thread(
+        call_sync, "127.0.0.1", server.port, "echo", token=TOKEN, method_name="m"
+    )
+    assert result == {"method_name": "m"}
+    with pytest.raises(NotFound):
+        await asyncio.to_thread(call_sync, "127.0.0.1", server.port, "nope", token=TOKEN)
+
+
+async def test_silent_client_times_out_at_hello(server: ProtoServer) -> None:
+    replies = await raw_exchange(server.port, b"\x00\x00", eof=False)
+    assert [(r.code, "no hello" in r.message) for r in replies if isinstance(r, Error)] == [
+        ("protocol_error", True)
+    ]
+
+
+async def test_close_with_open_connections() -> None:
+    srv = ProtoServer(HANDLERS, token=None)
+    await srv.start()
+    client = await ProtoClient.connect("127.0.0.1", srv.port, token="ignored")
+    stream = client.download("download", size=20_000_000)
+    await stream.__anext__()  # the handler is now blocked on backpressure
+    await asyncio.wait_for(srv.close(), STEP)
+    with pytest.raises(Unavailable):
+        async with asyncio.timeout(STEP):
+            async for _ in stream:
+                pass
+    await client.close()
+
+
+# -- garbage over real sockets -----------------------------------------------------------------
+
+HELLO = encode_message(Hello(PROTOCOL_VERSION, TOKEN, "fuzz"))
+VALID = [
+    HELLO,
+    encode_message(Request(1, "echo", {"a": 1})),
+    encode_message(Request(2, "upload", {})),
+    encode_message(StreamData(2, b"abc")),
+    encode_message(StreamEnd(2, None)),
+    encode_message(Request(3, "download", {"size": 10})),
+]
+garbage = st.one_of(
+    st.binary(max_size=300),
+    # A valid prefix cut anywhere, optionally followed by random bytes.
+    st.tuples(st.integers(1, len(VALID)), st.integers(0, 200), st.binary(max_size=50)).map(
+        lambda t: b"".join(VALID[: t[0]])[: -t[1] or None] + t[2]
+    ),
+    # A hello, then a frame claiming a huge or zero length, or a random frame.
+    st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=50)).map(
+        lambda t: HELLO + struct.pack(">I", t[0]) + t[1]
+    ),
+)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=garbage)
+async def test_garbage_never_crashes_or_hangs_the_server(server: ProtoServer, data: bytes) -> None:
+    replies = await raw_exchange(server.port, data)
+    # Whatever came back is well-formed; anything after a connection error is impossible.
+    for i, reply in enumerate(replies):
+        assert isinstance(reply, HelloOk | Response | StreamData | StreamEnd | Error)
+        if isinstance(reply, Error) and reply.id == 0:
+            assert i == len(replies) - 1
+    await assert_serves(server)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "exceeds the maximum frame size"),
+        (b"\x00\x00\x00\x01\xc1", "invalid msgpack"),
+        (encode_message(Request(1, "echo", {})), "expected a hello"),
+        (HELLO + HELLO[:7], "closed in the middle of a frame"),
+        (HELLO + encode_message(StreamData(9, b"x")), "expected a request"),
+        (HELLO + encode_message(Request(1, "upload", {})), "expected upload data"),
+    ],
+)
+async def test_garbage_gets_an_error_then_close(
+    server: ProtoServer, data: bytes, expected: str
+) -> None:
+    replies = await raw_exchange(server.port, data)
+    assert isinstance(replies[-1], Error) and replies[-1].code == "protocol_error"
+    assert expected in replies[-1].message
+    await assert_serves(server)
