@@ -56,11 +56,9 @@ class PgTestServer:
             f"host=127.0.0.1 port={self.port} user={SUPERUSER} password={PASSWORD} dbname={dbname}"
         )
 
-    def init(self) -> None:
-        make_pg_dir(self.root, 0o711)
-        make_pg_dir(self.sockdir)
-        postmaster.initdb(self.datadir, superuser=SUPERUSER, password=PASSWORD)
-        base = {
+    def config(self) -> tuple[dict[str, object], list[str]]:
+        """The neon.conf settings and pg_hba.conf lines this server runs with."""
+        base: dict[str, object] = {
             "port": self.port,
             "listen_addresses": "127.0.0.1",
             "unix_socket_directories": str(self.sockdir),
@@ -77,7 +75,13 @@ class PgTestServer:
             f"host all {SUPERUSER} 127.0.0.1/32 scram-sha-256",
             f"host replication {SUPERUSER} 127.0.0.1/32 scram-sha-256",
         ]
-        postmaster.write_config(self.datadir, base, hba)
+        return base, hba
+
+    def init(self) -> None:
+        make_pg_dir(self.root, 0o711)
+        make_pg_dir(self.sockdir)
+        postmaster.initdb(self.datadir, superuser=SUPERUSER, password=PASSWORD)
+        postmaster.write_config(self.datadir, *self.config())
 
     def start(self) -> int:
         return postmaster.start(self.datadir, self.logfile)
@@ -125,6 +129,23 @@ class PgTestCluster:
         server.init()
         if start:
             server.start()
+        return server
+
+    def create_standby(
+        self, primary: PgTestServer, settings: Mapping[str, object] | None = None
+    ) -> PgTestServer:
+        """A streaming standby of `primary` (pg_basebackup -R over TCP), started."""
+        root = Path(tempfile.mkdtemp(prefix="pg", dir=self.base))
+        server = PgTestServer(root, free_port(), {**primary.settings, **(settings or {})})
+        self.servers.append(server)
+        make_pg_dir(root, 0o711)
+        make_pg_dir(server.sockdir)
+        primary.run(
+            "pg_basebackup", "-D", str(server.datadir), "-R", "-X", "stream", "-c", "fast",
+            "-d", primary.dsn(),
+        )  # fmt: skip
+        postmaster.write_config(server.datadir, *server.config())
+        server.start()
         return server
 
     def stop_all(self) -> None:

@@ -136,7 +136,7 @@ def test_session_and_result_messages() -> None:
 def test_incremental_feeding_byte_by_byte() -> None:
     data = msg(b"Z", b"I") + msg(b"d", b"w" + bytes(24) + b"wal!") + msg(b"C", b"COPY 0\0")
     p = BackendParser()
-    out = []
+    out: list[object] = []
     for i in range(len(data)):
         p.feed(data[i : i + 1])
         out.extend(p)

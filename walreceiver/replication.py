@@ -340,11 +340,9 @@ class ReplicationConnection:
     async def wal_segment_size(self) -> int:
         return parse_size_setting(await self.show("wal_segment_size"))
 
-    async def create_physical_slot(self, name: str) -> int | None:
-        """Create a physical slot that reserves WAL now; return its consistent point."""
-        res = await self.query(f"CREATE_REPLICATION_SLOT {quote_ident(name)} PHYSICAL RESERVE_WAL")
-        text = res.text(0, 1) if res.rows and len(res.rows[0]) > 1 else None
-        return parse_lsn(text) if text else None
+    async def create_physical_slot(self, name: str) -> None:
+        """Create a physical slot that reserves WAL from now (see read_replication_slot)."""
+        await self.query(f"CREATE_REPLICATION_SLOT {quote_ident(name)} PHYSICAL RESERVE_WAL")
 
     async def read_replication_slot(self, name: str) -> SlotInfo | None:
         """READ_REPLICATION_SLOT (v15): None when no such slot exists."""
