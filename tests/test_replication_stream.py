@@ -20,7 +20,7 @@ from proto.errors import AuthFailed
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
 from walreceiver.archive import WalArchive
 from walreceiver.lsn import lsn_segno, parse_lsn, parse_segment_file_name, segment_file_name
-from walreceiver.receiver import SERVER_ENDED, ConnParams, WalChunk, WalReceiver
+from walreceiver.receiver import SERVER_ENDED, ConnParams, ReceiverState, WalChunk, WalReceiver
 from walreceiver.replication import (
     ReplicationConnection,
     ServerUnavailable,
@@ -262,10 +262,16 @@ async def test_stream_pgbench_into_archive_byte_identical(
     task, stop = await run_receiver(receiver)
     try:
         await wait_for(lambda: receiver.flushed_lsn > 0, what="streaming start")
-        bench = await asyncio.to_thread(
-            primary.run, "pgbench", "-c", "2", "-T", "3", "-n", "postgres"
+        bench = asyncio.create_task(
+            asyncio.to_thread(primary.run, "pgbench", "-c", "2", "-T", "3", "-n", "postgres")
         )
-        assert bench.returncode == 0
+        await asyncio.sleep(1.2)
+        # Kill our walsender mid-load: the receiver reconnects with backoff and resumes.
+        primary.psql(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots "
+            "where slot_name = 'inproc'"
+        )
+        assert (await bench).returncode == 0
         done = switch_wal(primary)
         name = segment_file_name(1, done, SEG)
         await wait_for(lambda: (tmp_path / name).exists(), what=f"segment {name}")
@@ -282,8 +288,11 @@ async def test_stream_pgbench_into_archive_byte_identical(
             what="slot restart_lsn to advance",
         )
         assert not task.done()
+        assert isinstance(receiver.last_error, ServerUnavailable)
+        assert receiver.state is ReceiverState.STREAMING
     finally:
         await stop()
+    assert receiver.state is ReceiverState.STOPPED
     assert assert_segments_identical(tmp_path, primary) >= 1
     # The hook saw contiguous, durable WAL equal to the archive.
     assert chunks
@@ -308,7 +317,7 @@ async def test_sigkill_receiver_process_mid_pgbench(primary: PgTestServer, tmp_p
         sys.executable, "-m", "walreceiver.receiver", "--host", "127.0.0.1",
         "--port", str(primary.port), "--user", SUPERUSER, "--password-file", str(pwfile),
         "--slot", "killme", "--archive", str(archive), "--create-slot",
-        "--status-interval", "0.2",
+        "--status-interval", "0.2", "-v",
     ]  # fmt: skip
 
     def spawn() -> subprocess.Popen[bytes]:
@@ -342,7 +351,9 @@ async def test_sigkill_receiver_process_mid_pgbench(primary: PgTestServer, tmp_p
                 except subprocess.TimeoutExpired:
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait()
-    assert procs[-1].returncode == 0
+    logs = [p.stderr.read().decode() if p.stderr else "" for p in procs]
+    print("\n---\n".join(logs))
+    assert procs[-1].returncode == 0, logs[-1]
     complete = [p for p in archive.iterdir() if len(p.name) == 24]
     assert assert_segments_identical(archive, primary) == len(complete) >= 2
     # Segments are contiguous from the first one (nothing lost in between).

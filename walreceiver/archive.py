@@ -34,6 +34,7 @@ from walreceiver.lsn import (
 PARTIAL = ".partial"
 _PAGEADDR = struct.Struct("<Q")
 _PAGEADDR_OFFSET = 8
+_SYSID_OFFSET = 24  # in the long header of a segment's first page
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,17 @@ class WalArchive:
                     break
                 end = page
         return end
+
+    def system_identifier(self) -> int | None:
+        """The xlp_sysid in the newest segment's long page header, if it has one."""
+        segs = self.segments()
+        if not segs:
+            return None
+        with open(segs[-1].path, "rb") as f:
+            head = f.read(_SYSID_OFFSET + 8)
+        if len(head) < _SYSID_OFFSET + 8:
+            return None
+        return int(_PAGEADDR.unpack_from(head, _SYSID_OFFSET)[0])
 
     def resume(self) -> tuple[int, int] | None:
         """(timeline, LSN) to restart streaming from, or None for an empty archive."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from proto.errors import Conflict, NeonError, Unavailable
+from proto.errors import Conflict, CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.lsn import format_lsn, lsn_segno, segment_start
 from walreceiver.replication import (
@@ -79,8 +79,11 @@ class ReceiverState(enum.Enum):
 
 
 def is_retryable(err: BaseException) -> bool:
-    """Connection trouble and a slot still held by our previous (dead) session are transient."""
-    return isinstance(err, Unavailable | Conflict | OSError)
+    """Connection trouble and a slot still held by our previous (dead) session are transient.
+
+    Archive I/O errors (a failed fsync above all) are not: the data may be lost, so we stop.
+    """
+    return isinstance(err, Unavailable | Conflict)
 
 
 class WalReceiver:
@@ -136,13 +139,11 @@ class WalReceiver:
                 self.state = ReceiverState.CONNECTING
                 try:
                     reason = await self._session()
-                except NeonError as exc:
+                except Exception as exc:
                     self.last_error = exc
                     if not is_retryable(exc):
                         self.state = ReceiverState.FAILED
                         raise
-                except OSError as exc:
-                    self.last_error = exc
                 else:
                     self.state = ReceiverState.ENDED
                     self.end_reason = reason
@@ -177,11 +178,14 @@ class WalReceiver:
             if self.archive is None:
                 seg_size = await conn.wal_segment_size()
                 self.archive = await self._io(WalArchive, self.archive_dir, seg_size)
+            await self._check_system(conn, self.archive)
             timeline, lsn = await self._start_point(conn, self.archive)
             while True:
                 await self._io(self.archive.begin, timeline, lsn)
-                # Bytes past the resume point were truncated and come again: until re-fsynced
-                # they are not durable, and the hook must not see them twice.
+                # begin() fsynced everything before `lsn`: hand the hook what it has not seen
+                # of that. Bytes past `lsn` were truncated and will come again; the hook must
+                # not see them twice.
+                await self._flushed(lsn)
                 self._pending.clear()
                 self._queued_end = self._delivered_end
                 self.timeline = timeline
@@ -207,6 +211,15 @@ class WalReceiver:
         finally:
             self._stream = None
             await conn.close()
+
+    async def _check_system(self, conn: ReplicationConnection, archive: WalArchive) -> None:
+        ours = await self._io(archive.system_identifier)
+        theirs = (await conn.identify_system()).systemid
+        if ours is not None and ours != theirs:
+            raise CorruptData(
+                f"the WAL archive {archive.directory} belongs to database system {ours}, but "
+                f"{conn.where} is system {theirs}; use a separate archive directory per server"
+            )
 
     async def _start_point(
         self, conn: ReplicationConnection, archive: WalArchive
@@ -236,7 +249,9 @@ class WalReceiver:
         archive = self.archive
         self._stream = stream
         stream.update(write=archive.written_lsn, flush=archive.flushed_lsn)
-        flusher = asyncio.create_task(self._flush_timer())
+        flusher = asyncio.create_task(self._flush_timer(stream))
+        # A failed fsync must stop streaming now, not when the next message arrives.
+        flusher.add_done_callback(lambda t: None if t.cancelled() else stream.conn.abort())
         self.state = ReceiverState.STREAMING
         try:
             async for msg in stream:
@@ -247,6 +262,11 @@ class WalReceiver:
                     self._queue(WalChunk(archive.timeline, msg.data_start, msg.data))
                 if archive.flushed_lsn > self.flushed_lsn:  # a segment just completed
                     await self._flushed(archive.flushed_lsn)
+        except NeonError:
+            failure = flusher.exception() if flusher.done() and not flusher.cancelled() else None
+            if failure is not None:
+                raise failure from None
+            raise
         finally:
             flusher.cancel()
             with contextlib.suppress(BaseException):
@@ -263,12 +283,12 @@ class WalReceiver:
         self._pending.append(chunk)
         self._queued_end = chunk.end_lsn
 
-    async def _flush_timer(self) -> None:
+    async def _flush_timer(self, stream: ReplicationStream) -> None:
         while True:
             await asyncio.sleep(self.status_interval)
             await self._flush()
-            if self._stream is not None:
-                await self._stream.send_status()
+            with contextlib.suppress(NeonError):  # connection trouble: the reader reports it
+                await stream.send_status()
 
     async def _flush(self) -> None:
         """fsync the archive, then let the server and the hook know."""
@@ -347,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     try:
         reason = runner(_main(args))
-    except NeonError as exc:
+    except (NeonError, OSError) as exc:
         print(f"walreceiver: error: {exc}", file=sys.stderr)
         return 1
     print(f"walreceiver: {reason}", file=sys.stderr)

@@ -390,6 +390,11 @@ class ReplicationConnection:
             raise ProtocolError(f"unexpected {type(msg).__name__} in reply to START_REPLICATION")
         return stream
 
+    def abort(self) -> None:
+        """Drop the connection at once; a pending read then ends with ConnectionLost."""
+        self.broken = True
+        self._writer.transport.abort()
+
     async def close(self) -> None:
         if not self._writer.is_closing():
             with contextlib.suppress(Exception):

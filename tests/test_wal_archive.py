@@ -1,0 +1,81 @@
+"""The WAL archive's naming, completion and resume rules, on synthetic WAL pages."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from proto.errors import CorruptData
+from walreceiver.archive import WalArchive
+
+SEG = 1 << 20  # the smallest segment size PostgreSQL allows keeps these tests fast
+PAGE = 8192
+
+
+def wal(start: int, length: int) -> bytes:
+    """Fake WAL: every page carries its own address at offset 8, like xlp_pageaddr."""
+    assert start % PAGE == 0 and length % PAGE == 0
+    out = bytearray()
+    for page in range(start, start + length, PAGE):
+        hdr = struct.pack("<HHIQ", 0xD110, 0, 1, page)
+        out += hdr + bytes([page // PAGE % 251]) * (PAGE - len(hdr))
+    return bytes(out)
+
+
+def test_segments_complete_and_partial_names(tmp_path: Path) -> None:
+    a = WalArchive(tmp_path, SEG)
+    assert a.resume() is None
+    a.begin(1, 0)
+    data = wal(0, SEG + 3 * PAGE)
+    a.write(0, data[:5000])
+    a.write(5000, data[5000:])  # crosses the segment boundary inside one chunk
+    assert a.flushed_lsn == SEG  # completing a segment fsyncs it
+    assert a.flush() == SEG + 3 * PAGE
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["000000010000000000000000", "000000010000000000000001.partial"]
+    assert (tmp_path / names[0]).read_bytes() == data[:SEG]
+    assert a.resume() == (1, SEG + 3 * PAGE)
+    with pytest.raises(CorruptData, match="does not continue"):
+        a.write(0, b"x")
+    a.close()
+
+
+def test_resume_rounds_down_and_drops_torn_pages(tmp_path: Path) -> None:
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    a.write(0, wal(0, 4 * PAGE) + b"partial page")
+    a.close()
+    assert a.resume() == (1, 4 * PAGE)
+    # A torn tail: page 3 holds garbage (its header does not carry its address).
+    path = tmp_path / "000000010000000000000000.partial"
+    raw = bytearray(path.read_bytes())
+    raw[3 * PAGE : 4 * PAGE] = bytes(PAGE)
+    path.write_bytes(bytes(raw))
+    b = WalArchive(tmp_path, SEG)
+    assert b.resume() == (1, 3 * PAGE)
+    b.begin(1, 3 * PAGE)  # truncates the torn tail, then the server resends it
+    assert path.stat().st_size == 3 * PAGE
+    b.write(3 * PAGE, wal(3 * PAGE, PAGE))
+    b.close()
+    assert path.read_bytes() == wal(0, 4 * PAGE)
+
+
+def test_resume_after_complete_segment_and_new_timeline(tmp_path: Path) -> None:
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    a.write(0, wal(0, SEG))
+    assert a.resume() == (1, SEG)
+    a.begin(2, SEG)
+    a.write(SEG, wal(SEG, PAGE))
+    a.write_history("00000002.history", b"1\t0/100000\tno recovery target specified\n")
+    a.close()
+    assert a.resume() == (2, SEG + PAGE)
+    assert (tmp_path / "00000002.history").exists()
+
+
+def test_mid_segment_start_needs_the_segment_head(tmp_path: Path) -> None:
+    a = WalArchive(tmp_path, SEG)
+    with pytest.raises(CorruptData, match="segment boundary"):
+        a.begin(1, 5 * PAGE)
