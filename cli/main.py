@@ -40,9 +40,13 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 def _register_commands() -> None:
+    from cli.pageserver_commands import pageserver_group
+    from cli.pg_commands import pg_group
+    from cli.storage_commands import storage_group
     from cli.waldump import waldump_command
 
-    cli.add_command(waldump_command)
+    for command in (pg_group, storage_group, pageserver_group, waldump_command):
+        cli.add_command(command)
 
 
 def main() -> None:

@@ -117,8 +117,14 @@ def running_pid(datadir: Path) -> int | None:
     return pid
 
 
-def start(datadir: Path, logfile: Path, *, timeout: int = 60) -> int:
-    """Start the server and wait until it accepts connections; return the postmaster PID."""
+def start(
+    datadir: Path, logfile: Path, *, timeout: int = 60, server_log: Path | None = None
+) -> int:
+    """Start the server and wait until it accepts connections; return the postmaster PID.
+
+    `logfile` gets what the server prints before its logging collector starts; `server_log`,
+    if given, is where the collector writes (searched too for the reason of a failure).
+    """
     if not logfile.exists():
         logfile.parent.mkdir(parents=True, exist_ok=True)
         logfile.touch(mode=0o600)
@@ -142,7 +148,7 @@ def start(datadir: Path, logfile: Path, *, timeout: int = 60) -> int:
             timeout=timeout + 10,
         )
     except ExternalCommandFailed as exc:
-        tail = _log_tail(logfile)
+        tail = _log_tail([logfile, *([server_log] if server_log else [])])
         raise ExternalCommandFailed(f"{exc.message}{'; log: ' + tail if tail else ''}") from None
     pid = running_pid(datadir)
     if pid is None:
@@ -152,13 +158,33 @@ def start(datadir: Path, logfile: Path, *, timeout: int = 60) -> int:
     return pid
 
 
-def _log_tail(logfile: Path) -> str:
-    try:
-        lines = [ln for ln in logfile.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
+def _log_tail(logfiles: list[Path]) -> str:
+    """The last FATAL/PANIC/ERROR line of the logs (else the last line), for error messages."""
+    lines: list[str] = []
+    for path in logfiles:
+        try:
+            lines += [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            continue
     errors = [ln for ln in lines if "FATAL" in ln or "ERROR" in ln or "PANIC" in ln]
     return (errors or lines or [""])[-1].strip()
+
+
+def remove_stale_locks(datadir: Path, socket_dir: Path, port: int, dead_pid: int) -> None:
+    """After a postmaster was killed, drop the lock files that still name its PID.
+
+    PostgreSQL itself only checks that the PID is alive, and a killed postmaster can linger
+    as a zombie under an init that reaps slowly.
+    """
+    for lock in (datadir / "postmaster.pid", socket_dir / f".s.PGSQL.{port}.lock"):
+        try:
+            owner = int(lock.read_text().splitlines()[0].strip())
+        except (OSError, IndexError, ValueError):
+            continue
+        if owner == dead_pid and not _is_our_postmaster(dead_pid, datadir):
+            lock.unlink(missing_ok=True)
+            if lock.name.endswith(".lock"):
+                (socket_dir / f".s.PGSQL.{port}").unlink(missing_ok=True)
 
 
 def stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> bool:

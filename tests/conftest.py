@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.neoncli import NeonCli
 from tests.pgtest import PgTestCluster, cluster_fixture
 
 
@@ -19,3 +21,13 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgTestClust
 def pg_cluster_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgTestCluster]:
     """Module-scoped variant for expensive shared workloads."""
     yield from cluster_fixture(tmp_path_factory)
+
+
+@pytest.fixture
+def neon(tmp_path: Path) -> Iterator[NeonCli]:
+    """The real `neon` CLI on a private NEON_HOME; nodes and daemon are stopped afterwards."""
+    cli = NeonCli(tmp_path / "home", {})
+    try:
+        yield cli
+    finally:
+        cli.cleanup()

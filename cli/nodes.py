@@ -1,0 +1,381 @@
+"""Local PostgreSQL nodes: create, start, stop, destroy and inspect, with the registry.
+
+A node is one data directory in a native storage plus, when running, its postmaster. Creation
+is all-or-nothing: a row in state 'creating' reserves the ID, name and port; any failure
+removes the directory and the row, and a creator that was killed is cleaned up later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cli import postmaster
+from cli.context import App
+from cli.pageserver_control import call_local
+from cli.pgbin import make_pg_dir, run_pg
+from cli.ports import port_is_free
+from cli.registry import NodeRow
+from cli.secrets import generate_secret, read_secret, write_secret
+from cli.storages import DEFAULT_STORAGE, validate_name
+from proto.errors import (
+    AlreadyExists,
+    Conflict,
+    ExternalCommandFailed,
+    InvalidArgument,
+    NotFound,
+)
+
+DEFAULT_PORT = 5432
+SUPERUSER = "neon"
+REPLICATION_USER = "neon_replication"
+MAX_PORT_PROBES = 200
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    node: NodeRow
+    state: str  # running | stopped | crashed | creating
+    pid: int | None
+
+
+def superuser_secret(app: App, node_id: str) -> Path:
+    return app.home.secrets_dir / f"node.{node_id}.superuser"
+
+
+def replication_secret(app: App, node_id: str) -> Path:
+    return app.home.secrets_dir / f"node.{node_id}.replication"
+
+
+def passfile_path(app: App, node_id: str) -> Path:
+    return app.home.secrets_dir / f"node.{node_id}.pgpass"
+
+
+def node_log_dir(app: App, node: NodeRow) -> Path:
+    return app.home.logs_dir / node.id
+
+
+def startup_log(app: App, node: NodeRow) -> Path:
+    return node_log_dir(app, node) / "startup.log"
+
+
+def _pick_port(cur: sqlite3.Cursor, requested: int | None) -> int:
+    taken = {row[0] for row in cur.execute("SELECT port FROM nodes")}
+    if requested is not None:
+        if not 1 <= requested <= 65535:
+            raise InvalidArgument(f"port {requested} is out of range 1-65535")
+        if requested in taken:
+            raise Conflict(
+                f"port {requested} is already assigned to another neon node; "
+                "choose another with --port"
+            )
+        if not port_is_free(requested):
+            raise Conflict(f"port {requested} is in use on 127.0.0.1; choose another with --port")
+        return requested
+    port = DEFAULT_PORT
+    for _ in range(MAX_PORT_PROBES):
+        if port not in taken and port_is_free(port):
+            return port
+        port += 1
+    raise Conflict(f"no free port found in {DEFAULT_PORT}-{port}; pass one with --port")
+
+
+def _next_index(cur: sqlite3.Cursor, storage_path: Path, want_default_name: bool) -> int:
+    ids = {row[0] for row in cur.execute("SELECT id FROM nodes")}
+    names = {row[0] for row in cur.execute("SELECT pgdata FROM nodes")}
+    i = 1
+    while True:
+        free_id = f"primary{i}" not in ids
+        free_name = not want_default_name or (
+            f"pgdata{i}" not in names and not (storage_path / f"pgdata{i}").exists()
+        )
+        if free_id and free_name:
+            return i
+        i += 1
+
+
+def cleanup_abandoned(app: App) -> None:
+    """Remove nodes whose `pg create` died half-way (its process is gone)."""
+    for node in app.registry.nodes():
+        if node.state != "creating" or node.creator_pid is None:
+            continue
+        if node.creator_pid == os.getpid() or _pid_alive(node.creator_pid):
+            continue
+        _remove_node_files(app, node)
+        with app.registry.transaction() as cur:
+            cur.execute("DELETE FROM nodes WHERE id = ? AND state = 'creating'", (node.id,))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_node_files(app: App, node: NodeRow) -> None:
+    with contextlib.suppress(Exception):
+        postmaster.stop(node.datadir, "immediate", timeout=30)
+    shutil.rmtree(node.datadir, ignore_errors=True)
+    shutil.rmtree(node_log_dir(app, node), ignore_errors=True)
+    for path in (
+        superuser_secret(app, node.id),
+        replication_secret(app, node.id),
+        passfile_path(app, node.id),
+    ):
+        path.unlink(missing_ok=True)
+
+
+def create_node(
+    app: App,
+    *,
+    storage: str = DEFAULT_STORAGE,
+    name: str | None = None,
+    port: int | None = None,
+    start: bool = True,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> NodeStatus:
+    cleanup_abandoned(app)
+    store = app.registry.get_storage(storage)
+    if store.type != "native":
+        raise InvalidArgument(
+            f"storage {storage!r} is of type {store.type}; nodes live in a native storage "
+            "(use -s local or attach one with `neon storage attach -t native`)"
+        )
+    storage_path = Path(store.options["path"])
+    if name is not None:
+        validate_name(name, "data directory")
+    with app.registry.transaction() as cur:
+        if (
+            name is not None
+            and cur.execute(
+                "SELECT 1 FROM nodes WHERE pgdata = ? OR id = ?", (name, name)
+            ).fetchone()
+        ):
+            raise AlreadyExists(f"a node named {name!r} already exists; see `neon pg list`")
+        index = _next_index(cur, storage_path, name is None)
+        node_id = f"primary{index}"
+        pgdata = name or f"pgdata{index}"
+        datadir = storage_path / pgdata
+        if datadir.exists() and (not datadir.is_dir() or any(datadir.iterdir())):
+            raise AlreadyExists(
+                f"data directory {datadir} exists and is not empty; "
+                "choose another name with -n or remove it"
+            )
+        chosen_port = _pick_port(cur, port)
+        cur.execute(
+            "INSERT INTO nodes(id, pgdata, storage, datadir, port, role, superuser, "
+            "replication_user, state, creator_pid, created_at) "
+            "VALUES (?, ?, ?, ?, ?, 'primary', ?, ?, 'creating', ?, ?)",
+            (
+                node_id,
+                pgdata,
+                storage,
+                str(datadir),
+                chosen_port,
+                SUPERUSER,
+                REPLICATION_USER,
+                os.getpid(),
+                time.time(),
+            ),
+        )
+    node = app.registry.get_node(node_id)
+    try:
+        progress(f"Initializing {pgdata} in storage {storage}")
+        _initialize(app, node)
+        with app.registry.transaction() as cur:
+            cur.execute(
+                "UPDATE nodes SET state = 'ready', creator_pid = NULL WHERE id = ?", (node_id,)
+            )
+        node = app.registry.get_node(node_id)
+        register_with_pageserver(app, node)
+        if start:
+            start_node(app, node)
+    except BaseException:
+        _remove_node_files(app, node)
+        with app.registry.transaction() as cur:
+            cur.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+        raise
+    return node_status(app, node)
+
+
+def _initialize(app: App, node: NodeRow) -> None:
+    password = generate_secret()
+    replication_password = generate_secret()
+    write_secret(superuser_secret(app, node.id), password)
+    write_secret(replication_secret(app, node.id), replication_password)
+    write_secret(
+        passfile_path(app, node.id),
+        f"127.0.0.1:{node.port}:*:{node.superuser}:{password}\n"
+        f"localhost:{node.port}:*:{node.superuser}:{password}\n",
+    )
+    postmaster.initdb(node.datadir, superuser=node.superuser, password=password)
+    write_node_config(app, node)
+    # Roles are created in single-user mode so that --no-start nodes are complete too.
+    sql = (
+        f"CREATE ROLE {node.replication_user} WITH LOGIN REPLICATION "
+        f"PASSWORD '{replication_password}';\n"
+    )
+    run_pg(
+        "postgres",
+        ["--single", "-D", str(node.datadir), "-c", "log_statement=none", "postgres"],
+        input=sql,
+        what="creating the replication role",
+    )
+
+
+def write_node_config(app: App, node: NodeRow) -> None:
+    log_dir = node_log_dir(app, node)
+    make_pg_dir(log_dir)
+    settings: dict[str, object] = {
+        "port": node.port,
+        "listen_addresses": "127.0.0.1",
+        "unix_socket_directories": str(app.home.socket_dir),
+        "wal_level": "replica",
+        "max_wal_senders": 10,
+        "max_replication_slots": 10,
+        "wal_keep_size": "64MB",
+        "password_encryption": "scram-sha-256",
+        "logging_collector": True,
+        "log_directory": str(log_dir),
+        "log_filename": "postgresql.log",
+        "log_file_mode": "0600",
+        "log_rotation_size": "100MB",
+        "log_line_prefix": "%m [%p] ",
+    }
+    hba = [
+        "# unix socket: the directory is private to the OS user that runs neon",
+        "local all all trust",
+        "local replication all trust",
+        f"host replication {node.replication_user} 127.0.0.1/32 scram-sha-256",
+        "host all all 127.0.0.1/32 scram-sha-256",
+    ]
+    postmaster.write_config(node.datadir, settings, hba)
+
+
+def node_status(app: App, node: NodeRow) -> NodeStatus:
+    if node.state == "creating":
+        return NodeStatus(node, "creating", None)
+    pid = postmaster.running_pid(node.datadir)
+    if pid is not None:
+        return NodeStatus(node, "running", pid)
+    crashed = postmaster.read_pid_file(node.datadir) is not None
+    return NodeStatus(node, "crashed" if crashed else "stopped", None)
+
+
+def _require_ready(node: NodeRow) -> None:
+    if node.state != "ready":
+        raise Conflict(f"node {node.id} is still being created; try again in a moment")
+    if not node.datadir.is_dir():
+        raise Conflict(
+            f"data directory {node.datadir} of node {node.id} is missing; "
+            f"remove the node with `neon pg destroy {node.id}`"
+        )
+
+
+def start_node(app: App, node: NodeRow) -> NodeStatus:
+    _require_ready(node)
+    status = node_status(app, node)
+    if status.state == "running":
+        return status
+    if status.state == "crashed":
+        dead = postmaster.read_pid_file(node.datadir)
+        if dead is not None:
+            postmaster.remove_stale_locks(node.datadir, app.home.socket_dir, node.port, dead)
+    if not port_is_free(node.port):
+        raise Conflict(
+            f"port {node.port} of node {node.id} is in use by another process; "
+            "stop it and run `neon pg start` again"
+        )
+    write_node_config(app, node)
+    last: ExternalCommandFailed | None = None
+    for _attempt in range(3):
+        try:
+            postmaster.start(
+                node.datadir,
+                startup_log(app, node),
+                server_log=node_log_dir(app, node) / "postgresql.log",
+            )
+            return node_status(app, node)
+        except ExternalCommandFailed as exc:
+            # Orphaned backends of a killed postmaster hold shared memory for a moment.
+            if "shared memory" not in exc.message and "lock file" not in exc.message:
+                raise
+            last = exc
+            time.sleep(1)
+    assert last is not None
+    raise last
+
+
+def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
+    _require_ready(node)
+    return postmaster.stop(node.datadir, mode)
+
+
+def register_with_pageserver(app: App, node: NodeRow) -> None:
+    """Tell the local pageserver (started on demand) how to follow this node."""
+    call_local(
+        app,
+        "node.register",
+        node_id=node.id,
+        host="127.0.0.1",
+        port=node.port,
+        user=node.replication_user,
+        password=read_secret(replication_secret(app, node.id)),
+    )
+
+
+def unregister_from_pageserver(app: App, node: NodeRow) -> None:
+    with contextlib.suppress(NotFound):
+        call_local(app, "node.unregister", node_id=node.id)
+
+
+def destroy_node(app: App, node: NodeRow) -> None:
+    postmaster.stop(node.datadir, "immediate")
+    unregister_from_pageserver(app, node)
+    _remove_node_files(app, node)
+    with app.registry.transaction() as cur:
+        cur.execute("DELETE FROM nodes WHERE id = ?", (node.id,))
+
+
+def connstr(app: App, node: NodeRow) -> str:
+    """A libpq string psql accepts as-is: the unix socket, trusted for the local OS user."""
+    return f"host={app.home.socket_dir} port={node.port} user={node.superuser} dbname=postgres"
+
+
+def tcp_connstr(app: App, node: NodeRow) -> str:
+    return (
+        f"host=127.0.0.1 port={node.port} user={node.superuser} dbname=postgres "
+        f"passfile={passfile_path(app, node.id)}"
+    )
+
+
+def node_json(app: App, status: NodeStatus, used: int | None) -> dict[str, Any]:
+    node = status.node
+    return {
+        "id": node.id,
+        "role": node.role,
+        "pgdata": node.pgdata,
+        "datadir": str(node.datadir),
+        "storage": node.storage,
+        "port": node.port,
+        "endpoint": f"localhost:{node.port}",
+        "state": status.state,
+        "pid": status.pid,
+        "used_bytes": used,
+        "superuser": node.superuser,
+        "replication_user": node.replication_user,
+        "connstr": connstr(app, node),
+        "tcp_connstr": tcp_connstr(app, node),
+        "log": str(node_log_dir(app, node) / "postgresql.log"),
+    }

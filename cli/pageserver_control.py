@@ -1,0 +1,173 @@
+"""The local pageserver daemon: started on demand, found through the registry, stopped by PID."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cli.context import App
+from cli.ports import port_is_free
+from cli.registry import PageserverRow
+from cli.secrets import ensure_secret
+from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
+from proto.client import call_sync
+from proto.errors import Unavailable
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+
+
+def local_config(app: App) -> PageserverConfig:
+    return PageserverConfig(workdir=app.home.pageserver_dir)
+
+
+def token_path(app: App) -> Path:
+    return app.home.secrets_dir / "pageserver.token"
+
+
+def local_token(app: App) -> str:
+    return ensure_secret(token_path(app))
+
+
+def running_pid(app: App) -> int | None:
+    """PID of the live local daemon, from its pidfile (checked against /proc)."""
+    config = local_config(app)
+    try:
+        pid = int(config.pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"pageserver.daemon" in cmdline else None
+
+
+def _read_ports(config: PageserverConfig, pid: int) -> dict[str, Any] | None:
+    try:
+        info = json.loads(config.ports_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("pid") == pid else None
+
+
+def _choose(default: int) -> int:
+    return default if port_is_free(default) else 0
+
+
+def _log_tail(config: PageserverConfig, stderr_path: Path) -> str:
+    for path in (stderr_path, config.log_file):
+        try:
+            lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            continue
+        if lines:
+            return lines[-1]
+    return ""
+
+
+def start_local(
+    app: App, proto_port: int | None = None, http_port: int | None = None
+) -> PageserverRow:
+    """Start the daemon unless it runs; return its endpoint.
+
+    A lock file serializes concurrent `neon` commands so only one of them spawns the daemon.
+    """
+    config = local_config(app)
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    with open(config.workdir / "start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start_locked(app, config, proto_port, http_port)
+
+
+def _start_locked(
+    app: App, config: PageserverConfig, proto_port: int | None, http_port: int | None
+) -> PageserverRow:
+    pid = running_pid(app)
+    if pid is not None:
+        info = _read_ports(config, pid)
+        if info is not None:
+            return _record(app, info)
+    local_token(app)
+    stderr_path = config.workdir / "pageserver.stderr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pageserver.daemon",
+        "--workdir",
+        str(config.workdir),
+        "--port",
+        str(proto_port if proto_port is not None else _choose(DEFAULT_PROTO_PORT)),
+        "--http-port",
+        str(http_port if http_port is not None else _choose(DEFAULT_HTTP_PORT)),
+        "--token-file",
+        str(token_path(app)),
+    ]
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            start_new_session=True,
+            cwd=str(config.workdir),
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = _log_tail(config, stderr_path)
+            raise Unavailable(
+                f"the pageserver failed to start: {tail or 'exit ' + str(proc.returncode)}"
+                f" (log: {config.log_file})"
+            )
+        info = _read_ports(config, proc.pid)
+        if info is not None:
+            return _record(app, info)
+        time.sleep(0.05)
+    proc.kill()
+    raise Unavailable(
+        f"the pageserver did not come up within {START_TIMEOUT:.0f}s; see {config.log_file}"
+    )
+
+
+def _record(app: App, info: dict[str, Any]) -> PageserverRow:
+    row = PageserverRow("local", "127.0.0.1", int(info["proto_port"]), int(info["http_port"]), True)
+    if app.registry.pageserver("local") != row:
+        with app.registry.transaction() as cur:
+            app.registry.upsert_pageserver(cur, row)
+    return row
+
+
+def stop_local(app: App) -> bool:
+    """SIGTERM the daemon by its PID and wait; False if it was not running."""
+    pid = running_pid(app)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if running_pid(app) != pid:
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    local_config(app).pid_file.unlink(missing_ok=True)
+    return True
+
+
+def call_local(app: App, method: str, *, start: bool = True, **params: Any) -> Any:
+    """One proto call to the local daemon, starting it first when asked."""
+    if start:
+        row = start_local(app)
+    else:
+        pid = running_pid(app)
+        found = app.registry.pageserver("local")
+        if pid is None or found is None:
+            raise Unavailable(
+                "the local pageserver is not running; start it with `neon pageserver start`"
+            )
+        row = found
+    return call_sync(row.host, row.port, method, token=local_token(app), **params)

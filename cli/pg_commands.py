@@ -1,0 +1,161 @@
+"""`neon pg ...`: PostgreSQL nodes."""
+
+from __future__ import annotations
+
+import click
+
+from cli import nodes
+from cli.context import get_app
+from cli.output import dir_size, human_size, print_json, print_table, progress_printer
+from cli.storages import DEFAULT_STORAGE
+
+
+@click.group("pg")
+def pg_group() -> None:
+    """PostgreSQL nodes: data directories and their servers."""
+
+
+@pg_group.command("create")
+@click.option("--no-start", is_flag=True, help="Initialize the data directory only.")
+@click.option(
+    "-s",
+    "--storage",
+    default=DEFAULT_STORAGE,
+    show_default=True,
+    help="Native storage that holds the data directory.",
+)
+@click.option("-n", "--name", default=None, help="Data directory name (default pgdata$i).")
+@click.option("--port", type=int, default=None, help="Port (default 5432 or the next free).")
+@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
+@click.pass_context
+def pg_create(
+    ctx: click.Context,
+    no_start: bool,
+    storage: str,
+    name: str | None,
+    port: int | None,
+    as_json: bool,
+) -> None:
+    """Create a data directory (initdb) and start PostgreSQL on it."""
+    app = get_app(ctx)
+    status = nodes.create_node(
+        app,
+        storage=storage,
+        name=name,
+        port=port,
+        start=not no_start,
+        progress=progress_printer(),
+    )
+    if as_json:
+        print_json(nodes.node_json(app, status, dir_size(status.node.datadir)))
+    elif status.state == "running":
+        click.echo(f"Started postgres on localhost:{status.node.port}")
+    else:
+        click.echo(
+            f"Created {status.node.pgdata} ({status.node.id}); "
+            f"start it with `neon pg start {status.node.id}`"
+        )
+
+
+@pg_group.command("start")
+@click.argument("node")
+@click.pass_context
+def pg_start(ctx: click.Context, node: str) -> None:
+    """Start PostgreSQL on a node (ID or data directory name)."""
+    app = get_app(ctx)
+    row = app.registry.get_node(node)
+    before = nodes.node_status(app, row).state
+    nodes.start_node(app, row)
+    if before == "running":
+        click.echo(f"postgres on {row.pgdata} is already running on localhost:{row.port}")
+    else:
+        click.echo(f"Started postgres on localhost:{row.port}")
+
+
+@pg_group.command("stop")
+@click.argument("node")
+@click.option(
+    "-m",
+    "--mode",
+    type=click.Choice(["smart", "fast", "immediate"]),
+    default="fast",
+    show_default=True,
+)
+@click.pass_context
+def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
+    """Stop PostgreSQL on a node."""
+    app = get_app(ctx)
+    row = app.registry.get_node(node)
+    if nodes.stop_node(app, row, mode):
+        click.echo(f"Stopped postgres on {row.pgdata}.")
+    else:
+        click.echo(f"postgres on {row.pgdata} was not running.")
+
+
+@pg_group.command("destroy")
+@click.argument("node")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def pg_destroy(ctx: click.Context, node: str, yes: bool) -> None:
+    """Stop a node and delete its data directory."""
+    app = get_app(ctx)
+    row = app.registry.get_node(node)
+    if not yes:
+        click.confirm(f"Destroy {row.id} and delete {row.datadir}?", abort=True)
+    nodes.destroy_node(app, row)
+    click.echo(f"Destroyed {row.id} ({row.pgdata}).")
+
+
+@pg_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pg_list(ctx: click.Context, as_json: bool) -> None:
+    """List nodes."""
+    app = get_app(ctx)
+    nodes.cleanup_abandoned(app)
+    statuses = [nodes.node_status(app, n) for n in app.registry.nodes()]
+    sizes = [dir_size(s.node.datadir) for s in statuses]
+    if as_json:
+        print_json([nodes.node_json(app, s, u) for s, u in zip(statuses, sizes, strict=True)])
+        return
+    rows = [
+        (
+            s.node.id,
+            s.node.pgdata,
+            human_size(u),
+            s.node.storage,
+            f"localhost:{s.node.port}" if s.state == "running" else "-",
+            s.state,
+        )
+        for s, u in zip(statuses, sizes, strict=True)
+    ]
+    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE"), rows)
+
+
+@pg_group.command("show")
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
+    """Show one node, including a connection string for psql."""
+    app = get_app(ctx)
+    row = app.registry.get_node(node)
+    info = nodes.node_json(app, nodes.node_status(app, row), dir_size(row.datadir))
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"{row.pgdata}:")
+    for key in (
+        "id",
+        "role",
+        "state",
+        "pid",
+        "storage",
+        "datadir",
+        "endpoint",
+        "connstr",
+        "tcp_connstr",
+        "log",
+    ):
+        click.echo(f"  {key}: {info[key] if info[key] is not None else '-'}")
+    click.echo(f"  space used on {row.storage}: {human_size(info['used_bytes'])}")

@@ -1,0 +1,216 @@
+"""The CLI's registry: nodes, storages and pageserver endpoints in SQLite under NEON_HOME.
+
+Every change runs in a `BEGIN IMMEDIATE` transaction so two `neon` commands running at once
+serialize instead of racing; secrets are not stored here (see cli/secrets.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proto.errors import NotFound
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS storages (
+    name TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    options TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    pgdata TEXT NOT NULL UNIQUE,
+    storage TEXT NOT NULL REFERENCES storages(name),
+    datadir TEXT NOT NULL UNIQUE,
+    port INTEGER NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    superuser TEXT NOT NULL,
+    replication_user TEXT NOT NULL,
+    state TEXT NOT NULL,
+    creator_pid INTEGER,
+    created_at REAL NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS pageservers (
+    name TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    http_port INTEGER NOT NULL,
+    local INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRow:
+    name: str
+    type: str
+    options: dict[str, str]
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    id: str
+    pgdata: str
+    storage: str
+    datadir: Path
+    port: int
+    role: str
+    superuser: str
+    replication_user: str
+    state: str  # 'creating' while a `pg create` is at work, then 'ready'
+    creator_pid: int | None
+    created_at: float
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PageserverRow:
+    name: str
+    host: str
+    port: int
+    http_port: int
+    local: bool
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        with self.transaction() as cur:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    cur.execute(statement)
+            cur.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """An immediate (write-locking) transaction, committed on success."""
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    # storages
+
+    def storages(self) -> list[StorageRow]:
+        rows = self._conn.execute("SELECT * FROM storages ORDER BY created_at, name").fetchall()
+        return [_storage(r) for r in rows]
+
+    def find_storage(self, name: str) -> StorageRow | None:
+        row = self._conn.execute("SELECT * FROM storages WHERE name = ?", (name,)).fetchone()
+        return _storage(row) if row else None
+
+    def get_storage(self, name: str) -> StorageRow:
+        row = self.find_storage(name)
+        if row is None:
+            known = ", ".join(s.name for s in self.storages()) or "none"
+            raise NotFound(
+                f"storage {name!r} does not exist (attached: {known}); see `neon storage list`"
+            )
+        return row
+
+    @staticmethod
+    def insert_storage(
+        cur: sqlite3.Cursor,
+        name: str,
+        type_: str,
+        options: dict[str, str],
+        *,
+        or_ignore: bool = False,
+    ) -> None:
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        cur.execute(
+            f"{verb} INTO storages(name, type, options, created_at) VALUES (?, ?, ?, ?)",
+            (name, type_, json.dumps(options, sort_keys=True), time.time()),
+        )
+
+    # nodes
+
+    def nodes(self) -> list[NodeRow]:
+        rows = self._conn.execute("SELECT * FROM nodes ORDER BY created_at, id").fetchall()
+        return [_node(r) for r in rows]
+
+    def find_node(self, ref: str) -> NodeRow | None:
+        """A node by ID (primary1) or data directory name (pgdata1)."""
+        row = self._conn.execute(
+            "SELECT * FROM nodes WHERE id = ? OR pgdata = ? ORDER BY id = ? DESC",
+            (ref, ref, ref),
+        ).fetchone()
+        return _node(row) if row else None
+
+    def get_node(self, ref: str) -> NodeRow:
+        node = self.find_node(ref)
+        if node is None:
+            known = ", ".join(n.id for n in self.nodes()) or "none"
+            raise NotFound(f"node {ref!r} does not exist (known: {known}); see `neon pg list`")
+        return node
+
+    # pageservers
+
+    def pageserver(self, name: str = "local") -> PageserverRow | None:
+        row = self._conn.execute("SELECT * FROM pageservers WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        return PageserverRow(
+            row["name"], row["host"], row["port"], row["http_port"], bool(row["local"])
+        )
+
+    @staticmethod
+    def upsert_pageserver(cur: sqlite3.Cursor, row: PageserverRow) -> None:
+        cur.execute(
+            "INSERT INTO pageservers(name, host, port, http_port, local) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET host = excluded.host, port = excluded.port, "
+            "http_port = excluded.http_port, local = excluded.local",
+            (row.name, row.host, row.port, row.http_port, int(row.local)),
+        )
+
+
+def _storage(row: sqlite3.Row) -> StorageRow:
+    return StorageRow(row["name"], row["type"], json.loads(row["options"]), row["created_at"])
+
+
+def _node(row: sqlite3.Row) -> NodeRow:
+    return NodeRow(
+        id=row["id"],
+        pgdata=row["pgdata"],
+        storage=row["storage"],
+        datadir=Path(row["datadir"]),
+        port=row["port"],
+        role=row["role"],
+        superuser=row["superuser"],
+        replication_user=row["replication_user"],
+        state=row["state"],
+        creator_pid=row["creator_pid"],
+        created_at=row["created_at"],
+        extra=json.loads(row["extra"]),
+    )

@@ -1,0 +1,153 @@
+"""`neon storage ...`: places that hold page history and snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.context import App, get_app
+from cli.output import dir_size, human_size, print_json, print_table
+from cli.registry import StorageRow
+from cli.storages import (
+    DEFAULT_STORAGE,
+    SECRET_OPTIONS,
+    STORAGE_TYPES,
+    TYPE_LABELS,
+    build_spec,
+    display_options,
+    location,
+    materialize,
+    parse_options,
+    secret_path,
+)
+from proto.errors import AlreadyExists, Conflict
+
+
+@click.group("storage")
+def storage_group() -> None:
+    """Storages: native directories, S3 buckets, remote pageservers."""
+
+
+def _used(row: StorageRow) -> int | None:
+    if row.type == "native":
+        return dir_size(Path(row.options["path"]))
+    return None
+
+
+def _path(row: StorageRow) -> str:
+    return location(row.type, row.options)
+
+
+def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
+    users = [n.id for n in app.registry.nodes() if n.storage == row.name]
+    return {
+        "name": row.name,
+        "type": row.type,
+        "type_label": TYPE_LABELS[row.type],
+        "options": row.options,
+        "secrets": [
+            k for k in SECRET_OPTIONS[row.type] if secret_path(app.home, row.name, k).exists()
+        ],
+        "path": _path(row),
+        "used_bytes": _used(row),
+        "nodes": users,
+    }
+
+
+@storage_group.command("attach")
+@click.option(
+    "-t", "--type", "type_", type=click.Choice(STORAGE_TYPES), default="native", show_default=True
+)
+@click.option("-n", "--name", required=True)
+@click.option(
+    "-c",
+    "--config",
+    "configs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option, repeatable: path=DIR, compression=on, bucket=..., url=...",
+)
+@click.pass_context
+def storage_attach(ctx: click.Context, type_: str, name: str, configs: tuple[str, ...]) -> None:
+    """Attach (and initialize) a storage."""
+    app = get_app(ctx)
+    spec = build_spec(app.home, name, type_, parse_options(configs))
+    if app.registry.find_storage(name) is not None:
+        raise AlreadyExists(f"storage {name!r} already exists; see `neon storage list`")
+    materialize(app.home, spec)
+    with app.registry.transaction() as cur:
+        if cur.execute("SELECT 1 FROM storages WHERE name = ?", (name,)).fetchone():
+            raise AlreadyExists(f"storage {name!r} already exists; see `neon storage list`")
+        app.registry.insert_storage(cur, spec.name, spec.type, spec.options)
+    click.echo(f"Attached {TYPE_LABELS[type_]} storage {name} at {spec.path}")
+
+
+@storage_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def storage_list(ctx: click.Context, as_json: bool) -> None:
+    """List attached storages."""
+    app = get_app(ctx)
+    rows = app.registry.storages()
+    if as_json:
+        print_json([_storage_json(app, r) for r in rows])
+        return
+    print_table(
+        ("NAME", "USED", "TYPE", "OPTIONS", "PATH"),
+        [
+            (
+                r.name,
+                human_size(_used(r)),
+                TYPE_LABELS[r.type],
+                display_options(r.type, r.options),
+                _path(r),
+            )
+            for r in rows
+        ],
+    )
+
+
+@storage_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show one storage."""
+    app = get_app(ctx)
+    info = _storage_json(app, app.registry.get_storage(name))
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"{name}:")
+    click.echo(f"  type: {info['type_label']}")
+    click.echo(f"  path: {info['path']}")
+    click.echo(f"  used: {human_size(info['used_bytes'])}")
+    for key, value in sorted(info["options"].items()):
+        if key not in ("path", "url"):
+            click.echo(f"  {key}: {value}")
+    for key in info["secrets"]:
+        click.echo(f"  {key}: (stored, not shown)")
+    click.echo(f"  nodes: {', '.join(info['nodes']) or '-'}")
+
+
+@storage_group.command("detach")
+@click.argument("name")
+@click.pass_context
+def storage_detach(ctx: click.Context, name: str) -> None:
+    """Forget a storage (its data stays where it is)."""
+    app = get_app(ctx)
+    row = app.registry.get_storage(name)
+    if name == DEFAULT_STORAGE:
+        raise Conflict(f"the default storage {name!r} cannot be detached")
+    with app.registry.transaction() as cur:
+        users = [r[0] for r in cur.execute("SELECT id FROM nodes WHERE storage = ?", (name,))]
+        if users:
+            raise Conflict(
+                f"storage {name!r} is used by {', '.join(users)}; destroy those nodes first"
+            )
+        cur.execute("DELETE FROM storages WHERE name = ?", (name,))
+    for key in SECRET_OPTIONS[row.type]:
+        secret_path(app.home, name, key).unlink(missing_ok=True)
+    click.echo(f"Detached storage {name}; its files stay in {_path(row)}")

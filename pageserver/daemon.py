@@ -1,0 +1,168 @@
+"""The pageserver process: proto and HTTP services on asyncio + uvloop until SIGTERM.
+
+`python -m pageserver.daemon --workdir DIR` runs in the foreground (what `neon pageserver run`
+and containers use); `neon pageserver start` runs the same thing detached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
+from pageserver.http_service import HttpService
+from pageserver.proto_service import build_handlers
+from pageserver.service import VERSION, Pageserver
+from proto.errors import Conflict, NeonError
+from proto.server import ProtoServer
+
+log = logging.getLogger("pageserver")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_pid_file(path: Path) -> None:
+    """Refuse to run twice on one workdir; replace a pidfile left by a dead process."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                other = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                other = 0
+            if other and other != os.getpid() and _pid_alive(other):
+                raise Conflict(
+                    f"a pageserver (pid {other}) already runs on {path.parent}; "
+                    "stop it with `neon pageserver stop`"
+                ) from None
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise Conflict(f"could not take the pid file {path}")
+
+
+def _write_json_atomic(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+async def serve(config: PageserverConfig) -> None:
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    acquire_pid_file(config.pid_file)
+    proto: ProtoServer | None = None
+    http: HttpService | None = None
+    try:
+        ps = Pageserver(config)
+        proto = ProtoServer(
+            build_handlers(ps), token=config.token, server_name=f"pg-neon pageserver {VERSION}"
+        )
+        await proto.start(config.listen_host, config.proto_port)
+        proto_port = proto.port
+        http = HttpService(ps)
+        http_port = await http.start(config.listen_host, config.http_port)
+        ps.config = dataclasses.replace(config, proto_port=proto_port, http_port=http_port)
+        _write_json_atomic(
+            config.ports_file,
+            {
+                "pid": os.getpid(),
+                "host": config.listen_host,
+                "proto_port": proto_port,
+                "http_port": http_port,
+            },
+        )
+        log.info(
+            "pageserver %s serving proto on %s:%d and http on %s:%d (pid %d)",
+            VERSION,
+            config.listen_host,
+            proto_port,
+            config.listen_host,
+            http_port,
+            os.getpid(),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        if proto is not None:
+            await proto.close()
+        if http is not None:
+            await http.close()
+        config.ports_file.unlink(missing_ok=True)
+        config.pid_file.unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def parse_args(argv: list[str] | None) -> tuple[PageserverConfig, bool]:
+    parser = argparse.ArgumentParser(prog="pageserver", description="pg-neon pageserver")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--listen", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PROTO_PORT, help="proto port")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
+    parser.add_argument("--token-file", type=Path, default=None)
+    parser.add_argument("--log-stderr", action="store_true", help="log to stderr, not a file")
+    args = parser.parse_args(argv)
+    token = args.token_file.read_text().strip() if args.token_file else None
+    workdir = args.workdir.absolute()
+    return PageserverConfig(workdir, args.listen, args.port, args.http_port, token), bool(
+        args.log_stderr
+    )
+
+
+def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
+    handler: logging.Handler
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        config.workdir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(config.log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, to_stderr = parse_args(argv)
+    setup_logging(config, to_stderr)
+    try:
+        uvloop.run(serve(config))
+    except NeonError as exc:
+        log.error("%s", exc)
+        print(f"pageserver: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        print(f"pageserver: error: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

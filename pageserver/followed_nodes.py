@@ -1,0 +1,72 @@
+"""The PostgreSQL nodes this pageserver follows, persisted in its workdir.
+
+Connection secrets arrive from the CLI over the authenticated proto connection and are kept in
+a 0600 file; they are never returned by listing calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from proto.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class FollowedNode:
+    node_id: str
+    host: str
+    port: int
+    user: str
+    password: str
+    system_id: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        info = asdict(self)
+        info.pop("password")
+        return info
+
+
+class FollowedNodes:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._nodes: dict[str, FollowedNode] = {}
+        if path.exists():
+            try:
+                raw = json.loads(path.read_text())
+                self._nodes = {n["node_id"]: FollowedNode(**n) for n in raw}
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidArgument(f"{path} is corrupt ({exc}); fix or remove it") from None
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([asdict(n) for n in self._nodes.values()], f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def add(self, node: FollowedNode) -> None:
+        self._nodes[node.node_id] = node
+        self._save()
+
+    def remove(self, node_id: str) -> FollowedNode:
+        try:
+            node = self._nodes.pop(node_id)
+        except KeyError:
+            raise NotFound(f"the pageserver does not follow node {node_id!r}") from None
+        self._save()
+        return node
+
+    def get(self, node_id: str) -> FollowedNode:
+        try:
+            return self._nodes[node_id]
+        except KeyError:
+            raise NotFound(f"the pageserver does not follow node {node_id!r}") from None
+
+    def all(self) -> list[FollowedNode]:
+        return list(self._nodes.values())

@@ -1,0 +1,74 @@
+"""Runs the real `neon` command against a private NEON_HOME, and cleans up after it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NEON = str(Path(sys.executable).with_name("neon"))
+
+
+@dataclass
+class NeonCli:
+    home: Path
+    env_extra: dict[str, str]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["NEON_HOME"] = str(self.home)
+        env.update(self.env_extra)
+        return env
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [NEON, *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            input=input,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"neon {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def fail(self, *args: str) -> str:
+        """Run a command that must fail; return its single stderr line."""
+        proc = self.run(*args, check=False)
+        assert proc.returncode != 0, f"neon {' '.join(args)} unexpectedly succeeded"
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, f"expected one error line, got: {proc.stderr!r}"
+        assert lines[0].startswith("neon: error: "), lines[0]
+        assert "Traceback" not in proc.stderr
+        return lines[0]
+
+    def cleanup(self) -> None:
+        """Stop every node and the pageserver of this home, by PID."""
+        with contextlib.suppress(Exception):
+            for node in self.json("pg", "list"):
+                if node["pid"]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(node["pid"], signal.SIGQUIT)
+        pidfile = self.home / "pageserver" / "pageserver.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)

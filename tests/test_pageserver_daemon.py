@@ -1,0 +1,114 @@
+"""The pageserver daemon as the CLI runs it: start/stop/status/run, HTTP and proto."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from proto.client import call_sync
+from proto.errors import AuthFailed, Unavailable
+from tests.neoncli import NEON, NeonCli
+from tests.pgtest import free_port
+
+
+def http_get(port: int, path: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+
+
+def ok_status_calls(http_port: int) -> int:
+    _, _, body = http_get(http_port, "/metrics")
+    prefix = 'pageserver_proto_requests_total{method="status",outcome="ok"} '
+    return int(next(ln for ln in body.splitlines() if ln.startswith(prefix)).split()[-1])
+
+
+def test_start_status_http_proto_stop(neon: NeonCli) -> None:
+    stopped = neon.run("pageserver", "status", "--json", check=False)
+    assert stopped.returncode == 3 and json.loads(stopped.stdout) == {"running": False}
+    out = neon.run("pageserver", "start", "--port", "0", "--http-port", "0").stdout
+    assert out.startswith("pageserver started")
+    status = neon.json("pageserver", "status")
+    assert status["running"] and status["pid"] > 0
+    pid, proto_port, http_port = status["pid"], status["proto_port"], status["http_port"]
+    assert "already running" in neon.run("pageserver", "start").stdout
+
+    code, ctype, body = http_get(http_port, "/v1/status")
+    assert code == 200 and ctype.startswith("application/json")
+    assert json.loads(body)["pid"] == pid
+    code, ctype, body = http_get(http_port, "/metrics")
+    assert ctype.startswith("text/plain")
+    assert "\npageserver_up 1\n" in "\n" + body
+    assert 'pageserver_http_requests_total{path="/v1/status"} 1' in body
+
+    token = (neon.home / "secrets" / "pageserver.token").read_text().strip()
+    assert call_sync("127.0.0.1", proto_port, "status", token=token)["pid"] == pid
+    with pytest.raises(AuthFailed, match="wrong token"):
+        call_sync("127.0.0.1", proto_port, "status", token="not-the-token")
+    # Garbage on the proto port does not hurt the daemon.
+    with socket.create_connection(("127.0.0.1", proto_port), timeout=5) as s:
+        s.sendall(b"\x00\x00\x00\x05garbage-and-more" * 10)
+        s.settimeout(5)
+        while s.recv(4096):
+            pass
+    before = ok_status_calls(http_port)
+    assert call_sync("127.0.0.1", proto_port, "status", token=token)["pid"] == pid
+    assert ok_status_calls(http_port) == before + 1
+
+    assert neon.run("pageserver", "stop").stdout.strip() == "pageserver stopped"
+    assert not (neon.home / "pageserver" / "pageserver.pid").exists()
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    with pytest.raises(Unavailable, match="neon pageserver start"):
+        call_sync("127.0.0.1", proto_port, "status", token=token)
+    assert "not running" in neon.run("pageserver", "stop").stdout
+
+
+def test_nodes_register_with_pageserver_on_demand(neon: NeonCli) -> None:
+    neon.run("pg", "create", "--no-start")
+    status = neon.json("pageserver", "status")
+    assert [n["node_id"] for n in status["nodes"]] == ["primary1"]
+    assert "password" not in json.dumps(status)
+    assert neon.json("pageserver", "status")["nodes"][0]["user"] == "neon_replication"
+    neon.run("pg", "destroy", "--yes", "primary1")
+    assert neon.json("pageserver", "status")["nodes"] == []
+
+
+def test_run_in_foreground_and_sigterm(neon: NeonCli) -> None:
+    port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [NEON, "pageserver", "run", "--port", str(port), "--http-port", str(http_port)],
+        env=neon.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _code, _, body = http_get(http_port, "/v1/status")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "daemon did not come up"
+                time.sleep(0.1)
+        assert json.loads(body)["pid"] == proc.pid
+        # A second daemon on the same workdir refuses clearly.
+        second = neon.run("pageserver", "run", "--port", "0", "--http-port", "0", check=False)
+        assert second.returncode == 1 and "already runs" in second.stderr
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "shutting down" in err and "stopped" in err
+        assert not (neon.home / "pageserver" / "pageserver.pid").exists()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
