@@ -87,7 +87,15 @@ def is_retryable(err: BaseException) -> bool:
 
 
 class WalReceiver:
-    """Streams a slot into a WAL archive; see the module docstring for the life cycle."""
+    """Streams a slot into a WAL archive; see the module docstring for the life cycle.
+
+    `on_flushed(chunk)` is awaited with WAL in stream order once it is fsynced in the archive:
+    each byte once per WalReceiver (resumes and reconnects do not repeat it), contiguous
+    across timeline switches (after a switch the chunks carry the new timeline). It runs in
+    the receiving task, so a slow hook slows streaming (back-pressure, not unbounded memory).
+    `received_lsn` is the end of WAL written to the archive in the current session,
+    `flushed_lsn` the end of what is durable there (and reported to the server as flushed).
+    """
 
     def __init__(
         self,

@@ -420,7 +420,8 @@ class BackendParser:
         start = self._pos + 5
         if len(self._buf) < start + size:
             return None
-        payload = bytes(self._buf[start : start + size])
+        with memoryview(self._buf) as view:  # one copy out of the buffer, not two
+            payload = bytes(view[start : start + size])
         self._pos = start + size
         return decode_backend_message(kind, payload)
 
