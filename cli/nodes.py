@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from cli import postmaster
 from cli.context import App
 from cli.pageserver_control import call_local
@@ -25,13 +27,18 @@ from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
+from pageserver.followed_nodes import slot_name
+from pageserver.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import (
     AlreadyExists,
     Conflict,
     ExternalCommandFailed,
     InvalidArgument,
+    NeonError,
     NotFound,
+    Unavailable,
 )
+from walreceiver.lsn import format_lsn, parse_lsn
 
 DEFAULT_PORT = 5432
 SUPERUSER = "neon"
@@ -124,8 +131,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_node_files(app: App, node: NodeRow) -> None:
+    """Stop, unregister and delete everything of a node; best effort, never raises."""
     with contextlib.suppress(Exception):
         postmaster.stop(node.datadir, "immediate", timeout=30)
+    with contextlib.suppress(NeonError):
+        unregister_from_pageserver(app, node)
     shutil.rmtree(node.datadir, ignore_errors=True)
     shutil.rmtree(node_log_dir(app, node), ignore_errors=True)
     for path in (
@@ -221,10 +231,12 @@ def _initialize(app: App, node: NodeRow) -> None:
     )
     postmaster.initdb(node.datadir, superuser=node.superuser, password=password)
     write_node_config(app, node)
-    # Roles are created in single-user mode so that --no-start nodes are complete too.
+    # The role and the slot are created in single-user mode, before the first start, so that
+    # --no-start nodes are complete too and the slot retains every WAL byte from here on.
     sql = (
         f"CREATE ROLE {node.replication_user} WITH LOGIN REPLICATION "
         f"PASSWORD '{replication_password}';\n"
+        f"SELECT pg_create_physical_replication_slot('{slot_name(node.id)}', true);\n"
     )
     run_pg(
         "postgres",
@@ -306,6 +318,7 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
                 startup_log(app, node),
                 server_log=node_log_dir(app, node) / "postgresql.log",
             )
+            register_with_pageserver(app, node)
             return node_status(app, node)
         except ExternalCommandFailed as exc:
             # Orphaned backends of a killed postmaster hold shared memory for a moment.
@@ -320,6 +333,80 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
 def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
     _require_ready(node)
     return postmaster.stop(node.datadir, mode)
+
+
+def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -> bool | None:
+    """After a clean stop, wait until the pageserver decoded the shutdown checkpoint.
+
+    None when there is nothing to wait for (not shut down cleanly, pageserver not running).
+    """
+    control = read_control_file(node.datadir)
+    if control.state != DB_SHUTDOWNED:
+        return None
+    try:
+        result = call_local(
+            app,
+            "node.wait_decoded",
+            start=False,
+            node_id=node.id,
+            lsn=control.checkpoint_lsn,
+            timeout=timeout,
+        )
+    except (Unavailable, NotFound):
+        return None
+    return bool(result["reached"])
+
+
+def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, Any]]:
+    """Per node: what the pageserver received/flushed/decoded and the lag behind the server."""
+    try:
+        followed = {f["node_id"]: f for f in call_local(app, "node.list", start=False)}
+    except Unavailable:
+        followed = {}
+    result: dict[str, dict[str, Any]] = {}
+    for status in statuses:
+        info = followed.get(status.node.id)
+        if info is None:
+            result[status.node.id] = {"stream": "not followed", "lag_bytes": None}
+            continue
+        server_lsn = server_wal_lsn(app, status)
+        flushed = int(info.get("flushed_lsn_int") or 0)
+        lag = max(0, server_lsn - flushed) if server_lsn is not None and flushed else None
+        result[status.node.id] = {
+            "stream": info.get("state"),
+            "timeline": info.get("timeline"),
+            "received_lsn": info.get("received_lsn"),
+            "flushed_lsn": info.get("flushed_lsn"),
+            "decoded_lsn": info.get("decoded_lsn"),
+            "records": info.get("records"),
+            "server_lsn": format_lsn(server_lsn) if server_lsn is not None else None,
+            "lag_bytes": lag,
+            "error": info.get("decode_error")
+            or (info.get("last_error") if info.get("state") != "streaming" else None),
+        }
+    return result
+
+
+def server_wal_lsn(app: App, status: NodeStatus) -> int | None:
+    """The node's own WAL position: its flush LSN if running, its shutdown checkpoint if not."""
+    if status.state == "running":
+        try:
+            with psycopg.connect(connstr(app, status.node), connect_timeout=5) as conn:
+                row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+        except psycopg.Error:
+            return None
+        return parse_lsn(row[0]) if row else None
+    try:
+        control = read_control_file(status.node.datadir)
+    except NeonError:
+        return None
+    # A clean shutdown ends with the 114-byte checkpoint record.
+    return (
+        control.checkpoint_lsn + SHUTDOWN_CHECKPOINT_LEN if control.state == DB_SHUTDOWNED else None
+    )
+
+
+SHUTDOWN_CHECKPOINT_LEN = 114
 
 
 def register_with_pageserver(app: App, node: NodeRow) -> None:
@@ -342,7 +429,6 @@ def unregister_from_pageserver(app: App, node: NodeRow) -> None:
 
 def destroy_node(app: App, node: NodeRow) -> None:
     postmaster.stop(node.datadir, "immediate")
-    unregister_from_pageserver(app, node)
     _remove_node_files(app, node)
     with app.registry.transaction() as cur:
         cur.execute("DELETE FROM nodes WHERE id = ?", (node.id,))
@@ -360,7 +446,9 @@ def tcp_connstr(app: App, node: NodeRow) -> str:
     )
 
 
-def node_json(app: App, status: NodeStatus, used: int | None) -> dict[str, Any]:
+def node_json(
+    app: App, status: NodeStatus, used: int | None, wal: dict[str, Any] | None = None
+) -> dict[str, Any]:
     node = status.node
     return {
         "id": node.id,
@@ -378,4 +466,6 @@ def node_json(app: App, status: NodeStatus, used: int | None) -> dict[str, Any]:
         "connstr": connstr(app, node),
         "tcp_connstr": tcp_connstr(app, node),
         "log": str(node_log_dir(app, node) / "postgresql.log"),
+        "slot": slot_name(node.id),
+        "wal": wal or {},
     }

@@ -86,10 +86,16 @@ def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
     """Stop PostgreSQL on a node."""
     app = get_app(ctx)
     row = app.registry.get_node(node)
-    if nodes.stop_node(app, row, mode):
-        click.echo(f"Stopped postgres on {row.pgdata}.")
-    else:
+    if not nodes.stop_node(app, row, mode):
         click.echo(f"postgres on {row.pgdata} was not running.")
+        return
+    click.echo(f"Stopped postgres on {row.pgdata}.")
+    if nodes.wait_for_shutdown_checkpoint(app, row) is False:
+        click.echo(
+            f"neon: warning: the pageserver has not yet received the shutdown checkpoint of "
+            f"{row.pgdata}; it will catch up from the replication slot",
+            err=True,
+        )
 
 
 @pg_group.command("destroy")
@@ -114,22 +120,25 @@ def pg_list(ctx: click.Context, as_json: bool) -> None:
     app = get_app(ctx)
     nodes.cleanup_abandoned(app)
     statuses = [nodes.node_status(app, n) for n in app.registry.nodes()]
-    sizes = [dir_size(s.node.datadir) for s in statuses]
+    wal = nodes.wal_positions(app, statuses)
+    infos = [nodes.node_json(app, s, dir_size(s.node.datadir), wal[s.node.id]) for s in statuses]
     if as_json:
-        print_json([nodes.node_json(app, s, u) for s, u in zip(statuses, sizes, strict=True)])
+        print_json(infos)
         return
     rows = [
         (
-            s.node.id,
-            s.node.pgdata,
-            human_size(u),
-            s.node.storage,
-            f"localhost:{s.node.port}" if s.state == "running" else "-",
-            s.state,
+            i["id"],
+            i["pgdata"],
+            human_size(i["used_bytes"]),
+            i["storage"],
+            i["endpoint"] if i["state"] == "running" else "-",
+            i["state"],
+            i["wal"].get("flushed_lsn"),
+            human_size(i["wal"]["lag_bytes"]),
         )
-        for s, u in zip(statuses, sizes, strict=True)
+        for i in infos
     ]
-    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE"), rows)
+    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE", "FLUSHED", "LAG"), rows)
 
 
 @pg_group.command("show")
@@ -140,7 +149,9 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
     """Show one node, including a connection string for psql."""
     app = get_app(ctx)
     row = app.registry.get_node(node)
-    info = nodes.node_json(app, nodes.node_status(app, row), dir_size(row.datadir))
+    status = nodes.node_status(app, row)
+    wal = nodes.wal_positions(app, [status])[row.id]
+    info = nodes.node_json(app, status, dir_size(row.datadir), wal)
     if as_json:
         print_json(info)
         return
@@ -159,3 +170,17 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
     ):
         click.echo(f"  {key}: {info[key] if info[key] is not None else '-'}")
     click.echo(f"  space used on {row.storage}: {human_size(info['used_bytes'])}")
+    click.echo("  wal stream:")
+    for key in (
+        "stream",
+        "timeline",
+        "received_lsn",
+        "flushed_lsn",
+        "decoded_lsn",
+        "records",
+        "server_lsn",
+        "error",
+    ):
+        if key in wal:
+            click.echo(f"    {key}: {wal[key] if wal[key] is not None else '-'}")
+    click.echo(f"    lag: {human_size(wal['lag_bytes'])}")

@@ -73,6 +73,7 @@ async def serve(config: PageserverConfig) -> None:
     acquire_pid_file(config.pid_file)
     proto: ProtoServer | None = None
     http: HttpService | None = None
+    ps: Pageserver | None = None
     try:
         ps = Pageserver(config)
         proto = ProtoServer(
@@ -101,6 +102,7 @@ async def serve(config: PageserverConfig) -> None:
             http_port,
             os.getpid(),
         )
+        ps.start_following()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,6 +110,8 @@ async def serve(config: PageserverConfig) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        if ps is not None:
+            await ps.stop_following()
         if proto is not None:
             await proto.close()
         if http is not None:

@@ -15,6 +15,11 @@ from typing import Any
 from proto.errors import InvalidArgument, NotFound
 
 
+def slot_name(node_id: str) -> str:
+    """The physical replication slot that keeps a node's WAL for the pageserver."""
+    return f"neon_{node_id}".lower()
+
+
 @dataclass(frozen=True, slots=True)
 class FollowedNode:
     node_id: str
@@ -23,6 +28,10 @@ class FollowedNode:
     user: str
     password: str
     system_id: str | None = None
+
+    @property
+    def slot(self) -> str:
+        return slot_name(self.node_id)
 
     def public(self) -> dict[str, Any]:
         info = asdict(self)

@@ -31,19 +31,29 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             password=_param(p, "password", str),
             system_id=p.get("system_id") if isinstance(p.get("system_id"), str) else None,
         )
-        return ps.register_node(node)
+        return await ps.register_node(node)
 
     async def node_unregister(ctx: RequestContext) -> Any:
-        return ps.unregister_node(_param(ctx.params, "node_id", str))
+        return await ps.unregister_node(_param(ctx.params, "node_id", str))
 
     async def node_list(ctx: RequestContext) -> Any:
-        return [n.public() for n in ps.nodes.all()]
+        return ps.node_statuses()
+
+    async def node_wait_decoded(ctx: RequestContext) -> Any:
+        """Wait until the record at `lsn` (e.g. a shutdown checkpoint) has been decoded."""
+        follower = ps.follower(_param(ctx.params, "node_id", str))
+        timeout = ctx.params.get("timeout", 30)
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= 600:
+            raise InvalidArgument("parameter 'timeout' must be a number of seconds <= 600")
+        reached = await follower.wait_decoded(_param(ctx.params, "lsn", int), float(timeout))
+        return {"reached": reached, **follower.status()}
 
     handlers: dict[str, Handler] = {
         "status": status,
         "node.register": node_register,
         "node.unregister": node_unregister,
         "node.list": node_list,
+        "node.wait_decoded": node_wait_decoded,
     }
 
     def counted(name: str, fn: Handler) -> Handler:
