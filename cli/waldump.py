@@ -186,6 +186,14 @@ def record_json(rec: DecodedRecord) -> dict[str, object]:
                 "has_data": b.has_data,
                 "will_init": b.will_init,
                 "data_len": len(b.data),
+                "image": None
+                if b.image is None
+                else {
+                    "len": len(b.image.data),
+                    "hole_offset": b.image.hole_offset,
+                    "hole_length": b.image.hole_length,
+                    "compression": b.image.compression,
+                },
             }
             for b in rec.blocks
         ],

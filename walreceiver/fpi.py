@@ -46,18 +46,19 @@ def pglz_decompress(src: bytes, rawsize: int, check_complete: bool = True) -> by
 
     Each control byte announces 8 items, LSB first: 0 = one literal byte, 1 = a back-reference
     tag of 2 or 3 bytes (length 3..273, offset 1..4095 into the output produced so far).
+    Runs of literals are copied as slices, which keeps the Python loop per tag, not per byte.
     """
     dst = bytearray(rawsize)
     sp = 0
     dp = 0
     srcend = len(src)
+    trailing_zeros = _TRAILING_ZEROS
     try:
         while sp < srcend and dp < rawsize:
             ctrl = src[sp]
             sp += 1
-            for _ in range(8):
-                if sp >= srcend or dp >= rawsize:
-                    break
+            bit = 0
+            while bit < 8 and sp < srcend and dp < rawsize:
                 if ctrl & 1:
                     b0 = src[sp]
                     length = (b0 & 0x0F) + 3
@@ -68,7 +69,8 @@ def pglz_decompress(src: bytes, rawsize: int, check_complete: bool = True) -> by
                         sp += 1
                     if sp > srcend or off == 0 or off > dp:
                         raise ImageDecodeError("corrupt pglz data: bad back-reference")
-                    length = min(length, rawsize - dp)
+                    if length > rawsize - dp:
+                        length = rawsize - dp
                     start = dp - off
                     if off >= length:
                         dst[dp : dp + length] = dst[start : start + length]
@@ -76,11 +78,20 @@ def pglz_decompress(src: bytes, rawsize: int, check_complete: bool = True) -> by
                         # Overlapping copy: the last `off` bytes repeat.
                         dst[dp : dp + length] = (dst[start:dp] * (length // off + 1))[:length]
                     dp += length
+                    ctrl >>= 1
+                    bit += 1
                 else:
-                    dst[dp] = src[sp]
-                    dp += 1
-                    sp += 1
-                ctrl >>= 1
+                    # Literals up to the next tag bit (ctrl holds only this byte's bits).
+                    run = trailing_zeros[ctrl] if ctrl else 8 - bit
+                    if sp + run > srcend:
+                        run = srcend - sp
+                    if dp + run > rawsize:
+                        run = rawsize - dp
+                    dst[dp : dp + run] = src[sp : sp + run]
+                    dp += run
+                    sp += run
+                    ctrl >>= run
+                    bit += run
     except IndexError as exc:
         raise ImageDecodeError("corrupt pglz data: truncated tag") from exc
     if check_complete and (dp != rawsize or sp != srcend):
@@ -88,3 +99,6 @@ def pglz_decompress(src: bytes, rawsize: int, check_complete: bool = True) -> by
             f"corrupt pglz data: produced {dp} of {rawsize} bytes from {sp} of {srcend}"
         )
     return bytes(dst[:dp])
+
+
+_TRAILING_ZEROS = tuple((n & -n).bit_length() - 1 if n else 8 for n in range(256))
