@@ -1,1 +1,160 @@
-"""pg-neon: pageserver/redo."""
+"""Native redo: rebuild a page from its previous version and one WAL record.
+
+`redo_block(record, block_id, page)` follows XLogReadBufferForRedo (pg15-wal.md §4.3):
+
+* an image with BKPIMAGE_APPLY replaces the page (pd_lsn = EndRecPtr unless the page is new);
+* a WILL_INIT block (or one the rmgr always re-initializes) needs no previous version;
+* a block whose pd_lsn is already >= EndRecPtr is returned unchanged (BLK_DONE), and so is an
+  all-zero page (BLK_NOTFOUND), unless the rmgr reads that block with RBM_ZERO_ON_ERROR;
+* otherwise the rmgr's `apply` changes the page and pd_lsn becomes EndRecPtr, except for
+  blocks the rmgr stamps itself (`keeps_lsn`).
+
+Each rmgr registers one `RmgrRedo` line in REDO_BY_RMGR; `mask_for_rmgr` gives the
+wal_consistency_checking mask from the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pageserver.redo import heap, heap2, sequence, xlog
+from pageserver.redo.page import (
+    BLCKSZ,
+    PageError,
+    UnsupportedRecord,
+    get_lsn,
+    page_is_new,
+    set_lsn,
+)
+from walreceiver.fpi import restore_page
+from walreceiver.lsn import format_lsn
+from walreceiver.records import DecodedRecord
+from walreceiver.rmgr_names import (
+    RM_HEAP2_ID,
+    RM_HEAP_ID,
+    RM_SEQ_ID,
+    RM_XLOG_ID,
+)
+
+__all__ = [
+    "REDO_BY_RMGR",
+    "BlockPredicate",
+    "MaskFn",
+    "PageError",
+    "RedoFn",
+    "RmgrRedo",
+    "UnsupportedRecord",
+    "mask_for_rmgr",
+    "needs_previous",
+    "redo_block",
+]
+
+RedoFn = Callable[[DecodedRecord, int, "bytearray | None"], bytearray]
+MaskFn = Callable[[bytearray], None]
+BlockPredicate = Callable[[DecodedRecord, int], bool]
+
+
+def _never(record: DecodedRecord, block_id: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class RmgrRedo:
+    """One rmgr's redo entry.
+
+    apply: redo one block; gets a copy of the previous page (None for init blocks), returns
+        the new page (may be the same bytearray, changed in place).
+    mask: the rm_mask used by wal_consistency_checking, None if the rmgr has none.
+    keeps_lsn: blocks whose pd_lsn `apply` manages itself (the dispatcher does not stamp).
+    zero_on_missing: blocks read with RBM_ZERO_ON_ERROR: a missing or all-zero previous
+        version is redone from a zero page instead of being skipped.
+    always_init: blocks the rmgr rebuilds from scratch even without WILL_INIT.
+    """
+
+    apply: RedoFn
+    mask: MaskFn | None = None
+    keeps_lsn: BlockPredicate = _never
+    zero_on_missing: BlockPredicate = _never
+    always_init: BlockPredicate = _never
+
+
+def _visible_vm_block(record: DecodedRecord, block_id: int) -> bool:
+    return block_id == 0 and heap2.keeps_lsn(record, block_id)
+
+
+REDO_BY_RMGR: dict[int, RmgrRedo] = {
+    RM_XLOG_ID: RmgrRedo(xlog.apply, keeps_lsn=xlog.keeps_lsn),
+    RM_HEAP2_ID: RmgrRedo(
+        heap2.apply, heap.mask, keeps_lsn=heap2.keeps_lsn, zero_on_missing=_visible_vm_block
+    ),
+    RM_HEAP_ID: RmgrRedo(heap.apply, heap.mask),
+    RM_SEQ_ID: RmgrRedo(sequence.apply, sequence.mask, always_init=sequence.always_init),
+}
+
+
+def mask_for_rmgr(rmgr_id: int) -> MaskFn | None:
+    """The wal_consistency_checking mask of an rmgr (None: no mask or no redo here)."""
+    entry = REDO_BY_RMGR.get(rmgr_id)
+    return entry.mask if entry is not None else None
+
+
+def _entry(record: DecodedRecord) -> RmgrRedo:
+    entry = REDO_BY_RMGR.get(record.rmgr_id)
+    if entry is None:
+        raise UnsupportedRecord(
+            f"no native redo for {record.rmgr_name} {record.type_name} at {format_lsn(record.lsn)}"
+        )
+    return entry
+
+
+def needs_previous(record: DecodedRecord, block_id: int) -> bool:
+    """Whether `redo_block` needs the block's previous version (UnsupportedRecord if unknown)."""
+    ref = record.block(block_id)
+    if ref is None:
+        raise PageError(
+            f"{record.rmgr_name} {record.type_name} at {format_lsn(record.lsn)} has no "
+            f"block {block_id}"
+        )
+    if ref.apply_image or ref.will_init:
+        return False
+    entry = _entry(record)
+    return not (entry.always_init(record, block_id) or entry.zero_on_missing(record, block_id))
+
+
+def redo_block(record: DecodedRecord, block_id: int, page: bytes | None) -> bytes:
+    """The block's new version after `record` (see the module docstring for the rules)."""
+    ref = record.block(block_id)
+    if ref is None:
+        raise PageError(
+            f"{record.rmgr_name} {record.type_name} at {format_lsn(record.lsn)} has no "
+            f"block {block_id}"
+        )
+    if ref.image is not None and ref.image.apply:
+        restored = bytearray(restore_page(ref.image))
+        if not page_is_new(restored):
+            set_lsn(restored, record.end_lsn)
+        return bytes(restored)
+    entry = _entry(record)
+    work: bytearray | None
+    if ref.will_init or entry.always_init(record, block_id):
+        work = None
+    else:
+        if page is None:
+            if not entry.zero_on_missing(record, block_id):
+                raise PageError(
+                    f"{record.rmgr_name} {record.type_name} at {format_lsn(record.lsn)}: no "
+                    f"previous version of rel {ref.rnode} fork {ref.fork_name} blk {ref.blkno}"
+                )
+            page = bytes(BLCKSZ)
+        elif len(page) != BLCKSZ:
+            raise PageError(f"page of rel {ref.rnode} blk {ref.blkno} has {len(page)} bytes")
+        if page_is_new(page) and not entry.zero_on_missing(record, block_id):
+            return bytes(page)  # BLK_NOTFOUND: PostgreSQL skips all-zero pages
+        if record.end_lsn <= get_lsn(page):
+            return bytes(page)  # BLK_DONE
+        work = bytearray(page)
+    result = entry.apply(record, block_id, work)
+    if not entry.keeps_lsn(record, block_id):
+        set_lsn(result, record.end_lsn)
+    return bytes(result)

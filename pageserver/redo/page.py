@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 from functools import lru_cache
 
-from proto.errors import CorruptData
+from proto.errors import CorruptData, NeonError
 
 BLCKSZ = 8192
 MAXIMUM_ALIGNOF = 8
@@ -56,6 +56,12 @@ OFF_PRUNE_XID = 20
 
 class PageError(CorruptData):
     """Redo cannot proceed on this page: the message says what is wrong and why."""
+
+
+class UnsupportedRecord(NeonError):
+    """A record type native redo cannot replay (yet): the message names rmgr, type and LSN."""
+
+    code = "unsupported_record"
 
 
 def maxalign(n: int) -> int:
