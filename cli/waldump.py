@@ -129,6 +129,8 @@ def iter_records(
     reader = WalReader(begin_segno * seg_size, seg_size, todo[0].timeline)
     expected = begin_segno
     for seg in todo:
+        if end is not None and reader.last_end_lsn >= end:
+            return
         if seg.segno != expected:
             name = segment_file_name(seg.timeline, expected, seg_size)
             raise NotFound(
@@ -151,7 +153,7 @@ def iter_records(
         except OSError as exc:
             raise NeonError(f"cannot read WAL file {seg.path}: {exc.strerror or exc}") from exc
         if size < seg_size:
-            if seg.partial:
+            if seg.partial or (end is not None and reader.last_end_lsn >= end):
                 return
             pending = reader.pending_record_lsn
             where = pending if pending is not None else reader.last_end_lsn

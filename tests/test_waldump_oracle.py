@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import shutil
 import struct
@@ -31,6 +32,7 @@ from walreceiver.lsn import format_lsn, parse_lsn, parse_segment_file_name, segm
 from walreceiver.records import DecodedRecord
 from walreceiver.rmgr import dbase, decode_main, multixact, relmap, sequence, smgr, xact
 from walreceiver.rmgr.xlog import XlogCheckpoint
+from walreceiver.xlog_reader import RawRecord, WalReader
 
 pytestmark = pytest.mark.slow
 
@@ -528,6 +530,8 @@ def small_wal(pg_cluster_module: PgTestCluster, tmp_path_factory: pytest.TempPat
     )
     start = parse_lsn(server.psql("SELECT pg_current_wal_insert_lsn()")) // SEG * SEG
     server.psql("UPDATE t SET b = b || 'w' WHERE a % 3 = 0")
+    server.psql("SELECT pg_switch_wal()")
+    server.psql("UPDATE t SET b = b || 'q' WHERE a % 5 = 0")
     end = parse_lsn(server.psql("SELECT pg_current_wal_insert_lsn()"))
     server.psql("SELECT pg_switch_wal()")
     dest = tmp_path_factory.mktemp("small-wal")
@@ -650,3 +654,29 @@ def test_start_and_end_select_records_like_pg_waldump(small_wal: WalRun) -> None
         check=True,
     ).stdout.splitlines()
     assert [m.group(5) for m in map(_HEAD.match, theirs) if m] == _lsns(proc)
+
+
+def test_files_in_any_order_and_random_chunks(small_wal: WalRun) -> None:
+    files = sorted(small_wal.wal_copy.iterdir())
+    assert len(files) >= 2
+    from_dir = neon_waldump(str(small_wal.wal_copy))
+    reversed_files = neon_waldump(*map(str, reversed(files)))
+    assert from_dir.returncode == reversed_files.returncode == 0
+    assert from_dir.stdout == reversed_files.stdout
+
+    # Streaming-style feeding of the same bytes in random chunk sizes gives the same records.
+    stream = b"".join(f.read_bytes() for f in files)
+    whole = WalReader(small_wal.start)
+    whole.feed(stream)
+    expected = list(whole.records())
+    rng = random.Random(15)
+    chunked = WalReader(small_wal.start)
+    got: list[RawRecord] = []
+    pos = 0
+    while pos < len(stream):
+        step = rng.choice([1, 13, 500, 8192, 131072, 1 << 20])
+        chunked.feed(stream[pos : pos + step])
+        pos += step
+        got.extend(chunked.records())
+    assert got == expected and len(expected) > 1000
+    assert [r.lsn for r in expected] == [parse_lsn(x) for x in _lsns(from_dir)]

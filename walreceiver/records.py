@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from proto.errors import CorruptData
 from walreceiver.lsn import format_lsn
@@ -187,10 +188,7 @@ def decode_record(raw: RawRecord) -> DecodedRecord:
 
 def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:
     """Decode record bytes (XLogRecord header included); see DecodeXLogRecord."""
-
-    def fail(what: str) -> RecordDecodeError:
-        return RecordDecodeError(f"invalid WAL record at {format_lsn(lsn)}: {what}")
-
+    fail = partial(_fail, lsn)
     if len(data) < RECORD_HEADER_SIZE:
         raise fail(f"record of {len(data)} bytes is shorter than its header")
     tot_len, xid, prev, info, rmid, _crc = _RECORD_HEADER.unpack_from(data, 0)
@@ -299,6 +297,10 @@ def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedR
     return DecodedRecord(
         lsn, end_lsn, tot_len, xid, prev, info, rmid, tuple(blocks), main_data, origin, toplevel
     )
+
+
+def _fail(lsn: int, what: str) -> RecordDecodeError:
+    return RecordDecodeError(f"invalid WAL record at {format_lsn(lsn)}: {what}")
 
 
 def _check_image(
