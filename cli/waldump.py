@@ -17,7 +17,7 @@ import click
 
 from proto.errors import CorruptData, InvalidArgument, NeonError, NotFound
 from walreceiver.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
-from walreceiver.records import DecodedRecord, decode_record
+from walreceiver.records import DecodedRecord, RecordDecodeError, decode_record
 from walreceiver.xlog_reader import (
     LONG_PAGE_HEADER_SIZE,
     XLOG_PAGE_MAGIC,
@@ -147,7 +147,12 @@ def iter_records(
                         if end is not None and raw.end_lsn > end:
                             return
                         if start is None or raw.lsn >= start:
-                            yield decode_record(raw)
+                            try:
+                                record = decode_record(raw)
+                            except RecordDecodeError as exc:
+                                segment = reader.segment_name(raw.lsn)
+                                raise CorruptData(f"{exc} (segment {segment})") from exc
+                            yield record
                     if reader.end_of_wal is not None:
                         return
         except OSError as exc:
