@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pageserver.redo import heap, heap2, sequence, xlog
+from pageserver.redo import btree, heap, heap2, sequence, xlog
 from pageserver.redo.page import (
     BLCKSZ,
     PageError,
@@ -31,6 +31,7 @@ from walreceiver.fpi import restore_page
 from walreceiver.lsn import format_lsn
 from walreceiver.records import DecodedRecord
 from walreceiver.rmgr_names import (
+    RM_BTREE_ID,
     RM_HEAP2_ID,
     RM_HEAP_ID,
     RM_SEQ_ID,
@@ -39,6 +40,7 @@ from walreceiver.rmgr_names import (
 
 __all__ = [
     "REDO_BY_RMGR",
+    "BlockMaskFn",
     "BlockPredicate",
     "MaskFn",
     "PageError",
@@ -46,12 +48,14 @@ __all__ = [
     "RmgrRedo",
     "UnsupportedRecord",
     "mask_for_rmgr",
+    "mask_page",
     "needs_previous",
     "redo_block",
 ]
 
 RedoFn = Callable[[DecodedRecord, int, "bytearray | None"], bytearray]
 MaskFn = Callable[[bytearray], None]
+BlockMaskFn = Callable[[bytearray, int], None]
 BlockPredicate = Callable[[DecodedRecord, int], bool]
 
 
@@ -70,6 +74,8 @@ class RmgrRedo:
     zero_on_missing: blocks read with RBM_ZERO_ON_ERROR: a missing or all-zero previous
         version is redone from a zero page instead of being skipped.
     always_init: blocks the rmgr rebuilds from scratch even without WILL_INIT.
+    block_mask: a mask that needs the block number (rm_mask's second argument); used
+        instead of `mask` by `mask_page` when set.
     """
 
     apply: RedoFn
@@ -77,6 +83,7 @@ class RmgrRedo:
     keeps_lsn: BlockPredicate = _never
     zero_on_missing: BlockPredicate = _never
     always_init: BlockPredicate = _never
+    block_mask: BlockMaskFn | None = None
 
 
 def _visible_vm_block(record: DecodedRecord, block_id: int) -> bool:
@@ -86,9 +93,14 @@ def _visible_vm_block(record: DecodedRecord, block_id: int) -> bool:
 REDO_BY_RMGR: dict[int, RmgrRedo] = {
     RM_XLOG_ID: RmgrRedo(xlog.apply, keeps_lsn=xlog.keeps_lsn),
     RM_HEAP2_ID: RmgrRedo(
-        heap2.apply, heap.mask, keeps_lsn=heap2.keeps_lsn, zero_on_missing=_visible_vm_block
+        heap2.apply,
+        heap.mask,
+        keeps_lsn=heap2.keeps_lsn,
+        zero_on_missing=_visible_vm_block,
+        block_mask=heap.mask,
     ),
-    RM_HEAP_ID: RmgrRedo(heap.apply, heap.mask),
+    RM_HEAP_ID: RmgrRedo(heap.apply, heap.mask, block_mask=heap.mask),
+    RM_BTREE_ID: RmgrRedo(btree.apply, btree.mask),
     RM_SEQ_ID: RmgrRedo(sequence.apply, sequence.mask, always_init=sequence.always_init),
 }
 
@@ -97,6 +109,20 @@ def mask_for_rmgr(rmgr_id: int) -> MaskFn | None:
     """The wal_consistency_checking mask of an rmgr (None: no mask or no redo here)."""
     entry = REDO_BY_RMGR.get(rmgr_id)
     return entry.mask if entry is not None else None
+
+
+def mask_page(rmgr_id: int, page: bytearray, blkno: int) -> bool:
+    """Mask `page` (block `blkno`) in place for comparison; False if the rmgr has no mask."""
+    entry = REDO_BY_RMGR.get(rmgr_id)
+    if entry is None:
+        return False
+    if entry.block_mask is not None:
+        entry.block_mask(page, blkno)
+        return True
+    if entry.mask is not None:
+        entry.mask(page)
+        return True
+    return False
 
 
 def _entry(record: DecodedRecord) -> RmgrRedo:

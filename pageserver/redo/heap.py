@@ -413,11 +413,11 @@ def apply(record: DecodedRecord, block_id: int, page: bytearray | None) -> bytea
 # Mask
 
 
-def mask(page: bytearray) -> None:
+def mask(page: bytearray, blkno: int = 0) -> None:
     """heap_mask: page hints, free space, tuple hint bits, t_cid and item padding.
 
-    A speculative-insertion token in t_ctid is replaced by (0, offnum) on both compared copies
-    (PostgreSQL uses the real block number; either way both sides get the same value).
+    A speculative-insertion token in t_ctid becomes (blkno, offnum), which is what redo
+    writes there; so this mask needs the block number (see RmgrRedo.block_mask).
     """
     mask_page_lsn_and_checksum(page)
     mask_page_hint_bits(page)
@@ -434,7 +434,7 @@ def mask(page: bytearray) -> None:
             _U16.pack_into(page, lp_off + T_INFOMASK, infomask)
             _U32.pack_into(page, lp_off + T_CID, 0)
             if _U16.unpack_from(page, lp_off + T_CTID + 4)[0] == SPEC_TOKEN_OFFSET:
-                set_ctid(page, lp_off, 0, off)
+                set_ctid(page, lp_off, blkno, off)
         if length:
             end = lp_off + length
             pad = min(maxalign(length) - length, len(page) - end)
