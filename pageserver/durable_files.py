@@ -1,0 +1,48 @@
+"""Crash-safe file creation: write a temp name, fsync, rename, fsync the directory.
+
+After a crash a file either exists whole under its final name or not at all (a leftover
+``*.___temp`` may remain, which readers ignore and the timeline deletes on open).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+TEMP_SUFFIX = ".___temp"
+
+
+def temp_path(final: Path) -> Path:
+    return final.with_name(final.name + TEMP_SUFFIX)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_chunks_durably(final: Path, chunks: Iterable[bytes]) -> int:
+    """Write `chunks` to `final` atomically and durably; return the byte count."""
+    tmp = temp_path(final)
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+    return size
+
+
+def write_file_durably(final: Path, data: bytes) -> None:
+    write_chunks_durably(final, (data,))

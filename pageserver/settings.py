@@ -1,0 +1,54 @@
+"""Storage-engine tunables, with laptop-sized defaults.
+
+Neon's production values (reference §4) are sized for servers with many tenants:
+checkpoint_distance 256 MiB, compaction_target_size 128 MiB, compaction_threshold 10 L0
+layers, image_creation_threshold 3. Here one pageserver follows a few local nodes, so the
+in-memory layer and the files are smaller (a flush every 32 MiB of WAL values keeps memory
+and crash re-ingest short) while the thresholds, which are about read amplification, stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proto.errors import InvalidArgument
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    checkpoint_distance: int = 32 * MiB
+    """Freeze the in-memory layer once its values take this many bytes."""
+    compaction_threshold: int = 10
+    """Merge the L0 delta layers into L1 layers once there are this many."""
+    compaction_target_size: int = 32 * MiB
+    """Approximate uncompressed size of each L1 delta layer written by compaction."""
+    image_creation_threshold: int = 3
+    """Write an image layer for a key partition with this many delta layers above its image."""
+    image_layer_target_size: int = 32 * MiB
+    """Approximate uncompressed size of one image layer (4096 pages of 8 KiB)."""
+    block_size: int = 32 * 1024
+    """Uncompressed size of a value block in layer files (the unit of zstd and of the cache)."""
+    zstd_level: int = 3
+    block_cache_bytes: int = 64 * MiB
+    """Bound on decompressed blocks cached across all layers of a store."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "checkpoint_distance",
+            "compaction_threshold",
+            "compaction_target_size",
+            "image_creation_threshold",
+            "image_layer_target_size",
+            "block_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"storage setting {name} must be positive")
+        if self.compaction_threshold < 2:
+            raise InvalidArgument("storage setting compaction_threshold must be at least 2")
+        if self.block_cache_bytes < 0:
+            raise InvalidArgument("storage setting block_cache_bytes must not be negative")
+
+
+DEFAULT_SETTINGS = StoreSettings()
