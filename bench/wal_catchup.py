@@ -1,0 +1,438 @@
+"""WAL catch-up benchmark: our receiver + archive + decoder against pg_receivewal.
+
+    .venv/bin/python -m bench.wal_catchup [--backlog-mib 512] [--live-seconds 30] [--keep]
+                                          [--profile FILE]
+
+1. A throwaway PostgreSQL 15 server (fsync off, autovacuum off, large max_wal_size,
+   wal_keep_size 0); two physical slots reserve WAL *before* any is generated.
+2. pgbench (init, then rounds of `-c 4 -T 10` with a CHECKPOINT after each, so the backlog
+   has full-page images like a real one) until --backlog-mib of WAL exist; pg_switch_wal();
+   END is that segment boundary.
+3. Reference: `pg_receivewal --slot bench_pgrecv --endpos END --no-loop` with its default
+   durability (fsync when a segment completes and at exit; no --synchronous); the clock
+   stops when END's segment is complete (see run_pg_receivewal).
+4. Ours: the pageserver's own `NodeFollower` (WalReceiver, fsynced WalArchive, WalReader and
+   decode_record on every record) from slot neon_catchup, stopped once END is decoded.
+5. Live: our follower on slot neon_live (created just before) while
+   `pgbench -c 4 -T <live-seconds>` runs; CPU seconds per MiB and the lag when pgbench ends.
+
+Prints a table and, last, one JSON line. Run by hand, never by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import logging
+import pstats
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench.common import (
+    MIB,
+    ChildRun,
+    Measure,
+    conn_args,
+    json_line,
+    machine_info,
+    measure,
+    mib,
+    mib_per_s,
+    password_env,
+    print_table,
+    run_child_timed,
+    throwaway_cluster,
+)
+from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from pageserver.followed_nodes import FollowedNode, slot_name
+from pageserver.metrics import Metrics
+from pageserver.node_follower import NodeFollower, archive_dir
+from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
+from walreceiver.lsn import (
+    format_lsn,
+    parse_lsn,
+    parse_segment_file_name,
+    segment_file_name,
+    segment_start,
+)
+from walreceiver.receiver import ReceiverState
+from walreceiver.records import decode_record
+from walreceiver.xlog_reader import WalReader
+
+BENCH = "wal_catchup"
+REF_SLOT = "bench_pgrecv"
+CATCHUP_NODE = "catchup"
+LIVE_NODE = "live"
+GOAL_RATIO = 0.5
+
+SERVER_SETTINGS: dict[str, object] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "autovacuum": "off",  # nothing but our streams may touch the server while we measure
+    "shared_buffers": "256MB",
+    "max_wal_size": "16GB",
+    "min_wal_size": "1GB",
+    "wal_keep_size": 0,
+    "checkpoint_timeout": "1h",  # we checkpoint after each pgbench round instead
+}
+
+log = logging.getLogger(BENCH)
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the source server -------------------------------------------------------------------------
+
+
+def current_lsn(server: PgTestServer, fn: str = "pg_current_wal_lsn") -> int:
+    return parse_lsn(server.psql(f"SELECT {fn}()"))
+
+
+def restart_lsn(server: PgTestServer, slot: str) -> int:
+    return parse_lsn(
+        server.psql(f"SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    )
+
+
+def create_slot(server: PgTestServer, slot: str) -> None:
+    server.psql(f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+
+
+def pgbench_args(clients: int, seconds: int) -> list[str]:
+    return ["-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(seconds)]
+
+
+def tps_of(pgbench_output: str) -> float:
+    m = re.search(r"tps = ([0-9.]+)", pgbench_output)
+    return float(m.group(1)) if m else 0.0
+
+
+@dataclass
+class Backlog:
+    segment_size: int
+    start_lsn: int  # before pgbench -i
+    end_lsn: int  # a segment boundary, just after pg_switch_wal()
+    scale: int
+    rounds: int
+    seconds: float
+
+
+def generate_backlog(server: PgTestServer, backlog_mib: int) -> Backlog:
+    seg = int(server.psql("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'"))
+    start = current_lsn(server)
+    target = start + backlog_mib * MIB
+    scale = max(1, min(50, backlog_mib // 50))
+    t0 = time.perf_counter()
+    say(f"pgbench -i -s {scale}")
+    server.run("pgbench", "-i", "-q", "-s", str(scale), "postgres")
+    rounds = 0
+    while (lsn := current_lsn(server)) < target:
+        say(f"backlog {mib(lsn - start):.0f} / {backlog_mib} MiB: pgbench round {rounds + 1}")
+        server.run("pgbench", *pgbench_args(4, 10), "postgres")
+        server.psql("CHECKPOINT")
+        rounds += 1
+    switched = parse_lsn(server.psql("SELECT pg_switch_wal()"))
+    end = -(-switched // seg) * seg
+    seconds = time.perf_counter() - t0
+    say(f"backlog {mib(end - start):.0f} MiB ({format_lsn(start)}..{format_lsn(end)})")
+    return Backlog(seg, start, end, scale, rounds, seconds)
+
+
+# -- reference: pg_receivewal -----------------------------------------------------------------
+
+
+def run_pg_receivewal(
+    server: PgTestServer, outdir: Path, end_lsn: int, segment_size: int
+) -> ChildRun:
+    """pg_receivewal until the segment ending at `end_lsn` is complete (fsynced and renamed).
+
+    --endpos at a segment boundary makes pg_receivewal wait for the next WAL message past it
+    (on an idle server, up to the bgwriter's 15 s snapshot record), so the clock stops when
+    the last segment appears under its final name, and the child is then stopped by SIGINT.
+    """
+    make_pg_dir(outdir)  # it runs as the PostgreSQL account when we are root
+    last = outdir / segment_file_name(1, (end_lsn - 1) // segment_size, segment_size)
+    cmd = [
+        pg_binary("pg_receivewal"),
+        "-D", str(outdir),
+        "--slot", REF_SLOT,
+        "--endpos", format_lsn(end_lsn),
+        "--no-loop",
+        *conn_args(server),
+    ]  # fmt: skip
+    run = run_child_timed(cmd, popen_kwargs(password_env()), done=last.exists)
+    if run.returncode not in (0, 130, -2) or not last.exists():
+        raise RuntimeError(f"pg_receivewal failed ({run.returncode}): {run.stderr.strip()}")
+    return run
+
+
+# -- ours: the pageserver's NodeFollower ---------------------------------------------------------
+
+
+def make_follower(server: PgTestServer, node_id: str, workdir: Path) -> NodeFollower:
+    node = FollowedNode(node_id, "127.0.0.1", server.port, SUPERUSER, PASSWORD)
+    return NodeFollower(node, workdir, Metrics())
+
+
+async def wait_decoded(follower: NodeFollower, lsn: int, timeout: float) -> None:
+    """Until every record ending at or before `lsn` is decoded; raise on failure or timeout."""
+    deadline = time.monotonic() + timeout
+    while follower.decoded_lsn < lsn:
+        if follower.decode_error is not None:
+            raise RuntimeError(f"decoding failed: {follower.decode_error}")
+        r = follower.receiver
+        if r.state == ReceiverState.FAILED or (r.last_error and r.state == ReceiverState.BACKOFF):
+            raise RuntimeError(f"receiver failed: {r.last_error}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"decoded only up to {format_lsn(follower.decoded_lsn)}, wanted {format_lsn(lsn)}"
+            )
+        await follower.wait_decoded(lsn - 1, timeout=0.5)
+
+
+async def catch_up(
+    server: PgTestServer, workdir: Path, end_lsn: int, profile: cProfile.Profile | None
+) -> tuple[Measure, NodeFollower]:
+    follower = make_follower(server, CATCHUP_NODE, workdir)
+    with measure() as m:
+        if profile is not None:
+            profile.enable()
+        follower.start()
+        try:
+            await wait_decoded(follower, end_lsn, timeout=3600)
+        finally:
+            await follower.stop()
+            if profile is not None:
+                profile.disable()
+    return m, follower
+
+
+def decode_only(archive: Path, segment_size: int) -> tuple[Measure, int, int]:
+    """Reader + decoder alone over the archived segments (no network, no fsync): the share of
+    the catch-up that is decoding. Returns (measure, bytes, records)."""
+    segments = sorted(p for p in archive.iterdir() if len(p.name) == 24)  # complete ones
+    if not segments:
+        return Measure(), 0, 0
+    tli, segno, _ = parse_segment_file_name(segments[0].name, segment_size)
+    reader = WalReader(segment_start(segno, segment_size), segment_size, timeline=tli)
+    nbytes = records = 0
+    with measure() as m:
+        for path in segments:
+            data = path.read_bytes()
+            nbytes += len(data)
+            reader.feed(data)
+            for raw in reader.records():
+                decode_record(raw)
+                records += 1
+    return m, nbytes, records
+
+
+@dataclass
+class LiveResult:
+    seconds: float
+    wal_bytes: int
+    cpu: float
+    records: int
+    tps: float
+    lag_decoded_bytes: int  # pg_current_wal_insert_lsn() - decoded, when pgbench ended
+    lag_flushed_bytes: int  # ... - flushed (durable in our archive)
+    catchup_after_end: float  # seconds from pgbench's end until we had decoded its WAL
+
+
+async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
+    create_slot(server, slot_name(LIVE_NODE))
+    follower = make_follower(server, LIVE_NODE, workdir)
+    follower.start()
+    proc: subprocess.Popen[str] | None = None
+    try:
+        lsn0 = await asyncio.to_thread(current_lsn, server, "pg_current_wal_insert_lsn")
+        await wait_decoded(follower, lsn0, timeout=60)
+        decoded0, records0 = follower.decoded_lsn, follower.records
+        env = {"PGHOST": str(server.sockdir), "PGPORT": str(server.port), "PGUSER": SUPERUSER}
+        say(f"live: pgbench -c 4 -T {seconds} while following")
+        with measure() as m:
+            # uvloop cannot spawn as another user: Popen here, wait in a thread.
+            proc = subprocess.Popen(
+                [pg_binary("pgbench"), *pgbench_args(4, seconds), "postgres"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                **popen_kwargs(env),  # type: ignore[call-overload]
+            )
+            out, err = await asyncio.to_thread(proc.communicate)
+            if proc.returncode != 0:
+                raise RuntimeError(f"pgbench failed: {err.strip()}")
+            t_end = time.perf_counter()
+            end = await asyncio.to_thread(current_lsn, server, "pg_current_wal_insert_lsn")
+            lag_decoded = max(0, end - follower.decoded_lsn)
+            lag_flushed = max(0, end - follower.receiver.flushed_lsn)
+            await wait_decoded(follower, end, timeout=300)
+            catchup = time.perf_counter() - t_end
+        return LiveResult(
+            m.wall,
+            follower.decoded_lsn - decoded0,
+            m.cpu,
+            follower.records - records0,
+            tps_of(out),
+            lag_decoded,
+            lag_flushed,
+            catchup,
+        )
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # by its PID
+            await asyncio.to_thread(proc.wait)
+        await follower.stop()
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine_before": machine_info()}
+    with throwaway_cluster(keep=args.keep) as cluster:
+        say("starting a throwaway PostgreSQL 15 server")
+        server = cluster.create(SERVER_SETTINGS)
+        work = cluster.base / "bench"
+        work.mkdir()
+        for slot in (REF_SLOT, slot_name(CATCHUP_NODE)):
+            create_slot(server, slot)
+        backlog = generate_backlog(server, args.backlog_mib)
+        seg = backlog.segment_size
+        ref_bytes = backlog.end_lsn - restart_lsn(server, REF_SLOT) // seg * seg
+        our_bytes = backlog.end_lsn - restart_lsn(server, slot_name(CATCHUP_NODE)) // seg * seg
+
+        say(f"pg_receivewal: {mib(ref_bytes):.0f} MiB")
+        ref = run_pg_receivewal(server, work / "pg_receivewal", backlog.end_lsn, seg)
+
+        say(f"ours (NodeFollower: receiver + archive + reader + decoder): {mib(our_bytes):.0f} MiB")
+        profile = cProfile.Profile() if args.profile else None
+        ours, follower = uvloop.run(catch_up(server, work, backlog.end_lsn, profile))
+        if profile is not None:
+            profile.dump_stats(args.profile)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+
+        say("decode only: WalReader + decode_record over our archived segments")
+        dec, dec_bytes, dec_records = decode_only(archive_dir(work, CATCHUP_NODE), seg)
+
+        live_result = None
+        if args.live_seconds > 0:
+            live_result = uvloop.run(live(server, work, args.live_seconds))
+        results["machine_after"] = machine_info()
+
+    ref_rate = mib_per_s(ref_bytes, ref.wall)
+    our_rate = mib_per_s(our_bytes, ours.wall)
+    results.update(
+        backlog_mib=round(mib(backlog.end_lsn - backlog.start_lsn), 1),
+        pgbench_scale=backlog.scale,
+        pgbench_rounds=backlog.rounds,
+        pg_receivewal={
+            "mib": round(mib(ref_bytes), 1),
+            "wall_s": round(ref.wall, 3),
+            "cpu_s": round(ref.cpu, 3),
+            "mib_per_s": round(ref_rate, 1),
+            "cpu_s_per_mib": round(ref.cpu / mib(ref_bytes), 5),
+        },
+        ours={
+            "mib": round(mib(our_bytes), 1),
+            "wall_s": round(ours.wall, 3),
+            "cpu_s": round(ours.cpu, 3),
+            "cpu_user_s": round(ours.user, 3),
+            "cpu_sys_s": round(ours.sys, 3),
+            "mib_per_s": round(our_rate, 1),
+            "cpu_s_per_mib": round(ours.cpu / mib(our_bytes), 5),
+            "records": follower.records,
+            "records_per_s": round(follower.records / ours.wall),
+        },
+        decode_only={
+            "mib": round(mib(dec_bytes), 1),
+            "cpu_s": round(dec.cpu, 3),
+            "mib_per_s": round(mib_per_s(dec_bytes, dec.wall), 1),
+            "cpu_s_per_mib": round(dec.cpu / max(mib(dec_bytes), 1e-9), 5),
+            "records": dec_records,
+            "records_per_s": round(dec_records / max(dec.wall, 1e-9)),
+            "us_per_record": round(dec.cpu / max(dec_records, 1) * 1e6, 2),
+        },
+        ratio=round(our_rate / ref_rate, 3),
+        goal_ratio=GOAL_RATIO,
+    )
+    print()
+    print(f"WAL catch-up of a {results['backlog_mib']} MiB backlog (pgbench scale {backlog.scale})")
+    print_table(
+        ["", "MiB", "wall s", "CPU s", "MiB/s", "CPU s/MiB", "records/s"],
+        [
+            ["pg_receivewal", mib(ref_bytes), ref.wall, ref.cpu, ref_rate,
+             ref.cpu / mib(ref_bytes), "-"],
+            ["ours", mib(our_bytes), ours.wall, ours.cpu, our_rate,
+             ours.cpu / mib(our_bytes), round(follower.records / ours.wall)],
+            ["(decode only)", mib(dec_bytes), dec.wall, dec.cpu, mib_per_s(dec_bytes, dec.wall),
+             dec.cpu / max(mib(dec_bytes), 1e-9), round(dec_records / max(dec.wall, 1e-9))],
+        ],
+    )  # fmt: skip
+    verdict = "meets" if our_rate / ref_rate >= GOAL_RATIO else "BELOW"
+    print(
+        f"ratio ours / pg_receivewal: {our_rate / ref_rate:.3f} ({verdict} the {GOAL_RATIO} goal)"
+    )
+    print(f"records decoded: {follower.records:,}")
+    if live_result is not None:
+        lr = live_result
+        results["live"] = {
+            "seconds": round(lr.seconds, 2),
+            "wal_mib": round(mib(lr.wal_bytes), 1),
+            "cpu_s": round(lr.cpu, 3),
+            "cpu_s_per_mib": round(lr.cpu / max(mib(lr.wal_bytes), 1e-9), 5),
+            "records": lr.records,
+            "pgbench_tps": lr.tps,
+            "lag_decoded_bytes_at_end": lr.lag_decoded_bytes,
+            "lag_flushed_bytes_at_end": lr.lag_flushed_bytes,
+            "catchup_after_end_s": round(lr.catchup_after_end, 3),
+        }
+        print()
+        print(f"live: pgbench -c 4 -T {args.live_seconds} ({lr.tps:.0f} tps) while following")
+        print_table(
+            ["", "WAL MiB", "CPU s", "CPU s/MiB", "records", "lag at end", "caught up after"],
+            [
+                ["ours", mib(lr.wal_bytes), lr.cpu, lr.cpu / max(mib(lr.wal_bytes), 1e-9),
+                 lr.records, f"{lr.lag_decoded_bytes / 1024:.0f} KiB",
+                 f"{lr.catchup_after_end:.2f} s"],
+            ],
+        )  # fmt: skip
+    before, after = results["machine_before"], results["machine_after"]
+    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.wal_catchup", description=__doc__)
+    ap.add_argument("--backlog-mib", type=int, default=512, help="WAL backlog to catch up")
+    ap.add_argument("--live-seconds", type=int, default=30, help="live phase; 0 skips it")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (data, archives)")
+    ap.add_argument("--profile", type=Path, help="cProfile our catch-up into this file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started
+    # (SIGINT too when started from a non-interactive shell, which ignores it for us).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything stopped", file=sys.stderr)
+        return 130
+    json_line(BENCH, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
