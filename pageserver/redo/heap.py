@@ -24,8 +24,8 @@ from pageserver.redo.page import (
     UnsupportedRecord,
     get_flags,
     get_prune_xid,
+    line_pointer_array,
     max_offset,
-    maxalign,
     new_page,
     page_add_item,
     set_flags,
@@ -108,6 +108,10 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _CTID = struct.Struct("<HHH")
 _INFOMASKS = struct.Struct("<HH")  # t_infomask2, t_infomask
+_ZERO4 = bytes(4)
+_CTID_POSID_INFOMASKS = struct.Struct("<HHH")  # t_ctid.ip_posid, t_infomask2, t_infomask
+_NOT_XMAX_HINTS = ~(HEAP_XMAX_INVALID | HEAP_XMAX_COMMITTED) & 0xFFFF
+_ZEROS = bytes(8)
 
 RedoFn = Callable[[DecodedRecord, int, "bytearray | None"], bytearray]
 
@@ -423,20 +427,26 @@ def mask(page: bytearray, blkno: int = 0) -> None:
     mask_page_hint_bits(page)
     mask_unused_space(page)
     nline = max_offset(page)
-    for off in range(FIRST_OFFSET, nline + 1):
-        lp_off, flags, length = _item_id(page, off)
-        if flags == LP_NORMAL and lp_off + SIZEOF_HEAP_TUPLE_HEADER <= len(page):
-            infomask = _U16.unpack_from(page, lp_off + T_INFOMASK)[0]
+    if not nline:
+        return
+    size = len(page)
+    tail_at = _CTID_POSID_INFOMASKS.unpack_from
+    u16_put = _U16.pack_into
+    for off, raw in enumerate(line_pointer_array(nline).unpack_from(page, SIZE_OF_PAGE_HEADER), 1):
+        length = raw >> 17
+        if not length:
+            continue
+        lp_off = raw & 0x7FFF
+        if (raw >> 15) & 3 == LP_NORMAL and lp_off + SIZEOF_HEAP_TUPLE_HEADER <= size:
+            posid, _, infomask = tail_at(page, lp_off + T_CTID + 4)
             if infomask & HEAP_XMIN_FROZEN != HEAP_XMIN_FROZEN:
-                infomask &= ~HEAP_XACT_MASK
+                u16_put(page, lp_off + T_INFOMASK, infomask & ~HEAP_XACT_MASK)
             else:
-                infomask &= ~(HEAP_XMAX_INVALID | HEAP_XMAX_COMMITTED)
-            _U16.pack_into(page, lp_off + T_INFOMASK, infomask)
-            _U32.pack_into(page, lp_off + T_CID, 0)
-            if _U16.unpack_from(page, lp_off + T_CTID + 4)[0] == SPEC_TOKEN_OFFSET:
+                u16_put(page, lp_off + T_INFOMASK, infomask & _NOT_XMAX_HINTS)
+            page[lp_off + T_CID : lp_off + T_CID + 4] = _ZERO4
+            if posid == SPEC_TOKEN_OFFSET:
                 set_ctid(page, lp_off, blkno, off)
-        if length:
-            end = lp_off + length
-            pad = min(maxalign(length) - length, len(page) - end)
-            if pad > 0:
-                page[end : end + pad] = bytes(pad)
+        pad = -length & 7
+        end = lp_off + length
+        if pad and end + pad <= size:
+            page[end : end + pad] = _ZEROS[:pad]

@@ -69,9 +69,12 @@ def maxalign(n: int) -> int:
 
 
 @lru_cache(maxsize=512)
-def _u32_array(count: int) -> struct.Struct:
-    """Precompiled layout of `count` consecutive line pointers."""
+def line_pointer_array(count: int) -> struct.Struct:
+    """Precompiled layout of `count` consecutive line pointers (raw uint32 each)."""
     return struct.Struct(f"<{count}I")
+
+
+_u32_array = line_pointer_array
 
 
 def _lp_raw(off: int, flags: int, length: int) -> int:
