@@ -18,7 +18,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pageserver.redo import btree, heap, heap2, sequence, xlog
+from pageserver.redo import (
+    brin,
+    btree,
+    generic,
+    gin,
+    gist,
+    hash,
+    heap,
+    heap2,
+    sequence,
+    spgist,
+    xlog,
+)
 from pageserver.redo.page import (
     BLCKSZ,
     PageError,
@@ -31,10 +43,16 @@ from walreceiver.fpi import restore_page
 from walreceiver.lsn import format_lsn
 from walreceiver.records import DecodedRecord
 from walreceiver.rmgr_names import (
+    RM_BRIN_ID,
     RM_BTREE_ID,
+    RM_GENERIC_ID,
+    RM_GIN_ID,
+    RM_GIST_ID,
+    RM_HASH_ID,
     RM_HEAP2_ID,
     RM_HEAP_ID,
     RM_SEQ_ID,
+    RM_SPGIST_ID,
     RM_XLOG_ID,
 )
 
@@ -102,6 +120,12 @@ REDO_BY_RMGR: dict[int, RmgrRedo] = {
     RM_HEAP_ID: RmgrRedo(heap.apply, heap.mask, block_mask=heap.mask),
     RM_BTREE_ID: RmgrRedo(btree.apply, btree.mask),
     RM_SEQ_ID: RmgrRedo(sequence.apply, sequence.mask, always_init=sequence.always_init),
+    RM_HASH_ID: RmgrRedo(hash.apply, hash.mask, keeps_lsn=hash.keeps_lsn),
+    RM_GIN_ID: RmgrRedo(gin.apply, gin.mask),
+    RM_GIST_ID: RmgrRedo(gist.apply, gist.mask),
+    RM_SPGIST_ID: RmgrRedo(spgist.apply, spgist.mask),
+    RM_BRIN_ID: RmgrRedo(brin.apply, brin.mask),
+    RM_GENERIC_ID: RmgrRedo(generic.apply, generic.mask),
 }
 
 
