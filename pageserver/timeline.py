@@ -54,7 +54,7 @@ from pageserver.values import (
     Value,
     WalDelta,
 )
-from proto.errors import InvalidArgument
+from proto.errors import Conflict, InvalidArgument
 from walreceiver.lsn import format_lsn
 
 
@@ -102,6 +102,7 @@ class Timeline:
         self._last_record_lsn = manifest.disk_consistent_lsn
         self._prev_record_lsn = manifest.prev_record_lsn
         self._next_layer_start = manifest.disk_consistent_lsn + 1
+        self._closed = False
 
     # --- creation and reopening ------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Timeline:
     def put_batch(self, items: Iterable[tuple[Key, int, Value]]) -> None:
         """Several puts under one lock acquisition (the values of one record, typically)."""
         with self._lock:
+            self._check_open()
             for key, lsn, value in items:
                 if lsn <= self._last_record_lsn:
                     raise InvalidArgument(
@@ -337,6 +339,7 @@ class Timeline:
 
     def _read_own(self, key: Key, lsn: int) -> tuple[list[tuple[int, Value]], ChainEnd]:
         with self._lock:
+            self._check_open()
             layer_map = self._map
             frozen = self._frozen[::-1]
             open_ = self._open
@@ -368,6 +371,7 @@ class Timeline:
 
     def _scan_own(self, key_range: KeyRange, lsn: int) -> tuple[dict[Key, bool], list[KeyRange]]:
         with self._lock:
+            self._check_open()
             layer_map = self._map
             frozen = self._frozen[::-1]
             open_ = self._open
@@ -378,9 +382,15 @@ class Timeline:
             )
         return layer_map.scan_keys(key_range, lsn, frozen, head)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Conflict(f"timeline {self.timeline_id} is closed")
+
     def close(self) -> None:
-        """Release the mappings (the caller guarantees no reads are in flight)."""
+        """Release the mappings (the caller guarantees no reads are in flight); unflushed
+        in-memory data is dropped, as in a crash."""
         with self._lock:
+            self._closed = True
             layers = self._map.layers()
             self._map = LayerMap()
         for layer in layers:

@@ -160,6 +160,8 @@ def test_store_list_reopen_delete(store: TimelineStore) -> None:
         store.get("bb")
     with pytest.raises(NotFound):
         store.delete_timeline("bb")
+    with pytest.raises(Conflict, match="closed"):
+        tl.get_reconstruct_data(page(5, 0), 10)
 
 
 def test_crash_before_flush_loses_only_unflushed_records(store: TimelineStore) -> None:
