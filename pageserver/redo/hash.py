@@ -32,6 +32,7 @@ from pageserver.redo.masks import (
     mask_unused_space,
 )
 from pageserver.redo.page import (
+    BLCKSZ,
     SIZE_OF_PAGE_HEADER,
     PageError,
     get_special,
@@ -198,7 +199,7 @@ def init_metapage(num_tuples: float, procid: int, ffactor: int) -> bytearray:
     _set_opaque(page, INVALID_BLOCK, INVALID_BLOCK, INVALID_BUCKET, LH_META_PAGE)
     bsize = get_special(page) - SIZE_OF_PAGE_HEADER  # HashGetMaxBitmapSize
     lshift = bsize.bit_length() - 1
-    highmask = (1 << (num_buckets + 1 - 1).bit_length()) - 1  # pg_nextpower2_32(n + 1) - 1
+    highmask = (1 << num_buckets.bit_length()) - 1  # pg_nextpower2_32(n + 1) - 1
     META_HEAD.pack_into(
         page,
         META,
@@ -283,12 +284,12 @@ def apply(record: DecodedRecord, block_id: int, page: bytearray | None) -> bytea
     op = record.rmgr_info
     ref = block_ref(record, block_id)
     if op == INIT_META_PAGE:
-        num_tuples, procid, ffactor = main_struct(_INIT_META, record)
-        return init_metapage(float(num_tuples), int(procid), int(ffactor))
+        xl = InitMeta(*main_struct(_INIT_META, record))
+        return init_metapage(xl.num_tuples, xl.procid, xl.ffactor)
     if op == INIT_BITMAP_PAGE:
         (bmsize,) = main_struct(U16, record)
         if block_id == 0:
-            return init_bitmap_page(int(bmsize))
+            return init_bitmap_page(bmsize)
         page = existing(page, record, block_id)
         nmaps = _meta_u32(page, M_NMAPS)
         U32.pack_into(page, M_MAPP + 4 * nmaps, _meta_u32(page, M_MAXBUCKET) + 2)
@@ -298,7 +299,7 @@ def apply(record: DecodedRecord, block_id: int, page: bytearray | None) -> bytea
         page = existing(page, record, block_id)
         if block_id == 0:
             (offnum,) = main_struct(U16, record)
-            page_add_item(page, ref.data, int(offnum), overwrite=False, is_heap=False)
+            page_add_item(page, ref.data, offnum, overwrite=False, is_heap=False)
         else:
             ntuples = _DOUBLE.unpack_from(page, M_NTUPLES)[0]
             _DOUBLE.pack_into(page, M_NTUPLES, ntuples + 1)
@@ -318,12 +319,10 @@ def apply(record: DecodedRecord, block_id: int, page: bytearray | None) -> bytea
         ntups, _ = main_struct(_MOVE, record)
         page = existing(page, record, block_id)
         if block_id == 1:
-            _add_tuples(page, ref.data, int(ntups))
+            _add_tuples(page, ref.data, ntups)
         elif block_id == 2:
             _delete_listed(page, ref.data)
-        else:
-            return page  # block 0, the primary bucket page, is only locked
-        return page
+        return page  # block 0, the primary bucket page, is only locked
     if op == SQUEEZE_PAGE:
         return _squeeze(record, block_id, page)
     if op == DELETE:
@@ -349,14 +348,11 @@ def apply(record: DecodedRecord, block_id: int, page: bytearray | None) -> bytea
         page = existing(page, record, block_id)
         if block_id == 0:
             if len(record.main_data) > _VACUUM_ONE.size:
-                page_index_multi_delete(
-                    page,
-                    offsets(record.main_data, _VACUUM_ONE.size, int(ntuples)),
-                )
+                page_index_multi_delete(page, offsets(record.main_data, _VACUUM_ONE.size, ntuples))
             _set_opaque_flag(page, _opaque_flag(page) & ~LH_PAGE_HAS_DEAD_TUPLES)
         else:
             count = _DOUBLE.unpack_from(page, M_NTUPLES)[0]
-            _DOUBLE.pack_into(page, M_NTUPLES, count - int(ntuples))
+            _DOUBLE.pack_into(page, M_NTUPLES, count - ntuples)
         return page
     raise unknown(record)
 
@@ -369,7 +365,7 @@ def _add_ovfl_page(record: DecodedRecord, block_id: int, page: bytearray | None)
         (bucket,) = U32.unpack_from(data, 0)
         return init_bucket_page(block_number(record, 1), bucket, LH_OVERFLOW_PAGE)
     if block_id == 3:
-        return init_bitmap_page(int(bmsize))
+        return init_bitmap_page(bmsize)
     page = existing(page, record, block_id)
     if block_id == 1:
         _set_opaque_u32(page, OFF_NEXT, block_number(record, 0))
@@ -422,7 +418,7 @@ def _squeeze(record: DecodedRecord, block_id: int, page: bytearray | None) -> by
     data = block_ref(record, block_id).data
     if block_id == 2:
         # Re-initialised as an unused page whatever it held.
-        fresh = page if page is not None else bytearray(8192)
+        fresh = page if page is not None else bytearray(BLCKSZ)
         page_init(fresh, SPECIAL_SIZE)
         _set_opaque(fresh, INVALID_BLOCK, INVALID_BLOCK, INVALID_BUCKET, LH_UNUSED_PAGE)
         return fresh
