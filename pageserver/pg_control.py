@@ -22,7 +22,18 @@ _HEAD = struct.Struct(
 )  # system_identifier, version, catversion, state, time, checkPoint
 _CRC = struct.Struct("<I")
 _SEG_SIZE_OFFSET = 228
+_CHECKSUM_VERSION_OFFSET = 252
 _U32 = struct.Struct("<I")
+# Writer offsets (pg15-wal.md §7): state, time, checkPoint, checkPointCopy, unloggedLSN, then
+# minRecoveryPoint, minRecoveryPointTLI, backupStartPoint, backupEndPoint, backupEndRequired.
+_STATE_TIME_CHECKPOINT = struct.Struct("<I4xqQ")
+_STATE_OFFSET = 16
+_CHECKPOINT_COPY_OFFSET = 40
+_UNLOGGED_LSN = struct.Struct("<Q")
+_UNLOGGED_LSN_OFFSET = 128
+_RECOVERY_FIELDS = struct.Struct("<QI4xQQ?3x")
+_RECOVERY_FIELDS_OFFSET = 136
+FIRST_NORMAL_UNLOGGED_LSN = 1000
 
 DB_STATES = {
     0: "starting up",
@@ -46,6 +57,7 @@ class ControlFile:
     checkpoint: CheckPoint
     wal_segment_size: int
     raw: bytes
+    data_checksum_version: int = 0
 
     @property
     def state_name(self) -> str:
@@ -72,7 +84,29 @@ def parse_control_file(data: bytes, source: str = "pg_control") -> ControlFile:
         checkpoint=CheckPoint.unpack(data, _HEAD.size),
         wal_segment_size=_U32.unpack_from(data, _SEG_SIZE_OFFSET)[0],
         raw=bytes(data[:CONTROL_FILE_SIZE]),
+        data_checksum_version=_U32.unpack_from(data, _CHECKSUM_VERSION_OFFSET)[0],
     )
+
+
+def with_checkpoint(
+    template: bytes, checkpoint_lsn: int, checkpoint: CheckPoint, time: int
+) -> bytes:
+    """A pg_control for a clean start at a shutdown checkpoint (datadir-at-lsn.md §1.3 step 6).
+
+    state = shut down, checkPoint and checkPointCopy set, recovery and backup fields cleared,
+    unloggedLSN raised to at least FirstNormalUnloggedLSN; everything else (system identifier,
+    compile-time constants, GUC snapshot) is kept from `template`; the CRC is recomputed.
+    """
+    if len(template) < _CRC_OFFSET + 4:
+        raise CorruptData(f"pg_control template is truncated ({len(template)} bytes)")
+    buf = bytearray(template[:CONTROL_FILE_SIZE].ljust(CONTROL_FILE_SIZE, b"\0"))
+    _STATE_TIME_CHECKPOINT.pack_into(buf, _STATE_OFFSET, DB_SHUTDOWNED, time, checkpoint_lsn)
+    buf[_CHECKPOINT_COPY_OFFSET : _CHECKPOINT_COPY_OFFSET + CheckPoint.SIZE] = checkpoint.pack()
+    (unlogged,) = _UNLOGGED_LSN.unpack_from(buf, _UNLOGGED_LSN_OFFSET)
+    _UNLOGGED_LSN.pack_into(buf, _UNLOGGED_LSN_OFFSET, max(unlogged, FIRST_NORMAL_UNLOGGED_LSN))
+    _RECOVERY_FIELDS.pack_into(buf, _RECOVERY_FIELDS_OFFSET, 0, 0, 0, 0, False)
+    _CRC.pack_into(buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
+    return bytes(buf)
 
 
 def read_control_file(datadir: Path) -> ControlFile:

@@ -131,6 +131,16 @@ class PgTestCluster:
             server.start()
         return server
 
+    def create_empty(self, settings: Mapping[str, object] | None = None) -> PgTestServer:
+        """A server whose data directory the caller fills (e.g. from a basebackup), then
+        configures with `postmaster.write_config(server.datadir, *server.config())` and starts."""
+        root = Path(tempfile.mkdtemp(prefix="pg", dir=self.base))
+        server = PgTestServer(root, free_port(), dict(settings or {}))
+        self.servers.append(server)
+        make_pg_dir(root, 0o711)
+        make_pg_dir(server.sockdir)
+        return server
+
     def create_standby(
         self, primary: PgTestServer, settings: Mapping[str, object] | None = None
     ) -> PgTestServer:

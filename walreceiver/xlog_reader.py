@@ -105,6 +105,23 @@ def parse_page_header(data: bytes | memoryview, offset: int = 0) -> PageHeader:
     return PageHeader(magic, info, tli, pageaddr, rem_len)
 
 
+def pack_page_header(
+    info: int,
+    timeline: int,
+    pageaddr: int,
+    rem_len: int = 0,
+    system_id: int | None = None,
+    segment_size: int | None = None,
+) -> bytes:
+    """The bytes of a short (24) or, with XLP_LONG_HEADER, long (40) page header, for writers."""
+    head = _SHORT_HEADER.pack(XLOG_PAGE_MAGIC, info, timeline, pageaddr, rem_len) + bytes(4)
+    if not info & XLP_LONG_HEADER:
+        return head
+    if system_id is None or segment_size is None:
+        raise ValueError("a long page header needs the system identifier and segment size")
+    return head + _LONG_HEADER_TAIL.pack(system_id, segment_size, WAL_BLOCK_SIZE)
+
+
 def maxalign(n: int) -> int:
     return (n + 7) & ~7
 
