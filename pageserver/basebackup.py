@@ -47,9 +47,9 @@ import crc32c
 
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from pageserver import page_reconstruct as pr
+from pageserver.import_datadir import import_lsn_of
 from pageserver.keys import SlruKind
 from pageserver.pg_control import (
-    DB_SHUTDOWNED,
     parse_control_file,
     read_control_file,
     with_checkpoint,
@@ -274,25 +274,9 @@ class DatadirSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # The same checks and LSN as an import of this directory into the page store.
+        self._lsn = import_lsn_of(self.path)
         self._control = read_control_file(self.path)
-        if self._control.state != DB_SHUTDOWNED:
-            raise InvalidArgument(
-                f"data directory {self.path} was not shut down cleanly "
-                f"(pg_control says {self._control.state_name!r})"
-            )
-        loc = self._control.checkpoint_lsn
-        if self._control.checkpoint.redo != loc:
-            raise InvalidArgument(
-                f"data directory {self.path}: the last checkpoint at {format_lsn(loc)} is not a "
-                "shutdown checkpoint (redo differs)"
-            )
-        tblspc = self.path / "pg_tblspc"
-        if tblspc.is_dir() and any(tblspc.iterdir()):
-            raise InvalidArgument(
-                f"data directory {self.path} uses tablespaces other than the defaults, which "
-                "are not supported"
-            )
-        self._lsn = record_end_lsn(loc, CHECKPOINT_RECORD_SIZE, self._control.wal_segment_size)
         self._open: tuple[Path, BinaryIO] | None = None
 
     def __enter__(self) -> DatadirSource:
@@ -426,18 +410,6 @@ def normalize_lsn(lsn: int, segment_size: int) -> int:
         pos += WAL_BLOCK_SIZE - pos % WAL_BLOCK_SIZE
         pos += _page_header_size(pos, segment_size)
     return pos
-
-
-def record_end_lsn(start: int, length: int, segment_size: int) -> int:
-    """EndRecPtr of a `length`-byte record starting at `start` (continuing past page headers)."""
-    pos, left = start, length
-    while True:
-        room = WAL_BLOCK_SIZE - pos % WAL_BLOCK_SIZE
-        if left <= room:
-            return pos + maxalign(left)
-        left -= room
-        pos += room
-        pos += _page_header_size(pos, segment_size)
 
 
 def slru_file_name(segno: int) -> str:
@@ -949,5 +921,4 @@ __all__ = [
     "basebackup_chunks",
     "extract_basebackup",
     "normalize_lsn",
-    "record_end_lsn",
 ]

@@ -1,0 +1,396 @@
+"""Basebackup pieces without a server: pg_control writer, the checkpoint WAL segment (checked
+with our WalReader and the real pg_waldump / pg_controldata), LSN normalization, the tar layout
+from an in-memory source, and the untar's refusal of hostile members."""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from cli.pgbin import pg_binary
+from pageserver import basebackup as bb
+from pageserver.basebackup import (
+    UnsafeArchive,
+    basebackup,
+    basebackup_chunks,
+    checkpoint_record,
+    extract_basebackup,
+    normalize_lsn,
+    wal_segment_chunks,
+)
+from pageserver.keys import SlruKind
+from pageserver.pg_control import parse_control_file, with_checkpoint
+from proto.errors import CorruptData, InvalidArgument
+from walreceiver.lsn import format_lsn, segment_file_name
+from walreceiver.records import decode_record
+from walreceiver.rmgr.xlog import CheckPoint
+from walreceiver.xlog_reader import WalReader
+
+SEG = 16 * 1024 * 1024
+SYSID = 7711482154191758973
+PAGE = 8192
+
+
+def short_lsn(lsn: int) -> str:
+    """%X/%X, as pg_controldata and pg_waldump's record descriptions print LSNs."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def control_template(sysid: int = SYSID, unlogged_lsn: int = 0) -> bytes:
+    """A pg_control with PG15's compile-time constants (pg15-wal.md §7), state in production."""
+    buf = bytearray(8192)
+    struct.pack_into("<QIII", buf, 0, sysid, 1300, 202209061, 6)
+    struct.pack_into("<Q", buf, 128, unlogged_lsn)
+    struct.pack_into("<QI", buf, 136, 0x5000000, 1)  # minRecoveryPoint, its TLI: must be reset
+    struct.pack_into("<i?3xiiiii?", buf, 172, 1, False, 100, 8, 10, 10, 64, False)
+    struct.pack_into("<IdIIIIIIII?", buf, 204, 8, 1234567.0, 8192, 131072, 8192, SEG, 64, 32,
+                     1996, 2048, True)  # fmt: skip
+    struct.pack_into("<I", buf, 288, crc32c.crc32c(bytes(buf[:288])))
+    return bytes(buf)
+
+
+def make_checkpoint(redo: int = 0, tli: int = 1, next_xid: int = 1000) -> CheckPoint:
+    return CheckPoint(
+        redo=redo, this_timeline=tli, prev_timeline=tli, full_page_writes=True,
+        next_full_xid=next_xid, next_oid=24576, next_multi=1, next_multi_offset=0,
+        oldest_xid=716, oldest_xid_db=1, oldest_multi=1, oldest_multi_db=1, time=1700000000,
+        oldest_commit_ts_xid=0, newest_commit_ts_xid=0, oldest_active_xid=0,
+    )  # fmt: skip
+
+
+# --- pg_control -------------------------------------------------------------------------------
+
+
+def test_pg_control_round_trip_with_crc(tmp_path: Path) -> None:
+    template = control_template()
+    lsn = 0x2147118
+    cp = make_checkpoint(redo=lsn, tli=2, next_xid=(1 << 32) | 1024)
+    raw = with_checkpoint(template, lsn, cp, 1700000123)
+    assert len(raw) == 8192
+    parsed = parse_control_file(raw)  # checks the CRC
+    assert parsed.state == 1 and parsed.state_name == "shut down"
+    assert parsed.checkpoint_lsn == lsn and parsed.checkpoint == cp
+    assert parsed.system_identifier == SYSID and parsed.wal_segment_size == SEG
+    assert struct.unpack_from("<q", raw, 24)[0] == 1700000123
+    assert struct.unpack_from("<Q", raw, 128)[0] == 1000  # unloggedLSN raised
+    assert struct.unpack_from("<QI4xQQ?", raw, 136) == (0, 0, 0, 0, False)
+    assert raw[172:288] == template[172:288] and raw[292:] == template[292:]
+    kept = with_checkpoint(control_template(unlogged_lsn=5000), lsn, cp, 0)
+    assert struct.unpack_from("<Q", kept, 128)[0] == 5000
+    # The real pg_controldata agrees.
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "pg_control").write_bytes(raw)
+    out = subprocess.run(
+        [pg_binary("pg_controldata"), "-D", str(tmp_path)],
+        capture_output=True, text=True, check=True, env={"LC_ALL": "C"},
+    ).stdout  # fmt: skip
+    assert "Database cluster state:               shut down" in out
+    short = short_lsn(lsn)
+    assert f"Latest checkpoint location:           {short}" in out
+    assert f"Latest checkpoint's REDO location:    {short}" in out
+    assert "Latest checkpoint's TimeLineID:       2" in out
+    assert "Latest checkpoint's NextXID:          1:1024" in out
+    corrupt = bytearray(raw)
+    corrupt[40] ^= 1
+    with pytest.raises(CorruptData, match="bad CRC"):
+        parse_control_file(bytes(corrupt))
+
+
+# --- LSN normalization ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lsn", "expected"),
+    [
+        (0x2147118, 0x2147118),  # mid-page record boundary: unchanged
+        (0x2147119, 0x2147120),  # MAXALIGNed
+        (0x2148000, 0x2148018),  # page boundary: after the short header
+        (0x3000000, 0x3000028),  # segment boundary: after the long header
+        (0x214A000 - 120, 0x214A000 - 120),  # 8072 + 114 <= 8192: fits
+        (0x214A000 - 112, 0x214A018),  # would cross the page end: next page
+        (0x2147FB0, 0x2148018),  # the reference's 0x1FB0 case
+        (0x3FFFFB0, 0x4000028),  # would cross into a new segment: after its long header
+        (0x1000028, 0x1000028),
+    ],
+)
+def test_normalize_lsn(lsn: int, expected: int) -> None:
+    assert normalize_lsn(lsn, SEG) == expected
+
+
+# --- the checkpoint WAL segment ---------------------------------------------------------------
+
+
+def build_segment(lsn: int, tli: int) -> tuple[bytes, CheckPoint]:
+    cp = make_checkpoint(redo=lsn, tli=tli)
+    record = checkpoint_record(cp, 0)
+    data = b"".join(wal_segment_chunks(lsn, record, tli, SYSID, SEG))
+    return data, cp
+
+
+@pytest.mark.parametrize(
+    ("lsn", "tli"),
+    [(0x2147118, 1), (0x2148018, 1), (0x3000028, 1), (0x3000100, 2), (0x20004018, 3)],
+)
+def test_checkpoint_segment_parses(tmp_path: Path, lsn: int, tli: int) -> None:
+    data, cp = build_segment(lsn, tli)
+    assert len(data) == SEG
+    seg_start = lsn - lsn % SEG
+    off = lsn - seg_start
+    # Our reader, from the record itself and from its page start (skipping the contrecord gap).
+    for start in (lsn, lsn - lsn % PAGE):
+        reader = WalReader(start, SEG, tli, system_id=SYSID)
+        reader.feed(data[start - seg_start :])
+        records = list(reader.records())
+        assert [(r.lsn, r.end_lsn) for r in records] == [(lsn, lsn + 120)]
+        decoded = decode_record(records[0])
+        assert (decoded.rmgr_id, decoded.info & 0xF0, len(records[0].data)) == (0, 0x00, 114)
+        assert CheckPoint.unpack(decoded.main_data) == cp
+    assert data[off + 120 :].count(0) == SEG - off - 120
+    # The real pg_waldump, from the record and from the page start.
+    (tmp_path / segment_file_name(tli, lsn // SEG, SEG)).write_bytes(data)
+    for start in (lsn, lsn - lsn % PAGE):
+        out = subprocess.run(
+            [pg_binary("pg_waldump"), "-p", str(tmp_path), "-t", str(tli),
+             "-s", format_lsn(start), "-n", "1"],
+            capture_output=True, text=True, env={"LC_ALL": "C"},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "CHECKPOINT_SHUTDOWN" in out.stdout
+        assert f"lsn: {format_lsn(lsn)}, prev 0/00000000" in out.stdout
+        assert f"redo {short_lsn(lsn)}; tli {tli}; prev tli {tli}" in out.stdout
+
+
+# --- the tar from an in-memory source ---------------------------------------------------------
+
+
+def page(lsn: int, fill: int) -> bytes:
+    return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + bytes([fill]) * (PAGE - 8)
+
+
+def twophase_file(payload: bytes) -> bytes:
+    return payload + struct.pack("<I", crc32c.crc32c(payload))
+
+
+@dataclass
+class FakeSource:
+    lsn: int = 0x2147118
+    tracks_visibility_map: bool = True
+    rels: dict[tuple[int, int, int, int], list[bytes]] = field(default_factory=dict)
+    slru: dict[tuple[SlruKind, int], list[bytes]] = field(default_factory=dict)
+    twophase: dict[int, bytes] = field(default_factory=dict)
+    checkpoint: CheckPoint = field(default_factory=make_checkpoint)
+    control: bytes = field(default_factory=control_template)
+
+    def list_dbs(self) -> list[tuple[int, int]]:
+        return sorted({(spc, db) for spc, db, _, _ in self.rels} | {(1664, 0)})
+
+    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
+        return sorted((r, f) for s, d, r, f in self.rels if (s, d) == (spc, db))
+
+    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
+        return len(self.rels[(spc, db, rel, fork)])
+
+    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
+        return self.rels[(spc, db, rel, fork)][blkno]
+
+    def list_slru_segments(self, kind: SlruKind) -> list[int]:
+        return sorted(s for k, s in self.slru if k == kind)
+
+    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int:
+        return len(self.slru[(kind, segno)])
+
+    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
+        return self.slru[(kind, segno)][blkno]
+
+    def get_relmap(self, spc: int, db: int) -> bytes | None:
+        return bytes([db & 0xFF]) * 512
+
+    def get_twophase_files(self) -> dict[int, bytes]:
+        return self.twophase
+
+    def get_checkpoint(self) -> CheckPoint:
+        return self.checkpoint
+
+    def get_control_template(self) -> bytes:
+        return self.control
+
+
+def fake_source() -> FakeSource:
+    src = FakeSource()
+    src.rels = {
+        (1664, 0, 1262, 0): [page(0x100, 1)],
+        (1663, 5, 16384, 0): [page(0x2000000, i) for i in range(10)],
+        (1663, 5, 16384, 1): [page(0, 7)],
+        (1663, 5, 16384, 2): [page(0x2000000, 8)],
+        (1663, 5, 16390, 0): [page(0x2000000, 9)] * 3,  # unlogged: stale main fork
+        (1663, 5, 16390, 3): [page(0x1000, 3)],
+        (1663, 5, 16400, 0): [],
+    }
+    src.slru = {(SlruKind.CLOG, 0): [page(0, 0x55)]}
+    src.checkpoint = make_checkpoint(next_xid=40000)  # CLOG page 1: must be readable
+    src.twophase = {0x2DC: twophase_file(b"\x34\x45\xf9\x57" + bytes(100))}
+    return src
+
+
+def tar_members(data: bytes) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            f = tar.extractfile(m) if m.isreg() else None
+            out[m.name] = f.read() if f is not None else None
+    return out
+
+
+def test_tar_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "RELSEG_SIZE", 4)  # 10 blocks -> segments of 4, 4, 2
+    src = fake_source()
+    out = io.BytesIO()
+    info = basebackup(
+        src, src.lsn, pg_timeline=2, out=out, config_files={"postgresql.conf": b"port = 1\n"},
+        timeline_history=b"1\t0/2147118\tno recovery target specified\n", now=1700000000,
+    )  # fmt: skip
+    assert (info.checkpoint_lsn, info.end_lsn) == (0x2147118, 0x2147190)
+    assert info.wal_segment == "000000020000000000000002"
+    m = tar_members(out.getvalue())
+    assert m["PG_VERSION"] == b"15\n" and m["base/5/PG_VERSION"] == b"15\n"
+    assert m["postgresql.conf"] == b"port = 1\n"
+    for d in ("pg_wal/archive_status", "pg_logical/snapshots", "pg_tblspc", "pg_replslot",
+              "pg_stat", "pg_subtrans", "pg_notify", "base/5"):  # fmt: skip
+        assert d in m and m[d] is None, d
+    rel = src.rels[(1663, 5, 16384, 0)]
+    assert m["base/5/16384"] == b"".join(rel[:4])
+    assert m["base/5/16384.1"] == b"".join(rel[4:8])
+    assert m["base/5/16384.2"] == b"".join(rel[8:])
+    assert "base/5/16384_fsm" not in m and "base/5/16384_vm" not in m
+    assert m["base/5/16390"] == m["base/5/16390_init"] == page(0x1000, 3)
+    assert m["base/5/16400"] == b""
+    assert m["global/1262"] == page(0x100, 1)
+    assert m["global/pg_filenode.map"] == bytes(512) and m["base/5/pg_filenode.map"] == b"\5" * 512
+    assert m["pg_xact/0000"] == page(0, 0x55) + bytes(PAGE)  # padded to nextXid's page
+    assert m["pg_multixact/offsets/0000"] == bytes(PAGE)  # nextMulti 1 is not a page start
+    assert "pg_multixact/members/0000" not in m
+    assert m["pg_twophase/000002DC"] == src.twophase[0x2DC]
+    assert m["pg_wal/00000002.history"] is not None
+    wal = m["pg_wal/000000020000000000000002"]
+    assert wal is not None and len(wal) == SEG
+    control = parse_control_file(m["global/pg_control"] or b"")
+    assert control.checkpoint_lsn == 0x2147118
+    cp = control.checkpoint
+    assert (cp.redo, cp.this_timeline, cp.prev_timeline, cp.next_full_xid) == (
+        0x2147118, 2, 2, 40000)  # fmt: skip
+    assert wal[0x147118 : 0x147118 + 114] == checkpoint_record(cp, 0)
+    assert not {"postmaster.pid", "backup_label", "recovery.signal", "standby.signal"} & set(m)
+    # The VM is shipped only on request.
+    out2 = io.BytesIO()
+    basebackup(src, src.lsn, out=out2, include_vm=True)
+    assert tar_members(out2.getvalue())["base/5/16384_vm"] == page(0x2000000, 8)
+
+
+def test_bad_inputs_fail_before_any_byte() -> None:
+    src = fake_source()
+    with pytest.raises(InvalidArgument, match=r"recovery\.signal"):
+        basebackup_chunks(src, src.lsn, config_files={"recovery.signal": b""})
+    with pytest.raises(InvalidArgument, match="before the state"):
+        basebackup_chunks(src, src.lsn - 8)
+    with pytest.raises(InvalidArgument, match="history"):
+        basebackup_chunks(src, src.lsn, timeline_history=b"x")
+    checksums = bytearray(control_template())
+    struct.pack_into("<I", checksums, 252, 1)
+    struct.pack_into("<I", checksums, 288, crc32c.crc32c(bytes(checksums[:288])))
+    src.control = bytes(checksums)
+    with pytest.raises(InvalidArgument, match="checksums"):
+        basebackup_chunks(src, src.lsn)
+
+
+def test_bad_state_fails_while_streaming() -> None:
+    src = fake_source()
+    src.rels[(1663, 5, 16384, 0)][3] = page(0x3000000, 0)  # LSN past the checkpoint
+    _, chunks = basebackup_chunks(src, src.lsn)
+    with pytest.raises(CorruptData, match="page LSN 0/03000000"):
+        b"".join(chunks)
+    src = fake_source()
+    src.twophase[0x2DD] = b"\0" * 40
+    _, chunks = basebackup_chunks(src, src.lsn)
+    with pytest.raises(CorruptData, match="bad CRC"):
+        b"".join(chunks)
+
+
+# --- extraction -------------------------------------------------------------------------------
+
+
+def test_extract_modes(tmp_path: Path) -> None:
+    src = fake_source()
+    out = io.BytesIO()
+    basebackup(src, src.lsn, out=out)
+    out.seek(0)
+    target = tmp_path / "pgdata"
+    extract_basebackup(out, target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_IMODE((target / "base" / "5").stat().st_mode) == 0o700
+    assert stat.S_IMODE((target / "base" / "5" / "16384").stat().st_mode) == 0o600
+    assert (target / "base" / "5" / "16390").read_bytes() == page(0x1000, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pgdata"]
+    out.seek(0)
+    with pytest.raises(Exception, match="not an empty directory"):
+        extract_basebackup(out, target)
+
+
+def hostile_tar(kind: str) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        ok = tarfile.TarInfo("base/1/PG_VERSION")
+        ok.size = 3
+        tar.addfile(ok, io.BytesIO(b"15\n"))
+        names = {"absolute": "/etc/evil", "dotdot": "../evil", "inner_dotdot": "base/../../evil"}
+        name = names.get(kind, "base/1/evil")
+        info = tarfile.TarInfo(name)
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "base/1/PG_VERSION"
+        elif kind == "device":
+            info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+        elif kind == "fifo":
+            info.type = tarfile.FIFOTYPE
+        tar.addfile(info, io.BytesIO(b"") if info.isreg() else None)
+    return buf.getvalue(), name
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("absolute", "absolute"),
+        ("dotdot", "outside"),
+        ("inner_dotdot", "outside"),
+        ("symlink", "symbolic link"),
+        ("hardlink", "hard link"),
+        ("device", "device"),
+        ("fifo", "FIFO"),
+    ],
+)
+def test_hostile_members_refused(tmp_path: Path, kind: str, why: str) -> None:
+    data, name = hostile_tar(kind)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(UnsafeArchive, match=why) as err:
+        extract_basebackup(io.BytesIO(data), work / "pgdata")
+    assert repr(name) in str(err.value)
+    assert list(work.iterdir()) == []  # neither the target nor the temporary directory
+    assert not (tmp_path / "evil").exists() and not Path("/etc/evil").exists()
+
+
+def test_truncated_archive_leaves_nothing(tmp_path: Path) -> None:
+    src = fake_source()
+    out = io.BytesIO()
+    basebackup(src, src.lsn, out=out)
+    with pytest.raises(CorruptData):
+        extract_basebackup(io.BytesIO(out.getvalue()[:200_000]), tmp_path / "pgdata")
+    assert list(tmp_path.iterdir()) == []
