@@ -35,7 +35,9 @@ What a record becomes (stock PostgreSQL 15; datadir-at-lsn.md §3.1 is the check
   nextOid from NEXTOID and shutdown checkpoints; nextMulti/Offset; oldestXid/Multi; the
   oldestActiveXid of RUNNING_XACTS; checkpoint records merged as PostgreSQL's xlog_redo does)
   are one Image on CHECKPOINT_KEY, written at most once per record when they change.
-* Anything else: no page effect; an unknown rmgr's block refs are WalDeltas (redo decides).
+* Anything else (Standby locks, Tablespace records: non-default tablespaces are refused at
+  import, ...): no metadata effect; block refs of any rmgr, even an unknown one, are handled
+  as above (redo decides at materialization, refusing clearly what it cannot replay).
 
 Directories (databases, relations per database, SLRU segments, two-phase xids), sizes and
 the checkpoint are cached in memory and written back only when a record changes them; the

@@ -10,6 +10,7 @@ from pathlib import Path
 import crc32c
 import pytest
 
+from pageserver.compaction import create_image_layers
 from pageserver.import_datadir import import_datadir, import_lsn_of, record_end_lsn
 from pageserver.keys import SlruKind, rel_block_key, slru_block_key
 from pageserver.page_reconstruct import (
@@ -25,6 +26,7 @@ from pageserver.page_reconstruct import (
     list_slru_segments,
     list_twophase_xids,
     materialize,
+    reconstruct,
 )
 from pageserver.redo import UnsupportedRecord
 from pageserver.redo.clog import clog_get_status
@@ -440,3 +442,20 @@ def test_import_refuses_tablespaces_and_running_servers(
             import_datadir(store.create_timeline(), server.datadir)
     finally:
         store.close()
+
+
+def test_reconstruct_is_the_compaction_callback(timeline: Timeline) -> None:
+    wal = Wal(timeline)
+    wal.put(RM_CLOG_ID, 0x00, main=struct.pack("<i", 0))
+    heap_insert(wal, 0, 1, 1, init=True)
+    heap_insert(wal, 0, 2, 2)
+    last = wal.put(RM_XACT_ID, 0x00, main=struct.pack("<q", 0), xid=700)
+    key = rel_block_key(SPC, DB, REL, MAIN, 0)
+    page = materialize(timeline, key, last.end_lsn)
+    clog = get_slru_page(timeline, SlruKind.CLOG, 0, 0, last.end_lsn)
+    timeline.freeze_and_flush()
+    assert create_image_layers(timeline, reconstruct, force=True) > 0
+    data = timeline.get_reconstruct_data(key, last.end_lsn)
+    assert data.image is not None and not data.deltas
+    assert materialize(timeline, key, last.end_lsn) == page
+    assert get_slru_page(timeline, SlruKind.CLOG, 0, 0, last.end_lsn) == clog
