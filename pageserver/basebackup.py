@@ -47,13 +47,19 @@ import crc32c
 
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from pageserver import page_reconstruct as pr
-from pageserver.import_datadir import import_lsn_of
+from pageserver.import_datadir import CHECKPOINT_RECORD_SIZE, RELSEG_SIZE, import_lsn_of
 from pageserver.keys import SlruKind
+from pageserver.page_reconstruct import (
+    DEFAULTTABLESPACE_OID,
+    GLOBALTABLESPACE_OID,
+    SLRU_PAGES_PER_SEGMENT,
+)
 from pageserver.pg_control import (
     parse_control_file,
     read_control_file,
     with_checkpoint,
 )
+from pageserver.redo.page import BLCKSZ
 from pageserver.timeline import Timeline
 from proto.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
 from walreceiver.lsn import WAL_BLOCK_SIZE, format_lsn, segment_file_name
@@ -67,7 +73,6 @@ from walreceiver.records import (
 from walreceiver.rmgr.xlog import XLOG_CHECKPOINT_SHUTDOWN, CheckPoint
 from walreceiver.xlog_reader import (
     LONG_PAGE_HEADER_SIZE,
-    RECORD_HEADER_SIZE,
     RM_XLOG_ID,
     SHORT_PAGE_HEADER_SIZE,
     XLP_FIRST_IS_CONTRECORD,
@@ -77,14 +82,8 @@ from walreceiver.xlog_reader import (
     record_crc,
 )
 
-BLCKSZ = 8192
-RELSEG_SIZE = 131072  # blocks per 1 GiB relation segment file
-SLRU_PAGES_PER_SEGMENT = 32
-GLOBALTABLESPACE_OID = 1664
-DEFAULTTABLESPACE_OID = 1663
 PG_MAJOR_VERSION = b"15\n"
 FIRST_NORMAL_XID = 3
-CHECKPOINT_RECORD_SIZE = RECORD_HEADER_SIZE + 2 + CheckPoint.SIZE  # 114
 CLOG_XACTS_PER_PAGE = BLCKSZ * 4
 MULTIXACT_OFFSETS_PER_PAGE = BLCKSZ // 4
 MULTIXACT_MEMBERS_PER_GROUP = 4

@@ -122,18 +122,42 @@ def run_workload(server: PgTestServer) -> None:
 
 
 def restore(
-    pg_cluster: PgTestCluster, source: SnapshotSource, lsn: int, config_dir: Path
+    pg_cluster: PgTestCluster,
+    source: SnapshotSource,
+    lsn: int,
+    config_dir: Path,
+    *,
+    pg_timeline: int = 1,
+    include_vm: bool = False,
 ) -> PgTestServer:
     """Basebackup -> tar -> extract -> configure -> start."""
     config = {name: (config_dir / name).read_bytes() for name in CONFIG_FILES}
+    history = None
+    if pg_timeline > 1:
+        history = f"{pg_timeline - 1}\t{format_lsn(lsn)}\tbranch point\n".encode()
     tar = io.BytesIO()
-    info = basebackup(source, lsn, pg_timeline=1, out=tar, config_files=config)
+    info = basebackup(
+        source,
+        lsn,
+        pg_timeline=pg_timeline,
+        out=tar,
+        config_files=config,
+        timeline_history=history,
+        include_vm=include_vm,
+    )
     assert info.checkpoint_lsn >= lsn
     tar.seek(0)
     server = pg_cluster.create_empty()
     extract_basebackup(tar, server.datadir)
+    assert sorted(p.name for p in (server.datadir / "pg_wal").iterdir() if p.is_file()) == sorted(
+        [info.wal_segment, *([f"{pg_timeline:08X}.history"] if history else [])]
+    )
+    assert not list(server.datadir.glob("base/*/*_fsm"))
+    assert bool(list(server.datadir.glob("base/*/*_vm"))) == include_vm
     postmaster.write_config(server.datadir, *server.config())
     server.start()
+    tli = server.psql("SELECT timeline_id FROM pg_control_checkpoint()")
+    assert tli == str(pg_timeline)
     return server
 
 
@@ -155,9 +179,14 @@ def check_restored(
     # Sequences continue.
     nxt = int(restored.psql("SELECT nextval('seq1')"))
     assert nxt == last_seq + 1 if sequences_exact else nxt > last_seq
-    # New writes, index use, a clean restart.
+    # New writes, index use, crash recovery, a clean restart.
     restored.psql("INSERT INTO items (n, v) SELECT -2, 'after' FROM generate_series(1, 500)")
     restored.psql("CREATE TABLE after_t AS SELECT g FROM generate_series(1, 100) g")
+    # A crash now replays from our checkpoint record through the WAL written after it.
+    restored.stop("immediate")
+    restored.start()
+    assert "redo starts at" in restored.logfile.read_text()
+    assert restored.psql("SELECT count(*) FROM items WHERE v = 'after'") == "500"
     restored.stop()
     restored.start()
     assert restored.psql("SELECT count(*) FROM items WHERE v = 'after'") == "500"
@@ -182,14 +211,19 @@ def stopped_source(pg_cluster_module: PgTestCluster) -> tuple[PgTestServer, dict
     return server, expected, last_seq
 
 
+@pytest.mark.parametrize("pg_timeline", [1, 3])
 def test_basebackup_from_datadir_starts_without_recovery(
-    pg_cluster: PgTestCluster, stopped_source: tuple[PgTestServer, dict[str, str], int]
+    pg_cluster: PgTestCluster,
+    stopped_source: tuple[PgTestServer, dict[str, str], int],
+    pg_timeline: int,
 ) -> None:
     source_server, expected, last_seq = stopped_source
     control = read_control_file(source_server.datadir)
     with DatadirSource(source_server.datadir) as source:
         assert source.lsn == control.checkpoint_lsn + 120
-        restored = restore(pg_cluster, source, source.lsn, source_server.datadir)
+        restored = restore(
+            pg_cluster, source, source.lsn, source_server.datadir, pg_timeline=pg_timeline
+        )
     check_restored(restored, expected, last_seq, sequences_exact=True)
 
 
@@ -241,7 +275,10 @@ def test_basebackup_through_pagestore(
     try:
         timeline = store.create_timeline()
         lsn = import_datadir(timeline, source_server.datadir)
-        restored = restore(pg_cluster, TimelineSource(timeline, lsn), lsn, source_server.datadir)
+        # The imported VM is an exact copy, so this variant ships it.
+        restored = restore(
+            pg_cluster, TimelineSource(timeline, lsn), lsn, source_server.datadir, include_vm=True
+        )
         check_restored(restored, expected, last_seq, sequences_exact=True)
     finally:
         store.close()

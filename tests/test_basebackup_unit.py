@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import tarfile
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -394,3 +395,35 @@ def test_truncated_archive_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(CorruptData):
         extract_basebackup(io.BytesIO(out.getvalue()[:200_000]), tmp_path / "pgdata")
     assert list(tmp_path.iterdir()) == []
+
+
+class LazyPages:
+    """A relation fork whose pages exist only when read."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, blkno: int) -> bytes:
+        return page(0x2000000, blkno & 0xFF)
+
+
+def test_streaming_memory_is_bounded() -> None:
+    """A 48 MiB relation streams in chunks of at most 256 KiB with a small peak allocation."""
+    src = fake_source()
+    src.rels[(1663, 5, 16500, 0)] = LazyPages(6144)  # type: ignore[assignment]
+    _, chunks = basebackup_chunks(src, src.lsn)
+    total = biggest = 0
+    tracemalloc.start()
+    try:
+        for chunk in chunks:
+            total += len(chunk)
+            biggest = max(biggest, len(chunk))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total > 6144 * PAGE + SEG
+    assert biggest <= 32 * PAGE
+    assert peak < 4 * 1024 * 1024, peak
