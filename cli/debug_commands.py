@@ -1,15 +1,22 @@
-"""`neon debug`: developer tools; `verify-redo` checks native redo against WAL images."""
+"""`neon debug`: developer tools: verify-redo (native redo against WAL images), get-page and
+rel-size (what the pagestore rebuilds)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from cli.context import get_app
+from cli.pageserver_control import call_local
 from cli.waldump import collect_segments, iter_records
+from pageserver.keys import FORK_NAMES
 from pageserver.redo.verify import RedoVerifier
+from proto.errors import InvalidArgument
+from walreceiver.lsn import format_lsn, parse_lsn
 
 
 @click.group("debug")
@@ -58,3 +65,81 @@ def verify_redo_command(as_json: bool, max_reports: int, paths: tuple[Path, ...]
         )
     if not verifier.ok:
         sys.exit(1)
+
+
+def _parse_relpath(text: str) -> tuple[int, int, int]:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise InvalidArgument(
+            f"invalid relation {text!r}: expected SPC/DB/REL as numbers, e.g. 1663/5/16384 "
+            "(pg_relation_filepath() shows them)"
+        )
+    spc, db, rel = (int(p) for p in parts)
+    return spc, db, rel
+
+
+def _read_at(ctx: click.Context, node: str, method: str, lsn: str | None, **params: Any) -> Any:
+    app = get_app(ctx)
+    row = app.registry.get_node(node)
+    if lsn is not None:
+        params["lsn"] = parse_lsn(lsn)
+    return call_local(app, method, node_id=row.id, **params)
+
+
+_FORK = click.Choice(list(FORK_NAMES))
+
+
+@debug_group.command("get-page")
+@click.argument("node")
+@click.argument("relation", metavar="SPC/DB/REL")
+@click.argument("blkno", type=click.IntRange(0, 0xFFFFFFFE))
+@click.option("--fork", type=_FORK, default="main", show_default=True)
+@click.option("--lsn", default=None, help="Read at this LSN (default: the latest ingested).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the 8192 bytes here (default: stdout).",
+)
+@click.pass_context
+def get_page_command(
+    ctx: click.Context,
+    node: str,
+    relation: str,
+    blkno: int,
+    fork: str,
+    lsn: str | None,
+    output: Path | None,
+) -> None:
+    """Print one page of a relation as the pagestore rebuilds it (raw 8192 bytes)."""
+    spc, db, rel = _parse_relpath(relation)
+    result = _read_at(ctx, node, "page.get", lsn, spc=spc, db=db, rel=rel, fork=fork, blkno=blkno)
+    page = bytes(result["page"])
+    if output is None:
+        sys.stdout.buffer.write(page)
+        sys.stdout.buffer.flush()
+    else:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_bytes(page)
+        tmp.replace(output)
+        click.echo(
+            f"wrote {len(page)} bytes of {relation} {fork} block {blkno} at "
+            f"{format_lsn(result['lsn'])} to {output}",
+            err=True,
+        )
+
+
+@debug_group.command("rel-size")
+@click.argument("node")
+@click.argument("relation", metavar="SPC/DB/REL")
+@click.option("--fork", type=_FORK, default="main", show_default=True)
+@click.option("--lsn", default=None, help="Read at this LSN (default: the latest ingested).")
+@click.pass_context
+def rel_size_command(
+    ctx: click.Context, node: str, relation: str, fork: str, lsn: str | None
+) -> None:
+    """Print the number of blocks of a relation fork as the pagestore knows it."""
+    spc, db, rel = _parse_relpath(relation)
+    result = _read_at(ctx, node, "rel.size", lsn, spc=spc, db=db, rel=rel, fork=fork)
+    click.echo(result["nblocks"])

@@ -29,6 +29,7 @@ from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
 from pageserver.followed_nodes import slot_name
 from pageserver.pg_control import DB_SHUTDOWNED, read_control_file
+from pageserver.redo import REDO_BY_RMGR
 from proto.errors import (
     AlreadyExists,
     Conflict,
@@ -39,6 +40,18 @@ from proto.errors import (
     Unavailable,
 )
 from walreceiver.lsn import format_lsn, parse_lsn
+from walreceiver.rmgr_names import (
+    RM_BRIN_ID,
+    RM_BTREE_ID,
+    RM_GENERIC_ID,
+    RM_GIN_ID,
+    RM_GIST_ID,
+    RM_HASH_ID,
+    RM_HEAP2_ID,
+    RM_HEAP_ID,
+    RM_SEQ_ID,
+    RM_SPGIST_ID,
+)
 
 DEFAULT_PORT = 5432
 SUPERUSER = "neon"
@@ -136,6 +149,8 @@ def _remove_node_files(app: App, node: NodeRow) -> None:
         postmaster.stop(node.datadir, "immediate", timeout=30)
     with contextlib.suppress(NeonError):
         unregister_from_pageserver(app, node)
+    with contextlib.suppress(NeonError):
+        shutil.rmtree(history_dir(app, node), ignore_errors=True)
     shutil.rmtree(node.datadir, ignore_errors=True)
     shutil.rmtree(node_log_dir(app, node), ignore_errors=True)
     for path in (
@@ -209,6 +224,8 @@ def create_node(
             )
         node = app.registry.get_node(node_id)
         register_with_pageserver(app, node)
+        progress(f"Importing {pgdata} into the page history")
+        call_local(app, "node.import", node_id=node.id, datadir=str(node.datadir))
         if start:
             start_node(app, node)
     except BaseException:
@@ -265,6 +282,10 @@ def write_node_config(app: App, node: NodeRow) -> None:
         "log_rotation_size": "100MB",
         "log_line_prefix": "%m [%p] ",
     }
+    lacking = rmgrs_without_native_redo()
+    if lacking:
+        # Their records then carry page images, so the pagestore never needs their redo.
+        settings["wal_consistency_checking"] = ",".join(lacking)
     hba = [
         "# unix socket: the directory is private to the OS user that runs neon",
         "local all all trust",
@@ -273,6 +294,25 @@ def write_node_config(app: App, node: NodeRow) -> None:
         "host all all 127.0.0.1/32 scram-sha-256",
     ]
     postmaster.write_config(node.datadir, settings, hba)
+
+
+# wal_consistency_checking names of the rmgrs that change relation pages.
+_CHECKABLE_RMGRS = {
+    RM_HEAP_ID: "heap",
+    RM_HEAP2_ID: "heap2",
+    RM_BTREE_ID: "btree",
+    RM_HASH_ID: "hash",
+    RM_GIN_ID: "gin",
+    RM_GIST_ID: "gist",
+    RM_SEQ_ID: "sequence",
+    RM_SPGIST_ID: "spgist",
+    RM_BRIN_ID: "brin",
+    RM_GENERIC_ID: "generic",
+}
+
+
+def rmgrs_without_native_redo() -> list[str]:
+    return [name for rmgr, name in _CHECKABLE_RMGRS.items() if rmgr not in REDO_BY_RMGR]
 
 
 def node_status(app: App, node: NodeRow) -> NodeStatus:
@@ -350,7 +390,7 @@ def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -
             start=False,
             node_id=node.id,
             lsn=control.checkpoint_lsn,
-            timeout=timeout,
+            wait_timeout=timeout,
         )
     except (Unavailable, NotFound):
         return None
@@ -407,6 +447,7 @@ def server_wal_lsn(app: App, status: NodeStatus) -> int | None:
 
 
 SHUTDOWN_CHECKPOINT_LEN = 114
+HISTORY_DIR = "pagestore"
 
 
 def register_with_pageserver(app: App, node: NodeRow) -> None:
@@ -419,7 +460,13 @@ def register_with_pageserver(app: App, node: NodeRow) -> None:
         port=node.port,
         user=node.replication_user,
         password=read_secret(replication_secret(app, node.id)),
+        store_dir=str(history_dir(app, node)),
     )
+
+
+def history_dir(app: App, node: NodeRow) -> Path:
+    """The node's page history and WAL archive, kept in its storage beside the data dir."""
+    return Path(app.registry.get_storage(node.storage).options["path"]) / HISTORY_DIR / node.id
 
 
 def unregister_from_pageserver(app: App, node: NodeRow) -> None:

@@ -53,7 +53,12 @@ def location(type_: str, options: dict[str, str]) -> str:
     return options["url"]
 
 
+RESERVED_NAMES = ("pagestore",)
+
+
 def validate_name(name: str, what: str = "storage") -> str:
+    if name in RESERVED_NAMES:
+        raise InvalidArgument(f"{what} name {name!r} is reserved; choose another")
     if not _NAME_RE.match(name):
         raise InvalidArgument(
             f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "

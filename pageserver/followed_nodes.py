@@ -28,6 +28,8 @@ class FollowedNode:
     user: str
     password: str
     system_id: str | None = None
+    store_dir: str | None = None
+    """Where the node's page history and WAL archive live (default: in the workdir)."""
 
     @property
     def slot(self) -> str:

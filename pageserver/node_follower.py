@@ -2,7 +2,7 @@
 
 The receiver streams the node's slot into `<workdir>/nodes/<id>/wal`. Every durable chunk is
 queued to a decode thread (so the event loop keeps serving while a backlog is decoded) that
-feeds a WalReader, decodes each record and hands it to `on_record` (the pagestore ingest).
+feeds a WalReader, decodes each record and ingests it into the node's page history.
 The follower outlives the node's restarts: when the server ends the stream (it shut down),
 the follower reconnects with backoff, and `kick()` (on `pg start`) reconnects at once.
 """
@@ -15,41 +15,37 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pageserver.followed_nodes import FollowedNode
 from pageserver.metrics import Metrics
-from proto.errors import NeonError
+from pageserver.node_store import NodeStore
+from pageserver.redo import REDO_BY_RMGR
+from proto.errors import CorruptData, NeonError
+from walreceiver.archive import WalArchive
 from walreceiver.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 from walreceiver.receiver import ConnParams, WalChunk, WalReceiver
-from walreceiver.records import DecodedRecord, decode_record
+from walreceiver.records import decode_record
 from walreceiver.xlog_reader import WalReader
 
 log = logging.getLogger(__name__)
 
-RecordHook = Callable[[DecodedRecord], None]
+REPLAY_CHUNK = 1 << 20
 FAILED_RETRY_SECONDS = 10.0
 ENDED_RETRY_SECONDS = 1.0
 DECODE_QUEUE_CHUNKS = 64
-
-
-def archive_dir(workdir: Path, node_id: str) -> Path:
-    return workdir / "nodes" / node_id / "wal"
 
 
 class NodeFollower:
     def __init__(
         self,
         node: FollowedNode,
-        workdir: Path,
+        store: NodeStore,
         metrics: Metrics,
-        on_record: RecordHook | None = None,
     ) -> None:
         self.node = node
+        self.store = store
         self.metrics = metrics
-        self.on_record = on_record
         self.receiver = WalReceiver(
             ConnParams(
                 node.host,
@@ -59,7 +55,7 @@ class NodeFollower:
                 application_name=f"neon-pageserver-{node.node_id}",
             ),
             node.slot,
-            archive_dir(workdir, node.node_id),
+            store.wal_dir,
             create_slot=True,
             on_flushed=self._on_wal,
             max_backoff=5.0,
@@ -75,6 +71,8 @@ class NodeFollower:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._chunks: queue.Queue[WalChunk | None] = queue.Queue(DECODE_QUEUE_CHUNKS)
         self._decoder: threading.Thread | None = None
+        self._replay: tuple[int, int, WalArchive] | None = None
+        self._warned_rmgrs: set[str] = set()
 
     # life cycle
 
@@ -82,6 +80,7 @@ class NodeFollower:
         if self._task is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._queue_archive_replay()
         self._decoder = threading.Thread(
             target=self._decode_loop, name=f"decode-{self.node.node_id}", daemon=True
         )
@@ -98,6 +97,66 @@ class NodeFollower:
         if decoder is not None:
             await asyncio.to_thread(self._chunks.put, None)
             await asyncio.to_thread(decoder.join)
+
+    def _queue_archive_replay(self) -> None:
+        """After a restart, re-ingest the archived WAL the durable layers do not hold yet.
+
+        The bytes from disk_consistent_lsn up to the archive's resume point go through the
+        decode queue first; the receiver then streams from that resume point on, so the
+        decoder sees one contiguous stream.
+        """
+        state = self.store.state
+        if state is None:
+            return
+        start = self.store.timeline.disk_consistent_lsn
+        archive = WalArchive(self.store.wal_dir, state.wal_segment_size)
+        resume = archive.resume()
+        if resume is None or resume[1] <= start:
+            return
+        self._replay = (start, resume[1], archive)
+
+    def _replay_archive(self) -> None:
+        replay, self._replay = self._replay, None
+        if replay is None:
+            return
+        start, end, archive = replay
+        log.info(
+            "node %s: re-ingesting archived WAL %s..%s",
+            self.node.node_id,
+            format_lsn(start),
+            format_lsn(end),
+        )
+        prev = self.store.timeline.prev_record_lsn
+        lsn = start
+        while lsn < end and self.decode_error is None:
+            offset = lsn % archive.segment_size
+            length = min(end - lsn, archive.segment_size - offset, REPLAY_CHUNK)
+            timeline, data = self._read_archived(archive, lsn, length)
+            self._decode(WalChunk(timeline, lsn, data), prev_lsn=prev)
+            lsn += length
+
+    @staticmethod
+    def _read_archived(archive: WalArchive, lsn: int, length: int) -> tuple[int, bytes]:
+        """Bytes [lsn, lsn+length) of one segment; the receiver may be completing (renaming)
+        that very segment meanwhile, so look it up afresh and retry once."""
+        segno = lsn // archive.segment_size
+        for _attempt in range(3):
+            segs = [s for s in archive.segments() if s.segno == segno]
+            if not segs:
+                break
+            seg = segs[-1]  # the newest timeline, the complete file before the partial one
+            try:
+                with open(seg.path, "rb") as f:
+                    f.seek(lsn % archive.segment_size)
+                    data = f.read(length)
+            except FileNotFoundError:
+                continue
+            if len(data) == length:
+                return seg.timeline, data
+        raise CorruptData(
+            f"archived WAL for {format_lsn(lsn)}..{format_lsn(lsn + length)} is missing or "
+            f"short in {archive.directory}; cannot re-ingest"
+        )
 
     def kick(self) -> None:
         """Reconnect now (the node was just started) instead of waiting out a backoff."""
@@ -138,31 +197,65 @@ class NodeFollower:
             await asyncio.to_thread(self._chunks.put, chunk)
 
     def _decode_loop(self) -> None:
+        try:
+            self._replay_archive()
+        except Exception as exc:
+            self.decode_error = f"re-ingest of archived WAL failed: {exc}"
+            log.exception("node %s: re-ingest failed", self.node.node_id)
         while True:
             chunk = self._chunks.get()
             if chunk is None:
                 return
             if self.decode_error is None:
                 self._decode(chunk)
+                self._flush_store()
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._progress.set)
 
-    def _decode(self, chunk: WalChunk) -> None:
+    def _flush_store(self) -> None:
+        try:
+            self.store.maybe_flush()
+        except Exception as exc:
+            self.decode_error = f"flushing page history failed: {exc}"
+            log.exception("node %s: flush failed", self.node.node_id)
+
+    def _decode(self, chunk: WalChunk, prev_lsn: int | None = None) -> None:
         if self.reader is None:
+            state = self.store.state
             archive = self.receiver.archive
-            segment_size = archive.segment_size if archive is not None else DEFAULT_SEGMENT_SIZE
-            self.reader = WalReader(chunk.start_lsn, segment_size, timeline=chunk.timeline)
+            segment_size = (
+                state.wal_segment_size
+                if state is not None
+                else archive.segment_size
+                if archive is not None
+                else DEFAULT_SEGMENT_SIZE
+            )
+            self.reader = WalReader(
+                chunk.start_lsn, segment_size, timeline=chunk.timeline, prev_lsn=prev_lsn
+            )
         reader = self.reader
         reader.timeline = chunk.timeline
-        reader.feed(chunk.data)
+        data = chunk.data
+        if chunk.start_lsn != reader.fed_lsn:
+            skip = reader.fed_lsn - chunk.start_lsn
+            if skip < 0:
+                self.decode_error = (
+                    f"WAL gap: decoded up to {format_lsn(reader.fed_lsn)}, next chunk starts "
+                    f"at {format_lsn(chunk.start_lsn)}"
+                )
+                log.error("node %s: %s", self.node.node_id, self.decode_error)
+                return
+            data = data[skip:]  # already fed (archive replay overlapping the stream)
+        reader.feed(data)
         count = 0
         try:
             for raw in reader.records():
                 record = decode_record(raw)
-                if self.on_record is not None:
-                    self.on_record(record)
+                if record.blocks and record.rmgr_id not in REDO_BY_RMGR:
+                    self._warn_unreplayable(record.rmgr_name)
+                self.store.ingest(record, raw.data)
                 count += 1
                 self._decoded_lsn = record.end_lsn
         except NeonError as exc:
@@ -173,6 +266,17 @@ class NodeFollower:
             log.exception("node %s: decoding stopped", self.node.node_id)
         self.records += count
         self.metrics.inc("pageserver_wal_records_total", count, node=self.node.node_id)
+
+    def _warn_unreplayable(self, rmgr: str) -> None:
+        if rmgr not in self._warned_rmgrs:
+            self._warned_rmgrs.add(rmgr)
+            log.warning(
+                "node %s writes %s records, which have no native redo: pages they change "
+                "can only be rebuilt from images (run it with wal_consistency_checking=%s)",
+                self.node.node_id,
+                rmgr,
+                rmgr.lower(),
+            )
 
     @property
     def decoded_lsn(self) -> int:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from pageserver.followed_nodes import FollowedNode
+from pageserver.keys import FORK_NAMES, rel_block_key
+from pageserver.page_reconstruct import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.service import Pageserver
-from proto.errors import InvalidArgument
+from proto.errors import InvalidArgument, NotFound
 from proto.server import Handler, RequestContext
+from walreceiver.lsn import format_lsn
 
 
 def _param(params: dict[str, Any], name: str, kind: type) -> Any:
@@ -15,6 +20,31 @@ def _param(params: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidArgument(f"parameter {name!r} must be a {kind.__name__}")
     return value
+
+
+def _opt_lsn(params: dict[str, Any]) -> int | None:
+    value = params.get("lsn")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument("parameter 'lsn' must be a non-negative integer")
+    return value
+
+
+def _timeout(params: dict[str, Any]) -> float:
+    value = params.get("wait_timeout", 30)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 600:
+        raise InvalidArgument("parameter 'wait_timeout' must be a number of seconds <= 600")
+    return float(value)
+
+
+def _fork(params: dict[str, Any]) -> int:
+    fork = params.get("fork", 0)
+    if isinstance(fork, str) and fork in FORK_NAMES:
+        return FORK_NAMES.index(fork)
+    if isinstance(fork, int) and not isinstance(fork, bool) and 0 <= fork < len(FORK_NAMES):
+        return fork
+    raise InvalidArgument(f"unknown fork {fork!r}: use one of {', '.join(FORK_NAMES)}")
 
 
 def build_handlers(ps: Pageserver) -> dict[str, Handler]:
@@ -30,6 +60,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             user=_param(p, "user", str),
             password=_param(p, "password", str),
             system_id=p.get("system_id") if isinstance(p.get("system_id"), str) else None,
+            store_dir=p.get("store_dir") if isinstance(p.get("store_dir"), str) else None,
         )
         return await ps.register_node(node)
 
@@ -42,11 +73,69 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def node_wait_decoded(ctx: RequestContext) -> Any:
         """Wait until the record at `lsn` (e.g. a shutdown checkpoint) has been decoded."""
         follower = ps.follower(_param(ctx.params, "node_id", str))
-        timeout = ctx.params.get("timeout", 30)
+        timeout = ctx.params.get("wait_timeout", 30)
         if not isinstance(timeout, int | float) or not 0 <= timeout <= 600:
-            raise InvalidArgument("parameter 'timeout' must be a number of seconds <= 600")
+            raise InvalidArgument("parameter 'wait_timeout' must be a number of seconds <= 600")
         reached = await follower.wait_decoded(_param(ctx.params, "lsn", int), float(timeout))
         return {"reached": reached, **follower.status()}
+
+    async def node_import(ctx: RequestContext) -> Any:
+        node_id = _param(ctx.params, "node_id", str)
+        lsn = await ps.import_node(node_id, Path(_param(ctx.params, "datadir", str)))
+        return {"lsn": lsn, "lsn_text": format_lsn(lsn)}
+
+    async def timeline_info(ctx: RequestContext) -> Any:
+        return ps.store_info(_param(ctx.params, "node_id", str))
+
+    async def page_get(ctx: RequestContext) -> Any:
+        p = ctx.params
+        node_id = _param(p, "node_id", str)
+        lsn = await ps.wait_for_lsn(node_id, _opt_lsn(p), _timeout(p))
+        key = rel_block_key(
+            _param(p, "spc", int),
+            _param(p, "db", int),
+            _param(p, "rel", int),
+            _fork(p),
+            _param(p, "blkno", int),
+        )
+        page = await asyncio.to_thread(materialize, ps.store(node_id).timeline, key, lsn)
+        return {"lsn": lsn, "page": page}
+
+    async def rel_size(ctx: RequestContext) -> Any:
+        p = ctx.params
+        node_id = _param(p, "node_id", str)
+        lsn = await ps.wait_for_lsn(node_id, _opt_lsn(p), _timeout(p))
+        spc, db, rel = _param(p, "spc", int), _param(p, "db", int), _param(p, "rel", int)
+        fork = _fork(p)
+        size = await asyncio.to_thread(
+            get_rel_size, ps.store(node_id).timeline, spc, db, rel, fork, lsn
+        )
+        if size is None:
+            raise NotFound(
+                f"relation {spc}/{db}/{rel} fork {FORK_NAMES[fork]} does not exist at "
+                f"{format_lsn(lsn)}"
+            )
+        return {"lsn": lsn, "nblocks": size}
+
+    async def db_list(ctx: RequestContext) -> Any:
+        p = ctx.params
+        node_id = _param(p, "node_id", str)
+        lsn = await ps.wait_for_lsn(node_id, _opt_lsn(p), _timeout(p))
+        dbs = await asyncio.to_thread(list_dbs, ps.store(node_id).timeline, lsn)
+        return {"lsn": lsn, "dbs": [list(d) for d in dbs]}
+
+    async def rel_list(ctx: RequestContext) -> Any:
+        p = ctx.params
+        node_id = _param(p, "node_id", str)
+        lsn = await ps.wait_for_lsn(node_id, _opt_lsn(p), _timeout(p))
+        rels = await asyncio.to_thread(
+            list_rels,
+            ps.store(node_id).timeline,
+            _param(p, "spc", int),
+            _param(p, "db", int),
+            lsn,
+        )
+        return {"lsn": lsn, "rels": [list(r) for r in rels]}
 
     handlers: dict[str, Handler] = {
         "status": status,
@@ -54,6 +143,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         "node.unregister": node_unregister,
         "node.list": node_list,
         "node.wait_decoded": node_wait_decoded,
+        "node.import": node_import,
+        "timeline.info": timeline_info,
+        "page.get": page_get,
+        "rel.size": rel_size,
+        "db.list": db_list,
+        "rel.list": rel_list,
     }
 
     def counted(name: str, fn: Handler) -> Handler:

@@ -63,7 +63,16 @@ def test_two_nodes_lifecycle(neon: NeonCli) -> None:
 
     # The text table reads like the proposal's transcript.
     lines = neon.run("pg", "list").stdout.splitlines()
-    assert lines[0].split() == ["ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE"]
+    assert lines[0].split() == [
+        "ID",
+        "PGDATA",
+        "USED",
+        "STORAGE",
+        "ENDPOINT",
+        "STATE",
+        "FLUSHED",
+        "LAG",
+    ]
     first = lines[1].split()
     assert first[0:2] == ["primary1", "pgdata1"] and first[3] == "local"
     assert first[4] == f"localhost:{nodes[0]['port']}" and first[5] == "running"
@@ -95,7 +104,7 @@ def test_sigkill_shows_crashed_and_start_recovers(neon: NeonCli) -> None:
     wait_dead(node["pid"])
     listed = neon.json("pg", "list")[0]
     assert listed["state"] == "crashed" and listed["pid"] is None
-    assert neon.run("pg", "list").stdout.splitlines()[1].split()[4:] == ["-", "crashed"]
+    assert neon.run("pg", "list").stdout.splitlines()[1].split()[4:6] == ["-", "crashed"]
     neon.run("pg", "start", "victim")
     node2 = neon.json("pg", "show", "primary1")
     assert node2["state"] == "running" and node2["pid"] != node["pid"]

@@ -50,7 +50,7 @@ def wait_caught_up(neon: NeonCli, node: str, timeout: float = 60) -> dict[str, A
 
 
 def archive_dir(neon: NeonCli, node_id: str) -> Path:
-    return neon.home / "pageserver" / "nodes" / node_id / "wal"
+    return neon.home / "storage" / "local" / "pagestore" / node_id / "wal"
 
 
 def assert_complete_segments_identical(archive: Path, pg_wal: Path) -> int:

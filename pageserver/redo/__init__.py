@@ -94,6 +94,8 @@ class RmgrRedo:
     always_init: blocks the rmgr rebuilds from scratch even without WILL_INIT.
     block_mask: a mask that needs the block number (rm_mask's second argument); used
         instead of `mask` by `mask_page` when set.
+    redo_over_image: blocks whose redo PostgreSQL also runs on a restored APPLY image (GiST
+        clears FOLLOW_RIGHT and sets the NSN of a split's left child even then).
     """
 
     apply: RedoFn
@@ -102,6 +104,7 @@ class RmgrRedo:
     zero_on_missing: BlockPredicate = _never
     always_init: BlockPredicate = _never
     block_mask: BlockMaskFn | None = None
+    redo_over_image: BlockPredicate = _never
 
 
 def _visible_vm_block(record: DecodedRecord, block_id: int) -> bool:
@@ -122,7 +125,7 @@ REDO_BY_RMGR: dict[int, RmgrRedo] = {
     RM_SEQ_ID: RmgrRedo(sequence.apply, sequence.mask, always_init=sequence.always_init),
     RM_HASH_ID: RmgrRedo(hash.apply, hash.mask, keeps_lsn=hash.keeps_lsn),
     RM_GIN_ID: RmgrRedo(gin.apply, gin.mask),
-    RM_GIST_ID: RmgrRedo(gist.apply, gist.mask),
+    RM_GIST_ID: RmgrRedo(gist.apply, gist.mask, redo_over_image=gist.redo_over_image),
     RM_SPGIST_ID: RmgrRedo(spgist.apply, spgist.mask),
     RM_BRIN_ID: RmgrRedo(brin.apply, brin.mask),
     RM_GENERIC_ID: RmgrRedo(generic.apply, generic.mask),
@@ -182,6 +185,9 @@ def redo_block(record: DecodedRecord, block_id: int, page: bytes | None) -> byte
         )
     if ref.image is not None and ref.image.apply:
         restored = bytearray(restore_page(ref.image))
+        over = REDO_BY_RMGR.get(record.rmgr_id)
+        if over is not None and over.redo_over_image(record, block_id):
+            restored = over.apply(record, block_id, restored)
         if not page_is_new(restored):
             set_lsn(restored, record.end_lsn)
         return bytes(restored)
