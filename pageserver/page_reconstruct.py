@@ -40,7 +40,7 @@ import hashlib
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -361,13 +361,19 @@ def _read_value(timeline: Timeline, key: Key, lsn: int) -> bytes | None:
     return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
 
 
-def materialize(timeline: Timeline, key: Key, lsn: int) -> bytes:
+Reconstructor = Callable[[Key, int, ReconstructData], "bytes | None"]
+
+
+def materialize(
+    timeline: Timeline, key: Key, lsn: int, reconstructor: Reconstructor = reconstruct
+) -> bytes:
     """GetPage@LSN for any key: the value at `lsn` (NotFound if the key has none).
 
     A relation or SLRU page that was never written but lies below its relation (segment)
-    size reads as a zero page, like a hole in a PostgreSQL file.
+    size reads as a zero page, like a hole in a PostgreSQL file. `reconstructor` lets the
+    daemon run the redo of long chains in a process pool.
     """
-    value = _read_value(timeline, key, lsn)
+    value = reconstructor(key, lsn, timeline.get_reconstruct_data(key, lsn))
     if value is not None:
         return value
     rel = parse_rel_block_key(key)

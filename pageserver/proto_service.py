@@ -98,7 +98,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             _fork(p),
             _param(p, "blkno", int),
         )
-        page = await asyncio.to_thread(materialize, ps.store(node_id).timeline, key, lsn)
+        page = await asyncio.to_thread(
+            materialize, ps.store(node_id).timeline, key, lsn, ps.redo_pool.reconstruct
+        )
         return {"lsn": lsn, "page": page}
 
     async def rel_size(ctx: RequestContext) -> Any:

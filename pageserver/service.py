@@ -14,6 +14,7 @@ from pageserver.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.metrics import Metrics
 from pageserver.node_follower import NodeFollower
 from pageserver.node_store import NodeStore
+from pageserver.redo_pool import RedoPool
 from proto.errors import NotFound, Unavailable
 from walreceiver.lsn import format_lsn
 
@@ -28,6 +29,7 @@ class Pageserver:
         self.nodes = FollowedNodes(config.nodes_file)
         self.followers: dict[str, NodeFollower] = {}
         self.stores: dict[str, NodeStore] = {}
+        self.redo_pool = RedoPool()
         m = self.metrics
         m.describe("pageserver_up", "gauge", "1 while the pageserver serves.")
         m.set("pageserver_up", 1)
@@ -74,6 +76,7 @@ class Pageserver:
         for store in list(self.stores.values()):
             await asyncio.to_thread(self._flush_and_close, store)
         self.stores.clear()
+        await asyncio.to_thread(self.redo_pool.close)
 
     @staticmethod
     def _flush_and_close(store: NodeStore) -> None:

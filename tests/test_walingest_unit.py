@@ -459,3 +459,23 @@ def test_reconstruct_is_the_compaction_callback(timeline: Timeline) -> None:
     assert data.image is not None and not data.deltas
     assert materialize(timeline, key, last.end_lsn) == page
     assert get_slru_page(timeline, SlruKind.CLOG, 0, 0, last.end_lsn) == clog
+
+
+def test_redo_pool_matches_inline_redo(timeline: Timeline) -> None:
+    """Long chains replayed in worker processes give the very page inline redo gives."""
+    from pageserver.redo_pool import RedoPool
+
+    wal = Wal(timeline)
+    last = heap_insert(wal, 0, 1, 0, init=True)
+    for i in range(2, 30):
+        last = heap_insert(wal, 0, i, i)
+    key = rel_block_key(SPC, DB, REL, MAIN, 0)
+    assert len(timeline.get_reconstruct_data(key, last.end_lsn).deltas) == 29
+    pool = RedoPool(workers=1, inline_max=0)
+    try:
+        pooled = materialize(timeline, key, last.end_lsn, pool.reconstruct)
+        assert pool._executor is not None  # the chain really went to a worker
+    finally:
+        pool.close()
+    assert pooled == materialize(timeline, key, last.end_lsn)
+    assert max_offset(pooled) == 29
