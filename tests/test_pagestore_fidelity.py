@@ -29,7 +29,6 @@ per rmgr and reports instead of failing, since refusing is the specified behavio
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.import_datadir import RELSEG_SIZE, import_datadir
+from pageserver.import_datadir import import_datadir
 from pageserver.keys import SlruKind, rel_block_key
 from pageserver.page_reconstruct import (
     ReconstructError,
@@ -52,44 +51,29 @@ from pageserver.page_reconstruct import (
     materialize,
 )
 from pageserver.pg_control import read_control_file
-from pageserver.redo import UnsupportedRecord, mask_page
+from pageserver.redo import UnsupportedRecord
 from pageserver.redo.clog import clog_get_status
-from pageserver.redo.masks import mask_page_content, mask_page_lsn_and_checksum
-from pageserver.redo.page import BLCKSZ, PageError, get_item, page_is_new
+from pageserver.redo.masks import mask_page_lsn_and_checksum
+from pageserver.redo.page import BLCKSZ, PageError, page_is_new
 from pageserver.timeline import Timeline
 from pageserver.timeline_store import TimelineStore
 from pageserver.walingest import WalIngest
+from tests.page_compare import (
+    fork_pages,
+    masked_page,
+    relation_files,
+    relation_kinds,
+    sequence_last_value,
+)
 from tests.pgtest import PgTestCluster, PgTestServer
 from walreceiver.lsn import parse_lsn, segment_file_name
 from walreceiver.records import decode_record
-from walreceiver.rmgr_names import (
-    RM_BRIN_ID,
-    RM_BTREE_ID,
-    RM_GIN_ID,
-    RM_GIST_ID,
-    RM_HASH_ID,
-    RM_HEAP_ID,
-    RM_SEQ_ID,
-    RM_SPGIST_ID,
-)
 from walreceiver.xlog_reader import WalReader
 
 pytestmark = pytest.mark.slow
 
 SEG_SIZE = 16 * 1024 * 1024
-_REL_FILE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
-_FORKS = {"": 0, "_fsm": 1, "_vm": 2, "_init": 3}
 
-RMGR_OF_KIND = {
-    "heap": RM_HEAP_ID,
-    "btree": RM_BTREE_ID,
-    "hash": RM_HASH_ID,
-    "gin": RM_GIN_ID,
-    "gist": RM_GIST_ID,
-    "spgist": RM_SPGIST_ID,
-    "brin": RM_BRIN_ID,
-    "sequence": RM_SEQ_ID,
-}
 EXPECTED_RECORDS = {
     "Storage/TRUNCATE",
     "Database/CREATE_FILE_COPY",
@@ -126,28 +110,6 @@ class Report:
     clog_xids: int = 0
 
 
-def _kinds(server: PgTestServer, dbname: str, db_oid: int) -> dict[tuple[int, int, int], str]:
-    """(spc, db, filenode) -> mask name, from pg_class and pg_am."""
-    out = server.psql(
-        "SELECT pg_relation_filenode(c.oid), c.reltablespace, c.relkind, coalesce(a.amname, '') "
-        "FROM pg_class c LEFT JOIN pg_am a ON a.oid = c.relam "
-        "WHERE pg_relation_filenode(c.oid) IS NOT NULL",
-        dbname,
-    )
-    kinds: dict[tuple[int, int, int], str] = {}
-    for line in out.splitlines():
-        node, spc, relkind, am = line.split("|")
-        if relkind == "S":
-            kind = "sequence"
-        elif relkind == "i":
-            kind = am
-        else:
-            kind = "heap"
-        key = (1664, 0, int(node)) if spc == "1664" else (1663, db_oid, int(node))
-        kinds[key] = kind
-    return kinds
-
-
 def _capture(server: PgTestServer, name: str, dest: Path, *, stopped: bool = False) -> Capture:
     if not stopped:
         server.psql("CHECKPOINT")
@@ -169,7 +131,7 @@ def _capture(server: PgTestServer, name: str, dest: Path, *, stopped: bool = Fal
         for line in dbs:
             oid, datname, allow = line.split("|")
             if allow == "t":
-                found = _kinds(server, datname, int(oid))
+                found = relation_kinds(lambda sql, d=datname: server.psql(sql, d), int(oid))
                 kinds.update(found)
                 if datname == "template1":
                     template1 = found
@@ -215,26 +177,6 @@ def _ingest_wal(
     return count
 
 
-def _files(directory: Path) -> dict[tuple[int, int], list[tuple[int, Path]]]:
-    found: dict[tuple[int, int], list[tuple[int, Path]]] = {}
-    for path in directory.iterdir():
-        m = _REL_FILE.match(path.name)
-        if m and path.is_file():
-            key = (int(m.group(1)), _FORKS[m.group(2) or ""])
-            found.setdefault(key, []).append((int(m.group(3) or 0), path))
-    return found
-
-
-def _fork_pages(segments: list[tuple[int, Path]]) -> list[bytes]:
-    pages: list[bytes] = []
-    for segno, path in sorted(segments):
-        data = path.read_bytes()
-        if data:
-            assert len(pages) == segno * RELSEG_SIZE
-        pages.extend(data[i : i + BLCKSZ] for i in range(0, len(data), BLCKSZ))
-    return pages
-
-
 def _vm_subset(ours: bytearray, theirs: bytearray) -> bool:
     return all(a & ~b == 0 for a, b in zip(ours, theirs, strict=True))
 
@@ -243,45 +185,14 @@ def _vm_empty(page: bytes) -> bool:
     return page_is_new(page) or not any(b & 0xFF for b in page[24:])
 
 
-def _masked(kind: str, page: bytes, blkno: int) -> bytes:
-    """The page under its access method's wal_consistency_checking mask, plus two masks for
-    state PostgreSQL changes without WAL: the SP-GiST metapage's last-used-pages cache and a
-    sequence's current value (WAL holds the value 32 calls ahead; checked separately)."""
-    work = bytearray(page)
-    if page_is_new(work):
-        return bytes(work)
-    try:
-        mask_page(RMGR_OF_KIND.get(kind, RM_HEAP_ID), work, blkno)
-    except PageError:
-        mask_page_lsn_and_checksum(work)
-    if kind == "spgist" and blkno == 0:
-        mask_page_content(work)
-    if kind == "sequence":
-        start = _sequence_data_offset(page)
-        work[start : start + 16] = bytes(16)
-    return bytes(work)
-
-
-def _sequence_data_offset(page: bytes) -> int:
-    """Offset of FormData_pg_sequence_data (last_value, log_cnt) in a sequence page."""
-    item = get_item(page, 1)
-    t_hoff = item[22]
-    return page.index(item) + t_hoff
-
-
-def _sequence_last_value(page: bytes) -> int:
-    start = _sequence_data_offset(page)
-    return int.from_bytes(page[start : start + 8], "little", signed=True)
-
-
 def _compare_db(
     tl: Timeline, cap: Capture, spc: int, db: int, directory: Path, report: Report
 ) -> None:
-    files = _files(directory)
+    files = relation_files(directory)
     ours = set(list_rels(tl, spc, db, cap.lsn))
     unlogged = {rel for rel, fork in files if fork == 3}
     for (rel, fork), segments in sorted(files.items()):
-        pages = _fork_pages(segments)
+        pages = fork_pages(segments)
         where = f"{cap.name}: rel {spc}/{db}/{rel} fork {fork}"
         if fork == 0 and rel in unlogged:
             continue
@@ -326,8 +237,8 @@ def _compare_db(
                     same = True
             else:
                 if kind == "sequence" and not page_is_new(pg_page):
-                    assert _sequence_last_value(mine) >= _sequence_last_value(pg_page), where
-                same = _masked(kind, mine, blkno) == _masked(kind, pg_page, blkno)
+                    assert sequence_last_value(mine) >= sequence_last_value(pg_page), where
+                same = masked_page(kind, mine, blkno) == masked_page(kind, pg_page, blkno)
             if not same:
                 diff = [i for i in range(BLCKSZ) if mine[i] != pg_page[i]]
                 report.mismatches.append(
