@@ -27,6 +27,7 @@ from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
+from pageserver.daemon import pid_alive
 from pageserver.followed_nodes import slot_name
 from pageserver.pg_control import DB_SHUTDOWNED, read_control_file
 from pageserver.redo import REDO_BY_RMGR
@@ -126,21 +127,11 @@ def cleanup_abandoned(app: App) -> None:
     for node in app.registry.nodes():
         if node.state != "creating" or node.creator_pid is None:
             continue
-        if node.creator_pid == os.getpid() or _pid_alive(node.creator_pid):
+        if node.creator_pid == os.getpid() or pid_alive(node.creator_pid):
             continue
         _remove_node_files(app, node)
         with app.registry.transaction() as cur:
             cur.execute("DELETE FROM nodes WHERE id = ? AND state = 'creating'", (node.id,))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_node_files(app: App, node: NodeRow) -> None:

@@ -17,6 +17,7 @@ from cli.ports import port_is_free
 from cli.registry import PageserverRow
 from cli.secrets import ensure_secret
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
+from pageserver.daemon import pid_alive
 from proto.client import call_sync
 from proto.errors import Unavailable
 
@@ -150,7 +151,7 @@ def stop_local(app: App) -> bool:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        if running_pid(app) != pid:
+        if not pid_alive(pid):
             return True
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)

@@ -29,14 +29,19 @@ from proto.server import ProtoServer
 log = logging.getLogger("pageserver")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, waiting to be reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def acquire_pid_file(path: Path) -> None:
@@ -49,7 +54,7 @@ def acquire_pid_file(path: Path) -> None:
                 other = int(path.read_text().strip() or "0")
             except (OSError, ValueError):
                 other = 0
-            if other and other != os.getpid() and _pid_alive(other):
+            if other and other != os.getpid() and pid_alive(other):
                 raise Conflict(
                     f"a pageserver (pid {other}) already runs on {path.parent}; "
                     "stop it with `neon pageserver stop`"
