@@ -140,8 +140,7 @@ def _remove_node_files(app: App, node: NodeRow) -> None:
         postmaster.stop(node.datadir, "immediate", timeout=30)
     with contextlib.suppress(NeonError):
         unregister_from_pageserver(app, node)
-    with contextlib.suppress(NeonError):
-        shutil.rmtree(history_dir(app, node), ignore_errors=True)
+
     shutil.rmtree(node.datadir, ignore_errors=True)
     shutil.rmtree(node_log_dir(app, node), ignore_errors=True)
     for path in (
@@ -456,8 +455,8 @@ def register_with_pageserver(app: App, node: NodeRow) -> None:
 
 
 def history_dir(app: App, node: NodeRow) -> Path:
-    """The node's page history and WAL archive, kept in its storage beside the data dir."""
-    return Path(app.registry.get_storage(node.storage).options["path"]) / HISTORY_DIR / node.id
+    """The page history of the node's storage (shared by its nodes, so snapshots branch)."""
+    return Path(app.registry.get_storage(node.storage).options["path"]) / HISTORY_DIR
 
 
 def unregister_from_pageserver(app: App, node: NodeRow) -> None:

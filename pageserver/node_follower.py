@@ -108,7 +108,7 @@ class NodeFollower:
         state = self.store.state
         if state is None:
             return
-        start = self.store.timeline.disk_consistent_lsn
+        start = max(self.store.timeline.disk_consistent_lsn, state.decode_from or 0)
         archive = WalArchive(self.store.wal_dir, state.wal_segment_size)
         resume = archive.resume()
         if resume is None or resume[1] <= start:
@@ -232,9 +232,15 @@ class NodeFollower:
                 if archive is not None
                 else DEFAULT_SEGMENT_SIZE
             )
-            self.reader = WalReader(
-                chunk.start_lsn, segment_size, timeline=chunk.timeline, prev_lsn=prev_lsn
-            )
+            start = chunk.start_lsn
+            decode_from = state.decode_from if state is not None else None
+            if decode_from is not None and decode_from > start:
+                # A branch: the segment holds zeros before the checkpoint record we wrote.
+                if chunk.end_lsn <= decode_from:
+                    return
+                chunk = WalChunk(chunk.timeline, decode_from, chunk.data[decode_from - start :])
+                start, prev_lsn = decode_from, None
+            self.reader = WalReader(start, segment_size, timeline=chunk.timeline, prev_lsn=prev_lsn)
         reader = self.reader
         reader.timeline = chunk.timeline
         data = chunk.data

@@ -1,10 +1,13 @@
-"""The page history of one followed node: its timelines, the current one, and ingest into it.
+"""Page history in one storage, and the state of each node that writes into it.
 
-Layout under the node's store directory (inside the node's storage)::
+One storage's history lives under `<storage>/pagestore`::
 
-    node_state.json          which timeline is current, the import LSN, the WAL segment size
-    pagestore/timelines/...  the versioned store (pageserver/timeline_store.py)
-    wal/                     the WAL archive the walreceiver writes
+    timelines/<id>/...           the versioned store, shared by every node of the storage, so
+                                 a node created from another node's snapshot is a branch
+    nodes/<node id>.json         which timeline a node writes, where its WAL decoding starts,
+                                 its PostgreSQL timeline ID and how often it was checked out
+    wal/<node id>/<timeline id>  the WAL archive of that node on that timeline
+    snapshots.json               named (timeline, LSN) pairs (see pageserver/snapshots.py)
 
 Durability: layers are flushed when the open layer is big or every FLUSH_INTERVAL seconds
 of ingest; after a crash ingest resumes from the timeline's disk_consistent_lsn by replaying
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +30,7 @@ from pageserver.import_datadir import import_datadir
 from pageserver.page_reconstruct import reconstruct
 from pageserver.pg_control import read_control_file
 from pageserver.settings import DEFAULT_SETTINGS, StoreSettings
+from pageserver.snapshots import SnapshotRegistry
 from pageserver.timeline import Timeline
 from pageserver.timeline_store import TimelineStore
 from pageserver.walingest import WalIngest
@@ -36,48 +41,72 @@ from walreceiver.records import DecodedRecord
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 10.0
-STATE_FILE = "node_state.json"
 
 
 @dataclass(frozen=True, slots=True)
 class NodeState:
     timeline_id: str
-    import_lsn: int
+    start_lsn: int
+    """Where this timeline's own history starts (the import or branch LSN)."""
     wal_segment_size: int
+    pg_timeline: int = 1
+    checkouts: int = 0
+    decode_from: int | None = None
+    """First WAL record to decode on this timeline (a branch's checkpoint record); None:
+    from wherever the stream starts (records the history holds are skipped)."""
+    parent: str | None = None
+    """The snapshot this timeline was branched from, if any."""
+
+
+class StorageHistory:
+    """The timelines and snapshots of one storage; thread-safe."""
+
+    def __init__(self, root: Path, settings: StoreSettings = DEFAULT_SETTINGS) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.timelines = TimelineStore(root, settings)
+        self.snapshots = SnapshotRegistry(root / "snapshots.json")
+
+    def close(self) -> None:
+        self.timelines.close()
 
 
 class NodeStore:
     """Thread-safety: ingest and flush run on the node's decode thread; reads from anywhere."""
 
-    def __init__(self, root: Path, settings: StoreSettings = DEFAULT_SETTINGS) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.timelines = TimelineStore(root / "pagestore", settings)
+    def __init__(self, history: StorageHistory, node_id: str) -> None:
+        self.history = history
+        self.node_id = node_id
+        self._state_path = history.root / "nodes" / f"{node_id}.json"
         self._state = self._load_state()
         self._ingest: WalIngest | None = None
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
 
     @property
+    def timelines(self) -> TimelineStore:
+        return self.history.timelines
+
+    @property
     def wal_dir(self) -> Path:
-        return self.root / "wal"
+        sub = self._state.timeline_id if self._state is not None else "unimported"
+        return self.history.root / "wal" / self.node_id / sub
 
     def _load_state(self) -> NodeState | None:
-        path = self.root / STATE_FILE
-        if not path.exists():
+        if not self._state_path.exists():
             return None
-        raw = json.loads(path.read_text())
-        return NodeState(**raw)
+        return NodeState(**json.loads(self._state_path.read_text()))
 
     def _save_state(self, state: NodeState) -> None:
-        path = self.root / STATE_FILE
-        tmp = path.with_name(path.name + ".tmp")
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
         with open(tmp, "w") as f:
             json.dump(asdict(state), f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, self._state_path)
         self._state = state
+        self._ingest = None
 
     @property
     def state(self) -> NodeState | None:
@@ -86,29 +115,66 @@ class NodeStore:
     @property
     def timeline(self) -> Timeline:
         if self._state is None:
-            raise NotFound(f"no page history in {self.root}: the node was never imported")
+            raise NotFound(f"node {self.node_id} has no page history yet (never imported)")
         return self.timelines.get(self._state.timeline_id)
-
-    def has_history(self) -> bool:
-        return self._state is not None
 
     def import_datadir(self, datadir: Path) -> int:
         """Import the node's cleanly shut-down data directory as its first timeline."""
         with self._lock:
             if self._state is not None:
                 raise Conflict(
-                    f"the page history in {self.root} already starts at "
-                    f"{format_lsn(self._state.import_lsn)}; it is imported once"
+                    f"node {self.node_id}'s page history already starts at "
+                    f"{format_lsn(self._state.start_lsn)}; it is imported once"
                 )
             timeline = self.timelines.create_timeline()
             lsn = import_datadir(timeline, datadir)
             timeline.freeze_and_flush()
-            segment_size = read_control_file(datadir).wal_segment_size
-            self._save_state(NodeState(timeline.timeline_id, lsn, segment_size))
+            control = read_control_file(datadir)
+            self._save_state(
+                NodeState(
+                    timeline.timeline_id,
+                    lsn,
+                    control.wal_segment_size,
+                    pg_timeline=control.checkpoint.this_timeline,
+                )
+            )
             log.info(
                 "imported %s at %s into timeline %s", datadir, format_lsn(lsn), timeline.timeline_id
             )
             return lsn
+
+    def switch_to_branch(
+        self,
+        timeline: Timeline,
+        *,
+        decode_from: int,
+        pg_timeline: int,
+        segment_size: int,
+        parent: str | None,
+        checkout: bool,
+    ) -> NodeState:
+        """Make a freshly branched timeline this node's current one (checkout, or a node
+        created from a snapshot)."""
+        with self._lock:
+            old = self._state
+            state = NodeState(
+                timeline.timeline_id,
+                timeline.ancestor_lsn,
+                segment_size,
+                pg_timeline=pg_timeline,
+                checkouts=(old.checkouts if old else 0) + (1 if checkout else 0),
+                decode_from=decode_from,
+                parent=parent,
+            )
+            self._save_state(state)
+            return state
+
+    def forget(self) -> None:
+        """Delete this node's state and WAL archives (its timelines stay for snapshots)."""
+        with self._lock:
+            self._state_path.unlink(missing_ok=True)
+            shutil.rmtree(self.history.root / "wal" / self.node_id, ignore_errors=True)
+            self._state = None
 
     # ingest (decode thread)
 
@@ -145,5 +211,3 @@ class NodeStore:
             result,
         )
 
-    def close(self) -> None:
-        self.timelines.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pageserver.basebackup import basebackup_chunks
 from pageserver.followed_nodes import FollowedNode
 from pageserver.keys import FORK_NAMES, rel_block_key
 from pageserver.page_reconstruct import get_rel_size, list_dbs, list_rels, materialize
@@ -139,6 +141,62 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         )
         return {"lsn": lsn, "rels": [list(r) for r in rels]}
 
+    async def snapshot_create(ctx: RequestContext) -> Any:
+        p = ctx.params
+        snap = await ps.create_snapshot(
+            _param(p, "node_id", str), _param(p, "name", str), _opt_lsn(p), _timeout(p)
+        )
+        return asdict(snap)
+
+    async def snapshot_list(ctx: RequestContext) -> Any:
+        return ps.list_snapshots()
+
+    async def snapshot_destroy(ctx: RequestContext) -> Any:
+        history, snap = ps.find_snapshot(_param(ctx.params, "name", str))
+        return asdict(history.snapshots.remove(snap.name))
+
+    async def snapshot_show(ctx: RequestContext) -> Any:
+        _history, snap = ps.find_snapshot(_param(ctx.params, "name", str))
+        return asdict(snap)
+
+    async def node_branch(ctx: RequestContext) -> Any:
+        p = ctx.params
+        tli = p.get("pg_timeline")
+        if tli is not None and (not isinstance(tli, int) or isinstance(tli, bool) or tli < 1):
+            raise InvalidArgument("parameter 'pg_timeline' must be a positive integer")
+        return await ps.branch_node(
+            _param(p, "node_id", str),
+            _param(p, "snapshot", str),
+            pg_timeline=tli,
+            checkout=bool(p.get("checkout", False)),
+        )
+
+    async def basebackup(ctx: RequestContext) -> Any:
+        """Stream a tar of a startable data directory (a snapshot, or a node's branch point)."""
+        p = ctx.params
+        node_id = p.get("node_id") if isinstance(p.get("node_id"), str) else None
+        snapshot = p.get("snapshot") if isinstance(p.get("snapshot"), str) else None
+        source, tli = ps.basebackup_source(node_id, snapshot)
+        pg_timeline = p.get("pg_timeline", tli or 1)
+        if not isinstance(pg_timeline, int) or pg_timeline < 1:
+            raise InvalidArgument("parameter 'pg_timeline' must be a positive integer")
+        history = p.get("timeline_history")
+        info, chunks = await asyncio.to_thread(
+            basebackup_chunks,
+            source,
+            source.lsn,
+            pg_timeline=pg_timeline,
+            timeline_history=history if isinstance(history, bytes) else None,
+        )
+        sent = 0
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                break
+            sent += len(chunk)
+            await ctx.send(chunk)
+        return {**asdict(info), "bytes": sent}
+
     handlers: dict[str, Handler] = {
         "status": status,
         "node.register": node_register,
@@ -151,6 +209,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         "rel.size": rel_size,
         "db.list": db_list,
         "rel.list": rel_list,
+        "snapshot.create": snapshot_create,
+        "snapshot.list": snapshot_list,
+        "snapshot.destroy": snapshot_destroy,
+        "snapshot.show": snapshot_show,
+        "node.branch": node_branch,
+        "basebackup": basebackup,
     }
 
     def counted(name: str, fn: Handler) -> Handler:

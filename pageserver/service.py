@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pageserver.basebackup import TimelineSource, normalize_lsn
 from pageserver.config import PageserverConfig
 from pageserver.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.metrics import Metrics
 from pageserver.node_follower import NodeFollower
-from pageserver.node_store import NodeStore
+from pageserver.node_store import NodeStore, StorageHistory
+from pageserver.page_reconstruct import get_node_metadata
 from pageserver.redo_pool import RedoPool
-from proto.errors import NotFound, Unavailable
-from walreceiver.lsn import format_lsn
+from pageserver.snapshots import Snapshot, new_snapshot, split_snapshot_name
+from pageserver.timeline import Timeline
+from proto.errors import InvalidArgument, NotFound, Unavailable
+from walreceiver.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 
 VERSION = "0.1.0"
 
@@ -29,6 +33,7 @@ class Pageserver:
         self.nodes = FollowedNodes(config.nodes_file)
         self.followers: dict[str, NodeFollower] = {}
         self.stores: dict[str, NodeStore] = {}
+        self.histories: dict[str, StorageHistory] = {}
         self.redo_pool = RedoPool()
         m = self.metrics
         m.describe("pageserver_up", "gauge", "1 while the pageserver serves.")
@@ -52,12 +57,21 @@ class Pageserver:
     def store_dir(self, node: FollowedNode) -> Path:
         if node.store_dir:
             return Path(node.store_dir)
-        return self.config.workdir / "nodes" / node.node_id
+        return self.config.workdir / "pagestore"
+
+    def history(self, root: Path) -> StorageHistory:
+        key = str(root)
+        history = self.histories.get(key)
+        if history is None:
+            history = StorageHistory(root)
+            self.histories[key] = history
+        return history
 
     def store(self, node_id: str) -> NodeStore:
         store = self.stores.get(node_id)
         if store is None:
-            store = NodeStore(self.store_dir(self.nodes.get(node_id)))
+            node = self.nodes.get(node_id)
+            store = NodeStore(self.history(self.store_dir(node)), node_id)
             self.stores[node_id] = store
         return store
 
@@ -67,6 +81,13 @@ class Pageserver:
         follower.start()
         return follower
 
+    async def _refollow(self, node_id: str) -> None:
+        """Restart a node's follower: its timeline (hence its WAL archive) changed."""
+        follower = self.followers.pop(node_id, None)
+        if follower is not None:
+            await follower.stop()
+        self._follow(self.nodes.get(node_id))
+
     async def stop_following(self) -> None:
         """Stop every follower, then flush and close the stores (a clean restart re-ingests
         nothing)."""
@@ -74,16 +95,12 @@ class Pageserver:
             await follower.stop()
         self.followers.clear()
         for store in list(self.stores.values()):
-            await asyncio.to_thread(self._flush_and_close, store)
+            await asyncio.to_thread(store.flush)
         self.stores.clear()
+        for history in self.histories.values():
+            history.close()
+        self.histories.clear()
         await asyncio.to_thread(self.redo_pool.close)
-
-    @staticmethod
-    def _flush_and_close(store: NodeStore) -> None:
-        try:
-            store.flush()
-        finally:
-            store.close()
 
     def follower(self, node_id: str) -> NodeFollower:
         try:
@@ -100,29 +117,144 @@ class Pageserver:
         if current is not None:
             await current.stop()
         self.nodes.add(node)
+        self.stores.pop(node.node_id, None)
         return self._follow(node).status()
 
     async def unregister_node(self, node_id: str) -> dict[str, Any]:
-        """Stop following a node and delete what the pageserver kept of it."""
+        """Stop following a node and drop its state and WAL; its timelines stay for the
+        snapshots that name them (GC removes what nothing needs)."""
         node = self.nodes.get(node_id)
         follower = self.followers.pop(node_id, None)
         if follower is not None:
             await follower.stop()
+        store = self.store(node_id)
+        await asyncio.to_thread(store.forget)
+        self.stores.pop(node_id, None)
         self.nodes.remove(node_id)
-        store = self.stores.pop(node_id, None)
-        if store is not None:
-            store.close()
-        shutil.rmtree(self.store_dir(node), ignore_errors=True)
         return node.public()
 
     async def import_node(self, node_id: str, datadir: Path) -> int:
         """Import a node's cleanly shut-down data directory before its first start."""
         store = self.store(node_id)
         lsn = await asyncio.to_thread(store.import_datadir, datadir)
-        follower = self.followers.get(node_id)
-        if follower is not None:
-            follower.kick()
+        await self._refollow(node_id)
         return lsn
+
+    # snapshots and branches
+
+    def _snapshot_lsn_now(self, node_id: str) -> tuple[NodeStore, int]:
+        store = self.store(node_id)
+        return store, store.timeline.last_record_lsn
+
+    async def create_snapshot(
+        self, node_id: str, name: str, wait_lsn: int | None, timeout: float
+    ) -> Snapshot:
+        """Name the current record boundary once ingest reached `wait_lsn`."""
+        split_snapshot_name(name)
+        if wait_lsn is not None:
+            await self.wait_for_lsn(node_id, wait_lsn, timeout)
+        store, lsn = self._snapshot_lsn_now(node_id)
+        state = store.state
+        assert state is not None
+        return store.history.snapshots.add(
+            new_snapshot(name, node_id, state.timeline_id, lsn, parent=state.parent)
+        )
+
+    def find_snapshot(self, name: str) -> tuple[StorageHistory, Snapshot]:
+        for node in self.nodes.all():
+            history = self.history(self.store_dir(node))
+            snap = history.snapshots.find(name)
+            if snap is not None:
+                return history, snap
+        for history in self.histories.values():
+            snap = history.snapshots.find(name)
+            if snap is not None:
+                return history, snap
+        raise NotFound(f"snapshot {name!r} does not exist; see `neon snapshot list`")
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        seen: set[str] = set()
+        out: list[dict[str, Any]] = []
+        for node in self.nodes.all():
+            history = self.history(self.store_dir(node))
+            if str(history.root) in seen:
+                continue
+            seen.add(str(history.root))
+            for snap in history.snapshots.all():
+                out.append({**asdict(snap), "size_bytes": self._history_bytes(history, snap)})
+        return out
+
+    def _history_bytes(self, history: StorageHistory, snap: Snapshot) -> int:
+        """Bytes of layer files reading this snapshot needs (its timeline and ancestors)."""
+        total = 0
+        try:
+            timeline: Timeline | None = history.timelines.get(snap.timeline_id)
+        except NotFound:
+            return 0
+        lsn = snap.lsn
+        while timeline is not None:
+            for layer in timeline.layer_map().layers():
+                if layer.name.lsn_start <= lsn:
+                    total += layer.file_size
+            lsn, timeline = timeline.ancestor_lsn, timeline.ancestor
+        return total
+
+    async def branch_node(
+        self,
+        node_id: str,
+        snapshot: str,
+        *,
+        pg_timeline: int | None,
+        checkout: bool,
+    ) -> dict[str, Any]:
+        """Point a node at a new timeline branched from a snapshot (checkout, or a node created
+        from a snapshot); returns where its WAL decoding starts."""
+        history, snap = self.find_snapshot(snapshot)
+        store = self.store(node_id)
+        if store.history is not history:
+            raise InvalidArgument(
+                f"snapshot {snapshot!r} lives in storage {history.root}, node {node_id} in "
+                f"{store.history.root}; branch within one storage"
+            )
+        source = history.timelines.get(snap.timeline_id)
+        timeline = await asyncio.to_thread(history.timelines.branch, source.timeline_id, snap.lsn)
+        segment_size = self._segment_size(history, snap)
+        old = store.state
+        tli = pg_timeline if pg_timeline is not None else (old.pg_timeline + 1 if old else 1)
+        decode_from = normalize_lsn(snap.lsn, segment_size)
+        state = await asyncio.to_thread(
+            store.switch_to_branch,
+            timeline,
+            decode_from=decode_from,
+            pg_timeline=tli,
+            segment_size=segment_size,
+            parent=snapshot,
+            checkout=checkout,
+        )
+        await self._refollow(node_id)
+        return {**asdict(state), "lsn": snap.lsn}
+
+    @staticmethod
+    def _segment_size(history: StorageHistory, snap: Snapshot) -> int:
+        timeline = history.timelines.get(snap.timeline_id)
+        meta = get_node_metadata(timeline, snap.lsn) or {}
+        return int(meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE))
+
+    def basebackup_source(
+        self, node_id: str | None, snapshot: str | None
+    ) -> tuple[TimelineSource, int | None]:
+        """What to extract: a snapshot, or a node's current timeline at its branch point."""
+        if snapshot is not None:
+            history, snap = self.find_snapshot(snapshot)
+            return TimelineSource(history.timelines.get(snap.timeline_id), snap.lsn), None
+        if node_id is None:
+            raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        store = self.store(node_id)
+        state = store.state
+        if state is None:
+            raise NotFound(f"node {node_id} has no page history yet")
+        timeline = store.timeline
+        return TimelineSource(timeline, state.start_lsn), state.pg_timeline
 
     async def wait_for_lsn(self, node_id: str, lsn: int | None, timeout: float) -> int:
         """The LSN to read at: the latest ingested by default; a future one is waited for."""
@@ -149,7 +281,10 @@ class Pageserver:
             "node_id": node_id,
             "imported": True,
             "timeline_id": state.timeline_id,
-            "import_lsn": state.import_lsn,
+            "start_lsn": state.start_lsn,
+            "pg_timeline": state.pg_timeline,
+            "checkouts": state.checkouts,
+            "parent": state.parent,
             "last_record_lsn": timeline.last_record_lsn,
             "prev_record_lsn": timeline.prev_record_lsn,
             "disk_consistent_lsn": timeline.disk_consistent_lsn,

@@ -49,8 +49,14 @@ def wait_caught_up(neon: NeonCli, node: str, timeout: float = 60) -> dict[str, A
         time.sleep(0.2)
 
 
+def node_wal_root(neon: NeonCli, node_id: str) -> Path:
+    return neon.home / "storage" / "local" / "pagestore" / "wal" / node_id
+
+
 def archive_dir(neon: NeonCli, node_id: str) -> Path:
-    return neon.home / "storage" / "local" / "pagestore" / node_id / "wal"
+    """The archive of the node's (only) timeline."""
+    (timeline_dir,) = node_wal_root(neon, node_id).iterdir()
+    return timeline_dir
 
 
 def assert_complete_segments_identical(archive: Path, pg_wal: Path) -> int:
@@ -110,7 +116,7 @@ def test_create_streams_decodes_and_stop_waits_for_checkpoint(neon: NeonCli) -> 
 
     # Destroying the node drops what the pageserver kept of it.
     neon.run("pg", "destroy", "--yes", "primary1")
-    assert not archive_dir(neon, "primary1").parent.exists()
+    assert not node_wal_root(neon, "primary1").exists()
 
 
 def test_pageserver_sigkill_mid_pgbench_loses_nothing(neon: NeonCli) -> None:
