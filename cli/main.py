@@ -43,10 +43,18 @@ def _register_commands() -> None:
     from cli.debug_commands import debug_group
     from cli.pageserver_commands import pageserver_group
     from cli.pg_commands import pg_group
+    from cli.snapshot_commands import snapshot_group
     from cli.storage_commands import storage_group
     from cli.waldump import waldump_command
 
-    for command in (pg_group, storage_group, pageserver_group, waldump_command, debug_group):
+    for command in (
+        pg_group,
+        storage_group,
+        pageserver_group,
+        waldump_command,
+        debug_group,
+        snapshot_group,
+    ):
         cli.add_command(command)
 
 

@@ -21,6 +21,7 @@ import psycopg
 
 from cli import postmaster
 from cli.context import App
+from cli.extract import download_basebackup
 from cli.pageserver_control import call_local
 from cli.pgbin import make_pg_dir, run_pg
 from cli.ports import port_is_free
@@ -158,6 +159,7 @@ def create_node(
     name: str | None = None,
     port: int | None = None,
     start: bool = True,
+    snapshot: str | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> NodeStatus:
     cleanup_abandoned(app)
@@ -206,16 +208,21 @@ def create_node(
         )
     node = app.registry.get_node(node_id)
     try:
-        progress(f"Initializing {pgdata} in storage {storage}")
-        _initialize(app, node)
+        if snapshot is not None:
+            progress(f"Creating {pgdata} from snapshot {snapshot}")
+            _initialize_from_snapshot(app, node, snapshot)
+        else:
+            progress(f"Initializing {pgdata} in storage {storage}")
+            _initialize(app, node)
         with app.registry.transaction() as cur:
             cur.execute(
                 "UPDATE nodes SET state = 'ready', creator_pid = NULL WHERE id = ?", (node_id,)
             )
         node = app.registry.get_node(node_id)
-        register_with_pageserver(app, node)
-        progress(f"Importing {pgdata} into the page history")
-        call_local(app, "node.import", node_id=node.id, datadir=str(node.datadir))
+        if snapshot is None:
+            register_with_pageserver(app, node)
+            progress(f"Importing {pgdata} into the page history")
+            call_local(app, "node.import", node_id=node.id, datadir=str(node.datadir))
         if start:
             start_node(app, node)
     except BaseException:
@@ -226,7 +233,8 @@ def create_node(
     return node_status(app, node)
 
 
-def _initialize(app: App, node: NodeRow) -> None:
+def _new_secrets(app: App, node: NodeRow) -> tuple[str, str]:
+    """Generate the node's superuser and replication passwords and its passfile."""
     password = generate_secret()
     replication_password = generate_secret()
     write_secret(superuser_secret(app, node.id), password)
@@ -236,21 +244,62 @@ def _initialize(app: App, node: NodeRow) -> None:
         f"127.0.0.1:{node.port}:*:{node.superuser}:{password}\n"
         f"localhost:{node.port}:*:{node.superuser}:{password}\n",
     )
-    postmaster.initdb(node.datadir, superuser=node.superuser, password=password)
-    write_node_config(app, node)
-    # The role and the slot are created in single-user mode, before the first start, so that
-    # --no-start nodes are complete too and the slot retains every WAL byte from here on.
-    sql = (
-        f"CREATE ROLE {node.replication_user} WITH LOGIN REPLICATION "
-        f"PASSWORD '{replication_password}';\n"
-        f"SELECT pg_create_physical_replication_slot('{slot_name(node.id)}', true);\n"
-    )
+    return password, replication_password
+
+
+def _single_user(node: NodeRow, sql: str, what: str) -> None:
     run_pg(
         "postgres",
         ["--single", "-D", str(node.datadir), "-c", "log_statement=none", "postgres"],
         input=sql,
-        what="creating the replication role",
+        what=what,
     )
+
+
+def _slot_sql(node: NodeRow) -> str:
+    return f"SELECT pg_create_physical_replication_slot('{slot_name(node.id)}', true);\n"
+
+
+def _initialize(app: App, node: NodeRow) -> None:
+    password, replication_password = _new_secrets(app, node)
+    postmaster.initdb(node.datadir, superuser=node.superuser, password=password)
+    write_node_config(app, node)
+    # The role and the slot are created in single-user mode, before the first start, so that
+    # --no-start nodes are complete too and the slot retains every WAL byte from here on.
+    _single_user(
+        node,
+        f"CREATE ROLE {node.replication_user} WITH LOGIN REPLICATION "
+        f"PASSWORD '{replication_password}';\n" + _slot_sql(node),
+        "creating the replication role",
+    )
+
+
+def finish_datadir(app: App, node: NodeRow) -> None:
+    """Make a data directory rebuilt from page history this node's: its configuration, its
+    passwords (roles created if the source lacked them) and a fresh slot, before any start."""
+    write_node_config(app, node)
+    password = read_secret(superuser_secret(app, node.id))
+    replication_password = read_secret(replication_secret(app, node.id))
+    ensure = (
+        "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
+        "CREATE ROLE {role} {attrs}; END IF; END$$;\n"
+    )
+    sql = (
+        ensure.format(role=node.superuser, attrs="SUPERUSER LOGIN")
+        + ensure.format(role=node.replication_user, attrs="LOGIN REPLICATION")
+        + f"ALTER ROLE {node.superuser} PASSWORD '{password}';\n"
+        + f"ALTER ROLE {node.replication_user} PASSWORD '{replication_password}';\n"
+        + _slot_sql(node)
+    )
+    _single_user(node, sql, f"preparing {node.datadir}")
+
+
+def _initialize_from_snapshot(app: App, node: NodeRow, snapshot: str) -> None:
+    _new_secrets(app, node)
+    register_with_pageserver(app, node)
+    call_local(app, "node.branch", node_id=node.id, snapshot=snapshot, pg_timeline=1)
+    download_basebackup(app, node.datadir, node_id=node.id)
+    finish_datadir(app, node)
 
 
 def write_node_config(app: App, node: NodeRow) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
-from cli import nodes
+from cli import checkout, nodes
 from cli.context import get_app
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
 from cli.storages import DEFAULT_STORAGE
+from pageserver.snapshots import split_snapshot_name
+from proto.errors import InvalidArgument
 
 
 @click.group("pg")
@@ -26,6 +28,14 @@ def pg_group() -> None:
 )
 @click.option("-n", "--name", default=None, help="Data directory name (default pgdata$i).")
 @click.option("--port", type=int, default=None, help="Port (default 5432 or the next free).")
+@click.option(
+    "--snapshot",
+    "snapshot",
+    default=None,
+    metavar="PGDATA@TAG",
+    help="Create the node from a snapshot (a branch: nothing is copied).",
+)
+@click.option("--cow", is_flag=True, help="Share unchanged files with the snapshot's files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
 @click.pass_context
 def pg_create(
@@ -34,18 +44,29 @@ def pg_create(
     storage: str,
     name: str | None,
     port: int | None,
+    snapshot: str | None,
+    cow: bool,
     as_json: bool,
 ) -> None:
-    """Create a data directory (initdb) and start PostgreSQL on it."""
+    """Create a data directory (initdb, or a snapshot) and start PostgreSQL on it."""
     app = get_app(ctx)
+    if cow and snapshot is None:
+        raise InvalidArgument("--cow needs --snapshot")
     status = nodes.create_node(
         app,
         storage=storage,
         name=name,
         port=port,
         start=not no_start,
+        snapshot=snapshot,
         progress=progress_printer(),
     )
+    if cow:
+        click.echo(
+            "neon: note: --cow: the data directory was written in full from the page history "
+            "(a full copy); reflink sharing is not available for rebuilt directories",
+            err=True,
+        )
     if as_json:
         print_json(nodes.node_json(app, status, dir_size(status.node.datadir)))
     elif status.state == "running":
@@ -64,6 +85,7 @@ def pg_start(ctx: click.Context, node: str) -> None:
     """Start PostgreSQL on a node (ID or data directory name)."""
     app = get_app(ctx)
     row = app.registry.get_node(node)
+    checkout.finish_pending(app, row)
     before = nodes.node_status(app, row).state
     nodes.start_node(app, row)
     if before == "running":
@@ -184,3 +206,14 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
         if key in wal:
             click.echo(f"    {key}: {wal[key] if wal[key] is not None else '-'}")
     click.echo(f"    lag: {human_size(wal['lag_bytes'])}")
+
+
+@pg_group.command("checkout")
+@click.argument("snapshot", metavar="PGDATA@TAG")
+@click.pass_context
+def pg_checkout(ctx: click.Context, snapshot: str) -> None:
+    """Roll the node back (or forward) to a snapshot; its current state becomes HEAD{i}."""
+    app = get_app(ctx)
+    pgdata, _tag = split_snapshot_name(snapshot)
+    row = app.registry.get_node(pgdata)
+    checkout.checkout(app, row, snapshot, click.echo)

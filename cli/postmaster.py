@@ -68,7 +68,11 @@ def quote_conf_value(value: object) -> str:
 def write_config(datadir: Path, settings: Mapping[str, object], hba_lines: list[str]) -> None:
     """Write our settings to neon.conf (included from postgresql.conf) and pg_hba.conf."""
     conf = datadir / "postgresql.conf"
-    text = conf.read_text()
+    # A data directory rebuilt from page history has no configuration files of its own.
+    text = conf.read_text() if conf.exists() else "# written by neon\n"
+    for name in ("pg_ident.conf", "postgresql.auto.conf"):
+        if not (datadir / name).exists():
+            _write_pg_file(datadir / name, "")
     include = f"include_if_exists = '{NEON_CONF}'"
     if include not in text:
         conf.write_text(text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n")

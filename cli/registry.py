@@ -42,6 +42,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     created_at REAL NOT NULL,
     extra TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS snapshot_servers (
+    name TEXT PRIMARY KEY,
+    datadir TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pageservers (
     name TEXT PRIMARY KEY,
     host TEXT NOT NULL,

@@ -181,17 +181,22 @@ class Pageserver:
                 continue
             seen.add(str(history.root))
             for snap in history.snapshots.all():
-                out.append({**asdict(snap), "size_bytes": self._history_bytes(history, snap)})
+                out.append(
+                    {
+                        **asdict(snap),
+                        "size_bytes": self._history_bytes(history, snap.timeline_id, snap.lsn),
+                    }
+                )
         return out
 
-    def _history_bytes(self, history: StorageHistory, snap: Snapshot) -> int:
-        """Bytes of layer files reading this snapshot needs (its timeline and ancestors)."""
+    @staticmethod
+    def _history_bytes(history: StorageHistory, timeline_id: str, lsn: int) -> int:
+        """Bytes of layer files reading (timeline, lsn) needs (its timeline and ancestors)."""
         total = 0
         try:
-            timeline: Timeline | None = history.timelines.get(snap.timeline_id)
+            timeline: Timeline | None = history.timelines.get(timeline_id)
         except NotFound:
             return 0
-        lsn = snap.lsn
         while timeline is not None:
             for layer in timeline.layer_map().layers():
                 if layer.name.lsn_start <= lsn:
@@ -289,6 +294,9 @@ class Pageserver:
             "prev_record_lsn": timeline.prev_record_lsn,
             "disk_consistent_lsn": timeline.disk_consistent_lsn,
             "layers": len(list(timeline.layer_map().layers())),
+            "size_bytes": self._history_bytes(
+                store.history, state.timeline_id, timeline.last_record_lsn
+            ),
         }
 
     def node_statuses(self) -> list[dict[str, Any]]:

@@ -1,0 +1,121 @@
+"""`neon pg checkout PG@TAG`: roll a node back (or forward) to a snapshot.
+
+Steps, with a journal beside the data directory so that a crash at any step ends, on the next
+`pg checkout`/`pg start`, in either the old or the new directory, complete:
+
+1. stop the node; name its current state `PG@HEAD{i}` (i = this node's checkout count);
+2. branch a new timeline at the snapshot (next PostgreSQL timeline ID) in the pageserver;
+3. rebuild the directory at the branch point into `<datadir>.checkout`, finish it (config,
+   passwords, slot) and mark it complete;
+4. swap: `<datadir>` -> `<datadir>.old`, `<datadir>.checkout` -> `<datadir>`, delete the old;
+5. start the node.
+
+Once step 2 has happened the pageserver follows the new timeline, so recovery rolls forward:
+it redoes 3 and 4 (3 is repeatable: the branch point does not change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cli import nodes, postmaster
+from cli.context import App
+from cli.extract import download_basebackup
+from cli.pageserver_control import call_local
+from cli.registry import NodeRow
+from pageserver.snapshots import head_tag, split_snapshot_name
+from proto.errors import InvalidArgument
+
+COMPLETE_MARKER = ".neon-checkout-complete"
+
+
+def _journal(node: NodeRow) -> Path:
+    return node.datadir.with_name(node.datadir.name + ".checkout.json")
+
+
+def _new_dir(node: NodeRow) -> Path:
+    return node.datadir.with_name(node.datadir.name + ".checkout")
+
+
+def _old_dir(node: NodeRow) -> Path:
+    return node.datadir.with_name(node.datadir.name + ".old")
+
+
+def _write_journal(node: NodeRow, entry: dict[str, Any]) -> None:
+    path = _journal(node)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(entry, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _current_timeline(app: App, node: NodeRow) -> dict[str, Any]:
+    info: dict[str, Any] = call_local(app, "timeline.info", node_id=node.id)
+    return info
+
+
+def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]) -> None:
+    _pgdata, tag = split_snapshot_name(snapshot)
+    if tag == "CURRENT":
+        raise InvalidArgument(f"{snapshot} is the node's current state already")
+    call_local(app, "snapshot.show", name=snapshot)  # a clear error if it does not exist
+    finish_pending(app, node)
+    echo(f"Stopping postgres on {node.pgdata}.")
+    nodes.stop_node(app, node, "fast")
+    nodes.wait_for_shutdown_checkpoint(app, node)
+    echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
+    info = _current_timeline(app, node)
+    head = f"{node.pgdata}@{head_tag(int(info['checkouts']))}"
+    existing = {s["name"] for s in call_local(app, "snapshot.list")}
+    if head not in existing:
+        call_local(app, "snapshot.create", node_id=node.id, name=head)
+    _write_journal(node, {"snapshot": snapshot, "old_timeline": info["timeline_id"]})
+    _roll_forward(app, node)
+    echo(f"Starting postgres on {node.pgdata}.")
+    nodes.start_node(app, node)
+
+
+def _roll_forward(app: App, node: NodeRow) -> None:
+    entry = json.loads(_journal(node).read_text())
+    if _current_timeline(app, node)["timeline_id"] == entry["old_timeline"]:
+        call_local(app, "node.branch", node_id=node.id, snapshot=entry["snapshot"], checkout=True)
+    new = _new_dir(node)
+    if not (new / COMPLETE_MARKER).exists():
+        shutil.rmtree(new, ignore_errors=True)
+        download_basebackup(app, new, node_id=node.id)
+        build = dataclasses.replace(node, datadir=new)
+        nodes.finish_datadir(app, build)
+        (new / COMPLETE_MARKER).write_text("")
+    _swap(node)
+    _journal(node).unlink(missing_ok=True)
+
+
+def _swap(node: NodeRow) -> None:
+    new, old, live = _new_dir(node), _old_dir(node), node.datadir
+    if postmaster.running_pid(live) is not None:
+        raise InvalidArgument(f"postgres runs on {live}; stop it before a checkout")
+    if live.exists() and new.exists():
+        os.replace(live, old)
+    if new.exists():
+        os.replace(new, live)
+    (live / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_pending(app: App, node: NodeRow) -> bool:
+    """Complete a checkout a crash interrupted; True if there was one."""
+    if not _journal(node).exists():
+        if not node.datadir.exists() and _new_dir(node).exists():
+            _swap(node)  # crashed between the two renames of the swap
+            return True
+        return False
+    _roll_forward(app, node)
+    return True

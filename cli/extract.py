@@ -1,0 +1,54 @@
+"""Materializing data directories from the pageserver: basebackup download and finishing.
+
+A downloaded directory has no configuration, no replication slot, and the passwords of the
+node it came from; `finish_datadir` gives it this node's settings, passwords and slot in
+single-user mode, before its first start, so the slot retains every WAL byte it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cli.context import App
+from cli.pageserver_control import local_token, start_local
+from pageserver.basebackup import extract_basebackup
+from proto.client import ProtoClient
+
+
+def download_basebackup(app: App, target: Path, **params: Any) -> dict[str, Any]:
+    """Stream a basebackup from the local pageserver and unpack it into `target`."""
+    row = start_local(app)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tar", dir=target.parent)
+    tmp = Path(tmp_name)
+    show = sys.stderr.isatty()
+
+    async def fetch() -> dict[str, Any]:
+        async with await ProtoClient.connect(row.host, row.port, token=local_token(app)) as c:
+            received = 0
+            with os.fdopen(fd, "wb") as out:
+                download = c.download("basebackup", **params)
+                async for chunk in download:
+                    out.write(chunk)
+                    received += len(chunk)
+                    if show:
+                        print(f"\rreceived {received / 1048576:.1f} MiB", end="", file=sys.stderr)
+                out.flush()
+                os.fsync(out.fileno())
+            if show:
+                print(file=sys.stderr)
+            result: dict[str, Any] = download.result
+            return result
+
+    try:
+        info = asyncio.run(fetch())
+        with open(tmp, "rb") as stream:
+            extract_basebackup(stream, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return info

@@ -1,0 +1,230 @@
+"""`neon snapshot ...`: named states of a node, and read-only servers over them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli import nodes, postmaster
+from cli.context import App, get_app
+from cli.extract import download_basebackup
+from cli.output import human_size, print_json, print_table
+from cli.pageserver_control import call_local
+from cli.pgbin import give_to_pg_user
+from cli.ports import port_is_free
+from pageserver.snapshots import check_user_tag, split_snapshot_name
+from proto.errors import AlreadyExists, Conflict, NotFound
+from walreceiver.lsn import format_lsn
+
+SNAPSHOT_SERVER_PORT = 55432
+
+
+@click.group("snapshot")
+def snapshot_group() -> None:
+    """Snapshots: cheap named states of a node (PGDATA@TAG)."""
+
+
+@snapshot_group.command("create")
+@click.argument("name", metavar="PGDATA@TAG")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Name the node's current state (O(1): nothing is copied)."""
+    app = get_app(ctx)
+    pgdata, tag = split_snapshot_name(name)
+    check_user_tag(tag)
+    node = app.registry.get_node(pgdata)
+    name = f"{node.pgdata}@{tag}"
+    # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
+    wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+    params: dict[str, Any] = {"node_id": node.id, "name": name, "wait_timeout": 120}
+    if wait is not None:
+        params["lsn"] = wait
+    snap = call_local(app, "snapshot.create", **params)
+    if as_json:
+        print_json({**snap, "lsn_text": format_lsn(snap["lsn"])})
+
+
+def _rows(app: App) -> list[dict[str, Any]]:
+    """User snapshots, each node's HEAD{i} states and its CURRENT, as the proposal lists them."""
+    snaps = call_local(app, "snapshot.list")
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    rows = []
+    for snap in snaps:
+        if "@HEAD{" in snap["name"]:
+            by_node.setdefault(snap["node_id"], []).append(snap)
+        else:
+            rows.append(snap)
+    for node in app.registry.nodes():
+        rows.extend(by_node.pop(node.id, []))
+        try:
+            info = call_local(app, "timeline.info", node_id=node.id)
+        except NotFound:
+            continue
+        if info.get("imported"):
+            rows.append(
+                {
+                    "name": f"{node.pgdata}@CURRENT",
+                    "node_id": node.id,
+                    "timeline_id": info["timeline_id"],
+                    "lsn": info["last_record_lsn"],
+                    "size_bytes": info["size_bytes"],
+                    "parent": info.get("parent"),
+                }
+            )
+    for leftovers in by_node.values():
+        rows.extend(leftovers)
+    return rows
+
+
+@snapshot_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_list(ctx: click.Context, as_json: bool) -> None:
+    """List snapshots; SIZE is the page history a snapshot keeps."""
+    app = get_app(ctx)
+    rows = _rows(app)
+    if as_json:
+        print_json([{**r, "lsn_text": format_lsn(r["lsn"])} for r in rows])
+        return
+    print_table(
+        ("ID", "SIZE", "PARENT"),
+        [(r["name"], human_size(r["size_bytes"]), r.get("parent")) for r in rows],
+    )
+
+
+@snapshot_group.command("destroy")
+@click.argument("name", metavar="PGDATA@TAG")
+@click.pass_context
+def snapshot_destroy(ctx: click.Context, name: str) -> None:
+    """Forget a snapshot (GC may then drop the history only it kept)."""
+    app = get_app(ctx)
+    _pgdata, tag = split_snapshot_name(name)
+    if tag == "CURRENT":
+        raise Conflict(f"{name} is a node's live state; destroy the node with `neon pg destroy`")
+    if _server(app, name) is not None:
+        raise Conflict(
+            f"a read-only server runs over {name}; stop it with `neon snapshot stop {name}`"
+        )
+    call_local(app, "snapshot.destroy", name=name)
+    click.echo("Ok")
+
+
+def _server_dir(app: App, name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return app.home.root / "snapshot-servers" / safe
+
+
+def _server(app: App, name: str) -> dict[str, Any] | None:
+    row = app.registry._conn.execute(
+        "SELECT name, datadir, port FROM snapshot_servers WHERE name = ?", (name,)
+    ).fetchone()
+    return dict(row) if row else None
+
+
+def _free_port(app: App) -> int:
+    taken = {n.port for n in app.registry.nodes()}
+    taken |= {r[0] for r in app.registry._conn.execute("SELECT port FROM snapshot_servers")}
+    port = SNAPSHOT_SERVER_PORT
+    while port in taken or not port_is_free(port):
+        port += 1
+    return port
+
+
+def _connstr(app: App, port: int) -> str:
+    return f"host={app.home.socket_dir} port={port} user={nodes.SUPERUSER} dbname=postgres"
+
+
+@snapshot_group.command("start")
+@click.argument("name", metavar="SNAPSHOT")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_start(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Start a temporary read-only PostgreSQL over a snapshot; prints its connection string."""
+    app = get_app(ctx)
+    call_local(app, "snapshot.show", name=name)
+    running = _server(app, name)
+    if running is not None:
+        if postmaster.running_pid(Path(running["datadir"])) is not None:
+            raise AlreadyExists(
+                f"a read-only server already runs over {name}: {_connstr(app, running['port'])}"
+            )
+        _remove_server(app, name)
+    root = _server_dir(app, name)
+    shutil.rmtree(root, ignore_errors=True)
+    datadir = root / "pgdata"
+    port = _free_port(app)
+    with app.registry.transaction() as cur:
+        cur.execute(
+            "INSERT INTO snapshot_servers(name, datadir, port, created_at) VALUES (?, ?, ?, ?)",
+            (name, str(datadir), port, time.time()),
+        )
+    try:
+        download_basebackup(app, datadir, snapshot=name)
+        postmaster.write_config(
+            datadir,
+            {
+                "port": port,
+                "listen_addresses": "127.0.0.1",
+                "unix_socket_directories": str(app.home.socket_dir),
+                "hot_standby": True,
+                "logging_collector": False,
+                **standby_minimums(datadir),
+            },
+            ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"],
+        )
+        (datadir / "standby.signal").touch()
+        give_to_pg_user(datadir / "standby.signal")
+        postmaster.start(datadir, root / "postgres.log")
+    except BaseException:
+        _remove_server(app, name)
+        raise
+    connstr = _connstr(app, port)
+    if as_json:
+        print_json({"name": name, "connstr": connstr, "port": port, "datadir": str(datadir)})
+    else:
+        click.echo(connstr)
+
+
+_STANDBY_PARAMS = struct.Struct("<iiiii")  # pg_control @180: the primary's last settings
+
+
+def standby_minimums(datadir: Path) -> dict[str, object]:
+    """A hot standby refuses to start with smaller limits than the primary recorded."""
+    raw = (datadir / "global" / "pg_control").read_bytes()
+    names = (
+        "max_connections",
+        "max_worker_processes",
+        "max_wal_senders",
+        "max_prepared_transactions",
+        "max_locks_per_transaction",
+    )
+    values = _STANDBY_PARAMS.unpack_from(raw, 180)
+    return {name: value for name, value in zip(names, values, strict=True) if value > 0}
+
+
+def _remove_server(app: App, name: str) -> None:
+    row = _server(app, name)
+    if row is not None:
+        postmaster.stop(Path(row["datadir"]), "fast")
+    shutil.rmtree(_server_dir(app, name), ignore_errors=True)
+    with app.registry.transaction() as cur:
+        cur.execute("DELETE FROM snapshot_servers WHERE name = ?", (name,))
+
+
+@snapshot_group.command("stop")
+@click.argument("name", metavar="SNAPSHOT")
+@click.pass_context
+def snapshot_stop(ctx: click.Context, name: str) -> None:
+    """Stop the read-only server over a snapshot and delete its directory."""
+    app = get_app(ctx)
+    if _server(app, name) is None:
+        raise NotFound(f"no read-only server runs over {name}; see `neon snapshot list`")
+    _remove_server(app, name)
+    click.echo(f"Stopped the read-only server over {name}.")
