@@ -1,0 +1,150 @@
+"""Snapshots, checkout and read-only servers through the real CLI, as the proposal's
+transcripts run them; data is checked with psql at every step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cli.pgbin import pg_binary
+from tests.neoncli import NEON, NeonCli
+
+
+def psql(connstr: str, sql: str) -> str:
+    proc = subprocess.run(
+        [pg_binary("psql"), connstr, "-X", "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def connstr(neon: NeonCli, node: str) -> str:
+    return str(neon.json("pg", "show", node)["connstr"])
+
+
+def table_rows(neon: NeonCli) -> list[list[str]]:
+    return [line.split() for line in neon.run("snapshot", "list").stdout.splitlines()]
+
+
+def test_transcript_snapshot_checkout_and_back(neon: NeonCli) -> None:
+    neon.run("pg", "create")
+    c = connstr(neon, "pgdata1")
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 1000) a")
+    assert neon.run("snapshot", "create", "pgdata1@snap1").stdout == ""
+    rows = table_rows(neon)
+    assert rows[0] == ["ID", "SIZE", "PARENT"]
+    assert [r[0] for r in rows[1:]] == ["pgdata1@snap1", "pgdata1@CURRENT"]
+    assert all(r[2] == "-" for r in rows[1:])
+
+    psql(c, "INSERT INTO t SELECT generate_series(1, 500); CREATE TABLE later (x int)")
+    out = neon.run("pg", "checkout", "pgdata1@snap1").stdout
+    assert out.splitlines() == [
+        "Stopping postgres on pgdata1.",
+        "Rolling back pgdata1@CURRENT to pgdata1@snap1.",
+        "Starting postgres on pgdata1.",
+    ]
+    assert psql(c, "SELECT count(*) FROM t") == "1000"
+    assert psql(c, "SELECT to_regclass('later') IS NULL") == "t"
+    assert [r[0] for r in table_rows(neon)[1:]] == [
+        "pgdata1@snap1",
+        "pgdata1@HEAD{0}",
+        "pgdata1@CURRENT",
+    ]
+    # The node keeps accepting writes after the checkout ...
+    psql(c, "INSERT INTO t VALUES (-1); CREATE TABLE after_checkout (y int)")
+    assert psql(c, "SELECT count(*) FROM t") == "1001"
+    # ... its history keeps flowing into the pageserver on the new timeline ...
+    wal = neon.json("pg", "show", "pgdata1")["wal"]
+    assert wal["timeline"] == 2
+
+    # ... and checking out HEAD{0} goes back to the state before the checkout.
+    neon.run("pg", "checkout", "pgdata1@HEAD{0}")
+    assert psql(c, "SELECT count(*) FROM t") == "1500"
+    assert psql(c, "SELECT to_regclass('later') IS NOT NULL") == "t"
+    assert psql(c, "SELECT to_regclass('after_checkout') IS NULL") == "t"
+    psql(c, "INSERT INTO t VALUES (-2)")
+    assert psql(c, "SELECT count(*) FROM t") == "1501"
+    names = [r[0] for r in table_rows(neon)[1:]]
+    assert names == ["pgdata1@snap1", "pgdata1@HEAD{0}", "pgdata1@HEAD{1}", "pgdata1@CURRENT"]
+    # HEAD{1} is the post-checkout state (with after_checkout) and can be read.
+    ro = neon.run("snapshot", "start", "pgdata1@HEAD{1}").stdout.strip()
+    try:
+        assert psql(ro, "SELECT count(*) FROM t") == "1001"
+        assert psql(ro, "SELECT pg_is_in_recovery()") == "t"
+    finally:
+        neon.run("snapshot", "stop", "pgdata1@HEAD{1}")
+    assert neon.run("snapshot", "destroy", "pgdata1@snap1").stdout.strip() == "Ok"
+    assert "does not exist" in neon.fail("snapshot", "destroy", "pgdata1@snap1")
+    assert "reserved" in neon.fail("snapshot", "create", "pgdata1@CURRENT")
+    assert "expected PGDATA@TAG" in neon.fail("snapshot", "create", "pgdata1")
+    assert "does not exist" in neon.fail("pg", "checkout", "pgdata1@nosuch")
+
+
+def test_pg_create_from_snapshot_is_an_independent_node(neon: NeonCli) -> None:
+    neon.run("pg", "create")
+    c1 = connstr(neon, "pgdata1")
+    psql(
+        c1,
+        "CREATE TABLE movies AS SELECT g AS id, 'movie ' || g AS title "
+        "FROM generate_series(1, 2000) g; CREATE INDEX ON movies (title)",
+    )
+    neon.run("snapshot", "create", "pgdata1@base")
+    psql(c1, "DELETE FROM movies WHERE id > 100")
+    out = neon.run("pg", "create", "--snapshot", "pgdata1@base", "-n", "movies").stdout
+    assert out.startswith("Started postgres on localhost:")
+    c2 = connstr(neon, "movies")
+    assert psql(c2, "SELECT count(*) FROM movies") == "2000"
+    assert psql(c2, "SELECT count(*) FROM movies WHERE title = 'movie 1500'") == "1"
+    psql(c2, "INSERT INTO movies VALUES (0, 'new')")
+    assert psql(c1, "SELECT count(*) FROM movies") == "100"
+    assert psql(c2, "SELECT count(*) FROM movies") == "2001"
+    rows = {r[0]: r for r in table_rows(neon)[1:]}
+    assert rows["movies@CURRENT"][2] == "pgdata1@base"
+    # The clone's changes stream into its own timeline: it can be snapshotted and read.
+    neon.run("snapshot", "create", "movies@one")
+    ro = neon.run("snapshot", "start", "movies@one", "--json")
+    ro_conn = __import__("json").loads(ro.stdout)["connstr"]
+    try:
+        assert psql(ro_conn, "SELECT count(*) FROM movies") == "2001"
+    finally:
+        neon.run("snapshot", "stop", "movies@one")
+    assert "--cow needs --snapshot" in neon.fail("pg", "create", "--cow")
+    cow = neon.run("pg", "create", "--snapshot", "pgdata1@base", "--cow", "-n", "cow")
+    assert "full copy" in cow.stderr
+
+
+@pytest.mark.parametrize("kill_after", [0.3, 1.2])
+def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) -> None:
+    neon.run("pg", "create")
+    c = connstr(neon, "pgdata1")
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    psql(c, "INSERT INTO t SELECT generate_series(1, 5)")
+    proc = subprocess.Popen(
+        [NEON, "pg", "checkout", "pgdata1@s"],
+        env=neon.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(kill_after)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Whatever step it died in, starting the node ends in one complete state.
+    neon.run("pg", "start", "pgdata1")
+    count = psql(c, "SELECT count(*) FROM t")
+    assert count in ("20000", "20005")
+    datadir = Path(neon.json("pg", "show", "pgdata1")["datadir"])
+    assert not datadir.with_name("pgdata1.checkout").exists()
+    assert not datadir.with_name("pgdata1.old").exists()
+    # And a checkout run again completes.
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert psql(c, "SELECT count(*) FROM t") == "20000"
+    psql(c, "INSERT INTO t VALUES (1)")
