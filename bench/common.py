@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmarks: throwaway servers, timing, child CPU, formatting.
+"""Helpers shared by the benchmarks: throwaway servers, pgbench WAL, pg_receivewal, timing,
+child CPU, formatting.
 
 Benchmarks are run by hand (`python -m bench.<name>`), never by CI. Each prints a human table
 and, last, one JSON line (`json_line`) so results can be collected by a script.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -21,10 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
+from walreceiver.lsn import format_lsn, parse_lsn, segment_file_name
 
 MIB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REF_SLOT = "bench_pgrecv"
+
+
+def say(msg: str) -> None:
+    """Progress, timestamped, to stderr (stdout is for the table and the JSON line)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- throwaway servers -----------------------------------------------------------------------
@@ -159,6 +169,25 @@ def proc_cpu_seconds(pid: int) -> float:
 # -- formatting --------------------------------------------------------------------------------
 
 
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The `pct` percentile (0-100) of `values`, nearest rank; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[min(len(ordered), int(rank)) - 1]
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    """(total bytes, file count) of the regular files under `root`."""
+    total = files = 0
+    for path in root.rglob("*"):
+        if path.is_file():
+            total += path.stat().st_size
+            files += 1
+    return total, files
+
+
 def mib(nbytes: float) -> float:
     return nbytes / MIB
 
@@ -199,3 +228,119 @@ def machine_info() -> dict[str, Any]:
 def json_line(bench: str, results: Mapping[str, Any]) -> None:
     """The machine-readable result: one line, `{"bench": ..., ...}`, printed last."""
     print(json.dumps({"bench": bench, **results}, sort_keys=False), flush=True)
+
+
+# -- the source server: LSNs, slots, pgbench WAL -----------------------------------------------
+
+
+def current_lsn(server: PgTestServer, fn: str = "pg_current_wal_lsn") -> int:
+    return parse_lsn(server.psql(f"SELECT {fn}()"))
+
+
+def restart_lsn(server: PgTestServer, slot: str) -> int:
+    return parse_lsn(
+        server.psql(f"SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    )
+
+
+def create_slot(server: PgTestServer, slot: str) -> None:
+    """A physical slot that reserves WAL from now on."""
+    server.psql(f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+
+
+def wal_segment_size(server: PgTestServer) -> int:
+    return int(server.psql("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'"))
+
+
+def pgbench_args(clients: int, seconds: int) -> list[str]:
+    return ["-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(seconds)]
+
+
+def tps_of(pgbench_output: str) -> float:
+    m = re.search(r"tps = ([0-9.]+)", pgbench_output)
+    return float(m.group(1)) if m else 0.0
+
+
+def pgbench_scale(wal_mib: int) -> int:
+    """A pgbench scale that suits a WAL volume: 1 per 50 MiB, between 1 and 50."""
+    return max(1, min(50, wal_mib // 50))
+
+
+def pgbench_init(server: PgTestServer, scale: int) -> None:
+    say(f"pgbench -i -s {scale}")
+    server.run("pgbench", "-i", "-q", "-s", str(scale), "postgres")
+
+
+def pgbench_rounds(server: PgTestServer, start: int, target: int) -> int:
+    """Rounds of `pgbench -c 4 -T 10`, each followed by a CHECKPOINT (so the WAL holds
+    full-page images like a real one), until the insert position reaches `target`."""
+    rounds = 0
+    while (lsn := current_lsn(server)) < target:
+        done, total = mib(lsn - start), mib(target - start)
+        say(f"WAL {done:.0f} / {total:.0f} MiB: pgbench round {rounds + 1}")
+        server.run("pgbench", *pgbench_args(4, 10), "postgres")
+        server.psql("CHECKPOINT")
+        rounds += 1
+    return rounds
+
+
+def switch_wal(server: PgTestServer, segment_size: int) -> int:
+    """pg_switch_wal(); returns the segment boundary where the switched segment ends."""
+    switched = parse_lsn(server.psql("SELECT pg_switch_wal()"))
+    return -(-switched // segment_size) * segment_size
+
+
+@dataclass
+class Backlog:
+    segment_size: int
+    start_lsn: int  # before pgbench -i
+    end_lsn: int  # a segment boundary, just after pg_switch_wal()
+    init_end_lsn: int  # after pgbench -i: pgbench's tables exist from here on
+    scale: int
+    rounds: int
+    seconds: float
+
+
+def generate_backlog(server: PgTestServer, backlog_mib: int) -> Backlog:
+    """pgbench init, then rounds with a CHECKPOINT after each until `backlog_mib` of WAL
+    exist; pg_switch_wal(), so the backlog ends at a segment boundary."""
+    seg = wal_segment_size(server)
+    start = current_lsn(server)
+    scale = pgbench_scale(backlog_mib)
+    t0 = time.perf_counter()
+    pgbench_init(server, scale)
+    init_end = current_lsn(server)
+    rounds = pgbench_rounds(server, start, start + backlog_mib * MIB)
+    end = switch_wal(server, seg)
+    seconds = time.perf_counter() - t0
+    say(f"backlog {mib(end - start):.0f} MiB ({format_lsn(start)}..{format_lsn(end)})")
+    return Backlog(seg, start, end, init_end, scale, rounds, seconds)
+
+
+# -- reference: pg_receivewal ------------------------------------------------------------------
+
+
+def run_pg_receivewal(
+    server: PgTestServer, outdir: Path, end_lsn: int, segment_size: int, slot: str = REF_SLOT
+) -> ChildRun:
+    """pg_receivewal from `slot` until the segment ending at `end_lsn` is complete (fsynced
+    and renamed), with its default durability (fsync per segment, no --synchronous).
+
+    --endpos at a segment boundary makes pg_receivewal wait for the next WAL message past it
+    (on an idle server, up to the bgwriter's 15 s snapshot record), so the clock stops when
+    the last segment appears under its final name, and the child is then stopped by SIGINT.
+    """
+    make_pg_dir(outdir)  # it runs as the PostgreSQL account when we are root
+    last = outdir / segment_file_name(1, (end_lsn - 1) // segment_size, segment_size)
+    cmd = [
+        pg_binary("pg_receivewal"),
+        "-D", str(outdir),
+        "--slot", slot,
+        "--endpos", format_lsn(end_lsn),
+        "--no-loop",
+        *conn_args(server),
+    ]  # fmt: skip
+    run = run_child_timed(cmd, popen_kwargs(password_env()), done=last.exists)
+    if run.returncode not in (0, 130, -2) or not last.exists():
+        raise RuntimeError(f"pg_receivewal failed ({run.returncode}): {run.stderr.strip()}")
+    return run

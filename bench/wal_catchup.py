@@ -26,7 +26,6 @@ import asyncio
 import cProfile
 import logging
 import pstats
-import re
 import signal
 import subprocess
 import sys
@@ -38,30 +37,32 @@ from typing import Any
 import uvloop
 
 from bench.common import (
-    MIB,
-    ChildRun,
+    REF_SLOT,
     Measure,
-    conn_args,
+    create_slot,
+    current_lsn,
+    generate_backlog,
     json_line,
     machine_info,
     measure,
     mib,
     mib_per_s,
-    password_env,
+    pgbench_args,
     print_table,
-    run_child_timed,
+    restart_lsn,
+    run_pg_receivewal,
+    say,
     throwaway_cluster,
+    tps_of,
 )
-from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from cli.pgbin import pg_binary, popen_kwargs
 from pageserver.followed_nodes import FollowedNode, slot_name
 from pageserver.metrics import Metrics
 from pageserver.node_follower import NodeFollower, archive_dir
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
 from walreceiver.lsn import (
     format_lsn,
-    parse_lsn,
     parse_segment_file_name,
-    segment_file_name,
     segment_start,
 )
 from walreceiver.receiver import ReceiverState
@@ -69,7 +70,6 @@ from walreceiver.records import decode_record
 from walreceiver.xlog_reader import WalReader
 
 BENCH = "wal_catchup"
-REF_SLOT = "bench_pgrecv"
 CATCHUP_NODE = "catchup"
 LIVE_NODE = "live"
 GOAL_RATIO = 0.5
@@ -86,95 +86,6 @@ SERVER_SETTINGS: dict[str, object] = {
 }
 
 log = logging.getLogger(BENCH)
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- the source server -------------------------------------------------------------------------
-
-
-def current_lsn(server: PgTestServer, fn: str = "pg_current_wal_lsn") -> int:
-    return parse_lsn(server.psql(f"SELECT {fn}()"))
-
-
-def restart_lsn(server: PgTestServer, slot: str) -> int:
-    return parse_lsn(
-        server.psql(f"SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")
-    )
-
-
-def create_slot(server: PgTestServer, slot: str) -> None:
-    server.psql(f"SELECT pg_create_physical_replication_slot('{slot}', true)")
-
-
-def pgbench_args(clients: int, seconds: int) -> list[str]:
-    return ["-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(seconds)]
-
-
-def tps_of(pgbench_output: str) -> float:
-    m = re.search(r"tps = ([0-9.]+)", pgbench_output)
-    return float(m.group(1)) if m else 0.0
-
-
-@dataclass
-class Backlog:
-    segment_size: int
-    start_lsn: int  # before pgbench -i
-    end_lsn: int  # a segment boundary, just after pg_switch_wal()
-    scale: int
-    rounds: int
-    seconds: float
-
-
-def generate_backlog(server: PgTestServer, backlog_mib: int) -> Backlog:
-    seg = int(server.psql("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'"))
-    start = current_lsn(server)
-    target = start + backlog_mib * MIB
-    scale = max(1, min(50, backlog_mib // 50))
-    t0 = time.perf_counter()
-    say(f"pgbench -i -s {scale}")
-    server.run("pgbench", "-i", "-q", "-s", str(scale), "postgres")
-    rounds = 0
-    while (lsn := current_lsn(server)) < target:
-        say(f"backlog {mib(lsn - start):.0f} / {backlog_mib} MiB: pgbench round {rounds + 1}")
-        server.run("pgbench", *pgbench_args(4, 10), "postgres")
-        server.psql("CHECKPOINT")
-        rounds += 1
-    switched = parse_lsn(server.psql("SELECT pg_switch_wal()"))
-    end = -(-switched // seg) * seg
-    seconds = time.perf_counter() - t0
-    say(f"backlog {mib(end - start):.0f} MiB ({format_lsn(start)}..{format_lsn(end)})")
-    return Backlog(seg, start, end, scale, rounds, seconds)
-
-
-# -- reference: pg_receivewal -----------------------------------------------------------------
-
-
-def run_pg_receivewal(
-    server: PgTestServer, outdir: Path, end_lsn: int, segment_size: int
-) -> ChildRun:
-    """pg_receivewal until the segment ending at `end_lsn` is complete (fsynced and renamed).
-
-    --endpos at a segment boundary makes pg_receivewal wait for the next WAL message past it
-    (on an idle server, up to the bgwriter's 15 s snapshot record), so the clock stops when
-    the last segment appears under its final name, and the child is then stopped by SIGINT.
-    """
-    make_pg_dir(outdir)  # it runs as the PostgreSQL account when we are root
-    last = outdir / segment_file_name(1, (end_lsn - 1) // segment_size, segment_size)
-    cmd = [
-        pg_binary("pg_receivewal"),
-        "-D", str(outdir),
-        "--slot", REF_SLOT,
-        "--endpos", format_lsn(end_lsn),
-        "--no-loop",
-        *conn_args(server),
-    ]  # fmt: skip
-    run = run_child_timed(cmd, popen_kwargs(password_env()), done=last.exists)
-    if run.returncode not in (0, 130, -2) or not last.exists():
-        raise RuntimeError(f"pg_receivewal failed ({run.returncode}): {run.stderr.strip()}")
-    return run
 
 
 # -- ours: the pageserver's NodeFollower ---------------------------------------------------------

@@ -1,0 +1,391 @@
+"""Ingest benchmark (issue 4): decode + ingest + flush throughput, GetPage latency, bytes stored.
+
+    .venv/bin/python -m bench.ingest [--backlog-mib 512] [--hot-pages 200] [--hot-rounds 5]
+                                     [--cold-reads 300] [--seed 1] [--keep] [--profile FILE]
+
+1. A throwaway PostgreSQL 15 server is initdb'd (not started) and imported into a NodeStore
+   at its shutdown checkpoint, as `neon pg create` does. It is then started with
+   wal_keep_size large enough to retain the whole backlog, and a physical slot for the
+   reference is created.
+2. pgbench (init, then rounds of `-c 4 -T 10` with a CHECKPOINT after each) until
+   --backlog-mib of WAL exist; pg_switch_wal(); END is that segment boundary.
+3. Reference: `pg_receivewal` streams the backlog from its slot (bench.common.run_pg_receivewal).
+4. The server is stopped. Ours: the daemon's ingest path over the server's pg_wal from the
+   import LSN to END: WalReader fed in 128 KiB chunks (the walsender's largest message) →
+   decode_record → NodeStore.ingest per record → NodeStore.maybe_flush per chunk, and a final
+   NodeStore.flush (freeze, write L0 layers, compaction), all timed together.
+5. GetPage (`materialize`): hot pages (every pgbench_branches/tellers page and the most
+   recently written pgbench_accounts pages in the last WAL, read at the last LSN, in
+   --hot-rounds random passes: first reads rebuild, later ones hit the caches) and cold pages
+   (random pgbench_accounts pages at random LSNs after pgbench -i, page cache cleared).
+6. Bytes stored: layer files on disk after the final flush, less what the import wrote, per
+   byte of WAL ingested (the daemon also keeps the raw WAL archive, not counted here).
+
+Prints a table and, last, one JSON line. Run by hand, never by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import pstats
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MIB,
+    REF_SLOT,
+    Measure,
+    create_slot,
+    generate_backlog,
+    json_line,
+    machine_info,
+    measure,
+    mib,
+    mib_per_s,
+    percentile,
+    print_table,
+    restart_lsn,
+    run_pg_receivewal,
+    say,
+    throwaway_cluster,
+    tree_bytes,
+)
+from pageserver import page_reconstruct
+from pageserver.keys import Key, rel_block_key
+from pageserver.node_store import NodeStore, StorageHistory
+from pageserver.page_reconstruct import get_rel_size, materialize
+from pageserver.timeline import Timeline
+from tests.pgtest import PgTestServer
+from walreceiver.lsn import format_lsn, segment_file_name
+from walreceiver.records import decode_record
+from walreceiver.xlog_reader import WalReader
+
+BENCH = "ingest"
+CHUNK = 128 * 1024  # MAX_SEND_SIZE: the largest XLogData message a walsender sends
+DEFAULTTABLESPACE_OID = 1663
+HOT_WAL_TAIL = 8 * MIB  # hot pages: those written in this much WAL before END
+
+log = logging.getLogger(BENCH)
+
+
+def server_settings(backlog_mib: int) -> dict[str, object]:
+    return {
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "autovacuum": "off",
+        "shared_buffers": "256MB",
+        "max_wal_size": "16GB",
+        "min_wal_size": "1GB",
+        # Keeps every segment since the import (the slot only exists once the server runs).
+        "wal_keep_size": f"{2 * backlog_mib + 1024}MB",
+        "checkpoint_timeout": "1h",
+    }
+
+
+@dataclass
+class PgbenchRels:
+    db: int
+    accounts: int
+    branches: int
+    tellers: int
+
+
+def pgbench_rels(server: PgTestServer) -> PgbenchRels:
+    db = int(server.psql("SELECT oid FROM pg_database WHERE datname = 'postgres'"))
+    nodes = [
+        int(server.psql(f"SELECT pg_relation_filenode('{t}')"))
+        for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers")
+    ]
+    return PgbenchRels(db, *nodes)
+
+
+# -- ours: the daemon's ingest path ------------------------------------------------------------
+
+
+@dataclass
+class IngestResult:
+    measure: Measure
+    wal_bytes: int
+    records: int
+    flushes: int
+    flush_seconds: float  # inside `measure`: freeze + layer writes + compaction
+
+
+def segments_between(wal_dir: Path, start: int, end: int, seg: int) -> list[tuple[Path, int]]:
+    """(segment file, offset to start reading at) covering [start, end)."""
+    out = []
+    for segno in range(start // seg, (end - 1) // seg + 1):
+        path = wal_dir / segment_file_name(1, segno, seg)
+        out.append((path, start - segno * seg if segno == start // seg else 0))
+    return out
+
+
+def ingest_backlog(store: NodeStore, wal_dir: Path, start: int, end: int, seg: int) -> IngestResult:
+    """WalReader → decode_record → NodeStore.ingest, maybe_flush per chunk, final flush."""
+    timeline = store.timeline
+    reader = WalReader(start, seg, timeline=1)
+    records = flushes = 0
+    flush_seconds = 0.0
+    with measure() as m:
+        for path, offset in segments_between(wal_dir, start, end, seg):
+            data = memoryview(path.read_bytes())[offset:]
+            for pos in range(0, len(data), CHUNK):
+                reader.feed(data[pos : pos + CHUNK])
+                for raw in reader.records():
+                    store.ingest(decode_record(raw), raw.data)
+                    records += 1
+                durable = timeline.disk_consistent_lsn
+                t0 = time.perf_counter()
+                store.maybe_flush()
+                if timeline.disk_consistent_lsn != durable:
+                    flushes += 1
+                    flush_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.flush()
+        flushes += 1
+        flush_seconds += time.perf_counter() - t0
+    if reader.end_of_wal is not None:
+        raise RuntimeError(f"WAL ended early at {format_lsn(reader.end_of_wal.lsn)}")
+    return IngestResult(m, end - start, records, flushes, flush_seconds)
+
+
+# -- GetPage latency ---------------------------------------------------------------------------
+
+
+@dataclass
+class Latencies:
+    seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "reads": len(self.seconds),
+            "p50_ms": round(percentile(self.seconds, 50) * 1e3, 3),
+            "p99_ms": round(percentile(self.seconds, 99) * 1e3, 3),
+            "max_ms": round(max(self.seconds, default=float("nan")) * 1e3, 3),
+        }
+
+
+def timed_read(timeline: Timeline, key: Key, lsn: int, into: Latencies) -> None:
+    t0 = time.perf_counter()
+    materialize(timeline, key, lsn)
+    into.seconds.append(time.perf_counter() - t0)
+
+
+def recent_pages(
+    wal_dir: Path, end: int, seg: int, rels: PgbenchRels, accounts_pages: int
+) -> list[Key]:
+    """Main-fork pages of branches and tellers, and the `accounts_pages` accounts pages
+    written last, among the block references of the WAL tail before `end`."""
+    start = max(seg, end - HOT_WAL_TAIL) // seg * seg
+    reader = WalReader(start, seg, timeline=1)
+    seen: dict[tuple[int, int], None] = {}  # (relfilenode, blkno), in order of last write
+    wanted = {rels.accounts, rels.branches, rels.tellers}
+    for path, offset in segments_between(wal_dir, start, end, seg):
+        reader.feed(memoryview(path.read_bytes())[offset:])
+        for raw in reader.records():
+            for ref in decode_record(raw).blocks:
+                if ref.fork == 0 and ref.rnode.db == rels.db and ref.rnode.rel in wanted:
+                    seen.pop((ref.rnode.rel, ref.blkno), None)
+                    seen[(ref.rnode.rel, ref.blkno)] = None
+    small = [k for k in seen if k[0] != rels.accounts]
+    accounts = [k for k in seen if k[0] == rels.accounts][-accounts_pages:]
+    return [rel_block_key(DEFAULTTABLESPACE_OID, rels.db, r, 0, b) for r, b in small + accounts]
+
+
+def hot_reads(
+    timeline: Timeline, keys: list[Key], rounds: int, rng: random.Random
+) -> tuple[Latencies, Latencies]:
+    """(first reads, repeated reads) of `keys` at the last LSN, in random order per round."""
+    lsn = timeline.last_record_lsn
+    first, again = Latencies(), Latencies()
+    for i in range(rounds):
+        order = list(keys)
+        rng.shuffle(order)
+        for key in order:
+            timed_read(timeline, key, lsn, first if i == 0 else again)
+    return first, again
+
+
+def cold_reads(
+    timeline: Timeline, rels: PgbenchRels, lo: int, hi: int, n: int, rng: random.Random
+) -> Latencies:
+    """Random accounts pages at random LSNs in [lo, hi), with the redone-page cache cleared."""
+    page_reconstruct._CACHE.clear()
+    out = Latencies()
+    while len(out.seconds) < n:
+        lsn = rng.randrange(lo, hi)
+        size = get_rel_size(timeline, DEFAULTTABLESPACE_OID, rels.db, rels.accounts, 0, lsn)
+        if not size:
+            continue
+        key = rel_block_key(DEFAULTTABLESPACE_OID, rels.db, rels.accounts, 0, rng.randrange(size))
+        timed_read(timeline, key, lsn, out)
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine_before": machine_info()}
+    rng = random.Random(args.seed)
+    with throwaway_cluster(keep=args.keep) as cluster:
+        say("initdb of a throwaway PostgreSQL 15 server; import at its shutdown checkpoint")
+        server = cluster.create(server_settings(args.backlog_mib), start=False)
+        work = cluster.base / "bench"
+        work.mkdir()
+        history = StorageHistory(work / "pagestore")
+        store = NodeStore(history, "bench")
+        layers = history.root / "timelines"
+        try:
+            import_lsn = store.import_datadir(server.datadir)
+            import_bytes, _ = tree_bytes(layers)
+            server.start()
+            create_slot(server, REF_SLOT)
+            backlog = generate_backlog(server, args.backlog_mib)
+            seg, end = backlog.segment_size, backlog.end_lsn
+            rels = pgbench_rels(server)
+            ref_bytes = end - restart_lsn(server, REF_SLOT) // seg * seg
+
+            say(f"pg_receivewal: {mib(ref_bytes):.0f} MiB")
+            ref = run_pg_receivewal(server, work / "pg_receivewal", end, seg)
+            server.stop()  # nothing else competes for the CPU while we ingest
+
+            say(
+                f"ours (reader + decode + NodeStore ingest + flush): "
+                f"{mib(end - import_lsn):.0f} MiB from {format_lsn(import_lsn)}"
+            )
+            profile = cProfile.Profile() if args.profile else None
+            if profile is not None:
+                profile.enable()
+            try:
+                start = -(-import_lsn // 8) * 8  # the next record starts MAXALIGNed
+                ours = ingest_backlog(store, server.wal_dir, start, end, seg)
+            finally:
+                if profile is not None:
+                    profile.disable()
+                    profile.dump_stats(args.profile)
+            results["machine_after_ingest"] = machine_info()
+            stored_bytes, layer_files = tree_bytes(layers)
+
+            say("GetPage latency: hot and cold pages")
+            timeline = store.timeline
+            hot_keys = recent_pages(server.wal_dir, end, seg, rels, args.hot_pages)
+            hot_first, hot_again = hot_reads(timeline, hot_keys, args.hot_rounds, rng)
+            cold = cold_reads(
+                timeline, rels, backlog.init_end_lsn, timeline.last_record_lsn,
+                args.cold_reads, rng,
+            )  # fmt: skip
+            results["machine_after"] = machine_info()
+        finally:
+            history.close()
+    if profile is not None:
+        pstats.Stats(args.profile).sort_stats("tottime").print_stats(20)
+
+    m = ours.measure
+    ref_rate = mib_per_s(ref_bytes, ref.wall)
+    our_rate = mib_per_s(ours.wal_bytes, m.wall)
+    grown = stored_bytes - import_bytes
+    results.update(
+        backlog_mib=round(mib(end - backlog.start_lsn), 1),
+        pgbench_scale=backlog.scale,
+        pgbench_rounds=backlog.rounds,
+        pg_receivewal={
+            "mib": round(mib(ref_bytes), 1),
+            "wall_s": round(ref.wall, 3),
+            "cpu_s": round(ref.cpu, 3),
+            "mib_per_s": round(ref_rate, 1),
+        },
+        ours={
+            "mib": round(mib(ours.wal_bytes), 1),
+            "wall_s": round(m.wall, 3),
+            "cpu_s": round(m.cpu, 3),
+            "mib_per_s": round(our_rate, 2),
+            "records": ours.records,
+            "records_per_s": round(ours.records / m.wall),
+            "flushes": ours.flushes,
+            "flush_s": round(ours.flush_seconds, 3),
+        },
+        ratio=round(our_rate / ref_rate, 4),
+        get_page={
+            "hot_pages": len(hot_keys),
+            "hot_first": hot_first.summary(),
+            "hot_repeat": hot_again.summary(),
+            "cold": cold.summary(),
+        },
+        stored={
+            "import_bytes": import_bytes,
+            "total_bytes": stored_bytes,
+            "files": layer_files,
+            "wal_bytes": ours.wal_bytes,
+            "bytes_per_wal_byte": round(grown / ours.wal_bytes, 4),
+        },
+    )
+    print()
+    print(f"Ingest of a {results['backlog_mib']} MiB pgbench backlog (scale {backlog.scale})")
+    print_table(
+        ["", "MiB", "wall s", "CPU s", "MiB/s", "records/s", "flush s"],
+        [
+            ["pg_receivewal", mib(ref_bytes), ref.wall, ref.cpu, ref_rate, "-", "-"],
+            ["ours: decode+ingest+flush", mib(ours.wal_bytes), m.wall, m.cpu, our_rate,
+             round(ours.records / m.wall), ours.flush_seconds],
+        ],
+    )  # fmt: skip
+    print(f"ratio ours / pg_receivewal: {our_rate / ref_rate:.4f} ({ours.records:,} records)")
+    print()
+    print("GetPage (materialize) latency")
+    print_table(
+        ["", "reads", "p50 ms", "p99 ms", "max ms"],
+        [
+            [name, s["reads"], s["p50_ms"], s["p99_ms"], s["max_ms"]]
+            for name, s in (
+                (f"hot, first read ({len(hot_keys)} pages)", hot_first.summary()),
+                (f"hot, repeated ({args.hot_rounds - 1} more rounds)", hot_again.summary()),
+                ("cold (random accounts page, random LSN)", cold.summary()),
+            )
+        ],
+    )
+    print()
+    print(
+        f"stored: {mib(stored_bytes):.1f} MiB in {layer_files} files "
+        f"({mib(import_bytes):.1f} MiB from the import): "
+        f"{grown / ours.wal_bytes:.3f} bytes per WAL byte"
+    )
+    before, after = results["machine_before"], results["machine_after"]
+    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
+    ap.add_argument("--backlog-mib", type=int, default=512, help="pgbench WAL to ingest")
+    ap.add_argument("--hot-pages", type=int, default=200, help="recent accounts pages read hot")
+    ap.add_argument("--hot-rounds", type=int, default=5, help="passes over the hot pages")
+    ap.add_argument("--cold-reads", type=int, default=300, help="random cold reads")
+    ap.add_argument("--seed", type=int, default=1, help="random seed for page and LSN choice")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (data, layers)")
+    ap.add_argument("--profile", type=Path, help="cProfile our ingest into this file")
+    args = ap.parse_args(argv)
+    if args.hot_rounds < 2:
+        ap.error("--hot-rounds must be at least 2 (first reads, then repeated ones)")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything stopped", file=sys.stderr)
+        return 130
+    json_line(BENCH, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

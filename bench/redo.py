@@ -1,0 +1,473 @@
+"""Redo benchmark (issue 5): our native redo against stock PostgreSQL replaying the same WAL.
+
+    .venv/bin/python -m bench.redo [--wal-mib 256] [--keep] [--profile FILE]
+
+1. A throwaway PostgreSQL 15 server (full_page_writes on, as by default); `pgbench -i`; then
+   CHECKPOINT and, with the server idle (autovacuum off, nothing writes), the data directory
+   is copied: BASE, a crash-consistent copy whose pg_control points at that checkpoint.
+   wal_keep_size keeps every segment from then on.
+2. Workload: rounds of `pgbench -c 4 -T 10` with a CHECKPOINT after each until --wal-mib of
+   WAL exist past the checkpoint; then the server is stopped with `-m immediate` (a crash).
+3. Ours: the crashed server's WAL from BASE's redo point to its end through WalReader +
+   decode_record, and for every block reference `redo_block` on the page version kept in a
+   dict (a page missing there is read from BASE's files when the record needs the previous
+   version). Decode time, redo time and the time reading BASE pages are reported apart.
+   Not replayed: what is no block reference (CLOG, VM bits cleared by heap records, ...).
+4. Stock: a copy of BASE whose pg_wal is replaced by the crashed server's (pre-staged, not
+   timed) is started: PostgreSQL's crash recovery replays the same WAL. Its redo time is the
+   "redo done ... elapsed" of its log; the start-to-ready time of `pg_ctl start -w`, less
+   that of a baseline copy of BASE with no WAL to replay, is reported too (it includes the
+   end-of-recovery checkpoint).
+
+Prints a table and, last, one JSON line. Run by hand, never by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import pstats
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MIB,
+    Measure,
+    current_lsn,
+    json_line,
+    machine_info,
+    measure,
+    mib,
+    pgbench_init,
+    pgbench_rounds,
+    pgbench_scale,
+    print_table,
+    say,
+    throwaway_cluster,
+    wal_segment_size,
+)
+from cli import postmaster
+from pageserver.redo import REDO_BY_RMGR, PageError, mask_page, needs_previous, redo_block
+from pageserver.redo.page import BLCKSZ, get_special, page_is_new
+from tests.pgtest import PgTestCluster, PgTestServer
+from walreceiver.lsn import format_lsn, parse_lsn, segment_file_name
+from walreceiver.records import RelFileNode, decode_record
+from walreceiver.rmgr_names import RM_BTREE_ID, RM_HEAP_ID
+from walreceiver.xlog_reader import WalReader
+
+BENCH = "redo"
+RELSEG_BLOCKS = (1 << 30) // BLCKSZ
+GLOBALTABLESPACE_OID = 1664
+FORK_SUFFIX = {0: "", 1: "_fsm", 2: "_vm", 3: "_init"}
+START_TIMEOUT = 1800
+
+SERVER_SETTINGS: dict[str, object] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "autovacuum": "off",  # the server must stay idle while BASE is copied
+    "shared_buffers": "256MB",
+    "max_wal_size": "16GB",
+    "min_wal_size": "1GB",
+    "wal_keep_size": "64GB",  # no segment since BASE's checkpoint is removed
+    "checkpoint_timeout": "1h",
+    "full_page_writes": "on",
+}
+
+_REDO_DONE = re.compile(
+    r"redo done at (\S+) system usage: CPU: user: ([\d.]+) s, system: ([\d.]+) s, "
+    r"elapsed: ([\d.]+) s"
+)
+_REDO_STARTS = re.compile(r"redo starts at (\S+)")
+
+log = logging.getLogger(BENCH)
+
+PageKey = tuple[RelFileNode, int, int]
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """`cp -a`: as root this keeps the PostgreSQL account's ownership and modes."""
+    subprocess.run(["cp", "-a", "--", str(src), str(dst)], check=True)
+
+
+# -- the workload ------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    segment_size: int
+    redo_lsn: int  # BASE's checkpoint redo point: where both replays start
+    checkpoint_lsn: int
+    end_lsn: int  # insert position just before the crash
+    base: Path
+    crashed_wal: Path
+    scale: int
+    rounds: int
+
+
+def make_workload(cluster: PgTestCluster, wal_mib: int) -> Workload:
+    server = cluster.create(SERVER_SETTINGS)
+    seg = wal_segment_size(server)
+    scale = pgbench_scale(wal_mib)
+    pgbench_init(server, scale)
+    server.psql("CHECKPOINT")
+    redo, ckpt = server.psql("SELECT redo_lsn, checkpoint_lsn FROM pg_control_checkpoint()").split(
+        "|"
+    )
+    base = cluster.base / "base"
+    say(f"copying the idle data directory after the checkpoint at {ckpt} (redo {redo})")
+    copy_tree(server.datadir, base)
+    (base / "postmaster.pid").unlink(missing_ok=True)
+    redo_lsn = parse_lsn(redo)
+    rounds = pgbench_rounds(server, redo_lsn, redo_lsn + wal_mib * MIB)
+    end = current_lsn(server, "pg_current_wal_insert_lsn")
+    say(f"crash: pg_ctl stop -m immediate at {format_lsn(end)}")
+    server.stop("immediate")
+    return Workload(
+        seg, redo_lsn, parse_lsn(ckpt), end, base, server.wal_dir, scale, rounds
+    )  # fmt: skip
+
+
+# -- ours: native redo -------------------------------------------------------------------------
+
+
+@dataclass
+class OurRedo:
+    measure: Measure = field(default_factory=Measure)
+    records: int = 0
+    records_with_blocks: int = 0
+    pages: int = 0  # block references redone
+    images: int = 0  # of which restored from a full-page image
+    distinct_pages: int = 0
+    base_reads: int = 0
+    wal_bytes: int = 0
+    last_end_lsn: int = 0
+    decode_s: float = 0.0
+    redo_s: float = 0.0
+    base_read_s: float = 0.0
+    unsupported: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+
+class BasePages:
+    """Pages of BASE's relation files, read on demand."""
+
+    def __init__(self, datadir: Path) -> None:
+        self.datadir = datadir
+
+    def path(self, key: PageKey) -> Path:
+        rnode, fork, blkno = key
+        where = (
+            self.datadir / "global"
+            if rnode.spc == GLOBALTABLESPACE_OID
+            else self.datadir / "base" / str(rnode.db)
+        )
+        segno = blkno // RELSEG_BLOCKS
+        return where / f"{rnode.rel}{FORK_SUFFIX[fork]}{f'.{segno}' if segno else ''}"
+
+    def read(self, key: PageKey) -> bytes | None:
+        try:
+            with open(self.path(key), "rb") as f:
+                f.seek(key[2] % RELSEG_BLOCKS * BLCKSZ)
+                page = f.read(BLCKSZ)
+        except FileNotFoundError:
+            return None
+        return page if len(page) == BLCKSZ else None
+
+
+def redo_wal(w: Workload, pages: dict[PageKey, bytes]) -> OurRedo:
+    """Replay the crashed server's WAL from BASE's redo point with native redo; the final
+    version of every page the WAL touches is left in `pages`."""
+    out = OurRedo()
+    base = BasePages(w.base)
+    seg = w.segment_size
+    reader = WalReader(w.redo_lsn, seg, timeline=1)
+    perf = time.perf_counter
+    with measure() as m:
+        segno = w.redo_lsn // seg
+        t_last = perf()
+        while reader.end_of_wal is None:
+            path = w.crashed_wal / segment_file_name(1, segno, seg)
+            if not path.exists():
+                break
+            data = path.read_bytes()
+            reader.feed(data[w.redo_lsn - segno * seg :] if segno == w.redo_lsn // seg else data)
+            for raw in reader.records():
+                record = decode_record(raw)
+                t_decoded = perf()
+                out.decode_s += t_decoded - t_last
+                out.records += 1
+                out.records_with_blocks += bool(record.blocks)
+                base_read = 0.0
+                for ref in record.blocks:
+                    if not ref.apply_image and record.rmgr_id not in REDO_BY_RMGR:
+                        out.unsupported[record.rmgr_name] += 1
+                        continue
+                    key = (ref.rnode, ref.fork, ref.blkno)
+                    page = pages.get(key)
+                    if page is None and needs_previous(record, ref.block_id):
+                        t0 = perf()
+                        page = base.read(key)
+                        base_read += perf() - t0
+                        out.base_reads += 1
+                    try:
+                        pages[key] = redo_block(record, ref.block_id, page)
+                    except PageError as exc:
+                        if len(out.errors) < 20:
+                            out.errors.append(str(exc))
+                        continue
+                    out.pages += 1
+                    out.images += ref.apply_image
+                t_last = perf()
+                out.redo_s += t_last - t_decoded - base_read
+                out.base_read_s += base_read
+                out.last_end_lsn = raw.end_lsn
+            segno += 1
+    out.measure = m
+    out.distinct_pages = len(pages)
+    out.wal_bytes = out.last_end_lsn - w.redo_lsn
+    return out
+
+
+# -- stock: PostgreSQL's crash recovery --------------------------------------------------------
+
+
+@dataclass
+class StockStart:
+    datadir: Path  # stopped
+    wall: float  # pg_ctl start -w
+    redo_start: str | None
+    redo_done: str | None
+    redo_cpu: float | None
+    redo_elapsed: float | None
+    log: str
+
+
+def start_copy(
+    cluster: PgTestCluster, base: Path, wal: Path | None, stop_mode: str = "immediate"
+) -> StockStart:
+    """Start a copy of BASE (its pg_wal replaced by `wal` if given); time it; stop it."""
+    server: PgTestServer = cluster.create_empty(SERVER_SETTINGS)
+    copy_tree(base, server.datadir)
+    if wal is not None:
+        shutil.rmtree(server.datadir / "pg_wal")
+        copy_tree(wal, server.datadir / "pg_wal")
+    postmaster.write_config(server.datadir, *server.config())
+    try:
+        t0 = time.perf_counter()
+        postmaster.start(server.datadir, server.logfile, timeout=START_TIMEOUT)
+        wall = time.perf_counter() - t0
+    finally:
+        server.stop(stop_mode)
+    text = server.logfile.read_text(errors="replace")
+    done = _REDO_DONE.search(text)
+    starts = _REDO_STARTS.search(text)
+    return StockStart(
+        server.datadir,
+        wall,
+        starts.group(1) if starts else None,
+        done.group(1) if done else None,
+        float(done.group(2)) + float(done.group(3)) if done else None,
+        float(done.group(4)) if done else None,
+        text,
+    )
+
+
+@dataclass
+class Comparison:
+    pages: int = 0
+    same: int = 0
+    differing: list[str] = field(default_factory=list)
+
+
+def compare_pages(pages: dict[PageKey, bytes], datadir: Path) -> Comparison:
+    """Our final main-fork pages against the files of the recovered and cleanly stopped
+    stock copy, under the heap or btree wal_consistency_checking mask (pgbench has only
+    those: a page without special space is heap)."""
+    out = Comparison()
+    theirs = BasePages(datadir)
+    for key, page in pages.items():
+        if key[1] != 0:
+            continue
+        other = theirs.read(key)
+        out.pages += 1
+        if other is None:
+            out.differing.append(f"{key[0]} blk {key[2]}: missing in the stock copy")
+            continue
+        a, b = bytearray(page), bytearray(other)
+        if not (page_is_new(a) and page_is_new(b)):
+            rmgr = RM_HEAP_ID if get_special(a) == BLCKSZ else RM_BTREE_ID
+            mask_page(rmgr, a, key[2])
+            mask_page(rmgr, b, key[2])
+        if a == b:
+            out.same += 1
+        elif len(out.differing) < 10:
+            diff = next(i for i in range(BLCKSZ) if a[i] != b[i])
+            out.differing.append(f"{key[0]} blk {key[2]}: first difference at byte {diff}")
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def rate(n: float, seconds: float | None) -> float:
+    return n / seconds if seconds else float("nan")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine_before": machine_info()}
+    with throwaway_cluster(keep=args.keep) as cluster:
+        say("starting a throwaway PostgreSQL 15 server")
+        w = make_workload(cluster, args.wal_mib)
+
+        say(f"ours: native redo of {mib(w.end_lsn - w.redo_lsn):.0f} MiB of WAL")
+        profile = cProfile.Profile() if args.profile else None
+        if profile is not None:
+            profile.enable()
+        pages: dict[PageKey, bytes] = {}
+        try:
+            ours = redo_wal(w, pages)
+        finally:
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile)
+        results["machine_after_ours"] = machine_info()
+
+        say("stock: baseline start of BASE (nothing to replay)")
+        baseline = start_copy(cluster, w.base, None)
+        say("stock: crash recovery of BASE with the crashed server's pg_wal")
+        stock = start_copy(cluster, w.base, w.crashed_wal, stop_mode="fast")
+        say("comparing our pages with the recovered copy's")
+        comparison = compare_pages(pages, stock.datadir)
+        pages.clear()
+        results["machine_after"] = machine_info()
+    if profile is not None:
+        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(20)
+    if stock.redo_elapsed is None:
+        raise RuntimeError(f"no 'redo done' line in the recovery log:\n{stock.log[-2000:]}")
+
+    m = ours.measure
+    ours_total = ours.decode_s + ours.redo_s
+    stock_ready = stock.wall - baseline.wall
+    stock_rate = rate(ours.records, stock.redo_elapsed)
+    results.update(
+        wal_mib=round(mib(ours.wal_bytes), 1),
+        pgbench_scale=w.scale,
+        pgbench_rounds=w.rounds,
+        redo_from=format_lsn(w.redo_lsn),
+        redo_to=format_lsn(ours.last_end_lsn),
+        ours={
+            "records": ours.records,
+            "records_with_blocks": ours.records_with_blocks,
+            "pages_redone": ours.pages,
+            "of_which_images": ours.images,
+            "distinct_pages": ours.distinct_pages,
+            "base_page_reads": ours.base_reads,
+            "decode_s": round(ours.decode_s, 3),
+            "redo_s": round(ours.redo_s, 3),
+            "base_read_s": round(ours.base_read_s, 3),
+            "wall_s": round(m.wall, 3),
+            "cpu_s": round(m.cpu, 3),
+            "redo_records_per_s": round(rate(ours.records, ours.redo_s)),
+            "redo_pages_per_s": round(rate(ours.pages, ours.redo_s)),
+            "records_per_s": round(rate(ours.records, ours_total)),
+            "pages_per_s": round(rate(ours.pages, ours_total)),
+            "unsupported": dict(ours.unsupported),
+            "errors": ours.errors,
+        },
+        stock={
+            "redo_starts_at": stock.redo_start,
+            "redo_done_at": stock.redo_done,
+            "redo_elapsed_s": stock.redo_elapsed,
+            "redo_cpu_s": stock.redo_cpu,
+            "start_wall_s": round(stock.wall, 3),
+            "baseline_start_wall_s": round(baseline.wall, 3),
+            "start_minus_baseline_s": round(stock_ready, 3),
+            "records_per_s": round(stock_rate),
+            "pages_per_s": round(rate(ours.pages, stock.redo_elapsed)),
+            "records_per_s_start_to_ready": round(rate(ours.records, stock_ready)),
+        },
+        pages_compared={
+            "pages": comparison.pages,
+            "same": comparison.same,
+            "differing": comparison.differing,
+        },
+        ratio=round(rate(ours.records, ours_total) / stock_rate, 4),
+        ratio_redo_only=round(rate(ours.records, ours.redo_s) / stock_rate, 4),
+        # CPU time is less sensitive to a busy machine than wall time.
+        ratio_cpu=round(stock.redo_cpu / m.cpu, 4) if stock.redo_cpu and m.cpu else None,
+    )
+    print()
+    print(
+        f"Redo of {results['wal_mib']} MiB of pgbench WAL (scale {w.scale}, {ours.records:,} "
+        f"records, {ours.pages:,} block references, {ours.images:,} of them images), "
+        f"{results['redo_from']}..{results['redo_to']}"
+    )
+    print_table(
+        ["", "seconds", "records/s", "pages/s"],
+        [
+            ["ours: redo only", ours.redo_s, round(rate(ours.records, ours.redo_s)),
+             round(rate(ours.pages, ours.redo_s))],
+            ["ours: decode (reader + decode_record)", ours.decode_s,
+             round(rate(ours.records, ours.decode_s)), "-"],
+            ["ours: decode + redo", ours_total, round(rate(ours.records, ours_total)),
+             round(rate(ours.pages, ours_total))],
+            ["(ours: reading BASE pages)", ours.base_read_s, "-", "-"],
+            ["stock: crash recovery redo (its log)", stock.redo_elapsed, round(stock_rate),
+             round(rate(ours.pages, stock.redo_elapsed))],
+            ["stock: start to ready - baseline start", stock_ready,
+             round(rate(ours.records, stock_ready)), round(rate(ours.pages, stock_ready))],
+        ],
+    )  # fmt: skip
+    print(
+        f"ratio ours / stock (records/s): {results['ratio']:.4f} with decoding, "
+        f"{results['ratio_redo_only']:.4f} redo only"
+    )
+    print(
+        f"CPU seconds: ours {m.cpu:.2f} (decode + redo), stock redo {stock.redo_cpu}: ratio "
+        f"{results['ratio_cpu']}"
+    )
+    print(
+        f"stock redo {stock.redo_start}..{stock.redo_done}; baseline start "
+        f"{baseline.wall:.3f} s, with the WAL {stock.wall:.3f} s"
+    )
+    print(
+        f"our final main-fork pages equal to the recovered copy's (masked): "
+        f"{comparison.same:,} / {comparison.pages:,} {comparison.differing[:3] or ''}"
+    )
+    if ours.unsupported or ours.errors:
+        print(f"not redone: unsupported {dict(ours.unsupported)}, errors {ours.errors[:3]}")
+    before, after = results["machine_before"], results["machine_after"]
+    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.redo", description=__doc__)
+    ap.add_argument("--wal-mib", type=int, default=256, help="pgbench WAL to replay")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (BASE, WAL, logs)")
+    ap.add_argument("--profile", type=Path, help="cProfile our replay into this file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything stopped", file=sys.stderr)
+        return 130
+    json_line(BENCH, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
