@@ -256,12 +256,15 @@ class NodeFollower:
             data = data[skip:]  # already fed (archive replay overlapping the stream)
         reader.feed(data)
         count = 0
+        decode = decode_record
+        ingest = self.store.ingest
+        redo_rmgrs = REDO_BY_RMGR
         try:
             for raw in reader.records():
-                record = decode_record(raw)
-                if record.blocks and record.rmgr_id not in REDO_BY_RMGR:
+                record = decode(raw)
+                if record.blocks and record.rmgr_id not in redo_rmgrs:
                     self._warn_unreplayable(record.rmgr_name)
-                self.store.ingest(record, raw.data)
+                ingest(record, raw.data)
                 count += 1
                 self._decoded_lsn = record.end_lsn
         except NeonError as exc:

@@ -10,9 +10,8 @@ payloads (each block's image, then its data; finally the main data).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from typing import NamedTuple
 
 from proto.errors import CorruptData
 from walreceiver.lsn import format_lsn
@@ -73,8 +72,7 @@ class RelFileNode:
         return f"{self.spc}/{self.db}/{self.rel}"
 
 
-@dataclass(frozen=True, slots=True)
-class BlockImage:
+class BlockImage(NamedTuple):
     """A full-page image as stored: hole removed and maybe compressed (see walreceiver.fpi)."""
 
     data: bytes
@@ -99,8 +97,7 @@ class BlockImage:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class BlockRef:
+class BlockRef(NamedTuple):
     """One block reference of a record: which page, its flags, image and rmgr payload."""
 
     block_id: int
@@ -132,8 +129,7 @@ class BlockRef:
         return FORK_NAMES[self.fork] if self.fork < len(FORK_NAMES) else str(self.fork)
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedRecord:
+class DecodedRecord(NamedTuple):
     """A WAL record split into its parts; `info` is the whole xl_info byte."""
 
     lsn: int
@@ -181,25 +177,118 @@ class DecodedRecord:
         return None
 
 
+# The decoder builds the (immutable, tuple-based) result types with tuple.__new__ directly,
+# skipping the generated Python-level __new__: this is the hot path of WAL catch-up.
+_new_tuple = tuple.__new__
+_unpack_record_header = _RECORD_HEADER.unpack_from
+_unpack_rnode_blkno = struct.Struct("<12sI").unpack_from
+_unpack_u32 = _U32.unpack_from
+_unpack_image_header = _IMAGE_HEADER.unpack_from
+_unpack_relfilenode = _RELFILENODE.unpack
+_NO_BLOCKS: tuple[BlockRef, ...] = ()
+# One plain block reference right after the record header: block id, fork flags, data length,
+# relfilenode, block number; then the short main-data header (id 255, length).
+_unpack_one_block = struct.Struct("<BBH12sIBB").unpack_from
+_ONE_BLOCK_MAIN = RECORD_HEADER_SIZE + 20  # where that main-data header sits
+_ONE_BLOCK_PAYLOAD = RECORD_HEADER_SIZE + 22  # where the block's data starts
+_IMAGE_OR_SAME_REL = BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL
+
+# Shared RelFileNode objects by their 12 raw bytes: a workload touches few relations, and
+# looking one up is much cheaper than building it. Bounded: cleared when it grows too large.
+_rnode_cache: dict[bytes, RelFileNode] = {}
+_RNODE_CACHE_MAX = 4096
+
+
+def _rnode_of(raw: bytes) -> RelFileNode:
+    rnode = _rnode_cache.get(raw)
+    if rnode is None:
+        if len(_rnode_cache) >= _RNODE_CACHE_MAX:
+            _rnode_cache.clear()
+        rnode = _rnode_cache[raw] = RelFileNode(*_unpack_relfilenode(raw))
+    return rnode
+
+
 def decode_record(raw: RawRecord) -> DecodedRecord:
     """Decode a CRC-checked record; RecordDecodeError if its body is inconsistent."""
-    return decode_record_bytes(raw.data, raw.lsn, raw.end_lsn)
+    lsn, end_lsn, data = raw
+    n = len(data)
+    if n < RECORD_HEADER_SIZE:
+        raise _fail(lsn, f"record of {n} bytes is shorter than its header")
+    tot_len, xid, prev, info, rmid, _crc = _unpack_record_header(data, 0)
+    if tot_len != n:
+        raise _fail(lsn, f"xl_tot_len {tot_len} but {n} bytes")
 
+    # Fast paths for the two shapes most records have; they produce exactly what the general
+    # path below would, and leave every other shape (and every inconsistency) to it.
+    if n > RECORD_HEADER_SIZE + 1:
+        first = data[RECORD_HEADER_SIZE]
+        if first == XLR_BLOCK_ID_DATA_SHORT:
+            # No block references, short main data (commits, most standby/xlog records).
+            if RECORD_HEADER_SIZE + 2 + data[RECORD_HEADER_SIZE + 1] == n:
+                return _new_tuple(
+                    DecodedRecord,
+                    (
+                        lsn,
+                        end_lsn,
+                        tot_len,
+                        xid,
+                        prev,
+                        info,
+                        rmid,
+                        _NO_BLOCKS,
+                        data[RECORD_HEADER_SIZE + 2 :],
+                        None,
+                        None,
+                    ),
+                )
+        elif (
+            n >= _ONE_BLOCK_PAYLOAD
+            and first <= XLR_MAX_BLOCK_ID
+            and not data[RECORD_HEADER_SIZE + 1] & _IMAGE_OR_SAME_REL
+            and data[_ONE_BLOCK_MAIN] == XLR_BLOCK_ID_DATA_SHORT
+        ):
+            # One block reference with its own relation and no image, short main data.
+            _, fork_flags, data_len, rnode_bytes, blkno, _, main_len = _unpack_one_block(
+                data, RECORD_HEADER_SIZE
+            )
+            if _ONE_BLOCK_PAYLOAD + data_len + main_len == n and (data_len != 0) == (
+                fork_flags & BKPBLOCK_HAS_DATA != 0
+            ):
+                rnode = _rnode_cache.get(rnode_bytes) or _rnode_of(rnode_bytes)
+                main_at = _ONE_BLOCK_PAYLOAD + data_len
+                ref = _new_tuple(
+                    BlockRef,
+                    (
+                        first,
+                        rnode,
+                        fork_flags & BKPBLOCK_FORK_MASK,
+                        blkno,
+                        fork_flags,
+                        None,
+                        data[_ONE_BLOCK_PAYLOAD:main_at],
+                    ),
+                )
+                return _new_tuple(
+                    DecodedRecord,
+                    (
+                        lsn,
+                        end_lsn,
+                        tot_len,
+                        xid,
+                        prev,
+                        info,
+                        rmid,
+                        (ref,),
+                        data[main_at:],
+                        None,
+                        None,
+                    ),
+                )
 
-def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:
-    """Decode record bytes (XLogRecord header included); see DecodeXLogRecord."""
-    fail = partial(_fail, lsn)
-    if len(data) < RECORD_HEADER_SIZE:
-        raise fail(f"record of {len(data)} bytes is shorter than its header")
-    tot_len, xid, prev, info, rmid, _crc = _RECORD_HEADER.unpack_from(data, 0)
-    if tot_len != len(data):
-        raise fail(f"xl_tot_len {tot_len} but {len(data)} bytes")
-
-    # Pass 1: headers. Each pending block is (id, fork_flags, data_len, image header, rnode,
+    # Pass 1: headers. Each block is noted as (id, fork_flags, data_len, image header, rnode,
     # blkno); payload lengths are summed and checked against what the record holds.
     pos = RECORD_HEADER_SIZE
-    end = tot_len
-    pending: list[tuple[int, int, int, tuple[int, int, int, int] | None, RelFileNode, int]] = []
+    heads: list[tuple[int, int, int, tuple[int, int, int, int] | None, RelFileNode, int]] = []
     payload = 0
     main_len = 0
     origin: int | None = None
@@ -207,96 +296,132 @@ def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedR
     last_rnode: RelFileNode | None = None
     max_block_id = -1
     try:
-        while end - pos > payload:
+        while n - pos > payload:
             block_id = data[pos]
+            if block_id <= XLR_MAX_BLOCK_ID:
+                if block_id <= max_block_id:
+                    raise _fail(lsn, f"out-of-order block_id {block_id}")
+                max_block_id = block_id
+                fork_flags = data[pos + 1]
+                data_len = data[pos + 2] | data[pos + 3] << 8
+                if fork_flags & BKPBLOCK_HAS_DATA:
+                    if not data_len:
+                        raise _fail(
+                            lsn, f"BKPBLOCK_HAS_DATA set, but no data included (block {block_id})"
+                        )
+                elif data_len:
+                    raise _fail(lsn, f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
+                pos += 4
+                payload += data_len
+                image_header: tuple[int, int, int, int] | None = None
+                if fork_flags & BKPBLOCK_HAS_IMAGE:
+                    image_header, pos = _image_header(data, pos, lsn)
+                    payload += image_header[0]
+                if fork_flags & BKPBLOCK_SAME_REL:
+                    if last_rnode is None:
+                        raise _fail(lsn, "BKPBLOCK_SAME_REL set but no previous rel")
+                    (blkno,) = _unpack_u32(data, pos)
+                    pos += 4
+                    heads.append((block_id, fork_flags, data_len, image_header, last_rnode, blkno))
+                else:
+                    rnode_bytes, blkno = _unpack_rnode_blkno(data, pos)
+                    pos += 16
+                    rnode = _rnode_cache.get(rnode_bytes) or _rnode_of(rnode_bytes)
+                    last_rnode = rnode
+                    heads.append((block_id, fork_flags, data_len, image_header, rnode, blkno))
+                continue
             if block_id == XLR_BLOCK_ID_DATA_SHORT:
                 main_len = data[pos + 1]
                 pos += 2
                 payload += main_len
                 break
             if block_id == XLR_BLOCK_ID_DATA_LONG:
-                (main_len,) = _U32.unpack_from(data, pos + 1)
+                (main_len,) = _unpack_u32(data, pos + 1)
                 pos += 5
                 payload += main_len
                 break
             if block_id == XLR_BLOCK_ID_ORIGIN:
-                (origin,) = _U16.unpack_from(data, pos + 1)
+                origin = data[pos + 1] | data[pos + 2] << 8
                 pos += 3
                 continue
             if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
-                (toplevel,) = _U32.unpack_from(data, pos + 1)
+                (toplevel,) = _unpack_u32(data, pos + 1)
                 pos += 5
                 continue
-            if block_id > XLR_MAX_BLOCK_ID:
-                raise fail(f"invalid block_id {block_id}")
-            if block_id <= max_block_id:
-                raise fail(f"out-of-order block_id {block_id}")
-            max_block_id = block_id
-            _, fork_flags, data_len = _BLOCK_HEADER.unpack_from(data, pos)
-            pos += 4
-            has_data = fork_flags & BKPBLOCK_HAS_DATA
-            if has_data and data_len == 0:
-                raise fail(f"BKPBLOCK_HAS_DATA set, but no data included (block {block_id})")
-            if not has_data and data_len != 0:
-                raise fail(f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
-            payload += data_len
-            image_header: tuple[int, int, int, int] | None = None
-            if fork_flags & BKPBLOCK_HAS_IMAGE:
-                bimg_len, hole_offset, bimg_info = _IMAGE_HEADER.unpack_from(data, pos)
-                pos += 5
-                compressed = bimg_info & BKPIMAGE_COMPRESSED
-                if compressed:
-                    if bimg_info & BKPIMAGE_HAS_HOLE:
-                        (hole_length,) = _U16.unpack_from(data, pos)
-                        pos += 2
-                    else:
-                        hole_length = 0
-                else:
-                    hole_length = BLCKSZ - bimg_len
-                _check_image(fail, bimg_len, hole_offset, hole_length, bimg_info)
-                payload += bimg_len
-                image_header = (bimg_len, hole_offset, hole_length, bimg_info)
-            if fork_flags & BKPBLOCK_SAME_REL:
-                if last_rnode is None:
-                    raise fail("BKPBLOCK_SAME_REL set but no previous rel")
-                rnode = last_rnode
-            else:
-                rnode = RelFileNode(*_RELFILENODE.unpack_from(data, pos))
-                pos += 12
-                last_rnode = rnode
-            (blkno,) = _U32.unpack_from(data, pos)
-            pos += 4
-            pending.append((block_id, fork_flags, data_len, image_header, rnode, blkno))
+            raise _fail(lsn, f"invalid block_id {block_id}")
     except (struct.error, IndexError) as exc:
-        raise fail("record headers run past the end of the record") from exc
-    if pos + payload != end:
-        raise fail(f"payload lengths ({payload}) do not match the record ({end - pos} left)")
+        raise _fail(lsn, "record headers run past the end of the record") from exc
+    if pos + payload != n:
+        raise _fail(lsn, f"payload lengths ({payload}) do not match the record ({n - pos} left)")
 
     # Pass 2: payloads, in block order, then the main data.
-    blocks = []
-    for block_id, fork_flags, data_len, image_header, rnode, blkno in pending:
-        image = None
-        if image_header is not None:
-            bimg_len, hole_offset, hole_length, bimg_info = image_header
-            image = BlockImage(data[pos : pos + bimg_len], hole_offset, hole_length, bimg_info)
-            pos += bimg_len
-        block_data = data[pos : pos + data_len]
-        pos += data_len
-        blocks.append(
-            BlockRef(
-                block_id,
-                rnode,
-                fork_flags & BKPBLOCK_FORK_MASK,
-                blkno,
-                fork_flags,
-                image,
-                block_data,
+    if heads:
+        blocks = []
+        for block_id, fork_flags, data_len, image_header, rnode, blkno in heads:
+            image = None
+            if image_header is not None:
+                bimg_len, hole_offset, hole_length, bimg_info = image_header
+                image = _new_tuple(
+                    BlockImage, (data[pos : pos + bimg_len], hole_offset, hole_length, bimg_info)
+                )
+                pos += bimg_len
+            end = pos + data_len
+            blocks.append(
+                _new_tuple(
+                    BlockRef,
+                    (
+                        block_id,
+                        rnode,
+                        fork_flags & BKPBLOCK_FORK_MASK,
+                        blkno,
+                        fork_flags,
+                        image,
+                        data[pos:end],
+                    ),
+                )
             )
-        )
-    main_data = data[pos : pos + main_len]
-    return DecodedRecord(
-        lsn, end_lsn, tot_len, xid, prev, info, rmid, tuple(blocks), main_data, origin, toplevel
+            pos = end
+        block_refs: tuple[BlockRef, ...] = tuple(blocks)
+    else:
+        block_refs = _NO_BLOCKS
+    return _new_tuple(
+        DecodedRecord,
+        (
+            lsn,
+            end_lsn,
+            tot_len,
+            xid,
+            prev,
+            info,
+            rmid,
+            block_refs,
+            data[pos : pos + main_len],
+            origin,
+            toplevel,
+        ),
     )
+
+
+def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:
+    """Decode record bytes (XLogRecord header included); see DecodeXLogRecord."""
+    return decode_record(RawRecord(lsn, end_lsn, data))
+
+
+def _image_header(data: bytes, pos: int, lsn: int) -> tuple[tuple[int, int, int, int], int]:
+    """The image header at `pos` as (bimg_len, hole_offset, hole_length, bimg_info), checked,
+    and the offset just past it."""
+    bimg_len, hole_offset, bimg_info = _unpack_image_header(data, pos)
+    pos += 5
+    if bimg_info & BKPIMAGE_COMPRESSED:
+        if bimg_info & BKPIMAGE_HAS_HOLE:
+            hole_length = data[pos] | data[pos + 1] << 8
+            pos += 2
+        else:
+            hole_length = 0
+    else:
+        hole_length = BLCKSZ - bimg_len
+    _check_image(lsn, bimg_len, hole_offset, hole_length, bimg_info)
+    return (bimg_len, hole_offset, hole_length, bimg_info), pos
 
 
 def _fail(lsn: int, what: str) -> RecordDecodeError:
@@ -304,7 +429,7 @@ def _fail(lsn: int, what: str) -> RecordDecodeError:
 
 
 def _check_image(
-    fail: Callable[[str], RecordDecodeError],
+    lsn: int,
     bimg_len: int,
     hole_offset: int,
     hole_length: int,
@@ -325,4 +450,4 @@ def _check_image(
     elif hole_offset + hole_length > BLCKSZ:
         problem = "image hole extends past the page"
     if problem is not None:
-        raise fail(problem)
+        raise _fail(lsn, problem)

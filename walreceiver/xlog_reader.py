@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from crc32c import crc32c
 
@@ -52,6 +53,9 @@ _SHORT_HEADER = struct.Struct("<HHIQI")
 _LONG_HEADER_TAIL = struct.Struct("<QII")
 _RECORD_HEADER = struct.Struct("<IIQBBxxI")
 _U32 = struct.Struct("<I")
+_unpack_record_header = _RECORD_HEADER.unpack_from
+_new_tuple = tuple.__new__
+SMALL_RECORD = 1024  # up to this size, one CRC call over a copy beats two calls
 
 
 class WalCorrupt(CorruptData):
@@ -63,8 +67,7 @@ class WalCorrupt(CorruptData):
         self.segment = segment
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
+class RawRecord(NamedTuple):
     """One reassembled WAL record; `end_lsn` is PostgreSQL's EndRecPtr (what redo stamps)."""
 
     lsn: int
@@ -128,6 +131,8 @@ def maxalign(n: int) -> int:
 
 def record_crc(data: bytes | memoryview) -> int:
     """CRC-32C as PostgreSQL computes it: the body after the header, then header bytes 0..19."""
+    if len(data) <= SMALL_RECORD:
+        return crc32c(bytes(data[RECORD_HEADER_SIZE:]) + bytes(data[:20]))
     view = memoryview(data)
     return crc32c(view[:20], crc32c(view[RECORD_HEADER_SIZE:]))
 
@@ -215,8 +220,128 @@ class WalReader:
         """Yield every record completed by the bytes fed so far; raise WalCorrupt on damage."""
         if self._error is not None:
             raise self._error
+        # The parser runs right here (not behind a `yield from`): this is the per-record loop.
         try:
-            yield from self._parse()
+            block = WAL_BLOCK_SIZE
+            while self._end is None:
+                buf = self._buf
+                base = self._buf_lsn
+                avail_end = base + len(buf)
+                pos = self._pos
+                if pos < self._skip_to:
+                    self._pos = min(self._skip_to, avail_end)
+                    if self._pos < self._skip_to:
+                        return
+                    continue
+                page_off = pos % block
+                if page_off == 0:
+                    if not self._read_page_header(buf, base, avail_end, pos):
+                        return
+                    continue
+                if self._rec_lsn >= 0:
+                    # Continuation of a record begun on an earlier page.
+                    take = min(self._rec_len - self._rec_got, block - page_off, avail_end - pos)
+                    if take <= 0:
+                        return
+                    if not self._skipping_contrecord:
+                        self._rec_parts.append(buf[pos - base : pos - base + take])
+                    self._rec_got += take
+                    pos += take
+                    self._pos = pos
+                    if not self._skipping_contrecord and not self._rec_header_checked:
+                        if self._rec_got < RECORD_HEADER_SIZE:
+                            continue
+                        head = b"".join(self._rec_parts)
+                        self._rec_parts = [head]
+                        if not self._check_record_header(head, self._rec_lsn):
+                            return
+                        self._rec_header_checked = True
+                    if self._rec_got < self._rec_len:
+                        continue
+                    rec_lsn = self._rec_lsn
+                    self._rec_lsn = -1
+                    if self._skipping_contrecord:
+                        self._skipping_contrecord = False
+                        self._at_start = False
+                        self._pos = self.last_end_lsn = maxalign(pos)
+                        continue
+                    data = b"".join(self._rec_parts)
+                    self._rec_parts = []
+                    self._pos = maxalign(pos)
+                    yield self._finish_record(rec_lsn, data, self._pos)
+                    continue
+                # At the start of a record (8-aligned, inside a page after its header).
+                if not pos & 7:
+                    # Fast path: records that lie wholly inside this page and the bytes fed, with
+                    # the expected prev-link, an ordinary rmgr id, no XLOG_SWITCH and a good CRC.
+                    # Anything else (including every error) is left to the general path below.
+                    page_end = pos - page_off + block
+                    limit = avail_end if avail_end < page_end else page_end
+                    prev_lsn = self._prev_lsn
+                    first = pos
+                    while limit - pos >= RECORD_HEADER_SIZE:
+                        off = pos - base
+                        tot_len, _, prev, info, rmid, stored = _unpack_record_header(buf, off)
+                        if (
+                            prev != prev_lsn
+                            or tot_len > limit - pos
+                            or tot_len < RECORD_HEADER_SIZE
+                            or rmid > RM_MAX_BUILTIN_ID
+                            or (rmid == RM_XLOG_ID and info & 0xF0 == XLOG_SWITCH)
+                        ):
+                            break
+                        data = buf[off : off + tot_len]
+                        if tot_len <= SMALL_RECORD:
+                            computed = crc32c(data[RECORD_HEADER_SIZE:] + data[:20])
+                        else:
+                            computed = crc32c(data[:20], crc32c(data[RECORD_HEADER_SIZE:]))
+                        if computed != stored:
+                            break
+                        end_lsn = pos + ((tot_len + 7) & ~7)
+                        self._prev_lsn = prev_lsn = pos
+                        self.last_end_lsn = self._pos = end_lsn
+                        self._at_start = False
+                        yield _new_tuple(RawRecord, (pos, end_lsn, data))
+                        pos = end_lsn
+                        if self._buf is not buf or self._pos != pos:
+                            break  # fed (or moved) while the caller held the record
+                    if pos != first:
+                        continue
+                if pos % 8:
+                    raise self._fail(pos, "record start is not 8-byte aligned")
+                if avail_end - pos < 4:
+                    return
+                off = pos - base
+                (tot_len,) = _U32.unpack_from(buf, off)
+                if tot_len == 0:
+                    self._stop(pos, "zero record length")
+                    return
+                if tot_len < RECORD_HEADER_SIZE:
+                    raise self._fail(pos, f"invalid record length {tot_len}")
+                if tot_len > MAX_RECORD_SIZE:
+                    raise self._fail(pos, f"record length {tot_len} too long")
+                room = block - page_off
+                if room >= RECORD_HEADER_SIZE and avail_end - pos >= RECORD_HEADER_SIZE:
+                    if not self._check_record_header(buf[off : off + RECORD_HEADER_SIZE], pos):
+                        return
+                    header_checked = True
+                else:
+                    header_checked = False
+                if tot_len <= room:
+                    if avail_end - pos < tot_len:
+                        return
+                    data = buf[off : off + tot_len]
+                    self._pos = pos + maxalign(tot_len)
+                    yield self._finish_record(pos, data, self._pos)
+                    continue
+                # The record continues on the next page: keep what this page has.
+                take = min(room, avail_end - pos)
+                self._rec_lsn = pos
+                self._rec_len = tot_len
+                self._rec_parts = [buf[off : off + take]]
+                self._rec_got = take
+                self._rec_header_checked = header_checked
+                self._pos = pos + take
         except WalCorrupt as exc:
             self._error = exc
             raise
@@ -234,92 +359,6 @@ class WalReader:
         self._end = WalEnd(lsn, reason)
         self._buf = b""
         self._buf_lsn = self._pos = lsn
-
-    def _parse(self) -> Iterator[RawRecord]:
-        block = WAL_BLOCK_SIZE
-        while self._end is None:
-            buf = self._buf
-            base = self._buf_lsn
-            avail_end = base + len(buf)
-            pos = self._pos
-            if pos < self._skip_to:
-                self._pos = min(self._skip_to, avail_end)
-                if self._pos < self._skip_to:
-                    return
-                continue
-            page_off = pos % block
-            if page_off == 0:
-                if not self._read_page_header(buf, base, avail_end, pos):
-                    return
-                continue
-            if self._rec_lsn >= 0:
-                # Continuation of a record begun on an earlier page.
-                take = min(self._rec_len - self._rec_got, block - page_off, avail_end - pos)
-                if take <= 0:
-                    return
-                if not self._skipping_contrecord:
-                    self._rec_parts.append(buf[pos - base : pos - base + take])
-                self._rec_got += take
-                pos += take
-                self._pos = pos
-                if not self._skipping_contrecord and not self._rec_header_checked:
-                    if self._rec_got < RECORD_HEADER_SIZE:
-                        continue
-                    head = b"".join(self._rec_parts)
-                    self._rec_parts = [head]
-                    if not self._check_record_header(head, self._rec_lsn):
-                        return
-                    self._rec_header_checked = True
-                if self._rec_got < self._rec_len:
-                    continue
-                rec_lsn = self._rec_lsn
-                self._rec_lsn = -1
-                if self._skipping_contrecord:
-                    self._skipping_contrecord = False
-                    self._at_start = False
-                    self._pos = self.last_end_lsn = maxalign(pos)
-                    continue
-                data = b"".join(self._rec_parts)
-                self._rec_parts = []
-                self._pos = maxalign(pos)
-                yield self._finish_record(rec_lsn, data, self._pos)
-                continue
-            # At the start of a record (8-aligned, inside a page after its header).
-            if pos % 8:
-                raise self._fail(pos, "record start is not 8-byte aligned")
-            if avail_end - pos < 4:
-                return
-            off = pos - base
-            (tot_len,) = _U32.unpack_from(buf, off)
-            if tot_len == 0:
-                self._stop(pos, "zero record length")
-                return
-            if tot_len < RECORD_HEADER_SIZE:
-                raise self._fail(pos, f"invalid record length {tot_len}")
-            if tot_len > MAX_RECORD_SIZE:
-                raise self._fail(pos, f"record length {tot_len} too long")
-            room = block - page_off
-            if room >= RECORD_HEADER_SIZE and avail_end - pos >= RECORD_HEADER_SIZE:
-                if not self._check_record_header(buf[off : off + RECORD_HEADER_SIZE], pos):
-                    return
-                header_checked = True
-            else:
-                header_checked = False
-            if tot_len <= room:
-                if avail_end - pos < tot_len:
-                    return
-                data = buf[off : off + tot_len]
-                self._pos = pos + maxalign(tot_len)
-                yield self._finish_record(pos, data, self._pos)
-                continue
-            # The record continues on the next page: keep what this page has.
-            take = min(room, avail_end - pos)
-            self._rec_lsn = pos
-            self._rec_len = tot_len
-            self._rec_parts = [buf[off : off + take]]
-            self._rec_got = take
-            self._rec_header_checked = header_checked
-            self._pos = pos + take
 
     def _check_record_header(self, head: bytes, lsn: int) -> bool:
         """Validate rmgr id and prev-link; False (end of WAL) on a stale prev-link."""
