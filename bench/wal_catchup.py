@@ -58,7 +58,8 @@ from bench.common import (
 from cli.pgbin import pg_binary, popen_kwargs
 from pageserver.followed_nodes import FollowedNode, slot_name
 from pageserver.metrics import Metrics
-from pageserver.node_follower import NodeFollower, archive_dir
+from pageserver.node_follower import NodeFollower
+from pageserver.node_store import NodeStore
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
 from walreceiver.lsn import (
     format_lsn,
@@ -93,7 +94,13 @@ log = logging.getLogger(BENCH)
 
 def make_follower(server: PgTestServer, node_id: str, workdir: Path) -> NodeFollower:
     node = FollowedNode(node_id, "127.0.0.1", server.port, SUPERUSER, PASSWORD)
-    return NodeFollower(node, workdir, Metrics())
+    # A store that was never imported: ingest is a no-op, so this measures receive + archive +
+    # read + decode, as before the pagestore joined the follower.
+    return NodeFollower(node, node_store(workdir, node_id), Metrics())
+
+
+def node_store(workdir: Path, node_id: str) -> NodeStore:
+    return NodeStore(workdir / "nodes" / node_id)
 
 
 async def wait_decoded(follower: NodeFollower, lsn: int, timeout: float) -> None:
@@ -235,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 
         say("decode only: WalReader + decode_record over our archived segments")
-        dec, dec_bytes, dec_records = decode_only(archive_dir(work, CATCHUP_NODE), seg)
+        dec, dec_bytes, dec_records = decode_only(node_store(work, CATCHUP_NODE).wal_dir, seg)
 
         live_result = None
         if args.live_seconds > 0:
