@@ -91,6 +91,7 @@ def _roll_forward(app: App, node: NodeRow) -> None:
     if not (new / COMPLETE_MARKER).exists():
         shutil.rmtree(new, ignore_errors=True)
         download_basebackup(app, new, node_id=node.id)
+        nodes.copy_config_files(node.datadir, new)
         build = dataclasses.replace(node, datadir=new)
         nodes.finish_datadir(app, build)
         (new / COMPLETE_MARKER).write_text("")

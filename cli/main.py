@@ -43,6 +43,7 @@ def _register_commands() -> None:
     from cli.debug_commands import debug_group
     from cli.pageserver_commands import pageserver_group
     from cli.pg_commands import pg_group
+    from cli.pitr_commands import pitr_group
     from cli.snapshot_commands import snapshot_group
     from cli.storage_commands import storage_group
     from cli.waldump import waldump_command
@@ -54,6 +55,7 @@ def _register_commands() -> None:
         waldump_command,
         debug_group,
         snapshot_group,
+        pitr_group,
     ):
         cli.add_command(command)
 

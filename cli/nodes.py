@@ -23,7 +23,7 @@ from cli import postmaster
 from cli.context import App
 from cli.extract import download_basebackup
 from cli.pageserver_control import call_local
-from cli.pgbin import make_pg_dir, run_pg
+from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
 from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.secrets import generate_secret, read_secret, write_secret
@@ -274,6 +274,17 @@ def _initialize(app: App, node: NodeRow) -> None:
     )
 
 
+CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
+
+
+def copy_config_files(source: Path, target: Path) -> None:
+    """Carry a node's configuration (not in WAL, so not in page history) to a rebuilt dir."""
+    for name in CONFIG_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            give_to_pg_user(target / name)
+
+
 def finish_datadir(app: App, node: NodeRow) -> None:
     """Make a data directory rebuilt from page history this node's: its configuration, its
     passwords (roles created if the source lacked them) and a fresh slot, before any start."""
@@ -299,6 +310,10 @@ def _initialize_from_snapshot(app: App, node: NodeRow, snapshot: str) -> None:
     register_with_pageserver(app, node)
     call_local(app, "node.branch", node_id=node.id, snapshot=snapshot, pg_timeline=1)
     download_basebackup(app, node.datadir, node_id=node.id)
+    pgdata = snapshot.partition("@")[0]
+    source = app.registry.find_node(pgdata)
+    if source is not None and source.datadir.is_dir():
+        copy_config_files(source.datadir, node.datadir)
     finish_datadir(app, node)
 
 
@@ -500,6 +515,7 @@ def register_with_pageserver(app: App, node: NodeRow) -> None:
         user=node.replication_user,
         password=read_secret(replication_secret(app, node.id)),
         store_dir=str(history_dir(app, node)),
+        pgdata=node.pgdata,
     )
 
 

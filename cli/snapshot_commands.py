@@ -205,8 +205,12 @@ def standby_minimums(datadir: Path) -> dict[str, object]:
         "max_prepared_transactions",
         "max_locks_per_transaction",
     )
-    values = _STANDBY_PARAMS.unpack_from(raw, 180)
-    return {name: value for name, value in zip(names, values, strict=True) if value > 0}
+    values = dict(zip(names, _STANDBY_PARAMS.unpack_from(raw, 180), strict=True))
+    # pg_control keeps the settings of the node's first run; prepared transactions made
+    # after an ALTER SYSTEM must all fit as well.
+    prepared = len(list((datadir / "pg_twophase").glob("*")))
+    values["max_prepared_transactions"] = max(values["max_prepared_transactions"], prepared)
+    return {name: value for name, value in values.items() if value > 0}
 
 
 def _remove_server(app: App, name: str) -> None:

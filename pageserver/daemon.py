@@ -73,6 +73,23 @@ def _write_json_atomic(path: Path, value: object) -> None:
     os.replace(tmp, path)
 
 
+GC_INTERVAL = float(os.environ.get("NEON_GC_INTERVAL", "300"))
+
+
+async def _gc_loop(ps: Pageserver) -> None:
+    """Remove, every GC_INTERVAL seconds, what no snapshot, PITR area, child or tip needs."""
+    while True:
+        await asyncio.sleep(GC_INTERVAL)
+        try:
+            results = await ps.gc_all()
+        except Exception:
+            log.exception("GC failed")
+            continue
+        freed = sum(r["removed_bytes"] for r in results)
+        if freed:
+            log.info("GC freed %d bytes", freed)
+
+
 async def serve(config: PageserverConfig) -> None:
     config.workdir.mkdir(parents=True, exist_ok=True)
     acquire_pid_file(config.pid_file)
@@ -108,12 +125,16 @@ async def serve(config: PageserverConfig) -> None:
             os.getpid(),
         )
         ps.start_following()
+        gc_task = asyncio.create_task(_gc_loop(ps), name="gc")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        gc_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gc_task
     finally:
         if ps is not None:
             await ps.stop_following()

@@ -30,6 +30,8 @@ class FollowedNode:
     system_id: str | None = None
     store_dir: str | None = None
     """Where the node's page history and WAL archive live (default: in the workdir)."""
+    pgdata: str | None = None
+    """The data directory name: snapshots are named PGDATA@TAG."""
 
     @property
     def slot(self) -> str:

@@ -27,10 +27,12 @@ from pathlib import Path
 
 from pageserver.compaction import compact
 from pageserver.import_datadir import import_datadir
+from pageserver.lsn_index import LsnIndex
 from pageserver.page_reconstruct import reconstruct
 from pageserver.pg_control import read_control_file
+from pageserver.pitr import pitr_registry
 from pageserver.settings import DEFAULT_SETTINGS, StoreSettings
-from pageserver.snapshots import SnapshotRegistry
+from pageserver.snapshots import snapshot_registry
 from pageserver.timeline import Timeline
 from pageserver.timeline_store import TimelineStore
 from pageserver.walingest import WalIngest
@@ -65,7 +67,8 @@ class StorageHistory:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.timelines = TimelineStore(root, settings)
-        self.snapshots = SnapshotRegistry(root / "snapshots.json")
+        self.snapshots = snapshot_registry(root / "snapshots.json")
+        self.pitr = pitr_registry(root / "pitr.json")
 
     def close(self) -> None:
         self.timelines.close()
@@ -80,6 +83,8 @@ class NodeStore:
         self._state_path = history.root / "nodes" / f"{node_id}.json"
         self._state = self._load_state()
         self._ingest: WalIngest | None = None
+        self._index: LsnIndex | None = None
+        self._index_timeline: str | None = None
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
 
@@ -111,6 +116,21 @@ class NodeStore:
     @property
     def state(self) -> NodeState | None:
         return self._state
+
+    @property
+    def index(self) -> LsnIndex:
+        """Record boundaries and commit times of the current timeline."""
+        state = self._state
+        if state is None:
+            raise NotFound(f"node {self.node_id} has no page history yet (never imported)")
+        if self._index is None or self._index_timeline != state.timeline_id:
+            self._index = LsnIndex(
+                self.history.root / "lsn_index" / state.timeline_id, state.wal_segment_size
+            )
+            self._index_timeline = state.timeline_id
+            if self._index.last_lsn < state.start_lsn:
+                self._index.add_boundary(state.start_lsn)
+        return self._index
 
     @property
     def timeline(self) -> Timeline:
@@ -184,7 +204,8 @@ class NodeStore:
             return
         if self._ingest is None:
             self._ingest = WalIngest(self.timeline)
-        self._ingest.ingest_record(record, raw)
+        if self._ingest.ingest_record(record, raw):
+            self.index.observe(record)
 
     def maybe_flush(self) -> None:
         """Flush when the open layer is large, or periodically so the durable LSN advances."""
@@ -201,6 +222,9 @@ class NodeStore:
         if self._state is None:
             return
         timeline = self.timeline
+        # The index first: it only holds entries of WAL already durable in the archive, while
+        # records the layers hold are never re-ingested (their index entries would be lost).
+        self.index.flush()
         timeline.freeze_and_flush()
         self._last_flush = time.monotonic()
         result = compact(timeline, reconstruct)
@@ -210,4 +234,3 @@ class NodeStore:
             format_lsn(timeline.disk_consistent_lsn),
             result,
         )
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             password=_param(p, "password", str),
             system_id=p.get("system_id") if isinstance(p.get("system_id"), str) else None,
             store_dir=p.get("store_dir") if isinstance(p.get("store_dir"), str) else None,
+            pgdata=p.get("pgdata") if isinstance(p.get("pgdata"), str) else None,
         )
         return await ps.register_node(node)
 
@@ -197,6 +199,47 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             await ctx.send(chunk)
         return {**asdict(info), "bytes": sent}
 
+    async def pitr_create(ctx: RequestContext) -> Any:
+        p = ctx.params
+        area = ps.pitr_create(
+            _param(p, "name", str),
+            _param(p, "node_id", str),
+            p.get("ttl", "inf") if isinstance(p.get("ttl", "inf"), str) else "inf",
+            p.get("size_limit", "inf") if isinstance(p.get("size_limit", "inf"), str) else "inf",
+        )
+        return asdict(area)
+
+    async def pitr_list(ctx: RequestContext) -> Any:
+        return await asyncio.to_thread(ps.pitr_list)
+
+    async def pitr_destroy(ctx: RequestContext) -> Any:
+        return asdict(ps.pitr_destroy(_param(ctx.params, "name", str)))
+
+    async def pitr_extract(ctx: RequestContext) -> Any:
+        p = ctx.params
+        at = p.get("time")
+        when = None
+        if at is not None:
+            if not isinstance(at, str):
+                raise InvalidArgument("parameter 'time' must be an ISO 8601 string")
+            try:
+                when = datetime.fromisoformat(at)
+            except ValueError:
+                raise InvalidArgument(
+                    f"invalid time {at!r}: use ISO 8601, e.g. 2026-11-23T22:00:00+00:00"
+                ) from None
+        lsn = _opt_lsn(p)
+        if (lsn is None) == (when is None):
+            raise InvalidArgument("give exactly one of --lsn and --time")
+        tag = p.get("tag") if isinstance(p.get("tag"), str) else None
+        snap = await asyncio.to_thread(
+            ps.pitr_extract, _param(p, "name", str), lsn=lsn, at=when, tag=tag
+        )
+        return asdict(snap)
+
+    async def gc_run(ctx: RequestContext) -> Any:
+        return await ps.gc_all()
+
     handlers: dict[str, Handler] = {
         "status": status,
         "node.register": node_register,
@@ -215,6 +258,11 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         "snapshot.show": snapshot_show,
         "node.branch": node_branch,
         "basebackup": basebackup,
+        "pitr.create": pitr_create,
+        "pitr.list": pitr_list,
+        "pitr.destroy": pitr_destroy,
+        "pitr.extract": pitr_extract,
+        "gc.run": gc_run,
     }
 
     def counted(name: str, fn: Handler) -> Handler:

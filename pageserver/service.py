@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pageserver.basebackup import TimelineSource, normalize_lsn
 from pageserver.config import PageserverConfig
 from pageserver.followed_nodes import FollowedNode, FollowedNodes
+from pageserver.gc import gc_timeline, prune_wal_archive
+from pageserver.lsn_index import archive_reader
 from pageserver.metrics import Metrics
 from pageserver.node_follower import NodeFollower
 from pageserver.node_store import NodeStore, StorageHistory
 from pageserver.page_reconstruct import get_node_metadata
+from pageserver.pitr import PitrArea, new_area
 from pageserver.redo_pool import RedoPool
-from pageserver.snapshots import Snapshot, new_snapshot, split_snapshot_name
+from pageserver.retention import Retention, compute_retention
+from pageserver.snapshots import Snapshot, check_user_tag, new_snapshot, split_snapshot_name
 from pageserver.timeline import Timeline
-from proto.errors import InvalidArgument, NotFound, Unavailable
+from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from walreceiver.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 
 VERSION = "0.1.0"
@@ -238,6 +244,126 @@ class Pageserver:
         )
         await self._refollow(node_id)
         return {**asdict(state), "lsn": snap.lsn}
+
+    # PITR areas and GC
+
+    def _area(self, name: str) -> tuple[NodeStore, PitrArea]:
+        for history in {id(h): h for h in self._all_histories()}.values():
+            area = history.pitr.find(name)
+            if area is not None:
+                return self.store(area.node_id), area
+        raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
+
+    def _all_histories(self) -> list[StorageHistory]:
+        for node in self.nodes.all():
+            self.history(self.store_dir(node))
+        return list(self.histories.values())
+
+    def pitr_create(self, name: str, node_id: str, ttl: str, size_limit: str) -> PitrArea:
+        check_user_tag(name)
+        store = self.store(node_id)
+        if store.state is None:
+            raise NotFound(f"node {node_id} has no page history yet")
+        for history in self._all_histories():
+            if history.pitr.find(name) is not None:
+                raise AlreadyExists(f"PITR area {name!r} already exists")
+        return store.history.pitr.add(new_area(name, node_id, ttl, size_limit))
+
+    def pitr_destroy(self, name: str) -> PitrArea:
+        store, area = self._area(name)
+        return store.history.pitr.remove(area.name)
+
+    def _window(self, store: NodeStore, area: PitrArea) -> Retention:
+        """The area's window, never reaching before the timeline's own history starts."""
+        retention = compute_retention(store.timeline, area.policy(), store.index)
+        state = store.state
+        assert state is not None
+        start = retention.window_start
+        if start is not None and start < state.start_lsn:
+            retention = dataclasses.replace(retention, window_start=state.start_lsn)
+        return retention
+
+    def pitr_list(self) -> list[dict[str, Any]]:
+        out = []
+        for history in self._all_histories():
+            for area in history.pitr.all():
+                store = self.store(area.node_id)
+                retention = self._window(store, area)
+                start = retention.window_start if retention.window_start is not None else 0
+                out.append({**asdict(area), "from_lsn": start, "to_lsn": retention.tip})
+        return out
+
+    def pitr_extract(
+        self, name: str, *, lsn: int | None, at: datetime | None, tag: str | None
+    ) -> Snapshot:
+        """A snapshot at the last record boundary at or below `lsn` (or the last commit at or
+        before `at`) inside the area."""
+        store, area = self._area(name)
+        retention = self._window(store, area)
+        start = retention.window_start if retention.window_start is not None else retention.tip
+        bounds = f"{format_lsn(start)} .. {format_lsn(retention.tip)}"
+        if at is not None:
+            found = store.index.lsn_for_time(at)
+            if found is None:
+                raise InvalidArgument(
+                    f"{at.isoformat()} is before the first commit of PITR area {name!r} ({bounds})"
+                )
+            lsn = found
+        assert lsn is not None
+        if not start <= lsn <= retention.tip:
+            raise InvalidArgument(
+                f"LSN {format_lsn(lsn)} is outside PITR area {name!r}: it covers {bounds}"
+            )
+        state = store.state
+        assert state is not None
+        reader = archive_reader(store.wal_dir, state.wal_segment_size)
+        snapped = store.index.snap(lsn, reader, timeline=state.pg_timeline)
+        snapped = max(snapped, start)
+        node_name = tag or f"pitr-{snapped:X}"
+        check_user_tag(node_name)
+        pgdata = self.nodes.get(area.node_id).pgdata or area.node_id
+        snap_name = f"{pgdata}@{node_name}"
+        return store.history.snapshots.add(
+            new_snapshot(snap_name, area.node_id, state.timeline_id, snapped, parent=state.parent)
+        )
+
+    def gc_history(self, history: StorageHistory) -> dict[str, Any]:
+        """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""
+        snaps = history.snapshots.all()
+        areas = {a.node_id: a for a in history.pitr.all()}
+        current = {
+            store.state.timeline_id: store
+            for store in (self.store(n.node_id) for n in self.nodes.all())
+            if store.state is not None and store.history is history
+        }
+        removed = removed_bytes = 0
+        for timeline_id in history.timelines.list_timelines():
+            timeline = history.timelines.get(timeline_id)
+            retain = [s.lsn for s in snaps if s.timeline_id == timeline_id]
+            retain += [
+                history.timelines.get(child).ancestor_lsn
+                for child in history.timelines.children(timeline_id)
+            ]
+            window: int | None = None
+            store = current.get(timeline_id)
+            if store is not None and store.node_id in areas:
+                window = self._window(store, areas[store.node_id]).window_start
+            result = gc_timeline(timeline, retain, window)
+            removed += len(result.removed_layers)
+            removed_bytes += result.removed_bytes
+            if store is not None:
+                state = store.state
+                assert state is not None
+                keep = timeline.disk_consistent_lsn
+                if window is not None:
+                    keep = min(keep, store.index.wal_needed_from(window))
+                prune_wal_archive(store.wal_dir, state.wal_segment_size, keep)
+        return {"removed_layers": removed, "removed_bytes": removed_bytes}
+
+    async def gc_all(self) -> list[dict[str, Any]]:
+        return [
+            await asyncio.to_thread(self.gc_history, history) for history in self._all_histories()
+        ]
 
     @staticmethod
     def _segment_size(history: StorageHistory, snap: Snapshot) -> int:

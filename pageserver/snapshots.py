@@ -6,15 +6,13 @@ pins what reading that state needs against GC.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from proto.errors import AlreadyExists, InvalidArgument, NotFound
+from pageserver.named_records import NamedRecords
+from proto.errors import InvalidArgument
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HEAD = re.compile(r"^HEAD\{(\d+)\}$")
@@ -54,55 +52,8 @@ def head_tag(i: int) -> str:
     return f"HEAD{{{i}}}"
 
 
-class SnapshotRegistry:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def _load(self) -> dict[str, Snapshot]:
-        if not self.path.exists():
-            return {}
-        return {s["name"]: Snapshot(**s) for s in json.loads(self.path.read_text())}
-
-    def _save(self, snaps: dict[str, Snapshot]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump([asdict(s) for s in snaps.values()], f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def all(self) -> list[Snapshot]:
-        with self._lock:
-            return sorted(self._load().values(), key=lambda s: (s.created_at, s.name))
-
-    def find(self, name: str) -> Snapshot | None:
-        with self._lock:
-            return self._load().get(name)
-
-    def get(self, name: str) -> Snapshot:
-        snap = self.find(name)
-        if snap is None:
-            raise NotFound(f"snapshot {name!r} does not exist; see `neon snapshot list`")
-        return snap
-
-    def add(self, snap: Snapshot, *, replace: bool = False) -> Snapshot:
-        with self._lock:
-            snaps = self._load()
-            if snap.name in snaps and not replace:
-                raise AlreadyExists(f"snapshot {snap.name!r} already exists")
-            snaps[snap.name] = snap
-            self._save(snaps)
-            return snap
-
-    def remove(self, name: str) -> Snapshot:
-        with self._lock:
-            snaps = self._load()
-            if name not in snaps:
-                raise NotFound(f"snapshot {name!r} does not exist; see `neon snapshot list`")
-            snap = snaps.pop(name)
-            self._save(snaps)
-            return snap
+def snapshot_registry(path: Path) -> NamedRecords[Snapshot]:
+    return NamedRecords(path, Snapshot, "snapshot", "`neon snapshot list`")
 
 
 def new_snapshot(

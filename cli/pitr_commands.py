@@ -1,0 +1,131 @@
+"""`neon pitr ...`: point-in-time recovery areas over a node's WAL history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cli.context import get_app
+from cli.output import human_size, print_json, print_table
+from cli.pageserver_control import call_local
+from proto.errors import InvalidArgument
+from walreceiver.lsn import format_lsn, parse_lsn
+
+
+@click.group("pitr")
+def pitr_group() -> None:
+    """PITR areas: any LSN or time inside one can be extracted as a snapshot."""
+
+
+@pitr_group.command("create")
+@click.argument("name")
+@click.option("--pg", "node", default=None, help="The node (default: the only one).")
+@click.option("--ttl", default="inf", show_default=True, help="History to keep: 30d, 12h, inf.")
+@click.option("--size-limit", default="inf", show_default=True, help="10G, 500M, inf.")
+@click.option("--storage", default=None, help="Storage of the area (the node's storage).")
+@click.pass_context
+def pitr_create(
+    ctx: click.Context, name: str, node: str | None, ttl: str, size_limit: str, storage: str | None
+) -> None:
+    """Keep a node's history for point-in-time extraction."""
+    app = get_app(ctx)
+    if node is None:
+        nodes = app.registry.nodes()
+        if len(nodes) != 1:
+            raise InvalidArgument("more than one node (or none): say which with --pg NODE")
+        row = nodes[0]
+    else:
+        row = app.registry.get_node(node)
+    if storage is not None and storage != row.storage:
+        app.registry.get_storage(storage)
+        raise InvalidArgument(
+            f"node {row.id} keeps its history in storage {row.storage!r}; PITR areas live "
+            f"there (push snapshots to {storage!r} instead)"
+        )
+    call_local(app, "pitr.create", name=name, node_id=row.id, ttl=ttl, size_limit=size_limit)
+    click.echo(f"Created PITR area {name} over {row.pgdata} (ttl {ttl}, size limit {size_limit})")
+
+
+@pitr_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pitr_list(ctx: click.Context, as_json: bool) -> None:
+    """List PITR areas with the LSN range each covers now."""
+    app = get_app(ctx)
+    areas = call_local(app, "pitr.list")
+    names = {n.id: n.pgdata for n in app.registry.nodes()}
+    if as_json:
+        print_json(
+            [{**a, "from": format_lsn(a["from_lsn"]), "to": format_lsn(a["to_lsn"])} for a in areas]
+        )
+        return
+    print_table(
+        ("NAME", "PG", "TTL", "SIZE_LIMIT", "FROM", "TO"),
+        [
+            (
+                a["name"],
+                names.get(a["node_id"], a["node_id"]),
+                a["ttl"],
+                a["size_limit"],
+                format_lsn(a["from_lsn"]),
+                format_lsn(a["to_lsn"]),
+            )
+            for a in areas
+        ],
+    )
+
+
+@pitr_group.command("destroy")
+@click.argument("name")
+@click.pass_context
+def pitr_destroy(ctx: click.Context, name: str) -> None:
+    """Stop keeping history for an area (GC then frees it)."""
+    call_local(get_app(ctx), "pitr.destroy", name=name)
+    click.echo("Ok")
+
+
+@pitr_group.command("gc")
+@click.argument("name")
+@click.pass_context
+def pitr_gc(ctx: click.Context, name: str) -> None:
+    """Run garbage collection now (for the area's storage)."""
+    app = get_app(ctx)
+    if name not in {a["name"] for a in call_local(app, "pitr.list")}:
+        raise InvalidArgument(f"PITR area {name!r} does not exist; see `neon pitr list`")
+    results = call_local(app, "gc.run")
+    removed = sum(r["removed_layers"] for r in results)
+    freed = sum(r["removed_bytes"] for r in results)
+    click.echo(f"GC removed {removed} layer files ({human_size(freed)})")
+
+
+@pitr_group.command("extract-snapshot")
+@click.argument("name")
+@click.option("--lsn", default=None, help="Record boundary at or below this LSN.")
+@click.option(
+    "--time",
+    "at",
+    default=None,
+    help="The last commit at or before this time (ISO 8601 with a zone).",
+)
+@click.option("--as", "tag", default=None, help="Snapshot tag (default pitr-<LSN>).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pitr_extract(
+    ctx: click.Context, name: str, lsn: str | None, at: str | None, tag: str | None, as_json: bool
+) -> None:
+    """Name the state at an LSN or time inside the area as a snapshot."""
+    if (lsn is None) == (at is None):
+        raise InvalidArgument("give exactly one of --lsn and --time")
+    params: dict[str, Any] = {"name": name}
+    if lsn is not None:
+        params["lsn"] = parse_lsn(lsn)
+    if at is not None:
+        params["time"] = at
+    if tag is not None:
+        params["tag"] = tag
+    snap = call_local(get_app(ctx), "pitr.extract", **params)
+    if as_json:
+        print_json({**snap, "lsn_text": format_lsn(snap["lsn"])})
+    else:
+        click.echo(f"{snap['name']} at {format_lsn(snap['lsn'])}")
