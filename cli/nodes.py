@@ -548,6 +548,19 @@ def tcp_connstr(app: App, node: NodeRow) -> str:
     )
 
 
+def node_history(app: App, node: NodeRow) -> dict[str, Any]:
+    """The node's snapshots and PITR areas (what its page history is kept for)."""
+    try:
+        snaps = call_local(app, "snapshot.list", start=False)
+        areas = call_local(app, "pitr.list", start=False)
+    except Unavailable:
+        return {"snapshots": [], "pitr": []}
+    return {
+        "snapshots": [s for s in snaps if s["node_id"] == node.id],
+        "pitr": [a for a in areas if a["node_id"] == node.id],
+    }
+
+
 def node_json(
     app: App, status: NodeStatus, used: int | None, wal: dict[str, Any] | None = None
 ) -> dict[str, Any]:

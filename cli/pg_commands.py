@@ -174,6 +174,7 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
     status = nodes.node_status(app, row)
     wal = nodes.wal_positions(app, [status])[row.id]
     info = nodes.node_json(app, status, dir_size(row.datadir), wal)
+    info["history"] = nodes.node_history(app, row)
     if as_json:
         print_json(info)
         return
@@ -206,6 +207,13 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
         if key in wal:
             click.echo(f"    {key}: {wal[key] if wal[key] is not None else '-'}")
     click.echo(f"    lag: {human_size(wal['lag_bytes'])}")
+    history = info["history"]
+    click.echo(f"  snapshots:\n    on {row.storage}:")
+    for snap in history["snapshots"]:
+        click.echo(f"      {snap['name'].partition('@')[2]}: {human_size(snap['size_bytes'])}")
+    click.echo(f"  pitr:\n    on {row.storage}:")
+    for area in history["pitr"]:
+        click.echo(f"      {area['name']}: ttl {area['ttl']}, size limit {area['size_limit']}")
 
 
 @pg_group.command("checkout")

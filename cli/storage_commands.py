@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from cli.context import App, get_app
+from cli.nodes import HISTORY_DIR
 from cli.output import dir_size, human_size, print_json, print_table
 from cli.registry import StorageRow
 from cli.storages import (
@@ -40,6 +41,22 @@ def _path(row: StorageRow) -> str:
     return location(row.type, row.options)
 
 
+def _breakdown(app: App, row: StorageRow) -> dict[str, int | None]:
+    """What the bytes of a native storage are: data directories, page history, WAL."""
+    if row.type != "native":
+        return {}
+    root = Path(row.options["path"])
+    parts: dict[str, int | None] = {
+        f"data directory {n.pgdata}": dir_size(n.datadir)
+        for n in app.registry.nodes()
+        if n.storage == row.name
+    }
+    parts["page history (layer files)"] = dir_size(root / HISTORY_DIR / "timelines")
+    parts["WAL archives"] = dir_size(root / HISTORY_DIR / "wal")
+    parts["LSN indexes"] = dir_size(root / HISTORY_DIR / "lsn_index")
+    return parts
+
+
 def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
     users = [n.id for n in app.registry.nodes() if n.storage == row.name]
     return {
@@ -53,6 +70,7 @@ def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
         "path": _path(row),
         "used_bytes": _used(row),
         "nodes": users,
+        "breakdown": _breakdown(app, row),
     }
 
 
@@ -130,6 +148,10 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
     for key in info["secrets"]:
         click.echo(f"  {key}: (stored, not shown)")
     click.echo(f"  nodes: {', '.join(info['nodes']) or '-'}")
+    if info["breakdown"]:
+        click.echo("  used by:")
+        for what, size in info["breakdown"].items():
+            click.echo(f"    {what}: {human_size(size)}")
 
 
 @storage_group.command("detach")

@@ -134,6 +134,9 @@ class Pageserver:
         if follower is not None:
             await follower.stop()
         store = self.store(node_id)
+        for area in store.history.pitr.all():
+            if area.node_id == node_id:  # an area follows one node's history
+                store.history.pitr.remove(area.name)
         await asyncio.to_thread(store.forget)
         self.stores.pop(node_id, None)
         self.nodes.remove(node_id)
