@@ -59,7 +59,7 @@ from cli.pgbin import pg_binary, popen_kwargs
 from pageserver.followed_nodes import FollowedNode, slot_name
 from pageserver.metrics import Metrics
 from pageserver.node_follower import NodeFollower
-from pageserver.node_store import NodeStore
+from pageserver.node_store import NodeStore, StorageHistory
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
 from walreceiver.lsn import (
     format_lsn,
@@ -100,7 +100,7 @@ def make_follower(server: PgTestServer, node_id: str, workdir: Path) -> NodeFoll
 
 
 def node_store(workdir: Path, node_id: str) -> NodeStore:
-    return NodeStore(workdir / "nodes" / node_id)
+    return NodeStore(StorageHistory(workdir / "history"), node_id)
 
 
 async def wait_decoded(follower: NodeFollower, lsn: int, timeout: float) -> None:
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 
         say("decode only: WalReader + decode_record over our archived segments")
-        dec, dec_bytes, dec_records = decode_only(node_store(work, CATCHUP_NODE).wal_dir, seg)
+        dec, dec_bytes, dec_records = decode_only(follower.store.wal_dir, seg)
 
         live_result = None
         if args.live_seconds > 0:

@@ -186,9 +186,10 @@ _unpack_u32 = _U32.unpack_from
 _unpack_image_header = _IMAGE_HEADER.unpack_from
 _unpack_relfilenode = _RELFILENODE.unpack
 _NO_BLOCKS: tuple[BlockRef, ...] = ()
-# One plain block reference right after the record header: block id, fork flags, data length,
-# relfilenode, block number; then the short main-data header (id 255, length).
-_unpack_one_block = struct.Struct("<BBH12sIBB").unpack_from
+# A record with one plain block reference: the record header, then block id, fork flags, data
+# length, relfilenode, block number; then the short main-data header (id 255, length).
+_unpack_one_block = struct.Struct("<IIQBBxxIBBH12sIBB").unpack_from
+_NO_BLOCK_PAYLOAD = RECORD_HEADER_SIZE + 2  # main data right after its short header
 _ONE_BLOCK_MAIN = RECORD_HEADER_SIZE + 20  # where that main-data header sits
 _ONE_BLOCK_PAYLOAD = RECORD_HEADER_SIZE + 22  # where the block's data starts
 _IMAGE_OR_SAME_REL = BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL
@@ -212,78 +213,83 @@ def decode_record(raw: RawRecord) -> DecodedRecord:
     """Decode a CRC-checked record; RecordDecodeError if its body is inconsistent."""
     lsn, end_lsn, data = raw
     n = len(data)
+    # Fast paths for the two shapes most records have; they produce exactly what the general
+    # path below would, and leave every other shape (and every inconsistency) to it.
+    if (
+        n >= _ONE_BLOCK_PAYLOAD
+        and data[RECORD_HEADER_SIZE] <= XLR_MAX_BLOCK_ID
+        and not data[RECORD_HEADER_SIZE + 1] & _IMAGE_OR_SAME_REL
+        and data[_ONE_BLOCK_MAIN] == XLR_BLOCK_ID_DATA_SHORT
+    ):
+        # One block reference with its own relation and no image, short main data: the
+        # record header, the block header and the main-data header in one unpack.
+        (
+            tot_len,
+            xid,
+            prev,
+            info,
+            rmid,
+            _crc,
+            block_id,
+            fork_flags,
+            data_len,
+            rnode_bytes,
+            blkno,
+            _,
+            main_len,
+        ) = _unpack_one_block(data, 0)
+        main_at = _ONE_BLOCK_PAYLOAD + data_len
+        if (
+            tot_len == n
+            and main_at + main_len == n
+            and (data_len != 0) == (fork_flags & BKPBLOCK_HAS_DATA != 0)
+        ):
+            ref = _new_tuple(
+                BlockRef,
+                (
+                    block_id,
+                    _rnode_cache.get(rnode_bytes) or _rnode_of(rnode_bytes),
+                    fork_flags & BKPBLOCK_FORK_MASK,
+                    blkno,
+                    fork_flags,
+                    None,
+                    data[_ONE_BLOCK_PAYLOAD:main_at],
+                ),
+            )
+            return _new_tuple(
+                DecodedRecord,
+                (lsn, end_lsn, tot_len, xid, prev, info, rmid, (ref,), data[main_at:], None, None),
+            )
+    elif (
+        n >= _NO_BLOCK_PAYLOAD
+        and data[RECORD_HEADER_SIZE] == XLR_BLOCK_ID_DATA_SHORT
+        and _NO_BLOCK_PAYLOAD + data[RECORD_HEADER_SIZE + 1] == n
+    ):
+        # No block references, short main data (commits, most standby/xlog records).
+        tot_len, xid, prev, info, rmid, _crc = _unpack_record_header(data, 0)
+        if tot_len == n:
+            return _new_tuple(
+                DecodedRecord,
+                (
+                    lsn,
+                    end_lsn,
+                    tot_len,
+                    xid,
+                    prev,
+                    info,
+                    rmid,
+                    _NO_BLOCKS,
+                    data[_NO_BLOCK_PAYLOAD:],
+                    None,
+                    None,
+                ),
+            )
+
     if n < RECORD_HEADER_SIZE:
         raise _fail(lsn, f"record of {n} bytes is shorter than its header")
     tot_len, xid, prev, info, rmid, _crc = _unpack_record_header(data, 0)
     if tot_len != n:
         raise _fail(lsn, f"xl_tot_len {tot_len} but {n} bytes")
-
-    # Fast paths for the two shapes most records have; they produce exactly what the general
-    # path below would, and leave every other shape (and every inconsistency) to it.
-    if n > RECORD_HEADER_SIZE + 1:
-        first = data[RECORD_HEADER_SIZE]
-        if first == XLR_BLOCK_ID_DATA_SHORT:
-            # No block references, short main data (commits, most standby/xlog records).
-            if RECORD_HEADER_SIZE + 2 + data[RECORD_HEADER_SIZE + 1] == n:
-                return _new_tuple(
-                    DecodedRecord,
-                    (
-                        lsn,
-                        end_lsn,
-                        tot_len,
-                        xid,
-                        prev,
-                        info,
-                        rmid,
-                        _NO_BLOCKS,
-                        data[RECORD_HEADER_SIZE + 2 :],
-                        None,
-                        None,
-                    ),
-                )
-        elif (
-            n >= _ONE_BLOCK_PAYLOAD
-            and first <= XLR_MAX_BLOCK_ID
-            and not data[RECORD_HEADER_SIZE + 1] & _IMAGE_OR_SAME_REL
-            and data[_ONE_BLOCK_MAIN] == XLR_BLOCK_ID_DATA_SHORT
-        ):
-            # One block reference with its own relation and no image, short main data.
-            _, fork_flags, data_len, rnode_bytes, blkno, _, main_len = _unpack_one_block(
-                data, RECORD_HEADER_SIZE
-            )
-            if _ONE_BLOCK_PAYLOAD + data_len + main_len == n and (data_len != 0) == (
-                fork_flags & BKPBLOCK_HAS_DATA != 0
-            ):
-                rnode = _rnode_cache.get(rnode_bytes) or _rnode_of(rnode_bytes)
-                main_at = _ONE_BLOCK_PAYLOAD + data_len
-                ref = _new_tuple(
-                    BlockRef,
-                    (
-                        first,
-                        rnode,
-                        fork_flags & BKPBLOCK_FORK_MASK,
-                        blkno,
-                        fork_flags,
-                        None,
-                        data[_ONE_BLOCK_PAYLOAD:main_at],
-                    ),
-                )
-                return _new_tuple(
-                    DecodedRecord,
-                    (
-                        lsn,
-                        end_lsn,
-                        tot_len,
-                        xid,
-                        prev,
-                        info,
-                        rmid,
-                        (ref,),
-                        data[main_at:],
-                        None,
-                        None,
-                    ),
-                )
 
     # Pass 1: headers. Each block is noted as (id, fork_flags, data_len, image header, rnode,
     # blkno); payload lengths are summed and checked against what the record holds.
