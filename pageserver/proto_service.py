@@ -183,6 +183,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         if not isinstance(pg_timeline, int) or pg_timeline < 1:
             raise InvalidArgument("parameter 'pg_timeline' must be a positive integer")
         history = p.get("timeline_history")
+        if history is None and pg_timeline > 1:
+            # The parent timeline and where this one branched from it (what a promotion's
+            # .history file records); PostgreSQL wants it beside the new timeline's WAL.
+            history = f"{pg_timeline - 1}\t{format_lsn(source.lsn)}\tneon branch\n".encode()
         info, chunks = await asyncio.to_thread(
             basebackup_chunks,
             source,

@@ -221,6 +221,9 @@ def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) ->
     subprocess.run(
         [pg_binary("pgbench"), "-i", "-s", "1", "-q", conn], check=True, capture_output=True
     )
+    subprocess.run(
+        [pg_binary("pgbench"), "-c", "2", "-t", "200", conn], check=True, capture_output=True
+    )
     phases: list[tuple[int, dict[str, str]]] = []
     for sql in PHASES:
         psql(conn, sql)

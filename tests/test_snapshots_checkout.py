@@ -148,3 +148,61 @@ def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) 
     neon.run("pg", "checkout", "pgdata1@s")
     assert psql(c, "SELECT count(*) FROM t") == "20000"
     psql(c, "INSERT INTO t VALUES (1)")
+
+
+def test_pageserver_killed_during_checkout(neon: NeonCli) -> None:
+    neon.run("pg", "create")
+    c = connstr(neon, "pgdata1")
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    psql(c, "INSERT INTO t SELECT generate_series(1, 5)")
+    proc = subprocess.Popen(
+        [NEON, "pg", "checkout", "pgdata1@s"],
+        env=neon.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)
+    os.kill(neon.json("pageserver", "status")["pid"], signal.SIGKILL)
+    proc.wait(timeout=120)
+    # The CLI failed or finished; either way the next command ends in one complete state.
+    neon.run("pg", "start", "pgdata1")
+    assert psql(c, "SELECT count(*) FROM t") in ("20000", "20005")
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert psql(c, "SELECT count(*) FROM t") == "20000"
+    psql(c, "INSERT INTO t VALUES (1)")
+    assert psql(c, "SELECT count(*) FROM t") == "20001"
+
+
+def test_pitr_extract_by_time(neon: NeonCli) -> None:
+    neon.run("pg", "create")
+    c = connstr(neon, "pgdata1")
+    neon.run("pitr", "create", "area", "--ttl", "1d", "--size-limit", "10G")
+    psql(c, "CREATE TABLE ev (n int, at timestamptz)")
+    stamps = []
+    for n in range(1, 4):
+        stamps.append(psql(c, f"INSERT INTO ev VALUES ({n}, now()) RETURNING at"))
+        time.sleep(1.1)
+    neon.run("snapshot", "create", "pgdata1@sync")  # waits until ingest reached the flush LSN
+    listed = neon.json("pitr", "list")
+    assert listed[0]["name"] == "area" and listed[0]["ttl"] == "1d"
+    # The last commit at or before the second insert's commit time (+0.5 s).
+    at = psql(
+        c,
+        f"SELECT to_char(('{stamps[1]}'::timestamptz + interval '0.5 s') "
+        "AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')",
+    )
+    neon.run("pitr", "extract-snapshot", "area", "--time", at, "--as", "t2")
+    ro = neon.run("snapshot", "start", "pgdata1@t2").stdout.strip()
+    try:
+        assert psql(ro, "SELECT string_agg(n::text, ',' ORDER BY n) FROM ev") == "1,2"
+    finally:
+        neon.run("snapshot", "stop", "pgdata1@t2")
+    assert "time zone" in neon.fail(
+        "pitr", "extract-snapshot", "area", "--time", "2026-01-01T00:00:00"
+    )
+    assert "before the first commit" in neon.fail(
+        "pitr", "extract-snapshot", "area", "--time", "2001-01-01T00:00:00+00:00"
+    )
+    assert "exactly one of" in neon.fail("pitr", "extract-snapshot", "area")
+    assert "invalid" in neon.fail("pitr", "create", "bad", "--ttl", "forever")
