@@ -15,12 +15,13 @@ Both write their files first and then swap them in with one manifest update
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from pageserver.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
 from pageserver.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.layers.image import ImageLayer, ImageLayerWriter
+from pageserver.layers.layer_map import LayerMap
 from pageserver.timeline import Timeline
 from pageserver.values import ReconstructData
 
@@ -71,22 +72,21 @@ def _compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, in
     if len(level0) < (2 if force else timeline.settings.compaction_threshold):
         return 0, 0
     lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
-    merged = heapq.merge(*(layer.iter_encoded() for layer in level0), key=lambda v: v[:2])
+    # L0 layers are LSN-disjoint and sorted oldest first, so merging whole per-key groups by
+    # (key, layer number) yields every key's versions in LSN order; values are copied as
+    # they are encoded, never decoded.
+    merged = heapq.merge(*(_numbered_groups(n, layer) for n, layer in enumerate(level0)))
     target = timeline.settings.compaction_target_size
     outputs: list[DeltaLayer] = []
     writer: DeltaLayerWriter | None = None
     try:
-        for key, lsn, encoded in merged:
-            if (
-                writer is not None
-                and writer.uncompressed_bytes >= target
-                and (key != writer.last_key)
-            ):
+        for key, versions in _merge_same_keys(merged):
+            if writer is not None and writer.uncompressed_bytes >= target:
                 outputs.append(_finish_l1(timeline, writer, key))
                 writer = None
             if writer is None:
                 writer = DeltaLayerWriter(timeline.directory, lsn_start, lsn_end, timeline.settings)
-            writer.add(key, lsn, encoded)
+            writer.add_key(key, versions)
         if writer is not None:
             last = writer.last_key
             assert last is not None
@@ -101,6 +101,29 @@ def _compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, in
         raise
     timeline.replace_layers(add=outputs, remove=level0)
     return len(level0), len(outputs)
+
+
+Group = list[tuple[int, bytes]]
+
+
+def _numbered_groups(n: int, layer: DeltaLayer) -> Iterator[tuple[Key, int, Group]]:
+    for key, versions in layer.iter_key_groups():
+        yield key, n, versions
+
+
+def _merge_same_keys(merged: Iterable[tuple[Key, int, Group]]) -> Iterator[tuple[Key, Group]]:
+    """Join the consecutive groups of one key (from several layers, oldest first)."""
+    current: Key | None = None
+    pending: Group = []
+    for key, _, versions in merged:
+        if key == current:
+            pending.extend(versions)
+            continue
+        if current is not None:
+            yield current, pending
+        current, pending = key, versions
+    if current is not None:
+        yield current, pending
 
 
 def _finish_l1(timeline: Timeline, writer: DeltaLayerWriter, end: Key) -> DeltaLayer:
@@ -130,11 +153,19 @@ def _create_image_layers(
     written: list[ImageLayer] = []
     try:
         for key_range, part_keys in _partitions(keys, per_partition):
-            image = layer_map.newest_image_covering(key_range, lsn)
-            image_lsn = image.lsn if image is not None else -1
+            if force:
+                image = layer_map.newest_image_covering(key_range, lsn)
+                image_lsn = image.lsn if image is not None else -1
+            else:
+                image_lsn = _image_floor(layer_map, key_range, lsn)
             if image_lsn == lsn:
                 continue
+            # Only layers that hold keys of the partition cost its reads anything (an L0
+            # layer spans the whole keyspace whether or not it holds any of them). Forced
+            # (GC) images are written wherever any delta overlaps, as before.
             deltas = layer_map.deltas_overlapping(key_range, image_lsn, lsn)
+            if not force:
+                deltas = [d for d in deltas if d.has_keys_in(key_range)]
             if not deltas or (
                 not force and len(deltas) < timeline.settings.image_creation_threshold
             ):
@@ -148,6 +179,36 @@ def _create_image_layers(
     if written:
         timeline.replace_layers(add=written, remove=())
     return len(written)
+
+
+def _image_floor(layer_map: LayerMap, key_range: KeyRange, lsn: int) -> int:
+    """The oldest of the newest images (at or below lsn) of the keys of key_range: every key
+    of the range has an image at or above it (-1 if some key has none).
+
+    Partition bounds move as keys come and go, so a partition is often covered by the
+    images of neighbouring older partitions rather than by one image; asking for a single
+    image covering it all would fall back to an old one and rewrite fresh images.
+    """
+    uncovered = [key_range]
+    floor = -1
+    for image in layer_map.images:  # newest first
+        if image.lsn > lsn:
+            continue
+        rest: list[KeyRange] = []
+        for part in uncovered:
+            inter = part.intersection(image.key_range)
+            if inter is None:
+                rest.append(part)
+                continue
+            floor = image.lsn
+            if part.start < inter.start:
+                rest.append(KeyRange(part.start, inter.start))
+            if inter.end < part.end:
+                rest.append(KeyRange(inter.end, part.end))
+        uncovered = rest
+        if not uncovered:
+            return floor
+    return -1
 
 
 def _write_image(

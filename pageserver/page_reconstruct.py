@@ -40,7 +40,7 @@ import hashlib
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import msgpack
@@ -325,21 +325,23 @@ def _chain_ident(key: Key, lsn: int, data: ReconstructData) -> bytes:
 
 
 class _PageCache:
-    """Recently redone pages by chain digest: a thread-safe LRU of bounded size."""
+    """Recently redone pages: a thread-safe LRU of bounded size. Keyed by chain digest
+    (`reconstruct`) or by `Timeline.version_ident` (`materialize`): either names exactly
+    what the page depends on."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
 
-    def get(self, ident: bytes) -> bytes | None:
+    def get(self, ident: Hashable) -> bytes | None:
         with self._lock:
             page = self._items.get(ident)
             if page is not None:
                 self._items.move_to_end(ident)
             return page
 
-    def put(self, ident: bytes, page: bytes) -> None:
+    def put(self, ident: Hashable, page: bytes) -> None:
         with self._lock:
             self._items[ident] = page
             self._items.move_to_end(ident)
@@ -351,7 +353,7 @@ class _PageCache:
             self._items.clear()
 
 
-_CACHE = _PageCache(512)
+_CACHE = _PageCache(1024)
 
 
 # --- reads ------------------------------------------------------------------------------------
@@ -373,8 +375,18 @@ def materialize(
     size reads as a zero page, like a hole in a PostgreSQL file. `reconstructor` lets the
     daemon run the redo of long chains in a process pool.
     """
-    value = reconstructor(key, lsn, timeline.get_reconstruct_data(key, lsn))
+    # A hot page is found in the cache by naming its newest version from the layer indexes,
+    # without fetching (let alone hashing) the chain of deltas below it.
+    ident = timeline.version_ident(key, lsn)
+    if ident is not None:
+        cached = _CACHE.get(ident)
+        if cached is not None:
+            return cached
+    data = timeline.get_reconstruct_data(key, lsn)
+    value = reconstructor(key, lsn, data)
     if value is not None:
+        if ident is not None and data.deltas:
+            _CACHE.put(ident, value)
         return value
     rel = parse_rel_block_key(key)
     if rel is not None:

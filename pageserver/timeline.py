@@ -24,6 +24,7 @@ compaction takes ``compaction_lock``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,6 +57,8 @@ from pageserver.values import (
 )
 from proto.errors import Conflict, InvalidArgument
 from walreceiver.lsn import format_lsn
+
+_read_epochs = itertools.count(1)
 
 
 class FutureLsn(InvalidArgument):
@@ -103,6 +106,9 @@ class Timeline:
         self._prev_record_lsn = manifest.prev_record_lsn
         self._next_layer_start = manifest.disk_consistent_lsn + 1
         self._closed = False
+        self._read_epoch = next(_read_epochs)
+        """Names this object's readable history for caches; renewed whenever layers are
+        removed (GC may make LSNs unreadable), never reused."""
 
     # --- creation and reopening ------------------------------------------------------------
 
@@ -271,8 +277,8 @@ class Timeline:
         assert layer.lsn_end is not None
         writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, self.settings)
         try:
-            for key, lsn, encoded in layer.iter_encoded():
-                writer.add(key, lsn, encoded)
+            for key, versions in layer.iter_key_groups():
+                writer.add_key(key, versions)
         except BaseException:
             writer.abort()
             raise
@@ -305,6 +311,8 @@ class Timeline:
                 if any(id(x) not in current for x in remove):
                     raise InvalidArgument("cannot remove a layer that is not in the layer map")
                 self._map = self._map.replace(add=add, remove=remove)
+                if remove:
+                    self._read_epoch = next(_read_epochs)
                 manifest = self._manifest_locked(
                     self._disk_consistent_lsn, self._disk_prev_record_lsn
                 )
@@ -350,6 +358,57 @@ class Timeline:
             else:
                 head, ended = [], False
         return layer_map.read_chain(key, lsn, image, frozen, head, ended)
+
+    def version_ident(self, key: Key, lsn: int) -> tuple[int, Key, int] | None:
+        """A cheap name for the value of `key` at `lsn`: (read epoch of the timeline holding
+        the newest version at or below lsn, key, that version's LSN), from layer indexes
+        alone (nothing decompressed). Equal names mean equal values, so a cache of rebuilt
+        pages can be keyed by it. None when the key has no version (or is hidden by an
+        image layer that does not hold it).
+        """
+        self._check_read_lsn(lsn)
+        timeline: Timeline = self
+        at = lsn
+        while True:
+            found, is_open = timeline._newest_own(key, at)
+            if found is not None:
+                return (timeline._read_epoch, key, found)
+            if not is_open or timeline.ancestor is None:
+                return None
+            at = min(at, timeline.ancestor_lsn)
+            timeline = timeline.ancestor
+
+    def _newest_own(self, key: Key, lsn: int) -> tuple[int | None, bool]:
+        """(LSN of the newest version of key <= lsn on this timeline, whether the ancestor
+        may still hold it)."""
+        with self._lock:
+            self._check_open()
+            layer_map = self._map
+            frozen = self._frozen[::-1]
+            open_ = self._open
+            head = (
+                open_.newest_lsn(key, lsn) if open_ is not None and open_.lsn_start <= lsn else None
+            )
+        image = layer_map.newest_image(key, lsn)
+        floor = image.lsn if image is not None else -1
+        if head is None:
+            for layer in frozen:
+                if layer.lsn_start <= lsn:
+                    head = layer.newest_lsn(key, lsn)
+                    if head is not None:
+                        break
+        if head is None:
+            for delta in layer_map.deltas_for(key, lsn, floor):
+                head = delta.newest_lsn(key, lsn)
+                if head is not None:
+                    break
+        if head is not None and head > floor:
+            return head, False
+        if image is None:
+            return None, True
+        if image.file.find_key(key) is None:
+            return None, False
+        return image.lsn, False
 
     def get_keys(self, key_range: KeyRange, lsn: int) -> list[Key]:
         """Sorted keys of key_range that have a value at lsn (ancestors included; keys whose

@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 import uuid
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ HEADER_SIZE = _HEADER.size + _HEADER_CRC.size
 _BLOCK_ENTRY = struct.Struct(">QIII")
 _KEY_ENTRY = struct.Struct(">18sI")
 _VERSION_ENTRY = struct.Struct(">QBIII")
+_VERSION_LSN_TAG = struct.Struct(">QB")
+_VERSION_LSN = struct.Struct(">Q")
 
 
 class LayerCorrupt(CorruptData):
@@ -209,6 +212,7 @@ class LayerFile:
         self._blocks_at = h.index_offset
         self._keys_at = self._blocks_at + h.n_blocks * _BLOCK_ENTRY.size
         self._versions_at = self._keys_at + h.n_keys * _KEY_ENTRY.size
+        self._key_index: tuple[bytes, array[int]] | None = None
         self._check_index()
 
     def _check_index(self) -> None:
@@ -239,36 +243,89 @@ class LayerFile:
 
     # --- index access ---------------------------------------------------------------------
 
+    def _keys(self) -> tuple[bytes, array[int]]:
+        """The key table, parsed once: (keys packed back to back, first version of each key
+        plus n_versions at the end). The version bounds are checked here, once."""
+        index = self._key_index
+        if index is None:
+            h = self.header
+            table = self._map[self._keys_at : self._keys_at + h.n_keys * _KEY_ENTRY.size]
+            entries = list(_KEY_ENTRY.iter_unpack(table))
+            keys = b"".join([k for k, _ in entries])
+            firsts = array("Q", [f for _, f in entries])
+            firsts.append(h.n_versions)
+            prev = 0
+            for i, first in enumerate(firsts):
+                if first < prev or first > h.n_versions:
+                    raise LayerCorrupt(self.path, f"version bounds of key {i} out of range")
+                prev = first
+            if h.n_keys and firsts[0] != 0:
+                raise LayerCorrupt(self.path, "version bounds of key 0 out of range")
+            index = self._key_index = (keys, firsts)
+        return index
+
     def key_at(self, i: int) -> Key:
-        at = self._keys_at + i * _KEY_ENTRY.size
-        return Key(self._map[at : at + KEY_SIZE])
+        keys = self._keys()[0]
+        return Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE])
 
     def versions_of(self, i: int) -> range:
         """Indexes into the version table of the versions of key number i (LSN order)."""
-        first = _KEY_ENTRY.unpack_from(self._map, self._keys_at + i * _KEY_ENTRY.size)[1]
-        if i + 1 < self.header.n_keys:
-            end = _KEY_ENTRY.unpack_from(self._map, self._keys_at + (i + 1) * _KEY_ENTRY.size)[1]
-        else:
-            end = self.header.n_versions
-        if not first <= end <= self.header.n_versions:
-            raise LayerCorrupt(self.path, f"version bounds of key {i} out of range")
-        return range(first, end)
+        firsts = self._keys()[1]
+        return range(firsts[i], firsts[i + 1])
 
     def version(self, v: int) -> VersionEntry:
-        return VersionEntry(
-            *_VERSION_ENTRY.unpack_from(self._map, self._versions_at + v * _VERSION_ENTRY.size)
+        return VersionEntry(*self.version_tuple(v))
+
+    def version_tuple(self, v: int) -> tuple[int, int, int, int, int]:
+        """(lsn, tag, block, offset, length) of version v, without building an object."""
+        lsn, tag, block, offset, length = _VERSION_ENTRY.unpack_from(
+            self._map, self._versions_at + v * _VERSION_ENTRY.size
         )
+        return lsn, tag, block, offset, length
+
+    def version_lsn(self, v: int) -> int:
+        return int(
+            _VERSION_LSN.unpack_from(self._map, self._versions_at + v * _VERSION_ENTRY.size)[0]
+        )
+
+    def last_at_or_below(self, versions: range, lsn: int) -> int:
+        """Index of the newest version in `versions` with LSN <= lsn, or versions.start - 1."""
+        lo, hi = versions.start, versions.stop
+        m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN
+        if hi > lo and unpack.unpack_from(m, at + (hi - 1) * size)[0] <= lsn:
+            return hi - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if unpack.unpack_from(m, at + mid * size)[0] <= lsn:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
 
     def lower_bound(self, key: bytes) -> int:
         """Index of the first key >= `key`."""
+        keys = self._keys()[0]
         lo, hi = 0, self.header.n_keys
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.key_at(mid) < key:
+            if keys[mid * KEY_SIZE : (mid + 1) * KEY_SIZE] < key:
                 lo = mid + 1
             else:
                 hi = mid
         return lo
+
+    def newest_of_keys(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
+        """(key, LSN, tag) of the last (newest) version of keys number start.. below end_key."""
+        keys, firsts = self._keys()
+        m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN_TAG
+        for i in range(start, self.header.n_keys):
+            key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
+            if key >= end_key:
+                break
+            last = firsts[i + 1] - 1
+            if last >= firsts[i]:
+                lsn, tag = unpack.unpack_from(m, at + last * size)
+                yield Key(key), lsn, tag
 
     def find_key(self, key: bytes) -> int | None:
         i = self.lower_bound(key)
@@ -302,25 +359,41 @@ class LayerFile:
         return data
 
     def read_encoded(self, entry: VersionEntry) -> bytes:
-        return self._slice(self._block(entry.block), entry)
+        return self.read_value(entry.tag, entry.block, entry.offset, entry.length)
 
-    def _slice(self, block: bytes, entry: VersionEntry) -> bytes:
-        end = entry.offset + entry.length
-        if end > len(block) or entry.length == 0 or block[entry.offset] != entry.tag:
-            raise LayerCorrupt(self.path, f"value reference into block {entry.block} is invalid")
-        return block[entry.offset : end]
+    def read_value(self, tag: int, block_no: int, offset: int, length: int) -> bytes:
+        """The encoded value a version entry points at (through the block cache)."""
+        block = self._block(block_no)
+        end = offset + length
+        if end > len(block) or length == 0 or block[offset] != tag:
+            raise LayerCorrupt(self.path, f"value reference into block {block_no} is invalid")
+        return block[offset:end]
 
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in file order, bypassing the cache (a sequential
         scan by compaction must not evict the blocks readers use)."""
+        for key, versions in self.iter_key_groups():
+            for lsn, encoded in versions:
+                yield key, lsn, encoded
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """(key, [(LSN, encoded value), ...] in LSN order) for every key in file order,
+        bypassing the cache like iter_encoded."""
+        keys, firsts = self._keys()
+        m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
+        unpack = _VERSION_ENTRY.unpack_from
         block_no, block = -1, b""
         for i in range(self.header.n_keys):
-            key = self.key_at(i)
-            for v in self.versions_of(i):
-                entry = self.version(v)
-                if entry.block != block_no:
-                    block_no, block = entry.block, self._block(entry.block, use_cache=False)
-                yield key, entry.lsn, self._slice(block, entry)
+            group: list[tuple[int, bytes]] = []
+            for v in range(firsts[i], firsts[i + 1]):
+                lsn, tag, b, offset, length = unpack(m, at + v * size)
+                if b != block_no:
+                    block_no, block = b, self._block(b, use_cache=False)
+                end = offset + length
+                if end > len(block) or length == 0 or block[offset] != tag:
+                    raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
+                group.append((lsn, block[offset:end]))
+            yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
 
 
 class LayerFileWriter:
@@ -377,6 +450,41 @@ class LayerFileWriter:
         )
         self._buf += encoded
         self.uncompressed_bytes += len(encoded)
+
+    def add_key(self, key: Key, versions: list[tuple[int, bytes]]) -> None:
+        """Add every version of one key (LSN order, LSNs not decreasing), a key above the
+        last one added: the same as `add` per version, with the checks done once per key."""
+        if not versions:
+            return
+        last = self._last
+        if last is not None and key <= last[0]:
+            if key == last[0]:
+                for lsn, encoded in versions:
+                    self.add(key, lsn, encoded)
+                return
+            raise InvalidArgument("layer values must be added in key order")
+        lo, hi = self._lsn_start, self._lsn_end
+        prev = lo
+        for lsn, _ in versions:
+            if lsn < prev or lsn >= hi:
+                if not lo <= lsn < hi:
+                    raise InvalidArgument(f"LSN {lsn:X} outside the layer's LSN range")
+                raise InvalidArgument(f"versions of {describe(key)} must be added in LSN order")
+            prev = lsn
+        entries = self._versions
+        self._keys.append(_KEY_ENTRY.pack(key, len(entries)))
+        self._last = (key, prev)
+        buf, limit, pack = self._buf, self._block_size, _VERSION_ENTRY.pack
+        n_blocks, added = len(self._blocks), 0
+        for lsn, encoded in versions:
+            size = len(encoded)
+            if buf and len(buf) + size > limit:
+                self._flush_block()
+                n_blocks += 1
+            entries.append(pack(lsn, encoded[0], n_blocks, len(buf), size))
+            buf += encoded
+            added += size
+        self.uncompressed_bytes += added
 
     def _flush_block(self) -> None:
         raw = bytes(self._buf)

@@ -40,6 +40,10 @@ class DeltaLayerWriter:
     def add(self, key: Key, lsn: int, encoded: bytes) -> None:
         self._writer.add(key, lsn, encoded)
 
+    def add_key(self, key: Key, versions: list[tuple[int, bytes]]) -> None:
+        """Every version of one key, in LSN order (cheaper than `add` per version)."""
+        self._writer.add_key(key, versions)
+
     @property
     def uncompressed_bytes(self) -> int:
         return self._writer.uncompressed_bytes

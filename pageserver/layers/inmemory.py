@@ -123,8 +123,24 @@ class InMemoryLayer:
                 version_lsn, value = chain[i - 1]
                 yield key, version_lsn, value_tag(value)
 
+    def newest_lsn(self, key: Key, lsn: int) -> int | None:
+        """LSN of the newest version of `key` at or below lsn, if the layer has one."""
+        chain = self._versions.get(key)
+        if not chain:
+            return None
+        if chain[-1][0] <= lsn:
+            return chain[-1][0]
+        i = bisect_right(chain, lsn, key=_lsn_of)
+        return chain[i - 1][0] if i else None
+
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in (key, LSN) order, for flushing."""
-        for key in sorted(self._versions):
-            for lsn, value in self._versions[key]:
-                yield key, lsn, encode_value(value)
+        for key, versions in self.iter_key_groups():
+            for lsn, encoded in versions:
+                yield key, lsn, encoded
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """(key, [(LSN, encoded value), ...] in LSN order) per key in key order."""
+        chains = self._versions
+        for key in sorted(chains):
+            yield key, [(lsn, encode_value(value)) for lsn, value in chains[key]]

@@ -50,54 +50,72 @@ class PersistentLayer:
 
     def _last_at_or_below(self, versions: range, lsn: int) -> int:
         """Index of the newest version with LSN <= lsn, or versions.start - 1."""
-        lo, hi = versions.start, versions.stop
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.file.version(mid).lsn <= lsn:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo - 1
+        return self.file.last_at_or_below(versions, lsn)
 
     def collect(self, key: Key, lsn: int, floor: int) -> tuple[list[tuple[int, Value]], bool]:
         """Versions of `key` with floor < LSN <= lsn, newest first, up to the chain's start.
 
         Returns (versions, ended): ended when the last one returned needs nothing older.
         """
-        i = self.file.find_key(key)
+        f = self.file
+        i = f.find_key(key)
         if i is None:
             return [], False
-        versions = self.file.versions_of(i)
+        versions = f.versions_of(i)
         out: list[tuple[int, Value]] = []
-        v = self._last_at_or_below(versions, lsn)
+        v = f.last_at_or_below(versions, lsn)
         while v >= versions.start:
-            entry = self.file.version(v)
-            if entry.lsn <= floor:
+            entry_lsn, tag, block, offset, length = f.version_tuple(v)
+            if entry_lsn <= floor:
                 break
-            out.append((entry.lsn, decode_value(self.file.read_encoded(entry))))
-            if tag_ends_chain(entry.tag):
+            out.append((entry_lsn, decode_value(f.read_value(tag, block, offset, length))))
+            if tag_ends_chain(tag):
                 return out, True
             v -= 1
         return out, False
+
+    def newest_lsn(self, key: Key, lsn: int) -> int | None:
+        """LSN of the newest version of `key` at or below lsn, from the index alone."""
+        f = self.file
+        i = f.find_key(key)
+        if i is None:
+            return None
+        versions = f.versions_of(i)
+        v = f.last_at_or_below(versions, lsn)
+        return f.version_lsn(v) if v >= versions.start else None
 
     def newest_versions(self, key_range: KeyRange, lsn: int) -> Iterator[tuple[Key, int, int]]:
         """(key, LSN, tag) of the newest version <= lsn of every key in range that has one."""
         f = self.file
         i = f.lower_bound(key_range.start)
+        if lsn >= self.lsn_end - 1:
+            # Every version is visible: the newest is each key's last one.
+            yield from f.newest_of_keys(i, key_range.end)
+            return
         while i < f.n_keys:
             key = f.key_at(i)
             if key >= key_range.end:
                 break
             versions = f.versions_of(i)
-            v = self._last_at_or_below(versions, lsn)
+            v = f.last_at_or_below(versions, lsn)
             if v >= versions.start:
-                entry = f.version(v)
-                yield key, entry.lsn, entry.tag
+                entry_lsn, tag, _, _, _ = f.version_tuple(v)
+                yield key, entry_lsn, tag
             i += 1
+
+    def has_keys_in(self, key_range: KeyRange) -> bool:
+        """True if the layer holds at least one key of key_range (index only)."""
+        f = self.file
+        i = f.lower_bound(key_range.start)
+        return i < f.n_keys and f.key_at(i) < key_range.end
 
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in (key, LSN) order, for compaction."""
         return self.file.iter_encoded()
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """(key, [(LSN, encoded value), ...]) per key in key order, for compaction."""
+        return self.file.iter_key_groups()
 
     def close(self) -> None:
         self.file.close()
