@@ -160,9 +160,12 @@ def _create_image_layers(
                 image_lsn = _image_floor(layer_map, key_range, lsn)
             if image_lsn == lsn:
                 continue
+            # Only layers that hold keys of the partition cost its reads anything (an L0
+            # layer spans the whole keyspace whether or not it holds any of them). Forced
+            # (GC) images are written wherever any delta overlaps, as before.
             deltas = layer_map.deltas_overlapping(key_range, image_lsn, lsn)
             if not force:
-                deltas = [d for d in deltas if _reimage_worthy(d, key_range)]
+                deltas = [d for d in deltas if d.has_keys_in(key_range)]
             if not deltas or (
                 not force and len(deltas) < timeline.settings.image_creation_threshold
             ):
@@ -176,21 +179,6 @@ def _create_image_layers(
     if written:
         timeline.replace_layers(add=written, remove=())
     return len(written)
-
-
-def _reimage_worthy(delta: DeltaLayer, partition: KeyRange) -> bool:
-    """Whether a delta layer counts towards image_creation_threshold for a partition.
-
-    As in Neon's layer map (`is_reimage_worthy`): L0 layers span the whole keyspace, so
-    they count only for a partition that does too; otherwise every flush would make every
-    partition it touches due after a few flushes, and rewriting (and redoing) whole
-    partitions that often is most of the cost of ingest. L0 layers are bounded by
-    compaction_threshold instead; images follow the L1 layers that L0 compaction writes.
-    A layer holding none of the partition's keys costs its reads nothing and never counts.
-    """
-    if delta.name.is_l0 and partition != FULL_KEYSPACE:
-        return False
-    return delta.has_keys_in(partition)
 
 
 def _image_floor(layer_map: LayerMap, key_range: KeyRange, lsn: int) -> int:

@@ -25,9 +25,7 @@ class StoreSettings:
     compaction_target_size: int = 32 * MiB
     """Approximate uncompressed size of each L1 delta layer written by compaction."""
     image_creation_threshold: int = 3
-    """Write an image layer for a key partition with this many delta layers holding its keys
-    above its image. As in Neon, L0 layers (bounded by compaction_threshold) count only when
-    the partition is the whole keyspace: images follow the L1 layers of L0 compaction."""
+    """Write an image layer for a key partition with this many delta layers above its image."""
     image_layer_target_size: int = 32 * MiB
     """Approximate uncompressed size of one image layer (4096 pages of 8 KiB)."""
     block_size: int = 32 * 1024
