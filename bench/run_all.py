@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench.wal_catchup", "bench.ingest", "bench.redo")
+BENCHMARKS = ("bench.wal_catchup", "bench.ingest", "bench.redo", "bench.extract")
 
 
 def main() -> int:
