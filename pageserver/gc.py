@@ -36,7 +36,7 @@ from pathlib import Path
 
 from pageserver.compaction import PAGE_SIZE_ESTIMATE, Materialize, _create_image_layers
 from pageserver.durable_files import fsync_dir
-from pageserver.keys import FULL_KEYSPACE, KeyRange
+from pageserver.keys import FULL_KEYSPACE, KeyRange, ranges_cover
 from pageserver.layers.layer_map import LayerMap
 from pageserver.layers.names import LayerName
 from pageserver.layers.persistent import PersistentLayer
@@ -72,19 +72,6 @@ class GcResult:
     """The LSN GC considered for new image layers."""
 
 
-def _covered(key_range: KeyRange, ranges: Iterable[KeyRange]) -> bool:
-    """True when the union of `ranges` covers key_range."""
-    at = key_range.start
-    for r in sorted(ranges, key=lambda r: r.start):
-        if r.start > at:
-            return False
-        if r.end > at:
-            at = r.end
-            if at >= key_range.end:
-                return True
-    return at >= key_range.end
-
-
 ImageSpan = tuple[KeyRange, int]
 """An image layer's (key range, LSN), real or hypothetical."""
 
@@ -101,13 +88,13 @@ def removable_layers(
     out: list[PersistentLayer] = []
     for delta in layer_map.deltas:
         low, high = delta.lsn_end - 1, points.first_at_or_above(delta.lsn_start)
-        if high >= low and _covered(
+        if high >= low and ranges_cover(
             delta.key_range, (r for r, lsn in images if low <= lsn <= high)
         ):
             out.append(delta)
     for image in layer_map.images:
         high = points.first_at_or_above(image.lsn)
-        if _covered(image.key_range, (r for r, lsn in images if image.lsn < lsn <= high)):
+        if ranges_cover(image.key_range, (r for r, lsn in images if image.lsn < lsn <= high)):
             out.append(image)
     return out
 

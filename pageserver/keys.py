@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NewType
 
@@ -169,6 +170,19 @@ class KeyRange:
 
 
 FULL_KEYSPACE = KeyRange(KEY_MIN, KEY_MAX)
+
+
+def ranges_cover(key_range: KeyRange, ranges: Iterable[KeyRange]) -> bool:
+    """True when the union of `ranges` covers key_range."""
+    at = key_range.start
+    for r in sorted(ranges, key=lambda r: r.start):
+        if r.start > at:
+            return False
+        if r.end > at:
+            at = r.end
+            if at >= key_range.end:
+                return True
+    return at >= key_range.end
 
 
 def single_key_range(key: Key) -> KeyRange:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pageserver.keys import Key, KeyRange
+from pageserver.keys import Key, KeyRange, ranges_cover
 from pageserver.layers.delta import DeltaLayer
 from pageserver.layers.image import ImageLayer
 from pageserver.layers.persistent import PersistentLayer
@@ -159,20 +159,31 @@ class LayerMap:
         or hidden by an image layer); a key in a covered range (under an image layer at or
         below lsn) that is not in the dict does not exist; any other key is the ancestor's.
         """
+        # Only the newest image layers until they cover the range matter, and only versions
+        # above the oldest of those: older layers are shadowed for every key of the range.
+        images: list[ImageLayer] = []
+        for image in self.images:  # newest first
+            if image.lsn <= lsn and image.key_range.overlaps(key_range):
+                images.append(image)
+                if ranges_cover(key_range, (i.key_range for i in images)):
+                    break
+        floor = (
+            images[-1].lsn
+            if images and ranges_cover(key_range, (i.key_range for i in images))
+            else -1
+        )
         newest: dict[Key, tuple[int, int]] = {}
         sources: list[Iterable[tuple[Key, int, int]]] = [head]
         sources.extend(s.newest_versions(key_range, lsn) for s in frozen if s.lsn_start <= lsn)
         sources.extend(
-            d.newest_versions(key_range, lsn) for d in self.deltas_overlapping(key_range, -1, lsn)
+            d.newest_versions(key_range, lsn)
+            for d in self.deltas_overlapping(key_range, floor, lsn)
         )
         for source in sources:
             for key, version_lsn, tag in source:
                 seen = newest.get(key)
                 if seen is None or version_lsn > seen[0]:
                     newest[key] = (version_lsn, tag)
-        images = [
-            i for i in self.images if i.lsn <= lsn and i.key_range.overlaps(key_range)
-        ]  # newest first
         held: list[set[Key]] = [
             {k for k, _, _ in i.newest_versions(key_range, lsn)} for i in images
         ]
