@@ -344,3 +344,18 @@ def run_pg_receivewal(
     if run.returncode not in (0, 130, -2) or not last.exists():
         raise RuntimeError(f"pg_receivewal failed ({run.returncode}): {run.stderr.strip()}")
     return run
+
+
+def run_benchmark(name: str, run: Callable[[Any], dict[str, Any]], args: Any) -> int:
+    """The end of every benchmark's main(): run it so that Ctrl-C and SIGTERM unwind through
+    the finally blocks that stop what it started (SIGINT too when started from a
+    non-interactive shell, which ignores it for us), then print the JSON line."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything stopped", file=sys.stderr)
+        return 130
+    json_line(name, results)
+    return 0

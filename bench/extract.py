@@ -38,7 +38,6 @@ import argparse
 import logging
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,6 @@ from typing import Any
 from bench.common import (
     MIB,
     current_lsn,
-    json_line,
     machine_info,
     measure,
     mib,
@@ -58,6 +56,7 @@ from bench.common import (
     pgbench_init,
     pgbench_rounds,
     print_table,
+    run_benchmark,
     say,
     switch_wal,
     throwaway_cluster,
@@ -517,15 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--snapshots must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything stopped", file=sys.stderr)
-        return 130
-    json_line(BENCH, results)
-    return 0
+    return run_benchmark(BENCH, run, args)
 
 
 if __name__ == "__main__":

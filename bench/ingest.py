@@ -31,7 +31,6 @@ import cProfile
 import logging
 import pstats
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from bench.common import (
     Measure,
     create_slot,
     generate_backlog,
-    json_line,
     machine_info,
     measure,
     mib,
@@ -52,6 +50,7 @@ from bench.common import (
     percentile,
     print_table,
     restart_lsn,
+    run_benchmark,
     run_pg_receivewal,
     say,
     throwaway_cluster,
@@ -376,15 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--hot-rounds must be at least 2 (first reads, then repeated ones)")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything stopped", file=sys.stderr)
-        return 130
-    json_line(BENCH, results)
-    return 0
+    return run_benchmark(BENCH, run, args)
 
 
 if __name__ == "__main__":

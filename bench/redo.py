@@ -30,7 +30,6 @@ import logging
 import pstats
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -43,7 +42,6 @@ from bench.common import (
     MIB,
     Measure,
     current_lsn,
-    json_line,
     machine_info,
     measure,
     mib,
@@ -51,6 +49,7 @@ from bench.common import (
     pgbench_rounds,
     pgbench_scale,
     print_table,
+    run_benchmark,
     say,
     throwaway_cluster,
     wal_segment_size,
@@ -458,15 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything stopped", file=sys.stderr)
-        return 130
-    json_line(BENCH, results)
-    return 0
+    return run_benchmark(BENCH, run, args)
 
 
 if __name__ == "__main__":

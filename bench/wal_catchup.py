@@ -26,7 +26,6 @@ import asyncio
 import cProfile
 import logging
 import pstats
-import signal
 import subprocess
 import sys
 import time
@@ -42,7 +41,6 @@ from bench.common import (
     create_slot,
     current_lsn,
     generate_backlog,
-    json_line,
     machine_info,
     measure,
     mib,
@@ -50,6 +48,7 @@ from bench.common import (
     pgbench_args,
     print_table,
     restart_lsn,
+    run_benchmark,
     run_pg_receivewal,
     say,
     throwaway_cluster,
@@ -339,17 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="cProfile our catch-up into this file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started
-    # (SIGINT too when started from a non-interactive shell, which ignores it for us).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything stopped", file=sys.stderr)
-        return 130
-    json_line(BENCH, results)
-    return 0
+    return run_benchmark(BENCH, run, args)
 
 
 if __name__ == "__main__":
