@@ -181,6 +181,17 @@ class Registry:
             raise NotFound(f"node {ref!r} does not exist (known: {known}); see `neon pg list`")
         return node
 
+    # read-only servers over snapshots
+
+    def snapshot_server(self, name: str) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT name, datadir, port FROM snapshot_servers WHERE name = ?", (name,)
+        ).fetchone()
+        return dict(row) if row else None
+
+    def snapshot_server_ports(self) -> set[int]:
+        return {r[0] for r in self._conn.execute("SELECT port FROM snapshot_servers")}
+
     # pageservers
 
     def pageserver(self, name: str = "local") -> PageserverRow | None:

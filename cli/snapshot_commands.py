@@ -122,15 +122,12 @@ def _server_dir(app: App, name: str) -> Path:
 
 
 def _server(app: App, name: str) -> dict[str, Any] | None:
-    row = app.registry._conn.execute(
-        "SELECT name, datadir, port FROM snapshot_servers WHERE name = ?", (name,)
-    ).fetchone()
-    return dict(row) if row else None
+    return app.registry.snapshot_server(name)
 
 
 def _free_port(app: App) -> int:
     taken = {n.port for n in app.registry.nodes()}
-    taken |= {r[0] for r in app.registry._conn.execute("SELECT port FROM snapshot_servers")}
+    taken |= app.registry.snapshot_server_ports()
     port = SNAPSHOT_SERVER_PORT
     while port in taken or not port_is_free(port):
         port += 1
