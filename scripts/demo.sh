@@ -23,6 +23,15 @@ INSERT INTO movies (title, year)
 SELECT 'movie #' || g, 1950 + g % 70 FROM generate_series(1, 1000) g;
 SQL
 "$PSQL" "$CONN" -X -At -c "SELECT count(*) || ' rows in movies' FROM movies"
+TAG="before-$(date +%s)"
+echo "== neon snapshot create demo@$TAG; then delete every row and roll back"
+$NEON snapshot create "demo@$TAG"
+"$PSQL" "$CONN" -X -q -c "DELETE FROM movies"
+"$PSQL" "$CONN" -X -At -c "SELECT count(*) || ' rows after DELETE' FROM movies"
+$NEON pg checkout "demo@$TAG"
+"$PSQL" "$CONN" -X -At -c "SELECT count(*) || ' rows after checkout' FROM movies"
+echo "== neon snapshot list"
+$NEON snapshot list
 echo "== neon pg list"
 $NEON pg list
 echo "== neon storage list"
