@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli.pgbin import pg_binary
+
 NEON = str(Path(sys.executable).with_name("neon"))
 
 
@@ -72,3 +74,25 @@ class NeonCli:
                 os.kill(pid, 0)
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
+
+
+def psql(connstr: str, sql: str, dbname: str | None = None, timeout: float = 300) -> str:
+    """Run SQL (from stdin, ON_ERROR_STOP) over a connection string; the unaligned output."""
+    if dbname:
+        connstr = connstr.replace("dbname=postgres", f"dbname={dbname}")
+    proc = subprocess.run(
+        [pg_binary("psql"), connstr, "-X", "-qAt", "-v", "ON_ERROR_STOP=1"],
+        input=sql,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def pgbench(connstr: str, *args: str) -> None:
+    proc = subprocess.run(
+        [pg_binary("pgbench"), *args, connstr], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr

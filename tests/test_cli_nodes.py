@@ -13,18 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli.pgbin import pg_binary
-from tests.neoncli import NeonCli
-
-
-def psql(connstr: str, sql: str) -> str:
-    proc = subprocess.run(
-        [pg_binary("psql"), connstr, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+from tests.neoncli import NeonCli, psql
 
 
 def wait_dead(pid: int, timeout: float = 10) -> None:

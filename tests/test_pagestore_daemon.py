@@ -16,7 +16,7 @@ from cli.pgbin import pg_binary
 from pageserver.import_datadir import CHECKPOINT_RECORD_SIZE, record_end_lsn
 from pageserver.pg_control import read_control_file
 from proto.client import ProtoClient
-from tests.neoncli import NeonCli
+from tests.neoncli import NeonCli, pgbench, psql
 from tests.page_compare import fork_pages, masked_page, relation_files, relation_kinds
 
 WORKLOAD = """
@@ -46,27 +46,6 @@ DROP DATABASE d_copy;
 BEGIN; INSERT INTO scratch VALUES (-1); PREPARE TRANSACTION 'tx1';
 COMMIT PREPARED 'tx1';
 """
-
-
-def psql(connstr: str, sql: str, dbname: str | None = None) -> str:
-    if dbname:
-        connstr = connstr.replace("dbname=postgres", f"dbname={dbname}")
-    proc = subprocess.run(
-        [pg_binary("psql"), connstr, "-X", "-qAt", "-v", "ON_ERROR_STOP=1"],
-        input=sql,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
-
-
-def pgbench(connstr: str, *args: str) -> None:
-    proc = subprocess.run(
-        [pg_binary("pgbench"), *args, connstr], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
 
 
 def stop_at_checkpoint(neon: NeonCli, node: str, datadir: Path) -> int:

@@ -25,7 +25,7 @@ import pytest
 
 from cli import postmaster
 from cli.pgbin import pg_binary, pg_os_user
-from tests.neoncli import NeonCli
+from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port
 from walreceiver.lsn import format_lsn, parse_lsn
 
@@ -68,19 +68,6 @@ PHASES = [
     INSERT INTO docs (body) SELECT 'late ' || g FROM generate_series(1, 500) g;
     """,
 ]
-
-
-def psql(connstr: str, sql: str, db: str = "postgres") -> str:
-    conn = connstr.replace("dbname=postgres", f"dbname={db}")
-    proc = subprocess.run(
-        [pg_binary("psql"), conn, "-X", "-qAt", "-v", "ON_ERROR_STOP=1"],
-        input=sql,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
 
 
 def dump_all(connstr: str) -> dict[str, str]:

@@ -11,19 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.pgbin import pg_binary
-from tests.neoncli import NEON, NeonCli
-
-
-def psql(connstr: str, sql: str) -> str:
-    proc = subprocess.run(
-        [pg_binary("psql"), connstr, "-X", "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+from tests.neoncli import NEON, NeonCli, psql
 
 
 def connstr(neon: NeonCli, node: str) -> str:

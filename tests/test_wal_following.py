@@ -11,26 +11,8 @@ from typing import Any
 
 from cli.pgbin import pg_binary
 from pageserver.pg_control import read_control_file
-from tests.neoncli import NeonCli
+from tests.neoncli import NeonCli, pgbench, psql
 from walreceiver.lsn import parse_lsn
-
-
-def psql(connstr: str, sql: str) -> str:
-    proc = subprocess.run(
-        [pg_binary("psql"), connstr, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
-
-
-def pgbench(connstr: str, *args: str) -> None:
-    proc = subprocess.run(
-        [pg_binary("pgbench"), *args, connstr], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
 
 
 def wal_of(neon: NeonCli, node: str) -> dict[str, Any]:
