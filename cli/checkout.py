@@ -29,6 +29,7 @@ from cli.context import App
 from cli.extract import download_basebackup
 from cli.pageserver_control import call_local
 from cli.registry import NodeRow
+from pageserver.durable_files import write_file_durably
 from pageserver.snapshots import head_tag, split_snapshot_name
 from proto.errors import InvalidArgument
 
@@ -48,13 +49,7 @@ def _old_dir(node: NodeRow) -> Path:
 
 
 def _write_journal(node: NodeRow, entry: dict[str, Any]) -> None:
-    path = _journal(node)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(entry, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_durably(_journal(node), json.dumps(entry).encode())
 
 
 def _current_timeline(app: App, node: NodeRow) -> dict[str, Any]:

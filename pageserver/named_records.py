@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from pageserver.durable_files import write_file_durably
 from proto.errors import AlreadyExists, NotFound
 
 
@@ -40,12 +40,8 @@ class NamedRecords(Generic[T]):
         return {item["name"]: self._cls(**item) for item in items}
 
     def _save(self, records: dict[str, T]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump([asdict(r) for r in records.values()], f, indent=1)  # type: ignore[call-overload]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = json.dumps([asdict(r) for r in records.values()], indent=1)  # type: ignore[call-overload]
+        write_file_durably(self.path, data.encode())
 
     def all(self) -> list[T]:
         with self._lock:

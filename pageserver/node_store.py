@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pageserver.compaction import compact
+from pageserver.durable_files import write_file_durably
 from pageserver.import_datadir import import_datadir
 from pageserver.lsn_index import LsnIndex
 from pageserver.page_reconstruct import reconstruct
@@ -104,12 +104,7 @@ class NodeStore:
 
     def _save_state(self, state: NodeState) -> None:
         self._state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
+        write_file_durably(self._state_path, json.dumps(asdict(state)).encode())
         self._state = state
         self._ingest = None
 
