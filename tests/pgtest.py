@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -177,3 +178,4 @@ def cluster_fixture(tmp_path_factory: object) -> Iterator[PgTestCluster]:
         yield cluster
     finally:
         cluster.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
