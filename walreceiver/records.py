@@ -10,11 +10,13 @@ payloads (each block's image, then its data; finally the main data).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from proto.errors import CorruptData
 from walreceiver.lsn import format_lsn
+from walreceiver.native import walscan
 from walreceiver.rmgr_names import record_type_name, rmgr_name
 from walreceiver.xlog_reader import RECORD_HEADER_SIZE, RawRecord
 
@@ -209,8 +211,10 @@ def _rnode_of(raw: bytes) -> RelFileNode:
     return rnode
 
 
-def decode_record(raw: RawRecord) -> DecodedRecord:
-    """Decode a CRC-checked record; RecordDecodeError if its body is inconsistent."""
+def decode_record_python(raw: RawRecord) -> DecodedRecord:
+    """Decode a CRC-checked record; RecordDecodeError if its body is inconsistent.
+
+    The reference implementation; `decode_record` is its C twin when that is built."""
     lsn, end_lsn, data = raw
     n = len(data)
     # Fast paths for the two shapes most records have; they produce exactly what the general
@@ -408,6 +412,13 @@ def decode_record(raw: RawRecord) -> DecodedRecord:
     )
 
 
+if walscan is not None:
+    walscan.init_decoder(DecodedRecord, BlockRef, BlockImage, RelFileNode, decode_record_python)
+    decode_record: Callable[[RawRecord], DecodedRecord] = walscan.decode_record
+else:
+    decode_record = decode_record_python
+
+
 def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:
     """Decode record bytes (XLogRecord header included); see DecodeXLogRecord."""
     return decode_record(RawRecord(lsn, end_lsn, data))
@@ -449,6 +460,8 @@ def _check_image(
         problem = "BKPIMAGE_HAS_HOLE set, but hole offset/length/image length inconsistent"
     elif not has_hole and (hole_offset != 0 or hole_length != 0):
         problem = "BKPIMAGE_HAS_HOLE not set, but hole offset or length is not zero"
+    elif not compressed and bimg_len > BLCKSZ:
+        problem = f"block image length {bimg_len} is larger than a page"
     elif compressed and bimg_len == BLCKSZ:
         problem = "BKPIMAGE_COMPRESSED set, but block image length is 8192"
     elif not has_hole and not compressed and bimg_len != BLCKSZ:

@@ -33,6 +33,7 @@ from crc32c import crc32c
 
 from proto.errors import CorruptData
 from walreceiver.lsn import DEFAULT_SEGMENT_SIZE, WAL_BLOCK_SIZE, format_lsn, segment_file_name
+from walreceiver.native import walscan
 
 XLOG_PAGE_MAGIC = 0xD110
 XLP_FIRST_IS_CONTRECORD = 0x0001
@@ -73,6 +74,12 @@ class RawRecord(NamedTuple):
     lsn: int
     end_lsn: int
     data: bytes
+
+
+if walscan is not None:
+    walscan.init_reader(RawRecord)
+_native_scan = walscan.scan if walscan is not None else None
+NATIVE_BATCH = 4096  # records per call into the C fast path
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +230,38 @@ class WalReader:
         # The parser runs right here (not behind a `yield from`): this is the per-record loop.
         try:
             block = WAL_BLOCK_SIZE
+            scan = _native_scan
             while self._end is None:
                 buf = self._buf
                 base = self._buf_lsn
                 avail_end = base + len(buf)
                 pos = self._pos
+                if (
+                    scan is not None
+                    and self._rec_lsn < 0
+                    and pos >= self._skip_to
+                    and self._prev_lsn is not None
+                    and self._last_page_tli
+                ):
+                    # The C fast path: ordinary records up to the first unusual thing, which
+                    # the Python code below then handles (see walreceiver/_walscan.c).
+                    batch = scan(
+                        buf,
+                        base,
+                        pos,
+                        self._prev_lsn,
+                        self.segment_size,
+                        self.system_id,
+                        self._last_page_tli,
+                        NATIVE_BATCH,
+                    )
+                    if batch:
+                        self._at_start = False
+                        for raw in batch:
+                            self._prev_lsn = raw[0]
+                            self._pos = self.last_end_lsn = raw[1]
+                            yield raw
+                        continue
                 if pos < self._skip_to:
                     self._pos = min(self._skip_to, avail_end)
                     if self._pos < self._skip_to:
