@@ -98,6 +98,19 @@ def measure() -> Iterator[Measure]:
         m.sys = r1.ru_stime - r0.ru_stime
 
 
+def process_cpu(pid: int | None) -> tuple[float, float]:
+    """(user, sys) CPU seconds a live process has used so far (0, 0 if it is gone)."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+
 @dataclass(frozen=True)
 class ChildRun:
     returncode: int

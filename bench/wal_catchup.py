@@ -11,8 +11,10 @@
 3. Reference: `pg_receivewal --slot bench_pgrecv --endpos END --no-loop` with its default
    durability (fsync when a segment completes and at exit; no --synchronous); the clock
    stops when END's segment is complete (see run_pg_receivewal).
-4. Ours: the pageserver's own `NodeFollower` (WalReceiver, fsynced WalArchive, WalReader and
-   decode_record on every record) from slot neon_catchup, stopped once END is decoded.
+4. Ours: the pageserver's own `NodeFollower` from slot neon_catchup: its walreceiver process
+   (WalReceiver into the fsynced WalArchive) and its decode thread (WalReader.read_batch and
+   decode_records on every record, C fast paths when built), stopped once END is decoded.
+   CPU is ours plus the receiver child's.
 5. Live: our follower on slot neon_live (created just before) while
    `pgbench -c 4 -T <live-seconds>` runs; CPU seconds per MiB and the lag when pgbench ends.
 
@@ -47,6 +49,7 @@ from bench.common import (
     mib_per_s,
     pgbench_args,
     print_table,
+    process_cpu,
     restart_lsn,
     run_benchmark,
     run_pg_receivewal,
@@ -66,7 +69,7 @@ from walreceiver.lsn import (
     segment_start,
 )
 from walreceiver.receiver import ReceiverState
-from walreceiver.records import decode_record
+from walreceiver.records import decode_records
 from walreceiver.xlog_reader import WalReader
 
 BENCH = "wal_catchup"
@@ -122,16 +125,25 @@ async def catch_up(
     server: PgTestServer, workdir: Path, end_lsn: int, profile: cProfile.Profile | None
 ) -> tuple[Measure, NodeFollower]:
     follower = make_follower(server, CATCHUP_NODE, workdir)
+    child = (0.0, 0.0)
     with measure() as m:
         if profile is not None:
             profile.enable()
+        started = time.perf_counter()
         follower.start()
         try:
             await wait_decoded(follower, end_lsn, timeout=3600)
+            # The clock stops when END is decoded (pg_receivewal's when END's segment is
+            # complete); stopping the follower is teardown, its CPU still counts.
+            done = time.perf_counter() - started
         finally:
+            child = process_cpu(follower.receiver.pid)  # the receiver process, before it ends
             await follower.stop()
             if profile is not None:
                 profile.disable()
+    m.user += child[0]
+    m.sys += child[1]
+    m.wall = done
     return m, follower
 
 
@@ -149,9 +161,9 @@ def decode_only(archive: Path, segment_size: int) -> tuple[Measure, int, int]:
             data = path.read_bytes()
             nbytes += len(data)
             reader.feed(data)
-            for raw in reader.records():
-                decode_record(raw)
-                records += 1
+            while batch := reader.read_batch():  # as NodeFollower reads
+                decode_records(batch)
+                records += len(batch)
     return m, nbytes, records
 
 
@@ -178,6 +190,7 @@ async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
         decoded0, records0 = follower.decoded_lsn, follower.records
         env = {"PGHOST": str(server.sockdir), "PGPORT": str(server.port), "PGUSER": SUPERUSER}
         say(f"live: pgbench -c 4 -T {seconds} while following")
+        child0 = process_cpu(follower.receiver.pid)
         with measure() as m:
             # uvloop cannot spawn as another user: Popen here, wait in a thread.
             proc = subprocess.Popen(
@@ -196,6 +209,9 @@ async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
             lag_flushed = max(0, end - follower.receiver.flushed_lsn)
             await wait_decoded(follower, end, timeout=300)
             catchup = time.perf_counter() - t_end
+            child1 = process_cpu(follower.receiver.pid)
+        m.user += child1[0] - child0[0]
+        m.sys += child1[1] - child0[1]
         return LiveResult(
             m.wall,
             follower.decoded_lsn - decoded0,
@@ -233,14 +249,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"pg_receivewal: {mib(ref_bytes):.0f} MiB")
         ref = run_pg_receivewal(server, work / "pg_receivewal", backlog.end_lsn, seg)
 
-        say(f"ours (NodeFollower: receiver + archive + reader + decoder): {mib(our_bytes):.0f} MiB")
+        say(f"ours (NodeFollower: receiver process + decode thread): {mib(our_bytes):.0f} MiB")
         profile = cProfile.Profile() if args.profile else None
         ours, follower = uvloop.run(catch_up(server, work, backlog.end_lsn, profile))
         if profile is not None:
             profile.dump_stats(args.profile)
             pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 
-        say("decode only: WalReader + decode_record over our archived segments")
+        say("decode only: WalReader.read_batch + decode_records over our archived segments")
         dec, dec_bytes, dec_records = decode_only(follower.store.wal_dir, seg)
 
         live_result = None

@@ -1,10 +1,12 @@
-"""Following one PostgreSQL node: its WalReceiver, the WAL archive, and the record decoder.
+"""Following one PostgreSQL node: its walreceiver process, the WAL archive, and the decoder.
 
-The receiver streams the node's slot into `<workdir>/nodes/<id>/wal`. Every durable chunk is
-queued to a decode thread (so the event loop keeps serving while a backlog is decoded) that
-feeds a WalReader, decodes each record and ingests it into the node's page history.
-The follower outlives the node's restarts: when the server ends the stream (it shut down),
-the follower reconnects with backoff, and `kick()` (on `pg start`) reconnects at once.
+The receiver runs in a child process (pageserver/receiver_process.py) that streams the node's
+slot into `<workdir>/nodes/<id>/wal` and reports how far that archive is durable. A decode
+thread reads the archive from where the page history ends up to that point, decodes every
+record and ingests it: receiving and decoding run on two cores, and after a restart the same
+loop re-ingests what the durable layers do not hold yet. The follower outlives the node's
+restarts: when the server ends the stream (it shut down), the follower starts a receiver again
+after a pause, and `kick()` (on `pg start`) makes that happen at once.
 """
 
 from __future__ import annotations
@@ -12,28 +14,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pageserver.followed_nodes import FollowedNode
 from pageserver.metrics import Metrics
 from pageserver.node_store import NodeStore
+from pageserver.receiver_process import ReceiverProcess
 from pageserver.redo import REDO_BY_RMGR
 from proto.errors import CorruptData, NeonError
 from walreceiver.archive import WalArchive
-from walreceiver.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
-from walreceiver.receiver import ConnParams, WalChunk, WalReceiver
-from walreceiver.records import decode_record
-from walreceiver.xlog_reader import WalReader
+from walreceiver.lsn import format_lsn
+from walreceiver.receiver import ConnParams, WalChunk
+from walreceiver.records import DecodedRecord, decode_record, decode_records
+from walreceiver.xlog_reader import RawRecord, WalReader
 
 log = logging.getLogger(__name__)
 
-REPLAY_CHUNK = 1 << 20
+READ_CHUNK = 4 << 20  # archived WAL read and decoded at a time
 FAILED_RETRY_SECONDS = 10.0
 ENDED_RETRY_SECONDS = 1.0
-DECODE_QUEUE_CHUNKS = 64
 
 
 class NodeFollower:
@@ -46,7 +48,7 @@ class NodeFollower:
         self.node = node
         self.store = store
         self.metrics = metrics
-        self.receiver = WalReceiver(
+        self.receiver = ReceiverProcess(
             ConnParams(
                 node.host,
                 node.port,
@@ -56,8 +58,7 @@ class NodeFollower:
             ),
             node.slot,
             store.wal_dir,
-            create_slot=True,
-            on_flushed=self._on_wal,
+            on_progress=self._on_progress,
             max_backoff=5.0,
         )
         self.reader: WalReader | None = None
@@ -69,10 +70,13 @@ class NodeFollower:
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._chunks: queue.Queue[WalChunk | None] = queue.Queue(DECODE_QUEUE_CHUNKS)
         self._decoder: threading.Thread | None = None
-        self._replay: tuple[int, int, WalArchive] | None = None
         self._warned_rmgrs: set[str] = set()
+        # What the decode thread may read: the archive is durable up to (timeline, lsn).
+        self._cond = threading.Condition()
+        self._durable: tuple[int, int] = (0, 0)
+        self._stream_start: int | None = None
+        self._stopping = False
 
     # life cycle
 
@@ -80,7 +84,7 @@ class NodeFollower:
         if self._task is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._queue_archive_replay()
+        self._stopping = False
         self._decoder = threading.Thread(
             target=self._decode_loop, name=f"decode-{self.node.node_id}", daemon=True
         )
@@ -95,72 +99,15 @@ class NodeFollower:
                 await task
         decoder, self._decoder = self._decoder, None
         if decoder is not None:
-            await asyncio.to_thread(self._chunks.put, None)
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
             await asyncio.to_thread(decoder.join)
-
-    def _queue_archive_replay(self) -> None:
-        """After a restart, re-ingest the archived WAL the durable layers do not hold yet.
-
-        The bytes from disk_consistent_lsn up to the archive's resume point go through the
-        decode queue first; the receiver then streams from that resume point on, so the
-        decoder sees one contiguous stream.
-        """
-        state = self.store.state
-        if state is None:
-            return
-        start = max(self.store.timeline.disk_consistent_lsn, state.decode_from or 0)
-        archive = WalArchive(self.store.wal_dir, state.wal_segment_size)
-        resume = archive.resume()
-        if resume is None or resume[1] <= start:
-            return
-        self._replay = (start, resume[1], archive)
-
-    def _replay_archive(self) -> None:
-        replay, self._replay = self._replay, None
-        if replay is None:
-            return
-        start, end, archive = replay
-        log.info(
-            "node %s: re-ingesting archived WAL %s..%s",
-            self.node.node_id,
-            format_lsn(start),
-            format_lsn(end),
-        )
-        prev = self.store.timeline.prev_record_lsn
-        lsn = start
-        while lsn < end and self.decode_error is None:
-            offset = lsn % archive.segment_size
-            length = min(end - lsn, archive.segment_size - offset, REPLAY_CHUNK)
-            timeline, data = self._read_archived(archive, lsn, length)
-            self._decode(WalChunk(timeline, lsn, data), prev_lsn=prev)
-            lsn += length
-
-    @staticmethod
-    def _read_archived(archive: WalArchive, lsn: int, length: int) -> tuple[int, bytes]:
-        """Bytes [lsn, lsn+length) of one segment; the receiver may be completing (renaming)
-        that very segment meanwhile, so look it up afresh and retry once."""
-        segno = lsn // archive.segment_size
-        for _attempt in range(3):
-            segs = [s for s in archive.segments() if s.segno == segno]
-            if not segs:
-                break
-            seg = segs[-1]  # the newest timeline, the complete file before the partial one
-            try:
-                with open(seg.path, "rb") as f:
-                    f.seek(lsn % archive.segment_size)
-                    data = f.read(length)
-            except FileNotFoundError:
-                continue
-            if len(data) == length:
-                return seg.timeline, data
-        raise CorruptData(
-            f"archived WAL for {format_lsn(lsn)}..{format_lsn(lsn + length)} is missing or "
-            f"short in {archive.directory}; cannot re-ingest"
-        )
 
     def kick(self) -> None:
         """Reconnect now (the node was just started) instead of waiting out a backoff."""
         self._wake.set()
+        self.receiver.retry_now()
 
     async def _run(self) -> None:
         while True:
@@ -185,34 +132,116 @@ class NodeFollower:
 
     # decoding
 
-    async def _on_wal(self, chunk: WalChunk) -> None:
-        """Called with durable WAL in stream order; a full queue slows streaming down."""
+    def _on_progress(self, receiver: ReceiverProcess) -> None:
+        """The receiver reported; let the decoder read what became durable."""
+        timeline, lsn = receiver.timeline, receiver.flushed_lsn
+        if not timeline or not lsn:
+            return
+        with self._cond:
+            if self._stream_start is None:
+                self._stream_start = lsn  # where the first receiver began (or resumed)
+            old = self._durable[1]
+            # After a timeline switch the new timeline's segment fills from its start; until
+            # it passes what the old one had, the old files are the ones to read.
+            if lsn <= old:
+                return
+            self._durable = (timeline, lsn)
+            self._cond.notify_all()
         self.stream_ended = False
-        self.metrics.inc(
-            "pageserver_wal_received_bytes_total", len(chunk.data), node=self.node.node_id
-        )
-        try:
-            self._chunks.put_nowait(chunk)
-        except queue.Full:
-            await asyncio.to_thread(self._chunks.put, chunk)
+        if old:
+            self.metrics.inc(
+                "pageserver_wal_received_bytes_total", lsn - old, node=self.node.node_id
+            )
 
     def _decode_loop(self) -> None:
-        try:
-            self._replay_archive()
-        except Exception as exc:
-            self.decode_error = f"re-ingest of archived WAL failed: {exc}"
-            log.exception("node %s: re-ingest failed", self.node.node_id)
+        archive: WalArchive | None = None
+        pos, prev = self._start_position()
         while True:
-            chunk = self._chunks.get()
-            if chunk is None:
-                return
-            if self.decode_error is None:
-                self._decode(chunk)
-                self._flush_store()
+            with self._cond:
+                while not self._stopping and (
+                    self.decode_error is not None or (pos is not None and self._durable[1] <= pos)
+                ):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                timeline, end = self._durable
+                if pos is None:
+                    pos = self._stream_start  # no page history: decode what streams from now
+                    continue
+            try:
+                if archive is None:
+                    archive = WalArchive(self.store.wal_dir, self._segment_size())
+                length = min(end - pos, archive.segment_size - pos % archive.segment_size)
+                length = min(length, READ_CHUNK)
+                tli, data = self._read_archived(archive, pos, length, timeline)
+            except Exception as exc:
+                self.decode_error = f"reading archived WAL failed: {exc}"
+                log.error("node %s: %s", self.node.node_id, self.decode_error)
+                continue
+            self._decode(WalChunk(tli, pos, data), prev_lsn=prev)
+            pos += length
+            self._flush_store()
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._progress.set)
+
+    def _start_position(self) -> tuple[int | None, int | None]:
+        """Where decoding resumes: the end of the durable page history (its archived WAL
+        since then is re-ingested first), or None for a store with no history yet."""
+        state = self.store.state
+        if state is None:
+            return None, None
+        start = max(self.store.timeline.disk_consistent_lsn, state.decode_from or 0)
+        resume = WalArchive(self.store.wal_dir, state.wal_segment_size).resume()
+        if resume is not None and resume[1] > start:
+            log.info(
+                "node %s: re-ingesting archived WAL %s..%s",
+                self.node.node_id,
+                format_lsn(start),
+                format_lsn(resume[1]),
+            )
+            with self._cond:
+                self._durable = max(self._durable, resume, key=lambda d: d[1])
+        if start == state.decode_from:
+            return start, None  # a fresh branch: its first record is the one we wrote
+        return start, self.store.timeline.prev_record_lsn
+
+    def _segment_size(self) -> int:
+        state = self.store.state
+        if state is not None:
+            return state.wal_segment_size
+        if self.receiver.segment_size:
+            return self.receiver.segment_size
+        raise CorruptData("WAL segment size unknown: the receiver has not reported yet")
+
+    @staticmethod
+    def _read_archived(
+        archive: WalArchive, lsn: int, length: int, max_timeline: int
+    ) -> tuple[int, bytes]:
+        """Bytes [lsn, lsn+length) of one segment, from the newest timeline up to
+        `max_timeline` that has it; the receiver may be completing (renaming) that very
+        segment meanwhile, so look it up afresh and retry."""
+        segno = lsn // archive.segment_size
+        for _attempt in range(3):
+            segs = [
+                s for s in archive.segments() if s.segno == segno and s.timeline <= max_timeline
+            ]
+            if not segs:
+                break
+            seg = segs[-1]  # the newest timeline, the complete file before the partial one
+            try:
+                with open(seg.path, "rb") as f:
+                    f.seek(lsn % archive.segment_size)
+                    data = f.read(length)
+            except FileNotFoundError:
+                continue
+            if len(data) == length:
+                return seg.timeline, data
+        raise CorruptData(
+            f"archived WAL for {format_lsn(lsn)}..{format_lsn(lsn + length)} is missing or "
+            f"short in {archive.directory}"
+        )
 
     def _flush_store(self) -> None:
         try:
@@ -224,14 +253,7 @@ class NodeFollower:
     def _decode(self, chunk: WalChunk, prev_lsn: int | None = None) -> None:
         if self.reader is None:
             state = self.store.state
-            archive = self.receiver.archive
-            segment_size = (
-                state.wal_segment_size
-                if state is not None
-                else archive.segment_size
-                if archive is not None
-                else DEFAULT_SEGMENT_SIZE
-            )
+            segment_size = self._segment_size()
             start = chunk.start_lsn
             decode_from = state.decode_from if state is not None else None
             if decode_from is not None and decode_from > start:
@@ -256,17 +278,19 @@ class NodeFollower:
             data = data[skip:]  # already fed (archive replay overlapping the stream)
         reader.feed(data)
         count = 0
-        decode = decode_record
-        ingest = self.store.ingest
+        # A store with no history yet (never imported) ingests nothing: decode only.
+        ingest = self.store.ingest if self.store.state is not None else None
         redo_rmgrs = REDO_BY_RMGR
         try:
-            for raw in reader.records():
-                record = decode(raw)
-                if record.blocks and record.rmgr_id not in redo_rmgrs:
-                    self._warn_unreplayable(record.rmgr_name)
-                ingest(record, raw.data)
-                count += 1
-                self._decoded_lsn = record.end_lsn
+            while batch := reader.read_batch():
+                for raw, record in _decoded(batch):
+                    if record.blocks and record.rmgr_id not in redo_rmgrs:
+                        self._warn_unreplayable(record.rmgr_name)
+                    if ingest is not None:
+                        ingest(record, raw.data)
+                        self._decoded_lsn = record.end_lsn
+                count += len(batch)
+                self._decoded_lsn = batch[-1].end_lsn
         except NeonError as exc:
             self.decode_error = str(exc)
             log.error("node %s: decoding stopped: %s", self.node.node_id, exc)
@@ -321,3 +345,12 @@ class NodeFollower:
             "decode_error": self.decode_error,
             "stream_ended": self.stream_ended,
         }
+
+
+def _decoded(batch: list[RawRecord]) -> Iterable[tuple[RawRecord, DecodedRecord]]:
+    """(raw, decoded) pairs of a batch; when one record is bad, those before it still come
+    out, then its error is raised."""
+    try:
+        return zip(batch, decode_records(batch), strict=True)
+    except NeonError:
+        return ((raw, decode_record(raw)) for raw in batch)

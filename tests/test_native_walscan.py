@@ -8,6 +8,7 @@ over damaged copies of it: records, end of WAL and error messages must be identi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ class ReadOutcome:
     error: str | None
 
 
-def read_stream(start: int, chunks: list[bytes], native: bool) -> ReadOutcome:
+def read_stream(
+    start: int, chunks: list[bytes], native: bool, batches: bool = False
+) -> ReadOutcome:
     """Feed the chunks in order, collecting records until the end of WAL or an error."""
     ctx = contextlib.nullcontext() if native else pure_python_reader()
     reader = WalReader(start)
@@ -62,7 +65,11 @@ def read_stream(start: int, chunks: list[bytes], native: bool) -> ReadOutcome:
         try:
             for chunk in chunks:
                 reader.feed(chunk)
-                out.extend(reader.records())
+                if batches:
+                    while batch := reader.read_batch():
+                        out.extend(batch)
+                else:
+                    out.extend(reader.records())
         except CorruptData as exc:
             return ReadOutcome(out, reader.end_of_wal, str(exc))
     return ReadOutcome(out, reader.end_of_wal, None)
@@ -156,6 +163,9 @@ def test_reader_and_decoder_equal_on_real_wal(real_wal: RealWal, sizes: list[int
     assert native.records == pure.records
     assert native.end == pure.end
     assert len(native.records) > 5000
+    for native_mode in (True, False):
+        batched = read_stream(real_wal.start, chunks, native=native_mode, batches=True)
+        assert (batched.records, batched.end, batched.error) == (pure.records, pure.end, None)
 
     decoded = [walscan.decode_record(r) for r in native.records]  # type: ignore[union-attr]
     assert decoded == [decode_record_python(r) for r in native.records]
@@ -169,6 +179,26 @@ def test_reader_and_decoder_equal_on_real_wal(real_wal: RealWal, sizes: list[int
     assert any(len(d.blocks) > 1 and d.blocks[1].fork_flags & 0x80 for d in decoded)
     assert any(r.lsn // 8192 != (r.end_lsn - 1) // 8192 for r in native.records)
     assert any(r.lsn // SEG != (r.end_lsn - 1) // SEG for r in native.records)
+    assert any(8192 - r.lsn % 8192 < 24 for r in native.records)  # header split by a page
+
+
+@needs_native
+def test_fast_path_takes_every_ordinary_record(real_wal: RealWal) -> None:
+    """The C path must handle every record but XLOG_SWITCH itself, from its start (headers
+    split by a page, spanning pages and segments): falling back to Python would be correct
+    but slow, so the equality tests alone would not notice."""
+    reader = WalReader(real_wal.start)
+    reader.feed(real_wal.stream)
+    records = list(reader.records())
+    assert reader.system_id is not None
+    for prev, rec in itertools.pairwise(records):
+        if prev.data[17] == 0 and prev.data[16] & 0xF0 == 0x40:
+            continue  # after a switch the reader skips the padding first
+        is_switch = rec.data[17] == 0 and rec.data[16] & 0xF0 == 0x40
+        got = walscan.scan(  # type: ignore[union-attr]
+            real_wal.stream, real_wal.start, prev.end_lsn, prev.lsn, SEG, reader.system_id, 1, 1
+        )
+        assert got == ([] if is_switch else [rec]), hex(rec.lsn)
 
 
 @needs_native
@@ -189,6 +219,8 @@ def test_damaged_wal_gives_the_same_outcome(real_wal: RealWal, data: st.DataObje
     assert native.records == pure.records
     assert native.error == pure.error
     assert native.end == pure.end
+    batched = read_stream(real_wal.start, chunks, native=True, batches=True)
+    assert (batched.records, batched.error, batched.end) == (pure.records, pure.error, pure.end)
 
 
 @needs_native

@@ -23,6 +23,7 @@ from walreceiver.lsn import lsn_segno, parse_lsn, parse_segment_file_name, segme
 from walreceiver.receiver import SERVER_ENDED, ConnParams, ReceiverState, WalChunk, WalReceiver
 from walreceiver.replication import (
     ReplicationConnection,
+    ReplicationStream,
     ServerUnavailable,
     SlotAlreadyExists,
     SlotNotFound,
@@ -435,3 +436,56 @@ async def test_follow_timeline_switch_on_promotion(
         assert (await conn.identify_system()).timeline == 2
     finally:
         await conn.close()
+
+
+# -- batching against a scripted walsender -------------------------------------------------------
+
+
+async def test_batch_is_handed_over_before_answering_a_keepalive() -> None:
+    """walsender's shutdown (WalSndDone): the last XLogData and a reply-requested keepalive
+    arrive together, and the server ends the stream only once a reply reports everything
+    flushed. The batch must reach the consumer before the keepalive is answered, else the
+    reply is stale every time and the stream never ends."""
+    import struct
+
+    start, payload = 0x1000000, b"x" * 5000
+    end = start + len(payload)
+
+    def copy_data(body: bytes) -> bytes:
+        return b"d" + struct.pack("!I", len(body) + 4) + body
+
+    async def walsender(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        xlog = b"w" + struct.pack("!QQq", start, end, 0) + payload
+        writer.write(copy_data(xlog) + copy_data(b"k" + struct.pack("!Qq?", end, 0, True)))
+        while True:
+            kind, length = struct.unpack("!cI", await reader.readexactly(5))
+            body = await reader.readexactly(length - 4)
+            if kind == b"d" and body[:1] == b"r":
+                flush = struct.unpack("!Q", body[9:17])[0]
+                if flush >= end:
+                    writer.write(b"C" + struct.pack("!I", 11) + b"COPY 0\0")
+                    await writer.drain()
+                    return
+                writer.write(copy_data(b"k" + struct.pack("!Qq?", end, 0, True)))
+
+    server = await asyncio.start_server(walsender, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = ReplicationConnection(reader, writer, f"127.0.0.1:{port}")
+        stream = ReplicationStream(conn, 1, start, status_interval=60, on_reply_requested=None)
+        stream.copying = True
+        got = b""
+
+        async def consume() -> None:
+            nonlocal got
+            async for batch in stream.batches():
+                got += b"".join(m.data for m in batch)
+                stream.update(write=batch[-1].data_end, flush=batch[-1].data_end)
+
+        await asyncio.wait_for(consume(), 10)
+        assert got == payload and stream.server_ended
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -330,12 +330,29 @@ py_scan(PyObject *self, PyObject *args)
         if (pos & 7)
             break;
         uint64_t room = WAL_BLOCK - page_off;
-        if (room < RECORD_HEADER || ctx.avail_end - pos < RECORD_HEADER)
-            break;
         const uint8_t *rec = ctx.buf + (pos - base);
-        uint32_t tot_len = load32(rec);
-        uint64_t prev = load64(rec + 8);
-        uint8_t info = rec[16], rmid = rec[17];
+        const uint8_t *head = rec;
+        uint8_t split_head[RECORD_HEADER];
+        if (room < RECORD_HEADER) {
+            /* The record header itself continues after the next page header; that page
+               header is checked with the rest of the record below. */
+            uint64_t page = pos + room;
+            if (ctx.avail_end - page < SHORT_PAGE_HEADER)
+                break;
+            uint64_t hs = (load16(ctx.buf + (page - base) + 2) & XLP_LONG_HEADER)
+                              ? LONG_PAGE_HEADER
+                              : SHORT_PAGE_HEADER;
+            if (ctx.avail_end - (page + hs) < RECORD_HEADER - room)
+                break;
+            memcpy(split_head, rec, room);
+            memcpy(split_head + room, ctx.buf + (page + hs - base), RECORD_HEADER - room);
+            head = split_head;
+        }
+        else if (ctx.avail_end - pos < RECORD_HEADER)
+            break;
+        uint32_t tot_len = load32(head);
+        uint64_t prev = load64(head + 8);
+        uint8_t info = head[16], rmid = head[17];
         if (prev != prev_lsn || tot_len < RECORD_HEADER || tot_len > MAX_RECORD_SIZE ||
             rmid > RM_MAX_BUILTIN_ID || (rmid == RM_XLOG_ID && (info & 0xF0) == XLOG_SWITCH))
             break;
@@ -665,6 +682,29 @@ fallback:
     return PyObject_CallOneArg(py_fallback_decoder, raw);
 }
 
+/* decode_records(list_of_raw) -> list of DecodedRecord: decode_record over a whole batch. */
+static PyObject *
+py_decode_records(PyObject *self, PyObject *batch)
+{
+    if (!PyList_Check(batch)) {
+        PyErr_SetString(PyExc_TypeError, "decode_records() takes a list of RawRecord");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(batch);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rec = py_decode_record(self, PyList_GET_ITEM(batch, i));
+        if (rec == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, rec);
+    }
+    return out;
+}
+
 /* ---- module -------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -673,6 +713,7 @@ static PyMethodDef methods[] = {
      "Register DecodedRecord, BlockRef, BlockImage, RelFileNode and the Python decoder."},
     {"scan", py_scan, METH_VARARGS, "The WalReader fast path (see the module comment)."},
     {"decode_record", py_decode_record, METH_O, "walreceiver.records.decode_record in C."},
+    {"decode_records", py_decode_records, METH_O, "decode_record over a list of records."},
     {"crc32c", py_crc32c, METH_VARARGS, "CRC-32C of a buffer, continuing from a value."},
     {NULL, NULL, 0, NULL},
 };

@@ -17,9 +17,14 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import fcntl
+import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +42,7 @@ from walreceiver.replication import (
     SlotNotFound,
     connect,
 )
+from walreceiver.replication_codec import XLogData
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ class WalChunk:
 
     timeline: int
     start_lsn: int
-    data: bytes
+    data: bytes | memoryview
 
     @property
     def end_lsn(self) -> int:
@@ -106,6 +112,8 @@ class WalReceiver:
         create_slot: bool = False,
         status_interval: float = 1.0,
         on_flushed: Callable[[WalChunk], Awaitable[None]] | None = None,
+        on_progress: Callable[[WalReceiver], None] | None = None,
+        lock_archive: bool = False,
         min_backoff: float = 0.2,
         max_backoff: float = 30.0,
     ) -> None:
@@ -115,9 +123,13 @@ class WalReceiver:
         self.create_slot = create_slot
         self.status_interval = status_interval
         self.on_flushed = on_flushed
+        self.on_progress = on_progress
+        self.lock_archive = lock_archive
+        self._lock_fd: int | None = None
+        self._retry_now = asyncio.Event()
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self.state = ReceiverState.IDLE
+        self._state = ReceiverState.IDLE
         self.timeline = 0
         self.received_lsn = 0
         self.flushed_lsn = 0
@@ -130,6 +142,25 @@ class WalReceiver:
         self._delivered_end: int | None = None
         self._deliver_lock = asyncio.Lock()
         self._stream: ReplicationStream | None = None
+
+    @property
+    def state(self) -> ReceiverState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ReceiverState) -> None:
+        self._state = value
+        if self.on_progress is not None:
+            self.on_progress(self)
+
+    def retry_now(self) -> None:
+        """Skip the current reconnect backoff (the server was just started)."""
+        self._retry_now.set()
+
+    async def _backoff(self, seconds: float) -> None:
+        self._retry_now.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), seconds)
 
     async def _io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._pool is None:
@@ -160,7 +191,7 @@ class WalReceiver:
                     backoff = self.min_backoff  # we got somewhere: start backing off afresh
                 self.state = ReceiverState.BACKOFF
                 log.warning("%s; reconnecting in %.1fs", self.last_error, backoff)
-                await asyncio.sleep(backoff)
+                await self._backoff(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
         except asyncio.CancelledError:
             self.state = ReceiverState.STOPPED
@@ -185,6 +216,8 @@ class WalReceiver:
         try:
             if self.archive is None:
                 seg_size = await conn.wal_segment_size()
+                if self.lock_archive and self._lock_fd is None:
+                    self._lock_fd = await lock_archive_dir(self.archive_dir)
                 self.archive = await self._io(WalArchive, self.archive_dir, seg_size)
             await self._check_system(conn, self.archive)
             timeline, lsn = await self._start_point(conn, self.archive)
@@ -193,10 +226,10 @@ class WalReceiver:
                 # begin() fsynced everything before `lsn`: hand the hook what it has not seen
                 # of that. Bytes past `lsn` were truncated and will come again; the hook must
                 # not see them twice.
+                self.timeline = timeline
                 await self._flushed(lsn)
                 self._pending.clear()
                 self._queued_end = self._delivered_end
-                self.timeline = timeline
                 self.flushed_lsn = lsn
                 log.info("streaming from %s on timeline %d", format_lsn(lsn), timeline)
                 stream = await conn.start_replication(
@@ -262,12 +295,14 @@ class WalReceiver:
         flusher.add_done_callback(lambda t: None if t.cancelled() else stream.conn.abort())
         self.state = ReceiverState.STREAMING
         try:
-            async for msg in stream:
-                await self._io(archive.write, msg.data_start, msg.data)
-                self.received_lsn = msg.data_end
-                stream.update(write=msg.data_end)
+            async for batch in stream.batches():
+                await self._io(_write_batch, archive, batch)
+                end = batch[-1].data_end
+                self.received_lsn = end
+                stream.update(write=end)
                 if self.on_flushed is not None:
-                    self._queue(WalChunk(archive.timeline, msg.data_start, msg.data))
+                    data = batch[0].data if len(batch) == 1 else b"".join(m.data for m in batch)
+                    self._queue(WalChunk(archive.timeline, batch[0].data_start, data))
                 if archive.flushed_lsn > self.flushed_lsn:  # a segment just completed
                     await self._flushed(archive.flushed_lsn)
         except NeonError:
@@ -307,6 +342,8 @@ class WalReceiver:
         self.flushed_lsn = max(self.flushed_lsn, lsn)
         if self._stream is not None:
             self._stream.update(flush=lsn)
+        if self.on_progress is not None:
+            self.on_progress(self)
         if self.on_flushed is None:
             return
         async with self._deliver_lock:
@@ -318,6 +355,12 @@ class WalReceiver:
                     chunk = WalChunk(chunk.timeline, chunk.start_lsn, chunk.data[:cut])
                 await self.on_flushed(chunk)
                 self._delivered_end = chunk.end_lsn
+
+
+def _write_batch(archive: WalArchive, batch: list[XLogData]) -> None:
+    """Archive consecutive XLogData messages (one trip to the archive thread for all)."""
+    for msg in batch:
+        archive.write(msg.data_start, msg.data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,26 +377,103 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--archive", type=Path, required=True)
     ap.add_argument("--create-slot", action="store_true")
     ap.add_argument("--status-interval", type=float, default=1.0)
+    ap.add_argument("--max-backoff", type=float, default=30.0)
+    ap.add_argument("--application-name", default="pg-neon-walreceiver")
+    ap.add_argument(
+        "--supervised",
+        action="store_true",
+        help="run under the pageserver (pageserver/receiver_process.py): the password is the "
+        "first line of stdin, the receiver stops when stdin closes (its parent died), progress "
+        "goes to stdout as JSON lines, SIGUSR1 skips a reconnect backoff, and a lock file "
+        "keeps a second receiver off the same archive",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
+
+
+LOCK_FILE = ".receiver.lock"
+LOCK_WAIT_SECONDS = 30.0
+
+
+async def lock_archive_dir(directory: Path) -> int:
+    """An exclusive lock on the archive, held for the life of this process (the fd stays
+    open); a receiver of a killed parent may still be finishing, so wait for it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise Conflict(
+                    f"another walreceiver holds {directory / LOCK_FILE} for more than "
+                    f"{LOCK_WAIT_SECONDS:.0f}s"
+                ) from None
+            await asyncio.sleep(0.1)
+
+
+def progress_event(r: WalReceiver) -> dict[str, object]:
+    """What a supervised receiver reports (one JSON object per line on stdout)."""
+    return {
+        "state": r.state.value,
+        "timeline": r.timeline,
+        "received": r.received_lsn,
+        "flushed": r.flushed_lsn,
+        "segment_size": r.archive.segment_size if r.archive is not None else 0,
+        "error": str(r.last_error) if r.last_error is not None else None,
+    }
+
+
+def _read_line(fd: int) -> str:
+    """One line from a raw fd, byte by byte (nothing after it is consumed)."""
+    out = bytearray()
+    while (byte := os.read(fd, 1)) and byte != b"\n":
+        out += byte
+    return out.decode()
+
+
+def _emit(event: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
 
 
 async def _main(args: argparse.Namespace) -> str:
     password = None
     if args.password_file:
         password = args.password_file.read_text().rstrip("\r\n")
+    if args.supervised:
+        password = _read_line(0).rstrip("\r\n") or None
     receiver = WalReceiver(
-        ConnParams(args.host, args.port, args.user, password),
+        ConnParams(args.host, args.port, args.user, password, args.application_name),
         args.slot,
         args.archive,
         create_slot=args.create_slot,
         status_interval=args.status_interval,
+        max_backoff=args.max_backoff,
+        on_progress=(lambda r: _emit(progress_event(r))) if args.supervised else None,
+        lock_archive=args.supervised,
     )
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         if task is not None:
             loop.add_signal_handler(sig, task.cancel)
+    if args.supervised:
+        loop.add_signal_handler(signal.SIGUSR1, receiver.retry_now)
+
+        def watch_parent() -> None:
+            # The raw fd, not sys.stdin: a daemon thread blocked inside the buffered reader
+            # would hold its lock at interpreter shutdown.
+            with contextlib.suppress(OSError):
+                while os.read(0, 4096):
+                    pass  # EOF: the parent closed the pipe or died
+            if task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+
+        threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
     try:
         return await receiver.run()
     except asyncio.CancelledError:
@@ -377,8 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         reason = runner(_main(args))
     except (NeonError, OSError) as exc:
         print(f"walreceiver: error: {exc}", file=sys.stderr)
+        if args.supervised:
+            _emit({"failed": str(exc)})
         return 1
-    print(f"walreceiver: {reason}", file=sys.stderr)
+    if args.supervised:
+        _emit({"ended": reason})
+    else:
+        print(f"walreceiver: {reason}", file=sys.stderr)
     return 0
 
 

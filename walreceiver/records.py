@@ -415,8 +415,13 @@ def decode_record_python(raw: RawRecord) -> DecodedRecord:
 if walscan is not None:
     walscan.init_decoder(DecodedRecord, BlockRef, BlockImage, RelFileNode, decode_record_python)
     decode_record: Callable[[RawRecord], DecodedRecord] = walscan.decode_record
+    decode_records: Callable[[list[RawRecord]], list[DecodedRecord]] = walscan.decode_records
 else:
     decode_record = decode_record_python
+
+    def decode_records(batch: list[RawRecord]) -> list[DecodedRecord]:
+        """decode_record over a batch (WalReader.read_batch); the first bad one raises."""
+        return [decode_record_python(raw) for raw in batch]
 
 
 def decode_record_bytes(data: bytes, lsn: int = 0, end_lsn: int = 0) -> DecodedRecord:

@@ -411,6 +411,11 @@ class BackendParser:
             )
         return kind, length - 4
 
+    def message_ready(self) -> bool:
+        """True when a whole message is buffered (next_message will return it)."""
+        header = self.next_header()
+        return header is not None and len(self._buf) >= self._pos + 5 + header[1]
+
     def next_message(self) -> BackendMessage | None:
         """The next complete message, or None when more bytes are needed."""
         header = self.next_header()
@@ -492,7 +497,7 @@ class XLogData:
     data_start: int
     wal_end: int
     send_time: int
-    data: bytes
+    data: bytes | memoryview
 
     @property
     def data_end(self) -> int:
@@ -518,7 +523,8 @@ def decode_replication_message(payload: bytes) -> ReplicationMessage:
         if len(payload) < 1 + _XLOGDATA.size:
             raise ProtocolError("XLogData message shorter than its 25-byte header")
         start, end, when = _XLOGDATA.unpack_from(payload, 1)
-        return XLogData(start, end, when, payload[1 + _XLOGDATA.size :])
+        # A view, not a copy: the payload was just copied out of the socket buffer.
+        return XLogData(start, end, when, memoryview(payload)[1 + _XLOGDATA.size :])
     if kind == 0x6B:  # 'k'
         if len(payload) != 1 + _KEEPALIVE.size:
             raise ProtocolError(f"keepalive message of {len(payload)} bytes, expected 18")

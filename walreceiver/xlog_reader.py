@@ -24,8 +24,9 @@ record begun earlier is skipped) or the exact start of a record.
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,7 +80,7 @@ class RawRecord(NamedTuple):
 if walscan is not None:
     walscan.init_reader(RawRecord)
 _native_scan = walscan.scan if walscan is not None else None
-NATIVE_BATCH = 4096  # records per call into the C fast path
+NATIVE_BATCH = 128  # records per call into the C fast path (more is slower: cache misses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +224,51 @@ class WalReader:
 
     # ---- parsing ------------------------------------------------------------------------
 
+    def read_batch(self, max_records: int = NATIVE_BATCH) -> list[RawRecord]:
+        """The next records completed by the bytes fed so far, as a list ([] when none yet);
+        raise WalCorrupt on damage. The same records as `records()`, with less overhead per
+        record: the bulk loop of catch-up."""
+        scan = _native_scan
+        if (
+            scan is not None
+            and self._error is None
+            and self._end is None
+            and self._rec_lsn < 0
+            and self._pos >= self._skip_to
+            and self._prev_lsn is not None
+            and self._last_page_tli
+        ):
+            batch: list[RawRecord] = scan(
+                self._buf,
+                self._buf_lsn,
+                self._pos,
+                self._prev_lsn,
+                self.segment_size,
+                self.system_id,
+                self._last_page_tli,
+                max_records,
+            )
+            if batch:
+                last = batch[-1]
+                self._at_start = False
+                self._prev_lsn = last[0]
+                self._pos = self.last_end_lsn = last[1]
+                return batch
+        if scan is not None:
+            max_records = 1  # something unusual here: one record the Python way, then C again
+        # _records() keeps its position exact per record, so stopping early loses nothing.
+        return list(itertools.islice(self._records(None), max_records))
+
     def records(self) -> Iterator[RawRecord]:
         """Yield every record completed by the bytes fed so far; raise WalCorrupt on damage."""
+        return self._records(_native_scan)
+
+    def _records(self, scan: Callable[..., list[RawRecord]] | None) -> Iterator[RawRecord]:
         if self._error is not None:
             raise self._error
         # The parser runs right here (not behind a `yield from`): this is the per-record loop.
         try:
             block = WAL_BLOCK_SIZE
-            scan = _native_scan
             while self._end is None:
                 buf = self._buf
                 base = self._buf_lsn

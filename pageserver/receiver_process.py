@@ -1,0 +1,165 @@
+"""A node's WalReceiver in a process of its own, supervised from the pageserver.
+
+Receiving (socket reads, archive writes, fsyncs) and decoding both need the interpreter; in one
+process they take turns under the GIL, so catch-up ran at the sum of their costs. In a child
+process (`python -m walreceiver.receiver --supervised`) the receiver streams on one core while
+the pageserver decodes on the other, like PostgreSQL's own walreceiver process. The archive on
+disk is the hand-over: the child reports how far it is durable, the decoder reads from there.
+
+The child gets the password on stdin (never in argv), reports progress as JSON lines, stops on
+SIGTERM or when our end of its stdin closes (so it never outlives a killed pageserver), and
+skips a reconnect backoff on SIGUSR1. `ReceiverProcess` mirrors its state with the attributes
+of `WalReceiver` (state, timeline, received_lsn, flushed_lsn, last_error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from proto.errors import NeonError
+from walreceiver.receiver import ConnParams, ReceiverState
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 15.0
+
+
+class ReceiverFailed(NeonError):
+    """The receiver process stopped on an error it does not retry (or died)."""
+
+
+class ReceiverProcess:
+    def __init__(
+        self,
+        params: ConnParams,
+        slot: str,
+        archive_dir: Path,
+        *,
+        on_progress: Callable[[ReceiverProcess], None],
+        create_slot: bool = True,
+        max_backoff: float = 5.0,
+        status_interval: float = 1.0,
+    ) -> None:
+        self.params = params
+        self.slot = slot
+        self.archive_dir = Path(archive_dir)
+        self.on_progress = on_progress
+        self.create_slot = create_slot
+        self.max_backoff = max_backoff
+        self.status_interval = status_interval
+        self.state = ReceiverState.IDLE
+        self.timeline = 0
+        self.received_lsn = 0
+        self.flushed_lsn = 0
+        self.segment_size = 0
+        self.last_error: ReceiverFailed | None = None
+        self.end_reason: str | None = None
+        self.pid: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+
+    def _argv(self) -> list[str]:
+        p = self.params
+        argv = [
+            sys.executable,
+            "-m",
+            "walreceiver.receiver",
+            "--supervised",
+            "--host", p.host,
+            "--port", str(p.port),
+            "--user", p.user,
+            "--application-name", p.application_name,
+            "--slot", self.slot,
+            "--archive", str(self.archive_dir),
+            "--max-backoff", str(self.max_backoff),
+            "--status-interval", str(self.status_interval),
+        ]  # fmt: skip
+        if self.create_slot:
+            argv.append("--create-slot")
+        return argv
+
+    async def run(self) -> str:
+        """Run the child until the server ends the stream (returns the reason); raise
+        ReceiverFailed when it stops on an error. Cancelling stops the child."""
+        self.end_reason = None
+        self.state = ReceiverState.CONNECTING
+        proc = await asyncio.create_subprocess_exec(
+            *self._argv(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # its log lines go where ours go
+            limit=1 << 20,
+        )
+        self._proc, self.pid = proc, proc.pid
+        failure: str | None = None
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write((self.params.password or "").encode() + b"\n")
+            await proc.stdin.drain()  # stdin stays open: closing it stops the child
+            async for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.warning("walreceiver %s: unexpected output %r", self.slot, line[:200])
+                    continue
+                if "ended" in event:
+                    self.end_reason = str(event["ended"])
+                elif "failed" in event:
+                    failure = str(event["failed"])
+                else:
+                    self._apply(event)
+            code = await proc.wait()
+        except BaseException:
+            await self._stop_child(proc)
+            self.state = ReceiverState.STOPPED
+            raise
+        finally:
+            self._proc = None
+            if proc.stdin is not None:
+                proc.stdin.close()
+        if code == 0 and self.end_reason is not None and self.end_reason != "stopped":
+            self.state = ReceiverState.ENDED
+            return self.end_reason
+        self.state = ReceiverState.FAILED
+        self.last_error = ReceiverFailed(
+            failure or f"walreceiver process {proc.pid} exited with code {code}"
+        )
+        self.on_progress(self)
+        raise self.last_error
+
+    def _apply(self, event: dict[str, object]) -> None:
+        self.state = ReceiverState(event["state"])
+        self.timeline = int(event["timeline"])  # type: ignore[call-overload]
+        self.received_lsn = int(event["received"])  # type: ignore[call-overload]
+        self.flushed_lsn = int(event["flushed"])  # type: ignore[call-overload]
+        self.segment_size = int(event["segment_size"]) or self.segment_size  # type: ignore[call-overload]
+        error = event.get("error")
+        self.last_error = ReceiverFailed(str(error)) if error else None
+        self.on_progress(self)
+
+    def retry_now(self) -> None:
+        """Make a child waiting out a reconnect backoff try again at once."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+
+    @staticmethod
+    async def _stop_child(proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM (it fsyncs and closes the archive), then SIGKILL; by PID, always reaped."""
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.shield(asyncio.wait_for(proc.wait(), STOP_TIMEOUT))
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())

@@ -1,0 +1,118 @@
+"""The walreceiver as a supervised child process (pageserver/receiver_process.py), against a
+real PostgreSQL: progress reporting, the password kept out of argv, no orphan when the parent
+goes away, one receiver per archive, clear failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pageserver.receiver_process import ReceiverFailed, ReceiverProcess
+from tests.pgtest import PASSWORD, PgTestCluster
+from tests.test_replication_stream import params, wait_for
+from walreceiver.lsn import parse_lsn
+from walreceiver.receiver import ConnParams, ReceiverState
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def stop(task: asyncio.Task[str]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ReceiverFailed):
+        await task
+
+
+async def test_streams_reports_and_stops(pg_cluster: PgTestCluster, tmp_path: Path) -> None:
+    server = pg_cluster.create({"wal_keep_size": "1GB"})
+    seen: list[tuple[str, int, int]] = []
+    rp = ReceiverProcess(
+        params(server),
+        "rp",
+        tmp_path / "wal",
+        on_progress=lambda r: seen.append((r.state.value, r.timeline, r.flushed_lsn)),
+    )
+    task = asyncio.create_task(rp.run())
+    try:
+        server.psql("CREATE TABLE t AS SELECT generate_series(1, 50000) g")
+        target = parse_lsn(server.psql("SELECT pg_current_wal_flush_lsn()"))
+        await wait_for(lambda: rp.flushed_lsn >= target, what="WAL flushed by the child")
+        assert rp.state == ReceiverState.STREAMING and rp.timeline == 1
+        assert rp.segment_size == 16 << 20
+        pid = rp.pid
+        assert pid is not None and alive(pid)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert PASSWORD.encode() not in f.read()  # the password came on stdin
+        assert [s for s in seen if s[0] == "streaming"], seen
+    finally:
+        await stop(task)
+    assert rp.state == ReceiverState.STOPPED
+    assert not alive(pid)
+    assert any(p.name.endswith(".partial") for p in (tmp_path / "wal").iterdir())
+
+
+async def test_child_exits_when_its_parent_goes_away(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """A SIGKILLed pageserver closes the child's stdin; the child must not stream on."""
+    server = pg_cluster.create()
+    rp = ReceiverProcess(params(server), "orphan", tmp_path / "wal", on_progress=lambda r: None)
+    task = asyncio.create_task(rp.run())
+    try:
+        await wait_for(lambda: rp.state == ReceiverState.STREAMING, what="streaming")
+        pid = rp.pid
+        assert pid is not None
+        proc = rp._proc
+        assert proc is not None and proc.stdin is not None
+        proc.stdin.close()  # what the kernel does for a dead parent
+        deadline = time.monotonic() + 15
+        while alive(pid):
+            assert time.monotonic() < deadline, "receiver outlived its parent's pipe"
+            await asyncio.sleep(0.05)
+    finally:
+        await stop(task)
+
+
+async def test_one_receiver_per_archive(pg_cluster: PgTestCluster, tmp_path: Path) -> None:
+    server = pg_cluster.create({"wal_keep_size": "1GB"})
+    first = ReceiverProcess(params(server), "a1", tmp_path / "wal", on_progress=lambda r: None)
+    second = ReceiverProcess(params(server), "a1", tmp_path / "wal", on_progress=lambda r: None)
+    t1 = asyncio.create_task(first.run())
+    t2: asyncio.Task[str] | None = None
+    try:
+        await wait_for(lambda: first.state == ReceiverState.STREAMING, what="first streaming")
+        t2 = asyncio.create_task(second.run())
+        await asyncio.sleep(2)
+        assert second.state != ReceiverState.STREAMING  # waiting for the archive's lock
+        await stop(t1)
+        await wait_for(lambda: second.state == ReceiverState.STREAMING, what="second takes over")
+    finally:
+        await stop(t1)
+        if t2 is not None:
+            await stop(t2)
+
+
+async def test_wrong_password_is_a_clear_failure(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    server = pg_cluster.create()
+    good = params(server)
+    bad = ConnParams(good.host, good.port, good.user, "wrong")
+    rp = ReceiverProcess(bad, "pw", tmp_path / "wal", on_progress=lambda r: None)
+    with pytest.raises(ReceiverFailed, match="password authentication failed"):
+        await asyncio.wait_for(rp.run(), 60)
+    assert rp.state == ReceiverState.FAILED
+    assert rp.pid is not None and not alive(rp.pid)
