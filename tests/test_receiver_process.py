@@ -105,9 +105,7 @@ async def test_one_receiver_per_archive(pg_cluster: PgTestCluster, tmp_path: Pat
             await stop(t2)
 
 
-async def test_wrong_password_is_a_clear_failure(
-    pg_cluster: PgTestCluster, tmp_path: Path
-) -> None:
+async def test_wrong_password_is_a_clear_failure(pg_cluster: PgTestCluster, tmp_path: Path) -> None:
     server = pg_cluster.create()
     good = params(server)
     bad = ConnParams(good.host, good.port, good.user, "wrong")
