@@ -158,9 +158,7 @@ class NodeFollower:
         pos, prev = self._start_position()
         while True:
             with self._cond:
-                while not self._stopping and (
-                    self.decode_error is not None or (pos is not None and self._durable[1] <= pos)
-                ):
+                while not self._stopping and self._nothing_to_read(pos):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -185,6 +183,13 @@ class NodeFollower:
             if loop is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._progress.set)
+
+    def _nothing_to_read(self, pos: int | None) -> bool:
+        if self.decode_error is not None:
+            return True  # decoding stopped for good
+        if pos is None:
+            return self._stream_start is None  # no history: wait for the stream's start
+        return self._durable[1] <= pos
 
     def _start_position(self) -> tuple[int | None, int | None]:
         """Where decoding resumes: the end of the durable page history (its archived WAL

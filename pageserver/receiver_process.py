@@ -63,6 +63,7 @@ class ReceiverProcess:
         self.end_reason: str | None = None
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
+        self._ready = False
 
     def _argv(self) -> list[str]:
         p = self.params
@@ -97,6 +98,7 @@ class ReceiverProcess:
             limit=1 << 20,
         )
         self._proc, self.pid = proc, proc.pid
+        self._ready = False
         failure: str | None = None
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -108,6 +110,7 @@ class ReceiverProcess:
                 except ValueError:
                     log.warning("walreceiver %s: unexpected output %r", self.slot, line[:200])
                     continue
+                self._ready = True  # its signal handlers are in place
                 if "ended" in event:
                     self.end_reason = str(event["ended"])
                 elif "failed" in event:
@@ -146,7 +149,9 @@ class ReceiverProcess:
     def retry_now(self) -> None:
         """Make a child waiting out a reconnect backoff try again at once."""
         proc = self._proc
-        if proc is not None and proc.returncode is None:
+        # Before its first report the child may not handle SIGUSR1 yet (it would kill it);
+        # a child that young has no backoff to skip anyway.
+        if proc is not None and proc.returncode is None and self._ready:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGUSR1)
 

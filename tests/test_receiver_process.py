@@ -114,3 +114,24 @@ async def test_wrong_password_is_a_clear_failure(pg_cluster: PgTestCluster, tmp_
         await asyncio.wait_for(rp.run(), 60)
     assert rp.state == ReceiverState.FAILED
     assert rp.pid is not None and not alive(rp.pid)
+
+
+async def test_idle_follower_does_not_spin(tmp_path: Path) -> None:
+    """A follower whose node is down (and whose store has no history yet) must sleep, not
+    busy-wait for the first WAL: a spinning decode thread starves the whole pageserver."""
+    from pageserver.followed_nodes import FollowedNode
+    from pageserver.metrics import Metrics
+    from pageserver.node_follower import NodeFollower
+    from pageserver.node_store import NodeStore, StorageHistory
+
+    node = FollowedNode("idle", "127.0.0.1", 1, "u", "p")  # nothing listens on port 1
+    follower = NodeFollower(node, NodeStore(StorageHistory(tmp_path / "h"), "idle"), Metrics())
+    follower.start()
+    try:
+        await asyncio.sleep(0.5)
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(2)
+        busy = (time.process_time() - cpu0) / (time.monotonic() - t0)
+        assert busy < 0.2, f"the pageserver side used {busy:.0%} of a core while idle"
+    finally:
+        await follower.stop()
