@@ -33,7 +33,7 @@ from walreceiver.xlog_reader import RawRecord, WalReader
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 4 << 20  # archived WAL read and decoded at a time
+READ_CHUNK = 1 << 20  # archived WAL read and decoded at a time (larger is no faster)
 FAILED_RETRY_SECONDS = 10.0
 ENDED_RETRY_SECONDS = 1.0
 
