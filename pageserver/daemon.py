@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -179,6 +180,7 @@ def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     config, to_stderr = parse_args(argv)
     setup_logging(config, to_stderr)
+    faulthandler.enable()  # a fatal signal leaves the threads' stacks in pageserver.stderr
     try:
         uvloop.run(serve(config))
     except NeonError as exc:

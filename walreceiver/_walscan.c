@@ -244,7 +244,7 @@ typedef struct {
 static int
 page_header_size(const ScanCtx *ctx, uint64_t lsn, int cont, uint32_t rem)
 {
-    if (ctx->avail_end - lsn < SHORT_PAGE_HEADER)
+    if (lsn >= ctx->avail_end || ctx->avail_end - lsn < SHORT_PAGE_HEADER)
         return 0;
     const uint8_t *p = ctx->buf + (lsn - ctx->base);
     uint16_t magic = load16(p), info = load16(p + 2);
@@ -337,12 +337,12 @@ py_scan(PyObject *self, PyObject *args)
             /* The record header itself continues after the next page header; that page
                header is checked with the rest of the record below. */
             uint64_t page = pos + room;
-            if (ctx.avail_end - page < SHORT_PAGE_HEADER)
+            if (page >= ctx.avail_end || ctx.avail_end - page < SHORT_PAGE_HEADER)
                 break;
             uint64_t hs = (load16(ctx.buf + (page - base) + 2) & XLP_LONG_HEADER)
                               ? LONG_PAGE_HEADER
                               : SHORT_PAGE_HEADER;
-            if (ctx.avail_end - (page + hs) < RECORD_HEADER - room)
+            if (page + hs >= ctx.avail_end || ctx.avail_end - (page + hs) < RECORD_HEADER - room)
                 break;
             memcpy(split_head, rec, room);
             memcpy(split_head + room, ctx.buf + (page + hs - base), RECORD_HEADER - room);
@@ -378,7 +378,7 @@ py_scan(PyObject *self, PyObject *args)
                 }
                 uint64_t room_here = WAL_BLOCK - (uint64_t)hs;
                 uint64_t take = room_here < left ? room_here : left;
-                if (ctx.avail_end - (page + hs) < take) {
+                if (page + hs > ctx.avail_end || ctx.avail_end - (page + hs) < take) {
                     ok = 0;
                     break;
                 }

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import faulthandler
 import fcntl
 import json
 import logging
@@ -436,8 +437,13 @@ def _read_line(fd: int) -> str:
 
 
 def _emit(event: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The parent is gone; the stdin watcher stops us. Nothing more can be reported.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 async def _main(args: argparse.Namespace) -> str:
@@ -482,6 +488,7 @@ async def _main(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    faulthandler.enable()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="walreceiver: %(message)s",
