@@ -138,9 +138,10 @@ class ReceiverProcess:
 
     def _apply(self, event: dict[str, object]) -> None:
         self.state = ReceiverState(event["state"])
-        self.timeline = int(event["timeline"])  # type: ignore[call-overload]
-        self.received_lsn = int(event["received"])  # type: ignore[call-overload]
-        self.flushed_lsn = int(event["flushed"])  # type: ignore[call-overload]
+        # A new child reports zeros until it has connected: keep what the last one reached.
+        self.timeline = int(event["timeline"]) or self.timeline  # type: ignore[call-overload]
+        self.received_lsn = int(event["received"]) or self.received_lsn  # type: ignore[call-overload]
+        self.flushed_lsn = int(event["flushed"]) or self.flushed_lsn  # type: ignore[call-overload]
         self.segment_size = int(event["segment_size"]) or self.segment_size  # type: ignore[call-overload]
         error = event.get("error")
         self.last_error = ReceiverFailed(str(error)) if error else None
