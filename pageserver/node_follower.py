@@ -256,32 +256,22 @@ class NodeFollower:
             log.exception("node %s: flush failed", self.node.node_id)
 
     def _decode(self, chunk: WalChunk, prev_lsn: int | None = None) -> None:
+        # The decode loop reads the archive contiguously from _start_position (which already
+        # begins a branch at its decode_from), so every chunk continues the last one.
         if self.reader is None:
-            state = self.store.state
-            segment_size = self._segment_size()
-            start = chunk.start_lsn
-            decode_from = state.decode_from if state is not None else None
-            if decode_from is not None and decode_from > start:
-                # A branch: the segment holds zeros before the checkpoint record we wrote.
-                if chunk.end_lsn <= decode_from:
-                    return
-                chunk = WalChunk(chunk.timeline, decode_from, chunk.data[decode_from - start :])
-                start, prev_lsn = decode_from, None
-            self.reader = WalReader(start, segment_size, timeline=chunk.timeline, prev_lsn=prev_lsn)
+            self.reader = WalReader(
+                chunk.start_lsn, self._segment_size(), timeline=chunk.timeline, prev_lsn=prev_lsn
+            )
         reader = self.reader
         reader.timeline = chunk.timeline
-        data = chunk.data
         if chunk.start_lsn != reader.fed_lsn:
-            skip = reader.fed_lsn - chunk.start_lsn
-            if skip < 0:
-                self.decode_error = (
-                    f"WAL gap: decoded up to {format_lsn(reader.fed_lsn)}, next chunk starts "
-                    f"at {format_lsn(chunk.start_lsn)}"
-                )
-                log.error("node %s: %s", self.node.node_id, self.decode_error)
-                return
-            data = data[skip:]  # already fed (archive replay overlapping the stream)
-        reader.feed(data)
+            self.decode_error = (
+                f"WAL gap: decoded up to {format_lsn(reader.fed_lsn)}, next chunk starts "
+                f"at {format_lsn(chunk.start_lsn)}"
+            )
+            log.error("node %s: %s", self.node.node_id, self.decode_error)
+            return
+        reader.feed(chunk.data)
         count = 0
         # A store with no history yet (never imported) ingests nothing: decode only.
         ingest = self.store.ingest if self.store.state is not None else None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -228,42 +228,50 @@ class WalReader:
         """The next records completed by the bytes fed so far, as a list ([] when none yet);
         raise WalCorrupt on damage. The same records as `records()`, with less overhead per
         record: the bulk loop of catch-up."""
-        scan = _native_scan
-        if (
-            scan is not None
-            and self._error is None
-            and self._end is None
-            and self._rec_lsn < 0
-            and self._pos >= self._skip_to
-            and self._prev_lsn is not None
-            and self._last_page_tli
-        ):
-            batch: list[RawRecord] = scan(
-                self._buf,
-                self._buf_lsn,
-                self._pos,
-                self._prev_lsn,
-                self.segment_size,
-                self.system_id,
-                self._last_page_tli,
-                max_records,
-            )
+        if _native_scan is not None:
+            batch = self._scan_native(max_records)
             if batch:
                 last = batch[-1]
-                self._at_start = False
                 self._prev_lsn = last[0]
                 self._pos = self.last_end_lsn = last[1]
                 return batch
-        if scan is not None:
             max_records = 1  # something unusual here: one record the Python way, then C again
         # _records() keeps its position exact per record, so stopping early loses nothing.
-        return list(itertools.islice(self._records(None), max_records))
+        return list(itertools.islice(self._records(native=False), max_records))
+
+    def _scan_native(self, max_records: int) -> list[RawRecord]:
+        """Ordinary records from the reader's position up to the first unusual thing, by the
+        C fast path (walreceiver/_walscan.c); [] where only the Python code may go on. The
+        caller moves the position past what it takes."""
+        if (
+            _native_scan is None
+            or self._error is not None
+            or self._end is not None
+            or self._rec_lsn >= 0
+            or self._pos < self._skip_to
+            or self._prev_lsn is None
+            or not self._last_page_tli
+        ):
+            return []
+        batch: list[RawRecord] = _native_scan(
+            self._buf,
+            self._buf_lsn,
+            self._pos,
+            self._prev_lsn,
+            self.segment_size,
+            self.system_id,
+            self._last_page_tli,
+            max_records,
+        )
+        if batch:
+            self._at_start = False
+        return batch
 
     def records(self) -> Iterator[RawRecord]:
         """Yield every record completed by the bytes fed so far; raise WalCorrupt on damage."""
-        return self._records(_native_scan)
+        return self._records(native=_native_scan is not None)
 
-    def _records(self, scan: Callable[..., list[RawRecord]] | None) -> Iterator[RawRecord]:
+    def _records(self, native: bool) -> Iterator[RawRecord]:
         if self._error is not None:
             raise self._error
         # The parser runs right here (not behind a `yield from`): this is the per-record loop.
@@ -274,32 +282,13 @@ class WalReader:
                 base = self._buf_lsn
                 avail_end = base + len(buf)
                 pos = self._pos
-                if (
-                    scan is not None
-                    and self._rec_lsn < 0
-                    and pos >= self._skip_to
-                    and self._prev_lsn is not None
-                    and self._last_page_tli
-                ):
-                    # The C fast path: ordinary records up to the first unusual thing, which
-                    # the Python code below then handles (see walreceiver/_walscan.c).
-                    batch = scan(
-                        buf,
-                        base,
-                        pos,
-                        self._prev_lsn,
-                        self.segment_size,
-                        self.system_id,
-                        self._last_page_tli,
-                        NATIVE_BATCH,
-                    )
-                    if batch:
-                        self._at_start = False
-                        for raw in batch:
-                            self._prev_lsn = raw[0]
-                            self._pos = self.last_end_lsn = raw[1]
-                            yield raw
-                        continue
+                if native and (batch := self._scan_native(NATIVE_BATCH)):
+                    # What the C path leaves (the first unusual thing) the code below handles.
+                    for raw in batch:
+                        self._prev_lsn = raw[0]
+                        self._pos = self.last_end_lsn = raw[1]
+                        yield raw
+                    continue
                 if pos < self._skip_to:
                     self._pos = min(self._skip_to, avail_end)
                     if self._pos < self._skip_to:
