@@ -1,7 +1,7 @@
 """The optional C extension; everything else is in pyproject.toml.
 
 `optional=True`: without a C compiler the install still succeeds and the pure-Python reader
-and decoder are used (walreceiver/native.py).
+and decoder are used (pg15/native.py).
 """
 
 from setuptools import Extension, setup
@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "walreceiver._walscan",
-            ["walreceiver/_walscan.c"],
+            "pg15._walscan",
+            ["pg15/_walscan.c"],
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-unused-parameter"],
         )

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from pg15.lsn import format_lsn, parse_lsn, segment_file_name
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
-from walreceiver.lsn import format_lsn, parse_lsn, segment_file_name
 
 MIB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")

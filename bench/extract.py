@@ -66,13 +66,13 @@ from bench.common import (
 from bench.ingest import CHUNK
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
-from pageserver.basebackup import TimelineSource, basebackup, extract_basebackup
-from pageserver.node_store import NodeStore, StorageHistory
-from pageserver.snapshots import new_snapshot
+from pageserver.basebackup.tar_stream import TimelineSource, basebackup, extract_basebackup
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.history.snapshots import new_snapshot
+from pg15.lsn import format_lsn, segment_file_name
+from pg15.records import decode_record
+from pg15.xlog_reader import WalReader
 from tests.pgtest import PgTestCluster, PgTestServer
-from walreceiver.lsn import format_lsn, segment_file_name
-from walreceiver.records import decode_record
-from walreceiver.xlog_reader import WalReader
 
 BENCH = "extract"
 GIB = 1 << 30

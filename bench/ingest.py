@@ -56,15 +56,15 @@ from bench.common import (
     throwaway_cluster,
     tree_bytes,
 )
-from pageserver import page_reconstruct
-from pageserver.keys import Key, rel_block_key
-from pageserver.node_store import NodeStore, StorageHistory
-from pageserver.page_reconstruct import get_rel_size, materialize
-from pageserver.timeline import Timeline
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.reconstruct import page_reconstruct
+from pageserver.reconstruct.page_reconstruct import get_rel_size, materialize
+from pageserver.storage.keys import Key, rel_block_key
+from pageserver.storage.timeline import Timeline
+from pg15.lsn import format_lsn, segment_file_name
+from pg15.records import decode_record
+from pg15.xlog_reader import WalReader
 from tests.pgtest import PgTestServer
-from walreceiver.lsn import format_lsn, segment_file_name
-from walreceiver.records import decode_record
-from walreceiver.xlog_reader import WalReader
 
 BENCH = "ingest"
 CHUNK = 128 * 1024  # MAX_SEND_SIZE: the largest XLogData message a walsender sends

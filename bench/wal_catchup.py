@@ -58,19 +58,19 @@ from bench.common import (
     tps_of,
 )
 from cli.pgbin import pg_binary, popen_kwargs
-from pageserver.followed_nodes import FollowedNode, slot_name
-from pageserver.metrics import Metrics
-from pageserver.node_follower import NodeFollower
-from pageserver.node_store import NodeStore, StorageHistory
-from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
-from walreceiver.lsn import (
+from pageserver.api.metrics import Metrics
+from pageserver.follow.followed_nodes import FollowedNode, slot_name
+from pageserver.follow.node_follower import NodeFollower
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pg15.lsn import (
     format_lsn,
     parse_segment_file_name,
     segment_start,
 )
+from pg15.records import decode_records
+from pg15.xlog_reader import WalReader
+from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
 from walreceiver.receiver import ReceiverState
-from walreceiver.records import decode_records
-from walreceiver.xlog_reader import WalReader
 
 BENCH = "wal_catchup"
 CATCHUP_NODE = "catchup"

@@ -29,8 +29,8 @@ from cli.context import App
 from cli.extract import download_basebackup
 from cli.pageserver_control import call_local
 from cli.registry import NodeRow
-from pageserver.durable_files import write_file_durably
-from pageserver.snapshots import head_tag, split_snapshot_name
+from pageserver.history.snapshots import head_tag, split_snapshot_name
+from pageserver.storage.durable_files import write_file_durably
 from proto.errors import InvalidArgument
 
 COMPLETE_MARKER = ".neon-checkout-complete"

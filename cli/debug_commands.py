@@ -13,10 +13,10 @@ import click
 from cli.context import get_app
 from cli.pageserver_control import call_local
 from cli.waldump import collect_segments, iter_records
-from pageserver.keys import FORK_NAMES
 from pageserver.redo.verify import RedoVerifier
+from pageserver.storage.keys import FORK_NAMES
+from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import InvalidArgument
-from walreceiver.lsn import format_lsn, parse_lsn
 
 
 @click.group("debug")

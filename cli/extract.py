@@ -16,7 +16,7 @@ from typing import Any
 
 from cli.context import App
 from cli.pageserver_control import local_token, start_local
-from pageserver.basebackup import extract_basebackup
+from pageserver.basebackup.tar_stream import extract_basebackup
 from proto.client import ProtoClient
 
 

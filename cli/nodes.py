@@ -29,20 +29,11 @@ from cli.registry import NodeRow
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
 from pageserver.daemon import pid_alive
-from pageserver.followed_nodes import slot_name
-from pageserver.pg_control import DB_SHUTDOWNED, read_control_file
+from pageserver.follow.followed_nodes import slot_name
 from pageserver.redo import REDO_BY_RMGR
-from proto.errors import (
-    AlreadyExists,
-    Conflict,
-    ExternalCommandFailed,
-    InvalidArgument,
-    NeonError,
-    NotFound,
-    Unavailable,
-)
-from walreceiver.lsn import format_lsn, parse_lsn
-from walreceiver.rmgr_names import (
+from pg15.lsn import format_lsn, parse_lsn
+from pg15.pg_control import DB_SHUTDOWNED, read_control_file
+from pg15.rmgr_names import (
     RM_BRIN_ID,
     RM_BTREE_ID,
     RM_GENERIC_ID,
@@ -53,6 +44,15 @@ from walreceiver.rmgr_names import (
     RM_HEAP_ID,
     RM_SEQ_ID,
     RM_SPGIST_ID,
+)
+from proto.errors import (
+    AlreadyExists,
+    Conflict,
+    ExternalCommandFailed,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    Unavailable,
 )
 
 DEFAULT_PORT = 5432

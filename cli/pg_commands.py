@@ -8,7 +8,7 @@ from cli import checkout, nodes
 from cli.context import get_app
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
 from cli.storages import DEFAULT_STORAGE
-from pageserver.snapshots import split_snapshot_name
+from pageserver.history.snapshots import split_snapshot_name
 from proto.errors import InvalidArgument
 
 

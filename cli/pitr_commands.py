@@ -9,8 +9,8 @@ import click
 from cli.context import get_app
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import call_local
+from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import InvalidArgument
-from walreceiver.lsn import format_lsn, parse_lsn
 
 
 @click.group("pitr")

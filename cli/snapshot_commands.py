@@ -18,9 +18,9 @@ from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import call_local
 from cli.pgbin import give_to_pg_user
 from cli.ports import port_is_free
-from pageserver.snapshots import check_user_tag, split_snapshot_name
+from pageserver.history.snapshots import check_user_tag, split_snapshot_name
+from pg15.lsn import format_lsn
 from proto.errors import AlreadyExists, Conflict, NotFound
-from walreceiver.lsn import format_lsn
 
 SNAPSHOT_SERVER_PORT = 55432
 

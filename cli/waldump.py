@@ -15,16 +15,16 @@ from pathlib import Path
 
 import click
 
-from proto.errors import CorruptData, InvalidArgument, NeonError, NotFound
-from walreceiver.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
-from walreceiver.records import DecodedRecord, RecordDecodeError, decode_record
-from walreceiver.xlog_reader import (
+from pg15.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
+from pg15.records import DecodedRecord, RecordDecodeError, decode_record
+from pg15.xlog_reader import (
     LONG_PAGE_HEADER_SIZE,
     XLOG_PAGE_MAGIC,
     XLP_LONG_HEADER,
     WalReader,
     parse_page_header,
 )
+from proto.errors import CorruptData, InvalidArgument, NeonError, NotFound
 
 READ_CHUNK = 1 << 20
 

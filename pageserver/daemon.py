@@ -20,10 +20,10 @@ from pathlib import Path
 
 import uvloop
 
+from pageserver.api.http_service import HttpService
+from pageserver.api.proto_service import build_handlers
+from pageserver.api.service import VERSION, Pageserver
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
-from pageserver.http_service import HttpService
-from pageserver.proto_service import build_handlers
-from pageserver.service import VERSION, Pageserver
 from proto.errors import Conflict, NeonError
 from proto.server import ProtoServer
 

@@ -19,7 +19,7 @@ fi
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-# The WAL reader/decoder has optional C fast paths (walreceiver/_walscan.c); pip builds them
+# The WAL reader/decoder has optional C fast paths (pg15/_walscan.c); pip builds them
 # when a C compiler and the Python headers are there. Without them pg-neon still works, in
 # pure Python, about four times slower at decoding WAL.
 PY_INCLUDE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
@@ -37,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ walreceiver/_walscan.c -nt "$stamp" ]; then
+    || [ pg15/_walscan.c -nt "$stamp" ]; then
     echo "setup: installing pg-neon and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from walreceiver.records import (
+from pg15.records import (
     BKPBLOCK_HAS_DATA,
     BKPBLOCK_HAS_IMAGE,
     BKPBLOCK_WILL_INIT,

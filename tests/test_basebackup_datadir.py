@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from pageserver.basebackup import (
+from pageserver.basebackup.tar_stream import (
     DatadirSource,
     SnapshotSource,
     TimelineSource,
     basebackup,
     extract_basebackup,
 )
-from pageserver.pg_control import read_control_file
+from pg15.lsn import format_lsn, parse_lsn
+from pg15.pg_control import read_control_file
 from tests.pgtest import PgTestCluster, PgTestServer
-from walreceiver.lsn import format_lsn, parse_lsn
 
 pytestmark = pytest.mark.slow
 
@@ -230,10 +230,10 @@ def test_basebackup_from_datadir_starts_without_recovery(
 def ingest_wal_until(ingest: object, wal_dir: Path, start_lsn: int, record_lsn: int) -> int:
     """Feed the server's pg_wal (read as root) through WalReader + decode_record into
     WalIngest, up to and including the record at `record_lsn`; return that record's end."""
-    from walreceiver.lsn import DEFAULT_SEGMENT_SIZE as seg
-    from walreceiver.lsn import segment_file_name
-    from walreceiver.records import decode_record
-    from walreceiver.xlog_reader import WalReader
+    from pg15.lsn import DEFAULT_SEGMENT_SIZE as seg
+    from pg15.lsn import segment_file_name
+    from pg15.records import decode_record
+    from pg15.xlog_reader import WalReader
 
     segno = start_lsn // seg
     reader = WalReader(segno * seg, seg, 1)
@@ -253,7 +253,7 @@ def ingest_wal_until(ingest: object, wal_dir: Path, start_lsn: int, record_lsn: 
 
 def _import_datadir() -> Callable[..., int] | None:
     try:
-        module = importlib.import_module("pageserver.import_datadir")
+        module = importlib.import_module("pageserver.ingest.import_datadir")
     except ImportError:
         return None
     fn = getattr(module, "import_datadir", None)
@@ -267,8 +267,8 @@ def test_basebackup_through_pagestore(
 ) -> None:
     import_datadir = _import_datadir()
     if import_datadir is None:
-        pytest.skip("pageserver.import_datadir has not landed yet")
-    from pageserver.timeline_store import TimelineStore
+        pytest.skip("pageserver.ingest.import_datadir has not landed yet")
+    from pageserver.storage.timeline_store import TimelineStore
 
     source_server, expected, last_seq = stopped_source
     store = TimelineStore(tmp_path / "store")
@@ -289,9 +289,9 @@ def test_basebackup_after_wal_ingest(pg_cluster: PgTestCluster, tmp_path: Path) 
     end of an idle CHECKPOINT record: the restored cluster dumps like the live one did."""
     import_datadir = _import_datadir()
     if import_datadir is None:
-        pytest.skip("pageserver.import_datadir has not landed yet")
-    from pageserver.timeline_store import TimelineStore
-    from pageserver.walingest import WalIngest
+        pytest.skip("pageserver.ingest.import_datadir has not landed yet")
+    from pageserver.ingest.walingest import WalIngest
+    from pageserver.storage.timeline_store import TimelineStore
 
     server = pg_cluster.create(
         {

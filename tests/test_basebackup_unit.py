@@ -17,8 +17,8 @@ import crc32c
 import pytest
 
 from cli.pgbin import pg_binary
-from pageserver import basebackup as bb
-from pageserver.basebackup import (
+from pageserver.basebackup import tar_stream as bb
+from pageserver.basebackup.tar_stream import (
     UnsafeArchive,
     basebackup,
     basebackup_chunks,
@@ -27,13 +27,13 @@ from pageserver.basebackup import (
     normalize_lsn,
     wal_segment_chunks,
 )
-from pageserver.keys import SlruKind
-from pageserver.pg_control import parse_control_file, with_checkpoint
+from pageserver.storage.keys import SlruKind
+from pg15.lsn import format_lsn, segment_file_name
+from pg15.pg_control import parse_control_file, with_checkpoint
+from pg15.records import decode_record
+from pg15.rmgr.xlog import CheckPoint
+from pg15.xlog_reader import WalReader
 from proto.errors import CorruptData, InvalidArgument
-from walreceiver.lsn import format_lsn, segment_file_name
-from walreceiver.records import decode_record
-from walreceiver.rmgr.xlog import CheckPoint
-from walreceiver.xlog_reader import WalReader
 
 SEG = 16 * 1024 * 1024
 SYSID = 7711482154191758973

@@ -15,16 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pageserver import keys as K
-from pageserver.compaction import compact_level0, create_image_layers
-from pageserver.gc import (
+from pageserver.ingest.lsn_index import LsnIndex, datetime_to_pg_time
+from pageserver.storage import keys as K
+from pageserver.storage.compaction import compact_level0, create_image_layers
+from pageserver.storage.gc import (
     GcSettings,
     gc_timeline,
     prune_wal_archive,
     removable_layers,
 )
-from pageserver.lsn_index import LsnIndex, datetime_to_pg_time
-from pageserver.retention import (
+from pageserver.storage.retention import (
     Retention,
     RetentionPolicy,
     compute_retention,
@@ -32,16 +32,16 @@ from pageserver.retention import (
     parse_size,
     size_window_start,
 )
-from pageserver.settings import StoreSettings
-from pageserver.timeline import Timeline
-from pageserver.timeline_store import TimelineStore
-from pageserver.values import TOMBSTONE, Image, ReconstructData, Value, WalDelta
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import TOMBSTONE, Image, ReconstructData, Value, WalDelta
+from pg15.lsn import segment_file_name
+from pg15.records import DecodedRecord
+from pg15.rmgr.xact import XLOG_XACT_COMMIT
+from pg15.rmgr_names import RM_XACT_ID
 from proto.errors import InvalidArgument
 from tests.test_layer_map import fold
-from walreceiver.lsn import segment_file_name
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr.xact import XLOG_XACT_COMMIT
-from walreceiver.rmgr_names import RM_XACT_ID
 
 SMALL = StoreSettings(
     checkpoint_distance=2048,

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pageserver import keys as K
-from pageserver.layers.names import LayerName, parse_layer_name
-from pageserver.values import (
+from pageserver.storage import keys as K
+from pageserver.storage.layers.names import LayerName, parse_layer_name
+from pageserver.storage.values import (
     TOMBSTONE,
     Image,
     ReconstructData,

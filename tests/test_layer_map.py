@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pageserver import keys as K
-from pageserver.compaction import compact, compact_level0, create_image_layers
-from pageserver.layers.blocks import BlockCache
-from pageserver.layers.image import ImageLayerWriter
-from pageserver.layers.layer_map import LayerMap
-from pageserver.settings import StoreSettings
-from pageserver.timeline import FutureLsn, Timeline
-from pageserver.timeline_store import TimelineStore
-from pageserver.values import TOMBSTONE, Image, ReconstructData, Tombstone, Value, WalDelta
+from pageserver.storage import keys as K
+from pageserver.storage.compaction import compact, compact_level0, create_image_layers
+from pageserver.storage.layers.blocks import BlockCache
+from pageserver.storage.layers.image import ImageLayerWriter
+from pageserver.storage.layers.layer_map import LayerMap
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import FutureLsn, Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import TOMBSTONE, Image, ReconstructData, Tombstone, Value, WalDelta
 
 KEYS = [
     K.DB_DIR_KEY,

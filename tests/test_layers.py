@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pageserver import keys as K
-from pageserver.layers.blocks import HEADER_SIZE, BlockCache, LayerCorrupt
-from pageserver.layers.delta import DeltaLayer, DeltaLayerWriter
-from pageserver.layers.image import ImageLayer, ImageLayerWriter
-from pageserver.layers.inmemory import InMemoryLayer
-from pageserver.layers.names import LayerName
-from pageserver.settings import StoreSettings
-from pageserver.values import TOMBSTONE, Image, Value, WalDelta, encode_value
+from pageserver.storage import keys as K
+from pageserver.storage.layers.blocks import HEADER_SIZE, BlockCache, LayerCorrupt
+from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
+from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
+from pageserver.storage.layers.inmemory import InMemoryLayer
+from pageserver.storage.layers.names import LayerName
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.values import TOMBSTONE, Image, Value, WalDelta, encode_value
 from proto.errors import CorruptData, InvalidArgument
 
 SETTINGS = StoreSettings(block_size=256)

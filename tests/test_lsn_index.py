@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.lsn_index import (
+from pageserver.ingest.lsn_index import (
     ENTRY_SIZE,
     INDEX_FILE,
     SAMPLE_DISTANCE,
@@ -22,19 +22,19 @@ from pageserver.lsn_index import (
     datetime_to_pg_time,
     pg_time_to_datetime,
 )
-from proto.errors import InvalidArgument, NotFound
-from tests.pgtest import PgTestCluster
-from walreceiver.lsn import parse_lsn, parse_segment_file_name
-from walreceiver.records import DecodedRecord, decode_record
-from walreceiver.rmgr import decode_main
-from walreceiver.rmgr.xact import (
+from pg15.lsn import parse_lsn, parse_segment_file_name
+from pg15.records import DecodedRecord, decode_record
+from pg15.rmgr import decode_main
+from pg15.rmgr.xact import (
     XLOG_XACT_COMMIT,
     XLOG_XACT_COMMIT_PREPARED,
     XLOG_XACT_OPMASK,
     XactCommit,
 )
-from walreceiver.rmgr_names import RM_HEAP_ID, RM_XACT_ID
-from walreceiver.xlog_reader import WalReader
+from pg15.rmgr_names import RM_HEAP_ID, RM_XACT_ID
+from pg15.xlog_reader import WalReader
+from proto.errors import InvalidArgument, NotFound
+from tests.pgtest import PgTestCluster
 
 SEG = 16 << 20
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""The C fast paths (walreceiver/_walscan.c) against the pure-Python reader and decoder.
+"""The C fast paths (pg15/_walscan.c) against the pure-Python reader and decoder.
 
 The Python implementation is the reference (itself checked against pg_waldump in
 test_waldump_oracle). Here both run over the same real WAL, fed in different chunk sizes, and
@@ -19,19 +19,19 @@ from crc32c import crc32c
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.errors import CorruptData
-from tests.pgtest import PgTestCluster
-from tests.test_record_decoder import build_record
-from walreceiver import xlog_reader
-from walreceiver.lsn import DEFAULT_SEGMENT_SIZE as SEG
-from walreceiver.lsn import parse_lsn, parse_segment_file_name
-from walreceiver.native import walscan
-from walreceiver.records import (
+from pg15 import xlog_reader
+from pg15.lsn import DEFAULT_SEGMENT_SIZE as SEG
+from pg15.lsn import parse_lsn, parse_segment_file_name
+from pg15.native import walscan
+from pg15.records import (
     DecodedRecord,
     RecordDecodeError,
     decode_record_python,
 )
-from walreceiver.xlog_reader import RawRecord, WalReader, record_crc
+from pg15.xlog_reader import RawRecord, WalReader, record_crc
+from proto.errors import CorruptData
+from tests.pgtest import PgTestCluster
+from tests.test_record_decoder import build_record
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # real_wal is module-scoped and read-only
 needs_native = pytest.mark.skipif(walscan is None, reason="C extension not built")
@@ -138,7 +138,7 @@ def real_wal(pg_cluster_module: PgTestCluster) -> RealWal:
 
 @needs_native
 def test_native_module_is_used() -> None:
-    from walreceiver import records
+    from pg15 import records
 
     assert records.decode_record is walscan.decode_record  # type: ignore[union-attr]
     assert xlog_reader._native_scan is walscan.scan  # type: ignore[union-attr]
@@ -326,7 +326,7 @@ def test_pure_python_switch(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = "from walreceiver.native import walscan; print(walscan is None)"
+    code = "from pg15.native import walscan; print(walscan is None)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         env={"NEON_PURE_PYTHON": "1", "PATH": "/usr/bin:/bin"},

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.import_datadir import import_datadir
-from pageserver.keys import SlruKind, rel_block_key
-from pageserver.page_reconstruct import (
+from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.walingest import WalIngest
+from pageserver.reconstruct.page_reconstruct import (
     ReconstructError,
     get_checkpoint,
     get_rel_size,
@@ -50,14 +50,17 @@ from pageserver.page_reconstruct import (
     list_rels,
     materialize,
 )
-from pageserver.pg_control import read_control_file
 from pageserver.redo import UnsupportedRecord
 from pageserver.redo.clog import clog_get_status
 from pageserver.redo.masks import mask_page_lsn_and_checksum
 from pageserver.redo.page import BLCKSZ, PageError, page_is_new
-from pageserver.timeline import Timeline
-from pageserver.timeline_store import TimelineStore
-from pageserver.walingest import WalIngest
+from pageserver.storage.keys import SlruKind, rel_block_key
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.lsn import parse_lsn, segment_file_name
+from pg15.pg_control import read_control_file
+from pg15.records import decode_record
+from pg15.xlog_reader import WalReader
 from tests.page_compare import (
     fork_pages,
     masked_page,
@@ -66,9 +69,6 @@ from tests.page_compare import (
     sequence_last_value,
 )
 from tests.pgtest import PgTestCluster, PgTestServer
-from walreceiver.lsn import parse_lsn, segment_file_name
-from walreceiver.records import decode_record
-from walreceiver.xlog_reader import WalReader
 
 pytestmark = pytest.mark.slow
 

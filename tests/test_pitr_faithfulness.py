@@ -25,9 +25,9 @@ import pytest
 
 from cli import postmaster
 from cli.pgbin import pg_binary, pg_os_user
+from pg15.lsn import format_lsn, parse_lsn
 from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port
-from walreceiver.lsn import format_lsn, parse_lsn
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The walreceiver as a supervised child process (pageserver/receiver_process.py), against a
+"""The walreceiver as a supervised child process (pageserver/follow/receiver_process.py), against a
 real PostgreSQL: progress reporting, the password kept out of argv, no orphan when the parent
 goes away, one receiver per archive, clear failures."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.receiver_process import ReceiverFailed, ReceiverProcess
+from pageserver.follow.receiver_process import ReceiverFailed, ReceiverProcess
+from pg15.lsn import parse_lsn
 from tests.pgtest import PASSWORD, PgTestCluster
 from tests.test_replication_stream import params, wait_for
-from walreceiver.lsn import parse_lsn
 from walreceiver.receiver import ConnParams, ReceiverState
 
 pytestmark = pytest.mark.slow
@@ -119,10 +119,10 @@ async def test_wrong_password_is_a_clear_failure(pg_cluster: PgTestCluster, tmp_
 async def test_idle_follower_does_not_spin(tmp_path: Path) -> None:
     """A follower whose node is down (and whose store has no history yet) must sleep, not
     busy-wait for the first WAL: a spinning decode thread starves the whole pageserver."""
-    from pageserver.followed_nodes import FollowedNode
-    from pageserver.metrics import Metrics
-    from pageserver.node_follower import NodeFollower
-    from pageserver.node_store import NodeStore, StorageHistory
+    from pageserver.api.metrics import Metrics
+    from pageserver.follow.followed_nodes import FollowedNode
+    from pageserver.follow.node_follower import NodeFollower
+    from pageserver.history.node_store import NodeStore, StorageHistory
 
     node = FollowedNode("idle", "127.0.0.1", 1, "u", "p")  # nothing listens on port 1
     follower = NodeFollower(node, NodeStore(StorageHistory(tmp_path / "h"), "idle"), Metrics())

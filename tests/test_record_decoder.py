@@ -10,8 +10,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from walreceiver.fpi import ImageDecodeError, pglz_decompress, restore_page
-from walreceiver.records import (
+from pg15.fpi import ImageDecodeError, pglz_decompress, restore_page
+from pg15.records import (
     BKPBLOCK_HAS_DATA,
     BKPBLOCK_HAS_IMAGE,
     BKPBLOCK_SAME_REL,
@@ -27,7 +27,7 @@ from walreceiver.records import (
     decode_record,
     decode_record_bytes,
 )
-from walreceiver.rmgr import (
+from pg15.rmgr import (
     MainDataError,
     btree,
     dbase,
@@ -40,9 +40,9 @@ from walreceiver.rmgr import (
     standby,
     xact,
 )
-from walreceiver.rmgr.xlog import CheckPoint, XlogCheckpoint, XlogSwitch
-from walreceiver.rmgr_names import RMGR_NAMES, record_type_name, rmgr_name
-from walreceiver.xlog_reader import RawRecord, record_crc
+from pg15.rmgr.xlog import CheckPoint, XlogCheckpoint, XlogSwitch
+from pg15.rmgr_names import RMGR_NAMES, record_type_name, rmgr_name
+from pg15.xlog_reader import RawRecord, record_crc
 
 # ---- building records ------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from pageserver.redo.page import (
     set_item_id,
     set_lsn,
 )
+from pg15.rmgr_names import RM_BTREE_ID
 from tests.redo_helpers import END_LSN, LSN, Blk, record
-from walreceiver.rmgr_names import RM_BTREE_ID
 
 RIGHT_SIB = 9
 

@@ -49,10 +49,10 @@ from pageserver.redo.visibilitymap import (
     vm_get,
     vm_set,
 )
+from pg15.records import BKPIMAGE_APPLY, BlockImage
+from pg15.rmgr.multixact import MultiXactCreate, MultiXactMember
+from pg15.rmgr_names import RM_HEAP2_ID, RM_HEAP_ID, RM_SEQ_ID
 from tests.redo_helpers import END_LSN, LSN, Blk, record
-from walreceiver.records import BKPIMAGE_APPLY, BlockImage
-from walreceiver.rmgr.multixact import MultiXactCreate, MultiXactMember
-from walreceiver.rmgr_names import RM_HEAP2_ID, RM_HEAP_ID, RM_SEQ_ID
 
 XMIN = 700
 

@@ -18,8 +18,7 @@ from pageserver.redo.page import (
     page_add_item,
     set_lsn,
 )
-from tests.redo_helpers import END_LSN, Blk, record
-from walreceiver.rmgr_names import (
+from pg15.rmgr_names import (
     RM_BRIN_ID,
     RM_GENERIC_ID,
     RM_GIN_ID,
@@ -27,6 +26,7 @@ from walreceiver.rmgr_names import (
     RM_HASH_ID,
     RM_SPGIST_ID,
 )
+from tests.redo_helpers import END_LSN, Blk, record
 
 LATER = END_LSN + 0x100  # a second record after the first one (earlier pages are not "done")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from cli.pgbin import pg_binary, popen_kwargs
+from pg15.lsn import lsn_segno, parse_lsn, parse_segment_file_name, segment_file_name
 from proto.errors import AuthFailed
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
 from walreceiver.archive import WalArchive
-from walreceiver.lsn import lsn_segno, parse_lsn, parse_segment_file_name, segment_file_name
 from walreceiver.receiver import SERVER_ENDED, ConnParams, ReceiverState, WalChunk, WalReceiver
 from walreceiver.replication import (
     ReplicationConnection,

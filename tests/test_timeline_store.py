@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-import pageserver.timeline as timeline_module
-from pageserver import keys as K
-from pageserver.compaction import compact, compact_level0, create_image_layers
-from pageserver.layers.blocks import LayerCorrupt
-from pageserver.manifest import MANIFEST_NAME, ManifestCorrupt, read_manifest
-from pageserver.settings import StoreSettings
-from pageserver.timeline import FutureLsn, Timeline
-from pageserver.timeline_store import TimelineStore
-from pageserver.values import TOMBSTONE, Image, ReconstructData, Value, WalDelta
+import pageserver.storage.timeline as timeline_module
+from pageserver.storage import keys as K
+from pageserver.storage.compaction import compact, compact_level0, create_image_layers
+from pageserver.storage.layers.blocks import LayerCorrupt
+from pageserver.storage.manifest import MANIFEST_NAME, ManifestCorrupt, read_manifest
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import FutureLsn, Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import TOMBSTONE, Image, ReconstructData, Value, WalDelta
 from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 
 SMALL = StoreSettings(

@@ -23,12 +23,12 @@ import pageserver.redo.heap as heap_redo
 from cli.debug_commands import debug_group
 from cli.waldump import collect_segments, iter_records
 from pageserver.redo import clog, multixact
+from pg15.records import DecodedRecord
+from pg15.rmgr import clog as clog_rmgr
+from pg15.rmgr import decode_main, xact
+from pg15.rmgr import multixact as mx_rmgr
+from pg15.rmgr.heap import HeapDelete, decode_heap
 from tests.pgtest import PgTestCluster, PgTestServer
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr import clog as clog_rmgr
-from walreceiver.rmgr import decode_main, xact
-from walreceiver.rmgr import multixact as mx_rmgr
-from walreceiver.rmgr.heap import HeapDelete, decode_heap
 
 pytestmark = pytest.mark.slow
 

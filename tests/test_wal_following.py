@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from cli.pgbin import pg_binary
-from pageserver.pg_control import read_control_file
+from pg15.lsn import parse_lsn
+from pg15.pg_control import read_control_file
 from tests.neoncli import NeonCli, pgbench, psql
-from walreceiver.lsn import parse_lsn
 
 
 def wal_of(neon: NeonCli, node: str) -> dict[str, Any]:

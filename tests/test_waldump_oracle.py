@@ -26,13 +26,13 @@ import pytest
 
 from cli.pgbin import pg_binary
 from cli.waldump import collect_segments, iter_records
+from pg15.fpi import restore_page
+from pg15.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
+from pg15.records import DecodedRecord
+from pg15.rmgr import dbase, decode_main, multixact, relmap, sequence, smgr, xact
+from pg15.rmgr.xlog import XlogCheckpoint
+from pg15.xlog_reader import RawRecord, WalReader
 from tests.pgtest import PgTestCluster, PgTestServer
-from walreceiver.fpi import restore_page
-from walreceiver.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr import dbase, decode_main, multixact, relmap, sequence, smgr, xact
-from walreceiver.rmgr.xlog import XlogCheckpoint
-from walreceiver.xlog_reader import RawRecord, WalReader
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,14 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from pageserver.compaction import create_image_layers
-from pageserver.import_datadir import import_datadir, import_lsn_of, record_end_lsn
-from pageserver.keys import SlruKind, rel_block_key, slru_block_key
-from pageserver.page_reconstruct import (
+from pageserver.ingest.import_datadir import import_datadir, import_lsn_of, record_end_lsn
+from pageserver.ingest.walingest import (
+    EMPTY_CHECKPOINT,
+    WalIngest,
+    encode_record,
+    fsm_logical_to_physical,
+)
+from pageserver.reconstruct.page_reconstruct import (
     ReconstructError,
     get_checkpoint,
     get_rel_size,
@@ -33,17 +37,11 @@ from pageserver.redo.clog import clog_get_status
 from pageserver.redo.multixact import apply_create
 from pageserver.redo.page import get_lsn, max_offset, new_page, set_lsn
 from pageserver.redo.visibilitymap import vm_get, vm_set
-from pageserver.timeline import Timeline
-from pageserver.timeline_store import TimelineStore
-from pageserver.walingest import (
-    EMPTY_CHECKPOINT,
-    WalIngest,
-    encode_record,
-    fsm_logical_to_physical,
-)
-from proto.errors import Conflict, InvalidArgument, NotFound
-from tests.pgtest import PgTestCluster
-from walreceiver.records import (
+from pageserver.storage.compaction import create_image_layers
+from pageserver.storage.keys import SlruKind, rel_block_key, slru_block_key
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.records import (
     BKPBLOCK_HAS_DATA,
     BKPBLOCK_HAS_IMAGE,
     BKPBLOCK_WILL_INIT,
@@ -54,8 +52,8 @@ from walreceiver.records import (
     RelFileNode,
     decode_record_bytes,
 )
-from walreceiver.rmgr.multixact import MultiXactCreate, MultiXactMember
-from walreceiver.rmgr_names import (
+from pg15.rmgr.multixact import MultiXactCreate, MultiXactMember
+from pg15.rmgr_names import (
     RM_CLOG_ID,
     RM_DBASE_ID,
     RM_HEAP2_ID,
@@ -67,6 +65,8 @@ from walreceiver.rmgr_names import (
     RM_XACT_ID,
     RM_XLOG_ID,
 )
+from proto.errors import Conflict, InvalidArgument, NotFound
+from tests.pgtest import PgTestCluster
 
 SPC, DB, REL = 1663, 5, 16384
 RN = RelFileNode(SPC, DB, REL)
@@ -463,7 +463,7 @@ def test_reconstruct_is_the_compaction_callback(timeline: Timeline) -> None:
 
 def test_redo_pool_matches_inline_redo(timeline: Timeline) -> None:
     """Long chains replayed in worker processes give the very page inline redo gives."""
-    from pageserver.redo_pool import RedoPool
+    from pageserver.reconstruct.redo_pool import RedoPool
 
     wal = Wal(timeline)
     last = heap_insert(wal, 0, 1, 0, init=True)

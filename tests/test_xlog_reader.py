@@ -9,11 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.errors import CorruptData
-from tests.test_record_decoder import build_record
-from walreceiver.lsn import format_lsn, segment_file_name
-from walreceiver.records import decode_record
-from walreceiver.xlog_reader import (
+from pg15.lsn import format_lsn, segment_file_name
+from pg15.records import decode_record
+from pg15.xlog_reader import (
     XLP_BKP_REMOVABLE,
     XLP_FIRST_IS_CONTRECORD,
     XLP_FIRST_IS_OVERWRITE_CONTRECORD,
@@ -23,6 +21,8 @@ from walreceiver.xlog_reader import (
     WalReader,
     maxalign,
 )
+from proto.errors import CorruptData
+from tests.test_record_decoder import build_record
 
 BLCKSZ = 8192
 SEG = 1 << 20  # the smallest legal segment size keeps the streams small

@@ -21,8 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.errors import CorruptData, InvalidArgument
-from walreceiver.lsn import (
+from pg15.lsn import (
     WAL_BLOCK_SIZE,
     format_lsn,
     lsn_segno,
@@ -30,6 +29,7 @@ from walreceiver.lsn import (
     segment_file_name,
     segment_start,
 )
+from proto.errors import CorruptData, InvalidArgument
 
 PARTIAL = ".partial"
 _PAGEADDR = struct.Struct("<Q")

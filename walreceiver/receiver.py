@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from pg15.lsn import format_lsn, lsn_segno, segment_start
 from proto.errors import Conflict, CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
-from walreceiver.lsn import format_lsn, lsn_segno, segment_start
 from walreceiver.replication import (
     ReplicationConnection,
     ReplicationStream,
@@ -383,9 +383,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--supervised",
         action="store_true",
-        help="run under the pageserver (pageserver/receiver_process.py): the password is the "
-        "first line of stdin, the receiver stops when stdin closes (its parent died), progress "
-        "goes to stdout as JSON lines, SIGUSR1 skips a reconnect backoff, and a lock file "
+        help="run under the pageserver (pageserver/follow/receiver_process.py): the password "
+        "is the first line of stdin, the receiver stops when stdin closes (its parent died), "
+        "progress goes to stdout as JSON lines, SIGUSR1 skips a reconnect backoff, and a lock file "
         "keeps a second receiver off the same archive",
     )
     ap.add_argument("-v", "--verbose", action="store_true")

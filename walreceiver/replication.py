@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import (
     AlreadyExists,
     AuthFailed,
@@ -24,7 +25,6 @@ from proto.errors import (
     ProtocolError,
     Unavailable,
 )
-from walreceiver.lsn import format_lsn, parse_lsn
 from walreceiver.replication_auth import Authenticator
 from walreceiver.replication_codec import (
     AuthenticationCleartextPassword,

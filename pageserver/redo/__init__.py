@@ -39,10 +39,10 @@ from pageserver.redo.page import (
     page_is_new,
     set_lsn,
 )
-from walreceiver.fpi import restore_page
-from walreceiver.lsn import format_lsn
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr_names import (
+from pg15.fpi import restore_page
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord
+from pg15.rmgr_names import (
     RM_BRIN_ID,
     RM_BTREE_ID,
     RM_GENERIC_ID,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pageserver.redo.page import PageError
-from walreceiver.records import BlockRef, DecodedRecord
+from pg15.records import BlockRef, DecodedRecord
 
 INVALID_BLOCK = 0xFFFFFFFF
 INDEX_SIZE_MASK = 0x1FFF

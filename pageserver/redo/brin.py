@@ -37,7 +37,7 @@ from pageserver.redo.page import (
     page_index_tuple_overwrite,
     set_lower,
 )
-from walreceiver.records import DecodedRecord
+from pg15.records import DecodedRecord
 
 CREATE_INDEX = 0x00
 INSERT = 0x10

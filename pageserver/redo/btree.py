@@ -36,9 +36,9 @@ from pageserver.redo.page import (
     set_lower,
     set_upper,
 )
-from walreceiver.lsn import format_lsn
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr.btree import (
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord
+from pg15.rmgr.btree import (
     XLOG_BTREE_DEDUP,
     XLOG_BTREE_DELETE,
     XLOG_BTREE_INSERT_LEAF,

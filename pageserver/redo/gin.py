@@ -49,7 +49,7 @@ from pageserver.redo.page import (
     set_lower,
     set_prune_xid,
 )
-from walreceiver.records import DecodedRecord
+from pg15.records import DecodedRecord
 
 CREATE_PTREE = 0x10
 INSERT = 0x20

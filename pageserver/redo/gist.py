@@ -42,7 +42,7 @@ from pageserver.redo.page import (
     page_index_tuple_overwrite,
     set_lower,
 )
-from walreceiver.records import DecodedRecord
+from pg15.records import DecodedRecord
 
 PAGE_UPDATE = 0x00
 DELETE = 0x10

@@ -43,7 +43,7 @@ from pageserver.redo.page import (
     page_init,
     set_lower,
 )
-from walreceiver.records import DecodedRecord
+from pg15.records import DecodedRecord
 
 INIT_META_PAGE = 0x00
 INIT_BITMAP_PAGE = 0x10

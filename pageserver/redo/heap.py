@@ -31,9 +31,9 @@ from pageserver.redo.page import (
     set_flags,
     set_prune_xid,
 )
-from walreceiver.lsn import format_lsn
-from walreceiver.records import BlockRef, DecodedRecord
-from walreceiver.rmgr.heap import (
+from pg15.lsn import format_lsn
+from pg15.records import BlockRef, DecodedRecord
+from pg15.rmgr.heap import (
     XLOG_HEAP_CONFIRM,
     XLOG_HEAP_DELETE,
     XLOG_HEAP_HOT_UPDATE,

@@ -45,9 +45,9 @@ from pageserver.redo.page import (
     set_flags,
 )
 from pageserver.redo.visibilitymap import vm_redo_visible
-from walreceiver.lsn import format_lsn
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr.heap import (
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord
+from pg15.rmgr.heap import (
     XLOG_HEAP2_FREEZE_PAGE,
     XLOG_HEAP2_LOCK_UPDATED,
     XLOG_HEAP2_MULTI_INSERT,

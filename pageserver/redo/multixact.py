@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 
 from pageserver.redo.page import BLCKSZ, PageError
-from walreceiver.rmgr.multixact import MultiXactCreate, MultiXactMember
+from pg15.rmgr.multixact import MultiXactCreate, MultiXactMember
 
 MULTIXACT_OFFSETS_PER_PAGE = BLCKSZ // 4
 FIRST_MULTIXACT_ID = 1

@@ -7,9 +7,9 @@ import struct
 from pageserver.redo.heap import unsupported
 from pageserver.redo.masks import mask_page_lsn_and_checksum, mask_unused_space
 from pageserver.redo.page import FIRST_OFFSET, PageError, new_page, page_add_item
-from walreceiver.lsn import format_lsn
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr.sequence import XLOG_SEQ_LOG
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord
+from pg15.rmgr.sequence import XLOG_SEQ_LOG
 
 SEQ_MAGIC = 0x1717
 SEQUENCE_MAGIC_SIZE = 4

@@ -43,7 +43,7 @@ from pageserver.redo.page import (
     page_index_multi_delete,
     page_index_tuple_delete,
 )
-from walreceiver.records import DecodedRecord
+from pg15.records import DecodedRecord
 
 ADD_LEAF = 0x10
 MOVE_LEAFS = 0x20

@@ -30,17 +30,17 @@ from pageserver.redo import (
 )
 from pageserver.redo.page import BLCKSZ, get_lsn, set_lsn
 from pageserver.redo.visibilitymap import vm_block, vm_changes, vm_clear
-from proto.errors import NeonError
-from walreceiver.fpi import restore_page
-from walreceiver.lsn import format_lsn
-from walreceiver.records import (
+from pg15.fpi import restore_page
+from pg15.lsn import format_lsn
+from pg15.records import (
     VISIBILITYMAP_FORKNUM,
     BlockRef,
     DecodedRecord,
     RelFileNode,
 )
-from walreceiver.rmgr import smgr, xact
-from walreceiver.rmgr_names import RM_SMGR_ID, RM_XACT_ID
+from pg15.rmgr import smgr, xact
+from pg15.rmgr_names import RM_SMGR_ID, RM_XACT_ID
+from proto.errors import NeonError
 
 PageKey = tuple[int, int]  # (fork, blkno) within one relation
 

@@ -20,8 +20,8 @@ from pageserver.redo.page import (
     page_is_new,
     set_lsn,
 )
-from walreceiver.records import DecodedRecord, RelFileNode
-from walreceiver.rmgr_names import RM_HEAP2_ID, RM_HEAP_ID
+from pg15.records import DecodedRecord, RelFileNode
+from pg15.rmgr_names import RM_HEAP2_ID, RM_HEAP_ID
 
 VISIBILITYMAP_ALL_VISIBLE = 0x01
 VISIBILITYMAP_ALL_FROZEN = 0x02

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pageserver.redo.heap import existing, unsupported
 from pageserver.redo.page import PageError
-from walreceiver.lsn import format_lsn
-from walreceiver.records import DecodedRecord
-from walreceiver.rmgr.xlog import XLOG_FPI, XLOG_FPI_FOR_HINT
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord
+from pg15.rmgr.xlog import XLOG_FPI, XLOG_FPI_FOR_HINT
 
 
 def apply(record: DecodedRecord, block_id: int, page: bytearray | None) -> bytearray:

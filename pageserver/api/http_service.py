@@ -1,0 +1,52 @@
+"""HTTP endpoints for people and monitoring: /v1/status (JSON) and /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pageserver.api.service import Pageserver
+
+_PS_KEY: web.AppKey[Pageserver] = web.AppKey("pageserver", Pageserver)
+
+
+async def _status(request: web.Request) -> web.Response:
+    ps = request.app[_PS_KEY]
+    ps.metrics.inc("pageserver_http_requests_total", path="/v1/status")
+    return web.json_response(ps.status())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    ps = request.app[_PS_KEY]
+    ps.metrics.inc("pageserver_http_requests_total", path="/metrics")
+    return web.Response(
+        text=ps.metrics.render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+def build_app(ps: Pageserver) -> web.Application:
+    app = web.Application()
+    app[_PS_KEY] = ps
+    app.router.add_get("/v1/status", _status)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+class HttpService:
+    def __init__(self, ps: Pageserver) -> None:
+        self._runner = web.AppRunner(build_app(ps), access_log=None)
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        # uvloop's server is not an asyncio.Server, but both expose the bound sockets.
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        return self.port
+
+    async def close(self) -> None:
+        await self._runner.cleanup()

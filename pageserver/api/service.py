@@ -1,0 +1,447 @@
+"""The pageserver's shared state, independent of which protocol asks for it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pageserver.api.metrics import Metrics
+from pageserver.basebackup.tar_stream import TimelineSource, normalize_lsn
+from pageserver.config import PageserverConfig
+from pageserver.follow.followed_nodes import FollowedNode, FollowedNodes
+from pageserver.follow.node_follower import NodeFollower
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.history.pitr import PitrArea, new_area
+from pageserver.history.snapshots import Snapshot, check_user_tag, new_snapshot, split_snapshot_name
+from pageserver.ingest.lsn_index import archive_reader
+from pageserver.reconstruct.page_reconstruct import get_node_metadata
+from pageserver.reconstruct.redo_pool import RedoPool
+from pageserver.storage.gc import gc_timeline, prune_wal_archive
+from pageserver.storage.retention import Retention, compute_retention
+from pageserver.storage.timeline import Timeline
+from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
+from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+
+VERSION = "0.1.0"
+
+
+class Pageserver:
+    def __init__(self, config: PageserverConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.metrics = Metrics()
+        self.nodes = FollowedNodes(config.nodes_file)
+        self.followers: dict[str, NodeFollower] = {}
+        self.stores: dict[str, NodeStore] = {}
+        self.histories: dict[str, StorageHistory] = {}
+        self.redo_pool = RedoPool()
+        m = self.metrics
+        m.describe("pageserver_up", "gauge", "1 while the pageserver serves.")
+        m.set("pageserver_up", 1)
+        m.describe("pageserver_uptime_seconds", "gauge", "Seconds since start.")
+        m.computed("pageserver_uptime_seconds", lambda: time.time() - self.started_at)
+        m.describe("pageserver_followed_nodes", "gauge", "PostgreSQL nodes followed.")
+        m.computed("pageserver_followed_nodes", lambda: len(self.nodes.all()))
+        m.describe("pageserver_proto_requests_total", "counter", "Proto requests by method.")
+        m.describe("pageserver_http_requests_total", "counter", "HTTP requests by path.")
+        m.describe("pageserver_wal_received_bytes_total", "counter", "Durable WAL bytes per node.")
+        m.describe("pageserver_wal_records_total", "counter", "WAL records decoded per node.")
+
+    # following nodes
+
+    def start_following(self) -> None:
+        """Start a follower for every registered node (needs the running event loop)."""
+        for node in self.nodes.all():
+            self._follow(node)
+
+    def store_dir(self, node: FollowedNode) -> Path:
+        if node.store_dir:
+            return Path(node.store_dir)
+        return self.config.workdir / "pagestore"
+
+    def history(self, root: Path) -> StorageHistory:
+        key = str(root)
+        history = self.histories.get(key)
+        if history is None:
+            history = StorageHistory(root)
+            self.histories[key] = history
+        return history
+
+    def store(self, node_id: str) -> NodeStore:
+        store = self.stores.get(node_id)
+        if store is None:
+            node = self.nodes.get(node_id)
+            store = NodeStore(self.history(self.store_dir(node)), node_id)
+            self.stores[node_id] = store
+        return store
+
+    def _follow(self, node: FollowedNode) -> NodeFollower:
+        follower = NodeFollower(node, self.store(node.node_id), self.metrics)
+        self.followers[node.node_id] = follower
+        follower.start()
+        return follower
+
+    async def _refollow(self, node_id: str) -> None:
+        """Restart a node's follower: its timeline (hence its WAL archive) changed."""
+        follower = self.followers.pop(node_id, None)
+        if follower is not None:
+            await follower.stop()
+        self._follow(self.nodes.get(node_id))
+
+    async def stop_following(self) -> None:
+        """Stop every follower, then flush and close the stores (a clean restart re-ingests
+        nothing)."""
+        for follower in list(self.followers.values()):
+            await follower.stop()
+        self.followers.clear()
+        for store in list(self.stores.values()):
+            await asyncio.to_thread(store.flush)
+        self.stores.clear()
+        for history in self.histories.values():
+            history.close()
+        self.histories.clear()
+        await asyncio.to_thread(self.redo_pool.close)
+
+    def follower(self, node_id: str) -> NodeFollower:
+        try:
+            return self.followers[node_id]
+        except KeyError:
+            raise NotFound(f"the pageserver does not follow node {node_id!r}") from None
+
+    async def register_node(self, node: FollowedNode) -> dict[str, Any]:
+        """Follow a node, or (same node again, e.g. on `pg start`) reconnect to it now."""
+        current = self.followers.get(node.node_id)
+        if current is not None and current.node == node:
+            current.kick()
+            return current.status()
+        if current is not None:
+            await current.stop()
+        self.nodes.add(node)
+        self.stores.pop(node.node_id, None)
+        return self._follow(node).status()
+
+    async def unregister_node(self, node_id: str) -> dict[str, Any]:
+        """Stop following a node and drop its state and WAL; its timelines stay for the
+        snapshots that name them (GC removes what nothing needs)."""
+        node = self.nodes.get(node_id)
+        follower = self.followers.pop(node_id, None)
+        if follower is not None:
+            await follower.stop()
+        store = self.store(node_id)
+        for area in store.history.pitr.all():
+            if area.node_id == node_id:  # an area follows one node's history
+                store.history.pitr.remove(area.name)
+        await asyncio.to_thread(store.forget)
+        self.stores.pop(node_id, None)
+        self.nodes.remove(node_id)
+        return node.public()
+
+    async def import_node(self, node_id: str, datadir: Path) -> int:
+        """Import a node's cleanly shut-down data directory before its first start."""
+        store = self.store(node_id)
+        lsn = await asyncio.to_thread(store.import_datadir, datadir)
+        await self._refollow(node_id)
+        return lsn
+
+    # snapshots and branches
+
+    def _snapshot_lsn_now(self, node_id: str) -> tuple[NodeStore, int]:
+        store = self.store(node_id)
+        return store, store.timeline.last_record_lsn
+
+    async def create_snapshot(
+        self, node_id: str, name: str, wait_lsn: int | None, timeout: float
+    ) -> Snapshot:
+        """Name the current record boundary once ingest reached `wait_lsn`."""
+        split_snapshot_name(name)
+        if wait_lsn is not None:
+            await self.wait_for_lsn(node_id, wait_lsn, timeout)
+        store, lsn = self._snapshot_lsn_now(node_id)
+        state = store.state
+        assert state is not None
+        return store.history.snapshots.add(
+            new_snapshot(name, node_id, state.timeline_id, lsn, parent=state.parent)
+        )
+
+    def find_snapshot(self, name: str) -> tuple[StorageHistory, Snapshot]:
+        for node in self.nodes.all():
+            history = self.history(self.store_dir(node))
+            snap = history.snapshots.find(name)
+            if snap is not None:
+                return history, snap
+        for history in self.histories.values():
+            snap = history.snapshots.find(name)
+            if snap is not None:
+                return history, snap
+        raise NotFound(f"snapshot {name!r} does not exist; see `neon snapshot list`")
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        seen: set[str] = set()
+        out: list[dict[str, Any]] = []
+        for node in self.nodes.all():
+            history = self.history(self.store_dir(node))
+            if str(history.root) in seen:
+                continue
+            seen.add(str(history.root))
+            for snap in history.snapshots.all():
+                out.append(
+                    {
+                        **asdict(snap),
+                        "size_bytes": self._history_bytes(history, snap.timeline_id, snap.lsn),
+                    }
+                )
+        return out
+
+    @staticmethod
+    def _history_bytes(history: StorageHistory, timeline_id: str, lsn: int) -> int:
+        """Bytes of layer files reading (timeline, lsn) needs (its timeline and ancestors)."""
+        total = 0
+        try:
+            timeline: Timeline | None = history.timelines.get(timeline_id)
+        except NotFound:
+            return 0
+        while timeline is not None:
+            for layer in timeline.layer_map().layers():
+                if layer.name.lsn_start <= lsn:
+                    total += layer.file_size
+            lsn, timeline = timeline.ancestor_lsn, timeline.ancestor
+        return total
+
+    async def branch_node(
+        self,
+        node_id: str,
+        snapshot: str,
+        *,
+        pg_timeline: int | None,
+        checkout: bool,
+    ) -> dict[str, Any]:
+        """Point a node at a new timeline branched from a snapshot (checkout, or a node created
+        from a snapshot); returns where its WAL decoding starts."""
+        history, snap = self.find_snapshot(snapshot)
+        store = self.store(node_id)
+        if store.history is not history:
+            raise InvalidArgument(
+                f"snapshot {snapshot!r} lives in storage {history.root}, node {node_id} in "
+                f"{store.history.root}; branch within one storage"
+            )
+        source = history.timelines.get(snap.timeline_id)
+        timeline = await asyncio.to_thread(history.timelines.branch, source.timeline_id, snap.lsn)
+        segment_size = self._segment_size(history, snap)
+        old = store.state
+        tli = pg_timeline if pg_timeline is not None else (old.pg_timeline + 1 if old else 1)
+        decode_from = normalize_lsn(snap.lsn, segment_size)
+        state = await asyncio.to_thread(
+            store.switch_to_branch,
+            timeline,
+            decode_from=decode_from,
+            pg_timeline=tli,
+            segment_size=segment_size,
+            parent=snapshot,
+            checkout=checkout,
+        )
+        await self._refollow(node_id)
+        return {**asdict(state), "lsn": snap.lsn}
+
+    # PITR areas and GC
+
+    def _area(self, name: str) -> tuple[NodeStore, PitrArea]:
+        for history in {id(h): h for h in self._all_histories()}.values():
+            area = history.pitr.find(name)
+            if area is not None:
+                return self.store(area.node_id), area
+        raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
+
+    def _all_histories(self) -> list[StorageHistory]:
+        for node in self.nodes.all():
+            self.history(self.store_dir(node))
+        return list(self.histories.values())
+
+    def pitr_create(self, name: str, node_id: str, ttl: str, size_limit: str) -> PitrArea:
+        check_user_tag(name)
+        store = self.store(node_id)
+        if store.state is None:
+            raise NotFound(f"node {node_id} has no page history yet")
+        for history in self._all_histories():
+            if history.pitr.find(name) is not None:
+                raise AlreadyExists(f"PITR area {name!r} already exists")
+        return store.history.pitr.add(new_area(name, node_id, ttl, size_limit))
+
+    def pitr_destroy(self, name: str) -> PitrArea:
+        store, area = self._area(name)
+        return store.history.pitr.remove(area.name)
+
+    def _window(self, store: NodeStore, area: PitrArea) -> Retention:
+        """The area's window, never reaching before the timeline's own history starts."""
+        retention = compute_retention(store.timeline, area.policy(), store.index)
+        state = store.state
+        assert state is not None
+        start = retention.window_start
+        if start is not None and start < state.start_lsn:
+            retention = dataclasses.replace(retention, window_start=state.start_lsn)
+        return retention
+
+    def pitr_list(self) -> list[dict[str, Any]]:
+        out = []
+        for history in self._all_histories():
+            for area in history.pitr.all():
+                store = self.store(area.node_id)
+                retention = self._window(store, area)
+                start = retention.window_start if retention.window_start is not None else 0
+                out.append({**asdict(area), "from_lsn": start, "to_lsn": retention.tip})
+        return out
+
+    def pitr_extract(
+        self, name: str, *, lsn: int | None, at: datetime | None, tag: str | None
+    ) -> Snapshot:
+        """A snapshot at the last record boundary at or below `lsn` (or the last commit at or
+        before `at`) inside the area."""
+        store, area = self._area(name)
+        retention = self._window(store, area)
+        start = retention.window_start if retention.window_start is not None else retention.tip
+        bounds = f"{format_lsn(start)} .. {format_lsn(retention.tip)}"
+        if at is not None:
+            found = store.index.lsn_for_time(at)
+            if found is None:
+                raise InvalidArgument(
+                    f"{at.isoformat()} is before the first commit of PITR area {name!r} ({bounds})"
+                )
+            lsn = found
+        assert lsn is not None
+        if not start <= lsn <= retention.tip:
+            raise InvalidArgument(
+                f"LSN {format_lsn(lsn)} is outside PITR area {name!r}: it covers {bounds}"
+            )
+        state = store.state
+        assert state is not None
+        reader = archive_reader(store.wal_dir, state.wal_segment_size)
+        snapped = store.index.snap(lsn, reader, timeline=state.pg_timeline)
+        snapped = max(snapped, start)
+        node_name = tag or f"pitr-{snapped:X}"
+        check_user_tag(node_name)
+        pgdata = self.nodes.get(area.node_id).pgdata or area.node_id
+        snap_name = f"{pgdata}@{node_name}"
+        return store.history.snapshots.add(
+            new_snapshot(snap_name, area.node_id, state.timeline_id, snapped, parent=state.parent)
+        )
+
+    def gc_history(self, history: StorageHistory) -> dict[str, Any]:
+        """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""
+        snaps = history.snapshots.all()
+        areas = {a.node_id: a for a in history.pitr.all()}
+        current = {
+            store.state.timeline_id: store
+            for store in (self.store(n.node_id) for n in self.nodes.all())
+            if store.state is not None and store.history is history
+        }
+        removed = removed_bytes = 0
+        for timeline_id in history.timelines.list_timelines():
+            timeline = history.timelines.get(timeline_id)
+            retain = [s.lsn for s in snaps if s.timeline_id == timeline_id]
+            retain += [
+                history.timelines.get(child).ancestor_lsn
+                for child in history.timelines.children(timeline_id)
+            ]
+            window: int | None = None
+            store = current.get(timeline_id)
+            if store is not None and store.node_id in areas:
+                window = self._window(store, areas[store.node_id]).window_start
+            result = gc_timeline(timeline, retain, window)
+            removed += len(result.removed_layers)
+            removed_bytes += result.removed_bytes
+            if store is not None:
+                state = store.state
+                assert state is not None
+                keep = timeline.disk_consistent_lsn
+                if window is not None:
+                    keep = min(keep, store.index.wal_needed_from(window))
+                prune_wal_archive(store.wal_dir, state.wal_segment_size, keep)
+        return {"removed_layers": removed, "removed_bytes": removed_bytes}
+
+    async def gc_all(self) -> list[dict[str, Any]]:
+        return [
+            await asyncio.to_thread(self.gc_history, history) for history in self._all_histories()
+        ]
+
+    @staticmethod
+    def _segment_size(history: StorageHistory, snap: Snapshot) -> int:
+        timeline = history.timelines.get(snap.timeline_id)
+        meta = get_node_metadata(timeline, snap.lsn) or {}
+        return int(meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE))
+
+    def basebackup_source(
+        self, node_id: str | None, snapshot: str | None
+    ) -> tuple[TimelineSource, int | None]:
+        """What to extract: a snapshot, or a node's current timeline at its branch point."""
+        if snapshot is not None:
+            history, snap = self.find_snapshot(snapshot)
+            return TimelineSource(history.timelines.get(snap.timeline_id), snap.lsn), None
+        if node_id is None:
+            raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        store = self.store(node_id)
+        state = store.state
+        if state is None:
+            raise NotFound(f"node {node_id} has no page history yet")
+        timeline = store.timeline
+        return TimelineSource(timeline, state.start_lsn), state.pg_timeline
+
+    async def wait_for_lsn(self, node_id: str, lsn: int | None, timeout: float) -> int:
+        """The LSN to read at: the latest ingested by default; a future one is waited for."""
+        timeline = self.store(node_id).timeline
+        if lsn is None:
+            return timeline.last_record_lsn
+        deadline = time.monotonic() + timeout
+        while timeline.last_record_lsn < lsn:
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"node {node_id}: LSN {format_lsn(lsn)} not ingested within {timeout:.0f}s "
+                    f"(last ingested: {format_lsn(timeline.last_record_lsn)})"
+                )
+            await asyncio.sleep(0.05)
+        return lsn
+
+    def store_info(self, node_id: str) -> dict[str, Any]:
+        store = self.store(node_id)
+        state = store.state
+        if state is None:
+            return {"node_id": node_id, "imported": False}
+        timeline = store.timeline
+        return {
+            "node_id": node_id,
+            "imported": True,
+            "timeline_id": state.timeline_id,
+            "start_lsn": state.start_lsn,
+            "pg_timeline": state.pg_timeline,
+            "checkouts": state.checkouts,
+            "parent": state.parent,
+            "last_record_lsn": timeline.last_record_lsn,
+            "prev_record_lsn": timeline.prev_record_lsn,
+            "disk_consistent_lsn": timeline.disk_consistent_lsn,
+            "layers": len(list(timeline.layer_map().layers())),
+            "size_bytes": self._history_bytes(
+                store.history, state.timeline_id, timeline.last_record_lsn
+            ),
+        }
+
+    def node_statuses(self) -> list[dict[str, Any]]:
+        return [
+            self.followers[n.node_id].status() if n.node_id in self.followers else n.public()
+            for n in self.nodes.all()
+        ]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "workdir": str(self.config.workdir),
+            "listen_host": self.config.listen_host,
+            "proto_port": self.config.proto_port,
+            "http_port": self.config.http_port,
+            "nodes": self.node_statuses(),
+        }

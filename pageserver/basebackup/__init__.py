@@ -1,0 +1,1 @@
+"""Basebackup: a tar of a data directory at (timeline, LSN) that stock PostgreSQL starts from."""

@@ -1,0 +1,351 @@
+"""Following one PostgreSQL node: its walreceiver process, the WAL archive, and the decoder.
+
+The receiver runs in a child process (pageserver/follow/receiver_process.py) that streams the node's
+slot into `<workdir>/nodes/<id>/wal` and reports how far that archive is durable. A decode
+thread reads the archive from where the page history ends up to that point, decodes every
+record and ingests it: receiving and decoding run on two cores, and after a restart the same
+loop re-ingests what the durable layers do not hold yet. The follower outlives the node's
+restarts: when the server ends the stream (it shut down), the follower starts a receiver again
+after a pause, and `kick()` (on `pg start`) makes that happen at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pageserver.api.metrics import Metrics
+from pageserver.follow.followed_nodes import FollowedNode
+from pageserver.follow.receiver_process import ReceiverProcess
+from pageserver.history.node_store import NodeStore
+from pageserver.redo import REDO_BY_RMGR
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord, decode_record, decode_records
+from pg15.xlog_reader import RawRecord, WalReader
+from proto.errors import CorruptData, NeonError
+from walreceiver.archive import WalArchive
+from walreceiver.receiver import ConnParams, WalChunk
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20  # archived WAL read and decoded at a time (larger is no faster)
+FAILED_RETRY_SECONDS = 10.0
+ENDED_RETRY_SECONDS = 1.0
+
+
+class NodeFollower:
+    def __init__(
+        self,
+        node: FollowedNode,
+        store: NodeStore,
+        metrics: Metrics,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.metrics = metrics
+        self.receiver = ReceiverProcess(
+            ConnParams(
+                node.host,
+                node.port,
+                node.user,
+                node.password,
+                application_name=f"neon-pageserver-{node.node_id}",
+            ),
+            node.slot,
+            store.wal_dir,
+            on_progress=self._on_progress,
+            max_backoff=5.0,
+        )
+        self.reader: WalReader | None = None
+        self.records = 0
+        self.decode_error: str | None = None
+        self.stream_ended = False
+        self._decoded_lsn = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._decoder: threading.Thread | None = None
+        self._warned_rmgrs: set[str] = set()
+        # What the decode thread may read: the archive is durable up to (timeline, lsn).
+        self._cond = threading.Condition()
+        self._durable: tuple[int, int] = (0, 0)
+        self._stream_start: int | None = None
+        self._stopping = False
+
+    # life cycle
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._decoder = threading.Thread(
+            target=self._decode_loop, name=f"decode-{self.node.node_id}", daemon=True
+        )
+        self._decoder.start()
+        self._task = asyncio.create_task(self._run(), name=f"follow-{self.node.node_id}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            await asyncio.to_thread(decoder.join)
+
+    def kick(self) -> None:
+        """Reconnect now (the node was just started) instead of waiting out a backoff."""
+        self._wake.set()
+        self.receiver.retry_now()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            delay = ENDED_RETRY_SECONDS
+            try:
+                reason = await self.receiver.run()
+                self.stream_ended = True
+                log.info(
+                    "node %s: %s at %s",
+                    self.node.node_id,
+                    reason,
+                    format_lsn(self.receiver.flushed_lsn),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a follower must survive any failure
+                log.error("node %s: streaming failed: %s", self.node.node_id, exc)
+                delay = FAILED_RETRY_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    # decoding
+
+    def _on_progress(self, receiver: ReceiverProcess) -> None:
+        """The receiver reported; let the decoder read what became durable."""
+        timeline, lsn = receiver.timeline, receiver.flushed_lsn
+        if not timeline or not lsn:
+            return
+        with self._cond:
+            if self._stream_start is None:
+                self._stream_start = lsn  # where the first receiver began (or resumed)
+            old = self._durable[1]
+            # After a timeline switch the new timeline's segment fills from its start; until
+            # it passes what the old one had, the old files are the ones to read.
+            if lsn <= old:
+                return
+            self._durable = (timeline, lsn)
+            self._cond.notify_all()
+        self.stream_ended = False
+        if old:
+            self.metrics.inc(
+                "pageserver_wal_received_bytes_total", lsn - old, node=self.node.node_id
+            )
+
+    def _decode_loop(self) -> None:
+        archive: WalArchive | None = None
+        pos, prev = self._start_position()
+        while True:
+            with self._cond:
+                while not self._stopping and self._nothing_to_read(pos):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                timeline, end = self._durable
+                if pos is None:
+                    pos = self._stream_start  # no page history: decode what streams from now
+                    continue
+            try:
+                if archive is None:
+                    archive = WalArchive(self.store.wal_dir, self._segment_size())
+                length = min(end - pos, archive.segment_size - pos % archive.segment_size)
+                length = min(length, READ_CHUNK)
+                tli, data = self._read_archived(archive, pos, length, timeline)
+            except Exception as exc:
+                self.decode_error = f"reading archived WAL failed: {exc}"
+                log.error("node %s: %s", self.node.node_id, self.decode_error)
+                continue
+            self._decode(WalChunk(tli, pos, data), prev_lsn=prev)
+            pos += length
+            self._flush_store()
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._progress.set)
+
+    def _nothing_to_read(self, pos: int | None) -> bool:
+        if self.decode_error is not None:
+            return True  # decoding stopped for good
+        if pos is None:
+            return self._stream_start is None  # no history: wait for the stream's start
+        return self._durable[1] <= pos
+
+    def _start_position(self) -> tuple[int | None, int | None]:
+        """Where decoding resumes: the end of the durable page history (its archived WAL
+        since then is re-ingested first), or None for a store with no history yet."""
+        state = self.store.state
+        if state is None:
+            return None, None
+        start = max(self.store.timeline.disk_consistent_lsn, state.decode_from or 0)
+        resume = WalArchive(self.store.wal_dir, state.wal_segment_size).resume()
+        if resume is not None and resume[1] > start:
+            log.info(
+                "node %s: re-ingesting archived WAL %s..%s",
+                self.node.node_id,
+                format_lsn(start),
+                format_lsn(resume[1]),
+            )
+            with self._cond:
+                self._durable = max(self._durable, resume, key=lambda d: d[1])
+        if start == state.decode_from:
+            return start, None  # a fresh branch: its first record is the one we wrote
+        return start, self.store.timeline.prev_record_lsn
+
+    def _segment_size(self) -> int:
+        state = self.store.state
+        if state is not None:
+            return state.wal_segment_size
+        if self.receiver.segment_size:
+            return self.receiver.segment_size
+        raise CorruptData("WAL segment size unknown: the receiver has not reported yet")
+
+    @staticmethod
+    def _read_archived(
+        archive: WalArchive, lsn: int, length: int, max_timeline: int
+    ) -> tuple[int, bytes]:
+        """Bytes [lsn, lsn+length) of one segment, from the newest timeline up to
+        `max_timeline` that has it; the receiver may be completing (renaming) that very
+        segment meanwhile, so look it up afresh and retry."""
+        segno = lsn // archive.segment_size
+        for _attempt in range(3):
+            segs = [
+                s for s in archive.segments() if s.segno == segno and s.timeline <= max_timeline
+            ]
+            if not segs:
+                break
+            seg = segs[-1]  # the newest timeline, the complete file before the partial one
+            try:
+                with open(seg.path, "rb") as f:
+                    f.seek(lsn % archive.segment_size)
+                    data = f.read(length)
+            except FileNotFoundError:
+                continue
+            if len(data) == length:
+                return seg.timeline, data
+        raise CorruptData(
+            f"archived WAL for {format_lsn(lsn)}..{format_lsn(lsn + length)} is missing or "
+            f"short in {archive.directory}"
+        )
+
+    def _flush_store(self) -> None:
+        try:
+            self.store.maybe_flush()
+        except Exception as exc:
+            self.decode_error = f"flushing page history failed: {exc}"
+            log.exception("node %s: flush failed", self.node.node_id)
+
+    def _decode(self, chunk: WalChunk, prev_lsn: int | None = None) -> None:
+        # The decode loop reads the archive contiguously from _start_position (which already
+        # begins a branch at its decode_from), so every chunk continues the last one.
+        if self.reader is None:
+            self.reader = WalReader(
+                chunk.start_lsn, self._segment_size(), timeline=chunk.timeline, prev_lsn=prev_lsn
+            )
+        reader = self.reader
+        reader.timeline = chunk.timeline
+        if chunk.start_lsn != reader.fed_lsn:
+            self.decode_error = (
+                f"WAL gap: decoded up to {format_lsn(reader.fed_lsn)}, next chunk starts "
+                f"at {format_lsn(chunk.start_lsn)}"
+            )
+            log.error("node %s: %s", self.node.node_id, self.decode_error)
+            return
+        reader.feed(chunk.data)
+        count = 0
+        # A store with no history yet (never imported) ingests nothing: decode only.
+        ingest = self.store.ingest if self.store.state is not None else None
+        redo_rmgrs = REDO_BY_RMGR
+        try:
+            while batch := reader.read_batch():
+                for raw, record in _decoded(batch):
+                    if record.blocks and record.rmgr_id not in redo_rmgrs:
+                        self._warn_unreplayable(record.rmgr_name)
+                    if ingest is not None:
+                        ingest(record, raw.data)
+                        self._decoded_lsn = record.end_lsn
+                count += len(batch)
+                self._decoded_lsn = batch[-1].end_lsn
+        except NeonError as exc:
+            self.decode_error = str(exc)
+            log.error("node %s: decoding stopped: %s", self.node.node_id, exc)
+        except Exception as exc:
+            self.decode_error = f"internal error while decoding: {exc!r}"
+            log.exception("node %s: decoding stopped", self.node.node_id)
+        self.records += count
+        self.metrics.inc("pageserver_wal_records_total", count, node=self.node.node_id)
+
+    def _warn_unreplayable(self, rmgr: str) -> None:
+        if rmgr not in self._warned_rmgrs:
+            self._warned_rmgrs.add(rmgr)
+            log.warning(
+                "node %s writes %s records, which have no native redo: pages they change "
+                "can only be rebuilt from images (run it with wal_consistency_checking=%s)",
+                self.node.node_id,
+                rmgr,
+                rmgr.lower(),
+            )
+
+    @property
+    def decoded_lsn(self) -> int:
+        """End of the last record decoded (0 before any)."""
+        return self._decoded_lsn
+
+    async def wait_decoded(self, lsn: int, timeout: float) -> bool:
+        """Wait until the record that starts at `lsn` has been decoded (or decoding failed)."""
+        deadline = time.monotonic() + timeout
+        while self._decoded_lsn <= lsn and self.decode_error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            if self._decoded_lsn > lsn:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), min(remaining, 0.5))
+        return self._decoded_lsn > lsn
+
+    def status(self) -> dict[str, Any]:
+        r = self.receiver
+        return {
+            **self.node.public(),
+            "state": r.state.value,
+            "timeline": r.timeline,
+            "received_lsn": format_lsn(r.received_lsn) if r.received_lsn else None,
+            "flushed_lsn": format_lsn(r.flushed_lsn) if r.flushed_lsn else None,
+            "flushed_lsn_int": r.flushed_lsn,
+            "decoded_lsn": format_lsn(self.decoded_lsn) if self.decoded_lsn else None,
+            "records": self.records,
+            "last_error": str(r.last_error) if r.last_error else None,
+            "decode_error": self.decode_error,
+            "stream_ended": self.stream_ended,
+        }
+
+
+def _decoded(batch: list[RawRecord]) -> Iterable[tuple[RawRecord, DecodedRecord]]:
+    """(raw, decoded) pairs of a batch; when one record is bad, those before it still come
+    out, then its error is raised."""
+    try:
+        return zip(batch, decode_records(batch), strict=True)
+    except NeonError:
+        return ((raw, decode_record(raw)) for raw in batch)

@@ -1,0 +1,1 @@
+"""History: per-storage node stores, named snapshots, PITR areas."""

@@ -1,0 +1,231 @@
+"""Page history in one storage, and the state of each node that writes into it.
+
+One storage's history lives under `<storage>/pagestore`::
+
+    timelines/<id>/...           the versioned store, shared by every node of the storage, so
+                                 a node created from another node's snapshot is a branch
+    nodes/<node id>.json         which timeline a node writes, where its WAL decoding starts,
+                                 its PostgreSQL timeline ID and how often it was checked out
+    wal/<node id>/<timeline id>  the WAL archive of that node on that timeline
+    snapshots.json               named (timeline, LSN) pairs (see pageserver/history/snapshots.py)
+
+Durability: layers are flushed when the open layer is big or every FLUSH_INTERVAL seconds
+of ingest; after a crash ingest resumes from the timeline's disk_consistent_lsn by replaying
+the archived WAL from there (see NodeFollower).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pageserver.history.pitr import pitr_registry
+from pageserver.history.snapshots import snapshot_registry
+from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.lsn_index import LsnIndex
+from pageserver.ingest.walingest import WalIngest
+from pageserver.reconstruct.page_reconstruct import reconstruct
+from pageserver.storage.compaction import compact
+from pageserver.storage.durable_files import write_file_durably
+from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.lsn import format_lsn
+from pg15.pg_control import read_control_file
+from pg15.records import DecodedRecord
+from proto.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    timeline_id: str
+    start_lsn: int
+    """Where this timeline's own history starts (the import or branch LSN)."""
+    wal_segment_size: int
+    pg_timeline: int = 1
+    checkouts: int = 0
+    decode_from: int | None = None
+    """First WAL record to decode on this timeline (a branch's checkpoint record); None:
+    from wherever the stream starts (records the history holds are skipped)."""
+    parent: str | None = None
+    """The snapshot this timeline was branched from, if any."""
+
+
+class StorageHistory:
+    """The timelines and snapshots of one storage; thread-safe."""
+
+    def __init__(self, root: Path, settings: StoreSettings = DEFAULT_SETTINGS) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.timelines = TimelineStore(root, settings)
+        self.snapshots = snapshot_registry(root / "snapshots.json")
+        self.pitr = pitr_registry(root / "pitr.json")
+
+    def close(self) -> None:
+        self.timelines.close()
+
+
+class NodeStore:
+    """Thread-safety: ingest and flush run on the node's decode thread; reads from anywhere."""
+
+    def __init__(self, history: StorageHistory, node_id: str) -> None:
+        self.history = history
+        self.node_id = node_id
+        self._state_path = history.root / "nodes" / f"{node_id}.json"
+        self._state = self._load_state()
+        self._ingest: WalIngest | None = None
+        self._index: LsnIndex | None = None
+        self._index_timeline: str | None = None
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+
+    @property
+    def timelines(self) -> TimelineStore:
+        return self.history.timelines
+
+    @property
+    def wal_dir(self) -> Path:
+        sub = self._state.timeline_id if self._state is not None else "unimported"
+        return self.history.root / "wal" / self.node_id / sub
+
+    def _load_state(self) -> NodeState | None:
+        if not self._state_path.exists():
+            return None
+        return NodeState(**json.loads(self._state_path.read_text()))
+
+    def _save_state(self, state: NodeState) -> None:
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_durably(self._state_path, json.dumps(asdict(state)).encode())
+        self._state = state
+        self._ingest = None
+
+    @property
+    def state(self) -> NodeState | None:
+        return self._state
+
+    @property
+    def index(self) -> LsnIndex:
+        """Record boundaries and commit times of the current timeline."""
+        state = self._state
+        if state is None:
+            raise NotFound(f"node {self.node_id} has no page history yet (never imported)")
+        if self._index is None or self._index_timeline != state.timeline_id:
+            self._index = LsnIndex(
+                self.history.root / "lsn_index" / state.timeline_id, state.wal_segment_size
+            )
+            self._index_timeline = state.timeline_id
+            if self._index.last_lsn < state.start_lsn:
+                self._index.add_boundary(state.start_lsn)
+        return self._index
+
+    @property
+    def timeline(self) -> Timeline:
+        if self._state is None:
+            raise NotFound(f"node {self.node_id} has no page history yet (never imported)")
+        return self.timelines.get(self._state.timeline_id)
+
+    def import_datadir(self, datadir: Path) -> int:
+        """Import the node's cleanly shut-down data directory as its first timeline."""
+        with self._lock:
+            if self._state is not None:
+                raise Conflict(
+                    f"node {self.node_id}'s page history already starts at "
+                    f"{format_lsn(self._state.start_lsn)}; it is imported once"
+                )
+            timeline = self.timelines.create_timeline()
+            lsn = import_datadir(timeline, datadir)
+            timeline.freeze_and_flush()
+            control = read_control_file(datadir)
+            self._save_state(
+                NodeState(
+                    timeline.timeline_id,
+                    lsn,
+                    control.wal_segment_size,
+                    pg_timeline=control.checkpoint.this_timeline,
+                )
+            )
+            log.info(
+                "imported %s at %s into timeline %s", datadir, format_lsn(lsn), timeline.timeline_id
+            )
+            return lsn
+
+    def switch_to_branch(
+        self,
+        timeline: Timeline,
+        *,
+        decode_from: int,
+        pg_timeline: int,
+        segment_size: int,
+        parent: str | None,
+        checkout: bool,
+    ) -> NodeState:
+        """Make a freshly branched timeline this node's current one (checkout, or a node
+        created from a snapshot)."""
+        with self._lock:
+            old = self._state
+            state = NodeState(
+                timeline.timeline_id,
+                timeline.ancestor_lsn,
+                segment_size,
+                pg_timeline=pg_timeline,
+                checkouts=(old.checkouts if old else 0) + (1 if checkout else 0),
+                decode_from=decode_from,
+                parent=parent,
+            )
+            self._save_state(state)
+            return state
+
+    def forget(self) -> None:
+        """Delete this node's state and WAL archives (its timelines stay for snapshots)."""
+        with self._lock:
+            self._state_path.unlink(missing_ok=True)
+            shutil.rmtree(self.history.root / "wal" / self.node_id, ignore_errors=True)
+            self._state = None
+
+    # ingest (decode thread)
+
+    def ingest(self, record: DecodedRecord, raw: bytes | None = None) -> None:
+        """Ingest one record (records the history already holds are skipped)."""
+        if self._state is None:
+            return
+        if self._ingest is None:
+            self._ingest = WalIngest(self.timeline)
+        if self._ingest.ingest_record(record, raw):
+            self.index.observe(record)
+
+    def maybe_flush(self) -> None:
+        """Flush when the open layer is large, or periodically so the durable LSN advances."""
+        if self._state is None:
+            return
+        timeline = self.timeline
+        due = time.monotonic() - self._last_flush >= FLUSH_INTERVAL
+        if timeline.needs_flush or (
+            due and timeline.last_record_lsn > timeline.disk_consistent_lsn
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._state is None:
+            return
+        timeline = self.timeline
+        # The index first: it only holds entries of WAL already durable in the archive, while
+        # records the layers hold are never re-ingested (their index entries would be lost).
+        self.index.flush()
+        timeline.freeze_and_flush()
+        self._last_flush = time.monotonic()
+        result = compact(timeline, reconstruct)
+        log.debug(
+            "flushed %s to %s (%s)",
+            timeline.timeline_id,
+            format_lsn(timeline.disk_consistent_lsn),
+            result,
+        )

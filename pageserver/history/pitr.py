@@ -1,0 +1,33 @@
+"""PITR areas: a retention policy (TTL and/or size) over one node's WAL history, inside which
+any record boundary (or the last commit before a time) can be extracted as a snapshot."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pageserver.history.named_records import NamedRecords
+from pageserver.storage.retention import RetentionPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class PitrArea:
+    name: str
+    node_id: str
+    ttl: str
+    size_limit: str
+    created_at: float
+
+    def policy(self) -> RetentionPolicy:
+        return RetentionPolicy.parse(self.ttl, self.size_limit)
+
+
+def new_area(name: str, node_id: str, ttl: str, size_limit: str) -> PitrArea:
+    area = PitrArea(name, node_id, ttl, size_limit, time.time())
+    area.policy()  # validates both
+    return area
+
+
+def pitr_registry(path: Path) -> NamedRecords[PitrArea]:
+    return NamedRecords(path, PitrArea, "PITR area", "`neon pitr list`")

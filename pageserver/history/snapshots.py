@@ -1,0 +1,62 @@
+"""Named snapshots: `PGDATA@TAG` -> (timeline, LSN), persisted per storage.
+
+A snapshot costs nothing to create: it is a name for a record boundary of a timeline, and it
+pins what reading that state needs against GC.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pageserver.history.named_records import NamedRecords
+from proto.errors import InvalidArgument
+
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HEAD = re.compile(r"^HEAD\{(\d+)\}$")
+RESERVED_TAGS = ("CURRENT",)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    name: str
+    """PGDATA@TAG"""
+    node_id: str
+    timeline_id: str
+    lsn: int
+    created_at: float
+    parent: str | None = None
+
+
+def split_snapshot_name(name: str) -> tuple[str, str]:
+    """`pgdata1@snap1` -> ("pgdata1", "snap1"), with clear errors."""
+    pgdata, sep, tag = name.partition("@")
+    if not sep or not pgdata or not tag:
+        raise InvalidArgument(f"invalid snapshot {name!r}: expected PGDATA@TAG, e.g. pgdata1@snap1")
+    return pgdata, tag
+
+
+def check_user_tag(tag: str) -> str:
+    if tag in RESERVED_TAGS or _HEAD.match(tag):
+        raise InvalidArgument(f"tag {tag!r} is reserved (CURRENT and HEAD{{i}} name node states)")
+    if not _TAG.match(tag):
+        raise InvalidArgument(
+            f"invalid tag {tag!r}: use letters, digits, '.', '_' or '-' (at most 63 characters)"
+        )
+    return tag
+
+
+def head_tag(i: int) -> str:
+    return f"HEAD{{{i}}}"
+
+
+def snapshot_registry(path: Path) -> NamedRecords[Snapshot]:
+    return NamedRecords(path, Snapshot, "snapshot", "`neon snapshot list`")
+
+
+def new_snapshot(
+    name: str, node_id: str, timeline_id: str, lsn: int, parent: str | None = None
+) -> Snapshot:
+    return Snapshot(name, node_id, timeline_id, lsn, time.time(), parent)

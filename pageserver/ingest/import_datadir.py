@@ -1,0 +1,298 @@
+"""Import a cleanly shut-down PostgreSQL 15 data directory as the base of a timeline.
+
+Everything is put as Images at one LSN: the **end of the shutdown checkpoint record** that
+pg_control points at (for a record that does not cross a page, checkpoint LSN + 120: 114
+bytes MAXALIGNed; computed exactly across page headers, and checked against the WAL segment
+when it is present). That is the LSN a read must use to see exactly this directory, and the
+EndRecPtr a WAL reader reports for the checkpoint record; ingest continues with the records
+after it (`WalIngest.ingest_record` skips records whose end LSN is not above it, so the
+caller may feed WAL from the segment start). prev_record_lsn is the checkpoint record's LSN.
+
+What is imported (value formats: `pageserver.reconstruct.page_reconstruct`):
+
+* every relation fork file of global/ and base/<db>/ (segments ``.1``... of 1 GiB, forks
+  main, fsm, vm and init; temporary ``t<backend>_<relnode>`` files skipped), pages as Images
+  (all-zero pages are not stored: below the relation size they read as zeros), sizes, the
+  relation directory of each database and the database directory (``(1664, 0)`` = global/);
+* relmap files (global/ and each database's pg_filenode.map);
+* SLRU pages of pg_xact, pg_multixact/offsets and pg_multixact/members, segment sizes, dirs;
+* pg_twophase state files;
+* the checkpoint counters (the CheckPoint of pg_control), pg_control itself and the node
+  metadata (system identifier, PG version, WAL segment size, catalog version, timeline).
+
+Non-default tablespaces (entries in pg_tblspc) are refused: their symlinks cannot be
+reconstructed from WAL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from pageserver.reconstruct.page_reconstruct import (
+    DEFAULTTABLESPACE_OID,
+    GLOBALTABLESPACE_OID,
+    SLRU_PAGES_PER_SEGMENT,
+    encode_ints,
+    encode_metadata,
+    encode_pairs,
+    encode_u32,
+)
+from pageserver.redo.page import BLCKSZ
+from pageserver.storage.keys import (
+    CHECKPOINT_KEY,
+    CONTROLFILE_KEY,
+    DB_DIR_KEY,
+    NODE_METADATA_KEY,
+    TWOPHASE_DIR_KEY,
+    Key,
+    SlruKind,
+    rel_block_key,
+    rel_dir_key,
+    rel_size_key,
+    relmap_file_key,
+    slru_block_key,
+    slru_dir_key,
+    slru_segment_size_key,
+    twophase_file_key,
+)
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.values import Image, Value
+from pg15.lsn import WAL_BLOCK_SIZE, format_lsn, segment_file_name
+from pg15.pg_control import DB_SHUTDOWNED, ControlFile, read_control_file
+from pg15.rmgr.xlog import XLOG_CHECKPOINT_SHUTDOWN
+from pg15.rmgr_names import RM_XLOG_ID
+from pg15.xlog_reader import (
+    LONG_PAGE_HEADER_SIZE,
+    SHORT_PAGE_HEADER_SIZE,
+    WalReader,
+)
+from proto.errors import Conflict, CorruptData, InvalidArgument
+
+PG_VERSION = 15
+CHECKPOINT_RECORD_SIZE = 24 + 2 + 88
+RELSEG_SIZE = 131072
+"""Blocks per relation segment file (1 GiB)."""
+
+_FORK_SUFFIXES = {"": 0, "_fsm": 1, "_vm": 2, "_init": 3}
+_REL_FILE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
+_SLRU_SEGMENT = re.compile(r"^[0-9A-F]{4,6}$")
+_TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}$")
+_BATCH = 256
+
+
+def record_end_lsn(start: int, length: int, segment_size: int) -> int:
+    """EndRecPtr of a record of `length` bytes starting at `start`: skips the page headers of
+    the pages it continues on (long at segment starts), then MAXALIGNs."""
+    pos, remaining = start, length
+    while True:
+        page_end = (pos // WAL_BLOCK_SIZE + 1) * WAL_BLOCK_SIZE
+        take = min(remaining, page_end - pos)
+        pos += take
+        remaining -= take
+        if not remaining:
+            return (pos + 7) & ~7
+        pos = page_end + (
+            LONG_PAGE_HEADER_SIZE if page_end % segment_size == 0 else SHORT_PAGE_HEADER_SIZE
+        )
+
+
+def _check_checkpoint_record(datadir: Path, control: ControlFile, end_lsn: int) -> None:
+    """If pg_wal has the segment, the checkpoint record there must be what pg_control says."""
+    seg_size = control.wal_segment_size
+    lsn = control.checkpoint_lsn
+    name = segment_file_name(control.checkpoint.this_timeline, lsn // seg_size, seg_size)
+    path = datadir / "pg_wal" / name
+    if not path.exists():
+        return
+    offset = lsn % seg_size
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read(seg_size - offset)
+    reader = WalReader(lsn, seg_size, control.checkpoint.this_timeline)
+    reader.feed(data)
+    record = next(iter(reader.records()), None)
+    if record is None:
+        raise CorruptData(f"{path}: no checkpoint record at {format_lsn(lsn)}")
+    rmid, info = record.data[17], record.data[16]
+    if rmid != RM_XLOG_ID or info & 0xF0 != XLOG_CHECKPOINT_SHUTDOWN:
+        raise CorruptData(f"{path}: the record at {format_lsn(lsn)} is not a shutdown checkpoint")
+    if record.end_lsn != end_lsn:
+        raise CorruptData(
+            f"{path}: the checkpoint record ends at {format_lsn(record.end_lsn)}, "
+            f"expected {format_lsn(end_lsn)}"
+        )
+
+
+def import_lsn_of(datadir: Path) -> int:
+    """The LSN `import_datadir` would import `datadir` at (validates its state)."""
+    control = read_control_file(datadir)
+    return _validate(datadir, control)
+
+
+def _validate(datadir: Path, control: ControlFile) -> int:
+    if control.state != DB_SHUTDOWNED:
+        raise Conflict(
+            f"data directory {datadir} was not shut down cleanly (state: "
+            f"{control.state_name}); stop the server with a fast or smart shutdown first"
+        )
+    if control.checkpoint.redo != control.checkpoint_lsn:
+        raise Conflict(
+            f"data directory {datadir}: the last checkpoint is not a shutdown checkpoint "
+            f"(redo {format_lsn(control.checkpoint.redo)}, checkpoint "
+            f"{format_lsn(control.checkpoint_lsn)})"
+        )
+    tblspc = datadir / "pg_tblspc"
+    if tblspc.is_dir():
+        extra = sorted(p.name for p in tblspc.iterdir())
+        if extra:
+            raise InvalidArgument(
+                f"data directory {datadir} uses tablespaces other than the defaults "
+                f"({', '.join(extra)} in pg_tblspc); they are not supported"
+            )
+    end = record_end_lsn(control.checkpoint_lsn, CHECKPOINT_RECORD_SIZE, control.wal_segment_size)
+    _check_checkpoint_record(datadir, control, end)
+    return end
+
+
+def _relation_files(directory: Path) -> dict[tuple[int, int], list[tuple[int, Path]]]:
+    """(relnode, fork) -> [(segment number, path)] of the relation files in a directory."""
+    found: dict[tuple[int, int], list[tuple[int, Path]]] = {}
+    for path in directory.iterdir():
+        m = _REL_FILE.match(path.name)
+        if m is None or not path.is_file():
+            continue  # pg_filenode.map, PG_VERSION, pg_internal.init, t3_16384 (temp), ...
+        rel, fork = int(m.group(1)), _FORK_SUFFIXES[m.group(2) or ""]
+        found.setdefault((rel, fork), []).append((int(m.group(3) or 0), path))
+    return found
+
+
+def _pages(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(block within the file, page) of every not-all-zero page; the file's length must be
+    a whole number of pages."""
+    size = path.stat().st_size
+    if size % BLCKSZ:
+        raise CorruptData(f"{path} has {size} bytes, not a whole number of {BLCKSZ}-byte pages")
+    zero = bytes(BLCKSZ)
+    with path.open("rb") as f:
+        blkno = 0
+        while True:
+            page = f.read(BLCKSZ)
+            if not page:
+                return
+            if page != zero:
+                yield blkno, page
+            blkno += 1
+
+
+class _Writer:
+    """Batches Image puts at the import LSN."""
+
+    def __init__(self, timeline: Timeline, lsn: int) -> None:
+        self.timeline = timeline
+        self.lsn = lsn
+        self._items: list[tuple[Key, int, Value]] = []
+
+    def put(self, key: Key, data: bytes) -> None:
+        self._items.append((key, self.lsn, Image(data)))
+        if len(self._items) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._items:
+            self.timeline.put_batch(self._items)
+            self._items = []
+
+
+def _import_database(writer: _Writer, directory: Path, spc: int, db: int) -> None:
+    rels = _relation_files(directory)
+    for (rel, fork), segments in sorted(rels.items()):
+        segments.sort()
+        nblocks = 0
+        for segno, path in segments:
+            size = path.stat().st_size
+            if not size:
+                continue  # mdtruncate leaves inactive segments as empty files
+            if segno * RELSEG_SIZE != nblocks:
+                raise CorruptData(f"{path}: an earlier segment of this relation is incomplete")
+            for blkno, page in _pages(path):
+                writer.put(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
+            nblocks = segno * RELSEG_SIZE + size // BLCKSZ
+        writer.put(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
+    writer.put(rel_dir_key(spc, db), encode_pairs(rels))
+    relmap = directory / "pg_filenode.map"
+    if relmap.exists():
+        writer.put(relmap_file_key(spc, db), relmap.read_bytes())
+
+
+def _import_slru(writer: _Writer, datadir: Path, kind: SlruKind) -> None:
+    directory = datadir / kind.directory
+    segments: set[int] = set()
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if not _SLRU_SEGMENT.match(path.name) or not path.is_file():
+                continue
+            segno = int(path.name, 16)
+            size = path.stat().st_size
+            if size % BLCKSZ or size // BLCKSZ > SLRU_PAGES_PER_SEGMENT:
+                raise CorruptData(f"{path} has {size} bytes: not an SLRU segment")
+            for blkno, page in _pages(path):
+                writer.put(slru_block_key(kind, segno, blkno), page)
+            writer.put(slru_segment_size_key(kind, segno), encode_u32(size // BLCKSZ))
+            segments.add(segno)
+    writer.put(slru_dir_key(kind), encode_ints(segments))
+
+
+def import_datadir(timeline: Timeline, datadir: Path) -> int:
+    """Import `datadir` (cleanly shut down) into an empty root timeline; returns the LSN."""
+    if timeline.last_record_lsn != 0 or timeline.ancestor is not None:
+        raise Conflict(
+            f"timeline {timeline.timeline_id} is not empty (last record LSN "
+            f"{format_lsn(timeline.last_record_lsn)}); import needs a new root timeline"
+        )
+    control = read_control_file(datadir)
+    lsn = _validate(datadir, control)
+    writer = _Writer(timeline, lsn)
+
+    dbs: list[tuple[int, int]] = [(GLOBALTABLESPACE_OID, 0)]
+    _import_database(writer, datadir / "global", GLOBALTABLESPACE_OID, 0)
+    base = datadir / "base"
+    for path in sorted(base.iterdir(), key=lambda p: p.name):
+        if path.is_dir() and path.name.isdigit():
+            _import_database(writer, path, DEFAULTTABLESPACE_OID, int(path.name))
+            dbs.append((DEFAULTTABLESPACE_OID, int(path.name)))
+    writer.put(DB_DIR_KEY, encode_pairs(dbs))
+
+    for kind in SlruKind:
+        _import_slru(writer, datadir, kind)
+
+    xids: set[int] = set()
+    twophase = datadir / "pg_twophase"
+    if twophase.is_dir():
+        for path in sorted(twophase.iterdir()):
+            if _TWOPHASE_FILE.match(path.name) and path.is_file():
+                xid = int(path.name, 16)
+                writer.put(twophase_file_key(xid), path.read_bytes())
+                xids.add(xid)
+    writer.put(TWOPHASE_DIR_KEY, encode_ints(xids))
+
+    writer.put(CHECKPOINT_KEY, control.checkpoint.pack())
+    writer.put(CONTROLFILE_KEY, control.raw)
+    writer.put(
+        NODE_METADATA_KEY,
+        encode_metadata(
+            {
+                "system_identifier": control.system_identifier,
+                "pg_version": PG_VERSION,
+                "catalog_version": control.catalog_version,
+                "wal_segment_size": control.wal_segment_size,
+                "timeline": control.checkpoint.this_timeline,
+                "import_lsn": lsn,
+                "checkpoint_lsn": control.checkpoint_lsn,
+            }
+        ),
+    )
+    writer.flush()
+    timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn)
+    return lsn

@@ -1,0 +1,1 @@
+"""The page store: keys, values, timelines, layer files, compaction, GC and retention."""

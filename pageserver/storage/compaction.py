@@ -1,0 +1,236 @@
+"""Compaction: bound read cost by merging L0 layers and writing image layers.
+
+- L0 -> L1: once a timeline has `compaction_threshold` L0 delta layers (each a flush spanning
+  the whole keyspace, so every read visits all of them), merge-sort them into L1 delta layers
+  of about `compaction_target_size` that split the keyspace by key. All versions are kept.
+- Image layers: the keyspace at disk_consistent_lsn is partitioned into runs of about
+  `image_layer_target_size`; a partition with `image_creation_threshold` or more delta layers
+  above its newest image gets a new image layer at that LSN. Pages with deltas are rebuilt by
+  the caller's `materialize` (redo lives elsewhere); whole images are copied as they are.
+
+Both write their files first and then swap them in with one manifest update
+(Timeline.replace_layers). Blocking I/O and CPU: run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
+from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
+from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
+from pageserver.storage.layers.layer_map import LayerMap
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.values import ReconstructData
+
+Materialize = Callable[[Key, int, ReconstructData], bytes | None]
+"""Rebuild `key` at `lsn` from its reconstruct data (which has deltas); None: the key does not
+exist at that LSN and is left out of the image layer."""
+
+PAGE_SIZE_ESTIMATE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    l0_merged: int = 0
+    l1_written: int = 0
+    images_written: int = 0
+
+
+def compact(timeline: Timeline, materialize: Materialize) -> CompactionResult:
+    """One compaction pass: L0 -> L1 if due, then image layers where due."""
+    with timeline.compaction_lock:
+        merged, written = _compact_level0(timeline)
+        images = _create_image_layers(timeline, materialize, timeline.disk_consistent_lsn)
+    return CompactionResult(merged, written, images)
+
+
+def compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, int]:
+    """Merge the L0 layers if there are compaction_threshold of them (or 2+ if forced).
+
+    Returns (L0 layers merged, L1 layers written)."""
+    with timeline.compaction_lock:
+        return _compact_level0(timeline, force=force)
+
+
+def create_image_layers(
+    timeline: Timeline, materialize: Materialize, *, force: bool = False
+) -> int:
+    """Write image layers at disk_consistent_lsn where due (everywhere if forced).
+
+    Returns the number of image layers written."""
+    with timeline.compaction_lock:
+        return _create_image_layers(
+            timeline, materialize, timeline.disk_consistent_lsn, force=force
+        )
+
+
+def _compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, int]:
+    level0 = timeline.layer_map().level0()
+    if len(level0) < (2 if force else timeline.settings.compaction_threshold):
+        return 0, 0
+    lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
+    # L0 layers are LSN-disjoint and sorted oldest first, so merging whole per-key groups by
+    # (key, layer number) yields every key's versions in LSN order; values are copied as
+    # they are encoded, never decoded.
+    merged = heapq.merge(*(_numbered_groups(n, layer) for n, layer in enumerate(level0)))
+    target = timeline.settings.compaction_target_size
+    outputs: list[DeltaLayer] = []
+    writer: DeltaLayerWriter | None = None
+    try:
+        for key, versions in _merge_same_keys(merged):
+            if writer is not None and writer.uncompressed_bytes >= target:
+                outputs.append(_finish_l1(timeline, writer, key))
+                writer = None
+            if writer is None:
+                writer = DeltaLayerWriter(timeline.directory, lsn_start, lsn_end, timeline.settings)
+            writer.add_key(key, versions)
+        if writer is not None:
+            last = writer.last_key
+            assert last is not None
+            outputs.append(_finish_l1(timeline, writer, key_successor(last)))
+            writer = None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        for layer in outputs:
+            layer.close()
+            layer.path.unlink(missing_ok=True)
+        raise
+    timeline.replace_layers(add=outputs, remove=level0)
+    return len(level0), len(outputs)
+
+
+Group = list[tuple[int, bytes]]
+
+
+def _numbered_groups(n: int, layer: DeltaLayer) -> Iterator[tuple[Key, int, Group]]:
+    for key, versions in layer.iter_key_groups():
+        yield key, n, versions
+
+
+def _merge_same_keys(merged: Iterable[tuple[Key, int, Group]]) -> Iterator[tuple[Key, Group]]:
+    """Join the consecutive groups of one key (from several layers, oldest first)."""
+    current: Key | None = None
+    pending: Group = []
+    for key, _, versions in merged:
+        if key == current:
+            pending.extend(versions)
+            continue
+        if current is not None:
+            yield current, pending
+        current, pending = key, versions
+    if current is not None:
+        yield current, pending
+
+
+def _finish_l1(timeline: Timeline, writer: DeltaLayerWriter, end: Key) -> DeltaLayer:
+    first = writer.first_key
+    assert first is not None
+    return writer.finish(KeyRange(first, end), timeline.cache)
+
+
+def _partitions(keys: list[Key], keys_per_partition: int) -> list[tuple[KeyRange, list[Key]]]:
+    """Split the whole keyspace into ranges holding about keys_per_partition existing keys."""
+    if not keys:
+        return [(FULL_KEYSPACE, [])]
+    chunks = [keys[i : i + keys_per_partition] for i in range(0, len(keys), keys_per_partition)]
+    starts = [KEY_MIN, *(chunk[0] for chunk in chunks[1:])]
+    ends = [*starts[1:], KEY_MAX]
+    return [(KeyRange(s, e), chunk) for s, e, chunk in zip(starts, ends, chunks, strict=True)]
+
+
+def _create_image_layers(
+    timeline: Timeline, materialize: Materialize, lsn: int, *, force: bool = False
+) -> int:
+    if lsn <= 0:
+        return 0
+    keys = timeline.get_keys(FULL_KEYSPACE, lsn)
+    per_partition = max(1, timeline.settings.image_layer_target_size // PAGE_SIZE_ESTIMATE)
+    layer_map = timeline.layer_map()
+    written: list[ImageLayer] = []
+    try:
+        for key_range, part_keys in _partitions(keys, per_partition):
+            if force:
+                image = layer_map.newest_image_covering(key_range, lsn)
+                image_lsn = image.lsn if image is not None else -1
+            else:
+                image_lsn = _image_floor(layer_map, key_range, lsn)
+            if image_lsn == lsn:
+                continue
+            # Only layers that hold keys of the partition cost its reads anything (an L0
+            # layer spans the whole keyspace whether or not it holds any of them). Forced
+            # (GC) images are written wherever any delta overlaps, as before.
+            deltas = layer_map.deltas_overlapping(key_range, image_lsn, lsn)
+            if not force:
+                deltas = [d for d in deltas if d.has_keys_in(key_range)]
+            if not deltas or (
+                not force and len(deltas) < timeline.settings.image_creation_threshold
+            ):
+                continue
+            written.append(_write_image(timeline, materialize, key_range, part_keys, lsn))
+    except BaseException:
+        for layer in written:
+            layer.close()
+            layer.path.unlink(missing_ok=True)
+        raise
+    if written:
+        timeline.replace_layers(add=written, remove=())
+    return len(written)
+
+
+def _image_floor(layer_map: LayerMap, key_range: KeyRange, lsn: int) -> int:
+    """The oldest of the newest images (at or below lsn) of the keys of key_range: every key
+    of the range has an image at or above it (-1 if some key has none).
+
+    Partition bounds move as keys come and go, so a partition is often covered by the
+    images of neighbouring older partitions rather than by one image; asking for a single
+    image covering it all would fall back to an old one and rewrite fresh images.
+    """
+    uncovered = [key_range]
+    floor = -1
+    for image in layer_map.images:  # newest first
+        if image.lsn > lsn:
+            continue
+        rest: list[KeyRange] = []
+        for part in uncovered:
+            inter = part.intersection(image.key_range)
+            if inter is None:
+                rest.append(part)
+                continue
+            floor = image.lsn
+            if part.start < inter.start:
+                rest.append(KeyRange(part.start, inter.start))
+            if inter.end < part.end:
+                rest.append(KeyRange(inter.end, part.end))
+        uncovered = rest
+        if not uncovered:
+            return floor
+    return -1
+
+
+def _write_image(
+    timeline: Timeline,
+    materialize: Materialize,
+    key_range: KeyRange,
+    keys: list[Key],
+    lsn: int,
+) -> ImageLayer:
+    writer = ImageLayerWriter(timeline.directory, key_range, lsn, timeline.settings)
+    try:
+        for key in keys:
+            data = timeline.get_reconstruct_data(key, lsn)
+            if data.deltas:
+                value = materialize(key, lsn, data)
+            elif data.image is not None:
+                value = data.image[1]
+            else:
+                value = None
+            if value is not None:
+                writer.add(key, value)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(timeline.cache)

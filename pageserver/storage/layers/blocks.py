@@ -1,0 +1,556 @@
+"""The layer file format shared by delta and image layers, and the decompressed-block cache.
+
+A layer file is immutable and self-checking::
+
+    header   fixed size: magic, format version, kind, key range, LSN range, counts,
+             index position/size/CRC, total file size, CRC-32C of the header itself
+    blocks   zstd-compressed runs of encoded values, in (key, LSN) order
+    index    block table   n_blocks   x (offset u64, compressed len u32, raw len u32, crc u32)
+             key table     n_keys     x (key 18s, first version u32)        sorted, bisectable
+             version table n_versions x (lsn u64, tag u8, block u32, offset u32, length u32)
+
+Open checks the header CRC, the recorded file size (truncation) and the index CRC; a read
+checks the CRC of the block it decompresses. Any mismatch raises LayerCorrupt naming the file,
+so a damaged file yields an error, never wrong data. Value tags are copied into the version
+table so chain walks and key scans never decompress what they skip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import struct
+import threading
+import uuid
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import crc32c
+import zstandard
+
+from pageserver.storage.durable_files import fsync_dir, temp_path
+from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, describe
+from proto.errors import CorruptData, InvalidArgument
+
+MAGIC = b"PNLY"
+FORMAT_VERSION = 1
+KIND_DELTA = 1
+KIND_IMAGE = 2
+
+_HEADER = struct.Struct(">4sHBx18s18sQQIIIQQIQ")
+_HEADER_CRC = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size + _HEADER_CRC.size
+_BLOCK_ENTRY = struct.Struct(">QIII")
+_KEY_ENTRY = struct.Struct(">18sI")
+_VERSION_ENTRY = struct.Struct(">QBIII")
+_VERSION_LSN_TAG = struct.Struct(">QB")
+_VERSION_LSN = struct.Struct(">Q")
+
+
+class LayerCorrupt(CorruptData):
+    """A layer file failed validation; the message names the file and what is wrong."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(f"layer file {path} is corrupt: {what}")
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class LayerHeader:
+    kind: int
+    key_range: KeyRange
+    lsn_start: int
+    lsn_end: int
+    n_keys: int
+    n_versions: int
+    n_blocks: int
+    index_offset: int
+    index_size: int
+    index_crc: int
+    file_size: int
+
+    def pack(self) -> bytes:
+        body = _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            self.kind,
+            self.key_range.start,
+            self.key_range.end,
+            self.lsn_start,
+            self.lsn_end,
+            self.n_keys,
+            self.n_versions,
+            self.n_blocks,
+            self.index_offset,
+            self.index_size,
+            self.index_crc,
+            self.file_size,
+        )
+        return body + _HEADER_CRC.pack(crc32c.crc32c(body))
+
+
+def _parse_header(path: Path, raw: bytes) -> LayerHeader:
+    if len(raw) < HEADER_SIZE:
+        raise LayerCorrupt(path, f"truncated: {len(raw)} bytes, shorter than its header")
+    body = raw[: _HEADER.size]
+    (stored_crc,) = _HEADER_CRC.unpack_from(raw, _HEADER.size)
+    if body[:4] != MAGIC:
+        raise LayerCorrupt(path, "bad magic: not a layer file")
+    if crc32c.crc32c(body) != stored_crc:
+        raise LayerCorrupt(path, "header checksum mismatch")
+    (_, version, kind, kstart, kend, lstart, lend, nk, nv, nb, ioff, isize, icrc, fsize) = (
+        _HEADER.unpack(body)
+    )
+    if version != FORMAT_VERSION:
+        raise LayerCorrupt(path, f"unsupported format version {version}")
+    if kind not in (KIND_DELTA, KIND_IMAGE) or kstart > kend or lstart >= lend:
+        raise LayerCorrupt(path, "inconsistent header")
+    return LayerHeader(
+        kind, KeyRange(Key(kstart), Key(kend)), lstart, lend, nk, nv, nb, ioff, isize, icrc, fsize
+    )
+
+
+class BlockCache:
+    """A size-bounded LRU of decompressed blocks, shared by the layers of a store.
+
+    Thread-safe: readers on a pool hit it concurrently.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = capacity_bytes
+        self._lock = threading.Lock()
+        self._blocks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._size = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, file_id: int, block: int) -> bytes | None:
+        with self._lock:
+            data = self._blocks.get((file_id, block))
+            if data is None:
+                self.misses += 1
+                return None
+            self._blocks.move_to_end((file_id, block))
+            self.hits += 1
+            return data
+
+    def put(self, file_id: int, block: int, data: bytes) -> None:
+        if len(data) > self.capacity:
+            return
+        with self._lock:
+            old = self._blocks.pop((file_id, block), None)
+            if old is not None:
+                self._size -= len(old)
+            self._blocks[(file_id, block)] = data
+            self._size += len(data)
+            while self._size > self.capacity:
+                _, evicted = self._blocks.popitem(last=False)
+                self._size -= len(evicted)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+_file_ids = itertools.count(1)
+_tls = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_tls, "zstd", None)
+    if d is None:
+        d = zstandard.ZstdDecompressor()
+        _tls.zstd = d
+    return d
+
+
+@dataclass(frozen=True, slots=True)
+class VersionEntry:
+    """One version as the index records it: where its encoded value lives."""
+
+    lsn: int
+    tag: int
+    block: int
+    offset: int
+    length: int
+
+
+class LayerFile:
+    """A validated, memory-mapped layer file. Immutable, so reads are safe from any thread."""
+
+    def __init__(self, path: Path, cache: BlockCache) -> None:
+        self.path = path
+        self._cache = cache
+        self._id = next(_file_ids)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < HEADER_SIZE:
+                    raise LayerCorrupt(path, f"truncated: {size} bytes, shorter than its header")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError as exc:
+            raise LayerCorrupt(path, "file is missing") from exc
+        self.header = h = _parse_header(path, self._map[:HEADER_SIZE])
+        if h.file_size != size:
+            raise LayerCorrupt(path, f"size is {size} bytes, the header says {h.file_size}")
+        expected_index = (
+            h.n_blocks * _BLOCK_ENTRY.size
+            + h.n_keys * _KEY_ENTRY.size
+            + h.n_versions * _VERSION_ENTRY.size
+        )
+        if h.index_size != expected_index or h.index_offset + h.index_size != size:
+            raise LayerCorrupt(path, "index bounds do not match the header counts")
+        if crc32c.crc32c(self._map[h.index_offset : h.index_offset + h.index_size]) != (
+            h.index_crc
+        ):
+            raise LayerCorrupt(path, "index checksum mismatch")
+        self._blocks_at = h.index_offset
+        self._keys_at = self._blocks_at + h.n_blocks * _BLOCK_ENTRY.size
+        self._versions_at = self._keys_at + h.n_keys * _KEY_ENTRY.size
+        self._key_index: tuple[bytes, array[int]] | None = None
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """Structural sanity of the index, so later reads can trust offsets and orderings."""
+        h = self.header
+        prev_end = HEADER_SIZE
+        for b in range(h.n_blocks):
+            off, clen, _, _ = _BLOCK_ENTRY.unpack_from(
+                self._map, self._blocks_at + b * _BLOCK_ENTRY.size
+            )
+            if off != prev_end:
+                raise LayerCorrupt(self.path, f"block {b} is not where the index says")
+            prev_end = off + clen
+        if prev_end != h.index_offset:
+            raise LayerCorrupt(self.path, "blocks do not end where the index starts")
+        if h.n_keys:
+            first = self.key_at(0)
+            last = self.key_at(h.n_keys - 1)
+            if first < h.key_range.start or last >= h.key_range.end:
+                raise LayerCorrupt(self.path, "keys outside the layer's key range")
+
+    @property
+    def n_keys(self) -> int:
+        return self.header.n_keys
+
+    def close(self) -> None:
+        self._map.close()
+
+    # --- index access ---------------------------------------------------------------------
+
+    def _keys(self) -> tuple[bytes, array[int]]:
+        """The key table, parsed once: (keys packed back to back, first version of each key
+        plus n_versions at the end). The version bounds are checked here, once."""
+        index = self._key_index
+        if index is None:
+            h = self.header
+            table = self._map[self._keys_at : self._keys_at + h.n_keys * _KEY_ENTRY.size]
+            entries = list(_KEY_ENTRY.iter_unpack(table))
+            keys = b"".join([k for k, _ in entries])
+            firsts = array("Q", [f for _, f in entries])
+            firsts.append(h.n_versions)
+            prev = 0
+            for i, first in enumerate(firsts):
+                if first < prev or first > h.n_versions:
+                    raise LayerCorrupt(self.path, f"version bounds of key {i} out of range")
+                prev = first
+            if h.n_keys and firsts[0] != 0:
+                raise LayerCorrupt(self.path, "version bounds of key 0 out of range")
+            index = self._key_index = (keys, firsts)
+        return index
+
+    def key_at(self, i: int) -> Key:
+        keys = self._keys()[0]
+        return Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE])
+
+    def versions_of(self, i: int) -> range:
+        """Indexes into the version table of the versions of key number i (LSN order)."""
+        firsts = self._keys()[1]
+        return range(firsts[i], firsts[i + 1])
+
+    def version(self, v: int) -> VersionEntry:
+        return VersionEntry(*self.version_tuple(v))
+
+    def version_tuple(self, v: int) -> tuple[int, int, int, int, int]:
+        """(lsn, tag, block, offset, length) of version v, without building an object."""
+        lsn, tag, block, offset, length = _VERSION_ENTRY.unpack_from(
+            self._map, self._versions_at + v * _VERSION_ENTRY.size
+        )
+        return lsn, tag, block, offset, length
+
+    def version_lsn(self, v: int) -> int:
+        return int(
+            _VERSION_LSN.unpack_from(self._map, self._versions_at + v * _VERSION_ENTRY.size)[0]
+        )
+
+    def last_at_or_below(self, versions: range, lsn: int) -> int:
+        """Index of the newest version in `versions` with LSN <= lsn, or versions.start - 1."""
+        lo, hi = versions.start, versions.stop
+        m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN
+        if hi > lo and unpack.unpack_from(m, at + (hi - 1) * size)[0] <= lsn:
+            return hi - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if unpack.unpack_from(m, at + mid * size)[0] <= lsn:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    def lower_bound(self, key: bytes) -> int:
+        """Index of the first key >= `key`."""
+        keys = self._keys()[0]
+        lo, hi = 0, self.header.n_keys
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if keys[mid * KEY_SIZE : (mid + 1) * KEY_SIZE] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def newest_of_keys(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
+        """(key, LSN, tag) of the last (newest) version of keys number start.. below end_key."""
+        keys, firsts = self._keys()
+        m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN_TAG
+        for i in range(start, self.header.n_keys):
+            key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
+            if key >= end_key:
+                break
+            last = firsts[i + 1] - 1
+            if last >= firsts[i]:
+                lsn, tag = unpack.unpack_from(m, at + last * size)
+                yield Key(key), lsn, tag
+
+    def find_key(self, key: bytes) -> int | None:
+        i = self.lower_bound(key)
+        if i < self.header.n_keys and self.key_at(i) == key:
+            return i
+        return None
+
+    # --- values ---------------------------------------------------------------------------
+
+    def _block(self, b: int, *, use_cache: bool = True) -> bytes:
+        if use_cache:
+            cached = self._cache.get(self._id, b)
+            if cached is not None:
+                return cached
+        if not 0 <= b < self.header.n_blocks:
+            raise LayerCorrupt(self.path, f"reference to block {b} out of range")
+        off, clen, ulen, crc = _BLOCK_ENTRY.unpack_from(
+            self._map, self._blocks_at + b * _BLOCK_ENTRY.size
+        )
+        raw = self._map[off : off + clen]
+        if len(raw) != clen or crc32c.crc32c(raw) != crc:
+            raise LayerCorrupt(self.path, f"checksum mismatch in value block {b}")
+        try:
+            data = _decompressor().decompress(raw, max_output_size=ulen)
+        except zstandard.ZstdError as exc:
+            raise LayerCorrupt(self.path, f"value block {b} does not decompress") from exc
+        if len(data) != ulen:
+            raise LayerCorrupt(self.path, f"value block {b} has the wrong size")
+        if use_cache:
+            self._cache.put(self._id, b, data)
+        return data
+
+    def read_encoded(self, entry: VersionEntry) -> bytes:
+        return self.read_value(entry.tag, entry.block, entry.offset, entry.length)
+
+    def read_value(self, tag: int, block_no: int, offset: int, length: int) -> bytes:
+        """The encoded value a version entry points at (through the block cache)."""
+        block = self._block(block_no)
+        end = offset + length
+        if end > len(block) or length == 0 or block[offset] != tag:
+            raise LayerCorrupt(self.path, f"value reference into block {block_no} is invalid")
+        return block[offset:end]
+
+    def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
+        """Every (key, LSN, encoded value) in file order, bypassing the cache (a sequential
+        scan by compaction must not evict the blocks readers use)."""
+        for key, versions in self.iter_key_groups():
+            for lsn, encoded in versions:
+                yield key, lsn, encoded
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """(key, [(LSN, encoded value), ...] in LSN order) for every key in file order,
+        bypassing the cache like iter_encoded."""
+        keys, firsts = self._keys()
+        m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
+        unpack = _VERSION_ENTRY.unpack_from
+        block_no, block = -1, b""
+        for i in range(self.header.n_keys):
+            group: list[tuple[int, bytes]] = []
+            for v in range(firsts[i], firsts[i + 1]):
+                lsn, tag, b, offset, length = unpack(m, at + v * size)
+                if b != block_no:
+                    block_no, block = b, self._block(b, use_cache=False)
+                end = offset + length
+                if end > len(block) or length == 0 or block[offset] != tag:
+                    raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
+                group.append((lsn, block[offset:end]))
+            yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
+
+
+class LayerFileWriter:
+    """Streams sorted (key, LSN, encoded value) into a new layer file, then publishes it.
+
+    The file appears under its final name only once complete and fsynced (temp name, fsync,
+    rename, directory fsync), so a crash never leaves a half-written layer under a real name.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        kind: int,
+        lsn_start: int,
+        lsn_end: int,
+        *,
+        block_size: int,
+        zstd_level: int,
+    ) -> None:
+        if lsn_start >= lsn_end:
+            raise InvalidArgument(f"empty LSN range [{lsn_start:X}, {lsn_end:X}) for a layer")
+        self._dir = directory
+        self._kind = kind
+        self._lsn_start = lsn_start
+        self._lsn_end = lsn_end
+        self._block_size = block_size
+        self._zstd = zstandard.ZstdCompressor(level=zstd_level)
+        self._tmp = temp_path(directory / f".writing-{uuid.uuid4().hex}")
+        self._file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self._file.write(b"\0" * HEADER_SIZE)
+        self._offset = HEADER_SIZE
+        self._buf = bytearray()
+        self._blocks: list[bytes] = []
+        self._keys: list[bytes] = []
+        self._versions: list[bytes] = []
+        self._last: tuple[bytes, int] | None = None
+        self.uncompressed_bytes = 0
+
+    def add(self, key: Key, lsn: int, encoded: bytes) -> None:
+        if not self._lsn_start <= lsn < self._lsn_end:
+            raise InvalidArgument(f"LSN {lsn:X} outside the layer's LSN range")
+        last = self._last
+        if last is None or key != last[0]:
+            if last is not None and key < last[0]:
+                raise InvalidArgument("layer values must be added in key order")
+            self._keys.append(_KEY_ENTRY.pack(key, len(self._versions)))
+        elif lsn < last[1]:
+            raise InvalidArgument(f"versions of {describe(key)} must be added in LSN order")
+        self._last = (key, lsn)
+        if self._buf and len(self._buf) + len(encoded) > self._block_size:
+            self._flush_block()
+        self._versions.append(
+            _VERSION_ENTRY.pack(lsn, encoded[0], len(self._blocks), len(self._buf), len(encoded))
+        )
+        self._buf += encoded
+        self.uncompressed_bytes += len(encoded)
+
+    def add_key(self, key: Key, versions: list[tuple[int, bytes]]) -> None:
+        """Add every version of one key (LSN order, LSNs not decreasing), a key above the
+        last one added: the same as `add` per version, with the checks done once per key."""
+        if not versions:
+            return
+        last = self._last
+        if last is not None and key <= last[0]:
+            if key == last[0]:
+                for lsn, encoded in versions:
+                    self.add(key, lsn, encoded)
+                return
+            raise InvalidArgument("layer values must be added in key order")
+        lo, hi = self._lsn_start, self._lsn_end
+        prev = lo
+        for lsn, _ in versions:
+            if lsn < prev or lsn >= hi:
+                if not lo <= lsn < hi:
+                    raise InvalidArgument(f"LSN {lsn:X} outside the layer's LSN range")
+                raise InvalidArgument(f"versions of {describe(key)} must be added in LSN order")
+            prev = lsn
+        entries = self._versions
+        self._keys.append(_KEY_ENTRY.pack(key, len(entries)))
+        self._last = (key, prev)
+        buf, limit, pack = self._buf, self._block_size, _VERSION_ENTRY.pack
+        n_blocks, added = len(self._blocks), 0
+        for lsn, encoded in versions:
+            size = len(encoded)
+            if buf and len(buf) + size > limit:
+                self._flush_block()
+                n_blocks += 1
+            entries.append(pack(lsn, encoded[0], n_blocks, len(buf), size))
+            buf += encoded
+            added += size
+        self.uncompressed_bytes += added
+
+    def _flush_block(self) -> None:
+        raw = bytes(self._buf)
+        comp = self._zstd.compress(raw)
+        self._file.write(comp)
+        self._blocks.append(
+            _BLOCK_ENTRY.pack(self._offset, len(comp), len(raw), crc32c.crc32c(comp))
+        )
+        self._offset += len(comp)
+        self._buf.clear()
+
+    @property
+    def n_versions(self) -> int:
+        return len(self._versions)
+
+    @property
+    def first_key(self) -> Key | None:
+        return Key(self._keys[0][:KEY_SIZE]) if self._keys else None
+
+    @property
+    def last_key(self) -> Key | None:
+        return Key(self._last[0]) if self._last else None
+
+    def finish(self, key_range: KeyRange, file_name: str) -> Path:
+        """Write the index and header, fsync, publish as `file_name` and return its path.
+
+        The key range is given at the end because a compaction output learns where it stops
+        only when it stops; it must hold every key added.
+        """
+        try:
+            first, last = self.first_key, self.last_key
+            if first is not None and (first not in key_range or last not in key_range):
+                raise InvalidArgument(f"key range {key_range} does not hold the layer's keys")
+            if self._buf:
+                self._flush_block()
+            index = b"".join(
+                (b"".join(self._blocks), b"".join(self._keys), b"".join(self._versions))
+            )
+            self._file.write(index)
+            header = LayerHeader(
+                self._kind,
+                key_range,
+                self._lsn_start,
+                self._lsn_end,
+                len(self._keys),
+                len(self._versions),
+                len(self._blocks),
+                self._offset,
+                len(index),
+                crc32c.crc32c(index),
+                self._offset + len(index),
+            )
+            self._file.seek(0)
+            self._file.write(header.pack())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            path = self._dir / file_name
+            os.replace(self._tmp, path)
+            fsync_dir(self._dir)
+        except BaseException:
+            self.abort()
+            raise
+        return path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)

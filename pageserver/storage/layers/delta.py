@@ -1,0 +1,65 @@
+"""Delta layers: every version of the keys of a key range over an LSN range [start, end).
+
+An L0 delta layer is a flushed in-memory layer and spans the whole keyspace; compaction merges
+L0 layers into L1 layers that split the keyspace into ranges of about the target size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pageserver.storage.keys import Key, KeyRange
+from pageserver.storage.layers.blocks import KIND_DELTA, BlockCache, LayerFileWriter
+from pageserver.storage.layers.names import LayerName
+from pageserver.storage.layers.persistent import PersistentLayer
+from pageserver.storage.settings import StoreSettings
+
+
+class DeltaLayer(PersistentLayer):
+    expected_kind = KIND_DELTA
+
+
+class DeltaLayerWriter:
+    """Builds one delta layer from (key, LSN, encoded value) in (key, LSN) order."""
+
+    def __init__(
+        self, directory: Path, lsn_start: int, lsn_end: int, settings: StoreSettings
+    ) -> None:
+        self._dir = directory
+        self._lsn_start = lsn_start
+        self._lsn_end = lsn_end
+        self._writer = LayerFileWriter(
+            directory,
+            KIND_DELTA,
+            lsn_start,
+            lsn_end,
+            block_size=settings.block_size,
+            zstd_level=settings.zstd_level,
+        )
+
+    def add(self, key: Key, lsn: int, encoded: bytes) -> None:
+        self._writer.add(key, lsn, encoded)
+
+    def add_key(self, key: Key, versions: list[tuple[int, bytes]]) -> None:
+        """Every version of one key, in LSN order (cheaper than `add` per version)."""
+        self._writer.add_key(key, versions)
+
+    @property
+    def uncompressed_bytes(self) -> int:
+        return self._writer.uncompressed_bytes
+
+    @property
+    def first_key(self) -> Key | None:
+        return self._writer.first_key
+
+    @property
+    def last_key(self) -> Key | None:
+        return self._writer.last_key
+
+    def finish(self, key_range: KeyRange, cache: BlockCache) -> DeltaLayer:
+        name = LayerName.delta(key_range, self._lsn_start, self._lsn_end)
+        self._writer.finish(key_range, name.file_name)
+        return DeltaLayer(self._dir, name, cache)
+
+    def abort(self) -> None:
+        self._writer.abort()

@@ -1,0 +1,146 @@
+"""The in-memory layer: recent versions, before they are flushed to a delta layer.
+
+Per key, a list of (LSN, value) appended in LSN order, so a put is a dict lookup and an
+append (no sorted insert, no file I/O); keys are sorted once, when the layer is written out.
+The open layer is mutated by puts, so its owner (the timeline) guards it with its lock; once
+frozen it never changes and may be read from any thread.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterator
+from operator import itemgetter
+
+from pageserver.storage.keys import Key, KeyRange, describe
+from pageserver.storage.values import Value, encode_value, tag_ends_chain, value_size, value_tag
+from pg15.lsn import format_lsn
+from proto.errors import InvalidArgument
+
+_lsn_of = itemgetter(0)
+
+VERSION_OVERHEAD = 48
+"""Approximate bytes of bookkeeping per version (list slot, tuple, index entry)."""
+
+
+class InMemoryLayer:
+    """Versions with LSNs in [lsn_start, lsn_end); lsn_end is set when the layer is frozen."""
+
+    def __init__(self, lsn_start: int) -> None:
+        self.lsn_start = lsn_start
+        self.lsn_end: int | None = None
+        self.prev_record_lsn: int | None = None
+        """At freeze: the prev_record_lsn that goes with lsn_end - 1 (for the manifest)."""
+        self._versions: dict[Key, list[tuple[int, Value]]] = {}
+        self.size = 0
+        self.n_versions = 0
+        self.max_lsn = -1
+
+    @property
+    def frozen(self) -> bool:
+        return self.lsn_end is not None
+
+    def put(self, key: Key, lsn: int, value: Value) -> None:
+        """Append a version; per key, LSNs must not decrease (equal LSNs keep put order)."""
+        if self.lsn_end is not None:
+            raise InvalidArgument("cannot put into a frozen in-memory layer")
+        if lsn < self.lsn_start:
+            raise InvalidArgument(
+                f"LSN {format_lsn(lsn)} is below the in-memory layer's start "
+                f"{format_lsn(self.lsn_start)}"
+            )
+        chain = self._versions.get(key)
+        if chain is None:
+            self._versions[key] = [(lsn, value)]
+        else:
+            if lsn < chain[-1][0]:
+                raise InvalidArgument(
+                    f"{describe(key)}: LSN {format_lsn(lsn)} is below its previous version "
+                    f"at {format_lsn(chain[-1][0])}"
+                )
+            chain.append((lsn, value))
+        self.size += value_size(value) + VERSION_OVERHEAD
+        self.n_versions += 1
+        if lsn > self.max_lsn:
+            self.max_lsn = lsn
+
+    def freeze(self, lsn_end: int, prev_record_lsn: int | None) -> None:
+        if lsn_end <= self.max_lsn:
+            raise InvalidArgument("freezing would cut below versions the layer holds")
+        self.lsn_end = lsn_end
+        self.prev_record_lsn = prev_record_lsn
+
+    def split_above(self, cut: int) -> InMemoryLayer | None:
+        """Move the versions with LSN > cut into a new layer starting at cut + 1.
+
+        Used when freezing at last_record_lsn while a record's puts are in progress.
+        """
+        if self.max_lsn <= cut:
+            return None
+        rest = InMemoryLayer(cut + 1)
+        for key in list(self._versions):
+            chain = self._versions[key]
+            i = bisect_right(chain, cut, key=_lsn_of)
+            if i == len(chain):
+                continue
+            for lsn, value in chain[i:]:
+                rest.put(key, lsn, value)
+                self.size -= value_size(value) + VERSION_OVERHEAD
+                self.n_versions -= 1
+            if i:
+                del chain[i:]
+            else:
+                del self._versions[key]
+        self.max_lsn = max((c[-1][0] for c in self._versions.values()), default=-1)
+        return rest
+
+    def __len__(self) -> int:
+        return self.n_versions
+
+    # --- reads (same shape as PersistentLayer) ---------------------------------------------
+
+    def collect(self, key: Key, lsn: int, floor: int) -> tuple[list[tuple[int, Value]], bool]:
+        """Versions of `key` with floor < LSN <= lsn, newest first, up to the chain's start."""
+        chain = self._versions.get(key)
+        if not chain:
+            return [], False
+        out: list[tuple[int, Value]] = []
+        for i in range(bisect_right(chain, lsn, key=_lsn_of) - 1, -1, -1):
+            version = chain[i]
+            if version[0] <= floor:
+                break
+            out.append(version)
+            if tag_ends_chain(value_tag(version[1])):
+                return out, True
+        return out, False
+
+    def newest_versions(self, key_range: KeyRange, lsn: int) -> Iterator[tuple[Key, int, int]]:
+        """(key, LSN, tag) of the newest version <= lsn of each key in range, in key order."""
+        for key in sorted(k for k in self._versions if key_range.start <= k < key_range.end):
+            chain = self._versions[key]
+            i = bisect_right(chain, lsn, key=_lsn_of)
+            if i:
+                version_lsn, value = chain[i - 1]
+                yield key, version_lsn, value_tag(value)
+
+    def newest_lsn(self, key: Key, lsn: int) -> int | None:
+        """LSN of the newest version of `key` at or below lsn, if the layer has one."""
+        chain = self._versions.get(key)
+        if not chain:
+            return None
+        if chain[-1][0] <= lsn:
+            return chain[-1][0]
+        i = bisect_right(chain, lsn, key=_lsn_of)
+        return chain[i - 1][0] if i else None
+
+    def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
+        """Every (key, LSN, encoded value) in (key, LSN) order, for flushing."""
+        for key, versions in self.iter_key_groups():
+            for lsn, encoded in versions:
+                yield key, lsn, encoded
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """(key, [(LSN, encoded value), ...] in LSN order) per key in key order."""
+        chains = self._versions
+        for key in sorted(chains):
+            yield key, [(lsn, encode_value(value)) for lsn, value in chains[key]]

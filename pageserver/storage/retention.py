@@ -1,0 +1,161 @@
+"""What history must stay readable: snapshots, child branch points and the PITR window.
+
+A PITR area is a retention policy over a timeline's WAL history: a TTL and/or a size limit,
+each possibly infinite (`--ttl 30d --size-limit 10G`, `inf`). It becomes a window
+[window_start, tip] of LSNs that stay readable; snapshots and child branch points add single
+retained LSNs. GC (`pageserver.storage.gc`) removes whatever no read at those LSNs needs.
+
+- TTL: window_start is `lsn_for_time(now - ttl)`, the LSN a `recovery_target_time` of
+  now - ttl gives (the end of the last commit before the first commit after that time), so
+  every time inside the TTL maps to an LSN inside the window. If no commit that old is known,
+  the whole timeline is kept.
+- Size limit: window_start is raised until the delta layers holding history above it weigh
+  at most size_limit (whole layer files, so an approximation).
+Both given: the tighter (higher) start wins, like a disk quota that overrides a TTL.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from pageserver.ingest.lsn_index import LsnIndex
+from pageserver.storage.layers.layer_map import LayerMap
+from pageserver.storage.timeline import Timeline
+from proto.errors import InvalidArgument
+
+INFINITE = "inf"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+
+
+def parse_duration(text: str) -> float | None:
+    """`30d`, `12h`, `90m`, `45s`, `2w` as seconds; `inf` as None (unbounded)."""
+    value = text.strip().lower()
+    if value in (INFINITE, "infinity"):
+        return None
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise InvalidArgument(
+            f"invalid duration {text!r}: expected a number with a unit s, m, h, d or w "
+            "(e.g. 30d, 12h) or 'inf'"
+        )
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise InvalidArgument(f"invalid duration {text!r}: it must be positive")
+    return seconds
+
+
+def parse_size(text: str) -> int | None:
+    """`10G`, `500M`, `64k`, `1TiB`, `4096` (bytes; binary units) as bytes; `inf` as None."""
+    value = text.strip().lower()
+    if value in (INFINITE, "infinity"):
+        return None
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise InvalidArgument(
+            f"invalid size {text!r}: expected a number with an optional unit K, M, G or T "
+            "(e.g. 10G, 500M) or 'inf'"
+        )
+    size = math.floor(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if size <= 0:
+        raise InvalidArgument(f"invalid size {text!r}: it must be positive")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """A PITR area's limits; None means infinite."""
+
+    ttl: float | None = None
+    """Seconds of history to keep."""
+    size_limit: int | None = None
+    """Bytes of layer files holding the window's history."""
+
+    def __post_init__(self) -> None:
+        if self.ttl is not None and not self.ttl > 0:
+            raise InvalidArgument("a PITR TTL must be positive (or infinite)")
+        if self.size_limit is not None and self.size_limit <= 0:
+            raise InvalidArgument("a PITR size limit must be positive (or infinite)")
+
+    @staticmethod
+    def parse(ttl: str = INFINITE, size_limit: str = INFINITE) -> RetentionPolicy:
+        return RetentionPolicy(parse_duration(ttl), parse_size(size_limit))
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """The reads GC must preserve on one timeline: at each retained LSN, at every LSN in
+    [window_start, tip] (if there is a window), and at the tip and above."""
+
+    retain_lsns: tuple[int, ...]
+    """Sorted, distinct."""
+    window_start: int | None
+    tip: int
+
+    def allows(self, lsn: int) -> bool:
+        """True when a read at `lsn` is guaranteed to survive GC (reads elsewhere must be
+        refused: GC may have removed what they need)."""
+        if lsn >= self.tip or (self.window_start is not None and lsn >= self.window_start):
+            return True
+        i = bisect.bisect_left(self.retain_lsns, lsn)
+        return i < len(self.retain_lsns) and self.retain_lsns[i] == lsn
+
+    def first_at_or_above(self, lsn: int) -> int:
+        """The smallest preserved read LSN >= lsn (what decides whether GC keeps a layer)."""
+        if lsn >= self.tip:
+            return lsn
+        best = self.tip
+        if self.window_start is not None:
+            best = min(best, max(lsn, self.window_start))
+        i = bisect.bisect_left(self.retain_lsns, lsn)
+        if i < len(self.retain_lsns):
+            best = min(best, self.retain_lsns[i])
+        return best
+
+
+def size_window_start(layer_map: LayerMap, size_limit: int, floor: int) -> int:
+    """The lowest LSN >= floor above which the delta layers' history weighs <= size_limit.
+
+    A window starting at x needs the delta layers with versions above x (lsn_end - 1 > x),
+    counted whole."""
+    by_end: dict[int, int] = {}
+    for delta in layer_map.deltas:
+        by_end[delta.lsn_end - 1] = by_end.get(delta.lsn_end - 1, 0) + delta.file_size
+    above = 0
+    for end in sorted(by_end, reverse=True):
+        above += by_end[end]
+        if above > size_limit:
+            return max(floor, end)  # the layers ending here no longer fit: start at them
+    return floor
+
+
+def compute_retention(
+    timeline: Timeline,
+    policy: RetentionPolicy | None,
+    index: LsnIndex | None,
+    retain_lsns: Iterable[int] = (),
+    now: datetime | None = None,
+) -> Retention:
+    """The Retention of `timeline`: `retain_lsns` (its snapshots and its children's branch
+    points) plus the PITR window of `policy` (None: no PITR area, only the tip)."""
+    tip = timeline.last_record_lsn
+    retained = tuple(sorted(set(retain_lsns)))
+    if policy is None:
+        return Retention(retained, None, tip)
+    floor = timeline.ancestor_lsn
+    start = floor
+    if policy.ttl is not None and index is not None:
+        cutoff = (now or datetime.now(UTC)) - timedelta(seconds=policy.ttl)
+        at = index.lsn_for_time(cutoff)
+        if at is not None:
+            start = max(start, at)
+    if policy.size_limit is not None:
+        start = max(start, size_window_start(timeline.layer_map(), policy.size_limit, floor))
+    return Retention(retained, min(start, tip), tip)

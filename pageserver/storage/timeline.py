@@ -1,0 +1,475 @@
+"""A timeline: one branch of history, its layers, its LSNs and its ancestor.
+
+Write rules (what ingest must do):
+
+- ``put(key, lsn, value)`` requires ``lsn > last_record_lsn``: the values of a WAL record are
+  put at the record's end LSN, then ``advance_last_record_lsn(lsn, prev)`` publishes them.
+  One record may put many keys at one LSN; per key, LSNs never decrease and several puts of
+  one key at one LSN are kept in put order.
+- Reads (``get_reconstruct_data``, ``get_keys``) are at ``lsn <= last_record_lsn``; above it
+  they raise FutureLsn (the caller may wait for ingest).
+- After a crash, the timeline reopens with ``last_record_lsn = disk_consistent_lsn``; ingest
+  re-puts every record whose end LSN is above it.
+
+Durability: ``freeze()`` cuts the open in-memory layer at last_record_lsn (no I/O);
+``flush_frozen_layers()`` writes each frozen layer as an L0 delta file (fsynced), then the
+manifest naming it, and only then advances ``disk_consistent_lsn``.
+
+Threads: ingest (puts, advance, freeze) may run on the event loop while reads, flushes and
+compaction run in worker threads. One lock guards the mutable state (open layer, frozen list,
+layer map reference, LSNs) and is held only for in-memory work; file I/O happens outside it
+against immutable layers. Manifest writes are serialized by a second lock, flushes by a third;
+compaction takes ``compaction_lock``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from pageserver.storage.durable_files import TEMP_SUFFIX
+from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key
+from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
+from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
+from pageserver.storage.layers.image import ImageLayer
+from pageserver.storage.layers.inmemory import InMemoryLayer
+from pageserver.storage.layers.layer_map import ChainEnd, LayerMap
+from pageserver.storage.layers.names import LayerName, parse_layer_name
+from pageserver.storage.layers.persistent import PersistentLayer
+from pageserver.storage.manifest import (
+    MANIFEST_NAME,
+    LayerEntry,
+    ManifestCorrupt,
+    TimelineManifest,
+    read_manifest,
+    write_manifest,
+)
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.values import (
+    EMPTY_RECONSTRUCT,
+    Image,
+    ReconstructData,
+    Tombstone,
+    Value,
+    WalDelta,
+)
+from pg15.lsn import format_lsn
+from proto.errors import Conflict, InvalidArgument
+
+_read_epochs = itertools.count(1)
+
+
+class FutureLsn(InvalidArgument):
+    """A read at an LSN the timeline has not ingested yet."""
+
+
+def open_layer(directory: Path, name: LayerName, cache: BlockCache) -> PersistentLayer:
+    cls = ImageLayer if name.is_image else DeltaLayer
+    return cls(directory, name, cache)
+
+
+class Timeline:
+    """Use TimelineStore to create, branch and open timelines; this class reads and writes."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: TimelineManifest,
+        ancestor: Timeline | None,
+        layers: Iterable[PersistentLayer],
+        settings: StoreSettings,
+        cache: BlockCache,
+    ) -> None:
+        if (ancestor is None) != (manifest.ancestor_id is None) or (
+            ancestor is not None and ancestor.timeline_id != manifest.ancestor_id
+        ):
+            raise InvalidArgument(f"timeline {manifest.timeline_id}: wrong ancestor given")
+        self.timeline_id: str = manifest.timeline_id
+        self.directory = directory
+        self.ancestor = ancestor
+        self.ancestor_lsn = manifest.ancestor_lsn
+        self.settings = settings
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._manifest_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self.compaction_lock = threading.Lock()
+        self._map = LayerMap.build(layers)
+        self._open: InMemoryLayer | None = None
+        self._frozen: list[InMemoryLayer] = []
+        """Oldest first."""
+        self._disk_consistent_lsn = manifest.disk_consistent_lsn
+        self._disk_prev_record_lsn = manifest.prev_record_lsn
+        self._last_record_lsn = manifest.disk_consistent_lsn
+        self._prev_record_lsn = manifest.prev_record_lsn
+        self._next_layer_start = manifest.disk_consistent_lsn + 1
+        self._closed = False
+        self._read_epoch = next(_read_epochs)
+        """Names this object's readable history for caches; renewed whenever layers are
+        removed (GC may make LSNs unreadable), never reused."""
+
+    # --- creation and reopening ------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        timeline_id: str,
+        ancestor: Timeline | None,
+        ancestor_lsn: int,
+        prev_record_lsn: int | None,
+        settings: StoreSettings,
+        cache: BlockCache,
+    ) -> Timeline:
+        """A new empty timeline; with an ancestor, it starts at ancestor_lsn (nothing copied)."""
+        directory.mkdir(parents=True)
+        manifest = TimelineManifest(
+            timeline_id=timeline_id,
+            ancestor_id=None if ancestor is None else ancestor.timeline_id,
+            ancestor_lsn=ancestor_lsn,
+            disk_consistent_lsn=ancestor_lsn,
+            prev_record_lsn=prev_record_lsn,
+            layers=(),
+        )
+        write_manifest(directory, manifest)
+        return cls(directory, manifest, ancestor, (), settings, cache)
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        ancestor: Timeline | None,
+        settings: StoreSettings,
+        cache: BlockCache,
+        manifest: TimelineManifest | None = None,
+    ) -> Timeline:
+        """Reopen from the manifest; delete layer and temp files it does not name (crash
+        leftovers). The in-memory state is gone: ingest resumes at disk_consistent_lsn."""
+        if manifest is None:
+            manifest = read_manifest(directory)
+        if manifest.timeline_id != directory.name:
+            raise ManifestCorrupt(f"manifest in {directory} is for timeline {manifest.timeline_id}")
+        named = {entry.name.file_name: entry for entry in manifest.layers}
+        for path in directory.iterdir():
+            if path.name == MANIFEST_NAME or path.name in named or not path.is_file():
+                continue
+            if path.name.endswith(TEMP_SUFFIX) or parse_layer_name(path.name) is not None:
+                path.unlink()
+        layers: list[PersistentLayer] = []
+        try:
+            for entry in manifest.layers:
+                path = directory / entry.name.file_name
+                if not path.exists():
+                    raise LayerCorrupt(path, "the manifest names it but it is missing")
+                if path.stat().st_size != entry.size:
+                    raise LayerCorrupt(path, f"the manifest says {entry.size} bytes")
+                layers.append(open_layer(directory, entry.name, cache))
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(directory, manifest, ancestor, layers, settings, cache)
+
+    # --- LSNs ------------------------------------------------------------------------------
+
+    @property
+    def last_record_lsn(self) -> int:
+        return self._last_record_lsn
+
+    @property
+    def prev_record_lsn(self) -> int | None:
+        return self._prev_record_lsn
+
+    @property
+    def disk_consistent_lsn(self) -> int:
+        return self._disk_consistent_lsn
+
+    @property
+    def open_layer_bytes(self) -> int:
+        open_ = self._open
+        return 0 if open_ is None else open_.size
+
+    @property
+    def needs_flush(self) -> bool:
+        """True when frozen layers wait for flush_frozen_layers()."""
+        return bool(self._frozen)
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def put(self, key: Key, lsn: int, value: Value) -> None:
+        self.put_batch(((key, lsn, value),))
+
+    def put_batch(self, items: Iterable[tuple[Key, int, Value]]) -> None:
+        """Several puts under one lock acquisition (the values of one record, typically)."""
+        with self._lock:
+            self._check_open()
+            for key, lsn, value in items:
+                if lsn <= self._last_record_lsn:
+                    raise InvalidArgument(
+                        f"timeline {self.timeline_id}: put at LSN {format_lsn(lsn)} is not "
+                        f"above the last record LSN {format_lsn(self._last_record_lsn)}"
+                    )
+                if not isinstance(value, Image | WalDelta | Tombstone):
+                    raise InvalidArgument(f"not a storable value: {type(value).__name__}")
+                if self._open is None:
+                    self._open = InMemoryLayer(self._next_layer_start)
+                self._open.put(check_key(key), lsn, value)
+
+    def advance_last_record_lsn(self, lsn: int, prev_record_lsn: int | None) -> None:
+        """Publish the puts up to `lsn` (a record's end); freezes at checkpoint_distance."""
+        with self._lock:
+            if lsn < self._last_record_lsn:
+                raise InvalidArgument(
+                    f"timeline {self.timeline_id}: last record LSN cannot move back from "
+                    f"{format_lsn(self._last_record_lsn)} to {format_lsn(lsn)}"
+                )
+            self._last_record_lsn = lsn
+            self._prev_record_lsn = prev_record_lsn
+            if self._open is not None and self._open.size >= self.settings.checkpoint_distance:
+                self._freeze_locked()
+
+    def freeze(self) -> bool:
+        """Cut the open layer at last_record_lsn; False if nothing new since the last cut."""
+        with self._lock:
+            return self._freeze_locked()
+
+    def _freeze_locked(self) -> bool:
+        cut = self._last_record_lsn
+        if cut < self._next_layer_start:
+            return False
+        layer = self._open if self._open is not None else InMemoryLayer(self._next_layer_start)
+        self._open = layer.split_above(cut)
+        layer.freeze(cut + 1, self._prev_record_lsn)
+        self._frozen.append(layer)
+        self._next_layer_start = cut + 1
+        return True
+
+    def flush_frozen_layers(self) -> None:
+        """Write every frozen layer as an L0 delta file, then the manifest, then advance
+        disk_consistent_lsn. Blocking I/O: run it in a worker thread."""
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    if not self._frozen:
+                        return
+                    layer = self._frozen[0]
+                delta = self._write_l0(layer) if layer.n_versions else None
+                assert layer.lsn_end is not None
+                with self._manifest_lock:
+                    with self._lock:
+                        self._frozen.pop(0)
+                        if delta is not None:
+                            self._map = self._map.replace(add=[delta])
+                        manifest = self._manifest_locked(layer.lsn_end - 1, layer.prev_record_lsn)
+                    write_manifest(self.directory, manifest)
+                    with self._lock:
+                        self._disk_consistent_lsn = manifest.disk_consistent_lsn
+                        self._disk_prev_record_lsn = manifest.prev_record_lsn
+
+    def freeze_and_flush(self) -> None:
+        """Make everything up to last_record_lsn durable."""
+        self.freeze()
+        self.flush_frozen_layers()
+
+    def _write_l0(self, layer: InMemoryLayer) -> DeltaLayer:
+        assert layer.lsn_end is not None
+        writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, self.settings)
+        try:
+            for key, versions in layer.iter_key_groups():
+                writer.add_key(key, versions)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.finish(FULL_KEYSPACE, self.cache)
+
+    def _manifest_locked(self, disk_consistent_lsn: int, prev: int | None) -> TimelineManifest:
+        return TimelineManifest(
+            timeline_id=self.timeline_id,
+            ancestor_id=None if self.ancestor is None else self.ancestor.timeline_id,
+            ancestor_lsn=self.ancestor_lsn,
+            disk_consistent_lsn=disk_consistent_lsn,
+            prev_record_lsn=prev,
+            layers=tuple(LayerEntry(x.name, x.file_size) for x in self._map.layers()),
+        )
+
+    def layer_map(self) -> LayerMap:
+        """The current snapshot of layer files (immutable)."""
+        with self._lock:
+            return self._map
+
+    def replace_layers(
+        self, add: Iterable[PersistentLayer], remove: Iterable[PersistentLayer]
+    ) -> None:
+        """Swap layer files atomically (compaction, GC): the new files must be durable
+        already; the manifest is rewritten, then the removed files are deleted."""
+        add, remove = list(add), list(remove)
+        with self._manifest_lock:
+            with self._lock:
+                current = {id(x) for x in self._map.layers()}
+                if any(id(x) not in current for x in remove):
+                    raise InvalidArgument("cannot remove a layer that is not in the layer map")
+                self._map = self._map.replace(add=add, remove=remove)
+                if remove:
+                    self._read_epoch = next(_read_epochs)
+                manifest = self._manifest_locked(
+                    self._disk_consistent_lsn, self._disk_prev_record_lsn
+                )
+            write_manifest(self.directory, manifest)
+        # Readers holding an older map keep their mappings valid after unlink.
+        for layer in remove:
+            layer.path.unlink(missing_ok=True)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def _check_read_lsn(self, lsn: int) -> None:
+        if lsn > self._last_record_lsn:
+            raise FutureLsn(
+                f"timeline {self.timeline_id} has ingested up to "
+                f"{format_lsn(self._last_record_lsn)}, not yet {format_lsn(lsn)}"
+            )
+
+    def get_reconstruct_data(self, key: Key, lsn: int) -> ReconstructData:
+        """The newest image at or below lsn and the deltas above it, through ancestors."""
+        self._check_read_lsn(lsn)
+        versions: list[tuple[int, Value]] = []
+        timeline: Timeline = self
+        at = lsn
+        while True:
+            found, end = timeline._read_own(key, at)
+            versions.extend(found)
+            if end is not ChainEnd.OPEN or timeline.ancestor is None:
+                break
+            at = min(at, timeline.ancestor_lsn)
+            timeline = timeline.ancestor
+        return _reconstruct_data(versions)
+
+    def _read_own(self, key: Key, lsn: int) -> tuple[list[tuple[int, Value]], ChainEnd]:
+        with self._lock:
+            self._check_open()
+            layer_map = self._map
+            frozen = self._frozen[::-1]
+            open_ = self._open
+            image = layer_map.newest_image(key, lsn)
+            floor = image.lsn if image is not None else -1
+            if open_ is not None and open_.lsn_start <= lsn:
+                head, ended = open_.collect(key, lsn, floor)
+            else:
+                head, ended = [], False
+        return layer_map.read_chain(key, lsn, image, frozen, head, ended)
+
+    def version_ident(self, key: Key, lsn: int) -> tuple[int, Key, int] | None:
+        """A cheap name for the value of `key` at `lsn`: (read epoch of the timeline holding
+        the newest version at or below lsn, key, that version's LSN), from layer indexes
+        alone (nothing decompressed). Equal names mean equal values, so a cache of rebuilt
+        pages can be keyed by it. None when the key has no version (or is hidden by an
+        image layer that does not hold it).
+        """
+        self._check_read_lsn(lsn)
+        timeline: Timeline = self
+        at = lsn
+        while True:
+            found, is_open = timeline._newest_own(key, at)
+            if found is not None:
+                return (timeline._read_epoch, key, found)
+            if not is_open or timeline.ancestor is None:
+                return None
+            at = min(at, timeline.ancestor_lsn)
+            timeline = timeline.ancestor
+
+    def _newest_own(self, key: Key, lsn: int) -> tuple[int | None, bool]:
+        """(LSN of the newest version of key <= lsn on this timeline, whether the ancestor
+        may still hold it)."""
+        with self._lock:
+            self._check_open()
+            layer_map = self._map
+            frozen = self._frozen[::-1]
+            open_ = self._open
+            head = (
+                open_.newest_lsn(key, lsn) if open_ is not None and open_.lsn_start <= lsn else None
+            )
+        image = layer_map.newest_image(key, lsn)
+        floor = image.lsn if image is not None else -1
+        if head is None:
+            for layer in frozen:
+                if layer.lsn_start <= lsn:
+                    head = layer.newest_lsn(key, lsn)
+                    if head is not None:
+                        break
+        if head is None:
+            for delta in layer_map.deltas_for(key, lsn, floor):
+                head = delta.newest_lsn(key, lsn)
+                if head is not None:
+                    break
+        if head is not None and head > floor:
+            return head, False
+        if image is None:
+            return None, True
+        if image.file.find_key(key) is None:
+            return None, False
+        return image.lsn, False
+
+    def get_keys(self, key_range: KeyRange, lsn: int) -> list[Key]:
+        """Sorted keys of key_range that have a value at lsn (ancestors included; keys whose
+        newest version is a tombstone, or hidden by an image layer, excluded)."""
+        self._check_read_lsn(lsn)
+        result: dict[Key, bool] = {}
+        covered: list[KeyRange] = []
+        timeline: Timeline | None = self
+        at = lsn
+        while timeline is not None:
+            decided, own_covered = timeline._scan_own(key_range, at)
+            for key, exists in decided.items():
+                if key not in result and not any(key in r for r in covered):
+                    result[key] = exists
+            covered.extend(own_covered)
+            at = min(at, timeline.ancestor_lsn)
+            timeline = timeline.ancestor
+        return sorted(key for key, exists in result.items() if exists)
+
+    def _scan_own(self, key_range: KeyRange, lsn: int) -> tuple[dict[Key, bool], list[KeyRange]]:
+        with self._lock:
+            self._check_open()
+            layer_map = self._map
+            frozen = self._frozen[::-1]
+            open_ = self._open
+            head = (
+                list(open_.newest_versions(key_range, lsn))
+                if open_ is not None and open_.lsn_start <= lsn
+                else []
+            )
+        return layer_map.scan_keys(key_range, lsn, frozen, head)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Conflict(f"timeline {self.timeline_id} is closed")
+
+    def close(self) -> None:
+        """Release the mappings (the caller guarantees no reads are in flight); unflushed
+        in-memory data is dropped, as in a crash."""
+        with self._lock:
+            self._closed = True
+            layers = self._map.layers()
+            self._map = LayerMap()
+        for layer in layers:
+            layer.close()
+
+    def __repr__(self) -> str:
+        return f"Timeline({self.timeline_id})"
+
+
+def _reconstruct_data(versions: list[tuple[int, Value]]) -> ReconstructData:
+    """From versions newest first (ending at the chain base, if any) to ReconstructData."""
+    if not versions:
+        return EMPTY_RECONSTRUCT
+    image: tuple[int, bytes] | None = None
+    deltas: list[tuple[int, WalDelta]] = []
+    for lsn, value in reversed(versions):
+        if isinstance(value, Image):
+            image, deltas = (lsn, value.data), []
+        elif isinstance(value, WalDelta):
+            deltas.append((lsn, value))
+        else:
+            image, deltas = None, []
+    return ReconstructData(image, tuple(deltas))

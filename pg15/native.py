@@ -1,0 +1,24 @@
+"""The optional C fast paths (`pg15/_walscan.c`), or None.
+
+The pure-Python reader and decoder are the reference; the C module only speeds up their
+common case and hands everything else back to them. It is built by `pip install` when a C
+compiler is present; set NEON_PURE_PYTHON=1 to run without it (tests compare the two).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("NEON_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from pg15 import _walscan
+    except ImportError:
+        return None
+    return _walscan
+
+
+walscan = _load()

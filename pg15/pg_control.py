@@ -1,0 +1,118 @@
+"""pg_control (global/pg_control) of PostgreSQL 15: parse and validate the fields we use.
+
+Layout facts: shared/reference/pg15-wal.md §7. The CRC-32C covers bytes [0, 288).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+
+from pg15.rmgr.xlog import CheckPoint
+from proto.errors import CorruptData
+
+PG_CONTROL_VERSION = 1300
+CONTROL_FILE_SIZE = 8192
+_CRC_OFFSET = 288
+_HEAD = struct.Struct(
+    "<QIII4xqQ"
+)  # system_identifier, version, catversion, state, time, checkPoint
+_CRC = struct.Struct("<I")
+_SEG_SIZE_OFFSET = 228
+_CHECKSUM_VERSION_OFFSET = 252
+_U32 = struct.Struct("<I")
+# Writer offsets (pg15-wal.md §7): state, time, checkPoint, checkPointCopy, unloggedLSN, then
+# minRecoveryPoint, minRecoveryPointTLI, backupStartPoint, backupEndPoint, backupEndRequired.
+_STATE_TIME_CHECKPOINT = struct.Struct("<I4xqQ")
+_STATE_OFFSET = 16
+_CHECKPOINT_COPY_OFFSET = 40
+_UNLOGGED_LSN = struct.Struct("<Q")
+_UNLOGGED_LSN_OFFSET = 128
+_RECOVERY_FIELDS = struct.Struct("<QI4xQQ?3x")
+_RECOVERY_FIELDS_OFFSET = 136
+FIRST_NORMAL_UNLOGGED_LSN = 1000
+
+DB_STATES = {
+    0: "starting up",
+    1: "shut down",
+    2: "shut down in recovery",
+    3: "shutting down",
+    4: "in crash recovery",
+    5: "in archive recovery",
+    6: "in production",
+}
+DB_SHUTDOWNED = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ControlFile:
+    system_identifier: int
+    pg_control_version: int
+    catalog_version: int
+    state: int
+    checkpoint_lsn: int
+    checkpoint: CheckPoint
+    wal_segment_size: int
+    raw: bytes
+    data_checksum_version: int = 0
+
+    @property
+    def state_name(self) -> str:
+        return DB_STATES.get(self.state, f"unknown ({self.state})")
+
+
+def parse_control_file(data: bytes, source: str = "pg_control") -> ControlFile:
+    if len(data) < _CRC_OFFSET + 4:
+        raise CorruptData(f"{source} is truncated ({len(data)} bytes)")
+    (stored,) = _CRC.unpack_from(data, _CRC_OFFSET)
+    if crc32c.crc32c(data[:_CRC_OFFSET]) != stored:
+        raise CorruptData(f"{source} has a bad CRC; the file is corrupt")
+    sysid, version, catversion, state, _time, checkpoint_lsn = _HEAD.unpack_from(data, 0)
+    if version != PG_CONTROL_VERSION:
+        raise CorruptData(
+            f"{source} has version {version}, expected {PG_CONTROL_VERSION} (PostgreSQL 15)"
+        )
+    return ControlFile(
+        system_identifier=sysid,
+        pg_control_version=version,
+        catalog_version=catversion,
+        state=state,
+        checkpoint_lsn=checkpoint_lsn,
+        checkpoint=CheckPoint.unpack(data, _HEAD.size),
+        wal_segment_size=_U32.unpack_from(data, _SEG_SIZE_OFFSET)[0],
+        raw=bytes(data[:CONTROL_FILE_SIZE]),
+        data_checksum_version=_U32.unpack_from(data, _CHECKSUM_VERSION_OFFSET)[0],
+    )
+
+
+def with_checkpoint(
+    template: bytes, checkpoint_lsn: int, checkpoint: CheckPoint, time: int
+) -> bytes:
+    """A pg_control for a clean start at a shutdown checkpoint (datadir-at-lsn.md §1.3 step 6).
+
+    state = shut down, checkPoint and checkPointCopy set, recovery and backup fields cleared,
+    unloggedLSN raised to at least FirstNormalUnloggedLSN; everything else (system identifier,
+    compile-time constants, GUC snapshot) is kept from `template`; the CRC is recomputed.
+    """
+    if len(template) < _CRC_OFFSET + 4:
+        raise CorruptData(f"pg_control template is truncated ({len(template)} bytes)")
+    buf = bytearray(template[:CONTROL_FILE_SIZE].ljust(CONTROL_FILE_SIZE, b"\0"))
+    _STATE_TIME_CHECKPOINT.pack_into(buf, _STATE_OFFSET, DB_SHUTDOWNED, time, checkpoint_lsn)
+    buf[_CHECKPOINT_COPY_OFFSET : _CHECKPOINT_COPY_OFFSET + CheckPoint.SIZE] = checkpoint.pack()
+    (unlogged,) = _UNLOGGED_LSN.unpack_from(buf, _UNLOGGED_LSN_OFFSET)
+    _UNLOGGED_LSN.pack_into(buf, _UNLOGGED_LSN_OFFSET, max(unlogged, FIRST_NORMAL_UNLOGGED_LSN))
+    _RECOVERY_FIELDS.pack_into(buf, _RECOVERY_FIELDS_OFFSET, 0, 0, 0, 0, False)
+    _CRC.pack_into(buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
+    return bytes(buf)
+
+
+def read_control_file(datadir: Path) -> ControlFile:
+    path = datadir / "global" / "pg_control"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorruptData(f"cannot read {path}: {exc.strerror}") from None
+    return parse_control_file(data, str(path))

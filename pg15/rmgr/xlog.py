@@ -1,0 +1,201 @@
+"""XLOG rmgr (0): checkpoints, nextoid, switch, parameter changes, page images, ..."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pg15.rmgr.fields import MainDataError, unpack
+
+XLOG_CHECKPOINT_SHUTDOWN = 0x00
+XLOG_CHECKPOINT_ONLINE = 0x10
+XLOG_NOOP = 0x20
+XLOG_NEXTOID = 0x30
+XLOG_SWITCH = 0x40
+XLOG_BACKUP_END = 0x50
+XLOG_PARAMETER_CHANGE = 0x60
+XLOG_RESTORE_POINT = 0x70
+XLOG_FPW_CHANGE = 0x80
+XLOG_END_OF_RECOVERY = 0x90
+XLOG_FPI_FOR_HINT = 0xA0
+XLOG_FPI = 0xB0
+XLOG_OVERWRITE_CONTRECORD = 0xD0
+
+_CHECKPOINT = struct.Struct("<QII?7xQIIIIIII4xqIII4x")
+_PARAMETER_CHANGE = struct.Struct("<iiiiii??2x")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_RESTORE_POINT = struct.Struct("<q64s")
+_END_OF_RECOVERY = struct.Struct("<qII")
+_OVERWRITE = struct.Struct("<Qq")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckPoint:
+    """The 88-byte CheckPoint struct (also pg_control's checkPointCopy)."""
+
+    redo: int
+    this_timeline: int
+    prev_timeline: int
+    full_page_writes: bool
+    next_full_xid: int
+    next_oid: int
+    next_multi: int
+    next_multi_offset: int
+    oldest_xid: int
+    oldest_xid_db: int
+    oldest_multi: int
+    oldest_multi_db: int
+    time: int
+    oldest_commit_ts_xid: int
+    newest_commit_ts_xid: int
+    oldest_active_xid: int
+
+    SIZE = _CHECKPOINT.size
+
+    @property
+    def next_xid_epoch(self) -> int:
+        return self.next_full_xid >> 32
+
+    @property
+    def next_xid(self) -> int:
+        return self.next_full_xid & 0xFFFFFFFF
+
+    @classmethod
+    def unpack(cls, data: bytes, offset: int = 0) -> CheckPoint:
+        return cls(*unpack(_CHECKPOINT, data, offset, "CheckPoint"))
+
+    def pack(self) -> bytes:
+        """The struct bytes with zero padding, for writing pg_control or a checkpoint record."""
+        return _CHECKPOINT.pack(
+            self.redo,
+            self.this_timeline,
+            self.prev_timeline,
+            self.full_page_writes,
+            self.next_full_xid,
+            self.next_oid,
+            self.next_multi,
+            self.next_multi_offset,
+            self.oldest_xid,
+            self.oldest_xid_db,
+            self.oldest_multi,
+            self.oldest_multi_db,
+            self.time,
+            self.oldest_commit_ts_xid,
+            self.newest_commit_ts_xid,
+            self.oldest_active_xid,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class XlogCheckpoint:
+    shutdown: bool
+    checkpoint: CheckPoint
+
+
+@dataclass(frozen=True, slots=True)
+class XlogNextOid:
+    next_oid: int
+
+
+@dataclass(frozen=True, slots=True)
+class XlogSwitch:
+    """The rest of the segment is padding."""
+
+
+@dataclass(frozen=True, slots=True)
+class XlogNoop:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class XlogBackupEnd:
+    start_point: int
+
+
+@dataclass(frozen=True, slots=True)
+class XlogParameterChange:
+    max_connections: int
+    max_worker_processes: int
+    max_wal_senders: int
+    max_prepared_xacts: int
+    max_locks_per_xact: int
+    wal_level: int
+    wal_log_hints: bool
+    track_commit_timestamp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class XlogRestorePoint:
+    time: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class XlogFpwChange:
+    full_page_writes: bool
+
+
+@dataclass(frozen=True, slots=True)
+class XlogEndOfRecovery:
+    end_time: int
+    this_timeline: int
+    prev_timeline: int
+
+
+@dataclass(frozen=True, slots=True)
+class XlogFpi:
+    """XLOG_FPI / XLOG_FPI_FOR_HINT: the payload is the block images themselves."""
+
+    for_hint: bool
+
+
+@dataclass(frozen=True, slots=True)
+class XlogOverwriteContrecord:
+    overwritten_lsn: int
+    overwrite_time: int
+
+
+XlogMain = (
+    XlogCheckpoint
+    | XlogNextOid
+    | XlogSwitch
+    | XlogNoop
+    | XlogBackupEnd
+    | XlogParameterChange
+    | XlogRestorePoint
+    | XlogFpwChange
+    | XlogEndOfRecovery
+    | XlogFpi
+    | XlogOverwriteContrecord
+)
+
+
+def decode(info: int, data: bytes) -> XlogMain:
+    op = info & 0xF0
+    if op in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE):
+        return XlogCheckpoint(op == XLOG_CHECKPOINT_SHUTDOWN, CheckPoint.unpack(data))
+    if op == XLOG_NEXTOID:
+        return XlogNextOid(unpack(_U32, data, 0, "NEXTOID")[0])
+    if op == XLOG_SWITCH:
+        return XlogSwitch()
+    if op == XLOG_NOOP:
+        return XlogNoop(data)
+    if op == XLOG_BACKUP_END:
+        return XlogBackupEnd(unpack(_U64, data, 0, "BACKUP_END")[0])
+    if op == XLOG_PARAMETER_CHANGE:
+        return XlogParameterChange(*unpack(_PARAMETER_CHANGE, data, 0, "PARAMETER_CHANGE"))
+    if op == XLOG_RESTORE_POINT:
+        time, name = unpack(_RESTORE_POINT, data, 0, "RESTORE_POINT")
+        return XlogRestorePoint(time, name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+    if op == XLOG_FPW_CHANGE:
+        if not data:
+            raise MainDataError("FPW_CHANGE: no main data")
+        return XlogFpwChange(data[0] != 0)
+    if op == XLOG_END_OF_RECOVERY:
+        return XlogEndOfRecovery(*unpack(_END_OF_RECOVERY, data, 0, "END_OF_RECOVERY"))
+    if op in (XLOG_FPI, XLOG_FPI_FOR_HINT):
+        return XlogFpi(op == XLOG_FPI_FOR_HINT)
+    if op == XLOG_OVERWRITE_CONTRECORD:
+        return XlogOverwriteContrecord(*unpack(_OVERWRITE, data, 0, "OVERWRITE_CONTRECORD"))
+    raise MainDataError(f"unknown XLOG record info {info:#04x}")
