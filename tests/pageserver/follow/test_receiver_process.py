@@ -15,7 +15,7 @@ import pytest
 from pageserver.follow.receiver_process import ReceiverFailed, ReceiverProcess
 from pg15.lsn import parse_lsn
 from tests.pgtest import PASSWORD, PgTestCluster
-from tests.test_replication_stream import params, wait_for
+from tests.walreceiver.test_replication import params, wait_for
 from walreceiver.receiver import ConnParams, ReceiverState
 
 pytestmark = pytest.mark.slow

@@ -30,8 +30,8 @@ from pg15.records import (
 )
 from pg15.xlog_reader import RawRecord, WalReader, record_crc
 from proto.errors import CorruptData
+from tests.pg15.test_records import build_record
 from tests.pgtest import PgTestCluster
-from tests.test_record_decoder import build_record
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # real_wal is module-scoped and read-only
 needs_native = pytest.mark.skipif(walscan is None, reason="C extension not built")

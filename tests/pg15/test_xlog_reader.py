@@ -22,7 +22,7 @@ from pg15.xlog_reader import (
     maxalign,
 )
 from proto.errors import CorruptData
-from tests.test_record_decoder import build_record
+from tests.pg15.test_records import build_record
 
 BLCKSZ = 8192
 SEG = 1 << 20  # the smallest legal segment size keeps the streams small

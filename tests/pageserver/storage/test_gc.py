@@ -41,7 +41,7 @@ from pg15.records import DecodedRecord
 from pg15.rmgr.xact import XLOG_XACT_COMMIT
 from pg15.rmgr_names import RM_XACT_ID
 from proto.errors import InvalidArgument
-from tests.test_layer_map import fold
+from tests.pageserver.storage.layers.test_layer_map import fold
 
 SMALL = StoreSettings(
     checkpoint_distance=2048,
