@@ -333,6 +333,6 @@ def test_pure_python_switch(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.stdout.strip() == "True"

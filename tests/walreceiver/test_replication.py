@@ -42,7 +42,7 @@ AUTH_USERS = {
     "scram-sha-256": "scram-sha-256",
 }
 ROLE_PASSWORD = "role-pw"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
