@@ -68,6 +68,12 @@ class MessageStream:
             self.failed = True
             raise
 
+    def limit_incoming(self, max_frame_size: int, reason: str = "") -> None:
+        """Accept only frames up to `max_frame_size` from the next one on (`reason`, e.g.
+        " before the hello is verified", goes into the error for a larger one)."""
+        self._decoder.max_frame_size = max_frame_size
+        self._decoder.limit_reason = reason
+
     def encode(self, msg: Message) -> bytes:
         """Encode before writing, so an unencodable message leaves the stream in sync."""
         return encode_message(msg, max_frame_size=self.max_frame_size)

@@ -2,7 +2,11 @@
 
 Pure code over bytes (no I/O), so both asyncio helpers and tests share one implementation. The
 length is checked against a maximum before anything is buffered, so a peer cannot make us
-allocate more than one frame's worth of memory.
+allocate more than one frame's worth of memory; a server lowers that maximum to
+PRE_AUTH_MAX_FRAME_SIZE until the peer's hello is verified. Decoding is bounded by the frame
+too: msgpack's limits are tied to the body's size, so every value costs at least one byte of
+the frame and a frame of N bytes becomes at most N Python objects (tens of bytes each), nesting
+stops at msgpack's unpack stack (MAX_NESTING) and extension types are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ import msgpack
 from proto.errors import ProtocolError
 
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+PRE_AUTH_MAX_FRAME_SIZE = 4 * 1024
+"""The largest frame accepted before the hello is verified (a hello is about 100 bytes): an
+unauthenticated peer costs the server a few KiB, whatever it sends."""
+MAX_NESTING = 1024
+"""Containers deeper than this are refused (msgpack's C unpacker has this stack depth)."""
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 
@@ -36,8 +45,22 @@ def decode_frame_body(body: bytes | bytearray | memoryview) -> Any:
     """Unpack exactly one msgpack value; trailing bytes or bad encoding are protocol errors."""
     if not body:
         raise ProtocolError("malformed frame: empty payload")
+    size = len(body)
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,  # every element takes at least one byte
+            max_map_len=size // 2,  # every entry at least two
+            max_ext_len=0,  # the protocol has no extension types
+        )
+    except msgpack.StackError:
+        raise ProtocolError(
+            f"malformed frame: values nested more than {MAX_NESTING} levels deep"
+        ) from None
     except Exception as exc:  # msgpack raises many unrelated types for bad input
         raise ProtocolError(f"malformed frame: invalid msgpack payload ({exc})") from exc
 
@@ -53,6 +76,9 @@ class FrameDecoder:
         if max_frame_size < 1:
             raise ValueError("max_frame_size must be positive")
         self.max_frame_size = max_frame_size
+        """Checked at each frame header: lowering or raising it applies from the next frame."""
+        self.limit_reason = ""
+        """Why the limit is what it is, for the error message (e.g. " before the hello")."""
         self._buf = bytearray()
         self._body_len: int | None = None  # None while reading a header
         self._failed: ProtocolError | None = None
@@ -88,7 +114,8 @@ class FrameDecoder:
                 if length > self.max_frame_size:
                     raise ProtocolError(
                         f"frame of {length} bytes exceeds the maximum frame size of "
-                        f"{self.max_frame_size} bytes (corrupt stream or not a pg-neon peer?)"
+                        f"{self.max_frame_size} bytes{self.limit_reason} (corrupt stream or "
+                        "not a pg-neon peer?)"
                     )
                 self._body_len = length
                 self._buf = bytearray()

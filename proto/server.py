@@ -17,7 +17,7 @@ from typing import Any
 
 from proto.connection import MessageStream
 from proto.errors import AuthFailed, InternalError, NeonError, NotFound, ProtocolError
-from proto.frames import DEFAULT_MAX_FRAME_SIZE
+from proto.frames import DEFAULT_MAX_FRAME_SIZE, PRE_AUTH_MAX_FRAME_SIZE
 from proto.messages import (
     CONNECTION_ID,
     PROTOCOL_VERSION,
@@ -128,6 +128,11 @@ class ProtoServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         stream = MessageStream(reader, writer, max_frame_size=self.max_frame_size)
+        # Until its hello is verified a peer is a stranger: it may not make us buffer or
+        # decode more than a hello needs.
+        stream.limit_incoming(
+            min(PRE_AUTH_MAX_FRAME_SIZE, self.max_frame_size), " before the hello is verified"
+        )
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -173,6 +178,7 @@ class ProtoServer:
                 if msg.token is None
                 else f"wrong token for {self.server_name}"
             )
+        stream.limit_incoming(self.max_frame_size)
         await stream.send(HelloOk(PROTOCOL_VERSION, self.server_name))
         log.debug("hello from %s (%s)", stream.peer, msg.client_name)
         return True

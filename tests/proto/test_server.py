@@ -6,7 +6,11 @@ import asyncio
 import hashlib
 import socket
 import struct
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +27,7 @@ from proto.errors import (
     ProtocolError,
     Unavailable,
 )
-from proto.frames import FrameDecoder
+from proto.frames import DEFAULT_MAX_FRAME_SIZE, HEADER, PRE_AUTH_MAX_FRAME_SIZE, FrameDecoder
 from proto.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -330,6 +334,8 @@ async def test_garbage_never_crashes_or_hangs_the_server(server: ProtoServer, da
         (HELLO + HELLO[:7], "closed in the middle of a frame"),
         (HELLO + encode_message(StreamData(9, b"x")), "expected a request"),
         (HELLO + encode_message(Request(1, "upload", {})), "expected upload data"),
+        (HEADER.pack(PRE_AUTH_MAX_FRAME_SIZE + 1) + b"\x90", "before the hello is verified"),
+        (HELLO + HEADER.pack(1025) + b"\x91" * 1024 + b"\x90", "nested more than 1024"),
     ],
 )
 async def test_garbage_gets_an_error_then_close(
@@ -339,3 +345,94 @@ async def test_garbage_gets_an_error_then_close(
     assert isinstance(replies[-1], Error) and replies[-1].code == "protocol_error"
     assert expected in replies[-1].message
     await assert_serves(server)
+
+
+# -- memory an unauthenticated peer can cost -------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+ECHO_SERVER = f"""
+import asyncio, sys
+from proto.server import ProtoServer
+
+async def echo(ctx):
+    return ctx.params
+
+async def main():
+    srv = ProtoServer({{"echo": echo}}, token={TOKEN!r})
+    await srv.start()
+    print(srv.port, flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # until the test closes our stdin
+    await srv.close()
+
+asyncio.run(main())
+"""
+MAX_GROWTH_KIB = 16 * 1024  # the interpreter's own noise; the hostile frame alone is 16 MiB
+
+
+def wide_empty_arrays_frame(size: int) -> bytes:
+    """One frame of `size` bytes: an array of (size - 5) empty arrays, ~70 bytes of Python
+    objects per byte on the wire when decoded (the issue's 1.2 GB from one 16 MiB frame)."""
+    count = size - 5
+    return HEADER.pack(size) + b"\xdd" + struct.pack(">I", count) + b"\x90" * count
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def seconds_until_closed(port: int, data: bytes, limit: float) -> float | None:
+    """Send `data` (as far as the server lets us), then wait for the server to close the
+    connection; None if it did not within `limit` seconds."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        try:
+            sock.sendall(data)
+            while sock.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed while we were still sending: what an early refusal looks like
+        except TimeoutError:
+            return None
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def echo_server_process() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc, int(proc.stdout.readline())
+    finally:
+        proc.kill()  # by PID; it may be stuck decoding, so no polite stop
+        proc.wait()
+
+
+async def test_hostile_frame_before_hello_costs_the_server_nothing(
+    echo_server_process: tuple[subprocess.Popen[str], int],
+) -> None:
+    proc, port = echo_server_process
+    hostile = wide_empty_arrays_frame(DEFAULT_MAX_FRAME_SIZE)
+    before = peak_rss_kib(proc.pid)
+    elapsed = await asyncio.to_thread(seconds_until_closed, port, hostile, STEP)
+    grown = peak_rss_kib(proc.pid) - before
+    assert elapsed is not None, f"the server kept the connection open for {STEP}s"
+    assert elapsed < 2, f"refusing the frame took {elapsed:.1f}s"
+    assert grown < MAX_GROWTH_KIB, f"one unauthenticated frame grew the server by {grown} KiB"
+    # The server is fine, and an authenticated peer still sends large frames.
+    big = blob(8 * 1024 * 1024)
+    async with await ProtoClient.connect("127.0.0.1", port, token=TOKEN, timeout=STEP) as c:
+        assert await asyncio.wait_for(c.call("echo", data=big), 30) == {"data": big}
+
+
+def test_hello_fits_the_pre_auth_frame_limit() -> None:
+    hello = encode_message(Hello(PROTOCOL_VERSION, "t" * 1024, "neon-cli " * 20))
+    assert len(hello) < PRE_AUTH_MAX_FRAME_SIZE
