@@ -9,6 +9,7 @@ import click
 from cli.context import get_app
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import call_local
+from pageserver.storage.retention import RetentionPolicy
 from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import InvalidArgument
 
@@ -29,6 +30,7 @@ def pitr_create(
     ctx: click.Context, name: str, node: str | None, ttl: str, size_limit: str, storage: str | None
 ) -> None:
     """Keep a node's history for point-in-time extraction."""
+    RetentionPolicy.parse_new(ttl, size_limit)  # bad input: one line, before any state
     app = get_app(ctx)
     if node is None:
         nodes = app.registry.nodes()

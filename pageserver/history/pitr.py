@@ -20,13 +20,13 @@ class PitrArea:
     created_at: float
 
     def policy(self) -> RetentionPolicy:
+        """The stored policy, as stored (no range check: older areas must still load)."""
         return RetentionPolicy.parse(self.ttl, self.size_limit)
 
 
 def new_area(name: str, node_id: str, ttl: str, size_limit: str) -> PitrArea:
-    area = PitrArea(name, node_id, ttl, size_limit, time.time())
-    area.policy()  # validates both
-    return area
+    RetentionPolicy.parse_new(ttl, size_limit)  # validates both, ranges included
+    return PitrArea(name, node_id, ttl, size_limit, time.time())
 
 
 def pitr_registry(path: Path) -> NamedRecords[PitrArea]:

@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 
 from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.storage.layers.layer_map import LayerMap
@@ -33,6 +34,13 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+
+MAX_TTL = "36500d"
+"""The longest TTL a new area accepts (100 years; 'inf' keeps everything)."""
+MAX_TTL_SECONDS = 36500 * 86400
+MAX_SIZE_LIMIT = "1048576T"
+"""The largest size limit a new area accepts (1 EiB)."""
+MAX_SIZE_LIMIT_BYTES = 1 << 60
 
 
 def parse_duration(text: str) -> float | None:
@@ -63,7 +71,8 @@ def parse_size(text: str) -> int | None:
             f"invalid size {text!r}: expected a number with an optional unit K, M, G or T "
             "(e.g. 10G, 500M) or 'inf'"
         )
-    size = math.floor(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    # Exact arithmetic: a float of a 400-digit number is infinite and floor() of it raises.
+    size = math.floor(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2)])
     if size <= 0:
         raise InvalidArgument(f"invalid size {text!r}: it must be positive")
     return size
@@ -87,6 +96,32 @@ class RetentionPolicy:
     @staticmethod
     def parse(ttl: str = INFINITE, size_limit: str = INFINITE) -> RetentionPolicy:
         return RetentionPolicy(parse_duration(ttl), parse_size(size_limit))
+
+    @staticmethod
+    def parse_new(ttl: str = INFINITE, size_limit: str = INFINITE) -> RetentionPolicy:
+        """The policy of a new area: parsed, and within MAX_TTL and MAX_SIZE_LIMIT."""
+        policy = RetentionPolicy.parse(ttl, size_limit)
+        if policy.ttl is not None and not policy.ttl <= MAX_TTL_SECONDS:
+            raise InvalidArgument(
+                f"TTL {ttl!r} is too long: the maximum is {MAX_TTL} (100 years); "
+                "use --ttl inf to keep all history"
+            )
+        if policy.size_limit is not None and policy.size_limit > MAX_SIZE_LIMIT_BYTES:
+            raise InvalidArgument(
+                f"size limit {size_limit!r} is too large: the maximum is {MAX_SIZE_LIMIT} "
+                "(1 EiB); use --size-limit inf for no limit"
+            )
+        return policy
+
+    def ttl_cutoff(self, now: datetime) -> datetime | None:
+        """now - ttl: the oldest time the TTL keeps; None when it keeps everything (no TTL,
+        or one reaching before year 1, as an area stored before MAX_TTL existed may)."""
+        if self.ttl is None:
+            return None
+        try:
+            return now - timedelta(seconds=self.ttl)
+        except OverflowError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +187,8 @@ def compute_retention(
     floor = timeline.ancestor_lsn
     start = floor
     if policy.ttl is not None and index is not None:
-        cutoff = (now or datetime.now(UTC)) - timedelta(seconds=policy.ttl)
-        at = index.lsn_for_time(cutoff)
+        cutoff = policy.ttl_cutoff(now or datetime.now(UTC))
+        at = index.lsn_for_time(cutoff) if cutoff is not None else None
         if at is not None:
             start = max(start, at)
     if policy.size_limit is not None:
