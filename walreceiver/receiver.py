@@ -43,6 +43,7 @@ from walreceiver.replication import (
     SlotNotFound,
     connect,
 )
+from walreceiver.replication_auth import SCRAM_ONLY, AuthMethod, parse_auth_methods
 from walreceiver.replication_codec import XLogData
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class ConnParams:
     user: str
     password: str | None = None
     application_name: str = "pg-neon-walreceiver"
+    auth_methods: frozenset[AuthMethod] = SCRAM_ONLY
+    """The authentication methods answered (replication_auth); others fail unanswered."""
+    socket_dir: str | None = None
+    """Connect through the unix socket there (not host) when given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +218,15 @@ class WalReceiver:
 
     async def _session(self) -> str:
         p = self.params
-        conn = await connect(p.host, p.port, p.user, p.password, p.application_name)
+        conn = await connect(
+            p.host,
+            p.port,
+            p.user,
+            p.password,
+            p.application_name,
+            auth_methods=p.auth_methods,
+            socket_dir=p.socket_dir,
+        )
         try:
             if self.archive is None:
                 seg_size = await conn.wal_segment_size()
@@ -372,6 +385,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Stream a PostgreSQL replication slot into a WAL dir")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5432)
+    ap.add_argument(
+        "--socket-dir", help="connect through the server's unix socket in this directory"
+    )
+    ap.add_argument(
+        "--auth-method",
+        action="append",
+        choices=[m.value for m in AuthMethod],
+        help="an authentication method to answer (repeat for several; default: scram-sha-256 "
+        "only, so a cleartext or md5 request never gets the password)",
+    )
     ap.add_argument("--user", required=True)
     ap.add_argument("--password-file", type=Path)
     ap.add_argument("--slot", required=True)
@@ -453,7 +476,15 @@ async def _main(args: argparse.Namespace) -> str:
     if args.supervised:
         password = _read_line(0).rstrip("\r\n") or None
     receiver = WalReceiver(
-        ConnParams(args.host, args.port, args.user, password, args.application_name),
+        ConnParams(
+            args.host,
+            args.port,
+            args.user,
+            password,
+            args.application_name,
+            auth_methods=parse_auth_methods(args.auth_method or [AuthMethod.SCRAM_SHA_256]),
+            socket_dir=args.socket_dir,
+        ),
         args.slot,
         args.archive,
         create_slot=args.create_slot,

@@ -25,7 +25,7 @@ from proto.errors import (
     ProtocolError,
     Unavailable,
 )
-from walreceiver.replication_auth import Authenticator
+from walreceiver.replication_auth import SCRAM_ONLY, Authenticator, AuthMethod
 from walreceiver.replication_codec import (
     AuthenticationCleartextPassword,
     AuthenticationMD5Password,
@@ -265,7 +265,13 @@ class ReplicationConnection:
 
     # -- startup -------------------------------------------------------------------------
 
-    async def _startup(self, user: str, password: str | None, application_name: str) -> None:
+    async def _startup(
+        self,
+        user: str,
+        password: str | None,
+        application_name: str,
+        auth_methods: frozenset[AuthMethod] = SCRAM_ONLY,
+    ) -> None:
         params = {
             "user": user,
             "database": "replication",
@@ -273,7 +279,7 @@ class ReplicationConnection:
             "application_name": application_name,
         }
         await self._send_flush(startup_message(params))
-        auth = Authenticator(user, password)
+        auth = Authenticator(user, password, allowed=auth_methods, where=self.where)
         while True:
             msg = await self._recv()
             if isinstance(msg, _AUTH_TYPES):
@@ -410,6 +416,11 @@ class ReplicationConnection:
             await self._writer.wait_closed()
 
 
+def socket_path(socket_dir: str, port: int) -> str:
+    """Where PostgreSQL listening on `port` puts its unix socket in `socket_dir`."""
+    return f"{socket_dir}/.s.PGSQL.{port}"
+
+
 async def connect(
     host: str,
     port: int,
@@ -418,13 +429,20 @@ async def connect(
     application_name: str = "pg-neon",
     *,
     timeout: float = 30.0,
+    auth_methods: frozenset[AuthMethod] = SCRAM_ONLY,
+    socket_dir: str | None = None,
 ) -> ReplicationConnection:
-    """Open and authenticate a physical replication connection."""
-    where = f"{host}:{port}"
+    """Open and authenticate a physical replication connection: over the unix socket in
+    `socket_dir` when given (a directory only the server's OS user can write, so nobody else
+    can listen there), else over TCP to host:port. `auth_methods` are the authentication
+    methods answered; any other request fails before a password byte is sent."""
+    where = f"{host}:{port}" if socket_dir is None else socket_path(socket_dir, port)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=STREAM_LIMIT), timeout
-        )
+        if socket_dir is None:
+            opening = asyncio.open_connection(host, port, limit=STREAM_LIMIT)
+        else:
+            opening = asyncio.open_unix_connection(where, limit=STREAM_LIMIT)
+        reader, writer = await asyncio.wait_for(opening, timeout)
     except (OSError, TimeoutError) as exc:
         raise Unavailable(
             f"cannot connect to PostgreSQL at {where}: {exc or 'timed out'}; is it running "
@@ -432,7 +450,9 @@ async def connect(
         ) from None
     conn = ReplicationConnection(reader, writer, where)
     try:
-        await asyncio.wait_for(conn._startup(user, password, application_name), timeout)
+        await asyncio.wait_for(
+            conn._startup(user, password, application_name, auth_methods), timeout
+        )
     except TimeoutError:
         await conn.close()
         raise Unavailable(f"PostgreSQL at {where} did not finish the login in {timeout}s") from None

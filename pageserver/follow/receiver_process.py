@@ -81,6 +81,10 @@ class ReceiverProcess:
             "--max-backoff", str(self.max_backoff),
             "--status-interval", str(self.status_interval),
         ]  # fmt: skip
+        for method in sorted(p.auth_methods):
+            argv += ["--auth-method", method.value]
+        if p.socket_dir is not None:
+            argv += ["--socket-dir", p.socket_dir]
         if self.create_slot:
             argv.append("--create-slot")
         return argv

@@ -30,6 +30,7 @@ from walreceiver.replication import (
     WalRemoved,
     connect,
 )
+from walreceiver.replication_auth import ANY_METHOD, TRUST_OR_SCRAM
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,7 @@ def primary(pg_cluster_module: PgTestCluster) -> PgTestServer:
     with open(server.datadir / "pg_hba.conf", "a") as f:
         for method in AUTH_USERS:
             f.write(f"host replication u_{method.replace('-', '_')} 127.0.0.1/32 {method}\n")
+        f.write("local replication all trust\n")  # as a managed node's private socket
     server.psql("select pg_reload_conf()")
     server.run("pgbench", "-i", "-s", "2", "-q", "postgres")
     return server
@@ -141,7 +143,9 @@ async def run_receiver(
 async def test_auth_methods(primary: PgTestServer, method: str) -> None:
     role = f"u_{method.replace('-', '_')}"
     password = None if method == "trust" else ROLE_PASSWORD
-    conn = await connect("127.0.0.1", primary.port, role, password, "auth-test")
+    conn = await connect(
+        "127.0.0.1", primary.port, role, password, "auth-test", auth_methods=ANY_METHOD
+    )
     try:
         ident = await conn.identify_system()
         assert ident.timeline == 1
@@ -153,9 +157,37 @@ async def test_auth_methods(primary: PgTestServer, method: str) -> None:
 async def test_wrong_password_is_a_clear_auth_error(primary: PgTestServer, method: str) -> None:
     role = f"u_{method.replace('-', '_')}"
     with pytest.raises(AuthFailed, match="password authentication failed"):
-        await connect("127.0.0.1", primary.port, role, "wrong", "auth-test")
+        await connect(
+            "127.0.0.1", primary.port, role, "wrong", "auth-test", auth_methods=ANY_METHOD
+        )
     with pytest.raises(AuthFailed, match="no password was given"):
-        await connect("127.0.0.1", primary.port, role, None, "auth-test")
+        await connect("127.0.0.1", primary.port, role, None, "auth-test", auth_methods=ANY_METHOD)
+
+
+@pytest.mark.parametrize("method", ["trust", "password", "md5"])
+async def test_only_scram_is_answered_by_default(primary: PgTestServer, method: str) -> None:
+    role = f"u_{method.replace('-', '_')}"
+    with pytest.raises(AuthFailed, match="refusing"):
+        await connect("127.0.0.1", primary.port, role, ROLE_PASSWORD, "auth-test")
+
+
+async def test_connect_through_the_unix_socket(primary: PgTestServer) -> None:
+    """pgtest's pg_hba trusts its private socket directory, as a managed node's does."""
+    with pytest.raises(AuthFailed, match="without authentication"):
+        await connect("127.0.0.1", primary.port, SUPERUSER, None, socket_dir=str(primary.sockdir))
+    conn = await connect(
+        "unused",
+        primary.port,
+        SUPERUSER,
+        None,
+        auth_methods=TRUST_OR_SCRAM,
+        socket_dir=str(primary.sockdir),
+    )
+    try:
+        assert conn.where == f"{primary.sockdir}/.s.PGSQL.{primary.port}"
+        assert (await conn.identify_system()).timeline == 1
+    finally:
+        await conn.close()
 
 
 async def test_identify_system_and_show(primary: PgTestServer) -> None:

@@ -11,8 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scramp import ScramMechanism
 
-from proto.errors import AuthFailed, ProtocolError
-from walreceiver.replication_auth import Authenticator, md5_password
+from proto.errors import AuthFailed, InvalidArgument, ProtocolError
+from walreceiver.replication_auth import (
+    ANY_METHOD,
+    TRUST_OR_SCRAM,
+    Authenticator,
+    md5_password,
+    parse_auth_methods,
+)
 from walreceiver.replication_codec import (
     AuthenticationCleartextPassword,
     AuthenticationMD5Password,
@@ -216,18 +222,55 @@ def test_md5_password_matches_postgres_formula() -> None:
     inner = hashlib.md5(b"secretalice").hexdigest()
     expected = "md5" + hashlib.md5(inner.encode() + b"abcd").hexdigest()
     assert md5_password("alice", "secret", b"abcd") == expected.encode()
-    reply = Authenticator("alice", "secret").handle(AuthenticationMD5Password(b"abcd"))
+    reply = Authenticator("alice", "secret", allowed=ANY_METHOD).handle(
+        AuthenticationMD5Password(b"abcd")
+    )
     assert reply == password_message(expected.encode())
 
 
 def test_trust_and_cleartext() -> None:
-    a = Authenticator("u", None)
+    a = Authenticator("u", None, allowed=ANY_METHOD)
     assert a.handle(AuthenticationOk()) is None and a.done
     with pytest.raises(AuthFailed, match="no password was given"):
-        Authenticator("u", None).handle(AuthenticationCleartextPassword())
-    assert Authenticator("u", "pw").handle(AuthenticationCleartextPassword()) == password_message(
-        b"pw"
-    )
+        Authenticator("u", None, allowed=ANY_METHOD).handle(AuthenticationCleartextPassword())
+    cleartext = Authenticator("u", "pw", allowed=ANY_METHOD)
+    assert cleartext.handle(AuthenticationCleartextPassword()) == password_message(b"pw")
+    assert cleartext.handle(AuthenticationOk()) is None and cleartext.done
+
+
+@pytest.mark.parametrize(
+    ("request_msg", "refusal"),
+    [
+        (AuthenticationCleartextPassword(), "server asked for a cleartext password; refusing"),
+        (AuthenticationMD5Password(b"abcd"), "server asked for an md5 password hash; refusing"),
+        (AuthenticationOk(), "server let us in without authentication \\(trust\\); refusing"),
+    ],
+)
+def test_default_policy_answers_only_scram(request_msg: object, refusal: str) -> None:
+    """What a managed node's walreceiver does when a stranger on the node's port asks for a
+    password it could read: it raises before returning a single byte to send."""
+    auth = Authenticator("neon_replication", "secret", where="127.0.0.1:5432")
+    with pytest.raises(AuthFailed, match=f"PostgreSQL at 127.0.0.1:5432: {refusal}") as err:
+        auth.handle(request_msg)  # type: ignore[arg-type]
+    assert "secret" not in str(err.value)
+    assert "allows only scram-sha-256" in str(err.value)
+    assert not auth.done
+
+
+def test_unix_socket_policy_also_accepts_trust() -> None:
+    auth = Authenticator("neon_replication", "secret", allowed=TRUST_OR_SCRAM)
+    assert auth.handle(AuthenticationOk()) is None and auth.done
+    with pytest.raises(AuthFailed, match="cleartext password; refusing"):
+        Authenticator("u", "pw", allowed=TRUST_OR_SCRAM).handle(AuthenticationCleartextPassword())
+
+
+def test_an_md5_policy_must_be_given_explicitly() -> None:
+    md5 = parse_auth_methods(["scram-sha-256", "md5"])
+    assert Authenticator("u", "pw", allowed=md5).handle(AuthenticationMD5Password(b"abcd"))
+    with pytest.raises(AuthFailed, match="cleartext"):
+        Authenticator("u", "pw", allowed=md5).handle(AuthenticationCleartextPassword())
+    with pytest.raises(InvalidArgument, match="'kerberos' is not a valid AuthMethod"):
+        parse_auth_methods(["kerberos"])
 
 
 def _scram_server(password: str) -> tuple[ScramMechanism, object]:
