@@ -8,10 +8,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.pgbin import make_pg_dir
+from cli.pgbin import claim_dir, ensure_own_dir, make_pg_dir, traversal_mode
 
 # sockaddr_un holds 108 bytes; PostgreSQL appends "/.s.PGSQL.NNNNN" to the directory.
 _MAX_SOCKET_DIR = 90
+# A directory holding one of these is a pg-neon home (registry.db: homes made before the marker).
+HOME_MARKERS = (".pg-neon-home", "registry.db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +60,20 @@ class NeonHome:
         return Path(tempfile.gettempdir()) / f"neon-{digest}"
 
     def ensure(self) -> None:
-        """Create the layout; the root is traversable (not readable) by the PostgreSQL account."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o711)
-        for sub in (self.secrets_dir, self.logs_dir):
-            sub.mkdir(exist_ok=True)
-            os.chmod(sub, 0o700)
-        self.pageserver_dir.mkdir(exist_ok=True)
-        make_pg_dir(self.storage_root, 0o711)
+        """Create the layout, or check an existing one; nothing outside the root is changed.
+
+        The root is new, empty or already a pg-neon home. Everything is private to its owner;
+        the root, logs/ and storage/ are enterable (never listable) by PostgreSQL's OS user,
+        which needs the directories it owns below them.
+        """
+        claim_dir(self.root, mode=traversal_mode(), markers=HOME_MARKERS, what="NEON_HOME")
+        if not any((self.root / m).exists() for m in HOME_MARKERS):
+            (self.root / HOME_MARKERS[0]).touch(0o600)
+        for sub, mode in (
+            (self.secrets_dir, 0o700),
+            (self.pageserver_dir, 0o700),
+            (self.logs_dir, traversal_mode()),
+            (self.storage_root, traversal_mode()),
+        ):
+            ensure_own_dir(sub, mode)
         make_pg_dir(self.socket_dir, 0o700)

@@ -158,7 +158,8 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.argument("name")
 @click.pass_context
 def storage_detach(ctx: click.Context, name: str) -> None:
-    """Forget a storage (its data stays where it is)."""
+    """Forget a storage: nothing is removed and nothing is undone (its directory, as pg-neon
+    set it up, and its files stay where they are; attach it again to use them)."""
     app = get_app(ctx)
     row = app.registry.get_storage(name)
     if name == DEFAULT_STORAGE:
@@ -172,4 +173,5 @@ def storage_detach(ctx: click.Context, name: str) -> None:
         cur.execute("DELETE FROM storages WHERE name = ?", (name,))
     for key in SECRET_OPTIONS[row.type]:
         secret_path(app.home, name, key).unlink(missing_ok=True)
-    click.echo(f"Detached storage {name}; its files stay in {_path(row)}")
+    kept = f"; nothing was removed: its files stay in {_path(row)}" if row.type == "native" else ""
+    click.echo(f"Detached storage {name}{kept}")

@@ -6,14 +6,16 @@ secrets) so that push/pull can use them without changing the registry.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from cli.home import NeonHome
-from cli.pgbin import make_pg_dir
+from cli.pgbin import claim_dir, traversal_mode
 from cli.secrets import write_secret
+from pageserver.storage.durable_files import write_file_durably
 from proto.errors import InvalidArgument
 
 DEFAULT_STORAGE = "local"
@@ -54,6 +56,8 @@ def location(type_: str, options: dict[str, str]) -> str:
 
 
 RESERVED_NAMES = ("pagestore",)
+# In a native storage's directory: pg-neon set it up (re-attaching it after a detach is fine).
+STORAGE_MARKER = ".pg-neon-storage"
 
 
 def validate_name(name: str, what: str = "storage") -> str:
@@ -118,8 +122,13 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
     options = {k: v for k, v in raw.items() if k not in SECRET_OPTIONS[type_]}
     secrets = {k: v for k, v in raw.items() if k in SECRET_OPTIONS[type_]}
     if type_ == "native":
-        path = Path(options.get("path") or home.storage_root / name).expanduser().absolute()
-        options["path"] = str(path)
+        given = Path(options.get("path") or home.storage_root / name).expanduser()
+        if not given.is_absolute():
+            raise InvalidArgument(
+                f"storage path {str(given)!r} is relative; give an absolute path "
+                "(it is not resolved against the current directory)"
+            )
+        options["path"] = os.path.realpath(given)
         options["compression"] = _on_off(options.get("compression", "off"), "compression")
     elif type_ == "s3":
         if not options.get("bucket"):
@@ -145,10 +154,15 @@ def secret_path(home: NeonHome, storage: str, key: str) -> Path:
 def materialize(home: NeonHome, spec: StorageSpec) -> None:
     """Create what a storage needs on this machine (its directory, its secret files)."""
     if spec.type == "native":
-        path = Path(spec.options["path"])
-        if path.exists() and not path.is_dir():
-            raise InvalidArgument(f"storage path {path} exists and is not a directory")
-        make_pg_dir(path, 0o711)
+        path = claim_dir(
+            Path(spec.options["path"]),
+            mode=traversal_mode(),
+            markers=(STORAGE_MARKER,),
+            what="storage path",
+        )
+        marker = path / STORAGE_MARKER
+        if not marker.exists():
+            write_file_durably(marker, f"pg-neon storage {spec.name}\n".encode())
     for key, value in spec.secrets.items():
         write_secret(secret_path(home, spec.name, key), value)
 

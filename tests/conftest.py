@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.neoncli import NeonCli
-from tests.pgtest import PgTestCluster, cluster_fixture
+from tests.pgtest import PgTestCluster, cluster_fixture, reachable_by_pg
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def pg_cluster_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgTe
 @pytest.fixture
 def neon(tmp_path: Path) -> Iterator[NeonCli]:
     """The real `neon` CLI on a private NEON_HOME; nodes and daemon are stopped afterwards."""
-    cli = NeonCli(tmp_path / "home", {})
+    cli = NeonCli(reachable_by_pg(tmp_path) / "home", {})
     try:
         yield cli
     finally:

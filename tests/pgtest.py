@@ -170,6 +170,20 @@ class PgTestCluster:
                         os.kill(pid, 9)
 
 
+def reachable_by_pg(path: Path) -> Path:
+    """Let PostgreSQL's OS user enter a test's temporary directory and the pytest directories
+    above it (pytest makes them 0700): o+x only. pg-neon itself never changes a directory it
+    did not create, so a home under tmp_path needs this when the tests run as root."""
+    top = Path(tempfile.gettempdir())
+    for directory in (path, *path.parents):
+        if top not in directory.parents:
+            break
+        mode = directory.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(directory, mode | 0o001)
+    return path
+
+
 def cluster_fixture(tmp_path_factory: object) -> Iterator[PgTestCluster]:
     base = Path(tempfile.mkdtemp(prefix="neon-pgtest-"))
     os.chmod(base, 0o711)
