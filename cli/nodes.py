@@ -19,10 +19,11 @@ from typing import Any
 
 import psycopg
 
-from cli import postmaster
+from cli import pageserver_control, postmaster
 from cli.context import App
 from cli.extract import download_basebackup
-from cli.pageserver_control import call_local
+from cli.node_lock import node_lock
+from cli.pageserver_control import local_api
 from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
 from cli.ports import port_is_free
 from cli.registry import NodeRow
@@ -31,9 +32,15 @@ from cli.storages import DEFAULT_STORAGE, validate_name
 from pageserver.daemon import pid_alive
 from pageserver.follow.followed_nodes import slot_name
 from pageserver.redo import REDO_BY_RMGR
-from pg15.lsn import format_lsn, parse_lsn
-from pg15.pg_control import DB_SHUTDOWNED, read_control_file
-from pg15.rmgr_names import (
+from pageserver_api.models import (
+    NodeBranchRequest,
+    NodeImportRequest,
+    NodePauseRequest,
+    NodeRegisterRequest,
+    NodeUnregisterRequest,
+    NodeWaitDecodedRequest,
+)
+from pg15.constants import (
     RM_BRIN_ID,
     RM_BTREE_ID,
     RM_GENERIC_ID,
@@ -45,6 +52,8 @@ from pg15.rmgr_names import (
     RM_SEQ_ID,
     RM_SPGIST_ID,
 )
+from pg15.lsn import format_lsn, parse_lsn
+from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import (
     AlreadyExists,
     Conflict,
@@ -207,29 +216,32 @@ def create_node(
             ),
         )
     node = app.registry.get_node(node_id)
-    try:
-        if snapshot is not None:
-            progress(f"Creating {pgdata} from snapshot {snapshot}")
-            _initialize_from_snapshot(app, node, snapshot)
-        else:
-            progress(f"Initializing {pgdata} in storage {storage}")
-            _initialize(app, node)
-        with app.registry.transaction() as cur:
-            cur.execute(
-                "UPDATE nodes SET state = 'ready', creator_pid = NULL WHERE id = ?", (node_id,)
-            )
-        node = app.registry.get_node(node_id)
-        if snapshot is None:
-            register_with_pageserver(app, node)
-            progress(f"Importing {pgdata} into the page history")
-            call_local(app, "node.import", node_id=node.id, datadir=str(node.datadir))
-        if start:
-            start_node(app, node)
-    except BaseException:
-        _remove_node_files(app, node)
-        with app.registry.transaction() as cur:
-            cur.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
-        raise
+    with node_lock(app.home, node_id, "pg create"):
+        try:
+            if snapshot is not None:
+                progress(f"Creating {pgdata} from snapshot {snapshot}")
+                _initialize_from_snapshot(app, node, snapshot)
+            else:
+                progress(f"Initializing {pgdata} in storage {storage}")
+                _initialize(app, node)
+            with app.registry.transaction() as cur:
+                cur.execute(
+                    "UPDATE nodes SET state = 'ready', creator_pid = NULL WHERE id = ?", (node_id,)
+                )
+            node = app.registry.get_node(node_id)
+            if snapshot is None:
+                register_with_pageserver(app, node)
+                progress(f"Importing {pgdata} into the page history")
+                local_api(app).node_import(NodeImportRequest(node.id, str(node.datadir)))
+            if start:
+                start_node(app, node)
+            else:
+                pause_following(app, node)
+        except BaseException:
+            _remove_node_files(app, node)
+            with app.registry.transaction() as cur:
+                cur.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+            raise
     return node_status(app, node)
 
 
@@ -308,7 +320,7 @@ def finish_datadir(app: App, node: NodeRow) -> None:
 def _initialize_from_snapshot(app: App, node: NodeRow, snapshot: str) -> None:
     _new_secrets(app, node)
     register_with_pageserver(app, node)
-    call_local(app, "node.branch", node_id=node.id, snapshot=snapshot, pg_timeline=1)
+    local_api(app).node_branch(NodeBranchRequest(node.id, snapshot, pg_timeline=1))
     download_basebackup(app, node.datadir, node_id=node.id)
     pgdata = snapshot.partition("@")[0]
     source = app.registry.find_node(pgdata)
@@ -426,7 +438,22 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
 
 def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
     _require_ready(node)
-    return postmaster.stop(node.datadir, mode)
+    pause_following(app, node)
+    try:
+        return postmaster.stop(node.datadir, mode)
+    except BaseException:
+        if node_status(app, node).state == "running":
+            with contextlib.suppress(NeonError):
+                register_with_pageserver(app, node)  # still running: follow it again
+        raise
+
+
+def pause_following(app: App, node: NodeRow) -> None:
+    """Tell a running pageserver the node is stopping: it takes the node's last WAL, then
+    connects no more until `pg start` registers the node again, so whoever takes the node's
+    port meanwhile hears nothing from it."""
+    with contextlib.suppress(Unavailable, NotFound):
+        local_api(app, start=False).node_pause(NodePauseRequest(node.id))
 
 
 def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -> bool | None:
@@ -435,26 +462,21 @@ def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -
     None when there is nothing to wait for (not shut down cleanly, pageserver not running).
     """
     control = read_control_file(node.datadir)
-    if control.state != DB_SHUTDOWNED:
+    if control.state != DB_SHUTDOWNED or pageserver_control.running_pid(app) is None:
         return None
     try:
-        result = call_local(
-            app,
-            "node.wait_decoded",
-            start=False,
-            node_id=node.id,
-            lsn=control.checkpoint_lsn,
-            wait_timeout=timeout,
-        )
-    except (Unavailable, NotFound):
+        # Raises at once (with the error) when the node's ingest stopped on one.
+        request = NodeWaitDecodedRequest(node.id, control.checkpoint_lsn, wait_timeout=timeout)
+        result = local_api(app, start=False).node_wait_decoded(request)
+    except NotFound:
         return None
-    return bool(result["reached"])
+    return result.reached
 
 
 def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, Any]]:
     """Per node: what the pageserver received/flushed/decoded and the lag behind the server."""
     try:
-        followed = {f["node_id"]: f for f in call_local(app, "node.list", start=False)}
+        followed = {f.node_id: f for f in local_api(app, start=False).node_list()}
     except Unavailable:
         followed = {}
     result: dict[str, dict[str, Any]] = {}
@@ -464,19 +486,22 @@ def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, A
             result[status.node.id] = {"stream": "not followed", "lag_bytes": None}
             continue
         server_lsn = server_wal_lsn(app, status)
-        flushed = int(info.get("flushed_lsn_int") or 0)
-        lag = max(0, server_lsn - flushed) if server_lsn is not None and flushed else None
+        reached = info.flushed_lsn_int or 0
+        ingest = info.ingest or "ok"
+        if ingest != "ok" and info.decoded_lsn:
+            reached = parse_lsn(info.decoded_lsn)  # received is not ingested: lag from there
+        lag = max(0, server_lsn - reached) if server_lsn is not None and reached else None
         result[status.node.id] = {
-            "stream": info.get("state"),
-            "timeline": info.get("timeline"),
-            "received_lsn": info.get("received_lsn"),
-            "flushed_lsn": info.get("flushed_lsn"),
-            "decoded_lsn": info.get("decoded_lsn"),
-            "records": info.get("records"),
+            "stream": info.state,
+            "timeline": info.timeline,
+            "received_lsn": info.received_lsn,
+            "flushed_lsn": info.flushed_lsn,
+            "decoded_lsn": info.decoded_lsn,
+            "records": info.records,
             "server_lsn": format_lsn(server_lsn) if server_lsn is not None else None,
             "lag_bytes": lag,
-            "error": info.get("decode_error")
-            or (info.get("last_error") if info.get("state") != "streaming" else None),
+            "ingest": ingest,
+            "error": info.ingest_error or (info.last_error if info.state != "streaming" else None),
         }
     return result
 
@@ -506,9 +531,7 @@ HISTORY_DIR = "pagestore"
 
 def register_with_pageserver(app: App, node: NodeRow) -> None:
     """Tell the local pageserver (started on demand) how to follow this node."""
-    call_local(
-        app,
-        "node.register",
+    request = NodeRegisterRequest(
         node_id=node.id,
         host="127.0.0.1",
         port=node.port,
@@ -516,7 +539,11 @@ def register_with_pageserver(app: App, node: NodeRow) -> None:
         password=read_secret(replication_secret(app, node.id)),
         store_dir=str(history_dir(app, node)),
         pgdata=node.pgdata,
+        # The replication connection goes through the socket directory only the PostgreSQL
+        # OS user (and root) can enter: no other local user can stand in for the node there.
+        socket_dir=str(app.home.socket_dir),
     )
+    local_api(app).node_register(request)
 
 
 def history_dir(app: App, node: NodeRow) -> Path:
@@ -526,7 +553,7 @@ def history_dir(app: App, node: NodeRow) -> Path:
 
 def unregister_from_pageserver(app: App, node: NodeRow) -> None:
     with contextlib.suppress(NotFound):
-        call_local(app, "node.unregister", node_id=node.id)
+        local_api(app).node_unregister(NodeUnregisterRequest(node.id))
 
 
 def destroy_node(app: App, node: NodeRow) -> None:
@@ -551,13 +578,13 @@ def tcp_connstr(app: App, node: NodeRow) -> str:
 def node_history(app: App, node: NodeRow) -> dict[str, Any]:
     """The node's snapshots and PITR areas (what its page history is kept for)."""
     try:
-        snaps = call_local(app, "snapshot.list", start=False)
-        areas = call_local(app, "pitr.list", start=False)
+        api = local_api(app, start=False)
+        snaps, areas = api.snapshot_list(), api.pitr_list()
     except Unavailable:
         return {"snapshots": [], "pitr": []}
     return {
-        "snapshots": [s for s in snaps if s["node_id"] == node.id],
-        "pitr": [a for a in areas if a["node_id"] == node.id],
+        "snapshots": [s.to_wire() for s in snaps if s.node_id == node.id],
+        "pitr": [a.to_wire() for a in areas if a.node_id == node.id],
     }
 
 

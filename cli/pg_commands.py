@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from cli import checkout, nodes
 from cli.context import get_app
+from cli.node_lock import locked_node
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
 from cli.storages import DEFAULT_STORAGE
 from pageserver.history.snapshots import split_snapshot_name
@@ -84,10 +87,10 @@ def pg_create(
 def pg_start(ctx: click.Context, node: str) -> None:
     """Start PostgreSQL on a node (ID or data directory name)."""
     app = get_app(ctx)
-    row = app.registry.get_node(node)
-    checkout.finish_pending(app, row)
-    before = nodes.node_status(app, row).state
-    nodes.start_node(app, row)
+    with locked_node(app, node, "pg start") as row:
+        checkout.finish_pending(app, row)
+        before = nodes.node_status(app, row).state
+        nodes.start_node(app, row)
     if before == "running":
         click.echo(f"postgres on {row.pgdata} is already running on localhost:{row.port}")
     else:
@@ -107,12 +110,13 @@ def pg_start(ctx: click.Context, node: str) -> None:
 def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
     """Stop PostgreSQL on a node."""
     app = get_app(ctx)
-    row = app.registry.get_node(node)
-    if not nodes.stop_node(app, row, mode):
-        click.echo(f"postgres on {row.pgdata} was not running.")
-        return
-    click.echo(f"Stopped postgres on {row.pgdata}.")
-    if nodes.wait_for_shutdown_checkpoint(app, row) is False:
+    with locked_node(app, node, "pg stop") as row:
+        if not nodes.stop_node(app, row, mode):
+            click.echo(f"postgres on {row.pgdata} was not running.")
+            return
+        click.echo(f"Stopped postgres on {row.pgdata}.")
+        reached = nodes.wait_for_shutdown_checkpoint(app, row)
+    if reached is False:
         click.echo(
             f"neon: warning: the pageserver has not yet received the shutdown checkpoint of "
             f"{row.pgdata}; it will catch up from the replication slot",
@@ -130,7 +134,8 @@ def pg_destroy(ctx: click.Context, node: str, yes: bool) -> None:
     row = app.registry.get_node(node)
     if not yes:
         click.confirm(f"Destroy {row.id} and delete {row.datadir}?", abort=True)
-    nodes.destroy_node(app, row)
+    with locked_node(app, row.id, "pg destroy") as row:
+        nodes.destroy_node(app, row)
     click.echo(f"Destroyed {row.id} ({row.pgdata}).")
 
 
@@ -154,13 +159,22 @@ def pg_list(ctx: click.Context, as_json: bool) -> None:
             human_size(i["used_bytes"]),
             i["storage"],
             i["endpoint"] if i["state"] == "running" else "-",
-            i["state"],
+            _state_cell(i),
             i["wal"].get("flushed_lsn"),
             human_size(i["wal"]["lag_bytes"]),
         )
         for i in infos
     ]
     print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE", "FLUSHED", "LAG"), rows)
+    for i in infos:
+        if i["wal"].get("ingest", "ok") != "ok":
+            click.echo(f"{i['id']}: WAL ingest {i['wal']['ingest']}: {i['wal'].get('error')}")
+
+
+def _state_cell(info: dict[str, Any]) -> str:
+    """The node's state, and a stopped WAL ingest next to it (its error follows the table)."""
+    ingest = info["wal"].get("ingest", "ok")
+    return info["state"] if ingest == "ok" else f"{info['state']}, ingest {ingest}"
 
 
 @pg_group.command("show")
@@ -196,6 +210,7 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
     click.echo("  wal stream:")
     for key in (
         "stream",
+        "ingest",
         "timeline",
         "received_lsn",
         "flushed_lsn",
@@ -223,5 +238,5 @@ def pg_checkout(ctx: click.Context, snapshot: str) -> None:
     """Roll the node back (or forward) to a snapshot; its current state becomes HEAD{i}."""
     app = get_app(ctx)
     pgdata, _tag = split_snapshot_name(snapshot)
-    row = app.registry.get_node(pgdata)
-    checkout.checkout(app, row, snapshot, click.echo)
+    with locked_node(app, pgdata, "pg checkout") as row:
+        checkout.checkout(app, row, snapshot, click.echo)

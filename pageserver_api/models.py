@@ -264,6 +264,9 @@ class NodeStatus(ApiResponse):
     system_id: str | None = None
     store_dir: str | None = None
     pgdata: str | None = None
+    socket_dir: str | None = None
+    paused: bool | None = None
+    """The node was stopped with the CLI: nothing connects to it until `pg start`."""
     state: str | None = None
     """The receiver's state ("streaming", ...); None: registered but not followed now."""
     timeline: int | None = None
@@ -274,6 +277,10 @@ class NodeStatus(ApiResponse):
     records: int | None = None
     last_error: str | None = None
     decode_error: str | None = None
+    ingest: str | None = None
+    """"ok", "stalled" (retrying: storage full) or "failed" (decoding stopped for good)."""
+    ingest_error: str | None = None
+    """What stops ingest, if anything (shown by `pg list`; waiting commands fail with it)."""
     stream_ended: bool | None = None
 
     _NODE_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -284,6 +291,8 @@ class NodeStatus(ApiResponse):
         "system_id",
         "store_dir",
         "pgdata",
+        "socket_dir",
+        "paused",
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -364,10 +373,21 @@ class NodeRegisterRequest(ApiRequest):
     system_id: str | None = None
     store_dir: str | None = None
     pgdata: str | None = None
+    socket_dir: str | None = None
+    """Connect through the node's unix socket there (a directory private to its OS user)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise InvalidArgument("parameter 'port' must be a TCP port (1-65535)")
+
+
+@method("node.pause", NodeStatus)
+@dataclass(frozen=True, slots=True)
+class NodePauseRequest(ApiRequest):
+    """The CLI is stopping the node: after its last WAL, connect no more until the node is
+    registered again (`pg start`)."""
+
+    node_id: str
 
 
 @method("node.unregister", NodeStatus)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import time
-from dataclasses import asdict
-from datetime import datetime
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pageserver.api.metrics import Metrics
-from pageserver.basebackup.tar_stream import TimelineSource, normalize_lsn
+from pageserver.basebackup.sources import TimelineSource
+from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver.config import PageserverConfig
 from pageserver.follow.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.follow.node_follower import NodeFollower
@@ -20,10 +20,11 @@ from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr import PitrArea, new_area
 from pageserver.history.snapshots import Snapshot, check_user_tag, new_snapshot, split_snapshot_name
 from pageserver.ingest.lsn_index import archive_reader
-from pageserver.reconstruct.page_reconstruct import get_node_metadata
+from pageserver.reconstruct.reads import get_checkpoint, get_control_file, get_node_metadata
 from pageserver.reconstruct.redo_pool import RedoPool
 from pageserver.storage.gc import gc_timeline, prune_wal_archive
-from pageserver.storage.retention import Retention, compute_retention
+from pageserver.storage.gc_policy import NodeTip, TimelineFacts, area_window, plan_gc
+from pageserver.storage.retention import Retention
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -52,6 +53,11 @@ class Pageserver:
         m.describe("pageserver_http_requests_total", "counter", "HTTP requests by path.")
         m.describe("pageserver_wal_received_bytes_total", "counter", "Durable WAL bytes per node.")
         m.describe("pageserver_wal_records_total", "counter", "WAL records decoded per node.")
+        m.describe(
+            "pageserver_ingest_stopped",
+            "gauge",
+            "1 while a node's WAL ingest is stopped on an error (see /v1/status), else 0.",
+        )
 
     # following nodes
 
@@ -69,7 +75,7 @@ class Pageserver:
         key = str(root)
         history = self.histories.get(key)
         if history is None:
-            history = StorageHistory(root)
+            history = StorageHistory(root, self.config.store_settings)
             self.histories[key] = history
         return history
 
@@ -115,16 +121,30 @@ class Pageserver:
             raise NotFound(f"the pageserver does not follow node {node_id!r}") from None
 
     async def register_node(self, node: FollowedNode) -> dict[str, Any]:
-        """Follow a node, or (same node again, e.g. on `pg start`) reconnect to it now."""
+        """Follow a node, or (same node again, e.g. on `pg start`) reconnect to it now; a
+        paused node is resumed."""
         current = self.followers.get(node.node_id)
         if current is not None and current.node == node:
-            current.kick()
+            if current.node.paused:
+                self.nodes.add(node)  # registered again: no longer paused
+            current.resume()
             return current.status()
         if current is not None:
             await current.stop()
         self.nodes.add(node)
         self.stores.pop(node.node_id, None)
         return self._follow(node).status()
+
+    def pause_node(self, node_id: str) -> dict[str, Any]:
+        """The node is being stopped: take its last WAL, then connect no more until it is
+        registered again (`pg start`); kept across pageserver restarts."""
+        node = replace(self.nodes.get(node_id), paused=True)
+        self.nodes.add(node)
+        follower = self.followers.get(node_id)
+        if follower is None:
+            return node.public()
+        follower.pause()
+        return follower.status()
 
     async def unregister_node(self, node_id: str) -> dict[str, Any]:
         """Stop following a node and drop its state and WAL; its timelines stay for the
@@ -276,15 +296,17 @@ class Pageserver:
         store, area = self._area(name)
         return store.history.pitr.remove(area.name)
 
-    def _window(self, store: NodeStore, area: PitrArea) -> Retention:
-        """The area's window, never reaching before the timeline's own history starts."""
-        retention = compute_retention(store.timeline, area.policy(), store.index)
+    @staticmethod
+    def _node_tip(store: NodeStore) -> NodeTip:
         state = store.state
         assert state is not None
-        start = retention.window_start
-        if start is not None and start < state.start_lsn:
-            retention = dataclasses.replace(retention, window_start=state.start_lsn)
-        return retention
+        return NodeTip(store.node_id, state.timeline_id, state.start_lsn, store.index)
+
+    def _window(self, store: NodeStore, area: PitrArea) -> Retention:
+        """The area's own window [window_start, tip] on its node's current timeline."""
+        facts = TimelineFacts.of(store.timeline)
+        start = area_window(area.policy(), facts, self._node_tip(store), datetime.now(UTC))
+        return Retention((), start, facts.tip)
 
     def pitr_list(self) -> list[dict[str, Any]]:
         out = []
@@ -313,6 +335,8 @@ class Pageserver:
                 )
             lsn = found
         assert lsn is not None
+        if lsn > retention.tip and area.node_id in self.followers:
+            self.followers[area.node_id].check_ingesting()  # why the tip does not move
         if not start <= lsn <= retention.tip:
             raise InvalidArgument(
                 f"LSN {format_lsn(lsn)} is outside PITR area {name!r}: it covers {bounds}"
@@ -324,34 +348,45 @@ class Pageserver:
         snapped = max(snapped, start)
         node_name = tag or f"pitr-{snapped:X}"
         check_user_tag(node_name)
+        self._check_materializable(store.timeline, snapped, name)
         pgdata = self.nodes.get(area.node_id).pgdata or area.node_id
         snap_name = f"{pgdata}@{node_name}"
         return store.history.snapshots.add(
             new_snapshot(snap_name, area.node_id, state.timeline_id, snapped, parent=state.parent)
         )
 
+    @staticmethod
+    def _check_materializable(timeline: Timeline, lsn: int, area: str) -> None:
+        """Refuse to name an LSN whose data directory cannot be built (its base image was
+        garbage-collected): better now than at `pg create --snapshot`."""
+        if get_control_file(timeline, lsn) is None or get_checkpoint(timeline, lsn) is None:
+            raise NotFound(
+                f"PITR area {area!r} cannot extract {format_lsn(lsn)}: the page history "
+                "there was garbage-collected (no pg_control at or below it); "
+                "see `neon pitr list` for what the area covers now"
+            )
+
     def gc_history(self, history: StorageHistory) -> dict[str, Any]:
         """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""
-        snaps = history.snapshots.all()
-        areas = {a.node_id: a for a in history.pitr.all()}
         current = {
             store.state.timeline_id: store
             for store in (self.store(n.node_id) for n in self.nodes.all())
             if store.state is not None and store.history is history
         }
+        timelines = [history.timelines.get(t) for t in history.timelines.list_timelines()]
+        plan = plan_gc(
+            [TimelineFacts.of(t) for t in timelines],
+            history.snapshots.all(),
+            history.pitr.all(),
+            [self._node_tip(store) for store in current.values()],
+            datetime.now(UTC),
+        )
         removed = removed_bytes = 0
-        for timeline_id in history.timelines.list_timelines():
-            timeline = history.timelines.get(timeline_id)
-            retain = [s.lsn for s in snaps if s.timeline_id == timeline_id]
-            retain += [
-                history.timelines.get(child).ancestor_lsn
-                for child in history.timelines.children(timeline_id)
-            ]
-            window: int | None = None
-            store = current.get(timeline_id)
-            if store is not None and store.node_id in areas:
-                window = self._window(store, areas[store.node_id]).window_start
-            result = gc_timeline(timeline, retain, window)
+        for timeline in timelines:
+            keep_reads = plan[timeline.timeline_id]
+            window = keep_reads.window_start
+            store = current.get(timeline.timeline_id)
+            result = gc_timeline(timeline, keep_reads.retain_lsns, window)
             removed += len(result.removed_layers)
             removed_bytes += result.removed_bytes
             if store is not None:
@@ -396,7 +431,10 @@ class Pageserver:
         if lsn is None:
             return timeline.last_record_lsn
         deadline = time.monotonic() + timeout
+        follower = self.followers.get(node_id)
         while timeline.last_record_lsn < lsn:
+            if follower is not None:
+                follower.check_ingesting()  # a stopped ingest would never get there
             if time.monotonic() >= deadline:
                 raise Unavailable(
                     f"node {node_id}: LSN {format_lsn(lsn)} not ingested within {timeout:.0f}s "
@@ -427,6 +465,12 @@ class Pageserver:
                 store.history, state.timeline_id, timeline.last_record_lsn
             ),
         }
+
+    def update_ingest_metrics(self) -> None:
+        """Refresh the per-node ingest gauges (called before each scrape)."""
+        for node_id, follower in self.followers.items():
+            stopped = follower.ingest_state != "ok"
+            self.metrics.set("pageserver_ingest_stopped", int(stopped), node=node_id)
 
     def node_statuses(self) -> list[dict[str, Any]]:
         return [

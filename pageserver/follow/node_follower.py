@@ -6,17 +6,21 @@ thread reads the archive from where the page history ends up to that point, deco
 record and ingests it: receiving and decoding run on two cores, and after a restart the same
 loop re-ingests what the durable layers do not hold yet. The follower outlives the node's
 restarts: when the server ends the stream (it shut down), the follower starts a receiver again
-after a pause, and `kick()` (on `pg start`) makes that happen at once.
+after a pause, and `kick()` (on `pg start`) makes that happen at once. A node the CLI stopped
+is `pause()`d instead: after its last WAL no connection is attempted (whoever holds its port
+meanwhile hears nothing from us) until `resume()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from pageserver.api.metrics import Metrics
@@ -27,15 +31,19 @@ from pageserver.redo import REDO_BY_RMGR
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord, decode_record, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
-from proto.errors import CorruptData, NeonError
+from proto.errors import CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
-from walreceiver.receiver import ConnParams, WalChunk
+from walreceiver.receiver import ConnParams, ReceiverState, WalChunk
+from walreceiver.replication_auth import SCRAM_ONLY, TRUST_OR_SCRAM
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # archived WAL read and decoded at a time (larger is no faster)
 FAILED_RETRY_SECONDS = 10.0
 ENDED_RETRY_SECONDS = 1.0
+STALLED_RETRY_SECONDS = 2.0
+# Errors that go away when the operator frees space: ingest waits and retries instead of failing.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class NodeFollower:
@@ -55,6 +63,10 @@ class NodeFollower:
                 node.user,
                 node.password,
                 application_name=f"neon-pageserver-{node.node_id}",
+                # A managed node's pg_hba.conf trusts its private socket and asks for SCRAM
+                # over TCP; nothing else is answered (see replication_auth).
+                auth_methods=TRUST_OR_SCRAM if node.socket_dir else SCRAM_ONLY,
+                socket_dir=node.socket_dir,
             ),
             node.slot,
             store.wal_dir,
@@ -64,10 +76,17 @@ class NodeFollower:
         self.reader: WalReader | None = None
         self.records = 0
         self.decode_error: str | None = None
+        """Why decoding stopped for good (corrupt or missing WAL, a bug): it never resumes."""
+        self.stall_error: str | None = None
+        """Why ingest waits (its storage is full); it retries until the space returns."""
         self.stream_ended = False
         self._decoded_lsn = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._active = asyncio.Event()
+        """Set while not paused: the receiver may connect."""
+        if not node.paused:
+            self._active.set()
         self._progress = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder: threading.Thread | None = None
@@ -105,12 +124,57 @@ class NodeFollower:
             await asyncio.to_thread(decoder.join)
 
     def kick(self) -> None:
-        """Reconnect now (the node was just started) instead of waiting out a backoff."""
+        """Reconnect now (the node was just started) instead of waiting out a backoff, and
+        retry a stalled flush at once."""
         self._wake.set()
         self.receiver.retry_now()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def ingest_state(self) -> str:
+        """ok, stalled (retrying: storage full, receiver failed) or failed (decoding stopped)."""
+        if self.decode_error is not None:
+            return "failed"
+        if self.stall_error is not None or self.receiver.state == ReceiverState.FAILED:
+            return "stalled"
+        return "ok"
+
+    @property
+    def ingest_error(self) -> str | None:
+        """What stops ingest now, if anything (see ingest_state)."""
+        if self.decode_error is not None:
+            return self.decode_error
+        if self.stall_error is not None:
+            return self.stall_error
+        if self.receiver.state == ReceiverState.FAILED and self.receiver.last_error:
+            return f"receiving WAL failed: {self.receiver.last_error}"
+        return None
+
+    def check_ingesting(self) -> None:
+        """Raise the ingest error at once, for callers that would otherwise wait on ingest."""
+        error = self.ingest_error
+        if error is None:
+            return
+        cls = CorruptData if self.decode_error is not None else Unavailable
+        raise cls(f"node {self.node.node_id}: WAL ingest {self.ingest_state}: {error}")
+
+    def pause(self) -> None:
+        """Connect no more until resume(): a stream in progress runs to its end (a node that
+        is shutting down sends its last WAL first), then the receiver process exits."""
+        self.node = replace(self.node, paused=True)
+        self._active.clear()
+        self.receiver.finish_stream()
+
+    def resume(self) -> None:
+        """Follow the node again, at once (it was just started)."""
+        self.node = replace(self.node, paused=False)
+        self._active.set()
+        self.kick()
 
     async def _run(self) -> None:
         while True:
+            await self._active.wait()
             self._wake.clear()
             delay = ENDED_RETRY_SECONDS
             try:
@@ -249,11 +313,36 @@ class NodeFollower:
         )
 
     def _flush_store(self) -> None:
-        try:
-            self.store.maybe_flush()
-        except Exception as exc:
-            self.decode_error = f"flushing page history failed: {exc}"
-            log.exception("node %s: flush failed", self.node.node_id)
+        """Flush when due; on a full storage wait (nothing more is ingested meanwhile, the
+        archive and the slot keep the WAL) and retry until it succeeds or we stop."""
+        while True:
+            try:
+                self.store.maybe_flush()
+            except OSError as exc:
+                if exc.errno not in SPACE_ERRNOS:
+                    self.decode_error = f"flushing page history failed: {exc}"
+                    log.exception("node %s: flush failed", self.node.node_id)
+                    return
+                if self.stall_error is None:
+                    log.error("node %s: ingest stalled: %s", self.node.node_id, exc)
+                where = exc.filename or self.store.history.root
+                self.stall_error = (
+                    f"storage full: {exc.strerror} writing {where}; free space there, "
+                    "ingest resumes by itself"
+                )
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._cond.wait(STALLED_RETRY_SECONDS)
+                continue
+            except Exception as exc:
+                self.decode_error = f"flushing page history failed: {exc}"
+                log.exception("node %s: flush failed", self.node.node_id)
+                return
+            if self.stall_error is not None:
+                log.info("node %s: ingest resumed", self.node.node_id)
+                self.stall_error = None
+            return
 
     def _decode(self, chunk: WalChunk, prev_lsn: int | None = None) -> None:
         # The decode loop reads the archive contiguously from _start_position (which already
@@ -312,9 +401,11 @@ class NodeFollower:
         return self._decoded_lsn
 
     async def wait_decoded(self, lsn: int, timeout: float) -> bool:
-        """Wait until the record that starts at `lsn` has been decoded (or decoding failed)."""
+        """Wait until the record that starts at `lsn` has been decoded; raise at once when
+        ingest stopped on an error."""
         deadline = time.monotonic() + timeout
-        while self._decoded_lsn <= lsn and self.decode_error is None:
+        while self._decoded_lsn <= lsn:
+            self.check_ingesting()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -329,7 +420,7 @@ class NodeFollower:
         r = self.receiver
         return {
             **self.node.public(),
-            "state": r.state.value,
+            "state": "paused" if self.node.paused and not r.running else r.state.value,
             "timeline": r.timeline,
             "received_lsn": format_lsn(r.received_lsn) if r.received_lsn else None,
             "flushed_lsn": format_lsn(r.flushed_lsn) if r.flushed_lsn else None,
@@ -338,6 +429,8 @@ class NodeFollower:
             "records": self.records,
             "last_error": str(r.last_error) if r.last_error else None,
             "decode_error": self.decode_error,
+            "ingest": self.ingest_state,
+            "ingest_error": self.ingest_error,
             "stream_ended": self.stream_ended,
         }
 
