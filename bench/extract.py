@@ -66,7 +66,9 @@ from bench.common import (
 from bench.ingest import CHUNK
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
-from pageserver.basebackup.tar_stream import TimelineSource, basebackup, extract_basebackup
+from cli.untar import extract_basebackup
+from pageserver.basebackup.sources import TimelineSource
+from pageserver.basebackup.tar_stream import basebackup
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.snapshots import new_snapshot
 from pg15.lsn import format_lsn, segment_file_name

@@ -57,8 +57,8 @@ from bench.common import (
     tree_bytes,
 )
 from pageserver.history.node_store import NodeStore, StorageHistory
-from pageserver.reconstruct import page_reconstruct
-from pageserver.reconstruct.page_reconstruct import get_rel_size, materialize
+from pageserver.reconstruct.page_cache import PAGE_CACHE
+from pageserver.reconstruct.reads import get_rel_size, materialize
 from pageserver.storage.keys import Key, rel_block_key
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import format_lsn, segment_file_name
@@ -216,7 +216,7 @@ def cold_reads(
     timeline: Timeline, rels: PgbenchRels, lo: int, hi: int, n: int, rng: random.Random
 ) -> Latencies:
     """Random accounts pages at random LSNs in [lo, hi), with the redone-page cache cleared."""
-    page_reconstruct._CACHE.clear()
+    PAGE_CACHE.clear()
     out = Latencies()
     while len(out.seconds) < n:
         lsn = rng.randrange(lo, hi)

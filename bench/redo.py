@@ -56,10 +56,10 @@ from bench.common import (
 )
 from cli import postmaster
 from pageserver.redo import REDO_BY_RMGR, PageError, mask_page, needs_previous, redo_block
-from pageserver.redo.page import BLCKSZ, get_special, page_is_new
+from pageserver.redo.page import get_special, page_is_new
+from pg15.constants import BLCKSZ, RM_BTREE_ID, RM_HEAP_ID
 from pg15.lsn import format_lsn, parse_lsn, segment_file_name
 from pg15.records import RelFileNode, decode_record
-from pg15.rmgr_names import RM_BTREE_ID, RM_HEAP_ID
 from pg15.xlog_reader import WalReader
 from tests.pgtest import PgTestCluster, PgTestServer
 

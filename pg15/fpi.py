@@ -5,7 +5,8 @@ from __future__ import annotations
 import lz4.block
 import zstandard
 
-from pg15.records import BLCKSZ, BlockImage
+from pg15.constants import BLCKSZ
+from pg15.records import BlockImage
 from proto.errors import CorruptData
 
 

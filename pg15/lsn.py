@@ -6,7 +6,6 @@ import re
 
 from proto.errors import InvalidArgument
 
-WAL_BLOCK_SIZE = 8192
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 
 _LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")

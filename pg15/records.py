@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pg15.constants import BLCKSZ, FORK_NAMES
 from pg15.lsn import format_lsn
 from pg15.native import walscan
 from pg15.rmgr_names import record_type_name, rmgr_name
 from pg15.xlog_reader import RECORD_HEADER_SIZE, RawRecord
 from proto.errors import CorruptData
 
-BLCKSZ = 8192
 XLR_MAX_BLOCK_ID = 32
 XLR_BLOCK_ID_DATA_SHORT = 255
 XLR_BLOCK_ID_DATA_LONG = 254
@@ -44,11 +44,6 @@ BKPIMAGE_COMPRESS_LZ4 = 0x08
 BKPIMAGE_COMPRESS_ZSTD = 0x10
 BKPIMAGE_COMPRESSED = BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD
 
-MAIN_FORKNUM = 0
-FSM_FORKNUM = 1
-VISIBILITYMAP_FORKNUM = 2
-INIT_FORKNUM = 3
-FORK_NAMES = ("main", "fsm", "vm", "init")
 
 _RECORD_HEADER = struct.Struct("<IIQBBxxI")
 _BLOCK_HEADER = struct.Struct("<BBH")

@@ -6,28 +6,30 @@ functions in src/backend/access/rmgrdesc/*.c, including which bits of xl_info ea
 
 from __future__ import annotations
 
-RM_XLOG_ID = 0
-RM_XACT_ID = 1
-RM_SMGR_ID = 2
-RM_CLOG_ID = 3
-RM_DBASE_ID = 4
-RM_TBLSPC_ID = 5
-RM_MULTIXACT_ID = 6
-RM_RELMAP_ID = 7
-RM_STANDBY_ID = 8
-RM_HEAP2_ID = 9
-RM_HEAP_ID = 10
-RM_BTREE_ID = 11
-RM_HASH_ID = 12
-RM_GIN_ID = 13
-RM_GIST_ID = 14
-RM_SEQ_ID = 15
-RM_SPGIST_ID = 16
-RM_BRIN_ID = 17
-RM_COMMIT_TS_ID = 18
-RM_REPLORIGIN_ID = 19
-RM_GENERIC_ID = 20
-RM_LOGICALMSG_ID = 21
+from pg15.constants import (
+    RM_BRIN_ID,
+    RM_BTREE_ID,
+    RM_CLOG_ID,
+    RM_COMMIT_TS_ID,
+    RM_DBASE_ID,
+    RM_GENERIC_ID,
+    RM_GIN_ID,
+    RM_GIST_ID,
+    RM_HASH_ID,
+    RM_HEAP2_ID,
+    RM_HEAP_ID,
+    RM_LOGICALMSG_ID,
+    RM_MULTIXACT_ID,
+    RM_RELMAP_ID,
+    RM_REPLORIGIN_ID,
+    RM_SEQ_ID,
+    RM_SMGR_ID,
+    RM_SPGIST_ID,
+    RM_STANDBY_ID,
+    RM_TBLSPC_ID,
+    RM_XACT_ID,
+    RM_XLOG_ID,
+)
 
 RMGR_NAMES: tuple[str, ...] = (
     "XLOG",

@@ -32,7 +32,8 @@ from typing import NamedTuple
 
 from crc32c import crc32c
 
-from pg15.lsn import DEFAULT_SEGMENT_SIZE, WAL_BLOCK_SIZE, format_lsn, segment_file_name
+from pg15.constants import RM_MAX_BUILTIN_ID, RM_MIN_CUSTOM_ID, RM_XLOG_ID, XLOG_BLCKSZ
+from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn, segment_file_name
 from pg15.native import walscan
 from proto.errors import CorruptData
 
@@ -46,10 +47,7 @@ SHORT_PAGE_HEADER_SIZE = 24
 LONG_PAGE_HEADER_SIZE = 40
 RECORD_HEADER_SIZE = 24
 MAX_RECORD_SIZE = 0x3FFFFFFF  # MaxAllocSize: xlogreader refuses anything larger
-RM_XLOG_ID = 0
 XLOG_SWITCH = 0x40
-RM_MAX_BUILTIN_ID = 21
-RM_MIN_CUSTOM_ID = 128
 
 _SHORT_HEADER = struct.Struct("<HHIQI")
 _LONG_HEADER_TAIL = struct.Struct("<QII")
@@ -130,7 +128,7 @@ def pack_page_header(
         return head
     if system_id is None or segment_size is None:
         raise ValueError("a long page header needs the system identifier and segment size")
-    return head + _LONG_HEADER_TAIL.pack(system_id, segment_size, WAL_BLOCK_SIZE)
+    return head + _LONG_HEADER_TAIL.pack(system_id, segment_size, XLOG_BLCKSZ)
 
 
 def maxalign(n: int) -> int:
@@ -158,7 +156,7 @@ class WalReader:
     ) -> None:
         if segment_size & (segment_size - 1) or not (1 << 20) <= segment_size <= (1 << 30):
             raise CorruptData(f"invalid WAL segment size {segment_size}")
-        if start_lsn % WAL_BLOCK_SIZE and start_lsn % 8:
+        if start_lsn % XLOG_BLCKSZ and start_lsn % 8:
             raise CorruptData(
                 f"WAL reading must start at a page or record boundary, not {format_lsn(start_lsn)}"
             )
@@ -276,7 +274,7 @@ class WalReader:
             raise self._error
         # The parser runs right here (not behind a `yield from`): this is the per-record loop.
         try:
-            block = WAL_BLOCK_SIZE
+            block = XLOG_BLCKSZ
             while self._end is None:
                 buf = self._buf
                 base = self._buf_lsn
@@ -481,7 +479,7 @@ class WalReader:
                 )
             if seg_size != self.segment_size:
                 raise self._fail(pos, f"incorrect segment size {seg_size} in page header")
-            if blcksz != WAL_BLOCK_SIZE:
+            if blcksz != XLOG_BLCKSZ:
                 raise self._fail(pos, f"incorrect XLOG_BLCKSZ {blcksz} in page header")
             self.system_id = sysid
         elif pos % self.segment_size == 0:

@@ -11,11 +11,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from pageserver.ingest.import_datadir import RELSEG_SIZE
 from pageserver.redo import mask_page
 from pageserver.redo.masks import mask_page_content, mask_page_lsn_and_checksum
-from pageserver.redo.page import BLCKSZ, PageError, get_item, page_is_new
-from pg15.rmgr_names import (
+from pageserver.redo.page import PageError, get_item, page_is_new
+from pg15.constants import (
+    BLCKSZ,
+    RELSEG_SIZE,
     RM_BRIN_ID,
     RM_BTREE_ID,
     RM_GIN_ID,

@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from pg15.constants import XLOG_BLCKSZ
 from pg15.lsn import (
-    WAL_BLOCK_SIZE,
     format_lsn,
     lsn_segno,
     parse_segment_file_name,
@@ -32,6 +32,9 @@ from pg15.lsn import (
 from proto.errors import CorruptData, InvalidArgument
 
 PARTIAL = ".partial"
+# The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
+# registries and logs are readable by their owner only, like PostgreSQL's own data directory.
+PRIVATE_UMASK = 0o077
 _PAGEADDR = struct.Struct("<Q")
 _PAGEADDR_OFFSET = 8
 _SYSID_OFFSET = 24  # in the long header of a segment's first page
@@ -61,7 +64,7 @@ class WalArchive:
     """
 
     def __init__(self, directory: Path, segment_size: int) -> None:
-        if segment_size < WAL_BLOCK_SIZE or segment_size & (segment_size - 1):
+        if segment_size < XLOG_BLCKSZ or segment_size & (segment_size - 1):
             raise InvalidArgument(f"WAL segment size {segment_size} is not a power of two")
         self.directory = Path(directory)
         self.segment_size = segment_size
@@ -97,10 +100,10 @@ class WalArchive:
                 f"{path} is {size} bytes, larger than a {self.segment_size}-byte segment; "
                 "was the archive written with another wal_segment_size? Move it away."
             )
-        end = size - size % WAL_BLOCK_SIZE
+        end = size - size % XLOG_BLCKSZ
         with open(path, "rb") as f:
             while end > 0:
-                page = end - WAL_BLOCK_SIZE
+                page = end - XLOG_BLCKSZ
                 f.seek(page + _PAGEADDR_OFFSET)
                 raw = f.read(_PAGEADDR.size)
                 if len(raw) == _PAGEADDR.size and _PAGEADDR.unpack(raw)[0] == seg_start + page:

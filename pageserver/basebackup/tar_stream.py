@@ -1,7 +1,9 @@
 """Basebackup: a tar stream of a data directory that stock PostgreSQL 15 starts from cleanly.
 
-The state comes from a `SnapshotSource` (the page store at one LSN, or a cleanly shut-down data
-directory). The archive is the recipe of shared/reference/datadir-at-lsn.md §1.3 and §2:
+The state comes from a `SnapshotSource` (`pageserver.basebackup.sources`: the page store at
+one LSN, or a cleanly shut-down data directory). The archive holds what a clean start needs:
+StartupXLOG (src/backend/access/transam/xlog.c) reads pg_control, finds it "shut down", reads
+the checkpoint record it points at, and runs no recovery:
 
 * every relation fork except `_fsm` (never WAL-logged by a stock primary) and, unless asked
   for and the source tracks it exactly, `_vm`; 1 GiB segment files `<rel>[_fork][.N]`;
@@ -26,103 +28,57 @@ if given, else 0 (only `xl_prev < C` is checked on this random-access read). old
 (shutdown convention); the commit-timestamp xids are cleared because pg_commit_ts is not
 rebuilt. When C is not the first record position of its page, the page is marked
 XLP_FIRST_IS_CONTRECORD with xlp_rem_len covering the gap so that pg_waldump, which scans from
-the page start, finds the record (tested in datadir-at-lsn.md §1.4). Data checksums must be off.
+the page start, finds the record (XLogFindNextRecord skips xlp_rem_len bytes). Data checksums
+must be off.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import struct
 import tarfile
-import tempfile
 import time as time_mod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import crc32c
 
-from cli.pgbin import give_to_pg_user, make_pg_dir
-from pageserver.ingest.import_datadir import CHECKPOINT_RECORD_SIZE, RELSEG_SIZE, import_lsn_of
-from pageserver.reconstruct import page_reconstruct as pr
-from pageserver.reconstruct.page_reconstruct import (
-    DEFAULTTABLESPACE_OID,
-    GLOBALTABLESPACE_OID,
-    SLRU_PAGES_PER_SEGMENT,
+from pageserver.basebackup.sources import SnapshotSource
+from pageserver.basebackup.wal_synthesis import (
+    checkpoint_record,
+    normalize_lsn,
+    wal_segment_chunks,
 )
-from pageserver.redo.page import BLCKSZ
 from pageserver.storage.keys import SlruKind
-from pageserver.storage.timeline import Timeline
-from pg15.lsn import WAL_BLOCK_SIZE, format_lsn, segment_file_name
-from pg15.pg_control import (
-    parse_control_file,
-    read_control_file,
-    with_checkpoint,
-)
-from pg15.records import (
+from pg15.constants import (
+    BLCKSZ,
+    CLOG_XACTS_PER_PAGE,
+    DEFAULTTABLESPACE_OID,
+    FIRST_NORMAL_XID,
     FSM_FORKNUM,
+    GLOBALTABLESPACE_OID,
     INIT_FORKNUM,
     MAIN_FORKNUM,
+    MULTIXACT_MEMBERS_PER_MEMBERGROUP,
+    MULTIXACT_MEMBERS_PER_PAGE,
+    MULTIXACT_OFFSETS_PER_PAGE,
+    RELSEG_SIZE,
+    SLRU_PAGES_PER_SEGMENT,
     VISIBILITYMAP_FORKNUM,
-    XLR_BLOCK_ID_DATA_SHORT,
 )
-from pg15.rmgr.xlog import XLOG_CHECKPOINT_SHUTDOWN, CheckPoint
-from pg15.xlog_reader import (
-    LONG_PAGE_HEADER_SIZE,
-    RM_XLOG_ID,
-    SHORT_PAGE_HEADER_SIZE,
-    XLP_FIRST_IS_CONTRECORD,
-    XLP_LONG_HEADER,
-    maxalign,
-    pack_page_header,
-    record_crc,
+from pg15.datadir_layout import (
+    PG_VERSION_FILE_CONTENT,
+    PGDATA_SUBDIRS,
+    relation_file_name,
+    slru_file_name,
+    twophase_file_name,
 )
-from proto.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
+from pg15.lsn import format_lsn, segment_file_name
+from pg15.pg_control import parse_control_file, with_checkpoint
+from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE
+from pg15.xlog_reader import maxalign
+from proto.errors import CorruptData, InvalidArgument
 
-PG_MAJOR_VERSION = b"15\n"
-FIRST_NORMAL_XID = 3
-CLOG_XACTS_PER_PAGE = BLCKSZ * 4
-MULTIXACT_OFFSETS_PER_PAGE = BLCKSZ // 4
-MULTIXACT_MEMBERS_PER_GROUP = 4
-MULTIXACT_GROUPS_PER_PAGE = BLCKSZ // 20
-MULTIXACT_MEMBERS_PER_PAGE = MULTIXACT_GROUPS_PER_PAGE * MULTIXACT_MEMBERS_PER_GROUP
-
-FORK_SUFFIX = {
-    MAIN_FORKNUM: "",
-    FSM_FORKNUM: "_fsm",
-    VISIBILITYMAP_FORKNUM: "_vm",
-    INIT_FORKNUM: "_init",
-}
-_SUFFIX_FORK = {v: k for k, v in FORK_SUFFIX.items()}
-
-# initdb's subdirs (PG15) minus base/1, which comes with the databases.
-PGDATA_SUBDIRS = (
-    "base",
-    "global",
-    "pg_commit_ts",
-    "pg_dynshmem",
-    "pg_logical",
-    "pg_logical/mappings",
-    "pg_logical/snapshots",
-    "pg_multixact",
-    "pg_multixact/members",
-    "pg_multixact/offsets",
-    "pg_notify",
-    "pg_replslot",
-    "pg_serial",
-    "pg_snapshots",
-    "pg_stat",
-    "pg_stat_tmp",
-    "pg_subtrans",
-    "pg_tblspc",
-    "pg_twophase",
-    "pg_wal",
-    "pg_wal/archive_status",
-    "pg_xact",
-)
 # Files a basebackup must never carry: they would start recovery, standby mode, or claim a
 # running postmaster.
 FORBIDDEN_FILES = frozenset(
@@ -138,352 +94,11 @@ FORBIDDEN_FILES = frozenset(
     }
 )
 
-_RECORD_HEADER = struct.Struct("<IIQBB2xI")
 _U32 = struct.Struct("<I")
 _PD_LSN = struct.Struct("<II")
 _ZERO_PAGE = bytes(BLCKSZ)
 _CHUNK_PAGES = 32  # pages per yielded chunk (256 KiB)
 _TAR_BLOCK = 512
-
-
-class SnapshotSource(Protocol):
-    """What a basebackup reads: the whole non-WAL state of a cluster at one LSN."""
-
-    @property
-    def lsn(self) -> int:
-        """The record boundary this state is at (every page LSN is <= it)."""
-        ...
-
-    @property
-    def tracks_visibility_map(self) -> bool:
-        """True if VM pages are exact (implicit clears applied), so `_vm` forks may be shipped."""
-        ...
-
-    def list_dbs(self) -> list[tuple[int, int]]:
-        """(spc, db) of every database; (1664, 0) stands for the shared catalogs in global/."""
-        ...
-
-    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
-        """(relfilenode, fork) of every relation fork of a database."""
-        ...
-
-    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int: ...
-
-    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes: ...
-
-    def list_slru_segments(self, kind: SlruKind) -> list[int]: ...
-
-    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int: ...
-
-    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes: ...
-
-    def get_relmap(self, spc: int, db: int) -> bytes | None: ...
-
-    def get_twophase_files(self) -> dict[int, bytes]:
-        """xid -> pg_twophase/%08X file bytes (state data followed by its CRC-32C)."""
-        ...
-
-    def get_checkpoint(self) -> CheckPoint:
-        """The tracked counters (nextXid, nextOid, multis, oldest xids...)."""
-        ...
-
-    def get_control_template(self) -> bytes:
-        """pg_control bytes of this cluster: system id, compile-time fields, GUC snapshot."""
-        ...
-
-
-# --- sources ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TimelineSource:
-    """The page store's state of `timeline` at `lsn`, read through pageserver.reconstruct."""
-
-    timeline: Timeline
-    lsn: int
-
-    @property
-    def tracks_visibility_map(self) -> bool:
-        # page_reconstruct applies the implicit VM clears of heap records and VM truncation.
-        return True
-
-    def list_dbs(self) -> list[tuple[int, int]]:
-        return pr.list_dbs(self.timeline, self.lsn)
-
-    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
-        return pr.list_rels(self.timeline, spc, db, self.lsn)
-
-    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
-        size = pr.get_rel_size(self.timeline, spc, db, rel, fork, self.lsn)
-        if size is None:
-            raise NotFound(f"relation {spc}/{db}/{rel} fork {fork} has no size at {self._at}")
-        return size
-
-    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
-        return pr.get_rel_page(self.timeline, spc, db, rel, fork, blkno, self.lsn)
-
-    def list_slru_segments(self, kind: SlruKind) -> list[int]:
-        return pr.list_slru_segments(self.timeline, kind, self.lsn)
-
-    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int:
-        size = pr.get_slru_segment_size(self.timeline, kind, segno, self.lsn)
-        if size is None:
-            raise NotFound(f"{kind.directory} segment {segno:04X} has no size at {self._at}")
-        return size
-
-    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
-        return pr.get_slru_page(self.timeline, kind, segno, blkno, self.lsn)
-
-    def get_relmap(self, spc: int, db: int) -> bytes | None:
-        return pr.get_relmap(self.timeline, spc, db, self.lsn)
-
-    def get_twophase_files(self) -> dict[int, bytes]:
-        return pr.get_twophase_files(self.timeline, self.lsn)
-
-    def get_checkpoint(self) -> CheckPoint:
-        checkpoint = pr.get_checkpoint(self.timeline, self.lsn)
-        if checkpoint is None:
-            raise NotFound(f"no checkpoint counters are tracked at {self._at}")
-        return checkpoint
-
-    def get_control_template(self) -> bytes:
-        raw = pr.get_control_file(self.timeline, self.lsn)
-        if raw is None:
-            raise NotFound(f"no pg_control was imported at or below {self._at}")
-        return raw
-
-    @property
-    def _at(self) -> str:
-        return format_lsn(self.lsn)
-
-
-_REL_FILE_RE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
-_SLRU_FILE_RE = re.compile(r"^[0-9A-F]{4,6}$")
-_TWOPHASE_FILE_RE = re.compile(r"^[0-9A-F]{8}$")
-
-
-class DatadirSource:
-    """A cleanly shut-down data directory, read file by file (tests, `snapshot import`).
-
-    Its LSN is the end of its shutdown checkpoint record. Holds one open relation segment
-    file at a time; use it as a context manager or call `close()`.
-    """
-
-    __slots__ = ("_control", "_lsn", "_open", "path")
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        # The same checks and LSN as an import of this directory into the page store.
-        self._lsn = import_lsn_of(self.path)
-        self._control = read_control_file(self.path)
-        self._open: tuple[Path, BinaryIO] | None = None
-
-    def __enter__(self) -> DatadirSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None
-
-    @property
-    def lsn(self) -> int:
-        return self._lsn
-
-    @property
-    def tracks_visibility_map(self) -> bool:
-        return True  # the files of a clean shutdown are exact
-
-    def _db_dir(self, spc: int, db: int) -> Path:
-        if spc == GLOBALTABLESPACE_OID and db == 0:
-            return self.path / "global"
-        if spc == DEFAULTTABLESPACE_OID:
-            return self.path / "base" / str(db)
-        raise InvalidArgument(f"tablespace {spc} is not supported")
-
-    def list_dbs(self) -> list[tuple[int, int]]:
-        dbs = [(GLOBALTABLESPACE_OID, 0)]
-        for entry in sorted((self.path / "base").iterdir()):
-            if entry.is_dir() and entry.name.isdigit():
-                dbs.append((DEFAULTTABLESPACE_OID, int(entry.name)))
-        return dbs
-
-    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
-        rels: set[tuple[int, int]] = set()
-        for entry in self._db_dir(spc, db).iterdir():
-            m = _REL_FILE_RE.match(entry.name)
-            if m and entry.is_file():
-                rels.add((int(m.group(1)), _SUFFIX_FORK[m.group(2) or ""]))
-        return sorted(rels)
-
-    def _seg_path(self, spc: int, db: int, rel: int, fork: int, segno: int) -> Path:
-        name = f"{rel}{FORK_SUFFIX[fork]}" + (f".{segno}" if segno else "")
-        return self._db_dir(spc, db) / name
-
-    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
-        segno = 0
-        while True:
-            try:
-                size = self._seg_path(spc, db, rel, fork, segno).stat().st_size
-            except FileNotFoundError:
-                if segno == 0:
-                    raise NotFound(
-                        f"relation {spc}/{db}/{rel} fork {fork} does not exist"
-                    ) from None
-                return segno * RELSEG_SIZE
-            if size < RELSEG_SIZE * BLCKSZ:
-                return segno * RELSEG_SIZE + size // BLCKSZ
-            segno += 1
-
-    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
-        path = self._seg_path(spc, db, rel, fork, blkno // RELSEG_SIZE)
-        return self._read_block(path, blkno % RELSEG_SIZE)
-
-    def _read_block(self, path: Path, blkno: int) -> bytes:
-        if self._open is None or self._open[0] != path:
-            self.close()
-            self._open = (path, open(path, "rb"))  # noqa: SIM115 - kept open across calls
-        f = self._open[1]
-        f.seek(blkno * BLCKSZ)
-        page = f.read(BLCKSZ)
-        if len(page) != BLCKSZ:
-            raise CorruptData(f"{path}: block {blkno} is past the end of the file")
-        return page
-
-    def _slru_dir(self, kind: SlruKind) -> Path:
-        return self.path / kind.directory
-
-    def list_slru_segments(self, kind: SlruKind) -> list[int]:
-        return sorted(
-            int(e.name, 16)
-            for e in self._slru_dir(kind).iterdir()
-            if _SLRU_FILE_RE.match(e.name) and e.is_file()
-        )
-
-    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int:
-        return (self._slru_dir(kind) / slru_file_name(segno)).stat().st_size // BLCKSZ
-
-    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
-        return self._read_block(self._slru_dir(kind) / slru_file_name(segno), blkno)
-
-    def get_relmap(self, spc: int, db: int) -> bytes | None:
-        try:
-            return (self._db_dir(spc, db) / "pg_filenode.map").read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def get_twophase_files(self) -> dict[int, bytes]:
-        return {
-            int(e.name, 16): e.read_bytes()
-            for e in sorted((self.path / "pg_twophase").iterdir())
-            if _TWOPHASE_FILE_RE.match(e.name)
-        }
-
-    def get_checkpoint(self) -> CheckPoint:
-        return self._control.checkpoint
-
-    def get_control_template(self) -> bytes:
-        return self._control.raw
-
-
-# --- LSN rules --------------------------------------------------------------------------------
-
-
-def _page_header_size(lsn: int, segment_size: int) -> int:
-    return LONG_PAGE_HEADER_SIZE if lsn % segment_size == 0 else SHORT_PAGE_HEADER_SIZE
-
-
-def normalize_lsn(lsn: int, segment_size: int) -> int:
-    """Where the shutdown checkpoint for a state at record boundary `lsn` is written.
-
-    MAXALIGN; past the page header if on a page boundary (+40 at a segment start, else +24);
-    if the 114-byte record would cross the page end, the next page's first usable byte.
-    """
-    pos = maxalign(lsn)
-    if pos % WAL_BLOCK_SIZE == 0:
-        pos += _page_header_size(pos, segment_size)
-    if pos % WAL_BLOCK_SIZE + CHECKPOINT_RECORD_SIZE > WAL_BLOCK_SIZE:
-        pos += WAL_BLOCK_SIZE - pos % WAL_BLOCK_SIZE
-        pos += _page_header_size(pos, segment_size)
-    return pos
-
-
-def slru_file_name(segno: int) -> str:
-    return f"{segno:04X}"
-
-
-def relation_file_name(spc: int, db: int, rel: int, fork: int, segno: int = 0) -> str:
-    """Path inside PGDATA of one segment file of a relation fork."""
-    if spc == GLOBALTABLESPACE_OID:
-        base = "global"
-    elif spc == DEFAULTTABLESPACE_OID:
-        base = f"base/{db}"
-    else:
-        raise InvalidArgument(f"relation {spc}/{db}/{rel} is in a tablespace; not supported")
-    return f"{base}/{rel}{FORK_SUFFIX[fork]}" + (f".{segno}" if segno else "")
-
-
-# --- the WAL segment --------------------------------------------------------------------------
-
-
-def checkpoint_record(checkpoint: CheckPoint, prev_lsn: int) -> bytes:
-    """The 114-byte XLOG_CHECKPOINT_SHUTDOWN record with its CRC."""
-    body = bytes([XLR_BLOCK_ID_DATA_SHORT, CheckPoint.SIZE]) + checkpoint.pack()
-    head = _RECORD_HEADER.pack(
-        CHECKPOINT_RECORD_SIZE, 0, prev_lsn, XLOG_CHECKPOINT_SHUTDOWN, RM_XLOG_ID, 0
-    )
-    record = bytearray(head + body)
-    _U32.pack_into(record, 20, record_crc(memoryview(record)))
-    return bytes(record)
-
-
-def _wal_page(
-    page_start: int, record_lsn: int | None, record: bytes, pg_timeline: int, sysid: int, seg: int
-) -> bytes:
-    """One WAL page: its header and, if given, the record at `record_lsn` inside it."""
-    long = page_start % seg == 0
-    hdr_size = LONG_PAGE_HEADER_SIZE if long else SHORT_PAGE_HEADER_SIZE
-    info = XLP_LONG_HEADER if long else 0
-    gap = 0 if record_lsn is None else record_lsn - page_start - hdr_size
-    if gap:
-        info |= XLP_FIRST_IS_CONTRECORD
-    head = pack_page_header(info, pg_timeline, page_start, gap, sysid, seg)
-    page = bytearray(WAL_BLOCK_SIZE)
-    page[: len(head)] = head
-    if record_lsn is not None:
-        off = record_lsn - page_start
-        page[off : off + len(record)] = record
-    return bytes(page)
-
-
-def wal_segment_chunks(
-    checkpoint_lsn: int, record: bytes, pg_timeline: int, sysid: int, segment_size: int
-) -> Iterator[bytes]:
-    """The segment holding `checkpoint_lsn`: long header on page 0, a header on the record's
-    page, the record, zeros elsewhere (full size, as PostgreSQL requires)."""
-    seg_start = checkpoint_lsn - checkpoint_lsn % segment_size
-    rec_page = checkpoint_lsn - checkpoint_lsn % WAL_BLOCK_SIZE
-    zeros = bytes(WAL_BLOCK_SIZE * _CHUNK_PAGES)
-    if rec_page == seg_start:
-        yield _wal_page(seg_start, checkpoint_lsn, record, pg_timeline, sysid, segment_size)
-    else:
-        yield _wal_page(seg_start, None, b"", pg_timeline, sysid, segment_size)
-        yield from _zeros(rec_page - seg_start - WAL_BLOCK_SIZE, zeros)
-        yield _wal_page(rec_page, checkpoint_lsn, record, pg_timeline, sysid, segment_size)
-    yield from _zeros(seg_start + segment_size - rec_page - WAL_BLOCK_SIZE, zeros)
-
-
-def _zeros(n: int, chunk: bytes) -> Iterator[bytes]:
-    while n > 0:
-        take = min(n, len(chunk))
-        yield chunk if take == len(chunk) else bytes(take)
-        n -= take
-
-
-# --- the tar stream ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,7 +218,7 @@ class _Plan:
 
     def chunks(self) -> Iterator[bytes]:
         mtime = self.now
-        yield from _tar_bytes("PG_VERSION", PG_MAJOR_VERSION, mtime)
+        yield from _tar_bytes("PG_VERSION", PG_VERSION_FILE_CONTENT, mtime)
         for name in sorted(self.config_files):
             yield from _tar_bytes(name, self.config_files[name], mtime)
         for d in PGDATA_SUBDIRS:
@@ -613,7 +228,7 @@ class _Plan:
         yield from self._slrus()
         for xid, data in sorted(self.source.get_twophase_files().items()):
             _check_twophase(xid, data)
-            yield from _tar_bytes(f"pg_twophase/{xid:08X}", data, mtime)
+            yield from _tar_bytes(f"pg_twophase/{twophase_file_name(xid)}", data, mtime)
         if self.timeline_history is not None:
             name = f"pg_wal/{self.info.pg_timeline:08X}.history"
             yield from _tar_bytes(name, self.timeline_history, mtime)
@@ -638,7 +253,7 @@ class _Plan:
         is_global = (spc, db) == (GLOBALTABLESPACE_OID, 0)
         if not is_global:
             yield _tar_header(f"base/{db}/", 0, mtime, is_dir=True)
-            yield from _tar_bytes(f"base/{db}/PG_VERSION", PG_MAJOR_VERSION, mtime)
+            yield from _tar_bytes(f"base/{db}/PG_VERSION", PG_VERSION_FILE_CONTENT, mtime)
         relmap = self.source.get_relmap(spc, db)
         if relmap is not None:
             if len(relmap) != 512:
@@ -702,7 +317,7 @@ class _Plan:
             SlruKind.CLOG: _needed_page(cp.next_xid, CLOG_XACTS_PER_PAGE, 1),
             SlruKind.MULTIXACT_OFFSETS: _needed_page(cp.next_multi, MULTIXACT_OFFSETS_PER_PAGE, 1),
             SlruKind.MULTIXACT_MEMBERS: _needed_page(
-                cp.next_multi_offset, MULTIXACT_MEMBERS_PER_PAGE, MULTIXACT_MEMBERS_PER_GROUP
+                cp.next_multi_offset, MULTIXACT_MEMBERS_PER_PAGE, MULTIXACT_MEMBERS_PER_MEMBERGROUP
             ),
         }
         for kind in (SlruKind.CLOG, SlruKind.MULTIXACT_OFFSETS, SlruKind.MULTIXACT_MEMBERS):
@@ -815,109 +430,3 @@ def basebackup(
     for chunk in chunks:
         out.write(chunk)
     return info
-
-
-# --- extraction -------------------------------------------------------------------------------
-
-
-class UnsafeArchive(CorruptData):
-    """A tar member that could write outside the target or create a non-regular file."""
-
-
-def _member_path(member: tarfile.TarInfo) -> PurePosixPath | None:
-    """The member's relative path, or None for the root itself; UnsafeArchive if hostile."""
-    name = member.name
-    path = PurePosixPath(name)
-    if "\0" in name or "\\" in name or path.is_absolute():
-        raise UnsafeArchive(f"refusing tar member {name!r}: absolute or unusual path")
-    parts = [p for p in path.parts if p != "."]
-    if ".." in parts:
-        raise UnsafeArchive(f"refusing tar member {name!r}: it leads outside the target")
-    if not (member.isreg() or member.isdir()):
-        kind = (
-            "symbolic link" if member.issym() else
-            "hard link" if member.islnk() else
-            "device" if member.ischr() or member.isblk() else
-            "FIFO" if member.isfifo() else "special file"
-        )  # fmt: skip
-        raise UnsafeArchive(f"refusing tar member {name!r}: it is a {kind}")
-    return PurePosixPath(*parts) if parts else None
-
-
-def _make_dirs(root: Path, rel: PurePosixPath) -> None:
-    cur = root
-    for part in rel.parts:
-        cur = cur / part
-        if not cur.is_dir():
-            os.mkdir(cur, 0o700)
-            os.chmod(cur, 0o700)
-            give_to_pg_user(cur)
-
-
-def extract_basebackup(stream: BinaryIO, target_dir: Path) -> None:
-    """Unpack a basebackup tar into `target_dir` (absent or empty), for the PostgreSQL user.
-
-    Refuses absolute paths, `..`, links, devices and other special members, naming the member.
-    Extracts into a sibling `<name>.tmp-XXXX` and renames it at the end, so a failure leaves
-    nothing behind. Directories get mode 0700 and files 0600.
-    """
-    target = Path(target_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise AlreadyExists(f"{target} exists and is not an empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
-    try:
-        make_pg_dir(tmp)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    rel = _member_path(member)
-                    if rel is None:
-                        continue
-                    try:
-                        _extract_member(tar, member, tmp, rel)
-                    except OSError as exc:
-                        raise CorruptData(
-                            f"cannot extract tar member {member.name!r}: {exc.strerror}"
-                        ) from None
-        except (tarfile.TarError, EOFError) as exc:
-            raise CorruptData(f"the basebackup archive is damaged: {exc}") from None
-        if target.exists():
-            target.rmdir()
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _extract_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, rel: PurePosixPath
-) -> None:
-    if member.isdir():
-        _make_dirs(root, rel)
-        return
-    _make_dirs(root, rel.parent)
-    dest = root / rel
-    if dest.is_dir():
-        raise CorruptData(f"tar member {member.name!r} is a file where a directory was")
-    src = tar.extractfile(member)
-    if src is None:
-        raise CorruptData(f"tar member {member.name!r} has no data")
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        shutil.copyfileobj(src, f, 1 << 20)
-    os.chmod(dest, 0o600)
-    give_to_pg_user(dest)
-
-
-__all__ = [
-    "BasebackupInfo",
-    "DatadirSource",
-    "SnapshotSource",
-    "TimelineSource",
-    "UnsafeArchive",
-    "basebackup",
-    "basebackup_chunks",
-    "extract_basebackup",
-    "normalize_lsn",
-]

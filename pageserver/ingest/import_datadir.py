@@ -8,7 +8,7 @@ EndRecPtr a WAL reader reports for the checkpoint record; ingest continues with 
 after it (`WalIngest.ingest_record` skips records whose end LSN is not above it, so the
 caller may feed WAL from the segment start). prev_record_lsn is the checkpoint record's LSN.
 
-What is imported (value formats: `pageserver.reconstruct.page_reconstruct`):
+What is imported (value formats: `pageserver.reconstruct.value_format`):
 
 * every relation fork file of global/ and base/<db>/ (segments ``.1``... of 1 GiB, forks
   main, fsm, vm and init; temporary ``t<backend>_<relnode>`` files skipped), pages as Images
@@ -26,20 +26,15 @@ reconstructed from WAL.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from pageserver.reconstruct.page_reconstruct import (
-    DEFAULTTABLESPACE_OID,
-    GLOBALTABLESPACE_OID,
-    SLRU_PAGES_PER_SEGMENT,
+from pageserver.reconstruct.value_format import (
     encode_ints,
     encode_metadata,
     encode_pairs,
     encode_u32,
 )
-from pageserver.redo.page import BLCKSZ
 from pageserver.storage.keys import (
     CHECKPOINT_KEY,
     CONTROLFILE_KEY,
@@ -59,10 +54,20 @@ from pageserver.storage.keys import (
 )
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.values import Image, Value
-from pg15.lsn import WAL_BLOCK_SIZE, format_lsn, segment_file_name
+from pg15.constants import (
+    BLCKSZ,
+    DEFAULTTABLESPACE_OID,
+    GLOBALTABLESPACE_OID,
+    PG_MAJOR_VERSION,
+    RELSEG_SIZE,
+    RM_XLOG_ID,
+    SLRU_PAGES_PER_SEGMENT,
+    XLOG_BLCKSZ,
+)
+from pg15.datadir_layout import SLRU_SEGMENT_FILE, TWOPHASE_FILE, parse_relation_file_name
+from pg15.lsn import format_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, ControlFile, read_control_file
-from pg15.rmgr.xlog import XLOG_CHECKPOINT_SHUTDOWN
-from pg15.rmgr_names import RM_XLOG_ID
+from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE, XLOG_CHECKPOINT_SHUTDOWN
 from pg15.xlog_reader import (
     LONG_PAGE_HEADER_SIZE,
     SHORT_PAGE_HEADER_SIZE,
@@ -70,15 +75,6 @@ from pg15.xlog_reader import (
 )
 from proto.errors import Conflict, CorruptData, InvalidArgument
 
-PG_VERSION = 15
-CHECKPOINT_RECORD_SIZE = 24 + 2 + 88
-RELSEG_SIZE = 131072
-"""Blocks per relation segment file (1 GiB)."""
-
-_FORK_SUFFIXES = {"": 0, "_fsm": 1, "_vm": 2, "_init": 3}
-_REL_FILE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
-_SLRU_SEGMENT = re.compile(r"^[0-9A-F]{4,6}$")
-_TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}$")
 _BATCH = 256
 
 
@@ -87,7 +83,7 @@ def record_end_lsn(start: int, length: int, segment_size: int) -> int:
     the pages it continues on (long at segment starts), then MAXALIGNs."""
     pos, remaining = start, length
     while True:
-        page_end = (pos // WAL_BLOCK_SIZE + 1) * WAL_BLOCK_SIZE
+        page_end = (pos // XLOG_BLCKSZ + 1) * XLOG_BLCKSZ
         take = min(remaining, page_end - pos)
         pos += take
         remaining -= take
@@ -160,11 +156,11 @@ def _relation_files(directory: Path) -> dict[tuple[int, int], list[tuple[int, Pa
     """(relnode, fork) -> [(segment number, path)] of the relation files in a directory."""
     found: dict[tuple[int, int], list[tuple[int, Path]]] = {}
     for path in directory.iterdir():
-        m = _REL_FILE.match(path.name)
-        if m is None or not path.is_file():
-            continue  # pg_filenode.map, PG_VERSION, pg_internal.init, t3_16384 (temp), ...
-        rel, fork = int(m.group(1)), _FORK_SUFFIXES[m.group(2) or ""]
-        found.setdefault((rel, fork), []).append((int(m.group(3) or 0), path))
+        parsed = parse_relation_file_name(path.name)
+        if parsed is None or not path.is_file():
+            continue
+        rel, fork, segno = parsed
+        found.setdefault((rel, fork), []).append((segno, path))
     return found
 
 
@@ -231,7 +227,7 @@ def _import_slru(writer: _Writer, datadir: Path, kind: SlruKind) -> None:
     segments: set[int] = set()
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
-            if not _SLRU_SEGMENT.match(path.name) or not path.is_file():
+            if not SLRU_SEGMENT_FILE.match(path.name) or not path.is_file():
                 continue
             segno = int(path.name, 16)
             size = path.stat().st_size
@@ -271,7 +267,7 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
     twophase = datadir / "pg_twophase"
     if twophase.is_dir():
         for path in sorted(twophase.iterdir()):
-            if _TWOPHASE_FILE.match(path.name) and path.is_file():
+            if TWOPHASE_FILE.match(path.name) and path.is_file():
                 xid = int(path.name, 16)
                 writer.put(twophase_file_key(xid), path.read_bytes())
                 xids.add(xid)
@@ -284,7 +280,7 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
         encode_metadata(
             {
                 "system_identifier": control.system_identifier,
-                "pg_version": PG_VERSION,
+                "pg_version": PG_MAJOR_VERSION,
                 "catalog_version": control.catalog_version,
                 "wal_segment_size": control.wal_segment_size,
                 "timeline": control.checkpoint.this_timeline,

@@ -40,6 +40,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from pageserver.storage.durable_files import fsync_dir
+from pg15.constants import RM_XACT_ID
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord
 from pg15.rmgr.xact import (
@@ -47,7 +48,6 @@ from pg15.rmgr.xact import (
     XLOG_XACT_COMMIT_PREPARED,
     XLOG_XACT_OPMASK,
 )
-from pg15.rmgr_names import RM_XACT_ID
 from pg15.xlog_reader import WalReader
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from walreceiver.archive import ArchivedSegment, WalArchive

@@ -3,7 +3,7 @@
 Each record's values are put at its **end LSN** in one `put_batch`, then
 `advance_last_record_lsn(end_lsn, start_lsn)` publishes them: a read at L sees exactly the
 records whose end LSN is <= L. Value formats are defined in
-`pageserver.reconstruct.page_reconstruct`.
+`pageserver.reconstruct.value_format`.
 
 What a record becomes (stock PostgreSQL 15; datadir-at-lsn.md §3.1 is the checklist):
 
@@ -52,12 +52,8 @@ from dataclasses import replace
 
 import crc32c
 
-from pageserver.reconstruct.page_reconstruct import (
-    ZERO_PAGE,
-    encode_delta,
-    encode_ints,
-    encode_pairs,
-    encode_u32,
+from pageserver.reconstruct.apply_delta import reconstruct, xact_clog_change
+from pageserver.reconstruct.reads import (
     get_checkpoint,
     get_rel_size,
     get_slru_segment_size,
@@ -65,9 +61,14 @@ from pageserver.reconstruct.page_reconstruct import (
     list_rels,
     list_slru_segments,
     list_twophase_xids,
-    reconstruct,
+)
+from pageserver.reconstruct.value_format import (
+    ZERO_PAGE,
+    encode_delta,
+    encode_ints,
+    encode_pairs,
+    encode_u32,
     slru_location,
-    xact_clog_change,
 )
 from pageserver.redo import REDO_BY_RMGR
 from pageserver.redo.clog import clog_page
@@ -94,15 +95,28 @@ from pageserver.storage.keys import (
 )
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.values import TOMBSTONE, Image, Value, WalDelta
+from pg15.constants import (
+    FIRST_NORMAL_OBJECT_ID,
+    FIRST_NORMAL_XID,
+    FSM_FORKNUM,
+    MAIN_FORKNUM,
+    N_FORKS,
+    RM_CLOG_ID,
+    RM_DBASE_ID,
+    RM_MULTIXACT_ID,
+    RM_RELMAP_ID,
+    RM_SMGR_ID,
+    RM_STANDBY_ID,
+    RM_XACT_ID,
+    RM_XLOG_ID,
+    VISIBILITYMAP_FORKNUM,
+)
 from pg15.fpi import restore_page
 from pg15.records import (
     BKPBLOCK_FORK_MASK,
     BKPBLOCK_HAS_DATA,
     BKPBLOCK_SAME_REL,
     BKPBLOCK_WILL_INIT,
-    FSM_FORKNUM,
-    MAIN_FORKNUM,
-    VISIBILITYMAP_FORKNUM,
     DecodedRecord,
     RelFileNode,
 )
@@ -133,21 +147,8 @@ from pg15.rmgr.xlog import (
     XlogCheckpoint,
     XlogNextOid,
 )
-from pg15.rmgr_names import (
-    RM_CLOG_ID,
-    RM_DBASE_ID,
-    RM_MULTIXACT_ID,
-    RM_RELMAP_ID,
-    RM_SMGR_ID,
-    RM_STANDBY_ID,
-    RM_XACT_ID,
-    RM_XLOG_ID,
-)
 from pg15.xlog_reader import record_crc
 
-N_FORKS = 4
-FIRST_NORMAL_XID = 3
-FIRST_NORMAL_OBJECT_ID = 16384
 XID_CHECKPOINT_INTERVAL = 1024
 """nextXid is kept rounded up to this (Neon's choice: far fewer checkpoint writes; it never
 crosses a CLOG page except at its boundary, which TrimCLOG does not read)."""

@@ -1,7 +1,7 @@
 """Redo of long delta chains in worker processes, so page reads use every core.
 
 Short chains are replayed inline: shipping a chain to a process costs more than a few redo
-steps. The workers run `page_reconstruct.reconstruct`, a pure function of picklable inputs,
+steps. The workers run `apply_delta.reconstruct`, a pure function of picklable inputs,
 and keep their own cache of recently materialized pages.
 """
 
@@ -12,7 +12,7 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
-from pageserver.reconstruct.page_reconstruct import reconstruct
+from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.keys import Key
 from pageserver.storage.values import ReconstructData
 
@@ -35,7 +35,7 @@ class RedoPool:
             return self._executor
 
     def reconstruct(self, key: Key, lsn: int, data: ReconstructData) -> bytes | None:
-        """The same as page_reconstruct.reconstruct; long chains run in a worker process."""
+        """The same as apply_delta.reconstruct; long chains run in a worker process."""
         if len(data.deltas) <= self.inline_max:
             return reconstruct(key, lsn, data)
         return self._pool().submit(reconstruct, key, lsn, data).result()

@@ -31,18 +31,9 @@ from pageserver.redo import (
     spgist,
     xlog,
 )
-from pageserver.redo.page import (
+from pageserver.redo.page import PageError, UnsupportedRecord, get_lsn, page_is_new, set_lsn
+from pg15.constants import (
     BLCKSZ,
-    PageError,
-    UnsupportedRecord,
-    get_lsn,
-    page_is_new,
-    set_lsn,
-)
-from pg15.fpi import restore_page
-from pg15.lsn import format_lsn
-from pg15.records import DecodedRecord
-from pg15.rmgr_names import (
     RM_BRIN_ID,
     RM_BTREE_ID,
     RM_GENERIC_ID,
@@ -55,6 +46,9 @@ from pg15.rmgr_names import (
     RM_SPGIST_ID,
     RM_XLOG_ID,
 )
+from pg15.fpi import restore_page
+from pg15.lsn import format_lsn
+from pg15.records import DecodedRecord
 
 __all__ = [
     "REDO_BY_RMGR",

@@ -18,7 +18,6 @@ from pageserver.redo.masks import (
     mask_unused_space,
 )
 from pageserver.redo.page import (
-    BLCKSZ,
     FIRST_OFFSET,
     ITEM_ID_SIZE,
     SIZE_OF_PAGE_HEADER,
@@ -36,6 +35,7 @@ from pageserver.redo.page import (
     set_lower,
     set_upper,
 )
+from pg15.constants import BLCKSZ
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord
 from pg15.rmgr.btree import (

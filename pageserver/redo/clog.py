@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pageserver.redo.page import BLCKSZ, PageError
+from pageserver.redo.page import PageError
+from pg15.constants import BLCKSZ, CLOG_BITS_PER_XACT, CLOG_XACTS_PER_BYTE, CLOG_XACTS_PER_PAGE
 
 TRANSACTION_STATUS_IN_PROGRESS = 0
 TRANSACTION_STATUS_COMMITTED = 1
 TRANSACTION_STATUS_ABORTED = 2
 TRANSACTION_STATUS_SUB_COMMITTED = 3
-
-CLOG_BITS_PER_XACT = 2
-CLOG_XACTS_PER_BYTE = 4
-CLOG_XACTS_PER_PAGE = BLCKSZ * CLOG_XACTS_PER_BYTE
-SLRU_PAGES_PER_SEGMENT = 32
 
 
 def clog_page(xid: int) -> int:

@@ -11,7 +11,8 @@ import struct
 
 from pageserver.redo.amutil import block_ref, existing
 from pageserver.redo.masks import mask_page_lsn_and_checksum, mask_unused_space
-from pageserver.redo.page import BLCKSZ, PageError, get_lower, get_upper
+from pageserver.redo.page import PageError, get_lower, get_upper
+from pg15.constants import BLCKSZ
 from pg15.records import DecodedRecord
 
 _FRAGMENT = struct.Struct("<HH")

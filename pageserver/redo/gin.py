@@ -35,7 +35,6 @@ from pageserver.redo.masks import (
     mask_unused_space,
 )
 from pageserver.redo.page import (
-    BLCKSZ,
     FIRST_OFFSET,
     SIZE_OF_PAGE_HEADER,
     PageError,
@@ -49,6 +48,7 @@ from pageserver.redo.page import (
     set_lower,
     set_prune_xid,
 )
+from pg15.constants import BLCKSZ
 from pg15.records import DecodedRecord
 
 CREATE_PTREE = 0x10

@@ -32,7 +32,6 @@ from pageserver.redo.masks import (
     mask_unused_space,
 )
 from pageserver.redo.page import (
-    BLCKSZ,
     SIZE_OF_PAGE_HEADER,
     PageError,
     get_special,
@@ -43,6 +42,7 @@ from pageserver.redo.page import (
     page_init,
     set_lower,
 )
+from pg15.constants import BLCKSZ
 from pg15.records import DecodedRecord
 
 INIT_META_PAGE = 0x00

@@ -10,7 +10,6 @@ from __future__ import annotations
 import struct
 
 from pageserver.redo.page import (
-    BLCKSZ,
     HEADER,
     OFF_CHECKSUM,
     OFF_FLAGS,
@@ -25,6 +24,7 @@ from pageserver.redo.page import (
     line_pointer_array,
     max_offset,
 )
+from pg15.constants import BLCKSZ
 
 MASK_MARKER = 0
 

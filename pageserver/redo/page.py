@@ -14,9 +14,9 @@ import struct
 from collections.abc import Sequence
 from functools import lru_cache
 
+from pg15.constants import BLCKSZ
 from proto.errors import CorruptData, NeonError
 
-BLCKSZ = 8192
 MAXIMUM_ALIGNOF = 8
 SIZE_OF_PAGE_HEADER = 24
 ITEM_ID_SIZE = 4

@@ -28,18 +28,13 @@ from pageserver.redo import (
     needs_previous,
     redo_block,
 )
-from pageserver.redo.page import BLCKSZ, get_lsn, set_lsn
+from pageserver.redo.page import get_lsn, set_lsn
 from pageserver.redo.visibilitymap import vm_block, vm_changes, vm_clear
+from pg15.constants import BLCKSZ, RM_SMGR_ID, RM_XACT_ID, VISIBILITYMAP_FORKNUM
 from pg15.fpi import restore_page
 from pg15.lsn import format_lsn
-from pg15.records import (
-    VISIBILITYMAP_FORKNUM,
-    BlockRef,
-    DecodedRecord,
-    RelFileNode,
-)
+from pg15.records import BlockRef, DecodedRecord, RelFileNode
 from pg15.rmgr import smgr, xact
-from pg15.rmgr_names import RM_SMGR_ID, RM_XACT_ID
 from proto.errors import NeonError
 
 PageKey = tuple[int, int]  # (fork, blkno) within one relation

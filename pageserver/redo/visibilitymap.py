@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pageserver.redo.page import (
-    BLCKSZ,
     SIZE_OF_PAGE_HEADER,
     get_lsn,
     maxalign,
@@ -20,8 +19,8 @@ from pageserver.redo.page import (
     page_is_new,
     set_lsn,
 )
+from pg15.constants import BLCKSZ, RM_HEAP2_ID, RM_HEAP_ID
 from pg15.records import DecodedRecord, RelFileNode
-from pg15.rmgr_names import RM_HEAP2_ID, RM_HEAP_ID
 
 VISIBILITYMAP_ALL_VISIBLE = 0x01
 VISIBILITYMAP_ALL_FROZEN = 0x02

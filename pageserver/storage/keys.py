@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NewType
 
+from pg15.constants import FORK_NAMES
 from proto.errors import InvalidArgument
 
 KEY_SIZE = 18
@@ -50,8 +51,6 @@ _REL_PREFIX = 0x00
 _SLRU_PREFIX = 0x01
 _TWOPHASE_PREFIX = 0x02
 _CONTROL_PREFIX = 0x03
-
-FORK_NAMES = ("main", "fsm", "vm", "init")
 
 
 class SlruKind(enum.IntEnum):

@@ -9,6 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pg15.constants import (
+    RM_BTREE_ID,
+    RM_CLOG_ID,
+    RM_DBASE_ID,
+    RM_HEAP2_ID,
+    RM_HEAP_ID,
+    RM_MULTIXACT_ID,
+    RM_RELMAP_ID,
+    RM_SEQ_ID,
+    RM_SMGR_ID,
+    RM_STANDBY_ID,
+    RM_XACT_ID,
+    RM_XLOG_ID,
+)
 from pg15.records import DecodedRecord
 from pg15.rmgr import (
     btree,
@@ -24,20 +38,6 @@ from pg15.rmgr import (
     xlog,
 )
 from pg15.rmgr.fields import MainDataError
-from pg15.rmgr_names import (
-    RM_BTREE_ID,
-    RM_CLOG_ID,
-    RM_DBASE_ID,
-    RM_HEAP2_ID,
-    RM_HEAP_ID,
-    RM_MULTIXACT_ID,
-    RM_RELMAP_ID,
-    RM_SEQ_ID,
-    RM_SMGR_ID,
-    RM_STANDBY_ID,
-    RM_XACT_ID,
-    RM_XLOG_ID,
-)
 
 __all__ = ["DECODERS", "MainDataError", "decode_main"]
 

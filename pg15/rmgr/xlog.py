@@ -199,3 +199,8 @@ def decode(info: int, data: bytes) -> XlogMain:
     if op == XLOG_OVERWRITE_CONTRECORD:
         return XlogOverwriteContrecord(*unpack(_OVERWRITE, data, 0, "OVERWRITE_CONTRECORD"))
     raise MainDataError(f"unknown XLOG record info {info:#04x}")
+
+
+CHECKPOINT_RECORD_SIZE = 24 + 2 + 88
+"""A checkpoint record: the 24-byte XLogRecord header, the short main-data header
+(XLR_BLOCK_ID_DATA_SHORT and a length byte) and the 88-byte CheckPoint."""

@@ -39,8 +39,8 @@ import pytest
 
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
-from pageserver.reconstruct.page_reconstruct import (
-    ReconstructError,
+from pageserver.reconstruct.apply_delta import ReconstructError
+from pageserver.reconstruct.reads import (
     get_checkpoint,
     get_rel_size,
     get_slru_page,
@@ -53,10 +53,11 @@ from pageserver.reconstruct.page_reconstruct import (
 from pageserver.redo import UnsupportedRecord
 from pageserver.redo.clog import clog_get_status
 from pageserver.redo.masks import mask_page_lsn_and_checksum
-from pageserver.redo.page import BLCKSZ, PageError, page_is_new
+from pageserver.redo.page import PageError, page_is_new
 from pageserver.storage.keys import SlruKind, rel_block_key
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
+from pg15.constants import BLCKSZ
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import read_control_file
 from pg15.records import decode_record

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cli.pgbin import pg_binary
-from pageserver.ingest.import_datadir import CHECKPOINT_RECORD_SIZE, record_end_lsn
+from pageserver.ingest.import_datadir import record_end_lsn
 from pg15.pg_control import read_control_file
+from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE
 from proto.client import ProtoClient
 from tests.neoncli import NeonCli, pgbench, psql
 from tests.page_compare import fork_pages, masked_page, relation_files, relation_kinds

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from pageserver.basebackup.tar_stream import (
-    DatadirSource,
-    SnapshotSource,
-    TimelineSource,
-    basebackup,
-    extract_basebackup,
-)
+from cli.untar import extract_basebackup
+from pageserver.basebackup.sources import DatadirSource, SnapshotSource, TimelineSource
+from pageserver.basebackup.tar_stream import basebackup
 from pg15.lsn import format_lsn, parse_lsn
 from pg15.pg_control import read_control_file
 from tests.pgtest import PgTestCluster, PgTestServer

@@ -17,13 +17,11 @@ import crc32c
 import pytest
 
 from cli.pgbin import pg_binary
+from cli.untar import UnsafeArchive, extract_basebackup
 from pageserver.basebackup import tar_stream as bb
-from pageserver.basebackup.tar_stream import (
-    UnsafeArchive,
-    basebackup,
-    basebackup_chunks,
+from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
+from pageserver.basebackup.wal_synthesis import (
     checkpoint_record,
-    extract_basebackup,
     normalize_lsn,
     wal_segment_chunks,
 )

@@ -22,6 +22,7 @@ from pageserver.ingest.lsn_index import (
     datetime_to_pg_time,
     pg_time_to_datetime,
 )
+from pg15.constants import RM_HEAP_ID, RM_XACT_ID
 from pg15.lsn import parse_lsn, parse_segment_file_name
 from pg15.records import DecodedRecord, decode_record
 from pg15.rmgr import decode_main
@@ -31,7 +32,6 @@ from pg15.rmgr.xact import (
     XLOG_XACT_OPMASK,
     XactCommit,
 )
-from pg15.rmgr_names import RM_HEAP_ID, RM_XACT_ID
 from pg15.xlog_reader import WalReader
 from proto.errors import InvalidArgument, NotFound
 from tests.pgtest import PgTestCluster

@@ -17,8 +17,8 @@ from pageserver.ingest.walingest import (
     encode_record,
     fsm_logical_to_physical,
 )
-from pageserver.reconstruct.page_reconstruct import (
-    ReconstructError,
+from pageserver.reconstruct.apply_delta import ReconstructError, reconstruct
+from pageserver.reconstruct.reads import (
     get_checkpoint,
     get_rel_size,
     get_relmap,
@@ -30,7 +30,6 @@ from pageserver.reconstruct.page_reconstruct import (
     list_slru_segments,
     list_twophase_xids,
     materialize,
-    reconstruct,
 )
 from pageserver.redo import UnsupportedRecord
 from pageserver.redo.clog import clog_get_status
@@ -41,6 +40,18 @@ from pageserver.storage.compaction import create_image_layers
 from pageserver.storage.keys import SlruKind, rel_block_key, slru_block_key
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
+from pg15.constants import (
+    RM_CLOG_ID,
+    RM_DBASE_ID,
+    RM_HEAP2_ID,
+    RM_HEAP_ID,
+    RM_MULTIXACT_ID,
+    RM_RELMAP_ID,
+    RM_SMGR_ID,
+    RM_STANDBY_ID,
+    RM_XACT_ID,
+    RM_XLOG_ID,
+)
 from pg15.records import (
     BKPBLOCK_HAS_DATA,
     BKPBLOCK_HAS_IMAGE,
@@ -53,18 +64,6 @@ from pg15.records import (
     decode_record_bytes,
 )
 from pg15.rmgr.multixact import MultiXactCreate, MultiXactMember
-from pg15.rmgr_names import (
-    RM_CLOG_ID,
-    RM_DBASE_ID,
-    RM_HEAP2_ID,
-    RM_HEAP_ID,
-    RM_MULTIXACT_ID,
-    RM_RELMAP_ID,
-    RM_SMGR_ID,
-    RM_STANDBY_ID,
-    RM_XACT_ID,
-    RM_XLOG_ID,
-)
 from proto.errors import Conflict, InvalidArgument, NotFound
 from tests.pgtest import PgTestCluster
 

@@ -20,7 +20,7 @@ from pageserver.redo.page import (
     set_item_id,
     set_lsn,
 )
-from pg15.rmgr_names import RM_BTREE_ID
+from pg15.constants import RM_BTREE_ID
 from tests.redo_helpers import END_LSN, LSN, Blk, record
 
 RIGHT_SIB = 9

@@ -16,11 +16,7 @@ from pageserver.redo.clog import (
     clog_set_status,
     zero_page,
 )
-from pageserver.redo.multixact import (
-    MULTIXACT_MEMBERS_PER_PAGE,
-    MULTIXACT_OFFSETS_PER_PAGE,
-    apply_create,
-)
+from pageserver.redo.multixact import apply_create
 from pageserver.redo.page import (
     LP_DEAD,
     LP_NORMAL,
@@ -49,9 +45,15 @@ from pageserver.redo.visibilitymap import (
     vm_get,
     vm_set,
 )
+from pg15.constants import (
+    MULTIXACT_MEMBERS_PER_PAGE,
+    MULTIXACT_OFFSETS_PER_PAGE,
+    RM_HEAP2_ID,
+    RM_HEAP_ID,
+    RM_SEQ_ID,
+)
 from pg15.records import BKPIMAGE_APPLY, BlockImage
 from pg15.rmgr.multixact import MultiXactCreate, MultiXactMember
-from pg15.rmgr_names import RM_HEAP2_ID, RM_HEAP_ID, RM_SEQ_ID
 from tests.redo_helpers import END_LSN, LSN, Blk, record
 
 XMIN = 700

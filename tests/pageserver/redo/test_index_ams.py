@@ -18,7 +18,7 @@ from pageserver.redo.page import (
     page_add_item,
     set_lsn,
 )
-from pg15.rmgr_names import (
+from pg15.constants import (
     RM_BRIN_ID,
     RM_GENERIC_ID,
     RM_GIN_ID,

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from pageserver.redo import masks
 from pageserver.redo.page import (
-    BLCKSZ,
     LP_DEAD,
     LP_NORMAL,
     LP_REDIRECT,
@@ -47,6 +46,7 @@ from pageserver.redo.page import (
     set_prune_xid,
     special_area,
 )
+from pg15.constants import BLCKSZ
 
 items_st = st.lists(
     st.binary(min_size=1, max_size=200).map(lambda b: b.ljust(8, b"\x01")), min_size=1, max_size=30

@@ -23,6 +23,7 @@ import pageserver.redo.heap as heap_redo
 from cli.debug_commands import debug_group
 from cli.waldump import collect_segments, iter_records
 from pageserver.redo import clog, multixact
+from pg15.constants import SLRU_PAGES_PER_SEGMENT
 from pg15.records import DecodedRecord
 from pg15.rmgr import clog as clog_rmgr
 from pg15.rmgr import decode_main, xact
@@ -219,6 +220,6 @@ def test_clog_and_multixact_pages_match_server(server_files: Path) -> None:
         ("pg_multixact/members", members),
     ):
         for pageno, page in pages.items():
-            seg = server_files / name / f"{pageno // clog.SLRU_PAGES_PER_SEGMENT:04X}"
-            start = (pageno % clog.SLRU_PAGES_PER_SEGMENT) * 8192
+            seg = server_files / name / f"{pageno // SLRU_PAGES_PER_SEGMENT:04X}"
+            start = (pageno % SLRU_PAGES_PER_SEGMENT) * 8192
             assert seg.read_bytes()[start : start + 8192] == page, (name, pageno)

@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pageserver.ingest.lsn_index import LsnIndex, datetime_to_pg_time
 from pageserver.storage import keys as K
 from pageserver.storage.compaction import compact_level0, create_image_layers
 from pageserver.storage.gc import (
@@ -27,19 +25,14 @@ from pageserver.storage.gc import (
 from pageserver.storage.retention import (
     Retention,
     RetentionPolicy,
-    compute_retention,
     parse_duration,
     parse_size,
-    size_window_start,
 )
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, ReconstructData, Value, WalDelta
 from pg15.lsn import segment_file_name
-from pg15.records import DecodedRecord
-from pg15.rmgr.xact import XLOG_XACT_COMMIT
-from pg15.rmgr_names import RM_XACT_ID
 from proto.errors import InvalidArgument
 from tests.pageserver.storage.layers.test_layer_map import fold
 
@@ -388,41 +381,6 @@ def test_parse_retention() -> None:
     assert RetentionPolicy.parse("7d", "inf") == RetentionPolicy(7 * 86400.0, None)
     with pytest.raises(InvalidArgument):
         RetentionPolicy(ttl=0)
-
-
-def commit(lsn: int, when: datetime) -> DecodedRecord:
-    main = datetime_to_pg_time(when).to_bytes(8, "little")
-    return DecodedRecord(max(lsn - 40, 0), lsn, 40, 7, 0, XLOG_XACT_COMMIT, RM_XACT_ID, (), main)
-
-
-def test_compute_retention_ttl_and_size(store: TimelineStore, tmp_path: Path) -> None:
-    tl = store.create_timeline("aa")
-    lsns = history(tl, 24)
-    index = LsnIndex(tmp_path / "idx", 16 << 20)
-    t0 = datetime(2024, 5, 1, tzinfo=UTC)
-    for i, lsn in enumerate(lsns):
-        index.observe(commit(lsn, t0 + timedelta(hours=i)))
-    now = t0 + timedelta(hours=23, minutes=30)
-    r = compute_retention(tl, RetentionPolicy(ttl=5 * 3600), index, [lsns[2]], now)
-    # now - 5h = t0 + 18h30: the last commit before the first later one is #18.
-    assert r == Retention((lsns[2],), lsns[18], tl.last_record_lsn)
-    assert r.allows(lsns[2]) and r.allows(lsns[18]) and r.allows(tl.last_record_lsn + 100)
-    assert not r.allows(lsns[3]) and not r.allows(lsns[18] - 1)
-    # Younger than the TTL: everything is kept.
-    assert compute_retention(tl, RetentionPolicy(ttl=30 * 86400), index, (), now).window_start == 0
-    assert compute_retention(tl, None, index).window_start is None
-    # A size limit smaller than the history raises the start.
-    total = sum(d.file_size for d in tl.layer_map().deltas)
-    half = compute_retention(tl, RetentionPolicy(size_limit=total // 2), index)
-    assert half.window_start is not None and 0 < half.window_start <= tl.last_record_lsn
-    above = sum(d.file_size for d in tl.layer_map().deltas if d.lsn_end - 1 > half.window_start)
-    assert above <= total // 2
-    assert size_window_start(tl.layer_map(), total, 0) == 0
-    assert size_window_start(tl.layer_map(), 1, 0) == max(
-        d.lsn_end - 1 for d in tl.layer_map().deltas
-    )
-    both = compute_retention(tl, RetentionPolicy(5 * 3600, total // 2), index, (), now)
-    assert both.window_start == max(lsns[18], half.window_start)
 
 
 # --- WAL archive pruning ----------------------------------------------------------------------

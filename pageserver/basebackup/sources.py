@@ -1,0 +1,259 @@
+"""What a basebackup reads: the whole non-WAL state of a cluster at one LSN.
+
+Two sources: the page store at (timeline, LSN) through `pageserver.reconstruct`, and a cleanly
+shut-down data directory read file by file (tests, imports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from pageserver.ingest.import_datadir import import_lsn_of
+from pageserver.reconstruct import reads as pr
+from pageserver.storage.keys import SlruKind
+from pageserver.storage.timeline import Timeline
+from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE
+from pg15.datadir_layout import (
+    SLRU_SEGMENT_FILE,
+    TWOPHASE_FILE,
+    database_directory,
+    parse_relation_file_name,
+    relation_file_name,
+    slru_file_name,
+)
+from pg15.lsn import format_lsn
+from pg15.pg_control import read_control_file
+from pg15.rmgr.xlog import CheckPoint
+from proto.errors import CorruptData, NotFound
+
+
+class SnapshotSource(Protocol):
+    """What a basebackup reads: the whole non-WAL state of a cluster at one LSN."""
+
+    @property
+    def lsn(self) -> int:
+        """The record boundary this state is at (every page LSN is <= it)."""
+        ...
+
+    @property
+    def tracks_visibility_map(self) -> bool:
+        """True if VM pages are exact (implicit clears applied), so `_vm` forks may be shipped."""
+        ...
+
+    def list_dbs(self) -> list[tuple[int, int]]:
+        """(spc, db) of every database; (1664, 0) stands for the shared catalogs in global/."""
+        ...
+
+    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
+        """(relfilenode, fork) of every relation fork of a database."""
+        ...
+
+    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int: ...
+
+    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes: ...
+
+    def list_slru_segments(self, kind: SlruKind) -> list[int]: ...
+
+    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int: ...
+
+    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes: ...
+
+    def get_relmap(self, spc: int, db: int) -> bytes | None: ...
+
+    def get_twophase_files(self) -> dict[int, bytes]:
+        """xid -> pg_twophase/%08X file bytes (state data followed by its CRC-32C)."""
+        ...
+
+    def get_checkpoint(self) -> CheckPoint:
+        """The tracked counters (nextXid, nextOid, multis, oldest xids...)."""
+        ...
+
+    def get_control_template(self) -> bytes:
+        """pg_control bytes of this cluster: system id, compile-time fields, GUC snapshot."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineSource:
+    """The page store's state of `timeline` at `lsn`, read through pageserver.reconstruct."""
+
+    timeline: Timeline
+    lsn: int
+
+    @property
+    def tracks_visibility_map(self) -> bool:
+        # apply_delta applies the implicit VM clears of heap records and VM truncation.
+        return True
+
+    def list_dbs(self) -> list[tuple[int, int]]:
+        return pr.list_dbs(self.timeline, self.lsn)
+
+    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
+        return pr.list_rels(self.timeline, spc, db, self.lsn)
+
+    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
+        size = pr.get_rel_size(self.timeline, spc, db, rel, fork, self.lsn)
+        if size is None:
+            raise NotFound(f"relation {spc}/{db}/{rel} fork {fork} has no size at {self._at}")
+        return size
+
+    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
+        return pr.get_rel_page(self.timeline, spc, db, rel, fork, blkno, self.lsn)
+
+    def list_slru_segments(self, kind: SlruKind) -> list[int]:
+        return pr.list_slru_segments(self.timeline, kind, self.lsn)
+
+    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int:
+        size = pr.get_slru_segment_size(self.timeline, kind, segno, self.lsn)
+        if size is None:
+            raise NotFound(f"{kind.directory} segment {segno:04X} has no size at {self._at}")
+        return size
+
+    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
+        return pr.get_slru_page(self.timeline, kind, segno, blkno, self.lsn)
+
+    def get_relmap(self, spc: int, db: int) -> bytes | None:
+        return pr.get_relmap(self.timeline, spc, db, self.lsn)
+
+    def get_twophase_files(self) -> dict[int, bytes]:
+        return pr.get_twophase_files(self.timeline, self.lsn)
+
+    def get_checkpoint(self) -> CheckPoint:
+        checkpoint = pr.get_checkpoint(self.timeline, self.lsn)
+        if checkpoint is None:
+            raise NotFound(f"no checkpoint counters are tracked at {self._at}")
+        return checkpoint
+
+    def get_control_template(self) -> bytes:
+        raw = pr.get_control_file(self.timeline, self.lsn)
+        if raw is None:
+            raise NotFound(f"no pg_control was imported at or below {self._at}")
+        return raw
+
+    @property
+    def _at(self) -> str:
+        return format_lsn(self.lsn)
+
+
+class DatadirSource:
+    """A cleanly shut-down data directory, read file by file (tests, `snapshot import`).
+
+    Its LSN is the end of its shutdown checkpoint record. Holds one open relation segment
+    file at a time; use it as a context manager or call `close()`.
+    """
+
+    __slots__ = ("_control", "_lsn", "_open", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        # The same checks and LSN as an import of this directory into the page store.
+        self._lsn = import_lsn_of(self.path)
+        self._control = read_control_file(self.path)
+        self._open: tuple[Path, BinaryIO] | None = None
+
+    def __enter__(self) -> DatadirSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    @property
+    def lsn(self) -> int:
+        return self._lsn
+
+    @property
+    def tracks_visibility_map(self) -> bool:
+        return True  # the files of a clean shutdown are exact
+
+    def _db_dir(self, spc: int, db: int) -> Path:
+        return self.path / database_directory(spc, db)
+
+    def list_dbs(self) -> list[tuple[int, int]]:
+        dbs = [(GLOBALTABLESPACE_OID, 0)]
+        for entry in sorted((self.path / "base").iterdir()):
+            if entry.is_dir() and entry.name.isdigit():
+                dbs.append((DEFAULTTABLESPACE_OID, int(entry.name)))
+        return dbs
+
+    def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
+        rels: set[tuple[int, int]] = set()
+        for entry in self._db_dir(spc, db).iterdir():
+            parsed = parse_relation_file_name(entry.name)
+            if parsed is not None and entry.is_file():
+                rels.add((parsed.relfilenode, parsed.fork))
+        return sorted(rels)
+
+    def _seg_path(self, spc: int, db: int, rel: int, fork: int, segno: int) -> Path:
+        return self.path / relation_file_name(spc, db, rel, fork, segno)
+
+    def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
+        segno = 0
+        while True:
+            try:
+                size = self._seg_path(spc, db, rel, fork, segno).stat().st_size
+            except FileNotFoundError:
+                if segno == 0:
+                    raise NotFound(
+                        f"relation {spc}/{db}/{rel} fork {fork} does not exist"
+                    ) from None
+                return segno * RELSEG_SIZE
+            if size < RELSEG_SIZE * BLCKSZ:
+                return segno * RELSEG_SIZE + size // BLCKSZ
+            segno += 1
+
+    def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
+        path = self._seg_path(spc, db, rel, fork, blkno // RELSEG_SIZE)
+        return self._read_block(path, blkno % RELSEG_SIZE)
+
+    def _read_block(self, path: Path, blkno: int) -> bytes:
+        if self._open is None or self._open[0] != path:
+            self.close()
+            self._open = (path, open(path, "rb"))  # noqa: SIM115 - kept open across calls
+        f = self._open[1]
+        f.seek(blkno * BLCKSZ)
+        page = f.read(BLCKSZ)
+        if len(page) != BLCKSZ:
+            raise CorruptData(f"{path}: block {blkno} is past the end of the file")
+        return page
+
+    def _slru_dir(self, kind: SlruKind) -> Path:
+        return self.path / kind.directory
+
+    def list_slru_segments(self, kind: SlruKind) -> list[int]:
+        return sorted(
+            int(e.name, 16)
+            for e in self._slru_dir(kind).iterdir()
+            if SLRU_SEGMENT_FILE.match(e.name) and e.is_file()
+        )
+
+    def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int:
+        return (self._slru_dir(kind) / slru_file_name(segno)).stat().st_size // BLCKSZ
+
+    def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
+        return self._read_block(self._slru_dir(kind) / slru_file_name(segno), blkno)
+
+    def get_relmap(self, spc: int, db: int) -> bytes | None:
+        try:
+            return (self._db_dir(spc, db) / "pg_filenode.map").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def get_twophase_files(self) -> dict[int, bytes]:
+        return {
+            int(e.name, 16): e.read_bytes()
+            for e in sorted((self.path / "pg_twophase").iterdir())
+            if TWOPHASE_FILE.match(e.name)
+        }
+
+    def get_checkpoint(self) -> CheckPoint:
+        return self._control.checkpoint
+
+    def get_control_template(self) -> bytes:
+        return self._control.raw

@@ -1,0 +1,90 @@
+"""Where things live in a PostgreSQL 15 data directory, and how its files are named.
+
+Relation files: `src/common/relpath.c` (GetRelationPath: `global/<rel>`, `base/<db>/<rel>`,
+fork suffix, `.N` for segments past the first GiB); SLRU segments: `src/backend/access/transam/
+slru.c` (SlruFileName, four or more hex digits); two-phase state: `twophase.c` (TwoPhaseFilePath,
+the xid in eight hex digits); the directories initdb creates: `src/bin/initdb/initdb.c`
+(subdirs[]).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from pg15.constants import DEFAULTTABLESPACE_OID, FORK_SUFFIX, GLOBALTABLESPACE_OID
+from proto.errors import InvalidArgument
+
+PG_VERSION_FILE_CONTENT = b"15\n"
+"""What `PG_VERSION` holds, in the root and in every `base/<db>`."""
+
+# initdb's subdirs (PG15) minus base/1, which comes with the databases.
+PGDATA_SUBDIRS = (
+    "base",
+    "global",
+    "pg_commit_ts",
+    "pg_dynshmem",
+    "pg_logical",
+    "pg_logical/mappings",
+    "pg_logical/snapshots",
+    "pg_multixact",
+    "pg_multixact/members",
+    "pg_multixact/offsets",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat",
+    "pg_stat_tmp",
+    "pg_subtrans",
+    "pg_tblspc",
+    "pg_twophase",
+    "pg_wal",
+    "pg_wal/archive_status",
+    "pg_xact",
+)
+
+SLRU_SEGMENT_FILE = re.compile(r"^[0-9A-F]{4,6}$")
+TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}$")
+_REL_FILE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
+_SUFFIX_FORK = {suffix: fork for fork, suffix in FORK_SUFFIX.items()}
+
+
+class RelationFile(NamedTuple):
+    """A parsed relation segment file name: `<relfilenode>[_fork][.<segno>]`."""
+
+    relfilenode: int
+    fork: int
+    segno: int
+
+
+def parse_relation_file_name(name: str) -> RelationFile | None:
+    """The relation, fork and segment of a file in global/ or base/<db>/; None for other
+    files there (pg_filenode.map, PG_VERSION, pg_internal.init, temporary `t3_16384`)."""
+    m = _REL_FILE.match(name)
+    if m is None:
+        return None
+    return RelationFile(int(m.group(1)), _SUFFIX_FORK[m.group(2) or ""], int(m.group(3) or 0))
+
+
+def database_directory(spc: int, db: int) -> str:
+    """The directory inside PGDATA of a database's files; (1664, 0) is the shared catalogs."""
+    if spc == GLOBALTABLESPACE_OID:
+        return "global"
+    if spc == DEFAULTTABLESPACE_OID:
+        return f"base/{db}"
+    raise InvalidArgument(f"tablespace {spc} (database {db}) is not supported")
+
+
+def relation_file_name(spc: int, db: int, rel: int, fork: int, segno: int = 0) -> str:
+    """Path inside PGDATA of one segment file of a relation fork."""
+    base = database_directory(spc, db)
+    return f"{base}/{rel}{FORK_SUFFIX[fork]}" + (f".{segno}" if segno else "")
+
+
+def slru_file_name(segno: int) -> str:
+    return f"{segno:04X}"
+
+
+def twophase_file_name(xid: int) -> str:
+    return f"{xid:08X}"
