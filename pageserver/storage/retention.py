@@ -1,17 +1,10 @@
 """What history must stay readable: snapshots, child branch points and the PITR window.
 
-A PITR area is a retention policy over a timeline's WAL history: a TTL and/or a size limit,
+A PITR area is a retention policy over a node's WAL history: a TTL and/or a size limit,
 each possibly infinite (`--ttl 30d --size-limit 10G`, `inf`). It becomes a window
 [window_start, tip] of LSNs that stay readable; snapshots and child branch points add single
-retained LSNs. GC (`pageserver.storage.gc`) removes whatever no read at those LSNs needs.
-
-- TTL: window_start is `lsn_for_time(now - ttl)`, the LSN a `recovery_target_time` of
-  now - ttl gives (the end of the last commit before the first commit after that time), so
-  every time inside the TTL maps to an LSN inside the window. If no commit that old is known,
-  the whole timeline is kept.
-- Size limit: window_start is raised until the delta layers holding history above it weigh
-  at most size_limit (whole layer files, so an approximation).
-Both given: the tighter (higher) start wins, like a disk quota that overrides a TTL.
+retained LSNs. `pageserver.storage.gc_policy` computes them (`area_window`, `plan_gc`); GC
+(`pageserver.storage.gc`) removes whatever no read at those LSNs needs.
 """
 
 from __future__ import annotations
@@ -21,12 +14,9 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from fractions import Fraction
 
-from pageserver.ingest.lsn_index import LsnIndex
-from pageserver.storage.layers.layer_map import LayerMap
-from pageserver.storage.timeline import Timeline
 from proto.errors import InvalidArgument
 
 INFINITE = "inf"
@@ -155,42 +145,17 @@ class Retention:
         return best
 
 
-def size_window_start(layer_map: LayerMap, size_limit: int, floor: int) -> int:
+def size_window_start(delta_sizes: Iterable[tuple[int, int]], size_limit: int, floor: int) -> int:
     """The lowest LSN >= floor above which the delta layers' history weighs <= size_limit.
 
-    A window starting at x needs the delta layers with versions above x (lsn_end - 1 > x),
-    counted whole."""
+    `delta_sizes` are the (lsn_end, file bytes) of the delta layers. A window starting at x
+    needs the delta layers with versions above x (lsn_end - 1 > x), counted whole."""
     by_end: dict[int, int] = {}
-    for delta in layer_map.deltas:
-        by_end[delta.lsn_end - 1] = by_end.get(delta.lsn_end - 1, 0) + delta.file_size
+    for lsn_end, size in delta_sizes:
+        by_end[lsn_end - 1] = by_end.get(lsn_end - 1, 0) + size
     above = 0
     for end in sorted(by_end, reverse=True):
         above += by_end[end]
         if above > size_limit:
             return max(floor, end)  # the layers ending here no longer fit: start at them
     return floor
-
-
-def compute_retention(
-    timeline: Timeline,
-    policy: RetentionPolicy | None,
-    index: LsnIndex | None,
-    retain_lsns: Iterable[int] = (),
-    now: datetime | None = None,
-) -> Retention:
-    """The Retention of `timeline`: `retain_lsns` (its snapshots and its children's branch
-    points) plus the PITR window of `policy` (None: no PITR area, only the tip)."""
-    tip = timeline.last_record_lsn
-    retained = tuple(sorted(set(retain_lsns)))
-    if policy is None:
-        return Retention(retained, None, tip)
-    floor = timeline.ancestor_lsn
-    start = floor
-    if policy.ttl is not None and index is not None:
-        cutoff = policy.ttl_cutoff(now or datetime.now(UTC))
-        at = index.lsn_for_time(cutoff) if cutoff is not None else None
-        if at is not None:
-            start = max(start, at)
-    if policy.size_limit is not None:
-        start = max(start, size_window_start(timeline.layer_map(), policy.size_limit, floor))
-    return Retention(retained, min(start, tip), tip)
