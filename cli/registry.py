@@ -212,8 +212,16 @@ class Registry:
         )
 
 
+RETIRED_STORAGE_OPTIONS = ("compression",)
+"""Options older versions stored and that never did anything (layers are always
+zstd-compressed): dropped on read so no listing shows them."""
+
+
 def _storage(row: sqlite3.Row) -> StorageRow:
-    return StorageRow(row["name"], row["type"], json.loads(row["options"]), row["created_at"])
+    options = {
+        k: v for k, v in json.loads(row["options"]).items() if k not in RETIRED_STORAGE_OPTIONS
+    }
+    return StorageRow(row["name"], row["type"], options, row["created_at"])
 
 
 def _node(row: sqlite3.Row) -> NodeRow:

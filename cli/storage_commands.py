@@ -85,7 +85,7 @@ def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
     "configs",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Option, repeatable: path=DIR, compression=on, bucket=..., url=...",
+    help="Option, repeatable: path=DIR, bucket=..., url=...",
 )
 @click.pass_context
 def storage_attach(ctx: click.Context, type_: str, name: str, configs: tuple[str, ...]) -> None:

@@ -26,7 +26,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Options that are secrets: stored in a 0600 file, never in the registry nor printed.
 SECRET_OPTIONS = {"s3": ("secret_access_key",), "remote": ("token",), "native": ()}
 ALLOWED_OPTIONS = {
-    "native": ("path", "compression"),
+    "native": ("path",),
     "s3": ("bucket", "prefix", "endpoint", "region", "access_key_id", "secret_access_key"),
     "remote": ("url", "token"),
 }
@@ -85,15 +85,6 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return options
 
 
-def _on_off(value: str, key: str) -> str:
-    v = value.strip().lower()
-    if v in ("on", "true", "yes", "1"):
-        return "on"
-    if v in ("off", "false", "no", "0"):
-        return "off"
-    raise InvalidArgument(f"option {key} must be on or off, not {value!r}")
-
-
 def _validate_remote_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme != "neon" or not parts.hostname:
@@ -113,6 +104,11 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
         raise InvalidArgument(
             f"unknown storage type {type_!r}: use one of " + ", ".join(STORAGE_TYPES)
         )
+    if type_ == "native" and "compression" in raw:
+        raise InvalidArgument(
+            "a native storage has no compression option: its layer files are always "
+            "zstd-compressed; drop -c compression=..."
+        )
     unknown = sorted(set(raw) - set(ALLOWED_OPTIONS[type_]))
     if unknown:
         raise InvalidArgument(
@@ -129,7 +125,6 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
                 "(it is not resolved against the current directory)"
             )
         options["path"] = os.path.realpath(given)
-        options["compression"] = _on_off(options.get("compression", "off"), "compression")
     elif type_ == "s3":
         if not options.get("bucket"):
             raise InvalidArgument("an s3 storage needs -c bucket=NAME")
@@ -171,7 +166,7 @@ def display_options(type_: str, options: dict[str, str]) -> str:
     """The OPTIONS column: what differs from the defaults, never secrets."""
     shown = []
     for key, value in sorted(options.items()):
-        if key in ("path", "url") or (key == "compression" and value == "off"):
+        if key in ("path", "url"):
             continue
         if key == "prefix" and not value:
             continue
