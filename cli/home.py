@@ -66,8 +66,8 @@ class NeonHome:
         the root, logs/ and storage/ are enterable (never listable) by PostgreSQL's OS user,
         which needs the directories it owns below them.
         """
-        claim_dir(self.root, mode=traversal_mode(), markers=HOME_MARKERS, what="NEON_HOME")
         if not any((self.root / m).exists() for m in HOME_MARKERS):
+            claim_dir(self.root, mode=traversal_mode(), markers=HOME_MARKERS, what="NEON_HOME")
             (self.root / HOME_MARKERS[0]).touch(0o600)
         for sub, mode in (
             (self.secrets_dir, 0o700),

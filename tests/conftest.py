@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.neoncli import NeonCli
-from tests.pgtest import PgTestCluster, cluster_fixture, reachable_by_pg
+from tests.pgtest import PgTestCluster, cluster_fixture, pg_reachable_tmpdir
 
 
 @pytest.fixture
@@ -24,10 +24,16 @@ def pg_cluster_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgTe
 
 
 @pytest.fixture
-def neon(tmp_path: Path) -> Iterator[NeonCli]:
-    """The real `neon` CLI on a private NEON_HOME; nodes and daemon are stopped afterwards."""
-    cli = NeonCli(reachable_by_pg(tmp_path) / "home", {})
+def neon() -> Iterator[NeonCli]:
+    """The real `neon` CLI on a private NEON_HOME; nodes and daemon are stopped afterwards.
+
+    The home is not under tmp_path: pytest keeps its directories 0700 (and a concurrent
+    session resets them), while PostgreSQL's OS user must enter the home's parents.
+    """
+    base = pg_reachable_tmpdir("neon-home-")
+    cli = NeonCli(base / "home", {})
     try:
         yield cli
     finally:
         cli.cleanup()
+        shutil.rmtree(base, ignore_errors=True)

@@ -170,23 +170,16 @@ class PgTestCluster:
                         os.kill(pid, 9)
 
 
-def reachable_by_pg(path: Path) -> Path:
-    """Let PostgreSQL's OS user enter a test's temporary directory and the pytest directories
-    above it (pytest makes them 0700): o+x only. pg-neon itself never changes a directory it
-    did not create, so a home under tmp_path needs this when the tests run as root."""
-    top = Path(tempfile.gettempdir())
-    for directory in (path, *path.parents):
-        if top not in directory.parents:
-            break
-        mode = directory.stat().st_mode
-        if not mode & 0o001:
-            os.chmod(directory, mode | 0o001)
-    return path
+def pg_reachable_tmpdir(prefix: str) -> Path:
+    """A new directory in the temp dir that PostgreSQL's OS user may enter (not list): pg-neon
+    never changes a parent it did not create, and pytest's own directories are 0700."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o711)
+    return base
 
 
 def cluster_fixture(tmp_path_factory: object) -> Iterator[PgTestCluster]:
-    base = Path(tempfile.mkdtemp(prefix="neon-pgtest-"))
-    os.chmod(base, 0o711)
+    base = pg_reachable_tmpdir("neon-pgtest-")
     cluster = PgTestCluster(base)
     try:
         yield cluster

@@ -192,7 +192,7 @@ class Oracle:
 def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) -> None:
     neon.run("pg", "create", "--no-start")
     node = neon.json("pg", "show", "pgdata1")
-    work = tmp_path / "oracle"
+    work = neon.home.parent / "oracle"  # PostgreSQL's account enters it (tmp_path is 0700)
     postmaster.make_pg_dir(work, 0o711)
     postmaster.make_pg_dir(work / "sock", 0o700)
     base = work / "base"
