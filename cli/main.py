@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from proto.errors import NeonError
+from walreceiver.archive import PRIVATE_UMASK
 
 
 class NeonGroup(click.Group):
@@ -61,6 +63,9 @@ def _register_commands() -> None:
 
 
 def main() -> None:
+    # Everything pg-neon writes (history, WAL, registries, logs, secrets) is private to its
+    # owner; files PostgreSQL must read are handed to its account explicitly.
+    os.umask(PRIVATE_UMASK)
     _register_commands()
     cli(prog_name="neon")
 

@@ -75,7 +75,7 @@ def write_config(datadir: Path, settings: Mapping[str, object], hba_lines: list[
             _write_pg_file(datadir / name, "")
     include = f"include_if_exists = '{NEON_CONF}'"
     if include not in text:
-        conf.write_text(text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n")
+        _write_pg_file(conf, text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n")
     body = "".join(f"{k} = {quote_conf_value(v)}\n" for k, v in settings.items())
     _write_pg_file(datadir / NEON_CONF, "# written by neon; edits are overwritten\n" + body)
     _write_pg_file(datadir / "pg_hba.conf", "# written by neon\n" + "\n".join(hba_lines) + "\n")

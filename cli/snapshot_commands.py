@@ -16,7 +16,7 @@ from cli.context import App, get_app
 from cli.extract import download_basebackup
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import call_local
-from cli.pgbin import give_to_pg_user
+from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
 from pageserver.history.snapshots import check_user_tag, split_snapshot_name
 from pg15.lsn import format_lsn
@@ -155,6 +155,8 @@ def snapshot_start(ctx: click.Context, name: str, as_json: bool) -> None:
         _remove_server(app, name)
     root = _server_dir(app, name)
     shutil.rmtree(root, ignore_errors=True)
+    for directory in (root.parent, root):  # PostgreSQL's account enters them to reach pgdata
+        ensure_own_dir(directory, traversal_mode())
     datadir = root / "pgdata"
     port = _free_port(app)
     with app.registry.transaction() as cur:

@@ -26,6 +26,7 @@ from pageserver.api.service import VERSION, Pageserver
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
 from proto.errors import Conflict, NeonError
 from proto.server import ProtoServer
+from walreceiver.archive import PRIVATE_UMASK
 
 log = logging.getLogger("pageserver")
 
@@ -49,7 +50,7 @@ def acquire_pid_file(path: Path) -> None:
     """Refuse to run twice on one workdir; replace a pidfile left by a dead process."""
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             try:
                 other = int(path.read_text().strip() or "0")
@@ -178,6 +179,7 @@ def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # page history, WAL, registries, logs: readable by us only
     config, to_stderr = parse_args(argv)
     setup_logging(config, to_stderr)
     faulthandler.enable()  # a fatal signal leaves the threads' stacks in pageserver.stderr

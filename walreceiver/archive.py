@@ -35,6 +35,9 @@ PARTIAL = ".partial"
 # The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
 # registries and logs are readable by their owner only, like PostgreSQL's own data directory.
 PRIVATE_UMASK = 0o077
+# The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
+# registries and logs are readable by their owner only, like PostgreSQL's own data directory.
+PRIVATE_UMASK = 0o077
 _PAGEADDR = struct.Struct("<Q")
 _PAGEADDR_OFFSET = 8
 _SYSID_OFFSET = 24  # in the long header of a segment's first page

@@ -35,7 +35,7 @@ from typing import ParamSpec, TypeVar
 
 from pg15.lsn import format_lsn, lsn_segno, segment_start
 from proto.errors import Conflict, CorruptData, NeonError, Unavailable
-from walreceiver.archive import WalArchive
+from walreceiver.archive import PRIVATE_UMASK, WalArchive
 from walreceiver.replication import (
     ReplicationConnection,
     ReplicationStream,
@@ -518,6 +518,7 @@ async def _main(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # the WAL archive is readable by us only
     args = _parse_args(argv)
     faulthandler.enable()
     logging.basicConfig(

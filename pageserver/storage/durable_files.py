@@ -30,7 +30,8 @@ def write_chunks_durably(final: Path, chunks: Iterable[bytes]) -> int:
     tmp = temp_path(final)
     size = 0
     try:
-        with open(tmp, "wb") as f:
+        # Readable by the owner only, like everything pg-neon keeps (not left to the umask).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
                 size += len(chunk)

@@ -75,6 +75,55 @@ def as_intruder(*cmd: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _native_storages(neon: NeonCli) -> list[Path]:
+    return [Path(s["path"]) for s in neon.json("storage", "list") if s["type"] == "native"]
+
+
+def test_nobody_reads_nothing_under_the_home(live: LiveHome) -> None:
+    neon = live.neon
+    trees = [neon.home, *_native_storages(neon)]
+    # Only the way to PostgreSQL's own directories may be entered by others, never listed.
+    enterable = {neon.home, neon.home / "logs", neon.home / "storage", *trees[1:]}
+    seen = 0
+    for tree in trees:
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for name in [*dirnames, *filenames]:
+                path = Path(dirpath) / name
+                st = path.lstat()
+                mode = stat.S_IMODE(st.st_mode)
+                seen += 1
+                if stat.S_ISSOCK(st.st_mode):
+                    continue  # PostgreSQL's sockets, in its 0700 socket directory
+                if stat.S_ISDIR(st.st_mode):
+                    allowed = 0o011 if path in enterable else 0
+                    assert mode & 0o077 & ~allowed == 0, f"{path} is {mode:04o}"
+                else:
+                    assert mode & 0o077 == 0, f"{path} is {mode:04o}"
+        root_mode = stat.S_IMODE(tree.stat().st_mode)
+        assert root_mode & 0o066 == 0, f"{tree} is {root_mode:04o}"
+    assert seen > 100
+
+    # And for real: the intruder reads no page, no WAL, no listing, no secret, no log.
+    history = _native_storages(neon)[0] / "pagestore"
+    layer = next(p for p in (history / "timelines").glob("*/*") if "__" in p.name)
+    wal = next((history / "wal").glob("*/*/0000000*"))
+    targets = [
+        ["cat", str(layer)],
+        ["cat", str(wal)],
+        ["cat", str(history / "snapshots.json")],
+        ["ls", str(history)],
+        ["ls", str(neon.home)],
+        ["cat", str(neon.home / "registry.db")],
+        ["cat", str(neon.home / "pageserver" / "pageserver.log")],
+        ["ls", str(neon.home / "secrets")],
+        ["cat", str(neon.home / "logs" / "primary1" / "postgresql.log")],
+    ]
+    for cmd in targets:
+        proc = as_intruder(*cmd)
+        assert proc.returncode != 0 and "Permission denied" in proc.stderr, (cmd, proc)
+        assert not proc.stdout, cmd
+
+
 def test_storage_attach_takes_over_no_directory(live: LiveHome) -> None:
     neon, base = live.neon, live.base
     # A private directory with an empty one inside (the repro), a non-empty directory,
