@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets as _random
+import sys
 from pathlib import Path
 
-from proto.errors import NotFound
+import click
+
+from proto.errors import InvalidArgument, NotFound
+
+MASK = "****"  # what listings, JSON and messages show instead of a secret
+SOURCES_HINT = "@FILE (@- for stdin), env:VAR or --prompt-secrets"
 
 
 def generate_secret(nbytes: int = 24) -> str:
@@ -38,4 +44,38 @@ def ensure_secret(path: Path) -> str:
         return read_secret(path)
     value = generate_secret()
     write_secret(path, value)
+    return value
+
+
+def secret_from_source(what: str, value: str) -> tuple[str, bool]:
+    """The secret `value` stands for: `@FILE` (`@-`: stdin) or `env:VAR` read it from there
+    (nothing on the command line), anything else is the secret itself. Also returns whether it
+    was literal: then it sat in the process list, where every local user can read it."""
+    if value.startswith("@"):
+        source = value[1:]
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read {what} from {source}: {exc.strerror}") from None
+        secret, literal = text.rstrip("\r\n"), False
+    elif value.startswith("env:"):
+        variable = value[4:]
+        if variable not in os.environ:
+            raise InvalidArgument(f"environment variable {variable} (for {what}) is not set")
+        secret, literal = os.environ[variable], False
+    else:
+        secret, literal = value, True
+    if not secret:
+        raise InvalidArgument(f"{what} is empty")
+    return secret, literal
+
+
+def prompt_secret(what: str) -> str:
+    """Ask for a secret without echo; only on a terminal, so a script never hangs here."""
+    if not sys.stdin.isatty():
+        raise InvalidArgument(
+            f"cannot prompt for {what}: stdin is not a terminal; give it as -c KEY=@FILE "
+            "or -c KEY=env:VAR"
+        )
+    value: str = click.prompt(what, hide_input=True, err=True)
     return value

@@ -11,6 +11,7 @@ from cli.context import App, get_app
 from cli.nodes import HISTORY_DIR
 from cli.output import dir_size, human_size, print_json, print_table
 from cli.registry import StorageRow
+from cli.secrets import MASK, SOURCES_HINT
 from cli.storages import (
     DEFAULT_STORAGE,
     SECRET_OPTIONS,
@@ -21,7 +22,9 @@ from cli.storages import (
     location,
     materialize,
     parse_options,
+    read_secret_options,
     secret_path,
+    shown_options,
 )
 from proto.errors import AlreadyExists, Conflict
 
@@ -63,7 +66,7 @@ def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
         "name": row.name,
         "type": row.type,
         "type_label": TYPE_LABELS[row.type],
-        "options": row.options,
+        "options": shown_options(row.options),
         "secrets": [
             k for k in SECRET_OPTIONS[row.type] if secret_path(app.home, row.name, k).exists()
         ],
@@ -87,11 +90,25 @@ def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
     metavar="KEY=VALUE",
     help="Option, repeatable: path=DIR, bucket=..., url=...",
 )
+@click.option(
+    "--prompt-secrets",
+    is_flag=True,
+    help="Ask for the secrets not given with -c (hidden input; needs a terminal).",
+)
 @click.pass_context
-def storage_attach(ctx: click.Context, type_: str, name: str, configs: tuple[str, ...]) -> None:
-    """Attach (and initialize) a storage."""
+def storage_attach(
+    ctx: click.Context, type_: str, name: str, configs: tuple[str, ...], prompt_secrets: bool
+) -> None:
+    """Attach (and initialize) a storage.
+
+    Secrets (secret_access_key, token, password) are best given as -c KEY=@FILE (@- reads
+    stdin), -c KEY=env:VAR or --prompt-secrets: a literal value, or a password inside url=,
+    is visible to every local user in the process list while the command runs. They are
+    stored in NEON_HOME/secrets (0600) and shown as **** everywhere.
+    """
     app = get_app(ctx)
-    spec = build_spec(app.home, name, type_, parse_options(configs))
+    raw, literal = read_secret_options(name, type_, parse_options(configs), prompt=prompt_secrets)
+    spec = build_spec(app.home, name, type_, raw)
     if app.registry.find_storage(name) is not None:
         raise AlreadyExists(f"storage {name!r} already exists; see `neon storage list`")
     materialize(app.home, spec)
@@ -100,6 +117,12 @@ def storage_attach(ctx: click.Context, type_: str, name: str, configs: tuple[str
             raise AlreadyExists(f"storage {name!r} already exists; see `neon storage list`")
         app.registry.insert_storage(cur, spec.name, spec.type, spec.options)
     click.echo(f"Attached {TYPE_LABELS[type_]} storage {name} at {spec.path}")
+    if literal:
+        click.echo(
+            f"neon: warning: {', '.join(literal)} was on the command line, visible to other "
+            f"local users while it ran; next time give it as {SOURCES_HINT}",
+            err=True,
+        )
 
 
 @storage_group.command("list")
@@ -146,7 +169,7 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
         if key not in ("path", "url"):
             click.echo(f"  {key}: {value}")
     for key in info["secrets"]:
-        click.echo(f"  {key}: (stored, not shown)")
+        click.echo(f"  {key}: {MASK} (stored, not shown)")
     click.echo(f"  nodes: {', '.join(info['nodes']) or '-'}")
     if info["breakdown"]:
         click.echo("  used by:")

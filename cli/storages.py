@@ -10,11 +10,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cli.home import NeonHome
 from cli.pgbin import claim_dir, traversal_mode
-from cli.secrets import write_secret
+from cli.secrets import MASK, prompt_secret, secret_from_source, write_secret
 from pageserver.storage.durable_files import write_file_durably
 from proto.errors import InvalidArgument
 
@@ -24,11 +24,13 @@ TYPE_LABELS = {"native": "neon-local", "s3": "S3", "remote": "neon-remote"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 # Options that are secrets: stored in a 0600 file, never in the registry nor printed.
-SECRET_OPTIONS = {"s3": ("secret_access_key",), "remote": ("token",), "native": ()}
+# A secret can come from a file, the environment or a prompt instead of the command line
+# (cli/secrets.py); a remote url's password is split off into `password`.
+SECRET_OPTIONS = {"s3": ("secret_access_key",), "remote": ("token", "password"), "native": ()}
 ALLOWED_OPTIONS = {
     "native": ("path",),
     "s3": ("bucket", "prefix", "endpoint", "region", "access_key_id", "secret_access_key"),
-    "remote": ("url", "token"),
+    "remote": ("url", "token", "password"),
 }
 
 
@@ -52,7 +54,57 @@ def location(type_: str, options: dict[str, str]) -> str:
         return options["path"]
     if type_ == "s3":
         return f"s3://{options['bucket']}/{options.get('prefix', '')}".rstrip("/")
-    return options["url"]
+    return mask_url(options["url"])
+
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:)[^/]*@")
+
+
+def mask_url(url: str) -> str:
+    """The url with its password, if any, replaced by the mask (also for unparsable urls)."""
+    return _URL_PASSWORD.sub(rf"\g<1>{MASK}@", url)
+
+
+def split_url_password(url: str) -> tuple[str, str | None]:
+    """A valid url without its password, and the password (percent-decoded), if any."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    bare = urlunsplit(parts._replace(netloc=f"{user}@{hostport}" if user else hostport))
+    return bare, unquote(parts.password)
+
+
+def shown_options(options: dict[str, str]) -> dict[str, str]:
+    """Options fit for a listing: a url's password (stored before it was split off) masked."""
+    return {k: mask_url(v) if k in ("url", "endpoint") else v for k, v in options.items()}
+
+
+def read_secret_options(
+    name: str, type_: str, raw: dict[str, str], *, prompt: bool
+) -> tuple[dict[str, str], list[str]]:
+    """Options with each secret read from where it was given (-c KEY=@FILE, -c KEY=env:VAR,
+    the prompt); also the names of those given literally on the command line."""
+    options = dict(raw)
+    literal = []
+    for key in SECRET_OPTIONS.get(type_, ()):
+        if key in options:
+            options[key], was_literal = secret_from_source(f"{key} of storage {name}", raw[key])
+            if was_literal:
+                literal.append(key)
+    if type_ == "remote" and "url" in raw and _URL_PASSWORD.match(raw["url"]):
+        literal.append("the url's password")
+    if prompt:
+        url = raw.get("url", "")
+        # A url password is asked for only when the url names a user without one.
+        user_without_password = "@" in url.partition("//")[2].partition("/")[0] and not (
+            _URL_PASSWORD.match(url)
+        )
+        for key in SECRET_OPTIONS.get(type_, ()):
+            if key not in options and (key != "password" or user_without_password):
+                options[key] = prompt_secret(f"{key} of storage {name}")
+    return options, literal
 
 
 RESERVED_NAMES = ("pagestore",)
@@ -88,13 +140,15 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
 def _validate_remote_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme != "neon" or not parts.hostname:
-        raise InvalidArgument(f"invalid remote url {url!r}: expected neon://HOST:PORT[/PATH]")
+        raise InvalidArgument(
+            f"invalid remote url {mask_url(url)!r}: expected neon://HOST:PORT[/PATH]"
+        )
     try:
         port = parts.port
     except ValueError:
-        raise InvalidArgument(f"invalid port in remote url {url!r}") from None
+        raise InvalidArgument(f"invalid port in remote url {mask_url(url)!r}") from None
     if port is None:
-        raise InvalidArgument(f"remote url {url!r} needs a port: neon://HOST:PORT[/PATH]")
+        raise InvalidArgument(f"remote url {mask_url(url)!r} needs a port: neon://HOST:PORT[/PATH]")
 
 
 def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> StorageSpec:
@@ -133,12 +187,21 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
             parts = urlsplit(options["endpoint"])
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise InvalidArgument(
-                    f"invalid s3 endpoint {options['endpoint']!r}: expected http(s)://HOST[:PORT]"
+                    f"invalid s3 endpoint {mask_url(options['endpoint'])!r}: "
+                    "expected http(s)://HOST[:PORT]"
                 )
     else:
         if not options.get("url"):
             raise InvalidArgument("a remote storage needs -c url=neon://HOST:PORT[/PATH]")
         _validate_remote_url(options["url"])
+        options["url"], password = split_url_password(options["url"])
+        if password is not None:
+            if "password" in secrets:
+                raise InvalidArgument(
+                    "the remote password is given twice (in the url and as -c password=...); "
+                    "keep -c password=@FILE or env:VAR"
+                )
+            secrets["password"] = password
     return StorageSpec(name, type_, options, secrets)
 
 
