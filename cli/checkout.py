@@ -11,7 +11,8 @@ Steps, with a journal beside the data directory so that a crash at any step ends
 5. start the node.
 
 Once step 2 has happened the pageserver follows the new timeline, so recovery rolls forward:
-it redoes 3 and 4 (3 is repeatable: the branch point does not change).
+it redoes 3 and 4 (3 is repeatable: the branch point does not change). Recovery also
+deletes the temporary tar and extraction directory a killed download left.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from cli import nodes, postmaster
 from cli.context import App
-from cli.extract import download_basebackup
+from cli.extract import download_basebackup, remove_download_leftovers
 from cli.pageserver_control import call_local
 from cli.registry import NodeRow
 from pageserver.history.snapshots import head_tag, split_snapshot_name
@@ -108,6 +109,7 @@ def _swap(node: NodeRow) -> None:
 
 def finish_pending(app: App, node: NodeRow) -> bool:
     """Complete a checkout a crash interrupted; True if there was one."""
+    remove_download_leftovers(_new_dir(node))
     if not _journal(node).exists():
         if not node.datadir.exists() and _new_dir(node).exists():
             _swap(node)  # crashed between the two renames of the swap

@@ -8,7 +8,9 @@ single-user mode, before its first start, so the slot retains every WAL byte it 
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +20,26 @@ from cli.context import App
 from cli.pageserver_control import local_token, start_local
 from pageserver.basebackup.tar_stream import extract_basebackup
 from proto.client import ProtoClient
+
+
+_RANDOM = "?" * 8  # what tempfile.mkstemp/mkdtemp insert between prefix and suffix
+
+
+def remove_download_leftovers(target: Path) -> list[Path]:
+    """Delete what a killed `download_basebackup(target)` leaves beside `target`: the
+    temporary tar (`.<name>.XXXXXXXX.tar`) and the extraction's temporary directory
+    (`<name>.tmp-XXXXXXXX`, cli.untar). The caller owns `target` (no download into it runs)."""
+    name = glob.escape(target.name)
+    found = [
+        *target.parent.glob(f".{name}.{_RANDOM}.tar"),
+        *target.parent.glob(f"{name}.tmp-{_RANDOM}"),
+    ]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def download_basebackup(app: App, target: Path, **params: Any) -> dict[str, Any]:

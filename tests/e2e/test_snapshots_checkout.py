@@ -138,6 +138,39 @@ def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) 
     psql(c, "INSERT INTO t VALUES (1)")
 
 
+@pytest.mark.parametrize("leftover", [".pgdata1.checkout.*.tar", "pgdata1.checkout.tmp-*"])
+def test_checkout_killed_while_downloading_leaves_no_temporary_files(
+    neon: NeonCli, leftover: str
+) -> None:
+    """Killed while the basebackup tar is downloading, or while it is being extracted: the
+    next command's recovery deletes the temporary tar and the partial extraction."""
+    neon.run("pg", "create")
+    c = connstr(neon, "pgdata1")
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    psql(c, "INSERT INTO t SELECT generate_series(1, 5)")
+    storage = Path(neon.json("pg", "show", "pgdata1")["datadir"]).parent
+    proc = subprocess.Popen(
+        [NEON, "pg", "checkout", "pgdata1@s"],
+        env=neon.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not list(storage.glob(leftover)):
+        assert proc.poll() is None, "the checkout ended before it was caught downloading"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(storage.glob(leftover)), "the kill left nothing to clean"
+
+    neon.run("pg", "start", "pgdata1")
+    left = [p.name for p in storage.iterdir() if p.name.startswith(("pgdata1", ".pgdata1"))]
+    assert left == ["pgdata1"]
+    assert psql(c, "SELECT count(*) FROM t") in ("20000", "20005")
+
+
 def test_pageserver_killed_during_checkout(neon: NeonCli) -> None:
     neon.run("pg", "create")
     c = connstr(neon, "pgdata1")
