@@ -6,13 +6,18 @@ Steps, with a journal beside the data directory so that a crash at any step ends
 1. stop the node; name its current state `PG@HEAD{i}` (i = this node's checkout count);
 2. branch a new timeline at the snapshot (next PostgreSQL timeline ID) in the pageserver;
 3. rebuild the directory at the branch point into `<datadir>.checkout`, finish it (config,
-   passwords, slot) and mark it complete;
-4. swap: `<datadir>` -> `<datadir>.old`, `<datadir>.checkout` -> `<datadir>`, delete the old;
+   passwords, slot), fsync the whole tree, then write the completion marker (the journal's
+   text) durably;
+4. swap: `<datadir>` -> `<datadir>.old`, `<datadir>.checkout` -> `<datadir>`, fsyncing the
+   parent directory after each rename; delete the old, then the journal (parent fsynced);
 5. start the node.
 
 Once step 2 has happened the pageserver follows the new timeline, so recovery rolls forward:
-it redoes 3 and 4 (3 is repeatable: the branch point does not change). Recovery also
-deletes the temporary tar and extraction directory a killed download left.
+it redoes 3 and 4 (3 is repeatable: the branch point does not change). The fsync order keeps
+the journal true after a power loss too: a marker exists only over a durable tree, a renamed
+directory only after its marker, and the journal is gone only after the swap is durable. A
+marker equal to the journal in `<datadir>` means the swap happened. Recovery also deletes the
+temporary tar and extraction directory a killed download left.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from cli.extract import download_basebackup, remove_download_leftovers
 from cli.pageserver_control import call_local
 from cli.registry import NodeRow
 from pageserver.history.snapshots import head_tag, split_snapshot_name
-from pageserver.storage.durable_files import write_file_durably
+from pageserver.storage.durable_files import fsync_dir, fsync_tree, write_file_durably
 from proto.errors import InvalidArgument
 
 COMPLETE_MARKER = ".neon-checkout-complete"
@@ -80,31 +85,58 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
 
 
 def _roll_forward(app: App, node: NodeRow) -> None:
-    entry = json.loads(_journal(node).read_text())
-    if _current_timeline(app, node)["timeline_id"] == entry["old_timeline"]:
-        call_local(app, "node.branch", node_id=node.id, snapshot=entry["snapshot"], checkout=True)
-    new = _new_dir(node)
-    if not (new / COMPLETE_MARKER).exists():
-        shutil.rmtree(new, ignore_errors=True)
-        download_basebackup(app, new, node_id=node.id)
-        nodes.copy_config_files(node.datadir, new)
-        build = dataclasses.replace(node, datadir=new)
-        nodes.finish_datadir(app, build)
-        (new / COMPLETE_MARKER).write_text("")
-    _swap(node)
-    _journal(node).unlink(missing_ok=True)
+    journal = _journal(node).read_text()
+    if _marker(node.datadir) != journal:  # else the swap happened: only the cleanup is left
+        entry = json.loads(journal)
+        if _current_timeline(app, node)["timeline_id"] == entry["old_timeline"]:
+            call_local(
+                app, "node.branch", node_id=node.id, snapshot=entry["snapshot"], checkout=True
+            )
+        new = _new_dir(node)
+        if _marker(new) != journal:
+            shutil.rmtree(new, ignore_errors=True)
+            download_basebackup(app, new, node_id=node.id)
+            nodes.copy_config_files(node.datadir, new)
+            build = dataclasses.replace(node, datadir=new)
+            nodes.finish_datadir(app, build)
+            _seal(new, journal)
+        _swap(node)
+    _finish(node)
+
+
+def _marker(datadir: Path) -> str | None:
+    try:
+        return (datadir / COMPLETE_MARKER).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _seal(new: Path, journal: str) -> None:
+    """Mark a rebuilt directory complete, durably: its whole tree first, then the marker."""
+    fsync_tree(new)
+    write_file_durably(new / COMPLETE_MARKER, journal.encode())
 
 
 def _swap(node: NodeRow) -> None:
+    """The two renames, each made durable before the next step relies on it."""
     new, old, live = _new_dir(node), _old_dir(node), node.datadir
     if postmaster.running_pid(live) is not None:
         raise InvalidArgument(f"postgres runs on {live}; stop it before a checkout")
     if live.exists() and new.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a leftover: live is the state to keep
         os.replace(live, old)
+        fsync_dir(live.parent)
     if new.exists():
         os.replace(new, live)
-    (live / COMPLETE_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(live.parent)
+
+
+def _finish(node: NodeRow) -> None:
+    """After a durable swap: drop the old directory, then the journal, then the marker."""
+    shutil.rmtree(_old_dir(node), ignore_errors=True)
+    _journal(node).unlink(missing_ok=True)
+    fsync_dir(node.datadir.parent)
+    (node.datadir / COMPLETE_MARKER).unlink(missing_ok=True)
 
 
 def finish_pending(app: App, node: NodeRow) -> bool:
@@ -112,7 +144,8 @@ def finish_pending(app: App, node: NodeRow) -> bool:
     remove_download_leftovers(_new_dir(node))
     if not _journal(node).exists():
         if not node.datadir.exists() and _new_dir(node).exists():
-            _swap(node)  # crashed between the two renames of the swap
+            _swap(node)  # crashed between the two renames of a swap that fsynced nothing
+            _finish(node)
             return True
         return False
     _roll_forward(app, node)

@@ -25,6 +25,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """Make a whole directory tree durable in one bottom-up walk: each directory's files, then
+    the directory itself (after its subdirectories), `root` last. Symbolic links are not
+    followed (their own entry is made durable by their directory's fsync)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
 def write_chunks_durably(final: Path, chunks: Iterable[bytes]) -> int:
     """Write `chunks` to `final` atomically and durably; return the byte count."""
     tmp = temp_path(final)
