@@ -26,6 +26,7 @@ from pageserver_api.models import (
     NodeImportRequest,
     NodeListRequest,
     NodeListResponse,
+    NodePauseRequest,
     NodeRegisterRequest,
     NodeStatus,
     NodeUnregisterRequest,
@@ -90,6 +91,9 @@ class PageserverClient:
         return await self._call(request, NodeStatus)
 
     async def node_unregister(self, request: NodeUnregisterRequest) -> NodeStatus:
+        return await self._call(request, NodeStatus)
+
+    async def node_pause(self, request: NodePauseRequest) -> NodeStatus:
         return await self._call(request, NodeStatus)
 
     async def node_list(self) -> list[NodeStatus]:
@@ -203,6 +207,9 @@ class SyncPageserverClient:
 
     def node_unregister(self, request: NodeUnregisterRequest) -> NodeStatus:
         return self.run(lambda c: c.node_unregister(request))
+
+    def node_pause(self, request: NodePauseRequest) -> NodeStatus:
+        return self.run(lambda c: c.node_pause(request))
 
     def node_list(self) -> list[NodeStatus]:
         return self.run(lambda c: c.node_list())

@@ -52,6 +52,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 SERVER_ENDED = "server ended stream"
+PAUSED = "paused"
+"""Why run() returned after finish_stream(): the owner wants no new connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ class WalReceiver:
         self.lock_archive = lock_archive
         self._lock_fd: int | None = None
         self._retry_now = asyncio.Event()
+        self._finishing = False
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._state = ReceiverState.IDLE
@@ -163,6 +166,12 @@ class WalReceiver:
         """Skip the current reconnect backoff (the server was just started)."""
         self._retry_now.set()
 
+    def finish_stream(self) -> None:
+        """Connect no more: a stream in progress runs to its end (a server that is shutting
+        down sends its last WAL first), then run() returns PAUSED instead of reconnecting."""
+        self._finishing = True
+        self._retry_now.set()
+
     async def _backoff(self, seconds: float) -> None:
         self._retry_now.clear()
         with contextlib.suppress(TimeoutError):
@@ -181,6 +190,10 @@ class WalReceiver:
         backoff = self.min_backoff
         try:
             while True:
+                if self._finishing:
+                    self.end_reason = PAUSED
+                    self.state = ReceiverState.ENDED
+                    return PAUSED
                 self.state = ReceiverState.CONNECTING
                 try:
                     reason = await self._session()
@@ -195,6 +208,8 @@ class WalReceiver:
                     return reason
                 if self.state == ReceiverState.STREAMING:
                     backoff = self.min_backoff  # we got somewhere: start backing off afresh
+                if self._finishing:
+                    continue  # no reconnecting: the loop's top returns
                 self.state = ReceiverState.BACKOFF
                 log.warning("%s; reconnecting in %.1fs", self.last_error, backoff)
                 await self._backoff(backoff)
@@ -408,8 +423,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run under the pageserver (pageserver/follow/receiver_process.py): the password "
         "is the first line of stdin, the receiver stops when stdin closes (its parent died), "
-        "progress goes to stdout as JSON lines, SIGUSR1 skips a reconnect backoff, and a lock file "
-        "keeps a second receiver off the same archive",
+        "progress goes to stdout as JSON lines, SIGUSR1 skips a reconnect backoff, SIGUSR2 "
+        "finishes the current stream without reconnecting, and a lock file keeps a second "
+        "receiver off the same archive",
     )
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -500,6 +516,7 @@ async def _main(args: argparse.Namespace) -> str:
             loop.add_signal_handler(sig, task.cancel)
     if args.supervised:
         loop.add_signal_handler(signal.SIGUSR1, receiver.retry_now)
+        loop.add_signal_handler(signal.SIGUSR2, receiver.finish_stream)
 
         def watch_parent() -> None:
             # The raw fd, not sys.stdin: a daemon thread blocked inside the buffered reader

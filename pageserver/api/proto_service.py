@@ -11,7 +11,7 @@ from typing import Any
 from pageserver.api.service import Pageserver
 from pageserver.basebackup.tar_stream import basebackup_chunks
 from pageserver.follow.followed_nodes import FollowedNode
-from pageserver.reconstruct.page_reconstruct import get_rel_size, list_dbs, list_rels, materialize
+from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
 from pg15.constants import FORK_NAMES
@@ -36,6 +36,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
     async def node_unregister(ctx: RequestContext, req: m.NodeUnregisterRequest) -> m.NodeStatus:
         return m.NodeStatus(**await ps.unregister_node(req.node_id))
+
+    async def node_pause(ctx: RequestContext, req: m.NodePauseRequest) -> m.NodeStatus:
+        return m.NodeStatus(**ps.pause_node(req.node_id))
 
     async def node_list(ctx: RequestContext, req: m.NodeListRequest) -> m.NodeListResponse:
         return m.NodeListResponse(_node_statuses(ps.node_statuses()))
@@ -157,6 +160,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.StatusRequest: status,
         m.NodeRegisterRequest: node_register,
         m.NodeUnregisterRequest: node_unregister,
+        m.NodePauseRequest: node_pause,
         m.NodeListRequest: node_list,
         m.NodeWaitDecodedRequest: node_wait_decoded,
         m.NodeImportRequest: node_import,

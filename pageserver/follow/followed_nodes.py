@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,12 @@ class FollowedNode:
     """Where the node's page history and WAL archive live (default: in the workdir)."""
     pgdata: str | None = None
     """The data directory name: snapshots are named PGDATA@TAG."""
+    socket_dir: str | None = None
+    """The node's unix socket directory, private to its OS user: when set the receiver connects
+    there, where no other local user can listen in the node's place, instead of to host:port."""
+    paused: bool = field(default=False, compare=False)
+    """The CLI stopped the node: no connection is attempted until it registers it again (on
+    `pg start`). Not part of the node's identity: registering the same node resumes it."""
 
     @property
     def slot(self) -> str:

@@ -42,8 +42,8 @@ READ_CHUNK = 1 << 20  # archived WAL read and decoded at a time (larger is no fa
 FAILED_RETRY_SECONDS = 10.0
 ENDED_RETRY_SECONDS = 1.0
 STALLED_RETRY_SECONDS = 2.0
-# Errors that go away when the operator frees space: ingest waits and retries instead of failing.
-SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Errors the operator fixes (free space, remount read-write): ingest waits and retries then.
+STALL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class NodeFollower:
@@ -78,7 +78,7 @@ class NodeFollower:
         self.decode_error: str | None = None
         """Why decoding stopped for good (corrupt or missing WAL, a bug): it never resumes."""
         self.stall_error: str | None = None
-        """Why ingest waits (its storage is full); it retries until the space returns."""
+        """Why ingest waits (its storage is full or read-only); it retries until it can write."""
         self.stream_ended = False
         self._decoded_lsn = 0
         self._task: asyncio.Task[None] | None = None
@@ -319,7 +319,7 @@ class NodeFollower:
             try:
                 self.store.maybe_flush()
             except OSError as exc:
-                if exc.errno not in SPACE_ERRNOS:
+                if exc.errno not in STALL_ERRNOS:
                     self.decode_error = f"flushing page history failed: {exc}"
                     log.exception("node %s: flush failed", self.node.node_id)
                     return
@@ -327,8 +327,8 @@ class NodeFollower:
                     log.error("node %s: ingest stalled: %s", self.node.node_id, exc)
                 where = exc.filename or self.store.history.root
                 self.stall_error = (
-                    f"storage full: {exc.strerror} writing {where}; free space there, "
-                    "ingest resumes by itself"
+                    f"cannot write the page history: {exc.strerror} ({where}); ingest "
+                    "resumes by itself once there is room to write there"
                 )
                 with self._cond:
                     if self._stopping:

@@ -7,9 +7,11 @@ the pageserver decodes on the other, like PostgreSQL's own walreceiver process. 
 disk is the hand-over: the child reports how far it is durable, the decoder reads from there.
 
 The child gets the password on stdin (never in argv), reports progress as JSON lines, stops on
-SIGTERM or when our end of its stdin closes (so it never outlives a killed pageserver), and
-skips a reconnect backoff on SIGUSR1. `ReceiverProcess` mirrors its state with the attributes
-of `WalReceiver` (state, timeline, received_lsn, flushed_lsn, last_error).
+SIGTERM or when our end of its stdin closes (so it never outlives a killed pageserver),
+skips a reconnect backoff on SIGUSR1 and, on SIGUSR2, finishes its stream without
+reconnecting (`finish_stream`: the node is being stopped). `ReceiverProcess` mirrors its
+state with the attributes of `WalReceiver` (state, timeline, received_lsn, flushed_lsn,
+last_error).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from proto.errors import NeonError
-from walreceiver.receiver import ConnParams, ReceiverState
+from walreceiver.receiver import PAUSED, ConnParams, ReceiverState
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,12 @@ class ReceiverProcess:
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = False
+        self._finishing = False
+
+    @property
+    def running(self) -> bool:
+        """A child process runs (it may be connecting, streaming or backing off)."""
+        return self._proc is not None
 
     def _argv(self) -> list[str]:
         p = self.params
@@ -93,6 +101,7 @@ class ReceiverProcess:
         """Run the child until the server ends the stream (returns the reason); raise
         ReceiverFailed when it stops on an error. Cancelling stops the child."""
         self.end_reason = None
+        self._finishing = False
         self.state = ReceiverState.CONNECTING
         proc = await asyncio.create_subprocess_exec(
             *self._argv(),
@@ -103,6 +112,8 @@ class ReceiverProcess:
         )
         self._proc, self.pid = proc, proc.pid
         self._ready = False
+        if self._finishing:  # finish_stream() came while it was starting: nothing to finish
+            proc.terminate()
         failure: str | None = None
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -130,6 +141,11 @@ class ReceiverProcess:
             self._proc = None
             if proc.stdin is not None:
                 proc.stdin.close()
+        if self._finishing and failure is None:
+            # However it ended (stream done, or stopped before it connected): as asked.
+            self.state = ReceiverState.ENDED
+            self.end_reason = PAUSED
+            return PAUSED
         if code == 0 and self.end_reason is not None and self.end_reason != "stopped":
             self.state = ReceiverState.ENDED
             return self.end_reason
@@ -159,6 +175,16 @@ class ReceiverProcess:
         if proc is not None and proc.returncode is None and self._ready:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGUSR1)
+
+    def finish_stream(self) -> None:
+        """Let the child finish the stream it is in but connect no more; run() then returns
+        PAUSED. A child that has not reported yet has no stream to finish: it is stopped."""
+        self._finishing = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                # Before its first report it may not handle SIGUSR2 yet (it would die of it).
+                proc.send_signal(signal.SIGUSR2 if self._ready else signal.SIGTERM)
 
     @staticmethod
     async def _stop_child(proc: asyncio.subprocess.Process) -> None:
