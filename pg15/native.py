@@ -2,7 +2,8 @@
 
 The pure-Python reader and decoder are the reference; the C module only speeds up their
 common case and hands everything else back to them. It is built by `pip install` when a C
-compiler is present; set NEON_PURE_PYTHON=1 to run without it (tests compare the two).
+compiler is present; set NEON_PURE_PYTHON=1 to run without it (tests compare the two, and
+fail when it is missing unless NEON_PURE_PYTHON=1 or NEON_ALLOW_PURE_PYTHON=1 is set).
 """
 
 from __future__ import annotations

@@ -5,10 +5,8 @@ recovery, and compare pg_dump, prepared transactions, sequences, unlogged tables
 from __future__ import annotations
 
 import difflib
-import importlib
 import io
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,9 @@ from cli import postmaster
 from cli.untar import extract_basebackup
 from pageserver.basebackup.sources import DatadirSource, SnapshotSource, TimelineSource
 from pageserver.basebackup.tar_stream import basebackup
+from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.walingest import WalIngest
+from pageserver.storage.timeline_store import TimelineStore
 from pg15.lsn import format_lsn, parse_lsn
 from pg15.pg_control import read_control_file
 from tests.pgtest import PgTestCluster, PgTestServer
@@ -247,25 +248,11 @@ def ingest_wal_until(ingest: object, wal_dir: Path, start_lsn: int, record_lsn: 
         segno += 1
 
 
-def _import_datadir() -> Callable[..., int] | None:
-    try:
-        module = importlib.import_module("pageserver.ingest.import_datadir")
-    except ImportError:
-        return None
-    fn = getattr(module, "import_datadir", None)
-    return fn if callable(fn) else None
-
-
 def test_basebackup_through_pagestore(
     pg_cluster: PgTestCluster,
     stopped_source: tuple[PgTestServer, dict[str, str], int],
     tmp_path: Path,
 ) -> None:
-    import_datadir = _import_datadir()
-    if import_datadir is None:
-        pytest.skip("pageserver.ingest.import_datadir has not landed yet")
-    from pageserver.storage.timeline_store import TimelineStore
-
     source_server, expected, last_seq = stopped_source
     store = TimelineStore(tmp_path / "store")
     try:
@@ -283,12 +270,6 @@ def test_basebackup_through_pagestore(
 def test_basebackup_after_wal_ingest(pg_cluster: PgTestCluster, tmp_path: Path) -> None:
     """Import a fresh initdb, stream the workload's WAL through WalIngest, basebackup at the
     end of an idle CHECKPOINT record: the restored cluster dumps like the live one did."""
-    import_datadir = _import_datadir()
-    if import_datadir is None:
-        pytest.skip("pageserver.ingest.import_datadir has not landed yet")
-    from pageserver.ingest.walingest import WalIngest
-    from pageserver.storage.timeline_store import TimelineStore
-
     server = pg_cluster.create(
         {
             "wal_keep_size": "2GB",
