@@ -31,7 +31,6 @@ from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
 from pageserver.daemon import pid_alive
 from pageserver.follow.followed_nodes import slot_name
-from pageserver.redo import REDO_BY_RMGR
 from pageserver_api.models import (
     NodeBranchRequest,
     NodeImportRequest,
@@ -39,18 +38,6 @@ from pageserver_api.models import (
     NodeRegisterRequest,
     NodeUnregisterRequest,
     NodeWaitDecodedRequest,
-)
-from pg15.constants import (
-    RM_BRIN_ID,
-    RM_BTREE_ID,
-    RM_GENERIC_ID,
-    RM_GIN_ID,
-    RM_GIST_ID,
-    RM_HASH_ID,
-    RM_HEAP2_ID,
-    RM_HEAP_ID,
-    RM_SEQ_ID,
-    RM_SPGIST_ID,
 )
 from pg15.lsn import format_lsn, parse_lsn
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
@@ -348,10 +335,6 @@ def write_node_config(app: App, node: NodeRow) -> None:
         "log_rotation_size": "100MB",
         "log_line_prefix": "%m [%p] ",
     }
-    lacking = rmgrs_without_native_redo()
-    if lacking:
-        # Their records then carry page images, so the pagestore never needs their redo.
-        settings["wal_consistency_checking"] = ",".join(lacking)
     hba = [
         "# unix socket: the directory is private to the OS user that runs neon",
         "local all all trust",
@@ -360,25 +343,6 @@ def write_node_config(app: App, node: NodeRow) -> None:
         "host all all 127.0.0.1/32 scram-sha-256",
     ]
     postmaster.write_config(node.datadir, settings, hba)
-
-
-# wal_consistency_checking names of the rmgrs that change relation pages.
-_CHECKABLE_RMGRS = {
-    RM_HEAP_ID: "heap",
-    RM_HEAP2_ID: "heap2",
-    RM_BTREE_ID: "btree",
-    RM_HASH_ID: "hash",
-    RM_GIN_ID: "gin",
-    RM_GIST_ID: "gist",
-    RM_SEQ_ID: "sequence",
-    RM_SPGIST_ID: "spgist",
-    RM_BRIN_ID: "brin",
-    RM_GENERIC_ID: "generic",
-}
-
-
-def rmgrs_without_native_redo() -> list[str]:
-    return [name for rmgr, name in _CHECKABLE_RMGRS.items() if rmgr not in REDO_BY_RMGR]
 
 
 def node_status(app: App, node: NodeRow) -> NodeStatus:

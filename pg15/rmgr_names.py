@@ -249,14 +249,3 @@ def record_type_name(rmgr_id: int, info: int) -> str:
         if name is not None:
             return name
     return f"UNKNOWN ({info & 0xF0:x})"
-
-
-def all_record_types() -> list[tuple[str, str]]:
-    """Every (rmgr name, record type name) pair known, for reports that list zero counts."""
-    pairs = [
-        (RMGR_NAMES[rmid], name)
-        for rmid, (_, names) in sorted(_TYPES.items())
-        for name in names.values()
-    ]
-    pairs.append((RMGR_NAMES[RM_GENERIC_ID], "Generic"))
-    return pairs

@@ -86,11 +86,6 @@ def offsets(buf: bytes | memoryview, start: int, count: int) -> tuple[int, ...]:
     return struct.unpack_from(f"<{count}H", buf, start)
 
 
-def pack_item_pointer(blkno: int, posid: int) -> bytes:
-    """ItemPointerSet: block number as {hi, lo} halves, then the offset."""
-    return ITEM_POINTER.pack(blkno >> 16, blkno & 0xFFFF, posid)
-
-
 def set_item_pointer(page: bytearray, off: int, blkno: int, posid: int) -> None:
     ITEM_POINTER.pack_into(page, off, blkno >> 16, blkno & 0xFFFF, posid)
 

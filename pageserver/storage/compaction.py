@@ -43,7 +43,7 @@ def compact(timeline: Timeline, materialize: Materialize) -> CompactionResult:
     """One compaction pass: L0 -> L1 if due, then image layers where due."""
     with timeline.compaction_lock:
         merged, written = _compact_level0(timeline)
-        images = _create_image_layers(timeline, materialize, timeline.disk_consistent_lsn)
+        images = create_image_layers_at(timeline, materialize, timeline.disk_consistent_lsn)
     return CompactionResult(merged, written, images)
 
 
@@ -62,7 +62,7 @@ def create_image_layers(
 
     Returns the number of image layers written."""
     with timeline.compaction_lock:
-        return _create_image_layers(
+        return create_image_layers_at(
             timeline, materialize, timeline.disk_consistent_lsn, force=force
         )
 
@@ -142,9 +142,15 @@ def _partitions(keys: list[Key], keys_per_partition: int) -> list[tuple[KeyRange
     return [(KeyRange(s, e), chunk) for s, e, chunk in zip(starts, ends, chunks, strict=True)]
 
 
-def _create_image_layers(
+def create_image_layers_at(
     timeline: Timeline, materialize: Materialize, lsn: int, *, force: bool = False
 ) -> int:
+    """Write image layers at `lsn` for the key partitions where they are due: with
+    image_creation_threshold deltas above their newest image, or (forced) with any delta.
+
+    The caller holds `timeline.compaction_lock`: compaction writes them at
+    disk_consistent_lsn, GC at its horizon inside its own critical section (so the images
+    it weighed are the ones it removes layers against). Returns the number written."""
     if lsn <= 0:
         return 0
     keys = timeline.get_keys(FULL_KEYSPACE, lsn)

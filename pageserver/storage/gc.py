@@ -34,8 +34,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pageserver.reconstruct.page_reconstruct import reconstruct
-from pageserver.storage.compaction import PAGE_SIZE_ESTIMATE, Materialize, _create_image_layers
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.storage.compaction import (
+    PAGE_SIZE_ESTIMATE,
+    Materialize,
+    create_image_layers_at,
+)
 from pageserver.storage.durable_files import fsync_dir
 from pageserver.storage.keys import FULL_KEYSPACE, KeyRange, ranges_cover
 from pageserver.storage.layers.layer_map import LayerMap
@@ -132,7 +136,7 @@ def gc_timeline(
         if horizon > 0 and _images_pay_off(
             timeline, layer_map, points, removable, horizon, settings
         ):
-            images_written = _create_image_layers(timeline, materialize, horizon, force=True)
+            images_written = create_image_layers_at(timeline, materialize, horizon, force=True)
             layer_map = timeline.layer_map()
             removable = removable_layers(layer_map, points)
         if removable:
