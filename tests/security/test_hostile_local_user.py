@@ -22,6 +22,7 @@ import pytest
 from tests.neoncli import NeonCli, psql
 
 INTRUDER = "nobody"
+SNAPSHOT = "pgdata1@before"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +60,14 @@ def live() -> Iterator[LiveHome]:
             connstr,
             "CREATE TABLE t AS SELECT g, 'canary-' || g AS v FROM generate_series(1, 5000) g",
         )
-        neon.run("snapshot", "create", "pgdata1@before")
+        neon.run("snapshot", "create", SNAPSHOT)
         psql(connstr, "UPDATE t SET v = v || '!' WHERE g % 7 = 0")
         neon.run("pg", "stop", "pgdata1")
         neon.run("pg", "start", "pgdata1")
+        neon.run("snapshot", "start", SNAPSHOT)  # a read-only server's directory, running
         yield LiveHome(neon, base, outside_before)
     finally:
+        neon.run("snapshot", "stop", SNAPSHOT, check=False)
         neon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -83,7 +86,10 @@ def test_nobody_reads_nothing_under_the_home(live: LiveHome) -> None:
     neon = live.neon
     trees = [neon.home, *_native_storages(neon)]
     # Only the way to PostgreSQL's own directories may be entered by others, never listed.
-    enterable = {neon.home, neon.home / "logs", neon.home / "storage", *trees[1:]}
+    servers = neon.home / "snapshot-servers"
+    enterable = {neon.home, neon.home / "logs", neon.home / "storage", *trees[1:], servers}
+    enterable.update(servers.iterdir())
+    assert any(servers.glob("*/pgdata")), "the read-only server's directory is missing"
     seen = 0
     for tree in trees:
         for dirpath, dirnames, filenames in os.walk(tree):
@@ -117,6 +123,8 @@ def test_nobody_reads_nothing_under_the_home(live: LiveHome) -> None:
         ["cat", str(neon.home / "pageserver" / "pageserver.log")],
         ["ls", str(neon.home / "secrets")],
         ["cat", str(neon.home / "logs" / "primary1" / "postgresql.log")],
+        *(["cat", str(log)] for log in servers.glob("*/postgres.log")),
+        *(["ls", str(datadir)] for datadir in servers.glob("*/pgdata")),
     ]
     for cmd in targets:
         proc = as_intruder(*cmd)
