@@ -14,9 +14,10 @@ import pytest
 
 from pageserver.follow.receiver_process import ReceiverFailed, ReceiverProcess
 from pg15.lsn import parse_lsn
+from pg15.pg_control import read_control_file
 from tests.pgtest import PASSWORD, PgTestCluster
 from tests.walreceiver.test_replication import params, wait_for
-from walreceiver.receiver import ConnParams, ReceiverState
+from walreceiver.receiver import PAUSED, ConnParams, ReceiverState
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +115,50 @@ async def test_wrong_password_is_a_clear_failure(pg_cluster: PgTestCluster, tmp_
         await asyncio.wait_for(rp.run(), 60)
     assert rp.state == ReceiverState.FAILED
     assert rp.pid is not None and not alive(rp.pid)
+
+
+async def test_finish_stream_takes_the_last_wal_then_connects_no_more(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """What `pg stop` asks (node.pause): the stream in progress receives the stopping
+    server's shutdown checkpoint, then the child exits instead of reconnecting."""
+    server = pg_cluster.create()
+    rp = ReceiverProcess(params(server), "fin", tmp_path / "wal", on_progress=lambda r: None)
+    task = asyncio.create_task(rp.run())
+    try:
+        await wait_for(lambda: rp.state == ReceiverState.STREAMING, what="streaming")
+        pid = rp.pid
+        assert pid is not None
+        rp.finish_stream()
+        server.psql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")
+        await asyncio.to_thread(server.stop, "fast")
+        assert await asyncio.wait_for(task, 30) == PAUSED
+        checkpoint = read_control_file(server.datadir).checkpoint_lsn
+        assert rp.flushed_lsn > checkpoint, "the shutdown checkpoint was not received"
+        assert not rp.running and not alive(pid)
+    finally:
+        await stop(task)
+
+
+async def test_finish_stream_while_starting_or_backing_off(tmp_path: Path) -> None:
+    """Nothing listens on the port: whenever the pause comes, run() returns PAUSED at once
+    (not after a reconnect backoff) and no connection is tried afterwards."""
+    down = ConnParams("127.0.0.1", 1, "u", "p")
+    rp = ReceiverProcess(down, "down", tmp_path / "wal", on_progress=lambda r: None)
+    task = asyncio.create_task(rp.run())
+    await asyncio.sleep(0)  # the child is being started
+    rp.finish_stream()
+    assert await asyncio.wait_for(task, 30) == PAUSED
+    rp = ReceiverProcess(down, "down", tmp_path / "wal", on_progress=lambda r: None)
+    task = asyncio.create_task(rp.run())
+    try:
+        await wait_for(lambda: rp.state == ReceiverState.BACKOFF, what="backing off")
+        start = time.monotonic()
+        rp.finish_stream()
+        assert await asyncio.wait_for(task, 30) == PAUSED
+        assert time.monotonic() - start < 3
+    finally:
+        await stop(task)
 
 
 async def test_idle_follower_does_not_spin(tmp_path: Path) -> None:
