@@ -11,7 +11,8 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from proto.errors import ProtocolError
+from pg15.lsn import parse_lsn
+from proto.errors import InvalidArgument, ProtocolError
 
 PROTOCOL_VERSION = 3 << 16  # 196608
 # The largest backend message we accept. XLogData is at most 128 KiB of WAL; a timeline
@@ -543,3 +544,333 @@ def standby_status_update(
 def pg_now_us(unix_time: float) -> int:
     """A Unix time as PostgreSQL's microseconds since 2000-01-01."""
     return int(unix_time * 1_000_000) - PG_EPOCH_OFFSET_US
+
+
+# --------------------------------------------------------------------------------------------
+# BASE_BACKUP (PostgreSQL 15, TARGET 'client')
+#
+# basebackup_copy.c's "copystream" sink: a result set with the start position (recptr, tli),
+# a result set with the tablespaces (spcoid, spclocation, size in kB; the main data directory
+# is the last row, all NULL but the size), then one COPY OUT for the whole backup whose
+# CopyData payloads start with a type byte: 'n' a new archive (name, tablespace location, ''
+# for the main one), 'd' data of the current archive (or of the manifest after 'm'), 'p'
+# progress (uint64 bytes done), 'm' the manifest follows. Then CopyDone, a result set with the
+# end position, CommandComplete "BASE_BACKUP" and ReadyForQuery. An archive ends where the
+# next 'n' or 'm' or the CopyDone comes; its tar stream ends with two zero blocks.
+
+TAR_BLOCK = 512
+_TAR_END = bytes(2 * TAR_BLOCK)
+_U64 = struct.Struct("!Q")
+
+
+@dataclass(frozen=True, slots=True)
+class BackupStarted:
+    """The backup's start: the redo point of its checkpoint, and that point's timeline."""
+
+    lsn: int
+    timeline: int
+
+
+@dataclass(frozen=True, slots=True)
+class TablespaceInfo:
+    """One row of the tablespace list: oid and location are None for the main directory."""
+
+    oid: int | None
+    location: str | None
+    size_kb: int | None  # the server's estimate, only with the PROGRESS option
+
+
+@dataclass(frozen=True, slots=True)
+class BackupTablespaces:
+    tablespaces: tuple[TablespaceInfo, ...]
+
+    @property
+    def total_bytes(self) -> int | None:
+        """The estimated size of every archive (WAL not included); None without PROGRESS."""
+        sizes = [t.size_kb for t in self.tablespaces]
+        if any(s is None for s in sizes):
+            return None
+        return sum(s for s in sizes if s is not None) * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveStart:
+    """CopyData 'n': the next archive; location None for the main data directory."""
+
+    name: str
+    tablespace_location: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupCopyChunk:
+    """CopyData 'd': bytes of the current archive or manifest (a view of the message)."""
+
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressReport:
+    """CopyData 'p': archive bytes the server has sent so far (at most one a second)."""
+
+    bytes_done: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestStart:
+    """CopyData 'm': the backup manifest follows (only when MANIFEST was asked for)."""
+
+
+BackupCopyMessage = ArchiveStart | BackupCopyChunk | ProgressReport | ManifestStart
+
+
+def decode_backup_copy_data(payload: bytes) -> BackupCopyMessage:
+    """Decode one CopyData payload of BASE_BACKUP's copy stream (pg_basebackup's checks)."""
+    if not payload:
+        raise ProtocolError("empty CopyData in the base backup stream")
+    kind = payload[:1]
+    if kind == b"d":
+        return BackupCopyChunk(memoryview(payload)[1:])
+    body = _Body(payload)
+    body.take(1)
+    msg: BackupCopyMessage
+    if kind == b"n":
+        name, location = body.cstring(), body.cstring()
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise ProtocolError(f"invalid archive name {name!r} in the base backup stream")
+        msg = ArchiveStart(name, location or None)
+    elif kind == b"p":
+        msg = ProgressReport(int(_U64.unpack(body.take(8))[0]))
+    elif kind == b"m":
+        msg = ManifestStart()
+    else:
+        raise ProtocolError(f"unknown message type {kind!r} in the base backup stream")
+    body.end()
+    return msg
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveData:
+    """Bytes of the current archive, in order."""
+
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveEnd:
+    """The current archive is complete: `size` bytes, ending with the tar terminator."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestData:
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class BackupEnded:
+    """The backup's end position: recovery must replay WAL up to here to be consistent."""
+
+    lsn: int
+    timeline: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackupFinished:
+    """CommandComplete and ReadyForQuery: the server finished the command without error."""
+
+
+BaseBackupEvent = (
+    BackupStarted
+    | BackupTablespaces
+    | ArchiveStart
+    | ArchiveData
+    | ArchiveEnd
+    | ProgressReport
+    | ManifestStart
+    | ManifestData
+    | BackupEnded
+    | BackupFinished
+    | ErrorResponse
+)
+
+
+def _lsn_text(text: str) -> int:
+    try:
+        return parse_lsn(text)
+    except InvalidArgument:
+        raise ProtocolError(f"invalid LSN {text!r} in the base backup stream") from None
+
+
+def _int_text(value: bytes | None, what: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"invalid {what} {value!r} in the base backup stream") from None
+
+
+class BaseBackupReader:
+    """The sequence of backend messages a BASE_BACKUP command answers, as typed events.
+
+    Sans-I/O: `handle(msg)` takes each backend message after the command was sent and returns
+    the events it completes. Anything out of order, an archive that is not a whole tar stream
+    (an archive's end must be its two zero blocks), data outside an archive, or a tablespace
+    location the list did not announce is a ProtocolError. An ErrorResponse is returned as an
+    event (the backup failed, whatever came before it: a checksum failure is reported even
+    after the end position); NoticeResponse and ParameterStatus are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._state = "start"
+        self._columns = 0
+        self._row: tuple[bytes | None, ...] | None = None
+        self._tablespaces: list[TablespaceInfo] = []
+        self._locations: set[str | None] = set()
+        self._archive: ArchiveStart | None = None
+        self._archive_size = 0
+        self._tail = b""
+        self._seen_main = False
+        self._in_manifest = False
+        self.failed = False
+
+    @property
+    def finished(self) -> bool:
+        """True once the server reported success (BackupFinished) or an error."""
+        return self._state in ("finished", "failed")
+
+    def handle(self, msg: BackendMessage) -> list[BaseBackupEvent]:
+        if isinstance(msg, NoticeResponse | ParameterStatus):
+            return []
+        if self.failed and isinstance(msg, ReadyForQuery):
+            return []  # what follows an ErrorResponse
+        if self.finished:
+            raise ProtocolError(f"unexpected {type(msg).__name__} after the base backup ended")
+        if isinstance(msg, ErrorResponse):
+            self._state = "failed"
+            self.failed = True
+            return [msg]
+        state = self._state
+        if state == "copy":
+            return self._copy(msg)
+        if state in ("start", "tablespaces", "end"):
+            return self._result_set(msg)
+        if state == "copy_response" and isinstance(msg, CopyOutResponse):
+            self._state = "copy"
+            return []
+        if state == "command_complete" and isinstance(msg, CommandComplete):
+            self._state = "ready"
+            return []
+        if state == "ready" and isinstance(msg, ReadyForQuery):
+            self._state = "finished"
+            return [BackupFinished()]
+        raise ProtocolError(f"unexpected {type(msg).__name__} in the base backup ({state})")
+
+    def _result_set(self, msg: BackendMessage) -> list[BaseBackupEvent]:
+        want = 3 if self._state == "tablespaces" else 2
+        if isinstance(msg, RowDescription) and not self._columns:
+            if len(msg.fields) != want:
+                raise ProtocolError(
+                    f"base backup {self._state} result has {len(msg.fields)} columns, "
+                    f"expected {want}"
+                )
+            self._columns = want
+            return []
+        if isinstance(msg, DataRow) and self._columns:
+            if len(msg.values) != want:
+                raise ProtocolError(f"base backup {self._state} row has {len(msg.values)} values")
+            if self._state == "tablespaces":
+                self._tablespaces.append(self._tablespace(msg.values))
+            elif self._row is not None:
+                raise ProtocolError(f"base backup {self._state} result has more than one row")
+            else:
+                self._row = msg.values
+            return []
+        if isinstance(msg, CommandComplete) and self._columns:
+            self._columns = 0
+            return [self._finish_result_set()]
+        raise ProtocolError(f"unexpected {type(msg).__name__} in the base backup ({self._state})")
+
+    def _tablespace(self, values: tuple[bytes | None, ...]) -> TablespaceInfo:
+        oid = _int_text(values[0], "tablespace oid")
+        location = None if values[1] is None else values[1].decode("utf-8", errors="replace")
+        if (oid is None) != (location is None) or location == "":
+            raise ProtocolError("a tablespace row has an oid without a location or the reverse")
+        if location in self._locations:
+            raise ProtocolError(f"tablespace location {location!r} listed twice")
+        self._locations.add(location)
+        return TablespaceInfo(oid, location, _int_text(values[2], "tablespace size"))
+
+    def _finish_result_set(self) -> BaseBackupEvent:
+        if self._state == "tablespaces":
+            if None not in self._locations:
+                raise ProtocolError("the tablespace list has no row for the main data directory")
+            self._state = "copy_response"
+            return BackupTablespaces(tuple(self._tablespaces))
+        row, self._row = self._row, None
+        if row is None or row[0] is None or row[1] is None:
+            raise ProtocolError(f"base backup {self._state} position is missing")
+        lsn = _lsn_text(row[0].decode("ascii", errors="replace"))
+        tli = _int_text(row[1], "timeline") or 0
+        if self._state == "start":
+            self._state = "tablespaces"
+            return BackupStarted(lsn, tli)
+        self._state = "command_complete"
+        return BackupEnded(lsn, tli)
+
+    def _copy(self, msg: BackendMessage) -> list[BaseBackupEvent]:
+        if isinstance(msg, CopyDone):
+            events = self._end_archive()
+            if not self._seen_main:
+                raise ProtocolError("the base backup stream ended without the main archive")
+            self._state = "end"
+            return events
+        if not isinstance(msg, CopyData):
+            raise ProtocolError(f"unexpected {type(msg).__name__} in the base backup stream")
+        part = decode_backup_copy_data(msg.data)
+        if isinstance(part, BackupCopyChunk):
+            if self._in_manifest:
+                return [ManifestData(part.data)]
+            if self._archive is None:
+                raise ProtocolError("archive data before any archive in the base backup stream")
+            self._take(part.data)
+            return [ArchiveData(part.data)]
+        if isinstance(part, ProgressReport):
+            return [part]
+        if self._in_manifest:
+            raise ProtocolError(f"{type(part).__name__} after the manifest in the base backup")
+        events = self._end_archive()
+        if isinstance(part, ManifestStart):
+            self._in_manifest = True
+            return [*events, part]
+        if part.tablespace_location not in self._locations:
+            raise ProtocolError(
+                f"archive {part.name!r} is for tablespace location "
+                f"{part.tablespace_location!r}, which the tablespace list did not announce"
+            )
+        if part.tablespace_location is None:
+            if self._seen_main:
+                raise ProtocolError("two archives of the main data directory")
+            self._seen_main = True
+        self._archive, self._archive_size, self._tail = part, 0, b""
+        return [*events, part]
+
+    def _take(self, data: bytes | memoryview) -> None:
+        self._archive_size += len(data)
+        if len(data) >= len(_TAR_END):
+            self._tail = bytes(data[-len(_TAR_END) :])
+        else:
+            self._tail = (self._tail + bytes(data))[-len(_TAR_END) :]
+
+    def _end_archive(self) -> list[BaseBackupEvent]:
+        archive, self._archive = self._archive, None
+        if archive is None:
+            return []
+        if self._archive_size % TAR_BLOCK or self._tail != _TAR_END:
+            raise ProtocolError(
+                f"archive {archive.name!r} ended after {self._archive_size} bytes without the "
+                "tar end-of-archive blocks"
+            )
+        return [ArchiveEnd(archive.name, self._archive_size)]
