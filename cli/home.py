@@ -51,6 +51,11 @@ class NeonHome:
         return self.root / "pageserver"
 
     @property
+    def locks_dir(self) -> Path:
+        """Per-node command locks (cli/node_lock.py), made on first use."""
+        return self.root / "locks"
+
+    @property
     def socket_dir(self) -> Path:
         """Unix sockets of local nodes; a short path in the temp dir when ours is too long."""
         preferred = self.root / "run"

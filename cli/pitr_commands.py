@@ -7,11 +7,12 @@ from typing import Any
 import click
 
 from cli.context import get_app
+from cli.node_lock import node_lock
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import call_local
 from pageserver.storage.retention import RetentionPolicy
 from pg15.lsn import format_lsn, parse_lsn
-from proto.errors import InvalidArgument
+from proto.errors import InvalidArgument, NotFound
 
 
 @click.group("pitr")
@@ -126,7 +127,12 @@ def pitr_extract(
         params["time"] = at
     if tag is not None:
         params["tag"] = tag
-    snap = call_local(get_app(ctx), "pitr.extract", **params)
+    app = get_app(ctx)
+    area = next((a for a in call_local(app, "pitr.list") if a["name"] == name), None)
+    if area is None:
+        raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
+    with node_lock(app.home, area["node_id"], "pitr extract-snapshot"):
+        snap = call_local(app, "pitr.extract", **params)
     if as_json:
         print_json({**snap, "lsn_text": format_lsn(snap["lsn"])})
     else:

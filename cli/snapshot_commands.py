@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import struct
@@ -14,6 +15,7 @@ import click
 from cli import nodes, postmaster
 from cli.context import App, get_app
 from cli.extract import download_basebackup
+from cli.node_lock import locked_node, node_lock
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import call_local
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
@@ -39,14 +41,14 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
     app = get_app(ctx)
     pgdata, tag = split_snapshot_name(name)
     check_user_tag(tag)
-    node = app.registry.get_node(pgdata)
-    name = f"{node.pgdata}@{tag}"
-    # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
-    wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
-    params: dict[str, Any] = {"node_id": node.id, "name": name, "wait_timeout": 120}
-    if wait is not None:
-        params["lsn"] = wait
-    snap = call_local(app, "snapshot.create", **params)
+    with locked_node(app, pgdata, "snapshot create") as node:
+        name = f"{node.pgdata}@{tag}"
+        # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
+        wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+        params: dict[str, Any] = {"node_id": node.id, "name": name, "wait_timeout": 120}
+        if wait is not None:
+            params["lsn"] = wait
+        snap = call_local(app, "snapshot.create", **params)
     if as_json:
         print_json({**snap, "lsn_text": format_lsn(snap["lsn"])})
 
@@ -112,7 +114,11 @@ def snapshot_destroy(ctx: click.Context, name: str) -> None:
         raise Conflict(
             f"a read-only server runs over {name}; stop it with `neon snapshot stop {name}`"
         )
-    call_local(app, "snapshot.destroy", name=name)
+    node = app.registry.find_node(_pgdata)  # none once the node is destroyed
+    with contextlib.ExitStack() as lock:
+        if node is not None:
+            lock.enter_context(node_lock(app.home, node.id, "snapshot destroy"))
+        call_local(app, "snapshot.destroy", name=name)
     click.echo("Ok")
 
 
