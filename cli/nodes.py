@@ -540,12 +540,10 @@ def tcp_connstr(app: App, node: NodeRow) -> str:
 
 
 def node_history(app: App, node: NodeRow) -> dict[str, Any]:
-    """The node's snapshots and PITR areas (what its page history is kept for)."""
-    try:
-        api = local_api(app, start=False)
-        snaps, areas = api.snapshot_list(), api.pitr_list()
-    except Unavailable:
-        return {"snapshots": [], "pitr": []}
+    """The node's snapshots and PITR areas (what its page history is kept for); read like
+    `snapshot list` does, starting the pageserver if it is stopped (they live in its store)."""
+    api = local_api(app)
+    snaps, areas = api.snapshot_list(), api.pitr_list()
     return {
         "snapshots": [s.to_wire() for s in snaps if s.node_id == node.id],
         "pitr": [a.to_wire() for a in areas if a.node_id == node.id],
