@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -52,6 +53,9 @@ from proto.errors import (
 )
 
 DEFAULT_PORT = 5432
+NODE_ID_PREFIX = "primary"
+NODE_ID_RE = re.compile(rf"^{NODE_ID_PREFIX}\d+$", re.IGNORECASE)
+"""Node IDs, present and future: no data directory name may match it."""
 SUPERUSER = "neon"
 REPLICATION_USER = "neon_replication"
 MAX_PORT_PROBES = 200
@@ -110,7 +114,8 @@ def _next_index(cur: sqlite3.Cursor, storage_path: Path, want_default_name: bool
     names = {row[0] for row in cur.execute("SELECT pgdata FROM nodes")}
     i = 1
     while True:
-        free_id = f"primary{i}" not in ids
+        # Not an older home's data directory name either (made before NODE_ID_RE was checked).
+        free_id = f"{NODE_ID_PREFIX}{i}" not in ids | names
         free_name = not want_default_name or (
             f"pgdata{i}" not in names and not (storage_path / f"pgdata{i}").exists()
         )
@@ -168,6 +173,11 @@ def create_node(
     storage_path = Path(store.options["path"])
     if name is not None:
         validate_name(name, "data directory")
+        if NODE_ID_RE.match(name):
+            raise InvalidArgument(
+                f"data directory name {name!r} looks like a node ID (IDs are primary<N>, "
+                "and commands take either); choose another name with -n"
+            )
     with app.registry.transaction() as cur:
         if (
             name is not None
@@ -177,7 +187,7 @@ def create_node(
         ):
             raise AlreadyExists(f"a node named {name!r} already exists; see `neon pg list`")
         index = _next_index(cur, storage_path, name is None)
-        node_id = f"primary{index}"
+        node_id = f"{NODE_ID_PREFIX}{index}"
         pgdata = name or f"pgdata{index}"
         datadir = storage_path / pgdata
         if datadir.exists() and (not datadir.is_dir() or any(datadir.iterdir())):

@@ -61,7 +61,7 @@ def pg_create(
         name=name,
         port=port,
         start=not no_start,
-        snapshot=snapshot,
+        snapshot=app.registry.snapshot_name(snapshot) if snapshot is not None else None,
         progress=progress_printer(),
     )
     if cow:
@@ -237,6 +237,7 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
 def pg_checkout(ctx: click.Context, snapshot: str) -> None:
     """Roll the node back (or forward) to a snapshot; its current state becomes HEAD{i}."""
     app = get_app(ctx)
+    snapshot = app.registry.snapshot_name(snapshot)
     pgdata, _tag = split_snapshot_name(snapshot)
     with locked_node(app, pgdata, "pg checkout") as row:
         checkout.checkout(app, row, snapshot, click.echo)

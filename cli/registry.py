@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pageserver.history.snapshots import split_snapshot_name
 from proto.errors import NotFound
 
 SCHEMA_VERSION = 1
@@ -167,7 +168,9 @@ class Registry:
         return [_node(r) for r in rows]
 
     def find_node(self, ref: str) -> NodeRow | None:
-        """A node by ID (primary1) or data directory name (pgdata1)."""
+        """A node by ID (primary1) or data directory name (pgdata1): the one rule every
+        command uses. `pg create` refuses names that look like IDs, so both never compete (an
+        older home's collision resolves to the ID)."""
         row = self._conn.execute(
             "SELECT * FROM nodes WHERE id = ? OR pgdata = ? ORDER BY id = ? DESC",
             (ref, ref, ref),
@@ -180,6 +183,14 @@ class Registry:
             known = ", ".join(n.id for n in self.nodes()) or "none"
             raise NotFound(f"node {ref!r} does not exist (known: {known}); see `neon pg list`")
         return node
+
+    def snapshot_name(self, name: str) -> str:
+        """PGDATA@TAG, PGDATA a node's ID or data directory name, as the pageserver names it:
+        `<data directory name>@TAG`. A name whose node is gone stays as given (snapshots
+        outlive their node)."""
+        ref, tag = split_snapshot_name(name)
+        node = self.find_node(ref)
+        return f"{node.pgdata}@{tag}" if node is not None else name
 
     # read-only servers over snapshots
 

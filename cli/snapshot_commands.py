@@ -107,6 +107,7 @@ def snapshot_list(ctx: click.Context, as_json: bool) -> None:
 def snapshot_destroy(ctx: click.Context, name: str) -> None:
     """Forget a snapshot (GC may then drop the history only it kept)."""
     app = get_app(ctx)
+    name = app.registry.snapshot_name(name)
     _pgdata, tag = split_snapshot_name(name)
     if tag == "CURRENT":
         raise Conflict(f"{name} is a node's live state; destroy the node with `neon pg destroy`")
@@ -151,6 +152,7 @@ def _connstr(app: App, port: int) -> str:
 def snapshot_start(ctx: click.Context, name: str, as_json: bool) -> None:
     """Start a temporary read-only PostgreSQL over a snapshot; prints its connection string."""
     app = get_app(ctx)
+    name = app.registry.snapshot_name(name)
     call_local(app, "snapshot.show", name=name)
     running = _server(app, name)
     if running is not None:
@@ -233,6 +235,7 @@ def _remove_server(app: App, name: str) -> None:
 def snapshot_stop(ctx: click.Context, name: str) -> None:
     """Stop the read-only server over a snapshot and delete its directory."""
     app = get_app(ctx)
+    name = app.registry.snapshot_name(name)
     if _server(app, name) is None:
         raise NotFound(f"no read-only server runs over {name}; see `neon snapshot list`")
     _remove_server(app, name)
