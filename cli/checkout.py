@@ -33,10 +33,17 @@ from typing import Any
 from cli import nodes, postmaster
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
-from cli.pageserver_control import call_local
+from cli.pageserver_control import local_api
 from cli.registry import NodeRow
 from pageserver.history.snapshots import head_tag, split_snapshot_name
 from pageserver.storage.durable_files import fsync_dir, fsync_tree, write_file_durably
+from pageserver_api.models import (
+    NodeBranchRequest,
+    SnapshotCreateRequest,
+    SnapshotShowRequest,
+    TimelineInfo,
+    TimelineInfoRequest,
+)
 from proto.errors import InvalidArgument
 
 COMPLETE_MARKER = ".neon-checkout-complete"
@@ -58,27 +65,26 @@ def _write_journal(node: NodeRow, entry: dict[str, Any]) -> None:
     write_file_durably(_journal(node), json.dumps(entry).encode())
 
 
-def _current_timeline(app: App, node: NodeRow) -> dict[str, Any]:
-    info: dict[str, Any] = call_local(app, "timeline.info", node_id=node.id)
-    return info
+def _current_timeline(app: App, node: NodeRow) -> TimelineInfo:
+    return local_api(app).timeline_info(TimelineInfoRequest(node.id))
 
 
 def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]) -> None:
     _pgdata, tag = split_snapshot_name(snapshot)
     if tag == "CURRENT":
         raise InvalidArgument(f"{snapshot} is the node's current state already")
-    call_local(app, "snapshot.show", name=snapshot)  # a clear error if it does not exist
+    local_api(app).snapshot_show(SnapshotShowRequest(snapshot))  # a clear error if missing
     finish_pending(app, node)
     echo(f"Stopping postgres on {node.pgdata}.")
     nodes.stop_node(app, node, "fast")
     nodes.wait_for_shutdown_checkpoint(app, node)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
     info = _current_timeline(app, node)
-    head = f"{node.pgdata}@{head_tag(int(info['checkouts']))}"
-    existing = {s["name"] for s in call_local(app, "snapshot.list")}
-    if head not in existing:
-        call_local(app, "snapshot.create", node_id=node.id, name=head)
-    _write_journal(node, {"snapshot": snapshot, "old_timeline": info["timeline_id"]})
+    head = f"{node.pgdata}@{head_tag(info.checkouts or 0)}"
+    api = local_api(app)
+    if head not in {s.name for s in api.snapshot_list()}:
+        api.snapshot_create(SnapshotCreateRequest(node.id, head))
+    _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id})
     _roll_forward(app, node)
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
@@ -88,10 +94,9 @@ def _roll_forward(app: App, node: NodeRow) -> None:
     journal = _journal(node).read_text()
     if _marker(node.datadir) != journal:  # else the swap happened: only the cleanup is left
         entry = json.loads(journal)
-        if _current_timeline(app, node)["timeline_id"] == entry["old_timeline"]:
-            call_local(
-                app, "node.branch", node_id=node.id, snapshot=entry["snapshot"], checkout=True
-            )
+        if _current_timeline(app, node).timeline_id == entry["old_timeline"]:
+            branch = NodeBranchRequest(node.id, entry["snapshot"], checkout=True)
+            local_api(app).node_branch(branch)
         new = _new_dir(node)
         if _marker(new) != journal:
             shutil.rmtree(new, ignore_errors=True)

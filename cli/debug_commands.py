@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from cli.context import get_app
-from cli.pageserver_control import call_local
+from cli.pageserver_control import local_api
 from cli.waldump import collect_segments, iter_records
 from pageserver.redo.verify import RedoVerifier
-from pageserver.storage.keys import FORK_NAMES
+from pageserver_api.client import SyncPageserverClient
+from pageserver_api.models import PageGetRequest, RelSizeRequest
+from pg15.constants import FORK_NAMES
 from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import InvalidArgument
 
@@ -78,12 +79,13 @@ def _parse_relpath(text: str) -> tuple[int, int, int]:
     return spc, db, rel
 
 
-def _read_at(ctx: click.Context, node: str, method: str, lsn: str | None, **params: Any) -> Any:
+def _read_at(
+    ctx: click.Context, node: str, lsn: str | None
+) -> tuple[SyncPageserverClient, str, int | None]:
+    """The API, the node's id and the LSN to read at (None: the latest ingested)."""
     app = get_app(ctx)
     row = app.registry.get_node(node)
-    if lsn is not None:
-        params["lsn"] = parse_lsn(lsn)
-    return call_local(app, method, node_id=row.id, **params)
+    return local_api(app), row.id, parse_lsn(lsn) if lsn is not None else None
 
 
 _FORK = click.Choice(list(FORK_NAMES))
@@ -114,8 +116,9 @@ def get_page_command(
 ) -> None:
     """Print one page of a relation as the pagestore rebuilds it (raw 8192 bytes)."""
     spc, db, rel = _parse_relpath(relation)
-    result = _read_at(ctx, node, "page.get", lsn, spc=spc, db=db, rel=rel, fork=fork, blkno=blkno)
-    page = bytes(result["page"])
+    api, node_id, at = _read_at(ctx, node, lsn)
+    result = api.page_get(PageGetRequest(node_id, spc, db, rel, blkno, fork=fork, lsn=at))
+    page = result.page
     if output is None:
         sys.stdout.buffer.write(page)
         sys.stdout.buffer.flush()
@@ -125,7 +128,7 @@ def get_page_command(
         tmp.replace(output)
         click.echo(
             f"wrote {len(page)} bytes of {relation} {fork} block {blkno} at "
-            f"{format_lsn(result['lsn'])} to {output}",
+            f"{format_lsn(result.lsn)} to {output}",
             err=True,
         )
 
@@ -141,5 +144,5 @@ def rel_size_command(
 ) -> None:
     """Print the number of blocks of a relation fork as the pagestore knows it."""
     spc, db, rel = _parse_relpath(relation)
-    result = _read_at(ctx, node, "rel.size", lsn, spc=spc, db=db, rel=rel, fork=fork)
-    click.echo(result["nblocks"])
+    api, node_id, at = _read_at(ctx, node, lsn)
+    click.echo(api.rel_size(RelSizeRequest(node_id, spc, db, rel, fork=fork, lsn=at)).nblocks)

@@ -7,20 +7,18 @@ single-user mode, before its first start, so the slot retains every WAL byte it 
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from cli.context import App
-from cli.pageserver_control import local_token, start_local
-from pageserver.basebackup.tar_stream import extract_basebackup
-from proto.client import ProtoClient
-
+from cli.pageserver_control import local_api
+from cli.untar import extract_basebackup
+from pageserver_api.client import PageserverClient
+from pageserver_api.models import BasebackupRequest, BasebackupResponse
 
 _RANDOM = "?" * 8  # what tempfile.mkstemp/mkdtemp insert between prefix and suffix
 
@@ -42,33 +40,35 @@ def remove_download_leftovers(target: Path) -> list[Path]:
     return found
 
 
-def download_basebackup(app: App, target: Path, **params: Any) -> dict[str, Any]:
-    """Stream a basebackup from the local pageserver and unpack it into `target`."""
-    row = start_local(app)
+def download_basebackup(
+    app: App, target: Path, *, node_id: str | None = None, snapshot: str | None = None
+) -> BasebackupResponse:
+    """Stream a basebackup of a snapshot, or of a node's branch point, from the local
+    pageserver and unpack it into `target`."""
+    request = BasebackupRequest(node_id=node_id, snapshot=snapshot)
+    api = local_api(app)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tar", dir=target.parent)
     tmp = Path(tmp_name)
     show = sys.stderr.isatty()
 
-    async def fetch() -> dict[str, Any]:
-        async with await ProtoClient.connect(row.host, row.port, token=local_token(app)) as c:
-            received = 0
-            with os.fdopen(fd, "wb") as out:
-                download = c.download("basebackup", **params)
+    async def fetch(client: PageserverClient) -> BasebackupResponse:
+        received = 0
+        with os.fdopen(fd, "wb") as out:
+            async with client.basebackup(request) as download:
                 async for chunk in download:
                     out.write(chunk)
                     received += len(chunk)
                     if show:
                         print(f"\rreceived {received / 1048576:.1f} MiB", end="", file=sys.stderr)
-                out.flush()
-                os.fsync(out.fileno())
-            if show:
-                print(file=sys.stderr)
-            result: dict[str, Any] = download.result
-            return result
+            out.flush()
+            os.fsync(out.fileno())
+        if show:
+            print(file=sys.stderr)
+        return download.result
 
     try:
-        info = asyncio.run(fetch())
+        info = api.run(fetch)
         with open(tmp, "rb") as stream:
             extract_basebackup(stream, target)
     finally:

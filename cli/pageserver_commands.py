@@ -56,14 +56,14 @@ def ps_status(ctx: click.Context, as_json: bool) -> None:
         else:
             click.echo("pageserver: not running")
         sys.exit(3)
-    status = control.call_local(app, "status", start=False)
+    status = control.local_api(app, start=False).status()
     if as_json:
-        print_json({"running": True, **status})
+        print_json({"running": True, **status.to_wire()})
         return
-    click.echo(f"pageserver: running (pid {status['pid']}, up {status['uptime_seconds']:.0f}s)")
-    click.echo(f"  proto: {status['listen_host']}:{status['proto_port']}")
-    click.echo(f"  http:  http://{status['listen_host']}:{status['http_port']}/v1/status")
-    click.echo(f"  nodes: {', '.join(n['node_id'] for n in status['nodes']) or '-'}")
+    click.echo(f"pageserver: running (pid {status.pid}, up {status.uptime_seconds:.0f}s)")
+    click.echo(f"  proto: {status.listen_host}:{status.proto_port}")
+    click.echo(f"  http:  http://{status.listen_host}:{status.http_port}/v1/status")
+    click.echo(f"  nodes: {', '.join(n.node_id for n in status.nodes) or '-'}")
 
 
 @pageserver_group.command("run")

@@ -18,7 +18,7 @@ from cli.registry import PageserverRow
 from cli.secrets import ensure_secret
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
 from pageserver.daemon import pid_alive
-from proto.client import call_sync
+from pageserver_api.client import SyncPageserverClient
 from proto.errors import Unavailable
 
 START_TIMEOUT = 20.0
@@ -79,6 +79,10 @@ def start_local(
     A lock file serializes concurrent `neon` commands so only one of them spawns the daemon.
     """
     config = local_config(app)
+    pid = running_pid(app)
+    info = _read_ports(config, pid) if pid is not None else None
+    if info is not None:
+        return _record(app, info)  # running: no lock to take (the home may be read-only)
     config.workdir.mkdir(parents=True, exist_ok=True)
     with open(config.workdir / "start.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -159,8 +163,9 @@ def stop_local(app: App) -> bool:
     return True
 
 
-def call_local(app: App, method: str, *, start: bool = True, **params: Any) -> Any:
-    """One proto call to the local daemon, starting it first when asked."""
+def local_api(app: App, *, start: bool = True) -> SyncPageserverClient:
+    """The typed API of the local daemon, which is started first unless `start` is False
+    (then a stopped daemon is Unavailable)."""
     if start:
         row = start_local(app)
     else:
@@ -171,4 +176,4 @@ def call_local(app: App, method: str, *, start: bool = True, **params: Any) -> A
                 "the local pageserver is not running; start it with `neon pageserver start`"
             )
         row = found
-    return call_sync(row.host, row.port, method, token=local_token(app), **params)
+    return SyncPageserverClient(row.host, row.port, token=local_token(app))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from cli.context import get_app
 from cli.node_lock import node_lock
 from cli.output import human_size, print_json, print_table
-from cli.pageserver_control import call_local
+from cli.pageserver_control import local_api
 from pageserver.storage.retention import RetentionPolicy
+from pageserver_api.models import (
+    PitrCreateRequest,
+    PitrDestroyRequest,
+    PitrExtractRequest,
+    parse_time,
+)
 from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import InvalidArgument, NotFound
 
@@ -46,7 +50,7 @@ def pitr_create(
             f"node {row.id} keeps its history in storage {row.storage!r}; PITR areas live "
             f"there (push snapshots to {storage!r} instead)"
         )
-    call_local(app, "pitr.create", name=name, node_id=row.id, ttl=ttl, size_limit=size_limit)
+    local_api(app).pitr_create(PitrCreateRequest(name, row.id, ttl=ttl, size_limit=size_limit))
     click.echo(f"Created PITR area {name} over {row.pgdata} (ttl {ttl}, size limit {size_limit})")
 
 
@@ -56,25 +60,17 @@ def pitr_create(
 def pitr_list(ctx: click.Context, as_json: bool) -> None:
     """List PITR areas with the LSN range each covers now."""
     app = get_app(ctx)
-    areas = call_local(app, "pitr.list")
+    areas = local_api(app).pitr_list()
     names = {n.id: n.pgdata for n in app.registry.nodes()}
+    windows = [(a, format_lsn(a.from_lsn or 0), format_lsn(a.to_lsn or 0)) for a in areas]
     if as_json:
-        print_json(
-            [{**a, "from": format_lsn(a["from_lsn"]), "to": format_lsn(a["to_lsn"])} for a in areas]
-        )
+        print_json([{**a.to_wire(), "from": start, "to": end} for a, start, end in windows])
         return
     print_table(
         ("NAME", "PG", "TTL", "SIZE_LIMIT", "FROM", "TO"),
         [
-            (
-                a["name"],
-                names.get(a["node_id"], a["node_id"]),
-                a["ttl"],
-                a["size_limit"],
-                format_lsn(a["from_lsn"]),
-                format_lsn(a["to_lsn"]),
-            )
-            for a in areas
+            (a.name, names.get(a.node_id, a.node_id), a.ttl, a.size_limit, start, end)
+            for a, start, end in windows
         ],
     )
 
@@ -84,7 +80,7 @@ def pitr_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def pitr_destroy(ctx: click.Context, name: str) -> None:
     """Stop keeping history for an area (GC then frees it)."""
-    call_local(get_app(ctx), "pitr.destroy", name=name)
+    local_api(get_app(ctx)).pitr_destroy(PitrDestroyRequest(name))
     click.echo("Ok")
 
 
@@ -94,11 +90,12 @@ def pitr_destroy(ctx: click.Context, name: str) -> None:
 def pitr_gc(ctx: click.Context, name: str) -> None:
     """Run garbage collection now (for the area's storage)."""
     app = get_app(ctx)
-    if name not in {a["name"] for a in call_local(app, "pitr.list")}:
+    api = local_api(app)
+    if name not in {a.name for a in api.pitr_list()}:
         raise InvalidArgument(f"PITR area {name!r} does not exist; see `neon pitr list`")
-    results = call_local(app, "gc.run")
-    removed = sum(r["removed_layers"] for r in results)
-    freed = sum(r["removed_bytes"] for r in results)
+    results = api.gc_run()
+    removed = sum(r.removed_layers for r in results)
+    freed = sum(r.removed_bytes for r in results)
     click.echo(f"GC removed {removed} layer files ({human_size(freed)})")
 
 
@@ -118,22 +115,20 @@ def pitr_extract(
     ctx: click.Context, name: str, lsn: str | None, at: str | None, tag: str | None, as_json: bool
 ) -> None:
     """Name the state at an LSN or time inside the area as a snapshot."""
-    if (lsn is None) == (at is None):
-        raise InvalidArgument("give exactly one of --lsn and --time")
-    params: dict[str, Any] = {"name": name}
-    if lsn is not None:
-        params["lsn"] = parse_lsn(lsn)
-    if at is not None:
-        params["time"] = at
-    if tag is not None:
-        params["tag"] = tag
+    request = PitrExtractRequest(
+        name,
+        lsn=parse_lsn(lsn) if lsn is not None else None,
+        time=parse_time(at) if at is not None else None,
+        tag=tag,
+    )
     app = get_app(ctx)
-    area = next((a for a in call_local(app, "pitr.list") if a["name"] == name), None)
+    api = local_api(app)
+    area = next((a for a in api.pitr_list() if a.name == name), None)
     if area is None:
         raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
-    with node_lock(app.home, area["node_id"], "pitr extract-snapshot"):
-        snap = call_local(app, "pitr.extract", **params)
+    with node_lock(app.home, area.node_id, "pitr extract-snapshot"):
+        snap = api.pitr_extract(request)
     if as_json:
-        print_json({**snap, "lsn_text": format_lsn(snap["lsn"])})
+        print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
     else:
-        click.echo(f"{snap['name']} at {format_lsn(snap['lsn'])}")
+        click.echo(f"{snap.name} at {snap.lsn_text}")

@@ -17,10 +17,16 @@ from cli.context import App, get_app
 from cli.extract import download_basebackup
 from cli.node_lock import locked_node, node_lock
 from cli.output import human_size, print_json, print_table
-from cli.pageserver_control import call_local
+from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
 from pageserver.history.snapshots import check_user_tag, split_snapshot_name
+from pageserver_api.models import (
+    SnapshotCreateRequest,
+    SnapshotDestroyRequest,
+    SnapshotShowRequest,
+    TimelineInfoRequest,
+)
 from pg15.lsn import format_lsn
 from proto.errors import AlreadyExists, Conflict, NotFound
 
@@ -45,39 +51,37 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
         name = f"{node.pgdata}@{tag}"
         # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
         wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
-        params: dict[str, Any] = {"node_id": node.id, "name": name, "wait_timeout": 120}
-        if wait is not None:
-            params["lsn"] = wait
-        snap = call_local(app, "snapshot.create", **params)
+        request = SnapshotCreateRequest(node.id, name, lsn=wait, wait_timeout=120)
+        snap = local_api(app).snapshot_create(request)
     if as_json:
-        print_json({**snap, "lsn_text": format_lsn(snap["lsn"])})
+        print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
 
 
 def _rows(app: App) -> list[dict[str, Any]]:
     """User snapshots, each node's HEAD{i} states and its CURRENT, as the proposal lists them."""
-    snaps = call_local(app, "snapshot.list")
+    api = local_api(app)
     by_node: dict[str, list[dict[str, Any]]] = {}
     rows = []
-    for snap in snaps:
-        if "@HEAD{" in snap["name"]:
-            by_node.setdefault(snap["node_id"], []).append(snap)
+    for snap in api.snapshot_list():
+        if "@HEAD{" in snap.name:
+            by_node.setdefault(snap.node_id, []).append(snap.to_wire())
         else:
-            rows.append(snap)
+            rows.append(snap.to_wire())
     for node in app.registry.nodes():
         rows.extend(by_node.pop(node.id, []))
         try:
-            info = call_local(app, "timeline.info", node_id=node.id)
+            info = api.timeline_info(TimelineInfoRequest(node.id))
         except NotFound:
             continue
-        if info.get("imported"):
+        if info.imported:
             rows.append(
                 {
                     "name": f"{node.pgdata}@CURRENT",
                     "node_id": node.id,
-                    "timeline_id": info["timeline_id"],
-                    "lsn": info["last_record_lsn"],
-                    "size_bytes": info["size_bytes"],
-                    "parent": info.get("parent"),
+                    "timeline_id": info.timeline_id,
+                    "lsn": info.last_record_lsn,
+                    "size_bytes": info.size_bytes,
+                    "parent": info.parent,
                 }
             )
     for leftovers in by_node.values():
@@ -119,7 +123,7 @@ def snapshot_destroy(ctx: click.Context, name: str) -> None:
     with contextlib.ExitStack() as lock:
         if node is not None:
             lock.enter_context(node_lock(app.home, node.id, "snapshot destroy"))
-        call_local(app, "snapshot.destroy", name=name)
+        local_api(app).snapshot_destroy(SnapshotDestroyRequest(name))
     click.echo("Ok")
 
 
@@ -153,7 +157,7 @@ def snapshot_start(ctx: click.Context, name: str, as_json: bool) -> None:
     """Start a temporary read-only PostgreSQL over a snapshot; prints its connection string."""
     app = get_app(ctx)
     name = app.registry.snapshot_name(name)
-    call_local(app, "snapshot.show", name=name)
+    local_api(app).snapshot_show(SnapshotShowRequest(name))
     running = _server(app, name)
     if running is not None:
         if postmaster.running_pid(Path(running["datadir"])) is not None:
