@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvloop
@@ -23,7 +24,16 @@ import uvloop
 from pageserver.api.http_service import HttpService
 from pageserver.api.proto_service import build_handlers
 from pageserver.api.service import VERSION, Pageserver
-from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
+from pageserver.config import (
+    DEFAULT_GC_INTERVAL,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_PROTO_PORT,
+    GC_INTERVAL_ENV,
+    STORE_SETTING_ENV_PREFIX,
+    PageserverConfig,
+    gc_interval_from,
+    store_settings_from,
+)
 from proto.errors import Conflict, NeonError
 from proto.server import ProtoServer
 from walreceiver.archive import PRIVATE_UMASK
@@ -75,13 +85,11 @@ def _write_json_atomic(path: Path, value: object) -> None:
     os.replace(tmp, path)
 
 
-GC_INTERVAL = float(os.environ.get("NEON_GC_INTERVAL", "300"))
-
-
 async def _gc_loop(ps: Pageserver) -> None:
-    """Remove, every GC_INTERVAL seconds, what no snapshot, PITR area, child or tip needs."""
+    """Remove, every config.gc_interval seconds, what no snapshot, PITR area, child or tip
+    needs."""
     while True:
-        await asyncio.sleep(GC_INTERVAL)
+        await asyncio.sleep(ps.config.gc_interval)
         try:
             results = await ps.gc_all()
         except Exception:
@@ -149,7 +157,12 @@ async def serve(config: PageserverConfig) -> None:
         log.info("stopped")
 
 
-def parse_args(argv: list[str] | None) -> tuple[PageserverConfig, bool]:
+def parse_args(
+    argv: list[str] | None, env: Mapping[str, str] | None = None
+) -> tuple[PageserverConfig, bool]:
+    """The daemon's one PageserverConfig, from the command line and the environment `env`
+    (default: os.environ), and whether to log to stderr."""
+    env = os.environ if env is None else env
     parser = argparse.ArgumentParser(prog="pageserver", description="pg-neon pageserver")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--listen", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -157,12 +170,38 @@ def parse_args(argv: list[str] | None) -> tuple[PageserverConfig, bool]:
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     parser.add_argument("--token-file", type=Path, default=None)
     parser.add_argument("--log-stderr", action="store_true", help="log to stderr, not a file")
+    parser.add_argument(
+        "--gc-interval",
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds between GC runs (${GC_INTERVAL_ENV}, else {DEFAULT_GC_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--store-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a storage tunable (see StoreSettings; also ${STORE_SETTING_ENV_PREFIX}NAME)",
+    )
     args = parser.parse_args(argv)
     token = args.token_file.read_text().strip() if args.token_file else None
-    workdir = args.workdir.absolute()
-    return PageserverConfig(workdir, args.listen, args.port, args.http_port, token), bool(
-        args.log_stderr
-    )
+    try:
+        if args.gc_interval is not None:
+            gc_interval = gc_interval_from(args.gc_interval, "--gc-interval")
+        else:
+            gc_interval = gc_interval_from(env.get(GC_INTERVAL_ENV), GC_INTERVAL_ENV)
+        config = PageserverConfig(
+            args.workdir.absolute(),
+            args.listen,
+            args.port,
+            args.http_port,
+            token,
+            gc_interval=gc_interval,
+            store_settings=store_settings_from(args.store_setting, env),
+        )
+    except NeonError as exc:
+        parser.error(str(exc))
+    return config, bool(args.log_stderr)
 
 
 def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
