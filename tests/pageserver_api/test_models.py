@@ -19,7 +19,9 @@ from pageserver_api import models as m
 from pageserver_api.client import PageserverClient, SyncPageserverClient
 from pageserver_api.errors import InvalidArgument, ProtocolError
 
-NODE = m.NodeStatus("primary1", "127.0.0.1", 5432, "neon_replication", pgdata="pgdata1")
+NODE = m.NodeStatus(
+    "primary1", "127.0.0.1", 5432, "neon_replication", pgdata="pgdata1", socket_dir="/run"
+)
 FOLLOWED = dataclasses.replace(
     NODE,
     state="streaming",
@@ -37,6 +39,7 @@ AREA = m.PitrAreaInfo("long", "primary1", "inf", "10G", 1.5e9)
 REQUESTS: list[m.ApiRequest] = [
     m.StatusRequest(),
     m.NodeRegisterRequest("primary1", "127.0.0.1", 5432, "repl", "secret", store_dir="/s"),
+    m.NodePauseRequest("primary1"),
     m.NodeUnregisterRequest("primary1"),
     m.NodeListRequest(),
     m.NodeWaitDecodedRequest("primary1", 0x3000028, wait_timeout=5.0),
@@ -118,6 +121,8 @@ def test_wire_form_is_what_the_handlers_always_sent() -> None:
         "system_id",
         "store_dir",
         "pgdata",
+        "socket_dir",
+        "paused",
     }
     assert m.WaitDecodedResponse(True, FOLLOWED).to_wire() == {
         "reached": True,
