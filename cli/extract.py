@@ -1,8 +1,11 @@
-"""Materializing data directories from the pageserver: basebackup download and finishing.
+"""Downloading data directories from the pageserver.
 
-A downloaded directory has no configuration, no replication slot, and the passwords of the
-node it came from; `finish_datadir` gives it this node's settings, passwords and slot in
-single-user mode, before its first start, so the slot retains every WAL byte it writes.
+`download_basebackup` streams a basebackup into a temporary tar beside the target, fsyncs it
+and unpacks it (cli/untar.py); `remove_download_leftovers` deletes what a killed download
+leaves behind. A downloaded directory has no configuration, no replication slot, and the
+passwords of the node it came from: `cli.nodes.finish_datadir` gives it this node's settings,
+passwords and slot in single-user mode, before its first start, so the slot retains every
+WAL byte it writes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """pg_control (global/pg_control) of PostgreSQL 15: parse and validate the fields we use.
 
-Layout facts: shared/reference/pg15-wal.md §7. The CRC-32C covers bytes [0, 288).
+Layout: ControlFileData of src/include/catalog/pg_control.h (x86-64, little-endian), padded
+with zeros to 8192 bytes (PG_CONTROL_FILE_SIZE); the CRC-32C of bytes [0, 288) is stored at
+offset 288. Offsets used here are named below.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _CRC = struct.Struct("<I")
 _SEG_SIZE_OFFSET = 228
 _CHECKSUM_VERSION_OFFSET = 252
 _U32 = struct.Struct("<I")
-# Writer offsets (pg15-wal.md §7): state, time, checkPoint, checkPointCopy, unloggedLSN, then
+# Writer offsets (pg_control.h): state, time, checkPoint, checkPointCopy, unloggedLSN, then
 # minRecoveryPoint, minRecoveryPointTLI, backupStartPoint, backupEndPoint, backupEndRequired.
 _STATE_TIME_CHECKPOINT = struct.Struct("<I4xqQ")
 _STATE_OFFSET = 16
@@ -91,7 +93,7 @@ def parse_control_file(data: bytes, source: str = "pg_control") -> ControlFile:
 def with_checkpoint(
     template: bytes, checkpoint_lsn: int, checkpoint: CheckPoint, time: int
 ) -> bytes:
-    """A pg_control for a clean start at a shutdown checkpoint (datadir-at-lsn.md §1.3 step 6).
+    """A pg_control for a clean start at a shutdown checkpoint, as pg_resetwal writes one.
 
     state = shut down, checkPoint and checkPointCopy set, recovery and backup fields cleared,
     unloggedLSN raised to at least FirstNormalUnloggedLSN; everything else (system identifier,

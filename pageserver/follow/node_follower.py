@@ -1,9 +1,10 @@
 """Following one PostgreSQL node: its walreceiver process, the WAL archive, and the decoder.
 
-The receiver runs in a child process (pageserver/follow/receiver_process.py) that streams the node's
-slot into `<workdir>/nodes/<id>/wal` and reports how far that archive is durable. A decode
-thread reads the archive from where the page history ends up to that point, decodes every
-record and ingests it: receiving and decoding run on two cores, and after a restart the same
+The receiver runs in a child process (pageserver/follow/receiver_process.py) that streams the
+node's slot into its WAL archive, `<storage>/pagestore/wal/<node id>/<timeline id>`
+(`NodeStore.wal_dir`), and reports how far that archive is durable. A decode thread reads
+the archive from where the page history ends up to that point, decodes every record and
+ingests it: receiving and decoding run on two cores, and after a restart the same
 loop re-ingests what the durable layers do not hold yet. The follower outlives the node's
 restarts: when the server ends the stream (it shut down), the follower starts a receiver again
 after a pause, and `kick()` (on `pg start`) makes that happen at once. A node the CLI stopped

@@ -7,7 +7,11 @@ One storage's history lives under `<storage>/pagestore`::
     nodes/<node id>.json         which timeline a node writes, where its WAL decoding starts,
                                  its PostgreSQL timeline ID and how often it was checked out
     wal/<node id>/<timeline id>  the WAL archive of that node on that timeline
+    lsn_index/<timeline id>/     record boundaries and commit times of a node's timeline
+                                 (pageserver/ingest/lsn_index.py)
     snapshots.json               named (timeline, LSN) pairs (see pageserver/history/snapshots.py)
+    pitr.json                    PITR areas: a retention policy over one node's history
+                                 (pageserver/history/pitr.py)
 
 Durability: layers are flushed when the open layer is big or every FLUSH_INTERVAL seconds
 of ingest; after a crash ingest resumes from the timeline's disk_consistent_lsn by replaying
@@ -29,7 +33,7 @@ from pageserver.history.snapshots import snapshot_registry
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.ingest.walingest import WalIngest
-from pageserver.reconstruct.page_reconstruct import reconstruct
+from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import compact
 from pageserver.storage.durable_files import write_file_durably
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings

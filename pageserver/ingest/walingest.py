@@ -5,7 +5,8 @@ Each record's values are put at its **end LSN** in one `put_batch`, then
 records whose end LSN is <= L. Value formats are defined in
 `pageserver.reconstruct.value_format`.
 
-What a record becomes (stock PostgreSQL 15; datadir-at-lsn.md §3.1 is the checklist):
+What a record becomes (stock PostgreSQL 15; the cases of Neon's walingest.rs, each following
+the rmgr's redo routine in PostgreSQL's src/backend, e.g. xact_redo in access/transam/xact.c):
 
 * every block reference: an Image when the block carries a page image, either a real
   full-page write (APPLY) or a wal_consistency_checking image (no APPLY): both are the page

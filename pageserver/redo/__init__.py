@@ -1,6 +1,7 @@
 """Native redo: rebuild a page from its previous version and one WAL record.
 
-`redo_block(record, block_id, page)` follows XLogReadBufferForRedo (pg15-wal.md §4.3):
+`redo_block(record, block_id, page)` follows XLogReadBufferForRedo
+(src/backend/access/transam/xlogutils.c):
 
 * an image with BKPIMAGE_APPLY replaces the page (pd_lsn = EndRecPtr unless the page is new);
 * a WILL_INIT block (or one the rmgr always re-initializes) needs no previous version;

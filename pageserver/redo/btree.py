@@ -1,4 +1,4 @@
-"""Btree rmgr (11) redo and mask, after nbtxlog.c and nbtdedup.c (pg15-wal.md §4.6).
+"""Btree rmgr (11) redo and mask, after src/backend/access/nbtree/nbtxlog.c and nbtdedup.c.
 
 Every block of every record type is redone independently from the block's previous version
 and the record: the per-block dispatch below follows the order and effects of

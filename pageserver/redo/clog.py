@@ -1,4 +1,4 @@
-"""pg_xact (CLOG) pages: 2 status bits per transaction (clog.c), pg15-wal.md §3.5.
+"""pg_xact (CLOG) pages: 2 status bits per transaction (src/backend/access/transam/clog.c).
 
 Commit/abort records set the status of the top-level xid and its subtransactions. PostgreSQL
 marks subtransactions SUB_COMMITTED, then the top-level xid and the subtransactions COMMITTED;

@@ -1,4 +1,5 @@
-"""Heap rmgr (10) redo and the heap page mask, after heapam.c heap_xlog_* (pg15-wal.md §4.4).
+"""Heap rmgr (10) redo and the heap page mask, after heap_xlog_* and heap_mask in
+src/backend/access/heap/heapam.c.
 
 Also the tuple-level helpers that Heap2 redo shares. VM bit clears implied by these records
 are not block references; see `pageserver.redo.visibilitymap.vm_changes`.

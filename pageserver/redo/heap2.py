@@ -1,4 +1,4 @@
-"""Heap2 rmgr (9) redo, after heapam.c heap_xlog_* (pg15-wal.md §4.4); the mask is heap's.
+"""Heap2 rmgr (9) redo, after heap_xlog_* in src/backend/access/heap/heapam.c; the mask is heap's.
 
 REWRITE and NEW_CID carry no block references (logical decoding only), so they never reach
 `apply`. VISIBLE's block 0 is the VM page and its block 1 the heap page; neither gets the

@@ -1,4 +1,4 @@
-"""Masking helpers of wal_consistency_checking (bufmask.c), pg15-wal.md §5.2.
+"""Masking helpers of wal_consistency_checking (src/backend/access/common/bufmask.c).
 
 Before comparing a redone page with the image PostgreSQL logged, both copies are masked:
 fields that may legitimately differ (LSN, checksum, hint bits, free space, and whatever an

@@ -1,4 +1,5 @@
-"""pg_multixact offsets and members pages (multixact.c RecordNewMultiXact), pg15-wal.md §3.8.
+"""pg_multixact offsets and members pages (RecordNewMultiXact in
+src/backend/access/transam/multixact.c).
 
 A CREATE_ID record stores the multixact's starting member offset in the offsets SLRU
 (4 bytes per multixact) and each member in the members SLRU. Members pages are made of

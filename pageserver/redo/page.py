@@ -2,7 +2,9 @@
 
 Redo must leave pages byte-identical to what PostgreSQL produces (wal_consistency_checking
 compares them), so every function here reproduces the C layout exactly: which bytes move,
-which are left stale, which line pointers shrink away. See pg15-wal.md §4.1-4.2.
+which are left stale, which line pointers shrink away. PostgreSQL's source:
+src/include/storage/bufpage.h (PageHeaderData, ItemIdData) and
+src/backend/storage/page/bufpage.c (PageAddItemExtended, PageRepairFragmentation, ...).
 
 Pages are `bytearray`s of BLCKSZ bytes. Line pointers are 1-based offset numbers; 0 is
 InvalidOffsetNumber. Nothing here does I/O.

@@ -1,4 +1,4 @@
-"""Sequence rmgr (15) redo and mask, after sequence.c seq_redo / seq_mask (pg15-wal.md §4.7)."""
+"""Sequence rmgr (15) redo and mask, after seq_redo / seq_mask (src/backend/commands/sequence.c)."""
 
 from __future__ import annotations
 

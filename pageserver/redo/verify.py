@@ -3,8 +3,8 @@
 With wal_consistency_checking every block reference of a checked rmgr carries the page as
 PostgreSQL left it after the record (APPLY clear: "FPW for WAL verification"). For each such
 block, `RedoVerifier` takes the block's previous version, applies `redo_block`, masks both
-that result and the restored image with the rmgr's mask (as checkXLogConsistency does,
-pg15-wal.md §5) and compares all 8192 bytes.
+that result and the restored image with the rmgr's mask (as checkXLogConsistency in
+src/backend/access/transam/xlogrecovery.c does) and compares all 8192 bytes.
 
 Where the previous version comes from: the newest image of that block seen earlier in the
 same WAL (verification or APPLY image, with pd_lsn set to what redo would have stamped), or,

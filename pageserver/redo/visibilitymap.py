@@ -1,4 +1,4 @@
-"""Visibility-map pages (visibilitymap.c), pg15-wal.md §4.5.
+"""Visibility-map pages (src/backend/access/heap/visibilitymap.c).
 
 The VM fork is changed by heap records without being one of their block references: INSERT,
 MULTI_INSERT, UPDATE and DELETE clear both bits of their heap block when their flags say so,

@@ -1,6 +1,6 @@
 """Storage-engine tunables, with laptop-sized defaults.
 
-Neon's production values (reference §4) are sized for servers with many tenants:
+Neon's production defaults (its pageserver's docs/settings.md) are sized for many tenants:
 checkpoint_distance 256 MiB, compaction_target_size 128 MiB, compaction_threshold 10 L0
 layers, image_creation_threshold 3. Here one pageserver follows a few local nodes, so the
 in-memory layer and the files are smaller (a flush every 32 MiB of WAL values keeps memory

@@ -1,7 +1,8 @@
 """Heap (10) and Heap2 (9) rmgrs: the main-data structs of every record type.
 
 Block data (tuples, offset arrays, freeze plans) is left to redo, which reads it from the
-block references; see pg15-wal.md §3.11 and §4.4.
+block references; see src/include/access/heapam_xlog.h and heap_xlog_* in
+src/backend/access/heap/heapam.c.
 """
 
 from __future__ import annotations

@@ -106,7 +106,10 @@ def build_record(
     return header[:20] + struct.pack("<I", crc) + body
 
 
-# The bytes of pg15-wal.md §2.4 (worked example 1), read from a real segment.
+# A real record, read from segment 000000010000000000000001 at offset 0x51ED88 after
+# `CREATE TABLE t (a int, b text); CHECKPOINT; INSERT INTO t VALUES (42, 'hello');`.
+# pg_waldump: rmgr: Heap len (rec/tot): 65/65, tx: 725, lsn: 0/0151ED88, prev 0/0151ED10,
+# desc: INSERT+INIT off 1 flags 0x00, blkref #0: rel 1663/5/16384 blk 0
 WORKED_EXAMPLE_1 = bytes.fromhex(
     "41 00 00 00 d5 02 00 00 10 ed 51 01 00 00 00 00"
     "80 0a 00 00 42 05 9f 3a 00 60 10 00 7f 06 00 00"

@@ -44,7 +44,8 @@ def short_lsn(lsn: int) -> str:
 
 
 def control_template(sysid: int = SYSID, unlogged_lsn: int = 0) -> bytes:
-    """A pg_control with PG15's compile-time constants (pg15-wal.md §7), state in production."""
+    """A pg_control with PG15's compile-time constants (src/include/catalog/pg_control.h),
+    state in production."""
     buf = bytearray(8192)
     struct.pack_into("<QIII", buf, 0, sysid, 1300, 202209061, 6)
     struct.pack_into("<Q", buf, 128, unlogged_lsn)
