@@ -37,6 +37,9 @@ from walreceiver.replication_codec import (
     BackendKeyData,
     BackendMessage,
     BackendParser,
+    BackupFinished,
+    BaseBackupEvent,
+    BaseBackupReader,
     CommandComplete,
     CopyBothResponse,
     CopyData,
@@ -119,6 +122,10 @@ class ServerAuthFailed(AuthFailed, ServerError):
     pass
 
 
+class NoReplicationPrivilege(AuthFailed, ServerError):
+    """The user logged in but may not replicate (neither superuser nor REPLICATION)."""
+
+
 class ConnectionLost(Unavailable):
     pass
 
@@ -141,6 +148,10 @@ def server_error(where: str, err: ErrorResponse) -> ServerError:
         )
     if state.startswith("28"):
         return ServerAuthFailed(msg + " (check the user, password and pg_hba.conf)", err)
+    if state == "42501" and "replication role" in err.message:
+        return NoReplicationPrivilege(
+            msg + " (the user needs the REPLICATION attribute: ALTER ROLE ... REPLICATION)", err
+        )
     if state in ("57P01", "57P02", "57P03", "53300") or state.startswith("08"):
         return ServerUnavailable(msg, err)
     return ServerError(msg, err)
@@ -352,9 +363,13 @@ class ReplicationConnection:
     async def wal_segment_size(self) -> int:
         return parse_size_setting(await self.show("wal_segment_size"))
 
-    async def create_physical_slot(self, name: str) -> None:
-        """Create a physical slot that reserves WAL from now (see read_replication_slot)."""
-        await self.query(f"CREATE_REPLICATION_SLOT {quote_ident(name)} PHYSICAL RESERVE_WAL")
+    async def create_physical_slot(self, name: str, *, temporary: bool = False) -> None:
+        """Create a physical slot that reserves WAL from now (see read_replication_slot).
+
+        A temporary slot belongs to this session: the server drops it when the session ends,
+        however it ends, so nothing is left holding WAL on the server."""
+        kind = " TEMPORARY" if temporary else ""
+        await self.query(f"CREATE_REPLICATION_SLOT {quote_ident(name)}{kind} PHYSICAL RESERVE_WAL")
 
     async def read_replication_slot(self, name: str) -> SlotInfo | None:
         """READ_REPLICATION_SLOT (v15): None when no such slot exists."""
@@ -377,6 +392,22 @@ class ReplicationConnection:
         if len(res.rows) != 1 or len(res.rows[0]) != 2 or res.rows[0][1] is None:
             raise ProtocolError("TIMELINE_HISTORY returned an unexpected result shape")
         return TimelineHistory(res.text(0, 0) or "", res.rows[0][1])
+
+    async def base_backup(self, options: str) -> AsyncIterator[BaseBackupEvent]:
+        """Run `BASE_BACKUP (options)` and yield its events in order until BackupFinished.
+
+        The messages are sequenced by replication_codec.BaseBackupReader; an error the server
+        reports raises (typed, see server_error) after everything before it was yielded. The
+        copy stream is read only as fast as the consumer takes events (bounded memory)."""
+        await self._send_flush(query_message(f"BASE_BACKUP ({options})"))
+        reader = BaseBackupReader()
+        while True:
+            for event in reader.handle(await self._recv()):
+                if isinstance(event, ErrorResponse):
+                    raise server_error(self.where, event)
+                yield event
+                if isinstance(event, BackupFinished):
+                    return
 
     async def start_replication(
         self,
