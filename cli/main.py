@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
+from cli.home import NeonHome
+from cli.registry import registry_error
+from pageserver_api.errors import error_from_os
 from proto.errors import NeonError
 from walreceiver.archive import PRIVATE_UMASK
 
@@ -19,11 +24,21 @@ class NeonGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NeonError as exc:
-            click.echo(f"neon: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
+        except OSError as exc:
+            # A full or read-only filesystem, a path we may not use: one line, no traceback.
+            _fail(error_from_os(exc))
+        except sqlite3.Error as exc:
+            home = ctx.obj.get("home") if isinstance(ctx.obj, dict) else None
+            _fail(registry_error(exc, NeonHome.resolve(home).registry_path))
         except KeyboardInterrupt:
             click.echo("neon: interrupted", err=True)
             sys.exit(130)
+
+
+def _fail(exc: NeonError) -> NoReturn:
+    click.echo(f"neon: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
 
 
 @click.group(cls=NeonGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,6 +6,7 @@ serialize instead of racing; secrets are not stored here (see cli/secrets.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pageserver.history.snapshots import split_snapshot_name
-from proto.errors import NotFound
+from pageserver_api.errors import error_from_os
+from proto.errors import NeonError, NotFound, Unavailable
 
 SCHEMA_VERSION = 1
 
@@ -95,6 +97,10 @@ class PageserverRow:
 class Registry:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.read_only = not os.access(path.parent, os.W_OK)
+        if self.read_only and path.exists():
+            self._conn = _open_read_only(path)
+            return
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             os.close(fd)
@@ -226,6 +232,36 @@ class Registry:
 RETIRED_STORAGE_OPTIONS = ("compression",)
 """Options older versions stored and that never did anything (layers are always
 zstd-compressed): dropped on read so no listing shows them."""
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """The registry of a home we cannot write (a read-only mount): reads work, a write fails
+    with "attempt to write a readonly database" (cli/main.py turns that into one line).
+    Without the right to create its -shm file, SQLite reads a WAL database only as immutable;
+    the last writer's close checkpointed it into the main file."""
+    for query in ("mode=ro", "mode=ro&immutable=1"):
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?{query}", uri=True, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            continue
+        return conn
+    raise Unavailable(f"the registry {path} cannot be read on this read-only filesystem")
+
+
+def registry_error(exc: sqlite3.Error, path: Path) -> NeonError:
+    """One line for a failed registry operation (a full or read-only filesystem, mostly)."""
+    text = str(exc)
+    if "readonly" in text or "read-only" in text:
+        return Unavailable(
+            f"the registry {path} is read-only (its filesystem or directory cannot be written); "
+            "this command changes state, read-only commands such as `neon pg list` still work"
+        )
+    if "full" in text or "disk I/O" in text:
+        return error_from_os(OSError(errno.ENOSPC, f"{text} (SQLite)"), path)
+    return NeonError(f"the registry {path}: {text}")
 
 
 def _storage(row: sqlite3.Row) -> StorageRow:

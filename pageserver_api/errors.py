@@ -8,6 +8,9 @@ them without speaking the wire protocol; proto.errors re-exports them.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class NeonError(Exception):
     """An error whose message is fit to show a user as-is."""
@@ -93,3 +96,48 @@ ERRORS_BY_CODE: dict[str, type[NeonError]] = {
 def error_from_code(code: str, message: str) -> NeonError:
     """Rebuild a typed error received over the wire."""
     return ERRORS_BY_CODE.get(code, NeonError)(message)
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def error_from_os(exc: OSError, path: str | os.PathLike[str] | None = None) -> NeonError:
+    """One line for a failed file operation (what and where, and what to do for a full or
+    read-only filesystem): what the CLI prints and the pageserver answers instead of a
+    traceback. `path` names the file when the exception does not."""
+    where = exc.filename if exc.filename is not None else path
+    what = exc.strerror or str(exc)
+    if exc.errno in _FULL_ERRNOS:
+        free = _free_space(where)
+        return Unavailable(
+            f"{what} writing {where or 'a file'}"
+            + (f" (its filesystem has {free} left, not enough)" if free else "")
+            + "; free space there and run the command again"
+        )
+    if exc.errno == errno.EROFS:
+        return Unavailable(
+            f"{where or 'a file'} is on a read-only filesystem; this command writes there "
+            "(read-only commands such as `neon pg list` still work)"
+        )
+    return NeonError(f"{what}: {where}" if where is not None else what)
+
+
+def _free_space(path: str | os.PathLike[str] | None) -> str | None:
+    """Free bytes on the filesystem of path (or its nearest existing parent), for people."""
+    if path is None:
+        return None
+    current = os.path.abspath(os.fsdecode(path))
+    while True:
+        try:
+            st = os.statvfs(current)
+        except OSError:
+            parent = os.path.dirname(current)
+            if parent == current:
+                return None
+            current = parent
+            continue
+        free = float(st.f_bavail * st.f_frsize)
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if free < 1024 or unit == "GiB":
+                return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+            free /= 1024

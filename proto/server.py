@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
+from pageserver_api.errors import error_from_os
 from proto.connection import MessageStream
 from proto.errors import AuthFailed, InternalError, NeonError, NotFound, ProtocolError
 from proto.frames import DEFAULT_MAX_FRAME_SIZE, PRE_AUTH_MAX_FRAME_SIZE
@@ -214,6 +215,12 @@ class ProtoServer:
             if stream.failed:
                 raise  # the connection itself broke: report and close
             reply = Error.from_exception(ctx.request_id, exc)
+        except OSError as exc:
+            if stream.failed:
+                raise
+            # A full or read-only filesystem is the operator's to fix, not a bug: say where.
+            log.error("handler for %r failed: %s", ctx.method, exc)
+            reply = Error.from_exception(ctx.request_id, error_from_os(exc))
         except Exception as exc:
             if stream.failed:
                 raise

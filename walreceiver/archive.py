@@ -35,9 +35,6 @@ PARTIAL = ".partial"
 # The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
 # registries and logs are readable by their owner only, like PostgreSQL's own data directory.
 PRIVATE_UMASK = 0o077
-# The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
-# registries and logs are readable by their owner only, like PostgreSQL's own data directory.
-PRIVATE_UMASK = 0o077
 _PAGEADDR = struct.Struct("<Q")
 _PAGEADDR_OFFSET = 8
 _SYSID_OFFSET = 24  # in the long header of a segment's first page
@@ -192,9 +189,13 @@ class WalArchive:
             seg_end = segment_start(self._segno + 1, self.segment_size)
             n = min(len(view), seg_end - self.written_lsn)
             piece = view[:n]
-            while piece:
-                written = os.write(self._fd, piece)
-                piece = piece[written:]
+            try:
+                while piece:
+                    written = os.write(self._fd, piece)
+                    piece = piece[written:]
+            except OSError as exc:  # ENOSPC above all: say which file (write() does not)
+                path = self._path(self.timeline, self._segno, True)
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
             self.written_lsn += n
             self._dirty = True
             view = view[n:]

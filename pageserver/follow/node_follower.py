@@ -34,7 +34,7 @@ from pg15.records import DecodedRecord, decode_record, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
 from proto.errors import CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
-from walreceiver.receiver import ConnParams, ReceiverState, WalChunk
+from walreceiver.receiver import ConnParams, WalChunk
 from walreceiver.replication_auth import SCRAM_ONLY, TRUST_OR_SCRAM
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class NodeFollower:
         """Why decoding stopped for good (corrupt or missing WAL, a bug): it never resumes."""
         self.stall_error: str | None = None
         """Why ingest waits (its storage is full or read-only); it retries until it can write."""
+        self.receive_error: str | None = None
+        """Why the last receiver process failed; kept (across its retries) until WAL flows."""
         self.stream_ended = False
         self._decoded_lsn = 0
         self._task: asyncio.Task[None] | None = None
@@ -137,7 +139,7 @@ class NodeFollower:
         """ok, stalled (retrying: storage full, receiver failed) or failed (decoding stopped)."""
         if self.decode_error is not None:
             return "failed"
-        if self.stall_error is not None or self.receiver.state == ReceiverState.FAILED:
+        if self.stall_error is not None or self.receive_error is not None:
             return "stalled"
         return "ok"
 
@@ -148,8 +150,8 @@ class NodeFollower:
             return self.decode_error
         if self.stall_error is not None:
             return self.stall_error
-        if self.receiver.state == ReceiverState.FAILED and self.receiver.last_error:
-            return f"receiving WAL failed: {self.receiver.last_error}"
+        if self.receive_error is not None:
+            return f"receiving WAL failed: {self.receive_error}"
         return None
 
     def check_ingesting(self) -> None:
@@ -191,6 +193,7 @@ class NodeFollower:
                 raise
             except Exception as exc:  # a follower must survive any failure
                 log.error("node %s: streaming failed: %s", self.node.node_id, exc)
+                self.receive_error = str(exc)
                 delay = FAILED_RETRY_SECONDS
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -210,6 +213,7 @@ class NodeFollower:
             # it passes what the old one had, the old files are the ones to read.
             if lsn <= old:
                 return
+            self.receive_error = None  # WAL flows again
             self._durable = (timeline, lsn)
             self._cond.notify_all()
         self.stream_ended = False

@@ -55,6 +55,11 @@ def write_chunks_durably(final: Path, chunks: Iterable[bytes]) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # write() and fsync() do not say which file (ENOSPC)
+            raise OSError(exc.errno, exc.strerror, str(final)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -9,33 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from pg15.lsn import parse_lsn, segment_file_name
 from proto.client import call_sync
 from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port
-
-
-@pytest.fixture
-def neon() -> Iterator[NeonCli]:
-    """A home PostgreSQL's OS user can reach (pytest's own temp root is private to root)."""
-    root = Path(tempfile.mkdtemp(prefix="neon-ingest-"))
-    root.chmod(0o711)
-    cli = NeonCli(root / "home", {})
-    try:
-        yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _pageserver_call(neon: NeonCli, method: str, **params: object) -> dict:
