@@ -177,6 +177,9 @@ class SnapshotFileReader:
                 self.verified_offset = self._offset
                 continue
             if self._header is None:
+                if self._available() >= BLOCK and not any(self._buf[self._pos : self._pos + BLOCK]):
+                    where = " or ".join(self._expected_names())
+                    raise self._corrupt(where, self._offset, "the archive ends where it belongs")
                 if self._available() < HEADER_SIZE:
                     break
                 self._read_header()
@@ -188,7 +191,8 @@ class SnapshotFileReader:
         if self._eof:
             if not self._done:
                 raise CorruptData(
-                    f"{self.label} is truncated at offset {self._offset}: {self._missing()}"
+                    f"{self.label} is truncated at offset {self._offset + self._available()}: "
+                    + self._missing()
                 )
             if not self._ended:
                 self._ended = True
@@ -196,14 +200,21 @@ class SnapshotFileReader:
                 yield SnapshotEnd(self.checksums)
 
     def _missing(self) -> str:
+        """What the input lacks, and where that starts."""
+        need = (
+            len(END_OF_ARCHIVE)
+            if self._at_end
+            else HEADER_SIZE
+            if self._header is None
+            else padded(self._header.size)
+        ) - self._available()
         if self._at_end:
-            return f"the end-of-archive blocks after {CHECKSUMS_NAME} are missing"
-        if self._header is not None:
-            need = padded(self._header.size) - self._available()
-            return (
-                f"{self._header.name} (header at offset {self._header_offset}) lacks {need} bytes"
-            )
-        return f"the header of {' or '.join(self._expected_names())} is missing"
+            what = f"the end-of-archive blocks after {CHECKSUMS_NAME} (at offset {self._offset})"
+        elif self._header is not None:
+            what = f"{self._header.name} (its data at offset {self._offset})"
+        else:
+            what = f"the header of {' or '.join(self._expected_names())} (at offset {self._offset})"
+        return f"{what} lacks {need} bytes"
 
     def _read_header(self) -> None:
         offset = self._offset
@@ -264,7 +275,11 @@ class SnapshotFileReader:
         with self._view(size) as view:
             digest = hashlib.sha256(view).hexdigest()
         if digest != header.sha256:
-            raise self._corrupt(name, offset, "SHA-256 of the data does not match its header")
+            raise self._corrupt(
+                name,
+                offset,
+                f"SHA-256 of the data does not match its header (at offset {self._header_offset})",
+            )
         if any(self._buf[self._pos + size : self._pos + padded(size)]):
             raise self._corrupt(name, offset + size, "nonzero padding after the data")
         if name == MANIFEST_NAME:
@@ -378,4 +393,3 @@ def extract_tar(
             assert manifest is not None
             return manifest, event.checksums
     raise AssertionError("the reader ended without SnapshotEnd")
-

@@ -1,0 +1,153 @@
+"""manifest.json and checksums.json: canonical round trips and strict, field-naming errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from pageserver_api.errors import CorruptData, InvalidArgument
+from snapfile.manifest import (
+    FORMAT_VERSION,
+    Checksums,
+    FrameEntry,
+    MemberEntry,
+    decode_checksums,
+    decode_manifest,
+    encode_checksums,
+    encode_manifest,
+)
+from tests.snapfile.snapfile_helpers import make_manifest
+
+SHA = "ab" * 32
+
+
+def manifest_json(**changes: object) -> bytes:
+    obj = json.loads(encode_manifest(make_manifest()))
+    for key, value in changes.items():
+        if value is KeyError:
+            del obj[key]
+        else:
+            obj[key] = value
+    return json.dumps(obj).encode()
+
+
+def test_manifest_round_trip_is_canonical() -> None:
+    delta = make_manifest(parent="oldpg", parent_lsn=0x3000028, source="pgdata1@snap1")
+    for manifest in (make_manifest(), delta):
+        data = encode_manifest(manifest)
+        assert decode_manifest(data) == manifest
+        assert encode_manifest(decode_manifest(data)) == data
+    obj = json.loads(encode_manifest(delta))
+    assert obj["lsn"] == "1/6B374848"
+    assert obj["parent_lsn"] == "0/03000028"
+    assert obj["system_identifier"] == "7312345678901234567"
+    assert obj["created_at"] == "2026-12-03T17:00:00Z"
+    assert obj["format_version"] == FORMAT_VERSION
+
+
+def test_created_at_in_another_zone_is_written_in_utc() -> None:
+    when = datetime(2026, 12, 3, 18, 0, 0, tzinfo=timezone(timedelta(hours=1)))
+    manifest = make_manifest(created_at=when)
+    assert json.loads(encode_manifest(manifest))["created_at"] == "2026-12-03T17:00:00Z"
+    assert decode_manifest(encode_manifest(manifest)).created_at == when
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"format_version": 2}, "format version 2 is not supported"),
+        ({"format_version": "1"}, "'format_version'"),
+        ({"lsn": KeyError}, "'lsn' is missing"),
+        ({"extra": 1}, "'extra' is unknown"),
+        ({"lsn": 5}, "'lsn'"),
+        ({"lsn": "0/1"}, "'lsn'"),
+        ({"pg_version": "15"}, "'pg_version'"),
+        ({"pg_version": True}, "'pg_version'"),
+        ({"system_identifier": 7312345678901234567}, "'system_identifier'"),
+        ({"system_identifier": "-1"}, "'system_identifier'"),
+        ({"system_identifier": str(2**64)}, "'system_identifier'"),
+        ({"pg_timeline": 0}, "'pg_timeline'"),
+        ({"source": ""}, "'source'"),
+        ({"source": None}, "'source'"),
+        ({"created_at": "2026-12-03 17:00:00"}, "'created_at'"),
+        ({"created_at": "2026-13-03T17:00:00Z"}, "'created_at'"),
+        ({"parent": "snap"}, "'parent_lsn'"),
+        ({"parent_lsn": "0/03000028"}, "'parent_lsn'"),
+        ({"parent": 3, "parent_lsn": "0/03000028"}, "'parent'"),
+        ({"compression": "gzip"}, "'compression'"),
+        ({"frame_size": 1 << 30}, "'frame_size'"),
+        ({"frame_size": 4096.0}, "'frame_size'"),
+    ],
+)
+def test_bad_manifest_names_the_field(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(CorruptData, match="snapshot manifest") as exc:
+        decode_manifest(manifest_json(**changes))
+    assert field in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"[]", b"{", b'{"lsn": NaN}', b"\xff", b'{"format_version": 1, "format_version": 1}'],
+)
+def test_manifest_that_is_not_a_json_object_is_corrupt(data: bytes) -> None:
+    with pytest.raises(CorruptData, match="snapshot manifest"):
+        decode_manifest(data)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"lsn": -1}, "'lsn'"),
+        ({"created_at": datetime(2026, 1, 1)}, "'created_at'"),
+        ({"created_at": datetime(2026, 1, 1, 0, 0, 0, 5, tzinfo=UTC)}, "'created_at'"),
+        ({"parent": "x"}, "'parent_lsn'"),
+        ({"frame_size": 100}, "'frame_size'"),
+        ({"format_version": 9}, "'format_version'"),
+    ],
+)
+def test_bad_manifest_in_code_is_invalid_argument(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        make_manifest(**changes)
+    assert field in str(exc.value)
+
+
+def make_checksums() -> Checksums:
+    return Checksums(
+        manifest=MemberEntry("manifest.json", 1536, 290, SHA),
+        frames=(
+            FrameEntry("frames/00000000.zst", 3584, 100, SHA, 4096),
+            FrameEntry("frames/00000001.zst", 5120, 10, SHA, 7),
+        ),
+        data_size=4103,
+        data_sha256=SHA,
+    )
+
+
+def test_checksums_round_trip_is_canonical() -> None:
+    data = encode_checksums(make_checksums())
+    assert decode_checksums(data) == make_checksums()
+    assert encode_checksums(decode_checksums(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda o: o.update(format_version=3), "format version 3"),
+        (lambda o: o.pop("data_sha256"), "'data_sha256' is missing"),
+        (lambda o: o.update(data_sha256="AB" * 32), "'data_sha256'"),
+        (lambda o: o.update(frames=[]), "'frames'"),
+        (lambda o: o.update(frames={}), "'frames'"),
+        (lambda o: o["frames"][1].pop("data_size"), "frames[1]: field 'data_size' is missing"),
+        (lambda o: o["frames"][0].update(size="1"), "frames[0]: field 'size'"),
+        (lambda o: o["manifest"].update(sha256="x"), "'manifest': field 'sha256'"),
+        (lambda o: o["manifest"].update(data_size=1), "'manifest': field 'data_size' is unknown"),
+    ],
+)
+def test_bad_checksums_name_the_field(edit: object, field: str) -> None:
+    obj = json.loads(encode_checksums(make_checksums()))
+    edit(obj)  # type: ignore[operator]
+    with pytest.raises(CorruptData, match="snapshot checksums") as exc:
+        decode_checksums(json.dumps(obj).encode())
+    assert field in str(exc.value)
