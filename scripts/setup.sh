@@ -16,6 +16,17 @@ if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_waldump" ] || [ ! -x "$PG_BIN
     if command -v pg_ctlcluster >/dev/null 2>&1; then $SUDO pg_ctlcluster 15 main stop 2>/dev/null || true; fi
 fi
 
+# A .neon snapshot file opens with standard tools (docs/snapshot-format.md); its tests run
+# the real tar, zstd and sha256sum.
+if ! command -v zstd >/dev/null 2>&1 || ! command -v tar >/dev/null 2>&1; then
+    echo "setup: zstd or tar missing; installing them with apt-get"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q zstd tar
+fi
+
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
