@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import os
 import struct
+import tarfile
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from cli import postmaster
+from cli.pgbin import make_pg_dir
 from cli.untar import extract_basebackup
 from pg15.lsn import parse_lsn
 from proto.errors import AuthFailed, Unavailable
@@ -343,3 +346,89 @@ async def test_without_temporary_slot_and_a_sink_that_reads_nothing(
     assert seen == ["base.tar"] and result.slot is None
     assert result.archives[0].size > 1 << 20
     assert result.end_lsn >= result.start_lsn
+
+
+async def test_memory_stays_bounded_whatever_the_backup_size(source: PgTestServer) -> None:
+    """The connection is read only as fast as the sink takes bytes: a slow sink makes the
+    server wait, it does not make us buffer the backup."""
+    received = 0
+
+    async def slow(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
+        nonlocal received
+        async for chunk in chunks:
+            received += len(chunk)
+            if received % (4 << 20) < len(chunk):
+                await asyncio.sleep(0.2)  # let the server fill every buffer there is
+
+    tracemalloc.start()
+    try:
+        result = await run_base_backup(params(source), slow)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == result.bytes_received > 40 << 20
+    assert peak < 20 << 20, f"peak {peak >> 20} MiB for a {received >> 20} MiB backup"
+
+
+async def test_cancelled_backup_leaves_nothing_on_the_server(source: PgTestServer) -> None:
+    """An interrupted import (SIGINT cancels the task): the server aborts the backup and drops
+    the temporary slot at once."""
+    started = asyncio.Event()
+
+    async def stuck(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
+        async for _ in chunks:
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(run_base_backup(params(source), stuck))
+    await asyncio.wait_for(started.wait(), 60)
+    assert len(backup_slots(source)) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: backup_slots(source) == [], "the temporary slot to go")
+    progress = "SELECT count(*) FROM pg_stat_progress_basebackup"
+    await wait_until(lambda: source.psql(progress) == "0", "the backup to be aborted")
+
+
+async def test_tablespace_archives_restore_with_a_new_location(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """A tablespace comes as its own archive (named by its oid, with its location) before
+    base.tar, whose tablespace_map says where it was; pointed elsewhere, it starts."""
+    server = pg_cluster.create()
+    location = server.root / "ts1"
+    make_pg_dir(location)
+    server.psql(
+        f"CREATE TABLESPACE ts1 LOCATION '{location}';"
+        "CREATE TABLE far (id int, t text) TABLESPACE ts1;"
+        "INSERT INTO far SELECT i, md5(i::text) FROM generate_series(1, 20000) i;"
+        "CREATE INDEX far_t ON far (t) TABLESPACE ts1; CHECKPOINT;"
+    )
+    oid = int(server.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'"))
+    sink = DirectorySink(tmp_path)
+    result = await run_base_backup(params(server), sink)
+    assert [(a.name, a.tablespace_location, a.tablespace_oid) for a in sink.archives] == [
+        (f"{oid}.tar", str(location), oid),
+        ("base.tar", None, None),
+    ]
+    assert [(t.oid, t.location) for t in result.tablespaces] == [(oid, str(location)), (None, None)]
+    with tarfile.open(tmp_path / "base.tar") as tar:
+        names = tar.getnames()
+        assert not any(m.issym() for m in tar.getmembers()), "no pg_tblspc symlinks"
+        tsmap = tar.extractfile("tablespace_map")
+        assert tsmap is not None and tsmap.read().decode() == f"{oid} {location}\n"
+    assert "pg_tblspc" in names
+
+    restored = pg_cluster.create_empty()
+    new_location = restored.root / "ts1-moved"
+    with open(tmp_path / "base.tar", "rb") as f:
+        extract_basebackup(f, restored.datadir)
+    with open(tmp_path / f"{oid}.tar", "rb") as f:
+        extract_basebackup(f, new_location)
+    (restored.datadir / "tablespace_map").write_text(f"{oid} {new_location}\n")
+    postmaster.write_config(restored.datadir, *restored.config())
+    restored.start()
+    check = "SELECT count(*), sum(hashtext(t)), pg_tablespace_location(" + str(oid) + ") FROM far"
+    assert restored.psql(check) == server.psql(check).replace(str(location), str(new_location))
+    assert dump(restored, "postgres") == dump(server, "postgres")
