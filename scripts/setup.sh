@@ -17,14 +17,17 @@ if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_waldump" ] || [ ! -x "$PG_BIN
 fi
 
 # A .neon snapshot file opens with standard tools (docs/snapshot-format.md); its tests run
-# the real tar, zstd and sha256sum.
-if ! command -v zstd >/dev/null 2>&1 || ! command -v tar >/dev/null 2>&1; then
-    echo "setup: zstd or tar missing; installing them with apt-get"
+# the real tar, zstd, sha256sum and jq.
+SNAP_TOOLS=""
+for tool in zstd tar jq; do command -v "$tool" >/dev/null 2>&1 || SNAP_TOOLS="$SNAP_TOOLS $tool"; done
+if [ -n "$SNAP_TOOLS" ]; then
+    echo "setup:$SNAP_TOOLS missing; installing with apt-get"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -q
-    $SUDO apt-get install -y -q zstd tar
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -q $SNAP_TOOLS
 fi
 
 PY="${PYTHON:-python3.11}"

@@ -13,6 +13,7 @@ naming the field; building a record with bad values in code raises InvalidArgume
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -266,6 +267,13 @@ class Checksums:
         )
         _check_int(self.data_size, error, what, "data_size")
         _check_sha256(self.data_sha256, error, what, "data_sha256")
+
+    @property
+    def content_id(self) -> str:
+        """SHA-256 of checksums.json: it fixes every byte of the file (the manifest and each
+        frame through their digests, every header through its canonical encoding), so two
+        files with the same content_id are identical."""
+        return hashlib.sha256(encode_checksums(self)).hexdigest()
 
     @property
     def members(self) -> tuple[MemberEntry | FrameEntry, ...]:

@@ -53,6 +53,8 @@ def test_round_trip_any_size_and_chunking(
         assert hashlib.sha256(data).hexdigest() == entry.sha256
     end = checksums.frames[-1].offset + padded(checksums.frames[-1].size)
     assert neon[end : end + HEADER_SIZE].startswith(b"PaxHeaders/checksums.json\0")
+    trailer = neon[end + HEADER_SIZE : -1024].rstrip(b"\0")
+    assert hashlib.sha256(trailer).hexdigest() == checksums.content_id
 
 
 def test_frame_data_events_are_whole_frames() -> None:

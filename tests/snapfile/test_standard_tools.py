@@ -13,6 +13,11 @@ import pytest
 
 from tests.snapfile.snapfile_helpers import encode, generated_bytes, make_manifest, make_tar
 
+# As docs/snapshot-format.md writes it.
+VERIFY = (
+    "jq -r '.manifest, .frames[] | \"\\(.sha256)  \\(.name)\"' checksums.json"
+    " | sha256sum -c --quiet"
+)
 FILES = {
     "PG_VERSION": b"15\n",
     "global/pg_control": generated_bytes(8192, 1),
@@ -24,7 +29,7 @@ FILES = {
 
 @pytest.fixture(scope="module")
 def neon_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    for tool in ("tar", "zstd", "sha256sum"):
+    for tool in ("tar", "zstd", "sha256sum", "jq"):
         assert shutil.which(tool), f"{tool} is missing: run scripts/setup.sh"
     tar = make_tar(FILES)
     neon, checksums = encode(make_manifest(64 * 1024), tar, [10_000])
@@ -66,10 +71,13 @@ def test_extract_then_decompress_the_frames(neon_file: tuple[Path, bytes], tmp_p
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["lsn"] == "1/6B374848" and manifest["pg_version"] == 15
     checksums = json.loads((tmp_path / "checksums.json").read_text())
-    sums = "".join(
-        f"{m['sha256']}  {m['name']}\n" for m in [checksums["manifest"], *checksums["frames"]]
-    )
-    run(f"sha256sum --quiet -c - <<'EOF'\n{sums}EOF", tmp_path)
+    run(VERIFY, tmp_path)
+    # The check does catch a damaged frame.
+    frame = tmp_path / "frames" / "00000001.zst"
+    good = frame.read_bytes()
+    frame.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert subprocess.run(["bash", "-o", "pipefail", "-c", VERIFY], cwd=tmp_path).returncode != 0
+    frame.write_bytes(good)
     run("zstd -q -t frames/*.zst", tmp_path)
     assert run("cat frames/*.zst | zstd -d", tmp_path) == tar
     assert hashlib.sha256(tar).hexdigest() == checksums["data_sha256"]
