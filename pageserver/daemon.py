@@ -13,6 +13,7 @@ import dataclasses
 import faulthandler
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -204,13 +205,20 @@ def parse_args(
     return config, bool(args.log_stderr)
 
 
+LOG_MAX_BYTES = 10 << 20
+LOG_BACKUPS = 5
+"""pageserver.log rotates at 10 MiB into .1 ... .5: at most 60 MiB of logs, ever."""
+
+
 def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
     handler: logging.Handler
     if to_stderr:
         handler = logging.StreamHandler(sys.stderr)
     else:
         config.workdir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(config.log_file)
+        handler = logging.handlers.RotatingFileHandler(
+            config.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS
+        )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pageserver.config import PageserverConfig
+from pageserver.daemon import LOG_MAX_BYTES, setup_logging
 from proto.client import call_sync
 from proto.errors import AuthFailed, Unavailable
 from tests.neoncli import NEON, NeonCli
@@ -112,3 +115,22 @@ def test_run_in_foreground_and_sigterm(neon: NeonCli) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_log_rotates_at_10_mib_keeping_five(tmp_path: Path) -> None:
+    config = PageserverConfig(workdir=tmp_path)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(config, to_stderr=False)
+        chunk = "x" * (64 << 10)
+        for _ in range(7 * 10 * 16 + 1):  # 70 MiB: more than the log and its 5 backups hold
+            logging.getLogger("pageserver").info(chunk)
+        for handler in root.handlers:
+            handler.close()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["pageserver.log", *(f"pageserver.log.{i}" for i in range(1, 6))]
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= LOG_MAX_BYTES + (70 << 10)
