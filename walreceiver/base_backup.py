@@ -266,6 +266,10 @@ class _BackupRun:
                 async for _ in chunks:  # whatever the sink left of its archive
                     pass
                 self._progress(force=True)
+            elif isinstance(event, ArchiveData):  # the sink closed its iterator early
+                self.done += len(event.data)
+            elif isinstance(event, ArchiveEnd):
+                self.archives.append(event)
             elif isinstance(event, BackupEnded):
                 end = event
                 break

@@ -13,7 +13,7 @@ import os
 import struct
 import tarfile
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,12 @@ from walreceiver.base_backup import (
     run_base_backup,
 )
 from walreceiver.receiver import ConnParams
-from walreceiver.replication import NoReplicationPrivilege, ServerAuthFailed, ServerError
+from walreceiver.replication import (
+    NoReplicationPrivilege,
+    ServerAuthFailed,
+    ServerError,
+    ServerUnavailable,
+)
 from walreceiver.replication_auth import TRUST_OR_SCRAM
 
 pytestmark = pytest.mark.slow
@@ -332,14 +337,20 @@ async def test_server_error_mid_stream_is_a_typed_error(
     await wait_until(lambda: backup_slots(source) == [], "the temporary slot to go")
 
 
-async def test_without_temporary_slot_and_a_sink_that_reads_nothing(
-    source: PgTestServer,
+@pytest.mark.parametrize("closes", [False, True])
+async def test_without_temporary_slot_and_a_sink_that_stops_reading(
+    source: PgTestServer, closes: bool
 ) -> None:
-    """A sink may ignore an archive: the rest is read and dropped, the backup completes."""
+    """A sink may ignore an archive or close its iterator after a chunk: the rest is read and
+    dropped, and the backup completes."""
     seen: list[str] = []
 
     async def lazy(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
         seen.append(archive.name)
+        if closes:
+            assert isinstance(chunks, AsyncGenerator)
+            await anext(chunks)
+            await chunks.aclose()
 
     options = BaseBackupOptions(temporary_slot=False, label="it's a test")
     result: BaseBackupResult = await run_base_backup(params(source), lazy, options=options)
@@ -432,3 +443,29 @@ async def test_tablespace_archives_restore_with_a_new_location(
     check = "SELECT count(*), sum(hashtext(t)), pg_tablespace_location(" + str(oid) + ") FROM far"
     assert restored.psql(check) == server.psql(check).replace(str(location), str(new_location))
     assert dump(restored, "postgres") == dump(server, "postgres")
+
+
+async def test_walsender_terminated_mid_backup(source: PgTestServer) -> None:
+    """pg_terminate_backend on the walsender: its FATAL message reaches us only when its
+    socket was writable (else it just closes), so the error is ServerUnavailable or
+    BaseBackupTruncated; both are Unavailable (try again) and say where the backup was."""
+    started = asyncio.Event()
+    proceed = asyncio.Event()
+
+    async def pausing(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
+        async for _ in chunks:
+            started.set()
+            await proceed.wait()
+
+    task = asyncio.create_task(run_base_backup(params(source), pausing))
+    await asyncio.wait_for(started.wait(), 60)
+    killed = source.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE backend_type = 'walsender' AND application_name = 'test-basebackup'"
+    )
+    assert killed == "1"
+    proceed.set()
+    with pytest.raises(Unavailable, match=r"during the base backup, in base\.tar after") as err:
+        await task
+    assert isinstance(err.value, ServerUnavailable | BaseBackupTruncated)
+    await wait_until(lambda: backup_slots(source) == [], "the temporary slot to go")
