@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from pg15.lsn import format_lsn
-from proto.errors import InvalidArgument, ProtocolError, Unavailable
+from proto.errors import CorruptData, InvalidArgument, ProtocolError, Unavailable
 from walreceiver.receiver import ConnParams
 from walreceiver.replication import (
     ConnectionLost,
@@ -66,6 +66,7 @@ from walreceiver.replication_codec import (
 E = TypeVar("E", bound=BaseBackupEvent)
 
 SUPPORTED_MAJOR = 15
+DATA_CORRUPTED = "XX001"  # basebackup.c's "checksum verification failure during base backup"
 PROGRESS_STEP = 1 << 20  # call on_progress at least every MiB (the server's 'p' is 1/s at most)
 
 
@@ -75,6 +76,10 @@ class UnsupportedServer(InvalidArgument):
 
 class BaseBackupTruncated(Unavailable):
     """The connection ended before the server finished the backup: nothing of it is usable."""
+
+
+class SourceDataCorrupted(CorruptData, ServerError):
+    """Pages of the source failed checksum verification (reported after all data was sent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +193,8 @@ async def run_base_backup(
     Raises Unavailable (cannot connect), AuthFailed (ServerAuthFailed for a wrong password,
     NoReplicationPrivilege for a user without REPLICATION), UnsupportedServer (not
     PostgreSQL 15), ServerError subclasses for errors the server reports (before or during
-    the copy, or after it, as a checksum failure is), BaseBackupTruncated when the connection
+    the copy, or after it: SourceDataCorrupted for a checksum failure, reported once all
+    data was sent), BaseBackupTruncated when the connection
     ends mid-backup, ProtocolError for a malformed stream, and whatever the sink raises. On
     any error the connection is dropped, which makes the server abort the backup and drop
     the slot; what the sink already received must then be discarded.
@@ -307,6 +313,13 @@ class _BackupRun:
                 f"{exc} ({self._where()}): the backup is incomplete and unusable; run it again"
             ) from None
         except ServerError as exc:
+            if exc.sqlstate == DATA_CORRUPTED:
+                raise SourceDataCorrupted(
+                    f"{exc}: the source server's data files fail their checksums (its log names "
+                    "them); the backup is refused. Repair the source, or back up without "
+                    "checksum verification to copy the damage as it is",
+                    exc.response,
+                ) from None
             raise type(exc)(f"{exc} ({self._where()})", exc.response) from None
 
     async def _expect(self, kind: type[E]) -> E:
@@ -348,6 +361,7 @@ __all__ = [
     "BaseBackupResult",
     "BaseBackupTruncated",
     "ProgressCallback",
+    "SourceDataCorrupted",
     "UnsupportedServer",
     "run_base_backup",
 ]

@@ -22,7 +22,7 @@ from cli import postmaster
 from cli.pgbin import make_pg_dir
 from cli.untar import extract_basebackup
 from pg15.lsn import parse_lsn
-from proto.errors import AuthFailed, Unavailable
+from proto.errors import AuthFailed, CorruptData, Unavailable
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer, free_port
 from walreceiver.base_backup import (
     PROGRESS_STEP,
@@ -31,6 +31,7 @@ from walreceiver.base_backup import (
     BaseBackupProgress,
     BaseBackupResult,
     BaseBackupTruncated,
+    SourceDataCorrupted,
     UnsupportedServer,
     run_base_backup,
 )
@@ -469,3 +470,31 @@ async def test_walsender_terminated_mid_backup(source: PgTestServer) -> None:
         await task
     assert isinstance(err.value, ServerUnavailable | BaseBackupTruncated)
     await wait_until(lambda: backup_slots(source) == [], "the temporary slot to go")
+
+
+async def test_checksum_failure_is_reported_after_the_data_and_refuses_the_backup(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """basebackup.c sends every archive and the end position, then the error: the backup must
+    still fail (SourceDataCorrupted), unless verification was turned off."""
+    server = pg_cluster.create()
+    server.psql("CREATE TABLE damaged AS SELECT generate_series(1, 1000) AS x; CHECKPOINT;")
+    relpath = server.datadir / server.psql("SELECT pg_relation_filepath('damaged')")
+    server.stop()
+    server.run("pg_checksums", "--enable", "-D", str(server.datadir))
+    with open(relpath, "r+b") as f:  # a byte in the first page's tuples, header intact
+        f.seek(6000)
+        byte = f.read(1)
+        f.seek(6000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    server.start()
+
+    sink = DirectorySink(tmp_path)
+    with pytest.raises(SourceDataCorrupted, match="checksum verification failure") as err:
+        await run_base_backup(params(server), sink)
+    assert err.value.sqlstate == "XX001" and isinstance(err.value, CorruptData)
+    assert sink.sizes["base.tar"] > 1 << 20, "the error came after the data"
+
+    unchecked = BaseBackupOptions(verify_checksums=False)
+    result = await run_base_backup(params(server), DirectorySink(tmp_path), options=unchecked)
+    assert result.archives[0].name == "base.tar"
