@@ -283,7 +283,6 @@ class Pageserver:
         return list(self.histories.values())
 
     def pitr_create(self, name: str, node_id: str, ttl: str, size_limit: str) -> PitrArea:
-        check_user_tag(name)
         store = self.store(node_id)
         if store.state is None:
             raise NotFound(f"node {node_id} has no page history yet")
@@ -362,8 +361,8 @@ class Pageserver:
         if get_control_file(timeline, lsn) is None or get_checkpoint(timeline, lsn) is None:
             raise NotFound(
                 f"PITR area {area!r} cannot extract {format_lsn(lsn)}: the page history "
-                "there was garbage-collected (no pg_control at or below it); "
-                "see `neon pitr list` for what the area covers now"
+                "there was garbage-collected before the area kept it (no pg_control at or "
+                "below it); extract a later LSN"
             )
 
     def gc_history(self, history: StorageHistory) -> dict[str, Any]:
