@@ -111,6 +111,9 @@ def storage_attach(
     spec = build_spec(app.home, name, type_, raw)
     if app.registry.find_storage(name) is not None:
         raise AlreadyExists(f"storage {name!r} already exists; see `neon storage list`")
+    for other in app.registry.storages():
+        if spec.type == other.type == "native" and spec.path == other.options["path"]:
+            raise Conflict(f"{spec.path} is already the directory of storage {other.name!r}")
     materialize(app.home, spec)
     with app.registry.transaction() as cur:
         if cur.execute("SELECT 1 FROM storages WHERE name = ?", (name,)).fetchone():

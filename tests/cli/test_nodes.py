@@ -133,9 +133,10 @@ def test_errors_are_one_line_and_change_nothing(neon: NeonCli, tmp_path: Path) -
     assert [s["name"] for s in neon.json("storage", "list")] == ["local"]
 
 
-def test_failed_create_leaves_nothing(neon: NeonCli, tmp_path: Path) -> None:
-    # A PostgreSQL installation whose initdb fails half-way (after creating files).
-    fake = tmp_path / "pgbin"
+def test_failed_create_leaves_nothing(neon: NeonCli) -> None:
+    # A PostgreSQL installation whose initdb fails half-way (after creating files), where
+    # PostgreSQL's account can run it (next to the home; tmp_path's parents are 0700).
+    fake = neon.home.parent / "pgbin"
     fake.mkdir()
     real = Path(pg_binary("initdb")).parent
     for entry in real.iterdir():
@@ -147,7 +148,7 @@ def test_failed_create_leaves_nothing(neon: NeonCli, tmp_path: Path) -> None:
         "echo 'initdb: error: disk on fire' >&2; exit 1\n"
     )
     (fake / "initdb").chmod(0o755)
-    os.chmod(tmp_path, 0o755)
+    os.chmod(fake, 0o755)
     broken = NeonCli(neon.home, {"NEON_PG_BIN": str(fake)})
     err = broken.fail("pg", "create")
     assert "disk on fire" in err
@@ -191,8 +192,8 @@ def _neon_cmd() -> list[str]:
     return [NEON]
 
 
-def test_storages_and_secrets(neon: NeonCli, tmp_path: Path) -> None:
-    custom = tmp_path / "custom-store"
+def test_storages_and_secrets(neon: NeonCli) -> None:
+    custom = neon.home.parent / "custom-store"  # PostgreSQL's account enters it (not tmp_path)
     out = neon.run(
         "storage",
         "attach",

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.neoncli import NeonCli, psql
+from tests.pgtest import free_port
 
 INTRUDER = "nobody"
 SNAPSHOT = "pgdata1@before"
@@ -54,7 +55,7 @@ def live() -> Iterator[LiveHome]:
     outside_before = _identity(_outside_dirs(base))
     neon = NeonCli(base / "home", {})
     try:
-        neon.run("pg", "create")
+        neon.run("pg", "create", "--port", str(free_port()))  # 5432 may be another test's
         connstr = neon.json("pg", "show", "pgdata1")["connstr"]
         psql(
             connstr,
@@ -175,6 +176,9 @@ def test_storage_attach_takes_over_no_directory(live: LiveHome) -> None:
     # PostgreSQL's account, not listable), or an empty one of ours.
     fresh = base / "new" / "deeper" / "store"
     neon.run("storage", "attach", "-n", "fresh", "-c", f"path={fresh}")
+    assert "already the directory of storage 'fresh'" in neon.fail(
+        "storage", "attach", "-n", "again", "-c", f"path={fresh}"
+    )
     for created in (base / "new", base / "new" / "deeper", fresh):
         assert stat.S_IMODE(created.stat().st_mode) == 0o711, created
     empty = base / "empty"
