@@ -8,6 +8,7 @@ from cli.context import get_app
 from cli.node_lock import node_lock
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
+from pageserver.history.pitr import check_area_name
 from pageserver.storage.retention import RetentionPolicy
 from pageserver_api.models import (
     PitrCreateRequest,
@@ -35,7 +36,8 @@ def pitr_create(
     ctx: click.Context, name: str, node: str | None, ttl: str, size_limit: str, storage: str | None
 ) -> None:
     """Keep a node's history for point-in-time extraction."""
-    RetentionPolicy.parse_new(ttl, size_limit)  # bad input: one line, before any state
+    check_area_name(name)  # bad input: one line, before any state
+    RetentionPolicy.parse_new(ttl, size_limit)
     app = get_app(ctx)
     if node is None:
         nodes = app.registry.nodes()
@@ -92,7 +94,7 @@ def pitr_gc(ctx: click.Context, name: str) -> None:
     app = get_app(ctx)
     api = local_api(app)
     if name not in {a.name for a in api.pitr_list()}:
-        raise InvalidArgument(f"PITR area {name!r} does not exist; see `neon pitr list`")
+        raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
     results = api.gc_run()
     removed = sum(r.removed_layers for r in results)
     freed = sum(r.removed_bytes for r in results)

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from cli.home import NeonHome
 from cli.pgbin import claim_dir, traversal_mode
@@ -137,8 +137,44 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return options
 
 
+def _split_url(url: str, what: str) -> SplitResult:
+    """urlsplit, with a malformed url (an unclosed IPv6 bracket...) as one clear error."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid {what} {mask_url(url)!r}: {exc}") from None
+
+
+# AWS's naming rules for general purpose buckets (docs.aws.amazon.com, "Bucket naming rules").
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_S3_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def validate_s3_bucket(bucket: str) -> str:
+    """Refuse a bucket name S3 would refuse, with the rule it breaks."""
+    rule = None
+    if not _S3_BUCKET.match(bucket):
+        rule = (
+            "use 3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a "
+            "letter or digit"
+        )
+    elif ".." in bucket:
+        rule = "two adjacent periods are not allowed"
+    elif re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket):
+        rule = "it must not look like an IP address"
+    elif bucket.startswith(_S3_RESERVED_PREFIXES) or bucket.endswith(_S3_RESERVED_SUFFIXES):
+        rule = (
+            f"the prefixes {', '.join(_S3_RESERVED_PREFIXES)} and the suffixes "
+            f"{', '.join(_S3_RESERVED_SUFFIXES)} are reserved by AWS"
+        )
+    if rule is not None:
+        raise InvalidArgument(f"invalid s3 bucket name {bucket!r}: {rule} (AWS naming rules)")
+    return bucket
+
+
 def _validate_remote_url(url: str) -> None:
-    parts = urlsplit(url)
+    parts = _split_url(url, "remote url")
     if parts.scheme != "neon" or not parts.hostname:
         raise InvalidArgument(
             f"invalid remote url {mask_url(url)!r}: expected neon://HOST:PORT[/PATH]"
@@ -182,9 +218,10 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
     elif type_ == "s3":
         if not options.get("bucket"):
             raise InvalidArgument("an s3 storage needs -c bucket=NAME")
+        validate_s3_bucket(options["bucket"])
         options["prefix"] = options.get("prefix", "").strip("/")
         if options.get("endpoint"):
-            parts = urlsplit(options["endpoint"])
+            parts = _split_url(options["endpoint"], "s3 endpoint")
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise InvalidArgument(
                     f"invalid s3 endpoint {mask_url(options['endpoint'])!r}: "

@@ -119,7 +119,7 @@ def error_from_os(exc: OSError, path: str | os.PathLike[str] | None = None) -> N
             f"{where or 'a file'} is on a read-only filesystem; this command writes there "
             "(read-only commands such as `neon pg list` still work)"
         )
-    return NeonError(f"{what}: {where}" if where is not None else what)
+    return NeonError(f"{where}: {what}" if where is not None else what)
 
 
 def _free_space(path: str | os.PathLike[str] | None) -> str | None:

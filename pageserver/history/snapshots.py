@@ -15,6 +15,8 @@ from pageserver.history.named_records import NamedRecords
 from proto.errors import InvalidArgument
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RULE = "1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+"""What a snapshot tag and a PITR area name may be (they become file names)."""
 _HEAD = re.compile(r"^HEAD\{(\d+)\}$")
 RESERVED_TAGS = ("CURRENT",)
 
@@ -36,6 +38,11 @@ def split_snapshot_name(name: str) -> tuple[str, str]:
     if not sep or not pgdata or not tag:
         raise InvalidArgument(f"invalid snapshot {name!r}: expected PGDATA@TAG, e.g. pgdata1@snap1")
     return pgdata, tag
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether `name` follows NAME_RULE."""
+    return _TAG.match(name) is not None
 
 
 def check_user_tag(tag: str) -> str:
