@@ -319,8 +319,8 @@ def _initialize_from_snapshot(app: App, node: NodeRow, snapshot: str) -> None:
     register_with_pageserver(app, node)
     local_api(app).node_branch(NodeBranchRequest(node.id, snapshot, pg_timeline=1))
     download_basebackup(app, node.datadir, node_id=node.id)
-    pgdata = snapshot.partition("@")[0]
-    source = app.registry.find_node(pgdata)
+    pgdata, sep, _tag = snapshot.partition("@")
+    source = app.registry.find_node(pgdata) if sep else None  # imported: no node's config
     if source is not None and source.datadir.is_dir():
         copy_config_files(source.datadir, node.datadir)
     finish_datadir(app, node)

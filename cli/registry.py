@@ -193,7 +193,9 @@ class Registry:
     def snapshot_name(self, name: str) -> str:
         """PGDATA@TAG, PGDATA a node's ID or data directory name, as the pageserver names it:
         `<data directory name>@TAG`. A name whose node is gone stays as given (snapshots
-        outlive their node)."""
+        outlive their node). An imported snapshot's bare name stays as given."""
+        if "@" not in name:
+            return name
         ref, tag = split_snapshot_name(name)
         node = self.find_node(ref)
         return f"{node.pgdata}@{tag}" if node is not None else name

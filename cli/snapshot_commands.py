@@ -6,6 +6,7 @@ import contextlib
 import re
 import shutil
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,26 +17,30 @@ from cli import nodes, postmaster
 from cli.context import App, get_app
 from cli.extract import download_basebackup
 from cli.node_lock import locked_node, node_lock
+from cli.nodes import HISTORY_DIR
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
-from pageserver.history.snapshots import check_user_tag, split_snapshot_name
+from cli.snapshot_import import Progress, import_workdir, prepare_clean_datadir
+from cli.storages import DEFAULT_STORAGE
+from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.models import (
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
+    SnapshotImportRequest,
     SnapshotShowRequest,
     TimelineInfoRequest,
 )
 from pg15.lsn import format_lsn
-from proto.errors import AlreadyExists, Conflict, NotFound
+from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 SNAPSHOT_SERVER_PORT = 55432
 
 
 @click.group("snapshot")
 def snapshot_group() -> None:
-    """Snapshots: cheap named states of a node (PGDATA@TAG)."""
+    """Snapshots: cheap named states of a node (PGDATA@TAG), and imported databases (NAME)."""
 
 
 @snapshot_group.command("create")
@@ -55,6 +60,49 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
         snap = local_api(app).snapshot_create(request)
     if as_json:
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
+
+
+@snapshot_group.command("import")
+@click.option("--from", "source", required=True, metavar="SOURCE", help=(
+    "basebackup://USER[:PASSWORD]@HOST[:PORT]/ (a running server), a stopped cluster's data "
+    "directory, or pg_basebackup output (plain, or -F tar)"
+))  # fmt: skip
+@click.argument("name")
+@click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_import(
+    ctx: click.Context, source: str, name: str, storage: str, as_json: bool
+) -> None:
+    """Import an existing PostgreSQL 15 database as snapshot NAME, on a history of its own."""
+    app = get_app(ctx)
+    check_import_name(name)
+    store = app.registry.get_storage(storage)
+    if store.type != "native":
+        raise InvalidArgument(
+            f"storage {storage!r} is of type {store.type}; snapshots are imported into a native "
+            "storage (use -s local or attach one with `neon storage attach -t native`)"
+        )
+    api = local_api(app)
+    with contextlib.suppress(NotFound):
+        api.snapshot_show(SnapshotShowRequest(name))
+        raise AlreadyExists(
+            f"snapshot {name!r} already exists; choose another name or "
+            f"`neon snapshot destroy {name}` first"
+        )
+    storage_path = Path(store.options["path"])
+    progress = Progress(not as_json and sys.stderr.isatty(), "Importing")
+    try:
+        with import_workdir(storage_path) as workdir:
+            datadir = prepare_clean_datadir(source, storage_path, workdir, progress)
+            request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
+            snap = api.snapshot_import(request)
+    finally:
+        progress.close()
+    if as_json:
+        print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
+    else:
+        click.echo(f"Imported {name} at {snap.lsn_text}.")
 
 
 def _rows(app: App) -> list[dict[str, Any]]:
@@ -106,20 +154,20 @@ def snapshot_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @snapshot_group.command("destroy")
-@click.argument("name", metavar="PGDATA@TAG")
+@click.argument("name", metavar="SNAPSHOT")
 @click.pass_context
 def snapshot_destroy(ctx: click.Context, name: str) -> None:
     """Forget a snapshot (GC may then drop the history only it kept)."""
     app = get_app(ctx)
     name = app.registry.snapshot_name(name)
-    _pgdata, tag = split_snapshot_name(name)
+    _pgdata, _sep, tag = name.partition("@")
     if tag == "CURRENT":
         raise Conflict(f"{name} is a node's live state; destroy the node with `neon pg destroy`")
     if _server(app, name) is not None:
         raise Conflict(
             f"a read-only server runs over {name}; stop it with `neon snapshot stop {name}`"
         )
-    node = app.registry.find_node(_pgdata)  # none once the node is destroyed
+    node = app.registry.find_node(_pgdata) if tag else None  # none once the node is destroyed
     with contextlib.ExitStack() as lock:
         if node is not None:
             lock.enter_context(node_lock(app.home, node.id, "snapshot destroy"))

@@ -46,6 +46,7 @@ from pageserver_api.models import (
     RelSizeResponse,
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
+    SnapshotImportRequest,
     SnapshotInfo,
     SnapshotListRequest,
     SnapshotListResponse,
@@ -133,6 +134,9 @@ class PageserverClient:
         return await self._call(request, SnapshotInfo)
 
     async def snapshot_destroy(self, request: SnapshotDestroyRequest) -> SnapshotInfo:
+        return await self._call(request, SnapshotInfo)
+
+    async def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
         return await self._call(request, SnapshotInfo)
 
     async def pitr_create(self, request: PitrCreateRequest) -> PitrAreaInfo:
@@ -249,6 +253,9 @@ class SyncPageserverClient:
 
     def snapshot_destroy(self, request: SnapshotDestroyRequest) -> SnapshotInfo:
         return self.run(lambda c: c.snapshot_destroy(request))
+
+    def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
+        return self.run(lambda c: c.snapshot_import(request))
 
     def pitr_create(self, request: PitrCreateRequest) -> PitrAreaInfo:
         return self.run(lambda c: c.pitr_create(request))

@@ -606,6 +606,17 @@ class SnapshotDestroyRequest(ApiRequest):
     name: str
 
 
+@method("snapshot.import", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotImportRequest(ApiRequest):
+    """Import a cleanly shut-down data directory as snapshot `name` (a bare name) on a new
+    root timeline of the storage whose page history is at `store_dir`."""
+
+    name: str
+    datadir: str
+    store_dir: str
+
+
 @dataclass(frozen=True, slots=True)
 class BranchResponse(ApiResponse):
     """The node's new state; its WAL decoding starts at `decode_from`."""

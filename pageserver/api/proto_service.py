@@ -102,8 +102,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def snapshot_destroy(
         ctx: RequestContext, req: m.SnapshotDestroyRequest
     ) -> m.SnapshotInfo:
-        history, snap = ps.find_snapshot(req.name)
-        return m.SnapshotInfo(**asdict(history.snapshots.remove(snap.name)))
+        snap = await asyncio.to_thread(ps.destroy_snapshot, req.name)
+        return m.SnapshotInfo(**asdict(snap))
+
+    async def snapshot_import(ctx: RequestContext, req: m.SnapshotImportRequest) -> m.SnapshotInfo:
+        snap = await ps.import_snapshot(req.name, Path(req.datadir), Path(req.store_dir))
+        return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_show(ctx: RequestContext, req: m.SnapshotShowRequest) -> m.SnapshotInfo:
         _history, snap = ps.find_snapshot(req.name)
@@ -173,6 +177,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.SnapshotListRequest: snapshot_list,
         m.SnapshotDestroyRequest: snapshot_destroy,
         m.SnapshotShowRequest: snapshot_show,
+        m.SnapshotImportRequest: snapshot_import,
         m.NodeBranchRequest: node_branch,
         m.BasebackupRequest: basebackup,
         m.PitrCreateRequest: pitr_create,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -18,10 +20,19 @@ from pageserver.follow.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.follow.node_follower import NodeFollower
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr import PitrArea, new_area
-from pageserver.history.snapshots import Snapshot, check_user_tag, new_snapshot, split_snapshot_name
+from pageserver.history.snapshots import (
+    IMPORTED_NODE_ID,
+    Snapshot,
+    check_import_name,
+    check_user_tag,
+    new_snapshot,
+    split_snapshot_name,
+)
+from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.lsn_index import archive_reader
 from pageserver.reconstruct.reads import get_checkpoint, get_control_file, get_node_metadata
 from pageserver.reconstruct.redo_pool import RedoPool
+from pageserver.storage.durable_files import write_file_durably
 from pageserver.storage.gc import gc_timeline, prune_wal_archive
 from pageserver.storage.gc_policy import NodeTip, TimelineFacts, area_window, plan_gc
 from pageserver.storage.retention import Retention
@@ -147,8 +158,8 @@ class Pageserver:
         return follower.status()
 
     async def unregister_node(self, node_id: str) -> dict[str, Any]:
-        """Stop following a node and drop its state and WAL; its timelines stay for the
-        snapshots that name them (GC removes what nothing needs)."""
+        """Stop following a node and drop its state, WAL, snapshots and PITR areas, and the
+        timelines only it needed (another node's branch or snapshot keeps theirs)."""
         node = self.nodes.get(node_id)
         follower = self.followers.pop(node_id, None)
         if follower is not None:
@@ -157,10 +168,52 @@ class Pageserver:
         for area in store.history.pitr.all():
             if area.node_id == node_id:  # an area follows one node's history
                 store.history.pitr.remove(area.name)
+        current = store.state.timeline_id if store.state is not None else None
         await asyncio.to_thread(store.forget)
+        await asyncio.to_thread(self._drop_node_timelines, store.history, node_id, current)
         self.stores.pop(node_id, None)
         self.nodes.remove(node_id)
         return node.public()
+
+    def _drop_node_timelines(
+        self, history: StorageHistory, node_id: str, current: str | None
+    ) -> None:
+        """Forget a destroyed node's snapshots and delete its timelines (and ancestors) that
+        no other node's timeline or snapshot reads through; children go before parents."""
+        mine = [s for s in history.snapshots.all() if s.node_id == node_id]
+        for snap in mine:
+            history.snapshots.remove(snap.name)
+        candidates = self._with_ancestors(
+            history, [s.timeline_id for s in mine] + ([current] if current else [])
+        )
+        others = [
+            store.state.timeline_id
+            for store in (self.store(n.node_id) for n in self.nodes.all() if n.node_id != node_id)
+            if store.state is not None and store.history is history
+        ]
+        needed = self._with_ancestors(
+            history, others + [s.timeline_id for s in history.snapshots.all()]
+        )
+        doomed = candidates - needed
+        while doomed:
+            leaves = {t for t in doomed if not history.timelines.children(t)}
+            if not leaves:
+                break  # a child we do not know of (being created): leave the rest
+            for timeline_id in leaves:
+                history.timelines.delete_timeline(timeline_id)
+            doomed -= leaves
+
+    @staticmethod
+    def _with_ancestors(history: StorageHistory, timeline_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for timeline_id in timeline_ids:
+            if not history.timelines.exists(timeline_id):
+                continue
+            timeline: Timeline | None = history.timelines.get(timeline_id)
+            while timeline is not None and timeline.timeline_id not in found:
+                found.add(timeline.timeline_id)
+                timeline = timeline.ancestor
+        return found
 
     async def import_node(self, node_id: str, datadir: Path) -> int:
         """Import a node's cleanly shut-down data directory before its first start."""
@@ -195,6 +248,7 @@ class Pageserver:
             snap = history.snapshots.find(name)
             if snap is not None:
                 return history, snap
+        self._open_imported_histories()
         for history in self.histories.values():
             snap = history.snapshots.find(name)
             if snap is not None:
@@ -204,8 +258,9 @@ class Pageserver:
     def list_snapshots(self) -> list[dict[str, Any]]:
         seen: set[str] = set()
         out: list[dict[str, Any]] = []
-        for node in self.nodes.all():
-            history = self.history(self.store_dir(node))
+        roots = [self.store_dir(node) for node in self.nodes.all()]
+        for root in roots + self._imported_roots():
+            history = self.history(root)
             if str(history.root) in seen:
                 continue
             seen.add(str(history.root))
@@ -217,6 +272,67 @@ class Pageserver:
                     }
                 )
         return out
+
+    # imported snapshots: histories of their own, possibly in a storage no node uses
+
+    @property
+    def _imported_roots_file(self) -> Path:
+        return self.config.workdir / "imported_histories.json"
+
+    def _imported_roots(self) -> list[Path]:
+        """Storages that hold imported snapshots (kept so that they are found with no node)."""
+        try:
+            roots = json.loads(self._imported_roots_file.read_text())
+        except FileNotFoundError:
+            return []
+        return [Path(r) for r in roots if Path(r).is_dir()]
+
+    def _open_imported_histories(self) -> None:
+        for root in self._imported_roots():
+            self.history(root)
+
+    def _remember_imported_root(self, root: Path) -> None:
+        roots = {str(r) for r in self._imported_roots()} | {str(root)}
+        write_file_durably(self._imported_roots_file, json.dumps(sorted(roots)).encode())
+
+    async def import_snapshot(self, name: str, datadir: Path, store_dir: Path) -> Snapshot:
+        """Import a cleanly shut-down data directory as snapshot `name` on a new root timeline
+        of the storage; on any failure the timeline is deleted and no snapshot appears."""
+        check_import_name(name)
+        self._check_name_free(name)
+        history = self.history(store_dir)
+        timeline = history.timelines.create_timeline()
+        try:
+            lsn = await asyncio.to_thread(import_datadir, timeline, datadir)
+            await asyncio.to_thread(timeline.freeze_and_flush)
+            self._check_name_free(name)
+            self._remember_imported_root(store_dir)
+            return history.snapshots.add(
+                new_snapshot(name, IMPORTED_NODE_ID, timeline.timeline_id, lsn)
+            )
+        except BaseException:
+            await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
+            raise
+
+    def _check_name_free(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.find_snapshot(name)
+            raise AlreadyExists(
+                f"snapshot {name!r} already exists; choose another name or "
+                f"`neon snapshot destroy {name}` first"
+            )
+
+    def destroy_snapshot(self, name: str) -> Snapshot:
+        """Forget a snapshot; an imported one takes its history along when nothing else
+        (another snapshot, a branch) uses that timeline."""
+        history, snap = self.find_snapshot(name)
+        removed = history.snapshots.remove(snap.name)
+        if snap.node_id == IMPORTED_NODE_ID:
+            in_use = any(s.timeline_id == snap.timeline_id for s in history.snapshots.all())
+            if not in_use and not history.timelines.children(snap.timeline_id):
+                with contextlib.suppress(NotFound):
+                    history.timelines.delete_timeline(snap.timeline_id)
+        return removed
 
     @staticmethod
     def _history_bytes(history: StorageHistory, timeline_id: str, lsn: int) -> int:

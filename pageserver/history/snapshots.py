@@ -55,6 +55,22 @@ def check_user_tag(tag: str) -> str:
     return tag
 
 
+IMPORTED_NODE_ID = ""
+"""The node_id of an imported snapshot: no node made it, it has a root timeline of its own."""
+
+
+def check_import_name(name: str) -> str:
+    """An imported snapshot's bare name (node snapshots are PGDATA@TAG)."""
+    if "@" in name:
+        raise InvalidArgument(
+            f"invalid snapshot name {name!r}: imported snapshots have bare names without '@' "
+            "(PGDATA@TAG names a node's snapshot)"
+        )
+    if not _TAG.match(name):
+        raise InvalidArgument(f"invalid snapshot name {name!r}: use {NAME_RULE}")
+    return name
+
+
 def head_tag(i: int) -> str:
     return f"HEAD{{{i}}}"
 

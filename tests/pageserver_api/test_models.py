@@ -53,6 +53,7 @@ REQUESTS: list[m.ApiRequest] = [
     m.SnapshotListRequest(),
     m.SnapshotShowRequest("pgdata1@s1"),
     m.SnapshotDestroyRequest("pgdata1@s1"),
+    m.SnapshotImportRequest("oldpg", "/tmp/import-1/pgdata", "/srv/neon/pagestore"),
     m.NodeBranchRequest("primary1", "pgdata1@s1", pg_timeline=1, checkout=True),
     m.BasebackupRequest(snapshot="pgdata1@s1", pg_timeline=2, timeline_history=b"1\t0/3\tx\n"),
     m.PitrCreateRequest("long", "primary1", ttl="30d"),

@@ -1,0 +1,460 @@
+"""`neon snapshot import`: bring an existing PostgreSQL 15 database into the page history.
+
+Sources: a running server (`basebackup://USER[:PASSWORD]@HOST[:PORT]/`, a BASE_BACKUP over our
+own replication client), a stopped cluster's data directory, or `pg_basebackup` output (a plain
+directory with backup_label, or `-F tar`: base.tar[.gz|.zst] and pg_wal.tar).
+
+A stopped, cleanly shut-down data directory is imported as it is. A backup is fuzzy (its files
+were copied while the server wrote) and becomes a clean directory by recovery, done by stock
+PostgreSQL itself: the backup is unpacked into a private directory under the storage, a
+temporary server (PostgreSQL's OS user, unix socket in a private directory only, no TCP, no
+archiving, no autovacuum) replays the backup's WAL, and a fast shutdown leaves a shutdown
+checkpoint; that directory is imported, then the server is stopped and the directory removed
+whatever happens (errors, SIGINT).
+
+Why the result is exactly the source at the backup's end LSN: recovery from a backup_label
+replays WAL from the backup's start (its checkpoint's redo point) and is consistent once it
+has replayed the backup-end record (what `end_lsn` of BASE_BACKUP, and `End-LSN` of
+pg_basebackup's manifest, point just past); stock recovery stops at the end of the WAL it has.
+The WAL of a backup can hold records written after that point (fetched segments are copied
+whole; the server switches segment only after the backup-end record), so the bytes after the
+end LSN are zeroed before recovery: replay then ends exactly at the end LSN, the state that
+PostgreSQL's own recovery defines for this backup. `pg_basebackup -X stream` without a
+manifest already stops its WAL there. The shutdown checkpoint adds no change to data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import zstandard
+from tqdm import tqdm
+
+from cli import postmaster
+from cli.pgbin import give_to_pg_user, make_pg_dir
+from cli.storages import mask_url
+from cli.untar import extract_basebackup
+from pg15.lsn import parse_lsn, segment_file_name
+from pg15.pg_control import DB_SHUTDOWNED, read_control_file
+from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
+from walreceiver.base_backup import BackupArchive, BaseBackupProgress, run_base_backup
+from walreceiver.receiver import ConnParams
+
+SCHEME = "basebackup"
+DEFAULT_PORT = 5432
+URL_FORM = "basebackup://USER[:PASSWORD]@HOST[:PORT]/"
+RECOVERY_TIMEOUT = 24 * 3600
+TMP_PREFIX = ".import-"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSource:
+    """A running server to take a BASE_BACKUP of; the password is never shown."""
+
+    user: str
+    host: str
+    port: int
+    password: str | None
+
+    @property
+    def shown(self) -> str:
+        return f"{SCHEME}://{self.user}@{self.host}:{self.port}/"
+
+
+def parse_server_url(url: str) -> ServerSource:
+    """Parse basebackup://USER[:PASSWORD]@HOST[:PORT][/]; the password falls back to
+    PGPASSWORD, then ~/.pgpass (for the replication pseudo-database)."""
+    masked = mask_url(url)
+    bad = f"invalid source {masked!r}: expected {URL_FORM}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"{bad} ({exc})") from None
+    if parts.scheme != SCHEME or not parts.username or not parts.hostname:
+        raise InvalidArgument(bad)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidArgument(f"{bad} (nothing may follow the host and port)")
+    user, host = unquote(parts.username), parts.hostname
+    port = port or DEFAULT_PORT
+    password = unquote(parts.password) if parts.password is not None else None
+    if password is None:
+        password = os.environ.get("PGPASSWORD") or pgpass_lookup(host, port, user)
+    return ServerSource(user, host, port, password)
+
+
+def _pgpass_fields(line: str) -> list[str]:
+    """The fields of a .pgpass line (`\\:` and `\\\\` escaped)."""
+    fields, cur, chars = [], "", iter(line)
+    for ch in chars:
+        if ch == "\\":
+            cur += next(chars, "")
+        elif ch == ":":
+            fields.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*fields, cur]
+
+
+def pgpass_lookup(host: str, port: int, user: str) -> str | None:
+    """The password ~/.pgpass (or PGPASSFILE) gives for a replication connection, as libpq."""
+    path = Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    wanted = (host, str(port), "replication", user)
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = _pgpass_fields(line)
+        if len(fields) != 5:
+            continue
+        if all(
+            f in ("*", w) or (w == "127.0.0.1" and f == "localhost")
+            for f, w in zip(fields[:4], wanted, strict=True)
+        ):
+            return fields[4]
+    return None
+
+
+def check_path_source(path: Path) -> None:
+    """Refuse what cannot be imported: a missing path, a running cluster's directory."""
+    if not path.exists():
+        raise NotFound(f"{path} does not exist; give a data directory, pg_basebackup output "
+                       f"or {URL_FORM}")  # fmt: skip
+    if path.is_dir() and (path / "global" / "pg_control").is_file() and _is_running(path):
+        raise Conflict(
+            f"{path} is the data directory of a running PostgreSQL; stop it or use {URL_FORM}"
+        )
+
+
+def _is_running(datadir: Path) -> bool:
+    pid = postmaster.read_pid_file(datadir)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_clean_datadir(path: Path) -> bool:
+    """A stopped cluster's directory that can be imported as it is (no recovery needed)."""
+    if not (path / "global" / "pg_control").is_file() or (path / "backup_label").exists():
+        return False
+    return read_control_file(path).state == DB_SHUTDOWNED
+
+
+# Progress
+
+
+class Progress:
+    """A `[=====-----] 60% | 20MB/s` bar with ETA on a TTY; nothing otherwise."""
+
+    def __init__(self, enabled: bool, what: str) -> None:
+        self._bar: tqdm[Any] | None = None
+        self._enabled = enabled
+        self._what = what
+
+    def update(self, done: int, total: int | None) -> None:
+        if not self._enabled:
+            return
+        bar = self._bar
+        if bar is None:
+            bar = self._bar = tqdm(
+                total=total,
+                desc=self._what,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                ascii="-=",
+                bar_format="{desc} [{bar:10}] {percentage:3.0f}% | {rate_fmt} | ETA {remaining}",
+                file=sys.stderr,
+            )
+        if total is not None and total > (bar.total or 0):
+            bar.total = total
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# Unpacking a backup
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _extract_and_drain(reader: BinaryIO, target: Path) -> None:
+    """Extract, then read the rest so the writer never blocks (data after the tar's end)."""
+    try:
+        extract_basebackup(reader, target)
+        while reader.read(1 << 20):
+            pass
+    finally:
+        reader.close()
+
+
+async def extract_stream(chunks: AsyncIterator[bytes | memoryview], target: Path) -> None:
+    """Extract a tar arriving as async chunks (bounded memory: a pipe to the extractor)."""
+    rfd, wfd = os.pipe()
+    reader = os.fdopen(rfd, "rb", buffering=1 << 20)
+    extractor = asyncio.ensure_future(asyncio.to_thread(_extract_and_drain, reader, target))
+    try:
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(_write_all, wfd, chunk)
+        except BrokenPipeError:
+            pass  # the extractor refused the archive: its error says why
+        finally:
+            os.close(wfd)
+        await extractor
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await extractor
+        raise
+
+
+def _open_archive(path: Path) -> BinaryIO:
+    raw = path.open("rb")
+    if path.name.endswith(".zst"):
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return raw  # tarfile's r|* reads plain and gzip tars alike
+
+
+def _archive(directory: Path, stem: str) -> Path | None:
+    for suffix in (".tar", ".tar.gz", ".tar.zst"):
+        if (directory / f"{stem}{suffix}").is_file():
+            return directory / f"{stem}{suffix}"
+    return None
+
+
+def _extract_file(path: Path, target: Path) -> None:
+    with _open_archive(path) as stream:
+        try:
+            extract_basebackup(stream, target)
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"{path} is not a valid zstd file: {exc}") from None
+
+
+def _merge_into(source: Path, target: Path) -> None:
+    """Move the files of an extracted pg_wal.tar into the data directory's pg_wal/."""
+    for entry in source.rglob("*"):
+        dest = target / entry.relative_to(source)
+        if entry.is_dir():
+            if not dest.is_dir():
+                dest.mkdir(mode=0o700)
+                give_to_pg_user(dest)
+        else:
+            os.replace(entry, dest)
+
+
+def unpack_tar_backup(directory: Path, pgdata: Path, progress: Progress) -> None:
+    """pg_basebackup -F tar output: base.tar[.gz|.zst] and pg_wal.tar[...] into `pgdata`."""
+    others = sorted(
+        p.name for p in directory.iterdir()
+        if p.name.split(".")[0].isdigit() and ".tar" in p.name
+    )  # fmt: skip
+    if others:
+        raise InvalidArgument(
+            f"{directory} holds tablespace archives ({', '.join(others)}); "
+            "tablespaces are not supported by import yet"
+        )
+    base = _archive(directory, "base")
+    if base is None:
+        raise NotFound(f"{directory} has no base.tar, base.tar.gz or base.tar.zst")
+    progress.update(0, base.stat().st_size)
+    _extract_file(base, pgdata)
+    wal = _archive(directory, "pg_wal")
+    if wal is not None:
+        staging = pgdata.parent / "wal"
+        _extract_file(wal, staging)
+        _merge_into(staging, pgdata / "pg_wal")
+        shutil.rmtree(staging)
+    progress.update(base.stat().st_size, base.stat().st_size)
+
+
+def copy_plain_backup(source: Path, pgdata: Path) -> None:
+    """A plain pg_basebackup directory, copied (the user's files are never changed)."""
+    tblspc = source / "pg_tblspc"
+    if tblspc.is_dir() and any(tblspc.iterdir()):
+        raise InvalidArgument(f"{source} uses tablespaces; they are not supported by import yet")
+    shutil.copytree(source, pgdata, symlinks=False)
+    os.chmod(pgdata, 0o700)
+    give_to_pg_user(pgdata)
+    for root, dirs, files in os.walk(pgdata):
+        for name in dirs + files:
+            give_to_pg_user(Path(root) / name)
+
+
+def manifest_end_lsn(pgdata: Path) -> int | None:
+    """The End-LSN of the backup's WAL range from pg_basebackup's backup_manifest, if any."""
+    try:
+        ranges = json.loads((pgdata / "backup_manifest").read_text())["WAL-Ranges"]
+        return parse_lsn(ranges[-1]["End-LSN"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def cut_wal_after(pgdata: Path, end_lsn: int, timeline: int) -> None:
+    """Zero the WAL after `end_lsn` in its segment (see the module docstring)."""
+    segment_size = read_control_file(pgdata).wal_segment_size
+    segno, offset = divmod(end_lsn, segment_size)
+    path = pgdata / "pg_wal" / segment_file_name(timeline, segno, segment_size)
+    if not path.is_file() or offset == 0:
+        return
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(bytes(segment_size - offset))
+
+
+# Recovery by a temporary server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def recover(pgdata: Path, workdir: Path) -> None:
+    """Run stock crash recovery from the backup_label to the end of the WAL, then a fast
+    shutdown: `pgdata` is left cleanly shut down. The server is stopped whatever happens."""
+    from cli.snapshot_commands import standby_minimums  # prepared transactions must fit
+
+    for name in ("recovery.signal", "standby.signal"):
+        (pgdata / name).unlink(missing_ok=True)  # -R output would wait for a primary forever
+    sockdir = workdir / "sock"
+    make_pg_dir(sockdir)
+    for name in ("postgresql.conf", "postgresql.auto.conf"):  # the source's settings: not ours
+        (pgdata / name).unlink(missing_ok=True)
+    postmaster.write_config(
+        pgdata,
+        {
+            "port": _free_port(),
+            "listen_addresses": "",
+            "unix_socket_directories": str(sockdir),
+            "archive_mode": False,
+            "autovacuum": False,
+            "logging_collector": False,
+            "fsync": False,  # read back through the same page cache, then discarded
+            **standby_minimums(pgdata),
+        },
+        ["local all all peer"],
+    )
+    log = workdir / "recovery.log"
+    try:
+        postmaster.start(pgdata, log, timeout=RECOVERY_TIMEOUT)
+    finally:
+        postmaster.stop(pgdata, "fast", timeout=RECOVERY_TIMEOUT)
+    state = read_control_file(pgdata).state
+    if state != DB_SHUTDOWNED:
+        raise CorruptData(f"recovery of the backup did not end in a clean shutdown; see {log}")
+
+
+@contextlib.contextmanager
+def import_workdir(storage_path: Path) -> Iterator[Path]:
+    """A private directory under the storage for one import, removed at the end (its server
+    stopped first); those of dead imports are removed first."""
+    remove_stale_workdirs(storage_path)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=storage_path))
+    os.chmod(workdir, 0o711)  # PostgreSQL's account enters it to reach pgdata and sock
+    try:
+        yield workdir
+    finally:
+        with contextlib.suppress(Exception):
+            postmaster.stop(workdir / "pgdata", "immediate")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def remove_stale_workdirs(storage_path: Path) -> None:
+    for path in storage_path.glob(f"{TMP_PREFIX}*"):
+        pid = path.name[len(TMP_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(Exception):
+                postmaster.stop(path / "pgdata", "immediate")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progress) -> None:
+    """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN."""
+
+    async def sink(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
+        if archive.tablespace_location is not None:
+            raise InvalidArgument(
+                f"the server at {source.host}:{source.port} has a tablespace at "
+                f"{archive.tablespace_location}; tablespaces are not supported by import yet"
+            )
+        await extract_stream(chunks, pgdata)
+
+    def on_progress(p: BaseBackupProgress) -> None:
+        progress.update(p.bytes_done, p.bytes_total)
+
+    params = ConnParams(
+        source.host, source.port, source.user, source.password, application_name="neon import"
+    )
+    result = await run_base_backup(params, sink, on_progress=on_progress)
+    cut_wal_after(pgdata, result.end_lsn, result.end_timeline)
+
+
+def prepare_clean_datadir(
+    source: str, storage_path: Path, workdir: Path, progress: Progress
+) -> Path:
+    """The cleanly shut-down data directory to import for `source`: the source itself when
+    it is one, else a recovered copy in `workdir`."""
+    pgdata = workdir / "pgdata"
+    if source.startswith(f"{SCHEME}:"):
+        asyncio.run(fetch_base_backup(parse_server_url(source), pgdata, progress))
+        end_lsn = None
+    else:
+        path = Path(source).absolute()
+        check_path_source(path)
+        if path.is_dir() and is_clean_datadir(path):
+            return path
+        if path.is_dir() and _archive(path, "base") is not None:
+            unpack_tar_backup(path, pgdata, progress)
+        elif path.is_file() and path.name.startswith("base.tar"):
+            unpack_tar_backup(path.parent, pgdata, progress)
+        elif path.is_dir() and (path / "backup_label").is_file():
+            copy_plain_backup(path, pgdata)
+        elif path.is_dir() and (path / "global" / "pg_control").is_file():
+            state = read_control_file(path).state_name
+            raise Conflict(
+                f"{path} was not shut down cleanly (state: {state}); start it and stop it "
+                f"with a fast shutdown, or use {URL_FORM}"
+            )
+        else:
+            raise InvalidArgument(
+                f"{path} is neither a PostgreSQL data directory nor pg_basebackup output"
+            )
+        end_lsn = manifest_end_lsn(pgdata)
+        if end_lsn is not None:
+            control = read_control_file(pgdata)
+            cut_wal_after(pgdata, end_lsn, control.checkpoint.this_timeline)
+    progress.close()
+    if not (pgdata / "backup_label").is_file():
+        raise CorruptData(f"{source} has no backup_label: it is not a base backup")
+    recover(pgdata, workdir)
+    return pgdata

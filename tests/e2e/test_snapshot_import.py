@@ -1,0 +1,173 @@
+"""`neon snapshot import` from a plain PostgreSQL 15 server (initdb, not a neon node): over
+BASE_BACKUP, from its stopped data directory and from `pg_basebackup -F tar -X stream` output;
+`pg create --snapshot` on the result has the source's data (pg_dump equal, every database)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.pgbin import give_to_pg_user
+from tests.neoncli import NeonCli, psql
+from tests.pgtest import (
+    PASSWORD,
+    SUPERUSER,
+    PgTestCluster,
+    PgTestServer,
+    free_port,
+    pg_reachable_tmpdir,
+)
+
+DATABASES = ("postgres", "app")
+DUMP_KEY = "snapshotimporttest"  # pg_dump 15.18 prints a random \restrict key otherwise
+
+DATA_SQL = """
+CREATE TABLE docs (id int PRIMARY KEY, title text, tags text[]);
+INSERT INTO docs SELECT g, 'doc ' || g, ARRAY['t' || (g % 7), 'u' || (g % 3)]
+  FROM generate_series(1, 2000) g;
+CREATE INDEX docs_title ON docs (title);
+CREATE INDEX docs_tags ON docs USING gin (tags);
+"""
+
+
+@pytest.fixture(scope="module")
+def source(pg_cluster_module: PgTestCluster) -> PgTestServer:
+    """A plain server with pgbench data (-s 1) and a btree and a gin index; no writes after."""
+    server = pg_cluster_module.create({"checkpoint_timeout": "1h"})
+    server.psql("CREATE DATABASE app")
+    server.run("pgbench", "-i", "-s", "1", "-q", "app")
+    server.psql(DATA_SQL, dbname="app")
+    server.psql("CREATE TABLE notes AS SELECT generate_series(1, 100) AS n")
+    server.psql(f"CREATE ROLE plain LOGIN PASSWORD '{PASSWORD}'")
+    with open(server.datadir / "pg_hba.conf", "a") as f:
+        f.write("host replication plain 127.0.0.1/32 scram-sha-256\n")
+    server.psql("SELECT pg_reload_conf()")
+    return server
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[NeonCli]:
+    """One neon home for the module (its pageserver started once)."""
+    base = pg_reachable_tmpdir("neon-home-")
+    cli = NeonCli(base / "home", {})
+    try:
+        yield cli
+    finally:
+        cli.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def dump(server: PgTestServer, dbname: str) -> str:
+    return str(server.run("pg_dump", f"--restrict-key={DUMP_KEY}", "-d", dbname).stdout)
+
+
+def url(server: PgTestServer, user: str = SUPERUSER, password: str = PASSWORD) -> str:
+    return f"basebackup://{user}:{password}@127.0.0.1:{server.port}/"
+
+
+def names(neon: NeonCli) -> list[str]:
+    return [s["name"] for s in neon.json("snapshot", "list")]
+
+
+def check_node_equals_source(neon: NeonCli, source: PgTestServer, snapshot: str) -> None:
+    node = neon.json(
+        "pg", "create", "--snapshot", snapshot, "-n", f"from-{snapshot}", "--port", str(free_port())
+    )["pgdata"]
+    connstr = neon.json("pg", "show", node)["connstr"]
+    try:
+        for db in DATABASES:
+            assert dumped(connstr, db) == dump(source, db), db
+        assert psql(connstr, "SELECT count(*) FROM pgbench_accounts", "app") == "100000"
+        plan = psql(
+            connstr,
+            "SET enable_seqscan = off; EXPLAIN SELECT id FROM docs WHERE tags @> ARRAY['t3']",
+            "app",
+        )
+        assert "docs_tags" in plan
+        count = "SET enable_seqscan = off; SELECT count(*) FROM docs WHERE tags @> ARRAY['t3']"
+        assert psql(connstr, count, "app") == "286"
+    finally:
+        neon.run("pg", "destroy", "--yes", node)
+
+
+def dumped(connstr: str, dbname: str) -> str:
+    import subprocess
+
+    from cli.pgbin import pg_binary
+
+    proc = subprocess.run(
+        [pg_binary("pg_dump"), f"--restrict-key={DUMP_KEY}", "-d", connstr.replace(
+            "dbname=postgres", f"dbname={dbname}"
+        )],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_import_over_base_backup_then_create_node(home: NeonCli, source: PgTestServer) -> None:
+    out = home.run("snapshot", "import", "--from", url(source), "oldpg")
+    assert out.stdout.startswith("Imported oldpg at "), out.stdout
+    assert PASSWORD not in out.stdout + out.stderr
+    [row] = [s for s in home.json("snapshot", "list") if s["name"] == "oldpg"]
+    assert row["parent"] is None and row["size_bytes"] > 0
+    table = home.run("snapshot", "list").stdout.splitlines()
+    [line] = [ln.split() for ln in table if ln.startswith("oldpg ")]
+    assert line[2] == "-"
+    check_node_equals_source(home, source, "oldpg")
+
+
+def test_import_from_stopped_data_directory(
+    home: NeonCli, source: PgTestServer, pg_cluster_module: PgTestCluster
+) -> None:
+    copy = pg_cluster_module.create_standby(source)  # a second cluster we may stop
+    copy.psql("SELECT pg_promote()")
+    wait_sql = "SELECT pg_is_in_recovery()"
+    for _ in range(100):
+        if copy.psql(wait_sql) == "f":
+            break
+    copy.stop()
+    home.run("snapshot", "import", "--from", str(copy.datadir), "stopped")
+    check_node_equals_source(home, source, "stopped")
+    home.run("snapshot", "destroy", "stopped")
+    assert "stopped" not in names(home)
+
+
+def test_import_from_pg_basebackup_tar(home: NeonCli, source: PgTestServer) -> None:
+    out = Path(tempfile.mkdtemp(prefix="pgbb-", dir=pg_reachable_tmpdir("neon-bb-")))
+    os.chmod(out, 0o777)
+    give_to_pg_user(out)
+    target = out / "backup"
+    source.run(
+        "pg_basebackup", "-D", str(target), "-F", "tar", "-X", "stream", "-c", "fast",
+        "-d", source.dsn(),
+    )  # fmt: skip
+    assert (target / "base.tar").is_file() and (target / "pg_wal.tar").is_file()
+    home.run("snapshot", "import", "--from", str(target), "fromtar")
+    check_node_equals_source(home, source, "fromtar")
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def test_refusals_change_nothing(home: NeonCli, source: PgTestServer) -> None:
+    home.run("snapshot", "import", "--from", url(source), "taken")
+    before = home.json("snapshot", "list")
+    wrong = home.fail("snapshot", "import", "--from", url(source, password="nope"), "x1")
+    assert "password" in wrong and "nope" not in wrong
+    exists = home.fail("snapshot", "import", "--from", url(source), "taken")
+    assert "'taken' already exists" in exists
+    running = home.fail("snapshot", "import", "--from", str(source.datadir), "x2")
+    assert "running" in running and "basebackup://" in running
+    no_repl = home.fail("snapshot", "import", "--from", url(source, user="plain"), "x3")
+    assert "REPLICATION" in no_repl
+    bad = home.fail("snapshot", "import", "--from", "basebackup://127.0.0.1:x/", "x4")
+    assert "expected basebackup://USER" in bad
+    with_at = home.fail("snapshot", "import", "--from", url(source), "a@b")
+    assert "bare names" in with_at
+    assert home.json("snapshot", "list") == before
+    storage = Path(home.json("storage", "show", "local")["path"])
+    assert not list(storage.glob(".import-*"))
