@@ -1,6 +1,13 @@
-"""HTTP endpoints for people and monitoring: /v1/status (JSON) and /metrics (Prometheus)."""
+"""HTTP endpoints for people and monitoring: /v1/status (JSON) and /metrics (Prometheus).
+
+/v1/status shows paths, users and errors: open on loopback (only local users reach it), it asks
+for the proto token (`Authorization: Bearer TOKEN`) when the daemon listens elsewhere.
+"""
 
 from __future__ import annotations
+
+import hmac
+import ipaddress
 
 from aiohttp import web
 
@@ -9,9 +16,40 @@ from pageserver.api.service import Pageserver
 _PS_KEY: web.AppKey[Pageserver] = web.AppKey("pageserver", Pageserver)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _status_refusal(ps: Pageserver, request: web.Request) -> web.Response | None:
+    """Why this request may not see /v1/status (None: it may)."""
+    if _is_loopback(ps.config.listen_host):
+        return None
+    if ps.config.token is None:
+        return web.json_response(
+            {"error": "the pageserver listens beyond loopback without a token: start it with "
+             "--token-file to read /v1/status"},
+            status=403,
+        )  # fmt: skip
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {ps.config.token}"
+    if hmac.compare_digest(given.encode(), expected.encode()):
+        return None
+    return web.json_response(
+        {"error": "send the pageserver token: Authorization: Bearer TOKEN"},
+        status=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 async def _status(request: web.Request) -> web.Response:
     ps = request.app[_PS_KEY]
     ps.metrics.inc("pageserver_http_requests_total", path="/v1/status")
+    refusal = _status_refusal(ps, request)
+    if refusal is not None:
+        return refusal
     return web.json_response(ps.status())
 
 
