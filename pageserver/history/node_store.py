@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -70,6 +71,8 @@ class StorageHistory:
     def __init__(self, root: Path, settings: StoreSettings = DEFAULT_SETTINGS) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        if root.stat().st_mode & 0o077:
+            os.chmod(root, 0o700)  # a history written before umask 077 was world-readable
         self.timelines = TimelineStore(root, settings)
         self.snapshots = snapshot_registry(root / "snapshots.json")
         self.pitr = pitr_registry(root / "pitr.json")

@@ -133,6 +133,17 @@ def test_nobody_reads_nothing_under_the_home(live: LiveHome) -> None:
         assert not proc.stdout, cmd
 
 
+def test_history_of_an_older_home_is_made_private(live: LiveHome) -> None:
+    """Homes written before the umask have a 0755 pagestore: the pageserver closes it."""
+    neon = live.neon
+    history = _native_storages(neon)[0] / "pagestore"
+    neon.run("pageserver", "stop")
+    os.chmod(history, 0o755)
+    neon.run("pageserver", "start")
+    assert stat.S_IMODE(history.stat().st_mode) == 0o700
+    assert as_intruder("ls", str(history)).returncode != 0
+
+
 def test_storage_attach_takes_over_no_directory(live: LiveHome) -> None:
     neon, base = live.neon, live.base
     # A private directory with an empty one inside (the issue's repro), a non-empty directory,
