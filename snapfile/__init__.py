@@ -11,6 +11,8 @@ from snapfile.reader import (
     SnapshotFileReader,
     TarData,
     extract_tar,
+    looks_like_snapshot_file,
+    read_manifest,
     read_snapshot_file,
 )
 from snapfile.writer import SnapshotFileWriter, write_snapshot_file
@@ -27,6 +29,8 @@ __all__ = [
     "SnapshotFileWriter",
     "TarData",
     "extract_tar",
+    "looks_like_snapshot_file",
+    "read_manifest",
     "read_snapshot_file",
     "write_snapshot_file",
 ]

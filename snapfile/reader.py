@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from pageserver_api.errors import CorruptData, NeonError
+from pageserver_api.errors import CorruptData, InvalidArgument, NeonError
 from snapfile.container import (
     BLOCK,
     CHECKSUMS_NAME,
@@ -29,6 +29,7 @@ from snapfile.container import (
     MANIFEST_NAME,
     MAX_FRAMES,
     MAX_MANIFEST_SIZE,
+    PAX_PREFIX,
     FrameLog,
     MemberHeader,
     frame_index,
@@ -105,7 +106,7 @@ class SnapshotFileReader:
         """Take the next bytes of the file; return the events they complete."""
         self._raise_if_failed()
         if self._eof:
-            raise NeonError("SnapshotFileReader.feed() after finish()")
+            raise InvalidArgument("SnapshotFileReader.feed() after finish()")
         self._buf += data
         return self._events()
 
@@ -376,6 +377,26 @@ def read_snapshot_file(
     while chunk := inp.read(chunk_size):
         yield from reader.feed(chunk)
     yield from reader.finish()
+
+
+def looks_like_snapshot_file(head: bytes) -> bool:
+    """Whether a file starting with `head` (its first 512 bytes or more) is a .neon file, to
+    tell one from a plain tar or a directory before reading it."""
+    return head.startswith(PAX_PREFIX.encode() + MANIFEST_NAME.encode() + b"\0") and (
+        head[257:263] == b"ustar\0"
+    )
+
+
+def read_manifest(inp: BinaryIO, *, label: str = "snapshot file") -> Manifest:
+    """The verified manifest of the file `inp`, reading only as far as it (a few KiB)."""
+    reader = SnapshotFileReader(label)
+    while chunk := inp.read(BLOCK):
+        for event in reader.feed(chunk):
+            if isinstance(event, ManifestRead):
+                return event.manifest
+    for event in reader.finish():
+        raise AssertionError(f"{event} before the manifest")
+    raise AssertionError("finish() of a file without a manifest did not raise")
 
 
 def extract_tar(

@@ -51,10 +51,14 @@ def make_tar(files: dict[str, bytes]) -> bytes:
 
 
 def split(data: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
-    """`data` cut into pieces of the given sizes, cycled (a size 0 yields an empty piece)."""
+    """`data` cut into pieces of the given sizes, cycled; a size 0 is an empty piece followed
+    by a one-byte piece (feeding nothing must be harmless)."""
     pos, i = 0, 0
     while pos < len(data):
         n = sizes[i % len(sizes)] if sizes else len(data)
+        if n == 0:
+            yield b""
+            n = 1
         yield data[pos : pos + n]
         pos += n
         i += 1

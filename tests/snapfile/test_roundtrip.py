@@ -4,15 +4,28 @@ whatever the writer's chunking, and a download resumable at `verified_offset`.""
 from __future__ import annotations
 
 import hashlib
+import io
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pageserver_api.errors import InvalidArgument
-from snapfile import SnapshotFileReader, SnapshotFileWriter, TarData
+from pageserver_api.errors import CorruptData, InvalidArgument
+from snapfile import (
+    SnapshotFileReader,
+    SnapshotFileWriter,
+    TarData,
+    looks_like_snapshot_file,
+    read_manifest,
+)
 from snapfile.container import HEADER_SIZE, frame_name, padded
-from tests.snapfile.snapfile_helpers import decode, encode, generated_bytes, make_manifest
+from tests.snapfile.snapfile_helpers import (
+    decode,
+    encode,
+    generated_bytes,
+    make_manifest,
+    make_tar,
+)
 
 FRAME = 4096
 chunkings = st.lists(st.integers(min_value=0, max_value=3 * FRAME), max_size=5)
@@ -110,3 +123,25 @@ def test_resume_from_verified_offset(cut: int, seed: int) -> None:
     assert second.verified_offset == resume_at
     rest = list(second.feed(neon[resume_at:])) + list(second.finish())
     assert kept + b"".join(e.data for e in rest if isinstance(e, TarData)) == tar
+
+
+def test_read_manifest_reads_only_the_head_and_checks_it() -> None:
+    tar = generated_bytes(3 * FRAME, 5)
+    manifest = make_manifest(FRAME)
+    neon, checksums = encode(manifest, tar)
+    inp = io.BytesIO(neon)
+    assert read_manifest(inp) == manifest
+    assert inp.tell() <= checksums.frames[0].offset
+    damaged = bytearray(neon)
+    damaged[checksums.manifest.offset + 5] ^= 1
+    with pytest.raises(CorruptData, match=r"x.neon is corrupt: manifest.json at offset 1536"):
+        read_manifest(io.BytesIO(bytes(damaged)), label="x.neon")
+    with pytest.raises(CorruptData, match=r"x.neon is truncated at offset 100: the header of"):
+        read_manifest(io.BytesIO(neon[:100]), label="x.neon")
+
+
+def test_looks_like_snapshot_file() -> None:
+    neon, _ = encode(make_manifest(FRAME), b"abc")
+    assert looks_like_snapshot_file(neon[:512])
+    assert not looks_like_snapshot_file(make_tar({"manifest.json": b"{}"})[:512])
+    assert not looks_like_snapshot_file(b"")
