@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,6 +75,14 @@ class NeonCli:
                 os.kill(pid, 0)
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for `pg create --port`: 5432 and its neighbours are
+    often taken by other test runs on the same host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def psql(connstr: str, sql: str, dbname: str | None = None, timeout: float = 300) -> str:

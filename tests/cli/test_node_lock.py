@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import pytest
 from cli.home import NeonHome
 from cli.node_lock import node_lock
 from proto.errors import Conflict
-from tests.neoncli import NEON, NeonCli, psql
+from tests.neoncli import NEON, NeonCli, free_port, psql
 
 
 def test_a_second_holder_waits_says_for_what_and_gives_up_after_the_bound(tmp_path: Path) -> None:
@@ -86,13 +85,6 @@ def test_the_waiter_proceeds_when_the_holder_finishes_or_is_killed(tmp_path: Pat
     finally:
         child.kill()
         child.wait()
-
-
-def free_port() -> int:
-    """A port nothing listens on now (not 5432, which other test runs on this host use)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_checkouts_started_together_end_in_one_state(neon: NeonCli) -> None:

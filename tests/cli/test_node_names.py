@@ -4,17 +4,9 @@ for a node ID is refused."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 
-from tests.neoncli import NeonCli, psql
-
-
-def free_port() -> int:
-    """A port nothing listens on now (not 5432, which other test runs on this host use)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.neoncli import NeonCli, free_port, psql
 
 
 def test_names_resolve_alike_everywhere_and_id_like_names_are_refused(neon: NeonCli) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from tests.neoncli import NeonCli
+from tests.neoncli import NeonCli, free_port
 
 
 def test_pitr_ranges_are_checked_and_a_stored_huge_ttl_still_works(neon: NeonCli) -> None:
-    neon.run("pg", "create")
+    neon.run("pg", "create", "--port", str(free_port()))
     line = neon.fail("pitr", "create", "p", "--pg", "primary1", "--ttl", "800000d")
     assert "TTL '800000d' is too long: the maximum is 36500d" in line
     line = neon.fail("pitr", "create", "p", "--size-limit", "9" * 40 + "T")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.neoncli import NEON, NeonCli, psql
+from tests.neoncli import NEON, NeonCli, free_port, psql
 
 
 def connstr(neon: NeonCli, node: str) -> str:
@@ -144,7 +144,7 @@ def test_checkout_killed_while_downloading_leaves_no_temporary_files(
 ) -> None:
     """Killed while the basebackup tar is downloading, or while it is being extracted: the
     next command's recovery deletes the temporary tar and the partial extraction."""
-    neon.run("pg", "create")
+    neon.run("pg", "create", "--port", str(free_port()))
     c = connstr(neon, "pgdata1")
     psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
     neon.run("snapshot", "create", "pgdata1@s")
