@@ -4,8 +4,10 @@ BASE_BACKUP, from its stopped data directory and from `pg_basebackup -F tar -X s
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,10 +112,18 @@ def dumped(connstr: str, dbname: str) -> str:
     return proc.stdout
 
 
-def test_import_over_base_backup_then_create_node(home: NeonCli, source: PgTestServer) -> None:
+@pytest.fixture(scope="module")
+def imported(home: NeonCli, source: PgTestServer) -> str:
+    """`oldpg`, imported from the source over BASE_BACKUP."""
     out = home.run("snapshot", "import", "--from", url(source), "oldpg")
     assert out.stdout.startswith("Imported oldpg at "), out.stdout
     assert PASSWORD not in out.stdout + out.stderr
+    return "oldpg"
+
+
+def test_import_over_base_backup_then_create_node(
+    home: NeonCli, source: PgTestServer, imported: str
+) -> None:
     [row] = [s for s in home.json("snapshot", "list") if s["name"] == "oldpg"]
     assert row["parent"] is None and row["size_bytes"] > 0
     table = home.run("snapshot", "list").stdout.splitlines()
@@ -134,8 +144,13 @@ def test_import_from_stopped_data_directory(
     copy.stop()
     home.run("snapshot", "import", "--from", str(copy.datadir), "stopped")
     check_node_equals_source(home, source, "stopped")
-    home.run("snapshot", "destroy", "stopped")
-    assert "stopped" not in names(home)
+    # Destroying an imported snapshot nothing branches from removes its history too.
+    home.run("snapshot", "import", "--from", str(copy.datadir), "again")
+    [again] = [s for s in home.json("snapshot", "list") if s["name"] == "again"]
+    timeline = home.home / "storage" / "local" / "pagestore" / "timelines" / again["timeline_id"]
+    assert timeline.is_dir()
+    assert home.run("snapshot", "destroy", "again").stdout == "Ok\n"
+    assert not timeline.exists() and "again" not in names(home)
 
 
 def test_import_from_pg_basebackup_tar(home: NeonCli, source: PgTestServer) -> None:
@@ -153,13 +168,12 @@ def test_import_from_pg_basebackup_tar(home: NeonCli, source: PgTestServer) -> N
     shutil.rmtree(out.parent, ignore_errors=True)
 
 
-def test_refusals_change_nothing(home: NeonCli, source: PgTestServer) -> None:
-    home.run("snapshot", "import", "--from", url(source), "taken")
+def test_refusals_change_nothing(home: NeonCli, source: PgTestServer, imported: str) -> None:
     before = home.json("snapshot", "list")
     wrong = home.fail("snapshot", "import", "--from", url(source, password="nope"), "x1")
     assert "password" in wrong and "nope" not in wrong
-    exists = home.fail("snapshot", "import", "--from", url(source), "taken")
-    assert "'taken' already exists" in exists
+    exists = home.fail("snapshot", "import", "--from", url(source), imported)
+    assert f"'{imported}' already exists" in exists
     running = home.fail("snapshot", "import", "--from", str(source.datadir), "x2")
     assert "running" in running and "basebackup://" in running
     no_repl = home.fail("snapshot", "import", "--from", url(source, user="plain"), "x3")
@@ -169,5 +183,32 @@ def test_refusals_change_nothing(home: NeonCli, source: PgTestServer) -> None:
     with_at = home.fail("snapshot", "import", "--from", url(source), "a@b")
     assert "bare names" in with_at
     assert home.json("snapshot", "list") == before
-    storage = Path(home.json("storage", "show", "local")["path"])
-    assert not list(storage.glob(".import-*"))
+    assert not list((home.home / "storage" / "local").glob(".import-*"))
+
+
+def _tar_dir(members: list[tuple[str, bytes]]) -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="neon-badtar-"))
+    with tarfile.open(directory / "base.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return directory
+
+
+def test_hostile_truncated_tar_and_unreachable_server(home: NeonCli) -> None:
+    before = home.json("snapshot", "list")
+    hostile = _tar_dir([("PG_VERSION", b"15\n"), ("../escaped", b"x")])
+    assert "'../escaped'" in home.fail("snapshot", "import", "--from", str(hostile), "h1")
+    assert not (hostile.parent / "escaped").exists()
+    truncated = _tar_dir([("PG_VERSION", b"15\n"), ("global/big", os.urandom(100_000))])
+    with open(truncated / "base.tar", "r+b") as f:
+        f.truncate(60_000)
+    assert "damaged" in home.fail("snapshot", "import", "--from", str(truncated), "h2")
+    port = free_port()
+    down = home.fail("snapshot", "import", "--from", f"basebackup://u:p@127.0.0.1:{port}/", "h3")
+    assert f"127.0.0.1:{port}" in down
+    assert home.json("snapshot", "list") == before
+    assert not list((home.home / "storage" / "local").glob(".import-*"))
+    shutil.rmtree(hostile)
+    shutil.rmtree(truncated)
