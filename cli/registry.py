@@ -106,17 +106,28 @@ class Registry:
             os.close(fd)
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        with self.transaction() as cur:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    cur.execute(statement)
-            cur.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            with self.transaction() as cur:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        cur.execute(statement)
+                cur.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        except sqlite3.OperationalError as exc:
+            # A full filesystem: an existing registry can still be read (pg list works);
+            # a write then fails with one line (cli/main.py). Not so for a lock held too long.
+            self._conn.close()
+            if path.stat().st_size == 0 or not any(
+                word in str(exc) for word in ("disk", "full", "readonly", "unable to open")
+            ):
+                raise
+            self._conn = _open_read_only(path)
+            self.read_only = True
 
     def close(self) -> None:
         self._conn.close()

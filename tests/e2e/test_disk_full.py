@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
+
 from pg15.lsn import format_lsn, parse_lsn
 from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port, pg_reachable_tmpdir
@@ -92,14 +94,18 @@ def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
                 "ingest of the switch",
                 lambda: parse_lsn(str(node_wal(neon)["decoded_lsn"])) >= caught_up,
             )
-            fill(fs / "filler", leave=1 << 20)
-            # WAL-only writes (no data file grows, so the server itself keeps going) until
-            # the pageserver's archive of them hits the full filesystem.
-            for _ in range(40):
-                psql(c, "SELECT pg_logical_emit_message(false, 'neon', repeat('y', 200000))")
-                if node_wal(neon).get("ingest") == "stalled":
-                    break
-                time.sleep(0.2)
+            # WAL-only writes (no data file grows, so the server itself keeps going) on a
+            # session opened before the fill (a new one writes files) until the pageserver's
+            # archive of them hits the full filesystem.
+            with psycopg.connect(c, autocommit=True) as session:
+                fill(fs / "filler", leave=1 << 20)
+                for _ in range(40):
+                    session.execute(
+                        "SELECT pg_logical_emit_message(false, 'neon', repeat('y', 200000))"
+                    )
+                    if node_wal(neon).get("ingest") == "stalled":
+                        break
+                    time.sleep(0.2)
             wal = node_wal(neon)
             assert wal["ingest"] == "stalled", wal
             assert "No space left on device" in str(wal["error"]), wal
@@ -159,3 +165,22 @@ def test_read_only_home_serves_read_only_commands(neon: NeonCli) -> None:
         neon.run("storage", "show", "local")
         line = neon.fail("pg", "create")
         assert "read-only" in line and str(neon.home) in line, line
+
+
+def test_full_home_says_so_in_one_line_and_changes_nothing() -> None:
+    base = pg_reachable_tmpdir("neon-fullhome-")
+    try:
+        with mounted(["-t", "tmpfs", "-o", "size=8m,mode=0711", "tmpfs"], base) as fs:
+            neon = NeonCli(fs / "home", {})
+            neon.run("storage", "list")
+            fill(fs / "filler", leave=0)
+            attach = ("storage", "attach", "-t", "s3", "-n", "b", "-c", "bucket=my-bucket")
+            line = one_line_answer(neon, *attach).stderr
+            assert "No space left" in line or "full" in line, line
+            assert str(fs) in line, line
+            assert "b" not in [s["name"] for s in neon.json("storage", "list")]
+            subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+            neon.run(*attach)
+            assert "b" in [s["name"] for s in neon.json("storage", "list")]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
