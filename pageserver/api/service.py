@@ -18,8 +18,10 @@ from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver.config import PageserverConfig
 from pageserver.follow.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.follow.node_follower import NodeFollower
+from pageserver.history.collect_garbage import collect_garbage
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr import PitrArea, new_area
+from pageserver.history.pitr_extract import area_retention, extraction_lsn
 from pageserver.history.snapshots import (
     IMPORTED_NODE_ID,
     Snapshot,
@@ -29,13 +31,9 @@ from pageserver.history.snapshots import (
     split_snapshot_name,
 )
 from pageserver.ingest.import_datadir import import_datadir
-from pageserver.ingest.lsn_index import archive_reader
-from pageserver.reconstruct.reads import get_checkpoint, get_control_file, get_node_metadata
+from pageserver.reconstruct.reads import get_node_metadata
 from pageserver.reconstruct.redo_pool import RedoPool
 from pageserver.storage.durable_files import write_file_durably
-from pageserver.storage.gc import gc_timeline, prune_wal_archive
-from pageserver.storage.gc_policy import NodeTip, TimelineFacts, area_window, plan_gc
-from pageserver.storage.retention import Retention
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -411,24 +409,12 @@ class Pageserver:
         store, area = self._area(name)
         return store.history.pitr.remove(area.name)
 
-    @staticmethod
-    def _node_tip(store: NodeStore) -> NodeTip:
-        state = store.state
-        assert state is not None
-        return NodeTip(store.node_id, state.timeline_id, state.start_lsn, store.index)
-
-    def _window(self, store: NodeStore, area: PitrArea) -> Retention:
-        """The area's own window [window_start, tip] on its node's current timeline."""
-        facts = TimelineFacts.of(store.timeline)
-        start = area_window(area.policy(), facts, self._node_tip(store), datetime.now(UTC))
-        return Retention((), start, facts.tip)
-
     def pitr_list(self) -> list[dict[str, Any]]:
         out = []
+        now = datetime.now(UTC)
         for history in self._all_histories():
             for area in history.pitr.all():
-                store = self.store(area.node_id)
-                retention = self._window(store, area)
+                retention = area_retention(self.store(area.node_id), area, now)
                 start = retention.window_start if retention.window_start is not None else 0
                 out.append({**asdict(area), "from_lsn": start, "to_lsn": retention.tip})
         return out
@@ -439,79 +425,30 @@ class Pageserver:
         """A snapshot at the last record boundary at or below `lsn` (or the last commit at or
         before `at`) inside the area."""
         store, area = self._area(name)
-        retention = self._window(store, area)
-        start = retention.window_start if retention.window_start is not None else retention.tip
-        bounds = f"{format_lsn(start)} .. {format_lsn(retention.tip)}"
-        if at is not None:
-            found = store.index.lsn_for_time(at)
-            if found is None:
-                raise InvalidArgument(
-                    f"{at.isoformat()} is before the first commit of PITR area {name!r} ({bounds})"
-                )
-            lsn = found
-        assert lsn is not None
-        if lsn > retention.tip and area.node_id in self.followers:
-            self.followers[area.node_id].check_ingesting()  # why the tip does not move
-        if not start <= lsn <= retention.tip:
-            raise InvalidArgument(
-                f"LSN {format_lsn(lsn)} is outside PITR area {name!r}: it covers {bounds}"
-            )
-        state = store.state
-        assert state is not None
-        reader = archive_reader(store.wal_dir, state.wal_segment_size)
-        snapped = store.index.snap(lsn, reader, timeline=state.pg_timeline)
-        snapped = max(snapped, start)
+        follower = self.followers.get(area.node_id)
+        snapped = extraction_lsn(
+            store,
+            area,
+            lsn=lsn,
+            at=at,
+            now=datetime.now(UTC),
+            check_ingesting=follower.check_ingesting if follower is not None else None,
+        )
         node_name = tag or f"pitr-{snapped:X}"
         check_user_tag(node_name)
-        self._check_materializable(store.timeline, snapped, name)
         pgdata = self.nodes.get(area.node_id).pgdata or area.node_id
-        snap_name = f"{pgdata}@{node_name}"
+        state = store.state
+        assert state is not None
         return store.history.snapshots.add(
-            new_snapshot(snap_name, area.node_id, state.timeline_id, snapped, parent=state.parent)
-        )
-
-    @staticmethod
-    def _check_materializable(timeline: Timeline, lsn: int, area: str) -> None:
-        """Refuse to name an LSN whose data directory cannot be built (its base image was
-        garbage-collected): better now than at `pg create --snapshot`."""
-        if get_control_file(timeline, lsn) is None or get_checkpoint(timeline, lsn) is None:
-            raise NotFound(
-                f"PITR area {area!r} cannot extract {format_lsn(lsn)}: the page history "
-                "there was garbage-collected before the area kept it (no pg_control at or "
-                "below it); extract a later LSN"
+            new_snapshot(
+                f"{pgdata}@{node_name}", area.node_id, state.timeline_id, snapped, state.parent
             )
+        )
 
     def gc_history(self, history: StorageHistory) -> dict[str, Any]:
         """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""
-        current = {
-            store.state.timeline_id: store
-            for store in (self.store(n.node_id) for n in self.nodes.all())
-            if store.state is not None and store.history is history
-        }
-        timelines = [history.timelines.get(t) for t in history.timelines.list_timelines()]
-        plan = plan_gc(
-            [TimelineFacts.of(t) for t in timelines],
-            history.snapshots.all(),
-            history.pitr.all(),
-            [self._node_tip(store) for store in current.values()],
-            datetime.now(UTC),
-        )
-        removed = removed_bytes = 0
-        for timeline in timelines:
-            keep_reads = plan[timeline.timeline_id]
-            window = keep_reads.window_start
-            store = current.get(timeline.timeline_id)
-            result = gc_timeline(timeline, keep_reads.retain_lsns, window)
-            removed += len(result.removed_layers)
-            removed_bytes += result.removed_bytes
-            if store is not None:
-                state = store.state
-                assert state is not None
-                keep = timeline.disk_consistent_lsn
-                if window is not None:
-                    keep = min(keep, store.index.wal_needed_from(window))
-                prune_wal_archive(store.wal_dir, state.wal_segment_size, keep)
-        return {"removed_layers": removed, "removed_bytes": removed_bytes}
+        stores = [self.store(n.node_id) for n in self.nodes.all()]
+        return asdict(collect_garbage(history, stores, datetime.now(UTC)))
 
     async def gc_all(self) -> list[dict[str, Any]]:
         return [
