@@ -22,7 +22,7 @@ import psycopg
 
 from cli import pageserver_control, postmaster
 from cli.context import App
-from cli.extract import download_basebackup
+from cli.extract import download_basebackup, remove_download_leftovers
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
 from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
@@ -144,6 +144,7 @@ def _remove_node_files(app: App, node: NodeRow) -> None:
         unregister_from_pageserver(app, node)
 
     shutil.rmtree(node.datadir, ignore_errors=True)
+    remove_download_leftovers(node.datadir)  # of a killed `pg create --snapshot`
     shutil.rmtree(node_log_dir(app, node), ignore_errors=True)
     for path in (
         superuser_secret(app, node.id),

@@ -171,6 +171,32 @@ def test_checkout_killed_while_downloading_leaves_no_temporary_files(
     assert psql(c, "SELECT count(*) FROM t") in ("20000", "20005")
 
 
+def test_pg_create_from_snapshot_killed_while_downloading_leaves_no_temporary_files(
+    neon: NeonCli,
+) -> None:
+    """The abandoned node's cleanup (run by the next pg list/create) also deletes its download's
+    temporary tar."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    psql(connstr(neon, "pgdata1"), "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    storage = Path(neon.json("pg", "show", "pgdata1")["datadir"]).parent
+    proc = subprocess.Popen(
+        [NEON, "pg", "create", "--snapshot", "pgdata1@s", "--port", str(free_port())],
+        env=neon.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not list(storage.glob(".pgdata2.*.tar")):
+        assert proc.poll() is None, "pg create ended before it was caught downloading"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [n["id"] for n in neon.json("pg", "list")] == ["primary1"]
+    assert not [p.name for p in storage.iterdir() if p.name.startswith((".pgdata2", "pgdata2"))]
+
+
 def test_pageserver_killed_during_checkout(neon: NeonCli) -> None:
     neon.run("pg", "create")
     c = connstr(neon, "pgdata1")
