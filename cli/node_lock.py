@@ -10,7 +10,8 @@ first is done (two checkouts end in the later one's state, as if typed one after
 and scripts need no retry loop. It says what it waits for, and gives up after
 LOCK_WAIT_SECONDS with one line naming the operation in progress, so a stuck command cannot
 hang every other one forever. The kernel drops an flock when its holder dies, so a killed
-command never leaves a node locked.
+command never leaves a node locked. Lock files are never deleted, not even by `pg destroy`: a
+waiter holds the old file open, and a third command would lock a new file beside it.
 """
 
 from __future__ import annotations
