@@ -35,7 +35,7 @@ def test_secrets_from_a_file_and_the_environment(neon: NeonCli, tmp_path: Path) 
     neon.run("storage", "attach", "-t", "remote", "-n", "r", "-c", f"url={URL}", "-c",
              f"token=@{token_file}")  # fmt: skip
     neon.env_extra["S3_SECRET"] = "s3-from-env"
-    neon.run("storage", "attach", "-t", "s3", "-n", "s", "-c", "bucket=b", "-c",
+    neon.run("storage", "attach", "-t", "s3", "-n", "s", "-c", "bucket=tank", "-c",
              "secret_access_key=env:S3_SECRET")  # fmt: skip
     neon.run("storage", "attach", "-t", "remote", "-n", "piped", "-c", "url=neon://[::1]:6400",
              "-c", "token=@-", input="tok-from-stdin\n")  # fmt: skip
@@ -66,7 +66,7 @@ def test_secrets_from_a_file_and_the_environment(neon: NeonCli, tmp_path: Path) 
         "-c", f"token=@{tmp_path / 'missing'}",
     )  # fmt: skip
     assert "environment variable NOPE" in neon.fail(
-        "storage", "attach", "-t", "s3", "-n", "x", "-c", "bucket=b",
+        "storage", "attach", "-t", "s3", "-n", "x", "-c", "bucket=tank",
         "-c", "secret_access_key=env:NOPE",
     )  # fmt: skip
     assert "given twice" in neon.fail(
@@ -102,7 +102,7 @@ def test_a_password_stored_before_is_masked(neon: NeonCli) -> None:
 
 
 def test_prompt_reads_hidden_input_on_a_terminal_only(neon: NeonCli) -> None:
-    attach = ("storage", "attach", "-t", "s3", "-n", "s", "-c", "bucket=b", "--prompt-secrets")
+    attach = ("storage", "attach", "-t", "s3", "-n", "s", "-c", "bucket=tank", "--prompt-secrets")
     # Not a terminal: fails at once, never waits for input.
     started = time.monotonic()
     assert "not a terminal" in neon.fail(*attach)
