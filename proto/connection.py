@@ -49,6 +49,11 @@ class MessageStream:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
+    @property
+    def peer_closed(self) -> bool:
+        """The peer closed its side and everything it sent was read (it wants no answer)."""
+        return self._reader.at_eof()
+
     async def recv(self) -> Message | None:
         """The next message, or None on a clean end of stream (at a frame boundary)."""
         try:

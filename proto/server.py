@@ -49,6 +49,12 @@ class RequestContext:
         """True once send() was used: the handler's result then ends the stream (StreamEnd)."""
         self.upload_ended = False
 
+    @property
+    def client_left(self) -> bool:
+        """The client closed the connection while the handler ran (e.g. its user pressed ^C):
+        a long handler checks it before committing what nobody waits for any more."""
+        return self._stream.peer_closed
+
     async def send(self, data: bytes) -> None:
         """Send download bytes to the client; waits while the client is slow to read."""
         self.streamed = True

@@ -106,7 +106,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_import(ctx: RequestContext, req: m.SnapshotImportRequest) -> m.SnapshotInfo:
-        snap = await ps.import_snapshot(req.name, Path(req.datadir), Path(req.store_dir))
+        snap = await ps.import_snapshot(
+            req.name, Path(req.datadir), Path(req.store_dir), lambda: ctx.client_left
+        )
         return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_show(ctx: RequestContext, req: m.SnapshotShowRequest) -> m.SnapshotInfo:

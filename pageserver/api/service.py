@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -293,9 +294,12 @@ class Pageserver:
         roots = {str(r) for r in self._imported_roots()} | {str(root)}
         write_file_durably(self._imported_roots_file, json.dumps(sorted(roots)).encode())
 
-    async def import_snapshot(self, name: str, datadir: Path, store_dir: Path) -> Snapshot:
+    async def import_snapshot(
+        self, name: str, datadir: Path, store_dir: Path, abandoned: Callable[[], bool]
+    ) -> Snapshot:
         """Import a cleanly shut-down data directory as snapshot `name` on a new root timeline
-        of the storage; on any failure the timeline is deleted and no snapshot appears."""
+        of the storage; on any failure, or if the caller is gone by the end (`abandoned`: an
+        interrupted `snapshot import`), the timeline is deleted and no snapshot appears."""
         check_import_name(name)
         self._check_name_free(name)
         history = self.history(store_dir)
@@ -303,6 +307,8 @@ class Pageserver:
         try:
             lsn = await asyncio.to_thread(import_datadir, timeline, datadir)
             await asyncio.to_thread(timeline.freeze_and_flush)
+            if abandoned():
+                raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
             self._check_name_free(name)
             self._remember_imported_root(store_dir)
             return history.snapshots.add(

@@ -4,18 +4,22 @@ BASE_BACKUP, from its stopped data directory and from `pg_basebackup -F tar -X s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
+import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cli.pgbin import give_to_pg_user
-from tests.neoncli import NeonCli, psql
+from cli.pgbin import give_to_pg_user, pg_binary
+from tests.neoncli import NEON, NeonCli, psql
 from tests.pgtest import (
     PASSWORD,
     SUPERUSER,
@@ -98,10 +102,6 @@ def check_node_equals_source(neon: NeonCli, source: PgTestServer, snapshot: str)
 
 
 def dumped(connstr: str, dbname: str) -> str:
-    import subprocess
-
-    from cli.pgbin import pg_binary
-
     proc = subprocess.run(
         [pg_binary("pg_dump"), f"--restrict-key={DUMP_KEY}", "-d", connstr.replace(
             "dbname=postgres", f"dbname={dbname}"
@@ -212,3 +212,37 @@ def test_hostile_truncated_tar_and_unreachable_server(home: NeonCli) -> None:
     assert not list((home.home / "storage" / "local").glob(".import-*"))
     shutil.rmtree(hostile)
     shutil.rmtree(truncated)
+
+
+def test_sigint_during_recovery_leaves_nothing(home: NeonCli, source: PgTestServer) -> None:
+    """^C while the temporary server replays the backup: it is stopped, its directory
+    removed, and no snapshot appears."""
+    before = home.json("snapshot", "list")
+    storage = home.home / "storage" / "local"
+    proc = subprocess.Popen(
+        [NEON, "snapshot", "import", "--from", url(source), "interrupted"],
+        env=home.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = None
+        deadline = time.monotonic() + 120
+        while pid is None and proc.poll() is None and time.monotonic() < deadline:
+            for pidfile in storage.glob(".import-*/pgdata/postmaster.pid"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    pid = int(pidfile.read_text().splitlines()[0])
+            time.sleep(0.01)
+        assert pid is not None, "the temporary server was never seen running"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, err
+    assert not Path(f"/proc/{pid}").exists() or "postgres" not in Path(
+        f"/proc/{pid}/cmdline"
+    ).read_text(errors="replace")
+    assert not list(storage.glob(".import-*"))
+    assert home.json("snapshot", "list") == before
