@@ -16,18 +16,26 @@ _MAX_SOCKET_DIR = 90
 HOME_MARKERS = (".pg-neon-home", "registry.db")
 
 
+ROOT_DEFAULT_HOME = "/var/lib/neon"
+"""The default NEON_HOME of root (as in the container image)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NeonHome:
     root: Path
 
     @classmethod
     def resolve(cls, option: Path | None) -> NeonHome:
-        """--home, else $NEON_HOME, else ~/.neon."""
+        """--home, else $NEON_HOME, else ~/.neon (/var/lib/neon as root: PostgreSQL runs as
+        its own account then and must reach the data directories, and root's home is 0700,
+        which pg-neon never opens up)."""
         if option is not None:
             return cls(option.expanduser().absolute())
         env = os.environ.get("NEON_HOME")
         if env:
             return cls(Path(env).expanduser().absolute())
+        if os.geteuid() == 0:
+            return cls(Path(ROOT_DEFAULT_HOME))
         return cls(Path("~/.neon").expanduser().absolute())
 
     @property

@@ -47,7 +47,7 @@ def _fail(exc: NeonError) -> NoReturn:
     type=click.Path(file_okay=False, path_type=Path),
     envvar="NEON_HOME",
     default=None,
-    help="State directory (default: $NEON_HOME or ~/.neon).",
+    help="State directory (default: $NEON_HOME, else ~/.neon, or /var/lib/neon as root).",
 )
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:

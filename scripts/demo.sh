@@ -4,7 +4,13 @@
 # the demo never touches ~/.neon; pass NEON_HOME to choose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export NEON_HOME="${NEON_HOME:-$PWD/.neon-demo}"
+DEFAULT_HOME="$PWD/.neon-demo"
+# As root, PostgreSQL runs as the postgres account, which must be able to enter every parent
+# of the home; pg-neon never opens one up (a clone under /root is not reachable).
+if [ "$(id -u)" -eq 0 ] && ! runuser -u "${NEON_PG_USER:-postgres}" -- test -x "$PWD" 2>/dev/null; then
+    DEFAULT_HOME=/var/lib/neon-demo
+fi
+export NEON_HOME="${NEON_HOME:-$DEFAULT_HOME}"
 NEON=.venv/bin/neon
 PSQL="${NEON_PG_BIN:-/usr/lib/postgresql/15/bin}/psql"
 
