@@ -153,18 +153,25 @@ def test_import_from_stopped_data_directory(
     assert not timeline.exists() and "again" not in names(home)
 
 
-def test_import_from_pg_basebackup_tar(home: NeonCli, source: PgTestServer) -> None:
+@pytest.mark.parametrize("fmt", ["tar", "plain"])
+def test_import_from_pg_basebackup_output(home: NeonCli, source: PgTestServer, fmt: str) -> None:
+    """-F tar: base.tar + pg_wal.tar; -F plain: a directory with backup_label (copied)."""
     out = Path(tempfile.mkdtemp(prefix="pgbb-", dir=pg_reachable_tmpdir("neon-bb-")))
     os.chmod(out, 0o777)
     give_to_pg_user(out)
     target = out / "backup"
     source.run(
-        "pg_basebackup", "-D", str(target), "-F", "tar", "-X", "stream", "-c", "fast",
+        "pg_basebackup", "-D", str(target), "-F", fmt, "-X", "stream", "-c", "fast",
         "-d", source.dsn(),
     )  # fmt: skip
-    assert (target / "base.tar").is_file() and (target / "pg_wal.tar").is_file()
-    home.run("snapshot", "import", "--from", str(target), "fromtar")
-    check_node_equals_source(home, source, "fromtar")
+    if fmt == "tar":
+        assert (target / "base.tar").is_file() and (target / "pg_wal.tar").is_file()
+    else:
+        assert (target / "backup_label").is_file()
+    files_before = sorted(p.name for p in target.rglob("*"))
+    home.run("snapshot", "import", "--from", str(target), f"from{fmt}")
+    assert sorted(p.name for p in target.rglob("*")) == files_before  # the source is untouched
+    check_node_equals_source(home, source, f"from{fmt}")
     shutil.rmtree(out.parent, ignore_errors=True)
 
 
