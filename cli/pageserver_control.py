@@ -98,6 +98,27 @@ def _start_locked(
         if info is not None:
             return _record(app, info)
     local_token(app)
+    explicit = proto_port is not None or http_port is not None
+    try:
+        return _spawn(
+            app,
+            config,
+            proto_port if proto_port is not None else _choose(DEFAULT_PROTO_PORT),
+            http_port if http_port is not None else _choose(DEFAULT_HTTP_PORT),
+        )
+    except PortTaken:
+        if explicit:
+            raise
+        # A default port was free when checked and taken before the daemon bound it (another
+        # program starting at the same moment): let the kernel pick free ones instead.
+        return _spawn(app, config, 0, 0)
+
+
+class PortTaken(Unavailable):
+    """The daemon could not bind its port: another process holds it."""
+
+
+def _spawn(app: App, config: PageserverConfig, proto_port: int, http_port: int) -> PageserverRow:
     stderr_path = config.workdir / "pageserver.stderr"
     cmd = [
         sys.executable,
@@ -106,9 +127,9 @@ def _start_locked(
         "--workdir",
         str(config.workdir),
         "--port",
-        str(proto_port if proto_port is not None else _choose(DEFAULT_PROTO_PORT)),
+        str(proto_port),
         "--http-port",
-        str(http_port if http_port is not None else _choose(DEFAULT_HTTP_PORT)),
+        str(http_port),
         "--token-file",
         str(token_path(app)),
     ]
@@ -125,7 +146,8 @@ def _start_locked(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = _log_tail(config, stderr_path)
-            raise Unavailable(
+            error = PortTaken if "address already in use" in tail.lower() else Unavailable
+            raise error(
                 f"the pageserver failed to start: {tail or 'exit ' + str(proc.returncode)}"
                 f" (log: {config.log_file})"
             )

@@ -134,3 +134,32 @@ def test_log_rotates_at_10_mib_keeping_five(tmp_path: Path) -> None:
     assert names == ["pageserver.log", *(f"pageserver.log.{i}" for i in range(1, 6))]
     for path in tmp_path.iterdir():
         assert path.stat().st_size <= LOG_MAX_BYTES + (70 << 10)
+
+
+def test_a_default_port_taken_at_the_last_moment_falls_back_to_free_ones(
+    neon: NeonCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default ports are checked, then bound by the daemon: a program that takes one in
+    between (another test run, another service starting) must not make `neon` fail."""
+    from cli import pageserver_control
+    from cli.context import App
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        monkeypatch.setenv("NEON_HOME", str(neon.home))
+        monkeypatch.setattr(pageserver_control, "_choose", lambda default: taken)
+        app = App.open(None)
+        try:
+            row = pageserver_control.start_local(app)
+            assert row.port != taken and row.http_port != taken
+            with pytest.raises(pageserver_control.PortTaken, match="already in use"):
+                pageserver_control.stop_local(app)
+                pageserver_control.start_local(app, proto_port=taken)
+        finally:
+            pageserver_control.stop_local(app)
+            app.registry.close()
+    finally:
+        holder.close()
