@@ -99,10 +99,8 @@ def snapshot_import(
             snap = api.snapshot_import(request)
     finally:
         progress.close()
-    if as_json:
+    if as_json:  # else quiet, as `snapshot create` (the proposal shows only the progress bar)
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
-    else:
-        click.echo(f"Imported {name} at {snap.lsn_text}.")
 
 
 def _rows(app: App) -> list[dict[str, Any]]:

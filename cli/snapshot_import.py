@@ -187,6 +187,9 @@ class Progress:
                 ascii="-=",
                 bar_format="{desc} [{bar:10}] {percentage:3.0f}% | {rate_fmt} | ETA {remaining}",
                 file=sys.stderr,
+                # A terminal that reports no size (0x0) gets 80x24: tqdm would show nothing.
+                ncols=shutil.get_terminal_size().columns,
+                nrows=shutil.get_terminal_size().lines,
             )
         if total is not None and total > (bar.total or 0):
             bar.total = total
