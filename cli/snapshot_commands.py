@@ -22,6 +22,7 @@ from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
+from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import Progress, import_workdir, prepare_clean_datadir
 from cli.storages import DEFAULT_STORAGE
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
@@ -191,7 +192,7 @@ def _free_port(app: App) -> int:
     return port
 
 
-def _connstr(app: App, port: int) -> str:
+def server_connstr(app: App, port: int) -> str:
     return f"host={app.home.socket_dir} port={port} user={nodes.SUPERUSER} dbname=postgres"
 
 
@@ -203,14 +204,24 @@ def snapshot_start(ctx: click.Context, name: str, as_json: bool) -> None:
     """Start a temporary read-only PostgreSQL over a snapshot; prints its connection string."""
     app = get_app(ctx)
     name = app.registry.snapshot_name(name)
+    port, datadir = start_snapshot_server(app, name)
+    connstr = server_connstr(app, port)
+    if as_json:
+        print_json({"name": name, "connstr": connstr, "port": port, "datadir": str(datadir)})
+    else:
+        click.echo(connstr)
+
+
+def start_snapshot_server(app: App, name: str) -> tuple[int, Path]:
+    """Start the read-only server over snapshot `name` (resolved); return its port and data
+    directory. Stop it with `remove_snapshot_server` (`snapshot stop`, `snapshot export`)."""
     local_api(app).snapshot_show(SnapshotShowRequest(name))
     running = _server(app, name)
     if running is not None:
         if postmaster.running_pid(Path(running["datadir"])) is not None:
-            raise AlreadyExists(
-                f"a read-only server already runs over {name}: {_connstr(app, running['port'])}"
-            )
-        _remove_server(app, name)
+            connstr = server_connstr(app, running["port"])
+            raise AlreadyExists(f"a read-only server already runs over {name}: {connstr}")
+        remove_snapshot_server(app, name)
     root = _server_dir(app, name)
     shutil.rmtree(root, ignore_errors=True)
     for directory in (root.parent, root):  # PostgreSQL's account enters them to reach pgdata
@@ -240,13 +251,9 @@ def snapshot_start(ctx: click.Context, name: str, as_json: bool) -> None:
         give_to_pg_user(datadir / "standby.signal")
         postmaster.start(datadir, root / "postgres.log")
     except BaseException:
-        _remove_server(app, name)
+        remove_snapshot_server(app, name)
         raise
-    connstr = _connstr(app, port)
-    if as_json:
-        print_json({"name": name, "connstr": connstr, "port": port, "datadir": str(datadir)})
-    else:
-        click.echo(connstr)
+    return port, datadir
 
 
 _STANDBY_PARAMS = struct.Struct("<iiiii")  # pg_control @180: the primary's last settings
@@ -270,13 +277,17 @@ def standby_minimums(datadir: Path) -> dict[str, object]:
     return {name: value for name, value in values.items() if value > 0}
 
 
-def _remove_server(app: App, name: str) -> None:
+def remove_snapshot_server(app: App, name: str) -> None:
+    """Stop the read-only server over `name` (if any) and delete its directory and row."""
     row = _server(app, name)
     if row is not None:
         postmaster.stop(Path(row["datadir"]), "fast")
     shutil.rmtree(_server_dir(app, name), ignore_errors=True)
     with app.registry.transaction() as cur:
         cur.execute("DELETE FROM snapshot_servers WHERE name = ?", (name,))
+
+
+snapshot_group.add_command(snapshot_export)
 
 
 @snapshot_group.command("stop")
@@ -288,5 +299,5 @@ def snapshot_stop(ctx: click.Context, name: str) -> None:
     name = app.registry.snapshot_name(name)
     if _server(app, name) is None:
         raise NotFound(f"no read-only server runs over {name}; see `neon snapshot list`")
-    _remove_server(app, name)
+    remove_snapshot_server(app, name)
     click.echo(f"Stopped the read-only server over {name}.")

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 from pageserver_api.models import (
     ApiRequest,
+    BasebackupPlan,
+    BasebackupPlanRequest,
     BasebackupRequest,
     BasebackupResponse,
     BranchResponse,
@@ -154,6 +156,9 @@ class PageserverClient:
     async def gc_run(self) -> list[GcResult]:
         return (await self._call(GcRunRequest(), GcRunResponse)).items
 
+    async def basebackup_plan(self, request: BasebackupPlanRequest) -> BasebackupPlan:
+        return await self._call(request, BasebackupPlan)
+
     def basebackup(self, request: BasebackupRequest) -> BasebackupDownload:
         """The tar stream; iterate it (`async with` so an abandoned one closes the
         connection), then read `.result`."""
@@ -250,6 +255,9 @@ class SyncPageserverClient:
 
     def snapshot_show(self, request: SnapshotShowRequest) -> SnapshotInfo:
         return self.run(lambda c: c.snapshot_show(request))
+
+    def basebackup_plan(self, request: BasebackupPlanRequest) -> BasebackupPlan:
+        return self.run(lambda c: c.basebackup_plan(request))
 
     def snapshot_destroy(self, request: SnapshotDestroyRequest) -> SnapshotInfo:
         return self.run(lambda c: c.snapshot_destroy(request))

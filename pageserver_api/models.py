@@ -648,7 +648,7 @@ class NodeBranchRequest(ApiRequest):
 
 
 @dataclass(frozen=True, slots=True)
-class BasebackupResponse(ApiResponse):
+class BasebackupPlan(ApiResponse):
     """Where the archive's WAL is: new WAL of a server started on it begins at `end_lsn`."""
 
     lsn: int
@@ -658,6 +658,12 @@ class BasebackupResponse(ApiResponse):
     wal_segment: str
     system_identifier: int
     wal_segment_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BasebackupResponse(BasebackupPlan):
+    """The plan of a streamed basebackup, known once its tar has been sent."""
+
     bytes: int
     """Bytes of tar streamed."""
 
@@ -672,6 +678,27 @@ class BasebackupRequest(ApiRequest):
     pg_timeline: int | None = None
     timeline_history: bytes | None = None
     """The .history file of `pg_timeline` (default: one line naming the branch point)."""
+    mtime: int | None = None
+    """Unix time written as the members' mtime, pg_control's time and the checkpoint's time
+    (default: the daemon's clock). Fixed, the same state always gives the same bytes."""
+
+    def __post_init__(self) -> None:
+        if self.node_id is None and self.snapshot is None:
+            raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        _check_positive("pg_timeline", self.pg_timeline)
+        if self.mtime is not None and not 0 <= self.mtime < 8**11:
+            raise InvalidArgument(f"basebackup mtime {self.mtime} does not fit a tar header")
+
+
+@method("basebackup.plan", BasebackupPlan)
+@dataclass(frozen=True, slots=True)
+class BasebackupPlanRequest(ApiRequest):
+    """What `basebackup` with the same parameters would describe in its result (LSN, PG
+    timeline, system identifier), before any byte: a `.neon` writer needs it up front."""
+
+    node_id: str | None = None
+    snapshot: str | None = None
+    pg_timeline: int | None = None
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pageserver.api.service import Pageserver
-from pageserver.basebackup.tar_stream import basebackup_chunks
+from pageserver.basebackup.tar_stream import BasebackupInfo, basebackup_chunks
 from pageserver.follow.followed_nodes import FollowedNode
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
@@ -121,18 +121,36 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         )
         return m.BranchResponse(**state)
 
-    async def basebackup(ctx: RequestContext, req: m.BasebackupRequest) -> m.BasebackupResponse:
-        """Stream a tar of a startable data directory (a snapshot, or a node's branch point)."""
+    async def plan_basebackup(
+        req: m.BasebackupRequest | m.BasebackupPlanRequest,
+    ) -> tuple[BasebackupInfo, Iterator[bytes]]:
+        """Validate a basebackup and describe it; its tar chunks are produced lazily."""
         source, tli = ps.basebackup_source(req.node_id, req.snapshot)
         pg_timeline = req.pg_timeline if req.pg_timeline is not None else tli or 1
-        history = req.timeline_history
+        history = req.timeline_history if isinstance(req, m.BasebackupRequest) else None
         if history is None and pg_timeline > 1:
             # The parent timeline and where this one branched from it (what a promotion's
             # .history file records); PostgreSQL wants it beside the new timeline's WAL.
             history = f"{pg_timeline - 1}\t{format_lsn(source.lsn)}\tneon branch\n".encode()
-        info, chunks = await asyncio.to_thread(
-            basebackup_chunks, source, source.lsn, pg_timeline=pg_timeline, timeline_history=history
+        return await asyncio.to_thread(
+            basebackup_chunks,
+            source,
+            source.lsn,
+            pg_timeline=pg_timeline,
+            timeline_history=history,
+            now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
         )
+
+    async def basebackup_plan(
+        ctx: RequestContext, req: m.BasebackupPlanRequest
+    ) -> m.BasebackupPlan:
+        """What `basebackup` would describe, without producing the tar."""
+        info, _chunks = await plan_basebackup(req)
+        return m.BasebackupPlan(**asdict(info))
+
+    async def basebackup(ctx: RequestContext, req: m.BasebackupRequest) -> m.BasebackupResponse:
+        """Stream a tar of a startable data directory (a snapshot, or a node's branch point)."""
+        info, chunks = await plan_basebackup(req)
         sent = 0
         while True:
             chunk = await asyncio.to_thread(next, chunks, None)
@@ -182,6 +200,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.SnapshotImportRequest: snapshot_import,
         m.NodeBranchRequest: node_branch,
         m.BasebackupRequest: basebackup,
+        m.BasebackupPlanRequest: basebackup_plan,
         m.PitrCreateRequest: pitr_create,
         m.PitrListRequest: pitr_list,
         m.PitrDestroyRequest: pitr_destroy,

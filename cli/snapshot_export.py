@@ -1,0 +1,392 @@
+"""`neon snapshot export`: a snapshot out of pg-neon, as a `.neon` file, a plain basebackup tar,
+a `pg_dump -Fc` dump or CSV files.
+
+`neon` and `tar` stream the pageserver's basebackup straight to the output (through the
+snapfile writer for `neon`): memory stays bounded and no tar is staged. Both pin the basebackup's
+time to the snapshot's creation time, so one snapshot always exports to the same tar bytes.
+`pg_dump` and `csv` read through the snapshot's read-only server (`snapshot start`): an
+already running one is used as is, else one is started and stopped afterwards, also on failure
+or SIGINT. Output goes to `FILE.partial` (`DIR.partial`) and is renamed only when complete, so
+a failed export leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import psycopg
+from psycopg import sql
+from tqdm import tqdm
+
+from cli import postmaster
+from cli.context import App, get_app
+from cli.output import print_json
+from cli.pageserver_control import local_api
+from cli.pgbin import pg_binary
+from pageserver_api.client import PageserverClient
+from pageserver_api.errors import ExternalCommandFailed
+from pageserver_api.models import (
+    BasebackupPlan,
+    BasebackupPlanRequest,
+    BasebackupRequest,
+    SnapshotShowRequest,
+)
+from pg15.constants import PG_MAJOR_VERSION
+from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from snapfile import Manifest, SnapshotFileWriter
+
+FORMATS = ("neon", "tar", "pg_dump", "csv")
+_COPY_CHUNK = 1 << 20
+
+
+class _Meter:
+    """Bytes written so far; a tqdm bar (bytes, rate) on a TTY, nothing otherwise."""
+
+    def __init__(self, show: bool, what: str) -> None:
+        self.bytes = 0
+        self._bar: tqdm[Any] | None = None
+        if show:
+            self._bar = tqdm(
+                desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+            )
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where an export goes: `final` once complete, `partial` while written (None: stdout)."""
+
+    final: Path | None
+    partial: Path | None
+    force: bool
+
+
+def _target(output: str, force: bool, is_dir: bool) -> _Target:
+    if output == "-":
+        if is_dir:
+            raise InvalidArgument("--format csv writes a directory; give it with -o DIR")
+        if sys.stdout.isatty():
+            raise InvalidArgument(
+                "refusing to write a binary export to a terminal; use -o FILE or redirect stdout"
+            )
+        return _Target(None, None, force)
+    final = Path(output).absolute()
+    if (final.exists() or final.is_symlink()) and not force:
+        raise AlreadyExists(f"{final} already exists; choose another -o or pass --force")
+    if is_dir and final.exists() and not final.is_dir():
+        raise Conflict(f"{final} exists and is not a directory; --format csv writes a directory")
+    if not final.parent.is_dir():
+        raise NotFound(f"directory {final.parent} does not exist; create it first")
+    return _Target(final, final.with_name(final.name + ".partial"), force)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _output_file(target: _Target) -> Iterator[IO[bytes]]:
+    """A binary stream to the export; renamed into place only if the block succeeds."""
+    if target.partial is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    assert target.final is not None
+    _remove(target.partial)  # a killed earlier export's leftover: never a complete file
+    try:
+        with open(target.partial, "xb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        if target.final.is_dir() and not target.final.is_symlink():
+            raise Conflict(f"{target.final} is a directory; choose a file name with -o")
+        os.replace(target.partial, target.final)
+    finally:
+        target.partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _output_dir(target: _Target) -> Iterator[Path]:
+    """A fresh directory for the export, put in place (replacing with --force) on success."""
+    assert target.partial is not None and target.final is not None
+    _remove(target.partial)
+    try:
+        target.partial.mkdir(mode=0o755)
+        yield target.partial
+        if target.final.exists() or target.final.is_symlink():
+            _remove(target.final)
+        os.replace(target.partial, target.final)
+    finally:
+        _remove(target.partial)
+
+
+def _plan(app: App, name: str) -> tuple[BasebackupPlan, int]:
+    """What the basebackup will be, and the time it is pinned to (the snapshot's creation)."""
+    api = local_api(app)
+    snap = api.snapshot_show(SnapshotShowRequest(name))
+    return api.basebackup_plan(BasebackupPlanRequest(snapshot=name)), int(snap.created_at)
+
+
+def _stream_basebackup(
+    app: App, name: str, mtime: int, plan: BasebackupPlan, out: IO[bytes], meter: _Meter,
+    writer: SnapshotFileWriter | None,
+) -> None:  # fmt: skip
+    """Copy the snapshot's basebackup tar to `out`, through `writer` when given."""
+    request = BasebackupRequest(snapshot=name, mtime=mtime)
+
+    async def fetch(client: PageserverClient) -> None:
+        async with client.basebackup(request) as download:
+            async for chunk in download:
+                data = writer.write(chunk) if writer is not None else chunk
+                if data:
+                    out.write(data)
+                    meter.add(len(data))
+            result = download.result
+        if (result.lsn, result.system_identifier, result.pg_timeline) != (
+            plan.lsn,
+            plan.system_identifier,
+            plan.pg_timeline,
+        ):
+            raise Conflict(f"snapshot {name} changed during the export (destroyed and recreated?)")
+        if writer is not None:
+            tail = writer.finish()
+            out.write(tail)
+            meter.add(len(tail))
+
+    local_api(app).run(fetch)
+
+
+def _export_basebackup(
+    app: App, name: str, fmt: str, target: _Target, meter: _Meter
+) -> dict[str, Any]:
+    plan, mtime = _plan(app, name)
+    writer = None
+    if fmt == "neon":
+        manifest = Manifest(
+            pg_version=PG_MAJOR_VERSION,
+            system_identifier=plan.system_identifier,
+            lsn=plan.lsn,
+            pg_timeline=plan.pg_timeline,
+            source=name,
+            created_at=datetime.now(UTC).replace(microsecond=0),
+        )
+        writer = SnapshotFileWriter(manifest)
+    with _output_file(target) as out:
+        _stream_basebackup(app, name, mtime, plan, out, meter, writer)
+    return {}
+
+
+@contextlib.contextmanager
+def _snapshot_server(app: App, name: str) -> Iterator[str]:
+    """A connection string to the snapshot's read-only server: a running one, else a new one
+    stopped (and removed) when the block ends, however it ends."""
+    # Imported here: cli.snapshot_commands imports this module to register the command.
+    from cli.snapshot_commands import (
+        remove_snapshot_server,
+        server_connstr,
+        start_snapshot_server,
+    )
+
+    running = app.registry.snapshot_server(name)
+    if running is not None and postmaster.running_pid(Path(running["datadir"])) is not None:
+        yield server_connstr(app, running["port"])
+        return
+    local_api(app).snapshot_show(SnapshotShowRequest(name))
+    try:
+        port, _datadir = start_snapshot_server(app, name)
+        yield server_connstr(app, port)
+    finally:
+        remove_snapshot_server(app, name)
+
+
+def _with_db(connstr: str, db: str) -> str:
+    return psycopg.conninfo.make_conninfo(connstr, dbname=db)
+
+
+def _databases(connstr: str) -> list[str]:
+    with psycopg.connect(connstr, connect_timeout=10) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+            "ORDER BY datname"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _choose_db(connstr: str, name: str, db: str | None) -> str:
+    """`db` if the snapshot has it; else its one user database (or `postgres`)."""
+    existing = _databases(connstr)
+    if db is not None:
+        if db not in existing:
+            raise NotFound(
+                f"database {db!r} does not exist in snapshot {name}; it has: {', '.join(existing)}"
+            )
+        return db
+    user_dbs = [d for d in existing if d != "postgres"]
+    if len(user_dbs) > 1:
+        raise InvalidArgument(
+            f"snapshot {name} has several databases ({', '.join(existing)}); choose one with --db"
+        )
+    return user_dbs[0] if user_dbs else "postgres"
+
+
+def _export_pg_dump(
+    connstr: str, name: str, db: str | None, target: _Target, meter: _Meter
+) -> dict[str, Any]:
+    db = _choose_db(connstr, name, db)
+    cmd = [pg_binary("pg_dump"), "-Fc", "--no-password", "-d", _with_db(connstr, db)]
+    with _output_file(target) as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            while chunk := proc.stdout.read(_COPY_CHUNK):
+                out.write(chunk)
+                meter.add(len(chunk))
+            stderr = proc.stderr.read().decode(errors="replace").strip()
+            if proc.wait() != 0:
+                last = stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}"
+                raise ExternalCommandFailed(f"pg_dump of database {db!r} failed: {last}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {"db": db}
+
+
+def _tables(
+    conn: psycopg.Connection[Any], db: str, wanted: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """(schema, table) of each wanted table, or of every user table."""
+    if not wanted:
+        rows = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' "
+            "ORDER BY 1, 2"
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+    found = []
+    for table in wanted:
+        row = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s) "
+            "AND c.relkind IN ('r', 'm', 'v', 'p', 'f')",
+            (table,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"table {table!r} does not exist in database {db!r}")
+        found.append((row[0], row[1]))
+    return found
+
+
+def _export_csv(
+    connstr: str, name: str, db: str | None, tables: tuple[str, ...], target: _Target,
+    meter: _Meter,
+) -> dict[str, Any]:  # fmt: skip
+    db = _choose_db(connstr, name, db)
+    written = []
+    with psycopg.connect(_with_db(connstr, db), connect_timeout=10) as conn:
+        chosen = _tables(conn, db, tables)
+        with _output_dir(target) as directory:
+            for schema, table in chosen:
+                filename = f"{schema}.{table}.csv"
+                if "/" in filename or filename.startswith("."):
+                    raise InvalidArgument(f"table {schema}.{table} has no safe file name")
+                query = sql.SQL("COPY (SELECT * FROM {}) TO STDOUT WITH (FORMAT csv, HEADER)")
+                size = 0
+                with (directory / filename).open("xb") as out, conn.cursor() as cur:
+                    with cur.copy(query.format(sql.Identifier(schema, table))) as copy:
+                        for block in copy:
+                            out.write(block)
+                            size += len(block)
+                            meter.add(len(block))
+                    out.flush()
+                    os.fsync(out.fileno())
+                written.append({"table": f"{schema}.{table}", "file": filename, "bytes": size})
+    return {"db": db, "tables": written}
+
+
+@click.command("export")
+@click.argument("name", metavar="SNAPSHOT")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="neon", show_default=True)
+@click.option("-o", "--output", default=None, metavar="FILE|-|DIR",
+              help="where to write (default: SNAPSHOT.neon or .tar/.dump in the current "
+                   "directory; - for stdout; a new directory for csv)")  # fmt: skip
+@click.option("--db", default=None, help="database for pg_dump and csv")
+@click.option("--table", "tables", multiple=True, metavar="T", help="table for csv (repeatable)")
+@click.option("--force", is_flag=True, help="replace an existing output")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_export(
+    ctx: click.Context,
+    name: str,
+    fmt: str,
+    output: str | None,
+    db: str | None,
+    tables: tuple[str, ...],
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Export a snapshot: a .neon file, a basebackup tar, a pg_dump -Fc dump, or CSV files."""
+    app = get_app(ctx)
+    name = app.registry.snapshot_name(name)
+    if tables and fmt != "csv":
+        raise InvalidArgument("--table applies to --format csv only")
+    if db is not None and fmt not in ("pg_dump", "csv"):
+        raise InvalidArgument("--db applies to --format pg_dump and csv only")
+    if as_json and output == "-":
+        raise InvalidArgument("--json prints to stdout; give the export a file with -o FILE")
+    if output is None:
+        if fmt == "csv":
+            raise InvalidArgument("--format csv needs -o DIR (a new directory)")
+        suffix = {"neon": ".neon", "tar": ".tar", "pg_dump": ".dump"}[fmt]
+        output = name.replace("/", "_") + suffix
+    local_api(app).snapshot_show(SnapshotShowRequest(name))  # an unknown snapshot: one line
+    target = _target(output, force, is_dir=fmt == "csv")
+    meter = _Meter(not as_json and sys.stderr.isatty(), f"Exporting {name}")
+    try:
+        if fmt in ("neon", "tar"):
+            details = _export_basebackup(app, name, fmt, target, meter)
+        else:
+            with _snapshot_server(app, name) as connstr:
+                if fmt == "pg_dump":
+                    details = _export_pg_dump(connstr, name, db, target, meter)
+                else:
+                    details = _export_csv(connstr, name, db, tables, target, meter)
+    finally:
+        meter.close()
+    if as_json:
+        snap = local_api(app).snapshot_show(SnapshotShowRequest(name))
+        print_json(
+            {
+                "snapshot": name,
+                "format": fmt,
+                "path": str(target.final) if target.final else "-",
+                "bytes": meter.bytes,
+                "lsn": snap.lsn,
+                "lsn_text": snap.lsn_text,
+                **details,
+            }
+        )

@@ -1,0 +1,202 @@
+"""`neon snapshot export` through the real CLI, on one node snapshot (1000 rows and an index;
+500 more rows written after it, so an export of the live state would show): the tar starts
+with stock PostgreSQL, the .neon file holds that very tar, the pg_dump restores into an empty
+server, the CSV has every row; refusals are one line and leave nothing behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli import nodes, postmaster
+from cli.pgbin import make_pg_dir, pg_binary, pg_os_user
+from snapfile import extract_tar
+from tests.neoncli import NEON, NeonCli, free_port, psql
+from tests.pgtest import PgTestCluster, PgTestServer, pg_reachable_tmpdir
+
+SNAP = "pgdata1@snap1"
+DUMP_KEY = "snapshotexporttest"  # pg_dump 15.18 prints a random \restrict key otherwise
+DUMP_FLAGS = (f"--restrict-key={DUMP_KEY}", "--no-owner", "--no-privileges")
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[NeonCli]:
+    base = pg_reachable_tmpdir("neon-export-")
+    neon = NeonCli(base / "home", {})
+    try:
+        neon.run("pg", "create", "--port", str(free_port()))
+        c = str(neon.json("pg", "show", "pgdata1")["connstr"])
+        psql(c, "CREATE TABLE t (id int PRIMARY KEY, v text);"
+                "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 1000) g;"
+                "CREATE INDEX t_v ON t (v)")  # fmt: skip
+        neon.run("snapshot", "create", SNAP)
+        psql(c, "INSERT INTO t SELECT g, 'later' FROM generate_series(1001, 1500) g")
+        yield neon
+    finally:
+        neon.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def out_dir() -> Iterator[Path]:
+    base = pg_reachable_tmpdir("neon-export-out-")
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def pg_dump_text(connstr: str) -> str:
+    proc = subprocess.run(
+        [pg_binary("pg_dump"), *DUMP_FLAGS, "-d", connstr],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def reference_dump(home: NeonCli) -> str:
+    """The snapshot's pg_dump, through `snapshot start`."""
+    ro = home.run("snapshot", "start", SNAP).stdout.strip()
+    try:
+        assert psql(ro, "SELECT count(*) FROM t") == "1000"
+        return pg_dump_text(ro)
+    finally:
+        home.run("snapshot", "stop", SNAP)
+
+
+def export(home: NeonCli, path: Path, *args: str) -> dict[str, object]:
+    summary: dict[str, object] = home.json("snapshot", "export", SNAP, "-o", str(path), *args)
+    assert not path.with_name(path.name + ".partial").exists()
+    return summary
+
+
+def no_snapshot_server(home: NeonCli) -> bool:
+    return "no read-only server" in home.fail("snapshot", "stop", SNAP)
+
+
+def started_from_tar(cluster: PgTestCluster, tar: Path) -> PgTestServer:
+    server = cluster.create_empty()
+    make_pg_dir(server.datadir)
+    user = pg_os_user()
+    as_pg = ["runuser", "-u", user.name, "--"] if user else []
+    with tar.open("rb") as stream:
+        subprocess.run([*as_pg, "tar", "-x", "-C", str(server.datadir)], stdin=stream, check=True)
+    postmaster.write_config(server.datadir, *server.config())
+    server.start()
+    return server
+
+
+def test_tar_starts_with_stock_postgres_and_equals_the_snapshot(
+    home: NeonCli, out_dir: Path, reference_dump: str, pg_cluster_module: PgTestCluster
+) -> None:
+    path = out_dir / "snap.tar"
+    summary = export(home, path, "--format", "tar")
+    snap = home.json("snapshot", "list")
+    lsn = next(s["lsn"] for s in snap if s["name"] == SNAP)
+    assert summary["format"] == "tar"
+    assert summary["path"] == str(path)
+    assert summary["bytes"] == path.stat().st_size
+    assert summary["lsn"] == lsn
+    server = started_from_tar(pg_cluster_module, path)
+    try:
+        # The snapshot's roles came with it: connect as the node's superuser.
+        c = f"host={server.sockdir} port={server.port} user={nodes.SUPERUSER} dbname=postgres"
+        assert psql(c, "SELECT count(*), sum(id) FROM t") == "1000|500500"
+        assert pg_dump_text(c) == reference_dump
+    finally:
+        server.stop()
+
+
+def test_neon_file_holds_the_same_tar(home: NeonCli, out_dir: Path) -> None:
+    tar_path, neon_path = out_dir / "same.tar", out_dir / "same.neon"
+    export(home, tar_path, "--format", "tar")
+    summary = export(home, neon_path)  # the default format
+    assert summary["format"] == "neon"
+    assert summary["bytes"] == neon_path.stat().st_size
+    got = io.BytesIO()
+    with neon_path.open("rb") as inp:
+        manifest, _checksums = extract_tar(inp, got, label=neon_path.name)
+    tar = tar_path.read_bytes()
+    # Byte-identical: the basebackup's time is pinned to the snapshot's creation time.
+    assert got.getvalue() == tar
+    assert manifest.lsn == summary["lsn"]
+    assert manifest.source == SNAP
+    assert manifest.pg_version == 15 and manifest.pg_timeline == 1
+    created = next(s["created_at"] for s in home.json("snapshot", "list") if s["name"] == SNAP)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        assert {m.mtime for m in archive.getmembers()} == {int(created)}
+        control = archive.extractfile("global/pg_control")
+        assert control is not None
+        (sysid,) = struct.unpack_from("<Q", control.read())
+    assert manifest.system_identifier == sysid
+    # To stdout as well, the same bytes but for the manifest's creation time.
+    proc = subprocess.run(
+        [NEON, "snapshot", "export", SNAP, "--format", "tar", "-o", "-"],
+        capture_output=True, env=home.env(), timeout=120, check=True,
+    )  # fmt: skip
+    assert proc.stdout == tar
+
+
+def test_pg_dump_restores_into_an_empty_server(
+    home: NeonCli, out_dir: Path, reference_dump: str, pg_cluster_module: PgTestCluster
+) -> None:
+    path = out_dir / "snap.dump"
+    summary = export(home, path, "--format", "pg_dump")
+    assert summary["db"] == "postgres"
+    assert no_snapshot_server(home)  # the temporary server was stopped
+    server = pg_cluster_module.create()
+    try:
+        with path.open("rb") as dump:  # private to its owner (0600): read here, sent on stdin
+            restore = subprocess.run(
+                [pg_binary("pg_restore"), "--no-owner", "--no-privileges", "-d", server.dsn()],
+                stdin=dump, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        assert restore.returncode == 0, restore.stderr
+        assert pg_dump_text(server.dsn()) == reference_dump
+    finally:
+        server.stop()
+
+
+def test_csv_has_every_row(home: NeonCli, out_dir: Path) -> None:
+    path = out_dir / "csv"
+    summary = export(home, path, "--format", "csv")
+    assert [t["file"] for t in summary["tables"]] == ["public.t.csv"]  # type: ignore[attr-defined]
+    assert sorted(p.name for p in path.iterdir()) == ["public.t.csv"]
+    lines = (path / "public.t.csv").read_text().splitlines()
+    assert lines[0] == "id,v" and len(lines) == 1001
+    assert no_snapshot_server(home)
+    # --table, into a directory replaced with --force.
+    export(home, path, "--format", "csv", "--table", "public.t", "--force")
+    assert len((path / "public.t.csv").read_text().splitlines()) == 1001
+
+
+def test_refusals_are_one_line_and_leave_nothing(home: NeonCli, out_dir: Path) -> None:
+    target = out_dir / "refused.neon"
+    assert "does not exist" in home.fail("snapshot", "export", "pgdata1@nosuch", "-o", str(target))
+    assert not target.exists() and not target.with_name("refused.neon.partial").exists()
+
+    target.write_text("keep me")
+    message = home.fail("snapshot", "export", SNAP, "-o", str(target))
+    assert "already exists" in message and "--force" in message
+    assert target.read_text() == "keep me"
+    assert not target.with_name("refused.neon.partial").exists()
+
+    csv_dir = out_dir / "refused-csv"
+    message = home.fail("snapshot", "export", SNAP, "--format", "csv", "-o", str(csv_dir),
+                        "--table", "nosuch")  # fmt: skip
+    assert "nosuch" in message and "does not exist" in message
+    assert not csv_dir.exists() and not csv_dir.with_name("refused-csv.partial").exists()
+    message = home.fail("snapshot", "export", SNAP, "--format", "pg_dump", "-o",
+                        str(out_dir / "x.dump"), "--db", "nosuch")  # fmt: skip
+    assert "'nosuch' does not exist" in message and "postgres" in message
+    assert not (out_dir / "x.dump").exists() and not (out_dir / "x.dump.partial").exists()
+    assert no_snapshot_server(home)
+    assert json.loads(home.run("snapshot", "list", "--json").stdout)  # the home still works
