@@ -46,6 +46,7 @@ from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.storages import mask_url
 from cli.untar import extract_basebackup
+from pageserver.daemon import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
@@ -144,15 +145,7 @@ def check_path_source(path: Path) -> None:
 
 def _is_running(datadir: Path) -> bool:
     pid = postmaster.read_pid_file(datadir)
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid is not None and pid_alive(pid)
 
 
 def is_clean_datadir(path: Path) -> bool:
