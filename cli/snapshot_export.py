@@ -13,6 +13,7 @@ a failed export leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ from cli.output import print_json
 from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
 from pageserver_api.client import PageserverClient
-from pageserver_api.errors import ExternalCommandFailed
+from pageserver_api.errors import ExternalCommandFailed, error_from_os
 from pageserver_api.models import (
     BasebackupPlan,
     BasebackupPlanRequest,
@@ -107,6 +108,17 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _writing(path: Path | None) -> Iterator[None]:
+    """A write that fails for space (the exception names no file): one line naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise error_from_os(exc, path) from None
+        raise
+
+
+@contextlib.contextmanager
 def _output_file(target: _Target) -> Iterator[IO[bytes]]:
     """A binary stream to the export; renamed into place only if the block succeeds."""
     if target.partial is None:
@@ -116,7 +128,7 @@ def _output_file(target: _Target) -> Iterator[IO[bytes]]:
     assert target.final is not None
     _remove(target.partial)  # a killed earlier export's leftover: never a complete file
     try:
-        with open(target.partial, "xb") as out:
+        with _writing(target.final), open(target.partial, "xb") as out:
             yield out
             out.flush()
             os.fsync(out.fileno())
@@ -316,7 +328,8 @@ def _export_csv(
                     raise InvalidArgument(f"table {schema}.{table} has no safe file name")
                 query = sql.SQL("COPY (SELECT * FROM {}) TO STDOUT WITH (FORMAT csv, HEADER)")
                 size = 0
-                with (directory / filename).open("xb") as out, conn.cursor() as cur:
+                path = directory / filename
+                with _writing(path), path.open("xb") as out, conn.cursor() as cur:
                     with cur.copy(query.format(sql.Identifier(schema, table))) as copy:
                         for block in copy:
                             out.write(block)

@@ -5,12 +5,16 @@ server, the CSV has every row; refusals are one line and leave nothing behind.""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +45,10 @@ def home() -> Iterator[NeonCli]:
         psql(c, "INSERT INTO t SELECT g, 'later' FROM generate_series(1001, 1500) g")
         yield neon
     finally:
+        for pgdata in (neon.home / "snapshot-servers").glob("*/pgdata"):  # a failed test's
+            pid = postmaster.running_pid(pgdata)
+            if pid is not None:
+                os.kill(pid, signal.SIGQUIT)
         neon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -200,3 +208,70 @@ def test_refusals_are_one_line_and_leave_nothing(home: NeonCli, out_dir: Path) -
     assert not (out_dir / "x.dump").exists() and not (out_dir / "x.dump.partial").exists()
     assert no_snapshot_server(home)
     assert json.loads(home.run("snapshot", "list", "--json").stdout)  # the home still works
+
+
+def test_several_databases_need_db(home: NeonCli, out_dir: Path) -> None:
+    c = str(home.json("pg", "show", "pgdata1")["connstr"])
+    psql(c, "CREATE DATABASE app")
+    psql(c, "CREATE DATABASE app2")
+    psql(c, "CREATE TABLE a (x int); INSERT INTO a SELECT generate_series(1, 7)", dbname="app")
+    home.run("snapshot", "create", "pgdata1@dbs")
+    path = out_dir / "dbs.dump"
+    message = home.fail("snapshot", "export", "pgdata1@dbs", "--format", "pg_dump", "-o", str(path))
+    assert "app, app2, postgres" in message and "--db" in message
+    assert not path.exists() and not (out_dir / "dbs.dump.partial").exists()
+    csv = out_dir / "app-csv"
+    home.run("snapshot", "export", "pgdata1@dbs", "--format", "csv", "--db", "app", "-o", str(csv))
+    assert (csv / "public.a.csv").read_text().splitlines() == ["x", *map(str, range(1, 8))]
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (this container's init reaps slowly)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(home: NeonCli, out_dir: Path) -> None:
+    with small_tmpfs(out_dir / "full") as full:
+        for fmt in ("tar", "neon"):
+            target = full / f"snap.{fmt}"
+            message = home.fail("snapshot", "export", SNAP, "--format", fmt, "-o", str(target))
+            assert "No space left on device" in message and str(target) in message
+            assert list(full.iterdir()) == []
+
+
+def test_sigint_stops_the_temporary_server(home: NeonCli, out_dir: Path) -> None:
+    target = out_dir / "interrupted.dump"
+    server_dir = home.home / "snapshot-servers" / "pgdata1_snap1"
+    proc = subprocess.Popen(
+        [NEON, "snapshot", "export", SNAP, "--format", "pg_dump", "-o", str(target)],
+        env=home.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (server_dir / "pgdata" / "postmaster.pid").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the temporary server never started"
+        time.sleep(0.02)
+    time.sleep(0.2)  # the pid file is complete
+    pid = int((server_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not is_running(pid)
+    assert "Traceback" not in err
+    assert not server_dir.exists()
+    assert no_snapshot_server(home)
+    assert not target.exists() and not (out_dir / "interrupted.dump.partial").exists()
