@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,8 +58,15 @@ class _Meter:
         self.bytes = 0
         self._bar: tqdm[Any] | None = None
         if show:
+            size = shutil.get_terminal_size()  # 80x24 for a terminal reporting 0x0
             self._bar = tqdm(
-                desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+                desc=what,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                ncols=size.columns,
+                nrows=size.lines,
             )
 
     def add(self, n: int) -> None:
@@ -268,15 +276,18 @@ def _export_pg_dump(
 ) -> dict[str, Any]:
     db = _choose_db(connstr, name, db)
     cmd = [pg_binary("pg_dump"), "-Fc", "--no-password", "-d", _with_db(connstr, db)]
-    with _output_file(target) as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # pg_dump's messages go to a file: a pipe it filled while we wait on stdout would block it.
+    with _output_file(target) as out, tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, bufsize=0)
         try:
-            assert proc.stdout is not None and proc.stderr is not None
-            while chunk := proc.stdout.read(_COPY_CHUNK):
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(_COPY_CHUNK):  # unbuffered: what is there
                 out.write(chunk)
                 meter.add(len(chunk))
-            stderr = proc.stderr.read().decode(errors="replace").strip()
-            if proc.wait() != 0:
+            proc.wait()
+            errors.seek(0)
+            stderr = errors.read().decode(errors="replace").strip()
+            if proc.returncode != 0:
                 last = stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}"
                 raise ExternalCommandFailed(f"pg_dump of database {db!r} failed: {last}")
         finally:

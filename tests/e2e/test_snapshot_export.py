@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import pty
 import shutil
 import signal
 import struct
@@ -275,3 +276,28 @@ def test_sigint_stops_the_temporary_server(home: NeonCli, out_dir: Path) -> None
     assert not server_dir.exists()
     assert no_snapshot_server(home)
     assert not target.exists() and not (out_dir / "interrupted.dump.partial").exists()
+
+
+def run_on_tty(home: NeonCli, *args: str) -> tuple[int, str]:
+    """Run neon with its stderr on a pseudo-terminal; its exit code and what it showed there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([NEON, *args], env=home.env(), stderr=slave, stdout=subprocess.PIPE)
+    os.close(slave)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+        while chunk := os.read(master, 4096):
+            shown += chunk
+    os.close(master)
+    return proc.wait(timeout=120), shown.decode(errors="replace")
+
+
+def test_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:
+    code, shown = run_on_tty(home, "snapshot", "export", SNAP, "-o", str(out_dir / "tty.neon"))
+    assert code == 0, shown
+    assert f"Exporting {SNAP}" in shown and "B/s" in shown
+    code, shown = run_on_tty(
+        home, "snapshot", "export", SNAP, "-o", str(out_dir / "quiet.neon"), "--json"
+    )
+    assert code == 0 and shown == ""
+    proc = home.run("snapshot", "export", SNAP, "--format", "tar", "-o", str(out_dir / "p.tar"))
+    assert proc.stderr == "" and proc.stdout == ""  # no TTY: quiet
