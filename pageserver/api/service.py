@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -20,11 +19,15 @@ from pageserver.config import PageserverConfig
 from pageserver.follow.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.follow.node_follower import NodeFollower
 from pageserver.history.collect_garbage import collect_garbage
+from pageserver.history.imported import (
+    ImportedRoots,
+    forget_imported_snapshot,
+    name_imported_snapshot,
+)
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr import PitrArea, new_area
 from pageserver.history.pitr_extract import area_retention, extraction_lsn
 from pageserver.history.snapshots import (
-    IMPORTED_NODE_ID,
     Snapshot,
     check_import_name,
     check_user_tag,
@@ -34,8 +37,6 @@ from pageserver.history.snapshots import (
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.reconstruct.reads import get_node_metadata
 from pageserver.reconstruct.redo_pool import RedoPool
-from pageserver.storage.durable_files import write_file_durably
-from pageserver.storage.timeline import Timeline
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
@@ -52,6 +53,7 @@ class Pageserver:
         self.stores: dict[str, NodeStore] = {}
         self.histories: dict[str, StorageHistory] = {}
         self.redo_pool = RedoPool()
+        self.imported_roots = ImportedRoots(config.workdir / "imported_histories.json")
         m = self.metrics
         m.describe("pageserver_up", "gauge", "1 while the pageserver serves.")
         m.set("pageserver_up", 1)
@@ -169,50 +171,15 @@ class Pageserver:
                 store.history.pitr.remove(area.name)
         current = store.state.timeline_id if store.state is not None else None
         await asyncio.to_thread(store.forget)
-        await asyncio.to_thread(self._drop_node_timelines, store.history, node_id, current)
+        others = [
+            s.state.timeline_id
+            for s in (self.store(n.node_id) for n in self.nodes.all() if n.node_id != node_id)
+            if s.state is not None and s.history is store.history
+        ]
+        await asyncio.to_thread(store.history.drop_node, node_id, current, others)
         self.stores.pop(node_id, None)
         self.nodes.remove(node_id)
         return node.public()
-
-    def _drop_node_timelines(
-        self, history: StorageHistory, node_id: str, current: str | None
-    ) -> None:
-        """Forget a destroyed node's snapshots and delete its timelines (and ancestors) that
-        no other node's timeline or snapshot reads through; children go before parents."""
-        mine = [s for s in history.snapshots.all() if s.node_id == node_id]
-        for snap in mine:
-            history.snapshots.remove(snap.name)
-        candidates = self._with_ancestors(
-            history, [s.timeline_id for s in mine] + ([current] if current else [])
-        )
-        others = [
-            store.state.timeline_id
-            for store in (self.store(n.node_id) for n in self.nodes.all() if n.node_id != node_id)
-            if store.state is not None and store.history is history
-        ]
-        needed = self._with_ancestors(
-            history, others + [s.timeline_id for s in history.snapshots.all()]
-        )
-        doomed = candidates - needed
-        while doomed:
-            leaves = {t for t in doomed if not history.timelines.children(t)}
-            if not leaves:
-                break  # a child we do not know of (being created): leave the rest
-            for timeline_id in leaves:
-                history.timelines.delete_timeline(timeline_id)
-            doomed -= leaves
-
-    @staticmethod
-    def _with_ancestors(history: StorageHistory, timeline_ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for timeline_id in timeline_ids:
-            if not history.timelines.exists(timeline_id):
-                continue
-            timeline: Timeline | None = history.timelines.get(timeline_id)
-            while timeline is not None and timeline.timeline_id not in found:
-                found.add(timeline.timeline_id)
-                timeline = timeline.ancestor
-        return found
 
     async def import_node(self, node_id: str, datadir: Path) -> int:
         """Import a node's cleanly shut-down data directory before its first start."""
@@ -247,7 +214,8 @@ class Pageserver:
             snap = history.snapshots.find(name)
             if snap is not None:
                 return history, snap
-        self._open_imported_histories()
+        for root in self.imported_roots.all():
+            self.history(root)
         for history in self.histories.values():
             snap = history.snapshots.find(name)
             if snap is not None:
@@ -258,7 +226,7 @@ class Pageserver:
         seen: set[str] = set()
         out: list[dict[str, Any]] = []
         roots = [self.store_dir(node) for node in self.nodes.all()]
-        for root in roots + self._imported_roots():
+        for root in roots + self.imported_roots.all():
             history = self.history(root)
             if str(history.root) in seen:
                 continue
@@ -267,32 +235,10 @@ class Pageserver:
                 out.append(
                     {
                         **asdict(snap),
-                        "size_bytes": self._history_bytes(history, snap.timeline_id, snap.lsn),
+                        "size_bytes": history.bytes_needed(snap.timeline_id, snap.lsn),
                     }
                 )
         return out
-
-    # imported snapshots: histories of their own, possibly in a storage no node uses
-
-    @property
-    def _imported_roots_file(self) -> Path:
-        return self.config.workdir / "imported_histories.json"
-
-    def _imported_roots(self) -> list[Path]:
-        """Storages that hold imported snapshots (kept so that they are found with no node)."""
-        try:
-            roots = json.loads(self._imported_roots_file.read_text())
-        except FileNotFoundError:
-            return []
-        return [Path(r) for r in roots if Path(r).is_dir()]
-
-    def _open_imported_histories(self) -> None:
-        for root in self._imported_roots():
-            self.history(root)
-
-    def _remember_imported_root(self, root: Path) -> None:
-        roots = {str(r) for r in self._imported_roots()} | {str(root)}
-        write_file_durably(self._imported_roots_file, json.dumps(sorted(roots)).encode())
 
     async def import_snapshot(
         self, name: str, datadir: Path, store_dir: Path, abandoned: Callable[[], bool]
@@ -310,10 +256,8 @@ class Pageserver:
             if abandoned():
                 raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
             self._check_name_free(name)
-            self._remember_imported_root(store_dir)
-            return history.snapshots.add(
-                new_snapshot(name, IMPORTED_NODE_ID, timeline.timeline_id, lsn)
-            )
+            self.imported_roots.remember(store_dir)
+            return name_imported_snapshot(history, name, timeline.timeline_id, lsn)
         except BaseException:
             await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
             raise
@@ -331,27 +275,8 @@ class Pageserver:
         (another snapshot, a branch) uses that timeline."""
         history, snap = self.find_snapshot(name)
         removed = history.snapshots.remove(snap.name)
-        if snap.node_id == IMPORTED_NODE_ID:
-            in_use = any(s.timeline_id == snap.timeline_id for s in history.snapshots.all())
-            if not in_use and not history.timelines.children(snap.timeline_id):
-                with contextlib.suppress(NotFound):
-                    history.timelines.delete_timeline(snap.timeline_id)
+        forget_imported_snapshot(history, snap)
         return removed
-
-    @staticmethod
-    def _history_bytes(history: StorageHistory, timeline_id: str, lsn: int) -> int:
-        """Bytes of layer files reading (timeline, lsn) needs (its timeline and ancestors)."""
-        total = 0
-        try:
-            timeline: Timeline | None = history.timelines.get(timeline_id)
-        except NotFound:
-            return 0
-        while timeline is not None:
-            for layer in timeline.layer_map().layers():
-                if layer.name.lsn_start <= lsn:
-                    total += layer.file_size
-            lsn, timeline = timeline.ancestor_lsn, timeline.ancestor
-        return total
 
     async def branch_node(
         self,
@@ -519,9 +444,7 @@ class Pageserver:
             "prev_record_lsn": timeline.prev_record_lsn,
             "disk_consistent_lsn": timeline.disk_consistent_lsn,
             "layers": len(list(timeline.layer_map().layers())),
-            "size_bytes": self._history_bytes(
-                store.history, state.timeline_id, timeline.last_record_lsn
-            ),
+            "size_bytes": store.history.bytes_needed(state.timeline_id, timeline.last_record_lsn),
         }
 
     def update_ingest_metrics(self) -> None:

@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,6 +80,52 @@ class StorageHistory:
 
     def close(self) -> None:
         self.timelines.close()
+
+    def bytes_needed(self, timeline_id: str, lsn: int) -> int:
+        """Bytes of layer files reading (timeline, lsn) needs (its timeline and ancestors)."""
+        total = 0
+        try:
+            timeline: Timeline | None = self.timelines.get(timeline_id)
+        except NotFound:
+            return 0
+        while timeline is not None:
+            for layer in timeline.layer_map().layers():
+                if layer.name.lsn_start <= lsn:
+                    total += layer.file_size
+            lsn, timeline = timeline.ancestor_lsn, timeline.ancestor
+        return total
+
+    def with_ancestors(self, timeline_ids: Iterable[str]) -> set[str]:
+        """The timelines given (those that exist) and every ancestor they read through."""
+        found: set[str] = set()
+        for timeline_id in timeline_ids:
+            if not self.timelines.exists(timeline_id):
+                continue
+            timeline: Timeline | None = self.timelines.get(timeline_id)
+            while timeline is not None and timeline.timeline_id not in found:
+                found.add(timeline.timeline_id)
+                timeline = timeline.ancestor
+        return found
+
+    def drop_node(self, node_id: str, current: str | None, others: Iterable[str]) -> None:
+        """Forget a destroyed node's snapshots and delete its timelines (and ancestors) that
+        no other node's timeline (`others`) or snapshot reads through; children go before
+        parents."""
+        mine = [s for s in self.snapshots.all() if s.node_id == node_id]
+        for snap in mine:
+            self.snapshots.remove(snap.name)
+        candidates = self.with_ancestors(
+            [s.timeline_id for s in mine] + ([current] if current else [])
+        )
+        needed = self.with_ancestors([*others, *(s.timeline_id for s in self.snapshots.all())])
+        doomed = candidates - needed
+        while doomed:
+            leaves = {t for t in doomed if not self.timelines.children(t)}
+            if not leaves:
+                break  # a child we do not know of (being created): leave the rest
+            for timeline_id in leaves:
+                self.timelines.delete_timeline(timeline_id)
+            doomed -= leaves
 
 
 class NodeStore:
