@@ -41,6 +41,7 @@ from pageserver_api.models import (
     BasebackupPlan,
     BasebackupPlanRequest,
     BasebackupRequest,
+    SnapshotInfo,
     SnapshotShowRequest,
 )
 from pg15.constants import PG_MAJOR_VERSION
@@ -86,7 +87,6 @@ class _Target:
 
     final: Path | None
     partial: Path | None
-    force: bool
 
 
 def _target(output: str, force: bool, is_dir: bool) -> _Target:
@@ -97,7 +97,7 @@ def _target(output: str, force: bool, is_dir: bool) -> _Target:
             raise InvalidArgument(
                 "refusing to write a binary export to a terminal; use -o FILE or redirect stdout"
             )
-        return _Target(None, None, force)
+        return _Target(None, None)
     final = Path(output).absolute()
     if (final.exists() or final.is_symlink()) and not force:
         raise AlreadyExists(f"{final} already exists; choose another -o or pass --force")
@@ -105,7 +105,7 @@ def _target(output: str, force: bool, is_dir: bool) -> _Target:
         raise Conflict(f"{final} exists and is not a directory; --format csv writes a directory")
     if not final.parent.is_dir():
         raise NotFound(f"directory {final.parent} does not exist; create it first")
-    return _Target(final, final.with_name(final.name + ".partial"), force)
+    return _Target(final, final.with_name(final.name + ".partial"))
 
 
 def _remove(path: Path) -> None:
@@ -162,13 +162,6 @@ def _output_dir(target: _Target) -> Iterator[Path]:
         _remove(target.partial)
 
 
-def _plan(app: App, name: str) -> tuple[BasebackupPlan, int]:
-    """What the basebackup will be, and the time it is pinned to (the snapshot's creation)."""
-    api = local_api(app)
-    snap = api.snapshot_show(SnapshotShowRequest(name))
-    return api.basebackup_plan(BasebackupPlanRequest(snapshot=name)), int(snap.created_at)
-
-
 def _stream_basebackup(
     app: App, name: str, mtime: int, plan: BasebackupPlan, out: IO[bytes], meter: _Meter,
     writer: SnapshotFileWriter | None,
@@ -199,9 +192,11 @@ def _stream_basebackup(
 
 
 def _export_basebackup(
-    app: App, name: str, fmt: str, target: _Target, meter: _Meter
+    app: App, snap: SnapshotInfo, fmt: str, target: _Target, meter: _Meter
 ) -> dict[str, Any]:
-    plan, mtime = _plan(app, name)
+    name = snap.name
+    plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=name))
+    mtime = int(snap.created_at)  # the same snapshot, the same tar bytes
     writer = None
     if fmt == "neon":
         manifest = Manifest(
@@ -233,7 +228,6 @@ def _snapshot_server(app: App, name: str) -> Iterator[str]:
     if running is not None and postmaster.running_pid(Path(running["datadir"])) is not None:
         yield server_connstr(app, running["port"])
         return
-    local_api(app).snapshot_show(SnapshotShowRequest(name))
     try:
         port, _datadir = start_snapshot_server(app, name)
         yield server_connstr(app, port)
@@ -387,12 +381,12 @@ def snapshot_export(
             raise InvalidArgument("--format csv needs -o DIR (a new directory)")
         suffix = {"neon": ".neon", "tar": ".tar", "pg_dump": ".dump"}[fmt]
         output = name.replace("/", "_") + suffix
-    local_api(app).snapshot_show(SnapshotShowRequest(name))  # an unknown snapshot: one line
+    snap = local_api(app).snapshot_show(SnapshotShowRequest(name))  # unknown: one line
     target = _target(output, force, is_dir=fmt == "csv")
     meter = _Meter(not as_json and sys.stderr.isatty(), f"Exporting {name}")
     try:
         if fmt in ("neon", "tar"):
-            details = _export_basebackup(app, name, fmt, target, meter)
+            details = _export_basebackup(app, snap, fmt, target, meter)
         else:
             with _snapshot_server(app, name) as connstr:
                 if fmt == "pg_dump":
@@ -402,7 +396,6 @@ def snapshot_export(
     finally:
         meter.close()
     if as_json:
-        snap = local_api(app).snapshot_show(SnapshotShowRequest(name))
         print_json(
             {
                 "snapshot": name,
