@@ -178,7 +178,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.SnapshotInfo(**asdict(snap))
 
     async def gc_run(ctx: RequestContext, req: m.GcRunRequest) -> m.GcRunResponse:
-        return m.GcRunResponse([m.GcResult(**r) for r in await ps.gc_all()])
+        return m.GcRunResponse([m.GcResult(**r) for r in await ps.gc_all(on_request=True)])
 
     routes: dict[type[m.ApiRequest], Route] = {
         m.StatusRequest: status,

@@ -18,7 +18,7 @@ from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver.config import PageserverConfig
 from pageserver.follow.followed_nodes import FollowedNode, FollowedNodes
 from pageserver.follow.node_follower import NodeFollower
-from pageserver.history.collect_garbage import collect_garbage
+from pageserver.history.collect_garbage import ON_REQUEST, collect_garbage
 from pageserver.history.imported import (
     ImportedRoots,
     forget_imported_snapshot,
@@ -37,6 +37,7 @@ from pageserver.history.snapshots import (
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.reconstruct.reads import get_node_metadata
 from pageserver.reconstruct.redo_pool import RedoPool
+from pageserver.storage.gc import DEFAULT_GC_SETTINGS
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
@@ -376,14 +377,17 @@ class Pageserver:
             )
         )
 
-    def gc_history(self, history: StorageHistory) -> dict[str, Any]:
+    def gc_history(self, history: StorageHistory, on_request: bool = False) -> dict[str, Any]:
         """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""
         stores = [self.store(n.node_id) for n in self.nodes.all()]
-        return asdict(collect_garbage(history, stores, datetime.now(UTC)))
+        settings = ON_REQUEST if on_request else DEFAULT_GC_SETTINGS
+        return asdict(collect_garbage(history, stores, datetime.now(UTC), settings))
 
-    async def gc_all(self) -> list[dict[str, Any]]:
+    async def gc_all(self, on_request: bool = False) -> list[dict[str, Any]]:
+        """GC of every storage; `on_request` (`neon pitr gc`) frees what it can now."""
         return [
-            await asyncio.to_thread(self.gc_history, history) for history in self._all_histories()
+            await asyncio.to_thread(self.gc_history, history, on_request)
+            for history in self._all_histories()
         ]
 
     @staticmethod

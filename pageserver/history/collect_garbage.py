@@ -10,7 +10,7 @@ from datetime import datetime
 
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr_extract import node_tip
-from pageserver.storage.gc import gc_timeline, prune_wal_archive
+from pageserver.storage.gc import DEFAULT_GC_SETTINGS, GcSettings, gc_timeline, prune_wal_archive
 from pageserver.storage.gc_policy import TimelineFacts, plan_gc
 
 
@@ -20,8 +20,16 @@ class GcSummary:
     removed_bytes: int
 
 
+ON_REQUEST = GcSettings(min_gain_bytes=1, image_cost_ratio=0)
+"""GC asked for by hand (`neon pitr gc`): the space back now, images at the horizon whenever
+anything would go; background GC weighs the cost of writing them (DEFAULT_GC_SETTINGS)."""
+
+
 def collect_garbage(
-    history: StorageHistory, node_stores: Iterable[NodeStore], now: datetime
+    history: StorageHistory,
+    node_stores: Iterable[NodeStore],
+    now: datetime,
+    settings: GcSettings = DEFAULT_GC_SETTINGS,
 ) -> GcSummary:
     """GC of `history`; `node_stores` are the nodes writing into it (their tips and WAL)."""
     current = {
@@ -41,7 +49,7 @@ def collect_garbage(
     for timeline in timelines:
         keep_reads = plan[timeline.timeline_id]
         window = keep_reads.window_start
-        result = gc_timeline(timeline, keep_reads.retain_lsns, window)
+        result = gc_timeline(timeline, keep_reads.retain_lsns, window, settings=settings)
         removed += len(result.removed_layers)
         removed_bytes += result.removed_bytes
         store = current.get(timeline.timeline_id)
