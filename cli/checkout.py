@@ -35,8 +35,8 @@ from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.pageserver_control import local_api
 from cli.registry import NodeRow
+from durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver.history.snapshots import head_tag, split_snapshot_name
-from pageserver.storage.durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver_api.models import (
     NodeBranchRequest,
     SnapshotCreateRequest,

@@ -12,9 +12,9 @@ import click
 
 from cli.home import NeonHome
 from cli.registry import registry_error
+from durable_files import PRIVATE_UMASK
 from pageserver_api.errors import error_from_os
 from proto.errors import NeonError
-from walreceiver.archive import PRIVATE_UMASK
 
 
 class NeonGroup(click.Group):

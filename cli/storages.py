@@ -15,7 +15,7 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 from cli.home import NeonHome
 from cli.pgbin import claim_dir, traversal_mode
 from cli.secrets import MASK, prompt_secret, secret_from_source, write_secret
-from pageserver.storage.durable_files import write_file_durably
+from durable_files import write_file_durably
 from proto.errors import InvalidArgument
 
 DEFAULT_STORAGE = "local"

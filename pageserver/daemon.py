@@ -22,6 +22,7 @@ from pathlib import Path
 
 import uvloop
 
+from durable_files import PRIVATE_UMASK
 from pageserver.api.http_service import HttpService
 from pageserver.api.proto_service import build_handlers
 from pageserver.api.service import VERSION, Pageserver
@@ -37,7 +38,6 @@ from pageserver.config import (
 )
 from proto.errors import Conflict, NeonError
 from proto.server import ProtoServer
-from walreceiver.archive import PRIVATE_UMASK
 
 log = logging.getLogger("pageserver")
 

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from durable_files import fsync_dir
 from pg15.constants import XLOG_BLCKSZ
 from pg15.lsn import (
     format_lsn,
@@ -32,9 +33,6 @@ from pg15.lsn import (
 from proto.errors import CorruptData, InvalidArgument
 
 PARTIAL = ".partial"
-# The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
-# registries and logs are readable by their owner only, like PostgreSQL's own data directory.
-PRIVATE_UMASK = 0o077
 _PAGEADDR = struct.Struct("<Q")
 _PAGEADDR_OFFSET = 8
 _SYSID_OFFSET = 24  # in the long header of a segment's first page
@@ -46,14 +44,6 @@ class ArchivedSegment:
     segno: int
     partial: bool
     path: Path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WalArchive:
@@ -212,7 +202,7 @@ class WalArchive:
             self._path(self.timeline, self._segno, True),
             self._path(self.timeline, self._segno, False),
         )
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self.flushed_lsn = self.written_lsn
         self._segno += 1
         self._dirty = False
@@ -223,7 +213,7 @@ class WalArchive:
             os.fsync(self._fd)
             self._dirty = False
         if self._dir_dirty:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._dir_dirty = False
         self.flushed_lsn = self.written_lsn
         return self.flushed_lsn
@@ -239,7 +229,7 @@ class WalArchive:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return path
 
     def _close_current(self) -> None:

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from durable_files import PRIVATE_UMASK
 from pg15.lsn import format_lsn, lsn_segno, segment_start
 from proto.errors import Conflict, CorruptData, NeonError, Unavailable
-from walreceiver.archive import PRIVATE_UMASK, WalArchive
+from walreceiver.archive import WalArchive
 from walreceiver.replication import (
     ReplicationConnection,
     ReplicationStream,

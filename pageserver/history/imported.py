@@ -10,9 +10,9 @@ import contextlib
 import json
 from pathlib import Path
 
+from durable_files import write_file_durably
 from pageserver.history.node_store import StorageHistory
 from pageserver.history.snapshots import IMPORTED_NODE_ID, Snapshot, new_snapshot
-from pageserver.storage.durable_files import write_file_durably
 from proto.errors import NotFound
 
 

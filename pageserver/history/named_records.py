@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from pageserver.storage.durable_files import write_file_durably
+from durable_files import write_file_durably
 from proto.errors import AlreadyExists, NotFound
 
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from durable_files import write_file_durably
 from pageserver.history.pitr import pitr_registry
 from pageserver.history.snapshots import snapshot_registry
 from pageserver.ingest.import_datadir import import_datadir
@@ -37,7 +38,6 @@ from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import compact
-from pageserver.storage.durable_files import write_file_durably
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore

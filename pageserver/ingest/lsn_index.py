@@ -39,7 +39,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from pageserver.storage.durable_files import fsync_dir
+from durable_files import fsync_dir
 from pg15.constants import RM_XACT_ID
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord

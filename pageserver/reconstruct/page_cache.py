@@ -36,5 +36,4 @@ class PageCache:
             self._items.clear()
 
 
-
 PAGE_CACHE = PageCache(1024)

@@ -34,13 +34,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from durable_files import fsync_dir
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import (
     PAGE_SIZE_ESTIMATE,
     Materialize,
     create_image_layers_at,
 )
-from pageserver.storage.durable_files import fsync_dir
 from pageserver.storage.keys import FULL_KEYSPACE, KeyRange, ranges_cover
 from pageserver.storage.layers.layer_map import LayerMap
 from pageserver.storage.layers.names import LayerName

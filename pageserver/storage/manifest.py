@@ -18,7 +18,7 @@ from typing import Any
 
 import crc32c
 
-from pageserver.storage.durable_files import write_file_durably
+from durable_files import write_file_durably
 from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import CorruptData, InvalidArgument, NotFound

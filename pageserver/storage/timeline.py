@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from pageserver.storage.durable_files import TEMP_SUFFIX
+from durable_files import TEMP_SUFFIX
 from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key
 from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter

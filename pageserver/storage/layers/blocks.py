@@ -33,7 +33,7 @@ from typing import BinaryIO
 import crc32c
 import zstandard
 
-from pageserver.storage.durable_files import fsync_dir, temp_path
+from durable_files import fsync_dir, temp_path
 from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, describe
 from proto.errors import CorruptData, InvalidArgument
 

@@ -1,7 +1,9 @@
-"""Crash-safe file creation: write a temp name, fsync, rename, fsync the directory.
+"""How every pg-neon process writes files: privately, and crash-safe.
 
-After a crash a file either exists whole under its final name or not at all (a leftover
-``*.___temp`` may remain, which readers ignore and the timeline deletes on open).
+Crash-safe file creation: write a temp name, fsync, rename, fsync the directory. After a crash
+a file either exists whole under its final name or not at all (a leftover ``*.___temp`` may
+remain, which readers ignore and the timeline deletes on open). Used by the CLI, the WAL
+archive and the page store alike, so it belongs to none of them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 TEMP_SUFFIX = ".___temp"
+
+PRIVATE_UMASK = 0o077
+"""The umask of every pg-neon process (CLI, pageserver, receiver): WAL, page history,
+registries and logs are readable by their owner only, like PostgreSQL's own data directory."""
 
 
 def temp_path(final: Path) -> Path:
