@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -105,3 +106,16 @@ def pgbench(connstr: str, *args: str) -> None:
         [pg_binary("pgbench"), *args, connstr], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def run_on_tty(neon: NeonCli, *args: str) -> tuple[int, str]:
+    """Run neon with its stderr on a pseudo-terminal; its exit code and what it showed there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([NEON, *args], env=neon.env(), stderr=slave, stdout=subprocess.PIPE)
+    os.close(slave)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+        while chunk := os.read(master, 4096):
+            shown += chunk
+    os.close(master)
+    return proc.wait(timeout=120), shown.decode(errors="replace")

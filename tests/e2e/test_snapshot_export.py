@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import os
-import pty
 import shutil
 import signal
 import struct
@@ -24,7 +23,7 @@ import pytest
 from cli import nodes, postmaster
 from cli.pgbin import make_pg_dir, pg_binary, pg_os_user
 from snapfile import extract_tar
-from tests.neoncli import NEON, NeonCli, free_port, psql
+from tests.neoncli import NEON, NeonCli, free_port, psql, run_on_tty
 from tests.pgtest import PgTestCluster, PgTestServer, pg_reachable_tmpdir
 
 SNAP = "pgdata1@snap1"
@@ -276,19 +275,6 @@ def test_sigint_stops_the_temporary_server(home: NeonCli, out_dir: Path) -> None
     assert not server_dir.exists()
     assert no_snapshot_server(home)
     assert not target.exists() and not (out_dir / "interrupted.dump.partial").exists()
-
-
-def run_on_tty(home: NeonCli, *args: str) -> tuple[int, str]:
-    """Run neon with its stderr on a pseudo-terminal; its exit code and what it showed there."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([NEON, *args], env=home.env(), stderr=slave, stdout=subprocess.PIPE)
-    os.close(slave)
-    shown = b""
-    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
-        while chunk := os.read(master, 4096):
-            shown += chunk
-    os.close(master)
-    return proc.wait(timeout=120), shown.decode(errors="replace")
 
 
 def test_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:

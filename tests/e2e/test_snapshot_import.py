@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import pty
 import re
 import shutil
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cli.pgbin import give_to_pg_user, pg_binary
-from tests.neoncli import NEON, NeonCli, psql
+from tests.neoncli import NEON, NeonCli, psql, run_on_tty
 from tests.pgtest import (
     PASSWORD,
     SUPERUSER,
@@ -72,19 +71,6 @@ def home() -> Iterator[NeonCli]:
 
 def dump(server: PgTestServer, dbname: str) -> str:
     return str(server.run("pg_dump", f"--restrict-key={DUMP_KEY}", "-d", dbname).stdout)
-
-
-def run_on_tty(neon: NeonCli, *args: str) -> tuple[int, str]:
-    """Run neon with its stderr on a pseudo-terminal; its exit code and what it showed there."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([NEON, *args], env=neon.env(), stderr=slave, stdout=subprocess.PIPE)
-    os.close(slave)
-    shown = b""
-    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
-        while chunk := os.read(master, 4096):
-            shown += chunk
-    os.close(master)
-    return proc.wait(timeout=120), shown.decode(errors="replace")
 
 
 def url(server: PgTestServer, user: str = SUPERUSER, password: str = PASSWORD) -> str:
