@@ -109,8 +109,9 @@ def test_pg_create_from_snapshot_is_an_independent_node(neon: NeonCli) -> None:
     assert "full copy" in cow.stderr
 
 
-@pytest.mark.parametrize("kill_after", [0.3, 1.2])
-def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) -> None:
+def start_checkout_back_to_snapshot(neon: NeonCli) -> tuple[str, subprocess.Popen[bytes]]:
+    """A node with table t (20000 rows) snapshotted as pgdata1@s, 5 rows added since, and a
+    `pg checkout pgdata1@s` running in the background; its connection string and process."""
     neon.run("pg", "create")
     c = connstr(neon, "pgdata1")
     psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
@@ -122,6 +123,12 @@ def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    return c, proc
+
+
+@pytest.mark.parametrize("kill_after", [0.3, 1.2])
+def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) -> None:
+    c, proc = start_checkout_back_to_snapshot(neon)
     time.sleep(kill_after)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -198,17 +205,7 @@ def test_pg_create_from_snapshot_killed_while_downloading_leaves_no_temporary_fi
 
 
 def test_pageserver_killed_during_checkout(neon: NeonCli) -> None:
-    neon.run("pg", "create")
-    c = connstr(neon, "pgdata1")
-    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
-    neon.run("snapshot", "create", "pgdata1@s")
-    psql(c, "INSERT INTO t SELECT generate_series(1, 5)")
-    proc = subprocess.Popen(
-        [NEON, "pg", "checkout", "pgdata1@s"],
-        env=neon.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    c, proc = start_checkout_back_to_snapshot(neon)
     time.sleep(1.0)
     os.kill(neon.json("pageserver", "status")["pid"], signal.SIGKILL)
     proc.wait(timeout=120)
