@@ -9,6 +9,7 @@ extraction at a point before the fill holds what the server had there. Needs roo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -72,6 +73,18 @@ def fill(path: Path, leave: int) -> None:
     raise AssertionError(f"could not fill the filesystem of {path}")
 
 
+def take_the_rest(path: Path) -> None:
+    """Write to `path` until its filesystem has no byte left (ENOSPC)."""
+    chunk = bytes(4096)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
 def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
     base = pg_reachable_tmpdir("neon-diskfull-")
     try:
@@ -125,7 +138,7 @@ def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
             # A command that writes to the full filesystem says where, not "internal error".
             # Whatever the stalled archive left free is taken first: how much that is depends
             # on where its last write stopped.
-            fill(fs / "filler-rest", leave=0)
+            take_the_rest(fs / "filler-rest")
             error = one_line_answer(neon, "pitr", "create", "more", "--pg", "pgdata1").stderr
             assert "No space left on device writing" in error and str(fs) in error, error
 
