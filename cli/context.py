@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +28,32 @@ class App:
         return app
 
     def _ensure_default_storage(self) -> None:
+        """Set up the default storage once, even when several first commands run together.
+
+        Setting it up writes a marker into its directory (a temporary file, then a rename); a
+        second command looking at the directory in between saw files but no marker and refused
+        it as someone else's, so set-up holds an exclusive flock (blocking: it is short).
+        """
         if self.registry.find_storage(DEFAULT_STORAGE) is not None:
             return
-        spec = build_spec(self.home, DEFAULT_STORAGE, "native", {})
-        materialize(self.home, spec)
-        with self.registry.transaction() as cur:
-            self.registry.insert_storage(cur, spec.name, spec.type, spec.options, or_ignore=True)
+        self.home.locks_dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(
+            self.home.locks_dir / "default-storage.lock",
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.registry.find_storage(DEFAULT_STORAGE) is not None:
+                return
+            spec = build_spec(self.home, DEFAULT_STORAGE, "native", {})
+            materialize(self.home, spec)
+            with self.registry.transaction() as cur:
+                self.registry.insert_storage(
+                    cur, spec.name, spec.type, spec.options, or_ignore=True
+                )
+        finally:
+            os.close(fd)
 
 
 def get_app(ctx: click.Context) -> App:
