@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             history.close()
     if profile is not None:
-        pstats.Stats(args.profile).sort_stats("tottime").print_stats(20)
+        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(20)
 
     m = ours.measure
     ref_rate = mib_per_s(ref_bytes, ref.wall)

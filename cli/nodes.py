@@ -449,7 +449,9 @@ def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -
 
 
 def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, Any]]:
-    """Per node: what the pageserver received/flushed/decoded and the lag behind the server."""
+    """Per node: what the pageserver received, flushed and ingested, and the lags behind the
+    server. `lag_bytes` counts from what is ingested (in the page store, so a snapshot or a
+    PITR extraction can name it), `receive_lag_bytes` from what is received."""
     try:
         followed = {f.node_id: f for f in local_api(app, start=False).node_list()}
     except Unavailable:
@@ -461,24 +463,30 @@ def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, A
             result[status.node.id] = {"stream": "not followed", "lag_bytes": None}
             continue
         server_lsn = server_wal_lsn(app, status)
-        reached = info.flushed_lsn_int or 0
+        received = info.flushed_lsn_int or 0
+        ingested = info.ingested_lsn_int or 0
         ingest = info.ingest or "ok"
-        if ingest != "ok" and info.decoded_lsn:
-            reached = parse_lsn(info.decoded_lsn)  # received is not ingested: lag from there
-        lag = max(0, server_lsn - reached) if server_lsn is not None and reached else None
+
         result[status.node.id] = {
             "stream": info.state,
             "timeline": info.timeline,
             "received_lsn": info.received_lsn,
             "flushed_lsn": info.flushed_lsn,
             "decoded_lsn": info.decoded_lsn,
+            "ingested_lsn": info.ingested_lsn,
+            "durable_lsn": info.durable_lsn,
             "records": info.records,
             "server_lsn": format_lsn(server_lsn) if server_lsn is not None else None,
-            "lag_bytes": lag,
+            "lag_bytes": _behind(server_lsn, ingested),
+            "receive_lag_bytes": _behind(server_lsn, received),
             "ingest": ingest,
             "error": info.ingest_error or (info.last_error if info.state != "streaming" else None),
         }
     return result
+
+
+def _behind(server_lsn: int | None, reached: int) -> int | None:
+    return max(0, server_lsn - reached) if server_lsn is not None and reached else None
 
 
 def server_wal_lsn(app: App, status: NodeStatus) -> int | None:

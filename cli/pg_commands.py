@@ -160,12 +160,13 @@ def pg_list(ctx: click.Context, as_json: bool) -> None:
             i["storage"],
             i["endpoint"] if i["state"] == "running" else "-",
             _state_cell(i),
-            i["wal"].get("flushed_lsn"),
+            i["wal"].get("ingested_lsn"),
             human_size(i["wal"]["lag_bytes"]),
         )
         for i in infos
     ]
-    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE", "FLUSHED", "LAG"), rows)
+    # LAG: WAL the server wrote that is not in the page history yet (snapshots wait for it).
+    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE", "INGESTED", "LAG"), rows)
     for i in infos:
         if i["wal"].get("ingest", "ok") != "ok":
             click.echo(f"{i['id']}: WAL ingest {i['wal']['ingest']}: {i['wal'].get('error')}")
@@ -215,13 +216,17 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
         "received_lsn",
         "flushed_lsn",
         "decoded_lsn",
+        "ingested_lsn",
+        "durable_lsn",
         "records",
         "server_lsn",
         "error",
     ):
         if key in wal:
             click.echo(f"    {key}: {wal[key] if wal[key] is not None else '-'}")
-    click.echo(f"    lag: {human_size(wal['lag_bytes'])}")
+    click.echo(f"    lag: {human_size(wal['lag_bytes'])} not ingested yet")
+    if "receive_lag_bytes" in wal:
+        click.echo(f"    receive lag: {human_size(wal['receive_lag_bytes'])} not received yet")
     history = info["history"]
     click.echo(f"  snapshots:\n    on {row.storage}:")
     for snap in history["snapshots"]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from cli.context import get_app
+from cli import nodes
+from cli.context import App, get_app
+from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import node_lock
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
@@ -129,8 +133,32 @@ def pitr_extract(
     if area is None:
         raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
     with node_lock(app.home, area.node_id, "pitr extract-snapshot"):
+        _wait_for_ingest(app, area.node_id, request.lsn, show_progress=not as_json)
         snap = api.pitr_extract(request)
     if as_json:
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
     else:
         click.echo(f"{snap.name} at {snap.lsn_text}")
+
+
+def _wait_for_ingest(app: App, node_id: str, lsn: int | None, *, show_progress: bool) -> None:
+    """Wait until the page history holds `lsn` (or, for a time, all the node has written): an
+    LSN the server wrote is extractable even when ingest has not reached it yet. Past what
+    the server wrote, nothing is waited for: the area's bounds refuse it."""
+    node = app.registry.find_node(node_id)
+    if node is None:
+        return  # the node is gone: its history is all there will be
+    server = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+    if server is None:
+        return
+    if lsn is not None and lsn > server:
+        raise InvalidArgument(
+            f"LSN {format_lsn(lsn)} is past what node {node_id} has written (its WAL ends "
+            f"at {format_lsn(server)})"
+        )
+    wait_for_ingest(
+        app,
+        node_id,
+        server if lsn is None else lsn,
+        show_progress=show_progress and sys.stderr.isatty(),
+    )

@@ -16,14 +16,16 @@ import click
 from cli import nodes, postmaster
 from cli.context import App, get_app
 from cli.extract import download_basebackup
+from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import locked_node, node_lock
 from cli.nodes import HISTORY_DIR
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
+from cli.progress import Progress
 from cli.snapshot_export import snapshot_export
-from cli.snapshot_import import Progress, import_workdir, prepare_clean_datadir
+from cli.snapshot_import import import_workdir, prepare_clean_datadir
 from cli.storages import DEFAULT_STORAGE
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.models import (
@@ -57,6 +59,8 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
         name = f"{node.pgdata}@{tag}"
         # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
         wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+        if wait is not None:
+            wait_for_ingest(app, node.id, wait, show_progress=not as_json and sys.stderr.isatty())
         request = SnapshotCreateRequest(node.id, name, lsn=wait, wait_timeout=120)
         snap = local_api(app).snapshot_create(request)
     if as_json:

@@ -31,19 +31,18 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import zstandard
-from tqdm import tqdm
 
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
+from cli.progress import Progress
 from cli.storages import mask_url
 from cli.untar import extract_basebackup
 from pageserver.daemon import pid_alive
@@ -153,45 +152,6 @@ def is_clean_datadir(path: Path) -> bool:
     if not (path / "global" / "pg_control").is_file() or (path / "backup_label").exists():
         return False
     return read_control_file(path).state == DB_SHUTDOWNED
-
-
-# Progress
-
-
-class Progress:
-    """A `[=====-----] 60% | 20MB/s` bar with ETA on a TTY; nothing otherwise."""
-
-    def __init__(self, enabled: bool, what: str) -> None:
-        self._bar: tqdm[Any] | None = None
-        self._enabled = enabled
-        self._what = what
-
-    def update(self, done: int, total: int | None) -> None:
-        if not self._enabled:
-            return
-        bar = self._bar
-        if bar is None:
-            bar = self._bar = tqdm(
-                total=total,
-                desc=self._what,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                ascii="-=",
-                bar_format="{desc} [{bar:10}] {percentage:3.0f}% | {rate_fmt} | ETA {remaining}",
-                file=sys.stderr,
-                # A terminal that reports no size (0x0) gets 80x24: tqdm would show nothing.
-                ncols=shutil.get_terminal_size().columns,
-                nrows=shutil.get_terminal_size().lines,
-            )
-        if total is not None and total > (bar.total or 0):
-            bar.total = total
-        bar.update(done - bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 # Unpacking a backup

@@ -274,6 +274,11 @@ class NodeStatus(ApiResponse):
     flushed_lsn: str | None = None
     flushed_lsn_int: int | None = None
     decoded_lsn: str | None = None
+    ingested_lsn: str | None = None
+    """End of the last record in the page store: what snapshots and reads can see."""
+    ingested_lsn_int: int | None = None
+    durable_lsn: str | None = None
+    """End of the last record flushed to layer files (a crash re-ingests above it)."""
     records: int | None = None
     last_error: str | None = None
     decode_error: str | None = None

@@ -71,6 +71,15 @@ class Pageserver:
             "gauge",
             "1 while a node's WAL ingest is stopped on an error (see /v1/status), else 0.",
         )
+        m.describe("pageserver_wal_flushed_lsn", "gauge", "WAL received and made durable (LSN).")
+        m.describe(
+            "pageserver_wal_ingested_lsn", "gauge", "WAL decoded and stored as page history (LSN)."
+        )
+        m.describe(
+            "pageserver_ingest_lag_bytes",
+            "gauge",
+            "WAL received but not yet in the page history (flushed - ingested).",
+        )
 
     # following nodes
 
@@ -456,6 +465,12 @@ class Pageserver:
         for node_id, follower in self.followers.items():
             stopped = follower.ingest_state != "ok"
             self.metrics.set("pageserver_ingest_stopped", int(stopped), node=node_id)
+            flushed = follower.receiver.flushed_lsn or 0
+            ingested = follower.ingested_positions()[0] or 0
+            self.metrics.set("pageserver_wal_flushed_lsn", flushed, node=node_id)
+            self.metrics.set("pageserver_wal_ingested_lsn", ingested, node=node_id)
+            lag = max(0, flushed - ingested) if ingested else 0
+            self.metrics.set("pageserver_ingest_lag_bytes", lag, node=node_id)
 
     def node_statuses(self) -> list[dict[str, Any]]:
         return [

@@ -421,8 +421,17 @@ class NodeFollower:
                 await asyncio.wait_for(self._progress.wait(), min(remaining, 0.5))
         return self._decoded_lsn > lsn
 
+    def ingested_positions(self) -> tuple[int | None, int | None]:
+        """(ingested, durable): the end of the last record in the page store (readable from
+        now on) and of the last one flushed to layer files; None while it has no history."""
+        if self.store.state is None:
+            return None, None
+        timeline = self.store.timeline
+        return timeline.last_record_lsn, timeline.disk_consistent_lsn
+
     def status(self) -> dict[str, Any]:
         r = self.receiver
+        ingested, durable = self.ingested_positions()
         return {
             **self.node.public(),
             "state": "paused" if self.node.paused and not r.running else r.state.value,
@@ -431,6 +440,9 @@ class NodeFollower:
             "flushed_lsn": format_lsn(r.flushed_lsn) if r.flushed_lsn else None,
             "flushed_lsn_int": r.flushed_lsn,
             "decoded_lsn": format_lsn(self.decoded_lsn) if self.decoded_lsn else None,
+            "ingested_lsn": format_lsn(ingested) if ingested is not None else None,
+            "ingested_lsn_int": ingested,
+            "durable_lsn": format_lsn(durable) if durable is not None else None,
             "records": self.records,
             "last_error": str(r.last_error) if r.last_error else None,
             "decode_error": self.decode_error,

@@ -59,7 +59,7 @@ def test_two_nodes_lifecycle(neon: NeonCli) -> None:
         "STORAGE",
         "ENDPOINT",
         "STATE",
-        "FLUSHED",
+        "INGESTED",
         "LAG",
     ]
     first = lines[1].split()

@@ -96,6 +96,13 @@ def test_corrupt_archived_wal_is_shown_and_fails_waiters_fast(neon: NeonCli) -> 
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
     assert 'pageserver_ingest_stopped{node="primary1"} 1' in metrics, metrics
+    # The WAL after the damaged record is received but never ingested: /metrics shows it.
+    flushed = parse_lsn(node["wal"]["flushed_lsn"])
+    ingested = parse_lsn(node["wal"]["ingested_lsn"])
+    assert ingested < flushed, node["wal"]
+    assert f'pageserver_wal_flushed_lsn{{node="primary1"}} {flushed}' in metrics, metrics
+    assert f'pageserver_wal_ingested_lsn{{node="primary1"}} {ingested}' in metrics, metrics
+    assert f'pageserver_ingest_lag_bytes{{node="primary1"}} {flushed - ingested}' in metrics
 
     # "At once": within 5 s of what any command costs here (starting Python dominates on a
     # loaded machine), where it used to wait 120 s.

@@ -25,7 +25,7 @@ def wait_caught_up(neon: NeonCli, node: str, timeout: float = 60) -> dict[str, A
     deadline = time.monotonic() + timeout
     while True:
         wal = wal_of(neon, node)
-        if wal.get("lag_bytes") == 0 and wal.get("decoded_lsn") == wal.get("flushed_lsn"):
+        if wal.get("lag_bytes") == 0 and wal.get("ingested_lsn") == wal.get("flushed_lsn"):
             return wal
         assert time.monotonic() < deadline, f"pageserver did not catch up: {wal}"
         time.sleep(0.2)
@@ -71,8 +71,10 @@ def test_create_streams_decodes_and_stop_waits_for_checkpoint(neon: NeonCli) -> 
     assert wal["stream"] == "streaming" and wal["timeline"] == 1
     assert wal["records"] > 2000
     table = neon.run("pg", "list").stdout.splitlines()
-    assert table[0].split()[-2:] == ["FLUSHED", "LAG"]
-    assert table[1].split()[-2:] == [wal["flushed_lsn"], "0B"]
+    assert table[0].split()[-2:] == ["INGESTED", "LAG"]
+    assert table[1].split()[-2:] == [wal["ingested_lsn"], "0B"]
+    assert wal["receive_lag_bytes"] == 0
+    assert parse_lsn(wal["durable_lsn"]) <= parse_lsn(wal["ingested_lsn"])
 
     psql(node["connstr"], "select pg_switch_wal()")
     pgbench(node["connstr"], "-c", "1", "-t", "50")
