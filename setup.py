@@ -1,12 +1,15 @@
-"""The optional C extension; everything else is in pyproject.toml.
+"""The optional C extensions; everything else is in pyproject.toml.
 
-`optional=True`: without a C compiler the install still succeeds and the pure-Python reader
-and decoder are used (pg15/native.py). The tests then fail (tests/pg15/test_native_walscan.py),
+`optional=True`: without a C compiler the install still succeeds and the pure-Python reader,
+decoder and redo are used (pg15/native.py, pageserver/redo/native.py). The tests then fail
+(tests/pg15/test_native_walscan.py, tests/pageserver/redo/test_native_redo.py),
 so CI cannot pass without the fast path; NEON_ALLOW_PURE_PYTHON=1 (or NEON_PURE_PYTHON=1,
 which also switches it off) lets a local run go on without it.
 """
 
 from setuptools import Extension, setup
+
+COMPILE_ARGS = ["-O2", "-std=c11", "-Wall", "-Wno-unused-parameter"]
 
 setup(
     ext_modules=[
@@ -14,7 +17,19 @@ setup(
             "pg15._walscan",
             ["pg15/_walscan.c"],
             optional=True,
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-unused-parameter"],
-        )
+            extra_compile_args=COMPILE_ARGS,
+        ),
+        Extension(
+            "pageserver.ingest._walingest",
+            ["pageserver/ingest/_walingest.c"],
+            optional=True,
+            extra_compile_args=COMPILE_ARGS,
+        ),
+        Extension(
+            "pageserver.redo._redo",
+            ["pageserver/redo/_redo.c"],
+            optional=True,
+            extra_compile_args=COMPILE_ARGS,
+        ),
     ]
 )

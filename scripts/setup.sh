@@ -51,7 +51,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ pg15/_walscan.c -nt "$stamp" ]; then
+    || [ pg15/_walscan.c -nt "$stamp" ] || [ pageserver/redo/_redo.c -nt "$stamp" ] \
+    || [ pageserver/ingest/_walingest.c -nt "$stamp" ]; then
     echo "setup: installing pg-neon and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

@@ -32,6 +32,7 @@ from pageserver.redo import (
     spgist,
     xlog,
 )
+from pageserver.redo.native import redo as _native
 from pageserver.redo.page import PageError, UnsupportedRecord, get_lsn, page_is_new, set_lsn
 from pg15.constants import (
     BLCKSZ,
@@ -64,6 +65,7 @@ __all__ = [
     "mask_page",
     "needs_previous",
     "redo_block",
+    "redo_block_python",
 ]
 
 RedoFn = Callable[[DecodedRecord, int, "bytearray | None"], bytearray]
@@ -171,7 +173,20 @@ def needs_previous(record: DecodedRecord, block_id: int) -> bool:
 
 
 def redo_block(record: DecodedRecord, block_id: int, page: bytes | None) -> bytes:
-    """The block's new version after `record` (see the module docstring for the rules)."""
+    """The block's new version after `record` (see the module docstring for the rules).
+
+    The C fast path (redo/_redo.c) redoes the hot Heap/Heap2/Btree records and uncompressed
+    images; it returns None for the rest, which `redo_block_python` then does.
+    """
+    if _native is not None:
+        out = _native.redo_block(record, block_id, page)
+        if out is not None:
+            return out
+    return redo_block_python(record, block_id, page)
+
+
+def redo_block_python(record: DecodedRecord, block_id: int, page: bytes | None) -> bytes:
+    """`redo_block` in pure Python: the reference the C fast path is tested against."""
     ref = record.block(block_id)
     if ref is None:
         raise PageError(

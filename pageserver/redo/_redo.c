@@ -1,0 +1,1527 @@
+/*
+ * Optional C fast path of native redo (pageserver/redo/__init__.py redo_block) for the hot
+ * records: full-page images without compression, and the page-level redo of
+ *
+ *   Heap   INSERT, UPDATE, HOT_UPDATE, DELETE, LOCK, INPLACE, CONFIRM
+ *   Heap2  PRUNE, VACUUM, FREEZE_PAGE, VISIBLE (the heap page), MULTI_INSERT, LOCK_UPDATED
+ *   Btree  INSERT_LEAF/UPPER/META/POST, SPLIT_L/SPLIT_R, VACUUM and DELETE without posting
+ *          list updates
+ *
+ * following PostgreSQL 15's heap_xlog_* (src/backend/access/heap/heapam.c),
+ * heap_page_prune_execute (pruneheap.c), btree_xlog_* (nbtree/nbtxlog.c), _bt_swap_posting
+ * (nbtdedup.c) and the page primitives of src/backend/storage/page/bufpage.c, one to one with
+ * the Python modules heap.py, heap2.py, btree.py and page.py, which stay the reference.
+ *
+ * redo_block(record, block_id, page) takes the DecodedRecord itself (a tuple: fields are
+ * read by position, see RECORD_FIELDS) and returns the new page as bytes, or None for anything
+ * it does not handle: another rmgr or record type, a compressed image, and every case where
+ * the Python code would raise (short data, a corrupt page, an item that does not fit). The
+ * page is redone in a fresh bytes object, so a None leaves nothing changed and the Python
+ * redo then runs (and raises its error) on the untouched page. The dispatch rules of
+ * XLogReadBufferForRedoExtended (image, will-init, BLK_NOTFOUND, BLK_DONE, pd_lsn stamping)
+ * are applied here too, as in the Python redo_block, so a handled block costs one call.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLCKSZ 8192
+#define SIZE_OF_PAGE_HEADER 24
+#define ITEM_ID_SIZE 4
+#define PAGESIZE_VERSION (BLCKSZ | 4)
+#define MAXALIGN(n) (((size_t)(n) + 7) & ~(size_t)7)
+#define MAX_LINE_POINTERS ((BLCKSZ - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE)
+#define MAX_HEAP_TUPLES_PER_PAGE ((BLCKSZ - SIZE_OF_PAGE_HEADER) / (24 + ITEM_ID_SIZE))
+
+/* page header offsets */
+#define OFF_FLAGS 10
+#define OFF_LOWER 12
+#define OFF_UPPER 14
+#define OFF_SPECIAL 16
+#define OFF_PAGESIZE_VERSION 18
+#define OFF_PRUNE_XID 20
+
+#define PD_HAS_FREE_LINES 0x0001
+#define PD_ALL_VISIBLE 0x0004
+
+#define LP_UNUSED 0
+#define LP_NORMAL 1
+#define LP_REDIRECT 2
+#define LP_DEAD 3
+
+#define RM_HEAP2_ID 9
+#define RM_HEAP_ID 10
+#define RM_BTREE_ID 11
+#define RM_GIST_ID 14
+
+#define BKPBLOCK_WILL_INIT 0x40
+#define BKPIMAGE_APPLY 0x02
+#define BKPIMAGE_COMPRESSED (0x04 | 0x08 | 0x10)
+
+/* heap opcodes (info & XLOG_HEAP_OPMASK) */
+#define XLOG_HEAP_OPMASK 0x70
+#define XLOG_HEAP_INIT_PAGE 0x80
+#define XLOG_HEAP_INSERT 0x00
+#define XLOG_HEAP_DELETE 0x10
+#define XLOG_HEAP_UPDATE 0x20
+#define XLOG_HEAP_HOT_UPDATE 0x40
+#define XLOG_HEAP_CONFIRM 0x50
+#define XLOG_HEAP_LOCK 0x60
+#define XLOG_HEAP_INPLACE 0x70
+#define XLOG_HEAP2_PRUNE 0x10
+#define XLOG_HEAP2_VACUUM 0x20
+#define XLOG_HEAP2_FREEZE_PAGE 0x30
+#define XLOG_HEAP2_VISIBLE 0x40
+#define XLOG_HEAP2_MULTI_INSERT 0x50
+#define XLOG_HEAP2_LOCK_UPDATED 0x60
+
+/* HeapTupleHeaderData */
+#define T_XMIN 0
+#define T_XMAX 4
+#define T_CID 8
+#define T_CTID 12
+#define T_INFOMASK2 18
+#define T_INFOMASK 20
+#define T_HOFF 22
+#define SIZEOF_HEAP_TUPLE_HEADER 23
+#define XL_HEAP_HEADER_SIZE 5
+
+#define HEAP_XMAX_KEYSHR_LOCK 0x0010
+#define HEAP_COMBOCID 0x0020
+#define HEAP_XMAX_EXCL_LOCK 0x0040
+#define HEAP_XMAX_LOCK_ONLY 0x0080
+#define HEAP_XMAX_IS_MULTI 0x1000
+#define HEAP_LOCK_MASK 0x0050
+#define HEAP_XMAX_BITS 0x1CD0
+#define HEAP_MOVED 0xC000
+#define HEAP_KEYS_UPDATED 0x2000
+#define HEAP_HOT_UPDATED 0x4000
+
+#define XLHL_XMAX_IS_MULTI 0x01
+#define XLHL_XMAX_LOCK_ONLY 0x02
+#define XLHL_XMAX_EXCL_LOCK 0x04
+#define XLHL_XMAX_KEYSHR_LOCK 0x08
+#define XLHL_KEYS_UPDATED 0x10
+
+#define XLH_INSERT_ALL_VISIBLE_CLEARED 0x01
+#define XLH_INSERT_ALL_FROZEN_SET 0x20
+#define XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED 0x01
+#define XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED 0x02
+#define XLH_UPDATE_PREFIX_FROM_OLD 0x20
+#define XLH_UPDATE_SUFFIX_FROM_OLD 0x40
+#define XLH_DELETE_ALL_VISIBLE_CLEARED 0x01
+#define XLH_DELETE_IS_SUPER 0x08
+#define XLH_DELETE_IS_PARTITION_MOVE 0x10
+#define XLH_FREEZE_XVAC 0x02
+#define XLH_INVALID_XVAC 0x04
+#define FROZEN_TRANSACTION_ID 2
+#define MOVED_PARTITIONS_BLOCK 0xFFFFFFFFu
+#define MOVED_PARTITIONS_OFFSET 0xFFFD
+
+/* btree */
+#define XLOG_BTREE_INSERT_LEAF 0x00
+#define XLOG_BTREE_INSERT_UPPER 0x10
+#define XLOG_BTREE_INSERT_META 0x20
+#define XLOG_BTREE_SPLIT_L 0x30
+#define XLOG_BTREE_SPLIT_R 0x40
+#define XLOG_BTREE_INSERT_POST 0x50
+#define XLOG_BTREE_DELETE 0x70
+#define XLOG_BTREE_VACUUM 0xC0
+#define BT_OPAQUE_SIZE 16
+#define BTP_LEAF 0x001
+#define BTP_META 0x008
+#define BTP_HAS_GARBAGE 0x040
+#define BTP_INCOMPLETE_SPLIT 0x080
+#define BTREE_MAGIC 0x053162
+#define BTREE_METAPAGE_END 72
+#define INDEX_SIZE_MASK 0x1FFF
+#define INDEX_ALT_TID_MASK 0x2000
+#define BT_IS_POSTING 0x2000
+#define BT_OFFSET_MASK 0x0FFF
+#define TID_SIZE 6
+#define INDEX_TUPLE_HEADER 8
+#define P_HIKEY 1
+
+/* Redo of one block: OK, or FALLBACK to the Python code (nothing has been returned yet). */
+#define OK 0
+#define FALLBACK (-1)
+
+/* DecodedRecord, BlockRef and BlockImage field positions (checked by redo/native.py). */
+enum { R_END_LSN = 1, R_XID = 3, R_INFO = 5, R_RMGR_ID = 6, R_BLOCKS = 7, R_MAIN_DATA = 8 };
+enum { B_BLOCK_ID = 0, B_BLKNO = 3, B_FORK_FLAGS = 4, B_IMAGE = 5, B_DATA = 6 };
+enum { I_DATA = 0, I_HOLE_OFFSET = 1, I_HOLE_LENGTH = 2, I_BIMG_INFO = 3 };
+
+/* ---- little-endian access ------------------------------------------------------------ */
+
+static inline uint16_t
+g16(const uint8_t *p, size_t off)
+{
+    return (uint16_t)(p[off] | (p[off + 1] << 8));
+}
+
+static inline uint32_t
+g32(const uint8_t *p, size_t off)
+{
+    p += off;
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void
+s16(uint8_t *p, size_t off, unsigned v)
+{
+    p[off] = (uint8_t)v;
+    p[off + 1] = (uint8_t)(v >> 8);
+}
+
+static inline void
+s32(uint8_t *p, size_t off, uint32_t v)
+{
+    p += off;
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+#define LOWER(p) g16(p, OFF_LOWER)
+#define UPPER(p) g16(p, OFF_UPPER)
+#define SPECIAL(p) g16(p, OFF_SPECIAL)
+#define PFLAGS(p) g16(p, OFF_FLAGS)
+#define LP_AT(i) (SIZE_OF_PAGE_HEADER + ((size_t)(i)-1) * ITEM_ID_SIZE)
+#define LP_OFF(raw) ((raw)&0x7FFF)
+#define LP_FLAGS(raw) (((raw) >> 15) & 3)
+#define LP_LEN(raw) ((raw) >> 17)
+#define LP_RAW(off, flags, len) ((uint32_t)(off) | ((uint32_t)(flags) << 15) | ((uint32_t)(len) << 17))
+
+static inline uint32_t
+lp(const uint8_t *p, unsigned offnum)
+{
+    return g32(p, LP_AT(offnum));
+}
+
+static inline unsigned
+max_offset(const uint8_t *p)
+{
+    unsigned lower = LOWER(p);
+    return lower <= SIZE_OF_PAGE_HEADER ? 0 : (lower - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE;
+}
+
+static void
+set_lsn(uint8_t *p, uint64_t lsn)
+{
+    s32(p, 0, (uint32_t)(lsn >> 32));
+    s32(p, 4, (uint32_t)lsn);
+}
+
+static uint64_t
+get_lsn(const uint8_t *p)
+{
+    return ((uint64_t)g32(p, 0) << 32) | g32(p, 4);
+}
+
+/* ---- bufpage.c ----------------------------------------------------------------------- */
+
+/* PageInit */
+static void
+page_init(uint8_t *p, size_t special_size)
+{
+    unsigned special = BLCKSZ - (unsigned)MAXALIGN(special_size);
+    memset(p, 0, BLCKSZ);
+    s16(p, OFF_LOWER, SIZE_OF_PAGE_HEADER);
+    s16(p, OFF_UPPER, special);
+    s16(p, OFF_SPECIAL, special);
+    s16(p, OFF_PAGESIZE_VERSION, PAGESIZE_VERSION);
+}
+
+/* The sanity checks bufpage.c makes before changing a page (page.py _check_pointers). */
+static int
+check_pointers(const uint8_t *p, int aligned_special, unsigned *lower, unsigned *upper,
+               unsigned *special)
+{
+    *lower = LOWER(p);
+    *upper = UPPER(p);
+    *special = SPECIAL(p);
+    if (*lower < SIZE_OF_PAGE_HEADER || *lower > *upper || *upper > *special ||
+        *special > BLCKSZ || (aligned_special && *special != MAXALIGN(*special)))
+        return FALLBACK;
+    return OK;
+}
+
+/* PageAddItemExtended: the offset number used, or 0 (InvalidOffsetNumber) on failure. The
+ * MAXALIGN padding after the item is not written. */
+static unsigned
+page_add_item(uint8_t *p, const uint8_t *item, size_t size, unsigned offnum, int overwrite,
+              int is_heap)
+{
+    unsigned lower, upper, special;
+    if (check_pointers(p, 0, &lower, &upper, &special) != OK)
+        return 0;
+    unsigned limit = (lower - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE + 1;
+    int needshuffle = 0;
+    if (offnum != 0) {
+        if (offnum < limit) {
+            if (overwrite) {
+                uint32_t raw = lp(p, offnum);
+                if (LP_FLAGS(raw) != LP_UNUSED || LP_LEN(raw) != 0)
+                    return 0;
+            } else
+                needshuffle = 1;
+        }
+    } else {
+        offnum = limit;
+        if (PFLAGS(p) & PD_HAS_FREE_LINES) {
+            unsigned cand;
+            for (cand = 1; cand < limit; cand++) {
+                uint32_t raw = lp(p, cand);
+                if (LP_FLAGS(raw) == LP_UNUSED && LP_LEN(raw) == 0) {
+                    offnum = cand;
+                    break;
+                }
+            }
+            if (cand == limit)
+                s16(p, OFF_FLAGS, PFLAGS(p) & ~PD_HAS_FREE_LINES);
+        }
+    }
+    if (offnum > limit)
+        return 0;
+    if (is_heap && offnum > MAX_HEAP_TUPLES_PER_PAGE)
+        return 0;
+    long new_lower = (offnum == limit || needshuffle) ? (long)lower + ITEM_ID_SIZE : (long)lower;
+    long new_upper = (long)upper - (long)MAXALIGN(size);
+    if (new_lower > new_upper)
+        return 0;
+    size_t pos = LP_AT(offnum);
+    if (needshuffle)
+        memmove(p + pos + ITEM_ID_SIZE, p + pos, lower - pos);
+    s32(p, pos, LP_RAW(new_upper, LP_NORMAL, size));
+    memcpy(p + new_upper, item, size);
+    s16(p, OFF_LOWER, (unsigned)new_lower);
+    s16(p, OFF_UPPER, (unsigned)new_upper);
+    return offnum;
+}
+
+typedef struct {
+    unsigned offnum;
+    uint32_t raw;
+    unsigned itemoff;
+    unsigned alignedlen;
+} ItemPos;
+
+/* compactify_tuples: pack the items downward from pd_special, the first listed ending at
+ * pd_special; each moves with its MAXALIGN padding, line pointers keep flags and lengths. */
+static int
+compactify(uint8_t *p, const ItemPos *items, unsigned n, unsigned special)
+{
+    uint8_t src[BLCKSZ];
+    memcpy(src, p, BLCKSZ);
+    unsigned upper = special;
+    for (unsigned k = 0; k < n; k++) {
+        if (items[k].itemoff + items[k].alignedlen > BLCKSZ || items[k].alignedlen > upper)
+            return FALLBACK;
+        upper -= items[k].alignedlen;
+        memcpy(p + upper, src + items[k].itemoff, items[k].alignedlen);
+        s32(p, LP_AT(items[k].offnum), (items[k].raw & ~(uint32_t)0x7FFF) | upper);
+    }
+    s16(p, OFF_UPPER, upper);
+    return OK;
+}
+
+/* PageRepairFragmentation */
+static int
+page_repair_fragmentation(uint8_t *p)
+{
+    unsigned lower, upper, special;
+    if (check_pointers(p, 1, &lower, &upper, &special) != OK)
+        return FALLBACK;
+    unsigned nline = (lower - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE;
+    ItemPos items[MAX_LINE_POINTERS];
+    unsigned nitems = 0, totallen = 0, finalused = 0;
+    int nunused = 0;
+    for (unsigned i = 1; i <= nline; i++) {
+        uint32_t raw = lp(p, i);
+        if (LP_FLAGS(raw) != LP_UNUSED) {
+            unsigned length = LP_LEN(raw);
+            if (length) {
+                unsigned off = LP_OFF(raw);
+                if (off < upper || off >= special)
+                    return FALLBACK;
+                unsigned aligned = (unsigned)MAXALIGN(length);
+                totallen += aligned;
+                items[nitems++] = (ItemPos){i, raw, off, aligned};
+            }
+            finalused = i;
+        } else {
+            if (raw)
+                s32(p, LP_AT(i), 0);
+            nunused++;
+        }
+    }
+    if (!nitems)
+        s16(p, OFF_UPPER, special);
+    else {
+        if (totallen > special - lower)
+            return FALLBACK;
+        if (compactify(p, items, nitems, special) != OK)
+            return FALLBACK;
+    }
+    if (finalused != nline) {
+        nunused -= (int)(nline - finalused);
+        s16(p, OFF_LOWER, lower - ITEM_ID_SIZE * (nline - finalused));
+    }
+    unsigned flags = PFLAGS(p);
+    s16(p, OFF_FLAGS, nunused > 0 ? flags | PD_HAS_FREE_LINES : flags & ~PD_HAS_FREE_LINES);
+    return OK;
+}
+
+/* PageTruncateLinePointerArray: drop trailing unused line pointers (never #1). */
+static void
+page_truncate_line_pointer_array(uint8_t *p)
+{
+    unsigned nline = max_offset(p);
+    unsigned nunusedend = 0;
+    int countdone = 0, sethint = 0;
+    for (unsigned i = nline; i >= 1; i--) {
+        int unused = LP_FLAGS(lp(p, i)) == LP_UNUSED;
+        if (!countdone && i > 1) {
+            if (unused)
+                nunusedend++;
+            else
+                countdone = 1;
+        } else if (unused) {
+            sethint = 1;
+            break;
+        }
+    }
+    if (nunusedend > 0)
+        s16(p, OFF_LOWER, LOWER(p) - ITEM_ID_SIZE * nunusedend);
+    unsigned flags = PFLAGS(p);
+    s16(p, OFF_FLAGS, sethint ? flags | PD_HAS_FREE_LINES : flags & ~PD_HAS_FREE_LINES);
+}
+
+/* Add `delta` to lp_off of the first `nline` line pointers whose item lies at or below
+ * `limit` (with storage_only, only those with storage). */
+static void
+shift_offsets(uint8_t *p, unsigned nline, unsigned limit, unsigned delta, int storage_only)
+{
+    for (unsigned i = 1; i <= nline; i++) {
+        uint32_t raw = lp(p, i);
+        if (LP_OFF(raw) <= limit && (!storage_only || LP_LEN(raw)))
+            s32(p, LP_AT(i), raw + delta);
+    }
+}
+
+/* PageIndexTupleDelete: remove an index item and close both gaps. */
+static int
+page_index_tuple_delete(uint8_t *p, unsigned offnum)
+{
+    unsigned lower, upper, special;
+    if (check_pointers(p, 1, &lower, &upper, &special) != OK)
+        return FALLBACK;
+    unsigned nline = (lower - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE;
+    if (offnum < 1 || offnum > nline)
+        return FALLBACK;
+    uint32_t raw = lp(p, offnum);
+    unsigned offset = LP_OFF(raw), size = LP_LEN(raw);
+    if (offset < upper || offset + size > special || offset != MAXALIGN(offset))
+        return FALLBACK;
+    size = (unsigned)MAXALIGN(size);
+    size_t pos = SIZE_OF_PAGE_HEADER + (size_t)offnum * ITEM_ID_SIZE;
+    if (lower > pos)
+        memmove(p + pos - ITEM_ID_SIZE, p + pos, lower - pos);
+    if (offset > upper)
+        memmove(p + upper + size, p + upper, offset - upper);
+    lower -= ITEM_ID_SIZE;
+    s16(p, OFF_UPPER, upper + size);
+    s16(p, OFF_LOWER, lower);
+    if (lower > SIZE_OF_PAGE_HEADER)
+        shift_offsets(p, nline - 1, offset, size, 0);
+    return OK;
+}
+
+/* PageIndexMultiDelete: delete the ascending `offnums` and repack the rest (at most two
+ * are deleted one by one, last first, as PostgreSQL does). */
+static int
+page_index_multi_delete(uint8_t *p, const uint8_t *offnums_le, unsigned nitems)
+{
+    if (nitems <= 2) {
+        for (unsigned k = nitems; k-- > 0;)
+            if (page_index_tuple_delete(p, g16(offnums_le, 2 * k)) != OK)
+                return FALLBACK;
+        return OK;
+    }
+    unsigned lower, upper, special;
+    if (check_pointers(p, 1, &lower, &upper, &special) != OK)
+        return FALLBACK;
+    unsigned nline = (lower - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE;
+    ItemPos kept[MAX_LINE_POINTERS];
+    uint32_t kept_raw[MAX_LINE_POINTERS];
+    unsigned nused = 0, nextitm = 0, totallen = 0;
+    for (unsigned i = 1; i <= nline; i++) {
+        uint32_t raw = lp(p, i);
+        unsigned off = LP_OFF(raw), size = LP_LEN(raw);
+        if (off < upper || off + size > special || off != MAXALIGN(off))
+            return FALLBACK;
+        if (nextitm < nitems && i == g16(offnums_le, 2 * nextitm)) {
+            nextitm++;
+            continue;
+        }
+        unsigned aligned = (unsigned)MAXALIGN(size);
+        totallen += aligned;
+        kept_raw[nused] = raw;
+        kept[nused] = (ItemPos){nused + 1, raw, off, aligned};
+        nused++;
+    }
+    if (nextitm != nitems || totallen > special - lower)
+        return FALLBACK;
+    for (unsigned k = 0; k < nused; k++)
+        s32(p, LP_AT(k + 1), kept_raw[k]);
+    s16(p, OFF_LOWER, SIZE_OF_PAGE_HEADER + nused * ITEM_ID_SIZE);
+    if (nused)
+        return compactify(p, kept, nused, special);
+    s16(p, OFF_UPPER, special);
+    return OK;
+}
+
+/* ---- the record and its block references --------------------------------------------- */
+
+typedef struct {
+    int rmgr;
+    unsigned info;
+    uint32_t xid;
+    unsigned long long end_lsn;
+    PyObject *blocks;
+    const uint8_t *main;
+    Py_ssize_t main_len;
+} Rec;
+
+typedef struct {
+    uint32_t blkno;
+    unsigned fork_flags;
+    PyObject *image;
+    const uint8_t *data;
+    Py_ssize_t len;
+} Blk;
+
+static int
+as_uint(PyObject *o, unsigned long long *out)
+{
+    if (!PyLong_Check(o))
+        return FALLBACK;
+    *out = PyLong_AsUnsignedLongLong(o);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    return OK;
+}
+
+static int
+read_record(PyObject *record, Rec *r)
+{
+    unsigned long long v;
+    if (!PyTuple_Check(record) || PyTuple_GET_SIZE(record) <= R_MAIN_DATA)
+        return FALLBACK;
+    if (as_uint(PyTuple_GET_ITEM(record, R_RMGR_ID), &v) != OK)
+        return FALLBACK;
+    r->rmgr = (int)v;
+    if (as_uint(PyTuple_GET_ITEM(record, R_INFO), &v) != OK)
+        return FALLBACK;
+    r->info = (unsigned)v;
+    if (as_uint(PyTuple_GET_ITEM(record, R_XID), &v) != OK)
+        return FALLBACK;
+    r->xid = (uint32_t)v;
+    if (as_uint(PyTuple_GET_ITEM(record, R_END_LSN), &r->end_lsn) != OK)
+        return FALLBACK;
+    r->blocks = PyTuple_GET_ITEM(record, R_BLOCKS);
+    PyObject *main = PyTuple_GET_ITEM(record, R_MAIN_DATA);
+    if (!PyTuple_Check(r->blocks) || !PyBytes_Check(main))
+        return FALLBACK;
+    r->main = (const uint8_t *)PyBytes_AS_STRING(main);
+    r->main_len = PyBytes_GET_SIZE(main);
+    return OK;
+}
+
+/* 1 found, 0 absent, FALLBACK on an unexpected shape. */
+static int
+find_block(const Rec *r, unsigned block_id, Blk *b)
+{
+    unsigned long long v;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(r->blocks); i++) {
+        PyObject *ref = PyTuple_GET_ITEM(r->blocks, i);
+        if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) <= B_DATA)
+            return FALLBACK;
+        if (as_uint(PyTuple_GET_ITEM(ref, B_BLOCK_ID), &v) != OK)
+            return FALLBACK;
+        if (v != block_id)
+            continue;
+        if (as_uint(PyTuple_GET_ITEM(ref, B_BLKNO), &v) != OK)
+            return FALLBACK;
+        b->blkno = (uint32_t)v;
+        if (as_uint(PyTuple_GET_ITEM(ref, B_FORK_FLAGS), &v) != OK)
+            return FALLBACK;
+        b->fork_flags = (unsigned)v;
+        b->image = PyTuple_GET_ITEM(ref, B_IMAGE);
+        PyObject *data = PyTuple_GET_ITEM(ref, B_DATA);
+        if (!PyBytes_Check(data))
+            return FALLBACK;
+        b->data = (const uint8_t *)PyBytes_AS_STRING(data);
+        b->len = PyBytes_GET_SIZE(data);
+        return 1;
+    }
+    return 0;
+}
+
+/* The block number of another block reference (FALLBACK if absent: Python raises). */
+static int
+other_blkno(const Rec *r, unsigned block_id, uint32_t *blkno)
+{
+    Blk b;
+    if (find_block(r, block_id, &b) != 1)
+        return FALLBACK;
+    *blkno = b.blkno;
+    return OK;
+}
+
+/* ---- heap tuples (heapam.c) ---------------------------------------------------------- */
+
+/* Byte offset of the LP_NORMAL tuple at `offnum` ("invalid lp" otherwise: FALLBACK). */
+static long
+normal_tuple(const uint8_t *p, unsigned offnum)
+{
+    if (offnum < 1 || offnum > max_offset(p))
+        return FALLBACK;
+    uint32_t raw = lp(p, offnum);
+    if (LP_FLAGS(raw) != LP_NORMAL || LP_OFF(raw) + SIZEOF_HEAP_TUPLE_HEADER + 1 > BLCKSZ)
+        return FALLBACK;
+    return LP_OFF(raw);
+}
+
+/* A heap tuple rebuilt from xl_heap_header and its body: t_cid is FirstCommandId and
+ * HEAP_COMBOCID is cleared (HeapTupleHeaderSetCmin). Returns the length, FALLBACK if > BLCKSZ. */
+static long
+build_tuple(uint8_t *out, uint32_t xmin, uint32_t xmax, uint32_t blkno, unsigned offnum,
+            const uint8_t *hdr, const uint8_t *body, size_t bodylen)
+{
+    if (bodylen > BLCKSZ - SIZEOF_HEAP_TUPLE_HEADER)
+        return FALLBACK;
+    s32(out, T_XMIN, xmin);
+    s32(out, T_XMAX, xmax);
+    s32(out, T_CID, 0);
+    s16(out, T_CTID, blkno >> 16);
+    s16(out, T_CTID + 2, blkno & 0xFFFF);
+    s16(out, T_CTID + 4, offnum);
+    s16(out, T_INFOMASK2, g16(hdr, 0));
+    s16(out, T_INFOMASK, g16(hdr, 2) & ~HEAP_COMBOCID);
+    out[T_HOFF] = hdr[4];
+    memcpy(out + SIZEOF_HEAP_TUPLE_HEADER, body, bodylen);
+    return (long)(SIZEOF_HEAP_TUPLE_HEADER + bodylen);
+}
+
+static int
+add_tuple(uint8_t *p, const uint8_t *tup, size_t len, unsigned offnum)
+{
+    if (max_offset(p) + 1 < offnum)
+        return FALLBACK;
+    return page_add_item(p, tup, len, offnum, 1, 1) ? OK : FALLBACK;
+}
+
+static void
+set_ctid(uint8_t *p, size_t pos, uint32_t blkno, unsigned offnum)
+{
+    s16(p, pos + T_CTID, blkno >> 16);
+    s16(p, pos + T_CTID + 2, blkno & 0xFFFF);
+    s16(p, pos + T_CTID + 4, offnum);
+}
+
+/* Clear the xmax bits and KEYS_UPDATED (plus extra_clear2), then fix_infomask_from_infobits. */
+static void
+xmax_fixup(uint8_t *p, size_t pos, unsigned infobits, unsigned extra_clear2, unsigned *im2,
+           unsigned *im)
+{
+    unsigned infomask2 = g16(p, pos + T_INFOMASK2);
+    unsigned infomask = g16(p, pos + T_INFOMASK);
+    infomask &= ~(HEAP_XMAX_BITS | HEAP_MOVED);
+    infomask2 &= ~(HEAP_KEYS_UPDATED | extra_clear2);
+    if (infobits & XLHL_XMAX_IS_MULTI)
+        infomask |= HEAP_XMAX_IS_MULTI;
+    if (infobits & XLHL_XMAX_LOCK_ONLY)
+        infomask |= HEAP_XMAX_LOCK_ONLY;
+    if (infobits & XLHL_XMAX_EXCL_LOCK)
+        infomask |= HEAP_XMAX_EXCL_LOCK;
+    if (infobits & XLHL_XMAX_KEYSHR_LOCK)
+        infomask |= HEAP_XMAX_KEYSHR_LOCK;
+    if (infobits & XLHL_KEYS_UPDATED)
+        infomask2 |= HEAP_KEYS_UPDATED;
+    s16(p, pos + T_INFOMASK2, infomask2);
+    s16(p, pos + T_INFOMASK, infomask);
+    if (im2)
+        *im2 = infomask2;
+    if (im)
+        *im = infomask;
+}
+
+/* HeapTupleHeaderSetCmax(FirstCommandId, false) */
+static void
+set_cmax0(uint8_t *p, size_t pos)
+{
+    s32(p, pos + T_CID, 0);
+    s16(p, pos + T_INFOMASK, g16(p, pos + T_INFOMASK) & ~HEAP_COMBOCID);
+}
+
+/* PageSetPrunable, with TransactionIdPrecedes */
+static void
+page_set_prunable(uint8_t *p, uint32_t xid)
+{
+    uint32_t old = g32(p, OFF_PRUNE_XID);
+    int precedes = (xid < 3 || old < 3) ? xid < old : (int32_t)(xid - old) < 0;
+    if (old == 0 || precedes)
+        s32(p, OFF_PRUNE_XID, xid);
+}
+
+static void
+clear_all_visible(uint8_t *p)
+{
+    s16(p, OFF_FLAGS, PFLAGS(p) & ~PD_ALL_VISIBLE);
+}
+
+/* heap_xlog_insert */
+static int
+heap_insert(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 3)
+        return FALLBACK;
+    unsigned offnum = g16(r->main, 0), flags = r->main[2];
+    if (r->info & XLOG_HEAP_INIT_PAGE)
+        page_init(p, 0);
+    else if (!have_prev)
+        return FALLBACK;
+    if (b->len <= XL_HEAP_HEADER_SIZE)
+        return FALLBACK;
+    uint8_t tup[BLCKSZ];
+    long len = build_tuple(tup, r->xid, 0, b->blkno, offnum, b->data, b->data + XL_HEAP_HEADER_SIZE,
+                           (size_t)b->len - XL_HEAP_HEADER_SIZE);
+    if (len < 0 || add_tuple(p, tup, (size_t)len, offnum) != OK)
+        return FALLBACK;
+    if (flags & XLH_INSERT_ALL_VISIBLE_CLEARED)
+        clear_all_visible(p);
+    return OK;
+}
+
+/* heap_xlog_delete */
+static int
+heap_delete(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 8 || !have_prev)
+        return FALLBACK;
+    uint32_t xmax = g32(r->main, 0);
+    unsigned offnum = g16(r->main, 4), infobits = r->main[6], flags = r->main[7];
+    long pos = normal_tuple(p, offnum);
+    if (pos < 0)
+        return FALLBACK;
+    xmax_fixup(p, (size_t)pos, infobits, HEAP_HOT_UPDATED, NULL, NULL);
+    if (flags & XLH_DELETE_IS_SUPER)
+        s32(p, (size_t)pos + T_XMIN, 0);
+    else
+        s32(p, (size_t)pos + T_XMAX, xmax);
+    set_cmax0(p, (size_t)pos);
+    page_set_prunable(p, r->xid);
+    if (flags & XLH_DELETE_ALL_VISIBLE_CLEARED)
+        clear_all_visible(p);
+    if (flags & XLH_DELETE_IS_PARTITION_MOVE)
+        set_ctid(p, (size_t)pos, MOVED_PARTITIONS_BLOCK, MOVED_PARTITIONS_OFFSET);
+    else
+        set_ctid(p, (size_t)pos, b->blkno, offnum);
+    return OK;
+}
+
+/* heap_xlog_update: block 0 is the new page, block 1 the old one when it differs. */
+static int
+heap_update(const Rec *r, unsigned block_id, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 14)
+        return FALLBACK;
+    uint32_t old_xmax = g32(r->main, 0), new_xmax = g32(r->main, 8);
+    unsigned old_off = g16(r->main, 4), old_infobits = r->main[6], flags = r->main[7];
+    unsigned new_off = g16(r->main, 12);
+    int hot = (r->info & XLOG_HEAP_OPMASK) == XLOG_HEAP_HOT_UPDATE;
+    Blk nb, ob;
+    if (find_block(r, 0, &nb) != 1)
+        return FALLBACK;
+    int has_old = find_block(r, 1, &ob);
+    if (has_old < 0)
+        return FALLBACK;
+    long old_pos = -1;
+    if (block_id == 1 || !has_old) {
+        if (!have_prev)
+            return FALLBACK;
+        old_pos = normal_tuple(p, old_off);
+        if (old_pos < 0)
+            return FALLBACK;
+        size_t at = (size_t)old_pos;
+        xmax_fixup(p, at, old_infobits, hot ? 0 : HEAP_HOT_UPDATED, NULL, NULL);
+        if (hot)
+            s16(p, at + T_INFOMASK2, g16(p, at + T_INFOMASK2) | HEAP_HOT_UPDATED);
+        s32(p, at + T_XMAX, old_xmax);
+        set_cmax0(p, at);
+        set_ctid(p, at, nb.blkno, new_off);
+        page_set_prunable(p, r->xid);
+        if (flags & XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED)
+            clear_all_visible(p);
+        if (block_id == 1)
+            return OK;
+    } else if (r->info & XLOG_HEAP_INIT_PAGE)
+        page_init(p, 0);
+    else if (!have_prev)
+        return FALLBACK;
+
+    const uint8_t *data = nb.data;
+    size_t len = (size_t)nb.len, pos = 0;
+    unsigned prefixlen = 0, suffixlen = 0;
+    if (flags & XLH_UPDATE_PREFIX_FROM_OLD) {
+        if (len < pos + 2)
+            return FALLBACK;
+        prefixlen = g16(data, pos);
+        pos += 2;
+    }
+    if (flags & XLH_UPDATE_SUFFIX_FROM_OLD) {
+        if (len < pos + 2)
+            return FALLBACK;
+        suffixlen = g16(data, pos);
+        pos += 2;
+    }
+    if (len < pos + XL_HEAP_HEADER_SIZE)
+        return FALLBACK;
+    const uint8_t *hdr = data + pos;
+    pos += XL_HEAP_HEADER_SIZE;
+    const uint8_t *logged = data + pos;
+    size_t loglen = len - pos;
+    /* the body: logged[:bitmap] + old prefix + logged[bitmap:] + old suffix */
+    uint8_t body[BLCKSZ];
+    size_t bodylen = 0;
+    if (prefixlen || suffixlen) {
+        if (old_pos < 0)
+            return FALLBACK;
+        unsigned old_len = LP_LEN(lp(p, old_off));
+        unsigned old_hoff = p[old_pos + T_HOFF];
+        size_t bitmap_len = loglen;
+        if (prefixlen) {
+            if (hdr[4] < SIZEOF_HEAP_TUPLE_HEADER)
+                return FALLBACK;
+            bitmap_len = (size_t)hdr[4] - SIZEOF_HEAP_TUPLE_HEADER;
+            size_t start = (size_t)old_pos + old_hoff;
+            if (bitmap_len > loglen || start + prefixlen > BLCKSZ)
+                return FALLBACK;
+            if (loglen + prefixlen + suffixlen > sizeof body)
+                return FALLBACK;
+            memcpy(body, logged, bitmap_len);
+            memcpy(body + bitmap_len, p + start, prefixlen);
+            bodylen = bitmap_len + prefixlen;
+        }
+        if (loglen + prefixlen + suffixlen > sizeof body)
+            return FALLBACK;
+        memcpy(body + bodylen, logged + (prefixlen ? bitmap_len : 0),
+               loglen - (prefixlen ? bitmap_len : 0));
+        bodylen += loglen - (prefixlen ? bitmap_len : 0);
+        if (suffixlen) {
+            size_t end = (size_t)old_pos + old_len;
+            if (end > BLCKSZ || suffixlen > end)
+                return FALLBACK;
+            memcpy(body + bodylen, p + end - suffixlen, suffixlen);
+            bodylen += suffixlen;
+        }
+    } else {
+        if (loglen > sizeof body)
+            return FALLBACK;
+        memcpy(body, logged, loglen);
+        bodylen = loglen;
+    }
+    uint8_t tup[BLCKSZ];
+    long tlen = build_tuple(tup, r->xid, new_xmax, nb.blkno, new_off, hdr, body, bodylen);
+    if (tlen < 0 || add_tuple(p, tup, (size_t)tlen, new_off) != OK)
+        return FALLBACK;
+    if (flags & XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED)
+        clear_all_visible(p);
+    return OK;
+}
+
+/* heap_xlog_confirm */
+static int
+heap_confirm(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 2 || !have_prev)
+        return FALLBACK;
+    unsigned offnum = g16(r->main, 0);
+    long pos = normal_tuple(p, offnum);
+    if (pos < 0)
+        return FALLBACK;
+    set_ctid(p, (size_t)pos, b->blkno, offnum);
+    return OK;
+}
+
+/* HEAP_XMAX_IS_LOCKED_ONLY */
+static int
+is_locked_only(unsigned infomask)
+{
+    return (infomask & HEAP_XMAX_LOCK_ONLY) ||
+           (infomask & (HEAP_XMAX_IS_MULTI | HEAP_LOCK_MASK)) == HEAP_XMAX_EXCL_LOCK;
+}
+
+/* heap_xlog_lock */
+static int
+heap_lock(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 8 || !have_prev)
+        return FALLBACK;
+    uint32_t locking_xid = g32(r->main, 0);
+    unsigned offnum = g16(r->main, 4), infobits = r->main[6];
+    long pos = normal_tuple(p, offnum);
+    if (pos < 0)
+        return FALLBACK;
+    unsigned im2, im;
+    xmax_fixup(p, (size_t)pos, infobits, 0, &im2, &im);
+    if (is_locked_only(im)) {
+        s16(p, (size_t)pos + T_INFOMASK2, im2 & ~HEAP_HOT_UPDATED);
+        set_ctid(p, (size_t)pos, b->blkno, offnum);
+    }
+    s32(p, (size_t)pos + T_XMAX, locking_xid);
+    set_cmax0(p, (size_t)pos);
+    return OK;
+}
+
+/* heap_xlog_inplace */
+static int
+heap_inplace(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 2 || !have_prev)
+        return FALLBACK;
+    unsigned offnum = g16(r->main, 0);
+    long pos = normal_tuple(p, offnum);
+    if (pos < 0)
+        return FALLBACK;
+    unsigned length = LP_LEN(lp(p, offnum)), hoff = p[pos + T_HOFF];
+    if (length < hoff || length - hoff != (size_t)b->len || (size_t)pos + length > BLCKSZ)
+        return FALLBACK;
+    memcpy(p + pos + hoff, b->data, (size_t)b->len);
+    return OK;
+}
+
+/* ---- heap2 --------------------------------------------------------------------------- */
+
+/* One line pointer of a prune/vacuum plan, range-checked as heap2.py _set_lp. */
+static int
+set_lp(uint8_t *p, unsigned offnum, unsigned off, unsigned flags)
+{
+    if (offnum < 1 || offnum > max_offset(p))
+        return FALLBACK;
+    s32(p, LP_AT(offnum), LP_RAW(off, flags, 0));
+    return OK;
+}
+
+/* heap_xlog_prune: heap_page_prune_execute (redirects, dead, unused), then
+ * PageRepairFragmentation. */
+static int
+heap2_prune(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 8 || !have_prev || b->len % 2)
+        return FALLBACK;
+    size_t nred = 2 * (size_t)g16(r->main, 4), ndead = g16(r->main, 6);
+    size_t noffs = (size_t)b->len / 2;
+    if (nred + ndead > noffs)
+        return FALLBACK;
+    const uint8_t *d = b->data;
+    size_t i = 0;
+    for (; i < nred; i += 2)
+        if (set_lp(p, g16(d, 2 * i), g16(d, 2 * i + 2), LP_REDIRECT) != OK)
+            return FALLBACK;
+    for (; i < nred + ndead; i++)
+        if (set_lp(p, g16(d, 2 * i), 0, LP_DEAD) != OK)
+            return FALLBACK;
+    for (; i < noffs; i++)
+        if (set_lp(p, g16(d, 2 * i), 0, LP_UNUSED) != OK)
+            return FALLBACK;
+    return page_repair_fragmentation(p);
+}
+
+/* heap_xlog_vacuum */
+static int
+heap2_vacuum(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 2 || !have_prev)
+        return FALLBACK;
+    size_t nunused = g16(r->main, 0);
+    if (2 * nunused > (size_t)b->len)
+        return FALLBACK;
+    for (size_t i = 0; i < nunused; i++)
+        if (set_lp(p, g16(b->data, 2 * i), 0, LP_UNUSED) != OK)
+            return FALLBACK;
+    page_truncate_line_pointer_array(p);
+    return OK;
+}
+
+/* heap_xlog_freeze_page: heap_execute_freeze_tuple for each xl_heap_freeze_tuple. */
+static int
+heap2_freeze_page(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 6 || !have_prev)
+        return FALLBACK;
+    size_t ntuples = g16(r->main, 4);
+    if ((size_t)b->len < ntuples * 12)
+        return FALLBACK;
+    for (size_t k = 0; k < ntuples; k++) {
+        const uint8_t *f = b->data + 12 * k;
+        unsigned offnum = g16(f, 4), frzflags = f[10];
+        if (offnum < 1 || offnum > max_offset(p))
+            return FALLBACK;
+        uint32_t raw = lp(p, offnum);
+        size_t pos = LP_OFF(raw);
+        if (pos + LP_LEN(raw) > BLCKSZ || pos + T_INFOMASK + 2 > BLCKSZ)
+            return FALLBACK;
+        s32(p, pos + T_XMAX, g32(f, 0));
+        if (frzflags & XLH_FREEZE_XVAC)
+            s32(p, pos + T_CID, FROZEN_TRANSACTION_ID);
+        if (frzflags & XLH_INVALID_XVAC)
+            s32(p, pos + T_CID, 0);
+        s16(p, pos + T_INFOMASK2, g16(f, 6));
+        s16(p, pos + T_INFOMASK, g16(f, 8));
+    }
+    return OK;
+}
+
+/* heap_xlog_multi_insert */
+static int
+heap2_multi_insert(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 4)
+        return FALLBACK;
+    unsigned flags = r->main[0];
+    size_t ntuples = g16(r->main, 2);
+    int init = (r->info & XLOG_HEAP_INIT_PAGE) != 0;
+    if (!init && (size_t)r->main_len < 4 + 2 * ntuples)
+        return FALLBACK;
+    if (init)
+        page_init(p, 0);
+    else if (!have_prev)
+        return FALLBACK;
+    const uint8_t *d = b->data;
+    size_t len = (size_t)b->len, pos = 0;
+    uint8_t tup[BLCKSZ];
+    for (size_t i = 0; i < ntuples; i++) {
+        unsigned offnum = init ? (unsigned)i + 1 : g16(r->main, 4 + 2 * i);
+        pos += pos & 1; /* SHORTALIGN within the MAXALIGNed block data */
+        if (pos + 7 > len)
+            return FALLBACK;
+        size_t datalen = g16(d, pos);
+        const uint8_t *hdr = d + pos + 2;
+        pos += 7;
+        if (pos + datalen > len)
+            return FALLBACK;
+        long tlen = build_tuple(tup, r->xid, 0, b->blkno, offnum, hdr, d + pos, datalen);
+        pos += datalen;
+        if (tlen < 0 || add_tuple(p, tup, (size_t)tlen, offnum) != OK)
+            return FALLBACK;
+    }
+    if (pos != len)
+        return FALLBACK;
+    if (flags & XLH_INSERT_ALL_VISIBLE_CLEARED)
+        clear_all_visible(p);
+    if (flags & XLH_INSERT_ALL_FROZEN_SET)
+        s16(p, OFF_FLAGS, PFLAGS(p) | PD_ALL_VISIBLE);
+    return OK;
+}
+
+/* heap_xlog_lock_updated */
+static int
+heap2_lock_updated(const Rec *r, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 8 || !have_prev)
+        return FALLBACK;
+    long pos = normal_tuple(p, g16(r->main, 4));
+    if (pos < 0)
+        return FALLBACK;
+    xmax_fixup(p, (size_t)pos, r->main[6], 0, NULL, NULL);
+    s32(p, (size_t)pos + T_XMAX, g32(r->main, 0));
+    return OK;
+}
+
+/* ---- btree (nbtxlog.c) --------------------------------------------------------------- */
+
+/* The special area's offset when a whole BTPageOpaqueData fits, else FALLBACK. */
+static long
+bt_special(const uint8_t *p)
+{
+    unsigned special = SPECIAL(p);
+    return special + BT_OPAQUE_SIZE > BLCKSZ ? FALLBACK : (long)special;
+}
+
+static void
+bt_set_opaque(uint8_t *p, uint32_t prev, uint32_t next, uint32_t level, unsigned flags)
+{
+    size_t s = SPECIAL(p);
+    s32(p, s, prev);
+    s32(p, s + 4, next);
+    s32(p, s + 8, level);
+    s16(p, s + 12, flags);
+    s16(p, s + 14, 0);
+}
+
+static int
+bt_clear_incomplete_split(uint8_t *p, int have_prev)
+{
+    long s = bt_special(p);
+    if (!have_prev || s < 0)
+        return FALLBACK;
+    s16(p, (size_t)s + 12, g16(p, (size_t)s + 12) & ~BTP_INCOMPLETE_SPLIT);
+    return OK;
+}
+
+/* _bt_restore_meta */
+static int
+bt_restore_meta(const Blk *b, uint8_t *p)
+{
+    if (b->len < 25)
+        return FALLBACK;
+    const uint8_t *d = b->data;
+    page_init(p, BT_OPAQUE_SIZE);
+    s32(p, 24, BTREE_MAGIC);
+    for (int k = 0; k < 6; k++) /* version, root, level, fastroot, fastlevel, num_delpages */
+        s32(p, 28 + 4 * k, g32(d, 4 * k));
+    s32(p, 56, 0x00000000u); /* btm_last_cleanup_num_heap_tuples = -1.0 */
+    s32(p, 60, 0xBFF00000u);
+    p[64] = d[24] != 0; /* btm_allequalimage */
+    bt_set_opaque(p, 0, 0, 0, BTP_META);
+    s16(p, OFF_LOWER, BTREE_METAPAGE_END);
+    return OK;
+}
+
+static unsigned
+index_tuple_size(const uint8_t *t)
+{
+    return g16(t, 6) & INDEX_SIZE_MASK;
+}
+
+/* The item of `offnum` (range- and bounds-checked like page.py get_item). */
+static int
+get_item(const uint8_t *p, unsigned offnum, const uint8_t **item, unsigned *len)
+{
+    if (offnum < 1 || offnum > max_offset(p))
+        return FALLBACK;
+    uint32_t raw = lp(p, offnum);
+    if (LP_OFF(raw) + LP_LEN(raw) > BLCKSZ)
+        return FALLBACK;
+    *item = p + LP_OFF(raw);
+    *len = LP_LEN(raw);
+    return OK;
+}
+
+/* _bt_swap_posting: `nposting` becomes the posting tuple `oposting` (olen bytes) with
+ * newitem's heap TID inserted at `postingoff`; its last TID moves into newitem. */
+static int
+bt_swap_posting(uint8_t *newitem, size_t newlen, const uint8_t *oposting, unsigned olen,
+                unsigned postingoff, uint8_t *nposting, unsigned *nlen)
+{
+    if (olen < INDEX_TUPLE_HEADER || newlen < TID_SIZE)
+        return FALLBACK;
+    size_t off = ((size_t)g16(oposting, 0) << 16) | g16(oposting, 2);
+    unsigned n = g16(oposting, 4) & BT_OFFSET_MASK;
+    unsigned size = index_tuple_size(oposting);
+    if (!(0 < postingoff && postingoff < n) || size > olen || off + (size_t)n * TID_SIZE > size)
+        return FALLBACK;
+    memcpy(nposting, oposting, size);
+    size_t at = off + (size_t)postingoff * TID_SIZE, last = off + (size_t)(n - 1) * TID_SIZE;
+    uint8_t maxtid[TID_SIZE];
+    memcpy(maxtid, oposting + last, TID_SIZE);
+    memmove(nposting + at + TID_SIZE, oposting + at, last - at);
+    memcpy(nposting + at, newitem, TID_SIZE);
+    memcpy(newitem, maxtid, TID_SIZE);
+    *nlen = size;
+    return OK;
+}
+
+/* btree_xlog_insert: block 0 the target, 1 the child whose split completes, 2 the metapage. */
+static int
+bt_insert(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (block_id == 1)
+        return bt_clear_incomplete_split(p, have_prev);
+    if (block_id == 2)
+        return bt_restore_meta(b, p);
+    if (block_id != 0 || !have_prev || r->main_len < 2)
+        return FALLBACK;
+    unsigned offnum = g16(r->main, 0);
+    if ((r->info & 0xF0) != XLOG_BTREE_INSERT_POST)
+        return page_add_item(p, b->data, (size_t)b->len, offnum, 0, 0) ? OK : FALLBACK;
+    /* INSERT_POST: the posting list before the new item gets its TID, the item the last. */
+    if (b->len < 2)
+        return FALLBACK;
+    unsigned postingoff = g16(b->data, 0);
+    size_t newlen = (size_t)b->len - 2;
+    uint8_t newitem[BLCKSZ], nposting[BLCKSZ];
+    memcpy(newitem, b->data + 2, newlen);
+    const uint8_t *oposting;
+    unsigned olen, nlen;
+    if (get_item(p, offnum - 1, &oposting, &olen) != OK)
+        return FALLBACK;
+    size_t opos = (size_t)(oposting - p);
+    if (bt_swap_posting(newitem, newlen, oposting, olen, postingoff, nposting, &nlen) != OK)
+        return FALLBACK;
+    size_t aligned = MAXALIGN(nlen);
+    if (opos + aligned > BLCKSZ)
+        return FALLBACK;
+    memset(nposting + nlen, 0, aligned - nlen);
+    memcpy(p + opos, nposting, aligned);
+    return page_add_item(p, newitem, newlen, offnum, 0, 0) ? OK : FALLBACK;
+}
+
+/* _bt_restore_page: items logged in physical order are re-added last-first at 1..n. */
+static int
+bt_restore_items(uint8_t *p, const uint8_t *d, size_t len)
+{
+    const uint8_t *items[MAX_LINE_POINTERS];
+    size_t sizes[MAX_LINE_POINTERS];
+    unsigned n = 0;
+    size_t pos = 0;
+    while (pos < len) {
+        if (pos + INDEX_TUPLE_HEADER > len || n == MAX_LINE_POINTERS)
+            return FALLBACK;
+        size_t size = MAXALIGN(index_tuple_size(d + pos));
+        if (size == 0 || pos + size > len)
+            return FALLBACK;
+        items[n] = d + pos;
+        sizes[n++] = size;
+        pos += size;
+    }
+    for (unsigned i = n; i-- > 0;)
+        if (!page_add_item(p, items[i], sizes[i], n - i, 0, 0))
+            return FALLBACK;
+    return OK;
+}
+
+/* btree_xlog_split: block 0 the original (left) page, 1 the new right page, 2 the right
+ * sibling, 3 the child whose incomplete split this completes. */
+static int
+bt_split(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 10)
+        return FALLBACK;
+    uint32_t level = g32(r->main, 0);
+    unsigned firstrightoff = g16(r->main, 4), newitemoff = g16(r->main, 6);
+    unsigned postingoff = g16(r->main, 8);
+    int onleft = (r->info & 0xF0) == XLOG_BTREE_SPLIT_L, isleaf = level == 0;
+    if (block_id == 3)
+        return bt_clear_incomplete_split(p, have_prev);
+    uint32_t right_blk, left_blk;
+    if (other_blkno(r, 1, &right_blk) != OK)
+        return FALLBACK;
+    if (block_id == 2) {
+        long s = bt_special(p);
+        if (!have_prev || s < 0)
+            return FALLBACK;
+        s32(p, (size_t)s, right_blk);
+        return OK;
+    }
+    if (other_blkno(r, 0, &left_blk) != OK)
+        return FALLBACK;
+    if (block_id == 1) {
+        Blk sib;
+        int has_sib = find_block(r, 2, &sib);
+        if (has_sib < 0)
+            return FALLBACK;
+        page_init(p, BT_OPAQUE_SIZE);
+        bt_set_opaque(p, left_blk, has_sib ? sib.blkno : 0, level, isleaf ? BTP_LEAF : 0);
+        return bt_restore_items(p, b->data, (size_t)b->len);
+    }
+    if (block_id != 0 || !have_prev)
+        return FALLBACK;
+    /* the original page stays in p until the new left page (built in left) replaces it */
+    long ospecial = bt_special(p);
+    if (ospecial < 0 || ospecial != (long)MAXALIGN(ospecial))
+        return FALLBACK;
+    const uint8_t *d = b->data;
+    size_t len = (size_t)b->len, pos = 0;
+    uint8_t newitem[BLCKSZ], nposting[BLCKSZ];
+    size_t newsize = 0;
+    unsigned nlen = 0, replacepostingoff = 0;
+    if (onleft || postingoff) {
+        if (len < INDEX_TUPLE_HEADER)
+            return FALLBACK;
+        unsigned tsize = index_tuple_size(d);
+        newsize = MAXALIGN(tsize);
+        if (newsize > len)
+            return FALLBACK;
+        memcpy(newitem, d, newsize);
+        pos = newsize;
+        if (postingoff) {
+            replacepostingoff = newitemoff - 1;
+            const uint8_t *oposting;
+            unsigned olen;
+            if (get_item(p, replacepostingoff, &oposting, &olen) != OK)
+                return FALLBACK;
+            if (bt_swap_posting(newitem, tsize, oposting, olen, postingoff, nposting, &nlen) !=
+                OK)
+                return FALLBACK;
+            memset(newitem + tsize, 0, newsize - tsize);
+            memset(nposting + nlen, 0, MAXALIGN(nlen) - nlen);
+        }
+    }
+    if (pos + INDEX_TUPLE_HEADER > len)
+        return FALLBACK;
+    size_t hikeysz = MAXALIGN(index_tuple_size(d + pos));
+    if (pos + hikeysz > len)
+        return FALLBACK;
+    /* PageGetTempPageCopySpecial */
+    uint8_t left[BLCKSZ];
+    page_init(left, BLCKSZ - (size_t)ospecial);
+    memcpy(left + ospecial, p + ospecial, BLCKSZ - (size_t)ospecial);
+    if (!page_add_item(left, d + pos, hikeysz, P_HIKEY, 0, 0))
+        return FALLBACK;
+    unsigned leftoff = P_HIKEY + 1;
+    unsigned off = g32(p, (size_t)ospecial + 4) == 0 ? P_HIKEY : P_HIKEY + 1;
+    for (; off < firstrightoff; off++) {
+        if (off == replacepostingoff) {
+            if (!page_add_item(left, nposting, MAXALIGN(nlen), leftoff++, 0, 0))
+                return FALLBACK;
+            continue;
+        }
+        if (onleft && off == newitemoff && !page_add_item(left, newitem, newsize, leftoff++, 0, 0))
+            return FALLBACK;
+        const uint8_t *item;
+        unsigned ilen;
+        if (get_item(p, off, &item, &ilen) != OK || !page_add_item(left, item, ilen, leftoff++, 0, 0))
+            return FALLBACK;
+    }
+    if (onleft && off == newitemoff && !page_add_item(left, newitem, newsize, leftoff, 0, 0))
+        return FALLBACK;
+    uint32_t prev = g32(p, (size_t)ospecial), olevel = g32(p, (size_t)ospecial + 8);
+    bt_set_opaque(left, prev, right_blk, olevel, BTP_INCOMPLETE_SPLIT | (isleaf ? BTP_LEAF : 0));
+    memcpy(p, left, BLCKSZ);
+    return OK;
+}
+
+/* btree_xlog_vacuum / btree_xlog_delete without posting-list updates (those go to Python). */
+static int
+bt_vacuum_or_delete(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    int is_delete = (r->info & 0xF0) == XLOG_BTREE_DELETE;
+    size_t at = is_delete ? 4 : 0;
+    if ((size_t)r->main_len < at + 4 || !have_prev)
+        return FALLBACK;
+    unsigned ndeleted = g16(r->main, at), nupdated = g16(r->main, at + 2);
+    if (nupdated || (size_t)b->len < 2 * (size_t)ndeleted)
+        return FALLBACK;
+    if (ndeleted && page_index_multi_delete(p, b->data, ndeleted) != OK)
+        return FALLBACK;
+    long s = bt_special(p);
+    if (s < 0)
+        return FALLBACK;
+    s16(p, (size_t)s + 12, g16(p, (size_t)s + 12) & ~BTP_HAS_GARBAGE);
+    return OK;
+}
+
+/* ---- dispatch ------------------------------------------------------------------------ */
+
+/* Whether this C module redoes the record type (else the Python code does everything). */
+static int
+handled(int rmgr, unsigned info, unsigned block_id)
+{
+    unsigned op = info & XLOG_HEAP_OPMASK;
+    switch (rmgr) {
+    case RM_HEAP_ID:
+        return 1; /* every opcode but TRUNCATE, which has no blocks */
+    case RM_HEAP2_ID:
+        return op == XLOG_HEAP2_PRUNE || op == XLOG_HEAP2_VACUUM || op == XLOG_HEAP2_FREEZE_PAGE ||
+               (op == XLOG_HEAP2_VISIBLE && block_id == 1) || op == XLOG_HEAP2_MULTI_INSERT ||
+               op == XLOG_HEAP2_LOCK_UPDATED;
+    case RM_BTREE_ID:
+        switch (info & 0xF0) {
+        case XLOG_BTREE_INSERT_LEAF:
+        case XLOG_BTREE_INSERT_UPPER:
+        case XLOG_BTREE_INSERT_META:
+        case XLOG_BTREE_INSERT_POST:
+        case XLOG_BTREE_SPLIT_L:
+        case XLOG_BTREE_SPLIT_R:
+        case XLOG_BTREE_VACUUM:
+        case XLOG_BTREE_DELETE:
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+static int
+apply(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_prev)
+{
+    unsigned op = r->info & XLOG_HEAP_OPMASK;
+    if (r->rmgr == RM_HEAP_ID) {
+        switch (op) {
+        case XLOG_HEAP_INSERT:
+            return heap_insert(r, b, p, have_prev);
+        case XLOG_HEAP_DELETE:
+            return heap_delete(r, b, p, have_prev);
+        case XLOG_HEAP_UPDATE:
+        case XLOG_HEAP_HOT_UPDATE:
+            return heap_update(r, block_id, p, have_prev);
+        case XLOG_HEAP_CONFIRM:
+            return heap_confirm(r, b, p, have_prev);
+        case XLOG_HEAP_LOCK:
+            return heap_lock(r, b, p, have_prev);
+        case XLOG_HEAP_INPLACE:
+            return heap_inplace(r, b, p, have_prev);
+        }
+        return FALLBACK;
+    }
+    if (r->rmgr == RM_HEAP2_ID) {
+        switch (op) {
+        case XLOG_HEAP2_PRUNE:
+            return heap2_prune(r, b, p, have_prev);
+        case XLOG_HEAP2_VACUUM:
+            return heap2_vacuum(r, b, p, have_prev);
+        case XLOG_HEAP2_FREEZE_PAGE:
+            return heap2_freeze_page(r, b, p, have_prev);
+        case XLOG_HEAP2_VISIBLE: /* the heap page (block 1): PD_ALL_VISIBLE, no LSN stamp */
+            if (r->main_len < 5 || !have_prev)
+                return FALLBACK;
+            s16(p, OFF_FLAGS, PFLAGS(p) | PD_ALL_VISIBLE);
+            return OK;
+        case XLOG_HEAP2_MULTI_INSERT:
+            return heap2_multi_insert(r, b, p, have_prev);
+        case XLOG_HEAP2_LOCK_UPDATED:
+            return heap2_lock_updated(r, p, have_prev);
+        }
+        return FALLBACK;
+    }
+    switch (r->info & 0xF0) {
+    case XLOG_BTREE_SPLIT_L:
+    case XLOG_BTREE_SPLIT_R:
+        return bt_split(r, block_id, b, p, have_prev);
+    case XLOG_BTREE_VACUUM:
+    case XLOG_BTREE_DELETE:
+        return bt_vacuum_or_delete(r, b, p, have_prev);
+    }
+    return bt_insert(r, block_id, b, p, have_prev);
+}
+
+/* RestoreBlockImage for an uncompressed image (else NULL with no error: Python decompresses). */
+static PyObject *
+restore_image(const Rec *r, PyObject *image)
+{
+    unsigned long long hole_offset, hole_length, bimg_info;
+    if (!PyTuple_Check(image) || PyTuple_GET_SIZE(image) <= I_BIMG_INFO)
+        return NULL;
+    PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
+    if (!PyBytes_Check(data) || as_uint(PyTuple_GET_ITEM(image, I_HOLE_OFFSET), &hole_offset) ||
+        as_uint(PyTuple_GET_ITEM(image, I_HOLE_LENGTH), &hole_length) ||
+        as_uint(PyTuple_GET_ITEM(image, I_BIMG_INFO), &bimg_info))
+        return NULL;
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if ((bimg_info & BKPIMAGE_COMPRESSED) || hole_length > BLCKSZ ||
+        (unsigned long long)len != BLCKSZ - hole_length || hole_offset > (unsigned long long)len)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, BLCKSZ);
+    if (out == NULL)
+        return NULL;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+    const char *src = PyBytes_AS_STRING(data);
+    memcpy(p, src, hole_offset);
+    memset(p + hole_offset, 0, hole_length);
+    memcpy(p + hole_offset + hole_length, src + hole_offset, (size_t)len - hole_offset);
+    if (UPPER(p) != 0) /* !PageIsNew */
+        set_lsn(p, r->end_lsn);
+    return out;
+}
+
+static PyObject *
+py_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "redo_block(record, block_id, page)");
+        return NULL;
+    }
+    PyObject *page = args[2];
+    long block_id = PyLong_AsLong(args[1]);
+    if (block_id == -1 && PyErr_Occurred())
+        return NULL;
+    Rec r;
+    Blk b;
+    if (block_id < 0 || read_record(args[0], &r) != OK || find_block(&r, (unsigned)block_id, &b) != 1)
+        Py_RETURN_NONE;
+    if (b.image != Py_None) {
+        unsigned long long bimg_info;
+        if (!PyTuple_Check(b.image) || PyTuple_GET_SIZE(b.image) <= I_BIMG_INFO ||
+            as_uint(PyTuple_GET_ITEM(b.image, I_BIMG_INFO), &bimg_info) != OK)
+            Py_RETURN_NONE;
+        if (bimg_info & BKPIMAGE_APPLY) {
+            if (r.rmgr == RM_GIST_ID) /* GiST redoes over its images: Python */
+                Py_RETURN_NONE;
+            PyObject *out = restore_image(&r, b.image);
+            if (out == NULL && !PyErr_Occurred())
+                Py_RETURN_NONE;
+            return out;
+        }
+    }
+    if (!handled(r.rmgr, r.info, (unsigned)block_id))
+        Py_RETURN_NONE;
+    /* XLogReadBufferForRedoExtended: these rmgrs have no always-init or zero-on-error blocks
+     * here (VISIBLE's VM page is left to Python). */
+    int will_init = (b.fork_flags & BKPBLOCK_WILL_INIT) != 0;
+    const uint8_t *prev = NULL;
+    if (!will_init) {
+        if (PyBytes_Check(page) && PyBytes_GET_SIZE(page) == BLCKSZ)
+            prev = (const uint8_t *)PyBytes_AS_STRING(page);
+        else if (PyByteArray_Check(page) && PyByteArray_GET_SIZE(page) == BLCKSZ)
+            prev = (const uint8_t *)PyByteArray_AS_STRING(page);
+        else
+            Py_RETURN_NONE; /* no previous version or a wrong size: Python raises */
+        if (UPPER(prev) == 0 || r.end_lsn <= get_lsn(prev)) { /* BLK_NOTFOUND, BLK_DONE */
+            if (PyBytes_CheckExact(page))
+                return Py_NewRef(page);
+            return PyBytes_FromStringAndSize((const char *)prev, BLCKSZ);
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize((const char *)prev, BLCKSZ);
+    if (out == NULL)
+        return NULL;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+    if (apply(&r, (unsigned)block_id, &b, p, prev != NULL) != OK) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    if (!(r.rmgr == RM_HEAP2_ID && (r.info & XLOG_HEAP_OPMASK) == XLOG_HEAP2_VISIBLE))
+        set_lsn(p, r.end_lsn);
+    return out;
+}
+
+/* ---- module -------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"redo_block", (PyCFunction)(void (*)(void))py_redo_block, METH_FASTCALL,
+     "redo_block(record, block_id, page) -> bytes, or None where the Python redo must run."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_redo", "C fast path of native redo (see pageserver/redo/native.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__redo(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    /* the fields read by position, for redo/native.py to check against the NamedTuples */
+    PyObject *fields = Py_BuildValue(
+        "{s{sisisisisisi}s{sisisisisi}s{sisisisi}}", "DecodedRecord", "end_lsn", R_END_LSN, "xid",
+        R_XID, "info", R_INFO, "rmgr_id", R_RMGR_ID, "blocks", R_BLOCKS, "main_data", R_MAIN_DATA,
+        "BlockRef", "block_id", B_BLOCK_ID, "blkno", B_BLKNO, "fork_flags", B_FORK_FLAGS, "image",
+        B_IMAGE, "data", B_DATA, "BlockImage", "data", I_DATA, "hole_offset", I_HOLE_OFFSET,
+        "hole_length", I_HOLE_LENGTH, "bimg_info", I_BIMG_INFO);
+    if (fields == NULL || PyModule_AddObject(m, "RECORD_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
