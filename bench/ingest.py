@@ -12,7 +12,8 @@
 3. Reference: `pg_receivewal` streams the backlog from its slot (bench.common.run_pg_receivewal).
 4. The server is stopped. Ours: the daemon's ingest path over the server's pg_wal from the
    import LSN to END: WalReader fed in 128 KiB chunks (the walsender's largest message) →
-   decode_record → NodeStore.ingest per record → NodeStore.maybe_flush per chunk, and a final
+   decode_records per batch → NodeStore.ingest_batch (the C ingest path where it applies,
+   NEON_PURE_PYTHON=1 for none) → NodeStore.maybe_flush per chunk, and a final
    NodeStore.flush (freeze, write L0 layers, compaction), all timed together.
 5. GetPage (`materialize`): hot pages (every pgbench_branches/tellers page and the most
    recently written pgbench_accounts pages in the last WAL, read at the last LSN, in
@@ -62,7 +63,7 @@ from pageserver.reconstruct.reads import get_rel_size, materialize
 from pageserver.storage.keys import Key, rel_block_key
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import format_lsn, segment_file_name
-from pg15.records import decode_record
+from pg15.records import decode_record, decode_records
 from pg15.xlog_reader import WalReader
 from tests.pgtest import PgTestServer
 
@@ -127,7 +128,8 @@ def segments_between(wal_dir: Path, start: int, end: int, seg: int) -> list[tupl
 
 
 def ingest_backlog(store: NodeStore, wal_dir: Path, start: int, end: int, seg: int) -> IngestResult:
-    """WalReader → decode_record → NodeStore.ingest, maybe_flush per chunk, final flush."""
+    """WalReader batches → decode_records → NodeStore.ingest_batch (the C path where it
+    applies), maybe_flush per chunk, final flush: what the daemon's decode loop does."""
     timeline = store.timeline
     reader = WalReader(start, seg, timeline=1)
     records = flushes = 0
@@ -137,9 +139,9 @@ def ingest_backlog(store: NodeStore, wal_dir: Path, start: int, end: int, seg: i
             data = memoryview(path.read_bytes())[offset:]
             for pos in range(0, len(data), CHUNK):
                 reader.feed(data[pos : pos + CHUNK])
-                for raw in reader.records():
-                    store.ingest(decode_record(raw), raw.data)
-                    records += 1
+                while batch := reader.read_batch():
+                    store.ingest_batch(decode_records(batch), [raw.data for raw in batch])
+                    records += len(batch)
                 durable = timeline.disk_consistent_lsn
                 t0 = time.perf_counter()
                 store.maybe_flush()

@@ -12,8 +12,13 @@ import os
 from types import ModuleType
 
 
+def native_disabled() -> bool:
+    """NEON_PURE_PYTHON=1: every C fast path of the project is off (the Python references run)."""
+    return os.environ.get("NEON_PURE_PYTHON", "") not in ("", "0")
+
+
 def _load() -> ModuleType | None:
-    if os.environ.get("NEON_PURE_PYTHON", "") not in ("", "0"):
+    if native_disabled():
         return None
     try:
         from pg15 import _walscan

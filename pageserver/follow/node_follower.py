@@ -20,7 +20,6 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -368,17 +367,20 @@ class NodeFollower:
         reader.feed(chunk.data)
         count = 0
         # A store with no history yet (never imported) ingests nothing: decode only.
-        ingest = self.store.ingest if self.store.state is not None else None
+        ingest = self.store.ingest_batch if self.store.state is not None else None
         redo_rmgrs = REDO_BY_RMGR
         try:
             while batch := reader.read_batch():
-                for raw, record in _decoded(batch):
+                records, error = _decode_batch(batch)
+                for record in records:
                     if record.blocks and record.rmgr_id not in redo_rmgrs:
                         self._warn_unreplayable(record.rmgr_name)
-                    if ingest is not None:
-                        ingest(record, raw.data)
-                        self._decoded_lsn = record.end_lsn
-                count += len(batch)
+                if ingest is not None and records:
+                    ingest(records, [raw.data for raw in batch[: len(records)]])
+                    self._decoded_lsn = records[-1].end_lsn
+                count += len(records)
+                if error is not None:
+                    raise error
                 self._decoded_lsn = batch[-1].end_lsn
         except NeonError as exc:
             self.decode_error = str(exc)
@@ -452,10 +454,16 @@ class NodeFollower:
         }
 
 
-def _decoded(batch: list[RawRecord]) -> Iterable[tuple[RawRecord, DecodedRecord]]:
-    """(raw, decoded) pairs of a batch; when one record is bad, those before it still come
-    out, then its error is raised."""
+def _decode_batch(batch: list[RawRecord]) -> tuple[list[DecodedRecord], NeonError | None]:
+    """The decoded records of a batch; when one is bad, those before it and its error (they
+    are still ingested, then the error stops decoding)."""
     try:
-        return zip(batch, decode_records(batch), strict=True)
+        return decode_records(batch), None
     except NeonError:
-        return ((raw, decode_record(raw)) for raw in batch)
+        records: list[DecodedRecord] = []
+        for raw in batch:
+            try:
+                records.append(decode_record(raw))
+            except NeonError as exc:
+                return records, exc
+        raise

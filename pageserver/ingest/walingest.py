@@ -53,6 +53,7 @@ from dataclasses import replace
 
 import crc32c
 
+from pageserver.ingest import native as _native
 from pageserver.reconstruct.apply_delta import reconstruct, xact_clog_change
 from pageserver.reconstruct.reads import (
     get_checkpoint,
@@ -356,6 +357,44 @@ class WalIngest:
             self._raw = None
         self.timeline.advance_last_record_lsn(record.end_lsn, record.lsn)
         return True
+
+    def ingest_native(
+        self, records: list[DecodedRecord], raws: list[bytes | None], start: int
+    ) -> int:
+        """Ingest records[start:] through the C fast path while it takes them; returns the
+        index of the first record it left (to `ingest_record`), len(records) if none.
+
+        The C code (pageserver/ingest/_walingest.c) does what ingest_record does for Heap,
+        Heap2 and Btree records whose relation forks are in the caches, putting whole records
+        into the open layer at once (Timeline.put_records); `raws` are the records' XLogRecord
+        bytes (None where unknown: the record goes to Python).
+        """
+        native = _native.walingest
+        if native is None or start >= len(records):
+            return start
+        next_xid = self._checkpoint.next_full_xid & 0xFFFFFFFF
+        reached = start
+
+        def append(
+            versions: dict[Key, list[tuple[int, Value]]], last_record_lsn: int, budget: int
+        ) -> tuple[int, int, int | None, int | None]:
+            nonlocal reached
+            context = (
+                versions,
+                self._dbs,
+                self._rels,
+                self._sizes,
+                last_record_lsn,
+                budget,
+                next_xid,
+                Image,
+                WalDelta,
+            )
+            reached, size, count, end, prev = native.ingest_run(records, raws, start, context)
+            return size, count, end, prev
+
+        self.timeline.put_records(append)
+        return reached
 
     def _metadata_puts(self) -> list[tuple[Key, Value]]:
         out: list[tuple[Key, Value]] = []

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from durable_files import TEMP_SUFFIX
@@ -59,6 +59,12 @@ from pg15.lsn import format_lsn
 from proto.errors import Conflict, InvalidArgument
 
 _read_epochs = itertools.count(1)
+
+
+AppendRecords = Callable[
+    [dict[Key, list[tuple[int, Value]]], int, int], tuple[int, int, int | None, int | None]
+]
+"""See Timeline.put_records."""
 
 
 class FutureLsn(InvalidArgument):
@@ -216,6 +222,39 @@ class Timeline:
                 if self._open is None:
                     self._open = InMemoryLayer(self._next_layer_start)
                 self._open.put(check_key(key), lsn, value)
+
+    def put_records(self, append: AppendRecords) -> int:
+        """Let `append` put whole records straight into the open layer, under the lock, and
+        publish them (the C ingest path: one call for many records, no per-put objects).
+
+        `append(versions, last_record_lsn, budget)` appends ``(end LSN, value)`` to the
+        per-key lists of records ending above last_record_lsn, in LSN order, stops once
+        `budget` bytes are added, and returns (bytes, versions added, last end LSN, its
+        record's start LSN), the LSNs None if it took no record. Freezes at
+        checkpoint_distance like advance_last_record_lsn. Returns the bytes added.
+        """
+        with self._lock:
+            self._check_open()
+            if self._open is None:
+                self._open = InMemoryLayer(self._next_layer_start)
+            layer = self._open
+            budget = self.settings.checkpoint_distance - layer.size
+            size, count, end, prev = append(
+                layer.versions_for_append(), self._last_record_lsn, budget
+            )
+            if end is None:
+                return 0
+            if end <= self._last_record_lsn:
+                raise InvalidArgument(
+                    f"timeline {self.timeline_id}: records appended up to {format_lsn(end)}, "
+                    f"not above the last record LSN {format_lsn(self._last_record_lsn)}"
+                )
+            layer.account(size, count, end)
+            self._last_record_lsn = end
+            self._prev_record_lsn = prev
+            if layer.size >= self.settings.checkpoint_distance:
+                self._freeze_locked()
+            return size
 
     def advance_last_record_lsn(self, lsn: int, prev_record_lsn: int | None) -> None:
         """Publish the puts up to `lsn` (a record's end); freezes at checkpoint_distance."""

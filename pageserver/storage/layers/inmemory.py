@@ -64,6 +64,19 @@ class InMemoryLayer:
         if lsn > self.max_lsn:
             self.max_lsn = lsn
 
+    def versions_for_append(self) -> dict[Key, list[tuple[int, Value]]]:
+        """The per-key version lists, for the C ingest path to append whole records to (the
+        timeline holds its lock; the appender keeps `put`'s rules and reports to `account`)."""
+        if self.lsn_end is not None:
+            raise InvalidArgument("cannot put into a frozen in-memory layer")
+        return self._versions
+
+    def account(self, size: int, n_versions: int, max_lsn: int) -> None:
+        """Count versions appended through versions_for_append."""
+        self.size += size
+        self.n_versions += n_versions
+        self.max_lsn = max(self.max_lsn, max_lsn)
+
     def freeze(self, lsn_end: int, prev_record_lsn: int | None) -> None:
         if lsn_end <= self.max_lsn:
             raise InvalidArgument("freezing would cut below versions the layer holds")

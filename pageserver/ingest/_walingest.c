@@ -1,0 +1,606 @@
+/*
+ * Optional C fast path of WalIngest (pageserver/ingest/walingest.py) for the records that
+ * dominate a write load: Heap, Heap2 and Btree records, whose only effects are on the pages
+ * they reference (plus relation sizes and visibility-map bits).
+ *
+ *   ingest_run(records, raws, start, ctx) -> (next, bytes, versions, last_end, last_prev)
+ *
+ * puts the values of records[start:] into the open in-memory layer's versions dict, as
+ * WalIngest.ingest_record would, and stops at the first record it does not handle (returns
+ * its index: the Python reference ingests it, then calls again after it). A record is left to
+ * Python, with nothing changed, when it is of another rmgr, was already ingested, carries a
+ * compressed image, needs its delta re-encoded without images (an image and a delta in one
+ * record), advances nextXid, or touches a relation fork whose directory entry or size is not
+ * in the caches yet. Python stays the reference: tests ingest the same real WAL both ways and
+ * require equal layers.
+ *
+ * What a handled record becomes (see walingest.py for the why):
+ *  - a block with an image: Image(page), the hole re-inserted as zeros, pd_lsn set to the
+ *    record's end LSN unless the page is new (PageIsNew: pd_upper == 0);
+ *  - any other block: WalDelta(u64 LE start LSN + the XLogRecord bytes, will_init =
+ *    BKPBLOCK_WILL_INIT); these rmgrs have no always-init blocks;
+ *  - the fork's size grows to blkno + 1 (Image of u32 LE on the size key);
+ *  - the visibility-map bits Heap/Heap2 records clear (the XLH_*_CLEARED flags of heapam_xlog.h)
+ *    become a WalDelta on the VM page of that heap block, unless the record already put it.
+ * Per record, a later put of a key replaces the value of an earlier one and keeps its place
+ * (a Python dict); all are put at the record's end LSN.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLCKSZ 8192
+#define KEY_SIZE 18
+#define REL_PREFIX 0x00
+#define SIZE_MARKER 0xFFFFFFFFu
+#define VERSION_OVERHEAD 48 /* inmemory.VERSION_OVERHEAD */
+
+#define RM_HEAP2_ID 9
+#define RM_HEAP_ID 10
+#define RM_BTREE_ID 11
+#define FIRST_NORMAL_XID 3u
+#define XID_CHECKPOINT_INTERVAL 1024u /* walingest.XID_CHECKPOINT_INTERVAL */
+
+#define BKPBLOCK_WILL_INIT 0x40
+#define BKPIMAGE_COMPRESSED (0x04 | 0x08 | 0x10) /* PGLZ | LZ4 | ZSTD */
+#define PD_UPPER_OFFSET 14
+
+#define VISIBILITYMAP_FORKNUM 2
+/* visibilitymap.c: MAPSIZE = BLCKSZ - MAXALIGN(SizeOfPageHeaderData), 4 heap blocks a byte */
+#define HEAPBLOCKS_PER_PAGE ((BLCKSZ - 24) * 4)
+
+#define MAX_PUTS 80  /* blocks (<= 33) + their size keys + VM pages and theirs */
+#define MAX_SIZES 70
+
+/* DecodedRecord / BlockRef / BlockImage field positions (pg15/records.py NamedTuples) */
+enum { R_LSN, R_END_LSN, R_TOT_LEN, R_XID, R_PREV, R_INFO, R_RMGR, R_BLOCKS, R_MAIN };
+enum { B_ID, B_RNODE, B_FORK, B_BLKNO, B_FLAGS, B_IMAGE, B_DATA };
+enum { I_DATA, I_HOLE_OFFSET, I_HOLE_LENGTH, I_INFO };
+
+typedef struct {
+    uint8_t key[KEY_SIZE];
+    PyObject *value; /* owned */
+    Py_ssize_t size; /* encoded value size */
+} Put;
+
+typedef struct {
+    uint32_t spc, db, rel, fork;
+    uint32_t nblocks;
+} SizeChange;
+
+typedef struct {
+    /* context */
+    PyObject *versions, *dbs, *rels, *sizes, *image_type, *delta_type;
+    /* per record */
+    PyObject *record, *raw;
+    int has_image;
+    PyObject *delta[2]; /* WalDelta(payload, False/True), made on first use */
+    Put puts[MAX_PUTS];
+    int n_puts;
+    SizeChange staged[MAX_SIZES];
+    int n_staged;
+} Ingest;
+
+/* outcome of one record */
+#define OK 0
+#define LEAVE -1 /* not handled here: Python ingests it */
+#define FAIL -2  /* a Python exception is set */
+
+static void
+store_key(uint8_t *k, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint32_t blkno)
+{
+    /* keys.py: struct ">BIIIBI" (prefix, spc, db, rel, fork, block) */
+    uint32_t f[3] = {spc, db, rel};
+    k[0] = REL_PREFIX;
+    for (int i = 0; i < 3; i++) {
+        k[1 + 4 * i] = (uint8_t)(f[i] >> 24);
+        k[2 + 4 * i] = (uint8_t)(f[i] >> 16);
+        k[3 + 4 * i] = (uint8_t)(f[i] >> 8);
+        k[4 + 4 * i] = (uint8_t)f[i];
+    }
+    k[13] = (uint8_t)fork;
+    k[14] = (uint8_t)(blkno >> 24);
+    k[15] = (uint8_t)(blkno >> 16);
+    k[16] = (uint8_t)(blkno >> 8);
+    k[17] = (uint8_t)blkno;
+}
+
+static void
+reset_record(Ingest *st)
+{
+    for (int i = 0; i < st->n_puts; i++)
+        Py_CLEAR(st->puts[i].value);
+    st->n_puts = 0;
+    st->n_staged = 0;
+    Py_CLEAR(st->delta[0]);
+    Py_CLEAR(st->delta[1]);
+}
+
+/* self._puts[key] = value: replace in place, or append (steals `value`) */
+static int
+put(Ingest *st, const uint8_t *key, PyObject *value, Py_ssize_t size)
+{
+    for (int i = 0; i < st->n_puts; i++) {
+        if (memcmp(st->puts[i].key, key, KEY_SIZE) == 0) {
+            Py_SETREF(st->puts[i].value, value);
+            st->puts[i].size = size;
+            return OK;
+        }
+    }
+    if (st->n_puts == MAX_PUTS) {
+        Py_DECREF(value);
+        return LEAVE;
+    }
+    Put *p = &st->puts[st->n_puts++];
+    memcpy(p->key, key, KEY_SIZE);
+    p->value = value;
+    p->size = size;
+    return OK;
+}
+
+static int
+has_put(Ingest *st, const uint8_t *key)
+{
+    for (int i = 0; i < st->n_puts; i++)
+        if (memcmp(st->puts[i].key, key, KEY_SIZE) == 0)
+            return 1;
+    return 0;
+}
+
+/* WalIngest._delta: one WalDelta per will_init of the record, over the same payload */
+static int
+delta_value(Ingest *st, int will_init, PyObject **out, Py_ssize_t *size)
+{
+    if (st->raw == Py_None || st->has_image)
+        return LEAVE; /* the payload must be re-encoded without images: Python does it */
+    if (st->delta[will_init] == NULL) {
+        PyObject *payload = NULL;
+        if (st->delta[!will_init] != NULL) {
+            payload = PyObject_GetAttrString(st->delta[!will_init], "record");
+        } else {
+            unsigned long long start =
+                PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(st->record, R_LSN));
+            if (start == (unsigned long long)-1 && PyErr_Occurred())
+                return FAIL;
+            Py_ssize_t n = PyBytes_GET_SIZE(st->raw);
+            payload = PyBytes_FromStringAndSize(NULL, 8 + n);
+            if (payload != NULL) {
+                char *p = PyBytes_AS_STRING(payload);
+                for (int i = 0; i < 8; i++)
+                    p[i] = (char)(start >> (8 * i));
+                memcpy(p + 8, PyBytes_AS_STRING(st->raw), n);
+            }
+        }
+        if (payload == NULL)
+            return FAIL;
+        st->delta[will_init] = PyObject_CallFunction(
+            st->delta_type, "OO", payload, will_init ? Py_True : Py_False);
+        Py_DECREF(payload);
+        if (st->delta[will_init] == NULL)
+            return FAIL;
+    }
+    PyObject *record = PyObject_GetAttrString(st->delta[will_init], "record");
+    if (record == NULL)
+        return FAIL;
+    *size = 1 + PyBytes_GET_SIZE(record);
+    Py_DECREF(record);
+    Py_INCREF(st->delta[will_init]);
+    *out = st->delta[will_init];
+    return OK;
+}
+
+static int
+get_u32(PyObject *obj, uint32_t *out)
+{
+    unsigned long v = PyLong_AsUnsignedLong(obj);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return FAIL;
+    if (v > 0xFFFFFFFFul)
+        return LEAVE;
+    *out = (uint32_t)v;
+    return OK;
+}
+
+static int
+rnode_fields(PyObject *rnode, uint32_t *spc, uint32_t *db, uint32_t *rel)
+{
+    static const char *names[3] = {"spc", "db", "rel"};
+    uint32_t *outs[3] = {spc, db, rel};
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyObject_GetAttrString(rnode, names[i]);
+        if (v == NULL)
+            return FAIL;
+        int r = get_u32(v, outs[i]);
+        Py_DECREF(v);
+        if (r != OK)
+            return r;
+    }
+    return OK;
+}
+
+/* WalIngest._extend with everything already cached: the fork is in its database's directory
+ * and its size is known; grows the size (staged until the record is done) */
+static int
+extend(Ingest *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint32_t nblocks)
+{
+    for (int i = 0; i < st->n_staged; i++) {
+        SizeChange *s = &st->staged[i];
+        if (s->spc == spc && s->db == db && s->rel == rel && s->fork == fork) {
+            if (nblocks <= s->nblocks)
+                return OK;
+            s->nblocks = nblocks;
+            goto put_size;
+        }
+    }
+    {
+        PyObject *dbkey = Py_BuildValue("(kk)", (unsigned long)spc, (unsigned long)db);
+        if (dbkey == NULL)
+            return FAIL;
+        int in_dbs = PySet_Contains(st->dbs, dbkey);
+        PyObject *rels = in_dbs == 1 ? PyDict_GetItemWithError(st->rels, dbkey) : NULL;
+        Py_DECREF(dbkey);
+        if (in_dbs < 0 || PyErr_Occurred())
+            return FAIL;
+        if (rels == NULL)
+            return LEAVE;
+        PyObject *relkey = Py_BuildValue("(kk)", (unsigned long)rel, (unsigned long)fork);
+        if (relkey == NULL)
+            return FAIL;
+        int in_rels = PySet_Contains(rels, relkey);
+        Py_DECREF(relkey);
+        if (in_rels < 0)
+            return FAIL;
+        if (in_rels == 0)
+            return LEAVE;
+        PyObject *sizekey = Py_BuildValue(
+            "(kkkk)", (unsigned long)spc, (unsigned long)db, (unsigned long)rel,
+            (unsigned long)fork);
+        if (sizekey == NULL)
+            return FAIL;
+        PyObject *size = PyDict_GetItemWithError(st->sizes, sizekey);
+        Py_DECREF(sizekey);
+        if (size == NULL)
+            return PyErr_Occurred() ? FAIL : LEAVE;
+        if (size == Py_None)
+            return LEAVE;
+        uint32_t current;
+        int r = get_u32(size, &current);
+        if (r != OK)
+            return r;
+        if (nblocks <= current)
+            return OK;
+        if (st->n_staged == MAX_SIZES)
+            return LEAVE;
+        SizeChange *s = &st->staged[st->n_staged++];
+        s->spc = spc;
+        s->db = db;
+        s->rel = rel;
+        s->fork = fork;
+        s->nblocks = nblocks;
+    }
+put_size: {
+    uint8_t key[KEY_SIZE];
+    store_key(key, spc, db, rel, fork, SIZE_MARKER);
+    uint8_t le[4] = {(uint8_t)nblocks, (uint8_t)(nblocks >> 8), (uint8_t)(nblocks >> 16),
+                     (uint8_t)(nblocks >> 24)};
+    PyObject *data = PyBytes_FromStringAndSize((const char *)le, 4);
+    if (data == NULL)
+        return FAIL;
+    PyObject *value = PyObject_CallOneArg(st->image_type, data);
+    Py_DECREF(data);
+    if (value == NULL)
+        return FAIL;
+    return put(st, key, value, 1 + 4);
+}
+}
+
+/* ingest.page_after_image for an uncompressed image */
+static int
+image_value(Ingest *st, PyObject *image, PyObject **out, Py_ssize_t *size)
+{
+    PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
+    long hole_offset = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_OFFSET));
+    long hole_length = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_LENGTH));
+    long info = PyLong_AsLong(PyTuple_GET_ITEM(image, I_INFO));
+    if (PyErr_Occurred())
+        return FAIL;
+    if (!PyBytes_Check(data) || (info & BKPIMAGE_COMPRESSED) || hole_offset < 0 ||
+        hole_length < 0 || hole_offset + hole_length > BLCKSZ ||
+        PyBytes_GET_SIZE(data) != BLCKSZ - hole_length)
+        return LEAVE; /* compressed, or odd: restore_page decides */
+    PyObject *page = PyBytes_FromStringAndSize(NULL, BLCKSZ);
+    if (page == NULL)
+        return FAIL;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(page);
+    const uint8_t *src = (const uint8_t *)PyBytes_AS_STRING(data);
+    memcpy(p, src, hole_offset);
+    memset(p + hole_offset, 0, hole_length);
+    memcpy(p + hole_offset + hole_length, src + hole_offset, BLCKSZ - hole_offset - hole_length);
+    if (p[PD_UPPER_OFFSET] | p[PD_UPPER_OFFSET + 1]) {
+        /* PageSetLSN: pd_lsn is {xlogid, xrecoff}, each a native (little-endian) uint32 */
+        unsigned long long end =
+            PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(st->record, R_END_LSN));
+        uint32_t hi = (uint32_t)(end >> 32), lo = (uint32_t)end;
+        for (int i = 0; i < 4; i++) {
+            p[i] = (uint8_t)(hi >> (8 * i));
+            p[4 + i] = (uint8_t)(lo >> (8 * i));
+        }
+    }
+    *out = PyObject_CallOneArg(st->image_type, page);
+    Py_DECREF(page);
+    if (*out == NULL)
+        return FAIL;
+    *size = 1 + BLCKSZ;
+    return OK;
+}
+
+static PyObject *
+block_by_id(PyObject *blocks, long id)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
+        PyObject *b = PyTuple_GET_ITEM(blocks, i);
+        if (PyLong_AsLong(PyTuple_GET_ITEM(b, B_ID)) == id)
+            return b;
+    }
+    return NULL;
+}
+
+/* one VM clear (visibilitymap.vm_changes): a delta on the VM page, the VM fork extended */
+static int
+vm_clear(Ingest *st, PyObject *block)
+{
+    uint32_t spc, db, rel, blkno;
+    int r = rnode_fields(PyTuple_GET_ITEM(block, B_RNODE), &spc, &db, &rel);
+    if (r == OK)
+        r = get_u32(PyTuple_GET_ITEM(block, B_BLKNO), &blkno);
+    if (r != OK)
+        return r;
+    uint32_t vm_blkno = blkno / HEAPBLOCKS_PER_PAGE;
+    uint8_t key[KEY_SIZE];
+    store_key(key, spc, db, rel, VISIBILITYMAP_FORKNUM, vm_blkno);
+    if (!has_put(st, key)) {
+        PyObject *value;
+        Py_ssize_t size;
+        r = delta_value(st, 0, &value, &size);
+        if (r == OK)
+            r = put(st, key, value, size);
+        if (r != OK)
+            return r;
+    }
+    return extend(st, spc, db, rel, VISIBILITYMAP_FORKNUM, vm_blkno + 1);
+}
+
+static int
+vm_changes(Ingest *st, int rmid, int info)
+{
+    PyObject *blocks = PyTuple_GET_ITEM(st->record, R_BLOCKS);
+    PyObject *main = PyTuple_GET_ITEM(st->record, R_MAIN);
+    if (rmid == RM_BTREE_ID || PyBytes_GET_SIZE(main) == 0 || PyTuple_GET_SIZE(blocks) == 0)
+        return OK;
+    const uint8_t *d = (const uint8_t *)PyBytes_AS_STRING(main);
+    Py_ssize_t n = PyBytes_GET_SIZE(main);
+    PyObject *first = PyTuple_GET_ITEM(blocks, 0);
+    int op = info & 0x70;
+    if (rmid == RM_HEAP_ID) {
+        if (op == 0x00 && n >= 3 && (d[2] & 0x01)) /* INSERT, ALL_VISIBLE_CLEARED */
+            return vm_clear(st, first);
+        if (op == 0x10 && n >= 8 && (d[7] & 0x01)) /* DELETE, ALL_VISIBLE_CLEARED */
+            return vm_clear(st, first);
+        if ((op == 0x20 || op == 0x40) && n >= 8) { /* UPDATE, HOT_UPDATE */
+            PyObject *old = block_by_id(blocks, 1);
+            if (PyErr_Occurred())
+                return FAIL;
+            int r = OK;
+            if (d[7] & 0x01) /* OLD_ALL_VISIBLE_CLEARED */
+                r = vm_clear(st, old != NULL ? old : first);
+            if (r == OK && (d[7] & 0x02)) /* NEW_ALL_VISIBLE_CLEARED */
+                r = vm_clear(st, first);
+            return r;
+        }
+        if (op == 0x60 && n >= 8 && (d[7] & 0x01)) /* LOCK, ALL_FROZEN_CLEARED */
+            return vm_clear(st, first);
+        return OK;
+    }
+    if (op == 0x50 && (d[0] & 0x01)) /* HEAP2 MULTI_INSERT, ALL_VISIBLE_CLEARED */
+        return vm_clear(st, first);
+    if (op == 0x60 && n >= 8 && (d[7] & 0x01)) /* HEAP2 LOCK_UPDATED, ALL_FROZEN_CLEARED */
+        return vm_clear(st, first);
+    return OK;
+}
+
+static int
+xid_unchanged(PyObject *record, uint32_t next_xid)
+{
+    /* walingest._full_xid_at_least(current, xid) == current */
+    unsigned long x = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(record, R_XID));
+    if (x == (unsigned long)-1 && PyErr_Occurred())
+        return FAIL;
+    uint32_t xid = (uint32_t)x;
+    if (xid < FIRST_NORMAL_XID)
+        return OK;
+    uint32_t rounded = (xid + XID_CHECKPOINT_INTERVAL) & ~(XID_CHECKPOINT_INTERVAL - 1);
+    if (rounded < FIRST_NORMAL_XID)
+        rounded = FIRST_NORMAL_XID;
+    /* TransactionIdPrecedes(rounded, next_xid) or equal */
+    if (rounded == next_xid || (uint32_t)(rounded - next_xid) >= 0x80000000u)
+        return OK;
+    return LEAVE;
+}
+
+static int
+ingest_one(Ingest *st)
+{
+    PyObject *rec = st->record;
+    int rmid = (int)PyLong_AsLong(PyTuple_GET_ITEM(rec, R_RMGR));
+    int info = (int)PyLong_AsLong(PyTuple_GET_ITEM(rec, R_INFO));
+    if (PyErr_Occurred())
+        return FAIL;
+    if (rmid != RM_HEAP_ID && rmid != RM_HEAP2_ID && rmid != RM_BTREE_ID)
+        return LEAVE;
+    PyObject *blocks = PyTuple_GET_ITEM(rec, R_BLOCKS);
+    if (!PyTuple_Check(blocks))
+        return LEAVE;
+    st->has_image = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++)
+        if (PyTuple_GET_ITEM(PyTuple_GET_ITEM(blocks, i), B_IMAGE) != Py_None)
+            st->has_image = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
+        PyObject *b = PyTuple_GET_ITEM(blocks, i);
+        uint32_t spc, db, rel, fork, blkno;
+        int r = rnode_fields(PyTuple_GET_ITEM(b, B_RNODE), &spc, &db, &rel);
+        if (r == OK)
+            r = get_u32(PyTuple_GET_ITEM(b, B_FORK), &fork);
+        if (r == OK)
+            r = get_u32(PyTuple_GET_ITEM(b, B_BLKNO), &blkno);
+        if (r != OK)
+            return r;
+        if (rel == 0 || blkno == SIZE_MARKER || fork > 3)
+            return LEAVE; /* keys.py refuses these: let Python raise */
+        PyObject *image = PyTuple_GET_ITEM(b, B_IMAGE);
+        PyObject *value;
+        Py_ssize_t size;
+        if (image != Py_None) {
+            r = image_value(st, image, &value, &size);
+        } else {
+            long flags = PyLong_AsLong(PyTuple_GET_ITEM(b, B_FLAGS));
+            if (flags == -1 && PyErr_Occurred())
+                return FAIL;
+            r = delta_value(st, (flags & BKPBLOCK_WILL_INIT) != 0, &value, &size);
+        }
+        if (r != OK)
+            return r;
+        uint8_t key[KEY_SIZE];
+        store_key(key, spc, db, rel, fork, blkno);
+        r = put(st, key, value, size);
+        if (r == OK)
+            r = extend(st, spc, db, rel, fork, blkno + 1);
+        if (r != OK)
+            return r;
+    }
+    return vm_changes(st, rmid, info);
+}
+
+/* the record is done: sizes into the cache, values into the layer */
+static int
+commit(Ingest *st, PyObject *lsn, Py_ssize_t *bytes)
+{
+    for (int i = 0; i < st->n_staged; i++) {
+        SizeChange *s = &st->staged[i];
+        PyObject *k = Py_BuildValue(
+            "(kkkk)", (unsigned long)s->spc, (unsigned long)s->db, (unsigned long)s->rel,
+            (unsigned long)s->fork);
+        PyObject *v = PyLong_FromUnsignedLong(s->nblocks);
+        int r = (k == NULL || v == NULL) ? -1 : PyDict_SetItem(st->sizes, k, v);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (r < 0)
+            return FAIL;
+    }
+    for (int i = 0; i < st->n_puts; i++) {
+        Put *p = &st->puts[i];
+        PyObject *key = PyBytes_FromStringAndSize((const char *)p->key, KEY_SIZE);
+        if (key == NULL)
+            return FAIL;
+        PyObject *version = PyTuple_Pack(2, lsn, p->value);
+        if (version == NULL) {
+            Py_DECREF(key);
+            return FAIL;
+        }
+        PyObject *chain = PyDict_GetItemWithError(st->versions, key);
+        int r;
+        if (chain != NULL) {
+            r = PyList_Append(chain, version);
+        } else if (PyErr_Occurred()) {
+            r = -1;
+        } else {
+            PyObject *fresh = PyList_New(1);
+            if (fresh == NULL) {
+                r = -1;
+            } else {
+                Py_INCREF(version);
+                PyList_SET_ITEM(fresh, 0, version);
+                r = PyDict_SetItem(st->versions, key, fresh);
+                Py_DECREF(fresh);
+            }
+        }
+        Py_DECREF(version);
+        Py_DECREF(key);
+        if (r < 0)
+            return FAIL;
+        *bytes += p->size + VERSION_OVERHEAD;
+    }
+    return OK;
+}
+
+static PyObject *
+py_ingest_run(PyObject *self, PyObject *args)
+{
+    PyObject *records, *raws;
+    Py_ssize_t start;
+    Ingest st;
+    unsigned long long last_record_lsn;
+    Py_ssize_t budget;
+    unsigned long next_xid;
+    memset(&st, 0, sizeof st);
+    if (!PyArg_ParseTuple(
+            args, "O!O!n(O!O!O!O!KnkOO):ingest_run", &PyList_Type, &records, &PyList_Type, &raws,
+            &start, &PyDict_Type, &st.versions, &PySet_Type, &st.dbs, &PyDict_Type, &st.rels,
+            &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid, &st.image_type,
+            &st.delta_type))
+        return NULL;
+    if (PyList_GET_SIZE(raws) != PyList_GET_SIZE(records)) {
+        PyErr_SetString(PyExc_ValueError, "records and raws differ in length");
+        return NULL;
+    }
+    Py_ssize_t i = start, bytes = 0, versions = 0;
+    PyObject *last_end = NULL, *last_prev = NULL;
+    for (; i < PyList_GET_SIZE(records) && bytes < budget; i++) {
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) <= R_MAIN)
+            break;
+        unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_END_LSN));
+        if (end == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        if (end <= last_record_lsn)
+            break; /* already ingested: Python skips it */
+        st.record = rec;
+        st.raw = PyList_GET_ITEM(raws, i);
+        if (st.raw != Py_None && !PyBytes_Check(st.raw))
+            break;
+        int r = xid_unchanged(rec, (uint32_t)next_xid);
+        if (r == OK)
+            r = ingest_one(&st);
+        if (r == OK) {
+            r = commit(&st, PyTuple_GET_ITEM(rec, R_END_LSN), &bytes);
+            versions += st.n_puts;
+        }
+        reset_record(&st);
+        if (r == FAIL)
+            return NULL;
+        if (r == LEAVE)
+            break;
+        last_end = PyTuple_GET_ITEM(rec, R_END_LSN);
+        last_prev = PyTuple_GET_ITEM(rec, R_LSN);
+        last_record_lsn = end;
+    }
+    return Py_BuildValue(
+        "nnnOO", i, bytes, versions, last_end ? last_end : Py_None,
+        last_prev ? last_prev : Py_None);
+}
+
+static PyMethodDef methods[] = {
+    {"ingest_run", py_ingest_run, METH_VARARGS, "WalIngest's fast path (see the module comment)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_walingest", "C fast path of pageserver.ingest.walingest.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__walingest(void)
+{
+    return PyModule_Create(&module);
+}

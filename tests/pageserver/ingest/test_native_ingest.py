@@ -1,0 +1,171 @@
+"""The C ingest path (pageserver/ingest/_walingest.c) against WalIngest.ingest_record.
+
+One real server's WAL (pgbench, updates, deletes, VACUUM, index builds and page splits,
+full-page images after checkpoints, wal_log_hints) is ingested twice into stores imported
+from the same data directory: record by record through the Python reference, and in batches
+through NodeStore.ingest_batch with the C path. The layers written must be identical, byte
+for byte and cut at the same LSNs, and the C path must have taken most records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.ingest import native
+from pageserver.ingest.walingest import WalIngest
+from pageserver.storage.settings import StoreSettings
+from pg15.lsn import DEFAULT_SEGMENT_SIZE as SEG
+from pg15.lsn import segment_file_name
+from pg15.pg_control import read_control_file
+from pg15.records import DecodedRecord, decode_records
+from pg15.xlog_reader import RawRecord, WalReader
+from tests.pgtest import PgTestCluster
+
+PURE_PYTHON_ALLOWED = any(
+    os.environ.get(name, "") not in ("", "0")
+    for name in ("NEON_PURE_PYTHON", "NEON_ALLOW_PURE_PYTHON")
+)
+SMALL = StoreSettings(checkpoint_distance=4 * 1024 * 1024)
+"""Several freezes within the workload, so the cut points are compared too."""
+
+
+@pytest.fixture
+def c_extension() -> None:
+    """Fail (never skip silently) when the C extension is missing."""
+    if native.walingest is not None:
+        return
+    if PURE_PYTHON_ALLOWED:
+        pytest.skip("C extension off or not built; allowed by NEON_(ALLOW_)PURE_PYTHON=1")
+    pytest.fail(
+        "the C extension pageserver.ingest._walingest is not built: install gcc and "
+        "python3-dev and run `make setup`, or set NEON_ALLOW_PURE_PYTHON=1"
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    base: Path  # the data directory at its shutdown checkpoint, before the workload
+    records: list[DecodedRecord]
+    raws: list[RawRecord]
+
+
+@pytest.fixture(scope="module")
+def workload(
+    pg_cluster_module: PgTestCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Workload:
+    server = pg_cluster_module.create(
+        {"wal_log_hints": "on", "autovacuum": "off", "wal_keep_size": "1GB"}, start=False
+    )
+    base = tmp_path_factory.mktemp("base") / "pgdata"
+    shutil.copytree(server.datadir, base)
+    server.start()
+    c = server.dsn()
+    server.run("pgbench", "-i", "-s", "2", "-q", c)
+    server.psql("CHECKPOINT")
+    server.run("pgbench", "-c", "2", "-t", "300", c)
+    server.psql(
+        "CREATE TABLE t (id int PRIMARY KEY, pad text);"
+        "INSERT INTO t SELECT g, repeat('x', g % 200) FROM generate_series(1, 20000) g;"
+        "CREATE INDEX ON t (pad);"
+        "UPDATE t SET pad = pad || 'y' WHERE id % 3 = 0;"
+        "DELETE FROM t WHERE id % 5 = 0;"
+        "VACUUM FREEZE t;"
+        "CHECKPOINT;"
+        "UPDATE t SET pad = 'z' WHERE id % 7 = 0;"
+        "DROP INDEX t_pad_idx;"
+        "TRUNCATE pgbench_history;"
+    )
+    server.stop()
+    records: list[DecodedRecord] = []
+    raws: list[RawRecord] = []
+    start = read_control_file(base).checkpoint_lsn  # its record is skipped: already imported
+    reader = WalReader(start, SEG, timeline=1)
+    segno = start // SEG
+    while reader.end_of_wal is None:
+        path = server.wal_dir / segment_file_name(1, segno, SEG)
+        if not path.exists():
+            break
+        data = path.read_bytes()
+        reader.feed(data[start - segno * SEG :] if segno == start // SEG else data)
+        while batch := reader.read_batch():
+            raws.extend(batch)
+            records.extend(decode_records(batch))
+        segno += 1
+    assert len(records) > 20000
+    return Workload(base, records, raws)
+
+
+@pytest.fixture
+def stores(tmp_path: Path, workload: Workload) -> Iterator[tuple[NodeStore, NodeStore]]:
+    histories = [StorageHistory(tmp_path / name, SMALL) for name in ("python", "native")]
+    pair = (NodeStore(histories[0], "py"), NodeStore(histories[1], "c"))
+    for store in pair:
+        store.import_datadir(workload.base)
+    yield pair
+    for history in histories:
+        history.close()
+
+
+def layer_contents(store: NodeStore) -> list[tuple[int, int, list[tuple[bytes, int, bytes]]]]:
+    store.timeline.freeze_and_flush()
+    layers = sorted(
+        (x for x in store.timeline.layer_map().layers() if not x.name.is_image),
+        key=lambda x: x.lsn_start,
+    )
+    return [(x.lsn_start, x.lsn_end, list(x.iter_encoded())) for x in layers]
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_c_ingest_writes_the_same_layers_as_python(
+    workload: Workload, stores: tuple[NodeStore, NodeStore]
+) -> None:
+    python, fast = stores
+    for record, raw in zip(workload.records, workload.raws, strict=True):
+        python.ingest(record, raw.data)
+
+    taken = 0
+    ingest_native = WalIngest.ingest_native
+
+    def counting(self: WalIngest, records: list[DecodedRecord], raws: list[bytes | None],
+                 start: int) -> int:  # fmt: skip
+        nonlocal taken
+        reached = ingest_native(self, records, raws, start)
+        taken += reached - start
+        return reached
+
+    WalIngest.ingest_native = counting  # type: ignore[method-assign]
+    try:
+        for i in range(0, len(workload.records), 500):  # the decode loop's batches
+            fast.ingest_batch(
+                workload.records[i : i + 500], [r.data for r in workload.raws[i : i + 500]]
+            )
+    finally:
+        WalIngest.ingest_native = ingest_native  # type: ignore[method-assign]
+
+    assert fast.timeline.last_record_lsn == python.timeline.last_record_lsn
+    assert fast.timeline.prev_record_lsn == python.timeline.prev_record_lsn
+    assert len(layer_contents(python)) > 2
+    assert layer_contents(fast) == layer_contents(python)
+    assert fast.index.last_lsn == python.index.last_lsn
+    assert taken > 0.6 * len(workload.records), (taken, len(workload.records))
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_records_without_raw_bytes_and_restarts_go_to_python(
+    workload: Workload, stores: tuple[NodeStore, NodeStore]
+) -> None:
+    """No raw bytes: deltas cannot be made in C; already-ingested records are skipped."""
+    python, fast = stores
+    head = workload.records[:3000]
+    for i, (record, raw) in enumerate(zip(head, workload.raws, strict=False)):
+        python.ingest(record, raw.data if i < 2000 else None)
+    fast.ingest_batch(head[:2000], [r.data for r in workload.raws[:2000]])
+    fast.ingest_batch(head, [None] * len(head))  # 0..1999 again: skipped
+    assert layer_contents(fast) == layer_contents(python)
