@@ -42,6 +42,12 @@ def test_two_areas_on_one_node_keep_the_longer_window(neon: NeonCli) -> None:
 
 
 def test_extracting_collected_history_fails_at_extraction(neon: NeonCli) -> None:
+    # GC removes whole layer files: the history at `early` goes only if no delta layer holding
+    # it spans the GC horizon. Small flushes and no L0 merges (whose L1 layers span every
+    # merged L0, possibly past the horizon) make sure of that whatever the timing.
+    neon.env_extra.update(
+        NEON_STORE_CHECKPOINT_DISTANCE=str(1024 * 1024), NEON_STORE_COMPACTION_THRESHOLD="1000"
+    )
     c = create_node(neon, "main")
     neon.run("pitr", "create", "short", "--ttl", "1s")
     early = write_history(neon, c)
