@@ -4,8 +4,7 @@
  *
  *   Heap   INSERT, UPDATE, HOT_UPDATE, DELETE, LOCK, INPLACE, CONFIRM
  *   Heap2  PRUNE, VACUUM, FREEZE_PAGE, VISIBLE (the heap page), MULTI_INSERT, LOCK_UPDATED
- *   Btree  INSERT_LEAF/UPPER/META/POST, SPLIT_L/SPLIT_R, VACUUM and DELETE without posting
- *          list updates
+ *   Btree  INSERT_LEAF/UPPER/META/POST, SPLIT_L/SPLIT_R, DEDUP, VACUUM, DELETE
  *
  * following PostgreSQL 15's heap_xlog_* (src/backend/access/heap/heapam.c),
  * heap_page_prune_execute (pruneheap.c), btree_xlog_* (nbtree/nbtxlog.c), _bt_swap_posting
@@ -126,6 +125,7 @@
 #define XLOG_BTREE_SPLIT_L 0x30
 #define XLOG_BTREE_SPLIT_R 0x40
 #define XLOG_BTREE_INSERT_POST 0x50
+#define XLOG_BTREE_DEDUP 0x60
 #define XLOG_BTREE_DELETE 0x70
 #define XLOG_BTREE_VACUUM 0xC0
 #define BT_OPAQUE_SIZE 16
@@ -1298,7 +1298,95 @@ bt_split(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_pre
     return OK;
 }
 
-/* btree_xlog_vacuum / btree_xlog_delete without posting-list updates (those go to Python). */
+/* PageIndexTupleOverwrite: replace an index item in place, moving the data below it when
+ * the size changes (FALLBACK where it returns false). */
+static int
+page_index_tuple_overwrite(uint8_t *p, unsigned offnum, const uint8_t *item, size_t newsize)
+{
+    unsigned lower, upper, special;
+    if (check_pointers(p, 1, &lower, &upper, &special) != OK)
+        return FALLBACK;
+    unsigned nline = (lower - SIZE_OF_PAGE_HEADER) / ITEM_ID_SIZE;
+    if (offnum < 1 || offnum > nline)
+        return FALLBACK;
+    uint32_t raw = lp(p, offnum);
+    unsigned offset = LP_OFF(raw), oldsize = LP_LEN(raw);
+    if (offset < upper || offset + oldsize > special || offset != MAXALIGN(offset))
+        return FALLBACK;
+    oldsize = (unsigned)MAXALIGN(oldsize);
+    size_t aligned = MAXALIGN(newsize);
+    if (aligned > oldsize + (upper - lower))
+        return FALLBACK;
+    int diff = (int)oldsize - (int)aligned;
+    if (diff) {
+        memmove(p + (int)upper + diff, p + upper, offset - upper);
+        s16(p, OFF_UPPER, (unsigned)((int)upper + diff));
+        for (unsigned i = 1; i <= nline; i++) { /* shift_offsets(storage_only) by diff */
+            uint32_t r2 = lp(p, i);
+            if (LP_OFF(r2) <= offset && LP_LEN(r2))
+                s32(p, LP_AT(i), r2 + (uint32_t)diff);
+        }
+    }
+    unsigned at = (unsigned)((int)offset + diff);
+    s32(p, LP_AT(offnum), LP_RAW(at, LP_FLAGS(raw), newsize));
+    memcpy(p + at, item, newsize);
+    return OK;
+}
+
+static int
+bt_is_posting(const uint8_t *t)
+{
+    return (g16(t, 6) & INDEX_ALT_TID_MASK) && (g16(t, 4) & BT_IS_POSTING);
+}
+
+/* _bt_form_posting: `base`'s key with the `ntids` heap TIDs at `tids`; returns the size. */
+static long
+bt_form_posting(uint8_t *out, const uint8_t *base, unsigned baselen, const uint8_t *tids,
+                size_t ntids)
+{
+    size_t keysize = bt_is_posting(base) ? (((size_t)g16(base, 0) << 16) | g16(base, 2))
+                                         : index_tuple_size(base);
+    if (ntids == 0 || keysize > baselen || keysize < INDEX_TUPLE_HEADER)
+        return FALLBACK;
+    size_t newsize = ntids > 1 ? MAXALIGN(keysize + ntids * TID_SIZE) : keysize;
+    if (newsize > INDEX_SIZE_MASK)
+        return FALLBACK;
+    memset(out, 0, newsize);
+    memcpy(out, base, keysize);
+    unsigned info = (g16(out, 6) & ~INDEX_SIZE_MASK) | (unsigned)newsize;
+    if (ntids > 1) {
+        info |= INDEX_ALT_TID_MASK;
+        s16(out, 0, (unsigned)(keysize >> 16));
+        s16(out, 2, (unsigned)(keysize & 0xFFFF));
+        s16(out, 4, (unsigned)ntids | BT_IS_POSTING);
+        memcpy(out + keysize, tids, ntids * TID_SIZE);
+    } else {
+        info &= ~INDEX_ALT_TID_MASK;
+        memcpy(out, tids, TID_SIZE);
+    }
+    s16(out, 6, info);
+    return (long)newsize;
+}
+
+/* The heap TIDs of a plain or posting tuple (pointer and count), FALLBACK if out of bounds. */
+static int
+bt_tids(const uint8_t *t, unsigned len, const uint8_t **tids, size_t *n)
+{
+    if (bt_is_posting(t)) {
+        size_t off = ((size_t)g16(t, 0) << 16) | g16(t, 2);
+        *n = g16(t, 4) & BT_OFFSET_MASK;
+        if (off + *n * TID_SIZE > len)
+            return FALLBACK;
+        *tids = t + off;
+    } else {
+        *n = 1;
+        *tids = t;
+    }
+    return OK;
+}
+
+/* btree_xlog_vacuum / btree_xlog_delete: posting lists lose their deleted TIDs
+ * (_bt_update_posting), then the deleted items go (PageIndexMultiDelete). */
 static int
 bt_vacuum_or_delete(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
 {
@@ -1306,15 +1394,120 @@ bt_vacuum_or_delete(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
     size_t at = is_delete ? 4 : 0;
     if ((size_t)r->main_len < at + 4 || !have_prev)
         return FALLBACK;
-    unsigned ndeleted = g16(r->main, at), nupdated = g16(r->main, at + 2);
-    if (nupdated || (size_t)b->len < 2 * (size_t)ndeleted)
+    size_t ndeleted = g16(r->main, at), nupdated = g16(r->main, at + 2);
+    const uint8_t *d = b->data;
+    size_t len = (size_t)b->len, pos = 2 * (ndeleted + nupdated);
+    if (len < pos)
         return FALLBACK;
-    if (ndeleted && page_index_multi_delete(p, b->data, ndeleted) != OK)
+    for (size_t k = 0; k < nupdated; k++) {
+        unsigned offnum = g16(d, 2 * (ndeleted + k));
+        if (pos + 2 > len)
+            return FALLBACK;
+        size_t ndrop = g16(d, pos);
+        const uint8_t *drop = d + pos + 2;
+        pos += 2 + 2 * ndrop;
+        if (pos > len)
+            return FALLBACK;
+        const uint8_t *orig, *tids;
+        unsigned olen;
+        size_t n;
+        if (get_item(p, offnum, &orig, &olen) != OK || olen < INDEX_TUPLE_HEADER ||
+            !bt_is_posting(orig) || bt_tids(orig, olen, &tids, &n) != OK)
+            return FALLBACK;
+        uint8_t keep[BLCKSZ], newtup[BLCKSZ];
+        size_t nkeep = 0;
+        for (size_t i = 0; i < n; i++) {
+            int dropped = 0;
+            for (size_t j = 0; j < ndrop && !dropped; j++)
+                dropped = g16(drop, 2 * j) == i;
+            if (!dropped)
+                memcpy(keep + TID_SIZE * nkeep++, tids + TID_SIZE * i, TID_SIZE);
+        }
+        long newlen = bt_form_posting(newtup, orig, olen, keep, nkeep);
+        if (newlen < 0 || page_index_tuple_overwrite(p, offnum, newtup, (size_t)newlen) != OK)
+            return FALLBACK;
+    }
+    if (ndeleted && page_index_multi_delete(p, d, (unsigned)ndeleted) != OK)
         return FALLBACK;
     long s = bt_special(p);
     if (s < 0)
         return FALLBACK;
     s16(p, (size_t)s + 12, g16(p, (size_t)s + 12) & ~BTP_HAS_GARBAGE);
+    return OK;
+}
+
+/* btree_xlog_dedup: the page is rebuilt with each logged interval merged into one posting
+ * list (_bt_dedup_start_pending, _bt_dedup_save_htid, _bt_dedup_finish_pending). */
+static int
+bt_dedup(const Rec *r, const Blk *b, uint8_t *p, int have_prev)
+{
+    if (r->main_len < 2 || !have_prev)
+        return FALLBACK;
+    size_t nintervals = g16(r->main, 0);
+    if ((size_t)b->len < 4 * nintervals)
+        return FALLBACK;
+    const uint8_t *iv = b->data;
+    long special = bt_special(p);
+    if (special < 0 || special != (long)MAXALIGN(special))
+        return FALLBACK;
+    uint8_t out[BLCKSZ]; /* PageGetTempPageCopySpecial */
+    page_init(out, BLCKSZ - (size_t)special);
+    memcpy(out + special, p + special, BLCKSZ - (size_t)special);
+    const uint8_t *item;
+    unsigned ilen;
+    int rightmost = g32(p, (size_t)special + 4) == 0;
+    if (!rightmost) {
+        if (get_item(p, P_HIKEY, &item, &ilen) != OK || !page_add_item(out, item, ilen, P_HIKEY, 0, 0))
+            return FALLBACK;
+    }
+    unsigned minoff = rightmost ? P_HIKEY : P_HIKEY + 1, maxoff = max_offset(p);
+    size_t ninterval = 0, nitems = 0, ntids = 0;
+    unsigned baseoff = 0, baselen = 0;
+    const uint8_t *base = NULL;
+    uint8_t tids[BLCKSZ], posting[BLCKSZ];
+    for (unsigned offnum = minoff; offnum <= maxoff + 1; offnum++) {
+        const uint8_t *t = NULL, *ttids;
+        size_t tn = 0;
+        if (offnum <= maxoff) {
+            if (get_item(p, offnum, &item, &ilen) != OK || ilen < INDEX_TUPLE_HEADER ||
+                bt_tids(item, ilen, &ttids, &tn) != OK)
+                return FALLBACK;
+            t = item;
+            if (offnum != minoff && ninterval < nintervals && baseoff == g16(iv, 4 * ninterval) &&
+                nitems < g16(iv, 4 * ninterval + 2)) {
+                if ((ntids + tn) * TID_SIZE > sizeof tids)
+                    return FALLBACK;
+                memcpy(tids + ntids * TID_SIZE, ttids, tn * TID_SIZE);
+                ntids += tn;
+                nitems++;
+                continue;
+            }
+        }
+        if (offnum != minoff) { /* finish the pending base */
+            unsigned target = max_offset(out) + 1;
+            if (nitems == 1) {
+                if (!page_add_item(out, base, baselen, target, 0, 0))
+                    return FALLBACK;
+            } else {
+                long plen = bt_form_posting(posting, base, baselen, tids, ntids);
+                if (plen < 0 || !page_add_item(out, posting, (size_t)plen, target, 0, 0))
+                    return FALLBACK;
+                ninterval++;
+            }
+        }
+        if (offnum > maxoff)
+            break;
+        base = t;
+        baselen = ilen;
+        baseoff = offnum;
+        nitems = 1;
+        if (tn * TID_SIZE > sizeof tids)
+            return FALLBACK;
+        memcpy(tids, ttids, tn * TID_SIZE);
+        ntids = tn;
+    }
+    s16(out, (size_t)SPECIAL(out) + 12, g16(out, (size_t)SPECIAL(out) + 12) & ~BTP_HAS_GARBAGE);
+    memcpy(p, out, BLCKSZ);
     return OK;
 }
 
@@ -1340,6 +1533,7 @@ handled(int rmgr, unsigned info, unsigned block_id)
         case XLOG_BTREE_INSERT_POST:
         case XLOG_BTREE_SPLIT_L:
         case XLOG_BTREE_SPLIT_R:
+        case XLOG_BTREE_DEDUP:
         case XLOG_BTREE_VACUUM:
         case XLOG_BTREE_DELETE:
             return 1;
@@ -1398,6 +1592,8 @@ apply(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_prev)
     case XLOG_BTREE_VACUUM:
     case XLOG_BTREE_DELETE:
         return bt_vacuum_or_delete(r, b, p, have_prev);
+    case XLOG_BTREE_DEDUP:
+        return bt_dedup(r, b, p, have_prev);
     }
     return bt_insert(r, block_id, b, p, have_prev);
 }
