@@ -1,6 +1,6 @@
 """Redo benchmark (issue 5): our native redo against stock PostgreSQL replaying the same WAL.
 
-    .venv/bin/python -m bench.redo [--wal-mib 256] [--keep] [--profile FILE]
+    .venv/bin/python -m bench.redo [--wal-mib 256] [--keep] [--profile FILE] [--python-redo]
 
 1. A throwaway PostgreSQL 15 server (full_page_writes on, as by default); `pgbench -i`; then
    CHECKPOINT and, with the server idle (autovacuum off, nothing writes), the data directory
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,19 @@ from bench.common import (
     wal_segment_size,
 )
 from cli import postmaster
-from pageserver.redo import REDO_BY_RMGR, PageError, mask_page, needs_previous, redo_block
+from pageserver.redo import (
+    REDO_BY_RMGR,
+    PageError,
+    mask_page,
+    needs_previous,
+    redo_block,
+    redo_block_python,
+)
+from pageserver.redo.native import redo as native_redo
 from pageserver.redo.page import get_special, page_is_new
 from pg15.constants import BLCKSZ, RM_BTREE_ID, RM_HEAP_ID
 from pg15.lsn import format_lsn, parse_lsn, segment_file_name
-from pg15.records import RelFileNode, decode_record
+from pg15.records import DecodedRecord, RelFileNode, decode_record
 from pg15.xlog_reader import WalReader
 from tests.pgtest import PgTestCluster, PgTestServer
 
@@ -68,6 +77,7 @@ RELSEG_BLOCKS = (1 << 30) // BLCKSZ
 GLOBALTABLESPACE_OID = 1664
 FORK_SUFFIX = {0: "", 1: "_fsm", 2: "_vm", 3: "_init"}
 START_TIMEOUT = 1800
+RedoBlock = Callable[[DecodedRecord, int, "bytes | None"], bytes]
 
 SERVER_SETTINGS: dict[str, object] = {
     "fsync": "off",
@@ -182,7 +192,7 @@ class BasePages:
         return page if len(page) == BLCKSZ else None
 
 
-def redo_wal(w: Workload, pages: dict[PageKey, bytes]) -> OurRedo:
+def redo_wal(w: Workload, pages: dict[PageKey, bytes], redo: RedoBlock = redo_block) -> OurRedo:
     """Replay the crashed server's WAL from BASE's redo point with native redo; the final
     version of every page the WAL touches is left in `pages`."""
     out = OurRedo()
@@ -218,7 +228,7 @@ def redo_wal(w: Workload, pages: dict[PageKey, bytes]) -> OurRedo:
                         base_read += perf() - t0
                         out.base_reads += 1
                     try:
-                        pages[key] = redo_block(record, ref.block_id, page)
+                        pages[key] = redo(record, ref.block_id, page)
                     except PageError as exc:
                         if len(out.errors) < 20:
                             out.errors.append(str(exc))
@@ -333,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             profile.enable()
         pages: dict[PageKey, bytes] = {}
         try:
-            ours = redo_wal(w, pages)
+            ours = redo_wal(w, pages, redo_block_python if args.python_redo else redo_block)
         finally:
             if profile is not None:
                 profile.disable()
@@ -353,11 +363,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if stock.redo_elapsed is None:
         raise RuntimeError(f"no 'redo done' line in the recovery log:\n{stock.log[-2000:]}")
 
+    implementation = (
+        "C fast path (pageserver/redo/_redo.c), the rest in Python"
+        if native_redo is not None and not args.python_redo
+        else "pure Python"
+    )
     m = ours.measure
     ours_total = ours.decode_s + ours.redo_s
     stock_ready = stock.wall - baseline.wall
     stock_rate = rate(ours.records, stock.redo_elapsed)
     results.update(
+        redo_implementation=implementation,
         wal_mib=round(mib(ours.wal_bytes), 1),
         pgbench_scale=w.scale,
         pgbench_rounds=w.rounds,
@@ -408,7 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"Redo of {results['wal_mib']} MiB of pgbench WAL (scale {w.scale}, {ours.records:,} "
         f"records, {ours.pages:,} block references, {ours.images:,} of them images), "
-        f"{results['redo_from']}..{results['redo_to']}"
+        f"{results['redo_from']}..{results['redo_to']}; redo: {implementation}"
     )
     print_table(
         ["", "seconds", "records/s", "pages/s"],
@@ -454,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wal-mib", type=int, default=256, help="pgbench WAL to replay")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (BASE, WAL, logs)")
     ap.add_argument("--profile", type=Path, help="cProfile our replay into this file")
+    ap.add_argument(
+        "--python-redo",
+        action="store_true",
+        help="redo with the Python reference only (the C fast path of pageserver/redo off)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
