@@ -27,15 +27,19 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* PyMemberDef (the slots of the value types) */
 #include <stdint.h>
 #include <string.h>
 
 #define BLCKSZ 8192
 #define KEY_SIZE 18
 #define REL_PREFIX 0x00
+#define SLRU_PREFIX 0x01 /* keys._SLRU_PREFIX */
+#define CLOG_KIND 0      /* keys.SlruKind.CLOG */
 #define SIZE_MARKER 0xFFFFFFFFu
 #define VERSION_OVERHEAD 48 /* inmemory.VERSION_OVERHEAD */
 
+#define RM_XACT_ID 1
 #define RM_HEAP2_ID 9
 #define RM_HEAP_ID 10
 #define RM_BTREE_ID 11
@@ -72,9 +76,13 @@ typedef struct {
 typedef struct {
     /* context */
     PyObject *versions, *dbs, *rels, *sizes, *image_type, *delta_type;
+    PyObject *clog_segments, *slru_sizes, *clog_kind;
+    Py_ssize_t image_data, delta_record, delta_will_init; /* slot offsets */
+    uint32_t next_xid;
     /* per record */
     PyObject *record, *raw;
     int has_image;
+    PyObject *payload;  /* u64 start LSN + the record bytes, made on first use */
     PyObject *delta[2]; /* WalDelta(payload, False/True), made on first use */
     Put puts[MAX_PUTS];
     int n_puts;
@@ -82,17 +90,54 @@ typedef struct {
     int n_staged;
 } Ingest;
 
+/*
+ * Image and WalDelta are frozen, slotted dataclasses: their fields are member slots. Making one
+ * through its __init__ (Python code, object.__setattr__ per field) cost more than the rest of
+ * a record's ingest, so they are allocated and their slots filled here, as __init__ would.
+ */
+static Py_ssize_t
+slot_offset(PyObject *type, const char *name)
+{
+    PyObject *descr = PyObject_GetAttrString(type, name);
+    if (descr == NULL)
+        return -1;
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type))
+        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    else
+        PyErr_Format(PyExc_TypeError, "%s is not a slot of the value type", name);
+    Py_DECREF(descr);
+    return offset;
+}
+
+static PyObject *
+new_value(PyObject *type, Py_ssize_t off1, PyObject *v1, Py_ssize_t off2, PyObject *v2)
+{
+    PyTypeObject *t = (PyTypeObject *)type;
+    PyObject *obj = t->tp_alloc(t, 0);
+    if (obj == NULL)
+        return NULL;
+    Py_INCREF(v1);
+    *(PyObject **)((char *)obj + off1) = v1;
+    if (v2 != NULL) {
+        Py_INCREF(v2);
+        *(PyObject **)((char *)obj + off2) = v2;
+    }
+    return obj;
+}
+
 /* outcome of one record */
 #define OK 0
 #define LEAVE -1 /* not handled here: Python ingests it */
 #define FAIL -2  /* a Python exception is set */
 
 static void
-store_key(uint8_t *k, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint32_t blkno)
+store_key6(uint8_t *k, uint8_t prefix, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork,
+           uint32_t blkno)
 {
-    /* keys.py: struct ">BIIIBI" (prefix, spc, db, rel, fork, block) */
+    /* keys.py: struct ">BIIIBI" (prefix, then four fields, fork-like byte, block) */
     uint32_t f[3] = {spc, db, rel};
-    k[0] = REL_PREFIX;
+    k[0] = prefix;
     for (int i = 0; i < 3; i++) {
         k[1 + 4 * i] = (uint8_t)(f[i] >> 24);
         k[2 + 4 * i] = (uint8_t)(f[i] >> 16);
@@ -107,6 +152,12 @@ store_key(uint8_t *k, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, ui
 }
 
 static void
+store_key(uint8_t *k, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint32_t blkno)
+{
+    store_key6(k, REL_PREFIX, spc, db, rel, fork, blkno);
+}
+
+static void
 reset_record(Ingest *st)
 {
     for (int i = 0; i < st->n_puts; i++)
@@ -115,6 +166,7 @@ reset_record(Ingest *st)
     st->n_staged = 0;
     Py_CLEAR(st->delta[0]);
     Py_CLEAR(st->delta[1]);
+    Py_CLEAR(st->payload);
 }
 
 /* self._puts[key] = value: replace in place, or append (steals `value`) */
@@ -154,37 +206,27 @@ delta_value(Ingest *st, int will_init, PyObject **out, Py_ssize_t *size)
 {
     if (st->raw == Py_None || st->has_image)
         return LEAVE; /* the payload must be re-encoded without images: Python does it */
-    if (st->delta[will_init] == NULL) {
-        PyObject *payload = NULL;
-        if (st->delta[!will_init] != NULL) {
-            payload = PyObject_GetAttrString(st->delta[!will_init], "record");
-        } else {
-            unsigned long long start =
-                PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(st->record, R_LSN));
-            if (start == (unsigned long long)-1 && PyErr_Occurred())
-                return FAIL;
-            Py_ssize_t n = PyBytes_GET_SIZE(st->raw);
-            payload = PyBytes_FromStringAndSize(NULL, 8 + n);
-            if (payload != NULL) {
-                char *p = PyBytes_AS_STRING(payload);
-                for (int i = 0; i < 8; i++)
-                    p[i] = (char)(start >> (8 * i));
-                memcpy(p + 8, PyBytes_AS_STRING(st->raw), n);
-            }
-        }
-        if (payload == NULL)
+    if (st->payload == NULL) {
+        unsigned long long start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(st->record, R_LSN));
+        if (start == (unsigned long long)-1 && PyErr_Occurred())
             return FAIL;
-        st->delta[will_init] = PyObject_CallFunction(
-            st->delta_type, "OO", payload, will_init ? Py_True : Py_False);
-        Py_DECREF(payload);
+        Py_ssize_t n = PyBytes_GET_SIZE(st->raw);
+        st->payload = PyBytes_FromStringAndSize(NULL, 8 + n);
+        if (st->payload == NULL)
+            return FAIL;
+        char *p = PyBytes_AS_STRING(st->payload);
+        for (int i = 0; i < 8; i++)
+            p[i] = (char)(start >> (8 * i));
+        memcpy(p + 8, PyBytes_AS_STRING(st->raw), n);
+    }
+    if (st->delta[will_init] == NULL) {
+        st->delta[will_init] = new_value(
+            st->delta_type, st->delta_record, st->payload, st->delta_will_init,
+            will_init ? Py_True : Py_False);
         if (st->delta[will_init] == NULL)
             return FAIL;
     }
-    PyObject *record = PyObject_GetAttrString(st->delta[will_init], "record");
-    if (record == NULL)
-        return FAIL;
-    *size = 1 + PyBytes_GET_SIZE(record);
-    Py_DECREF(record);
+    *size = 1 + PyBytes_GET_SIZE(st->payload);
     Py_INCREF(st->delta[will_init]);
     *out = st->delta[will_init];
     return OK;
@@ -202,13 +244,14 @@ get_u32(PyObject *obj, uint32_t *out)
     return OK;
 }
 
+static PyObject *rnode_names[3]; /* "spc", "db", "rel", interned at import */
+
 static int
 rnode_fields(PyObject *rnode, uint32_t *spc, uint32_t *db, uint32_t *rel)
 {
-    static const char *names[3] = {"spc", "db", "rel"};
     uint32_t *outs[3] = {spc, db, rel};
     for (int i = 0; i < 3; i++) {
-        PyObject *v = PyObject_GetAttrString(rnode, names[i]);
+        PyObject *v = PyObject_GetAttr(rnode, rnode_names[i]);
         if (v == NULL)
             return FAIL;
         int r = get_u32(v, outs[i]);
@@ -287,7 +330,7 @@ put_size: {
     PyObject *data = PyBytes_FromStringAndSize((const char *)le, 4);
     if (data == NULL)
         return FAIL;
-    PyObject *value = PyObject_CallOneArg(st->image_type, data);
+    PyObject *value = new_value(st->image_type, st->image_data, data, 0, NULL);
     Py_DECREF(data);
     if (value == NULL)
         return FAIL;
@@ -327,7 +370,7 @@ image_value(Ingest *st, PyObject *image, PyObject **out, Py_ssize_t *size)
             p[4 + i] = (uint8_t)(lo >> (8 * i));
         }
     }
-    *out = PyObject_CallOneArg(st->image_type, page);
+    *out = new_value(st->image_type, st->image_data, page, 0, NULL);
     Py_DECREF(page);
     if (*out == NULL)
         return FAIL;
@@ -409,14 +452,10 @@ vm_changes(Ingest *st, int rmid, int info)
     return OK;
 }
 
+/* walingest._note_xid changes nothing: _full_xid_at_least(current, xid) == current */
 static int
-xid_unchanged(PyObject *record, uint32_t next_xid)
+xid_unchanged(uint32_t xid, uint32_t next_xid)
 {
-    /* walingest._full_xid_at_least(current, xid) == current */
-    unsigned long x = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(record, R_XID));
-    if (x == (unsigned long)-1 && PyErr_Occurred())
-        return FAIL;
-    uint32_t xid = (uint32_t)x;
     if (xid < FIRST_NORMAL_XID)
         return OK;
     uint32_t rounded = (xid + XID_CHECKPOINT_INTERVAL) & ~(XID_CHECKPOINT_INTERVAL - 1);
@@ -428,6 +467,136 @@ xid_unchanged(PyObject *record, uint32_t next_xid)
     return LEAVE;
 }
 
+static uint32_t
+load_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+/*
+ * WalIngest._ingest_xact for a plain COMMIT or ABORT (xact.h: xl_xact_commit / xl_xact_abort,
+ * then the parts xinfo announces, in order): a delta on the CLOG page of each xid (the
+ * top-level one and its subtransactions), in page order. Records that drop relations, belong
+ * to two-phase commit or carry parts not walked here go to Python, and so does a CLOG segment
+ * not in the caches or too short (its size grows).
+ */
+static int
+ingest_xact(Ingest *st, int info)
+{
+    int op = info & 0x70; /* XLOG_XACT_OPMASK */
+    if (op != 0x00 && op != 0x20)
+        return LEAVE; /* COMMIT, ABORT only */
+    if (PyTuple_GET_SIZE(PyTuple_GET_ITEM(st->record, R_BLOCKS)) != 0)
+        return LEAVE;
+    PyObject *main = PyTuple_GET_ITEM(st->record, R_MAIN);
+    const uint8_t *d = (const uint8_t *)PyBytes_AS_STRING(main);
+    Py_ssize_t n = PyBytes_GET_SIZE(main), pos = 8; /* xact_time */
+    uint32_t xinfo = 0;
+    if (info & 0x80) { /* XLOG_XACT_HAS_INFO */
+        if (n < pos + 4)
+            return LEAVE;
+        xinfo = load_u32(d + pos);
+        pos += 4;
+    }
+    /* DBINFO, SUBXACTS, INVALS, AE_LOCKS, ORIGIN: anything else goes to Python */
+    if (xinfo & ~(uint32_t)((1 << 0) | (1 << 1) | (1 << 3) | (1 << 5) | (1 << 6)))
+        return LEAVE;
+    if (xinfo & (1 << 0))
+        pos += 8;
+    uint32_t nsub = 0;
+    const uint8_t *subs = NULL;
+    if (xinfo & (1 << 1)) {
+        if (n < pos + 4)
+            return LEAVE;
+        int32_t count = (int32_t)load_u32(d + pos);
+        if (count < 0 || count > 65536 || n < pos + 4 + 4 * (Py_ssize_t)count)
+            return LEAVE;
+        nsub = (uint32_t)count;
+        subs = d + pos + 4;
+        pos += 4 + 4 * (Py_ssize_t)count;
+    }
+    if ((xinfo & (1 << 3)) && op == 0x00) {
+        if (n < pos + 4)
+            return LEAVE;
+        int32_t count = (int32_t)load_u32(d + pos);
+        if (count < 0 || n < pos + 4 + 16 * (Py_ssize_t)count) /* SharedInvalidationMessage */
+            return LEAVE;
+        pos += 4 + 16 * (Py_ssize_t)count;
+    }
+    if ((xinfo & (1 << 5)) && n < pos + 16) /* xl_xact_origin */
+        return LEAVE;
+    if (n < pos)
+        return LEAVE;
+
+    unsigned long top = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(st->record, R_XID));
+    if (top == (unsigned long)-1 && PyErr_Occurred())
+        return FAIL;
+    /* the CLOG pages (clog.c: CLOG_XACTS_PER_PAGE = BLCKSZ * 4), sorted and unique */
+    uint32_t pages[64];
+    int npages = 0;
+    for (uint32_t i = 0; i <= nsub; i++) {
+        uint32_t xid;
+        if (i == 0) {
+            if (top == 0)
+                continue;
+            xid = (uint32_t)top;
+        } else {
+            xid = load_u32(subs + 4 * (i - 1));
+        }
+        if (xid_unchanged(xid, st->next_xid) != OK)
+            return LEAVE;
+        uint32_t page = xid / (BLCKSZ * 4);
+        int at = 0;
+        while (at < npages && pages[at] < page)
+            at++;
+        if (at < npages && pages[at] == page)
+            continue;
+        if (npages == 64)
+            return LEAVE;
+        memmove(pages + at + 1, pages + at, (npages - at) * sizeof pages[0]);
+        pages[at] = page;
+        npages++;
+    }
+    for (int i = 0; i < npages; i++) {
+        uint32_t segno = pages[i] / 32, blkno = pages[i] % 32; /* SLRU_PAGES_PER_SEGMENT */
+        PyObject *seg = PyLong_FromUnsignedLong(segno);
+        if (seg == NULL)
+            return FAIL;
+        int known = PySet_Contains(st->clog_segments, seg);
+        PyObject *sizekey = known == 1 ? PyTuple_Pack(2, st->clog_kind, seg) : NULL;
+        Py_DECREF(seg);
+        if (known < 0)
+            return FAIL;
+        if (known == 0)
+            return LEAVE;
+        if (sizekey == NULL)
+            return FAIL;
+        PyObject *size = PyDict_GetItemWithError(st->slru_sizes, sizekey);
+        Py_DECREF(sizekey);
+        if (size == NULL)
+            return PyErr_Occurred() ? FAIL : LEAVE;
+        uint32_t blocks;
+        int r = size == Py_None ? LEAVE : get_u32(size, &blocks);
+        if (r != OK)
+            return r;
+        if (blkno + 1 > blocks)
+            return LEAVE;
+        uint8_t key[KEY_SIZE];
+        store_key6(key, SLRU_PREFIX, CLOG_KIND, 1, segno, 0, blkno); /* keys.slru_block_key */
+        if (!has_put(st, key)) {
+            PyObject *value;
+            Py_ssize_t vsize;
+            r = delta_value(st, 0, &value, &vsize);
+            if (r == OK)
+                r = put(st, key, value, vsize);
+            if (r != OK)
+                return r;
+        }
+    }
+    return OK;
+}
+
 static int
 ingest_one(Ingest *st)
 {
@@ -436,6 +605,8 @@ ingest_one(Ingest *st)
     int info = (int)PyLong_AsLong(PyTuple_GET_ITEM(rec, R_INFO));
     if (PyErr_Occurred())
         return FAIL;
+    if (rmid == RM_XACT_ID)
+        return ingest_xact(st, info);
     if (rmid != RM_HEAP_ID && rmid != RM_HEAP2_ID && rmid != RM_BTREE_ID)
         return LEAVE;
     PyObject *blocks = PyTuple_GET_ITEM(rec, R_BLOCKS);
@@ -544,10 +715,16 @@ py_ingest_run(PyObject *self, PyObject *args)
     unsigned long next_xid;
     memset(&st, 0, sizeof st);
     if (!PyArg_ParseTuple(
-            args, "O!O!n(O!O!O!O!KnkOO):ingest_run", &PyList_Type, &records, &PyList_Type, &raws,
-            &start, &PyDict_Type, &st.versions, &PySet_Type, &st.dbs, &PyDict_Type, &st.rels,
-            &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid, &st.image_type,
-            &st.delta_type))
+            args, "O!O!n(O!O!O!O!KnkO!O!O!O!O):ingest_run", &PyList_Type, &records, &PyList_Type,
+            &raws, &start, &PyDict_Type, &st.versions, &PySet_Type, &st.dbs, &PyDict_Type,
+            &st.rels, &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid, &PyType_Type,
+            &st.image_type, &PyType_Type, &st.delta_type, &PySet_Type, &st.clog_segments,
+            &PyDict_Type, &st.slru_sizes, &st.clog_kind))
+        return NULL;
+    st.next_xid = (uint32_t)next_xid;
+    if ((st.image_data = slot_offset(st.image_type, "data")) < 0 ||
+        (st.delta_record = slot_offset(st.delta_type, "record")) < 0 ||
+        (st.delta_will_init = slot_offset(st.delta_type, "will_init")) < 0)
         return NULL;
     if (PyList_GET_SIZE(raws) != PyList_GET_SIZE(records)) {
         PyErr_SetString(PyExc_ValueError, "records and raws differ in length");
@@ -568,7 +745,10 @@ py_ingest_run(PyObject *self, PyObject *args)
         st.raw = PyList_GET_ITEM(raws, i);
         if (st.raw != Py_None && !PyBytes_Check(st.raw))
             break;
-        int r = xid_unchanged(rec, (uint32_t)next_xid);
+        unsigned long xid = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(rec, R_XID));
+        if (xid == (unsigned long)-1 && PyErr_Occurred())
+            return NULL;
+        int r = xid_unchanged((uint32_t)xid, st.next_xid);
         if (r == OK)
             r = ingest_one(&st);
         if (r == OK) {
@@ -602,5 +782,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__walingest(void)
 {
+    static const char *names[3] = {"spc", "db", "rel"};
+    for (int i = 0; i < 3; i++)
+        if ((rnode_names[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return NULL;
     return PyModule_Create(&module);
 }

@@ -365,7 +365,8 @@ class WalIngest:
         index of the first record it left (to `ingest_record`), len(records) if none.
 
         The C code (pageserver/ingest/_walingest.c) does what ingest_record does for Heap,
-        Heap2 and Btree records whose relation forks are in the caches, putting whole records
+        Heap2 and Btree records whose relation forks are in the caches and for plain
+        commits and aborts whose CLOG segments are, putting whole records
         into the open layer at once (Timeline.put_records); `raws` are the records' XLogRecord
         bytes (None where unknown: the record goes to Python).
         """
@@ -389,6 +390,9 @@ class WalIngest:
                 next_xid,
                 Image,
                 WalDelta,
+                self._slru_dirs[SlruKind.CLOG],
+                self._slru_sizes,
+                SlruKind.CLOG,
             )
             reached, size, count, end, prev = native.ingest_run(records, raws, start, context)
             return size, count, end, prev

@@ -82,6 +82,14 @@ def workload(
         "DROP INDEX t_pad_idx;"
         "TRUNCATE pgbench_history;"
     )
+    # Subtransactions (more than a commit record caches: assignment records too) and aborts.
+    server.psql(
+        "CREATE TABLE s (a int);"
+        "DO $$ BEGIN FOR i IN 1..100 LOOP BEGIN INSERT INTO s VALUES (i);"
+        " IF i % 2 = 0 THEN RAISE EXCEPTION 'x'; END IF;"
+        " EXCEPTION WHEN OTHERS THEN NULL; END; END LOOP; END $$;"
+    )
+    server.psql("BEGIN; INSERT INTO s VALUES (-1); ROLLBACK;")
     server.stop()
     records: list[DecodedRecord] = []
     raws: list[RawRecord] = []
