@@ -9,9 +9,9 @@ NEON_ALLOW_PURE_PYTHON=1 is set).
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
+from pg15.native import native_disabled
 from pg15.records import BlockImage, BlockRef, DecodedRecord
 
 
@@ -32,7 +32,7 @@ def _check_layout(module: ModuleType) -> None:
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get("NEON_PURE_PYTHON", "") not in ("", "0"):
+    if native_disabled():
         return None
     try:
         from pageserver.redo import _redo

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,30 +30,16 @@ from pg15.records import (
 )
 from pg15.xlog_reader import RawRecord, WalReader, record_crc
 from proto.errors import CorruptData
+from tests.native_ext import require_c_extension
 from tests.pg15.test_records import build_record
 from tests.pgtest import PgTestCluster
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # real_wal is module-scoped and read-only
-PURE_PYTHON_ALLOWED = any(
-    os.environ.get(name, "") not in ("", "0")
-    for name in ("NEON_PURE_PYTHON", "NEON_ALLOW_PURE_PYTHON")
-)
-"""Only an explicit switch lets the C tests skip: setup.py builds the extension as optional,
-so without this CI would pass without the fast path it benchmarks."""
 
 
 @pytest.fixture
 def c_extension() -> None:
-    """Fail (never skip silently) when the C extension is missing."""
-    if walscan is not None:
-        return
-    if PURE_PYTHON_ALLOWED:
-        pytest.skip("C extension off or not built; allowed by NEON_(ALLOW_)PURE_PYTHON=1")
-    pytest.fail(
-        "the C extension pg15._walscan is not built: install gcc and python3-dev and "
-        "reinstall (`.venv/bin/pip install -e .`), or set NEON_ALLOW_PURE_PYTHON=1 to run "
-        "the tests without it"
-    )
+    require_c_extension(walscan, "pg15._walscan")
 
 
 needs_native = pytest.mark.usefixtures("c_extension")

@@ -10,7 +10,6 @@ cannot pass with C doing nothing. Hand-built records cover what a workload rarel
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 from collections import Counter
@@ -47,27 +46,15 @@ from pageserver.redo.page import (
 from pg15.constants import RM_BTREE_ID, RM_HEAP2_ID, RM_HEAP_ID
 from pg15.records import BKPIMAGE_APPLY, BKPIMAGE_COMPRESS_LZ4, BlockImage, DecodedRecord
 from proto.errors import NeonError
+from tests.native_ext import require_c_extension
 from tests.pageserver.redo.test_verify import SETTINGS, run_workload
 from tests.pgtest import PgTestCluster
 from tests.redo_helpers import LSN, Blk, record
 
-PURE_PYTHON_ALLOWED = any(
-    os.environ.get(name, "") not in ("", "0")
-    for name in ("NEON_PURE_PYTHON", "NEON_ALLOW_PURE_PYTHON")
-)
-
 
 @pytest.fixture
 def c_extension() -> None:
-    """Fail (never skip silently) when the C extension is missing."""
-    if native is not None:
-        return
-    if PURE_PYTHON_ALLOWED:
-        pytest.skip("C extension off or not built; allowed by NEON_(ALLOW_)PURE_PYTHON=1")
-    pytest.fail(
-        "the C extension pageserver.redo._redo is not built: install gcc and python3-dev and "
-        "reinstall (`make setup`), or set NEON_ALLOW_PURE_PYTHON=1 to run the tests without it"
-    )
+    require_c_extension(native, "pageserver.redo._redo")
 
 
 pytestmark = pytest.mark.usefixtures("c_extension")
