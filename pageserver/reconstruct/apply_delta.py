@@ -35,6 +35,7 @@ from pageserver.redo.visibilitymap import (
 )
 from pageserver.storage.keys import (
     Key,
+    RelBlock,
     SlruKind,
     describe,
     parse_rel_block_key,
@@ -100,10 +101,10 @@ def xact_clog_change(record: DecodedRecord) -> tuple[list[int], int] | None:
     return xids, status
 
 
-def _apply_rel_delta(key: Key, page: bytes | None, record: DecodedRecord) -> bytes:
-    blk = parse_rel_block_key(key)
-    assert blk is not None
-    rnode = RelFileNode(blk.spc, blk.db, blk.rel)
+def _apply_rel_delta(
+    key: Key, blk: RelBlock, rnode: RelFileNode, page: bytes | None, record: DecodedRecord
+) -> bytes:
+    """Redo of `record` on page `key` (`blk`, `rnode`: the key parsed, once per chain)."""
     for ref in record.blocks:
         if ref.rnode == rnode and ref.fork == blk.fork and ref.blkno == blk.blkno:
             return redo_block(record, ref.block_id, page)
@@ -182,6 +183,7 @@ def reconstruct(key: Key, lsn: int, data: ReconstructData) -> bytes | None:
                 f"initializing record before the {start.rmgr_name} {start.type_name} record "
                 f"at {format_lsn(start.lsn)}"
             )
+    rnode = RelFileNode(rel.spc, rel.db, rel.rel) if rel is not None else None
     for end_lsn, delta in data.deltas:
         record = decode_delta(end_lsn, delta)
         if delta.will_init:
@@ -189,7 +191,8 @@ def reconstruct(key: Key, lsn: int, data: ReconstructData) -> bytes | None:
         if slru is not None:
             page = _apply_slru_delta(key, slru[0], page, record)
         else:
-            page = _apply_rel_delta(key, page, record)
+            assert rel is not None and rnode is not None
+            page = _apply_rel_delta(key, rel, rnode, page, record)
     assert page is not None
     PAGE_CACHE.put(ident, page)
     return page

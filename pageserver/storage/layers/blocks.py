@@ -169,6 +169,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+VersionRead = tuple[int, int, bytes]
+"""(LSN, tag, encoded value) of one version read from a layer file."""
+
+
 @dataclass(frozen=True, slots=True)
 class VersionEntry:
     """One version as the index records it: where its encoded value lives."""
@@ -361,13 +365,30 @@ class LayerFile:
     def read_encoded(self, entry: VersionEntry) -> bytes:
         return self.read_value(entry.tag, entry.block, entry.offset, entry.length)
 
-    def read_value(self, tag: int, block_no: int, offset: int, length: int) -> bytes:
-        """The encoded value a version entry points at (through the block cache)."""
-        block = self._block(block_no)
+    def chain_newest_first(self, versions: range, lsn: int, floor: int) -> Iterator[VersionRead]:
+        """(LSN, tag, encoded value) of the versions in `versions` with floor < LSN <= lsn,
+        newest first: a chain walk. A key's versions sit in few blocks, so each block is
+        looked up in the cache once per walk, not once per version."""
+        v = self.last_at_or_below(versions, lsn)
+        block_no, block = -1, b""
+        while v >= versions.start:
+            entry_lsn, tag, b, offset, length = self.version_tuple(v)
+            if entry_lsn <= floor:
+                return
+            if b != block_no:
+                block_no, block = b, self._block(b)
+            yield entry_lsn, tag, self._value_in(block, b, tag, offset, length)
+            v -= 1
+
+    def _value_in(self, block: bytes, block_no: int, tag: int, offset: int, length: int) -> bytes:
         end = offset + length
         if end > len(block) or length == 0 or block[offset] != tag:
             raise LayerCorrupt(self.path, f"value reference into block {block_no} is invalid")
         return block[offset:end]
+
+    def read_value(self, tag: int, block_no: int, offset: int, length: int) -> bytes:
+        """The encoded value a version entry points at (through the block cache)."""
+        return self._value_in(self._block(block_no), block_no, tag, offset, length)
 
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in file order, bypassing the cache (a sequential
@@ -389,10 +410,7 @@ class LayerFile:
                 lsn, tag, b, offset, length = unpack(m, at + v * size)
                 if b != block_no:
                     block_no, block = b, self._block(b, use_cache=False)
-                end = offset + length
-                if end > len(block) or length == 0 or block[offset] != tag:
-                    raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
-                group.append((lsn, block[offset:end]))
+                group.append((lsn, self._value_in(block, b, tag, offset, length)))
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
 
 

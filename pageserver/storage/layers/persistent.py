@@ -61,17 +61,11 @@ class PersistentLayer:
         i = f.find_key(key)
         if i is None:
             return [], False
-        versions = f.versions_of(i)
         out: list[tuple[int, Value]] = []
-        v = f.last_at_or_below(versions, lsn)
-        while v >= versions.start:
-            entry_lsn, tag, block, offset, length = f.version_tuple(v)
-            if entry_lsn <= floor:
-                break
-            out.append((entry_lsn, decode_value(f.read_value(tag, block, offset, length))))
+        for entry_lsn, tag, encoded in f.chain_newest_first(f.versions_of(i), lsn, floor):
+            out.append((entry_lsn, decode_value(encoded)))
             if tag_ends_chain(tag):
                 return out, True
-            v -= 1
         return out, False
 
     def newest_lsn(self, key: Key, lsn: int) -> int | None:
