@@ -22,6 +22,16 @@ setup(
         Extension(
             "pageserver.ingest._walingest",
             ["pageserver/ingest/_walingest.c"],
+            include_dirs=["pageserver"],
+            depends=["pageserver/native_slots.h"],
+            optional=True,
+            extra_compile_args=COMPILE_ARGS,
+        ),
+        Extension(
+            "pageserver.storage.layers._blockpack",
+            ["pageserver/storage/layers/_blockpack.c"],
+            include_dirs=["pageserver"],
+            depends=["pageserver/native_slots.h"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

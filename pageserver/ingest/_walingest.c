@@ -27,9 +27,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h> /* PyMemberDef (the slots of the value types) */
 #include <stdint.h>
 #include <string.h>
+
+#include "native_slots.h"
 
 #define BLCKSZ 8192
 #define KEY_SIZE 18
@@ -95,20 +96,6 @@ typedef struct {
  * through its __init__ (Python code, object.__setattr__ per field) cost more than the rest of
  * a record's ingest, so they are allocated and their slots filled here, as __init__ would.
  */
-static Py_ssize_t
-slot_offset(PyObject *type, const char *name)
-{
-    PyObject *descr = PyObject_GetAttrString(type, name);
-    if (descr == NULL)
-        return -1;
-    Py_ssize_t offset = -1;
-    if (Py_IS_TYPE(descr, &PyMemberDescr_Type))
-        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    else
-        PyErr_Format(PyExc_TypeError, "%s is not a slot of the value type", name);
-    Py_DECREF(descr);
-    return offset;
-}
 
 static PyObject *
 new_value(PyObject *type, Py_ssize_t off1, PyObject *v1, Py_ssize_t off2, PyObject *v2)

@@ -316,7 +316,7 @@ class Timeline:
         assert layer.lsn_end is not None
         writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, self.settings)
         try:
-            for key, versions in layer.iter_key_groups():
+            for key, versions in layer.iter_chains():
                 writer.add_key(key, versions)
         except BaseException:
             writer.abort()

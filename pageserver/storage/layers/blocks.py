@@ -35,6 +35,8 @@ import zstandard
 
 from durable_files import fsync_dir, temp_path
 from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, describe
+from pageserver.storage.layers import native as _native
+from pageserver.storage.values import Image, Tombstone, Value, WalDelta, encode_value
 from proto.errors import CorruptData, InvalidArgument
 
 MAGIC = b"PNLY"
@@ -414,6 +416,51 @@ class LayerFile:
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
 
 
+VersionList = list[tuple[int, bytes]] | list[tuple[int, Value]]
+"""One key's versions in LSN order, encoded or as Value objects."""
+
+_PACKED, _BLOCK_FULL, _LSN_OUTSIDE, _LSN_DECREASING, _NOT_A_VALUE = range(5)
+_VALUE_TYPES = (Image, WalDelta, Tombstone)
+
+
+def _encoded(value: bytes | Value) -> bytes:
+    return value if isinstance(value, bytes) else encode_value(value)
+
+
+def _pack_versions(
+    versions: VersionList,
+    start: int,
+    buf: bytearray,
+    limit: int,
+    block_no: int,
+    entries: bytearray,
+    lsn_lo: int,
+    lsn_hi: int,
+    prev: int,
+    value_types: tuple[type, ...],
+) -> tuple[int, int, int, int]:
+    """LayerFileWriter.add_key's loop, the reference of `_blockpack.pack_versions` (its module
+    comment says what the arguments and the four results are)."""
+    added = 0
+    for i in range(start, len(versions)):
+        lsn, value = versions[i]
+        if not lsn_lo <= lsn < lsn_hi:
+            return i, added, prev, _LSN_OUTSIDE
+        if lsn < prev:
+            return i, added, prev, _LSN_DECREASING
+        if not isinstance(value, bytes | Image | WalDelta | Tombstone) or value == b"":
+            return i, added, prev, _NOT_A_VALUE
+        encoded = _encoded(value)
+        size = len(encoded)
+        if buf and len(buf) + size > limit:
+            return i, added, prev, _BLOCK_FULL
+        entries += _VERSION_ENTRY.pack(lsn, encoded[0], block_no, len(buf), size)
+        buf += encoded
+        added += size
+        prev = lsn
+    return len(versions), added, prev, _PACKED
+
+
 class LayerFileWriter:
     """Streams sorted (key, LSN, encoded value) into a new layer file, then publishes it.
 
@@ -446,7 +493,8 @@ class LayerFileWriter:
         self._buf = bytearray()
         self._blocks: list[bytes] = []
         self._keys: list[bytes] = []
-        self._versions: list[bytes] = []
+        self._versions = bytearray()
+        self._n_versions = 0
         self._last: tuple[bytes, int] | None = None
         self.uncompressed_bytes = 0
 
@@ -457,52 +505,57 @@ class LayerFileWriter:
         if last is None or key != last[0]:
             if last is not None and key < last[0]:
                 raise InvalidArgument("layer values must be added in key order")
-            self._keys.append(_KEY_ENTRY.pack(key, len(self._versions)))
+            self._keys.append(_KEY_ENTRY.pack(key, self._n_versions))
         elif lsn < last[1]:
             raise InvalidArgument(f"versions of {describe(key)} must be added in LSN order")
         self._last = (key, lsn)
         if self._buf and len(self._buf) + len(encoded) > self._block_size:
             self._flush_block()
-        self._versions.append(
-            _VERSION_ENTRY.pack(lsn, encoded[0], len(self._blocks), len(self._buf), len(encoded))
+        self._versions += _VERSION_ENTRY.pack(
+            lsn, encoded[0], len(self._blocks), len(self._buf), len(encoded)
         )
+        self._n_versions += 1
         self._buf += encoded
         self.uncompressed_bytes += len(encoded)
 
-    def add_key(self, key: Key, versions: list[tuple[int, bytes]]) -> None:
+    def add_key(self, key: Key, versions: VersionList) -> None:
         """Add every version of one key (LSN order, LSNs not decreasing), a key above the
-        last one added: the same as `add` per version, with the checks done once per key."""
+        last one added: the same as `add` per version, with the checks done once per key.
+
+        Values may be encoded (bytes) or Value objects (encoded here, as encode_value does);
+        the per-version loop runs in C (`_blockpack.c`) when it is built.
+        """
         if not versions:
             return
         last = self._last
         if last is not None and key <= last[0]:
             if key == last[0]:
-                for lsn, encoded in versions:
-                    self.add(key, lsn, encoded)
+                for lsn, value in versions:
+                    self.add(key, lsn, _encoded(value))
                 return
             raise InvalidArgument("layer values must be added in key order")
-        lo, hi = self._lsn_start, self._lsn_end
-        prev = lo
-        for lsn, _ in versions:
-            if lsn < prev or lsn >= hi:
-                if not lo <= lsn < hi:
-                    raise InvalidArgument(f"LSN {lsn:X} outside the layer's LSN range")
-                raise InvalidArgument(f"versions of {describe(key)} must be added in LSN order")
-            prev = lsn
-        entries = self._versions
-        self._keys.append(_KEY_ENTRY.pack(key, len(entries)))
-        self._last = (key, prev)
-        buf, limit, pack = self._buf, self._block_size, _VERSION_ENTRY.pack
-        n_blocks, added = len(self._blocks), 0
-        for lsn, encoded in versions:
-            size = len(encoded)
-            if buf and len(buf) + size > limit:
+        self._keys.append(_KEY_ENTRY.pack(key, self._n_versions))
+        pack = _native.blockpack.pack_versions if _native.blockpack is not None else _pack_versions
+        i, prev = 0, self._lsn_start
+        while True:
+            i, added, prev, status = pack(
+                versions, i, self._buf, self._block_size, len(self._blocks), self._versions,
+                self._lsn_start, self._lsn_end, prev, _VALUE_TYPES,
+            )  # fmt: skip
+            self.uncompressed_bytes += added
+            if status == _PACKED:
+                break
+            if status == _BLOCK_FULL:
                 self._flush_block()
-                n_blocks += 1
-            entries.append(pack(lsn, encoded[0], n_blocks, len(buf), size))
-            buf += encoded
-            added += size
-        self.uncompressed_bytes += added
+                continue
+            lsn = versions[i][0]
+            if status == _LSN_OUTSIDE:
+                raise InvalidArgument(f"LSN {lsn:X} outside the layer's LSN range")
+            if status == _LSN_DECREASING:
+                raise InvalidArgument(f"versions of {describe(key)} must be added in LSN order")
+            raise InvalidArgument(f"version {i} of {describe(key)} is not a storable value")
+        self._n_versions += len(versions)
+        self._last = (key, prev)
 
     def _flush_block(self) -> None:
         raw = bytes(self._buf)
@@ -516,7 +569,7 @@ class LayerFileWriter:
 
     @property
     def n_versions(self) -> int:
-        return len(self._versions)
+        return self._n_versions
 
     @property
     def first_key(self) -> Key | None:
@@ -538,9 +591,7 @@ class LayerFileWriter:
                 raise InvalidArgument(f"key range {key_range} does not hold the layer's keys")
             if self._buf:
                 self._flush_block()
-            index = b"".join(
-                (b"".join(self._blocks), b"".join(self._keys), b"".join(self._versions))
-            )
+            index = b"".join((b"".join(self._blocks), b"".join(self._keys), self._versions))
             self._file.write(index)
             header = LayerHeader(
                 self._kind,
@@ -548,7 +599,7 @@ class LayerFileWriter:
                 self._lsn_start,
                 self._lsn_end,
                 len(self._keys),
-                len(self._versions),
+                self._n_versions,
                 len(self._blocks),
                 self._offset,
                 len(index),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pageserver.storage.keys import Key, KeyRange
-from pageserver.storage.layers.blocks import KIND_DELTA, BlockCache, LayerFileWriter
+from pageserver.storage.layers.blocks import KIND_DELTA, BlockCache, LayerFileWriter, VersionList
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.settings import StoreSettings
@@ -40,7 +40,7 @@ class DeltaLayerWriter:
     def add(self, key: Key, lsn: int, encoded: bytes) -> None:
         self._writer.add(key, lsn, encoded)
 
-    def add_key(self, key: Key, versions: list[tuple[int, bytes]]) -> None:
+    def add_key(self, key: Key, versions: VersionList) -> None:
         """Every version of one key, in LSN order (cheaper than `add` per version)."""
         self._writer.add_key(key, versions)
 

@@ -152,6 +152,13 @@ class InMemoryLayer:
             for lsn, encoded in versions:
                 yield key, lsn, encoded
 
+    def iter_chains(self) -> Iterator[tuple[Key, list[tuple[int, Value]]]]:
+        """(key, [(LSN, value), ...] in LSN order) per key in key order, for flushing: the
+        lists themselves, not copies (a frozen layer never changes)."""
+        chains = self._versions
+        for key in sorted(chains):
+            yield key, chains[key]
+
     def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
         """(key, [(LSN, encoded value), ...] in LSN order) per key in key order."""
         chains = self._versions

@@ -1,0 +1,153 @@
+/*
+ * Optional C fast path of LayerFileWriter.add_key (pageserver/storage/layers/blocks.py): the
+ * per-version loop that encodes values into the current value block and packs their version
+ * table entries. The Python loop stays the reference; tests write the same layers both ways.
+ *
+ *   pack_versions(versions, start, buf, limit, block_no, entries, lsn_lo, lsn_hi, prev,
+ *                 value_types) -> (next, added, last_lsn, status)
+ *
+ * appends versions[start:] ((LSN, value) pairs) to `buf` (bytearray, the open block) and
+ * their entries to `entries` (bytearray), and stops with status
+ *   0  all appended;
+ *   1  versions[next] does not fit in a non-empty block: the caller compresses the block,
+ *      empties `buf` and calls again from `next` with block_no + 1;
+ *   2  versions[next] has an LSN outside [lsn_lo, lsn_hi);
+ *   3  versions[next] has an LSN below the one before it (`prev` for the first);
+ *   4  versions[next] is not a value (an empty encoding or an unknown object).
+ * A value is its encoding (bytes: a tag byte, then the payload; values.encode_value) or an
+ * Image, WalDelta or Tombstone object (value_types: those three classes), encoded here.
+ * An entry is struct ">QBIII": LSN, tag, block number, offset in the block, length.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "native_slots.h"
+
+#define TAG_IMAGE 1 /* values.TAG_* */
+#define TAG_DELTA 2
+#define TAG_DELTA_INIT 3
+#define TAG_TOMBSTONE 4
+#define ENTRY_SIZE 21
+
+
+static void
+put_be(uint8_t *p, uint64_t v, int n)
+{
+    for (int i = n - 1; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static PyObject *
+py_pack_versions(PyObject *self, PyObject *args)
+{
+    PyObject *versions, *buf, *entries, *image_t, *delta_t, *tomb_t;
+    Py_ssize_t start, limit;
+    unsigned long block_no;
+    unsigned long long lo, hi, prev;
+    if (!PyArg_ParseTuple(
+            args, "O!nO!nkO!KKK(OOO):pack_versions", &PyList_Type, &versions, &start,
+            &PyByteArray_Type, &buf, &limit, &block_no, &PyByteArray_Type, &entries, &lo, &hi,
+            &prev, &image_t, &delta_t, &tomb_t))
+        return NULL;
+    Py_ssize_t image_data = slot_offset(image_t, "data");
+    Py_ssize_t delta_record = image_data < 0 ? -1 : slot_offset(delta_t, "record");
+    Py_ssize_t delta_init = delta_record < 0 ? -1 : slot_offset(delta_t, "will_init");
+    if (delta_init < 0)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(versions), i = start, added = 0;
+    int status = 0;
+    for (; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(versions, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            status = 4;
+            break;
+        }
+        unsigned long long lsn = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
+        if (lsn == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        if (lsn < lo || lsn >= hi) {
+            status = 2;
+            break;
+        }
+        if (lsn < prev) {
+            status = 3;
+            break;
+        }
+        PyObject *value = PyTuple_GET_ITEM(item, 1);
+        const char *body = NULL;
+        Py_ssize_t body_len = 0;
+        int tag;
+        if (PyBytes_Check(value)) {
+            if (PyBytes_GET_SIZE(value) == 0) {
+                status = 4;
+                break;
+            }
+            tag = (uint8_t)PyBytes_AS_STRING(value)[0];
+            body = PyBytes_AS_STRING(value) + 1;
+            body_len = PyBytes_GET_SIZE(value) - 1;
+        } else {
+            PyObject *data = NULL;
+            if (Py_IS_TYPE(value, (PyTypeObject *)image_t)) {
+                tag = TAG_IMAGE;
+                data = slot_get(value, image_data);
+            } else if (Py_IS_TYPE(value, (PyTypeObject *)delta_t)) {
+                PyObject *init = slot_get(value, delta_init);
+                tag = init == Py_True ? TAG_DELTA_INIT : TAG_DELTA;
+                data = slot_get(value, delta_record);
+            } else if (Py_IS_TYPE(value, (PyTypeObject *)tomb_t)) {
+                tag = TAG_TOMBSTONE;
+            } else {
+                status = 4;
+                break;
+            }
+            if (data != NULL) {
+                if (!PyBytes_Check(data)) {
+                    status = 4;
+                    break;
+                }
+                body = PyBytes_AS_STRING(data);
+                body_len = PyBytes_GET_SIZE(data);
+            }
+        }
+        Py_ssize_t size = 1 + body_len, used = PyByteArray_GET_SIZE(buf);
+        if (used > 0 && used + size > limit) {
+            status = 1;
+            break;
+        }
+        Py_ssize_t at = PyByteArray_GET_SIZE(entries);
+        if (PyByteArray_Resize(entries, at + ENTRY_SIZE) < 0 ||
+            PyByteArray_Resize(buf, used + size) < 0)
+            return NULL;
+        uint8_t *e = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
+        put_be(e, lsn, 8);
+        e[8] = (uint8_t)tag;
+        put_be(e + 9, block_no, 4);
+        put_be(e + 13, (uint64_t)used, 4);
+        put_be(e + 17, (uint64_t)size, 4);
+        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + used;
+        b[0] = (uint8_t)tag;
+        if (body_len)
+            memcpy(b + 1, body, body_len);
+        added += size;
+        prev = lsn;
+    }
+    return Py_BuildValue("nnKi", i, added, prev, status);
+}
+
+static PyMethodDef methods[] = {
+    {"pack_versions", py_pack_versions, METH_VARARGS,
+     "LayerFileWriter.add_key's loop (see the module comment)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_blockpack", "C fast path of the layer file writer.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__blockpack(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,92 @@
+"""The layer writer's C loop (`_blockpack.c`) against its Python reference (`_pack_versions`).
+
+The same versions, as Value objects and as their encodings, are written through add_key with
+the C loop and with the reference: the files must be byte-identical (block boundaries,
+entries, index), equal to what per-version `add` writes, and bad input is refused alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pageserver.storage import keys as K
+from pageserver.storage.layers import native
+from pageserver.storage.layers.blocks import BlockCache
+from pageserver.storage.layers.delta import DeltaLayerWriter
+from pageserver.storage.values import TOMBSTONE, Value, encode_value
+from proto.errors import InvalidArgument
+from tests.pageserver.storage.layers.test_layers import SETTINGS, rel_key, sample_versions
+
+PURE_PYTHON_ALLOWED = any(
+    os.environ.get(name, "") not in ("", "0")
+    for name in ("NEON_PURE_PYTHON", "NEON_ALLOW_PURE_PYTHON")
+)
+
+
+@pytest.fixture
+def c_extension() -> None:
+    """Fail (never skip silently) when the C extension is missing."""
+    if native.blockpack is not None:
+        return
+    if PURE_PYTHON_ALLOWED:
+        pytest.skip("C extension off or not built; allowed by NEON_(ALLOW_)PURE_PYTHON=1")
+    pytest.fail("the C extension pageserver.storage.layers._blockpack is not built: make setup")
+
+
+Chains = list[tuple[K.Key, list[tuple[int, Value]]]]
+
+
+def grouped(versions: list[tuple[K.Key, int, Value]]) -> Chains:
+    out: dict[K.Key, list[tuple[int, Value]]] = {}
+    for key, lsn, value in versions:
+        out.setdefault(key, []).append((lsn, value))
+    return sorted(out.items())
+
+
+def write(directory: Path, groups: Chains, how: str) -> bytes:
+    directory.mkdir()
+    writer = DeltaLayerWriter(directory, 100, 200, SETTINGS)
+    for key, chain in groups:
+        if how == "add":
+            for lsn, value in chain:
+                writer.add(key, lsn, encode_value(value))
+        elif how == "encoded":
+            writer.add_key(key, [(lsn, encode_value(value)) for lsn, value in chain])
+        else:
+            writer.add_key(key, chain)
+    layer = writer.finish(K.FULL_KEYSPACE, BlockCache(1 << 20))
+    layer.close()
+    return layer.path.read_bytes()
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_c_loop_writes_the_reference_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    groups = grouped(sample_versions(seed=7, n_keys=200))
+    reference = write(tmp_path / "add", groups, "add")
+    assert write(tmp_path / "c-values", groups, "values") == reference
+    assert write(tmp_path / "c-encoded", groups, "encoded") == reference
+    monkeypatch.setattr(native, "blockpack", None)
+    assert write(tmp_path / "py-values", groups, "values") == reference
+    assert write(tmp_path / "py-encoded", groups, "encoded") == reference
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_bad_versions_are_refused_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pure: bool, c_extension: None
+) -> None:
+    if pure:
+        monkeypatch.setattr(native, "blockpack", None)
+    writer = DeltaLayerWriter(tmp_path, 100, 200, SETTINGS)
+    for chain, what in (
+        ([(150, TOMBSTONE), (140, TOMBSTONE)], "must be added in LSN order"),
+        ([(99, TOMBSTONE)], "outside the layer's LSN range"),
+        ([(200, TOMBSTONE)], "outside the layer's LSN range"),
+        ([(150, b"")], "not a storable value"),
+        ([(150, "text")], "not a storable value"),
+    ):
+        with pytest.raises(InvalidArgument, match=what):
+            writer.add_key(rel_key(len(what)), chain)  # type: ignore[arg-type]
+        writer = DeltaLayerWriter(tmp_path, 100, 200, SETTINGS)
