@@ -1157,6 +1157,8 @@ bt_insert(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_pr
     unsigned postingoff = g16(b->data, 0);
     size_t newlen = (size_t)b->len - 2;
     uint8_t newitem[BLCKSZ], nposting[BLCKSZ];
+    if (newlen > sizeof newitem)
+        return FALLBACK;
     memcpy(newitem, b->data + 2, newlen);
     const uint8_t *oposting;
     unsigned olen, nlen;
@@ -1669,6 +1671,10 @@ py_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             prev = (const uint8_t *)PyByteArray_AS_STRING(page);
         else
             Py_RETURN_NONE; /* no previous version or a wrong size: Python raises */
+        /* Every line pointer up to pd_lower must lie within the page: the code below trusts
+         * it (Python raises or reads less on such a page; either way it is Python's case). */
+        if (LOWER(prev) > BLCKSZ)
+            Py_RETURN_NONE;
         if (UPPER(prev) == 0 || r.end_lsn <= get_lsn(prev)) { /* BLK_NOTFOUND, BLK_DONE */
             if (PyBytes_CheckExact(page))
                 return Py_NewRef(page);
