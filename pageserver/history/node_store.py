@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from durable_files import write_file_durably
+from pageserver.history.flusher import BackgroundFlusher
 from pageserver.history.pitr import pitr_registry
 from pageserver.history.snapshots import snapshot_registry
 from pageserver.ingest.import_datadir import import_datadir
@@ -49,6 +50,9 @@ from proto.errors import Conflict, NotFound
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 10.0
+MAX_FROZEN_LAYERS = 2
+"""Frozen layers (checkpoint_distance of values each) that may wait for the background
+flusher before ingest waits for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +133,8 @@ class StorageHistory:
 
 
 class NodeStore:
-    """Thread-safety: ingest and flush run on the node's decode thread; reads from anywhere."""
+    """Thread-safety: ingest runs on the node's decode thread, flushes and compaction on its
+    background flusher (pageserver.history.flusher); reads from anywhere."""
 
     def __init__(self, history: StorageHistory, node_id: str) -> None:
         self.history = history
@@ -141,6 +146,10 @@ class NodeStore:
         self._index_timeline: str | None = None
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
+        self.flusher = BackgroundFlusher(f"flush-{node_id}")
+        self._flush_failed = False
+        self._requested: dict[str, int] = {}
+        """Per timeline: the LSN up to which a background flush was last requested."""
 
     @property
     def timelines(self) -> TimelineStore:
@@ -224,6 +233,7 @@ class NodeStore:
     ) -> NodeState:
         """Make a freshly branched timeline this node's current one (checkout, or a node
         created from a snapshot)."""
+        self.wait_flushed()
         with self._lock:
             old = self._state
             state = NodeState(
@@ -240,6 +250,7 @@ class NodeStore:
 
     def forget(self) -> None:
         """Delete this node's state and WAL archives (its timelines stay for snapshots)."""
+        self.wait_flushed()
         with self._lock:
             self._state_path.unlink(missing_ok=True)
             shutil.rmtree(self.history.root / "wal" / self.node_id, ignore_errors=True)
@@ -275,25 +286,43 @@ class NodeStore:
             i = j + 1
 
     def maybe_flush(self) -> None:
-        """Flush when the open layer is large, or periodically so the durable LSN advances."""
+        """Have the frozen layers flushed (the open one is frozen when large, or periodically
+        so the durable LSN advances) and compacted by the background flusher; wait only when
+        MAX_FROZEN_LAYERS are already waiting for it. Call after `ingest_batch`, on the decode
+        thread. After a failed background flush, flush here until one succeeds (raising
+        meanwhile: the follower treats a full disk as a stall)."""
         if self._state is None:
             return
         timeline = self.timeline
-        due = time.monotonic() - self._last_flush >= FLUSH_INTERVAL
-        if timeline.needs_flush or (
-            due and timeline.last_record_lsn > timeline.disk_consistent_lsn
-        ):
+        if self._flush_failed or self.flusher.take_error() is not None:
+            self._flush_failed = True
             self.flush()
-
-    def flush(self) -> None:
-        if self._state is None:
+            self._flush_failed = False
             return
-        timeline = self.timeline
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
+            self._last_flush = time.monotonic()
+            timeline.freeze()
+        upto = timeline.frozen_upto
+        requested = self._requested.get(timeline.timeline_id, -1)
+        if upto is not None and upto > requested:
+            self._requested[timeline.timeline_id] = upto
+            # Every record up to `upto` was observed by the index (ingest_batch returned).
+            index = self.index
+            self.flusher.request(lambda: self._flush_frozen(timeline, index, upto))
+        try:
+            self.flusher.wait(lambda: timeline.frozen_count <= MAX_FROZEN_LAYERS)
+        except BaseException:
+            self._flush_failed = True
+            raise
+
+    def _flush_frozen(self, timeline: Timeline, index: LsnIndex, upto: int) -> None:
         # The index first: it only holds entries of WAL already durable in the archive, while
         # records the layers hold are never re-ingested (their index entries would be lost).
-        self.index.flush()
-        timeline.freeze_and_flush()
-        self._last_flush = time.monotonic()
+        index.flush()
+        timeline.flush_frozen_layers(upto)
+        self._compact(timeline)
+
+    def _compact(self, timeline: Timeline) -> None:
         result = compact(timeline, reconstruct)
         log.debug(
             "flushed %s to %s (%s)",
@@ -301,3 +330,18 @@ class NodeStore:
             format_lsn(timeline.disk_consistent_lsn),
             result,
         )
+
+    def flush(self) -> None:
+        """Make everything ingested durable now, on this thread (after any background flush)."""
+        if self._state is None:
+            return
+        timeline = self.timeline
+        with self.flusher.mutex:
+            self.index.flush()  # first, as in _flush_frozen
+            timeline.freeze_and_flush()
+            self._last_flush = time.monotonic()
+            self._compact(timeline)
+
+    def wait_flushed(self) -> None:
+        """Until the background flusher is idle (tests, and before switching timelines)."""
+        self.flusher.wait_idle()

@@ -285,15 +285,35 @@ class Timeline:
         self._next_layer_start = cut + 1
         return True
 
-    def flush_frozen_layers(self) -> None:
-        """Write every frozen layer as an L0 delta file, then the manifest, then advance
-        disk_consistent_lsn. Blocking I/O: run it in a worker thread."""
+    @property
+    def frozen_count(self) -> int:
+        """Frozen layers waiting for flush_frozen_layers (each holds up to a
+        checkpoint_distance of values in memory)."""
+        return len(self._frozen)
+
+    @property
+    def frozen_upto(self) -> int | None:
+        """The last LSN the frozen layers hold (None if there are none)."""
+        with self._lock:
+            if not self._frozen:
+                return None
+            end = self._frozen[-1].lsn_end
+            assert end is not None
+            return end - 1
+
+    def flush_frozen_layers(self, upto: int | None = None) -> None:
+        """Write every frozen layer (only those ending at or below `upto`, if given) as an L0
+        delta file, then the manifest, then advance disk_consistent_lsn. Blocking I/O: run
+        it in a worker thread."""
         with self._flush_lock:
             while True:
                 with self._lock:
                     if not self._frozen:
                         return
                     layer = self._frozen[0]
+                    assert layer.lsn_end is not None
+                    if upto is not None and layer.lsn_end - 1 > upto:
+                        return
                 delta = self._write_l0(layer) if layer.n_versions else None
                 assert layer.lsn_end is not None
                 with self._manifest_lock:

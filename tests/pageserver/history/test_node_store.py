@@ -1,0 +1,99 @@
+"""NodeStore: ingest goes on while the background flusher writes layers and compacts, up to
+MAX_FROZEN_LAYERS waiting; a failed background flush is retried (and raised) on the caller."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+
+from pageserver.history import node_store as node_store_module
+from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeStore, StorageHistory
+from pageserver.storage.settings import StoreSettings
+from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
+
+SMALL = StoreSettings(checkpoint_distance=512 * 1024)
+
+
+def imported(tmp_path: Path, base: Path) -> NodeStore:
+    store = NodeStore(StorageHistory(tmp_path / "history", SMALL), "n")
+    store.import_datadir(base)
+    return store
+
+
+def batches(w: Workload, size: int = 50) -> list[tuple[list, list]]:  # type: ignore[type-arg]
+    return [
+        (w.records[i : i + size], [r.data for r in w.raws[i : i + size]])
+        for i in range(0, len(w.records), size)
+    ]
+
+
+def test_ingest_goes_on_while_a_flush_runs(workload: Workload, tmp_path: Path) -> None:  # noqa: F811
+    store = imported(tmp_path, workload.base)
+    timeline = store.timeline
+    todo = batches(workload)
+    store.flusher.mutex.acquire()  # a long flush (compaction) is running
+    blocked = threading.Event()
+    done = threading.Event()
+
+    def decode_thread() -> None:
+        for records, raws in todo:
+            store.ingest_batch(records, raws)
+            if timeline.frozen_count >= MAX_FROZEN_LAYERS:
+                blocked.set()
+            store.maybe_flush()
+        done.set()
+
+    thread = threading.Thread(target=decode_thread)
+    thread.start()
+    try:
+        assert blocked.wait(60), "ingest never got MAX_FROZEN_LAYERS ahead of the flusher"
+        # Ingest went on past the first freeze without any flush; now it waits (memory bound).
+        assert timeline.disk_consistent_lsn < timeline.last_record_lsn
+        assert not done.wait(1.0)
+        # A batch (50 records, under checkpoint_distance) freezes at most once more.
+        assert timeline.frozen_count <= MAX_FROZEN_LAYERS + 1
+    finally:
+        store.flusher.mutex.release()
+    thread.join(120)
+    assert done.is_set()
+    store.flush()
+    assert timeline.disk_consistent_lsn == timeline.last_record_lsn
+    store.history.close()
+
+
+def test_failed_background_flush_is_retried_and_raised_on_the_caller(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = imported(tmp_path, workload.base)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    original = node_store_module.compact
+    failing = True
+
+    def compact(*args: object, **kwargs: object) -> object:
+        if failing:
+            raise full
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node_store_module, "compact", compact)
+    raised = 0
+    for records, raws in batches(workload):
+        store.ingest_batch(records, raws)
+        try:
+            store.maybe_flush()
+        except OSError as exc:
+            assert exc is full
+            raised += 1
+            break
+        store.wait_flushed()
+    assert raised == 1
+    with pytest.raises(OSError):
+        store.maybe_flush()  # still failing: retried here, on the caller
+    failing = False
+    store.maybe_flush()  # the disk has room again: flushed here, and back to the background
+    assert store.timeline.disk_consistent_lsn == store.timeline.last_record_lsn
+    store.history.close()
