@@ -1637,9 +1637,9 @@ py_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *page = args[2];
-    long block_id = PyLong_AsLong(args[1]);
+    long block_id = PyLong_Check(args[1]) ? PyLong_AsLong(args[1]) : -1;
     if (block_id == -1 && PyErr_Occurred())
-        return NULL;
+        PyErr_Clear(); /* no such block: Python's error */
     Rec r;
     Blk b;
     if (block_id < 0 || read_record(args[0], &r) != OK || find_block(&r, (unsigned)block_id, &b) != 1)
