@@ -15,8 +15,13 @@
    (WalReceiver into the fsynced WalArchive) and its decode thread (WalReader.read_batch and
    decode_records on every record, C fast paths when built), stopped once END is decoded.
    CPU is ours plus the receiver child's.
-5. Live: our follower on slot neon_live (created just before) while
-   `pgbench -c 4 -T <live-seconds>` runs; CPU seconds per MiB and the lag when pgbench ends.
+5. Live: the server is stopped and its data directory imported into a page store (as
+   `neon pg create` does), restarted, and followed on slot neon_live while
+   `pgbench -c 4 -T <live-seconds>` runs: here the follower *ingests* (C paths when built,
+   flushes and compaction included). Every 0.25 s the server's insert LSN and the ingested
+   LSN (what a snapshot can name) are sampled: the ingested lag in bytes and in seconds of
+   WAL (bytes / the run's WAL rate), p50/p99/max; then how long after pgbench's end ingest
+   reached its last LSN. CPU seconds per MiB of WAL.
 
 Prints a table and, last, one JSON line. Run by hand, never by CI.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import logging
 import pstats
@@ -47,6 +53,7 @@ from bench.common import (
     measure,
     mib,
     mib_per_s,
+    percentile,
     pgbench_args,
     print_table,
     process_cpu,
@@ -94,11 +101,13 @@ log = logging.getLogger(BENCH)
 # -- ours: the pageserver's NodeFollower ---------------------------------------------------------
 
 
-def make_follower(server: PgTestServer, node_id: str, workdir: Path) -> NodeFollower:
+def make_follower(
+    server: PgTestServer, node_id: str, workdir: Path, store: NodeStore | None = None
+) -> NodeFollower:
+    """A follower of `server`; without `store`, one that was never imported: ingest is a
+    no-op, so catch-up measures receive + archive + read + decode."""
     node = FollowedNode(node_id, "127.0.0.1", server.port, SUPERUSER, PASSWORD)
-    # A store that was never imported: ingest is a no-op, so this measures receive + archive +
-    # read + decode, as before the pagestore joined the follower.
-    return NodeFollower(node, node_store(workdir, node_id), Metrics())
+    return NodeFollower(node, store or node_store(workdir, node_id), Metrics())
 
 
 def node_store(workdir: Path, node_id: str) -> NodeStore:
@@ -174,15 +183,40 @@ class LiveResult:
     cpu: float
     records: int
     tps: float
-    lag_decoded_bytes: int  # pg_current_wal_insert_lsn() - decoded, when pgbench ended
+    lag_decoded_bytes: int  # pg_current_wal_insert_lsn() - ingested, when pgbench ended
     lag_flushed_bytes: int  # ... - flushed (durable in our archive)
-    catchup_after_end: float  # seconds from pgbench's end until we had decoded its WAL
+    catchup_after_end: float  # seconds from pgbench's end until we had ingested its WAL
+    lag_samples: list[int]  # insert LSN - ingested LSN, every SAMPLE_SECONDS during pgbench
 
 
-async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
+SAMPLE_SECONDS = 0.25
+
+
+async def sample_lag(
+    server: PgTestServer, store: NodeStore, into: list[int], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        at = await asyncio.to_thread(current_lsn, server, "pg_current_wal_insert_lsn")
+        into.append(max(0, at - store.timeline.last_record_lsn))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
+
+
+def imported_store(server: PgTestServer, workdir: Path) -> NodeStore:
+    """The stopped server's data directory imported as the live node's history (restarted)."""
+    server.stop()
+    store = node_store(workdir, LIVE_NODE)
+    store.import_datadir(server.datadir)
+    server.start()
+    return store
+
+
+async def live(server: PgTestServer, store: NodeStore, workdir: Path, seconds: int) -> LiveResult:
     create_slot(server, slot_name(LIVE_NODE))
-    follower = make_follower(server, LIVE_NODE, workdir)
+    follower = make_follower(server, LIVE_NODE, workdir, store)
     follower.start()
+    samples: list[int] = []
+    stop_sampling = asyncio.Event()
     proc: subprocess.Popen[str] | None = None
     try:
         lsn0 = await asyncio.to_thread(current_lsn, server, "pg_current_wal_insert_lsn")
@@ -191,6 +225,7 @@ async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
         env = {"PGHOST": str(server.sockdir), "PGPORT": str(server.port), "PGUSER": SUPERUSER}
         say(f"live: pgbench -c 4 -T {seconds} while following")
         child0 = process_cpu(follower.receiver.pid)
+        sampler = asyncio.ensure_future(sample_lag(server, store, samples, stop_sampling))
         with measure() as m:
             # uvloop cannot spawn as another user: Popen here, wait in a thread.
             proc = subprocess.Popen(
@@ -201,6 +236,8 @@ async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
                 **popen_kwargs(env),  # type: ignore[call-overload]
             )
             out, err = await asyncio.to_thread(proc.communicate)
+            stop_sampling.set()
+            await sampler
             if proc.returncode != 0:
                 raise RuntimeError(f"pgbench failed: {err.strip()}")
             t_end = time.perf_counter()
@@ -221,12 +258,27 @@ async def live(server: PgTestServer, workdir: Path, seconds: int) -> LiveResult:
             lag_decoded,
             lag_flushed,
             catchup,
+            samples,
         )
     finally:
+        stop_sampling.set()
         if proc is not None and proc.poll() is None:
             proc.kill()  # by its PID
             await asyncio.to_thread(proc.wait)
         await follower.stop()
+
+
+def lag_seconds(lr: LiveResult) -> dict[str, float]:
+    """The sampled ingested lag as seconds of the run's WAL (bytes / its average rate)."""
+    rate = lr.wal_bytes / max(lr.seconds, 1e-9)
+    secs = [b / rate for b in lr.lag_samples] if rate else []
+    return {
+        "samples": len(secs),
+        "p50": round(percentile(secs, 50), 3),
+        "p99": round(percentile(secs, 99), 3),
+        "max": round(max(secs, default=0.0), 3),
+        "series": [round(x, 2) for x in secs],
+    }
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -261,7 +313,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         live_result = None
         if args.live_seconds > 0:
-            live_result = uvloop.run(live(server, work, args.live_seconds))
+            say("live: importing the stopped server's data directory, then following it")
+            store = imported_store(server, work)
+            live_result = uvloop.run(live(server, store, work, args.live_seconds))
         results["machine_after"] = machine_info()
 
     ref_rate = mib_per_s(ref_bytes, ref.wall)
@@ -327,9 +381,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_s_per_mib": round(lr.cpu / max(mib(lr.wal_bytes), 1e-9), 5),
             "records": lr.records,
             "pgbench_tps": lr.tps,
-            "lag_decoded_bytes_at_end": lr.lag_decoded_bytes,
+            "lag_ingested_bytes_at_end": lr.lag_decoded_bytes,
             "lag_flushed_bytes_at_end": lr.lag_flushed_bytes,
             "catchup_after_end_s": round(lr.catchup_after_end, 3),
+            "ingested_lag_s": lag_seconds(lr),
         }
         print()
         print(f"live: pgbench -c 4 -T {args.live_seconds} ({lr.tps:.0f} tps) while following")
@@ -341,6 +396,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"{lr.catchup_after_end:.2f} s"],
             ],
         )  # fmt: skip
+        lag = results["live"]["ingested_lag_s"]
+        print(
+            f"ingested lag during pgbench, in seconds of WAL: p50 {lag['p50']:.2f}, "
+            f"p99 {lag['p99']:.2f}, max {lag['max']:.2f} ({lag['samples']} samples)"
+        )
     before, after = results["machine_before"], results["machine_after"]
     print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
     return results
