@@ -8,6 +8,7 @@ fail when it is missing unless NEON_PURE_PYTHON=1 or NEON_ALLOW_PURE_PYTHON=1 is
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -17,14 +18,15 @@ def native_disabled() -> bool:
     return os.environ.get("NEON_PURE_PYTHON", "") not in ("", "0")
 
 
-def _load() -> ModuleType | None:
+def load_extension(name: str) -> ModuleType | None:
+    """The C extension module `name` (e.g. "pg15._walscan"), or None when it is switched off
+    (NEON_PURE_PYTHON=1) or was not built (the Python reference then does the work)."""
     if native_disabled():
         return None
     try:
-        from pg15 import _walscan
+        return importlib.import_module(name)
     except ImportError:
         return None
-    return _walscan
 
 
-walscan = _load()
+walscan = load_extension("pg15._walscan")

@@ -8,19 +8,6 @@ when it is missing unless NEON_PURE_PYTHON=1 or NEON_ALLOW_PURE_PYTHON=1 is set)
 
 from __future__ import annotations
 
-from types import ModuleType
+from pg15.native import load_extension
 
-from pg15.native import native_disabled
-
-
-def _load() -> ModuleType | None:
-    if native_disabled():
-        return None
-    try:
-        from pageserver.ingest import _walingest
-    except ImportError:
-        return None
-    return _walingest
-
-
-walingest = _load()
+walingest = load_extension("pageserver.ingest._walingest")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pg15.native import native_disabled
+from pg15.native import load_extension
 from pg15.records import BlockImage, BlockRef, DecodedRecord
 
 
@@ -32,14 +32,10 @@ def _check_layout(module: ModuleType) -> None:
 
 
 def _load() -> ModuleType | None:
-    if native_disabled():
-        return None
-    try:
-        from pageserver.redo import _redo
-    except ImportError:
-        return None
-    _check_layout(_redo)
-    return _redo
+    module = load_extension("pageserver.redo._redo")
+    if module is not None:
+        _check_layout(module)
+    return module
 
 
 redo = _load()

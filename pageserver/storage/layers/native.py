@@ -7,19 +7,6 @@ NEON_ALLOW_PURE_PYTHON=1 is set).
 
 from __future__ import annotations
 
-from types import ModuleType
+from pg15.native import load_extension
 
-from pg15.native import native_disabled
-
-
-def _load() -> ModuleType | None:
-    if native_disabled():
-        return None
-    try:
-        from pageserver.storage.layers import _blockpack
-    except ImportError:
-        return None
-    return _blockpack
-
-
-blockpack = _load()
+blockpack = load_extension("pageserver.storage.layers._blockpack")

@@ -9,7 +9,6 @@ for byte and cut at the same LSNs, and the C path must have taken most records.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,27 +25,16 @@ from pg15.lsn import segment_file_name
 from pg15.pg_control import read_control_file
 from pg15.records import DecodedRecord, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
+from tests.native_ext import require_c_extension
 from tests.pgtest import PgTestCluster
 
-PURE_PYTHON_ALLOWED = any(
-    os.environ.get(name, "") not in ("", "0")
-    for name in ("NEON_PURE_PYTHON", "NEON_ALLOW_PURE_PYTHON")
-)
 SMALL = StoreSettings(checkpoint_distance=4 * 1024 * 1024)
 """Several freezes within the workload, so the cut points are compared too."""
 
 
 @pytest.fixture
 def c_extension() -> None:
-    """Fail (never skip silently) when the C extension is missing."""
-    if native.walingest is not None:
-        return
-    if PURE_PYTHON_ALLOWED:
-        pytest.skip("C extension off or not built; allowed by NEON_(ALLOW_)PURE_PYTHON=1")
-    pytest.fail(
-        "the C extension pageserver.ingest._walingest is not built: install gcc and "
-        "python3-dev and run `make setup`, or set NEON_ALLOW_PURE_PYTHON=1"
-    )
+    require_c_extension(native.walingest, "pageserver.ingest._walingest")
 
 
 @dataclass(frozen=True)

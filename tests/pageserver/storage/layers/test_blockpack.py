@@ -7,7 +7,6 @@ entries, index), equal to what per-version `add` writes, and bad input is refuse
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,13 @@ from pageserver.storage.layers.blocks import BlockCache
 from pageserver.storage.layers.delta import DeltaLayerWriter
 from pageserver.storage.values import TOMBSTONE, Value, encode_value
 from proto.errors import InvalidArgument
+from tests.native_ext import require_c_extension
 from tests.pageserver.storage.layers.test_layers import SETTINGS, rel_key, sample_versions
-
-PURE_PYTHON_ALLOWED = any(
-    os.environ.get(name, "") not in ("", "0")
-    for name in ("NEON_PURE_PYTHON", "NEON_ALLOW_PURE_PYTHON")
-)
 
 
 @pytest.fixture
 def c_extension() -> None:
-    """Fail (never skip silently) when the C extension is missing."""
-    if native.blockpack is not None:
-        return
-    if PURE_PYTHON_ALLOWED:
-        pytest.skip("C extension off or not built; allowed by NEON_(ALLOW_)PURE_PYTHON=1")
-    pytest.fail("the C extension pageserver.storage.layers._blockpack is not built: make setup")
+    require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
 
 
 Chains = list[tuple[K.Key, list[tuple[int, Value]]]]
