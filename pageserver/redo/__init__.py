@@ -172,21 +172,11 @@ def needs_previous(record: DecodedRecord, block_id: int) -> bool:
     return not (entry.always_init(record, block_id) or entry.zero_on_missing(record, block_id))
 
 
-def redo_block(record: DecodedRecord, block_id: int, page: bytes | None) -> bytes:
+def redo_block_python(record: DecodedRecord, block_id: int, page: bytes | None) -> bytes:
     """The block's new version after `record` (see the module docstring for the rules).
 
-    The C fast path (redo/_redo.c) redoes the hot Heap/Heap2/Btree records and uncompressed
-    images; it returns None for the rest, which `redo_block_python` then does.
+    The pure-Python reference; `redo_block` is this or the C fast path in front of it.
     """
-    if _native is not None:
-        out = _native.redo_block(record, block_id, page)
-        if out is not None:
-            return out
-    return redo_block_python(record, block_id, page)
-
-
-def redo_block_python(record: DecodedRecord, block_id: int, page: bytes | None) -> bytes:
-    """`redo_block` in pure Python: the reference the C fast path is tested against."""
     ref = record.block(block_id)
     if ref is None:
         raise PageError(
@@ -224,3 +214,18 @@ def redo_block_python(record: DecodedRecord, block_id: int, page: bytes | None) 
     if not entry.keeps_lsn(record, block_id):
         set_lsn(result, record.end_lsn)
     return bytes(result)
+
+
+RedoBlockFn = Callable[[DecodedRecord, int, "bytes | None"], bytes]
+redo_block: RedoBlockFn
+"""`redo_block(record, block_id, page)`: the block's new version after `record`.
+
+With the C extension loaded (redo/native.py) it is the C function, which redoes the hot
+Heap/Heap2/Btree records and uncompressed images itself and calls `redo_block_python` for the
+rest: one call either way, no Python frame in front of the C path.
+"""
+if _native is not None:
+    _native.init(redo_block_python)
+    redo_block = _native.redo_block
+else:
+    redo_block = redo_block_python

@@ -11,14 +11,16 @@
  * (nbtdedup.c) and the page primitives of src/backend/storage/page/bufpage.c, one to one with
  * the Python modules heap.py, heap2.py, btree.py and page.py, which stay the reference.
  *
- * redo_block(record, block_id, page) takes the DecodedRecord itself (a tuple: fields are
- * read by position, see RECORD_FIELDS) and returns the new page as bytes, or None for anything
- * it does not handle: another rmgr or record type, a compressed image, and every case where
+ * try_redo_block(record, block_id, page) takes the DecodedRecord itself (a tuple: fields
+ * are read by position, see RECORD_FIELDS) and returns the new page as bytes, or None for
+ * anything it does not handle: another rmgr or record type, a compressed image, and every case where
  * the Python code would raise (short data, a corrupt page, an item that does not fit). The
  * page is redone in a fresh bytes object, so a None leaves nothing changed and the Python
  * redo then runs (and raises its error) on the untouched page. The dispatch rules of
  * XLogReadBufferForRedoExtended (image, will-init, BLK_NOTFOUND, BLK_DONE, pd_lsn stamping)
  * are applied here too, as in the Python redo_block, so a handled block costs one call.
+ * redo_block(record, block_id, page) is the whole thing: try_redo_block, else the Python
+ * redo_block registered with init() (pageserver/redo/__init__.py binds it as redo_block).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1630,10 +1632,10 @@ restore_image(const Rec *r, PyObject *image)
 }
 
 static PyObject *
-py_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+py_try_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "redo_block(record, block_id, page)");
+        PyErr_SetString(PyExc_TypeError, "try_redo_block(record, block_id, page)");
         return NULL;
     }
     PyObject *page = args[2];
@@ -1694,11 +1696,43 @@ py_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* The Python redo_block (redo_block_python), called for what try_redo_block hands back. */
+static PyObject *py_fallback;
+
+static PyObject *
+py_init(PyObject *self, PyObject *fallback)
+{
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "init() takes the Python redo_block");
+        return NULL;
+    }
+    Py_XSETREF(py_fallback, Py_NewRef(fallback));
+    Py_RETURN_NONE;
+}
+
+/* redo_block in full: the C path, else the Python one (one call for the caller either way). */
+static PyObject *
+py_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (py_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "pageserver.redo._redo.init() was not called");
+        return NULL;
+    }
+    PyObject *out = py_try_redo_block(self, args, nargs);
+    if (out != Py_None)
+        return out;
+    Py_DECREF(out);
+    return PyObject_Vectorcall(py_fallback, args, (size_t)nargs, NULL);
+}
+
 /* ---- module -------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
+    {"try_redo_block", (PyCFunction)(void (*)(void))py_try_redo_block, METH_FASTCALL,
+     "try_redo_block(record, block_id, page) -> bytes, or None where the Python redo must run."},
     {"redo_block", (PyCFunction)(void (*)(void))py_redo_block, METH_FASTCALL,
-     "redo_block(record, block_id, page) -> bytes, or None where the Python redo must run."},
+     "redo_block(record, block_id, page) -> bytes: try_redo_block, else the Python redo."},
+    {"init", py_init, METH_O, "Register the Python redo_block for what C hands back."},
     {NULL, NULL, 0, NULL},
 };
 

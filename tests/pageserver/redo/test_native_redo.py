@@ -76,7 +76,7 @@ VACUUM r;
 
 def c_redo(record: DecodedRecord, block_id: int, page: bytes | bytearray | None) -> bytes | None:
     assert native is not None
-    return native.redo_block(record, block_id, page)
+    return native.try_redo_block(record, block_id, page)
 
 
 @pytest.fixture(scope="module")
