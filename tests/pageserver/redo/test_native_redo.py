@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import shutil
 import struct
+import types
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pageserver.redo import (
     redo_block_python,
 )
 from pageserver.redo import btree as bt
+from pageserver.redo.native import NativeLayoutError, _check_layout
 from pageserver.redo.native import redo as native
 from pageserver.redo.page import (
     LP_DEAD,
@@ -418,3 +420,14 @@ def test_dedup_and_posting_list_updates() -> None:
         RM_BTREE_ID, 0x70, struct.pack("<IHH", 0, 0, 1), [Blk(0, 1, data[2:])], end_lsn=later
     )
     same(delete, 0, merged)
+
+
+def test_the_c_module_refuses_to_load_when_a_record_field_moved() -> None:
+    """The C code reads DecodedRecord/BlockRef/BlockImage by position: a moved field is an
+    import error naming the field, not silently wrong redo."""
+    assert native is not None
+    _check_layout(native)  # the built module matches pg15/records.py
+    moved = types.ModuleType("fake")
+    moved.RECORD_FIELDS = {**native.RECORD_FIELDS, "BlockRef": {"blkno": 2}}  # type: ignore[attr-defined]
+    with pytest.raises(NativeLayoutError, match=r"BlockRef\.blkno at position 2"):
+        _check_layout(moved)
