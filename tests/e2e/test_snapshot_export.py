@@ -260,13 +260,23 @@ def test_sigint_stops_the_temporary_server(home: NeonCli, out_dir: Path) -> None
         [NEON, "snapshot", "export", SNAP, "--format", "pg_dump", "-o", str(target)],
         env=home.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    # Interrupt as soon as the postmaster has written its PID: the export of this small
+    # snapshot can end within a fraction of a second of the server being ready, so waiting
+    # longer raced the export's own clean-up (the PID file was already gone).
+    pid_file = server_dir / "pgdata" / "postmaster.pid"
     deadline = time.monotonic() + 60
-    while not (server_dir / "pgdata" / "postmaster.pid").exists():
+    pid = 0
+    while not pid:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the temporary server never started"
-        time.sleep(0.02)
-    time.sleep(0.2)  # the pid file is complete
-    pid = int((server_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+        try:
+            first = pid_file.read_text().split("\n", 1)
+        except FileNotFoundError:
+            first = []
+        if len(first) == 2 and first[0].isdigit():  # the line is whole once it ends
+            pid = int(first[0])
+        else:
+            time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
