@@ -37,9 +37,13 @@ the rmgr's redo routine in PostgreSQL's src/backend, e.g. xact_redo in access/tr
   nextOid from NEXTOID and shutdown checkpoints; nextMulti/Offset; oldestXid/Multi; the
   oldestActiveXid of RUNNING_XACTS; checkpoint records merged as PostgreSQL's xlog_redo does)
   are one Image on CHECKPOINT_KEY, written at most once per record when they change.
-* Anything else (Standby locks, Tablespace records: non-default tablespaces are refused at
-  import, ...): no metadata effect; block refs of any rmgr, even an unknown one, are handled
-  as above (redo decides at materialization, refusing clearly what it cannot replay).
+* Tablespace CREATE: the tablespace enters the tablespace map with its location ("" for an
+  in-place one), which nothing else records (tblspc_redo, src/backend/commands/tablespace.c).
+  DROP: out of the map, and every database directory left in it goes (DROP TABLESPACE needs
+  it empty of relations; destroy_tablespace_directories removes the empty directories).
+* Anything else (Standby locks, ...): no metadata effect; block refs of any rmgr, even an
+  unknown one, are handled as above (redo decides at materialization, refusing clearly
+  what it cannot replay).
 
 Directories (databases, relations per database, SLRU segments, two-phase xids), sizes and
 the checkpoint are cached in memory and written back only when a record changes them; the
@@ -59,6 +63,7 @@ from pageserver.reconstruct.reads import (
     get_checkpoint,
     get_rel_size,
     get_slru_segment_size,
+    get_tablespaces,
     list_dbs,
     list_rels,
     list_slru_segments,
@@ -69,6 +74,7 @@ from pageserver.reconstruct.value_format import (
     encode_delta,
     encode_ints,
     encode_pairs,
+    encode_tablespaces,
     encode_u32,
     slru_location,
 )
@@ -80,6 +86,7 @@ from pageserver.redo.visibilitymap import HEAPBLOCKS_PER_PAGE, vm_block, vm_chan
 from pageserver.storage.keys import (
     CHECKPOINT_KEY,
     DB_DIR_KEY,
+    TABLESPACE_MAP_KEY,
     TWOPHASE_DIR_KEY,
     Key,
     SlruKind,
@@ -109,6 +116,7 @@ from pg15.constants import (
     RM_RELMAP_ID,
     RM_SMGR_ID,
     RM_STANDBY_ID,
+    RM_TBLSPC_ID,
     RM_XACT_ID,
     RM_XLOG_ID,
     VISIBILITYMAP_FORKNUM,
@@ -135,6 +143,7 @@ from pg15.rmgr.smgr import (
     SmgrTruncate,
 )
 from pg15.rmgr.standby import RunningXacts
+from pg15.rmgr.tblspc import TblspcCreate, TblspcDrop
 from pg15.rmgr.xact import (
     XLOG_XACT_ABORT_PREPARED,
     XLOG_XACT_COMMIT_PREPARED,
@@ -285,6 +294,7 @@ class WalIngest:
         }
         self._slru_sizes: dict[tuple[SlruKind, int], int | None] = {}
         self._twophase: set[int] = set(list_twophase_xids(tl, lsn))
+        self._tablespaces: dict[int, str] = get_tablespaces(tl, lsn)
         self._checkpoint: CheckPoint = get_checkpoint(tl, lsn) or EMPTY_CHECKPOINT
         self._reset_record()
 
@@ -294,6 +304,7 @@ class WalIngest:
         self._dirty_rels: set[tuple[int, int]] = set()
         self._dirty_slru: set[SlruKind] = set()
         self._dirty_twophase = False
+        self._dirty_tablespaces = False
         self._dirty_checkpoint = False
         self._payload: bytes | None = None
 
@@ -411,6 +422,8 @@ class WalIngest:
             out.append((slru_dir_key(kind), Image(encode_ints(self._slru_dirs[kind]))))
         if self._dirty_twophase:
             out.append((TWOPHASE_DIR_KEY, Image(encode_ints(self._twophase))))
+        if self._dirty_tablespaces:
+            out.append((TABLESPACE_MAP_KEY, Image(encode_tablespaces(self._tablespaces))))
         if self._dirty_checkpoint:
             out.append((CHECKPOINT_KEY, Image(self._checkpoint.pack())))
         return out
@@ -438,6 +451,7 @@ class WalIngest:
             RM_MULTIXACT_ID,
             RM_RELMAP_ID,
             RM_STANDBY_ID,
+            RM_TBLSPC_ID,
         ):
             self._ingest_metadata(record, decode_main(record))
 
@@ -696,6 +710,11 @@ class WalIngest:
         elif isinstance(parsed, DbaseDrop):
             for spc in parsed.tablespace_ids:
                 self._drop_database(spc, parsed.db_id)
+        elif isinstance(parsed, TblspcCreate):
+            self._tablespaces[parsed.ts_id] = parsed.location
+            self._dirty_tablespaces = True
+        elif isinstance(parsed, TblspcDrop):
+            self._drop_tablespace(parsed.ts_id)
         elif isinstance(parsed, XlogNextOid):
             self._set_checkpoint(replace(self._checkpoint, next_oid=parsed.next_oid))
         elif isinstance(parsed, XlogCheckpoint):
@@ -742,6 +761,13 @@ class WalIngest:
         if (spc, db) not in self._dbs:
             self._dbs.add((spc, db))
             self._dirty_dbs = True
+
+    def _drop_tablespace(self, spc: int) -> None:
+        if self._tablespaces.pop(spc, None) is not None:
+            self._dirty_tablespaces = True
+        for dspc, db in sorted(self._dbs):
+            if dspc == spc:
+                self._drop_database(spc, db)
 
     def _drop_database(self, spc: int, db: int) -> None:
         lsn = self.timeline.last_record_lsn

@@ -13,6 +13,7 @@ from pageserver.reconstruct.value_format import (
     decode_ints,
     decode_metadata,
     decode_pairs,
+    decode_tablespaces,
     decode_u32,
 )
 from pageserver.storage.keys import (
@@ -20,6 +21,7 @@ from pageserver.storage.keys import (
     CONTROLFILE_KEY,
     DB_DIR_KEY,
     NODE_METADATA_KEY,
+    TABLESPACE_MAP_KEY,
     TWOPHASE_DIR_KEY,
     TWOPHASE_FILES_RANGE,
     Key,
@@ -104,6 +106,12 @@ def list_dbs(timeline: Timeline, lsn: int) -> list[tuple[int, int]]:
     """(spc, db) of every database, ``(1664, 0)`` standing for the shared catalogs."""
     raw = _read_value(timeline, DB_DIR_KEY, lsn)
     return [] if raw is None else sorted(decode_pairs(raw, "database directory"))
+
+
+def get_tablespaces(timeline: Timeline, lsn: int) -> dict[int, str]:
+    """OID -> location ("" = in-place) of every non-default tablespace at `lsn`."""
+    raw = _read_value(timeline, TABLESPACE_MAP_KEY, lsn)
+    return {} if raw is None else decode_tablespaces(raw)
 
 
 def list_rels(timeline: Timeline, spc: int, db: int, lsn: int) -> list[tuple[int, int]]:

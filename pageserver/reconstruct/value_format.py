@@ -17,13 +17,15 @@ relmap file                      Image: the 512-byte pg_filenode.map
 checkpoint                       Image: the 88-byte CheckPoint struct (pg15.rmgr.xlog)
 pg_control                       Image: the 8192-byte file as imported
 node metadata                    Image: msgpack dict (system_identifier, pg_version, ...)
+tablespace map                   Image: msgpack list of ``[oid, location]`` (location ``""``:
+                                 in-place, pg_tblspc/OID is a directory; else absolute)
 ==============================  ===========================================================
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgpack
@@ -99,6 +101,20 @@ def decode_metadata(data: bytes) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CorruptData("node metadata is not a map")
     return meta
+
+
+def encode_tablespaces(locations: Mapping[int, str]) -> bytes:
+    return bytes(msgpack.packb(sorted([oid, loc] for oid, loc in locations.items())))
+
+
+def decode_tablespaces(data: bytes) -> dict[int, str]:
+    try:
+        out = {int(oid): loc for oid, loc in msgpack.unpackb(data)}
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptData(f"tablespace map is corrupt: {exc}") from None
+    if not all(isinstance(loc, str) for loc in out.values()):
+        raise CorruptData("tablespace map is corrupt: a location is not a string")
+    return out
 
 
 def slru_location(pageno: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ two-phase state file (xid)       02 0   0   0   1    xid
 pg_control template              03 0   0   0   0    0
 checkpoint counters              03 0   0   0   0    1
 node metadata (system id...)     03 0   0   0   0    2
+tablespace map (oid -> location) 03 0   0   0   0    3
 ==============================  ==============================================
 
 ``KEY_MAX`` (all 0xFF) is the exclusive end of the keyspace; keys whose first byte is 0xFF are
@@ -316,6 +317,9 @@ TWOPHASE_FILES_RANGE = KeyRange(
 CONTROLFILE_KEY = make_key(_CONTROL_PREFIX, 0, 0, 0, 0, 0)
 CHECKPOINT_KEY = make_key(_CONTROL_PREFIX, 0, 0, 0, 0, 1)
 NODE_METADATA_KEY = make_key(_CONTROL_PREFIX, 0, 0, 0, 0, 2)
+TABLESPACE_MAP_KEY = make_key(_CONTROL_PREFIX, 0, 0, 0, 0, 3)
+"""The non-default tablespaces (pg_tblspc entries) and their locations: not page state, and
+written down nowhere else (pg_tablespace has no location), so one keyed value like relmaps."""
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -401,4 +405,6 @@ def describe(key: bytes) -> str:
         return "checkpoint"
     if key == NODE_METADATA_KEY:
         return "node metadata"
+    if key == TABLESPACE_MAP_KEY:
+        return "tablespace map"
     return f"key {key_to_hex(key)}"

@@ -20,6 +20,7 @@ from pg15.constants import (
     RM_SEQ_ID,
     RM_SMGR_ID,
     RM_STANDBY_ID,
+    RM_TBLSPC_ID,
     RM_XACT_ID,
     RM_XLOG_ID,
 )
@@ -34,6 +35,7 @@ from pg15.rmgr import (
     sequence,
     smgr,
     standby,
+    tblspc,
     xact,
     xlog,
 )
@@ -50,6 +52,7 @@ DECODERS: dict[int, Callable[[int, bytes], object]] = {
     RM_MULTIXACT_ID: multixact.decode,
     RM_RELMAP_ID: relmap.decode,
     RM_STANDBY_ID: standby.decode,
+    RM_TBLSPC_ID: tblspc.decode,
     RM_HEAP2_ID: heap.decode_heap2,
     RM_HEAP_ID: heap.decode_heap,
     RM_BTREE_ID: btree.decode,

@@ -24,6 +24,7 @@ from pageserver.reconstruct.reads import (
     get_relmap,
     get_slru_page,
     get_slru_segment_size,
+    get_tablespaces,
     get_twophase_files,
     list_dbs,
     list_rels,
@@ -49,6 +50,7 @@ from pg15.constants import (
     RM_RELMAP_ID,
     RM_SMGR_ID,
     RM_STANDBY_ID,
+    RM_TBLSPC_ID,
     RM_XACT_ID,
     RM_XLOG_ID,
 )
@@ -129,12 +131,19 @@ def tuple_data(value: int) -> bytes:
 
 
 def heap_insert(
-    wal: Wal, blkno: int, offnum: int, value: int, *, init: bool = False, flags: int = 0
+    wal: Wal,
+    blkno: int,
+    offnum: int,
+    value: int,
+    *,
+    init: bool = False,
+    flags: int = 0,
+    rnode: RelFileNode = RN,
 ) -> DecodedRecord:
     return wal.put(
         RM_HEAP_ID,
         0x80 if init else 0x00,
-        blocks=(block(0, blkno, data=tuple_data(value), will_init=init),),
+        blocks=(block(0, blkno, data=tuple_data(value), will_init=init, rnode=rnode),),
         main=struct.pack("<HB", offnum, flags),
         xid=700,
     )
@@ -375,6 +384,32 @@ def test_relmap_and_database_copy_and_drop(timeline: Timeline) -> None:
     assert get_relmap(timeline, SPC, 6, lsn) is None
 
 
+def test_tablespaces_are_tracked_with_their_locations(timeline: Timeline) -> None:
+    """CREATE TABLESPACE records put the location in the history; relations in a tablespace
+    are keyed by its OID; DROP TABLESPACE removes it and what is left of its directories."""
+    wal = Wal(timeline)
+    ts_abs, ts_in_place = 16400, 16401
+    wal.put(RM_TBLSPC_ID, 0x00, main=struct.pack("<I", ts_abs) + b"/srv/ts1\0")
+    created = wal.put(RM_TBLSPC_ID, 0x00, main=struct.pack("<I", ts_in_place) + b"\0")
+    assert get_tablespaces(timeline, created.end_lsn) == {ts_abs: "/srv/ts1", ts_in_place: ""}
+    rn = RelFileNode(ts_abs, DB, REL)
+    wal.put(RM_SMGR_ID, 0x10, main=struct.pack("<IIIi", ts_abs, DB, REL, MAIN))
+    ins = heap_insert(wal, 0, 1, 42, init=True, rnode=rn)
+    assert (ts_abs, DB) in list_dbs(timeline, ins.end_lsn)
+    assert list_rels(timeline, ts_abs, DB, ins.end_lsn) == [(REL, MAIN)]
+    page = materialize(timeline, rel_block_key(ts_abs, DB, REL, MAIN, 0), ins.end_lsn)
+    assert max_offset(page) == 1
+    # A restarted ingest reloads the map from the timeline.
+    wal.ingest = WalIngest(timeline)
+    wal.put(RM_XACT_ID, 0x80, main=commit_main(rels=(rn,)), xid=900)
+    drop = wal.put(RM_TBLSPC_ID, 0x10, main=struct.pack("<I", ts_abs))
+    assert get_tablespaces(timeline, drop.end_lsn) == {ts_in_place: ""}
+    assert (ts_abs, DB) not in list_dbs(timeline, drop.end_lsn)
+    # The history still knows it before the drop.
+    assert get_tablespaces(timeline, drop.lsn)[ts_abs] == "/srv/ts1"
+    assert (ts_abs, DB) in list_dbs(timeline, drop.lsn)
+
+
 def test_checkpoint_counters_and_restart(timeline: Timeline) -> None:
     wal = Wal(timeline)
     wal.put(RM_XLOG_ID, 0x30, main=struct.pack("<I", 24576))  # NEXTOID
@@ -419,16 +454,16 @@ def test_record_end_lsn_across_pages() -> None:
     assert record_end_lsn((16 << 20) - 100, 114, 16 << 20) == (16 << 20) + 40 + 16
 
 
-def test_import_refuses_tablespaces_and_running_servers(
+def test_import_refuses_dangling_tablespaces_and_running_servers(
     pg_cluster: PgTestCluster, tmp_path: Path
 ) -> None:
     server = pg_cluster.create(start=False)
     lsn = import_lsn_of(server.datadir)
     link = server.datadir / "pg_tblspc" / "99999"
-    link.symlink_to(tmp_path)
+    link.symlink_to(tmp_path / "gone")
     store = TimelineStore(tmp_path / "store")
     try:
-        with pytest.raises(InvalidArgument, match="tablespaces"):
+        with pytest.raises(InvalidArgument, match="99999 is a dangling symlink"):
             import_datadir(store.create_timeline(), server.datadir)
         link.unlink()
         tl = store.create_timeline()
