@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from cli import checkout, nodes
-from cli.context import get_app
+from cli.context import App, get_app
 from cli.node_lock import locked_node
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
+from cli.pageserver_control import local_api
+from cli.progress import Progress
+from cli.snapshot_commands import import_snapshot
 from cli.storages import DEFAULT_STORAGE
 from pageserver.history.snapshots import split_snapshot_name
+from pageserver_api.models import SnapshotDestroyRequest
 from proto.errors import InvalidArgument
 
 
@@ -35,11 +44,16 @@ def pg_group() -> None:
     "--snapshot",
     "snapshot",
     default=None,
-    metavar="PGDATA@TAG",
-    help="Create the node from a snapshot (a branch: nothing is copied).",
+    metavar="SNAPSHOT|SOURCE",
+    help=(
+        "Create the node from a snapshot (PGDATA@TAG or an imported NAME: a branch, nothing is "
+        "copied), or from anything `snapshot import --from` takes (basebackup://…, a path with "
+        "a '/', http(s)://…/x.neon): imported into a temporary snapshot, dropped afterwards."
+    ),
 )
 @click.option("--cow", is_flag=True, help="Share unchanged files with the snapshot's files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
+@click.argument("pgdata", required=False, metavar="[PGDATA]")
 @click.pass_context
 def pg_create(
     ctx: click.Context,
@@ -50,35 +64,86 @@ def pg_create(
     snapshot: str | None,
     cow: bool,
     as_json: bool,
+    pgdata: str | None,
 ) -> None:
-    """Create a data directory (initdb, or a snapshot) and start PostgreSQL on it."""
+    """Create a data directory (initdb, or a snapshot) and start PostgreSQL on it.
+
+    PGDATA names it, as -n does (default pgdata$i)."""
     app = get_app(ctx)
     if cow and snapshot is None:
         raise InvalidArgument("--cow needs --snapshot")
-    status = nodes.create_node(
-        app,
-        storage=storage,
-        name=name,
-        port=port,
-        start=not no_start,
-        snapshot=app.registry.snapshot_name(snapshot) if snapshot is not None else None,
-        progress=progress_printer(),
-    )
-    if cow:
-        click.echo(
-            "neon: note: --cow: the data directory was written in full from the page history "
-            "(a full copy); reflink sharing is not available for rebuilt directories",
-            err=True,
+    if pgdata is not None and name is not None and pgdata != name:
+        raise InvalidArgument(f"two names given ({pgdata!r} and -n {name!r}); give one")
+    name = name if name is not None else pgdata
+    say = (lambda _text, _nl=True: None) if as_json else _say
+    with contextlib.ExitStack() as temporary:
+        if snapshot is not None and is_import_source(snapshot):
+            bar = not as_json and sys.stderr.isatty()  # the line is printed once it is done
+            if not bar:
+                say("Downloading snapshot...", False)
+            try:
+                snapshot = temporary_import(app, snapshot, storage, temporary, bar, say)
+            except BaseException:
+                say("" if bar else " failed.")
+                raise
+            say("Downloading snapshot... Done." if bar else " Done.")
+        status = nodes.create_node(
+            app,
+            storage=storage,
+            name=name,
+            port=port,
+            start=not no_start,
+            snapshot=app.registry.snapshot_name(snapshot) if snapshot is not None else None,
+            progress=progress_printer(),
         )
+        if cow:
+            click.echo(
+                "neon: note: --cow: the data directory was written in full from the page "
+                "history (a full copy); reflink sharing is not available for rebuilt directories",
+                err=True,
+            )
+        if status.state == "running":
+            say(f"Started postgres on localhost:{status.node.port}")
+        else:
+            say(
+                f"Created {status.node.pgdata} ({status.node.id}); "
+                f"start it with `neon pg start {status.node.id}`"
+            )
     if as_json:
         print_json(nodes.node_json(app, status, dir_size(status.node.datadir)))
-    elif status.state == "running":
-        click.echo(f"Started postgres on localhost:{status.node.port}")
-    else:
-        click.echo(
-            f"Created {status.node.pgdata} ({status.node.id}); "
-            f"start it with `neon pg start {status.node.id}`"
-        )
+
+
+def _say(text: str, newline: bool = True) -> None:
+    click.echo(text, nl=newline)
+    sys.stdout.flush()
+
+
+def is_import_source(snapshot: str) -> bool:
+    """A URL or a path, not a snapshot name: names never hold ':' or '/'."""
+    return "://" in snapshot or "/" in snapshot
+
+
+def temporary_import(
+    app: App,
+    source: str,
+    storage: str,
+    cleanup: contextlib.ExitStack,
+    show_progress: bool,
+    say: Callable[[str, bool], None],
+) -> str:
+    """Import `source` as a temporary snapshot that `cleanup` destroys (the node's branch
+    keeps the history it needs); return the snapshot's name."""
+    name = f"pg-create-{os.getpid()}-{secrets.token_hex(4)}"
+    progress = Progress(show_progress, "Downloading snapshot", transient=True)
+    import_snapshot(app, source, name, storage, progress)
+
+    def destroy() -> None:
+        say("Destroying snapshot...", False)
+        local_api(app).snapshot_destroy(SnapshotDestroyRequest(name))
+        say(" Done.", True)
+
+    cleanup.callback(destroy)
+    return name
 
 
 @pg_group.command("start")

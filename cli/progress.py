@@ -12,10 +12,11 @@ from tqdm import tqdm
 class Progress:
     """A `[=====-----] 60% | 20MB/s` bar with ETA on a TTY; nothing otherwise."""
 
-    def __init__(self, enabled: bool, what: str) -> None:
+    def __init__(self, enabled: bool, what: str, *, transient: bool = False) -> None:
         self._bar: tqdm[Any] | None = None
         self._enabled = enabled
         self._what = what
+        self._transient = transient  # erased when done (a line printed after replaces it)
 
     def update(self, done: int, total: int | None) -> None:
         if not self._enabled:
@@ -31,6 +32,7 @@ class Progress:
                 ascii="-=",
                 bar_format="{desc} [{bar:10}] {percentage:3.0f}% | {rate_fmt} | ETA {remaining}",
                 file=sys.stderr,
+                leave=not self._transient,
                 # A terminal that reports no size (0x0) gets 80x24: tqdm would show nothing.
                 ncols=shutil.get_terminal_size().columns,
                 nrows=shutil.get_terminal_size().lines,

@@ -32,6 +32,7 @@ from pageserver_api.models import (
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
     SnapshotImportRequest,
+    SnapshotInfo,
     SnapshotShowRequest,
     TimelineInfoRequest,
 )
@@ -70,7 +71,8 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
 @snapshot_group.command("import")
 @click.option("--from", "source", required=True, metavar="SOURCE", help=(
     "basebackup://USER[:PASSWORD]@HOST[:PORT]/ (a running server), a stopped cluster's data "
-    "directory, or pg_basebackup output (plain, or -F tar)"
+    "directory, pg_basebackup output (plain, or -F tar), or a .neon file (a path or an "
+    "http(s):// URL)"
 ))  # fmt: skip
 @click.argument("name")
 @click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
@@ -81,6 +83,17 @@ def snapshot_import(
 ) -> None:
     """Import an existing PostgreSQL 15 database as snapshot NAME, on a history of its own."""
     app = get_app(ctx)
+    progress = Progress(not as_json and sys.stderr.isatty(), "Importing")
+    snap = import_snapshot(app, source, name, storage, progress)
+    if as_json:  # else quiet, as `snapshot create` (the proposal shows only the progress bar)
+        print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
+
+
+def import_snapshot(
+    app: App, source: str, name: str, storage: str, progress: Progress
+) -> SnapshotInfo:
+    """Import `source` (see cli/snapshot_import.py) as the bare-named snapshot `name` in the
+    native storage `storage`; nothing is visible unless the whole import succeeded."""
     check_import_name(name)
     store = app.registry.get_storage(storage)
     if store.type != "native":
@@ -96,16 +109,13 @@ def snapshot_import(
             f"`neon snapshot destroy {name}` first"
         )
     storage_path = Path(store.options["path"])
-    progress = Progress(not as_json and sys.stderr.isatty(), "Importing")
     try:
         with import_workdir(storage_path) as workdir:
             datadir = prepare_clean_datadir(source, storage_path, workdir, progress)
             request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
-            snap = api.snapshot_import(request)
+            return api.snapshot_import(request)
     finally:
         progress.close()
-    if as_json:  # else quiet, as `snapshot create` (the proposal shows only the progress bar)
-        print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
 
 
 def _rows(app: App) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """`neon snapshot import`: bring an existing PostgreSQL 15 database into the page history.
 
 Sources: a running server (`basebackup://USER[:PASSWORD]@HOST[:PORT]/`, a BASE_BACKUP over our
-own replication client), a stopped cluster's data directory, or `pg_basebackup` output (a plain
-directory with backup_label, or `-F tar`: base.tar[.gz|.zst] and pg_wal.tar).
+own replication client), a stopped cluster's data directory, `pg_basebackup` output (a plain
+directory with backup_label, or `-F tar`: base.tar[.gz|.zst] and pg_wal.tar), or a `.neon`
+snapshot file, local or over http(s) (cli/snapshot_file_source.py).
 
 A stopped, cleanly shut-down data directory is imported as it is. A backup is fuzzy (its files
 were copied while the server wrote) and becomes a clean directory by recovery, done by stock
@@ -43,8 +44,9 @@ import zstandard
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.progress import Progress
+from cli.snapshot_file_source import is_http_source, is_snapshot_file, unpack_snapshot_file
 from cli.storages import mask_url
-from cli.untar import extract_basebackup
+from cli.untar import extract_basebackup, extract_stream
 from pageserver.daemon import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
@@ -134,8 +136,8 @@ def pgpass_lookup(host: str, port: int, user: str) -> str | None:
 def check_path_source(path: Path) -> None:
     """Refuse what cannot be imported: a missing path, a running cluster's directory."""
     if not path.exists():
-        raise NotFound(f"{path} does not exist; give a data directory, pg_basebackup output "
-                       f"or {URL_FORM}")  # fmt: skip
+        raise NotFound(f"{path} does not exist; give a data directory, pg_basebackup output, "
+                       f"a .neon file or {URL_FORM}")  # fmt: skip
     if path.is_dir() and (path / "global" / "pg_control").is_file() and _is_running(path):
         raise Conflict(
             f"{path} is the data directory of a running PostgreSQL; stop it or use {URL_FORM}"
@@ -155,42 +157,6 @@ def is_clean_datadir(path: Path) -> bool:
 
 
 # Unpacking a backup
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _extract_and_drain(reader: BinaryIO, target: Path) -> None:
-    """Extract, then read the rest so the writer never blocks (data after the tar's end)."""
-    try:
-        extract_basebackup(reader, target)
-        while reader.read(1 << 20):
-            pass
-    finally:
-        reader.close()
-
-
-async def extract_stream(chunks: AsyncIterator[bytes | memoryview], target: Path) -> None:
-    """Extract a tar arriving as async chunks (bounded memory: a pipe to the extractor)."""
-    rfd, wfd = os.pipe()
-    reader = os.fdopen(rfd, "rb", buffering=1 << 20)
-    extractor = asyncio.ensure_future(asyncio.to_thread(_extract_and_drain, reader, target))
-    try:
-        try:
-            async for chunk in chunks:
-                await asyncio.to_thread(_write_all, wfd, chunk)
-        except BrokenPipeError:
-            pass  # the extractor refused the archive: its error says why
-        finally:
-            os.close(wfd)
-        await extractor
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            await extractor
-        raise
 
 
 def _open_archive(path: Path) -> BinaryIO:
@@ -381,6 +347,12 @@ def prepare_clean_datadir(
     """The cleanly shut-down data directory to import for `source`: the source itself when
     it is one, else a recovered copy in `workdir`."""
     pgdata = workdir / "pgdata"
+    if is_http_source(source) or is_snapshot_file(Path(source)):
+        asyncio.run(unpack_snapshot_file(source, pgdata, progress))
+        progress.close()
+        if not is_clean_datadir(pgdata):
+            raise CorruptData(f"{source} does not hold a cleanly shut-down data directory")
+        return pgdata
     if source.startswith(f"{SCHEME}:"):
         asyncio.run(fetch_base_backup(parse_server_url(source), pgdata, progress))
         end_lsn = None
@@ -403,7 +375,8 @@ def prepare_clean_datadir(
             )
         else:
             raise InvalidArgument(
-                f"{path} is neither a PostgreSQL data directory nor pg_basebackup output"
+                f"{path} is neither a PostgreSQL data directory, pg_basebackup output nor a "
+                ".neon snapshot file"
             )
         end_lsn = manifest_end_lsn(pgdata)
         if end_lsn is not None:

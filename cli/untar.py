@@ -6,10 +6,13 @@ member is checked before anything is written.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -105,3 +108,39 @@ def _extract_member(
         shutil.copyfileobj(src, f, 1 << 20)
     os.chmod(dest, 0o600)
     give_to_pg_user(dest)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _extract_and_drain(reader: BinaryIO, target: Path) -> None:
+    """Extract, then read the rest so the writer never blocks (data after the tar's end)."""
+    try:
+        extract_basebackup(reader, target)
+        while reader.read(1 << 20):
+            pass
+    finally:
+        reader.close()
+
+
+async def extract_stream(chunks: AsyncIterator[bytes | memoryview], target: Path) -> None:
+    """Extract a tar arriving as async chunks (bounded memory: a pipe to the extractor)."""
+    rfd, wfd = os.pipe()
+    reader = os.fdopen(rfd, "rb", buffering=1 << 20)
+    extractor = asyncio.ensure_future(asyncio.to_thread(_extract_and_drain, reader, target))
+    try:
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(_write_all, wfd, chunk)
+        except BrokenPipeError:
+            pass  # the extractor refused the archive: its error says why
+        finally:
+            os.close(wfd)
+        await extractor
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await extractor
+        raise

@@ -4,22 +4,27 @@ BASE_BACKUP, from its stopped data directory and from `pg_basebackup -F tar -X s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from cli.pgbin import give_to_pg_user, pg_binary
+from snapfile import read_manifest
 from tests.neoncli import NEON, NeonCli, psql, run_on_tty
 from tests.pgtest import (
     PASSWORD,
@@ -258,3 +263,125 @@ def test_sigint_during_recovery_leaves_nothing(home: NeonCli, source: PgTestServ
     ).read_text(errors="replace")
     assert not list(storage.glob(".import-*"))
     assert home.json("snapshot", "list") == before
+
+
+# .neon files: export -> import round trip, damage refused, pg create from a URL
+
+
+@pytest.fixture(scope="module")
+def neon_file(home: NeonCli, imported: str) -> Iterator[Path]:
+    """`oldpg` exported as a snapshot file."""
+    base = pg_reachable_tmpdir("neon-file-")
+    path = base / "oldpg.neon"
+    home.run("snapshot", "export", imported, "-o", str(path))
+    yield path
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_neon_file_round_trip(home: NeonCli, source: PgTestServer, neon_file: Path) -> None:
+    """export -> import gives the source's data and keeps its identity."""
+    home.run("snapshot", "import", "--from", str(neon_file), "fromfile")
+    check_node_equals_source(home, source, "fromfile")
+    again = neon_file.with_name("again.neon")
+    home.run("snapshot", "export", "fromfile", "-o", str(again))
+    with neon_file.open("rb") as first, again.open("rb") as second:
+        m1, m2 = read_manifest(first), read_manifest(second)
+    assert m2.system_identifier == m1.system_identifier == source_system_id(source)
+    # The file's directory starts at a shutdown checkpoint written at the snapshot's LSN;
+    # the import's LSN is that record's end.
+    assert m1.lsn < m2.lsn < m1.lsn + 8192 and m2.pg_timeline == m1.pg_timeline
+
+
+def source_system_id(server: PgTestServer) -> int:
+    return int(server.psql("SELECT system_identifier FROM pg_control_system()"))
+
+
+def test_damaged_neon_file_is_refused_and_changes_nothing(home: NeonCli, neon_file: Path) -> None:
+    before = home.json("snapshot", "list")
+    data = neon_file.read_bytes()
+    rng = random.Random(20261203)
+    bad = neon_file.with_name("bad.neon")
+    offsets = [rng.randrange(len(data)) for _ in range(3)]
+    for offset in offsets:  # a flipped byte anywhere: the member and offset are named
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x20
+        bad.write_bytes(damaged)
+        error = home.fail("snapshot", "import", "--from", str(bad), "damaged")
+        assert re.search(rf"{bad} is corrupt: \S+ at offset \d+", error), (offset, error)
+    for cut in [rng.randrange(1, len(data)) for _ in range(3)]:
+        bad.write_bytes(data[:cut])
+        error = home.fail("snapshot", "import", "--from", str(bad), "damaged")
+        assert re.search(rf"{bad} is (truncated|corrupt)", error), (cut, error)
+    assert home.json("snapshot", "list") == before
+    assert not list((home.home / "storage" / "local").glob(".import-*"))
+
+
+@contextlib.contextmanager
+def http_server(files: dict[str, Path]) -> Iterator[str]:
+    """A real aiohttp server on 127.0.0.1 serving `files` by name; yields its base URL."""
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+
+    def serve(path: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+        async def handler(_request: web.Request) -> web.FileResponse:
+            return web.FileResponse(path)
+
+        return handler
+
+    for name, path in files.items():
+        app.router.add_get(f"/{name}", serve(path))
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def test_pg_create_from_http_prints_the_proposal_lines(
+    home: NeonCli, source: PgTestServer, neon_file: Path
+) -> None:
+    before = names(home)
+    with http_server({"x.neon": neon_file}) as base:
+        missing = home.fail("pg", "create", "--snapshot", f"{base}/nothing.neon", "nothing")
+        assert f"{base}/nothing.neon" in missing and "404" in missing
+        port = free_port()
+        out = home.run(
+            "pg", "create", "--snapshot", f"{base}/x.neon", "movies", "--port", str(port)
+        ).stdout
+    assert out.splitlines() == [
+        "Downloading snapshot... Done.",
+        f"Started postgres on localhost:{port}",
+        "Destroying snapshot... Done.",
+    ]
+    assert not [n for n in names(home) if n not in before and n != "movies@CURRENT"]
+    connstr = home.json("pg", "show", "movies")["connstr"]
+    try:
+        for db in DATABASES:
+            assert dumped(connstr, db) == dump(source, db), db
+    finally:
+        home.run("pg", "destroy", "--yes", "movies")
+
+
+def test_pg_create_from_a_running_server(home: NeonCli, source: PgTestServer) -> None:
+    """The proposal's implicit import: `pg create --snapshot basebackup://…`."""
+    port = free_port()
+    out = home.run("pg", "create", "--snapshot", url(source), "--port", str(port)).stdout
+    lines = out.splitlines()
+    assert lines == [
+        "Downloading snapshot... Done.",
+        f"Started postgres on localhost:{port}",
+        "Destroying snapshot... Done.",
+    ]
+    [node] = [n for n in home.json("pg", "list") if n["port"] == port]
+    try:
+        assert psql(node["connstr"], "SELECT count(*) FROM pgbench_accounts", "app") == "100000"
+    finally:
+        home.run("pg", "destroy", "--yes", node["id"])
