@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pageserver.storage.keys import Key, KeyRange, describe
+from pageserver.storage.keys import KEY_MAX, KEY_MIN, Key, KeyRange, describe
 from pageserver.storage.layers.blocks import KIND_IMAGE, BlockCache, LayerCorrupt, LayerFileWriter
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
@@ -64,9 +64,71 @@ class ImageLayerWriter:
         self._last = key
         self._writer.add(key, self.name.lsn_start, encode_value(Image(data)))
 
-    def finish(self, cache: BlockCache) -> ImageLayer:
+    def finish(self, cache: BlockCache, end: Key | None = None) -> ImageLayer:
+        """Publish the layer; `end` narrows its key range to [start, end) (a writer that
+        learns where a layer stops only when the next key arrives, as ImageRunWriter)."""
+        if end is not None:
+            self.name = LayerName.image(
+                KeyRange(self.name.key_range.start, end), self.name.lsn_start
+            )
         self._writer.finish(self.name.key_range, self.name.file_name)
         return ImageLayer(self._dir, self.name, cache)
 
     def abort(self) -> None:
         self._writer.abort()
+
+
+class ImageRunWriter:
+    """Keys added in ascending order become a run of adjacent image layers at one LSN that
+    together cover the whole keyspace [KEY_MIN, KEY_MAX): the complete state at that LSN (a key
+    absent from the run does not exist). A layer is cut once it holds about
+    `image_layer_target_size` bytes, so memory is one layer's index and one block, whatever
+    the number of keys (an import of any size)."""
+
+    def __init__(
+        self, directory: Path, lsn: int, settings: StoreSettings, cache: BlockCache
+    ) -> None:
+        self._dir, self._lsn, self._settings, self._cache = directory, lsn, settings, cache
+        self._writer: ImageLayerWriter | None = None
+        self._start = KEY_MIN
+        self._bytes = 0
+        self._last: Key | None = None
+        self.layers: list[ImageLayer] = []
+
+    def add(self, key: Key, data: bytes) -> None:
+        if self._last is not None and key <= self._last:
+            self.abort()
+            raise InvalidArgument(f"image run keys must be unique and sorted: {describe(key)}")
+        self._last = key
+        writer = self._writer
+        if writer is not None and self._bytes >= self._settings.image_layer_target_size:
+            self.layers.append(writer.finish(self._cache, end=key))
+            self._start, writer = key, None
+        if writer is None:
+            writer = self._writer = ImageLayerWriter(
+                self._dir, KeyRange(self._start, KEY_MAX), self._lsn, self._settings
+            )
+            self._bytes = 0
+        writer.add(key, data)
+        self._bytes += len(data)
+
+    def finish(self) -> list[ImageLayer]:
+        """Publish the last layer (up to KEY_MAX); every layer of the run, in key order."""
+        writer = self._writer
+        if writer is None:
+            writer = ImageLayerWriter(
+                self._dir, KeyRange(self._start, KEY_MAX), self._lsn, self._settings
+            )
+        self.layers.append(writer.finish(self._cache))
+        self._writer = None
+        return self.layers
+
+    def abort(self) -> None:
+        """Remove what was written (the finished layers are not in any layer map yet)."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        for layer in self.layers:
+            layer.close()
+            layer.path.unlink(missing_ok=True)
+        self.layers = []
