@@ -259,13 +259,14 @@ class Pageserver:
         check_import_name(name)
         self._check_name_free(name)
         history = self.history(store_dir)
-        timeline = history.timelines.create_timeline()
+        timeline = history.timelines.create_timeline(importing=True)
         try:
             lsn = await asyncio.to_thread(import_datadir, timeline, datadir)
             await asyncio.to_thread(timeline.freeze_and_flush)
             if abandoned():
                 raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
             self._check_name_free(name)
+            history.timelines.complete_import(timeline.timeline_id)
             self.imported_roots.remember(store_dir)
             return name_imported_snapshot(history, name, timeline.timeline_id, lsn)
         except BaseException:

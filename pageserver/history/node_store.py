@@ -204,9 +204,10 @@ class NodeStore:
                     f"node {self.node_id}'s page history already starts at "
                     f"{format_lsn(self._state.start_lsn)}; it is imported once"
                 )
-            timeline = self.timelines.create_timeline()
+            timeline = self.timelines.create_timeline(importing=True)
             lsn = import_datadir(timeline, datadir)
             timeline.freeze_and_flush()
+            self.timelines.complete_import(timeline.timeline_id)
             control = read_control_file(datadir)
             self._save_state(
                 NodeState(

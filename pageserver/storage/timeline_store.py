@@ -7,6 +7,10 @@ Layout::
 
 A timeline id is 1-64 lowercase hex characters (32 when generated, like Neon's). Timelines
 are opened lazily, ancestors first, and share one block cache.
+
+A timeline being filled by an import carries an `importing` marker file until
+`complete_import`; one still marked when a store is opened was cut short (a killed pageserver)
+and is removed with its partial layers, so no half-imported history stays on disk.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from durable_files import fsync_dir, write_file_durably
 from pageserver.storage.layers.blocks import BlockCache
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
@@ -26,6 +31,7 @@ from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 _TIMELINE_ID = re.compile(r"^[0-9a-f]{1,64}$")
 _DELETING_SUFFIX = ".deleting"
+_IMPORTING = "importing"
 
 
 def check_timeline_id(timeline_id: str) -> str:
@@ -53,6 +59,8 @@ class TimelineStore:
         self._open: dict[str, Timeline] = {}
         for leftover in self._dir.glob(f"*{_DELETING_SUFFIX}"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for marker in self._dir.glob(f"*/{_IMPORTING}"):
+            shutil.rmtree(marker.parent, ignore_errors=True)
 
     def _path(self, timeline_id: str) -> Path:
         return self._dir / check_timeline_id(timeline_id)
@@ -82,9 +90,21 @@ class TimelineStore:
             self._open[timeline_id] = timeline
             return timeline
 
-    def create_timeline(self, timeline_id: str | None = None) -> Timeline:
-        """A new root timeline (no ancestor) with last_record_lsn 0."""
-        return self._create(timeline_id, None, 0, None)
+    def create_timeline(
+        self, timeline_id: str | None = None, *, importing: bool = False
+    ) -> Timeline:
+        """A new root timeline (no ancestor) with last_record_lsn 0; with `importing`, it is
+        removed at the next open of the store unless `complete_import` is called first."""
+        timeline = self._create(timeline_id, None, 0, None)
+        if importing:
+            write_file_durably(timeline.directory / _IMPORTING, b"")
+        return timeline
+
+    def complete_import(self, timeline_id: str) -> None:
+        """The import into the timeline is whole and durable: keep it from now on."""
+        path = self._path(timeline_id)
+        (path / _IMPORTING).unlink(missing_ok=True)
+        fsync_dir(path)
 
     def branch(
         self,

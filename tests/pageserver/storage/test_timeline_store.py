@@ -341,3 +341,25 @@ def test_bulk_ingest_is_fast_enough(tmp_path: Path) -> None:
     assert elapsed < 10, elapsed
     assert tl.disk_consistent_lsn == lsn
     assert len(tl.get_reconstruct_data(page(5, 3), lsn).deltas) == 20
+
+
+def test_an_import_cut_short_is_removed_when_the_store_opens(tmp_path: Path) -> None:
+    """A pageserver killed during an import leaves an `importing` timeline: the next open of
+    the store removes it with its layers; a completed import stays."""
+    store = TimelineStore(tmp_path / "s")
+    cut = store.create_timeline(importing=True)
+    done = store.create_timeline(importing=True)
+    for timeline in (cut, done):
+        timeline.put(K.rel_block_key(1663, 5, 1000, 0, 0), 0x100, Image(b"x" * 8192))
+        timeline.advance_last_record_lsn(0x100, None)
+        timeline.freeze_and_flush()
+    store.complete_import(done.timeline_id)
+    assert sorted(store.list_timelines()) == sorted([cut.timeline_id, done.timeline_id])
+    store.close()  # as a SIGKILL would leave it: nothing else runs at exit
+    reopened = TimelineStore(tmp_path / "s")
+    try:
+        assert reopened.list_timelines() == [done.timeline_id]
+        assert not (tmp_path / "s" / "timelines" / cut.timeline_id).exists()
+        assert reopened.get(done.timeline_id).last_record_lsn == 0x100
+    finally:
+        reopened.close()
