@@ -44,12 +44,29 @@ INSERT INTO docs SELECT g, 'doc ' || g, ARRAY['t' || (g % 7), 'u' || (g % 3)]
   FROM generate_series(1, 2000) g;
 CREATE INDEX docs_title ON docs (title);
 CREATE INDEX docs_tags ON docs USING gin (tags);
+CREATE TABLE places (id int, at point, area box, name text, seen timestamptz);
+INSERT INTO places SELECT g, point(g % 100, g / 100), box(point(g, g), point(g + 3, g + 5)),
+  'place ' || (g % 50), '2026-01-01'::timestamptz + g * interval '1 minute'
+  FROM generate_series(1, 3000) g;
+CREATE INDEX places_name_hash ON places USING hash (name);
+CREATE INDEX places_area_gist ON places USING gist (area);
+CREATE INDEX places_at_spgist ON places USING spgist (at);
+CREATE INDEX places_seen_brin ON places USING brin (seen);
 """
+
+
+INDEX_QUERIES = (
+    "SELECT count(*) FROM places WHERE name = 'place 7'",
+    "SELECT count(*) FROM places WHERE area && box(point(100, 100), point(200, 300))",
+    "SELECT count(*) FROM places WHERE at <@ box(point(10, 0), point(20, 10))",
+    "SELECT count(*) FROM places WHERE seen < '2026-01-01 10:00+00'",
+)
 
 
 @pytest.fixture(scope="module")
 def source(pg_cluster_module: PgTestCluster) -> PgTestServer:
-    """A plain server with pgbench data (-s 1) and a btree and a gin index; no writes after."""
+    """A plain server with pgbench data (-s 1) and an index of every type (btree, gin, hash,
+    gist, spgist, brin); no writes after."""
     server = pg_cluster_module.create({"checkpoint_timeout": "1h"})
     server.psql("CREATE DATABASE app")
     server.run("pgbench", "-i", "-s", "1", "-q", "app")
@@ -103,6 +120,9 @@ def check_node_equals_source(neon: NeonCli, source: PgTestServer, snapshot: str)
         assert "docs_tags" in plan
         count = "SET enable_seqscan = off; SELECT count(*) FROM docs WHERE tags @> ARRAY['t3']"
         assert psql(connstr, count, "app") == "286"
+        for query in INDEX_QUERIES:  # each answered through its index, as on the source
+            forced = f"SET enable_seqscan = off; SET enable_bitmapscan = off; {query}"
+            assert psql(connstr, forced, "app") == source.psql(query, dbname="app"), query
     finally:
         neon.run("pg", "destroy", "--yes", node)
 
