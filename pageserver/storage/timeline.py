@@ -27,10 +27,11 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from durable_files import TEMP_SUFFIX
-from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key
+from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key, ranges_cover
 from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer
@@ -500,6 +501,56 @@ class Timeline:
             )
         return layer_map.scan_keys(key_range, lsn, frozen, head)
 
+    def plan_range_read(self, key_range: KeyRange, lsn: int) -> RangeRead | None:
+        """How to read every key of key_range at lsn in bulk (a basebackup): the image layers
+        that hold the keys' values, and the keys with versions above them, which need the
+        per-key read path (`get_reconstruct_data`). None when image layers cover the range
+        only in part on some timeline: read key by key then.
+
+        Walks the ancestors like a read: a timeline with no image layer over the range adds
+        the keys it has versions of to the slow ones and defers the rest to its ancestor at
+        the branch point; the first timeline whose image layers cover the range decides every
+        other key (held by the newest image layer holding it, else absent). A root timeline
+        with no image layer over the range: the keys without versions do not exist.
+        """
+        self._check_read_lsn(lsn)
+        slow: set[Key] = set()
+        timeline: Timeline = self
+        at = lsn
+        while True:
+            with timeline._lock:
+                timeline._check_open()
+                layer_map = timeline._map
+                frozen = timeline._frozen[::-1]
+                open_ = timeline._open
+                head = (
+                    list(open_.newest_versions(key_range, at))
+                    if open_ is not None and open_.lsn_start <= at
+                    else []
+                )
+            images: list[ImageLayer] = []
+            for image in layer_map.images:  # newest first
+                if image.lsn <= at and image.key_range.overlaps(key_range):
+                    images.append(image)
+                    if ranges_cover(key_range, (i.key_range for i in images)):
+                        break
+            covered = bool(images) and ranges_cover(key_range, (i.key_range for i in images))
+            if images and not covered:
+                return None
+            floor = images[-1].lsn if covered else -1  # the oldest image needed
+            sources: list[Iterable[tuple[Key, int, int]]] = [head]
+            sources.extend(s.newest_versions(key_range, at) for s in frozen if s.lsn_start <= at)
+            sources.extend(
+                d.newest_versions(key_range, at)
+                for d in layer_map.deltas_overlapping(key_range, floor, at)
+            )
+            for source in sources:
+                slow.update(key for key, version_lsn, _tag in source if version_lsn > floor)
+            if covered or timeline.ancestor is None:
+                return RangeRead(tuple(images), frozenset(slow))
+            at = min(at, timeline.ancestor_lsn)
+            timeline = timeline.ancestor
+
     def _check_open(self) -> None:
         if self._closed:
             raise Conflict(f"timeline {self.timeline_id} is closed")
@@ -516,6 +567,17 @@ class Timeline:
 
     def __repr__(self) -> str:
         return f"Timeline({self.timeline_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRead:
+    """A plan to read a key range in bulk (`Timeline.plan_range_read`)."""
+
+    images: tuple[ImageLayer, ...]
+    """Newest first: a key not in `slow` has the value of the first layer whose key range
+    holds it, if that layer holds the key; otherwise the key does not exist."""
+    slow: frozenset[Key]
+    """Keys whose value needs the per-key read path."""
 
 
 def _reconstruct_data(versions: list[tuple[int, Value]]) -> ReconstructData:

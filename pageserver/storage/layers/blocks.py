@@ -399,14 +399,19 @@ class LayerFile:
             for lsn, encoded in versions:
                 yield key, lsn, encoded
 
-    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
-        """(key, [(LSN, encoded value), ...] in LSN order) for every key in file order,
-        bypassing the cache like iter_encoded."""
+    def iter_key_groups(
+        self, key_range: KeyRange | None = None
+    ) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        """(key, [(LSN, encoded value), ...] in LSN order) for every key in file order (of
+        `key_range` only, if given), bypassing the cache like iter_encoded."""
         keys, firsts = self._keys()
         m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
         unpack = _VERSION_ENTRY.unpack_from
         block_no, block = -1, b""
-        for i in range(self.header.n_keys):
+        first, stop = 0, self.header.n_keys
+        if key_range is not None:
+            first, stop = self.lower_bound(key_range.start), self.lower_bound(key_range.end)
+        for i in range(first, stop):
             group: list[tuple[int, bytes]] = []
             for v in range(firsts[i], firsts[i + 1]):
                 lsn, tag, b, offset, length = unpack(m, at + v * size)

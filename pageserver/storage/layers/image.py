@@ -6,6 +6,7 @@ an image layer covering their key whether or not it holds the key.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from pageserver.storage.keys import KEY_MAX, KEY_MIN, Key, KeyRange, describe
@@ -13,7 +14,7 @@ from pageserver.storage.layers.blocks import KIND_IMAGE, BlockCache, LayerCorrup
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.values import Image, encode_value
+from pageserver.storage.values import Image, decode_value, encode_value
 from proto.errors import InvalidArgument
 
 
@@ -35,6 +36,18 @@ class ImageLayer(PersistentLayer):
                 self.path, f"image layer holds a non-image value for {describe(key)}"
             )
         return value.data
+
+    def scan(self, key_range: KeyRange) -> Iterator[tuple[Key, bytes]]:
+        """(key, image) of every key of key_range the layer holds, in key order: blocks are
+        read in file order once each, bypassing the cache (a bulk read such as a
+        basebackup must not evict the blocks GetPage readers use)."""
+        for key, versions in self.file.iter_key_groups(key_range):
+            value = decode_value(versions[-1][1])
+            if not isinstance(value, Image):
+                raise LayerCorrupt(
+                    self.path, f"image layer holds a non-image value for {describe(key)}"
+                )
+            yield key, value.data
 
 
 class ImageLayerWriter:

@@ -1,0 +1,93 @@
+"""Bulk reads of relation pages, for basebackups: a fork's blocks in order, streamed from the
+image layers that hold them, with only the pages that have newer versions going through the
+per-key path (`materialize`: the chain walk and redo).
+
+A GetPage-style read per block costs a layer-map walk, an index lookup per layer and a block
+cache probe per page; a basebackup of an imported or freshly compacted database needs none of
+that: `Timeline.plan_range_read` names, once per database, the image layers holding its keys
+and the keys with versions above them, and each fork is then a sequential scan of those
+layers' blocks (decompressed once each, outside the cache) merged with the slow keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pageserver.reconstruct.reads import materialize
+from pageserver.reconstruct.value_format import ZERO_PAGE
+from pageserver.storage.keys import (
+    U32_MAX,
+    Key,
+    KeyRange,
+    fork_blocks_range,
+    rel_block_key,
+)
+from pageserver.storage.layers.image import ImageLayer
+from pageserver.storage.timeline import RangeRead, Timeline
+
+
+def image_tiles(
+    key_range: KeyRange, images: tuple[ImageLayer, ...]
+) -> list[tuple[KeyRange, ImageLayer]]:
+    """key_range cut into pieces, each with the newest image layer covering it (images are
+    newest first), in key order; pieces no layer covers are left out (their keys are absent)."""
+    uncovered = [key_range]
+    tiles: list[tuple[KeyRange, ImageLayer]] = []
+    for image in images:
+        rest: list[KeyRange] = []
+        for piece in uncovered:
+            start = max(piece.start, image.key_range.start)
+            end = min(piece.end, image.key_range.end)
+            if start >= end:
+                rest.append(piece)
+                continue
+            tiles.append((KeyRange(start, end), image))
+            if piece.start < start:
+                rest.append(KeyRange(piece.start, start))
+            if end < piece.end:
+                rest.append(KeyRange(end, piece.end))
+        uncovered = rest
+        if not uncovered:
+            break
+    tiles.sort(key=lambda tile: tile[0].start)
+    return tiles
+
+
+def _images_in(key_range: KeyRange, plan: RangeRead) -> Iterator[tuple[Key, bytes]]:
+    for piece, image in image_tiles(key_range, plan.images):
+        yield from image.scan(piece)
+
+
+def rel_pages(
+    timeline: Timeline,
+    plan: RangeRead,
+    spc: int,
+    db: int,
+    rel: int,
+    fork: int,
+    first: int,
+    count: int,
+    lsn: int,
+) -> Iterator[bytes]:
+    """Blocks first..first+count-1 of a fork at lsn, in order; `plan` is the timeline's plan
+    for a key range holding them, at the same lsn. Equal to materialize() block by block."""
+    last = first + count  # exclusive; block U32_MAX is the fork's size key, past its pages
+    wanted = KeyRange(
+        rel_block_key(spc, db, rel, fork, first),
+        rel_block_key(spc, db, rel, fork, last)
+        if last < U32_MAX
+        else fork_blocks_range(spc, db, rel, fork).end,
+    )
+    stored = _images_in(wanted, plan)
+    held = next(stored, None)
+    slow = plan.slow
+    for blkno in range(first, first + count):
+        key = rel_block_key(spc, db, rel, fork, blkno)
+        while held is not None and held[0] < key:
+            held = next(stored, None)
+        if key in slow:
+            yield materialize(timeline, key, lsn)
+        elif held is not None and held[0] == key:
+            yield held[1]
+        else:
+            yield ZERO_PAGE  # absent below the relation's size: a hole, as in a file

@@ -1,0 +1,143 @@
+"""Bulk page reads (`range_reads.rel_pages`, `Timeline.plan_range_read`) equal GetPage
+(`materialize`) block by block, on real WAL: after an import (image layers only), with WAL
+ingested above them (L0 deltas, open layer), after compaction wrote newer images, and on a
+branch with versions of its own; a range only partly under image layers is read key by key."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.walingest import WalIngest
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.reconstruct.range_reads import image_tiles, rel_pages
+from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
+from pageserver.storage.compaction import create_image_layers
+from pageserver.storage.keys import KeyRange, database_range, rel_block_key
+from pageserver.storage.layers.image import ImageLayerWriter
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import Image
+from pg15.lsn import parse_lsn
+from tests.pageserver.basebackup.test_basebackup_datadir import ingest_wal_until, run_workload
+from tests.pgtest import PgTestCluster
+
+SETTINGS = StoreSettings(
+    checkpoint_distance=256 * 1024,  # several L0 layers and an open one
+    image_layer_target_size=512 * 1024,  # many image layers per database
+    compaction_threshold=1000,
+)
+
+
+def check_equal(timeline: Timeline, lsn: int) -> int:
+    """Every block of every fork of every database: bulk read == materialize. Returns the
+    number of pages compared."""
+    compared = 0
+    for spc, db in list_dbs(timeline, lsn):
+        plan = timeline.plan_range_read(database_range(spc, db), lsn)
+        assert plan is not None
+        for rel, fork in list_rels(timeline, spc, db, lsn):
+            nblocks = get_rel_size(timeline, spc, db, rel, fork, lsn) or 0
+            for first, count in ((0, nblocks), (nblocks // 3, nblocks - nblocks // 3)):
+                got = list(rel_pages(timeline, plan, spc, db, rel, fork, first, count, lsn))
+                want = [
+                    materialize(timeline, rel_block_key(spc, db, rel, fork, b), lsn)
+                    for b in range(first, first + count)
+                ]
+                assert got == want, (spc, db, rel, fork, first)
+                compared += count
+    return compared
+
+
+@pytest.fixture(scope="module")
+def history(
+    pg_cluster_module: PgTestCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TimelineStore, Timeline, int, int]]:
+    """An initdb'd cluster imported, then the workload's WAL ingested: (store, timeline,
+    import LSN, end LSN)."""
+    server = pg_cluster_module.create(
+        {"wal_keep_size": "1GB", "checkpoint_timeout": "1h", "autovacuum": "off"}, start=False
+    )
+    store = TimelineStore(tmp_path_factory.mktemp("range") / "store", SETTINGS)
+    timeline = store.create_timeline()
+    lsn0 = import_datadir(timeline, server.datadir)
+    timeline.freeze_and_flush()
+    server.start()
+    run_workload(server)
+    checkpoint = parse_lsn(server.psql("SELECT checkpoint_lsn FROM pg_control_checkpoint()"))
+    ingest = WalIngest(timeline)
+    end = ingest_wal_until(ingest, server.wal_dir, lsn0, checkpoint)
+    server.stop()
+    yield store, timeline, lsn0, end
+    store.close()
+
+
+def test_after_import_every_page_comes_from_the_images(
+    history: tuple[TimelineStore, Timeline, int, int],
+) -> None:
+    _store, timeline, lsn0, _end = history
+    plan = timeline.plan_range_read(database_range(1663, 5), lsn0)
+    assert plan is not None and not plan.slow and len(plan.images) > 1
+    assert check_equal(timeline, lsn0) > 100
+
+
+def test_with_wal_above_the_images_and_after_compaction(
+    history: tuple[TimelineStore, Timeline, int, int],
+) -> None:
+    _store, timeline, _lsn0, end = history
+    plan = timeline.plan_range_read(database_range(1663, 5), end)
+    assert plan is not None and plan.slow  # the workload's pages
+    assert check_equal(timeline, end) > 100
+    timeline.freeze_and_flush()
+    assert create_image_layers(timeline, reconstruct, force=True) > 0
+    after = timeline.plan_range_read(database_range(1663, 5), end)
+    assert after is not None and len(after.slow) < len(plan.slow)
+    assert check_equal(timeline, end) > 100
+
+
+def test_on_a_branch_with_versions_of_its_own(
+    history: tuple[TimelineStore, Timeline, int, int],
+) -> None:
+    store, timeline, _lsn0, end = history
+    child = store.branch(timeline.timeline_id, at_lsn=end)
+    page = bytes([7]) * 8192
+    key = rel_block_key(1663, 5, 1259, 0, 0)  # pg_class's first page, replaced
+    child.put(key, end + 8, Image(page))
+    child.advance_last_record_lsn(end + 8, end)
+    plan = child.plan_range_read(database_range(1663, 5), end + 8)
+    assert plan is not None and key in plan.slow
+    assert check_equal(child, end + 8) > 100
+    assert next(rel_pages(child, plan, 1663, 5, 1259, 0, 0, 1, end + 8)) == page
+
+
+def test_a_range_partly_under_images_is_read_key_by_key(
+    history: tuple[TimelineStore, Timeline, int, int], tmp_path: Path
+) -> None:
+    store, timeline, _lsn0, end = history
+    child = store.branch(timeline.timeline_id, at_lsn=end)
+    half = KeyRange(database_range(1663, 5).start, rel_block_key(1663, 5, 1259, 0, 0))
+    writer = ImageLayerWriter(child.directory, half, end, child.settings)
+    child.replace_layers(add=[writer.finish(child.cache)], remove=[])
+    assert child.plan_range_read(database_range(1663, 5), end) is None
+    assert child.plan_range_read(half, end) is not None
+
+
+def test_tiles_take_the_newest_image_for_each_piece(
+    history: tuple[TimelineStore, Timeline, int, int],
+) -> None:
+    _store, timeline, _lsn0, end = history
+    plan = timeline.plan_range_read(database_range(1663, 5), end)
+    assert plan is not None
+    whole = database_range(1663, 5)
+    tiles = image_tiles(whole, plan.images)
+    assert tiles[0][0].start == whole.start and tiles[-1][0].end == whole.end
+    for (piece, _), (after, _) in itertools.pairwise(tiles):
+        assert piece.end == after.start
+    for piece, image in tiles:  # no newer layer holds any key of the piece
+        assert image is next(i for i in plan.images if i.key_range.overlaps(piece))
+        assert image.key_range.covers(piece)
