@@ -6,14 +6,16 @@ shut-down data directory read file by file (tests, imports).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from pageserver.ingest.import_datadir import import_lsn_of
+from pageserver.reconstruct import range_reads
 from pageserver.reconstruct import reads as pr
-from pageserver.storage.keys import SlruKind
-from pageserver.storage.timeline import Timeline
+from pageserver.storage.keys import SlruKind, database_range
+from pageserver.storage.timeline import RangeRead, Timeline
 from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE
 from pg15.datadir_layout import (
     SLRU_SEGMENT_FILE,
@@ -54,6 +56,12 @@ class SnapshotSource(Protocol):
 
     def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes: ...
 
+    def rel_pages(
+        self, spc: int, db: int, rel: int, fork: int, first: int, count: int
+    ) -> Iterator[bytes]:
+        """Blocks first..first+count-1 of a fork, in order (a bulk read)."""
+        ...
+
     def list_slru_segments(self, kind: SlruKind) -> list[int]: ...
 
     def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int: ...
@@ -81,6 +89,9 @@ class TimelineSource:
 
     timeline: Timeline
     lsn: int
+    _plans: dict[tuple[int, int], RangeRead | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def tracks_visibility_map(self) -> bool:
@@ -101,6 +112,20 @@ class TimelineSource:
 
     def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
         return pr.get_rel_page(self.timeline, spc, db, rel, fork, blkno, self.lsn)
+
+    def rel_pages(
+        self, spc: int, db: int, rel: int, fork: int, first: int, count: int
+    ) -> Iterator[bytes]:
+        # One plan per database (pageserver.reconstruct.range_reads); key by key where image
+        # layers cover the database only in part.
+        if (spc, db) not in self._plans:
+            self._plans[spc, db] = self.timeline.plan_range_read(database_range(spc, db), self.lsn)
+        plan = self._plans[spc, db]
+        if plan is None:
+            return (self.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
+        return range_reads.rel_pages(
+            self.timeline, plan, spc, db, rel, fork, first, count, self.lsn
+        )
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:
         return pr.list_slru_segments(self.timeline, kind, self.lsn)
@@ -211,6 +236,11 @@ class DatadirSource:
     def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
         path = self._seg_path(spc, db, rel, fork, blkno // RELSEG_SIZE)
         return self._read_block(path, blkno % RELSEG_SIZE)
+
+    def rel_pages(
+        self, spc: int, db: int, rel: int, fork: int, first: int, count: int
+    ) -> Iterator[bytes]:
+        return (self.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
 
     def _read_block(self, path: Path, blkno: int) -> bytes:
         if self._open is None or self._open[0] != path:

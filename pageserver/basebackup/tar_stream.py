@@ -291,8 +291,8 @@ class _Plan:
     ) -> Iterator[bytes]:
         limit = self.info.end_lsn
         batch: list[bytes] = []
-        for blkno in range(first, first + count):
-            page = self.source.get_page(spc, db, rel, fork, blkno)
+        pages = self.source.rel_pages(spc, db, rel, fork, first, count)
+        for blkno, page in enumerate(pages, first):
             if len(page) != BLCKSZ:
                 raise CorruptData(
                     f"relation {spc}/{db}/{rel} fork {fork} block {blkno}: short page"

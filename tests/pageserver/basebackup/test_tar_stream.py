@@ -10,6 +10,7 @@ import struct
 import subprocess
 import tarfile
 import tracemalloc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +201,11 @@ class FakeSource:
 
     def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
         return self.rels[(spc, db, rel, fork)][blkno]
+
+    def rel_pages(
+        self, spc: int, db: int, rel: int, fork: int, first: int, count: int
+    ) -> Iterator[bytes]:
+        return (self.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:
         return sorted(s for k, s in self.slru if k == kind)
