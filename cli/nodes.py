@@ -101,12 +101,22 @@ def _pick_port(cur: sqlite3.Cursor, requested: int | None) -> int:
         if not port_is_free(requested):
             raise Conflict(f"port {requested} is in use on 127.0.0.1; choose another with --port")
         return requested
-    port = DEFAULT_PORT
+    first = port = default_port()
     for _ in range(MAX_PORT_PROBES):
         if port not in taken and port_is_free(port):
             return port
         port += 1
-    raise Conflict(f"no free port found in {DEFAULT_PORT}-{port}; pass one with --port")
+    raise Conflict(f"no free port found in {first}-{port}; pass one with --port")
+
+
+def default_port() -> int:
+    """Where a new node's port search starts: PGPORT if set (as libpq's default), else 5432."""
+    raw = os.environ.get("PGPORT", "")
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise InvalidArgument(f"PGPORT={raw!r} is not a port number (1-65535)")
+    return int(raw)
 
 
 def _next_index(cur: sqlite3.Cursor, storage_path: Path, want_default_name: bool) -> int:

@@ -37,9 +37,10 @@ from pageserver_api.models import (
     TimelineInfoRequest,
 )
 from pg15.lsn import format_lsn
-from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from proto.errors import AlreadyExists, Conflict, ExternalCommandFailed, InvalidArgument, NotFound
 
 SNAPSHOT_SERVER_PORT = 55432
+PORT_ATTEMPTS = 3
 
 
 @click.group("snapshot")
@@ -197,10 +198,10 @@ def _server(app: App, name: str) -> dict[str, Any] | None:
     return app.registry.snapshot_server(name)
 
 
-def _free_port(app: App) -> int:
+def _free_port(app: App, above: int = SNAPSHOT_SERVER_PORT - 1) -> int:
     taken = {n.port for n in app.registry.nodes()}
     taken |= app.registry.snapshot_server_ports()
-    port = SNAPSHOT_SERVER_PORT
+    port = above + 1
     while port in taken or not port_is_free(port):
         port += 1
     return port
@@ -249,21 +250,31 @@ def start_snapshot_server(app: App, name: str) -> tuple[int, Path]:
         )
     try:
         download_basebackup(app, datadir, snapshot=name)
-        postmaster.write_config(
-            datadir,
-            {
-                "port": port,
-                "listen_addresses": "127.0.0.1",
-                "unix_socket_directories": str(app.home.socket_dir),
-                "hot_standby": True,
-                "logging_collector": False,
-                **standby_minimums(datadir),
-            },
-            ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"],
-        )
         (datadir / "standby.signal").touch()
         give_to_pg_user(datadir / "standby.signal")
-        postmaster.start(datadir, root / "postgres.log")
+        for attempt in range(PORT_ATTEMPTS):
+            postmaster.write_config(
+                datadir,
+                {
+                    "port": port,
+                    "listen_addresses": "127.0.0.1",
+                    "unix_socket_directories": str(app.home.socket_dir),
+                    "hot_standby": True,
+                    "logging_collector": False,
+                    **standby_minimums(datadir),
+                },
+                ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"],
+            )
+            try:
+                postmaster.start(datadir, root / "postgres.log")
+                break
+            except ExternalCommandFailed:
+                # Another program took the port between the check and the start: next one.
+                if port_is_free(port) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                port = _free_port(app, above=port)
+                with app.registry.transaction() as cur:
+                    cur.execute("UPDATE snapshot_servers SET port = ? WHERE name = ?", (port, name))
     except BaseException:
         remove_snapshot_server(app, name)
         raise

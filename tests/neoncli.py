@@ -28,6 +28,10 @@ class NeonCli:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["NEON_HOME"] = str(self.home)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1...: parallel test runs
+        if worker.startswith("gw") and worker[2:].isdigit():
+            # Nodes created without --port search from PGPORT: each worker its own ports.
+            env["PGPORT"] = str(5432 + 200 * int(worker[2:]))
         env.update(self.env_extra)
         return env
 

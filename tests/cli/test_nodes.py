@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.nodes import default_port
 from cli.pgbin import pg_binary
+from proto.errors import InvalidArgument
 from tests.neoncli import NeonCli, psql
 
 
@@ -283,3 +285,13 @@ def test_stop_modes(neon: NeonCli, mode: str) -> None:
     assert "was not running" in neon.run("pg", "stop", "primary1").stdout
     neon.run("pg", "start", "primary1")
     assert neon.json("pg", "show", "primary1")["state"] == "running"
+
+
+def test_default_port_follows_pgport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGPORT", raising=False)
+    assert default_port() == 5432
+    monkeypatch.setenv("PGPORT", "6543")
+    assert default_port() == 6543
+    monkeypatch.setenv("PGPORT", "65536")
+    with pytest.raises(InvalidArgument, match="PGPORT='65536' is not a port"):
+        default_port()
