@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench.wal_catchup", "bench.ingest", "bench.redo", "bench.extract")
+BENCHMARKS = (
+    "bench.wal_catchup",
+    "bench.ingest",
+    "bench.redo",
+    "bench.extract",
+    "bench.import_export",
+)
 
 
 def main() -> int:
