@@ -5,7 +5,8 @@ Steps, with a journal beside the data directory so that a crash at any step ends
 
 1. stop the node; name its current state `PG@HEAD{i}` (i = this node's checkout count);
 2. branch a new timeline at the snapshot (next PostgreSQL timeline ID) in the pageserver;
-3. rebuild the directory at the branch point into `<datadir>.checkout`, finish it (config,
+3. rebuild the directory at the branch point into `<datadir>.checkout` (the node's absolute
+   tablespaces back at their locations: cli/tablespace_restore.py), finish it (config,
    passwords, slot), fsync the whole tree, then write the completion marker (the journal's
    text) durably;
 4. swap: `<datadir>` -> `<datadir>.old`, `<datadir>.checkout` -> `<datadir>`, fsyncing the
@@ -35,6 +36,7 @@ from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.pageserver_control import local_api
 from cli.registry import NodeRow
+from cli.tablespace_restore import restore_own_locations
 from durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver.history.snapshots import head_tag, split_snapshot_name
 from pageserver_api.models import (
@@ -100,7 +102,9 @@ def _roll_forward(app: App, node: NodeRow) -> None:
         new = _new_dir(node)
         if _marker(new) != journal:
             shutil.rmtree(new, ignore_errors=True)
-            download_basebackup(app, new, node_id=node.id)
+            rebuilt = download_basebackup(app, new, node_id=node.id)
+            # The swap has not begun (`new` is not sealed): node.datadir is the old directory.
+            restore_own_locations(new, node.datadir, rebuilt.tablespaces)
             nodes.copy_config_files(node.datadir, new)
             build = dataclasses.replace(node, datadir=new)
             nodes.finish_datadir(app, build)

@@ -27,6 +27,7 @@ from cli.progress import Progress
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
 from cli.storages import DEFAULT_STORAGE
+from cli.tablespace_settings import in_place_tablespace_settings
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.models import (
     SnapshotCreateRequest,
@@ -262,6 +263,7 @@ def start_snapshot_server(app: App, name: str) -> tuple[int, Path]:
                     "hot_standby": True,
                     "logging_collector": False,
                     **standby_minimums(datadir),
+                    **in_place_tablespace_settings(datadir),
                 },
                 ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"],
             )

@@ -666,11 +666,21 @@ class BasebackupPlan(ApiResponse):
 
 
 @dataclass(frozen=True, slots=True)
+class TablespaceLocation(ApiResponse):
+    """A non-default tablespace of a basebackup and its location in the page history ("":
+    in-place). The archive always has it in place (pageserver/basebackup/tar_stream.py)."""
+
+    oid: int
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
 class BasebackupResponse(BasebackupPlan):
     """The plan of a streamed basebackup, known once its tar has been sent."""
 
     bytes: int
     """Bytes of tar streamed."""
+    tablespaces: list[TablespaceLocation] = field(default_factory=list)
 
 
 @method("basebackup", BasebackupResponse, streams=True)

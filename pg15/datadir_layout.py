@@ -4,7 +4,10 @@ Relation files: `src/common/relpath.c` (GetRelationPath: `global/<rel>`, `base/<
 fork suffix, `.N` for segments past the first GiB); SLRU segments: `src/backend/access/transam/
 slru.c` (SlruFileName, four or more hex digits); two-phase state: `twophase.c` (TwoPhaseFilePath,
 the xid in eight hex digits); the directories initdb creates: `src/bin/initdb/initdb.c`
-(subdirs[]).
+(subdirs[]); tablespaces: `src/include/catalog/catalog.h` (TABLESPACE_VERSION_DIRECTORY) and
+`src/backend/commands/tablespace.c` (pg_tblspc/OID is a symlink to the LOCATION, or a plain
+directory for an in-place tablespace; either holds the version directory, which holds one
+directory per database).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ PGDATA_SUBDIRS = (
     "pg_xact",
 )
 
+TABLESPACE_VERSION_DIRECTORY = "PG_15_202209061"
+"""`PG_<major>_<catalog version>`: the directory inside a tablespace that belongs to PG 15."""
+
 SLRU_SEGMENT_FILE = re.compile(r"^[0-9A-F]{4,6}$")
 TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}$")
 _REL_FILE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
@@ -67,13 +73,26 @@ def parse_relation_file_name(name: str) -> RelationFile | None:
     return RelationFile(int(m.group(1)), _SUFFIX_FORK[m.group(2) or ""], int(m.group(3) or 0))
 
 
+def tablespace_link(spc: int) -> str:
+    """pg_tblspc/OID: the symlink (or in-place directory) of a non-default tablespace."""
+    if spc in (GLOBALTABLESPACE_OID, DEFAULTTABLESPACE_OID):
+        raise InvalidArgument(f"tablespace {spc} is a default tablespace, not in pg_tblspc")
+    return f"pg_tblspc/{spc}"
+
+
+def tablespace_version_directory(spc: int) -> str:
+    """pg_tblspc/OID/PG_15_202209061: where PostgreSQL 15 keeps a tablespace's databases."""
+    return f"{tablespace_link(spc)}/{TABLESPACE_VERSION_DIRECTORY}"
+
+
 def database_directory(spc: int, db: int) -> str:
-    """The directory inside PGDATA of a database's files; (1664, 0) is the shared catalogs."""
+    """The directory inside PGDATA of a database's files in tablespace `spc` (relpath.c
+    GetDatabasePath); (1664, 0) is the shared catalogs."""
     if spc == GLOBALTABLESPACE_OID:
         return "global"
     if spc == DEFAULTTABLESPACE_OID:
         return f"base/{db}"
-    raise InvalidArgument(f"tablespace {spc} (database {db}) is not supported")
+    return f"{tablespace_version_directory(spc)}/{db}"
 
 
 def relation_file_name(spc: int, db: int, rel: int, fork: int, segno: int = 0) -> str:

@@ -146,7 +146,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     ) -> m.BasebackupPlan:
         """What `basebackup` would describe, without producing the tar."""
         info, _chunks = await plan_basebackup(req)
-        return m.BasebackupPlan(**asdict(info))
+        fields = asdict(info)
+        del fields["tablespaces"]  # what a .neon manifest needs up front does not include them
+        return m.BasebackupPlan(**fields)
 
     async def basebackup(ctx: RequestContext, req: m.BasebackupRequest) -> m.BasebackupResponse:
         """Stream a tar of a startable data directory (a snapshot, or a node's branch point)."""
@@ -158,7 +160,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
                 break
             sent += len(chunk)
             await ctx.send(chunk)
-        return m.BasebackupResponse(**asdict(info), bytes=sent)
+        fields = asdict(info)
+        spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
+        return m.BasebackupResponse(**fields, bytes=sent, tablespaces=spaces)
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
         area = ps.pitr_create(req.name, req.node_id, req.ttl, req.size_limit)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
 from pageserver.ingest.import_datadir import import_lsn_of
 from pageserver.reconstruct import range_reads
 from pageserver.reconstruct import reads as pr
@@ -50,6 +51,10 @@ class SnapshotSource(Protocol):
 
     def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
         """(relfilenode, fork) of every relation fork of a database."""
+        ...
+
+    def get_tablespaces(self) -> dict[int, str]:
+        """OID -> location ("" = in-place) of every non-default tablespace."""
         ...
 
     def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int: ...
@@ -103,6 +108,9 @@ class TimelineSource:
 
     def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
         return pr.list_rels(self.timeline, spc, db, self.lsn)
+
+    def get_tablespaces(self) -> dict[int, str]:
+        return pr.get_tablespaces(self.timeline, self.lsn)
 
     def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
         size = pr.get_rel_size(self.timeline, spc, db, rel, fork, self.lsn)
@@ -205,7 +213,15 @@ class DatadirSource:
         for entry in sorted((self.path / "base").iterdir()):
             if entry.is_dir() and entry.name.isdigit():
                 dbs.append((DEFAULTTABLESPACE_OID, int(entry.name)))
+        for spc, version_dir in sorted(tablespaces(self.path).items()):
+            if version_dir.is_dir():
+                for entry in sorted(version_dir.iterdir()):
+                    if entry.is_dir() and entry.name.isdigit():
+                        dbs.append((spc, int(entry.name)))
         return dbs
+
+    def get_tablespaces(self) -> dict[int, str]:
+        return tablespace_locations(self.path)
 
     def list_rels(self, spc: int, db: int) -> list[tuple[int, int]]:
         rels: set[tuple[int, int]] = set()

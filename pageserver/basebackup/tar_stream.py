@@ -13,7 +13,23 @@ the checkpoint record it points at, and runs no recovery:
   root and every `base/<db>`, the directories PostgreSQL expects, two-phase state files;
 * `global/pg_control` saying "shut down" at a checkpoint C, and `pg_wal/<segment>` holding
   exactly one record: the 114-byte shutdown checkpoint at C, with `redo = C`;
-* the configuration files the caller passes (they are not page state).
+* the configuration files the caller passes (they are not page state);
+* every non-default tablespace **in place**: ``pg_tblspc/OID/`` is a directory (not a symlink)
+  holding ``PG_15_202209061/<db>/`` with the relation files of that database in it, and
+  PG_VERSION and pg_filenode.map when it is the database's default tablespace (CREATE
+  DATABASE ... TABLESPACE writes them there, dbcommands.c).
+
+Why in place: the archive is one tar unpacked into a *new* directory (checkout, `snapshot
+start`, extraction, `pg create --snapshot`, `export --format tar`), and the tablespace's
+recorded location (absolute, from its CREATE TABLESPACE record or the import) usually still
+belongs to a live server: writing there would overwrite another node's files. An in-place
+tablespace (what allow_in_place_tablespaces creates) is a plain directory that PostgreSQL
+reads through the same path pg_tblspc/OID/PG_15_202209061, with no setting needed to use it,
+so the archive is self-contained and `tar -x` of it starts anywhere; no link ever comes from
+the archive, so the extractor (`cli/untar.py`) keeps refusing every link member. The
+recorded locations come with the archive's description (`BasebackupInfo.tablespaces`):
+`pg checkout` puts a tablespace back at its location when the node has it there
+(cli/tablespace_restore.py).
 
 Where C is put (`normalize_lsn`): the requested LSN X is the end of the last record included
 (a record boundary, MAXALIGNed). C = X, moved past a page header if X is a page boundary (+24,
@@ -69,8 +85,11 @@ from pg15.constants import (
 from pg15.datadir_layout import (
     PG_VERSION_FILE_CONTENT,
     PGDATA_SUBDIRS,
+    database_directory,
     relation_file_name,
     slru_file_name,
+    tablespace_link,
+    tablespace_version_directory,
     twophase_file_name,
 )
 from pg15.lsn import format_lsn, segment_file_name
@@ -112,6 +131,9 @@ class BasebackupInfo:
     wal_segment: str
     system_identifier: int
     wal_segment_size: int
+    tablespaces: tuple[tuple[int, str], ...] = ()
+    """(OID, recorded location, "" = in-place) of each non-default tablespace; the archive
+    has all of them in place (see the module docstring)."""
 
 
 def _tar_header(name: str, size: int, mtime: int, is_dir: bool = False) -> bytes:
@@ -209,12 +231,14 @@ class _Plan:
             wal_segment_size=seg,
         )
         self.dbs = source.list_dbs()
-        for spc, db in self.dbs:
-            if (spc, db) != (GLOBALTABLESPACE_OID, 0) and spc != DEFAULTTABLESPACE_OID:
-                raise InvalidArgument(
-                    f"database {db} is in tablespace {spc}; only the default tablespaces are "
-                    "supported"
-                )
+        locations = dict(source.get_tablespaces())
+        for spc, _db in self.dbs:
+            if spc not in (GLOBALTABLESPACE_OID, DEFAULTTABLESPACE_OID):
+                # A tablespace whose CREATE record predates tablespace tracking: its files
+                # are there, its location is not known.
+                locations.setdefault(spc, "")
+        self.tablespaces = dict(sorted(locations.items()))
+        self.info = replace(self.info, tablespaces=tuple(self.tablespaces.items()))
 
     def chunks(self) -> Iterator[bytes]:
         mtime = self.now
@@ -223,6 +247,9 @@ class _Plan:
             yield from _tar_bytes(name, self.config_files[name], mtime)
         for d in PGDATA_SUBDIRS:
             yield _tar_header(d + "/", 0, mtime, is_dir=True)
+        for spc in self.tablespaces:
+            yield _tar_header(tablespace_link(spc) + "/", 0, mtime, is_dir=True)
+            yield _tar_header(tablespace_version_directory(spc) + "/", 0, mtime, is_dir=True)
         for spc, db in self.dbs:
             yield from self._database(spc, db)
         yield from self._slrus()
@@ -251,14 +278,15 @@ class _Plan:
     def _database(self, spc: int, db: int) -> Iterator[bytes]:
         mtime = self.now
         is_global = (spc, db) == (GLOBALTABLESPACE_OID, 0)
-        if not is_global:
-            yield _tar_header(f"base/{db}/", 0, mtime, is_dir=True)
-            yield from _tar_bytes(f"base/{db}/PG_VERSION", PG_VERSION_FILE_CONTENT, mtime)
+        where = database_directory(spc, db)
         relmap = self.source.get_relmap(spc, db)
+        if not is_global:
+            yield _tar_header(f"{where}/", 0, mtime, is_dir=True)
+            if spc == DEFAULTTABLESPACE_OID or relmap is not None:
+                yield from _tar_bytes(f"{where}/PG_VERSION", PG_VERSION_FILE_CONTENT, mtime)
         if relmap is not None:
             if len(relmap) != 512:
                 raise CorruptData(f"relmap of database {spc}/{db} has {len(relmap)} bytes, not 512")
-            where = "global" if is_global else f"base/{db}"
             yield from _tar_bytes(f"{where}/pg_filenode.map", relmap, mtime)
         rels = self.source.list_rels(spc, db)
         unlogged = {rel for rel, fork in rels if fork == INIT_FORKNUM}

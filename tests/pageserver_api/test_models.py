@@ -85,6 +85,10 @@ RESPONSES: list[m.ApiResponse] = [
     m.SnapshotListResponse([dataclasses.replace(SNAP, size_bytes=0)]),
     m.BranchResponse("cd" * 16, 0x3000028, 16 << 20, 2, 1, 0x3000028, decode_from=0x3000000),
     m.BasebackupResponse(1, 2, 3, 1, "000000010000000000000003", 7, 16 << 20, 10240),
+    m.BasebackupResponse(
+        *(1, 2, 3, 1, "000000010000000000000003", 7, 16 << 20, 10240),
+        [m.TablespaceLocation(16385, "/srv/ts"), m.TablespaceLocation(16386, "")],
+    ),
     m.BasebackupPlan(1, 2, 3, 1, "000000010000000000000003", 7, 16 << 20),
     AREA,
     m.PitrListResponse([dataclasses.replace(AREA, from_lsn=16, to_lsn=32)]),

@@ -189,6 +189,9 @@ class FakeSource:
     twophase: dict[int, bytes] = field(default_factory=dict)
     checkpoint: CheckPoint = field(default_factory=make_checkpoint)
     control: bytes = field(default_factory=control_template)
+    tablespaces: dict[int, str] = field(default_factory=dict)
+    tablespace_relmaps: set[tuple[int, int]] = field(default_factory=set)
+    """Databases of a non-default tablespace that have their relmap there (their default)."""
 
     def list_dbs(self) -> list[tuple[int, int]]:
         return sorted({(spc, db) for spc, db, _, _ in self.rels} | {(1664, 0)})
@@ -216,7 +219,12 @@ class FakeSource:
     def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
         return self.slru[(kind, segno)][blkno]
 
+    def get_tablespaces(self) -> dict[int, str]:
+        return dict(self.tablespaces)
+
     def get_relmap(self, spc: int, db: int) -> bytes | None:
+        if spc not in (1663, 1664) and (spc, db) not in self.tablespace_relmaps:
+            return None
         return bytes([db & 0xFF]) * 512
 
     def get_twophase_files(self) -> dict[int, bytes]:
@@ -298,6 +306,41 @@ def test_tar_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     out2 = io.BytesIO()
     basebackup(src, src.lsn, out=out2, include_vm=True)
     assert tar_members(out2.getvalue())["base/5/16384_vm"] == page(0x2000000, 8)
+
+
+def test_tablespaces_are_in_place_directories(tmp_path: Path) -> None:
+    """Every non-default tablespace is a directory pg_tblspc/OID (never a symlink) holding
+    PG_15_202209061/<db>/; PG_VERSION and the relmap only where the database has its default
+    tablespace; a tablespace known only from its relations is still shipped."""
+    src = fake_source()
+    src.tablespaces = {16500: "/srv/elsewhere", 16501: ""}
+    src.rels[(16500, 5, 17000, 0)] = [page(0x2000000, 21), page(0x2000000, 22)]
+    src.rels[(16501, 6, 17001, 0)] = [page(0x2000000, 23)]
+    src.rels[(16502, 5, 17002, 0)] = [page(0x2000000, 24)]
+    src.tablespace_relmaps = {(16501, 6)}
+    out = io.BytesIO()
+    info = basebackup(src, src.lsn, out=out)
+    # The recorded locations travel beside the archive; 16502's was never recorded.
+    assert info.tablespaces == ((16500, "/srv/elsewhere"), (16501, ""), (16502, ""))
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        assert all(member.isreg() or member.isdir() for member in tar)
+    m = tar_members(out.getvalue())
+    version = "PG_15_202209061"
+    for spc in (16500, 16501, 16502):
+        assert m[f"pg_tblspc/{spc}"] is None and m[f"pg_tblspc/{spc}/{version}"] is None
+    ts = f"pg_tblspc/16500/{version}/5"
+    assert m[ts] is None and m[f"{ts}/17000"] == page(0x2000000, 21) + page(0x2000000, 22)
+    assert f"{ts}/PG_VERSION" not in m and f"{ts}/pg_filenode.map" not in m
+    own = f"pg_tblspc/16501/{version}/6"
+    assert m[f"{own}/PG_VERSION"] == b"15\n" and m[f"{own}/pg_filenode.map"] == b"\6" * 512
+    assert m[f"{own}/17001"] == page(0x2000000, 23)
+    assert m[f"pg_tblspc/16502/{version}/5/17002"] == page(0x2000000, 24)
+    assert "base/6" not in m  # database 6 lives wholly in its tablespace
+    out.seek(0)
+    extract_basebackup(out, tmp_path / "pgdata")
+    link = tmp_path / "pgdata" / "pg_tblspc" / "16500"
+    assert link.is_dir() and not link.is_symlink()
+    assert (link / version / "5" / "17000").stat().st_size == 2 * PAGE
 
 
 def test_bad_inputs_fail_before_any_byte() -> None:

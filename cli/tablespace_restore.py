@@ -1,0 +1,60 @@
+"""`pg checkout` puts a node's absolute tablespaces back at their own locations.
+
+A rebuilt data directory has every tablespace in place (pageserver/basebackup/tar_stream.py
+says why: its location may belong to another server). A checkout rebuilds the directory of
+the *same* node, whose tablespace at an absolute location L is its own: a PostgreSQL user
+expects it to stay at L (pg_tablespace_location, disk layout, the space L was put on for).
+So, for each tablespace of the rebuilt directory whose location in the page history is L and
+that the node's current directory has as the symlink pg_tblspc/OID -> L, the rebuilt
+PG_15_202209061 directory replaces L's and pg_tblspc/OID becomes that symlink again.
+
+Why overwriting L is safe: the checkout first names the node's current state PG@HEAD{i} in
+the page history (after its shutdown checkpoint is ingested), so L's files are kept there;
+and once the checkout branched, recovery only rolls forward (cli/checkout.py), redoing the
+rebuild, and this step with it, until the swap: the old directory, still pointing at L, is
+never started again. Anything else stays in place: a tablespace the node does not have at
+that location now (created after the snapshot and dropped since, or the node already has it
+in place), so no other location is ever written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from durable_files import fsync_dir, fsync_tree
+from pageserver_api.models import TablespaceLocation
+from pg15.datadir_layout import TABLESPACE_VERSION_DIRECTORY
+
+
+def own_location(current: Path, oid: int) -> str | None:
+    """Where the node's current directory has tablespace `oid`: its symlink's target."""
+    link = current / "pg_tblspc" / str(oid)
+    return str(link.readlink()) if link.is_symlink() else None
+
+
+def restore_own_locations(
+    rebuilt: Path, current: Path, tablespaces: Iterable[TablespaceLocation]
+) -> list[int]:
+    """Move the rebuilt in-place tablespaces that are the node's own back to their locations
+    (see the module docstring); the OIDs moved."""
+    moved = []
+    for ts in tablespaces:
+        if not ts.location or own_location(current, ts.oid) != ts.location:
+            continue
+        in_place = rebuilt / "pg_tblspc" / str(ts.oid)
+        location = Path(ts.location)
+        if not location.is_absolute() or not location.is_dir():
+            continue  # not a location PostgreSQL made (or it is gone): stays in place
+        target = location / TABLESPACE_VERSION_DIRECTORY
+        # The node's files of the state being left: the page history has them as HEAD{i}.
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(in_place / TABLESPACE_VERSION_DIRECTORY, target)
+        fsync_tree(target)
+        fsync_dir(location)
+        in_place.rmdir()
+        os.symlink(ts.location, in_place)
+        moved.append(ts.oid)
+    return moved

@@ -1,0 +1,180 @@
+"""Non-default tablespaces through the real CLI: a node with an in-place and an absolute
+tablespace (tables, indexes, databases whose default tablespace they are). `snapshot start`,
+`pg create --snapshot`, `pg checkout` and `pitr extract-snapshot` give the node's pg_dump at
+that point. A new data directory has every tablespace in place and never writes to the
+absolute location; a checkout puts the node's own absolute tablespace back at its location.
+DROP TABLESPACE, then extraction before and after it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.pgbin import make_pg_dir
+from pg15.datadir_layout import parse_relation_file_name
+from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all
+from tests.neoncli import NeonCli, free_port, psql
+from tests.pgtest import pg_reachable_tmpdir
+
+pytestmark = pytest.mark.slow
+
+# No sequences: the WAL holds sequence values ahead of the live server, which would make a
+# snapshot's dump differ from the live one for a reason that has nothing to do with tablespaces.
+WORKLOAD = """
+SET allow_in_place_tablespaces = on;
+CREATE TABLESPACE ts_here LOCATION '';
+CREATE TABLESPACE ts_far LOCATION '{far}';
+CREATE TABLE near (id int PRIMARY KEY, t text) TABLESPACE ts_here;
+INSERT INTO near SELECT g, md5(g::text) FROM generate_series(1, 3000) g;
+CREATE INDEX near_t ON near (t) TABLESPACE ts_far;
+CREATE TABLE far (id int, v int[]) TABLESPACE ts_far;
+INSERT INTO far SELECT g, ARRAY[g % 7, g % 11] FROM generate_series(1, 2000) g;
+CREATE INDEX far_v ON far USING gin (v) TABLESPACE ts_here;
+ALTER TABLE far ADD PRIMARY KEY (id) USING INDEX TABLESPACE ts_far;
+CREATE TABLE moved AS SELECT g AS id FROM generate_series(1, 700) g;
+ALTER TABLE moved SET TABLESPACE ts_far;
+CREATE DATABASE far_db TABLESPACE ts_far;
+CREATE DATABASE here_db STRATEGY file_copy TABLESPACE ts_here;
+VACUUM ANALYZE;  -- so autovacuum adds no _fsm/_vm file to a location while a test looks at it
+"""
+
+PER_DB = """
+CREATE TABLE items AS SELECT g AS id, repeat('x', g % 50) AS body FROM generate_series(1, 500) g;
+CREATE INDEX items_body ON items (body);
+"""
+
+
+@pytest.fixture
+def far() -> Iterator[Path]:
+    """An empty directory of PostgreSQL's OS user for an absolute LOCATION."""
+    base = pg_reachable_tmpdir("neon-ts-")
+    path = base / "far"
+    make_pg_dir(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def connstr(neon: NeonCli, node: str) -> str:
+    return str(neon.json("pg", "show", node)["connstr"])
+
+
+def populate(conn: str, far: Path) -> None:
+    psql(conn, WORKLOAD.format(far=far))
+    for db in ("far_db", "here_db"):
+        psql(conn, PER_DB, db)
+
+
+def files_under(path: Path) -> dict[str, int]:
+    """The relation files under a location and their sizes (pg_internal.init comes and goes
+    with connections, so it is not compared)."""
+    return {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in path.rglob("*")
+        if p.is_file() and parse_relation_file_name(p.name) is not None
+    }
+
+
+def tablespace_locations(conn: str) -> dict[str, str]:
+    rows = psql(
+        conn,
+        "SELECT spcname, pg_tablespace_location(oid) FROM pg_tablespace "
+        "WHERE spcname LIKE 'ts\\_%' ORDER BY 1",
+    )
+    return dict(line.split("|") for line in rows.splitlines())
+
+
+def in_place(conn: str) -> None:
+    """Every tablespace of a server on a rebuilt data directory is in place (pg_tblspc/OID)."""
+    for name, location in tablespace_locations(conn).items():
+        assert location.startswith("pg_tblspc/"), (name, location)
+
+
+def test_snapshot_start_create_and_checkout_with_tablespaces(neon: NeonCli, far: Path) -> None:
+    neon.run("pg", "create", "--port", str(free_port()))
+    conn = connstr(neon, "pgdata1")
+    populate(conn, far)
+    assert tablespace_locations(conn)["ts_far"] == str(far)
+    want = dump_all(conn)
+    assert {"far_db", "here_db"} <= set(want) and "default_tablespace = ts_far" in want["postgres"]
+    neon.run("snapshot", "create", "pgdata1@ts")
+    psql(conn, "INSERT INTO far SELECT g, '{1}' FROM generate_series(5001, 5100) g")
+    psql(conn, "CREATE TABLE later (x int) TABLESPACE ts_here; INSERT INTO later VALUES (1)")
+    far_files = files_under(far)
+
+    ro = neon.json("snapshot", "start", "pgdata1@ts")["connstr"]
+    try:
+        assert_same_dumps(dump_all(ro), want, "snapshot start")
+        in_place(ro)
+        assert psql(ro, "SELECT count(*) FROM far WHERE v @> '{3}'") == "442"
+    finally:
+        neon.run("snapshot", "stop", "pgdata1@ts")
+
+    copy = neon.json("pg", "create", "--snapshot", "pgdata1@ts", "-n", "tscopy",
+                     "--port", str(free_port()))["pgdata"]  # fmt: skip
+    try:
+        copy_conn = connstr(neon, copy)
+        assert_same_dumps(dump_all(copy_conn), want, "pg create --snapshot")
+        in_place(copy_conn)
+        psql(
+            copy_conn, "INSERT INTO far VALUES (-1, '{}'); CREATE TABLE n (x int) TABLESPACE ts_far"
+        )
+    finally:
+        neon.run("pg", "destroy", "--yes", copy)
+    assert files_under(far) == far_files  # the copy never wrote to the node's location
+
+    neon.run("pg", "checkout", "pgdata1@ts")
+    assert_same_dumps(dump_all(conn), want, "pg checkout")
+    # The node's own absolute tablespace is back at its location; the in-place one in place.
+    locations = tablespace_locations(conn)
+    assert locations["ts_far"] == str(far) and locations["ts_here"].startswith("pg_tblspc/")
+    assert psql(conn, "SELECT to_regclass('later') IS NULL") == "t"
+    # The node goes on writing into its tablespaces, and that is history too.
+    psql(conn, "INSERT INTO far SELECT g, '{2}' FROM generate_series(6001, 6050) g")
+    psql(conn, "CREATE TABLE after (x int) TABLESPACE ts_far; INSERT INTO after VALUES (7)")
+    want_after = dump_all(conn)
+    neon.run("snapshot", "create", "pgdata1@after")
+    ro = neon.json("snapshot", "start", "pgdata1@after")["connstr"]
+    try:
+        assert_same_dumps(dump_all(ro), want_after, "snapshot after checkout")
+    finally:
+        neon.run("snapshot", "stop", "pgdata1@after")
+
+
+def extract_and_dump(neon: NeonCli, lsn: str, tag: str) -> tuple[dict[str, str], list[str]]:
+    neon.run("pitr", "extract-snapshot", "area", "--lsn", lsn, "--as", tag)
+    ro = neon.json("snapshot", "start", f"pgdata1@{tag}")["connstr"]
+    try:
+        names = psql(ro, "SELECT spcname FROM pg_tablespace ORDER BY 1").splitlines()
+        dirs = psql(ro, "SELECT pg_ls_dir('pg_tblspc') ORDER BY 1").splitlines()
+        oids = psql(ro, "SELECT oid FROM pg_tablespace WHERE spcname LIKE 'ts\\_%' ORDER BY 1")
+        assert dirs == oids.splitlines()  # exactly the tablespaces that exist at that LSN
+        return dump_all(ro), names
+    finally:
+        neon.run("snapshot", "stop", f"pgdata1@{tag}")
+
+
+def test_pitr_extraction_before_and_after_drop_tablespace(neon: NeonCli, far: Path) -> None:
+    neon.run("pg", "create", "--port", str(free_port()))
+    neon.run("pitr", "create", "area", "--pg", "pgdata1", "--ttl", "inf")
+    conn = connstr(neon, "pgdata1")
+    populate(conn, far)
+    with_ts = dump_all(conn)
+    lsn_with = psql(conn, "SELECT pg_current_wal_flush_lsn()")
+    psql(conn, "DROP DATABASE far_db")
+    psql(conn, "DROP TABLE far; ALTER TABLE moved SET TABLESPACE pg_default; DROP INDEX near_t")
+    psql(conn, "DROP TABLESPACE ts_far")
+    without = dump_all(conn)
+    lsn_without = psql(conn, "SELECT pg_current_wal_flush_lsn()")
+    assert not (far / "PG_15_202209061").exists()  # PostgreSQL removed its directory
+
+    got, names = extract_and_dump(neon, lsn_with, "with")
+    assert_same_dumps(got, with_ts, f"before DROP TABLESPACE ({lsn_with})")
+    assert "ts_far" in names
+    got, names = extract_and_dump(neon, lsn_without, "without")
+    assert_same_dumps(got, without, f"after DROP TABLESPACE ({lsn_without})")
+    assert "ts_far" not in names and "ts_here" in names
