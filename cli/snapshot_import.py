@@ -42,10 +42,20 @@ from urllib.parse import unquote, urlsplit
 import zstandard
 
 from cli import postmaster
+from cli.backup_tablespaces import (
+    check_in_place,
+    move_in_place,
+    plain_tablespace_locations,
+    tablespace_archives,
+    tablespace_target,
+    take_tablespace_map,
+    write_tablespace_locations,
+)
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.progress import Progress
 from cli.snapshot_file_source import is_http_source, is_snapshot_file, unpack_snapshot_file
 from cli.storages import mask_url
+from cli.tablespace_settings import in_place_tablespace_settings
 from cli.untar import extract_basebackup, extract_stream
 from pageserver.daemon import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
@@ -194,21 +204,15 @@ def _merge_into(source: Path, target: Path) -> None:
 
 
 def unpack_tar_backup(directory: Path, pgdata: Path, progress: Progress) -> None:
-    """pg_basebackup -F tar output: base.tar[.gz|.zst] and pg_wal.tar[...] into `pgdata`."""
-    others = sorted(
-        p.name for p in directory.iterdir()
-        if p.name.split(".")[0].isdigit() and ".tar" in p.name
-    )  # fmt: skip
-    if others:
-        raise InvalidArgument(
-            f"{directory} holds tablespace archives ({', '.join(others)}); "
-            "tablespaces are not supported by import yet"
-        )
+    """pg_basebackup -F tar output into `pgdata`: base.tar[.gz|.zst], each tablespace's
+    OID.tar[...] in place (cli/backup_tablespaces.py) and pg_wal.tar[...]."""
     base = _archive(directory, "base")
     if base is None:
         raise NotFound(f"{directory} has no base.tar, base.tar.gz or base.tar.zst")
     progress.update(0, base.stat().st_size)
     _extract_file(base, pgdata)
+    for oid, archive in tablespace_archives(directory).items():
+        _extract_file(archive, tablespace_target(pgdata, oid))
     wal = _archive(directory, "pg_wal")
     if wal is not None:
         staging = pgdata.parent / "wal"
@@ -219,11 +223,12 @@ def unpack_tar_backup(directory: Path, pgdata: Path, progress: Progress) -> None
 
 
 def copy_plain_backup(source: Path, pgdata: Path) -> None:
-    """A plain pg_basebackup directory, copied (the user's files are never changed)."""
-    tblspc = source / "pg_tblspc"
-    if tblspc.is_dir() and any(tblspc.iterdir()):
-        raise InvalidArgument(f"{source} uses tablespaces; they are not supported by import yet")
+    """A plain pg_basebackup directory, copied (the user's files are never changed); the
+    tablespaces its pg_tblspc symlinks lead to are copied in place, their locations kept
+    as a tablespace_map (cli/backup_tablespaces.py)."""
+    locations = plain_tablespace_locations(source)
     shutil.copytree(source, pgdata, symlinks=False)
+    write_tablespace_locations(pgdata, {**locations, **take_tablespace_map(pgdata)})
     os.chmod(pgdata, 0o700)
     give_to_pg_user(pgdata)
     for root, dirs, files in os.walk(pgdata):
@@ -283,6 +288,7 @@ def recover(pgdata: Path, workdir: Path) -> None:
             "logging_collector": False,
             "fsync": False,  # read back through the same page cache, then discarded
             **standby_minimums(pgdata),
+            **in_place_tablespace_settings(pgdata),
         },
         ["local all all peer"],
     )
@@ -323,13 +329,16 @@ def remove_stale_workdirs(storage_path: Path) -> None:
 async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progress) -> None:
     """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN."""
 
+    staged: dict[int, Path] = {}  # tablespace archives come before base.tar
+
     async def sink(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
-        if archive.tablespace_location is not None:
-            raise InvalidArgument(
-                f"the server at {source.host}:{source.port} has a tablespace at "
-                f"{archive.tablespace_location}; tablespaces are not supported by import yet"
-            )
-        await extract_stream(chunks, pgdata)
+        if archive.tablespace_location is None:
+            await extract_stream(chunks, pgdata)
+            return
+        if archive.tablespace_oid is None:
+            raise CorruptData(f"the server sent archive {archive.name!r} for no tablespace")
+        staged[archive.tablespace_oid] = pgdata.parent / "tablespaces" / str(archive.tablespace_oid)
+        await extract_stream(chunks, staged[archive.tablespace_oid])
 
     def on_progress(p: BaseBackupProgress) -> None:
         progress.update(p.bytes_done, p.bytes_total)
@@ -338,6 +347,7 @@ async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progre
         source.host, source.port, source.user, source.password, application_name="neon import"
     )
     result = await run_base_backup(params, sink, on_progress=on_progress)
+    move_in_place(pgdata, staged)
     cut_wal_after(pgdata, result.end_lsn, result.end_timeline)
 
 
@@ -385,5 +395,8 @@ def prepare_clean_datadir(
     progress.close()
     if not (pgdata / "backup_label").is_file():
         raise CorruptData(f"{source} has no backup_label: it is not a base backup")
+    locations = take_tablespace_map(pgdata)
+    check_in_place(pgdata, locations)
     recover(pgdata, workdir)
+    write_tablespace_locations(pgdata, locations)
     return pgdata

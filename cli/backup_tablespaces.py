@@ -1,0 +1,110 @@
+"""The tablespaces of a base backup being imported: placed in place inside the recovery
+directory, their source locations kept for the page history.
+
+A backup's tablespaces arrive apart from its main directory: `pg_basebackup -F tar` writes
+`OID.tar[.gz|.zst]` beside base.tar (contents: `PG_15_202209061/<db>/...`), BASE_BACKUP sends
+one archive per tablespace with its location (walreceiver/base_backup.py), and plain output has
+pg_tblspc/OID symlinks to where pg_basebackup wrote them. base.tar's `tablespace_map` names the
+source's locations (pg15/tablespace_map.py).
+
+Recovery (cli/snapshot_import.py) runs in a private directory and must never write to those
+locations: they belong to the source server, which may still be running. So every tablespace
+is unpacked **in place**, as the directory pgdata/pg_tblspc/OID, which PostgreSQL reads through
+the same path as a symlink. The backup's `tablespace_map` is taken out first: with it, recovery
+would replace pg_tblspc/OID by a symlink to the source's location (and it refuses a non-empty
+directory there: remove_tablespace_symlink, src/backend/commands/tablespace.c). After recovery
+the source's locations are written back as `tablespace_map`, which `import_datadir` reads to
+record where each tablespace was (pageserver/ingest/import_datadir.py). The recovered
+directory is never started again, so the file has no other effect.
+
+Limit: a CREATE TABLESPACE replayed by recovery (run on the source while the backup was taken)
+creates its directory at its recorded location, as PostgreSQL's own recovery of such a backup
+does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from cli.pgbin import give_to_pg_user
+from pg15.tablespace_map import TABLESPACE_MAP, format_tablespace_map, parse_tablespace_map
+from proto.errors import CorruptData
+
+
+def tablespace_archive_oid(name: str) -> int | None:
+    """The OID of a `pg_basebackup -F tar` tablespace archive name (`16385.tar.gz`), or None."""
+    stem, dot, suffix = name.partition(".")
+    if not dot or not stem.isdigit() or suffix not in ("tar", "tar.gz", "tar.zst"):
+        return None
+    return int(stem)
+
+
+def tablespace_archives(directory: Path) -> dict[int, Path]:
+    """OID -> archive of every tablespace archive in `pg_basebackup -F tar` output."""
+    found: dict[int, Path] = {}
+    for path in sorted(directory.iterdir()):
+        oid = tablespace_archive_oid(path.name)
+        if oid is not None and path.is_file():
+            if oid in found:
+                raise CorruptData(f"{directory} has two archives of tablespace {oid}")
+            found[oid] = path
+    return found
+
+
+def tablespace_target(pgdata: Path, oid: int) -> Path:
+    """Where tablespace `oid` of a backup is unpacked: pgdata/pg_tblspc/OID (in place)."""
+    return pgdata / "pg_tblspc" / str(oid)
+
+
+def move_in_place(pgdata: Path, unpacked: Mapping[int, Path]) -> None:
+    """Move tablespaces unpacked elsewhere (before base.tar arrived) into pgdata, in place."""
+    for oid, path in sorted(unpacked.items()):
+        target = tablespace_target(pgdata, oid)
+        if target.exists() or target.is_symlink():
+            raise CorruptData(f"the backup has pg_tblspc/{oid} and an archive of tablespace {oid}")
+        os.rename(path, target)
+
+
+def plain_tablespace_locations(source: Path) -> dict[int, str]:
+    """OID -> symlink target of each pg_tblspc/OID symlink of a plain backup or data
+    directory (in-place ones are directories: not listed)."""
+    tblspc = source / "pg_tblspc"
+    if not tblspc.is_dir():
+        return {}
+    return {
+        int(entry.name): str(entry.readlink())
+        for entry in sorted(tblspc.iterdir())
+        if entry.name.isdigit() and entry.is_symlink()
+    }
+
+
+def take_tablespace_map(pgdata: Path) -> dict[int, str]:
+    """The backup's tablespace locations, its `tablespace_map` removed (see the docstring)."""
+    path = pgdata / TABLESPACE_MAP
+    if not path.is_file():
+        return {}
+    locations = parse_tablespace_map(path.read_bytes(), f"the backup's {TABLESPACE_MAP}")
+    path.unlink()
+    return locations
+
+
+def check_in_place(pgdata: Path, oids: Iterable[int]) -> None:
+    """Every tablespace the backup names must have arrived (an archive missing from -F tar
+    output would make recovery fail on its files much later, less clearly)."""
+    missing = [oid for oid in sorted(oids) if not tablespace_target(pgdata, oid).is_dir()]
+    if missing:
+        names = ", ".join(str(oid) for oid in missing)
+        raise CorruptData(
+            f"the backup's {TABLESPACE_MAP} names tablespace(s) {names} but their files are "
+            "missing (for pg_basebackup -F tar output, the OID.tar archives beside base.tar)"
+        )
+
+
+def write_tablespace_locations(pgdata: Path, locations: Mapping[int, str]) -> None:
+    """After recovery: the source's locations, for import_datadir (see the docstring)."""
+    if locations:
+        path = pgdata / TABLESPACE_MAP
+        path.write_bytes(format_tablespace_map(locations))
+        give_to_pg_user(path)

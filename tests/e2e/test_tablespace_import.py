@@ -1,0 +1,184 @@
+"""`neon snapshot import` of a plain PostgreSQL 15 server (initdb, not a neon node) with two
+absolute tablespaces: over BASE_BACKUP, from `pg_basebackup -F tar -X stream` (OID.tar beside
+base.tar), from plain `pg_basebackup` output (-T mapping) and from the stopped data directory;
+and of a server with an in-place tablespace from plain output and the stopped directory (a
+backup with a tablespace_map, which BASE_BACKUP and -F tar make, leaves in-place tablespaces
+out: basebackup.c sendDir skips pg_tblspc's directories then). `pg create --snapshot` on the
+result has the source's data (pg_dump equal, every database), and the source's tablespace
+locations are never written to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.pgbin import give_to_pg_user, make_pg_dir
+from pg15.datadir_layout import parse_relation_file_name
+from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all
+from tests.neoncli import NeonCli, free_port, psql
+from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer, pg_reachable_tmpdir
+
+pytestmark = pytest.mark.slow
+
+SOURCE_SQL = """
+SET allow_in_place_tablespaces = on;
+CREATE TABLESPACE ts_here LOCATION '{here}';
+CREATE TABLESPACE ts_far LOCATION '{far}';
+CREATE TABLE near (id int PRIMARY KEY USING INDEX TABLESPACE ts_far, t text) TABLESPACE ts_here;
+INSERT INTO near SELECT g, md5(g::text) FROM generate_series(1, 3000) g;
+CREATE TABLE far (id int, v int[]) TABLESPACE ts_far;
+INSERT INTO far SELECT g, ARRAY[g % 7, g % 11] FROM generate_series(1, 2000) g;
+CREATE INDEX far_v ON far USING gin (v) TABLESPACE ts_here;
+CREATE INDEX far_id ON far USING hash (id);
+CREATE DATABASE far_db TABLESPACE ts_far;
+CREATE DATABASE here_db STRATEGY file_copy TABLESPACE ts_here;
+VACUUM ANALYZE;  -- so autovacuum adds no _fsm/_vm file to the location while a test looks
+"""
+
+
+def files_under(path: Path) -> dict[str, int]:
+    """The relation files under a location and their sizes (pg_internal.init comes and goes
+    with connections, so it is not compared)."""
+    return {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in path.rglob("*")
+        if p.is_file() and parse_relation_file_name(p.name) is not None
+    }
+
+
+@pytest.fixture(scope="module")
+def locations() -> Iterator[Path]:
+    """A directory for the tablespace locations (each test server's are its own)."""
+    base = pg_reachable_tmpdir("neon-ts-")
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def make_source(cluster: PgTestCluster, far: Path, here: str) -> PgTestServer:
+    """A server with ts_far at `far` and ts_here at `here` ('' = in place); no writes after."""
+    server = cluster.create({"checkpoint_timeout": "1h"})
+    for location in (far, Path(here)) if here else (far,):
+        make_pg_dir(location)
+    server.psql(SOURCE_SQL.format(far=far, here=here))
+    for db in ("far_db", "here_db"):
+        server.psql(
+            "CREATE TABLE items AS SELECT g AS id, repeat('x', g % 50) AS body "
+            "FROM generate_series(1, 500) g; CREATE INDEX items_body ON items (body); VACUUM;",
+            dbname=db,
+        )
+    return server
+
+
+@pytest.fixture(scope="module")
+def source(pg_cluster_module: PgTestCluster, locations: Path) -> PgTestServer:
+    return make_source(pg_cluster_module, locations / "far", str(locations / "far2"))
+
+
+@pytest.fixture(scope="module")
+def in_place_source(pg_cluster_module: PgTestCluster, locations: Path) -> PgTestServer:
+    return make_source(pg_cluster_module, locations / "far3", "")
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[NeonCli]:
+    base = pg_reachable_tmpdir("neon-home-")
+    cli = NeonCli(base / "home", {})
+    try:
+        yield cli
+    finally:
+        cli.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def source_conn(server: PgTestServer) -> str:
+    return f"host={server.sockdir} port={server.port} user={SUPERUSER} dbname=postgres"
+
+
+def check_node_equals_source(neon: NeonCli, want: dict[str, str], snapshot: str) -> None:
+    node = neon.json(
+        "pg", "create", "--snapshot", snapshot, "-n", f"from-{snapshot}", "--port", str(free_port())
+    )["pgdata"]
+    conn = neon.json("pg", "show", node)["connstr"]
+    try:
+        assert_same_dumps(dump_all(conn), want, f"node from {snapshot}")
+        locations = psql(
+            conn,
+            "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname LIKE 'ts\\_%'",
+        ).splitlines()
+        assert len(locations) == 2 and all(loc.startswith("pg_tblspc/") for loc in locations)
+        count = "SET enable_seqscan = off; SELECT count(*) FROM far WHERE v @> ARRAY[3]"
+        assert psql(conn, count) == "442"
+    finally:
+        neon.run("pg", "destroy", "--yes", node)
+
+
+def backup_dir() -> Path:
+    out = Path(tempfile.mkdtemp(prefix="pgbb-", dir=pg_reachable_tmpdir("neon-bb-")))
+    os.chmod(out, 0o777)
+    give_to_pg_user(out)
+    return out
+
+
+@pytest.mark.parametrize("how", ["basebackup", "tar", "plain", "stopped"])
+def test_import_with_tablespaces(
+    home: NeonCli, source: PgTestServer, locations: Path, how: str
+) -> None:
+    import_and_check(home, source, locations, how, f"ts{how}")
+
+
+@pytest.mark.parametrize("how", ["plain", "stopped"])
+def test_import_with_an_in_place_tablespace(
+    home: NeonCli, in_place_source: PgTestServer, locations: Path, how: str
+) -> None:
+    import_and_check(home, in_place_source, locations, how, f"inplace{how}")
+
+
+def import_and_check(
+    home: NeonCli, source: PgTestServer, locations: Path, how: str, name: str
+) -> None:
+    want = dump_all(source_conn(source))
+    assert {"far_db", "here_db"} <= set(want)
+    far_before = files_under(locations)
+    out = backup_dir()
+    try:
+        if how == "basebackup":
+            url = f"basebackup://{SUPERUSER}:{PASSWORD}@127.0.0.1:{source.port}/"
+            home.run("snapshot", "import", f"--from={url}", name)
+        elif how == "tar":
+            target = out / "backup"
+            source.run("pg_basebackup", "-D", str(target), "-F", "tar", "-X", "stream",
+                       "-c", "fast", "-d", source.dsn())  # fmt: skip
+            oids = psql(source_conn(source), "SELECT oid FROM pg_tablespace WHERE oid > 16000")
+            assert (target / "base.tar").is_file()
+            assert all((target / f"{oid}.tar").is_file() for oid in oids.splitlines())
+            home.run("snapshot", "import", "--from", str(target), name)
+        elif how == "plain":
+            target = out / "backup"
+            spaces = psql(source_conn(source), "SELECT pg_tablespace_location(oid) "
+                          "FROM pg_tablespace WHERE oid > 16000").splitlines()  # fmt: skip
+            mapping = [
+                arg
+                for i, loc in enumerate(spaces)
+                if loc.startswith("/")
+                for arg in ("-T", f"{loc}={out / f'copy{i}'}")
+            ]
+            source.run("pg_basebackup", "-D", str(target), "-F", "plain", "-X", "stream",
+                       "-c", "fast", *mapping, "-d", source.dsn())  # fmt: skip
+            home.run("snapshot", "import", "--from", str(target), name)
+        else:
+            source.stop()
+            try:
+                home.run("snapshot", "import", "--from", str(source.datadir), name)
+            finally:
+                source.start()
+        assert files_under(locations) == far_before  # the source's locations are not written
+        check_node_equals_source(home, want, name)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
