@@ -20,8 +20,10 @@ What is imported (value formats: `pageserver.reconstruct.value_format`):
 * the checkpoint counters (the CheckPoint of pg_control), pg_control itself and the node
   metadata (system identifier, PG version, WAL segment size, catalog version, timeline).
 
-Non-default tablespaces (entries in pg_tblspc) are refused: their symlinks cannot be
-reconstructed from WAL.
+* non-default tablespaces: every ``pg_tblspc/OID`` (a symlink, or a directory for an in-place
+  tablespace) enters the tablespace map with its location, and the databases in its
+  ``PG_15_202209061`` directory are imported like those of base/ under (OID, db); which
+  location is recorded: pageserver/ingest/datadir_tablespaces.py.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
 from pageserver.reconstruct.value_format import (
     encode_ints,
     encode_metadata,
     encode_pairs,
+    encode_tablespaces,
     encode_u32,
 )
 from pageserver.storage.keys import (
@@ -40,6 +44,7 @@ from pageserver.storage.keys import (
     CONTROLFILE_KEY,
     DB_DIR_KEY,
     NODE_METADATA_KEY,
+    TABLESPACE_MAP_KEY,
     TWOPHASE_DIR_KEY,
     Key,
     SlruKind,
@@ -73,7 +78,7 @@ from pg15.xlog_reader import (
     SHORT_PAGE_HEADER_SIZE,
     WalReader,
 )
-from proto.errors import Conflict, CorruptData, InvalidArgument
+from proto.errors import Conflict, CorruptData
 
 _BATCH = 256
 
@@ -139,14 +144,7 @@ def _validate(datadir: Path, control: ControlFile) -> int:
             f"(redo {format_lsn(control.checkpoint.redo)}, checkpoint "
             f"{format_lsn(control.checkpoint_lsn)})"
         )
-    tblspc = datadir / "pg_tblspc"
-    if tblspc.is_dir():
-        extra = sorted(p.name for p in tblspc.iterdir())
-        if extra:
-            raise InvalidArgument(
-                f"data directory {datadir} uses tablespaces other than the defaults "
-                f"({', '.join(extra)} in pg_tblspc); they are not supported"
-            )
+    tablespaces(datadir)  # a dangling or foreign pg_tblspc entry is refused before any put
     end = record_end_lsn(control.checkpoint_lsn, CHECKPOINT_RECORD_SIZE, control.wal_segment_size)
     _check_checkpoint_record(datadir, control, end)
     return end
@@ -258,7 +256,15 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
         if path.is_dir() and path.name.isdigit():
             _import_database(writer, path, DEFAULTTABLESPACE_OID, int(path.name))
             dbs.append((DEFAULTTABLESPACE_OID, int(path.name)))
+    for spc, version_dir in tablespaces(datadir).items():
+        if not version_dir.is_dir():
+            continue  # a tablespace with nothing of PostgreSQL 15 in it yet
+        for path in sorted(version_dir.iterdir(), key=lambda p: p.name):
+            if path.is_dir() and path.name.isdigit():
+                _import_database(writer, path, spc, int(path.name))
+                dbs.append((spc, int(path.name)))
     writer.put(DB_DIR_KEY, encode_pairs(dbs))
+    writer.put(TABLESPACE_MAP_KEY, encode_tablespaces(tablespace_locations(datadir)))
 
     for kind in SlruKind:
         _import_slru(writer, datadir, kind)
