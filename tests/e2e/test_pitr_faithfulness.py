@@ -175,6 +175,7 @@ class Oracle:
                 "recovery_target_inclusive": False,
                 "recovery_target_action": "promote",
                 "max_prepared_transactions": 10,
+                "allow_in_place_tablespaces": True,  # its replayed in-place tablespaces
             },
             ["local all all trust"],
         )
@@ -189,8 +190,46 @@ class Oracle:
         return datadir, conn
 
 
-def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) -> None:
-    neon.run("pg", "create", "--no-start")
+def archive_wal(neon: NeonCli, node: dict[str, str], work: Path) -> Path:
+    """A copy of the node's archived WAL that PostgreSQL's account can read (restore_command)."""
+    history_wal = Path(node["datadir"]).parent / "pagestore" / "wal" / "primary1"
+    (timeline_wal,) = history_wal.iterdir()
+    archive = work / "wal"
+    shutil.copytree(timeline_wal, archive)
+    user = pg_os_user()
+    if user is not None:
+        for path in [archive, *archive.iterdir()]:
+            os.chown(path, user.uid, user.gid)
+    return archive
+
+
+def compare_random_targets(neon: NeonCli, oracle: Oracle, start: int, n: int, seed: int) -> None:
+    """Extract at `n` random record boundaries after `start`; each equals stock recovery."""
+    records = [
+        json.loads(line)
+        for line in neon.run("waldump", "--json", str(oracle.archive)).stdout.splitlines()
+    ]
+    candidates = [r["lsn"] for r in records if parse_lsn(r["lsn"]) > max(start, 0x1600000)]
+    for i, target_text in enumerate(random.Random(seed).sample(candidates, n)):
+        target = parse_lsn(target_text)
+        ours, snapped = extract(neon, target, f"rand{i}")
+        try:
+            assert snapped <= target
+            odir, theirs = oracle.recover_to(target)
+            try:
+                assert_same_dumps(dump_all(ours), dump_all(theirs), f"state at {target_text}")
+                amcheck(ours)
+            finally:
+                postmaster.stop(odir, "immediate")
+                shutil.rmtree(odir, ignore_errors=True)
+        finally:
+            neon.run("snapshot", "stop", f"pgdata1@rand{i}")
+
+
+def start_node_with_oracle_base(neon: NeonCli) -> tuple[dict[str, str], Path, Path]:
+    """A node whose clean initdb state is copied as the oracle's base backup, then started
+    with a PITR area `area`: (its `pg show`, the oracle's work directory, the base copy)."""
+    neon.run("pg", "create", "--no-start", "--port", str(free_port()))
     node = neon.json("pg", "show", "pgdata1")
     work = neon.home.parent / "oracle"  # PostgreSQL's account enters it (tmp_path is 0700)
     postmaster.make_pg_dir(work, 0o711)
@@ -198,12 +237,17 @@ def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) ->
     base = work / "base"
     subprocess.run(["cp", "-a", node["datadir"], str(base)], check=True)
     (base / "postmaster.pid").unlink(missing_ok=True)
-    conn = node["connstr"]
     neon.run("pg", "start", "pgdata1")
-    psql(conn, "ALTER SYSTEM SET max_prepared_transactions = 10")
+    psql(node["connstr"], "ALTER SYSTEM SET max_prepared_transactions = 10")
     neon.run("pg", "stop", "pgdata1")
     neon.run("pg", "start", "pgdata1")
     neon.run("pitr", "create", "area", "--pg", "pgdata1", "--ttl", "inf")
+    return node, work, base
+
+
+def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) -> None:
+    node, work, base = start_node_with_oracle_base(neon)
+    conn = node["connstr"]
 
     subprocess.run(
         [pg_binary("pgbench"), "-i", "-s", "1", "-q", conn], check=True, capture_output=True
@@ -248,35 +292,87 @@ def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) ->
             neon.run("snapshot", "stop", f"pgdata1@phase{i}")
 
     # Random record boundaries between the phases, against stock recovery.
-    history_wal = Path(node["datadir"]).parent / "pagestore" / "wal" / "primary1"
-    (timeline_wal,) = history_wal.iterdir()
-    archive = work / "wal"
-    shutil.copytree(timeline_wal, archive)
-    user = pg_os_user()
-    if user is not None:
-        for path in [archive, *archive.iterdir()]:
-            os.chown(path, user.uid, user.gid)
-    records = [
-        json.loads(line) for line in neon.run("waldump", "--json", str(archive)).stdout.splitlines()
-    ]
-    start = phases[0][0] - 2_000_000
-    candidates = [r["lsn"] for r in records if parse_lsn(r["lsn"]) > max(start, 0x1600000)]
-    oracle = Oracle(base, archive, work)
-    for n, target_text in enumerate(random.Random(7).sample(candidates, 3)):
-        target = parse_lsn(target_text)
-        ours, snapped = extract(neon, target, f"rand{n}")
-        try:
-            assert snapped <= target
-            odir, theirs = oracle.recover_to(target)
-            try:
-                assert_same_dumps(dump_all(ours), dump_all(theirs), f"state at {target_text}")
-                amcheck(ours)
-            finally:
-                postmaster.stop(odir, "immediate")
-                shutil.rmtree(odir, ignore_errors=True)
-        finally:
-            neon.run("snapshot", "stop", f"pgdata1@rand{n}")
+    archive = archive_wal(neon, node, work)
+    compare_random_targets(neon, Oracle(base, archive, work), phases[0][0] - 2_000_000, 3, 7)
 
     # Outside the area: a clear error with its bounds.
     err = neon.fail("pitr", "extract-snapshot", "area", "--lsn", "0/100")
     assert "outside" in err and "area" in err
+
+
+TABLESPACE_PHASES = [
+    # 1: an in-place and an absolute tablespace with tables and indexes of several kinds
+    """
+    CREATE EXTENSION IF NOT EXISTS amcheck;
+    SET allow_in_place_tablespaces = on;
+    CREATE TABLESPACE ts_here LOCATION '';
+    CREATE TABLESPACE ts_far LOCATION '{far}';
+    CREATE TABLE near (id int PRIMARY KEY, t text) TABLESPACE ts_here;
+    INSERT INTO near SELECT g, md5(g::text) FROM generate_series(1, 3000) g;
+    CREATE INDEX near_t ON near (t) TABLESPACE ts_far;
+    CREATE TABLE far (id int, v int[], pt point) TABLESPACE ts_far;
+    INSERT INTO far SELECT g, ARRAY[g % 7, g % 11], point(g % 40, g % 30)
+      FROM generate_series(1, 2000) g;
+    CREATE INDEX far_v ON far USING gin (v) TABLESPACE ts_here;
+    CREATE INDEX far_pt ON far USING gist (pt) TABLESPACE ts_far;
+    """,
+    # 2: databases in them (both strategies), a table moved, updates, VACUUM, TRUNCATE
+    """
+    CREATE DATABASE far_db TABLESPACE ts_far;
+    CREATE DATABASE here_db STRATEGY file_copy TABLESPACE ts_here;
+    ALTER TABLE near SET TABLESPACE ts_far;
+    UPDATE far SET v = v || 99 WHERE id % 3 = 0;
+    DELETE FROM far WHERE id % 13 = 0;
+    VACUUM far;
+    CREATE TABLE scratch TABLESPACE ts_here AS SELECT generate_series(1, 900) a;
+    TRUNCATE scratch;
+    INSERT INTO scratch SELECT generate_series(1, 90);
+    """,
+    # 3: everything leaves ts_far, which is dropped
+    """
+    DROP DATABASE far_db;
+    DROP TABLE far;
+    ALTER TABLE near SET TABLESPACE pg_default;
+    ALTER INDEX near_t SET TABLESPACE ts_here;
+    DROP TABLESPACE ts_far;
+    INSERT INTO scratch SELECT generate_series(1000, 1100);
+    """,
+]
+
+
+def test_extracted_states_with_tablespaces_equal_stock_recovery(neon: NeonCli) -> None:
+    """The same check on a node with an in-place and an absolute tablespace, up to and past
+    DROP TABLESPACE; the extracted servers have them in place (pg_tblspc/OID directories)."""
+    node, work, base = start_node_with_oracle_base(neon)
+    conn = node["connstr"]
+    far = work / "far"
+    postmaster.make_pg_dir(far, 0o700)
+    phases: list[tuple[int, dict[str, str]]] = []
+    for sql in TABLESPACE_PHASES:
+        psql(conn, sql.format(far=far))
+        lsn = parse_lsn(psql(conn, "SELECT pg_current_wal_flush_lsn()"))
+        phases.append((lsn, dump_all(conn)))
+    psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")
+    # Stock recovery of CREATE TABLESPACE empties the location's PG_15 directory: the node
+    # that owns it must be stopped before an oracle replays it.
+    neon.run("pg", "stop", "pgdata1")
+
+    for i, (lsn, dumps) in enumerate(phases):
+        ours, _snapped = extract(neon, lsn, f"phase{i}")
+        try:
+            assert_same_dumps(dump_all(ours), dumps, f"phase {i}")
+            spaces = psql(
+                ours,
+                "SELECT spcname, pg_tablespace_location(oid) FROM pg_tablespace "
+                "WHERE spcname LIKE 'ts\\_%' ORDER BY 1",
+            ).splitlines()
+            assert [row.split("|")[0] for row in spaces] == (
+                ["ts_far", "ts_here"] if i < 2 else ["ts_here"]
+            )
+            assert all(row.split("|")[1].startswith("pg_tblspc/") for row in spaces), spaces
+            amcheck(ours)
+        finally:
+            neon.run("snapshot", "stop", f"pgdata1@phase{i}")
+
+    oracle = Oracle(base, archive_wal(neon, node, work), work)
+    compare_random_targets(neon, oracle, phases[0][0] - 300_000, 4, 11)
