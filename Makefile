@@ -1,6 +1,7 @@
 # pg-neon: two commands do all set-up (see README.md).
 #   make demo   set up, then create a local PostgreSQL node, write data, show `neon pg list`
-#   make test   set up, then lint, type-check and run the tests
+#   make test   set up, then lint, type-check and run the tests (two workers, one per core;
+#               a test file's tests stay on one worker, so module fixtures are shared)
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q -x --durations=15 -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -q -x -n 2 --dist loadfile --durations=15 -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m bench.run_all
