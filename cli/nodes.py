@@ -30,8 +30,8 @@ from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
-from pageserver.daemon import pid_alive
 from pageserver.follow.followed_nodes import slot_name
+from pageserver.pid_file import pid_alive
 from pageserver_api.models import (
     NodeBranchRequest,
     NodeImportRequest,

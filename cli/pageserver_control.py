@@ -17,7 +17,7 @@ from cli.ports import port_is_free
 from cli.registry import PageserverRow
 from cli.secrets import ensure_secret
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
-from pageserver.daemon import pid_alive
+from pageserver.pid_file import pid_alive
 from pageserver_api.client import SyncPageserverClient
 from proto.errors import Unavailable
 

@@ -57,7 +57,7 @@ from cli.snapshot_file_source import is_http_source, is_snapshot_file, unpack_sn
 from cli.storages import mask_url
 from cli.tablespace_settings import in_place_tablespace_settings
 from cli.untar import extract_basebackup, extract_stream
-from pageserver.daemon import pid_alive
+from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
