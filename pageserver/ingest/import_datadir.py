@@ -1,9 +1,10 @@
 """Import a cleanly shut-down PostgreSQL 15 data directory as the base of a timeline.
 
-Everything is put as Images at one LSN: the **end of the shutdown checkpoint record** that
-pg_control points at (for a record that does not cross a page, checkpoint LSN + 120: 114
-bytes MAXALIGNed; computed exactly across page headers, and checked against the WAL segment
-when it is present). That is the LSN a read must use to see exactly this directory, and the
+Everything is written as image layers at one LSN (streamed in key order by `_Writer`, so an
+import of any size holds about one layer in memory): the **end of the shutdown checkpoint
+record** that pg_control points at (for a record that does not cross a page, checkpoint LSN
++ 120: 114 bytes MAXALIGNed; computed exactly across page headers, and checked against the WAL
+segment when it is present). That is the LSN a read must use to see exactly this directory, and the
 EndRecPtr a WAL reader reports for the checkpoint record; ingest continues with the records
 after it (`WalIngest.ingest_record` skips records whose end LSN is not above it, so the
 caller may feed WAL from the segment start). prev_record_lsn is the checkpoint record's LSN.
@@ -57,8 +58,8 @@ from pageserver.storage.keys import (
     slru_segment_size_key,
     twophase_file_key,
 )
+from pageserver.storage.layers.image import ImageRunWriter
 from pageserver.storage.timeline import Timeline
-from pageserver.storage.values import Image, Value
 from pg15.constants import (
     BLCKSZ,
     DEFAULTTABLESPACE_OID,
@@ -69,7 +70,11 @@ from pg15.constants import (
     SLRU_PAGES_PER_SEGMENT,
     XLOG_BLCKSZ,
 )
-from pg15.datadir_layout import SLRU_SEGMENT_FILE, TWOPHASE_FILE, parse_relation_file_name
+from pg15.datadir_layout import (
+    SLRU_SEGMENT_FILE,
+    TWOPHASE_FILE,
+    parse_relation_file_name,
+)
 from pg15.lsn import format_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, ControlFile, read_control_file
 from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE, XLOG_CHECKPOINT_SHUTDOWN
@@ -181,26 +186,25 @@ def _pages(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 class _Writer:
-    """Batches Image puts at the import LSN."""
+    """Streams the import, in ascending key order, into image layers at the import LSN
+    (`ImageRunWriter`): memory stays about one layer's index whatever the directory's size.
+    Every function below therefore puts its keys in key order (see pageserver/storage/keys.py:
+    a database's relmap, then its relation directory, then each relation fork's pages and
+    size; an SLRU's directory, then each segment's pages and size; and so on)."""
 
     def __init__(self, timeline: Timeline, lsn: int) -> None:
-        self.timeline = timeline
-        self.lsn = lsn
-        self._items: list[tuple[Key, int, Value]] = []
+        self.run = ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache)
 
     def put(self, key: Key, data: bytes) -> None:
-        self._items.append((key, self.lsn, Image(data)))
-        if len(self._items) >= _BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._items:
-            self.timeline.put_batch(self._items)
-            self._items = []
+        self.run.add(key, data)
 
 
 def _import_database(writer: _Writer, directory: Path, spc: int, db: int) -> None:
     rels = _relation_files(directory)
+    relmap = directory / "pg_filenode.map"
+    if relmap.exists():
+        writer.put(relmap_file_key(spc, db), relmap.read_bytes())
+    writer.put(rel_dir_key(spc, db), encode_pairs(rels))
     for (rel, fork), segments in sorted(rels.items()):
         segments.sort()
         nblocks = 0
@@ -214,28 +218,39 @@ def _import_database(writer: _Writer, directory: Path, spc: int, db: int) -> Non
                 writer.put(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
             nblocks = segno * RELSEG_SIZE + size // BLCKSZ
         writer.put(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
-    writer.put(rel_dir_key(spc, db), encode_pairs(rels))
-    relmap = directory / "pg_filenode.map"
-    if relmap.exists():
-        writer.put(relmap_file_key(spc, db), relmap.read_bytes())
 
 
 def _import_slru(writer: _Writer, datadir: Path, kind: SlruKind) -> None:
     directory = datadir / kind.directory
-    segments: set[int] = set()
+    segments: dict[int, Path] = {}
     if directory.is_dir():
-        for path in sorted(directory.iterdir()):
-            if not SLRU_SEGMENT_FILE.match(path.name) or not path.is_file():
-                continue
-            segno = int(path.name, 16)
-            size = path.stat().st_size
-            if size % BLCKSZ or size // BLCKSZ > SLRU_PAGES_PER_SEGMENT:
-                raise CorruptData(f"{path} has {size} bytes: not an SLRU segment")
-            for blkno, page in _pages(path):
-                writer.put(slru_block_key(kind, segno, blkno), page)
-            writer.put(slru_segment_size_key(kind, segno), encode_u32(size // BLCKSZ))
-            segments.add(segno)
+        for path in directory.iterdir():
+            if SLRU_SEGMENT_FILE.match(path.name) and path.is_file():
+                segments[int(path.name, 16)] = path
     writer.put(slru_dir_key(kind), encode_ints(segments))
+    for segno, path in sorted(segments.items()):
+        size = path.stat().st_size
+        if size % BLCKSZ or size // BLCKSZ > SLRU_PAGES_PER_SEGMENT:
+            raise CorruptData(f"{path} has {size} bytes: not an SLRU segment")
+        for blkno, page in _pages(path):
+            writer.put(slru_block_key(kind, segno, blkno), page)
+        writer.put(slru_segment_size_key(kind, segno), encode_u32(size // BLCKSZ))
+
+
+def _databases(datadir: Path) -> list[tuple[int, int, Path]]:
+    """(tablespace, database, directory) of every database directory: global/, base/<db>
+    and each tablespace's <db> directories."""
+    found = [(GLOBALTABLESPACE_OID, 0, datadir / "global")]
+    for path in (datadir / "base").iterdir():
+        if path.is_dir() and path.name.isdigit():
+            found.append((DEFAULTTABLESPACE_OID, int(path.name), path))
+    for spc, version_dir in tablespaces(datadir).items():
+        if not version_dir.is_dir():
+            continue  # a tablespace with nothing of PostgreSQL 15 in it yet
+        for path in version_dir.iterdir():
+            if path.is_dir() and path.name.isdigit():
+                found.append((spc, int(path.name), path))
+    return found
 
 
 def import_datadir(timeline: Timeline, datadir: Path) -> int:
@@ -248,39 +263,38 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
     control = read_control_file(datadir)
     lsn = _validate(datadir, control)
     writer = _Writer(timeline, lsn)
+    try:
+        _import_all(writer, datadir, control, lsn)
+        layers = writer.run.finish()
+    except BaseException:
+        writer.run.abort()
+        raise
+    timeline.replace_layers(add=layers, remove=[])
+    timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn)
+    return lsn
 
-    dbs: list[tuple[int, int]] = [(GLOBALTABLESPACE_OID, 0)]
-    _import_database(writer, datadir / "global", GLOBALTABLESPACE_OID, 0)
-    base = datadir / "base"
-    for path in sorted(base.iterdir(), key=lambda p: p.name):
-        if path.is_dir() and path.name.isdigit():
-            _import_database(writer, path, DEFAULTTABLESPACE_OID, int(path.name))
-            dbs.append((DEFAULTTABLESPACE_OID, int(path.name)))
-    for spc, version_dir in tablespaces(datadir).items():
-        if not version_dir.is_dir():
-            continue  # a tablespace with nothing of PostgreSQL 15 in it yet
-        for path in sorted(version_dir.iterdir(), key=lambda p: p.name):
-            if path.is_dir() and path.name.isdigit():
-                _import_database(writer, path, spc, int(path.name))
-                dbs.append((spc, int(path.name)))
-    writer.put(DB_DIR_KEY, encode_pairs(dbs))
-    writer.put(TABLESPACE_MAP_KEY, encode_tablespaces(tablespace_locations(datadir)))
 
-    for kind in SlruKind:
+def _import_all(writer: _Writer, datadir: Path, control: ControlFile, lsn: int) -> None:
+    databases = sorted(_databases(datadir), key=lambda d: (d[0], d[1]))
+    writer.put(DB_DIR_KEY, encode_pairs([(spc, db) for spc, db, _path in databases]))
+    for spc, db, path in databases:
+        _import_database(writer, path, spc, db)
+
+    for kind in sorted(SlruKind):
         _import_slru(writer, datadir, kind)
 
-    xids: set[int] = set()
+    files: dict[int, Path] = {}
     twophase = datadir / "pg_twophase"
     if twophase.is_dir():
-        for path in sorted(twophase.iterdir()):
+        for path in twophase.iterdir():
             if TWOPHASE_FILE.match(path.name) and path.is_file():
-                xid = int(path.name, 16)
-                writer.put(twophase_file_key(xid), path.read_bytes())
-                xids.add(xid)
-    writer.put(TWOPHASE_DIR_KEY, encode_ints(xids))
+                files[int(path.name, 16)] = path
+    writer.put(TWOPHASE_DIR_KEY, encode_ints(files))
+    for xid, path in sorted(files.items()):
+        writer.put(twophase_file_key(xid), path.read_bytes())
 
-    writer.put(CHECKPOINT_KEY, control.checkpoint.pack())
     writer.put(CONTROLFILE_KEY, control.raw)
+    writer.put(CHECKPOINT_KEY, control.checkpoint.pack())
     writer.put(
         NODE_METADATA_KEY,
         encode_metadata(
@@ -295,6 +309,4 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
             }
         ),
     )
-    writer.flush()
-    timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn)
-    return lsn
+    writer.put(TABLESPACE_MAP_KEY, encode_tablespaces(tablespace_locations(datadir)))
