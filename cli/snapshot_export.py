@@ -12,6 +12,9 @@ a failed export leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -50,6 +53,7 @@ from snapfile import Manifest, SnapshotFileWriter
 
 FORMATS = ("neon", "tar", "pg_dump", "csv")
 _COPY_CHUNK = 1 << 20
+_IN_FLIGHT = 8  # chunks handed to the writer thread and not yet written
 
 
 class _Meter:
@@ -166,17 +170,35 @@ def _stream_basebackup(
     app: App, name: str, mtime: int, plan: BasebackupPlan, out: IO[bytes], meter: _Meter,
     writer: SnapshotFileWriter | None,
 ) -> None:  # fmt: skip
-    """Copy the snapshot's basebackup tar to `out`, through `writer` when given."""
+    """Copy the snapshot's basebackup tar to `out`, through `writer` when given.
+
+    Compression, hashing and writing run in a thread beside the download (zstd and SHA-256
+    release the GIL), in order, at most _IN_FLIGHT chunks behind it: one after the other, a
+    core would wait for the other's work."""
     request = BasebackupRequest(snapshot=name, mtime=mtime)
 
+    def sink(chunk: bytes | memoryview) -> None:
+        data = writer.write(chunk) if writer is not None else chunk
+        if data:
+            out.write(data)
+            meter.add(len(data))
+
     async def fetch(client: PageserverClient) -> None:
-        async with client.basebackup(request) as download:
-            async for chunk in download:
-                data = writer.write(chunk) if writer is not None else chunk
-                if data:
-                    out.write(data)
-                    meter.add(len(data))
-            result = download.result
+        loop = asyncio.get_running_loop()
+        pending: collections.deque[asyncio.Future[None]] = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(1, "export-sink") as pool:
+            try:
+                async with client.basebackup(request) as download:
+                    async for chunk in download:
+                        pending.append(loop.run_in_executor(pool, sink, bytes(chunk)))
+                        if len(pending) > _IN_FLIGHT:
+                            await pending.popleft()
+                    while pending:
+                        await pending.popleft()
+                    result = download.result
+            finally:
+                for future in pending:
+                    future.cancel()
         if (result.lsn, result.system_identifier, result.pg_timeline) != (
             plan.lsn,
             plan.system_identifier,

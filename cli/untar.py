@@ -110,7 +110,10 @@ def _extract_member(
     give_to_pg_user(dest)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+_PIPE_BATCH = 1 << 20
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -133,8 +136,14 @@ async def extract_stream(chunks: AsyncIterator[bytes | memoryview], target: Path
     extractor = asyncio.ensure_future(asyncio.to_thread(_extract_and_drain, reader, target))
     try:
         try:
+            batch = bytearray()  # one thread hop per MiB, not per network message
             async for chunk in chunks:
-                await asyncio.to_thread(_write_all, wfd, chunk)
+                batch += chunk
+                if len(batch) >= _PIPE_BATCH:
+                    full, batch = batch, bytearray()
+                    await asyncio.to_thread(_write_all, wfd, full)
+            if batch:
+                await asyncio.to_thread(_write_all, wfd, batch)
         except BrokenPipeError:
             pass  # the extractor refused the archive: its error says why
         finally:
