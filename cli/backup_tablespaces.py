@@ -2,10 +2,14 @@
 directory, their source locations kept for the page history.
 
 A backup's tablespaces arrive apart from its main directory: `pg_basebackup -F tar` writes
-`OID.tar[.gz|.zst]` beside base.tar (contents: `PG_15_202209061/<db>/...`), BASE_BACKUP sends
-one archive per tablespace with its location (walreceiver/base_backup.py), and plain output has
-pg_tblspc/OID symlinks to where pg_basebackup wrote them. base.tar's `tablespace_map` names the
-source's locations (pg15/tablespace_map.py).
+`OID.tar[.gz|.zst]` beside base.tar (contents: `PG_15_202209061/<db>/...`), and base.tar's
+`tablespace_map` names the source's locations (pg15/tablespace_map.py); BASE_BACKUP (asked
+without TABLESPACE_MAP, so that in-place tablespaces stay in base.tar) sends one archive per
+tablespace and base.tar's pg_tblspc/OID symlinks, which the extractor records instead of
+creating (cli/untar.py); plain output has pg_tblspc/OID symlinks to where pg_basebackup wrote
+them. pg_basebackup -F tar leaves in-place tablespaces out (basebackup.c sendDir skips
+pg_tblspc's directories when it writes a tablespace_map): import those from plain output, the
+stopped directory or basebackup://.
 
 Recovery (cli/snapshot_import.py) runs in a private directory and must never write to those
 locations: they belong to the source server, which may still be running. So every tablespace

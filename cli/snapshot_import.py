@@ -61,7 +61,12 @@ from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
-from walreceiver.base_backup import BackupArchive, BaseBackupProgress, run_base_backup
+from walreceiver.base_backup import (
+    BackupArchive,
+    BaseBackupOptions,
+    BaseBackupProgress,
+    run_base_backup,
+)
 from walreceiver.receiver import ConnParams
 
 SCHEME = "basebackup"
@@ -330,10 +335,11 @@ async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progre
     """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN."""
 
     staged: dict[int, Path] = {}  # tablespace archives come before base.tar
+    links: dict[int, str] = {}  # base.tar's pg_tblspc/OID symlinks: the source's locations
 
     async def sink(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
         if archive.tablespace_location is None:
-            await extract_stream(chunks, pgdata)
+            await extract_stream(chunks, pgdata, tablespace_links=links)
             return
         if archive.tablespace_oid is None:
             raise CorruptData(f"the server sent archive {archive.name!r} for no tablespace")
@@ -346,8 +352,13 @@ async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progre
     params = ConnParams(
         source.host, source.port, source.user, source.password, application_name="neon import"
     )
-    result = await run_base_backup(params, sink, on_progress=on_progress)
+    # No TABLESPACE_MAP: with it the server leaves pg_tblspc's directories, hence in-place
+    # tablespaces, out of base.tar (basebackup.c sendDir); without it, base.tar has them and a
+    # symlink per other tablespace, which the extractor records instead of creating.
+    options = BaseBackupOptions(tablespace_map=False)
+    result = await run_base_backup(params, sink, options=options, on_progress=on_progress)
     move_in_place(pgdata, staged)
+    write_tablespace_locations(pgdata, links)
     cut_wal_after(pgdata, result.end_lsn, result.end_timeline)
 
 

@@ -19,6 +19,8 @@ from typing import BinaryIO
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from proto.errors import AlreadyExists, CorruptData
 
+_READ_SIZE = 1 << 20
+
 
 class UnsafeArchive(CorruptData):
     """A tar member that could write outside the target or create a non-regular file."""
@@ -54,12 +56,25 @@ def _make_dirs(root: Path, rel: PurePosixPath) -> None:
             give_to_pg_user(cur)
 
 
-def extract_basebackup(stream: BinaryIO, target_dir: Path) -> None:
+def tablespace_link_oid(member: tarfile.TarInfo) -> int | None:
+    """The OID of a symbolic link member `pg_tblspc/OID` (how BASE_BACKUP without
+    TABLESPACE_MAP sends a tablespace's location, basebackup.c sendDir), else None."""
+    parts = [p for p in PurePosixPath(member.name).parts if p != "."]
+    if member.issym() and len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def extract_basebackup(
+    stream: BinaryIO, target_dir: Path, tablespace_links: dict[int, str] | None = None
+) -> None:
     """Unpack a basebackup tar into `target_dir` (absent or empty), for the PostgreSQL user.
 
     Refuses absolute paths, `..`, links, devices and other special members, naming the member.
     Extracts into a sibling `<name>.tmp-XXXX` and renames it at the end, so a failure leaves
-    nothing behind. Directories get mode 0700 and files 0600.
+    nothing behind. Directories get mode 0700 and files 0600. With `tablespace_links`, a link
+    member `pg_tblspc/OID` is not created but recorded there (OID -> its target): the caller
+    places that tablespace itself (cli/backup_tablespaces.py); any other link is refused.
     """
     target = Path(target_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -69,8 +84,14 @@ def extract_basebackup(stream: BinaryIO, target_dir: Path) -> None:
     try:
         make_pg_dir(tmp)
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            # Stream mode reads `bufsize` bytes at a time and re-slices its buffer per read:
+            # the default 10 KiB makes a large archive cost many small reads and copies.
+            with tarfile.open(fileobj=stream, mode="r|*", bufsize=_READ_SIZE) as tar:
                 for member in tar:
+                    oid = tablespace_link_oid(member) if tablespace_links is not None else None
+                    if tablespace_links is not None and oid is not None:
+                        tablespace_links[oid] = member.linkname
+                        continue
                     rel = _member_path(member)
                     if rel is None:
                         continue
@@ -119,21 +140,29 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _extract_and_drain(reader: BinaryIO, target: Path) -> None:
+def _extract_and_drain(
+    reader: BinaryIO, target: Path, tablespace_links: dict[int, str] | None
+) -> None:
     """Extract, then read the rest so the writer never blocks (data after the tar's end)."""
     try:
-        extract_basebackup(reader, target)
+        extract_basebackup(reader, target, tablespace_links)
         while reader.read(1 << 20):
             pass
     finally:
         reader.close()
 
 
-async def extract_stream(chunks: AsyncIterator[bytes | memoryview], target: Path) -> None:
+async def extract_stream(
+    chunks: AsyncIterator[bytes | memoryview],
+    target: Path,
+    tablespace_links: dict[int, str] | None = None,
+) -> None:
     """Extract a tar arriving as async chunks (bounded memory: a pipe to the extractor)."""
     rfd, wfd = os.pipe()
     reader = os.fdopen(rfd, "rb", buffering=1 << 20)
-    extractor = asyncio.ensure_future(asyncio.to_thread(_extract_and_drain, reader, target))
+    extractor = asyncio.ensure_future(
+        asyncio.to_thread(_extract_and_drain, reader, target, tablespace_links)
+    )
     try:
         try:
             batch = bytearray()  # one thread hop per MiB, not per network message

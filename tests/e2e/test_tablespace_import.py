@@ -1,9 +1,9 @@
 """`neon snapshot import` of a plain PostgreSQL 15 server (initdb, not a neon node) with two
 absolute tablespaces: over BASE_BACKUP, from `pg_basebackup -F tar -X stream` (OID.tar beside
 base.tar), from plain `pg_basebackup` output (-T mapping) and from the stopped data directory;
-and of a server with an in-place tablespace from plain output and the stopped directory (a
-backup with a tablespace_map, which BASE_BACKUP and -F tar make, leaves in-place tablespaces
-out: basebackup.c sendDir skips pg_tblspc's directories then). `pg create --snapshot` on the
+and of a server with an in-place tablespace over BASE_BACKUP, from plain output and from the
+stopped directory (not from -F tar: a backup with a tablespace_map, which pg_basebackup -F tar
+asks for, leaves in-place tablespaces out, basebackup.c sendDir). `pg create --snapshot` on the
 result has the source's data (pg_dump equal, every database), and the source's tablespace
 locations are never written to."""
 
@@ -133,7 +133,7 @@ def test_import_with_tablespaces(
     import_and_check(home, source, locations, how, f"ts{how}")
 
 
-@pytest.mark.parametrize("how", ["plain", "stopped"])
+@pytest.mark.parametrize("how", ["basebackup", "plain", "stopped"])
 def test_import_with_an_in_place_tablespace(
     home: NeonCli, in_place_source: PgTestServer, locations: Path, how: str
 ) -> None:
