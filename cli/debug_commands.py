@@ -12,7 +12,6 @@ import click
 from cli.context import get_app
 from cli.pageserver_control import local_api
 from cli.waldump import collect_segments, iter_records
-from pageserver.redo.verify import RedoVerifier
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import PageGetRequest, RelSizeRequest
 from pg15.constants import FORK_NAMES
@@ -38,6 +37,8 @@ def verify_redo_command(as_json: bool, max_reports: int, paths: tuple[Path, ...]
 
     Exits 1 if any block mismatches or any record type has no native redo.
     """
+    from pageserver.redo.verify import RedoVerifier  # every redo module: only when used
+
     segments, seg_size = collect_segments(paths)
     verifier = RedoVerifier(max_reports=max_reports)
     for record in iter_records(segments, seg_size, None, None):

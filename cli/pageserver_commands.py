@@ -9,7 +9,6 @@ import click
 from cli import pageserver_control as control
 from cli.context import get_app
 from cli.output import print_json
-from pageserver import daemon
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT
 
 
@@ -73,6 +72,8 @@ def ps_status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def ps_run(ctx: click.Context, listen: str, port: int, http_port: int) -> None:
     """Run the pageserver in the foreground (containers); SIGTERM stops it cleanly."""
+    from pageserver import daemon  # the whole server: imported only to run it (CLI start-up)
+
     app = get_app(ctx)
     control.local_token(app)
     sys.exit(
