@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from durable_files import TEMP_SUFFIX
-from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key, ranges_cover
+from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key
 from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer
@@ -489,17 +489,23 @@ class Timeline:
         return sorted(key for key, exists in result.items() if exists)
 
     def _scan_own(self, key_range: KeyRange, lsn: int) -> tuple[dict[Key, bool], list[KeyRange]]:
+        layer_map, frozen, head = self._range_view(key_range, lsn)
+        return layer_map.scan_keys(key_range, lsn, frozen, head)
+
+    def _range_view(
+        self, key_range: KeyRange, lsn: int
+    ) -> tuple[LayerMap, list[InMemoryLayer], list[tuple[Key, int, int]]]:
+        """One consistent view for a range read: the layer map, the frozen layers (newest
+        first) and the open layer's newest versions of the range, taken under the lock."""
         with self._lock:
             self._check_open()
-            layer_map = self._map
-            frozen = self._frozen[::-1]
             open_ = self._open
             head = (
                 list(open_.newest_versions(key_range, lsn))
                 if open_ is not None and open_.lsn_start <= lsn
                 else []
             )
-        return layer_map.scan_keys(key_range, lsn, frozen, head)
+            return self._map, self._frozen[::-1], head
 
     def plan_range_read(self, key_range: KeyRange, lsn: int) -> RangeRead | None:
         """How to read every key of key_range at lsn in bulk (a basebackup): the image layers
@@ -518,32 +524,12 @@ class Timeline:
         timeline: Timeline = self
         at = lsn
         while True:
-            with timeline._lock:
-                timeline._check_open()
-                layer_map = timeline._map
-                frozen = timeline._frozen[::-1]
-                open_ = timeline._open
-                head = (
-                    list(open_.newest_versions(key_range, at))
-                    if open_ is not None and open_.lsn_start <= at
-                    else []
-                )
-            images: list[ImageLayer] = []
-            for image in layer_map.images:  # newest first
-                if image.lsn <= at and image.key_range.overlaps(key_range):
-                    images.append(image)
-                    if ranges_cover(key_range, (i.key_range for i in images)):
-                        break
-            covered = bool(images) and ranges_cover(key_range, (i.key_range for i in images))
+            layer_map, frozen, head = timeline._range_view(key_range, at)
+            images, covered = layer_map.images_over(key_range, at)
             if images and not covered:
                 return None
             floor = images[-1].lsn if covered else -1  # the oldest image needed
-            sources: list[Iterable[tuple[Key, int, int]]] = [head]
-            sources.extend(s.newest_versions(key_range, at) for s in frozen if s.lsn_start <= at)
-            sources.extend(
-                d.newest_versions(key_range, at)
-                for d in layer_map.deltas_overlapping(key_range, floor, at)
-            )
+            sources = layer_map.newest_versions_above(key_range, at, floor, frozen, head)
             for source in sources:
                 slow.update(key for key, version_lsn, _tag in source if version_lsn > floor)
             if covered or timeline.ancestor is None:

@@ -146,6 +146,36 @@ class LayerMap:
         versions.append((image.lsn, Image(data)))
         return versions, ChainEnd.ENDED
 
+    def images_over(self, key_range: KeyRange, lsn: int) -> tuple[list[ImageLayer], bool]:
+        """The newest image layers at or below lsn overlapping key_range, newest first, until
+        they cover it (older ones are shadowed for every key); and whether they do."""
+        images: list[ImageLayer] = []
+        for image in self.images:  # newest first
+            if image.lsn <= lsn and image.key_range.overlaps(key_range):
+                images.append(image)
+                if ranges_cover(key_range, (i.key_range for i in images)):
+                    return images, True
+        return images, False
+
+    def newest_versions_above(
+        self,
+        key_range: KeyRange,
+        lsn: int,
+        floor: int,
+        frozen: Sequence[VersionSource],
+        head: Iterable[tuple[Key, int, int]],
+    ) -> list[Iterable[tuple[Key, int, int]]]:
+        """(key, LSN, tag) of each source's newest version <= lsn of the keys of key_range:
+        the open layer's (`head`), the frozen layers', and the delta layers' that may hold
+        versions above `floor`."""
+        sources: list[Iterable[tuple[Key, int, int]]] = [head]
+        sources.extend(s.newest_versions(key_range, lsn) for s in frozen if s.lsn_start <= lsn)
+        sources.extend(
+            d.newest_versions(key_range, lsn)
+            for d in self.deltas_overlapping(key_range, floor, lsn)
+        )
+        return sources
+
     def scan_keys(
         self,
         key_range: KeyRange,
@@ -161,25 +191,10 @@ class LayerMap:
         """
         # Only the newest image layers until they cover the range matter, and only versions
         # above the oldest of those: older layers are shadowed for every key of the range.
-        images: list[ImageLayer] = []
-        for image in self.images:  # newest first
-            if image.lsn <= lsn and image.key_range.overlaps(key_range):
-                images.append(image)
-                if ranges_cover(key_range, (i.key_range for i in images)):
-                    break
-        floor = (
-            images[-1].lsn
-            if images and ranges_cover(key_range, (i.key_range for i in images))
-            else -1
-        )
+        images, all_covered = self.images_over(key_range, lsn)
+        floor = images[-1].lsn if all_covered else -1
         newest: dict[Key, tuple[int, int]] = {}
-        sources: list[Iterable[tuple[Key, int, int]]] = [head]
-        sources.extend(s.newest_versions(key_range, lsn) for s in frozen if s.lsn_start <= lsn)
-        sources.extend(
-            d.newest_versions(key_range, lsn)
-            for d in self.deltas_overlapping(key_range, floor, lsn)
-        )
-        for source in sources:
+        for source in self.newest_versions_above(key_range, lsn, floor, frozen, head):
             for key, version_lsn, tag in source:
                 seen = newest.get(key)
                 if seen is None or version_lsn > seen[0]:
