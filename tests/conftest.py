@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.neoncli import NeonCli
-from tests.pgtest import PgTestCluster, cluster_fixture, pg_reachable_tmpdir
+from tests.neoncli import NeonCli, neon_home
+from tests.pgtest import PgTestCluster, cluster_fixture
 
 
 @pytest.fixture
@@ -25,15 +24,5 @@ def pg_cluster_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgTe
 
 @pytest.fixture
 def neon() -> Iterator[NeonCli]:
-    """The real `neon` CLI on a private NEON_HOME; nodes and daemon are stopped afterwards.
-
-    The home is not under tmp_path: pytest keeps its directories 0700 (and a concurrent
-    session resets them), while PostgreSQL's OS user must enter the home's parents.
-    """
-    base = pg_reachable_tmpdir("neon-home-")
-    cli = NeonCli(base / "home", {})
-    try:
-        yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    """The real `neon` CLI on a private NEON_HOME (tests.neoncli.neon_home)."""
+    yield from neon_home()

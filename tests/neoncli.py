@@ -6,16 +6,19 @@ import contextlib
 import json
 import os
 import pty
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cli.pgbin import pg_binary
+from tests.pgtest import pg_reachable_tmpdir
 
 NEON = str(Path(sys.executable).with_name("neon"))
 
@@ -123,3 +126,19 @@ def run_on_tty(neon: NeonCli, *args: str) -> tuple[int, str]:
             shown += chunk
     os.close(master)
     return proc.wait(timeout=120), shown.decode(errors="replace")
+
+
+def neon_home() -> Iterator[NeonCli]:
+    """The real `neon` CLI on a private NEON_HOME (a fixture body); nodes and daemon are
+    stopped and the home removed afterwards.
+
+    The home is not under tmp_path: pytest keeps its directories 0700 (and a concurrent
+    session resets them), while PostgreSQL's OS user must enter the home's parents.
+    """
+    base = pg_reachable_tmpdir("neon-home-")
+    cli = NeonCli(base / "home", {})
+    try:
+        yield cli
+    finally:
+        cli.cleanup()
+        shutil.rmtree(base, ignore_errors=True)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from cli.pgbin import give_to_pg_user, pg_binary
 from snapfile import read_manifest
-from tests.neoncli import NEON, NeonCli, psql, run_on_tty
+from tests.neoncli import NEON, NeonCli, neon_home, psql, run_on_tty
 from tests.pgtest import (
     PASSWORD,
     SUPERUSER,
@@ -82,13 +82,7 @@ def source(pg_cluster_module: PgTestCluster) -> PgTestServer:
 @pytest.fixture(scope="module")
 def home() -> Iterator[NeonCli]:
     """One neon home for the module (its pageserver started once)."""
-    base = pg_reachable_tmpdir("neon-home-")
-    cli = NeonCli(base / "home", {})
-    try:
-        yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from neon_home()
 
 
 def dump(server: PgTestServer, dbname: str) -> str:

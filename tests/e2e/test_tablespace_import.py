@@ -20,7 +20,7 @@ import pytest
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from pg15.datadir_layout import parse_relation_file_name
 from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all
-from tests.neoncli import NeonCli, free_port, psql
+from tests.neoncli import NeonCli, free_port, neon_home, psql
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer, pg_reachable_tmpdir
 
 pytestmark = pytest.mark.slow
@@ -88,13 +88,7 @@ def in_place_source(pg_cluster_module: PgTestCluster, locations: Path) -> PgTest
 
 @pytest.fixture(scope="module")
 def home() -> Iterator[NeonCli]:
-    base = pg_reachable_tmpdir("neon-home-")
-    cli = NeonCli(base / "home", {})
-    try:
-        yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from neon_home()
 
 
 def source_conn(server: PgTestServer) -> str:
