@@ -88,7 +88,7 @@ def extract_basebackup(
             # the default 10 KiB makes a large archive cost many small reads and copies.
             with tarfile.open(fileobj=stream, mode="r|*", bufsize=_READ_SIZE) as tar:
                 for member in tar:
-                    oid = tablespace_link_oid(member) if tablespace_links is not None else None
+                    oid = tablespace_link_oid(member)
                     if tablespace_links is not None and oid is not None:
                         tablespace_links[oid] = member.linkname
                         continue

@@ -32,6 +32,13 @@ from pg15.rmgr.xlog import CheckPoint
 from proto.errors import CorruptData, NotFound
 
 
+def pages_one_by_one(
+    source: SnapshotSource, spc: int, db: int, rel: int, fork: int, first: int, count: int
+) -> Iterator[bytes]:
+    """`rel_pages` through `get_page`, block by block: for a source with no bulk read."""
+    return (source.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
+
+
 class SnapshotSource(Protocol):
     """What a basebackup reads: the whole non-WAL state of a cluster at one LSN."""
 
@@ -130,7 +137,7 @@ class TimelineSource:
             self._plans[spc, db] = self.timeline.plan_range_read(database_range(spc, db), self.lsn)
         plan = self._plans[spc, db]
         if plan is None:
-            return (self.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
+            return pages_one_by_one(self, spc, db, rel, fork, first, count)
         return range_reads.rel_pages(
             self.timeline, plan, spc, db, rel, fork, first, count, self.lsn
         )
@@ -256,7 +263,7 @@ class DatadirSource:
     def rel_pages(
         self, spc: int, db: int, rel: int, fork: int, first: int, count: int
     ) -> Iterator[bytes]:
-        return (self.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
+        return pages_one_by_one(self, spc, db, rel, fork, first, count)
 
     def _read_block(self, path: Path, blkno: int) -> bytes:
         if self._open is None or self._open[0] != path:

@@ -1,13 +1,13 @@
 """Import a cleanly shut-down PostgreSQL 15 data directory as the base of a timeline.
 
-Everything is written as image layers at one LSN (streamed in key order by `_Writer`, so an
-import of any size holds about one layer in memory): the **end of the shutdown checkpoint
-record** that pg_control points at (for a record that does not cross a page, checkpoint LSN
-+ 120: 114 bytes MAXALIGNed; computed exactly across page headers, and checked against the WAL
-segment when it is present). That is the LSN a read must use to see exactly this directory, and the
-EndRecPtr a WAL reader reports for the checkpoint record; ingest continues with the records
-after it (`WalIngest.ingest_record` skips records whose end LSN is not above it, so the
-caller may feed WAL from the segment start). prev_record_lsn is the checkpoint record's LSN.
+Everything is written as image layers at one LSN (streamed in key order by `ImageRunWriter`, so
+an import of any size holds about one layer in memory): the **end of the shutdown checkpoint
+record** that pg_control points at (for a record that does not cross a page, checkpoint LSN +
+120: 114 bytes MAXALIGNed; computed exactly across page headers, and checked against the WAL
+segment when it is present). That is the LSN a read must use to see exactly this directory, and
+the EndRecPtr a WAL reader reports for the checkpoint record; ingest continues with the records
+after it (`WalIngest.ingest_record` skips records whose end LSN is not above it, so the caller
+may feed WAL from the segment start). prev_record_lsn is the checkpoint record's LSN.
 
 What is imported (value formats: `pageserver.reconstruct.value_format`):
 
@@ -47,7 +47,6 @@ from pageserver.storage.keys import (
     NODE_METADATA_KEY,
     TABLESPACE_MAP_KEY,
     TWOPHASE_DIR_KEY,
-    Key,
     SlruKind,
     rel_block_key,
     rel_dir_key,
@@ -185,26 +184,12 @@ def _pages(path: Path) -> Iterator[tuple[int, bytes]]:
             blkno += 1
 
 
-class _Writer:
-    """Streams the import, in ascending key order, into image layers at the import LSN
-    (`ImageRunWriter`): memory stays about one layer's index whatever the directory's size.
-    Every function below therefore puts its keys in key order (see pageserver/storage/keys.py:
-    a database's relmap, then its relation directory, then each relation fork's pages and
-    size; an SLRU's directory, then each segment's pages and size; and so on)."""
-
-    def __init__(self, timeline: Timeline, lsn: int) -> None:
-        self.run = ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache)
-
-    def put(self, key: Key, data: bytes) -> None:
-        self.run.add(key, data)
-
-
-def _import_database(writer: _Writer, directory: Path, spc: int, db: int) -> None:
+def _import_database(writer: ImageRunWriter, directory: Path, spc: int, db: int) -> None:
     rels = _relation_files(directory)
     relmap = directory / "pg_filenode.map"
     if relmap.exists():
-        writer.put(relmap_file_key(spc, db), relmap.read_bytes())
-    writer.put(rel_dir_key(spc, db), encode_pairs(rels))
+        writer.add(relmap_file_key(spc, db), relmap.read_bytes())
+    writer.add(rel_dir_key(spc, db), encode_pairs(rels))
     for (rel, fork), segments in sorted(rels.items()):
         segments.sort()
         nblocks = 0
@@ -215,26 +200,26 @@ def _import_database(writer: _Writer, directory: Path, spc: int, db: int) -> Non
             if segno * RELSEG_SIZE != nblocks:
                 raise CorruptData(f"{path}: an earlier segment of this relation is incomplete")
             for blkno, page in _pages(path):
-                writer.put(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
+                writer.add(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
             nblocks = segno * RELSEG_SIZE + size // BLCKSZ
-        writer.put(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
+        writer.add(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
 
 
-def _import_slru(writer: _Writer, datadir: Path, kind: SlruKind) -> None:
+def _import_slru(writer: ImageRunWriter, datadir: Path, kind: SlruKind) -> None:
     directory = datadir / kind.directory
     segments: dict[int, Path] = {}
     if directory.is_dir():
         for path in directory.iterdir():
             if SLRU_SEGMENT_FILE.match(path.name) and path.is_file():
                 segments[int(path.name, 16)] = path
-    writer.put(slru_dir_key(kind), encode_ints(segments))
+    writer.add(slru_dir_key(kind), encode_ints(segments))
     for segno, path in sorted(segments.items()):
         size = path.stat().st_size
         if size % BLCKSZ or size // BLCKSZ > SLRU_PAGES_PER_SEGMENT:
             raise CorruptData(f"{path} has {size} bytes: not an SLRU segment")
         for blkno, page in _pages(path):
-            writer.put(slru_block_key(kind, segno, blkno), page)
-        writer.put(slru_segment_size_key(kind, segno), encode_u32(size // BLCKSZ))
+            writer.add(slru_block_key(kind, segno, blkno), page)
+        writer.add(slru_segment_size_key(kind, segno), encode_u32(size // BLCKSZ))
 
 
 def _databases(datadir: Path) -> list[tuple[int, int, Path]]:
@@ -262,21 +247,25 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
         )
     control = read_control_file(datadir)
     lsn = _validate(datadir, control)
-    writer = _Writer(timeline, lsn)
+    # Every function below adds its keys in ascending key order (pageserver/storage/keys.py:
+    # a database's relmap, then its relation directory, then each relation fork's pages and
+    # size; an SLRU's directory, then each segment's pages and size; and so on), so the run
+    # writer holds about one layer's index whatever the directory's size.
+    writer = ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache)
     try:
         _import_all(writer, datadir, control, lsn)
-        layers = writer.run.finish()
+        layers = writer.finish()
     except BaseException:
-        writer.run.abort()
+        writer.abort()
         raise
     timeline.replace_layers(add=layers, remove=[])
     timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn)
     return lsn
 
 
-def _import_all(writer: _Writer, datadir: Path, control: ControlFile, lsn: int) -> None:
+def _import_all(writer: ImageRunWriter, datadir: Path, control: ControlFile, lsn: int) -> None:
     databases = sorted(_databases(datadir), key=lambda d: (d[0], d[1]))
-    writer.put(DB_DIR_KEY, encode_pairs([(spc, db) for spc, db, _path in databases]))
+    writer.add(DB_DIR_KEY, encode_pairs([(spc, db) for spc, db, _path in databases]))
     for spc, db, path in databases:
         _import_database(writer, path, spc, db)
 
@@ -289,13 +278,13 @@ def _import_all(writer: _Writer, datadir: Path, control: ControlFile, lsn: int) 
         for path in twophase.iterdir():
             if TWOPHASE_FILE.match(path.name) and path.is_file():
                 files[int(path.name, 16)] = path
-    writer.put(TWOPHASE_DIR_KEY, encode_ints(files))
+    writer.add(TWOPHASE_DIR_KEY, encode_ints(files))
     for xid, path in sorted(files.items()):
-        writer.put(twophase_file_key(xid), path.read_bytes())
+        writer.add(twophase_file_key(xid), path.read_bytes())
 
-    writer.put(CONTROLFILE_KEY, control.raw)
-    writer.put(CHECKPOINT_KEY, control.checkpoint.pack())
-    writer.put(
+    writer.add(CONTROLFILE_KEY, control.raw)
+    writer.add(CHECKPOINT_KEY, control.checkpoint.pack())
+    writer.add(
         NODE_METADATA_KEY,
         encode_metadata(
             {
@@ -309,4 +298,4 @@ def _import_all(writer: _Writer, datadir: Path, control: ControlFile, lsn: int) 
             }
         ),
     )
-    writer.put(TABLESPACE_MAP_KEY, encode_tablespaces(tablespace_locations(datadir)))
+    writer.add(TABLESPACE_MAP_KEY, encode_tablespaces(tablespace_locations(datadir)))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from cli.pgbin import give_to_pg_user, make_pg_dir
-from pg15.datadir_layout import parse_relation_file_name
 from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all
+from tests.e2e.test_tablespaces import files_under
 from tests.neoncli import NeonCli, free_port, neon_home, psql
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer, pg_reachable_tmpdir
 
@@ -39,16 +39,6 @@ CREATE DATABASE far_db TABLESPACE ts_far;
 CREATE DATABASE here_db STRATEGY file_copy TABLESPACE ts_here;
 VACUUM ANALYZE;  -- so autovacuum adds no _fsm/_vm file to the location while a test looks
 """
-
-
-def files_under(path: Path) -> dict[str, int]:
-    """The relation files under a location and their sizes (pg_internal.init comes and goes
-    with connections, so it is not compared)."""
-    return {
-        str(p.relative_to(path)): p.stat().st_size
-        for p in path.rglob("*")
-        if p.is_file() and parse_relation_file_name(p.name) is not None
-    }
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 from cli.pgbin import pg_binary
 from cli.untar import UnsafeArchive, extract_basebackup
 from pageserver.basebackup import tar_stream as bb
+from pageserver.basebackup.sources import pages_one_by_one
 from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
 from pageserver.basebackup.wal_synthesis import (
     checkpoint_record,
@@ -208,7 +209,7 @@ class FakeSource:
     def rel_pages(
         self, spc: int, db: int, rel: int, fork: int, first: int, count: int
     ) -> Iterator[bytes]:
-        return (self.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
+        return pages_one_by_one(self, spc, db, rel, fork, first, count)
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:
         return sorted(s for k, s in self.slru if k == kind)
