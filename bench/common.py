@@ -238,6 +238,12 @@ def machine_info() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "loadavg_1m": round(load1, 2), "loadavg_5m": round(load5, 2)}
 
 
+def print_machine(results: Mapping[str, Any]) -> None:
+    """The machine_info() taken before and after a run (results' machine_before/_after)."""
+    before, after = results["machine_before"], results["machine_after"]
+    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+
+
 def json_line(bench: str, results: Mapping[str, Any]) -> None:
     """The machine-readable result: one line, `{"bench": ..., ...}`, printed last."""
     print(json.dumps({"bench": bench, **results}, sort_keys=False), flush=True)

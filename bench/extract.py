@@ -55,6 +55,7 @@ from bench.common import (
     mib_per_s,
     pgbench_init,
     pgbench_rounds,
+    print_machine,
     print_table,
     run_benchmark,
     say,
@@ -487,8 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if big is not None:
         rows.append([f"{mib(big['db_bytes']):.0f} MiB", *_snap_row(big["snapshot"])])
     print_table(["database", "n", "median ms", "max ms", "WAL waited (median bytes)"], rows)
-    before, after = results["machine_before"], results["machine_after"]
-    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    print_machine(results)
     return results
 
 

@@ -56,6 +56,7 @@ from bench.common import (
     mib_per_s,
     password_env,
     pgbench_init,
+    print_machine,
     print_table,
     process_cpu,
     run_benchmark,
@@ -503,8 +504,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"export {results['export_ours']['daemon_cpu_s']}; CLI start-up (neon --help) "
         f"{cli_start.wall:.2f} s, {cli_start.maxrss_kib[0] / 1024:.0f} MiB"
     )
-    before, after = results["machine_before"], results["machine_after"]
-    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    print_machine(results)
     return results
 
 

@@ -49,6 +49,7 @@ from bench.common import (
     mib,
     mib_per_s,
     percentile,
+    print_machine,
     print_table,
     restart_lsn,
     run_benchmark,
@@ -358,8 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"({mib(import_bytes):.1f} MiB from the import): "
         f"{grown / ours.wal_bytes:.3f} bytes per WAL byte"
     )
-    before, after = results["machine_before"], results["machine_after"]
-    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    print_machine(results)
     return results
 
 

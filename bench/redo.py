@@ -49,6 +49,7 @@ from bench.common import (
     pgbench_init,
     pgbench_rounds,
     pgbench_scale,
+    print_machine,
     print_table,
     run_benchmark,
     say,
@@ -460,8 +461,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if ours.unsupported or ours.errors:
         print(f"not redone: unsupported {dict(ours.unsupported)}, errors {ours.errors[:3]}")
-    before, after = results["machine_before"], results["machine_after"]
-    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    print_machine(results)
     return results
 
 

@@ -55,6 +55,7 @@ from bench.common import (
     mib_per_s,
     percentile,
     pgbench_args,
+    print_machine,
     print_table,
     process_cpu,
     restart_lsn,
@@ -401,8 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"ingested lag during pgbench, in seconds of WAL: p50 {lag['p50']:.2f}, "
             f"p99 {lag['p99']:.2f}, max {lag['max']:.2f} ({lag['samples']} samples)"
         )
-    before, after = results["machine_before"], results["machine_after"]
-    print(f"machine: {before} -> {after} (a shared box: numbers are indicative)")
+    print_machine(results)
     return results
 
 
