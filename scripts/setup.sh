@@ -30,6 +30,30 @@ if [ -n "$SNAP_TOOLS" ]; then
     $SUDO apt-get install -y -q $SNAP_TOOLS
 fi
 
+# `neon snapshot push/pull ssh://` runs the system ssh client; its tests start a real sshd on
+# 127.0.0.1 with throwaway keys. The package's own service is neither started nor enabled:
+# installing test tools must not open port 22.
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 \
+    || ! command -v ssh-keygen >/dev/null 2>&1; then
+    echo "setup: ssh or sshd missing; installing openssh-client and openssh-server with apt-get"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    POLICY=/usr/sbin/policy-rc.d
+    OWN_POLICY=""
+    if [ ! -e "$POLICY" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
+        $SUDO chmod 755 "$POLICY"
+        OWN_POLICY=1
+    fi
+    SSH_OK=1
+    { $SUDO apt-get update -q && $SUDO apt-get install -y -q openssh-client openssh-server; } \
+        || SSH_OK=""
+    [ -z "$OWN_POLICY" ] || $SUDO rm -f "$POLICY"
+    [ -n "$SSH_OK" ] || { echo "setup: installing openssh failed" >&2; exit 1; }
+    if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable ssh >/dev/null 2>&1 || true; fi
+fi
+
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
