@@ -36,7 +36,7 @@ from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.pageserver_control import local_api
 from cli.registry import NodeRow
-from cli.tablespace_restore import restore_own_locations
+from cli.tablespace_restore import remove_left_locations, restore_own_locations
 from durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver.history.snapshots import head_tag, split_snapshot_name
 from pageserver_api.models import (
@@ -87,12 +87,13 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     if head not in {s.name for s in api.snapshot_list()}:
         api.snapshot_create(SnapshotCreateRequest(node.id, head))
     _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id})
-    _roll_forward(app, node)
+    for left in _roll_forward(app, node):
+        echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
 
 
-def _roll_forward(app: App, node: NodeRow) -> None:
+def _roll_forward(app: App, node: NodeRow) -> list[Path]:
     journal = _journal(node).read_text()
     if _marker(node.datadir) != journal:  # else the swap happened: only the cleanup is left
         entry = json.loads(journal)
@@ -110,7 +111,7 @@ def _roll_forward(app: App, node: NodeRow) -> None:
             nodes.finish_datadir(app, build)
             _seal(new, journal)
         _swap(node)
-    _finish(node)
+    return _finish(node)
 
 
 def _marker(datadir: Path) -> str | None:
@@ -140,12 +141,15 @@ def _swap(node: NodeRow) -> None:
         fsync_dir(live.parent)
 
 
-def _finish(node: NodeRow) -> None:
-    """After a durable swap: drop the old directory, then the journal, then the marker."""
+def _finish(node: NodeRow) -> list[Path]:
+    """After a durable swap: the files of tablespaces the node left (cli/tablespace_restore.py),
+    the old directory, then the journal, then the marker; the tablespace files removed."""
+    left = remove_left_locations(_old_dir(node), node.datadir) if _old_dir(node).is_dir() else []
     shutil.rmtree(_old_dir(node), ignore_errors=True)
     _journal(node).unlink(missing_ok=True)
     fsync_dir(node.datadir.parent)
     (node.datadir / COMPLETE_MARKER).unlink(missing_ok=True)
+    return left
 
 
 def finish_pending(app: App, node: NodeRow) -> bool:

@@ -13,7 +13,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,11 @@ from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
+from cli.tablespace_mapping import (
+    check_mapped,
+    place_mapped_tablespaces,
+    remove_mapped_tablespaces,
+)
 from pageserver.follow.followed_nodes import slot_name
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import (
@@ -172,6 +177,7 @@ def create_node(
     port: int | None = None,
     start: bool = True,
     snapshot: str | None = None,
+    tablespace_mapping: Mapping[str, str] | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> NodeStatus:
     cleanup_abandoned(app)
@@ -228,7 +234,7 @@ def create_node(
         try:
             if snapshot is not None:
                 progress(f"Creating {pgdata} from snapshot {snapshot}")
-                _initialize_from_snapshot(app, node, snapshot)
+                _initialize_from_snapshot(app, node, snapshot, tablespace_mapping or {})
             else:
                 progress(f"Initializing {pgdata} in storage {storage}")
                 _initialize(app, node)
@@ -246,6 +252,9 @@ def create_node(
             else:
                 pause_following(app, node)
         except BaseException:
+            with contextlib.suppress(Exception):  # the node's files at a NEW go with it
+                postmaster.stop(node.datadir, "immediate", timeout=30)
+                remove_mapped_tablespaces(node.datadir, (tablespace_mapping or {}).values())
             _remove_node_files(app, node)
             with app.registry.transaction() as cur:
                 cur.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
@@ -325,11 +334,16 @@ def finish_datadir(app: App, node: NodeRow) -> None:
     _single_user(node, sql, f"preparing {node.datadir}")
 
 
-def _initialize_from_snapshot(app: App, node: NodeRow, snapshot: str) -> None:
+def _initialize_from_snapshot(
+    app: App, node: NodeRow, snapshot: str, tablespace_mapping: Mapping[str, str]
+) -> None:
     _new_secrets(app, node)
     register_with_pageserver(app, node)
     local_api(app).node_branch(NodeBranchRequest(node.id, snapshot, pg_timeline=1))
-    download_basebackup(app, node.datadir, node_id=node.id)
+    rebuilt = download_basebackup(app, node.datadir, node_id=node.id)
+    locations = {ts.oid: ts.location for ts in rebuilt.tablespaces}
+    check_mapped(tablespace_mapping, locations.values(), f"snapshot {snapshot}")
+    place_mapped_tablespaces(node.datadir, locations, tablespace_mapping)
     pgdata, sep, _tag = snapshot.partition("@")
     source = app.registry.find_node(pgdata) if sep else None  # imported: no node's config
     if source is not None and source.datadir.is_dir():

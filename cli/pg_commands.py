@@ -19,6 +19,7 @@ from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.snapshot_commands import import_snapshot
 from cli.storages import DEFAULT_STORAGE
+from cli.tablespace_mapping import parse_mappings
 from pageserver.history.snapshots import split_snapshot_name
 from pageserver_api.models import SnapshotDestroyRequest
 from proto.errors import InvalidArgument
@@ -52,6 +53,17 @@ def pg_group() -> None:
     ),
 )
 @click.option("--cow", is_flag=True, help="Share unchanged files with the snapshot's files.")
+@click.option(
+    "--tablespace-mapping",
+    "tablespace_mapping",
+    multiple=True,
+    metavar="OLD=NEW",
+    help=(
+        "With --snapshot: put the tablespace recorded at OLD in the new directory NEW (both "
+        "absolute; '\\=' for an '=' in a path; repeatable) instead of inside the data "
+        "directory."
+    ),
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
 @click.argument("pgdata", required=False, metavar="[PGDATA]")
 @click.pass_context
@@ -63,6 +75,7 @@ def pg_create(
     port: int | None,
     snapshot: str | None,
     cow: bool,
+    tablespace_mapping: tuple[str, ...],
     as_json: bool,
     pgdata: str | None,
 ) -> None:
@@ -72,6 +85,9 @@ def pg_create(
     app = get_app(ctx)
     if cow and snapshot is None:
         raise InvalidArgument("--cow needs --snapshot")
+    if tablespace_mapping and snapshot is None:
+        raise InvalidArgument("--tablespace-mapping needs --snapshot")
+    mappings = parse_mappings(tablespace_mapping)
     if pgdata is not None and name is not None and pgdata != name:
         raise InvalidArgument(f"two names given ({pgdata!r} and -n {name!r}); give one")
     name = name if name is not None else pgdata
@@ -94,6 +110,7 @@ def pg_create(
             port=port,
             start=not no_start,
             snapshot=app.registry.snapshot_name(snapshot) if snapshot is not None else None,
+            tablespace_mapping=mappings,
             progress=progress_printer(),
         )
         if cow:

@@ -4,17 +4,25 @@ A rebuilt data directory has every tablespace in place (pageserver/basebackup/ta
 says why: its location may belong to another server). A checkout rebuilds the directory of
 the *same* node, whose tablespace at an absolute location L is its own: a PostgreSQL user
 expects it to stay at L (pg_tablespace_location, disk layout, the space L was put on for).
-So, for each tablespace of the rebuilt directory whose location in the page history is L and
-that the node's current directory has as the symlink pg_tblspc/OID -> L, the rebuilt
-PG_15_202209061 directory replaces L's and pg_tblspc/OID becomes that symlink again.
+So, for each tablespace of the rebuilt directory that the node's current directory has as
+the symlink pg_tblspc/OID -> L, the rebuilt PG_15_202209061 directory replaces L's and
+pg_tblspc/OID becomes that symlink again. L is usually the location in the page history; a
+node made with `pg create --snapshot --tablespace-mapping OLD=NEW` has it at NEW, its own
+(cli/tablespace_mapping.py), while the history keeps OLD.
 
 Why overwriting L is safe: the checkout first names the node's current state PG@HEAD{i} in
 the page history (after its shutdown checkpoint is ingested), so L's files are kept there;
 and once the checkout branched, recovery only rolls forward (cli/checkout.py), redoing the
 rebuild, and this step with it, until the swap: the old directory, still pointing at L, is
 never started again. Anything else stays in place: a tablespace the node does not have at
-that location now (created after the snapshot and dropped since, or the node already has it
-in place), so no other location is ever written.
+an absolute location now (created after the snapshot and dropped since, or the node already
+has it in place), so no other location is ever written.
+
+The other way round, a tablespace the node has at L that the snapshot does not have (created
+after it): once the swap is durable its files at L/PG_15_202209061 belong to no directory
+the node will ever run on, so they are removed, as DROP TABLESPACE would (L itself stays,
+the user's directory); the page history keeps them in PG@HEAD{i}, and a checkout back to
+that has the tablespace in place (the node no longer links to L). The checkout says so.
 """
 
 from __future__ import annotations
@@ -42,10 +50,11 @@ def restore_own_locations(
     (see the module docstring); the OIDs moved."""
     moved = []
     for ts in tablespaces:
-        if not ts.location or own_location(current, ts.oid) != ts.location:
+        own = own_location(current, ts.oid)
+        if own is None:
             continue
         in_place = rebuilt / "pg_tblspc" / str(ts.oid)
-        location = Path(ts.location)
+        location = Path(own)
         if not location.is_absolute() or not location.is_dir():
             continue  # not a location PostgreSQL made (or it is gone): stays in place
         target = location / TABLESPACE_VERSION_DIRECTORY
@@ -55,6 +64,27 @@ def restore_own_locations(
         fsync_tree(target)
         fsync_dir(location)
         in_place.rmdir()
-        os.symlink(ts.location, in_place)
+        os.symlink(own, in_place)
         moved.append(ts.oid)
     return moved
+
+
+def remove_left_locations(old: Path, live: Path) -> list[Path]:
+    """After the swap: remove the files of each absolute tablespace the old directory links
+    to and the new one does not (see the module docstring); the directories removed."""
+    removed: list[Path] = []
+    tblspc = old / "pg_tblspc"
+    if not tblspc.is_dir():
+        return removed
+    for entry in sorted(tblspc.iterdir()):
+        if not entry.name.isdigit() or not entry.is_symlink():
+            continue
+        location = own_location(old, int(entry.name))
+        if location is None or own_location(live, int(entry.name)) == location:
+            continue
+        target = Path(location) / TABLESPACE_VERSION_DIRECTORY
+        if target.is_dir():
+            shutil.rmtree(target)
+            fsync_dir(Path(location))
+            removed.append(target)
+    return removed

@@ -97,6 +97,8 @@ def in_place(conn: str) -> None:
 def test_snapshot_start_create_and_checkout_with_tablespaces(neon: NeonCli, far: Path) -> None:
     neon.run("pg", "create", "--port", str(free_port()))
     conn = connstr(neon, "pgdata1")
+    neon.run("snapshot", "create", "pgdata1@bare")
+    bare = dump_all(conn)
     populate(conn, far)
     assert tablespace_locations(conn)["ts_far"] == str(far)
     want = dump_all(conn)
@@ -127,6 +129,9 @@ def test_snapshot_start_create_and_checkout_with_tablespaces(neon: NeonCli, far:
         neon.run("pg", "destroy", "--yes", copy)
     assert files_under(far) == far_files  # the copy never wrote to the node's location
 
+    check_tablespace_mapping(neon, far, want)
+    assert files_under(far) == far_files
+
     neon.run("pg", "checkout", "pgdata1@ts")
     assert_same_dumps(dump_all(conn), want, "pg checkout")
     # The node's own absolute tablespace is back at its location; the in-place one in place.
@@ -143,6 +148,56 @@ def test_snapshot_start_create_and_checkout_with_tablespaces(neon: NeonCli, far:
         assert_same_dumps(dump_all(ro), want_after, "snapshot after checkout")
     finally:
         neon.run("snapshot", "stop", "pgdata1@after")
+
+    # Back to before the tablespaces existed: the node's files at `far` are not left behind
+    # unnoticed (the history keeps them in pgdata1@HEAD{1}).
+    out = neon.run("pg", "checkout", "pgdata1@bare").stdout
+    version_dir = far / "PG_15_202209061"
+    assert f"Removed {version_dir}: its tablespace is not in pgdata1@bare" in out, out
+    assert not version_dir.exists() and far.is_dir()
+    assert_same_dumps(dump_all(conn), bare, "pg checkout before the tablespaces")
+    # The location is free again for a new tablespace.
+    psql(conn, f"CREATE TABLESPACE ts_again LOCATION '{far}'")
+
+
+def check_tablespace_mapping(neon: NeonCli, far: Path, want: dict[str, str]) -> None:
+    """pg create --snapshot --tablespace-mapping: bad mappings and a location in use are one
+    clear line that creates nothing; a good one puts the tablespace at NEW, also after a
+    checkout of the new node."""
+    nodes_before = [n["id"] for n in neon.json("pg", "list")]
+    new = far.parent / "mapped" / "ts_far"
+    port = str(free_port())
+    create = ("pg", "create", "--snapshot", "pgdata1@ts", "-n", "mapped", "--port", port)
+    for mapping, says in [
+        ("far=/x", "'far' is not an absolute path"),
+        (f"{far}", "no OLD=NEW"),
+        (f"{far}={new}=x", "multiple '=' signs"),
+        (f"/not/a/tablespace={new}", "/not/a/tablespace is not a tablespace location of"),
+        # The running node's own location: never written by another node.
+        (f"{far}={far}", f"tablespace location {far} exists and is not empty"),
+    ]:
+        err = neon.fail(*create, "--tablespace-mapping", mapping)
+        assert says in err and "--tablespace-mapping" in err, (mapping, err)
+    assert [n["id"] for n in neon.json("pg", "list")] == nodes_before
+    assert not new.parent.exists()
+
+    mapped = neon.json(*create, "--tablespace-mapping", f"{far}={new}")["pgdata"]
+    try:
+        conn = connstr(neon, mapped)
+        assert_same_dumps(dump_all(conn), want, "pg create --snapshot --tablespace-mapping")
+        locations = tablespace_locations(conn)
+        assert locations["ts_far"] == str(new) and locations["ts_here"].startswith("pg_tblspc/")
+        assert files_under(new) and files_under(new).keys() <= files_under(far).keys()
+        path = psql(conn, "SELECT pg_relation_filepath('far')")  # pg_tblspc/OID/PG_15_.../...
+        assert (new / path.split("/", 2)[2]).is_file(), path
+        neon.run("snapshot", "create", f"{mapped}@m")
+        psql(conn, "CREATE TABLE gone (x int) TABLESPACE ts_far")
+        neon.run("pg", "checkout", f"{mapped}@m")
+        assert tablespace_locations(conn)["ts_far"] == str(new)  # its own location, kept
+        assert psql(conn, "SELECT to_regclass('gone') IS NULL") == "t"
+        assert_same_dumps(dump_all(conn), want, "checkout of the mapped node")
+    finally:
+        neon.run("pg", "destroy", "--yes", mapped)
 
 
 def extract_and_dump(neon: NeonCli, lsn: str, tag: str) -> tuple[dict[str, str], list[str]]:
