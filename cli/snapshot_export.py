@@ -47,9 +47,7 @@ from pageserver_api.models import (
     SnapshotInfo,
     SnapshotShowRequest,
 )
-from pg15.constants import PG_MAJOR_VERSION
 from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from snapfile import Manifest, SnapshotFileWriter
 
 FORMATS = ("neon", "tar", "pg_dump", "csv")
 _COPY_CHUNK = 1 << 20
@@ -168,20 +166,21 @@ def _output_dir(target: _Target) -> Iterator[Path]:
 
 def _stream_basebackup(
     app: App, name: str, mtime: int, plan: BasebackupPlan, out: IO[bytes], meter: _Meter,
-    writer: SnapshotFileWriter | None,
+    snapshot_file: bool,
 ) -> None:  # fmt: skip
-    """Copy the snapshot's basebackup tar to `out`, through `writer` when given.
+    """Copy the snapshot's basebackup tar, or its `.neon` file (made by the daemon, which
+    compresses on its threads), to `out`.
 
-    Compression, hashing and writing run in a thread beside the download (zstd and SHA-256
-    release the GIL), in order, at most _IN_FLIGHT chunks behind it: one after the other, a
-    core would wait for the other's work."""
-    request = BasebackupRequest(snapshot=name, mtime=mtime)
+    Writing runs in a thread beside the download, in order, at most _IN_FLIGHT chunks behind
+    it: one after the other, a core would wait for the other's work."""
+    created_at = int(datetime.now(UTC).timestamp()) if snapshot_file else None
+    request = BasebackupRequest(
+        snapshot=name, mtime=mtime, snapshot_file=snapshot_file, created_at=created_at
+    )
 
-    def sink(chunk: bytes | memoryview) -> None:
-        data = writer.write(chunk) if writer is not None else chunk
-        if data:
-            out.write(data)
-            meter.add(len(data))
+    def sink(chunk: bytes) -> None:
+        out.write(chunk)
+        meter.add(len(chunk))
 
     async def fetch(client: PageserverClient) -> None:
         loop = asyncio.get_running_loop()
@@ -205,10 +204,6 @@ def _stream_basebackup(
             plan.pg_timeline,
         ):
             raise Conflict(f"snapshot {name} changed during the export (destroyed and recreated?)")
-        if writer is not None:
-            tail = writer.finish()
-            out.write(tail)
-            meter.add(len(tail))
 
     local_api(app).run(fetch)
 
@@ -219,19 +214,8 @@ def _export_basebackup(
     name = snap.name
     plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=name))
     mtime = int(snap.created_at)  # the same snapshot, the same tar bytes
-    writer = None
-    if fmt == "neon":
-        manifest = Manifest(
-            pg_version=PG_MAJOR_VERSION,
-            system_identifier=plan.system_identifier,
-            lsn=plan.lsn,
-            pg_timeline=plan.pg_timeline,
-            source=name,
-            created_at=datetime.now(UTC).replace(microsecond=0),
-        )
-        writer = SnapshotFileWriter(manifest)
     with _output_file(target) as out:
-        _stream_basebackup(app, name, mtime, plan, out, meter, writer)
+        _stream_basebackup(app, name, mtime, plan, out, meter, fmt == "neon")
     return {}
 
 

@@ -679,7 +679,9 @@ class BasebackupResponse(BasebackupPlan):
     """The plan of a streamed basebackup, known once its tar has been sent."""
 
     bytes: int
-    """Bytes of tar streamed."""
+    """Bytes streamed: of the tar, or of the `.neon` file when one was asked for."""
+    tar_bytes: int = 0
+    """Bytes of the tar (inside the `.neon` file when one was asked for)."""
     tablespaces: list[TablespaceLocation] = field(default_factory=list)
 
 
@@ -696,11 +698,18 @@ class BasebackupRequest(ApiRequest):
     mtime: int | None = None
     """Unix time written as the members' mtime, pg_control's time and the checkpoint's time
     (default: the daemon's clock). Fixed, the same state always gives the same bytes."""
+    snapshot_file: bool = False
+    """Stream the tar as a `.neon` snapshot file (snapfile/) instead: the daemon compresses
+    the frames on its threads, so a twentieth of the bytes crosses the socket."""
+    created_at: int | None = None
+    """The `.neon` manifest's creation time, Unix seconds (default: the daemon's clock)."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
             raise InvalidArgument("basebackup needs a node_id or a snapshot")
         _check_positive("pg_timeline", self.pg_timeline)
+        if self.created_at is not None and not self.snapshot_file:
+            raise InvalidArgument("basebackup created_at applies to a snapshot file only")
         if self.mtime is not None and not 0 <= self.mtime < 8**11:
             raise InvalidArgument(f"basebackup mtime {self.mtime} does not fit a tar header")
 

@@ -1,17 +1,25 @@
 """Encode a basebackup tar stream into a `.neon` snapshot file, sans I/O.
 
 `SnapshotFileWriter` is fed the tar in chunks of any size and returns the file's bytes as they
-become final: manifest.json first, then one member per zstd frame of `frame_size` tar bytes
-(each frame compressed as it is fed, so memory stays about one compressed frame), then
-checksums.json and the end of the archive. The output is a pure function of the manifest, the
-tar bytes and the zstd level (not of the chunking), so a sender can regenerate a file to resume
-it at a frame boundary. `write_snapshot_file` drives it over file objects.
+become final: manifest.json first, then one member per zstd frame of `frame_size` tar bytes,
+then checksums.json and the end of the archive. A frame is compressed whole, on its own
+(`compress_frame` is a pure function of the frame's bytes and the level), so the output is a
+pure function of the manifest, the tar bytes and the zstd level (not of the chunking): a sender
+can regenerate a file to resume it at a frame boundary, and frames can be compressed on several
+threads at once (`encode_snapshot_file`) with the same bytes as one after the other. Memory
+stays about one frame (per thread) whatever the snapshot's size.
+
+`write()` does everything in order; a parallel driver calls its parts: `cut()` (hash the tar,
+return the frames it completes), `compress_frame()` (anywhere, any thread), `add_frame()` (in
+order), then `finish()`.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Iterator
 from typing import BinaryIO
 
 import zstandard
@@ -39,6 +47,9 @@ from snapfile.manifest import (
 
 DEFAULT_LEVEL = 3
 
+FramePieces = tuple[memoryview, ...]
+"""The tar bytes of one frame, as views of the chunks they arrived in."""
+
 
 class SnapshotFileWriter:
     """Feed `write()` the tar bytes, then call `finish()`; write out everything both return,
@@ -48,10 +59,10 @@ class SnapshotFileWriter:
         if not 1 <= level <= 22:
             raise InvalidArgument(f"zstd level must be between 1 and 22, not {level}")
         self.manifest = manifest
-        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
-        self._frame: zstandard.ZstdCompressionObj | None = None
-        self._frame_pieces: list[bytes] = []
+        self.level = level
+        self._frame: list[memoryview] = []
         self._frame_fill = 0
+        self._cut_frames = 0
         self._frames = FrameLog()
         self._data_hash = hashlib.sha256()
         self._data_size = 0
@@ -68,45 +79,72 @@ class SnapshotFileWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> bytes:
         """Take tar bytes; return the file bytes completed by them (maybe none)."""
+        out = [self.add_frame(self.compress_frame(raw), size) for raw, size in self.cut(data)]
+        return b"".join(out)
+
+    def cut(self, data: bytes | bytearray | memoryview) -> list[tuple[FramePieces, int]]:
+        """Take tar bytes; return the whole frames (uncompressed, with their sizes) they
+        complete, in order. Each must be given back to `add_frame`, compressed, in the same
+        order. Bytes are not copied: a frame is views of the chunks given (a mutable buffer
+        is copied first, as the caller may reuse it)."""
         if self._checksums is not None:
             raise InvalidArgument("the snapshot file is already finished")
-        out = [self._head()] if self._manifest_entry is None else []
-        view = memoryview(data).cast("B")
+        view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
         self._data_hash.update(view)
         self._data_size += len(view)
         frame_size = self.manifest.frame_size
+        frames = []
         while view:
-            if self._frame is None:
-                self._frame = self._compressor.compressobj()
             take = min(len(view), frame_size - self._frame_fill)
-            piece = self._frame.compress(view[:take])
-            if piece:
-                self._frame_pieces.append(piece)
+            self._frame.append(view[:take])
             self._frame_fill += take
             view = view[take:]
             if self._frame_fill == frame_size:
-                out.append(self._end_frame())
-        return b"".join(out)
+                frames.append((tuple(self._frame), frame_size))
+                self._frame, self._frame_fill = [], 0
+        self._cut_frames += len(frames)
+        return frames
+
+    def cut_rest(self) -> tuple[FramePieces, int] | None:
+        """After the last `cut`: the last, short frame (the only frame of an empty tar), or
+        None when the tar ended on a frame boundary."""
+        if self._frame_fill == 0 and self._cut_frames > 0:
+            return None
+        rest = (tuple(self._frame), self._frame_fill)
+        self._frame, self._frame_fill = [], 0
+        self._cut_frames += 1
+        return rest
+
+    def compress_frame(self, pieces: FramePieces) -> bytes:
+        """One independent zstd frame of the pieces; thread-safe (see `compress_frame`)."""
+        return compress_frame(pieces, self.level)
+
+    def add_frame(self, compressed: bytes, data_size: int) -> bytes:
+        """The file bytes of the next frame (and of the manifest before the first one)."""
+        head = self._head() if self._manifest_entry is None else b""
+        return head + self._frame_member(compressed, data_size)
 
     def finish(self) -> bytes:
         """Return the rest of the file: the last frame, checksums.json, the end of archive."""
-        out = [self.write(b"")]
-        if self._frame is not None or len(self._frames) == 0:
-            out.append(self._end_frame())
-        manifest_entry = self._manifest_entry
-        assert manifest_entry is not None
+        rest = self.cut_rest()
+        out = [] if rest is None else [self.add_frame(self.compress_frame(rest[0]), rest[1])]
+        return b"".join(out) + self.finish_frames()
+
+    def finish_frames(self) -> bytes:
+        """After the last frame was added: checksums.json and the end of the archive."""
+        if len(self._frames) != self._cut_frames or self._manifest_entry is None:
+            raise InvalidArgument("the snapshot file still has frames to add")
         checksums = Checksums(
-            manifest=manifest_entry,
+            manifest=self._manifest_entry,
             frames=tuple(self._frames),
             data_size=self._data_size,
             data_sha256=self._data_hash.hexdigest(),
         )
         encoded = encode_checksums(checksums)
-        out.append(self._member(CHECKSUMS_NAME, encoded, hashlib.sha256(encoded).hexdigest()))
-        out.append(END_OF_ARCHIVE)
+        out = self._member(CHECKSUMS_NAME, encoded, hashlib.sha256(encoded).hexdigest())
         self.offset += len(END_OF_ARCHIVE)
         self._checksums = checksums
-        return b"".join(out)
+        return out + END_OF_ARCHIVE
 
     def _head(self) -> bytes:
         data = encode_manifest(self.manifest)
@@ -126,17 +164,12 @@ class SnapshotFileWriter:
         self.offset += len(member)
         return member
 
-    def _end_frame(self) -> bytes:
+    def _frame_member(self, compressed: bytes, data_size: int) -> bytes:
         index = len(self._frames)
         if index >= MAX_FRAMES:
             raise InvalidArgument(
                 f"a snapshot file holds at most {MAX_FRAMES} frames; use a bigger frame size"
             )
-        frame = self._frame or self._compressor.compressobj()
-        self._frame_pieces.append(frame.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
-        compressed = b"".join(self._frame_pieces)
-        data_size = self._frame_fill
-        self._frame, self._frame_pieces, self._frame_fill = None, [], 0
         entry = FrameEntry(
             frame_name(index),
             self.offset + HEADER_SIZE,
@@ -146,6 +179,60 @@ class SnapshotFileWriter:
         )
         self._frames.append(entry)
         return self._member(entry.name, compressed, entry.sha256, data_size)
+
+
+def compress_frame(pieces: FramePieces, level: int) -> bytes:
+    """The concatenated pieces as one zstd frame at `level`, with its content size and
+    checksum. Streamed with the size pledged: zstd's output then does not depend on how the
+    input is split (tests/snapfile/test_roundtrip.py checks it), and each piece is
+    compressed with the GIL released, without joining them first. A compressor per call:
+    python-zstandard's compressors must not be shared between threads, and one costs
+    microseconds next to a frame's milliseconds."""
+    size = sum(len(piece) for piece in pieces)
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    frame = compressor.compressobj(size=size)
+    out = [frame.compress(piece) for piece in pieces]
+    out.append(frame.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+    return b"".join(out)
+
+
+def encode_snapshot_file(
+    manifest: Manifest,
+    tar_chunks: Iterable[bytes],
+    *,
+    level: int = DEFAULT_LEVEL,
+    workers: int = 2,
+) -> Generator[bytes, None, None]:
+    """The `.neon` file's bytes for the tar arriving as `tar_chunks`, its frames compressed
+    by `workers` threads at once (zstd and SHA-256 release the GIL), in order: the same bytes
+    as `SnapshotFileWriter.write`. At most 2 x `workers` frames are in flight, so memory
+    stays a few frames."""
+    writer = SnapshotFileWriter(manifest, level=level)
+    limit = 2 * workers
+    with concurrent.futures.ThreadPoolExecutor(workers, "snapfile-zstd") as pool:
+        pending: collections.deque[tuple[concurrent.futures.Future[bytes], int]] = (
+            collections.deque()
+        )
+        try:
+
+            def submit(frames: Iterable[tuple[FramePieces, int]]) -> Iterator[bytes]:
+                for pieces, size in frames:
+                    pending.append((pool.submit(writer.compress_frame, pieces), size))
+                    while len(pending) > limit or (pending and pending[0][0].done()):
+                        future, size = pending.popleft()
+                        yield writer.add_frame(future.result(), size)
+
+            for chunk in tar_chunks:
+                yield from submit(writer.cut(chunk))
+            rest = writer.cut_rest()
+            yield from submit([] if rest is None else [rest])
+            while pending:
+                future, size = pending.popleft()
+                yield writer.add_frame(future.result(), size)
+        finally:
+            for future, _size in pending:
+                future.cancel()
+    yield writer.finish_frames()
 
 
 def write_snapshot_file(

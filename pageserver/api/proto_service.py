@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pageserver.api.service import Pageserver
+from pageserver.basebackup.snapshot_file import (
+    TarCounter,
+    snapshot_file_chunks,
+    snapshot_file_manifest,
+)
 from pageserver.basebackup.tar_stream import BasebackupInfo, basebackup_chunks
 from pageserver.follow.followed_nodes import FollowedNode
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
@@ -151,18 +157,28 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.BasebackupPlan(**fields)
 
     async def basebackup(ctx: RequestContext, req: m.BasebackupRequest) -> m.BasebackupResponse:
-        """Stream a tar of a startable data directory (a snapshot, or a node's branch point)."""
-        info, chunks = await plan_basebackup(req)
+        """Stream a tar of a startable data directory (a snapshot, or a node's branch point),
+        or its `.neon` snapshot file."""
+        info, tar_chunks = await plan_basebackup(req)
+        tar = TarCounter(tar_chunks)
+        chunks: Generator[bytes, None, None] = iter(tar)
+        if req.snapshot_file:
+            created = req.created_at if req.created_at is not None else int(time.time())
+            source = req.snapshot or req.node_id or ""
+            chunks = snapshot_file_chunks(snapshot_file_manifest(info, source, created), tar)
         sent = 0
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
-                break
-            sent += len(chunk)
-            await ctx.send(chunk)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    break
+                sent += len(chunk)
+                await ctx.send(chunk)
+        finally:  # not running now (the last next() has returned): stop its threads
+            await asyncio.to_thread(chunks.close)
         fields = asdict(info)
         spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
-        return m.BasebackupResponse(**fields, bytes=sent, tablespaces=spaces)
+        return m.BasebackupResponse(**fields, bytes=sent, tar_bytes=tar.bytes, tablespaces=spaces)
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
         area = ps.pitr_create(req.name, req.node_id, req.ttl, req.size_limit)

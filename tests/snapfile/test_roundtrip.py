@@ -81,7 +81,8 @@ def test_frame_data_events_are_whole_frames() -> None:
 
 
 def test_default_frames_are_4_mib_and_level_is_configurable() -> None:
-    tar = generated_bytes(9 * 1024 * 1024, 3)
+    rows = b"".join(b"%d|%d|customer %d\n" % (i, i * 7919 % 100003, i % 977) for i in range(10**6))
+    tar = (rows * 2)[: 9 * 1024 * 1024]  # text-like: a higher level finds more to save
     manifest = make_manifest(4 * 1024 * 1024)
     fast, checksums = encode(manifest, tar, [256 * 1024], level=1)
     small, _ = encode(manifest, tar, [256 * 1024], level=19)

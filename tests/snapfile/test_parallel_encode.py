@@ -1,0 +1,44 @@
+"""`encode_snapshot_file` compresses frames on several threads: the bytes must be exactly the
+serial writer's, whatever the chunking, the number of threads and where the tar ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from snapfile.writer import encode_snapshot_file
+from tests.snapfile.snapfile_helpers import decode, encode, generated_bytes, make_manifest, split
+
+FRAME = 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("size", "chunks", "workers"),
+    [
+        (0, (), 2),  # an empty tar: one empty frame
+        (FRAME, (), 2),  # ends on a frame boundary: no short frame
+        (5 * FRAME + 100, (1000,), 1),
+        (5 * FRAME + 100, (FRAME,), 2),  # whole frames handed over without a copy
+        (17 * FRAME + 3, (FRAME * 3 + 7, 0, 1), 3),
+    ],
+)
+def test_parallel_output_equals_serial(size: int, chunks: tuple[int, ...], workers: int) -> None:
+    tar = generated_bytes(size, size)
+    manifest = make_manifest(FRAME)
+    serial, checksums = encode(manifest, tar, chunks)
+    parallel = b"".join(encode_snapshot_file(manifest, split(tar, chunks), workers=workers))
+    assert parallel == serial == encode(manifest, tar)[0]  # nor on the chunking
+    _manifest, data, decoded = decode(parallel)
+    assert data == tar and decoded == checksums
+
+
+def test_a_failing_source_stops_the_encoding() -> None:
+    """An error from the tar's producer reaches the consumer; no frame work is left behind."""
+
+    def chunks() -> Iterator[bytes]:
+        yield generated_bytes(10 * FRAME, 1)
+        raise OSError("layer file unreadable")
+
+    with pytest.raises(OSError, match="unreadable"):
+        b"".join(encode_snapshot_file(make_manifest(FRAME), chunks(), workers=2))
