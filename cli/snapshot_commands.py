@@ -24,6 +24,7 @@ from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
 from cli.progress import Progress
+from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
 from cli.storages import DEFAULT_STORAGE
@@ -315,6 +316,7 @@ def remove_snapshot_server(app: App, name: str) -> None:
 
 
 snapshot_group.add_command(snapshot_export)
+snapshot_group.add_command(snapshot_diff)
 
 
 @snapshot_group.command("stop")

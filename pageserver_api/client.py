@@ -48,6 +48,8 @@ from pageserver_api.models import (
     RelSizeResponse,
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
+    SnapshotDiffRequest,
+    SnapshotDiffResponse,
     SnapshotImportRequest,
     SnapshotInfo,
     SnapshotListRequest,
@@ -140,6 +142,9 @@ class PageserverClient:
 
     async def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
         return await self._call(request, SnapshotInfo)
+
+    async def snapshot_diff(self, request: SnapshotDiffRequest) -> SnapshotDiffResponse:
+        return await self._call(request, SnapshotDiffResponse)
 
     async def pitr_create(self, request: PitrCreateRequest) -> PitrAreaInfo:
         return await self._call(request, PitrAreaInfo)
@@ -264,6 +269,9 @@ class SyncPageserverClient:
 
     def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
         return self.run(lambda c: c.snapshot_import(request))
+
+    def snapshot_diff(self, request: SnapshotDiffRequest) -> SnapshotDiffResponse:
+        return self.run(lambda c: c.snapshot_diff(request))
 
     def pitr_create(self, request: PitrCreateRequest) -> PitrAreaInfo:
         return self.run(lambda c: c.pitr_create(request))

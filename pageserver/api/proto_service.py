@@ -20,7 +20,7 @@ from pageserver.follow.followed_nodes import FollowedNode
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
-from pg15.constants import FORK_NAMES
+from pg15.constants import BLCKSZ, FORK_NAMES
 from pg15.lsn import format_lsn
 from proto.errors import NotFound
 from proto.server import Handler, RequestContext
@@ -121,6 +121,26 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         _history, snap = ps.find_snapshot(req.name)
         return m.SnapshotInfo(**asdict(snap))
 
+    async def snapshot_diff(
+        ctx: RequestContext, req: m.SnapshotDiffRequest
+    ) -> m.SnapshotDiffResponse:
+        a, b, stat = await asyncio.to_thread(ps.diff_snapshots, req.from_snapshot, req.to_snapshot)
+        relations = [
+            m.RelationDiff(
+                **{k: getattr(r, k) for k in _RELATION_FIELDS},
+                pages_before=r.pages_before,
+                pages_after=r.pages_after,
+                pages_changed=r.pages_changed,
+                bytes_changed=r.pages_changed * BLCKSZ,
+                forks=[m.ForkDiff(*fork) for fork in r.forks],
+            )
+            for r in stat.relations
+        ]
+        return m.SnapshotDiffResponse(
+            a.name, b.name, a.lsn, b.lsn, stat.common_lsn, stat.pages_changed,
+            stat.bytes_changed, relations,
+        )  # fmt: skip
+
     async def node_branch(ctx: RequestContext, req: m.NodeBranchRequest) -> m.BranchResponse:
         state = await ps.branch_node(
             req.node_id, req.snapshot, pg_timeline=req.pg_timeline, checkout=req.checkout
@@ -218,6 +238,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.SnapshotDestroyRequest: snapshot_destroy,
         m.SnapshotShowRequest: snapshot_show,
         m.SnapshotImportRequest: snapshot_import,
+        m.SnapshotDiffRequest: snapshot_diff,
         m.NodeBranchRequest: node_branch,
         m.BasebackupRequest: basebackup,
         m.BasebackupPlanRequest: basebackup_plan,
@@ -246,6 +267,11 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return handler
 
     return {model.METHOD: serve(model, route) for model, route in routes.items()}
+
+
+_RELATION_FIELDS = (
+    "database", "schema", "name", "kind", "table", "change", "spc", "db", "relfilenode", "oid"
+)  # fmt: skip
 
 
 def _node_statuses(statuses: list[dict[str, Any]]) -> list[m.NodeStatus]:

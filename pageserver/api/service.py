@@ -27,6 +27,7 @@ from pageserver.history.imported import (
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr import PitrArea, new_area
 from pageserver.history.pitr_extract import area_retention, extraction_lsn
+from pageserver.history.snapshot_diff import DifferentHistories, DiffStat, ReadPoint, diff_stat
 from pageserver.history.snapshots import (
     Snapshot,
     check_import_name,
@@ -35,7 +36,7 @@ from pageserver.history.snapshots import (
     split_snapshot_name,
 )
 from pageserver.ingest.import_datadir import import_datadir
-from pageserver.reconstruct.reads import get_node_metadata
+from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
 from pageserver.storage.gc import DEFAULT_GC_SETTINGS
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
@@ -280,6 +281,27 @@ class Pageserver:
                 f"snapshot {name!r} already exists; choose another name or "
                 f"`neon snapshot destroy {name}` first"
             )
+
+    def diff_snapshots(self, a: str, b: str) -> tuple[Snapshot, Snapshot, DiffStat]:
+        """The pages that differ from snapshot `a` to `b`, per relation (one history only:
+        snapshots of different storages or imported histories share no pages)."""
+        history_a, snap_a = self.find_snapshot(a)
+        history_b, snap_b = self.find_snapshot(b)
+        try:
+            if history_a is not history_b:
+                raise DifferentHistories("they live in different storages")
+            stat = diff_stat(
+                ReadPoint(history_a.timelines.get(snap_a.timeline_id), snap_a.lsn),
+                ReadPoint(history_b.timelines.get(snap_b.timeline_id), snap_b.lsn),
+                lambda t, key, lsn: materialize(t, key, lsn, self.redo_pool.reconstruct),
+            )
+        except DifferentHistories as exc:
+            raise DifferentHistories(
+                f"snapshots {a!r} and {b!r} are not of one history ({exc}): --stat compares "
+                f"page history; compare them with `neon snapshot diff {a} {b} --schema` or "
+                "`--data`"
+            ) from None
+        return snap_a, snap_b, stat
 
     def destroy_snapshot(self, name: str) -> Snapshot:
         """Forget a snapshot; an imported one takes its history along when nothing else

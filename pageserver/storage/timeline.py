@@ -36,7 +36,7 @@ from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.inmemory import InMemoryLayer
-from pageserver.storage.layers.layer_map import ChainEnd, LayerMap
+from pageserver.storage.layers.layer_map import ChainEnd, LayerMap, VersionSource
 from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.manifest import (
@@ -506,6 +506,26 @@ class Timeline:
                 else []
             )
             return self._map, self._frozen[::-1], head
+
+    def keys_written(self, key_range: KeyRange, above: int, upto: int) -> set[Key]:
+        """Keys of key_range with a version in (above, upto] in this timeline's own layers
+        (open, frozen, delta and image layers; not the ancestor's), from indexes alone: a
+        key outside it has the same value at both LSNs here unless an image layer in the
+        window covers it without holding it (it no longer exists)."""
+        layer_map, frozen, head = self._range_view(key_range, upto)
+        keys = {key for key, lsn, _tag in head if lsn > above}
+        sources: list[VersionSource] = [s for s in frozen if s.lsn_start <= upto]
+        sources.extend(
+            layer
+            for layer in layer_map.layers()
+            if layer.lsn_end - 1 > above
+            and layer.lsn_start <= upto
+            and layer.key_range.overlaps(key_range)
+        )
+        for source in sources:
+            versions = source.newest_versions(key_range, upto)
+            keys.update(key for key, lsn, _tag in versions if lsn > above)
+        return keys
 
     def plan_range_read(self, key_range: KeyRange, lsn: int) -> RangeRead | None:
         """How to read every key of key_range at lsn in bulk (a basebackup): the image layers
