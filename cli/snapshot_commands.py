@@ -8,6 +8,7 @@ import shutil
 import struct
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
 from cli.storages import DEFAULT_STORAGE
+from cli.tablespace_mapping import parse_mappings
 from cli.tablespace_settings import in_place_tablespace_settings
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.models import (
@@ -79,21 +81,35 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
 ))  # fmt: skip
 @click.argument("name")
 @click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--tablespace-mapping", "tablespace_mapping", multiple=True, metavar="OLD=NEW",
+              help="The source's tablespace at OLD is read from NEW and recorded as at NEW (both "
+              "absolute; '\\=' for an '=' in a path; repeatable).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def snapshot_import(
-    ctx: click.Context, source: str, name: str, storage: str, as_json: bool
+    ctx: click.Context,
+    source: str,
+    name: str,
+    storage: str,
+    tablespace_mapping: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Import an existing PostgreSQL 15 database as snapshot NAME, on a history of its own."""
     app = get_app(ctx)
+    mappings = parse_mappings(tablespace_mapping)
     progress = Progress(not as_json and sys.stderr.isatty(), "Importing")
-    snap = import_snapshot(app, source, name, storage, progress)
+    snap = import_snapshot(app, source, name, storage, progress, mappings)
     if as_json:  # else quiet, as `snapshot create` (the proposal shows only the progress bar)
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
 
 
 def import_snapshot(
-    app: App, source: str, name: str, storage: str, progress: Progress
+    app: App,
+    source: str,
+    name: str,
+    storage: str,
+    progress: Progress,
+    tablespace_mapping: Mapping[str, str] | None = None,
 ) -> SnapshotInfo:
     """Import `source` (see cli/snapshot_import.py) as the bare-named snapshot `name` in the
     native storage `storage`; nothing is visible unless the whole import succeeded."""
@@ -114,7 +130,9 @@ def import_snapshot(
     storage_path = Path(store.options["path"])
     try:
         with import_workdir(storage_path) as workdir:
-            datadir = prepare_clean_datadir(source, storage_path, workdir, progress)
+            datadir = prepare_clean_datadir(
+                source, storage_path, workdir, progress, tablespace_mapping
+            )
             request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
             return api.snapshot_import(request)
     finally:

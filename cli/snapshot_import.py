@@ -33,7 +33,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -43,9 +43,12 @@ import zstandard
 
 from cli import postmaster
 from cli.backup_tablespaces import (
+    check_catalog_tablespaces,
     check_in_place,
+    check_tablespace_links,
     move_in_place,
     plain_tablespace_locations,
+    refuse_replayed_locations,
     tablespace_archives,
     tablespace_target,
     take_tablespace_map,
@@ -55,6 +58,7 @@ from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.progress import Progress
 from cli.snapshot_file_source import is_http_source, is_snapshot_file, unpack_snapshot_file
 from cli.storages import mask_url
+from cli.tablespace_mapping import check_mapped, mapped
 from cli.tablespace_settings import in_place_tablespace_settings
 from cli.untar import extract_basebackup, extract_stream
 from pageserver.pid_file import pid_alive
@@ -227,12 +231,26 @@ def unpack_tar_backup(directory: Path, pgdata: Path, progress: Progress) -> None
     progress.update(base.stat().st_size, base.stat().st_size)
 
 
-def copy_plain_backup(source: Path, pgdata: Path) -> None:
-    """A plain pg_basebackup directory, copied (the user's files are never changed); the
-    tablespaces its pg_tblspc symlinks lead to are copied in place, their locations kept
-    as a tablespace_map (cli/backup_tablespaces.py)."""
+def copy_plain_backup(
+    source: Path, pgdata: Path, mappings: Mapping[str, str] | None = None
+) -> None:
+    """A plain pg_basebackup directory (or a stopped one), copied (the user's files are never
+    changed); the tablespaces its pg_tblspc symlinks lead to are copied in place (from NEW
+    for a link to a mapped OLD: cli/tablespace_mapping.py), their locations kept as a
+    tablespace_map (cli/backup_tablespaces.py)."""
     locations = plain_tablespace_locations(source)
-    shutil.copytree(source, pgdata, symlinks=False)
+    mappings = mappings or {}
+    check_mapped(mappings, locations.values(), str(source))
+    check_tablespace_links(source, mappings)
+    moved = {oid: new for oid, loc in locations.items() if (new := mapped(mappings, loc)) != loc}
+
+    def elsewhere(directory: str, names: list[str]) -> list[str]:
+        here = Path(directory) == source / "pg_tblspc"
+        return [name for name in names if here and name.isdigit() and int(name) in moved]
+
+    shutil.copytree(source, pgdata, symlinks=False, ignore=elsewhere)
+    for oid, new in moved.items():
+        shutil.copytree(new, tablespace_target(pgdata, oid), symlinks=False)
     write_tablespace_locations(pgdata, {**locations, **take_tablespace_map(pgdata)})
     os.chmod(pgdata, 0o700)
     give_to_pg_user(pgdata)
@@ -363,12 +381,18 @@ async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progre
 
 
 def prepare_clean_datadir(
-    source: str, storage_path: Path, workdir: Path, progress: Progress
+    source: str,
+    storage_path: Path,
+    workdir: Path,
+    progress: Progress,
+    mappings: Mapping[str, str] | None = None,
 ) -> Path:
     """The cleanly shut-down data directory to import for `source`: the source itself when
-    it is one, else a recovered copy in `workdir`."""
+    it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`."""
     pgdata = workdir / "pgdata"
+    mappings = mappings or {}
     if is_http_source(source) or is_snapshot_file(Path(source)):
+        check_mapped(mappings, (), f"{source} (a .neon file has its tablespaces in place)")
         asyncio.run(unpack_snapshot_file(source, pgdata, progress))
         progress.close()
         if not is_clean_datadir(pgdata):
@@ -381,13 +405,18 @@ def prepare_clean_datadir(
         path = Path(source).absolute()
         check_path_source(path)
         if path.is_dir() and is_clean_datadir(path):
-            return path
+            check_tablespace_links(path, mappings)
+            if not mappings:
+                return path
+            copy_plain_backup(path, pgdata, mappings)
+            remap_tablespace_locations(pgdata, mappings)
+            return pgdata
         if path.is_dir() and _archive(path, "base") is not None:
             unpack_tar_backup(path, pgdata, progress)
         elif path.is_file() and path.name.startswith("base.tar"):
             unpack_tar_backup(path.parent, pgdata, progress)
         elif path.is_dir() and (path / "backup_label").is_file():
-            copy_plain_backup(path, pgdata)
+            copy_plain_backup(path, pgdata, mappings)
         elif path.is_dir() and (path / "global" / "pg_control").is_file():
             state = read_control_file(path).state_name
             raise Conflict(
@@ -407,7 +436,20 @@ def prepare_clean_datadir(
     if not (pgdata / "backup_label").is_file():
         raise CorruptData(f"{source} has no backup_label: it is not a base backup")
     locations = take_tablespace_map(pgdata)
+    check_mapped(mappings, locations.values(), source)
+    refuse_replayed_locations(pgdata)
     check_in_place(pgdata, locations)
     recover(pgdata, workdir)
-    write_tablespace_locations(pgdata, locations)
+    check_catalog_tablespaces(pgdata)
+    write_tablespace_locations(
+        pgdata, {oid: mapped(mappings, loc) for oid, loc in locations.items()}
+    )
     return pgdata
+
+
+def remap_tablespace_locations(pgdata: Path, mappings: Mapping[str, str]) -> None:
+    """The locations a copied directory's tablespace_map records, each mapped OLD as NEW."""
+    locations = take_tablespace_map(pgdata)
+    write_tablespace_locations(
+        pgdata, {oid: mapped(mappings, loc) for oid, loc in locations.items()}
+    )

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from cli.pgbin import give_to_pg_user, make_pg_dir
@@ -164,5 +165,97 @@ def import_and_check(
                 source.start()
         assert files_under(locations) == far_before  # the source's locations are not written
         check_node_equals_source(home, want, name)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def test_tar_backup_without_its_in_place_tablespace_is_refused(
+    home: NeonCli, in_place_source: PgTestServer
+) -> None:
+    """pg_basebackup -F tar leaves an in-place tablespace out (no OID.tar, nothing in
+    base.tar): the import says so and what to use instead, and no snapshot appears."""
+    out = backup_dir()
+    try:
+        target = out / "backup"
+        in_place_source.run("pg_basebackup", "-D", str(target), "-F", "tar", "-X", "stream",
+                            "-c", "fast", "-d", in_place_source.dsn())  # fmt: skip
+        oid = psql(source_conn(in_place_source),
+                   "SELECT oid FROM pg_tablespace WHERE spcname = 'ts_here'")  # fmt: skip
+        assert not (target / f"{oid}.tar").exists()
+        before = home.json("snapshot", "list")
+        err = home.fail("snapshot", "import", "--from", str(target), "tarinplace")
+        assert f"tablespace {oid}" in err and "in-place" in err and "basebackup://" in err, err
+        assert home.json("snapshot", "list") == before
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def test_backup_whose_wal_creates_a_tablespace_is_refused(
+    home: NeonCli, pg_cluster_module: PgTestCluster, locations: Path
+) -> None:
+    """A CREATE TABLESPACE that ran while the backup was taken is in the WAL recovery would
+    replay, which would write into the source's location: refused before recovery, by name,
+    and nothing is written there."""
+    server = pg_cluster_module.create({"checkpoint_timeout": "1h"})
+    during = locations / "during"
+    make_pg_dir(during)
+    out = backup_dir()
+    try:
+        copy = out / "backup"
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT pg_backup_start('neon test', true)")
+            server.psql(
+                f"CREATE TABLESPACE ts_during LOCATION '{during}';"
+                "CREATE TABLE t (a int) TABLESPACE ts_during; INSERT INTO t VALUES (1)"
+            )
+            shutil.copytree(server.datadir, copy, symlinks=True)
+            row = conn.execute("SELECT labelfile FROM pg_backup_stop(false)").fetchone()
+            assert row is not None
+        (copy / "postmaster.pid").unlink()
+        (copy / "backup_label").write_text(row[0])
+        shutil.rmtree(copy / "pg_wal")
+        shutil.copytree(server.datadir / "pg_wal", copy / "pg_wal")  # up to the backup's end
+        before = files_under(during)
+        err = home.fail("snapshot", "import", "--from", str(copy), "during")
+        assert "creates tablespace" in err and f"at {during}" in err, err
+        assert "take the backup again" in err
+        assert files_under(during) == before
+        assert "during" not in {s["name"] for s in home.json("snapshot", "list")}
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def test_import_of_a_backup_whose_tablespace_moved(
+    home: NeonCli, source: PgTestServer, locations: Path
+) -> None:
+    """Plain pg_basebackup output whose tablespace directory was moved away from where its
+    pg_tblspc link points: refused naming the location and --tablespace-mapping, which reads
+    it from NEW and records NEW as its location."""
+    want = dump_all(source_conn(source))
+    out = backup_dir()
+    try:
+        target = out / "backup"
+        spaces = psql(source_conn(source), "SELECT pg_tablespace_location(oid) "
+                      "FROM pg_tablespace WHERE oid > 16000 ORDER BY 1").splitlines()  # fmt: skip
+        copies = [out / f"copy{i}" for i in range(len(spaces))]
+        mapping = [a for loc, c in zip(spaces, copies, strict=True) for a in ("-T", f"{loc}={c}")]
+        source.run("pg_basebackup", "-D", str(target), "-F", "plain", "-X", "stream",
+                   "-c", "fast", *mapping, "-d", source.dsn())  # fmt: skip
+        moved = out / "moved=0"  # an '=' in a path: written '\=' in a mapping
+        copies[0].rename(moved)
+        err = home.fail("snapshot", "import", "--from", str(target), "tsmoved")
+        assert f"is at {copies[0]}, which does not exist" in err, err
+        assert f"--tablespace-mapping {copies[0]}=DIR" in err
+        err = home.fail("snapshot", "import", "--from", str(target), "tsmoved",
+                        "--tablespace-mapping", f"{out / 'nothere'}=/x")  # fmt: skip
+        assert f"{out / 'nothere'} is not a tablespace location of {target}" in err, err
+
+        escaped = str(moved).replace("=", "\\=")
+        home.run("snapshot", "import", "--from", str(target), "tsmoved",
+                 "--tablespace-mapping", f"{copies[0]}={escaped}")  # fmt: skip
+        check_node_equals_source(home, want, "tsmoved")
+        # The history records NEW as the location (OLD is unknown to it).
+        err = home.fail("pg", "create", "--snapshot", "tsmoved", "--tablespace-mapping", "/a=/b")
+        assert f"its absolute tablespace locations: {copies[1]}, {moved})" in err, err
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
