@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sqlite3
 import sys
@@ -18,7 +19,23 @@ from proto.errors import NeonError
 
 
 class NeonGroup(click.Group):
-    """Turns every NeonError into one line on stderr and its exit code."""
+    """Turns every NeonError into one line on stderr and its exit code; loads subcommands
+    from LAZY_COMMANDS when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in LAZY_COMMANDS:
+            command = _load_command(cmd_name)
+            self.add_command(command, cmd_name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, LAZY_COMMANDS[name][2]) for name in sorted(LAZY_COMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -56,32 +73,48 @@ def cli(ctx: click.Context, home: Path | None) -> None:
     ctx.obj["home"] = home
 
 
-def _register_commands() -> None:
-    from cli.debug_commands import debug_group
-    from cli.pageserver_commands import pageserver_group
-    from cli.pg_commands import pg_group
-    from cli.pitr_commands import pitr_group
-    from cli.snapshot_commands import snapshot_group
-    from cli.storage_commands import storage_group
-    from cli.waldump import waldump_command
+# Subcommands load on use: a command imports only its own modules, not every other
+# command's (the CLI's start-up is paid by every invocation, and by every benchmark).
+# name -> (module, attribute, the short help `neon --help` shows without importing it)
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "pg": ("cli.pg_commands", "pg_group", "PostgreSQL nodes: data directories and their servers."),
+    "storage": (
+        "cli.storage_commands",
+        "storage_group",
+        "Storages: native directories, S3 buckets, remote pageservers.",
+    ),
+    "pageserver": (
+        "cli.pageserver_commands",
+        "pageserver_group",
+        "The pageserver daemon that keeps page history.",
+    ),
+    "waldump": ("cli.waldump", "waldump_command", "Decode WAL segment files like pg_waldump."),
+    "debug": ("cli.debug_commands", "debug_group", "Developer tools."),
+    "snapshot": (
+        "cli.snapshot_commands",
+        "snapshot_group",
+        "Snapshots: cheap named states of a node (PGDATA@TAG), and imported databases (NAME).",
+    ),
+    "pitr": (
+        "cli.pitr_commands",
+        "pitr_group",
+        "PITR areas: any LSN or time inside one can be extracted as a snapshot.",
+    ),
+}
+"""tests/cli/test_main.py checks that each short help is the command's own."""
 
-    for command in (
-        pg_group,
-        storage_group,
-        pageserver_group,
-        waldump_command,
-        debug_group,
-        snapshot_group,
-        pitr_group,
-    ):
-        cli.add_command(command)
+
+def _load_command(name: str) -> click.Command:
+    module, attribute, _help = LAZY_COMMANDS[name]
+    command = getattr(importlib.import_module(module), attribute)
+    assert isinstance(command, click.Command)
+    return command
 
 
 def main() -> None:
     # Everything pg-neon writes (history, WAL, registries, logs, secrets) is private to its
     # owner; files PostgreSQL must read are handed to its account explicitly.
     os.umask(PRIVATE_UMASK)
-    _register_commands()
     cli(prog_name="neon")
 
 

@@ -130,9 +130,9 @@ from pg15.records import (
     DecodedRecord,
     RelFileNode,
 )
-from pg15.rmgr import decode_main
 from pg15.rmgr.clog import ClogTruncate, ClogZeroPage
 from pg15.rmgr.dbase import DbaseCreateFileCopy, DbaseCreateWalLog, DbaseDrop
+from pg15.rmgr.main_data import decode_main
 from pg15.rmgr.multixact import MultiXactCreate, MultiXactTruncate, MultiXactZeroPage
 from pg15.rmgr.relmap import RelmapUpdate
 from pg15.rmgr.smgr import (

@@ -51,7 +51,7 @@ from pg15.constants import (
 )
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord, RelFileNode
-from pg15.rmgr import decode_main
+from pg15.rmgr.main_data import decode_main
 from pg15.rmgr.multixact import MultiXactCreate
 from pg15.rmgr.smgr import SMGR_TRUNCATE_VM, SmgrTruncate
 from pg15.rmgr.xact import (

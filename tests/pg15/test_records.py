@@ -28,10 +28,8 @@ from pg15.records import (
     decode_record_bytes,
 )
 from pg15.rmgr import (
-    MainDataError,
     btree,
     dbase,
-    decode_main,
     heap,
     multixact,
     relmap,
@@ -40,6 +38,8 @@ from pg15.rmgr import (
     standby,
     xact,
 )
+from pg15.rmgr.fields import MainDataError
+from pg15.rmgr.main_data import decode_main
 from pg15.rmgr.xlog import CheckPoint, XlogCheckpoint, XlogSwitch
 from pg15.rmgr_names import RMGR_NAMES, record_type_name, rmgr_name
 from pg15.xlog_reader import RawRecord, record_crc

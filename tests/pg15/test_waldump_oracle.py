@@ -29,7 +29,8 @@ from cli.waldump import collect_segments, iter_records
 from pg15.fpi import restore_page
 from pg15.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
 from pg15.records import DecodedRecord
-from pg15.rmgr import dbase, decode_main, multixact, relmap, sequence, smgr, xact
+from pg15.rmgr import dbase, multixact, relmap, sequence, smgr, xact
+from pg15.rmgr.main_data import decode_main
 from pg15.rmgr.xlog import XlogCheckpoint
 from pg15.xlog_reader import RawRecord, WalReader
 from tests.pgtest import PgTestCluster, PgTestServer

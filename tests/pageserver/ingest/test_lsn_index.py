@@ -25,7 +25,7 @@ from pageserver.ingest.lsn_index import (
 from pg15.constants import RM_HEAP_ID, RM_XACT_ID
 from pg15.lsn import parse_lsn, parse_segment_file_name
 from pg15.records import DecodedRecord, decode_record
-from pg15.rmgr import decode_main
+from pg15.rmgr.main_data import decode_main
 from pg15.rmgr.xact import (
     XLOG_XACT_COMMIT,
     XLOG_XACT_COMMIT_PREPARED,

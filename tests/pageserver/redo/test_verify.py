@@ -27,9 +27,10 @@ from pageserver.redo import clog, multixact, redo_block_python
 from pg15.constants import SLRU_PAGES_PER_SEGMENT
 from pg15.records import DecodedRecord
 from pg15.rmgr import clog as clog_rmgr
-from pg15.rmgr import decode_main, xact
 from pg15.rmgr import multixact as mx_rmgr
+from pg15.rmgr import xact
 from pg15.rmgr.heap import HeapDelete, decode_heap
+from pg15.rmgr.main_data import decode_main
 from tests.pgtest import PgTestCluster, PgTestServer
 
 pytestmark = pytest.mark.slow
