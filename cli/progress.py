@@ -8,6 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+KNOWN_TOTAL = "{desc} [{bar:10}] {percentage:3.0f}% | {rate_fmt} | ETA {remaining}"
+UNKNOWN_TOTAL = "{desc} {n_fmt}B | {rate_fmt} | {elapsed}"
+
 
 class Progress:
     """A `[=====-----] 60% | 20MB/s` bar with ETA on a TTY; nothing otherwise."""
@@ -30,7 +33,8 @@ class Progress:
                 unit_scale=True,
                 unit_divisor=1024,
                 ascii="-=",
-                bar_format="{desc} [{bar:10}] {percentage:3.0f}% | {rate_fmt} | ETA {remaining}",
+                # An unknown total (a compressed stream's size): bytes so far and the rate.
+                bar_format=KNOWN_TOTAL if total is not None else UNKNOWN_TOTAL,
                 file=sys.stderr,
                 leave=not self._transient,
                 # A terminal that reports no size (0x0) gets 80x24: tqdm would show nothing.

@@ -1,0 +1,181 @@
+"""The interface every transport implements: a store of named objects (a directory, a URL
+prefix, a bucket prefix) that can write an object so that it appears only once complete,
+read one from an offset, stat, list and delete.
+
+Writers are async context managers: leaving the block normally commits (the object appears
+at its name in one step: a rename, a completed PUT), leaving it by an exception aborts
+(nothing appears; what was written is removed when the store can). A process killed while
+writing leaves at most a hidden temporary object, never one at the final name.
+
+Readers are async iterators of chunks. A stream cut in the middle (a dropped connection)
+raises `StreamCut`; `read_object` reopens at the offset reached, so a transfer survives a
+few cuts. What the bytes are is not checked here: a `.neon` file verifies itself
+(snapfile/reader.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from proto.errors import AlreadyExists, InvalidArgument, Unavailable
+
+CHUNK = 1024 * 1024
+REOPEN_ATTEMPTS = 5  # cuts survived by one read_object
+REOPEN_DELAY = 0.5  # seconds before the first reopen, doubled after each
+
+
+class StreamCut(Unavailable):
+    """A read stream ended before the object's end (connection dropped): retried at the
+    offset reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    name: str
+    size: int
+
+
+class ObjectWriter(ABC):
+    """A stream to one object, visible at its name only after a successful block."""
+
+    def __init__(self) -> None:
+        self.bytes_written = 0
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append `data` (waits while the far side is behind: memory stays bounded)."""
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """Make the object visible, after checking the far side has all of it."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Remove what was written (best effort: it is not visible at the name anyway)."""
+
+    async def __aenter__(self) -> ObjectWriter:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self.commit()
+        else:
+            await asyncio.shield(self.abort())
+
+
+class ObjectReader(ABC):
+    """The bytes of one object from an offset, in chunks of at most CHUNK."""
+
+    size: int | None = None
+    """The whole object's size, when the transport knows it."""
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> ObjectReader:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.shield(self.close())
+
+
+class Store(ABC):
+    """Named objects at one place; `url` is for messages (no secret in it)."""
+
+    url: str
+
+    @abstractmethod
+    def object_url(self, name: str) -> str:
+        """The URL of object `name`, for messages (no secret in it)."""
+
+    @abstractmethod
+    async def stat(self, name: str) -> ObjectInfo | None:
+        """The object's size, or None when there is none of that name."""
+
+    @abstractmethod
+    async def list(self) -> list[ObjectInfo]:
+        """The visible objects (temporary ones of unfinished writes are not listed)."""
+
+    @abstractmethod
+    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        """A writer for `name`; without `overwrite`, committing over an existing object is
+        refused (AlreadyExists) and the existing one is kept."""
+
+    @abstractmethod
+    async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
+        """The object's bytes from `offset`; NotFound when there is no such object."""
+
+    @abstractmethod
+    async def delete(self, name: str) -> None:
+        """Remove the object; NotFound when there is none."""
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """What a URL names: a store, and an object in it (None: the URL names only the store,
+    as `ssh://host/dir/` does; `named` then supplies a default)."""
+
+    store: Store
+    name: str | None
+
+    def named(self, default: str) -> Location:
+        return self if self.name is not None else Location(self.store, default)
+
+    @property
+    def object_name(self) -> str:
+        if self.name is None:
+            raise InvalidArgument(
+                f"{self.store.url} names a directory; give the URL of a .neon file in it"
+            )
+        return self.name
+
+    @property
+    def url(self) -> str:
+        return self.store.url if self.name is None else self.store.object_url(self.name)
+
+
+def already_exists(url: str) -> AlreadyExists:
+    return AlreadyExists(f"{url} already exists; choose another name or pass --force")
+
+
+def check_object_name(name: str, url: str) -> str:
+    """Object names are one path component: no '/', not '.', '..' or hidden."""
+    if not name or "/" in name or "\0" in name or name.startswith("."):
+        raise InvalidArgument(f"invalid object name {name!r} in {url}: use a plain file name")
+    return name
+
+
+async def read_object(
+    location: Location, progress: Callable[[int, int | None], None] | None = None
+) -> AsyncIterator[bytes]:
+    """The whole object, reopened at the offset reached when its stream is cut (up to
+    REOPEN_ATTEMPTS times, waiting a little longer each time)."""
+    name = location.object_name
+    done = 0
+    cuts = 0
+    while True:
+        try:
+            async with await location.store.open_read(name, done) as reader:
+                total = reader.size
+                async for chunk in reader:
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+                    yield chunk
+            return
+        except StreamCut:
+            cuts += 1
+            if cuts > REOPEN_ATTEMPTS:
+                raise
+            await asyncio.sleep(REOPEN_DELAY * 2 ** (cuts - 1))

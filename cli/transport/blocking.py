@@ -1,0 +1,93 @@
+"""A transport writer behind a plain blocking `write()`, for code that writes to a binary
+file object from a thread (`neon snapshot export` writes the `.neon` bytes so).
+
+The writer lives on an event loop of its own, in a thread: each `write` hands its chunk to
+that loop and waits until the transport took it, so memory stays bounded by the transport's
+own queue. Leaving the `with` block normally commits the object; leaving it by an exception
+(SIGINT included) aborts it, and nothing appears at the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+from cli.transport.base import Location, ObjectWriter
+
+T = TypeVar("T")
+
+
+class BlockingWriter:
+    def __init__(
+        self, location: Location, *, overwrite: bool,
+        on_write: Callable[[bytes], None] | None = None,
+    ) -> None:  # fmt: skip
+        self._location, self._overwrite, self._on_write = location, overwrite, on_write
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="transport")
+        self._writer: ObjectWriter | None = None
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self.bytes_written = 0
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._pending.add(future)
+        try:
+            return future.result()
+        finally:
+            self._pending.discard(future)
+
+    def __enter__(self) -> BlockingWriter:
+        self._thread.start()
+        try:
+            self._writer = self._call(
+                self._location.store.open_write(
+                    self._location.object_name, overwrite=self._overwrite
+                )
+            )
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        assert self._writer is not None
+        chunk = bytes(data)
+        self._call(self._writer.write(chunk))
+        self.bytes_written += len(chunk)
+        if self._on_write is not None:
+            self._on_write(chunk)
+        return len(chunk)
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._writer is not None
+        try:
+            if exc is None:
+                self._call(self._writer.commit())
+            else:
+                for future in list(self._pending):  # a write another thread still waits on
+                    future.cancel()
+                self._call(self._writer.abort())
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(drain(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()

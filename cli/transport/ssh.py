@@ -1,0 +1,388 @@
+"""`ssh://[USER@]HOST[:PORT]/PATH`: objects are files on a host reached with the system
+OpenSSH client.
+
+Why the system `ssh` running POSIX commands (`cat`, `tail -c`, `wc -c`, `ln`, `mv`, `rm`) on
+the far side: it works against any host with sshd (a NAS, a backup box) with nothing of
+pg-neon installed there, and it authenticates exactly as the user's `ssh` does (keys, agent,
+~/.ssh/config, known_hosts, jump hosts), which a library such as asyncssh would each have to
+re-implement. `BatchMode=yes` makes every question (a password, an unknown host key) a
+failure instead of a prompt, so nothing hangs a script; host keys are checked as ssh checks
+them (StrictHostKeyChecking is left to the user's config, whose default refuses unknown keys
+in batch mode). `NEON_SSH_COMMAND` replaces the `ssh` program and its first options, as
+GIT_SSH_COMMAND does for git (`NEON_SSH_COMMAND="ssh -i key -F config"`).
+
+Each operation is one `sh -c SCRIPT sh ARG...` on the far side: the scripts are constants and
+every path is one quoted argument, so no path is ever parsed as shell. A write streams into
+a hidden temporary file (`.NAME.XXXX.partial`) with `cat`; a second command checks its size
+against the bytes sent and only then links (or, with `overwrite`, renames) it to its name.
+A killed push leaves the temporary file, never a file at the name: the remote `cat` sees
+end-of-file, but nothing renames what it wrote.
+
+Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
+login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
+directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shlex
+from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit
+
+from cli.storages import mask_url
+from cli.transport.base import (
+    CHUNK,
+    Location,
+    ObjectInfo,
+    ObjectReader,
+    ObjectWriter,
+    Store,
+    StreamCut,
+    already_exists,
+    check_object_name,
+)
+from proto.errors import AuthFailed, Conflict, InvalidArgument, NeonError, NotFound, Unavailable
+
+URL_FORM = "ssh://[USER@]HOST[:PORT]/PATH"
+SSH_COMMAND_ENV = "NEON_SSH_COMMAND"
+SSH_OPTIONS = (
+    "-T",  # no terminal: a binary stream
+    "-a",  # no agent forwarding
+    "-x",  # no X11 forwarding
+    "-o",
+    "ConnectTimeout=30",
+    "-o",
+    "ServerAliveInterval=15",  # a dead link fails in about a minute instead of hanging
+    "-o",
+    "ServerAliveCountMax=4",
+)
+CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
+
+# Exit statuses of the scripts (ssh itself exits 255).
+NOT_FOUND, EXISTS, SHORT, NO_DIR, IS_DIR = 3, 4, 5, 6, 7
+
+# $1 directory, $2 temporary file, $3 final name, $4 1 to overwrite.
+WRITE = (
+    '[ -d "$1" ] || exit 6; [ -d "$3" ] && exit 7; '
+    '[ "$4" = 1 ] || { [ ! -e "$3" ] && [ ! -L "$3" ]; } || exit 4; '
+    'set -C; exec cat > "$2"'
+)
+# $1 temporary file, $2 final name, $3 expected size, $4 1 to overwrite. `ln` never
+# replaces; where the filesystem has no hard links, a check then `mv`.
+COMMIT = (
+    'n=$(wc -c < "$1") || exit 3; [ $n -eq "$3" ] || { rm -f -- "$1"; exit 5; }; '
+    'sync -- "$1" 2>/dev/null; '
+    '[ "$4" = 1 ] && exec mv -f -- "$1" "$2"; '
+    'ln -- "$1" "$2" 2>/dev/null && exec rm -f -- "$1"; '
+    'if [ -e "$2" ] || [ -L "$2" ]; then rm -f -- "$1"; exit 4; fi; '
+    'exec mv -f -- "$1" "$2"'
+)
+# $1 file, $2 first byte (1-based): its size on a line, then its bytes from there.
+READ = '[ -f "$1" ] || exit 3; wc -c < "$1" || exit 3; exec tail -c +"$2" -- "$1"'
+STAT = '[ -f "$1" ] || exit 3; exec wc -c < "$1"'
+# $1 directory: "SIZE NAME\0" per visible regular file.
+LIST = (
+    'cd -- "$1" 2>/dev/null || exit 6; for f in *; do if [ -f "$f" ]; then '
+    'n=$(wc -c < "$f") && printf \'%s %s\\000\' $n "$f"; fi; done; exit 0'
+)
+DELETE = '[ -e "$1" ] || [ -L "$1" ] || exit 3; exec rm -f -- "$1"'
+
+
+def parse_location(url: str) -> Location:
+    shown = mask_url(url)
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidArgument(f"invalid ssh URL {shown}: bad port; expected {URL_FORM}") from None
+    host = parts.hostname
+    if not host or host.startswith("-"):
+        raise InvalidArgument(f"invalid ssh URL {shown}: no host; expected {URL_FORM}")
+    if parts.password is not None:
+        raise InvalidArgument(
+            f"invalid ssh URL {shown}: ssh:// takes no password (ssh authenticates with keys "
+            "or its agent); remove it from the URL"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidArgument(f"invalid ssh URL {shown}: it has a query or fragment")
+    user = unquote(parts.username) if parts.username else None
+    if user is not None and (not user or user.startswith("-")):
+        raise InvalidArgument(f"invalid ssh URL {shown}: bad user name")
+    path = unquote(parts.path)
+    if "\0" in path or "\n" in path:
+        raise InvalidArgument(f"invalid ssh URL {shown}: bad path")
+    if path in ("", "/~", "/~/"):
+        directory, name = ".", None
+    else:
+        if path.startswith("/~/"):
+            path = path[3:]  # relative to the login directory
+        elif path.startswith("/~"):
+            raise InvalidArgument(
+                f"invalid ssh URL {shown}: /~USER paths are not supported; use /~/PATH (the "
+                "login directory) or an absolute path"
+            )
+        if path.endswith("/"):
+            directory, name = path.rstrip("/") or "/", None
+        else:
+            head, _, name = path.rpartition("/")
+            directory = head or ("/" if path.startswith("/") else ".")
+    store = SshStore(host, port, user, directory)
+    if name is not None:
+        check_object_name(name, shown)
+    return Location(store, name)
+
+
+def _ssh_program() -> list[str]:
+    custom = os.environ.get(SSH_COMMAND_ENV)
+    words = shlex.split(custom) if custom else ["ssh"]
+    if not words:
+        raise InvalidArgument(f"{SSH_COMMAND_ENV} is empty; unset it or name an ssh program")
+    # The first value of an option wins in ssh: batch mode before anything the user adds.
+    return [words[0], "-o", "BatchMode=yes", *words[1:], *SSH_OPTIONS]
+
+
+class SshStore(Store):
+    def __init__(self, host: str, port: int | None, user: str | None, directory: str) -> None:
+        self.host, self.port, self.user, self.directory = host, port, user, directory
+        netloc = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host)
+        self._netloc = netloc + (f":{port}" if port else "")
+        self.url = self.path_url(directory).rstrip("/") + "/"
+
+    def path_url(self, path: str) -> str:
+        """The URL of a path on the host, for messages."""
+        if path == ".":
+            return f"ssh://{self._netloc}/~/"
+        if path.startswith("/"):
+            return f"ssh://{self._netloc}{path}"
+        return f"ssh://{self._netloc}/~/{path}"
+
+    def object_url(self, name: str) -> str:
+        return self.url + name
+
+    def _path(self, name: str) -> str:
+        return self._join(check_object_name(name, self.url))
+
+    def _join(self, name: str) -> str:
+        return f"{self.directory.rstrip('/')}/{name}" if self.directory != "." else name
+
+    def _argv(self, script: str, *args: str) -> list[str]:
+        remote = " ".join(["sh", "-c", shlex.quote(script), "sh", *map(shlex.quote, args)])
+        port = ["-p", str(self.port)] if self.port else []
+        user = ["-l", self.user] if self.user else []
+        return [*_ssh_program(), *port, *user, "--", self.host, remote]
+
+    async def _spawn(
+        self, script: str, *args: str, stdin: bool = False
+    ) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self._argv(script, *args),
+                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=CHUNK,
+            )
+        except FileNotFoundError:
+            raise Unavailable(
+                "the OpenSSH client `ssh` is not installed (or NEON_SSH_COMMAND names a missing "
+                "program); install openssh-client"
+            ) from None
+
+    async def _run(self, script: str, *args: str, where: str) -> bytes:
+        """Run a script; its stdout, or the error its exit status means (naming `where`)."""
+        proc = await self._spawn(script, *args)
+        out, err = await proc.communicate()
+        assert proc.returncode is not None
+        if proc.returncode != 0:
+            raise self.error(proc.returncode, err, where)
+        return out
+
+    def error(self, status: int, stderr: bytes, path: str) -> NeonError:
+        """One line for a failed remote command about `path`: ssh's own failures (255) by
+        what ssh said, the scripts' by their status."""
+        where = self.path_url(path)
+        lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {status}"
+        if status == 255:
+            said = " ".join(lines)
+            if "Host key verification failed" in said or "REMOTE HOST IDENTIFICATION" in said:
+                return AuthFailed(
+                    f"{where}: host key verification failed: the key of {self.host} is not in "
+                    "known_hosts (or has changed); check it and add it (ssh-keyscan, or one "
+                    "interactive `ssh` to the host), then run the command again"
+                )
+            if "Permission denied" in said:
+                return AuthFailed(
+                    f"{where}: the server refused the login ({last}); add your public key to "
+                    "its authorized_keys or load the key into ssh-agent"
+                )
+            return Unavailable(f"cannot reach {where} over ssh: {last}")
+        if status == NOT_FOUND:
+            return NotFound(f"{where}: no such file")
+        if status == NO_DIR:
+            return NotFound(f"{where}: no such directory on {self.host}; create it first")
+        if status == EXISTS:
+            return already_exists(where)
+        if status == SHORT:
+            return Unavailable(
+                f"{where}: the far side holds fewer bytes than were sent (is its disk full?)"
+            )
+        if status == IS_DIR:
+            return Conflict(f"{where} is a directory; end the URL with '/' to name a file in it")
+        return Unavailable(f"{where}: the remote command failed: {last}")
+
+    async def stat(self, name: str) -> ObjectInfo | None:
+        path = self._path(name)
+        try:
+            out = await self._run(STAT, path, where=path)
+        except NotFound:
+            return None
+        return ObjectInfo(name, _size(out, self.object_url(name)))
+
+    async def list(self) -> list[ObjectInfo]:
+        out = await self._run(LIST, self.directory, where=self.directory)
+        found = []
+        for record in out.split(b"\0"):
+            if record:
+                size, _, name = record.decode(errors="surrogateescape").partition(" ")
+                if not name.startswith("."):
+                    found.append(ObjectInfo(name, _size(size.encode(), self.url)))
+        return sorted(found, key=lambda o: o.name)
+
+    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        final = self._path(name)
+        tmp = self._join(f".{name}.{secrets.token_hex(4)}.partial")
+        flag = "1" if overwrite else "0"
+        proc = await self._spawn(WRITE, self.directory, tmp, final, flag, stdin=True)
+        return SshWriter(self, proc, tmp, final, flag)
+
+    async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
+        path = self._path(name)
+        proc = await self._spawn(READ, path, str(offset + 1))
+        reader = SshReader(self, proc, path, offset)
+        await reader.start()
+        return reader
+
+    async def delete(self, name: str) -> None:
+        path = self._path(name)
+        await self._run(DELETE, path, where=path)
+
+
+def _size(raw: bytes, where: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise Unavailable(
+            f"{where}: unexpected answer from the remote `wc -c`: {raw[:80]!r}"
+        ) from None
+
+
+class SshWriter(ObjectWriter):
+    def __init__(
+        self, store: SshStore, proc: asyncio.subprocess.Process, tmp: str, final: str, flag: str
+    ) -> None:
+        super().__init__()
+        self._store, self._proc, self._tmp, self._final, self._flag = store, proc, tmp, final, flag
+        assert proc.stderr is not None and proc.stdout is not None
+        self._stderr = asyncio.ensure_future(proc.stderr.read())
+        self._stdout = asyncio.ensure_future(proc.stdout.read())
+
+    async def _failed(self) -> NeonError:
+        """The error of a write command that ended early (the far side refused or broke)."""
+        status = await self._proc.wait()
+        return self._store.error(status or 255, await self._stderr, self._final)
+
+    async def write(self, data: bytes) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        if self._proc.returncode is not None:
+            raise await self._failed()
+        try:
+            stdin.write(data)
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            raise await self._failed() from None
+        self.bytes_written += len(data)
+
+    async def commit(self) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            stdin.close()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await stdin.wait_closed()
+            status = await self._proc.wait()
+            if status != 0:
+                raise self._store.error(status, await self._stderr, self._final)
+            await self._store._run(
+                COMMIT, self._tmp, self._final, str(self.bytes_written), self._flag,
+                where=self._final,
+            )  # fmt: skip
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def abort(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        for task in (self._stderr, self._stdout):
+            task.cancel()
+        with contextlib.suppress(Exception):  # best effort: the file is hidden anyway
+            await asyncio.wait_for(
+                self._store._run(DELETE, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
+            )
+
+
+class SshReader(ObjectReader):
+    def __init__(
+        self, store: SshStore, proc: asyncio.subprocess.Process, path: str, offset: int
+    ) -> None:
+        self._store, self._proc, self._path, self._offset = store, proc, path, offset
+        assert proc.stderr is not None
+        self._stderr = asyncio.ensure_future(proc.stderr.read())
+
+    async def _failed(self) -> NeonError:
+        status = await self._proc.wait()
+        return self._store.error(status, await self._stderr, self._path)
+
+    async def start(self) -> None:
+        """Read the size line: a missing file or a refused login fails here, at open."""
+        stdout = self._proc.stdout
+        assert stdout is not None
+        line = await stdout.readline()
+        if not line.endswith(b"\n"):  # the script refused, or ssh failed: it has ended
+            raise await self._failed()
+        self.size = _size(line, self._store.object_url(self._path))
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        stdout = self._proc.stdout
+        assert stdout is not None and self.size is not None
+        done = self._offset
+        while chunk := await stdout.read(CHUNK):
+            done += len(chunk)
+            yield chunk
+        status = await self._proc.wait()
+        # 255: ssh lost the connection; < 0: the client was killed (as a dropped link).
+        if status == 255 or status < 0 or (status == 0 and done < self.size):
+            raise StreamCut(
+                f"{self._store.object_url(self._path)}: the ssh stream ended after {done} of "
+                f"{self.size} bytes"
+            )
+        if status != 0:
+            raise await self._failed()
+
+    async def close(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        self._stderr.cancel()

@@ -1,0 +1,135 @@
+"""http(s):// against a real aiohttp server on 127.0.0.1: a cut download resumes through Range,
+refusals are one line naming the URL with its secrets masked, a refused upload leaves
+nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.transport import base, parse_location
+from cli.transport.base import StreamCut, read_object
+from cli.transport.http import HttpStore
+from proto.errors import AuthFailed, InvalidArgument, NotFound, Unavailable
+from tests.cli.transport.conftest import entries
+from tests.httpd import FileServer, file_server
+from tests.pgtest import free_port
+
+DATA = os.urandom(2 * 1024 * 1024 + 7)
+
+
+def test_urls() -> None:
+    loc = parse_location("https://me:s3cret@host.example:8443/a%20dir/x%40y.neon?sig=abc")
+    assert isinstance(loc.store, HttpStore) and loc.name == "x@y.neon"
+    assert loc.url == "https://me:****@host.example:8443/a%20dir/x%40y.neon?****"
+    directory = parse_location("http://host/snaps/")
+    assert directory.name is None
+    assert directory.named("p@s.neon").url == "http://host/snaps/p%40s.neon"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://host:123456/x.neon", "bad port"),
+        ("http:///x.neon", "no host"),
+        ("http://me:s3cret@/x.neon", "no host"),
+        ("http://host/x.neon#frag", "fragment"),
+    ],
+)
+def test_malformed_urls_are_one_line(url: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message) as raised:
+        parse_location(url)
+    assert "s3cret" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+async def test_cut_download_resumes_with_range(httpd: FileServer, remote_dir: Path) -> None:
+    (remote_dir / "x.neon").write_bytes(DATA)
+    httpd.cut_gets.extend([100_000, 700_000])
+    seen: list[tuple[int, int | None]] = []
+    got = b"".join(
+        [
+            c
+            async for c in read_object(
+                parse_location(httpd.url("x.neon")), lambda d, t: seen.append((d, t))
+            )
+        ]
+    )
+    assert got == DATA
+    gets = [(r[0], r[2]) for r in httpd.requests if r[0] == "GET"]
+    assert gets == [("GET", None), ("GET", "bytes=100000-"), ("GET", "bytes=800000-")]
+    assert seen[-1] == (len(DATA), len(DATA))
+
+
+async def test_too_many_cuts_give_up(
+    httpd: FileServer, remote_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "REOPEN_DELAY", 0.01)
+    (remote_dir / "x.neon").write_bytes(DATA)
+    httpd.cut_gets.extend([10] * (base.REOPEN_ATTEMPTS + 1))
+    with pytest.raises(StreamCut, match=r"x\.neon: the download was cut after \d+ bytes"):
+        async for _ in read_object(parse_location(httpd.url("x.neon"))):
+            pass
+    assert len([r for r in httpd.requests if r[0] == "GET"]) == base.REOPEN_ATTEMPTS + 1
+
+
+@pytest.fixture
+def httpd_auth(remote_dir: Path) -> Iterator[FileServer]:
+    with file_server(remote_dir, auth=("me", "s3cret")) as server:
+        yield server
+
+
+async def test_basic_auth_and_masked_refusal(httpd_auth: FileServer, remote_dir: Path) -> None:
+    (remote_dir / "x.neon").write_bytes(b"data")
+    server = httpd_auth
+    good = parse_location(server.url("x.neon"))
+    assert b"".join([c async for c in read_object(good)]) == b"data"
+    bad = parse_location(server.url("x.neon").replace("s3cret", "wrong"))
+    with pytest.raises(AuthFailed, match=r"me:\*\*\*\*@127\.0\.0\.1.*HTTP 401") as raised:
+        await bad.store.stat("x.neon")
+    assert "wrong" not in str(raised.value)
+    with pytest.raises(AuthFailed, match="HTTP 401"):
+        async with await bad.store.open_write("y.neon", overwrite=False) as w:
+            await w.write(DATA)
+    assert entries(remote_dir) == ["x.neon"]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "message"),
+    [
+        (507, Unavailable, "no space left"),
+        (403, AuthFailed, "refused access"),
+        (405, InvalidArgument, "does not accept PUT"),
+        (404, NotFound, "no such file"),
+    ],
+)
+async def test_refused_upload_leaves_nothing(
+    httpd: FileServer, remote_dir: Path, status: int, error: type[Exception], message: str
+) -> None:
+    httpd.refuse_puts = status
+    loc = parse_location(httpd.url("x.neon"))
+    with pytest.raises(error, match=message):
+        async with await loc.store.open_write("x.neon", overwrite=False) as w:
+            for i in range(0, len(DATA), 1 << 20):
+                await w.write(DATA[i : i + (1 << 20)])
+    assert entries(remote_dir) == []
+
+
+async def test_presigned_url_is_masked_and_not_probed(httpd: FileServer) -> None:
+    loc = parse_location(httpd.url("x.neon") + "?X-Amz-Signature=abcdef")
+    assert loc.url.endswith("/x.neon?****")
+    assert await loc.store.stat("x.neon") is None
+    assert httpd.requests == []  # signed for one method: no HEAD
+
+
+async def test_unreachable_server() -> None:
+    url = f"http://127.0.0.1:{free_port()}/x.neon"
+    loc = parse_location(url)
+    with pytest.raises(Unavailable, match=rf"cannot download {url}"):
+        async for _ in read_object(loc):
+            pass
+    with pytest.raises(Unavailable, match=rf"cannot upload to {url}"):
+        async with await loc.store.open_write("x.neon", overwrite=False) as w:
+            await w.write(b"x")

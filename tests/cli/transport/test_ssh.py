@@ -1,0 +1,169 @@
+"""ssh:// against a real sshd on 127.0.0.1: what ssh refuses is one clear line and never a
+prompt (an unknown host key, a refused key, a closed port), paths are never parsed as shell,
+and URLs are checked before anything runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from cli.transport import parse_location
+from cli.transport.base import read_object
+from cli.transport.ssh import SshStore
+from proto.errors import AuthFailed, Conflict, InvalidArgument, NotFound, Unavailable
+from tests.cli.transport.conftest import entries
+from tests.pgtest import free_port
+from tests.sshd import SshServer
+
+
+def store_of(url: str) -> tuple[SshStore, str | None]:
+    loc = parse_location(url)
+    assert isinstance(loc.store, SshStore)
+    return loc.store, loc.name
+
+
+@pytest.mark.parametrize(
+    ("url", "user", "port", "directory", "name"),
+    [
+        ("ssh://backup@db.example:2222/srv/snaps/x.neon", "backup", 2222, "/srv/snaps", "x.neon"),
+        ("ssh://host", None, None, ".", None),  # the proposal's ssh://user@host: login dir
+        ("ssh://host/", None, None, "/", None),
+        ("ssh://host/~/", None, None, ".", None),
+        ("ssh://host/~/x.neon", None, None, ".", "x.neon"),
+        ("ssh://host/~/sub/dir/", None, None, "sub/dir", None),
+        ("ssh://host/x.neon", None, None, "/", "x.neon"),
+        ("ssh://[::1]:22/a%20b/x%40y.neon", None, 22, "/a b", "x@y.neon"),
+    ],
+)
+def test_urls(
+    url: str, user: str | None, port: int | None, directory: str, name: str | None
+) -> None:
+    store, got = store_of(url)
+    assert (store.user, store.port, store.directory, got) == (user, port, directory, name)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ssh://host:99999/x", "bad port"),
+        ("ssh://host:ab/x", "bad port"),
+        ("ssh:///x.neon", "no host"),
+        ("ssh://-oProxyCommand=touch%20x/y", "no host"),
+        ("ssh://me:hunter2@host/x", "takes no password"),
+        ("ssh://host/~bob/x.neon", "/~USER paths are not supported"),
+        ("ssh://host/x.neon?a=1", "query"),
+        ("ssh://host/dir/.hidden", "invalid object name"),
+    ],
+)
+def test_malformed_urls_are_one_line(url: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message) as raised:
+        parse_location(url)
+    text = str(raised.value)
+    assert "\n" not in text and "hunter2" not in text
+
+
+def test_unknown_host_key_fails_without_prompting(sshd: SshServer, remote_dir: Path) -> None:
+    """A known_hosts without the server's key: ssh's default check refuses it in batch mode,
+    and a terminal-less run ends at once (a prompt would hang until the timeout)."""
+    env = {**os.environ, "NEON_SSH_COMMAND": f"ssh -F {sshd.config_without_host_key()}"}
+    code = (
+        "import asyncio, sys\n"
+        "from cli.transport import parse_location\n"
+        "loc = parse_location(sys.argv[1])\n"
+        "asyncio.run(loc.store.stat(loc.name))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, sshd.url(f"{remote_dir}/x.neon")],
+        env={**env, "PYTHONPATH": str(Path(__file__).parents[3])},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,  # no controlling terminal: ssh could not even try to ask
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "AuthFailed" in last and "host key verification failed" in last, proc.stderr
+    assert "known_hosts" in last
+
+
+async def test_refused_key_and_closed_port(
+    sshd: SshServer, remote_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEON_SSH_COMMAND", f"ssh -F {sshd.config_with_other_key()}")
+    store, _ = store_of(sshd.url(f"{remote_dir}/x.neon"))
+    with pytest.raises(AuthFailed, match=r"refused the login .*Permission denied"):
+        await store.stat("x.neon")
+    monkeypatch.setenv("NEON_SSH_COMMAND", sshd.ssh_command)
+    closed, _ = store_of(f"ssh://127.0.0.1:{free_port()}/tmp/x.neon")
+    with pytest.raises(Unavailable, match=r"cannot reach ssh://127\.0\.0\.1:\d+/tmp/x\.neon"):
+        await closed.stat("x.neon")
+
+
+async def test_missing_directory_and_directory_name(ssh_env: SshServer, remote_dir: Path) -> None:
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/nodir/x.neon"))
+    writer = await store.open_write("x.neon", overwrite=False)
+    with pytest.raises(NotFound, match=r"nodir/x\.neon: no such directory"):
+        async with writer:
+            await writer.write(b"x" * 100)
+    (remote_dir / "sub").mkdir()
+    store, name = store_of(ssh_env.url(f"{remote_dir}/sub"))
+    assert name == "sub"
+    writer = await store.open_write("sub", overwrite=False)
+    with pytest.raises(Conflict, match="is a directory; end the URL with '/'"):
+        async with writer:
+            await writer.write(b"x")
+    assert entries(remote_dir) == ["sub"]
+    assert entries(remote_dir / "sub") == []
+
+
+async def test_paths_are_never_shell(ssh_env: SshServer, remote_dir: Path) -> None:
+    """Quotes, spaces, `$(...)`, globs and a leading '-' reach the far side as names."""
+    nasty = remote_dir / "it's a $(touch PWNED) dir"
+    nasty.mkdir()
+
+    for name in ("-x y*.neon", "a'b;rm -rf ~.neon", "$HOME`id`.neon"):
+        store, got = store_of(ssh_env.url(quote(f"{nasty}/{name}")))
+        assert got == name
+        async with await store.open_write(name, overwrite=False) as w:
+            await w.write(b"data")
+        assert (nasty / name).read_bytes() == b"data"
+    assert sorted(o.name for o in await store.list()) == sorted(entries(nasty))
+    assert not list(remote_dir.rglob("PWNED")) and not Path("PWNED").exists()
+
+
+async def test_cut_ssh_stream_is_resumed(ssh_env: SshServer, remote_dir: Path) -> None:
+    """The reader of a stream whose ssh dies mid-way reports a cut, and read_object carries
+    on from the offset it reached."""
+    data = os.urandom(5 * 1024 * 1024)
+    (remote_dir / "x.neon").write_bytes(data)
+    loc = parse_location(ssh_env.url(f"{remote_dir}/x.neon"))
+    got = bytearray()
+    killed = False
+    async for chunk in read_object(loc):
+        got += chunk
+        if not killed and len(got) >= 1 << 20:
+            killed = True
+            for pid in _ssh_clients():
+                os.kill(pid, 9)  # the ssh client of this read, as a dropped link ends it
+    assert killed and bytes(got) == data
+
+
+def _ssh_clients() -> list[int]:
+    """PIDs of this process's ssh clients (not the sshd, also its child)."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and (entry / "comm").read_text().strip() == "ssh":
+                found.append(int(entry.name))
+    return found
