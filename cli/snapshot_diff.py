@@ -28,14 +28,17 @@ import click
 import psycopg
 from psycopg import sql
 
-from cli.context import get_app
+from cli import nodes
+from cli.context import App, get_app
+from cli.ingest_wait import wait_for_ingest
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
+from cli.registry import NodeRow
 from cli.snapshot_export import _databases, _snapshot_server, _with_db
 from pageserver_api.models import SnapshotDiffRequest, SnapshotDiffResponse, SnapshotShowRequest
 from pg15.lsn import format_lsn
-from proto.errors import ExternalCommandFailed, NotFound
+from proto.errors import Conflict, ExternalCommandFailed, NotFound
 
 DEFAULT_ROW_LIMIT = 100
 _FETCH_ROWS = 2000
@@ -84,17 +87,41 @@ def snapshot_diff(
     names = [app.registry.snapshot_name(n) for n in (from_name, to_name)]
     api = local_api(app)
     for name in names:  # one clear error before any server starts
-        api.snapshot_show(SnapshotShowRequest(name))
+        node = _current_node(app, name)
+        if node is None:
+            api.snapshot_show(SnapshotShowRequest(name))
+        elif mode == "stat":  # the node's state as its server has made it durable
+            wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+            if wait is not None:
+                show = not as_json and sys.stderr.isatty()
+                wait_for_ingest(app, node.id, wait, show_progress=show)
     if mode == "stat":
         _print_stat(api.snapshot_diff(SnapshotDiffRequest(*names)), as_json)
         return
     with contextlib.ExitStack() as servers:
-        connstrs = [servers.enter_context(_snapshot_server(app, name)) for name in names]
+        connstrs = [_connstr(app, servers, name) for name in names]
         databases = _databases_to_compare(connstrs, names, db)
         if mode == "schema":
             _print_schema(connstrs, names, databases, as_json)
         else:
             _print_data(connstrs, databases, rows, limit, as_json)
+
+
+def _current_node(app: App, name: str) -> NodeRow | None:
+    """The node of `PGDATA@CURRENT` (its live state), None for a snapshot name."""
+    ref, _sep, tag = name.rpartition("@")
+    return app.registry.get_node(ref) if tag == "CURRENT" else None
+
+
+def _connstr(app: App, servers: contextlib.ExitStack, name: str) -> str:
+    """Where to read `name`: a snapshot's read-only server (started here if none runs, and
+    stopped when `servers` closes), or for PGDATA@CURRENT the running node itself."""
+    node = _current_node(app, name)
+    if node is None:
+        return servers.enter_context(_snapshot_server(app, name))
+    if nodes.node_status(app, node).state != "running":
+        raise Conflict(f"node {node.id} is not running; start it with `neon pg start {node.id}`")
+    return nodes.connstr(app, node)
 
 
 # --- --stat ---------------------------------------------------------------------------------

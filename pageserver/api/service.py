@@ -285,8 +285,8 @@ class Pageserver:
     def diff_snapshots(self, a: str, b: str) -> tuple[Snapshot, Snapshot, DiffStat]:
         """The pages that differ from snapshot `a` to `b`, per relation (one history only:
         snapshots of different storages or imported histories share no pages)."""
-        history_a, snap_a = self.find_snapshot(a)
-        history_b, snap_b = self.find_snapshot(b)
+        history_a, snap_a = self._snapshot_or_current(a)
+        history_b, snap_b = self._snapshot_or_current(b)
         try:
             if history_a is not history_b:
                 raise DifferentHistories("they live in different storages")
@@ -302,6 +302,18 @@ class Pageserver:
                 "`--data`"
             ) from None
         return snap_a, snap_b, stat
+
+    def _snapshot_or_current(self, name: str) -> tuple[StorageHistory, Snapshot]:
+        """A snapshot, or `PGDATA@CURRENT`: a node's state as far as it is ingested."""
+        ref, sep, tag = name.rpartition("@")
+        node = next((n for n in self.nodes.all() if ref in (n.node_id, n.pgdata)), None)
+        if not sep or tag != "CURRENT" or node is None:
+            return self.find_snapshot(name)
+        store, lsn = self._snapshot_lsn_now(node.node_id)
+        if store.state is None:
+            raise NotFound(f"node {node.node_id} has no page history yet")
+        state = store.state
+        return store.history, new_snapshot(name, node.node_id, state.timeline_id, lsn, state.parent)
 
     def destroy_snapshot(self, name: str) -> Snapshot:
         """Forget a snapshot; an imported one takes its history along when nothing else

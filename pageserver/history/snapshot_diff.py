@@ -222,11 +222,15 @@ def _page_differs(
     in_a: bool,
     in_b: bool,
 ) -> bool:
-    if in_a != in_b:
-        page = _read_or_none(read, a if in_a else b, key)
+    pages: dict[bool, bytes | None] = {}
+    if in_a != in_b:  # written on one side only: its copy is newer if its LSN says so
+        page = pages[in_a] = _read_or_none(read, a if in_a else b, key)
         if page is not None and get_lsn(page) > common_lsn:
             return True
-    return _read_or_none(read, a, key) != _read_or_none(read, b, key)
+    for is_a, point in ((True, a), (False, b)):
+        if is_a not in pages:
+            pages[is_a] = _read_or_none(read, point, key)
+    return pages[True] != pages[False]
 
 
 _KIND_ORDER = {"r": 0, "m": 0, "p": 0, "S": 0, "t": 1, "i": 2, "I": 2}

@@ -298,3 +298,14 @@ def test_stat_between_different_histories_points_to_schema_and_data(
         assert {s["table_name"] for s in stats} >= {"public.newt", "public.gone"}
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_current_is_the_live_node(home: NeonCli, connstr: str) -> None:
+    psql(connstr, "UPDATE keep SET v = 'live' WHERE id = 7")
+    stat = home.json("snapshot", "diff", B, "pgdata1@CURRENT")
+    assert stat["to_snapshot"] == "pgdata1@CURRENT" and stat["to_lsn"] > stat["from_lsn"]
+    assert {"public.keep", "public.keep_v"} <= {
+        f"{r['schema']}.{r['name']}" for r in stat["relations"]
+    }
+    (keep,) = home.json("snapshot", "diff", B, "primary1@CURRENT", "--data")
+    assert keep["table_name"] == "public.keep" and keep["rows_modified"] == 1
