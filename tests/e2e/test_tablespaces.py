@@ -130,6 +130,7 @@ def test_snapshot_start_create_and_checkout_with_tablespaces(neon: NeonCli, far:
     assert files_under(far) == far_files  # the copy never wrote to the node's location
 
     check_tablespace_mapping(neon, far, want)
+    check_neon_file_round_trip(neon, far, want)
     assert files_under(far) == far_files
 
     neon.run("pg", "checkout", "pgdata1@ts")
@@ -198,6 +199,27 @@ def check_tablespace_mapping(neon: NeonCli, far: Path, want: dict[str, str]) -> 
         assert_same_dumps(dump_all(conn), want, "checkout of the mapped node")
     finally:
         neon.run("pg", "destroy", "--yes", mapped)
+
+
+def check_neon_file_round_trip(neon: NeonCli, far: Path, want: dict[str, str]) -> None:
+    """`snapshot export` to a .neon file and `snapshot import` of it: the file has every
+    tablespace in place and no locations, so the import records both as in place (the
+    absolute one's location stays behind: mapping it is refused, naming none), and a node
+    made from it has the data with both tablespaces in place."""
+    neon_file = far.parent / "ts.neon"
+    neon.run("snapshot", "export", "pgdata1@ts", "-o", str(neon_file))
+    neon.run("snapshot", "import", "--from", str(neon_file), "tsfile")
+    err = neon.fail("pg", "create", "--snapshot", "tsfile", "--tablespace-mapping", f"{far}=/x")
+    assert "its absolute tablespace locations: none" in err, err
+    node = neon.json("pg", "create", "--snapshot", "tsfile", "--port", str(free_port()))["pgdata"]
+    try:
+        conn = connstr(neon, node)
+        assert_same_dumps(dump_all(conn), want, "pg create --snapshot of a re-imported .neon")
+        in_place(conn)
+    finally:
+        neon.run("pg", "destroy", "--yes", node)
+        neon.run("snapshot", "destroy", "tsfile")
+        neon_file.unlink()
 
 
 def extract_and_dump(neon: NeonCli, lsn: str, tag: str) -> tuple[dict[str, str], list[str]]:
