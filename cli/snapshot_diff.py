@@ -36,7 +36,13 @@ from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
 from cli.registry import NodeRow
 from cli.snapshot_export import _databases, _snapshot_server, _with_db
-from pageserver_api.models import SnapshotDiffRequest, SnapshotDiffResponse, SnapshotShowRequest
+from pageserver_api.models import (
+    RelationDiff,
+    SnapshotDiffRequest,
+    SnapshotDiffResponse,
+    SnapshotShowRequest,
+)
+from pg15.constants import BLCKSZ
 from pg15.lsn import format_lsn
 from proto.errors import Conflict, ExternalCommandFailed, NotFound
 
@@ -137,7 +143,45 @@ def _print_stat(diff: SnapshotDiffResponse, as_json: bool) -> None:
     )
     print_table(
         ("DATABASE", "TABLE", "RELATION", "KIND", "CHANGE", "PAGES", "CHANGED", "BYTES"),
-        [
+        _stat_rows(diff.relations),
+    )
+    click.echo(
+        f"{len(diff.relations)} relations, {diff.pages_changed} pages changed "
+        f"({human_size(diff.bytes_changed)})"
+    )
+
+
+_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
+
+
+def _stat_rows(relations: Sequence[RelationDiff]) -> list[tuple[object, ...]]:
+    """One row per relation of the users' tables; the system catalogs' relations (with their
+    indexes and TOAST) summed per database and kind of change, after that database's rows
+    (--json lists every one)."""
+    rows: list[tuple[object, ...]] = []
+    system: dict[str, list[int]] = {}
+
+    def flush_system(database: str) -> None:
+        for change, (count, before, after, changed) in system.items():
+            what = f"{count} relation{'s' * (count != 1)}"
+            rows.append(
+                (database, "(system catalogs)", what, "catalog", change, f"{before}->{after}",
+                 changed, human_size(changed * BLCKSZ))
+            )  # fmt: skip
+        system.clear()
+
+    database = None
+    for r in relations:
+        if r.database != database:
+            if database is not None:
+                flush_system(database)
+            database = r.database
+        if r.table is not None and r.table.split(".", 1)[0] in _SYSTEM_SCHEMAS:
+            sums = system.setdefault(r.change, [0, 0, 0, 0])
+            for i, n in enumerate((1, r.pages_before, r.pages_after, r.pages_changed)):
+                sums[i] += n
+            continue
+        rows.append(
             (
                 r.database,
                 r.table,
@@ -148,13 +192,10 @@ def _print_stat(diff: SnapshotDiffResponse, as_json: bool) -> None:
                 r.pages_changed,
                 human_size(r.bytes_changed),
             )
-            for r in diff.relations
-        ],
-    )
-    click.echo(
-        f"{len(diff.relations)} relations, {diff.pages_changed} pages changed "
-        f"({human_size(diff.bytes_changed)})"
-    )
+        )
+    if database is not None:
+        flush_system(database)
+    return rows
 
 
 # --- --schema -------------------------------------------------------------------------------
@@ -249,7 +290,8 @@ SELECT n.nspname, c.relname,
                       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
                       WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.n), '{}')::text[]
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+WHERE c.relkind = 'r' AND c.relpersistence = 'p'  -- a standby cannot read unlogged tables
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
 ORDER BY 1, 2
 """

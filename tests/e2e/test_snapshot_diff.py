@@ -230,6 +230,7 @@ def test_stat_reversed_swaps_created_and_dropped(home: NeonCli, stat: dict[str, 
     }
     table = home.run("snapshot", "diff", A, B).stdout
     assert "public.newt" in table and "created" in table and "public.keep" not in table
+    assert "(system catalogs)" in table and "pg_class" not in table  # summed, not listed
 
 
 def test_unknown_snapshot_is_one_error(home: NeonCli) -> None:
