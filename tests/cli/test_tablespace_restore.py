@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cli.tablespace_restore import restore_own_locations
+from cli.tablespace_restore import remove_left_locations, restore_own_locations
 from pageserver_api.models import TablespaceLocation
 
 VERSION = "PG_15_202209061"
@@ -47,3 +47,38 @@ def test_only_the_nodes_own_locations_are_restored(tmp_path: Path) -> None:
     put(rebuilt / "pg_tblspc" / "16385" / VERSION / "5" / "16400", b"snapshot again")
     assert restore_own_locations(rebuilt, current, spaces) == [16385]
     assert (own / VERSION / "5" / "16400").read_bytes() == b"snapshot again"
+
+
+def test_a_mapped_tablespace_goes_back_to_the_nodes_own_location(tmp_path: Path) -> None:
+    """A node made with --tablespace-mapping OLD=NEW links to NEW while the history records
+    OLD: the checkout puts the tablespace back at NEW and never writes OLD."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    current, rebuilt = tmp_path / "pgdata", tmp_path / "pgdata.checkout"
+    put(old / VERSION / "5" / "16400", b"the source server's")
+    put(new / VERSION / "5" / "16400", b"state being left")
+    (current / "pg_tblspc").mkdir(parents=True)
+    os.symlink(new, current / "pg_tblspc" / "16385")
+    put(rebuilt / "pg_tblspc" / "16385" / VERSION / "5" / "16400", b"snapshot")
+    assert restore_own_locations(rebuilt, current, [TablespaceLocation(16385, str(old))]) == [16385]
+    assert os.readlink(rebuilt / "pg_tblspc" / "16385") == str(new)
+    assert (new / VERSION / "5" / "16400").read_bytes() == b"snapshot"
+    assert (old / VERSION / "5" / "16400").read_bytes() == b"the source server's"
+
+
+def test_files_of_a_tablespace_the_node_left_are_removed(tmp_path: Path) -> None:
+    """After the swap: the old directory links to a location the new one does not use (the
+    snapshot predates the tablespace): its version directory goes, the location stays; a
+    location both use and an in-place tablespace are untouched."""
+    left, kept = tmp_path / "left", tmp_path / "kept"
+    old, live = tmp_path / "pgdata.old", tmp_path / "pgdata"
+    put(left / VERSION / "5" / "16400", b"left behind")
+    put(kept / VERSION / "5" / "16500", b"still the node's")
+    for d in (old, live):
+        (d / "pg_tblspc").mkdir(parents=True)
+        os.symlink(kept, d / "pg_tblspc" / "16390")
+    os.symlink(left, old / "pg_tblspc" / "16385")
+    put(old / "pg_tblspc" / "16386" / VERSION / "1" / "1", b"in place")
+    assert remove_left_locations(old, live) == [left / VERSION]
+    assert left.is_dir() and not (left / VERSION).exists()
+    assert (kept / VERSION / "5" / "16500").read_bytes() == b"still the node's"
+    assert remove_left_locations(old, live) == []  # repeatable (a crash before the cleanup)
