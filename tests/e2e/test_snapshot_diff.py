@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.neoncli import NeonCli, free_port, psql
@@ -87,7 +88,14 @@ def home() -> Iterator[NeonCli]:
         psql(connstr, SETUP)
         neon.run("snapshot", "create", A)
         psql(connstr, WORKLOAD)
-        neon.run("snapshot", "create", B)
+        # A table made by a transaction still open at B: its pages are in B, its catalog
+        # rows are not visible there (the CLOG says in progress).
+        with psycopg.connect(connstr) as pending:
+            pending.execute("CREATE TABLE pending (id int)")
+            pending.execute("INSERT INTO pending SELECT generate_series(1, 500)")
+            psql(connstr, "SELECT txid_current()")  # a commit: WAL flushed up to here
+            neon.run("snapshot", "create", B)
+            pending.rollback()
         yield neon
     finally:
         neon.cleanup()
@@ -186,6 +194,9 @@ def test_stat_names_exactly_the_touched_relations(stat: dict[str, Any], connstr:
     # Updated rows that do not fit their page (not HOT) add entries to upd_pkey.
     assert touched <= user <= touched | {"public.upd_pkey"}
     assert not any(n.startswith("public.keep") for n in named)
+    (pending,) = named["None.None"]  # not committed at B: no visible catalog row names it
+    assert (pending["kind"], pending["change"], pending["table"]) == ("relation", "created", None)
+    assert pending["pages_after"] == 3
     toast = {r["table"]: r for r in stat["relations"] if r["kind"] == "toast table"}
     assert toast.keys() == {"public.toasty", "public.newt"}  # newt's is new and empty
     assert toast["public.toasty"]["change"] == "modified"
