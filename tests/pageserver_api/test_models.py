@@ -63,6 +63,7 @@ REQUESTS: list[m.ApiRequest] = [
     m.PitrDestroyRequest("long"),
     m.PitrExtractRequest("long", time=datetime(2026, 11, 23, 22, tzinfo=UTC), tag="old"),
     m.GcRunRequest(),
+    m.SnapshotDiffRequest("pgdata1@s1", "pgdata1@CURRENT"),
 ]
 
 RESPONSES: list[m.ApiResponse] = [
@@ -93,6 +94,51 @@ RESPONSES: list[m.ApiResponse] = [
     AREA,
     m.PitrListResponse([dataclasses.replace(AREA, from_lsn=16, to_lsn=32)]),
     m.GcRunResponse([m.GcResult(3, 4096), m.GcResult(0, 0)]),
+    m.SnapshotDiffResponse(
+        "pgdata1@s1",
+        "pgdata1@s2",
+        16,
+        32,
+        16,
+        3,
+        3 * 8192,
+        [
+            m.RelationDiff(
+                "postgres",
+                "public",
+                "t",
+                "table",
+                "public.t",
+                "modified",
+                1663,
+                5,
+                16384,
+                16384,
+                4,
+                5,
+                3,
+                3 * 8192,
+                [m.ForkDiff("main", 4, 5, 3), m.ForkDiff("init", None, 0, 0)],
+            ),
+            m.RelationDiff(
+                "postgres",
+                None,
+                None,
+                "relation",
+                None,
+                "created",
+                1663,
+                5,
+                16390,
+                None,
+                0,
+                0,
+                0,
+                0,
+                [m.ForkDiff("main", None, 0, 0)],
+            ),
+        ],
+    ),
 ]
 
 
