@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from cli.pgbin import claim_dir, give_to_pg_user
+from cli.pgbin import claim_dir, give_to_pg_user, pg_os_user, traversal_mode
 from durable_files import fsync_dir
 from pg15.datadir_layout import TABLESPACE_VERSION_DIRECTORY
 from proto.errors import InvalidArgument
@@ -97,25 +97,31 @@ def place_mapped_tablespaces(
     mapped to its NEW directory and link pg_tblspc/OID there. Every NEW is claimed (checked,
     created if new) before anything moves; a refusal removes the directories it created."""
     moves: list[tuple[int, Path]] = []
-    created: list[Path] = []
+    created: list[Path] = []  # deepest first: NEW and the parents made for it
     try:
         for oid, location in sorted(tablespaces.items()):
             if location and os.path.normpath(location) in mappings:
                 new = Path(mappings[os.path.normpath(location)])
-                if not os.path.lexists(new):
-                    created.append(new)
+                missing = [p for p in (new, *new.parents) if not os.path.lexists(p)]
+                created.extend(missing)
+                # PostgreSQL's account must enter NEW: it gets a NEW pg-neon creates, and
+                # an existing one of ours is made enterable by it (never re-owned).
+                user = pg_os_user()
+                ours = user is not None and missing[:1] != [new] and new.stat().st_uid != user.uid
+                mode = traversal_mode() if ours else 0o700
                 try:
-                    claimed = claim_dir(new, mode=0o700, markers=(), what="tablespace location")
+                    claimed = claim_dir(new, mode=mode, markers=(), what="tablespace location")
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"{OPTION} {location}={new}: {exc}") from None
+                if missing[:1] == [new]:
+                    give_to_pg_user(claimed)
                 moves.append((oid, claimed))
     except BaseException:
-        for path in reversed(created):
+        for path in created:
             with contextlib.suppress(OSError):
                 path.rmdir()
         raise
     for oid, new in moves:
-        give_to_pg_user(new)
         in_place = datadir / "pg_tblspc" / str(oid)
         shutil.move(in_place / TABLESPACE_VERSION_DIRECTORY, new / TABLESPACE_VERSION_DIRECTORY)
         fsync_dir(new)

@@ -3,10 +3,22 @@ paths, `\\=` for an '=' in a path, canonical forms; every bad form is one Invali
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
-from cli.tablespace_mapping import check_mapped, mapped, parse_mappings
+from cli.pgbin import pg_os_user
+from cli.tablespace_mapping import (
+    check_mapped,
+    mapped,
+    parse_mappings,
+    place_mapped_tablespaces,
+)
 from proto.errors import InvalidArgument
+from tests.pgtest import pg_reachable_tmpdir
+
+VERSION = "PG_15_202209061"
 
 
 def test_mappings_are_parsed_as_pg_basebackup_does() -> None:
@@ -51,3 +63,35 @@ def test_old_must_be_a_location_of_the_snapshot() -> None:
     assert mapped({"/srv/ts1": "/n"}, "/srv/ts1/") == "/n"
     assert mapped({"/srv/ts1": "/n"}, "") == ""  # in place stays in place
     assert mapped({"/srv/ts1": "/n"}, "/other") == "/other"
+
+
+def test_placing_claims_every_new_first_and_undoes_a_refusal() -> None:
+    """NEW directories are claimed before anything moves: a refusal (a NEW with files) leaves
+    the rebuilt directory as it was and removes what it created for the other mapping; an
+    existing empty NEW of ours is used, made enterable (never re-owned)."""
+    base = pg_reachable_tmpdir("neon-tsmap-")
+    try:
+        datadir = base / "pgdata"
+        for oid in (16385, 16386):
+            rel = datadir / "pg_tblspc" / str(oid) / VERSION / "5" / "16400"
+            rel.parent.mkdir(parents=True)
+            rel.write_bytes(f"rel of {oid}".encode())
+        busy, empty, fresh = base / "busy", base / "empty", base / "made" / "for" / "it"
+        (busy / "PG_15_202209061").mkdir(parents=True)
+        empty.mkdir()
+        spaces = {16385: "/srv/a", 16386: "/srv/b"}
+        with pytest.raises(InvalidArgument, match=f"--tablespace-mapping /srv/b={busy}: "):
+            place_mapped_tablespaces(datadir, spaces, {"/srv/a": str(fresh), "/srv/b": str(busy)})
+        assert not (base / "made").exists()
+        assert all((datadir / "pg_tblspc" / str(oid) / VERSION).is_dir() for oid in spaces)
+
+        place_mapped_tablespaces(datadir, spaces, {"/srv/a": str(fresh), "/srv/b": str(empty)})
+        for oid, new in ((16385, fresh), (16386, empty)):
+            assert os.readlink(datadir / "pg_tblspc" / str(oid)) == str(new)
+            assert (new / VERSION / "5" / "16400").read_bytes() == f"rel of {oid}".encode()
+        user = pg_os_user()
+        if user is not None:  # as root: PostgreSQL's account owns what was made for it
+            assert fresh.stat().st_uid == user.uid
+            assert empty.stat().st_uid == os.getuid() and empty.stat().st_mode & 0o001
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
