@@ -9,7 +9,12 @@
   two key-ordered streams, one per server, so memory stays bounded whatever the table size:
   keys are compared as their text forms ordered by COLLATE "C" (byte order, which is Python's
   str order), so the merge needs no knowledge of each type's ordering. Counts follow Dolt's
-  `dolt_diff_stat` (rows and cells added, deleted, modified; old and new counts).
+  `dolt_diff_stat` (rows and cells added, deleted, modified; old and new counts). Columns
+  are matched by name: one a side lacks reads as NULL there (an added column without a
+  default changes no row). Unlogged tables are skipped (a standby cannot read them).
+- Either side may be `PGDATA@CURRENT`, the node's live state: for `--stat` as far as the page
+  history has it once ingest reached the server's WAL, for `--schema`/`--data` the running
+  node itself.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import functools
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -234,14 +240,11 @@ def _schema_dump(connstr: str, db: str) -> str:
     return proc.stdout
 
 
-_HELP: list[str] = []
-
-
+@functools.cache
 def _pg_dump_help() -> str:
-    if not _HELP:
-        proc = subprocess.run([pg_binary("pg_dump"), "--help"], capture_output=True, text=True)
-        _HELP.append(proc.stdout)
-    return _HELP[0]
+    """pg_dump's options: --restrict-key exists from 15.14 on."""
+    proc = subprocess.run([pg_binary("pg_dump"), "--help"], capture_output=True, text=True)
+    return proc.stdout
 
 
 def _print_schema(
