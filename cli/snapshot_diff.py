@@ -28,11 +28,9 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import psycopg
-from psycopg import sql
 
 from cli import nodes
 from cli.context import App, get_app
@@ -51,6 +49,9 @@ from pageserver_api.models import (
 from pg15.constants import BLCKSZ
 from pg15.lsn import format_lsn
 from proto.errors import Conflict, ExternalCommandFailed, NotFound
+
+if TYPE_CHECKING:  # psycopg is imported by --data only (it costs every neon command time)
+    import psycopg
 
 DEFAULT_ROW_LIMIT = 100
 _FETCH_ROWS = 2000
@@ -341,6 +342,8 @@ def _stream(
     a table missing on this side streams nothing."""
     if table is None or conn is None:
         return
+    from psycopg import sql
+
     present = [c for c in columns if c in table.columns]
     values = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in present)
     match = key or present
@@ -436,6 +439,8 @@ def _before(x: Sequence[str | None] | None, y: Sequence[str | None] | None) -> b
 def _print_data(
     connstrs: Sequence[str], databases: Sequence[str], rows: bool, limit: int, as_json: bool
 ) -> None:
+    import psycopg
+
     stats: list[tuple[str, TableDiffStat]] = []
     left = limit if rows else 0
     for db in databases:
