@@ -11,14 +11,15 @@ newer: the result always describes going from A to B (created = exists at B only
 A page can differ only if a version of its key lies in one of those windows (`keys_written`,
 from layer indexes: no value is read), or if its relation fork became shorter or vanished
 (relation size keys and the sizes on both sides cover that: blocks past the smaller size are
-counted as changed). Candidates are then confirmed by reading pages: a page written on one side
-only whose pd_lsn is past the common point differs for sure (the other side's copy dates from
-before it, and a page's LSN never exceeds the state's LSN), otherwise both pages are rebuilt and
-compared; so image layers written by compaction inside a window (which make every key they hold
-a candidate) cost reads, not wrong answers. The count is exactly the blocks that differ when
-the two data directories rebuilt from the history are compared file by file (a hole below a
-relation's size reads as a zero page there and here). Only the main and init forks count
-(COUNTED_FORKS).
+counted as changed). A key held by an image layer written in a window (compaction) but with no
+WAL version there is a candidate only when the layers of WAL versions do not cover the whole
+window for it (GC removed some): otherwise its value did not change. Candidates are confirmed
+by reading pages: a page written on one side only whose pd_lsn is past the common point differs
+for sure (the other side's copy dates from before it, and a page's LSN never exceeds the state's
+LSN); otherwise both pages are rebuilt and compared. The count is exactly the blocks that
+differ when the two data directories rebuilt from the history are compared file by file (a
+hole below a relation's size reads as a zero page there and here). Only the main and init
+forks count (COUNTED_FORKS).
 
 Not covered: a block truncated away and re-extended without being written again whose
 tombstone GC removed under a newer image layer (the image layer holds no version of it).
@@ -107,10 +108,15 @@ def plan_diff(a: ReadPoint, b: ReadPoint) -> DiffPlan:
 
 
 def _written(windows: tuple[tuple[Timeline, int, int], ...]) -> set[Key]:
+    """The keys that may differ after the windows: written by WAL in one, or held by an image
+    layer written in one whose WAL versions below are not all there any more."""
     keys: set[Key] = set()
     for timeline, above, upto in windows:
-        if upto > above:
-            keys |= timeline.keys_written(RELATION_KEYSPACE, above, upto)
+        if upto <= above:
+            continue
+        written = timeline.keys_written(RELATION_KEYSPACE, above, upto)
+        keys |= written.logged
+        keys.update(k for k in written.imaged if not written.fully_logged(k, above, upto))
     return keys
 
 

@@ -507,25 +507,38 @@ class Timeline:
             )
             return self._map, self._frozen[::-1], head
 
-    def keys_written(self, key_range: KeyRange, above: int, upto: int) -> set[Key]:
+    def keys_written(self, key_range: KeyRange, above: int, upto: int) -> WrittenKeys:
         """Keys of key_range with a version in (above, upto] in this timeline's own layers
-        (open, frozen, delta and image layers; not the ancestor's), from indexes alone: a
-        key outside it has the same value at both LSNs here unless an image layer in the
-        window covers it without holding it (it no longer exists)."""
+        (not the ancestor's), from indexes alone: a key in neither set has the same value at
+        both LSNs here unless an image layer in the window covers it without holding it (it
+        no longer exists)."""
         layer_map, frozen, head = self._range_view(key_range, upto)
-        keys = {key for key, lsn, _tag in head if lsn > above}
+        with self._lock:
+            open_start = self._open.lsn_start if self._open is not None else None
+        logged = {key for key, lsn, _tag in head if lsn > above}
+        imaged: set[Key] = set()
+        spans: list[tuple[KeyRange, int, int]] = []
+        if open_start is not None:
+            spans.append((FULL_KEYSPACE, open_start, upto + 1))
         sources: list[VersionSource] = [s for s in frozen if s.lsn_start <= upto]
-        sources.extend(
-            layer
-            for layer in layer_map.layers()
-            if layer.lsn_end - 1 > above
-            and layer.lsn_start <= upto
-            and layer.key_range.overlaps(key_range)
-        )
+        for in_memory in frozen:
+            if in_memory.lsn_end is not None:
+                spans.append((FULL_KEYSPACE, in_memory.lsn_start, in_memory.lsn_end))
+        for file in layer_map.layers():
+            if (
+                file.lsn_end - 1 > above
+                and file.lsn_start <= upto
+                and file.key_range.overlaps(key_range)
+            ):
+                sources.append(file)
+                if not file.name.is_image:
+                    spans.append((file.key_range, file.lsn_start, file.lsn_end))
         for source in sources:
-            versions = source.newest_versions(key_range, upto)
-            keys.update(key for key, lsn, _tag in versions if lsn > above)
-        return keys
+            found = {
+                key for key, lsn, _tag in source.newest_versions(key_range, upto) if lsn > above
+            }
+            (imaged if isinstance(source, ImageLayer) else logged).update(found)
+        return WrittenKeys(logged, imaged - logged, tuple(spans))
 
     def plan_range_read(self, key_range: KeyRange, lsn: int) -> RangeRead | None:
         """How to read every key of key_range at lsn in bulk (a basebackup): the image layers
@@ -573,6 +586,31 @@ class Timeline:
 
     def __repr__(self) -> str:
         return f"Timeline({self.timeline_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenKeys:
+    """What `Timeline.keys_written` found in a window (above, upto]."""
+
+    logged: set[Key]
+    """Keys with a WAL version (open, frozen or delta layers) in the window."""
+    imaged: set[Key]
+    """The other keys held by image layers written in the window (compaction): unchanged
+    there unless the WAL versions below their image are gone (GC), see `fully_logged`."""
+    spans: tuple[tuple[KeyRange, int, int], ...]
+    """(key range, first LSN, end LSN exclusive) of the layers holding WAL versions."""
+
+    def fully_logged(self, key: Key, above: int, upto: int) -> bool:
+        """Whether the layers holding WAL versions cover every LSN of (above, upto] for
+        `key`: then a key without a WAL version there did not change."""
+        at = above + 1
+        for start, end in sorted((s, e) for r, s, e in self.spans if key in r):
+            if start > at:
+                return False
+            at = max(at, end)
+            if at > upto:
+                return True
+        return at > upto
 
 
 @dataclass(frozen=True, slots=True)

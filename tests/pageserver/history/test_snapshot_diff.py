@@ -83,6 +83,7 @@ def build(store: TimelineStore) -> tuple[Timeline, ReadPoint, ReadPoint]:
     )  # fmt: skip
     record(tl, 16, (block(16384, 0), page(16, 0)))
     a = ReadPoint(tl, 16)
+    tl.freeze_and_flush()
     record(tl, 24, (block(16384, 1), page(24, 99)))
     record(tl, 32, (block(16384, 2), page(8, 2)))  # written again, bytes unchanged
     record(tl, 40, size(16385, 1), (block(16385, 1), TOMBSTONE))
@@ -96,7 +97,11 @@ def build(store: TimelineStore) -> tuple[Timeline, ReadPoint, ReadPoint]:
 
 def test_pages_that_differ_per_relation(store: TimelineStore) -> None:
     tl, a, b = build(store)
-    assert tl.keys_written(K.RELATION_KEYSPACE, 16, 56) >= {block(16384, 0), block(16385, 0)}
+    written = tl.keys_written(K.RELATION_KEYSPACE, 16, 56)
+    assert written.logged >= {block(16384, 1), block(16384, 3), block(16385, 1)}
+    # Held by the image layers only, their WAL versions all there: unchanged, not candidates.
+    assert written.imaged >= {block(16384, 0), block(16385, 0)}
+    assert written.fully_logged(block(16384, 0), 16, 56)
     stat = diff_stat(a, b)
     assert changed(stat.relations) == {
         16384: ("modified", 2),  # blocks 1 and 3; block 2 was rewritten identically
@@ -114,6 +119,22 @@ def test_pages_that_differ_per_relation(store: TimelineStore) -> None:
         16386: ("dropped", 3),
     }
     assert diff_stat(a, a).relations == ()
+
+
+def test_image_layers_over_removed_wal_versions(store: TimelineStore) -> None:
+    """GC removed the WAL versions of the window below the image layers: the keys they hold
+    are compared by reading (block 1's only version there is now its image)."""
+    tl, a, b = build(store)
+    (gone,) = [d for d in tl.layer_map().deltas if d.lsn_start == 17]
+    tl.replace_layers(add=[], remove=[gone])
+    written = tl.keys_written(K.RELATION_KEYSPACE, 16, 56)
+    assert block(16384, 1) in written.imaged
+    assert not written.fully_logged(block(16384, 1), 16, 56)
+    assert changed(diff_stat(a, b).relations) == {
+        16384: ("modified", 2),
+        16385: ("truncated", 1),
+        16386: ("created", 3),
+    }
 
 
 def test_branch_with_overlapping_lsns(store: TimelineStore) -> None:
