@@ -28,6 +28,7 @@ from cli.progress import Progress
 from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
+from cli.snapshot_transfer import snapshot_pull, snapshot_push
 from cli.storages import DEFAULT_STORAGE
 from cli.tablespace_mapping import parse_mappings
 from cli.tablespace_settings import in_place_tablespace_settings
@@ -334,6 +335,8 @@ def remove_snapshot_server(app: App, name: str) -> None:
 
 
 snapshot_group.add_command(snapshot_export)
+snapshot_group.add_command(snapshot_push)
+snapshot_group.add_command(snapshot_pull)
 snapshot_group.add_command(snapshot_diff)
 
 

@@ -42,6 +42,7 @@ from pageserver_api.models import (
     BasebackupPlan,
     BasebackupPlanRequest,
     BasebackupRequest,
+    BasebackupResponse,
     SnapshotInfo,
     SnapshotShowRequest,
 )
@@ -50,6 +51,7 @@ from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 FORMATS = ("neon", "tar", "pg_dump", "csv")
 if TYPE_CHECKING:
     import psycopg
+    from _typeshed import SupportsWrite
 
 # psycopg is imported by the pg_dump and csv exports only, where they use it: it takes a tenth
 # of a second to import, which every `neon` invocation would pay.
@@ -169,9 +171,9 @@ def _output_dir(target: _Target) -> Iterator[Path]:
 
 
 def _stream_basebackup(
-    app: App, name: str, mtime: int, plan: BasebackupPlan, out: IO[bytes], meter: _Meter,
-    snapshot_file: bool,
-) -> None:  # fmt: skip
+    app: App, name: str, mtime: int, plan: BasebackupPlan, out: SupportsWrite[bytes],
+    meter: _Meter, snapshot_file: bool,
+) -> BasebackupResponse:  # fmt: skip
     """Copy the snapshot's basebackup tar, or its `.neon` file (made by the daemon, which
     compresses on its threads), to `out`.
 
@@ -186,7 +188,7 @@ def _stream_basebackup(
         out.write(chunk)
         meter.add(len(chunk))
 
-    async def fetch(client: PageserverClient) -> None:
+    async def fetch(client: PageserverClient) -> BasebackupResponse:
         loop = asyncio.get_running_loop()
         pending: collections.deque[asyncio.Future[None]] = collections.deque()
         with concurrent.futures.ThreadPoolExecutor(1, "export-sink") as pool:
@@ -208,8 +210,20 @@ def _stream_basebackup(
             plan.pg_timeline,
         ):
             raise Conflict(f"snapshot {name} changed during the export (destroyed and recreated?)")
+        return result
 
-    local_api(app).run(fetch)
+    return local_api(app).run(fetch)
+
+
+def write_snapshot_file(
+    app: App, snap: SnapshotInfo, out: SupportsWrite[bytes]
+) -> BasebackupResponse:
+    """Write the `.neon` file of `snap` to `out` (`out.write` is called from a worker thread,
+    in order): `neon snapshot push` sends it through a transport so."""
+    plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=snap.name))
+    return _stream_basebackup(
+        app, snap.name, int(snap.created_at), plan, out, _Meter(False, ""), snapshot_file=True
+    )
 
 
 def _export_basebackup(

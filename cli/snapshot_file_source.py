@@ -1,6 +1,8 @@
-"""A `.neon` snapshot file as an import source: a local path or an http(s):// URL (GET).
+"""A `.neon` snapshot file as an import source: a local path or a URL of any transport
+(cli/transport/: file://, ssh://, http(s)://), which `neon snapshot pull` uses too.
 
-The file is read as a stream and never staged: its bytes go through `SnapshotFileReader`
+The file is read as a stream and never staged (a cut connection is resumed at the offset
+reached, see `read_object`): its bytes go through `SnapshotFileReader`
 (snapfile/, which verifies every frame before passing on a byte of it) and the verified
 basebackup tar goes through a pipe into the checked extractor (`cli.untar`). Memory stays about
 one frame whatever the snapshot's size. The reader must also see the end of the file: the
@@ -15,17 +17,16 @@ cleanly shut down, so it is imported as it is, with no recovery.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cli.progress import Progress
-from cli.storages import mask_url
+from cli.transport import is_transport_url, parse_location
+from cli.transport.base import read_object
 from cli.untar import extract_stream
 from pg15.constants import PG_MAJOR_VERSION
 from pg15.pg_control import read_control_file
-from proto.errors import CorruptData, InvalidArgument, NotFound, Unavailable
+from proto.errors import CorruptData, InvalidArgument
 from snapfile.manifest import Manifest
 from snapfile.reader import (
     ManifestRead,
@@ -36,13 +37,11 @@ from snapfile.reader import (
     looks_like_snapshot_file,
 )
 
-CHUNK = 1024 * 1024
-HTTP_SCHEMES = ("http", "https")
-CONNECT_TIMEOUT, READ_TIMEOUT = 30, 300  # seconds; no limit on the whole download
 
-
-def is_http_source(source: str) -> bool:
-    return source.split(":", 1)[0].lower() in HTTP_SCHEMES
+def is_url_source(source: str) -> bool:
+    """Whether `source` is a `.neon` file's URL (file://, ssh://, http(s)://): a URL of
+    another scheme is not (basebackup:// is a server)."""
+    return is_transport_url(source)
 
 
 def is_snapshot_file(path: Path) -> bool:
@@ -96,61 +95,13 @@ async def verified_tar(
         raise CorruptData(f"{label} ended before its checksums")  # finish() raises first
 
 
-async def file_chunks(path: Path, progress: Progress) -> AsyncIterator[bytes]:
-    total = path.stat().st_size
-    done = 0
-    with path.open("rb") as f:
-        while chunk := await asyncio.to_thread(f.read, CHUNK):
-            done += len(chunk)
-            progress.update(done, total)
-            yield chunk
-
-
-async def http_chunks(url: str, progress: Progress) -> AsyncIterator[bytes]:
-    """GET `url`, streamed; a failed request is one line naming the URL (password masked)."""
-    import aiohttp  # 0.2 s of CLI start-up for every command otherwise
-
-    shown = mask_url(url)
-    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url) as response,
-        ):
-            if response.status == 404:
-                raise NotFound(f"{shown}: no such file on the server (HTTP 404)")
-            if response.status != 200:
-                raise Unavailable(f"{shown}: the server answered HTTP {response.status}")
-            total = response.content_length
-            done = 0
-            async for chunk in response.content.iter_chunked(CHUNK):
-                done += len(chunk)
-                progress.update(done, total)
-                yield chunk
-            if total is not None and done != total:
-                raise CorruptData(f"{shown}: the download ended after {done} of {total} bytes")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise Unavailable(f"cannot download {shown}: {reason}") from None
-
-
-def check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in HTTP_SCHEMES or not parts.hostname:
-        raise InvalidArgument(
-            f"invalid snapshot URL {mask_url(url)!r}: expected http(s)://HOST[:PORT]/PATH.neon"
-        )
-
-
 async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) -> Manifest:
-    """Extract the `.neon` file at `source` (a path or an http(s) URL) into `pgdata`; return
-    its manifest. Nothing is left in `pgdata` that the caller may use unless this returns."""
-    if is_http_source(source):
-        check_url(source)
-        label, chunks = mask_url(source), http_chunks(source, progress)
-    else:
-        path = Path(source)
-        label, chunks = str(path), file_chunks(path, progress)
+    """Extract the `.neon` file at `source` (a path or a URL of any transport: file, ssh,
+    http(s)) into `pgdata`; return its manifest. Nothing is left in `pgdata` that the caller
+    may use unless this returns."""
+    location = parse_location(source)
+    label = location.url
+    chunks = read_object(location, progress.update)
     seen: list[Manifest] = []
 
     def on_manifest(manifest: Manifest) -> None:

@@ -3,7 +3,7 @@
 Sources: a running server (`basebackup://USER[:PASSWORD]@HOST[:PORT]/`, a BASE_BACKUP over our
 own replication client), a stopped cluster's data directory, `pg_basebackup` output (a plain
 directory with backup_label, or `-F tar`: base.tar[.gz|.zst] and pg_wal.tar), or a `.neon`
-snapshot file, local or over http(s) (cli/snapshot_file_source.py).
+snapshot file, local or at a URL: file://, ssh://, http(s):// (cli/snapshot_file_source.py).
 
 A stopped, cleanly shut-down data directory is imported as it is. A backup is fuzzy (its files
 were copied while the server wrote) and becomes a clean directory by recovery, done by stock
@@ -56,7 +56,7 @@ from cli.backup_tablespaces import (
 )
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.progress import Progress
-from cli.snapshot_file_source import is_http_source, is_snapshot_file, unpack_snapshot_file
+from cli.snapshot_file_source import is_snapshot_file, is_url_source, unpack_snapshot_file
 from cli.storages import mask_url
 from cli.tablespace_mapping import check_mapped, mapped
 from cli.tablespace_settings import in_place_tablespace_settings
@@ -391,7 +391,7 @@ def prepare_clean_datadir(
     it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`."""
     pgdata = workdir / "pgdata"
     mappings = mappings or {}
-    if is_http_source(source) or is_snapshot_file(Path(source)):
+    if is_url_source(source) or is_snapshot_file(Path(source)):
         check_mapped(mappings, (), f"{source} (a .neon file has its tablespaces in place)")
         asyncio.run(unpack_snapshot_file(source, pgdata, progress))
         progress.close()

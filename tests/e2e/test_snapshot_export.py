@@ -6,9 +6,11 @@ server, the CSV has every row; refusals are one line and leave nothing behind.""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -23,8 +25,10 @@ import pytest
 from cli import nodes, postmaster
 from cli.pgbin import make_pg_dir, pg_binary, pg_os_user
 from snapfile import extract_tar
+from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql, run_on_tty
 from tests.pgtest import PgTestCluster, PgTestServer, pg_reachable_tmpdir
+from tests.sshd import SshServer, ssh_server
 
 SNAP = "pgdata1@snap1"
 DUMP_KEY = "snapshotexporttest"  # pg_dump 15.18 prints a random \restrict key otherwise
@@ -297,3 +301,107 @@ def test_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:
     assert code == 0 and shown == ""
     proc = home.run("snapshot", "export", SNAP, "--format", "tar", "-o", str(out_dir / "p.tar"))
     assert proc.stderr == "" and proc.stdout == ""  # no TTY: quiet
+
+
+# push and pull (issue 12): the snapshot's .neon file to another place and back as a snapshot
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    with ssh_server() as server:
+        yield server
+
+
+def with_env(home: NeonCli, env: dict[str, str]) -> NeonCli:
+    """The same NEON_HOME, with more environment (NEON_SSH_COMMAND)."""
+    return NeonCli(home.home, {**home.env_extra, **env})
+
+
+def snapshot_dump(home: NeonCli, name: str) -> str:
+    ro = home.run("snapshot", "start", name).stdout.strip()
+    try:
+        return pg_dump_text(ro)
+    finally:
+        home.run("snapshot", "stop", name)
+
+
+def test_push_then_pull_through_a_directory(
+    home: NeonCli, out_dir: Path, reference_dump: str
+) -> None:
+    dest = out_dir / "pushed"
+    dest.mkdir()
+    summary = home.json("snapshot", "push", "--to", f"{dest}/", SNAP)
+    path = dest / "pgdata1@snap1.neon"
+    assert summary["url"] == str(path) and os.listdir(dest) == [path.name]
+    assert summary["bytes_sent"] == path.stat().st_size < summary["snapshot_bytes"]
+    assert summary["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    error = home.fail("snapshot", "push", "--to", f"{dest}/", SNAP)
+    assert f"{path} already exists" in error and "--force" in error
+    home.run("snapshot", "push", "--to", f"file://{path}", SNAP, "--force")
+    assert os.listdir(dest) == [path.name]
+    pulled = home.json("snapshot", "pull", "--from", f"file://{path}")
+    try:
+        assert pulled["name"] == "pgdata1-snap1"  # '@' is for node snapshots
+        assert pulled["bytes_received"] == path.stat().st_size
+        assert snapshot_dump(home, "pgdata1-snap1") == reference_dump
+    finally:
+        home.run("snapshot", "destroy", "pgdata1-snap1")
+
+
+def test_push_over_ssh_then_pull_over_http_with_a_cut(
+    home: NeonCli, out_dir: Path, reference_dump: str, sshd: SshServer
+) -> None:
+    dest = out_dir / "over-ssh"
+    dest.mkdir()
+    url = sshd.url(f"{dest}/x.neon")
+    out = with_env(home, sshd.env()).run("snapshot", "push", "--to", url, SNAP).stdout
+    assert out.startswith(f"Pushed {SNAP} to {url}: ") and " sent for " in out, out
+    assert os.listdir(dest) == ["x.neon"]
+    with file_server(dest) as server:
+        server.cut_gets.append(100_000)  # the network drops once: the pull resumes
+        out = home.run("snapshot", "pull", "--from", server.url("x.neon"), "overhttp").stdout
+        gets = [r[2] for r in server.requests if r[0] == "GET"]
+    try:
+        assert out.startswith(f"Pulled {server.url('x.neon')} as snapshot overhttp: "), out
+        assert gets == [None, "bytes=100000-"]
+        assert snapshot_dump(home, "overhttp") == reference_dump
+    finally:
+        home.run("snapshot", "destroy", "overhttp")
+
+
+def test_failed_push_and_pull_are_one_line_and_leave_nothing(
+    home: NeonCli, out_dir: Path, sshd: SshServer
+) -> None:
+    before = [s["name"] for s in home.json("snapshot", "list")]
+    dest = out_dir / "refused"
+    dest.mkdir()
+    error = home.fail("snapshot", "push", "--to", "ftp://me:s3cret@host/x.neon", SNAP)
+    assert "unknown URL scheme 'ftp'" in error and "s3cret" not in error
+    assert "bad port" in home.fail("snapshot", "pull", "--from", "ssh://host:99999/x.neon")
+    assert "names a directory" in home.fail("snapshot", "pull", "--from", f"{dest}/")
+    unknown_key = with_env(home, {"NEON_SSH_COMMAND": f"ssh -F {sshd.config_without_host_key()}"})
+    error = unknown_key.fail("snapshot", "push", "--to", sshd.url(f"{dest}/x.neon"), SNAP)
+    assert "host key verification failed" in error
+    with file_server(dest) as server:
+        server.refuse_puts = 507  # the server's disk is full
+        error = home.fail("snapshot", "push", "--to", server.url("x.neon"), SNAP)
+    assert "no space left (HTTP 507)" in error
+    assert os.listdir(dest) == []
+    home.run("snapshot", "push", "--to", str(dest / "good.neon"), SNAP)
+    data = (dest / "good.neon").read_bytes()
+    (dest / "cut.neon").write_bytes(data[: len(data) // 2])
+    error = with_env(home, sshd.env()).fail(
+        "snapshot", "pull", "--from", sshd.url(f"{dest}/cut.neon")
+    )
+    assert re.search(r"cut\.neon is (truncated|corrupt)", error), error
+    assert [s["name"] for s in home.json("snapshot", "list")] == before
+
+
+def test_push_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:
+    code, shown = run_on_tty(home, "snapshot", "push", "--to", str(out_dir / "tty.neon"), SNAP)
+    assert code == 0, shown
+    assert f"Pushing {SNAP}" in shown and "B/s" in shown
+    code, shown = run_on_tty(
+        home, "snapshot", "push", "--to", str(out_dir / "quiet.neon"), SNAP, "--json"
+    )
+    assert code == 0 and shown == ""

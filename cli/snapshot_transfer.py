@@ -1,0 +1,172 @@
+"""`neon snapshot push` and `neon snapshot pull`: a whole snapshot to and from another place,
+as its `.neon` file, through any transport (cli/transport/: a path, file://, ssh://,
+http(s)://).
+
+push: the daemon's `.neon` stream, the very bytes `neon snapshot export` writes
+(`write_snapshot_file`), goes straight into the transport's writer: nothing is staged, and the
+file appears at the destination only once complete and checked there (an error or SIGINT
+aborts the write; a SIGKILL leaves at most a hidden temporary file). pull: `neon snapshot
+import` of the URL (`import_snapshot`): the file is read through the transport, a cut stream
+is resumed where it stopped, every frame is verified before use, and the snapshot appears only
+once the whole file checked out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cli.context import get_app
+from cli.output import human_size, print_json
+from cli.pageserver_control import local_api
+from cli.progress import Progress
+from cli.snapshot_export import write_snapshot_file
+from cli.snapshot_file_source import is_snapshot_file
+from cli.storages import DEFAULT_STORAGE
+from cli.transport import is_transport_url, parse_location
+from cli.transport.base import Location, already_exists
+from cli.transport.blocking import BlockingWriter
+from pageserver_api.models import SnapshotShowRequest
+from proto.errors import InvalidArgument
+
+URL_FORMS = "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH or http(s)://HOST[:PORT]/PATH"
+PUSH_URL_HELP = f"a .neon file or a directory (ending in '/'): {URL_FORMS}"
+PULL_URL_HELP = f"a .neon file: {URL_FORMS}"
+
+
+def snapshot_file_name(snapshot: str) -> str:
+    """The file a push into a directory writes: `pgdata1@snap1.neon`."""
+    return snapshot.replace("/", "_") + ".neon"
+
+
+def snapshot_name_of(location: Location) -> str:
+    """The snapshot a pull makes when given no NAME: the file's name without `.neon`, with
+    what a bare snapshot name cannot hold ('@' of a node snapshot) made '-'."""
+    stem = location.object_name.removesuffix(".neon")
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:63]
+    if not name:
+        raise InvalidArgument(f"no snapshot name can be made from {location.url}; give NAME")
+    return name
+
+
+class _Sent:
+    """What went into the transport: bytes, their SHA-256, and the progress bar."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.bytes = 0
+        self.sha256 = hashlib.sha256()
+        self._progress = progress
+
+    def add(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+        self.sha256.update(chunk)
+        self._progress.update(self.bytes, None)
+
+
+@click.command("push")
+@click.option("--to", "url", required=True, metavar="URL", help=PUSH_URL_HELP)
+@click.argument("name", metavar="SNAPSHOT")
+@click.option("--force", is_flag=True, help="replace a file of the same name at the destination")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_push(ctx: click.Context, url: str, name: str, force: bool, as_json: bool) -> None:
+    """Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon)."""
+    app = get_app(ctx)
+    location = parse_location(url)  # a malformed URL: one line, before anything is done
+    name = app.registry.snapshot_name(name)
+    snap = local_api(app).snapshot_show(SnapshotShowRequest(name))
+    location = location.named(snapshot_file_name(name))
+    target = location.object_name
+    if not force and asyncio.run(location.store.stat(target)) is not None:
+        raise already_exists(location.url)  # before the export starts, not after it
+    progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
+    sent = _Sent(progress)
+    started = time.monotonic()
+    try:
+        with BlockingWriter(location, overwrite=force, on_write=sent.add) as out:
+            result = write_snapshot_file(app, snap, out)
+    finally:
+        progress.close()
+    seconds = time.monotonic() - started
+    if as_json:
+        print_json(
+            {
+                "snapshot": name,
+                "url": location.url,
+                "bytes_sent": sent.bytes,
+                "snapshot_bytes": result.tar_bytes,
+                "seconds": round(seconds, 3),
+                "sha256": sent.sha256.hexdigest(),
+                "lsn": snap.lsn,
+                "lsn_text": snap.lsn_text,
+            }
+        )
+        return
+    share = f" ({100 * sent.bytes / result.tar_bytes:.0f}%)" if result.tar_bytes else ""
+    click.echo(
+        f"Pushed {name} to {location.url}: {human_size(sent.bytes)} sent for "
+        f"{human_size(result.tar_bytes)} of data{share} in {seconds:.1f} s"
+    )
+
+
+class _Received(Progress):
+    """The progress bar, also counting the bytes read."""
+
+    bytes = 0
+
+    def update(self, done: int, total: int | None) -> None:
+        self.bytes = done
+        super().update(done, total)
+
+
+@click.command("pull")
+@click.option("--from", "url", required=True, metavar="URL", help=PULL_URL_HELP)
+@click.argument("name", required=False)
+@click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshot_pull(
+    ctx: click.Context, url: str, name: str | None, storage: str, as_json: bool
+) -> None:
+    """Fetch a .neon file from URL as snapshot NAME (default: the file's name)."""
+    # Imported here: cli.snapshot_commands imports this module to register the commands.
+    from cli.snapshot_commands import import_snapshot
+
+    app = get_app(ctx)
+    location = parse_location(url)
+    location.object_name  # noqa: B018 (a directory URL: one line)
+    source = url
+    if not is_transport_url(url):
+        path = Path(url).absolute()
+        if not is_snapshot_file(path):
+            raise InvalidArgument(
+                f"{path} is not a .neon snapshot file; `neon snapshot import --from` takes "
+                "data directories and backups"
+            )
+        source = str(path)
+    name = name if name is not None else snapshot_name_of(location)
+    progress = _Received(not as_json and sys.stderr.isatty(), f"Pulling {name}")
+    started = time.monotonic()
+    snap = import_snapshot(app, source, name, storage, progress)
+    seconds = time.monotonic() - started
+    if as_json:
+        print_json(
+            {
+                **snap.to_wire(),
+                "lsn_text": snap.lsn_text,
+                "url": location.url,
+                "bytes_received": progress.bytes,
+                "seconds": round(seconds, 3),
+            }
+        )
+        return
+    click.echo(
+        f"Pulled {location.url} as snapshot {snap.name}: {human_size(progress.bytes)} in "
+        f"{seconds:.1f} s"
+    )
