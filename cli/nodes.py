@@ -33,6 +33,7 @@ from cli.tablespace_mapping import (
     place_mapped_tablespaces,
     remove_mapped_tablespaces,
 )
+from cli.tablespace_restore import remove_left_locations
 from pageserver.follow.followed_nodes import slot_name
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import (
@@ -563,11 +564,15 @@ def unregister_from_pageserver(app: App, node: NodeRow) -> None:
         local_api(app).node_unregister(NodeUnregisterRequest(node.id))
 
 
-def destroy_node(app: App, node: NodeRow) -> None:
+def destroy_node(app: App, node: NodeRow) -> list[Path]:
+    """Stop and delete the node; the files of its absolute tablespaces removed (their
+    locations stay: the user's directories)."""
     postmaster.stop(node.datadir, "immediate")
+    removed = remove_left_locations(node.datadir, None)
     _remove_node_files(app, node)
     with app.registry.transaction() as cur:
         cur.execute("DELETE FROM nodes WHERE id = ?", (node.id,))
+    return removed
 
 
 def connstr(app: App, node: NodeRow) -> str:

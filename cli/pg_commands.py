@@ -217,7 +217,9 @@ def pg_destroy(ctx: click.Context, node: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Destroy {row.id} and delete {row.datadir}?", abort=True)
     with locked_node(app, row.id, "pg destroy") as row:
-        nodes.destroy_node(app, row)
+        removed = nodes.destroy_node(app, row)
+    for path in removed:
+        click.echo(f"Removed {path} (a tablespace of {row.pgdata}).")
     click.echo(f"Destroyed {row.id} ({row.pgdata}).")
 
 

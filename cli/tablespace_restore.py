@@ -69,9 +69,11 @@ def restore_own_locations(
     return moved
 
 
-def remove_left_locations(old: Path, live: Path) -> list[Path]:
+def remove_left_locations(old: Path, live: Path | None) -> list[Path]:
     """After the swap: remove the files of each absolute tablespace the old directory links
-    to and the new one does not (see the module docstring); the directories removed."""
+    to and the new one does not (see the module docstring); the directories removed. With
+    no new directory (`pg destroy`), every absolute tablespace of the node goes: each is its
+    own (made by its CREATE TABLESPACE, a mapping or a checkout, never another server's)."""
     removed: list[Path] = []
     tblspc = old / "pg_tblspc"
     if not tblspc.is_dir():
@@ -80,7 +82,7 @@ def remove_left_locations(old: Path, live: Path) -> list[Path]:
         if not entry.name.isdigit() or not entry.is_symlink():
             continue
         location = own_location(old, int(entry.name))
-        if location is None or own_location(live, int(entry.name)) == location:
+        if location is None or (live and own_location(live, int(entry.name)) == location):
             continue
         target = Path(location) / TABLESPACE_VERSION_DIRECTORY
         if target.is_dir():

@@ -82,3 +82,15 @@ def test_files_of_a_tablespace_the_node_left_are_removed(tmp_path: Path) -> None
     assert left.is_dir() and not (left / VERSION).exists()
     assert (kept / VERSION / "5" / "16500").read_bytes() == b"still the node's"
     assert remove_left_locations(old, live) == []  # repeatable (a crash before the cleanup)
+
+
+def test_a_destroyed_node_takes_its_tablespace_files(tmp_path: Path) -> None:
+    """pg destroy (no new directory): every absolute tablespace of the node loses its
+    version directory, the location stays; in-place ones go with the data directory."""
+    loc = tmp_path / "loc"
+    datadir = tmp_path / "pgdata"
+    put(loc / VERSION / "5" / "16400", b"the node's")
+    (datadir / "pg_tblspc").mkdir(parents=True)
+    os.symlink(loc, datadir / "pg_tblspc" / "16385")
+    assert remove_left_locations(datadir, None) == [loc / VERSION]
+    assert loc.is_dir() and not any(loc.iterdir())

@@ -198,7 +198,10 @@ def check_tablespace_mapping(neon: NeonCli, far: Path, want: dict[str, str]) -> 
         assert psql(conn, "SELECT to_regclass('gone') IS NULL") == "t"
         assert_same_dumps(dump_all(conn), want, "checkout of the mapped node")
     finally:
-        neon.run("pg", "destroy", "--yes", mapped)
+        out = neon.run("pg", "destroy", "--yes", mapped).stdout
+    # Its tablespace's files go with it; NEW itself stays.
+    assert f"Removed {new / 'PG_15_202209061'} (a tablespace of {mapped})." in out, out
+    assert new.is_dir() and not any(new.iterdir())
 
 
 def check_neon_file_round_trip(neon: NeonCli, far: Path, want: dict[str, str]) -> None:
