@@ -34,6 +34,9 @@ class FileServer:
     """Byte counts: each next GET sends that many bytes, then drops the connection."""
     refuse_puts: int | None = None
     """An HTTP status every PUT gets (after reading the body's first chunk)."""
+    hold_puts: bool = False
+    """PUTs stop reading after their first chunk (set `put_started`) until the client goes."""
+    put_started: threading.Event = field(default_factory=threading.Event)
 
     @property
     def base(self) -> str:
@@ -85,6 +88,11 @@ class FileServer:
             with tmp.open("wb") as out:
                 async for chunk in request.content.iter_chunked(1 << 20):
                     out.write(chunk)
+                    self.put_started.set()
+                    while (
+                        self.hold_puts and request.transport and not request.transport.is_closing()
+                    ):
+                        await asyncio.sleep(0.02)
             if request.headers.get("If-None-Match") == "*" and path.exists():
                 return web.Response(status=412)
             os.replace(tmp, path)
@@ -107,6 +115,10 @@ class FileServer:
         assert request.transport is not None
         request.transport.close()  # the network drops
         return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 @contextlib.contextmanager

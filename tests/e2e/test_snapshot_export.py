@@ -397,6 +397,28 @@ def test_failed_push_and_pull_are_one_line_and_leave_nothing(
     assert [s["name"] for s in home.json("snapshot", "list")] == before
 
 
+def test_interrupted_push_leaves_nothing(home: NeonCli, out_dir: Path) -> None:
+    """SIGINT while the upload is under way: the PUT's body is never completed, so the server
+    keeps nothing, and the command ends with 130."""
+    dest = out_dir / "interrupted"
+    dest.mkdir()
+    with file_server(dest) as server:
+        server.hold_puts = True
+        proc = subprocess.Popen(
+            [NEON, "snapshot", "push", "--to", server.url("x.neon"), SNAP],
+            env=home.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert server.put_started.wait(timeout=60), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        deadline = time.monotonic() + 10
+        while os.listdir(dest) and time.monotonic() < deadline:  # the handler sees the cut
+            time.sleep(0.05)
+    assert os.listdir(dest) == []
+
+
 def test_push_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:
     code, shown = run_on_tty(home, "snapshot", "push", "--to", str(out_dir / "tty.neon"), SNAP)
     assert code == 0, shown
