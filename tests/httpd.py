@@ -121,6 +121,14 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+async def _cancel_others() -> None:
+    """End the handlers still lingering on cut connections before the loop closes."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @contextlib.contextmanager
 def file_server(root: Path, auth: tuple[str, str] | None = None) -> Iterator[FileServer]:
     """A FileServer on 127.0.0.1 serving `root`, in a thread of its own; stopped at exit."""
@@ -139,6 +147,7 @@ def file_server(root: Path, auth: tuple[str, str] | None = None) -> Iterator[Fil
         yield server
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+        asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(timeout=30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()

@@ -420,10 +420,10 @@ def test_interrupted_push_leaves_nothing(home: NeonCli, out_dir: Path) -> None:
 
 
 def test_push_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:
-    code, shown = run_on_tty(home, "snapshot", "push", "--to", str(out_dir / "tty.neon"), SNAP)
+    code, shown = run_on_tty(home, "snapshot", "push", "--to", str(out_dir / "push-tty.neon"), SNAP)
     assert code == 0, shown
     assert f"Pushing {SNAP}" in shown and "B/s" in shown
     code, shown = run_on_tty(
-        home, "snapshot", "push", "--to", str(out_dir / "quiet.neon"), SNAP, "--json"
+        home, "snapshot", "push", "--to", str(out_dir / "push-quiet.neon"), SNAP, "--json"
     )
     assert code == 0 and shown == ""
