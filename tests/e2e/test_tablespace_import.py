@@ -82,6 +82,14 @@ def home() -> Iterator[NeonCli]:
     yield from neon_home()
 
 
+def source_far(server: PgTestServer) -> str:
+    """The location of the source's ts_far."""
+    return psql(
+        source_conn(server),
+        "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts_far'",
+    )
+
+
 def source_conn(server: PgTestServer) -> str:
     return f"host={server.sockdir} port={server.port} user={SUPERUSER} dbname=postgres"
 
@@ -143,7 +151,12 @@ def import_and_check(
             oids = psql(source_conn(source), "SELECT oid FROM pg_tablespace WHERE oid > 16000")
             assert (target / "base.tar").is_file()
             assert all((target / f"{oid}.tar").is_file() for oid in oids.splitlines())
-            home.run("snapshot", "import", "--from", str(target), name)
+            # The files come from the archives; a mapping changes the location recorded.
+            mapping = f"{source_far(source)}={locations / 'recorded'}"
+            home.run("snapshot", "import", "--from", str(target), name,
+                     "--tablespace-mapping", mapping)  # fmt: skip
+            err = home.fail("pg", "create", "--snapshot", name, "--tablespace-mapping", "/a=/b")
+            assert str(locations / "recorded") in err and f"{source_far(source)}," not in err
         elif how == "plain":
             target = out / "backup"
             spaces = psql(source_conn(source), "SELECT pg_tablespace_location(oid) "
