@@ -1,7 +1,10 @@
 """Unpack a basebackup tar into a data directory owned by the PostgreSQL OS user.
 
 The CLI's side of extraction: what the pageserver streams is untrusted bytes here, so every
-member is checked before anything is written.
+member is checked before anything is written. The archive is parsed by the sans-I/O
+`cli.tar_reader` and a member's data is written from the bytes received, with no copy (tarfile
+in stream mode copied every byte three times). A gzip archive (pg_basebackup -Ft -z) is
+recognised by its magic number, as tarfile's `r|*` did.
 """
 
 from __future__ import annotations
@@ -9,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import shutil
-import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from cli.pgbin import give_to_pg_user, make_pg_dir
+from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from proto.errors import AlreadyExists, CorruptData
 
 _READ_SIZE = 1 << 20
@@ -26,7 +32,7 @@ class UnsafeArchive(CorruptData):
     """A tar member that could write outside the target or create a non-regular file."""
 
 
-def _member_path(member: tarfile.TarInfo) -> PurePosixPath | None:
+def _member_path(member: MemberStart) -> PurePosixPath | None:
     """The member's relative path, or None for the root itself; UnsafeArchive if hostile."""
     name = member.name
     path = PurePosixPath(name)
@@ -35,14 +41,8 @@ def _member_path(member: tarfile.TarInfo) -> PurePosixPath | None:
     parts = [p for p in path.parts if p != "."]
     if ".." in parts:
         raise UnsafeArchive(f"refusing tar member {name!r}: it leads outside the target")
-    if not (member.isreg() or member.isdir()):
-        kind = (
-            "symbolic link" if member.issym() else
-            "hard link" if member.islnk() else
-            "device" if member.ischr() or member.isblk() else
-            "FIFO" if member.isfifo() else "special file"
-        )  # fmt: skip
-        raise UnsafeArchive(f"refusing tar member {name!r}: it is a {kind}")
+    if member.kind not in ("file", "directory"):
+        raise UnsafeArchive(f"refusing tar member {name!r}: it is a {member.kind}")
     return PurePosixPath(*parts) if parts else None
 
 
@@ -56,19 +56,124 @@ def _make_dirs(root: Path, rel: PurePosixPath) -> None:
             give_to_pg_user(cur)
 
 
-def tablespace_link_oid(member: tarfile.TarInfo) -> int | None:
+def tablespace_link_oid(member: MemberStart) -> int | None:
     """The OID of a symbolic link member `pg_tblspc/OID` (how BASE_BACKUP without
     TABLESPACE_MAP sends a tablespace's location, basebackup.c sendDir), else None."""
     parts = [p for p in PurePosixPath(member.name).parts if p != "."]
-    if member.issym() and len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1].isdigit():
-        return int(parts[1])
+    if member.kind == "symbolic link" and len(parts) == 2 and parts[0] == "pg_tblspc":
+        return int(parts[1]) if parts[1].isdigit() else None
     return None
+
+
+class _Extractor:
+    """Writes the members of a tar fed in chunks into `root` (checked, owned by PostgreSQL's
+    OS user); `tablespace_links` as in extract_basebackup."""
+
+    def __init__(self, root: Path, tablespace_links: dict[int, str] | None) -> None:
+        self._root = root
+        self._links = tablespace_links
+        self._reader = TarReader()
+        self._fd: int | None = None
+        self._member: MemberStart | None = None
+        self._dest: Path | None = None
+        self._dirs: set[PurePosixPath] = set()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._handle(self._reader.feed(data))
+
+    def finish(self) -> None:
+        self._handle(self._reader.finish())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _handle(self, events: Iterator[object]) -> None:
+        try:
+            for event in events:
+                if isinstance(event, MemberData):
+                    if self._fd is not None:
+                        _write_all(self._fd, event.data)
+                elif isinstance(event, MemberStart):
+                    self._start(event)
+                elif isinstance(event, MemberEnd):
+                    self._end()
+        except TarFormatError as exc:
+            raise CorruptData(f"the basebackup archive is damaged: {exc}") from None
+        except OSError as exc:
+            name = self._member.name if self._member is not None else "?"
+            raise CorruptData(f"cannot extract tar member {name!r}: {exc.strerror}") from None
+
+    def _start(self, member: MemberStart) -> None:
+        self._member = member
+        oid = tablespace_link_oid(member)
+        if self._links is not None and oid is not None:
+            self._links[oid] = member.linkname
+            return
+        rel = _member_path(member)
+        if rel is None:
+            return
+        if member.kind == "directory":
+            self._make_dirs(rel)
+            return
+        self._make_dirs(rel.parent)
+        dest = self._root / rel
+        if dest.is_dir():
+            raise CorruptData(f"tar member {member.name!r} is a file where a directory was")
+        self._fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self._dest = dest
+
+    def _end(self) -> None:
+        if self._fd is None or self._dest is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        os.chmod(self._dest, 0o600)
+        give_to_pg_user(self._dest)
+        self._dest = None
+
+    def _make_dirs(self, rel: PurePosixPath) -> None:
+        """Create `rel`'s directories under the root; each is looked at once per archive."""
+        if rel in self._dirs or not rel.parts:
+            return
+        self._make_dirs(rel.parent)
+        path = self._root / rel
+        if not path.is_dir():
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)
+            give_to_pg_user(path)
+        self._dirs.add(rel)
+
+
+@contextlib.contextmanager
+def _extracting(target_dir: Path, tablespace_links: dict[int, str] | None) -> Iterator[_Extractor]:
+    """An extractor into a sibling `<name>.tmp-XXXX` renamed to `target_dir` (absent or empty)
+    when the block succeeds; removed, with whatever was written, when it fails."""
+    target = Path(target_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise AlreadyExists(f"{target} exists and is not an empty directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+    extractor = _Extractor(tmp, tablespace_links)
+    try:
+        make_pg_dir(tmp)
+        yield extractor
+        extractor.finish()
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        extractor.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def extract_basebackup(
     stream: BinaryIO, target_dir: Path, tablespace_links: dict[int, str] | None = None
 ) -> None:
-    """Unpack a basebackup tar into `target_dir` (absent or empty), for the PostgreSQL user.
+    """Unpack a basebackup tar (plain or gzip) into `target_dir` (absent or empty), for the
+    PostgreSQL user.
 
     Refuses absolute paths, `..`, links, devices and other special members, naming the member.
     Extracts into a sibling `<name>.tmp-XXXX` and renames it at the end, so a failure leaves
@@ -76,62 +181,35 @@ def extract_basebackup(
     member `pg_tblspc/OID` is not created but recorded there (OID -> its target): the caller
     places that tablespace itself (cli/backup_tablespaces.py); any other link is refused.
     """
-    target = Path(target_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise AlreadyExists(f"{target} exists and is not an empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
-    try:
-        make_pg_dir(tmp)
-        try:
-            # Stream mode reads `bufsize` bytes at a time and re-slices its buffer per read:
-            # the default 10 KiB makes a large archive cost many small reads and copies.
-            with tarfile.open(fileobj=stream, mode="r|*", bufsize=_READ_SIZE) as tar:
-                for member in tar:
-                    oid = tablespace_link_oid(member)
-                    if tablespace_links is not None and oid is not None:
-                        tablespace_links[oid] = member.linkname
-                        continue
-                    rel = _member_path(member)
-                    if rel is None:
-                        continue
-                    try:
-                        _extract_member(tar, member, tmp, rel)
-                    except OSError as exc:
-                        raise CorruptData(
-                            f"cannot extract tar member {member.name!r}: {exc.strerror}"
-                        ) from None
-        except (tarfile.TarError, EOFError) as exc:
-            raise CorruptData(f"the basebackup archive is damaged: {exc}") from None
-        if target.exists():
-            target.rmdir()
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _extracting(target_dir, tablespace_links) as extractor:
+        for data in _tar_bytes(stream):
+            extractor.feed(data)
 
 
-def _extract_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, rel: PurePosixPath
-) -> None:
-    if member.isdir():
-        _make_dirs(root, rel)
+def _tar_bytes(stream: BinaryIO) -> Iterator[bytes]:
+    """The stream's bytes, a MiB at a time, gunzipped if they start with gzip's magic number."""
+    data = stream.read(_READ_SIZE)
+    if data[:2] != b"\x1f\x8b":
+        while data:
+            yield data
+            data = stream.read(_READ_SIZE)
         return
-    _make_dirs(root, rel.parent)
-    dest = root / rel
-    if dest.is_dir():
-        raise CorruptData(f"tar member {member.name!r} is a file where a directory was")
-    src = tar.extractfile(member)
-    if src is None:
-        raise CorruptData(f"tar member {member.name!r} has no data")
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        shutil.copyfileobj(src, f, 1 << 20)
-    os.chmod(dest, 0o600)
-    give_to_pg_user(dest)
+    gunzip = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
+    try:
+        while data:
+            while data:  # at most a MiB out per call: memory stays bounded
+                yield gunzip.decompress(data, _READ_SIZE)
+                data = gunzip.unconsumed_tail
+            data = stream.read(_READ_SIZE)
+        yield gunzip.flush()
+        if not gunzip.eof:
+            raise CorruptData("the basebackup archive is damaged: the gzip stream is cut off")
+    except zlib.error as exc:
+        raise CorruptData(f"the basebackup archive is damaged: {exc}") from None
 
 
-_PIPE_BATCH = 1 << 20
+_QUEUE_BATCH = 1 << 20
+_QUEUE_DEPTH = 8
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -140,16 +218,35 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _extract_and_drain(
-    reader: BinaryIO, target: Path, tablespace_links: dict[int, str] | None
+class _Abort(Exception):
+    """The producer of the archive's bytes failed: the extraction is abandoned."""
+
+
+_END, _ABORT = "end", "abort"
+
+
+def _extract_queued(
+    batches: queue.Queue[list[bytes] | str],
+    failed: threading.Event,
+    target: Path,
+    tablespace_links: dict[int, str] | None,
 ) -> None:
-    """Extract, then read the rest so the writer never blocks (data after the tar's end)."""
+    """Extract the batches put in `batches` until _END (_ABORT: remove what was extracted);
+    on failure set `failed` (the producer stops), take them until either (so the producer
+    never blocks) and raise."""
+    item: list[bytes] | str = []
     try:
-        extract_basebackup(reader, target, tablespace_links)
-        while reader.read(1 << 20):
-            pass
-    finally:
-        reader.close()
+        with _extracting(target, tablespace_links) as extractor:
+            while isinstance(item := batches.get(), list):
+                for chunk in item:
+                    extractor.feed(chunk)
+            if item == _ABORT:
+                raise _Abort
+    except BaseException:
+        failed.set()
+        while isinstance(item, list):
+            item = batches.get()
+        raise
 
 
 async def extract_stream(
@@ -157,26 +254,38 @@ async def extract_stream(
     target: Path,
     tablespace_links: dict[int, str] | None = None,
 ) -> None:
-    """Extract a tar arriving as async chunks (bounded memory: a pipe to the extractor)."""
-    rfd, wfd = os.pipe()
-    reader = os.fdopen(rfd, "rb", buffering=1 << 20)
+    """Extract a tar arriving as async chunks: a thread writes the files while the next
+    bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB queued)."""
+    batches: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
+    failed = threading.Event()
     extractor = asyncio.ensure_future(
-        asyncio.to_thread(_extract_and_drain, reader, target, tablespace_links)
+        asyncio.to_thread(_extract_queued, batches, failed, target, tablespace_links)
     )
+
+    async def put(item: list[bytes] | str) -> None:
+        try:
+            batches.put_nowait(item)
+        except queue.Full:
+            await asyncio.to_thread(batches.put, item)
+
     try:
         try:
-            batch = bytearray()  # one thread hop per MiB, not per network message
+            batch: list[bytes] = []  # one queue hop per MiB, not per network message
+            size = 0
             async for chunk in chunks:
-                batch += chunk
-                if len(batch) >= _PIPE_BATCH:
-                    full, batch = batch, bytearray()
-                    await asyncio.to_thread(_write_all, wfd, full)
-            if batch:
-                await asyncio.to_thread(_write_all, wfd, batch)
-        except BrokenPipeError:
-            pass  # the extractor refused the archive: its error says why
-        finally:
-            os.close(wfd)
+                if failed.is_set():
+                    break  # its error says why
+                batch.append(bytes(chunk))  # no copy of bytes; a view's buffer may be reused
+                size += len(chunk)
+                if size >= _QUEUE_BATCH:
+                    await put(batch)
+                    batch, size = [], 0
+            if batch and not failed.is_set():
+                await put(batch)
+        except BaseException:
+            await put(_ABORT)
+            raise
+        await put(_END)
         await extractor
     except BaseException:
         with contextlib.suppress(BaseException):

@@ -680,9 +680,9 @@ class BasebackupResponse(BasebackupPlan):
 
     bytes: int
     """Bytes streamed: of the tar, or of the `.neon` file when one was asked for."""
+    tablespaces: list[TablespaceLocation] = field(default_factory=list)
     tar_bytes: int = 0
     """Bytes of the tar (inside the `.neon` file when one was asked for)."""
-    tablespaces: list[TablespaceLocation] = field(default_factory=list)
 
 
 @method("basebackup", BasebackupResponse, streams=True)
@@ -698,8 +698,8 @@ class BasebackupRequest(ApiRequest):
     mtime: int | None = None
     """Unix time written as the members' mtime, pg_control's time and the checkpoint's time
     (default: the daemon's clock). Fixed, the same state always gives the same bytes."""
-    snapshot_file: bool = False
-    """Stream the tar as a `.neon` snapshot file (snapfile/) instead: the daemon compresses
+    snapshot_file: bool | None = None
+    """True: stream the tar as a `.neon` snapshot file (snapfile/) instead: the daemon compresses
     the frames on its threads, so a twentieth of the bytes crosses the socket."""
     created_at: int | None = None
     """The `.neon` manifest's creation time, Unix seconds (default: the daemon's clock)."""

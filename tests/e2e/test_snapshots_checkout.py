@@ -145,12 +145,10 @@ def test_checkout_killed_midway_rolls_forward(neon: NeonCli, kill_after: float) 
     psql(c, "INSERT INTO t VALUES (1)")
 
 
-@pytest.mark.parametrize("leftover", [".pgdata1.checkout.*.tar", "pgdata1.checkout.tmp-*"])
-def test_checkout_killed_while_downloading_leaves_no_temporary_files(
-    neon: NeonCli, leftover: str
-) -> None:
-    """Killed while the basebackup tar is downloading, or while it is being extracted: the
-    next command's recovery deletes the temporary tar and the partial extraction."""
+def test_checkout_killed_while_downloading_leaves_no_temporary_files(neon: NeonCli) -> None:
+    """Killed while the basebackup is downloading (unpacked as it arrives): the next
+    command's recovery deletes the partial extraction."""
+    leftover = "pgdata1.checkout.tmp-*"
     neon.run("pg", "create", "--port", str(free_port()))
     c = connstr(neon, "pgdata1")
     psql(c, "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
@@ -182,7 +180,7 @@ def test_pg_create_from_snapshot_killed_while_downloading_leaves_no_temporary_fi
     neon: NeonCli,
 ) -> None:
     """The abandoned node's cleanup (run by the next pg list/create) also deletes its download's
-    temporary tar."""
+    partial extraction."""
     neon.run("pg", "create", "--port", str(free_port()))
     psql(connstr(neon, "pgdata1"), "CREATE TABLE t AS SELECT generate_series(1, 20000) a")
     neon.run("snapshot", "create", "pgdata1@s")
@@ -194,7 +192,7 @@ def test_pg_create_from_snapshot_killed_while_downloading_leaves_no_temporary_fi
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
-    while not list(storage.glob(".pgdata2.*.tar")):
+    while not list(storage.glob("pgdata2.tmp-*")):
         assert proc.poll() is None, "pg create ended before it was caught downloading"
         assert time.monotonic() < deadline
         time.sleep(0.002)

@@ -1,0 +1,232 @@
+"""A tar archive read as a stream, sans I/O: fed bytes, it returns member events.
+
+Why not `tarfile`: in stream mode it copies every byte several times (its read buffer is
+re-sliced per read, then `extractfile` and `copyfileobj` copy again), and a basebackup is
+gigabytes. Here a member's data is handed on as views of the bytes fed, and the extractor
+writes them straight to the file.
+
+What it reads: the POSIX ustar header (name, mode, size, typeflag, linkname, prefix; POSIX.1-
+2001 tar, as PostgreSQL writes it: src/port/tar.c tarCreateHeader), pax extended headers
+(`x`: path, linkpath, size records; `g` global headers are skipped) as Python's tarfile writes
+them, and GNU long names (`L`, `K`). Each header block's checksum is verified (the unsigned sum
+of the block with the checksum field taken as spaces), sizes are octal or GNU base-256. An
+archive ends with a zero block (a second one is optional, as tar itself allows); data after it
+is ignored. Anything else raises TarFormatError naming the member and the offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+BLOCK = 512
+_MAX_META = 1 << 20  # pax and GNU long-name records: a path, never megabytes
+
+REGULAR, HARD_LINK, SYMLINK, CHAR_DEVICE, BLOCK_DEVICE, DIRECTORY, FIFO = (
+    b"0", b"1", b"2", b"3", b"4", b"5", b"6"
+)  # fmt: skip
+_KINDS = {
+    REGULAR: "file",
+    b"\0": "file",
+    b"7": "file",  # contiguous file: a regular file everywhere but a few old systems
+    HARD_LINK: "hard link",
+    SYMLINK: "symbolic link",
+    CHAR_DEVICE: "device",
+    BLOCK_DEVICE: "device",
+    DIRECTORY: "directory",
+    FIFO: "FIFO",
+}
+_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
+
+
+class TarFormatError(ValueError):
+    """The bytes are not a well-formed tar archive."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStart:
+    name: str
+    kind: str
+    """file, directory, symbolic link, hard link, device, FIFO."""
+    size: int
+    mode: int
+    linkname: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemberData:
+    data: memoryview
+    """The next bytes of the current member's data: valid until the next `feed`."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEnd:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveEnd:
+    pass
+
+
+TarEvent = MemberStart | MemberData | MemberEnd | ArchiveEnd
+
+
+def _number(field: bytes, what: str) -> int:
+    """An octal number (NUL- or space-terminated), or GNU base-256 (high bit of byte 0 set)."""
+    if field[:1] and field[0] & 0x80:
+        if field[0] & 0x40:
+            raise TarFormatError(f"negative {what} in a tar header")
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError(f"{what} field {bytes(field)!r} is not an octal number") from None
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = _number(block[148:156], "checksum")
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b & 0x80)
+    return stored in (unsigned, signed)  # old tars summed signed chars
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes, offset: int) -> dict[str, str]:
+    """`LEN KEY=VALUE\\n` records (POSIX.1-2001 pax format)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise TarFormatError(f"bad pax header record at offset {offset + pos}") from None
+        record = data[space + 1 : pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise TarFormatError(f"bad pax header record at offset {offset + pos}")
+        key, value = record[:-1].split(b"=", 1)
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+class TarReader:
+    """Feed archive bytes with `feed()`, then call `finish()`; each returns events in order:
+    per member MemberStart, MemberData (files only), MemberEnd; finish() gives ArchiveEnd."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.offset = 0
+        """Archive bytes consumed."""
+        self._name = ""  # of the current member, for messages
+        self._data_left = 0  # of the current member's data
+        self._pad_left = 0  # zero padding after it
+        self._meta_kind: bytes | None = None  # reading a pax/GNU record of _meta_size bytes
+        self._meta_size = 0
+        self._pending: dict[str, str] = {}  # path/linkpath/size for the next member
+        self._ended = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[TarEvent]:
+        view = memoryview(data).cast("B")
+        while view and not self._ended:
+            if self._data_left:  # a member's data: handed on without a copy
+                take = min(len(view), self._data_left)
+                self._data_left -= take
+                self.offset += take
+                yield MemberData(view[:take])
+                view = view[take:]
+                if not self._data_left:
+                    yield MemberEnd()
+                continue
+            if self._pad_left:
+                take = min(len(view), self._pad_left)
+                self._pad_left -= take
+                self.offset += take
+                view = view[take:]
+                continue
+            need = BLOCK if self._meta_kind is None else self._meta_size + -self._meta_size % BLOCK
+            take = min(len(view), need - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) < need:
+                break
+            region = bytes(self._buf)
+            self._buf.clear()
+            if self._meta_kind is not None:
+                self._meta_done(region)
+                self.offset += need
+                continue
+            start = self._header(region)
+            self.offset += need
+            if start is not None:
+                yield start
+                if not self._data_left:
+                    yield MemberEnd()
+
+    def finish(self) -> Iterator[TarEvent]:
+        """The end: ArchiveEnd, or TarFormatError if the archive was cut off."""
+        if not self._ended:
+            where = f" inside member {self._name!r}" if self._data_left or self._pad_left else ""
+            raise TarFormatError(f"the archive is cut off at offset {self.offset}{where}")
+        yield ArchiveEnd()
+
+    def _header(self, block: bytes) -> MemberStart | None:
+        """The member a header block starts (None: an extended header, or the end)."""
+        if block == bytes(BLOCK):
+            if self._pending:
+                raise TarFormatError(f"an extended header at offset {self.offset} has no member")
+            self._ended = True  # one zero block ends it; a second one and padding are not read
+            return None
+        if not _checksum_ok(block):
+            raise TarFormatError(f"the tar header at offset {self.offset} has a bad checksum")
+        typeflag = block[156:157]
+        size = _number(block[124:136], "size")
+        if typeflag in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
+            if size > _MAX_META:
+                raise TarFormatError(f"the extended header at offset {self.offset} is too large")
+            self._meta_kind, self._meta_size = typeflag, size
+            return None
+        name = _text(block[:100])
+        if block[257:263] == b"ustar\0" and block[345] != 0:  # POSIX: prefix/name
+            name = f"{_text(block[345:500])}/{name}"
+        pending, self._pending = self._pending, {}
+        name = pending.get("path", name)
+        self._name = name
+        kind = _KINDS.get(typeflag)
+        if kind == "directory":
+            name = name.rstrip("/") or name  # tar writers end directory names with '/'
+            self._name = name
+        if kind is None:
+            raise TarFormatError(
+                f"tar member {name!r} at offset {self.offset} has unknown type {typeflag!r}"
+            )
+        if "size" in pending:
+            if not pending["size"].isdigit():
+                raise TarFormatError(f"tar member {name!r} has a bad pax size")
+            size = int(pending["size"])
+        if kind != "file" and size:
+            raise TarFormatError(f"tar member {name!r} is a {kind} with {size} bytes of data")
+        self._data_left = size
+        self._pad_left = -size % BLOCK
+        linkname = pending.get("linkpath", _text(block[157:257]))
+        return MemberStart(name, kind, size, _number(block[100:108], "mode"), linkname)
+
+    def _meta_done(self, region: bytes) -> None:
+        data, kind = region[: self._meta_size], self._meta_kind
+        self._meta_kind, self._meta_size = None, 0
+        if kind == _PAX:
+            records = _pax_records(data, self.offset)
+            self._pending.update(
+                {k: v for k, v in records.items() if k in ("path", "linkpath", "size")}
+            )
+        elif kind == _GNU_LONGNAME:
+            self._pending["path"] = _text(data)
+        elif kind == _GNU_LONGLINK:
+            self._pending["linkpath"] = _text(data)

@@ -1,0 +1,148 @@
+"""The sans-I/O tar reader against archives written by Python's tarfile (ustar, GNU, pax) and
+by GNU tar, fed in any chunking: the same members, kinds, sizes and bytes."""
+
+from __future__ import annotations
+
+import io
+import random
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cli.tar_reader import (
+    ArchiveEnd,
+    MemberData,
+    MemberEnd,
+    MemberStart,
+    TarEvent,
+    TarFormatError,
+    TarReader,
+)
+
+LONG = "base/16384/" + "d" * 120 + "/" + "f" * 90  # beyond ustar's 100 + 155 name fields
+
+
+def make_archive(fmt: int, files: dict[str, bytes], *, link_to: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        info = tarfile.TarInfo("base")
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o700
+        tar.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
+        if link_to:
+            info = tarfile.TarInfo("pg_tblspc/16500")
+            info.type = tarfile.SYMTYPE
+            info.linkname = link_to
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def read_all(archive: bytes, sizes: list[int]) -> list[tuple[str, str, int, bytes, str]]:
+    """(name, kind, size, data, linkname) per member, feeding `archive` in `sizes` pieces."""
+    reader = TarReader()
+    events: list[TarEvent] = []
+    pos, i = 0, 0
+    while pos < len(archive):
+        n = max(1, sizes[i % len(sizes)]) if sizes else len(archive)
+        events.extend(
+            MemberData(bytes(e.data)) if isinstance(e, MemberData) else e  # type: ignore[arg-type]
+            for e in reader.feed(archive[pos : pos + n])
+        )
+        pos, i = pos + n, i + 1
+    events.extend(reader.finish())
+    assert isinstance(events[-1], ArchiveEnd)
+    members: list[tuple[str, str, int, bytes, str]] = []
+    current: MemberStart | None = None
+    data = bytearray()
+    for event in events[:-1]:
+        if isinstance(event, MemberStart):
+            assert current is None
+            current, data = event, bytearray()
+        elif isinstance(event, MemberData):
+            data += event.data
+        else:
+            assert isinstance(event, MemberEnd) and current is not None
+            members.append(
+                (current.name, current.kind, current.size, bytes(data), current.linkname)
+            )
+            current = None
+    assert current is None
+    return members
+
+
+FILES = {
+    "base/1/1259": bytes(range(256)) * 40,
+    "global/pg_control": b"\x01" * 8192,
+    "PG_VERSION": b"15\n",
+    "empty": b"",
+    "exact": b"x" * 512,
+    LONG: b"long name\n",
+}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reads_what_tarfile_writes(fmt: int) -> None:
+    files = dict(FILES)
+    if fmt == tarfile.USTAR_FORMAT:
+        files[LONG[:95] + "/" + "g" * 90] = files.pop(LONG)  # ustar splits it into prefix/name
+    archive = make_archive(fmt, files, link_to="/srv/tblspc")
+    got = read_all(archive, [])
+    assert got[0] == ("base", "directory", 0, b"", "")
+    assert got[1:-1] == [(n, "file", len(d), d, "") for n, d in files.items()]
+    assert got[-1] == ("pg_tblspc/16500", "symbolic link", 0, b"", "/srv/tblspc")
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=6))
+def test_any_chunking_gives_the_same_members(sizes: list[int]) -> None:
+    archive = make_archive(tarfile.PAX_FORMAT, FILES)
+    assert read_all(archive, sizes) == read_all(archive, [])
+
+
+def test_reads_gnu_tar_output(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "base" / "5").mkdir(parents=True)
+    data = random.Random(1).randbytes(70000)
+    (src / "base" / "5" / "16384").write_bytes(data)
+    (src / ("n" * 150)).write_bytes(b"gnu long name")
+    archive = subprocess.run(
+        ["tar", "-C", str(src), "-cf", "-", "--sort=name", "."], capture_output=True, check=True
+    ).stdout
+    got = {m[0]: m for m in read_all(archive, [4096])}
+    assert got["./base/5/16384"][3] == data
+    assert got["./" + "n" * 150][3] == b"gnu long name"
+
+
+def test_a_cut_archive_is_refused_naming_the_member() -> None:
+    archive = make_archive(tarfile.PAX_FORMAT, {"base/1/1259": b"a" * 5000})
+    # Blocks: the directory's header, the file's header, 10 blocks of data, the end.
+    for cut in (100, 1024 + 10, 1024 + 5120):  # in a header, in the data, before the end
+        reader = TarReader()
+        with pytest.raises(TarFormatError, match="cut off"):
+            list(reader.feed(archive[:cut]))
+            list(reader.finish())
+    reader = TarReader()
+    list(reader.feed(archive[: 1024 + 10]))
+    with pytest.raises(TarFormatError, match="inside member 'base/1/1259'"):
+        list(reader.finish())
+
+
+def test_a_damaged_header_is_refused() -> None:
+    archive = bytearray(make_archive(tarfile.USTAR_FORMAT, {"a": b"x"}))
+    archive[10] ^= 0x20  # a name byte of the first member's header
+    with pytest.raises(TarFormatError, match="offset 0 has a bad checksum"):
+        list(TarReader().feed(bytes(archive)))
+
+
+def test_data_after_the_end_block_is_not_read() -> None:
+    archive = make_archive(tarfile.USTAR_FORMAT, {"a": b"x"}) + b"garbage" * 100
+    assert [m[0] for m in read_all(archive, [700])] == ["base", "a"]
