@@ -39,7 +39,7 @@ from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
 from cli.registry import NodeRow
-from cli.snapshot_export import _databases, _snapshot_server, _with_db
+from cli.snapshot_servers import databases, snapshot_server, with_db
 from pageserver_api.models import (
     RelationDiff,
     SnapshotDiffRequest,
@@ -113,11 +113,11 @@ def snapshot_diff(
         return
     with contextlib.ExitStack() as servers:
         connstrs = [_connstr(app, servers, name) for name in names]
-        databases = _databases_to_compare(connstrs, names, db)
+        dbs = _databases_to_compare(connstrs, names, db)
         if mode == "schema":
-            _print_schema(connstrs, names, databases, as_json)
+            _print_schema(connstrs, names, dbs, as_json)
         else:
-            _print_data(connstrs, databases, rows, limit, as_json)
+            _print_data(connstrs, dbs, rows, limit, as_json)
 
 
 def _current_node(app: App, name: str) -> NodeRow | None:
@@ -131,7 +131,7 @@ def _connstr(app: App, servers: contextlib.ExitStack, name: str) -> str:
     stopped when `servers` closes), or for PGDATA@CURRENT the running node itself."""
     node = _current_node(app, name)
     if node is None:
-        return servers.enter_context(_snapshot_server(app, name))
+        return servers.enter_context(snapshot_server(app, name))
     if nodes.node_status(app, node).state != "running":
         raise Conflict(f"node {node.id} is not running; start it with `neon pg start {node.id}`")
     return nodes.connstr(app, node)
@@ -213,7 +213,7 @@ def _databases_to_compare(
 ) -> list[str]:
     """`db` (if either snapshot has it), else every connectable non-template database of
     either snapshot."""
-    found = [set(_databases(c)) for c in connstrs]
+    found = [set(databases(c)) for c in connstrs]
     if db is not None:
         if not any(db in f for f in found):
             raise NotFound(
@@ -226,13 +226,13 @@ def _databases_to_compare(
 
 def _schema_dump(connstr: str, db: str) -> str:
     """pg_dump --schema-only of `db`; "" when the snapshot has no such database."""
-    if db not in _databases(connstr):
+    if db not in databases(connstr):
         return ""
     flags = ["--schema-only", "--no-password"]
     if "--restrict-key" in _pg_dump_help():
         flags.append(f"--restrict-key={_RESTRICT_KEY}")
     proc = subprocess.run(
-        [pg_binary("pg_dump"), *flags, "-d", _with_db(connstr, db)],
+        [pg_binary("pg_dump"), *flags, "-d", with_db(connstr, db)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
@@ -249,10 +249,10 @@ def _pg_dump_help() -> str:
 
 
 def _print_schema(
-    connstrs: Sequence[str], names: Sequence[str], databases: Sequence[str], as_json: bool
+    connstrs: Sequence[str], names: Sequence[str], dbs: Sequence[str], as_json: bool
 ) -> None:
     result = []
-    for db in databases:
+    for db in dbs:
         before, after = (_schema_dump(c, db) for c in connstrs)
         diff = "".join(
             difflib.unified_diff(
@@ -437,19 +437,19 @@ def _before(x: Sequence[str | None] | None, y: Sequence[str | None] | None) -> b
 
 
 def _print_data(
-    connstrs: Sequence[str], databases: Sequence[str], rows: bool, limit: int, as_json: bool
+    connstrs: Sequence[str], dbs: Sequence[str], rows: bool, limit: int, as_json: bool
 ) -> None:
     import psycopg
 
     stats: list[tuple[str, TableDiffStat]] = []
     left = limit if rows else 0
-    for db in databases:
+    for db in dbs:
         with contextlib.ExitStack() as stack:
             conns: list[psycopg.Connection[Any] | None] = []
             tables: list[dict[str, _Table]] = []
             for connstr in connstrs:
-                if db in _databases(connstr):
-                    conn = stack.enter_context(psycopg.connect(_with_db(connstr, db)))
+                if db in databases(connstr):
+                    conn = stack.enter_context(psycopg.connect(with_db(connstr, db)))
                     conns.append(conn)
                     tables.append(_tables(conn))
                 else:

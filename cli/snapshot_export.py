@@ -31,11 +31,11 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 from tqdm import tqdm
 
-from cli import postmaster
 from cli.context import App, get_app
 from cli.output import print_json
 from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
+from cli.snapshot_servers import databases, snapshot_server, with_db
 from pageserver_api.client import PageserverClient
 from pageserver_api.errors import ExternalCommandFailed, error_from_os
 from pageserver_api.models import (
@@ -237,48 +237,9 @@ def _export_basebackup(
     return {}
 
 
-@contextlib.contextmanager
-def _snapshot_server(app: App, name: str) -> Iterator[str]:
-    """A connection string to the snapshot's read-only server: a running one, else a new one
-    stopped (and removed) when the block ends, however it ends."""
-    # Imported here: cli.snapshot_commands imports this module to register the command.
-    from cli.snapshot_commands import (
-        remove_snapshot_server,
-        server_connstr,
-        start_snapshot_server,
-    )
-
-    running = app.registry.snapshot_server(name)
-    if running is not None and postmaster.running_pid(Path(running["datadir"])) is not None:
-        yield server_connstr(app, running["port"])
-        return
-    try:
-        port, _datadir = start_snapshot_server(app, name)
-        yield server_connstr(app, port)
-    finally:
-        remove_snapshot_server(app, name)
-
-
-def _with_db(connstr: str, db: str) -> str:
-    import psycopg
-
-    return psycopg.conninfo.make_conninfo(connstr, dbname=db)
-
-
-def _databases(connstr: str) -> list[str]:
-    import psycopg
-
-    with psycopg.connect(connstr, connect_timeout=10) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
-            "ORDER BY datname"
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
 def _choose_db(connstr: str, name: str, db: str | None) -> str:
     """`db` if the snapshot has it; else its one user database (or `postgres`)."""
-    existing = _databases(connstr)
+    existing = databases(connstr)
     if db is not None:
         if db not in existing:
             raise NotFound(
@@ -297,7 +258,7 @@ def _export_pg_dump(
     connstr: str, name: str, db: str | None, target: _Target, meter: _Meter
 ) -> dict[str, Any]:
     db = _choose_db(connstr, name, db)
-    cmd = [pg_binary("pg_dump"), "-Fc", "--no-password", "-d", _with_db(connstr, db)]
+    cmd = [pg_binary("pg_dump"), "-Fc", "--no-password", "-d", with_db(connstr, db)]
     # pg_dump's messages go to a file: a pipe it filled while we wait on stdout would block it.
     with _output_file(target) as out, tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, bufsize=0)
@@ -355,7 +316,7 @@ def _export_csv(
 
     db = _choose_db(connstr, name, db)
     written = []
-    with psycopg.connect(_with_db(connstr, db), connect_timeout=10) as conn:
+    with psycopg.connect(with_db(connstr, db), connect_timeout=10) as conn:
         chosen = _tables(conn, db, tables)
         with _output_dir(target) as directory:
             for schema, table in chosen:
@@ -419,7 +380,7 @@ def snapshot_export(
         if fmt in ("neon", "tar"):
             details = _export_basebackup(app, snap, fmt, target, meter)
         else:
-            with _snapshot_server(app, name) as connstr:
+            with snapshot_server(app, name) as connstr:
                 if fmt == "pg_dump":
                     details = _export_pg_dump(connstr, name, db, target, meter)
                 else:
