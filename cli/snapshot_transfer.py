@@ -1,6 +1,6 @@
 """`neon snapshot push` and `neon snapshot pull`: a whole snapshot to and from another place,
 as its `.neon` file, through any transport (cli/transport/: a path, file://, ssh://,
-http(s)://).
+http(s)://, s3://).
 
 push: the daemon's `.neon` stream, the very bytes `neon snapshot export` writes
 (`write_snapshot_file`), goes straight into the transport's writer: nothing is staged, and the
@@ -29,15 +29,33 @@ from cli.progress import Progress
 from cli.snapshot_export import write_snapshot_file
 from cli.snapshot_file_source import is_snapshot_file
 from cli.storages import DEFAULT_STORAGE
-from cli.transport import is_transport_url, parse_location
+from cli.transport import is_transport_url, parse_location, url_scheme
 from cli.transport.base import Location, already_exists
 from cli.transport.blocking import BlockingWriter
+from cli.transport.s3 import use_endpoint_url
 from pageserver_api.models import SnapshotShowRequest
 from proto.errors import InvalidArgument
 
-URL_FORMS = "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH or http(s)://HOST[:PORT]/PATH"
+URL_FORMS = (
+    "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH or "
+    "s3://BUCKET/[PREFIX/]NAME"
+)
 PUSH_URL_HELP = f"a .neon file or a directory (ending in '/'): {URL_FORMS}"
 PULL_URL_HELP = f"a .neon file: {URL_FORMS}"
+ENDPOINT_HELP = (
+    "for s3:// URLs: an S3-compatible service, http(s)://HOST[:PORT] (default: "
+    "AWS_ENDPOINT_URL, else AWS)"
+)
+
+
+def parse_transfer_url(url: str, endpoint_url: str | None) -> Location:
+    """The location `url` names; `--endpoint-url` applies to s3:// URLs only."""
+    location = parse_location(url)  # a malformed URL: one line, before anything is done
+    if endpoint_url is not None:
+        if url_scheme(url) != "s3":
+            raise InvalidArgument(f"--endpoint-url is for s3:// URLs, not {location.url}")
+        use_endpoint_url(endpoint_url)
+    return location
 
 
 def snapshot_file_name(snapshot: str) -> str:
@@ -73,12 +91,15 @@ class _Sent:
 @click.option("--to", "url", required=True, metavar="URL", help=PUSH_URL_HELP)
 @click.argument("name", metavar="SNAPSHOT")
 @click.option("--force", is_flag=True, help="replace a file of the same name at the destination")
+@click.option("--endpoint-url", metavar="URL", help=ENDPOINT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def snapshot_push(ctx: click.Context, url: str, name: str, force: bool, as_json: bool) -> None:
+def snapshot_push(
+    ctx: click.Context, url: str, name: str, force: bool, endpoint_url: str | None, as_json: bool
+) -> None:
     """Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon)."""
     app = get_app(ctx)
-    location = parse_location(url)  # a malformed URL: one line, before anything is done
+    location = parse_transfer_url(url, endpoint_url)
     name = app.registry.snapshot_name(name)
     snap = local_api(app).snapshot_show(SnapshotShowRequest(name))
     location = location.named(snapshot_file_name(name))
@@ -129,17 +150,19 @@ class _Received(Progress):
 @click.option("--from", "url", required=True, metavar="URL", help=PULL_URL_HELP)
 @click.argument("name", required=False)
 @click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--endpoint-url", metavar="URL", help=ENDPOINT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def snapshot_pull(
-    ctx: click.Context, url: str, name: str | None, storage: str, as_json: bool
-) -> None:
+    ctx: click.Context, url: str, name: str | None, storage: str, endpoint_url: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
     """Fetch a .neon file from URL as snapshot NAME (default: the file's name)."""
     # Imported here: cli.snapshot_commands imports this module to register the commands.
     from cli.snapshot_commands import import_snapshot
 
     app = get_app(ctx)
-    location = parse_location(url)
+    location = parse_transfer_url(url, endpoint_url)
     location.object_name  # noqa: B018 (a directory URL: one line)
     source = url
     if not is_transport_url(url):

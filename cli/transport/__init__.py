@@ -20,6 +20,7 @@ SCHEMES = {
     "ssh": "cli.transport.ssh",
     "http": "cli.transport.http",
     "https": "cli.transport.http",
+    "s3": "cli.transport.s3",
 }
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 

@@ -28,6 +28,7 @@ from snapfile import extract_tar
 from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql, run_on_tty
 from tests.pgtest import PgTestCluster, PgTestServer, pg_reachable_tmpdir
+from tests.s3d import moto_s3
 from tests.sshd import SshServer, ssh_server
 
 SNAP = "pgdata1@snap1"
@@ -367,6 +368,34 @@ def test_push_over_ssh_then_pull_over_http_with_a_cut(
         assert snapshot_dump(home, "overhttp") == reference_dump
     finally:
         home.run("snapshot", "destroy", "overhttp")
+
+
+def test_push_then_pull_over_s3(home: NeonCli, reference_dump: str) -> None:
+    """s3:// against moto's server on 127.0.0.1: credentials from the AWS environment
+    variables, the endpoint from --endpoint-url."""
+    with moto_s3() as server:
+        bucket = server.new_bucket()
+        env = {k: v for k, v in server.env().items() if k != "AWS_ENDPOINT_URL"}
+        s3home = with_env(home, env)
+        endpoint = ("--endpoint-url", server.endpoint)
+        summary = s3home.json("snapshot", "push", "--to", f"s3://{bucket}/snaps/", SNAP, *endpoint)
+        key = "snaps/pgdata1@snap1.neon"
+        assert summary["url"] == f"s3://{bucket}/{key}"
+        body = server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert summary["bytes_sent"] == len(body) < summary["snapshot_bytes"]
+        assert summary["sha256"] == hashlib.sha256(body).hexdigest()
+        error = s3home.fail("snapshot", "push", "--to", summary["url"], SNAP, *endpoint)
+        assert f"{summary['url']} already exists" in error and "--force" in error
+        missing = s3home.fail(
+            "snapshot", "push", "--to", "s3://neon-no-bucket/x.neon", SNAP, *endpoint
+        )
+        assert "S3 bucket neon-no-bucket does not exist (NoSuchBucket)" in missing
+        pulled = s3home.json("snapshot", "pull", "--from", summary["url"], "overs3", *endpoint)
+    try:
+        assert pulled["bytes_received"] == len(body)
+        assert snapshot_dump(home, "overs3") == reference_dump
+    finally:
+        home.run("snapshot", "destroy", "overs3")
 
 
 def test_failed_push_and_pull_are_one_line_and_leave_nothing(

@@ -1,6 +1,7 @@
 """The transport interface, the same for every scheme, against real peers: a local directory,
-an sshd and an aiohttp server on 127.0.0.1. An object appears only once committed; an
-aborted, refused or killed write leaves nothing at its name; reads from any offset."""
+an sshd, an aiohttp server and moto's S3 server on 127.0.0.1. An object appears only once
+committed; an aborted, refused or killed write leaves nothing at its name; reads from any
+offset."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from cli.transport import parse_location
 from cli.transport.base import Location, read_object
 from proto.errors import AlreadyExists, InvalidArgument, NotFound
-from tests.cli.transport.conftest import entries
+from tests.cli.transport.conftest import S3Bucket, entries
 from tests.httpd import FileServer
 from tests.sshd import SshServer
 
@@ -26,24 +27,47 @@ DATA = os.urandom(3 * 1024 * 1024 + 12345)  # several chunks, not a multiple of 
 
 
 @dataclass(frozen=True)
+class Directory:
+    """What a directory peer holds, seen through the file system."""
+
+    directory: Path
+
+    def read(self, name: str) -> bytes:
+        return (self.directory / name).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        (self.directory / name).write_bytes(data)
+
+    def exists(self, name: str) -> bool:
+        return (self.directory / name).exists()
+
+    def entries(self) -> list[str]:
+        return entries(self.directory)
+
+
+@dataclass(frozen=True)
 class Peer:
     scheme: str
-    directory: Path  # where the peer keeps its objects
+    remote: Directory | S3Bucket  # what the peer holds, seen behind the transport's back
     url: Callable[[str], str]  # the URL of an object
 
     def location(self, name: str) -> Location:
         return parse_location(self.url(name))
 
 
-@pytest.fixture(params=["file", "ssh", "http"])
+@pytest.fixture(params=["file", "ssh", "http", "s3"])
 def peer(request: pytest.FixtureRequest, remote_dir: Path) -> Peer:
+    remote = Directory(remote_dir)
     if request.param == "file":
-        return Peer("file", remote_dir, lambda name: str(remote_dir / name))
+        return Peer("file", remote, lambda name: str(remote_dir / name))
     if request.param == "ssh":
         sshd: SshServer = request.getfixturevalue("ssh_env")
-        return Peer("ssh", remote_dir, lambda name: sshd.url(f"{remote_dir}/{name}"))
+        return Peer("ssh", remote, lambda name: sshd.url(f"{remote_dir}/{name}"))
+    if request.param == "s3":
+        bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+        return Peer("s3", bucket, bucket.url)
     httpd: FileServer = request.getfixturevalue("httpd")
-    return Peer("http", remote_dir, httpd.url)
+    return Peer("http", remote, httpd.url)
 
 
 async def write(location: Location, data: bytes, *, overwrite: bool = False) -> None:
@@ -62,8 +86,8 @@ async def read(location: Location, offset: int = 0) -> tuple[bytes, int | None]:
 async def test_written_object_appears_whole(peer: Peer) -> None:
     loc = peer.location("x.neon")
     await write(loc, DATA)
-    assert (peer.directory / "x.neon").read_bytes() == DATA
-    assert entries(peer.directory) == ["x.neon"]  # no temporary file left
+    assert peer.remote.read("x.neon") == DATA
+    assert peer.remote.entries() == ["x.neon"]  # no temporary file left
     assert b"".join([c async for c in read_object(loc)]) == DATA
     for offset in (1, len(DATA) - 1, len(DATA)):
         got, size = await read(loc, offset)
@@ -76,7 +100,7 @@ async def test_written_object_appears_whole(peer: Peer) -> None:
 async def test_empty_object(peer: Peer) -> None:
     loc = peer.location("empty.neon")
     await write(loc, b"")
-    assert (peer.directory / "empty.neon").read_bytes() == b""
+    assert peer.remote.read("empty.neon") == b""
     assert await read(loc) == (b"", 0)
 
 
@@ -86,7 +110,7 @@ async def test_aborted_write_leaves_nothing(peer: Peer) -> None:
         async with await loc.store.open_write("x.neon", overwrite=False) as w:
             await w.write(DATA[: 1 << 20])
             raise RuntimeError("the export failed")
-    assert entries(peer.directory) == []
+    assert peer.remote.entries() == []
     assert await loc.store.stat("x.neon") is None
 
 
@@ -95,11 +119,11 @@ async def test_existing_object_is_kept_unless_overwrite(peer: Peer) -> None:
     await write(loc, b"first")
     with pytest.raises(AlreadyExists, match=r"x\.neon already exists; .*--force"):
         await write(loc, DATA)
-    assert (peer.directory / "x.neon").read_bytes() == b"first"
-    assert entries(peer.directory) == ["x.neon"]
+    assert peer.remote.read("x.neon") == b"first"
+    assert peer.remote.entries() == ["x.neon"]
     await write(loc, DATA, overwrite=True)
-    assert (peer.directory / "x.neon").read_bytes() == DATA
-    assert entries(peer.directory) == ["x.neon"]
+    assert peer.remote.read("x.neon") == DATA
+    assert peer.remote.entries() == ["x.neon"]
 
 
 async def test_missing_objects_and_delete(peer: Peer) -> None:
@@ -110,12 +134,12 @@ async def test_missing_objects_and_delete(peer: Peer) -> None:
         await loc.store.delete("gone.neon")
     await write(loc, b"data")
     await loc.store.delete("gone.neon")
-    assert entries(peer.directory) == []
+    assert peer.remote.entries() == []
 
 
 async def test_list_shows_finished_objects_only(peer: Peer) -> None:
     loc = peer.location("a.neon")
-    (peer.directory / ".b.neon.1234.partial").write_bytes(b"half")  # a killed push's
+    peer.remote.write(".b.neon.1234.partial", b"half")  # a killed push's
     await write(loc, b"aaa")
     await write(peer.location("c d.neon"), b"cc")
     if peer.scheme == "http":
@@ -148,8 +172,8 @@ def test_killed_writer_leaves_nothing_visible(peer: Peer) -> None:
         [sys.executable, "-c", KILLED_WRITER, peer.url("x.neon")], env=env, timeout=60
     )
     assert proc.returncode == -signal.SIGKILL
-    assert not (peer.directory / "x.neon").exists()
+    assert not peer.remote.exists("x.neon")
     # At most a hidden temporary file, which no listing shows.
-    assert all(name.startswith(".") for name in entries(peer.directory))
+    assert all(name.startswith(".") for name in peer.remote.entries())
     if peer.scheme != "http":
         assert asyncio.run(loc.store.list()) == []

@@ -1,0 +1,444 @@
+"""`s3://BUCKET/PREFIX/NAME`: objects are keys of an S3 bucket (AWS or any S3-compatible
+service), reached with aiobotocore.
+
+Credentials and endpoint come from where every AWS tool reads them: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/...), AWS_REGION or
+AWS_DEFAULT_REGION (us-east-1 when neither is set), and AWS_ENDPOINT_URL or
+AWS_ENDPOINT_URL_S3 for an S3-compatible service (`--endpoint-url` of push and pull sets the
+latter). Keys are written as in the URL (no percent-decoding, as `aws s3 cp` does).
+
+Write: a multipart upload with PARTS_IN_FLIGHT parts of PART_SIZE uploading at once (memory
+stays bounded by about their sum); the object appears only at CompleteMultipartUpload, and an
+abort calls AbortMultipartUpload. An object smaller than one part is one PutObject. Parts grow
+after every PART_GROWTH_EVERY parts (S3 allows 10,000 parts per object). Without `overwrite`
+the pusher's HEAD refuses an existing object before anything is sent, and the final request
+carries `If-None-Match: *`, so a service that honours it (AWS since 2024, MinIO, moto) never
+replaces an object written meanwhile; one that ignores it leaves a race between the HEAD and
+the completion. A killed writer leaves a pending multipart upload, which is invisible and
+which a bucket's AbortIncompleteMultipartUpload lifecycle rule removes.
+
+Read: GetObject with `Range: bytes=N-` from an offset; a cut body is a `StreamCut`, so
+`read_object` resumes where it stopped. List: ListObjectsV2 of the keys directly under the
+prefix (as a directory lists its files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+from urllib.parse import urlsplit
+
+from cli.storages import mask_url, validate_s3_bucket
+from cli.transport.base import (
+    CHUNK,
+    Location,
+    ObjectInfo,
+    ObjectReader,
+    ObjectWriter,
+    Store,
+    StreamCut,
+    already_exists,
+    check_object_name,
+)
+from proto.errors import AuthFailed, InvalidArgument, NeonError, NotFound, Unavailable
+
+URL_FORM = "s3://BUCKET/[PREFIX/]NAME"
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # botocore's S3-only endpoint variable
+DEFAULT_REGION = "us-east-1"
+CONTENT_TYPE = "application/octet-stream"
+PART_SIZE = 16 * 1024 * 1024
+PARTS_IN_FLIGHT = 8
+PART_GROWTH_EVERY = 1000  # parts; then the part size doubles (16 MiB x 1000 = 16 GiB first)
+MAX_PART_SIZE = 5 * 1024**3  # S3's limit
+CONNECT_TIMEOUT, READ_TIMEOUT = 30, 300  # seconds
+
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "403",
+}
+
+
+def parse_location(url: str) -> Location:
+    """`s3://BUCKET`, `s3://BUCKET/PREFIX/` (a directory) or `s3://BUCKET/PREFIX/NAME`."""
+    shown = mask_url(url)
+    bucket, _, path = url[len("s3://") :].partition("/")
+    if "@" in bucket or ":" in bucket:
+        raise InvalidArgument(
+            f"invalid s3 URL {shown}: it takes no credentials or port; set AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL (or --endpoint-url) instead"
+        )
+    if not bucket:
+        raise InvalidArgument(f"invalid s3 URL {shown}: no bucket; expected {URL_FORM}")
+    if any(c in url for c in "\0\r\n"):
+        raise InvalidArgument(f"invalid s3 URL {shown!r}: it has a control character")
+    try:
+        validate_s3_bucket(bucket)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"invalid s3 URL {shown}: {exc}") from None
+    if "//" in f"/{path}":
+        raise InvalidArgument(f"invalid s3 URL {shown}: an empty path segment ('//')")
+    head, _, last = path.rpartition("/")
+    store = S3Store(bucket, f"{head}/" if head else "")
+    if not last:
+        return Location(store, None)
+    return Location(store, check_object_name(last, shown))
+
+
+def check_endpoint_url(url: str) -> str:
+    """An S3 endpoint is http(s)://HOST[:PORT] (the `--endpoint-url` of push and pull)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (validates it)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidArgument(f"invalid --endpoint-url {url!r}: expected http(s)://HOST[:PORT]")
+    if parts.password is not None:
+        raise InvalidArgument(
+            "--endpoint-url takes no password: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    return url
+
+
+def use_endpoint_url(url: str) -> None:
+    """Send this process's S3 requests to `url` (`--endpoint-url`): botocore reads it from
+    the environment, as it would the user's own setting."""
+    os.environ[ENDPOINT_ENV] = check_endpoint_url(url)
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+@contextlib.contextmanager
+def _s3_errors(shown: str, bucket: str, doing: str) -> Iterator[None]:
+    """botocore's and aiohttp's exceptions as one line naming the URL and the fix."""
+    import aiohttp
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except ClientError as exc:
+        raise _client_error(exc, shown, bucket, doing) from None
+    except NoCredentialsError:
+        raise AuthFailed(
+            f"cannot {doing} {shown}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from None
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise Unavailable(f"cannot {doing} {shown}: {reason}") from None
+
+
+def _client_error(exc: Any, shown: str, bucket: str, doing: str) -> NeonError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code == "NoSuchBucket":
+        return NotFound(
+            f"cannot {doing} {shown}: S3 bucket {bucket} does not exist (NoSuchBucket); "
+            "check the URL and AWS_ENDPOINT_URL"
+        )
+    if code in _AUTH_CODES or status == 403:
+        return AuthFailed(
+            f"cannot {doing} {shown}: S3 refused access ({code or 'HTTP 403'}); check "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket's policy"
+        )
+    if code in ("NoSuchKey", "404") or status == 404:
+        return NotFound(f"{shown}: no such object in S3")
+    if code in ("PreconditionFailed", "412") or status == 412:
+        return already_exists(shown)
+    message = " ".join(str(error.get("Message", "")).split())
+    return Unavailable(f"cannot {doing} {shown}: S3 answered {code or status} {message}".rstrip())
+
+
+def _missing(exc: BaseException) -> bool:
+    """A HEAD's 404: no such key (a HEAD cannot tell a missing bucket; later calls do)."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str) -> None:
+        self.bucket, self.prefix = bucket, prefix
+        self.url = f"s3://{bucket}/{prefix}"
+
+    def object_url(self, name: str) -> str:
+        return self.url + name
+
+    def _key(self, name: str) -> str:
+        return self.prefix + check_object_name(name, self.url)
+
+    def client(self) -> Any:
+        """An aiobotocore S3 client (an async context manager), configured from the
+        environment."""
+        from aiobotocore.session import get_session
+        from botocore.config import Config
+
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        return get_session().create_client("s3", region_name=_region(), config=config)
+
+    async def _head(self, client: Any, name: str) -> ObjectInfo | None:
+        try:
+            answer = await client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as exc:
+            if _missing(exc):
+                return None
+            raise
+        return ObjectInfo(name, int(answer["ContentLength"]))
+
+    async def stat(self, name: str) -> ObjectInfo | None:
+        shown = self.object_url(name)
+        with _s3_errors(shown, self.bucket, "reach"):
+            async with self.client() as client:
+                return await self._head(client, name)
+
+    async def list(self) -> list[ObjectInfo]:
+        found = []
+        with _s3_errors(self.url, self.bucket, "list"):
+            async with self.client() as client:
+                pages = client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+                )
+                async for page in pages:
+                    for entry in page.get("Contents", []):
+                        name = entry["Key"][len(self.prefix) :]
+                        if name and not name.startswith("."):
+                            found.append(ObjectInfo(name, int(entry["Size"])))
+        return sorted(found, key=lambda o: o.name)
+
+    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        shown = self.object_url(name)
+        stack = AsyncExitStack()
+        with _s3_errors(shown, self.bucket, "upload to"):
+            try:
+                client = await stack.enter_async_context(self.client())
+                if not overwrite and await self._head(client, name) is not None:
+                    raise already_exists(shown)
+                # Started now, so that a missing bucket or a refused write fails before the
+                # caller produces any data.
+                answer = await client.create_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(name), ContentType=CONTENT_TYPE
+                )
+            except BaseException:
+                await stack.aclose()
+                raise
+        return S3Writer(
+            stack, client, self.bucket, self._key(name), str(answer["UploadId"]), shown,
+            overwrite, PART_SIZE, PARTS_IN_FLIGHT,
+        )  # fmt: skip
+
+    async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
+        key = self._key(name)
+        shown = self.object_url(name)
+        stack = AsyncExitStack()
+        with _s3_errors(shown, self.bucket, "download"):
+            try:
+                client = await stack.enter_async_context(self.client())
+                request = {"Bucket": self.bucket, "Key": key}
+                if offset:
+                    request["Range"] = f"bytes={offset}-"
+                try:
+                    answer = await client.get_object(**request)
+                except Exception as exc:
+                    info = await self._head(client, name) if _invalid_range(exc) else None
+                    if info is not None and info.size == offset:  # from the very end
+                        await stack.aclose()
+                        return S3Reader(None, None, shown, offset, offset)
+                    raise
+                size = _total_size(answer, offset)
+            except BaseException:
+                await stack.aclose()
+                raise
+        return S3Reader(stack, answer["Body"], shown, offset, size)
+
+    async def delete(self, name: str) -> None:
+        shown = self.object_url(name)
+        with _s3_errors(shown, self.bucket, "delete"):
+            async with self.client() as client:
+                # S3 answers a DELETE of a missing key with success: ask first (a racing
+                # delete of the same key is not noticed).
+                if await self._head(client, name) is None:
+                    raise NotFound(f"{shown}: no such object in S3")
+                await client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+
+def _invalid_range(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+        "InvalidRange",
+        "416",
+    )
+
+
+def _total_size(answer: dict[str, Any], offset: int) -> int:
+    """The whole object's size: from `Content-Range: bytes A-B/TOTAL` of a ranged GET."""
+    content_range = answer.get("ContentRange")
+    if content_range:
+        total = str(content_range).rpartition("/")[2]
+        if total.isdigit():
+            return int(total)
+    return offset + int(answer["ContentLength"])
+
+
+class S3Writer(ObjectWriter):
+    """Buffers writes into parts of multipart upload `upload_id`; up to `parallel` parts
+    upload at once (`write` waits for one to finish beyond that). An object smaller than
+    one part is put whole at commit instead (and the upload aborted)."""
+
+    def __init__(
+        self, stack: AsyncExitStack, client: Any, bucket: str, key: str, upload_id: str,
+        shown: str, overwrite: bool, part_size: int, parallel: int,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self._stack, self._client, self._bucket, self._key = stack, client, bucket, key
+        self._shown, self._overwrite = shown, overwrite
+        self._part_size, self._parallel = part_size, parallel
+        self._buffer = bytearray()
+        self._upload_id: str | None = upload_id
+        self._etags: dict[int, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_part = 1
+        self._closed = False
+
+    def _size_of(self, number: int) -> int:
+        growth = (number - 1) // PART_GROWTH_EVERY
+        return min(self._part_size << min(growth, 20), MAX_PART_SIZE)
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return _s3_errors(self._shown, self._bucket, "upload to")
+
+    def _condition(self) -> dict[str, str]:
+        return {} if self._overwrite else {"IfNoneMatch": "*"}
+
+    async def write(self, data: bytes) -> None:
+        self._raise_failed()
+        self._buffer += data
+        self.bytes_written += len(data)
+        while len(self._buffer) >= (size := self._size_of(self._next_part)):
+            with memoryview(self._buffer) as view:
+                part = bytes(view[:size])
+            del self._buffer[:size]
+            await self._start_part(part)
+
+    def _raise_failed(self) -> None:
+        for task in [t for t in self._tasks if t.done()]:
+            self._tasks.discard(task)
+            task.result()
+
+    async def _start_part(self, body: bytes) -> None:
+        while len(self._tasks) >= self._parallel:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            self._raise_failed()
+        number = self._next_part
+        self._next_part += 1
+        self._tasks.add(asyncio.ensure_future(self._upload_part(number, body)))
+
+    async def _upload_part(self, number: int, body: bytes) -> None:
+        with self._errors():
+            answer = await self._client.upload_part(
+                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                PartNumber=number, Body=body,
+            )  # fmt: skip
+        self._etags[number] = str(answer["ETag"])
+
+    async def commit(self) -> None:
+        try:
+            if self._next_part == 1:  # smaller than one part
+                with self._errors():
+                    await self._client.put_object(
+                        Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer),
+                        ContentType=CONTENT_TYPE, **self._condition(),
+                    )  # fmt: skip
+            else:
+                if self._buffer:
+                    await self._start_part(bytes(self._buffer))
+                while self._tasks:
+                    await asyncio.wait(self._tasks)
+                    self._raise_failed()
+                parts = [{"ETag": e, "PartNumber": n} for n, e in sorted(self._etags.items())]
+                with self._errors():
+                    await self._client.complete_multipart_upload(
+                        Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                        MultipartUpload={"Parts": parts}, **self._condition(),
+                    )  # fmt: skip
+                self._upload_id = None  # completed: nothing to abort
+        except BaseException:
+            await self.abort()
+            raise
+        await self.abort()  # after a PutObject, the unused multipart upload; else a no-op
+
+    async def abort(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._upload_id is not None and not self._closed:
+            with contextlib.suppress(Exception):
+                await self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+                )
+            self._upload_id = None
+        await self._close()
+
+    async def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                await self._stack.aclose()
+
+
+class S3Reader(ObjectReader):
+    def __init__(
+        self, stack: AsyncExitStack | None, body: Any, shown: str, offset: int, size: int
+    ) -> None:
+        self._stack, self._body, self._shown, self._offset = stack, body, shown, offset
+        self.size = size
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        import aiohttp
+        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+        done = self._offset
+        if self._body is None:
+            return
+        try:
+            while chunk := await self._body.read(CHUNK):
+                done += len(chunk)
+                yield chunk
+        except (
+            aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+            ResponseStreamingError, IncompleteReadError, TimeoutError,
+        ) as exc:  # fmt: skip
+            raise StreamCut(f"{self._shown}: the download was cut after {done} bytes") from exc
+        if self.size is not None and done < self.size:
+            raise StreamCut(f"{self._shown}: the download ended after {done} of {self.size} bytes")
+
+    async def close(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+        if self._stack is not None:
+            await self._stack.aclose()

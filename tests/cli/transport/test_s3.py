@@ -1,0 +1,272 @@
+"""s3:// against moto's S3 server on 127.0.0.1 through aiobotocore: a multipart upload with
+parallel parts reads back equal and appears only when complete, an abort or a kill leaves no
+object (and an abort no pending upload), an object written meanwhile is never replaced, a cut
+download resumes through Range, and bad credentials, a missing bucket, an unreachable endpoint
+and malformed URLs are one line each."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.snapshot_transfer import parse_transfer_url
+from cli.transport import base, parse_location, s3
+from cli.transport.base import Location, read_object
+from cli.transport.s3 import S3Store, S3Writer
+from proto.errors import AlreadyExists, AuthFailed, InvalidArgument, NotFound, Unavailable
+from tests.cli.transport.conftest import SMALL_PART, S3Bucket
+from tests.pgtest import free_port
+from tests.s3d import cutting_proxy
+
+DATA = os.urandom(5 * SMALL_PART + 123)  # six parts, the last a short one
+
+
+def store_of(url: str) -> tuple[S3Store, str | None]:
+    loc = parse_location(url)
+    assert isinstance(loc.store, S3Store)
+    return loc.store, loc.name
+
+
+@pytest.mark.parametrize(
+    ("url", "bucket", "prefix", "name"),
+    [
+        ("s3://my-bucket/snaps/daily/p@s.neon", "my-bucket", "snaps/daily/", "p@s.neon"),
+        ("S3://my-bucket/x.neon", "my-bucket", "", "x.neon"),
+        ("s3://my-bucket", "my-bucket", "", None),
+        ("s3://my-bucket/", "my-bucket", "", None),
+        ("s3://my-bucket/snaps/", "my-bucket", "snaps/", None),
+        ("s3://my-bucket/a b/c%20d.neon", "my-bucket", "a b/", "c%20d.neon"),  # keys as typed
+    ],
+)
+def test_urls(url: str, bucket: str, prefix: str, name: str | None) -> None:
+    store, got = store_of(url)
+    assert (store.bucket, store.prefix, got) == (bucket, prefix, name)
+
+
+def test_url_of_a_pushed_snapshot() -> None:
+    loc = parse_location("s3://my-bucket/snaps/").named("pgdata1@snap1.neon")
+    assert loc.url == "s3://my-bucket/snaps/pgdata1@snap1.neon"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://", "no bucket"),
+        ("s3:///x.neon", "no bucket"),
+        ("s3://key:s3cret@my-bucket/x.neon", "no credentials or port"),
+        ("s3://my-bucket:9000/x.neon", "no credentials or port"),
+        ("s3://My_Bucket/x.neon", "invalid s3 bucket name 'My_Bucket'"),
+        ("s3://my-bucket//x.neon", "empty path segment"),
+        ("s3://my-bucket/a//x.neon", "empty path segment"),
+        ("s3://my-bucket/dir/.hidden", "invalid object name"),
+        ("s3://my-bucket/x\n.neon", "control character"),
+    ],
+)
+def test_malformed_urls_are_one_line(url: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message) as raised:
+        parse_location(url)
+    text = str(raised.value)
+    assert text.startswith("invalid ") and "s3cret" not in text and "\n" not in text
+
+
+async def write(location: Location, data: bytes, *, overwrite: bool = False) -> None:
+    name = location.object_name
+    async with await location.store.open_write(name, overwrite=overwrite) as w:
+        for i in range(0, len(data), 64 * 1024):
+            await w.write(data[i : i + 64 * 1024])
+
+
+async def read_all(location: Location) -> bytes:
+    return b"".join([c async for c in read_object(location)])
+
+
+async def test_multipart_upload_with_parallel_parts(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_flight = most = 0
+    upload_part = S3Writer._upload_part
+
+    async def counted(self: S3Writer, number: int, body: bytes) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await upload_part(self, number, body)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(S3Writer, "_upload_part", counted)
+    loc = parse_location(s3_bucket.url("x.neon"))
+    await write(loc, DATA)
+    assert most == s3.PARTS_IN_FLIGHT == 3  # parts upload side by side, never more
+    head = s3_bucket.moto.client().head_object(Bucket=s3_bucket.bucket, Key="snaps/x.neon")
+    assert head["ETag"].endswith('-6"')  # a multipart object of six parts
+    assert await read_all(loc) == DATA
+    assert s3_bucket.read("x.neon") == DATA and s3_bucket.pending_uploads() == []
+
+
+async def test_parts_grow(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3, "PART_GROWTH_EVERY", 2)
+    loc = parse_location(s3_bucket.url("x.neon"))
+    await write(loc, DATA)  # 1, 1, 2 then the last 1.x parts of SMALL_PART
+    head = s3_bucket.moto.client().head_object(Bucket=s3_bucket.bucket, Key="snaps/x.neon")
+    assert head["ETag"].endswith('-4"')
+    assert await read_all(loc) == DATA
+
+
+async def test_object_appears_only_when_complete_and_abort_leaves_nothing(
+    s3_bucket: S3Bucket,
+) -> None:
+    loc = parse_location(s3_bucket.url("x.neon"))
+    with pytest.raises(RuntimeError):
+        async with await loc.store.open_write("x.neon", overwrite=False) as w:
+            await w.write(DATA[: 4 * SMALL_PART])
+            await asyncio.sleep(0.2)  # parts uploaded, or uploading
+            assert s3_bucket.pending_uploads() == ["snaps/x.neon"]
+            assert s3_bucket.keys() == []  # not visible before CompleteMultipartUpload
+            raise RuntimeError("the export failed")
+    assert s3_bucket.keys() == [] and s3_bucket.pending_uploads() == []
+
+
+@pytest.mark.parametrize("size", [100, len(DATA)], ids=["one-put", "multipart"])
+async def test_object_written_meanwhile_is_never_replaced(s3_bucket: S3Bucket, size: int) -> None:
+    """The HEAD before the upload passed; another writer's object appeared since: the final
+    request's If-None-Match refuses to replace it."""
+    loc = parse_location(s3_bucket.url("x.neon"))
+    with pytest.raises(AlreadyExists, match=r"s3://.*/snaps/x\.neon already exists; .*--force"):
+        async with await loc.store.open_write("x.neon", overwrite=False) as w:
+            s3_bucket.write("x.neon", b"theirs")
+            await w.write(DATA[:size])
+    assert s3_bucket.read("x.neon") == b"theirs" and s3_bucket.pending_uploads() == []
+
+
+async def test_cut_download_resumes_with_range(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "REOPEN_DELAY", 0.01)
+    s3_bucket.write("x.neon", DATA)
+    with cutting_proxy(s3_bucket.moto.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        proxy.cut_gets.extend([100_000, 300_000])
+        seen: list[tuple[int, int | None]] = []
+        loc = parse_location(s3_bucket.url("x.neon"))
+        got = b"".join([c async for c in read_object(loc, lambda d, t: seen.append((d, t)))])
+    assert got == DATA
+    assert proxy.ranges[0] is None and len(proxy.ranges) == 3
+    offsets = [int(r.removeprefix("bytes=").removesuffix("-")) for r in proxy.ranges[1:] if r]
+    assert 0 < offsets[0] < 100_000 < offsets[1] < 400_000  # resumed where each cut came
+    assert seen[-1] == (len(DATA), len(DATA))
+
+
+async def test_read_from_any_offset(s3_bucket: S3Bucket) -> None:
+    s3_bucket.write("x.neon", DATA)
+    store, name = store_of(s3_bucket.url("x.neon"))
+    assert name is not None
+    for offset in (1, len(DATA) - 1, len(DATA)):
+        async with await store.open_read(name, offset) as r:
+            assert (b"".join([c async for c in r]), r.size) == (DATA[offset:], len(DATA))
+
+
+async def test_bad_credentials_are_one_line(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moto.settings
+
+    s3_bucket.write("x.neon", b"data")
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # keys are checked
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    loc = parse_location(s3_bucket.url("x.neon"))
+    for attempt in (loc.store.stat("x.neon"), read_all(loc), write(loc, b"new")):
+        with pytest.raises(AuthFailed, match=r"S3 refused access \(.*\); check AWS_ACC") as err:
+            await attempt
+        text = str(err.value)
+        assert s3_bucket.url("x.neon") in text and "\n" not in text and "wrong" not in text
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+    assert s3_bucket.read("x.neon") == b"data" and s3_bucket.pending_uploads() == []
+
+
+async def test_no_credentials_is_one_line(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(AuthFailed, match="no AWS credentials; set AWS_ACCESS_KEY_ID"):
+        await parse_location(s3_bucket.url("x.neon")).store.stat("x.neon")
+
+
+async def test_missing_bucket_is_one_line(s3_bucket: S3Bucket) -> None:
+    loc = parse_location("s3://neon-no-such-bucket/snaps/x.neon")
+    message = r"S3 bucket neon-no-such-bucket does not exist \(NoSuchBucket\)"
+    for attempt in (read_all(loc), loc.store.list(), write(loc, DATA)):
+        with pytest.raises(NotFound, match=message) as err:
+            await attempt
+        assert "\n" not in str(err.value)
+
+
+async def test_missing_object(s3_bucket: S3Bucket) -> None:
+    loc = parse_location(s3_bucket.url("gone.neon"))
+    with pytest.raises(NotFound, match=r"snaps/gone\.neon: no such object in S3"):
+        await read_all(loc)
+    with pytest.raises(NotFound, match=r"snaps/gone\.neon: no such object in S3"):
+        await loc.store.delete("gone.neon")
+
+
+async def test_unreachable_endpoint(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    loc = parse_location(s3_bucket.url("x.neon"))
+    with pytest.raises(Unavailable, match=r"cannot reach s3://.*x\.neon: .*connect") as err:
+        await loc.store.stat("x.neon")
+    assert "\n" not in str(err.value)
+
+
+async def test_list_is_one_level_under_the_prefix(s3_bucket: S3Bucket) -> None:
+    for name in ("a.neon", "sub/b.neon", ".c.neon"):
+        s3_bucket.write(name, b"xx")
+    s3_bucket.moto.client().put_object(Bucket=s3_bucket.bucket, Key="snapsy.neon", Body=b"")
+    listed = await parse_location(s3_bucket.url("")).store.list()
+    assert [(o.name, o.size) for o in listed] == [("a.neon", 2)]
+
+
+KILLED_WRITER = """
+import asyncio, os, signal, sys
+from cli.transport import parse_location, s3
+
+async def main():
+    s3.PART_SIZE = 256 * 1024
+    loc = parse_location(sys.argv[1])
+    w = await loc.store.open_write(loc.name, overwrite=False)
+    for _ in range(4):
+        await w.write(os.urandom(256 * 1024))
+    await asyncio.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_killed_writer_leaves_an_invisible_pending_upload(s3_bucket: S3Bucket) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, s3_bucket.url("x.neon")], env=env, timeout=60
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert s3_bucket.keys() == []
+    assert s3_bucket.pending_uploads() == ["snaps/x.neon"]  # for a lifecycle rule to remove
+
+
+async def test_endpoint_url_option(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(s3.ENDPOINT_ENV, "http://placeholder")  # restored after the test
+    with pytest.raises(InvalidArgument, match=r"invalid --endpoint-url 'ftp://h'"):
+        parse_transfer_url(s3_bucket.url("x.neon"), "ftp://h")
+    with pytest.raises(InvalidArgument, match=r"--endpoint-url is for s3:// URLs, not /tmp/x"):
+        parse_transfer_url("/tmp/x.neon", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # overridden
+    loc = parse_transfer_url(s3_bucket.url("x.neon"), s3_bucket.moto.endpoint)
+    await write(loc, b"via --endpoint-url")
+    assert s3_bucket.read("x.neon") == b"via --endpoint-url"
