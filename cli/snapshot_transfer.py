@@ -22,17 +22,18 @@ from pathlib import Path
 
 import click
 
-from cli.context import get_app
+from cli.context import App, get_app
 from cli.output import human_size, print_json
 from cli.pageserver_control import local_api
 from cli.progress import Progress
+from cli.secrets import read_secret
 from cli.snapshot_export import write_snapshot_file
 from cli.snapshot_file_source import is_snapshot_file
-from cli.storages import DEFAULT_STORAGE
-from cli.transport import is_transport_url, parse_location, url_scheme
+from cli.storages import DEFAULT_STORAGE, secret_path
+from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, already_exists
 from cli.transport.blocking import BlockingWriter
-from cli.transport.s3 import use_endpoint_url
+from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
 from pageserver_api.models import SnapshotShowRequest
 from proto.errors import InvalidArgument
 
@@ -40,22 +41,60 @@ URL_FORMS = (
     "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH or "
     "s3://BUCKET/[PREFIX/]NAME"
 )
-PUSH_URL_HELP = f"a .neon file or a directory (ending in '/'): {URL_FORMS}"
-PULL_URL_HELP = f"a .neon file: {URL_FORMS}"
+PUSH_URL_HELP = (
+    f"a .neon file or a directory (ending in '/'): {URL_FORMS}, or an attached s3 storage "
+    "as STORAGE[:NAME]"
+)
+PULL_URL_HELP = f"a .neon file: {URL_FORMS}, or STORAGE:NAME in an attached s3 storage"
 ENDPOINT_HELP = (
     "for s3:// URLs: an S3-compatible service, http(s)://HOST[:PORT] (default: "
     "AWS_ENDPOINT_URL, else AWS)"
 )
 
 
-def parse_transfer_url(url: str, endpoint_url: str | None) -> Location:
-    """The location `url` names; `--endpoint-url` applies to s3:// URLs only."""
-    location = parse_location(url)  # a malformed URL: one line, before anything is done
+def parse_transfer_url(app: App, url: str, endpoint_url: str | None) -> Location:
+    """The location `url` names: a URL, a path, or an attached s3 storage; `--endpoint-url`
+    applies to s3 only."""
+    location = storage_location(app, url) or parse_location(url)  # malformed: one line
     if endpoint_url is not None:
-        if url_scheme(url) != "s3":
+        if not isinstance(location.store, S3Store):
             raise InvalidArgument(f"--endpoint-url is for s3:// URLs, not {location.url}")
         use_endpoint_url(endpoint_url)
     return location
+
+
+def storage_location(app: App, spec: str) -> Location | None:
+    """`STORAGE` or `STORAGE:NAME`, when STORAGE is an attached s3 storage (as a git remote;
+    `./STORAGE` is the path): its bucket and prefix, reached with its endpoint, region, key
+    id and secret access key (the AWS environment for those it lacks)."""
+    storage, _, name = spec.partition(":")
+    if not storage or "/" in storage:
+        return None
+    row = app.registry.find_storage(storage)
+    if row is None or row.type != "s3":
+        return None  # a path (native storages are not reached by push and pull)
+    secret_file = secret_path(app.home, storage, "secret_access_key")
+    key_id = row.options.get("access_key_id") or None
+    secret = read_secret(secret_file) if secret_file.exists() else None
+    if (key_id is None) != (secret is None):
+        given, missing = ("access_key_id", "secret_access_key")
+        if key_id is None:
+            given, missing = missing, given
+        raise InvalidArgument(
+            f"storage {storage} has {given} but no {missing}; detach it and attach it again "
+            "with both (or neither, to use the AWS environment)"
+        )
+    use_settings(
+        S3Settings(
+            endpoint_url=row.options.get("endpoint") or None,
+            region=row.options.get("region") or None,
+            access_key_id=key_id,
+            secret_access_key=secret,
+        )
+    )
+    prefix = row.options.get("prefix", "").strip("/")
+    directory = f"{prefix}/" if prefix else ""
+    return parse_location(f"s3://{row.options['bucket']}/{directory}{name}")
 
 
 def snapshot_file_name(snapshot: str) -> str:
@@ -99,7 +138,7 @@ def snapshot_push(
 ) -> None:
     """Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon)."""
     app = get_app(ctx)
-    location = parse_transfer_url(url, endpoint_url)
+    location = parse_transfer_url(app, url, endpoint_url)
     name = app.registry.snapshot_name(name)
     snap = local_api(app).snapshot_show(SnapshotShowRequest(name))
     location = location.named(snapshot_file_name(name))
@@ -162,10 +201,10 @@ def snapshot_pull(
     from cli.snapshot_commands import import_snapshot
 
     app = get_app(ctx)
-    location = parse_transfer_url(url, endpoint_url)
+    location = parse_transfer_url(app, url, endpoint_url)
     location.object_name  # noqa: B018 (a directory URL: one line)
-    source = url
-    if not is_transport_url(url):
+    source = location.url if isinstance(location.store, S3Store) else url
+    if not is_transport_url(source):
         path = Path(url).absolute()
         if not is_snapshot_file(path):
             raise InvalidArgument(

@@ -4,8 +4,10 @@ service), reached with aiobotocore.
 Credentials and endpoint come from where every AWS tool reads them: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/...), AWS_REGION or
 AWS_DEFAULT_REGION (us-east-1 when neither is set), and AWS_ENDPOINT_URL or
-AWS_ENDPOINT_URL_S3 for an S3-compatible service (`--endpoint-url` of push and pull sets the
-latter). Keys are written as in the URL (no percent-decoding, as `aws s3 cp` does).
+AWS_ENDPOINT_URL_S3 for an S3-compatible service; `use_settings` overrides them for this
+process (`--endpoint-url`, an attached s3 storage's options and secret), without putting a
+secret in the environment of the processes it starts. Keys are written as in the URL (no
+percent-decoding, as `aws s3 cp` does).
 
 Write: a multipart upload with PARTS_IN_FLIGHT parts of PART_SIZE uploading at once (memory
 stays bounded by about their sum); the object appears only at CompleteMultipartUpload, and an
@@ -29,6 +31,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,7 +50,6 @@ from cli.transport.base import (
 from proto.errors import AuthFailed, InvalidArgument, NeonError, NotFound, Unavailable
 
 URL_FORM = "s3://BUCKET/[PREFIX/]NAME"
-ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # botocore's S3-only endpoint variable
 DEFAULT_REGION = "us-east-1"
 CONTENT_TYPE = "application/octet-stream"
 PART_SIZE = 16 * 1024 * 1024
@@ -110,14 +112,37 @@ def check_endpoint_url(url: str) -> str:
     return url
 
 
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """Where and as whom this process reaches S3; None: from the AWS environment."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+_settings = S3Settings()
+
+
+def use_settings(settings: S3Settings) -> None:
+    """Reach S3 so in this process from now on (every thread: a push writes from one)."""
+    global _settings
+    _settings = settings
+
+
 def use_endpoint_url(url: str) -> None:
-    """Send this process's S3 requests to `url` (`--endpoint-url`): botocore reads it from
-    the environment, as it would the user's own setting."""
-    os.environ[ENDPOINT_ENV] = check_endpoint_url(url)
+    """Send this process's S3 requests to `url` (`--endpoint-url`)."""
+    use_settings(replace(_settings, endpoint_url=check_endpoint_url(url)))
 
 
 def _region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    return (
+        _settings.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or DEFAULT_REGION
+    )
 
 
 @contextlib.contextmanager
@@ -194,7 +219,14 @@ class S3Store(Store):
             read_timeout=READ_TIMEOUT,
             retries={"max_attempts": 3, "mode": "standard"},
         )
-        return get_session().create_client("s3", region_name=_region(), config=config)
+        given = _settings
+        keys = {}
+        if given.access_key_id is not None and given.secret_access_key is not None:
+            keys["aws_access_key_id"] = given.access_key_id
+            keys["aws_secret_access_key"] = given.secret_access_key
+        return get_session().create_client(
+            "s3", region_name=_region(), endpoint_url=given.endpoint_url, config=config, **keys
+        )
 
     async def _head(self, client: Any, name: str) -> ObjectInfo | None:
         try:

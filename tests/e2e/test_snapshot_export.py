@@ -398,6 +398,55 @@ def test_push_then_pull_over_s3(home: NeonCli, reference_dump: str) -> None:
         home.run("snapshot", "destroy", "overs3")
 
 
+def test_push_to_and_pull_from_an_attached_s3_storage(
+    home: NeonCli, reference_dump: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--to STORAGE`, `--from STORAGE:NAME`, as git remotes: bucket, prefix, endpoint and
+    keys from `neon storage attach -t s3` (the secret from its 0600 file), none from the
+    environment, whose keys are wrong; moto checks the keys."""
+    import boto3
+    import moto.settings
+
+    with moto_s3() as server:
+        bucket = server.new_bucket()
+        iam = boto3.client(
+            "iam", endpoint_url=server.endpoint, region_name="us-east-1",
+            aws_access_key_id="admin", aws_secret_access_key="admin",
+        )  # fmt: skip
+        iam.create_user(UserName="pusher")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                                                          "Resource": "*"}]}  # fmt: skip
+        iam.put_user_policy(UserName="pusher", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="pusher")["AccessKey"]
+        env = {**server.env(), "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"}
+        del env["AWS_ENDPOINT_URL"]
+        neon = with_env(home, {**env, "S3_SECRET": key["SecretAccessKey"]})
+        attach = ("storage", "attach", "-t", "s3", "-c", f"bucket={bucket}", "-c",
+                  "prefix=team/snaps", "-c", f"endpoint={server.endpoint}")  # fmt: skip
+        neon.run(*attach, "-n", "zcloud", "-c", f"access_key_id={key['AccessKeyId']}",
+                 "-c", "secret_access_key=env:S3_SECRET")  # fmt: skip
+        neon.run(*attach, "-n", "zbad", "-c", f"access_key_id={key['AccessKeyId']}",
+                 "-c", "secret_access_key=env:AWS_SECRET_ACCESS_KEY")  # fmt: skip
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        try:
+            summary = neon.json("snapshot", "push", "--to", "zcloud", SNAP)
+            assert summary["url"] == f"s3://{bucket}/team/snaps/pgdata1@snap1.neon"
+            error = neon.fail("snapshot", "push", "--to", "zbad:x.neon", SNAP)
+            assert "x.neon: S3 refused access (403)" in error and "wrong" not in error
+            pulled = neon.json("snapshot", "pull", "--from", "zcloud:pgdata1@snap1.neon", "z1")
+            assert pulled["url"] == summary["url"]
+            assert pulled["bytes_received"] == summary["bytes_sent"]
+            assert snapshot_dump(home, "z1") == reference_dump
+        finally:
+            monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+            home.run("snapshot", "destroy", "z1", check=False)
+            for storage in ("zcloud", "zbad"):
+                home.run("storage", "detach", storage, check=False)
+        assert [o["Key"] for o in server.client().list_objects_v2(Bucket=bucket)["Contents"]] == [
+            "team/snaps/pgdata1@snap1.neon"
+        ]
+
+
 def test_failed_push_and_pull_are_one_line_and_leave_nothing(
     home: NeonCli, out_dir: Path, sshd: SshServer
 ) -> None:

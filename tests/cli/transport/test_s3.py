@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cli.context import App
 from cli.snapshot_transfer import parse_transfer_url
 from cli.transport import base, parse_location, s3
 from cli.transport.base import Location, read_object
 from cli.transport.s3 import S3Store, S3Writer
 from proto.errors import AlreadyExists, AuthFailed, InvalidArgument, NotFound, Unavailable
 from tests.cli.transport.conftest import SMALL_PART, S3Bucket
-from tests.pgtest import free_port
+from tests.pgtest import free_port, pg_reachable_tmpdir
 from tests.s3d import cutting_proxy
 
 DATA = os.urandom(5 * SMALL_PART + 123)  # six parts, the last a short one
@@ -260,13 +263,25 @@ def test_killed_writer_leaves_an_invisible_pending_upload(s3_bucket: S3Bucket) -
     assert s3_bucket.pending_uploads() == ["snaps/x.neon"]  # for a lifecycle rule to remove
 
 
-async def test_endpoint_url_option(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(s3.ENDPOINT_ENV, "http://placeholder")  # restored after the test
+@pytest.fixture
+def app() -> Iterator[App]:
+    """A NEON_HOME of its own (no server in it)."""
+    base = pg_reachable_tmpdir("neon-s3-")
+    try:
+        yield App.open(base / "home")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_endpoint_url_option(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, app: App
+) -> None:
+    monkeypatch.setattr(s3, "_settings", s3.S3Settings())  # restored after the test
     with pytest.raises(InvalidArgument, match=r"invalid --endpoint-url 'ftp://h'"):
-        parse_transfer_url(s3_bucket.url("x.neon"), "ftp://h")
+        parse_transfer_url(app, s3_bucket.url("x.neon"), "ftp://h")
     with pytest.raises(InvalidArgument, match=r"--endpoint-url is for s3:// URLs, not /tmp/x"):
-        parse_transfer_url("/tmp/x.neon", "http://127.0.0.1:9000")
+        parse_transfer_url(app, "/tmp/x.neon", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # overridden
-    loc = parse_transfer_url(s3_bucket.url("x.neon"), s3_bucket.moto.endpoint)
+    loc = parse_transfer_url(app, s3_bucket.url("x.neon"), s3_bucket.moto.endpoint)
     await write(loc, b"via --endpoint-url")
     assert s3_bucket.read("x.neon") == b"via --endpoint-url"
