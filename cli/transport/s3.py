@@ -209,8 +209,8 @@ class S3Store(Store):
         return self.prefix + check_object_name(name, self.url)
 
     def client(self) -> Any:
-        """An aiobotocore S3 client (an async context manager), configured from the
-        environment."""
+        """An aiobotocore S3 client (an async context manager): `use_settings`'s endpoint,
+        region and keys, the AWS environment for those not set."""
         from aiobotocore.session import get_session
         from botocore.config import Config
 
