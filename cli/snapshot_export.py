@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import click
-from tqdm import tqdm
 
 from cli.context import App, get_app
 from cli.output import print_json
 from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
+from cli.progress import Progress
 from cli.snapshot_servers import databases, snapshot_server, with_db
 from pageserver_api.client import PageserverClient
 from pageserver_api.errors import ExternalCommandFailed, error_from_os
@@ -61,32 +61,18 @@ _IN_FLIGHT = 8  # chunks handed to the writer thread and not yet written
 
 
 class _Meter:
-    """Bytes written so far; a tqdm bar (bytes, rate) on a TTY, nothing otherwise."""
+    """Bytes written so far, shown as cli.progress's bar (bytes, rate) on a TTY."""
 
     def __init__(self, show: bool, what: str) -> None:
         self.bytes = 0
-        self._bar: tqdm[Any] | None = None
-        if show:
-            size = shutil.get_terminal_size()  # 80x24 for a terminal reporting 0x0
-            self._bar = tqdm(
-                desc=what,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=sys.stderr,
-                ncols=size.columns,
-                nrows=size.lines,
-            )
+        self._progress = Progress(show, what)
 
     def add(self, n: int) -> None:
         self.bytes += n
-        if self._bar is not None:
-            self._bar.update(n)
+        self._progress.update(self.bytes, None)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._progress.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +100,12 @@ def _target(output: str, force: bool, is_dir: bool) -> _Target:
     if not final.parent.is_dir():
         raise NotFound(f"directory {final.parent} does not exist; create it first")
     return _Target(final, final.with_name(final.name + ".partial"))
+
+
+def export_file_name(snapshot: str, suffix: str) -> str:
+    """The file an export writes when not told where: `pgdata1@snap1.neon` (a '/' in a
+    snapshot's name would make it a path)."""
+    return snapshot.replace("/", "_") + suffix
 
 
 def _remove(path: Path) -> None:
@@ -371,8 +363,7 @@ def snapshot_export(
     if output is None:
         if fmt == "csv":
             raise InvalidArgument("--format csv needs -o DIR (a new directory)")
-        suffix = {"neon": ".neon", "tar": ".tar", "pg_dump": ".dump"}[fmt]
-        output = name.replace("/", "_") + suffix
+        output = export_file_name(name, {"neon": ".neon", "tar": ".tar", "pg_dump": ".dump"}[fmt])
     snap = local_api(app).snapshot_show(SnapshotShowRequest(name))  # unknown: one line
     target = _target(output, force, is_dir=fmt == "csv")
     meter = _Meter(not as_json and sys.stderr.isatty(), f"Exporting {name}")

@@ -27,7 +27,7 @@ from cli.output import human_size, print_json
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.secrets import read_secret
-from cli.snapshot_export import write_snapshot_file
+from cli.snapshot_export import export_file_name, write_snapshot_file
 from cli.snapshot_file_source import is_snapshot_file
 from cli.storages import DEFAULT_STORAGE, secret_path
 from cli.transport import is_transport_url, parse_location
@@ -98,8 +98,8 @@ def storage_location(app: App, spec: str) -> Location | None:
 
 
 def snapshot_file_name(snapshot: str) -> str:
-    """The file a push into a directory writes: `pgdata1@snap1.neon`."""
-    return snapshot.replace("/", "_") + ".neon"
+    """The file a push into a directory writes: `pgdata1@snap1.neon`, as export names it."""
+    return export_file_name(snapshot, ".neon")
 
 
 def snapshot_name_of(location: Location) -> str:

@@ -46,16 +46,6 @@ def _member_path(member: MemberStart) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else None
 
 
-def _make_dirs(root: Path, rel: PurePosixPath) -> None:
-    cur = root
-    for part in rel.parts:
-        cur = cur / part
-        if not cur.is_dir():
-            os.mkdir(cur, 0o700)
-            os.chmod(cur, 0o700)
-            give_to_pg_user(cur)
-
-
 def tablespace_link_oid(member: MemberStart) -> int | None:
     """The OID of a symbolic link member `pg_tblspc/OID` (how BASE_BACKUP without
     TABLESPACE_MAP sends a tablespace's location, basebackup.c sendDir), else None."""

@@ -718,7 +718,8 @@ class BasebackupRequest(ApiRequest):
 @dataclass(frozen=True, slots=True)
 class BasebackupPlanRequest(ApiRequest):
     """What `basebackup` with the same parameters would describe in its result (LSN, PG
-    timeline, system identifier), before any byte: a `.neon` writer needs it up front."""
+    timeline, system identifier), before any byte: an export checks against it that the
+    snapshot it streamed is the one it was asked for."""
 
     node_id: str | None = None
     snapshot: str | None = None

@@ -173,7 +173,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         """What `basebackup` would describe, without producing the tar."""
         info, _chunks = await plan_basebackup(req)
         fields = asdict(info)
-        del fields["tablespaces"]  # what a .neon manifest needs up front does not include them
+        del fields["tablespaces"]  # not part of a plan: the basebackup's result lists them
         return m.BasebackupPlan(**fields)
 
     async def basebackup(ctx: RequestContext, req: m.BasebackupRequest) -> m.BasebackupResponse:
