@@ -107,9 +107,9 @@ class Registry:
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA busy_timeout=30000")
+            _use_wal_journal(self._conn)
+            self._conn.execute("PRAGMA foreign_keys=ON")
             with self.transaction() as cur:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -245,6 +245,27 @@ class Registry:
 RETIRED_STORAGE_OPTIONS = ("compression",)
 """Options older versions stored and that never did anything (layers are always
 zstd-compressed): dropped on read so no listing shows them."""
+
+
+def _use_wal_journal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Put a registry in WAL mode (once per file: the mode is stored in it).
+
+    The switch needs an exclusive lock. Commands opening a new registry at once each hold a
+    shared lock while asking for it, and SQLite answers that deadlock with an immediate
+    "database is locked" without calling the busy handler; so the switch is retried here.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
