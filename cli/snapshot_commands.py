@@ -114,6 +114,20 @@ def import_snapshot(
 ) -> SnapshotInfo:
     """Import `source` (see cli/snapshot_import.py) as the bare-named snapshot `name` in the
     native storage `storage`; nothing is visible unless the whole import succeeded."""
+    storage_path = import_target(app, name, storage)
+    try:
+        with import_workdir(storage_path) as workdir:
+            datadir = prepare_clean_datadir(
+                source, storage_path, workdir, progress, tablespace_mapping
+            )
+            return register_import(app, name, datadir, storage_path)
+    finally:
+        progress.close()
+
+
+def import_target(app: App, name: str, storage: str) -> Path:
+    """The path of the native storage `storage`, after checking that `name` can be imported
+    into it (a valid name, not taken): refused before any byte is read."""
     check_import_name(name)
     store = app.registry.get_storage(storage)
     if store.type != "native":
@@ -121,23 +135,19 @@ def import_snapshot(
             f"storage {storage!r} is of type {store.type}; snapshots are imported into a native "
             "storage (use -s local or attach one with `neon storage attach -t native`)"
         )
-    api = local_api(app)
     with contextlib.suppress(NotFound):
-        api.snapshot_show(SnapshotShowRequest(name))
+        local_api(app).snapshot_show(SnapshotShowRequest(name))
         raise AlreadyExists(
             f"snapshot {name!r} already exists; choose another name or "
             f"`neon snapshot destroy {name}` first"
         )
-    storage_path = Path(store.options["path"])
-    try:
-        with import_workdir(storage_path) as workdir:
-            datadir = prepare_clean_datadir(
-                source, storage_path, workdir, progress, tablespace_mapping
-            )
-            request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
-            return api.snapshot_import(request)
-    finally:
-        progress.close()
+    return Path(store.options["path"])
+
+
+def register_import(app: App, name: str, datadir: Path, storage_path: Path) -> SnapshotInfo:
+    """Have the pageserver take the cleanly shut-down `datadir` in as snapshot `name`."""
+    request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
+    return local_api(app).snapshot_import(request)
 
 
 def _rows(app: App) -> list[dict[str, Any]]:

@@ -97,11 +97,18 @@ async def verified_tar(
 
 async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) -> Manifest:
     """Extract the `.neon` file at `source` (a path or a URL of any transport: file, ssh,
-    http(s)) into `pgdata`; return its manifest. Nothing is left in `pgdata` that the caller
-    may use unless this returns."""
+    http(s), s3) into `pgdata`; return its manifest. Nothing is left in `pgdata` that the
+    caller may use unless this returns."""
     location = parse_location(source)
-    label = location.url
     chunks = read_object(location, progress.update)
+    return await unpack_snapshot_stream(chunks, location.url, pgdata)
+
+
+async def unpack_snapshot_stream(
+    chunks: AsyncIterator[bytes], label: str, pgdata: Path
+) -> Manifest:
+    """Extract the `.neon` file arriving as `chunks` (`label` names it in errors) into
+    `pgdata`; return its manifest, once the whole file checked out."""
     seen: list[Manifest] = []
 
     def on_manifest(manifest: Manifest) -> None:
