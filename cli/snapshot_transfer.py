@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, already_exists
 from cli.transport.blocking import BlockingWriter
 from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
+from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import SnapshotShowRequest
 from proto.errors import InvalidArgument
 
@@ -105,9 +105,8 @@ def snapshot_file_name(snapshot: str) -> str:
 def snapshot_name_of(location: Location) -> str:
     """The snapshot a pull makes when given no NAME: the file's name without `.neon`, with
     what a bare snapshot name cannot hold ('@' of a node snapshot) made '-'."""
-    stem = location.object_name.removesuffix(".neon")
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:63]
-    if not name:
+    name = import_name_from(location.object_name.removesuffix(".neon"))
+    if name is None:
         raise InvalidArgument(f"no snapshot name can be made from {location.url}; give NAME")
     return name
 

@@ -27,14 +27,20 @@ from proto.messages import (
 )
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+PAGESERVER = "the pageserver"
+PAGESERVER_HINT = "is it running? (`neon pageserver start` starts the local one)"
 
 
 class ProtoClient:
-    """A connection to a pageserver; build it with `await ProtoClient.connect(...)`."""
+    """A connection to a pageserver (or another server of the protocol: `peer` names it in
+    messages); build it with `await ProtoClient.connect(...)`."""
 
-    def __init__(self, stream: MessageStream, *, address: str, server_name: str) -> None:
+    def __init__(
+        self, stream: MessageStream, *, address: str, server_name: str, peer: str = PAGESERVER
+    ) -> None:
         self._stream = stream
         self.address = address
+        self.peer = peer
         self.server_name = server_name
         self._next_id = 1
         self._busy = False
@@ -51,20 +57,22 @@ class ProtoClient:
         client_name: str = "neon-cli",
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        peer: str = PAGESERVER,
+        hint: str = PAGESERVER_HINT,
     ) -> ProtoClient:
-        """Connect and authenticate; `timeout` bounds the TCP connect and the hello."""
+        """Connect and authenticate; `timeout` bounds the TCP connect and the hello. `peer`
+        names the server in messages, `hint` says what to check when it cannot be reached."""
         address = f"{host}:{port}"
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port)
         except TimeoutError:
             raise Unavailable(
-                f"timed out after {timeout:g} s connecting to the pageserver at {address}"
+                f"timed out after {timeout:g} s connecting to {peer} at {address}"
             ) from None
         except OSError as exc:
             raise Unavailable(
-                f"cannot connect to the pageserver at {address}: {exc.strerror or exc}; "
-                "is it running? (`neon pageserver start` starts the local one)"
+                f"cannot connect to {peer} at {address}: {exc.strerror or exc}; {hint}"
             ) from exc
         stream = MessageStream(reader, writer, max_frame_size=max_frame_size)
         try:
@@ -81,11 +89,11 @@ class ProtoClient:
             stream.abort()
             raise
         if isinstance(reply, HelloOk) and reply.protocol_version == PROTOCOL_VERSION:
-            return cls(stream, address=address, server_name=reply.server_name)
+            return cls(stream, address=address, server_name=reply.server_name, peer=peer)
         await stream.close()
         if isinstance(reply, Error):
             err = reply.to_exception()
-            raise type(err)(f"the pageserver at {address} refused the connection: {err}")
+            raise type(err)(f"{peer} at {address} refused the connection: {err}")
         if reply is None:
             raise Unavailable(f"the server at {address} closed the connection during the hello")
         raise ProtocolError(f"the server at {address} answered the hello with {reply!r}")
@@ -156,7 +164,7 @@ class ProtoClient:
     async def _start(self, method: str, params: dict[str, Any]) -> int:
         """Claim the connection and send a request; encoding errors leave it usable."""
         if self._closed or self._stream.failed:
-            raise Unavailable(f"the connection to the pageserver at {self.address} is closed")
+            raise Unavailable(f"the connection to {self.peer} at {self.address} is closed")
         if self._busy:
             raise Conflict(
                 f"the connection to {self.address} is busy with another request "
@@ -178,7 +186,7 @@ class ProtoClient:
         """Next message for request `rid`; a typed Error from the server is raised."""
         reply = await self._stream.recv()
         if reply is None:
-            raise Unavailable(f"the pageserver at {self.address} closed the connection")
+            raise Unavailable(f"{self.peer} at {self.address} closed the connection")
         if isinstance(reply, Error) and reply.id in (rid, CONNECTION_ID):
             self._in_sync = reply.id == rid
             raise reply.to_exception()

@@ -46,6 +46,8 @@ class MessageStream:
         self.max_frame_size = max_frame_size
         self.chunk_size = max(1, min(STREAM_CHUNK_SIZE, max_frame_size - _STREAM_DATA_OVERHEAD))
         self.failed = False
+        self.token: str | None = None
+        """The token the peer authenticated with (set by the server once accepted)."""
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 

@@ -44,6 +44,8 @@ class RequestContext:
         self.method = request.method
         self.params = request.params
         self.peer = stream.peer
+        self.token = stream.token
+        """The token the client's hello gave (already accepted by the server)."""
         self._stream = stream
         self.streamed = False
         """True once send() was used: the handler's result then ends the stream (StreamEnd)."""
@@ -79,9 +81,13 @@ class RequestContext:
 Handler = Callable[[RequestContext], Awaitable[Any]]
 
 
-def _token_matches(expected: str, given: str | None) -> bool:
+def token_matches(expected: str, given: str | None) -> bool:
     """Constant-time comparison so response timing does not leak the token."""
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+Authenticate = Callable[[str | None], None]
+"""Checks a hello's token; raises AuthFailed (with the reason) to refuse the connection."""
 
 
 class ProtoServer:
@@ -92,12 +98,15 @@ class ProtoServer:
         handlers: Mapping[str, Handler],
         *,
         token: str | None,
+        authenticate: Authenticate | None = None,
         server_name: str = "pageserver",
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
     ) -> None:
         self._handlers = dict(handlers)
         self._token = token
+        self._authenticate = authenticate
+        """Replaces the fixed `token`'s check (a server whose tokens change, e.g. one-time)."""
         self.server_name = server_name
         self.max_frame_size = max_frame_size
         self.hello_timeout = hello_timeout
@@ -179,12 +188,15 @@ class ProtoServer:
                 f"protocol version mismatch: client speaks version {msg.protocol_version}, "
                 f"{self.server_name} speaks version {PROTOCOL_VERSION}; upgrade the older side"
             )
-        if self._token is not None and not _token_matches(self._token, msg.token):
+        if self._authenticate is not None:
+            self._authenticate(msg.token)
+        elif self._token is not None and not token_matches(self._token, msg.token):
             raise AuthFailed(
                 f"{self.server_name} requires a token and none was given"
                 if msg.token is None
                 else f"wrong token for {self.server_name}"
             )
+        stream.token = msg.token
         stream.limit_incoming(self.max_frame_size)
         await stream.send(HelloOk(PROTOCOL_VERSION, self.server_name))
         log.debug("hello from %s (%s)", stream.peer, msg.client_name)

@@ -71,6 +71,13 @@ def check_import_name(name: str) -> str:
     return name
 
 
+def import_name_from(text: str) -> str | None:
+    """A bare snapshot name made from `text` (a file's name without its suffix): what a name
+    cannot hold (the '@' of a node snapshot's file) made '-'; None when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", text).lstrip("._-")[:63]
+    return name if name and _TAG.match(name) else None
+
+
 def head_tag(i: int) -> str:
     return f"HEAD{{{i}}}"
 
