@@ -164,7 +164,7 @@ def _output_dir(target: _Target) -> Iterator[Path]:
 
 def _stream_basebackup(
     app: App, name: str, mtime: int, plan: BasebackupPlan, out: SupportsWrite[bytes],
-    meter: _Meter, snapshot_file: bool,
+    meter: _Meter, snapshot_file: bool, delta_from: list[str] | None = None,
 ) -> BasebackupResponse:  # fmt: skip
     """Copy the snapshot's basebackup tar, or its `.neon` file (made by the daemon, which
     compresses on its threads), to `out`.
@@ -173,8 +173,9 @@ def _stream_basebackup(
     it: one after the other, a core would wait for the other's work."""
     created_at = int(datetime.now(UTC).timestamp()) if snapshot_file else None
     request = BasebackupRequest(
-        snapshot=name, mtime=mtime, snapshot_file=snapshot_file, created_at=created_at
-    )
+        snapshot=name, mtime=mtime, snapshot_file=snapshot_file, created_at=created_at,
+        delta_from=delta_from or None,
+    )  # fmt: skip
 
     def sink(chunk: bytes) -> None:
         out.write(chunk)
@@ -208,14 +209,16 @@ def _stream_basebackup(
 
 
 def write_snapshot_file(
-    app: App, snap: SnapshotInfo, out: SupportsWrite[bytes]
+    app: App, snap: SnapshotInfo, out: SupportsWrite[bytes], delta_from: list[str] | None = None
 ) -> BasebackupResponse:
     """Write the `.neon` file of `snap` to `out` (`out.write` is called from a worker thread,
-    in order): `neon snapshot push` sends it through a transport so."""
+    in order): `neon snapshot push` sends it through a transport so. With `delta_from`
+    (snapshots the receiver has), a delta on the newest that is an ancestor of `snap`."""
     plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=snap.name))
     return _stream_basebackup(
-        app, snap.name, int(snap.created_at), plan, out, _Meter(False, ""), snapshot_file=True
-    )
+        app, snap.name, int(snap.created_at), plan, out, _Meter(False, ""), snapshot_file=True,
+        delta_from=delta_from,
+    )  # fmt: skip
 
 
 def _export_basebackup(

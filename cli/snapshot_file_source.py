@@ -13,20 +13,28 @@ directory (with whatever was extracted) is then removed, so nothing is imported.
 
 What the file holds is the data directory of a pageserver basebackup at the snapshot's LSN:
 cleanly shut down, so it is imported as it is, with no recovery.
+
+A delta file (snapfile/delta.py) names its parent: its chain is resolved in the same store
+(the manifests at the heads of the `.neon` files there, `snapshots_in`) down to a whole file,
+which is extracted; then each delta is applied in order (cli/delta_apply.py), every one
+verified as it streams. A parent found nowhere is one line naming it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+from cli.delta_apply import DeltaApplier
 from cli.progress import Progress
 from cli.transport import is_transport_url, parse_location
-from cli.transport.base import read_object
+from cli.transport.base import Location, Store, read_object
 from cli.untar import extract_stream
 from pg15.constants import PG_MAJOR_VERSION
 from pg15.pg_control import read_control_file
-from proto.errors import CorruptData, InvalidArgument
+from proto.errors import CorruptData, InvalidArgument, NotFound
+from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest
 from snapfile.reader import (
     ManifestRead,
@@ -59,10 +67,12 @@ def check_manifest(manifest: Manifest, label: str) -> None:
             f"{label} holds a PostgreSQL {manifest.pg_version} snapshot; pg-neon works with "
             f"PostgreSQL {PG_MAJOR_VERSION} only"
         )
-    if manifest.parent is not None:
+    parent = SnapshotIdentity.parent_of(manifest)
+    if parent is not None:
         raise InvalidArgument(
-            f"{label} is a delta on snapshot {manifest.parent!r}, not a whole snapshot; "
-            "import a file made by `neon snapshot export` (a whole snapshot)"
+            f"{label} is a delta on snapshot {parent}, not a whole snapshot; pull it from the "
+            "store that holds its parent, or push the snapshot whole with "
+            "`neon snapshot push --full`"
         )
 
 
@@ -95,32 +105,182 @@ async def verified_tar(
         raise CorruptData(f"{label} ended before its checksums")  # finish() raises first
 
 
+HEAD_LIMIT = 128 * 1024
+"""Bytes read at most to find a file's manifest (it ends within 67 KiB)."""
+HEAD_READS = 8
+"""Heads read at once when a store is listed."""
+
+
+async def peek_manifest(
+    chunks: AsyncIterator[bytes], label: str
+) -> tuple[Manifest | None, list[bytes]]:
+    """The verified manifest at the head of a file arriving as `chunks` (None when it is no
+    `.neon` file), and the chunks read to find it (at most about HEAD_LIMIT bytes): the rest
+    of `chunks` follows them."""
+    reader = SnapshotFileReader(label)
+    read: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in chunks:
+            read.append(chunk)
+            size += len(chunk)
+            for event in reader.feed(chunk):
+                if isinstance(event, ManifestRead):
+                    return event.manifest, read
+            if size > HEAD_LIMIT:
+                break
+    except CorruptData:
+        pass
+    return None, read
+
+
+async def read_head(store: Store, name: str) -> Manifest | None:
+    """The verified manifest at the head of object `name`; None when it is no `.neon` file."""
+    try:
+        async with await store.open_read(name) as stream:
+            manifest, _read = await peek_manifest(aiter(stream), store.object_url(name))
+            return manifest
+    except NotFound:
+        return None
+
+
+async def _chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+async def snapshots_in(store: Store) -> dict[str, Manifest]:
+    """The manifest of every `.neon` file in `store`, by object name (a small read of each
+    file's head; other objects are skipped)."""
+    gate = asyncio.Semaphore(HEAD_READS)
+
+    async def head(name: str) -> tuple[str, Manifest | None]:
+        async with gate:
+            return name, await read_head(store, name)
+
+    names = [o.name for o in await store.list() if o.name.endswith(".neon")]
+    heads = await asyncio.gather(*(head(name) for name in names))
+    return {name: manifest for name, manifest in heads if manifest is not None}
+
+
+Chain = list[tuple[str, Manifest]]
+
+
+def resolve_chain(
+    name: str, manifest: Manifest, files: dict[str, Manifest]
+) -> Chain | SnapshotIdentity:
+    """The files to read for `manifest` (of object `name`), from a whole snapshot's up to it,
+    among `files` (a whole file preferred where several hold one snapshot); else the identity
+    of the first parent none of them holds."""
+    by_identity: dict[SnapshotIdentity, tuple[str, Manifest]] = {}
+    for other, held in sorted(files.items()):
+        identity = SnapshotIdentity.of(held)
+        have = by_identity.get(identity)
+        if have is None or (have[1].parent is not None and held.parent is None):
+            by_identity[identity] = (other, held)
+    chain = [(name, manifest)]
+    while (parent := SnapshotIdentity.parent_of(chain[-1][1])) is not None:
+        if parent.lsn >= chain[-1][1].lsn:
+            raise CorruptData(f"{chain[-1][0]}: its parent {parent} is not older than it")
+        found = by_identity.get(parent)
+        if found is None:
+            return parent
+        chain.append(found)
+    return chain[::-1]
+
+
+def missing_parent(url: str, parent: SnapshotIdentity, where: str) -> NotFound:
+    return NotFound(
+        f"{url} is a delta on snapshot {parent}, which {where} does not have; push the "
+        "snapshot whole with `neon snapshot push --full`"
+    )
+
+
 async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) -> Manifest:
     """Extract the `.neon` file at `source` (a path or a URL of any transport: file, ssh,
-    http(s), s3) into `pgdata`; return its manifest. Nothing is left in `pgdata` that the
-    caller may use unless this returns."""
+    http(s), s3) into `pgdata`; return its manifest. A delta is applied on its parents, read
+    from the same store. Nothing is left in `pgdata` that the caller may use unless this
+    returns."""
     location = parse_location(source)
     chunks = read_object(location, progress.update)
-    return await unpack_snapshot_stream(chunks, location.url, pgdata)
+    head, first = await peek_manifest(chunks, location.url)
+    if head is None or head.parent is None:
+        return await unpack_snapshot_stream(_chained(first, chunks), location.url, pgdata, head)
+    await chunks.aclose()  # type: ignore[attr-defined]
+    files = await snapshots_in(location.store)
+    files[location.object_name] = head
+    chain = resolve_chain(location.object_name, head, files)
+    if isinstance(chain, SnapshotIdentity):
+        raise missing_parent(location.url, chain, location.store.url)
+    received = 0
+
+    def meter(name: str) -> AsyncIterator[bytes]:
+        start = received
+
+        def update(done: int, total: int | None) -> None:
+            nonlocal received
+            received = start + done
+            progress.update(received, None)
+
+        return read_object(Location(location.store, name), update)
+
+    (base, base_manifest), *deltas = chain
+    url = location.store.object_url(base)
+    await unpack_snapshot_stream(meter(base), url, pgdata, base_manifest)
+    for name, manifest in deltas:
+        await apply_delta_stream(meter(name), location.store.object_url(name), pgdata, manifest)
+    return head
 
 
-async def unpack_snapshot_stream(
-    chunks: AsyncIterator[bytes], label: str, pgdata: Path
-) -> Manifest:
-    """Extract the `.neon` file arriving as `chunks` (`label` names it in errors) into
-    `pgdata`; return its manifest, once the whole file checked out."""
-    seen: list[Manifest] = []
+def _expect(label: str, expected: Manifest | None) -> Callable[[Manifest], None]:
+    def check(manifest: Manifest) -> None:
+        if expected is not None and manifest != expected:
+            raise CorruptData(f"{label} changed while it was read (its manifest differs)")
 
-    def on_manifest(manifest: Manifest) -> None:
-        check_manifest(manifest, label)
-        seen.append(manifest)
+    return check
 
-    await extract_stream(verified_tar(chunks, label, on_manifest), pgdata)
-    [manifest] = seen
+
+def _check_control(pgdata: Path, manifest: Manifest, label: str) -> None:
     control = read_control_file(pgdata)
     if control.system_identifier != manifest.system_identifier:
         raise CorruptData(
             f"{label}: its data directory's system identifier {control.system_identifier} "
             f"differs from its manifest's {manifest.system_identifier}"
         )
+
+
+async def apply_delta_stream(
+    chunks: AsyncIterator[bytes], label: str, pgdata: Path, expected: Manifest
+) -> None:
+    """Apply the delta `.neon` file arriving as `chunks` (its manifest `expected`, read from
+    its head before) to its parent's data directory `pgdata`."""
+    applier = DeltaApplier(pgdata)
+    try:
+        async for data in verified_tar(chunks, label, _expect(label, expected)):
+            await asyncio.to_thread(applier.feed, data)
+        await asyncio.to_thread(applier.finish)
+    finally:
+        applier.close()
+    _check_control(pgdata, expected, label)
+
+
+async def unpack_snapshot_stream(
+    chunks: AsyncIterator[bytes], label: str, pgdata: Path, expected: Manifest | None = None
+) -> Manifest:
+    """Extract the `.neon` file arriving as `chunks` (`label` names it in errors) into
+    `pgdata`; return its manifest, once the whole file checked out (the one `expected`, when
+    its head was read before)."""
+    seen: list[Manifest] = []
+    expect = _expect(label, expected)
+
+    def on_manifest(manifest: Manifest) -> None:
+        expect(manifest)
+        check_manifest(manifest, label)
+        seen.append(manifest)
+
+    await extract_stream(verified_tar(chunks, label, on_manifest), pgdata)
+    [manifest] = seen
+    _check_control(pgdata, manifest, label)
     return manifest

@@ -5,7 +5,11 @@ http(s)://, s3://).
 push: the daemon's `.neon` stream, the very bytes `neon snapshot export` writes
 (`write_snapshot_file`), goes straight into the transport's writer: nothing is staged, and the
 file appears at the destination only once complete and checked there (an error or SIGINT
-aborts the write; a SIGKILL leaves at most a hidden temporary file). pull: `neon snapshot
+aborts the write; a SIGKILL leaves at most a hidden temporary file). Incremental: the pusher
+first reads the manifests of the `.neon` files at the destination (`delta_candidates`); the
+snapshots of this home among them are offered to the daemon, which writes a delta on the
+newest that is an ancestor of SNAP (only the pages written since), or a whole file when none
+is; `--full` always sends a whole one. pull: `neon snapshot
 import` of the URL (`import_snapshot`): the file is read through the transport, a cut stream
 is resumed where it stopped, every frame is verified before use, and the snapshot appears only
 once the whole file checked out.
@@ -27,15 +31,16 @@ from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.secrets import read_secret
 from cli.snapshot_export import export_file_name, write_snapshot_file
-from cli.snapshot_file_source import is_snapshot_file
+from cli.snapshot_file_source import is_snapshot_file, resolve_chain, snapshots_in
 from cli.storages import DEFAULT_STORAGE, secret_path
 from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, already_exists
 from cli.transport.blocking import BlockingWriter
 from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
 from pageserver.history.snapshots import import_name_from
-from pageserver_api.models import SnapshotShowRequest
-from proto.errors import InvalidArgument
+from pageserver_api.models import BasebackupPlanRequest, SnapshotShowRequest
+from proto.errors import CorruptData, InvalidArgument
+from snapfile.delta import SnapshotIdentity
 
 URL_FORMS = (
     "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH or "
@@ -125,52 +130,88 @@ class _Sent:
         self._progress.update(self.bytes, None)
 
 
+async def delta_candidates(
+    location: Location, target: str, system_identifier: int, local: dict[str, int]
+) -> list[str]:
+    """The snapshots of this home (`local`: name -> LSN) that the store of `location` holds
+    as `.neon` files of the same system (by the name and LSN they were made from), each with
+    its chain of parents complete there; `target`, about to be replaced, does not count."""
+    files = await snapshots_in(location.store)
+    found = set()
+    for name, manifest in files.items():
+        if name == target or manifest.system_identifier != system_identifier:
+            continue
+        if local.get(manifest.source) != manifest.lsn:
+            continue
+        try:
+            chain = resolve_chain(name, manifest, files)
+        except CorruptData:
+            continue
+        if not isinstance(chain, SnapshotIdentity):
+            found.add(manifest.source)
+    return sorted(found)
+
+
 @click.command("push")
 @click.option("--to", "url", required=True, metavar="URL", help=PUSH_URL_HELP)
 @click.argument("name", metavar="SNAPSHOT")
 @click.option("--force", is_flag=True, help="replace a file of the same name at the destination")
+@click.option(
+    "--full", is_flag=True, help="send the whole snapshot, not a delta on one the destination has"
+)
 @click.option("--endpoint-url", metavar="URL", help=ENDPOINT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def snapshot_push(
-    ctx: click.Context, url: str, name: str, force: bool, endpoint_url: str | None, as_json: bool
-) -> None:
-    """Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon)."""
+    ctx: click.Context, url: str, name: str, force: bool, full: bool, endpoint_url: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon): a delta on the
+    newest snapshot of its history the destination has, unless --full."""
     app = get_app(ctx)
     location = parse_transfer_url(app, url, endpoint_url)
     name = app.registry.snapshot_name(name)
-    snap = local_api(app).snapshot_show(SnapshotShowRequest(name))
+    api = local_api(app)
+    snap = api.snapshot_show(SnapshotShowRequest(name))
     location = location.named(snapshot_file_name(name))
     target = location.object_name
     if not force and asyncio.run(location.store.stat(target)) is not None:
         raise already_exists(location.url)  # before the export starts, not after it
+    candidates: list[str] = []
+    if not full:
+        system = api.basebackup_plan(BasebackupPlanRequest(snapshot=name)).system_identifier
+        local = {s.name: s.lsn for s in api.snapshot_list()}
+        candidates = asyncio.run(delta_candidates(location, target, system, local))
     progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
     sent = _Sent(progress)
     started = time.monotonic()
     try:
         with BlockingWriter(location, overwrite=force, on_write=sent.add) as out:
-            result = write_snapshot_file(app, snap, out)
+            result = write_snapshot_file(app, snap, out, candidates)
     finally:
         progress.close()
     seconds = time.monotonic() - started
+    full_size = result.full_tar_bytes or result.tar_bytes
     if as_json:
         print_json(
             {
                 "snapshot": name,
                 "url": location.url,
                 "bytes_sent": sent.bytes,
-                "snapshot_bytes": result.tar_bytes,
+                "snapshot_bytes": full_size,
                 "seconds": round(seconds, 3),
                 "sha256": sent.sha256.hexdigest(),
                 "lsn": snap.lsn,
                 "lsn_text": snap.lsn_text,
+                "parent": result.parent,
             }
         )
         return
-    share = f" ({100 * sent.bytes / result.tar_bytes:.0f}%)" if result.tar_bytes else ""
+    share = f" ({100 * sent.bytes / full_size:.1f}%)" if full_size else ""
+    how = f" (incremental on {result.parent})" if result.parent else ""
     click.echo(
-        f"Pushed {name} to {location.url}: {human_size(sent.bytes)} sent for "
-        f"{human_size(result.tar_bytes)} of data{share} in {seconds:.1f} s"
+        f"Pushed {name} to {location.url}{how}: {human_size(sent.bytes)} sent for "
+        f"{human_size(full_size)} of data{share} in {seconds:.1f} s"
     )
 
 

@@ -32,7 +32,7 @@ class UnsafeArchive(CorruptData):
     """A tar member that could write outside the target or create a non-regular file."""
 
 
-def _member_path(member: MemberStart) -> PurePosixPath | None:
+def member_path(member: MemberStart) -> PurePosixPath | None:
     """The member's relative path, or None for the root itself; UnsafeArchive if hostile."""
     name = member.name
     path = PurePosixPath(name)
@@ -101,7 +101,7 @@ class _Extractor:
         if self._links is not None and oid is not None:
             self._links[oid] = member.linkname
             return
-        rel = _member_path(member)
+        rel = member_path(member)
         if rel is None:
             return
         if member.kind == "directory":

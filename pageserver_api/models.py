@@ -683,6 +683,12 @@ class BasebackupResponse(BasebackupPlan):
     tablespaces: list[TablespaceLocation] = field(default_factory=list)
     tar_bytes: int = 0
     """Bytes of the tar (inside the `.neon` file when one was asked for)."""
+    parent: str | None = None
+    """The snapshot a delta `.neon` file applies to (None: a whole one)."""
+    parent_lsn: int | None = None
+    full_tar_bytes: int = 0
+    """Bytes of the whole snapshot's tar: `tar_bytes` for a whole file, what a whole file's
+    tar would hold for a delta."""
 
 
 @method("basebackup", BasebackupResponse, streams=True)
@@ -703,6 +709,10 @@ class BasebackupRequest(ApiRequest):
     the frames on its threads, so a twentieth of the bytes crosses the socket."""
     created_at: int | None = None
     """The `.neon` manifest's creation time, Unix seconds (default: the daemon's clock)."""
+    delta_from: list[str] | None = None
+    """Snapshots the receiver has: the newest of them that lies on `snapshot`'s history
+    (same page history, an ancestor state) becomes the parent of a delta `.neon` file, which
+    carries only the pages written since; none does: a whole file. The result names it."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
@@ -710,6 +720,10 @@ class BasebackupRequest(ApiRequest):
         _check_positive("pg_timeline", self.pg_timeline)
         if self.created_at is not None and not self.snapshot_file:
             raise InvalidArgument("basebackup created_at applies to a snapshot file only")
+        if self.delta_from is not None and not (self.snapshot_file and self.snapshot):
+            raise InvalidArgument(
+                "basebackup delta_from applies to the snapshot_file of a snapshot only"
+            )
         if self.mtime is not None and not 0 <= self.mtime < 8**11:
             raise InvalidArgument(f"basebackup mtime {self.mtime} does not fit a tar header")
 

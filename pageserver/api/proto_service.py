@@ -11,7 +11,9 @@ from typing import Any
 
 from pageserver.api.service import Pageserver
 from pageserver.basebackup.snapshot_file import (
+    DeltaParent,
     TarCounter,
+    delta_parent,
     snapshot_file_chunks,
     snapshot_file_manifest,
 )
@@ -148,9 +150,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.BranchResponse(**state)
 
     async def plan_basebackup(
-        req: m.BasebackupRequest | m.BasebackupPlanRequest,
+        req: m.BasebackupRequest | m.BasebackupPlanRequest, delta: DeltaParent | None = None
     ) -> tuple[BasebackupInfo, Iterator[bytes]]:
-        """Validate a basebackup and describe it; its tar chunks are produced lazily."""
+        """Validate a basebackup and describe it; its tar chunks are produced lazily (a
+        delta's relation forks by `delta`)."""
         source, tli = ps.basebackup_source(req.node_id, req.snapshot)
         pg_timeline = req.pg_timeline if req.pg_timeline is not None else tli or 1
         history = req.timeline_history if isinstance(req, m.BasebackupRequest) else None
@@ -165,6 +168,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             pg_timeline=pg_timeline,
             timeline_history=history,
             now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
+            fork_content=None if delta is None else delta.forks,
         )
 
     async def basebackup_plan(
@@ -178,14 +182,21 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
     async def basebackup(ctx: RequestContext, req: m.BasebackupRequest) -> m.BasebackupResponse:
         """Stream a tar of a startable data directory (a snapshot, or a node's branch point),
-        or its `.neon` snapshot file."""
-        info, tar_chunks = await plan_basebackup(req)
+        or its `.neon` snapshot file (a delta on one of `delta_from` when one is an ancestor)."""
+        delta = None
+        if req.delta_from and req.snapshot is not None:
+            source, _tli = ps.basebackup_source(None, req.snapshot)
+            delta = await asyncio.to_thread(
+                delta_parent, ps.find_snapshot, req.snapshot, source, req.delta_from
+            )
+        info, tar_chunks = await plan_basebackup(req, delta)
         tar = TarCounter(tar_chunks)
         chunks: Generator[bytes, None, None] = iter(tar)
         if req.snapshot_file:
             created = req.created_at if req.created_at is not None else int(time.time())
-            source = req.snapshot or req.node_id or ""
-            chunks = snapshot_file_chunks(snapshot_file_manifest(info, source, created), tar)
+            source_name = req.snapshot or req.node_id or ""
+            manifest = snapshot_file_manifest(info, source_name, created, delta)
+            chunks = snapshot_file_chunks(manifest, tar)
         sent = 0
         try:
             while True:
@@ -198,7 +209,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             await asyncio.to_thread(chunks.close)
         fields = asdict(info)
         spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
-        return m.BasebackupResponse(**fields, bytes=sent, tar_bytes=tar.bytes, tablespaces=spaces)
+        return m.BasebackupResponse(
+            **fields, bytes=sent, tar_bytes=tar.bytes, tablespaces=spaces,
+            parent=None if delta is None else delta.name,
+            parent_lsn=None if delta is None else delta.lsn,
+            full_tar_bytes=tar.bytes if delta is None else delta.forks.full_tar_bytes(tar.bytes),
+        )  # fmt: skip
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
         area = ps.pitr_create(req.name, req.node_id, req.ttl, req.size_limit)

@@ -1,19 +1,31 @@
-"""A basebackup as a `.neon` snapshot file, encoded where the tar is made.
+"""A basebackup as a `.neon` snapshot file, encoded where the tar is made; whole, or a delta
+on a parent snapshot the receiver has (snapfile/delta.py).
 
 Compressing in the daemon rather than in the client sends about a twentieth of the bytes
 over the socket (what a client decodes is the cost: its event loop, framing and copies), and
 the frames are compressed on the daemon's threads, several at once (snapfile's
 `encode_snapshot_file`). The manifest is made from what the tar describes before its first
 byte, so nothing is buffered.
+
+A delta's parent is chosen here, where the history is: among the snapshots the receiver
+holds, the newest that is an ancestor state of the snapshot (same page history, on its
+timeline's ancestry, at a lower LSN): a previous push of the same node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pageserver.basebackup.delta_tar import DeltaForks
+from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import BasebackupInfo
+from pageserver.history.node_store import StorageHistory
+from pageserver.history.snapshot_diff import ReadPoint, is_ancestor
+from pageserver.history.snapshots import Snapshot
 from pg15.constants import PG_MAJOR_VERSION
+from proto.errors import NotFound
 from snapfile import Manifest
 from snapfile.writer import encode_snapshot_file
 
@@ -33,7 +45,44 @@ class TarCounter:
             yield chunk
 
 
-def snapshot_file_manifest(info: BasebackupInfo, source: str, created_at: int) -> Manifest:
+@dataclass(frozen=True, slots=True)
+class DeltaParent:
+    """The snapshot a delta applies to, and the delta's relation forks."""
+
+    name: str
+    lsn: int
+    forks: DeltaForks
+
+
+def delta_parent(
+    find: Callable[[str], tuple[StorageHistory, Snapshot]],
+    snapshot: str,
+    source: TimelineSource,
+    candidates: Iterable[str],
+) -> DeltaParent | None:
+    """The newest of `candidates` (snapshot names; unknown ones are skipped) that is an
+    ancestor state of `snapshot`, read from `source`; None: a whole file it is."""
+    history, snap = find(snapshot)
+    target = ReadPoint(source.timeline, source.lsn)
+    best: tuple[Snapshot, ReadPoint] | None = None
+    for name in candidates:
+        try:
+            found_in, candidate = find(name)
+        except NotFound:
+            continue
+        if found_in is not history or candidate.name == snap.name or candidate.lsn >= snap.lsn:
+            continue
+        point = ReadPoint(history.timelines.get(candidate.timeline_id), candidate.lsn)
+        if is_ancestor(point, target) and (best is None or candidate.lsn > best[0].lsn):
+            best = (candidate, point)
+    if best is None:
+        return None
+    return DeltaParent(best[0].name, best[0].lsn, DeltaForks(source, best[1]))
+
+
+def snapshot_file_manifest(
+    info: BasebackupInfo, source: str, created_at: int, parent: DeltaParent | None = None
+) -> Manifest:
     return Manifest(
         pg_version=PG_MAJOR_VERSION,
         system_identifier=info.system_identifier,
@@ -41,6 +90,8 @@ def snapshot_file_manifest(info: BasebackupInfo, source: str, created_at: int) -
         pg_timeline=info.pg_timeline,
         source=source,
         created_at=datetime.fromtimestamp(created_at, UTC),
+        parent=None if parent is None else parent.name,
+        parent_lsn=None if parent is None else parent.lsn,
     )
 
 

@@ -55,7 +55,7 @@ import tarfile
 import time as time_mod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import crc32c
 
@@ -136,7 +136,7 @@ class BasebackupInfo:
     has all of them in place (see the module docstring)."""
 
 
-def _tar_header(name: str, size: int, mtime: int, is_dir: bool = False) -> bytes:
+def tar_header(name: str, size: int, mtime: int, is_dir: bool = False) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = mtime
@@ -145,8 +145,8 @@ def _tar_header(name: str, size: int, mtime: int, is_dir: bool = False) -> bytes
     return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
 
 
-def _tar_file(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iterator[bytes]:
-    yield _tar_header(name, size, mtime)
+def tar_file(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iterator[bytes]:
+    yield tar_header(name, size, mtime)
     written = 0
     for chunk in chunks:
         written += len(chunk)
@@ -159,7 +159,19 @@ def _tar_file(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iter
 
 
 def _tar_bytes(name: str, data: bytes, mtime: int) -> Iterator[bytes]:
-    return _tar_file(name, len(data), [data], mtime)
+    return tar_file(name, len(data), [data], mtime)
+
+
+class ForkContent(Protocol):
+    """What stands for a relation fork's segment files in the archive (a delta `.neon` file
+    carries changed pages only: pageserver/basebackup/delta_tar.py)."""
+
+    def fork_members(
+        self, path: str, spc: int, db: int, rel: int, fork: int, nblocks: int, mtime: int
+    ) -> Iterator[bytes]:
+        """The tar bytes for fork `fork` (of `nblocks` blocks) written at `path`, the name
+        of its first segment file."""
+        ...
 
 
 class _Plan:
@@ -175,6 +187,7 @@ class _Plan:
         include_vm: bool,
         prev_lsn: int | None,
         now: int,
+        fork_content: ForkContent | None = None,
     ) -> None:
         if pg_timeline < 1 or pg_timeline > 0xFFFFFFFF:
             raise InvalidArgument(f"invalid PostgreSQL timeline {pg_timeline}")
@@ -200,6 +213,7 @@ class _Plan:
         self.timeline_history = timeline_history
         self.include_vm = include_vm and source.tracks_visibility_map
         self.now = now
+        self.fork_content = fork_content
         c = normalize_lsn(lsn, seg)
         tracked = source.get_checkpoint()
         next_full_xid = tracked.next_full_xid
@@ -246,10 +260,10 @@ class _Plan:
         for name in sorted(self.config_files):
             yield from _tar_bytes(name, self.config_files[name], mtime)
         for d in PGDATA_SUBDIRS:
-            yield _tar_header(d + "/", 0, mtime, is_dir=True)
+            yield tar_header(d + "/", 0, mtime, is_dir=True)
         for spc in self.tablespaces:
-            yield _tar_header(tablespace_link(spc) + "/", 0, mtime, is_dir=True)
-            yield _tar_header(tablespace_version_directory(spc) + "/", 0, mtime, is_dir=True)
+            yield tar_header(tablespace_link(spc) + "/", 0, mtime, is_dir=True)
+            yield tar_header(tablespace_version_directory(spc) + "/", 0, mtime, is_dir=True)
         for spc, db in self.dbs:
             yield from self._database(spc, db)
         yield from self._slrus()
@@ -260,7 +274,7 @@ class _Plan:
             name = f"pg_wal/{self.info.pg_timeline:08X}.history"
             yield from _tar_bytes(name, self.timeline_history, mtime)
         info = self.info
-        yield from _tar_file(
+        yield from tar_file(
             f"pg_wal/{info.wal_segment}",
             info.wal_segment_size,
             wal_segment_chunks(
@@ -281,7 +295,7 @@ class _Plan:
         where = database_directory(spc, db)
         relmap = self.source.get_relmap(spc, db)
         if not is_global:
-            yield _tar_header(f"{where}/", 0, mtime, is_dir=True)
+            yield tar_header(f"{where}/", 0, mtime, is_dir=True)
             if spc == DEFAULTTABLESPACE_OID or relmap is not None:
                 yield from _tar_bytes(f"{where}/PG_VERSION", PG_VERSION_FILE_CONTENT, mtime)
         if relmap is not None:
@@ -302,12 +316,18 @@ class _Plan:
     def _fork(self, spc: int, db: int, rel: int, src_fork: int, dst_fork: int) -> Iterator[bytes]:
         """The segment files of fork `dst_fork`, with the content of fork `src_fork`."""
         nblocks = self.source.get_rel_size(spc, db, rel, src_fork)
+        if self.fork_content is not None:
+            path = relation_file_name(spc, db, rel, dst_fork)
+            yield from self.fork_content.fork_members(
+                path, spc, db, rel, src_fork, nblocks, self.now
+            )
+            return
         nsegs = max(1, -(-nblocks // RELSEG_SIZE))
         for segno in range(nsegs):
             first = segno * RELSEG_SIZE
             count = min(nblocks - first, RELSEG_SIZE)
             name = relation_file_name(spc, db, rel, dst_fork, segno)
-            yield from _tar_file(
+            yield from tar_file(
                 name,
                 count * BLCKSZ,
                 self._rel_pages(spc, db, rel, src_fork, first, count),
@@ -361,7 +381,7 @@ class _Plan:
                 segno, blk = divmod(page, SLRU_PAGES_PER_SEGMENT)
                 sizes[segno] = max(sizes.get(segno, 0), blk + 1)
             for segno in sorted(sizes):
-                yield from _tar_file(
+                yield from tar_file(
                     f"{kind.directory}/{slru_file_name(segno)}",
                     sizes[segno] * BLCKSZ,
                     self._slru_pages(kind, segno, have.get(segno, 0), sizes[segno]),
@@ -413,11 +433,13 @@ def basebackup_chunks(
     include_vm: bool = False,
     prev_lsn: int | None = None,
     now: int | None = None,
+    fork_content: ForkContent | None = None,
 ) -> tuple[BasebackupInfo, Iterator[bytes]]:
     """Validate, then return the archive's description and a lazy iterator of tar chunks.
 
     Memory is bounded by one chunk (256 KiB of pages or one WAL run); errors in the inputs
-    are raised here, before any byte; source errors surface while iterating.
+    are raised here, before any byte; source errors surface while iterating. With
+    `fork_content`, it makes each relation fork's members instead (a delta).
     """
     plan = _Plan(
         source,
@@ -428,6 +450,7 @@ def basebackup_chunks(
         include_vm,
         prev_lsn,
         int(time_mod.time()) if now is None else now,
+        fork_content,
     )
     return plan.info, plan.chunks()
 

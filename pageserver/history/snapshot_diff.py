@@ -120,6 +120,19 @@ def _written(windows: tuple[tuple[Timeline, int, int], ...]) -> set[Key]:
     return keys
 
 
+def keys_changed(a: ReadPoint, b: ReadPoint) -> set[Key]:
+    """The relation keys whose value may differ between A and B: what a delta `.neon` file
+    from A to B carries (pageserver/basebackup/delta_tar.py)."""
+    plan = plan_diff(a, b)
+    return _written(plan.windows_a) | _written(plan.windows_b)
+
+
+def is_ancestor(a: ReadPoint, b: ReadPoint) -> bool:
+    """Whether state A lies on B's history: on B's timeline or one of its ancestors, at or
+    below the LSN B reads it at."""
+    return any(t.timeline_id == a.timeline.timeline_id and a.lsn <= lsn for t, lsn in _ancestry(b))
+
+
 @dataclass(slots=True)
 class ForkChange:
     pages_before: int | None

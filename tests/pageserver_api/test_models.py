@@ -57,6 +57,7 @@ REQUESTS: list[m.ApiRequest] = [
     m.NodeBranchRequest("primary1", "pgdata1@s1", pg_timeline=1, checkout=True),
     m.BasebackupRequest(snapshot="pgdata1@s1", pg_timeline=2, timeline_history=b"1\t0/3\tx\n"),
     m.BasebackupRequest(snapshot="pgdata1@s1", mtime=1_780_000_000),
+    m.BasebackupRequest(snapshot="pgdata1@s2", snapshot_file=True, delta_from=["pgdata1@s1"]),
     m.BasebackupPlanRequest(snapshot="pgdata1@s1"),
     m.PitrCreateRequest("long", "primary1", ttl="30d"),
     m.PitrListRequest(),
@@ -89,6 +90,13 @@ RESPONSES: list[m.ApiResponse] = [
     m.BasebackupResponse(
         *(1, 2, 3, 1, "000000010000000000000003", 7, 16 << 20, 10240),
         [m.TablespaceLocation(16385, "/srv/ts"), m.TablespaceLocation(16386, "")],
+    ),
+    m.BasebackupResponse(
+        *(1, 2, 3, 1, "000000010000000000000003", 7, 16 << 20, 10240),
+        tar_bytes=4096,
+        parent="pgdata1@s1",
+        parent_lsn=0x2000028,
+        full_tar_bytes=1 << 20,
     ),
     m.BasebackupPlan(1, 2, 3, 1, "000000010000000000000003", 7, 16 << 20),
     AREA,
@@ -253,6 +261,10 @@ def test_typed_construction_is_checked_the_same_way() -> None:
         m.PitrExtractRequest("long")
     with pytest.raises(InvalidArgument, match="needs a node_id or a snapshot"):
         m.BasebackupRequest()
+    with pytest.raises(
+        InvalidArgument, match="delta_from applies to the snapshot_file of a snapshot"
+    ):
+        m.BasebackupRequest(snapshot="pgdata1@s2", delta_from=["pgdata1@s1"])
     assert m.fork_number("fsm") == 1 and m.fork_number(3) == 3
 
 

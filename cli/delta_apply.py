@@ -1,0 +1,242 @@
+"""Apply the tar of a delta `.neon` file (snapfile/delta.py) to the parent's data directory,
+which becomes the snapshot's.
+
+Sans asyncio, fed the verified tar in chunks of any size: whole files are written over the
+parent's; each relation fork member sets the fork's segment files to the size it states
+(truncating, extending with zeros, removing segments past it) and writes its pages where
+they belong; at the end, every file and directory the delta did not name (relations dropped
+since the parent, old WAL, SLRU segments gone) is removed, as the snapshot does not have it.
+Memory is one page record, whatever the delta's size.
+
+What arrives is untrusted: paths leaving the directory, links, a fork member whose name is
+no relation file, a wrong page size, block numbers out of order or at or past the size it
+states are refused with CorruptData naming the member, before anything of that member is
+written. The caller applies into a work directory it throws away on error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from cli.pgbin import give_to_pg_user
+from cli.tar_reader import ArchiveEnd, MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
+from cli.untar import UnsafeArchive, member_path
+from pg15.constants import BLCKSZ, RELSEG_SIZE
+from pg15.datadir_layout import parse_relation_file_name
+from proto.errors import CorruptData
+from snapfile.delta import (
+    BLOCK_NUMBER,
+    FORK_HEADER,
+    MAX_BLOCKS,
+    ForkDelta,
+    fork_path_of,
+    parse_fork_header,
+    record_size,
+)
+
+_SEGMENT_BYTES = RELSEG_SIZE * BLCKSZ
+
+
+class _Fork:
+    """One fork member being applied: its header, then page records."""
+
+    def __init__(self, root: Path, rel: PurePosixPath, member: MemberStart) -> None:
+        self.root, self.rel, self.member = root, rel, member
+        self.buf = bytearray()
+        self.delta: ForkDelta | None = None
+        self.last_block = -1
+        self.records = 0
+        self.fds: dict[int, int] = {}
+
+    def segment(self, segno: int) -> PurePosixPath:
+        return self.rel.with_name(self.rel.name + (f".{segno}" if segno else ""))
+
+    def feed(self, data: memoryview, keep: set[PurePosixPath]) -> None:
+        self.buf += data
+        if self.delta is None:
+            if len(self.buf) < FORK_HEADER.size:
+                return
+            header = bytes(self.buf[: FORK_HEADER.size])
+            del self.buf[: FORK_HEADER.size]
+            self.delta = parse_fork_header(header, self.member.size, self.member.name)
+            self._set_size(keep)
+        size = record_size()
+        done = 0
+        while len(self.buf) - done >= size:
+            self._page(memoryview(self.buf)[done : done + size])
+            done += size
+        del self.buf[:done]
+
+    def _set_size(self, keep: set[PurePosixPath]) -> None:
+        """The fork's segment files as long as its size says, and no more of them."""
+        assert self.delta is not None
+        nblocks = self.delta.nblocks
+        nsegs = max(1, -(-nblocks // RELSEG_SIZE))
+        for segno in range(nsegs):
+            rel = self.segment(segno)
+            keep.add(rel)
+            fd = os.open(self.root / rel, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self.fds[segno] = fd
+            os.ftruncate(fd, min(nblocks * BLCKSZ - segno * _SEGMENT_BYTES, _SEGMENT_BYTES))
+        segno = nsegs
+        while os.path.lexists(self.root / self.segment(segno)):
+            os.unlink(self.root / self.segment(segno))
+            segno += 1
+
+    def _page(self, record: memoryview) -> None:
+        assert self.delta is not None
+        (blkno,) = BLOCK_NUMBER.unpack_from(record)
+        if blkno <= self.last_block or blkno >= self.delta.nblocks:
+            problem = "out of order" if blkno <= self.last_block else "past the fork's size"
+            raise CorruptData(
+                f"delta member {self.member.name!r}: block {blkno} is {problem} "
+                f"({self.delta.nblocks} blocks)"
+            )
+        self.last_block = blkno
+        self.records += 1
+        segno, index = divmod(blkno, RELSEG_SIZE)
+        page = record[BLOCK_NUMBER.size :]
+        written = os.pwrite(self.fds[segno], page, index * BLCKSZ)
+        if written != BLCKSZ:
+            raise OSError(f"short write of block {blkno}")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def end(self) -> list[Path]:
+        """The member is complete: the segment files, closed."""
+        if self.delta is None or self.buf or self.records != self.delta.pages:
+            raise CorruptData(f"delta member {self.member.name!r} ends inside a page record")
+        segments = [self.root / self.segment(s) for s in self.fds]
+        self.close()
+        return segments
+
+
+class DeltaApplier:
+    """Feed `feed()` the delta's tar, then call `finish()`: `root` (the parent's data
+    directory) is then the snapshot's. On an error, `root` is half-applied: throw it away."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._reader = TarReader()
+        self._keep: set[PurePosixPath] = set()
+        self._member: MemberStart | None = None
+        self._fd: int | None = None
+        self._fork: _Fork | None = None
+        self._ended = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._handle(self._reader.feed(data))
+
+    def finish(self) -> None:
+        self._handle(self._reader.finish())
+        if not self._ended:
+            raise CorruptData("the delta's archive has no end")
+        self._remove_stale()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._fork is not None:
+            self._fork.close()
+            self._fork = None
+
+    def _handle(self, events: Iterator[object]) -> None:
+        try:
+            for event in events:
+                if isinstance(event, MemberData):
+                    if self._fork is not None:
+                        self._fork.feed(event.data, self._keep)
+                    elif self._fd is not None:
+                        view = event.data
+                        while view:
+                            view = view[os.write(self._fd, view) :]
+                elif isinstance(event, MemberStart):
+                    self._start(event)
+                elif isinstance(event, MemberEnd):
+                    self._end()
+                elif isinstance(event, ArchiveEnd):
+                    self._ended = True
+        except TarFormatError as exc:
+            self.close()
+            raise CorruptData(f"the delta's archive is damaged: {exc}") from None
+        except OSError as exc:
+            self.close()
+            name = self._member.name if self._member is not None else "?"
+            raise CorruptData(f"cannot apply delta member {name!r}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, member: MemberStart) -> None:
+        self._member = member
+        rel = member_path(member)
+        if rel is None:
+            return
+        fork_path = fork_path_of(rel.as_posix() + ("/" if member.kind == "directory" else ""))
+        if fork_path is not None:
+            rel = PurePosixPath(fork_path)
+            parsed = parse_relation_file_name(rel.name)
+            if member.kind != "file" or parsed is None or parsed.segno != 0 or "." in rel.name:
+                raise UnsafeArchive(f"delta member {member.name!r} names no relation fork")
+            if member.size > FORK_HEADER.size + MAX_BLOCKS * record_size():
+                raise CorruptData(f"delta member {member.name!r} is larger than any fork")
+            self._make_dirs(rel.parent)
+            self._fork = _Fork(self.root, rel, member)
+            return
+        if member.kind == "directory":
+            self._make_dirs(rel)
+            return
+        self._make_dirs(rel.parent)
+        dest = self.root / rel
+        if dest.is_dir() and not dest.is_symlink():
+            raise CorruptData(f"delta member {member.name!r} is a file where a directory is")
+        self._keep.add(rel)
+        self._fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+
+    def _end(self) -> None:
+        if self._fork is not None:
+            fork, self._fork = self._fork, None
+            for path in fork.end():
+                _own(path)
+        elif self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            assert self._member is not None
+            rel = member_path(self._member)
+            assert rel is not None
+            _own(self.root / rel)
+
+    def _make_dirs(self, rel: PurePosixPath) -> None:
+        if rel in self._keep or not rel.parts:
+            return
+        self._make_dirs(rel.parent)
+        path = self.root / rel
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            path.unlink()
+        if not path.is_dir():
+            os.mkdir(path, 0o700)
+            give_to_pg_user(path)
+        self._keep.add(rel)
+
+    def _remove_stale(self) -> None:
+        """Remove what the snapshot does not have: every file and directory not named."""
+        for top, dirs, files in os.walk(self.root, topdown=False):
+            here = PurePosixPath(Path(top).relative_to(self.root).as_posix())
+            for name in files + [d for d in dirs if (Path(top) / d).is_symlink()]:
+                if here / name not in self._keep:
+                    os.unlink(Path(top) / name)
+            for name in dirs:
+                path = Path(top) / name
+                if here / name not in self._keep and not path.is_symlink():
+                    os.rmdir(path)
+
+
+def _own(path: Path) -> None:
+    os.chmod(path, 0o600)
+    give_to_pg_user(path)

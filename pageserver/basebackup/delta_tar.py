@@ -1,0 +1,110 @@
+"""The tar of a delta `.neon` file: a basebackup whose relation forks carry only the pages
+written since a parent snapshot (format: snapfile/delta.py, docs/snapshot-format.md).
+
+Which pages: every block key with a version between the parent's state and the snapshot's,
+on either side of where their histories meet (`keys_changed`, from layer indexes, as
+`snapshot diff --stat` finds its candidates), plus every block past the fork's size at the
+parent (an extension). Pages are read at the snapshot; a page that was written but ended up
+the same is sent anyway (a few bytes more, never a wrong page). Everything but relation forks
+is the basebackup's own member, so the tar is the basebackup's, fork members aside, and the
+whole snapshot's tar size is known without building it (`full_tar_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+from pageserver.basebackup.sources import TimelineSource
+from pageserver.basebackup.tar_stream import tar_file, tar_header
+from pageserver.history.snapshot_diff import ReadPoint, keys_changed
+from pageserver.reconstruct.reads import get_rel_size
+from pageserver.storage.keys import key_fields
+from pg15.constants import BLCKSZ, RELSEG_SIZE
+from proto.errors import CorruptData
+from snapfile.delta import BLOCK_NUMBER, delta_member_name, fork_header, fork_member_size
+
+_SIZE_MARKER = 0xFFFFFFFF
+_BATCH_PAGES = 32
+
+Fork = tuple[int, int, int, int]
+
+
+def _padded(size: int) -> int:
+    return size + (-size % 512)
+
+
+class DeltaForks:
+    """`ForkContent` of tar_stream for a delta from `parent` to `source`'s state."""
+
+    def __init__(self, source: TimelineSource, parent: ReadPoint) -> None:
+        self.source = source
+        self.parent = parent
+        self.changed: dict[Fork, set[int]] = defaultdict(set)
+        for key in keys_changed(parent, ReadPoint(source.timeline, source.lsn)):
+            f = key_fields(key)
+            if f.field4 != 0 and f.field6 != _SIZE_MARKER:
+                self.changed[(f.field2, f.field3, f.field4, f.field5)].add(f.field6)
+        self.delta_tar_bytes = 0
+        """Tar bytes of the fork members written so far."""
+        self.whole_tar_bytes = 0
+        """Tar bytes the forks' segment files would have taken in a whole basebackup."""
+        self.pages = 0
+
+    def full_tar_bytes(self, tar_bytes: int) -> int:
+        """The whole snapshot's tar size, given this delta's."""
+        return tar_bytes - self.delta_tar_bytes + self.whole_tar_bytes
+
+    def fork_members(
+        self, path: str, spc: int, db: int, rel: int, fork: int, nblocks: int, mtime: int
+    ) -> Iterator[bytes]:
+        before = get_rel_size(self.parent.timeline, spc, db, rel, fork, self.parent.lsn) or 0
+        grown_from = min(before, nblocks)
+        written = sorted(b for b in self.changed.get((spc, db, rel, fork), ()) if b < grown_from)
+        pages = len(written) + nblocks - grown_from
+        size = fork_member_size(pages)
+        name = delta_member_name(path)
+        self.delta_tar_bytes += len(tar_header(name, size, mtime)) + _padded(size)
+        for segno in range(max(1, -(-nblocks // RELSEG_SIZE))):
+            seg_size = min(nblocks - segno * RELSEG_SIZE, RELSEG_SIZE) * BLCKSZ
+            seg_name = path + (f".{segno}" if segno else "")
+            self.whole_tar_bytes += len(tar_header(seg_name, seg_size, mtime)) + seg_size
+        self.pages += pages
+        runs = [
+            *_runs(written),
+            *([(grown_from, nblocks - grown_from)] if pages > len(written) else []),
+        ]
+        yield from tar_file(name, size, self._records(nblocks, spc, db, rel, fork, runs), mtime)
+
+    def _records(
+        self, nblocks: int, spc: int, db: int, rel: int, fork: int, runs: list[tuple[int, int]]
+    ) -> Iterator[bytes]:
+        yield fork_header(nblocks)
+        batch: list[bytes] = []
+        for first, count in runs:
+            pages = self.source.rel_pages(spc, db, rel, fork, first, count)
+            for blkno, page in enumerate(pages, first):
+                if len(page) != BLCKSZ:
+                    raise CorruptData(
+                        f"relation {spc}/{db}/{rel} fork {fork} block {blkno}: short page"
+                    )
+                batch += (BLOCK_NUMBER.pack(blkno), page)
+                if len(batch) >= 2 * _BATCH_PAGES:
+                    yield b"".join(batch)
+                    batch = []
+        if batch:
+            yield b"".join(batch)
+
+
+def _runs(blocks: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive block numbers (sorted input)."""
+    first = prev = None
+    for b in blocks:
+        if prev is not None and b == prev + 1:
+            prev = b
+            continue
+        if first is not None and prev is not None:
+            yield first, prev - first + 1
+        first = prev = b
+    if first is not None and prev is not None:
+        yield first, prev - first + 1

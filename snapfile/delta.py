@@ -1,0 +1,110 @@
+"""What a delta `.neon` file holds (docs/snapshot-format.md, "Delta files"), sans I/O.
+
+A delta is a `.neon` file like any other (the same container, frames and checksums, so the
+reader verifies it frame by frame); its manifest names its parent (`parent`, `parent_lsn`)
+and its tar holds the snapshot's data directory with every relation fork replaced by one
+member `neon-delta/<fork path>`: the fork's size at the snapshot and only the pages written
+since the parent. Everything else (pg_control, pg_xact, relmap files, configuration...) is
+whole: it is small. A fork absent from the tar does not exist at the snapshot.
+
+A fork member's data: a 16-byte header (magic, page size, the fork's size in blocks), then
+records of a 4-byte block number and one page, block numbers strictly ascending and below
+the size. All integers little-endian. Fixed-size records let a reader apply a fork as its
+bytes arrive, with no buffering.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pageserver_api.errors import CorruptData
+from pg15.constants import BLCKSZ
+from pg15.lsn import format_lsn
+from snapfile.manifest import Manifest
+
+DELTA_PREFIX = "neon-delta/"
+MAGIC = b"NEONDLT1"
+FORK_HEADER = struct.Struct("<8sII")
+"""magic, page size, the fork's size in blocks at the snapshot"""
+BLOCK_NUMBER = struct.Struct("<I")
+MAX_BLOCKS = 0xFFFFFFFF
+"""PostgreSQL's MaxBlockNumber + 1: a fork never has more blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotIdentity:
+    """Which snapshot a `.neon` file holds, or which one a delta applies to: its name where
+    it was made (the manifest's `source`), its LSN and its cluster's system identifier. Two
+    files with the same identity hold the same pages."""
+
+    name: str
+    lsn: int
+    system_identifier: int
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> SnapshotIdentity:
+        return cls(manifest.source, manifest.lsn, manifest.system_identifier)
+
+    @classmethod
+    def parent_of(cls, manifest: Manifest) -> SnapshotIdentity | None:
+        """The parent a delta applies to; None for a whole snapshot."""
+        if manifest.parent is None or manifest.parent_lsn is None:
+            return None
+        return cls(manifest.parent, manifest.parent_lsn, manifest.system_identifier)
+
+    def __str__(self) -> str:
+        return f"{self.name} at LSN {format_lsn(self.lsn)} (system {self.system_identifier})"
+
+
+def delta_member_name(fork_path: str) -> str:
+    """The tar member of a fork whose first segment file is `fork_path` (`base/5/16384`)."""
+    return DELTA_PREFIX + fork_path
+
+
+def fork_path_of(member_name: str) -> str | None:
+    """The fork path a delta member stands for; None for a whole file."""
+    if not member_name.startswith(DELTA_PREFIX):
+        return None
+    return member_name[len(DELTA_PREFIX) :]
+
+
+def fork_header(nblocks: int) -> bytes:
+    return FORK_HEADER.pack(MAGIC, BLCKSZ, nblocks)
+
+
+def record_size(page_size: int = BLCKSZ) -> int:
+    return BLOCK_NUMBER.size + page_size
+
+
+def fork_member_size(pages: int) -> int:
+    """Bytes of a fork member carrying `pages` pages."""
+    return FORK_HEADER.size + pages * record_size()
+
+
+@dataclass(frozen=True, slots=True)
+class ForkDelta:
+    """A fork member's header, checked against the member's size."""
+
+    nblocks: int
+    pages: int
+
+
+def parse_fork_header(header: bytes, member_size: int, name: str) -> ForkDelta:
+    """The header of delta member `name` of `member_size` bytes; CorruptData unless it is one
+    this pg-neon writes (page size, magic, a size that is whole records)."""
+    if member_size < FORK_HEADER.size or len(header) != FORK_HEADER.size:
+        raise CorruptData(f"delta member {name!r} is shorter than its header")
+    magic, page_size, nblocks = FORK_HEADER.unpack(header)
+    if magic != MAGIC:
+        raise CorruptData(f"delta member {name!r} does not start with {MAGIC.decode()}")
+    if page_size != BLCKSZ:
+        raise CorruptData(
+            f"delta member {name!r} has pages of {page_size} bytes; this PostgreSQL's are {BLCKSZ}"
+        )
+    pages, rest = divmod(member_size - FORK_HEADER.size, record_size())
+    if rest:
+        raise CorruptData(f"delta member {name!r}: {member_size} bytes are not whole page records")
+    if pages > nblocks:
+        raise CorruptData(f"delta member {name!r} has {pages} pages for a fork of {nblocks}")
+    return ForkDelta(nblocks, pages)

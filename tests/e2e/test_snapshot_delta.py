@@ -1,0 +1,101 @@
+"""Incremental push (issue 12 item 2) between two homes on loopback: a snapshot pushed whole,
+1% of pgbench_accounts changed, the next snapshot pushed as a delta on it (at most 5% of the
+bytes), pulled into a second NEON_HOME from the parent + delta in the store, and a node
+created on it dumps exactly as the sender's snapshot; a delta whose parent is nowhere is one
+line naming it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_snapshot_export import pg_dump_text, snapshot_dump
+from tests.neoncli import NeonCli, free_port, pgbench, psql
+from tests.pgtest import pg_reachable_tmpdir
+from tests.s3d import moto_s3
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    path = pg_reachable_tmpdir("neon-delta-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sender(base: Path) -> Iterator[NeonCli]:
+    """pgbench at scale 2 (200000 accounts), @s1, then 1% of the accounts updated, @s2."""
+    neon = NeonCli(base / "sender", {})
+    try:
+        neon.run("pg", "create", "--port", str(free_port()))
+        c = str(neon.json("pg", "show", "pgdata1")["connstr"])
+        pgbench(c, "-i", "-s", "2", "-q")
+        neon.run("snapshot", "create", "pgdata1@s1")
+        psql(c, "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid <= 2000")
+        neon.run("snapshot", "create", "pgdata1@s2")
+        yield neon
+    finally:
+        neon.cleanup()
+
+
+@pytest.fixture(scope="module")
+def receiver(base: Path) -> Iterator[NeonCli]:
+    neon = NeonCli(base / "receiver", {})
+    try:
+        yield neon
+    finally:
+        neon.cleanup()
+
+
+def node_dump(home: NeonCli, snapshot: str, pgdata: str) -> str:
+    home.run("pg", "create", "--port", str(free_port()), "--snapshot", snapshot, pgdata)
+    return pg_dump_text(str(home.json("pg", "show", pgdata)["connstr"]))
+
+
+def test_delta_push_is_small_and_pulls_into_another_home(
+    sender: NeonCli, receiver: NeonCli, base: Path
+) -> None:
+    dest = base / "store"
+    dest.mkdir()
+    first = sender.json("snapshot", "push", "--to", f"{dest}/", "pgdata1@s1")
+    assert first["parent"] is None and first["bytes_sent"] < first["snapshot_bytes"]
+    out = sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@s2").stdout
+    assert "(incremental on pgdata1@s1)" in out, out
+    delta = dest / "pgdata1@s2.neon"
+    again = sender.json("snapshot", "push", "--to", f"{dest}/", "pgdata1@s2", "--force")
+    assert again["parent"] == "pgdata1@s1"
+    assert again["bytes_sent"] == delta.stat().st_size
+    # the whole snapshot's size, as a whole push reports it
+    whole = sender.json("snapshot", "push", "--to", f"{base}/whole.neon", "--full", "pgdata1@s2")
+    assert whole["parent"] is None and whole["snapshot_bytes"] == again["snapshot_bytes"]
+    print(f"delta {again['bytes_sent']} B, whole file {whole['bytes_sent']} B, "
+          f"data {again['snapshot_bytes']} B")  # fmt: skip
+    assert again["bytes_sent"] <= 0.05 * again["snapshot_bytes"]
+    assert again["bytes_sent"] <= 0.05 * whole["bytes_sent"]
+
+    pulled = receiver.json("snapshot", "pull", "--from", str(delta))
+    assert pulled["name"] == "pgdata1-s2"
+    assert node_dump(receiver, "pgdata1-s2", "copy2") == snapshot_dump(sender, "pgdata1@s2")
+
+    lonely = base / "lonely"
+    lonely.mkdir()
+    shutil.copy(delta, lonely / "pgdata1@s2.neon")
+    error = receiver.fail("snapshot", "pull", "--from", f"file://{lonely}/pgdata1@s2.neon", "x")
+    assert "is a delta on snapshot pgdata1@s1 at LSN" in error, error
+    assert "neon snapshot push --full" in error and len(error.strip().splitlines()) == 1
+    assert "x" not in [s["name"] for s in receiver.json("snapshot", "list")]
+
+
+def test_delta_over_s3(sender: NeonCli, receiver: NeonCli) -> None:
+    with moto_s3() as server:
+        bucket = server.new_bucket()
+        a, b = (NeonCli(h.home, {**h.env_extra, **server.env()}) for h in (sender, receiver))
+        a.run("snapshot", "push", "--to", f"s3://{bucket}/snaps/", "pgdata1@s1")
+        pushed = a.json("snapshot", "push", "--to", f"s3://{bucket}/snaps/", "pgdata1@s2")
+        assert pushed["parent"] == "pgdata1@s1"
+        assert pushed["bytes_sent"] <= 0.05 * pushed["snapshot_bytes"]
+        b.run("snapshot", "pull", "--from", pushed["url"], "overs3")
+    assert node_dump(receiver, "overs3", "copy3") == snapshot_dump(sender, "pgdata1@s2")
