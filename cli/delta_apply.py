@@ -10,8 +10,9 @@ Memory is one page record, whatever the delta's size.
 
 What arrives is untrusted: paths leaving the directory, links, a fork member whose name is
 no relation file, a wrong page size, block numbers out of order or at or past the size it
-states are refused with CorruptData naming the member, before anything of that member is
-written. The caller applies into a work directory it throws away on error.
+states are refused with CorruptData naming the member; what the delta changed until then
+stays, so the caller applies into a work directory it throws away on error (nothing is
+removed before the whole delta was applied).
 """
 
 from __future__ import annotations

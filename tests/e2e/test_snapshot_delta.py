@@ -99,3 +99,26 @@ def test_delta_over_s3(sender: NeonCli, receiver: NeonCli) -> None:
         assert pushed["bytes_sent"] <= 0.05 * pushed["snapshot_bytes"]
         b.run("snapshot", "pull", "--from", pushed["url"], "overs3")
     assert node_dump(receiver, "overs3", "copy3") == snapshot_dump(sender, "pgdata1@s2")
+
+
+def test_a_chain_of_deltas_with_dropped_created_and_truncated_relations(
+    sender: NeonCli, receiver: NeonCli, base: Path
+) -> None:
+    """@s3 on @s2 on @s1: a table dropped, one created, one truncated, one rewritten by
+    VACUUM FULL (a new relfilenode), a database created; pulled through the chain."""
+    c = str(sender.json("pg", "show", "pgdata1")["connstr"])
+    psql(c, "DROP TABLE pgbench_history; TRUNCATE pgbench_tellers;"
+            "CREATE TABLE fresh AS SELECT g AS id FROM generate_series(1, 5000) g;"
+            "VACUUM FULL pgbench_branches; CREATE DATABASE other")  # fmt: skip
+    psql(c, "CREATE TABLE t2 (x int); INSERT INTO t2 VALUES (1)", dbname="other")
+    sender.run("snapshot", "create", "pgdata1@s3")
+    dest = base / "chain"
+    dest.mkdir()
+    for snap in ("pgdata1@s1", "pgdata1@s2"):
+        sender.run("snapshot", "push", "--to", f"{dest}/", snap)
+    pushed = sender.json("snapshot", "push", "--to", f"{dest}/", "pgdata1@s3")
+    assert pushed["parent"] == "pgdata1@s2"
+    receiver.run("snapshot", "pull", "--from", pushed["url"], "chained")
+    assert node_dump(receiver, "chained", "copy4") == snapshot_dump(sender, "pgdata1@s3")
+    other = str(receiver.json("pg", "show", "copy4")["connstr"])
+    assert psql(other, "SELECT x FROM t2", dbname="other") == "1"

@@ -1,0 +1,183 @@
+"""Applying a delta `.neon` tar (cli/delta_apply.py) to a parent's data directory: pages land
+where they belong, forks are truncated, extended and dropped as the delta states, whole files
+replace the parent's and what the snapshot lacks is removed; hostile deltas are refused
+naming the member. And the resolution of a delta's parent chain in a store, with the one-line
+error for a parent found nowhere."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cli.delta_apply import DeltaApplier
+from cli.snapshot_file_source import missing_parent, resolve_chain
+from pg15.constants import BLCKSZ, RELSEG_SIZE
+from proto.errors import CorruptData
+from snapfile.delta import BLOCK_NUMBER, FORK_HEADER, MAGIC, SnapshotIdentity, fork_header
+from snapfile.manifest import Manifest
+
+
+def page(fill: int) -> bytes:
+    return bytes([fill]) * BLCKSZ
+
+
+def fork_data(nblocks: int, pages: dict[int, bytes], header: bytes | None = None) -> bytes:
+    body = b"".join(BLOCK_NUMBER.pack(b) + p for b, p in pages.items())
+    return (fork_header(nblocks) if header is None else header) + body
+
+
+def delta_tar(members: list[tuple[str, bytes | None]], kind: bytes = tarfile.REGTYPE) -> bytes:
+    """A tar of (name, data) members; None data: a directory."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.type = kind
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def apply(root: Path, tar: bytes, chunk: int = 5000) -> None:
+    applier = DeltaApplier(root)
+    try:
+        for i in range(0, len(tar), chunk):  # arbitrary cuts, records split across feeds
+            applier.feed(tar[i : i + chunk])
+        applier.finish()
+    finally:
+        applier.close()
+
+
+@pytest.fixture
+def parent(tmp_path: Path) -> Path:
+    root = tmp_path / "pgdata"
+    (root / "base" / "5").mkdir(parents=True)
+    (root / "global").mkdir()
+    (root / "pg_xact").mkdir()
+    (root / "global" / "pg_control").write_bytes(b"old control")
+    (root / "pg_xact" / "0000").write_bytes(b"old xact")
+    (root / "pg_xact" / "0001").write_bytes(b"gone since")
+    (root / "base" / "5" / "100").write_bytes(page(1) * 4)  # modified and extended
+    (root / "base" / "5" / "200").write_bytes(page(2) * 6)  # truncated
+    (root / "base" / "5" / "300").write_bytes(page(3) * 2)  # dropped
+    (root / "base" / "5" / "300_init").write_bytes(page(3))  # dropped
+    (root / "base" / "6").mkdir()  # a dropped database
+    (root / "base" / "6" / "400").write_bytes(page(4))
+    return root
+
+
+def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path) -> None:
+    tar = delta_tar(
+        [
+            ("global/", None),
+            ("global/pg_control", b"new control"),
+            ("pg_xact/0000", b"new xact"),
+            ("neon-delta/base/5/100", fork_data(6, {1: page(9), 4: page(8), 5: page(7)})),
+            ("neon-delta/base/5/200", fork_data(2, {})),
+            ("neon-delta/base/5/500", fork_data(1, {0: page(5)})),  # created since
+            ("neon-delta/base/7/600_init", fork_data(0, {})),  # a new database's empty fork
+        ]
+    )
+    apply(parent, tar)
+    base = parent / "base"
+    assert (base / "5" / "100").read_bytes() == page(1) + page(9) + page(1) * 2 + page(8) + page(7)
+    assert (base / "5" / "200").read_bytes() == page(2) * 2
+    assert (base / "5" / "500").read_bytes() == page(5)
+    assert (base / "7" / "600_init").read_bytes() == b""
+    assert (parent / "global" / "pg_control").read_bytes() == b"new control"
+    assert (parent / "pg_xact" / "0000").read_bytes() == b"new xact"
+    files = sorted(p.relative_to(parent).as_posix() for p in parent.rglob("*"))
+    assert files == [
+        "base", "base/5", "base/5/100", "base/5/200", "base/5/500", "base/7", "base/7/600_init",
+        "global", "global/pg_control", "pg_xact", "pg_xact/0000",
+    ]  # fmt: skip
+
+
+def test_segments_follow_the_fork_size(parent: Path) -> None:
+    rel = parent / "base" / "5" / "100"
+    for segno in (1, 2):
+        rel.with_name(f"100.{segno}").write_bytes(page(6))
+    last = RELSEG_SIZE  # the first block of segment 1
+    apply(parent, delta_tar([("neon-delta/base/5/100", fork_data(last + 1, {last: page(9)}))]))
+    assert rel.stat().st_size == RELSEG_SIZE * BLCKSZ
+    assert rel.with_name("100.1").read_bytes() == page(9)
+    assert not rel.with_name("100.2").exists()
+
+
+REL = "neon-delta/base/5/100"
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([("../escape", b"x")], "leads outside the target"),
+        ([("/etc/passwd", b"x")], "absolute or unusual path"),
+        ([("neon-delta/../../x", fork_data(1, {}))], "leads outside the target"),
+        ([("neon-delta/base/5/pg_filenode.map", fork_data(1, {}))], "names no relation fork"),
+        ([("neon-delta/base/5/100.1", fork_data(1, {}))], "names no relation fork"),
+        ([(REL, fork_data(2, {2: page(1)}))], "block 2 is past the fork's size"),
+        ([(REL, fork_data(4, {3: page(1), 1: page(1)}))], "block 1 is out of order"),
+        (
+            [(REL, FORK_HEADER.pack(MAGIC, 4096, 1) + bytes(4 + 4096))],
+            "has pages of 4096 bytes",
+        ),
+        ([(REL, fork_data(3, {0: page(1)}) + b"xyz")], "not whole page records"),
+        ([(REL, b"NOTADELT" + bytes(8))], "does not start with NEONDLT1"),
+        ([(REL, fork_data(1, {0: page(1), 1: page(1)}))], "2 pages for a fork of 1"),
+    ],
+)  # fmt: skip
+def test_hostile_deltas_are_refused(
+    parent: Path, members: list[tuple[str, bytes | None]], message: str
+) -> None:
+    with pytest.raises(CorruptData, match=message):
+        apply(parent, delta_tar(members))
+    assert not (parent.parent / "escape").exists() and not (parent.parent / "x").exists()
+
+
+def test_links_and_cut_archives_are_refused(parent: Path) -> None:
+    with pytest.raises(CorruptData, match="it is a symbolic link"):
+        apply(parent, delta_tar([("global/pg_control", b"")], kind=tarfile.SYMTYPE))
+    tar = delta_tar([("neon-delta/base/5/100", fork_data(4, {0: page(1)}))])
+    with pytest.raises(CorruptData):
+        apply(parent, tar[:3000])
+    # nothing is removed before the whole delta was applied
+    assert (parent / "base" / "6" / "400").exists()
+
+
+def manifest(source: str, lsn: int, parent: tuple[str, int] | None = None) -> Manifest:
+    return Manifest(
+        pg_version=15, system_identifier=7, lsn=lsn, pg_timeline=1, source=source,
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        parent=None if parent is None else parent[0],
+        parent_lsn=None if parent is None else parent[1],
+    )  # fmt: skip
+
+
+def test_a_chain_resolves_to_a_whole_file_and_a_missing_parent_is_named() -> None:
+    s1 = manifest("pgdata1@s1", 100)
+    s2 = manifest("pgdata1@s2", 200, ("pgdata1@s1", 100))
+    s3 = manifest("pgdata1@s3", 300, ("pgdata1@s2", 200))
+    s2_whole = manifest("pgdata1@s2", 200)
+    files = {"a.neon": s1, "b.neon": s2, "c.neon": s3}
+    assert resolve_chain("c.neon", s3, files) == [("a.neon", s1), ("b.neon", s2), ("c.neon", s3)]
+    files["b-full.neon"] = s2_whole  # a whole file of the same snapshot: the shorter chain
+    assert resolve_chain("c.neon", s3, files) == [("b-full.neon", s2_whole), ("c.neon", s3)]
+    wrong_lsn = manifest("pgdata1@s1", 99)
+    missing = resolve_chain("b.neon", s2, {"a.neon": wrong_lsn, "b.neon": s2})
+    assert missing == SnapshotIdentity("pgdata1@s1", 100, 7)
+    error = str(missing_parent("file:///x/b.neon", missing, "file:///x/"))
+    assert error == (
+        "file:///x/b.neon is a delta on snapshot pgdata1@s1 at LSN 0/00000064 (system 7), "
+        "which file:///x/ does not have; push the snapshot whole with `neon snapshot push --full`"
+    )
+    loop = manifest("pgdata1@s1", 100, ("pgdata1@s2", 200))
+    with pytest.raises(CorruptData, match="is not older than it"):
+        resolve_chain("a.neon", loop, {"a.neon": loop, "b.neon": s2})
