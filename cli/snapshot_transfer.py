@@ -135,8 +135,12 @@ async def delta_candidates(
 ) -> list[str]:
     """The snapshots of this home (`local`: name -> LSN) that the store of `location` holds
     as `.neon` files of the same system (by the name and LSN they were made from), each with
-    its chain of parents complete there; `target`, about to be replaced, does not count."""
-    files = await snapshots_in(location.store)
+    its chain of parents complete there; `target`, about to be replaced, does not count. A
+    store that cannot list its objects (a plain http server) holds none as far as we know."""
+    try:
+        files = await snapshots_in(location.store)
+    except InvalidArgument:
+        return []
     found = set()
     for name, manifest in files.items():
         if name == target or manifest.system_identifier != system_identifier:
