@@ -28,11 +28,13 @@ from cli.progress import Progress
 from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
+from cli.snapshot_recv import snapshot_recv
 from cli.snapshot_transfer import snapshot_pull, snapshot_push
 from cli.storages import DEFAULT_STORAGE
 from cli.tablespace_mapping import parse_mappings
 from cli.tablespace_settings import in_place_tablespace_settings
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
+from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
@@ -120,7 +122,7 @@ def import_snapshot(
             datadir = prepare_clean_datadir(
                 source, storage_path, workdir, progress, tablespace_mapping
             )
-            return register_import(app, name, datadir, storage_path)
+            return register_import(local_api(app), name, datadir, storage_path)
     finally:
         progress.close()
 
@@ -128,26 +130,39 @@ def import_snapshot(
 def import_target(app: App, name: str, storage: str) -> Path:
     """The path of the native storage `storage`, after checking that `name` can be imported
     into it (a valid name, not taken): refused before any byte is read."""
-    check_import_name(name)
+    storage_path = native_storage_path(app, storage)
+    check_new_import(local_api(app), name)
+    return storage_path
+
+
+def native_storage_path(app: App, storage: str) -> Path:
+    """Where the native storage `storage` is (snapshots are imported into native storages)."""
     store = app.registry.get_storage(storage)
     if store.type != "native":
         raise InvalidArgument(
             f"storage {storage!r} is of type {store.type}; snapshots are imported into a native "
             "storage (use -s local or attach one with `neon storage attach -t native`)"
         )
+    return Path(store.options["path"])
+
+
+def check_new_import(api: SyncPageserverClient, name: str) -> None:
+    """`name` is a valid imported snapshot's name that no snapshot has yet."""
+    check_import_name(name)
     with contextlib.suppress(NotFound):
-        local_api(app).snapshot_show(SnapshotShowRequest(name))
+        api.snapshot_show(SnapshotShowRequest(name))
         raise AlreadyExists(
             f"snapshot {name!r} already exists; choose another name or "
             f"`neon snapshot destroy {name}` first"
         )
-    return Path(store.options["path"])
 
 
-def register_import(app: App, name: str, datadir: Path, storage_path: Path) -> SnapshotInfo:
+def register_import(
+    api: SyncPageserverClient, name: str, datadir: Path, storage_path: Path
+) -> SnapshotInfo:
     """Have the pageserver take the cleanly shut-down `datadir` in as snapshot `name`."""
     request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
-    return local_api(app).snapshot_import(request)
+    return api.snapshot_import(request)
 
 
 def _rows(app: App) -> list[dict[str, Any]]:
@@ -347,6 +362,7 @@ def remove_snapshot_server(app: App, name: str) -> None:
 snapshot_group.add_command(snapshot_export)
 snapshot_group.add_command(snapshot_push)
 snapshot_group.add_command(snapshot_pull)
+snapshot_group.add_command(snapshot_recv)
 snapshot_group.add_command(snapshot_diff)
 
 

@@ -43,8 +43,8 @@ from proto.errors import CorruptData, InvalidArgument
 from snapfile.delta import SnapshotIdentity
 
 URL_FORMS = (
-    "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH or "
-    "s3://BUCKET/[PREFIX/]NAME"
+    "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH, "
+    "s3://BUCKET/[PREFIX/]NAME or neon://HOST:PORT/[NAME] (what `neon snapshot recv` printed)"
 )
 PUSH_URL_HELP = (
     f"a .neon file or a directory (ending in '/'): {URL_FORMS}, or an attached s3 storage "

@@ -21,6 +21,7 @@ SCHEMES = {
     "http": "cli.transport.http",
     "https": "cli.transport.http",
     "s3": "cli.transport.s3",
+    "neon": "cli.transport.neon",
 }
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 

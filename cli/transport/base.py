@@ -16,6 +16,7 @@ few cuts. What the bytes are is not checked here: a `.neon` file verifies itself
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from proto.errors import AlreadyExists, InvalidArgument, Unavailable
 CHUNK = 1024 * 1024
 REOPEN_ATTEMPTS = 5  # cuts survived by one read_object
 REOPEN_DELAY = 0.5  # seconds before the first reopen, doubled after each
+QUEUED_CHUNKS = 8  # chunks written and not yet sent by an upload: bounds its memory
 
 
 class StreamCut(Unavailable):
@@ -67,6 +69,54 @@ class ObjectWriter(ABC):
             await self.commit()
         else:
             await asyncio.shield(self.abort())
+
+
+class QueuedUploadWriter(ObjectWriter):
+    """A writer whose bytes feed one streamed upload request (`_upload`, started at once):
+    `write` queues a chunk (waiting while QUEUED_CHUNKS are not yet sent: bounded memory),
+    `commit` ends the body and awaits the far side's answer, `abort` cancels the request,
+    which closes its connection mid-body so the far side keeps nothing."""
+
+    def __init__(self, shown: str) -> None:
+        super().__init__()
+        self._shown = shown
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUED_CHUNKS)
+        self._request = asyncio.ensure_future(self._upload(self._body()))
+
+    @abstractmethod
+    async def _upload(self, body: AsyncIterator[bytes]) -> None:
+        """Send `body` as the object; raise the far side's refusal."""
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._queue.get()) is not None:
+            yield chunk
+
+    async def _send(self, item: bytes | None) -> None:
+        """Queue `item` for the body, or raise why the request ended first."""
+        put = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({put, self._request}, return_when=asyncio.FIRST_COMPLETED)
+        if put.done():
+            return
+        put.cancel()
+        self._request.result()  # the far side's refusal or the connection's error
+        raise Unavailable(f"{self._shown}: the far side answered before the upload ended")
+
+    async def write(self, data: bytes) -> None:
+        await self._send(data)
+        self.bytes_written += len(data)
+
+    async def commit(self) -> None:
+        try:
+            await self._send(None)
+            await self._request
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def abort(self) -> None:
+        self._request.cancel()
+        with contextlib.suppress(BaseException):
+            await self._request
 
 
 class ObjectReader(ABC):

@@ -17,8 +17,6 @@ is signed for one method, so `stat` does not try a HEAD with it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -30,6 +28,7 @@ from cli.transport.base import (
     ObjectInfo,
     ObjectReader,
     ObjectWriter,
+    QueuedUploadWriter,
     Store,
     StreamCut,
     already_exists,
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 
 URL_FORM = "http(s)://HOST[:PORT]/PATH"
 CONNECT_TIMEOUT, READ_TIMEOUT = 30, 300  # seconds; no limit on a whole transfer
-QUEUED_CHUNKS = 8  # chunks written and not yet sent: bounds the upload's memory
+_REASON_BYTES = 500
 
 
 def parse_location(url: str) -> Location:
@@ -76,14 +75,15 @@ def _timeout() -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
 
 
-def status_error(status: int, url: str, method: str) -> NeonError:
-    """One line for an HTTP answer that is not success."""
+def status_error(status: int, url: str, method: str, reason: str = "") -> NeonError:
+    """One line for an HTTP answer that is not success; `reason` is the server's own text
+    (a `neon snapshot recv --http` says why it refused), when it sent one."""
+    why = f": {reason}" if reason else ""
     if status in (401, 403):
-        return AuthFailed(
-            f"{url}: the server refused access (HTTP {status}); check the URL's credentials"
-        )
+        why = why or "; check the URL's credentials"
+        return AuthFailed(f"{url}: the server refused access (HTTP {status}){why}")
     if status == 404:
-        return NotFound(f"{url}: no such file on the server (HTTP 404)")
+        return NotFound(f"{url}: no such file on the server (HTTP 404){why}")
     if status == 412:
         return already_exists(url)
     if status in (405, 501):
@@ -94,8 +94,22 @@ def status_error(status: int, url: str, method: str) -> NeonError:
             "snapshot does not have; use a server that accepts chunked uploads"
         )
     if status == 507:
-        return Unavailable(f"{url}: the server has no space left (HTTP 507)")
-    return Unavailable(f"{url}: the server answered {method} with HTTP {status}")
+        return Unavailable(f"{url}: the server has no space left (HTTP 507){why}")
+    if status in (400, 422) and reason:
+        return InvalidArgument(f"{url}: the server refused the {method} (HTTP {status}){why}")
+    return Unavailable(f"{url}: the server answered {method} with HTTP {status}{why}")
+
+
+async def _reason(response: aiohttp.ClientResponse) -> str:
+    """The first line of a short plain-text answer body (a server's reason), else ''."""
+    if not response.headers.get("Content-Type", "").startswith("text/plain"):
+        return ""
+    try:
+        text = (await response.content.read(_REASON_BYTES)).decode("utf-8", "replace")
+    except Exception:  # the reason is a courtesy: the status alone still says enough
+        return ""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return "".join(c for c in first if c.isprintable())
 
 
 def _client_error(exc: BaseException, url: str, doing: str) -> Unavailable:
@@ -179,20 +193,14 @@ class HttpStore(Store):
             raise _client_error(exc, shown, "reach") from None
 
 
-class HttpWriter(ObjectWriter):
+class HttpWriter(QueuedUploadWriter):
     """A PUT whose body is fed by `write`; `commit` ends the body and awaits the answer."""
 
     def __init__(self, url: str, shown: str, overwrite: bool) -> None:
-        super().__init__()
-        self._url, self._shown, self._overwrite = url, shown, overwrite
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUED_CHUNKS)
-        self._request = asyncio.ensure_future(self._put())
+        self._url, self._overwrite = url, overwrite
+        super().__init__(shown)
 
-    async def _body(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._queue.get()) is not None:
-            yield chunk
-
-    async def _put(self) -> None:
+    async def _upload(self, body: AsyncIterator[bytes]) -> None:
         import aiohttp
 
         headers = {"Content-Type": "application/octet-stream"}
@@ -201,39 +209,12 @@ class HttpWriter(ObjectWriter):
         try:
             async with (
                 aiohttp.ClientSession(timeout=_timeout()) as session,
-                session.put(self._url, data=self._body(), headers=headers) as response,
+                session.put(self._url, data=body, headers=headers) as response,
             ):
                 if response.status not in (200, 201, 204):
-                    raise status_error(response.status, self._shown, "PUT")
+                    raise status_error(response.status, self._shown, "PUT", await _reason(response))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _client_error(exc, self._shown, "upload to") from None
-
-    async def _send(self, item: bytes | None) -> None:
-        """Queue `item` for the body, or raise why the request ended first."""
-        put = asyncio.ensure_future(self._queue.put(item))
-        await asyncio.wait({put, self._request}, return_when=asyncio.FIRST_COMPLETED)
-        if put.done():
-            return
-        put.cancel()
-        self._request.result()  # the server's refusal or the connection's error
-        raise Unavailable(f"{self._shown}: the server answered before the upload ended")
-
-    async def write(self, data: bytes) -> None:
-        await self._send(data)
-        self.bytes_written += len(data)
-
-    async def commit(self) -> None:
-        try:
-            await self._send(None)
-            await self._request
-        except BaseException:
-            await self.abort()
-            raise
-
-    async def abort(self) -> None:
-        self._request.cancel()  # closes the connection mid-body
-        with contextlib.suppress(BaseException):
-            await self._request
 
 
 class HttpReader(ObjectReader):

@@ -1,0 +1,174 @@
+"""What `neon snapshot recv` does with what it is sent, whatever the wire (neon:// or http):
+one-time tokens, and a `.neon` stream made into a snapshot of this home.
+
+A token admits one snapshot: it is consumed when a snapshot sent with it is imported, and a
+fresh one is issued for the next pusher (a push cut short does not consume it, so it can be
+run again). Tokens are compared in constant time; a used one is refused as used, any other as
+wrong.
+
+A received stream goes through the same verifying reader and checked extractor as `neon
+snapshot import` of a file (cli/snapshot_file_source.py) into a private work directory; the
+snapshot is imported only after the file's trailing checksums matched, so a cut, tampered or
+oversized stream leaves nothing but a removed work directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from cli.context import App
+from cli.pageserver_control import local_api
+from cli.snapshot_commands import check_new_import, native_storage_path, register_import
+from cli.snapshot_file_source import unpack_snapshot_stream
+from cli.snapshot_import import import_workdir, is_clean_datadir
+from cli.transport.base import ObjectInfo, check_object_name
+from pageserver.history.snapshots import import_name_from
+from pageserver_api.models import SnapshotInfo, SnapshotShowRequest
+from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
+from proto.server import token_matches
+
+FILE_SUFFIX = ".neon"
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class OneTimeTokens:
+    """The token the next pusher must present; those already used are remembered to say so."""
+
+    def __init__(self, first: str | None = None) -> None:
+        self.current = first or new_token()
+        self._used: list[str] = []
+
+    def check(self, given: str | None) -> None:
+        if given is None:
+            raise AuthFailed("this receiver needs the token it printed (URL ?token=...)")
+        if token_matches(self.current, given):
+            return
+        if any(token_matches(used, given) for used in self._used):
+            raise AuthFailed(
+                "this one-time token was already used for a snapshot; use the URL the "
+                "receiver printed last"
+            )
+        raise AuthFailed("wrong token for this receiver; use the URL it printed")
+
+    def consume(self, given: str) -> str:
+        """Retire `given` (the current token) and return the next one."""
+        self.check(given)
+        self._used.append(self.current)
+        self.current = new_token()
+        return self.current
+
+
+def snapshot_name_for(file_name: str) -> str:
+    """The snapshot a received `pgdata1@snap1.neon` becomes, as pull names it."""
+    name = import_name_from(file_name.removesuffix(FILE_SUFFIX))
+    if name is None:
+        raise InvalidArgument(f"no snapshot name can be made from {file_name!r}; name it")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    snapshot: SnapshotInfo
+    bytes: int
+    seconds: float
+    next_token: str
+
+
+class Receiver:
+    """Makes the `.neon` streams pushers send into snapshots of `app`'s home, in `storage`;
+    `name` (when given) names every snapshot instead of the sent file's name. Pageserver
+    calls (blocking) run on worker threads, so the loop goes on serving other connections."""
+
+    def __init__(
+        self, app: App, storage: str, name: str | None, tokens: OneTimeTokens,
+        on_refused: Callable[[str], None] = lambda reason: None,
+    ) -> None:  # fmt: skip
+        self.name, self.tokens = name, tokens
+        self.on_refused = on_refused
+        # Resolved here, on the CLI's thread: the registry's SQLite connection is not shared
+        # with the worker threads the pageserver calls run on.
+        self.storage_path = native_storage_path(app, storage)
+        self.api = local_api(app)
+        """Told why a push was refused (the receiving side's log)."""
+        self._commit = asyncio.Lock()
+
+    def authenticate(self, token: str | None) -> None:
+        """The hello's check: the current one-time token, else refused (and reported)."""
+        try:
+            self.tokens.check(token)
+        except AuthFailed as exc:
+            self.on_refused(f"refused a connection: {exc.message}")
+            raise
+
+    def snapshot_name(self, file_name: str) -> str:
+        check_object_name(file_name, "the pushed file name")
+        return self.name or snapshot_name_for(file_name)
+
+    async def stat(self, file_name: str) -> ObjectInfo | None:
+        """A snapshot of the name the file would get, if one exists (push refuses to
+        replace it)."""
+        name = self.snapshot_name(file_name)
+        try:
+            await asyncio.to_thread(self.api.snapshot_show, SnapshotShowRequest(name))
+        except NotFound:
+            return None
+        return ObjectInfo(file_name, 0)
+
+    async def list(self) -> list[ObjectInfo]:
+        """The snapshots held here, as the files that would make them."""
+        snaps = await asyncio.to_thread(self.api.snapshot_list)
+        return [ObjectInfo(s.name + FILE_SUFFIX, s.size_bytes or 0) for s in snaps]
+
+    async def receive(
+        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None
+    ) -> Received:
+        """Import the `.neon` stream `chunks` as a snapshot; raises (and keeps nothing) unless
+        the whole stream checked out."""
+        try:
+            return await self._receive(file_name, chunks, token)
+        except (NeonError, OSError) as exc:
+            reason = exc.message if isinstance(exc, NeonError) else str(exc)
+            self.on_refused(f"refused {file_name}: {reason}")
+            raise
+
+    async def _receive(
+        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None
+    ) -> Received:
+        self.tokens.check(token)
+        assert token is not None
+        name = self.snapshot_name(file_name)
+        started = time.monotonic()
+        await asyncio.to_thread(check_new_import, self.api, name)
+        counted = _Counted(chunks)
+        with import_workdir(self.storage_path) as workdir:
+            pgdata = workdir / "pgdata"
+            await unpack_snapshot_stream(counted.chunks(), f"the pushed {file_name}", pgdata)
+            if not is_clean_datadir(pgdata):
+                raise CorruptData(f"{file_name} does not hold a cleanly shut-down data directory")
+            async with self._commit:
+                self.tokens.check(token)  # another push with it may have finished meanwhile
+                snap = await asyncio.to_thread(
+                    register_import, self.api, name, pgdata, self.storage_path
+                )
+                next_token = self.tokens.consume(token)
+        return Received(snap, counted.bytes, time.monotonic() - started, next_token)
+
+
+class _Counted:
+    """The stream's chunks (`chunks()`), counting the bytes."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._source = chunks
+        self.bytes = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._source:
+            self.bytes += len(chunk)
+            yield chunk

@@ -1,0 +1,72 @@
+"""A `neon snapshot recv --http`: `PUT /NAME.neon?token=TOKEN` (what `neon snapshot push
+--to http://...` sends) answered by a `Receiver`.
+
+The token comes from the query or an `Authorization: Bearer` header. Answers: 201 once the
+snapshot is imported; 401 for a missing, wrong or used token; 412 when a snapshot of that
+name exists; 400 for a stream that does not check out; 507 when the disk is full; each with
+the reason as one line of plain text (the pushing side shows it). HEAD answers whether the
+name is taken; nothing is served for reading.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from cli.receiver import Received, Receiver
+from cli.transport.base import CHUNK
+from proto.errors import AlreadyExists, AuthFailed, NeonError, NotFound
+
+_STATUS: list[tuple[type[NeonError], int]] = [
+    (AuthFailed, 401),
+    (AlreadyExists, 412),
+    (NotFound, 404),
+]
+
+
+def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) -> web.Application:
+    async def put(request: web.Request) -> web.Response:
+        received = await receiver.receive(
+            request.match_info["name"], _body(request), _token(request)
+        )
+        on_received(received)
+        return web.Response(status=201, text=f"received snapshot {received.snapshot.name}\n")
+
+    async def head(request: web.Request) -> web.Response:
+        receiver.authenticate(_token(request))
+        found = await receiver.stat(request.match_info["name"])
+        return web.Response(status=404 if found is None else 200)
+
+    app = web.Application(middlewares=[_errors])
+    app.router.add_put("/{name}", put)
+    app.router.add_route("HEAD", "/{name}", head)
+    return app
+
+
+def _token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header.removeprefix("Bearer ").strip()
+    return request.query.get("token")
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(CHUNK):
+        yield chunk
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A refusal is a status and its reason in one line of text."""
+    try:
+        return await handler(request)
+    except NeonError as exc:
+        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 400)
+        return web.Response(status=status, text=exc.message + "\n")
+    except OSError as exc:
+        status = 507 if exc.errno == errno.ENOSPC else 500
+        return web.Response(status=status, text=f"{exc.strerror or exc}\n")

@@ -1,0 +1,64 @@
+"""A `neon snapshot recv` on pg-neon's protocol (the `neon://` scheme's far side): the object
+methods cli/transport/neon.py calls, answered by a `Receiver`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cli.receiver import Received, Receiver
+from proto.errors import InvalidArgument
+from proto.server import Handler, ProtoServer, RequestContext
+
+SERVER_NAME = "neon snapshot recv"
+
+
+def receiver_server(receiver: Receiver, on_received: Callable[[Received], None]) -> ProtoServer:
+    """A server (not yet listening) whose hello takes the receiver's current one-time token."""
+    return ProtoServer(
+        _handlers(receiver, on_received),
+        token=None,
+        authenticate=receiver.authenticate,
+        server_name=SERVER_NAME,
+    )
+
+
+def _name(ctx: RequestContext) -> str:
+    name = ctx.params.get("name")
+    if not isinstance(name, str):
+        raise InvalidArgument(f"{ctx.method} needs a file name")
+    return name
+
+
+def _handlers(receiver: Receiver, on_received: Callable[[Received], None]) -> dict[str, Handler]:
+    async def stat(ctx: RequestContext) -> Any:
+        info = await receiver.stat(_name(ctx))
+        return None if info is None else {"name": info.name, "size": info.size}
+
+    async def list_(ctx: RequestContext) -> Any:
+        return [{"name": i.name, "size": i.size} for i in await receiver.list()]
+
+    async def write(ctx: RequestContext) -> Any:
+        name = _name(ctx)
+        if ctx.params.get("overwrite"):
+            raise InvalidArgument(
+                "a receiver never replaces a snapshot: push without --force, or destroy the "
+                "snapshot on the receiving side first"
+            )
+        received = await receiver.receive(name, ctx.upload(), ctx.token)
+        on_received(received)
+        return {"snapshot": received.snapshot.name, "bytes": received.bytes}
+
+    async def refuse(ctx: RequestContext) -> Any:
+        raise InvalidArgument(
+            f"{SERVER_NAME} only receives snapshots ({ctx.method} is not served); pull from "
+            "where they are kept"
+        )
+
+    return {
+        "object.stat": stat,
+        "object.list": list_,
+        "object.write": write,
+        "object.read": refuse,
+        "object.delete": refuse,
+    }

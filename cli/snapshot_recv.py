@@ -1,0 +1,165 @@
+"""`neon snapshot recv`: listen for pushed snapshots and keep them here.
+
+It prints the URL a pusher uses, with a fresh one-time token, on stdout (one line, or one
+JSON object per line with --json), then waits: `neon snapshot push --to URL SNAP` on the
+other machine sends the snapshot's `.neon` file, which is verified and imported as a snapshot
+of this home (named after the file, `pgdata1@snap1` -> `pgdata1-snap1`, or NAME). After each
+snapshot a line on stderr says what arrived and, unless --once, the next URL (a new token)
+is printed. A refused push (wrong or used token, tampered or cut stream, a name already
+taken) is reported on stderr and changes nothing; the receiver goes on listening. SIGINT or
+SIGTERM stops it; a snapshot still arriving then is dropped.
+
+It listens on 127.0.0.1 unless --listen says otherwise: a receiver reachable from other
+machines is a choice, not a default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from cli.context import get_app
+from cli.output import human_size
+from cli.storages import DEFAULT_STORAGE
+from pageserver.history.snapshots import check_import_name
+
+if TYPE_CHECKING:
+    from cli.receiver import Received, Receiver
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@click.command("recv")
+@click.argument("name", required=False)
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default="any free port")
+@click.option("--listen", "address", default="127.0.0.1", show_default=True, metavar="ADDR")
+@click.option("--once", is_flag=True, help="exit after one snapshot arrived")
+@click.option(
+    "--http", "use_http", is_flag=True, help="take http PUTs (an http:// URL) instead of neon://"
+)
+@click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON objects, one per line")
+@click.pass_context
+def snapshot_recv(
+    ctx: click.Context, name: str | None, port: int, address: str, once: bool, use_http: bool,
+    storage: str, as_json: bool,
+) -> None:  # fmt: skip
+    """Receive pushed snapshots (prints the URL to push to)."""
+    from cli.receiver import OneTimeTokens, Receiver
+
+    app = get_app(ctx)
+    if name is not None:
+        check_import_name(name)
+    receiver = Receiver(app, storage, name, OneTimeTokens(), on_refused=_refused)
+    stopped_by = asyncio.run(_serve(receiver, address, port, once, use_http, as_json))
+    if stopped_by == signal.SIGINT:
+        ctx.exit(130)
+
+
+async def _serve(
+    receiver: Receiver, address: str, port: int, once: bool, use_http: bool,
+    as_json: bool,
+) -> int | None:  # fmt: skip
+    """Listen until a signal (returned) or, with `once`, the first snapshot (None)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int | None] = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _finish, done, signum)
+    scheme = "http" if use_http else "neon"
+    printer = _Printer(scheme, address, as_json)
+
+    def on_received(received: Received) -> None:
+        printer.received(received)
+        if once:
+            _finish(done, None)
+        else:
+            printer.url(received.next_token)
+
+    async with AsyncExitStack() as stack:
+        if use_http:
+            printer.port = await _listen_http(stack, receiver, on_received, address, port)
+        else:
+            printer.port = await _listen_proto(stack, receiver, on_received, address, port)
+        printer.url(receiver.tokens.current)
+        return await done
+
+
+def _refused(reason: str) -> None:
+    click.echo(f"neon snapshot recv: {reason}", err=True)
+
+
+def _finish(done: asyncio.Future[int | None], value: int | None) -> None:
+    if not done.done():
+        done.set_result(value)
+
+
+async def _listen_proto(
+    stack: AsyncExitStack, receiver: Receiver, on_received: Any, address: str, port: int
+) -> int:
+    from cli.receiver_proto import receiver_server
+
+    server = receiver_server(receiver, on_received)
+    await server.start(address, port)
+    stack.push_async_callback(server.close)
+    return server.port
+
+
+async def _listen_http(
+    stack: AsyncExitStack, receiver: Receiver, on_received: Any, address: str, port: int
+) -> int:
+    from aiohttp import web
+
+    from cli.receiver_http import receiver_app
+
+    runner = web.AppRunner(receiver_app(receiver, on_received), access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, address, port).start()
+    bound: int = runner.addresses[0][1]
+    return bound
+
+
+class _Printer:
+    """The URL lines (stdout, for the pusher) and what arrived (stderr, or stdout as JSON)."""
+
+    def __init__(self, scheme: str, address: str, as_json: bool) -> None:
+        self.scheme, self.as_json, self.port = scheme, as_json, 0
+        host = socket.getfqdn() if address in WILDCARDS else address
+        self.host = f"[{host}]" if ":" in host else host
+
+    def url(self, token: str) -> None:
+        url = f"{self.scheme}://{self.host}:{self.port}/?token={token}"
+        self._out({"url": url}, url)
+
+    def received(self, received: Received) -> None:
+        snap = received.snapshot
+        self._out(
+            {
+                "snapshot": snap.name,
+                "lsn": snap.lsn,
+                "lsn_text": snap.lsn_text,
+                "bytes_received": received.bytes,
+                "seconds": round(received.seconds, 3),
+            },
+            None,
+        )
+        if not self.as_json:
+            click.echo(
+                f"Received snapshot {snap.name} ({human_size(received.bytes)} in "
+                f"{received.seconds:.1f} s)",
+                err=True,
+            )
+
+    def _out(self, value: dict[str, Any], line: str | None) -> None:
+        if self.as_json:
+            click.echo(json.dumps(value, sort_keys=True))
+        elif line is not None:
+            click.echo(line)
+        sys.stdout.flush()

@@ -1,0 +1,164 @@
+"""`neon://HOST:PORT/[NAME][?token=TOKEN]`: the proto port of a `neon snapshot recv`, which
+prints exactly such a URL (with a fresh one-time token) for the pusher to use.
+
+The wire is pg-neon's own protocol (proto/: length-prefixed msgpack frames, a hello carrying
+the token, then requests; an object is written as one upload request whose chunks follow
+it). Methods: `object.stat`, `object.list`, `object.write` (upload), `object.read`
+(download from an offset), `object.delete`; a receiver answers what it can (it receives and
+lists, it does not serve reads or deletes) with a typed error for the rest.
+
+The token comes from the URL's `?token=` or, when the URL has none, from the NEON_TOKEN
+environment variable (so that it need not be on a command line). It is never shown: every
+URL in a message is the bare `neon://HOST:PORT/NAME`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cli.transport.base import (
+    Location,
+    ObjectInfo,
+    ObjectReader,
+    ObjectWriter,
+    QueuedUploadWriter,
+    Store,
+    StreamCut,
+    check_object_name,
+)
+from proto.client import Download, ProtoClient
+from proto.errors import AlreadyExists, InvalidArgument, ProtocolError, Unavailable
+
+URL_FORM = "neon://HOST:PORT/[NAME][?token=TOKEN]"
+TOKEN_ENV = "NEON_TOKEN"
+PEER = "the snapshot receiver"
+HINT = "is `neon snapshot recv` running there? use the URL it printed"
+
+
+def parse_location(url: str) -> Location:
+    parts = urlsplit(url)
+    shown = _shown(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidArgument(f"invalid URL {shown}: bad port; expected {URL_FORM}") from None
+    if not parts.hostname or port is None:
+        raise InvalidArgument(f"invalid URL {shown}: it needs a host and a port ({URL_FORM})")
+    if parts.username is not None or parts.fragment:
+        raise InvalidArgument(f"invalid URL {shown}: expected {URL_FORM}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"token"})
+    if unknown or len(query.get("token", [])) > 1:
+        raise InvalidArgument(f"invalid URL {shown}: only one ?token=... may follow the path")
+    token = query["token"][0] if "token" in query else os.environ.get(TOKEN_ENV) or None
+    path = unquote(parts.path).lstrip("/")
+    store = NeonStore(parts.hostname, port, token)
+    if not path:
+        return Location(store, None)
+    return Location(store, check_object_name(path, shown))
+
+
+def _shown(url: str) -> str:
+    """`url` without its query (the token)."""
+    return url.partition("?")[0]
+
+
+class NeonStore(Store):
+    def __init__(self, host: str, port: int, token: str | None) -> None:
+        self._host, self._port, self._token = host, port, token
+        address = f"[{host}]" if ":" in host else host
+        self.url = f"neon://{address}:{port}/"
+
+    def object_url(self, name: str) -> str:
+        return self.url + name
+
+    async def _connect(self) -> ProtoClient:
+        return await ProtoClient.connect(
+            self._host, self._port, token=self._token, client_name="neon snapshot",
+            peer=PEER, hint=HINT,
+        )  # fmt: skip
+
+    async def _call(self, method: str, **params: Any) -> Any:
+        async with await self._connect() as client:
+            return await client.call(method, **params)
+
+    async def stat(self, name: str) -> ObjectInfo | None:
+        found = await self._call("object.stat", name=check_object_name(name, self.url))
+        return None if found is None else _info(found, self.url)
+
+    async def list(self) -> list[ObjectInfo]:
+        found = await self._call("object.list")
+        if not isinstance(found, list):
+            raise ProtocolError(f"{self.url} answered object.list with {type(found).__name__}")
+        return [_info(item, self.url) for item in found]
+
+    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        check_object_name(name, self.url)
+        client = await self._connect()
+        return NeonWriter(client, name, overwrite, self.object_url(name))
+
+    async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
+        check_object_name(name, self.url)
+        client = await self._connect()
+        download = client.download("object.read", name=name, offset=offset)
+        return NeonReader(client, download, self.object_url(name), offset)
+
+    async def delete(self, name: str) -> None:
+        await self._call("object.delete", name=check_object_name(name, self.url))
+
+
+def _info(value: Any, url: str) -> ObjectInfo:
+    if not (
+        isinstance(value, dict)
+        and isinstance(value.get("name"), str)
+        and isinstance(value.get("size"), int)
+    ):
+        raise ProtocolError(f"{url} described an object as {value!r:.80}")
+    return ObjectInfo(value["name"], value["size"])
+
+
+class NeonWriter(QueuedUploadWriter):
+    """One `object.write` upload; the receiver answers once it verified and kept it all."""
+
+    def __init__(self, client: ProtoClient, name: str, overwrite: bool, shown: str) -> None:
+        self._client, self._name, self._overwrite = client, name, overwrite
+        self.result: Any = None
+        super().__init__(shown)
+
+    async def _upload(self, body: AsyncIterator[bytes]) -> None:
+        try:
+            self.result = await self._client.upload(
+                "object.write", body, name=self._name, overwrite=self._overwrite
+            )
+        except AlreadyExists:
+            raise AlreadyExists(
+                f"{self._shown}: the receiver already has a snapshot of that name; push under "
+                "another name or destroy it there first"
+            ) from None
+        finally:
+            await self._client.close()
+
+
+class NeonReader(ObjectReader):
+    def __init__(self, client: ProtoClient, download: Download, shown: str, offset: int) -> None:
+        self._client, self._download, self._shown = client, download, shown
+        self._done = offset
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._download:
+                self._done += len(chunk)
+                yield chunk
+        except Unavailable as exc:
+            cut = f"{self._shown}: the download was cut after {self._done} bytes"
+            raise StreamCut(cut) from exc
+
+    async def close(self) -> None:
+        await self._download.aclose()
+        await self._client.close()

@@ -1,0 +1,219 @@
+"""`neon snapshot recv` and `push --to neon://` (and `recv --http`) between two homes on this
+machine, as the proposal's transcript runs them: the receiver prints a URL with a one-time
+token, the pusher pushes to it, the snapshot appears on the receiver and a node made from it
+dumps equal to the sender's snapshot; refused pushes (wrong, used or missing token, a taken
+name, a tampered, cut or abandoned stream) change nothing there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import select
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cli.transport import parse_location
+from proto.errors import AlreadyExists, AuthFailed, CorruptData, NeonError
+from tests.neoncli import NEON, NeonCli, free_port, psql
+from tests.pgtest import pg_reachable_tmpdir
+
+SNAP = "pgdata1@snap1"
+DUMP_KEY = "snapshotrecvtest"
+URL = re.compile(r"^neon://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{32})$")
+
+
+@pytest.fixture(scope="module")
+def homes() -> Iterator[tuple[NeonCli, NeonCli]]:
+    base = pg_reachable_tmpdir("neon-recv-")
+    sender, receiver = NeonCli(base / "a", {}), NeonCli(base / "b", {})
+    try:
+        sender.run("pg", "create", "--port", str(free_port()))
+        c = str(sender.json("pg", "show", "pgdata1")["connstr"])
+        psql(c, "CREATE TABLE t (id int PRIMARY KEY, v text);"
+                "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 1000) g")  # fmt: skip
+        sender.run("snapshot", "create", SNAP)
+        psql(c, "INSERT INTO t SELECT g, 'later' FROM generate_series(1001, 1500) g")
+        receiver.run("snapshot", "list")  # its home and pageserver
+        yield sender, receiver
+    finally:
+        receiver.cleanup()
+        sender.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def dump(neon: NeonCli, snapshot: str) -> str:
+    ro = neon.run("snapshot", "start", snapshot).stdout.strip()
+    try:
+        proc = subprocess.run(
+            ["pg_dump", f"--restrict-key={DUMP_KEY}", "--no-owner", "-d", ro],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        return proc.stdout
+    finally:
+        neon.run("snapshot", "stop", snapshot)
+
+
+@pytest.fixture(scope="module")
+def reference(homes: tuple[NeonCli, NeonCli]) -> str:
+    return dump(homes[0], SNAP)
+
+
+@dataclass
+class Recv:
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def line(self, timeout: float = 60) -> str:
+        """The next stdout line."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "neon snapshot recv printed nothing"
+        text = self.proc.stdout.readline().strip()
+        self.lines.append(text)
+        return text
+
+
+@contextlib.contextmanager
+def receiving(neon: NeonCli, *args: str) -> Iterator[Recv]:
+    proc = subprocess.Popen(
+        [NEON, "snapshot", "recv", *args], env=neon.env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield Recv(proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def snapshots(neon: NeonCli) -> list[str]:
+    return sorted(s["name"] for s in neon.json("snapshot", "list"))
+
+
+def test_push_to_the_url_recv_printed(homes: tuple[NeonCli, NeonCli], reference: str) -> None:
+    """The transcript: recv prints a URL, `push --to` it; the token is used up, a fresh one
+    printed; a node made from the received snapshot has the sender's data."""
+    sender, receiver = homes
+    with receiving(receiver) as recv:
+        url = recv.line()
+        port, token = URL.match(url).groups()  # type: ignore[union-attr]
+        out = sender.run("snapshot", "push", "--to", url, SNAP).stdout
+        assert out.startswith(f"Pushed {SNAP} to neon://127.0.0.1:{port}/pgdata1@snap1.neon: ")
+        assert token not in out
+        url2 = recv.line()
+        token2 = URL.match(url2).groups()[1]  # type: ignore[union-attr]
+        assert token2 != token
+        used = sender.fail("snapshot", "push", "--to", url, SNAP)
+        assert "one-time token was already used" in used and token not in used
+        wrong = sender.fail("snapshot", "push", "--to", url2[:-4] + "xxxx", SNAP)
+        assert "wrong token for this receiver" in wrong
+        none = sender.fail("snapshot", "push", "--to", url2.partition("?")[0], SNAP)
+        assert "needs the token it printed" in none
+        taken = sender.fail("snapshot", "push", "--to", url2, SNAP)
+        assert "pgdata1@snap1.neon already exists" in taken
+        recv.proc.send_signal(signal.SIGTERM)
+        _, err = recv.proc.communicate(timeout=60)
+    assert recv.proc.returncode == 0, err
+    assert re.search(r"^Received snapshot pgdata1-snap1 \(.+ in .+ s\)$", err, re.M), err
+    assert "already used" in err and "Traceback" not in err and token2 not in err
+    assert snapshots(receiver) == ["pgdata1-snap1"]
+    receiver.run("pg", "create", "--snapshot", "pgdata1-snap1", "--port", str(free_port()))
+    try:
+        c = str(receiver.json("pg", "show", "pgdata1")["connstr"])
+        assert psql(c, "SELECT count(*) FROM t") == "1000"
+        assert dump(receiver, "pgdata1-snap1") == reference
+    finally:
+        receiver.run("pg", "destroy", "--yes", "pgdata1")
+        receiver.run("snapshot", "destroy", "pgdata1-snap1")
+
+
+def test_http_once_with_a_name_and_json(homes: tuple[NeonCli, NeonCli], reference: str) -> None:
+    """`recv --http --once NAME --json`: a PUT from `push --to http://...` (token in the
+    query, never shown); the receiver exits by itself after the snapshot."""
+    sender, receiver = homes
+    with receiving(receiver, "movies", "--http", "--once", "--json") as recv:
+        url = json.loads(recv.line())["url"]
+        assert re.match(r"^http://127\.0\.0\.1:\d+/\?token=[A-Za-z0-9_-]{32}$", url), url
+        summary = sender.json("snapshot", "push", "--to", url, SNAP)
+        assert summary["url"].endswith("/pgdata1%40snap1.neon?****")
+        got = json.loads(recv.line())
+        assert recv.proc.wait(timeout=60) == 0
+    assert got["snapshot"] == "movies" and got["bytes_received"] == summary["bytes_sent"]
+    try:
+        assert dump(receiver, "movies") == reference
+    finally:
+        receiver.run("snapshot", "destroy", "movies")
+
+
+def write_object(url: str, name: str, data: bytes, *, abandon: bool = False) -> None:
+    """Send `data` as object `name` through the neon:// transport (what push does with a
+    .neon stream), or abandon the upload halfway."""
+
+    async def run() -> None:
+        location = parse_location(url).named(name)
+        writer = await location.store.open_write(name, overwrite=False)
+        if abandon:
+            await writer.write(data[: len(data) // 2])
+            await asyncio.sleep(0.5)
+            await writer.abort()
+            return
+        async with writer:
+            for start in range(0, len(data), 65536):
+                await writer.write(data[start : start + 65536])
+
+    asyncio.run(run())
+
+
+def test_tampered_cut_and_abandoned_streams_change_nothing(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path
+) -> None:
+    sender, receiver = homes
+    good = tmp_path / "good.neon"
+    sender.run("snapshot", "export", SNAP, "-o", str(good))
+    data = good.read_bytes()
+    tampered = bytearray(data)
+    tampered[len(data) // 2] ^= 0x40
+    storage = receiver.home / "storage"
+    with receiving(receiver) as recv:
+        url = recv.line()
+        with pytest.raises(CorruptData, match=r"tampered\.neon"):
+            write_object(url, "tampered.neon", bytes(tampered))
+        with pytest.raises(NeonError, match=r"cut\.neon"):
+            write_object(url, "cut.neon", data[: len(data) * 2 // 3])
+        write_object(url, "abandoned.neon", data, abandon=True)
+        with pytest.raises(AuthFailed, match="wrong token"):
+            write_object(url.replace("?token=", "?token=x"), "x.neon", data)
+        assert snapshots(receiver) == []
+        assert list(storage.glob(".import-*")) == []
+        write_object(url, "good.neon", data)  # the token still works: nothing consumed it
+        assert URL.match(recv.line())
+        with pytest.raises(AlreadyExists, match="already has a snapshot of that name"):
+            write_object(recv.lines[-1], "good.neon", data)
+        recv.proc.send_signal(signal.SIGTERM)
+        _, err = recv.proc.communicate(timeout=60)
+    assert "refused tampered.neon: " in err and "refused cut.neon: " in err
+    assert "refused abandoned.neon: " in err and "Traceback" not in err
+    assert snapshots(receiver) == ["good"]
+    receiver.run("snapshot", "destroy", "good")
+
+
+def test_bad_arguments_are_one_line(homes: tuple[NeonCli, NeonCli]) -> None:
+    sender, receiver = homes
+    assert "invalid snapshot name" in receiver.fail("snapshot", "recv", "a@b")
+    assert "storage 'nope' does not exist" in receiver.fail("snapshot", "recv", "-s", "nope")
+    error = sender.fail("snapshot", "push", "--to", "neon://127.0.0.1/x.neon", SNAP)
+    assert "needs a host and a port" in error
+    port = free_port()
+    url = f"neon://127.0.0.1:{port}/?token=zzsecretzz"
+    error = sender.fail("snapshot", "push", "--to", url, SNAP)
+    assert f"cannot connect to the snapshot receiver at 127.0.0.1:{port}" in error
+    assert "zzsecretzz" not in error
