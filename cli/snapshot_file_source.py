@@ -23,6 +23,8 @@ verified as it streams. A parent found nowhere is one line naming it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from pg15.constants import PG_MAJOR_VERSION
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import Manifest
+from snapfile.manifest import Manifest, decode_manifest
 from snapfile.reader import (
     ManifestRead,
     ReaderEvent,
@@ -160,9 +162,15 @@ async def snapshots_in(store: Store) -> dict[str, Manifest]:
         async with gate:
             return name, await read_head(store, name)
 
-    names = [o.name for o in await store.list() if o.name.endswith(".neon")]
+    objects = [o for o in await store.list() if o.name.endswith(".neon")]
+    described = {o.name: o.described for o in objects if o.described is not None}
+    names = [o.name for o in objects if o.name not in described]
     heads = await asyncio.gather(*(head(name) for name in names))
-    return {name: manifest for name, manifest in heads if manifest is not None}
+    found = {name: manifest for name, manifest in heads if manifest is not None}
+    for name, fields in described.items():
+        with contextlib.suppress(CorruptData):  # a description that makes no manifest
+            found[name] = decode_manifest(json.dumps(fields).encode())
+    return found
 
 
 Chain = list[tuple[str, Manifest]]

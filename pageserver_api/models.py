@@ -318,8 +318,10 @@ class SnapshotInfo(ApiResponse):
     parent: str | None = None
     size_bytes: int | None = None
     """Bytes of page history the snapshot keeps (listed snapshots only)."""
+    origin: str | None = None
+    """The manifest (JSON) of the `.neon` file it was imported from, if it was."""
 
-    _OMIT_WHEN_NONE = frozenset({"size_bytes"})
+    _OMIT_WHEN_NONE = frozenset({"size_bytes", "origin"})
 
     @property
     def lsn_text(self) -> str:
@@ -620,6 +622,8 @@ class SnapshotImportRequest(ApiRequest):
     name: str
     datadir: str
     store_dir: str
+    origin: str | None = None
+    """The manifest (JSON) of the `.neon` file the directory came from, if it did."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from proto.errors import AlreadyExists, InvalidArgument, Unavailable
 
@@ -39,6 +40,9 @@ class StreamCut(Unavailable):
 class ObjectInfo:
     name: str
     size: int
+    described: dict[str, Any] | None = None
+    """What the far side says the object holds, when it can say so without the object being
+    read (a `neon snapshot recv` describes each snapshot it has by its `.neon` manifest)."""
 
 
 class ObjectWriter(ABC):

@@ -115,7 +115,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
     async def snapshot_import(ctx: RequestContext, req: m.SnapshotImportRequest) -> m.SnapshotInfo:
         snap = await ps.import_snapshot(
-            req.name, Path(req.datadir), Path(req.store_dir), lambda: ctx.client_left
+            req.name, Path(req.datadir), Path(req.store_dir), lambda: ctx.client_left, req.origin
         )
         return m.SnapshotInfo(**asdict(snap))
 

@@ -252,11 +252,13 @@ class Pageserver:
         return out
 
     async def import_snapshot(
-        self, name: str, datadir: Path, store_dir: Path, abandoned: Callable[[], bool]
-    ) -> Snapshot:
+        self, name: str, datadir: Path, store_dir: Path, abandoned: Callable[[], bool],
+        origin: str | None = None,
+    ) -> Snapshot:  # fmt: skip
         """Import a cleanly shut-down data directory as snapshot `name` on a new root timeline
         of the storage; on any failure, or if the caller is gone by the end (`abandoned`: an
-        interrupted `snapshot import`), the timeline is deleted and no snapshot appears."""
+        interrupted `snapshot import`), the timeline is deleted and no snapshot appears.
+        `origin`: the manifest of the `.neon` file it came from (see Snapshot.origin)."""
         check_import_name(name)
         self._check_name_free(name)
         history = self.history(store_dir)
@@ -269,7 +271,7 @@ class Pageserver:
             self._check_name_free(name)
             history.timelines.complete_import(timeline.timeline_id)
             self.imported_roots.remember(store_dir)
-            return name_imported_snapshot(history, name, timeline.timeline_id, lsn)
+            return name_imported_snapshot(history, name, timeline.timeline_id, lsn, origin)
         except BaseException:
             await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
             raise

@@ -35,9 +35,10 @@ class ImportedRoots:
 
 
 def name_imported_snapshot(
-    history: StorageHistory, name: str, timeline_id: str, lsn: int
+    history: StorageHistory, name: str, timeline_id: str, lsn: int, origin: str | None = None
 ) -> Snapshot:
-    return history.snapshots.add(new_snapshot(name, IMPORTED_NODE_ID, timeline_id, lsn))
+    snap = new_snapshot(name, IMPORTED_NODE_ID, timeline_id, lsn, origin=origin)
+    return history.snapshots.add(snap)
 
 
 def forget_imported_snapshot(history: StorageHistory, snap: Snapshot) -> None:

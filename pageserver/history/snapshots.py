@@ -30,6 +30,10 @@ class Snapshot:
     lsn: int
     created_at: float
     parent: str | None = None
+    origin: str | None = None
+    """For a snapshot imported from a `.neon` file: that file's manifest (JSON, as a whole
+    snapshot's), which says which snapshot this one is wherever it was made; a pusher
+    sends deltas on it (snapfile/delta.py's SnapshotIdentity)."""
 
 
 def split_snapshot_name(name: str) -> tuple[str, str]:
@@ -87,6 +91,7 @@ def snapshot_registry(path: Path) -> NamedRecords[Snapshot]:
 
 
 def new_snapshot(
-    name: str, node_id: str, timeline_id: str, lsn: int, parent: str | None = None
-) -> Snapshot:
-    return Snapshot(name, node_id, timeline_id, lsn, time.time(), parent)
+    name: str, node_id: str, timeline_id: str, lsn: int, parent: str | None = None,
+    origin: str | None = None,
+) -> Snapshot:  # fmt: skip
+    return Snapshot(name, node_id, timeline_id, lsn, time.time(), parent, origin)

@@ -54,6 +54,7 @@ REQUESTS: list[m.ApiRequest] = [
     m.SnapshotShowRequest("pgdata1@s1"),
     m.SnapshotDestroyRequest("pgdata1@s1"),
     m.SnapshotImportRequest("oldpg", "/tmp/import-1/pgdata", "/srv/neon/pagestore"),
+    m.SnapshotImportRequest("got", "/tmp/import-2/pgdata", "/srv/neon/pagestore", '{"lsn": 1}'),
     m.NodeBranchRequest("primary1", "pgdata1@s1", pg_timeline=1, checkout=True),
     m.BasebackupRequest(snapshot="pgdata1@s1", pg_timeline=2, timeline_history=b"1\t0/3\tx\n"),
     m.BasebackupRequest(snapshot="pgdata1@s1", mtime=1_780_000_000),
