@@ -146,7 +146,7 @@ async def read_head(store: Store, name: str) -> Manifest | None:
         return None
 
 
-async def _chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     for chunk in first:
         yield chunk
     async for chunk in rest:
@@ -215,7 +215,7 @@ async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) ->
     chunks = read_object(location, progress.update)
     head, first = await peek_manifest(chunks, location.url)
     if head is None or head.parent is None:
-        return await unpack_snapshot_stream(_chained(first, chunks), location.url, pgdata, head)
+        return await unpack_snapshot_stream(chained(first, chunks), location.url, pgdata, head)
     await chunks.aclose()  # type: ignore[attr-defined]
     files = await snapshots_in(location.store)
     files[location.object_name] = head
