@@ -15,21 +15,34 @@ oversized stream leaves nothing but a removed work directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cli.context import App
+from cli.extract import basebackup_into
 from cli.pageserver_control import local_api
 from cli.snapshot_commands import check_new_import, native_storage_path, register_import
-from cli.snapshot_file_source import unpack_snapshot_stream
+from cli.snapshot_file_source import (
+    apply_delta_stream,
+    chained,
+    missing_parent,
+    peek_manifest,
+    unpack_snapshot_stream,
+)
 from cli.snapshot_import import import_workdir, is_clean_datadir
 from cli.transport.base import ObjectInfo, check_object_name
 from pageserver.history.snapshots import import_name_from
-from pageserver_api.models import SnapshotInfo, SnapshotShowRequest
+from pageserver_api.models import BasebackupRequest, SnapshotInfo, SnapshotShowRequest
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
+from snapfile.delta import SnapshotIdentity
+from snapfile.manifest import Manifest, decode_manifest, encode_manifest
 
 FILE_SUFFIX = ".neon"
 
@@ -122,9 +135,17 @@ class Receiver:
         return ObjectInfo(file_name, 0)
 
     async def list(self) -> list[ObjectInfo]:
-        """The snapshots held here, as the files that would make them."""
+        """The snapshots held here, as the files that would make them; those received from a
+        `.neon` file described by its manifest (what a pusher sends deltas on)."""
         snaps = await asyncio.to_thread(self.api.snapshot_list)
-        return [ObjectInfo(s.name + FILE_SUFFIX, s.size_bytes or 0) for s in snaps]
+        return [
+            ObjectInfo(
+                s.name + FILE_SUFFIX,
+                s.size_bytes or 0,
+                None if s.origin is None else json.loads(s.origin),
+            )
+            for s in snaps
+        ]
 
     async def receive(
         self, file_name: str, chunks: AsyncIterator[bytes], token: str | None
@@ -147,18 +168,51 @@ class Receiver:
         started = time.monotonic()
         await asyncio.to_thread(check_new_import, self.api, name)
         counted = _Counted(chunks)
+        label = f"the pushed {file_name}"
         with import_workdir(self.storage_path) as workdir:
             pgdata = workdir / "pgdata"
-            await unpack_snapshot_stream(counted.chunks(), f"the pushed {file_name}", pgdata)
+            manifest = await self._unpack(counted.chunks(), label, pgdata)
             if not is_clean_datadir(pgdata):
                 raise CorruptData(f"{file_name} does not hold a cleanly shut-down data directory")
             async with self._commit:
                 self.tokens.check(token)  # another push with it may have finished meanwhile
                 snap = await asyncio.to_thread(
-                    register_import, self.api, name, pgdata, self.storage_path
+                    register_import, self.api, name, pgdata, self.storage_path, _origin(manifest)
                 )
                 next_token = self.tokens.consume(token)
         return Received(snap, counted.bytes, time.monotonic() - started, next_token)
+
+    async def _unpack(self, chunks: AsyncIterator[bytes], label: str, pgdata: Path) -> Manifest:
+        """The pushed `.neon` file's data directory in `pgdata`: a whole file extracted, a
+        delta applied on its parent's data directory (a snapshot received here before)."""
+        head, first = await peek_manifest(chunks, label)
+        rest = chained(first, chunks)
+        parent = None if head is None else SnapshotIdentity.parent_of(head)
+        if head is None or parent is None:
+            return await unpack_snapshot_stream(rest, label, pgdata, head)
+        base = await self._held(parent)
+        if base is None:
+            raise missing_parent(label, parent, "this receiver")
+        request = BasebackupRequest(snapshot=base)
+        await asyncio.to_thread(basebackup_into, self.api, request, pgdata, show=False)
+        await apply_delta_stream(rest, label, pgdata, head)
+        return head
+
+    async def _held(self, wanted: SnapshotIdentity) -> str | None:
+        """The snapshot here that was received as `wanted`, if any."""
+        for snap in await asyncio.to_thread(self.api.snapshot_list):
+            if snap.origin is not None:
+                with contextlib.suppress(CorruptData):
+                    held = decode_manifest(snap.origin.encode())
+                    if SnapshotIdentity.of(held) == wanted:
+                        return snap.name
+        return None
+
+
+def _origin(manifest: Manifest) -> str:
+    """What the received snapshot is, as a whole snapshot's manifest (JSON)."""
+    whole = dataclasses.replace(manifest, parent=None, parent_lsn=None)
+    return encode_manifest(whole).decode()
 
 
 class _Counted:

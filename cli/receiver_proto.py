@@ -36,7 +36,10 @@ def _handlers(receiver: Receiver, on_received: Callable[[Received], None]) -> di
         return None if info is None else {"name": info.name, "size": info.size}
 
     async def list_(ctx: RequestContext) -> Any:
-        return [{"name": i.name, "size": i.size} for i in await receiver.list()]
+        return [
+            {"name": i.name, "size": i.size, "described": i.described}
+            for i in await receiver.list()
+        ]
 
     async def write(ctx: RequestContext) -> Any:
         name = _name(ctx)

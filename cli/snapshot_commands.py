@@ -158,10 +158,12 @@ def check_new_import(api: SyncPageserverClient, name: str) -> None:
 
 
 def register_import(
-    api: SyncPageserverClient, name: str, datadir: Path, storage_path: Path
-) -> SnapshotInfo:
-    """Have the pageserver take the cleanly shut-down `datadir` in as snapshot `name`."""
-    request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR))
+    api: SyncPageserverClient, name: str, datadir: Path, storage_path: Path,
+    origin: str | None = None,
+) -> SnapshotInfo:  # fmt: skip
+    """Have the pageserver take the cleanly shut-down `datadir` in as snapshot `name`
+    (`origin`: the manifest of the `.neon` file it came from)."""
+    request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR), origin)
     return api.snapshot_import(request)
 
 

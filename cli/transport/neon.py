@@ -115,9 +115,10 @@ def _info(value: Any, url: str) -> ObjectInfo:
         isinstance(value, dict)
         and isinstance(value.get("name"), str)
         and isinstance(value.get("size"), int)
+        and isinstance(value.get("described"), dict | None)
     ):
         raise ProtocolError(f"{url} described an object as {value!r:.80}")
-    return ObjectInfo(value["name"], value["size"])
+    return ObjectInfo(value["name"], value["size"], value.get("described"))
 
 
 class NeonWriter(QueuedUploadWriter):

@@ -217,3 +217,41 @@ def test_bad_arguments_are_one_line(homes: tuple[NeonCli, NeonCli]) -> None:
     error = sender.fail("snapshot", "push", "--to", url, SNAP)
     assert f"cannot connect to the snapshot receiver at 127.0.0.1:{port}" in error
     assert "zzsecretzz" not in error
+
+
+def test_a_receiver_gets_deltas_on_what_it_holds(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path
+) -> None:
+    """have/want over neon://: the receiver lists the snapshots it received by their
+    manifests, the pusher sends a delta on the newest it has; the receiver rebuilds the whole
+    snapshot from its own copy of the parent. A delta on a parent it lacks is refused."""
+    sender, receiver = homes
+    c = str(sender.json("pg", "show", "pgdata1")["connstr"])
+    psql(c, "UPDATE t SET v = 'changed' WHERE id <= 10")
+    sender.run("snapshot", "create", "pgdata1@snap2")
+    psql(c, "UPDATE t SET v = 'later' WHERE id <= 10")
+    with receiving(receiver) as recv:
+        whole = sender.json("snapshot", "push", "--to", recv.line(), SNAP)
+        assert whole["parent"] is None
+        delta_push = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@snap2")
+        assert delta_push["parent"] == SNAP
+        assert delta_push["bytes_sent"] < 0.05 * delta_push["snapshot_bytes"]
+        assert delta_push["bytes_sent"] < 0.2 * whole["bytes_sent"]
+        recv.line()
+        # The same delta sent to a receiver that lacks its parent: refused by name.
+        dest = tmp_path / "dir"
+        dest.mkdir()
+        sender.run("snapshot", "push", "--to", f"{dest}/", SNAP)
+        sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@snap2")
+        delta = (dest / "pgdata1@snap2.neon").read_bytes()
+        assert delta != b""
+    try:
+        assert dump(receiver, "pgdata1-snap2") == dump(sender, "pgdata1@snap2")
+        receiver.run("snapshot", "destroy", "pgdata1-snap1")  # the delta's parent is gone
+        refused = pytest.raises(NeonError, match="this receiver does not have; push the snapshot")
+        with receiving(receiver) as recv, refused:
+            write_object(recv.line(), "pgdata1@snap2b.neon", delta)
+    finally:
+        receiver.run("snapshot", "destroy", "pgdata1-snap1", check=False)
+        receiver.run("snapshot", "destroy", "pgdata1-snap2", check=False)
+        sender.run("snapshot", "destroy", "pgdata1@snap2")
