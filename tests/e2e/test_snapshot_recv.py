@@ -1,8 +1,10 @@
-"""`neon snapshot recv` and `push --to neon://` (and `recv --http`) between two homes on this
-machine, as the proposal's transcript runs them: the receiver prints a URL with a one-time
-token, the pusher pushes to it, the snapshot appears on the receiver and a node made from it
-dumps equal to the sender's snapshot; refused pushes (wrong, used or missing token, a taken
-name, a tampered, cut or abandoned stream) change nothing there."""
+"""Snapshots between two homes on this machine (two NEON_HOMEs, two pageservers): a round
+trip through every scheme (a file, ssh to a real sshd, a plain http server, s3 on moto,
+neon:// and http to `neon snapshot recv`) ends in a node on the receiving home whose pg_dump
+equals the sender's snapshot. `neon snapshot recv` as the proposal's transcript runs it: the
+receiver prints a URL with a one-time token, the pusher pushes to it; refused pushes (wrong,
+used or missing token, a taken name, a tampered, cut or abandoned stream) change nothing
+there; a receiver takes deltas on what it holds."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ import pytest
 
 from cli.transport import parse_location
 from proto.errors import AlreadyExists, AuthFailed, CorruptData, NeonError
+from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql
 from tests.pgtest import pg_reachable_tmpdir
+from tests.s3d import moto_s3
+from tests.sshd import ssh_server
 
 SNAP = "pgdata1@snap1"
 DUMP_KEY = "snapshotrecvtest"
@@ -49,14 +54,18 @@ def homes() -> Iterator[tuple[NeonCli, NeonCli]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def pg_dump(connstr: str) -> str:
+    proc = subprocess.run(
+        ["pg_dump", f"--restrict-key={DUMP_KEY}", "--no-owner", "-d", connstr],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return proc.stdout
+
+
 def dump(neon: NeonCli, snapshot: str) -> str:
     ro = neon.run("snapshot", "start", snapshot).stdout.strip()
     try:
-        proc = subprocess.run(
-            ["pg_dump", f"--restrict-key={DUMP_KEY}", "--no-owner", "-d", ro],
-            capture_output=True, text=True, timeout=120, check=True,
-        )  # fmt: skip
-        return proc.stdout
+        return pg_dump(ro)
     finally:
         neon.run("snapshot", "stop", snapshot)
 
@@ -93,6 +102,46 @@ def receiving(neon: NeonCli, *args: str) -> Iterator[Recv]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def with_env(neon: NeonCli, env: dict[str, str]) -> NeonCli:
+    return NeonCli(neon.home, {**neon.env_extra, **env})
+
+
+@pytest.mark.parametrize("scheme", ["file", "ssh", "http", "s3", "neon", "recv-http"])
+def test_round_trip_between_two_homes(
+    homes: tuple[NeonCli, NeonCli], reference: str, scheme: str, tmp_path: Path
+) -> None:
+    """push from A; pull into B (or B receives); `pg create --snapshot` on B: pg_dump equal."""
+    sender, receiver = homes
+    name = f"rt-{scheme}"
+    with contextlib.ExitStack() as stack:
+        if scheme in ("neon", "recv-http"):
+            flags = ("--http",) if scheme == "recv-http" else ()
+            recv = stack.enter_context(receiving(receiver, name, "--once", *flags))
+            sender.run("snapshot", "push", "--to", recv.line(), SNAP)
+            assert recv.proc.wait(timeout=60) == 0
+        else:
+            if scheme == "file":
+                url = f"file://{tmp_path}/x.neon"
+            elif scheme == "ssh":
+                sshd = stack.enter_context(ssh_server())
+                sender, receiver = with_env(sender, sshd.env()), with_env(receiver, sshd.env())
+                url = sshd.url(f"{tmp_path}/x.neon")
+            elif scheme == "http":
+                url = stack.enter_context(file_server(tmp_path)).url("x.neon")
+            else:
+                s3 = stack.enter_context(moto_s3())
+                url = f"s3://{s3.new_bucket()}/team/x.neon"
+                sender, receiver = with_env(sender, s3.env()), with_env(receiver, s3.env())
+            sender.run("snapshot", "push", "--to", url, SNAP)
+            receiver.run("snapshot", "pull", "--from", url, name)
+        receiver.run("pg", "create", "--snapshot", name, "--port", str(free_port()))
+    try:
+        assert pg_dump(str(receiver.json("pg", "show", "pgdata1")["connstr"])) == reference
+    finally:
+        receiver.run("pg", "destroy", "--yes", "pgdata1")
+        receiver.run("snapshot", "destroy", name)
 
 
 def snapshots(neon: NeonCli) -> list[str]:
