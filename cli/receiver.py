@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import secrets
 import time
@@ -35,14 +34,14 @@ from cli.snapshot_file_source import (
     peek_manifest,
     unpack_snapshot_stream,
 )
-from cli.snapshot_import import import_workdir, is_clean_datadir
+from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
 from cli.transport.base import ObjectInfo, check_object_name
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import BasebackupRequest, SnapshotInfo, SnapshotShowRequest
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import Manifest, decode_manifest, encode_manifest
+from snapfile.manifest import Manifest, decode_manifest
 
 FILE_SUFFIX = ".neon"
 
@@ -177,7 +176,7 @@ class Receiver:
             async with self._commit:
                 self.tokens.check(token)  # another push with it may have finished meanwhile
                 snap = await asyncio.to_thread(
-                    register_import, self.api, name, pgdata, self.storage_path, _origin(manifest)
+                    register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
                 )
                 next_token = self.tokens.consume(token)
         return Received(snap, counted.bytes, time.monotonic() - started, next_token)
@@ -207,12 +206,6 @@ class Receiver:
                     if SnapshotIdentity.of(held) == wanted:
                         return snap.name
         return None
-
-
-def _origin(manifest: Manifest) -> str:
-    """What the received snapshot is, as a whole snapshot's manifest (JSON)."""
-    whole = dataclasses.replace(manifest, parent=None, parent_lsn=None)
-    return encode_manifest(whole).decode()
 
 
 class _Counted:

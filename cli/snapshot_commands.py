@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import struct
@@ -119,10 +120,10 @@ def import_snapshot(
     storage_path = import_target(app, name, storage)
     try:
         with import_workdir(storage_path) as workdir:
-            datadir = prepare_clean_datadir(
+            clean = prepare_clean_datadir(
                 source, storage_path, workdir, progress, tablespace_mapping
             )
-            return register_import(local_api(app), name, datadir, storage_path)
+            return register_import(local_api(app), name, clean.path, storage_path, clean.origin)
     finally:
         progress.close()
 
@@ -199,6 +200,14 @@ def _rows(app: App) -> list[dict[str, Any]]:
     return rows
 
 
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A listing row for --json: the LSN also as text, an origin manifest as an object."""
+    shown = {**row, "lsn_text": format_lsn(row["lsn"])}
+    if row.get("origin") is not None:
+        shown["origin"] = json.loads(row["origin"])
+    return shown
+
+
 @snapshot_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -207,7 +216,7 @@ def snapshot_list(ctx: click.Context, as_json: bool) -> None:
     app = get_app(ctx)
     rows = _rows(app)
     if as_json:
-        print_json([{**r, "lsn_text": format_lsn(r["lsn"])} for r in rows])
+        print_json([_json_row(r) for r in rows])
         return
     print_table(
         ("ID", "SIZE", "PARENT"),

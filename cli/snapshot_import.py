@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
+from snapfile.manifest import Manifest, encode_manifest
 from walreceiver.base_backup import (
     BackupArchive,
     BaseBackupOptions,
@@ -380,24 +382,38 @@ async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progre
     cut_wal_after(pgdata, result.end_lsn, result.end_timeline)
 
 
+def origin_of(manifest: Manifest) -> str:
+    """What a snapshot imported from a `.neon` file is (Snapshot.origin): the file's manifest
+    as a whole snapshot's (JSON), whether the file was whole or a delta."""
+    whole = dataclasses.replace(manifest, parent=None, parent_lsn=None)
+    return encode_manifest(whole).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class CleanDatadir:
+    path: Path
+    origin: str | None = None
+    """For a `.neon` source: `origin_of` its manifest."""
+
+
 def prepare_clean_datadir(
     source: str,
     storage_path: Path,
     workdir: Path,
     progress: Progress,
     mappings: Mapping[str, str] | None = None,
-) -> Path:
+) -> CleanDatadir:
     """The cleanly shut-down data directory to import for `source`: the source itself when
     it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`."""
     pgdata = workdir / "pgdata"
     mappings = mappings or {}
     if is_url_source(source) or is_snapshot_file(Path(source)):
         check_mapped(mappings, (), f"{source} (a .neon file has its tablespaces in place)")
-        asyncio.run(unpack_snapshot_file(source, pgdata, progress))
+        manifest = asyncio.run(unpack_snapshot_file(source, pgdata, progress))
         progress.close()
         if not is_clean_datadir(pgdata):
             raise CorruptData(f"{source} does not hold a cleanly shut-down data directory")
-        return pgdata
+        return CleanDatadir(pgdata, origin_of(manifest))
     if source.startswith(f"{SCHEME}:"):
         asyncio.run(fetch_base_backup(parse_server_url(source), pgdata, progress))
         end_lsn = None
@@ -407,10 +423,10 @@ def prepare_clean_datadir(
         if path.is_dir() and is_clean_datadir(path):
             check_tablespace_links(path, mappings)
             if not mappings:
-                return path
+                return CleanDatadir(path)
             copy_plain_backup(path, pgdata, mappings)
             remap_tablespace_locations(pgdata, mappings)
-            return pgdata
+            return CleanDatadir(pgdata)
         if path.is_dir() and _archive(path, "base") is not None:
             unpack_tar_backup(path, pgdata, progress)
         elif path.is_file() and path.name.startswith("base.tar"):
@@ -444,7 +460,7 @@ def prepare_clean_datadir(
     write_tablespace_locations(
         pgdata, {oid: mapped(mappings, loc) for oid, loc in locations.items()}
     )
-    return pgdata
+    return CleanDatadir(pgdata)
 
 
 def remap_tablespace_locations(pgdata: Path, mappings: Mapping[str, str]) -> None:

@@ -137,6 +137,10 @@ def test_round_trip_between_two_homes(
             sender.run("snapshot", "push", "--to", url, SNAP)
             receiver.run("snapshot", "pull", "--from", url, name)
         receiver.run("pg", "create", "--snapshot", name, "--port", str(free_port()))
+    # Which snapshot it is travels with it: the sender's name and LSN (deltas go on it).
+    [origin] = [s["origin"] for s in receiver.json("snapshot", "list") if s["name"] == name]
+    [sent] = [s for s in sender.json("snapshot", "list") if s["name"] == SNAP]
+    assert (origin["source"], origin["lsn"], origin["parent"]) == (SNAP, sent["lsn_text"], None)
     try:
         assert pg_dump(str(receiver.json("pg", "show", "pgdata1")["connstr"])) == reference
     finally:
