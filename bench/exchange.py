@@ -44,13 +44,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import pstats
 import random
 import select
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -77,6 +77,7 @@ from bench.import_export import (
     neon_cmd,
     restart_pageserver,
     run_timed,
+    stop_child,
     vm_hwm_kib,
 )
 from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
@@ -227,8 +228,8 @@ class NeonPlace(Place):
     def __init__(self, root: Path, receiver: NeonCli, uses: list[ReceiverUse]) -> None:
         self.root, self.receiver, self.uses, self.env = root, receiver, uses, {}
         root.mkdir()
-        self.recv: subprocess.Popen[str] | None = None
-        self.sink: subprocess.Popen[str] | None = None
+        self.recv: subprocess.Popen[bytes] | None = None
+        self.sink: subprocess.Popen[bytes] | None = None
         self.daemon: Daemon | None = None
 
     def push_url(self) -> str:
@@ -236,14 +237,16 @@ class NeonPlace(Place):
         if self.recv is None:
             self.daemon = restart_pageserver(self.receiver)
             self.recv = subprocess.Popen(
-                [NEON, "snapshot", "recv"], env=self.receiver.env(), text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                [NEON, "snapshot", "recv"],
+                env=self.receiver.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # a refused push: the pusher says why
+            )
         return read_line(self.recv, "neon snapshot recv")
 
     def ref_sink(self) -> list[Cmd]:
         self.sink = subprocess.Popen(
-            [*PIPE_ENDS, "tcp-sink", str(self.root / REF_FILE)], text=True, stdout=subprocess.PIPE
+            [*PIPE_ENDS, "tcp-sink", str(self.root / REF_FILE)], stdout=subprocess.PIPE
         )
         port = read_line(self.sink, "the TCP sink")
         return [([*PIPE_ENDS, "tcp-send", port], {})]
@@ -253,33 +256,22 @@ class NeonPlace(Place):
             hwm = vm_hwm_kib(self.recv.pid)
             assert self.daemon is not None
             self.uses.append(ReceiverUse(hwm, daemon_use(self.daemon)))
-            stop(self.recv)
+            stop_child(self.recv)
             for snap in self.receiver.json("snapshot", "list"):
                 self.receiver.run("snapshot", "destroy", snap["name"])
         if self.sink is not None:
-            stop(self.sink)
+            stop_child(self.sink)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def read_line(proc: subprocess.Popen[str], what: str, timeout: float = 60) -> str:
+def read_line(proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> str:
     """The next line `proc` prints on stdout."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().strip() if ready else ""
+    line = proc.stdout.readline().decode().strip() if ready else ""
     if not line:
         raise RuntimeError(f"{what} printed nothing (exit {proc.poll()})")
     return line
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM by its PID, SIGKILL if it is still there after 30 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -329,12 +321,12 @@ class Bench:
             [pg_binary("pgbench"), "-i", "-q", "-s", str(scale), self.connstr],
             check=True, capture_output=True, timeout=7200,
         )  # fmt: skip
-        self.sender.run("snapshot", "create", SNAP1, timeout=600)
+        self.sender.run("snapshot", "create", SNAP1, timeout=3600)
         changed = round(scale * ACCOUNTS_PER_SCALE * CHANGED_SHARE)
         say(f"UPDATE of {changed} accounts (aid <= {changed}), then {SNAP2}")
         psql(self.connstr, f"UPDATE pgbench_accounts SET abalance = abalance + 1 "
                            f"WHERE aid <= {changed}", timeout=3600)  # fmt: skip
-        self.sender.run("snapshot", "create", SNAP2, timeout=600)
+        self.sender.run("snapshot", "create", SNAP2, timeout=3600)
 
     def home(self, neon: NeonCli, place: Place, tag: str) -> NeonCli:
         """`neon` with the place's environment (and the profile's tag for this step)."""
@@ -424,6 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sender, receiver = NeonCli(base / "sender", extra), NeonCli(base / "receiver", extra)
     transports = [Transport(name) for name in ("file", "ssh", "s3", "neon")]
     orders: dict[str, list[str]] = {}
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: no request log
     try:
         with ssh_server() as sshd, moto_s3() as s3:
             bench = Bench(base, sender, receiver, args.profile)
@@ -561,7 +554,7 @@ class Report:
         )
         print_table(
             ["", "ours", "reference", "ratio", "goal", "met", "ours MiB/s", "ref MiB/s",
-             "sent MiB", "CLI RSS MiB", "pageserver RSS MiB"],
+             "moved MiB", "CLI RSS MiB", "pageserver RSS MiB"],
             self.rows,
         )  # fmt: skip
 
