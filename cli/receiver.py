@@ -26,6 +26,7 @@ from pathlib import Path
 from cli.context import App
 from cli.extract import basebackup_into
 from cli.pageserver_control import local_api
+from cli.progress import Progress
 from cli.snapshot_commands import check_new_import, native_storage_path, register_import
 from cli.snapshot_file_source import (
     apply_delta_stream,
@@ -100,10 +101,12 @@ class Receiver:
 
     def __init__(
         self, app: App, storage: str, name: str | None, tokens: OneTimeTokens,
-        on_refused: Callable[[str], None] = lambda reason: None,
+        on_refused: Callable[[str], None] = lambda reason: None, show_progress: bool = False,
     ) -> None:  # fmt: skip
         self.name, self.tokens = name, tokens
         self.on_refused = on_refused
+        self.show_progress = show_progress
+        """A transient bar (bytes, rate) on stderr while a snapshot arrives."""
         # Resolved here, on the CLI's thread: the registry's SQLite connection is not shared
         # with the worker threads the pageserver calls run on.
         self.storage_path = native_storage_path(app, storage)
@@ -166,9 +169,10 @@ class Receiver:
         name = self.snapshot_name(file_name)
         started = time.monotonic()
         await asyncio.to_thread(check_new_import, self.api, name)
-        counted = _Counted(chunks)
+        progress = Progress(self.show_progress, f"Receiving {file_name}", transient=True)
+        counted = _Counted(chunks, progress)
         label = f"the pushed {file_name}"
-        with import_workdir(self.storage_path) as workdir:
+        with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
             pgdata = workdir / "pgdata"
             manifest = await self._unpack(counted.chunks(), label, pgdata)
             if not is_clean_datadir(pgdata):
@@ -209,13 +213,15 @@ class Receiver:
 
 
 class _Counted:
-    """The stream's chunks (`chunks()`), counting the bytes."""
+    """The stream's chunks (`chunks()`), counting the bytes (shown by `progress`)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], progress: Progress) -> None:
         self._source = chunks
+        self._progress = progress
         self.bytes = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
         async for chunk in self._source:
             self.bytes += len(chunk)
+            self._progress.update(self.bytes, None)
             yield chunk

@@ -57,7 +57,10 @@ def snapshot_recv(
     app = get_app(ctx)
     if name is not None:
         check_import_name(name)
-    receiver = Receiver(app, storage, name, OneTimeTokens(), on_refused=_refused)
+    receiver = Receiver(
+        app, storage, name, OneTimeTokens(), on_refused=_refused,
+        show_progress=not as_json and sys.stderr.isatty(),
+    )  # fmt: skip
     stopped_by = asyncio.run(_serve(receiver, address, port, once, use_http, as_json))
     if stopped_by == signal.SIGINT:
         ctx.exit(130)

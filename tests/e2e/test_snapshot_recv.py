@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import pty
 import re
 import select
 import shutil
@@ -308,3 +310,31 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
         receiver.run("snapshot", "destroy", "pgdata1-snap1", check=False)
         receiver.run("snapshot", "destroy", "pgdata1-snap2", check=False)
         sender.run("snapshot", "destroy", "pgdata1@snap2")
+
+
+def test_progress_on_a_tty_only(homes: tuple[NeonCli, NeonCli]) -> None:
+    """A transient bar (bytes, rate) while a snapshot arrives, on a terminal; none with
+    --json or without a terminal (the other tests read recv's stderr through a pipe)."""
+    sender, receiver = homes
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [NEON, "snapshot", "recv", "--once", "tty"], env=receiver.env(), text=True,
+        stdout=subprocess.PIPE, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        recv = Recv(proc)
+        sender.run("snapshot", "push", "--to", recv.line(), SNAP)
+        assert proc.wait(timeout=60) == 0
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+            while chunk := os.read(master, 4096):
+                shown += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        receiver.run("snapshot", "destroy", "tty", check=False)
+    text = shown.decode(errors="replace")
+    assert "Receiving pgdata1@snap1.neon" in text and "B/s" in text, text
+    assert "Received snapshot tty" in text
