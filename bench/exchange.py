@@ -252,16 +252,15 @@ class NeonPlace(Place):
         return [([*PIPE_ENDS, "tcp-send", port], {})]
 
     def close(self) -> None:
+        if self.recv is not None and self.daemon is not None:
+            self.uses.append(ReceiverUse(vm_hwm_kib(self.recv.pid), daemon_use(self.daemon)))
+        for proc in (self.recv, self.sink):
+            if proc is not None:
+                stop_child(proc)
+        shutil.rmtree(self.root, ignore_errors=True)
         if self.recv is not None:
-            hwm = vm_hwm_kib(self.recv.pid)
-            assert self.daemon is not None
-            self.uses.append(ReceiverUse(hwm, daemon_use(self.daemon)))
-            stop_child(self.recv)
             for snap in self.receiver.json("snapshot", "list"):
                 self.receiver.run("snapshot", "destroy", snap["name"])
-        if self.sink is not None:
-            stop_child(self.sink)
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def read_line(proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> str:
@@ -306,8 +305,8 @@ def best_wall(runs: list[Ours] | list[Timed]) -> float:
 class Bench:
     """The two homes, the node's snapshots and the commands run on them."""
 
-    def __init__(self, base: Path, sender: NeonCli, receiver: NeonCli, profile: Path | None):
-        self.base, self.sender, self.receiver, self.profile = base, sender, receiver, profile
+    def __init__(self, base: Path, sender: NeonCli, receiver: NeonCli) -> None:
+        self.sender, self.receiver = sender, receiver
         self.work = base / "places"
         make_pg_dir(self.work, 0o711)  # pg_basebackup runs as PostgreSQL's OS user
         self.connstr = ""
@@ -364,6 +363,8 @@ class Bench:
         try:
             tar = ["tar", "-x", "-f", "-", "-C", str(target)]
             run = timed(*place.ref_source(), (["zstd", "-q", "-d", "-c"], {}), (tar, {}))
+            if not (target / "PG_VERSION").is_file():
+                raise RuntimeError(f"the reference pull made no data directory in {target}")
         finally:
             shutil.rmtree(target, ignore_errors=True)
         say(f"  reference pull: {run.wall:.2f} s")
@@ -419,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: no request log
     try:
         with ssh_server() as sshd, moto_s3() as s3:
-            bench = Bench(base, sender, receiver, args.profile)
+            bench = Bench(base, sender, receiver)
             bench.make_snapshots(args.scale)
             receiver.run("pageserver", "start")
             bucket = s3.new_bucket()
