@@ -590,6 +590,12 @@ class LayerFileWriter:
         The key range is given at the end because a compaction output learns where it stops
         only when it stops; it must hold every key added.
         """
+        self.seal(key_range)
+        return self.publish(file_name)
+
+    def seal(self, key_range: KeyRange) -> None:
+        """Write the index and header: the file is complete, not yet durable nor visible
+        (`publish` does that, possibly on another thread while the next layer is written)."""
         try:
             first, last = self.first_key, self.last_key
             if first is not None and (first not in key_range or last not in key_range):
@@ -614,6 +620,13 @@ class LayerFileWriter:
             self._file.seek(0)
             self._file.write(header.pack())
             self._file.flush()
+        except BaseException:
+            self.abort()
+            raise
+
+    def publish(self, file_name: str) -> Path:
+        """fsync the sealed file, rename it to `file_name`, fsync the directory; its path."""
+        try:
             os.fsync(self._file.fileno())
             self._file.close()
             path = self._dir / file_name
