@@ -242,7 +242,7 @@ async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) ->
     return head
 
 
-def _expect(label: str, expected: Manifest | None) -> Callable[[Manifest], None]:
+def expect_manifest(label: str, expected: Manifest | None) -> Callable[[Manifest], None]:
     def check(manifest: Manifest) -> None:
         if expected is not None and manifest != expected:
             raise CorruptData(f"{label} changed while it was read (its manifest differs)")
@@ -250,7 +250,7 @@ def _expect(label: str, expected: Manifest | None) -> Callable[[Manifest], None]
     return check
 
 
-def _check_control(pgdata: Path, manifest: Manifest, label: str) -> None:
+def check_control(pgdata: Path, manifest: Manifest, label: str) -> None:
     control = read_control_file(pgdata)
     if control.system_identifier != manifest.system_identifier:
         raise CorruptData(
@@ -266,12 +266,12 @@ async def apply_delta_stream(
     its head before) to its parent's data directory `pgdata`."""
     applier = DeltaApplier(pgdata)
     try:
-        async for data in verified_tar(chunks, label, _expect(label, expected)):
+        async for data in verified_tar(chunks, label, expect_manifest(label, expected)):
             await asyncio.to_thread(applier.feed, data)
         await asyncio.to_thread(applier.finish)
     finally:
         applier.close()
-    _check_control(pgdata, expected, label)
+    check_control(pgdata, expected, label)
 
 
 async def unpack_snapshot_stream(
@@ -281,7 +281,7 @@ async def unpack_snapshot_stream(
     `pgdata`; return its manifest, once the whole file checked out (the one `expected`, when
     its head was read before)."""
     seen: list[Manifest] = []
-    expect = _expect(label, expected)
+    expect = expect_manifest(label, expected)
 
     def on_manifest(manifest: Manifest) -> None:
         expect(manifest)
@@ -290,5 +290,5 @@ async def unpack_snapshot_stream(
 
     await extract_stream(verified_tar(chunks, label, on_manifest), pgdata)
     [manifest] = seen
-    _check_control(pgdata, manifest, label)
+    check_control(pgdata, manifest, label)
     return manifest
