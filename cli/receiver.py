@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
@@ -24,25 +25,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.context import App
-from cli.extract import basebackup_into
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.snapshot_commands import check_new_import, native_storage_path, register_import
 from cli.snapshot_file_source import (
-    apply_delta_stream,
     chained,
+    check_control,
+    expect_manifest,
     missing_parent,
     peek_manifest,
     unpack_snapshot_stream,
+    verified_tar,
 )
 from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
 from cli.transport.base import ObjectInfo, check_object_name
+from cli.untar import extract_stream
 from pageserver.history.snapshots import import_name_from
-from pageserver_api.models import BasebackupRequest, SnapshotInfo, SnapshotShowRequest
+from pageserver_api.models import SnapshotImportDeltaRequest, SnapshotInfo, SnapshotShowRequest
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import Manifest, decode_manifest
+from snapfile.manifest import decode_manifest
 
 FILE_SUFFIX = ".neon"
 
@@ -173,33 +176,38 @@ class Receiver:
         counted = _Counted(chunks, progress)
         label = f"the pushed {file_name}"
         with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
-            pgdata = workdir / "pgdata"
-            manifest = await self._unpack(counted.chunks(), label, pgdata)
-            if not is_clean_datadir(pgdata):
-                raise CorruptData(f"{file_name} does not hold a cleanly shut-down data directory")
+            register = await self._unpack(counted.chunks(), label, name, workdir)
             async with self._commit:
                 self.tokens.check(token)  # another push with it may have finished meanwhile
-                snap = await asyncio.to_thread(
-                    register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
-                )
+                snap = await asyncio.to_thread(register)
                 next_token = self.tokens.consume(token)
         return Received(snap, counted.bytes, time.monotonic() - started, next_token)
 
-    async def _unpack(self, chunks: AsyncIterator[bytes], label: str, pgdata: Path) -> Manifest:
-        """The pushed `.neon` file's data directory in `pgdata`: a whole file extracted, a
-        delta applied on its parent's data directory (a snapshot received here before)."""
+    async def _unpack(
+        self, chunks: AsyncIterator[bytes], label: str, name: str, workdir: Path
+    ) -> Callable[[], SnapshotInfo]:
+        """Extract the pushed `.neon` file into `workdir`; return what imports it as `name`.
+        A whole file is a data directory to import; a delta on a snapshot received here
+        before is imported on a branch of it, writing only what changed."""
         head, first = await peek_manifest(chunks, label)
         rest = chained(first, chunks)
         parent = None if head is None else SnapshotIdentity.parent_of(head)
         if head is None or parent is None:
-            return await unpack_snapshot_stream(rest, label, pgdata, head)
+            pgdata = workdir / "pgdata"
+            manifest = await unpack_snapshot_stream(rest, label, pgdata, head)
+            if not is_clean_datadir(pgdata):
+                raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
+            return functools.partial(
+                register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
+            )
         base = await self._held(parent)
         if base is None:
             raise missing_parent(label, parent, "this receiver")
-        request = BasebackupRequest(snapshot=base)
-        await asyncio.to_thread(basebackup_into, self.api, request, pgdata, show=False)
-        await apply_delta_stream(rest, label, pgdata, head)
-        return head
+        members = workdir / "delta"
+        await extract_stream(verified_tar(rest, label, expect_manifest(label, head)), members)
+        check_control(members, head, label)
+        request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
+        return functools.partial(self.api.snapshot_import_delta, request)
 
     async def _held(self, wanted: SnapshotIdentity) -> str | None:
         """The snapshot here that was received as `wanted`, if any."""

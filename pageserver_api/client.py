@@ -50,6 +50,7 @@ from pageserver_api.models import (
     SnapshotDestroyRequest,
     SnapshotDiffRequest,
     SnapshotDiffResponse,
+    SnapshotImportDeltaRequest,
     SnapshotImportRequest,
     SnapshotInfo,
     SnapshotListRequest,
@@ -141,6 +142,9 @@ class PageserverClient:
         return await self._call(request, SnapshotInfo)
 
     async def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
+        return await self._call(request, SnapshotInfo)
+
+    async def snapshot_import_delta(self, request: SnapshotImportDeltaRequest) -> SnapshotInfo:
         return await self._call(request, SnapshotInfo)
 
     async def snapshot_diff(self, request: SnapshotDiffRequest) -> SnapshotDiffResponse:
@@ -269,6 +273,9 @@ class SyncPageserverClient:
 
     def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
         return self.run(lambda c: c.snapshot_import(request))
+
+    def snapshot_import_delta(self, request: SnapshotImportDeltaRequest) -> SnapshotInfo:
+        return self.run(lambda c: c.snapshot_import_delta(request))
 
     def snapshot_diff(self, request: SnapshotDiffRequest) -> SnapshotDiffResponse:
         return self.run(lambda c: c.snapshot_diff(request))

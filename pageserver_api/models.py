@@ -626,6 +626,19 @@ class SnapshotImportRequest(ApiRequest):
     """The manifest (JSON) of the `.neon` file the directory came from, if it did."""
 
 
+@method("snapshot.import_delta", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotImportDeltaRequest(ApiRequest):
+    """Import a delta `.neon` file's tar, extracted as it is at `datadir`, as snapshot `name`
+    on a branch of snapshot `parent` (in its storage): only what changed is written."""
+
+    name: str
+    datadir: str
+    parent: str
+    origin: str
+    """The manifest (JSON) of the snapshot the delta makes, as a whole snapshot's."""
+
+
 @dataclass(frozen=True, slots=True)
 class BranchResponse(ApiResponse):
     """The node's new state; its WAL decoding starts at `decode_from`."""

@@ -119,6 +119,14 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         )
         return m.SnapshotInfo(**asdict(snap))
 
+    async def snapshot_import_delta(
+        ctx: RequestContext, req: m.SnapshotImportDeltaRequest
+    ) -> m.SnapshotInfo:
+        snap = await ps.import_delta_snapshot(
+            req.name, Path(req.datadir), req.parent, req.origin, lambda: ctx.client_left
+        )
+        return m.SnapshotInfo(**asdict(snap))
+
     async def snapshot_show(ctx: RequestContext, req: m.SnapshotShowRequest) -> m.SnapshotInfo:
         _history, snap = ps.find_snapshot(req.name)
         return m.SnapshotInfo(**asdict(snap))
@@ -254,6 +262,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.SnapshotDestroyRequest: snapshot_destroy,
         m.SnapshotShowRequest: snapshot_show,
         m.SnapshotImportRequest: snapshot_import,
+        m.SnapshotImportDeltaRequest: snapshot_import_delta,
         m.SnapshotDiffRequest: snapshot_diff,
         m.NodeBranchRequest: node_branch,
         m.BasebackupRequest: basebackup,

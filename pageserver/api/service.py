@@ -29,6 +29,7 @@ from pageserver.history.pitr import PitrArea, new_area
 from pageserver.history.pitr_extract import area_retention, extraction_lsn
 from pageserver.history.snapshot_diff import DifferentHistories, DiffStat, ReadPoint, diff_stat
 from pageserver.history.snapshots import (
+    IMPORTED_NODE_ID,
     Snapshot,
     check_import_name,
     check_user_tag,
@@ -36,6 +37,7 @@ from pageserver.history.snapshots import (
     split_snapshot_name,
 )
 from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.import_delta import import_delta
 from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
 from pageserver.storage.gc import DEFAULT_GC_SETTINGS
@@ -272,6 +274,28 @@ class Pageserver:
             history.timelines.complete_import(timeline.timeline_id)
             self.imported_roots.remember(store_dir)
             return name_imported_snapshot(history, name, timeline.timeline_id, lsn, origin)
+        except BaseException:
+            await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
+            raise
+
+    async def import_delta_snapshot(
+        self, name: str, datadir: Path, parent: str, origin: str, abandoned: Callable[[], bool]
+    ) -> Snapshot:
+        """Import a delta's extracted tar as snapshot `name` on a new branch of snapshot
+        `parent` (pageserver/ingest/import_delta.py); on any failure, or if the caller is gone
+        by the end, the branch is deleted and no snapshot appears."""
+        check_import_name(name)
+        self._check_name_free(name)
+        history, base = self.find_snapshot(parent)
+        timeline = await asyncio.to_thread(history.timelines.branch, base.timeline_id, base.lsn)
+        try:
+            lsn = await asyncio.to_thread(import_delta, timeline, datadir)
+            await asyncio.to_thread(timeline.freeze_and_flush)
+            if abandoned():
+                raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
+            self._check_name_free(name)
+            snap = new_snapshot(name, IMPORTED_NODE_ID, timeline.timeline_id, lsn, origin=origin)
+            return history.snapshots.add(snap)
         except BaseException:
             await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
             raise

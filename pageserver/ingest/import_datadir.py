@@ -29,8 +29,9 @@ What is imported (value formats: `pageserver.reconstruct.value_format`):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol, cast
 
 from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
 from pageserver.reconstruct.value_format import (
@@ -47,6 +48,7 @@ from pageserver.storage.keys import (
     NODE_METADATA_KEY,
     TABLESPACE_MAP_KEY,
     TWOPHASE_DIR_KEY,
+    Key,
     SlruKind,
     rel_block_key,
     rel_dir_key,
@@ -184,28 +186,19 @@ def _pages(path: Path) -> Iterator[tuple[int, bytes]]:
             blkno += 1
 
 
-def _import_database(writer: ImageRunWriter, directory: Path, spc: int, db: int) -> None:
-    rels = _relation_files(directory)
+def _import_database(
+    writer: ImageSink, directory: Path, spc: int, db: int, forks: ForkFiles
+) -> None:
+    rels = forks.find(directory)
     relmap = directory / "pg_filenode.map"
     if relmap.exists():
         writer.add(relmap_file_key(spc, db), relmap.read_bytes())
     writer.add(rel_dir_key(spc, db), encode_pairs(rels))
-    for (rel, fork), segments in sorted(rels.items()):
-        segments.sort()
-        nblocks = 0
-        for segno, path in segments:
-            size = path.stat().st_size
-            if not size:
-                continue  # mdtruncate leaves inactive segments as empty files
-            if segno * RELSEG_SIZE != nblocks:
-                raise CorruptData(f"{path}: an earlier segment of this relation is incomplete")
-            for blkno, page in _pages(path):
-                writer.add(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
-            nblocks = segno * RELSEG_SIZE + size // BLCKSZ
-        writer.add(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
+    for (rel, fork), found in sorted(rels.items()):
+        forks.add_fork(writer, spc, db, rel, fork, found)
 
 
-def _import_slru(writer: ImageRunWriter, datadir: Path, kind: SlruKind) -> None:
+def _import_slru(writer: ImageSink, datadir: Path, kind: SlruKind) -> None:
     directory = datadir / kind.directory
     segments: dict[int, Path] = {}
     if directory.is_dir():
@@ -253,7 +246,7 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
     # writer holds about one layer's index whatever the directory's size.
     writer = ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache)
     try:
-        _import_all(writer, datadir, control, lsn)
+        add_datadir_values(writer, datadir, control, lsn)
         layers = writer.finish()
     except BaseException:
         writer.abort()
@@ -263,11 +256,60 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
     return lsn
 
 
-def _import_all(writer: ImageRunWriter, datadir: Path, control: ControlFile, lsn: int) -> None:
+class ImageSink(Protocol):
+    """Where imported values go: an image run (a whole import, keys ascending) or the puts of
+    a delta onto a branch (pageserver/ingest/import_delta.py)."""
+
+    def add(self, key: Key, data: bytes) -> None: ...
+
+
+class ForkFiles(Protocol):
+    """How a database directory's relation forks are found and imported."""
+
+    def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
+        """(relnode, fork) -> what `add_fork` needs, for each fork of the directory."""
+        ...
+
+    def add_fork(
+        self, sink: ImageSink, spc: int, db: int, rel: int, fork: int, found: object
+    ) -> None: ...
+
+
+class _WholeFiles:
+    """A data directory's own segment files: every not-all-zero page, and the size."""
+
+    def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
+        return _relation_files(directory)
+
+    def add_fork(
+        self, sink: ImageSink, spc: int, db: int, rel: int, fork: int, found: object
+    ) -> None:
+        segments = sorted(cast(list[tuple[int, Path]], found))
+        nblocks = 0
+        for segno, path in segments:
+            size = path.stat().st_size
+            if not size:
+                continue  # mdtruncate leaves inactive segments as empty files
+            if segno * RELSEG_SIZE != nblocks:
+                raise CorruptData(f"{path}: an earlier segment of this relation is incomplete")
+            for blkno, page in _pages(path):
+                sink.add(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
+            nblocks = segno * RELSEG_SIZE + size // BLCKSZ
+        sink.add(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
+
+
+WHOLE_FILES: ForkFiles = _WholeFiles()
+
+
+def add_datadir_values(
+    writer: ImageSink, datadir: Path, control: ControlFile, lsn: int,
+    forks: ForkFiles = WHOLE_FILES,
+) -> None:  # fmt: skip
+    """Every value of the directory (see the module docstring), relation forks by `forks`."""
     databases = sorted(_databases(datadir), key=lambda d: (d[0], d[1]))
     writer.add(DB_DIR_KEY, encode_pairs([(spc, db) for spc, db, _path in databases]))
     for spc, db, path in databases:
-        _import_database(writer, path, spc, db)
+        _import_database(writer, path, spc, db, forks)
 
     for kind in sorted(SlruKind):
         _import_slru(writer, datadir, kind)

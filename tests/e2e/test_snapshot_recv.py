@@ -274,42 +274,66 @@ def test_bad_arguments_are_one_line(homes: tuple[NeonCli, NeonCli]) -> None:
     assert "zzsecretzz" not in error
 
 
+def history_bytes(neon: NeonCli) -> int:
+    return sum(p.stat().st_size for p in (neon.home / "storage").rglob("*") if p.is_file())
+
+
 def test_a_receiver_gets_deltas_on_what_it_holds(
     homes: tuple[NeonCli, NeonCli], tmp_path: Path
 ) -> None:
     """have/want over neon://: the receiver lists the snapshots it received by their
-    manifests, the pusher sends a delta on the newest it has; the receiver rebuilds the whole
-    snapshot from its own copy of the parent. A delta on a parent it lacks is refused."""
+    manifests, the pusher sends a delta on the newest it has, and the receiver puts it on a
+    branch of its copy of the parent: it writes about the delta's size, not the snapshot's.
+    Between the two: rows changed, a table dropped, one created, one truncated, one
+    rewritten by VACUUM FULL, a database created. A delta on a parent it lacks is refused."""
     sender, receiver = homes
     c = str(sender.json("pg", "show", "pgdata1")["connstr"])
-    psql(c, "UPDATE t SET v = 'changed' WHERE id <= 10")
-    sender.run("snapshot", "create", "pgdata1@snap2")
+    rows = "FROM generate_series(1, 5000) g"
+    psql(c, f"CREATE TABLE gone AS SELECT g {rows}; CREATE TABLE emptied AS SELECT g {rows};"
+            f"CREATE TABLE rewritten AS SELECT g, md5(g::text) m {rows}")  # fmt: skip
+    sender.run("snapshot", "create", "pgdata1@d1")
+    psql(c, "UPDATE t SET v = 'changed' WHERE id <= 10; DROP TABLE gone; TRUNCATE emptied;"
+            "DELETE FROM rewritten WHERE g % 2 = 0; VACUUM FULL rewritten;"
+            "CREATE TABLE fresh AS SELECT g FROM generate_series(1, 3000) g")  # fmt: skip
+    psql(c, "CREATE DATABASE newdb")
+    psql(c, "CREATE TABLE there AS SELECT 42 AS answer", dbname="newdb")
+    sender.run("snapshot", "create", "pgdata1@d2")
     psql(c, "UPDATE t SET v = 'later' WHERE id <= 10")
-    with receiving(receiver) as recv:
-        whole = sender.json("snapshot", "push", "--to", recv.line(), SNAP)
-        assert whole["parent"] is None
-        delta_push = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@snap2")
-        assert delta_push["parent"] == SNAP
-        assert delta_push["bytes_sent"] < 0.05 * delta_push["snapshot_bytes"]
-        assert delta_push["bytes_sent"] < 0.2 * whole["bytes_sent"]
-        recv.line()
+    try:
+        with receiving(receiver) as recv:
+            whole = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@d1")
+            assert whole["parent"] is None
+            before = history_bytes(receiver)
+            delta_push = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@d2")
+            written = history_bytes(receiver) - before
+            assert delta_push["parent"] == "pgdata1@d1"
+            assert delta_push["bytes_sent"] < 0.5 * whole["bytes_sent"]  # newdb's catalogs
+            recv.line()
+        # A rebuild of the whole directory would have written a whole image run.
+        assert written < 0.5 * before, (written, before)
+        expected = dump(sender, "pgdata1@d2")
+        assert dump(receiver, "pgdata1-d2") == expected
+        ro = receiver.run("snapshot", "start", "pgdata1-d2").stdout.strip()
+        try:
+            assert psql(ro, "SELECT answer FROM there", dbname="newdb") == "42"
+        finally:
+            receiver.run("snapshot", "stop", "pgdata1-d2")
+        receiver.run("snapshot", "destroy", "pgdata1-d1")  # the branch keeps what it reads
+        assert dump(receiver, "pgdata1-d2") == expected
         # The same delta sent to a receiver that lacks its parent: refused by name.
         dest = tmp_path / "dir"
         dest.mkdir()
-        sender.run("snapshot", "push", "--to", f"{dest}/", SNAP)
-        sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@snap2")
-        delta = (dest / "pgdata1@snap2.neon").read_bytes()
-        assert delta != b""
-    try:
-        assert dump(receiver, "pgdata1-snap2") == dump(sender, "pgdata1@snap2")
-        receiver.run("snapshot", "destroy", "pgdata1-snap1")  # the delta's parent is gone
+        sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@d1")
+        sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@d2")
+        delta = (dest / "pgdata1@d2.neon").read_bytes()
         refused = pytest.raises(NeonError, match="this receiver does not have; push the snapshot")
         with receiving(receiver) as recv, refused:
-            write_object(recv.line(), "pgdata1@snap2b.neon", delta)
+            write_object(recv.line(), "pgdata1@d2b.neon", delta)
     finally:
-        receiver.run("snapshot", "destroy", "pgdata1-snap1", check=False)
-        receiver.run("snapshot", "destroy", "pgdata1-snap2", check=False)
-        sender.run("snapshot", "destroy", "pgdata1@snap2")
+        receiver.run("snapshot", "destroy", "pgdata1-d1", check=False)
+        receiver.run("snapshot", "destroy", "pgdata1-d2", check=False)
+        for snap in ("pgdata1@d1", "pgdata1@d2"):
+            sender.run("snapshot", "destroy", snap)
 
 
 def test_progress_on_a_tty_only(homes: tuple[NeonCli, NeonCli]) -> None:

@@ -55,6 +55,7 @@ REQUESTS: list[m.ApiRequest] = [
     m.SnapshotDestroyRequest("pgdata1@s1"),
     m.SnapshotImportRequest("oldpg", "/tmp/import-1/pgdata", "/srv/neon/pagestore"),
     m.SnapshotImportRequest("got", "/tmp/import-2/pgdata", "/srv/neon/pagestore", '{"lsn": 1}'),
+    m.SnapshotImportDeltaRequest("got2", "/tmp/import-3/delta", "got", '{"lsn": 2}'),
     m.NodeBranchRequest("primary1", "pgdata1@s1", pg_timeline=1, checkout=True),
     m.BasebackupRequest(snapshot="pgdata1@s1", pg_timeline=2, timeline_history=b"1\t0/3\tx\n"),
     m.BasebackupRequest(snapshot="pgdata1@s1", mtime=1_780_000_000),
