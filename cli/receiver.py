@@ -22,7 +22,9 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 from cli.context import App
 from cli.pageserver_control import local_api
@@ -41,17 +43,53 @@ from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
 from cli.transport.base import ObjectInfo, check_object_name
 from cli.untar import extract_stream
 from pageserver.history.snapshots import import_name_from
-from pageserver_api.models import SnapshotImportDeltaRequest, SnapshotInfo, SnapshotShowRequest
+from pageserver_api.models import (
+    BasebackupPlan,
+    BasebackupPlanRequest,
+    BasebackupRequest,
+    SnapshotImportDeltaRequest,
+    SnapshotInfo,
+    SnapshotShowRequest,
+)
+from pg15.constants import PG_MAJOR_VERSION
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import decode_manifest
+from snapfile.manifest import Manifest, decode_manifest, encode_manifest
 
 FILE_SUFFIX = ".neon"
 
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+class Tokens(Protocol):
+    current: str
+
+    def check(self, given: str | None) -> None:
+        """Refuse (AuthFailed, saying why) a token that does not admit a snapshot now."""
+
+    def consume(self, given: str) -> str:
+        """A snapshot came with `given`: the token for the next one."""
+
+
+class StandingToken:
+    """One token for every client (`neon snapshot serve`: a home others push to and pull
+    from), compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self.current = token
+
+    def check(self, given: str | None) -> None:
+        if given is None:
+            raise AuthFailed("this server needs a token (URL ?token=... or NEON_TOKEN)")
+        if not token_matches(self.current, given):
+            raise AuthFailed("wrong token for this server")
+
+    def consume(self, given: str) -> str:
+        self.check(given)
+        return self.current
 
 
 class OneTimeTokens:
@@ -103,18 +141,21 @@ class Receiver:
     calls (blocking) run on worker threads, so the loop goes on serving other connections."""
 
     def __init__(
-        self, app: App, storage: str, name: str | None, tokens: OneTimeTokens,
+        self, app: App, storage: str, name: str | None, tokens: Tokens,
         on_refused: Callable[[str], None] = lambda reason: None, show_progress: bool = False,
+        serves: bool = False,
     ) -> None:  # fmt: skip
         self.name, self.tokens = name, tokens
         self.on_refused = on_refused
+        """Told why a push was refused (the receiving side's log)."""
         self.show_progress = show_progress
         """A transient bar (bytes, rate) on stderr while a snapshot arrives."""
+        self.serves = serves
+        """Also serve this home's snapshots (reads, every snapshot described in listings)."""
         # Resolved here, on the CLI's thread: the registry's SQLite connection is not shared
         # with the worker threads the pageserver calls run on.
         self.storage_path = native_storage_path(app, storage)
         self.api = local_api(app)
-        """Told why a push was refused (the receiving side's log)."""
         self._commit = asyncio.Lock()
 
     def authenticate(self, token: str | None) -> None:
@@ -140,17 +181,53 @@ class Receiver:
         return ObjectInfo(file_name, 0)
 
     async def list(self) -> list[ObjectInfo]:
-        """The snapshots held here, as the files that would make them; those received from a
-        `.neon` file described by its manifest (what a pusher sends deltas on)."""
+        """The snapshots held here, as the files that would make them, described by their
+        manifests (what a pusher sends deltas on): those received from a `.neon` file by the
+        manifest they came with; when serving, the others by the one a read would send."""
         snaps = await asyncio.to_thread(self.api.snapshot_list)
         return [
-            ObjectInfo(
-                s.name + FILE_SUFFIX,
-                s.size_bytes or 0,
-                None if s.origin is None else json.loads(s.origin),
-            )
+            ObjectInfo(s.name + FILE_SUFFIX, s.size_bytes or 0, await self._described(s))
             for s in snaps
+            if "@HEAD{" not in s.name
         ]
+
+    async def _described(self, snap: SnapshotInfo) -> dict[str, Any] | None:
+        if snap.origin is not None:
+            described: dict[str, Any] = json.loads(snap.origin)
+            return described
+        if not self.serves:
+            return None
+        plan = await asyncio.to_thread(
+            self.api.basebackup_plan, BasebackupPlanRequest(snapshot=snap.name)
+        )
+        manifest = snapshot_file_manifest_of(snap, plan)
+        return cast(dict[str, Any], json.loads(encode_manifest(manifest)))
+
+    async def read(self, file_name: str, offset: int) -> AsyncIterator[bytes]:
+        """The `.neon` file of the snapshot `file_name` names (`pgdata1@snap1.neon`), from
+        `offset`: the bytes `neon snapshot export` writes for it, the same at every read."""
+        if not self.serves:
+            raise InvalidArgument(
+                "neon snapshot recv only receives snapshots; `neon snapshot serve` also serves them"
+            )
+        check_object_name(file_name, "the file name")
+        stem = file_name.removesuffix(FILE_SUFFIX)
+        try:
+            snap = await asyncio.to_thread(self.api.snapshot_show, SnapshotShowRequest(stem))
+        except NotFound:
+            raise NotFound(f"no snapshot {stem!r} here; see `neon snapshot list`") from None
+        created = int(snap.created_at)
+        request = BasebackupRequest(
+            snapshot=snap.name, mtime=created, snapshot_file=True, created_at=created
+        )
+        skip = offset
+        async with await self.api.connect() as client, client.basebackup(request) as download:
+            async for chunk in download:
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                yield chunk[skip:]
+                skip = 0
 
     async def receive(
         self, file_name: str, chunks: AsyncIterator[bytes], token: str | None
@@ -218,6 +295,19 @@ class Receiver:
                     if SnapshotIdentity.of(held) == wanted:
                         return snap.name
         return None
+
+
+def snapshot_file_manifest_of(snap: SnapshotInfo, plan: BasebackupPlan) -> Manifest:
+    """The manifest a read of `snap` sends (the daemon writes it: pageserver/basebackup/
+    snapshot_file.py), known from its basebackup plan without reading the file."""
+    return Manifest(
+        pg_version=PG_MAJOR_VERSION,
+        system_identifier=plan.system_identifier,
+        lsn=plan.lsn,
+        pg_timeline=plan.pg_timeline,
+        source=snap.name,
+        created_at=datetime.fromtimestamp(int(snap.created_at), UTC),
+    )
 
 
 class _Counted:

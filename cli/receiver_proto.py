@@ -11,15 +11,16 @@ from proto.errors import InvalidArgument
 from proto.server import Handler, ProtoServer, RequestContext
 
 SERVER_NAME = "neon snapshot recv"
+SERVE_NAME = "neon snapshot serve"
 
 
 def receiver_server(receiver: Receiver, on_received: Callable[[Received], None]) -> ProtoServer:
-    """A server (not yet listening) whose hello takes the receiver's current one-time token."""
+    """A server (not yet listening) whose hello takes the receiver's current token."""
     return ProtoServer(
         _handlers(receiver, on_received),
         token=None,
         authenticate=receiver.authenticate,
-        server_name=SERVER_NAME,
+        server_name=SERVE_NAME if receiver.serves else SERVER_NAME,
     )
 
 
@@ -52,16 +53,24 @@ def _handlers(receiver: Receiver, on_received: Callable[[Received], None]) -> di
         on_received(received)
         return {"snapshot": received.snapshot.name, "bytes": received.bytes}
 
+    async def read(ctx: RequestContext) -> Any:
+        offset = ctx.params.get("offset", 0)
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidArgument("object.read needs an offset of 0 or more")
+        async for chunk in receiver.read(_name(ctx), offset):
+            await ctx.send(chunk)
+        return None
+
     async def refuse(ctx: RequestContext) -> Any:
         raise InvalidArgument(
-            f"{SERVER_NAME} only receives snapshots ({ctx.method} is not served); pull from "
-            "where they are kept"
+            f"snapshots are not deleted over neon:// ({ctx.method}); run `neon snapshot "
+            "destroy` where they are kept"
         )
 
     return {
         "object.stat": stat,
         "object.list": list_,
         "object.write": write,
-        "object.read": refuse,
+        "object.read": read,
         "object.delete": refuse,
     }

@@ -29,7 +29,7 @@ from cli.progress import Progress
 from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
-from cli.snapshot_recv import snapshot_recv
+from cli.snapshot_recv import snapshot_recv, snapshot_serve
 from cli.snapshot_transfer import snapshot_pull, snapshot_push
 from cli.storages import DEFAULT_STORAGE
 from cli.tablespace_mapping import parse_mappings
@@ -374,6 +374,7 @@ snapshot_group.add_command(snapshot_export)
 snapshot_group.add_command(snapshot_push)
 snapshot_group.add_command(snapshot_pull)
 snapshot_group.add_command(snapshot_recv)
+snapshot_group.add_command(snapshot_serve)
 snapshot_group.add_command(snapshot_diff)
 
 

@@ -21,12 +21,14 @@ import signal
 import socket
 import sys
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from cli.context import get_app
 from cli.output import human_size
+from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE
 from pageserver.history.snapshots import check_import_name
 
@@ -66,23 +68,55 @@ def snapshot_recv(
         ctx.exit(130)
 
 
+@click.command("serve")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default="any free port")
+@click.option("--listen", "address", default="127.0.0.1", show_default=True, metavar="ADDR")
+@click.option(
+    "--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="the clients' token (made, mode 0600, if missing) [default: NEON_HOME/secrets/"
+    "serve.token]",
+)  # fmt: skip
+@click.option("-s", "--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON objects, one per line")
+@click.pass_context
+def snapshot_serve(
+    ctx: click.Context, port: int, address: str, token_file: Path | None, storage: str,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Serve this home's snapshots on neon:// (pull, list, push; a token for all)."""
+    from cli.receiver import Receiver, StandingToken
+
+    app = get_app(ctx)
+    token_file = token_file or app.home.secrets_dir / "serve.token"
+    if not token_file.exists():
+        write_secret(token_file, generate_secret())
+    receiver = Receiver(
+        app, storage, None, StandingToken(read_secret(token_file)), on_refused=_refused,
+        show_progress=not as_json and sys.stderr.isatty(), serves=True,
+    )  # fmt: skip
+    served = asyncio.run(_serve(receiver, address, port, False, False, as_json, token_file))
+    if served == signal.SIGINT:
+        ctx.exit(130)
+
+
 async def _serve(
     receiver: Receiver, address: str, port: int, once: bool, use_http: bool,
-    as_json: bool,
+    as_json: bool, token_file: Path | None = None,
 ) -> int | None:  # fmt: skip
-    """Listen until a signal (returned) or, with `once`, the first snapshot (None)."""
+    """Listen until a signal (returned) or, with `once`, the first snapshot (None). With a
+    standing token (in `token_file`) the URL is printed once, without the token."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int | None] = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _finish, done, signum)
     scheme = "http" if use_http else "neon"
-    printer = _Printer(scheme, address, as_json)
+    printer = _Printer(scheme, address, as_json, token_file)
 
     def on_received(received: Received) -> None:
         printer.received(received)
         if once:
             _finish(done, None)
-        else:
+        elif token_file is None:
             printer.url(received.next_token)
 
     async with AsyncExitStack() as stack:
@@ -132,14 +166,24 @@ async def _listen_http(
 class _Printer:
     """The URL lines (stdout, for the pusher) and what arrived (stderr, or stdout as JSON)."""
 
-    def __init__(self, scheme: str, address: str, as_json: bool) -> None:
-        self.scheme, self.as_json, self.port = scheme, as_json, 0
+    def __init__(self, scheme: str, address: str, as_json: bool, token_file: Path | None) -> None:
+        self.scheme, self.as_json, self.token_file, self.port = scheme, as_json, token_file, 0
         host = socket.getfqdn() if address in WILDCARDS else address
         self.host = f"[{host}]" if ":" in host else host
 
     def url(self, token: str) -> None:
-        url = f"{self.scheme}://{self.host}:{self.port}/?token={token}"
-        self._out({"url": url}, url)
+        url = f"{self.scheme}://{self.host}:{self.port}/"
+        if self.token_file is None:
+            url += f"?token={token}"
+            self._out({"url": url}, url)
+            return
+        self._out({"url": url, "token_file": str(self.token_file)}, url)
+        if not self.as_json:
+            click.echo(
+                f"(the token is in {self.token_file}; clients give it as NEON_TOKEN, or "
+                "attach this URL with `neon storage attach -t remote`)",
+                err=True,
+            )
 
     def received(self, received: Received) -> None:
         snap = received.snapshot

@@ -22,6 +22,7 @@ import hashlib
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -36,6 +37,7 @@ from cli.storages import DEFAULT_STORAGE, secret_path
 from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, already_exists
 from cli.transport.blocking import BlockingWriter
+from cli.transport.neon import NeonStore, use_token
 from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import BasebackupPlanRequest, SnapshotShowRequest
@@ -47,10 +49,10 @@ URL_FORMS = (
     "s3://BUCKET/[PREFIX/]NAME or neon://HOST:PORT/[NAME] (what `neon snapshot recv` printed)"
 )
 PUSH_URL_HELP = (
-    f"a .neon file or a directory (ending in '/'): {URL_FORMS}, or an attached s3 storage "
-    "as STORAGE[:NAME]"
+    f"a .neon file or a directory (ending in '/'): {URL_FORMS}, or an attached s3 or remote "
+    "storage as STORAGE[:NAME]"
 )
-PULL_URL_HELP = f"a .neon file: {URL_FORMS}, or STORAGE:NAME in an attached s3 storage"
+PULL_URL_HELP = f"a .neon file: {URL_FORMS}, or STORAGE:NAME in an attached s3 or remote storage"
 ENDPOINT_HELP = (
     "for s3:// URLs: an S3-compatible service, http(s)://HOST[:PORT] (default: "
     "AWS_ENDPOINT_URL, else AWS)"
@@ -76,6 +78,8 @@ def storage_location(app: App, spec: str) -> Location | None:
     if not storage or "/" in storage:
         return None
     row = app.registry.find_storage(storage)
+    if row is not None and row.type == "remote":
+        return remote_location(app, row.name, row.options["url"], name)
     if row is None or row.type != "s3":
         return None  # a path (native storages are not reached by push and pull)
     secret_file = secret_path(app.home, storage, "secret_access_key")
@@ -100,6 +104,21 @@ def storage_location(app: App, spec: str) -> Location | None:
     prefix = row.options.get("prefix", "").strip("/")
     directory = f"{prefix}/" if prefix else ""
     return parse_location(f"s3://{row.options['bucket']}/{directory}{name}")
+
+
+def remote_location(app: App, storage: str, url: str, name: str) -> Location:
+    """Object `name` (none: the storage) of the remote storage `storage`: a `neon snapshot
+    serve` at `url` (neon://HOST:PORT), reached with the storage's token."""
+    token_file = secret_path(app.home, storage, "token")
+    if not token_file.exists():
+        raise InvalidArgument(
+            f"storage {storage} has no token; detach it and attach it again with "
+            "-c token=@FILE (the server's token file)"
+        )
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None  # validated at attach
+    use_token(parts.hostname, parts.port, read_secret(token_file))
+    return parse_location(f"neon://{parts.netloc.rpartition('@')[2]}/{name}")
 
 
 def snapshot_file_name(snapshot: str) -> str:
@@ -247,7 +266,7 @@ def snapshot_pull(
     app = get_app(ctx)
     location = parse_transfer_url(app, url, endpoint_url)
     location.object_name  # noqa: B018 (a directory URL: one line)
-    source = location.url if isinstance(location.store, S3Store) else url
+    source = location.url if isinstance(location.store, S3Store | NeonStore) else url
     if not is_transport_url(source):
         path = Path(url).absolute()
         if not is_snapshot_file(path):

@@ -210,12 +210,16 @@ class SyncPageserverClient:
         """Connect, run `call` with the async client, close (several calls: one connection)."""
 
         async def go() -> T:
-            async with await PageserverClient.connect(
-                self.host, self.port, token=self._token, timeout=self._timeout
-            ) as client:
+            async with await self.connect() as client:
                 return await call(client)
 
         return asyncio.run(go())
+
+    async def connect(self) -> PageserverClient:
+        """An async client of the same pageserver, for code already on an event loop."""
+        return await PageserverClient.connect(
+            self.host, self.port, token=self._token, timeout=self._timeout
+        )
 
     def status(self) -> StatusResponse:
         return self.run(lambda c: c.status())

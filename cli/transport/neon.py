@@ -7,7 +7,8 @@ it). Methods: `object.stat`, `object.list`, `object.write` (upload), `object.rea
 (download from an offset), `object.delete`; a receiver answers what it can (it receives and
 lists, it does not serve reads or deletes) with a typed error for the rest.
 
-The token comes from the URL's `?token=` or, when the URL has none, from the NEON_TOKEN
+The token comes from the URL's `?token=` or, when the URL has none, from an attached remote
+storage of that address (`use_token`, held in this process only) or the NEON_TOKEN
 environment variable (so that it need not be on a command line). It is never shown: every
 URL in a message is the bare `neon://HOST:PORT/NAME`.
 """
@@ -38,6 +39,14 @@ PEER = "the snapshot receiver"
 HINT = "is `neon snapshot recv` running there? use the URL it printed"
 
 
+_TOKENS: dict[tuple[str, int], str] = {}
+
+
+def use_token(host: str, port: int, token: str) -> None:
+    """The token for neon://HOST:PORT URLs without one, from here on in this process."""
+    _TOKENS[(host, port)] = token
+
+
 def parse_location(url: str) -> Location:
     parts = urlsplit(url)
     shown = _shown(url)
@@ -53,7 +62,11 @@ def parse_location(url: str) -> Location:
     unknown = sorted(set(query) - {"token"})
     if unknown or len(query.get("token", [])) > 1:
         raise InvalidArgument(f"invalid URL {shown}: only one ?token=... may follow the path")
-    token = query["token"][0] if "token" in query else os.environ.get(TOKEN_ENV) or None
+    token = (
+        query["token"][0]
+        if "token" in query
+        else _TOKENS.get((parts.hostname, port)) or os.environ.get(TOKEN_ENV) or None
+    )
     path = unquote(parts.path).lstrip("/")
     store = NeonStore(parts.hostname, port, token)
     if not path:

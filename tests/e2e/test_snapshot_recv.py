@@ -362,3 +362,57 @@ def test_progress_on_a_tty_only(homes: tuple[NeonCli, NeonCli]) -> None:
     text = shown.decode(errors="replace")
     assert "Receiving pgdata1@snap1.neon" in text and "B/s" in text, text
     assert "Received snapshot tty" in text
+
+
+def test_serve_is_a_remote_storage(
+    homes: tuple[NeonCli, NeonCli], reference: str, tmp_path: Path
+) -> None:
+    """`neon snapshot serve` on B, attached on A as a remote storage (its token from the
+    server's 0600 file): push to it, pull from it (the .neon file export writes), a delta
+    on what it holds; a wrong token is refused."""
+    sender, server_home = homes
+    token_file = tmp_path / "serve.token"
+    proc = subprocess.Popen(
+        [NEON, "snapshot", "serve", "--token-file", str(token_file), "--json"],
+        env=server_home.env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        served = json.loads(Recv(proc).line())
+        assert served["token_file"] == str(token_file) and "token" not in served["url"]
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        attach = ("storage", "attach", "-t", "remote", "-c", f"url={served['url']}")
+        sender.run(*attach, "-n", "zcloud", "-c", f"token=@{token_file}")
+        (tmp_path / "wrong").write_text("wrong-token")
+        sender.run(*attach, "-n", "zbad", "-c", f"token=@{tmp_path / 'wrong'}")
+        pushed = sender.json("snapshot", "push", "--to", "zcloud", SNAP)
+        assert pushed["url"].endswith("/pgdata1@snap1.neon") and pushed["parent"] is None
+        refused = sender.fail("snapshot", "push", "--to", "zbad", SNAP)
+        assert "wrong token for this server" in refused
+        pulled = sender.json("snapshot", "pull", "--from", "zcloud:pgdata1-snap1.neon", "back")
+        assert pulled["name"] == "back"
+        assert dump(sender, "back") == reference
+        sender.run("snapshot", "create", "pgdata1@snap3")  # 500 rows more than snap1
+        delta = sender.json("snapshot", "push", "--to", "zcloud", "pgdata1@snap3")
+        assert delta["parent"] == SNAP and delta["bytes_sent"] < pushed["bytes_sent"] / 2
+        missing = sender.fail("snapshot", "pull", "--from", "zcloud:nothing.neon")
+        assert "no snapshot 'nothing' here" in missing
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "wrong token for this server" in err and "Traceback" not in err
+        assert read_token_free(err, token_file)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for storage in ("zcloud", "zbad"):
+            sender.run("storage", "detach", storage, check=False)
+        sender.run("snapshot", "destroy", "back", check=False)
+        sender.run("snapshot", "destroy", "pgdata1@snap3", check=False)
+        for name in ("pgdata1-snap1", "pgdata1-snap3"):
+            server_home.run("snapshot", "destroy", name, check=False)
+
+
+def read_token_free(text: str, token_file: Path) -> bool:
+    """The server's output never shows its token."""
+    return token_file.read_text().strip() not in text
