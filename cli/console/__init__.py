@@ -1,0 +1,1 @@
+"""The web console (`neon console`): aiohttp routes, sessions, the snapshot graph, templates."""
