@@ -100,6 +100,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "pitr_group",
         "PITR areas: any LSN or time inside one can be extracted as a snapshot.",
     ),
+    "console": ("cli.console_command", "console_command", "A web console on 127.0.0.1."),
 }
 """tests/cli/test_main.py checks that each short help is the command's own."""
 
