@@ -27,27 +27,23 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from cli.context import App
+from cli.delta_import import delta_import_request, parent_here, unpack_delta
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.snapshot_commands import check_new_import, native_storage_path, register_import
 from cli.snapshot_file_source import (
     chained,
-    check_control,
-    expect_manifest,
     missing_parent,
     peek_manifest,
     unpack_snapshot_stream,
-    verified_tar,
 )
 from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
 from cli.transport.base import ObjectInfo, check_object_name
-from cli.untar import extract_stream
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import (
     BasebackupPlan,
     BasebackupPlanRequest,
     BasebackupRequest,
-    SnapshotImportDeltaRequest,
     SnapshotInfo,
     SnapshotShowRequest,
 )
@@ -55,7 +51,7 @@ from pg15.constants import PG_MAJOR_VERSION
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import Manifest, decode_manifest, encode_manifest
+from snapfile.manifest import Manifest, encode_manifest
 
 FILE_SUFFIX = ".neon"
 
@@ -277,24 +273,13 @@ class Receiver:
             return functools.partial(
                 register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
             )
-        base = await self._held(parent)
+        base = await parent_here(self.api, parent)
         if base is None:
             raise missing_parent(label, parent, "this receiver")
         members = workdir / "delta"
-        await extract_stream(verified_tar(rest, label, expect_manifest(label, head)), members)
-        check_control(members, head, label)
-        request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
+        await unpack_delta(rest, label, members, head)
+        request = delta_import_request(name, members, base, head)
         return functools.partial(self.api.snapshot_import_delta, request)
-
-    async def _held(self, wanted: SnapshotIdentity) -> str | None:
-        """The snapshot here that was received as `wanted`, if any."""
-        for snap in await asyncio.to_thread(self.api.snapshot_list):
-            if snap.origin is not None:
-                with contextlib.suppress(CorruptData):
-                    held = decode_manifest(snap.origin.encode())
-                    if SnapshotIdentity.of(held) == wanted:
-                        return snap.name
-        return None
 
 
 def snapshot_file_manifest_of(snap: SnapshotInfo, plan: BasebackupPlan) -> Manifest:

@@ -416,3 +416,33 @@ def test_serve_is_a_remote_storage(
 def read_token_free(text: str, token_file: Path) -> bool:
     """The server's output never shows its token."""
     return token_file.read_text().strip() not in text
+
+
+def test_a_pulled_delta_goes_on_the_parent_held_here(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path
+) -> None:
+    """A delta file pulled into a home that holds its parent (pulled before, so its origin
+    is that parent) is imported on a branch of it: the store need not have the parent's
+    file, and the home grows by about the delta."""
+    sender, receiver = homes
+    c = str(sender.json("pg", "show", "pgdata1")["connstr"])
+    sender.run("snapshot", "create", "pgdata1@p1")
+    psql(c, "UPDATE t SET v = 'pulled' WHERE id <= 20")
+    sender.run("snapshot", "create", "pgdata1@p2")
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    both.mkdir()
+    alone.mkdir()
+    try:
+        sender.run("snapshot", "push", "--to", f"{both}/", "pgdata1@p1")
+        assert sender.json("snapshot", "push", "--to", f"{both}/", "pgdata1@p2")["parent"]
+        shutil.copy(both / "pgdata1@p2.neon", alone / "pgdata1@p2.neon")
+        receiver.run("snapshot", "pull", "--from", str(both / "pgdata1@p1.neon"), "q1")
+        before = history_bytes(receiver)
+        receiver.run("snapshot", "pull", "--from", str(alone / "pgdata1@p2.neon"), "q2")
+        assert history_bytes(receiver) - before < 0.5 * before
+        assert dump(receiver, "q2") == dump(sender, "pgdata1@p2")
+    finally:
+        for name in ("q1", "q2"):
+            receiver.run("snapshot", "destroy", name, check=False)
+        for name in ("pgdata1@p1", "pgdata1@p2"):
+            sender.run("snapshot", "destroy", name)
