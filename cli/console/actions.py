@@ -1,0 +1,145 @@
+"""The console's actions: each is a `neon` command line built from a form, and the state of
+what it acts on as the page showed it (so a node or snapshot that changed meanwhile is
+refused with a message instead of acted on). Pure: the pages render the same command lines
+the jobs run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cli.console.commands import command_line, lsn_argument
+
+
+class BadForm(ValueError):
+    """A form missing a field or carrying one the action cannot take."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    name: str
+    args: tuple[str, ...]
+    subject: str | None = None
+    """What it acts on, in the form fingerprint() looks up: `node ID` or `snapshot NAME`."""
+    confirm: str | None = None
+    """The question a destructive action asks first."""
+
+    @property
+    def command(self) -> str:
+        return command_line(self.args)
+
+
+def _field(form: Mapping[str, str], key: str) -> str:
+    value = (form.get(key) or "").strip()
+    if not value:
+        raise BadForm(f"{key} is missing")
+    if value.startswith("-"):
+        raise BadForm(f"{key} may not start with '-': {value!r}")
+    return value
+
+
+def _pg_start(f: Mapping[str, str]) -> Action:
+    node = _field(f, "node")
+    return Action("pg-start", ("pg", "start", node), f"node {node}")
+
+
+def _pg_stop(f: Mapping[str, str]) -> Action:
+    node = _field(f, "node")
+    return Action("pg-stop", ("pg", "stop", node), f"node {node}")
+
+
+def _snapshot_create(f: Mapping[str, str]) -> Action:
+    pgdata, tag = _field(f, "pgdata"), _field(f, "tag")
+    return Action("snapshot-create", ("snapshot", "create", f"{pgdata}@{tag}"), None)
+
+
+def _pg_checkout(f: Mapping[str, str]) -> Action:
+    snapshot = _field(f, "snapshot")
+    pgdata, at, _tag = snapshot.rpartition("@")
+    if not at:
+        raise BadForm(f"{snapshot} is not a node's snapshot (PGDATA@TAG)")
+    return Action("pg-checkout", ("pg", "checkout", snapshot), f"snapshot {pgdata}@CURRENT")
+
+
+def _snapshot_destroy(f: Mapping[str, str]) -> Action:
+    snapshot = _field(f, "snapshot")
+    return Action(
+        "snapshot-destroy",
+        ("snapshot", "destroy", snapshot),
+        f"snapshot {snapshot}",
+        f"Destroy snapshot {snapshot}? The history only it keeps is removed by the next GC.",
+    )
+
+
+def _snapshot_start(f: Mapping[str, str]) -> Action:
+    snapshot = _field(f, "snapshot")
+    return Action("snapshot-start", ("snapshot", "start", snapshot), f"snapshot {snapshot}")
+
+
+def _snapshot_stop(f: Mapping[str, str]) -> Action:
+    snapshot = _field(f, "snapshot")
+    return Action("snapshot-stop", ("snapshot", "stop", snapshot), f"snapshot {snapshot}")
+
+
+def _pitr_extract(f: Mapping[str, str]) -> Action:
+    area = _field(f, "area")
+    args = ["pitr", "extract-snapshot", area, "--lsn", lsn_argument(_field(f, "lsn"))]
+    if (f.get("tag") or "").strip():
+        args += ["--as", _field(f, "tag")]
+    return Action("pitr-extract", tuple(args), None)
+
+
+BUILDERS: dict[str, Callable[[Mapping[str, str]], Action]] = {
+    "pg-start": _pg_start,
+    "pg-stop": _pg_stop,
+    "snapshot-create": _snapshot_create,
+    "pg-checkout": _pg_checkout,
+    "snapshot-destroy": _snapshot_destroy,
+    "snapshot-start": _snapshot_start,
+    "snapshot-stop": _snapshot_stop,
+    "pitr-extract": _pitr_extract,
+}
+
+
+def build(name: str, form: Mapping[str, str]) -> Action:
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise BadForm(f"no action {name!r}")
+    return builder(form)
+
+
+def node_fingerprints(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """`node ID` -> its state, from `neon pg list --json`."""
+    return {f"node {n['id']}": str(n["state"]) for n in nodes}
+
+
+def snapshot_fingerprints(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """`snapshot NAME` -> where it is, from `neon snapshot list --json`: timeline and LSN
+    (a node's CURRENT by its timeline only: its LSN moves with every write)."""
+    out = {}
+    for s in snapshots:
+        where = str(s.get("timeline_id"))
+        if not str(s["name"]).endswith("@CURRENT"):
+            where += f"/{s['lsn']}"
+        out[f"snapshot {s['name']}"] = where
+    return out
+
+
+def changed(action: Action, seen: str | None, now: Mapping[str, str]) -> str | None:
+    """Why the action must not run because its subject changed since the page showed it
+    (`seen`), or None."""
+    if action.subject is None or seen is None:
+        return None
+    current = now.get(action.subject)
+    what = action.subject
+    if current is None:
+        return f"{what} no longer exists; nothing was done."
+    if current != seen:
+        if what.startswith("node "):
+            detail = f"it is {current} now, the page showed it {seen}"
+        else:
+            detail = "it is not where the page showed it (a checkout or a new snapshot?)"
+        return f"{what} changed since the page was shown ({detail}); nothing was done."
+    return None

@@ -1,0 +1,206 @@
+"""What the console runs: the `neon` command itself, as the page shows it.
+
+Every page reads the `--json` output of a `neon` command and every action runs the command
+line it shows, in a child process with the console's home: the console cannot do anything
+the CLI would not, nor do it differently, and an error is the CLI's one line, never a
+traceback. Actions run as jobs whose output lines stream to the page (server-sent events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shlex
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pg15.lsn import format_lsn
+
+ERROR_PREFIX = "neon: error: "
+JOBS_KEPT = 100
+"""Finished jobs kept for their pages (the oldest are forgotten first)."""
+
+_RUN_CLI = "from cli.main import main; main()"
+
+
+def command_line(args: Sequence[str]) -> str:
+    """The shell command line of `neon ARGS`, quoted so it can be pasted as is."""
+    return shlex.join(["neon", *args])
+
+
+def cli_argv(args: Sequence[str]) -> list[str]:
+    """The argv that runs `neon ARGS` with this interpreter (the console's own install)."""
+    return [sys.executable, "-c", _RUN_CLI, *args]
+
+
+def error_line(output: str) -> str | None:
+    """The CLI's one-line error (without its prefix), if it printed one."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(ERROR_PREFIX):
+            return line[len(ERROR_PREFIX) :]
+    return None
+
+
+class CliFailed(Exception):
+    """A `neon` command the console ran failed; the message is the CLI's own line."""
+
+    def __init__(self, args: Sequence[str], message: str) -> None:
+        super().__init__(message)
+        self.command = command_line(args)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Cli:
+    """Runs `neon` for one home."""
+
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "NEON_HOME": str(self.home)}
+
+    async def output(self, args: Sequence[str], timeout: float = 600) -> str:
+        """stdout of `neon ARGS`; CliFailed with its error line if it fails."""
+        proc = await asyncio.create_subprocess_exec(
+            *cli_argv(args),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env(),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except BaseException:  # timeout, or the request went away: the child goes too
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            raise
+        if proc.returncode != 0:
+            text = err.decode(errors="replace")
+            message = error_line(text) or (text.strip().splitlines() or ["no output"])[-1]
+            raise CliFailed(args, f"{message} (exit {proc.returncode})")
+        return out.decode(errors="replace")
+
+    async def json(self, args: Sequence[str]) -> Any:
+        """The parsed output of `neon ARGS --json`."""
+        return json.loads(await self.output([*args, "--json"]))
+
+
+@dataclass(slots=True)
+class Job:
+    """One action: a `neon` command run in the background, its output kept line by line."""
+
+    id: str
+    args: tuple[str, ...]
+    back: str
+    """The page the action was started from."""
+    lines: list[str] = field(default_factory=list)
+    returncode: int | None = None
+    pid: int | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def command(self) -> str:
+        return command_line(self.args)
+
+    @property
+    def done(self) -> bool:
+        return self.returncode is not None
+
+    @property
+    def error(self) -> str | None:
+        if self.returncode in (None, 0):
+            return None
+        return error_line("\n".join(self.lines)) or f"exit {self.returncode}"
+
+    async def follow(self) -> AsyncIterator[str]:
+        """Every output line, those already printed first, until the command ends."""
+        sent = 0
+        while True:
+            async with self._changed:
+                while len(self.lines) == sent and not self.done:
+                    await self._changed.wait()
+                fresh, done = self.lines[sent:], self.done
+            for line in fresh:
+                yield line
+            sent += len(fresh)
+            if done and sent == len(self.lines):
+                return
+
+    async def _add(self, line: str) -> None:
+        async with self._changed:
+            self.lines.append(line)
+            self._changed.notify_all()
+
+    async def _finish(self, returncode: int) -> None:
+        async with self._changed:
+            self.returncode = returncode
+            self._changed.notify_all()
+
+
+class Jobs:
+    """The actions this console started."""
+
+    def __init__(self, cli: Cli) -> None:
+        self._cli = cli
+        self._jobs: dict[str, Job] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def start(self, args: Sequence[str], back: str) -> Job:
+        job = Job(str(next(self._ids)), tuple(args), back)
+        self._jobs[job.id] = job
+        while len(self._jobs) > JOBS_KEPT:
+            oldest = next(iter(self._jobs.values()))
+            if not oldest.done:
+                break
+            del self._jobs[oldest.id]
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def _run(self, job: Job) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cli_argv(job.args),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._cli.env(),
+            )
+        except OSError as exc:
+            await job._add(f"{ERROR_PREFIX}cannot run neon: {exc}")
+            await job._finish(127)
+            return
+        job.pid = proc.pid
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            # A progress bar redraws with carriage returns: show its latest state.
+            line = raw.decode(errors="replace").rstrip("\n").rsplit("\r", 1)[-1]
+            await job._add(line)
+        await job._finish(await proc.wait())
+
+    async def stop_all(self, timeout: float = 30) -> None:
+        """Interrupt the commands still running (as Ctrl-C would) and wait for them."""
+        for job in self._jobs.values():
+            if not job.done and job.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(job.pid, signal.SIGINT)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+
+
+def lsn_argument(value: str) -> str:
+    """An LSN from a form: the slider's integer or X/Y text, as the CLI takes it."""
+    value = value.strip()
+    return format_lsn(int(value)) if value.isdigit() else value

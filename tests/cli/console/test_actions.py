@@ -1,0 +1,108 @@
+"""The console's actions: the `neon` command line each form makes, and the refusal of an
+action whose node or snapshot changed since the page showed it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli.console import actions
+from cli.console.commands import cli_argv, command_line, error_line, lsn_argument
+
+
+def test_command_lines_are_quoted_for_a_shell() -> None:
+    assert command_line(["pg", "start", "primary1"]) == "neon pg start primary1"
+    assert command_line(["pg", "checkout", "pgdata1@HEAD{0}"]) == (
+        "neon pg checkout 'pgdata1@HEAD{0}'"
+    )
+    assert command_line(["snapshot", "create", "a b@x;rm"]) == "neon snapshot create 'a b@x;rm'"
+
+
+@pytest.mark.parametrize(
+    ("name", "form", "command"),
+    [
+        ("pg-start", {"node": "primary1"}, "neon pg start primary1"),
+        ("pg-stop", {"node": "primary2"}, "neon pg stop primary2"),
+        ("snapshot-create", {"pgdata": "pgdata1", "tag": "s1"}, "neon snapshot create pgdata1@s1"),
+        ("pg-checkout", {"snapshot": "pgdata1@s1"}, "neon pg checkout pgdata1@s1"),
+        ("snapshot-destroy", {"snapshot": "pgdata1@s1"}, "neon snapshot destroy pgdata1@s1"),
+        ("snapshot-start", {"snapshot": "movies"}, "neon snapshot start movies"),
+        ("snapshot-stop", {"snapshot": "movies"}, "neon snapshot stop movies"),
+        (
+            "pitr-extract",
+            {"area": "a1", "lsn": str(0x1_0000_0028)},
+            "neon pitr extract-snapshot a1 --lsn 1/00000028",
+        ),
+        (
+            "pitr-extract",
+            {"area": "a1", "lsn": "0/1500028", "tag": "before"},
+            "neon pitr extract-snapshot a1 --lsn 0/1500028 --as before",
+        ),
+    ],
+)
+def test_each_action_is_the_command_it_shows(name: str, form: dict[str, str], command: str) -> None:
+    action = actions.build(name, form)
+    assert action.command == command
+    assert cli_argv(action.args)[-len(action.args) :] == list(action.args)
+
+
+def test_forms_that_make_no_command_are_refused() -> None:
+    with pytest.raises(actions.BadForm, match="node is missing"):
+        actions.build("pg-start", {})
+    with pytest.raises(actions.BadForm, match="may not start with '-'"):
+        actions.build("pg-stop", {"node": "--help"})
+    with pytest.raises(actions.BadForm, match="not a node's snapshot"):
+        actions.build("pg-checkout", {"snapshot": "movies"})
+    with pytest.raises(actions.BadForm, match="no action"):
+        actions.build("pg-destroy", {"node": "primary1"})
+
+
+def test_only_destroy_asks_first() -> None:
+    asking = [n for n in actions.BUILDERS if n != "pitr-extract" and _confirm(n)]
+    assert asking == ["snapshot-destroy"]
+
+
+def _confirm(name: str) -> str | None:
+    form = {"node": "n", "snapshot": "p@s", "pgdata": "p", "tag": "t", "area": "a", "lsn": "1"}
+    return actions.build(name, form).confirm
+
+
+NODES = [{"id": "primary1", "state": "running"}, {"id": "primary2", "state": "stopped"}]
+SNAPS = [
+    {"name": "pgdata1@s1", "timeline_id": "t1", "lsn": 100},
+    {"name": "pgdata1@CURRENT", "timeline_id": "t2", "lsn": 180},
+]
+
+
+def test_an_action_on_a_changed_node_is_refused_with_a_message() -> None:
+    now = actions.node_fingerprints(NODES)
+    stop = actions.build("pg-stop", {"node": "primary1"})
+    assert actions.changed(stop, "running", now) is None
+    message = actions.changed(stop, "stopped", now)
+    assert message == (
+        "node primary1 changed since the page was shown (it is running now, the page showed "
+        "it stopped); nothing was done."
+    )
+    gone = actions.build("pg-start", {"node": "primary3"})
+    assert actions.changed(gone, "stopped", now) == (
+        "node primary3 no longer exists; nothing was done."
+    )
+    assert actions.changed(stop, None, now) is None  # a form without what it saw: the CLI decides
+
+
+def test_a_checkout_after_another_checkout_is_refused() -> None:
+    now = actions.snapshot_fingerprints(SNAPS)
+    assert now == {"snapshot pgdata1@s1": "t1/100", "snapshot pgdata1@CURRENT": "t2"}
+    checkout = actions.build("pg-checkout", {"snapshot": "pgdata1@s1"})
+    assert checkout.subject == "snapshot pgdata1@CURRENT"
+    assert actions.changed(checkout, "t2", now) is None  # writes moved CURRENT's LSN: fine
+    message = actions.changed(checkout, "t1", now)
+    assert message is not None and message.startswith("snapshot pgdata1@CURRENT changed since")
+    destroy = actions.build("snapshot-destroy", {"snapshot": "pgdata1@s1"})
+    assert actions.changed(destroy, "t1/99", now) is not None  # destroyed and made again
+
+
+def test_cli_output_helpers() -> None:
+    assert error_line("x\nneon: error: node 'p' does not exist\n") == "node 'p' does not exist"
+    assert error_line("fine\n") is None
+    assert lsn_argument("22027736") == "0/01501DD8"
+    assert lsn_argument(" 0/1501DD8 ") == "0/1501DD8"

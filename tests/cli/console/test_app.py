@@ -1,0 +1,90 @@
+"""The console's gate, over real HTTP on 127.0.0.1: without the session nothing but 401, the
+login token works once, the cookie is HttpOnly and SameSite=Strict, POSTs need the CSRF
+token, and another Host is refused."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient, TestServer
+
+from cli.console.app import HOSTS_KEY, SESSIONS_KEY, create_app
+from cli.console.session import COOKIE, Sessions
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
+    app = create_app(tmp_path / "home", Sessions("login-token"))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client
+
+
+PAGES = ["/", "/snapshots", "/diff", "/pitr", "/storages", "/jobs/1", "/static/console.js"]
+
+
+async def test_everything_but_the_login_is_401_without_a_session(client: TestClient) -> None:
+    for path in PAGES:
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 401, path
+        assert (await response.text()).startswith("401: not logged in")
+    for path in ["/actions/pg-stop", "/logout"]:
+        response = await client.post(path, data={"node": "primary1"})
+        assert response.status == 401, path
+    forged = await client.get("/", cookies={COOKIE: "made-up"})
+    assert forged.status == 401
+
+
+async def test_the_login_token_works_once(client: TestClient) -> None:
+    wrong = await client.get("/login?token=guess", allow_redirects=False)
+    assert wrong.status == 401
+    response = await client.get("/login?token=login-token", allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == "/"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    again = await client.get("/login?token=login-token", allow_redirects=False)
+    assert again.status == 401
+    assert "used already" in await again.text()
+    static = await client.get("/static/console.css")  # the client keeps the cookie
+    assert static.status == 200
+
+
+async def test_posts_need_the_csrf_token(client: TestClient) -> None:
+    await client.get("/login?token=login-token", allow_redirects=False)
+    for data in ({"node": "primary1"}, {"node": "primary1", "csrf": "wrong"}):
+        response = await client.post("/actions/pg-stop", data=data, allow_redirects=False)
+        assert response.status == 403
+        assert "CSRF" in await response.text()
+    logout = await client.post("/logout", data={}, allow_redirects=False)
+    assert logout.status == 403
+
+
+async def test_a_bad_form_is_a_message_not_a_traceback(client: TestClient) -> None:
+    await client.get("/login?token=login-token", allow_redirects=False)
+    assert "no such job" in await (await client.get("/jobs/999")).text()
+    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/"))[COOKIE].value
+    session = client.app[SESSIONS_KEY].get(cookie)
+    assert session is not None
+    for name, form, says in [
+        ("pg-start", {"node": "--force"}, "may not start with"),
+        ("pg-destroy", {"node": "primary1"}, "no action"),
+    ]:
+        response = await client.post(f"/actions/{name}", data={"csrf": session.csrf, **form})
+        assert response.status == 400
+        text = await response.text()
+        assert says in text and "Traceback" not in text
+        assert session.csrf in text  # the page's own forms carry it
+
+
+async def test_another_host_is_refused(client: TestClient) -> None:
+    client.app[HOSTS_KEY].add(f"127.0.0.1:{client.port}")
+    async with ClientSession() as session:
+        url = f"http://127.0.0.1:{client.port}/login?token=login-token"
+        response = await session.get(url, headers={"Host": "evil.example:80"})
+        assert response.status == 421
+    ok = await client.get("/login?token=login-token", allow_redirects=False)
+    assert ok.status == 303
+    assert re.match(r"^[\w-]+$", ok.cookies[COOKIE].value)
