@@ -54,6 +54,17 @@ if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 \
     if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable ssh >/dev/null 2>&1 || true; fi
 fi
 
+# `neon console`'s test drives Debian's Chromium through Playwright (executable_path
+# /usr/bin/chromium: Playwright's own browser download cannot work offline).
+if [ ! -x /usr/bin/chromium ]; then
+    echo "setup: chromium missing; installing it with apt-get"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; } \
+        || { echo "setup: installing chromium failed" >&2; exit 1; }
+fi
+
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
