@@ -26,6 +26,7 @@ from cli.pageserver_control import local_api
 from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
 from cli.ports import port_is_free
 from cli.registry import NodeRow
+from cli.rest import control as rest_control
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
 from cli.tablespace_mapping import (
@@ -617,6 +618,7 @@ def node_json(
         "replication_user": node.replication_user,
         "connstr": connstr(app, node),
         "tcp_connstr": tcp_connstr(app, node),
+        "rest": rest.url if (rest := rest_control.running(app, node.id)) else None,
         "log": str(node_log_dir(app, node) / "postgresql.log"),
         "slot": slot_name(node.id),
         "wal": wal or {},

@@ -17,6 +17,8 @@ from cli.node_lock import locked_node
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
 from cli.pageserver_control import local_api
 from cli.progress import Progress
+from cli.rest import control as rest_control
+from cli.rest_commands import pg_start_rest, pg_stop_rest
 from cli.snapshot_commands import import_snapshot
 from cli.storages import DEFAULT_STORAGE
 from cli.tablespace_mapping import parse_mappings
@@ -193,6 +195,8 @@ def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
     """Stop PostgreSQL on a node."""
     app = get_app(ctx)
     with locked_node(app, node, "pg stop") as row:
+        if rest_control.stop(app, row.id):
+            click.echo(f"Stopped the REST server of {row.pgdata}.")
         if not nodes.stop_node(app, row, mode):
             click.echo(f"postgres on {row.pgdata} was not running.")
             return
@@ -288,6 +292,7 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
         "endpoint",
         "connstr",
         "tcp_connstr",
+        "rest",
         "log",
     ):
         click.echo(f"  {key}: {info[key] if info[key] is not None else '-'}")
@@ -330,3 +335,7 @@ def pg_checkout(ctx: click.Context, snapshot: str) -> None:
     pgdata, _tag = split_snapshot_name(snapshot)
     with locked_node(app, pgdata, "pg checkout") as row:
         checkout.checkout(app, row, snapshot, click.echo)
+
+
+pg_group.add_command(pg_start_rest)
+pg_group.add_command(pg_stop_rest)
