@@ -27,7 +27,7 @@ _SCALARS: dict[str, dict[str, Any]] = {
 def column_schema(pg_type: str) -> dict[str, Any]:
     """JSON Schema of a column as json_agg renders it (numeric as a JSON number)."""
     if pg_type.endswith("[]"):
-        return {"type": "array", "items": column_schema(pg_type[:-2])}
+        return {"type": "array", "items": column_schema(pg_type[:-2]), "description": pg_type}
     return {**_SCALARS.get(pg_type, {"type": "string"}), "description": pg_type}
 
 
