@@ -24,7 +24,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -171,7 +170,10 @@ def _stream_basebackup(
 
     Writing runs in a thread beside the download, in order, at most _IN_FLIGHT chunks behind
     it: one after the other, a core would wait for the other's work."""
-    created_at = int(datetime.now(UTC).timestamp()) if snapshot_file else None
+    # The manifest's creation time is the snapshot's too: every export of one snapshot is
+    # the same bytes, so an interrupted push can be regenerated and resumed (and a cut pull
+    # of a served file continued).
+    created_at = mtime if snapshot_file else None
     request = BasebackupRequest(
         snapshot=name, mtime=mtime, snapshot_file=snapshot_file, created_at=created_at,
         delta_from=delta_from or None,

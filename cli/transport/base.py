@@ -7,6 +7,12 @@ at its name in one step: a rename, a completed PUT), leaving it by an exception 
 (nothing appears; what was written is removed when the store can). A process killed while
 writing leaves at most a hidden temporary object, never one at the final name.
 
+A write may also be resumable (`Store.open_resumable`): the transports that can (file, ssh,
+s3) keep what an interrupted write sent, under a hidden name derived from the object's, and a
+later resumable write of the same name skips what they hold after checking it is the very
+bytes being written again (cli/transport/resume.py); http and neon:// cannot (a PUT has no
+partial form) and send everything again.
+
 Readers are async iterators of chunks. A stream cut in the middle (a dropped connection)
 raises `StreamCut`; `read_object` reopens at the offset reached, so a transfer survives a
 few cuts. What the bytes are is not checked here: a `.neon` file verifies itself
@@ -50,6 +56,9 @@ class ObjectWriter(ABC):
 
     def __init__(self) -> None:
         self.bytes_written = 0
+        self.bytes_skipped = 0
+        """Of `bytes_written`, those the destination already held from an interrupted write
+        (a resumed one): not sent again."""
 
     @abstractmethod
     async def write(self, data: bytes) -> None:
@@ -166,6 +175,14 @@ class Store(ABC):
         """A writer for `name`; without `overwrite`, committing over an existing object is
         refused (AlreadyExists) and the existing one is kept."""
 
+    async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        """As `open_write`, but an error, a cancellation or a kill leaves what was sent for
+        the next resumable write of `name`, which sends only what the destination lacks
+        (`bytes_skipped`) once it checked that the bytes it holds are those written again;
+        a different or damaged partial object is discarded. A store that cannot keep a
+        partial object writes afresh."""
+        return await self.open_write(name, overwrite=overwrite)
+
     @abstractmethod
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         """The object's bytes from `offset`; NotFound when there is no such object."""
@@ -210,18 +227,53 @@ def check_object_name(name: str, url: str) -> str:
     return name
 
 
-async def read_object(
-    location: Location, progress: Callable[[int, int | None], None] | None = None
-) -> AsyncIterator[bytes]:
+Progress = Callable[[int, int | None], None]
+
+
+class ReadSpool(ABC):
+    """Where a process keeps the objects it reads as they arrive (cli/transport/spool.py),
+    so that a read killed midway and run again fetches only the rest."""
+
+    @abstractmethod
+    def read(self, location: Location, progress: Progress | None) -> AsyncIterator[bytes]: ...
+
+
+_spool: ReadSpool | None = None
+
+
+def use_spool(spool: ReadSpool | None) -> None:
+    """Read every object through `spool` in this process from now on (`neon snapshot pull`)."""
+    global _spool
+    _spool = spool
+
+
+def read_object(location: Location, progress: Progress | None = None) -> AsyncIterator[bytes]:
     """The whole object, reopened at the offset reached when its stream is cut (up to
-    REOPEN_ATTEMPTS times, waiting a little longer each time)."""
+    REOPEN_ATTEMPTS times, waiting a little longer each time); through this process's spool
+    when it has one (`use_spool`)."""
+    if _spool is not None:
+        return _spool.read(location, progress)
+    return read_from(location, 0, progress)
+
+
+async def read_from(
+    location: Location,
+    start: int,
+    progress: Progress | None = None,
+    on_size: Callable[[int | None], None] | None = None,
+) -> AsyncIterator[bytes]:
+    """The object from offset `start` to its end, reopened where a cut stopped it;
+    `progress` gets the offset reached, `on_size` the object's size (when the transport
+    knows it) at each opening, before any byte."""
     name = location.object_name
-    done = 0
+    done = start
     cuts = 0
     while True:
         try:
             async with await location.store.open_read(name, done) as reader:
                 total = reader.size
+                if on_size is not None:
+                    on_size(total)
                 async for chunk in reader:
                     done += len(chunk)
                     if progress is not None:

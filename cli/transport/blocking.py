@@ -4,7 +4,9 @@ file object from a thread (`neon snapshot export` writes the `.neon` bytes so).
 The writer lives on an event loop of its own, in a thread: each `write` hands its chunk to
 that loop and waits until the transport took it, so memory stays bounded by the transport's
 own queue. Leaving the `with` block normally commits the object; leaving it by an exception
-(SIGINT included) aborts it, and nothing appears at the destination.
+(SIGINT included) aborts it, and nothing appears at the destination. With `resume`, the write
+is resumable (`Store.open_resumable`): an abort keeps what was sent for the next run, and
+`bytes_skipped` says how much of what was written the destination already held.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ T = TypeVar("T")
 class BlockingWriter:
     def __init__(
         self, location: Location, *, overwrite: bool,
-        on_write: Callable[[bytes], None] | None = None,
+        on_write: Callable[[bytes], None] | None = None, resume: bool = False,
     ) -> None:  # fmt: skip
         self._location, self._overwrite, self._on_write = location, overwrite, on_write
+        self._resume = resume
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="transport")
         self._writer: ObjectWriter | None = None
@@ -44,11 +47,9 @@ class BlockingWriter:
     def __enter__(self) -> BlockingWriter:
         self._thread.start()
         try:
-            self._writer = self._call(
-                self._location.store.open_write(
-                    self._location.object_name, overwrite=self._overwrite
-                )
-            )
+            store, name = self._location.store, self._location.object_name
+            opening = store.open_resumable if self._resume else store.open_write
+            self._writer = self._call(opening(name, overwrite=self._overwrite))
         except BaseException:
             self._stop()
             raise
@@ -62,6 +63,11 @@ class BlockingWriter:
         if self._on_write is not None:
             self._on_write(chunk)
         return len(chunk)
+
+    @property
+    def bytes_skipped(self) -> int:
+        """Of the bytes written, those a resumed write did not send (the far side had them)."""
+        return 0 if self._writer is None else self._writer.bytes_skipped
 
     def flush(self) -> None:
         """Nothing is buffered here."""

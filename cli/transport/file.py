@@ -2,7 +2,9 @@
 
 A write goes to a hidden temporary file beside the target (`.NAME.XXXX.partial`), is fsynced,
 and is linked to its name (refused if the name exists) or renamed over it (`overwrite`);
-the directory is fsynced after. Blocking file calls run in a thread.
+the directory is fsynced after. A resumable write (cli/transport/resume.py) uses
+`.NAME.partial` instead, kept when the write is interrupted, locked (flock) while a writer
+has it so that two pushes of one name never interleave. Blocking file calls run in a thread.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -27,11 +31,18 @@ from cli.transport.base import (
     already_exists,
     check_object_name,
 )
+from cli.transport.resume import (
+    PARTIAL_SUFFIX,
+    RESUME_BLOCK,
+    Partial,
+    PartialAppender,
+    ResumingWriter,
+    partial_name,
+)
 from pageserver_api.errors import error_from_os
-from proto.errors import InvalidArgument, NotFound
+from proto.errors import Conflict, InvalidArgument, NotFound
 
 URL_FORM = "file:///PATH or a path"
-PARTIAL_SUFFIX = ".partial"
 T = TypeVar("T")
 
 
@@ -118,6 +129,26 @@ class FileStore(Store):
 
         out, tmp = await _io(create, final)
         return FileWriter(out, tmp, final, overwrite)
+
+    async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        final = self._path(name)
+        self._check_directory()
+        tmp = self.directory / partial_name(name)
+
+        def open_partial() -> tuple[BinaryIO, Partial]:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+            out = os.fdopen(fd, "r+b", buffering=0)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                out.close()
+                raise Conflict(
+                    f"{final}: another push is writing it now ({tmp.name} is locked)"
+                ) from None
+            return out, read_partial(out)
+
+        out, partial = await _io(open_partial, final)
+        return ResumingWriter(partial, FileAppender(out, tmp, final, overwrite))
 
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         path = self._path(name)
@@ -209,6 +240,63 @@ class FileWriter(ObjectWriter):
 
         with contextlib.suppress(OSError):
             await asyncio.to_thread(remove)
+
+
+def read_partial(f: BinaryIO) -> Partial:
+    """The size and block digests of the partial object open as `f`."""
+    f.seek(0)
+    digests = []
+    while block := f.read(RESUME_BLOCK):
+        digests.append(hashlib.sha256(block).hexdigest())
+    return Partial(f.tell(), tuple(digests))
+
+
+class FileAppender(PartialAppender):
+    """`.NAME.partial`, open and locked: cut, appended to, then published as FileWriter
+    publishes its temporary file."""
+
+    def __init__(self, out: BinaryIO, tmp: Path, final: Path, overwrite: bool) -> None:
+        self._out, self._tmp, self._final, self._overwrite = out, tmp, final, overwrite
+
+    async def start(self, keep: int) -> None:
+        def cut() -> None:
+            self._out.truncate(keep)
+            self._out.seek(keep)
+
+        await _io(cut, self._final)
+
+    async def write(self, data: bytes) -> None:
+        await _io(lambda: self._out.write(data), self._final)
+
+    async def commit(self, size: int) -> None:
+        def publish() -> None:
+            with self._out:
+                os.fsync(self._out.fileno())
+                held = os.fstat(self._out.fileno()).st_size
+                if held != size:
+                    raise Conflict(f"{self._tmp} holds {held} bytes, not the {size} written")
+                if self._overwrite:
+                    os.replace(self._tmp, self._final)
+                else:
+                    _link_new(self._tmp, self._final)
+            _fsync_dir(self._final.parent)
+
+        try:
+            await _io(publish, self._final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._out.close()
+                self._tmp.unlink(missing_ok=True)  # not this write's bytes: never resumed
+            raise
+
+    async def abort(self) -> None:
+        def close() -> None:
+            with self._out:
+                if os.fstat(self._out.fileno()).st_size == 0:
+                    self._tmp.unlink(missing_ok=True)
+
+        with contextlib.suppress(OSError, ValueError):
+            await asyncio.to_thread(close)
 
 
 class FileReader(ObjectReader):

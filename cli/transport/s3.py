@@ -19,6 +19,15 @@ replaces an object written meanwhile; one that ignores it leaves a race between 
 the completion. A killed writer leaves a pending multipart upload, which is invisible and
 which a bucket's AbortIncompleteMultipartUpload lifecycle rule removes.
 
+Resumable write (`open_resumable`): an error or a cancellation leaves the multipart upload
+pending too, and the next resumable write of the key finds it again (ListMultipartUploads,
+ListParts): as the regenerated stream is cut into the same parts, a part the upload holds
+with the same size and MD5 (its ETag) is not sent again, any other is uploaded over it. The
+upload whose first part matches is the one continued (a first part differs: another stream,
+whose upload is aborted); the other pending uploads of the key are aborted. Parts are
+compared whole, so a part in flight when the writer died is sent again. Part sizes follow
+PART_SIZE (`NEON_S3_PART_SIZE`, at least 5 MiB on S3), which must be the same on the re-run.
+
 Read: GetObject with `Range: bytes=N-` from an offset; a cut body is a `StreamCut`, so
 `read_object` resumes where it stopped. List: ListObjectsV2 of the keys directly under the
 prefix (as a directory lists its files).
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -52,7 +62,7 @@ from proto.errors import AuthFailed, InvalidArgument, NeonError, NotFound, Unava
 URL_FORM = "s3://BUCKET/[PREFIX/]NAME"
 DEFAULT_REGION = "us-east-1"
 CONTENT_TYPE = "application/octet-stream"
-PART_SIZE = 16 * 1024 * 1024
+PART_SIZE = int(os.environ.get("NEON_S3_PART_SIZE") or 16 * 1024 * 1024)
 PARTS_IN_FLIGHT = 8
 PART_GROWTH_EVERY = 1000  # parts; then the part size doubles (16 MiB x 1000 = 16 GiB first)
 MAX_PART_SIZE = 5 * 1024**3  # S3's limit
@@ -278,6 +288,32 @@ class S3Store(Store):
             overwrite, PART_SIZE, PARTS_IN_FLIGHT,
         )  # fmt: skip
 
+    async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        shown = self.object_url(name)
+        key = self._key(name)
+        stack = AsyncExitStack()
+        with _s3_errors(shown, self.bucket, "upload to"):
+            try:
+                client = await stack.enter_async_context(self.client())
+                if not overwrite and await self._head(client, name) is not None:
+                    raise already_exists(shown)
+                pending = await pending_uploads(client, self.bucket, key)
+                upload_id = None
+                if not pending:
+                    answer = await client.create_multipart_upload(
+                        Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE
+                    )
+                    upload_id = str(answer["UploadId"])
+            except BaseException:
+                await stack.aclose()
+                raise
+        writer = S3Writer(
+            stack, client, self.bucket, key, upload_id, shown, overwrite, PART_SIZE,
+            PARTS_IN_FLIGHT, resumable=True,
+        )  # fmt: skip
+        writer.pending = pending
+        return writer
+
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         key = self._key(name)
         shown = self.object_url(name)
@@ -313,6 +349,42 @@ class S3Store(Store):
                 await client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
 
+async def pending_uploads(client: Any, bucket: str, key: str) -> list[PendingUpload]:
+    """The multipart uploads of `key` neither completed nor aborted, newest first, with
+    their parts; none when the credentials may not list them."""
+    from botocore.exceptions import ClientError
+
+    found = []
+    try:
+        pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key)
+        async for page in pages:
+            for upload in page.get("Uploads", []):
+                if upload["Key"] == key:
+                    found.append((upload.get("Initiated"), str(upload["UploadId"])))
+        found.sort(key=lambda u: (u[0] is not None, u[0]), reverse=True)
+        uploads = []
+        for _initiated, upload_id in found:
+            parts: dict[int, tuple[int, str]] = {}
+            listing = client.get_paginator("list_parts").paginate(
+                Bucket=bucket, Key=key, UploadId=upload_id
+            )
+            async for page in listing:
+                for part in page.get("Parts", []):
+                    etag = str(part["ETag"]).strip('"')
+                    parts[int(part["PartNumber"])] = (int(part["Size"]), etag)
+            uploads.append(PendingUpload(upload_id, parts))
+        return uploads
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code", "")) in _AUTH_CODES:
+            return []  # not allowed to list them: start afresh
+        raise
+
+
+def _md5(body: bytes) -> str:
+    """A part's ETag (unencrypted or SSE-S3 uploads): the MD5 of its bytes, in hex."""
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+
 def _invalid_range(exc: BaseException) -> bool:
     from botocore.exceptions import ClientError
 
@@ -332,19 +404,35 @@ def _total_size(answer: dict[str, Any], offset: int) -> int:
     return offset + int(answer["ContentLength"])
 
 
+@dataclass(frozen=True, slots=True)
+class PendingUpload:
+    """A multipart upload an interrupted write left: its parts' sizes and ETags by number."""
+
+    upload_id: str
+    parts: dict[int, tuple[int, str]]
+
+
 class S3Writer(ObjectWriter):
     """Buffers writes into parts of multipart upload `upload_id`; up to `parallel` parts
     upload at once (`write` waits for one to finish beyond that). An object smaller than
-    one part is put whole at commit instead (and the upload aborted)."""
+    one part is put whole at commit instead (and the upload aborted).
+
+    `resumable`: an abort leaves the upload pending; `pending` (uploads an interrupted write
+    left) are matched with the first part, and the chosen one's parts that match are not
+    sent again (`upload_id` is None until then)."""
 
     def __init__(
-        self, stack: AsyncExitStack, client: Any, bucket: str, key: str, upload_id: str,
-        shown: str, overwrite: bool, part_size: int, parallel: int,
+        self, stack: AsyncExitStack, client: Any, bucket: str, key: str, upload_id: str | None,
+        shown: str, overwrite: bool, part_size: int, parallel: int, resumable: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self._stack, self._client, self._bucket, self._key = stack, client, bucket, key
         self._shown, self._overwrite = shown, overwrite
         self._part_size, self._parallel = part_size, parallel
+        self._resumable = resumable
+        self.pending: list[PendingUpload] = []
+        self._held: dict[int, tuple[int, str]] = {}
+        self._sent_parts = 0
         self._buffer = bytearray()
         self._upload_id: str | None = upload_id
         self._etags: dict[int, str] = {}
@@ -378,12 +466,45 @@ class S3Writer(ObjectWriter):
             task.result()
 
     async def _start_part(self, body: bytes) -> None:
+        number = self._next_part
+        if number == 1 and self._upload_id is None:
+            await self._choose_upload(body)
+        held = self._held.get(number)
+        if held is not None and held == (len(body), _md5(body)):
+            self._next_part += 1
+            self._etags[number] = f'"{held[1]}"'
+            self.bytes_skipped += len(body)
+            return
         while len(self._tasks) >= self._parallel:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             self._raise_failed()
-        number = self._next_part
         self._next_part += 1
+        self._sent_parts += 1
         self._tasks.add(asyncio.ensure_future(self._upload_part(number, body)))
+
+    async def _choose_upload(self, first: bytes) -> None:
+        """Continue the pending upload whose first part is `first`, else start one; abort
+        the others (interrupted writes of another stream, or older ones)."""
+        digest = (len(first), _md5(first))
+        chosen = next((u for u in self.pending if u.parts.get(1) == digest), None)
+        await self._abort_pending(chosen)
+        if chosen is not None:
+            self._upload_id, self._held = chosen.upload_id, chosen.parts
+            return
+        with self._errors():
+            answer = await self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=self._key, ContentType=CONTENT_TYPE
+            )
+        self._upload_id = str(answer["UploadId"])
+
+    async def _abort_pending(self, keep: PendingUpload | None = None) -> None:
+        for upload in self.pending:
+            if upload is not keep:
+                with contextlib.suppress(Exception):
+                    await self._client.abort_multipart_upload(
+                        Bucket=self._bucket, Key=self._key, UploadId=upload.upload_id
+                    )
+        self.pending = []
 
     async def _upload_part(self, number: int, body: bytes) -> None:
         with self._errors():
@@ -401,6 +522,7 @@ class S3Writer(ObjectWriter):
                         Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer),
                         ContentType=CONTENT_TYPE, **self._condition(),
                     )  # fmt: skip
+                await self._abort_pending()
             else:
                 if self._buffer:
                     await self._start_part(bytes(self._buffer))
@@ -424,6 +546,9 @@ class S3Writer(ObjectWriter):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        keep = self._resumable and (self._sent_parts > 0 or self.bytes_skipped > 0)
+        if keep:
+            self._upload_id = None  # left pending for the next resumable write
         if self._upload_id is not None and not self._closed:
             with contextlib.suppress(Exception):
                 await self._client.abort_multipart_upload(

@@ -16,7 +16,10 @@ every path is one quoted argument, so no path is ever parsed as shell. A write s
 a hidden temporary file (`.NAME.XXXX.partial`) with `cat`; a second command checks its size
 against the bytes sent and only then links (or, with `overwrite`, renames) it to its name.
 A killed push leaves the temporary file, never a file at the name: the remote `cat` sees
-end-of-file, but nothing renames what it wrote.
+end-of-file, but nothing renames what it wrote. A resumable write (cli/transport/resume.py)
+keeps `.NAME.partial`: the far side sends the SHA-256 of each of its blocks (`sha256sum`,
+else `shasum -a 256` or `openssl dgst`; with none of them it starts afresh), `dd` cuts it
+where the regenerated stream first differs, and `cat >>` appends the rest.
 
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
@@ -45,6 +48,14 @@ from cli.transport.base import (
     already_exists,
     check_object_name,
 )
+from cli.transport.resume import (
+    NO_PARTIAL,
+    RESUME_BLOCK,
+    Partial,
+    PartialAppender,
+    ResumingWriter,
+    partial_name,
+)
 from proto.errors import AuthFailed, Conflict, InvalidArgument, NeonError, NotFound, Unavailable
 
 URL_FORM = "ssh://[USER@]HOST[:PORT]/PATH"
@@ -61,9 +72,10 @@ SSH_OPTIONS = (
     "ServerAliveCountMax=4",
 )
 CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
+LANDING_TIMEOUT = 5  # seconds for an aborted resumable write's bytes to reach its file
 
 # Exit statuses of the scripts (ssh itself exits 255).
-NOT_FOUND, EXISTS, SHORT, NO_DIR, IS_DIR = 3, 4, 5, 6, 7
+NOT_FOUND, EXISTS, SHORT, NO_DIR, IS_DIR, NO_CUT = 3, 4, 5, 6, 7, 8
 
 # $1 directory, $2 temporary file, $3 final name, $4 1 to overwrite.
 WRITE = (
@@ -81,6 +93,29 @@ COMMIT = (
     'if [ -e "$2" ] || [ -L "$2" ]; then rm -f -- "$1"; exit 4; fi; '
     'exec mv -f -- "$1" "$2"'
 )
+_CHECK_TARGET = (
+    '[ -d "$1" ] || exit 6; [ -d "$3" ] && exit 7; '
+    '[ "$4" = 1 ] || { [ ! -e "$3" ] && [ ! -L "$3" ]; } || exit 4; '
+)
+# $1 directory, $2 partial file, $3 final name, $4 1 to overwrite, $5 block size: the
+# partial file's size on a line (0: none, or no SHA-256 tool), then one digest per block.
+DIGESTS = _CHECK_TARGET + (
+    '[ -f "$2" ] && [ ! -L "$2" ] || { echo 0; exit 0; }; '
+    "if command -v sha256sum >/dev/null 2>&1; then h=sha256sum; "
+    'elif command -v shasum >/dev/null 2>&1; then h="shasum -a 256"; '
+    'elif command -v openssl >/dev/null 2>&1; then h="openssl dgst -sha256 -r"; '
+    "else echo 0; exit 0; fi; "
+    'n=$(wc -c < "$2") || exit 3; echo $n; i=0; '
+    "while [ $((i * $5)) -lt $n ]; do "
+    'dd if="$2" bs="$5" skip=$i count=1 2>/dev/null | $h || exit 9; i=$((i + 1)); done'
+)
+# As WRITE, into the partial file cut to its first $5 bytes (POSIX dd truncates its output
+# at `seek` when it copies nothing).
+APPEND = _CHECK_TARGET + (
+    '[ -L "$2" ] && exit 8; dd if=/dev/null of="$2" bs=1 seek="$5" 2>/dev/null || exit 8; '
+    'exec cat >> "$2"'
+)
+REMOVE_EMPTY = '[ -s "$1" ] || rm -f -- "$1"'
 # $1 file, $2 first byte (1-based): its size on a line, then its bytes from there.
 READ = '[ -f "$1" ] || exit 3; wc -c < "$1" || exit 3; exec tail -c +"$2" -- "$1"'
 STAT = '[ -f "$1" ] || exit 3; exec wc -c < "$1"'
@@ -231,6 +266,8 @@ class SshStore(Store):
             return Unavailable(
                 f"{where}: the far side holds fewer bytes than were sent (is its disk full?)"
             )
+        if status == NO_CUT:
+            return Unavailable(f"{where}: `dd` on {self.host} cannot cut its partial file")
         if status == IS_DIR:
             return Conflict(f"{where} is a directory; end the URL with '/' to name a file in it")
         return Unavailable(f"{where}: the remote command failed: {last}")
@@ -260,6 +297,15 @@ class SshStore(Store):
         proc = await self._spawn(WRITE, self.directory, tmp, final, flag, stdin=True)
         return SshWriter(self, proc, tmp, final, flag)
 
+    async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        final = self._path(name)
+        tmp = self._join(partial_name(name))
+        flag = "1" if overwrite else "0"
+        out = await self._run(
+            DIGESTS, self.directory, tmp, final, flag, str(RESUME_BLOCK), where=final
+        )
+        return ResumingWriter(_partial(out), SshAppender(self, tmp, final, flag))
+
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         path = self._path(name)
         proc = await self._spawn(READ, path, str(offset + 1))
@@ -281,12 +327,27 @@ def _size(raw: bytes, where: str) -> int:
         ) from None
 
 
+def _partial(out: bytes) -> Partial:
+    """The DIGESTS script's answer; anything unexpected: no partial file to resume."""
+    lines = out.decode(errors="replace").split()
+    try:
+        size = int(lines[0])
+        return Partial(size, tuple(line for line in lines[1:] if len(line) == 64))
+    except (IndexError, ValueError):
+        return NO_PARTIAL
+
+
 class SshWriter(ObjectWriter):
+    """`cat` on the far side writing `tmp`, published by COMMIT; `base` bytes were there
+    before (a resumed write), and `resumable` keeps `tmp` when the write is aborted."""
+
     def __init__(
-        self, store: SshStore, proc: asyncio.subprocess.Process, tmp: str, final: str, flag: str
-    ) -> None:
+        self, store: SshStore, proc: asyncio.subprocess.Process, tmp: str, final: str, flag: str,
+        base: int = 0, resumable: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self._store, self._proc, self._tmp, self._final, self._flag = store, proc, tmp, final, flag
+        self._base, self._resumable = base, resumable
         assert proc.stderr is not None and proc.stdout is not None
         self._stderr = asyncio.ensure_future(proc.stderr.read())
         self._stdout = asyncio.ensure_future(proc.stdout.read())
@@ -319,7 +380,7 @@ class SshWriter(ObjectWriter):
             if status != 0:
                 raise self._store.error(status, await self._stderr, self._final)
             await self._store._run(
-                COMMIT, self._tmp, self._final, str(self.bytes_written), self._flag,
+                COMMIT, self._tmp, self._final, str(self._base + self.bytes_written), self._flag,
                 where=self._final,
             )  # fmt: skip
         except BaseException:
@@ -327,16 +388,51 @@ class SshWriter(ObjectWriter):
             raise
 
     async def abort(self) -> None:
+        if self._resumable and self._proc.returncode is None and self._proc.stdin is not None:
+            # What was sent is kept for the next run: let it land rather than cut the pipe.
+            self._proc.stdin.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), LANDING_TIMEOUT)
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             await self._proc.wait()
         for task in (self._stderr, self._stdout):
             task.cancel()
+        script = REMOVE_EMPTY if self._resumable else DELETE
         with contextlib.suppress(Exception):  # best effort: the file is hidden anyway
             await asyncio.wait_for(
-                self._store._run(DELETE, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
+                self._store._run(script, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
             )
+
+
+class SshAppender(PartialAppender):
+    """The partial file on the far side, appended to by an SshWriter once cut."""
+
+    def __init__(self, store: SshStore, tmp: str, final: str, flag: str) -> None:
+        self._store, self._tmp, self._final, self._flag = store, tmp, final, flag
+        self._writer: SshWriter | None = None
+
+    async def start(self, keep: int) -> None:
+        store = self._store
+        proc = await store._spawn(
+            APPEND, store.directory, self._tmp, self._final, self._flag, str(keep), stdin=True
+        )
+        self._writer = SshWriter(store, proc, self._tmp, self._final, self._flag, keep, True)
+
+    async def write(self, data: bytes) -> None:
+        assert self._writer is not None
+        await self._writer.write(data)
+
+    async def commit(self, size: int) -> None:
+        assert self._writer is not None
+        if size != self._writer._base + self._writer.bytes_written:
+            raise Conflict(f"{self._store.path_url(self._tmp)}: not the bytes written")
+        await self._writer.commit()
+
+    async def abort(self) -> None:
+        if self._writer is not None:
+            await self._writer.abort()
 
 
 class SshReader(ObjectReader):

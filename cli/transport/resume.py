@@ -1,0 +1,149 @@
+"""Resuming a write into a partial object that an interrupted write of the same name left
+(file and ssh: a hidden `.NAME.partial` beside the target).
+
+Why regenerate and compare rather than trust: the writer never knows what the partial object
+holds (another snapshot, a full file where this is a delta, a torn tail, damage). A `.neon`
+stream is a pure function of the snapshot (docs/snapshot-format.md, Reproducibility), so the
+pusher produces it again from its first byte and `PrefixMatcher` compares it, block by block,
+with the SHA-256 of each RESUME_BLOCK of the partial object, computed where it lies (locally
+or by the far side's `sha256sum`): only digests cross the link. The blocks that match are
+kept and not sent; at the first block that differs (or where the partial object ends) it is
+cut, and everything from there is written. Memory: one block. So the finished object is the
+very bytes of an uninterrupted write, or the write fails its size check; a partial object of
+another stream is cut at its first block, i.e. discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from cli.transport.base import ObjectWriter
+
+RESUME_BLOCK = 4 * 1024 * 1024
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_name(name: str) -> str:
+    """The hidden name a resumable write of `name` keeps its bytes under until it commits:
+    one per target, so that a re-run finds it (a write of another stream discards it)."""
+    return f".{name}{PARTIAL_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """What a partial object holds: its size and the SHA-256 (hex) of each of its
+    RESUME_BLOCK-sized blocks (the last one may be shorter)."""
+
+    size: int
+    digests: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.digests) != -(-self.size // RESUME_BLOCK):
+            raise ValueError(f"{len(self.digests)} block digests for {self.size} bytes")
+
+
+NO_PARTIAL = Partial(0)
+
+
+class PrefixMatcher:
+    """Compares the stream being written with a partial object's blocks (sans I/O).
+
+    `feed` returns None while the stream matches (its bytes need not be sent); then, once,
+    `(keep, data)`: keep the partial object's first `keep` bytes, cut the rest, and send
+    `data` after them (the bytes of the first block that differed, or those past the partial
+    object's end). `finish`, at the stream's end while still matching, returns the same."""
+
+    def __init__(self, partial: Partial) -> None:
+        self._partial = partial
+        self._block = 0
+        self._buffer = bytearray()
+        self.kept = 0
+
+    def _expected(self) -> int:
+        """The length of the partial object's current block (0: past its end)."""
+        return max(0, min(RESUME_BLOCK, self._partial.size - self._block * RESUME_BLOCK))
+
+    def feed(self, data: bytes) -> tuple[int, bytes] | None:
+        view = memoryview(data)
+        while view:
+            expected = self._expected()
+            if expected == 0:
+                return self._diverge(bytes(view))
+            take = expected - len(self._buffer)
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) < expected:
+                return None
+            if hashlib.sha256(self._buffer).hexdigest() != self._partial.digests[self._block]:
+                return self._diverge(bytes(view))
+            self.kept += expected
+            self._block += 1
+            self._buffer.clear()
+        return None
+
+    def _diverge(self, rest: bytes) -> tuple[int, bytes]:
+        data = bytes(self._buffer) + rest
+        self._buffer.clear()
+        return self.kept, data
+
+    def finish(self) -> tuple[int, bytes]:
+        return self._diverge(b"")
+
+
+class PartialAppender(ABC):
+    """A transport's partial object, written by `ResumingWriter`."""
+
+    @abstractmethod
+    async def start(self, keep: int) -> None:
+        """Cut the partial object to its first `keep` bytes; later writes append."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def commit(self, size: int) -> None:
+        """Check the partial object holds `size` bytes and put it at its name (it is
+        removed when it cannot be: a wrong size, the name taken meanwhile)."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Stop writing and keep what the partial object holds for the next write (an
+        empty one is removed)."""
+
+
+class ResumingWriter(ObjectWriter):
+    """An ObjectWriter that skips the bytes a partial object already holds (`PrefixMatcher`),
+    then appends to it through a `PartialAppender`."""
+
+    def __init__(self, partial: Partial, appender: PartialAppender) -> None:
+        super().__init__()
+        self._matcher: PrefixMatcher | None = PrefixMatcher(partial)
+        self._appender = appender
+
+    async def _start(self, keep: int, data: bytes) -> None:
+        self._matcher = None
+        self.bytes_skipped = keep
+        await self._appender.start(keep)
+        if data:
+            await self._appender.write(data)
+
+    async def write(self, data: bytes) -> None:
+        self.bytes_written += len(data)
+        if self._matcher is None:
+            await self._appender.write(data)
+        elif (diverged := self._matcher.feed(data)) is not None:
+            await self._start(*diverged)
+
+    async def commit(self) -> None:
+        try:
+            if self._matcher is not None:
+                await self._start(*self._matcher.finish())
+            await self._appender.commit(self.bytes_written)
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def abort(self) -> None:
+        await self._appender.abort()
