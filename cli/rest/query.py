@@ -275,8 +275,8 @@ def check_columns(request: ReadRequest, relation: Relation) -> None:
 
 
 def select_statement(request: ReadRequest, relation: Relation) -> Statement:
-    """One row: the JSON array of the rows (as PostgreSQL's json_agg renders them, as
-    PostgREST does) and how many there are."""
+    """One row: the JSON array of the rows (each as PostgreSQL's row_to_json renders it, as
+    PostgREST does; compact) and how many there are."""
     check_columns(request, relation)
     params: list[object] = []
     columns = request.select or tuple(relation.columns)
@@ -290,7 +290,8 @@ def select_statement(request: ReadRequest, relation: Relation) -> Statement:
     if request.offset:
         params.append(request.offset)
         inner += f" OFFSET ${len(params)}::bigint"
-    sql = f"SELECT coalesce(json_agg(_r.*), '[]')::text, count(*) FROM ({inner}) AS _r"
+    rows = "'[' || string_agg(row_to_json(_r.*)::text, ',') || ']'"
+    sql = f"SELECT coalesce({rows}, '[]'), count(*) FROM ({inner}) AS _r"
     return Statement(sql, tuple(params))
 
 

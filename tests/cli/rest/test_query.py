@@ -32,7 +32,10 @@ T = Relation(
 def inner(request: ReadRequest, relation: Relation = T) -> tuple[str, tuple[object, ...]]:
     """The statement's inner SELECT (what is aggregated into JSON), and its parameters."""
     statement = select_statement(request, relation)
-    prefix = "SELECT coalesce(json_agg(_r.*), '[]')::text, count(*) FROM ("
+    prefix = (
+        "SELECT coalesce('[' || string_agg(row_to_json(_r.*)::text, ',') || ']', '[]'), "
+        "count(*) FROM ("
+    )
     assert statement.sql.startswith(prefix) and statement.sql.endswith(") AS _r")
     return statement.sql[len(prefix) : -len(") AS _r")], statement.params
 
