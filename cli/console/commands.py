@@ -48,6 +48,18 @@ def error_line(output: str) -> str | None:
     return None
 
 
+def failure(output: str, returncode: int) -> str:
+    """The one line a failed command is shown by: its error line; for a crash, the last
+    line of its traceback (the exception); else its exit code."""
+    found = error_line(output)
+    if found is not None:
+        return found
+    lines = [line for line in output.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:
+        return f"neon failed: {lines[-1]} (exit {returncode})"
+    return f"exit {returncode}"
+
+
 class CliFailed(Exception):
     """A `neon` command the console ran failed; the message is the CLI's own line."""
 
@@ -82,9 +94,7 @@ class Cli:
                 proc.send_signal(signal.SIGINT)
             raise
         if proc.returncode != 0:
-            text = err.decode(errors="replace")
-            message = error_line(text) or (text.strip().splitlines() or ["no output"])[-1]
-            raise CliFailed(args, f"{message} (exit {proc.returncode})")
+            raise CliFailed(args, failure(err.decode(errors="replace"), proc.returncode or 1))
         return out.decode(errors="replace")
 
     async def json(self, args: Sequence[str]) -> Any:
@@ -117,7 +127,11 @@ class Job:
     def error(self) -> str | None:
         if self.returncode in (None, 0):
             return None
-        return error_line("\n".join(self.lines)) or f"exit {self.returncode}"
+        return failure("\n".join(self.lines), self.returncode or 1)
+
+    @property
+    def crashed(self) -> bool:
+        return "Traceback (most recent call last):" in self.lines
 
     async def follow(self) -> AsyncIterator[str]:
         """Every output line, those already printed first, until the command ends."""

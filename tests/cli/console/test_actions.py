@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cli.console import actions
-from cli.console.commands import cli_argv, command_line, error_line, lsn_argument
+from cli.console.commands import cli_argv, command_line, error_line, failure, lsn_argument
 
 
 def test_command_lines_are_quoted_for_a_shell() -> None:
@@ -104,5 +104,9 @@ def test_a_checkout_after_another_checkout_is_refused() -> None:
 def test_cli_output_helpers() -> None:
     assert error_line("x\nneon: error: node 'p' does not exist\n") == "node 'p' does not exist"
     assert error_line("fine\n") is None
+    assert failure("neon: error: gone\n", 1) == "gone"
+    crash = "Traceback (most recent call last):\n  File x\nImportError: no name y\n"
+    assert failure(crash, 1) == "neon failed: ImportError: no name y (exit 1)"
+    assert failure("", 2) == "exit 2"
     assert lsn_argument("22027736") == "0/01501DD8"
     assert lsn_argument(" 0/1501DD8 ") == "0/1501DD8"

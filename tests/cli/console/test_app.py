@@ -88,3 +88,19 @@ async def test_another_host_is_refused(client: TestClient) -> None:
     ok = await client.get("/login?token=login-token", allow_redirects=False)
     assert ok.status == 303
     assert re.match(r"^[\w-]+$", ok.cookies[COOKIE].value)
+
+
+async def test_a_failed_read_is_said_on_the_page_which_retries(tmp_path: Path) -> None:
+    """The CLI's one line (here: a home that cannot be used), no traceback, and a page that
+    reloads itself until the reads work again."""
+    home = tmp_path / "not-a-directory"
+    home.write_text("")
+    app = create_app(home, Sessions("t"))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        await client.get("/login?token=t", allow_redirects=False)
+        response = await client.get("/")
+        assert response.status == 200
+        page = await response.text()
+        assert 'id="read-error"' in page and "`neon pg list --json` failed: " in page
+        assert "(retrying every 5 s)" in page and 'http-equiv="refresh" content="5"' in page
+        assert "Traceback" not in page
