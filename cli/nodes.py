@@ -568,6 +568,7 @@ def unregister_from_pageserver(app: App, node: NodeRow) -> None:
 def destroy_node(app: App, node: NodeRow) -> list[Path]:
     """Stop and delete the node; the files of its absolute tablespaces removed (their
     locations stay: the user's directories)."""
+    rest_control.remove(app, node.id)
     postmaster.stop(node.datadir, "immediate")
     removed = remove_left_locations(node.datadir, None)
     _remove_node_files(app, node)
