@@ -93,19 +93,24 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _handle(request: web.Request) -> web.StreamResponse:
     target = parse_path(request.path)
     sources = request.app[_SOURCES]
-    source = await sources.source(target)
-    try:
-        async with (
-            source.pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            if target.table is None:
-                return await _openapi(request, conn, target, source.label)
-            return await _rows(request, conn, target)
-    except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as exc:
-        await sources.forget(source.label)
-        where = f"snapshot {source.label}" if source.label else "the node"
-        raise NotAvailable(f"{where} cannot be reached: {exc}") from None
+    for attempt in range(2):
+        source = await sources.source(target)
+        try:
+            async with (
+                source.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                if target.table is None:
+                    return await _openapi(request, conn, target, source.label)
+                return await _rows(request, conn, target)
+        except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as exc:
+            # The server restarted (a checkout) or went away (`snapshot stop`): reconnect
+            # (restart) once.
+            await sources.forget(source.label)
+            if attempt:
+                where = f"snapshot {source.label}" if source.label else "the node"
+                raise NotAvailable(f"{where} cannot be reached: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 class NotAvailable(NeonError):

@@ -456,3 +456,34 @@ def test_pg_stop_stops_rest(rest: Rest) -> None:
     assert not pid_alive(int(info["pid"]))
     assert not _port_open(int(info["port"]))
     assert "is not running" in rest.neon.fail("pg", "start-rest", "pgdata1")
+
+
+def test_a_killed_daemons_servers_are_stopped_by_stop_rest(rest: Rest) -> None:
+    rest.neon.run("pg", "start", "pgdata1")
+    rest.info = rest.neon.json("pg", "start-rest", "pgdata1", "--port", str(free_port()))
+    assert rest.rows(f"/@{SNAP}/items?id=eq.1&select=name") == [
+        {"name": rest.snapshot_rows[0]["name"]}
+    ]
+    pid = int(rest.info["pid"])
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not pid_alive(pid):
+            break
+        time.sleep(0.05)
+    assert rest.neon.json("pg", "show", "pgdata1")["rest"] is None
+    out = rest.neon.run("pg", "stop-rest", "pgdata1").stdout
+    assert out.startswith("No REST server was running")
+    error = rest.neon.fail("snapshot", "stop", SNAP)  # the killed daemon's server is gone
+    assert "no read-only server runs over pgdata1@before" in error
+    assert not (rest.neon.home / "rest" / "primary1" / "rest.json").exists()
+
+
+def test_pg_destroy_stops_rest(rest: Rest) -> None:
+    rest.info = rest.neon.json("pg", "start-rest", "pgdata1", "--port", str(free_port()))
+    pid, port = int(rest.info["pid"]), int(rest.info["port"])
+    assert rest.rows("/items?id=eq.2&select=id") == [{"id": 2}]
+    rest.neon.run("pg", "destroy", "--yes", "pgdata1")
+    assert not pid_alive(pid)
+    assert not _port_open(port)
+    assert not (rest.neon.home / "rest" / "primary1").exists()
+    assert not (rest.neon.home / "secrets" / "node.primary1.rest-token").exists()
