@@ -40,14 +40,17 @@ def _field(form: Mapping[str, str], key: str) -> str:
     return value
 
 
-def _pg_start(f: Mapping[str, str]) -> Action:
-    node = _field(f, "node")
-    return Action("pg-start", ("pg", "start", node), f"node {node}")
+Builder = Callable[[Mapping[str, str]], Action]
 
 
-def _pg_stop(f: Mapping[str, str]) -> Action:
-    node = _field(f, "node")
-    return Action("pg-stop", ("pg", "stop", node), f"node {node}")
+def _on_one(name: str, key: str, *command: str) -> Builder:
+    """An action whose command ends with one name from the form (a node or a snapshot)."""
+
+    def build(form: Mapping[str, str]) -> Action:
+        value = _field(form, key)
+        return Action(name, (*command, value), f"{key} {value}")
+
+    return build
 
 
 def _snapshot_create(f: Mapping[str, str]) -> Action:
@@ -73,32 +76,25 @@ def _snapshot_destroy(f: Mapping[str, str]) -> Action:
     )
 
 
-def _snapshot_start(f: Mapping[str, str]) -> Action:
-    snapshot = _field(f, "snapshot")
-    return Action("snapshot-start", ("snapshot", "start", snapshot), f"snapshot {snapshot}")
-
-
-def _snapshot_stop(f: Mapping[str, str]) -> Action:
-    snapshot = _field(f, "snapshot")
-    return Action("snapshot-stop", ("snapshot", "stop", snapshot), f"snapshot {snapshot}")
-
-
 def _pitr_extract(f: Mapping[str, str]) -> Action:
     area = _field(f, "area")
-    args = ["pitr", "extract-snapshot", area, "--lsn", lsn_argument(_field(f, "lsn"))]
+    if (f.get("time") or "").strip():  # the time form: the last commit at or before it
+        args = ["pitr", "extract-snapshot", area, "--time", _field(f, "time")]
+    else:  # the slider's LSN
+        args = ["pitr", "extract-snapshot", area, "--lsn", lsn_argument(_field(f, "lsn"))]
     if (f.get("tag") or "").strip():
         args += ["--as", _field(f, "tag")]
     return Action("pitr-extract", tuple(args), None)
 
 
-BUILDERS: dict[str, Callable[[Mapping[str, str]], Action]] = {
-    "pg-start": _pg_start,
-    "pg-stop": _pg_stop,
+BUILDERS: dict[str, Builder] = {
+    "pg-start": _on_one("pg-start", "node", "pg", "start"),
+    "pg-stop": _on_one("pg-stop", "node", "pg", "stop"),
     "snapshot-create": _snapshot_create,
     "pg-checkout": _pg_checkout,
     "snapshot-destroy": _snapshot_destroy,
-    "snapshot-start": _snapshot_start,
-    "snapshot-stop": _snapshot_stop,
+    "snapshot-start": _on_one("snapshot-start", "snapshot", "snapshot", "start"),
+    "snapshot-stop": _on_one("snapshot-stop", "snapshot", "snapshot", "stop"),
     "pitr-extract": _pitr_extract,
 }
 

@@ -176,7 +176,7 @@ def _walk_through(
 
     # PITR: a point chosen on the slider is extracted as a snapshot there.
     page.goto(base + "/pitr")
-    area = page.locator('section[data-area="area1"]')
+    area = page.locator('section[data-area="area1"] form.extract')
     slider = area.locator("input.lsn-slider")
     box = slider.bounding_box()
     assert box is not None

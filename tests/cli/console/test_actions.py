@@ -37,6 +37,11 @@ def test_command_lines_are_quoted_for_a_shell() -> None:
             {"area": "a1", "lsn": "0/1500028", "tag": "before"},
             "neon pitr extract-snapshot a1 --lsn 0/1500028 --as before",
         ),
+        (
+            "pitr-extract",
+            {"area": "a1", "lsn": "", "time": "2026-11-01T12:00:00+00:00"},
+            "neon pitr extract-snapshot a1 --time 2026-11-01T12:00:00+00:00",
+        ),
     ],
 )
 def test_each_action_is_the_command_it_shows(name: str, form: dict[str, str], command: str) -> None:
