@@ -423,6 +423,14 @@ def test_lsn_time_travel(rest: Rest) -> None:
     assert status in (400, 404) and body["message"]
 
 
+def test_survives_a_checkout(rest: Rest) -> None:
+    """A checkout restarts the node: the next request reconnects and reads the new state."""
+    assert rest.rows("/items?id=eq.1&select=name") == [{"name": "changed"}]
+    rest.neon.run("pg", "checkout", SNAP)
+    assert rest.rows("/items?order=id") == rest.snapshot_rows
+    assert sql_rows(rest.connstr) == rest.snapshot_rows
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(2)
