@@ -4,15 +4,24 @@ http(s)://, s3://).
 
 push: the daemon's `.neon` stream, the very bytes `neon snapshot export` writes
 (`write_snapshot_file`), goes straight into the transport's writer: nothing is staged, and the
-file appears at the destination only once complete and checked there (an error or SIGINT
-aborts the write; a SIGKILL leaves at most a hidden temporary file). Incremental: the pusher
-first reads the manifests of the `.neon` files at the destination (`delta_candidates`); the
-snapshots of this home among them are offered to the daemon, which writes a delta on the
-newest that is an ancestor of SNAP (only the pages written since), or a whole file when none
-is; `--full` always sends a whole one. pull: `neon snapshot
-import` of the URL (`import_snapshot`): the file is read through the transport, a cut stream
-is resumed where it stopped, every frame is verified before use, and the snapshot appears only
-once the whole file checked out.
+file appears at the destination only once complete and checked there. The write is
+resumable (`Store.open_resumable`): an error, SIGINT or SIGKILL leaves what was sent hidden
+at the destination (file, ssh: `.NAME.partial`; s3: the pending multipart upload), and the
+same push run again regenerates the same bytes (a snapshot's `.neon` file is the same at
+every export) and sends only what the destination lacks, after checking what it holds is
+those bytes (cli/transport/resume.py); http and neon:// send everything again.
+
+Incremental: the pusher first reads the manifests of the `.neon` files at the destination
+(`delta_candidates`); the snapshots of this home among them are offered to the daemon, which
+writes a delta on the newest that is an ancestor of SNAP (only the pages written since), or a
+whole file when none is; `--full` always sends a whole one.
+
+pull: `neon snapshot import` of the URL (`import_snapshot`): the file is read through the
+transport, a cut stream is resumed where it stopped, every frame is verified before use, and
+the snapshot appears only once the whole file checked out. What arrives is also kept in the
+storage's private spool (cli/transport/spool.py), so a pull killed midway and run again reads
+those bytes locally (verified again) and fetches only the rest; a spool that does not check
+out is dropped and the pull runs once more from the start.
 """
 
 from __future__ import annotations
@@ -35,13 +44,15 @@ from cli.snapshot_export import export_file_name, write_snapshot_file
 from cli.snapshot_file_source import is_snapshot_file, resolve_chain, snapshots_in
 from cli.storages import DEFAULT_STORAGE, secret_path
 from cli.transport import is_transport_url, parse_location
-from cli.transport.base import Location, already_exists
+from cli.transport.base import Location, already_exists, use_spool
 from cli.transport.blocking import BlockingWriter
+from cli.transport.file import FileStore
 from cli.transport.neon import NeonStore, use_token
 from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
+from cli.transport.spool import SPOOL_DIR, PullSpool
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import BasebackupPlanRequest, SnapshotShowRequest
-from proto.errors import CorruptData, InvalidArgument
+from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
 
 URL_FORMS = (
@@ -209,18 +220,22 @@ def snapshot_push(
     sent = _Sent(progress)
     started = time.monotonic()
     try:
-        with BlockingWriter(location, overwrite=force, on_write=sent.add) as out:
+        with BlockingWriter(location, overwrite=force, on_write=sent.add, resume=True) as out:
             result = write_snapshot_file(app, snap, out, candidates)
     finally:
         progress.close()
     seconds = time.monotonic() - started
     full_size = result.full_tar_bytes or result.tar_bytes
+    resumed = out.bytes_skipped  # what an interrupted push left there: not sent again
+    sent_bytes = sent.bytes - resumed
     if as_json:
         print_json(
             {
                 "snapshot": name,
                 "url": location.url,
-                "bytes_sent": sent.bytes,
+                "bytes_sent": sent_bytes,
+                "bytes_resumed": resumed,
+                "file_bytes": sent.bytes,
                 "snapshot_bytes": full_size,
                 "seconds": round(seconds, 3),
                 "sha256": sent.sha256.hexdigest(),
@@ -230,11 +245,12 @@ def snapshot_push(
             }
         )
         return
-    share = f" ({100 * sent.bytes / full_size:.1f}%)" if full_size else ""
+    share = f" ({100 * sent_bytes / full_size:.1f}%)" if full_size else ""
     how = f" (incremental on {result.parent})" if result.parent else ""
+    again = f", resumed at {human_size(resumed)} ({resumed} bytes)" if resumed else ""
     click.echo(
-        f"Pushed {name} to {location.url}{how}: {human_size(sent.bytes)} sent for "
-        f"{human_size(full_size)} of data{share} in {seconds:.1f} s"
+        f"Pushed {name} to {location.url}{how}: {human_size(sent_bytes)} sent for "
+        f"{human_size(full_size)} of data{share} in {seconds:.1f} s{again}"
     )
 
 
@@ -261,7 +277,7 @@ def snapshot_pull(
 ) -> None:  # fmt: skip
     """Fetch a .neon file from URL as snapshot NAME (default: the file's name)."""
     # Imported here: cli.snapshot_commands imports this module to register the commands.
-    from cli.snapshot_commands import import_snapshot
+    from cli.snapshot_commands import import_snapshot, native_storage_path
 
     app = get_app(ctx)
     location = parse_transfer_url(app, url, endpoint_url)
@@ -276,9 +292,34 @@ def snapshot_pull(
             )
         source = str(path)
     name = name if name is not None else snapshot_name_of(location)
-    progress = _Received(not as_json and sys.stderr.isatty(), f"Pulling {name}")
+    show = not as_json and sys.stderr.isatty()
     started = time.monotonic()
-    snap = import_snapshot(app, source, name, storage, progress)
+    # A local file is read again where it is; anything fetched goes through a spool.
+    spool = None
+    if not isinstance(location.store, FileStore):
+        spool = PullSpool(native_storage_path(app, storage) / SPOOL_DIR)
+        spool.prepare()
+    use_spool(spool)
+    progress = _Received(show, f"Pulling {name}")
+    resumed = 0
+    try:
+        snap = import_snapshot(app, source, name, storage, progress)
+    except CorruptData:
+        if spool is None or not spool.resumed:
+            raise
+        spool.discard()  # what earlier runs kept did not check out: from the start
+        progress = _Received(show, f"Pulling {name}")
+        snap = import_snapshot(app, source, name, storage, progress)
+    except (InvalidArgument, NotFound):
+        if spool is not None:
+            spool.discard()  # no run will use them
+        raise
+    finally:
+        use_spool(None)
+    received = progress.bytes
+    if spool is not None:
+        received, resumed = spool.fetched, spool.resumed
+        spool.discard()
     seconds = time.monotonic() - started
     if as_json:
         print_json(
@@ -286,12 +327,14 @@ def snapshot_pull(
                 **snap.to_wire(),
                 "lsn_text": snap.lsn_text,
                 "url": location.url,
-                "bytes_received": progress.bytes,
+                "bytes_received": received,
+                "bytes_resumed": resumed,
                 "seconds": round(seconds, 3),
             }
         )
         return
+    again = f", resumed at {human_size(resumed)} ({resumed} bytes)" if resumed else ""
     click.echo(
-        f"Pulled {location.url} as snapshot {snap.name}: {human_size(progress.bytes)} in "
-        f"{seconds:.1f} s"
+        f"Pulled {location.url} as snapshot {snap.name}: {human_size(received)} in "
+        f"{seconds:.1f} s{again}"
     )

@@ -1,0 +1,200 @@
+"""Resumable push and pull between two homes (issue 12 item 3, acceptance "Resume"): a push
+and a pull SIGKILLed at several seeded random points, then run again, end with the very bytes
+of an uninterrupted push (same SHA-256) and send less than a whole transfer; no kill leaves a
+file at the destination's name or a snapshot on the receiver. Over a directory and s3 (moto,
+parts of 1 MiB) for push, s3 for pull."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli.transport.resume import partial_name
+from cli.transport.spool import SPOOL_DIR
+from tests.e2e.test_snapshot_delta import node_dump
+from tests.e2e.test_snapshot_export import snapshot_dump
+from tests.neoncli import NEON, NeonCli, free_port, psql
+from tests.pgtest import pg_reachable_tmpdir
+from tests.s3d import MotoS3, moto_s3
+
+SNAP = "pgdata1@s1"
+FILE = "pgdata1@s1.neon"
+PART = 1024 * 1024
+KILLS = 3
+SEED = 20261204
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    path = pg_reachable_tmpdir("neon-resume-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3d() -> Iterator[MotoS3]:
+    import moto.s3.models
+
+    saved = moto.s3.models.S3_UPLOAD_PART_MIN_SIZE
+    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 1  # parts of 1 MiB: many from a small file
+    try:
+        with moto_s3() as server:
+            yield server
+    finally:
+        moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = saved
+
+
+@pytest.fixture(scope="module")
+def sender(base: Path, s3d: MotoS3) -> Iterator[NeonCli]:
+    """A snapshot whose .neon file is about 15 MB (hex text compresses about twofold)."""
+    neon = NeonCli(base / "sender", {**s3d.env(), "NEON_S3_PART_SIZE": str(PART)})
+    try:
+        neon.run("pg", "create", "--port", str(free_port()))
+        c = str(neon.json("pg", "show", "pgdata1")["connstr"])
+        psql(
+            c,
+            "CREATE TABLE r AS SELECT g, (SELECT string_agg(md5(random()::text || g || i),"
+            " '') FROM generate_series(1, 30) i) AS v FROM generate_series(1, 30000) g",
+        )
+        neon.run("snapshot", "create", SNAP)
+        yield neon
+    finally:
+        neon.cleanup()
+
+
+@pytest.fixture(scope="module")
+def receiver(base: Path, s3d: MotoS3) -> Iterator[NeonCli]:
+    neon = NeonCli(base / "receiver", s3d.env())
+    try:
+        yield neon
+    finally:
+        neon.cleanup()
+
+
+@pytest.fixture(scope="module")
+def reference(sender: NeonCli, base: Path) -> dict[str, Any]:
+    """An uninterrupted push: the bytes every resumed one must end with."""
+    out = base / "reference.neon"
+    pushed = sender.json("snapshot", "push", "--to", str(out), SNAP)
+    data = out.read_bytes()
+    assert pushed["bytes_sent"] == len(data) > 12 * PART
+    assert pushed["sha256"] == hashlib.sha256(data).hexdigest()
+    # The stream is the same at every export: a second push, the same bytes.
+    again = sender.json("snapshot", "push", "--to", str(base / "again.neon"), SNAP)
+    assert again["sha256"] == pushed["sha256"]
+    return {"size": len(data), "sha256": pushed["sha256"]}
+
+
+def kill_points(size: int, salt: int) -> list[int]:
+    """KILLS points, ascending, between a tenth and two thirds of `size`."""
+    rng = random.Random(SEED + salt)
+    return sorted(rng.randrange(size // 10, 2 * size // 3) for _ in range(KILLS))
+
+
+def kill_when(home: NeonCli, args: list[str], reached: Callable[[], int], at: int) -> None:
+    """Run `neon ARGS` and SIGKILL it once `reached()` (bytes at the far side) is `at`; it
+    must not have finished first."""
+    proc = subprocess.Popen(
+        [NEON, *args], env=home.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        while proc.poll() is None and reached() < at:
+            pass
+        assert proc.poll() is None, f"neon {' '.join(args)} ended before {at} bytes"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def resumed_push(
+    sender: NeonCli, url: str, reached: Callable[[], int], visible: Callable[[], bool],
+    reference: dict[str, Any], salt: int,
+) -> dict[str, Any]:  # fmt: skip
+    for at in kill_points(reference["size"], salt):
+        kill_when(sender, ["snapshot", "push", "--to", url, SNAP], reached, at)
+        assert not visible(), f"a push killed at {at} bytes left a visible file"
+    pushed: dict[str, Any] = sender.json("snapshot", "push", "--to", url, SNAP)
+    print(f"resumed push to {url}: {pushed['bytes_sent']} of {reference['size']} bytes sent, "
+          f"resumed at {pushed['bytes_resumed']}")  # fmt: skip
+    assert pushed["sha256"] == reference["sha256"]
+    assert pushed["bytes_resumed"] > 0 and pushed["bytes_sent"] < reference["size"]
+    assert pushed["bytes_sent"] + pushed["bytes_resumed"] == reference["size"]
+    return pushed
+
+
+def test_push_to_a_directory_killed_and_resumed(
+    sender: NeonCli, base: Path, reference: dict[str, Any]
+) -> None:
+    dest = base / "dest"
+    dest.mkdir()
+    partial = dest / partial_name(FILE)
+    resumed_push(
+        sender, f"{dest}/", lambda: file_size(partial),
+        lambda: any(not n.startswith(".") for n in (p.name for p in dest.iterdir())),
+        reference, 1,
+    )  # fmt: skip
+    data = (dest / FILE).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == reference["sha256"]
+    assert sorted(p.name for p in dest.iterdir()) == [FILE]  # the partial became the file
+    out = sender.run("snapshot", "push", "--to", f"{dest}/", "--force", SNAP).stdout
+    assert "resumed" not in out  # nothing left to resume: a whole push
+
+
+def test_push_to_s3_and_pull_killed_and_resumed(
+    sender: NeonCli, receiver: NeonCli, s3d: MotoS3, reference: dict[str, Any]
+) -> None:
+    bucket = s3d.new_bucket()
+    client = s3d.client()
+    key = f"snaps/{FILE}"
+
+    def uploaded() -> int:
+        uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return max(
+            (
+                sum(p["Size"] for p in client.list_parts(
+                    Bucket=bucket, Key=key, UploadId=u["UploadId"]).get("Parts", []))
+                for u in uploads
+            ),
+            default=0,
+        )  # fmt: skip
+
+    def visible() -> bool:
+        return bool(client.list_objects_v2(Bucket=bucket).get("Contents"))
+
+    pushed = resumed_push(sender, f"s3://{bucket}/snaps/", uploaded, visible, reference, 2)
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == reference["sha256"]
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+    def spooled() -> int:
+        return sum(file_size(p) for p in receiver.home.glob(f"storage/*/{SPOOL_DIR}/*.neon"))
+
+    for at in kill_points(reference["size"], 3):
+        kill_when(receiver, ["snapshot", "pull", "--from", pushed["url"], "copy"], spooled, at)
+        names = [s["name"] for s in receiver.json("snapshot", "list")]
+        assert "copy" not in names, f"a pull killed at {at} bytes left a snapshot"
+    pulled = json.loads(
+        receiver.run("snapshot", "pull", "--from", pushed["url"], "copy", "--json").stdout
+    )
+    print(f"resumed pull: {pulled['bytes_received']} of {reference['size']} bytes fetched, "
+          f"resumed at {pulled['bytes_resumed']}")  # fmt: skip
+    assert pulled["bytes_resumed"] > 0 and pulled["bytes_received"] < reference["size"]
+    assert spooled() == 0  # a finished pull removes its spool
+    assert node_dump(receiver, "copy", "copy1") == snapshot_dump(sender, SNAP)
