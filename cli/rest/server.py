@@ -25,7 +25,14 @@ from cli.rest.query import (
     select_statement,
 )
 from cli.rest.sources import Sources
-from proto.errors import AlreadyExists, Conflict, InvalidArgument, NeonError, NotFound
+from proto.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    Unavailable,
+)
 
 READ_METHODS = ("GET", "HEAD")
 JSON = "application/json; charset=utf-8"
@@ -109,12 +116,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             await sources.forget(source.label)
             if attempt:
                 where = f"snapshot {source.label}" if source.label else "the node"
-                raise NotAvailable(f"{where} cannot be reached: {exc}") from None
+                raise Unavailable(f"{where} cannot be reached: {exc}") from None
     raise AssertionError("unreachable")
-
-
-class NotAvailable(NeonError):
-    """The server behind a state went away (503)."""
 
 
 async def _openapi(request: web.Request, conn: Any, target: Target, label: str) -> web.Response:
