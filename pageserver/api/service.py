@@ -367,6 +367,7 @@ class Pageserver:
                 f"{store.history.root}; branch within one storage"
             )
         source = history.timelines.get(snap.timeline_id)
+        await self._wait_reingested(snap)
         timeline = await asyncio.to_thread(history.timelines.branch, source.timeline_id, snap.lsn)
         segment_size = self._segment_size(history, snap)
         old = store.state
@@ -383,6 +384,23 @@ class Pageserver:
         )
         await self._refollow(node_id)
         return {**asdict(state), "lsn": snap.lsn}
+
+    async def _wait_reingested(self, snap: Snapshot, timeout: float = 120.0) -> None:
+        """After a restart, a node's follower re-ingests the archived WAL its layers did not
+        hold yet: a snapshot named before the restart may lie ahead of what its timeline has
+        now. Wait for it, rather than refuse to branch there (a checkout the pageserver's
+        death interrupted is rolled forward so)."""
+        if snap.node_id == IMPORTED_NODE_ID:
+            return
+        try:
+            store = self.store(snap.node_id)
+        except NotFound:
+            return  # its node is gone: nothing ingests that timeline any more
+        state = store.state
+        if state is None or state.timeline_id != snap.timeline_id:
+            return  # an older timeline of the node: complete since it was left
+        if store.timeline.last_record_lsn < snap.lsn:
+            await self.wait_for_lsn(snap.node_id, snap.lsn, timeout)
 
     # PITR areas and GC
 
