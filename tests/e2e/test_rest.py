@@ -6,7 +6,6 @@ daemon by PID, its port closed and its read-only servers gone."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -119,7 +118,7 @@ def sql_rows(connstr: str, sql: str = ROWS_SQL) -> Any:
 def rest() -> Iterator[Rest]:
     base = pg_reachable_tmpdir("neon-rest-")
     neon = NeonCli(base / "home", {})
-    info: dict[str, Any] = {}
+    started: Rest | None = None
     try:
         neon.run("pg", "create", "--port", str(free_port()))
         connstr = str(neon.json("pg", "show", "pgdata1")["connstr"])
@@ -134,12 +133,14 @@ def rest() -> Iterator[Rest]:
         info = neon.json(
             "pg", "start-rest", "pgdata1", "--port", str(free_port()), "--statement-timeout", "2"
         )
-        yield Rest(neon, connstr, info, snapshot_rows, lsn, lsn_rows)
+        started = Rest(neon, connstr, info, snapshot_rows, lsn, lsn_rows)
+        yield started
     finally:
-        with contextlib.suppress(Exception):
-            neon.run("pg", "stop-rest", "pgdata1", check=False)
-        if info.get("pid") and pid_alive(int(info["pid"])):
-            os.kill(int(info["pid"]), signal.SIGKILL)
+        # Tests start more servers (rest.info is the last one's): stopped by PID either way.
+        neon.run("pg", "stop-rest", "pgdata1", check=False)
+        pid = int(started.info["pid"]) if started is not None else 0
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
         neon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
 
