@@ -41,6 +41,7 @@ from pageserver.ingest.import_delta import import_delta
 from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
 from pageserver.storage.gc import DEFAULT_GC_SETTINGS
+from pageserver.storage.timeline import Timeline
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
@@ -265,18 +266,10 @@ class Pageserver:
         self._check_name_free(name)
         history = self.history(store_dir)
         timeline = history.timelines.create_timeline(importing=True)
-        try:
-            lsn = await asyncio.to_thread(import_datadir, timeline, datadir)
-            await asyncio.to_thread(timeline.freeze_and_flush)
-            if abandoned():
-                raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
-            self._check_name_free(name)
-            history.timelines.complete_import(timeline.timeline_id)
-            self.imported_roots.remember(store_dir)
-            return name_imported_snapshot(history, name, timeline.timeline_id, lsn, origin)
-        except BaseException:
-            await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
-            raise
+        self.imported_roots.remember(store_dir)
+        return await self._import_onto(
+            history, timeline, name, origin, abandoned, lambda t: import_datadir(t, datadir)
+        )
 
     async def import_delta_snapshot(
         self, name: str, datadir: Path, parent: str, origin: str, abandoned: Callable[[], bool]
@@ -288,14 +281,25 @@ class Pageserver:
         self._check_name_free(name)
         history, base = self.find_snapshot(parent)
         timeline = await asyncio.to_thread(history.timelines.branch, base.timeline_id, base.lsn)
+        return await self._import_onto(
+            history, timeline, name, origin, abandoned, lambda t: import_delta(t, datadir)
+        )
+
+    async def _import_onto(
+        self, history: StorageHistory, timeline: Timeline, name: str, origin: str | None,
+        abandoned: Callable[[], bool], write: Callable[[Timeline], int],
+    ) -> Snapshot:  # fmt: skip
+        """`write` an import onto the new `timeline` (it returns the LSN to read it at) and
+        name it; on any failure, or if the caller is gone by the end, the timeline is deleted
+        and no snapshot appears."""
         try:
-            lsn = await asyncio.to_thread(import_delta, timeline, datadir)
+            lsn = await asyncio.to_thread(write, timeline)
             await asyncio.to_thread(timeline.freeze_and_flush)
             if abandoned():
                 raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
             self._check_name_free(name)
-            snap = new_snapshot(name, IMPORTED_NODE_ID, timeline.timeline_id, lsn, origin=origin)
-            return history.snapshots.add(snap)
+            history.timelines.complete_import(timeline.timeline_id)
+            return name_imported_snapshot(history, name, timeline.timeline_id, lsn, origin)
         except BaseException:
             await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
             raise
