@@ -1,8 +1,8 @@
 """Resumable push and pull between two homes (issue 12 item 3, acceptance "Resume"): a push
 and a pull SIGKILLed at several seeded random points, then run again, end with the very bytes
 of an uninterrupted push (same SHA-256) and send less than a whole transfer; no kill leaves a
-file at the destination's name or a snapshot on the receiver. Over a directory and s3 (moto,
-parts of 1 MiB) for push, s3 for pull."""
+file at the destination's name or a snapshot on the receiver. Over a directory, ssh (a real
+sshd) and s3 (moto, parts of 1 MiB) for push, s3 for pull."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tests.e2e.test_snapshot_export import snapshot_dump
 from tests.neoncli import NEON, NeonCli, free_port, psql
 from tests.pgtest import pg_reachable_tmpdir
 from tests.s3d import MotoS3, moto_s3
+from tests.sshd import ssh_server
 
 SNAP = "pgdata1@s1"
 FILE = "pgdata1@s1.neon"
@@ -157,6 +158,24 @@ def test_push_to_a_directory_killed_and_resumed(
     assert "resumed" not in out  # nothing left to resume: a whole push
 
 
+def test_push_over_ssh_killed_and_resumed(
+    sender: NeonCli, base: Path, reference: dict[str, Any]
+) -> None:
+    dest = base / "over-ssh"
+    dest.mkdir()
+    partial = dest / partial_name(FILE)
+    with ssh_server() as sshd:
+        home = NeonCli(sender.home, {**sender.env_extra, **sshd.env()})
+        resumed_push(
+            home, sshd.url(f"{dest}/"), lambda: file_size(partial),
+            lambda: any(not n.startswith(".") for n in (p.name for p in dest.iterdir())),
+            reference, 4,
+        )  # fmt: skip
+    data = (dest / FILE).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == reference["sha256"]
+    assert sorted(p.name for p in dest.iterdir()) == [FILE]
+
+
 def test_push_to_s3_and_pull_killed_and_resumed(
     sender: NeonCli, receiver: NeonCli, s3d: MotoS3, reference: dict[str, Any]
 ) -> None:
@@ -197,4 +216,15 @@ def test_push_to_s3_and_pull_killed_and_resumed(
           f"resumed at {pulled['bytes_resumed']}")  # fmt: skip
     assert pulled["bytes_resumed"] > 0 and pulled["bytes_received"] < reference["size"]
     assert spooled() == 0  # a finished pull removes its spool
+    # A damaged spool does not check out: dropped, and the pull runs again from the start.
+    kill_when(receiver, ["snapshot", "pull", "--from", pushed["url"], "copy2"], spooled, 2 * PART)
+    [kept] = receiver.home.glob(f"storage/*/{SPOOL_DIR}/*.neon")
+    with kept.open("r+b") as f:
+        f.seek(PART)
+        byte = f.read(1)
+        f.seek(PART)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = receiver.json("snapshot", "pull", "--from", pushed["url"], "copy2")
+    assert again["bytes_resumed"] == 0 and again["bytes_received"] >= reference["size"]
+    assert spooled() == 0
     assert node_dump(receiver, "copy", "copy1") == snapshot_dump(sender, SNAP)
