@@ -25,6 +25,11 @@ from proto.errors import Conflict
     show_default=True,
     help="Seconds a request's query may run.",
 )
+@click.option(
+    "--role",
+    default=None,
+    help="Read as this role (its privileges apply; default: the node's superuser).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the server (and token) as JSON.")
 @click.pass_context
 def pg_start_rest(
@@ -34,6 +39,7 @@ def pg_start_rest(
     listen: str,
     database: str,
     statement_timeout: float,
+    role: str | None,
     as_json: bool,
 ) -> None:
     """Serve a running node read-only over HTTP, PostgREST-style, with time travel
@@ -50,6 +56,7 @@ def pg_start_rest(
             listen=listen,
             database=database,
             statement_timeout=statement_timeout,
+            role=role,
         )
     token_file = control.token_path(app, row.id)
     if as_json:

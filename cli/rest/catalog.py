@@ -37,7 +37,8 @@ _FIND = _RELATIONS.format(
     order="array_position(pg_catalog.current_schemas(false), n.nspname) NULLS LAST LIMIT 1",
 )
 _LIST = _RELATIONS.format(
-    where="n.nspname = ANY(pg_catalog.current_schemas(false))",
+    where="n.nspname = ANY(pg_catalog.current_schemas(false)) "
+    "AND pg_catalog.has_any_column_privilege(c.oid, 'SELECT')",
     order="array_position(pg_catalog.current_schemas(false), n.nspname), c.relname",
 )
 
@@ -58,5 +59,5 @@ async def find_relation(conn: Any, schema: str | None, name: str) -> Relation | 
 
 
 async def list_relations(conn: Any) -> list[Relation]:
-    """The tables of the search_path's schemas (what `/` documents)."""
+    """The tables of the search_path's schemas the role may read (what `/` documents)."""
     return [_relation(row) for row in await conn.fetch(_LIST)]

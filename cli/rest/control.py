@@ -130,6 +130,7 @@ def start(
     listen: str,
     database: str,
     statement_timeout: float,
+    role: str | None = None,
 ) -> tuple[RestInfo, str]:
     """Spawn the node's REST daemon with a new token; return it once it listens."""
     found = running(app, node.id)
@@ -161,6 +162,7 @@ def start(
         database,
         "--statement-timeout",
         str(statement_timeout),
+        *(("--role", role) if role else ()),
     ]
     log = log_file(app, node.id)
     with open(log, "ab") as out:

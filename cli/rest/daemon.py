@@ -37,7 +37,9 @@ async def serve(args: argparse.Namespace) -> None:
         )
         control.write_state(state, info)
 
-    sources = Sources(Path(args.home), node.id, args.db, args.statement_timeout, record)
+    sources = Sources(
+        Path(args.home), node.id, args.db, args.statement_timeout, record, role=args.role
+    )
     runner = web.AppRunner(make_app(sources, token, f"pg-neon REST: {node.pgdata}"))
     await runner.setup()
     stop = asyncio.Event()
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", default="postgres")
     parser.add_argument("--statement-timeout", type=float, default=10.0)
+    parser.add_argument("--role", default=None)
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -65,6 +65,8 @@ def _pg_status(exc: asyncpg.PostgresError) -> int:
     state = getattr(exc, "sqlstate", "") or ""
     if state == "57014":
         return 504  # statement_timeout
+    if state == "42501":
+        return 403  # --role may not read it
     if state == "25006":
         return 405  # a write in a read-only transaction (never generated)
     if state.startswith(("22", "42")):

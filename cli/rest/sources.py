@@ -42,6 +42,8 @@ class Sources:
         database: str,
         statement_timeout: float,
         on_change: Callable[[list[str], list[str]], None] = lambda _s, _e: None,
+        *,
+        role: str | None = None,
     ) -> None:
         self.home = home
         self.node_id = node_id
@@ -51,6 +53,9 @@ class Sources:
             "statement_timeout": str(max(1, int(statement_timeout * 1000))),
             "application_name": "neon-rest",
         }
+        if role is not None:
+            # The role's privileges from the start-up packet on (RESET ROLE comes back to it).
+            self.settings["role"] = role
         self._on_change = on_change  # (servers started, snapshots extracted): for cleanup
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="neon-rest-snapshots")
         self._app: App | None = None  # opened on the worker thread, used only there

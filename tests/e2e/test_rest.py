@@ -487,6 +487,31 @@ def test_a_killed_daemons_servers_are_stopped_by_stop_rest(rest: Rest) -> None:
     assert not (rest.neon.home / "rest" / "primary1" / "rest.json").exists()
 
 
+def test_role_limits_what_is_read(rest: Rest) -> None:
+    psql(
+        rest.connstr,
+        "CREATE ROLE reader NOLOGIN; GRANT USAGE ON SCHEMA public TO reader; "
+        "GRANT SELECT ON items TO reader; GRANT SELECT (k) ON other.things TO reader; "
+        "GRANT USAGE ON SCHEMA other TO reader",
+    )
+    args = ("pg", "start-rest", "pgdata1", "--port", str(free_port()), "--role", "reader")
+    rest.info = rest.neon.json(*args)
+    try:
+        assert rest.rows("/items?id=eq.2&select=id") == [{"id": 2}]
+        status, _headers, body = rest.get("/log")
+        assert status == 403 and "permission denied for table log" in body["message"]
+        status, _headers, body = rest.get("/other.things?select=v")
+        assert status == 403 and "permission denied" in body["message"]
+        assert rest.rows("/other.things?select=k&order=k") == [{"k": "a"}, {"k": "b"}]
+        _status, _headers, doc = rest.get("/")
+        assert set(doc["paths"]) == {"/items"}
+        # The snapshot predates the role: refused in one message naming it.
+        status, _headers, body = rest.get(f"/@{SNAP}/items")
+        assert status == 400 and 'role "reader" does not exist' in body["message"]
+    finally:
+        rest.neon.run("pg", "stop-rest", "pgdata1")
+
+
 def test_pg_destroy_stops_rest(rest: Rest) -> None:
     rest.info = rest.neon.json("pg", "start-rest", "pgdata1", "--port", str(free_port()))
     pid, port = int(rest.info["pid"]), int(rest.info["port"])
