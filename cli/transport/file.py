@@ -207,6 +207,15 @@ def _link_new(tmp: Path, final: Path) -> None:
     tmp.unlink()
 
 
+def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Put the written, fsynced `tmp` at `final` (replacing it with `overwrite`), durably."""
+    if overwrite:
+        os.replace(tmp, final)
+    else:
+        _link_new(tmp, final)
+    _fsync_dir(final.parent)
+
+
 class FileWriter(ObjectWriter):
     def __init__(self, out: BinaryIO, tmp: Path, final: Path, overwrite: bool) -> None:
         super().__init__()
@@ -221,11 +230,7 @@ class FileWriter(ObjectWriter):
             with self._out:
                 self._out.flush()
                 os.fsync(self._out.fileno())
-            if self._overwrite:
-                os.replace(self._tmp, self._final)
-            else:
-                _link_new(self._tmp, self._final)
-            _fsync_dir(self._final.parent)
+            _publish(self._tmp, self._final, self._overwrite)
 
         try:
             await _io(publish, self._final)
@@ -275,11 +280,7 @@ class FileAppender(PartialAppender):
                 held = os.fstat(self._out.fileno()).st_size
                 if held != size:
                     raise Conflict(f"{self._tmp} holds {held} bytes, not the {size} written")
-                if self._overwrite:
-                    os.replace(self._tmp, self._final)
-                else:
-                    _link_new(self._tmp, self._final)
-            _fsync_dir(self._final.parent)
+            _publish(self._tmp, self._final, self._overwrite)
 
         try:
             await _io(publish, self._final)

@@ -268,27 +268,12 @@ class S3Store(Store):
         return sorted(found, key=lambda o: o.name)
 
     async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
-        shown = self.object_url(name)
-        stack = AsyncExitStack()
-        with _s3_errors(shown, self.bucket, "upload to"):
-            try:
-                client = await stack.enter_async_context(self.client())
-                if not overwrite and await self._head(client, name) is not None:
-                    raise already_exists(shown)
-                # Started now, so that a missing bucket or a refused write fails before the
-                # caller produces any data.
-                answer = await client.create_multipart_upload(
-                    Bucket=self.bucket, Key=self._key(name), ContentType=CONTENT_TYPE
-                )
-            except BaseException:
-                await stack.aclose()
-                raise
-        return S3Writer(
-            stack, client, self.bucket, self._key(name), str(answer["UploadId"]), shown,
-            overwrite, PART_SIZE, PARTS_IN_FLIGHT,
-        )  # fmt: skip
+        return await self._open_upload(name, overwrite, resumable=False)
 
     async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        return await self._open_upload(name, overwrite, resumable=True)
+
+    async def _open_upload(self, name: str, overwrite: bool, resumable: bool) -> S3Writer:
         shown = self.object_url(name)
         key = self._key(name)
         stack = AsyncExitStack()
@@ -297,9 +282,11 @@ class S3Store(Store):
                 client = await stack.enter_async_context(self.client())
                 if not overwrite and await self._head(client, name) is not None:
                     raise already_exists(shown)
-                pending = await pending_uploads(client, self.bucket, key)
+                pending = await pending_uploads(client, self.bucket, key) if resumable else []
                 upload_id = None
                 if not pending:
+                    # Started now, so that a missing bucket or a refused write fails before
+                    # the caller produces any data.
                     answer = await client.create_multipart_upload(
                         Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE
                     )
@@ -309,7 +296,7 @@ class S3Store(Store):
                 raise
         writer = S3Writer(
             stack, client, self.bucket, key, upload_id, shown, overwrite, PART_SIZE,
-            PARTS_IN_FLIGHT, resumable=True,
+            PARTS_IN_FLIGHT, resumable=resumable,
         )  # fmt: skip
         writer.pending = pending
         return writer
