@@ -6,13 +6,13 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cli.context import App
+from cli.detached import spawn_detached
 from cli.ports import port_is_free
 from cli.registry import PageserverRow
 from cli.secrets import ensure_secret
@@ -133,15 +133,7 @@ def _spawn(app: App, config: PageserverConfig, proto_port: int, http_port: int) 
         "--token-file",
         str(token_path(app)),
     ]
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=err,
-            stderr=err,
-            start_new_session=True,
-            cwd=str(config.workdir),
-        )
+    proc = spawn_detached(cmd, stderr_path, config.workdir, append=False)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.context import App
+from cli.detached import spawn_detached
 from cli.pgbin import ensure_own_dir
 from cli.ports import port_is_free
 from cli.registry import NodeRow
@@ -165,15 +165,7 @@ def start(
         *(("--role", role) if role else ()),
     ]
     log = log_file(app, node.id)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-            cwd=str(directory),
-        )
+    proc = spawn_detached(cmd, log, directory, append=True)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
