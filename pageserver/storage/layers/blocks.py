@@ -309,16 +309,11 @@ class LayerFile:
         return lo - 1
 
     def lower_bound(self, key: bytes) -> int:
-        """Index of the first key >= `key`."""
+        """Index of the first key >= `key` (in C when the extension is built)."""
         keys = self._keys()[0]
-        lo, hi = 0, self.header.n_keys
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if keys[mid * KEY_SIZE : (mid + 1) * KEY_SIZE] < key:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        if _native.blockpack is not None:
+            return _native.blockpack.lower_bound(keys, KEY_SIZE, key)
+        return lower_bound_python(keys, self.header.n_keys, key)
 
     def newest_of_keys(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
         """(key, LSN, tag) of the last (newest) version of keys number start.. below end_key."""
@@ -464,6 +459,19 @@ def _pack_versions(
         added += size
         prev = lsn
     return len(versions), added, prev, _PACKED
+
+
+def lower_bound_python(keys: bytes, n_keys: int, key: bytes) -> int:
+    """Index of the first of the `n_keys` keys packed in `keys` that is >= `key`: the
+    reference of `_blockpack.lower_bound`."""
+    lo, hi = 0, n_keys
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keys[mid * KEY_SIZE : (mid + 1) * KEY_SIZE] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 class LayerFileWriter:

@@ -7,13 +7,14 @@ entries, index), equal to what per-version `add` writes, and bad input is refuse
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
 from pageserver.storage import keys as K
 from pageserver.storage.layers import native
-from pageserver.storage.layers.blocks import BlockCache
+from pageserver.storage.layers.blocks import BlockCache, lower_bound_python
 from pageserver.storage.layers.delta import DeltaLayerWriter
 from pageserver.storage.values import TOMBSTONE, Value, encode_value
 from proto.errors import InvalidArgument
@@ -80,3 +81,26 @@ def test_bad_versions_are_refused_alike(
         with pytest.raises(InvalidArgument, match=what):
             writer.add_key(rel_key(len(what)), chain)  # type: ignore[arg-type]
         writer = DeltaLayerWriter(tmp_path, 100, 200, SETTINGS)
+
+
+def test_lower_bound_in_c_equals_the_python_reference(c_extension: None) -> None:
+    """Random sorted key tables (duplicates of a byte prefix, neighbours differing in the last
+    byte) and probes: present keys, absent ones, below and above all, shorter and longer
+    than a key (bytes order: a prefix sorts first)."""
+    rng = random.Random(11)
+    assert native.blockpack is not None
+    for n in (0, 1, 2, 7, 100, 1000):
+
+        def key() -> bytes:
+            return bytes(rng.choice((0, 1, 255)) for _ in range(K.KEY_SIZE))
+
+        table = sorted({key() for _ in range(n)})
+        keys = b"".join(table)
+        probes = [*table, b"", b"\x00" * K.KEY_SIZE, b"\xff" * (K.KEY_SIZE + 1)]
+        probes += [bytes(rng.choice((0, 1, 255)) for _ in range(rng.randint(1, K.KEY_SIZE + 2)))
+                   for _ in range(300)]  # fmt: skip
+        for probe in probes:
+            expected = lower_bound_python(keys, len(table), probe)
+            assert native.blockpack.lower_bound(keys, K.KEY_SIZE, probe) == expected, probe
+    with pytest.raises(ValueError, match="whole keys"):
+        native.blockpack.lower_bound(b"abc", K.KEY_SIZE, b"a")
