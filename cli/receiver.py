@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from cli.context import App
-from cli.delta_import import delta_import_request, parent_here, unpack_delta
+from cli.delta_import import parent_here
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.snapshot_commands import check_new_import, native_storage_path, register_import
@@ -35,6 +35,7 @@ from cli.snapshot_file_source import (
     chained,
     missing_parent,
     peek_manifest,
+    unpack_delta,
     unpack_snapshot_stream,
 )
 from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
@@ -44,6 +45,7 @@ from pageserver_api.models import (
     BasebackupPlan,
     BasebackupPlanRequest,
     BasebackupRequest,
+    SnapshotImportDeltaRequest,
     SnapshotInfo,
     SnapshotShowRequest,
 )
@@ -278,7 +280,7 @@ class Receiver:
             raise missing_parent(label, parent, "this receiver")
         members = workdir / "delta"
         await unpack_delta(rest, label, members, head)
-        request = delta_import_request(name, members, base, head)
+        request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
         return functools.partial(self.api.snapshot_import_delta, request)
 
 

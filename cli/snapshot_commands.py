@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import json
 import re
 import shutil
@@ -18,7 +18,7 @@ import click
 
 from cli import nodes, postmaster
 from cli.context import App, get_app
-from cli.delta_import import delta_import_request, parent_here, unpack_delta
+from cli.delta_import import parent_here
 from cli.extract import download_basebackup
 from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import locked_node, node_lock
@@ -30,15 +30,12 @@ from cli.ports import port_is_free
 from cli.progress import Progress
 from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
-from cli.snapshot_file_source import chained, is_snapshot_file, is_url_source, peek_manifest
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
 from cli.snapshot_recv import snapshot_recv, snapshot_serve
 from cli.snapshot_transfer import snapshot_pull, snapshot_push
 from cli.storages import DEFAULT_STORAGE
 from cli.tablespace_mapping import parse_mappings
 from cli.tablespace_settings import in_place_tablespace_settings
-from cli.transport import parse_location
-from cli.transport.base import read_object
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (
@@ -52,7 +49,6 @@ from pageserver_api.models import (
 )
 from pg15.lsn import format_lsn
 from proto.errors import AlreadyExists, Conflict, ExternalCommandFailed, InvalidArgument, NotFound
-from snapfile.delta import SnapshotIdentity
 
 SNAPSHOT_SERVER_PORT = 55432
 PORT_ATTEMPTS = 3
@@ -128,39 +124,19 @@ def import_snapshot(
     api = local_api(app)
     try:
         with import_workdir(storage_path) as workdir:
-            if not tablespace_mapping:
-                delta = asyncio.run(_delta_on_parent_here(api, source, name, workdir, progress))
-                if delta is not None:
-                    return api.snapshot_import_delta(delta)
             clean = prepare_clean_datadir(
-                source, storage_path, workdir, progress, tablespace_mapping
-            )
+                source, storage_path, workdir, progress, tablespace_mapping,
+                parent_here=functools.partial(parent_here, api),
+            )  # fmt: skip
+            if clean.delta_on is not None:  # the delta goes on a branch of its parent here
+                assert clean.origin is not None
+                request = SnapshotImportDeltaRequest(
+                    name, str(clean.path), clean.delta_on, clean.origin
+                )
+                return api.snapshot_import_delta(request)
             return register_import(api, name, clean.path, storage_path, clean.origin)
     finally:
         progress.close()
-
-
-async def _delta_on_parent_here(
-    api: SyncPageserverClient, source: str, name: str, workdir: Path, progress: Progress
-) -> SnapshotImportDeltaRequest | None:
-    """For a delta `.neon` file whose parent this home holds: the file unpacked as it is in
-    `workdir`, and the request that imports it on a branch of that parent (only the delta is
-    read and written). None for anything else (imported the usual way)."""
-    if not (is_url_source(source) or is_snapshot_file(Path(source))):
-        return None
-    location = parse_location(source)
-    chunks = read_object(location, progress.update)
-    try:
-        head, first = await peek_manifest(chunks, location.url)
-        parent = None if head is None else SnapshotIdentity.parent_of(head)
-        base = None if parent is None else await parent_here(api, parent)
-        if head is None or base is None:
-            return None
-        members = workdir / "delta"
-        await unpack_delta(chained(first, chunks), location.url, members, head)
-        return delta_import_request(name, members, base, head)
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def import_target(app: App, name: str, storage: str) -> Path:

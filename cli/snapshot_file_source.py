@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from cli.delta_apply import DeltaApplier
@@ -206,16 +207,36 @@ def missing_parent(url: str, parent: SnapshotIdentity, where: str) -> NotFound:
     )
 
 
-async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) -> Manifest:
+ParentHere = Callable[[SnapshotIdentity], Awaitable[str | None]]
+"""The snapshot of this home that is the given one, if any (cli/delta_import.py)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unpacked:
+    manifest: Manifest
+    delta_on: str | None = None
+    """Set when the directory holds a delta's tar as it is (relation forks as neon-delta/
+    members), to import on a branch of this snapshot of the home, its parent."""
+
+
+async def unpack_snapshot_file(
+    source: str, pgdata: Path, progress: Progress, parent_here: ParentHere | None = None
+) -> Unpacked:
     """Extract the `.neon` file at `source` (a path or a URL of any transport: file, ssh,
-    http(s), s3) into `pgdata`; return its manifest. A delta is applied on its parents, read
-    from the same store. Nothing is left in `pgdata` that the caller may use unless this
-    returns."""
+    http(s), s3) into `pgdata`. A delta whose parent this home holds (`parent_here`) is
+    extracted as it is; any other delta is applied on its parents, read from the same store.
+    Nothing is left in `pgdata` that the caller may use unless this returns."""
     location = parse_location(source)
     chunks = read_object(location, progress.update)
     head, first = await peek_manifest(chunks, location.url)
-    if head is None or head.parent is None:
-        return await unpack_snapshot_stream(chained(first, chunks), location.url, pgdata, head)
+    parent = None if head is None else SnapshotIdentity.parent_of(head)
+    if head is None or parent is None:
+        rest = chained(first, chunks)
+        return Unpacked(await unpack_snapshot_stream(rest, location.url, pgdata, head))
+    base = None if parent_here is None else await parent_here(parent)
+    if base is not None:
+        await unpack_delta(chained(first, chunks), location.url, pgdata, head)
+        return Unpacked(head, base)
     await chunks.aclose()  # type: ignore[attr-defined]
     files = await snapshots_in(location.store)
     files[location.object_name] = head
@@ -239,7 +260,16 @@ async def unpack_snapshot_file(source: str, pgdata: Path, progress: Progress) ->
     await unpack_snapshot_stream(meter(base), url, pgdata, base_manifest)
     for name, manifest in deltas:
         await apply_delta_stream(meter(name), location.store.object_url(name), pgdata, manifest)
-    return head
+    return Unpacked(head)
+
+
+async def unpack_delta(
+    chunks: AsyncIterator[bytes], label: str, directory: Path, head: Manifest
+) -> None:
+    """Extract the delta arriving as `chunks` (its manifest `head`, read before) as it is
+    into `directory`, once the whole file checked out."""
+    await extract_stream(verified_tar(chunks, label, expect_manifest(label, head)), directory)
+    check_control(directory, head, label)
 
 
 def expect_manifest(label: str, expected: Manifest | None) -> Callable[[Manifest], None]:

@@ -57,7 +57,12 @@ from cli.backup_tablespaces import (
 )
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.progress import Progress
-from cli.snapshot_file_source import is_snapshot_file, is_url_source, unpack_snapshot_file
+from cli.snapshot_file_source import (
+    ParentHere,
+    is_snapshot_file,
+    is_url_source,
+    unpack_snapshot_file,
+)
 from cli.storages import mask_url
 from cli.tablespace_mapping import check_mapped, mapped
 from cli.tablespace_settings import in_place_tablespace_settings
@@ -394,6 +399,9 @@ class CleanDatadir:
     path: Path
     origin: str | None = None
     """For a `.neon` source: `origin_of` its manifest."""
+    delta_on: str | None = None
+    """Set when `path` holds a delta's tar as it is, to import on a branch of this snapshot
+    (cli/delta_import.py); unset, `path` is a data directory."""
 
 
 def prepare_clean_datadir(
@@ -402,18 +410,23 @@ def prepare_clean_datadir(
     workdir: Path,
     progress: Progress,
     mappings: Mapping[str, str] | None = None,
+    parent_here: ParentHere | None = None,
 ) -> CleanDatadir:
     """The cleanly shut-down data directory to import for `source`: the source itself when
-    it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`."""
+    it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`; for a
+    delta `.neon` file whose parent this home holds (`parent_here`), the delta as it is."""
     pgdata = workdir / "pgdata"
     mappings = mappings or {}
     if is_url_source(source) or is_snapshot_file(Path(source)):
         check_mapped(mappings, (), f"{source} (a .neon file has its tablespaces in place)")
-        manifest = asyncio.run(unpack_snapshot_file(source, pgdata, progress))
+        unpacked = asyncio.run(unpack_snapshot_file(source, pgdata, progress, parent_here))
         progress.close()
+        origin = origin_of(unpacked.manifest)
+        if unpacked.delta_on is not None:
+            return CleanDatadir(pgdata, origin, unpacked.delta_on)
         if not is_clean_datadir(pgdata):
             raise CorruptData(f"{source} does not hold a cleanly shut-down data directory")
-        return CleanDatadir(pgdata, origin_of(manifest))
+        return CleanDatadir(pgdata, origin)
     if source.startswith(f"{SCHEME}:"):
         asyncio.run(fetch_base_backup(parse_server_url(source), pgdata, progress))
         end_lsn = None
