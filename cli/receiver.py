@@ -22,7 +22,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -42,18 +41,16 @@ from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
 from cli.transport.base import ObjectInfo, check_object_name
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import (
-    BasebackupPlan,
     BasebackupPlanRequest,
     BasebackupRequest,
     SnapshotImportDeltaRequest,
     SnapshotInfo,
     SnapshotShowRequest,
 )
-from pg15.constants import PG_MAJOR_VERSION
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import Manifest, encode_manifest
+from snapfile.manifest import encode_manifest, snapshot_manifest
 
 FILE_SUFFIX = ".neon"
 
@@ -198,7 +195,10 @@ class Receiver:
         plan = await asyncio.to_thread(
             self.api.basebackup_plan, BasebackupPlanRequest(snapshot=snap.name)
         )
-        manifest = snapshot_file_manifest_of(snap, plan)
+        created = int(snap.created_at)  # as the read sends it: see read()
+        manifest = snapshot_manifest(
+            plan.system_identifier, plan.lsn, plan.pg_timeline, snap.name, created
+        )
         return cast(dict[str, Any], json.loads(encode_manifest(manifest)))
 
     async def read(self, file_name: str, offset: int) -> AsyncIterator[bytes]:
@@ -282,19 +282,6 @@ class Receiver:
         await unpack_delta(rest, label, members, head)
         request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
         return functools.partial(self.api.snapshot_import_delta, request)
-
-
-def snapshot_file_manifest_of(snap: SnapshotInfo, plan: BasebackupPlan) -> Manifest:
-    """The manifest a read of `snap` sends (the daemon writes it: pageserver/basebackup/
-    snapshot_file.py), known from its basebackup plan without reading the file."""
-    return Manifest(
-        pg_version=PG_MAJOR_VERSION,
-        system_identifier=plan.system_identifier,
-        lsn=plan.lsn,
-        pg_timeline=plan.pg_timeline,
-        source=snap.name,
-        created_at=datetime.fromtimestamp(int(snap.created_at), UTC),
-    )
 
 
 class _Counted:

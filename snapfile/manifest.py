@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pageserver_api.errors import CorruptData, InvalidArgument, NeonError
+from pg15.constants import PG_MAJOR_VERSION
 from pg15.lsn import format_lsn
 
 FORMAT_VERSION = 1
@@ -164,6 +165,24 @@ class Manifest:
             "compression": self.compression,
             "frame_size": self.frame_size,
         }
+
+
+def snapshot_manifest(
+    system_identifier: int, lsn: int, pg_timeline: int, source: str, created_at: int,
+    parent: str | None = None, parent_lsn: int | None = None,
+) -> Manifest:  # fmt: skip
+    """The manifest of a snapshot's `.neon` file as pg-neon writes it (`created_at`: the
+    snapshot's creation time, whole seconds, so every export is the same bytes)."""
+    return Manifest(
+        pg_version=PG_MAJOR_VERSION,
+        system_identifier=system_identifier,
+        lsn=lsn,
+        pg_timeline=pg_timeline,
+        source=source,
+        created_at=datetime.fromtimestamp(created_at, UTC),
+        parent=parent,
+        parent_lsn=parent_lsn,
+    )
 
 
 def _validate_location(entry: MemberEntry | FrameEntry, error: ErrorType, what: str) -> None:

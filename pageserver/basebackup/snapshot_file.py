@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from pageserver.basebackup.delta_tar import DeltaForks
 from pageserver.basebackup.sources import TimelineSource
@@ -24,9 +23,9 @@ from pageserver.basebackup.tar_stream import BasebackupInfo
 from pageserver.history.node_store import StorageHistory
 from pageserver.history.snapshot_diff import ReadPoint, is_ancestor
 from pageserver.history.snapshots import Snapshot
-from pg15.constants import PG_MAJOR_VERSION
 from proto.errors import NotFound
 from snapfile import Manifest
+from snapfile.manifest import snapshot_manifest
 from snapfile.writer import encode_snapshot_file
 
 COMPRESSION_THREADS = 2
@@ -83,16 +82,11 @@ def delta_parent(
 def snapshot_file_manifest(
     info: BasebackupInfo, source: str, created_at: int, parent: DeltaParent | None = None
 ) -> Manifest:
-    return Manifest(
-        pg_version=PG_MAJOR_VERSION,
-        system_identifier=info.system_identifier,
-        lsn=info.lsn,
-        pg_timeline=info.pg_timeline,
-        source=source,
-        created_at=datetime.fromtimestamp(created_at, UTC),
+    return snapshot_manifest(
+        info.system_identifier, info.lsn, info.pg_timeline, source, created_at,
         parent=None if parent is None else parent.name,
         parent_lsn=None if parent is None else parent.lsn,
-    )
+    )  # fmt: skip
 
 
 def snapshot_file_chunks(manifest: Manifest, tar: TarCounter) -> Generator[bytes, None, None]:
