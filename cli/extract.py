@@ -19,7 +19,7 @@ from pathlib import Path
 from cli.context import App
 from cli.pageserver_control import local_api
 from cli.untar import extract_stream
-from pageserver_api.client import PageserverClient, SyncPageserverClient
+from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest, BasebackupResponse
 
 _RANDOM = "?" * 8  # what tempfile.mkstemp/mkdtemp insert between prefix and suffix
@@ -49,15 +49,8 @@ def download_basebackup(
     """Stream a basebackup of a snapshot, or of a node's branch point, from the local
     pageserver and unpack it into `target`."""
     request = BasebackupRequest(node_id=node_id, snapshot=snapshot)
-    return basebackup_into(local_api(app), request, target, show=sys.stderr.isatty())
-
-
-def basebackup_into(
-    api: SyncPageserverClient, request: BasebackupRequest, target: Path, *, show: bool
-) -> BasebackupResponse:
-    """The basebackup `request` from the pageserver of `api`, unpacked into `target` as it
-    arrives (a byte count on stderr when `show`). Any thread may call it."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    show = sys.stderr.isatty()
 
     async def fetch(client: PageserverClient) -> BasebackupResponse:
         received = 0
@@ -76,4 +69,4 @@ def basebackup_into(
             print(file=sys.stderr)
         return download.result
 
-    return api.run(fetch)
+    return local_api(app).run(fetch)
