@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 
 import click
 
@@ -15,9 +16,12 @@ from cli.pageserver_control import local_api
 from pageserver.history.pitr import check_area_name
 from pageserver.storage.retention import RetentionPolicy
 from pageserver_api.models import (
+    PitrCommitsRequest,
+    PitrCommitsResponse,
     PitrCreateRequest,
     PitrDestroyRequest,
     PitrExtractRequest,
+    XactInfo,
     parse_time,
 )
 from pg15.lsn import format_lsn, parse_lsn
@@ -139,6 +143,63 @@ def pitr_extract(
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
     else:
         click.echo(f"{snap.name} at {snap.lsn_text}")
+
+
+@pitr_group.command("commits")
+@click.argument("node")
+@click.option(
+    "--around",
+    default=None,
+    metavar="LSN|TIME",
+    help="An LSN (X/Y) or an ISO 8601 time with a zone (default: the last ingested record).",
+)
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=10, show_default=True, help="Rows per side."
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pitr_commits(
+    ctx: click.Context, node: str, around: str | None, limit: int, as_json: bool
+) -> None:
+    """List the commits (and aborts, two-phase records) of a node's history around a point.
+
+    Up to --limit records ending at or before the point and as many after it, read from the
+    archived WAL (what PITR areas keep); each END LSN is an extraction point
+    (`pitr extract-snapshot AREA --lsn END` gives the state just after that record)."""
+    lsn, at = _point(around)
+    app = get_app(ctx)
+    row = app.registry.get_node(node)
+    api = local_api(app)
+    _wait_for_ingest(app, row.id, lsn, show_progress=not as_json)
+    listing = api.pitr_commits(PitrCommitsRequest(row.id, lsn=lsn, time=at, limit=limit))
+    if as_json:
+        print_json(listing.to_wire())
+        return
+    _print_commits(listing)
+
+
+def _point(around: str | None) -> tuple[int | None, datetime | None]:
+    """--around as an LSN (it has a slash and no dash) or a time."""
+    if around is None:
+        return None, None
+    if "/" in around and "-" not in around:
+        return parse_lsn(around), None
+    return None, parse_time(around, "--around")
+
+
+def _print_commits(listing: PitrCommitsResponse) -> None:
+    click.echo(
+        f"Around {format_lsn(listing.point)} (WAL read {format_lsn(listing.scanned_from)}"
+        f" .. {format_lsn(listing.scanned_to)})"
+    )
+    rows = [_commit_row(x) for x in listing.before]
+    rows.append(("--- point ---", format_lsn(listing.point), "", "", ""))
+    rows += [_commit_row(x) for x in listing.after]
+    print_table(("KIND", "END LSN", "XID", "TIME", "GID"), rows)
+
+
+def _commit_row(x: XactInfo) -> tuple[str, str, str, str, str]:
+    return (x.kind, format_lsn(x.end_lsn), str(x.xid), x.time.isoformat(), x.gid or "")
 
 
 def _wait_for_ingest(app: App, node_id: str, lsn: int | None, *, show_progress: bool) -> None:

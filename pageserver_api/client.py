@@ -36,6 +36,8 @@ from pageserver_api.models import (
     PageGetRequest,
     PageResponse,
     PitrAreaInfo,
+    PitrCommitsRequest,
+    PitrCommitsResponse,
     PitrCreateRequest,
     PitrDestroyRequest,
     PitrExtractRequest,
@@ -161,6 +163,9 @@ class PageserverClient:
 
     async def pitr_extract(self, request: PitrExtractRequest) -> SnapshotInfo:
         return await self._call(request, SnapshotInfo)
+
+    async def pitr_commits(self, request: PitrCommitsRequest) -> PitrCommitsResponse:
+        return await self._call(request, PitrCommitsResponse)
 
     async def gc_run(self) -> list[GcResult]:
         return (await self._call(GcRunRequest(), GcRunResponse)).items
@@ -295,6 +300,9 @@ class SyncPageserverClient:
 
     def pitr_extract(self, request: PitrExtractRequest) -> SnapshotInfo:
         return self.run(lambda c: c.pitr_extract(request))
+
+    def pitr_commits(self, request: PitrCommitsRequest) -> PitrCommitsResponse:
+        return self.run(lambda c: c.pitr_commits(request))
 
     def gc_run(self) -> list[GcResult]:
         return self.run(lambda c: c.gc_run())

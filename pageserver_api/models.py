@@ -265,6 +265,8 @@ class NodeStatus(ApiResponse):
     store_dir: str | None = None
     pgdata: str | None = None
     socket_dir: str | None = None
+    replication_slot: str | None = None
+    auth_methods: list[str] | None = None
     paused: bool | None = None
     """The node was stopped with the CLI: nothing connects to it until `pg start`."""
     state: str | None = None
@@ -297,6 +299,8 @@ class NodeStatus(ApiResponse):
         "store_dir",
         "pgdata",
         "socket_dir",
+        "replication_slot",
+        "auth_methods",
         "paused",
     )
 
@@ -382,6 +386,12 @@ class NodeRegisterRequest(ApiRequest):
     pgdata: str | None = None
     socket_dir: str | None = None
     """Connect through the node's unix socket there (a directory private to its OS user)."""
+    replication_slot: str | None = None
+    """Stream from this slot instead of `neon_<node id>` (an attached server's)."""
+    auth_methods: list[str] | None = None
+    """Authentication methods to answer (pg_hba.conf names); None: the managed-node policy."""
+    paused: bool = False
+    """Register without connecting yet (an attached server before its image is imported)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -459,6 +469,9 @@ class NodeImportRequest(ApiRequest):
 
     node_id: str
     datadir: str
+    at_lsn: int | None = None
+    """An attached server's recovered base backup: the backup's end LSN (see
+    pageserver/ingest/import_datadir.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,6 +820,55 @@ class PitrExtractRequest(ApiRequest):
         _check_lsn("lsn", self.lsn)
         if (self.lsn is None) == (self.time is None):
             raise InvalidArgument("give exactly one of --lsn and --time")
+
+
+@dataclass(frozen=True, slots=True)
+class XactInfo(ApiResponse):
+    """One transaction record: commit, abort, prepare, commit prepared or abort prepared."""
+
+    lsn: int
+    end_lsn: int
+    """An extraction at this LSN is the state just after the record."""
+    xid: int
+    kind: str
+    time: datetime
+    gid: str | None = None
+    """A PREPARE's GID (its finisher carries it only at wal_level=logical)."""
+
+    _OMIT_WHEN_NONE = frozenset({"gid"})
+
+
+@dataclass(frozen=True, slots=True)
+class PitrCommitsResponse(ApiResponse):
+    node_id: str
+    timeline_id: str
+    point: int
+    """The LSN listed around (a time mapped as extract-snapshot --time maps it)."""
+    before: list[XactInfo]
+    """The last records ending at or before `point`, oldest first."""
+    after: list[XactInfo]
+    """The first records ending after `point`, oldest first."""
+    scanned_from: int
+    """Records before this LSN were not read (WAL no longer archived, or the scan budget)."""
+    scanned_to: int
+
+
+@method("pitr.commits", PitrCommitsResponse)
+@dataclass(frozen=True, slots=True)
+class PitrCommitsRequest(ApiRequest):
+    """The transaction records of a node's current timeline around `lsn` or `time` (at most
+    one; default the last ingested record): up to `limit` on each side."""
+
+    node_id: str
+    lsn: int | None = None
+    time: datetime | None = None
+    limit: int = 10
+
+    def __post_init__(self) -> None:
+        _check_lsn("lsn", self.lsn)
+        _check_positive("limit", self.limit)
+        if self.lsn is not None and self.time is not None:
+            raise InvalidArgument("give at most one of an LSN and a time")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from pageserver.history.imported import (
 )
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr import PitrArea, new_area
+from pageserver.history.pitr_commits import XactListing, node_xacts
 from pageserver.history.pitr_extract import area_retention, extraction_lsn
 from pageserver.history.snapshot_diff import DifferentHistories, DiffStat, ReadPoint, diff_stat
 from pageserver.history.snapshots import (
@@ -195,10 +196,11 @@ class Pageserver:
         self.nodes.remove(node_id)
         return node.public()
 
-    async def import_node(self, node_id: str, datadir: Path) -> int:
-        """Import a node's cleanly shut-down data directory before its first start."""
+    async def import_node(self, node_id: str, datadir: Path, at_lsn: int | None = None) -> int:
+        """Import a node's cleanly shut-down data directory before its first start (or an
+        attached server's recovered base backup at its end LSN: NodeStore.import_datadir)."""
         store = self.store(node_id)
-        lsn = await asyncio.to_thread(store.import_datadir, datadir)
+        lsn = await asyncio.to_thread(store.import_datadir, datadir, at_lsn)
         await self._refollow(node_id)
         return lsn
 
@@ -468,6 +470,16 @@ class Pageserver:
                 f"{pgdata}@{node_name}", area.node_id, state.timeline_id, snapped, state.parent
             )
         )
+
+    def pitr_commits(
+        self, node_id: str, *, lsn: int | None, at: datetime | None, limit: int
+    ) -> tuple[XactListing, str]:
+        """The transaction records around a point of a node's current timeline, and that
+        timeline's ID."""
+        store = self.store(node_id)
+        listing = node_xacts(store, lsn=lsn, at=at, limit=limit)
+        assert store.state is not None
+        return listing, store.state.timeline_id
 
     def gc_history(self, history: StorageHistory, on_request: bool = False) -> dict[str, Any]:
         """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""

@@ -196,7 +196,9 @@ class LsnIndex:
 
     # --- record boundaries -----------------------------------------------------------------
 
-    def _sample_at_or_below(self, lsn: int) -> tuple[int, int | None]:
+    def sample_at_or_below(self, lsn: int) -> tuple[int, int | None]:
+        """The known record boundary at or below `lsn`, as (its LSN, the start of the record
+        ending there or None): where decoding can start."""
         with self._lock:
             i = bisect.bisect_right(self._b_end, lsn) - 1
             if i < 0:
@@ -204,9 +206,18 @@ class LsnIndex:
             start = self._b_start[i]
             return self._b_end[i], None if start == NO_LSN else start
 
+    def sample_at_or_above(self, lsn: int) -> tuple[int, int | None] | None:
+        """The first known record boundary at or above `lsn` (as sample_at_or_below), if any."""
+        with self._lock:
+            i = bisect.bisect_left(self._b_end, lsn)
+            if i == len(self._b_end):
+                return None
+            start = self._b_start[i]
+            return self._b_end[i], None if start == NO_LSN else start
+
     def wal_needed_from(self, lsn: int) -> int:
         """Where snap(x) for any x >= lsn starts reading WAL: keep the archive from here."""
-        return self._sample_at_or_below(lsn)[0]
+        return self.sample_at_or_below(lsn)[0]
 
     def snap(self, lsn: int, read_wal: ReadWal, timeline: int = 1) -> int:
         """The last record end at or below `lsn`, exactly (decoding from the nearest sample).
@@ -214,7 +225,7 @@ class LsnIndex:
         Where the WAL that `read_wal` returns ends before `lsn`, the last record end in it
         (the caller keeps `lsn` at or below what was ingested).
         """
-        pos, prev = self._sample_at_or_below(lsn)
+        pos, prev = self.sample_at_or_below(lsn)
         best = pos
         if pos == lsn:
             return lsn
