@@ -1,0 +1,128 @@
+"""What of a node's local history a PITR area on s3 must have in the bucket now.
+
+Read in this order, so what is read later covers at least what is read first: the manifests
+(the layers and their disk_consistent_lsn), then the LSN index (flushed before the layers:
+pageserver/history/node_store.py), then the WAL archive (written before it is ingested). So
+an extraction at any LSN up to the manifest's disk_consistent_lsn finds its record boundary
+(LSN index, WAL) and its pages (layers) in the same index.
+
+Every object's key carries the first 16 hex digits of its SHA-256
+(``objects/<path>~<sha>``): an object is never overwritten with other bytes, not even when a
+file of the same name is rewritten (the LSN index, the partial WAL segment, a layer made
+again by compaction), so an index in the bucket always matches the bytes under its keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pageserver.history.node_store import NodeStore
+from pageserver.ingest.lsn_index import INDEX_FILE
+from pageserver.remote.index import RemoteIndex, RemoteObject
+from pageserver.remote.upload_queue import Upload
+from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
+from pg15.lsn import segment_file_name
+from proto.errors import NotFound
+from walreceiver.archive import PARTIAL, WalArchive
+
+OBJECTS = "objects"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalObject:
+    path: str
+    file: Path
+    size: int
+    sha256: str
+    data: bytes | None = None
+    """The bytes as read when planned (files that change: the LSN index, a partial segment)."""
+
+    @property
+    def key(self) -> str:
+        return f"{OBJECTS}/{self.path}~{self.sha256[:16]}"
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.file.read_bytes()
+
+    def upload(self, area_prefix: str) -> Upload:
+        return Upload(self.path, f"{area_prefix}/{self.key}", self.size, self.sha256, self.read)
+
+
+class HashCache:
+    """SHA-256 of files that do not change once written (layers, complete WAL segments), by
+    (path, size, mtime, inode): each is read once to hash it, not every round."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+    def sha256(self, path: Path) -> tuple[int, str]:
+        st = os.stat(path)
+        ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+        known = self._known.get(str(path))
+        if known is not None and known[0] == ident:
+            return st.st_size, known[1]
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        self._known[str(path)] = (ident, digest.hexdigest())
+        return st.st_size, digest.hexdigest()
+
+
+def _mutable(path: str, file: Path) -> LocalObject:
+    data = file.read_bytes()
+    return LocalObject(path, file, len(data), hashlib.sha256(data).hexdigest(), data)
+
+
+def plan_index(
+    store: NodeStore, area: dict[str, object], pgdata: str, generation: int, hashes: HashCache
+) -> tuple[RemoteIndex, list[LocalObject]]:
+    """The index the bucket should hold now for `area` over `store`'s node, and its objects.
+    FileNotFoundError when a file went away while reading (plan again)."""
+    state = store.state
+    if state is None:
+        raise NotFound(f"node {store.node_id} has no page history yet")
+    history = store.history
+    objects: list[LocalObject] = []
+    timelines: dict[str, dict[str, object]] = {}
+    chain = history.with_ancestors([state.timeline_id])
+    for timeline_id in sorted(chain):
+        directory = history.root / "timelines" / timeline_id
+        if not (directory / MANIFEST_NAME).exists():
+            raise FileNotFoundError(directory / MANIFEST_NAME)
+        manifest = read_manifest(directory)
+        timelines[timeline_id] = manifest.to_json_body()
+        for entry in manifest.layers:
+            file = directory / entry.name.file_name
+            size, sha = hashes.sha256(file)
+            objects.append(LocalObject(f"timelines/{timeline_id}/{file.name}", file, size, sha))
+    index_file = history.root / "lsn_index" / state.timeline_id / INDEX_FILE
+    if index_file.exists():
+        objects.append(_mutable(f"lsn_index/{INDEX_FILE}", index_file))
+    archive = WalArchive(store.wal_dir, state.wal_segment_size)
+    for seg in archive.segments():
+        name = segment_file_name(seg.timeline, seg.segno, state.wal_segment_size)
+        if seg.partial:
+            objects.append(_mutable(f"wal/{name}{PARTIAL}", seg.path))
+        else:
+            size, sha = hashes.sha256(seg.path)
+            objects.append(LocalObject(f"wal/{name}", seg.path, size, sha))
+    snapshots = [
+        asdict(s)
+        for s in history.snapshots.all()
+        if s.node_id == store.node_id and s.timeline_id in chain
+    ]
+    index = RemoteIndex(
+        generation=generation,
+        area=area,
+        node_id=store.node_id,
+        pgdata=pgdata,
+        node_state=asdict(state),
+        timelines=timelines,
+        objects={o.path: RemoteObject(o.key, o.size, o.sha256) for o in objects},
+        snapshots=snapshots,
+    )
+    return index, objects

@@ -1,0 +1,60 @@
+"""Where an s3 storage's bucket is and as whom the pageserver reaches it.
+
+The CLI passes an attached s3 storage's options (cli/storages.py) and the path of its secret
+file, never the secret: the pageserver reads the file when it opens a client, so a rotated
+secret is used without restarting anything and no secret is copied into the pageserver's
+own files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from proto.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSettings:
+    storage: str
+    """The storage's name in the CLI's registry (for messages and listings)."""
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_file: str | None = None
+    """A 0600 file holding the secret access key (NEON_HOME/secrets/...)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_wire(data: dict[str, Any]) -> RemoteSettings:
+        try:
+            settings = RemoteSettings(**data)
+        except TypeError as exc:
+            raise InvalidArgument(f"invalid s3 storage settings: {exc}") from None
+        if not settings.bucket:
+            raise InvalidArgument("an s3 storage needs a bucket")
+        return settings
+
+    def key(self, *parts: str) -> str:
+        """An object key under the storage's prefix."""
+        return "/".join(p for p in (self.prefix.strip("/"), *parts) if p)
+
+    @property
+    def url(self) -> str:
+        return "s3://" + "/".join(p for p in (self.bucket, self.prefix.strip("/")) if p)
+
+    def secret(self) -> str | None:
+        if self.secret_file is None:
+            return None
+        try:
+            return Path(self.secret_file).read_text().strip()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read the secret access key of storage {self.storage!r} "
+                f"({self.secret_file}): {exc.strerror}"
+            ) from None

@@ -1,0 +1,244 @@
+"""The background uploader of one PITR area on an s3 storage (Neon's RemoteTimelineClient).
+
+A thread with its own event loop. Whenever the node's history changed (a flush wrote a
+manifest, GC removed files: `poke()`), and at least every POLL seconds, it compares what the
+bucket's index names with what the local history holds (pageserver/remote/local_objects.py)
+and runs one round of the upload queue: the missing objects, then the new index, then the
+deletion of what the new index no longer names. A round that fails is run again, planned
+anew; after a restart (even a SIGKILL) the first round starts from the index in the bucket,
+so the uploads finish and what was already uploaded is not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pageserver.history.node_store import NodeStore
+from pageserver.remote import lease as leases
+from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
+from pageserver.remote.local_objects import HashCache, plan_index
+from pageserver.remote.objects import ObjectStore
+from pageserver.remote.settings import RemoteSettings
+from pageserver.remote.upload_queue import DEFAULT_PARALLEL, QueueStopped, RoundAborted, UploadQueue
+from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
+from proto.errors import NeonError
+
+log = logging.getLogger(__name__)
+
+POLL = 1.0
+"""Seconds between looks at the local history without a poke."""
+WAL_REFRESH = 15.0
+"""A round only for WAL and LSN index growth (no new layers) at most this often: the
+partial segment is uploaded whole each time."""
+RETRY_ROUND = 2.0
+
+
+def area_prefix(settings: RemoteSettings, area: str) -> str:
+    return settings.key("pitr", area)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadStatus:
+    area: str
+    storage: str
+    node_id: str
+    generation: int
+    local_lsn: int
+    """The node's durable page history (disk_consistent_lsn of its timeline)."""
+    remote_lsn: int
+    """The same in the bucket's index: extractable from the bucket alone."""
+    lag_bytes: int
+    """local_lsn - remote_lsn: WAL whose pages are not in the bucket yet."""
+    pending_objects: int
+    pending_bytes: int
+    remote_bytes: int
+    uploaded_bytes_total: int
+    retries_total: int
+    last_error: str | None
+    last_upload_at: float | None
+
+
+class AreaUploader:
+    def __init__(
+        self, settings: RemoteSettings, area: dict[str, Any], pgdata: str,
+        store: Callable[[], NodeStore], owner: str, *, parallel: int = DEFAULT_PARALLEL,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.area = area
+        self.name = str(area["name"])
+        self.pgdata = pgdata
+        self._store = store
+        self.owner = owner
+        self.parallel = parallel
+        self.prefix = area_prefix(settings, self.name)
+        self.remote: RemoteIndex | None = None
+        self._hashes = HashCache()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._queue: UploadQueue | None = None
+        self._lease: leases.Lease | None = None
+        self._last_round = 0.0
+        self._last_upload_at: float | None = None
+        self._error: str | None = None
+        self.fatal: str | None = None
+        """Why uploading stopped for good (the lease went to another pageserver)."""
+        self._idle = threading.Event()
+
+    @property
+    def what(self) -> str:
+        return f"PITR area {self.name!r} in {self.settings.url}"
+
+    # --- control (any thread) --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"upload-{self.name}", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """The local history changed: look now."""
+        self._idle.clear()
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_uploaded(self, lsn: int, timeout: float) -> bool:
+        """Until the bucket's index reaches `lsn` (tests, `pitr sync`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.remote is not None and self.remote.disk_consistent_lsn >= lsn:
+                return True
+            self.poke()
+            time.sleep(0.1)
+        return False
+
+    def status(self) -> UploadStatus:
+        queue = self._queue
+        local = 0
+        with contextlib.suppress(NeonError):
+            local = self._store().timeline.disk_consistent_lsn
+        remote = self.remote.disk_consistent_lsn if self.remote is not None else 0
+        return UploadStatus(
+            area=self.name,
+            storage=self.settings.storage,
+            node_id=str(self.area["node_id"]),
+            generation=self._lease.generation if self._lease else 0,
+            local_lsn=local,
+            remote_lsn=remote,
+            lag_bytes=max(0, local - remote),
+            pending_objects=queue.status.pending_objects if queue else 0,
+            pending_bytes=queue.status.pending_bytes if queue else 0,
+            remote_bytes=self.remote.total_bytes if self.remote is not None else 0,
+            uploaded_bytes_total=queue.status.uploaded_bytes_total if queue else 0,
+            retries_total=queue.status.retries_total if queue else 0,
+            last_error=self.fatal or (queue.status.last_error if queue else None) or self._error,
+            last_upload_at=self._last_upload_at,
+        )
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            log.exception("remote uploader of %s stopped", self.what)
+            self.fatal = self.fatal or str(exc)
+
+    async def _main(self) -> None:
+        while not self._stop:
+            try:
+                async with ObjectStore(self.settings) as bucket:
+                    self._queue = UploadQueue(
+                        bucket, parallel=self.parallel, stopped=lambda: self._stop
+                    )
+                    await self._serve(bucket)
+                    return
+            except leases.LeaseLost as exc:
+                self.fatal = str(exc)
+                log.error("%s", exc)
+                return
+            except QueueStopped:
+                return
+            except NeonError as exc:
+                self._error = str(exc)
+                log.warning("remote uploader of %s: %s", self.what, exc)
+                await asyncio.to_thread(self._wake.wait, RETRY_ROUND)
+                self._wake.clear()
+
+    async def _serve(self, bucket: ObjectStore) -> None:
+        key = f"{self.prefix}/{leases.LEASE_NAME}"
+        self._lease = await leases.acquire(bucket, key, self.owner, self.what)
+        raw = await bucket.get_if_exists(f"{self.prefix}/{INDEX_NAME}")
+        self.remote = None if raw is None else decode_index(raw, f"{self.prefix}/{INDEX_NAME}")
+        self._error = None
+        while not self._stop:
+            self._wake.clear()
+            try:
+                ran = await self._round(bucket)
+            except (RoundAborted, FileNotFoundError) as exc:
+                log.debug("remote: round of %s planned again: %s", self.name, exc)
+                continue
+            if not ran:
+                self._idle.set()
+                await asyncio.to_thread(self._wake.wait, POLL)
+
+    def _layers_changed(self, store: NodeStore) -> bool:
+        """Whether a manifest differs from the bucket's index (cheap: no hashing)."""
+        if self.remote is None or store.state is None:
+            return True
+        if self.remote.timeline_id != store.state.timeline_id:
+            return True
+        root = store.history.root / "timelines"
+        for timeline_id, body in self.remote.timelines.items():
+            path = root / timeline_id
+            if not (path / MANIFEST_NAME).exists():
+                return True
+            if read_manifest(path).to_json_body() != body:
+                return True
+        return False
+
+    async def _round(self, bucket: ObjectStore) -> bool:
+        store = self._store()
+        if store.state is None:
+            return False
+        due = time.monotonic() - self._last_round >= WAL_REFRESH
+        if not due and not await asyncio.to_thread(self._layers_changed, store):
+            return False
+        assert self._lease is not None and self._queue is not None
+        index, objects = await asyncio.to_thread(
+            plan_index, store, self.area, self.pgdata, self._lease.generation, self._hashes
+        )
+        self._last_round = time.monotonic()
+        old = self.remote
+        if old is not None and replace(old, uploaded_at=0.0) == index:
+            return False
+        have = set() if old is None else {o.key for o in old.objects.values()}
+        uploads = [o.upload(self.prefix) for o in objects if o.key not in have]
+        keep = {o.key for o in index.objects.values()}
+        deletions = [] if old is None else sorted(
+            f"{self.prefix}/{o.key}" for o in old.objects.values() if o.key not in keep
+        )  # fmt: skip
+        index = replace(index, uploaded_at=time.time())
+        lease_key = f"{self.prefix}/{leases.LEASE_NAME}"
+        lease = self._lease
+
+        async def check_lease() -> None:
+            await leases.check(bucket, lease_key, lease, self.what)
+
+        await self._queue.run_round(
+            uploads, f"{self.prefix}/{INDEX_NAME}", index.encode(), deletions, check_lease
+        )
+        self.remote = index
+        self._last_upload_at = time.time()
+        return True

@@ -1,0 +1,268 @@
+"""The remote history against a real S3 endpoint (moto's server on loopback): upload order,
+checksums, deletions after the index, the lease, attach and verified download."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from pageserver.history.node_store import NodeState, NodeStore, StorageHistory
+from pageserver.history.pitr import new_area
+from pageserver.ingest.lsn_index import LsnIndex
+from pageserver.remote.index import INDEX_NAME, IndexTooNew, decode_index
+from pageserver.remote.lease import LeaseLost
+from pageserver.remote.mirror import ChecksumMismatch, MirrorArea
+from pageserver.remote.objects import ObjectStore
+from pageserver.remote.settings import RemoteSettings
+from pageserver.remote.upload_queue import QueueStopped, RoundAborted, Upload, UploadQueue
+from pageserver.remote.uploader import AreaUploader
+from pageserver.storage import keys as K
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.values import Image, WalDelta
+from proto.errors import Conflict
+from tests.s3d import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3
+
+SMALL = StoreSettings(
+    checkpoint_distance=4096, compaction_threshold=100, compaction_target_size=512,
+    image_creation_threshold=100, image_layer_target_size=8 * 8192, block_size=1024,
+)  # fmt: skip
+SEG = 16 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(s3: MotoS3, tmp_path: Path) -> RemoteSettings:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET_KEY)
+    return RemoteSettings(
+        "s3tank", s3.new_bucket(), "hist", s3.endpoint, REGION, ACCESS_KEY, str(secret)
+    )
+
+
+def page(blk: int) -> K.Key:
+    return K.rel_block_key(1663, 5, 16384, 0, blk)
+
+
+def make_node(root: Path) -> NodeStore:
+    """A node's history with two flushed layers, an LSN index file and archived WAL."""
+    history = StorageHistory(root, SMALL)
+    timeline = history.timelines.create_timeline("aa")
+    for lsn in (0x100, 0x200):
+        timeline.put_batch([(page(b), lsn, Image(bytes([b, lsn >> 8]) * 100)) for b in range(8)])
+        timeline.advance_last_record_lsn(lsn, None)
+        timeline.freeze_and_flush()
+    state = NodeState("aa", 0x100, SEG)
+    (root / "nodes").mkdir()
+    (root / "nodes" / "n1.json").write_text(json.dumps(asdict(state)))
+    wal = root / "wal" / "n1" / "aa"
+    wal.mkdir(parents=True)
+    (wal / "000000010000000000000000").write_bytes(b"w" * 5000)
+    (wal / "000000010000000000000001.partial").write_bytes(b"p" * 300)
+    index = LsnIndex(root / "lsn_index" / "aa", SEG)
+    index.add_boundary(0x100)
+    index.flush()
+    history.pitr.add(new_area("area", "n1", "inf", "inf"))
+    return NodeStore(history, "n1")
+
+
+def uploader(settings: RemoteSettings, store: NodeStore, owner: str = "me") -> AreaUploader:
+    area = asdict(store.history.pitr.get("area"))
+    return AreaUploader(settings, area, "pgdata1", lambda: store, owner, parallel=3)
+
+
+def bucket_objects(s3: MotoS3, settings: RemoteSettings) -> dict[str, bytes]:
+    client = s3.client()
+    out = {}
+    for entry in client.list_objects_v2(Bucket=settings.bucket).get("Contents", []):
+        key = entry["Key"]
+        out[key] = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+    return out
+
+
+def assert_index_consistent(s3: MotoS3, settings: RemoteSettings) -> dict[str, bytes]:
+    """The bucket's index names only objects that are there, whole, with its checksums."""
+    objects = bucket_objects(s3, settings)
+    index = decode_index(objects[f"hist/pitr/area/{INDEX_NAME}"], "index")
+    for path, obj in index.objects.items():
+        body = objects[f"hist/pitr/area/{obj.key}"]
+        assert len(body) == obj.size and hashlib.sha256(body).hexdigest() == obj.sha256, path
+    return objects
+
+
+def wait_for(condition: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_history_reaches_the_bucket_and_gc_deletes_after_the_index(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    up = uploader(settings, store)
+    up.start()
+    try:
+        assert up.wait_uploaded(0x200, 20)
+        objects = assert_index_consistent(s3, settings)
+        index = decode_index(objects["hist/pitr/area/index.json"], "index")
+        paths = set(index.objects)
+        layers = {p for p in paths if p.startswith("timelines/aa/")}
+        assert len(layers) == 2
+        assert {"wal/000000010000000000000000", "wal/000000010000000000000001.partial"} <= paths
+        assert index.pgdata == "pgdata1" and index.generation == 1
+        assert index.disk_consistent_lsn == 0x200
+        status = up.status()
+        assert status.remote_lsn == 0x200 and status.lag_bytes == 0
+        assert status.pending_objects == 0 and status.last_error is None
+
+        # GC drops a layer: the next index no longer names it, then its object goes.
+        timeline = store.timeline
+        old = next(iter(timeline.layer_map().layers()))
+        timeline.put_batch([(page(b), 0x300, WalDelta(b"d")) for b in range(2)])
+        timeline.advance_last_record_lsn(0x300, None)
+        timeline.freeze_and_flush()
+        timeline.replace_layers([], [old])
+        up.poke()
+        assert up.wait_uploaded(0x300, 20)
+        wait_for(lambda: up.status().pending_objects == 0)
+        time.sleep(0.3)
+        objects = assert_index_consistent(s3, settings)
+        index = decode_index(objects["hist/pitr/area/index.json"], "index")
+        assert f"timelines/aa/{old.name.file_name}" not in index.objects
+        assert not any(old.name.file_name in key for key in objects)
+    finally:
+        up.stop()
+
+
+def test_a_second_writer_is_refused_by_the_lease(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    first = uploader(settings, store, owner="first")
+    first.start()
+    try:
+        assert first.wait_uploaded(0x200, 20)
+    finally:
+        first.stop()
+    second = uploader(settings, store, owner="second")
+    second.start()
+    try:
+        wait_for(lambda: second.status().last_error is not None)
+        assert "written by another pageserver" in str(second.status().last_error)
+        assert second.remote is None  # never read, never written
+    finally:
+        second.stop()
+    # A writer whose lease was taken over stops before its next index.
+    from pageserver.remote import lease
+
+    async def takeover() -> None:
+        async with ObjectStore(settings) as bucket:
+            await lease.acquire(bucket, "hist/pitr/area/lease.json", "second", "x", takeover=True)
+            with pytest.raises(Conflict):
+                await lease.acquire(bucket, "hist/pitr/area/lease.json", "first", "x")
+            mine = lease.Lease("first", 1)
+            with pytest.raises(LeaseLost, match="another pageserver"):
+                await lease.check(bucket, "hist/pitr/area/lease.json", mine, "x")
+
+    asyncio.run(takeover())
+
+
+def test_an_index_never_names_an_incomplete_upload(s3: MotoS3, settings: RemoteSettings) -> None:
+    def gone() -> bytes:
+        raise FileNotFoundError("removed by GC")
+
+    good = Upload("a", "hist/x/a", 3, hashlib.sha256(b"abc").hexdigest(), lambda: b"abc")
+    bad = Upload("b", "hist/x/b", 3, hashlib.sha256(b"abc").hexdigest(), gone)
+    changed = Upload("c", "hist/x/c", 3, hashlib.sha256(b"abc").hexdigest(), lambda: b"abd")
+
+    async def never() -> None:
+        raise AssertionError("the index must not be uploaded")
+
+    async def run(uploads: list[Upload], bucket_settings: RemoteSettings) -> None:
+        async with ObjectStore(bucket_settings) as bucket:
+            queue = UploadQueue(bucket)
+            await queue.run_round(uploads, "hist/x/index.json", b"{}", [], never)
+
+    for uploads in ([good, bad], [changed, good]):
+        with pytest.raises(RoundAborted):
+            asyncio.run(run(uploads, settings))
+    assert "hist/x/index.json" not in bucket_objects(s3, settings)
+    # A missing bucket: retried with backoff, the error kept, no index, until stopped.
+    missing = RemoteSettings(**{**asdict(settings), "bucket": "no-such-bucket-here"})
+
+    async def run_missing() -> str | None:
+        async with ObjectStore(missing) as bucket:
+            started = time.monotonic()
+            queue = UploadQueue(bucket, stopped=lambda: time.monotonic() - started > 1.5)
+            with pytest.raises(QueueStopped):
+                await queue.run_round([good], "hist/x/index.json", b"{}", [], never)
+            assert queue.status.retries_total >= 2
+            return queue.status.last_error
+
+    error = asyncio.run(run_missing())
+    assert error is not None and "NoSuchBucket" in error
+
+
+def test_attach_reads_the_history_and_refuses_a_corrupt_object(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    up = uploader(settings, store)
+    up.start()
+    try:
+        assert up.wait_uploaded(0x200, 20)
+    finally:
+        up.stop()
+    mirror = MirrorArea(settings, "area", tmp_path / "mirror" / "pagestore")
+    index = mirror.refresh()
+    assert index.node_id == "n1" and index.area["name"] == "area"
+    history = StorageHistory(mirror.root, SMALL)
+    assert history.pitr.get("area").node_id == "n1"
+    # At 0x100 only the first layer is needed; at 0x200 both.
+    first = mirror.needed_layers(0x100)
+    assert len(first) == 1 and len(mirror.needed_layers(0x200)) == 2
+    assert mirror.prepare(0x100) > 0
+    timeline = StorageHistory(mirror.root, SMALL).timelines.get("aa")
+    assert len(list(timeline.layer_map().layers())) == 1
+    data = timeline.get_reconstruct_data(page(3), 0x100)
+    assert data.image == (0x100, bytes([3, 1]) * 100)
+
+    # A corrupted object is refused at download, named, and not kept.
+    (path, obj), = (
+        (p, o) for p, o in mirror.needed_layers(0x200).items() if p not in first
+    )  # fmt: skip
+    client = s3.client()
+    key = f"hist/pitr/area/{obj.key}"
+    body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=settings.bucket, Key=key, Body=body[:-1] + bytes([body[-1] ^ 1]))
+    with pytest.raises(ChecksumMismatch, match=key):
+        mirror.prepare(0x200)
+    assert not (mirror.root / path).exists()
+    client.put_object(Bucket=settings.bucket, Key=key, Body=body)
+    assert mirror.prepare(0x200) == len(body)
+    timeline = StorageHistory(mirror.root, SMALL).timelines.get("aa")
+    assert timeline.get_reconstruct_data(page(3), 0x200).image == (0x200, bytes([3, 2]) * 100)
+
+    # An index written by a newer format is refused with what to do.
+    raw = json.loads(
+        client.get_object(Bucket=settings.bucket, Key="hist/pitr/area/index.json")["Body"].read()
+    )
+    raw["format"] = 99
+    client.put_object(
+        Bucket=settings.bucket, Key="hist/pitr/area/index.json", Body=json.dumps(raw).encode()
+    )
+    with pytest.raises(IndexTooNew, match="format 99"):
+        mirror.refresh()
