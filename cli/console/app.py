@@ -15,12 +15,13 @@ import webbrowser
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import jinja2
 from aiohttp import web
 
 from cli.console import actions
-from cli.console.commands import Cli, CliFailed, Job, Jobs, command_line
+from cli.console.commands import Cli, CliFailed, Job, Jobs, command_line, lsn_argument
 from cli.console.graph import render_graph
 from cli.console.session import COOKIE, Session, Sessions, cookie_attributes, csrf_ok
 from cli.console.tables import parse_table
@@ -71,6 +72,7 @@ def create_app(home: Path, sessions: Sessions) -> web.Application:
     app.router.add_get("/snapshots", snapshots_page)
     app.router.add_get("/diff", diff_page)
     app.router.add_get("/pitr", pitr_page)
+    app.router.add_post("/pitr/around", pitr_around)
     app.router.add_get("/storages", storages_page)
     app.router.add_post("/actions/{name}", run_action)
     app.router.add_get("/jobs/{id}", job_page)
@@ -215,10 +217,47 @@ async def diff_page(request: web.Request) -> web.StreamResponse:
     )
 
 
+AROUND_LIMIT = 5
+"""Transaction records the PITR page lists on each side of a chosen point."""
+
+
 async def pitr_page(request: web.Request) -> web.StreamResponse:
     (areas, nodes), error = await _read(request, ["pitr", "list"], ["pg", "list"])
     pgdata = {n["id"]: n["pgdata"] for n in nodes}
-    return render(request, "pitr.html", areas=areas, pgdata=pgdata, error=error)
+    selected, at = request.query.get("area", ""), request.query.get("at", "").strip()
+    area = next((a for a in areas if a["name"] == selected), None)
+    commits = args = None
+    if area is not None and at and error is None:
+        args = ["pitr", "commits", area["node_id"], "--limit", str(AROUND_LIMIT)]
+        if at.startswith("-"):
+            error = f"a point does not start with '-': {at!r}"
+        else:
+            args += ["--around", lsn_argument(at)]
+            (commits,), error = await _read(request, args)
+    return render(
+        request,
+        "pitr.html",
+        areas=areas,
+        pgdata=pgdata,
+        selected=selected,
+        at=at,
+        commits=commits or None,
+        around_command=command_line(args) if args else None,
+        error=error,
+        retry_page=False,
+    )
+
+
+async def pitr_around(request: web.Request) -> web.StreamResponse:
+    """The slider's (or the time field's) point chosen in a form: the PITR page listing the
+    commits around it (POST, so the form's CSRF token stays out of the URL)."""
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    if not csrf_ok(request[SESSION_KEY], form.get("csrf")):
+        return _forbidden()
+    area = form.get("area", "")
+    at = (form.get("time") or "").strip() or (form.get("lsn") or "").strip()
+    query = urlencode({"area": area, "at": lsn_argument(at) if at.isdigit() else at})
+    raise web.HTTPSeeOther(f"/pitr?{query}#area-{quote(area)}")
 
 
 async def storages_page(request: web.Request) -> web.StreamResponse:

@@ -112,12 +112,13 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
     neon.run("pitr", "create", "area1", "--pg", "pgdata1")
     psql(c1, "CREATE TABLE t AS SELECT generate_series(1, 10) a")
     neon.run("snapshot", "create", "pgdata1@ten")
-    psql(c1, "INSERT INTO t SELECT generate_series(11, 25)")
+    xid = int(psql(c1, "BEGIN; INSERT INTO t SELECT generate_series(11, 25);\n"
+                       "SELECT txid_current(); COMMIT;"))  # fmt: skip
 
     page = browser.new_page(viewport={"width": 1300, "height": 900})
     shots = Shots(page, tmp_path / "screenshots")
     try:
-        _walk_through(neon, page, shots, console, base, c1)
+        _walk_through(neon, page, shots, console, base, c1, xid)
     except BaseException:
         with contextlib.suppress(Exception):
             shots.take("failure")
@@ -125,7 +126,7 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
 
 
 def _walk_through(
-    neon: NeonCli, page: Page, shots: Shots, console: str, base: str, c1: str
+    neon: NeonCli, page: Page, shots: Shots, console: str, base: str, c1: str, xid: int
 ) -> None:
     # Nothing without the session, and the login URL works once.
     for path in ("/", "/snapshots", "/pitr", "/static/console.js"):
@@ -190,11 +191,35 @@ def _walk_through(
         f"neon pitr extract-snapshot area1 --lsn {lsn_text} --as onslider"
     )
     shots.take("pitr")
-    area.locator("button").click()
+    area.get_by_role("button", name="Extract snapshot").click()
     out = wait_for_job(page, shots, "pitr-extract")
     assert out.startswith("pgdata1@onslider at "), out
     extracted = {s["name"]: s for s in neon.json("snapshot", "list")}["pgdata1@onslider"]
     assert low <= extracted["lsn"] <= chosen
+
+    # The commits around the slider's end: the INSERT's transaction is the last before it,
+    # and its row extracts the state just after it.
+    page.goto(base + "/pitr")
+    area = page.locator('section[data-area="area1"]')
+    area.locator("input.lsn-slider").focus()
+    page.keyboard.press("End")
+    area.locator("form.extract button.around").click()
+    expect(area.locator("table.commits")).to_be_visible()
+    shots.take("pitr-commits")
+    expect(area.locator("p code.cmd")).to_contain_text(
+        "neon pitr commits primary1 --limit 5 --around "
+    )
+    row = area.locator(f'tr.xact.commit[data-xid="{xid}"]')
+    expect(row).to_have_count(1)
+    end_lsn = row.get_attribute("data-end-lsn") or ""
+    expect(row.locator("code.cmd")).to_have_text(
+        f"neon pitr extract-snapshot area1 --lsn {end_lsn}"
+    )
+    listing = neon.json("pitr", "commits", "pgdata1", "--around", end_lsn, "--limit", "1")
+    assert [r["xid"] for r in listing["before"]] == [xid]
+    row.locator("button").click()
+    out = wait_for_job(page, shots, "pitr-extract-commit")
+    assert out.rstrip().endswith(f" at {end_lsn}"), out
 
     # A diff between two snapshots: the --stat table names the table that changed.
     page.goto(base + "/diff")

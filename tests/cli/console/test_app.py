@@ -31,7 +31,7 @@ async def test_everything_but_the_login_is_401_without_a_session(client: TestCli
         response = await client.get(path, allow_redirects=False)
         assert response.status == 401, path
         assert (await response.text()).startswith("401: not logged in")
-    for path in ["/actions/pg-stop", "/logout"]:
+    for path in ["/actions/pg-stop", "/logout", "/pitr/around"]:
         response = await client.post(path, data={"node": "primary1"})
         assert response.status == 401, path
     forged = await client.get("/", cookies={COOKIE: "made-up"})
@@ -60,6 +60,8 @@ async def test_posts_need_the_csrf_token(client: TestClient) -> None:
         assert "CSRF" in await response.text()
     logout = await client.post("/logout", data={}, allow_redirects=False)
     assert logout.status == 403
+    around = await client.post("/pitr/around", data={"area": "a", "lsn": "1"})
+    assert around.status == 403
 
 
 async def test_a_bad_form_is_a_message_not_a_traceback(client: TestClient) -> None:
@@ -104,3 +106,22 @@ async def test_a_failed_read_is_said_on_the_page_which_retries(tmp_path: Path) -
         assert 'id="read-error"' in page and "`neon pg list --json` failed: " in page
         assert "(retrying every 5 s)" in page and 'http-equiv="refresh" content="5"' in page
         assert "Traceback" not in page
+
+
+async def test_a_chosen_point_redirects_to_the_commits_around_it(client: TestClient) -> None:
+    """The slider's integer becomes an LSN in the page's URL (the form's CSRF token does not
+    travel into it); a time is passed on as typed."""
+    await client.get("/login?token=login-token", allow_redirects=False)
+    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/"))[COOKIE].value
+    session = client.app[SESSIONS_KEY].get(cookie)
+    assert session is not None
+    for form, location in [
+        ({"area": "a1", "lsn": str(0x1_0000_00A8)}, "/pitr?area=a1&at=1/000000A8#area-a1"),
+        ({"area": "a1", "time": "2026-01-02T03:04:05+00:00"},
+         "/pitr?area=a1&at=2026-01-02T03:04:05%2B00:00#area-a1"),
+    ]:  # fmt: skip
+        data = {"csrf": session.csrf, **form}
+        response = await client.post("/pitr/around", data=data, allow_redirects=False)
+        assert response.status == 303
+        assert response.headers["Location"] == location
+        assert session.csrf not in location
