@@ -265,8 +265,6 @@ class NodeStatus(ApiResponse):
     store_dir: str | None = None
     pgdata: str | None = None
     socket_dir: str | None = None
-    replication_slot: str | None = None
-    auth_methods: list[str] | None = None
     paused: bool | None = None
     """The node was stopped with the CLI: nothing connects to it until `pg start`."""
     state: str | None = None
@@ -299,8 +297,6 @@ class NodeStatus(ApiResponse):
         "store_dir",
         "pgdata",
         "socket_dir",
-        "replication_slot",
-        "auth_methods",
         "paused",
     )
 
@@ -386,12 +382,6 @@ class NodeRegisterRequest(ApiRequest):
     pgdata: str | None = None
     socket_dir: str | None = None
     """Connect through the node's unix socket there (a directory private to its OS user)."""
-    replication_slot: str | None = None
-    """Stream from this slot instead of `neon_<node id>` (an attached server's)."""
-    auth_methods: list[str] | None = None
-    """Authentication methods to answer (pg_hba.conf names); None: the managed-node policy."""
-    paused: bool = False
-    """Register without connecting yet (an attached server before its image is imported)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -469,9 +459,6 @@ class NodeImportRequest(ApiRequest):
 
     node_id: str
     datadir: str
-    at_lsn: int | None = None
-    """An attached server's recovered base backup: the backup's end LSN (see
-    pageserver/ingest/import_datadir.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from pageserver.basebackup.snapshot_file import (
     snapshot_file_manifest,
 )
 from pageserver.basebackup.tar_stream import BasebackupInfo, basebackup_chunks
-from pageserver.follow.followed_nodes import followed_node
+from pageserver.follow.followed_nodes import FollowedNode
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
@@ -40,7 +40,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.StatusResponse(**{**status, "nodes": _node_statuses(status["nodes"])})
 
     async def node_register(ctx: RequestContext, req: m.NodeRegisterRequest) -> m.NodeStatus:
-        return m.NodeStatus(**await ps.register_node(followed_node(asdict(req))))
+        return m.NodeStatus(**await ps.register_node(FollowedNode(**asdict(req))))
 
     async def node_unregister(ctx: RequestContext, req: m.NodeUnregisterRequest) -> m.NodeStatus:
         return m.NodeStatus(**await ps.unregister_node(req.node_id))
@@ -59,7 +59,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.WaitDecodedResponse(reached, m.NodeStatus(**follower.status()))
 
     async def node_import(ctx: RequestContext, req: m.NodeImportRequest) -> m.ImportResponse:
-        lsn = await ps.import_node(req.node_id, Path(req.datadir), req.at_lsn)
+        lsn = await ps.import_node(req.node_id, Path(req.datadir))
         return m.ImportResponse(lsn, format_lsn(lsn))
 
     async def timeline_info(ctx: RequestContext, req: m.TimelineInfoRequest) -> m.TimelineInfo:

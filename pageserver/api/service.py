@@ -196,11 +196,10 @@ class Pageserver:
         self.nodes.remove(node_id)
         return node.public()
 
-    async def import_node(self, node_id: str, datadir: Path, at_lsn: int | None = None) -> int:
-        """Import a node's cleanly shut-down data directory before its first start (or an
-        attached server's recovered base backup at its end LSN: NodeStore.import_datadir)."""
+    async def import_node(self, node_id: str, datadir: Path) -> int:
+        """Import a node's cleanly shut-down data directory before its first start."""
         store = self.store(node_id)
-        lsn = await asyncio.to_thread(store.import_datadir, datadir, at_lsn)
+        lsn = await asyncio.to_thread(store.import_datadir, datadir)
         await self._refollow(node_id)
         return lsn
 
