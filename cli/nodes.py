@@ -95,6 +95,7 @@ def startup_log(app: App, node: NodeRow) -> Path:
 
 def _pick_port(cur: sqlite3.Cursor, requested: int | None) -> int:
     taken = {row[0] for row in cur.execute("SELECT port FROM nodes")}
+    taken |= {row[0] for row in cur.execute("SELECT port FROM replicas")}  # cli/replicas.py
     if requested is not None:
         if not 1 <= requested <= 65535:
             raise InvalidArgument(f"port {requested} is out of range 1-65535")
@@ -199,7 +200,9 @@ def create_node(
         if (
             name is not None
             and cur.execute(
-                "SELECT 1 FROM nodes WHERE pgdata = ? OR id = ?", (name, name)
+                "SELECT 1 FROM nodes WHERE pgdata = ? OR id = ? "
+                "UNION SELECT 1 FROM replicas WHERE name = ?",
+                (name, name, name),
             ).fetchone()
         ):
             raise AlreadyExists(f"a node named {name!r} already exists; see `neon pg list`")

@@ -11,12 +11,13 @@ from typing import Any
 
 import click
 
-from cli import checkout, nodes
+from cli import checkout, nodes, replicas
 from cli.context import App, get_app
 from cli.node_lock import locked_node
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
 from cli.pageserver_control import local_api
 from cli.progress import Progress
+from cli.registry import ReplicaRow
 from cli.rest import control as rest_control
 from cli.rest_commands import pg_start_rest, pg_stop_rest
 from cli.snapshot_commands import import_snapshot
@@ -166,11 +167,48 @@ def temporary_import(
 
 
 @pg_group.command("start")
+@click.option(
+    "--replica",
+    is_flag=True,
+    help="Create and start a hot standby of NODE (streaming from its own slot).",
+)
+@click.option("-n", "--name", default=None, help="With --replica: its name (replica-$i).")
+@click.option("--port", type=int, default=None, help="With --replica: its port.")
+@click.option(
+    "--from-snapshot",
+    "from_snapshot",
+    default=None,
+    metavar="PGDATA@TAG",
+    help="With --replica: a static read-only replica at this snapshot of NODE.",
+)
 @click.argument("node")
 @click.pass_context
-def pg_start(ctx: click.Context, node: str) -> None:
-    """Start PostgreSQL on a node (ID or data directory name)."""
+def pg_start(
+    ctx: click.Context,
+    replica: bool,
+    name: str | None,
+    port: int | None,
+    from_snapshot: str | None,
+    node: str,
+) -> None:
+    """Start PostgreSQL on a node (ID or data directory name) or a replica; with --replica,
+    create a replica of NODE."""
     app = get_app(ctx)
+    if not replica and (name, port, from_snapshot) != (None, None, None):
+        raise InvalidArgument("-n, --port and --from-snapshot go with --replica")
+    if replica:
+        snap = app.registry.snapshot_name(from_snapshot) if from_snapshot else None
+        made = replicas.create(
+            app, app.registry.get_node(node), name=name, port=port, snapshot=snap
+        )
+        click.echo(f"Started replica {made.name} on localhost:{made.port}")
+        return
+    if (standby := replicas.find(app, node)) is not None:
+        if replicas.start(app, standby):
+            click.echo(f"Started replica {standby.name} on localhost:{standby.port}")
+        else:
+            click.echo(f"replica {standby.name} is already running on localhost:{standby.port}")
+        return
     with locked_node(app, node, "pg start") as row:
         checkout.finish_pending(app, row)
         before = nodes.node_status(app, row).state
@@ -192,8 +230,12 @@ def pg_start(ctx: click.Context, node: str) -> None:
 )
 @click.pass_context
 def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
-    """Stop PostgreSQL on a node."""
+    """Stop PostgreSQL on a node or a replica."""
     app = get_app(ctx)
+    if (standby := replicas.find(app, node)) is not None:
+        stopped = replicas.stop(standby, mode)
+        click.echo(f"{'Stopped' if stopped else 'Was not running:'} replica {standby.name}.")
+        return
     with locked_node(app, node, "pg stop") as row:
         if rest_control.stop(app, row.id):
             click.echo(f"Stopped the REST server of {row.pgdata}.")
@@ -215,9 +257,17 @@ def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def pg_destroy(ctx: click.Context, node: str, yes: bool) -> None:
-    """Stop a node and delete its data directory."""
+    """Stop a node (or a replica) and delete its data directory; a replica's slot on its
+    primary is dropped. A node with replicas is refused: destroy them first."""
     app = get_app(ctx)
+    if (standby := replicas.find(app, node)) is not None:
+        if not yes:
+            click.confirm(f"Destroy replica {standby.name}?", abort=True)
+        replicas.destroy(app, standby)
+        click.echo(f"Destroyed replica {standby.name}.")
+        return
     row = app.registry.get_node(node)
+    replicas.refuse_primary_destroy(app, row)
     if not yes:
         click.confirm(f"Destroy {row.id} and delete {row.datadir}?", abort=True)
     with locked_node(app, row.id, "pg destroy") as row:
@@ -234,9 +284,15 @@ def pg_list(ctx: click.Context, as_json: bool) -> None:
     """List nodes."""
     app = get_app(ctx)
     nodes.cleanup_abandoned(app)
+    replicas.cleanup_abandoned(app)
     statuses = [nodes.node_status(app, n) for n in app.registry.nodes()]
     wal = nodes.wal_positions(app, statuses)
     infos = [nodes.node_json(app, s, dir_size(s.node.datadir), wal[s.node.id]) for s in statuses]
+    for info, s in zip(infos, statuses, strict=True):
+        info["replicas"] = [
+            replicas.replica_json(app, replicas.status(r), s.node)
+            for r in app.registry.replicas(s.node.id)
+        ]
     if as_json:
         print_json(infos)
         return
@@ -253,8 +309,15 @@ def pg_list(ctx: click.Context, as_json: bool) -> None:
         )
         for i in infos
     ]
+    # Replicas under their primary, as in the proposal: `replica-1 localhost:5433`.
+    table: list[tuple[object, ...]] = []
+    for i, row in zip(infos, rows, strict=True):
+        table += [
+            row,
+            *((r["id"], "", "", "", r["endpoint"], r["state"], "", "") for r in i["replicas"]),
+        ]
     # LAG: WAL the server wrote that is not in the page history yet (snapshots wait for it).
-    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE", "INGESTED", "LAG"), rows)
+    print_table(("ID", "PGDATA", "USED", "STORAGE", "ENDPOINT", "STATE", "INGESTED", "LAG"), table)
     for i in infos:
         if i["wal"].get("ingest", "ok") != "ok":
             click.echo(f"{i['id']}: WAL ingest {i['wal']['ingest']}: {i['wal'].get('error')}")
@@ -271,8 +334,11 @@ def _state_cell(info: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
-    """Show one node, including a connection string for psql."""
+    """Show one node or replica, including a connection string for psql."""
     app = get_app(ctx)
+    if (standby := replicas.find(app, node)) is not None:
+        _show_replica(app, standby, as_json)
+        return
     row = app.registry.get_node(node)
     status = nodes.node_status(app, row)
     wal = nodes.wal_positions(app, [status])[row.id]
@@ -333,8 +399,33 @@ def pg_checkout(ctx: click.Context, snapshot: str) -> None:
     app = get_app(ctx)
     snapshot = app.registry.snapshot_name(snapshot)
     pgdata, _tag = split_snapshot_name(snapshot)
-    with locked_node(app, pgdata, "pg checkout") as row:
+    with (
+        locked_node(app, pgdata, "pg checkout") as row,
+        replicas.reseeded_after_checkout(app, row, click.echo),
+    ):
         checkout.checkout(app, row, snapshot, click.echo)
+
+
+def _show_replica(app: App, standby: ReplicaRow, as_json: bool) -> None:
+    primary = app.registry.get_node(standby.primary_id)
+    info = replicas.replica_json(app, replicas.status(standby), primary, with_lag=True)
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"{standby.name}:")
+    for key in ("role", "primary", "kind", "snapshot", "state", "pid", "datadir", "endpoint"):
+        click.echo(f"  {key}: {info[key] if info[key] is not None else '-'}")
+    for key in ("connstr", "slot", "log"):
+        click.echo(f"  {key}: {info[key] if info[key] is not None else '-'}")
+    lag = info["lag"]
+    click.echo("  replay:")
+    for key in ("receiver", "primary_lsn", "receive_lsn", "replay_lsn"):
+        click.echo(f"    {key}: {lag[key] if lag[key] is not None else '-'}")
+    seconds = lag["lag_seconds"]
+    click.echo(
+        f"    lag: {human_size(lag['lag_bytes'])}, "
+        f"{f'{seconds:.1f} s' if seconds is not None else '- s'} behind the primary"
+    )
 
 
 pg_group.add_command(pg_start_rest)

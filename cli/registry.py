@@ -51,6 +51,18 @@ CREATE TABLE IF NOT EXISTS snapshot_servers (
     port INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replicas (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    primary_id TEXT NOT NULL,
+    datadir TEXT NOT NULL UNIQUE,
+    port INTEGER NOT NULL UNIQUE,
+    snapshot TEXT,
+    state TEXT NOT NULL,
+    creator_pid INTEGER,
+    created_at REAL NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
 CREATE TABLE IF NOT EXISTS pageservers (
     name TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -83,6 +95,27 @@ class NodeRow:
     creator_pid: int | None
     created_at: float
     extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRow:
+    """A hot standby of a node (cli/replicas.py): no history of its own, never followed."""
+
+    id: int
+    name: str
+    primary_id: str
+    datadir: Path
+    port: int
+    snapshot: str | None  # a static read-only replica at this snapshot; None: it streams
+    state: str  # 'creating' while `pg start --replica` seeds it, then 'ready'
+    creator_pid: int | None
+    created_at: float
+    extra: dict[str, Any]
+
+    @property
+    def slot(self) -> str | None:
+        """Its physical slot on the primary (a streaming replica's)."""
+        return None if self.snapshot is not None else f"neon_replica_{self.id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +244,19 @@ class Registry:
         node = self.find_node(ref)
         return f"{node.pgdata}@{tag}" if node is not None else name
 
+    # replicas
+
+    def replicas(self, primary_id: str | None = None) -> list[ReplicaRow]:
+        rows = self._conn.execute(
+            "SELECT * FROM replicas WHERE ? IS NULL OR primary_id = ? ORDER BY created_at, id",
+            (primary_id, primary_id),
+        ).fetchall()
+        return [_replica(r) for r in rows]
+
+    def find_replica(self, name: str) -> ReplicaRow | None:
+        row = self._conn.execute("SELECT * FROM replicas WHERE name = ?", (name,)).fetchone()
+        return _replica(row) if row else None
+
     # read-only servers over snapshots
 
     def snapshot_server(self, name: str) -> dict[str, Any] | None:
@@ -315,6 +361,21 @@ def _node(row: sqlite3.Row) -> NodeRow:
         role=row["role"],
         superuser=row["superuser"],
         replication_user=row["replication_user"],
+        state=row["state"],
+        creator_pid=row["creator_pid"],
+        created_at=row["created_at"],
+        extra=json.loads(row["extra"]),
+    )
+
+
+def _replica(row: sqlite3.Row) -> ReplicaRow:
+    return ReplicaRow(
+        id=row["id"],
+        name=row["name"],
+        primary_id=row["primary_id"],
+        datadir=Path(row["datadir"]),
+        port=row["port"],
+        snapshot=row["snapshot"],
         state=row["state"],
         creator_pid=row["creator_pid"],
         created_at=row["created_at"],

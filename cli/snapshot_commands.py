@@ -39,6 +39,7 @@ from cli.tablespace_settings import in_place_tablespace_settings
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (
+    BasebackupResponse,
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
     SnapshotImportDeltaRequest,
@@ -269,6 +270,7 @@ def _server(app: App, name: str) -> dict[str, Any] | None:
 def _free_port(app: App, above: int = SNAPSHOT_SERVER_PORT - 1) -> int:
     taken = {n.port for n in app.registry.nodes()}
     taken |= app.registry.snapshot_server_ports()
+    taken |= {r.port for r in app.registry.replicas()}
     port = above + 1
     while port in taken or not port_is_free(port):
         port += 1
@@ -317,23 +319,9 @@ def start_snapshot_server(app: App, name: str) -> tuple[int, Path]:
             (name, str(datadir), port, time.time()),
         )
     try:
-        download_basebackup(app, datadir, snapshot=name)
-        (datadir / "standby.signal").touch()
-        give_to_pg_user(datadir / "standby.signal")
+        standby_dir_at(app, datadir, name)
         for attempt in range(PORT_ATTEMPTS):
-            postmaster.write_config(
-                datadir,
-                {
-                    "port": port,
-                    "listen_addresses": "127.0.0.1",
-                    "unix_socket_directories": str(app.home.socket_dir),
-                    "hot_standby": True,
-                    "logging_collector": False,
-                    **standby_minimums(datadir),
-                    **in_place_tablespace_settings(datadir),
-                },
-                ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"],
-            )
+            postmaster.write_config(datadir, read_only_settings(app, datadir, port), READ_ONLY_HBA)
             try:
                 postmaster.start(datadir, root / "postgres.log")
                 break
@@ -348,6 +336,31 @@ def start_snapshot_server(app: App, name: str) -> tuple[int, Path]:
         remove_snapshot_server(app, name)
         raise
     return port, datadir
+
+
+READ_ONLY_HBA = ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"]
+
+
+def standby_dir_at(app: App, datadir: Path, snapshot: str) -> BasebackupResponse:
+    """The data directory of a read-only server at `snapshot`: its basebackup and
+    standby.signal (recovery stays on: the server never leaves read-only mode)."""
+    backup = download_basebackup(app, datadir, snapshot=snapshot)
+    (datadir / "standby.signal").touch()
+    give_to_pg_user(datadir / "standby.signal")
+    return backup
+
+
+def read_only_settings(app: App, datadir: Path, port: int) -> dict[str, object]:
+    """The settings of a hot standby over `datadir` (snapshot servers, replicas)."""
+    return {
+        "port": port,
+        "listen_addresses": "127.0.0.1",
+        "unix_socket_directories": str(app.home.socket_dir),
+        "hot_standby": True,
+        "logging_collector": False,
+        **standby_minimums(datadir),
+        **in_place_tablespace_settings(datadir),
+    }
 
 
 _STANDBY_PARAMS = struct.Struct("<iiiii")  # pg_control @180: the primary's last settings

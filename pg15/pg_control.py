@@ -47,6 +47,7 @@ DB_STATES = {
     6: "in production",
 }
 DB_SHUTDOWNED = 1
+DB_SHUTDOWNED_IN_RECOVERY = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,24 @@ def with_checkpoint(
     (unlogged,) = _UNLOGGED_LSN.unpack_from(buf, _UNLOGGED_LSN_OFFSET)
     _UNLOGGED_LSN.pack_into(buf, _UNLOGGED_LSN_OFFSET, max(unlogged, FIRST_NORMAL_UNLOGGED_LSN))
     _RECOVERY_FIELDS.pack_into(buf, _RECOVERY_FIELDS_OFFSET, 0, 0, 0, 0, False)
+    _CRC.pack_into(buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
+    return bytes(buf)
+
+
+def for_standby(control: bytes, min_recovery_point: int, min_recovery_tli: int) -> bytes:
+    """A primary's pg_control made that of a standby that stopped after reaching
+    `min_recovery_point`: state "shut down in recovery", minRecoveryPoint set, backup fields
+    cleared; the checkpoint (where redo starts) kept. Started with standby.signal, such a
+    directory replays from the checkpoint's redo and is consistent (open for reads) once
+    replay passes minRecoveryPoint: InitWalRecovery and CheckRecoveryConsistency in
+    src/backend/access/transam/xlogrecovery.c, as for a standby restarted after a clean stop.
+    """
+    parse_control_file(control, "the primary's pg_control")
+    buf = bytearray(control[:CONTROL_FILE_SIZE])
+    struct.pack_into("<I", buf, _STATE_OFFSET, DB_SHUTDOWNED_IN_RECOVERY)
+    _RECOVERY_FIELDS.pack_into(
+        buf, _RECOVERY_FIELDS_OFFSET, min_recovery_point, min_recovery_tli, 0, 0, False
+    )
     _CRC.pack_into(buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
     return bytes(buf)
 
