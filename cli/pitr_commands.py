@@ -13,6 +13,7 @@ from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import node_lock
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
+from cli.remote_storage import s3_settings, sync_remote
 from pageserver.history.pitr import check_area_name
 from pageserver.storage.retention import RetentionPolicy
 from pageserver_api.models import (
@@ -38,7 +39,11 @@ def pitr_group() -> None:
 @click.option("--pg", "node", default=None, help="The node (default: the only one).")
 @click.option("--ttl", default="inf", show_default=True, help="History to keep: 30d, 12h, inf.")
 @click.option("--size-limit", default="inf", show_default=True, help="10G, 500M, inf.")
-@click.option("--storage", default=None, help="Storage of the area (the node's storage).")
+@click.option(
+    "--storage",
+    default=None,
+    help="Keep the area's history also in this s3 storage (default: the node's storage only).",
+)
 @click.pass_context
 def pitr_create(
     ctx: click.Context, name: str, node: str | None, ttl: str, size_limit: str, storage: str | None
@@ -54,14 +59,23 @@ def pitr_create(
         row = nodes[0]
     else:
         row = app.registry.get_node(node)
+    remote = None
     if storage is not None and storage != row.storage:
-        app.registry.get_storage(storage)
-        raise InvalidArgument(
-            f"node {row.id} keeps its history in storage {row.storage!r}; PITR areas live "
-            f"there (push snapshots to {storage!r} instead)"
-        )
-    local_api(app).pitr_create(PitrCreateRequest(name, row.id, ttl=ttl, size_limit=size_limit))
-    click.echo(f"Created PITR area {name} over {row.pgdata} (ttl {ttl}, size limit {size_limit})")
+        target = app.registry.get_storage(storage)
+        if target.type != "s3":
+            raise InvalidArgument(
+                f"node {row.id} keeps its history in storage {row.storage!r}; PITR areas live "
+                f"there or also in an s3 storage ({storage!r} is {target.type}; push "
+                "snapshots to it instead)"
+            )
+        remote = s3_settings(app, target)
+    local_api(app).pitr_create(
+        PitrCreateRequest(name, row.id, ttl=ttl, size_limit=size_limit, remote=remote)
+    )
+    kept = f", kept in {storage}" if remote is not None else ""
+    click.echo(
+        f"Created PITR area {name} over {row.pgdata} (ttl {ttl}, size limit {size_limit}{kept})"
+    )
 
 
 @pitr_group.command("list")
@@ -70,16 +84,18 @@ def pitr_create(
 def pitr_list(ctx: click.Context, as_json: bool) -> None:
     """List PITR areas with the LSN range each covers now."""
     app = get_app(ctx)
-    areas = local_api(app).pitr_list()
+    api = local_api(app)
+    sync_remote(app, api)
+    areas = api.pitr_list()
     names = {n.id: n.pgdata for n in app.registry.nodes()}
     windows = [(a, format_lsn(a.from_lsn or 0), format_lsn(a.to_lsn or 0)) for a in areas]
     if as_json:
         print_json([{**a.to_wire(), "from": start, "to": end} for a, start, end in windows])
         return
     print_table(
-        ("NAME", "PG", "TTL", "SIZE_LIMIT", "FROM", "TO"),
+        ("NAME", "PG", "TTL", "SIZE_LIMIT", "FROM", "TO", "STORAGE"),
         [
-            (a.name, names.get(a.node_id, a.node_id), a.ttl, a.size_limit, start, end)
+            (a.name, names.get(a.node_id, a.node_id), a.ttl, a.size_limit, start, end, a.storage)
             for a, start, end in windows
         ],
     )
@@ -133,6 +149,7 @@ def pitr_extract(
     )
     app = get_app(ctx)
     api = local_api(app)
+    sync_remote(app, api)
     area = next((a for a in api.pitr_list() if a.name == name), None)
     if area is None:
         raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")

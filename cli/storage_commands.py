@@ -10,7 +10,9 @@ import click
 from cli.context import App, get_app
 from cli.nodes import HISTORY_DIR
 from cli.output import dir_size, human_size, print_json, print_table
+from cli.pageserver_control import local_api
 from cli.registry import StorageRow
+from cli.remote_storage import remote_status
 from cli.secrets import MASK, SOURCES_HINT
 from cli.storages import (
     DEFAULT_STORAGE,
@@ -26,7 +28,9 @@ from cli.storages import (
     secret_path,
     shown_options,
 )
-from proto.errors import AlreadyExists, Conflict
+from pageserver_api.models import RemoteDetachRequest, RemoteStatusResponse
+from pg15.lsn import format_lsn
+from proto.errors import AlreadyExists, Conflict, NeonError
 
 
 @click.group("storage")
@@ -34,9 +38,22 @@ def storage_group() -> None:
     """Storages: native directories, S3 buckets, remote pageservers."""
 
 
-def _used(row: StorageRow) -> int | None:
+def _remote(app: App) -> RemoteStatusResponse | None:
+    """What the running pageserver says of s3 storages (None when it does not run)."""
+    try:
+        api = local_api(app, start=False)
+    except NeonError:
+        return None
+    return remote_status(api)
+
+
+def _used(row: StorageRow, remote: RemoteStatusResponse | None) -> int | None:
+    """A native storage's bytes on disk; an s3 storage's from the indexes the pageserver
+    holds (never a LIST of the bucket)."""
     if row.type == "native":
         return dir_size(Path(row.options["path"]))
+    if row.type == "s3" and remote is not None:
+        return next((u.used_bytes for u in remote.storages if u.storage == row.name), None)
     return None
 
 
@@ -60,8 +77,23 @@ def _breakdown(app: App, row: StorageRow) -> dict[str, int | None]:
     return parts
 
 
-def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
+def _uploads(row: StorageRow, remote: RemoteStatusResponse | None) -> list[dict[str, Any]]:
+    if remote is None:
+        return []
+    return [u.to_wire() for u in remote.uploads if u.storage == row.name]
+
+
+def _attached(row: StorageRow, remote: RemoteStatusResponse | None) -> list[str]:
+    if remote is None:
+        return []
+    return next((list(u.attached) for u in remote.storages if u.storage == row.name), [])
+
+
+def _storage_json(app: App, row: StorageRow, remote: RemoteStatusResponse | None) -> dict[str, Any]:
     users = [n.id for n in app.registry.nodes() if n.storage == row.name]
+    extra: dict[str, Any] = {}
+    if row.type == "s3":
+        extra = {"uploads": _uploads(row, remote), "attached_areas": _attached(row, remote)}
     return {
         "name": row.name,
         "type": row.type,
@@ -71,9 +103,10 @@ def _storage_json(app: App, row: StorageRow) -> dict[str, Any]:
             k for k in SECRET_OPTIONS[row.type] if secret_path(app.home, row.name, k).exists()
         ],
         "path": _path(row),
-        "used_bytes": _used(row),
+        "used_bytes": _used(row, remote),
         "nodes": users,
         "breakdown": _breakdown(app, row),
+        **extra,
     }
 
 
@@ -135,15 +168,16 @@ def storage_list(ctx: click.Context, as_json: bool) -> None:
     """List attached storages."""
     app = get_app(ctx)
     rows = app.registry.storages()
+    remote = _remote(app) if any(r.type == "s3" for r in rows) else None
     if as_json:
-        print_json([_storage_json(app, r) for r in rows])
+        print_json([_storage_json(app, r, remote) for r in rows])
         return
     print_table(
         ("NAME", "USED", "TYPE", "OPTIONS", "PATH"),
         [
             (
                 r.name,
-                human_size(_used(r)),
+                human_size(_used(r, remote)),
                 TYPE_LABELS[r.type],
                 display_options(r.type, r.options),
                 _path(r),
@@ -160,7 +194,8 @@ def storage_list(ctx: click.Context, as_json: bool) -> None:
 def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show one storage."""
     app = get_app(ctx)
-    info = _storage_json(app, app.registry.get_storage(name))
+    row = app.registry.get_storage(name)
+    info = _storage_json(app, row, _remote(app) if row.type == "s3" else None)
     if as_json:
         print_json(info)
         return
@@ -178,6 +213,23 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
         click.echo("  used by:")
         for what, size in info["breakdown"].items():
             click.echo(f"    {what}: {human_size(size)}")
+    for area in info.get("attached_areas", []):
+        click.echo(f"  PITR area {area}: attached read-only from the bucket")
+    for up in info.get("uploads", []):
+        click.echo(f"  PITR area {up['area']}: {_upload_line(up)}")
+
+
+def _upload_line(up: dict[str, Any]) -> str:
+    """Where an area's uploads are: what is extractable from the bucket, what is pending."""
+    line = (
+        f"uploaded to {format_lsn(up['remote_lsn'])} of {format_lsn(up['local_lsn'])} "
+        f"(lag {human_size(up['lag_bytes'])} of WAL; {up['pending_objects']} objects, "
+        f"{human_size(up['pending_bytes'])} pending; "
+        f"{human_size(up['remote_bytes'])} in the bucket)"
+    )
+    if up.get("last_error"):
+        line += f"; retrying: {up['last_error']}"
+    return line
 
 
 @storage_group.command("detach")
@@ -190,6 +242,13 @@ def storage_detach(ctx: click.Context, name: str) -> None:
     row = app.registry.get_storage(name)
     if name == DEFAULT_STORAGE:
         raise Conflict(f"the default storage {name!r} cannot be detached")
+    if row.type == "s3":
+        try:
+            api = local_api(app, start=False)
+        except NeonError:
+            api = None  # not running: it forgets the storage when told next (never, now)
+        if api is not None:  # refused while PITR areas upload there
+            api.remote_detach(RemoteDetachRequest(name))
     with app.registry.transaction() as cur:
         users = [r[0] for r in cur.execute("SELECT id FROM nodes WHERE storage = ?", (name,))]
         if users:

@@ -48,6 +48,12 @@ from pageserver_api.models import (
     RelListResponse,
     RelSizeRequest,
     RelSizeResponse,
+    RemoteAttachRequest,
+    RemoteDetachRequest,
+    RemoteStatusRequest,
+    RemoteStatusResponse,
+    RemoteStorageUsage,
+    RetainedInfo,
     SnapshotCreateRequest,
     SnapshotDestroyRequest,
     SnapshotDiffRequest,
@@ -60,6 +66,8 @@ from pageserver_api.models import (
     SnapshotShowRequest,
     StatusRequest,
     StatusResponse,
+    StorageUsageRequest,
+    StorageUsageResponse,
     TimelineInfo,
     TimelineInfoRequest,
     WaitDecodedResponse,
@@ -166,6 +174,18 @@ class PageserverClient:
 
     async def pitr_commits(self, request: PitrCommitsRequest) -> PitrCommitsResponse:
         return await self._call(request, PitrCommitsResponse)
+
+    async def remote_status(self) -> RemoteStatusResponse:
+        return await self._call(RemoteStatusRequest(), RemoteStatusResponse)
+
+    async def remote_attach(self, request: RemoteAttachRequest) -> RemoteStorageUsage:
+        return await self._call(request, RemoteStorageUsage)
+
+    async def remote_detach(self, request: RemoteDetachRequest) -> RemoteStorageUsage:
+        return await self._call(request, RemoteStorageUsage)
+
+    async def storage_usage(self, request: StorageUsageRequest) -> list[RetainedInfo]:
+        return (await self._call(request, StorageUsageResponse)).items
 
     async def gc_run(self) -> list[GcResult]:
         return (await self._call(GcRunRequest(), GcRunResponse)).items
@@ -303,6 +323,18 @@ class SyncPageserverClient:
 
     def pitr_commits(self, request: PitrCommitsRequest) -> PitrCommitsResponse:
         return self.run(lambda c: c.pitr_commits(request))
+
+    def storage_usage(self, request: StorageUsageRequest) -> list[RetainedInfo]:
+        return self.run(lambda c: c.storage_usage(request))
+
+    def remote_status(self) -> RemoteStatusResponse:
+        return self.run(lambda c: c.remote_status())
+
+    def remote_attach(self, request: RemoteAttachRequest) -> RemoteStorageUsage:
+        return self.run(lambda c: c.remote_attach(request))
+
+    def remote_detach(self, request: RemoteDetachRequest) -> RemoteStorageUsage:
+        return self.run(lambda c: c.remote_detach(request))
 
     def gc_run(self) -> list[GcResult]:
         return self.run(lambda c: c.gc_run())

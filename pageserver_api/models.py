@@ -265,6 +265,8 @@ class NodeStatus(ApiResponse):
     store_dir: str | None = None
     pgdata: str | None = None
     socket_dir: str | None = None
+    replication_slot: str | None = None
+    auth_methods: list[str] | None = None
     paused: bool | None = None
     """The node was stopped with the CLI: nothing connects to it until `pg start`."""
     state: str | None = None
@@ -297,6 +299,8 @@ class NodeStatus(ApiResponse):
         "store_dir",
         "pgdata",
         "socket_dir",
+        "replication_slot",
+        "auth_methods",
         "paused",
     )
 
@@ -320,8 +324,10 @@ class SnapshotInfo(ApiResponse):
     """Bytes of page history the snapshot keeps (listed snapshots only)."""
     origin: str | None = None
     """The manifest (JSON) of the `.neon` file it was imported from, if it was."""
+    storage: str | None = None
+    """The s3 storage it was attached from (a history read from a bucket), if it was."""
 
-    _OMIT_WHEN_NONE = frozenset({"size_bytes", "origin"})
+    _OMIT_WHEN_NONE = frozenset({"size_bytes", "origin", "storage"})
 
     @property
     def lsn_text(self) -> str:
@@ -338,8 +344,10 @@ class PitrAreaInfo(ApiResponse):
     from_lsn: int | None = None
     """The window it covers now (listed areas only)."""
     to_lsn: int | None = None
+    storage: str | None = None
+    """The s3 storage that keeps its history (uploaded there, or attached from it)."""
 
-    _OMIT_WHEN_NONE = frozenset({"from_lsn", "to_lsn"})
+    _OMIT_WHEN_NONE = frozenset({"from_lsn", "to_lsn", "storage"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +390,12 @@ class NodeRegisterRequest(ApiRequest):
     pgdata: str | None = None
     socket_dir: str | None = None
     """Connect through the node's unix socket there (a directory private to its OS user)."""
+    replication_slot: str | None = None
+    """Stream from this slot instead of `neon_<node id>` (an attached server's)."""
+    auth_methods: list[str] | None = None
+    """Authentication methods to answer (pg_hba.conf names); None: the managed-node policy."""
+    paused: bool = False
+    """Register without connecting yet (an attached server before its image is imported)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -395,6 +409,9 @@ class NodePauseRequest(ApiRequest):
     registered again (`pg start`)."""
 
     node_id: str
+    disconnect: bool = False
+    """Stop streaming at once instead of after the stream's end: an attached server being
+    detached keeps running, so its stream never ends by itself (`neon pg detach`)."""
 
 
 @method("node.unregister", NodeStatus)
@@ -459,6 +476,9 @@ class NodeImportRequest(ApiRequest):
 
     node_id: str
     datadir: str
+    at_lsn: int | None = None
+    """An attached server's recovered base backup: the backup's end LSN (see
+    pageserver/ingest/import_datadir.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,6 +792,8 @@ class PitrCreateRequest(ApiRequest):
     node_id: str
     ttl: str = "inf"
     size_limit: str = "inf"
+    remote: dict[str, Any] | None = None
+    """An s3 storage's settings (pageserver/remote/settings.py): keep the history there too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -859,9 +881,96 @@ class PitrCommitsRequest(ApiRequest):
 
 
 @dataclass(frozen=True, slots=True)
+class RetainedInfo(ApiResponse):
+    """What one snapshot or PITR area keeps (pageserver/history/usage.py defines both)."""
+
+    kind: str
+    """snapshot or pitr area"""
+    name: str
+    referenced_bytes: int
+    """Bytes it reads through or spans; shared bytes count in each retainer."""
+    exclusive_bytes: int
+    """Bytes the next `neon pitr gc` would free if it alone were destroyed."""
+    exclusive_wal_bytes: int = 0
+    """The archived WAL part of exclusive_bytes (PITR areas)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageUsageResponse(ListResponse):
+    items: list[RetainedInfo]
+
+
+@method("storage.usage", StorageUsageResponse)
+@dataclass(frozen=True, slots=True)
+class StorageUsageRequest(ApiRequest):
+    """Referenced and exclusive bytes of every snapshot and PITR area in the storage whose
+    page history is at `store_dir` (none if it holds none)."""
+
+    store_dir: str
+
+
+@dataclass(frozen=True, slots=True)
 class GcRunResponse(ListResponse):
     items: list[GcResult]
     """One result per storage."""
+
+
+# Remote storages (s3): pageserver/remote/
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteUploadStatus(ApiResponse):
+    """One PITR area's uploads (pageserver/remote/uploader.py, UploadStatus)."""
+
+    area: str
+    storage: str
+    node_id: str
+    generation: int
+    local_lsn: int
+    remote_lsn: int
+    lag_bytes: int
+    pending_objects: int
+    pending_bytes: int
+    remote_bytes: int
+    uploaded_bytes_total: int
+    retries_total: int
+    last_error: str | None = None
+    last_upload_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStorageUsage(ApiResponse):
+    storage: str
+    used_bytes: int
+    """From the indexes this pageserver holds (no LIST of the bucket)."""
+    uploading: list[str]
+    attached: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStatusResponse(ApiResponse):
+    uploads: list[RemoteUploadStatus]
+    storages: list[RemoteStorageUsage]
+
+
+@method("remote.status", RemoteStatusResponse)
+@dataclass(frozen=True, slots=True)
+class RemoteStatusRequest(ApiRequest):
+    pass
+
+
+@method("remote.attach", RemoteStorageUsage)
+@dataclass(frozen=True, slots=True)
+class RemoteAttachRequest(ApiRequest):
+    """Know an s3 storage and attach the PITR areas in its bucket, read-only."""
+
+    settings: dict[str, Any]
+
+
+@method("remote.detach", RemoteStorageUsage)
+@dataclass(frozen=True, slots=True)
+class RemoteDetachRequest(ApiRequest):
+    storage: str
 
 
 @method("gc.run", GcRunResponse)

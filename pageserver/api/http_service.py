@@ -57,6 +57,7 @@ async def _metrics(request: web.Request) -> web.Response:
     ps = request.app[_PS_KEY]
     ps.metrics.inc("pageserver_http_requests_total", path="/metrics")
     ps.update_ingest_metrics()
+    ps.update_remote_metrics()
     return web.Response(
         text=ps.metrics.render(),
         content_type="text/plain",

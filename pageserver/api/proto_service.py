@@ -18,7 +18,7 @@ from pageserver.basebackup.snapshot_file import (
     snapshot_file_manifest,
 )
 from pageserver.basebackup.tar_stream import BasebackupInfo, basebackup_chunks
-from pageserver.follow.followed_nodes import FollowedNode
+from pageserver.follow.followed_nodes import followed_node
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
@@ -40,12 +40,14 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.StatusResponse(**{**status, "nodes": _node_statuses(status["nodes"])})
 
     async def node_register(ctx: RequestContext, req: m.NodeRegisterRequest) -> m.NodeStatus:
-        return m.NodeStatus(**await ps.register_node(FollowedNode(**asdict(req))))
+        return m.NodeStatus(**await ps.register_node(followed_node(asdict(req))))
 
     async def node_unregister(ctx: RequestContext, req: m.NodeUnregisterRequest) -> m.NodeStatus:
         return m.NodeStatus(**await ps.unregister_node(req.node_id))
 
     async def node_pause(ctx: RequestContext, req: m.NodePauseRequest) -> m.NodeStatus:
+        if req.disconnect:
+            return m.NodeStatus(**await ps.disconnect_node(req.node_id))
         return m.NodeStatus(**ps.pause_node(req.node_id))
 
     async def node_list(ctx: RequestContext, req: m.NodeListRequest) -> m.NodeListResponse:
@@ -59,7 +61,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.WaitDecodedResponse(reached, m.NodeStatus(**follower.status()))
 
     async def node_import(ctx: RequestContext, req: m.NodeImportRequest) -> m.ImportResponse:
-        lsn = await ps.import_node(req.node_id, Path(req.datadir))
+        lsn = await ps.import_node(req.node_id, Path(req.datadir), req.at_lsn)
         return m.ImportResponse(lsn, format_lsn(lsn))
 
     async def timeline_info(ctx: RequestContext, req: m.TimelineInfoRequest) -> m.TimelineInfo:
@@ -225,15 +227,36 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         )  # fmt: skip
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
-        area = ps.pitr_create(req.name, req.node_id, req.ttl, req.size_limit)
-        return m.PitrAreaInfo(**asdict(area))
+        area = await asyncio.to_thread(
+            ps.pitr_create, req.name, req.node_id, req.ttl, req.size_limit, req.remote
+        )
+        return m.PitrAreaInfo(**asdict(area), storage=ps.pitr_storage(area.name))
+
+    async def remote_status(
+        ctx: RequestContext, req: m.RemoteStatusRequest
+    ) -> m.RemoteStatusResponse:
+        raw = ps.remote_status()
+        return m.RemoteStatusResponse(
+            [m.RemoteUploadStatus(**u) for u in raw["uploads"]],
+            [_usage(u) for u in raw["storages"]],
+        )
+
+    async def remote_attach(
+        ctx: RequestContext, req: m.RemoteAttachRequest
+    ) -> m.RemoteStorageUsage:
+        return _usage(await asyncio.to_thread(ps.remote_attach, req.settings))
+
+    async def remote_detach(
+        ctx: RequestContext, req: m.RemoteDetachRequest
+    ) -> m.RemoteStorageUsage:
+        return _usage(await asyncio.to_thread(ps.remote_detach, req.storage))
 
     async def pitr_list(ctx: RequestContext, req: m.PitrListRequest) -> m.PitrListResponse:
         areas = await asyncio.to_thread(ps.pitr_list)
         return m.PitrListResponse([m.PitrAreaInfo(**a) for a in areas])
 
     async def pitr_destroy(ctx: RequestContext, req: m.PitrDestroyRequest) -> m.PitrAreaInfo:
-        return m.PitrAreaInfo(**asdict(ps.pitr_destroy(req.name)))
+        return m.PitrAreaInfo(**asdict(await asyncio.to_thread(ps.pitr_destroy, req.name)))
 
     async def pitr_extract(ctx: RequestContext, req: m.PitrExtractRequest) -> m.SnapshotInfo:
         snap = await asyncio.to_thread(
@@ -254,6 +277,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             listing.scanned_from,
             listing.scanned_to,
         )
+
+    async def storage_usage(
+        ctx: RequestContext, req: m.StorageUsageRequest
+    ) -> m.StorageUsageResponse:
+        found = await asyncio.to_thread(ps.storage_usage, Path(req.store_dir))
+        return m.StorageUsageResponse([m.RetainedInfo(**asdict(r)) for r in found])
 
     async def gc_run(ctx: RequestContext, req: m.GcRunRequest) -> m.GcRunResponse:
         return m.GcRunResponse([m.GcResult(**r) for r in await ps.gc_all(on_request=True)])
@@ -285,7 +314,11 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.PitrListRequest: pitr_list,
         m.PitrDestroyRequest: pitr_destroy,
         m.PitrExtractRequest: pitr_extract,
+        m.RemoteStatusRequest: remote_status,
+        m.RemoteAttachRequest: remote_attach,
+        m.RemoteDetachRequest: remote_detach,
         m.PitrCommitsRequest: pitr_commits,
+        m.StorageUsageRequest: storage_usage,
         m.GcRunRequest: gc_run,
     }
 
@@ -316,3 +349,9 @@ _RELATION_FIELDS = (
 
 def _node_statuses(statuses: list[dict[str, Any]]) -> list[m.NodeStatus]:
     return [m.NodeStatus(**s) for s in statuses]
+
+
+def _usage(raw: dict[str, Any]) -> m.RemoteStorageUsage:
+    return m.RemoteStorageUsage(
+        raw["storage"], raw["used_bytes"], list(raw["uploading"]), list(raw["attached"])
+    )

@@ -37,14 +37,18 @@ from pageserver.history.snapshots import (
     new_snapshot,
     split_snapshot_name,
 )
+from pageserver.history.usage import Retained, storage_usage
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.import_delta import import_delta
 from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
+from pageserver.remote.manager import RemoteHistories
+from pageserver.remote.mirror import MirrorArea
+from pageserver.remote.settings import RemoteSettings
 from pageserver.storage.gc import DEFAULT_GC_SETTINGS
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
-from proto.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 
 VERSION = "0.1.0"
 
@@ -60,6 +64,8 @@ class Pageserver:
         self.histories: dict[str, StorageHistory] = {}
         self.redo_pool = RedoPool()
         self.imported_roots = ImportedRoots(config.workdir / "imported_histories.json")
+        self.remote = RemoteHistories(config.workdir)
+        self._mirror_stores: dict[str, NodeStore] = {}
         m = self.metrics
         m.describe("pageserver_up", "gauge", "1 while the pageserver serves.")
         m.set("pageserver_up", 1)
@@ -85,6 +91,25 @@ class Pageserver:
             "gauge",
             "WAL received but not yet in the page history (flushed - ingested).",
         )
+        m.describe(
+            "pageserver_remote_upload_lag_bytes",
+            "gauge",
+            "Per PITR area on s3: durable page history not yet in the bucket's index (LSN bytes).",
+        )
+        m.describe(
+            "pageserver_remote_uploaded_lsn", "gauge", "Per PITR area: the bucket index's LSN."
+        )
+        m.describe(
+            "pageserver_remote_pending_bytes", "gauge", "Per PITR area: bytes queued for upload."
+        )
+        m.describe(
+            "pageserver_remote_upload_errors",
+            "gauge",
+            "Per PITR area: 1 while its last upload attempt failed (see `neon storage show`).",
+        )
+        m.describe(
+            "pageserver_remote_uploaded_bytes_total", "counter", "Per PITR area: bytes uploaded."
+        )
 
     # following nodes
 
@@ -92,6 +117,27 @@ class Pageserver:
         """Start a follower for every registered node (needs the running event loop)."""
         for node in self.nodes.all():
             self._follow(node)
+        self._start_remote()
+
+    def _start_remote(self) -> None:
+        """Open the attached remote histories and resume the uploads of PITR areas on s3."""
+        for mirror in self.remote.mirrors.values():
+            self.history(mirror.root)
+        for name in list(self.remote.uploads):
+            try:
+                _store, area = self._area(name)
+            except NotFound:
+                self.remote.end_upload(name)
+                continue
+            self.remote.start_upload(
+                name, asdict(area), self._pgdata(area.node_id), self._store_of(area.node_id)
+            )
+
+    def _store_of(self, node_id: str) -> Callable[[], NodeStore]:
+        return lambda: self.store(node_id)
+
+    def _pgdata(self, node_id: str) -> str:
+        return self.nodes.get(node_id).pgdata or node_id
 
     def store_dir(self, node: FollowedNode) -> Path:
         if node.store_dir:
@@ -136,6 +182,7 @@ class Pageserver:
         for store in list(self.stores.values()):
             await asyncio.to_thread(store.flush)
         self.stores.clear()
+        self.remote.stop()
         for history in self.histories.values():
             history.close()
         self.histories.clear()
@@ -173,6 +220,16 @@ class Pageserver:
         follower.pause()
         return follower.status()
 
+    async def disconnect_node(self, node_id: str) -> dict[str, Any]:
+        """Pause a node at once: its receiver is stopped now, not at the stream's end (an
+        attached server being detached; its history stays)."""
+        node = replace(self.nodes.get(node_id), paused=True)
+        self.nodes.add(node)
+        follower = self.followers.pop(node_id, None)
+        if follower is not None:
+            await follower.stop()
+        return self._follow(node).status()
+
     async def unregister_node(self, node_id: str) -> dict[str, Any]:
         """Stop following a node and drop its state, WAL, snapshots and PITR areas, and the
         timelines only it needed (another node's branch or snapshot keeps theirs)."""
@@ -196,10 +253,11 @@ class Pageserver:
         self.nodes.remove(node_id)
         return node.public()
 
-    async def import_node(self, node_id: str, datadir: Path) -> int:
-        """Import a node's cleanly shut-down data directory before its first start."""
+    async def import_node(self, node_id: str, datadir: Path, at_lsn: int | None = None) -> int:
+        """Import a node's cleanly shut-down data directory before its first start (or an
+        attached server's recovered base backup at its end LSN: NodeStore.import_datadir)."""
         store = self.store(node_id)
-        lsn = await asyncio.to_thread(store.import_datadir, datadir)
+        lsn = await asyncio.to_thread(store.import_datadir, datadir, at_lsn)
         await self._refollow(node_id)
         return lsn
 
@@ -241,16 +299,23 @@ class Pageserver:
         seen: set[str] = set()
         out: list[dict[str, Any]] = []
         roots = [self.store_dir(node) for node in self.nodes.all()]
-        for root in roots + self.imported_roots.all():
+        mirrors = [m.root for m in self.remote.mirrors.values()]
+        for root in roots + self.imported_roots.all() + mirrors:
             history = self.history(root)
             if str(history.root) in seen:
                 continue
             seen.add(str(history.root))
+            mirror = self.remote.mirror_of_root(history.root)
             for snap in history.snapshots.all():
+                size = history.bytes_needed(snap.timeline_id, snap.lsn)
+                if mirror is not None:
+                    needed = mirror.needed_layers(snap.lsn) if mirror.index is not None else {}
+                    size = sum(o.size for o in needed.values())
                 out.append(
                     {
                         **asdict(snap),
-                        "size_bytes": history.bytes_needed(snap.timeline_id, snap.lsn),
+                        "size_bytes": size,
+                        "storage": None if mirror is None else mirror.settings.storage,
                     }
                 )
         return out
@@ -413,35 +478,101 @@ class Pageserver:
         for history in {id(h): h for h in self._all_histories()}.values():
             area = history.pitr.find(name)
             if area is not None:
-                return self.store(area.node_id), area
+                return self._area_store(history, area), area
         raise NotFound(f"PITR area {name!r} does not exist; see `neon pitr list`")
+
+    def _area_store(self, history: StorageHistory, area: PitrArea) -> NodeStore:
+        """The node store an area reads: its node's, or for an area attached from a bucket,
+        the store of its history here (pageserver/remote/mirror.py)."""
+        mirror = self.remote.mirror_of_root(history.root)
+        if mirror is None:
+            return self.store(area.node_id)
+        store = self._mirror_stores.get(str(history.root))
+        if store is None or store.history is not history:
+            store = NodeStore(history, area.node_id)
+            self._mirror_stores[str(history.root)] = store
+        return store
+
+    def _reload_mirror(self, mirror: MirrorArea) -> NodeStore:
+        """After the mirror's files changed: timelines and LSN index read afresh."""
+        history = self.history(mirror.root)
+        history.timelines.close()
+        self._mirror_stores.pop(str(history.root), None)
+        return self._area_store(history, history.pitr.get(mirror.name))
+
+    def _prepare_mirror(self, mirror: MirrorArea, lsn: int | None, at: datetime | None) -> None:
+        """Read the bucket's index again and download what an extraction needs."""
+        try:
+            mirror.refresh()
+        except Unavailable:
+            if mirror.index is None:
+                raise
+        store = self._reload_mirror(mirror)
+        assert mirror.index is not None
+        if at is not None:
+            lsn = store.index.lsn_for_time(at)
+        if lsn is not None:
+            mirror.prepare(min(lsn, mirror.index.disk_consistent_lsn))
+            self._reload_mirror(mirror)
 
     def _all_histories(self) -> list[StorageHistory]:
         for node in self.nodes.all():
             self.history(self.store_dir(node))
         return list(self.histories.values())
 
-    def pitr_create(self, name: str, node_id: str, ttl: str, size_limit: str) -> PitrArea:
+    def pitr_create(
+        self, name: str, node_id: str, ttl: str, size_limit: str,
+        remote: dict[str, Any] | None = None,
+    ) -> PitrArea:  # fmt: skip
+        """A PITR area; with `remote` (an s3 storage's settings), its history is also kept in
+        that bucket (the lease taken first: refused when another pageserver writes it).
+        Blocking when remote: run it in a worker thread."""
         store = self.store(node_id)
         if store.state is None:
             raise NotFound(f"node {node_id} has no page history yet")
         for history in self._all_histories():
             if history.pitr.find(name) is not None:
                 raise AlreadyExists(f"PITR area {name!r} already exists")
-        return store.history.pitr.add(new_area(name, node_id, ttl, size_limit))
+        area = new_area(name, node_id, ttl, size_limit)
+        if remote is not None:
+            settings = RemoteSettings.from_wire(remote)
+            self.remote.begin_upload(
+                settings, asdict(area), self._pgdata(node_id), self._store_of(node_id)
+            )
+        return store.history.pitr.add(area)
 
     def pitr_destroy(self, name: str) -> PitrArea:
         store, area = self._area(name)
+        if self.remote.mirror_of_root(store.history.root) is not None:
+            raise Conflict(
+                f"PITR area {name!r} is attached read-only from its bucket; it is destroyed "
+                "by the pageserver that writes it"
+            )
+        self.remote.end_upload(area.name)
         return store.history.pitr.remove(area.name)
+
+    def pitr_storage(self, name: str) -> str | None:
+        """The s3 storage an area is kept in (uploaded or attached from), if any."""
+        if name in self.remote.uploads:
+            return self.remote.uploads[name]
+        mirror = self.remote.mirrors.get(name)
+        return None if mirror is None else mirror.settings.storage
 
     def pitr_list(self) -> list[dict[str, Any]]:
         out = []
         now = datetime.now(UTC)
         for history in self._all_histories():
             for area in history.pitr.all():
-                retention = area_retention(self.store(area.node_id), area, now)
+                retention = area_retention(self._area_store(history, area), area, now)
                 start = retention.window_start if retention.window_start is not None else 0
-                out.append({**asdict(area), "from_lsn": start, "to_lsn": retention.tip})
+                out.append(
+                    {
+                        **asdict(area),
+                        "from_lsn": start,
+                        "to_lsn": retention.tip,
+                        "storage": self.pitr_storage(area.name),
+                    }
+                )
         return out
 
     def pitr_extract(
@@ -450,7 +581,11 @@ class Pageserver:
         """A snapshot at the last record boundary at or below `lsn` (or the last commit at or
         before `at`) inside the area."""
         store, area = self._area(name)
-        follower = self.followers.get(area.node_id)
+        mirror = self.remote.mirror_of_root(store.history.root)
+        follower = self.followers.get(area.node_id) if mirror is None else None
+        if mirror is not None:
+            self._prepare_mirror(mirror, lsn, at)
+            store = self._reload_mirror(mirror)
         snapped = extraction_lsn(
             store,
             area,
@@ -461,7 +596,10 @@ class Pageserver:
         )
         node_name = tag or f"pitr-{snapped:X}"
         check_user_tag(node_name)
-        pgdata = self.nodes.get(area.node_id).pgdata or area.node_id
+        if mirror is not None and mirror.index is not None:
+            pgdata = mirror.index.pgdata
+        else:
+            pgdata = self._pgdata(area.node_id)
         state = store.state
         assert state is not None
         return store.history.snapshots.add(
@@ -480,6 +618,15 @@ class Pageserver:
         assert store.state is not None
         return listing, store.state.timeline_id
 
+    def storage_usage(self, root: Path) -> list[Retained]:
+        """What each snapshot and PITR area of the storage whose history is at `root` keeps
+        (nothing when it holds no history: the directory is not made)."""
+        if not root.is_dir():
+            return []
+        history = self.history(root)
+        stores = [self.store(n.node_id) for n in self.nodes.all()]
+        return storage_usage(history, stores, datetime.now(UTC))
+
     def gc_history(self, history: StorageHistory, on_request: bool = False) -> dict[str, Any]:
         """Remove layers and archived WAL that no snapshot, PITR area, child or tip needs."""
         stores = [self.store(n.node_id) for n in self.nodes.all()]
@@ -488,10 +635,13 @@ class Pageserver:
 
     async def gc_all(self, on_request: bool = False) -> list[dict[str, Any]]:
         """GC of every storage; `on_request` (`neon pitr gc`) frees what it can now."""
-        return [
+        results = [
             await asyncio.to_thread(self.gc_history, history, on_request)
             for history in self._all_histories()
+            if self.remote.mirror_of_root(history.root) is None  # read-only here
         ]
+        self.remote.poke()  # GC removed files: the next indexes stop naming them
+        return results
 
     @staticmethod
     def _segment_size(history: StorageHistory, snap: Snapshot) -> int:
@@ -565,6 +715,51 @@ class Pageserver:
             self.metrics.set("pageserver_wal_ingested_lsn", ingested, node=node_id)
             lag = max(0, flushed - ingested) if ingested else 0
             self.metrics.set("pageserver_ingest_lag_bytes", lag, node=node_id)
+
+    # remote storages
+
+    def remote_attach(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Know an s3 storage and attach the PITR areas of its bucket read-only. Blocking."""
+        parsed = RemoteSettings.from_wire(settings)
+        for name in self.remote.attach(parsed):
+            mirror = self.remote.mirrors[name]
+            self._reload_mirror(mirror)
+        return self._usage_of(parsed.storage)
+
+    def remote_detach(self, storage: str) -> dict[str, Any]:
+        uploading = [a for a, s in self.remote.uploads.items() if s == storage]
+        if uploading:
+            raise Conflict(
+                f"PITR areas {', '.join(uploading)} are kept in storage {storage!r}; destroy "
+                "them first"
+            )
+        usage = self._usage_of(storage)
+        for mirror in [m for m in self.remote.mirrors.values() if m.settings.storage == storage]:
+            history = self.histories.pop(str(mirror.root), None)
+            if history is not None:
+                history.close()
+            self._mirror_stores.pop(str(mirror.root), None)
+        self.remote.detach(storage)
+        return usage
+
+    def _usage_of(self, storage: str) -> dict[str, Any]:
+        for usage in self.remote.usage():
+            if usage.storage == storage:
+                return asdict(usage)
+        return {"storage": storage, "used_bytes": 0, "uploading": (), "attached": ()}
+
+    def remote_status(self) -> dict[str, Any]:
+        return self.remote.status_wire()
+
+    def update_remote_metrics(self) -> None:
+        for status in self.remote.statuses():
+            labels = {"area": status.area, "storage": status.storage}
+            m = self.metrics
+            m.set("pageserver_remote_upload_lag_bytes", status.lag_bytes, **labels)
+            m.set("pageserver_remote_uploaded_lsn", status.remote_lsn, **labels)
+            m.set("pageserver_remote_pending_bytes", status.pending_bytes, **labels)
+            m.set("pageserver_remote_upload_errors", int(status.last_error is not None), **labels)
+            m.set("pageserver_remote_uploaded_bytes_total", status.uploaded_bytes_total, **labels)
 
     def node_statuses(self) -> list[dict[str, Any]]:
         return [

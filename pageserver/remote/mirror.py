@@ -42,6 +42,10 @@ def _write(path: Path, data: bytes) -> None:
     write_file_durably(path, data)
 
 
+KEPT_INDEX = "remote_index.json"
+"""The bucket's index as last read, beside the history laid out from it."""
+
+
 class ChecksumMismatch(CorruptData):
     """An object's bytes do not match the SHA-256 its index gives."""
 
@@ -91,6 +95,9 @@ class MirrorArea:
         self.index: RemoteIndex | None = None
         self.downloaded_bytes = 0
         self._lock = threading.Lock()
+        kept = root / KEPT_INDEX
+        if kept.exists():  # attached before a restart: what the bucket said then
+            self.index = decode_index(kept.read_bytes(), str(kept))
 
     @property
     def node_id(self) -> str:
@@ -102,18 +109,19 @@ class MirrorArea:
     def refresh(self) -> RemoteIndex:
         """Read the bucket's index and lay the history out from it (layers not fetched)."""
         with self._lock:
-            index = asyncio.run(self._read_index())
+            raw, index = asyncio.run(self._read_index())
             self._lay_out(index)
+            _write(self.root / KEPT_INDEX, raw)
             self.index = index
             return index
 
-    async def _read_index(self) -> RemoteIndex:
+    async def _read_index(self) -> tuple[bytes, RemoteIndex]:
         key = f"{self.prefix}/{INDEX_NAME}"
         async with ObjectStore(self.settings) as bucket:
             raw = await bucket.get_if_exists(key)
         if raw is None:
             raise NotFound(f"PITR area {self.name!r} has no index in {self.settings.url}")
-        return decode_index(raw, f"s3://{self.settings.bucket}/{key}")
+        return raw, decode_index(raw, f"s3://{self.settings.bucket}/{key}")
 
     def _local_layers(self, timeline_id: str) -> set[str]:
         directory = self.root / "timelines" / timeline_id

@@ -1,0 +1,64 @@
+"""The CLI's side of history kept in s3 storages (pageserver/remote/): what the pageserver is
+told about an attached s3 storage, and when.
+
+`neon storage attach -t s3` only records the storage (it may be attached before its bucket
+exists, or offline). The pageserver is told about it, and reads the PITR areas in its bucket
+(one LIST, one GET of each area's index), the first time a command needs what is there:
+`pitr list`, `pitr extract-snapshot`, `snapshot list -s NAME`; it keeps what it read across
+restarts. A bucket that cannot be read then is one warning line, not a failure of the command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cli.context import App
+from cli.registry import StorageRow
+from cli.storages import secret_path
+from pageserver_api.client import SyncPageserverClient
+from pageserver_api.models import RemoteAttachRequest, RemoteStatusResponse
+from proto.errors import InvalidArgument, NeonError
+
+
+def s3_settings(app: App, row: StorageRow) -> dict[str, Any]:
+    """The settings the pageserver reaches the bucket with: the path of the secret, not it."""
+    if row.type != "s3":
+        raise InvalidArgument(f"storage {row.name!r} is of type {row.type}, not s3")
+    secret = secret_path(app.home, row.name, "secret_access_key")
+    return {
+        "storage": row.name,
+        "bucket": row.options["bucket"],
+        "prefix": row.options.get("prefix", ""),
+        "endpoint": row.options.get("endpoint") or None,
+        "region": row.options.get("region") or None,
+        "access_key_id": row.options.get("access_key_id") or None,
+        "secret_file": str(secret) if secret.exists() else None,
+    }
+
+
+def sync_remote(app: App, api: SyncPageserverClient, only: str | None = None) -> None:
+    """Tell the pageserver about the s3 storages it does not know yet (`only`: just that
+    one), so it attaches the PITR areas of their buckets."""
+    rows = [r for r in app.registry.storages() if r.type == "s3" and only in (None, r.name)]
+    if not rows:
+        return
+    known = {s.storage for s in api.remote_status().storages}
+    for row in rows:
+        if row.name in known:
+            continue
+        try:
+            api.remote_attach(RemoteAttachRequest(s3_settings(app, row)))
+        except NeonError as exc:
+            click.echo(f"neon: warning: cannot read storage {row.name}: {exc}", err=True)
+
+
+def remote_status(api: SyncPageserverClient | None) -> RemoteStatusResponse | None:
+    """The pageserver's uploads and s3 usage; None when it does not run or cannot say."""
+    if api is None:
+        return None
+    try:
+        return api.remote_status()
+    except NeonError:
+        return None
