@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import nodes, postmaster
+from cli.attach import refuse_attached
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.pageserver_control import local_api
@@ -72,6 +73,7 @@ def _current_timeline(app: App, node: NodeRow) -> TimelineInfo:
 
 
 def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]) -> None:
+    refuse_attached(node, "check out a snapshot on")
     _pgdata, tag = split_snapshot_name(snapshot)
     if tag == "CURRENT":
         raise InvalidArgument(f"{snapshot} is the node's current state already")

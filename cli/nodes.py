@@ -62,6 +62,8 @@ NODE_ID_PREFIX = "primary"
 NODE_ID_RE = re.compile(rf"^{NODE_ID_PREFIX}\d+$", re.IGNORECASE)
 """Node IDs, present and future: no data directory name may match it."""
 SUPERUSER = "neon"
+ATTACHED = "attached"
+"""The role of a server pg-neon follows but does not run (cli/attach.py)."""
 REPLICATION_USER = "neon_replication"
 MAX_PORT_PROBES = 200
 
@@ -373,6 +375,11 @@ def write_node_config(app: App, node: NodeRow) -> None:
         "log_rotation_size": "100MB",
         "log_line_prefix": "%m [%p] ",
     }
+    # A node made from a snapshot restores its prepared transactions at start; they must fit
+    # (a source's own setting comes with its copied configuration, an attached server's not).
+    prepared = len(list((node.datadir / "pg_twophase").glob("*")))
+    if prepared:
+        settings["max_prepared_transactions"] = prepared
     hba = [
         "# unix socket: the directory is private to the OS user that runs neon",
         "local all all trust",
@@ -386,11 +393,19 @@ def write_node_config(app: App, node: NodeRow) -> None:
 def node_status(app: App, node: NodeRow) -> NodeStatus:
     if node.state == "creating":
         return NodeStatus(node, "creating", None)
+    if node.role == ATTACHED:  # a server pg-neon follows and does not run (cli/attach.py)
+        return NodeStatus(node, "attached" if node.state == "ready" else node.state, None)
     pid = postmaster.running_pid(node.datadir)
     if pid is not None:
         return NodeStatus(node, "running", pid)
     crashed = postmaster.read_pid_file(node.datadir) is not None
     return NodeStatus(node, "crashed" if crashed else "stopped", None)
+
+
+def _refuse_attached(node: NodeRow, action: str) -> None:
+    from cli.attach import refuse_attached  # cli.attach builds on this module
+
+    refuse_attached(node, action)
 
 
 def _require_ready(node: NodeRow) -> None:
@@ -404,6 +419,7 @@ def _require_ready(node: NodeRow) -> None:
 
 
 def start_node(app: App, node: NodeRow) -> NodeStatus:
+    _refuse_attached(node, "start")
     _require_ready(node)
     status = node_status(app, node)
     if status.state == "running":
@@ -439,6 +455,7 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
 
 
 def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
+    _refuse_attached(node, "stop")
     _require_ready(node)
     pause_following(app, node)
     try:
@@ -518,6 +535,10 @@ def _behind(server_lsn: int | None, reached: int) -> int | None:
 
 def server_wal_lsn(app: App, status: NodeStatus) -> int | None:
     """The node's own WAL position: its flush LSN if running, its shutdown checkpoint if not."""
+    if status.node.role == ATTACHED:
+        from cli.attach import server_wal_lsn as attached_wal_lsn
+
+        return attached_wal_lsn(app, status.node) if status.state == "attached" else None
     if status.state == "running":
         import psycopg  # here: psycopg takes a tenth of a second to import, for this call only
 
@@ -571,6 +592,11 @@ def unregister_from_pageserver(app: App, node: NodeRow) -> None:
 def destroy_node(app: App, node: NodeRow) -> list[Path]:
     """Stop and delete the node; the files of its absolute tablespaces removed (their
     locations stay: the user's directories)."""
+    if node.role == ATTACHED:
+        from cli.attach import detach_server
+
+        detach_server(app, node, keep=False)
+        return []
     rest_control.remove(app, node.id)
     postmaster.stop(node.datadir, "immediate")
     removed = remove_left_locations(node.datadir, None)
@@ -614,7 +640,9 @@ def node_json(
         "datadir": str(node.datadir),
         "storage": node.storage,
         "port": node.port,
-        "endpoint": f"localhost:{node.port}",
+        "endpoint": f"{node.extra['host']}:{node.port}"
+        if node.role == ATTACHED
+        else f"localhost:{node.port}",
         "state": status.state,
         "pid": status.pid,
         "used_bytes": used,

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from cli import checkout, nodes, replicas
+from cli.attach_commands import pg_attach, pg_detach
 from cli.context import App, get_app
 from cli.node_lock import locked_node
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
@@ -302,7 +303,7 @@ def pg_list(ctx: click.Context, as_json: bool) -> None:
             i["pgdata"],
             human_size(i["used_bytes"]),
             i["storage"],
-            i["endpoint"] if i["state"] == "running" else "-",
+            i["endpoint"] if i["state"] in ("running", "attached") else "-",
             _state_cell(i),
             i["wal"].get("ingested_lsn"),
             human_size(i["wal"]["lag_bytes"]),
@@ -428,5 +429,7 @@ def _show_replica(app: App, standby: ReplicaRow, as_json: bool) -> None:
     )
 
 
+pg_group.add_command(pg_attach)
+pg_group.add_command(pg_detach)
 pg_group.add_command(pg_start_rest)
 pg_group.add_command(pg_stop_rest)

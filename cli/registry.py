@@ -21,7 +21,7 @@ from pageserver.history.snapshots import split_snapshot_name
 from pageserver_api.errors import error_from_os
 from proto.errors import NeonError, NotFound, Unavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     pgdata TEXT NOT NULL UNIQUE,
     storage TEXT NOT NULL REFERENCES storages(name),
     datadir TEXT NOT NULL UNIQUE,
-    port INTEGER NOT NULL UNIQUE,
+    port INTEGER NOT NULL,
     role TEXT NOT NULL,
     superuser TEXT NOT NULL,
     replication_user TEXT NOT NULL,
@@ -151,6 +151,7 @@ class Registry:
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                _migrate(cur)
         except sqlite3.OperationalError as exc:
             # A full filesystem: an existing registry can still be read (pg list works);
             # a write then fails with one line (cli/main.py). Not so for a lock held too long.
@@ -291,6 +292,40 @@ class Registry:
 RETIRED_STORAGE_OPTIONS = ("compression",)
 """Options older versions stored and that never did anything (layers are always
 zstd-compressed): dropped on read so no listing shows them."""
+
+
+_NODE_COLUMNS = (
+    "id, pgdata, storage, datadir, port, role, superuser, replication_user, state, "
+    "creator_pid, created_at, extra"
+)
+_LOCAL_PORTS = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS nodes_local_port ON nodes(port) WHERE role != 'attached'"
+)
+"""Nodes this home runs own their port on 127.0.0.1; servers attached elsewhere
+(`neon pg attach`) may share a port number on other hosts."""
+
+
+def _migrate(cur: sqlite3.Cursor) -> None:
+    """Bring an older registry to SCHEMA_VERSION, in the caller's transaction.
+
+    Version 2: `nodes.port` is unique among the nodes this home runs only (a partial index),
+    no longer a column constraint, which SQLite can drop only by rebuilding the table."""
+    row = cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0])
+    if version > SCHEMA_VERSION:
+        raise Unavailable(
+            f"the registry was written by a newer pg-neon (schema {version}, this one knows "
+            f"{SCHEMA_VERSION}); upgrade pg-neon"
+        )
+    if version < 2:
+        create = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS nodes") :]
+        create = create[: create.index(";")].replace(" nodes (", " nodes_v2 (", 1)
+        cur.execute(create)
+        cur.execute(f"INSERT INTO nodes_v2({_NODE_COLUMNS}) SELECT {_NODE_COLUMNS} FROM nodes")
+        cur.execute("DROP TABLE nodes")
+        cur.execute("ALTER TABLE nodes_v2 RENAME TO nodes")
+    cur.execute(_LOCAL_PORTS)
+    cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
 def _use_wal_journal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:

@@ -278,7 +278,32 @@ def _free_port(app: App, above: int = SNAPSHOT_SERVER_PORT - 1) -> int:
 
 
 def server_connstr(app: App, port: int) -> str:
-    return f"host={app.home.socket_dir} port={port} user={nodes.SUPERUSER} dbname=postgres"
+    role = login_role(app, port)
+    return f"host={app.home.socket_dir} port={port} user={role} dbname=postgres"
+
+
+def login_role(app: App, port: int) -> str:
+    """A superuser of the read-only server on `port` to log in as (its socket trusts every
+    role): a node's snapshot has ours, one of an attached server or an import has the
+    source's own (which a standby cannot add), so the first that exists of ours, the
+    registry's other users, `postgres` and the OS user's name."""
+    import getpass
+
+    import psycopg  # here: a tenth of a second to import, for this call only
+
+    candidates = [nodes.SUPERUSER, *sorted({n.superuser for n in app.registry.nodes()})]
+    candidates += ["postgres", getpass.getuser()]
+    for role in dict.fromkeys(candidates):
+        try:
+            with psycopg.connect(
+                host=str(app.home.socket_dir), port=port, user=role, dbname="postgres",
+                connect_timeout=10,
+            ):  # fmt: skip
+                return role
+        except psycopg.OperationalError as exc:
+            if "does not exist" not in str(exc):
+                break  # not up (yet): the default; its error shows when it is used
+    return nodes.SUPERUSER
 
 
 @snapshot_group.command("start")

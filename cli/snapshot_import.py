@@ -76,6 +76,7 @@ from walreceiver.base_backup import (
     BackupArchive,
     BaseBackupOptions,
     BaseBackupProgress,
+    BaseBackupResult,
     run_base_backup,
 )
 from walreceiver.receiver import ConnParams
@@ -137,9 +138,10 @@ def _pgpass_fields(line: str) -> list[str]:
     return [*fields, cur]
 
 
-def pgpass_lookup(host: str, port: int, user: str) -> str | None:
-    """The password ~/.pgpass (or PGPASSFILE) gives for a replication connection, as libpq."""
-    path = Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
+def pgpass_lookup(host: str, port: int, user: str, passfile: Path | None = None) -> str | None:
+    """The password the passfile (`passfile`, else PGPASSFILE, else ~/.pgpass) gives for a
+    replication connection, as libpq looks it up."""
+    path = passfile or Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -356,7 +358,18 @@ def remove_stale_workdirs(storage_path: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progress) -> None:
+def server_params(source: ServerSource, application_name: str = "neon import") -> ConnParams:
+    return ConnParams(
+        source.host, source.port, source.user, source.password, application_name=application_name
+    )
+
+
+async def fetch_base_backup(
+    params: ConnParams,
+    pgdata: Path,
+    progress: Progress,
+    options: BaseBackupOptions | None = None,
+) -> BaseBackupResult:
     """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN."""
 
     staged: dict[int, Path] = {}  # tablespace archives come before base.tar
@@ -374,17 +387,15 @@ async def fetch_base_backup(source: ServerSource, pgdata: Path, progress: Progre
     def on_progress(p: BaseBackupProgress) -> None:
         progress.update(p.bytes_done, p.bytes_total)
 
-    params = ConnParams(
-        source.host, source.port, source.user, source.password, application_name="neon import"
-    )
     # No TABLESPACE_MAP: with it the server leaves pg_tblspc's directories, hence in-place
     # tablespaces, out of base.tar (basebackup.c sendDir); without it, base.tar has them and a
     # symlink per other tablespace, which the extractor records instead of creating.
-    options = BaseBackupOptions(tablespace_map=False)
+    options = dataclasses.replace(options or BaseBackupOptions(), tablespace_map=False)
     result = await run_base_backup(params, sink, options=options, on_progress=on_progress)
     move_in_place(pgdata, staged)
     write_tablespace_locations(pgdata, links)
     cut_wal_after(pgdata, result.end_lsn, result.end_timeline)
+    return result
 
 
 def origin_of(manifest: Manifest) -> str:
@@ -428,7 +439,7 @@ def prepare_clean_datadir(
             raise CorruptData(f"{source} does not hold a cleanly shut-down data directory")
         return CleanDatadir(pgdata, origin)
     if source.startswith(f"{SCHEME}:"):
-        asyncio.run(fetch_base_backup(parse_server_url(source), pgdata, progress))
+        asyncio.run(fetch_base_backup(server_params(parse_server_url(source)), pgdata, progress))
         end_lsn = None
     else:
         path = Path(source).absolute()
@@ -462,6 +473,16 @@ def prepare_clean_datadir(
             control = read_control_file(pgdata)
             cut_wal_after(pgdata, end_lsn, control.checkpoint.this_timeline)
     progress.close()
+    recover_backup(pgdata, workdir, source, mappings)
+    return CleanDatadir(pgdata)
+
+
+def recover_backup(
+    pgdata: Path, workdir: Path, source: str, mappings: Mapping[str, str] | None = None
+) -> None:
+    """Make the base backup unpacked in `pgdata` a cleanly shut-down data directory: its
+    tablespaces checked and put in place, then stock recovery (`recover`)."""
+    mappings = mappings or {}
     if not (pgdata / "backup_label").is_file():
         raise CorruptData(f"{source} has no backup_label: it is not a base backup")
     locations = take_tablespace_map(pgdata)
@@ -473,7 +494,6 @@ def prepare_clean_datadir(
     write_tablespace_locations(
         pgdata, {oid: mapped(mappings, loc) for oid, loc in locations.items()}
     )
-    return CleanDatadir(pgdata)
 
 
 def remap_tablespace_locations(pgdata: Path, mappings: Mapping[str, str]) -> None:

@@ -90,6 +90,10 @@ class BaseBackupOptions:
     temporary_slot: bool = True
     """Pin the backup's WAL with a temporary slot (see the module docstring); needs a free
     max_replication_slots entry."""
+    keep_slot: str | None = None
+    """Pin the WAL with this permanent physical slot instead, created (RESERVE_WAL) before the
+    backup in the same session, or reused when it exists; it stays after the backup, so a
+    follower streaming from it misses no WAL after the backup's end (`neon pg attach`)."""
     verify_checksums: bool = True
     tablespace_map: bool = True
     """Describe tablespaces in a tablespace_map file, not pg_tblspc symlinks (as pg_basebackup
@@ -128,7 +132,7 @@ class BaseBackupResult:
     tablespaces: tuple[TablespaceInfo, ...]
     archives: tuple[ArchiveEnd, ...]
     slot: str | None
-    """The temporary slot that pinned the WAL (gone with the session), if one was used."""
+    """The slot that pinned the WAL: a temporary one (gone with the session) or `keep_slot`."""
 
     @property
     def bytes_received(self) -> int:
@@ -252,7 +256,18 @@ class _BackupRun:
             )
         identity = await conn.identify_system()
         slot = None
-        if self.options.temporary_slot:
+        if self.options.keep_slot is not None:
+            slot = self.options.keep_slot
+            held = await conn.read_replication_slot(slot)
+            if held is None:
+                await conn.create_physical_slot(slot)
+            elif held.slot_type != "physical" or held.restart_lsn is None:
+                raise InvalidArgument(
+                    f"replication slot {slot!r} on {conn.where} is not a physical slot holding "
+                    "WAL (a logical slot, or one created without RESERVE_WAL and never used); "
+                    "drop it or name another one with --slot"
+                )
+        elif self.options.temporary_slot:
             slot = temporary_slot_name()
             await conn.create_physical_slot(slot, temporary=True)
         self.events = conn.base_backup(base_backup_command_options(self.options))

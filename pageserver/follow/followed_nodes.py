@@ -35,18 +35,33 @@ class FollowedNode:
     socket_dir: str | None = None
     """The node's unix socket directory, private to its OS user: when set the receiver connects
     there, where no other local user can listen in the node's place, instead of to host:port."""
+    replication_slot: str | None = None
+    """The slot to stream from, when not `neon_<node id>` (`neon pg attach --slot`)."""
+    auth_methods: tuple[str, ...] | None = None
+    """The authentication methods the connection answers (pg_hba.conf names); None: a managed
+    node's policy (trust on its private socket, else SCRAM only: replication_auth)."""
     paused: bool = field(default=False, compare=False)
     """The CLI stopped the node: no connection is attempted until it registers it again (on
     `pg start`). Not part of the node's identity: registering the same node resumes it."""
 
     @property
     def slot(self) -> str:
-        return slot_name(self.node_id)
+        return self.replication_slot or slot_name(self.node_id)
 
     def public(self) -> dict[str, Any]:
         info = asdict(self)
         info.pop("password")
+        if self.auth_methods is not None:
+            info["auth_methods"] = list(self.auth_methods)
         return info
+
+
+def followed_node(fields: dict[str, Any]) -> FollowedNode:
+    """A FollowedNode from its fields as JSON or the wire has them (lists for tuples)."""
+    methods = fields.get("auth_methods")
+    if methods is not None:
+        fields = {**fields, "auth_methods": tuple(methods)}
+    return FollowedNode(**fields)
 
 
 class FollowedNodes:
@@ -56,7 +71,7 @@ class FollowedNodes:
         if path.exists():
             try:
                 raw = json.loads(path.read_text())
-                self._nodes = {n["node_id"]: FollowedNode(**n) for n in raw}
+                self._nodes = {n["node_id"]: followed_node(n) for n in raw}
             except (ValueError, TypeError, KeyError) as exc:
                 raise InvalidArgument(f"{path} is corrupt ({exc}); fix or remove it") from None
 

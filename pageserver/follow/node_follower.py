@@ -34,7 +34,7 @@ from pg15.xlog_reader import RawRecord, WalReader
 from proto.errors import CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import ConnParams, WalChunk
-from walreceiver.replication_auth import SCRAM_ONLY, TRUST_OR_SCRAM
+from walreceiver.replication_auth import SCRAM_ONLY, TRUST_OR_SCRAM, parse_auth_methods
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,13 @@ class NodeFollower:
                 application_name=f"neon-pageserver-{node.node_id}",
                 # A managed node's pg_hba.conf trusts its private socket and asks for SCRAM
                 # over TCP; nothing else is answered (see replication_auth).
-                auth_methods=TRUST_OR_SCRAM if node.socket_dir else SCRAM_ONLY,
+                auth_methods=(
+                    parse_auth_methods(node.auth_methods)
+                    if node.auth_methods is not None
+                    else TRUST_OR_SCRAM
+                    if node.socket_dir
+                    else SCRAM_ONLY
+                ),
                 socket_dir=node.socket_dir,
             ),
             node.slot,

@@ -38,6 +38,7 @@ from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.reconstruct.range_rebuild import rebuild_range
 from pageserver.storage.compaction import compact
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
 from pageserver.storage.timeline import Timeline
@@ -196,8 +197,10 @@ class NodeStore:
             raise NotFound(f"node {self.node_id} has no page history yet (never imported)")
         return self.timelines.get(self._state.timeline_id)
 
-    def import_datadir(self, datadir: Path) -> int:
-        """Import the node's cleanly shut-down data directory as its first timeline."""
+    def import_datadir(self, datadir: Path, at_lsn: int | None = None) -> int:
+        """Import the node's cleanly shut-down data directory as its first timeline (at
+        `at_lsn`, the end of a base backup of a server this pageserver follows, for an
+        attached server: decoding starts there, see `import_datadir`)."""
         with self._lock:
             if self._state is not None:
                 raise Conflict(
@@ -205,7 +208,7 @@ class NodeStore:
                     f"{format_lsn(self._state.start_lsn)}; it is imported once"
                 )
             timeline = self.timelines.create_timeline(importing=True)
-            lsn = import_datadir(timeline, datadir)
+            lsn = import_datadir(timeline, datadir, at_lsn)
             timeline.freeze_and_flush()
             self.timelines.complete_import(timeline.timeline_id)
             control = read_control_file(datadir)
@@ -215,6 +218,7 @@ class NodeStore:
                     lsn,
                     control.wal_segment_size,
                     pg_timeline=control.checkpoint.this_timeline,
+                    decode_from=at_lsn,
                 )
             )
             log.info(
@@ -324,7 +328,7 @@ class NodeStore:
         self._compact(timeline)
 
     def _compact(self, timeline: Timeline) -> None:
-        result = compact(timeline, reconstruct)
+        result = compact(timeline, reconstruct, rebuild_range)
         log.debug(
             "flushed %s to %s (%s)",
             timeline.timeline_id,

@@ -231,15 +231,28 @@ def _databases(datadir: Path) -> list[tuple[int, int, Path]]:
     return found
 
 
-def import_datadir(timeline: Timeline, datadir: Path) -> int:
-    """Import `datadir` (cleanly shut down) into an empty root timeline; returns the LSN."""
+def import_datadir(timeline: Timeline, datadir: Path, at_lsn: int | None = None) -> int:
+    """Import `datadir` (cleanly shut down) into an empty root timeline; returns the LSN.
+
+    `at_lsn` puts the images at another LSN than the directory's own checkpoint: that of a
+    recovered base backup is the source server's state at the backup's end LSN, while its
+    shutdown checkpoint was written by the local recovery at or after it, on WAL the server
+    never had (`neon pg attach` streams the server's WAL from the backup's end). The record
+    before `at_lsn` is then unknown here (prev_record_lsn 0: the first record ingested after
+    it sets it)."""
     if timeline.last_record_lsn != 0 or timeline.ancestor is not None:
         raise Conflict(
             f"timeline {timeline.timeline_id} is not empty (last record LSN "
             f"{format_lsn(timeline.last_record_lsn)}); import needs a new root timeline"
         )
     control = read_control_file(datadir)
-    lsn = _validate(datadir, control)
+    own_lsn = _validate(datadir, control)
+    if at_lsn is not None and at_lsn > own_lsn:
+        raise Conflict(
+            f"data directory {datadir} ends at {format_lsn(own_lsn)}; it cannot be imported "
+            f"as the state at the later {format_lsn(at_lsn)}"
+        )
+    lsn = own_lsn if at_lsn is None else at_lsn
     # Every function below adds its keys in ascending key order (pageserver/storage/keys.py:
     # a database's relmap, then its relation directory, then each relation fork's pages and
     # size; an SLRU's directory, then each segment's pages and size; and so on), so the run
@@ -252,7 +265,7 @@ def import_datadir(timeline: Timeline, datadir: Path) -> int:
         writer.abort()
         raise
     timeline.replace_layers(add=layers, remove=[])
-    timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn)
+    timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn if at_lsn is None else 0)
     return lsn
 
 
