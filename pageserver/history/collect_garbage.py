@@ -10,6 +10,7 @@ from datetime import datetime
 
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.pitr_extract import node_tip
+from pageserver.reconstruct.range_rebuild import rebuild_range
 from pageserver.storage.gc import DEFAULT_GC_SETTINGS, GcSettings, gc_timeline, prune_wal_archive
 from pageserver.storage.gc_policy import TimelineFacts, plan_gc
 
@@ -49,7 +50,10 @@ def collect_garbage(
     for timeline in timelines:
         keep_reads = plan[timeline.timeline_id]
         window = keep_reads.window_start
-        result = gc_timeline(timeline, keep_reads.retain_lsns, window, settings=settings)
+        result = gc_timeline(
+            timeline, keep_reads.retain_lsns, window, materialize_range=rebuild_range,
+            settings=settings,
+        )  # fmt: skip
         removed += len(result.removed_layers)
         removed_bytes += result.removed_bytes
         store = current.get(timeline.timeline_id)

@@ -15,6 +15,7 @@ threads and processes (`pageserver.reconstruct.redo_pool`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from pageserver.reconstruct.page_cache import PAGE_CACHE
 from pageserver.reconstruct.value_format import DELTA_HEAD, ZERO_PAGE, decode_delta
@@ -41,7 +42,7 @@ from pageserver.storage.keys import (
     parse_rel_block_key,
     parse_slru_block_key,
 )
-from pageserver.storage.values import ReconstructData
+from pageserver.storage.values import ReconstructData, WalDelta
 from pg15.constants import (
     BLCKSZ,
     RM_SMGR_ID,
@@ -183,8 +184,21 @@ def reconstruct(key: Key, lsn: int, data: ReconstructData) -> bytes | None:
                 f"initializing record before the {start.rmgr_name} {start.type_name} record "
                 f"at {format_lsn(start.lsn)}"
             )
+    page = _apply_deltas(key, slru, rel, page, data.deltas)
+    PAGE_CACHE.put(ident, page)
+    return page
+
+
+def _apply_deltas(
+    key: Key,
+    slru: tuple[SlruKind, int, int] | None,
+    rel: RelBlock | None,
+    page: bytes | None,
+    deltas: Iterable[tuple[int, WalDelta]],
+) -> bytes:
+    """Redo of `deltas` (oldest first) over `page`, key parsed as `slru` or `rel`."""
     rnode = RelFileNode(rel.spc, rel.db, rel.rel) if rel is not None else None
-    for end_lsn, delta in data.deltas:
+    for end_lsn, delta in deltas:
         record = decode_delta(end_lsn, delta)
         if delta.will_init:
             page = None
@@ -194,8 +208,18 @@ def reconstruct(key: Key, lsn: int, data: ReconstructData) -> bytes | None:
             assert rel is not None and rnode is not None
             page = _apply_rel_delta(key, rel, rnode, page, record)
     assert page is not None
-    PAGE_CACHE.put(ident, page)
     return page
+
+
+def continue_chain(key: Key, page: bytes | None, deltas: list[tuple[int, WalDelta]]) -> bytes:
+    """The rest of a chain the C redo handed back (`_redo.rebuild_page`): `deltas` redone over
+    `page` exactly as `reconstruct` does from that point (page None: before a will_init delta).
+    """
+    slru = parse_slru_block_key(key)
+    rel = None if slru is not None else parse_rel_block_key(key)
+    if slru is None and rel is None:
+        raise ReconstructError(f"{describe(key)} has WAL deltas but is not a page key")
+    return _apply_deltas(key, slru, rel, page, deltas)
 
 
 def _chain_ident(key: Key, lsn: int, data: ReconstructData) -> bytes:

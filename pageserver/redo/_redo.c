@@ -487,23 +487,34 @@ page_index_multi_delete(uint8_t *p, const uint8_t *offnums_le, unsigned nitems)
 
 /* ---- the record and its block references --------------------------------------------- */
 
+#define MAX_BLOCKS 33 /* XLR_MAX_BLOCK_ID + 1 */
+
+/* One block reference, read from a BlockRef tuple (read_record) or from the record bytes
+ * (decode_raw). spc/db/rel/fork are filled by decode_raw only (the chain redo matches on them). */
+typedef struct {
+    unsigned block_id;
+    uint32_t spc, db, rel;
+    unsigned fork;
+    uint32_t blkno;
+    unsigned fork_flags;
+    int has_image;
+    const uint8_t *img;
+    Py_ssize_t img_len;
+    unsigned long long hole_offset, hole_length, bimg_info;
+    const uint8_t *data;
+    Py_ssize_t len;
+} Blk;
+
 typedef struct {
     int rmgr;
     unsigned info;
     uint32_t xid;
     unsigned long long end_lsn;
-    PyObject *blocks;
     const uint8_t *main;
     Py_ssize_t main_len;
+    int nblocks;
+    Blk blocks[MAX_BLOCKS];
 } Rec;
-
-typedef struct {
-    uint32_t blkno;
-    unsigned fork_flags;
-    PyObject *image;
-    const uint8_t *data;
-    Py_ssize_t len;
-} Blk;
 
 static int
 as_uint(PyObject *o, unsigned long long *out)
@@ -518,6 +529,25 @@ as_uint(PyObject *o, unsigned long long *out)
     return OK;
 }
 
+/* A BlockImage tuple into b's image fields (FALLBACK on an unexpected shape). */
+static int
+read_image(PyObject *image, Blk *b)
+{
+    if (!PyTuple_Check(image) || PyTuple_GET_SIZE(image) <= I_BIMG_INFO)
+        return FALLBACK;
+    PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
+    if (!PyBytes_Check(data) || as_uint(PyTuple_GET_ITEM(image, I_HOLE_OFFSET), &b->hole_offset) ||
+        as_uint(PyTuple_GET_ITEM(image, I_HOLE_LENGTH), &b->hole_length) ||
+        as_uint(PyTuple_GET_ITEM(image, I_BIMG_INFO), &b->bimg_info))
+        return FALLBACK;
+    b->has_image = 1;
+    b->img = (const uint8_t *)PyBytes_AS_STRING(data);
+    b->img_len = PyBytes_GET_SIZE(data);
+    return OK;
+}
+
+/* A DecodedRecord tuple into r, every block reference included (FALLBACK on an unexpected
+ * shape: the Python redo then runs). */
 static int
 read_record(PyObject *record, Rec *r)
 {
@@ -535,41 +565,49 @@ read_record(PyObject *record, Rec *r)
     r->xid = (uint32_t)v;
     if (as_uint(PyTuple_GET_ITEM(record, R_END_LSN), &r->end_lsn) != OK)
         return FALLBACK;
-    r->blocks = PyTuple_GET_ITEM(record, R_BLOCKS);
+    PyObject *blocks = PyTuple_GET_ITEM(record, R_BLOCKS);
     PyObject *main = PyTuple_GET_ITEM(record, R_MAIN_DATA);
-    if (!PyTuple_Check(r->blocks) || !PyBytes_Check(main))
+    if (!PyTuple_Check(blocks) || !PyBytes_Check(main) || PyTuple_GET_SIZE(blocks) > MAX_BLOCKS)
         return FALLBACK;
     r->main = (const uint8_t *)PyBytes_AS_STRING(main);
     r->main_len = PyBytes_GET_SIZE(main);
-    return OK;
-}
-
-/* 1 found, 0 absent, FALLBACK on an unexpected shape. */
-static int
-find_block(const Rec *r, unsigned block_id, Blk *b)
-{
-    unsigned long long v;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(r->blocks); i++) {
-        PyObject *ref = PyTuple_GET_ITEM(r->blocks, i);
+    r->nblocks = (int)PyTuple_GET_SIZE(blocks);
+    for (int i = 0; i < r->nblocks; i++) {
+        PyObject *ref = PyTuple_GET_ITEM(blocks, i);
+        Blk *b = &r->blocks[i];
+        memset(b, 0, sizeof *b);
         if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) <= B_DATA)
             return FALLBACK;
         if (as_uint(PyTuple_GET_ITEM(ref, B_BLOCK_ID), &v) != OK)
             return FALLBACK;
-        if (v != block_id)
-            continue;
+        b->block_id = (unsigned)v;
         if (as_uint(PyTuple_GET_ITEM(ref, B_BLKNO), &v) != OK)
             return FALLBACK;
         b->blkno = (uint32_t)v;
         if (as_uint(PyTuple_GET_ITEM(ref, B_FORK_FLAGS), &v) != OK)
             return FALLBACK;
         b->fork_flags = (unsigned)v;
-        b->image = PyTuple_GET_ITEM(ref, B_IMAGE);
+        PyObject *image = PyTuple_GET_ITEM(ref, B_IMAGE);
+        if (image != Py_None && read_image(image, b) != OK)
+            return FALLBACK;
         PyObject *data = PyTuple_GET_ITEM(ref, B_DATA);
         if (!PyBytes_Check(data))
             return FALLBACK;
         b->data = (const uint8_t *)PyBytes_AS_STRING(data);
         b->len = PyBytes_GET_SIZE(data);
-        return 1;
+    }
+    return OK;
+}
+
+/* 1 found (copied into b), 0 absent. */
+static int
+find_block(const Rec *r, unsigned block_id, Blk *b)
+{
+    for (int i = 0; i < r->nblocks; i++) {
+        if (r->blocks[i].block_id == block_id) {
+            *b = r->blocks[i];
+            return 1;
+        }
     }
     return 0;
 }
@@ -1602,33 +1640,59 @@ apply(const Rec *r, unsigned block_id, const Blk *b, uint8_t *p, int have_prev)
     return bt_insert(r, block_id, b, p, have_prev);
 }
 
-/* RestoreBlockImage for an uncompressed image (else NULL with no error: Python decompresses). */
-static PyObject *
-restore_image(const Rec *r, PyObject *image)
+/* RestoreBlockImage for an uncompressed image into out (FALLBACK: Python decompresses). */
+static int
+restore_into(const Rec *r, const Blk *b, uint8_t *out)
 {
-    unsigned long long hole_offset, hole_length, bimg_info;
-    if (!PyTuple_Check(image) || PyTuple_GET_SIZE(image) <= I_BIMG_INFO)
-        return NULL;
-    PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
-    if (!PyBytes_Check(data) || as_uint(PyTuple_GET_ITEM(image, I_HOLE_OFFSET), &hole_offset) ||
-        as_uint(PyTuple_GET_ITEM(image, I_HOLE_LENGTH), &hole_length) ||
-        as_uint(PyTuple_GET_ITEM(image, I_BIMG_INFO), &bimg_info))
-        return NULL;
-    Py_ssize_t len = PyBytes_GET_SIZE(data);
-    if ((bimg_info & BKPIMAGE_COMPRESSED) || hole_length > BLCKSZ ||
+    unsigned long long hole_offset = b->hole_offset, hole_length = b->hole_length;
+    Py_ssize_t len = b->img_len;
+    if ((b->bimg_info & BKPIMAGE_COMPRESSED) || hole_length > BLCKSZ ||
         (unsigned long long)len != BLCKSZ - hole_length || hole_offset > (unsigned long long)len)
-        return NULL;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, BLCKSZ);
-    if (out == NULL)
-        return NULL;
-    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
-    const char *src = PyBytes_AS_STRING(data);
-    memcpy(p, src, hole_offset);
-    memset(p + hole_offset, 0, hole_length);
-    memcpy(p + hole_offset + hole_length, src + hole_offset, (size_t)len - hole_offset);
-    if (UPPER(p) != 0) /* !PageIsNew */
-        set_lsn(p, r->end_lsn);
-    return out;
+        return FALLBACK;
+    memcpy(out, b->img, hole_offset);
+    memset(out + hole_offset, 0, hole_length);
+    memcpy(out + hole_offset + hole_length, b->img + hole_offset, (size_t)len - hole_offset);
+    if (UPPER(out) != 0) /* !PageIsNew */
+        set_lsn(out, r->end_lsn);
+    return OK;
+}
+
+/* Block b of record r redone over prev (NULL: no previous version; prev_len its size) into
+ * out: OK, or FALLBACK where the Python redo must run (out is then garbage). The dispatch of
+ * XLogReadBufferForRedoExtended as in the Python redo_block: an APPLY image replaces the page;
+ * will-init needs no previous version; BLK_NOTFOUND (all-zero page) and BLK_DONE (pd_lsn at
+ * or past the record) leave it as it is; else the rmgr's redo, then pd_lsn = EndRecPtr.
+ * These rmgrs have no always-init or zero-on-error blocks here (VISIBLE's VM page is left to
+ * Python). */
+static int
+redo_into(const Rec *r, const Blk *b, const uint8_t *prev, Py_ssize_t prev_len, uint8_t *out)
+{
+    if (b->has_image && (b->bimg_info & BKPIMAGE_APPLY)) {
+        if (r->rmgr == RM_GIST_ID) /* GiST redoes over its images: Python */
+            return FALLBACK;
+        return restore_into(r, b, out);
+    }
+    if (!handled(r->rmgr, r->info, b->block_id))
+        return FALLBACK;
+    int will_init = (b->fork_flags & BKPBLOCK_WILL_INIT) != 0;
+    if (will_init)
+        memset(out, 0, BLCKSZ);
+    else {
+        if (prev == NULL || prev_len != BLCKSZ)
+            return FALLBACK; /* no previous version or a wrong size: Python raises */
+        /* Every line pointer up to pd_lower must lie within the page: the code below trusts
+         * it (Python raises or reads less on such a page; either way it is Python's case). */
+        if (LOWER(prev) > BLCKSZ)
+            return FALLBACK;
+        memcpy(out, prev, BLCKSZ);
+        if (UPPER(prev) == 0 || r->end_lsn <= get_lsn(prev)) /* BLK_NOTFOUND, BLK_DONE */
+            return OK;
+    }
+    if (apply(r, b->block_id, b, out, !will_init) != OK)
+        return FALLBACK;
+    if (!(r->rmgr == RM_HEAP2_ID && (r->info & XLOG_HEAP_OPMASK) == XLOG_HEAP2_VISIBLE))
+        set_lsn(out, r->end_lsn);
+    return OK;
 }
 
 static PyObject *
@@ -1646,54 +1710,672 @@ py_try_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Blk b;
     if (block_id < 0 || read_record(args[0], &r) != OK || find_block(&r, (unsigned)block_id, &b) != 1)
         Py_RETURN_NONE;
-    if (b.image != Py_None) {
-        unsigned long long bimg_info;
-        if (!PyTuple_Check(b.image) || PyTuple_GET_SIZE(b.image) <= I_BIMG_INFO ||
-            as_uint(PyTuple_GET_ITEM(b.image, I_BIMG_INFO), &bimg_info) != OK)
-            Py_RETURN_NONE;
-        if (bimg_info & BKPIMAGE_APPLY) {
-            if (r.rmgr == RM_GIST_ID) /* GiST redoes over its images: Python */
-                Py_RETURN_NONE;
-            PyObject *out = restore_image(&r, b.image);
-            if (out == NULL && !PyErr_Occurred())
-                Py_RETURN_NONE;
-            return out;
-        }
-    }
-    if (!handled(r.rmgr, r.info, (unsigned)block_id))
-        Py_RETURN_NONE;
-    /* XLogReadBufferForRedoExtended: these rmgrs have no always-init or zero-on-error blocks
-     * here (VISIBLE's VM page is left to Python). */
-    int will_init = (b.fork_flags & BKPBLOCK_WILL_INIT) != 0;
     const uint8_t *prev = NULL;
-    if (!will_init) {
-        if (PyBytes_Check(page) && PyBytes_GET_SIZE(page) == BLCKSZ)
-            prev = (const uint8_t *)PyBytes_AS_STRING(page);
-        else if (PyByteArray_Check(page) && PyByteArray_GET_SIZE(page) == BLCKSZ)
-            prev = (const uint8_t *)PyByteArray_AS_STRING(page);
-        else
-            Py_RETURN_NONE; /* no previous version or a wrong size: Python raises */
-        /* Every line pointer up to pd_lower must lie within the page: the code below trusts
-         * it (Python raises or reads less on such a page; either way it is Python's case). */
-        if (LOWER(prev) > BLCKSZ)
-            Py_RETURN_NONE;
-        if (UPPER(prev) == 0 || r.end_lsn <= get_lsn(prev)) { /* BLK_NOTFOUND, BLK_DONE */
-            if (PyBytes_CheckExact(page))
-                return Py_NewRef(page);
-            return PyBytes_FromStringAndSize((const char *)prev, BLCKSZ);
-        }
+    Py_ssize_t prev_len = 0;
+    if (PyBytes_Check(page)) {
+        prev = (const uint8_t *)PyBytes_AS_STRING(page);
+        prev_len = PyBytes_GET_SIZE(page);
     }
-    PyObject *out = PyBytes_FromStringAndSize((const char *)prev, BLCKSZ);
+    else if (PyByteArray_Check(page)) {
+        prev = (const uint8_t *)PyByteArray_AS_STRING(page);
+        prev_len = PyByteArray_GET_SIZE(page);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, BLCKSZ);
     if (out == NULL)
         return NULL;
-    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
-    if (apply(&r, (unsigned)block_id, &b, p, prev != NULL) != OK) {
+    if (redo_into(&r, &b, prev, prev_len, (uint8_t *)PyBytes_AS_STRING(out)) != OK) {
         Py_DECREF(out);
         Py_RETURN_NONE;
     }
-    if (!(r.rmgr == RM_HEAP2_ID && (r.info & XLOG_HEAP_OPMASK) == XLOG_HEAP2_VISIBLE))
-        set_lsn(p, r.end_lsn);
     return out;
+}
+
+/* ---- records from their bytes (DecodeXLogRecord, src/backend/access/transam/xlogreader.c) -- */
+
+#define RECORD_HEADER 24
+#define XLR_MAX_BLOCK_ID 32
+#define XLR_BLOCK_ID_DATA_SHORT 255
+#define XLR_BLOCK_ID_DATA_LONG 254
+#define XLR_BLOCK_ID_ORIGIN 253
+#define XLR_BLOCK_ID_TOPLEVEL_XID 252
+#define BKPBLOCK_FORK_MASK 0x0F
+#define BKPBLOCK_HAS_IMAGE 0x10
+#define BKPBLOCK_HAS_DATA 0x20
+#define BKPBLOCK_SAME_REL 0x80
+#define BKPIMAGE_HAS_HOLE 0x01
+
+/* The image-header cross-checks of xlogreader (as pg15/_walscan.c and pg15/records.py). */
+static int
+image_header_ok(unsigned bimg_len, unsigned hole_offset, unsigned hole_length, unsigned bimg_info)
+{
+    int has_hole = bimg_info & BKPIMAGE_HAS_HOLE, compressed = bimg_info & BKPIMAGE_COMPRESSED;
+    if (has_hole && (hole_offset == 0 || hole_length == 0 || bimg_len == BLCKSZ))
+        return 0;
+    if (!has_hole && (hole_offset != 0 || hole_length != 0))
+        return 0;
+    if (compressed && bimg_len == BLCKSZ)
+        return 0;
+    if (!has_hole && !compressed && bimg_len != BLCKSZ)
+        return 0;
+    if (hole_offset + hole_length > BLCKSZ)
+        return 0;
+    return 1;
+}
+
+/* The record bytes (XLogRecord header included) ending at end_lsn into r, pointing into data;
+ * FALLBACK for anything pg15._walscan.decode_record would hand to the Python decoder (which
+ * then decodes or raises, on the Python path). The CRC was checked when the WAL was read. */
+static int
+decode_raw(const uint8_t *data, Py_ssize_t n, unsigned long long end_lsn, Rec *r)
+{
+    if (n < RECORD_HEADER || g32(data, 0) != (uint64_t)n)
+        return FALLBACK;
+    Py_ssize_t pos = RECORD_HEADER;
+    uint64_t payload = 0, main_len = 0;
+    int have_rel = 0, max_block_id = -1;
+    uint32_t spc = 0, db = 0, rel = 0;
+    r->nblocks = 0;
+    while ((uint64_t)(n - pos) > payload) {
+        int block_id = data[pos];
+        if (block_id <= XLR_MAX_BLOCK_ID) {
+            if (block_id <= max_block_id || n - pos < 4)
+                return FALLBACK;
+            max_block_id = block_id;
+            Blk *b = &r->blocks[r->nblocks++];
+            memset(b, 0, sizeof *b);
+            b->block_id = (unsigned)block_id;
+            b->fork_flags = data[pos + 1];
+            b->fork = b->fork_flags & BKPBLOCK_FORK_MASK;
+            b->len = g16(data, pos + 2);
+            if ((b->fork_flags & BKPBLOCK_HAS_DATA) ? b->len == 0 : b->len != 0)
+                return FALLBACK;
+            pos += 4;
+            payload += (uint64_t)b->len;
+            if (b->fork_flags & BKPBLOCK_HAS_IMAGE) {
+                if (n - pos < 5)
+                    return FALLBACK;
+                b->has_image = 1;
+                b->img_len = g16(data, pos);
+                b->hole_offset = g16(data, pos + 2);
+                b->bimg_info = data[pos + 4];
+                pos += 5;
+                if (b->bimg_info & BKPIMAGE_COMPRESSED) {
+                    if (b->bimg_info & BKPIMAGE_HAS_HOLE) {
+                        if (n - pos < 2)
+                            return FALLBACK;
+                        b->hole_length = g16(data, pos);
+                        pos += 2;
+                    }
+                }
+                else if (b->img_len <= BLCKSZ)
+                    b->hole_length = BLCKSZ - (unsigned long long)b->img_len;
+                else
+                    return FALLBACK;
+                if (!image_header_ok((unsigned)b->img_len, (unsigned)b->hole_offset,
+                                     (unsigned)b->hole_length, (unsigned)b->bimg_info))
+                    return FALLBACK;
+                payload += (uint64_t)b->img_len;
+            }
+            if (b->fork_flags & BKPBLOCK_SAME_REL) {
+                if (!have_rel || n - pos < 4)
+                    return FALLBACK;
+                b->blkno = g32(data, pos);
+                pos += 4;
+            }
+            else {
+                if (n - pos < 16)
+                    return FALLBACK;
+                spc = g32(data, pos);
+                db = g32(data, pos + 4);
+                rel = g32(data, pos + 8);
+                b->blkno = g32(data, pos + 12);
+                have_rel = 1;
+                pos += 16;
+            }
+            b->spc = spc;
+            b->db = db;
+            b->rel = rel;
+            continue;
+        }
+        if (block_id == XLR_BLOCK_ID_DATA_SHORT) {
+            if (n - pos < 2)
+                return FALLBACK;
+            main_len = data[pos + 1];
+            pos += 2;
+            payload += main_len;
+            break;
+        }
+        if (block_id == XLR_BLOCK_ID_DATA_LONG) {
+            if (n - pos < 5)
+                return FALLBACK;
+            main_len = g32(data, pos + 1);
+            pos += 5;
+            payload += main_len;
+            break;
+        }
+        if (block_id == XLR_BLOCK_ID_ORIGIN) {
+            if (n - pos < 3)
+                return FALLBACK;
+            pos += 3;
+            continue;
+        }
+        if (block_id == XLR_BLOCK_ID_TOPLEVEL_XID) {
+            if (n - pos < 5)
+                return FALLBACK;
+            pos += 5;
+            continue;
+        }
+        return FALLBACK;
+    }
+    if (pos > n || (uint64_t)(n - pos) != payload)
+        return FALLBACK;
+    for (int i = 0; i < r->nblocks; i++) {
+        Blk *b = &r->blocks[i];
+        if (b->has_image) {
+            b->img = data + pos;
+            pos += b->img_len;
+        }
+        b->data = data + pos;
+        pos += b->len;
+    }
+    r->xid = g32(data, 4);
+    r->info = data[16];
+    r->rmgr = data[17];
+    r->end_lsn = end_lsn;
+    r->main = data + pos;
+    r->main_len = (Py_ssize_t)main_len;
+    return OK;
+}
+
+/* ---- CLOG pages (pageserver/reconstruct/apply_delta.py xact_clog_change, redo/clog.py) --- */
+
+#define RM_XACT_ID 1
+#define XLOG_XACT_OPMASK 0x70
+#define XLOG_XACT_COMMIT 0x00
+#define XLOG_XACT_ABORT 0x20
+#define XLOG_XACT_HAS_INFO 0x80
+#define XACT_XINFO_HAS_DBINFO (1u << 0)
+#define XACT_XINFO_HAS_SUBXACTS (1u << 1)
+#define XACT_XINFO_HAS_RELFILENODES (1u << 2)
+#define XACT_XINFO_HAS_INVALS (1u << 3)
+#define XACT_XINFO_HAS_TWOPHASE (1u << 4)
+#define XACT_XINFO_HAS_ORIGIN (1u << 5)
+#define XACT_XINFO_HAS_GID (1u << 7)
+#define XACT_XINFO_HAS_DROPPED_STATS (1u << 8)
+#define CLOG_XACTS_PER_PAGE (BLCKSZ * 4)
+#define TRANSACTION_STATUS_COMMITTED 1
+#define TRANSACTION_STATUS_ABORTED 2
+
+/* A counted array of `size`-byte items at *pos (ParseCommitRecord / ParseAbortRecord, xactdesc.c):
+ * its items' offset, or -1 when it does not fit (the Python decoder raises). */
+static Py_ssize_t
+counted(const Rec *r, Py_ssize_t *pos, Py_ssize_t size)
+{
+    if (r->main_len - *pos < 4)
+        return -1;
+    int32_t n = (int32_t)g32(r->main, (size_t)*pos);
+    if (n < 0 || (r->main_len - *pos - 4) / size < n)
+        return -1;
+    Py_ssize_t items = *pos + 4;
+    *pos = items + (Py_ssize_t)n * size;
+    return items;
+}
+
+/* The CLOG change of a plain COMMIT or ABORT record on page `pageno`: OK, or FALLBACK for
+ * every other record (prepared transactions, other rmgrs) and every main data the Python
+ * decoder (pg15/rmgr/xact.py _decode_finish) would reject. */
+static int
+clog_apply(const Rec *r, uint32_t pageno, uint8_t *page)
+{
+    unsigned op = r->info & XLOG_XACT_OPMASK;
+    if (r->rmgr != RM_XACT_ID || (op != XLOG_XACT_COMMIT && op != XLOG_XACT_ABORT))
+        return FALLBACK;
+    Py_ssize_t pos = 8; /* xact_time */
+    if (r->main_len < pos)
+        return FALLBACK;
+    uint32_t xinfo = 0;
+    if (r->info & XLOG_XACT_HAS_INFO) {
+        if (r->main_len - pos < 4)
+            return FALLBACK;
+        xinfo = g32(r->main, (size_t)pos);
+        pos += 4;
+    }
+    if (xinfo & (XACT_XINFO_HAS_TWOPHASE | XACT_XINFO_HAS_GID))
+        return FALLBACK;
+    if (xinfo & XACT_XINFO_HAS_DBINFO) {
+        if (r->main_len - pos < 8)
+            return FALLBACK;
+        pos += 8;
+    }
+    Py_ssize_t subxacts = -1, nsub = 0;
+    if (xinfo & XACT_XINFO_HAS_SUBXACTS) {
+        subxacts = counted(r, &pos, 4);
+        if (subxacts < 0)
+            return FALLBACK;
+        nsub = (pos - subxacts) / 4;
+    }
+    if ((xinfo & XACT_XINFO_HAS_RELFILENODES) && counted(r, &pos, 12) < 0)
+        return FALLBACK;
+    if ((xinfo & XACT_XINFO_HAS_DROPPED_STATS) && counted(r, &pos, 12) < 0)
+        return FALLBACK;
+    if ((xinfo & XACT_XINFO_HAS_INVALS) && op == XLOG_XACT_COMMIT && counted(r, &pos, 16) < 0)
+        return FALLBACK;
+    if ((xinfo & XACT_XINFO_HAS_ORIGIN) && r->main_len - pos < 16)
+        return FALLBACK;
+    unsigned status = op == XLOG_XACT_COMMIT ? TRANSACTION_STATUS_COMMITTED
+                                             : TRANSACTION_STATUS_ABORTED;
+    /* TransactionIdSetStatusBit (clog.c) for the top xid (if any) and each subxact on the page */
+    for (Py_ssize_t i = -1; i < nsub; i++) {
+        uint32_t xid = i < 0 ? r->xid : g32(r->main, (size_t)(subxacts + 4 * i));
+        if (i < 0 && xid == 0)
+            continue;
+        if (xid / CLOG_XACTS_PER_PAGE != pageno)
+            continue;
+        size_t byte = (xid % CLOG_XACTS_PER_PAGE) / 4;
+        unsigned shift = (xid % 4) * 2;
+        page[byte] = (uint8_t)((page[byte] & ~(3u << shift)) | (status << shift));
+    }
+    return OK;
+}
+
+/* ---- visibility-map pages (pageserver/redo/visibilitymap.py, visibilitymap.c) ---------- */
+
+#define VM_MAPSIZE (BLCKSZ - MAXALIGN(SIZE_OF_PAGE_HEADER))
+#define VM_HEAPBLOCKS_PER_PAGE (VM_MAPSIZE * 4)
+#define VISIBILITYMAP_VALID_BITS 0x03
+#define VISIBILITYMAP_ALL_FROZEN 0x02
+
+static void
+vm_locate(uint32_t heap_blkno, size_t *pos, unsigned *shift)
+{
+    uint32_t rem = heap_blkno % VM_HEAPBLOCKS_PER_PAGE;
+    *pos = SIZE_OF_PAGE_HEADER + rem / 4;
+    *shift = (rem % 4) * 2;
+}
+
+/* Block 0 (the VM page) of Heap2 VISIBLE, as the Python redo_block with heap2._visible /
+ * vm_redo_visible: read with RBM_ZERO_ON_ERROR, BLK_DONE, PageInit of a new page, then
+ * visibilitymap_set, which stamps pd_lsn only when the bits change. */
+static int
+vm_visible_into(const Rec *r, const Blk *b, const uint8_t *prev, Py_ssize_t prev_len, uint8_t *out)
+{
+    Blk heap;
+    if ((b->fork_flags & BKPBLOCK_WILL_INIT) || r->main_len < 5 || find_block(r, 1, &heap) != 1)
+        return FALLBACK;
+    if (prev == NULL)
+        memset(out, 0, BLCKSZ);
+    else if (prev_len != BLCKSZ)
+        return FALLBACK;
+    else
+        memcpy(out, prev, BLCKSZ);
+    if (r->end_lsn <= get_lsn(out)) /* BLK_DONE */
+        return OK;
+    if (UPPER(out) == 0)
+        page_init(out, 0);
+    if (r->end_lsn > get_lsn(out)) {
+        size_t pos;
+        unsigned shift, flags = r->main[4] & VISIBILITYMAP_VALID_BITS;
+        vm_locate(heap.blkno, &pos, &shift);
+        if (flags != ((out[pos] >> shift) & VISIBILITYMAP_VALID_BITS)) {
+            out[pos] |= (uint8_t)(flags << shift);
+            set_lsn(out, r->end_lsn);
+        }
+    }
+    return OK;
+}
+
+/* The VM bits a Heap/Heap2 record clears without registering the VM page (vm_changes), on VM
+ * block vm_blkno of relation (spc, db, rel): visibilitymap_clear, pd_lsn unchanged. OK when
+ * the record clears something there, FALLBACK otherwise (SMGR truncation, or an error, in
+ * Python). */
+static int
+vm_clear_into(const Rec *r, uint32_t spc, uint32_t db, uint32_t rel, uint32_t vm_blkno,
+              const uint8_t *prev, Py_ssize_t prev_len, uint8_t *out)
+{
+    const Blk *targets[2];
+    unsigned flags[2];
+    int n = 0;
+    if ((r->rmgr != RM_HEAP_ID && r->rmgr != RM_HEAP2_ID) || r->main_len == 0 || r->nblocks == 0)
+        return FALLBACK;
+    const Blk *first = &r->blocks[0];
+    const uint8_t *d = r->main;
+    unsigned op = r->info & XLOG_HEAP_OPMASK;
+    if (r->rmgr == RM_HEAP_ID) {
+        if (op == XLOG_HEAP_INSERT && r->main_len >= 3 && (d[2] & 0x01)) {
+            targets[n] = first;
+            flags[n++] = VISIBILITYMAP_VALID_BITS;
+        }
+        else if (op == XLOG_HEAP_DELETE && r->main_len >= 8 && (d[7] & 0x01)) {
+            targets[n] = first;
+            flags[n++] = VISIBILITYMAP_VALID_BITS;
+        }
+        else if ((op == XLOG_HEAP_UPDATE || op == XLOG_HEAP_HOT_UPDATE) && r->main_len >= 8) {
+            const Blk *old = first;
+            for (int k = 0; k < r->nblocks; k++)
+                if (r->blocks[k].block_id == 1) {
+                    old = &r->blocks[k];
+                    break;
+                }
+            if (d[7] & 0x01) {
+                targets[n] = old;
+                flags[n++] = VISIBILITYMAP_VALID_BITS;
+            }
+            if (d[7] & 0x02) {
+                targets[n] = first;
+                flags[n++] = VISIBILITYMAP_VALID_BITS;
+            }
+        }
+        else if (op == XLOG_HEAP_LOCK && r->main_len >= 8 && (d[7] & 0x01)) {
+            targets[n] = first;
+            flags[n++] = VISIBILITYMAP_ALL_FROZEN;
+        }
+    }
+    else if (op == XLOG_HEAP2_MULTI_INSERT && (d[0] & 0x01)) {
+        targets[n] = first;
+        flags[n++] = VISIBILITYMAP_VALID_BITS;
+    }
+    else if (op == XLOG_HEAP2_LOCK_UPDATED && r->main_len >= 8 && (d[7] & 0x01)) {
+        targets[n] = first;
+        flags[n++] = VISIBILITYMAP_ALL_FROZEN;
+    }
+    int any = 0;
+    for (int k = 0; k < n; k++) {
+        const Blk *t = targets[k];
+        if (t->spc != spc || t->db != db || t->rel != rel ||
+            t->blkno / VM_HEAPBLOCKS_PER_PAGE != vm_blkno)
+            continue;
+        if (!any) {
+            if (prev == NULL)
+                memset(out, 0, BLCKSZ);
+            else if (prev_len != BLCKSZ)
+                return FALLBACK;
+            else
+                memcpy(out, prev, BLCKSZ);
+            any = 1;
+        }
+        if (UPPER(out) == 0)
+            page_init(out, 0);
+        size_t pos;
+        unsigned shift;
+        vm_locate(t->blkno, &pos, &shift);
+        out[pos] &= (uint8_t)~((flags[k] & VISIBILITYMAP_VALID_BITS) << shift);
+    }
+    return any ? OK : FALLBACK;
+}
+
+/* ---- a key's whole chain (pageserver/reconstruct/range_rebuild.py) -------------------- */
+
+/* Layer value tags (pageserver/storage/values.py) and the version entry of the layer index
+ * (pageserver/storage/layers/blocks.py: lsn u64, tag u8, block u32, offset u32, length u32,
+ * big-endian). */
+#define TAG_IMAGE 1
+#define TAG_DELTA 2
+#define TAG_DELTA_INIT 3
+#define TAG_TOMBSTONE 4
+#define VERSION_ENTRY 21
+#define VISIBILITYMAP_FORKNUM 2
+#define SLRU_PAGES_PER_SEGMENT 32
+
+static inline uint32_t
+be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t
+le64(const uint8_t *p)
+{
+    return (uint64_t)g32(p, 0) | ((uint64_t)g32(p, 4) << 32);
+}
+
+typedef struct {
+    uint64_t lsn;
+    int tag;
+    const uint8_t *value; /* the encoded value: tag byte, then the payload */
+    Py_ssize_t len;
+} Version;
+
+/* The versions of the parts with floor < LSN <= lsn, in part order (oldest part first). Each
+ * part is (entries, first block, blocks, floor): the key's version entries of one layer, the
+ * number of the first block they reference and those blocks decompressed in order. 1 when
+ * gathered, 0 when something does not check out (LayerFile._value_in raises on the Python
+ * path), -1 on a Python error. */
+static int
+gather(PyObject *parts, uint64_t lsn, Version **out, Py_ssize_t *count)
+{
+    Py_ssize_t cap = 0, n = 0;
+    Version *v = NULL;
+    if (!PyList_Check(parts))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(parts); i++) {
+        PyObject *part = PyList_GET_ITEM(parts, i);
+        Py_buffer entries;
+        unsigned long long first_block, floor_plus_one;
+        if (!PyTuple_Check(part) || PyTuple_GET_SIZE(part) != 4 ||
+            !PyList_Check(PyTuple_GET_ITEM(part, 2)) ||
+            as_uint(PyTuple_GET_ITEM(part, 1), &first_block) != OK ||
+            as_uint(PyTuple_GET_ITEM(part, 3), &floor_plus_one) != OK)
+            goto bad;
+        PyObject *blocks = PyTuple_GET_ITEM(part, 2);
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(part, 0), &entries, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            goto bad;
+        }
+        const uint8_t *e = (const uint8_t *)entries.buf;
+        Py_ssize_t nentries = entries.len / VERSION_ENTRY;
+        int ok = entries.len % VERSION_ENTRY == 0;
+        for (Py_ssize_t k = 0; ok && k < nentries; k++, e += VERSION_ENTRY) {
+            uint64_t vlsn = ((uint64_t)be32(e) << 32) | be32(e + 4);
+            if (vlsn > lsn || vlsn + 1 <= floor_plus_one) /* floor < vlsn <= lsn */
+                continue;
+            uint32_t block = be32(e + 9), offset = be32(e + 13), length = be32(e + 17);
+            unsigned long long b = (unsigned long long)block - first_block;
+            if (block < first_block || b >= (unsigned long long)PyList_GET_SIZE(blocks)) {
+                ok = 0;
+                break;
+            }
+            PyObject *data = PyList_GET_ITEM(blocks, (Py_ssize_t)b);
+            if (!PyBytes_Check(data) || length == 0 ||
+                (uint64_t)offset + length > (uint64_t)PyBytes_GET_SIZE(data) ||
+                (uint8_t)PyBytes_AS_STRING(data)[offset] != e[8]) {
+                ok = 0;
+                break;
+            }
+            if (n == cap) {
+                cap = cap ? 2 * cap : 64;
+                Version *grown = PyMem_Realloc(v, (size_t)cap * sizeof *v);
+                if (grown == NULL) {
+                    PyBuffer_Release(&entries);
+                    PyMem_Free(v);
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                v = grown;
+            }
+            v[n].lsn = vlsn;
+            v[n].tag = e[8];
+            v[n].value = (const uint8_t *)PyBytes_AS_STRING(data) + offset;
+            v[n].len = length;
+            n++;
+        }
+        PyBuffer_Release(&entries);
+        if (!ok)
+            goto bad;
+    }
+    *out = v;
+    *count = n;
+    return 1;
+bad:
+    PyMem_Free(v);
+    return 0;
+}
+
+/* (page or None, [(lsn, will_init, record), ...]): the deltas from i on, for the Python redo
+ * to continue the chain (pageserver/reconstruct/apply_delta.py continue_chain). */
+static PyObject *
+hand_back(const Version *v, Py_ssize_t i, Py_ssize_t n, PyObject *page)
+{
+    PyObject *rest = PyList_New(n - i);
+    if (rest == NULL)
+        return NULL;
+    for (Py_ssize_t k = i; k < n; k++) {
+        PyObject *item = Py_BuildValue("(KOy#)", (unsigned long long)v[k].lsn,
+                                       v[k].tag == TAG_DELTA_INIT ? Py_True : Py_False,
+                                       (const char *)v[k].value + 1, v[k].len - 1);
+        if (item == NULL) {
+            Py_DECREF(rest);
+            return NULL;
+        }
+        PyList_SET_ITEM(rest, k - i, item);
+    }
+    return Py_BuildValue("(ON)", page, rest);
+}
+
+/* rebuild_page(key, lsn, parts, base_known): see _redo.pyi. */
+static PyObject *
+py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long lsn;
+    if (nargs != 4 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != 18 ||
+        as_uint(args[1], &lsn) != OK) {
+        PyErr_SetString(PyExc_TypeError, "rebuild_page(key, lsn, parts, base_known)");
+        return NULL;
+    }
+    int base_known = PyObject_IsTrue(args[3]);
+    if (base_known < 0)
+        return NULL;
+    Version *v = NULL;
+    Py_ssize_t n = 0;
+    int got = gather(args[2], lsn, &v, &n);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_FALSE;
+    PyObject *result = NULL;
+    /* The chain's base: the newest image (the image layer's is the first part), will_init
+     * delta or tombstone among the versions; else nothing when base_known (an image layer
+     * covers the key without holding it, or there is no ancestor); else the ancestor's: the
+     * reference path. */
+    Py_ssize_t start = n;
+    while (start > 0 && v[start - 1].tag == TAG_DELTA)
+        start--;
+    PyObject *base = NULL; /* new reference, or NULL for None */
+    Py_ssize_t first_delta = start;
+    if (start > 0) {
+        const Version *ender = &v[start - 1];
+        if (ender->tag == TAG_IMAGE) {
+            base = PyBytes_FromStringAndSize((const char *)ender->value + 1, ender->len - 1);
+            if (base == NULL)
+                goto done;
+        }
+        else if (ender->tag == TAG_DELTA_INIT)
+            first_delta = start - 1;
+        else if (ender->tag != TAG_TOMBSTONE) { /* an unknown tag: decode_value raises */
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+    }
+    else if (!base_known) {
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    if (first_delta == n) { /* no deltas: the base as it is */
+        result = base != NULL ? Py_NewRef(base) : Py_NewRef(Py_None);
+        goto done;
+    }
+    const uint8_t *key = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    uint32_t f2 = be32(key + 1), f3 = be32(key + 5), f4 = be32(key + 9), f6 = be32(key + 14);
+    unsigned f5 = key[13];
+    int is_rel = key[0] == 0 && f4 != 0 && f6 != 0xFFFFFFFFu;
+    int is_clog = key[0] == 1 && f2 == 0 && f3 == 1 && f6 != 0xFFFFFFFFu;
+    if (!is_rel && !is_clog) { /* other SLRUs, or not a page key (Python raises) */
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    /* The page is in `cur` once C has changed it; until then it is `base` (NULL: None). */
+    uint8_t bufs[2][BLCKSZ];
+    uint8_t *cur = bufs[0], *next = bufs[1];
+    int in_buf = 0, have = base != NULL;
+    if (base == NULL && v[first_delta].tag != TAG_DELTA_INIT) {
+        if (!is_clog && f5 != VISIBILITYMAP_FORKNUM) { /* no base: Python raises */
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        memset(cur, 0, BLCKSZ); /* SLRU and VM pages start from zeros */
+        in_buf = have = 1;
+    }
+    Py_ssize_t i;
+    for (i = first_delta; i < n; i++) {
+        const Version *d = &v[i];
+        Rec r;
+        if (d->tag == TAG_DELTA_INIT)
+            have = in_buf = 0;
+        if (d->len < 9 || decode_raw(d->value + 9, d->len - 9, d->lsn, &r) != OK)
+            break;
+        const uint8_t *prev = NULL;
+        Py_ssize_t prev_len = 0;
+        if (have) {
+            prev = in_buf ? cur : (const uint8_t *)PyBytes_AS_STRING(base);
+            prev_len = in_buf ? BLCKSZ : PyBytes_GET_SIZE(base);
+        }
+        if (is_clog) {
+            if (have && prev_len != BLCKSZ)
+                break;
+            if (have)
+                memcpy(next, prev, BLCKSZ);
+            else
+                memset(next, 0, BLCKSZ);
+            if (clog_apply(&r, f4 * SLRU_PAGES_PER_SEGMENT + f6, next) != OK)
+                break;
+        }
+        else {
+            const Blk *b = NULL;
+            for (int k = 0; k < r.nblocks; k++) {
+                const Blk *c = &r.blocks[k];
+                if (c->spc == f2 && c->db == f3 && c->rel == f4 && c->fork == f5 &&
+                    c->blkno == f6) {
+                    b = c;
+                    break;
+                }
+            }
+            int done;
+            if (b == NULL)
+                done = f5 == VISIBILITYMAP_FORKNUM
+                           ? vm_clear_into(&r, f2, f3, f4, f6, prev, prev_len, next)
+                           : FALLBACK;
+            else if (f5 == VISIBILITYMAP_FORKNUM && r.rmgr == RM_HEAP2_ID &&
+                     (r.info & XLOG_HEAP_OPMASK) == XLOG_HEAP2_VISIBLE && b->block_id == 0 &&
+                     !(b->has_image && (b->bimg_info & BKPIMAGE_APPLY)))
+                done = vm_visible_into(&r, b, prev, prev_len, next);
+            else
+                done = redo_into(&r, b, prev, prev_len, next);
+            if (done != OK)
+                break;
+        }
+        uint8_t *t = cur;
+        cur = next;
+        next = t;
+        in_buf = have = 1;
+    }
+    PyObject *page;
+    if (in_buf)
+        page = PyBytes_FromStringAndSize((const char *)cur, BLCKSZ);
+    else if (have)
+        page = Py_NewRef(base);
+    else
+        page = Py_NewRef(Py_None);
+    if (page == NULL)
+        goto done;
+    if (i == n)
+        result = page;
+    else {
+        result = hand_back(v, i, n, page);
+        Py_DECREF(page);
+    }
+done:
+    Py_XDECREF(base);
+    PyMem_Free(v);
+    return result;
 }
 
 /* The Python redo_block (redo_block_python), called for what try_redo_block hands back. */
@@ -1733,6 +2415,8 @@ static PyMethodDef methods[] = {
     {"redo_block", (PyCFunction)(void (*)(void))py_redo_block, METH_FASTCALL,
      "redo_block(record, block_id, page) -> bytes: try_redo_block, else the Python redo."},
     {"init", py_init, METH_O, "Register the Python redo_block for what C hands back."},
+    {"rebuild_page", (PyCFunction)(void (*)(void))py_rebuild_page, METH_FASTCALL,
+     "rebuild_page(key, lsn, parts, base_known): a key's value from its layer versions."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,6 +29,14 @@ Materialize = Callable[[Key, int, ReconstructData], bytes | None]
 """Rebuild `key` at `lsn` from its reconstruct data (which has deltas); None: the key does not
 exist at that LSN and is left out of the image layer."""
 
+MaterializeRange = Callable[
+    [Timeline, KeyRange, list[Key], int, Callable[[Key], "bytes | None"]],
+    Iterable[tuple[Key, "bytes | None"]],
+]
+"""(timeline, key range, its keys, lsn, per-key path) -> (key, value or None) for each key, in
+order, equal to the per-key path for every key, which it may call for any of them: the bulk
+rebuild of image creation (pageserver.reconstruct.range_rebuild.rebuild_range)."""
+
 PAGE_SIZE_ESTIMATE = 8192
 
 
@@ -39,11 +47,18 @@ class CompactionResult:
     images_written: int = 0
 
 
-def compact(timeline: Timeline, materialize: Materialize) -> CompactionResult:
+def compact(
+    timeline: Timeline,
+    materialize: Materialize,
+    materialize_range: MaterializeRange | None = None,
+) -> CompactionResult:
     """One compaction pass: L0 -> L1 if due, then image layers where due."""
     with timeline.compaction_lock:
         merged, written = _compact_level0(timeline)
-        images = create_image_layers_at(timeline, materialize, timeline.disk_consistent_lsn)
+        images = create_image_layers_at(
+            timeline, materialize, timeline.disk_consistent_lsn,
+            materialize_range=materialize_range,
+        )  # fmt: skip
     return CompactionResult(merged, written, images)
 
 
@@ -56,15 +71,20 @@ def compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, int
 
 
 def create_image_layers(
-    timeline: Timeline, materialize: Materialize, *, force: bool = False
+    timeline: Timeline,
+    materialize: Materialize,
+    *,
+    force: bool = False,
+    materialize_range: MaterializeRange | None = None,
 ) -> int:
     """Write image layers at disk_consistent_lsn where due (everywhere if forced).
 
     Returns the number of image layers written."""
     with timeline.compaction_lock:
         return create_image_layers_at(
-            timeline, materialize, timeline.disk_consistent_lsn, force=force
-        )
+            timeline, materialize, timeline.disk_consistent_lsn, force=force,
+            materialize_range=materialize_range,
+        )  # fmt: skip
 
 
 def _compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, int]:
@@ -143,10 +163,16 @@ def _partitions(keys: list[Key], keys_per_partition: int) -> list[tuple[KeyRange
 
 
 def create_image_layers_at(
-    timeline: Timeline, materialize: Materialize, lsn: int, *, force: bool = False
+    timeline: Timeline,
+    materialize: Materialize,
+    lsn: int,
+    *,
+    force: bool = False,
+    materialize_range: MaterializeRange | None = None,
 ) -> int:
     """Write image layers at `lsn` for the key partitions where they are due: with
     image_creation_threshold deltas above their newest image, or (forced) with any delta.
+    Their pages come from `materialize_range` when given, else key by key.
 
     The caller holds `timeline.compaction_lock`: compaction writes them at
     disk_consistent_lsn, GC at its horizon inside its own critical section (so the images
@@ -176,7 +202,9 @@ def create_image_layers_at(
                 not force and len(deltas) < timeline.settings.image_creation_threshold
             ):
                 continue
-            written.append(_write_image(timeline, materialize, key_range, part_keys, lsn))
+            written.append(
+                _write_image(timeline, materialize, materialize_range, key_range, part_keys, lsn)
+            )
     except BaseException:
         for layer in written:
             layer.close()
@@ -220,20 +248,25 @@ def _image_floor(layer_map: LayerMap, key_range: KeyRange, lsn: int) -> int:
 def _write_image(
     timeline: Timeline,
     materialize: Materialize,
+    materialize_range: MaterializeRange | None,
     key_range: KeyRange,
     keys: list[Key],
     lsn: int,
 ) -> ImageLayer:
+    def one(key: Key) -> bytes | None:
+        data = timeline.get_reconstruct_data(key, lsn)
+        if data.deltas:
+            return materialize(key, lsn, data)
+        return data.image[1] if data.image is not None else None
+
     writer = ImageLayerWriter(timeline.directory, key_range, lsn, timeline.settings)
     try:
-        for key in keys:
-            data = timeline.get_reconstruct_data(key, lsn)
-            if data.deltas:
-                value = materialize(key, lsn, data)
-            elif data.image is not None:
-                value = data.image[1]
-            else:
-                value = None
+        values: Iterable[tuple[Key, bytes | None]] = (
+            ((key, one(key)) for key in keys)
+            if materialize_range is None
+            else materialize_range(timeline, key_range, keys, lsn, one)
+        )
+        for key, value in values:
             if value is not None:
                 writer.add(key, value)
     except BaseException:

@@ -39,6 +39,7 @@ from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import (
     PAGE_SIZE_ESTIMATE,
     Materialize,
+    MaterializeRange,
     create_image_layers_at,
 )
 from pageserver.storage.keys import FULL_KEYSPACE, KeyRange, ranges_cover
@@ -115,6 +116,7 @@ def gc_timeline(
     window_start: int | None,
     *,
     materialize: Materialize = reconstruct,
+    materialize_range: MaterializeRange | None = None,
     settings: GcSettings = DEFAULT_GC_SETTINGS,
 ) -> GcResult:
     """Remove the layer files of `timeline` that no read at a retained LSN, in
@@ -136,7 +138,9 @@ def gc_timeline(
         if horizon > 0 and _images_pay_off(
             timeline, layer_map, points, removable, horizon, settings
         ):
-            images_written = create_image_layers_at(timeline, materialize, horizon, force=True)
+            images_written = create_image_layers_at(
+                timeline, materialize, horizon, force=True, materialize_range=materialize_range
+            )
             layer_map = timeline.layer_map()
             removable = removable_layers(layer_map, points)
         if removable:

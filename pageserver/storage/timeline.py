@@ -419,6 +419,19 @@ class Timeline:
                 head, ended = [], False
         return layer_map.read_chain(key, lsn, image, frozen, head, ended)
 
+    def persistent_map(self, lsn: int) -> LayerMap | None:
+        """The layer map, when the layer files alone hold every version of this timeline at
+        or below lsn (no in-memory layer does): a bulk reader may then scan the files
+        (`pageserver.reconstruct.range_rebuild`); None otherwise."""
+        self._check_read_lsn(lsn)
+        with self._lock:
+            self._check_open()
+            if self._open is not None and self._open.lsn_start <= lsn:
+                return None
+            if any(layer.lsn_start <= lsn for layer in self._frozen):
+                return None
+            return self._map
+
     def version_ident(self, key: Key, lsn: int) -> tuple[int, Key, int] | None:
         """A cheap name for the value of `key` at `lsn`: (read epoch of the timeline holding
         the newest version at or below lsn, key, that version's LSN), from layer indexes

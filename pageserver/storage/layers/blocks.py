@@ -52,6 +52,7 @@ _KEY_ENTRY = struct.Struct(">18sI")
 _VERSION_ENTRY = struct.Struct(">QBIII")
 _VERSION_LSN_TAG = struct.Struct(">QB")
 _VERSION_LSN = struct.Struct(">Q")
+_VERSION_BLOCK = struct.Struct(">I")
 
 
 class LayerCorrupt(CorruptData):
@@ -327,6 +328,23 @@ class LayerFile:
             if last >= firsts[i]:
                 lsn, tag = unpack.unpack_from(m, at + last * size)
                 yield Key(key), lsn, tag
+
+    def key_versions_raw(self, i: int) -> tuple[bytes, int, int]:
+        """The version entries of key number i as stored (21 bytes each, see the module
+        docstring) and the first and last block they reference (-1, -2 if none): for the C
+        chain redo, which reads them itself (`_redo.rebuild_page`)."""
+        versions = self.versions_of(i)
+        if not versions:
+            return b"", -1, -2
+        at, size = self._versions_at, _VERSION_ENTRY.size
+        raw = self._map[at + versions.start * size : at + versions.stop * size]
+        first = _VERSION_BLOCK.unpack_from(raw, 9)[0]
+        last = _VERSION_BLOCK.unpack_from(raw, len(raw) - size + 9)[0]
+        return raw, first, last
+
+    def read_block(self, b: int) -> bytes:
+        """Block b decompressed and checked, bypassing the cache (bulk reads)."""
+        return self._block(b, use_cache=False)
 
     def find_key(self, key: bytes) -> int | None:
         i = self.lower_bound(key)

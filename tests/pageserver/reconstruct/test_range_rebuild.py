@@ -1,0 +1,246 @@
+"""Image creation's bulk rebuild (`range_rebuild.rebuild_range`, the C chain redo
+`_redo.rebuild_page`) against the per-key reference path, on real WAL.
+
+One server runs pgbench and the redo workload (every Heap, Heap2 and Btree record type, VM
+bits set and cleared, a multixact); its WAL is ingested into a store imported from its
+initdb'd directory, with image layers forced at a third of the way (so later chains start
+from an image layer, not only from the import's) and small layers (many L0 layers). Then:
+
+* at LSNs across the WAL, every key of every partition rebuilds to the reference's value
+  (None included), with the reference called for almost no key and the Python redo for few;
+* image layers written at the end with and without the bulk path are the same files, byte
+  for byte, and so are those written by GC;
+* on a branch, keys whose chain goes into the ancestor take the reference path, equal values.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.walingest import WalIngest
+from pageserver.reconstruct import range_rebuild
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.reconstruct.range_rebuild import rebuild_range
+from pageserver.redo.native import redo as native
+from pageserver.storage.compaction import (
+    PAGE_SIZE_ESTIMATE,
+    _partitions,
+    compact_level0,
+    create_image_layers,
+)
+from pageserver.storage.gc import GcSettings, gc_timeline
+from pageserver.storage.keys import FULL_KEYSPACE, Key, rel_block_key
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import Image, WalDelta
+from pg15.lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_file_name
+from pg15.records import decode_record
+from pg15.xlog_reader import WalReader
+from tests.native_ext import require_c_extension
+from tests.pageserver.redo.test_verify import run_workload
+from tests.pgtest import PgTestCluster
+
+SETTINGS = StoreSettings(
+    checkpoint_distance=512 * 1024,  # many L0 layers
+    image_layer_target_size=1024 * 1024,  # many partitions
+    compaction_threshold=1000,
+)
+
+
+@pytest.fixture
+def c_extension() -> None:
+    require_c_extension(native, "pageserver.redo._redo")
+
+
+pytestmark = pytest.mark.usefixtures("c_extension")
+
+
+@dataclass(frozen=True)
+class History:
+    root: Path
+    timeline_id: str
+    start: int
+    middle: int
+    end: int
+
+
+def _ingest(timeline: Timeline, wal_dir: Path, start: int, stop_after: int) -> int:
+    """Ingest the WAL from the segment holding `start` (records ending after it) until the
+    first record ending past `stop_after`, included; its end LSN (or where the WAL ends)."""
+    ingest = WalIngest(timeline)
+    seg = DEFAULT_SEGMENT_SIZE
+    segno = start // seg
+    reader = WalReader(segno * seg, seg, 1)
+    end = start
+    while (path := wal_dir / segment_file_name(1, segno, seg)).exists():
+        reader.feed(path.read_bytes())
+        for raw in reader.records():
+            if raw.end_lsn <= start:
+                continue
+            ingest.ingest_record(decode_record(raw), raw.data)
+            end = raw.end_lsn
+            if end > stop_after:
+                return end
+        if reader.end_of_wal is not None:
+            break
+        segno += 1
+    return end
+
+
+@pytest.fixture(scope="module")
+def history(
+    pg_cluster_module: PgTestCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[History]:
+    server = pg_cluster_module.create(
+        {"wal_keep_size": "2GB", "max_wal_size": "2GB", "checkpoint_timeout": "1h",
+         "autovacuum": "off"},
+        start=False,
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("range-rebuild") / "store"
+    store = TimelineStore(root, SETTINGS)
+    timeline = store.create_timeline()
+    start = import_datadir(timeline, server.datadir)
+    timeline.freeze_and_flush()
+    server.start()
+    run_workload(server)
+    written = parse_lsn(server.psql("SELECT pg_current_wal_insert_lsn()"))
+    server.stop()
+    # In two steps, with images forced in between.
+    middle = _ingest(timeline, server.wal_dir, start, start + (written - start) // 3)
+    timeline.freeze_and_flush()
+    assert create_image_layers(timeline, reconstruct, force=True) > 0
+    end = _ingest(timeline, server.wal_dir, middle, 1 << 62)
+    timeline.freeze_and_flush()
+    assert end > written
+    tid = timeline.timeline_id
+    store.close()
+    yield History(root, tid, start, middle, end)
+
+
+def _open(history: History, where: Path) -> tuple[TimelineStore, Timeline]:
+    shutil.copytree(history.root, where)
+    store = TimelineStore(where, SETTINGS)
+    return store, store.get(history.timeline_id)
+
+
+def _reference(timeline: Timeline, lsn: int) -> range_rebuild.Reference:
+    def one(key: Key) -> bytes | None:
+        data = timeline.get_reconstruct_data(key, lsn)
+        if data.deltas:
+            return reconstruct(key, lsn, data)
+        return data.image[1] if data.image is not None else None
+
+    return one
+
+
+@dataclass
+class Counts:
+    keys: int = 0
+    with_deltas: int = 0
+    reference: int = 0
+    handed_back: int = 0
+
+
+def _compare_at(timeline: Timeline, lsn: int, counts: Counts) -> None:
+    one = _reference(timeline, lsn)
+
+    def counted(key: Key) -> bytes | None:
+        counts.reference += 1
+        return one(key)
+
+    keys = timeline.get_keys(FULL_KEYSPACE, lsn)
+    per = SETTINGS.image_layer_target_size // PAGE_SIZE_ESTIMATE
+    for key_range, part_keys in _partitions(keys, per):
+        got = list(rebuild_range(timeline, key_range, part_keys, lsn, counted))
+        assert [k for k, _ in got] == part_keys
+        for key, value in got:
+            counts.keys += 1
+            counts.with_deltas += bool(timeline.get_reconstruct_data(key, lsn).deltas)
+            assert value == one(key), key.hex()
+
+
+def test_every_key_equals_the_reference_across_the_wal(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, timeline = _open(history, tmp_path / "store")
+    counts = Counts()
+    handed = range_rebuild.continue_chain
+
+    def counting(key: Key, page: bytes | None, deltas: list[tuple[int, WalDelta]]) -> bytes:
+        counts.handed_back += 1
+        return handed(key, page, deltas)
+
+    monkeypatch.setattr(range_rebuild, "continue_chain", counting)
+    span = history.end - history.start
+    lsns = [history.start + span * i // 7 for i in range(1, 7)]
+    for lsn in [*lsns, history.middle, history.middle + 1, history.end]:
+        _compare_at(timeline, lsn, counts)
+    store.close()
+    assert counts.with_deltas > 1000
+    # The C path did the work: the reference only for the rare keys it does not take
+    # (multixact pages), the Python redo for the chains with a record it hands back.
+    assert counts.reference < counts.with_deltas // 50, counts
+    assert counts.handed_back < counts.with_deltas // 20, counts
+
+
+def _layer_files(timeline: Timeline) -> dict[str, bytes]:
+    return {layer.name.file_name: layer.path.read_bytes() for layer in timeline.layer_map().images}
+
+
+def test_image_layers_are_the_same_bytes_with_and_without_the_bulk_path(
+    history: History, tmp_path: Path
+) -> None:
+    written: list[dict[str, bytes]] = []
+    for bulk in (False, True):
+        store, timeline = _open(history, tmp_path / f"store-{bulk}")
+        if bulk:
+            n = create_image_layers(
+                timeline, reconstruct, force=True, materialize_range=rebuild_range
+            )
+        else:
+            n = create_image_layers(timeline, reconstruct, force=True)
+        assert n > 3
+        written.append(_layer_files(timeline))
+        store.close()
+    assert written[0].keys() == written[1].keys()
+    for name, data in written[0].items():
+        assert written[1][name] == data, name
+
+
+def test_gc_and_l1_layers_write_the_same_images(history: History, tmp_path: Path) -> None:
+    """L0 merged into L1 layers first, then GC writes images at its horizon both ways."""
+    written: list[dict[str, bytes]] = []
+    for bulk in (False, True):
+        store, timeline = _open(history, tmp_path / f"store-{bulk}")
+        merged, l1 = compact_level0(timeline, force=True)
+        assert merged > 2 and l1 > 0
+        result = gc_timeline(
+            timeline, [], None, materialize_range=rebuild_range if bulk else None,
+            settings=GcSettings(min_gain_bytes=0, image_cost_ratio=0.0),
+        )  # fmt: skip
+        assert result.images_written > 0
+        written.append(_layer_files(timeline))
+        store.close()
+    assert written[0] == written[1]
+
+
+def test_on_a_branch_the_ancestors_chains_take_the_reference_path(
+    history: History, tmp_path: Path
+) -> None:
+    store, timeline = _open(history, tmp_path / "store")
+    child = store.branch(timeline.timeline_id, at_lsn=history.end)
+    own = rel_block_key(1663, 5, 1259, 0, 0)
+    child.put(own, history.end + 8, Image(bytes([7]) * 8192))
+    child.advance_last_record_lsn(history.end + 8, history.end)
+    child.freeze_and_flush()
+    counts = Counts()
+    _compare_at(child, history.end + 8, counts)
+    assert counts.reference == counts.keys - 1  # all but the child's own page
+    store.close()
