@@ -1,0 +1,240 @@
+"""Issue 13 acceptance (items 1, 2, 4): a PITR area kept in an s3 storage (moto's server on
+loopback) survives the loss of its NEON_HOME.
+
+A node with a PITR area on the s3 storage runs pgbench; its layers and WAL reach the bucket;
+the home is deleted; a fresh home attaches the bucket and extracts at an uploaded LSN:
+pg_dump equal to stock PostgreSQL recovery at that LSN (tests/e2e/test_pitr_faithfulness.py's
+oracle). A corrupted object is refused at download. SIGKILLs of the pageserver during uploads
+leave an index naming only complete, checksummed objects, and the uploads finish after it
+restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cli.pgbin import pg_binary
+from pageserver.remote.index import decode_index
+from pg15.lsn import format_lsn, parse_lsn
+from tests.e2e.test_pitr_faithfulness import (
+    Oracle,
+    archive_wal,
+    assert_same_dumps,
+    dump_all,
+    start_node_with_oracle_base,
+)
+from tests.neoncli import NeonCli, free_port, neon_home, psql
+from tests.s3d import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3
+
+pytestmark = pytest.mark.slow
+
+PREFIX = "team"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def second_home() -> Iterator[NeonCli]:
+    yield from neon_home()
+
+
+def attach(neon: NeonCli, s3: MotoS3, bucket: str) -> None:
+    secret = neon.home.parent / "s3-secret"
+    secret.write_text(SECRET_KEY)
+    neon.run(
+        "storage", "attach", "-t", "s3", "-n", "s3tank", "-c", f"bucket={bucket}",
+        "-c", f"prefix={PREFIX}", "-c", f"endpoint={s3.endpoint}", "-c", f"region={REGION}",
+        "-c", f"access_key_id={ACCESS_KEY}", "-c", f"secret_access_key=@{secret}",
+    )  # fmt: skip
+
+
+def bucket_index(s3: MotoS3, bucket: str, area: str) -> tuple[dict[str, bytes], object]:
+    """Every object of the area, and its index, checked: each object the index names is in
+    the bucket, whole, with the index's SHA-256."""
+    client = s3.client()
+    prefix = f"{PREFIX}/pitr/{area}/"
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            key = entry["Key"]
+            objects[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    index = decode_index(objects[prefix + "index.json"], "index")
+    for path, obj in index.objects.items():
+        body = objects.get(prefix + obj.key)
+        assert body is not None, f"the index names {path}, which is not in the bucket"
+        assert len(body) == obj.size and hashlib.sha256(body).hexdigest() == obj.sha256, path
+    return objects, index
+
+
+def upload(neon: NeonCli, area: str) -> dict[str, object]:
+    [status] = [u for u in neon.json("storage", "show", "s3tank")["uploads"] if u["area"] == area]
+    return status  # type: ignore[no-any-return]
+
+
+def wait_uploaded(neon: NeonCli, area: str, lsn: int, timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = upload(neon, area)
+        if int(status["remote_lsn"]) >= lsn:  # type: ignore[call-overload]
+            return status
+        assert time.monotonic() < deadline, f"not uploaded to {format_lsn(lsn)}: {status}"
+        time.sleep(0.5)
+
+
+def flush_lsn(connstr: str) -> int:
+    return parse_lsn(psql(connstr, "SELECT pg_current_wal_flush_lsn()"))
+
+
+def test_a_fresh_home_extracts_from_the_bucket_alone(
+    neon: NeonCli, second_home: NeonCli, s3: MotoS3
+) -> None:
+    bucket = s3.new_bucket()
+    attach(neon, s3, bucket)
+    node, work, base = start_node_with_oracle_base(neon)
+    neon.run("pitr", "destroy", "area")
+    out = neon.run("pitr", "create", "s3area", "--pg", "pgdata1", "--storage", "s3tank").stdout
+    assert "kept in s3tank" in out
+    conn = node["connstr"]
+    pgbench = pg_binary("pgbench")
+    subprocess.run([pgbench, "-i", "-s", "1", "-q", conn], check=True, capture_output=True)
+    early = flush_lsn(conn)
+    time.sleep(12)  # a periodic flush (FLUSH_INTERVAL) cuts the history into more layers
+    subprocess.run([pgbench, "-c", "2", "-t", "300", conn], check=True, capture_output=True)
+    neon.run("snapshot", "create", "pgdata1@after-bench")
+    target = flush_lsn(conn)
+    psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")
+
+    # Layers and WAL reach the bucket; the lag and the bytes are reported.
+    status = wait_uploaded(neon, "s3area", target)
+    assert status["last_error"] is None and status["generation"] == 1
+    objects, index = bucket_index(s3, bucket, "s3area")
+    layers = [p for p in index.objects if p.startswith("timelines/")]  # type: ignore[attr-defined]
+    assert len(layers) >= 2 and any(p.startswith("wal/") for p in index.objects)  # type: ignore[attr-defined]
+    shown = neon.json("storage", "show", "s3tank")
+    assert shown["used_bytes"] == index.total_bytes  # type: ignore[attr-defined]
+    listed = {s["name"]: s for s in neon.json("storage", "list")}
+    assert listed["s3tank"]["used_bytes"] == index.total_bytes  # type: ignore[attr-defined]
+    assert "PITR area s3area: uploaded to" in neon.run("storage", "show", "s3tank").stdout
+    port = json.loads((neon.home / "pageserver" / "pageserver.ports.json").read_text())
+    metrics = subprocess.run(
+        ["curl", "-s", f"http://127.0.0.1:{port['http_port']}/metrics"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert 'pageserver_remote_uploaded_lsn{area="s3area",storage="s3tank"}' in metrics
+    attach(second_home, s3, bucket)
+
+    # The oracle's WAL is copied before the machine is "lost".
+    archive = archive_wal(neon, node, work)
+    neon.cleanup()
+    shutil.rmtree(neon.home)
+
+    # A fresh home: attach, list, extract (downloading only what the LSN needs), compare.
+    fresh = second_home
+    areas = {a["name"]: a for a in fresh.json("pitr", "list")}
+    assert areas["s3area"]["storage"] == "s3tank"
+    assert parse_lsn(areas["s3area"]["to"]) >= target
+    snaps = {s["name"]: s for s in fresh.json("snapshot", "list")}
+    assert snaps["pgdata1@after-bench"]["storage"] == "s3tank"
+    mirror = fresh.home / "pageserver" / "remote" / "s3tank" / "s3area" / "pagestore"
+
+    def local_layers() -> int:
+        return sum(1 for p in mirror.glob("timelines/*/*") if "__" in p.name)
+
+    assert local_layers() == 0
+    fresh.json("pitr", "extract-snapshot", "s3area", "--lsn", format_lsn(early), "--as", "early")
+    assert 0 < local_layers() < len(layers)
+
+    # A corrupted object is refused at download, named, and never used.
+    client = s3.client()
+    local = {p.name for p in mirror.glob("timelines/*/*")}
+    prefix = f"{PREFIX}/pitr/s3area/"
+    originals = {}
+    for path, obj in index.objects.items():  # type: ignore[attr-defined]
+        if path.startswith("timelines/") and path.rpartition("/")[2] not in local:
+            originals[prefix + obj.key] = objects[prefix + obj.key]
+            client.put_object(
+                Bucket=bucket, Key=prefix + obj.key, Body=b"x" + objects[prefix + obj.key][1:]
+            )
+    assert originals
+    error = fresh.fail("pitr", "extract-snapshot", "s3area", "--lsn", format_lsn(target))
+    assert "is corrupt" in error and "refused" in error and prefix in error
+    for key, body in originals.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    out = fresh.json(
+        "pitr", "extract-snapshot", "s3area", "--lsn", format_lsn(target), "--as", "lost"
+    )
+    assert int(out["lsn"]) <= target
+    started = fresh.json("snapshot", "start", "pgdata1@lost")
+    try:
+        oracle = Oracle(base, archive, work)
+        odir, theirs = oracle.recover_to(target)
+        try:
+            assert_same_dumps(dump_all(started["connstr"]), dump_all(theirs), "from the bucket")
+        finally:
+            from cli import postmaster
+
+            postmaster.stop(odir, "immediate")
+    finally:
+        fresh.run("snapshot", "stop", "pgdata1@lost")
+
+
+def pageserver_pid(neon: NeonCli) -> int:
+    return int((neon.home / "pageserver" / "pageserver.pid").read_text().strip())
+
+
+def test_sigkill_during_uploads_leaves_a_consistent_index(
+    neon: NeonCli, second_home: NeonCli, s3: MotoS3
+) -> None:
+    bucket = s3.new_bucket()
+    for home in (neon, second_home):
+        attach(home, s3, bucket)
+        home.run("pg", "create", "--port", str(free_port()))
+    node = neon.json("pg", "show", "pgdata1")
+    conn = node["connstr"]
+    neon.run("pitr", "create", "area", "--pg", "pgdata1", "--storage", "s3tank")
+    # Another pageserver may not write the same history: the lease refuses it.
+    error = second_home.fail("pitr", "create", "area", "--pg", "pgdata1", "--storage", "s3tank")
+    assert "written by another pageserver" in error
+    # It sees the area read-only (attached from the bucket), and cannot destroy it.
+    assert "s3tank" in second_home.run("pitr", "list").stdout
+    assert "attached read-only" in second_home.fail("pitr", "destroy", "area")
+    subprocess.run(
+        [pg_binary("pgbench"), "-i", "-s", "1", "-q", conn], check=True, capture_output=True
+    )
+    bench = subprocess.Popen(
+        [pg_binary("pgbench"), "-c", "2", "-T", "60", conn],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    rng = random.Random(13)
+    kills = 0
+    try:
+        for _ in range(5):
+            time.sleep(rng.uniform(1.0, 5.0))
+            os.kill(pageserver_pid(neon), signal.SIGKILL)
+            kills += 1
+            time.sleep(0.3)
+            bucket_index(s3, bucket, "area")  # names only whole, checksummed objects
+            neon.run("pageserver", "start")
+    finally:
+        bench.wait(timeout=120)
+    target = flush_lsn(conn)
+    psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")
+    status = wait_uploaded(neon, "area", target, timeout=180)
+    assert status["last_error"] is None and kills == 5
+    _objects, index = bucket_index(s3, bucket, "area")
+    assert index.disk_consistent_lsn >= target  # type: ignore[attr-defined]
