@@ -20,6 +20,7 @@ from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.registry import ReplicaRow
 from cli.rest import control as rest_control
+from cli.remote_storage import node_uploads, upload_line
 from cli.rest_commands import pg_start_rest, pg_stop_rest
 from cli.snapshot_commands import import_snapshot
 from cli.storages import DEFAULT_STORAGE
@@ -345,6 +346,7 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
     wal = nodes.wal_positions(app, [status])[row.id]
     info = nodes.node_json(app, status, dir_size(row.datadir), wal)
     info["history"] = nodes.node_history(app, row)
+    info["remote_uploads"] = node_uploads(app, row.id)
     if as_json:
         print_json(info)
         return
@@ -390,6 +392,8 @@ def pg_show(ctx: click.Context, node: str, as_json: bool) -> None:
     click.echo(f"  pitr:\n    on {row.storage}:")
     for area in history["pitr"]:
         click.echo(f"      {area['name']}: ttl {area['ttl']}, size limit {area['size_limit']}")
+    for up in info["remote_uploads"]:  # the RPO if this machine is lost: the lag
+        click.echo(f"    kept in {up['storage']} ({up['area']}): {upload_line(up)}")
 
 
 @pg_group.command("checkout")

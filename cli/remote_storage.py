@@ -15,10 +15,13 @@ from typing import Any
 import click
 
 from cli.context import App
+from cli.output import human_size
+from cli.pageserver_control import local_api
 from cli.registry import StorageRow
-from cli.storages import secret_path
+from cli.storages import DEFAULT_STORAGE, secret_path
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import RemoteAttachRequest, RemoteStatusResponse
+from pg15.lsn import format_lsn
 from proto.errors import InvalidArgument, NeonError
 
 
@@ -62,3 +65,39 @@ def remote_status(api: SyncPageserverClient | None) -> RemoteStatusResponse | No
         return api.remote_status()
     except NeonError:
         return None
+
+
+def upload_line(up: dict[str, Any]) -> str:
+    """Where an area's uploads are: what is extractable from the bucket, what is pending, why
+    it is behind (the RPO after a loss of this machine is the lag)."""
+    line = (
+        f"uploaded to {format_lsn(up['remote_lsn'])} of {format_lsn(up['local_lsn'])} "
+        f"(lag {human_size(up['lag_bytes'])} of WAL; {up['pending_objects']} objects, "
+        f"{human_size(up['pending_bytes'])} pending; "
+        f"{human_size(up['remote_bytes'])} in the bucket)"
+    )
+    if up.get("last_error"):
+        line += f"; retrying: {up['last_error']}"
+    return line
+
+
+def node_uploads(app: App, node_id: str) -> list[dict[str, Any]]:
+    """The uploads of a node's PITR areas kept in s3 storages (none when the pageserver does
+    not run)."""
+    try:
+        status = remote_status(local_api(app, start=False))
+    except NeonError:
+        return []
+    return [] if status is None else [u.to_wire() for u in status.uploads if u.node_id == node_id]
+
+
+def in_storage(app: App, rows: list[dict[str, Any]], storage: str) -> list[dict[str, Any]]:
+    """The snapshot rows kept in `storage`: attached from it (s3), or of its nodes."""
+    row = app.registry.get_storage(storage)
+    if row.type == "s3":
+        return [r for r in rows if r.get("storage") == storage]
+    node_storage = {n.id: n.storage for n in app.registry.nodes()}
+    return [
+        r for r in rows
+        if r.get("storage") is None and node_storage.get(r["node_id"], DEFAULT_STORAGE) == storage
+    ]  # fmt: skip

@@ -28,6 +28,7 @@ from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
 from cli.progress import Progress
+from cli.remote_storage import in_storage, sync_remote
 from cli.snapshot_diff import snapshot_diff
 from cli.snapshot_export import snapshot_export
 from cli.snapshot_import import import_workdir, prepare_clean_datadir
@@ -221,12 +222,18 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @snapshot_group.command("list")
+@click.option("-s", "--storage", default=None, help="Only the snapshots kept in this storage.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def snapshot_list(ctx: click.Context, as_json: bool) -> None:
-    """List snapshots; SIZE is the page history a snapshot keeps."""
+def snapshot_list(ctx: click.Context, storage: str | None, as_json: bool) -> None:
+    """List snapshots; SIZE is the page history a snapshot keeps (for a snapshot of a
+    bucket, what reading it downloads)."""
     app = get_app(ctx)
+    if storage is not None:
+        sync_remote(app, local_api(app), only=storage)  # an s3 storage's areas, attached
     rows = _rows(app)
+    if storage is not None:
+        rows = in_storage(app, rows, storage)
     if as_json:
         print_json([_json_row(r) for r in rows])
         return

@@ -12,7 +12,7 @@ from cli.nodes import HISTORY_DIR
 from cli.output import dir_size, human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.registry import StorageRow
-from cli.remote_storage import remote_status
+from cli.remote_storage import remote_status, upload_line
 from cli.secrets import MASK, SOURCES_HINT
 from cli.storages import (
     DEFAULT_STORAGE,
@@ -29,7 +29,6 @@ from cli.storages import (
     shown_options,
 )
 from pageserver_api.models import RemoteDetachRequest, RemoteStatusResponse
-from pg15.lsn import format_lsn
 from proto.errors import AlreadyExists, Conflict, NeonError
 
 
@@ -216,20 +215,7 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
     for area in info.get("attached_areas", []):
         click.echo(f"  PITR area {area}: attached read-only from the bucket")
     for up in info.get("uploads", []):
-        click.echo(f"  PITR area {up['area']}: {_upload_line(up)}")
-
-
-def _upload_line(up: dict[str, Any]) -> str:
-    """Where an area's uploads are: what is extractable from the bucket, what is pending."""
-    line = (
-        f"uploaded to {format_lsn(up['remote_lsn'])} of {format_lsn(up['local_lsn'])} "
-        f"(lag {human_size(up['lag_bytes'])} of WAL; {up['pending_objects']} objects, "
-        f"{human_size(up['pending_bytes'])} pending; "
-        f"{human_size(up['remote_bytes'])} in the bucket)"
-    )
-    if up.get("last_error"):
-        line += f"; retrying: {up['last_error']}"
-    return line
+        click.echo(f"  PITR area {up['area']}: {upload_line(up)}")
 
 
 @storage_group.command("detach")
