@@ -19,8 +19,8 @@ from cli.output import dir_size, human_size, print_json, print_table, progress_p
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.registry import ReplicaRow
-from cli.rest import control as rest_control
 from cli.remote_storage import node_uploads, upload_line
+from cli.rest import control as rest_control
 from cli.rest_commands import pg_start_rest, pg_stop_rest
 from cli.snapshot_commands import import_snapshot
 from cli.storages import DEFAULT_STORAGE
