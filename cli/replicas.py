@@ -67,9 +67,11 @@ from pageserver_api.models import SnapshotCreateRequest, SnapshotDestroyRequest,
 from pg15.lsn import format_lsn
 from pg15.pg_control import ControlFile, for_standby, parse_control_file
 from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE
-from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument
+from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 
 NAME_PREFIX = "replica-"
+SEED_TAG = "replica-seed"
+"""Tag prefix of the temporary snapshot a seeding takes (`PGDATA@replica-seed-<pid>-<hex>`)."""
 _PGDATA_NAME_RE = re.compile(r"^pgdata\d+$")
 
 
@@ -219,6 +221,11 @@ def _seed(app: App, primary: NodeRow, replica: ReplicaRow) -> ReplicaRow:
 
     slot = replica.slot
     assert slot is not None
+    _drop_seed_leftovers(app, primary)
+    # Until the end the row names no timeline: a seeding killed half-way leaves a directory
+    # `pg start` seeds again (_stale) instead of starting it.
+    extra = {k: v for k, v in replica.extra.items() if k not in ("timeline", "seeded_lsn")}
+    _set_extra(app, replica, extra)
     with psycopg.connect(nodes.connstr(app, primary), autocommit=True, connect_timeout=10) as c:
         exists = c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,))
         if exists.fetchone() is None:
@@ -229,7 +236,7 @@ def _seed(app: App, primary: NodeRow, replica: ReplicaRow) -> ReplicaRow:
     # The state once ingest is past the checkpoint record: X >= K + its record.
     seed_lsn = checkpoint + CHECKPOINT_RECORD_SIZE
     wait_for_ingest(app, primary.id, seed_lsn, show_progress=False)
-    snapshot = f"{primary.pgdata}@replica-seed-{os.getpid()}-{secrets.token_hex(4)}"
+    snapshot = f"{primary.pgdata}@{SEED_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
     api = local_api(app)
     api.snapshot_create(SnapshotCreateRequest(primary.id, snapshot, lsn=seed_lsn))
     try:
@@ -253,14 +260,29 @@ def _seed(app: App, primary: NodeRow, replica: ReplicaRow) -> ReplicaRow:
     control_path = replica.datadir / "global" / "pg_control"
     control_path.write_bytes(for_standby(control.raw, backup.lsn, tli))
     give_to_pg_user(control_path)
-    extra = {**replica.extra, "timeline": tli, "seeded_lsn": format_lsn(backup.lsn)}
-    with app.registry.transaction() as cur:
-        cur.execute("UPDATE replicas SET extra = ? WHERE id = ?", (_json(extra), replica.id))
+    extra = {**extra, "timeline": tli, "seeded_lsn": format_lsn(backup.lsn)}
+    _set_extra(app, replica, extra)
     return replace(replica, extra=extra)
 
 
-def _json(value: dict[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True)
+def _set_extra(app: App, replica: ReplicaRow, extra: dict[str, Any]) -> None:
+    with app.registry.transaction() as cur:
+        cur.execute(
+            "UPDATE replicas SET extra = ? WHERE id = ?",
+            (json.dumps(extra, sort_keys=True), replica.id),
+        )
+
+
+def _drop_seed_leftovers(app: App, primary: NodeRow) -> None:
+    """Destroy the temporary snapshots of seedings whose process died (the caller holds the
+    primary's lock, so no live seeding of this primary is at work)."""
+    api = local_api(app)
+    prefix = f"{primary.pgdata}@{SEED_TAG}-"
+    for snap in api.snapshot_list():
+        pid = snap.name[len(prefix) :].split("-")[0] if snap.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(NotFound):
+                api.snapshot_destroy(SnapshotDestroyRequest(snap.name))
 
 
 def _live_control_file(datadir: Path) -> ControlFile:
@@ -285,6 +307,8 @@ def streaming_settings(app: App, primary: NodeRow, replica: ReplicaRow) -> dict[
         **read_only_settings(app, replica.datadir, replica.port),
         "primary_conninfo": conninfo,
         "primary_slot_name": replica.slot,
+        # A restarted primary is found again within a second (the default waits 5 s).
+        "wal_retrieve_retry_interval": "1s",
     }
 
 
@@ -295,6 +319,12 @@ def start(app: App, replica: ReplicaRow) -> bool:
     """Start a stopped replica; False if it was running. A streaming replica whose primary
     moved to another timeline (a `pg checkout`), or lost its slot, is seeded again first."""
     if replica.state != "ready":
+        cleanup_abandoned(app)
+        if app.registry.find_replica(replica.name) is None:
+            raise NotFound(
+                f"the creation of replica {replica.name} was interrupted and it was removed; "
+                "create it again with `neon pg start --replica`"
+            )
         raise Conflict(f"replica {replica.name} is still being created; try again in a moment")
     primary = app.registry.get_node(replica.primary_id)
     with node_lock(app.home, primary.id, "pg start (replica)"):
@@ -325,12 +355,18 @@ def _stale(app: App, primary: NodeRow, replica: ReplicaRow) -> bool:
         tli = _live_control_file(primary.datadir).checkpoint.this_timeline
     except CorruptData:
         return False
-    moved = tli != replica.extra.get("timeline")
+    seeded = replica.extra.get("timeline")
+    moved = tli != seeded
     running = nodes.node_status(app, primary).state == "running"
     if moved and not running:
+        why = (
+            f"{primary.pgdata} was checked out since replica {replica.name} was seeded"
+            if seeded is not None
+            else f"the seeding of replica {replica.name} was interrupted"
+        )
         raise Conflict(
-            f"{primary.pgdata} was checked out since replica {replica.name} was seeded; start "
-            f"it (`neon pg start {primary.pgdata}`) and the replica is seeded again"
+            f"{why}; start {primary.pgdata} (`neon pg start {primary.pgdata}`), then the "
+            "replica is seeded again"
         )
     return moved or (running and not _slot_exists(app, primary, replica))
 

@@ -52,7 +52,7 @@ def test_replica_under_pgbench_restart_list_and_destroy(home: NeonCli) -> None:
     psql(c, "INSERT INTO marks VALUES (1)")
 
     bench = subprocess.Popen(
-        [pg_binary("pgbench"), "-T", "12", "-c", "2", "-n", c],
+        [pg_binary("pgbench"), "-T", "6", "-c", "2", "-n", c],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -66,9 +66,9 @@ def test_replica_under_pgbench_restart_list_and_destroy(home: NeonCli) -> None:
         assert psql(r, "SELECT pg_is_in_recovery()") == "t"
         assert psql(r, "SELECT count(*) FROM pgbench_accounts") == "100000"
         assert psql(r, "SELECT status FROM pg_stat_wal_receiver") == "streaming"
-        # Replays while pgbench writes: transactions made after the replica started appear.
-        seen = int(psql(r, "SELECT count(*) FROM pgbench_history"))
-        until(lambda: int(psql(r, "SELECT count(*) FROM pgbench_history")) > seen, "replay")
+        # It replays: what the primary writes after the replica started appears there.
+        psql(c, "CREATE TABLE later AS SELECT 1 AS x")
+        until(lambda: psql(r, "SELECT to_regclass('later') IS NOT NULL") == "t", "replay")
         lag = neon.json("pg", "show", "replica-1")["lag"]
         assert lag["receiver"] == "streaming"
         assert isinstance(lag["lag_bytes"], int) and lag["lag_bytes"] >= 0
