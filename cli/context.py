@@ -12,12 +12,45 @@ import click
 from cli.home import NeonHome
 from cli.registry import Registry
 from cli.storages import DEFAULT_STORAGE, build_spec, materialize
+from proto.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePageserver:
+    """`--pageserver neon://HOST:PORT[?token=T]`: the pageserver this invocation talks to
+    instead of the home's own (one in a container, say); the token is never shown."""
+
+    host: str
+    port: int
+    token: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> RemotePageserver:
+        from urllib.parse import urlsplit
+
+        from cli.transport.neon import URL_FORM, NeonStore, parse_location
+
+        if urlsplit(url).scheme != "neon":
+            raise InvalidArgument(
+                f"--pageserver {url.partition('?')[0]}: expected neon://HOST:PORT[?token=T]"
+            )
+        location = parse_location(url)
+        if location.name is not None:
+            raise InvalidArgument(
+                f"--pageserver {url.partition('?')[0]}: a pageserver's address has no path "
+                f"(expected {URL_FORM.replace('[NAME]', '')})"
+            )
+        store = location.store
+        assert isinstance(store, NeonStore)
+        return cls(*store.address)
 
 
 @dataclass
 class App:
     home: NeonHome
     registry: Registry
+    remote: RemotePageserver | None = None
+    """Set by --pageserver: every API call goes there (cli/pageserver_control.local_api)."""
 
     @classmethod
     def open(cls, home_option: Path | None) -> App:
@@ -63,6 +96,9 @@ def get_app(ctx: click.Context) -> App:
     app = root.obj.get("app")
     if app is None:
         app = App.open(root.obj.get("home"))
+        url = root.obj.get("pageserver")
+        if url:
+            app.remote = RemotePageserver.parse(url)
         root.obj["app"] = app
         root.call_on_close(app.registry.close)
     assert isinstance(app, App)

@@ -66,11 +66,20 @@ def _fail(exc: NeonError) -> NoReturn:
     default=None,
     help="State directory (default: $NEON_HOME, else ~/.neon, or /var/lib/neon as root).",
 )
+@click.option(
+    "--pageserver",
+    envvar="NEON_PAGESERVER",
+    default=None,
+    metavar="neon://HOST:PORT",
+    help="Talk to this pageserver (a container's, say) instead of the home's own; its token "
+    "from ?token= or NEON_TOKEN.",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, pageserver: str | None) -> None:
     """Git-like history for PostgreSQL data directories."""
     ctx.ensure_object(dict)
     ctx.obj["home"] = home
+    ctx.obj["pageserver"] = pageserver
 
 
 # Subcommands load on use: a command imports only its own modules, not every other

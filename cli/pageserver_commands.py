@@ -66,30 +66,29 @@ def ps_status(ctx: click.Context, as_json: bool) -> None:
 
 
 @pageserver_group.command("run")
-@click.option("--listen", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=int, default=DEFAULT_PROTO_PORT, show_default=True)
-@click.option("--http-port", type=int, default=DEFAULT_HTTP_PORT, show_default=True)
+@click.option(
+    "--listen", envvar="NEON_LISTEN", default="127.0.0.1", show_default=True,
+    help="Address to bind (NEON_LISTEN).",
+)  # fmt: skip
+@click.option("--port", type=int, envvar="NEON_PORT", default=DEFAULT_PROTO_PORT, show_default=True)
+@click.option(
+    "--http-port", type=int, envvar="NEON_HTTP_PORT", default=DEFAULT_HTTP_PORT, show_default=True
+)
 @click.pass_context
 def ps_run(ctx: click.Context, listen: str, port: int, http_port: int) -> None:
-    """Run the pageserver in the foreground (containers); SIGTERM stops it cleanly."""
-    from pageserver import daemon  # the whole server: imported only to run it (CLI start-up)
+    """Run the pageserver in the foreground (containers), configured by environment variables:
+    NEON_FOLLOW_CONNSTR attaches the server to follow (see cli/container.py and the README);
+    SIGTERM stops it cleanly."""
+    import dataclasses
+    import os
+
+    from cli import container
 
     app = get_app(ctx)
-    control.local_token(app)
-    sys.exit(
-        daemon.main(
-            [
-                "--workdir",
-                str(control.local_config(app).workdir),
-                "--listen",
-                listen,
-                "--port",
-                str(port),
-                "--http-port",
-                str(http_port),
-                "--token-file",
-                str(control.token_path(app)),
-                "--log-stderr",
-            ]
-        )
+    config = dataclasses.replace(
+        container.ContainerConfig.from_environ(os.environ),
+        listen=listen,
+        port=port,
+        http_port=http_port,
     )
+    sys.exit(container.run(app, config))

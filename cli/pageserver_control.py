@@ -179,15 +179,18 @@ def stop_local(app: App) -> bool:
 
 def local_api(app: App, *, start: bool = True) -> SyncPageserverClient:
     """The typed API of the local daemon, which is started first unless `start` is False
-    (then a stopped daemon is Unavailable)."""
+    (then a stopped daemon is Unavailable); with `--pageserver`, that pageserver's."""
+    if app.remote is not None:
+        remote = app.remote
+        return SyncPageserverClient(remote.host, remote.port, token=remote.token)
     if start:
         row = start_local(app)
     else:
         pid = running_pid(app)
-        found = app.registry.pageserver("local")
-        if pid is None or found is None:
+        info = _read_ports(local_config(app), pid) if pid is not None else None
+        if info is None:
             raise Unavailable(
                 "the local pageserver is not running; start it with `neon pageserver start`"
             )
-        row = found
+        row = _record(app, info)  # `pageserver run` started it: its ports are in its workdir
     return SyncPageserverClient(row.host, row.port, token=local_token(app))

@@ -266,6 +266,12 @@ class Registry:
         ).fetchone()
         return dict(row) if row else None
 
+    def snapshot_server_on(self, port: int) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT name, datadir, port FROM snapshot_servers WHERE port = ?", (port,)
+        ).fetchone()
+        return dict(row) if row else None
+
     def snapshot_server_ports(self) -> set[int]:
         return {r[0] for r in self._conn.execute("SELECT port FROM snapshot_servers")}
 

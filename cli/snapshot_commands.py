@@ -70,16 +70,36 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
     app = get_app(ctx)
     pgdata, tag = split_snapshot_name(name)
     check_user_tag(tag)
-    with locked_node(app, pgdata, "snapshot create") as node:
-        name = f"{node.pgdata}@{tag}"
-        # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
-        wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
-        if wait is not None:
-            wait_for_ingest(app, node.id, wait, show_progress=not as_json and sys.stderr.isatty())
-        request = SnapshotCreateRequest(node.id, name, lsn=wait, wait_timeout=120)
-        snap = local_api(app).snapshot_create(request)
+    if app.remote is not None:
+        snap = _create_on_remote(app, pgdata, tag)
+    else:
+        with locked_node(app, pgdata, "snapshot create") as node:
+            name = f"{node.pgdata}@{tag}"
+            # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
+            wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+            if wait is not None:
+                show = not as_json and sys.stderr.isatty()
+                wait_for_ingest(app, node.id, wait, show_progress=show)
+            request = SnapshotCreateRequest(node.id, name, lsn=wait, wait_timeout=120)
+            snap = local_api(app).snapshot_create(request)
     if as_json:
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
+
+
+def _create_on_remote(app: App, ref: str, tag: str) -> SnapshotInfo:
+    """`--pageserver`: a node that pageserver follows (this home's registry does not know
+    it), named at what the pageserver has received from its server so far."""
+    api = local_api(app)
+    followed = api.node_list()
+    node = next((n for n in followed if ref in (n.node_id, n.pgdata)), None)
+    if node is None:
+        known = ", ".join(n.pgdata or n.node_id for n in followed) or "none"
+        raise NotFound(
+            f"the pageserver at --pageserver follows no node {ref!r} (it follows: {known})"
+        )
+    name = f"{node.pgdata or node.node_id}@{tag}"
+    request = SnapshotCreateRequest(node.node_id, name, lsn=node.flushed_lsn_int, wait_timeout=120)
+    return api.snapshot_create(request)
 
 
 @snapshot_group.command("import")
@@ -291,14 +311,18 @@ def server_connstr(app: App, port: int) -> str:
 
 def login_role(app: App, port: int) -> str:
     """A superuser of the read-only server on `port` to log in as (its socket trusts every
-    role): a node's snapshot has ours, one of an attached server or an import has the
-    source's own (which a standby cannot add), so the first that exists of ours, the
-    registry's other users, `postgres` and the OS user's name."""
+    role): the bootstrap superuser its files name (cli/datadir_roles.py), else the first that
+    exists of ours, the registry's other users, `postgres` and the OS user's name."""
     import getpass
 
     import psycopg  # here: a tenth of a second to import, for this call only
 
-    candidates = [nodes.SUPERUSER, *sorted({n.superuser for n in app.registry.nodes()})]
+    from cli.datadir_roles import bootstrap_superuser
+
+    running = app.registry.snapshot_server_on(port)
+    own = bootstrap_superuser(Path(running["datadir"])) if running is not None else None
+    candidates = [own] if own is not None else []
+    candidates += [nodes.SUPERUSER, *sorted({n.superuser for n in app.registry.nodes()})]
     candidates += ["postgres", getpass.getuser()]
     for role in dict.fromkeys(candidates):
         try:

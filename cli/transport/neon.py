@@ -85,6 +85,11 @@ class NeonStore(Store):
         address = f"[{host}]" if ":" in host else host
         self.url = f"neon://{address}:{port}/"
 
+    @property
+    def address(self) -> tuple[str, int, str | None]:
+        """Host, port and token (never shown)."""
+        return self._host, self._port, self._token
+
     def object_url(self, name: str) -> str:
         return self.url + name
 

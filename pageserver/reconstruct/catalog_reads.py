@@ -148,7 +148,7 @@ class CatalogReader:
         rows: dict[object, dict[str, object]] = {}
         doubtful: list[dict[str, object]] = []
         for page in self._pages(spc, db, filenode):
-            for item in _heap_items(page):
+            for item in heap_items(page):
                 header = parse_tuple_header(item)
                 visible = self._visibility(header)
                 if visible is False:
@@ -284,7 +284,7 @@ def _int(value: object) -> int:
     return value
 
 
-def _heap_items(page: bytes) -> Iterator[bytes]:
+def heap_items(page: bytes) -> Iterator[bytes]:
     """The tuples of a heap page's normal line pointers."""
     if page_is_new(page):
         return

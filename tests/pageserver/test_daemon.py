@@ -102,7 +102,12 @@ def test_run_in_foreground_and_sigterm(neon: NeonCli) -> None:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "daemon did not come up"
                 time.sleep(0.1)
-        assert json.loads(body)["pid"] == proc.pid
+        # The daemon runs as the foreground process's child (`python -m pageserver.daemon`,
+        # so that CLI commands on the same home find it running).
+        daemon_pid = json.loads(body)["pid"]
+        ppid = int(Path(f"/proc/{daemon_pid}/stat").read_text().rpartition(")")[2].split()[1])
+        assert ppid == proc.pid
+        assert neon.json("pageserver", "status")["pid"] == daemon_pid
         # A second daemon on the same workdir refuses clearly.
         second = neon.run("pageserver", "run", "--port", "0", "--http-port", "0", check=False)
         assert second.returncode == 1 and "already runs" in second.stderr
