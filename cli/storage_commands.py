@@ -14,6 +14,7 @@ from cli.pageserver_control import local_api
 from cli.registry import StorageRow
 from cli.remote_storage import remote_status, upload_line
 from cli.secrets import MASK, SOURCES_HINT
+from cli.storage_usage import print_retained, retained_json
 from cli.storages import (
     DEFAULT_STORAGE,
     SECRET_OPTIONS,
@@ -105,6 +106,7 @@ def _storage_json(app: App, row: StorageRow, remote: RemoteStatusResponse | None
         "used_bytes": _used(row, remote),
         "nodes": users,
         "breakdown": _breakdown(app, row),
+        "retained": retained_json(app, row),
         **extra,
     }
 
@@ -212,6 +214,7 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
         click.echo("  used by:")
         for what, size in info["breakdown"].items():
             click.echo(f"    {what}: {human_size(size)}")
+    print_retained(info["retained"] or [])
     for area in info.get("attached_areas", []):
         click.echo(f"  PITR area {area}: attached read-only from the bucket")
     for up in info.get("uploads", []):

@@ -50,7 +50,7 @@ from pageserver.storage.retention import Retention
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import segment_start
 from proto.errors import InvalidArgument
-from walreceiver.archive import WalArchive
+from walreceiver.archive import ArchivedSegment, WalArchive
 
 MiB = 1024 * 1024
 
@@ -174,22 +174,30 @@ def _images_pay_off(
     return gain >= settings.image_cost_ratio * keys * PAGE_SIZE_ESTIMATE
 
 
-def prune_wal_archive(archive_dir: Path, segment_size: int, keep_from_lsn: int) -> int:
-    """Delete the complete archived segments that end at or below keep_from_lsn; never a
-    partial one nor the newest (the archive resumes streaming from it). Returns the count."""
-    archive = WalArchive(archive_dir, segment_size)
-    segments = archive.segments()
+def prunable_segments(
+    archive_dir: Path, segment_size: int, keep_from_lsn: int
+) -> list[ArchivedSegment]:
+    """The complete archived segments that end at or below keep_from_lsn; never a partial one
+    nor the newest (the archive resumes streaming from it)."""
+    segments = WalArchive(archive_dir, segment_size).segments()
     if not segments:
-        return 0
+        return []
     newest_segno = max(s.segno for s in segments)
     protected = {segments[-1].path, *(s.path for s in segments if s.segno == newest_segno)}
-    removed = 0
-    for seg in segments:
-        if seg.partial or seg.path in protected:
-            continue
-        if segment_start(seg.segno + 1, segment_size) <= keep_from_lsn:
-            seg.path.unlink(missing_ok=True)
-            removed += 1
-    if removed:
-        fsync_dir(archive.directory)
-    return removed
+    return [
+        seg
+        for seg in segments
+        if not seg.partial
+        and seg.path not in protected
+        and segment_start(seg.segno + 1, segment_size) <= keep_from_lsn
+    ]
+
+
+def prune_wal_archive(archive_dir: Path, segment_size: int, keep_from_lsn: int) -> int:
+    """Delete the prunable_segments; returns the count."""
+    doomed = prunable_segments(archive_dir, segment_size, keep_from_lsn)
+    for seg in doomed:
+        seg.path.unlink(missing_ok=True)
+    if doomed:
+        fsync_dir(archive_dir)
+    return len(doomed)

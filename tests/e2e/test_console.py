@@ -112,13 +112,14 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
     neon.run("pitr", "create", "area1", "--pg", "pgdata1")
     psql(c1, "CREATE TABLE t AS SELECT generate_series(1, 10) a")
     neon.run("snapshot", "create", "pgdata1@ten")
-    xid = int(psql(c1, "BEGIN; INSERT INTO t SELECT generate_series(11, 25);\n"
-                       "SELECT txid_current(); COMMIT;"))  # fmt: skip
+    xid, after = psql(c1, "BEGIN; INSERT INTO t SELECT generate_series(11, 25);\n"
+                      "SELECT txid_current(); COMMIT;\n"
+                      "SELECT pg_current_wal_insert_lsn() - '0/0';").splitlines()  # fmt: skip
 
     page = browser.new_page(viewport={"width": 1300, "height": 900})
     shots = Shots(page, tmp_path / "screenshots")
     try:
-        _walk_through(neon, page, shots, console, base, c1, xid)
+        _walk_through(neon, page, shots, console, base, c1, int(xid), int(after))
     except BaseException:
         with contextlib.suppress(Exception):
             shots.take("failure")
@@ -126,7 +127,14 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
 
 
 def _walk_through(
-    neon: NeonCli, page: Page, shots: Shots, console: str, base: str, c1: str, xid: int
+    neon: NeonCli,
+    page: Page,
+    shots: Shots,
+    console: str,
+    base: str,
+    c1: str,
+    xid: int,
+    after: int,
 ) -> None:
     # Nothing without the session, and the login URL works once.
     for path in ("/", "/snapshots", "/pitr", "/static/console.js"):
@@ -197,12 +205,12 @@ def _walk_through(
     extracted = {s["name"]: s for s in neon.json("snapshot", "list")}["pgdata1@onslider"]
     assert low <= extracted["lsn"] <= chosen
 
-    # The commits around the slider's end: the INSERT's transaction is the last before it,
-    # and its row extracts the state just after it.
+    # The commits around a point set on the slider just after the INSERT's commit (other
+    # transactions may follow it): that transaction is the last before the point, and its
+    # row extracts the state just after it.
     page.goto(base + "/pitr")
     area = page.locator('section[data-area="area1"]')
-    area.locator("input.lsn-slider").focus()
-    page.keyboard.press("End")
+    area.locator("input.lsn-slider").fill(str(after))
     area.locator("form.extract button.around").click()
     expect(area.locator("table.commits")).to_be_visible()
     shots.take("pitr-commits")
@@ -211,6 +219,9 @@ def _walk_through(
     )
     row = area.locator(f'tr.xact.commit[data-xid="{xid}"]')
     expect(row).to_have_count(1)
+    expect(area.locator("tr.point").locator("xpath=preceding-sibling::tr[1]")).to_have_attribute(
+        "data-xid", str(xid)
+    )
     end_lsn = row.get_attribute("data-end-lsn") or ""
     expect(row.locator("code.cmd")).to_have_text(
         f"neon pitr extract-snapshot area1 --lsn {end_lsn}"
@@ -261,5 +272,13 @@ def _walk_through(
 
     # Storages show their usage.
     page.goto(base + "/storages")
-    expect(page.locator('section[data-storage="local"] .bar .part').first).to_be_visible()
+    local = page.locator('section[data-storage="local"]')
+    expect(local.locator(".bar .part").first).to_be_visible()
+    # ... and what each snapshot and area keeps, as `storage show --json` lists them.
+    expect(local.locator('tr[data-retained="area1"] .hbar.referenced')).to_be_visible()
+    shown = set(
+        local.locator("tr[data-retained]").evaluate_all("rs => rs.map(r => r.dataset.retained)")
+    )
+    listed = {r["name"] for r in neon.json("storage", "show", "local")["retained"]}
+    assert shown == listed and {"area1", "pgdata1@ten", "pgdata1@clicked"} <= shown
     shots.take("storages")
