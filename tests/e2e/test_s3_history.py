@@ -129,6 +129,9 @@ def test_a_fresh_home_extracts_from_the_bucket_alone(
     listed = {s["name"]: s for s in neon.json("storage", "list")}
     assert listed["s3tank"]["used_bytes"] == index.total_bytes  # type: ignore[attr-defined]
     assert "PITR area s3area: uploaded to" in neon.run("storage", "show", "s3tank").stdout
+    [up] = neon.json("pg", "show", "pgdata1")["remote_uploads"]
+    assert up["area"] == "s3area" and up["remote_lsn"] >= target
+    assert "kept in s3tank (s3area): uploaded to" in neon.run("pg", "show", "pgdata1").stdout
     port = json.loads((neon.home / "pageserver" / "pageserver.ports.json").read_text())
     metrics = subprocess.run(
         ["curl", "-s", f"http://127.0.0.1:{port['http_port']}/metrics"],
@@ -147,8 +150,10 @@ def test_a_fresh_home_extracts_from_the_bucket_alone(
     areas = {a["name"]: a for a in fresh.json("pitr", "list")}
     assert areas["s3area"]["storage"] == "s3tank"
     assert parse_lsn(areas["s3area"]["to"]) >= target
-    snaps = {s["name"]: s for s in fresh.json("snapshot", "list")}
-    assert snaps["pgdata1@after-bench"]["storage"] == "s3tank"
+    in_bucket = fresh.json("snapshot", "list", "-s", "s3tank")
+    assert [s["name"] for s in in_bucket] == ["pgdata1@after-bench"]
+    assert in_bucket[0]["storage"] == "s3tank" and in_bucket[0]["size_bytes"] > 0
+    assert fresh.json("snapshot", "list", "-s", "local") == []
     mirror = fresh.home / "pageserver" / "remote" / "s3tank" / "s3area" / "pagestore"
 
     def local_layers() -> int:
