@@ -266,3 +266,58 @@ def test_attach_reads_the_history_and_refuses_a_corrupt_object(
     )
     with pytest.raises(IndexTooNew, match="format 99"):
         mirror.refresh()
+
+
+class RecordingStore(ObjectStore):
+    """The real client, noting the order of its writes."""
+
+    def __init__(self, settings: RemoteSettings) -> None:
+        super().__init__(settings)
+        self.calls: list[tuple[str, str]] = []
+
+    async def put(self, key: str, body: bytes, *, if_absent: bool = False) -> None:
+        await super().put(key, body, if_absent=if_absent)
+        self.calls.append(("put", key))
+
+    async def delete(self, key: str) -> None:
+        self.calls.append(("delete", key))
+        await super().delete(key)
+
+
+def test_objects_then_the_index_then_deletions(s3: MotoS3, settings: RemoteSettings) -> None:
+    def body(i: int) -> bytes:
+        return bytes([i]) * (1000 + i)
+
+    async def run() -> list[tuple[str, str]]:
+        async with RecordingStore(settings) as bucket:
+            queue = UploadQueue(bucket, parallel=2)
+            uploads = [
+                Upload(
+                    f"o{i}",
+                    f"hist/x/o{i}",
+                    len(body(i)),
+                    hashlib.sha256(body(i)).hexdigest(),
+                    lambda i=i: body(i),
+                )
+                for i in range(6)
+            ]
+            await queue.run_round(uploads[:3], "hist/x/index.json", b"1", [], _nothing)
+            await queue.run_round(
+                uploads[3:], "hist/x/index.json", b"2", ["hist/x/o0", "hist/x/o1"], _nothing
+            )
+            assert queue.status.pending_objects == 0 and queue.status.deleted_objects_total == 2
+            return bucket.calls  # type: ignore[attr-defined, no-any-return]
+
+    calls = asyncio.run(run())
+    index_at = [i for i, c in enumerate(calls) if c == ("put", "hist/x/index.json")]
+    assert len(index_at) == 2
+    first, second = index_at
+    assert {k for _op, k in calls[:first]} == {"hist/x/o0", "hist/x/o1", "hist/x/o2"}
+    assert {k for _op, k in calls[first + 1 : second]} == {"hist/x/o3", "hist/x/o4", "hist/x/o5"}
+    assert calls[second + 1 :] == [("delete", "hist/x/o0"), ("delete", "hist/x/o1")]
+    left = set(bucket_objects(s3, settings))
+    assert left == {"hist/x/index.json", "hist/x/o2", "hist/x/o3", "hist/x/o4", "hist/x/o5"}
+
+
+async def _nothing() -> None:
+    return None
