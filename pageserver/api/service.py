@@ -241,6 +241,8 @@ class Pageserver:
         for area in store.history.pitr.all():
             if area.node_id == node_id:  # an area follows one node's history
                 store.history.pitr.remove(area.name)
+                # Its uploads stop; what is in the bucket stays (the history of a lost node).
+                await asyncio.to_thread(self.remote.end_upload, area.name)
         current = store.state.timeline_id if store.state is not None else None
         await asyncio.to_thread(store.forget)
         others = [
