@@ -67,6 +67,10 @@ REQUESTS: list[m.ApiRequest] = [
     m.PitrExtractRequest("long", time=datetime(2026, 11, 23, 22, tzinfo=UTC), tag="old"),
     m.GcRunRequest(),
     m.SnapshotDiffRequest("pgdata1@s1", "pgdata1@CURRENT"),
+    m.PitrCreateRequest("s3", "primary1", remote={"storage": "s3tank", "bucket": "b"}),
+    m.RemoteStatusRequest(),
+    m.RemoteAttachRequest({"storage": "s3tank", "bucket": "b", "prefix": "", "endpoint": None}),
+    m.RemoteDetachRequest("s3tank"),
 ]
 
 RESPONSES: list[m.ApiResponse] = [
@@ -104,6 +108,28 @@ RESPONSES: list[m.ApiResponse] = [
     AREA,
     m.PitrListResponse([dataclasses.replace(AREA, from_lsn=16, to_lsn=32)]),
     m.GcRunResponse([m.GcResult(3, 4096), m.GcResult(0, 0)]),
+    m.RemoteStorageUsage("s3tank", 4096, ["long"], []),
+    m.RemoteStatusResponse(
+        [
+            m.RemoteUploadStatus(
+                "long",
+                "s3tank",
+                "primary1",
+                1,
+                0x3B8,
+                0x3A0,
+                24,
+                2,
+                8192,
+                4096,
+                12288,
+                1,
+                "upload to s3://b/x: S3 answered 503",
+                1.5e9,
+            )
+        ],
+        [m.RemoteStorageUsage("s3tank", 4096, ["long"], [])],
+    ),
     m.SnapshotDiffResponse(
         "pgdata1@s1",
         "pgdata1@s2",
