@@ -114,6 +114,16 @@ def test_attached_server_history_equals_the_server(
     assert_same_dumps(extracted_dumps(neon, lsn3, "at3"), dump3, "extraction after the kill")
     assert_same_dumps(started_dumps(neon, "srv@after-kill"), dump3, "snapshot after the kill")
 
+    # Diff and export work on its snapshots as on a node's; the exported file imports back.
+    stat = neon.json("snapshot", "diff", "srv@now", "srv@after-kill", "--stat")
+    changed = {f"{r['schema']}.{r['name']}" for r in stat["relations"]}
+    assert {"public.pgbench_accounts", "public.pgbench_history"} <= changed, changed
+    assert "public.later" not in changed  # untouched between the two (no autovacuum either)
+    exported = neon.home.parent / "srv.neon"
+    neon.json("snapshot", "export", "srv@after-kill", "-o", str(exported))
+    neon.run("snapshot", "import", "--from", str(exported), "srvcopy")
+    assert_same_dumps(started_dumps(neon, "srvcopy"), dump3, "export of srv@after-kill")
+
     # What pg-neon cannot do to a server it does not run, said clearly.
     for args in (("pg", "start", "srv"), ("pg", "stop", "srv"), ("pg", "checkout", "srv@now")):
         assert "follows but does not run" in neon.fail(*args)
