@@ -212,6 +212,8 @@ def test_wire_form_is_what_the_handlers_always_sent() -> None:
         "store_dir",
         "pgdata",
         "socket_dir",
+        "replication_slot",  # attached servers (neon pg attach); older readers ignore them
+        "auth_methods",
         "paused",
     }
     assert m.WaitDecodedResponse(True, FOLLOWED).to_wire() == {
