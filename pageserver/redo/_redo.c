@@ -2287,7 +2287,9 @@ py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint32_t f2 = be32(key + 1), f3 = be32(key + 5), f4 = be32(key + 9), f6 = be32(key + 14);
     unsigned f5 = key[13];
     int is_rel = key[0] == 0 && f4 != 0 && f6 != 0xFFFFFFFFu;
-    int is_clog = key[0] == 1 && f2 == 0 && f3 == 1 && f6 != 0xFFFFFFFFu;
+    /* (a segment number past what 32-bit xids reach would overflow the page number: Python) */
+    int is_clog = key[0] == 1 && f2 == 0 && f3 == 1 && f6 != 0xFFFFFFFFu && f4 < (1u << 26) &&
+                  f6 < SLRU_PAGES_PER_SEGMENT;
     if (!is_rel && !is_clog) { /* other SLRUs, or not a page key (Python raises) */
         result = Py_NewRef(Py_False);
         goto done;

@@ -11,12 +11,16 @@ from an image layer, not only from the import's) and small layers (many L0 layer
 * image layers written at the end with and without the bulk path are the same files, byte
   for byte, and so are those written by GC;
 * on a branch, keys whose chain goes into the ancestor take the reference path, equal values.
+
+Hand-built chains cover what the workload rarely reaches (a prepared commit in a CLOG chain, a
+tombstone, chains that fail: the same error as the reference).
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct import range_rebuild
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
+from pageserver.reconstruct.value_format import encode_delta
 from pageserver.redo.native import redo as native
 from pageserver.storage.compaction import (
     PAGE_SIZE_ESTIMATE,
@@ -35,16 +40,37 @@ from pageserver.storage.compaction import (
     create_image_layers,
 )
 from pageserver.storage.gc import GcSettings, gc_timeline
-from pageserver.storage.keys import FULL_KEYSPACE, Key, rel_block_key
+from pageserver.storage.keys import (
+    FULL_KEYSPACE,
+    Key,
+    KeyRange,
+    SlruKind,
+    describe,
+    key_successor,
+    rel_block_key,
+    slru_block_key,
+)
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
-from pageserver.storage.values import Image, WalDelta
+from pageserver.storage.values import TOMBSTONE, Image, Tombstone, WalDelta
+from pg15.constants import RM_HEAP_ID, RM_XACT_ID, VISIBILITYMAP_FORKNUM
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_file_name
 from pg15.records import decode_record
+from pg15.rmgr.heap import XLOG_HEAP_INSERT
+from pg15.rmgr.xact import (
+    XACT_XINFO_HAS_SUBXACTS,
+    XACT_XINFO_HAS_TWOPHASE,
+    XLOG_XACT_ABORT,
+    XLOG_XACT_COMMIT,
+    XLOG_XACT_COMMIT_PREPARED,
+    XLOG_XACT_HAS_INFO,
+)
 from pg15.xlog_reader import WalReader
+from proto.errors import NeonError
 from tests.native_ext import require_c_extension
 from tests.pageserver.redo.test_verify import run_workload
+from tests.pg15.test_records import build_record
 from tests.pgtest import PgTestCluster
 
 SETTINGS = StoreSettings(
@@ -243,4 +269,106 @@ def test_on_a_branch_the_ancestors_chains_take_the_reference_path(
     counts = Counts()
     _compare_at(child, history.end + 8, counts)
     assert counts.reference == counts.keys - 1  # all but the child's own page
+    store.close()
+
+
+# -- hand-built chains: what a workload rarely reaches ------------------------------------------
+
+REL = (1663, 5, 16384)
+TUP = struct.pack("<HHB", 2, 0x0802, 24) + b"\0" + b"a tuple"
+
+
+def _heap_insert(offnum: int, *, init: bool = False, flags: int = 0, fork: int = 0) -> bytes:
+    block = {"id": 0, "rnode": REL, "fork": fork, "blkno": 3, "data": TUP, "will_init": init}
+    main = struct.pack("<HB", offnum, flags)
+    return build_record(RM_HEAP_ID, XLOG_HEAP_INSERT | (0x80 if init else 0), xid=800,
+                        blocks=[block], main=main)  # fmt: skip
+
+
+def _xact(op: int, xid: int, subxacts: tuple[int, ...] = (), twophase: int | None = None) -> bytes:
+    xinfo = (XACT_XINFO_HAS_SUBXACTS if subxacts else 0) | (
+        XACT_XINFO_HAS_TWOPHASE if twophase is not None else 0
+    )
+    main = struct.pack("<q", 0)
+    if xinfo:
+        main += struct.pack("<I", xinfo)
+    if subxacts:
+        main += struct.pack(f"<i{len(subxacts)}I", len(subxacts), *subxacts)
+    if twophase is not None:
+        main += struct.pack("<I", twophase)
+    return build_record(RM_XACT_ID, op | (XLOG_XACT_HAS_INFO if xinfo else 0), xid=xid, main=main)
+
+
+def _outcome(fn: Callable[[], bytes | None]) -> tuple[object, ...]:
+    try:
+        return ("value", fn())
+    except NeonError as exc:
+        return ("error", type(exc), str(exc))
+
+
+def _both(
+    timeline: Timeline, key: Key, lsn: int, calls: list[Key]
+) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    """(outcome of rebuild_range, of the reference) for one key; calls gets the key when
+    rebuild_range called the reference."""
+    one = _reference(timeline, lsn)
+
+    def counted(k: Key) -> bytes | None:
+        calls.append(k)
+        return one(k)
+
+    whole = KeyRange(key, key_successor(key))
+    got = _outcome(lambda: dict(rebuild_range(timeline, whole, [key], lsn, counted))[key])
+    return got, _outcome(lambda: one(key))
+
+
+def test_hand_built_chains_equal_the_reference(tmp_path: Path) -> None:
+    """CLOG bits from no base (commit with subxacts, abort, a prepared commit handed back, an
+    xid of another page), a heap page rebuilt from INSERT+INIT after a tombstone, a VM page
+    whose bits a heap insert clears, chains above an image layer, and chains that fail: the
+    same value or the same error, key by key, with the reference called only for those."""
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    tl = store.create_timeline()
+    clog = slru_block_key(SlruKind.CLOG, 0, 0)
+    heap = rel_block_key(*REL, 0, 3)
+    vm = rel_block_key(*REL, VISIBILITYMAP_FORKNUM, 0)
+    broken = rel_block_key(*REL, 0, 9)  # deltas without a base: ReconstructError
+    garbage = rel_block_key(*REL, 0, 10)  # a record C and Python both reject
+    lsn = 0x100000
+    lsns: list[int] = []
+
+    def put(key: Key, value: Image | WalDelta | Tombstone) -> None:
+        nonlocal lsn
+        tl.put(key, lsn, value)
+        tl.advance_last_record_lsn(lsn, lsn - 8)
+        lsns.append(lsn)
+        lsn += 0x100
+
+    def delta(key: Key, rec: bytes, init: bool = False) -> None:
+        put(key, WalDelta(encode_delta(lsn - 0x40, rec), init))
+
+    delta(clog, _xact(XLOG_XACT_COMMIT, 700, (701, 702)))
+    delta(clog, _xact(XLOG_XACT_ABORT, 703))
+    delta(clog, _xact(XLOG_XACT_COMMIT, 40000))  # on CLOG page 1: no change here
+    put(heap, Image(bytes(8192)))
+    put(heap, TOMBSTONE)
+    delta(heap, _heap_insert(1, init=True), True)
+    delta(vm, _heap_insert(1, flags=0x01, fork=VISIBILITYMAP_FORKNUM))
+    tl.freeze_and_flush()
+    assert create_image_layers(tl, reconstruct, force=True) > 0
+    delta(broken, _heap_insert(2))
+    delta(clog, _xact(XLOG_XACT_COMMIT_PREPARED, 0, (), twophase=705))
+    delta(clog, _xact(XLOG_XACT_COMMIT, 706))
+    delta(heap, _heap_insert(2))
+    delta(garbage, _heap_insert(2)[:-3])
+    tl.freeze_and_flush()
+
+    calls: list[Key] = []
+    for at in lsns:
+        for key in (clog, heap, vm, broken, garbage):
+            got, want = _both(tl, key, at, calls)
+            assert got == want, (describe(key), hex(at))
+    assert set(calls) <= {broken, garbage}, [describe(k) for k in set(calls)]
+    page = dict(rebuild_range(tl, FULL_KEYSPACE, [clog], lsns[-1], _reference(tl, lsns[-1])))[clog]
+    assert page is not None and page[700 // 4] >> (700 % 4 * 2) & 3 == 1
     store.close()
