@@ -87,6 +87,31 @@ def _pitr_extract(f: Mapping[str, str]) -> Action:
     return Action("pitr-extract", tuple(args), None)
 
 
+def _optional(f: Mapping[str, str], key: str, flag: str) -> list[str]:
+    """`flag VALUE` when the form has a value for `key`, else nothing."""
+    return [flag, _field(f, key)] if (f.get(key) or "").strip() else []
+
+
+def _snapshot_import(f: Mapping[str, str]) -> Action:
+    args = ["snapshot", "import", "--from", _field(f, "source"), _field(f, "name")]
+    return Action("snapshot-import", (*args, *_optional(f, "storage", "-s")), None)
+
+
+def _snapshot_push(f: Mapping[str, str]) -> Action:
+    snapshot = _field(f, "snapshot")
+    args = ["snapshot", "push", "--to", _field(f, "to"), snapshot]
+    if f.get("full") == "1":
+        args.append("--full")
+    return Action("snapshot-push", tuple(args), f"snapshot {snapshot}")
+
+
+def _snapshot_pull(f: Mapping[str, str]) -> Action:
+    args = ["snapshot", "pull", "--from", _field(f, "source")]
+    if (f.get("name") or "").strip():
+        args.append(_field(f, "name"))
+    return Action("snapshot-pull", (*args, *_optional(f, "storage", "-s")), None)
+
+
 BUILDERS: dict[str, Builder] = {
     "pg-start": _on_one("pg-start", "node", "pg", "start"),
     "pg-stop": _on_one("pg-stop", "node", "pg", "stop"),
@@ -96,6 +121,9 @@ BUILDERS: dict[str, Builder] = {
     "snapshot-start": _on_one("snapshot-start", "snapshot", "snapshot", "start"),
     "snapshot-stop": _on_one("snapshot-stop", "snapshot", "snapshot", "stop"),
     "pitr-extract": _pitr_extract,
+    "snapshot-import": _snapshot_import,
+    "snapshot-push": _snapshot_push,
+    "snapshot-pull": _snapshot_pull,
 }
 
 

@@ -21,11 +21,20 @@ import jinja2
 from aiohttp import web
 
 from cli.console import actions
-from cli.console.commands import Cli, CliFailed, Job, Jobs, command_line, lsn_argument
+from cli.console.commands import (
+    Cli,
+    CliFailed,
+    Job,
+    Jobs,
+    command_line,
+    lsn_argument,
+    progress_text,
+)
 from cli.console.graph import render_graph
 from cli.console.session import COOKIE, Session, Sessions, cookie_attributes, csrf_ok
 from cli.console.tables import parse_table
 from cli.output import human_size
+from cli.progress import ProgressReport
 from pg15.lsn import format_lsn
 
 HERE = Path(__file__).parent
@@ -51,10 +60,11 @@ def templates() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.globals.update(
-        action=lambda name, **form: actions.build(name, form),
+        action=lambda action_name, /, **form: actions.build(action_name, form),
         command_line=command_line,
         human_size=human_size,
         format_lsn=format_lsn,
+        progress_text=progress_text,
     )
     return env
 
@@ -74,6 +84,7 @@ def create_app(home: Path, sessions: Sessions) -> web.Application:
     app.router.add_get("/pitr", pitr_page)
     app.router.add_post("/pitr/around", pitr_around)
     app.router.add_get("/storages", storages_page)
+    app.router.add_get("/transfer", transfer_page)
     app.router.add_post("/actions/{name}", run_action)
     app.router.add_get("/jobs/{id}", job_page)
     app.router.add_get("/jobs/{id}/events", job_events)
@@ -265,6 +276,18 @@ async def storages_page(request: web.Request) -> web.StreamResponse:
     return render(request, "storages.html", storages=storages, error=error)
 
 
+async def transfer_page(request: web.Request) -> web.StreamResponse:
+    (snaps, storages), error = await _read(request, ["snapshot", "list"], ["storage", "list"])
+    return render(
+        request,
+        "transfer.html",
+        snapshots=[s for s in snaps if not str(s["name"]).endswith("@CURRENT")],
+        storages=storages,
+        seen=actions.snapshot_fingerprints(snaps),
+        error=error,
+    )
+
+
 async def run_action(request: web.Request) -> web.StreamResponse:
     form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     if not csrf_ok(request[SESSION_KEY], form.get("csrf")):
@@ -316,8 +339,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    async for line in job.follow():
-        await response.write(f"data: {json.dumps(line)}\n\n".encode())
+    async for item in job.follow():
+        if isinstance(item, ProgressReport):
+            data = {"percent": item.percent, "text": progress_text(item)}
+            await response.write(f"event: progress\ndata: {json.dumps(data)}\n\n".encode())
+        else:
+            await response.write(f"data: {json.dumps(item)}\n\n".encode())
     done = {"returncode": job.returncode, "error": job.error}
     await response.write(f"event: done\ndata: {json.dumps(done)}\n\n".encode())
     return response

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cli.output import human_size
+from cli.progress import PROGRESS_ENV, ProgressReport
 from pg15.lsn import format_lsn
 
 ERROR_PREFIX = "neon: error: "
@@ -113,6 +115,9 @@ class Job:
     lines: list[str] = field(default_factory=list)
     returncode: int | None = None
     pid: int | None = None
+    progress: ProgressReport | None = None
+    """The command's latest progress report (NEON_PROGRESS=json lines), if it made any."""
+    _progress_count: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -133,14 +138,21 @@ class Job:
     def crashed(self) -> bool:
         return "Traceback (most recent call last):" in self.lines
 
-    async def follow(self) -> AsyncIterator[str]:
-        """Every output line, those already printed first, until the command ends."""
-        sent = 0
+    async def follow(self) -> AsyncIterator[str | ProgressReport]:
+        """Every output line, those already printed first, and the latest progress report
+        whenever there is a newer one, until the command ends."""
+        sent = reported = 0
         while True:
             async with self._changed:
-                while len(self.lines) == sent and not self.done:
+                while (
+                    len(self.lines) == sent and self._progress_count == reported and not self.done
+                ):
                     await self._changed.wait()
                 fresh, done = self.lines[sent:], self.done
+                report = self.progress if self._progress_count != reported else None
+                reported = self._progress_count
+            if report is not None:
+                yield report
             for line in fresh:
                 yield line
             sent += len(fresh)
@@ -149,7 +161,12 @@ class Job:
 
     async def _add(self, line: str) -> None:
         async with self._changed:
-            self.lines.append(line)
+            report = ProgressReport.parse(line)
+            if report is None:
+                self.lines.append(line)
+            else:
+                self.progress = report
+                self._progress_count += 1
             self._changed.notify_all()
 
     async def _finish(self, returncode: int) -> None:
@@ -190,7 +207,7 @@ class Jobs:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=self._cli.env(),
+                env={**self._cli.env(), PROGRESS_ENV: "json"},  # progress as parseable lines
             )
         except OSError as exc:
             await job._add(f"{ERROR_PREFIX}cannot run neon: {exc}")
@@ -212,6 +229,16 @@ class Jobs:
                     os.kill(job.pid, signal.SIGINT)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
+
+
+def progress_text(report: ProgressReport) -> str:
+    """A progress report as the job page says it: `Pulling x: 42% (12M of 30M)`."""
+    if report.percent is None:
+        return f"{report.what}: {human_size(report.done)}"
+    return (
+        f"{report.what}: {report.percent:.0f}% "
+        f"({human_size(report.done)} of {human_size(report.total)})"
+    )
 
 
 def lsn_argument(value: str) -> str:

@@ -119,7 +119,7 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
     page = browser.new_page(viewport={"width": 1300, "height": 900})
     shots = Shots(page, tmp_path / "screenshots")
     try:
-        _walk_through(neon, page, shots, console, base, c1, int(xid), int(after))
+        _walk_through(neon, page, shots, console, base, c1, int(xid), int(after), tmp_path / "out")
     except BaseException:
         with contextlib.suppress(Exception):
             shots.take("failure")
@@ -135,6 +135,7 @@ def _walk_through(
     c1: str,
     xid: int,
     after: int,
+    out_dir: Path,
 ) -> None:
     # Nothing without the session, and the login URL works once.
     for path in ("/", "/snapshots", "/pitr", "/static/console.js"):
@@ -282,3 +283,43 @@ def _walk_through(
     listed = {r["name"] for r in neon.json("storage", "show", "local")["retained"]}
     assert shown == listed and {"area1", "pgdata1@ten", "pgdata1@clicked"} <= shown
     shots.take("storages")
+
+    # Push, pull and import from the forms, with their progress on the job page.
+    out_dir.mkdir()
+    page.goto(base + "/transfer")
+    shots.take("transfer")
+    push = page.locator("form[data-command='snapshot push']")
+    push.locator("input[name=to]").fill(str(out_dir))
+    push.locator("select[name=snapshot]").select_option("pgdata1@ten")
+    expect(push.locator("code.cmd")).to_have_text(f"neon snapshot push --to {out_dir} pgdata1@ten")
+    push.get_by_role("button", name="Push").click()
+    wait_for_job(page, shots, "push")
+    expect(page.locator("#job-status")).to_have_text("done")
+    expect(page.locator("#job-progress-text")).to_contain_text("Pushing pgdata1@ten: ")
+    (pushed,) = out_dir.glob("*.neon")
+
+    page.goto(base + "/transfer")
+    pull = page.locator("form[data-command='snapshot pull']")
+    pull.locator("input[name=source]").fill(str(pushed))
+    pull.locator("input[name=name]").fill("pulled")
+    expect(pull.locator("code.cmd")).to_have_text(f"neon snapshot pull --from {pushed} pulled")
+    pull.get_by_role("button", name="Pull").click()
+    wait_for_job(page, shots, "pull")
+    expect(page.locator("#job-status")).to_have_text("done")
+    expect(page.locator("#job-progress-text")).to_contain_text("Pulling pulled: 100%")
+    assert page.locator("#job-progress-bar").get_attribute("value") == "100.0"
+
+    page.goto(base + "/transfer")
+    imp = page.locator("form[data-command='snapshot import']")
+    imp.locator("input[name=source]").fill(str(pushed))
+    imp.locator("input[name=name]").fill("imported")
+    imp.locator("select[name=storage]").select_option("local")
+    expect(imp.locator("code.cmd")).to_have_text(
+        f"neon snapshot import --from {pushed} imported -s local"
+    )
+    imp.get_by_role("button", name="Import").click()
+    wait_for_job(page, shots, "import")
+    expect(page.locator("#job-status")).to_have_text("done")
+    expect(page.locator("#job-progress-text")).to_contain_text("%")
+    names = {s["name"] for s in neon.json("snapshot", "list")}
+    assert {"pulled", "imported"} <= names

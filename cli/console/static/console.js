@@ -9,6 +9,14 @@ function followJob() {
   output.textContent = "";
   const events = new EventSource(status.dataset.events);
   events.onmessage = (e) => { output.textContent += JSON.parse(e.data) + "\n"; };
+  events.addEventListener("progress", (e) => {
+    const report = JSON.parse(e.data);
+    const bar = document.getElementById("job-progress-bar");
+    document.getElementById("job-progress").hidden = false;
+    document.getElementById("job-progress-text").textContent = report.text;
+    if (report.percent === null) bar.removeAttribute("value");  // no total: indeterminate
+    else bar.value = report.percent;
+  });
   events.addEventListener("done", () => { events.close(); location.reload(); });
 }
 
@@ -47,4 +55,36 @@ function createForms() {
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => { followJob(); lsnSliders(); createForms(); });
+// The command line of an import/push/pull form, from its fields in order: each field's
+// data-arg is its flag ("" for a positional argument); a checkbox is its flag alone.
+function shellWord(word) {
+  return /^[A-Za-z0-9_@%+=:,.\/-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\"'\"'") + "'";
+}
+
+function transferForms() {
+  for (const form of document.querySelectorAll("form.transfer-form")) {
+    const cmd = form.querySelector("code.cmd");
+    const show = () => {
+      const words = ["neon", ...form.dataset.command.split(" ")];
+      for (const field of form.querySelectorAll("[data-arg]")) {
+        const flag = field.dataset.arg;
+        if (field.type === "checkbox") {
+          if (field.checked) words.push(flag);
+          continue;
+        }
+        const value = field.value.trim() || (field.required ? field.placeholder : "");
+        if (!value) continue;
+        if (flag) words.push(flag);
+        words.push(shellWord(value));
+      }
+      cmd.textContent = words.join(" ");
+    };
+    form.addEventListener("input", show);
+    form.addEventListener("change", show);
+    show();
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  followJob(); lsnSliders(); createForms(); transferForms();
+});

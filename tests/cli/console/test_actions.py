@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 
 from cli.console import actions
-from cli.console.commands import cli_argv, command_line, error_line, failure, lsn_argument
+from cli.console.commands import (
+    Job,
+    cli_argv,
+    command_line,
+    error_line,
+    failure,
+    lsn_argument,
+    progress_text,
+)
+from cli.progress import ProgressReport
 
 
 def test_command_lines_are_quoted_for_a_shell() -> None:
@@ -42,6 +51,36 @@ def test_command_lines_are_quoted_for_a_shell() -> None:
             {"area": "a1", "lsn": "", "time": "2026-11-01T12:00:00+00:00"},
             "neon pitr extract-snapshot a1 --time 2026-11-01T12:00:00+00:00",
         ),
+        (
+            "snapshot-import",
+            {"source": "/backups/base", "name": "movies", "storage": ""},
+            "neon snapshot import --from /backups/base movies",
+        ),
+        (
+            "snapshot-import",
+            {"source": "basebackup://u@db:5433/", "name": "m", "storage": "fast"},
+            "neon snapshot import --from basebackup://u@db:5433/ m -s fast",
+        ),
+        (
+            "snapshot-push",
+            {"to": "s3://b/p", "snapshot": "pgdata1@s1"},
+            "neon snapshot push --to s3://b/p pgdata1@s1",
+        ),
+        (
+            "snapshot-push",
+            {"to": "/mnt/x y", "snapshot": "pgdata1@s1", "full": "1"},
+            "neon snapshot push --to '/mnt/x y' pgdata1@s1 --full",
+        ),
+        (
+            "snapshot-pull",
+            {"source": "ssh://h/x.neon", "name": "", "storage": ""},
+            "neon snapshot pull --from ssh://h/x.neon",
+        ),
+        (
+            "snapshot-pull",
+            {"source": "backup:s1", "name": "s1copy", "storage": "local"},
+            "neon snapshot pull --from backup:s1 s1copy -s local",
+        ),
     ],
 )
 def test_each_action_is_the_command_it_shows(name: str, form: dict[str, str], command: str) -> None:
@@ -59,6 +98,10 @@ def test_forms_that_make_no_command_are_refused() -> None:
         actions.build("pg-checkout", {"snapshot": "movies"})
     with pytest.raises(actions.BadForm, match="no action"):
         actions.build("pg-destroy", {"node": "primary1"})
+    with pytest.raises(actions.BadForm, match="to may not start with '-'"):
+        actions.build("snapshot-push", {"to": "--upload-pack=x", "snapshot": "s"})
+    with pytest.raises(actions.BadForm, match="source is missing"):
+        actions.build("snapshot-pull", {"name": "x"})
 
 
 def test_only_destroy_asks_first() -> None:
@@ -67,7 +110,17 @@ def test_only_destroy_asks_first() -> None:
 
 
 def _confirm(name: str) -> str | None:
-    form = {"node": "n", "snapshot": "p@s", "pgdata": "p", "tag": "t", "area": "a", "lsn": "1"}
+    form = {
+        "node": "n",
+        "snapshot": "p@s",
+        "pgdata": "p",
+        "tag": "t",
+        "area": "a",
+        "lsn": "1",
+        "source": "s",
+        "name": "n",
+        "to": "t",
+    }
     return actions.build(name, form).confirm
 
 
@@ -115,3 +168,18 @@ def test_cli_output_helpers() -> None:
     assert failure("", 2) == "exit 2"
     assert lsn_argument("22027736") == "0/01501DD8"
     assert lsn_argument(" 0/1501DD8 ") == "0/1501DD8"
+
+
+async def test_a_job_keeps_progress_apart_from_its_output() -> None:
+    """Progress lines update the job's progress (followed as reports), the rest is output."""
+    job = Job("1", ("snapshot", "pull", "--from", "x"), "/transfer")
+    await job._add("Resuming")
+    await job._add(ProgressReport("Pulling x", 50, 200).line())
+    await job._add(ProgressReport("Pulling x", 100, 200).line())
+    await job._add("Pulled x")
+    await job._finish(0)
+    assert job.lines == ["Resuming", "Pulled x"]
+    assert job.progress == ProgressReport("Pulling x", 100, 200)
+    assert [item async for item in job.follow()] == [job.progress, "Resuming", "Pulled x"]
+    assert progress_text(ProgressReport("Pulling x", 100, 200)) == "Pulling x: 50% (100B of 200B)"
+    assert progress_text(ProgressReport("Pushing x", 3072, None)) == "Pushing x: 3.0K"

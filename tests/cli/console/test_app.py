@@ -23,7 +23,16 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
         yield client
 
 
-PAGES = ["/", "/snapshots", "/diff", "/pitr", "/storages", "/jobs/1", "/static/console.js"]
+PAGES = [
+    "/",
+    "/snapshots",
+    "/diff",
+    "/pitr",
+    "/storages",
+    "/transfer",
+    "/jobs/1",
+    "/static/console.js",
+]
 
 
 async def test_everything_but_the_login_is_401_without_a_session(client: TestClient) -> None:
@@ -106,6 +115,17 @@ async def test_a_failed_read_is_said_on_the_page_which_retries(tmp_path: Path) -
         assert 'id="read-error"' in page and "`neon pg list --json` failed: " in page
         assert "(retrying every 5 s)" in page and 'http-equiv="refresh" content="5"' in page
         assert "Traceback" not in page
+        for path in ("/pitr", "/storages", "/transfer"):  # every page renders with no data
+            response = await client.get(path)
+            assert response.status == 200, path
+            assert 'id="read-error"' in await response.text()
+        transfer = await (await client.get("/transfer")).text()
+        for command in (
+            "neon snapshot import --from SOURCE NAME",
+            "neon snapshot push --to URL SNAPSHOT",
+            "neon snapshot pull --from URL",
+        ):
+            assert f'<code class="cmd">{command}</code>' in transfer
 
 
 async def test_a_chosen_point_redirects_to_the_commits_around_it(client: TestClient) -> None:
