@@ -52,6 +52,15 @@ class App:
     remote: RemotePageserver | None = None
     """Set by --pageserver: every API call goes there (cli/pageserver_control.local_api)."""
 
+    def require_own_pageserver(self, what: str) -> None:
+        """Refuse `what` under --pageserver: it hands this machine's files (data directories,
+        received or imported snapshots) to the pageserver, which must be the home's own."""
+        if self.remote is not None:
+            raise InvalidArgument(
+                f"{what} works with this home's own pageserver (it hands it files of this "
+                "machine); run it without --pageserver / NEON_PAGESERVER"
+            )
+
     @classmethod
     def open(cls, home_option: Path | None) -> App:
         home = NeonHome.resolve(home_option)

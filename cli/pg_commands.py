@@ -31,8 +31,15 @@ from proto.errors import InvalidArgument
 
 
 @click.group("pg")
-def pg_group() -> None:
+@click.pass_context
+def pg_group(ctx: click.Context) -> None:
     """PostgreSQL nodes: data directories and their servers."""
+    if (ctx.find_root().obj or {}).get("pageserver"):
+        raise InvalidArgument(
+            "neon pg manages this machine's nodes with the home's own pageserver; run it "
+            "without --pageserver / NEON_PAGESERVER (the nodes a remote pageserver follows "
+            "are reached through snapshot and pitr commands)"
+        )
 
 
 @pg_group.command("create")

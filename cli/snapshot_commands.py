@@ -88,7 +88,7 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
 
 def _create_on_remote(app: App, ref: str, tag: str) -> SnapshotInfo:
     """`--pageserver`: a node that pageserver follows (this home's registry does not know
-    it), named at what the pageserver has received from its server so far."""
+    it), named once that pageserver has ingested what the server has flushed (it asks)."""
     api = local_api(app)
     followed = api.node_list()
     node = next((n for n in followed if ref in (n.node_id, n.pgdata)), None)
@@ -98,7 +98,7 @@ def _create_on_remote(app: App, ref: str, tag: str) -> SnapshotInfo:
             f"the pageserver at --pageserver follows no node {ref!r} (it follows: {known})"
         )
     name = f"{node.pgdata or node.node_id}@{tag}"
-    request = SnapshotCreateRequest(node.node_id, name, lsn=node.flushed_lsn_int, wait_timeout=120)
+    request = SnapshotCreateRequest(node.node_id, name, wait_timeout=120, at_server_lsn=True)
     return api.snapshot_create(request)
 
 
@@ -125,6 +125,7 @@ def snapshot_import(
 ) -> None:
     """Import an existing PostgreSQL 15 database as snapshot NAME, on a history of its own."""
     app = get_app(ctx)
+    app.require_own_pageserver("neon snapshot import")
     mappings = parse_mappings(tablespace_mapping)
     progress = Progress(not as_json and sys.stderr.isatty(), "Importing")
     snap = import_snapshot(app, source, name, storage, progress, mappings)

@@ -57,6 +57,7 @@ def snapshot_recv(
     from cli.receiver import OneTimeTokens, Receiver
 
     app = get_app(ctx)
+    app.require_own_pageserver("neon snapshot recv")
     if name is not None:
         check_import_name(name)
     receiver = Receiver(
@@ -87,6 +88,7 @@ def snapshot_serve(
     from cli.receiver import Receiver, StandingToken
 
     app = get_app(ctx)
+    app.require_own_pageserver("neon snapshot serve")
     token_file = token_file or app.home.secrets_dir / "serve.token"
     if not token_file.exists():
         write_secret(token_file, generate_secret())

@@ -280,6 +280,7 @@ def snapshot_pull(
     from cli.snapshot_commands import import_snapshot, native_storage_path
 
     app = get_app(ctx)
+    app.require_own_pageserver("neon snapshot pull")
     location = parse_transfer_url(app, url, endpoint_url)
     location.object_name  # noqa: B018 (a directory URL: one line)
     source = location.url if isinstance(location.store, S3Store | NeonStore) else url

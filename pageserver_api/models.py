@@ -604,6 +604,9 @@ class SnapshotCreateRequest(ApiRequest):
     name: str
     lsn: int | None = None
     wait_timeout: float = DEFAULT_WAIT_SECONDS
+    at_server_lsn: bool = False
+    """Wait for what the server has flushed now (the pageserver asks it: IDENTIFY_SYSTEM), for
+    a CLI that cannot reach the server itself (`--pageserver`)."""
 
     def __post_init__(self) -> None:
         _check_lsn("lsn", self.lsn)

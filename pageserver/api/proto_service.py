@@ -101,7 +101,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.RelListResponse(lsn, [list(r) for r in rels])
 
     async def snapshot_create(ctx: RequestContext, req: m.SnapshotCreateRequest) -> m.SnapshotInfo:
-        snap = await ps.create_snapshot(req.node_id, req.name, req.lsn, req.wait_timeout)
+        lsn = req.lsn
+        if req.at_server_lsn:
+            lsn = max(lsn or 0, await ps.follower(req.node_id).server_wal_lsn())
+        snap = await ps.create_snapshot(req.node_id, req.name, lsn, req.wait_timeout)
         return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_list(

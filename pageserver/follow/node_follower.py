@@ -34,6 +34,7 @@ from pg15.xlog_reader import RawRecord, WalReader
 from proto.errors import CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import ConnParams, WalChunk
+from walreceiver.replication import connect
 from walreceiver.replication_auth import SCRAM_ONLY, TRUST_OR_SCRAM, parse_auth_methods
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,19 @@ class NodeFollower:
                 self._stopping = True
                 self._cond.notify_all()
             await asyncio.to_thread(decoder.join)
+
+    async def server_wal_lsn(self) -> int:
+        """The followed server's WAL flush position now (IDENTIFY_SYSTEM on a replication
+        connection of its own, with the follower's credentials and authentication policy)."""
+        p = self.receiver.params
+        conn = await connect(
+            p.host, p.port, p.user, p.password, f"{p.application_name} (position)",
+            timeout=15.0, auth_methods=p.auth_methods, socket_dir=p.socket_dir,
+        )  # fmt: skip
+        try:
+            return (await conn.identify_system()).xlogpos
+        finally:
+            await conn.close()
 
     def kick(self) -> None:
         """Reconnect now (the node was just started) instead of waiting out a backoff, and

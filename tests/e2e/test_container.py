@@ -100,6 +100,12 @@ def test_environment_configured_pageserver_follows_and_serves_a_remote_cli(
         assert_same_dumps(snapshot_dump(host, "db@then"), dump1, "extraction at lsn1")
         assert lsn2 > lsn1
         assert "db@now" in {s["name"] for s in host.json("snapshot", "list")}
+        pushed = secrets / "db-now.neon"
+        host.run("snapshot", "push", "--to", str(pushed), "db@now")
+        assert "own pageserver" in host.fail("snapshot", "import", "--from", str(pushed), "c")
+        assert "own pageserver" in host.fail("pg", "list")
+        neon.run("snapshot", "import", "--from", str(pushed), "copied")  # the host's pageserver
+        assert_same_dumps(snapshot_dump(neon, "copied"), dump2, "db@now pushed to the host")
 
         wrong = NeonCli(neon.home, {"NEON_PAGESERVER": f"neon://127.0.0.1:{port}",
                                     "NEON_TOKEN": "wrong"})  # fmt: skip
