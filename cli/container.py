@@ -15,7 +15,7 @@ alone, as a container beside a PostgreSQL container runs it (docker/compose.yaml
     NEON_PITR_TTL                            a PITR area NAME over it with this TTL (default
                                              7d; `none`: no area)
 
-The process supervises two children: the daemon (`python -m pageserver.daemon`, so CLI
+The process supervises two children: the daemon (`python -m cli.pageserver_daemon`, so CLI
 commands in the container find it as the home's running pageserver) and, until the server is
 attached, `neon pg attach` (cli/attach.py), retried with a growing pause while the server is not
 up or refuses (each failure is one line on stderr, with its fix). Once attached, a restart of
@@ -107,7 +107,7 @@ def run(app: App, config: ContainerConfig) -> int:
     workdir = control.local_config(app).workdir
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "pageserver.daemon",
+        sys.executable, "-m", control.DAEMON_MODULE,
         "--workdir", str(workdir),
         "--listen", config.listen,
         "--port", str(config.port),

@@ -21,6 +21,8 @@ from pageserver.pid_file import pid_alive
 from pageserver_api.client import SyncPageserverClient
 from proto.errors import Unavailable
 
+DAEMON_MODULE = "cli.pageserver_daemon"
+"""The daemon with the home's `object.*` methods (a bare `pageserver.daemon` is found too)."""
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 
@@ -45,7 +47,7 @@ def running_pid(app: App) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"pageserver.daemon" in cmdline else None
+    return pid if DAEMON_MODULE.encode() in cmdline or b"pageserver.daemon" in cmdline else None
 
 
 def _read_ports(config: PageserverConfig, pid: int) -> dict[str, Any] | None:
@@ -123,7 +125,7 @@ def _spawn(app: App, config: PageserverConfig, proto_port: int, http_port: int) 
     cmd = [
         sys.executable,
         "-m",
-        "pageserver.daemon",
+        DAEMON_MODULE,
         "--workdir",
         str(config.workdir),
         "--port",

@@ -17,7 +17,7 @@ SERVE_NAME = "neon snapshot serve"
 def receiver_server(receiver: Receiver, on_received: Callable[[Received], None]) -> ProtoServer:
     """A server (not yet listening) whose hello takes the receiver's current token."""
     return ProtoServer(
-        _handlers(receiver, on_received),
+        object_handlers(receiver, on_received),
         token=None,
         authenticate=receiver.authenticate,
         server_name=SERVE_NAME if receiver.serves else SERVER_NAME,
@@ -31,7 +31,12 @@ def _name(ctx: RequestContext) -> str:
     return name
 
 
-def _handlers(receiver: Receiver, on_received: Callable[[Received], None]) -> dict[str, Handler]:
+def object_handlers(
+    receiver: Receiver, on_received: Callable[[Received], None]
+) -> dict[str, Handler]:
+    """The `object.*` methods answered by `receiver` (a `neon snapshot recv` or `serve`, and
+    the pageserver started by the CLI: cli/pageserver_daemon.py)."""
+
     async def stat(ctx: RequestContext) -> Any:
         info = await receiver.stat(_name(ctx))
         return None if info is None else {"name": info.name, "size": info.size}

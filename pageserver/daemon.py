@@ -17,7 +17,7 @@ import logging.handlers
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import uvloop
@@ -38,9 +38,14 @@ from pageserver.config import (
 )
 from pageserver.pid_file import acquire_pid_file
 from proto.errors import NeonError
-from proto.server import ProtoServer
+from proto.server import Handler, ProtoServer
 
 log = logging.getLogger("pageserver")
+
+ExtraHandlers = Callable[[PageserverConfig], Mapping[str, Handler]]
+"""More proto methods on the same port (the CLI's entry point, cli/pageserver_daemon.py, adds
+the `object.*` methods that serve the home's snapshots; the pageserver itself knows no home).
+They are made before the daemon listens and must not call it until their first request."""
 
 
 def _write_json_atomic(path: Path, value: object) -> None:
@@ -64,7 +69,7 @@ async def _gc_loop(ps: Pageserver) -> None:
             log.info("GC freed %d bytes", freed)
 
 
-async def serve(config: PageserverConfig) -> None:
+async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) -> None:
     config.workdir.mkdir(parents=True, exist_ok=True)
     acquire_pid_file(config.pid_file)
     proto: ProtoServer | None = None
@@ -72,8 +77,9 @@ async def serve(config: PageserverConfig) -> None:
     ps: Pageserver | None = None
     try:
         ps = Pageserver(config)
+        handlers = {**build_handlers(ps), **(extra(config) if extra is not None else {})}
         proto = ProtoServer(
-            build_handlers(ps), token=config.token, server_name=f"pg-neon pageserver {VERSION}"
+            handlers, token=config.token, server_name=f"pg-neon pageserver {VERSION}"
         )
         await proto.start(config.listen_host, config.proto_port)
         proto_port = proto.port
@@ -188,13 +194,13 @@ def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
     root.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: ExtraHandlers | None = None) -> int:
     os.umask(PRIVATE_UMASK)  # page history, WAL, registries, logs: readable by us only
     config, to_stderr = parse_args(argv)
     setup_logging(config, to_stderr)
     faulthandler.enable()  # a fatal signal leaves the threads' stacks in pageserver.stderr
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, extra))
     except NeonError as exc:
         log.error("%s", exc)
         print(f"pageserver: error: {exc}", file=sys.stderr)
