@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from pg15.lsn import format_lsn
-from tests.e2e.test_attach import live_state
-from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all, mask_setval
+from tests.e2e.test_attach import live_state, started_dumps
+from tests.e2e.test_pitr_faithfulness import assert_same_dumps
 from tests.neoncli import NEON, NeonCli
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, free_port, pg_reachable_tmpdir
 
@@ -46,14 +46,6 @@ def stop_container(proc: subprocess.Popen[str]) -> str:
         proc.kill()
         _out, err = proc.communicate()
     return err
-
-
-def snapshot_dump(host: NeonCli, snapshot: str) -> dict[str, str]:
-    started = host.json("snapshot", "start", snapshot)
-    try:
-        return mask_setval(dump_all(started["connstr"]))
-    finally:
-        host.run("snapshot", "stop", snapshot)
 
 
 def test_environment_configured_pageserver_follows_and_serves_a_remote_cli(
@@ -95,9 +87,9 @@ def test_environment_configured_pageserver_follows_and_serves_a_remote_cli(
         server.psql("INSERT INTO t SELECT g, 'late' FROM generate_series(5000, 6000) g")
         lsn2, dump2 = live_state(server)
         host.run("snapshot", "create", "db@now")
-        assert_same_dumps(snapshot_dump(host, "db@now"), dump2, "db@now through --pageserver")
+        assert_same_dumps(started_dumps(host, "db@now"), dump2, "db@now through --pageserver")
         host.run("pitr", "extract-snapshot", "db", "--lsn", format_lsn(lsn1), "--as", "then")
-        assert_same_dumps(snapshot_dump(host, "db@then"), dump1, "extraction at lsn1")
+        assert_same_dumps(started_dumps(host, "db@then"), dump1, "extraction at lsn1")
         assert lsn2 > lsn1
         assert "db@now" in {s["name"] for s in host.json("snapshot", "list")}
         pushed = secrets / "db-now.neon"
@@ -105,7 +97,7 @@ def test_environment_configured_pageserver_follows_and_serves_a_remote_cli(
         assert "own pageserver" in host.fail("snapshot", "import", "--from", str(pushed), "c")
         assert "own pageserver" in host.fail("pg", "list")
         neon.run("snapshot", "import", "--from", str(pushed), "copied")  # the host's pageserver
-        assert_same_dumps(snapshot_dump(neon, "copied"), dump2, "db@now pushed to the host")
+        assert_same_dumps(started_dumps(neon, "copied"), dump2, "db@now pushed to the host")
 
         wrong = NeonCli(neon.home, {"NEON_PAGESERVER": f"neon://127.0.0.1:{port}",
                                     "NEON_TOKEN": "wrong"})  # fmt: skip
