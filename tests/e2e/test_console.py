@@ -112,6 +112,7 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
     neon.run("pitr", "create", "area1", "--pg", "pgdata1")
     psql(c1, "CREATE TABLE t AS SELECT generate_series(1, 10) a")
     neon.run("snapshot", "create", "pgdata1@ten")
+    psql(c1, "ALTER TABLE t ADD COLUMN b int")  # for the schema diff
     xid, after = psql(c1, "BEGIN; INSERT INTO t SELECT generate_series(11, 25);\n"
                       "SELECT txid_current(); COMMIT;\n"
                       "SELECT pg_current_wal_insert_lsn() - '0/0';").splitlines()  # fmt: skip
@@ -244,6 +245,14 @@ def _walk_through(
         "neon snapshot diff pgdata1@ten pgdata1@clicked --stat"
     )
     shots.take("diff")
+    # ... and the schema diff: the column added in between.
+    page.locator("input[name=mode][value=schema]").check()
+    page.get_by_role("button", name="Compare").click()
+    expect(page.locator("pre.diff span.add", has_text="b integer")).to_have_count(1)
+    expect(page.locator("p code.cmd")).to_have_text(
+        "neon snapshot diff pgdata1@ten pgdata1@clicked --schema"
+    )
+    shots.take("diff-schema")
 
     # Checkout from the graph: the data is the snapshot's again.
     assert psql(c1, "SELECT count(*) FROM t") == "25"
