@@ -21,6 +21,9 @@
    (random pgbench_accounts pages at random LSNs after pgbench -i, page cache cleared).
 6. Bytes stored: layer files on disk after the final flush, less what the import wrote, per
    byte of WAL ingested (the daemon also keeps the raw WAL archive, not counted here).
+7. Compaction: the wall time of image creation and of L0 merges over every pass (the
+   background flusher's included), and the peak RSS of this process (the page store runs in
+   it) right after the ingest.
 
 Prints a table and, last, one JSON line. Run by hand, never by CI.
 """
@@ -32,6 +35,7 @@ import cProfile
 import logging
 import pstats
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,6 +65,7 @@ from bench.common import (
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.reconstruct.page_cache import PAGE_CACHE
 from pageserver.reconstruct.reads import get_rel_size, materialize
+from pageserver.storage.compaction import CompactionTotals
 from pageserver.storage.keys import Key, rel_block_key
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import format_lsn, segment_file_name
@@ -117,6 +122,8 @@ class IngestResult:
     records: int
     flushes: int
     flush_seconds: float  # inside `measure`: freeze + layer writes + compaction
+    compaction: CompactionTotals  # every pass, background ones included
+    peak_rss_mib: float  # this process (the page store runs in it), after the ingest
 
 
 def segments_between(wal_dir: Path, start: int, end: int, seg: int) -> list[tuple[Path, int]]:
@@ -155,7 +162,10 @@ def ingest_backlog(store: NodeStore, wal_dir: Path, start: int, end: int, seg: i
         flush_seconds += time.perf_counter() - t0
     if reader.end_of_wal is not None:
         raise RuntimeError(f"WAL ended early at {format_lsn(reader.end_of_wal.lsn)}")
-    return IngestResult(m, end - start, records, flushes, flush_seconds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return IngestResult(
+        m, end - start, records, flushes, flush_seconds, store.compaction_totals, peak
+    )
 
 
 # -- GetPage latency ---------------------------------------------------------------------------
@@ -313,6 +323,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "records_per_s": round(ours.records / m.wall),
             "flushes": ours.flushes,
             "flush_s": round(ours.flush_seconds, 3),
+            "image_creation_s": round(ours.compaction.image_seconds, 3),
+            "images_written": ours.compaction.images_written,
+            "l0_merge_s": round(ours.compaction.l0_seconds, 3),
+            "peak_rss_mib": round(ours.peak_rss_mib, 1),
         },
         ratio=round(our_rate / ref_rate, 4),
         get_page={
@@ -340,6 +354,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ],
     )  # fmt: skip
     print(f"ratio ours / pg_receivewal: {our_rate / ref_rate:.4f} ({ours.records:,} records)")
+    print(
+        f"compaction (background passes included, wall time): image creation "
+        f"{ours.compaction.image_seconds:.2f} s ({ours.compaction.images_written} layers), "
+        f"L0 merge {ours.compaction.l0_seconds:.2f} s; peak RSS {ours.peak_rss_mib:.0f} MiB"
+    )
     print()
     print("GetPage (materialize) latency")
     print_table(

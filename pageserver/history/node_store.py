@@ -39,7 +39,7 @@ from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
-from pageserver.storage.compaction import compact
+from pageserver.storage.compaction import CompactionTotals, compact
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -148,6 +148,7 @@ class NodeStore:
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
         self.flusher = BackgroundFlusher(f"flush-{node_id}")
+        self.compaction_totals = CompactionTotals()
         self._flush_failed = False
         self._requested: dict[str, int] = {}
         """Per timeline: the LSN up to which a background flush was last requested."""
@@ -329,6 +330,7 @@ class NodeStore:
 
     def _compact(self, timeline: Timeline) -> None:
         result = compact(timeline, reconstruct, rebuild_range)
+        self.compaction_totals.add(result)
         log.debug(
             "flushed %s to %s (%s)",
             timeline.timeline_id,
