@@ -119,8 +119,8 @@ def storage_usage(
     def freed_layers(without: dict[str, Retention]) -> int:
         total = 0
         for timeline_id, points in without.items():
-            if points == base[timeline_id]:
-                continue
+            if _effective(points) == _effective(base[timeline_id]):
+                continue  # the same reads are kept: nothing more goes
             kept = removable(timeline_id)
             more = plans.removable(timeline_id, points)
             total += sum(size for name, size in more.items() if name not in kept)
@@ -148,6 +148,15 @@ def storage_usage(
         referenced = _window_bytes(plans, store, area)
         out.append(Retained("pitr area", area.name, referenced, layers + wal, wal))
     return out
+
+
+def _effective(points: Retention) -> Retention:
+    """The same reads without the retained LSNs inside the window (kept by it anyway): a
+    snapshot there frees nothing when destroyed, and is not weighed layer by layer."""
+    start = points.window_start
+    if start is None:
+        return points
+    return Retention(tuple(x for x in points.retain_lsns if x < start), start, points.tip)
 
 
 def _window_bytes(plans: _Plans, store: NodeStore, area: PitrArea) -> int:
