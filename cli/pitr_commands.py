@@ -13,7 +13,7 @@ from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import node_lock
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
-from cli.remote_storage import s3_settings, sync_remote
+from cli.remote_storage import REMOTE_TYPES, s3_settings, sync_remote
 from pageserver.history.pitr import check_area_name
 from pageserver.storage.retention import RetentionPolicy
 from pageserver_api.models import (
@@ -42,7 +42,8 @@ def pitr_group() -> None:
 @click.option(
     "--storage",
     default=None,
-    help="Keep the area's history also in this s3 storage (default: the node's storage only).",
+    help="Keep the area's history also in this s3 or remote storage (default: the node's "
+    "storage only).",
 )
 @click.pass_context
 def pitr_create(
@@ -62,10 +63,10 @@ def pitr_create(
     remote = None
     if storage is not None and storage != row.storage:
         target = app.registry.get_storage(storage)
-        if target.type != "s3":
+        if target.type not in REMOTE_TYPES:
             raise InvalidArgument(
                 f"node {row.id} keeps its history in storage {row.storage!r}; PITR areas live "
-                f"there or also in an s3 storage ({storage!r} is {target.type}; push "
+                f"there or also in an s3 or remote storage ({storage!r} is {target.type}; push "
                 "snapshots to it instead)"
             )
         remote = s3_settings(app, target)

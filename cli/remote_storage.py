@@ -11,6 +11,7 @@ restarts. A bucket that cannot be read then is one warning line, not a failure o
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import click
 
@@ -24,11 +25,17 @@ from pageserver_api.models import RemoteAttachRequest, RemoteStatusResponse
 from pg15.lsn import format_lsn
 from proto.errors import InvalidArgument, NeonError
 
+REMOTE_TYPES = ("s3", "remote")
+"""Storages that can keep PITR history: a bucket, or another pageserver (its `blob.*`)."""
+
 
 def s3_settings(app: App, row: StorageRow) -> dict[str, Any]:
-    """The settings the pageserver reaches the bucket with: the path of the secret, not it."""
+    """The settings the pageserver reaches the bucket (or the remote pageserver) with: the
+    path of the secret (the token), not it."""
+    if row.type == "remote":
+        return _remote_settings(app, row)
     if row.type != "s3":
-        raise InvalidArgument(f"storage {row.name!r} is of type {row.type}, not s3")
+        raise InvalidArgument(f"storage {row.name!r} is of type {row.type}, not s3 or remote")
     secret = secret_path(app.home, row.name, "secret_access_key")
     return {
         "storage": row.name,
@@ -41,10 +48,30 @@ def s3_settings(app: App, row: StorageRow) -> dict[str, Any]:
     }
 
 
+def _remote_settings(app: App, row: StorageRow) -> dict[str, Any]:
+    parts = urlsplit(row.options["url"])
+    token = secret_path(app.home, row.name, "token")
+    if not token.exists():
+        raise InvalidArgument(
+            f"storage {row.name} has no token; detach it and attach it again with "
+            "-c token=@FILE (the remote pageserver's token file)"
+        )
+    return {
+        "storage": row.name,
+        "bucket": "",
+        "prefix": unquote(parts.path).strip("/"),
+        "endpoint": f"neon://{parts.netloc.rpartition('@')[2]}",
+        "secret_file": str(token),
+        "kind": "remote",
+        "tls": row.options.get("tls") == "on",
+        "ca_file": row.options.get("ca") or None,
+    }
+
+
 def sync_remote(app: App, api: SyncPageserverClient, only: str | None = None) -> None:
     """Tell the pageserver about the s3 storages it does not know yet (`only`: just that
     one), so it attaches the PITR areas of their buckets."""
-    rows = [r for r in app.registry.storages() if r.type == "s3" and only in (None, r.name)]
+    rows = [r for r in app.registry.storages() if r.type in REMOTE_TYPES and only in (None, r.name)]
     if not rows:
         return
     known = {s.storage for s in api.remote_status().storages}
@@ -92,9 +119,9 @@ def node_uploads(app: App, node_id: str) -> list[dict[str, Any]]:
 
 
 def in_storage(app: App, rows: list[dict[str, Any]], storage: str) -> list[dict[str, Any]]:
-    """The snapshot rows kept in `storage`: attached from it (s3), or of its nodes."""
+    """The snapshot rows kept in `storage`: attached from it (s3, remote), or of its nodes."""
     row = app.registry.get_storage(storage)
-    if row.type == "s3":
+    if row.type in REMOTE_TYPES:
         return [r for r in rows if r.get("storage") == storage]
     node_storage = {n.id: n.storage for n in app.registry.nodes()}
     return [

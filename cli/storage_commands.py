@@ -12,7 +12,7 @@ from cli.nodes import HISTORY_DIR
 from cli.output import dir_size, human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.registry import StorageRow
-from cli.remote_storage import remote_status, upload_line
+from cli.remote_storage import REMOTE_TYPES, remote_status, upload_line
 from cli.secrets import MASK, SOURCES_HINT
 from cli.storage_usage import print_retained, retained_json
 from cli.storages import (
@@ -52,7 +52,7 @@ def _used(row: StorageRow, remote: RemoteStatusResponse | None) -> int | None:
     holds (never a LIST of the bucket)."""
     if row.type == "native":
         return dir_size(Path(row.options["path"]))
-    if row.type == "s3" and remote is not None:
+    if row.type in REMOTE_TYPES and remote is not None:
         return next((u.used_bytes for u in remote.storages if u.storage == row.name), None)
     return None
 
@@ -92,7 +92,7 @@ def _attached(row: StorageRow, remote: RemoteStatusResponse | None) -> list[str]
 def _storage_json(app: App, row: StorageRow, remote: RemoteStatusResponse | None) -> dict[str, Any]:
     users = [n.id for n in app.registry.nodes() if n.storage == row.name]
     extra: dict[str, Any] = {}
-    if row.type == "s3":
+    if row.type in REMOTE_TYPES:
         extra = {"uploads": _uploads(row, remote), "attached_areas": _attached(row, remote)}
     return {
         "name": row.name,
@@ -169,7 +169,7 @@ def storage_list(ctx: click.Context, as_json: bool) -> None:
     """List attached storages."""
     app = get_app(ctx)
     rows = app.registry.storages()
-    remote = _remote(app) if any(r.type == "s3" for r in rows) else None
+    remote = _remote(app) if any(r.type in REMOTE_TYPES for r in rows) else None
     if as_json:
         print_json([_storage_json(app, r, remote) for r in rows])
         return
@@ -196,7 +196,7 @@ def storage_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show one storage."""
     app = get_app(ctx)
     row = app.registry.get_storage(name)
-    info = _storage_json(app, row, _remote(app) if row.type == "s3" else None)
+    info = _storage_json(app, row, _remote(app) if row.type in REMOTE_TYPES else None)
     if as_json:
         print_json(info)
         return
@@ -231,7 +231,7 @@ def storage_detach(ctx: click.Context, name: str) -> None:
     row = app.registry.get_storage(name)
     if name == DEFAULT_STORAGE:
         raise Conflict(f"the default storage {name!r} cannot be detached")
-    if row.type == "s3":
+    if row.type in REMOTE_TYPES:
         try:
             api = local_api(app, start=False)
         except NeonError:

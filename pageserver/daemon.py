@@ -37,6 +37,7 @@ from pageserver.config import (
     store_settings_from,
 )
 from pageserver.pid_file import acquire_pid_file
+from pageserver.remote.object_service import OBJECTS_DIR, object_handlers
 from proto.errors import NeonError
 from proto.server import Handler, ProtoServer
 
@@ -77,7 +78,11 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
     ps: Pageserver | None = None
     try:
         ps = Pageserver(config)
-        handlers = {**build_handlers(ps), **(extra(config) if extra is not None else {})}
+        handlers = {
+            **build_handlers(ps),
+            **object_handlers(config.workdir / OBJECTS_DIR),  # a remote storage's objects
+            **(extra(config) if extra is not None else {}),
+        }
         proto = ProtoServer(
             handlers, token=config.token, server_name=f"pg-neon pageserver {VERSION}"
         )

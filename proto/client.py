@@ -8,11 +8,12 @@ download left unfinished) the connection can no longer be trusted and is closed.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_
 from collections.abc import AsyncIterable
 from typing import Any
 
 from proto.connection import MessageStream
-from proto.errors import Conflict, ProtocolError, Unavailable
+from proto.errors import AuthFailed, Conflict, ProtocolError, Unavailable
 from proto.frames import DEFAULT_MAX_FRAME_SIZE
 from proto.messages import (
     CONNECTION_ID,
@@ -59,16 +60,29 @@ class ProtoClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         peer: str = PAGESERVER,
         hint: str = PAGESERVER_HINT,
+        ssl: ssl_.SSLContext | None = None,
     ) -> ProtoClient:
         """Connect and authenticate; `timeout` bounds the TCP connect and the hello. `peer`
-        names the server in messages, `hint` says what to check when it cannot be reached."""
+        names the server in messages, `hint` says what to check when it cannot be reached.
+        With `ssl` the connection is TLS, the server's certificate checked by that context
+        (against `host` when it checks host names) before the hello sends the token."""
         address = f"{host}:{port}"
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
         except TimeoutError:
             raise Unavailable(
                 f"timed out after {timeout:g} s connecting to {peer} at {address}"
+            ) from None
+        except ssl_.SSLCertVerificationError as exc:
+            raise AuthFailed(
+                f"{peer} at {address} presented a certificate that does not verify: "
+                f"{exc.verify_message or exc}; give the CA that signed it (-c ca=PATH)"
+            ) from None
+        except ssl_.SSLError as exc:
+            raise Unavailable(
+                f"TLS with {peer} at {address} failed: {exc.reason or exc} (does it serve "
+                "TLS? a pageserver does with --tls-cert/--tls-key)"
             ) from None
         except OSError as exc:
             raise Unavailable(

@@ -25,7 +25,7 @@ from durable_files import write_file_durably
 from pageserver.history.node_store import NodeStore
 from pageserver.remote.lease import acquire, pageserver_id
 from pageserver.remote.mirror import MirrorArea
-from pageserver.remote.objects import ObjectStore
+from pageserver.remote.objects import open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.uploader import AreaUploader, UploadStatus, area_prefix
 from proto.errors import NotFound
@@ -104,7 +104,7 @@ class RemoteHistories:
         prefix = area_prefix(settings, name)
 
         async def take() -> None:
-            async with ObjectStore(settings) as bucket:
+            async with open_bucket(settings) as bucket:
                 await acquire(
                     bucket, f"{prefix}/lease.json", self.owner,
                     f"PITR area {name!r} in {settings.url}",
@@ -156,7 +156,7 @@ class RemoteHistories:
         self.remember_storage(settings)
 
         async def areas() -> list[str]:
-            async with ObjectStore(settings) as bucket:
+            async with open_bucket(settings) as bucket:
                 return await bucket.list_dirs(settings.key("pitr") + "/")
 
         attached = []

@@ -28,7 +28,7 @@ from pageserver.history.snapshots import Snapshot
 from pageserver.ingest.lsn_index import INDEX_FILE, LsnIndex
 from pageserver.remote.index import INDEX_NAME, RemoteIndex, RemoteObject, decode_index
 from pageserver.remote.layer_selection import layers_for_read
-from pageserver.remote.objects import ObjectStore
+from pageserver.remote.objects import open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.uploader import area_prefix
 from pageserver.storage.layers.names import LayerName, parse_layer_name
@@ -117,7 +117,7 @@ class MirrorArea:
 
     async def _read_index(self) -> tuple[bytes, RemoteIndex]:
         key = f"{self.prefix}/{INDEX_NAME}"
-        async with ObjectStore(self.settings) as bucket:
+        async with open_bucket(self.settings) as bucket:
             raw = await bucket.get_if_exists(key)
         if raw is None:
             raise NotFound(f"PITR area {self.name!r} has no index in {self.settings.url}")
@@ -168,7 +168,7 @@ class MirrorArea:
     async def _fetch(self, wanted: dict[str, RemoteObject]) -> dict[str, bytes]:
         """Download and verify objects (path -> bytes), a few at once."""
         slots = asyncio.Semaphore(4)
-        async with ObjectStore(self.settings) as bucket:
+        async with open_bucket(self.settings) as bucket:
 
             async def one(path: str, obj: RemoteObject) -> tuple[str, bytes]:
                 async with slots:

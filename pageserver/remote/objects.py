@@ -170,3 +170,13 @@ class ObjectStore:
             async for page in pages:
                 for entry in page.get("Contents", []):
                     yield str(entry["Key"]), int(entry["Size"])
+
+
+def open_bucket(settings: RemoteSettings) -> ObjectStore:
+    """The object store of a storage: its S3 bucket, or for a remote storage the pageserver
+    that keeps its objects (pageserver/remote/proto_objects.py)."""
+    if settings.kind == "remote":
+        from pageserver.remote.proto_objects import ProtoObjectStore
+
+        return ProtoObjectStore(settings)
+    return ObjectStore(settings)

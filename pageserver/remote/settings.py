@@ -1,9 +1,11 @@
-"""Where an s3 storage's bucket is and as whom the pageserver reaches it.
+"""Where an s3 storage's bucket is and as whom the pageserver reaches it; or, for a remote
+storage (`kind="remote"`), which other pageserver keeps the objects instead of a bucket
+(pageserver/remote/proto_objects.py).
 
-The CLI passes an attached s3 storage's options (cli/storages.py) and the path of its secret
-file, never the secret: the pageserver reads the file when it opens a client, so a rotated
-secret is used without restarting anything and no secret is copied into the pageserver's
-own files.
+The CLI passes an attached storage's options (cli/storages.py) and the path of its secret
+file (the secret access key, or the remote pageserver's token), never the secret: the
+pageserver reads the file when it opens a client, so a rotated secret is used without
+restarting anything and no secret is copied into the pageserver's own files.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ class RemoteSettings:
     region: str | None = None
     access_key_id: str | None = None
     secret_file: str | None = None
-    """A 0600 file holding the secret access key (NEON_HOME/secrets/...)."""
+    """A 0600 file holding the secret access key (NEON_HOME/secrets/...); remote: the token."""
+    kind: str = "s3"
+    """"s3", or "remote": `endpoint` is then neon://HOST:PORT of a pageserver and `bucket`
+    is unused."""
+    tls: bool = False
+    """remote: TLS to the pageserver, its certificate verified against `ca_file` (else the
+    system's CAs) and the host name."""
+    ca_file: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,8 +45,12 @@ class RemoteSettings:
             settings = RemoteSettings(**data)
         except TypeError as exc:
             raise InvalidArgument(f"invalid s3 storage settings: {exc}") from None
-        if not settings.bucket:
+        if settings.kind not in ("s3", "remote"):
+            raise InvalidArgument(f"unknown remote storage kind {settings.kind!r}")
+        if settings.kind == "s3" and not settings.bucket:
             raise InvalidArgument("an s3 storage needs a bucket")
+        if settings.kind == "remote" and not (settings.endpoint or "").startswith("neon://"):
+            raise InvalidArgument("a remote storage needs a neon://HOST:PORT endpoint")
         return settings
 
     def key(self, *parts: str) -> str:
@@ -46,6 +59,9 @@ class RemoteSettings:
 
     @property
     def url(self) -> str:
+        if self.kind == "remote":
+            assert self.endpoint is not None
+            return "/".join(p for p in (self.endpoint.rstrip("/"), self.prefix.strip("/")) if p)
         return "s3://" + "/".join(p for p in (self.bucket, self.prefix.strip("/")) if p)
 
     def secret(self) -> str | None:
@@ -55,6 +71,7 @@ class RemoteSettings:
             return Path(self.secret_file).read_text().strip()
         except OSError as exc:
             raise InvalidArgument(
-                f"cannot read the secret access key of storage {self.storage!r} "
+                f"cannot read the {'token' if self.kind == 'remote' else 'secret access key'} "
+                f"of storage {self.storage!r} "
                 f"({self.secret_file}): {exc.strerror}"
             ) from None

@@ -24,7 +24,7 @@ from pageserver.history.node_store import NodeStore
 from pageserver.remote import lease as leases
 from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
 from pageserver.remote.local_objects import HashCache, plan_index
-from pageserver.remote.objects import ObjectStore
+from pageserver.remote.objects import ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.upload_queue import DEFAULT_PARALLEL, QueueStopped, RoundAborted, UploadQueue
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
@@ -158,7 +158,7 @@ class AreaUploader:
     async def _main(self) -> None:
         while not self._stop:
             try:
-                async with ObjectStore(self.settings) as bucket:
+                async with open_bucket(self.settings) as bucket:
                     self._queue = UploadQueue(
                         bucket, parallel=self.parallel, stopped=lambda: self._stop
                     )

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pg15.lsn import format_lsn
 from tests.neoncli import NeonCli, free_port, psql
 from tests.pgtest import pg_reachable_tmpdir
 
@@ -29,6 +32,8 @@ def homes() -> Iterator[tuple[NeonCli, NeonCli, Path]]:
                 "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g")  # fmt: skip
         a.run("snapshot", "create", SNAP)
         b.run("pageserver", "start")
+        a.run("storage", "attach", "-t", "remote", "-n", "zcloud",
+              "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
         yield a, b, base
     finally:
         b.cleanup()
@@ -67,8 +72,6 @@ def test_push_and_pull_through_a_remote_pageserver(
     data on A; a delta is sent on what B holds; a wrong token is refused before any byte."""
     a, b, _base = homes
     reference = dump(a, SNAP)
-    a.run("storage", "attach", "-t", "remote", "-n", "zcloud",
-          "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
     (tmp_path / "wrong").write_text("not-the-token")
     a.run("storage", "attach", "-t", "remote", "-n", "zbad",
           "-c", f"url={b_url(b)}", "-c", f"token=@{tmp_path / 'wrong'}")  # fmt: skip
@@ -93,3 +96,47 @@ def test_push_and_pull_through_a_remote_pageserver(
     delta = a.json("snapshot", "push", "--to", "zcloud", "pgdata1@snap2")
     assert delta["parent"] == SNAP and delta["bytes_sent"] < pushed["bytes_sent"] / 2
     assert dump(b, "pgdata1-snap2") == dump(a, "pgdata1@snap2")
+
+
+def wait_uploaded(neon: NeonCli, storage: str, area: str, lsn: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        shown = neon.json("storage", "show", storage)
+        [status] = [u for u in shown["uploads"] if u["area"] == area]
+        if int(status["remote_lsn"]) >= lsn:
+            return {**status, "used_bytes": shown["used_bytes"]}
+        assert time.monotonic() < deadline, f"not uploaded to {format_lsn(lsn)}: {status}"
+        time.sleep(0.5)
+
+
+def test_a_pitr_area_kept_by_a_remote_pageserver(homes: tuple[NeonCli, NeonCli, Path]) -> None:
+    """`pitr create --storage zcloud` on A: its history (layers, WAL, index with checksums,
+    lease) goes to B's pageserver; a third, fresh home attaches zcloud and extracts at an
+    uploaded LSN: the same data as A's snapshot at that LSN."""
+    a, b, base = homes
+    fresh = NeonCli(base / "c", {})
+    try:
+        a.run("pitr", "create", "zarea", "--pg", "pgdata1", "--storage", "zcloud")
+        c = str(a.json("pg", "show", "pgdata1")["connstr"])
+        psql(c, "CREATE TABLE p AS SELECT g AS id, repeat('x', 200) AS v "
+                "FROM generate_series(1, 20000) g")  # fmt: skip
+        mark = a.json("snapshot", "create", "pgdata1@mark")
+        psql(c, "SELECT pg_switch_wal(); CHECKPOINT;")
+        status = wait_uploaded(a, "zcloud", "zarea", int(mark["lsn"]))
+        assert status["last_error"] is None and status["generation"] == 1
+        assert status["used_bytes"] == status["remote_bytes"] > 0
+        kept = b.home / "pageserver" / "objects" / "pitr" / "zarea"
+        assert (kept / "index.json").is_file() and (kept / "lease.json").is_file()
+
+        fresh.run("storage", "attach", "-t", "remote", "-n", "zcloud",
+                  "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
+        areas = {x["name"]: x for x in fresh.json("pitr", "list")}
+        assert areas["zarea"]["storage"] == "zcloud"
+        fresh.json(
+            "pitr", "extract-snapshot", "zarea", "--lsn", format_lsn(int(mark["lsn"])),
+            "--as", "back",
+        )  # fmt: skip
+        assert dump(fresh, "pgdata1@back") == dump(a, "pgdata1@mark")
+    finally:
+        fresh.cleanup()
+        a.run("pitr", "destroy", "zarea", check=False)

@@ -1,0 +1,117 @@
+"""A pageserver as another pageserver's bucket: the `blob.*` proto methods that keep objects
+under ``<workdir>/objects/`` (issue 13 item 3, a remote storage holding PITR history).
+
+The calling pageserver's uploader and mirror (pageserver/remote/uploader.py, mirror.py) use
+the same five operations as on S3 (put, get, head, delete, list), through
+pageserver/remote/proto_objects.py, so the history kept here has the bucket's layout, index,
+checksums, ordering and lease: nothing of it is interpreted on this side. Each object is
+written crash-safe (a temporary name, fsync, rename: durable_files), so a reader sees it whole
+or not at all, as with S3; a conditional put (the lease's If-None-Match: *) is refused with
+AlreadyExists when the object exists, checked and written under one lock.
+
+Keys are relative paths: components that are empty, `.`, `..`, hidden (temporary files start
+with a dot nowhere, but a key may not name one) or contain NUL are refused, so no key leaves
+the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from durable_files import TEMP_SUFFIX, write_chunks_durably
+from proto.errors import AlreadyExists, InvalidArgument, NotFound
+from proto.server import Handler, RequestContext
+
+OBJECTS_DIR = "objects"
+CHUNK = 1 << 20
+
+
+def _key(ctx: RequestContext, name: str = "key", *, prefix: bool = False) -> str:
+    key = ctx.params.get(name)
+    if not isinstance(key, str):
+        raise InvalidArgument(f"{ctx.method} needs a {name}")
+    parts = key.rstrip("/").split("/") if prefix else key.split("/")
+    if prefix and key in ("", "/"):
+        return ""
+    if any(p in ("", ".", "..") or p.startswith(".") or "\0" in p for p in parts) or (
+        key.endswith(TEMP_SUFFIX)
+    ):
+        raise InvalidArgument(f"invalid object key {key!r}")
+    return key
+
+
+def object_handlers(root: Path) -> dict[str, Handler]:
+    """The `blob.*` methods over the objects under `root` (made on the first put)."""
+    put_lock = asyncio.Lock()
+
+    def path(key: str) -> Path:
+        return root / key
+
+    async def put(ctx: RequestContext) -> Any:
+        key = _key(ctx)
+        body = b"".join([chunk async for chunk in ctx.upload()])
+        target = path(key)
+
+        def write() -> int:
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return write_chunks_durably(target, (body,))
+
+        if ctx.params.get("if_absent"):
+            async with put_lock:
+                if target.exists():
+                    raise AlreadyExists(f"object {key} exists already")
+                return await asyncio.to_thread(write)
+        return await asyncio.to_thread(write)
+
+    async def get(ctx: RequestContext) -> Any:
+        key = _key(ctx)
+        try:
+            f = open(path(key), "rb")  # noqa: SIM115 (read chunk by chunk below)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no object {key}") from None
+        with f:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                await ctx.send(chunk)
+        return None
+
+    async def size(ctx: RequestContext) -> Any:
+        target = path(_key(ctx))
+        return target.stat().st_size if target.is_file() else None
+
+    async def delete(ctx: RequestContext) -> Any:
+        target = path(_key(ctx))
+        await asyncio.to_thread(target.unlink, missing_ok=True)
+        return None
+
+    async def list_dirs(ctx: RequestContext) -> Any:
+        directory = path(_key(ctx, "prefix", prefix=True))
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir() if p.is_dir())
+
+    async def list_keys(ctx: RequestContext) -> Any:
+        prefix = _key(ctx, "prefix", prefix=True)
+
+        def walk() -> list[list[Any]]:
+            found = []
+            for dirpath, _dirs, files in os.walk(path(prefix)):
+                for name in files:
+                    if name.endswith(TEMP_SUFFIX):
+                        continue
+                    full = Path(dirpath) / name
+                    found.append([str(full.relative_to(root)), full.stat().st_size])
+            return sorted(found)
+
+        return await asyncio.to_thread(walk)
+
+    return {
+        "blob.put": put,
+        "blob.get": get,
+        "blob.size": size,
+        "blob.delete": delete,
+        "blob.list_dirs": list_dirs,
+        "blob.list_keys": list_keys,
+    }

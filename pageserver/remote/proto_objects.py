@@ -1,0 +1,120 @@
+"""The bucket operations of pageserver/remote/objects.py against another pageserver's
+`blob.*` methods (pageserver/remote/object_service.py): a remote storage
+(`neon storage attach -t remote -c url=neon://HOST:PORT -c token=...`) holds a PITR area's
+history exactly as an s3 storage does.
+
+Why objects and not the WAL: the uploader already ships what a PITR area needs (layer files,
+archived WAL segments, the LSN index, then the index naming them with their SHA-256, under a
+lease) with the ordering that keeps the far side consistent at every moment; making the far
+side an object store reuses all of it, and the mirror's on-demand, verified download for
+attaching the history elsewhere. The remote pageserver keeps the bytes and interprets none.
+
+Each operation borrows a connection from a small pool (a proto connection carries one request
+at a time; the upload queue runs several at once) and returns it when the request ended in
+step; connection failures are Unavailable, so the queue retries them with its backoff.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from pageserver.remote.objects import ObjectStore, PreconditionFailed
+from pageserver.remote.settings import RemoteSettings
+from proto.client import ProtoClient
+from proto.errors import AlreadyExists, InvalidArgument, NotFound, ProtocolError
+
+CHUNK = 1 << 20
+PEER = "the remote pageserver"
+HINT = "is the pageserver of the storage's url running, and is the url right?"
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context verifying the server's certificate and host name, against `ca_file`
+    (the certificate the user gave, e.g. a self-signed one) or else the system's CAs."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"cannot load the CA file {ca_file}: {exc}") from None
+
+
+class ProtoObjectStore(ObjectStore):
+    """The `ObjectStore` interface over proto; open it with `async with`."""
+
+    def __init__(self, settings: RemoteSettings) -> None:
+        super().__init__(settings)
+        parts = urlsplit(settings.endpoint or "")
+        if not parts.hostname or parts.port is None:
+            raise InvalidArgument(f"invalid remote pageserver url {settings.endpoint!r}")
+        self._host, self._port = parts.hostname, parts.port
+        self._idle: list[ProtoClient] = []
+        self._ssl = tls_context(settings.ca_file) if settings.tls else None
+
+    async def __aenter__(self) -> ProtoObjectStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        while self._idle:
+            await self._idle.pop().close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[ProtoClient]:
+        client = self._idle.pop() if self._idle else None
+        if client is None:
+            client = await ProtoClient.connect(
+                self._host, self._port, token=self.settings.secret(),
+                client_name="pageserver remote storage", peer=PEER, hint=HINT, ssl=self._ssl,
+            )  # fmt: skip
+        try:
+            yield client
+        except BaseException:
+            await client.close()
+            raise
+        self._idle.append(client)
+
+    async def _call(self, method: str, **params: Any) -> Any:
+        async with self._connection() as client:
+            return await client.call(method, **params)
+
+    async def put(self, key: str, body: bytes, *, if_absent: bool = False) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), CHUNK):
+                yield body[start : start + CHUNK]
+
+        try:
+            async with self._connection() as client:
+                await client.upload("blob.put", chunks(), key=key, if_absent=if_absent)
+        except AlreadyExists as exc:
+            raise PreconditionFailed(f"{self.settings.url}/{key} exists already") from exc
+
+    async def get(self, key: str) -> bytes:
+        async with self._connection() as client, client.download("blob.get", key=key) as download:
+            return await download.read()
+
+    async def size(self, key: str) -> int | None:
+        found = await self._call("blob.size", key=key)
+        if found is not None and not isinstance(found, int):
+            raise ProtocolError(f"{PEER} answered blob.size with {found!r:.80}")
+        return found
+
+    async def delete(self, key: str) -> None:
+        await self._call("blob.delete", key=key)
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        found = await self._call("blob.list_dirs", prefix=prefix)
+        if not isinstance(found, list) or not all(isinstance(n, str) for n in found):
+            raise ProtocolError(f"{PEER} answered blob.list_dirs with {found!r:.80}")
+        return found
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        for key, size in await self._call("blob.list_keys", prefix=prefix):
+            yield str(key), int(size)
+
+    async def get_if_exists(self, key: str) -> bytes | None:
+        try:
+            return await self.get(key)
+        except NotFound:
+            return None
