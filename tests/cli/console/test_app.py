@@ -5,6 +5,8 @@ token, and another Host is refused."""
 from __future__ import annotations
 
 import re
+import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cli.console.app import HOSTS_KEY, SESSIONS_KEY, create_app
 from cli.console.session import COOKIE, Sessions
+from tests.pgtest import pg_reachable_tmpdir
 
 
 @pytest.fixture
@@ -145,3 +148,25 @@ async def test_a_chosen_point_redirects_to_the_commits_around_it(client: TestCli
         assert response.status == 303
         assert response.headers["Location"] == location
         assert session.csrf not in location
+
+
+async def test_an_unreachable_pageserver_is_said_on_the_page_which_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI's commands go to a pageserver nothing listens for (NEON_PAGESERVER, which the
+    console's children inherit): the page names it, without a traceback, and reloads."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("NEON_PAGESERVER", f"neon://127.0.0.1:{port}/?token=t")
+    base = pg_reachable_tmpdir("neon-console-")  # a home PostgreSQL's OS user can enter
+    try:
+        app = create_app(base / "home", Sessions("t"))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            await client.get("/login?token=t", allow_redirects=False)
+            page = await (await client.get("/snapshots")).text()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert "`neon snapshot list --json` failed: cannot connect to the pageserver at " in page
+    assert f"127.0.0.1:{port}" in page and "is it running?" in page
+    assert 'http-equiv="refresh" content="5"' in page and "Traceback" not in page
