@@ -97,6 +97,9 @@ def test_attached_server_history_equals_the_server(
     """)  # fmt: skip
     lsn2, dump2 = live_state(server)
     neon.run("snapshot", "create", "srv@now")
+    wal = neon.json("pg", "show", "srv")["wal"]  # the server's position asked of the server
+    assert wal["stream"] == "streaming" and wal["server_lsn"] is not None, wal
+    assert isinstance(wal["lag_bytes"], int), wal
     assert_same_dumps(started_dumps(neon, "srv@now"), dump2, "snapshot srv@now")
     assert_same_dumps(extracted_dumps(neon, lsn1, "at1"), dump1, "extraction at lsn1")
     assert lsn2 > lsn1
