@@ -71,6 +71,8 @@ REQUESTS: list[m.ApiRequest] = [
     m.RemoteStatusRequest(),
     m.RemoteAttachRequest({"storage": "s3tank", "bucket": "b", "prefix": "", "endpoint": None}),
     m.RemoteDetachRequest("s3tank"),
+    m.PitrCommitsRequest("primary1", lsn=5, limit=3),
+    m.StorageUsageRequest("/home/storage/local/pagestore"),
 ]
 
 RESPONSES: list[m.ApiResponse] = [
@@ -175,6 +177,16 @@ RESPONSES: list[m.ApiResponse] = [
             ),
         ],
     ),
+    m.PitrCommitsResponse(
+        "primary1",
+        "t1",
+        300,
+        [m.XactInfo(100, 180, 731, "commit", datetime(2026, 12, 4, 10, tzinfo=UTC))],
+        [m.XactInfo(300, 380, 732, "prepare", datetime(2026, 12, 4, 11, tzinfo=UTC), "g1")],
+        0,
+        4096,
+    ),
+    m.StorageUsageResponse([m.RetainedInfo("snapshot", "pgdata1@s1", 8192, 4096)]),
 ]
 
 
