@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -187,12 +188,25 @@ def local_api(app: App, *, start: bool = True) -> SyncPageserverClient:
         return SyncPageserverClient(remote.host, remote.port, token=remote.token)
     if start:
         row = start_local(app)
-    else:
-        pid = running_pid(app)
-        info = _read_ports(local_config(app), pid) if pid is not None else None
-        if info is None:
-            raise Unavailable(
-                "the local pageserver is not running; start it with `neon pageserver start`"
-            )
-        row = _record(app, info)  # `pageserver run` started it: its ports are in its workdir
-    return SyncPageserverClient(row.host, row.port, token=local_token(app))
+    pid = running_pid(app)
+    info = _read_ports(local_config(app), pid) if pid is not None else None
+    if info is None:
+        raise Unavailable(
+            "the local pageserver is not running; start it with `neon pageserver start`"
+        )
+    row = _record(app, info)  # `pageserver run` started it: its ports are in its workdir
+    return SyncPageserverClient(
+        row.host, row.port, token=local_token(app), ssl=_local_tls(info.get("tls_cert"))
+    )
+
+
+def _local_tls(cert: str | None) -> ssl.SSLContext | None:
+    """For a daemon serving TLS (NEON_TLS_CERT, for its remote peers): the home's own CLI
+    trusts exactly the certificate the daemon said it serves, whatever host name it names
+    (the CLI connects to 127.0.0.1)."""
+    if cert is None:
+        return None
+    context = ssl.create_default_context(cafile=cert)
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the anchor
+    return context

@@ -47,10 +47,11 @@ from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, already_exists, use_spool
 from cli.transport.blocking import BlockingWriter
 from cli.transport.file import FileStore
-from cli.transport.neon import NeonStore, use_token
+from cli.transport.neon import NeonStore, use_tls, use_token
 from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
 from cli.transport.spool import SPOOL_DIR, PullSpool
 from pageserver.history.snapshots import import_name_from
+from pageserver.remote.proto_objects import tls_context
 from pageserver_api.models import BasebackupPlanRequest, SnapshotShowRequest
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
@@ -129,6 +130,9 @@ def remote_location(app: App, storage: str, url: str, name: str) -> Location:
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None  # validated at attach
     use_token(parts.hostname, parts.port, read_secret(token_file))
+    if app.registry.get_storage(storage).options.get("tls") == "on":
+        ca = app.registry.get_storage(storage).options.get("ca")
+        use_tls(parts.hostname, parts.port, tls_context(ca))
     return parse_location(f"neon://{parts.netloc.rpartition('@')[2]}/{name}")
 
 

@@ -30,7 +30,7 @@ SECRET_OPTIONS = {"s3": ("secret_access_key",), "remote": ("token", "password"),
 ALLOWED_OPTIONS = {
     "native": ("path",),
     "s3": ("bucket", "prefix", "endpoint", "region", "access_key_id", "secret_access_key"),
-    "remote": ("url", "token", "password"),
+    "remote": ("url", "token", "password", "tls", "ca"),
 }
 
 
@@ -187,6 +187,23 @@ def _validate_remote_url(url: str) -> None:
         raise InvalidArgument(f"remote url {mask_url(url)!r} needs a port: neon://HOST:PORT[/PATH]")
 
 
+def _validate_tls(options: dict[str, str]) -> None:
+    """`tls=on|off` (default off) and `ca=PATH`, the PEM file that verifies the remote
+    pageserver's certificate (default: the system's CAs), kept as an absolute path."""
+    tls = options.get("tls", "off").lower()
+    if tls not in ("on", "off"):
+        raise InvalidArgument(f"tls={options['tls']!r}: use tls=on or tls=off")
+    if "tls" in options:
+        options["tls"] = tls
+    if "ca" in options:
+        if tls != "on":
+            raise InvalidArgument("-c ca=PATH is for TLS: add -c tls=on")
+        ca = Path(options["ca"]).expanduser()
+        if not ca.is_file():
+            raise InvalidArgument(f"ca={options['ca']}: no such file (a PEM certificate)")
+        options["ca"] = os.path.realpath(ca)
+
+
 def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> StorageSpec:
     """Validate type-specific options and split out secrets."""
     validate_name(name)
@@ -239,6 +256,7 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
                     "keep -c password=@FILE or env:VAR"
                 )
             secrets["password"] = password
+        _validate_tls(options)
     return StorageSpec(name, type_, options, secrets)
 
 

@@ -20,6 +20,8 @@ DEFAULT_PROTO_PORT = 6400
 DEFAULT_HTTP_PORT = 9898
 DEFAULT_GC_INTERVAL = 300.0
 GC_INTERVAL_ENV = "NEON_GC_INTERVAL"
+TLS_CERT_ENV, TLS_KEY_ENV = "NEON_TLS_CERT", "NEON_TLS_KEY"
+"""A PEM certificate (chain) and its key: the proto port then speaks TLS only."""
 STORE_SETTING_ENV_PREFIX = "NEON_STORE_"
 """NEON_STORE_CHECKPOINT_DISTANCE=8388608 sets StoreSettings.checkpoint_distance, etc."""
 
@@ -35,6 +37,10 @@ class PageserverConfig:
     """Seconds between background GC runs."""
     store_settings: StoreSettings = DEFAULT_SETTINGS
     """Tunables of every storage the daemon opens."""
+    tls_cert: Path | None = None
+    """With `tls_key`: the proto port speaks TLS with this certificate (the HTTP port, status
+    and metrics, stays plain)."""
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.gc_interval) and self.gc_interval > 0):

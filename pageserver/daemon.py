@@ -16,6 +16,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,13 +33,15 @@ from pageserver.config import (
     DEFAULT_PROTO_PORT,
     GC_INTERVAL_ENV,
     STORE_SETTING_ENV_PREFIX,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
     PageserverConfig,
     gc_interval_from,
     store_settings_from,
 )
 from pageserver.pid_file import acquire_pid_file
 from pageserver.remote.object_service import OBJECTS_DIR, object_handlers
-from proto.errors import NeonError
+from proto.errors import InvalidArgument, NeonError
 from proto.server import Handler, ProtoServer
 
 log = logging.getLogger("pageserver")
@@ -86,7 +89,7 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         proto = ProtoServer(
             handlers, token=config.token, server_name=f"pg-neon pageserver {VERSION}"
         )
-        await proto.start(config.listen_host, config.proto_port)
+        await proto.start(config.listen_host, config.proto_port, ssl=server_tls(config))
         proto_port = proto.port
         http = HttpService(ps)
         http_port = await http.start(config.listen_host, config.http_port)
@@ -98,6 +101,7 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
                 "host": config.listen_host,
                 "proto_port": proto_port,
                 "http_port": http_port,
+                "tls_cert": None if config.tls_cert is None else str(config.tls_cert),
             },
         )
         log.info(
@@ -132,6 +136,22 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         log.info("stopped")
 
 
+def server_tls(config: PageserverConfig) -> ssl.SSLContext | None:
+    """The proto port's TLS context (TLS 1.2 at least), or None without a certificate."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise InvalidArgument("TLS needs both --tls-cert and --tls-key (or neither)")
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(
+            f"cannot load the TLS certificate {config.tls_cert} and key {config.tls_key}: {exc}"
+        ) from None
+    return context
+
+
 def parse_args(
     argv: list[str] | None, env: Mapping[str, str] | None = None
 ) -> tuple[PageserverConfig, bool]:
@@ -145,6 +165,14 @@ def parse_args(
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     parser.add_argument("--token-file", type=Path, default=None)
     parser.add_argument("--log-stderr", action="store_true", help="log to stderr, not a file")
+    parser.add_argument(
+        "--tls-cert", type=Path, default=env.get(TLS_CERT_ENV) or None, metavar="PEM",
+        help=f"serve proto over TLS with this certificate chain (${TLS_CERT_ENV})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-key", type=Path, default=env.get(TLS_KEY_ENV) or None, metavar="PEM",
+        help=f"the certificate's private key (${TLS_KEY_ENV})",
+    )  # fmt: skip
     parser.add_argument(
         "--gc-interval",
         default=None,
@@ -173,7 +201,10 @@ def parse_args(
             token,
             gc_interval=gc_interval,
             store_settings=store_settings_from(args.store_setting, env),
+            tls_cert=None if args.tls_cert is None else Path(args.tls_cert).absolute(),
+            tls_key=None if args.tls_key is None else Path(args.tls_key).absolute(),
         )
+        server_tls(config)  # a bad certificate or key: refused before anything starts
     except NeonError as exc:
         parser.error(str(exc))
     return config, bool(args.log_stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from ssl import SSLContext
 from typing import TypeVar
 
 from pageserver_api.models import (
@@ -86,9 +87,10 @@ class PageserverClient:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, token: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT
-    ) -> PageserverClient:
-        return cls(await ProtoClient.connect(host, port, token=token, timeout=timeout))
+        cls, host: str, port: int, *, token: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        ssl: SSLContext | None = None,
+    ) -> PageserverClient:  # fmt: skip
+        return cls(await ProtoClient.connect(host, port, token=token, timeout=timeout, ssl=ssl))
 
     async def __aenter__(self) -> PageserverClient:
         return self
@@ -224,12 +226,14 @@ class SyncPageserverClient:
     """The same API for synchronous code: each call opens its own connection."""
 
     def __init__(
-        self, host: str, port: int, *, token: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT
-    ) -> None:
+        self, host: str, port: int, *, token: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        ssl: SSLContext | None = None,
+    ) -> None:  # fmt: skip
         self.host = host
         self.port = port
         self._token = token
         self._timeout = timeout
+        self._ssl = ssl
 
     def run(self, call: Callable[[PageserverClient], Awaitable[T]]) -> T:
         """Connect, run `call` with the async client, close (several calls: one connection)."""
@@ -243,7 +247,7 @@ class SyncPageserverClient:
     async def connect(self) -> PageserverClient:
         """An async client of the same pageserver, for code already on an event loop."""
         return await PageserverClient.connect(
-            self.host, self.port, token=self._token, timeout=self._timeout
+            self.host, self.port, token=self._token, timeout=self._timeout, ssl=self._ssl
         )
 
     def status(self) -> StatusResponse:

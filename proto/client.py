@@ -109,7 +109,10 @@ class ProtoClient:
             err = reply.to_exception()
             raise type(err)(f"{peer} at {address} refused the connection: {err}")
         if reply is None:
-            raise Unavailable(f"the server at {address} closed the connection during the hello")
+            raise Unavailable(
+                f"the server at {address} closed the connection during the hello (a pageserver "
+                "serving TLS does so to a plain connection: attach the storage with -c tls=on)"
+            )
         raise ProtocolError(f"the server at {address} answered the hello with {reply!r}")
 
     async def __aenter__(self) -> ProtoClient:

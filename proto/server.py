@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import ssl as ssl_
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any
@@ -116,9 +117,12 @@ class ProtoServer:
         self.host = ""
         self.port = 0
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen; with port 0 the OS picks a free port, readable afterwards as `self.port`."""
-        self._server = await asyncio.start_server(self._serve_connection, host, port)
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl: ssl_.SSLContext | None = None
+    ) -> None:
+        """Listen; with port 0 the OS picks a free port, readable afterwards as `self.port`;
+        with `ssl`, TLS only (the handshake comes before the hello and its token)."""
+        self._server = await asyncio.start_server(self._serve_connection, host, port, ssl=ssl)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         log.info("%s listening on %s:%d", self.server_name, self.host, self.port)
 

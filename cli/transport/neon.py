@@ -16,6 +16,7 @@ URL in a message is the bare `neon://HOST:PORT/NAME`.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -40,11 +41,18 @@ HINT = "is `neon snapshot recv` running there? use the URL it printed"
 
 
 _TOKENS: dict[tuple[str, int], str] = {}
+_TLS: dict[tuple[str, int], ssl.SSLContext] = {}
 
 
 def use_token(host: str, port: int, token: str) -> None:
     """The token for neon://HOST:PORT URLs without one, from here on in this process."""
     _TOKENS[(host, port)] = token
+
+
+def use_tls(host: str, port: int, context: ssl.SSLContext) -> None:
+    """neon://HOST:PORT is reached over TLS with `context` (a remote storage attached with
+    -c tls=on), from here on in this process."""
+    _TLS[(host, port)] = context
 
 
 def parse_location(url: str) -> Location:
@@ -68,7 +76,7 @@ def parse_location(url: str) -> Location:
         else _TOKENS.get((parts.hostname, port)) or os.environ.get(TOKEN_ENV) or None
     )
     path = unquote(parts.path).lstrip("/")
-    store = NeonStore(parts.hostname, port, token)
+    store = NeonStore(parts.hostname, port, token, _TLS.get((parts.hostname, port)))
     if not path:
         return Location(store, None)
     return Location(store, check_object_name(path, shown))
@@ -80,8 +88,10 @@ def _shown(url: str) -> str:
 
 
 class NeonStore(Store):
-    def __init__(self, host: str, port: int, token: str | None) -> None:
-        self._host, self._port, self._token = host, port, token
+    def __init__(
+        self, host: str, port: int, token: str | None, ssl: ssl.SSLContext | None = None
+    ) -> None:
+        self._host, self._port, self._token, self._ssl = host, port, token, ssl
         address = f"[{host}]" if ":" in host else host
         self.url = f"neon://{address}:{port}/"
 
@@ -96,7 +106,7 @@ class NeonStore(Store):
     async def _connect(self) -> ProtoClient:
         return await ProtoClient.connect(
             self._host, self._port, token=self._token, client_name="neon snapshot",
-            peer=PEER, hint=HINT,
+            peer=PEER, hint=HINT, ssl=self._ssl,
         )  # fmt: skip
 
     async def _call(self, method: str, **params: Any) -> Any:

@@ -1,9 +1,13 @@
 """Another home's running pageserver as a remote storage (issue 13 item 3): home A attaches
 home B's pageserver (`-t remote -c url=neon://HOST:PORT -c token=@B's token file`) and pushes
-and pulls snapshots through its proto port; a wrong token is refused."""
+and pulls snapshots through its proto port; a wrong token is refused; with B serving TLS
+(a self-signed certificate made here) A reaches it with -c tls=on -c ca=CERT, and keeps a
+PITR area there that a third home attaches and extracts from."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import shutil
 import subprocess
 import time
@@ -12,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from pg15.lsn import format_lsn
 from tests.neoncli import NeonCli, free_port, psql
@@ -32,8 +40,6 @@ def homes() -> Iterator[tuple[NeonCli, NeonCli, Path]]:
                 "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g")  # fmt: skip
         a.run("snapshot", "create", SNAP)
         b.run("pageserver", "start")
-        a.run("storage", "attach", "-t", "remote", "-n", "zcloud",
-              "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
         yield a, b, base
     finally:
         b.cleanup()
@@ -72,6 +78,8 @@ def test_push_and_pull_through_a_remote_pageserver(
     data on A; a delta is sent on what B holds; a wrong token is refused before any byte."""
     a, b, _base = homes
     reference = dump(a, SNAP)
+    a.run("storage", "attach", "-t", "remote", "-n", "zcloud",
+          "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
     (tmp_path / "wrong").write_text("not-the-token")
     a.run("storage", "attach", "-t", "remote", "-n", "zbad",
           "-c", f"url={b_url(b)}", "-c", f"token=@{tmp_path / 'wrong'}")  # fmt: skip
@@ -109,27 +117,91 @@ def wait_uploaded(neon: NeonCli, storage: str, area: str, lsn: int) -> dict[str,
         time.sleep(0.5)
 
 
-def test_a_pitr_area_kept_by_a_remote_pageserver(homes: tuple[NeonCli, NeonCli, Path]) -> None:
-    """`pitr create --storage zcloud` on A: its history (layers, WAL, index with checksums,
-    lease) goes to B's pageserver; a third, fresh home attaches zcloud and extracts at an
-    uploaded LSN: the same data as A's snapshot at that LSN."""
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pg-neon test pageserver")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(exist_ok=True)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="module")
+def tls_b(homes: tuple[NeonCli, NeonCli, Path]) -> Path:
+    """B's pageserver restarted with a self-signed certificate (NEON_TLS_CERT/KEY); A attaches
+    it as ztls with -c tls=on -c ca=CERT. The certificate's path is returned."""
+    a, b, base = homes
+    cert, key = self_signed(base / "tls")
+    b.run("pageserver", "stop")
+    NeonCli(b.home, {"NEON_TLS_CERT": str(cert), "NEON_TLS_KEY": str(key)}).run(
+        "pageserver", "start"
+    )
+    a.run("storage", "attach", "-t", "remote", "-n", "ztls", "-c", f"url={b_url(b)}",
+          "-c", f"token=@{b_token(b)}", "-c", "tls=on", "-c", f"ca={cert}")  # fmt: skip
+    return cert
+
+
+def test_tls_to_a_remote_pageserver(homes: tuple[NeonCli, NeonCli, Path], tls_b: Path) -> None:
+    """With TLS the push goes through and B's own CLI still reaches its daemon (it trusts the
+    certificate the daemon serves); a plain connection, or TLS without the CA that signed the
+    certificate, is refused before the token is sent."""
+    a, b, _base = homes
+    assert "pgdata1-snap1" in [s["name"] for s in b.json("snapshot", "list")]
+    pushed = a.json("snapshot", "push", "--to", "ztls:tls.neon", SNAP)
+    assert pushed["bytes_sent"] > 0 and "tls" in [s["name"] for s in b.json("snapshot", "list")]
+    a.run("storage", "attach", "-t", "remote", "-n", "zplain",
+          "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
+    refused = a.fail("snapshot", "push", "--to", "zplain:plain.neon", SNAP)
+    assert "closed the connection during the hello" in refused and "tls=on" in refused
+    a.run("storage", "attach", "-t", "remote", "-n", "znoca", "-c", f"url={b_url(b)}",
+          "-c", f"token=@{b_token(b)}", "-c", "tls=on")  # fmt: skip
+    refused = a.fail("snapshot", "push", "--to", "znoca:noca.neon", SNAP)
+    assert "certificate that does not verify" in refused and "-c ca=PATH" in refused
+
+
+def test_a_pitr_area_kept_by_a_remote_pageserver(
+    homes: tuple[NeonCli, NeonCli, Path], tls_b: Path
+) -> None:
+    """`pitr create --storage ztls` on A: its history (layers, WAL, index with checksums,
+    lease) goes to B's pageserver over TLS; a third, fresh home attaches it and extracts at
+    an uploaded LSN: the same data as A's snapshot at that LSN."""
     a, b, base = homes
     fresh = NeonCli(base / "c", {})
     try:
-        a.run("pitr", "create", "zarea", "--pg", "pgdata1", "--storage", "zcloud")
+        a.run("pitr", "create", "zarea", "--pg", "pgdata1", "--storage", "ztls")
         c = str(a.json("pg", "show", "pgdata1")["connstr"])
         psql(c, "CREATE TABLE p AS SELECT g AS id, repeat('x', 200) AS v "
                 "FROM generate_series(1, 20000) g")  # fmt: skip
         mark = a.json("snapshot", "create", "pgdata1@mark")
         psql(c, "SELECT pg_switch_wal(); CHECKPOINT;")
-        status = wait_uploaded(a, "zcloud", "zarea", int(mark["lsn"]))
+        status = wait_uploaded(a, "ztls", "zarea", int(mark["lsn"]))
         assert status["last_error"] is None and status["generation"] == 1
         assert status["used_bytes"] == status["remote_bytes"] > 0
         kept = b.home / "pageserver" / "objects" / "pitr" / "zarea"
         assert (kept / "index.json").is_file() and (kept / "lease.json").is_file()
 
-        fresh.run("storage", "attach", "-t", "remote", "-n", "zcloud",
-                  "-c", f"url={b_url(b)}", "-c", f"token=@{b_token(b)}")  # fmt: skip
+        fresh.run("storage", "attach", "-t", "remote", "-n", "zcloud", "-c", f"url={b_url(b)}",
+                  "-c", f"token=@{b_token(b)}", "-c", "tls=on", "-c", f"ca={tls_b}")  # fmt: skip
         areas = {x["name"]: x for x in fresh.json("pitr", "list")}
         assert areas["zarea"]["storage"] == "zcloud"
         fresh.json(
