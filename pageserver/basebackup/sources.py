@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -15,6 +16,9 @@ from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespa
 from pageserver.ingest.import_datadir import import_lsn_of
 from pageserver.reconstruct import range_reads
 from pageserver.reconstruct import reads as pr
+from pageserver.reconstruct.range_reads import SlowValues
+from pageserver.reconstruct.range_rebuild import rebuild_keys
+from pageserver.redo.native import redo as native_redo
 from pageserver.storage.keys import SlruKind, database_range
 from pageserver.storage.timeline import RangeRead, Timeline
 from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE
@@ -101,7 +105,10 @@ class TimelineSource:
 
     timeline: Timeline
     lsn: int
-    _plans: dict[tuple[int, int], RangeRead | None] = field(
+    bulk: bool = True
+    """Rebuild the pages that need redo in bulk (range_rebuild); False: key by key (the
+    reference the tests compare with)."""
+    _plans: dict[tuple[int, int], tuple[RangeRead | None, SlowValues | None]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -131,15 +138,24 @@ class TimelineSource:
     def rel_pages(
         self, spc: int, db: int, rel: int, fork: int, first: int, count: int
     ) -> Iterator[bytes]:
-        # One plan per database (pageserver.reconstruct.range_reads); key by key where image
-        # layers cover the database only in part.
+        # One plan per database (pageserver.reconstruct.range_reads): pages held by image
+        # layers are scanned, the others ("slow") rebuilt in bulk from the layer files by the
+        # C chain redo (range_rebuild); without it (NEON_PURE_PYTHON=1), the slow keys go
+        # through the per-key path, and every key where image layers cover the database only
+        # in part.
         if (spc, db) not in self._plans:
-            self._plans[spc, db] = self.timeline.plan_range_read(database_range(spc, db), self.lsn)
-        plan = self._plans[spc, db]
-        if plan is None:
+            key_range = database_range(spc, db)
+            plan = self.timeline.plan_range_read(key_range, self.lsn)
+            bulk: SlowValues | None = None
+            if self.bulk and native_redo is not None:
+                view = self.timeline.persistent_view(key_range, self.lsn)
+                bulk = partial(rebuild_keys, self.timeline, self.lsn, view)
+            self._plans[spc, db] = (plan, bulk)
+        plan, bulk = self._plans[spc, db]
+        if plan is None and bulk is None:
             return pages_one_by_one(self, spc, db, rel, fork, first, count)
         return range_reads.rel_pages(
-            self.timeline, plan, spc, db, rel, fork, first, count, self.lsn
+            self.timeline, plan, spc, db, rel, fork, first, count, self.lsn, bulk
         )
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:

@@ -11,9 +11,9 @@ layers' blocks (decompressed once each, outside the cache) merged with the slow 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from pageserver.reconstruct.reads import materialize
+from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.storage.keys import (
     U32_MAX,
@@ -24,6 +24,12 @@ from pageserver.storage.keys import (
 )
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.timeline import RangeRead, Timeline
+
+SlowValues = Callable[[list[Key]], Iterable["bytes | None"]]
+"""The values of sorted keys at the read's LSN, in order (None: the key has none)."""
+
+_RUN_BLOCKS = 2048
+"""Blocks whose slow keys go to one `slow_values` call: a bounded list of keys."""
 
 
 def image_tiles(
@@ -60,7 +66,7 @@ def _images_in(key_range: KeyRange, plan: RangeRead) -> Iterator[tuple[Key, byte
 
 def rel_pages(
     timeline: Timeline,
-    plan: RangeRead,
+    plan: RangeRead | None,
     spc: int,
     db: int,
     rel: int,
@@ -68,9 +74,14 @@ def rel_pages(
     first: int,
     count: int,
     lsn: int,
+    slow_values: SlowValues | None = None,
 ) -> Iterator[bytes]:
     """Blocks first..first+count-1 of a fork at lsn, in order; `plan` is the timeline's plan
-    for a key range holding them, at the same lsn. Equal to materialize() block by block."""
+    for a key range holding them, at the same lsn (None: every key is a slow one). Equal to
+    materialize() block by block.
+
+    The slow keys' values come from `slow_values`, a run of blocks at a time (a bulk
+    rebuild: `range_rebuild.rebuild_keys`), else key by key from the per-key path."""
     last = first + count  # exclusive; block U32_MAX is the fork's size key, past its pages
     wanted = KeyRange(
         rel_block_key(spc, db, rel, fork, first),
@@ -78,16 +89,29 @@ def rel_pages(
         if last < U32_MAX
         else fork_blocks_range(spc, db, rel, fork).end,
     )
-    stored = _images_in(wanted, plan)
+    stored = _images_in(wanted, plan) if plan is not None else iter(())
     held = next(stored, None)
-    slow = plan.slow
-    for blkno in range(first, first + count):
-        key = rel_block_key(spc, db, rel, fork, blkno)
-        while held is not None and held[0] < key:
-            held = next(stored, None)
-        if key in slow:
-            yield materialize(timeline, key, lsn)
-        elif held is not None and held[0] == key:
-            yield held[1]
-        else:
-            yield ZERO_PAGE  # absent below the relation's size: a hole, as in a file
+    slow_keys = plan.slow if plan is not None else None
+    for run in range(first, last, _RUN_BLOCKS):
+        # Keys sort as their block numbers do (big-endian fields, pageserver.storage.keys).
+        blocks = range(run, min(last, run + _RUN_BLOCKS))
+        keys = [rel_block_key(spc, db, rel, fork, b) for b in blocks]
+        slow = keys if slow_keys is None else [key for key in keys if key in slow_keys]
+        rebuilt = iter(
+            slow_values(slow) if slow_values is not None else per_key(timeline, slow, lsn)
+        )
+        for key in keys:
+            while held is not None and held[0] < key:
+                held = next(stored, None)
+            if slow_keys is None or key in slow_keys:
+                page = next(rebuilt)
+            elif held is not None and held[0] == key:
+                page = held[1]
+            else:
+                page = None
+            yield ZERO_PAGE if page is None else page  # absent below the size: a hole
+
+
+def per_key(timeline: Timeline, keys: list[Key], lsn: int) -> Iterator[bytes | None]:
+    """`SlowValues` through the per-key path (`get_reconstruct_data` + `reconstruct`)."""
+    return (reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn)) for key in keys)

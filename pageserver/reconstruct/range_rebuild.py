@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pageserver.reconstruct.apply_delta import continue_chain
+from pageserver.reconstruct.apply_delta import continue_chain, reconstruct
 from pageserver.reconstruct.range_reads import image_tiles
 from pageserver.redo.native import redo as _native
-from pageserver.storage.keys import Key, KeyRange
+from pageserver.storage.keys import Key, KeyRange, key_successor
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.persistent import PersistentLayer
-from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline import PersistentView, Timeline
 from pageserver.storage.values import TAG_IMAGE, WalDelta
 
 Reference = Callable[[Key], "bytes | None"]
@@ -64,12 +64,27 @@ class _Cursor:
 
 
 def rebuild_range(
-    timeline: Timeline, key_range: KeyRange, keys: list[Key], lsn: int, reference: Reference
+    timeline: Timeline,
+    key_range: KeyRange,
+    keys: list[Key],
+    lsn: int,
+    reference: Reference,
+    view: PersistentView | None = None,
 ) -> Iterator[tuple[Key, bytes | None]]:
     """(key, value at lsn, None if it has none) for each of `keys` (sorted, inside
-    key_range), equal to `reference(key)` for every key."""
+    key_range), equal to `reference(key)` for every key.
+
+    `view` (`Timeline.persistent_view` over a range holding key_range, at lsn) lets a reader
+    of a timeline that is still ingesting scan the layer files for the keys no in-memory
+    layer holds; without it, the files must hold every version (`Timeline.persistent_map`)."""
     native = _native if keys else None
-    layer_map = timeline.persistent_map(lsn) if native is not None else None
+    in_memory: frozenset[Key] = frozenset()
+    if native is None:
+        layer_map = None
+    elif view is not None:
+        layer_map, in_memory = view.layer_map, view.in_memory
+    else:
+        layer_map = timeline.persistent_map(lsn)
     if native is None or layer_map is None:
         for key in keys:
             yield key, reference(key)
@@ -83,6 +98,9 @@ def rebuild_range(
     root = timeline.ancestor is None
     t = 0
     for key in keys:
+        if key in in_memory:
+            yield key, reference(key)
+            continue
         while t < len(tiles) and tiles[t][0].end <= key:
             t += 1
         parts: list[Part] = []
@@ -112,3 +130,18 @@ def rebuild_range(
             deltas = [(d_lsn, WalDelta(rec, init)) for d_lsn, init, rec in rest]
             value = continue_chain(key, page, deltas)
         yield key, value
+
+
+def rebuild_keys(
+    timeline: Timeline, lsn: int, view: PersistentView | None, keys: list[Key]
+) -> Iterator[bytes | None]:
+    """The values of `keys` (sorted) at lsn, in order, rebuilt in bulk over the range they
+    span (a basebackup's slow keys: `range_reads.SlowValues` with the first three bound)."""
+
+    def reference(key: Key) -> bytes | None:
+        return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
+
+    if not keys:
+        return iter(())
+    span = KeyRange(keys[0], key_successor(keys[-1]))
+    return (value for _, value in rebuild_range(timeline, span, keys, lsn, reference, view))

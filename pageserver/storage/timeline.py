@@ -432,6 +432,22 @@ class Timeline:
                 return None
             return self._map
 
+    def persistent_view(self, key_range: KeyRange, lsn: int) -> PersistentView:
+        """The layer map, with the keys of key_range that have versions at or below lsn in an
+        in-memory layer (open or frozen): every other key of the range has all its versions
+        of this timeline at or below lsn in the map's files, which a bulk reader may scan
+        (`pageserver.reconstruct.range_rebuild`) while a live node keeps ingesting."""
+        self._check_read_lsn(lsn)
+        with self._lock:
+            self._check_open()
+            layers: list[InMemoryLayer] = [m for m in self._frozen if m.lsn_start <= lsn]
+            if self._open is not None and self._open.lsn_start <= lsn:
+                layers.append(self._open)
+            held = frozenset(
+                key for layer in layers for key, _, _ in layer.newest_versions(key_range, lsn)
+            )
+            return PersistentView(self._map, held)
+
     def version_ident(self, key: Key, lsn: int) -> tuple[int, Key, int] | None:
         """A cheap name for the value of `key` at `lsn`: (read epoch of the timeline holding
         the newest version at or below lsn, key, that version's LSN), from layer indexes
@@ -624,6 +640,15 @@ class WrittenKeys:
             if at > upto:
                 return True
         return at > upto
+
+
+@dataclass(frozen=True, slots=True)
+class PersistentView:
+    """What `Timeline.persistent_view` names: a layer map and the keys it does not hold whole."""
+
+    layer_map: LayerMap
+    in_memory: frozenset[Key]
+    """Keys with versions in in-memory layers: read them through the per-key path."""
 
 
 @dataclass(frozen=True, slots=True)

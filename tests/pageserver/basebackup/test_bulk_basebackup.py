@@ -1,0 +1,235 @@
+"""A basebackup whose pages needing redo are rebuilt in bulk (`range_rebuild.rebuild_keys`:
+each layer file scanned once per run of blocks, the chains redone in C) against the per-page
+reference (`get_page` block by block), on real WAL: the tars are the same bytes.
+
+One server runs pgbench and the redo workload (every Heap, Heap2 and Btree record type, VM
+bits set and cleared, a multixact). Its WAL is ingested into a store imported from its
+initdb'd directory, in small layers, with image layers forced at a third of the way (later
+pages rebuild from an image layer, earlier ones from the import's) and the last part left in
+the open in-memory layer (the keys it holds take the per-key path). A branch made at the
+middle ingests the rest of the same WAL on its own: its tars equal its reference's and the
+parent's at the same LSNs.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pageserver.basebackup.sources import TimelineSource, pages_one_by_one
+from pageserver.basebackup.tar_stream import basebackup
+from pageserver.ingest.import_datadir import import_datadir
+from pageserver.ingest.walingest import WalIngest
+from pageserver.reconstruct import range_rebuild
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.redo.native import redo as native
+from pageserver.storage.compaction import create_image_layers
+from pageserver.storage.keys import Key
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import ReconstructData
+from pg15.lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_file_name
+from pg15.records import decode_record
+from pg15.xlog_reader import WalReader
+from tests.native_ext import require_c_extension
+from tests.pageserver.redo.test_verify import run_workload
+from tests.pgtest import PgTestCluster
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = StoreSettings(
+    checkpoint_distance=512 * 1024,  # many L0 layers
+    image_layer_target_size=1024 * 1024,  # many partitions
+    compaction_threshold=1000,
+)
+NOW = 1_700_000_000  # the tars' mtime, so two tars compare byte for byte
+
+
+@pytest.fixture
+def c_extension() -> None:
+    require_c_extension(native, "pageserver.redo._redo")
+
+
+@dataclass(frozen=True)
+class History:
+    root: Path  # a closed store holding the import, flushed
+    timeline_id: str
+    start: int
+    wal_dir: Path
+
+
+@pytest.fixture(scope="module")
+def history(
+    pg_cluster_module: PgTestCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[History]:
+    server = pg_cluster_module.create(
+        {"wal_keep_size": "2GB", "max_wal_size": "2GB", "checkpoint_timeout": "1h",
+         "autovacuum": "off"},
+        start=False,
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("bulk-basebackup") / "store"
+    store = TimelineStore(root, SETTINGS)
+    timeline = store.create_timeline()
+    start = import_datadir(timeline, server.datadir)
+    timeline.freeze_and_flush()
+    tid = timeline.timeline_id
+    store.close()
+    server.start()
+    run_workload(server)
+    server.stop()
+    yield History(root, tid, start, server.wal_dir)
+
+
+def _ingest(timeline: Timeline, wal_dir: Path, start: int, stop_after: int) -> list[int]:
+    """Ingest the records ending after `start` up to the first one ending past `stop_after`;
+    their end LSNs."""
+    ingest = WalIngest(timeline)
+    seg = DEFAULT_SEGMENT_SIZE
+    segno = start // seg
+    reader = WalReader(segno * seg, seg, 1)
+    ends: list[int] = []
+    while (path := wal_dir / segment_file_name(1, segno, seg)).exists():
+        reader.feed(path.read_bytes())
+        for raw in reader.records():
+            if raw.end_lsn <= start:
+                continue
+            ingest.ingest_record(decode_record(raw), raw.data)
+            ends.append(raw.end_lsn)
+            if raw.end_lsn > stop_after:
+                return ends
+        if reader.end_of_wal is not None:
+            break
+        segno += 1
+    return ends
+
+
+@dataclass(frozen=True, slots=True)
+class PerPage(TimelineSource):
+    """The reference: every relation page through get_page (materialize), one by one."""
+
+    def rel_pages(
+        self, spc: int, db: int, rel: int, fork: int, first: int, count: int
+    ) -> Iterator[bytes]:
+        return pages_one_by_one(self, spc, db, rel, fork, first, count)
+
+
+def _tar(source: TimelineSource) -> bytes:
+    out = io.BytesIO()
+    basebackup(source, source.lsn, out=out, include_vm=True, now=NOW)
+    return out.getvalue()
+
+
+@dataclass
+class Counts:
+    bulk_keys: int = 0
+    reference: int = 0
+    lsns: list[int] = field(default_factory=list)
+
+
+@pytest.fixture
+def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
+    """Keys that went through rebuild_range, and those of them it read key by key."""
+    counted = Counts()
+    rebuild, one = range_rebuild.rebuild_range, range_rebuild.reconstruct
+
+    def counting_rebuild(*args: object, **kwargs: object) -> Iterator[tuple[Key, bytes | None]]:
+        for item in rebuild(*args, **kwargs):  # type: ignore[arg-type]
+            counted.bulk_keys += 1
+            yield item
+
+    def counting_reference(key: Key, lsn: int, data: ReconstructData) -> bytes | None:
+        counted.reference += 1
+        return one(key, lsn, data)
+
+    monkeypatch.setattr(range_rebuild, "rebuild_range", counting_rebuild)
+    monkeypatch.setattr(range_rebuild, "reconstruct", counting_reference)
+    return counted
+
+
+def _same_tar(timeline: Timeline, lsn: int) -> bytes:
+    bulk = _tar(TimelineSource(timeline, lsn))
+    assert bulk == _tar(PerPage(timeline, lsn, bulk=False)), lsn
+    return bulk
+
+
+def _open(history: History, where: Path) -> tuple[TimelineStore, Timeline]:
+    shutil.copytree(history.root, where)
+    store = TimelineStore(where, SETTINGS)
+    return store, store.get(history.timeline_id)
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_bulk_tars_equal_the_per_page_tars(
+    history: History, tmp_path: Path, counts: Counts
+) -> None:
+    store, timeline = _open(history, tmp_path / "store")
+    try:
+        wal_end = parse_lsn("FFFFFFFF/0")
+        first = _ingest(timeline, history.wal_dir, history.start, history.start + 6_000_000)
+        timeline.freeze_and_flush()
+        assert create_image_layers(timeline, reconstruct, force=True) > 0
+        second = _ingest(timeline, history.wal_dir, first[-1], history.start + 20_000_000)
+        timeline.freeze_and_flush()
+        rest = _ingest(timeline, history.wal_dir, second[-1], wal_end)
+        assert timeline.persistent_map(rest[0]) is None  # the last records are in memory
+        flushed = first + second
+        picks = [flushed[len(flushed) * i // 5] for i in range(1, 5)] + [first[-1], second[-1]]
+        for lsn in picks:
+            _same_tar(timeline, lsn)
+        # The C path rebuilt the pages; the per-key path took few (multixact pages).
+        assert counts.bulk_keys > 3000, counts
+        assert counts.reference < counts.bulk_keys // 20, counts
+        # Above the flushed layers: the keys of the in-memory layers go key by key.
+        for lsn in (rest[len(rest) // 2], rest[-1]):
+            _same_tar(timeline, lsn)
+        assert counts.reference > 0
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_a_branch_tars_equal_the_reference_and_the_parent(
+    history: History, tmp_path: Path, counts: Counts
+) -> None:
+    store, timeline = _open(history, tmp_path / "store")
+    try:
+        wal_end = parse_lsn("FFFFFFFF/0")
+        first = _ingest(timeline, history.wal_dir, history.start, history.start + 6_000_000)
+        branch_lsn = first[-1]
+        child = store.branch(timeline.timeline_id, at_lsn=branch_lsn)
+        rest = _ingest(timeline, history.wal_dir, branch_lsn, wal_end)
+        timeline.freeze_and_flush()
+        own = _ingest(child, history.wal_dir, branch_lsn, wal_end)
+        assert own == rest
+        child.freeze_and_flush()
+        for lsn in (branch_lsn, rest[len(rest) // 3], rest[-1]):
+            assert _same_tar(child, lsn) == _tar(TimelineSource(timeline, lsn)), lsn
+        # Pages the child re-initialized rebuild in C; the rest read through the ancestor.
+        assert counts.bulk_keys > 5000, counts
+        assert counts.reference < counts.bulk_keys, counts
+    finally:
+        store.close()
+
+
+def test_without_the_c_extension_the_per_key_path_gives_the_same_tar(
+    history: History, tmp_path: Path, counts: Counts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NEON_PURE_PYTHON=1: no bulk rebuild; the image scan and the per-key path remain."""
+    from pageserver.basebackup import sources
+
+    store, timeline = _open(history, tmp_path / "store")
+    try:
+        ends = _ingest(timeline, history.wal_dir, history.start, history.start + 3_000_000)
+        timeline.freeze_and_flush()
+        want = _tar(PerPage(timeline, ends[-1], bulk=False))
+        monkeypatch.setattr(sources, "native_redo", None)
+        assert _tar(TimelineSource(timeline, ends[-1])) == want
+        assert counts.bulk_keys == 0
+    finally:
+        store.close()
