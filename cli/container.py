@@ -14,6 +14,7 @@ alone, as a container beside a PostgreSQL container runs it (docker/compose.yaml
     NEON_FOLLOW_SLOT                         its replication slot (default: neon_NAME)
     NEON_PITR_TTL                            a PITR area NAME over it with this TTL (default
                                              7d; `none`: no area)
+    NEON_S3_BUCKET, NEON_S3_ENDPOINT, ...     that area kept in S3 too (cli/container_s3.py)
 
 The process supervises two children: the daemon (`python -m cli.pageserver_daemon`, so CLI
 commands in the container find it as the home's running pageserver) and, until the server is
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli import pageserver_control as control
+from cli.container_s3 import S3Config, attach_storage, ensure_area
 from cli.context import App
 from cli.secrets import write_secret
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT
@@ -58,6 +60,7 @@ class ContainerConfig:
     follow_name: str = DEFAULT_NAME
     follow_slot: str | None = None
     pitr_ttl: str | None = DEFAULT_TTL
+    s3: S3Config | None = None
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> ContainerConfig:
@@ -88,6 +91,7 @@ class ContainerConfig:
             follow_name=env.get("NEON_FOLLOW_NAME") or DEFAULT_NAME,
             follow_slot=env.get("NEON_FOLLOW_SLOT") or None,
             pitr_ttl=None if ttl.lower() == "none" else ttl,
+            s3=S3Config.from_environ(env),
         )
 
 
@@ -104,6 +108,8 @@ def run(app: App, config: ContainerConfig) -> int:
         write_secret(control.token_path(app), token)  # the CLI in the container uses it too
     else:
         control.local_token(app)
+    if config.s3 is not None:
+        attach_storage(app, config.s3)
     workdir = control.local_config(app).workdir
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -151,6 +157,7 @@ def _follow(
         node = App.open(app.home.root).registry.find_node(name)
         if node is not None and node.state != "creating":
             _log(f"following {name} ({node.extra.get('host')}:{node.port}, {node.state})")
+            _keep_in_s3(app, config, stopping)
             return
         proc = subprocess.Popen(
             _attach_argv(app, config),
@@ -163,12 +170,25 @@ def _follow(
         attach.clear()
         if proc.returncode == 0:
             _log(f"attached {name}: its history starts now")
+            _keep_in_s3(app, config, stopping)
             return
         if stopping.is_set():
             return
         reason = err.decode(errors="replace").strip().splitlines()
         _log(f"attaching {name} failed, retrying in {pause:.0f}s: {reason[-1] if reason else ''}")
         stopping.wait(pause)
+        pause = min(pause * 2, RETRY_MAX)
+
+
+def _keep_in_s3(app: App, config: ContainerConfig, stopping: threading.Event) -> None:
+    """With NEON_S3_BUCKET: the PITR area, kept in the bucket (retried until made)."""
+    if config.s3 is None or config.pitr_ttl is None:
+        return
+    pause = RETRY_FIRST
+    while (why := ensure_area(app, config.s3, config.follow_name, config.pitr_ttl)) is not None:
+        _log(f"PITR area in s3 not created, retrying in {pause:.0f}s: {why}")
+        if stopping.wait(pause):
+            return
         pause = min(pause * 2, RETRY_MAX)
 
 
@@ -180,7 +200,7 @@ def _attach_argv(app: App, config: ContainerConfig) -> list[str]:
     ]  # fmt: skip
     if config.follow_slot is not None:
         argv += ["--slot", config.follow_slot]
-    if config.pitr_ttl is not None:
+    if config.pitr_ttl is not None and config.s3 is None:  # else made with --storage
         argv += ["--pitr-ttl", config.pitr_ttl]
     return argv
 
