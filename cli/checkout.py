@@ -5,7 +5,9 @@ Steps, with a journal beside the data directory so that a crash at any step ends
 
 1. stop the node; name its current state `PG@HEAD{i}` (i = this node's checkout count);
 2. branch a new timeline at the snapshot (next PostgreSQL timeline ID) in the pageserver;
-3. rebuild the directory at the branch point into `<datadir>.checkout` (the node's absolute
+3. where the pageserver can say which pages differ (cli/checkout_delta.py), rewrite those
+   in the stopped directory itself, seal it and go to 5; else
+   rebuild the directory at the branch point into `<datadir>.checkout` (the node's absolute
    tablespaces back at their locations: cli/tablespace_restore.py), finish it (config,
    passwords, slot), fsync the whole tree, then write the completion marker (the journal's
    text) durably;
@@ -31,10 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cli import nodes, postmaster
+from cli import checkout_delta, nodes, postmaster
 from cli.attach import refuse_attached
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
+from cli.hints_mark import write_mark
 from cli.pageserver_control import local_api
 from cli.registry import NodeRow
 from cli.tablespace_restore import remove_left_locations, restore_own_locations
@@ -88,7 +91,7 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     api = local_api(app)
     if head not in {s.name for s in api.snapshot_list()}:
         api.snapshot_create(SnapshotCreateRequest(node.id, head))
-    _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id})
+    _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head})
     for left in _roll_forward(app, node):
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
     echo(f"Starting postgres on {node.pgdata}.")
@@ -103,9 +106,15 @@ def _roll_forward(app: App, node: NodeRow) -> list[Path]:
             branch = NodeBranchRequest(node.id, entry["snapshot"], checkout=True)
             local_api(app).node_branch(branch)
         new = _new_dir(node)
+        if _marker(new) != journal and checkout_delta.roll_forward(
+            app, node, entry.get("head"), lambda datadir: _seal(datadir, journal)
+        ):
+            shutil.rmtree(new, ignore_errors=True)  # a rebuild a killed run had begun
+            return _finish(node)  # done in place: no swap
         if _marker(new) != journal:
             shutil.rmtree(new, ignore_errors=True)
             rebuilt = download_basebackup(app, new, node_id=node.id)
+            write_mark(new, 0)  # a fresh directory: no hint in it was left unlogged
             # The swap has not begun (`new` is not sealed): node.datadir is the old directory.
             restore_own_locations(new, node.datadir, rebuilt.tablespaces)
             nodes.copy_config_files(node.datadir, new)
@@ -148,6 +157,7 @@ def _finish(node: NodeRow) -> list[Path]:
     the old directory, then the journal, then the marker; the tablespace files removed."""
     left = remove_left_locations(_old_dir(node), node.datadir) if _old_dir(node).is_dir() else []
     shutil.rmtree(_old_dir(node), ignore_errors=True)
+    checkout_delta.remove_leftovers(node)
     _journal(node).unlink(missing_ok=True)
     fsync_dir(node.datadir.parent)
     (node.datadir / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -158,6 +168,7 @@ def finish_pending(app: App, node: NodeRow) -> bool:
     """Complete a checkout a crash interrupted; True if there was one."""
     remove_download_leftovers(_new_dir(node))
     if not _journal(node).exists():
+        checkout_delta.remove_leftovers(node)
         if not node.datadir.exists() and _new_dir(node).exists():
             _swap(node)  # crashed between the two renames of a swap that fsynced nothing
             _finish(node)

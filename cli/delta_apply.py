@@ -18,7 +18,7 @@ removed before the whole delta was applied).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from cli.pgbin import give_to_pg_user
@@ -121,10 +121,12 @@ class DeltaApplier:
     """Feed `feed()` the delta's tar, then call `finish()`: `root` (the parent's data
     directory) is then the snapshot's. On an error, `root` is half-applied: throw it away."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keep: Iterable[str] = ()) -> None:
+        """`keep`: paths in `root` that stay although the delta does not name them (a
+        checkout in place keeps the node's configuration: cli/checkout_delta.py)."""
         self.root = root
         self._reader = TarReader()
-        self._keep: set[PurePosixPath] = set()
+        self._keep: set[PurePosixPath] = {PurePosixPath(p) for p in keep}
         self._member: MemberStart | None = None
         self._fd: int | None = None
         self._fork: _Fork | None = None

@@ -21,6 +21,7 @@ from typing import Any
 from cli import pageserver_control, postmaster
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
+from cli.hints_mark import note_start, write_mark
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
 from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
@@ -346,6 +347,7 @@ def _initialize_from_snapshot(
     register_with_pageserver(app, node)
     local_api(app).node_branch(NodeBranchRequest(node.id, snapshot, pg_timeline=1))
     rebuilt = download_basebackup(app, node.datadir, node_id=node.id)
+    write_mark(node.datadir, 0)  # a fresh directory: no hint in it was left unlogged
     locations = {ts.oid: ts.location for ts in rebuilt.tablespaces}
     check_mapped(tablespace_mapping, locations.values(), f"snapshot {snapshot}")
     place_mapped_tablespaces(node.datadir, locations, tablespace_mapping)
@@ -364,6 +366,9 @@ def write_node_config(app: App, node: NodeRow) -> None:
         "listen_addresses": "127.0.0.1",
         "unix_socket_directories": str(app.home.socket_dir),
         "wal_level": "replica",
+        # Hints WAL-logged (as pg_rewind needs): a checkout rewrites only the pages the WAL
+        # shows changed (cli/checkout_delta.py, cli/hints_mark.py).
+        "wal_log_hints": True,
         "max_wal_senders": 10,
         "max_replication_slots": 10,
         "wal_keep_size": "64MB",
@@ -442,6 +447,7 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
                 startup_log(app, node),
                 server_log=node_log_dir(app, node) / "postgresql.log",
             )
+            note_start(node.datadir)
             register_with_pageserver(app, node)
             return node_status(app, node)
         except ExternalCommandFailed as exc:
@@ -533,8 +539,10 @@ def _behind(server_lsn: int | None, reached: int) -> int | None:
     return max(0, server_lsn - reached) if server_lsn is not None and reached else None
 
 
-def server_wal_lsn(app: App, status: NodeStatus) -> int | None:
-    """The node's own WAL position: its flush LSN if running, its shutdown checkpoint if not."""
+def server_wal_lsn(app: App, status: NodeStatus, checkpoint: bool = False) -> int | None:
+    """The node's own WAL position: its flush LSN if running, its shutdown checkpoint if not.
+    `checkpoint`: a running node makes a checkpoint first, so that a delta checkout to this
+    position starts from it (pageserver/basebackup/checkout_delta.py)."""
     if status.node.role == ATTACHED:
         from cli.attach import server_wal_lsn as attached_wal_lsn
 
@@ -544,6 +552,8 @@ def server_wal_lsn(app: App, status: NodeStatus) -> int | None:
 
         try:
             with psycopg.connect(connstr(app, status.node), connect_timeout=5) as conn:
+                if checkpoint:
+                    conn.execute("CHECKPOINT")
                 row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
         except psycopg.Error:
             return None

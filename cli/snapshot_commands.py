@@ -75,8 +75,10 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
     else:
         with locked_node(app, pgdata, "snapshot create") as node:
             name = f"{node.pgdata}@{tag}"
-            # The state the node has made durable: its flush LSN, or its shutdown checkpoint.
-            wait = nodes.server_wal_lsn(app, nodes.node_status(app, node))
+            # The state the node has made durable: its flush LSN (after a checkpoint, from
+            # which a checkout back here rewrites what changed: cli/checkout_delta.py), or
+            # its shutdown checkpoint.
+            wait = nodes.server_wal_lsn(app, nodes.node_status(app, node), checkpoint=True)
             if wait is not None:
                 show = not as_json and sys.stderr.isatty()
                 wait_for_ingest(app, node.id, wait, show_progress=show)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,11 +290,15 @@ def check_control(pgdata: Path, manifest: Manifest, label: str) -> None:
 
 
 async def apply_delta_stream(
-    chunks: AsyncIterator[bytes], label: str, pgdata: Path, expected: Manifest
+    chunks: AsyncIterator[bytes],
+    label: str,
+    pgdata: Path,
+    expected: Manifest,
+    keep: Iterable[str] = (),
 ) -> None:
     """Apply the delta `.neon` file arriving as `chunks` (its manifest `expected`, read from
-    its head before) to its parent's data directory `pgdata`."""
-    applier = DeltaApplier(pgdata)
+    its head before) to its parent's data directory `pgdata` (`keep`: DeltaApplier's)."""
+    applier = DeltaApplier(pgdata, keep)
     try:
         async for data in verified_tar(chunks, label, expect_manifest(label, expected)):
             await asyncio.to_thread(applier.feed, data)

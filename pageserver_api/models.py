@@ -753,10 +753,25 @@ class BasebackupRequest(ApiRequest):
     """Snapshots the receiver has: the newest of them that lies on `snapshot`'s history
     (same page history, an ancestor state) becomes the parent of a delta `.neon` file, which
     carries only the pages written since; none does: a whole file. The result names it."""
+    checkout_from: str | None = None
+    """`pg checkout`: the snapshot of the node's state before it (`HEAD{i}`), whose stopped
+    data directory the delta `.neon` file of the node's branch point applies to, in place
+    (pageserver/basebackup/checkout_delta.py); refused (InvalidArgument) where only a full
+    rebuild is right."""
+    hints_logged_from: int | None = None
+    """With checkout_from: the LSN from which the directory's hint bits are WAL-logged."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
             raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        if self.checkout_from is not None and not (
+            self.snapshot_file and self.node_id and self.snapshot is None
+            and self.delta_from is None and self.hints_logged_from is not None
+        ):  # fmt: skip
+            raise InvalidArgument(
+                "basebackup checkout_from applies to the snapshot_file of a node's branch "
+                "point, with hints_logged_from"
+            )
         _check_positive("pg_timeline", self.pg_timeline)
         if self.created_at is not None and not self.snapshot_file:
             raise InvalidArgument("basebackup created_at applies to a snapshot file only")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pageserver.api.service import Pageserver
+from pageserver.basebackup.checkout_delta import checkout_parent
 from pageserver.basebackup.snapshot_file import (
     DeltaParent,
     TarCounter,
@@ -197,7 +198,13 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         """Stream a tar of a startable data directory (a snapshot, or a node's branch point),
         or its `.neon` snapshot file (a delta on one of `delta_from` when one is an ancestor)."""
         delta = None
-        if req.delta_from and req.snapshot is not None:
+        if req.checkout_from is not None and req.hints_logged_from is not None:
+            source, _tli = ps.basebackup_source(req.node_id, None)
+            delta = await asyncio.to_thread(
+                checkout_parent, ps.find_snapshot, req.checkout_from, source,
+                req.hints_logged_from,
+            )  # fmt: skip
+        elif req.delta_from and req.snapshot is not None:
             source, _tli = ps.basebackup_source(None, req.snapshot)
             delta = await asyncio.to_thread(
                 delta_parent, ps.find_snapshot, req.snapshot, source, req.delta_from

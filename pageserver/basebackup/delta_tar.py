@@ -13,14 +13,15 @@ whole snapshot's tar size is known without building it (`full_tar_bytes`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_file, tar_header
 from pageserver.history.snapshot_diff import ReadPoint, keys_changed
 from pageserver.reconstruct.reads import get_rel_size
-from pageserver.storage.keys import key_fields
+from pageserver.storage.keys import Key, key_fields
 from pg15.constants import BLCKSZ, RELSEG_SIZE
+from pg15.datadir_layout import relation_file_name
 from proto.errors import CorruptData
 from snapfile.delta import BLOCK_NUMBER, delta_member_name, fork_header, fork_member_size
 
@@ -37,11 +38,24 @@ def _padded(size: int) -> int:
 class DeltaForks:
     """`ForkContent` of tar_stream for a delta from `parent` to `source`'s state."""
 
-    def __init__(self, source: TimelineSource, parent: ReadPoint) -> None:
+    def __init__(
+        self,
+        source: TimelineSource,
+        parent: ReadPoint,
+        keys: Iterable[Key] | None = None,
+        whole_copies: bool = False,
+    ) -> None:
+        """`keys`: the relation keys that may differ (default `keys_changed`); `whole_copies`:
+        a fork written from another fork's content (an unlogged relation's main fork, from its
+        init fork) is sent whole, for a parent that is a live data directory rather than a
+        basebackup (pageserver/basebackup/checkout_delta.py)."""
         self.source = source
         self.parent = parent
+        self.whole_copies = whole_copies
         self.changed: dict[Fork, set[int]] = defaultdict(set)
-        for key in keys_changed(parent, ReadPoint(source.timeline, source.lsn)):
+        if keys is None:
+            keys = keys_changed(parent, ReadPoint(source.timeline, source.lsn))
+        for key in keys:
             f = key_fields(key)
             if f.field4 != 0 and f.field6 != _SIZE_MARKER:
                 self.changed[(f.field2, f.field3, f.field4, f.field5)].add(f.field6)
@@ -59,6 +73,8 @@ class DeltaForks:
         self, path: str, spc: int, db: int, rel: int, fork: int, nblocks: int, mtime: int
     ) -> Iterator[bytes]:
         before = get_rel_size(self.parent.timeline, spc, db, rel, fork, self.parent.lsn) or 0
+        if self.whole_copies and path != relation_file_name(spc, db, rel, fork):
+            before = 0
         grown_from = min(before, nblocks)
         written = sorted(b for b in self.changed.get((spc, db, rel, fork), ()) if b < grown_from)
         pages = len(written) + nblocks - grown_from

@@ -73,6 +73,8 @@ class DiffPlan:
     windows_a: tuple[tuple[Timeline, int, int], ...]
     """(timeline, above, upto): A's own history since the common point."""
     windows_b: tuple[tuple[Timeline, int, int], ...]
+    common: Timeline | None = None
+    """The timeline the two histories meet on (at common_lsn)."""
 
 
 def _ancestry(point: ReadPoint) -> list[tuple[Timeline, int]]:
@@ -103,11 +105,11 @@ def plan_diff(a: ReadPoint, b: ReadPoint) -> DiffPlan:
             own_a.append((common, low, high))
         elif lsn_b > lsn_a:
             own_b.append((common, low, high))
-        return DiffPlan(low, tuple(own_a), tuple(own_b))
+        return DiffPlan(low, tuple(own_a), tuple(own_b), common)
     raise DifferentHistories("the two snapshots have no history in common")
 
 
-def _written(windows: tuple[tuple[Timeline, int, int], ...]) -> set[Key]:
+def written_keys(windows: tuple[tuple[Timeline, int, int], ...]) -> set[Key]:
     """The keys that may differ after the windows: written by WAL in one, or held by an image
     layer written in one whose WAL versions below are not all there any more."""
     keys: set[Key] = set()
@@ -124,7 +126,7 @@ def keys_changed(a: ReadPoint, b: ReadPoint) -> set[Key]:
     """The relation keys whose value may differ between A and B: what a delta `.neon` file
     from A to B carries (pageserver/basebackup/delta_tar.py)."""
     plan = plan_diff(a, b)
-    return _written(plan.windows_a) | _written(plan.windows_b)
+    return written_keys(plan.windows_a) | written_keys(plan.windows_b)
 
 
 def is_ancestor(a: ReadPoint, b: ReadPoint) -> bool:
@@ -198,7 +200,7 @@ Reader = Callable[[Timeline, Key, int], bytes]
 def diff_stat(a: ReadPoint, b: ReadPoint, read: Reader = materialize) -> DiffStat:
     """The pages that differ from A to B, per relation (see the module)."""
     plan = plan_diff(a, b)
-    written_a, written_b = _written(plan.windows_a), _written(plan.windows_b)
+    written_a, written_b = written_keys(plan.windows_a), written_keys(plan.windows_b)
     candidates: dict[Fork, set[int]] = defaultdict(set)
     for key in written_a | written_b:
         fields = key_fields(key)
