@@ -12,6 +12,7 @@ BENCHMARKS = (
     "bench.extract",
     "bench.import_export",
     "bench.exchange",
+    "bench.remote",
 )
 
 
