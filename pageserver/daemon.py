@@ -40,7 +40,7 @@ from pageserver.config import (
     store_settings_from,
 )
 from pageserver.pid_file import acquire_pid_file
-from pageserver.remote.object_service import OBJECTS_DIR, object_handlers
+from pageserver.remote.object_service import OBJECTS_DIR, blob_handlers
 from proto.errors import InvalidArgument, NeonError
 from proto.server import Handler, ProtoServer
 
@@ -83,7 +83,7 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         ps = Pageserver(config)
         handlers = {
             **build_handlers(ps),
-            **object_handlers(config.workdir / OBJECTS_DIR),  # a remote storage's objects
+            **blob_handlers(config.workdir / OBJECTS_DIR),  # a remote storage's objects
             **(extra(config) if extra is not None else {}),
         }
         proto = ProtoServer(

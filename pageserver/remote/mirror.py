@@ -121,7 +121,7 @@ class MirrorArea:
             raw = await bucket.get_if_exists(key)
         if raw is None:
             raise NotFound(f"PITR area {self.name!r} has no index in {self.settings.url}")
-        return raw, decode_index(raw, f"s3://{self.settings.bucket}/{key}")
+        return raw, decode_index(raw, self.settings.object_url(key))
 
     def _local_layers(self, timeline_id: str) -> set[str]:
         directory = self.root / "timelines" / timeline_id
@@ -172,7 +172,7 @@ class MirrorArea:
 
             async def one(path: str, obj: RemoteObject) -> tuple[str, bytes]:
                 async with slots:
-                    where = f"s3://{self.settings.bucket}/{self.prefix}/{obj.key}"
+                    where = self.settings.object_url(f"{self.prefix}/{obj.key}")
                     body = await bucket.get(f"{self.prefix}/{obj.key}")
                     return path, verified(body, obj, where)
 

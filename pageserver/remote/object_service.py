@@ -43,7 +43,7 @@ def _key(ctx: RequestContext, name: str = "key", *, prefix: bool = False) -> str
     return key
 
 
-def object_handlers(root: Path) -> dict[str, Handler]:
+def blob_handlers(root: Path) -> dict[str, Handler]:
     """The `blob.*` methods over the objects under `root` (made on the first put)."""
     put_lock = asyncio.Lock()
 

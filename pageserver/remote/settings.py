@@ -64,6 +64,13 @@ class RemoteSettings:
             return "/".join(p for p in (self.endpoint.rstrip("/"), self.prefix.strip("/")) if p)
         return "s3://" + "/".join(p for p in (self.bucket, self.prefix.strip("/")) if p)
 
+    def object_url(self, key: str) -> str:
+        """Where object `key` (a full key, prefix included) is, for messages."""
+        if self.kind == "remote":
+            assert self.endpoint is not None
+            return f"{self.endpoint.rstrip('/')}/{key}"
+        return f"s3://{self.bucket}/{key}"
+
     def secret(self) -> str | None:
         if self.secret_file is None:
             return None
