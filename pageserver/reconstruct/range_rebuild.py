@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pageserver.reconstruct.apply_delta import continue_chain, reconstruct
 from pageserver.reconstruct.range_reads import image_tiles
 from pageserver.redo.native import redo as _native
-from pageserver.storage.keys import Key, KeyRange, key_successor
+from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, key_successor
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.timeline import PersistentView, Timeline
@@ -39,24 +39,37 @@ shadowed by an image layer)."""
 _ENTRY_TAG = 8  # offset of the tag in a version entry (pageserver/storage/layers/blocks.py)
 
 
+_PAST_END = Key(b"\xff" * (KEY_SIZE + 1))  # sorts after every key
+
+
 class _Cursor:
-    """One layer walked forward over ascending keys, keeping only the blocks of the last key."""
+    """One layer walked forward over ascending keys, keeping only the blocks of the last key.
+    `next` is the first key not yet passed, so a key the layer does not hold costs the caller
+    one comparison (most layers hold few of a range's keys)."""
 
     def __init__(self, layer: PersistentLayer, start: Key) -> None:
         self.file = layer.file
         self.i = self.file.lower_bound(start)
         self.n = self.file.n_keys
+        self.next = self._key()
         self.blocks: dict[int, bytes] = {}
+
+    def _key(self) -> Key:
+        return self.file.key_at(self.i) if self.i < self.n else _PAST_END
 
     def versions(self, key: Key) -> tuple[bytes, int, list[bytes]] | None:
         """(entries, first block, blocks) of `key`, or None if the layer does not hold it."""
-        f = self.file
-        while self.i < self.n and f.key_at(self.i) < key:
-            self.i += 1
-        if self.i >= self.n or f.key_at(self.i) != key:
+        if self.next > key:
             return None
+        f = self.file
+        if self.next < key:
+            self.i = f.lower_bound(key)
+            self.next = self._key()
+            if self.next != key:
+                return None
         raw, first, last = f.key_versions_raw(self.i)
         self.i += 1
+        self.next = self._key()
         held = self.blocks
         blocks = [held[b] if b in held else f.read_block(b) for b in range(first, last + 1)]
         self.blocks = {last: blocks[-1]} if blocks else {}
@@ -119,9 +132,10 @@ def rebuild_range(
                 parts.append((raw, first, blocks, image.lsn))
         floor_plus_one = image.lsn + 1 if image is not None else 0
         for cursor in delta_cursors:
-            held = cursor.versions(key)
-            if held is not None:
-                parts.append((*held, floor_plus_one))
+            if cursor.next <= key:
+                held = cursor.versions(key)
+                if held is not None:
+                    parts.append((*held, floor_plus_one))
         value = native.rebuild_page(key, lsn, parts, image is not None or root)
         if value is False:
             value = reference(key)
