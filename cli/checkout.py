@@ -107,7 +107,7 @@ def _roll_forward(app: App, node: NodeRow) -> list[Path]:
             local_api(app).node_branch(branch)
         new = _new_dir(node)
         if _marker(new) != journal and checkout_delta.roll_forward(
-            app, node, entry.get("head"), lambda datadir: _seal(datadir, journal)
+            app, node, entry.get("head"), lambda datadir: _mark(datadir, journal)
         ):
             shutil.rmtree(new, ignore_errors=True)  # a rebuild a killed run had begun
             return _finish(node)  # done in place: no swap
@@ -135,7 +135,11 @@ def _marker(datadir: Path) -> str | None:
 def _seal(new: Path, journal: str) -> None:
     """Mark a rebuilt directory complete, durably: its whole tree first, then the marker."""
     fsync_tree(new)
-    write_file_durably(new / COMPLETE_MARKER, journal.encode())
+    _mark(new, journal)
+
+
+def _mark(datadir: Path, journal: str) -> None:
+    write_file_durably(datadir / COMPLETE_MARKER, journal.encode())
 
 
 def _swap(node: NodeRow) -> None:

@@ -16,11 +16,13 @@ Crash safety (the journal's contract: after a kill at any point, the next `pg ch
 2. it is applied in place. Applying is idempotent: whole files are rewritten, a fork is set
    to the size the delta says and its listed pages written, whatever is not listed removed;
    none of it reads what the directory holds. So recovery applies the same file again;
-3. the tree is fsynced, then `.neon` is renamed `<datadir>.checkout.applied` (durably);
+3. what it changed is fsynced (the whole tree after a killed run, whose writes may not
+   be), then `.neon` is renamed `<datadir>.checkout.applied` (durably);
 4. the node's passwords and slot (cli/nodes.py finish_datadir, single-user mode: not
    repeatable over step 2, which would drop the WAL it wrote, hence step 3's name; its own
-   slot is removed first, so a killed run can be repeated), then the completion marker as
-   in a full rebuild; the `.applied` file is removed last, by `remove_leftovers`.
+   slot is removed first, so a killed run can be repeated; its shutdown checkpoint makes
+   its writes durable), the configuration fsynced, then the completion marker (only: the
+   rest is durable); the `.applied` file is removed last, by `remove_leftovers`.
 """
 
 from __future__ import annotations
@@ -69,16 +71,30 @@ def roll_forward(app: App, node: NodeRow, head: str | None, seal: Callable[[Path
     (the directory untouched) when no delta applies: the caller rebuilds it whole."""
     delta, applied = delta_file(node), applied_file(node)
     if not applied.exists():
-        if not delta.exists() and (head is None or not _download(app, node, head)):
+        again = delta.exists()  # a killed run applied some of it, maybe not durably
+        if not again and (head is None or not _download(app, node, head)):
             return False
-        _apply(delta, node.datadir)
-        fsync_tree(node.datadir)
+        _apply(delta, node.datadir, durable=not again)
+        if again:
+            fsync_tree(node.datadir)
         os.replace(delta, applied)
         fsync_dir(applied.parent)
     shutil.rmtree(node.datadir / "pg_replslot" / slot_name(node.id), ignore_errors=True)
-    finish_datadir(app, node)
+    finish_datadir(app, node)  # its shutdown checkpoint makes its own writes durable
+    for name in KEEP:
+        if (node.datadir / name).is_file():
+            _fsync(node.datadir / name)
+    fsync_dir(node.datadir)
     seal(node.datadir)
     return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _eligible(datadir: Path) -> int | None:
@@ -131,7 +147,7 @@ def _download(app: App, node: NodeRow, head: str) -> bool:
     return True
 
 
-def _apply(delta: Path, datadir: Path) -> None:
+def _apply(delta: Path, datadir: Path, durable: bool) -> None:
     with delta.open("rb") as f:
         manifest = read_manifest(f)
 
@@ -140,4 +156,6 @@ def _apply(delta: Path, datadir: Path) -> None:
             while chunk := f.read(_READ_CHUNK):
                 yield chunk
 
-    asyncio.run(apply_delta_stream(chunks(), str(delta), datadir, manifest, keep=KEEP))
+    asyncio.run(
+        apply_delta_stream(chunks(), str(delta), datadir, manifest, keep=KEEP, durable=durable)
+    )

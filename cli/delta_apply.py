@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from cli.pgbin import give_to_pg_user
 from cli.tar_reader import ArchiveEnd, MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from cli.untar import UnsafeArchive, member_path
+from durable_files import fsync_dir
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from pg15.datadir_layout import parse_relation_file_name
 from proto.errors import CorruptData
@@ -43,13 +44,16 @@ _SEGMENT_BYTES = RELSEG_SIZE * BLCKSZ
 class _Fork:
     """One fork member being applied: its header, then page records."""
 
-    def __init__(self, root: Path, rel: PurePosixPath, member: MemberStart) -> None:
-        self.root, self.rel, self.member = root, rel, member
+    def __init__(
+        self, root: Path, rel: PurePosixPath, member: MemberStart, changed: _Changed
+    ) -> None:
+        self.root, self.rel, self.member, self.changed = root, rel, member, changed
         self.buf = bytearray()
         self.delta: ForkDelta | None = None
         self.last_block = -1
         self.records = 0
         self.fds: dict[int, int] = {}
+        self.written: set[int] = set()
 
     def segment(self, segno: int) -> PurePosixPath:
         return self.rel.with_name(self.rel.name + (f".{segno}" if segno else ""))
@@ -78,12 +82,18 @@ class _Fork:
         for segno in range(nsegs):
             rel = self.segment(segno)
             keep.add(rel)
-            fd = os.open(self.root / rel, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            path = self.root / rel
+            created = not os.path.lexists(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             self.fds[segno] = fd
-            os.ftruncate(fd, min(nblocks * BLCKSZ - segno * _SEGMENT_BYTES, _SEGMENT_BYTES))
+            size = min(nblocks * BLCKSZ - segno * _SEGMENT_BYTES, _SEGMENT_BYTES)
+            if created or os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+                self.changed.file(path, created)
         segno = nsegs
         while os.path.lexists(self.root / self.segment(segno)):
             os.unlink(self.root / self.segment(segno))
+            self.changed.dirs.add(self.root / self.rel.parent)
             segno += 1
 
     def _page(self, record: memoryview) -> None:
@@ -102,6 +112,7 @@ class _Fork:
         written = os.pwrite(self.fds[segno], page, index * BLCKSZ)
         if written != BLCKSZ:
             raise OSError(f"short write of block {blkno}")
+        self.written.add(segno)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -113,13 +124,30 @@ class _Fork:
         if self.delta is None or self.buf or self.records != self.delta.pages:
             raise CorruptData(f"delta member {self.member.name!r} ends inside a page record")
         segments = [self.root / self.segment(s) for s in self.fds]
+        for segno in self.written:
+            self.changed.file(self.root / self.segment(segno), False)
         self.close()
         return segments
 
 
+class _Changed:
+    """What applying changed: files written or resized, directories whose entries changed."""
+
+    def __init__(self) -> None:
+        self.files: set[Path] = set()
+        self.dirs: set[Path] = set()
+
+    def file(self, path: Path, created: bool) -> None:
+        self.files.add(path)
+        if created:
+            self.dirs.add(path.parent)
+
+
 class DeltaApplier:
     """Feed `feed()` the delta's tar, then call `finish()`: `root` (the parent's data
-    directory) is then the snapshot's. On an error, `root` is half-applied: throw it away."""
+    directory) is then the snapshot's. On an error, `root` is half-applied: throw it away.
+    `make_durable()` then fsyncs what this applier changed (not what an earlier, killed one
+    changed without fsyncing: after such a run, fsync the whole tree)."""
 
     def __init__(self, root: Path, keep: Iterable[str] = ()) -> None:
         """`keep`: paths in `root` that stay although the delta does not name them (a
@@ -127,6 +155,7 @@ class DeltaApplier:
         self.root = root
         self._reader = TarReader()
         self._keep: set[PurePosixPath] = {PurePosixPath(p) for p in keep}
+        self._changed = _Changed()
         self._member: MemberStart | None = None
         self._fd: int | None = None
         self._fork: _Fork | None = None
@@ -140,6 +169,16 @@ class DeltaApplier:
         if not self._ended:
             raise CorruptData("the delta's archive has no end")
         self._remove_stale()
+
+    def make_durable(self) -> None:
+        """fsync every file this applier wrote or resized, then every directory whose
+        entries it changed."""
+        for path in sorted(self._changed.files):
+            if os.path.lexists(path):  # else removed later, its directory says so
+                _fsync_file(path)
+        for path in sorted(self._changed.dirs, key=lambda p: -len(p.parts)):
+            if path.is_dir():
+                fsync_dir(path)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -190,7 +229,7 @@ class DeltaApplier:
             if member.size > FORK_HEADER.size + MAX_BLOCKS * record_size():
                 raise CorruptData(f"delta member {member.name!r} is larger than any fork")
             self._make_dirs(rel.parent)
-            self._fork = _Fork(self.root, rel, member)
+            self._fork = _Fork(self.root, rel, member, self._changed)
             return
         if member.kind == "directory":
             self._make_dirs(rel)
@@ -200,6 +239,7 @@ class DeltaApplier:
         if dest.is_dir() and not dest.is_symlink():
             raise CorruptData(f"delta member {member.name!r} is a file where a directory is")
         self._keep.add(rel)
+        self._changed.file(dest, not os.path.lexists(dest))
         self._fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
 
     def _end(self) -> None:
@@ -225,6 +265,7 @@ class DeltaApplier:
         if not path.is_dir():
             os.mkdir(path, 0o700)
             give_to_pg_user(path)
+            self._changed.dirs.update((path, path.parent))
         self._keep.add(rel)
 
     def _remove_stale(self) -> None:
@@ -234,10 +275,21 @@ class DeltaApplier:
             for name in files + [d for d in dirs if (Path(top) / d).is_symlink()]:
                 if here / name not in self._keep:
                     os.unlink(Path(top) / name)
+                    self._changed.dirs.add(Path(top))
             for name in dirs:
                 path = Path(top) / name
                 if here / name not in self._keep and not path.is_symlink():
                     os.rmdir(path)
+                    self._changed.dirs.add(Path(top))
+                    self._changed.dirs.discard(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _own(path: Path) -> None:

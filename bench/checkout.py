@@ -1,0 +1,252 @@
+"""Checkout benchmark (issue 10 item 3): `neon pg checkout` to a snapshot a few pages away,
+in place (cli/checkout_delta.py), against a full extraction and pg_basebackup, one run.
+
+    .venv/bin/python -m bench.checkout [--scale 60] [--changed-pct 1] [--pgbench-seconds 30]
+
+Everything through the real `neon` CLI on a private NEON_HOME (the newcomer's path):
+
+1. `neon pg create`; `pgbench -i -s SCALE` (timed); `neon snapshot create pgdata1@base`
+   (timed: a checkpoint, then ingest catches up).
+2. Reference, node running: `pg_basebackup -X stream -c fast` of it into a directory.
+3. About --changed-pct of the database's pages changed: one row updated on every Nth page
+   of pgbench_accounts (N from the page counts), the new versions go elsewhere (fillfactor
+   100) and the primary key gets one entry each; `snapshot diff --stat` counts the pages.
+4. `neon pg checkout pgdata1@base`, timed (stop, HEAD snapshot, delta, apply, single-user
+   step, start); the directory's inode shows it was patched in place.
+5. References in the same run: a full extraction of `pgdata1@base` (the tar streamed from
+   the pageserver and unpacked, as a full rebuild's download: no start), and the same
+   checkout with the full rebuild (the same change made again, the hint mark removed so the
+   CLI falls back: what `pg checkout` did before).
+6. With --pgbench-seconds: `pgbench -c 4 -T S`, then `pg checkout pgdata1@base` again
+   (the newcomer's path: compare with pg_basebackup).
+
+Peak RSS: the CLI's (wait4) per checkout, the pageserver's high-water mark (VmHWM, since it
+started: ingest included). Prints a table and, last, one JSON line. Run by hand, never by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import json_line, machine_info, mib, print_machine, print_table, say
+from cli.context import App
+from cli.hints_mark import HINTS_MARK
+from cli.pageserver_control import local_api
+from cli.pgbin import pg_binary
+from cli.untar import extract_stream
+from pageserver_api.client import PageserverClient
+from pageserver_api.models import BasebackupRequest
+from tests.neoncli import NEON, NeonCli, free_port, neon_home, psql
+
+BENCH = "checkout"
+
+
+@dataclass(frozen=True)
+class Timed:
+    wall: float
+    max_rss_mib: float
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> Timed:
+    """Run a command to its end: wall time and peak RSS (wait4)."""
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _pid, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            out.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.read().decode(errors='replace')}")
+    return Timed(wall, ru.ru_maxrss / 1024)
+
+
+def neon_timed(neon: NeonCli, *args: str) -> Timed:
+    return timed([NEON, *args], env=neon.env())
+
+
+def pageserver_hwm_mib(neon: NeonCli) -> float:
+    pid = neon.json("pageserver", "status")["pid"]
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def full_extraction(neon: NeonCli, snapshot: str, target: Path) -> float:
+    """Seconds to stream a whole basebackup of `snapshot` and unpack it into `target`."""
+    app = App.open(neon.home)
+
+    async def fetch(client: PageserverClient) -> None:
+        async with client.basebackup(BasebackupRequest(snapshot=snapshot)) as stream:
+            await extract_stream(stream.__aiter__(), target)
+
+    t0 = time.perf_counter()
+    local_api(app).run(fetch)
+    return time.perf_counter() - t0
+
+
+def pg_basebackup(c: str, target: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [pg_binary("pg_basebackup"), "-d", c, "-D", str(target), "-X", "stream", "-c", "fast"],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - t0
+
+
+def change_pages(c: str, pct: float) -> str:
+    """Update one row on every Nth page of pgbench_accounts, N so that about `pct` % of the
+    database's pages change (the updated page, the page of the new version, an index leaf);
+    the SQL run, for the same change again."""
+    heap, total = (
+        int(x)
+        for x in psql(
+            c,
+            "SELECT pg_relation_size('pgbench_accounts') / 8192, "
+            "pg_database_size(current_database()) / 8192",
+        ).split("|")
+    )
+    stride = max(1, int(heap / max(1.0, total * pct / 100 / 2)))
+    sql = (
+        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE ctid = ANY (ARRAY("
+        f"SELECT format('(%s,1)', p)::tid FROM generate_series(0, {heap - 1}, {stride}) p))"
+    )
+    psql(c, sql)
+    return sql
+
+
+def diff_pages(neon: NeonCli, a: str, b: str) -> int:
+    return int(neon.json("snapshot", "diff", "--stat", a, b)["pages_changed"])
+
+
+def datadir(neon: NeonCli) -> Path:
+    return Path(neon.json("pg", "show", "pgdata1")["datadir"])
+
+
+def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine_before": machine_info(), "scale": args.scale}
+    neon.run("pg", "create", "--port", str(free_port()))
+    c = str(neon.json("pg", "show", "pgdata1")["connstr"])
+    say(f"pgbench -i -s {args.scale}")
+    t0 = time.perf_counter()
+    subprocess.run([pg_binary("pgbench"), "-i", "-q", "-s", str(args.scale), c], check=True,
+                   capture_output=True)  # fmt: skip
+    results["load_s"] = time.perf_counter() - t0
+    results["db_mib"] = mib(int(psql(c, "SELECT pg_database_size(current_database())")))
+    say("snapshot create pgdata1@base")
+    results["snapshot_create_s"] = neon_timed(neon, "snapshot", "create", "pgdata1@base").wall
+
+    say("pg_basebackup of the node")
+    results["pg_basebackup_s"] = pg_basebackup(c, scratch / "pgbb")
+    shutil.rmtree(scratch / "pgbb")
+
+    say(f"changing ~{args.changed_pct}% of the pages")
+    sql = change_pages(c, args.changed_pct)
+
+    say("pg checkout pgdata1@base (in place)")
+    inode = datadir(neon).stat().st_ino
+    fast = neon_timed(neon, "pg", "checkout", "pgdata1@base")
+    results["checkout_s"] = fast.wall
+    results["checkout_cli_rss_mib"] = fast.max_rss_mib
+    results["in_place"] = datadir(neon).stat().st_ino == inode
+    changed = diff_pages(neon, "pgdata1@base", "pgdata1@HEAD{0}")
+    results["pages_changed"] = changed
+    results["pages_changed_pct"] = 100 * changed / max(1, int(results["db_mib"] * 128))
+
+    say("full extraction of pgdata1@base")
+    results["extraction_s"] = full_extraction(neon, "pgdata1@base", scratch / "full")
+    shutil.rmtree(scratch / "full")
+
+    say("the same change, then pg checkout with a full rebuild")
+    psql(c, sql)
+    (datadir(neon) / HINTS_MARK).unlink()
+    full = neon_timed(neon, "pg", "checkout", "pgdata1@base")
+    results["full_checkout_s"] = full.wall
+    results["full_checkout_cli_rss_mib"] = full.max_rss_mib
+    results["full_in_place"] = datadir(neon).stat().st_ino == inode
+
+    if args.pgbench_seconds:
+        # The node was rebuilt whole above: its next start writes a fresh hint mark.
+        say(f"pgbench -c 4 -T {args.pgbench_seconds}, then pg checkout pgdata1@base")
+        subprocess.run([pg_binary("pgbench"), "-n", "-c", "4", "-j", "2", "-T",
+                        str(args.pgbench_seconds), c], check=True, capture_output=True)  # fmt: skip
+        inode = datadir(neon).stat().st_ino
+        newcomer = neon_timed(neon, "pg", "checkout", "pgdata1@base")
+        results["newcomer_checkout_s"] = newcomer.wall
+        results["newcomer_in_place"] = datadir(neon).stat().st_ino == inode
+        results["newcomer_pages_changed"] = diff_pages(neon, "pgdata1@base", f"pgdata1@HEAD{{{2}}}")
+    results["pageserver_peak_rss_mib"] = pageserver_hwm_mib(neon)
+    results["machine_after"] = machine_info()
+    return results
+
+
+def report(r: dict[str, Any]) -> None:
+    ext, pgbb = r["extraction_s"], r["pg_basebackup_s"]
+    rows: list[list[object]] = [
+        ["pg checkout, in place" + ("" if r["in_place"] else " (NOT in place)"),
+         r["checkout_s"], r["checkout_s"] / ext, r["checkout_s"] / pgbb,
+         r["checkout_cli_rss_mib"]],
+        ["pg checkout, full rebuild", r["full_checkout_s"], r["full_checkout_s"] / ext,
+         r["full_checkout_s"] / pgbb, r["full_checkout_cli_rss_mib"]],
+        ["full extraction (stream + unpack)", ext, 1.0, ext / pgbb, "-"],
+        ["pg_basebackup -X stream", pgbb, pgbb / ext, 1.0, "-"],
+    ]  # fmt: skip
+    if "newcomer_checkout_s" in r:
+        t = r["newcomer_checkout_s"]
+        rows.append([
+            "pg checkout after pgbench" + ("" if r["newcomer_in_place"] else " (NOT in place)"),
+            t, t / ext, t / pgbb, "-",
+        ])  # fmt: skip
+    print(
+        f"database {r['db_mib']:.0f} MiB (pgbench -s {r['scale']}, loaded in "
+        f"{r['load_s']:.1f} s); snapshot create {r['snapshot_create_s']:.1f} s "
+        f"({r['snapshot_create_s'] / r['load_s']:.2f}x the load)"
+    )
+    print(f"pages changed: {r['pages_changed']:,} ({r['pages_changed_pct']:.2f}% of the database)")
+    if "newcomer_pages_changed" in r:
+        print(f"pages changed by pgbench: {r['newcomer_pages_changed']:,}")
+    print_table(["what", "seconds", "x extraction", "x pg_basebackup", "CLI peak RSS MiB"], rows)
+    print(f"pageserver peak RSS (VmHWM, ingest included): {r['pageserver_peak_rss_mib']:.0f} MiB")
+    print_machine(r)
+
+
+def _scratch() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="neon-bench-checkout-"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.checkout", description=__doc__)
+    parser.add_argument("--scale", type=int, default=60)
+    parser.add_argument("--changed-pct", type=float, default=1.0)
+    parser.add_argument("--pgbench-seconds", type=int, default=30)
+    args = parser.parse_args(argv)
+    home = neon_home()
+    neon = next(home)
+    scratch = _scratch()
+    where = next(scratch)
+    try:
+        results = run(args, neon, where)
+    finally:
+        home.close()
+        scratch.close()
+    report(results)
+    json_line(BENCH, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
