@@ -6,6 +6,7 @@ secret is written into the home, and another home reads the area from the bucket
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -93,5 +94,6 @@ def test_environment_configured_pageserver_keeps_its_history_in_s3(
         assert parse_lsn(area["to"]) >= lsn
     finally:
         err = stop_container(container)
+        shutil.rmtree(secrets, ignore_errors=True)
     assert container.returncode == 0, err
     assert "attached db" in err, err
