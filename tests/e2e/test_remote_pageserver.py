@@ -75,7 +75,8 @@ def test_push_and_pull_through_a_remote_pageserver(
     homes: tuple[NeonCli, NeonCli, Path], tmp_path: Path
 ) -> None:
     """push lands as a snapshot of B (its pageserver imported it); pull of it makes the same
-    data on A; a delta is sent on what B holds; a wrong token is refused before any byte."""
+    data on A; a delta is sent on what B holds; a wrong token is refused before any byte
+    (push, pull, and a PITR area, which is then not created)."""
     a, b, _base = homes
     c = str(a.json("pg", "show", "pgdata1")["connstr"])
     reference = pg_dump(c)  # unchanged since SNAP was made
@@ -89,6 +90,9 @@ def test_push_and_pull_through_a_remote_pageserver(
     refused = a.fail("snapshot", "pull", "--from", "zbad:pgdata1-snap1.neon", "nope")
     assert "wrong token" in refused, refused
     assert "pgdata1-snap1" not in [s["name"] for s in b.json("snapshot", "list")]
+    refused = a.fail("pitr", "create", "nope", "--pg", "pgdata1", "--storage", "zbad")
+    assert "wrong token" in refused, refused
+    assert "nope" not in [x["name"] for x in a.json("pitr", "list")]
 
     pushed = a.json("snapshot", "push", "--to", "zcloud", SNAP)
     assert pushed["parent"] is None and pushed["bytes_sent"] > 0
