@@ -1,7 +1,7 @@
 """Remote history benchmark (issue 13): layer uploads to S3 against a plain multipart upload,
 and a cold attach from S3 that extracts one snapshot.
 
-    .venv/bin/python -m bench.remote [--db-mib 1024] [--parallel 4] [--keep]
+    .venv/bin/python -m bench.remote [--db-mib 1024] [--parallel 4] [--rounds 3] [--keep]
 
 1. moto's S3 server runs as a child process on 127.0.0.1 (its memory is not ours). A
    throwaway home (`neon pg create`) gets an s3 storage on it and a PITR area kept there
@@ -16,7 +16,8 @@ and a cold attach from S3 that extracts one snapshot.
    - reference: what `aws s3 cp --recursive` does with its defaults, through aiobotocore:
      files over 8 MiB as multipart uploads of 8 MiB parts, the rest as one PutObject, at most
      10 requests at once.
-   Peak RSS of this process (VmHWM, reset before each) for each.
+   --rounds of each, the sides alternating (a fresh bucket per round); the best of each side
+   is compared. Peak RSS of this process (VmHWM, reset before each) for each.
 3. A cold attach: a fresh home attaches the bucket (`storage attach -t s3`), `pitr list`
    (one LIST, one GET of the index: timed), then `pitr extract-snapshot` at the snapshot's
    LSN (timed); the bytes it downloaded (the files under its mirror of the area) against the
@@ -257,12 +258,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
 
             say(f"upload throughput: {len(files)} layer files, {mib(layer_bytes):.1f} MiB")
-            s3.create_bucket(Bucket="bench-upload")
-            ref_s, ref_rss = timed(upload_reference(endpoint, "bench-upload", files))
-            ours_s, ours_rss = timed(
-                upload_ours(endpoint, "bench-upload", secret, files, args.parallel)
-            )
+            ours_runs, ref_runs = [], []
+            for n in range(args.rounds):  # sides alternate; the best of each is compared
+                bucket_n = f"bench-upload-{n}"
+                s3.create_bucket(Bucket=bucket_n)
+                sides = [
+                    (ref_runs, lambda b=bucket_n: upload_reference(endpoint, b, files)),
+                    (ours_runs, lambda b=bucket_n: upload_ours(
+                        endpoint, b, secret, files, args.parallel)),
+                ]  # fmt: skip
+                for runs, make in sides if n % 2 == 0 else sides[::-1]:
+                    runs.append(timed(make()))
+            say(f"upload rounds (s): ours {[round(r[0], 2) for r in ours_runs]}, "
+                f"reference {[round(r[0], 2) for r in ref_runs]}")  # fmt: skip
+            ours_s, ref_s = min(r[0] for r in ours_runs), min(r[0] for r in ref_runs)
+            ours_rss, ref_rss = max(r[1] for r in ours_runs), max(r[1] for r in ref_runs)
             results.update(
+                ours_upload_rounds_s=[round(r[0], 3) for r in ours_runs],
+                ref_upload_rounds_s=[round(r[0], 3) for r in ref_runs],
                 ours_upload_s=round(ours_s, 3), ref_upload_s=round(ref_s, 3),
                 ours_mib_s=round(mib_per_s(layer_bytes, ours_s), 1),
                 ref_mib_s=round(mib_per_s(layer_bytes, ref_s), 1),
@@ -335,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.remote", description=__doc__.splitlines()[0])
     parser.add_argument("--db-mib", type=int, default=1024, help="database size (MiB)")
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
+    parser.add_argument("--rounds", type=int, default=3, help="upload rounds per side")
     parser.add_argument("--timeout", type=float, default=900, help="upload wait (s)")
     parser.add_argument("--keep", action="store_true")
     return run_benchmark("remote", run, parser.parse_args(argv))
