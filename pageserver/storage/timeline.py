@@ -527,22 +527,30 @@ class Timeline:
         """One consistent view for a range read: the layer map, the frozen layers (newest
         first) and the open layer's newest versions of the range, taken under the lock."""
         with self._lock:
-            self._check_open()
-            open_ = self._open
-            head = (
-                list(open_.newest_versions(key_range, lsn))
-                if open_ is not None and open_.lsn_start <= lsn
-                else []
-            )
-            return self._map, self._frozen[::-1], head
+            return self._range_view_locked(key_range, lsn)
+
+    def _range_view_locked(
+        self, key_range: KeyRange, lsn: int
+    ) -> tuple[LayerMap, list[InMemoryLayer], list[tuple[Key, int, int]]]:
+        self._check_open()
+        open_ = self._open
+        head = (
+            list(open_.newest_versions(key_range, lsn))
+            if open_ is not None and open_.lsn_start <= lsn
+            else []
+        )
+        return self._map, self._frozen[::-1], head
 
     def keys_written(self, key_range: KeyRange, above: int, upto: int) -> WrittenKeys:
         """Keys of key_range with a version in (above, upto] in this timeline's own layers
         (not the ancestor's), from indexes alone: a key in neither set has the same value at
         both LSNs here unless an image layer in the window covers it without holding it (it
         no longer exists)."""
-        layer_map, frozen, head = self._range_view(key_range, upto)
+        # One lock for the view and the open layer's start: taken apart, a freeze in between
+        # left the frozen layer out of both (in no span), and every key of an image layer
+        # in the window then counted as possibly changed (a delta .neon as big as the whole).
         with self._lock:
+            layer_map, frozen, head = self._range_view_locked(key_range, upto)
             open_start = self._open.lsn_start if self._open is not None else None
         logged = {key for key, lsn, _tag in head if lsn > above}
         imaged: set[Key] = set()
