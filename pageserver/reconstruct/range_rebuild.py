@@ -150,12 +150,48 @@ def rebuild_keys(
     timeline: Timeline, lsn: int, view: PersistentView | None, keys: list[Key]
 ) -> Iterator[bytes | None]:
     """The values of `keys` (sorted) at lsn, in order, rebuilt in bulk over the range they
-    span (a basebackup's slow keys: `range_reads.SlowValues` with the first three bound)."""
+    span (a basebackup's slow keys: `range_reads.SlowValues` with the first three bound).
 
-    def reference(key: Key) -> bytes | None:
-        return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
-
+    On a branch, the keys its own layers hold nothing of (and no image layer of its covers)
+    have the ancestor's value at the branch point (as `Timeline.get_reconstruct_data` reads
+    them): they are rebuilt in bulk there, the rest here, where a chain going on into the
+    ancestor takes the per-key path."""
     if not keys:
         return iter(())
     span = KeyRange(keys[0], key_successor(keys[-1]))
+    ancestor = timeline.ancestor
+    if ancestor is None or view is None:
+        return _rebuilt(timeline, lsn, view, span, keys)
+    own = _own_keys(timeline, view, span, keys, lsn)
+    inherited = [key for key in keys if key not in own]
+    if not inherited:
+        return _rebuilt(timeline, lsn, view, span, keys)
+    at = min(lsn, timeline.ancestor_lsn)
+    theirs = rebuild_keys(ancestor, at, ancestor.persistent_view(span, at), inherited)
+    ours = _rebuilt(timeline, lsn, view, span, [key for key in keys if key in own])
+    return (next(ours) if key in own else next(theirs) for key in keys)
+
+
+def _rebuilt(
+    timeline: Timeline, lsn: int, view: PersistentView | None, span: KeyRange, keys: list[Key]
+) -> Iterator[bytes | None]:
+    def reference(key: Key) -> bytes | None:
+        return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
+
     return (value for _, value in rebuild_range(timeline, span, keys, lsn, reference, view))
+
+
+def _own_keys(
+    timeline: Timeline, view: PersistentView, span: KeyRange, keys: list[Key], lsn: int
+) -> set[Key]:
+    """Those of `keys` (inside span) the timeline's own layers may decide at lsn (a superset:
+    a delta layer's key whose versions are all newer counts): versions in its delta or
+    in-memory layers, or an image layer of its covering them."""
+    layer_map = view.layer_map
+    held: set[Key] = set(view.in_memory)
+    for delta in layer_map.deltas_overlapping(span, -1, lsn):
+        f = delta.file
+        held.update(key for key, _, _ in f.newest_of_keys(f.lower_bound(span.start), span.end))
+    images, _ = layer_map.images_over(span, lsn)
+    ranges = [image.key_range for image in images]
+    return {k for k in keys if k in held or any(r.start <= k < r.end for r in ranges)}

@@ -8,7 +8,7 @@ initdb'd directory, in small layers, with image layers forced at a third of the 
 pages rebuild from an image layer, earlier ones from the import's) and the last part left in
 the open in-memory layer (the keys it holds take the per-key path). A branch made at the
 middle ingests the rest of the same WAL on its own: its tars equal its reference's and the
-parent's at the same LSNs.
+parent's at the same LSNs, the keys it holds nothing of rebuilt in bulk in the parent.
 """
 
 from __future__ import annotations
@@ -210,9 +210,10 @@ def test_a_branch_tars_equal_the_reference_and_the_parent(
         child.freeze_and_flush()
         for lsn in (branch_lsn, rest[len(rest) // 3], rest[-1]):
             assert _same_tar(child, lsn) == _tar(TimelineSource(timeline, lsn)), lsn
-        # Pages the child re-initialized rebuild in C; the rest read through the ancestor.
+        # Pages the child holds nothing of rebuild in bulk in the ancestor, those it
+        # re-initialized in the child; chains going on into the ancestor take the per-key path.
         assert counts.bulk_keys > 5000, counts
-        assert counts.reference < counts.bulk_keys, counts
+        assert counts.reference < counts.bulk_keys // 10, counts
     finally:
         store.close()
 
