@@ -258,7 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
 
             say(f"upload throughput: {len(files)} layer files, {mib(layer_bytes):.1f} MiB")
-            ours_runs, ref_runs = [], []
+            ours_runs: list[tuple[float, int]] = []
+            ref_runs: list[tuple[float, int]] = []
             for n in range(args.rounds):  # sides alternate; the best of each is compared
                 bucket_n = f"bench-upload-{n}"
                 s3.create_bucket(Bucket=bucket_n)

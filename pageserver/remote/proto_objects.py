@@ -28,6 +28,8 @@ from proto.client import ProtoClient
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, ProtocolError
 
 CHUNK = 1 << 20
+PAGESERVER_NAME = "pg-neon pageserver"
+"""How a pageserver names itself in its hello (pageserver/daemon.py)."""
 PEER = "the remote pageserver"
 HINT = "is the pageserver of the storage's url running, and is the url right?"
 
@@ -68,6 +70,12 @@ class ProtoObjectStore(ObjectStore):
                 self._host, self._port, token=self.settings.secret(),
                 client_name="pageserver remote storage", peer=PEER, hint=HINT, ssl=self._ssl,
             )  # fmt: skip
+            if not client.server_name.startswith(PAGESERVER_NAME):
+                await client.close()
+                raise InvalidArgument(
+                    f"{self.settings.url} is a {client.server_name}, not a pageserver: it "
+                    "holds snapshots (push, pull), not PITR history"
+                )
         try:
             yield client
         except BaseException:
