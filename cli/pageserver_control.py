@@ -19,11 +19,15 @@ from cli.registry import PageserverRow
 from cli.secrets import ensure_secret
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
 from pageserver.pid_file import pid_alive
+from pageserver.remote.proto_objects import tls_context
 from pageserver_api.client import SyncPageserverClient
 from proto.errors import Unavailable
 
 DAEMON_MODULE = "cli.pageserver_daemon"
 """The daemon with the home's `object.*` methods (a bare `pageserver.daemon` is found too)."""
+TLS_CA_ENV = "NEON_TLS_CA"
+"""For --pageserver: reach it over TLS, its certificate verified against this PEM file (the
+CA or the self-signed certificate) and the host name."""
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 
@@ -185,7 +189,9 @@ def local_api(app: App, *, start: bool = True) -> SyncPageserverClient:
     (then a stopped daemon is Unavailable); with `--pageserver`, that pageserver's."""
     if app.remote is not None:
         remote = app.remote
-        return SyncPageserverClient(remote.host, remote.port, token=remote.token)
+        ca = os.environ.get(TLS_CA_ENV) or None
+        tls = None if ca is None else tls_context(ca)
+        return SyncPageserverClient(remote.host, remote.port, token=remote.token, ssl=tls)
     if start:
         row = start_local(app)
     pid = running_pid(app)

@@ -136,7 +136,7 @@ def test_tls_to_a_remote_pageserver(homes: tuple[NeonCli, NeonCli, Path], tls_b:
     certificate the daemon serves); a plain connection, or TLS without the CA that signed the
     certificate, is refused before the token is sent."""
     a, b, _base = homes
-    assert "pgdata1-snap1" in [s["name"] for s in b.json("snapshot", "list")]
+    assert "tls" not in [s["name"] for s in b.json("snapshot", "list")]  # B's CLI reaches it
     pushed = a.json("snapshot", "push", "--to", "ztls:tls.neon", SNAP)
     assert pushed["bytes_sent"] > 0 and "tls" in [s["name"] for s in b.json("snapshot", "list")]
     a.run("storage", "attach", "-t", "remote", "-n", "zplain",
@@ -147,6 +147,12 @@ def test_tls_to_a_remote_pageserver(homes: tuple[NeonCli, NeonCli, Path], tls_b:
           "-c", f"token=@{b_token(b)}", "-c", "tls=on")  # fmt: skip
     refused = a.fail("snapshot", "push", "--to", "znoca:noca.neon", SNAP)
     assert "certificate that does not verify" in refused and "-c ca=PATH" in refused
+    # A CLI using B's pageserver for everything (--pageserver), over TLS with NEON_TLS_CA.
+    token = b_token(b).read_text().strip()
+    remote = {"NEON_PAGESERVER": b_url(b), "NEON_TOKEN": token}
+    there = NeonCli(a.home, {**remote, "NEON_TLS_CA": str(tls_b)}).json("snapshot", "list")
+    assert "tls" in [s["name"] for s in there]
+    assert "closed the connection" in NeonCli(a.home, remote).fail("snapshot", "list")
 
 
 def test_a_pitr_area_kept_by_a_remote_pageserver(
