@@ -15,6 +15,7 @@ alone, as a container beside a PostgreSQL container runs it (docker/compose.yaml
     NEON_PITR_TTL                            a PITR area NAME over it with this TTL (default
                                              7d; `none`: no area)
     NEON_S3_BUCKET, NEON_S3_ENDPOINT, ...     that area kept in S3 too (cli/container_s3.py)
+    NEON_TLS_CERT, NEON_TLS_KEY              the proto port over TLS (read by the daemon)
 
 The process supervises two children: the daemon (`python -m cli.pageserver_daemon`, so CLI
 commands in the container find it as the home's running pageserver) and, until the server is
