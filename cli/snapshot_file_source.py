@@ -295,18 +295,14 @@ async def apply_delta_stream(
     pgdata: Path,
     expected: Manifest,
     keep: Iterable[str] = (),
-    durable: bool = False,
 ) -> None:
     """Apply the delta `.neon` file arriving as `chunks` (its manifest `expected`, read from
-    its head before) to its parent's data directory `pgdata` (`keep`: DeltaApplier's;
-    `durable`: what it changed fsynced, DeltaApplier.make_durable)."""
+    its head before) to its parent's data directory `pgdata` (`keep`: DeltaApplier's)."""
     applier = DeltaApplier(pgdata, keep)
     try:
         async for data in verified_tar(chunks, label, expect_manifest(label, expected)):
             await asyncio.to_thread(applier.feed, data)
         await asyncio.to_thread(applier.finish)
-        if durable:
-            await asyncio.to_thread(applier.make_durable)
     finally:
         applier.close()
     check_control(pgdata, expected, label)

@@ -755,9 +755,9 @@ class BasebackupRequest(ApiRequest):
     carries only the pages written since; none does: a whole file. The result names it."""
     checkout_from: str | None = None
     """`pg checkout`: the snapshot of the node's state before it (`HEAD{i}`), whose stopped
-    data directory the delta `.neon` file of the node's branch point applies to, in place
-    (pageserver/basebackup/checkout_delta.py); refused (InvalidArgument) where only a full
-    rebuild is right."""
+    data directory the delta (tar, or `.neon` file) of the node's branch point applies to, in
+    place (pageserver/basebackup/checkout_delta.py); refused (InvalidArgument) where only a
+    full rebuild is right."""
     hints_logged_from: int | None = None
     """With checkout_from: the LSN from which the directory's hint bits are WAL-logged."""
 
@@ -765,12 +765,11 @@ class BasebackupRequest(ApiRequest):
         if self.node_id is None and self.snapshot is None:
             raise InvalidArgument("basebackup needs a node_id or a snapshot")
         if self.checkout_from is not None and not (
-            self.snapshot_file and self.node_id and self.snapshot is None
+            self.node_id and self.snapshot is None
             and self.delta_from is None and self.hints_logged_from is not None
         ):  # fmt: skip
             raise InvalidArgument(
-                "basebackup checkout_from applies to the snapshot_file of a node's branch "
-                "point, with hints_logged_from"
+                "basebackup checkout_from applies to a node's branch point, with hints_logged_from"
             )
         _check_positive("pg_timeline", self.pg_timeline)
         if self.created_at is not None and not self.snapshot_file:

@@ -24,6 +24,7 @@ from cli.tar_reader import MemberData, MemberStart, TarReader
 from cli.untar import extract_stream
 from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest, BasebackupResponse
+from proto.errors import InvalidArgument
 from snapfile.delta import FORK_HEADER, fork_path_of, record_size
 from snapfile.reader import TarData, read_manifest, read_snapshot_file
 from tests.e2e.test_pitr_faithfulness import amcheck, assert_same_dumps, dump_all
@@ -240,10 +241,10 @@ def test_checkout_rebuilds_whole_when_hints_were_not_logged(neon: NeonCli) -> No
     assert psql(c, INDEX_COUNT).splitlines()[-1] == "201"
 
 
-@pytest.mark.parametrize("step", ["pgdata1.checkout.neon", "pgdata1.checkout.applied"])
+@pytest.mark.parametrize("step", ["pgdata1.checkout.applying", "pgdata1.checkout.applied"])
 def test_checkout_in_place_killed_rolls_forward(neon: NeonCli, step: str) -> None:
-    """Killed while the delta is applied (`.neon` present) or while the node's passwords and
-    slot are set (`.applied`): the next command ends in the target, complete."""
+    """Killed while the delta is applied (`.applying` present) or while the node's passwords
+    and slot are set (`.applied`): the next command ends in the target, complete."""
     neon.run("pg", "create")
     c = connstr(neon)
     psql(c, "CREATE TABLE t (a int, pad text); CREATE EXTENSION amcheck")
@@ -274,3 +275,20 @@ def test_checkout_in_place_killed_rolls_forward(neon: NeonCli, step: str) -> Non
     psql(c, "INSERT INTO t VALUES (0)")
     neon.run("pg", "checkout", "pgdata1@HEAD{0}")
     assert psql(c, "SELECT count(*), max(a) FROM t") == "100000|-1"
+
+
+def test_checkout_delta_request_is_checked() -> None:
+    ok = BasebackupRequest(
+        node_id="primary1", snapshot_file=True, checkout_from="pgdata1@HEAD{0}",
+        hints_logged_from=0,
+    )  # fmt: skip
+    assert ok.checkout_from == "pgdata1@HEAD{0}"
+    for bad in (
+        {"node_id": "primary1", "checkout_from": "p@HEAD{0}"},
+        {"node_id": "primary1", "checkout_from": "p@HEAD{0}", "delta_from": ["p@s"],
+         "hints_logged_from": 0},
+        {"snapshot": "p@s", "snapshot_file": True, "checkout_from": "p@HEAD{0}",
+         "hints_logged_from": 0},
+    ):  # fmt: skip
+        with pytest.raises(InvalidArgument, match="checkout_from applies"):
+            BasebackupRequest(**bad)  # type: ignore[arg-type]
