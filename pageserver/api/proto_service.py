@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pageserver.api.service import Pageserver
-from pageserver.basebackup.checkout_delta import checkout_parent
+from pageserver.basebackup.checkout_delta import COALESCE_BYTES, checkout_parent, coalesced
 from pageserver.basebackup.snapshot_file import (
     DeltaParent,
     TarCounter,
@@ -217,6 +217,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             source_name = req.snapshot or req.node_id or ""
             manifest = snapshot_file_manifest(info, source_name, created, delta)
             chunks = snapshot_file_chunks(manifest, tar)
+        elif req.checkout_from is not None:
+            # A delta's tar is mostly small members (a header per unchanged fork): sent one
+            # frame (and one thread hop) each, they cost more than their pages.
+            chunks = coalesced(tar, COALESCE_BYTES)
         sent = 0
         try:
             while True:
