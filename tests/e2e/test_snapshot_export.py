@@ -364,7 +364,11 @@ def test_push_over_ssh_then_pull_over_http_with_a_cut(
         gets = [r[2] for r in server.requests if r[0] == "GET"]
     try:
         assert out.startswith(f"Pulled {server.url('x.neon')} as snapshot overhttp: "), out
-        assert gets == [None, "bytes=100000-"]
+        # It resumes from what reached its spool: the bytes read before the cut was seen
+        # (the client may drop what it had buffered but not read yet, on a busy machine).
+        assert len(gets) == 2 and gets[0] is None, gets
+        resumed = re.fullmatch(r"bytes=(\d+)-", gets[1] or "")
+        assert resumed is not None and 0 < int(resumed.group(1)) <= 100_000, gets
         assert snapshot_dump(home, "overhttp") == reference_dump
     finally:
         home.run("snapshot", "destroy", "overhttp")
