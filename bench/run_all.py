@@ -11,6 +11,7 @@ BENCHMARKS = (
     "bench.redo",
     "bench.extract",
     "bench.import_export",
+    "bench.checkout",
     "bench.exchange",
     "bench.remote",
 )
