@@ -168,7 +168,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     ) -> tuple[BasebackupInfo, Iterator[bytes]]:
         """Validate a basebackup and describe it; its tar chunks are produced lazily (a
         delta's relation forks by `delta`)."""
-        source, tli = ps.basebackup_source(req.node_id, req.snapshot)
+        source, tli = await asyncio.to_thread(ps.basebackup_source, req.node_id, req.snapshot)
         pg_timeline = req.pg_timeline if req.pg_timeline is not None else tli or 1
         history = req.timeline_history if isinstance(req, m.BasebackupRequest) else None
         if history is None and pg_timeline > 1:
@@ -199,13 +199,13 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         or its `.neon` snapshot file (a delta on one of `delta_from` when one is an ancestor)."""
         delta = None
         if req.checkout_from is not None and req.hints_logged_from is not None:
-            source, _tli = ps.basebackup_source(req.node_id, None)
+            source, _tli = await asyncio.to_thread(ps.basebackup_source, req.node_id, None)
             delta = await asyncio.to_thread(
                 checkout_parent, ps.find_snapshot, req.checkout_from, source,
                 req.hints_logged_from,
             )  # fmt: skip
         elif req.delta_from and req.snapshot is not None:
-            source, _tli = ps.basebackup_source(None, req.snapshot)
+            source, _tli = await asyncio.to_thread(ps.basebackup_source, None, req.snapshot)
             delta = await asyncio.to_thread(
                 delta_parent, ps.find_snapshot, req.snapshot, source, req.delta_from
             )

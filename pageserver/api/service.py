@@ -654,9 +654,14 @@ class Pageserver:
     def basebackup_source(
         self, node_id: str | None, snapshot: str | None
     ) -> tuple[TimelineSource, int | None]:
-        """What to extract: a snapshot, or a node's current timeline at its branch point."""
+        """What to extract: a snapshot, or a node's current timeline at its branch point. Call
+        off the event loop: a snapshot held in a bucket downloads its layers here."""
         if snapshot is not None:
             history, snap = self.find_snapshot(snapshot)
+            mirror = self.remote.mirror_of_root(history.root)
+            if mirror is not None:  # a snapshot listed in a bucket: its layers come down first
+                self._prepare_mirror(mirror, snap.lsn, None)
+                history, snap = self.find_snapshot(snapshot)
             return TimelineSource(history.timelines.get(snap.timeline_id), snap.lsn), None
         if node_id is None:
             raise InvalidArgument("basebackup needs a node_id or a snapshot")
