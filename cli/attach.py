@@ -28,7 +28,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +172,14 @@ class ServerFacts:
     version: str
 
 
-async def _open(server: ServerConn, methods: frozenset[AuthMethod]) -> ReplicationConnection:
+@contextlib.asynccontextmanager
+async def _session(
+    server: ServerConn, methods: frozenset[AuthMethod]
+) -> AsyncIterator[ReplicationConnection]:
+    """A replication connection to the server, closed at the end; a refusal by the server
+    names what to change there (`_named`)."""
     try:
-        return await connect(
+        conn = await connect(
             server.host,
             server.port,
             server.user,
@@ -186,6 +191,10 @@ async def _open(server: ServerConn, methods: frozenset[AuthMethod]) -> Replicati
         )
     except ServerError as exc:
         raise _named(exc, server) from None
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 def _named(exc: ServerError, server: ServerConn) -> NeonError:
@@ -208,8 +217,7 @@ def _named(exc: ServerError, server: ServerConn) -> NeonError:
 
 async def check_server(server: ServerConn, methods: frozenset[AuthMethod]) -> ServerFacts:
     """Refuse, with the fix, a server that cannot be followed (see the module docstring)."""
-    conn = await _open(server, methods)
-    try:
+    async with _session(server, methods) as conn:
         major = server_major_version(conn)
         version = conn.server_params.get("server_version", "?")
         if major != SUPPORTED_MAJOR:
@@ -230,25 +238,17 @@ async def check_server(server: ServerConn, methods: frozenset[AuthMethod]) -> Se
             )
         identity = await conn.identify_system()
         return ServerFacts(str(identity.systemid), identity.timeline, identity.xlogpos, version)
-    finally:
-        await conn.close()
 
 
 async def _drop_slot(server: ServerConn, methods: frozenset[AuthMethod], slot: str) -> None:
-    conn = await _open(server, methods)
-    try:
+    async with _session(server, methods) as conn:
         if await conn.read_replication_slot(slot) is not None:
             await conn.drop_slot(slot, wait=True)
-    finally:
-        await conn.close()
 
 
 async def _wal_lsn(server: ServerConn, methods: frozenset[AuthMethod]) -> int:
-    conn = await _open(server, methods)
-    try:
+    async with _session(server, methods) as conn:
         return (await conn.identify_system()).xlogpos
-    finally:
-        await conn.close()
 
 
 # The registry row
@@ -423,11 +423,8 @@ def attach_server(
 
 
 async def _slot_exists(server: ServerConn, methods: frozenset[AuthMethod], slot: str) -> bool:
-    conn = await _open(server, methods)
-    try:
+    async with _session(server, methods) as conn:
         return await conn.read_replication_slot(slot) is not None
-    finally:
-        await conn.close()
 
 
 def _forget(app: App, node: NodeRow) -> None:
