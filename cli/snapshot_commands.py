@@ -384,9 +384,11 @@ def start_snapshot_server(app: App, name: str) -> tuple[int, Path]:
             try:
                 postmaster.start(datadir, root / "postgres.log")
                 break
-            except ExternalCommandFailed:
+            except ExternalCommandFailed as exc:
                 # Another program took the port between the check and the start: next one.
-                if port_is_free(port) or attempt == PORT_ATTEMPTS - 1:
+                # It may have let it go again by now; PostgreSQL's own message still says so.
+                taken = not port_is_free(port) or "could not create any TCP/IP" in exc.message
+                if not taken or attempt == PORT_ATTEMPTS - 1:
                     raise
                 port = _free_port(app, above=port)
                 with app.registry.transaction() as cur:
