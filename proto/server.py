@@ -168,7 +168,13 @@ class ProtoServer:
         except Exception:
             log.exception("connection from %s failed", stream.peer)
         finally:
-            await stream.close()
+            try:
+                await stream.close()
+            except asyncio.CancelledError:
+                # Shut down while flushing: drop the connection. The task must not end
+                # cancelled, or asyncio's stream callback prints the CancelledError as a
+                # traceback (task.exception() raises it).
+                stream.abort()
             self._connections.discard(task)
 
     async def _report(self, stream: MessageStream, error: Error) -> None:

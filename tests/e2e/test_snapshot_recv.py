@@ -18,6 +18,7 @@ import select
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,8 @@ def reference(homes: tuple[NeonCli, NeonCli]) -> str:
 class Recv:
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    err: str = ""
+    """What `wait_logged` read of its stderr."""
 
     def line(self, timeout: float = 60) -> str:
         """The next stdout line."""
@@ -90,6 +93,17 @@ class Recv:
         text = self.proc.stdout.readline().strip()
         self.lines.append(text)
         return text
+
+    def wait_logged(self, text: str, timeout: float = 60) -> None:
+        """Read the receiver's stderr (into `err`) until `text` is in it."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        while text not in self.err:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 65536) if ready else b""
+            assert chunk, f"neon snapshot recv did not log {text!r}; it logged: {self.err}"
+            self.err += chunk.decode()
 
 
 @contextlib.contextmanager
@@ -245,6 +259,8 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
         with pytest.raises(NeonError, match=r"cut\.neon"):
             write_object(url, "cut.neon", data[: len(data) * 2 // 3])
         write_object(url, "abandoned.neon", data, abandon=True)
+        # It notices the end of the connection once it has unpacked what came before.
+        recv.wait_logged("refused abandoned.neon: ")
         with pytest.raises(AuthFailed, match="wrong token"):
             write_object(url.replace("?token=", "?token=x"), "x.neon", data)
         assert snapshots(receiver) == []
@@ -254,7 +270,8 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
         with pytest.raises(AlreadyExists, match="already has a snapshot of that name"):
             write_object(recv.lines[-1], "good.neon", data)
         recv.proc.send_signal(signal.SIGTERM)
-        _, err = recv.proc.communicate(timeout=60)
+        _, rest = recv.proc.communicate(timeout=60)
+    err = recv.err + rest
     assert "refused tampered.neon: " in err and "refused cut.neon: " in err
     assert "refused abandoned.neon: " in err and "Traceback" not in err
     assert snapshots(receiver) == ["good"]
