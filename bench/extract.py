@@ -14,8 +14,10 @@
    The segments are copied to a WAL archive for the reference, and TARGET is picked: the end
    of a random record in the second half of the history (and after `pgbench -i`).
 4. Timed until each server accepts connections (read-write), one after the other:
-   - ours: basebackup(TimelineSource(timeline, TARGET)) into a tar file, extract_basebackup,
-     configuration written, pg_ctl start -w (no recovery: the tar has a shutdown checkpoint);
+   - ours: basebackup(TimelineSource(timeline, TARGET)) streamed through a pipe into a process
+     unpacking it (cli/untar.py's extract_basebackup, `bench.pipe_ends untar`), as the
+     pageserver streams a basebackup to the `neon` CLI; configuration written, pg_ctl start
+     -w (no recovery: the tar has a shutdown checkpoint);
    - pg_basebackup: `pg_basebackup -X stream -c fast` of the live server into a directory,
      configuration written, pg_ctl start -w (replays the WAL of the backup);
    - PITR: copy of BASE, restore_command from the archive, recovery_target_lsn = TARGET
@@ -44,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from bench.common import (
     MIB,
@@ -67,7 +69,6 @@ from bench.common import (
 from bench.ingest import CHUNK
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
-from cli.untar import extract_basebackup
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import basebackup
 from pageserver.history.node_store import NodeStore, StorageHistory
@@ -165,36 +166,50 @@ def config_files(server: PgTestServer) -> dict[str, bytes]:
 
 
 def ours(
-    cluster: PgTestCluster, store: NodeStore, target: int, config: dict[str, bytes], work: Path
+    cluster: PgTestCluster, store: NodeStore, target: int, config: dict[str, bytes]
 ) -> tuple[StartResult, float, int]:
-    """basebackup at `target` into a tar file, extract, configure, start."""
+    """basebackup at `target` streamed into a process that unpacks it (as the pageserver
+    streams it to the `neon` CLI), configure, start."""
     state = store.state
     assert state is not None
     server = cluster.create_empty(cluster.servers[0].settings)
-    tar_path = work / "ours.tar"
+    untar = [sys.executable, "-m", "bench.pipe_ends", "untar", str(server.datadir)]
     parts: dict[str, float] = {}
     with measure() as m:
         t0 = time.perf_counter()
-        with open(tar_path, "wb") as f:
-            basebackup(
-                TimelineSource(store.timeline, target),
-                target,
-                pg_timeline=state.pg_timeline,
-                out=f,
-                config_files=config,
-            )
-        parts["basebackup_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with open(tar_path, "rb") as f:
-            extract_basebackup(f, server.datadir)
-        parts["extract_s"] = time.perf_counter() - t0
+        with subprocess.Popen(untar, stdin=subprocess.PIPE) as proc:
+            assert proc.stdin is not None
+            counted = _CountingWriter(proc.stdin)
+            with proc.stdin:
+                basebackup(
+                    TimelineSource(store.timeline, target),
+                    target,
+                    pg_timeline=state.pg_timeline,
+                    out=cast(BinaryIO, counted),  # it only writes
+                    config_files=config,
+                )
+            parts["basebackup_s"] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"unpacking our basebackup failed (exit {proc.returncode})")
+        parts["basebackup_and_unpack_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         postmaster.write_config(server.datadir, *server.config())
         server.start()
         parts["start_s"] = time.perf_counter() - t0
-    tar_bytes = tar_path.stat().st_size
-    tar_path.unlink()
-    return StartResult(m.wall, parts, server), m.cpu, tar_bytes
+    return StartResult(m.wall, parts, server), m.cpu, counted.bytes
+
+
+class _CountingWriter:
+    """A binary sink that counts what goes through it (the tar's size)."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self._sink = sink
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        n = self._sink.write(data)
+        self.bytes += n
+        return n
 
 
 def pg_basebackup_ref(cluster: PgTestCluster, source: PgTestServer) -> StartResult:
@@ -394,8 +409,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = config_files(server)
             results["machine_before_runs"] = machine_info()
 
-            say("ours: basebackup at TARGET → tar → extract → start")
-            our, our_cpu, tar_bytes = ours(cluster, store, target, config, work)
+            say("ours: basebackup at TARGET → a pipe → unpacked by a process of its own → start")
+            our, our_cpu, tar_bytes = ours(cluster, store, target, config)
             say(f"ours: {our.wall:.1f} s; PITR reference: copy BASE, replay to TARGET")
             pitr = pitr_ref(cluster, server, base, archive, target)
             say(f"PITR: {pitr.wall:.1f} s; cross-check")

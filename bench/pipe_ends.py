@@ -6,6 +6,11 @@ to a sink that stores what it receives.
     python -m bench.pipe_ends s3-get BUCKET KEY     # object -> stdout
     python -m bench.pipe_ends tcp-sink FILE         # prints its port; one connection -> FILE
     python -m bench.pipe_ends tcp-send PORT         # stdin -> 127.0.0.1:PORT
+    python -m bench.pipe_ends untar DIR             # a basebackup tar on stdin -> DIR
+
+`untar` is the receiving end of our own extraction (bench.extract): the CLI's unpacking of a
+basebackup (cli/untar.py) in a process of its own, as `neon` unpacks what the pageserver
+streams to it.
 
 s3 uses boto3's managed transfers (what `aws s3 cp - s3://...` does), with the part size and
 parallel parts of our s3 transport, credentials and endpoint from the standard AWS variables.
@@ -75,11 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         s3.add_argument("key")
     sub.add_parser("tcp-sink").add_argument("file")
     sub.add_parser("tcp-send").add_argument("port", type=int)
+    sub.add_parser("untar").add_argument("dir")
     args = ap.parse_args(argv)
     if args.cmd.startswith("s3-"):
         s3_transfer(args.cmd.removeprefix("s3-"), args.bucket, args.key)
     elif args.cmd == "tcp-sink":
         tcp_sink(args.file)
+    elif args.cmd == "untar":
+        from pathlib import Path
+
+        from cli.untar import extract_basebackup
+
+        extract_basebackup(sys.stdin.buffer, Path(args.dir))
     else:
         tcp_send(args.port)
     return 0
