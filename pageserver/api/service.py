@@ -502,8 +502,11 @@ class Pageserver:
         self._mirror_stores.pop(str(history.root), None)
         return self._area_store(history, history.pitr.get(mirror.name))
 
-    def _prepare_mirror(self, mirror: MirrorArea, lsn: int | None, at: datetime | None) -> None:
-        """Read the bucket's index again and download what an extraction needs."""
+    def _prepare_mirror(
+        self, mirror: MirrorArea, lsn: int | None, at: datetime | None, *, exact: bool = False
+    ) -> None:
+        """Read the bucket's index again and download what an extraction needs (`exact`: at a
+        record end already, e.g. a snapshot's LSN: no WAL)."""
         try:
             mirror.refresh()
         except Unavailable:
@@ -511,10 +514,11 @@ class Pageserver:
                 raise
         store = self._reload_mirror(mirror)
         assert mirror.index is not None
-        if at is not None:
-            lsn = store.index.lsn_for_time(at)
+        if at is not None:  # a commit's end: a record end
+            lsn, exact = store.index.lsn_for_time(at), True
         if lsn is not None:
-            mirror.prepare(min(lsn, mirror.index.disk_consistent_lsn))
+            top = mirror.index.disk_consistent_lsn
+            mirror.prepare(min(lsn, top), exact=exact and lsn <= top)
             self._reload_mirror(mirror)
 
     def _all_histories(self) -> list[StorageHistory]:
@@ -595,6 +599,7 @@ class Pageserver:
             at=at,
             now=datetime.now(UTC),
             check_ingesting=follower.check_ingesting if follower is not None else None,
+            read_wal=mirror.wal_reader() if mirror is not None else None,
         )
         node_name = tag or f"pitr-{snapped:X}"
         check_user_tag(node_name)
@@ -660,7 +665,7 @@ class Pageserver:
             history, snap = self.find_snapshot(snapshot)
             mirror = self.remote.mirror_of_root(history.root)
             if mirror is not None:  # a snapshot listed in a bucket: its layers come down first
-                self._prepare_mirror(mirror, snap.lsn, None)
+                self._prepare_mirror(mirror, snap.lsn, None, exact=True)
                 history, snap = self.find_snapshot(snapshot)
             return TimelineSource(history.timelines.get(snap.timeline_id), snap.lsn), None
         if node_id is None:

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from pageserver.history.node_store import NodeStore
 from pageserver.history.pitr import PitrArea
-from pageserver.ingest.lsn_index import archive_reader
+from pageserver.ingest.lsn_index import ReadWal, archive_reader
 from pageserver.reconstruct.reads import get_checkpoint, get_control_file
 from pageserver.storage.gc_policy import NodeTip, TimelineFacts, area_window
 from pageserver.storage.retention import Retention
@@ -44,11 +44,13 @@ def extraction_lsn(
     at: datetime | None,
     now: datetime,
     check_ingesting: Callable[[], None] | None = None,
+    read_wal: ReadWal | None = None,
 ) -> int:
     """The record boundary an extraction at `lsn` (or at the time `at`) names inside the area.
 
     `check_ingesting` raises when the node's ingest stopped on an error: that, not the
-    window, is why an LSN past the tip cannot be reached.
+    window, is why an LSN past the tip cannot be reached. `read_wal` reads the WAL where it is
+    not the node's archive (a history attached from a bucket: pageserver/remote/mirror.py).
     """
     retention = area_retention(store, area, now)
     start = retention.window_start if retention.window_start is not None else retention.tip
@@ -70,7 +72,7 @@ def extraction_lsn(
         )
     state = store.state
     assert state is not None
-    reader = archive_reader(store.wal_dir, state.wal_segment_size)
+    reader = read_wal or archive_reader(store.wal_dir, state.wal_segment_size)
     snapped = max(store.index.snap(lsn, reader, timeline=state.pg_timeline), start)
     check_materializable(store.timeline, snapped, area.name)
     return snapped

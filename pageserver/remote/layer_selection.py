@@ -28,10 +28,14 @@ def image_horizon(layers: Iterable[LayerName], lsn: int) -> int | None:
     return None
 
 
-def layers_for_read(layers: Iterable[LayerName], lsn: int) -> tuple[list[LayerName], bool]:
-    """The layers of one timeline a read at `lsn` needs, and whether it reads the ancestor."""
+def layers_for_read(
+    layers: Iterable[LayerName], lsn: int, since: int | None = None
+) -> tuple[list[LayerName], bool]:
+    """The layers of one timeline a read at `lsn` needs, and whether it reads the ancestor;
+    with `since` <= lsn, those a read at any LSN in [since, lsn] needs (an extraction that
+    snaps `lsn` down to a record end it only knows once it has read the WAL)."""
     names = list(layers)
-    horizon = image_horizon(names, lsn)
+    horizon = image_horizon(names, lsn if since is None else since)
     floor = -1 if horizon is None else horizon
     needed = [n for n in names if n.lsn_start <= lsn and n.lsn_end > floor]
     return needed, horizon is None

@@ -4,7 +4,9 @@ Read in this order, so what is read later covers at least what is read first: th
 (the layers and their disk_consistent_lsn), then the LSN index (flushed before the layers:
 pageserver/history/node_store.py), then the WAL archive (written before it is ingested). So
 an extraction at any LSN up to the manifest's disk_consistent_lsn finds its record boundary
-(LSN index, WAL) and its pages (layers) in the same index.
+(LSN index, WAL) and its pages (layers) in the same index. Each WAL segment comes with its
+block sums (``wal_sums/<segment>``, pageserver/remote/wal_blocks.py), so a reader may fetch
+and verify only the part of the segment it needs.
 
 Every object's key carries the first 16 hex digits of its SHA-256
 (``objects/<path>~<sha>``): an object is never overwritten with other bytes, not even when a
@@ -23,6 +25,7 @@ from pageserver.history.node_store import NodeStore
 from pageserver.ingest.lsn_index import INDEX_FILE
 from pageserver.remote.index import RemoteIndex, RemoteObject
 from pageserver.remote.upload_queue import Upload
+from pageserver.remote.wal_blocks import SUMS_DIR, BlockHasher, block_sums
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
 from pg15.lsn import segment_file_name
 from proto.errors import NotFound
@@ -52,28 +55,44 @@ class LocalObject:
 
 
 class HashCache:
-    """SHA-256 of files that do not change once written (layers, complete WAL segments), by
-    (path, size, mtime, inode): each is read once to hash it, not every round."""
+    """SHA-256 of files that do not change once written (layers, complete WAL segments, with
+    a segment's block sums), by (path, size, mtime, inode): each is read once to hash it, not
+    every round."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._known: dict[str, tuple[tuple[int, int, int], str, bytes | None]] = {}
 
-    def sha256(self, path: Path) -> tuple[int, str]:
+    def _hash(self, path: Path, blocks: bool) -> tuple[int, str, bytes | None]:
         st = os.stat(path)
         ident = (st.st_size, st.st_mtime_ns, st.st_ino)
         known = self._known.get(str(path))
-        if known is not None and known[0] == ident:
-            return st.st_size, known[1]
-        digest = hashlib.sha256()
+        if known is not None and known[0] == ident and (known[2] is not None or not blocks):
+            return st.st_size, known[1], known[2]
+        hasher = BlockHasher()
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        self._known[str(path)] = (ident, digest.hexdigest())
-        return st.st_size, digest.hexdigest()
+                hasher.update(chunk)
+        sums = hasher.sums().encode() if blocks else None
+        self._known[str(path)] = (ident, hasher.whole.hexdigest(), sums)
+        return st.st_size, hasher.whole.hexdigest(), sums
+
+    def sha256(self, path: Path) -> tuple[int, str]:
+        size, sha, _sums = self._hash(path, False)
+        return size, sha
+
+    def segment(self, path: Path) -> tuple[int, str, bytes]:
+        """A complete WAL segment's size, SHA-256 and encoded block sums."""
+        size, sha, sums = self._hash(path, True)
+        assert sums is not None
+        return size, sha, sums
 
 
 def _mutable(path: str, file: Path) -> LocalObject:
     data = file.read_bytes()
+    return _in_memory(path, file, data)
+
+
+def _in_memory(path: str, file: Path, data: bytes) -> LocalObject:
     return LocalObject(path, file, len(data), hashlib.sha256(data).hexdigest(), data)
 
 
@@ -106,10 +125,14 @@ def plan_index(
     for seg in archive.segments():
         name = segment_file_name(seg.timeline, seg.segno, state.wal_segment_size)
         if seg.partial:
-            objects.append(_mutable(f"wal/{name}{PARTIAL}", seg.path))
+            segment = _mutable(f"wal/{name}{PARTIAL}", seg.path)
+            assert segment.data is not None
+            sums = block_sums(segment.data).encode()
+            name += PARTIAL
         else:
-            size, sha = hashes.sha256(seg.path)
-            objects.append(LocalObject(f"wal/{name}", seg.path, size, sha))
+            size, sha, sums = hashes.segment(seg.path)
+            segment = LocalObject(f"wal/{name}", seg.path, size, sha)
+        objects += [segment, _in_memory(f"{SUMS_DIR}/{name}", seg.path, sums)]
     snapshots = [
         asdict(s)
         for s in history.snapshots.all()

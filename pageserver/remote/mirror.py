@@ -4,8 +4,10 @@ On this machine it is a storage history like any other (pageserver/history/node_
 under ``<workdir>/remote/<storage>/<area>/pagestore``, built from the bucket's index: the
 node's state, the PITR area, its snapshots, the LSN index, and manifests that name only the
 layer files downloaded so far. An extraction at LSN L first downloads the layers a read at L
-needs (pageserver/remote/layer_selection.py) and the WAL segments that hold L's record
-boundary, then runs as it does on the machine that wrote the history.
+needs (pageserver/remote/layer_selection.py) and, by ranged GETs, only the blocks of WAL from
+the LSN index's record boundary at or below L through L (pageserver/remote/wal_blocks.py),
+then runs as it does on the machine that wrote the history, reading the WAL through
+`wal_reader`.
 
 Every object is checked against the SHA-256 its index gives before it is written where the
 history reads it: a mismatch is refused (CorruptData naming the object), the object is not
@@ -25,12 +27,13 @@ from durable_files import write_file_durably
 from pageserver.history.node_store import NodeState
 from pageserver.history.pitr import PitrArea
 from pageserver.history.snapshots import Snapshot
-from pageserver.ingest.lsn_index import INDEX_FILE, LsnIndex
+from pageserver.ingest.lsn_index import INDEX_FILE, LsnIndex, ReadWal
 from pageserver.remote.index import INDEX_NAME, RemoteIndex, RemoteObject, decode_index
 from pageserver.remote.layer_selection import layers_for_read
-from pageserver.remote.objects import open_bucket
+from pageserver.remote.objects import ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.uploader import area_prefix
+from pageserver.remote.wal_blocks import SUMS_DIR, BlockSums, block_sums, decode_sums
 from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pageserver.storage.manifest import LayerEntry, TimelineManifest, write_manifest
 from pg15.lsn import parse_lsn, parse_segment_file_name
@@ -44,6 +47,10 @@ def _write(path: Path, data: bytes) -> None:
 
 KEPT_INDEX = "remote_index.json"
 """The bucket's index as last read, beside the history laid out from it."""
+WAL_BLOCKS = "wal_blocks"
+"""``wal_blocks/<segment>~<sha>/<block>``: verified blocks of the segments read here, and the
+segment's block sums (SUMS_FILE)."""
+SUMS_FILE = "sums"
 
 
 class ChecksumMismatch(CorruptData):
@@ -58,6 +65,15 @@ def verified(body: bytes, obj: RemoteObject, where: str) -> bytes:
             f"the index says {obj.size} bytes with {obj.sha256[:16]}...; refused, not used"
         )
     return body
+
+
+def _same_bytes(path: Path, obj: RemoteObject) -> bool:
+    """The file holds the object already (not downloaded again)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    return len(data) == obj.size and hashlib.sha256(data).hexdigest() == obj.sha256
 
 
 def _manifest(body: dict[str, object], layers: list[LayerEntry]) -> TimelineManifest:
@@ -146,7 +162,7 @@ class MirrorArea:
             self._write_manifest(index, timeline_id, body, self._local_layers(timeline_id))
         lsn_index = index.objects.get(f"lsn_index/{INDEX_FILE}")
         target = root / "lsn_index" / state.timeline_id / INDEX_FILE
-        if lsn_index is not None:
+        if lsn_index is not None and not _same_bytes(target, lsn_index):
             body = asyncio.run(self._fetch({f"lsn_index/{INDEX_FILE}": lsn_index}))
             target.parent.mkdir(parents=True, exist_ok=True)
             _write(target, next(iter(body.values())))
@@ -165,32 +181,37 @@ class MirrorArea:
 
     # --- downloads -------------------------------------------------------------------------
 
-    async def _fetch(self, wanted: dict[str, RemoteObject]) -> dict[str, bytes]:
-        """Download and verify objects (path -> bytes), a few at once."""
+    async def _fetch(
+        self, wanted: dict[str, RemoteObject], bucket: ObjectStore | None = None
+    ) -> dict[str, bytes]:
+        """Download and verify whole objects (path -> bytes), a few at once."""
+        if bucket is None:
+            async with open_bucket(self.settings) as opened:
+                return await self._fetch(wanted, opened)
         slots = asyncio.Semaphore(4)
-        async with open_bucket(self.settings) as bucket:
 
-            async def one(path: str, obj: RemoteObject) -> tuple[str, bytes]:
-                async with slots:
-                    where = self.settings.object_url(f"{self.prefix}/{obj.key}")
-                    body = await bucket.get(f"{self.prefix}/{obj.key}")
-                    return path, verified(body, obj, where)
+        async def one(path: str, obj: RemoteObject) -> tuple[str, bytes]:
+            async with slots:
+                where = self.settings.object_url(f"{self.prefix}/{obj.key}")
+                body = await bucket.get(f"{self.prefix}/{obj.key}")
+                return path, verified(body, obj, where)
 
-            pairs = await asyncio.gather(*(one(p, o) for p, o in wanted.items()))
+        pairs = await asyncio.gather(*(one(p, o) for p, o in wanted.items()))
         self.downloaded_bytes += sum(len(b) for _p, b in pairs)
         return dict(pairs)
 
-    def needed_layers(self, lsn: int) -> dict[str, RemoteObject]:
-        """The objects of the layers a read of the node's timeline at `lsn` needs."""
+    def needed_layers(self, lsn: int, since: int | None = None) -> dict[str, RemoteObject]:
+        """The objects of the layers a read of the node's timeline at `lsn` needs (at any LSN
+        in [since, lsn] when `since` is given)."""
         index = self.index
         assert index is not None
         wanted: dict[str, RemoteObject] = {}
         timeline_id: str | None = index.timeline_id
-        at = lsn
+        at, low = lsn, lsn if since is None else since
         while timeline_id is not None:
             body = index.timelines[timeline_id]
             names = list(_layer_names(body).values())
-            needed, read_ancestor = layers_for_read(names, at)
+            needed, read_ancestor = layers_for_read(names, at, low)
             for name in needed:
                 path = f"timelines/{timeline_id}/{name.file_name}"
                 obj = index.objects.get(path)
@@ -200,55 +221,171 @@ class MirrorArea:
             ancestor = body["ancestor_id"]
             if not read_ancestor or ancestor is None:
                 break
-            at = min(at, parse_lsn(str(body["ancestor_lsn"])))
+            branch = parse_lsn(str(body["ancestor_lsn"]))
+            at, low = min(at, branch), min(low, branch)
             timeline_id = str(ancestor)
         return wanted
 
-    def needed_wal(self, lsn: int) -> dict[str, RemoteObject]:
-        """The WAL segments from the LSN index's sample at or below `lsn` through `lsn`."""
-        index = self.index
-        assert index is not None
-        state = NodeState(**index.node_state)
-        size = state.wal_segment_size
-        lsn_index = LsnIndex(self.root / "lsn_index" / state.timeline_id, size)
+    def wal_start(self, lsn: int) -> int:
+        """Where snapping `lsn` to a record end starts reading WAL: the LSN index's record
+        boundary at or below it (pageserver/ingest/lsn_index.py, LsnIndex.snap)."""
+        assert self.index is not None
+        state = NodeState(**self.index.node_state)
+        lsn_index = LsnIndex(self.root / "lsn_index" / state.timeline_id, state.wal_segment_size)
         try:
-            start = lsn_index.wal_needed_from(lsn)
+            return min(lsn_index.wal_needed_from(lsn), lsn)
         except NotFound:  # no sample yet: the history's own start is a boundary
-            start = state.start_lsn
-        first, last = start // size, lsn // size
-        wanted = {}
-        for path, obj in index.objects.items():
+            return min(state.start_lsn, lsn)
+
+    def _segments(self) -> dict[int, tuple[str, RemoteObject]]:
+        """Per segment number, the object a read takes, as archive_reader picks a file: the
+        newest PostgreSQL timeline's, complete before partial."""
+        assert self.index is not None
+        size = NodeState(**self.index.node_state).wal_segment_size
+        chosen: dict[int, tuple[tuple[int, bool], str, RemoteObject]] = {}
+        for path, obj in self.index.objects.items():
             if path.startswith("wal/"):
-                _tli, segno, _partial = parse_segment_file_name(path[4:], size)
-                if first <= segno <= last:
-                    wanted[path] = obj
-        return wanted
+                tli, segno, partial = parse_segment_file_name(path[4:], size)
+                rank = (tli, not partial)
+                if segno not in chosen or chosen[segno][0] < rank:
+                    chosen[segno] = (rank, path, obj)
+        return {segno: (path, obj) for segno, (_rank, path, obj) in chosen.items()}
 
-    def prepare(self, lsn: int) -> int:
-        """Download what an extraction at `lsn` needs; the bytes downloaded now."""
+    def _blocks_dir(self, path: str, obj: RemoteObject) -> Path:
+        """Where the verified blocks of one segment object are kept (by its SHA-256: a partial
+        segment uploaded again is another object)."""
+        return self.root / WAL_BLOCKS / f"{path[4:]}~{obj.sha256[:16]}"
+
+    async def _segment_sums(self, bucket: ObjectStore, path: str, obj: RemoteObject) -> BlockSums:
+        """The segment's block sums: kept here, or downloaded and verified; for a segment
+        uploaded before block sums existed, the whole segment (verified) split into blocks."""
+        assert self.index is not None
+        directory = self._blocks_dir(path, obj)
+        kept = directory / SUMS_FILE
+        if kept.exists():
+            return decode_sums(kept.read_bytes(), str(kept))
+        sums_obj = self.index.objects.get(f"{SUMS_DIR}/{path[4:]}")
+        if sums_obj is None:
+            body = (await self._fetch({path: obj}, bucket))[path]
+            sums = block_sums(body)
+            for n in range(len(sums.digests)):
+                start, end = sums.span(n)
+                _write(directory / _block_name(n), body[start:end])
+        else:
+            raw = (await self._fetch({"sums": sums_obj}, bucket))["sums"]
+            sums = decode_sums(raw, self.settings.object_url(f"{self.prefix}/{sums_obj.key}"))
+            if sums.size != obj.size:
+                raise CorruptData(
+                    f"WAL block sums of {path} in {self.settings.url} are for {sums.size} "
+                    f"bytes, the segment has {obj.size}; refused"
+                )
+        _write(kept, sums.encode())
+        return sums
+
+    async def _fetch_wal(self, bucket: ObjectStore, start: int, end: int) -> int:
+        """Download, verified, the blocks of WAL [start, end) not kept here yet; bytes."""
+        assert self.index is not None
+        size = NodeState(**self.index.node_state).wal_segment_size
+        segments = self._segments()
+        before = self.downloaded_bytes
+        slots = asyncio.Semaphore(4)
+
+        async def block(path: str, obj: RemoteObject, sums: BlockSums, n: int) -> None:
+            first, last = sums.span(n)
+            key = f"{self.prefix}/{obj.key}"
+            async with slots:
+                data = await bucket.get_range(key, first, last)
+            self.downloaded_bytes += len(data)
+            sums.check(n, data, self.settings.object_url(key))
+            _write(self._blocks_dir(path, obj) / _block_name(n), data)
+
+        jobs = []
+        for segno in range(start // size, (end - 1) // size + 1 if end > start else 0):
+            if segno not in segments:
+                break  # not uploaded: the read stops short there, as on the writer's disk
+            path, obj = segments[segno]
+            low = max(start - segno * size, 0)
+            high = min(end - segno * size, size, obj.size)
+            if low >= high:
+                continue
+            sums = await self._segment_sums(bucket, path, obj)
+            directory = self._blocks_dir(path, obj)
+            for n in range(low // sums.block, (high - 1) // sums.block + 1):
+                if not (directory / _block_name(n)).exists():
+                    jobs.append(block(path, obj, sums, n))
+        await asyncio.gather(*jobs)
+        return self.downloaded_bytes - before
+
+    def wal_reader(self) -> ReadWal:
+        """A `read_wal` over the WAL blocks downloaded here (archive_reader's semantics:
+        reads stop short where a block is not here)."""
+        assert self.index is not None
+        size = NodeState(**self.index.node_state).wal_segment_size
+        segments = self._segments()
+        sums: dict[int, BlockSums] = {}
+
+        def read_wal(start: int, end: int) -> bytes:
+            out = bytearray()
+            pos = start
+            while pos < end:
+                segno, offset = divmod(pos, size)
+                if segno not in segments:
+                    break
+                directory = self._blocks_dir(*segments[segno])
+                if segno not in sums:
+                    try:
+                        sums[segno] = decode_sums((directory / SUMS_FILE).read_bytes(), "")
+                    except FileNotFoundError:
+                        break
+                n, within = divmod(offset, sums[segno].block)
+                try:
+                    data = (directory / _block_name(n)).read_bytes()
+                except FileNotFoundError:
+                    break
+                piece = data[within : within + end - pos]
+                if not piece:
+                    break
+                out += piece
+                pos += len(piece)
+            return bytes(out)
+
+        return read_wal
+
+    def prepare(self, lsn: int, *, exact: bool = False) -> int:
+        """Download what an extraction at `lsn` needs; the bytes downloaded now.
+
+        `exact`: `lsn` is a record end already (a snapshot's, a commit's): only the layers a
+        read there needs. Otherwise also the WAL from the LSN index's boundary below `lsn`
+        through `lsn` (only those blocks of its segment) that snapping it to a record end
+        reads, and the layers a read anywhere in that span needs."""
         with self._lock:
-            index = self.index
-            assert index is not None
-            state = NodeState(**index.node_state)
-            wanted = {**self.needed_layers(lsn), **self.needed_wal(lsn)}
-            missing = {p: o for p, o in wanted.items() if not self._have(p, o, state)}
-            if not missing:
-                return 0
-            bodies = asyncio.run(self._fetch(missing))
-            for path, data in bodies.items():
-                _write(self._local_path(path, state), data)
-            for timeline_id, body in index.timelines.items():
-                self._write_manifest(index, timeline_id, body, self._local_layers(timeline_id))
-            return sum(len(b) for b in bodies.values())
+            assert self.index is not None
+            since = lsn if exact else self.wal_start(lsn)
+            wanted = self.needed_layers(lsn, since)
+            missing = {p: o for p, o in wanted.items() if not self._have(p, o)}
 
-    def _local_path(self, path: str, state: NodeState) -> Path:
-        if path.startswith("wal/"):
-            return self.root / "wal" / self.node_id / state.timeline_id / path[4:]
-        return self.root / path
+            async def download() -> int:
+                async with open_bucket(self.settings) as bucket:
+                    bodies = await self._fetch(missing, bucket) if missing else {}
+                    for path, data in bodies.items():
+                        _write(self.root / path, data)
+                    wal = await self._fetch_wal(bucket, since, lsn)
+                return sum(len(b) for b in bodies.values()) + wal
 
-    def _have(self, path: str, obj: RemoteObject, state: NodeState) -> bool:
-        """Downloaded already (a partial segment that grew since is fetched again)."""
+            got = asyncio.run(download())
+            if missing:
+                index = self.index
+                for timeline_id, body in index.timelines.items():
+                    self._write_manifest(index, timeline_id, body, self._local_layers(timeline_id))
+            return got
+
+    def _have(self, path: str, obj: RemoteObject) -> bool:
+        """Downloaded already."""
         try:
-            return self._local_path(path, state).stat().st_size == obj.size
+            return (self.root / path).stat().st_size == obj.size
         except FileNotFoundError:
             return False
+
+
+def _block_name(n: int) -> str:
+    return f"{n:05d}"

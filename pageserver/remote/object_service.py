@@ -67,14 +67,30 @@ def blob_handlers(root: Path) -> dict[str, Handler]:
         return await asyncio.to_thread(write)
 
     async def get(ctx: RequestContext) -> Any:
+        """The object, or `length` bytes of it from `offset` (a ranged GET)."""
         key = _key(ctx)
+        offset, length = ctx.params.get("offset", 0), ctx.params.get("length")
+        if (
+            not isinstance(offset, int)
+            or offset < 0
+            or not (length is None or (isinstance(length, int) and length >= 0))
+        ):
+            raise InvalidArgument("blob.get: offset and length are byte counts")
         try:
             f = open(path(key), "rb")  # noqa: SIM115 (read chunk by chunk below)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object {key}") from None
+        left = length
         with f:
-            while chunk := await asyncio.to_thread(f.read, CHUNK):
+            f.seek(offset)
+            while left is None or left > 0:
+                want = CHUNK if left is None else min(CHUNK, left)
+                chunk = await asyncio.to_thread(f.read, want)
+                if not chunk:
+                    break
                 await ctx.send(chunk)
+                if left is not None:
+                    left -= len(chunk)
         return None
 
     async def size(ctx: RequestContext) -> Any:

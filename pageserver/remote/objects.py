@@ -1,4 +1,5 @@
-"""The bucket as the remote client sees it: put, get, head, delete and list of whole objects,
+"""The bucket as the remote client sees it: put, get (whole or a byte range), head, delete and
+list of objects,
 through aiobotocore, with S3's answers as the project's typed errors.
 
 Objects here are small enough to hold in memory (layer files are bounded by the store's
@@ -121,6 +122,15 @@ class ObjectStore:
     async def get(self, key: str) -> bytes:
         with _mapped(self.settings, key, "download"):
             answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
+            async with answer["Body"] as body:
+                return bytes(await body.read())
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object (one ranged GetObject); shorter where it ends."""
+        with _mapped(self.settings, key, "download"):
+            answer = await self._client.get_object(
+                Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
             async with answer["Body"] as body:
                 return bytes(await body.read())
 

@@ -59,6 +59,11 @@ async def test_the_bucket_operations_over_proto(tmp_path: Path) -> None:
             with pytest.raises(PreconditionFailed):
                 await store.put(s.key("pitr/b/lease.json"), b"M", if_absent=True)
             assert await store.get(s.key("pitr/a/objects/l1")) == big
+            # A ranged get (WAL blocks: pageserver/remote/wal_blocks.py), across a chunk
+            # and past the end.
+            l1 = s.key("pitr/a/objects/l1")
+            assert await store.get_range(l1, 1000, (1 << 20) + 7) == big[1000 : (1 << 20) + 7]
+            assert await store.get_range(l1, len(big) - 3, len(big) + 10) == big[-3:]
             assert await store.size(s.key("pitr/a/objects/l1")) == len(big)
             assert await store.list_dirs(s.key("pitr") + "/") == ["a", "b"]
             keys = [k async for k in store.list_keys(s.key("pitr/a"))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -23,10 +24,11 @@ from pageserver.remote.objects import ObjectStore
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.upload_queue import QueueStopped, RoundAborted, Upload, UploadQueue
 from pageserver.remote.uploader import AreaUploader
+from pageserver.remote.wal_blocks import BLOCK, decode_sums
 from pageserver.storage import keys as K
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.values import Image, WalDelta
-from proto.errors import Conflict
+from proto.errors import Conflict, CorruptData
 from tests.s3d import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3
 
 SMALL = StoreSettings(
@@ -252,7 +254,11 @@ def test_attach_reads_the_history_and_refuses_a_corrupt_object(
         mirror.prepare(0x200)
     assert not (mirror.root / path).exists()
     client.put_object(Bucket=settings.bucket, Key=key, Body=body)
-    assert mirror.prepare(0x200) == len(body)
+    # The layer, then the WAL from the LSN index's boundary (0x100) through 0x200: the
+    # segment's block sums (one block: 52 bytes) and its one (5000-byte) block.
+    assert mirror.prepare(0x200) == len(body) + 52 + 5000
+    assert mirror.wal_reader()(0x100, 0x200) == b"w" * 0x100
+    assert mirror.prepare(0x200) == 0
     timeline = StorageHistory(mirror.root, SMALL).timelines.get("aa")
     assert timeline.get_reconstruct_data(page(3), 0x200).image == (0x200, bytes([3, 2]) * 100)
 
@@ -266,6 +272,49 @@ def test_attach_reads_the_history_and_refuses_a_corrupt_object(
     )
     with pytest.raises(IndexTooNew, match="format 99"):
         mirror.refresh()
+
+
+def test_only_the_wal_blocks_an_extraction_reads_come_down_verified(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    wal = os.urandom(3 * BLOCK + 1000)
+    (store.wal_dir / "000000010000000000000000").write_bytes(wal)
+    up = uploader(settings, store)
+    up.start()
+    try:
+        assert up.wait_uploaded(0x200, 20)
+    finally:
+        up.stop()
+    index = assert_index_consistent(s3, settings)
+    sums = decode_sums(
+        next(b for k, b in index.items() if "/wal_sums/000000010000000000000000~" in k), "sums"
+    )
+    assert sums.size == len(wal) and len(sums.digests) == 4
+    # From the boundary at 0x100 through 0x100 + 70000: blocks 0 and 1 of the segment only.
+    lsn = 0x100 + 70000
+    mirror = MirrorArea(settings, "area", tmp_path / "mirror" / "pagestore")
+    mirror.refresh()
+    layers = sum(o.size for o in mirror.needed_layers(lsn, 0x100).values())
+    assert mirror.prepare(lsn) == layers + len(sums.encode()) + 2 * BLOCK
+    read = mirror.wal_reader()
+    assert read(0x100, lsn) == wal[0x100:lsn]
+    assert read(2 * BLOCK - 10, 3 * BLOCK) == wal[2 * BLOCK - 10 : 2 * BLOCK]  # stops short
+    # A block that does not match its digest is refused (and not kept) by a fresh mirror.
+    client = s3.client()
+    [key] = [k for k in index if "/objects/wal/000000010000000000000000~" in k]
+    bad = bytearray(wal)
+    bad[BLOCK + 5] ^= 1
+    client.put_object(Bucket=settings.bucket, Key=key, Body=bytes(bad))
+    fresh = MirrorArea(settings, "area", tmp_path / "fresh" / "pagestore")
+    fresh.refresh()
+    with pytest.raises(CorruptData, match=r"block 1 \(bytes 65536\.\.131072\)"):
+        fresh.prepare(lsn)
+    assert fresh.wal_reader()(0x100, lsn) in (b"", wal[0x100:BLOCK])  # block 0 if it was done
+    assert not list(fresh.root.glob("wal_blocks/*/00001"))
+    # The snapshot's own LSN is a record end: only layers, no WAL.
+    assert fresh.prepare(0x200, exact=True) == 0  # the layers came down in the failed try
+    assert fresh.wal_reader()(BLOCK, lsn) == b""
 
 
 class RecordingStore(ObjectStore):
