@@ -5,7 +5,8 @@
  *
  *   ingest_run(records, raws, start, ctx) -> (next, bytes, versions, last_end, last_prev)
  *
- * puts the values of records[start:] into the open in-memory layer's versions dict, as
+ * puts the values of records[start:] into the open in-memory layer's arena (the C storage of
+ * pageserver/storage/layers/_inmem.c, through its capsule: no Python object per value), as
  * WalIngest.ingest_record would, and stops at the first record it does not handle (returns
  * its index: the Python reference ingests it, then calls again after it). A record is left to
  * Python, with nothing changed, when it is of another rmgr, was already ingested, carries a
@@ -30,15 +31,17 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "native_slots.h"
+#include "inmem_api.h"
 
 #define BLCKSZ 8192
-#define KEY_SIZE 18
 #define REL_PREFIX 0x00
 #define SLRU_PREFIX 0x01 /* keys._SLRU_PREFIX */
 #define CLOG_KIND 0      /* keys.SlruKind.CLOG */
 #define SIZE_MARKER 0xFFFFFFFFu
 #define VERSION_OVERHEAD 48 /* inmemory.VERSION_OVERHEAD */
+#define TAG_IMAGE 1         /* values.TAG_* */
+#define TAG_DELTA 2
+#define TAG_DELTA_INIT 3
 
 #define RM_XACT_ID 1
 #define RM_HEAP2_ID 9
@@ -63,9 +66,15 @@ enum { R_LSN, R_END_LSN, R_TOT_LEN, R_XID, R_PREV, R_INFO, R_RMGR, R_BLOCKS, R_M
 enum { B_ID, B_RNODE, B_FORK, B_BLKNO, B_FLAGS, B_IMAGE, B_DATA };
 enum { I_DATA, I_HOLE_OFFSET, I_HOLE_LENGTH, I_INFO };
 
+/* A value to put, as its encoding (values.encode_value): tag, then the payload, which is
+ * `small` (a size), page `page` of the record's page buffer (an image), or the record's
+ * delta payload (u64 LE start LSN + the XLogRecord bytes) */
+enum { V_SMALL, V_PAGE, V_DELTA };
 typedef struct {
     uint8_t key[KEY_SIZE];
-    PyObject *value; /* owned */
+    uint8_t tag, kind;
+    uint8_t small[4];
+    int page;
     Py_ssize_t size; /* encoded value size */
 } Put;
 
@@ -76,42 +85,20 @@ typedef struct {
 
 typedef struct {
     /* context */
-    PyObject *versions, *dbs, *rels, *sizes, *image_type, *delta_type;
+    PyObject *arena, *dbs, *rels, *sizes;
     PyObject *clog_segments, *slru_sizes, *clog_kind;
-    Py_ssize_t image_data, delta_record, delta_will_init; /* slot offsets */
     uint32_t next_xid;
+    uint8_t (*pages)[BLCKSZ]; /* MAX_PUTS pages, allocated on the first image */
     /* per record */
     PyObject *record, *raw;
     int has_image;
-    PyObject *payload;  /* u64 start LSN + the record bytes, made on first use */
-    PyObject *delta[2]; /* WalDelta(payload, False/True), made on first use */
+    uint8_t start_le[8]; /* the record's start LSN, u64 LE: the head of its delta payload */
+    int n_pages;
     Put puts[MAX_PUTS];
     int n_puts;
     SizeChange staged[MAX_SIZES];
     int n_staged;
 } Ingest;
-
-/*
- * Image and WalDelta are frozen, slotted dataclasses: their fields are member slots. Making one
- * through its __init__ (Python code, object.__setattr__ per field) cost more than the rest of
- * a record's ingest, so they are allocated and their slots filled here, as __init__ would.
- */
-
-static PyObject *
-new_value(PyObject *type, Py_ssize_t off1, PyObject *v1, Py_ssize_t off2, PyObject *v2)
-{
-    PyTypeObject *t = (PyTypeObject *)type;
-    PyObject *obj = t->tp_alloc(t, 0);
-    if (obj == NULL)
-        return NULL;
-    Py_INCREF(v1);
-    *(PyObject **)((char *)obj + off1) = v1;
-    if (v2 != NULL) {
-        Py_INCREF(v2);
-        *(PyObject **)((char *)obj + off2) = v2;
-    }
-    return obj;
-}
 
 /* outcome of one record */
 #define OK 0
@@ -147,34 +134,26 @@ store_key(uint8_t *k, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, ui
 static void
 reset_record(Ingest *st)
 {
-    for (int i = 0; i < st->n_puts; i++)
-        Py_CLEAR(st->puts[i].value);
     st->n_puts = 0;
     st->n_staged = 0;
-    Py_CLEAR(st->delta[0]);
-    Py_CLEAR(st->delta[1]);
-    Py_CLEAR(st->payload);
+    st->n_pages = 0;
 }
 
-/* self._puts[key] = value: replace in place, or append (steals `value`) */
+/* self._puts[key] = value: replace in place (keeping its place), or append */
 static int
-put(Ingest *st, const uint8_t *key, PyObject *value, Py_ssize_t size)
+put(Ingest *st, const uint8_t *key, const Put *value)
 {
-    for (int i = 0; i < st->n_puts; i++) {
-        if (memcmp(st->puts[i].key, key, KEY_SIZE) == 0) {
-            Py_SETREF(st->puts[i].value, value);
-            st->puts[i].size = size;
-            return OK;
-        }
+    Put *p = NULL;
+    for (int i = 0; i < st->n_puts; i++)
+        if (memcmp(st->puts[i].key, key, KEY_SIZE) == 0)
+            p = &st->puts[i];
+    if (p == NULL) {
+        if (st->n_puts == MAX_PUTS)
+            return LEAVE;
+        p = &st->puts[st->n_puts++];
     }
-    if (st->n_puts == MAX_PUTS) {
-        Py_DECREF(value);
-        return LEAVE;
-    }
-    Put *p = &st->puts[st->n_puts++];
+    *p = *value;
     memcpy(p->key, key, KEY_SIZE);
-    p->value = value;
-    p->size = size;
     return OK;
 }
 
@@ -187,35 +166,15 @@ has_put(Ingest *st, const uint8_t *key)
     return 0;
 }
 
-/* WalIngest._delta: one WalDelta per will_init of the record, over the same payload */
+/* WalIngest._delta: WalDelta(u64 LE start LSN + the record bytes, will_init) */
 static int
-delta_value(Ingest *st, int will_init, PyObject **out, Py_ssize_t *size)
+delta_value(Ingest *st, int will_init, Put *out)
 {
     if (st->raw == Py_None || st->has_image)
         return LEAVE; /* the payload must be re-encoded without images: Python does it */
-    if (st->payload == NULL) {
-        unsigned long long start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(st->record, R_LSN));
-        if (start == (unsigned long long)-1 && PyErr_Occurred())
-            return FAIL;
-        Py_ssize_t n = PyBytes_GET_SIZE(st->raw);
-        st->payload = PyBytes_FromStringAndSize(NULL, 8 + n);
-        if (st->payload == NULL)
-            return FAIL;
-        char *p = PyBytes_AS_STRING(st->payload);
-        for (int i = 0; i < 8; i++)
-            p[i] = (char)(start >> (8 * i));
-        memcpy(p + 8, PyBytes_AS_STRING(st->raw), n);
-    }
-    if (st->delta[will_init] == NULL) {
-        st->delta[will_init] = new_value(
-            st->delta_type, st->delta_record, st->payload, st->delta_will_init,
-            will_init ? Py_True : Py_False);
-        if (st->delta[will_init] == NULL)
-            return FAIL;
-    }
-    *size = 1 + PyBytes_GET_SIZE(st->payload);
-    Py_INCREF(st->delta[will_init]);
-    *out = st->delta[will_init];
+    out->tag = will_init ? TAG_DELTA_INIT : TAG_DELTA;
+    out->kind = V_DELTA;
+    out->size = 1 + 8 + PyBytes_GET_SIZE(st->raw);
     return OK;
 }
 
@@ -312,22 +271,16 @@ extend(Ingest *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint3
 put_size: {
     uint8_t key[KEY_SIZE];
     store_key(key, spc, db, rel, fork, SIZE_MARKER);
-    uint8_t le[4] = {(uint8_t)nblocks, (uint8_t)(nblocks >> 8), (uint8_t)(nblocks >> 16),
-                     (uint8_t)(nblocks >> 24)};
-    PyObject *data = PyBytes_FromStringAndSize((const char *)le, 4);
-    if (data == NULL)
-        return FAIL;
-    PyObject *value = new_value(st->image_type, st->image_data, data, 0, NULL);
-    Py_DECREF(data);
-    if (value == NULL)
-        return FAIL;
-    return put(st, key, value, 1 + 4);
+    Put value = {.tag = TAG_IMAGE, .kind = V_SMALL, .size = 1 + 4,
+                 .small = {(uint8_t)nblocks, (uint8_t)(nblocks >> 8), (uint8_t)(nblocks >> 16),
+                           (uint8_t)(nblocks >> 24)}};
+    return put(st, key, &value);
 }
 }
 
 /* ingest.page_after_image for an uncompressed image */
 static int
-image_value(Ingest *st, PyObject *image, PyObject **out, Py_ssize_t *size)
+image_value(Ingest *st, PyObject *image, Put *out)
 {
     PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
     long hole_offset = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_OFFSET));
@@ -339,10 +292,14 @@ image_value(Ingest *st, PyObject *image, PyObject **out, Py_ssize_t *size)
         hole_length < 0 || hole_offset + hole_length > BLCKSZ ||
         PyBytes_GET_SIZE(data) != BLCKSZ - hole_length)
         return LEAVE; /* compressed, or odd: restore_page decides */
-    PyObject *page = PyBytes_FromStringAndSize(NULL, BLCKSZ);
-    if (page == NULL)
+    if (st->pages == NULL && (st->pages = PyMem_Malloc(MAX_PUTS * sizeof *st->pages)) == NULL) {
+        PyErr_NoMemory();
         return FAIL;
-    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(page);
+    }
+    if (st->n_pages == MAX_PUTS)
+        return LEAVE;
+    out->page = st->n_pages++;
+    uint8_t *p = st->pages[out->page];
     const uint8_t *src = (const uint8_t *)PyBytes_AS_STRING(data);
     memcpy(p, src, hole_offset);
     memset(p + hole_offset, 0, hole_length);
@@ -357,11 +314,9 @@ image_value(Ingest *st, PyObject *image, PyObject **out, Py_ssize_t *size)
             p[4 + i] = (uint8_t)(lo >> (8 * i));
         }
     }
-    *out = new_value(st->image_type, st->image_data, page, 0, NULL);
-    Py_DECREF(page);
-    if (*out == NULL)
-        return FAIL;
-    *size = 1 + BLCKSZ;
+    out->tag = TAG_IMAGE;
+    out->kind = V_PAGE;
+    out->size = 1 + BLCKSZ;
     return OK;
 }
 
@@ -390,11 +345,10 @@ vm_clear(Ingest *st, PyObject *block)
     uint8_t key[KEY_SIZE];
     store_key(key, spc, db, rel, VISIBILITYMAP_FORKNUM, vm_blkno);
     if (!has_put(st, key)) {
-        PyObject *value;
-        Py_ssize_t size;
-        r = delta_value(st, 0, &value, &size);
+        Put value;
+        r = delta_value(st, 0, &value);
         if (r == OK)
-            r = put(st, key, value, size);
+            r = put(st, key, &value);
         if (r != OK)
             return r;
     }
@@ -572,11 +526,10 @@ ingest_xact(Ingest *st, int info)
         uint8_t key[KEY_SIZE];
         store_key6(key, SLRU_PREFIX, CLOG_KIND, 1, segno, 0, blkno); /* keys.slru_block_key */
         if (!has_put(st, key)) {
-            PyObject *value;
-            Py_ssize_t vsize;
-            r = delta_value(st, 0, &value, &vsize);
+            Put value;
+            r = delta_value(st, 0, &value);
             if (r == OK)
-                r = put(st, key, value, vsize);
+                r = put(st, key, &value);
             if (r != OK)
                 return r;
         }
@@ -616,21 +569,20 @@ ingest_one(Ingest *st)
         if (rel == 0 || blkno == SIZE_MARKER || fork > 3)
             return LEAVE; /* keys.py refuses these: let Python raise */
         PyObject *image = PyTuple_GET_ITEM(b, B_IMAGE);
-        PyObject *value;
-        Py_ssize_t size;
+        Put value;
         if (image != Py_None) {
-            r = image_value(st, image, &value, &size);
+            r = image_value(st, image, &value);
         } else {
             long flags = PyLong_AsLong(PyTuple_GET_ITEM(b, B_FLAGS));
             if (flags == -1 && PyErr_Occurred())
                 return FAIL;
-            r = delta_value(st, (flags & BKPBLOCK_WILL_INIT) != 0, &value, &size);
+            r = delta_value(st, (flags & BKPBLOCK_WILL_INIT) != 0, &value);
         }
         if (r != OK)
             return r;
         uint8_t key[KEY_SIZE];
         store_key(key, spc, db, rel, fork, blkno);
-        r = put(st, key, value, size);
+        r = put(st, key, &value);
         if (r == OK)
             r = extend(st, spc, db, rel, fork, blkno + 1);
         if (r != OK)
@@ -640,8 +592,10 @@ ingest_one(Ingest *st)
 }
 
 /* the record is done: sizes into the cache, values into the layer */
+static InmemApi *inmem; /* from _inmem's capsule, at import */
+
 static int
-commit(Ingest *st, PyObject *lsn, Py_ssize_t *bytes)
+commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
 {
     for (int i = 0; i < st->n_staged; i++) {
         SizeChange *s = &st->staged[i];
@@ -657,34 +611,18 @@ commit(Ingest *st, PyObject *lsn, Py_ssize_t *bytes)
     }
     for (int i = 0; i < st->n_puts; i++) {
         Put *p = &st->puts[i];
-        PyObject *key = PyBytes_FromStringAndSize((const char *)p->key, KEY_SIZE);
-        if (key == NULL)
-            return FAIL;
-        PyObject *version = PyTuple_Pack(2, lsn, p->value);
-        if (version == NULL) {
-            Py_DECREF(key);
-            return FAIL;
+        const void *a = p->small, *b = NULL;
+        size_t na = 4, nb = 0;
+        if (p->kind == V_PAGE) {
+            a = st->pages[p->page];
+            na = BLCKSZ;
+        } else if (p->kind == V_DELTA) {
+            a = st->start_le;
+            na = 8;
+            b = PyBytes_AS_STRING(st->raw);
+            nb = (size_t)PyBytes_GET_SIZE(st->raw);
         }
-        PyObject *chain = PyDict_GetItemWithError(st->versions, key);
-        int r;
-        if (chain != NULL) {
-            r = PyList_Append(chain, version);
-        } else if (PyErr_Occurred()) {
-            r = -1;
-        } else {
-            PyObject *fresh = PyList_New(1);
-            if (fresh == NULL) {
-                r = -1;
-            } else {
-                Py_INCREF(version);
-                PyList_SET_ITEM(fresh, 0, version);
-                r = PyDict_SetItem(st->versions, key, fresh);
-                Py_DECREF(fresh);
-            }
-        }
-        Py_DECREF(version);
-        Py_DECREF(key);
-        if (r < 0)
+        if (inmem->append(st->arena, p->key, lsn, p->tag, a, na, b, nb) < 0)
             return FAIL;
         *bytes += p->size + VERSION_OVERHEAD;
     }
@@ -702,17 +640,12 @@ py_ingest_run(PyObject *self, PyObject *args)
     unsigned long next_xid;
     memset(&st, 0, sizeof st);
     if (!PyArg_ParseTuple(
-            args, "O!O!n(O!O!O!O!KnkO!O!O!O!O):ingest_run", &PyList_Type, &records, &PyList_Type,
-            &raws, &start, &PyDict_Type, &st.versions, &PySet_Type, &st.dbs, &PyDict_Type,
-            &st.rels, &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid, &PyType_Type,
-            &st.image_type, &PyType_Type, &st.delta_type, &PySet_Type, &st.clog_segments,
-            &PyDict_Type, &st.slru_sizes, &st.clog_kind))
+            args, "O!O!n(O!O!O!O!KnkO!O!O):ingest_run", &PyList_Type, &records, &PyList_Type,
+            &raws, &start, inmem->type, &st.arena, &PySet_Type, &st.dbs, &PyDict_Type,
+            &st.rels, &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid,
+            &PySet_Type, &st.clog_segments, &PyDict_Type, &st.slru_sizes, &st.clog_kind))
         return NULL;
     st.next_xid = (uint32_t)next_xid;
-    if ((st.image_data = slot_offset(st.image_type, "data")) < 0 ||
-        (st.delta_record = slot_offset(st.delta_type, "record")) < 0 ||
-        (st.delta_will_init = slot_offset(st.delta_type, "will_init")) < 0)
-        return NULL;
     if (PyList_GET_SIZE(raws) != PyList_GET_SIZE(records)) {
         PyErr_SetString(PyExc_ValueError, "records and raws differ in length");
         return NULL;
@@ -725,7 +658,7 @@ py_ingest_run(PyObject *self, PyObject *args)
             break;
         unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_END_LSN));
         if (end == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
+            goto fail;
         if (end <= last_record_lsn)
             break; /* already ingested: Python skips it */
         st.record = rec;
@@ -734,26 +667,35 @@ py_ingest_run(PyObject *self, PyObject *args)
             break;
         unsigned long xid = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(rec, R_XID));
         if (xid == (unsigned long)-1 && PyErr_Occurred())
-            return NULL;
+            goto fail;
+        unsigned long long start_lsn = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_LSN));
+        if (start_lsn == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail;
+        for (int k = 0; k < 8; k++)
+            st.start_le[k] = (uint8_t)(start_lsn >> (8 * k));
         int r = xid_unchanged((uint32_t)xid, st.next_xid);
         if (r == OK)
             r = ingest_one(&st);
         if (r == OK) {
-            r = commit(&st, PyTuple_GET_ITEM(rec, R_END_LSN), &bytes);
+            r = commit(&st, end, &bytes);
             versions += st.n_puts;
         }
         reset_record(&st);
         if (r == FAIL)
-            return NULL;
+            goto fail;
         if (r == LEAVE)
             break;
         last_end = PyTuple_GET_ITEM(rec, R_END_LSN);
         last_prev = PyTuple_GET_ITEM(rec, R_LSN);
         last_record_lsn = end;
     }
+    PyMem_Free(st.pages);
     return Py_BuildValue(
         "nnnOO", i, bytes, versions, last_end ? last_end : Py_None,
         last_prev ? last_prev : Py_None);
+fail:
+    PyMem_Free(st.pages);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -773,5 +715,7 @@ PyInit__walingest(void)
     for (int i = 0; i < 3; i++)
         if ((rnode_names[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    if ((inmem = PyCapsule_Import(INMEM_CAPSULE, 0)) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -102,6 +102,7 @@ from pageserver.storage.keys import (
     slru_segment_size_key,
     twophase_file_key,
 )
+from pageserver.storage.layers import native as _layers_native
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.values import TOMBSTONE, Image, Value, WalDelta
 from pg15.constants import (
@@ -382,15 +383,18 @@ class WalIngest:
         bytes (None where unknown: the record goes to Python).
         """
         native = _native.walingest
-        if native is None or start >= len(records):
+        if native is None or _layers_native.inmem is None or start >= len(records):
             return start
+        arena_type = _layers_native.inmem.Arena
         next_xid = self._checkpoint.next_full_xid & 0xFFFFFFFF
         reached = start
 
         def append(
-            versions: dict[Key, list[tuple[int, Value]]], last_record_lsn: int, budget: int
+            versions: object, last_record_lsn: int, budget: int
         ) -> tuple[int, int, int | None, int | None]:
             nonlocal reached
+            if not isinstance(versions, arena_type):
+                return 0, 0, None, None  # the reference layer (no arena): Python ingests
             context = (
                 versions,
                 self._dbs,
@@ -399,8 +403,6 @@ class WalIngest:
                 last_record_lsn,
                 budget,
                 next_xid,
-                Image,
-                WalDelta,
                 self._slru_dirs[SlruKind.CLOG],
                 self._slru_sizes,
                 SlruKind.CLOG,

@@ -29,13 +29,14 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from durable_files import TEMP_SUFFIX
 from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key
 from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer
-from pageserver.storage.layers.inmemory import InMemoryLayer
+from pageserver.storage.layers.inmemory import InMemoryLayer, new_layer
 from pageserver.storage.layers.layer_map import ChainEnd, LayerMap, VersionSource
 from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pageserver.storage.layers.persistent import PersistentLayer
@@ -62,9 +63,7 @@ from proto.errors import Conflict, InvalidArgument
 _read_epochs = itertools.count(1)
 
 
-AppendRecords = Callable[
-    [dict[Key, list[tuple[int, Value]]], int, int], tuple[int, int, int | None, int | None]
-]
+AppendRecords = Callable[[Any, int, int], tuple[int, int, int | None, int | None]]
 """See Timeline.put_records."""
 
 
@@ -221,7 +220,7 @@ class Timeline:
                 if not isinstance(value, Image | WalDelta | Tombstone):
                     raise InvalidArgument(f"not a storable value: {type(value).__name__}")
                 if self._open is None:
-                    self._open = InMemoryLayer(self._next_layer_start)
+                    self._open = new_layer(self._next_layer_start)
                 self._open.put(check_key(key), lsn, value)
 
     def put_records(self, append: AppendRecords) -> int:
@@ -237,7 +236,7 @@ class Timeline:
         with self._lock:
             self._check_open()
             if self._open is None:
-                self._open = InMemoryLayer(self._next_layer_start)
+                self._open = new_layer(self._next_layer_start)
             layer = self._open
             budget = self.settings.checkpoint_distance - layer.size
             size, count, end, prev = append(
@@ -279,7 +278,7 @@ class Timeline:
         cut = self._last_record_lsn
         if cut < self._next_layer_start:
             return False
-        layer = self._open if self._open is not None else InMemoryLayer(self._next_layer_start)
+        layer = self._open if self._open is not None else new_layer(self._next_layer_start)
         self._open = layer.split_above(cut)
         layer.freeze(cut + 1, self._prev_record_lsn)
         self._frozen.append(layer)
@@ -337,8 +336,7 @@ class Timeline:
         assert layer.lsn_end is not None
         writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, self.settings)
         try:
-            for key, versions in layer.iter_chains():
-                writer.add_key(key, versions)
+            layer.write_to(writer)
         except BaseException:
             writer.abort()
             raise

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import crc32c
 import zstandard
@@ -437,6 +437,15 @@ class LayerFile:
 VersionList = list[tuple[int, bytes]] | list[tuple[int, Value]]
 """One key's versions in LSN order, encoded or as Value objects."""
 
+
+class PackSource(Protocol):
+    """What LayerFileWriter.add_packed takes: `_inmem.Arena` (see `_inmem.c` for `pack`)."""
+
+    def pack(
+        self, block_size: int, lsn_lo: int, lsn_hi: int
+    ) -> tuple[list[bytes], bytes, bytes, int, int, int, int]: ...
+
+
 _PACKED, _BLOCK_FULL, _LSN_OUTSIDE, _LSN_DECREASING, _NOT_A_VALUE = range(5)
 _VALUE_TYPES = (Image, WalDelta, Tombstone)
 
@@ -588,15 +597,36 @@ class LayerFileWriter:
         self._n_versions += len(versions)
         self._last = (key, prev)
 
+    def add_packed(self, source: PackSource) -> None:
+        """Add every version `source` holds (an in-memory layer's arena, `_inmem.c`), laid out
+        by its `pack` as add_key lays out its keys in order, into this empty writer: the same
+        file as add_key per key, with the per-version work done in C."""
+        if self._keys or self._buf or self._blocks:
+            raise InvalidArgument("packed versions go into an empty layer writer")
+        blocks, keys, versions, n_keys, n_versions, added, last_lsn = source.pack(
+            self._block_size, self._lsn_start, self._lsn_end
+        )
+        for raw in blocks:
+            self._write_block(raw)
+        size = _KEY_ENTRY.size
+        self._keys = [keys[i * size : (i + 1) * size] for i in range(n_keys)]
+        self._versions += versions
+        self._n_versions = n_versions
+        self.uncompressed_bytes += added
+        if n_keys:
+            self._last = (keys[(n_keys - 1) * size : (n_keys - 1) * size + KEY_SIZE], last_lsn)
+
     def _flush_block(self) -> None:
-        raw = bytes(self._buf)
+        self._write_block(bytes(self._buf))
+        self._buf.clear()
+
+    def _write_block(self, raw: bytes) -> None:
         comp = self._zstd.compress(raw)
         self._file.write(comp)
         self._blocks.append(
             _BLOCK_ENTRY.pack(self._offset, len(comp), len(raw), crc32c.crc32c(comp))
         )
         self._offset += len(comp)
-        self._buf.clear()
 
     @property
     def n_versions(self) -> int:

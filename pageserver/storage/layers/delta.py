@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pageserver.storage.keys import Key, KeyRange
-from pageserver.storage.layers.blocks import KIND_DELTA, BlockCache, LayerFileWriter, VersionList
+from pageserver.storage.layers.blocks import (
+    KIND_DELTA,
+    BlockCache,
+    LayerFileWriter,
+    PackSource,
+    VersionList,
+)
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.settings import StoreSettings
@@ -43,6 +49,10 @@ class DeltaLayerWriter:
     def add_key(self, key: Key, versions: VersionList) -> None:
         """Every version of one key, in LSN order (cheaper than `add` per version)."""
         self._writer.add_key(key, versions)
+
+    def add_packed(self, source: PackSource) -> None:
+        """Every version of an in-memory layer's arena, into this empty writer."""
+        self._writer.add_packed(source)
 
     @property
     def uncompressed_bytes(self) -> int:

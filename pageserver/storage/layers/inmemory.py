@@ -4,6 +4,11 @@ Per key, a list of (LSN, value) appended in LSN order, so a put is a dict lookup
 append (no sorted insert, no file I/O); keys are sorted once, when the layer is written out.
 The open layer is mutated by puts, so its owner (the timeline) guards it with its lock; once
 frozen it never changes and may be read from any thread.
+
+`InMemoryLayer` (a dict of per-key lists) is the reference; `ArenaLayer` keeps the same versions
+in C (`_inmem.c`: encoded values in one buffer, no Python object per version) and is what
+`new_layer` makes when the extension is built (NEON_PURE_PYTHON=1: the reference). Both give
+the same reads and write the same L0 file.
 """
 
 from __future__ import annotations
@@ -11,11 +16,24 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterator
 from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 from pageserver.storage.keys import Key, KeyRange, describe
-from pageserver.storage.values import Value, encode_value, tag_ends_chain, value_size, value_tag
+from pageserver.storage.layers import native as _native
+from pageserver.storage.values import (
+    Value,
+    decode_value,
+    encode_value,
+    tag_ends_chain,
+    value_size,
+    value_tag,
+)
 from pg15.lsn import format_lsn
 from proto.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from pageserver.storage.layers.blocks import VersionList
+    from pageserver.storage.layers.delta import DeltaLayerWriter
 
 _lsn_of = itemgetter(0)
 
@@ -42,6 +60,17 @@ class InMemoryLayer:
 
     def put(self, key: Key, lsn: int, value: Value) -> None:
         """Append a version; per key, LSNs must not decrease (equal LSNs keep put order)."""
+        self._check_put(lsn)
+        chain = self._versions.get(key)
+        if chain is None:
+            self._versions[key] = [(lsn, value)]
+        else:
+            if lsn < chain[-1][0]:
+                raise _below_previous(key, lsn, chain[-1][0])
+            chain.append((lsn, value))
+        self._counted(lsn, value_size(value))
+
+    def _check_put(self, lsn: int) -> None:
         if self.lsn_end is not None:
             raise InvalidArgument("cannot put into a frozen in-memory layer")
         if lsn < self.lsn_start:
@@ -49,24 +78,18 @@ class InMemoryLayer:
                 f"LSN {format_lsn(lsn)} is below the in-memory layer's start "
                 f"{format_lsn(self.lsn_start)}"
             )
-        chain = self._versions.get(key)
-        if chain is None:
-            self._versions[key] = [(lsn, value)]
-        else:
-            if lsn < chain[-1][0]:
-                raise InvalidArgument(
-                    f"{describe(key)}: LSN {format_lsn(lsn)} is below its previous version "
-                    f"at {format_lsn(chain[-1][0])}"
-                )
-            chain.append((lsn, value))
-        self.size += value_size(value) + VERSION_OVERHEAD
+
+    def _counted(self, lsn: int, size: int) -> None:
+        self.size += size + VERSION_OVERHEAD
         self.n_versions += 1
         if lsn > self.max_lsn:
             self.max_lsn = lsn
 
-    def versions_for_append(self) -> dict[Key, list[tuple[int, Value]]]:
-        """The per-key version lists, for the C ingest path to append whole records to (the
-        timeline holds its lock; the appender keeps `put`'s rules and reports to `account`)."""
+    def versions_for_append(self) -> Any:
+        """Where the C ingest path appends whole records (the timeline holds its lock; the
+        appender keeps `put`'s rules and reports to `account`): the arena of an ArenaLayer;
+        this reference layer's dict, which the C path does not take (it leaves the records
+        to Python)."""
         if self.lsn_end is not None:
             raise InvalidArgument("cannot put into a frozen in-memory layer")
         return self._versions
@@ -152,7 +175,7 @@ class InMemoryLayer:
             for lsn, encoded in versions:
                 yield key, lsn, encoded
 
-    def iter_chains(self) -> Iterator[tuple[Key, list[tuple[int, Value]]]]:
+    def iter_chains(self) -> Iterator[tuple[Key, VersionList]]:
         """(key, [(LSN, value), ...] in LSN order) per key in key order, for flushing: the
         lists themselves, not copies (a frozen layer never changes)."""
         chains = self._versions
@@ -164,3 +187,83 @@ class InMemoryLayer:
         chains = self._versions
         for key in sorted(chains):
             yield key, [(lsn, encode_value(value)) for lsn, value in chains[key]]
+
+    def write_to(self, writer: DeltaLayerWriter) -> None:
+        """Every version into an empty delta layer writer (the L0 flush of a frozen layer)."""
+        for key, versions in self.iter_chains():
+            writer.add_key(key, versions)
+
+
+def _below_previous(key: Key, lsn: int, previous: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"{describe(key)}: LSN {format_lsn(lsn)} is below its previous version "
+        f"at {format_lsn(previous)}"
+    )
+
+
+class ArenaLayer(InMemoryLayer):
+    """InMemoryLayer with its versions in C (`_inmem.Arena`, see `_inmem.c`): the C ingest
+    path appends records' values there without making Python objects, and the L0 flush packs
+    the value blocks and index tables in C. Reads decode the values they return."""
+
+    def __init__(self, lsn_start: int, arena: Any = None) -> None:
+        super().__init__(lsn_start)
+        inmem = _native.inmem
+        if inmem is None:
+            raise InvalidArgument("the C in-memory layer (_inmem) is not built or is off")
+        self._arena = arena if arena is not None else inmem.Arena()
+
+    def put(self, key: Key, lsn: int, value: Value) -> None:
+        self._check_put(lsn)
+        encoded = encode_value(value)
+        previous = self._arena.put(key, lsn, encoded)
+        if previous is not None:
+            raise _below_previous(key, lsn, previous)
+        self._counted(lsn, len(encoded))
+
+    def versions_for_append(self) -> Any:
+        if self.lsn_end is not None:
+            raise InvalidArgument("cannot put into a frozen in-memory layer")
+        return self._arena
+
+    def split_above(self, cut: int) -> InMemoryLayer | None:
+        if self.max_lsn <= cut:
+            return None
+        arena, moved, moved_bytes, max_lsn = self._arena.split_above(cut)
+        rest = ArenaLayer(cut + 1, arena)
+        rest.size = moved_bytes + moved * VERSION_OVERHEAD
+        rest.n_versions = moved
+        rest.max_lsn = self.max_lsn  # the newest version is above the cut: it moved
+        self.size -= rest.size
+        self.n_versions -= moved
+        self.max_lsn = max_lsn
+        return rest
+
+    def collect(self, key: Key, lsn: int, floor: int) -> tuple[list[tuple[int, Value]], bool]:
+        found, ended = self._arena.collect(key, lsn, floor)
+        return [(version_lsn, decode_value(encoded)) for version_lsn, encoded in found], ended
+
+    def newest_versions(self, key_range: KeyRange, lsn: int) -> Iterator[tuple[Key, int, int]]:
+        for key, version_lsn, tag in self._arena.newest_versions(
+            key_range.start, key_range.end, lsn
+        ):
+            yield Key(key), version_lsn, tag
+
+    def newest_lsn(self, key: Key, lsn: int) -> int | None:
+        found: int | None = self._arena.newest_lsn(key, lsn)
+        return found
+
+    def iter_chains(self) -> Iterator[tuple[Key, VersionList]]:
+        yield from self.iter_key_groups()
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]:
+        for key, versions in self._arena.key_groups():
+            yield Key(key), versions
+
+    def write_to(self, writer: DeltaLayerWriter) -> None:
+        writer.add_packed(self._arena)
+
+
+def new_layer(lsn_start: int) -> InMemoryLayer:
+    """An empty open layer: in C when the extension is built, else the reference."""
+    return ArenaLayer(lsn_start) if _native.inmem is not None else InMemoryLayer(lsn_start)

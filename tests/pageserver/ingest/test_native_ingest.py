@@ -19,6 +19,9 @@ import pytest
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.ingest import native
 from pageserver.ingest.walingest import WalIngest
+from pageserver.storage.keys import FULL_KEYSPACE
+from pageserver.storage.layers import native as layers_native
+from pageserver.storage.layers.inmemory import ArenaLayer
 from pageserver.storage.settings import StoreSettings
 from pg15.lsn import DEFAULT_SEGMENT_SIZE as SEG
 from pg15.lsn import segment_file_name
@@ -165,3 +168,58 @@ def test_records_without_raw_bytes_and_restarts_go_to_python(
     fast.ingest_batch(head[:2000], [r.data for r in workload.raws[:2000]])
     fast.ingest_batch(head, [None] * len(head))  # 0..1999 again: skipped
     assert layer_contents(fast) == layer_contents(python)
+
+
+def layer_files(store: NodeStore) -> dict[str, bytes]:
+    """Every layer file of the store's timeline, by name (names carry key and LSN ranges)."""
+    store.timeline.freeze_and_flush()
+    return {x.path.name: x.path.read_bytes() for x in store.timeline.layer_map().layers()}
+
+
+def in_memory_reads(store: NodeStore) -> list[object]:
+    """What reads see in the in-memory layers (frozen and open, none flushed yet)."""
+    timeline = store.timeline
+    layers = [*timeline._frozen, *([timeline._open] if timeline._open is not None else [])]
+    out: list[object] = []
+    for layer in layers:
+        groups = list(layer.iter_key_groups())
+        out.append((type(layer) is ArenaLayer, layer.lsn_start, layer.lsn_end, len(layer),
+                    layer.size, groups))  # fmt: skip
+        top = layer.max_lsn
+        for lsn in (layer.lsn_start, (layer.lsn_start + top) // 2, top):
+            out.append(list(layer.newest_versions(FULL_KEYSPACE, lsn)))
+            for key, _ in groups[:: max(1, len(groups) // 50)]:
+                out.append((layer.collect(key, lsn, -1), layer.newest_lsn(key, lsn)))
+    return out
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_c_ingest_into_the_arena_equals_python_into_the_reference_layer(
+    workload: Workload, stores: tuple[NodeStore, NodeStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole fast path (C ingest appending to `_inmem` arenas, L0 files packed in C)
+    against the whole reference (WalIngest.ingest_record into the dict InMemoryLayer, L0
+    files written per version in Python): the same reads from every in-memory layer and
+    the same layer files."""
+    require_c_extension(layers_native.inmem, "pageserver.storage.layers._inmem")
+    python, fast = stores
+    with monkeypatch.context() as m:
+        m.setattr(layers_native, "inmem", None)  # new_layer makes the reference layer
+        for i in range(0, len(workload.records), 500):
+            python.ingest_batch(
+                workload.records[i : i + 500], [r.data for r in workload.raws[i : i + 500]]
+            )
+        python_reads = in_memory_reads(python)
+        python_files = layer_files(python)
+    for i in range(0, len(workload.records), 500):
+        fast.ingest_batch(
+            workload.records[i : i + 500], [r.data for r in workload.raws[i : i + 500]]
+        )
+    fast_reads = in_memory_reads(fast)
+    assert len(python.timeline._frozen) == 0 and len(fast.timeline._frozen) > 2
+    assert next(x for x in fast_reads if isinstance(x, tuple) and len(x) == 6)[0] is True
+    assert [x[1:] if isinstance(x, tuple) and len(x) == 6 else x for x in fast_reads] == [
+        x[1:] if isinstance(x, tuple) and len(x) == 6 else x for x in python_reads
+    ]
+    assert layer_files(fast) == python_files
+    assert len(python_files) > 3

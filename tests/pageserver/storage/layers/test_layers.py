@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 
 from pageserver.storage import keys as K
+from pageserver.storage.layers import native as layers_native
 from pageserver.storage.layers.blocks import HEADER_SIZE, BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
-from pageserver.storage.layers.inmemory import InMemoryLayer
+from pageserver.storage.layers.inmemory import ArenaLayer, InMemoryLayer
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.values import TOMBSTONE, Image, Value, WalDelta, encode_value
 from proto.errors import CorruptData, InvalidArgument
+from tests.native_ext import require_c_extension
 
 SETTINGS = StoreSettings(block_size=256)
 
@@ -235,8 +237,11 @@ def test_reads_fill_and_use_the_cache(tmp_path: Path) -> None:
     assert cache.misses == misses and cache.hits > 0
 
 
-def test_inmemory_layer_put_rules_and_reads() -> None:
-    layer = InMemoryLayer(10)
+@pytest.mark.parametrize("kind", ["reference", "arena"])
+def test_inmemory_layer_put_rules_and_reads(kind: str) -> None:
+    if kind == "arena":
+        require_c_extension(layers_native.inmem, "pageserver.storage.layers._inmem")
+    layer = InMemoryLayer(10) if kind == "reference" else ArenaLayer(10)
     k1, k2 = rel_key(1), rel_key(2)
     layer.put(k1, 10, Image(b"a"))
     layer.put(k1, 12, WalDelta(b"d"))

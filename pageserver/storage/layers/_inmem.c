@@ -1,0 +1,620 @@
+/*
+ * Optional C storage of the in-memory layer (pageserver/storage/layers/inmemory.py: ArenaLayer;
+ * InMemoryLayer, a dict of per-key lists of (LSN, Value), stays the reference).
+ *
+ * Profiling bench.ingest showed the dict-of-lists layer cost more than the ingest itself: one
+ * tuple, one value object and one payload bytes object per version (millions per layer), built
+ * by the C ingest path and then walked again by the cyclic garbage collector at every full
+ * collection, which took as long as the ingest. Here a version is 24 bytes in an array and its
+ * encoded value (values.encode_value: tag byte + payload) is copied into one growing buffer;
+ * no Python object is made per version, so there is nothing for the collector to walk.
+ *
+ *   Arena()                                 empty
+ *   a.put(key, lsn, encoded) -> None | int  append a version of `key` (18 bytes); if lsn is
+ *                                           below the key's last version, nothing is put and
+ *                                           that LSN is returned (the caller raises)
+ *   a.collect(key, lsn, floor) -> (list[(lsn, encoded)], ended)
+ *   a.newest_lsn(key, lsn) -> int | None
+ *   a.newest_versions(start, end, lsn) -> list[(key, lsn, tag)] in key order
+ *   a.split_above(cut) -> (Arena | None, versions moved, encoded bytes moved, new max LSN)
+ *   a.key_groups() -> list[(key, list[(lsn, encoded)])] in key order
+ *   a.pack(block_size, lsn_lo, lsn_hi) -> (blocks, key table, version table, n_keys,
+ *                                          n_versions, uncompressed bytes, last LSN)
+ *
+ * with the semantics of the InMemoryLayer methods of the same names. `pack` lays the layer out
+ * as blocks.LayerFileWriter.add_key does, key by key in key order (so the file written is the
+ * same byte for byte): `blocks` are the raw value blocks (a version starts a new block when it
+ * does not fit in a non-empty one), the key table is n_keys x ">18sI" (key, first version),
+ * the version table n_versions x ">QBIII" (LSN, tag, block, offset, length).
+ *
+ * The C ingest path (pageserver/ingest/_walingest.c) appends through the capsule _C_API
+ * (struct InmemApi below) without making the payload a Python object at all.
+ *
+ * Threads: the layer's owner serializes writers (the timeline's lock); every method runs with
+ * the GIL held and never releases it, so readers of a frozen layer see a consistent arena.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "inmem_api.h"
+
+#define TAG_DELTA 2 /* values.TAG_DELTA: the only tag that does not end a chain */
+#define ENTRY_SIZE 21
+#define KEY_ENTRY_SIZE (KEY_SIZE + 4)
+
+typedef struct {
+    uint64_t lsn;
+    uint64_t off; /* of the encoded value in data */
+    uint32_t len;
+} Version;
+
+typedef struct {
+    uint8_t key[KEY_SIZE];
+    uint32_t n, cap;
+    uint32_t *v; /* indexes into versions, LSN order */
+} Chain;
+
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    size_t data_len, data_cap;
+    Version *versions;
+    size_t n_versions, cap_versions;
+    Chain *chains;
+    size_t n_chains, cap_chains;
+    int32_t *slots; /* open addressing over chains, -1 empty; size a power of two */
+    size_t n_slots;
+} Arena;
+
+static PyTypeObject ArenaType;
+
+static uint64_t
+hash_key(const uint8_t *k)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (int i = 0; i < KEY_SIZE; i++) {
+        h ^= k[i];
+        h *= 1099511628211ull;
+    }
+    return h ^ (h >> 29);
+}
+
+static int
+grow_slots(Arena *a)
+{
+    size_t n = a->n_slots ? a->n_slots * 2 : 1024;
+    int32_t *slots = PyMem_Malloc(n * sizeof *slots);
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(slots, 0xFF, n * sizeof *slots);
+    for (size_t c = 0; c < a->n_chains; c++) {
+        size_t i = hash_key(a->chains[c].key) & (n - 1);
+        while (slots[i] >= 0)
+            i = (i + 1) & (n - 1);
+        slots[i] = (int32_t)c;
+    }
+    PyMem_Free(a->slots);
+    a->slots = slots;
+    a->n_slots = n;
+    return 0;
+}
+
+/* The chain of `key`, or NULL (created when `create`; NULL with an exception set on failure) */
+static Chain *
+find_chain(Arena *a, const uint8_t *key, int create)
+{
+    if (a->n_slots) {
+        size_t mask = a->n_slots - 1, i = hash_key(key) & mask;
+        for (; a->slots[i] >= 0; i = (i + 1) & mask) {
+            Chain *c = &a->chains[a->slots[i]];
+            if (memcmp(c->key, key, KEY_SIZE) == 0)
+                return c;
+        }
+    }
+    if (!create)
+        return NULL;
+    if ((a->n_chains + 1) * 2 > a->n_slots && grow_slots(a) < 0)
+        return NULL;
+    if (a->n_chains == a->cap_chains) {
+        size_t cap = a->cap_chains ? a->cap_chains * 2 : 256;
+        Chain *chains = PyMem_Realloc(a->chains, cap * sizeof *chains);
+        if (chains == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        a->chains = chains;
+        a->cap_chains = cap;
+    }
+    size_t mask = a->n_slots - 1, i = hash_key(key) & mask;
+    while (a->slots[i] >= 0)
+        i = (i + 1) & mask;
+    a->slots[i] = (int32_t)a->n_chains;
+    Chain *c = &a->chains[a->n_chains++];
+    memcpy(c->key, key, KEY_SIZE);
+    c->n = c->cap = 0;
+    c->v = NULL;
+    return c;
+}
+
+static int
+reserve(void **buf, size_t *cap, size_t need, size_t item, size_t first)
+{
+    if (need <= *cap)
+        return 0;
+    size_t n = *cap ? *cap : first;
+    while (n < need)
+        n *= 2;
+    void *p = PyMem_Realloc(*buf, n * item);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *buf = p;
+    *cap = n;
+    return 0;
+}
+
+/* Append a version whose encoding is tag + a + b (no LSN order check); 0, or -1 and an
+ * exception */
+static int
+arena_append(PyObject *self, const uint8_t *key, uint64_t lsn, uint8_t tag, const void *a,
+             size_t na, const void *b, size_t nb)
+{
+    Arena *ar = (Arena *)self;
+    size_t len = 1 + na + nb;
+    if (len > UINT32_MAX || ar->n_versions >= UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "in-memory layer value or version count too big");
+        return -1;
+    }
+    Chain *c = find_chain(ar, key, 1);
+    if (c == NULL)
+        return -1;
+    if (c->n == c->cap) {
+        uint32_t cap = c->cap ? c->cap * 2 : 2;
+        uint32_t *v = PyMem_Realloc(c->v, cap * sizeof *v);
+        if (v == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->v = v;
+        c->cap = cap;
+    }
+    if (reserve((void **)&ar->versions, &ar->cap_versions, ar->n_versions + 1, sizeof(Version),
+                4096) < 0 ||
+        reserve((void **)&ar->data, &ar->data_cap, ar->data_len + len, 1, 1 << 20) < 0)
+        return -1;
+    char *p = ar->data + ar->data_len;
+    p[0] = (char)tag;
+    if (na)
+        memcpy(p + 1, a, na);
+    if (nb)
+        memcpy(p + 1 + na, b, nb);
+    Version *v = &ar->versions[ar->n_versions];
+    v->lsn = lsn;
+    v->off = ar->data_len;
+    v->len = (uint32_t)len;
+    c->v[c->n++] = (uint32_t)ar->n_versions++;
+    ar->data_len += len;
+    return 0;
+}
+
+static int
+key_arg(PyObject *obj, const uint8_t **key)
+{
+    if (!PyBytes_Check(obj) || PyBytes_GET_SIZE(obj) != KEY_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "a key is 18 bytes");
+        return -1;
+    }
+    *key = (const uint8_t *)PyBytes_AS_STRING(obj);
+    return 0;
+}
+
+static PyObject *
+Arena_put(Arena *self, PyObject *args)
+{
+    PyObject *keyobj;
+    unsigned long long lsn;
+    Py_buffer enc;
+    const uint8_t *key;
+    if (!PyArg_ParseTuple(args, "OKy*:put", &keyobj, &lsn, &enc))
+        return NULL;
+    PyObject *result = NULL;
+    if (key_arg(keyobj, &key) < 0)
+        goto done;
+    if (enc.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "an encoded value has at least its tag byte");
+        goto done;
+    }
+    Chain *c = find_chain(self, key, 0);
+    if (c != NULL && c->n && self->versions[c->v[c->n - 1]].lsn > lsn) {
+        result = PyLong_FromUnsignedLongLong(self->versions[c->v[c->n - 1]].lsn);
+        goto done;
+    }
+    const uint8_t *p = enc.buf;
+    if (arena_append((PyObject *)self, key, lsn, p[0], p + 1, (size_t)enc.len - 1, NULL, 0) == 0)
+        result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&enc);
+    return result;
+}
+
+/* versions of c with LSN <= lsn: the index past the last one (bisect_right) */
+static uint32_t
+upto(Arena *a, Chain *c, uint64_t lsn)
+{
+    uint32_t lo = 0, hi = c->n;
+    if (hi && a->versions[c->v[hi - 1]].lsn <= lsn)
+        return hi;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (a->versions[c->v[mid]].lsn <= lsn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static PyObject *
+version_pair(Arena *a, Version *v)
+{
+    return Py_BuildValue("(Ky#)", (unsigned long long)v->lsn, a->data + v->off,
+                         (Py_ssize_t)v->len);
+}
+
+static PyObject *
+Arena_collect(Arena *self, PyObject *args)
+{
+    PyObject *keyobj;
+    unsigned long long lsn;
+    long long floor;
+    const uint8_t *key;
+    if (!PyArg_ParseTuple(args, "OKL:collect", &keyobj, &lsn, &floor) || key_arg(keyobj, &key) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    int ended = 0;
+    Chain *c = find_chain(self, key, 0);
+    if (c != NULL) {
+        for (int64_t i = (int64_t)upto(self, c, lsn) - 1; i >= 0; i--) {
+            Version *v = &self->versions[c->v[i]];
+            if ((long long)v->lsn <= floor)
+                break;
+            PyObject *pair = version_pair(self, v);
+            if (pair == NULL || PyList_Append(out, pair) < 0) {
+                Py_XDECREF(pair);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(pair);
+            if (self->data[v->off] != TAG_DELTA) {
+                ended = 1;
+                break;
+            }
+        }
+    }
+    return Py_BuildValue("(NO)", out, ended ? Py_True : Py_False);
+}
+
+static PyObject *
+Arena_newest_lsn(Arena *self, PyObject *args)
+{
+    PyObject *keyobj;
+    unsigned long long lsn;
+    const uint8_t *key;
+    if (!PyArg_ParseTuple(args, "OK:newest_lsn", &keyobj, &lsn) || key_arg(keyobj, &key) < 0)
+        return NULL;
+    Chain *c = find_chain(self, key, 0);
+    uint32_t i = c != NULL ? upto(self, c, lsn) : 0;
+    if (i == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(self->versions[c->v[i - 1]].lsn);
+}
+
+static int
+cmp_chain(const void *x, const void *y)
+{
+    return memcmp((*(Chain *const *)x)->key, (*(Chain *const *)y)->key, KEY_SIZE);
+}
+
+/* the non-empty chains (with keys in [start, end) if start is given), sorted; caller frees */
+static Chain **
+sorted_chains(Arena *a, const uint8_t *start, const uint8_t *end, size_t *n)
+{
+    Chain **out = PyMem_Malloc((a->n_chains ? a->n_chains : 1) * sizeof *out);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < a->n_chains; i++) {
+        Chain *c = &a->chains[i];
+        if (c->n == 0)
+            continue;
+        if (start != NULL &&
+            (memcmp(c->key, start, KEY_SIZE) < 0 || memcmp(c->key, end, KEY_SIZE) >= 0))
+            continue;
+        out[k++] = c;
+    }
+    qsort(out, k, sizeof *out, cmp_chain);
+    *n = k;
+    return out;
+}
+
+static PyObject *
+Arena_newest_versions(Arena *self, PyObject *args)
+{
+    PyObject *startobj, *endobj;
+    unsigned long long lsn;
+    const uint8_t *start, *end;
+    if (!PyArg_ParseTuple(args, "OOK:newest_versions", &startobj, &endobj, &lsn) ||
+        key_arg(startobj, &start) < 0 || key_arg(endobj, &end) < 0)
+        return NULL;
+    size_t n;
+    Chain **chains = sorted_chains(self, start, end, &n);
+    if (chains == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out != NULL && i < n; i++) {
+        Chain *c = chains[i];
+        uint32_t j = upto(self, c, lsn);
+        if (j == 0)
+            continue;
+        Version *v = &self->versions[c->v[j - 1]];
+        PyObject *item = Py_BuildValue("(y#Ki)", (const char *)c->key, (Py_ssize_t)KEY_SIZE,
+                                       (unsigned long long)v->lsn, (int)(uint8_t)self->data[v->off]);
+        if (item == NULL || PyList_Append(out, item) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+    PyMem_Free(chains);
+    return out;
+}
+
+static PyObject *
+Arena_split_above(Arena *self, PyObject *args)
+{
+    unsigned long long cut;
+    if (!PyArg_ParseTuple(args, "K:split_above", &cut))
+        return NULL;
+    Arena *rest = NULL;
+    unsigned long long moved = 0, moved_bytes = 0;
+    long long max_lsn = -1;
+    for (size_t i = 0; i < self->n_chains; i++) {
+        Chain *c = &self->chains[i];
+        uint32_t keep = upto(self, c, cut);
+        for (uint32_t j = keep; j < c->n; j++) {
+            Version *v = &self->versions[c->v[j]];
+            if (rest == NULL)
+                rest = (Arena *)ArenaType.tp_alloc(&ArenaType, 0); /* zeroed */
+            if (rest == NULL)
+                return NULL;
+            const uint8_t *p = (const uint8_t *)self->data + v->off;
+            if (arena_append((PyObject *)rest, c->key, v->lsn, p[0], p + 1, v->len - 1, NULL,
+                             0) < 0) {
+                Py_DECREF(rest);
+                return NULL;
+            }
+            moved++;
+            moved_bytes += v->len;
+        }
+        c->n = keep;
+        if (keep && (long long)self->versions[c->v[keep - 1]].lsn > max_lsn)
+            max_lsn = (long long)self->versions[c->v[keep - 1]].lsn;
+    }
+    return Py_BuildValue("(NKKL)", rest != NULL ? (PyObject *)rest : Py_NewRef(Py_None), moved,
+                         moved_bytes, max_lsn);
+}
+
+static PyObject *
+Arena_key_groups(Arena *self, PyObject *unused)
+{
+    size_t n;
+    Chain **chains = sorted_chains(self, NULL, NULL, &n);
+    if (chains == NULL)
+        return NULL;
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; out != NULL && i < n; i++) {
+        Chain *c = chains[i];
+        PyObject *group = PyList_New(c->n);
+        for (uint32_t j = 0; group != NULL && j < c->n; j++) {
+            PyObject *pair = version_pair(self, &self->versions[c->v[j]]);
+            if (pair == NULL)
+                Py_CLEAR(group);
+            else
+                PyList_SET_ITEM(group, j, pair);
+        }
+        PyObject *item = group == NULL ? NULL
+                                       : Py_BuildValue("(y#N)", (const char *)c->key,
+                                                       (Py_ssize_t)KEY_SIZE, group);
+        if (item == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+    PyMem_Free(chains);
+    return out;
+}
+
+static void
+put_be(uint8_t *p, uint64_t v, int n)
+{
+    for (int i = n - 1; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static PyObject *
+Arena_pack(Arena *self, PyObject *args)
+{
+    Py_ssize_t limit;
+    unsigned long long lo, hi;
+    if (!PyArg_ParseTuple(args, "nKK:pack", &limit, &lo, &hi))
+        return NULL;
+    size_t n, n_versions = 0;
+    Chain **chains = sorted_chains(self, NULL, NULL, &n);
+    if (chains == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        n_versions += chains[i]->n;
+    PyObject *blocks = PyList_New(0);
+    PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * KEY_ENTRY_SIZE));
+    PyObject *entries = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
+    char *buf = PyMem_Malloc(limit > 0 ? (size_t)limit : 1);
+    size_t used = 0, cap = limit > 0 ? (size_t)limit : 1, v_no = 0;
+    unsigned long long block_no = 0, added = 0, last_lsn = 0;
+    if (blocks == NULL || keys == NULL || entries == NULL || buf == NULL) {
+        if (buf == NULL)
+            PyErr_NoMemory();
+        goto fail;
+    }
+    uint8_t *kt = (uint8_t *)PyBytes_AS_STRING(keys), *et = (uint8_t *)PyBytes_AS_STRING(entries);
+    for (size_t i = 0; i < n; i++) {
+        Chain *c = chains[i];
+        memcpy(kt + i * KEY_ENTRY_SIZE, c->key, KEY_SIZE);
+        put_be(kt + i * KEY_ENTRY_SIZE + KEY_SIZE, v_no, 4);
+        for (uint32_t j = 0; j < c->n; j++) {
+            Version *v = &self->versions[c->v[j]];
+            if (v->lsn < lo || v->lsn >= hi) {
+                PyErr_Format(PyExc_ValueError, "LSN %llX outside the layer's LSN range",
+                             (unsigned long long)v->lsn);
+                goto fail;
+            }
+            if (used > 0 && used + v->len > (size_t)limit) {
+                PyObject *b = PyBytes_FromStringAndSize(buf, (Py_ssize_t)used);
+                if (b == NULL || PyList_Append(blocks, b) < 0) {
+                    Py_XDECREF(b);
+                    goto fail;
+                }
+                Py_DECREF(b);
+                used = 0;
+                block_no++;
+            }
+            if (used + v->len > cap) {
+                char *bigger = PyMem_Realloc(buf, used + v->len);
+                if (bigger == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                buf = bigger;
+                cap = used + v->len;
+            }
+            uint8_t *e = et + v_no * ENTRY_SIZE;
+            put_be(e, v->lsn, 8);
+            e[8] = (uint8_t)self->data[v->off];
+            put_be(e + 9, block_no, 4);
+            put_be(e + 13, used, 4);
+            put_be(e + 17, v->len, 4);
+            memcpy(buf + used, self->data + v->off, v->len);
+            used += v->len;
+            added += v->len;
+            last_lsn = v->lsn;
+            v_no++;
+        }
+    }
+    if (used > 0) {
+        PyObject *b = PyBytes_FromStringAndSize(buf, (Py_ssize_t)used);
+        if (b == NULL || PyList_Append(blocks, b) < 0) {
+            Py_XDECREF(b);
+            goto fail;
+        }
+        Py_DECREF(b);
+    }
+    PyMem_Free(buf);
+    PyMem_Free(chains);
+    return Py_BuildValue("(NNNnnKK)", blocks, keys, entries, (Py_ssize_t)n,
+                         (Py_ssize_t)n_versions, added, last_lsn);
+fail:
+    PyMem_Free(buf);
+    PyMem_Free(chains);
+    Py_XDECREF(blocks);
+    Py_XDECREF(keys);
+    Py_XDECREF(entries);
+    return NULL;
+}
+
+static PyObject *
+Arena_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (!_PyArg_NoPositional("Arena", args) || !_PyArg_NoKeywords("Arena", kwds))
+        return NULL;
+    Arena *a = (Arena *)type->tp_alloc(type, 0); /* zeroed */
+    return (PyObject *)a;
+}
+
+static void
+Arena_dealloc(Arena *a)
+{
+    for (size_t i = 0; i < a->n_chains; i++)
+        PyMem_Free(a->chains[i].v);
+    PyMem_Free(a->chains);
+    PyMem_Free(a->slots);
+    PyMem_Free(a->versions);
+    PyMem_Free(a->data);
+    Py_TYPE(a)->tp_free((PyObject *)a);
+}
+
+static PyObject *
+Arena_nbytes(Arena *a, void *unused)
+{
+    size_t chains = 0;
+    for (size_t i = 0; i < a->n_chains; i++)
+        chains += a->chains[i].cap * sizeof(uint32_t);
+    return PyLong_FromSize_t(a->data_cap + a->cap_versions * sizeof(Version) +
+                             a->cap_chains * sizeof(Chain) + a->n_slots * sizeof(int32_t) + chains);
+}
+
+static PyMethodDef Arena_methods[] = {
+    {"put", (PyCFunction)Arena_put, METH_VARARGS, NULL},
+    {"collect", (PyCFunction)Arena_collect, METH_VARARGS, NULL},
+    {"newest_lsn", (PyCFunction)Arena_newest_lsn, METH_VARARGS, NULL},
+    {"newest_versions", (PyCFunction)Arena_newest_versions, METH_VARARGS, NULL},
+    {"split_above", (PyCFunction)Arena_split_above, METH_VARARGS, NULL},
+    {"key_groups", (PyCFunction)Arena_key_groups, METH_NOARGS, NULL},
+    {"pack", (PyCFunction)Arena_pack, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Arena_getset[] = {
+    {"nbytes", (getter)Arena_nbytes, NULL, "memory held (buffers' capacity)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ArenaType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pageserver.storage.layers._inmem.Arena",
+    .tp_basicsize = sizeof(Arena),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The versions of an in-memory layer (see the module comment).",
+    .tp_new = Arena_new,
+    .tp_dealloc = (destructor)Arena_dealloc,
+    .tp_methods = Arena_methods,
+    .tp_getset = Arena_getset,
+};
+
+static InmemApi api = {&ArenaType, arena_append};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_inmem", "C storage of the in-memory layer.", -1, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__inmem(void)
+{
+    if (PyType_Ready(&ArenaType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    api.type = &ArenaType;
+    if (PyModule_AddObjectRef(m, "Arena", (PyObject *)&ArenaType) < 0 ||
+        PyModule_AddObject(m, "_C_API", PyCapsule_New(&api, INMEM_CAPSULE, NULL)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,23 @@
+/*
+ * The C interface of pageserver/storage/layers/_inmem.c for other extensions (the C ingest
+ * path appends to an in-memory layer's arena without making Python objects): import it with
+ * PyCapsule_Import(INMEM_CAPSULE, 0).
+ */
+#ifndef PG_NEON_INMEM_API_H
+#define PG_NEON_INMEM_API_H
+
+#include <Python.h>
+#include <stdint.h>
+
+#define KEY_SIZE 18
+#define INMEM_CAPSULE "pageserver.storage.layers._inmem._C_API"
+
+typedef struct {
+    PyTypeObject *type; /* _inmem.Arena */
+    /* Append a version of `key` at `lsn` whose encoding is tag + a[:na] + b[:nb] (no LSN
+     * order check: the caller keeps per-key LSNs non-decreasing). 0, or -1 with an exception. */
+    int (*append)(PyObject *arena, const uint8_t *key, uint64_t lsn, uint8_t tag, const void *a,
+                  size_t na, const void *b, size_t nb);
+} InmemApi;
+
+#endif
