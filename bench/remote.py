@@ -295,8 +295,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             b.json("pitr", "extract-snapshot", "area", "--lsn", format_lsn(lsn), "--as", "cold")
             extract_s = time.perf_counter() - t0
             mirror = b.home / "pageserver" / "remote" / "s3tank" / "area" / "pagestore"
-            downloaded = tree_size(mirror / "timelines") + tree_size(mirror / "wal")
-            downloaded += tree_size(mirror / "lsn_index")
+            downloaded = sum(
+                tree_size(mirror / d) for d in ("timelines", "wal", "wal_blocks", "lsn_index")
+            )
             results.update(
                 attach_list_s=round(attach_s, 3), extract_s=round(extract_s, 3),
                 downloaded_bytes=downloaded,
