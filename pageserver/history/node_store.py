@@ -280,15 +280,14 @@ class NodeStore:
             return
         if self._ingest is None:
             self._ingest = WalIngest(self.timeline)
-        ingest, observe, i = self._ingest, self.index.observe, 0
+        ingest, index, i = self._ingest, self.index, 0
         while i < len(records):
             j = ingest.ingest_native(records, raws, i)
-            for record in records[i:j]:
-                observe(record)
+            index.observe_all(records, i, j)
             if j == len(records):
                 return
             if ingest.ingest_record(records[j], raws[j]):
-                observe(records[j])
+                index.observe(records[j])
             i = j + 1
 
     def maybe_flush(self) -> None:

@@ -83,6 +83,19 @@ typedef struct {
     uint32_t nblocks;
 } SizeChange;
 
+/*
+ * The fork sizes looked up in a run (self._sizes, checked against self._dbs and self._rels
+ * once): building the lookup tuples per block reference was the largest cost of the C path.
+ * Grown sizes are kept here (dirty) and written back into self._sizes when the run ends;
+ * nothing else reads that dict meanwhile (the GIL is held throughout).
+ */
+#define SIZE_SLOTS 512
+#define SIZE_MAX_USED 384
+typedef struct {
+    SizeChange s;
+    uint8_t used, dirty;
+} SizeEntry;
+
 typedef struct {
     /* context */
     PyObject *arena, *dbs, *rels, *sizes;
@@ -98,7 +111,64 @@ typedef struct {
     int n_puts;
     SizeChange staged[MAX_SIZES];
     int n_staged;
+    SizeEntry *size_cache; /* SIZE_SLOTS, allocated with the run */
+    int n_cached;
 } Ingest;
+
+static SizeEntry *
+cached_size(Ingest *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, int add)
+{
+    uint32_t h = ((spc * 2654435761u) ^ (db * 40503u) ^ (rel * 2246822519u) ^ fork);
+    h ^= h >> 15;
+    for (uint32_t i = h % SIZE_SLOTS;; i = (i + 1) % SIZE_SLOTS) {
+        SizeEntry *e = &st->size_cache[i];
+        if (!e->used) {
+            if (!add || st->n_cached == SIZE_MAX_USED)
+                return NULL;
+            st->n_cached++;
+            e->used = 1;
+            e->dirty = 0;
+            e->s.spc = spc;
+            e->s.db = db;
+            e->s.rel = rel;
+            e->s.fork = fork;
+            return e;
+        }
+        if (e->s.spc == spc && e->s.db == db && e->s.rel == rel && e->s.fork == fork)
+            return e;
+    }
+}
+
+static int
+set_size(Ingest *st, const SizeChange *s)
+{
+    PyObject *k = Py_BuildValue("(kkkk)", (unsigned long)s->spc, (unsigned long)s->db,
+                                (unsigned long)s->rel, (unsigned long)s->fork);
+    PyObject *v = PyLong_FromUnsignedLong(s->nblocks);
+    int r = (k == NULL || v == NULL) ? -1 : PyDict_SetItem(st->sizes, k, v);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return r;
+}
+
+/* the grown sizes into self._sizes (keeps an exception already set) */
+static int
+write_back_sizes(Ingest *st)
+{
+    if (st->size_cache == NULL)
+        return 0;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int r = 0;
+    for (int i = 0; i < SIZE_SLOTS && r == 0; i++) {
+        SizeEntry *e = &st->size_cache[i];
+        if (e->used && e->dirty)
+            r = set_size(st, &e->s);
+    }
+    if (type != NULL)
+        PyErr_Restore(type, value, tb);
+    return r;
+}
 
 /* outcome of one record */
 #define OK 0
@@ -222,6 +292,17 @@ extend(Ingest *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint3
             goto put_size;
         }
     }
+    SizeEntry *cached = cached_size(st, spc, db, rel, fork, 0);
+    if (cached != NULL) {
+        if (nblocks <= cached->s.nblocks)
+            return OK;
+        if (st->n_staged == MAX_SIZES)
+            return LEAVE;
+        SizeChange *s = &st->staged[st->n_staged++];
+        *s = cached->s;
+        s->nblocks = nblocks;
+        goto put_size;
+    }
     {
         PyObject *dbkey = Py_BuildValue("(kk)", (unsigned long)spc, (unsigned long)db);
         if (dbkey == NULL)
@@ -257,6 +338,9 @@ extend(Ingest *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint3
         int r = get_u32(size, &current);
         if (r != OK)
             return r;
+        SizeEntry *e = cached_size(st, spc, db, rel, fork, 1);
+        if (e != NULL)
+            e->s.nblocks = current;
         if (nblocks <= current)
             return OK;
         if (st->n_staged == MAX_SIZES)
@@ -599,15 +683,13 @@ commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
 {
     for (int i = 0; i < st->n_staged; i++) {
         SizeChange *s = &st->staged[i];
-        PyObject *k = Py_BuildValue(
-            "(kkkk)", (unsigned long)s->spc, (unsigned long)s->db, (unsigned long)s->rel,
-            (unsigned long)s->fork);
-        PyObject *v = PyLong_FromUnsignedLong(s->nblocks);
-        int r = (k == NULL || v == NULL) ? -1 : PyDict_SetItem(st->sizes, k, v);
-        Py_XDECREF(k);
-        Py_XDECREF(v);
-        if (r < 0)
+        SizeEntry *e = cached_size(st, s->spc, s->db, s->rel, s->fork, 0);
+        if (e != NULL) {
+            e->s.nblocks = s->nblocks;
+            e->dirty = 1;
+        } else if (set_size(st, s) < 0) {
             return FAIL;
+        }
     }
     for (int i = 0; i < st->n_puts; i++) {
         Put *p = &st->puts[i];
@@ -645,11 +727,14 @@ py_ingest_run(PyObject *self, PyObject *args)
             &st.rels, &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid,
             &PySet_Type, &st.clog_segments, &PyDict_Type, &st.slru_sizes, &st.clog_kind))
         return NULL;
-    st.next_xid = (uint32_t)next_xid;
     if (PyList_GET_SIZE(raws) != PyList_GET_SIZE(records)) {
         PyErr_SetString(PyExc_ValueError, "records and raws differ in length");
         return NULL;
     }
+    st.next_xid = (uint32_t)next_xid;
+    st.size_cache = PyMem_Calloc(SIZE_SLOTS, sizeof *st.size_cache);
+    if (st.size_cache == NULL)
+        return PyErr_NoMemory();
     Py_ssize_t i = start, bytes = 0, versions = 0;
     PyObject *last_end = NULL, *last_prev = NULL;
     for (; i < PyList_GET_SIZE(records) && bytes < budget; i++) {
@@ -690,11 +775,17 @@ py_ingest_run(PyObject *self, PyObject *args)
         last_record_lsn = end;
     }
     PyMem_Free(st.pages);
+    int written = write_back_sizes(&st);
+    PyMem_Free(st.size_cache);
+    if (written < 0)
+        return NULL;
     return Py_BuildValue(
         "nnnOO", i, bytes, versions, last_end ? last_end : Py_None,
         last_prev ? last_prev : Py_None);
 fail:
     PyMem_Free(st.pages);
+    write_back_sizes(&st);
+    PyMem_Free(st.size_cache);
     return NULL;
 }
 

@@ -33,7 +33,7 @@ import os
 import struct
 import threading
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -183,6 +183,20 @@ class LsnIndex:
             self._add(FLAG_BOUNDARY | FLAG_COMMIT, end, record.lsn, xtime)
         elif end - self._last_sample >= SAMPLE_DISTANCE:
             self._add(FLAG_BOUNDARY, end, record.lsn, 0)
+
+    def observe_all(self, records: Sequence[DecodedRecord], start: int, stop: int) -> None:
+        """`observe` each of records[start:stop], in one loop: most records need nothing
+        (neither a commit nor SAMPLE_DISTANCE past the last sample), and a call per record
+        was a tenth of a batch's ingest time."""
+        last, sample = self._last_lsn, self._last_sample
+        for i in range(start, stop):
+            record = records[i]
+            end = record.end_lsn
+            if end <= last:
+                continue
+            if record.rmgr_id == RM_XACT_ID or end - sample >= SAMPLE_DISTANCE:
+                self.observe(record)
+                last, sample = self._last_lsn, self._last_sample
 
     def add_boundary(self, end_lsn: int, record_start: int | None = None) -> None:
         """An exact record end known from elsewhere (import LSN, branch LSN); `record_start`
