@@ -174,13 +174,13 @@ class Pageserver:
         self._follow(self.nodes.get(node_id))
 
     async def stop_following(self) -> None:
-        """Stop every follower, then flush and close the stores (a clean restart re-ingests
-        nothing)."""
+        """Stop every follower, then close the stores (a running compaction is cancelled,
+        everything ingested is flushed: a clean restart re-ingests nothing)."""
         for follower in list(self.followers.values()):
             await follower.stop()
         self.followers.clear()
         for store in list(self.stores.values()):
-            await asyncio.to_thread(store.flush)
+            await asyncio.to_thread(store.close)
         self.stores.clear()
         self.remote.stop()
         for history in self.histories.values():

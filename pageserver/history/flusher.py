@@ -1,11 +1,15 @@
-"""Flushing and compaction off the decode thread.
+"""Flushing and compaction off the decode thread, on two threads of their own.
 
 Writing a frozen in-memory layer and compacting (L0 merges, image layers: redo of every page
 with deltas) took seconds on the decode thread, and ingest stood still meanwhile: under a
-steady write load the ingested lag jumped by those seconds at every flush. One thread per node
-store now does that work while ingest goes on; the store bounds how many frozen layers may
-wait for it (memory), and a failed flush is retried on the decode thread, where the follower's
-stall handling (a full disk) sees it.
+steady write load the ingested lag jumped by those seconds at every flush. A node store now
+has one worker thread that writes frozen layers and another that compacts, so neither ingest
+nor a flush waits for a compaction: ingest waits only when the store's bound of frozen layers
+(memory) are waiting to be written, and a timeline switch or a snapshot only for the frozen
+layers written. A failed flush is retried on the decode thread, where the follower's stall
+handling (a full disk) sees it; a failed compaction is logged and tried again after the next
+flush. At shutdown a running compaction is cancelled (`stop`): the timeline's compaction
+code deletes the files it had not published yet, so no layer is lost or half visible.
 """
 
 from __future__ import annotations
@@ -19,23 +23,31 @@ log = logging.getLogger(__name__)
 Job = Callable[[], None]
 
 
-class BackgroundFlusher:
-    """Runs the latest requested flush job on its own thread (a later request covers an
-    earlier one not yet started). `mutex` is held while any flush runs, here or in a caller
-    that flushes synchronously, so the two never overlap."""
+class BackgroundWorker:
+    """Runs requested jobs on its own thread, oldest request first; one pending job per key (a
+    later request for a key replaces its earlier one not yet started, so requests for two
+    timelines never cover each other). `mutex` is held while a job runs, here or in a caller
+    that does the same work synchronously, so the two never overlap. `cancelled` is set by
+    `stop`: a long job checks it and ends early."""
 
     def __init__(self, name: str) -> None:
         self.mutex = threading.Lock()
+        self.cancelled = threading.Event()
         self._name = name
         self._cond = threading.Condition()
-        self._job: Job | None = None
+        self._jobs: dict[str, Job] = {}
         self._running = False
+        self._stopped = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def request(self, job: Job) -> None:
+    def request(self, key: str, job: Job) -> None:
+        """Queue `job` (ignored once stopped)."""
         with self._cond:
-            self._job = job
+            if self._stopped:
+                return
+            self._jobs.pop(key, None)
+            self._jobs[key] = job
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -59,21 +71,43 @@ class BackgroundFlusher:
     def wait_idle(self) -> None:
         """Until no job is queued or running (errors stay for take_error)."""
         with self._cond:
-            while self._job is not None or self._running:
+            while self._jobs or self._running:
                 self._cond.wait(0.5)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._jobs) or self._running
+
+    def stop(self) -> None:
+        """Drop the queued jobs, cancel the running one (`cancelled`) and wait until it has
+        ended and the thread is gone; later requests are ignored."""
+        with self._cond:
+            self._stopped = True
+            self._jobs.clear()
+            self.cancelled.set()
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._job is None:
+                while not self._jobs and not self._stopped:
                     self._cond.wait()
-                job, self._job = self._job, None
+                if self._stopped:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                key = next(iter(self._jobs))
+                job = self._jobs.pop(key)
                 self._running = True
             try:
                 with self.mutex:
                     job()
-            except BaseException as exc:  # kept for the decode thread, which retries
-                log.warning("%s: background flush failed: %s", self._name, exc)
+            except BaseException as exc:  # kept for the owner (the decode thread retries)
+                log.warning("%s: background job for %s failed: %s", self._name, key, exc)
                 with self._cond:
                     self._error = exc
             finally:

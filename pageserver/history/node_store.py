@@ -26,12 +26,12 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from durable_files import write_file_durably
-from pageserver.history.flusher import BackgroundFlusher
+from pageserver.history.flusher import BackgroundWorker
 from pageserver.history.pitr import pitr_registry
 from pageserver.history.snapshots import snapshot_registry
 from pageserver.ingest.import_datadir import import_datadir
@@ -39,7 +39,7 @@ from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
-from pageserver.storage.compaction import CompactionTotals, compact
+from pageserver.storage.compaction import CompactionCancelled, CompactionTotals, compact
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -134,8 +134,9 @@ class StorageHistory:
 
 
 class NodeStore:
-    """Thread-safety: ingest runs on the node's decode thread, flushes and compaction on its
-    background flusher (pageserver.history.flusher); reads from anywhere."""
+    """Thread-safety: ingest runs on the node's decode thread, flushes on its background
+    flusher and compaction on its compactor (pageserver.history.flusher); reads from
+    anywhere. `close` before dropping the store (the daemon's shutdown)."""
 
     def __init__(self, history: StorageHistory, node_id: str) -> None:
         self.history = history
@@ -147,7 +148,8 @@ class NodeStore:
         self._index_timeline: str | None = None
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
-        self.flusher = BackgroundFlusher(f"flush-{node_id}")
+        self.flusher = BackgroundWorker(f"flush-{node_id}")
+        self.compactor = BackgroundWorker(f"compact-{node_id}")
         self.compaction_totals = CompactionTotals()
         self._flush_failed = False
         self._requested: dict[str, int] = {}
@@ -238,7 +240,8 @@ class NodeStore:
         checkout: bool,
     ) -> NodeState:
         """Make a freshly branched timeline this node's current one (checkout, or a node
-        created from a snapshot)."""
+        created from a snapshot). Waits for the frozen layers being written (a pending flush of
+        the old timeline runs anyway: its own request), not for a compaction."""
         self.wait_flushed()
         with self._lock:
             old = self._state
@@ -255,7 +258,9 @@ class NodeStore:
             return state
 
     def forget(self) -> None:
-        """Delete this node's state and WAL archives (its timelines stay for snapshots)."""
+        """Delete this node's state and WAL archives (its timelines stay for snapshots); its
+        compaction stops (the caller may delete timelines next)."""
+        self.compactor.stop()
         self.wait_flushed()
         with self._lock:
             self._state_path.unlink(missing_ok=True)
@@ -292,16 +297,17 @@ class NodeStore:
 
     def maybe_flush(self) -> None:
         """Have the frozen layers flushed (the open one is frozen when large, or periodically
-        so the durable LSN advances) and compacted by the background flusher; wait only when
-        MAX_FROZEN_LAYERS are already waiting for it. Call after `ingest_batch`, on the decode
-        thread. After a failed background flush, flush here until one succeeds (raising
-        meanwhile: the follower treats a full disk as a stall)."""
+        so the durable LSN advances) by the background flusher, then compacted by the
+        compactor; wait only when MAX_FROZEN_LAYERS are already waiting for the flusher.
+        Call after `ingest_batch`, on the decode thread. After a failed background flush,
+        flush here until one succeeds (raising meanwhile: the follower treats a full disk as
+        a stall); a failed compaction is logged and tried again after the next flush."""
         if self._state is None:
             return
         timeline = self.timeline
         if self._flush_failed or self.flusher.take_error() is not None:
             self._flush_failed = True
-            self.flush()
+            self._flush_durable()
             self._flush_failed = False
             return
         if time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
@@ -313,7 +319,9 @@ class NodeStore:
             self._requested[timeline.timeline_id] = upto
             # Every record up to `upto` was observed by the index (ingest_batch returned).
             index = self.index
-            self.flusher.request(lambda: self._flush_frozen(timeline, index, upto))
+            self.flusher.request(
+                timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
+            )
         try:
             self.flusher.wait(lambda: timeline.frozen_count <= MAX_FROZEN_LAYERS)
         except BaseException:
@@ -325,10 +333,19 @@ class NodeStore:
         # records the layers hold are never re-ingested (their index entries would be lost).
         index.flush()
         timeline.flush_frozen_layers(upto)
-        self._compact(timeline)
+        self._request_compaction(timeline)
 
-    def _compact(self, timeline: Timeline) -> None:
-        result = compact(timeline, reconstruct, rebuild_range)
+    def _request_compaction(self, timeline: Timeline) -> None:
+        def job() -> None:
+            try:
+                self._compact(timeline, cancelled=self.compactor.cancelled.is_set)
+            except CompactionCancelled as exc:
+                log.info("%s", exc)
+
+        self.compactor.request(timeline.timeline_id, job)
+
+    def _compact(self, timeline: Timeline, cancelled: Callable[[], bool] | None = None) -> None:
+        result = compact(timeline, reconstruct, rebuild_range, cancelled=cancelled)
         self.compaction_totals.add(result)
         log.debug(
             "flushed %s to %s (%s)",
@@ -338,16 +355,42 @@ class NodeStore:
         )
 
     def flush(self) -> None:
-        """Make everything ingested durable now, on this thread (after any background flush)."""
+        """Make everything ingested durable and compacted now, on this thread (after any
+        background flush; a background compaction of the timeline finishes first)."""
         if self._state is None:
             return
+        self._compact(self._write_layers())
+
+    def _flush_durable(self) -> None:
+        """Everything ingested written to layer files now (after any background flush); a
+        compaction is requested, not waited for."""
+        if self._state is not None:
+            self._request_compaction(self._write_layers())
+
+    def _write_layers(self) -> Timeline:
         timeline = self.timeline
         with self.flusher.mutex:
             self.index.flush()  # first, as in _flush_frozen
             timeline.freeze_and_flush()
             self._last_flush = time.monotonic()
-            self._compact(timeline)
+        return timeline
 
     def wait_flushed(self) -> None:
-        """Until the background flusher is idle (tests, and before switching timelines)."""
+        """Until the background flusher is idle: the frozen layers requested so far are
+        written (before switching timelines); compaction may go on."""
         self.flusher.wait_idle()
+
+    def wait_compacted(self) -> None:
+        """Until the flusher and then the compactor are idle (tests, benchmarks)."""
+        self.flusher.wait_idle()
+        self.compactor.wait_idle()
+
+    def close(self) -> None:
+        """Shutdown: cancel a running compaction (what it has not published is deleted, see
+        pageserver.storage.compaction) and wait for it to end, then make everything ingested
+        durable (the frozen layers of a timeline the node left too) and stop the flusher. The
+        store is not used afterwards."""
+        self.compactor.stop()
+        self.wait_flushed()
+        self._flush_durable()
+        self.flusher.stop()

@@ -9,7 +9,11 @@
   the caller's `materialize` (redo lives elsewhere); whole images are copied as they are.
 
 Both write their files first and then swap them in with one manifest update
-(Timeline.replace_layers). Blocking I/O and CPU: run in a worker thread.
+(Timeline.replace_layers). Blocking I/O and CPU: run in a worker thread. A pass may be
+cancelled (`cancelled`, checked per key while merging and per image partition): an L0 merge
+then deletes its unpublished L1 files and raises CompactionCancelled, image creation
+publishes the complete image layers it has and stops; either way the manifest names only
+whole files, as after a kill (Timeline.open deletes the files it does not name).
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ order, equal to the per-key path for every key, which it may call for any of the
 rebuild of image creation (pageserver.reconstruct.range_rebuild.rebuild_range)."""
 
 PAGE_SIZE_ESTIMATE = 8192
+
+Cancelled = Callable[[], bool]
+"""Whether the running compaction pass should end now (the store is shutting down)."""
+
+
+class CompactionCancelled(Exception):
+    """A compaction pass ended early on request; what it had not published is deleted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +83,17 @@ def compact(
     timeline: Timeline,
     materialize: Materialize,
     materialize_range: MaterializeRange | None = None,
+    cancelled: Cancelled | None = None,
 ) -> CompactionResult:
-    """One compaction pass: L0 -> L1 if due, then image layers where due."""
+    """One compaction pass: L0 -> L1 if due, then image layers where due. Raises
+    CompactionCancelled when `cancelled()` turns true before the pass is done."""
     with timeline.compaction_lock:
         t0 = time.perf_counter()
-        merged, written = _compact_level0(timeline)
+        merged, written = _compact_level0(timeline, cancelled=cancelled)
         t1 = time.perf_counter()
         images = create_image_layers_at(
             timeline, materialize, timeline.disk_consistent_lsn,
-            materialize_range=materialize_range,
+            materialize_range=materialize_range, cancelled=cancelled,
         )  # fmt: skip
         t2 = time.perf_counter()
     return CompactionResult(merged, written, images, t1 - t0, t2 - t1)
@@ -111,7 +124,9 @@ def create_image_layers(
         )  # fmt: skip
 
 
-def _compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, int]:
+def _compact_level0(
+    timeline: Timeline, *, force: bool = False, cancelled: Cancelled | None = None
+) -> tuple[int, int]:
     level0 = timeline.layer_map().level0()
     if len(level0) < (2 if force else timeline.settings.compaction_threshold):
         return 0, 0
@@ -125,6 +140,8 @@ def _compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, in
     writer: DeltaLayerWriter | None = None
     try:
         for key, versions in _merge_same_keys(merged):
+            if cancelled is not None and cancelled():
+                raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
             if writer is not None and writer.uncompressed_bytes >= target:
                 outputs.append(_finish_l1(timeline, writer, key))
                 writer = None
@@ -193,10 +210,12 @@ def create_image_layers_at(
     *,
     force: bool = False,
     materialize_range: MaterializeRange | None = None,
+    cancelled: Cancelled | None = None,
 ) -> int:
     """Write image layers at `lsn` for the key partitions where they are due: with
     image_creation_threshold deltas above their newest image, or (forced) with any delta.
-    Their pages come from `materialize_range` when given, else key by key.
+    Their pages come from `materialize_range` when given, else key by key. Once
+    `cancelled()`, the layers written so far are published and CompactionCancelled raised.
 
     The caller holds `timeline.compaction_lock`: compaction writes them at
     disk_consistent_lsn, GC at its horizon inside its own critical section (so the images
@@ -207,8 +226,12 @@ def create_image_layers_at(
     per_partition = max(1, timeline.settings.image_layer_target_size // PAGE_SIZE_ESTIMATE)
     layer_map = timeline.layer_map()
     written: list[ImageLayer] = []
+    stopped = False
     try:
         for key_range, part_keys in _partitions(keys, per_partition):
+            if cancelled is not None and cancelled():
+                stopped = True
+                break
             if force:
                 image = layer_map.newest_image_covering(key_range, lsn)
                 image_lsn = image.lsn if image is not None else -1
@@ -236,6 +259,10 @@ def create_image_layers_at(
         raise
     if written:
         timeline.replace_layers(add=written, remove=())
+    if stopped:
+        raise CompactionCancelled(
+            f"image creation of {timeline.timeline_id} cancelled after {len(written)} layers"
+        )
     return len(written)
 
 

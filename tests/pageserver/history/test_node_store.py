@@ -11,7 +11,10 @@ import pytest
 
 from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeStore, StorageHistory
+from pageserver.storage.layers.delta import DeltaLayer
+from pageserver.storage.layers.inmemory import InMemoryLayer
 from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 
 SMALL = StoreSettings(checkpoint_distance=512 * 1024)
@@ -71,15 +74,15 @@ def test_failed_background_flush_is_retried_and_raised_on_the_caller(
 ) -> None:
     store = imported(tmp_path, workload.base)
     full = OSError(errno.ENOSPC, "No space left on device")
-    original = node_store_module.compact
+    original = Timeline._write_l0
     failing = True
 
-    def compact(*args: object, **kwargs: object) -> object:
+    def write_l0(self: Timeline, layer: InMemoryLayer) -> DeltaLayer:
         if failing:
             raise full
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+        return original(self, layer)
 
-    monkeypatch.setattr(node_store_module, "compact", compact)
+    monkeypatch.setattr(Timeline, "_write_l0", write_l0)
     raised = 0
     for records, raws in batches(workload):
         store.ingest_batch(records, raws)
@@ -96,4 +99,41 @@ def test_failed_background_flush_is_retried_and_raised_on_the_caller(
     failing = False
     store.maybe_flush()  # the disk has room again: flushed here, and back to the background
     assert store.timeline.disk_consistent_lsn == store.timeline.last_record_lsn
+    store.history.close()
+
+
+def test_failed_background_compaction_is_logged_and_ingest_goes_on(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A compaction is no durability step: its failure (a full disk) neither stops ingest nor
+    fails a flush; the next flush's pass compacts."""
+    store = imported(tmp_path, workload.base)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    original = node_store_module.compact
+    failing = True
+
+    def compact(*args: object, **kwargs: object) -> object:
+        if failing:
+            raise full
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node_store_module, "compact", compact)
+    images_before = len(store.timeline.layer_map().images)
+    for records, raws in batches(workload):
+        store.ingest_batch(records, raws)
+        store.maybe_flush()
+    store.wait_compacted()
+    timeline = store.timeline
+    assert "No space left on device" in caplog.text
+    assert store.compaction_totals.passes == 0
+    assert len(timeline.layer_map().images) == images_before
+    assert len(timeline.layer_map().level0()) >= SMALL.compaction_threshold  # due, not done
+    failing = False
+    store.flush()
+    assert timeline.disk_consistent_lsn == timeline.last_record_lsn
+    assert store.compaction_totals.passes >= 1
+    assert len(timeline.layer_map().level0()) < SMALL.compaction_threshold
     store.history.close()

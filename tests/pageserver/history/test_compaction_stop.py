@@ -1,0 +1,215 @@
+"""A compaction in progress: the store's shutdown cancels it (no lost or half-visible layer,
+reads after a restart equal those before), and a timeline switch (checkout) does not wait
+for it. The compaction is real; a gate holds it at one point (in the L0 merge, or in image
+creation after its first partition) until the test lets it go on."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pageserver.history import node_store as node_store_module
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.storage import compaction as compaction_module
+from pageserver.storage.keys import FULL_KEYSPACE, Key
+from pageserver.storage.layers.names import parse_layer_name
+from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
+
+KiB = 1024
+MERGING = StoreSettings(checkpoint_distance=512 * KiB)
+"""Many L0 layers (one per 512 KiB of values): the pass merges them (compaction_threshold)."""
+IMAGING = StoreSettings(
+    checkpoint_distance=512 * KiB, compaction_threshold=1000, image_layer_target_size=256 * KiB
+)
+"""No L0 merge; image creation due in many small partitions."""
+
+
+class Gate:
+    """Holds the compactor at its first arrival until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(120), "the test never released the compaction"
+
+
+def gate_compaction(monkeypatch: pytest.MonkeyPatch, phase: str) -> Gate:
+    gate = Gate()
+    if phase == "l0":
+        merge = compaction_module._merge_same_keys
+
+        def merging(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
+            for n, item in enumerate(merge(groups)):
+                if n == 100:
+                    gate.hold()
+                yield item
+
+        monkeypatch.setattr(compaction_module, "_merge_same_keys", merging)
+    else:
+        rebuild = node_store_module.rebuild_range
+
+        def rebuilding(*args: object, **kwargs: object) -> object:
+            result = list(rebuild(*args, **kwargs))  # type: ignore[arg-type]
+            gate.hold()  # the first partition is rebuilt; its layer is written after this
+            return result
+
+        monkeypatch.setattr(node_store_module, "rebuild_range", rebuilding)
+    return gate
+
+
+def ingested(
+    tmp_path: Path, w: Workload, settings: StoreSettings, monkeypatch: pytest.MonkeyPatch,
+    phase: str,
+) -> tuple[NodeStore, Gate, dict[Key, bytes | None]]:  # fmt: skip
+    """The workload ingested through the background flusher with compaction held back (its
+    requests wait): many frozen layers written, none compacted; every page read at the last
+    LSN; then the compaction the flushes requested starts, and stops at the gate."""
+    store = NodeStore(StorageHistory(tmp_path / "history", settings), "n")
+    store.import_datadir(w.base)
+    with store.compactor.mutex:
+        for i in range(0, len(w.records), 50):
+            store.ingest_batch(w.records[i : i + 50], [r.data for r in w.raws[i : i + 50]])
+            store.maybe_flush()
+        store.wait_flushed()
+        timeline = store.timeline
+        before = read_all(timeline, timeline.last_record_lsn)
+        gate = gate_compaction(monkeypatch, phase)
+    assert gate.entered.wait(120), "the compaction never reached the gate"
+    return store, gate, before
+
+
+def read_all(timeline: Timeline, lsn: int) -> dict[Key, bytes | None]:
+    return {
+        key: reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
+        for key in timeline.get_keys(FULL_KEYSPACE, lsn)
+    }
+
+
+def check_directory(timeline_dir: Path) -> None:
+    """Every layer file on disk is named by the manifest and every named one is whole."""
+    manifest = read_manifest(timeline_dir)
+    named = {entry.name.file_name: entry.size for entry in manifest.layers}
+    on_disk = {p.name: p.stat().st_size for p in timeline_dir.iterdir() if p.name != MANIFEST_NAME}
+    stray = {n for n in on_disk if n not in named}
+    assert not stray, f"files the manifest does not name (half-visible): {sorted(stray)}"
+    assert all(parse_layer_name(n) is not None for n in on_disk)
+    assert on_disk == named
+
+
+def run_in_thread(fn: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("phase", ["l0", "images"])
+def test_close_cancels_a_running_compaction(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    phase: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger=node_store_module.__name__)
+    settings = MERGING if phase == "l0" else IMAGING
+    store, gate, before = ingested(tmp_path, workload, settings, monkeypatch, phase)
+    timeline = store.timeline
+    lsn, durable = timeline.last_record_lsn, timeline.disk_consistent_lsn
+    layers = timeline.layer_map()
+    level0, images = layers.level0(), layers.images
+    assert len(level0) >= (settings.compaction_threshold if phase == "l0" else 3)
+
+    closing = run_in_thread(store.close)
+    assert store.compactor.cancelled.wait(10)
+    # close waits for the compaction to end: it is held at the gate.
+    closing.join(1.0)
+    assert closing.is_alive()
+    gate.release.set()
+    closing.join(120)
+    assert not closing.is_alive()
+    assert "cancelled" in caplog.text
+    assert store.compaction_totals.passes == 0  # the pass did not finish
+    after = timeline.layer_map()
+    if phase == "l0":
+        # The merge was not published: every L0 layer is still there, no L1 layer is new.
+        old_l1 = [x for x in layers.layers() if not x.name.is_image and x not in level0]
+        assert all(x in after.level0() for x in level0)
+        assert [x for x in after.layers() if not x.name.is_image and x not in after.level0()] == (
+            old_l1
+        )
+    else:
+        # The partition rebuilt before the cancel was published whole, the rest never begun.
+        new = [x for x in after.images if x not in images]
+        assert len(new) == 1
+        assert new[0].lsn == durable  # the pass's LSN
+    timeline_dir = timeline.directory
+    store.history.close()
+
+    check_directory(timeline_dir)
+    reopened = NodeStore(StorageHistory(tmp_path / "history", settings), "n")
+    again = reopened.timeline
+    assert again.disk_consistent_lsn == lsn  # close flushed everything ingested
+    assert read_all(again, lsn) == before
+    reopened.close()
+    reopened.history.close()
+
+
+def test_switch_to_a_branch_does_not_wait_for_a_compaction(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkout (or pg create --snapshot) during a long compaction: the switch waits for the
+    frozen layers, not for the compaction, which goes on over the old timeline."""
+    store, gate, before = ingested(tmp_path, workload, MERGING, monkeypatch, "l0")
+    parent = store.timeline
+    state = store.state
+    assert state is not None
+    lsn = parent.last_record_lsn
+    level0 = parent.layer_map().level0()
+
+    child = store.history.timelines.branch(parent.timeline_id, lsn)
+    switched: list[object] = []
+    switching = run_in_thread(
+        lambda: switched.append(
+            store.switch_to_branch(
+                child,
+                decode_from=lsn,
+                pg_timeline=state.pg_timeline + 1,
+                segment_size=state.wal_segment_size,
+                parent="n@snap",
+                checkout=True,
+            )
+        )
+    )
+    switching.join(30)
+    assert not switching.is_alive() and switched, "the switch waited for the compaction"
+    assert store.compactor.busy and not gate.release.is_set()
+    assert store.timeline is child
+    assert read_all(child, lsn) == before
+
+    gate.release.set()
+    store.wait_compacted()
+    assert store.compaction_totals.passes >= 1
+    # The merge went on and was published.
+    assert not [x for x in parent.layer_map().level0() if x in level0]
+    assert read_all(parent, lsn) == before
+    assert read_all(child, lsn) == before
+    store.close()
+    store.history.close()
+    reopened = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
+    assert reopened.timeline.timeline_id == child.timeline_id
+    assert read_all(reopened.timeline, lsn) == before
+    reopened.history.close()
