@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -789,8 +790,153 @@ fail:
     return NULL;
 }
 
+/*
+ * LsnIndex.observe_all's loop (pageserver/ingest/lsn_index.py, the reference):
+ *
+ *   index_entries(records, start, stop, last_lsn, last_sample, c_max, sample_distance)
+ *       -> (reached, last_lsn, last_sample, b_end, b_start, c_end, c_time, c_max, entries)
+ *
+ * the index entries records[start:reached] make: a commit (xact COMMIT or COMMIT_PREPARED)
+ * is a boundary with its xact_time, any other record ending sample_distance past the last
+ * boundary a plain boundary, records ending at or below last_lsn nothing. The arrays come as
+ * native-order bytes for array.frombytes (c_max, the running maximum of commit times, goes
+ * on from `c_max`, None when there is none yet), `entries` as the file's records (_ENTRY,
+ * "<IIQQq": CRC-32C of the rest, flags, end, start, xact_time). It stops before a commit
+ * record too short to hold its xact_time (Python raises).
+ */
+static uint32_t crc32c_table[256];
+
+static uint32_t
+crc32c(const uint8_t *p, size_t n)
+{
+    uint32_t crc = 0xFFFFFFFFu;
+    while (n--)
+        crc = crc32c_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return crc ^ 0xFFFFFFFFu;
+}
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} Buf;
+
+static int
+buf_put(Buf *b, const void *data, size_t n)
+{
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        while (cap < b->n + n)
+            cap *= 2;
+        char *q = PyMem_Realloc(b->p, cap);
+        if (q == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, data, n);
+    b->n += n;
+    return 0;
+}
+
+static void
+store_le(uint8_t *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static PyObject *
+py_index_entries(PyObject *self, PyObject *args)
+{
+    PyObject *records, *cmax_obj;
+    Py_ssize_t start, stop;
+    long long last_lsn, last_sample, sample_distance;
+    if (!PyArg_ParseTuple(args, "O!nnLLOL:index_entries", &PyList_Type, &records, &start, &stop,
+                          &last_lsn, &last_sample, &cmax_obj, &sample_distance))
+        return NULL;
+    int have_max = cmax_obj != Py_None;
+    long long c_max = have_max ? PyLong_AsLongLong(cmax_obj) : 0;
+    if (c_max == -1 && PyErr_Occurred())
+        return NULL;
+    if (start < 0 || stop > PyList_GET_SIZE(records) || start > stop) {
+        PyErr_SetString(PyExc_IndexError, "index_entries: bad record range");
+        return NULL;
+    }
+    Buf out[6] = {{0}}; /* b_end, b_start, c_end, c_time, c_max, entries */
+    Py_ssize_t i = start;
+    for (; i < stop; i++) {
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) <= R_MAIN)
+            break;
+        unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_END_LSN));
+        if (end == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail;
+        if (end > (unsigned long long)LLONG_MAX)
+            break;
+        if ((long long)end <= last_lsn)
+            continue;
+        long rmid = PyLong_AsLong(PyTuple_GET_ITEM(rec, R_RMGR));
+        long info = PyLong_AsLong(PyTuple_GET_ITEM(rec, R_INFO));
+        if (PyErr_Occurred())
+            goto fail;
+        int commit = rmid == RM_XACT_ID && ((info & 0x70) == 0x00 || (info & 0x70) == 0x30);
+        long long xtime = 0;
+        if (commit) {
+            PyObject *main = PyTuple_GET_ITEM(rec, R_MAIN);
+            if (!PyBytes_Check(main) || PyBytes_GET_SIZE(main) < 8)
+                break; /* Python raises */
+            xtime = (long long)load_u32((const uint8_t *)PyBytes_AS_STRING(main)) |
+                    ((long long)load_u32((const uint8_t *)PyBytes_AS_STRING(main) + 4) << 32);
+        } else if ((long long)end - last_sample < sample_distance) {
+            continue;
+        }
+        unsigned long long rec_start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_LSN));
+        if (rec_start == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail;
+        uint64_t e64 = end, s64 = rec_start;
+        if (buf_put(&out[0], &e64, 8) < 0 || buf_put(&out[1], &s64, 8) < 0)
+            goto fail;
+        uint32_t flags = 1; /* FLAG_BOUNDARY */
+        if (commit) {
+            flags |= 2; /* FLAG_COMMIT */
+            c_max = have_max && c_max > xtime ? c_max : xtime;
+            have_max = 1;
+            if (buf_put(&out[2], &e64, 8) < 0 || buf_put(&out[3], &xtime, 8) < 0 ||
+                buf_put(&out[4], &c_max, 8) < 0)
+                goto fail;
+        }
+        uint8_t entry[32];
+        store_le(entry + 4, flags, 4);
+        store_le(entry + 8, end, 8);
+        store_le(entry + 16, rec_start, 8);
+        store_le(entry + 24, (uint64_t)xtime, 8);
+        store_le(entry, crc32c(entry + 4, 28), 4);
+        if (buf_put(&out[5], entry, sizeof entry) < 0)
+            goto fail;
+        last_lsn = (long long)end;
+        last_sample = (long long)end;
+    }
+    PyObject *result = Py_BuildValue(
+        "nLLy#y#y#y#y#y#", i, last_lsn, last_sample, out[0].p ? out[0].p : "",
+        (Py_ssize_t)out[0].n, out[1].p ? out[1].p : "", (Py_ssize_t)out[1].n,
+        out[2].p ? out[2].p : "", (Py_ssize_t)out[2].n, out[3].p ? out[3].p : "",
+        (Py_ssize_t)out[3].n, out[4].p ? out[4].p : "", (Py_ssize_t)out[4].n,
+        out[5].p ? out[5].p : "", (Py_ssize_t)out[5].n);
+    for (int k = 0; k < 6; k++)
+        PyMem_Free(out[k].p);
+    return result;
+fail:
+    for (int k = 0; k < 6; k++)
+        PyMem_Free(out[k].p);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"ingest_run", py_ingest_run, METH_VARARGS, "WalIngest's fast path (see the module comment)."},
+    {"index_entries", py_index_entries, METH_VARARGS,
+     "LsnIndex.observe_all's loop (see its comment)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -806,7 +952,18 @@ PyInit__walingest(void)
     for (int i = 0; i < 3; i++)
         if ((rnode_names[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    /* PyCapsule_Import walks attributes from the top package: import the module first */
+    PyObject *owner = PyImport_ImportModule("pageserver.storage.layers._inmem");
+    if (owner == NULL)
+        return NULL;
+    Py_DECREF(owner);
     if ((inmem = PyCapsule_Import(INMEM_CAPSULE, 0)) == NULL)
         return NULL;
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1; /* CRC-32C (Castagnoli), reflected */
+        crc32c_table[n] = c;
+    }
     return PyModule_Create(&module);
 }

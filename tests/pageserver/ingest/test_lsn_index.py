@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pageserver.ingest import native
 from pageserver.ingest.lsn_index import (
     ENTRY_SIZE,
     INDEX_FILE,
@@ -33,7 +34,8 @@ from pg15.rmgr.xact import (
     XactCommit,
 )
 from pg15.xlog_reader import WalReader
-from proto.errors import InvalidArgument, NotFound
+from proto.errors import CorruptData, InvalidArgument, NotFound
+from tests.native_ext import require_c_extension
 from tests.pgtest import PgTestCluster
 
 SEG = 16 << 20
@@ -237,3 +239,52 @@ def test_real_wal_snap_and_commit_times(pg_cluster: PgTestCluster, tmp_path: Pat
         again.observe(r)
     again.flush()
     assert (tmp_path / "idx" / INDEX_FILE).stat().st_size == size
+
+
+def test_observe_all_in_c_equals_observe_per_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_walingest.index_entries` (LsnIndex.observe_all's C loop) against observe per record:
+    commits (times going back and forth, prepared ones), aborts, sparse other records, a
+    stretch already known (re-ingest), and a commit without its xact_time, which raises."""
+    require_c_extension(native.walingest, "pageserver.ingest._walingest")
+    rng = random.Random(5)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    records: list[DecodedRecord] = []
+    end = 0x1000000
+    for _ in range(20000):
+        end += rng.choice((64, 200, 8192, 40000))
+        kind = rng.random()
+        if kind < 0.2:
+            at = base + timedelta(seconds=rng.randint(-50, 500))
+            info = rng.choice((XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, 0x20))  # 0x20: ABORT
+            records.append(rec(end, at=at, info=info))
+        else:
+            records.append(rec(end))
+    reference, fast = LsnIndex(tmp_path / "ref", SEG), LsnIndex(tmp_path / "fast", SEG)
+    with monkeypatch.context() as m:
+        m.setattr(native, "walingest", None)
+        for i in range(0, 12000, 700):
+            reference.observe_all(records, i, min(i + 700, 12000))
+    for record in records[:12000]:
+        fast.observe(record)  # the per-record path: the reference of both loops
+    assert reference.last_lsn == fast.last_lsn
+    reference.flush()
+    fast.flush()
+    assert reference.path.read_bytes() == fast.path.read_bytes()
+    reference = LsnIndex(tmp_path / "ref2", SEG)
+    fast = LsnIndex(tmp_path / "fast2", SEG)
+    for record in records:
+        reference.observe(record)
+    for i in range(0, len(records), 700):
+        fast.observe_all(records, i, min(i + 700, len(records)))
+        fast.observe_all(records, max(0, i - 300), i)  # known already: nothing
+    reference.flush()
+    fast.flush()
+    assert fast.path.read_bytes() == reference.path.read_bytes()
+    assert len(fast.path.read_bytes()) > 1000 * ENTRY_SIZE
+    probe = base + timedelta(seconds=100)
+    assert fast.lsn_for_time(probe) == reference.lsn_for_time(probe)
+    short = DecodedRecord(end, end + 64, 64, 9, 0, XLOG_XACT_COMMIT, RM_XACT_ID, (), b"\0" * 4)
+    with pytest.raises(CorruptData, match="xact_time"):
+        fast.observe_all([records[-1], short], 0, 2)
