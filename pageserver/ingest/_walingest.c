@@ -114,6 +114,11 @@ typedef struct {
     int n_staged;
     SizeEntry *size_cache; /* SIZE_SLOTS, allocated with the run */
     int n_cached;
+    /* the fields of the RelFileNode objects seen last (the decoder shares one object per
+     * relation; the records list keeps them alive during the run) */
+    PyObject *rnodes[4];
+    uint32_t rnode_fields[4][3];
+    int rnode_next;
 } Ingest;
 
 static SizeEntry *
@@ -264,9 +269,16 @@ get_u32(PyObject *obj, uint32_t *out)
 static PyObject *rnode_names[3]; /* "spc", "db", "rel", interned at import */
 
 static int
-rnode_fields(PyObject *rnode, uint32_t *spc, uint32_t *db, uint32_t *rel)
+rnode_fields(Ingest *st, PyObject *rnode, uint32_t *spc, uint32_t *db, uint32_t *rel)
 {
     uint32_t *outs[3] = {spc, db, rel};
+    for (int k = 0; k < 4; k++) {
+        if (st->rnodes[k] == rnode) {
+            for (int i = 0; i < 3; i++)
+                *outs[i] = st->rnode_fields[k][i];
+            return OK;
+        }
+    }
     for (int i = 0; i < 3; i++) {
         PyObject *v = PyObject_GetAttr(rnode, rnode_names[i]);
         if (v == NULL)
@@ -276,6 +288,10 @@ rnode_fields(PyObject *rnode, uint32_t *spc, uint32_t *db, uint32_t *rel)
         if (r != OK)
             return r;
     }
+    int k = st->rnode_next++ & 3;
+    st->rnodes[k] = rnode;
+    for (int i = 0; i < 3; i++)
+        st->rnode_fields[k][i] = *outs[i];
     return OK;
 }
 
@@ -421,7 +437,7 @@ static int
 vm_clear(Ingest *st, PyObject *block)
 {
     uint32_t spc, db, rel, blkno;
-    int r = rnode_fields(PyTuple_GET_ITEM(block, B_RNODE), &spc, &db, &rel);
+    int r = rnode_fields(st, PyTuple_GET_ITEM(block, B_RNODE), &spc, &db, &rel);
     if (r == OK)
         r = get_u32(PyTuple_GET_ITEM(block, B_BLKNO), &blkno);
     if (r != OK)
@@ -644,7 +660,7 @@ ingest_one(Ingest *st)
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
         PyObject *b = PyTuple_GET_ITEM(blocks, i);
         uint32_t spc, db, rel, fork, blkno;
-        int r = rnode_fields(PyTuple_GET_ITEM(b, B_RNODE), &spc, &db, &rel);
+        int r = rnode_fields(st, PyTuple_GET_ITEM(b, B_RNODE), &spc, &db, &rel);
         if (r == OK)
             r = get_u32(PyTuple_GET_ITEM(b, B_FORK), &fork);
         if (r == OK)

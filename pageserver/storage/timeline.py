@@ -204,6 +204,9 @@ class Timeline:
 
     # --- writes ----------------------------------------------------------------------------
 
+    def _new_layer(self) -> InMemoryLayer:
+        return new_layer(self._next_layer_start, self.settings.checkpoint_distance)
+
     def put(self, key: Key, lsn: int, value: Value) -> None:
         self.put_batch(((key, lsn, value),))
 
@@ -220,7 +223,7 @@ class Timeline:
                 if not isinstance(value, Image | WalDelta | Tombstone):
                     raise InvalidArgument(f"not a storable value: {type(value).__name__}")
                 if self._open is None:
-                    self._open = new_layer(self._next_layer_start)
+                    self._open = self._new_layer()
                 self._open.put(check_key(key), lsn, value)
 
     def put_records(self, append: AppendRecords) -> int:
@@ -236,7 +239,7 @@ class Timeline:
         with self._lock:
             self._check_open()
             if self._open is None:
-                self._open = new_layer(self._next_layer_start)
+                self._open = self._new_layer()
             layer = self._open
             budget = self.settings.checkpoint_distance - layer.size
             size, count, end, prev = append(
@@ -278,7 +281,7 @@ class Timeline:
         cut = self._last_record_lsn
         if cut < self._next_layer_start:
             return False
-        layer = self._open if self._open is not None else new_layer(self._next_layer_start)
+        layer = self._open if self._open is not None else self._new_layer()
         self._open = layer.split_above(cut)
         layer.freeze(cut + 1, self._prev_record_lsn)
         self._frozen.append(layer)

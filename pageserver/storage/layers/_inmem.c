@@ -9,7 +9,8 @@
  * encoded value (values.encode_value: tag byte + payload) is copied into one growing buffer;
  * no Python object is made per version, so there is nothing for the collector to walk.
  *
- *   Arena()                                 empty
+ *   Arena(expect=0)                         empty; room for about `expect` bytes of values
+ *                                           (the layer's checkpoint_distance) made at once
  *   a.put(key, lsn, encoded) -> None | int  append a version of `key` (18 bytes); if lsn is
  *                                           below the key's last version, nothing is put and
  *                                           that LSN is returned (the caller raises)
@@ -541,9 +542,20 @@ fail:
 static PyObject *
 Arena_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    if (!_PyArg_NoPositional("Arena", args) || !_PyArg_NoKeywords("Arena", kwds))
+    Py_ssize_t expect = 0;
+    if (!_PyArg_NoKeywords("Arena", kwds) || !PyArg_ParseTuple(args, "|n:Arena", &expect))
         return NULL;
     Arena *a = (Arena *)type->tp_alloc(type, 0); /* zeroed */
+    if (a != NULL && expect > 0) {
+        /* One allocation each, never copied by realloc while the layer fills (below glibc's
+         * mmap threshold a growing buffer is copied at every doubling); pages are only
+         * touched as values arrive */
+        size_t data = (size_t)expect + expect / 8, versions = (size_t)expect / 48 + 1024;
+        if (reserve((void **)&a->data, &a->data_cap, data, 1, data) < 0 ||
+            reserve((void **)&a->versions, &a->cap_versions, versions, sizeof(Version),
+                    versions) < 0)
+            Py_CLEAR(a);
+    }
     return (PyObject *)a;
 }
 

@@ -206,12 +206,13 @@ class ArenaLayer(InMemoryLayer):
     path appends records' values there without making Python objects, and the L0 flush packs
     the value blocks and index tables in C. Reads decode the values they return."""
 
-    def __init__(self, lsn_start: int, arena: Any = None) -> None:
+    def __init__(self, lsn_start: int, arena: Any = None, expect: int = 0) -> None:
+        """`expect`: about how many bytes of values the layer will hold (allocated at once)."""
         super().__init__(lsn_start)
         inmem = _native.inmem
         if inmem is None:
             raise InvalidArgument("the C in-memory layer (_inmem) is not built or is off")
-        self._arena = arena if arena is not None else inmem.Arena()
+        self._arena = arena if arena is not None else inmem.Arena(expect)
 
     def put(self, key: Key, lsn: int, value: Value) -> None:
         self._check_put(lsn)
@@ -264,6 +265,9 @@ class ArenaLayer(InMemoryLayer):
         writer.add_packed(self._arena)
 
 
-def new_layer(lsn_start: int) -> InMemoryLayer:
-    """An empty open layer: in C when the extension is built, else the reference."""
-    return ArenaLayer(lsn_start) if _native.inmem is not None else InMemoryLayer(lsn_start)
+def new_layer(lsn_start: int, expect: int = 0) -> InMemoryLayer:
+    """An empty open layer: in C when the extension is built (room for about `expect` bytes
+    of values, the checkpoint_distance it will be frozen at), else the reference."""
+    if _native.inmem is None:
+        return InMemoryLayer(lsn_start)
+    return ArenaLayer(lsn_start, expect=expect)
