@@ -19,7 +19,7 @@ from cli.output import dir_size, human_size, print_json, print_table, progress_p
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.registry import ReplicaRow
-from cli.remote_storage import node_uploads, upload_line
+from cli.remote_storage import node_uploads, sync_remote, upload_line
 from cli.rest import control as rest_control
 from cli.rest_commands import pg_start_rest, pg_stop_rest
 from cli.snapshot_commands import import_snapshot
@@ -115,6 +115,8 @@ def pg_create(
                 say("" if bar else " failed.")
                 raise
             say("Downloading snapshot... Done." if bar else " Done.")
+        elif snapshot is not None:  # it may be held in an attached bucket not read yet
+            sync_remote(app, local_api(app))
         status = nodes.create_node(
             app,
             storage=storage,

@@ -42,6 +42,7 @@ from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.import_delta import import_delta
 from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
+from pageserver.remote.adopt import adopt_snapshot
 from pageserver.remote.manager import RemoteHistories
 from pageserver.remote.mirror import MirrorArea
 from pageserver.remote.settings import RemoteSettings
@@ -311,7 +312,11 @@ class Pageserver:
             for snap in history.snapshots.all():
                 size = history.bytes_needed(snap.timeline_id, snap.lsn)
                 if mirror is not None:
-                    needed = mirror.needed_layers(snap.lsn) if mirror.index is not None else {}
+                    needed = (
+                        mirror.needed_layers(snap.lsn, timeline=snap.timeline_id)
+                        if mirror.index is not None
+                        else {}
+                    )
                     size = sum(o.size for o in needed.values())
                 out.append(
                     {
@@ -433,6 +438,10 @@ class Pageserver:
         from a snapshot); returns where its WAL decoding starts."""
         history, snap = self.find_snapshot(snapshot)
         store = self.store(node_id)
+        mirror = self.remote.mirror_of_root(history.root)
+        if mirror is not None and store.history is not history:  # held in a bucket
+            await asyncio.to_thread(self._adopt_from_bucket, mirror, snap, store.history)
+            history = store.history
         if store.history is not history:
             raise InvalidArgument(
                 f"snapshot {snapshot!r} lives in storage {history.root}, node {node_id} in "
@@ -456,6 +465,12 @@ class Pageserver:
         )
         await self._refollow(node_id)
         return {**asdict(state), "lsn": snap.lsn}
+
+    def _adopt_from_bucket(self, mirror: MirrorArea, snap: Snapshot, into: StorageHistory) -> None:
+        """Download the layers a read at the snapshot needs and lay its timelines out in the
+        node's storage (pageserver/remote/adopt.py), so the node branches there."""
+        self._prepare_mirror(mirror, snap.lsn, None, exact=True, timeline=snap.timeline_id)
+        adopt_snapshot(mirror, snap, into)
 
     async def _wait_reingested(self, snap: Snapshot, timeout: float = 120.0) -> None:
         """After a restart, a node's follower re-ingests the archived WAL its layers did not
@@ -503,8 +518,9 @@ class Pageserver:
         return self._area_store(history, history.pitr.get(mirror.name))
 
     def _prepare_mirror(
-        self, mirror: MirrorArea, lsn: int | None, at: datetime | None, *, exact: bool = False
-    ) -> None:
+        self, mirror: MirrorArea, lsn: int | None, at: datetime | None, *, exact: bool = False,
+        timeline: str | None = None,
+    ) -> None:  # fmt: skip
         """Read the bucket's index again and download what an extraction needs (`exact`: at a
         record end already, e.g. a snapshot's LSN: no WAL)."""
         try:
@@ -518,7 +534,7 @@ class Pageserver:
             lsn, exact = store.index.lsn_for_time(at), True
         if lsn is not None:
             top = mirror.index.disk_consistent_lsn
-            mirror.prepare(min(lsn, top), exact=exact and lsn <= top)
+            mirror.prepare(min(lsn, top), exact=exact and lsn <= top, timeline=timeline)
             self._reload_mirror(mirror)
 
     def _all_histories(self) -> list[StorageHistory]:
@@ -665,7 +681,7 @@ class Pageserver:
             history, snap = self.find_snapshot(snapshot)
             mirror = self.remote.mirror_of_root(history.root)
             if mirror is not None:  # a snapshot listed in a bucket: its layers come down first
-                self._prepare_mirror(mirror, snap.lsn, None, exact=True)
+                self._prepare_mirror(mirror, snap.lsn, None, exact=True, timeline=snap.timeline_id)
                 history, snap = self.find_snapshot(snapshot)
             return TimelineSource(history.timelines.get(snap.timeline_id), snap.lsn), None
         if node_id is None:

@@ -27,7 +27,7 @@ from pageserver.remote.index import RemoteIndex, RemoteObject
 from pageserver.remote.upload_queue import Upload
 from pageserver.remote.wal_blocks import SUMS_DIR, BlockHasher, block_sums
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
-from pg15.lsn import segment_file_name
+from pg15.lsn import parse_lsn, segment_file_name
 from proto.errors import NotFound
 from walreceiver.archive import PARTIAL, WalArchive
 
@@ -133,10 +133,12 @@ def plan_index(
             size, sha, sums = hashes.segment(seg.path)
             segment = LocalObject(f"wal/{name}", seg.path, size, sha)
         objects += [segment, _in_memory(f"{SUMS_DIR}/{name}", seg.path, sums)]
-    snapshots = [
+    snapshots = [  # those whose pages the layers named here hold already
         asdict(s)
         for s in history.snapshots.all()
-        if s.node_id == store.node_id and s.timeline_id in chain
+        if s.node_id == store.node_id
+        and s.timeline_id in timelines
+        and s.lsn <= parse_lsn(str(timelines[s.timeline_id]["disk_consistent_lsn"]))
     ]
     index = RemoteIndex(
         generation=generation,

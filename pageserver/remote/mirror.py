@@ -76,7 +76,8 @@ def _same_bytes(path: Path, obj: RemoteObject) -> bool:
     return len(data) == obj.size and hashlib.sha256(data).hexdigest() == obj.sha256
 
 
-def _manifest(body: dict[str, object], layers: list[LayerEntry]) -> TimelineManifest:
+def timeline_manifest(body: dict[str, object], layers: list[LayerEntry]) -> TimelineManifest:
+    """A timeline's manifest from its body in the index, naming only `layers`."""
     prev = body["prev_record_lsn"]
     ancestor = body["ancestor_id"]
     return TimelineManifest(
@@ -177,7 +178,7 @@ class MirrorArea:
         entries = [LayerEntry(names[n], sizes[n]) for n in sorted(local) if n in names]
         for stale in local - set(names):  # gone from the bucket's index (GC there)
             (directory / stale).unlink(missing_ok=True)
-        write_manifest(directory, _manifest(body, entries))
+        write_manifest(directory, timeline_manifest(body, entries))
 
     # --- downloads -------------------------------------------------------------------------
 
@@ -200,13 +201,15 @@ class MirrorArea:
         self.downloaded_bytes += sum(len(b) for _p, b in pairs)
         return dict(pairs)
 
-    def needed_layers(self, lsn: int, since: int | None = None) -> dict[str, RemoteObject]:
-        """The objects of the layers a read of the node's timeline at `lsn` needs (at any LSN
-        in [since, lsn] when `since` is given)."""
+    def needed_layers(
+        self, lsn: int, since: int | None = None, timeline: str | None = None
+    ) -> dict[str, RemoteObject]:
+        """The objects of the layers a read of `timeline` (default: the node's current one) at
+        `lsn` needs (at any LSN in [since, lsn] when `since` is given)."""
         index = self.index
         assert index is not None
         wanted: dict[str, RemoteObject] = {}
-        timeline_id: str | None = index.timeline_id
+        timeline_id: str | None = timeline or index.timeline_id
         at, low = lsn, lsn if since is None else since
         while timeline_id is not None:
             body = index.timelines[timeline_id]
@@ -351,17 +354,18 @@ class MirrorArea:
 
         return read_wal
 
-    def prepare(self, lsn: int, *, exact: bool = False) -> int:
+    def prepare(self, lsn: int, *, exact: bool = False, timeline: str | None = None) -> int:
         """Download what an extraction at `lsn` needs; the bytes downloaded now.
 
         `exact`: `lsn` is a record end already (a snapshot's, a commit's): only the layers a
         read there needs. Otherwise also the WAL from the LSN index's boundary below `lsn`
         through `lsn` (only those blocks of its segment) that snapping it to a record end
-        reads, and the layers a read anywhere in that span needs."""
+        reads, and the layers a read anywhere in that span needs. `timeline`: a snapshot's,
+        when not the node's current one."""
         with self._lock:
             assert self.index is not None
             since = lsn if exact else self.wal_start(lsn)
-            wanted = self.needed_layers(lsn, since)
+            wanted = self.needed_layers(lsn, since, timeline)
             missing = {p: o for p, o in wanted.items() if not self._have(p, o)}
 
             async def download() -> int:

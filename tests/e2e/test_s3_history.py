@@ -53,6 +53,11 @@ def second_home() -> Iterator[NeonCli]:
     yield from neon_home()
 
 
+@pytest.fixture
+def third_home() -> Iterator[NeonCli]:
+    yield from neon_home()
+
+
 def attach(neon: NeonCli, s3: MotoS3, bucket: str) -> None:
     secret = neon.home.parent / "s3-secret"
     secret.write_text(SECRET_KEY)
@@ -101,7 +106,7 @@ def flush_lsn(connstr: str) -> int:
 
 
 def test_a_fresh_home_extracts_from_the_bucket_alone(
-    neon: NeonCli, second_home: NeonCli, s3: MotoS3
+    neon: NeonCli, second_home: NeonCli, third_home: NeonCli, s3: MotoS3
 ) -> None:
     bucket = s3.new_bucket()
     attach(neon, s3, bucket)
@@ -116,6 +121,7 @@ def test_a_fresh_home_extracts_from_the_bucket_alone(
     time.sleep(12)  # a periodic flush (FLUSH_INTERVAL) cuts the history into more layers
     subprocess.run([pgbench, "-c", "2", "-t", "300", conn], check=True, capture_output=True)
     neon.run("snapshot", "create", "pgdata1@after-bench")
+    at_snapshot = dump_all(conn)  # nothing writes after pgbench: the snapshot's content
     target = flush_lsn(conn)
     psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")
 
@@ -197,6 +203,21 @@ def test_a_fresh_home_extracts_from_the_bucket_alone(
             postmaster.stop(odir, "immediate")
     finally:
         fresh.run("snapshot", "stop", "pgdata1@lost")
+
+    # Another fresh home makes a node from the bucket's snapshot: exactly the layers a read at
+    # its LSN needs come down (the SIZE `snapshot list -s` shows), no WAL (its LSN is a record
+    # end); the node has the snapshot's data and runs on its own.
+    attach(third_home, s3, bucket)
+    made = third_home.json(
+        "pg", "create", "restored", "--snapshot", "pgdata1@after-bench",
+        "--port", str(free_port()),
+    )  # fmt: skip
+    theirs = third_home.home / "pageserver" / "remote" / "s3tank" / "s3area" / "pagestore"
+    got = sum(p.stat().st_size for p in theirs.glob("timelines/*/*") if "__" in p.name)
+    assert got == in_bucket[0]["size_bytes"] and not (theirs / "wal_blocks").exists()
+    assert_same_dumps(dump_all(made["connstr"]), at_snapshot, "pg create from the bucket")
+    psql(made["connstr"], "CREATE TABLE after_restore AS SELECT 1 AS x")
+    assert psql(made["connstr"], "SELECT count(*) FROM after_restore") == "1"
 
 
 def pageserver_pid(neon: NeonCli) -> int:
