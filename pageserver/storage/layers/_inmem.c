@@ -19,14 +19,16 @@
  *   a.newest_versions(start, end, lsn) -> list[(key, lsn, tag)] in key order
  *   a.split_above(cut) -> (Arena | None, versions moved, encoded bytes moved, new max LSN)
  *   a.key_groups() -> list[(key, list[(lsn, encoded)])] in key order
- *   a.pack(block_size, lsn_lo, lsn_hi) -> (blocks, key table, version table, n_keys,
- *                                          n_versions, uncompressed bytes, last LSN)
+ *   a.pack(block_size, lsn_lo, lsn_hi) -> (data, block ends, key table, version table,
+ *                                          n_keys, n_versions, uncompressed bytes, last LSN)
  *
  * with the semantics of the InMemoryLayer methods of the same names. `pack` lays the layer out
  * as blocks.LayerFileWriter.add_key does, key by key in key order (so the file written is the
- * same byte for byte): `blocks` are the raw value blocks (a version starts a new block when it
- * does not fit in a non-empty one), the key table is n_keys x ">18sI" (key, first version),
- * the version table n_versions x ">QBIII" (LSN, tag, block, offset, length).
+ * same byte for byte): `data` is the raw value blocks back to back, `block ends` their end
+ * offsets in it (">Q" each; a version starts a new block when it does not fit in a non-empty
+ * one), the key table is n_keys x ">18sI" (key, first version), the version table
+ * n_versions x ">QBIII" (LSN, tag, block, offset, length). It copies the values with the GIL
+ * released (a frozen layer is flushed on the flusher thread while ingest goes on).
  *
  * The C ingest path (pageserver/ingest/_walingest.c) appends through the capsule _C_API
  * (struct InmemApi below) without making the payload a Python object at all.
@@ -68,6 +70,7 @@ typedef struct {
     size_t n_chains, cap_chains;
     int32_t *slots; /* open addressing over chains, -1 empty; size a power of two */
     size_t n_slots;
+    int busy; /* pack() is reading it without the GIL: no writes */
 } Arena;
 
 static PyTypeObject ArenaType;
@@ -168,6 +171,10 @@ arena_append(PyObject *self, const uint8_t *key, uint64_t lsn, uint8_t tag, cons
 {
     Arena *ar = (Arena *)self;
     size_t len = 1 + na + nb;
+    if (ar->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "in-memory layer written while it is packed");
+        return -1;
+    }
     if (len > UINT32_MAX || ar->n_versions >= UINT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "in-memory layer value or version count too big");
         return -1;
@@ -384,6 +391,10 @@ Arena_split_above(Arena *self, PyObject *args)
     unsigned long long cut;
     if (!PyArg_ParseTuple(args, "K:split_above", &cut))
         return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "in-memory layer split while it is packed");
+        return NULL;
+    }
     Arena *rest = NULL;
     unsigned long long moved = 0, moved_bytes = 0;
     long long max_lsn = -1;
@@ -450,92 +461,111 @@ put_be(uint8_t *p, uint64_t v, int n)
         p[i] = (uint8_t)v;
 }
 
-static PyObject *
-Arena_pack(Arena *self, PyObject *args)
-{
+/* The layout pack() returns, filled with the GIL released (the arena is not changed
+ * meanwhile: `busy` makes its writers refuse) */
+typedef struct {
+    Arena *a;
+    Chain **chains;
+    size_t n;
     Py_ssize_t limit;
     unsigned long long lo, hi;
-    if (!PyArg_ParseTuple(args, "nKK:pack", &limit, &lo, &hi))
-        return NULL;
-    size_t n, n_versions = 0;
-    Chain **chains = sorted_chains(self, NULL, NULL, &n);
-    if (chains == NULL)
-        return NULL;
-    for (size_t i = 0; i < n; i++)
-        n_versions += chains[i]->n;
-    PyObject *blocks = PyList_New(0);
-    PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * KEY_ENTRY_SIZE));
-    PyObject *entries = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
-    char *buf = PyMem_Malloc(limit > 0 ? (size_t)limit : 1);
-    size_t used = 0, cap = limit > 0 ? (size_t)limit : 1, v_no = 0;
-    unsigned long long block_no = 0, added = 0, last_lsn = 0;
-    if (blocks == NULL || keys == NULL || entries == NULL || buf == NULL) {
-        if (buf == NULL)
-            PyErr_NoMemory();
-        goto fail;
-    }
-    uint8_t *kt = (uint8_t *)PyBytes_AS_STRING(keys), *et = (uint8_t *)PyBytes_AS_STRING(entries);
-    for (size_t i = 0; i < n; i++) {
-        Chain *c = chains[i];
-        memcpy(kt + i * KEY_ENTRY_SIZE, c->key, KEY_SIZE);
-        put_be(kt + i * KEY_ENTRY_SIZE + KEY_SIZE, v_no, 4);
+    uint8_t *data, *keys, *entries;
+    uint64_t *ends; /* block ends in data; n_versions + 1 entries of room */
+    size_t n_blocks;
+    unsigned long long bad_lsn, last_lsn;
+    int bad;
+} Pack;
+
+static void
+pack_fill(Pack *p)
+{
+    Arena *a = p->a;
+    size_t used = 0, at = 0, v_no = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        Chain *c = p->chains[i];
+        memcpy(p->keys + i * KEY_ENTRY_SIZE, c->key, KEY_SIZE);
+        put_be(p->keys + i * KEY_ENTRY_SIZE + KEY_SIZE, v_no, 4);
         for (uint32_t j = 0; j < c->n; j++) {
-            Version *v = &self->versions[c->v[j]];
-            if (v->lsn < lo || v->lsn >= hi) {
-                PyErr_Format(PyExc_ValueError, "LSN %llX outside the layer's LSN range",
-                             (unsigned long long)v->lsn);
-                goto fail;
+            Version *v = &a->versions[c->v[j]];
+            if (v->lsn < p->lo || v->lsn >= p->hi) {
+                p->bad = 1;
+                p->bad_lsn = v->lsn;
+                return;
             }
-            if (used > 0 && used + v->len > (size_t)limit) {
-                PyObject *b = PyBytes_FromStringAndSize(buf, (Py_ssize_t)used);
-                if (b == NULL || PyList_Append(blocks, b) < 0) {
-                    Py_XDECREF(b);
-                    goto fail;
-                }
-                Py_DECREF(b);
+            if (used > 0 && used + v->len > (size_t)p->limit) {
+                p->ends[p->n_blocks++] = at;
                 used = 0;
-                block_no++;
             }
-            if (used + v->len > cap) {
-                char *bigger = PyMem_Realloc(buf, used + v->len);
-                if (bigger == NULL) {
-                    PyErr_NoMemory();
-                    goto fail;
-                }
-                buf = bigger;
-                cap = used + v->len;
-            }
-            uint8_t *e = et + v_no * ENTRY_SIZE;
+            uint8_t *e = p->entries + v_no * ENTRY_SIZE;
             put_be(e, v->lsn, 8);
-            e[8] = (uint8_t)self->data[v->off];
-            put_be(e + 9, block_no, 4);
+            e[8] = (uint8_t)a->data[v->off];
+            put_be(e + 9, p->n_blocks, 4);
             put_be(e + 13, used, 4);
             put_be(e + 17, v->len, 4);
-            memcpy(buf + used, self->data + v->off, v->len);
+            memcpy(p->data + at, a->data + v->off, v->len);
             used += v->len;
-            added += v->len;
-            last_lsn = v->lsn;
+            at += v->len;
+            p->last_lsn = v->lsn;
             v_no++;
         }
     }
-    if (used > 0) {
-        PyObject *b = PyBytes_FromStringAndSize(buf, (Py_ssize_t)used);
-        if (b == NULL || PyList_Append(blocks, b) < 0) {
-            Py_XDECREF(b);
-            goto fail;
-        }
-        Py_DECREF(b);
+    if (used > 0)
+        p->ends[p->n_blocks++] = at;
+}
+
+static PyObject *
+Arena_pack(Arena *self, PyObject *args)
+{
+    Pack p = {.a = self};
+    if (!PyArg_ParseTuple(args, "nKK:pack", &p.limit, &p.lo, &p.hi))
+        return NULL;
+    size_t n_versions = 0, n_bytes = 0;
+    p.chains = sorted_chains(self, NULL, NULL, &p.n);
+    if (p.chains == NULL)
+        return NULL;
+    for (size_t i = 0; i < p.n; i++) {
+        n_versions += p.chains[i]->n;
+        for (uint32_t j = 0; j < p.chains[i]->n; j++)
+            n_bytes += self->versions[p.chains[i]->v[j]].len;
     }
-    PyMem_Free(buf);
-    PyMem_Free(chains);
-    return Py_BuildValue("(NNNnnKK)", blocks, keys, entries, (Py_ssize_t)n,
-                         (Py_ssize_t)n_versions, added, last_lsn);
-fail:
-    PyMem_Free(buf);
-    PyMem_Free(chains);
-    Py_XDECREF(blocks);
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_bytes);
+    PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n * KEY_ENTRY_SIZE));
+    PyObject *entries = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
+    PyObject *ends = NULL;
+    p.ends = PyMem_Malloc((n_versions + 1) * sizeof *p.ends);
+    if (data == NULL || keys == NULL || entries == NULL || p.ends == NULL) {
+        if (p.ends == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    p.data = (uint8_t *)PyBytes_AS_STRING(data);
+    p.keys = (uint8_t *)PyBytes_AS_STRING(keys);
+    p.entries = (uint8_t *)PyBytes_AS_STRING(entries);
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    pack_fill(&p);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (p.bad) {
+        PyErr_Format(PyExc_ValueError, "LSN %llX outside the layer's LSN range", p.bad_lsn);
+        goto done;
+    }
+    ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n_blocks * 8));
+    if (ends == NULL)
+        goto done;
+    for (size_t b = 0; b < p.n_blocks; b++)
+        put_be((uint8_t *)PyBytes_AS_STRING(ends) + 8 * b, p.ends[b], 8);
+    PyMem_Free(p.ends);
+    PyMem_Free(p.chains);
+    return Py_BuildValue("(NNNNnnKK)", data, ends, keys, entries, (Py_ssize_t)p.n,
+                         (Py_ssize_t)n_versions, (unsigned long long)n_bytes, p.last_lsn);
+done:
+    PyMem_Free(p.ends);
+    PyMem_Free(p.chains);
+    Py_XDECREF(data);
     Py_XDECREF(keys);
     Py_XDECREF(entries);
+    Py_XDECREF(ends);
     return NULL;
 }
 

@@ -53,6 +53,7 @@ _VERSION_ENTRY = struct.Struct(">QBIII")
 _VERSION_LSN_TAG = struct.Struct(">QB")
 _VERSION_LSN = struct.Struct(">Q")
 _VERSION_BLOCK = struct.Struct(">I")
+_BLOCK_END = struct.Struct(">Q")
 
 
 class LayerCorrupt(CorruptData):
@@ -443,7 +444,7 @@ class PackSource(Protocol):
 
     def pack(
         self, block_size: int, lsn_lo: int, lsn_hi: int
-    ) -> tuple[list[bytes], bytes, bytes, int, int, int, int]: ...
+    ) -> tuple[bytes, bytes, bytes, bytes, int, int, int, int]: ...
 
 
 _PACKED, _BLOCK_FULL, _LSN_OUTSIDE, _LSN_DECREASING, _NOT_A_VALUE = range(5)
@@ -603,11 +604,13 @@ class LayerFileWriter:
         file as add_key per key, with the per-version work done in C."""
         if self._keys or self._buf or self._blocks:
             raise InvalidArgument("packed versions go into an empty layer writer")
-        blocks, keys, versions, n_keys, n_versions, added, last_lsn = source.pack(
+        data, ends, keys, versions, n_keys, n_versions, added, last_lsn = source.pack(
             self._block_size, self._lsn_start, self._lsn_end
         )
-        for raw in blocks:
-            self._write_block(raw)
+        view, start = memoryview(data), 0
+        for (end,) in _BLOCK_END.iter_unpack(ends):
+            self._write_block(view[start:end])
+            start = end
         size = _KEY_ENTRY.size
         self._keys = [keys[i * size : (i + 1) * size] for i in range(n_keys)]
         self._versions += versions
@@ -620,7 +623,7 @@ class LayerFileWriter:
         self._write_block(bytes(self._buf))
         self._buf.clear()
 
-    def _write_block(self, raw: bytes) -> None:
+    def _write_block(self, raw: bytes | memoryview) -> None:
         comp = self._zstd.compress(raw)
         self._file.write(comp)
         self._blocks.append(
