@@ -2,6 +2,7 @@
 in place (cli/checkout_delta.py), against a full extraction and pg_basebackup, one run.
 
     .venv/bin/python -m bench.checkout [--scale 60] [--changed-pct 1] [--pgbench-seconds 30]
+                                       [--py-spy DIR]
 
 Everything through the real `neon` CLI on a private NEON_HOME (the newcomer's path):
 
@@ -19,6 +20,9 @@ Everything through the real `neon` CLI on a private NEON_HOME (the newcomer's pa
    CLI falls back: what `pg checkout` did before).
 6. With --pgbench-seconds: `pgbench -c 4 -T S`, then `pg checkout pgdata1@base` again
    (the newcomer's path: compare with pg_basebackup).
+
+`--py-spy DIR` samples the pageserver daemon (by PID) and the CLI during the snapshot create
+after the load and each in-place checkout (bench/pyspy.py) and prints where their time went.
 
 Peak RSS: the CLI's (wait4) per checkout, the pageserver's high-water mark (VmHWM, since it
 started: ingest included). Prints a table and, last, one JSON line. Run by hand, never by CI.
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import json_line, machine_info, mib, print_machine, print_table, say
+from bench.pyspy import recording, summary, wrapped
 from cli.context import App
 from cli.hints_mark import HINTS_MARK
 from cli.pageserver_control import local_api
@@ -71,6 +76,15 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> Timed:
 
 def neon_timed(neon: NeonCli, *args: str) -> Timed:
     return timed([NEON, *args], env=neon.env())
+
+
+def neon_step(neon: NeonCli, profile: Path | None, step: str, *args: str) -> Timed:
+    """`neon ARGS`, timed; with `profile`, the daemon and the CLI sampled into it."""
+    if profile is None:
+        return neon_timed(neon, *args)
+    pid = int(neon.json("pageserver", "status")["pid"])
+    with recording(pid, profile / f"{step}.pageserver.txt"):
+        return timed(wrapped([NEON, *args], profile / f"{step}.cli.txt"), env=neon.env())
 
 
 def pageserver_hwm_mib(neon: NeonCli) -> float:
@@ -144,7 +158,9 @@ def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any
     results["load_s"] = time.perf_counter() - t0
     results["db_mib"] = mib(int(psql(c, "SELECT pg_database_size(current_database())")))
     say("snapshot create pgdata1@base")
-    results["snapshot_create_s"] = neon_timed(neon, "snapshot", "create", "pgdata1@base").wall
+    results["snapshot_create_s"] = neon_step(
+        neon, args.py_spy, "snapshot_create", "snapshot", "create", "pgdata1@base"
+    ).wall
 
     say("pg_basebackup of the node")
     results["pg_basebackup_s"] = pg_basebackup(c, scratch / "pgbb")
@@ -155,7 +171,7 @@ def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any
 
     say("pg checkout pgdata1@base (in place)")
     inode = datadir(neon).stat().st_ino
-    fast = neon_timed(neon, "pg", "checkout", "pgdata1@base")
+    fast = neon_step(neon, args.py_spy, "checkout", "pg", "checkout", "pgdata1@base")
     results["checkout_s"] = fast.wall
     results["checkout_cli_rss_mib"] = fast.max_rss_mib
     results["in_place"] = datadir(neon).stat().st_ino == inode
@@ -181,7 +197,9 @@ def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any
         subprocess.run([pg_binary("pgbench"), "-n", "-c", "4", "-j", "2", "-T",
                         str(args.pgbench_seconds), c], check=True, capture_output=True)  # fmt: skip
         inode = datadir(neon).stat().st_ino
-        newcomer = neon_timed(neon, "pg", "checkout", "pgdata1@base")
+        newcomer = neon_step(
+            neon, args.py_spy, "newcomer_checkout", "pg", "checkout", "pgdata1@base"
+        )
         results["newcomer_checkout_s"] = newcomer.wall
         results["newcomer_in_place"] = datadir(neon).stat().st_ino == inode
         results["newcomer_pages_changed"] = diff_pages(neon, "pgdata1@base", f"pgdata1@HEAD{{{2}}}")
@@ -217,6 +235,13 @@ def report(r: dict[str, Any]) -> None:
         print(f"pages changed by pgbench: {r['newcomer_pages_changed']:,}")
     print_table(["what", "seconds", "x extraction", "x pg_basebackup", "CLI peak RSS MiB"], rows)
     print(f"pageserver peak RSS (VmHWM, ingest included): {r['pageserver_peak_rss_mib']:.0f} MiB")
+    goals = [
+        ("snapshot create after the load / load time", r["snapshot_create_s"] / r["load_s"], 0.1),
+        ("pg checkout, 1% changed / full extraction", r["checkout_s"] / ext, 0.2),
+    ]
+    if "newcomer_checkout_s" in r:
+        goals.append(("pg checkout after pgbench / pg_basebackup", t / pgbb, 1.5))
+    print_table(["issue 10 goal", "measured", "goal (<=)"], [list(g) for g in goals])
     print_machine(r)
 
 
@@ -233,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=60)
     parser.add_argument("--changed-pct", type=float, default=1.0)
     parser.add_argument("--pgbench-seconds", type=int, default=30)
+    parser.add_argument("--py-spy", type=Path, metavar="DIR", help="sample with py-spy into DIR")
     args = parser.parse_args(argv)
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     home = neon_home()
     neon = next(home)
     scratch = _scratch()
@@ -244,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         home.close()
         scratch.close()
     report(results)
+    if args.py_spy is not None:
+        for out in sorted(args.py_spy.glob("*.txt")):
+            # The CLI's main thread, idle included: where the command's wall time went.
+            print(summary(out, within="neon:<module>" if out.name.endswith(".cli.txt") else None))
     json_line(BENCH, results)
     return 0
 

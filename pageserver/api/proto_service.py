@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from pageserver.basebackup.snapshot_file import (
 )
 from pageserver.basebackup.tar_stream import BasebackupInfo, basebackup_chunks
 from pageserver.follow.followed_nodes import followed_node
+from pageserver.history.flusher import FOREGROUND
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
@@ -337,9 +339,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     }
 
     def serve(model: type[m.ApiRequest], route: Route) -> Handler:
+        waited_for = model in FOREGROUND_REQUESTS
+
         async def handler(ctx: RequestContext) -> Any:
             try:
-                result = await route(ctx, model.from_wire(ctx.params))
+                with FOREGROUND.held() if waited_for else contextlib.nullcontext():
+                    result = await route(ctx, model.from_wire(ctx.params))
                 if not isinstance(result, model.RESPONSE):
                     raise TypeError(f"{model.METHOD} must answer {model.RESPONSE.__name__}")
                 encoded = result.to_wire()
@@ -355,6 +360,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
     return {model.METHOD: serve(model, route) for model, route in routes.items()}
 
+
+FOREGROUND_REQUESTS: frozenset[type[m.ApiRequest]] = frozenset({
+    m.NodeWaitDecodedRequest, m.SnapshotCreateRequest, m.NodeBranchRequest,
+    m.BasebackupRequest, m.PageGetRequest, m.PitrExtractRequest,
+})  # fmt: skip
+"""Requests a user waits for: compaction pauses while they run (FOREGROUND)."""
 
 _RELATION_FIELDS = (
     "database", "schema", "name", "kind", "table", "change", "spc", "db", "relfilenode", "oid"

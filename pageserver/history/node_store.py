@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from durable_files import write_file_durably
-from pageserver.history.flusher import BackgroundWorker
+from pageserver.history.flusher import FOREGROUND, BackgroundWorker
 from pageserver.history.pitr import pitr_registry
 from pageserver.history.snapshots import snapshot_registry
 from pageserver.ingest.import_datadir import import_datadir
@@ -338,7 +338,7 @@ class NodeStore:
     def _request_compaction(self, timeline: Timeline) -> None:
         def job() -> None:
             try:
-                self._compact(timeline, cancelled=self.compactor.cancelled.is_set)
+                self._compact(timeline, cancelled=FOREGROUND.yielding(self.compactor.cancelled))
             except CompactionCancelled as exc:
                 log.info("%s", exc)
 

@@ -130,6 +130,8 @@ def _compact_level0(
     level0 = timeline.layer_map().level0()
     if len(level0) < (2 if force else timeline.settings.compaction_threshold):
         return 0, 0
+    if cancelled is not None and cancelled():
+        raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
     lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
     # L0 layers are LSN-disjoint and sorted oldest first, so merging whole per-key groups by
     # (key, layer number) yields every key's versions in LSN order; values are copied as
@@ -222,6 +224,8 @@ def create_image_layers_at(
     it weighed are the ones it removes layers against). Returns the number written."""
     if lsn <= 0:
         return 0
+    if cancelled is not None and cancelled():  # before the key scan (a second on 1 GiB)
+        raise CompactionCancelled(f"image creation of {timeline.timeline_id} cancelled")
     keys = timeline.get_keys(FULL_KEYSPACE, lsn)
     per_partition = max(1, timeline.settings.image_layer_target_size // PAGE_SIZE_ESTIMATE)
     layer_map = timeline.layer_map()

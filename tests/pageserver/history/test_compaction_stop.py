@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
+from pageserver.history import flusher as flusher_module
 from pageserver.history import node_store as node_store_module
+from pageserver.history.flusher import FOREGROUND
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage import compaction as compaction_module
@@ -213,3 +216,51 @@ def test_switch_to_a_branch_does_not_wait_for_a_compaction(
     assert reopened.timeline.timeline_id == child.timeline_id
     assert read_all(reopened.timeline, lsn) == before
     reopened.history.close()
+
+
+def test_compaction_pauses_while_a_foreground_request_runs(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a request someone waits for runs (and LINGER after), a compaction pass stands at
+    its next check; it goes on afterwards, and a shutdown meanwhile ends it at once."""
+    monkeypatch.setattr(flusher_module, "LINGER", 0.5)
+    merged = 0
+    merge = compaction_module._merge_same_keys
+
+    def counting(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
+        nonlocal merged
+        for item in merge(groups):
+            merged += 1
+            yield item
+
+    monkeypatch.setattr(compaction_module, "_merge_same_keys", counting)
+    store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
+    store.import_datadir(workload.base)
+    foreground = FOREGROUND.held()
+    with store.compactor.mutex:
+        for i in range(0, len(workload.records), 50):
+            records, raws = workload.records[i : i + 50], workload.raws[i : i + 50]
+            store.ingest_batch(records, [r.data for r in raws])
+            store.maybe_flush()
+        store.wait_flushed()
+        foreground.__enter__()
+    try:
+        time.sleep(2.0)
+        assert merged <= 1 and store.compactor.busy  # held at the first key of the merge
+    finally:
+        foreground.__exit__(None, None, None)
+    store.wait_compacted()
+    assert merged > 1000 and store.compaction_totals.passes >= 1
+
+    # Paused again (a pass with nothing due stands before its key scan), then shut
+    # down: the pause does not hold the shutdown up (it would for MAX_PAUSE).
+    with FOREGROUND.held():
+        store._request_compaction(store.timeline)
+        time.sleep(0.5)
+        assert store.compactor.busy
+        t0 = time.monotonic()
+        store.close()
+        assert time.monotonic() - t0 < 10
+    store.history.close()
