@@ -39,6 +39,7 @@
 #define TAG_DELTA_INIT 3
 #define TAG_TOMBSTONE 4
 #define ENTRY_SIZE 21
+#define KEY_SIZE 18 /* keys.KEY_SIZE */
 
 
 static void
@@ -174,7 +175,51 @@ py_lower_bound(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(lo);
 }
 
+/* LayerFile._keys: blocks.key_table_python is the reference (its docstring says what) */
+static PyObject *
+py_key_table(PyObject *self, PyObject *args)
+{
+    Py_buffer table;
+    Py_ssize_t n_keys;
+    unsigned long long n_versions;
+    if (!PyArg_ParseTuple(args, "y*nK:key_table", &table, &n_keys, &n_versions))
+        return NULL;
+    if (n_keys < 0 || table.len != n_keys * (KEY_SIZE + 4)) {
+        PyBuffer_Release(&table);
+        PyErr_SetString(PyExc_ValueError, "key table size does not match its key count");
+        return NULL;
+    }
+    PyObject *keys = PyBytes_FromStringAndSize(NULL, n_keys * KEY_SIZE);
+    PyObject *firsts = PyBytes_FromStringAndSize(NULL, (n_keys + 1) * 8);
+    if (keys == NULL || firsts == NULL) {
+        PyBuffer_Release(&table);
+        Py_XDECREF(keys);
+        Py_XDECREF(firsts);
+        return NULL;
+    }
+    const uint8_t *t = table.buf;
+    char *k = PyBytes_AS_STRING(keys);
+    uint64_t *f = (uint64_t *)PyBytes_AS_STRING(firsts), prev = 0;
+    Py_ssize_t bad = -1;
+    for (Py_ssize_t i = 0; i < n_keys; i++, t += KEY_SIZE + 4) {
+        memcpy(k + i * KEY_SIZE, t, KEY_SIZE);
+        const uint8_t *b = t + KEY_SIZE;
+        f[i] = ((uint64_t)b[0] << 24) | ((uint64_t)b[1] << 16) | ((uint64_t)b[2] << 8) | b[3];
+    }
+    f[n_keys] = n_versions;
+    for (Py_ssize_t i = 0; i <= n_keys && bad < 0; i++) {
+        if (f[i] < prev || f[i] > n_versions)
+            bad = i;
+        prev = f[i];
+    }
+    if (bad < 0 && n_keys && f[0] != 0)
+        bad = 0;
+    PyBuffer_Release(&table);
+    return Py_BuildValue("(NNn)", keys, firsts, bad);
+}
+
 static PyMethodDef methods[] = {
+    {"key_table", py_key_table, METH_VARARGS, "LayerFile._keys' table split (blocks.py)."},
     {"pack_versions", py_pack_versions, METH_VARARGS,
      "LayerFileWriter.add_key's loop (see the module comment)."},
     {"lower_bound", py_lower_bound, METH_VARARGS,

@@ -258,17 +258,14 @@ class LayerFile:
         if index is None:
             h = self.header
             table = self._map[self._keys_at : self._keys_at + h.n_keys * _KEY_ENTRY.size]
-            entries = list(_KEY_ENTRY.iter_unpack(table))
-            keys = b"".join([k for k, _ in entries])
-            firsts = array("Q", [f for _, f in entries])
-            firsts.append(h.n_versions)
-            prev = 0
-            for i, first in enumerate(firsts):
-                if first < prev or first > h.n_versions:
-                    raise LayerCorrupt(self.path, f"version bounds of key {i} out of range")
-                prev = first
-            if h.n_keys and firsts[0] != 0:
-                raise LayerCorrupt(self.path, "version bounds of key 0 out of range")
+            split = (
+                _native.blockpack.key_table if _native.blockpack is not None else key_table_python
+            )
+            keys, packed_firsts, bad = split(table, h.n_keys, h.n_versions)
+            if bad >= 0:
+                raise LayerCorrupt(self.path, f"version bounds of key {bad} out of range")
+            firsts = array("Q")
+            firsts.frombytes(packed_firsts)
             index = self._key_index = (keys, firsts)
         return index
 
@@ -487,6 +484,25 @@ def _pack_versions(
         added += size
         prev = lsn
     return len(versions), added, prev, _PACKED
+
+
+def key_table_python(table: bytes, n_keys: int, n_versions: int) -> tuple[bytes, bytes, int]:
+    """A layer's key table (n_keys x ">18sI") split into its keys back to back and the first
+    version of each key plus n_versions at the end (array("Q") bytes, native order), with
+    the first key whose version bounds are out of range (-1 if none): the reference of
+    `_blockpack.key_table`."""
+    entries = list(_KEY_ENTRY.iter_unpack(table))
+    keys = b"".join([k for k, _ in entries])
+    firsts = array("Q", [f for _, f in entries])
+    firsts.append(n_versions)
+    prev = 0
+    for i, first in enumerate(firsts):
+        if first < prev or first > n_versions:
+            return keys, firsts.tobytes(), i
+        prev = first
+    if n_keys and firsts[0] != 0:
+        return keys, firsts.tobytes(), 0
+    return keys, firsts.tobytes(), -1
 
 
 def lower_bound_python(keys: bytes, n_keys: int, key: bytes) -> int:

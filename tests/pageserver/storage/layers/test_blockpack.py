@@ -8,13 +8,14 @@ entries, index), equal to what per-version `add` writes, and bad input is refuse
 from __future__ import annotations
 
 import random
+import struct
 from pathlib import Path
 
 import pytest
 
 from pageserver.storage import keys as K
 from pageserver.storage.layers import native
-from pageserver.storage.layers.blocks import BlockCache, lower_bound_python
+from pageserver.storage.layers.blocks import BlockCache, key_table_python, lower_bound_python
 from pageserver.storage.layers.delta import DeltaLayerWriter
 from pageserver.storage.values import TOMBSTONE, Value, encode_value
 from proto.errors import InvalidArgument
@@ -104,3 +105,25 @@ def test_lower_bound_in_c_equals_the_python_reference(c_extension: None) -> None
             assert native.blockpack.lower_bound(keys, K.KEY_SIZE, probe) == expected, probe
     with pytest.raises(ValueError, match="whole keys"):
         native.blockpack.lower_bound(b"abc", K.KEY_SIZE, b"a")
+
+
+def test_key_table_split_in_c_equals_the_python_reference(c_extension: None) -> None:
+    """LayerFile._keys' split of the key table: keys, first versions and the first key with
+    bad version bounds (decreasing, past n_versions, not starting at 0) found alike."""
+    assert native.blockpack is not None
+    rng = random.Random(3)
+    for case in range(300):
+        n = rng.choice((0, 1, 2, 5, 50))
+        firsts = sorted(rng.randint(0, 40) for _ in range(n))
+        if firsts and case % 2:
+            firsts[0] = 0
+        n_versions = max(firsts, default=0) + rng.choice((-1, 0, 0, 3))
+        if case % 7 == 0 and n > 2:
+            firsts[1], firsts[2] = firsts[2] + 1, firsts[1]  # decreasing
+        table = b"".join(struct.pack(">18sI", rng.randbytes(18), f) for f in firsts)
+        n_versions = max(n_versions, 0)
+        assert native.blockpack.key_table(table, n, n_versions) == key_table_python(
+            table, n, n_versions
+        ), (firsts, n_versions)
+    with pytest.raises(ValueError, match="key count"):
+        native.blockpack.key_table(b"x" * 21, 1, 0)
