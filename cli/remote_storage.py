@@ -20,6 +20,7 @@ from cli.output import human_size
 from cli.pageserver_control import local_api
 from cli.registry import StorageRow
 from cli.storages import DEFAULT_STORAGE, secret_path
+from pageserver.storage.retention import parse_size
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import RemoteAttachRequest, RemoteStatusResponse
 from pg15.lsn import format_lsn
@@ -45,7 +46,13 @@ def s3_settings(app: App, row: StorageRow) -> dict[str, Any]:
         "region": row.options.get("region") or None,
         "access_key_id": row.options.get("access_key_id") or None,
         "secret_file": str(secret) if secret.exists() else None,
+        "local_cache": _local_cache(row),
     }
+
+
+def _local_cache(row: StorageRow) -> int | None:
+    """`-c local_cache=SIZE`: bytes of uploaded layer files kept on disk (default: all)."""
+    return parse_size(row.options["local_cache"]) if "local_cache" in row.options else None
 
 
 def _remote_settings(app: App, row: StorageRow) -> dict[str, Any]:
@@ -65,6 +72,7 @@ def _remote_settings(app: App, row: StorageRow) -> dict[str, Any]:
         "kind": "remote",
         "tls": row.options.get("tls") == "on",
         "ca_file": row.options.get("ca") or None,
+        "local_cache": _local_cache(row),
     }
 
 

@@ -16,6 +16,7 @@ from cli.home import NeonHome
 from cli.pgbin import claim_dir, traversal_mode
 from cli.secrets import MASK, prompt_secret, secret_from_source, write_secret
 from durable_files import write_file_durably
+from pageserver.storage.retention import parse_size
 from proto.errors import InvalidArgument
 
 DEFAULT_STORAGE = "local"
@@ -29,8 +30,16 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SECRET_OPTIONS = {"s3": ("secret_access_key",), "remote": ("token", "password"), "native": ()}
 ALLOWED_OPTIONS = {
     "native": ("path",),
-    "s3": ("bucket", "prefix", "endpoint", "region", "access_key_id", "secret_access_key"),
-    "remote": ("url", "token", "password", "tls", "ca"),
+    "s3": (
+        "bucket",
+        "prefix",
+        "endpoint",
+        "region",
+        "access_key_id",
+        "secret_access_key",
+        "local_cache",
+    ),
+    "remote": ("url", "token", "password", "tls", "ca", "local_cache"),
 }
 
 
@@ -224,6 +233,8 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
         )
     options = {k: v for k, v in raw.items() if k not in SECRET_OPTIONS[type_]}
     secrets = {k: v for k, v in raw.items() if k in SECRET_OPTIONS[type_]}
+    if "local_cache" in options:  # bytes of uploaded layers kept on disk (pageserver/remote/)
+        parse_size(options["local_cache"])
     if type_ == "native":
         given = Path(options.get("path") or home.storage_root / name).expanduser()
         if not given.is_absolute():

@@ -13,6 +13,7 @@ half-read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,20 @@ INDEX_NAME = "index.json"
 
 class IndexTooNew(InvalidArgument):
     """The bucket's index was written by a newer pg-neon."""
+
+
+class ChecksumMismatch(CorruptData):
+    """An object's bytes do not match the SHA-256 its index gives."""
+
+
+def verified(body: bytes, obj: RemoteObject, where: str) -> bytes:
+    digest = hashlib.sha256(body).hexdigest()
+    if len(body) != obj.size or digest != obj.sha256:
+        raise ChecksumMismatch(
+            f"object {where} is corrupt: {len(body)} bytes with SHA-256 {digest[:16]}..., "
+            f"the index says {obj.size} bytes with {obj.sha256[:16]}...; refused, not used"
+        )
+    return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,9 +97,11 @@ def _in_memory(path: str, file: Path, data: bytes) -> LocalObject:
 
 
 def plan_index(
-    store: NodeStore, area: dict[str, object], pgdata: str, generation: int, hashes: HashCache
-) -> tuple[RemoteIndex, list[LocalObject]]:
-    """The index the bucket should hold now for `area` over `store`'s node, and its objects.
+    store: NodeStore, area: dict[str, object], pgdata: str, generation: int, hashes: HashCache,
+    remote: RemoteIndex | None = None,
+) -> tuple[RemoteIndex, list[LocalObject]]:  # fmt: skip
+    """The index the bucket should hold now for `area` over `store`'s node, and its objects
+    (a layer evicted from the disk: as `remote`, the bucket's index, has it).
     FileNotFoundError when a file went away while reading (plan again)."""
     state = store.state
     if state is None:
@@ -116,8 +118,13 @@ def plan_index(
         timelines[timeline_id] = manifest.to_json_body()
         for entry in manifest.layers:
             file = directory / entry.name.file_name
+            path = f"timelines/{timeline_id}/{file.name}"
+            known = None if remote is None else remote.objects.get(path)
+            if known is not None and known.size == entry.size and not file.exists():
+                objects.append(LocalObject(path, file, known.size, known.sha256))  # evicted
+                continue
             size, sha = hashes.sha256(file)
-            objects.append(LocalObject(f"timelines/{timeline_id}/{file.name}", file, size, sha))
+            objects.append(LocalObject(path, file, size, sha))
     index_file = history.root / "lsn_index" / state.timeline_id / INDEX_FILE
     if index_file.exists():
         objects.append(_mutable(f"lsn_index/{INDEX_FILE}", index_file))

@@ -28,7 +28,13 @@ from pageserver.history.node_store import NodeState
 from pageserver.history.pitr import PitrArea
 from pageserver.history.snapshots import Snapshot
 from pageserver.ingest.lsn_index import INDEX_FILE, LsnIndex, ReadWal
-from pageserver.remote.index import INDEX_NAME, RemoteIndex, RemoteObject, decode_index
+from pageserver.remote.index import (
+    INDEX_NAME,
+    RemoteIndex,
+    RemoteObject,
+    decode_index,
+    verified,
+)
 from pageserver.remote.layer_selection import layers_for_read
 from pageserver.remote.objects import ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
@@ -51,20 +57,6 @@ WAL_BLOCKS = "wal_blocks"
 """``wal_blocks/<segment>~<sha>/<block>``: verified blocks of the segments read here, and the
 segment's block sums (SUMS_FILE)."""
 SUMS_FILE = "sums"
-
-
-class ChecksumMismatch(CorruptData):
-    """An object's bytes do not match the SHA-256 its index gives."""
-
-
-def verified(body: bytes, obj: RemoteObject, where: str) -> bytes:
-    digest = hashlib.sha256(body).hexdigest()
-    if len(body) != obj.size or digest != obj.sha256:
-        raise ChecksumMismatch(
-            f"object {where} is corrupt: {len(body)} bytes with SHA-256 {digest[:16]}..., "
-            f"the index says {obj.size} bytes with {obj.sha256[:16]}...; refused, not used"
-        )
-    return body
 
 
 def _same_bytes(path: Path, obj: RemoteObject) -> bool:

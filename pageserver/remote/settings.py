@@ -35,6 +35,9 @@ class RemoteSettings:
     """remote: TLS to the pageserver, its certificate verified against `ca_file` (else the
     system's CAs) and the host name."""
     ca_file: str | None = None
+    local_cache: int | None = None
+    """Bytes of layer files of a PITR area kept on disk once uploaded (None: all of them);
+    the rest is fetched back when read (pageserver/remote/eviction.py)."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pageserver.history.node_store import NodeStore
 from pageserver.remote import lease as leases
+from pageserver.remote.eviction import LayerCache
 from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
 from pageserver.remote.local_objects import HashCache, plan_index
 from pageserver.remote.objects import ObjectStore, open_bucket
@@ -91,6 +92,8 @@ class AreaUploader:
         self.fatal: str | None = None
         """Why uploading stopped for good (the lease went to another pageserver)."""
         self._idle = threading.Event()
+        self.cache = LayerCache(settings, self.prefix, store, lambda: self.remote, self._hashes)
+        """Evicts uploaded layers beyond settings.local_cache; fetches them back when read."""
 
     @property
     def what(self) -> str:
@@ -99,6 +102,7 @@ class AreaUploader:
     # --- control (any thread) --------------------------------------------------------------
 
     def start(self) -> None:
+        self.cache.register()
         self._thread = threading.Thread(target=self._run, name=f"upload-{self.name}", daemon=True)
         self._thread.start()
 
@@ -112,6 +116,7 @@ class AreaUploader:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.cache.unregister()
 
     def wait_uploaded(self, lsn: int, timeout: float) -> bool:
         """Until the bucket's index reaches `lsn` (tests, `pitr sync`)."""
@@ -217,8 +222,9 @@ class AreaUploader:
             return False
         assert self._lease is not None and self._queue is not None
         index, objects = await asyncio.to_thread(
-            plan_index, store, self.area, self.pgdata, self._lease.generation, self._hashes
-        )
+            plan_index, store, self.area, self.pgdata, self._lease.generation, self._hashes,
+            self.remote,
+        )  # fmt: skip
         self._last_round = time.monotonic()
         old = self.remote
         if old is not None and replace(old, uploaded_at=0.0) == index:
@@ -241,4 +247,5 @@ class AreaUploader:
         )
         self.remote = index
         self._last_upload_at = time.time()
+        await asyncio.to_thread(self.cache.enforce)
         return True

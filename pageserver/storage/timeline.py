@@ -35,6 +35,7 @@ from durable_files import TEMP_SUFFIX
 from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, check_key
 from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
+from pageserver.storage.layers.evicted import EVICTED_SUFFIX, evicted_layer
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.inmemory import InMemoryLayer, new_layer
 from pageserver.storage.layers.layer_map import ChainEnd, LayerMap, VersionSource
@@ -168,6 +169,9 @@ class Timeline:
             for entry in manifest.layers:
                 path = directory / entry.name.file_name
                 if not path.exists():
+                    if (directory / (entry.name.file_name + EVICTED_SUFFIX)).exists():
+                        layers.append(evicted_layer(directory, entry.name, cache, entry.size))
+                        continue  # kept remotely: fetched when first read (layers/evicted.py)
                     raise LayerCorrupt(path, "the manifest names it but it is missing")
                 if path.stat().st_size != entry.size:
                     raise LayerCorrupt(path, f"the manifest says {entry.size} bytes")

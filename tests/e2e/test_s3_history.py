@@ -58,13 +58,13 @@ def third_home() -> Iterator[NeonCli]:
     yield from neon_home()
 
 
-def attach(neon: NeonCli, s3: MotoS3, bucket: str) -> None:
+def attach(neon: NeonCli, s3: MotoS3, bucket: str, *extra: str) -> None:
     secret = neon.home.parent / "s3-secret"
     secret.write_text(SECRET_KEY)
     neon.run(
         "storage", "attach", "-t", "s3", "-n", "s3tank", "-c", f"bucket={bucket}",
         "-c", f"prefix={PREFIX}", "-c", f"endpoint={s3.endpoint}", "-c", f"region={REGION}",
-        "-c", f"access_key_id={ACCESS_KEY}", "-c", f"secret_access_key=@{secret}",
+        "-c", f"access_key_id={ACCESS_KEY}", "-c", f"secret_access_key=@{secret}", *extra,
     )  # fmt: skip
 
 
@@ -326,3 +326,61 @@ def mask_setval_dumps(connstr: str) -> dict[str, str]:
     from tests.e2e.test_pitr_faithfulness import mask_setval
 
     return mask_setval(dump_all(connstr))
+
+
+def test_a_small_local_cache_evicts_uploaded_layers_and_reads_fetch_them_back(
+    neon: NeonCli, s3: MotoS3
+) -> None:
+    """`-c local_cache=SIZE`: once in the bucket, layers beyond SIZE leave the disk (their
+    markers stay, so a restarted pageserver knows them); a read that needs one (here the
+    basebackup of `snapshot start`) fetches it back, verified; a corrupted object is refused."""
+    bucket = s3.new_bucket()
+    attach(neon, s3, bucket, "-c", "local_cache=1")  # 1 byte: every uploaded layer goes
+    assert "local_cache=bogus" not in neon.fail(
+        "storage", "attach", "-t", "s3", "-n", "other", "-c", "bucket=b", "-c", "local_cache=bogus"
+    )
+    neon.run("pg", "create", "-n", "main", "--port", str(free_port()))
+    conn = neon.json("pg", "show", "main")["connstr"]
+    neon.run("pitr", "create", "cached", "--pg", "main", "--storage", "s3tank")
+    subprocess.run([pg_binary("pgbench"), "-i", "-q", "-s", "1", conn], check=True,
+                   capture_output=True)  # fmt: skip
+    neon.run("snapshot", "create", "main@s1")
+    expected = mask_setval_dumps(conn)
+    target = flush_lsn(conn)
+    psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")
+    wait_uploaded(neon, "cached", target)
+    timelines = neon.home / "storage" / "local" / "pagestore" / "timelines"
+
+    def on_disk() -> list[str]:
+        return [p.name for p in timelines.glob("*/*__*") if not p.name.endswith(".evicted")]
+
+    deadline = time.monotonic() + 60
+    while on_disk():  # the round after the upload evicts them
+        assert time.monotonic() < deadline, f"not evicted: {on_disk()}"
+        time.sleep(0.5)
+    evicted = sorted(p.name.removesuffix(".evicted") for p in timelines.glob("*/*.evicted"))
+    assert evicted
+
+    # A restart knows the evicted layers; a corrupted object is refused at the read.
+    neon.run("pageserver", "stop")
+    neon.run("pageserver", "start")
+    _objects, index = bucket_index(s3, bucket, "cached")
+    client = s3.client()
+    prefix = f"{PREFIX}/pitr/cached/"
+    corrupted = {}
+    for path, obj in index.objects.items():  # type: ignore[attr-defined]
+        if path.startswith("timelines/"):
+            body = client.get_object(Bucket=bucket, Key=prefix + obj.key)["Body"].read()
+            corrupted[prefix + obj.key] = body
+            client.put_object(Bucket=bucket, Key=prefix + obj.key, Body=b"x" + body[1:])
+    error = neon.fail("snapshot", "start", "main@s1")
+    assert "is corrupt" in error and "refused" in error, error
+    assert not on_disk()
+    for key, body in corrupted.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    started = neon.json("snapshot", "start", "main@s1")
+    try:
+        assert_same_dumps(mask_setval_dumps(started["connstr"]), expected, "evicted, fetched")
+    finally:
+        neon.run("snapshot", "stop", "main@s1")

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -17,15 +17,18 @@ import pytest
 from pageserver.history.node_store import NodeState, NodeStore, StorageHistory
 from pageserver.history.pitr import new_area
 from pageserver.ingest.lsn_index import LsnIndex
-from pageserver.remote.index import INDEX_NAME, IndexTooNew, decode_index
+from pageserver.remote.index import INDEX_NAME, ChecksumMismatch, IndexTooNew, decode_index
 from pageserver.remote.lease import LeaseLost
-from pageserver.remote.mirror import ChecksumMismatch, MirrorArea
+from pageserver.remote.mirror import MirrorArea
 from pageserver.remote.objects import ObjectStore
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.upload_queue import QueueStopped, RoundAborted, Upload, UploadQueue
 from pageserver.remote.uploader import AreaUploader
 from pageserver.remote.wal_blocks import BLOCK, decode_sums
 from pageserver.storage import keys as K
+from pageserver.storage.layers.blocks import LayerCorrupt
+from pageserver.storage.layers.evicted import EVICTED_SUFFIX, EvictedLayer
+from pageserver.storage.manifest import read_manifest
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.values import Image, WalDelta
 from proto.errors import Conflict, CorruptData
@@ -315,6 +318,67 @@ def test_only_the_wal_blocks_an_extraction_reads_come_down_verified(
     # The snapshot's own LSN is a record end: only layers, no WAL.
     assert fresh.prepare(0x200, exact=True) == 0  # the layers came down in the failed try
     assert fresh.wal_reader()(BLOCK, lsn) == b""
+
+
+def test_uploaded_layers_are_evicted_and_fetched_back_verified(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    root = tmp_path / "pagestore"
+    store = make_node(root)
+    timeline = store.history.timelines.get("aa")
+
+    def reads() -> list[bytes | None]:
+        return [
+            timeline.get_reconstruct_data(page(b), lsn).image[1]  # type: ignore[index]
+            for b in range(8)
+            for lsn in (0x100, 0x200)
+        ]
+
+    expected = reads()
+    files = sorted(p for p in (root / "timelines" / "aa").iterdir() if "__" in p.name)
+    files = [p for p in files if not p.name.endswith(EVICTED_SUFFIX)]
+    assert len(files) == 2
+    up = uploader(replace(settings, local_cache=1), store)  # 1 byte: every uploaded layer goes
+    up.start()
+    try:
+        assert up.wait_uploaded(0x200, 20)
+        wait_for(lambda: not any(p.exists() for p in files))
+        layers = timeline.layer_map().layers()
+        assert all(isinstance(x, EvictedLayer) and not x.resident for x in layers)
+        assert all(p.with_name(p.name + EVICTED_SUFFIX).exists() for p in files)
+        index = assert_index_consistent(s3, settings)  # still names both layers
+        assert len([k for k in index if "/objects/timelines/aa/" in k]) == 2
+        # Reads fetch the layers back, verified: the same pages.
+        assert reads() == expected
+        assert all(p.exists() for p in files) and up.cache.fetches_total == 2
+        assert up.cache.status().resident_bytes == sum(p.stat().st_size for p in files)
+        assert up.cache.enforce() == sum(e.size for e in read_manifest(files[0].parent).layers)
+        assert not any(p.exists() for p in files) and up.cache.status().evicted_layers == 2
+        # A corrupted object in the bucket is refused, not kept, and no page is read from it.
+        client = s3.client()
+        [key] = [k for k in index if "/objects/timelines/aa/" in k and "0000000000000101-" in k]
+        body = index[key]
+        client.put_object(Bucket=settings.bucket, Key=key, Body=body[:-1] + bytes([body[-1] ^ 1]))
+        with pytest.raises(ChecksumMismatch, match=key):
+            timeline.get_reconstruct_data(page(3), 0x200)
+        assert not files[1].exists() and not list(files[1].parent.glob("*.tmp*"))
+        client.put_object(Bucket=settings.bucket, Key=key, Body=body)
+        assert reads() == expected
+        up.cache.enforce()
+    finally:
+        up.stop()
+    # Reopened (a restart), the history knows its evicted layers: not "missing", and read only
+    # through a fetcher (a detached storage refuses the read, naming the layer).
+    store.history.close()
+    reopened = StorageHistory(root, SMALL).timelines.get("aa")
+    with pytest.raises(LayerCorrupt, match="evicted, and no remote storage"):
+        reopened.get_reconstruct_data(page(3), 0x200)
+    again = uploader(settings, NodeStore(StorageHistory(root, SMALL), "n1"))
+    again.cache.register()
+    try:
+        assert reopened.get_reconstruct_data(page(3), 0x200).image == (0x200, bytes([3, 2]) * 100)
+    finally:
+        again.cache.unregister()
 
 
 class RecordingStore(ObjectStore):
