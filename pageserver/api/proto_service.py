@@ -363,9 +363,11 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
 FOREGROUND_REQUESTS: frozenset[type[m.ApiRequest]] = frozenset({
     m.NodeWaitDecodedRequest, m.SnapshotCreateRequest, m.NodeBranchRequest,
-    m.BasebackupRequest, m.PageGetRequest, m.PitrExtractRequest,
+    m.BasebackupRequest, m.PageGetRequest, m.PitrExtractRequest, m.SnapshotShowRequest,
 })  # fmt: skip
-"""Requests a user waits for: compaction pauses while they run (FOREGROUND)."""
+"""Requests a user waits for: compaction pauses while they run and shortly after (FOREGROUND).
+SnapshotShowRequest is how `pg checkout` begins: the pause then covers the node's shutdown
+checkpoint too, before its first wait."""
 
 _RELATION_FIELDS = (
     "database", "schema", "name", "kind", "table", "change", "spc", "db", "relfilenode", "oid"

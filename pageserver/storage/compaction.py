@@ -10,9 +10,10 @@
 
 Both write their files first and then swap them in with one manifest update
 (Timeline.replace_layers). Blocking I/O and CPU: run in a worker thread. A pass may be
-cancelled (`cancelled`, checked per key while merging and per image partition): an L0 merge
-then deletes its unpublished L1 files and raises CompactionCancelled, image creation
-publishes the complete image layers it has and stops; either way the manifest names only
+cancelled (`cancelled`, checked per key while merging, per CHECK_EVERY pages of an image
+partition): an L0 merge then deletes its unpublished L1 files and raises CompactionCancelled,
+image creation deletes the partition it was writing, publishes the complete image layers it
+has and stops; either way the manifest names only
 whole files, as after a kill (Timeline.open deletes the files it does not name).
 """
 
@@ -45,7 +46,10 @@ rebuild of image creation (pageserver.reconstruct.range_rebuild.rebuild_range)."
 PAGE_SIZE_ESTIMATE = 8192
 
 Cancelled = Callable[[], bool]
-"""Whether the running compaction pass should end now (the store is shutting down)."""
+"""Whether the running compaction pass should end now (the store is shutting down); it may
+block first (pause: pageserver.history.flusher.Foreground)."""
+CHECK_EVERY = 256
+"""Pages of an image partition between two checks (a partition is seconds on a busy box)."""
 
 
 class CompactionCancelled(Exception):
@@ -253,9 +257,16 @@ def create_image_layers_at(
                 not force and len(deltas) < timeline.settings.image_creation_threshold
             ):
                 continue
-            written.append(
-                _write_image(timeline, materialize, materialize_range, key_range, part_keys, lsn)
-            )
+            try:
+                written.append(
+                    _write_image(
+                        timeline, materialize, materialize_range, key_range, part_keys, lsn,
+                        cancelled,
+                    )
+                )  # fmt: skip
+            except CompactionCancelled:
+                stopped = True  # that partition's file is deleted, the whole ones are kept
+                break
     except BaseException:
         for layer in written:
             layer.close()
@@ -307,6 +318,7 @@ def _write_image(
     key_range: KeyRange,
     keys: list[Key],
     lsn: int,
+    cancelled: Cancelled | None = None,
 ) -> ImageLayer:
     def one(key: Key) -> bytes | None:
         data = timeline.get_reconstruct_data(key, lsn)
@@ -321,9 +333,11 @@ def _write_image(
             if materialize_range is None
             else materialize_range(timeline, key_range, keys, lsn, one)
         )
-        for key, value in values:
+        for n, (key, value) in enumerate(values):
             if value is not None:
                 writer.add(key, value)
+            if cancelled is not None and n % CHECK_EVERY == 0 and cancelled():
+                raise CompactionCancelled(f"image layer of {timeline.timeline_id} cancelled")
     except BaseException:
         writer.abort()
         raise

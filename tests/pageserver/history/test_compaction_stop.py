@@ -1,7 +1,7 @@
 """A compaction in progress: the store's shutdown cancels it (no lost or half-visible layer,
 reads after a restart equal those before), and a timeline switch (checkout) does not wait
 for it. The compaction is real; a gate holds it at one point (in the L0 merge, or in image
-creation after its first partition) until the test lets it go on."""
+creation at its second partition) until the test lets it go on."""
 
 from __future__ import annotations
 
@@ -62,11 +62,14 @@ def gate_compaction(monkeypatch: pytest.MonkeyPatch, phase: str) -> Gate:
         monkeypatch.setattr(compaction_module, "_merge_same_keys", merging)
     else:
         rebuild = node_store_module.rebuild_range
+        calls = 0
 
         def rebuilding(*args: object, **kwargs: object) -> object:
-            result = list(rebuild(*args, **kwargs))  # type: ignore[arg-type]
-            gate.hold()  # the first partition is rebuilt; its layer is written after this
-            return result
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                gate.hold()  # the first partition's layer is written, the second begins
+            return rebuild(*args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(node_store_module, "rebuild_range", rebuilding)
     return gate
@@ -153,7 +156,8 @@ def test_close_cancels_a_running_compaction(
             old_l1
         )
     else:
-        # The partition rebuilt before the cancel was published whole, the rest never begun.
+        # The partition written before the cancel was published whole; the one being
+        # written was deleted, the rest never begun.
         new = [x for x in after.images if x not in images]
         assert len(new) == 1
         assert new[0].lsn == durable  # the pass's LSN
