@@ -218,7 +218,63 @@ py_key_table(PyObject *self, PyObject *args)
     return Py_BuildValue("(NNn)", keys, firsts, bad);
 }
 
+/*
+ * LayerFile.newest_of_keys (blocks.py, newest_of_keys_python the reference):
+ *   newest_of_keys(keys, firsts, file, versions_at, start, end_key) -> [(key, lsn, tag)]
+ * for keys number start.. below end_key: `keys` packed back to back, `firsts` (array "Q") the
+ * first version of each key plus n_versions, `file` the mapped layer whose version table
+ * (">QBIII" entries) starts at versions_at; the index was checked when the file was opened.
+ */
+static PyObject *
+py_newest_of_keys(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, firsts, file, end;
+    Py_ssize_t versions_at, start;
+    if (!PyArg_ParseTuple(args, "y*y*y*nny*:newest_of_keys", &keys, &firsts, &file,
+                          &versions_at, &start, &end))
+        return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t n_keys = keys.len / KEY_SIZE;
+    const uint64_t *f = firsts.buf;
+    if (firsts.len != (n_keys + 1) * 8 || start < 0 || versions_at < 0) {
+        PyErr_SetString(PyExc_ValueError, "newest_of_keys: inconsistent index");
+        goto done;
+    }
+    out = PyList_New(0);
+    size_t cmp = end.len < KEY_SIZE ? (size_t)end.len : KEY_SIZE;
+    for (Py_ssize_t i = start; out != NULL && i < n_keys; i++) {
+        const char *key = (const char *)keys.buf + i * KEY_SIZE;
+        int c = memcmp(key, end.buf, cmp);
+        if (c > 0 || (c == 0 && KEY_SIZE >= end.len))
+            break; /* key >= end_key, as bytes compare */
+        if (f[i + 1] <= f[i])
+            continue;
+        Py_ssize_t at = versions_at + (Py_ssize_t)(f[i + 1] - 1) * ENTRY_SIZE;
+        if (at + ENTRY_SIZE > file.len) {
+            PyErr_SetString(PyExc_ValueError, "newest_of_keys: version entry past the file");
+            Py_CLEAR(out);
+            break;
+        }
+        const uint8_t *e = (const uint8_t *)file.buf + at;
+        unsigned long long lsn = 0;
+        for (int k = 0; k < 8; k++)
+            lsn = (lsn << 8) | e[k];
+        PyObject *item = Py_BuildValue("(y#Ki)", key, (Py_ssize_t)KEY_SIZE, lsn, (int)e[8]);
+        if (item == NULL || PyList_Append(out, item) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&firsts);
+    PyBuffer_Release(&file);
+    PyBuffer_Release(&end);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"newest_of_keys", py_newest_of_keys, METH_VARARGS,
+     "LayerFile.newest_of_keys' loop (blocks.py)."},
     {"key_table", py_key_table, METH_VARARGS, "LayerFile._keys' table split (blocks.py)."},
     {"pack_versions", py_pack_versions, METH_VARARGS,
      "LayerFileWriter.add_key's loop (see the module comment)."},

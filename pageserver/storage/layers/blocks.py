@@ -315,7 +315,19 @@ class LayerFile:
         return lower_bound_python(keys, self.header.n_keys, key)
 
     def newest_of_keys(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
-        """(key, LSN, tag) of the last (newest) version of keys number start.. below end_key."""
+        """(key, LSN, tag) of the last (newest) version of keys number start.. below end_key
+        (the loop in C when the extension is built: key scans of whole layers, such as
+        image creation's listing of every key, walk it for every key of every layer)."""
+        keys, firsts = self._keys()
+        if _native.blockpack is not None:
+            found: list[tuple[Key, int, int]] = _native.blockpack.newest_of_keys(
+                keys, firsts, self._map, self._versions_at, start, end_key
+            )
+            return iter(found)
+        return self.newest_of_keys_python(start, end_key)
+
+    def newest_of_keys_python(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
+        """The reference of `_blockpack.newest_of_keys` (see newest_of_keys)."""
         keys, firsts = self._keys()
         m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN_TAG
         for i in range(start, self.header.n_keys):

@@ -127,3 +127,23 @@ def test_key_table_split_in_c_equals_the_python_reference(c_extension: None) -> 
         ), (firsts, n_versions)
     with pytest.raises(ValueError, match="key count"):
         native.blockpack.key_table(b"x" * 21, 1, 0)
+
+
+def test_newest_of_keys_in_c_equals_the_python_reference(tmp_path: Path, c_extension: None) -> None:
+    """LayerFile.newest_of_keys (C) and newest_of_keys_python over a real delta file, from
+    every start, up to ends inside, between and past its keys."""
+    versions = sample_versions(seed=11, n_keys=60)
+    directory = tmp_path / "d"
+    directory.mkdir()
+    writer = DeltaLayerWriter(directory, 100, 200, SETTINGS)
+    for key, group in grouped(versions):
+        writer.add_key(key, group)
+    layer = writer.finish(K.FULL_KEYSPACE, BlockCache(1 << 20))
+    f = layer.file
+    ends = [K.KEY_MIN, K.KEY_MAX, rel_key(0), rel_key(17), rel_key(59), rel_key(60)]
+    ends.append(rel_key(30)[:-1] + b"\x00\x05")  # between two keys
+    for start in range(0, f.n_keys + 1, 7):
+        for end in ends:
+            assert list(f.newest_of_keys(start, end)) == list(f.newest_of_keys_python(start, end))
+    assert len(list(f.newest_of_keys(0, K.KEY_MAX))) == 60
+    layer.close()
