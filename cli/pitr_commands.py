@@ -45,10 +45,17 @@ def pitr_group() -> None:
     help="Keep the area's history also in this s3 or remote storage (default: the node's "
     "storage only).",
 )
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="With --storage: take the area over from a pageserver that is gone for good (its "
+    "lease is taken; the area then holds this node's history).",
+)
 @click.pass_context
 def pitr_create(
-    ctx: click.Context, name: str, node: str | None, ttl: str, size_limit: str, storage: str | None
-) -> None:
+    ctx: click.Context, name: str, node: str | None, ttl: str, size_limit: str,
+    storage: str | None, takeover: bool,
+) -> None:  # fmt: skip
     """Keep a node's history for point-in-time extraction."""
     check_area_name(name)  # bad input: one line, before any state
     RetentionPolicy.parse_new(ttl, size_limit)
@@ -70,8 +77,12 @@ def pitr_create(
                 "snapshots to it instead)"
             )
         remote = s3_settings(app, target)
+    if takeover and remote is None:
+        raise InvalidArgument("--takeover is for an area kept in an s3 or remote storage")
     local_api(app).pitr_create(
-        PitrCreateRequest(name, row.id, ttl=ttl, size_limit=size_limit, remote=remote)
+        PitrCreateRequest(
+            name, row.id, ttl=ttl, size_limit=size_limit, remote=remote, takeover=takeover
+        )
     )
     kept = f", kept in {storage}" if remote is not None else ""
     click.echo(

@@ -811,6 +811,8 @@ class PitrCreateRequest(ApiRequest):
     size_limit: str = "inf"
     remote: dict[str, Any] | None = None
     """An s3 storage's settings (pageserver/remote/settings.py): keep the history there too."""
+    takeover: bool = False
+    """With `remote`: take the area's lease from another pageserver (it is gone for good)."""
 
 
 @dataclass(frozen=True, slots=True)

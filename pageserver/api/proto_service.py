@@ -244,8 +244,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
         area = await asyncio.to_thread(
-            ps.pitr_create, req.name, req.node_id, req.ttl, req.size_limit, req.remote
-        )
+            ps.pitr_create, req.name, req.node_id, req.ttl, req.size_limit, req.remote,
+            req.takeover,
+        )  # fmt: skip
         return m.PitrAreaInfo(**asdict(area), storage=ps.pitr_storage(area.name))
 
     async def remote_status(

@@ -544,7 +544,7 @@ class Pageserver:
 
     def pitr_create(
         self, name: str, node_id: str, ttl: str, size_limit: str,
-        remote: dict[str, Any] | None = None,
+        remote: dict[str, Any] | None = None, takeover: bool = False,
     ) -> PitrArea:  # fmt: skip
         """A PITR area; with `remote` (an s3 storage's settings), its history is also kept in
         that bucket (the lease taken first: refused when another pageserver writes it).
@@ -552,6 +552,13 @@ class Pageserver:
         store = self.store(node_id)
         if store.state is None:
             raise NotFound(f"node {node_id} has no page history yet")
+        mirror = self.remote.mirrors.get(name)
+        if takeover and mirror is not None:  # read from the bucket until now: written from here
+            opened = self.histories.pop(str(mirror.root), None)
+            if opened is not None:
+                opened.close()
+            self._mirror_stores.pop(str(mirror.root), None)
+            self.remote.forget_mirror(name)
         for history in self._all_histories():
             if history.pitr.find(name) is not None:
                 raise AlreadyExists(f"PITR area {name!r} already exists")
@@ -559,8 +566,9 @@ class Pageserver:
         if remote is not None:
             settings = RemoteSettings.from_wire(remote)
             self.remote.begin_upload(
-                settings, asdict(area), self._pgdata(node_id), self._store_of(node_id)
-            )
+                settings, asdict(area), self._pgdata(node_id), self._store_of(node_id),
+                takeover=takeover,
+            )  # fmt: skip
         return store.history.pitr.add(area)
 
     def pitr_destroy(self, name: str) -> PitrArea:

@@ -75,7 +75,9 @@ def _refusal(lease: Lease, what: str) -> Conflict:
     return Conflict(
         f"{what} is written by another pageserver ({lease.owner[:12]} on "
         f"{lease.host or 'an unknown host'}, generation {lease.generation}); "
-        "only one pageserver may write a history: attach it read-only instead"
+        "only one pageserver may write a history: attach it read-only instead, or, if "
+        "that pageserver is gone for good, take it over with `neon pitr create AREA --pg "
+        "NODE --storage STORAGE --takeover` (the area then holds this node's history)"
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -96,10 +97,12 @@ class RemoteHistories:
 
     def begin_upload(
         self, settings: RemoteSettings, area: dict[str, Any], pgdata: str,
-        store: Callable[[], NodeStore],
+        store: Callable[[], NodeStore], *, takeover: bool = False,
     ) -> None:  # fmt: skip
-        """Take the area's lease in the bucket (refused if another pageserver writes it),
-        then upload its history from now on. Blocking: run it in a worker thread."""
+        """Take the area's lease in the bucket (refused if another pageserver writes it,
+        unless `takeover`: the next generation is ours, and the old writer stops at its next
+        index upload), then upload its history from now on. Blocking: run it in a worker
+        thread."""
         name = str(area["name"])
         prefix = area_prefix(settings, name)
 
@@ -107,7 +110,7 @@ class RemoteHistories:
             async with open_bucket(settings) as bucket:
                 await acquire(
                     bucket, f"{prefix}/lease.json", self.owner,
-                    f"PITR area {name!r} in {settings.url}",
+                    f"PITR area {name!r} in {settings.url}", takeover=takeover,
                 )  # fmt: skip
 
         asyncio.run(take())
@@ -173,6 +176,14 @@ class RemoteHistories:
             self.mirrors[name] = mirror
             attached.append(name)
         return attached
+
+    def forget_mirror(self, name: str) -> MirrorArea | None:
+        """Stop reading area `name` from its bucket (this pageserver takes it over): its
+        layout here is deleted (nodes made from its snapshots hold their own links)."""
+        mirror = self.mirrors.pop(name, None)
+        if mirror is not None:
+            shutil.rmtree(mirror.root.parent, ignore_errors=True)
+        return mirror
 
     def detach(self, storage: str) -> None:
         for name, mirror in list(self.mirrors.items()):

@@ -6,7 +6,9 @@ bucket's index names with what the local history holds (pageserver/remote/local_
 and runs one round of the upload queue: the missing objects, then the new index, then the
 deletion of what the new index no longer names. A round that fails is run again, planned
 anew; after a restart (even a SIGKILL) the first round starts from the index in the bucket,
-so the uploads finish and what was already uploaded is not sent again.
+so the uploads finish and what was already uploaded is not sent again. Objects no index names
+(orphans of a killed or aborted round) are deleted before the first round and after an
+aborted one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pageserver.history.node_store import NodeStore
 from pageserver.remote import lease as leases
 from pageserver.remote.eviction import LayerCache
 from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
-from pageserver.remote.local_objects import HashCache, plan_index
+from pageserver.remote.local_objects import OBJECTS, HashCache, plan_index
 from pageserver.remote.objects import ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.upload_queue import DEFAULT_PARALLEL, QueueStopped, RoundAborted, UploadQueue
@@ -92,6 +94,8 @@ class AreaUploader:
         self.fatal: str | None = None
         """Why uploading stopped for good (the lease went to another pageserver)."""
         self._idle = threading.Event()
+        self.swept_total = 0
+        """Orphaned objects deleted from the bucket (pageserver/remote/uploader.py _sweep)."""
         self.cache = LayerCache(settings, self.prefix, store, lambda: self.remote, self._hashes)
         """Evicts uploaded layers beyond settings.local_cache; fetches them back when read."""
 
@@ -187,16 +191,39 @@ class AreaUploader:
         raw = await bucket.get_if_exists(f"{self.prefix}/{INDEX_NAME}")
         self.remote = None if raw is None else decode_index(raw, f"{self.prefix}/{INDEX_NAME}")
         self._error = None
+        sweep_due = True  # a killed round of an earlier run may have left orphans
         while not self._stop:
             self._wake.clear()
+            if sweep_due:
+                await self._sweep(bucket)
+                sweep_due = False
             try:
                 ran = await self._round(bucket)
             except (RoundAborted, FileNotFoundError) as exc:
                 log.debug("remote: round of %s planned again: %s", self.name, exc)
+                sweep_due = True  # what the aborted round uploaded may be needed no more
                 continue
             if not ran:
                 self._idle.set()
                 await asyncio.to_thread(self._wake.wait, POLL)
+
+    async def _sweep(self, bucket: ObjectStore) -> None:
+        """Delete the orphans: objects under the area's objects/ that the bucket's index does
+        not name, left by a round killed (or aborted) after some uploads and before its index,
+        or after its index and before its deletions. Run between rounds, with the lease: no
+        upload of this area is in flight, and nothing else writes here."""
+        named = set() if self.remote is None else {
+            f"{self.prefix}/{o.key}" for o in self.remote.objects.values()
+        }  # fmt: skip
+        orphans = [
+            key async for key, _size in bucket.list_keys(f"{self.prefix}/{OBJECTS}/")
+            if key not in named
+        ]  # fmt: skip
+        for key in orphans:
+            await bucket.delete(key)
+            self.swept_total += 1
+        if orphans:
+            log.info("remote: %s: deleted %d orphaned objects", self.what, len(orphans))
 
     def _layers_changed(self, store: NodeStore) -> bool:
         """Whether a manifest differs from the bucket's index (cheap: no hashing)."""

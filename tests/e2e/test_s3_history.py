@@ -266,6 +266,25 @@ def test_sigkill_during_uploads_leaves_a_consistent_index(
     _objects, index = bucket_index(s3, bucket, "area")
     assert index.disk_consistent_lsn >= target  # type: ignore[attr-defined]
 
+    # The first pageserver is "gone for good": the second takes the area over (the refusal
+    # says how), the next generation; the first stops uploading at its next index.
+    assert "--takeover" in error
+    second_home.run(
+        "pitr", "create", "area", "--pg", "pgdata1", "--storage", "s3tank", "--takeover"
+    )
+    theirs = second_home.json("pg", "show", "pgdata1")
+    wait_uploaded(second_home, "area", flush_lsn(theirs["connstr"]))
+    _objects, taken = bucket_index(s3, bucket, "area")
+    assert taken.generation == 2  # type: ignore[attr-defined]
+    assert taken.timeline_id != index.timeline_id  # type: ignore[attr-defined]
+    psql(conn, "INSERT INTO pgbench_history VALUES (1, 1, 1, 1, now(), 'after')")
+    psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")
+    deadline = time.monotonic() + 60
+    while "written by another pageserver" not in str(upload(neon, "area")["last_error"]):
+        assert time.monotonic() < deadline, upload(neon, "area")
+        time.sleep(0.5)
+    assert bucket_index(s3, bucket, "area")[1].timeline_id == taken.timeline_id  # type: ignore[attr-defined]
+
 
 def test_gc_on_s3_removes_what_the_ttl_allows_and_nothing_a_snapshot_needs(
     neon: NeonCli, second_home: NeonCli, s3: MotoS3

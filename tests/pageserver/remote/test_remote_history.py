@@ -381,6 +381,38 @@ def test_uploaded_layers_are_evicted_and_fetched_back_verified(
         again.cache.unregister()
 
 
+def test_orphans_of_a_killed_round_are_swept_and_nothing_the_index_names(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    up = uploader(settings, store)
+    up.start()
+    try:
+        assert up.wait_uploaded(0x200, 20)
+    finally:
+        up.stop()
+    named = assert_index_consistent(s3, settings)
+    # What a round killed after its uploads (before its index) leaves: objects no index names.
+    client = s3.client()
+    orphans = [
+        "hist/pitr/area/objects/timelines/aa/000000000000000000000000000000000000-FFFFFFFFFFFFFFFF"
+        "FFFFFFFFFFFFFFFFFFFF__0000000000000201-0000000000000301~0123456789abcdef",
+        "hist/pitr/area/objects/wal/000000010000000000000001.partial~fedcba9876543210",
+    ]
+    for key in orphans:
+        client.put_object(Bucket=settings.bucket, Key=key, Body=b"left by a killed round")
+    other = "hist/pitr/another/objects/wal/000000010000000000000000~0000000000000000"
+    client.put_object(Bucket=settings.bucket, Key=other, Body=b"another area's")
+    again = uploader(settings, store)
+    again.start()
+    try:
+        wait_for(lambda: again.swept_total == len(orphans))
+    finally:
+        again.stop()
+    left = assert_index_consistent(s3, settings)
+    assert set(left) == set(named) | {other}  # the index, the lease, what it names: all kept
+
+
 class RecordingStore(ObjectStore):
     """The real client, noting the order of its writes."""
 
