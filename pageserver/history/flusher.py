@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 
 Job = Callable[[], None]
 
-LINGER = 2.0
-"""Seconds a compaction stays paused after the last foreground request ended (a snapshot's
-wait polls with requests of half a second, a checkout makes several in a row)."""
+LINGER = 5.0
+"""Seconds a compaction stays paused after the last foreground request ended: a snapshot's
+wait polls with requests of half a second, and a checkout's last request (the delta) is
+followed by its fsyncs, the single-user step and the start, seconds without a request
+(py-spy: the compaction that resumed 2 s after the delta took a quarter of the daemon's
+samples during the checkout)."""
 MAX_PAUSE = 60.0
 """Seconds one compaction pass may be paused in all, so a stream of requests never starves
 it (the L0 layers it merges make every read slower)."""
@@ -67,10 +70,13 @@ class Foreground:
 
         def check() -> bool:
             nonlocal budget
-            while budget > 0 and self.busy() and not cancelled.is_set():
+            if budget > 0 and self.busy() and not cancelled.is_set():
                 t0 = time.monotonic()
-                cancelled.wait(0.05)
-                budget -= time.monotonic() - t0
+                while self.busy() and not cancelled.is_set() and time.monotonic() - t0 < budget:
+                    cancelled.wait(0.05)
+                paused = time.monotonic() - t0
+                budget -= paused
+                log.info("compaction paused %.1f s for the requests being served", paused)
             return cancelled.is_set()
 
         return check
