@@ -11,6 +11,9 @@ import pytest
 
 from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeStore, StorageHistory
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.storage.compaction import create_image_layers
+from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange
 from pageserver.storage.layers.delta import DeltaLayer
 from pageserver.storage.layers.inmemory import InMemoryLayer
 from pageserver.storage.settings import StoreSettings
@@ -136,4 +139,35 @@ def test_failed_background_compaction_is_logged_and_ingest_goes_on(
     assert timeline.disk_consistent_lsn == timeline.last_record_lsn
     assert store.compaction_totals.passes >= 1
     assert len(timeline.layer_map().level0()) < SMALL.compaction_threshold
+    store.history.close()
+
+
+def test_an_image_pass_scans_the_keys_only_when_a_partition_is_due(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass after every flush: with no partition due (the last pass's partitions, judged by
+    the layer indexes) it does not scan the keyspace; GC's forced images always do."""
+    store = imported(tmp_path, workload.base)
+    for records, raws in batches(workload):
+        store.ingest_batch(records, raws)
+        store.maybe_flush()
+    store.flush()  # durable and compacted: nothing due any more
+    timeline = store.timeline
+    passes = store.compaction_totals.passes
+    scans = 0
+    get_keys = Timeline.get_keys
+
+    def counting(self: Timeline, key_range: KeyRange, lsn: int) -> list[Key]:
+        nonlocal scans
+        scans += key_range == FULL_KEYSPACE
+        return get_keys(self, key_range, lsn)
+
+    monkeypatch.setattr(Timeline, "get_keys", counting)
+    store.flush()
+    assert store.compaction_totals.passes == passes + 1
+    assert scans == 0
+    create_image_layers(timeline, reconstruct, force=True)
+    assert scans == 1
     store.history.close()
