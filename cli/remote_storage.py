@@ -111,6 +111,12 @@ def upload_line(up: dict[str, Any]) -> str:
         f"{human_size(up['pending_bytes'])} pending; "
         f"{human_size(up['remote_bytes'])} in the bucket)"
     )
+    if up.get("cache_limit_bytes") is not None:
+        line += (
+            f"; local cache {human_size(up['cache_resident_bytes'])} of "
+            f"{human_size(up['cache_limit_bytes'])} on disk, {up['evicted_layers']} layers "
+            f"evicted, {human_size(up['fetched_bytes_total'])} fetched back"
+        )
     if up.get("last_error"):
         line += f"; retrying: {up['last_error']}"
     return line

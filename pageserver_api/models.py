@@ -955,6 +955,13 @@ class RemoteUploadStatus(ApiResponse):
     retries_total: int
     last_error: str | None = None
     last_upload_at: float | None = None
+    cache_limit_bytes: int | None = None
+    """The storage's local_cache (None: uploaded layers are all kept on disk)."""
+    cache_resident_bytes: int = 0
+    """Layer files of the area's timelines on disk now."""
+    evicted_layers: int = 0
+    fetched_bytes_total: int = 0
+    """Evicted layers downloaded again for reads."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,19 @@ class Pageserver:
         m.describe(
             "pageserver_remote_uploaded_bytes_total", "counter", "Per PITR area: bytes uploaded."
         )
+        m.describe(
+            "pageserver_remote_cache_resident_bytes",
+            "gauge",
+            "Per PITR area on a remote storage: layer files on disk (see -c local_cache).",
+        )
+        m.describe(
+            "pageserver_remote_evicted_layers", "gauge", "Per PITR area: layers evicted from disk."
+        )
+        m.describe(
+            "pageserver_remote_fetched_bytes_total",
+            "counter",
+            "Per PITR area: bytes of evicted layers downloaded again for reads.",
+        )
 
     # following nodes
 
@@ -796,6 +809,9 @@ class Pageserver:
             m.set("pageserver_remote_pending_bytes", status.pending_bytes, **labels)
             m.set("pageserver_remote_upload_errors", int(status.last_error is not None), **labels)
             m.set("pageserver_remote_uploaded_bytes_total", status.uploaded_bytes_total, **labels)
+            m.set("pageserver_remote_cache_resident_bytes", status.cache_resident_bytes, **labels)
+            m.set("pageserver_remote_evicted_layers", status.evicted_layers, **labels)
+            m.set("pageserver_remote_fetched_bytes_total", status.fetched_bytes_total, **labels)
 
     def node_statuses(self) -> list[dict[str, Any]]:
         return [

@@ -66,6 +66,10 @@ class UploadStatus:
     retries_total: int
     last_error: str | None
     last_upload_at: float | None
+    cache_limit_bytes: int | None = None
+    cache_resident_bytes: int = 0
+    evicted_layers: int = 0
+    fetched_bytes_total: int = 0
 
 
 class AreaUploader:
@@ -138,6 +142,9 @@ class AreaUploader:
         with contextlib.suppress(NeonError):
             local = self._store().timeline.disk_consistent_lsn
         remote = self.remote.disk_consistent_lsn if self.remote is not None else 0
+        cache = None
+        with contextlib.suppress(NeonError, OSError):
+            cache = self.cache.status()
         return UploadStatus(
             area=self.name,
             storage=self.settings.storage,
@@ -153,6 +160,10 @@ class AreaUploader:
             retries_total=queue.status.retries_total if queue else 0,
             last_error=self.fatal or (queue.status.last_error if queue else None) or self._error,
             last_upload_at=self._last_upload_at,
+            cache_limit_bytes=self.settings.local_cache,
+            cache_resident_bytes=cache.resident_bytes if cache else 0,
+            evicted_layers=cache.evicted_layers if cache else 0,
+            fetched_bytes_total=cache.fetched_bytes_total if cache else 0,
         )
 
     # --- the thread ------------------------------------------------------------------------

@@ -379,6 +379,9 @@ def test_a_small_local_cache_evicts_uploaded_layers_and_reads_fetch_them_back(
         time.sleep(0.5)
     evicted = sorted(p.name.removesuffix(".evicted") for p in timelines.glob("*/*.evicted"))
     assert evicted
+    shown = upload(neon, "cached")
+    assert shown["cache_limit_bytes"] == 1 and shown["evicted_layers"] >= len(evicted)
+    assert "layers evicted" in neon.run("storage", "show", "s3tank").stdout
 
     # A restart knows the evicted layers; a corrupted object is refused at the read.
     neon.run("pageserver", "stop")
@@ -403,3 +406,4 @@ def test_a_small_local_cache_evicts_uploaded_layers_and_reads_fetch_them_back(
         assert_same_dumps(mask_setval_dumps(started["connstr"]), expected, "evicted, fetched")
     finally:
         neon.run("snapshot", "stop", "main@s1")
+    assert upload(neon, "cached")["fetched_bytes_total"] > 0
