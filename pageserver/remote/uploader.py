@@ -285,5 +285,8 @@ class AreaUploader:
         )
         self.remote = index
         self._last_upload_at = time.time()
-        await asyncio.to_thread(self.cache.enforce)
+        try:
+            await asyncio.to_thread(self.cache.enforce)
+        except (NeonError, OSError) as exc:  # the uploads go on; the next round tries again
+            log.warning("remote: local cache of %s: %s", self.what, exc)
         return True

@@ -104,11 +104,11 @@ class EvictedLayer(PersistentLayer):
         return self._file is not None
 
     def evict(self) -> bool:
-        """Drop the local copy again (readers holding the file keep their mapping)."""
+        """Drop the local copy again. The file is not closed here: a reader may be in it; its
+        mapping outlives the unlink and goes with the last reference, as a replaced layer's."""
         with self._fetch_lock:
             if self._file is None:
                 return False
-            self._file.close()
             self._file = None
             self.path.unlink(missing_ok=True)
             return True
