@@ -19,7 +19,7 @@ Everything through the real `neon` CLI on a private NEON_HOME (the newcomer's pa
    checkout with the full rebuild (the same change made again, the hint mark removed so the
    CLI falls back: what `pg checkout` did before).
 6. With --pgbench-seconds: `pgbench -c 4 -T S`, then `pg checkout pgdata1@base` again
-   (the newcomer's path: compare with pg_basebackup).
+   (the newcomer's path), compared with a pg_basebackup of the node taken right after it.
 
 `--py-spy DIR` samples the pageserver daemon (by PID) and the CLI during the snapshot create
 after the load and each in-place checkout (bench/pyspy.py) and prints where their time went.
@@ -203,6 +203,12 @@ def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any
         results["newcomer_checkout_s"] = newcomer.wall
         results["newcomer_in_place"] = datadir(neon).stat().st_ino == inode
         results["newcomer_pages_changed"] = diff_pages(neon, "pgdata1@base", f"pgdata1@HEAD{{{2}}}")
+        # The reference again, of the node as the checkout left it: the daemon's compaction of
+        # the load (or of pgbench's WAL) shares the box with whichever pg_basebackup runs
+        # nearer to it, so the newcomer's ratio uses this one, taken right after its checkout.
+        say("pg_basebackup of the node after its checkout")
+        results["pg_basebackup_after_s"] = pg_basebackup(c, scratch / "pgbb")
+        shutil.rmtree(scratch / "pgbb")
     results["pageserver_peak_rss_mib"] = pageserver_hwm_mib(neon)
     results["machine_after"] = machine_info()
     return results
@@ -220,11 +226,12 @@ def report(r: dict[str, Any]) -> None:
         ["pg_basebackup -X stream", pgbb, pgbb / ext, 1.0, "-"],
     ]  # fmt: skip
     if "newcomer_checkout_s" in r:
-        t = r["newcomer_checkout_s"]
+        t, pgbb2 = r["newcomer_checkout_s"], r["pg_basebackup_after_s"]
         rows.append([
             "pg checkout after pgbench" + ("" if r["newcomer_in_place"] else " (NOT in place)"),
-            t, t / ext, t / pgbb, "-",
+            t, t / ext, t / pgbb2, "-",
         ])  # fmt: skip
+        rows.append(["pg_basebackup after that checkout", pgbb2, pgbb2 / ext, 1.0, "-"])
     print(
         f"database {r['db_mib']:.0f} MiB (pgbench -s {r['scale']}, loaded in "
         f"{r['load_s']:.1f} s); snapshot create {r['snapshot_create_s']:.1f} s "
@@ -240,7 +247,7 @@ def report(r: dict[str, Any]) -> None:
         ("pg checkout, 1% changed / full extraction", r["checkout_s"] / ext, 0.2),
     ]
     if "newcomer_checkout_s" in r:
-        goals.append(("pg checkout after pgbench / pg_basebackup", t / pgbb, 1.5))
+        goals.append(("pg checkout after pgbench / pg_basebackup after it", t / pgbb2, 1.5))
     print_table(["issue 10 goal", "measured", "goal (<=)"], [list(g) for g in goals])
     print_machine(r)
 
