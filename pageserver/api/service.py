@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -49,8 +50,16 @@ from pageserver.remote.settings import RemoteSettings
 from pageserver.storage.gc import DEFAULT_GC_SETTINGS
 from pageserver.storage.timeline import Timeline
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn
-from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
+from proto.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    Unavailable,
+)
 
+log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
@@ -256,7 +265,11 @@ class Pageserver:
             if area.node_id == node_id:  # an area follows one node's history
                 store.history.pitr.remove(area.name)
                 # Its uploads stop; what is in the bucket stays (the history of a lost node).
-                await asyncio.to_thread(self.remote.end_upload, area.name)
+                try:  # layers it evicted that other nodes' timelines read through come back
+                    await asyncio.to_thread(self.remote.end_upload, area.name, restore=True)
+                except NeonError as exc:
+                    log.warning("destroying %s: evicted layers not fetched back: %s", node_id, exc)
+                    await asyncio.to_thread(self.remote.end_upload, area.name)
         current = store.state.timeline_id if store.state is not None else None
         await asyncio.to_thread(store.forget)
         others = [
@@ -591,7 +604,7 @@ class Pageserver:
                 f"PITR area {name!r} is attached read-only from its bucket; it is destroyed "
                 "by the pageserver that writes it"
             )
-        self.remote.end_upload(area.name)
+        self.remote.end_upload(area.name, restore=True)  # its evicted layers back first
         return store.history.pitr.remove(area.name)
 
     def pitr_storage(self, name: str) -> str | None:

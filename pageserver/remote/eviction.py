@@ -167,6 +167,20 @@ class LayerCache:
             return False
         return size == obj.size and sha == obj.sha256
 
+    def fetch_all(self) -> int:
+        """Fetch back every evicted layer of the area's timelines (the area is destroyed: no
+        fetcher will be registered for them); the bytes fetched."""
+        fetched = 0
+        for timeline in self._timelines():
+            for layer in timeline.layer_map().layers():
+                if isinstance(layer, EvictedLayer) and not layer.resident:
+                    _fetched = layer.file  # the property fetches it, verified
+                    fetched += layer.file_size
+                marker = layer.path.with_name(layer.path.name + EVICTED_SUFFIX)
+                if layer.path.exists():
+                    marker.unlink(missing_ok=True)
+        return fetched
+
     def enforce(self, limit: int | None = None) -> int:
         """Evict uploaded layers until those on disk fit in `limit` (default: the storage's
         local_cache; None: keep everything); the bytes evicted."""

@@ -128,9 +128,14 @@ class RemoteHistories:
         self.uploaders[name] = uploader
         uploader.start()
 
-    def end_upload(self, name: str) -> None:
-        """The area is destroyed here: stop uploading (what is in the bucket stays)."""
-        uploader = self.uploaders.pop(name, None)
+    def end_upload(self, name: str, *, restore: bool = False) -> None:
+        """The area is destroyed here: stop uploading (what is in the bucket stays). With
+        `restore`, the layers it evicted are fetched back first (raises, the upload going on,
+        when it cannot): nothing would read them from the bucket any more."""
+        uploader = self.uploaders.get(name)
+        if uploader is not None and restore:
+            uploader.cache.fetch_all()
+        self.uploaders.pop(name, None)
         if uploader is not None:
             uploader.stop()
         with self._lock:

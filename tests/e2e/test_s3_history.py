@@ -25,6 +25,7 @@ import pytest
 
 from cli.pgbin import pg_binary
 from pageserver.remote.index import decode_index
+from pageserver.storage.manifest import read_manifest
 from pg15.lsn import format_lsn, parse_lsn
 from tests.e2e.test_pitr_faithfulness import (
     Oracle,
@@ -407,3 +408,10 @@ def test_a_small_local_cache_evicts_uploaded_layers_and_reads_fetch_them_back(
     finally:
         neon.run("snapshot", "stop", "main@s1")
     assert upload(neon, "cached")["fetched_bytes_total"] > 0
+
+    # The area destroyed, nothing would fetch its evicted layers: they come back first.
+    neon.run("pitr", "destroy", "cached")
+    assert not list(timelines.glob("*/*.evicted"))
+    for directory in timelines.iterdir():
+        for entry in read_manifest(directory).layers:
+            assert (directory / entry.name.file_name).exists(), entry

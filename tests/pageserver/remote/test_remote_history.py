@@ -377,6 +377,10 @@ def test_uploaded_layers_are_evicted_and_fetched_back_verified(
     again.cache.register()
     try:
         assert reopened.get_reconstruct_data(page(3), 0x200).image == (0x200, bytes([3, 2]) * 100)
+        # The area destroyed: every evicted layer comes back first, and the markers go.
+        assert again.cache.fetch_all() > 0
+        assert all(p.exists() for p in files)
+        assert not list(root.glob(f"timelines/*/*{EVICTED_SUFFIX}"))
     finally:
         again.cache.unregister()
 
