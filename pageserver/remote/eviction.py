@@ -92,7 +92,7 @@ class LayerCache:
 
     def unregister(self) -> None:
         if self.root is not None:
-            unregister_fetcher(self.root)
+            unregister_fetcher(self.root, self.fetch)
 
     # --- fetch (any reader thread) ---------------------------------------------------------
 

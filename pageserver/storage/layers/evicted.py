@@ -23,6 +23,7 @@ from pageserver.storage.layers.delta import DeltaLayer
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
+from proto.errors import NeonError
 
 EVICTED_SUFFIX = ".evicted"
 """``<layer file>.evicted`` beside where the file was: written before the file is removed, so a
@@ -32,24 +33,40 @@ Fetcher = Callable[[str, str, int, Path], None]
 """(timeline id, layer file name, size, where to write it): downloads, verifies and writes
 the layer durably at that path, or raises."""
 
-_fetchers: dict[Path, Fetcher] = {}
+_fetchers: dict[Path, list[Fetcher]] = {}
+"""Per history root, one fetcher per PITR area kept remotely over it (a node may have two)."""
 _registry_lock = threading.Lock()
 
 
 def register_fetcher(history_root: Path, fetcher: Fetcher) -> None:
     with _registry_lock:
-        _fetchers[history_root.resolve()] = fetcher
+        _fetchers.setdefault(history_root.resolve(), []).append(fetcher)
 
 
-def unregister_fetcher(history_root: Path) -> None:
+def unregister_fetcher(history_root: Path, fetcher: Fetcher) -> None:
     with _registry_lock:
-        _fetchers.pop(history_root.resolve(), None)
+        found = _fetchers.get(history_root.resolve(), [])
+        if fetcher in found:
+            found.remove(fetcher)
 
 
 def fetcher_for(directory: Path) -> Fetcher | None:
-    """The fetcher of the history a timeline directory (``<root>/timelines/<id>``) is in."""
+    """A fetcher trying, in turn, each one registered for the history a timeline directory
+    (``<root>/timelines/<id>``) is in; None when there is none."""
     with _registry_lock:
-        return _fetchers.get(directory.resolve().parent.parent)
+        found = list(_fetchers.get(directory.resolve().parent.parent, []))
+    if not found:
+        return None
+
+    def fetch(timeline_id: str, name: str, size: int, target: Path) -> None:
+        for fetcher in found[:-1]:
+            try:
+                return fetcher(timeline_id, name, size, target)
+            except NeonError:
+                continue  # not in that area's bucket (or unreachable): the next one
+        return found[-1](timeline_id, name, size, target)
+
+    return fetch
 
 
 class EvictedLayer(PersistentLayer):
