@@ -26,6 +26,7 @@ from pageserver.ingest.lsn_index import INDEX_FILE
 from pageserver.remote.index import RemoteIndex, RemoteObject
 from pageserver.remote.upload_queue import Upload
 from pageserver.remote.wal_blocks import SUMS_DIR, BlockHasher, block_sums
+from pageserver.storage.layers.evicted import fetcher_for
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
 from pg15.lsn import parse_lsn, segment_file_name
 from proto.errors import NotFound
@@ -123,6 +124,9 @@ def plan_index(
             if known is not None and known.size == entry.size and not file.exists():
                 objects.append(LocalObject(path, file, known.size, known.sha256))  # evicted
                 continue
+            fetch = fetcher_for(directory)
+            if not file.exists() and fetch is not None:  # evicted by another area: back
+                fetch(timeline_id, file.name, entry.size, file)
             size, sha = hashes.sha256(file)
             objects.append(LocalObject(path, file, size, sha))
     index_file = history.root / "lsn_index" / state.timeline_id / INDEX_FILE

@@ -385,6 +385,37 @@ def test_uploaded_layers_are_evicted_and_fetched_back_verified(
         again.cache.unregister()
 
 
+def test_a_second_area_uploads_layers_the_first_evicted_and_reads_through_either(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    root = tmp_path / "pagestore"
+    store = make_node(root)
+    timeline = store.history.timelines.get("aa")
+    expected = timeline.get_reconstruct_data(page(5), 0x200).image
+    first = uploader(replace(settings, local_cache=1), store)
+    first.start()
+    try:
+        assert first.wait_uploaded(0x200, 20)
+        wait_for(lambda: first.cache.status().evicted_layers == 2)
+        second = uploader(replace(settings, prefix="other"), store)  # another bucket prefix
+        second.start()
+        try:
+            assert second.wait_uploaded(0x200, 20)  # it fetched them through the first
+            first.stop()  # the first area goes: the second's bucket serves the reads
+            for layer in timeline.layer_map().layers():
+                assert isinstance(layer, EvictedLayer) and not layer.resident
+                layer.path.unlink()  # fetched back for the second's upload: gone again
+            assert timeline.get_reconstruct_data(page(5), 0x200).image == expected
+            assert second.cache.fetches_total >= 1 and first.cache.fetches_total == 2
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+    other = replace(settings, prefix="other")
+    index = decode_index(bucket_objects(s3, other)["other/pitr/area/index.json"], "index")
+    assert len([p for p in index.objects if p.startswith("timelines/")]) == 2
+
+
 def test_orphans_of_a_killed_round_are_swept_and_nothing_the_index_names(
     s3: MotoS3, settings: RemoteSettings, tmp_path: Path
 ) -> None:
