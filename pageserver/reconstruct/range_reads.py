@@ -92,10 +92,20 @@ def rel_pages(
     stored = _images_in(wanted, plan) if plan is not None else iter(())
     held = next(stored, None)
     slow_keys = plan.slow if plan is not None else None
+    # Keys sort as their block numbers do: the block is the last, big-endian field
+    # (pageserver.storage.keys), after a prefix shared by the fork's keys.
+    prefix = wanted.start[:-4]
     for run in range(first, last, _RUN_BLOCKS):
-        # Keys sort as their block numbers do (big-endian fields, pageserver.storage.keys).
         blocks = range(run, min(last, run + _RUN_BLOCKS))
-        keys = [rel_block_key(spc, db, rel, fork, b) for b in blocks]
+        keys = [Key(prefix + b.to_bytes(4, "big")) for b in blocks]
+        if slow_keys is not None and slow_keys.isdisjoint(keys):
+            # Every page from the images (an imported or compacted database's common
+            # case): no per-key set lookup.
+            for key in keys:
+                while held is not None and held[0] < key:
+                    held = next(stored, None)
+                yield held[1] if held is not None and held[0] == key else ZERO_PAGE
+            continue
         slow = keys if slow_keys is None else [key for key in keys if key in slow_keys]
         rebuilt = iter(
             slow_values(slow) if slow_values is not None else per_key(timeline, slow, lsn)

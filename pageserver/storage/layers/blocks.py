@@ -415,6 +415,26 @@ class LayerFile:
         """The encoded value a version entry points at (through the block cache)."""
         return self._value_in(self._block(block_no), block_no, tag, offset, length)
 
+    def iter_newest(self, key_range: KeyRange) -> Iterator[tuple[Key, int, bytes]]:
+        """(key, tag, payload) of the newest version of every key of key_range in file order,
+        the payload without its tag byte: a bulk scan of an image layer (a basebackup) at one
+        index entry and one slice per key, bypassing the cache like iter_key_groups."""
+        keys, firsts = self._keys()
+        m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
+        unpack = _VERSION_ENTRY.unpack_from
+        block_no, block = -1, b""
+        for i in range(self.lower_bound(key_range.start), self.lower_bound(key_range.end)):
+            last = firsts[i + 1] - 1
+            if last < firsts[i]:
+                raise LayerCorrupt(self.path, f"key {i} has no version")
+            _lsn, tag, b, offset, length = unpack(m, at + last * size)
+            if b != block_no:
+                block_no, block = b, self._block(b, use_cache=False)
+            end = offset + length
+            if end > len(block) or length == 0 or block[offset] != tag:
+                raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
+            yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), tag, block[offset + 1 : end]
+
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in file order, bypassing the cache (a sequential
         scan by compaction must not evict the blocks readers use)."""

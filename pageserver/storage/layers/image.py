@@ -15,7 +15,7 @@ from pageserver.storage.layers.blocks import KIND_IMAGE, BlockCache, LayerCorrup
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.values import Image, decode_value, encode_value
+from pageserver.storage.values import TAG_IMAGE, Image, encode_value
 from proto.errors import InvalidArgument
 
 
@@ -42,13 +42,12 @@ class ImageLayer(PersistentLayer):
         """(key, image) of every key of key_range the layer holds, in key order: blocks are
         read in file order once each, bypassing the cache (a bulk read such as a
         basebackup must not evict the blocks GetPage readers use)."""
-        for key, versions in self.file.iter_key_groups(key_range):
-            value = decode_value(versions[-1][1])
-            if not isinstance(value, Image):
+        for key, tag, data in self.file.iter_newest(key_range):
+            if tag != TAG_IMAGE:
                 raise LayerCorrupt(
                     self.path, f"image layer holds a non-image value for {describe(key)}"
                 )
-            yield key, value.data
+            yield key, data
 
 
 class ImageLayerWriter:
