@@ -82,15 +82,20 @@ class SnapshotFileWriter:
         out = [self.add_frame(self.compress_frame(raw), size) for raw, size in self.cut(data)]
         return b"".join(out)
 
-    def cut(self, data: bytes | bytearray | memoryview) -> list[tuple[FramePieces, int]]:
+    def cut(
+        self, data: bytes | bytearray | memoryview, *, hashed: bool = True
+    ) -> list[tuple[FramePieces, int]]:
         """Take tar bytes; return the whole frames (uncompressed, with their sizes) they
         complete, in order. Each must be given back to `add_frame`, compressed, in the same
         order. Bytes are not copied: a frame is views of the chunks given (a mutable buffer
-        is copied first, as the caller may reuse it)."""
+        is copied first, as the caller may reuse it). With `hashed=False` the caller gives
+        every frame (and the rest) to `hash_frame` instead, in order: the tar's SHA-256 can
+        then run on a thread of its own."""
         if self._checksums is not None:
             raise InvalidArgument("the snapshot file is already finished")
         view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
-        self._data_hash.update(view)
+        if hashed:
+            self._data_hash.update(view)
         self._data_size += len(view)
         frame_size = self.manifest.frame_size
         frames = []
@@ -114,6 +119,12 @@ class SnapshotFileWriter:
         self._frame, self._frame_fill = [], 0
         self._cut_frames += 1
         return rest
+
+    def hash_frame(self, pieces: FramePieces) -> None:
+        """Add a frame's tar bytes to the tar's SHA-256 (after `cut(..., hashed=False)`):
+        frames in order, one call at a time (hashlib releases the GIL meanwhile)."""
+        for piece in pieces:
+            self._data_hash.update(piece)
 
     def compress_frame(self, pieces: FramePieces) -> bytes:
         """One independent zstd frame of the pieces; thread-safe (see `compress_frame`)."""
@@ -198,40 +209,53 @@ def compress_frame(pieces: FramePieces, level: int) -> bytes:
 
 def encode_snapshot_file(
     manifest: Manifest,
-    tar_chunks: Iterable[bytes],
+    tar_chunks: Iterable[bytes | bytearray | memoryview],
     *,
     level: int = DEFAULT_LEVEL,
     workers: int = 2,
 ) -> Generator[bytes, None, None]:
     """The `.neon` file's bytes for the tar arriving as `tar_chunks`, its frames compressed
-    by `workers` threads at once (zstd and SHA-256 release the GIL), in order: the same bytes
-    as `SnapshotFileWriter.write`. At most 2 x `workers` frames are in flight, so memory
-    stays a few frames."""
+    by `workers` threads at once and the tar's SHA-256 computed on one more (zstd and
+    SHA-256 release the GIL), in order: the same bytes as `SnapshotFileWriter.write`. At most
+    2 x `workers` frames are in flight, so memory stays a few frames; the thread reading
+    `tar_chunks` (making the tar) does neither."""
     writer = SnapshotFileWriter(manifest, level=level)
     limit = 2 * workers
-    with concurrent.futures.ThreadPoolExecutor(workers, "snapfile-zstd") as pool:
-        pending: collections.deque[tuple[concurrent.futures.Future[bytes], int]] = (
-            collections.deque()
-        )
+    Pending = tuple[concurrent.futures.Future[bytes], concurrent.futures.Future[None], int]
+    with (
+        concurrent.futures.ThreadPoolExecutor(workers, "snapfile-zstd") as pool,
+        concurrent.futures.ThreadPoolExecutor(1, "snapfile-sha256") as hasher,
+    ):
+        pending: collections.deque[Pending] = collections.deque()
+
+        def ready() -> bool:
+            return pending[0][0].done() and pending[0][1].done()
+
+        def take() -> bytes:
+            compressed, hashed, size = pending.popleft()
+            hashed.result()
+            return writer.add_frame(compressed.result(), size)
+
         try:
 
             def submit(frames: Iterable[tuple[FramePieces, int]]) -> Iterator[bytes]:
                 for pieces, size in frames:
-                    pending.append((pool.submit(writer.compress_frame, pieces), size))
-                    while len(pending) > limit or (pending and pending[0][0].done()):
-                        future, size = pending.popleft()
-                        yield writer.add_frame(future.result(), size)
+                    # One hashing thread: its queue keeps the frames in order.
+                    hashed = hasher.submit(writer.hash_frame, pieces)
+                    pending.append((pool.submit(writer.compress_frame, pieces), hashed, size))
+                    while len(pending) > limit or (pending and ready()):
+                        yield take()
 
             for chunk in tar_chunks:
-                yield from submit(writer.cut(chunk))
+                yield from submit(writer.cut(chunk, hashed=False))
             rest = writer.cut_rest()
             yield from submit([] if rest is None else [rest])
             while pending:
-                future, size = pending.popleft()
-                yield writer.add_frame(future.result(), size)
+                yield take()
         finally:
-            for future, _size in pending:
-                future.cancel()
+            for compressed, hashed, _size in pending:
+                compressed.cancel()
+                hashed.cancel()
     yield writer.finish_frames()
 
 

@@ -42,3 +42,22 @@ def test_a_failing_source_stops_the_encoding() -> None:
 
     with pytest.raises(OSError, match="unreadable"):
         b"".join(encode_snapshot_file(make_manifest(FRAME), chunks(), workers=2))
+
+
+def test_a_reused_buffer_is_hashed_as_it_was_given() -> None:
+    """The tar's SHA-256 runs on its own thread, after `cut` returned: a producer reusing
+    one buffer for every chunk (overwritten as soon as the next is made) must not change
+    the hash or the frames."""
+    tar = generated_bytes(9 * FRAME + 5, 9)
+    manifest = make_manifest(FRAME)
+
+    def chunks() -> Iterator[bytearray]:
+        buf = bytearray(FRAME // 2)
+        for at in range(0, len(tar), len(buf)):
+            piece = tar[at : at + len(buf)]
+            buf[: len(piece)] = piece
+            yield buf if len(piece) == len(buf) else bytearray(piece)
+            buf[:] = bytes(len(buf))  # the producer moves on before the hash ran
+
+    parallel = b"".join(encode_snapshot_file(manifest, chunks(), workers=2))
+    assert parallel == encode(manifest, tar)[0]
