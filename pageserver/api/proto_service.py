@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pageserver.api.service import Pageserver
+from pageserver.api.thread_chunks import chunks_in_thread
 from pageserver.basebackup.checkout_delta import COALESCE_BYTES, checkout_parent, coalesced
 from pageserver.basebackup.snapshot_file import (
     DeltaParent,
@@ -224,15 +225,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             # frame (and one thread hop) each, they cost more than their pages.
             chunks = coalesced(tar, COALESCE_BYTES)
         sent = 0
-        try:
-            while True:
-                chunk = await asyncio.to_thread(next, chunks, None)
-                if chunk is None:
-                    break
+        async with contextlib.aclosing(chunks_in_thread(chunks)) as produced:
+            async for chunk in produced:
                 sent += len(chunk)
                 await ctx.send(chunk)
-        finally:  # not running now (the last next() has returned): stop its threads
-            await asyncio.to_thread(chunks.close)
         fields = asdict(info)
         spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
         return m.BasebackupResponse(
