@@ -29,6 +29,9 @@ What is imported (value formats: `pageserver.reconstruct.value_format`):
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, cast
@@ -45,10 +48,15 @@ from pageserver.storage.keys import (
     CHECKPOINT_KEY,
     CONTROLFILE_KEY,
     DB_DIR_KEY,
+    FULL_KEYSPACE,
+    KEY_MAX,
+    KEY_MIN,
     NODE_METADATA_KEY,
     TABLESPACE_MAP_KEY,
     TWOPHASE_DIR_KEY,
+    U32_MAX,
     Key,
+    KeyRange,
     SlruKind,
     rel_block_key,
     rel_dir_key,
@@ -87,6 +95,11 @@ from pg15.xlog_reader import (
 from proto.errors import Conflict, CorruptData
 
 _BATCH = 256
+
+IMPORT_THREADS = 2
+"""Threads writing a big import (a run of image layers each, over its own key range)."""
+THREADED_BYTES = 64 * 1024 * 1024
+"""Relation files below this size are imported by one thread."""
 
 
 def record_end_lsn(start: int, length: int, segment_size: int) -> int:
@@ -168,22 +181,32 @@ def _relation_files(directory: Path) -> dict[tuple[int, int], list[tuple[int, Pa
     return found
 
 
-def _pages(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(block within the file, page) of every not-all-zero page; the file's length must be
-    a whole number of pages."""
+_READ_PAGES = 128
+"""Pages read at once: one read call per 1 MiB, not one per page."""
+
+
+def _pages(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(block within the file, page) of every not-all-zero page (of blocks start..stop-1
+    only, if given); the file's length must be a whole number of pages."""
     size = path.stat().st_size
     if size % BLCKSZ:
         raise CorruptData(f"{path} has {size} bytes, not a whole number of {BLCKSZ}-byte pages")
     zero = bytes(BLCKSZ)
-    with path.open("rb") as f:
-        blkno = 0
+    with path.open("rb", buffering=0) as f:
+        blkno = start
+        f.seek(start * BLCKSZ)
         while True:
-            page = f.read(BLCKSZ)
-            if not page:
+            want = _READ_PAGES if stop is None else min(_READ_PAGES, stop - blkno)
+            chunk = f.read(want * BLCKSZ) if want > 0 else b""
+            if not chunk:
                 return
-            if page != zero:
-                yield blkno, page
-            blkno += 1
+            if len(chunk) % BLCKSZ:
+                raise CorruptData(f"{path} changed while it was read (a partial page)")
+            for at in range(0, len(chunk), BLCKSZ):
+                page = chunk[at : at + BLCKSZ]
+                if page != zero:
+                    yield blkno, page
+                blkno += 1
 
 
 def _import_database(
@@ -231,7 +254,9 @@ def _databases(datadir: Path) -> list[tuple[int, int, Path]]:
     return found
 
 
-def import_datadir(timeline: Timeline, datadir: Path, at_lsn: int | None = None) -> int:
+def import_datadir(
+    timeline: Timeline, datadir: Path, at_lsn: int | None = None, threads: int = IMPORT_THREADS
+) -> int:
     """Import `datadir` (cleanly shut down) into an empty root timeline; returns the LSN.
 
     `at_lsn` puts the images at another LSN than the directory's own checkpoint: that of a
@@ -255,14 +280,21 @@ def import_datadir(timeline: Timeline, datadir: Path, at_lsn: int | None = None)
     lsn = own_lsn if at_lsn is None else at_lsn
     # Every function below adds its keys in ascending key order (pageserver/storage/keys.py:
     # a database's relmap, then its relation directory, then each relation fork's pages and
-    # size; an SLRU's directory, then each segment's pages and size; and so on), so the run
-    # writer holds about one layer's index whatever the directory's size.
-    writer = ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache)
+    # size; an SLRU's directory, then each segment's pages and size; and so on), so a run
+    # writer holds about one layer's index whatever the directory's size. A big directory is
+    # cut into `threads` key ranges of about equal bytes, each written by a thread of its own
+    # (`_import_ranges`): a run's Python and another's zstd compression then run at once.
+    ranges = _key_ranges(datadir, threads)
+    runs = [
+        ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache, key_range)
+        for key_range in ranges
+    ]
     try:
-        add_datadir_values(writer, datadir, control, lsn)
-        layers = writer.finish()
+        _import_ranges(runs, ranges, datadir, control, lsn)
+        layers = [layer for run in runs for layer in run.finish()]
     except BaseException:
-        writer.abort()
+        for run in runs:
+            run.abort()
         raise
     timeline.replace_layers(add=layers, remove=[])
     timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn if at_lsn is None else 0)
@@ -289,7 +321,12 @@ class ForkFiles(Protocol):
 
 
 class _WholeFiles:
-    """A data directory's own segment files: every not-all-zero page, and the size."""
+    """A data directory's own segment files: every not-all-zero page, and the size; with a
+    `key_range`, only the pages in it are read (the size is added all the same: a sink
+    keeping that range drops it if it is outside)."""
+
+    def __init__(self, key_range: KeyRange = FULL_KEYSPACE) -> None:
+        self._range = key_range
 
     def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
         return _relation_files(directory)
@@ -298,6 +335,8 @@ class _WholeFiles:
         self, sink: ImageSink, spc: int, db: int, rel: int, fork: int, found: object
     ) -> None:
         segments = sorted(cast(list[tuple[int, Path]], found))
+        lo = _first_block_at(self._range.start, spc, db, rel, fork)
+        hi = _first_block_at(self._range.end, spc, db, rel, fork)
         nblocks = 0
         for segno, path in segments:
             size = path.stat().st_size
@@ -305,13 +344,99 @@ class _WholeFiles:
                 continue  # mdtruncate leaves inactive segments as empty files
             if segno * RELSEG_SIZE != nblocks:
                 raise CorruptData(f"{path}: an earlier segment of this relation is incomplete")
-            for blkno, page in _pages(path):
-                sink.add(rel_block_key(spc, db, rel, fork, segno * RELSEG_SIZE + blkno), page)
-            nblocks = segno * RELSEG_SIZE + size // BLCKSZ
+            first = segno * RELSEG_SIZE
+            start, stop = max(lo, first) - first, min(hi, first + size // BLCKSZ) - first
+            if start < stop or size % BLCKSZ:  # (_pages names a partial page)
+                for blkno, page in _pages(path, start, stop):
+                    sink.add(rel_block_key(spc, db, rel, fork, first + blkno), page)
+            nblocks = first + size // BLCKSZ
         sink.add(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
 
 
+def _first_block_at(bound: Key, spc: int, db: int, rel: int, fork: int) -> int:
+    """The first block of the fork whose key is at or after `bound` (U32_MAX: none is)."""
+    start = rel_block_key(spc, db, rel, fork, 0)
+    if bound <= start:
+        return 0
+    if bound[:-4] == start[:-4]:  # the block is the key's last field (pageserver.storage.keys)
+        return int.from_bytes(bound[-4:], "big")
+    return U32_MAX
+
+
 WHOLE_FILES: ForkFiles = _WholeFiles()
+
+
+def _key_ranges(datadir: Path, threads: int) -> list[KeyRange]:
+    """The keyspace cut at relation block keys into `threads` ranges of about equal bytes of
+    relation files (one range for a directory under THREADED_BYTES)."""
+    forks: list[tuple[int, int, int, int, int]] = []  # (spc, db, rel, fork, bytes), key order
+    for spc, db, path in sorted(_databases(datadir), key=lambda d: (d[0], d[1])):
+        for (rel, fork), found in sorted(_relation_files(path).items()):
+            forks.append((spc, db, rel, fork, sum(p.stat().st_size for _s, p in found)))
+    total = sum(f[4] for f in forks)
+    if threads <= 1 or total < THREADED_BYTES:
+        return [FULL_KEYSPACE]
+    cuts: list[Key] = []
+    done = 0
+    for spc, db, rel, fork, size in forks:
+        while len(cuts) < threads - 1 and done + size > total * (len(cuts) + 1) // threads:
+            block = (total * (len(cuts) + 1) // threads - done) // BLCKSZ
+            cut = rel_block_key(spc, db, rel, fork, block)
+            if cuts and cut <= cuts[-1]:
+                break
+            cuts.append(cut)
+        done += size
+    bounds = [KEY_MIN, *cuts, KEY_MAX]
+    return [KeyRange(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+class _Stopped(Exception):
+    """Another range's thread failed: this one stops too."""
+
+
+class _InRange:
+    """The sink of one range's thread: the keys of its range go to its run, the others are
+    dropped (every thread walks the whole directory's small values)."""
+
+    def __init__(self, run: ImageRunWriter, key_range: KeyRange, failed: threading.Event) -> None:
+        self._run, self._range, self._failed = run, key_range, failed
+
+    def add(self, key: Key, data: bytes) -> None:
+        if self._failed.is_set():
+            raise _Stopped
+        if self._range.start <= key < self._range.end:
+            self._run.add(key, data)
+
+
+def _import_ranges(
+    runs: list[ImageRunWriter], ranges: list[KeyRange], datadir: Path, control: ControlFile,
+    lsn: int,
+) -> None:  # fmt: skip
+    """Every value of the directory into the run of its key range; one thread per range
+    (ranges read only their pages of the relation files). The first error is raised once
+    every thread has stopped."""
+    if len(runs) == 1:
+        add_datadir_values(runs[0], datadir, control, lsn)
+        return
+    failed = threading.Event()
+
+    def one(run: ImageRunWriter, key_range: KeyRange) -> None:
+        try:
+            sink = _InRange(run, key_range, failed)
+            add_datadir_values(sink, datadir, control, lsn, _WholeFiles(key_range))
+        except BaseException:
+            failed.set()
+            raise
+
+    with concurrent.futures.ThreadPoolExecutor(len(runs), "import") as pool:
+        futures = [
+            pool.submit(one, run, key_range) for run, key_range in zip(runs, ranges, strict=True)
+        ]
+        concurrent.futures.wait(futures)
+    errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None and not isinstance(e, _Stopped)), None)
+    if first is not None:
+        raise first
 
 
 def add_datadir_values(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from pageserver.storage.keys import KEY_MAX, KEY_MIN, Key, KeyRange, describe
+from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, describe
 from pageserver.storage.layers.blocks import KIND_IMAGE, BlockCache, LayerCorrupt, LayerFileWriter
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
@@ -123,11 +123,16 @@ class ImageRunWriter:
     PUBLISHING = 2
 
     def __init__(
-        self, directory: Path, lsn: int, settings: StoreSettings, cache: BlockCache
-    ) -> None:
+        self, directory: Path, lsn: int, settings: StoreSettings, cache: BlockCache,
+        key_range: KeyRange = FULL_KEYSPACE,
+    ) -> None:  # fmt: skip
+        """`key_range`: the run covers that part of the keyspace only (its keys must be in
+        it); runs over adjacent ranges at one LSN together are one run's layers (an import
+        written by several threads, pageserver/ingest/import_datadir.py)."""
         self._dir, self._lsn, self._settings, self._cache = directory, lsn, settings, cache
         self._writer: ImageLayerWriter | None = None
-        self._start = KEY_MIN
+        self._range = key_range
+        self._start = key_range.start
         self._bytes = 0
         self._last: Key | None = None
         self._sealed: list[tuple[ImageLayerWriter, Future[None]]] = []
@@ -138,6 +143,9 @@ class ImageRunWriter:
         if self._last is not None and key <= self._last:
             self.abort()
             raise InvalidArgument(f"image run keys must be unique and sorted: {describe(key)}")
+        if not self._range.start <= key < self._range.end:
+            self.abort()
+            raise InvalidArgument(f"key {describe(key)} is outside the image run's key range")
         self._last = key
         writer = self._writer
         if writer is not None and self._bytes >= self._settings.image_layer_target_size:
@@ -145,7 +153,7 @@ class ImageRunWriter:
             self._start, writer = key, None
         if writer is None:
             writer = self._writer = ImageLayerWriter(
-                self._dir, KeyRange(self._start, KEY_MAX), self._lsn, self._settings
+                self._dir, KeyRange(self._start, self._range.end), self._lsn, self._settings
             )
             self._bytes = 0
         writer.add(key, data)
@@ -178,11 +186,12 @@ class ImageRunWriter:
             wait_for_one = False
 
     def finish(self) -> list[ImageLayer]:
-        """Publish the last layer (up to KEY_MAX); every layer of the run, in key order."""
+        """Publish the last layer (up to the run's end, KEY_MAX by default); every layer of
+        the run, in key order."""
         writer = self._writer
         if writer is None:
             writer = ImageLayerWriter(
-                self._dir, KeyRange(self._start, KEY_MAX), self._lsn, self._settings
+                self._dir, KeyRange(self._start, self._range.end), self._lsn, self._settings
             )
         try:
             self._cut(writer, None)
