@@ -83,8 +83,12 @@ async def verified_tar(
     chunks: AsyncIterator[bytes], label: str, on_manifest: Callable[[Manifest], None]
 ) -> AsyncIterator[bytes]:
     """The verified basebackup tar inside the `.neon` file arriving as `chunks`; raises
-    CorruptData (after the tar's last byte at the latest) unless the whole file checks out."""
-    reader = SnapshotFileReader(label)
+    CorruptData (after the tar's last byte at the latest) unless the whole file checks out.
+
+    Three things run at once: the next chunk is read here while the one before is verified
+    and decompressed on a worker thread, and the whole tar's SHA-256 runs on a thread of its
+    own (the reader's background hash); zstd and hashlib release the GIL."""
+    reader = SnapshotFileReader(label, hash_in_background=True)
     ended = False
 
     def take(events: Iterator[ReaderEvent]) -> list[bytes]:
@@ -99,11 +103,29 @@ async def verified_tar(
                 ended = True
         return out
 
-    async for chunk in chunks:
-        for data in take(reader.feed(chunk)):
+    def feed(chunk: bytes) -> list[bytes]:
+        return take(reader.feed(chunk))
+
+    working: asyncio.Future[list[bytes]] | None = None  # the chunk before, being read
+    try:
+        async for chunk in chunks:
+            if working is not None:
+                for data in await working:
+                    yield data
+            # A copy of a mutable chunk: its source may reuse it while the worker reads it.
+            taken = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            working = asyncio.ensure_future(asyncio.to_thread(feed, taken))
+        if working is not None:
+            done, working = working, None
+            for data in await done:
+                yield data
+        for data in await asyncio.to_thread(lambda: take(reader.finish())):
             yield data
-    for data in take(reader.finish()):
-        yield data
+    finally:
+        if working is not None:  # stopped early: the reader's thread finishes its chunk
+            with contextlib.suppress(Exception):
+                await asyncio.shield(working)
+        reader.close()
     if not ended:
         raise CorruptData(f"{label} ended before its checksums")  # finish() raises first
 

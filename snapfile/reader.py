@@ -21,6 +21,7 @@ from typing import BinaryIO
 import zstandard
 
 from pageserver_api.errors import CorruptData, InvalidArgument, NeonError
+from snapfile.background_hash import BackgroundSha256
 from snapfile.container import (
     BLOCK,
     CHECKSUMS_NAME,
@@ -80,7 +81,10 @@ ReaderEvent = ManifestRead | TarData | SnapshotEnd
 class SnapshotFileReader:
     """Feed it the file with `feed()`, then call `finish()`; iterate what both return."""
 
-    def __init__(self, label: str = "snapshot file") -> None:
+    def __init__(self, label: str = "snapshot file", *, hash_in_background: bool = False) -> None:
+        """`hash_in_background`: the whole tar's SHA-256 runs on a thread of its own
+        (snapfile/background_hash.py), beside the decompression of the next frames; `close`
+        stops that thread."""
         self.label = label
         self.manifest: Manifest | None = None
         self.checksums: Checksums | None = None
@@ -97,10 +101,17 @@ class SnapshotFileReader:
         self._at_end = False  # checksums.json read; the end-of-archive blocks come next
         self._done = False  # the end-of-archive blocks read
         self._ended = False  # SnapshotEnd yielded
-        self._data_hash = hashlib.sha256()
+        self._data_hash: BackgroundSha256 | hashlib._Hash = (
+            BackgroundSha256() if hash_in_background else hashlib.sha256()
+        )
         self._data_size = 0
         self.verified_offset = 0
         """Bytes from the start of the file that are verified: a resumable prefix."""
+
+    def close(self) -> None:
+        """Stop the background hash's thread, if any (a reader read to its end needs none)."""
+        if isinstance(self._data_hash, BackgroundSha256):
+            self._data_hash.close()
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[ReaderEvent]:
         """Take the next bytes of the file; return the events they complete."""
