@@ -11,6 +11,7 @@ import struct
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +76,31 @@ def snapshot_create(ctx: click.Context, name: str, as_json: bool) -> None:
     else:
         with locked_node(app, pgdata, "snapshot create") as node:
             name = f"{node.pgdata}@{tag}"
-            # The state the node has made durable: its flush LSN (after a checkpoint, from
-            # which a checkout back here rewrites what changed: cli/checkout_delta.py), or
-            # its shutdown checkpoint.
-            wait = nodes.server_wal_lsn(app, nodes.node_status(app, node), checkpoint=True)
+            show = not as_json and sys.stderr.isatty()
+            wait = _checkpointed_lsn(app, nodes.node_status(app, node), show)
             if wait is not None:
-                show = not as_json and sys.stderr.isatty()
                 wait_for_ingest(app, node.id, wait, show_progress=show)
             request = SnapshotCreateRequest(node.id, name, lsn=wait, wait_timeout=120)
             snap = local_api(app).snapshot_create(request)
     if as_json:
         print_json({**snap.to_wire(), "lsn_text": snap.lsn_text})
+
+
+def _checkpointed_lsn(app: App, status: nodes.NodeStatus, show: bool) -> int | None:
+    """The state the node has made durable: its flush LSN after a checkpoint (from which a
+    checkout back here rewrites what changed: cli/checkout_delta.py), or its shutdown
+    checkpoint. Right after a load the checkpoint (writing and fsyncing the load's pages) and
+    ingest of the load's WAL each take a second or more: the history catches up to the flush
+    LSN before the checkpoint while the checkpoint runs, so only its own records are left to
+    wait for afterwards (and the pageserver pauses compaction meanwhile, as for any wait)."""
+    if status.state != "running" or status.node.role == nodes.ATTACHED:
+        return nodes.server_wal_lsn(app, status, checkpoint=True)
+    before = nodes.server_wal_lsn(app, status)
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
+        checkpointed = pool.submit(nodes.server_wal_lsn, app, status, True)
+        if before is not None:
+            wait_for_ingest(app, status.node.id, before, show_progress=show)
+        return checkpointed.result()
 
 
 def _create_on_remote(app: App, ref: str, tag: str) -> SnapshotInfo:
