@@ -129,13 +129,19 @@ def test_a_fresh_home_extracts_from_the_bucket_alone(
     # Layers and WAL reach the bucket; the lag and the bytes are reported.
     status = wait_uploaded(neon, "s3area", target)
     assert status["last_error"] is None and status["generation"] == 1
-    objects, index = bucket_index(s3, bucket, "s3area")
+    deadline = time.monotonic() + 60
+    while True:  # the bytes the pageserver reports are its last index's (the WAL's growth is
+        # uploaded every 15 s: a round may land between reading the bucket and asking it)
+        objects, index = bucket_index(s3, bucket, "s3area")
+        shown = neon.json("storage", "show", "s3tank")
+        listed = {s["name"]: s for s in neon.json("storage", "list")}
+        total = index.total_bytes  # type: ignore[attr-defined]
+        if shown["used_bytes"] == total == listed["s3tank"]["used_bytes"]:
+            break
+        assert time.monotonic() < deadline, (shown["used_bytes"], total, listed["s3tank"])
+        time.sleep(0.5)
     layers = [p for p in index.objects if p.startswith("timelines/")]  # type: ignore[attr-defined]
     assert len(layers) >= 2 and any(p.startswith("wal/") for p in index.objects)  # type: ignore[attr-defined]
-    shown = neon.json("storage", "show", "s3tank")
-    assert shown["used_bytes"] == index.total_bytes  # type: ignore[attr-defined]
-    listed = {s["name"]: s for s in neon.json("storage", "list")}
-    assert listed["s3tank"]["used_bytes"] == index.total_bytes  # type: ignore[attr-defined]
     assert "PITR area s3area: uploaded to" in neon.run("storage", "show", "s3tank").stdout
     [up] = neon.json("pg", "show", "pgdata1")["remote_uploads"]
     assert up["area"] == "s3area" and up["remote_lsn"] >= target
