@@ -76,15 +76,18 @@ def _remote_settings(app: App, row: StorageRow) -> dict[str, Any]:
     }
 
 
-def sync_remote(app: App, api: SyncPageserverClient, only: str | None = None) -> None:
+def sync_remote(
+    app: App, api: SyncPageserverClient, only: str | None = None, *, rescan: bool = False
+) -> None:
     """Tell the pageserver about the s3 storages it does not know yet (`only`: just that
-    one), so it attaches the PITR areas of their buckets."""
+    one), so it attaches the PITR areas of their buckets; `rescan`: also look again in the
+    buckets it knows for areas created since (one LIST each, a GET per new area)."""
     rows = [r for r in app.registry.storages() if r.type in REMOTE_TYPES and only in (None, r.name)]
     if not rows:
         return
     known = {s.storage for s in api.remote_status().storages}
     for row in rows:
-        if row.name in known:
+        if row.name in known and not rescan:
             continue
         try:
             api.remote_attach(RemoteAttachRequest(s3_settings(app, row)))

@@ -268,7 +268,8 @@ def snapshot_list(ctx: click.Context, storage: str | None, as_json: bool) -> Non
     bucket, what reading it downloads)."""
     app = get_app(ctx)
     if storage is not None:
-        sync_remote(app, local_api(app), only=storage)  # an s3 storage's areas, attached
+        # An s3 storage's areas attached, those created there since included (one LIST).
+        sync_remote(app, local_api(app), only=storage, rescan=True)
     rows = _rows(app)
     if storage is not None:
         rows = in_storage(app, rows, storage)

@@ -160,7 +160,8 @@ class RemoteHistories:
 
     def attach(self, settings: RemoteSettings) -> list[str]:
         """Know the storage; attach, read-only, every PITR area of the bucket this pageserver
-        does not write itself (one LIST of the areas, then one GET of each index)."""
+        does not write itself and has not attached yet (one LIST of the areas, then one GET of
+        each new area's index): called again, it finds the areas created since."""
         self.remember_storage(settings)
 
         async def areas() -> list[str]:
@@ -171,6 +172,9 @@ class RemoteHistories:
         for name in asyncio.run(areas()):
             if self.uploads.get(name) == settings.storage:
                 continue
+            known = self.mirrors.get(name)
+            if known is not None and known.settings.storage == settings.storage:
+                continue  # attached already: refreshed when an extraction reads it
             mirror = MirrorArea(
                 settings, name, self._mirror_base(settings.storage) / name / "pagestore"
             )

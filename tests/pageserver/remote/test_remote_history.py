@@ -19,6 +19,7 @@ from pageserver.history.pitr import new_area
 from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.remote.index import INDEX_NAME, ChecksumMismatch, IndexTooNew, decode_index
 from pageserver.remote.lease import LeaseLost
+from pageserver.remote.manager import RemoteHistories
 from pageserver.remote.mirror import MirrorArea
 from pageserver.remote.objects import ObjectStore
 from pageserver.remote.settings import RemoteSettings
@@ -414,6 +415,30 @@ def test_a_second_area_uploads_layers_the_first_evicted_and_reads_through_either
     other = replace(settings, prefix="other")
     index = decode_index(bucket_objects(s3, other)["other/pitr/area/index.json"], "index")
     assert len([p for p in index.objects if p.startswith("timelines/")]) == 2
+
+
+def test_attaching_again_finds_the_areas_created_since(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    area = asdict(store.history.pitr.get("area"))
+
+    def upload(name: str) -> None:
+        up = AreaUploader(settings, {**area, "name": name}, "pgdata1", lambda: store, "me")
+        up.start()
+        try:
+            assert up.wait_uploaded(0x200, 20)
+        finally:
+            up.stop()
+
+    upload("area")
+    (tmp_path / "elsewhere").mkdir()
+    histories = RemoteHistories(tmp_path / "elsewhere")
+    assert histories.attach(settings) == ["area"]
+    upload("later")
+    # Called again (snapshot list -s S): one LIST; only the new area is read and attached.
+    assert histories.attach(settings) == ["later"]
+    assert sorted(histories.mirrors) == ["area", "later"]
 
 
 def test_orphans_of_a_killed_round_are_swept_and_nothing_the_index_names(
