@@ -105,6 +105,7 @@ typedef struct {
     uint8_t (*pages)[BLCKSZ]; /* MAX_PUTS pages, allocated on the first image */
     /* per record */
     PyObject *record, *raw;
+    uint64_t end_lsn; /* the record's */
     int has_image;
     uint8_t start_le[8]; /* the record's start LSN, u64 LE: the head of its delta payload */
     int n_pages;
@@ -407,8 +408,7 @@ image_value(Ingest *st, PyObject *image, Put *out)
     memcpy(p + hole_offset + hole_length, src + hole_offset, BLCKSZ - hole_offset - hole_length);
     if (p[PD_UPPER_OFFSET] | p[PD_UPPER_OFFSET + 1]) {
         /* PageSetLSN: pd_lsn is {xlogid, xrecoff}, each a native (little-endian) uint32 */
-        unsigned long long end =
-            PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(st->record, R_END_LSN));
+        uint64_t end = st->end_lsn;
         uint32_t hi = (uint32_t)(end >> 32), lo = (uint32_t)end;
         for (int i = 0; i < 4; i++) {
             p[i] = (uint8_t)(hi >> (8 * i));
@@ -728,6 +728,28 @@ commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
     return OK;
 }
 
+/* The tuple shapes the code below reads with unchecked PyTuple_GET_ITEM (pg15/records.py):
+ * a DecodedRecord whose blocks are BlockRefs and whose images are BlockImages, main data bytes */
+static int
+record_shape_ok(PyObject *rec)
+{
+    if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) <= R_MAIN ||
+        !PyBytes_Check(PyTuple_GET_ITEM(rec, R_MAIN)))
+        return 0;
+    PyObject *blocks = PyTuple_GET_ITEM(rec, R_BLOCKS);
+    if (!PyTuple_Check(blocks))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
+        PyObject *b = PyTuple_GET_ITEM(blocks, i);
+        if (!PyTuple_Check(b) || PyTuple_GET_SIZE(b) <= B_DATA)
+            return 0;
+        PyObject *image = PyTuple_GET_ITEM(b, B_IMAGE);
+        if (image != Py_None && (!PyTuple_Check(image) || PyTuple_GET_SIZE(image) <= I_INFO))
+            return 0;
+    }
+    return 1;
+}
+
 static PyObject *
 py_ingest_run(PyObject *self, PyObject *args)
 {
@@ -748,6 +770,10 @@ py_ingest_run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "records and raws differ in length");
         return NULL;
     }
+    if (start < 0) {
+        PyErr_SetString(PyExc_IndexError, "ingest_run: negative start");
+        return NULL;
+    }
     st.next_xid = (uint32_t)next_xid;
     st.size_cache = PyMem_Calloc(SIZE_SLOTS, sizeof *st.size_cache);
     if (st.size_cache == NULL)
@@ -756,11 +782,12 @@ py_ingest_run(PyObject *self, PyObject *args)
     PyObject *last_end = NULL, *last_prev = NULL;
     for (; i < PyList_GET_SIZE(records) && bytes < budget; i++) {
         PyObject *rec = PyList_GET_ITEM(records, i);
-        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) <= R_MAIN)
-            break;
+        if (!record_shape_ok(rec))
+            break; /* not a DecodedRecord as the decoder makes them: Python decides */
         unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_END_LSN));
         if (end == (unsigned long long)-1 && PyErr_Occurred())
             goto fail;
+        st.end_lsn = end;
         if (end <= last_record_lsn)
             break; /* already ingested: Python skips it */
         st.record = rec;
@@ -905,8 +932,11 @@ py_index_entries(PyObject *self, PyObject *args)
                 break; /* Python raises */
             xtime = (long long)load_u32((const uint8_t *)PyBytes_AS_STRING(main)) |
                     ((long long)load_u32((const uint8_t *)PyBytes_AS_STRING(main) + 4) << 32);
-        } else if ((long long)end - last_sample < sample_distance) {
-            continue;
+        } else {
+            long long since; /* end - last_sample; past LLONG_MAX is past any distance */
+            if (!__builtin_sub_overflow((long long)end, last_sample, &since) &&
+                since < sample_distance)
+                continue;
         }
         unsigned long long rec_start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_LSN));
         if (rec_start == (unsigned long long)-1 && PyErr_Occurred())
@@ -975,6 +1005,14 @@ PyInit__walingest(void)
     Py_DECREF(owner);
     if ((inmem = PyCapsule_Import(INMEM_CAPSULE, 0)) == NULL)
         return NULL;
+    if (inmem->version != INMEM_API_VERSION) {
+        PyErr_Format(PyExc_ImportError,
+                     "_walingest was built for _inmem C API version %d, the loaded _inmem has "
+                     "%d: rebuild the extensions",
+                     INMEM_API_VERSION, inmem->version);
+        inmem = NULL;
+        return NULL;
+    }
     for (uint32_t n = 0; n < 256; n++) {
         uint32_t c = n;
         for (int k = 0; k < 8; k++)

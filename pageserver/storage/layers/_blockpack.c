@@ -61,6 +61,11 @@ py_pack_versions(PyObject *self, PyObject *args)
             &PyByteArray_Type, &buf, &limit, &block_no, &PyByteArray_Type, &entries, &lo, &hi,
             &prev, &image_t, &delta_t, &tomb_t))
         return NULL;
+    if (start < 0 || limit < 0 || (uint64_t)limit > UINT32_MAX || block_no > UINT32_MAX) {
+        /* entries hold block numbers and offsets as u32 */
+        PyErr_SetString(PyExc_ValueError, "pack_versions: start, limit or block out of range");
+        return NULL;
+    }
     Py_ssize_t image_data = slot_offset(image_t, "data");
     Py_ssize_t delta_record = image_data < 0 ? -1 : slot_offset(delta_t, "record");
     Py_ssize_t delta_init = delta_record < 0 ? -1 : slot_offset(delta_t, "will_init");
@@ -122,6 +127,10 @@ py_pack_versions(PyObject *self, PyObject *args)
             }
         }
         Py_ssize_t size = 1 + body_len, used = PyByteArray_GET_SIZE(buf);
+        if (size > UINT32_MAX || used > UINT32_MAX) {
+            status = 4; /* its length or offset does not fit the entry */
+            break;
+        }
         if (used > 0 && used + size > limit) {
             status = 1;
             break;
@@ -184,7 +193,8 @@ py_key_table(PyObject *self, PyObject *args)
     unsigned long long n_versions;
     if (!PyArg_ParseTuple(args, "y*nK:key_table", &table, &n_keys, &n_versions))
         return NULL;
-    if (n_keys < 0 || table.len != n_keys * (KEY_SIZE + 4)) {
+    if (n_keys < 0 || n_keys > table.len / (KEY_SIZE + 4) ||
+        table.len != n_keys * (KEY_SIZE + 4)) {
         PyBuffer_Release(&table);
         PyErr_SetString(PyExc_ValueError, "key table size does not match its key count");
         return NULL;
@@ -235,11 +245,14 @@ py_newest_of_keys(PyObject *self, PyObject *args)
         return NULL;
     PyObject *out = NULL;
     Py_ssize_t n_keys = keys.len / KEY_SIZE;
-    const uint64_t *f = firsts.buf;
-    if (firsts.len != (n_keys + 1) * 8 || start < 0 || versions_at < 0) {
+    if (firsts.len != (n_keys + 1) * 8 || start < 0 || versions_at < 0 ||
+        versions_at > file.len) {
         PyErr_SetString(PyExc_ValueError, "newest_of_keys: inconsistent index");
         goto done;
     }
+    /* version entries the file holds past versions_at: a first beyond them is refused before
+     * any multiplication (a corrupt count must not wrap the offset into the file) */
+    uint64_t in_file = (uint64_t)(file.len - versions_at) / ENTRY_SIZE;
     out = PyList_New(0);
     size_t cmp = end.len < KEY_SIZE ? (size_t)end.len : KEY_SIZE;
     for (Py_ssize_t i = start; out != NULL && i < n_keys; i++) {
@@ -247,15 +260,17 @@ py_newest_of_keys(PyObject *self, PyObject *args)
         int c = memcmp(key, end.buf, cmp);
         if (c > 0 || (c == 0 && KEY_SIZE >= end.len))
             break; /* key >= end_key, as bytes compare */
-        if (f[i + 1] <= f[i])
+        uint64_t first, stop; /* firsts may be any buffer: unaligned loads */
+        memcpy(&first, (const char *)firsts.buf + 8 * i, 8);
+        memcpy(&stop, (const char *)firsts.buf + 8 * (i + 1), 8);
+        if (stop <= first)
             continue;
-        Py_ssize_t at = versions_at + (Py_ssize_t)(f[i + 1] - 1) * ENTRY_SIZE;
-        if (at + ENTRY_SIZE > file.len) {
+        if (stop > in_file) {
             PyErr_SetString(PyExc_ValueError, "newest_of_keys: version entry past the file");
             Py_CLEAR(out);
             break;
         }
-        const uint8_t *e = (const uint8_t *)file.buf + at;
+        const uint8_t *e = (const uint8_t *)file.buf + versions_at + (stop - 1) * ENTRY_SIZE;
         unsigned long long lsn = 0;
         for (int k = 0; k < 8; k++)
             lsn = (lsn << 8) | e[k];

@@ -33,12 +33,20 @@
  * The C ingest path (pageserver/ingest/_walingest.c) appends through the capsule _C_API
  * (struct InmemApi below) without making the payload a Python object at all.
  *
- * Threads: the layer's owner serializes writers (the timeline's lock); every method runs with
- * the GIL held and never releases it, so readers of a frozen layer see a consistent arena.
+ * Threads: the layer's owner serializes writers (the timeline's lock); every method but pack
+ * runs with the GIL held and never releases it, so readers see a consistent arena. pack reads
+ * the arena without the GIL: meanwhile its writers (put, split_above, the capsule's append)
+ * refuse with RuntimeError (`busy`), and the readers, which only read, may run. No buffer of
+ * the arena is ever exported (reads copy into bytes), so its reallocations leave no reader
+ * holding a stale pointer.
+ *
+ * LSNs are unsigned 64-bit: a negative or bigger one is an OverflowError (the "K" format would
+ * silently take it modulo 2**64).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -151,8 +159,12 @@ reserve(void **buf, size_t *cap, size_t need, size_t item, size_t first)
     if (need <= *cap)
         return 0;
     size_t n = *cap ? *cap : first;
-    while (n < need)
+    while (n < need && n <= SIZE_MAX / 2)
         n *= 2;
+    if (n < need || n > SIZE_MAX / item) {
+        PyErr_NoMemory();
+        return -1;
+    }
     void *p = PyMem_Realloc(*buf, n * item);
     if (p == NULL) {
         PyErr_NoMemory();
@@ -175,7 +187,8 @@ arena_append(PyObject *self, const uint8_t *key, uint64_t lsn, uint8_t tag, cons
         PyErr_SetString(PyExc_RuntimeError, "in-memory layer written while it is packed");
         return -1;
     }
-    if (len > UINT32_MAX || ar->n_versions >= UINT32_MAX) {
+    if (na > UINT32_MAX || nb > UINT32_MAX || len > UINT32_MAX ||
+        ar->n_versions >= UINT32_MAX || ar->n_chains >= INT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "in-memory layer value or version count too big");
         return -1;
     }
@@ -183,14 +196,17 @@ arena_append(PyObject *self, const uint8_t *key, uint64_t lsn, uint8_t tag, cons
     if (c == NULL)
         return -1;
     if (c->n == c->cap) {
-        uint32_t cap = c->cap ? c->cap * 2 : 2;
-        uint32_t *v = PyMem_Realloc(c->v, cap * sizeof *v);
+        /* n_versions < UINT32_MAX bounds c->n; the doubling must not wrap to a small cap */
+        uint64_t cap = c->cap ? (uint64_t)c->cap * 2 : 2;
+        if (cap > UINT32_MAX)
+            cap = UINT32_MAX;
+        uint32_t *v = PyMem_Realloc(c->v, (size_t)cap * sizeof *v);
         if (v == NULL) {
             PyErr_NoMemory();
             return -1;
         }
         c->v = v;
-        c->cap = cap;
+        c->cap = (uint32_t)cap;
     }
     if (reserve((void **)&ar->versions, &ar->cap_versions, ar->n_versions + 1, sizeof(Version),
                 4096) < 0 ||
@@ -211,6 +227,17 @@ arena_append(PyObject *self, const uint8_t *key, uint64_t lsn, uint8_t tag, cons
     return 0;
 }
 
+/* O& converter of an LSN: an int in [0, 2**64) (OverflowError otherwise, TypeError if no int) */
+static int
+lsn_arg(PyObject *obj, void *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return 0;
+    *(unsigned long long *)out = v;
+    return 1;
+}
+
 static int
 key_arg(PyObject *obj, const uint8_t **key)
 {
@@ -229,7 +256,7 @@ Arena_put(Arena *self, PyObject *args)
     unsigned long long lsn;
     Py_buffer enc;
     const uint8_t *key;
-    if (!PyArg_ParseTuple(args, "OKy*:put", &keyobj, &lsn, &enc))
+    if (!PyArg_ParseTuple(args, "OO&y*:put", &keyobj, lsn_arg, &lsn, &enc))
         return NULL;
     PyObject *result = NULL;
     if (key_arg(keyobj, &key) < 0)
@@ -282,7 +309,7 @@ Arena_collect(Arena *self, PyObject *args)
     unsigned long long lsn;
     long long floor;
     const uint8_t *key;
-    if (!PyArg_ParseTuple(args, "OKL:collect", &keyobj, &lsn, &floor) || key_arg(keyobj, &key) < 0)
+    if (!PyArg_ParseTuple(args, "OO&L:collect", &keyobj, lsn_arg, &lsn, &floor) || key_arg(keyobj, &key) < 0)
         return NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL)
@@ -316,7 +343,7 @@ Arena_newest_lsn(Arena *self, PyObject *args)
     PyObject *keyobj;
     unsigned long long lsn;
     const uint8_t *key;
-    if (!PyArg_ParseTuple(args, "OK:newest_lsn", &keyobj, &lsn) || key_arg(keyobj, &key) < 0)
+    if (!PyArg_ParseTuple(args, "OO&:newest_lsn", &keyobj, lsn_arg, &lsn) || key_arg(keyobj, &key) < 0)
         return NULL;
     Chain *c = find_chain(self, key, 0);
     uint32_t i = c != NULL ? upto(self, c, lsn) : 0;
@@ -361,7 +388,7 @@ Arena_newest_versions(Arena *self, PyObject *args)
     PyObject *startobj, *endobj;
     unsigned long long lsn;
     const uint8_t *start, *end;
-    if (!PyArg_ParseTuple(args, "OOK:newest_versions", &startobj, &endobj, &lsn) ||
+    if (!PyArg_ParseTuple(args, "OOO&:newest_versions", &startobj, &endobj, lsn_arg, &lsn) ||
         key_arg(startobj, &start) < 0 || key_arg(endobj, &end) < 0)
         return NULL;
     size_t n;
@@ -389,24 +416,22 @@ static PyObject *
 Arena_split_above(Arena *self, PyObject *args)
 {
     unsigned long long cut;
-    if (!PyArg_ParseTuple(args, "K:split_above", &cut))
+    if (!PyArg_ParseTuple(args, "O&:split_above", lsn_arg, &cut))
         return NULL;
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "in-memory layer split while it is packed");
         return NULL;
     }
+    /* Copy first, then cut: a failure (MemoryError) leaves this arena whole */
     Arena *rest = NULL;
     unsigned long long moved = 0, moved_bytes = 0;
     long long max_lsn = -1;
     for (size_t i = 0; i < self->n_chains; i++) {
         Chain *c = &self->chains[i];
-        uint32_t keep = upto(self, c, cut);
-        for (uint32_t j = keep; j < c->n; j++) {
+        for (uint32_t j = upto(self, c, cut); j < c->n; j++) {
             Version *v = &self->versions[c->v[j]];
-            if (rest == NULL)
-                rest = (Arena *)ArenaType.tp_alloc(&ArenaType, 0); /* zeroed */
-            if (rest == NULL)
-                return NULL;
+            if (rest == NULL && (rest = (Arena *)ArenaType.tp_alloc(&ArenaType, 0)) == NULL)
+                return NULL; /* zeroed */
             const uint8_t *p = (const uint8_t *)self->data + v->off;
             if (arena_append((PyObject *)rest, c->key, v->lsn, p[0], p + 1, v->len - 1, NULL,
                              0) < 0) {
@@ -416,6 +441,10 @@ Arena_split_above(Arena *self, PyObject *args)
             moved++;
             moved_bytes += v->len;
         }
+    }
+    for (size_t i = 0; i < self->n_chains; i++) {
+        Chain *c = &self->chains[i];
+        uint32_t keep = upto(self, c, cut);
         c->n = keep;
         if (keep && (long long)self->versions[c->v[keep - 1]].lsn > max_lsn)
             max_lsn = (long long)self->versions[c->v[keep - 1]].lsn;
@@ -517,8 +546,14 @@ static PyObject *
 Arena_pack(Arena *self, PyObject *args)
 {
     Pack p = {.a = self};
-    if (!PyArg_ParseTuple(args, "nKK:pack", &p.limit, &p.lo, &p.hi))
+    if (!PyArg_ParseTuple(args, "nO&O&:pack", &p.limit, lsn_arg, &p.lo, lsn_arg, &p.hi))
         return NULL;
+    /* block offsets are u32 in the version table: a block holds at most limit bytes before
+     * its last value starts */
+    if (p.limit <= 0 || (uint64_t)p.limit > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "pack: block size out of range");
+        return NULL;
+    }
     size_t n_versions = 0, n_bytes = 0;
     p.chains = sorted_chains(self, NULL, NULL, &p.n);
     if (p.chains == NULL)
@@ -547,7 +582,10 @@ Arena_pack(Arena *self, PyObject *args)
     Py_END_ALLOW_THREADS
     self->busy--;
     if (p.bad) {
-        PyErr_Format(PyExc_ValueError, "LSN %llX outside the layer's LSN range", p.bad_lsn);
+        /* the reference's message (blocks.py: f"LSN {lsn:X} ..."); PyErr_Format has no %X */
+        char lsn_hex[17];
+        snprintf(lsn_hex, sizeof lsn_hex, "%llX", p.bad_lsn);
+        PyErr_Format(PyExc_ValueError, "LSN %s outside the layer's LSN range", lsn_hex);
         goto done;
     }
     ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n_blocks * 8));
@@ -638,7 +676,7 @@ static PyTypeObject ArenaType = {
     .tp_getset = Arena_getset,
 };
 
-static InmemApi api = {&ArenaType, arena_append};
+static InmemApi api = {INMEM_API_VERSION, &ArenaType, arena_append};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_inmem", "C storage of the in-memory layer.", -1, NULL,
@@ -653,8 +691,10 @@ PyInit__inmem(void)
     if (m == NULL)
         return NULL;
     api.type = &ArenaType;
-    if (PyModule_AddObjectRef(m, "Arena", (PyObject *)&ArenaType) < 0 ||
-        PyModule_AddObject(m, "_C_API", PyCapsule_New(&api, INMEM_CAPSULE, NULL)) < 0) {
+    PyObject *capsule = PyCapsule_New(&api, INMEM_CAPSULE, NULL);
+    int r = capsule == NULL ? -1 : PyModule_AddObjectRef(m, "_C_API", capsule);
+    Py_XDECREF(capsule);
+    if (r < 0 || PyModule_AddObjectRef(m, "Arena", (PyObject *)&ArenaType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,8 +11,12 @@
 
 #define KEY_SIZE 18
 #define INMEM_CAPSULE "pageserver.storage.layers._inmem._C_API"
+/* Bumped with any change of InmemApi: an importer built against another layout refuses to
+ * load (ImportError) instead of calling through a mismatched table */
+#define INMEM_API_VERSION 1
 
 typedef struct {
+    int version; /* INMEM_API_VERSION */
     PyTypeObject *type; /* _inmem.Arena */
     /* Append a version of `key` at `lsn` whose encoding is tag + a[:na] + b[:nb] (no LSN
      * order check: the caller keeps per-key LSNs non-decreasing). 0, or -1 with an exception. */

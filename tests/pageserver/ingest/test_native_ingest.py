@@ -226,3 +226,33 @@ def test_c_ingest_into_the_arena_equals_python_into_the_reference_layer(
     ]
     assert layer_files(fast) == python_files
     assert len(python_files) > 3
+
+
+def test_malformed_runs_are_refused_or_left_to_python(c_extension: None) -> None:
+    """Safety review of `_walingest`: a negative start read the list before its first item,
+    and records not shaped as the decoder makes them (a block that is not a BlockRef, an
+    image that is not a BlockImage, main data that is not bytes) were read with unchecked
+    tuple accesses; they are now an IndexError, or left to Python with nothing put.
+    index_entries' distance from a very negative last sample no longer overflows."""
+    assert native.walingest is not None and layers_native.inmem is not None
+    arena = layers_native.inmem.Arena()
+    context = (arena, set(), {}, {}, 0, 1 << 20, 1000, set(), {}, 0)
+    with pytest.raises(IndexError, match="negative start"):
+        native.walingest.ingest_run([], [], -1, context)
+    heap, xact = 10, 1
+    block = ("not", "a", "block", "ref", 0, None, b"")
+    odd = [
+        DecodedRecord(100, 200, 64, 0, 0, 0, heap, ("x",), b""),  # type: ignore[arg-type]
+        DecodedRecord(100, 200, 64, 0, 0, 0, heap, (block[:3],), b""),  # type: ignore[arg-type]
+        DecodedRecord(100, 200, 64, 0, 0, 0, heap, ((*block[:5], ("i",), b""),), b""),  # type: ignore[arg-type]
+        DecodedRecord(100, 200, 64, 0, 0, 0, heap, [], b""),  # type: ignore[arg-type]
+        DecodedRecord(100, 200, 64, 0, 0, 0, xact, (), memoryview(b"\0" * 64)),  # type: ignore[arg-type]
+    ]
+    for record in odd:
+        assert native.walingest.ingest_run([record], [b"raw"], 0, context) == (0, 0, 0, None, None)
+    assert arena.key_groups() == []
+    other = DecodedRecord(2**62 - 64, 2**62, 64, 0, 0, 0, heap, (), b"")
+    reached, last, sample, *_ = native.walingest.index_entries(
+        [other], 0, 1, -1, -(2**63), None, 1 << 20
+    )
+    assert (reached, last, sample) == (1, 2**62, 2**62)

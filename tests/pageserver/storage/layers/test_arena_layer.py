@@ -138,3 +138,81 @@ def test_an_empty_arena_writes_the_empty_l0_file_of_the_reference(tmp_path: Path
     ref.freeze(20, None)
     arena.freeze(20, None)
     assert l0_bytes(tmp_path, arena, "arena") == l0_bytes(tmp_path, ref, "ref")
+
+
+def test_arena_refuses_hostile_arguments() -> None:
+    """The C arena's argument checks (safety review): an LSN outside [0, 2**64) is an
+    OverflowError (the "K" format took it modulo 2**64: put(key, -1) stored LSN 2**64-1), a
+    block size that does not fit the version table's u32 offsets a ValueError, and the
+    out-of-range message names the LSN in hex as the reference does (it printed "%llX")."""
+    inmem = layers_native.inmem
+    assert inmem is not None
+    arena = inmem.Arena()
+    key = bytes(K.rel_block_key(1663, 5, 16384, 0, 1))
+    calls = (
+        lambda bad: arena.put(key, bad, b"\x01"),
+        lambda bad: arena.collect(key, bad, -1),
+        lambda bad: arena.newest_lsn(key, bad),
+        lambda bad: arena.newest_versions(key, key, bad),
+        lambda bad: arena.split_above(bad),
+        lambda bad: arena.pack(700, bad, 10),
+        lambda bad: arena.pack(700, 0, bad),
+    )
+    for bad in (-1, 2**64):
+        for call in calls:
+            with pytest.raises(OverflowError):
+                call(bad)
+    assert arena.key_groups() == []
+    with pytest.raises(ValueError, match="18 bytes"):
+        arena.put(key[:-1], 5, b"\x01")
+    with pytest.raises(ValueError, match="tag byte"):
+        arena.put(key, 5, b"")
+    assert arena.put(key, 0xAB, b"\x04") is None
+    for size in (0, -1, 2**32):
+        with pytest.raises(ValueError, match="block size"):
+            arena.pack(size, 0, 0x100)
+    with pytest.raises(ValueError, match="LSN AB outside the layer's LSN range"):
+        arena.pack(700, 0xAC, 0x100)
+    data, _, _, _, n_keys, n_versions, added, last = arena.pack(1, 0, 0x100)
+    assert (data, n_keys, n_versions, added, last) == (b"\x04", 1, 1, 1, 0xAB)
+    # an empty arena: every read answers empty, a split moves nothing
+    empty = inmem.Arena(1 << 16)
+    assert empty.collect(key, 2**64 - 1, -1) == ([], False)
+    assert empty.newest_lsn(key, 2**64 - 1) is None
+    assert empty.newest_versions(key, key, 5) == []
+    assert empty.split_above(0) == (None, 0, 0, -1)
+    assert empty.pack(700, 0, 1) == (b"", b"", b"", b"", 0, 0, 0, 0)
+
+
+def test_a_split_arena_keeps_what_it_holds_and_pack_runs_beside_readers() -> None:
+    """split_above copies the moved versions before it cuts; readers on other threads run
+    while pack copies without the GIL (they only read; writers are refused meanwhile)."""
+    import threading
+
+    inmem = layers_native.inmem
+    assert inmem is not None
+    arena = inmem.Arena()
+    keys = [bytes(K.rel_block_key(1663, 5, 16384, 0, b)) for b in range(2000)]
+    for lsn in range(1, 41):
+        for key in keys:
+            arena.put(key, lsn, b"\x02" + bytes(300))
+    rest, moved, moved_bytes, max_lsn = arena.split_above(30)
+    assert (moved, moved_bytes, max_lsn) == (10 * len(keys), 10 * 301 * len(keys), 30)
+    assert rest.newest_lsn(keys[0], 100) == 40 and arena.newest_lsn(keys[0], 100) == 30
+    seen: list[int | None] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(arena.newest_lsn(keys[-1], 100))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(5):
+            packed = arena.pack(8192, 0, 31)
+            assert packed[5] == 30 * len(keys)
+    finally:
+        stop.set()
+        reader.join()
+    assert set(seen) <= {30}

@@ -17,7 +17,7 @@ from pageserver.storage import keys as K
 from pageserver.storage.layers import native
 from pageserver.storage.layers.blocks import BlockCache, key_table_python, lower_bound_python
 from pageserver.storage.layers.delta import DeltaLayerWriter
-from pageserver.storage.values import TOMBSTONE, Value, encode_value
+from pageserver.storage.values import TOMBSTONE, Image, Tombstone, Value, WalDelta, encode_value
 from proto.errors import InvalidArgument
 from tests.native_ext import require_c_extension
 from tests.pageserver.storage.layers.test_layers import SETTINGS, rel_key, sample_versions
@@ -147,3 +147,33 @@ def test_newest_of_keys_in_c_equals_the_python_reference(tmp_path: Path, c_exten
             assert list(f.newest_of_keys(start, end)) == list(f.newest_of_keys_python(start, end))
     assert len(list(f.newest_of_keys(0, K.KEY_MAX))) == 60
     layer.close()
+
+
+def test_hostile_index_arguments_raise_instead_of_reading_out_of_bounds(
+    c_extension: None,
+) -> None:
+    """Safety review of `_blockpack`: a first version far past the file made newest_of_keys
+    wrap its offset ((2**61 - 1) * 21 overflows) and read outside the mapping (a crash);
+    a key count whose table size overflows, and a negative start of pack_versions (it read
+    the list before its first item), are refused. firsts may be an unaligned buffer."""
+    assert native.blockpack is not None
+    key = rel_key(1)
+    file = bytes(21 * 4)
+    for firsts in ([0, 2**61], [0, 2**64 - 1], [0, 5]):
+        packed = struct.pack(f"={len(firsts)}Q", *firsts)
+        with pytest.raises(ValueError, match="past the file"):
+            native.blockpack.newest_of_keys(key, packed, file, 0, 0, K.KEY_MAX)
+    with pytest.raises(ValueError, match="inconsistent index"):
+        native.blockpack.newest_of_keys(key, struct.pack("=2Q", 0, 1), file, 85, 0, K.KEY_MAX)
+    unaligned = memoryview(b"\0" + struct.pack("=2Q", 0, 4))[1:]
+    found = native.blockpack.newest_of_keys(key, unaligned, file, 0, 0, K.KEY_MAX)
+    assert found == [(key, 0, 0)]
+    for n_keys in (2**62, 2**63 - 1, -1):
+        with pytest.raises(ValueError, match="key count"):
+            native.blockpack.key_table(b"x" * 22, n_keys, 0)
+    for start, limit, block in ((-1, 700, 0), (0, -1, 0), (0, 2**32, 0), (0, 700, 2**32)):
+        with pytest.raises(ValueError, match="out of range"):
+            native.blockpack.pack_versions(
+                [(150, TOMBSTONE)], start, bytearray(), limit, block, bytearray(), 100, 200, 100,
+                (Image, WalDelta, Tombstone),
+            )  # fmt: skip
