@@ -7,20 +7,35 @@ entries, index), equal to what per-version `add` writes, and bad input is refuse
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 from pathlib import Path
 
+import crc32c
 import pytest
 
+from pageserver.redo.native import redo as redo_native
 from pageserver.storage import keys as K
 from pageserver.storage.layers import native
-from pageserver.storage.layers.blocks import BlockCache, key_table_python, lower_bound_python
-from pageserver.storage.layers.delta import DeltaLayerWriter
+from pageserver.storage.layers.blocks import (
+    HEADER_SIZE,
+    BlockCache,
+    LayerCorrupt,
+    _parse_header,
+    key_table_python,
+    lower_bound_python,
+)
+from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.values import TOMBSTONE, Image, Tombstone, Value, WalDelta, encode_value
 from proto.errors import InvalidArgument
 from tests.native_ext import require_c_extension
-from tests.pageserver.storage.layers.test_layers import SETTINGS, rel_key, sample_versions
+from tests.pageserver.storage.layers.test_layers import (
+    SETTINGS,
+    rel_key,
+    sample_versions,
+    write_delta,
+)
 
 
 @pytest.fixture
@@ -177,3 +192,55 @@ def test_hostile_index_arguments_raise_instead_of_reading_out_of_bounds(
                 [(150, TOMBSTONE)], start, bytearray(), limit, block, bytearray(), 100, 200, 100,
                 (Image, WalDelta, Tombstone),
             )  # fmt: skip
+
+
+def test_a_resigned_damaged_index_raises_layer_corrupt_or_reads(
+    tmp_path: Path, c_extension: None
+) -> None:
+    """A layer file is untrusted on read. Damage the index (key table, version entries) and
+    sign it again (index and header CRCs recomputed, as a bug or a hostile writer would):
+    opening and every read, through the C key table, newest_of_keys, lower_bound and the C
+    chain redo's inputs (`_redo.rebuild_page` over key_versions_raw and its blocks), either
+    succeed or raise LayerCorrupt; nothing crashes and no other error escapes."""
+    versions = sample_versions(seed=5, n_keys=12)
+    good = write_delta(tmp_path, versions, BlockCache(1 << 20))
+    raw = good.path.read_bytes()
+    header = good.file.header
+    keys_at = header.index_offset + header.n_blocks * 20  # _BLOCK_ENTRY: >QIII
+    name, path = good.name, good.path
+    good.close()
+    rng = random.Random(9)
+    outcomes: dict[str, int] = {}
+    for _ in range(400):
+        damaged = bytearray(raw)
+        for _ in range(rng.choice((1, 1, 2, 4))):
+            at = rng.randrange(keys_at, len(raw))
+            damaged[at] = rng.choice((0, 0xFF, rng.randrange(256), damaged[at] ^ 1))
+        index = bytes(damaged[header.index_offset :])
+        resigned = dataclasses.replace(header, index_crc=crc32c.crc32c(index))
+        damaged[:HEADER_SIZE] = resigned.pack()
+        assert _parse_header(path, bytes(damaged[:HEADER_SIZE])) == resigned
+        path.write_bytes(bytes(damaged))
+        try:
+            layer = DeltaLayer(tmp_path, name, BlockCache(1 << 20))
+            try:
+                f = layer.file
+                list(layer.iter_encoded())
+                list(f.newest_of_keys(0, K.KEY_MAX))
+                for key, lsn, _ in versions:
+                    f.lower_bound(key)
+                    layer.collect(key, lsn, 0)
+                for i in range(f.n_keys):
+                    entries, first, last = f.key_versions_raw(i)
+                    blocks = [f.read_block(b) for b in range(first, last + 1)]
+                    if redo_native is not None:
+                        part = (entries, first, blocks, 0)
+                        redo_native.rebuild_page(bytes(f.key_at(i)), 300, [part], True)
+                outcomes["read"] = outcomes.get("read", 0) + 1
+            finally:
+                layer.close()
+        except LayerCorrupt as exc:
+            what = str(exc).split(": ", 1)[1].split(" ")[0]
+            outcomes[what] = outcomes.get(what, 0) + 1
+    assert sum(outcomes.values()) == 400
+    assert len(outcomes) > 2, outcomes  # damage of several kinds was found
