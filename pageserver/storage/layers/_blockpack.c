@@ -80,8 +80,13 @@ py_pack_versions(PyObject *self, PyObject *args)
             break;
         }
         unsigned long long lsn = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
-        if (lsn == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
+        if (lsn == (unsigned long long)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear(); /* negative or past 2**64: outside [lo, hi), as the reference says */
+            status = 2;
+            break;
+        }
         if (lsn < lo || lsn >= hi) {
             status = 2;
             break;

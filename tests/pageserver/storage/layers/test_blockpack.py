@@ -90,6 +90,8 @@ def test_bad_versions_are_refused_alike(
     for chain, what in (
         ([(150, TOMBSTONE), (140, TOMBSTONE)], "must be added in LSN order"),
         ([(99, TOMBSTONE)], "outside the layer's LSN range"),
+        ([(-1, TOMBSTONE)], "outside the layer's LSN range"),
+        ([(150, TOMBSTONE), (2**64, TOMBSTONE)], "outside the layer's LSN range"),
         ([(200, TOMBSTONE)], "outside the layer's LSN range"),
         ([(150, b"")], "not a storable value"),
         ([(150, "text")], "not a storable value"),
