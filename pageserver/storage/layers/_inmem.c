@@ -319,7 +319,7 @@ Arena_collect(Arena *self, PyObject *args)
     if (c != NULL) {
         for (int64_t i = (int64_t)upto(self, c, lsn) - 1; i >= 0; i--) {
             Version *v = &self->versions[c->v[i]];
-            if ((long long)v->lsn <= floor)
+            if (floor >= 0 && v->lsn <= (unsigned long long)floor) /* LSNs past 2**63 too */
                 break;
             PyObject *pair = version_pair(self, v);
             if (pair == NULL || PyList_Append(out, pair) < 0) {
@@ -425,7 +425,8 @@ Arena_split_above(Arena *self, PyObject *args)
     /* Copy first, then cut: a failure (MemoryError) leaves this arena whole */
     Arena *rest = NULL;
     unsigned long long moved = 0, moved_bytes = 0;
-    long long max_lsn = -1;
+    unsigned long long max_lsn = 0;
+    int kept = 0;
     for (size_t i = 0; i < self->n_chains; i++) {
         Chain *c = &self->chains[i];
         for (uint32_t j = upto(self, c, cut); j < c->n; j++) {
@@ -446,11 +447,18 @@ Arena_split_above(Arena *self, PyObject *args)
         Chain *c = &self->chains[i];
         uint32_t keep = upto(self, c, cut);
         c->n = keep;
-        if (keep && (long long)self->versions[c->v[keep - 1]].lsn > max_lsn)
-            max_lsn = (long long)self->versions[c->v[keep - 1]].lsn;
+        if (keep && (!kept || self->versions[c->v[keep - 1]].lsn > max_lsn)) {
+            max_lsn = self->versions[c->v[keep - 1]].lsn;
+            kept = 1;
+        }
     }
-    return Py_BuildValue("(NKKL)", rest != NULL ? (PyObject *)rest : Py_NewRef(Py_None), moved,
-                         moved_bytes, max_lsn);
+    PyObject *max_obj = kept ? PyLong_FromUnsignedLongLong(max_lsn) : PyLong_FromLong(-1);
+    if (max_obj == NULL) {
+        Py_XDECREF(rest);
+        return NULL;
+    }
+    return Py_BuildValue("(NKKN)", rest != NULL ? (PyObject *)rest : Py_NewRef(Py_None), moved,
+                         moved_bytes, max_obj);
 }
 
 static PyObject *

@@ -182,6 +182,12 @@ def test_arena_refuses_hostile_arguments() -> None:
     assert empty.newest_versions(key, key, 5) == []
     assert empty.split_above(0) == (None, 0, 0, -1)
     assert empty.pack(700, 0, 1) == (b"", b"", b"", b"", 0, 0, 0, 0)
+    # LSNs past 2**63 compare as the unsigned values they are (they were cast to signed)
+    high = inmem.Arena()
+    for lsn in (2**63 - 1, 2**63, 2**64 - 2):
+        high.put(key, lsn, b"\x02d")
+    assert [lsn for lsn, _ in high.collect(key, 2**64 - 1, 2**63 - 1)[0]] == [2**64 - 2, 2**63]
+    assert high.split_above(2**63)[1:] == (1, 2, 2**63)
 
 
 def test_a_split_arena_keeps_what_it_holds_and_pack_runs_beside_readers() -> None:
