@@ -79,6 +79,10 @@ def check_manifest(manifest: Manifest, label: str) -> None:
         )
 
 
+_FEED_SIZE = 128 * 1024
+"""Bytes of a `.neon` file verified and decompressed at a time (see verified_tar)."""
+
+
 async def verified_tar(
     chunks: AsyncIterator[bytes], label: str, on_manifest: Callable[[Manifest], None]
 ) -> AsyncIterator[bytes]:
@@ -103,18 +107,23 @@ async def verified_tar(
                 ended = True
         return out
 
-    def feed(chunk: bytes) -> list[bytes]:
+    def feed(chunk: memoryview) -> list[bytes]:
         return take(reader.feed(chunk))
 
     working: asyncio.Future[list[bytes]] | None = None  # the chunk before, being read
     try:
         async for chunk in chunks:
-            if working is not None:
-                for data in await working:
-                    yield data
             # A copy of a mutable chunk: its source may reuse it while the worker reads it.
-            taken = chunk if isinstance(chunk, bytes) else bytes(chunk)
-            working = asyncio.ensure_future(asyncio.to_thread(feed, taken))
+            taken = memoryview(chunk if isinstance(chunk, bytes) else bytes(chunk))
+            # Fed in pieces: what one piece decompresses to (a few frames) is what waits
+            # here, whatever the transport's chunk size (a MiB of a .neon file of pgbench
+            # data is ~40 MiB of tar).
+            for at in range(0, len(taken), _FEED_SIZE):
+                if working is not None:
+                    for data in await working:
+                        yield data
+                piece = taken[at : at + _FEED_SIZE]
+                working = asyncio.ensure_future(asyncio.to_thread(feed, piece))
         if working is not None:
             done, working = working, None
             for data in await done:

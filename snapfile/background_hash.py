@@ -8,7 +8,7 @@ import collections
 import concurrent.futures
 import hashlib
 
-_IN_FLIGHT = 4
+_IN_FLIGHT = 2
 """Updates queued at most; one more waits for the oldest (memory: that many chunks)."""
 
 
