@@ -158,22 +158,18 @@ set_size(Ingest *st, const SizeChange *s)
     return r;
 }
 
-/* the grown sizes into self._sizes (keeps an exception already set) */
+/* the grown sizes into self._sizes, once the run has succeeded */
 static int
 write_back_sizes(Ingest *st)
 {
     if (st->size_cache == NULL)
         return 0;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
     int r = 0;
     for (int i = 0; i < SIZE_SLOTS && r == 0; i++) {
         SizeEntry *e = &st->size_cache[i];
         if (e->used && e->dirty)
             r = set_size(st, &e->s);
     }
-    if (type != NULL)
-        PyErr_Restore(type, value, tb);
     return r;
 }
 
@@ -357,8 +353,9 @@ extend(Ingest *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t fork, uint3
         if (r != OK)
             return r;
         SizeEntry *e = cached_size(st, spc, db, rel, fork, 1);
-        if (e != NULL)
-            e->s.nblocks = current;
+        if (e == NULL)
+            return LEAVE; /* the run's cache is full: Python ingests the record */
+        e->s.nblocks = current;
         if (nblocks <= current)
             return OK;
         if (st->n_staged == MAX_SIZES)
@@ -698,16 +695,6 @@ static InmemApi *inmem; /* from _inmem's capsule, at import */
 static int
 commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
 {
-    for (int i = 0; i < st->n_staged; i++) {
-        SizeChange *s = &st->staged[i];
-        SizeEntry *e = cached_size(st, s->spc, s->db, s->rel, s->fork, 0);
-        if (e != NULL) {
-            e->s.nblocks = s->nblocks;
-            e->dirty = 1;
-        } else if (set_size(st, s) < 0) {
-            return FAIL;
-        }
-    }
     for (int i = 0; i < st->n_puts; i++) {
         Put *p = &st->puts[i];
         const void *a = p->small, *b = NULL;
@@ -722,8 +709,20 @@ commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
             nb = (size_t)PyBytes_GET_SIZE(st->raw);
         }
         if (inmem->append(st->arena, p->key, lsn, p->tag, a, na, b, nb) < 0)
-            return FAIL;
+            return FAIL; /* the run's appends are rolled back */
         *bytes += p->size + VERSION_OVERHEAD;
+    }
+    /* Only into the cache (extend cached every size it staged): self._sizes changes when
+     * the run succeeds, so a failed run leaves the caches as they were */
+    for (int i = 0; i < st->n_staged; i++) {
+        SizeChange *s = &st->staged[i];
+        SizeEntry *e = cached_size(st, s->spc, s->db, s->rel, s->fork, 0);
+        if (e == NULL) {
+            PyErr_SetString(PyExc_SystemError, "_walingest: a staged fork size is not cached");
+            return FAIL;
+        }
+        e->s.nblocks = s->nblocks;
+        e->dirty = 1;
     }
     return OK;
 }
@@ -780,6 +779,9 @@ py_ingest_run(PyObject *self, PyObject *args)
         return PyErr_NoMemory();
     Py_ssize_t i = start, bytes = 0, versions = 0;
     PyObject *last_end = NULL, *last_prev = NULL;
+    /* All or nothing: on an error Python accounts none of the run (Timeline.put_records),
+     * so its versions leave the layer and its grown sizes are not written back */
+    size_t run_mark = inmem->mark(st.arena);
     for (; i < PyList_GET_SIZE(records) && bytes < budget; i++) {
         PyObject *rec = PyList_GET_ITEM(records, i);
         if (!record_shape_ok(rec))
@@ -819,16 +821,20 @@ py_ingest_run(PyObject *self, PyObject *args)
         last_record_lsn = end;
     }
     PyMem_Free(st.pages);
+    st.pages = NULL;
     int written = write_back_sizes(&st);
     PyMem_Free(st.size_cache);
-    if (written < 0)
-        return NULL;
-    return Py_BuildValue(
-        "nnnOO", i, bytes, versions, last_end ? last_end : Py_None,
-        last_prev ? last_prev : Py_None);
+    st.size_cache = NULL;
+    PyObject *result = written < 0 ? NULL
+                                   : Py_BuildValue("nnnOO", i, bytes, versions,
+                                                   last_end ? last_end : Py_None,
+                                                   last_prev ? last_prev : Py_None);
+    if (result != NULL)
+        return result;
+    /* (a write-back that failed, MemoryError, may have left some grown sizes in self._sizes) */
 fail:
+    inmem->rollback(st.arena, run_mark);
     PyMem_Free(st.pages);
-    write_back_sizes(&st);
     PyMem_Free(st.size_cache);
     return NULL;
 }

@@ -238,6 +238,30 @@ lsn_arg(PyObject *obj, void *out)
     return 1;
 }
 
+static size_t
+arena_mark(PyObject *self)
+{
+    return ((Arena *)self)->n_versions;
+}
+
+/* Drop the versions appended since `mark` (arena_mark): a chain's versions are in append
+ * order, so each chain loses a tail; their bytes go as data_len returns to the first's
+ * offset. Chains left empty stay (every reader skips them). */
+static void
+arena_rollback(PyObject *self, size_t mark)
+{
+    Arena *a = (Arena *)self;
+    if (mark >= a->n_versions || a->busy)
+        return;
+    for (size_t i = 0; i < a->n_chains; i++) {
+        Chain *c = &a->chains[i];
+        while (c->n && c->v[c->n - 1] >= mark)
+            c->n--;
+    }
+    a->data_len = a->versions[mark].off;
+    a->n_versions = mark;
+}
+
 static int
 key_arg(PyObject *obj, const uint8_t **key)
 {
@@ -684,7 +708,7 @@ static PyTypeObject ArenaType = {
     .tp_getset = Arena_getset,
 };
 
-static InmemApi api = {INMEM_API_VERSION, &ArenaType, arena_append};
+static InmemApi api = {INMEM_API_VERSION, &ArenaType, arena_append, arena_mark, arena_rollback};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_inmem", "C storage of the in-memory layer.", -1, NULL,

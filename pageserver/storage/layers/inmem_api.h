@@ -13,7 +13,7 @@
 #define INMEM_CAPSULE "pageserver.storage.layers._inmem._C_API"
 /* Bumped with any change of InmemApi: an importer built against another layout refuses to
  * load (ImportError) instead of calling through a mismatched table */
-#define INMEM_API_VERSION 1
+#define INMEM_API_VERSION 2
 
 typedef struct {
     int version; /* INMEM_API_VERSION */
@@ -22,6 +22,10 @@ typedef struct {
      * order check: the caller keeps per-key LSNs non-decreasing). 0, or -1 with an exception. */
     int (*append)(PyObject *arena, const uint8_t *key, uint64_t lsn, uint8_t tag, const void *a,
                   size_t na, const void *b, size_t nb);
+    /* The arena's version count now (a mark), and back to a mark: the versions appended since
+     * are dropped (a C ingest run that fails leaves nothing of its records in the layer). */
+    size_t (*mark)(PyObject *arena);
+    void (*rollback)(PyObject *arena, size_t mark);
 } InmemApi;
 
 #endif

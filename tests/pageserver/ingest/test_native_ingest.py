@@ -26,7 +26,7 @@ from pageserver.storage.settings import StoreSettings
 from pg15.lsn import DEFAULT_SEGMENT_SIZE as SEG
 from pg15.lsn import segment_file_name
 from pg15.pg_control import read_control_file
-from pg15.records import DecodedRecord, decode_records
+from pg15.records import BlockRef, DecodedRecord, RelFileNode, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
 from tests.native_ext import require_c_extension
 from tests.pgtest import PgTestCluster
@@ -256,3 +256,34 @@ def test_malformed_runs_are_refused_or_left_to_python(c_extension: None) -> None
         [other], 0, 1, -1, -(2**63), None, 1 << 20
     )
     assert (reached, last, sample) == (1, 2**62, 2**62)
+
+
+def test_a_failing_run_leaves_the_layer_and_the_size_cache_as_they_were(
+    c_extension: None,
+) -> None:
+    """Timeline.put_records accounts nothing of a run that raises (no size, no last record
+    LSN), so the run must leave nothing behind: the versions of the records it had already
+    put leave the arena, and the fork sizes it grew are not written into the cache (they
+    were: a retry would then skip the size puts, and the layer held unaccounted versions)."""
+    assert native.walingest is not None and layers_native.inmem is not None
+    arena = layers_native.inmem.Arena()
+    rnode = RelFileNode(1663, 5, 16384)
+    heap = DecodedRecord(
+        1000, 1064, 64, 0, 0, 0, 10, (BlockRef(0, rnode, 0, 3, 0, None, b"d"),), b""
+    )
+    sizes = {(1663, 5, 16384, 0): 2}
+    context = (arena, {(1663, 5)}, {(1663, 5): {(16384, 0)}}, sizes, 0, 1 << 20, 2048, set(), {}, 0)
+    ok = native.walingest.ingest_run([heap], [b"raw"], 0, context)
+    assert (
+        ok == (1, (48 + 1 + 8 + 3) + (48 + 1 + 4), 2, 1064, 1000)
+        and sizes[(1663, 5, 16384, 0)] == 4
+    )
+    arena, sizes = layers_native.inmem.Arena(), {(1663, 5, 16384, 0): 2}
+    context = (arena, {(1663, 5)}, {(1663, 5): {(16384, 0)}}, sizes, 0, 1 << 20, 2048, set(), {}, 0)
+    bad = DecodedRecord(1064, 1128, 64, "not an xid", 0, 0, 10, (), b"")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        native.walingest.ingest_run([heap, bad], [b"raw", b"raw"], 0, context)
+    assert arena.key_groups() == [] and arena.pack(8192, 0, 2000)[5] == 0
+    assert sizes == {(1663, 5, 16384, 0): 2}
+    assert native.walingest.ingest_run([heap], [b"raw"], 0, context) == ok
+    assert len(arena.key_groups()) == 2 and sizes[(1663, 5, 16384, 0)] == 4
