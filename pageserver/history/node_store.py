@@ -241,8 +241,11 @@ class NodeStore:
     ) -> NodeState:
         """Make a freshly branched timeline this node's current one (checkout, or a node
         created from a snapshot). Waits for the frozen layers being written (a pending flush of
-        the old timeline runs anyway: its own request), not for a compaction."""
+        the old timeline runs anyway: its own request), not for a compaction. What the node
+        ingested on the timeline it leaves is then written too: nothing re-ingests a timeline
+        the node has left, and its HEAD{i} snapshot is named at that timeline's end."""
         self.wait_flushed()
+        self._flush_durable()
         with self._lock:
             old = self._state
             state = NodeState(

@@ -154,6 +154,7 @@ def test_an_image_pass_scans_the_keys_only_when_a_partition_is_due(
         store.ingest_batch(records, raws)
         store.maybe_flush()
     store.flush()  # durable and compacted: nothing due any more
+    store.wait_compacted()  # and no pass the background compactor was asked for still runs
     timeline = store.timeline
     passes = store.compaction_totals.passes
     scans = 0
@@ -171,3 +172,44 @@ def test_an_image_pass_scans_the_keys_only_when_a_partition_is_due(
     create_image_layers(timeline, reconstruct, force=True)
     assert scans == 1
     store.history.close()
+
+
+def test_a_switch_makes_the_old_timelines_tail_durable(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A checkout leaves its old timeline complete: what the node ingested there, up to the
+    HEAD{i} snapshot named at its end, is durable after the switch (nothing re-ingests a
+    timeline the node has left)."""
+    store = imported(tmp_path, workload.base)
+    old = store.timeline
+    todo = batches(workload)
+    half = len(todo) // 2
+    for records, raws in todo[:half]:
+        store.ingest_batch(records, raws)
+    store.flush()
+    branch_at = old.last_record_lsn  # durable: the branch itself flushes nothing
+    for records, raws in todo[half:]:
+        store.ingest_batch(records, raws)
+    end = old.last_record_lsn  # where HEAD{i} is named
+    assert old.disk_consistent_lsn < end
+    state = store.state
+    assert state is not None
+    child = store.history.timelines.branch(old.timeline_id, branch_at)
+    store.switch_to_branch(
+        child,
+        decode_from=branch_at,
+        pg_timeline=state.pg_timeline + 1,
+        segment_size=state.wal_segment_size,
+        parent="n@s",
+        checkout=True,
+    )
+    store.close()
+    store.history.close()
+    history = StorageHistory(tmp_path / "history", SMALL)
+    try:
+        reopened = history.timelines.get(old.timeline_id)
+        assert reopened.last_record_lsn == end
+        assert reopened.disk_consistent_lsn == end
+    finally:
+        history.close()
