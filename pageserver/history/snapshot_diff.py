@@ -109,16 +109,30 @@ def plan_diff(a: ReadPoint, b: ReadPoint) -> DiffPlan:
     raise DifferentHistories("the two snapshots have no history in common")
 
 
-def written_keys(windows: tuple[tuple[Timeline, int, int], ...]) -> set[Key]:
+def written_keys(
+    windows: tuple[tuple[Timeline, int, int], ...], read: Reader | None = None
+) -> set[Key]:
     """The keys that may differ after the windows: written by WAL in one, or held by an image
-    layer written in one whose WAL versions below are not all there any more."""
+    layer written in one whose WAL versions below are not all there any more.
+
+    The layers of WAL versions may not cover such a key although nothing changed it: an L0
+    merge's L1 files span only the keys its L0 files held (an image layer written in the
+    window then holds every key of other databases too). With `read`, those keys are read
+    at both ends of the window and kept only where they differ (`keys_changed` does, so a
+    delta `.neon` or a checkout does not carry whole unchanged catalogs)."""
     keys: set[Key] = set()
     for timeline, above, upto in windows:
         if upto <= above:
             continue
         written = timeline.keys_written(RELATION_KEYSPACE, above, upto)
         keys |= written.logged
-        keys.update(k for k in written.imaged if not written.fully_logged(k, above, upto))
+        unsure = [k for k in written.imaged if not written.fully_logged(k, above, upto)]
+        if read is not None:
+            before, after = ReadPoint(timeline, above), ReadPoint(timeline, upto)
+            unsure = [
+                k for k in unsure if _read_or_none(read, before, k) != _read_or_none(read, after, k)
+            ]
+        keys.update(unsure)
     return keys
 
 
@@ -126,7 +140,7 @@ def keys_changed(a: ReadPoint, b: ReadPoint) -> set[Key]:
     """The relation keys whose value may differ between A and B: what a delta `.neon` file
     from A to B carries (pageserver/basebackup/delta_tar.py)."""
     plan = plan_diff(a, b)
-    return written_keys(plan.windows_a) | written_keys(plan.windows_b)
+    return written_keys(plan.windows_a, materialize) | written_keys(plan.windows_b, materialize)
 
 
 def is_ancestor(a: ReadPoint, b: ReadPoint) -> bool:

@@ -16,12 +16,13 @@ from pageserver.history.snapshot_diff import (
     ReadPoint,
     RelationDiff,
     diff_stat,
+    keys_changed,
     plan_diff,
 )
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.value_format import encode_u32
 from pageserver.storage import keys as K
-from pageserver.storage.compaction import create_image_layers
+from pageserver.storage.compaction import compact_level0, create_image_layers
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -135,6 +136,31 @@ def test_image_layers_over_removed_wal_versions(store: TimelineStore) -> None:
         16385: ("truncated", 1),
         16386: ("created", 3),
     }
+
+
+def test_keys_an_l0_merge_did_not_span_are_sent_only_when_changed(
+    store: TimelineStore,
+) -> None:
+    """An L0 merge in the window writes L1 files spanning the keys its L0 files held; a key
+    outside them that an image layer written in the window holds is not covered, although
+    no WAL touched it. A delta .neon (keys_changed) reads it at both ends and leaves it out
+    (before, another database's whole catalog went into a delta: bigger than the snapshot)."""
+    tl = store.create_timeline()
+    other = K.rel_block_key(SPC, 1, 16384, 0, 0)  # another database: below DB 5's keys
+    record(tl, 8, (other, page(8, 1)), size(16384, 1), (block(16384, 0), page(8, 0)))
+    tl.freeze_and_flush()
+    record(tl, 12, (block(16384, 0), page(12, 5)))
+    tl.freeze_and_flush()
+    assert compact_level0(tl, force=True) == (2, 1)  # up to LSN 12, `other` among its keys
+    for n, lsn in enumerate((16, 24, 32)):
+        record(tl, lsn, (block(16384, 0), page(lsn, n)))
+        tl.freeze_and_flush()
+    assert compact_level0(tl) == (3, 1)  # the window's: DB 5's block alone
+    assert create_image_layers(tl, reconstruct, force=True) > 0  # at 32: holds `other` too
+    record(tl, 40, (block(16384, 0), page(40, 9)))
+    window = tl.keys_written(K.RELATION_KEYSPACE, 12, 40)
+    assert other in window.imaged and not window.fully_logged(other, 12, 40)
+    assert keys_changed(ReadPoint(tl, 12), ReadPoint(tl, 40)) == {block(16384, 0)}
 
 
 def test_branch_with_overlapping_lsns(store: TimelineStore) -> None:
