@@ -24,6 +24,7 @@ from pageserver.storage.layers.names import parse_layer_name
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
+from tests.pageserver.history.test_node_store import check_out
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 
 KiB = 1024
@@ -182,25 +183,12 @@ def test_switch_to_a_branch_does_not_wait_for_a_compaction(
     frozen layers, not for the compaction, which goes on over the old timeline."""
     store, gate, before = ingested(tmp_path, workload, MERGING, monkeypatch, "l0")
     parent = store.timeline
-    state = store.state
-    assert state is not None
     lsn = parent.last_record_lsn
     level0 = parent.layer_map().level0()
 
     child = store.history.timelines.branch(parent.timeline_id, lsn)
     switched: list[object] = []
-    switching = run_in_thread(
-        lambda: switched.append(
-            store.switch_to_branch(
-                child,
-                decode_from=lsn,
-                pg_timeline=state.pg_timeline + 1,
-                segment_size=state.wal_segment_size,
-                parent="n@snap",
-                checkout=True,
-            )
-        )
-    )
+    switching = run_in_thread(lambda: switched.append(check_out(store, child, lsn)))
     switching.join(30)
     assert not switching.is_alive() and switched, "the switch waited for the compaction"
     assert store.compactor.busy and not gate.release.is_set()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pageserver.history import node_store as node_store_module
-from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeStore, StorageHistory
+from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeState, NodeStore, StorageHistory
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import create_image_layers
 from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange
@@ -34,6 +34,20 @@ def batches(w: Workload, size: int = 50) -> list[tuple[list, list]]:  # type: ig
         (w.records[i : i + size], [r.data for r in w.raws[i : i + size]])
         for i in range(0, len(w.records), size)
     ]
+
+
+def check_out(store: NodeStore, child: Timeline, lsn: int) -> NodeState:
+    """Switch the node to `child`, branched at `lsn`, as a checkout to snapshot n@snap does."""
+    state = store.state
+    assert state is not None
+    return store.switch_to_branch(
+        child,
+        decode_from=lsn,
+        pg_timeline=state.pg_timeline + 1,
+        segment_size=state.wal_segment_size,
+        parent="n@snap",
+        checkout=True,
+    )
 
 
 def test_ingest_goes_on_while_a_flush_runs(workload: Workload, tmp_path: Path) -> None:  # noqa: F811
@@ -193,17 +207,8 @@ def test_a_switch_makes_the_old_timelines_tail_durable(
         store.ingest_batch(records, raws)
     end = old.last_record_lsn  # where HEAD{i} is named
     assert old.disk_consistent_lsn < end
-    state = store.state
-    assert state is not None
     child = store.history.timelines.branch(old.timeline_id, branch_at)
-    store.switch_to_branch(
-        child,
-        decode_from=branch_at,
-        pg_timeline=state.pg_timeline + 1,
-        segment_size=state.wal_segment_size,
-        parent="n@s",
-        checkout=True,
-    )
+    check_out(store, child, branch_at)
     store.close()
     store.history.close()
     history = StorageHistory(tmp_path / "history", SMALL)

@@ -88,6 +88,16 @@ def uploader(settings: RemoteSettings, store: NodeStore, owner: str = "me") -> A
     return AreaUploader(settings, area, "pgdata1", lambda: store, owner, parallel=3)
 
 
+def upload_round(settings: RemoteSettings, store: NodeStore) -> None:
+    """Run an uploader until the node's history up to 0x200 is in the bucket, then stop it."""
+    up = uploader(settings, store)
+    up.start()
+    try:
+        assert up.wait_uploaded(0x200, 20)
+    finally:
+        up.stop()
+
+
 def bucket_objects(s3: MotoS3, settings: RemoteSettings) -> dict[str, bytes]:
     client = s3.client()
     out = {}
@@ -226,12 +236,7 @@ def test_attach_reads_the_history_and_refuses_a_corrupt_object(
     s3: MotoS3, settings: RemoteSettings, tmp_path: Path
 ) -> None:
     store = make_node(tmp_path / "pagestore")
-    up = uploader(settings, store)
-    up.start()
-    try:
-        assert up.wait_uploaded(0x200, 20)
-    finally:
-        up.stop()
+    upload_round(settings, store)
     mirror = MirrorArea(settings, "area", tmp_path / "mirror" / "pagestore")
     index = mirror.refresh()
     assert index.node_id == "n1" and index.area["name"] == "area"
@@ -284,12 +289,7 @@ def test_only_the_wal_blocks_an_extraction_reads_come_down_verified(
     store = make_node(tmp_path / "pagestore")
     wal = os.urandom(3 * BLOCK + 1000)
     (store.wal_dir / "000000010000000000000000").write_bytes(wal)
-    up = uploader(settings, store)
-    up.start()
-    try:
-        assert up.wait_uploaded(0x200, 20)
-    finally:
-        up.stop()
+    upload_round(settings, store)
     index = assert_index_consistent(s3, settings)
     sums = decode_sums(
         next(b for k, b in index.items() if "/wal_sums/000000010000000000000000~" in k), "sums"
@@ -445,12 +445,7 @@ def test_orphans_of_a_killed_round_are_swept_and_nothing_the_index_names(
     s3: MotoS3, settings: RemoteSettings, tmp_path: Path
 ) -> None:
     store = make_node(tmp_path / "pagestore")
-    up = uploader(settings, store)
-    up.start()
-    try:
-        assert up.wait_uploaded(0x200, 20)
-    finally:
-        up.stop()
+    upload_round(settings, store)
     named = assert_index_consistent(s3, settings)
     # What a round killed after its uploads (before its index) leaves: objects no index names.
     client = s3.client()
