@@ -74,12 +74,24 @@ def bucket_index(s3: MotoS3, bucket: str, area: str) -> tuple[dict[str, bytes], 
     the bucket, whole, with the index's SHA-256."""
     client = s3.client()
     prefix = f"{PREFIX}/pitr/{area}/"
-    objects = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for entry in page.get("Contents", []):
-            key = entry["Key"]
-            objects[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    index = decode_index(objects[prefix + "index.json"], "index")
+
+    def read_index() -> bytes:
+        return client.get_object(Bucket=bucket, Key=prefix + "index.json")["Body"].read()  # type: ignore[no-any-return]
+
+    for _ in range(20):
+        objects: dict[str, bytes] = {}
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for entry in page.get("Contents", []):
+                key = entry["Key"]
+                try:
+                    objects[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                except client.exceptions.NoSuchKey:
+                    continue  # deleted since the listing: a newer index no longer names it
+        index = decode_index(objects[prefix + "index.json"], "index")
+        whole = all(prefix + obj.key in objects for obj in index.objects.values())
+        if whole or read_index() == objects[prefix + "index.json"]:
+            break  # else a newer index came meanwhile and its round deleted what this one named
     for path, obj in index.objects.items():
         body = objects.get(prefix + obj.key)
         assert body is not None, f"the index names {path}, which is not in the bucket"
