@@ -24,8 +24,9 @@ import struct
 import threading
 import uuid
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -550,6 +551,58 @@ def lower_bound_python(keys: bytes, n_keys: int, key: bytes) -> int:
     return lo
 
 
+CompressedBlock = tuple[bytes, int, int]
+"""(zstd frame, uncompressed length, CRC-32C of the frame) of one value block."""
+
+COMPRESS_BATCH = 8
+"""Blocks one task of the compression pool compresses (~256 KiB): a task costs tens of
+microseconds of Python, small against the zstd time of 8 blocks (~1 ms)."""
+COMPRESS_IN_FLIGHT = 4
+"""Tasks a writer has queued before it waits for its oldest: memory stays about
+(COMPRESS_IN_FLIGHT + 1) x COMPRESS_BATCH blocks per writer."""
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def compression_pool() -> ThreadPoolExecutor:
+    """The process's zstd threads, shared by every layer writer. zstd releases the GIL, so
+    the blocks of a layer compress on every core while its writer makes the next ones
+    (compression was most of a flush and of image creation on one thread)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            workers = max(1, min(4, os.cpu_count() or 1))
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="layer-zstd")
+        return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: it starts a pool of its own."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def compress_blocks(level: int, raws: list[bytes | memoryview]) -> list[CompressedBlock]:
+    """The blocks compressed (one zstd frame each, as `ZstdCompressor(level).compress`
+    makes it: the same bytes on any thread, so a layer's file does not depend on which
+    thread compressed what: resume and dedup compare files byte for byte)."""
+    compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_tls, "zstd_c", None)
+    if compressors is None:
+        compressors = _tls.zstd_c = {}
+    zc = compressors.get(level)
+    if zc is None:
+        zc = compressors[level] = zstandard.ZstdCompressor(level=level)
+    out: list[CompressedBlock] = []
+    for raw in raws:
+        comp = zc.compress(raw)
+        out.append((comp, len(raw), crc32c.crc32c(comp)))
+    return out
+
+
 class LayerFileWriter:
     """Streams sorted (key, LSN, encoded value) into a new layer file, then publishes it.
 
@@ -574,13 +627,17 @@ class LayerFileWriter:
         self._lsn_start = lsn_start
         self._lsn_end = lsn_end
         self._block_size = block_size
-        self._zstd = zstandard.ZstdCompressor(level=zstd_level)
+        self._zstd_level = zstd_level
         self._tmp = temp_path(directory / f".writing-{uuid.uuid4().hex}")
         self._file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
         self._file.write(b"\0" * HEADER_SIZE)
         self._offset = HEADER_SIZE
         self._buf = bytearray()
         self._blocks: list[bytes] = []
+        self._n_blocks = 0
+        """Blocks cut so far: those in _blocks (written), _batch and _in_flight (compressing)."""
+        self._batch: list[bytes | memoryview] = []
+        self._in_flight: deque[Future[list[CompressedBlock]]] = deque()
         self._keys: list[bytes] = []
         self._versions = bytearray()
         self._n_versions = 0
@@ -601,7 +658,7 @@ class LayerFileWriter:
         if self._buf and len(self._buf) + len(encoded) > self._block_size:
             self._flush_block()
         self._versions += _VERSION_ENTRY.pack(
-            lsn, encoded[0], len(self._blocks), len(self._buf), len(encoded)
+            lsn, encoded[0], self._n_blocks, len(self._buf), len(encoded)
         )
         self._n_versions += 1
         self._buf += encoded
@@ -628,7 +685,7 @@ class LayerFileWriter:
         i, prev = 0, self._lsn_start
         while True:
             i, added, prev, status = pack(
-                versions, i, self._buf, self._block_size, len(self._blocks), self._versions,
+                versions, i, self._buf, self._block_size, self._n_blocks, self._versions,
                 self._lsn_start, self._lsn_end, prev, _VALUE_TYPES,
             )  # fmt: skip
             self.uncompressed_bytes += added
@@ -650,7 +707,7 @@ class LayerFileWriter:
         """Add every version `source` holds (an in-memory layer's arena, `_inmem.c`), laid out
         by its `pack` as add_key lays out its keys in order, into this empty writer: the same
         file as add_key per key, with the per-version work done in C."""
-        if self._keys or self._buf or self._blocks:
+        if self._keys or self._buf or self._n_blocks:
             raise InvalidArgument("packed versions go into an empty layer writer")
         data, ends, keys, versions, n_keys, n_versions, added, last_lsn = source.pack(
             self._block_size, self._lsn_start, self._lsn_end
@@ -672,12 +729,32 @@ class LayerFileWriter:
         self._buf.clear()
 
     def _write_block(self, raw: bytes | memoryview) -> None:
-        comp = self._zstd.compress(raw)
-        self._file.write(comp)
-        self._blocks.append(
-            _BLOCK_ENTRY.pack(self._offset, len(comp), len(raw), crc32c.crc32c(comp))
-        )
-        self._offset += len(comp)
+        """Cut block number _n_blocks (`raw` must not change: it is compressed later, on
+        the pool); blocks reach the file in order, whatever order they compress in."""
+        self._batch.append(raw)
+        self._n_blocks += 1
+        if len(self._batch) >= COMPRESS_BATCH:
+            self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        if self._batch:
+            pool = compression_pool()
+            self._in_flight.append(pool.submit(compress_blocks, self._zstd_level, self._batch))
+            self._batch = []
+        while len(self._in_flight) > COMPRESS_IN_FLIGHT:
+            self._write_compressed(self._in_flight.popleft().result())
+
+    def _drain(self) -> None:
+        """Every block cut so far compressed and written."""
+        self._submit_batch()
+        while self._in_flight:
+            self._write_compressed(self._in_flight.popleft().result())
+
+    def _write_compressed(self, blocks: list[CompressedBlock]) -> None:
+        for comp, raw_len, crc in blocks:
+            self._file.write(comp)
+            self._blocks.append(_BLOCK_ENTRY.pack(self._offset, len(comp), raw_len, crc))
+            self._offset += len(comp)
 
     @property
     def n_versions(self) -> int:
@@ -709,6 +786,7 @@ class LayerFileWriter:
                 raise InvalidArgument(f"key range {key_range} does not hold the layer's keys")
             if self._buf:
                 self._flush_block()
+            self._drain()
             index = b"".join((b"".join(self._blocks), b"".join(self._keys), self._versions))
             self._file.write(index)
             header = LayerHeader(
@@ -745,6 +823,10 @@ class LayerFileWriter:
         return path
 
     def abort(self) -> None:
+        for future in self._in_flight:
+            future.cancel()  # a running one ends on its own; its result is dropped
+        self._in_flight.clear()
+        self._batch = []
         if not self._file.closed:
             self._file.close()
         self._tmp.unlink(missing_ok=True)
