@@ -21,6 +21,14 @@ keeps `.NAME.partial`: the far side sends the SHA-256 of each of its blocks (`sh
 else `shasum -a 256` or `openssl dgst`; with none of them it starts afresh), `dd` cuts it
 where the regenerated stream first differs, and `cat >>` appends the rest.
 
+One connection per host serves a whole command: every `ssh` of this process runs as a client
+of a shared OpenSSH ControlMaster (ControlMaster=auto, the control socket in a private 0700
+directory of this process), so the steps of a push or pull (stat, digests, write, commit,
+index) pay for one key exchange and login, not one each (each cost a new TCP connection and
+handshake). The master is asked to exit when the process ends (`close_connections`, run at
+exit) and the directory is removed; if the process is killed, the master still exits
+MUX_PERSIST seconds after its last session. Options in NEON_SSH_COMMAND come first and win.
+
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
 directory.
@@ -29,11 +37,16 @@ directory.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import secrets
 import shlex
+import shutil
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from cli.storages import mask_url
@@ -71,6 +84,8 @@ SSH_OPTIONS = (
     "-o",
     "ServerAliveCountMax=4",
 )
+MUX_PERSIST = 10  # seconds an idle shared connection outlives its last session
+MUX_SOCKET_MAX = 100  # a unix socket path is at most 107 bytes; %C expands to 40
 CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
 LANDING_TIMEOUT = 5  # seconds for an aborted resumable write's bytes to reach its file
 
@@ -180,6 +195,44 @@ def _ssh_program() -> list[str]:
     return [words[0], "-o", "BatchMode=yes", *words[1:], *SSH_OPTIONS]
 
 
+_MUX_DIRS: dict[tuple[str, ...], str] = {}
+"""The control-socket directory of each ssh program line (NEON_SSH_COMMAND) this process
+used: a different program (another config or key) never shares another's connection."""
+
+
+def _multiplexed(program: list[str]) -> list[str]:
+    """`program` as a client of this process's shared connection to the host (module
+    docstring); as it is when no short enough private directory can be had."""
+    key = tuple(program)
+    directory = _MUX_DIRS.get(key)
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="neon-ssh-")  # mode 0700: only we reach it
+        if len(directory) + 41 > MUX_SOCKET_MAX:
+            os.rmdir(directory)
+            return program
+        if not _MUX_DIRS:
+            atexit.register(close_connections)
+        _MUX_DIRS[key] = directory
+    return [
+        *program, "-o", "ControlMaster=auto", "-o", f"ControlPath={directory}/%C",
+        "-o", f"ControlPersist={MUX_PERSIST}",
+    ]  # fmt: skip
+
+
+def close_connections() -> None:
+    """Ask every shared connection's master to exit and remove the socket directories
+    (at exit; blocking, a few milliseconds per host)."""
+    while _MUX_DIRS:
+        program, directory = _MUX_DIRS.popitem()
+        for sock in Path(directory).iterdir():
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    [*program, "-o", f"ControlPath={sock}", "-O", "exit", "--", "neon-mux"],
+                    stdin=subprocess.DEVNULL, capture_output=True, timeout=CLEANUP_TIMEOUT,
+                )  # fmt: skip
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class SshStore(Store):
     def __init__(self, host: str, port: int | None, user: str | None, directory: str) -> None:
         self.host, self.port, self.user, self.directory = host, port, user, directory
@@ -208,7 +261,7 @@ class SshStore(Store):
         remote = " ".join(["sh", "-c", shlex.quote(script), "sh", *map(shlex.quote, args)])
         port = ["-p", str(self.port)] if self.port else []
         user = ["-l", self.user] if self.user else []
-        return [*_ssh_program(), *port, *user, "--", self.host, remote]
+        return [*_multiplexed(_ssh_program()), *port, *user, "--", self.host, remote]
 
     async def _spawn(
         self, script: str, *args: str, stdin: bool = False

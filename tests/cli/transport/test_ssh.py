@@ -14,7 +14,7 @@ import pytest
 
 from cli.transport import parse_location
 from cli.transport.base import read_object
-from cli.transport.ssh import SshStore
+from cli.transport.ssh import _MUX_DIRS, SshStore, close_connections
 from proto.errors import AuthFailed, Conflict, InvalidArgument, NotFound, Unavailable
 from tests.cli.transport.conftest import entries
 from tests.pgtest import free_port
@@ -167,3 +167,36 @@ def _ssh_clients() -> list[int]:
             if int(fields[1]) == me and (entry / "comm").read_text().strip() == "ssh":
                 found.append(int(entry.name))
     return found
+
+
+def _logins(sshd: SshServer) -> int:
+    """Logins the server accepted so far (its VERBOSE log has a line for each)."""
+    return (sshd.root / "sshd.log").read_text().count("Accepted publickey")
+
+
+async def test_a_command_logs_in_once(ssh_env: SshServer, remote_dir: Path) -> None:
+    """Every step of a transfer (write, commit, stat, list, read, delete) runs over one shared
+    connection (an ssh login each cost a handshake); at exit the master is told to go and its
+    private socket directory is removed; the next command logs in afresh."""
+    close_connections()
+    before = _logins(ssh_env)
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/x.neon"))
+    async with await store.open_write("x.neon", overwrite=False) as writer:
+        await writer.write(b"y" * 300_000)
+    info = await store.stat("x.neon")
+    assert info is not None and info.size == 300_000
+    assert [o.name for o in await store.list()] == ["x.neon"]
+    got = b"".join(
+        [chunk async for chunk in read_object(parse_location(store.object_url("x.neon")))]
+    )
+    assert got == b"y" * 300_000
+    await store.delete("x.neon")
+    assert _logins(ssh_env) == before + 1
+    dirs = list(_MUX_DIRS.values())
+    assert len(dirs) == 1 and os.stat(dirs[0]).st_mode & 0o777 == 0o700
+    assert [p.is_socket() for p in Path(dirs[0]).iterdir()] == [True]
+    close_connections()
+    assert not Path(dirs[0]).exists() and not _MUX_DIRS
+    assert await store.stat("x.neon") is None
+    assert _logins(ssh_env) == before + 2
+    close_connections()
