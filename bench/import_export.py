@@ -64,6 +64,7 @@ from bench.common import (
     throwaway_cluster,
     tree_bytes,
 )
+from bench.pyspy import recording, summary, wrapped
 from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
 from snapfile.writer import DEFAULT_LEVEL
 from tests.neoncli import NEON, NeonCli
@@ -323,6 +324,17 @@ def alternate(
     return order
 
 
+def profiled(
+    profile: Path | None, step: str, daemon: Daemon, cmd: list[str], kw: dict[str, Any]
+) -> Timed:
+    """Our command, timed; with `profile`, it and the daemon sampled by py-spy into it
+    (bench/pyspy.py: where the time goes; such a run's ratios mean little)."""
+    if profile is None:
+        return run_timed([cmd], [kw])
+    with recording(daemon.pid, profile / f"{step}.pageserver.txt"):
+        return run_timed([wrapped(cmd, profile / f"{step}.cli.txt")], [kw])
+
+
 def neon_cmd(neon: NeonCli, *args: str) -> tuple[list[str], dict[str, Any]]:
     return [NEON, *args], {"env": neon.env()}
 
@@ -370,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 name = f"bench{r + 1}"
                 say(f"round {r + 1}: neon snapshot import --from basebackup://... {name}")
                 cmd, kw = neon_cmd(neon, "snapshot", "import", "--from", url, name)
-                imp_ours.runs.append(run_timed([cmd], [kw]))
+                imp_ours.runs.append(profiled(args.py_spy, f"import{r + 1}", daemon, cmd, kw))
                 imp_ours.daemon.append(daemon_use(daemon))
                 say(f"  {imp_ours.runs[-1].wall:.2f} s")
                 sizes = {s["name"]: s["size_bytes"] for s in neon.json("snapshot", "list")}
@@ -398,7 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cmd, kw = neon_cmd(
                     neon, "snapshot", "export", "bench1", "--format", "neon", "-o", str(path)
                 )
-                exp_ours.runs.append(run_timed([cmd], [kw]))
+                exp_ours.runs.append(profiled(args.py_spy, f"export{r + 1}", daemon, cmd, kw))
                 exp_ours.daemon.append(daemon_use(daemon))
                 exp_ours.out_bytes.append(path.stat().st_size)
                 say(f"  {exp_ours.runs[-1].wall:.2f} s")
@@ -518,10 +530,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timed runs of each side (best kept)")
     ap.add_argument("--seed", type=int, default=1, help="picks which side runs first in round 1")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server, neon home)")
+    ap.add_argument("--py-spy", type=Path, metavar="DIR", help="sample our commands into DIR")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
-    return run_benchmark(BENCH, run, args)
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+    code = run_benchmark(BENCH, run, args)
+    if args.py_spy is not None:
+        for out in sorted(args.py_spy.glob("*.txt")):
+            within = "neon:<module>" if out.name.endswith(".cli.txt") else None
+            print(summary(out, within=within), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
