@@ -18,8 +18,14 @@ from pageserver.reconstruct import range_reads
 from pageserver.reconstruct import reads as pr
 from pageserver.reconstruct.range_reads import SlowValues
 from pageserver.reconstruct.range_rebuild import rebuild_keys
+from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
-from pageserver.storage.keys import SlruKind, database_range
+from pageserver.storage.keys import (
+    SlruKind,
+    database_range,
+    slru_block_key,
+    slru_segment_blocks_range,
+)
 from pageserver.storage.timeline import RangeRead, Timeline
 from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE
 from pg15.datadir_layout import (
@@ -41,6 +47,13 @@ def pages_one_by_one(
 ) -> Iterator[bytes]:
     """`rel_pages` through `get_page`, block by block: for a source with no bulk read."""
     return (source.get_page(spc, db, rel, fork, b) for b in range(first, first + count))
+
+
+def slru_pages_one_by_one(
+    source: SnapshotSource, kind: SlruKind, segno: int, count: int
+) -> Iterator[bytes]:
+    """`slru_pages` through `get_slru_page`: for a source with no bulk read."""
+    return (source.get_slru_page(kind, segno, b) for b in range(count))
 
 
 class SnapshotSource(Protocol):
@@ -83,6 +96,10 @@ class SnapshotSource(Protocol):
     def get_slru_segment_size(self, kind: SlruKind, segno: int) -> int: ...
 
     def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes: ...
+
+    def slru_pages(self, kind: SlruKind, segno: int, count: int) -> Iterator[bytes]:
+        """Pages 0..count-1 of an SLRU segment, in order (a bulk read)."""
+        ...
 
     def get_relmap(self, spc: int, db: int) -> bytes | None: ...
 
@@ -169,6 +186,18 @@ class TimelineSource:
 
     def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
         return pr.get_slru_page(self.timeline, kind, segno, blkno, self.lsn)
+
+    def slru_pages(self, kind: SlruKind, segno: int, count: int) -> Iterator[bytes]:
+        # A pg_xact page holds the commit bits of 32768 transactions: its chain is thousands
+        # of commit records, redone here in C in one pass over the layer files (the per-key
+        # path spent a tenth of a 1 GiB extraction on a few such pages).
+        if not self.bulk or native_redo is None or count == 0:
+            return slru_pages_one_by_one(self, kind, segno, count)
+        keys = [slru_block_key(kind, segno, blkno) for blkno in range(count)]
+        view = self.timeline.persistent_view(slru_segment_blocks_range(kind, segno), self.lsn)
+        values = rebuild_keys(self.timeline, self.lsn, view, keys)
+        # Below the segment's size, a page never written reads as zeros (as `materialize`).
+        return (ZERO_PAGE if value is None else value for value in values)
 
     def get_relmap(self, spc: int, db: int) -> bytes | None:
         return pr.get_relmap(self.timeline, spc, db, self.lsn)
@@ -307,6 +336,9 @@ class DatadirSource:
 
     def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
         return self._read_block(self._slru_dir(kind) / slru_file_name(segno), blkno)
+
+    def slru_pages(self, kind: SlruKind, segno: int, count: int) -> Iterator[bytes]:
+        return slru_pages_one_by_one(self, kind, segno, count)
 
     def get_relmap(self, spc: int, db: int) -> bytes | None:
         try:

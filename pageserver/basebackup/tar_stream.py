@@ -391,8 +391,9 @@ class _Plan:
     def _slru_pages(self, kind: SlruKind, segno: int, have: int, nblocks: int) -> Iterator[bytes]:
         """`nblocks` pages of a segment: the source's first `have`, then zero pages."""
         batch: list[bytes] = []
+        stored = self.source.slru_pages(kind, segno, have) if have else iter(())
         for blkno in range(nblocks):
-            page = self.source.get_slru_page(kind, segno, blkno) if blkno < have else _ZERO_PAGE
+            page = next(stored) if blkno < have else _ZERO_PAGE
             if len(page) != BLCKSZ:
                 raise CorruptData(
                     f"{kind.directory}/{slru_file_name(segno)} block {blkno}: short page"

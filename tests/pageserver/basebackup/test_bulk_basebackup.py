@@ -21,7 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.basebackup.sources import TimelineSource, pages_one_by_one
+from pageserver.basebackup.sources import (
+    TimelineSource,
+    pages_one_by_one,
+    slru_pages_one_by_one,
+)
 from pageserver.basebackup.tar_stream import basebackup
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
@@ -29,7 +33,7 @@ from pageserver.reconstruct import range_rebuild
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.redo.native import redo as native
 from pageserver.storage.compaction import create_image_layers
-from pageserver.storage.keys import Key
+from pageserver.storage.keys import Key, SlruKind
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -111,12 +115,16 @@ def _ingest(timeline: Timeline, wal_dir: Path, start: int, stop_after: int) -> l
 
 @dataclass(frozen=True, slots=True)
 class PerPage(TimelineSource):
-    """The reference: every relation page through get_page (materialize), one by one."""
+    """The reference: every relation and SLRU page through get_page / get_slru_page
+    (materialize), one by one."""
 
     def rel_pages(
         self, spc: int, db: int, rel: int, fork: int, first: int, count: int
     ) -> Iterator[bytes]:
         return pages_one_by_one(self, spc, db, rel, fork, first, count)
+
+    def slru_pages(self, kind: SlruKind, segno: int, count: int) -> Iterator[bytes]:
+        return slru_pages_one_by_one(self, kind, segno, count)
 
 
 def _tar(source: TimelineSource) -> bytes:
@@ -232,5 +240,33 @@ def test_without_the_c_extension_the_per_key_path_gives_the_same_tar(
         monkeypatch.setattr(sources, "native_redo", None)
         assert _tar(TimelineSource(timeline, ends[-1])) == want
         assert counts.bulk_keys == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_slru_pages_are_rebuilt_in_bulk(history: History, tmp_path: Path, counts: Counts) -> None:
+    """pg_xact and the multixact SLRUs: every page of every segment through the bulk rebuild
+    equals the per-key read, at LSNs below an image layer, above it and in the open layer."""
+    store, timeline = _open(history, tmp_path / "store")
+    try:
+        first = _ingest(timeline, history.wal_dir, history.start, history.start + 6_000_000)
+        timeline.freeze_and_flush()
+        assert create_image_layers(timeline, reconstruct, force=True) > 0
+        second = _ingest(timeline, history.wal_dir, first[-1], history.start + 20_000_000)
+        timeline.freeze_and_flush()
+        rest = _ingest(timeline, history.wal_dir, second[-1], parse_lsn("FFFFFFFF/0"))
+        assert timeline.persistent_map(rest[0]) is None  # the last records are in memory
+        pages = 0
+        for lsn in (first[len(first) // 2], first[-1], second[-1], rest[-1]):
+            bulk, reference = TimelineSource(timeline, lsn), PerPage(timeline, lsn, bulk=False)
+            for kind in SlruKind:
+                for segno in bulk.list_slru_segments(kind):
+                    size = bulk.get_slru_segment_size(kind, segno)
+                    got = list(bulk.slru_pages(kind, segno, size))
+                    assert got == list(reference.slru_pages(kind, segno, size)), (lsn, kind)
+                    pages += size
+        assert pages > 0
+        assert counts.bulk_keys >= pages  # every page went through rebuild_range
     finally:
         store.close()

@@ -20,7 +20,7 @@ import pytest
 from cli.pgbin import pg_binary
 from cli.untar import UnsafeArchive, extract_basebackup
 from pageserver.basebackup import tar_stream as bb
-from pageserver.basebackup.sources import pages_one_by_one
+from pageserver.basebackup.sources import pages_one_by_one, slru_pages_one_by_one
 from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
 from pageserver.basebackup.wal_synthesis import (
     checkpoint_record,
@@ -219,6 +219,9 @@ class FakeSource:
 
     def get_slru_page(self, kind: SlruKind, segno: int, blkno: int) -> bytes:
         return self.slru[(kind, segno)][blkno]
+
+    def slru_pages(self, kind: SlruKind, segno: int, count: int) -> Iterator[bytes]:
+        return slru_pages_one_by_one(self, kind, segno, count)
 
     def get_tablespaces(self) -> dict[int, str]:
         return dict(self.tablespaces)
