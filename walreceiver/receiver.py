@@ -333,7 +333,13 @@ class WalReceiver:
                 if self.on_flushed is not None:
                     data = batch[0].data if len(batch) == 1 else b"".join(m.data for m in batch)
                     self._queue(WalChunk(archive.timeline, batch[0].data_start, data))
-                if archive.flushed_lsn > self.flushed_lsn:  # a segment just completed
+                if not stream.conn.message_ready():
+                    # Caught up with the server: make it durable and hand it on now, as
+                    # PostgreSQL's walreceiver does when no more data is ready (XLogWalRcvFlush,
+                    # src/backend/replication/walreceiver.c), not at the next status tick: a
+                    # snapshot or checkout waiting for the last records waited up to 1 s.
+                    await self._flush()
+                elif archive.flushed_lsn > self.flushed_lsn:  # a segment just completed
                     await self._flushed(archive.flushed_lsn)
         except NeonError:
             failure = flusher.exception() if flusher.done() and not flusher.cancelled() else None
