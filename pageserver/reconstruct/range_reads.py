@@ -22,7 +22,7 @@ from pageserver.storage.keys import (
     fork_blocks_range,
     rel_block_key,
 )
-from pageserver.storage.layers.image import ImageLayer
+from pageserver.storage.layers.layer_map import image_tiles
 from pageserver.storage.timeline import RangeRead, Timeline
 
 SlowValues = Callable[[list[Key]], Iterable["bytes | None"]]
@@ -30,33 +30,6 @@ SlowValues = Callable[[list[Key]], Iterable["bytes | None"]]
 
 _RUN_BLOCKS = 2048
 """Blocks whose slow keys go to one `slow_values` call: a bounded list of keys."""
-
-
-def image_tiles(
-    key_range: KeyRange, images: tuple[ImageLayer, ...]
-) -> list[tuple[KeyRange, ImageLayer]]:
-    """key_range cut into pieces, each with the newest image layer covering it (images are
-    newest first), in key order; pieces no layer covers are left out (their keys are absent)."""
-    uncovered = [key_range]
-    tiles: list[tuple[KeyRange, ImageLayer]] = []
-    for image in images:
-        rest: list[KeyRange] = []
-        for piece in uncovered:
-            start = max(piece.start, image.key_range.start)
-            end = min(piece.end, image.key_range.end)
-            if start >= end:
-                rest.append(piece)
-                continue
-            tiles.append((KeyRange(start, end), image))
-            if piece.start < start:
-                rest.append(KeyRange(piece.start, start))
-            if end < piece.end:
-                rest.append(KeyRange(end, piece.end))
-        uncovered = rest
-        if not uncovered:
-            break
-    tiles.sort(key=lambda tile: tile[0].start)
-    return tiles
 
 
 def _images_in(key_range: KeyRange, plan: RangeRead) -> Iterator[tuple[Key, bytes]]:

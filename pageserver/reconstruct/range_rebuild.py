@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from pageserver.reconstruct.apply_delta import continue_chain, reconstruct
-from pageserver.reconstruct.range_reads import image_tiles
 from pageserver.redo.native import redo as _native
 from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, key_successor
 from pageserver.storage.layers.image import ImageLayer
+from pageserver.storage.layers.layer_map import image_tiles
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.timeline import PersistentView, Timeline
 from pageserver.storage.values import TAG_IMAGE, WalDelta
@@ -49,6 +49,7 @@ class _Cursor:
 
     def __init__(self, layer: PersistentLayer, start: Key) -> None:
         self.file = layer.file
+        self.lsn_end = layer.lsn_end
         self.i = self.file.lower_bound(start)
         self.n = self.file.n_keys
         self.next = self._key()
@@ -132,7 +133,10 @@ def rebuild_range(
                 parts.append((raw, first, blocks, image.lsn))
         floor_plus_one = image.lsn + 1 if image is not None else 0
         for cursor in delta_cursors:
-            if cursor.next <= key:
+            # A layer wholly at or below the key's image holds nothing the chain uses: its
+            # blocks are not decompressed (images are written partition by partition, so
+            # most of a range's keys have newer images than the oldest one).
+            if cursor.next <= key and cursor.lsn_end > floor_plus_one:
                 held = cursor.versions(key)
                 if held is not None:
                     parts.append((*held, floor_plus_one))

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterable
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.evicted import EVICTED_SUFFIX, evicted_layer
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.inmemory import InMemoryLayer, new_layer
-from pageserver.storage.layers.layer_map import ChainEnd, LayerMap, VersionSource
+from pageserver.storage.layers.layer_map import ChainEnd, LayerMap, VersionSource, image_tiles
 from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.manifest import (
@@ -605,8 +606,11 @@ class Timeline:
                 return None
             floor = images[-1].lsn if covered else -1  # the oldest image needed
             sources = layer_map.newest_versions_above(key_range, at, floor, frozen, head)
-            for source in sources:
-                slow.update(key for key, version_lsn, _tag in source if version_lsn > floor)
+            if covered:
+                slow.update(_above_their_images(key_range, images, sources, floor))
+            else:
+                for source in sources:
+                    slow.update(key for key, version_lsn, _tag in source if version_lsn > floor)
             if covered or timeline.ancestor is None:
                 return RangeRead(tuple(images), frozenset(slow))
             at = min(at, timeline.ancestor_lsn)
@@ -673,6 +677,25 @@ class RangeRead:
     holds it, if that layer holds the key; otherwise the key does not exist."""
     slow: frozenset[Key]
     """Keys whose value needs the per-key read path."""
+
+
+def _above_their_images(
+    key_range: KeyRange,
+    images: list[ImageLayer],
+    sources: list[Iterable[tuple[Key, int, int]]],
+    floor: int,
+) -> Iterator[Key]:
+    """The keys with a version above the image layer that holds their range (`image_tiles`:
+    the newest covering each piece). Compaction writes images partition by partition, so
+    a database is covered by images of many LSNs; measured against the oldest (`floor`),
+    every key an older partition's image shadowed was slow, and a basebackup redid from
+    the import's image pages that a newer image held whole."""
+    tiles = image_tiles(key_range, tuple(images))
+    starts = [piece.start for piece, _ in tiles]
+    for source in sources:
+        for key, version_lsn, _tag in source:
+            if version_lsn > floor and version_lsn > tiles[bisect_right(starts, key) - 1][1].lsn:
+                yield key
 
 
 def _reconstruct_data(versions: list[tuple[int, Value]]) -> ReconstructData:

@@ -216,3 +216,30 @@ class LayerMap:
                 decided[key] = in_image
         covered = [r for i in images if (r := i.key_range.intersection(key_range)) is not None]
         return decided, covered
+
+
+def image_tiles(
+    key_range: KeyRange, images: tuple[ImageLayer, ...]
+) -> list[tuple[KeyRange, ImageLayer]]:
+    """key_range cut into pieces, each with the newest image layer covering it (images are
+    newest first), in key order; pieces no layer covers are left out (their keys are absent)."""
+    uncovered = [key_range]
+    tiles: list[tuple[KeyRange, ImageLayer]] = []
+    for image in images:
+        rest: list[KeyRange] = []
+        for piece in uncovered:
+            start = max(piece.start, image.key_range.start)
+            end = min(piece.end, image.key_range.end)
+            if start >= end:
+                rest.append(piece)
+                continue
+            tiles.append((KeyRange(start, end), image))
+            if piece.start < start:
+                rest.append(KeyRange(piece.start, start))
+            if end < piece.end:
+                rest.append(KeyRange(end, piece.end))
+        uncovered = rest
+        if not uncovered:
+            break
+    tiles.sort(key=lambda tile: tile[0].start)
+    return tiles

@@ -15,9 +15,11 @@ from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_reads import image_tiles, rel_pages
+from pageserver.reconstruct.range_rebuild import rebuild_keys
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.compaction import create_image_layers
-from pageserver.storage.keys import KeyRange, database_range, rel_block_key
+from pageserver.storage.keys import Key, KeyRange, database_range, key_successor, rel_block_key
+from pageserver.storage.layers.blocks import LayerFile
 from pageserver.storage.layers.image import ImageLayerWriter
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
@@ -141,3 +143,55 @@ def test_tiles_take_the_newest_image_for_each_piece(
     for piece, image in tiles:  # no newer layer holds any key of the piece
         assert image is next(i for i in plan.images if i.key_range.overlaps(piece))
         assert image.key_range.covers(piece)
+
+
+def test_keys_under_a_newer_image_than_the_oldest_are_neither_slow_nor_redone(
+    history: tuple[TimelineStore, Timeline, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images of several LSNs over one database (compaction writes them partition by
+    partition): a key is slow only if it has versions above the image holding it, and its
+    bulk rebuild reads no delta layer lying wholly below that image."""
+    _store, timeline, lsn0, end = history
+    whole = database_range(1663, 5)
+    at = (lsn0 + end) // 2
+    before = timeline.plan_range_read(whole, at)
+    assert before is not None and len(before.slow) > 10
+    slow = sorted(before.slow)
+    part = KeyRange(slow[0], slow[len(slow) // 2])
+    writer = ImageLayerWriter(timeline.directory, part, at, timeline.settings)
+    for key in timeline.get_keys(part, at):
+        writer.add(key, materialize(timeline, key, at))
+    timeline.replace_layers(add=[writer.finish(timeline.cache)], remove=[])
+
+    after = timeline.plan_range_read(whole, at)
+    assert after is not None
+    assert after.slow == {key for key in before.slow if key not in part}
+    assert check_equal(timeline, at) > 100
+
+    # A rebuild spanning the part and keys under the import's image reads, of the layers
+    # wholly below the part's image, only what the keys outside the part need.
+    below = {
+        d.path for d in timeline.layer_map().deltas_overlapping(part, -1, at) if d.lsn_end <= at
+    }
+    assert below  # L0 layers holding versions of the part's keys under the new image
+    read: list[tuple[Path, int]] = []
+    real = LayerFile.read_block
+
+    def counting(self: LayerFile, b: int) -> bytes:
+        read.append((self.path, b))
+        return real(self, b)
+
+    def rebuilt(keys: list[Key]) -> set[tuple[Path, int]]:
+        read.clear()
+        view = timeline.persistent_view(KeyRange(keys[0], key_successor(keys[-1])), at)
+        keys = [k for k in keys if k not in view.in_memory]
+        assert list(rebuild_keys(timeline, at, view, keys)) == [
+            materialize(timeline, k, at) for k in keys
+        ]
+        return {(path, b) for path, b in read if path in below}
+
+    monkeypatch.setattr(LayerFile, "read_block", counting)
+    outside = [k for k in slow if k >= part.end]
+    inside = timeline.get_keys(part, at)
+    assert len(inside) > 10 and outside
+    assert rebuilt(inside + outside) == rebuilt(outside)
