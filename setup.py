@@ -16,14 +16,19 @@ setup(
         Extension(
             "pg15._walscan",
             ["pg15/_walscan.c"],
+            depends=["pg15/walrecord.h"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),
         Extension(
             "pageserver.ingest._walingest",
             ["pageserver/ingest/_walingest.c"],
-            include_dirs=["pageserver", "pageserver/storage/layers"],
-            depends=["pageserver/native_slots.h", "pageserver/storage/layers/inmem_api.h"],
+            include_dirs=["pageserver", "pageserver/storage/layers", "pg15"],
+            depends=[
+                "pageserver/native_slots.h",
+                "pageserver/storage/layers/inmem_api.h",
+                "pg15/walrecord.h",
+            ],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

@@ -32,18 +32,7 @@
 #define XLOG_SWITCH 0x40
 #define MAX_RECORD_SIZE 0x3FFFFFFFu
 
-#define BLCKSZ 8192
-#define XLR_MAX_BLOCK_ID 32
-#define XLR_BLOCK_ID_DATA_SHORT 255
-#define XLR_BLOCK_ID_DATA_LONG 254
-#define XLR_BLOCK_ID_ORIGIN 253
-#define XLR_BLOCK_ID_TOPLEVEL_XID 252
-#define BKPBLOCK_FORK_MASK 0x0F
-#define BKPBLOCK_HAS_IMAGE 0x10
-#define BKPBLOCK_HAS_DATA 0x20
-#define BKPBLOCK_SAME_REL 0x80
-#define BKPIMAGE_HAS_HOLE 0x01
-#define BKPIMAGE_COMPRESSED (0x04 | 0x08 | 0x10)
+#include "walrecord.h" /* the record layout, shared with the fused C ingest */
 
 /* ---- little-endian loads ------------------------------------------------------------- */
 
@@ -457,32 +446,6 @@ rnode_get(uint32_t spc, uint32_t db, uint32_t rel)
     return obj;
 }
 
-typedef struct {
-    int block_id, fork_flags;
-    uint32_t data_len;
-    int has_image;
-    uint32_t bimg_len, hole_offset, hole_length, bimg_info;
-    uint32_t spc, db, rel, blkno;
-} BlockHead;
-
-/* The image-header cross-checks of xlogreader (and of the Python decoder). */
-static int
-image_ok(uint32_t bimg_len, uint32_t hole_offset, uint32_t hole_length, uint32_t bimg_info)
-{
-    int has_hole = bimg_info & BKPIMAGE_HAS_HOLE, compressed = bimg_info & BKPIMAGE_COMPRESSED;
-    if (has_hole && (hole_offset == 0 || hole_length == 0 || bimg_len == BLCKSZ))
-        return 0;
-    if (!has_hole && (hole_offset != 0 || hole_length != 0))
-        return 0;
-    if (compressed && bimg_len == BLCKSZ)
-        return 0;
-    if (!has_hole && !compressed && bimg_len != BLCKSZ)
-        return 0;
-    if (hole_offset + hole_length > BLCKSZ)
-        return 0;
-    return 1;
-}
-
 static PyObject *
 bytes_slice(const uint8_t *p, uint64_t n)
 {
@@ -504,113 +467,14 @@ py_decode_record(PyObject *self, PyObject *raw)
     const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(bytes);
     int64_t n = PyBytes_GET_SIZE(bytes);
 
-    if (n < RECORD_HEADER || load32(data) != (uint64_t)n)
+    RecordLayout lay;
+    if (!wr_record_layout(data, n, &lay))
         goto fallback;
-    int64_t pos = RECORD_HEADER;
-    uint64_t payload = 0, main_len = 0;
-    int has_origin = 0, has_toplevel = 0;
-    uint32_t origin = 0, toplevel = 0;
-    int have_rel = 0, max_block_id = -1, nheads = 0;
-    uint32_t last_spc = 0, last_db = 0, last_rel = 0;
-    BlockHead heads[XLR_MAX_BLOCK_ID + 1];
-
-    while ((uint64_t)(n - pos) > payload) {
-        int block_id = data[pos];
-        if (block_id <= XLR_MAX_BLOCK_ID) {
-            if (block_id <= max_block_id || n - pos < 4)
-                goto fallback;
-            max_block_id = block_id;
-            BlockHead *h = &heads[nheads++];
-            h->block_id = block_id;
-            h->fork_flags = data[pos + 1];
-            h->data_len = load16(data + pos + 2);
-            if ((h->fork_flags & BKPBLOCK_HAS_DATA) ? h->data_len == 0 : h->data_len != 0)
-                goto fallback;
-            pos += 4;
-            payload += h->data_len;
-            h->has_image = (h->fork_flags & BKPBLOCK_HAS_IMAGE) != 0;
-            if (h->has_image) {
-                if (n - pos < 5)
-                    goto fallback;
-                h->bimg_len = load16(data + pos);
-                h->hole_offset = load16(data + pos + 2);
-                h->bimg_info = data[pos + 4];
-                pos += 5;
-                if (h->bimg_info & BKPIMAGE_COMPRESSED) {
-                    if (h->bimg_info & BKPIMAGE_HAS_HOLE) {
-                        if (n - pos < 2)
-                            goto fallback;
-                        h->hole_length = load16(data + pos);
-                        pos += 2;
-                    }
-                    else
-                        h->hole_length = 0;
-                }
-                else if (h->bimg_len <= BLCKSZ)
-                    h->hole_length = BLCKSZ - h->bimg_len;
-                else
-                    goto fallback; /* Python would compute a negative hole and reject it */
-                if (!image_ok(h->bimg_len, h->hole_offset, h->hole_length, h->bimg_info))
-                    goto fallback;
-                payload += h->bimg_len;
-            }
-            if (h->fork_flags & BKPBLOCK_SAME_REL) {
-                if (!have_rel || n - pos < 4)
-                    goto fallback;
-                h->blkno = load32(data + pos);
-                pos += 4;
-            }
-            else {
-                if (n - pos < 16)
-                    goto fallback;
-                last_spc = load32(data + pos);
-                last_db = load32(data + pos + 4);
-                last_rel = load32(data + pos + 8);
-                h->blkno = load32(data + pos + 12);
-                have_rel = 1;
-                pos += 16;
-            }
-            h->spc = last_spc;
-            h->db = last_db;
-            h->rel = last_rel;
-            continue;
-        }
-        if (block_id == XLR_BLOCK_ID_DATA_SHORT) {
-            if (n - pos < 2)
-                goto fallback;
-            main_len = data[pos + 1];
-            pos += 2;
-            payload += main_len;
-            break;
-        }
-        if (block_id == XLR_BLOCK_ID_DATA_LONG) {
-            if (n - pos < 5)
-                goto fallback;
-            main_len = load32(data + pos + 1);
-            pos += 5;
-            payload += main_len;
-            break;
-        }
-        if (block_id == XLR_BLOCK_ID_ORIGIN) {
-            if (n - pos < 3)
-                goto fallback;
-            origin = load16(data + pos + 1);
-            has_origin = 1;
-            pos += 3;
-            continue;
-        }
-        if (block_id == XLR_BLOCK_ID_TOPLEVEL_XID) {
-            if (n - pos < 5)
-                goto fallback;
-            toplevel = load32(data + pos + 1);
-            has_toplevel = 1;
-            pos += 5;
-            continue;
-        }
-        goto fallback;
-    }
-    if (pos > n || (uint64_t)(n - pos) != payload)
-        goto fallback;
+    int nheads = lay.nheads;
+    BlockHead *heads = lay.heads;
+    uint64_t main_len = lay.main_len;
+    int has_origin = lay.has_origin, has_toplevel = lay.has_toplevel;
+    uint32_t origin = lay.origin, toplevel = lay.toplevel;
 
     PyObject *blocks;
     if (nheads == 0) {
@@ -627,7 +491,7 @@ py_decode_record(PyObject *self, PyObject *raw)
             Py_INCREF(image);
             if (h->has_image) {
                 Py_DECREF(image);
-                PyObject *items[4] = {bytes_slice(data + pos, h->bimg_len),
+                PyObject *items[4] = {bytes_slice(data + h->image_off, h->bimg_len),
                                       PyLong_FromUnsignedLong(h->hole_offset),
                                       PyLong_FromUnsignedLong(h->hole_length),
                                       PyLong_FromUnsignedLong(h->bimg_info)};
@@ -636,7 +500,6 @@ py_decode_record(PyObject *self, PyObject *raw)
                     Py_DECREF(blocks);
                     return NULL;
                 }
-                pos += h->bimg_len;
             }
             PyObject *items[7] = {PyLong_FromLong(h->block_id),
                                   rnode_get(h->spc, h->db, h->rel),
@@ -644,8 +507,7 @@ py_decode_record(PyObject *self, PyObject *raw)
                                   PyLong_FromUnsignedLong(h->blkno),
                                   PyLong_FromLong(h->fork_flags),
                                   image,
-                                  bytes_slice(data + pos, h->data_len)};
-            pos += h->data_len;
+                                  bytes_slice(data + h->data_off, h->data_len)};
             PyObject *ref = new_record_tuple(BlockRefType, 7, items);
             if (ref == NULL) {
                 Py_DECREF(blocks);
@@ -673,7 +535,7 @@ py_decode_record(PyObject *self, PyObject *raw)
                            PyLong_FromLong(data[16]),
                            PyLong_FromLong(data[17]),
                            blocks,
-                           bytes_slice(data + pos, main_len),
+                           bytes_slice(data + lay.main_off, main_len),
                            origin_obj,
                            toplevel_obj};
     return new_record_tuple(DecodedRecordType, 11, items);

@@ -387,18 +387,30 @@ class NodeFollower:
         reader.feed(chunk.data)
         count = 0
         # A store with no history yet (never imported) ingests nothing: decode only.
-        ingest = self.store.ingest_batch if self.store.state is not None else None
+        ingesting = self.store.state is not None
         redo_rmgrs = REDO_BY_RMGR
         try:
             while batch := reader.read_batch():
-                records, error = _decode_batch(batch)
+                if ingesting:
+                    # Decode and ingest fused (C where it can): only the records it decodes
+                    # in Python come back; those it takes all have redo.
+                    try:
+                        records, error = self.store.ingest_raw_batch(batch), None
+                        count += len(batch)
+                    except NeonError:
+                        # a bad record: those before it are ingested; find where it is
+                        records, error = _decode_batch(batch)
+                        if error is None:
+                            raise  # not a decoding error
+                        if records:
+                            self._decoded_lsn = records[-1].end_lsn
+                        count += len(records)
+                else:
+                    records, error = _decode_batch(batch)
+                    count += len(records)
                 for record in records:
                     if record.blocks and record.rmgr_id not in redo_rmgrs:
                         self._warn_unreplayable(record.rmgr_name)
-                if ingest is not None and records:
-                    ingest(records, [raw.data for raw in batch[: len(records)]])
-                    self._decoded_lsn = records[-1].end_lsn
-                count += len(records)
                 if error is not None:
                     raise error
                 self._decoded_lsn = batch[-1].end_lsn

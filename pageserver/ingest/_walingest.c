@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "inmem_api.h"
+#include "walrecord.h" /* pg15/walrecord.h: the record layout, shared with pg15/_walscan.c */
 
 #define BLCKSZ 8192
 #define REL_PREFIX 0x00
@@ -52,7 +53,6 @@
 #define XID_CHECKPOINT_INTERVAL 1024u /* walingest.XID_CHECKPOINT_INTERVAL */
 
 #define BKPBLOCK_WILL_INIT 0x40
-#define BKPIMAGE_COMPRESSED (0x04 | 0x08 | 0x10) /* PGLZ | LZ4 | ZSTD */
 #define PD_UPPER_OFFSET 14
 
 #define VISIBILITYMAP_FORKNUM 2
@@ -66,6 +66,33 @@
 enum { R_LSN, R_END_LSN, R_TOT_LEN, R_XID, R_PREV, R_INFO, R_RMGR, R_BLOCKS, R_MAIN };
 enum { B_ID, B_RNODE, B_FORK, B_BLKNO, B_FLAGS, B_IMAGE, B_DATA };
 enum { I_DATA, I_HOLE_OFFSET, I_HOLE_LENGTH, I_INFO };
+
+/*
+ * One record as the ingest below reads it, from either source: a DecodedRecord tuple and its
+ * raw bytes (ingest_run), or the raw bytes alone, laid out by wr_record_layout (ingest_raw_run:
+ * no Python object is made for the record). Pointers point into Python bytes objects that
+ * the caller's lists keep alive for the run.
+ */
+typedef struct {
+    int block_id, flags; /* flags: the block's fork_flags */
+    uint32_t spc, db, rel, fork, blkno;
+    int has_image;
+    const uint8_t *image; /* bimg_len bytes */
+    Py_ssize_t image_len;
+    long hole_offset, hole_length, bimg_info;
+} RecBlock;
+
+typedef struct {
+    uint64_t lsn, end_lsn;
+    uint32_t xid;
+    int info, rmid;
+    int nblocks;
+    RecBlock blocks[XLR_MAX_BLOCK_ID + 1];
+    const uint8_t *main;
+    Py_ssize_t main_len;
+    const uint8_t *raw; /* the XLogRecord bytes, NULL when unknown (no delta in C then) */
+    Py_ssize_t raw_len;
+} Rec;
 
 /* A value to put, as its encoding (values.encode_value): tag, then the payload, which is
  * `small` (a size), page `page` of the record's page buffer (an image), or the record's
@@ -104,7 +131,7 @@ typedef struct {
     uint32_t next_xid;
     uint8_t (*pages)[BLCKSZ]; /* MAX_PUTS pages, allocated on the first image */
     /* per record */
-    PyObject *record, *raw;
+    const Rec *rec;
     uint64_t end_lsn; /* the record's */
     int has_image;
     uint8_t start_le[8]; /* the record's start LSN, u64 LE: the head of its delta payload */
@@ -243,11 +270,11 @@ has_put(Ingest *st, const uint8_t *key)
 static int
 delta_value(Ingest *st, int will_init, Put *out)
 {
-    if (st->raw == Py_None || st->has_image)
+    if (st->rec->raw == NULL || st->has_image)
         return LEAVE; /* the payload must be re-encoded without images: Python does it */
     out->tag = will_init ? TAG_DELTA_INIT : TAG_DELTA;
     out->kind = V_DELTA;
-    out->size = 1 + 8 + PyBytes_GET_SIZE(st->raw);
+    out->size = 1 + 8 + st->rec->raw_len;
     return OK;
 }
 
@@ -379,17 +406,11 @@ put_size: {
 
 /* ingest.page_after_image for an uncompressed image */
 static int
-image_value(Ingest *st, PyObject *image, Put *out)
+image_value(Ingest *st, const RecBlock *b, Put *out)
 {
-    PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
-    long hole_offset = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_OFFSET));
-    long hole_length = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_LENGTH));
-    long info = PyLong_AsLong(PyTuple_GET_ITEM(image, I_INFO));
-    if (PyErr_Occurred())
-        return FAIL;
-    if (!PyBytes_Check(data) || (info & BKPIMAGE_COMPRESSED) || hole_offset < 0 ||
-        hole_length < 0 || hole_offset + hole_length > BLCKSZ ||
-        PyBytes_GET_SIZE(data) != BLCKSZ - hole_length)
+    long hole_offset = b->hole_offset, hole_length = b->hole_length;
+    if ((b->bimg_info & BKPIMAGE_COMPRESSED) || hole_offset < 0 || hole_length < 0 ||
+        hole_offset + hole_length > BLCKSZ || b->image_len != BLCKSZ - hole_length)
         return LEAVE; /* compressed, or odd: restore_page decides */
     if (st->pages == NULL && (st->pages = PyMem_Malloc(MAX_PUTS * sizeof *st->pages)) == NULL) {
         PyErr_NoMemory();
@@ -399,7 +420,7 @@ image_value(Ingest *st, PyObject *image, Put *out)
         return LEAVE;
     out->page = st->n_pages++;
     uint8_t *p = st->pages[out->page];
-    const uint8_t *src = (const uint8_t *)PyBytes_AS_STRING(data);
+    const uint8_t *src = b->image;
     memcpy(p, src, hole_offset);
     memset(p + hole_offset, 0, hole_length);
     memcpy(p + hole_offset + hole_length, src + hole_offset, BLCKSZ - hole_offset - hole_length);
@@ -418,51 +439,43 @@ image_value(Ingest *st, PyObject *image, Put *out)
     return OK;
 }
 
-static PyObject *
-block_by_id(PyObject *blocks, long id)
+static const RecBlock *
+block_by_id(const Rec *rec, int id)
 {
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
-        PyObject *b = PyTuple_GET_ITEM(blocks, i);
-        if (PyLong_AsLong(PyTuple_GET_ITEM(b, B_ID)) == id)
-            return b;
-    }
+    for (int i = 0; i < rec->nblocks; i++)
+        if (rec->blocks[i].block_id == id)
+            return &rec->blocks[i];
     return NULL;
 }
 
 /* one VM clear (visibilitymap.vm_changes): a delta on the VM page, the VM fork extended */
 static int
-vm_clear(Ingest *st, PyObject *block)
+vm_clear(Ingest *st, const RecBlock *block)
 {
-    uint32_t spc, db, rel, blkno;
-    int r = rnode_fields(st, PyTuple_GET_ITEM(block, B_RNODE), &spc, &db, &rel);
-    if (r == OK)
-        r = get_u32(PyTuple_GET_ITEM(block, B_BLKNO), &blkno);
-    if (r != OK)
-        return r;
-    uint32_t vm_blkno = blkno / HEAPBLOCKS_PER_PAGE;
+    uint32_t vm_blkno = block->blkno / HEAPBLOCKS_PER_PAGE;
     uint8_t key[KEY_SIZE];
-    store_key(key, spc, db, rel, VISIBILITYMAP_FORKNUM, vm_blkno);
+    store_key(key, block->spc, block->db, block->rel, VISIBILITYMAP_FORKNUM, vm_blkno);
     if (!has_put(st, key)) {
         Put value;
-        r = delta_value(st, 0, &value);
+        int r = delta_value(st, 0, &value);
         if (r == OK)
             r = put(st, key, &value);
         if (r != OK)
             return r;
     }
-    return extend(st, spc, db, rel, VISIBILITYMAP_FORKNUM, vm_blkno + 1);
+    return extend(st, block->spc, block->db, block->rel, VISIBILITYMAP_FORKNUM, vm_blkno + 1);
 }
 
+/* heapam_xlog.h: the XLH_*_CLEARED flags of each record's main data */
 static int
 vm_changes(Ingest *st, int rmid, int info)
 {
-    PyObject *blocks = PyTuple_GET_ITEM(st->record, R_BLOCKS);
-    PyObject *main = PyTuple_GET_ITEM(st->record, R_MAIN);
-    if (rmid == RM_BTREE_ID || PyBytes_GET_SIZE(main) == 0 || PyTuple_GET_SIZE(blocks) == 0)
+    const Rec *rec = st->rec;
+    if (rmid == RM_BTREE_ID || rec->main_len == 0 || rec->nblocks == 0)
         return OK;
-    const uint8_t *d = (const uint8_t *)PyBytes_AS_STRING(main);
-    Py_ssize_t n = PyBytes_GET_SIZE(main);
-    PyObject *first = PyTuple_GET_ITEM(blocks, 0);
+    const uint8_t *d = rec->main;
+    Py_ssize_t n = rec->main_len;
+    const RecBlock *first = &rec->blocks[0];
     int op = info & 0x70;
     if (rmid == RM_HEAP_ID) {
         if (op == 0x00 && n >= 3 && (d[2] & 0x01)) /* INSERT, ALL_VISIBLE_CLEARED */
@@ -470,9 +483,7 @@ vm_changes(Ingest *st, int rmid, int info)
         if (op == 0x10 && n >= 8 && (d[7] & 0x01)) /* DELETE, ALL_VISIBLE_CLEARED */
             return vm_clear(st, first);
         if ((op == 0x20 || op == 0x40) && n >= 8) { /* UPDATE, HOT_UPDATE */
-            PyObject *old = block_by_id(blocks, 1);
-            if (PyErr_Occurred())
-                return FAIL;
+            const RecBlock *old = block_by_id(rec, 1);
             int r = OK;
             if (d[7] & 0x01) /* OLD_ALL_VISIBLE_CLEARED */
                 r = vm_clear(st, old != NULL ? old : first);
@@ -526,11 +537,10 @@ ingest_xact(Ingest *st, int info)
     int op = info & 0x70; /* XLOG_XACT_OPMASK */
     if (op != 0x00 && op != 0x20)
         return LEAVE; /* COMMIT, ABORT only */
-    if (PyTuple_GET_SIZE(PyTuple_GET_ITEM(st->record, R_BLOCKS)) != 0)
+    if (st->rec->nblocks != 0)
         return LEAVE;
-    PyObject *main = PyTuple_GET_ITEM(st->record, R_MAIN);
-    const uint8_t *d = (const uint8_t *)PyBytes_AS_STRING(main);
-    Py_ssize_t n = PyBytes_GET_SIZE(main), pos = 8; /* xact_time */
+    const uint8_t *d = st->rec->main;
+    Py_ssize_t n = st->rec->main_len, pos = 8; /* xact_time */
     uint32_t xinfo = 0;
     if (info & 0x80) { /* XLOG_XACT_HAS_INFO */
         if (n < pos + 4)
@@ -568,9 +578,7 @@ ingest_xact(Ingest *st, int info)
     if (n < pos)
         return LEAVE;
 
-    unsigned long top = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(st->record, R_XID));
-    if (top == (unsigned long)-1 && PyErr_Occurred())
-        return FAIL;
+    uint32_t top = st->rec->xid;
     /* the CLOG pages (clog.c: CLOG_XACTS_PER_PAGE = BLCKSZ * 4), sorted and unique */
     uint32_t pages[64];
     int npages = 0;
@@ -638,51 +646,33 @@ ingest_xact(Ingest *st, int info)
 static int
 ingest_one(Ingest *st)
 {
-    PyObject *rec = st->record;
-    int rmid = (int)PyLong_AsLong(PyTuple_GET_ITEM(rec, R_RMGR));
-    int info = (int)PyLong_AsLong(PyTuple_GET_ITEM(rec, R_INFO));
-    if (PyErr_Occurred())
-        return FAIL;
+    const Rec *rec = st->rec;
+    int rmid = rec->rmid, info = rec->info;
     if (rmid == RM_XACT_ID)
         return ingest_xact(st, info);
     if (rmid != RM_HEAP_ID && rmid != RM_HEAP2_ID && rmid != RM_BTREE_ID)
         return LEAVE;
-    PyObject *blocks = PyTuple_GET_ITEM(rec, R_BLOCKS);
-    if (!PyTuple_Check(blocks))
-        return LEAVE;
     st->has_image = 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++)
-        if (PyTuple_GET_ITEM(PyTuple_GET_ITEM(blocks, i), B_IMAGE) != Py_None)
+    for (int i = 0; i < rec->nblocks; i++)
+        if (rec->blocks[i].has_image)
             st->has_image = 1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
-        PyObject *b = PyTuple_GET_ITEM(blocks, i);
-        uint32_t spc, db, rel, fork, blkno;
-        int r = rnode_fields(st, PyTuple_GET_ITEM(b, B_RNODE), &spc, &db, &rel);
-        if (r == OK)
-            r = get_u32(PyTuple_GET_ITEM(b, B_FORK), &fork);
-        if (r == OK)
-            r = get_u32(PyTuple_GET_ITEM(b, B_BLKNO), &blkno);
-        if (r != OK)
-            return r;
-        if (rel == 0 || blkno == SIZE_MARKER || fork > 3)
+    for (int i = 0; i < rec->nblocks; i++) {
+        const RecBlock *b = &rec->blocks[i];
+        if (b->rel == 0 || b->blkno == SIZE_MARKER || b->fork > 3)
             return LEAVE; /* keys.py refuses these: let Python raise */
-        PyObject *image = PyTuple_GET_ITEM(b, B_IMAGE);
         Put value;
-        if (image != Py_None) {
-            r = image_value(st, image, &value);
-        } else {
-            long flags = PyLong_AsLong(PyTuple_GET_ITEM(b, B_FLAGS));
-            if (flags == -1 && PyErr_Occurred())
-                return FAIL;
-            r = delta_value(st, (flags & BKPBLOCK_WILL_INIT) != 0, &value);
-        }
+        int r;
+        if (b->has_image)
+            r = image_value(st, b, &value);
+        else
+            r = delta_value(st, (b->flags & BKPBLOCK_WILL_INIT) != 0, &value);
         if (r != OK)
             return r;
         uint8_t key[KEY_SIZE];
-        store_key(key, spc, db, rel, fork, blkno);
+        store_key(key, b->spc, b->db, b->rel, b->fork, b->blkno);
         r = put(st, key, &value);
         if (r == OK)
-            r = extend(st, spc, db, rel, fork, blkno + 1);
+            r = extend(st, b->spc, b->db, b->rel, b->fork, b->blkno + 1);
         if (r != OK)
             return r;
     }
@@ -705,8 +695,8 @@ commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
         } else if (p->kind == V_DELTA) {
             a = st->start_le;
             na = 8;
-            b = PyBytes_AS_STRING(st->raw);
-            nb = (size_t)PyBytes_GET_SIZE(st->raw);
+            b = st->rec->raw;
+            nb = (size_t)st->rec->raw_len;
         }
         if (inmem->append(st->arena, p->key, lsn, p->tag, a, na, b, nb) < 0)
             return FAIL; /* the run's appends are rolled back */
@@ -727,7 +717,7 @@ commit(Ingest *st, uint64_t lsn, Py_ssize_t *bytes)
     return OK;
 }
 
-/* The tuple shapes the code below reads with unchecked PyTuple_GET_ITEM (pg15/records.py):
+/* The tuple shapes rec_from_tuple reads with unchecked PyTuple_GET_ITEM (pg15/records.py):
  * a DecodedRecord whose blocks are BlockRefs and whose images are BlockImages, main data bytes */
 static int
 record_shape_ok(PyObject *rec)
@@ -736,36 +726,168 @@ record_shape_ok(PyObject *rec)
         !PyBytes_Check(PyTuple_GET_ITEM(rec, R_MAIN)))
         return 0;
     PyObject *blocks = PyTuple_GET_ITEM(rec, R_BLOCKS);
-    if (!PyTuple_Check(blocks))
+    if (!PyTuple_Check(blocks) || PyTuple_GET_SIZE(blocks) > XLR_MAX_BLOCK_ID + 1)
         return 0;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
         PyObject *b = PyTuple_GET_ITEM(blocks, i);
         if (!PyTuple_Check(b) || PyTuple_GET_SIZE(b) <= B_DATA)
             return 0;
         PyObject *image = PyTuple_GET_ITEM(b, B_IMAGE);
-        if (image != Py_None && (!PyTuple_Check(image) || PyTuple_GET_SIZE(image) <= I_INFO))
+        if (image != Py_None && (!PyTuple_Check(image) || PyTuple_GET_SIZE(image) <= I_INFO ||
+                                 !PyBytes_Check(PyTuple_GET_ITEM(image, I_DATA))))
             return 0;
     }
     return 1;
 }
 
-static PyObject *
-py_ingest_run(PyObject *self, PyObject *args)
+static int
+handled_rmgr(int rmid)
 {
-    PyObject *records, *raws;
-    Py_ssize_t start;
+    return rmid == RM_XACT_ID || rmid == RM_HEAP_ID || rmid == RM_HEAP2_ID || rmid == RM_BTREE_ID;
+}
+
+/* A DecodedRecord (and its raw bytes or None) as a Rec: OK, LEAVE (Python ingests it) or FAIL */
+static int
+rec_from_tuple(Ingest *st, PyObject *obj, PyObject *raw, Rec *r)
+{
+    if (!record_shape_ok(obj))
+        return LEAVE; /* not a DecodedRecord as the decoder makes them: Python decides */
+    if (raw != Py_None && !PyBytes_Check(raw))
+        return LEAVE;
+    r->raw = raw == Py_None ? NULL : (const uint8_t *)PyBytes_AS_STRING(raw);
+    r->raw_len = raw == Py_None ? 0 : PyBytes_GET_SIZE(raw);
+    unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(obj, R_END_LSN));
+    unsigned long long start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(obj, R_LSN));
+    unsigned long xid = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(obj, R_XID));
+    long rmid = PyLong_AsLong(PyTuple_GET_ITEM(obj, R_RMGR));
+    long info = PyLong_AsLong(PyTuple_GET_ITEM(obj, R_INFO));
+    if (PyErr_Occurred())
+        return FAIL;
+    if (xid > 0xFFFFFFFFul || rmid < 0 || rmid > 255 || info < 0 || info > 255)
+        return LEAVE;
+    r->end_lsn = end;
+    r->lsn = start;
+    r->xid = (uint32_t)xid;
+    r->rmid = (int)rmid;
+    r->info = (int)info;
+    PyObject *main = PyTuple_GET_ITEM(obj, R_MAIN);
+    r->main = (const uint8_t *)PyBytes_AS_STRING(main);
+    r->main_len = PyBytes_GET_SIZE(main);
+    r->nblocks = 0;
+    if (!handled_rmgr(r->rmid))
+        return OK; /* ingest_one leaves it: its blocks are not read */
+    PyObject *blocks = PyTuple_GET_ITEM(obj, R_BLOCKS);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
+        PyObject *b = PyTuple_GET_ITEM(blocks, i);
+        RecBlock *rb = &r->blocks[r->nblocks++];
+        int rc = rnode_fields(st, PyTuple_GET_ITEM(b, B_RNODE), &rb->spc, &rb->db, &rb->rel);
+        if (rc == OK)
+            rc = get_u32(PyTuple_GET_ITEM(b, B_FORK), &rb->fork);
+        if (rc == OK)
+            rc = get_u32(PyTuple_GET_ITEM(b, B_BLKNO), &rb->blkno);
+        if (rc != OK)
+            return rc;
+        long id = PyLong_AsLong(PyTuple_GET_ITEM(b, B_ID));
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(b, B_FLAGS));
+        if (PyErr_Occurred())
+            return FAIL;
+        rb->block_id = (int)(id < INT_MIN ? INT_MIN : id > INT_MAX ? INT_MAX : id);
+        rb->flags = (int)(flags & 0xFF);
+        PyObject *image = PyTuple_GET_ITEM(b, B_IMAGE);
+        rb->has_image = image != Py_None;
+        if (rb->has_image) {
+            PyObject *data = PyTuple_GET_ITEM(image, I_DATA);
+            rb->image = (const uint8_t *)PyBytes_AS_STRING(data);
+            rb->image_len = PyBytes_GET_SIZE(data);
+            rb->hole_offset = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_OFFSET));
+            rb->hole_length = PyLong_AsLong(PyTuple_GET_ITEM(image, I_HOLE_LENGTH));
+            rb->bimg_info = PyLong_AsLong(PyTuple_GET_ITEM(image, I_INFO));
+            if (PyErr_Occurred())
+                return FAIL;
+        }
+    }
+    return OK;
+}
+
+/*
+ * A RawRecord (lsn, end_lsn, bytes: the reader's, pg15/xlog_reader.py) as a Rec, laid out
+ * by wr_record_layout: no DecodedRecord is made. LEAVE for anything else, and for a record
+ * the layout does not accept (the Python decoder raises there if it is bad).
+ */
+static int
+rec_from_raw(Ingest *st, PyObject *obj, PyObject *unused, Rec *r)
+{
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 3 ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(obj, 2)))
+        return LEAVE;
+    unsigned long long start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(obj, 0));
+    unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(obj, 1));
+    if (PyErr_Occurred())
+        return FAIL;
+    PyObject *bytes = PyTuple_GET_ITEM(obj, 2);
+    const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(bytes);
+    Py_ssize_t n = PyBytes_GET_SIZE(bytes);
+    r->lsn = start;
+    r->end_lsn = end;
+    r->raw = data;
+    r->raw_len = n;
+    if (n < WR_RECORD_HEADER)
+        return LEAVE;
+    /* XLogRecord (access/xlogrecord.h): xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid */
+    r->xid = wr_le32(data + 4);
+    r->info = data[16];
+    r->rmid = data[17];
+    r->nblocks = 0;
+    r->main = data;
+    r->main_len = 0;
+    if (!handled_rmgr(r->rmid))
+        return OK; /* ingest_one leaves it */
+    RecordLayout lay;
+    if (!wr_record_layout(data, n, &lay))
+        return LEAVE;
+    r->main = data + lay.main_off;
+    r->main_len = (Py_ssize_t)lay.main_len;
+    for (int i = 0; i < lay.nheads; i++) {
+        const BlockHead *h = &lay.heads[i];
+        RecBlock *rb = &r->blocks[r->nblocks++];
+        rb->block_id = h->block_id;
+        rb->flags = h->fork_flags;
+        rb->spc = h->spc;
+        rb->db = h->db;
+        rb->rel = h->rel;
+        rb->fork = (uint32_t)(h->fork_flags & BKPBLOCK_FORK_MASK);
+        rb->blkno = h->blkno;
+        rb->has_image = h->has_image;
+        rb->image = data + h->image_off;
+        rb->image_len = h->bimg_len;
+        rb->hole_offset = h->hole_offset;
+        rb->hole_length = h->hole_length;
+        rb->bimg_info = h->bimg_info;
+    }
+    return OK;
+}
+
+typedef int (*RecReader)(Ingest *st, PyObject *obj, PyObject *raw, Rec *r);
+
+/*
+ * The run shared by ingest_run (DecodedRecords + raws) and ingest_raw_run (RawRecords,
+ * raws NULL): records[start:] into the arena until a record is left to Python or `budget`
+ * bytes are added. All or nothing on an error.
+ */
+static PyObject *
+run(PyObject *records, PyObject *raws, Py_ssize_t start, PyObject *ctx, RecReader read)
+{
     Ingest st;
     unsigned long long last_record_lsn;
     Py_ssize_t budget;
     unsigned long next_xid;
     memset(&st, 0, sizeof st);
-    if (!PyArg_ParseTuple(
-            args, "O!O!n(O!O!O!O!KnkO!O!O):ingest_run", &PyList_Type, &records, &PyList_Type,
-            &raws, &start, inmem->type, &st.arena, &PySet_Type, &st.dbs, &PyDict_Type,
-            &st.rels, &PyDict_Type, &st.sizes, &last_record_lsn, &budget, &next_xid,
-            &PySet_Type, &st.clog_segments, &PyDict_Type, &st.slru_sizes, &st.clog_kind))
+    if (!PyArg_ParseTuple(ctx, "O!O!O!O!KnkO!O!O:ingest_run", inmem->type, &st.arena,
+                          &PySet_Type, &st.dbs, &PyDict_Type, &st.rels, &PyDict_Type, &st.sizes,
+                          &last_record_lsn, &budget, &next_xid, &PySet_Type,
+                          &st.clog_segments, &PyDict_Type, &st.slru_sizes, &st.clog_kind))
         return NULL;
-    if (PyList_GET_SIZE(raws) != PyList_GET_SIZE(records)) {
+    if (raws != NULL && PyList_GET_SIZE(raws) != PyList_GET_SIZE(records)) {
         PyErr_SetString(PyExc_ValueError, "records and raws differ in length");
         return NULL;
     }
@@ -773,42 +895,39 @@ py_ingest_run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_IndexError, "ingest_run: negative start");
         return NULL;
     }
+    Rec *rec = PyMem_Malloc(sizeof *rec);
+    if (rec == NULL)
+        return PyErr_NoMemory();
     st.next_xid = (uint32_t)next_xid;
     st.size_cache = PyMem_Calloc(SIZE_SLOTS, sizeof *st.size_cache);
-    if (st.size_cache == NULL)
+    if (st.size_cache == NULL) {
+        PyMem_Free(rec);
         return PyErr_NoMemory();
+    }
+    st.rec = rec;
     Py_ssize_t i = start, bytes = 0, versions = 0;
-    PyObject *last_end = NULL, *last_prev = NULL;
+    uint64_t last_end = 0, last_prev = 0;
+    int took = 0;
     /* All or nothing: on an error Python accounts none of the run (Timeline.put_records),
      * so its versions leave the layer and its grown sizes are not written back */
     size_t run_mark = inmem->mark(st.arena);
     for (; i < PyList_GET_SIZE(records) && bytes < budget; i++) {
-        PyObject *rec = PyList_GET_ITEM(records, i);
-        if (!record_shape_ok(rec))
-            break; /* not a DecodedRecord as the decoder makes them: Python decides */
-        unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_END_LSN));
-        if (end == (unsigned long long)-1 && PyErr_Occurred())
+        int r = read(&st, PyList_GET_ITEM(records, i), raws ? PyList_GET_ITEM(raws, i) : NULL,
+                     rec);
+        if (r == FAIL)
             goto fail;
-        st.end_lsn = end;
-        if (end <= last_record_lsn)
-            break; /* already ingested: Python skips it */
-        st.record = rec;
-        st.raw = PyList_GET_ITEM(raws, i);
-        if (st.raw != Py_None && !PyBytes_Check(st.raw))
+        if (r == LEAVE)
             break;
-        unsigned long xid = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(rec, R_XID));
-        if (xid == (unsigned long)-1 && PyErr_Occurred())
-            goto fail;
-        unsigned long long start_lsn = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_LSN));
-        if (start_lsn == (unsigned long long)-1 && PyErr_Occurred())
-            goto fail;
+        st.end_lsn = rec->end_lsn;
+        if (rec->end_lsn <= last_record_lsn)
+            break; /* already ingested: Python skips it */
         for (int k = 0; k < 8; k++)
-            st.start_le[k] = (uint8_t)(start_lsn >> (8 * k));
-        int r = xid_unchanged((uint32_t)xid, st.next_xid);
+            st.start_le[k] = (uint8_t)(rec->lsn >> (8 * k));
+        r = xid_unchanged(rec->xid, st.next_xid);
         if (r == OK)
             r = ingest_one(&st);
         if (r == OK) {
-            r = commit(&st, end, &bytes);
+            r = commit(&st, rec->end_lsn, &bytes);
             versions += st.n_puts;
         }
         reset_record(&st);
@@ -816,19 +935,24 @@ py_ingest_run(PyObject *self, PyObject *args)
             goto fail;
         if (r == LEAVE)
             break;
-        last_end = PyTuple_GET_ITEM(rec, R_END_LSN);
-        last_prev = PyTuple_GET_ITEM(rec, R_LSN);
-        last_record_lsn = end;
+        last_end = rec->end_lsn;
+        last_prev = rec->lsn;
+        last_record_lsn = rec->end_lsn;
+        took = 1;
     }
     PyMem_Free(st.pages);
     st.pages = NULL;
     int written = write_back_sizes(&st);
     PyMem_Free(st.size_cache);
     st.size_cache = NULL;
-    PyObject *result = written < 0 ? NULL
-                                   : Py_BuildValue("nnnOO", i, bytes, versions,
-                                                   last_end ? last_end : Py_None,
-                                                   last_prev ? last_prev : Py_None);
+    PyMem_Free(rec);
+    rec = NULL;
+    PyObject *result = NULL;
+    if (written == 0 && took)
+        result = Py_BuildValue("nnnKK", i, bytes, versions, (unsigned long long)last_end,
+                               (unsigned long long)last_prev);
+    else if (written == 0)
+        result = Py_BuildValue("nnnOO", i, bytes, versions, Py_None, Py_None);
     if (result != NULL)
         return result;
     /* (a write-back that failed, MemoryError, may have left some grown sizes in self._sizes) */
@@ -836,7 +960,37 @@ fail:
     inmem->rollback(st.arena, run_mark);
     PyMem_Free(st.pages);
     PyMem_Free(st.size_cache);
+    PyMem_Free(rec);
     return NULL;
+}
+
+static PyObject *
+py_ingest_run(PyObject *self, PyObject *args)
+{
+    PyObject *records, *raws, *ctx;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "O!O!nO!:ingest_run", &PyList_Type, &records, &PyList_Type,
+                          &raws, &start, &PyTuple_Type, &ctx))
+        return NULL;
+    return run(records, raws, start, ctx, rec_from_tuple);
+}
+
+/*
+ *   ingest_raw_run(raw_records, start, ctx) -> (next, bytes, versions, last_end, last_prev)
+ *
+ * ingest_run fused with the decoder: records[start:] are the reader's RawRecords, laid out
+ * here (pg15/walrecord.h) and put into the arena without a DecodedRecord, BlockRef or
+ * payload object; the record it stops at (next) is decoded and ingested by Python.
+ */
+static PyObject *
+py_ingest_raw_run(PyObject *self, PyObject *args)
+{
+    PyObject *records, *ctx;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "O!nO!:ingest_raw_run", &PyList_Type, &records, &start,
+                          &PyTuple_Type, &ctx))
+        return NULL;
+    return run(records, NULL, start, ctx, rec_from_raw);
 }
 
 /*
@@ -851,7 +1005,9 @@ fail:
  * native-order bytes for array.frombytes (c_max, the running maximum of commit times, goes
  * on from `c_max`, None when there is none yet), `entries` as the file's records (_ENTRY,
  * "<IIQQq": CRC-32C of the rest, flags, end, start, xact_time). It stops before a commit
- * record too short to hold its xact_time (Python raises).
+ * record too short to hold its xact_time (Python raises). `records` may be DecodedRecords or
+ * the reader's RawRecords (what ingest_raw_run took: rmgr and info come from the XLogRecord
+ * header, a commit's main data from wr_record_layout).
  */
 static uint32_t crc32c_table[256];
 
@@ -917,34 +1073,49 @@ py_index_entries(PyObject *self, PyObject *args)
     Py_ssize_t i = start;
     for (; i < stop; i++) {
         PyObject *rec = PyList_GET_ITEM(records, i);
-        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) <= R_MAIN)
+        /* a DecodedRecord, or a RawRecord (lsn, end_lsn, bytes) read through its header */
+        int raw = PyTuple_Check(rec) && PyTuple_GET_SIZE(rec) == 3 &&
+                  PyBytes_CheckExact(PyTuple_GET_ITEM(rec, 2));
+        if (!raw && (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) <= R_MAIN))
             break;
-        unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_END_LSN));
+        if (raw && PyBytes_GET_SIZE(PyTuple_GET_ITEM(rec, 2)) < WR_RECORD_HEADER)
+            break; /* Python decodes it (and raises) */
+        unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, raw ? 1 : R_END_LSN));
         if (end == (unsigned long long)-1 && PyErr_Occurred())
             goto fail;
         if (end > (unsigned long long)LLONG_MAX)
             break;
         if ((long long)end <= last_lsn)
             continue;
-        long rmid = PyLong_AsLong(PyTuple_GET_ITEM(rec, R_RMGR));
-        long info = PyLong_AsLong(PyTuple_GET_ITEM(rec, R_INFO));
+        const uint8_t *data = raw ? (const uint8_t *)PyBytes_AS_STRING(PyTuple_GET_ITEM(rec, 2)) : NULL;
+        long rmid = raw ? data[17] : PyLong_AsLong(PyTuple_GET_ITEM(rec, R_RMGR));
+        long info = raw ? data[16] : PyLong_AsLong(PyTuple_GET_ITEM(rec, R_INFO));
         if (PyErr_Occurred())
             goto fail;
         int commit = rmid == RM_XACT_ID && ((info & 0x70) == 0x00 || (info & 0x70) == 0x30);
         long long xtime = 0;
         if (commit) {
-            PyObject *main = PyTuple_GET_ITEM(rec, R_MAIN);
-            if (!PyBytes_Check(main) || PyBytes_GET_SIZE(main) < 8)
-                break; /* Python raises */
-            xtime = (long long)load_u32((const uint8_t *)PyBytes_AS_STRING(main)) |
-                    ((long long)load_u32((const uint8_t *)PyBytes_AS_STRING(main) + 4) << 32);
+            const uint8_t *main;
+            if (raw) {
+                PyObject *bytes = PyTuple_GET_ITEM(rec, 2);
+                RecordLayout lay;
+                if (!wr_record_layout(data, PyBytes_GET_SIZE(bytes), &lay) || lay.main_len < 8)
+                    break; /* Python decodes it (and raises) */
+                main = data + lay.main_off;
+            } else {
+                PyObject *m = PyTuple_GET_ITEM(rec, R_MAIN);
+                if (!PyBytes_Check(m) || PyBytes_GET_SIZE(m) < 8)
+                    break; /* Python raises */
+                main = (const uint8_t *)PyBytes_AS_STRING(m);
+            }
+            xtime = (long long)load_u32(main) | ((long long)load_u32(main + 4) << 32);
         } else {
             long long since; /* end - last_sample; past LLONG_MAX is past any distance */
             if (!__builtin_sub_overflow((long long)end, last_sample, &since) &&
                 since < sample_distance)
                 continue;
         }
-        unsigned long long rec_start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, R_LSN));
+        unsigned long long rec_start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, raw ? 0 : R_LSN));
         if (rec_start == (unsigned long long)-1 && PyErr_Occurred())
             goto fail;
         uint64_t e64 = end, s64 = rec_start;
@@ -987,6 +1158,8 @@ fail:
 
 static PyMethodDef methods[] = {
     {"ingest_run", py_ingest_run, METH_VARARGS, "WalIngest's fast path (see the module comment)."},
+    {"ingest_raw_run", py_ingest_raw_run, METH_VARARGS,
+     "ingest_run on the reader's RawRecords, fused with the decoder (see its comment)."},
     {"index_entries", py_index_entries, METH_VARARGS,
      "LsnIndex.observe_all's loop (see its comment)."},
     {NULL, NULL, 0, NULL},

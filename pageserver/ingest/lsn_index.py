@@ -43,13 +43,13 @@ from durable_files import fsync_dir
 from pageserver.ingest import native as _native
 from pg15.constants import RM_XACT_ID
 from pg15.lsn import format_lsn
-from pg15.records import DecodedRecord
+from pg15.records import DecodedRecord, decode_record
 from pg15.rmgr.xact import (
     XLOG_XACT_COMMIT,
     XLOG_XACT_COMMIT_PREPARED,
     XLOG_XACT_OPMASK,
 )
-from pg15.xlog_reader import WalReader
+from pg15.xlog_reader import RawRecord, WalReader
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from walreceiver.archive import ArchivedSegment, WalArchive
 
@@ -190,19 +190,8 @@ class LsnIndex:
         (neither a commit nor SAMPLE_DISTANCE past the last sample), and a call per record
         was a tenth of a batch's ingest time; `_walingest.index_entries` runs this loop in C,
         this one is its reference and takes over where it stops)."""
-        native = _native.walingest
-        if native is not None and isinstance(records, list):
-            with self._lock:
-                c_max = self._c_max[-1] if self._c_max else None
-                start, last, sample, *arrays, entries = native.index_entries(
-                    records, start, stop, self._last_lsn, self._last_sample, c_max,
-                    SAMPLE_DISTANCE,
-                )  # fmt: skip
-                targets = (self._b_end, self._b_start, self._c_end, self._c_time, self._c_max)
-                for target, packed in zip(targets, arrays, strict=True):
-                    target.frombytes(packed)
-                self._pending += entries
-                self._last_lsn, self._last_sample = last, sample
+        if isinstance(records, list):
+            start = self._native_entries(records, start, stop)
         last, sample = self._last_lsn, self._last_sample
         for i in range(start, stop):
             record = records[i]
@@ -212,6 +201,33 @@ class LsnIndex:
             if record.rmgr_id == RM_XACT_ID or end - sample >= SAMPLE_DISTANCE:
                 self.observe(record)
                 last, sample = self._last_lsn, self._last_sample
+
+    def observe_raw(self, batch: list[RawRecord], start: int, stop: int) -> None:
+        """`observe_all` for records not decoded (those the fused C ingest took): the C
+        loop reads them through their headers; a record it stops at is decoded here."""
+        start = self._native_entries(batch, start, stop)
+        for i in range(start, stop):
+            self.observe(decode_record(batch[i]))
+
+    def _native_entries(self, records: list[DecodedRecord] | list[RawRecord], start: int,
+                        stop: int) -> int:  # fmt: skip
+        """records[start:reached] observed by `_walingest.index_entries`; returns reached
+        (`start` without the C extension)."""
+        native = _native.walingest
+        if native is None:
+            return start
+        with self._lock:
+            c_max = self._c_max[-1] if self._c_max else None
+            start, last, sample, *arrays, entries = native.index_entries(
+                records, start, stop, self._last_lsn, self._last_sample, c_max,
+                SAMPLE_DISTANCE,
+            )  # fmt: skip
+            targets = (self._b_end, self._b_start, self._c_end, self._c_time, self._c_max)
+            for target, packed in zip(targets, arrays, strict=True):
+                target.frombytes(packed)
+            self._pending += entries
+            self._last_lsn, self._last_sample = last, sample
+        return start
 
     def add_boundary(self, end_lsn: int, record_start: int | None = None) -> None:
         """An exact record end known from elsewhere (import LSN, branch LSN); `record_start`

@@ -53,6 +53,7 @@ cache is loaded from the timeline at its last_record_lsn, so a restarted ingest 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 
 import crc32c
@@ -159,7 +160,7 @@ from pg15.rmgr.xlog import (
     XlogCheckpoint,
     XlogNextOid,
 )
-from pg15.xlog_reader import record_crc
+from pg15.xlog_reader import RawRecord, record_crc
 
 XID_CHECKPOINT_INTERVAL = 1024
 """nextXid is kept rounded up to this (Neon's choice: far fewer checkpoint writes; it never
@@ -383,7 +384,26 @@ class WalIngest:
         bytes (None where unknown: the record goes to Python).
         """
         native = _native.walingest
-        if native is None or _layers_native.inmem is None or start >= len(records):
+        if native is None or start >= len(records):
+            return start
+        return self._native_run(lambda ctx: native.ingest_run(records, raws, start, ctx), start)
+
+    def ingest_native_raw(self, batch: list[RawRecord], start: int) -> int:
+        """`ingest_native` on records not decoded yet (the reader's RawRecords): the C code
+        lays each record out itself (pg15/walrecord.h, the C decoder's own code) and makes no
+        Python object for the records it takes; the caller decodes the one it stops at."""
+        native = _native.walingest
+        if native is None or start >= len(batch):
+            return start
+        return self._native_run(lambda ctx: native.ingest_raw_run(batch, start, ctx), start)
+
+    def _native_run(
+        self, run: Callable[[tuple[object, ...]], tuple[int, int, int, int | None, int | None]],
+        start: int,
+    ) -> int:  # fmt: skip
+        """One C run into the open layer (Timeline.put_records) with the caches as its
+        context; returns the index of the first record it left."""
+        if _layers_native.inmem is None:
             return start
         arena_type = _layers_native.inmem.Arena
         next_xid = self._checkpoint.next_full_xid & 0xFFFFFFFF
@@ -407,7 +427,7 @@ class WalIngest:
                 self._slru_sizes,
                 SlruKind.CLOG,
             )
-            reached, size, count, end, prev = native.ingest_run(records, raws, start, context)
+            reached, size, count, end, prev = run(context)
             return size, count, end, prev
 
         self.timeline.put_records(append)

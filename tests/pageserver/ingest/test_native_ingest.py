@@ -10,6 +10,7 @@ for byte and cut at the same LSNs, and the C path must have taken most records.
 from __future__ import annotations
 
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,14 @@ from pageserver.storage.settings import StoreSettings
 from pg15.lsn import DEFAULT_SEGMENT_SIZE as SEG
 from pg15.lsn import segment_file_name
 from pg15.pg_control import read_control_file
-from pg15.records import BlockRef, DecodedRecord, RelFileNode, decode_records
+from pg15.records import (
+    BlockRef,
+    DecodedRecord,
+    RecordDecodeError,
+    RelFileNode,
+    decode_record,
+    decode_records,
+)
 from pg15.xlog_reader import RawRecord, WalReader
 from tests.native_ext import require_c_extension
 from tests.pgtest import PgTestCluster
@@ -287,3 +295,119 @@ def test_a_failing_run_leaves_the_layer_and_the_size_cache_as_they_were(
     assert sizes == {(1663, 5, 16384, 0): 2}
     assert native.walingest.ingest_run([heap], [b"raw"], 0, context) == ok
     assert len(arena.key_groups()) == 2 and sizes[(1663, 5, 16384, 0)] == 4
+
+
+def reference_ingest(store: NodeStore, raws: list[RawRecord]) -> None:
+    """The reference: each record decoded and ingested on its own (decode_record raises on
+    a bad one, after the records before it are ingested)."""
+    for raw in raws:
+        store.ingest(decode_record(raw), raw.data)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-c", "no-c-extension"])
+def test_fused_raw_ingest_writes_the_same_layers_and_index_as_python(
+    workload: Workload,
+    stores: tuple[NodeStore, NodeStore],
+    monkeypatch: pytest.MonkeyPatch,
+    fused: bool,
+) -> None:
+    """NodeStore.ingest_raw_batch (the reader's records, decoded and ingested in one C call
+    where it can, _walingest.ingest_raw_run) against the record-by-record reference, on real
+    WAL: the same layers (cut at the same LSNs), the same last and previous record LSN and
+    the same LSN index file; the C path takes nearly every record. Without the extension
+    (as with NEON_PURE_PYTHON=1) the same call decodes and ingests in Python."""
+    if fused:
+        require_c_extension(native.walingest, "pageserver.ingest._walingest")
+    python, fast = stores
+    reference_ingest(python, workload.raws)
+    taken = 0
+    ingest_native_raw = WalIngest.ingest_native_raw
+
+    def counting(self: WalIngest, batch: list[RawRecord], start: int) -> int:
+        nonlocal taken
+        reached = ingest_native_raw(self, batch, start)
+        taken += reached - start
+        return reached
+
+    monkeypatch.setattr(WalIngest, "ingest_native_raw", counting)
+    if not fused:
+        monkeypatch.setattr(native, "walingest", None)
+    for i in range(0, len(workload.raws), 500):  # the decode loop's batches
+        fast.ingest_raw_batch(workload.raws[i : i + 500])
+
+    assert fast.timeline.last_record_lsn == python.timeline.last_record_lsn
+    assert fast.timeline.prev_record_lsn == python.timeline.prev_record_lsn
+    assert len(layer_contents(python)) > 2
+    assert layer_contents(fast) == layer_contents(python)
+    python.index.flush()
+    fast.index.flush()
+    assert fast.index.path.read_bytes() == python.index.path.read_bytes()
+    if fused:
+        assert taken > 0.9 * len(workload.raws), (taken, len(workload.raws))
+    else:
+        assert taken == 0
+
+
+def damaged(raw: RawRecord) -> RawRecord:
+    """The record with its first block reference's id made 33 (past XLR_MAX_BLOCK_ID): a
+    record the CRC would let through if it had been written so, which the decoder refuses."""
+    data = bytearray(raw.data)
+    assert data[24] <= 32  # the first block header (SizeOfXLogRecord = 24)
+    data[24] = 33
+    return RawRecord(raw.lsn, raw.end_lsn, bytes(data))
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_fused_raw_ingest_of_a_bad_record_raises_the_decoders_error(
+    workload: Workload, stores: tuple[NodeStore, NodeStore]
+) -> None:
+    """A record the fused C code cannot lay out goes to the Python decoder, which raises
+    the same typed error as decoding alone; the records before it are ingested and nothing
+    of it or after it (the same state as the reference that stops there)."""
+    python, fast = stores
+    at = next(i for i, r in enumerate(workload.records[:5000]) if r.rmgr_id == 10 and r.blocks)
+    at += 700  # inside the second batch of 500
+    while not (workload.records[at].rmgr_id == 10 and workload.records[at].blocks):
+        at += 1
+    raws = [*workload.raws[:at], damaged(workload.raws[at]), *workload.raws[at + 1 : at + 50]]
+    with pytest.raises(RecordDecodeError) as expected:
+        reference_ingest(python, raws)
+    with pytest.raises(RecordDecodeError) as got:
+        for i in range(0, len(raws), 500):
+            fast.ingest_raw_batch(raws[i : i + 500])
+    assert str(got.value) == str(expected.value)
+    assert fast.timeline.last_record_lsn == python.timeline.last_record_lsn
+    assert fast.timeline.last_record_lsn == workload.raws[at - 1].end_lsn
+    assert layer_contents(fast) == layer_contents(python)
+
+
+def test_raw_runs_leave_what_they_cannot_lay_out_to_python(c_extension: None) -> None:
+    """ingest_raw_run refuses or leaves (nothing put) what is not a RawRecord with a
+    well-formed heap record: wrong shapes, a too short record, a length that is not
+    xl_tot_len, a truncated block header."""
+    assert native.walingest is not None and layers_native.inmem is not None
+    arena = layers_native.inmem.Arena()
+    rnode = (1663, 5, 16384)
+    sizes = {(*rnode, 0): 2}
+    context = (arena, {rnode[:2]}, {rnode[:2]: {(rnode[2], 0)}}, sizes, 0, 1 << 20, 2048,
+               set(), {}, 0)  # fmt: skip
+    # XLogRecord (xl_tot_len, xl_xid, xl_prev, xl_info, xl_rmid = heap, pad, xl_crc), then
+    # block 0: fork_flags 0x20 (HAS_DATA), data_len 1, RelFileNode, blkno 3; its data byte
+    body = bytes([0, 0x20, 1, 0]) + struct.pack("<IIII", *rnode, 3) + b"d"
+    good = struct.pack("<IIQBBxxI", 24 + len(body), 0, 0, 0, 10, 0) + body
+    odd: list[object] = [
+        ("not", "a", "record"),
+        (1000, 1064),
+        (1000, 1064, bytearray(good)),
+        RawRecord(1000, 1064, good[:20]),
+        RawRecord(1000, 1064, good + b"x"),
+        RawRecord(1000, 1064, struct.pack("<I", 24 + 3) + good[4:27]),
+    ]
+    for record in odd:
+        assert native.walingest.ingest_raw_run([record], 0, context) == (0, 0, 0, None, None)
+    assert arena.key_groups() == []
+    with pytest.raises(IndexError, match="negative start"):
+        native.walingest.ingest_raw_run([], -1, context)
+    ok = native.walingest.ingest_raw_run([RawRecord(1000, 1064, good)], 0, context)
+    assert ok == (1, (48 + 1 + 8 + len(good)) + (48 + 1 + 4), 2, 1064, 1000)
+    assert sizes[(*rnode, 0)] == 4
