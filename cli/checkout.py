@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from cli import checkout_delta, nodes, postmaster
-from cli.attach import refuse_attached
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.hints_mark import write_mark
@@ -76,7 +75,7 @@ def _current_timeline(app: App, node: NodeRow) -> TimelineInfo:
 
 
 def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]) -> None:
-    refuse_attached(node, "check out a snapshot on")
+    nodes.refuse_attached(node, "check out a snapshot on")
     _pgdata, tag = split_snapshot_name(snapshot)
     if tag == "CURRENT":
         raise InvalidArgument(f"{snapshot} is the node's current state already")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sqlite3
 import sys
@@ -12,30 +11,16 @@ from typing import NoReturn
 import click
 
 from cli.home import NeonHome
+from cli.lazy_group import LazyGroup, load_command
 from cli.registry import registry_error
 from durable_files import PRIVATE_UMASK
 from pageserver_api.errors import error_from_os
 from proto.errors import NeonError
 
 
-class NeonGroup(click.Group):
+class NeonGroup(LazyGroup):
     """Turns every NeonError into one line on stderr and its exit code; loads subcommands
     from LAZY_COMMANDS when used."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        command = super().get_command(ctx, cmd_name)
-        if command is None and cmd_name in LAZY_COMMANDS:
-            command = _load_command(cmd_name)
-            self.add_command(command, cmd_name)
-        return command
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, LAZY_COMMANDS[name][2]) for name in sorted(LAZY_COMMANDS)]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -56,30 +41,6 @@ class NeonGroup(click.Group):
 def _fail(exc: NeonError) -> NoReturn:
     click.echo(f"neon: error: {exc}", err=True)
     sys.exit(exc.exit_code)
-
-
-@click.group(cls=NeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="NEON_HOME",
-    default=None,
-    help="State directory (default: $NEON_HOME, else ~/.neon, or /var/lib/neon as root).",
-)
-@click.option(
-    "--pageserver",
-    envvar="NEON_PAGESERVER",
-    default=None,
-    metavar="neon://HOST:PORT",
-    help="Talk to this pageserver (a container's, say) instead of the home's own; its token "
-    "from ?token= or NEON_TOKEN.",
-)
-@click.pass_context
-def cli(ctx: click.Context, home: Path | None, pageserver: str | None) -> None:
-    """Git-like history for PostgreSQL data directories."""
-    ctx.ensure_object(dict)
-    ctx.obj["home"] = home
-    ctx.obj["pageserver"] = pageserver
 
 
 # Subcommands load on use: a command imports only its own modules, not every other
@@ -114,11 +75,34 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
 """tests/cli/test_main.py checks that each short help is the command's own."""
 
 
+@click.group(
+    cls=NeonGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="NEON_HOME",
+    default=None,
+    help="State directory (default: $NEON_HOME, else ~/.neon, or /var/lib/neon as root).",
+)
+@click.option(
+    "--pageserver",
+    envvar="NEON_PAGESERVER",
+    default=None,
+    metavar="neon://HOST:PORT",
+    help="Talk to this pageserver (a container's, say) instead of the home's own; its token "
+    "from ?token= or NEON_TOKEN.",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, pageserver: str | None) -> None:
+    """Git-like history for PostgreSQL data directories."""
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = home
+    ctx.obj["pageserver"] = pageserver
+
+
 def _load_command(name: str) -> click.Command:
-    module, attribute, _help = LAZY_COMMANDS[name]
-    command = getattr(importlib.import_module(module), attribute)
-    assert isinstance(command, click.Command)
-    return command
+    return load_command(LAZY_COMMANDS[name])
 
 
 def main() -> None:

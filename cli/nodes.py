@@ -21,7 +21,6 @@ from typing import Any
 from cli import pageserver_control, postmaster
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
-from cli.hints_mark import note_start, write_mark
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
 from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
@@ -47,7 +46,6 @@ from pageserver_api.models import (
     NodeWaitDecodedRequest,
 )
 from pg15.lsn import format_lsn, parse_lsn
-from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import (
     AlreadyExists,
     Conflict,
@@ -346,6 +344,8 @@ def _initialize_from_snapshot(
     _new_secrets(app, node)
     register_with_pageserver(app, node)
     local_api(app).node_branch(NodeBranchRequest(node.id, snapshot, pg_timeline=1))
+    from cli.hints_mark import write_mark
+
     rebuilt = download_basebackup(app, node.datadir, node_id=node.id)
     write_mark(node.datadir, 0)  # a fresh directory: no hint in it was left unlogged
     locations = {ts.oid: ts.location for ts in rebuilt.tablespaces}
@@ -407,10 +407,14 @@ def node_status(app: App, node: NodeRow) -> NodeStatus:
     return NodeStatus(node, "crashed" if crashed else "stopped", None)
 
 
-def _refuse_attached(node: NodeRow, action: str) -> None:
-    from cli.attach import refuse_attached  # cli.attach builds on this module
+def refuse_attached(node: NodeRow, action: str) -> None:
+    """cli.attach's refusal, which loads that module (and the WAL receiver it uses) only for
+    an attached node: start, stop and checkout of any other node do not pay for it."""
+    if node.role != ATTACHED:
+        return
+    from cli.attach import refuse_attached as refuse  # cli.attach builds on this module
 
-    refuse_attached(node, action)
+    refuse(node, action)
 
 
 def _require_ready(node: NodeRow) -> None:
@@ -424,7 +428,9 @@ def _require_ready(node: NodeRow) -> None:
 
 
 def start_node(app: App, node: NodeRow) -> NodeStatus:
-    _refuse_attached(node, "start")
+    from cli.hints_mark import note_start  # here: pg_control's crc32c is slow to import
+
+    refuse_attached(node, "start")
     _require_ready(node)
     status = node_status(app, node)
     if status.state == "running":
@@ -461,7 +467,7 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
 
 
 def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
-    _refuse_attached(node, "stop")
+    refuse_attached(node, "stop")
     _require_ready(node)
     pause_following(app, node)
     try:
@@ -486,6 +492,8 @@ def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -
 
     None when there is nothing to wait for (not shut down cleanly, pageserver not running).
     """
+    from pg15.pg_control import DB_SHUTDOWNED, read_control_file
+
     control = read_control_file(node.datadir)
     if control.state != DB_SHUTDOWNED or pageserver_control.running_pid(app) is None:
         return None
@@ -548,16 +556,18 @@ def server_wal_lsn(app: App, status: NodeStatus, checkpoint: bool = False) -> in
 
         return attached_wal_lsn(app, status.node) if status.state == "attached" else None
     if status.state == "running":
-        import psycopg  # here: psycopg takes a tenth of a second to import, for this call only
-
+        # psql, not psycopg: importing psycopg takes longer than running psql (a tenth of a
+        # second against a hundredth), and `snapshot create` runs this on every call.
+        sql = ["-c", "CHECKPOINT"] if checkpoint else []
+        sql += ["-c", "SELECT pg_current_wal_flush_lsn()"]
+        args = [f"{connstr(app, status.node)} connect_timeout=5", "-XAtq", "-v", "ON_ERROR_STOP=1"]
         try:
-            with psycopg.connect(connstr(app, status.node), connect_timeout=5) as conn:
-                if checkpoint:
-                    conn.execute("CHECKPOINT")
-                row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
-        except psycopg.Error:
+            out = run_pg("psql", [*args, *sql], timeout=None).stdout.strip()
+        except ExternalCommandFailed:
             return None
-        return parse_lsn(row[0]) if row else None
+        return parse_lsn(out) if out else None
+    from pg15.pg_control import DB_SHUTDOWNED, read_control_file  # here: crc32c is slow to import
+
     try:
         control = read_control_file(status.node.datadir)
     except NeonError:

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from cli import checkout, nodes, replicas
-from cli.attach_commands import pg_attach, pg_detach
 from cli.context import App, get_app
+from cli.lazy_group import LazyGroup
 from cli.node_lock import locked_node
 from cli.output import dir_size, human_size, print_json, print_table, progress_printer
 from cli.pageserver_control import local_api
@@ -21,16 +21,43 @@ from cli.progress import Progress
 from cli.registry import ReplicaRow
 from cli.remote_storage import node_uploads, sync_remote, upload_line
 from cli.rest import control as rest_control
-from cli.rest_commands import pg_start_rest, pg_stop_rest
-from cli.snapshot_commands import import_snapshot
 from cli.storages import DEFAULT_STORAGE
 from cli.tablespace_mapping import parse_mappings
 from pageserver.history.snapshots import split_snapshot_name
 from pageserver_api.models import SnapshotDestroyRequest
 from proto.errors import InvalidArgument
 
+# Commands with modules of their own load on use (cli/lazy_group.py): `pg checkout` does not
+# import attaching (a base backup client, the WAL receiver) or the REST server.
+LAZY_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "attach": (
+        "cli.attach_commands",
+        "pg_attach",
+        "Follow a running PostgreSQL 15 server that pg-neon does not run: its history becomes "
+        "NAME's (snapshots NAME@TAG, PITR, extraction, export, push), from a base backup and "
+        "then its WAL through a replication slot.",
+    ),
+    "detach": (
+        "cli.attach_commands",
+        "pg_detach",
+        "Stop following an attached server and drop its replication slot there.",
+    ),
+    "start-rest": (
+        "cli.rest_commands",
+        "pg_start_rest",
+        "Serve a running node read-only over HTTP, PostgREST-style, with time travel "
+        "(/@SNAPSHOT/TABLE, /@LSN/TABLE).",
+    ),
+    "stop-rest": (
+        "cli.rest_commands",
+        "pg_stop_rest",
+        "Stop the node's REST server (and the snapshot servers it started).",
+    ),
+}
+"""tests/cli/test_lazy_imports.py checks that each short help is the command's own."""
 
-@click.group("pg")
+
+@click.group("pg", cls=LazyGroup, lazy=LAZY_SUBCOMMANDS)
 @click.pass_context
 def pg_group(ctx: click.Context) -> None:
     """PostgreSQL nodes: data directories and their servers."""
@@ -165,6 +192,8 @@ def temporary_import(
     """Import `source` as a temporary snapshot that `cleanup` destroys (the node's branch
     keeps the history it needs); return the snapshot's name."""
     name = f"pg-create-{os.getpid()}-{secrets.token_hex(4)}"
+    from cli.snapshot_commands import import_snapshot  # here: `pg start` and the rest need none
+
     progress = Progress(show_progress, "Downloading snapshot", transient=True)
     import_snapshot(app, source, name, storage, progress)
 
@@ -440,9 +469,3 @@ def _show_replica(app: App, standby: ReplicaRow, as_json: bool) -> None:
         f"    lag: {human_size(lag['lag_bytes'])}, "
         f"{f'{seconds:.1f} s' if seconds is not None else '- s'} behind the primary"
     )
-
-
-pg_group.add_command(pg_attach)
-pg_group.add_command(pg_detach)
-pg_group.add_command(pg_start_rest)
-pg_group.add_command(pg_stop_rest)

@@ -9,9 +9,10 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 PROGRESS_ENV = "NEON_PROGRESS"
 """`NEON_PROGRESS=json`: every progress bar is written as JSON lines on stderr instead, with
@@ -93,6 +94,9 @@ class Progress:
             return
         bar = self._bar
         if bar is None:
+            # Imported here: only a terminal shows a bar, and every command imports this module.
+            from tqdm import tqdm
+
             bar = self._bar = tqdm(
                 total=total,
                 desc=self._what,

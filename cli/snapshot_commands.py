@@ -19,9 +19,8 @@ import click
 
 from cli import nodes, postmaster
 from cli.context import App, get_app
-from cli.delta_import import parent_here
-from cli.extract import download_basebackup
 from cli.ingest_wait import wait_for_ingest
+from cli.lazy_group import LazyGroup
 from cli.node_lock import locked_node, node_lock
 from cli.nodes import HISTORY_DIR
 from cli.output import human_size, print_json, print_table
@@ -29,15 +28,7 @@ from cli.pageserver_control import local_api
 from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
 from cli.ports import port_is_free
 from cli.progress import Progress
-from cli.remote_storage import in_storage, sync_remote
-from cli.snapshot_diff import snapshot_diff
-from cli.snapshot_export import snapshot_export
-from cli.snapshot_import import import_workdir, prepare_clean_datadir
-from cli.snapshot_recv import snapshot_recv, snapshot_serve
-from cli.snapshot_transfer import snapshot_pull, snapshot_push
 from cli.storages import DEFAULT_STORAGE
-from cli.tablespace_mapping import parse_mappings
-from cli.tablespace_settings import in_place_tablespace_settings
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (
@@ -57,7 +48,45 @@ SNAPSHOT_SERVER_PORT = 55432
 PORT_ATTEMPTS = 3
 
 
-@click.group("snapshot")
+# Commands with modules of their own load on use (cli/lazy_group.py): `snapshot create`, run
+# after every load and before every checkout, imports none of the transfer machinery.
+LAZY_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "diff": (
+        "cli.snapshot_diff",
+        "snapshot_diff",
+        "Show what changed from snapshot A to snapshot B (A may be older or newer).",
+    ),
+    "export": (
+        "cli.snapshot_export",
+        "snapshot_export",
+        "Export a snapshot: a .neon file, a basebackup tar, a pg_dump -Fc dump, or CSV files.",
+    ),
+    "pull": (
+        "cli.snapshot_transfer",
+        "snapshot_pull",
+        "Fetch a .neon file from URL as snapshot NAME (default: the file's name).",
+    ),
+    "push": (
+        "cli.snapshot_transfer",
+        "snapshot_push",
+        "Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon): a delta on the "
+        "newest snapshot of its history the destination has, unless --full.",
+    ),
+    "recv": (
+        "cli.snapshot_recv",
+        "snapshot_recv",
+        "Receive pushed snapshots (prints the URL to push to).",
+    ),
+    "serve": (
+        "cli.snapshot_recv",
+        "snapshot_serve",
+        "Serve this home's snapshots on neon:// (pull, list, push; a token for all).",
+    ),
+}
+"""tests/cli/test_lazy_imports.py checks that each short help is the command's own."""
+
+
+@click.group("snapshot", cls=LazyGroup, lazy=LAZY_SUBCOMMANDS)
 def snapshot_group() -> None:
     """Snapshots: cheap named states of a node (PGDATA@TAG), and imported databases (NAME)."""
 
@@ -143,6 +172,8 @@ def snapshot_import(
     """Import an existing PostgreSQL 15 database as snapshot NAME, on a history of its own."""
     app = get_app(ctx)
     app.require_own_pageserver("neon snapshot import")
+    from cli.tablespace_mapping import parse_mappings
+
     mappings = parse_mappings(tablespace_mapping)
     progress = Progress(not as_json and sys.stderr.isatty(), "Importing")
     snap = import_snapshot(app, source, name, storage, progress, mappings)
@@ -160,10 +191,23 @@ def import_snapshot(
 ) -> SnapshotInfo:
     """Import `source` (see cli/snapshot_import.py) as the bare-named snapshot `name` in the
     native storage `storage`; nothing is visible unless the whole import succeeded."""
+    from cli.delta_import import parent_here
+    from cli.snapshot_import import (
+        import_while_fetching,
+        import_workdir,
+        is_server_source,
+        prepare_clean_datadir,
+    )
+
     storage_path = import_target(app, name, storage)
     api = local_api(app)
     try:
         with import_workdir(storage_path) as workdir:
+            if is_server_source(source):  # imported as it arrives
+                return import_while_fetching(
+                    source, storage_path, workdir, progress, tablespace_mapping,
+                    lambda pgdata: register_import(api, name, pgdata, storage_path),
+                )  # fmt: skip
             clean = prepare_clean_datadir(
                 source, storage_path, workdir, progress, tablespace_mapping,
                 parent_here=functools.partial(parent_here, api),
@@ -266,6 +310,8 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
 def snapshot_list(ctx: click.Context, storage: str | None, as_json: bool) -> None:
     """List snapshots; SIZE is the page history a snapshot keeps (for a snapshot of a
     bucket, what reading it downloads)."""
+    from cli.remote_storage import in_storage, sync_remote
+
     app = get_app(ctx)
     if storage is not None:
         # An s3 storage's areas attached, those created there since included (one LIST).
@@ -421,6 +467,8 @@ READ_ONLY_HBA = ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256
 def standby_dir_at(app: App, datadir: Path, snapshot: str) -> BasebackupResponse:
     """The data directory of a read-only server at `snapshot`: its basebackup and
     standby.signal (recovery stays on: the server never leaves read-only mode)."""
+    from cli.extract import download_basebackup
+
     backup = download_basebackup(app, datadir, snapshot=snapshot)
     (datadir / "standby.signal").touch()
     give_to_pg_user(datadir / "standby.signal")
@@ -429,6 +477,8 @@ def standby_dir_at(app: App, datadir: Path, snapshot: str) -> BasebackupResponse
 
 def read_only_settings(app: App, datadir: Path, port: int) -> dict[str, object]:
     """The settings of a hot standby over `datadir` (snapshot servers, replicas)."""
+    from cli.tablespace_settings import in_place_tablespace_settings
+
     return {
         "port": port,
         "listen_addresses": "127.0.0.1",
@@ -469,14 +519,6 @@ def remove_snapshot_server(app: App, name: str) -> None:
     shutil.rmtree(_server_dir(app, name), ignore_errors=True)
     with app.registry.transaction() as cur:
         cur.execute("DELETE FROM snapshot_servers WHERE name = ?", (name,))
-
-
-snapshot_group.add_command(snapshot_export)
-snapshot_group.add_command(snapshot_push)
-snapshot_group.add_command(snapshot_pull)
-snapshot_group.add_command(snapshot_recv)
-snapshot_group.add_command(snapshot_serve)
-snapshot_group.add_command(snapshot_diff)
 
 
 @snapshot_group.command("stop")

@@ -1,0 +1,105 @@
+"""The CLI's start-up: a command imports its own modules, not the heavy machinery of others.
+
+Every `neon` invocation pays for what it imports before doing anything: `snapshot create`
+right after a load and `pg checkout` are timed against PostgreSQL's own tools (issue 10), and
+an incremental push against a full one (issue 12). The subcommands of `neon snapshot` and
+`neon pg` that live in modules of their own load on use (cli/lazy_group.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+
+from cli.lazy_group import SHORT_HELP_LIMIT, LazyGroup, load_command
+from cli.pg_commands import pg_group
+from cli.snapshot_commands import snapshot_group
+from tests.neoncli import NEON, NeonCli
+
+HEAVY = (
+    "walreceiver",  # the WAL receiver and base backup client: attach, import
+    "aiobotocore",
+    "botocore",  # s3 transfers
+    "aiohttp",  # http transfers, the console
+    "psycopg",  # a tenth of a second; psql does a node's few queries
+    "pageserver.redo",
+    "cli.transport",  # push and pull
+    "cli.snapshot_import",
+    "cli.snapshot_transfer",
+    "cli.attach",
+    "cli.rest_commands",
+    "tqdm",  # only a terminal shows a bar
+)
+"""Modules (and their submodules) that `neon --help`, `snapshot create` and `pg checkout`
+must not import."""
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a run with PYTHONPROFILEIMPORTTIME=1 imported (`-X importtime` lines)."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    } - {"package"}
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
+
+
+def test_imported_parses_importtime_lines() -> None:
+    """The check below must see what it looks for: a real `-X importtime` of a heavy module."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import cli.attach"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "cli.attach" in heavy(imported(proc.stderr))
+    assert "walreceiver.receiver" in heavy(imported(proc.stderr))
+
+
+@pytest.mark.parametrize("group", [snapshot_group, pg_group], ids=["snapshot", "pg"])
+def test_lazy_short_help_is_the_commands_own(group: LazyGroup) -> None:
+    assert group.lazy
+    for name, entry in group.lazy.items():
+        assert entry[2] == load_command(entry).get_short_help_str(SHORT_HELP_LIMIT), name
+
+
+@pytest.mark.parametrize("group", [snapshot_group, pg_group], ids=["snapshot", "pg"])
+def test_group_help_lists_every_command(group: LazyGroup) -> None:
+    ctx = click.Context(group, info_name=group.name)
+    text = " ".join(group.get_help(ctx).split())
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None
+        assert f"{name} {' '.join(command.get_short_help_str(SHORT_HELP_LIMIT).split())}" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["snapshot", "--help"], ["snapshot", "create", "--help"], ["pg", "--help"]],
+    ids=" ".join,
+)
+def test_help_imports_nothing_heavy(argv: list[str]) -> None:
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.run([NEON, *argv], capture_output=True, text=True, env=env, check=True)
+    assert heavy(imported(proc.stderr)) == []
+
+
+def test_snapshot_create_and_checkout_import_nothing_heavy(neon: NeonCli) -> None:
+    """The real commands on a real node (their function-level imports included)."""
+    neon.run("pg", "create")
+    neon.run("snapshot", "create", "pgdata1@before")
+    profiled = NeonCli(neon.home, {"PYTHONPROFILEIMPORTTIME": "1"})
+    create = profiled.run("snapshot", "create", "pgdata1@s1")
+    # The profile is there (a module importlib.import_module loads has no line of its own).
+    assert "cli.nodes" in imported(create.stderr)
+    assert heavy(imported(create.stderr)) == []
+    checkout = profiled.run("pg", "checkout", "pgdata1@before")
+    assert "cli.checkout" in imported(checkout.stderr)
+    assert heavy(imported(checkout.stderr)) == []
