@@ -222,19 +222,23 @@ class LayerFile:
         self._keys_at = self._blocks_at + h.n_blocks * _BLOCK_ENTRY.size
         self._versions_at = self._keys_at + h.n_keys * _KEY_ENTRY.size
         self._key_index: tuple[bytes, array[int]] | None = None
-        self._check_index()
+        self.raw_bytes = self._check_index()
+        """Uncompressed bytes of every value block: what reading the whole file decompresses."""
 
-    def _check_index(self) -> None:
-        """Structural sanity of the index, so later reads can trust offsets and orderings."""
+    def _check_index(self) -> int:
+        """Structural sanity of the index, so later reads can trust offsets and orderings;
+        the blocks' uncompressed size."""
         h = self.header
         prev_end = HEADER_SIZE
+        raw = 0
         for b in range(h.n_blocks):
-            off, clen, _, _ = _BLOCK_ENTRY.unpack_from(
+            off, clen, ulen, _ = _BLOCK_ENTRY.unpack_from(
                 self._map, self._blocks_at + b * _BLOCK_ENTRY.size
             )
             if off != prev_end:
                 raise LayerCorrupt(self.path, f"block {b} is not where the index says")
             prev_end = off + clen
+            raw += ulen
         if prev_end != h.index_offset:
             raise LayerCorrupt(self.path, "blocks do not end where the index starts")
         if h.n_keys:
@@ -242,6 +246,7 @@ class LayerFile:
             last = self.key_at(h.n_keys - 1)
             if first < h.key_range.start or last >= h.key_range.end:
                 raise LayerCorrupt(self.path, "keys outside the layer's key range")
+        return raw
 
     @property
     def n_keys(self) -> int:
@@ -356,6 +361,17 @@ class LayerFile:
     def read_block(self, b: int) -> bytes:
         """Block b decompressed and checked, bypassing the cache (bulk reads)."""
         return self._block(b, use_cache=False)
+
+    def raw_bytes_in(self, key_range: KeyRange) -> int:
+        """About the uncompressed bytes of the versions of key_range (the file's share of
+        versions in the range times its raw size; index only): what reading those keys
+        decompresses, for image creation's policy."""
+        n = self.header.n_versions
+        if n == 0:
+            return 0
+        firsts = self._keys()[1]
+        lo, hi = self.lower_bound(key_range.start), self.lower_bound(key_range.end)
+        return self.raw_bytes * (firsts[hi] - firsts[lo]) // n
 
     def find_key(self, key: bytes) -> int | None:
         i = self.lower_bound(key)

@@ -103,6 +103,10 @@ class PersistentLayer:
         i = f.lower_bound(key_range.start)
         return i < f.n_keys and f.key_at(i) < key_range.end
 
+    def raw_bytes_in(self, key_range: KeyRange) -> int:
+        """About the uncompressed bytes of the layer's versions of key_range (index only)."""
+        return self.file.raw_bytes_in(key_range)
+
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in (key, LSN) order, for compaction."""
         return self.file.iter_encoded()

@@ -1,0 +1,89 @@
+"""Image creation's policy: a partition whose versions above its images outweigh what the
+images hold of it gets an image layer before image_creation_threshold layers pile up (a bulk
+load under older images), and an L1 layer merged across an image's LSN does not make its
+partition due again at every pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pageserver.storage import keys as K
+from pageserver.storage.compaction import compact_level0, create_image_layers
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import Image, ReconstructData, WalDelta
+
+SETTINGS = StoreSettings(
+    checkpoint_distance=1 << 30,  # flushes are explicit
+    compaction_threshold=10,
+    image_creation_threshold=3,
+    image_layer_target_size=16 * 8192,  # 16 pages a partition; a quarter is 4 pages
+    block_size=8192,
+)
+
+
+def page(blk: int) -> K.Key:
+    return K.rel_block_key(1663, 5, 16384, 0, blk)
+
+
+def redo(key: K.Key, lsn: int, rd: ReconstructData) -> bytes:
+    """A page: the newest record (every record here initializes its page)."""
+    return rd.deltas[-1][1].record
+
+
+def load(tl: Timeline, lsn: int, blocks: range, fill: int) -> None:
+    """One record per block (8 KiB each), initializing it, ending at `lsn`, then a flush:
+    one L0 layer."""
+    tl.put_batch([(page(b), lsn, WalDelta(bytes([fill]) * 8192, True)) for b in blocks])
+    tl.advance_last_record_lsn(lsn, tl.last_record_lsn)
+    tl.freeze_and_flush()
+
+
+def images_over(tl: Timeline, blocks: range, lsn: int) -> bool:
+    whole = K.KeyRange(page(blocks.start), page(blocks.stop))
+    images, covered = tl.layer_map().images_over(whole, lsn)
+    return covered and all(image.lsn == lsn for image in images)
+
+
+def test_a_bulk_load_under_old_images_gets_images_from_one_layer(tmp_path: Path) -> None:
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        tl = store.create_timeline()
+        tl.put_batch([(page(b), 0x10, Image(bytes([1]) * 8192)) for b in range(4)])
+        tl.advance_last_record_lsn(0x10, None)
+        tl.freeze_and_flush()
+        assert create_image_layers(tl, redo, force=True) > 0  # as an import: 4 pages
+        load(tl, 0x80000, range(4, 64), fill=2)  # the load: 60 pages the images do not hold
+        # One layer above the images: below image_creation_threshold.
+        assert len(tl.layer_map().deltas_overlapping(K.FULL_KEYSPACE, 0x10, 0x80000)) == 1
+        assert create_image_layers(tl, redo) == 4  # every partition of the load
+        assert images_over(tl, range(64), 0x80000)
+        assert tl.get_reconstruct_data(page(40), 0x80000).deltas == ()
+        # A small change later: its bytes do not outweigh the images.
+        load(tl, 0x82000, range(5, 6), fill=3)
+        assert create_image_layers(tl, redo) == 0
+    finally:
+        store.close()
+
+
+def test_an_l1_layer_across_an_image_lsn_is_weighed_by_its_share_above(tmp_path: Path) -> None:
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        tl = store.create_timeline()
+        tl.put_batch([(page(b), 0x10, Image(bytes([1]) * 8192)) for b in range(4)])
+        tl.advance_last_record_lsn(0x10, None)
+        tl.freeze_and_flush()
+        assert create_image_layers(tl, redo, force=True) > 0
+        load(tl, 0x80000, range(4, 64), fill=2)
+        assert create_image_layers(tl, redo) == 4
+        # A little more WAL (LSNs advance as WAL is written: the load's 480 KiB took
+        # 0x80000), then the L0 layers merge: the L1 layer holds the load's versions (below
+        # the images) and the new one.
+        load(tl, 0x83000, range(8, 9), fill=3)
+        assert compact_level0(tl, force=True)[0] == 3
+        (l1,) = tl.layer_map().deltas_overlapping(K.FULL_KEYSPACE, 0x80000, 0x83000)
+        assert l1.lsn_start < 0x80000 < l1.lsn_end  # it straddles the images' LSN
+        assert create_image_layers(tl, redo) == 0
+    finally:
+        store.close()
