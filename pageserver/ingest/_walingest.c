@@ -1,9 +1,11 @@
 /*
  * Optional C fast path of WalIngest (pageserver/ingest/walingest.py) for the records that
  * dominate a write load: Heap, Heap2 and Btree records, whose only effects are on the pages
- * they reference (plus relation sizes and visibility-map bits).
+ * they reference (plus relation sizes and visibility-map bits), XLOG full-page images, and
+ * plain commits and aborts.
  *
  *   ingest_run(records, raws, start, ctx) -> (next, bytes, versions, last_end, last_prev)
+ *   ingest_raw_run(raw_records, start, ctx) -> the same, from records not decoded yet
  *
  * puts the values of records[start:] into the open in-memory layer's arena (the C storage of
  * pageserver/storage/layers/_inmem.c, through its capsule: no Python object per value), as
@@ -45,7 +47,10 @@
 #define TAG_DELTA 2
 #define TAG_DELTA_INIT 3
 
+#define RM_XLOG_ID 0
 #define RM_XACT_ID 1
+#define XLOG_FPI_FOR_HINT 0xA0 /* catalog/pg_control.h */
+#define XLOG_FPI 0xB0
 #define RM_HEAP2_ID 9
 #define RM_HEAP_ID 10
 #define RM_BTREE_ID 11
@@ -650,7 +655,11 @@ ingest_one(Ingest *st)
     int rmid = rec->rmid, info = rec->info;
     if (rmid == RM_XACT_ID)
         return ingest_xact(st, info);
-    if (rmid != RM_HEAP_ID && rmid != RM_HEAP2_ID && rmid != RM_BTREE_ID)
+    /* XLOG_FPI (log_newpage: index builds, ...) and XLOG_FPI_FOR_HINT: their blocks' images
+     * are the pages (xlog_redo in access/transam/xlog.c restores them, main data none); a
+     * hint record's block without an image changes nothing, any other goes to Python */
+    int fpi = rmid == RM_XLOG_ID && ((info & 0xF0) == XLOG_FPI || (info & 0xF0) == XLOG_FPI_FOR_HINT);
+    if (!fpi && rmid != RM_HEAP_ID && rmid != RM_HEAP2_ID && rmid != RM_BTREE_ID)
         return LEAVE;
     st->has_image = 0;
     for (int i = 0; i < rec->nblocks; i++)
@@ -664,6 +673,10 @@ ingest_one(Ingest *st)
         int r;
         if (b->has_image)
             r = image_value(st, b, &value);
+        else if (fpi && (info & 0xF0) == XLOG_FPI_FOR_HINT)
+            continue;
+        else if (fpi)
+            return LEAVE; /* the rmgr's always_init decides: Python */
         else
             r = delta_value(st, (b->flags & BKPBLOCK_WILL_INIT) != 0, &value);
         if (r != OK)
@@ -676,7 +689,7 @@ ingest_one(Ingest *st)
         if (r != OK)
             return r;
     }
-    return vm_changes(st, rmid, info);
+    return fpi ? OK : vm_changes(st, rmid, info);
 }
 
 /* the record is done: sizes into the cache, values into the layer */
@@ -743,7 +756,8 @@ record_shape_ok(PyObject *rec)
 static int
 handled_rmgr(int rmid)
 {
-    return rmid == RM_XACT_ID || rmid == RM_HEAP_ID || rmid == RM_HEAP2_ID || rmid == RM_BTREE_ID;
+    return rmid == RM_XACT_ID || rmid == RM_HEAP_ID || rmid == RM_HEAP2_ID ||
+           rmid == RM_BTREE_ID || rmid == RM_XLOG_ID;
 }
 
 /* A DecodedRecord (and its raw bytes or None) as a Rec: OK, LEAVE (Python ingests it) or FAIL */

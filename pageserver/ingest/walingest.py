@@ -378,8 +378,8 @@ class WalIngest:
         index of the first record it left (to `ingest_record`), len(records) if none.
 
         The C code (pageserver/ingest/_walingest.c) does what ingest_record does for Heap,
-        Heap2 and Btree records whose relation forks are in the caches and for plain
-        commits and aborts whose CLOG segments are, putting whole records
+        Heap2, Btree and XLOG full-page-image records whose relation forks are in the caches
+        and for plain commits and aborts whose CLOG segments are, putting whole records
         into the open layer at once (Timeline.put_records); `raws` are the records' XLogRecord
         bytes (None where unknown: the record goes to Python).
         """

@@ -36,6 +36,10 @@ class StoreSettings:
     block_size: int = 32 * 1024
     """Uncompressed size of a value block in layer files (the unit of zstd and of the cache)."""
     zstd_level: int = 3
+    l0_zstd_level: int = 1
+    """zstd level of the L0 files a flush writes: compaction rewrites them soon, and on
+    pgbench WAL level 1 compresses their blocks as small as level 3 (0.259 of the raw bytes)
+    in three quarters of the time, which the flusher spends beside ingest on every layer."""
     block_cache_bytes: int = 64 * MiB
     """Bound on decompressed blocks cached across all layers of a store."""
 

@@ -28,7 +28,7 @@ import itertools
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,8 @@ class Timeline:
 
     def _write_l0(self, layer: InMemoryLayer) -> DeltaLayer:
         assert layer.lsn_end is not None
-        writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, self.settings)
+        settings = replace(self.settings, zstd_level=self.settings.l0_zstd_level)
+        writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, settings)
         try:
             layer.write_to(writer)
         except BaseException:
