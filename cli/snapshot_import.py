@@ -27,17 +27,19 @@ manifest already stops its WAL there. The shutdown checkpoint adds no change to 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import zstandard
@@ -66,7 +68,9 @@ from cli.snapshot_file_source import (
 from cli.storages import mask_url
 from cli.tablespace_mapping import check_mapped, mapped
 from cli.tablespace_settings import in_place_tablespace_settings
+from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from cli.untar import extract_basebackup, extract_stream
+from pageserver.ingest.live_journal import JournalWriter, early_candidate
 from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
@@ -80,6 +84,8 @@ from walreceiver.base_backup import (
     run_base_backup,
 )
 from walreceiver.receiver import ConnParams
+
+T = TypeVar("T")
 
 SCHEME = "basebackup"
 DEFAULT_PORT = 5432
@@ -364,19 +370,55 @@ def server_params(source: ServerSource, application_name: str = "neon import") -
     )
 
 
+_START_WAL = re.compile(rb"^START WAL LOCATION: ([0-9A-F]+)/([0-9A-F]+) ", re.MULTILINE)
+_LABEL_MAX = 64 * 1024
+
+
+async def announced(
+    chunks: AsyncIterator[bytes | memoryview], journal: JournalWriter
+) -> AsyncIterator[bytes | memoryview]:
+    """`chunks` of a BASE_BACKUP's base.tar, passed on; on the way, the backup's start LSN
+    (backup_label, its first member) and every big relation file are announced to a live
+    import (pageserver/ingest/live_import.py). A malformed archive is the extractor's to
+    report: announcing just stops."""
+    reader: TarReader | None = TarReader()
+    label: bytearray | None = None
+    async for chunk in chunks:
+        if reader is not None:
+            try:
+                for event in reader.feed(chunk):
+                    if isinstance(event, MemberStart) and event.kind == "file":
+                        label = bytearray() if event.name == "backup_label" else None
+                        if early_candidate(event.name, event.size):
+                            journal.file(event.size, event.name)
+                    elif isinstance(event, MemberData) and label is not None:
+                        label += event.data[: _LABEL_MAX - len(label)]
+                    elif isinstance(event, MemberEnd) and label is not None:
+                        if found := _START_WAL.search(label):
+                            journal.lsn(int(found[1], 16) << 32 | int(found[2], 16))
+                        label = None
+            except TarFormatError:
+                reader = None
+        yield chunk
+
+
 async def fetch_base_backup(
     params: ConnParams,
     pgdata: Path,
     progress: Progress,
     options: BaseBackupOptions | None = None,
+    journal: JournalWriter | None = None,
 ) -> BaseBackupResult:
-    """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN."""
+    """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN (its
+    big relation files announced to `journal` as they come)."""
 
     staged: dict[int, Path] = {}  # tablespace archives come before base.tar
     links: dict[int, str] = {}  # base.tar's pg_tblspc/OID symlinks: the source's locations
 
     async def sink(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
         if archive.tablespace_location is None:
+            if journal is not None:
+                chunks = announced(chunks, journal)
             await extract_stream(chunks, pgdata, tablespace_links=links)
             return
         if archive.tablespace_oid is None:
@@ -422,10 +464,12 @@ def prepare_clean_datadir(
     progress: Progress,
     mappings: Mapping[str, str] | None = None,
     parent_here: ParentHere | None = None,
+    journal: JournalWriter | None = None,
 ) -> CleanDatadir:
     """The cleanly shut-down data directory to import for `source`: the source itself when
     it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`; for a
-    delta `.neon` file whose parent this home holds (`parent_here`), the delta as it is."""
+    delta `.neon` file whose parent this home holds (`parent_here`), the delta as it is. A
+    server's big relation files are announced to `journal` as they arrive."""
     pgdata = workdir / "pgdata"
     mappings = mappings or {}
     if is_url_source(source) or is_snapshot_file(Path(source)):
@@ -438,8 +482,9 @@ def prepare_clean_datadir(
         if not is_clean_datadir(pgdata):
             raise CorruptData(f"{source} does not hold a cleanly shut-down data directory")
         return CleanDatadir(pgdata, origin)
-    if source.startswith(f"{SCHEME}:"):
-        asyncio.run(fetch_base_backup(server_params(parse_server_url(source)), pgdata, progress))
+    if is_server_source(source):
+        params = server_params(parse_server_url(source))
+        asyncio.run(fetch_base_backup(params, pgdata, progress, journal=journal))
         end_lsn = None
     else:
         path = Path(source).absolute()
@@ -475,6 +520,43 @@ def prepare_clean_datadir(
     progress.close()
     recover_backup(pgdata, workdir, source, mappings)
     return CleanDatadir(pgdata)
+
+
+def is_server_source(source: str) -> bool:
+    return source.startswith(f"{SCHEME}:")
+
+
+def import_while_fetching(
+    source: str,
+    storage_path: Path,
+    workdir: Path,
+    progress: Progress,
+    mappings: Mapping[str, str] | None,
+    register: Callable[[Path], T],
+) -> T:
+    """Import a running server's backup (`source`: basebackup://) with the pageserver writing
+    the image layers of its big relation files while the rest still arrives (`register`:
+    the import request for the data directory, sent first and answered once the directory,
+    recovered, is imported whole: pageserver/ingest/live_import.py)."""
+    pgdata = workdir / "pgdata"
+    journal = JournalWriter(pgdata)
+    with concurrent.futures.ThreadPoolExecutor(1, "import-request") as pool:
+        registered = pool.submit(register, pgdata)
+        try:
+            clean = prepare_clean_datadir(
+                source, storage_path, workdir, progress, mappings, journal=journal
+            )
+        except BaseException:
+            journal.failed()  # the pageserver stops and removes what it wrote
+            with contextlib.suppress(BaseException):
+                registered.result()
+            raise
+        finally:
+            progress.close()
+        if clean.path != pgdata:
+            raise AssertionError(f"a server's backup is imported from {pgdata}")
+        journal.done()
+        return registered.result()
 
 
 def recover_backup(

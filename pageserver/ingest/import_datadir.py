@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Protocol, cast
 
 from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
+from pageserver.ingest.live_import import EarlyImport, receive_early
+from pageserver.ingest.live_journal import journal_path
 from pageserver.reconstruct.value_format import (
     encode_ints,
     encode_metadata,
@@ -185,7 +187,7 @@ _READ_PAGES = 128
 """Pages read at once: one read call per 1 MiB, not one per page."""
 
 
-def _pages(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+def pages(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(block within the file, page) of every not-all-zero page (of blocks start..stop-1
     only, if given); the file's length must be a whole number of pages."""
     size = path.stat().st_size
@@ -233,7 +235,7 @@ def _import_slru(writer: ImageSink, datadir: Path, kind: SlruKind) -> None:
         size = path.stat().st_size
         if size % BLCKSZ or size // BLCKSZ > SLRU_PAGES_PER_SEGMENT:
             raise CorruptData(f"{path} has {size} bytes: not an SLRU segment")
-        for blkno, page in _pages(path):
+        for blkno, page in pages(path):
             writer.add(slru_block_key(kind, segno, blkno), page)
         writer.add(slru_segment_size_key(kind, segno), encode_u32(size // BLCKSZ))
 
@@ -270,6 +272,21 @@ def import_datadir(
             f"timeline {timeline.timeline_id} is not empty (last record LSN "
             f"{format_lsn(timeline.last_record_lsn)}); import needs a new root timeline"
         )
+    early = None
+    if at_lsn is None and journal_path(datadir).is_file():
+        early = receive_early(timeline, datadir)  # the directory is final once it returns
+    try:
+        return _import_final(timeline, datadir, at_lsn, threads, early)
+    except BaseException:
+        if early is not None:
+            early.abort()
+        raise
+
+
+def _import_final(
+    timeline: Timeline, datadir: Path, at_lsn: int | None, threads: int,
+    early: EarlyImport | None,
+) -> int:  # fmt: skip
     control = read_control_file(datadir)
     own_lsn = _validate(datadir, control)
     if at_lsn is not None and at_lsn > own_lsn:
@@ -284,18 +301,27 @@ def import_datadir(
     # writer holds about one layer's index whatever the directory's size. A big directory is
     # cut into `threads` key ranges of about equal bytes, each written by a thread of its own
     # (`_import_ranges`): a run's Python and another's zstd compression then run at once.
-    ranges = _key_ranges(datadir, threads)
+    if early is not None and not early.unchanged(lsn):
+        early.abort()  # the slow way, as if nothing had been imported early
+        early = None
+    ranges = _key_ranges(datadir, threads) if early is None else early.gaps()
     runs = [
         ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache, key_range)
         for key_range in ranges
     ]
     try:
-        _import_ranges(runs, ranges, datadir, control, lsn)
+        if early is None:
+            _import_ranges(runs, ranges, datadir, control, lsn)
+        else:
+            sink = _InGaps(runs, ranges)
+            add_datadir_values(sink, datadir, control, lsn, _WholeFiles(skip=early.paths))
         layers = [layer for run in runs for layer in run.finish()]
     except BaseException:
         for run in runs:
             run.abort()
         raise
+    if early is not None:
+        layers = early.layers + layers
     timeline.replace_layers(add=layers, remove=[])
     timeline.advance_last_record_lsn(lsn, control.checkpoint_lsn if at_lsn is None else 0)
     return lsn
@@ -323,10 +349,13 @@ class ForkFiles(Protocol):
 class _WholeFiles:
     """A data directory's own segment files: every not-all-zero page, and the size; with a
     `key_range`, only the pages in it are read (the size is added all the same: a sink
-    keeping that range drops it if it is outside)."""
+    keeping that range drops it if it is outside); the pages of the files in `skip` are not
+    read at all (imported already: pageserver/ingest/live_import.py)."""
 
-    def __init__(self, key_range: KeyRange = FULL_KEYSPACE) -> None:
-        self._range = key_range
+    def __init__(
+        self, key_range: KeyRange = FULL_KEYSPACE, skip: frozenset[Path] = frozenset()
+    ) -> None:
+        self._range, self._skip = key_range, skip
 
     def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
         return _relation_files(directory)
@@ -346,8 +375,8 @@ class _WholeFiles:
                 raise CorruptData(f"{path}: an earlier segment of this relation is incomplete")
             first = segno * RELSEG_SIZE
             start, stop = max(lo, first) - first, min(hi, first + size // BLCKSZ) - first
-            if start < stop or size % BLCKSZ:  # (_pages names a partial page)
-                for blkno, page in _pages(path, start, stop):
+            if (start < stop or size % BLCKSZ) and path not in self._skip:
+                for blkno, page in pages(path, start, stop):
                     sink.add(rel_block_key(spc, db, rel, fork, first + blkno), page)
             nblocks = first + size // BLCKSZ
         sink.add(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
@@ -406,6 +435,22 @@ class _InRange:
             raise _Stopped
         if self._range.start <= key < self._range.end:
             self._run.add(key, data)
+
+
+class _InGaps:
+    """The sink of an import whose big files are imported already (live_import.py): each
+    key goes to the run of the gap it is in; the keys between the gaps (the early files'
+    pages, not read) must not come."""
+
+    def __init__(self, runs: list[ImageRunWriter], gaps: list[KeyRange]) -> None:
+        self._runs, self._gaps, self._at = runs, gaps, 0
+
+    def add(self, key: Key, data: bytes) -> None:
+        while self._at < len(self._gaps) and key >= self._gaps[self._at].end:
+            self._at += 1
+        if self._at == len(self._gaps) or key < self._gaps[self._at].start:
+            raise CorruptData(f"import: key {key.hex()} of an early file came again")
+        self._runs[self._at].add(key, data)
 
 
 def _import_ranges(

@@ -1,0 +1,247 @@
+"""Import a data directory while it is still being written: its big relation files become
+image layers as they arrive, the rest once the directory is final.
+
+Why: `neon snapshot import --from basebackup://` unpacked the whole backup, had it recovered,
+then the pageserver read it back and wrote the image layers: two steps of about the same
+length one after the other. Most of a database's bytes are a few big relation files, which
+the CLI has whole long before the backup ends; their layers are written here meanwhile, while
+the pageserver would otherwise wait.
+
+The protocol is a journal next to the data directory, appended by the CLI (one line per
+event: pageserver/ingest/live_journal.py) and read here as it grows.
+
+Why the result is what a plain import of the final directory writes: an early file's layers
+hold its pages as they arrived (the extractor writes a file once, in order, and never
+rewrites it; only whole pages below its size are read). Once the directory is final, each
+early file must still have the inode, size and modification time it had once read;
+recovery rewrites pages in place, and its writes come hundreds of milliseconds after the
+extraction ended, well past the file system's timestamp granularity. Anything changed,
+missing or unexpected: the early layers are removed and the whole directory is imported as
+before. Else the rest of the keyspace (every
+key outside the early files' page ranges: sizes, directories, small relations, SLRU, control)
+is written at the import LSN by runs over the gaps between them, and the layers together
+tile the keyspace: reads happen at the import LSN, above both, and where no layer at the
+import LSN covers a key, the early layer below is its state there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pageserver.ingest.live_journal import MAGIC, file_key, journal_path
+from pageserver.pid_file import pid_alive
+from pageserver.storage.keys import FULL_KEYSPACE, KeyRange, rel_block_key
+from pageserver.storage.layers.image import ImageLayer, ImageRunWriter
+from pageserver.storage.timeline import Timeline
+from pg15.constants import BLCKSZ, RELSEG_SIZE
+from proto.errors import CorruptData, Unavailable
+
+POLL_SECONDS = 0.02
+_READ_BYTES = 1 << 20
+
+
+class _Journal:
+    """The pageserver's end: whole lines as they are appended; fails when the writer says so
+    or is gone."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._f = path.open("rb")
+        self._buf = b""
+        header = self._wait_line(None)
+        magic, _, pid = header.rpartition(" ")
+        if magic != MAGIC or not pid.isdigit():
+            raise CorruptData(f"{path} is not a live import journal")
+        self._pid = int(pid)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _wait_line(self, pid: int | None) -> str:
+        while b"\n" not in self._buf:
+            if not self._read_more():
+                self._check_writer(pid)
+                time.sleep(POLL_SECONDS)
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace")
+
+    def _read_more(self) -> bool:
+        more = self._f.read(65536)
+        self._buf += more
+        return bool(more)
+
+    def _check_writer(self, pid: int | None) -> None:
+        """Raise if the writer gave up (a `failed` line, maybe behind lines not yet taken)
+        or is gone."""
+        if b"\nfailed\n" in b"\n" + self._buf:
+            raise Unavailable(f"the import through {self._path} was given up by its writer")
+        if pid is not None and not pid_alive(pid):
+            raise Unavailable(f"the process importing through {self._path} is gone")
+
+    def next(self) -> str:
+        """The next event line; `done` is the last."""
+        line = self._wait_line(self._pid)
+        if line == "failed":
+            raise Unavailable(f"the import through {self._path} was given up by its writer")
+        return line
+
+    def pages(self, path: Path, size: int) -> Iterator[tuple[int, bytes]]:
+        """(block, page) of every not-all-zero page of the file being written at `path`, as
+        its first `size` bytes arrive: only whole pages below its current size are read (the
+        extractor writes each file once, in order, so those bytes are final). A file that
+        is not there yet is waited for; one that is not a regular file, or ends short of
+        `size` (its writer moved on), ends early: `unchanged` then refuses it."""
+        fd = None
+        try:
+            while fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    self._wait()
+                except OSError:
+                    return  # a link or worse
+            if not _regular(os.fstat(fd)):
+                return
+            zero = bytes(BLCKSZ)
+            done = 0
+            while done < size:
+                have = min(os.fstat(fd).st_size, size) // BLCKSZ * BLCKSZ
+                if have <= done:
+                    self._wait()
+                    continue
+                chunk = os.pread(fd, min(have - done, _READ_BYTES), done)
+                if len(chunk) % BLCKSZ or not chunk:
+                    return
+                for at in range(0, len(chunk), BLCKSZ):
+                    page = chunk[at : at + BLCKSZ]
+                    if page != zero:
+                        yield (done + at) // BLCKSZ, page
+                done += len(chunk)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _wait(self) -> None:
+        self._read_more()
+        self._check_writer(self._pid)
+        time.sleep(POLL_SECONDS)
+
+
+def _regular(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o100000
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_size, b.st_mtime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyFile:
+    path: Path
+    key_range: KeyRange
+    """Its pages' keys: [its first block, its last block + 1)."""
+    stat: os.stat_result
+    """As it was once read: the file must be unchanged when the directory is final."""
+
+
+class EarlyImport:
+    """The early layers of a live import (see the module docstring)."""
+
+    def __init__(self, lsn: int) -> None:
+        self.lsn = lsn
+        self.files: list[EarlyFile] = []
+        self.layers: list[ImageLayer] = []
+        self._runs: list[ImageRunWriter] = []
+        self._spoiled = False
+
+    def unchanged(self, lsn: int) -> bool:
+        """Whether the early layers can stand for the final directory imported at `lsn`."""
+        if self.lsn >= lsn or self._spoiled:
+            return False
+        for f in self.files:
+            try:
+                st = f.path.lstat()
+            except OSError:
+                return False
+            if not _same(st, f.stat):
+                return False
+        return True
+
+    def gaps(self) -> list[KeyRange]:
+        """The keyspace outside the early files' page ranges, in order."""
+        out, start = [], FULL_KEYSPACE.start
+        for f in sorted(self.files, key=lambda f: f.key_range.start):
+            if start < f.key_range.start:
+                out.append(KeyRange(start, f.key_range.start))
+            start = f.key_range.end
+        if start < FULL_KEYSPACE.end:
+            out.append(KeyRange(start, FULL_KEYSPACE.end))
+        return out
+
+    @property
+    def paths(self) -> frozenset[Path]:
+        return frozenset(f.path for f in self.files)
+
+    def abort(self) -> None:
+        """Remove every early layer (published or not)."""
+        for run in self._runs:
+            run.abort()
+        self._runs, self.layers, self.files = [], [], []
+
+    def _add(
+        self, timeline: Timeline, journal: _Journal, path: Path, size: int,
+        key: tuple[int, int, int, int, int],
+    ) -> None:  # fmt: skip
+        spc, db, rel, fork, segno = key
+        first = segno * RELSEG_SIZE
+        key_range = KeyRange(
+            rel_block_key(spc, db, rel, fork, first),
+            rel_block_key(spc, db, rel, fork, first + size // BLCKSZ),
+        )
+        if any(f.key_range.start < key_range.end and key_range.start < f.key_range.end
+               for f in self.files):  # fmt: skip
+            return  # announced twice: imported with the rest
+        run = ImageRunWriter(timeline.directory, self.lsn, timeline.settings, timeline.cache,
+                             key_range)  # fmt: skip
+        self._runs.append(run)
+        for blkno, page in journal.pages(path, size):
+            run.add(rel_block_key(spc, db, rel, fork, first + blkno), page)
+        self.layers += run.finish()
+        try:
+            st = path.lstat()
+        except OSError:
+            self._spoiled = True
+            return
+        if st.st_size != size:
+            self._spoiled = True  # not the file announced: `unchanged` refuses them all
+        self.files.append(EarlyFile(path, key_range, st))
+
+
+def receive_early(timeline: Timeline, datadir: Path) -> EarlyImport | None:
+    """Follow the journal of `datadir` until it says `done`, importing each announced file as
+    it is complete; None when nothing was imported early. On any error the early layers are
+    removed."""
+    journal = _Journal(journal_path(datadir))
+    early: EarlyImport | None = None
+    try:
+        while (line := journal.next()) != "done":
+            kind, _, rest = line.partition(" ")
+            if kind == "lsn" and early is None:
+                early = EarlyImport(int(rest, 16))
+            elif kind == "file" and early is not None:
+                size, _, name = rest.partition(" ")
+                key = file_key(name)
+                if key is None or not size.isdigit() or int(size) % BLCKSZ:
+                    continue
+                early._add(timeline, journal, datadir / name, int(size), key)
+    except BaseException:
+        if early is not None:
+            early.abort()
+        raise
+    finally:
+        journal.close()
+    return early if early is not None and early.files else None

@@ -1,0 +1,215 @@
+"""A live import (pageserver/ingest/live_import.py): big relation files written as image
+layers while the directory is still being filled, the rest once it is final. The result is
+the state a plain import of the final directory gives (equal basebackup tars), the layers
+tile the keyspace, a file changed after it was read (as recovery rewrites pages) falls back
+to the plain import, and a writer that gives up or dies leaves no layer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import itertools
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pageserver.basebackup.sources import TimelineSource
+from pageserver.basebackup.tar_stream import basebackup_chunks
+from pageserver.ingest import import_datadir as imp
+from pageserver.ingest.live_journal import JOURNAL_NAME, JournalWriter, early_candidate
+from pageserver.storage.keys import KEY_MAX, KEY_MIN, rel_block_key
+from pageserver.storage.layers.image import ImageLayer
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID
+from proto.errors import Unavailable
+from tests.pageserver.ingest.test_import_threads import (
+    BIG_PAGES,
+    BIG_RELNODE,
+    SETTINGS,
+    big_db,
+    big_file,
+    datadir,  # noqa: F401 (the fixture)
+    imported_tar,
+)
+
+Writer = Callable[[JournalWriter, Path, Path, Timeline], None]
+
+
+def live_import(source: Path, tmp_path: Path, write: Writer) -> tuple[str, list[ImageLayer], int]:
+    """Import `source` live: `write` fills `pgdata` (from `source`) and the journal while
+    import_datadir runs on its own thread. SHA-256 of the snapshot's basebackup tar, the
+    layers (checked to tile the keyspace) and the import LSN."""
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    pgdata = work / "pgdata"
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        journal = JournalWriter(pgdata)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(imp.import_datadir, timeline, pgdata)
+            try:
+                write(journal, source, pgdata, timeline)
+            finally:
+                journal.failed()  # no-op once done
+            lsn = future.result(timeout=120)
+        layers = sorted(timeline.layer_map().layers(), key=lambda x: x.name.key_range.start)
+        assert all(isinstance(x, ImageLayer) for x in layers)
+        assert layers[0].name.key_range.start == KEY_MIN
+        assert layers[-1].name.key_range.end == KEY_MAX
+        for before, after in itertools.pairwise(layers):
+            assert before.name.key_range.end == after.name.key_range.start
+        _info, chunks = basebackup_chunks(TimelineSource(timeline, lsn), lsn, now=0)
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
+        return digest.hexdigest(), [x for x in layers if isinstance(x, ImageLayer)], lsn
+    finally:
+        store.close()
+
+
+def early_lsn(source: Path) -> int:
+    return imp.import_lsn_of(source) - 0x1000
+
+
+def announce_and_copy(journal: JournalWriter, source: Path, pgdata: Path) -> str:
+    """As the CLI does: the LSN, then each big file announced before it is written."""
+    journal.lsn(early_lsn(source))
+    name = str(big_file(source).relative_to(source))
+    journal.file(BIG_PAGES * BLCKSZ, name)
+    shutil.copytree(source, pgdata, symlinks=True)
+    return name
+
+
+def wait_for_layer_at(timeline: Timeline, lsn: int) -> None:
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(f"__{lsn:016X}") for p in timeline.directory.iterdir()):
+        assert time.monotonic() < deadline, "no early layer was written"
+        time.sleep(0.01)
+
+
+def test_big_files_are_imported_early_and_the_state_is_the_same(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        announce_and_copy(journal, source, pgdata)
+        wait_for_layer_at(timeline, early_lsn(source))  # written before the directory is final
+        journal.done()
+
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {early_lsn(datadir), lsn}
+    early = [x.name.key_range for x in layers if x.lsn == early_lsn(datadir)]
+    db = big_db(datadir)
+    assert early[0].start == rel_block_key(DEFAULTTABLESPACE_OID, db, BIG_RELNODE, 0, 0)
+    assert early[-1].end == rel_block_key(DEFAULTTABLESPACE_OID, db, BIG_RELNODE, 0, BIG_PAGES)
+    assert not (tmp_path / "live" / "work" / JOURNAL_NAME).read_text().count("failed")
+
+
+def test_a_file_changed_after_it_was_read_is_imported_as_final(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Recovery rewrites a page of an early file: the early layers go, the final directory is
+    imported whole (its state, not the one read early)."""
+    final = tmp_path / "final"
+    shutil.copytree(datadir, final, symlinks=True)
+    with open(big_file(final), "r+b") as f:
+        f.seek(5 * BLCKSZ)
+        f.write(bytes(8) + b"\x5a" * (BLCKSZ - 8))
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        announce_and_copy(journal, source, pgdata)
+        wait_for_layer_at(timeline, early_lsn(source))
+        time.sleep(0.02)  # past the file system's timestamp granularity, as recovery is
+        with open(big_file(pgdata), "r+b") as f:
+            f.seek(5 * BLCKSZ)
+            f.write(bytes(8) + b"\x5a" * (BLCKSZ - 8))
+        journal.done()
+
+    plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {lsn}
+    assert not [p for p in (tmp_path / "live" / "store").rglob(f"*__{early_lsn(datadir):016X}")]
+
+
+@pytest.mark.parametrize("how", ["failed", "died"])
+def test_a_writer_that_gives_up_or_dies_leaves_no_layer(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+    how: str,
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    pgdata = work / "pgdata"
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        journal = JournalWriter(pgdata)
+        if how == "died":  # a writer process that is gone (SIGKILL): its journal header
+            journal.close()
+            child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                   capture_output=True, text=True, check=True)  # fmt: skip
+            (work / JOURNAL_NAME).write_text(f"neon-live-import 1 {child.stdout.strip()}\n")
+            with open(work / JOURNAL_NAME, "a") as f:
+                f.write(f"lsn {early_lsn(datadir):X}\n")
+                f.write(f"file {BIG_PAGES * BLCKSZ} {big_file(datadir).relative_to(datadir)}\n")
+            shutil.copytree(datadir, pgdata, symlinks=True)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(imp.import_datadir, timeline, pgdata)
+            if how == "failed":
+                announce_and_copy(journal, datadir, pgdata)
+                wait_for_layer_at(timeline, early_lsn(datadir))
+                journal.failed()
+            with pytest.raises(Unavailable, match="given up" if how == "failed" else "is gone"):
+                future.result(timeout=120)
+        assert not list(timeline.layer_map().layers())
+        assert not [p for p in timeline.directory.iterdir() if "__" in p.name]
+    finally:
+        store.close()
+
+
+def test_which_members_are_announced() -> None:
+    big = 64 * 1024 * 1024
+    assert early_candidate("base/16384/16396", big)
+    assert early_candidate("./base/16384/16396.1", big)
+    assert early_candidate("global/1262_vm", big)
+    assert not early_candidate("base/16384/16396", big - BLCKSZ)  # small: with the rest
+    assert not early_candidate("base/16384/16396", big + 100)  # not whole pages
+    assert not early_candidate("base/16384/pg_filenode.map", big)
+    assert not early_candidate("base/16384/t3_16396", big)  # temporary
+    assert not early_candidate("pg_tblspc/16500/PG_15_202209061/5/16396", big)
+    assert not early_candidate("base/16384/../16396", big)
+
+
+def test_a_file_is_read_as_it_grows(datadir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The big file arrives in pieces that end inside pages, slowly: only whole pages below
+    its size are read, and the state is the plain import's."""
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        journal.lsn(early_lsn(source))
+        big = big_file(source)
+        journal.file(BIG_PAGES * BLCKSZ, str(big.relative_to(source)))
+        shutil.copytree(source, pgdata, symlinks=True, ignore=lambda d, names: [
+            n for n in names if Path(d) / n == big
+        ])  # fmt: skip
+        data = big.read_bytes()
+        with open(big_file(pgdata), "wb", buffering=0) as f:
+            for at in range(0, len(data), 3_000_001):
+                f.write(data[at : at + 3_000_001])
+                time.sleep(0.01)
+        journal.done()
+
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {early_lsn(datadir), lsn}
