@@ -58,8 +58,9 @@ class _Cursor:
     def _key(self) -> Key:
         return self.file.key_at(self.i) if self.i < self.n else _PAST_END
 
-    def versions(self, key: Key) -> tuple[bytes, int, list[bytes]] | None:
-        """(entries, first block, blocks) of `key`, or None if the layer does not hold it."""
+    def versions(self, key: Key, floor: int, lsn: int) -> tuple[bytes, int, list[bytes]] | None:
+        """(entries, first block, blocks) of `key`'s versions in (floor, lsn], or None if the
+        layer holds none."""
         if self.next > key:
             return None
         f = self.file
@@ -68,12 +69,14 @@ class _Cursor:
             self.next = self._key()
             if self.next != key:
                 return None
-        raw, first, last = f.key_versions_raw(self.i)
+        raw, first, last = f.key_versions_raw(self.i, floor, lsn)
         self.i += 1
         self.next = self._key()
+        if not raw:
+            return None
         held = self.blocks
         blocks = [held[b] if b in held else f.read_block(b) for b in range(first, last + 1)]
-        self.blocks = {last: blocks[-1]} if blocks else {}
+        self.blocks = {last: blocks[-1]}
         return raw, first, blocks
 
 
@@ -124,7 +127,7 @@ def rebuild_range(
             cursor = image_cursors.get(id(image))
             if cursor is None:
                 cursor = image_cursors[id(image)] = _Cursor(image, tiles[t][0].start)
-            held = cursor.versions(key)
+            held = cursor.versions(key, -1, image.lsn)
             if held is not None:
                 raw, first, blocks = held
                 if len(raw) != 21 or raw[_ENTRY_TAG] != TAG_IMAGE:
@@ -137,7 +140,7 @@ def rebuild_range(
             # blocks are not decompressed (images are written partition by partition, so
             # most of a range's keys have newer images than the oldest one).
             if cursor.next <= key and cursor.lsn_end > floor_plus_one:
-                held = cursor.versions(key)
+                held = cursor.versions(key, floor_plus_one - 1, lsn)
                 if held is not None:
                     parts.append((*held, floor_plus_one))
         value = native.rebuild_page(key, lsn, parts, image is not None or root)

@@ -345,15 +345,25 @@ class LayerFile:
                 lsn, tag = unpack.unpack_from(m, at + last * size)
                 yield Key(key), lsn, tag
 
-    def key_versions_raw(self, i: int) -> tuple[bytes, int, int]:
+    def key_versions_raw(
+        self, i: int, floor: int = -1, lsn: int | None = None
+    ) -> tuple[bytes, int, int]:
         """The version entries of key number i as stored (21 bytes each, see the module
-        docstring) and the first and last block they reference (-1, -2 if none): for the C
-        chain redo, which reads them itself (`_redo.rebuild_page`)."""
+        docstring) with LSNs in (floor, lsn] (lsn None: no upper bound), and the first and
+        last block they reference (-1, -2 if none): for the C chain redo, which reads them
+        itself (`_redo.rebuild_page`). The bounds spare the reader the blocks of versions it
+        would skip: an L1 layer spans hundreds of MiB of WAL, a read at a random LSN needs
+        its versions up to that LSN only, and those above the key's image not at all."""
         versions = self.versions_of(i)
-        if not versions:
+        start, stop = versions.start, versions.stop
+        if floor >= 0:
+            start = self.last_at_or_below(versions, floor) + 1
+        if lsn is not None:
+            stop = self.last_at_or_below(versions, lsn) + 1
+        if start >= stop:
             return b"", -1, -2
         at, size = self._versions_at, _VERSION_ENTRY.size
-        raw = self._map[at + versions.start * size : at + versions.stop * size]
+        raw = self._map[at + start * size : at + stop * size]
         first = _VERSION_BLOCK.unpack_from(raw, 9)[0]
         last = _VERSION_BLOCK.unpack_from(raw, len(raw) - size + 9)[0]
         return raw, first, last

@@ -6,7 +6,9 @@ branch with versions of its own; a range only partly under image layers is read 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,14 @@ from pageserver.reconstruct.range_reads import image_tiles, rel_pages
 from pageserver.reconstruct.range_rebuild import rebuild_keys
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.compaction import create_image_layers
-from pageserver.storage.keys import Key, KeyRange, database_range, key_successor, rel_block_key
+from pageserver.storage.keys import (
+    Key,
+    KeyRange,
+    database_range,
+    key_successor,
+    parse_rel_block_key,
+    rel_block_key,
+)
 from pageserver.storage.layers.blocks import LayerFile
 from pageserver.storage.layers.image import ImageLayerWriter
 from pageserver.storage.settings import StoreSettings
@@ -195,3 +204,49 @@ def test_keys_under_a_newer_image_than_the_oldest_are_neither_slow_nor_redone(
     inside = timeline.get_keys(part, at)
     assert len(inside) > 10 and outside
     assert rebuilt(inside + outside) == rebuilt(outside)
+
+
+def test_a_bulk_read_decompresses_each_image_block_once(
+    history: tuple[TimelineStore, Timeline, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of blocks with slow keys is rebuilt whole (the keys only images hold too): the
+    images' blocks are decompressed by the rebuild alone, not by a scan beside it."""
+    _store, timeline, lsn0, end = history
+    timeline.freeze_and_flush()  # every key in the files: the rebuild reads them all
+    whole = database_range(1663, 5)
+    # An image of the whole database early in the workload, read later: the pages the
+    # workload changed in between are both slow and held by that image.
+    imaged, at = lsn0 + (end - lsn0) // 8, lsn0 + (end - lsn0) * 3 // 8
+    writer = ImageLayerWriter(timeline.directory, whole, imaged, timeline.settings)
+    for key in timeline.get_keys(whole, imaged):
+        writer.add(key, materialize(timeline, key, imaged))
+    timeline.replace_layers(add=[writer.finish(timeline.cache)], remove=[])
+    plan = timeline.plan_range_read(whole, at)
+    assert plan is not None and plan.slow
+    images = {image.path for image in plan.images}
+    reads: list[tuple[Path, int]] = []
+    real = LayerFile._block
+
+    def counting(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+        if self.path in images:
+            reads.append((self.path, b))
+        return real(self, b, use_cache=use_cache)
+
+    slow_values = partial(rebuild_keys, timeline, at, timeline.persistent_view(whole, at))
+    # The fork with the most slow keys that images hold too.
+    held = {key for piece, image in image_tiles(whole, plan.images) for key, _ in image.scan(piece)}
+    counts = Counter(key[:-4] for key in plan.slow & held if parse_rel_block_key(key))
+    prefix, n = counts.most_common(1)[0]
+    assert n > 3
+    rel, fork = next(
+        (r, f) for r, f in list_rels(timeline, 1663, 5, at)
+        if rel_block_key(1663, 5, r, f, 0)[:-4] == prefix
+    )  # fmt: skip
+    nblocks = get_rel_size(timeline, 1663, 5, rel, fork, at) or 0
+    monkeypatch.setattr(LayerFile, "_block", counting)
+    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, at, slow_values))
+    monkeypatch.undo()
+    assert got == [
+        materialize(timeline, rel_block_key(1663, 5, rel, fork, b), at) for b in range(nblocks)
+    ]
+    assert reads and len(reads) == len(set(reads))
