@@ -90,8 +90,10 @@ def _number(field: bytes, what: str) -> int:
 def _checksum_ok(block: bytes) -> bool:
     stored = _number(block[148:156], "checksum")
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored == unsigned:
+        return True  # the usual case: the signed sum, byte by byte in Python, is not needed
     signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b & 0x80)
-    return stored in (unsigned, signed)  # old tars summed signed chars
+    return stored == signed  # old tars summed signed chars
 
 
 def _text(field: bytes) -> str:

@@ -53,11 +53,18 @@ class DeltaForks:
         self.parent = parent
         self.whole_copies = whole_copies
         self.changed: dict[Fork, set[int]] = defaultdict(set)
+        self.resized: set[Fork] = set()
+        """Forks whose size key may differ: any other is as long at the parent as here (a
+        fork's size is its size key's value, which only a version in the windows changes)."""
         if keys is None:
             keys = keys_changed(parent, ReadPoint(source.timeline, source.lsn))
         for key in keys:
             f = key_fields(key)
-            if f.field4 != 0 and f.field6 != _SIZE_MARKER:
+            if f.field4 == 0:
+                continue
+            if f.field6 == _SIZE_MARKER:
+                self.resized.add((f.field2, f.field3, f.field4, f.field5))
+            else:
                 self.changed[(f.field2, f.field3, f.field4, f.field5)].add(f.field6)
         self.delta_tar_bytes = 0
         """Tar bytes of the fork members written so far."""
@@ -72,19 +79,22 @@ class DeltaForks:
     def fork_members(
         self, path: str, spc: int, db: int, rel: int, fork: int, nblocks: int, mtime: int
     ) -> Iterator[bytes]:
-        before = get_rel_size(self.parent.timeline, spc, db, rel, fork, self.parent.lsn) or 0
         if self.whole_copies and path != relation_file_name(spc, db, rel, fork):
             before = 0
+        elif (spc, db, rel, fork) in self.resized:
+            before = get_rel_size(self.parent.timeline, spc, db, rel, fork, self.parent.lsn) or 0
+        else:  # one read of the page store less per fork: most forks of a delta are unchanged
+            before = nblocks
         grown_from = min(before, nblocks)
         written = sorted(b for b in self.changed.get((spc, db, rel, fork), ()) if b < grown_from)
         pages = len(written) + nblocks - grown_from
         size = fork_member_size(pages)
         name = delta_member_name(path)
-        self.delta_tar_bytes += len(tar_header(name, size, mtime)) + _padded(size)
+        self.delta_tar_bytes += tar_header_size(name, size, mtime) + _padded(size)
         for segno in range(max(1, -(-nblocks // RELSEG_SIZE))):
             seg_size = min(nblocks - segno * RELSEG_SIZE, RELSEG_SIZE) * BLCKSZ
             seg_name = path + (f".{segno}" if segno else "")
-            self.whole_tar_bytes += len(tar_header(seg_name, seg_size, mtime)) + seg_size
+            self.whole_tar_bytes += tar_header_size(seg_name, seg_size, mtime) + seg_size
         self.pages += pages
         runs = [
             *_runs(written),
@@ -110,6 +120,22 @@ class DeltaForks:
                     batch = []
         if batch:
             yield b"".join(batch)
+
+
+_USTAR_HEADER = 512
+_USTAR_NAME = 100
+_USTAR_NUMBER = 8**11
+"""A ustar header holds a name of up to 100 ASCII characters and sizes and times below 8**11
+(12-byte octal fields); tarfile's PAX format adds an extended header only beyond those."""
+
+
+def tar_header_size(name: str, size: int, mtime: int) -> int:
+    """len(tar_header(name, size, mtime)), without building it where it is one ustar block
+    (every relation file's name and size): counted for every fork of every delta."""
+    fits = 0 <= size < _USTAR_NUMBER and 0 <= mtime < _USTAR_NUMBER
+    if fits and name.isascii() and len(name) <= _USTAR_NAME:
+        return _USTAR_HEADER
+    return len(tar_header(name, size, mtime))
 
 
 def _runs(blocks: list[int]) -> Iterator[tuple[int, int]]:

@@ -7,6 +7,7 @@ error for a parent found nowhere."""
 from __future__ import annotations
 
 import io
+import stat
 import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli.delta_apply import DeltaApplier
+from cli.pgbin import pg_os_user
 from cli.snapshot_file_source import missing_parent, resolve_chain
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import CorruptData
@@ -110,6 +112,21 @@ def test_segments_follow_the_fork_size(parent: Path) -> None:
     assert rel.stat().st_size == RELSEG_SIZE * BLCKSZ
     assert rel.with_name("100.1").read_bytes() == page(9)
     assert not rel.with_name("100.2").exists()
+
+
+def test_fork_files_end_up_private_whoever_left_them(parent: Path) -> None:
+    """A segment file a killed run created (or anyone left) with other permissions or owner
+    is made PostgreSQL's (as root) with mode 0600, although only some of its pages change:
+    the applier hands over only files not so already, and must not miss one."""
+    rel = parent / "base" / "5" / "100"
+    rel.chmod(0o644)
+    apply(parent, delta_tar([("neon-delta/base/5/100", fork_data(4, {0: page(9)}))]))
+    st = rel.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    user = pg_os_user()
+    if user is not None:
+        assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
+    assert rel.read_bytes() == page(9) + page(1) * 3
 
 
 REL = "neon-delta/base/5/100"
