@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import json_line, machine_info, mib, print_machine, print_table, say
+from bench.import_export import compiled_python
 from bench.pyspy import recording, summary, wrapped
 from cli.context import App
 from cli.hints_mark import HINTS_MARK
@@ -254,11 +255,10 @@ def report(r: dict[str, Any]) -> None:
 
 
 def installed_bytecode(neon: NeonCli, cache: Path) -> None:
-    """Run the CLI with cached bytecode, as an installed package has it (pip compiles it),
-    whatever PYTHONDONTWRITEBYTECODE says here: compiling every module on every run added a
-    quarter of a second to each command. The cache is in the scratch directory, filled once
-    before anything is timed."""
-    neon.env_extra.update(PYTHONDONTWRITEBYTECODE="", PYTHONPYCACHEPREFIX=str(cache))
+    """Run the CLI with cached bytecode (bench.import_export's compiled_python), filled once
+    before anything is timed: compiling every module on every run added a quarter of a
+    second to each command."""
+    neon.env_extra.update(compiled_python(cache))
     warm = "import cli.main, cli.pg_commands, cli.snapshot_commands, cli.pitr_commands"
     subprocess.run([sys.executable, "-c", warm], env=neon.env(), check=True)
 
