@@ -41,6 +41,7 @@ from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
 from pageserver.storage.compaction import CompactionCancelled, CompactionTotals, compact
+from pageserver.storage.layers import native as _layers_native
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -311,7 +312,7 @@ class NodeStore:
         the records before it are ingested (as decoding them one by one would)."""
         if self._state is None:
             return []
-        if _ingest_native.walingest is None:
+        if _ingest_native.walingest is None or _layers_native.inmem is None:
             records = decode_records(batch)
             self.ingest_batch(records, [raw.data for raw in batch])
             return records
