@@ -27,6 +27,7 @@ from typing import Any, Protocol, cast
 
 from cli.context import App
 from cli.delta_import import parent_here
+from cli.live_import import LiveImport
 from cli.pageserver_control import local_api
 from cli.progress import Progress
 from cli.snapshot_commands import check_new_import, native_storage_path, register_import
@@ -37,7 +38,7 @@ from cli.snapshot_file_source import (
     unpack_delta,
     unpack_snapshot_stream,
 )
-from cli.snapshot_import import import_workdir, is_clean_datadir, origin_of
+from cli.snapshot_import import import_workdir, is_clean_datadir
 from cli.transport.base import ObjectInfo, check_object_name
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import (
@@ -50,7 +51,7 @@ from pageserver_api.models import (
 from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import encode_manifest, snapshot_manifest
+from snapfile.manifest import encode_manifest, origin_of, snapshot_manifest
 
 FILE_SUFFIX = ".neon"
 
@@ -251,27 +252,38 @@ class Receiver:
         counted = _Counted(chunks, progress)
         label = f"the pushed {file_name}"
         with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
-            register = await self._unpack(counted.chunks(), label, name, workdir)
-            async with self._commit:
-                self.tokens.check(token)  # another push with it may have finished meanwhile
-                snap = await asyncio.to_thread(register)
-                next_token = self.tokens.consume(token)
+            live: LiveImport[SnapshotInfo] = LiveImport(
+                workdir / "pgdata",
+                lambda pgdata, origin: register_import(
+                    self.api, name, pgdata, self.storage_path, origin
+                ),
+            )
+            with live:  # a whole file is imported as it comes; named only under the lock
+                register = await self._unpack(counted.chunks(), label, name, workdir, live)
+                async with self._commit:
+                    self.tokens.check(token)  # another push with it may have finished meanwhile
+                    snap = await asyncio.to_thread(register)
+                    next_token = self.tokens.consume(token)
         return Received(snap, counted.bytes, time.monotonic() - started, next_token)
 
     async def _unpack(
-        self, chunks: AsyncIterator[bytes], label: str, name: str, workdir: Path
-    ) -> Callable[[], SnapshotInfo]:
+        self, chunks: AsyncIterator[bytes], label: str, name: str, workdir: Path,
+        live: LiveImport[SnapshotInfo],
+    ) -> Callable[[], SnapshotInfo]:  # fmt: skip
         """Extract the pushed `.neon` file into `workdir`; return what imports it as `name`.
-        A whole file is a data directory to import; a delta on a snapshot received here
-        before is imported on a branch of it, writing only what changed."""
+        A whole file is a data directory, imported by `live` as it arrives (its end: once
+        the directory checked out); a delta on a snapshot received here before is imported
+        on a branch of it, writing only what changed."""
         head, first = await peek_manifest(chunks, label)
         rest = chained(first, chunks)
         parent = None if head is None else SnapshotIdentity.parent_of(head)
         if head is None or parent is None:
             pgdata = workdir / "pgdata"
-            manifest = await unpack_snapshot_stream(rest, label, pgdata, head)
+            manifest = await unpack_snapshot_stream(rest, label, pgdata, head, live)
             if not is_clean_datadir(pgdata):
                 raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
+            if live.begun:
+                return live.finish
             return functools.partial(
                 register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
             )

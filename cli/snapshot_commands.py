@@ -192,26 +192,24 @@ def import_snapshot(
     """Import `source` (see cli/snapshot_import.py) as the bare-named snapshot `name` in the
     native storage `storage`; nothing is visible unless the whole import succeeded."""
     from cli.delta_import import parent_here
-    from cli.snapshot_import import (
-        import_while_fetching,
-        import_workdir,
-        is_server_source,
-        prepare_clean_datadir,
-    )
+    from cli.live_import import LiveImport
+    from cli.snapshot_import import import_workdir, prepare_clean_datadir
 
     storage_path = import_target(app, name, storage)
     api = local_api(app)
     try:
         with import_workdir(storage_path) as workdir:
-            if is_server_source(source):  # imported as it arrives
-                return import_while_fetching(
+            live: LiveImport[SnapshotInfo] = LiveImport(
+                workdir / "pgdata",
+                lambda pgdata, origin: register_import(api, name, pgdata, storage_path, origin),
+            )
+            with live:  # a server's backup and a whole .neon file are imported as they come
+                clean = prepare_clean_datadir(
                     source, storage_path, workdir, progress, tablespace_mapping,
-                    lambda pgdata: register_import(api, name, pgdata, storage_path),
+                    parent_here=functools.partial(parent_here, api), live=live,
                 )  # fmt: skip
-            clean = prepare_clean_datadir(
-                source, storage_path, workdir, progress, tablespace_mapping,
-                parent_here=functools.partial(parent_here, api),
-            )  # fmt: skip
+                if live.begun:
+                    return live.finish()
             if clean.delta_on is not None:  # the delta goes on a branch of its parent here
                 assert clean.origin is not None
                 request = SnapshotImportDeltaRequest(

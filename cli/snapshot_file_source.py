@@ -28,17 +28,19 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cli.delta_apply import DeltaApplier
+from cli.live_import import LiveImport, announced
 from cli.progress import Progress
 from cli.transport import is_transport_url, parse_location
-from cli.transport.base import Location, Store, read_object
+from cli.transport.base import Location, ObjectInfo, Store, read_object
 from cli.untar import extract_stream
 from pg15.constants import PG_MAJOR_VERSION
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
-from snapfile.manifest import Manifest, decode_manifest
+from snapfile.manifest import Manifest, decode_manifest, origin_of
 from snapfile.reader import (
     ManifestRead,
     ReaderEvent,
@@ -185,16 +187,19 @@ async def chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterat
         yield chunk
 
 
-async def snapshots_in(store: Store) -> dict[str, Manifest]:
+async def snapshots_in(
+    store: Store, listing: list[ObjectInfo] | None = None
+) -> dict[str, Manifest]:
     """The manifest of every `.neon` file in `store`, by object name (a small read of each
-    file's head; other objects are skipped)."""
+    file's head; other objects are skipped); `listing`: what `store.list()` just returned."""
     gate = asyncio.Semaphore(HEAD_READS)
 
     async def head(name: str) -> tuple[str, Manifest | None]:
         async with gate:
             return name, await read_head(store, name)
 
-    objects = [o for o in await store.list() if o.name.endswith(".neon")]
+    listed = await store.list() if listing is None else listing
+    objects = [o for o in listed if o.name.endswith(".neon")]
     described = {o.name: o.described for o in objects if o.described is not None}
     names = [o.name for o in objects if o.name not in described]
     heads = await asyncio.gather(*(head(name) for name in names))
@@ -251,19 +256,24 @@ class Unpacked:
 
 
 async def unpack_snapshot_file(
-    source: str, pgdata: Path, progress: Progress, parent_here: ParentHere | None = None
+    source: str,
+    pgdata: Path,
+    progress: Progress,
+    parent_here: ParentHere | None = None,
+    live: LiveImport[Any] | None = None,
 ) -> Unpacked:
     """Extract the `.neon` file at `source` (a path or a URL of any transport: file, ssh,
     http(s), s3) into `pgdata`. A delta whose parent this home holds (`parent_here`) is
     extracted as it is; any other delta is applied on its parents, read from the same store.
-    Nothing is left in `pgdata` that the caller may use unless this returns."""
+    A whole file begins `live` (cli/live_import.py). Nothing is left in `pgdata` that the
+    caller may use unless this returns."""
     location = parse_location(source)
     chunks = read_object(location, progress.update)
     head, first = await peek_manifest(chunks, location.url)
     parent = None if head is None else SnapshotIdentity.parent_of(head)
     if head is None or parent is None:
         rest = chained(first, chunks)
-        return Unpacked(await unpack_snapshot_stream(rest, location.url, pgdata, head))
+        return Unpacked(await unpack_snapshot_stream(rest, location.url, pgdata, head, live))
     base = None if parent_here is None else await parent_here(parent)
     if base is not None:
         await unpack_delta(chained(first, chunks), location.url, pgdata, head)
@@ -340,11 +350,16 @@ async def apply_delta_stream(
 
 
 async def unpack_snapshot_stream(
-    chunks: AsyncIterator[bytes], label: str, pgdata: Path, expected: Manifest | None = None
+    chunks: AsyncIterator[bytes],
+    label: str,
+    pgdata: Path,
+    expected: Manifest | None = None,
+    live: LiveImport[Any] | None = None,
 ) -> Manifest:
     """Extract the `.neon` file arriving as `chunks` (`label` names it in errors) into
     `pgdata`; return its manifest, once the whole file checked out (the one `expected`, when
-    its head was read before)."""
+    its head was read before). A whole file begins `live` at its LSN, and its big relation
+    files are announced to it as they come (cli/live_import.py)."""
     seen: list[Manifest] = []
     expect = expect_manifest(label, expected)
 
@@ -352,8 +367,13 @@ async def unpack_snapshot_stream(
         expect(manifest)
         check_manifest(manifest, label)
         seen.append(manifest)
+        if live is not None and manifest.parent is None:
+            live.begin(manifest.lsn, origin_of(manifest))
 
-    await extract_stream(verified_tar(chunks, label, on_manifest), pgdata)
+    tar: AsyncIterator[bytes | memoryview] = verified_tar(chunks, label, on_manifest)
+    if live is not None:
+        tar = announced(tar, live, backup_label=False)
+    await extract_stream(tar, pgdata)
     [manifest] = seen
     check_control(pgdata, manifest, label)
     return manifest

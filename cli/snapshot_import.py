@@ -27,19 +27,17 @@ manifest already stops its WAL there. The shutdown checkpoint adds no change to 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import zstandard
@@ -57,6 +55,7 @@ from cli.backup_tablespaces import (
     take_tablespace_map,
     write_tablespace_locations,
 )
+from cli.live_import import LiveImport, announced
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from cli.progress import Progress
 from cli.snapshot_file_source import (
@@ -68,14 +67,12 @@ from cli.snapshot_file_source import (
 from cli.storages import mask_url
 from cli.tablespace_mapping import check_mapped, mapped
 from cli.tablespace_settings import in_place_tablespace_settings
-from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from cli.untar import extract_basebackup, extract_stream
-from pageserver.ingest.live_journal import JournalWriter, early_candidate
 from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
-from snapfile.manifest import Manifest, encode_manifest
+from snapfile.manifest import origin_of
 from walreceiver.base_backup import (
     BackupArchive,
     BaseBackupOptions,
@@ -84,8 +81,6 @@ from walreceiver.base_backup import (
     run_base_backup,
 )
 from walreceiver.receiver import ConnParams
-
-T = TypeVar("T")
 
 SCHEME = "basebackup"
 DEFAULT_PORT = 5432
@@ -370,55 +365,23 @@ def server_params(source: ServerSource, application_name: str = "neon import") -
     )
 
 
-_START_WAL = re.compile(rb"^START WAL LOCATION: ([0-9A-F]+)/([0-9A-F]+) ", re.MULTILINE)
-_LABEL_MAX = 64 * 1024
-
-
-async def announced(
-    chunks: AsyncIterator[bytes | memoryview], journal: JournalWriter
-) -> AsyncIterator[bytes | memoryview]:
-    """`chunks` of a BASE_BACKUP's base.tar, passed on; on the way, the backup's start LSN
-    (backup_label, its first member) and every big relation file are announced to a live
-    import (pageserver/ingest/live_import.py). A malformed archive is the extractor's to
-    report: announcing just stops."""
-    reader: TarReader | None = TarReader()
-    label: bytearray | None = None
-    async for chunk in chunks:
-        if reader is not None:
-            try:
-                for event in reader.feed(chunk):
-                    if isinstance(event, MemberStart) and event.kind == "file":
-                        label = bytearray() if event.name == "backup_label" else None
-                        if early_candidate(event.name, event.size):
-                            journal.file(event.size, event.name)
-                    elif isinstance(event, MemberData) and label is not None:
-                        label += event.data[: _LABEL_MAX - len(label)]
-                    elif isinstance(event, MemberEnd) and label is not None:
-                        if found := _START_WAL.search(label):
-                            journal.lsn(int(found[1], 16) << 32 | int(found[2], 16))
-                        label = None
-            except TarFormatError:
-                reader = None
-        yield chunk
-
-
 async def fetch_base_backup(
     params: ConnParams,
     pgdata: Path,
     progress: Progress,
     options: BaseBackupOptions | None = None,
-    journal: JournalWriter | None = None,
+    live: LiveImport[Any] | None = None,
 ) -> BaseBackupResult:
-    """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN (its
-    big relation files announced to `journal` as they come)."""
+    """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN (`live`
+    begun and its big relation files announced as they come: cli/live_import.py)."""
 
     staged: dict[int, Path] = {}  # tablespace archives come before base.tar
     links: dict[int, str] = {}  # base.tar's pg_tblspc/OID symlinks: the source's locations
 
     async def sink(archive: BackupArchive, chunks: AsyncIterator[bytes | memoryview]) -> None:
         if archive.tablespace_location is None:
-            if journal is not None:
-                chunks = announced(chunks, journal)
+            if live is not None:
+                chunks = announced(chunks, live, backup_label=True)
             await extract_stream(chunks, pgdata, tablespace_links=links)
             return
         if archive.tablespace_oid is None:
@@ -440,13 +403,6 @@ async def fetch_base_backup(
     return result
 
 
-def origin_of(manifest: Manifest) -> str:
-    """What a snapshot imported from a `.neon` file is (Snapshot.origin): the file's manifest
-    as a whole snapshot's (JSON), whether the file was whole or a delta."""
-    whole = dataclasses.replace(manifest, parent=None, parent_lsn=None)
-    return encode_manifest(whole).decode()
-
-
 @dataclass(frozen=True, slots=True)
 class CleanDatadir:
     path: Path
@@ -464,17 +420,17 @@ def prepare_clean_datadir(
     progress: Progress,
     mappings: Mapping[str, str] | None = None,
     parent_here: ParentHere | None = None,
-    journal: JournalWriter | None = None,
+    live: LiveImport[Any] | None = None,
 ) -> CleanDatadir:
     """The cleanly shut-down data directory to import for `source`: the source itself when
     it is one (a copy when tablespaces are mapped), else a recovered copy in `workdir`; for a
     delta `.neon` file whose parent this home holds (`parent_here`), the delta as it is. A
-    server's big relation files are announced to `journal` as they arrive."""
+    server's backup or a whole `.neon` file begins `live` (cli/live_import.py)."""
     pgdata = workdir / "pgdata"
     mappings = mappings or {}
     if is_url_source(source) or is_snapshot_file(Path(source)):
         check_mapped(mappings, (), f"{source} (a .neon file has its tablespaces in place)")
-        unpacked = asyncio.run(unpack_snapshot_file(source, pgdata, progress, parent_here))
+        unpacked = asyncio.run(unpack_snapshot_file(source, pgdata, progress, parent_here, live))
         progress.close()
         origin = origin_of(unpacked.manifest)
         if unpacked.delta_on is not None:
@@ -484,7 +440,7 @@ def prepare_clean_datadir(
         return CleanDatadir(pgdata, origin)
     if is_server_source(source):
         params = server_params(parse_server_url(source))
-        asyncio.run(fetch_base_backup(params, pgdata, progress, journal=journal))
+        asyncio.run(fetch_base_backup(params, pgdata, progress, live=live))
         end_lsn = None
     else:
         path = Path(source).absolute()
@@ -524,39 +480,6 @@ def prepare_clean_datadir(
 
 def is_server_source(source: str) -> bool:
     return source.startswith(f"{SCHEME}:")
-
-
-def import_while_fetching(
-    source: str,
-    storage_path: Path,
-    workdir: Path,
-    progress: Progress,
-    mappings: Mapping[str, str] | None,
-    register: Callable[[Path], T],
-) -> T:
-    """Import a running server's backup (`source`: basebackup://) with the pageserver writing
-    the image layers of its big relation files while the rest still arrives (`register`:
-    the import request for the data directory, sent first and answered once the directory,
-    recovered, is imported whole: pageserver/ingest/live_import.py)."""
-    pgdata = workdir / "pgdata"
-    journal = JournalWriter(pgdata)
-    with concurrent.futures.ThreadPoolExecutor(1, "import-request") as pool:
-        registered = pool.submit(register, pgdata)
-        try:
-            clean = prepare_clean_datadir(
-                source, storage_path, workdir, progress, mappings, journal=journal
-            )
-        except BaseException:
-            journal.failed()  # the pageserver stops and removes what it wrote
-            with contextlib.suppress(BaseException):
-                registered.result()
-            raise
-        finally:
-            progress.close()
-        if clean.path != pgdata:
-            raise AssertionError(f"a server's backup is imported from {pgdata}")
-        journal.done()
-        return registered.result()
 
 
 def recover_backup(

@@ -13,6 +13,7 @@ naming the field; building a record with bad values in code raises InvalidArgume
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -448,3 +449,10 @@ def decode_checksums(data: bytes) -> Checksums:
         object.__setattr__(checksums, name, value)
     checksums._validate(CorruptData)
     return checksums
+
+
+def origin_of(manifest: Manifest) -> str:
+    """What a snapshot imported from a `.neon` file is (Snapshot.origin): the file's manifest
+    as a whole snapshot's (JSON), whether the file was whole or a delta."""
+    whole = dataclasses.replace(manifest, parent=None, parent_lsn=None)
+    return encode_manifest(whole).decode()
