@@ -34,7 +34,7 @@ from cli.delta_apply import DeltaApplier
 from cli.live_import import LiveImport, announced
 from cli.progress import Progress
 from cli.transport import is_transport_url, parse_location
-from cli.transport.base import Location, ObjectInfo, Store, read_object
+from cli.transport.base import Location, Store, read_object
 from cli.untar import extract_stream
 from pg15.constants import PG_MAJOR_VERSION
 from pg15.pg_control import read_control_file
@@ -187,19 +187,16 @@ async def chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterat
         yield chunk
 
 
-async def snapshots_in(
-    store: Store, listing: list[ObjectInfo] | None = None
-) -> dict[str, Manifest]:
+async def snapshots_in(store: Store) -> dict[str, Manifest]:
     """The manifest of every `.neon` file in `store`, by object name (a small read of each
-    file's head; other objects are skipped); `listing`: what `store.list()` just returned."""
+    file's head; other objects are skipped)."""
     gate = asyncio.Semaphore(HEAD_READS)
 
     async def head(name: str) -> tuple[str, Manifest | None]:
         async with gate:
             return name, await read_head(store, name)
 
-    listed = await store.list() if listing is None else listing
-    objects = [o for o in listed if o.name.endswith(".neon")]
+    objects = [o for o in await store.list() if o.name.endswith(".neon")]
     described = {o.name: o.described for o in objects if o.described is not None}
     names = [o.name for o in objects if o.name not in described]
     heads = await asyncio.gather(*(head(name) for name in names))
