@@ -54,7 +54,10 @@ class LiveImport(Generic[T]):
         self._request = self._pool.submit(self._register, self._pgdata, origin)
 
     def file(self, size: int, name: str) -> None:
-        """A member of the data directory's tar is coming: announced if it is big."""
+        """A member of the data directory's tar is coming: announced if it is big. A request
+        that ended already (refused) stops the transfer with its error."""
+        if self._request is not None and self._request.done():
+            self._request.result()
         if self._journal is not None and early_candidate(name, size):
             self._journal.file(size, name)
 

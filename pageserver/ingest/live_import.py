@@ -41,6 +41,7 @@ from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import CorruptData, Unavailable
 
 POLL_SECONDS = 0.02
+HEADER_SECONDS = 30.0  # the writer writes it right after creating the file
 _READ_BYTES = 1 << 20
 
 
@@ -52,7 +53,7 @@ class _Journal:
         self._path = path
         self._f = path.open("rb")
         self._buf = b""
-        header = self._wait_line(None)
+        header = self._wait_line(None, deadline=time.monotonic() + HEADER_SECONDS)
         magic, _, pid = header.rpartition(" ")
         if magic != MAGIC or not pid.isdigit():
             raise CorruptData(f"{path} is not a live import journal")
@@ -61,10 +62,12 @@ class _Journal:
     def close(self) -> None:
         self._f.close()
 
-    def _wait_line(self, pid: int | None) -> str:
+    def _wait_line(self, pid: int | None, deadline: float | None = None) -> str:
         while b"\n" not in self._buf:
             if not self._read_more():
                 self._check_writer(pid)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise CorruptData(f"{self._path} has no header line")
                 time.sleep(POLL_SECONDS)
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode(errors="replace")
@@ -231,7 +234,10 @@ def receive_early(timeline: Timeline, datadir: Path) -> EarlyImport | None:
         while (line := journal.next()) != "done":
             kind, _, rest = line.partition(" ")
             if kind == "lsn" and early is None:
-                early = EarlyImport(int(rest, 16))
+                try:
+                    early = EarlyImport(int(rest, 16))
+                except ValueError:
+                    raise CorruptData(f"{journal_path(datadir)}: bad line {line!r}") from None
             elif kind == "file" and early is not None:
                 size, _, name = rest.partition(" ")
                 key = file_key(name)

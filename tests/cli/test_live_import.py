@@ -4,6 +4,7 @@ after `finish`, and `fail` on an error in the block."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tarfile
 import threading
@@ -101,3 +102,21 @@ async def test_a_source_that_never_begins_sends_nothing(tmp_path: Path) -> None:
             pass
         assert not live.begun
     assert not (tmp_path / JOURNAL_NAME).exists()
+
+
+async def test_a_refused_request_stops_the_transfer(tmp_path: Path) -> None:
+    """The pageserver refused the import at once: the next member stops the transfer with
+    its error instead of receiving the rest for nothing."""
+
+    def register(path: Path, origin: str | None) -> None:
+        raise PermissionError("refused")
+
+    with (
+        pytest.raises(PermissionError, match="refused"),
+        LiveImport(tmp_path / "p", register) as live,
+    ):
+        chunks = announced(chunks_of(backup_tar(), 512), live, backup_label=True)
+        async for _ in chunks:
+            if live.begun:
+                while not live._request.done():  # type: ignore[union-attr]
+                    await asyncio.sleep(0.01)
