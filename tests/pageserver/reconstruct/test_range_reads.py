@@ -19,6 +19,7 @@ from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_reads import image_tiles, rel_pages
 from pageserver.reconstruct.range_rebuild import rebuild_keys
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
+from pageserver.redo.native import redo as native_redo
 from pageserver.storage.compaction import create_image_layers
 from pageserver.storage.keys import (
     Key,
@@ -35,6 +36,7 @@ from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import Image
 from pg15.lsn import parse_lsn
+from tests.native_ext import require_c_extension
 from tests.pageserver.basebackup.test_basebackup_datadir import ingest_wal_until, run_workload
 from tests.pgtest import PgTestCluster
 
@@ -210,7 +212,9 @@ def test_a_bulk_read_decompresses_each_image_block_once(
     history: tuple[TimelineStore, Timeline, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run of blocks with slow keys is rebuilt whole (the keys only images hold too): the
-    images' blocks are decompressed by the rebuild alone, not by a scan beside it."""
+    images' blocks are decompressed by the rebuild alone (the C chain redo's bulk path),
+    not by a scan beside it."""
+    require_c_extension(native_redo, "pageserver.redo._redo")
     _store, timeline, lsn0, end = history
     timeline.freeze_and_flush()  # every key in the files: the rebuild reads them all
     whole = database_range(1663, 5)
