@@ -124,9 +124,9 @@ def _checkpointed_lsn(app: App, status: nodes.NodeStatus, show: bool) -> int | N
     wait for afterwards (and the pageserver pauses compaction meanwhile, as for any wait)."""
     if status.state != "running" or status.node.role == nodes.ATTACHED:
         return nodes.server_wal_lsn(app, status, checkpoint=True)
-    before = nodes.server_wal_lsn(app, status)
     with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
         checkpointed = pool.submit(nodes.server_wal_lsn, app, status, True)
+        before = nodes.server_wal_lsn(app, status)  # as the checkpoint starts, not before it
         if before is not None:
             wait_for_ingest(app, status.node.id, before, show_progress=show)
         return checkpointed.result()
