@@ -49,7 +49,7 @@ from pg15.lsn import format_lsn
 from pg15.pg_control import read_control_file
 from pg15.records import DecodedRecord, decode_record, decode_records
 from pg15.xlog_reader import RawRecord
-from proto.errors import Conflict, NotFound
+from proto.errors import Conflict, NeonError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,16 @@ class NodeStore:
         if self._state is None:
             return []
         if _ingest_native.walingest is None or _layers_native.inmem is None:
-            records = decode_records(batch)
+            try:
+                records = decode_records(batch)
+            except NeonError:
+                records = []  # a bad record: those before it are ingested, then it raises
+                try:
+                    for raw in batch:
+                        records.append(decode_record(raw))
+                finally:
+                    self.ingest_batch(records, [raw.data for raw in batch[: len(records)]])
+                return records
             self.ingest_batch(records, [raw.data for raw in batch])
             return records
         if self._ingest is None:

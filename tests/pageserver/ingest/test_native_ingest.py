@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from pageserver.api.metrics import Metrics
+from pageserver.follow.followed_nodes import FollowedNode
+from pageserver.follow.node_follower import NodeFollower
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.ingest import native
 from pageserver.ingest.walingest import WalIngest
@@ -35,9 +38,10 @@ from pg15.records import (
     decode_record,
     decode_records,
 )
-from pg15.xlog_reader import RawRecord, WalReader
+from pg15.xlog_reader import RawRecord, WalReader, record_crc
 from tests.native_ext import require_c_extension
 from tests.pgtest import PgTestCluster
+from walreceiver.receiver import WalChunk
 
 SMALL = StoreSettings(checkpoint_distance=4 * 1024 * 1024)
 """Several freezes within the workload, so the cut points are compared too."""
@@ -53,6 +57,8 @@ class Workload:
     base: Path  # the data directory at its shutdown checkpoint, before the workload
     records: list[DecodedRecord]
     raws: list[RawRecord]
+    wal_dir: Path  # the server's pg_wal, from `start` (the import's checkpoint record)
+    start: int
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +112,7 @@ def workload(
             records.extend(decode_records(batch))
         segno += 1
     assert len(records) > 20000
-    return Workload(base, records, raws)
+    return Workload(base, records, raws, server.wal_dir, start)
 
 
 @pytest.fixture
@@ -424,3 +430,40 @@ def test_raw_runs_leave_what_they_cannot_lay_out_to_python(c_extension: None) ->
     ok = native.walingest.ingest_raw_run([RawRecord(1000, 1064, good)], 0, context)
     assert ok == (1, (48 + 1 + 8 + len(good)) + (48 + 1 + 4), 2, 1064, 1000)
     assert sizes[(*rnode, 0)] == 4
+
+
+def test_the_followers_decode_loop_ingests_up_to_a_bad_record(
+    workload: Workload, stores: tuple[NodeStore, NodeStore]
+) -> None:
+    """NodeFollower._decode over real WAL with one heap record made undecodable (block id 33,
+    its CRC recomputed so the reader passes it): the records before it are ingested through
+    the fused path, the follower's decoded LSN and record count stop there, and the decoder's
+    error is the follower's decode error."""
+    python, fast = stores
+    at = next(  # a heap record on one WAL page, after batches the C path took
+        i
+        for i, r in enumerate(workload.records)
+        if i > 3000 and r.rmgr_id == 10 and r.blocks and r.lsn // 8192 == (r.end_lsn - 1) // 8192
+    )
+    bad = workload.raws[at]
+    data = bytearray()  # the WAL from the import's checkpoint to the end of bad's segment
+    for segno in range(workload.start // SEG, bad.lsn // SEG + 1):
+        data += (workload.wal_dir / segment_file_name(1, segno, SEG)).read_bytes()
+    del data[: workload.start % SEG]
+    damaged_data = bytearray(damaged(bad).data)
+    damaged_data[20:24] = struct.pack("<I", record_crc(bytes(damaged_data)))
+    record = bytes(damaged_data)
+    offset = bad.lsn - workload.start
+    data[offset : offset + len(record)] = record
+    with pytest.raises(RecordDecodeError) as expected:
+        reference_ingest(
+            python, [*workload.raws[:at], RawRecord(bad.lsn, bad.end_lsn, bytes(record))]
+        )
+
+    node = FollowedNode("c", "127.0.0.1", 1, "u", "p")
+    follower = NodeFollower(node, fast, Metrics())
+    follower._decode(WalChunk(1, workload.start, bytes(data)))
+    assert follower.decode_error == str(expected.value)
+    assert follower.decoded_lsn == workload.raws[at - 1].end_lsn
+    assert fast.timeline.last_record_lsn == python.timeline.last_record_lsn
+    assert layer_contents(fast) == layer_contents(python)
