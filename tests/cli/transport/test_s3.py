@@ -285,3 +285,21 @@ async def test_endpoint_url_option(
     loc = parse_transfer_url(app, s3_bucket.url("x.neon"), s3_bucket.moto.endpoint)
     await write(loc, b"via --endpoint-url")
     assert s3_bucket.read("x.neon") == b"via --endpoint-url"
+
+
+async def test_requests_share_one_session(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request of a process goes through one aiobotocore session (a new one per request
+    loaded botocore's S3 model again, 0.15-0.2 s each), and another AWS environment gets a
+    session of its own (a session reads the credentials once)."""
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    store = parse_location(s3_bucket.url("x.neon")).store
+    async with await store.open_write("x.neon", overwrite=False) as writer:
+        await writer.write(b"z" * 1000)
+    assert await store.stat("x.neon") is not None
+    assert [o.name for o in await store.list()] == ["x.neon"]
+    assert len(s3._SESSIONS) == 1
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another")
+    assert await store.stat("x.neon") is not None  # (moto checks no signature)
+    assert len(s3._SESSIONS) == 2
