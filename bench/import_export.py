@@ -1,6 +1,7 @@
 """Import/export benchmark (issue 11): `neon snapshot import|export` against pg_basebackup.
 
     .venv/bin/python -m bench.import_export [--db-gib 1] [--rounds 2] [--seed 1] [--keep]
+                                            [--py-spy DIR]
 
 1. One throwaway PostgreSQL 15 server (fsync off, autovacuum off), `pgbench -i` at 70 scale
    units per --db-gib, then CHECKPOINT. Nothing writes to it afterwards, so every backup and
