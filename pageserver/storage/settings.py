@@ -4,7 +4,7 @@ Neon's production defaults (its pageserver's docs/settings.md) are sized for man
 checkpoint_distance 256 MiB, compaction_target_size 128 MiB, compaction_threshold 10 L0
 layers, image_creation_threshold 3. Here one pageserver follows a few local nodes, so the
 in-memory layer and the files are smaller (a flush every 32 MiB of WAL values keeps memory
-and crash re-ingest short) while the thresholds, which are about read amplification, stay.
+and crash re-ingest short), and L0 layers are merged after 4 of them, not 10 (see below).
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ MiB = 1024 * 1024
 class StoreSettings:
     checkpoint_distance: int = 32 * MiB
     """Freeze the in-memory layer once its values take this many bytes."""
-    compaction_threshold: int = 10
-    """Merge the L0 delta layers into L1 layers once there are this many."""
+    compaction_threshold: int = 4
+    """Merge the L0 delta layers into L1 layers once there are this many. Neon's 10 is for
+    256 MiB L0 layers; here an L1 layer of 10 small L0 layers still spans ~800 MiB of WAL,
+    all of which a bulk read at an LSN inside it decompresses for its keys (an L1 file is
+    key-major), and an L0 layer costs every read a lookup until merged."""
     compaction_target_size: int = 32 * MiB
     """Approximate uncompressed size of each L1 delta layer written by compaction."""
     image_creation_threshold: int = 3
