@@ -207,7 +207,10 @@ class EarlyImport:
         )
         if any(f.key_range.start < key_range.end and key_range.start < f.key_range.end
                for f in self.files):  # fmt: skip
-            return  # announced twice: imported with the rest
+            # Announced twice (a tar with the member twice: the second rewrites the file,
+            # maybe after it was read): the whole directory is imported as it ends up.
+            self._spoiled = True
+            return
         run = ImageRunWriter(timeline.directory, self.lsn, timeline.settings, timeline.cache,
                              key_range)  # fmt: skip
         self._runs.append(run)

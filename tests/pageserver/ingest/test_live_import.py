@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -213,3 +214,30 @@ def test_a_file_is_read_as_it_grows(datadir: Path, tmp_path: Path) -> None:  # n
     live, layers, lsn = live_import(datadir, tmp_path / "live", write)
     assert live == plain
     assert {x.lsn for x in layers} == {early_lsn(datadir), lsn}
+
+
+def test_a_file_announced_twice_is_imported_as_final(datadir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A tar holding the big file twice (the second copy rewrites it after the first was
+    read, keeping its inode): the directory is imported as it ends up."""
+    final = tmp_path / "final"
+    shutil.copytree(datadir, final, symlinks=True)
+    with open(big_file(final), "r+b") as f:
+        f.seek(7 * BLCKSZ)
+        f.write(bytes(8) + b"\x33" * (BLCKSZ - 8))
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        name = announce_and_copy(journal, source, pgdata)
+        wait_for_layer_at(timeline, early_lsn(source))
+        journal.file(BIG_PAGES * BLCKSZ, name)
+        # The same inode, rewritten in place past the part read already (the first early
+        # layer holds page 7), its mtime put back: only the second announcement tells.
+        st = big_file(pgdata).stat()
+        with open(big_file(pgdata), "r+b") as f:
+            f.write(big_file(final).read_bytes())
+        os.utime(big_file(pgdata), ns=(st.st_atime_ns, st.st_mtime_ns))
+        journal.done()
+
+    plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {lsn}
