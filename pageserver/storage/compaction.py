@@ -6,7 +6,7 @@
 - Image layers: the keyspace at disk_consistent_lsn is partitioned into runs of about
   `image_layer_target_size`; a partition with `image_creation_threshold` or more delta layers
   above its newest image, or whose versions above its images outweigh what the images hold
-  of it (`image_creation_delta_ratio`), gets a new image layer at that LSN. Pages with
+  of it (`image_creation_delta_percent`), gets a new image layer at that LSN. Pages with
   deltas are rebuilt by the caller's `materialize` (redo lives elsewhere); whole images are
   copied as they are.
 
@@ -317,7 +317,7 @@ def _deltas_outweigh_images(
     settings: StoreSettings,
 ) -> bool:
     """Whether a read of key_range decompresses more versions above its images than the
-    images hold of it (image_creation_delta_ratio times, and a quarter of a layer at least),
+    images hold of it (image_creation_delta_percent of it, and a quarter of a layer at least),
     from the layers' indexes: after a bulk load the loaded keys sit in one L1 layer over
     images written before them (holding none of them), and a basebackup rebuilt every one
     of their pages from its WAL (bench.extract: 1.2 GiB of deltas for a 1 GiB database).
@@ -334,7 +334,7 @@ def _deltas_outweigh_images(
         return False
     images, _ = layer_map.images_over(key_range, lsn)
     held = sum(image.raw_bytes_in(key_range) for image in images)
-    return above >= settings.image_creation_delta_ratio * held
+    return above * 100 >= settings.image_creation_delta_percent * held
 
 
 def _image_floor(layer_map: LayerMap, key_range: KeyRange, lsn: int) -> int:

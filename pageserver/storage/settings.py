@@ -29,9 +29,9 @@ class StoreSettings:
     """Approximate uncompressed size of each L1 delta layer written by compaction."""
     image_creation_threshold: int = 3
     """Write an image layer for a key partition with this many delta layers above its image."""
-    image_creation_delta_ratio: float = 1.0
-    """Also write one where the versions above its image (uncompressed) are this many times
-    the bytes its image layers hold of it, and at least a quarter of image_layer_target_size:
+    image_creation_delta_percent: int = 100
+    """Also write one where the versions above its image (uncompressed) are this percentage
+    of the bytes its image layers hold of it, and at least a quarter of image_layer_target_size:
     keys written after their range's image (a bulk load, one L1 layer deep) would otherwise
     be rebuilt from their WAL by every read until three layers pile up there."""
     image_layer_target_size: int = 32 * MiB
@@ -52,13 +52,12 @@ class StoreSettings:
             "compaction_threshold",
             "compaction_target_size",
             "image_creation_threshold",
+            "image_creation_delta_percent",
             "image_layer_target_size",
             "block_size",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"storage setting {name} must be positive")
-        if self.image_creation_delta_ratio <= 0:
-            raise InvalidArgument("storage setting image_creation_delta_ratio must be positive")
         if self.compaction_threshold < 2:
             raise InvalidArgument("storage setting compaction_threshold must be at least 2")
         if self.block_cache_bytes < 0:

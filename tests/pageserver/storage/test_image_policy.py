@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from pageserver.config import store_settings_from
 from pageserver.storage import keys as K
 from pageserver.storage.compaction import compact_level0, create_image_layers
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import Image, ReconstructData, WalDelta
+from proto.errors import InvalidArgument
 
 SETTINGS = StoreSettings(
     checkpoint_distance=1 << 30,  # flushes are explicit
@@ -87,3 +91,14 @@ def test_an_l1_layer_across_an_image_lsn_is_weighed_by_its_share_above(tmp_path:
         assert create_image_layers(tl, redo) == 0
     finally:
         store.close()
+
+
+def test_the_ratio_is_an_integer_setting_like_the_others() -> None:
+    """The daemon sets it as it sets every storage setting (`--store-setting NAME=VALUE`,
+    integers); zero or less is refused."""
+    assert (
+        store_settings_from(["image_creation_delta_percent=50"], {}).image_creation_delta_percent
+        == 50
+    )
+    with pytest.raises(InvalidArgument, match="image_creation_delta_percent must be positive"):
+        StoreSettings(image_creation_delta_percent=0)
