@@ -101,9 +101,12 @@ class _Journal:
         fd = None
         try:
             while fd is None:
+                final = self._final()
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
                 except FileNotFoundError:
+                    if final:
+                        return  # never written
                     self._wait()
                 except OSError:
                     return  # a link or worse
@@ -112,8 +115,11 @@ class _Journal:
             zero = bytes(BLCKSZ)
             done = 0
             while done < size:
+                final = self._final()  # before the size: a final directory's file stays
                 have = min(os.fstat(fd).st_size, size) // BLCKSZ * BLCKSZ
                 if have <= done:
+                    if final:
+                        return  # ends short (recovery truncated it; a hostile tar)
                     self._wait()
                     continue
                 chunk = os.pread(fd, min(have - done, _READ_BYTES), done)
@@ -127,6 +133,12 @@ class _Journal:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _final(self) -> bool:
+        """Whether the writer said `done` (maybe behind lines not yet taken): the directory
+        is final, and a file short of its announced size will not grow (without this, a file
+        recovery truncated kept the import waiting for the writer, which waits for it)."""
+        return b"\ndone\n" in b"\n" + self._buf
 
     def _wait(self) -> None:
         self._read_more()

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -239,5 +240,40 @@ def test_a_file_announced_twice_is_imported_as_final(datadir: Path, tmp_path: Pa
 
     plain, _ = imported_tar(final, tmp_path / "plain", 1)
     live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {lsn}
+
+
+def test_a_file_shorter_than_announced_once_final_is_imported_as_final(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Recovery truncates an early file (a relation VACUUM truncated while the backup ran)
+    before the pageserver has read up to its announced size: once the journal says `done`
+    the file will not grow, so the directory is imported whole as it ends up. The pageserver
+    kept waiting for the missing bytes while the writer waited for its answer."""
+    final = tmp_path / "final"
+    shutil.copytree(datadir, final, symlinks=True)
+    half = BIG_PAGES // 2 * BLCKSZ
+    os.truncate(big_file(final), half)
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        journal.lsn(early_lsn(source))
+        journal.file(BIG_PAGES * BLCKSZ, str(big_file(source).relative_to(source)))
+        shutil.copytree(final, pgdata, symlinks=True)
+        journal.done()
+
+    def unstick(pgdata: Path) -> None:  # a hung import ends, so that this test fails
+        with open(pgdata.parent / JOURNAL_NAME, "a") as f:
+            f.write("failed\n")
+
+    work = tmp_path / "live" / "work"
+    plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    timer = threading.Timer(30, unstick, (work / "pgdata",))
+    timer.start()
+    try:
+        live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    finally:
+        timer.cancel()
     assert live == plain
     assert {x.lsn for x in layers} == {lsn}
