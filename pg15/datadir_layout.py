@@ -52,7 +52,7 @@ TABLESPACE_VERSION_DIRECTORY = "PG_15_202209061"
 
 SLRU_SEGMENT_FILE = re.compile(r"^[0-9A-F]{4,6}$")
 TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}$")
-_REL_FILE = re.compile(r"^(\d+)(_fsm|_vm|_init)?(?:\.(\d+))?$")
+_REL_FILE = re.compile(r"([0-9]+)(_fsm|_vm|_init)?(?:\.([0-9]+))?")
 _SUFFIX_FORK = {suffix: fork for fork, suffix in FORK_SUFFIX.items()}
 
 
@@ -67,7 +67,7 @@ class RelationFile(NamedTuple):
 def parse_relation_file_name(name: str) -> RelationFile | None:
     """The relation, fork and segment of a file in global/ or base/<db>/; None for other
     files there (pg_filenode.map, PG_VERSION, pg_internal.init, temporary `t3_16384`)."""
-    m = _REL_FILE.match(name)
+    m = _REL_FILE.fullmatch(name)  # not `$`: it matches before a final newline too
     if m is None:
         return None
     return RelationFile(int(m.group(1)), _SUFFIX_FORK[m.group(2) or ""], int(m.group(3) or 0))

@@ -191,6 +191,10 @@ def test_which_members_are_announced() -> None:
     assert not early_candidate("base/16384/t3_16396", big)  # temporary
     assert not early_candidate("pg_tblspc/16500/PG_15_202209061/5/16396", big)
     assert not early_candidate("base/16384/../16396", big)
+    # A name a hostile tar may hold: a final newline would add a line to the journal (and
+    # name another file than the one written), other digits another relation's file.
+    assert not early_candidate("base/16384/16396\n", big)
+    assert not early_candidate("base/16384/\u0661\u0666\u0663\u0669\u0666", big)
 
 
 def test_a_file_is_read_as_it_grows(datadir: Path, tmp_path: Path) -> None:  # noqa: F811
