@@ -63,16 +63,29 @@ class Foreground:
     def busy(self) -> bool:
         return self._active > 0 or time.monotonic() < self._until
 
-    def yielding(self, cancelled: threading.Event) -> Callable[[], bool]:
-        """A compaction pass's check: pauses while foreground work runs (at most MAX_PAUSE
-        seconds over the pass), then says whether the pass is cancelled."""
+    def hold_for(self, seconds: float) -> None:
+        """Busy from now for `seconds` (a signal with no end of its own to wait for)."""
+        with self._lock:
+            self._until = max(self._until, time.monotonic() + seconds)
+
+    def release(self) -> None:
+        """Not busy after the held requests end (the linger of hold_for and held dropped)."""
+        with self._lock:
+            self._until = 0.0
+
+    def yielding(self, cancelled: threading.Event, *others: Foreground) -> Callable[[], bool]:
+        """A compaction pass's check: pauses while foreground work runs, here or in `others`
+        (at most MAX_PAUSE seconds over the pass), then says whether the pass is cancelled."""
         budget = MAX_PAUSE
+
+        def busy() -> bool:
+            return self.busy() or any(other.busy() for other in others)
 
         def check() -> bool:
             nonlocal budget
-            if budget > 0 and self.busy() and not cancelled.is_set():
+            if budget > 0 and busy() and not cancelled.is_set():
                 t0 = time.monotonic()
-                while self.busy() and not cancelled.is_set() and time.monotonic() - t0 < budget:
+                while busy() and not cancelled.is_set() and time.monotonic() - t0 < budget:
                     cancelled.wait(0.05)
                 paused = time.monotonic() - t0
                 budget -= paused

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from durable_files import write_file_durably
-from pageserver.history.flusher import FOREGROUND, BackgroundWorker
+from pageserver.history.flusher import FOREGROUND, BackgroundWorker, Foreground
 from pageserver.history.pitr import pitr_registry
 from pageserver.history.snapshots import snapshot_registry
 from pageserver.ingest import native as _ingest_native
@@ -57,6 +57,15 @@ FLUSH_INTERVAL = 10.0
 MAX_FROZEN_LAYERS = 2
 """Frozen layers (checkpoint_distance of values each) that may wait for the background
 flusher before ingest waits for it."""
+CATCHING_UP_FROZEN = 2
+"""Frozen layers waiting for the flusher that mean ingest outruns it (a catch-up: a backlog
+after a restart or a burst of WAL): compaction then stands aside (NodeStore.catching_up).
+Live ingest of a busy node (~10 MiB/s of WAL) freezes a layer every few seconds, written in
+a fraction of a second: it never has two waiting, so compaction runs beside it as before.
+A pass stands aside MAX_PAUSE (flusher.py) in all at most, so a long catch-up cannot starve
+it (its L0 layers make reads slower)."""
+CATCHING_UP_LINGER = 1.0
+"""Seconds compaction stays paused after ingest last had CATCHING_UP_FROZEN layers waiting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +163,9 @@ class NodeStore:
         self.flusher = BackgroundWorker(f"flush-{node_id}")
         self.compactor = BackgroundWorker(f"compact-{node_id}")
         self.compaction_totals = CompactionTotals()
+        self.catching_up = Foreground()
+        """Held while ingest outruns the flusher (CATCHING_UP_FROZEN): compaction pauses so
+        the cores write the WAL's layers first, as a request someone waits for does."""
         self._flush_failed = False
         self._requested: dict[str, int] = {}
         """Per timeline: the LSN up to which a background flush was last requested."""
@@ -368,6 +380,8 @@ class NodeStore:
             self.flusher.request(
                 timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
             )
+        if timeline.frozen_count >= CATCHING_UP_FROZEN:
+            self.catching_up.hold_for(CATCHING_UP_LINGER)
         try:
             self.flusher.wait(lambda: timeline.frozen_count <= MAX_FROZEN_LAYERS)
         except BaseException:
@@ -384,7 +398,10 @@ class NodeStore:
     def _request_compaction(self, timeline: Timeline) -> None:
         def job() -> None:
             try:
-                self._compact(timeline, cancelled=FOREGROUND.yielding(self.compactor.cancelled))
+                self._compact(
+                    timeline,
+                    cancelled=FOREGROUND.yielding(self.compactor.cancelled, self.catching_up),
+                )
             except CompactionCancelled as exc:
                 log.info("%s", exc)
 
@@ -405,6 +422,7 @@ class NodeStore:
         background flush; a background compaction of the timeline finishes first)."""
         if self._state is None:
             return
+        self.catching_up.release()  # the caller ingests no more: a paused pass goes on now
         self._compact(self._write_layers())
 
     def _flush_durable(self) -> None:

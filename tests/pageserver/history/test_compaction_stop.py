@@ -256,3 +256,55 @@ def test_compaction_pauses_while_a_foreground_request_runs(
         store.close()
         assert time.monotonic() - t0 < 10
     store.history.close()
+
+
+def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ingest with CATCHING_UP_FROZEN layers waiting for the flusher (a catch-up) holds
+    compaction back: a pass stands at its first check for CATCHING_UP_LINGER after; the final
+    flush (the caller ingests no more) lets it go on at once."""
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
+    merged = 0
+    merge = compaction_module._merge_same_keys
+
+    def counting(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
+        nonlocal merged
+        for item in merge(groups):
+            merged += 1
+            yield item
+
+    monkeypatch.setattr(compaction_module, "_merge_same_keys", counting)
+    store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
+    store.import_datadir(workload.base)
+    records, raws = workload.records, workload.raws
+    half = len(records) // 2
+    with store.compactor.mutex:
+        for i in range(0, half, 50):
+            part = slice(i, min(i + 50, half))
+            store.ingest_batch(records[part], [r.data for r in raws[part]])
+            store.maybe_flush()
+        store.wait_flushed()  # L0 layers written; their compaction waits for the mutex
+        store.catching_up.release()  # whatever the first half saw
+        assert not store.catching_up.busy()
+        with store.flusher.mutex:  # the flusher cannot write: frozen layers pile up
+            i = half
+            while store.timeline.frozen_count < node_store_module.CATCHING_UP_FROZEN:
+                assert i < len(records), "the workload never froze two layers"
+                store.ingest_batch(records[i : i + 1], [raws[i].data])
+                i += 1
+                if store.timeline.frozen_count == 1:
+                    store.maybe_flush()  # one waiting: no catch-up yet
+                    assert not store.catching_up.busy()
+            store.maybe_flush()
+            assert store.catching_up.busy()
+    time.sleep(2.0)
+    assert merged <= 1 and store.compactor.busy  # the pass stands at its first key
+    t0 = time.monotonic()
+    store.flush()
+    assert time.monotonic() - t0 < 30  # not the 60 s linger
+    assert merged > 100 and store.compaction_totals.passes >= 1
+    store.close()
+    store.history.close()
