@@ -13,7 +13,7 @@ event: pageserver/ingest/live_journal.py) and read here as it grows.
 Why the result is what a plain import of the final directory writes: an early file's layers
 hold its pages as they arrived (the extractor writes a file once, in order, and never
 rewrites it; only whole pages below its size are read). Once the directory is final, each
-early file must still have the inode, size and modification time it had once read;
+early file must still have the inode, size and modification time it had when first seen whole;
 recovery rewrites pages in place, and its writes come hundreds of milliseconds after the
 extraction ended, well past the file system's timestamp granularity. Anything changed,
 missing or unexpected: the early layers are removed and the whole directory is imported as
@@ -92,12 +92,19 @@ class _Journal:
             raise Unavailable(f"the import through {self._path} was given up by its writer")
         return line
 
-    def pages(self, path: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    def pages(
+        self, path: Path, size: int, whole: list[os.stat_result]
+    ) -> Iterator[tuple[int, bytes]]:
         """(block, page) of every not-all-zero page of the file being written at `path`, as
         its first `size` bytes arrive: only whole pages below its current size are read (the
         extractor writes each file once, in order, so those bytes are final). A file that
         is not there yet is waited for; one that is not a regular file, or ends short of
-        `size` (its writer moved on), ends early: `unchanged` then refuses it."""
+        `size` (its writer moved on), ends early: `unchanged` then refuses it.
+
+        `whole` gets the file's stat as it was first seen whole, before the pages read after
+        it: the extractor is done with it then, so any later write (recovery, while this
+        lags behind) changes it. A stat taken once all is read would already hold a write
+        to a page read before it, and the page read would be kept."""
         fd = None
         try:
             while fd is None:
@@ -116,7 +123,10 @@ class _Journal:
             done = 0
             while done < size:
                 final = self._final()  # before the size: a final directory's file stays
-                have = min(os.fstat(fd).st_size, size) // BLCKSZ * BLCKSZ
+                st = os.fstat(fd)
+                if not whole and st.st_size >= size:
+                    whole.append(st)
+                have = min(st.st_size, size) // BLCKSZ * BLCKSZ
                 if have <= done:
                     if final:
                         return  # ends short (recovery truncated it; a hostile tar)
@@ -160,7 +170,8 @@ class EarlyFile:
     key_range: KeyRange
     """Its pages' keys: [its first block, its last block + 1)."""
     stat: os.stat_result
-    """As it was once read: the file must be unchanged when the directory is final."""
+    """As it was first seen whole (`_Journal.pages`): the file must be unchanged when the
+    directory is final."""
 
 
 class EarlyImport:
@@ -226,17 +237,14 @@ class EarlyImport:
         run = ImageRunWriter(timeline.directory, self.lsn, timeline.settings, timeline.cache,
                              key_range)  # fmt: skip
         self._runs.append(run)
-        for blkno, page in journal.pages(path, size):
+        whole: list[os.stat_result] = []
+        for blkno, page in journal.pages(path, size, whole):
             run.add(rel_block_key(spc, db, rel, fork, first + blkno), page)
         self.layers += run.finish()
-        try:
-            st = path.lstat()
-        except OSError:
-            self._spoiled = True
-            return
-        if st.st_size != size:
+        if not whole or whole[0].st_size != size:
             self._spoiled = True  # not the file announced: `unchanged` refuses them all
-        self.files.append(EarlyFile(path, key_range, st))
+            return
+        self.files.append(EarlyFile(path, key_range, whole[0]))
 
 
 def receive_early(timeline: Timeline, datadir: Path) -> EarlyImport | None:

@@ -25,6 +25,7 @@ from pageserver.basebackup.tar_stream import basebackup_chunks
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest.live_journal import JOURNAL_NAME, JournalWriter, early_candidate
 from pageserver.storage.keys import KEY_MAX, KEY_MIN, rel_block_key
+from pageserver.storage.layers.blocks import compression_pool
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -85,7 +86,9 @@ def announce_and_copy(journal: JournalWriter, source: Path, pgdata: Path) -> str
     journal.lsn(early_lsn(source))
     name = str(big_file(source).relative_to(source))
     journal.file(BIG_PAGES * BLCKSZ, name)
-    shutil.copytree(source, pgdata, symlinks=True)
+    # As the extractor writes: the data only (copy2 would set each file's mtime once its
+    # data is written, a change after the file is whole, which the import must refuse)
+    shutil.copytree(source, pgdata, symlinks=True, copy_function=shutil.copy)
     return name
 
 
@@ -279,5 +282,49 @@ def test_a_file_shorter_than_announced_once_final_is_imported_as_final(
         live, layers, lsn = live_import(datadir, tmp_path / "live", write)
     finally:
         timer.cancel()
+    assert live == plain
+    assert {x.lsn for x in layers} == {lsn}
+
+
+def test_a_file_changed_while_still_being_read_is_imported_as_final(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The pageserver lags behind (its zstd threads busy): the file is whole, a page it has
+    read already is rewritten (recovery's checkpoint, a busy table) while it still reads the
+    rest. Its stat taken once it finished reading holds that write, so the old page was kept;
+    the stat that counts is the one taken when the file was first seen whole (a write landing
+    while the reader still digests the chunk it read before that is not told apart from the
+    extractor's last one: only the extractor knows when it is done with a file)."""
+    final = tmp_path / "final"
+    shutil.copytree(datadir, final, symlinks=True)
+    with open(big_file(final), "r+b") as f:
+        f.seek(5 * BLCKSZ)
+        f.write(bytes(8) + b"\x6b" * (BLCKSZ - 8))
+    pool = compression_pool()
+    release = threading.Event()
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        busy = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+        try:
+            shutil.copytree(source, pgdata, symlinks=True)  # whole before it is read
+            journal.lsn(early_lsn(source))
+            journal.file(BIG_PAGES * BLCKSZ, str(big_file(source).relative_to(source)))
+            deadline = time.monotonic() + 60
+            while pool._work_queue.qsize() == 0:  # the import read page 5 and waits for zstd
+                assert time.monotonic() < deadline, "the import read nothing"
+                time.sleep(0.005)
+            time.sleep(0.02)  # past the file system's timestamp granularity
+            with open(big_file(pgdata), "r+b") as f:
+                f.seek(5 * BLCKSZ)
+                f.write(bytes(8) + b"\x6b" * (BLCKSZ - 8))
+        finally:
+            release.set()
+        for future in busy:
+            future.result()
+        journal.done()
+
+    plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
     assert live == plain
     assert {x.lsn for x in layers} == {lsn}
