@@ -92,6 +92,14 @@ def announce_and_copy(journal: JournalWriter, source: Path, pgdata: Path) -> str
     return name
 
 
+def rewrite_page(root: Path, blkno: int, fill: int) -> None:
+    """Page `blkno` of the big file rewritten in place (a zero LSN, then `fill` bytes), as
+    recovery or a second copy in the tar rewrites a page."""
+    with open(big_file(root), "r+b") as f:
+        f.seek(blkno * BLCKSZ)
+        f.write(bytes(8) + bytes([fill]) * (BLCKSZ - 8))
+
+
 def wait_for_layer_at(timeline: Timeline, lsn: int) -> None:
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(f"__{lsn:016X}") for p in timeline.directory.iterdir()):
@@ -127,17 +135,13 @@ def test_a_file_changed_after_it_was_read_is_imported_as_final(
     imported whole (its state, not the one read early)."""
     final = tmp_path / "final"
     shutil.copytree(datadir, final, symlinks=True)
-    with open(big_file(final), "r+b") as f:
-        f.seek(5 * BLCKSZ)
-        f.write(bytes(8) + b"\x5a" * (BLCKSZ - 8))
+    rewrite_page(final, 5, 0x5A)
 
     def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
         announce_and_copy(journal, source, pgdata)
         wait_for_layer_at(timeline, early_lsn(source))
         time.sleep(0.02)  # past the file system's timestamp granularity, as recovery is
-        with open(big_file(pgdata), "r+b") as f:
-            f.seek(5 * BLCKSZ)
-            f.write(bytes(8) + b"\x5a" * (BLCKSZ - 8))
+        rewrite_page(pgdata, 5, 0x5A)
         journal.done()
 
     plain, _ = imported_tar(final, tmp_path / "plain", 1)
@@ -229,9 +233,7 @@ def test_a_file_announced_twice_is_imported_as_final(datadir: Path, tmp_path: Pa
     read, keeping its inode): the directory is imported as it ends up."""
     final = tmp_path / "final"
     shutil.copytree(datadir, final, symlinks=True)
-    with open(big_file(final), "r+b") as f:
-        f.seek(7 * BLCKSZ)
-        f.write(bytes(8) + b"\x33" * (BLCKSZ - 8))
+    rewrite_page(final, 7, 0x33)
 
     def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
         name = announce_and_copy(journal, source, pgdata)
@@ -298,9 +300,7 @@ def test_a_file_changed_while_still_being_read_is_imported_as_final(
     extractor's last one: only the extractor knows when it is done with a file)."""
     final = tmp_path / "final"
     shutil.copytree(datadir, final, symlinks=True)
-    with open(big_file(final), "r+b") as f:
-        f.seek(5 * BLCKSZ)
-        f.write(bytes(8) + b"\x6b" * (BLCKSZ - 8))
+    rewrite_page(final, 5, 0x6B)
     pool = compression_pool()
     release = threading.Event()
 
@@ -315,9 +315,7 @@ def test_a_file_changed_while_still_being_read_is_imported_as_final(
                 assert time.monotonic() < deadline, "the import read nothing"
                 time.sleep(0.005)
             time.sleep(0.02)  # past the file system's timestamp granularity
-            with open(big_file(pgdata), "r+b") as f:
-                f.seek(5 * BLCKSZ)
-                f.write(bytes(8) + b"\x6b" * (BLCKSZ - 8))
+            rewrite_page(pgdata, 5, 0x6B)
         finally:
             release.set()
         for future in busy:
