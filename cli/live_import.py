@@ -39,6 +39,7 @@ class LiveImport(Generic[T]):
         self._journal: JournalWriter | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._request: concurrent.futures.Future[T] | None = None
+        self._announced: list[str] = []
 
     @property
     def begun(self) -> bool:
@@ -60,6 +61,21 @@ class LiveImport(Generic[T]):
             self._request.result()
         if self._journal is not None and early_candidate(name, size):
             self._journal.file(size, name)
+            self._announced.append(name)
+
+    def extracted(self) -> None:
+        """The whole tar is unpacked: each announced file's stat as the extractor left it, for
+        the pageserver to compare with the final one. Call before recovery (or anything else)
+        may write to the directory: a write after this changes the stat, and only the
+        extractor knows when it is done with a file (a file the pageserver first saw whole
+        may have been written again already). An announced file with no such line is not
+        imported early."""
+        if self._journal is None:
+            return
+        for name in self._announced:
+            with contextlib.suppress(OSError):
+                self._journal.whole(name, (self._pgdata / name).lstat())
+        self._announced = []
 
     def finish(self) -> T:
         """The directory is final: the import's answer."""

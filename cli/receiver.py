@@ -280,6 +280,7 @@ class Receiver:
         if head is None or parent is None:
             pgdata = workdir / "pgdata"
             manifest = await unpack_snapshot_stream(rest, label, pgdata, head, live)
+            live.extracted()
             if not is_clean_datadir(pgdata):
                 raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
             if live.begun:

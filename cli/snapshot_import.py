@@ -431,6 +431,8 @@ def prepare_clean_datadir(
     if is_url_source(source) or is_snapshot_file(Path(source)):
         check_mapped(mappings, (), f"{source} (a .neon file has its tablespaces in place)")
         unpacked = asyncio.run(unpack_snapshot_file(source, pgdata, progress, parent_here, live))
+        if live is not None:
+            live.extracted()
         progress.close()
         origin = origin_of(unpacked.manifest)
         if unpacked.delta_on is not None:
@@ -441,6 +443,8 @@ def prepare_clean_datadir(
     if is_server_source(source):
         params = server_params(parse_server_url(source))
         asyncio.run(fetch_base_backup(params, pgdata, progress, live=live))
+        if live is not None:
+            live.extracted()  # before recovery writes to it
         end_lsn = None
     else:
         path = Path(source).absolute()

@@ -13,9 +13,12 @@ event: pageserver/ingest/live_journal.py) and read here as it grows.
 Why the result is what a plain import of the final directory writes: an early file's layers
 hold its pages as they arrived (the extractor writes a file once, in order, and never
 rewrites it; only whole pages below its size are read). Once the directory is final, each
-early file must still have the inode, size and modification time it had when first seen whole;
-recovery rewrites pages in place, and its writes come hundreds of milliseconds after the
-extraction ended, well past the file system's timestamp granularity. Anything changed,
+early file must still have the inode, size and modification time it had when first seen whole
+here, and those the writer recorded (its `whole` line) once the extraction ended and before
+recovery began: a page read here and rewritten later (recovery rewrites pages in place) changes
+the file after that line, even if this side first saw it whole only after the rewrite (it may
+lag behind). Recovery's writes come hundreds of milliseconds after the extraction ended (a
+postmaster start), well past the file system's timestamp granularity. Anything changed,
 missing or unexpected: the early layers are removed and the whole directory is imported as
 before. Else the rest of the keyspace (every
 key outside the early files' page ranges: sizes, directories, small relations, SLRU, control)
@@ -160,8 +163,12 @@ def _regular(st: os.stat_result) -> bool:
     return (st.st_mode & 0o170000) == 0o100000
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_size, b.st_mtime_ns)
+    return _identity(a) == _identity(b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +187,9 @@ class EarlyImport:
     def __init__(self, lsn: int) -> None:
         self.lsn = lsn
         self.files: list[EarlyFile] = []
+        self.extracted: dict[Path, tuple[int, int, int]] = {}
+        """Per announced file, (inode, size, mtime ns) as the writer's extractor left it (its
+        `whole` lines)."""
         self.layers: list[ImageLayer] = []
         self._runs: list[ImageRunWriter] = []
         self._spoiled = False
@@ -193,7 +203,7 @@ class EarlyImport:
                 st = f.path.lstat()
             except OSError:
                 return False
-            if not _same(st, f.stat):
+            if not _same(st, f.stat) or self.extracted.get(f.path) != _identity(st):
                 return False
         return True
 
@@ -267,6 +277,12 @@ def receive_early(timeline: Timeline, datadir: Path) -> EarlyImport | None:
                 if key is None or not size.isdigit() or int(size) % BLCKSZ:
                     continue
                 early._add(timeline, journal, datadir / name, int(size), key)
+            elif kind == "whole" and early is not None:
+                fields = rest.split(" ", 3)
+                if len(fields) != 4 or not all(x.isdigit() for x in fields[:3]):
+                    raise CorruptData(f"{journal_path(datadir)}: bad line {line!r}")
+                ino, length, mtime = (int(x) for x in fields[:3])
+                early.extracted[datadir / fields[3]] = (ino, length, mtime)
     except BaseException:
         if early is not None:
             early.abort()

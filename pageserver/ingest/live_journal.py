@@ -6,6 +6,9 @@ the page store to write it.
     lsn HEX                   the LSN of the early layers (the backup's start: below the import's)
     file SIZE PATH            a relation segment file, PATH relative to the data directory
                               (global/ or base/DB/), that will hold SIZE bytes once written
+    whole INO SIZE MTIME NAME an announced file as the extractor left it (inode, size, mtime in
+                              ns), written once the whole tar is unpacked and before anything
+                              else (recovery) may write to the directory
     done                      the directory is final (recovered); `failed`: the writer gave up
 """
 
@@ -65,6 +68,9 @@ class JournalWriter:
 
     def file(self, size: int, name: str) -> None:
         self._line(f"file {size} {name}")
+
+    def whole(self, name: str, st: os.stat_result) -> None:
+        self._line(f"whole {st.st_ino} {st.st_size} {st.st_mtime_ns} {name}")
 
     def done(self) -> None:
         self._line("done")

@@ -120,3 +120,30 @@ async def test_a_refused_request_stops_the_transfer(tmp_path: Path) -> None:
             if live.begun:
                 while not live._request.done():  # type: ignore[union-attr]
                     await asyncio.sleep(0.01)
+
+
+def test_extracted_records_each_announced_file_as_the_extractor_left_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the tar is unpacked (before recovery), each announced file's inode, size and
+    mtime go to the journal, for the pageserver to compare with the final directory's."""
+    monkeypatch.setattr(live_journal, "EARLY_BYTES", 2 * 8192)
+    pgdata = tmp_path / "pgdata"
+    (pgdata / "base" / "5").mkdir(parents=True)
+    (pgdata / "base" / "5" / "16396").write_bytes(bytes(3 * 8192))
+    with LiveImport(pgdata, lambda path, origin: "imported") as live:
+        live.begin(0x1000)
+        live.file(3 * 8192, "base/5/16396")
+        live.file(8192, "base/5/16397")  # small: not announced, no line
+        live.file(3 * 8192, "base/5/16398")  # announced, never written: no line
+        live.extracted()
+        assert live.finish() == "imported"
+    st = (pgdata / "base" / "5" / "16396").lstat()
+    lines = (tmp_path / JOURNAL_NAME).read_text().splitlines()
+    assert lines[1:] == [
+        "lsn 1000",
+        f"file {3 * 8192} base/5/16396",
+        f"file {3 * 8192} base/5/16398",
+        f"whole {st.st_ino} {st.st_size} {st.st_mtime_ns} base/5/16396",
+        "done",
+    ]

@@ -89,6 +89,7 @@ def announce_and_copy(journal: JournalWriter, source: Path, pgdata: Path) -> str
     # As the extractor writes: the data only (copy2 would set each file's mtime once its
     # data is written, a change after the file is whole, which the import must refuse)
     shutil.copytree(source, pgdata, symlinks=True, copy_function=shutil.copy)
+    journal.whole(name, (pgdata / name).lstat())  # the tar unpacked, recovery not begun
     return name
 
 
@@ -220,6 +221,7 @@ def test_a_file_is_read_as_it_grows(datadir: Path, tmp_path: Path) -> None:  # n
             for at in range(0, len(data), 3_000_001):
                 f.write(data[at : at + 3_000_001])
                 time.sleep(0.01)
+        journal.whole(str(big.relative_to(source)), big_file(pgdata).lstat())
         journal.done()
 
     plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
@@ -309,7 +311,9 @@ def test_a_file_changed_while_still_being_read_is_imported_as_final(
         try:
             shutil.copytree(source, pgdata, symlinks=True)  # whole before it is read
             journal.lsn(early_lsn(source))
-            journal.file(BIG_PAGES * BLCKSZ, str(big_file(source).relative_to(source)))
+            name = str(big_file(source).relative_to(source))
+            journal.file(BIG_PAGES * BLCKSZ, name)
+            journal.whole(name, (pgdata / name).lstat())
             deadline = time.monotonic() + 60
             while pool._work_queue.qsize() == 0:  # the import read page 5 and waits for zstd
                 assert time.monotonic() < deadline, "the import read nothing"
@@ -323,6 +327,74 @@ def test_a_file_changed_while_still_being_read_is_imported_as_final(
         journal.done()
 
     plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {lsn}
+
+
+def test_a_file_rewritten_before_the_pageserver_saw_it_whole_is_imported_as_final(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The pageserver has read page 5 of a file still arriving and lags behind (its zstd
+    threads busy); the file is then written whole, the tar ends, and recovery rewrites page 5
+    before the pageserver looks at the file's size again. Its own first stat of the whole
+    file already holds that write; the writer's `whole` line, taken before recovery, does
+    not: the directory is imported as it ends up, not with the page read before."""
+    final = tmp_path / "final"
+    shutil.copytree(datadir, final, symlinks=True)
+    rewrite_page(final, 5, 0x4C)
+    pool = compression_pool()
+    release = threading.Event()
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        busy = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+        try:
+            big = big_file(source)
+            name = str(big.relative_to(source))
+            shutil.copytree(source, pgdata, symlinks=True, ignore=lambda d, names: [
+                n for n in names if Path(d) / n == big
+            ])  # fmt: skip
+            data = big.read_bytes()
+            journal.lsn(early_lsn(source))
+            journal.file(BIG_PAGES * BLCKSZ, name)
+            with open(pgdata / name, "wb", buffering=0) as f:
+                f.write(data[: len(data) // 2])  # page 5 and more: the reader takes them
+                deadline = time.monotonic() + 60
+                while pool._work_queue.qsize() == 0:  # read, and waiting for zstd
+                    assert time.monotonic() < deadline, "the import read nothing"
+                    time.sleep(0.005)
+                f.write(data[len(data) // 2 :])
+            journal.whole(name, (pgdata / name).lstat())
+            time.sleep(0.02)  # past the file system's timestamp granularity, as recovery is
+            rewrite_page(pgdata, 5, 0x4C)
+        finally:
+            release.set()
+        for future in busy:
+            future.result()
+        journal.done()
+
+    plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    assert live == plain
+    assert {x.lsn for x in layers} == {lsn}
+
+
+def test_a_file_without_a_whole_line_is_not_imported_early(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A writer that never said how its extractor left a file (its `whole` line): nothing
+    tells a later write from the extractor's, so the directory is imported whole."""
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        journal.lsn(early_lsn(source))
+        journal.file(BIG_PAGES * BLCKSZ, str(big_file(source).relative_to(source)))
+        shutil.copytree(source, pgdata, symlinks=True, copy_function=shutil.copy)
+        wait_for_layer_at(timeline, early_lsn(source))
+        journal.done()
+
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
     live, layers, lsn = live_import(datadir, tmp_path / "live", write)
     assert live == plain
     assert {x.lsn for x in layers} == {lsn}
