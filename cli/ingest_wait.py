@@ -54,3 +54,13 @@ def wait_for_ingest(app: App, node_id: str, lsn: int, *, show_progress: bool) ->
             progress.update(max(0, at - first), lsn - first)
     finally:
         progress.close()
+
+
+def refuse_if_ingest_stopped(app: App, node_id: str, lsn: int) -> None:
+    """Raise at once, with its error, when node `node_id`'s ingest has stopped on one short of
+    `lsn` (a full disk, corrupt WAL); return when it moves or is not followed here."""
+    request = NodeWaitDecodedRequest(node_id, max(lsn - 1, 0), wait_timeout=0)
+    try:
+        local_api(app).node_wait_decoded(request)
+    except NotFound:
+        return

@@ -19,7 +19,7 @@ import click
 
 from cli import nodes, postmaster
 from cli.context import App, get_app
-from cli.ingest_wait import wait_for_ingest
+from cli.ingest_wait import refuse_if_ingest_stopped, wait_for_ingest
 from cli.lazy_group import LazyGroup
 from cli.node_lock import locked_node, node_lock
 from cli.nodes import HISTORY_DIR
@@ -124,9 +124,16 @@ def _checkpointed_lsn(app: App, status: nodes.NodeStatus, show: bool) -> int | N
     wait for afterwards (and the pageserver pauses compaction meanwhile, as for any wait)."""
     if status.state != "running" or status.node.role == nodes.ATTACHED:
         return nodes.server_wal_lsn(app, status, checkpoint=True)
+    before = nodes.server_wal_lsn(app, status)
+    if before is not None:
+        # No CHECKPOINT on a server whose history cannot follow it (ingest stopped on an
+        # error: the snapshot cannot be named anyway). On a full disk the checkpoint may even
+        # take the server down: CheckPointReplicationOrigin (replication/logical/origin.c)
+        # writes pg_logical/replorigin_checkpoint.tmp at every checkpoint and PANICs when
+        # the write fails.
+        refuse_if_ingest_stopped(app, status.node.id, before)
     with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
         checkpointed = pool.submit(nodes.server_wal_lsn, app, status, True)
-        before = nodes.server_wal_lsn(app, status)  # as the checkpoint starts, not before it
         if before is not None:
             wait_for_ingest(app, status.node.id, before, show_progress=show)
         return checkpointed.result()

@@ -23,6 +23,7 @@ from pg15.lsn import format_lsn, parse_lsn
 from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port, pg_reachable_tmpdir
 
+CHECKPOINTS = "SELECT checkpoints_req FROM pg_stat_bgwriter"
 CHECKSUM = "SELECT count(*) || ':' || md5(string_agg(a::text || b, ',' ORDER BY a)) FROM t"
 
 
@@ -110,6 +111,8 @@ def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
             # WAL-only writes (no data file grows, so the server itself keeps going) on a
             # session opened before the fill (a new one writes files) until the pageserver's
             # archive of them hits the full filesystem.
+            watch = psycopg.connect(c, autocommit=True)  # opened before the fill, too
+            checkpoints = watch.execute(CHECKPOINTS).fetchone()
             with psycopg.connect(c, autocommit=True) as session:
                 fill(fs / "filler", leave=1 << 20)
                 for _ in range(40):
@@ -135,6 +138,10 @@ def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
                 one_line_answer(neon, *args)
             error = one_line_answer(neon, "snapshot", "create", "pgdata1@during").stderr
             assert "No space left on device" in error, error
+            # Refused before the server was asked for a CHECKPOINT: on a full disk one may take
+            # it down (CheckPointReplicationOrigin PANICs when it cannot write its file).
+            assert watch.execute(CHECKPOINTS).fetchone() == checkpoints
+            watch.close()
             # A command that writes to the full filesystem says where, not "internal error".
             # Whatever the stalled archive left free is taken first: how much that is depends
             # on where its last write stopped.
