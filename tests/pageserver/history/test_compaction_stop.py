@@ -115,6 +115,20 @@ def check_directory(timeline_dir: Path) -> None:
     assert on_disk == named
 
 
+def count_merged_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-item list counting the keys L0 merges have written so far."""
+    merged = [0]
+    merge = compaction_module._merge_same_keys
+
+    def counting(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
+        for item in merge(groups):
+            merged[0] += 1
+            yield item
+
+    monkeypatch.setattr(compaction_module, "_merge_same_keys", counting)
+    return merged
+
+
 def run_in_thread(fn: Callable[[], object]) -> threading.Thread:
     thread = threading.Thread(target=fn)
     thread.start()
@@ -218,16 +232,7 @@ def test_compaction_pauses_while_a_foreground_request_runs(
     """While a request someone waits for runs (and LINGER after), a compaction pass stands at
     its next check; it goes on afterwards, and a shutdown meanwhile ends it at once."""
     monkeypatch.setattr(flusher_module, "LINGER", 0.5)
-    merged = 0
-    merge = compaction_module._merge_same_keys
-
-    def counting(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
-        nonlocal merged
-        for item in merge(groups):
-            merged += 1
-            yield item
-
-    monkeypatch.setattr(compaction_module, "_merge_same_keys", counting)
+    merged = count_merged_keys(monkeypatch)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
     store.import_datadir(workload.base)
     foreground = FOREGROUND.held()
@@ -240,11 +245,11 @@ def test_compaction_pauses_while_a_foreground_request_runs(
         foreground.__enter__()
     try:
         time.sleep(2.0)
-        assert merged <= 1 and store.compactor.busy  # held at the first key of the merge
+        assert merged[0] <= 1 and store.compactor.busy  # held at the first key of the merge
     finally:
         foreground.__exit__(None, None, None)
     store.wait_compacted()
-    assert merged > 1000 and store.compaction_totals.passes >= 1
+    assert merged[0] > 1000 and store.compaction_totals.passes >= 1
 
     # Paused again (a pass with nothing due stands before its key scan), then shut
     # down: the pause does not hold the shutdown up (it would for MAX_PAUSE).
@@ -267,16 +272,7 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     compaction back: a pass stands at its first check for CATCHING_UP_LINGER after; the final
     flush (the caller ingests no more) lets it go on at once."""
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
-    merged = 0
-    merge = compaction_module._merge_same_keys
-
-    def counting(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
-        nonlocal merged
-        for item in merge(groups):
-            merged += 1
-            yield item
-
-    monkeypatch.setattr(compaction_module, "_merge_same_keys", counting)
+    merged = count_merged_keys(monkeypatch)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
     store.import_datadir(workload.base)
     records, raws = workload.records, workload.raws
@@ -301,10 +297,10 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
             store.maybe_flush()
             assert store.catching_up.busy()
     time.sleep(2.0)
-    assert merged <= 1 and store.compactor.busy  # the pass stands at its first key
+    assert merged[0] <= 1 and store.compactor.busy  # the pass stands at its first key
     t0 = time.monotonic()
     store.flush()
     assert time.monotonic() - t0 < 30  # not the 60 s linger
-    assert merged > 100 and store.compaction_totals.passes >= 1
+    assert merged[0] > 100 and store.compaction_totals.passes >= 1
     store.close()
     store.history.close()

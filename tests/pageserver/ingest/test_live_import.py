@@ -300,26 +300,47 @@ def test_a_file_changed_while_still_being_read_is_imported_as_final(
     the stat that counts is the one taken when the file was first seen whole (a write landing
     while the reader still digests the chunk it read before that is not told apart from the
     extractor's last one: only the extractor knows when it is done with a file)."""
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, wait_read: WaitRead) -> None:
+        shutil.copytree(source, pgdata, symlinks=True)  # whole before it is read
+        journal.lsn(early_lsn(source))
+        name = str(big_file(source).relative_to(source))
+        journal.file(BIG_PAGES * BLCKSZ, name)
+        journal.whole(name, (pgdata / name).lstat())
+        wait_read()
+        time.sleep(0.02)  # past the file system's timestamp granularity
+        rewrite_page(pgdata, 5, 0x6B)
+
+    rewritten_while_read(datadir, tmp_path, 0x6B, write)
+
+
+WaitRead = Callable[[], None]
+
+
+def rewritten_while_read(
+    source_dir: Path, tmp_path: Path, fill: int,
+    write: Callable[[JournalWriter, Path, Path, WaitRead], None],
+) -> None:  # fmt: skip
+    """Import `source_dir` live with the pageserver lagging (the zstd pool held busy while
+    `write` runs; its `wait_read` returns once the import has read pages and waits for zstd),
+    `write` rewriting page 5 with `fill`: the state must be the final directory's, with no
+    early layer kept."""
     final = tmp_path / "final"
-    shutil.copytree(datadir, final, symlinks=True)
-    rewrite_page(final, 5, 0x6B)
+    shutil.copytree(source_dir, final, symlinks=True)
+    rewrite_page(final, 5, fill)
     pool = compression_pool()
     release = threading.Event()
 
-    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+    def wait_read() -> None:
+        deadline = time.monotonic() + 60
+        while pool._work_queue.qsize() == 0:
+            assert time.monotonic() < deadline, "the import read nothing"
+            time.sleep(0.005)
+
+    def held(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
         busy = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
         try:
-            shutil.copytree(source, pgdata, symlinks=True)  # whole before it is read
-            journal.lsn(early_lsn(source))
-            name = str(big_file(source).relative_to(source))
-            journal.file(BIG_PAGES * BLCKSZ, name)
-            journal.whole(name, (pgdata / name).lstat())
-            deadline = time.monotonic() + 60
-            while pool._work_queue.qsize() == 0:  # the import read page 5 and waits for zstd
-                assert time.monotonic() < deadline, "the import read nothing"
-                time.sleep(0.005)
-            time.sleep(0.02)  # past the file system's timestamp granularity
-            rewrite_page(pgdata, 5, 0x6B)
+            write(journal, source, pgdata, wait_read)
         finally:
             release.set()
         for future in busy:
@@ -327,7 +348,7 @@ def test_a_file_changed_while_still_being_read_is_imported_as_final(
         journal.done()
 
     plain, _ = imported_tar(final, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+    live, layers, lsn = live_import(source_dir, tmp_path / "live", held)
     assert live == plain
     assert {x.lsn for x in layers} == {lsn}
 
@@ -341,43 +362,25 @@ def test_a_file_rewritten_before_the_pageserver_saw_it_whole_is_imported_as_fina
     before the pageserver looks at the file's size again. Its own first stat of the whole
     file already holds that write; the writer's `whole` line, taken before recovery, does
     not: the directory is imported as it ends up, not with the page read before."""
-    final = tmp_path / "final"
-    shutil.copytree(datadir, final, symlinks=True)
-    rewrite_page(final, 5, 0x4C)
-    pool = compression_pool()
-    release = threading.Event()
 
-    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
-        busy = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
-        try:
-            big = big_file(source)
-            name = str(big.relative_to(source))
-            shutil.copytree(source, pgdata, symlinks=True, ignore=lambda d, names: [
-                n for n in names if Path(d) / n == big
-            ])  # fmt: skip
-            data = big.read_bytes()
-            journal.lsn(early_lsn(source))
-            journal.file(BIG_PAGES * BLCKSZ, name)
-            with open(pgdata / name, "wb", buffering=0) as f:
-                f.write(data[: len(data) // 2])  # page 5 and more: the reader takes them
-                deadline = time.monotonic() + 60
-                while pool._work_queue.qsize() == 0:  # read, and waiting for zstd
-                    assert time.monotonic() < deadline, "the import read nothing"
-                    time.sleep(0.005)
-                f.write(data[len(data) // 2 :])
-            journal.whole(name, (pgdata / name).lstat())
-            time.sleep(0.02)  # past the file system's timestamp granularity, as recovery is
-            rewrite_page(pgdata, 5, 0x4C)
-        finally:
-            release.set()
-        for future in busy:
-            future.result()
-        journal.done()
+    def write(journal: JournalWriter, source: Path, pgdata: Path, wait_read: WaitRead) -> None:
+        big = big_file(source)
+        name = str(big.relative_to(source))
+        shutil.copytree(source, pgdata, symlinks=True, ignore=lambda d, names: [
+            n for n in names if Path(d) / n == big
+        ])  # fmt: skip
+        data = big.read_bytes()
+        journal.lsn(early_lsn(source))
+        journal.file(BIG_PAGES * BLCKSZ, name)
+        with open(pgdata / name, "wb", buffering=0) as f:
+            f.write(data[: len(data) // 2])  # page 5 and more: the reader takes them
+            wait_read()
+            f.write(data[len(data) // 2 :])
+        journal.whole(name, (pgdata / name).lstat())
+        time.sleep(0.02)  # past the file system's timestamp granularity, as recovery is
+        rewrite_page(pgdata, 5, 0x4C)
 
-    plain, _ = imported_tar(final, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
-    assert live == plain
-    assert {x.lsn for x in layers} == {lsn}
+    rewritten_while_read(datadir, tmp_path, 0x4C, write)
 
 
 def test_a_file_without_a_whole_line_is_not_imported_early(
