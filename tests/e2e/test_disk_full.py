@@ -90,85 +90,87 @@ def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
     base = pg_reachable_tmpdir("neon-diskfull-")
     try:
         with mounted(["-t", "tmpfs", "-o", "size=200m,mode=0711", "tmpfs"], base) as fs:
-            neon.run("pageserver", "start", "--port", "0", "--http-port", "0")
-            neon.run("storage", "attach", "-t", "native", "-n", "small", "-c", f"path={fs}/s")
-            neon.run("pg", "create", "-s", "small", "--port", str(free_port()))
-            neon.run("pitr", "create", "area", "--pg", "pgdata1", "--ttl", "inf")
-            c = neon.json("pg", "show", "pgdata1")["connstr"]
-            psql(c, "CREATE TABLE t (a int, b text)")
-            psql(c, "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
-            before_fill = psql(c, CHECKSUM)
-            fill_lsn = parse_lsn(psql(c, "SELECT pg_current_wal_insert_lsn()"))
-            # A fresh WAL segment for the server (created while there is room), then the
-            # rest of the filesystem but a little is taken.
-            psql(c, "SELECT pg_switch_wal()")
-            psql(c, "SELECT pg_logical_emit_message(false, 'neon', 'x')")
-            caught_up = parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()"))
-            wait_until(
-                "ingest of the switch",
-                lambda: parse_lsn(str(node_wal(neon)["decoded_lsn"])) >= caught_up,
-            )
-            # WAL-only writes (no data file grows, so the server itself keeps going) on a
-            # session opened before the fill (a new one writes files) until the pageserver's
-            # archive of them hits the full filesystem.
-            watch = psycopg.connect(c, autocommit=True)  # opened before the fill, too
-            checkpoints = watch.execute(CHECKPOINTS).fetchone()
-            with psycopg.connect(c, autocommit=True) as session:
-                fill(fs / "filler", leave=1 << 20)
-                for _ in range(40):
-                    session.execute(
-                        "SELECT pg_logical_emit_message(false, 'neon', repeat('y', 200000))"
-                    )
-                    if node_wal(neon).get("ingest") == "stalled":
-                        break
-                    time.sleep(0.2)
-            wal = node_wal(neon)
-            assert wal["ingest"] == "stalled", wal
-            assert "No space left on device" in str(wal["error"]), wal
-            assert "ingest stalled" in neon.run("pg", "list").stdout
-
-            for args in (
-                ("pg", "list"),
-                ("pg", "show", "pgdata1"),
-                ("snapshot", "create", "pgdata1@during"),
-                ("snapshot", "list"),
-                ("pitr", "list"),
-                ("storage", "show", "small"),
-            ):
-                one_line_answer(neon, *args)
-            error = one_line_answer(neon, "snapshot", "create", "pgdata1@during").stderr
-            assert "No space left on device" in error, error
-            # Refused before the server was asked for a CHECKPOINT: on a full disk one may take
-            # it down (CheckPointReplicationOrigin PANICs when it cannot write its file).
-            assert watch.execute(CHECKPOINTS).fetchone() == checkpoints
-            watch.close()
-            # A command that writes to the full filesystem says where, not "internal error".
-            # Whatever the stalled archive left free is taken first: how much that is depends
-            # on where its last write stopped.
-            take_the_rest(fs / "filler-rest")
-            error = one_line_answer(neon, "pitr", "create", "more", "--pg", "pgdata1").stderr
-            assert "No space left on device writing" in error and str(fs) in error, error
-
-            # Space returns: ingest catches up by itself, from the WAL the slot kept.
-            subprocess.run(["mount", "-o", "remount,size=512m", str(fs)], check=True)
-            server = parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()"))
-            wait_until(
-                "ingest to resume",
-                lambda: (
-                    (w := node_wal(neon))["ingest"] == "ok"
-                    and parse_lsn(str(w["decoded_lsn"])) >= server
-                ),
-            )
-            neon.run("snapshot", "create", "pgdata1@after")
-            neon.run(
-                "pitr", "extract-snapshot", "area", "--lsn", format_lsn(fill_lsn), "--as", "old"
-            )
-            ro = neon.run("snapshot", "start", "pgdata1@old").stdout.strip()
             try:
-                assert psql(ro, CHECKSUM) == before_fill
+                neon.run("pageserver", "start", "--port", "0", "--http-port", "0")
+                neon.run("storage", "attach", "-t", "native", "-n", "small", "-c", f"path={fs}/s")
+                neon.run("pg", "create", "-s", "small", "--port", str(free_port()))
+                neon.run("pitr", "create", "area", "--pg", "pgdata1", "--ttl", "inf")
+                c = neon.json("pg", "show", "pgdata1")["connstr"]
+                psql(c, "CREATE TABLE t (a int, b text)")
+                psql(c, "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+                before_fill = psql(c, CHECKSUM)
+                fill_lsn = parse_lsn(psql(c, "SELECT pg_current_wal_insert_lsn()"))
+                # A fresh WAL segment for the server (created while there is room), then the
+                # rest of the filesystem but a little is taken.
+                psql(c, "SELECT pg_switch_wal()")
+                psql(c, "SELECT pg_logical_emit_message(false, 'neon', 'x')")
+                caught_up = parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()"))
+                wait_until(
+                    "ingest of the switch",
+                    lambda: parse_lsn(str(node_wal(neon)["decoded_lsn"])) >= caught_up,
+                )
+                # WAL-only writes (no data file grows, so the server itself keeps going) on a
+                # session opened before the fill (a new one writes files) until the pageserver's
+                # archive of them hits the full filesystem.
+                watch = psycopg.connect(c, autocommit=True)  # opened before the fill, too
+                checkpoints = watch.execute(CHECKPOINTS).fetchone()
+                with psycopg.connect(c, autocommit=True) as session:
+                    fill(fs / "filler", leave=1 << 20)
+                    for _ in range(40):
+                        session.execute(
+                            "SELECT pg_logical_emit_message(false, 'neon', repeat('y', 200000))"
+                        )
+                        if node_wal(neon).get("ingest") == "stalled":
+                            break
+                        time.sleep(0.2)
+                wal = node_wal(neon)
+                assert wal["ingest"] == "stalled", wal
+                assert "No space left on device" in str(wal["error"]), wal
+                assert "ingest stalled" in neon.run("pg", "list").stdout
+
+                for args in (
+                    ("pg", "list"),
+                    ("pg", "show", "pgdata1"),
+                    ("snapshot", "create", "pgdata1@during"),
+                    ("snapshot", "list"),
+                    ("pitr", "list"),
+                    ("storage", "show", "small"),
+                ):
+                    one_line_answer(neon, *args)
+                error = one_line_answer(neon, "snapshot", "create", "pgdata1@during").stderr
+                assert "No space left on device" in error, error
+                # Refused before the server was asked for a CHECKPOINT: on a full disk one may take
+                # it down (CheckPointReplicationOrigin PANICs when it cannot write its file).
+                assert watch.execute(CHECKPOINTS).fetchone() == checkpoints
+                watch.close()
+                # A command that writes to the full filesystem says where, not "internal error".
+                # Whatever the stalled archive left free is taken first: how much that is depends
+                # on where its last write stopped.
+                take_the_rest(fs / "filler-rest")
+                error = one_line_answer(neon, "pitr", "create", "more", "--pg", "pgdata1").stderr
+                assert "No space left on device writing" in error and str(fs) in error, error
+
+                # Space returns: ingest catches up by itself, from the WAL the slot kept.
+                subprocess.run(["mount", "-o", "remount,size=512m", str(fs)], check=True)
+                server = parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()"))
+                wait_until(
+                    "ingest to resume",
+                    lambda: (
+                        (w := node_wal(neon))["ingest"] == "ok"
+                        and parse_lsn(str(w["decoded_lsn"])) >= server
+                    ),
+                )
+                neon.run("snapshot", "create", "pgdata1@after")
+                neon.run(
+                    "pitr", "extract-snapshot", "area", "--lsn", format_lsn(fill_lsn), "--as", "old"
+                )
+                ro = neon.run("snapshot", "start", "pgdata1@old").stdout.strip()
+                try:
+                    assert psql(ro, CHECKSUM) == before_fill
+                finally:
+                    neon.run("snapshot", "stop", "pgdata1@old")
             finally:
-                neon.run("snapshot", "stop", "pgdata1@old")
-            neon.cleanup()  # the node's server, before its filesystem goes
+                neon.cleanup()  # the node's server, before its filesystem goes (also on failure)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
