@@ -18,6 +18,7 @@ from pageserver.ingest import import_datadir as imp
 from pageserver.storage.keys import KEY_MAX, KEY_MIN, rel_block_key
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID
 from proto.errors import CorruptData
@@ -57,19 +58,32 @@ def imported_tar(datadir: Path, store_dir: Path, threads: int) -> tuple[str, int
     try:
         timeline = store.create_timeline()
         lsn = imp.import_datadir(timeline, datadir, threads=threads)
-        layers = sorted(timeline.layer_map().layers(), key=lambda x: x.name.key_range.start)
-        assert all(isinstance(x, ImageLayer) and x.lsn == lsn for x in layers)
-        assert layers[0].name.key_range.start == KEY_MIN
-        assert layers[-1].name.key_range.end == KEY_MAX
-        for before, after in itertools.pairwise(layers):
-            assert before.name.key_range.end == after.name.key_range.start
-        _info, chunks = basebackup_chunks(TimelineSource(timeline, lsn), lsn, now=0)
-        digest = hashlib.sha256()
-        for chunk in chunks:
-            digest.update(chunk)
-        return digest.hexdigest(), len(layers)
+        layers = tiling_images(timeline)
+        assert all(x.lsn == lsn for x in layers)
+        return basebackup_digest(timeline, lsn), len(layers)
     finally:
         store.close()
+
+
+def tiling_images(timeline: Timeline) -> list[ImageLayer]:
+    """The timeline's layers in key order, checked to be image layers tiling the keyspace."""
+    layers = sorted(timeline.layer_map().layers(), key=lambda x: x.name.key_range.start)
+    assert layers[0].name.key_range.start == KEY_MIN
+    assert layers[-1].name.key_range.end == KEY_MAX
+    for before, after in itertools.pairwise(layers):
+        assert before.name.key_range.end == after.name.key_range.start
+    images = [x for x in layers if isinstance(x, ImageLayer)]
+    assert images == layers
+    return images
+
+
+def basebackup_digest(timeline: Timeline, lsn: int) -> str:
+    """SHA-256 of the timeline's basebackup tar at `lsn`."""
+    _info, chunks = basebackup_chunks(TimelineSource(timeline, lsn), lsn, now=0)
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("threads", [2, 3, 7])

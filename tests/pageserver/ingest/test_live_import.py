@@ -7,8 +7,6 @@ to the plain import, and a writer that gives up or dies leaves no layer."""
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -20,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.basebackup.sources import TimelineSource
-from pageserver.basebackup.tar_stream import basebackup_chunks
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest.live_journal import JOURNAL_NAME, JournalWriter, early_candidate
-from pageserver.storage.keys import KEY_MAX, KEY_MIN, rel_block_key
+from pageserver.storage.keys import rel_block_key
 from pageserver.storage.layers.blocks import compression_pool
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.timeline import Timeline
@@ -35,10 +31,12 @@ from tests.pageserver.ingest.test_import_threads import (
     BIG_PAGES,
     BIG_RELNODE,
     SETTINGS,
+    basebackup_digest,
     big_db,
     big_file,
     datadir,  # noqa: F401 (the fixture)
     imported_tar,
+    tiling_images,
 )
 
 Writer = Callable[[JournalWriter, Path, Path, Timeline], None]
@@ -62,19 +60,27 @@ def live_import(source: Path, tmp_path: Path, write: Writer) -> tuple[str, list[
             finally:
                 journal.failed()  # no-op once done
             lsn = future.result(timeout=120)
-        layers = sorted(timeline.layer_map().layers(), key=lambda x: x.name.key_range.start)
-        assert all(isinstance(x, ImageLayer) for x in layers)
-        assert layers[0].name.key_range.start == KEY_MIN
-        assert layers[-1].name.key_range.end == KEY_MAX
-        for before, after in itertools.pairwise(layers):
-            assert before.name.key_range.end == after.name.key_range.start
-        _info, chunks = basebackup_chunks(TimelineSource(timeline, lsn), lsn, now=0)
-        digest = hashlib.sha256()
-        for chunk in chunks:
-            digest.update(chunk)
-        return digest.hexdigest(), [x for x in layers if isinstance(x, ImageLayer)], lsn
+        layers = tiling_images(timeline)
+        return basebackup_digest(timeline, lsn), layers, lsn
     finally:
         store.close()
+
+
+def live_equals(
+    final: Path, source: Path, tmp_path: Path, write: Writer
+) -> tuple[list[ImageLayer], int]:
+    """Import `source` live through `write`; its state must be a plain import of `final` (the
+    directory as `write` leaves it). The layers and the import LSN."""
+    plain, _ = imported_tar(final, tmp_path / "plain", 1)
+    live, layers, lsn = live_import(source, tmp_path / "live", write)
+    assert live == plain
+    return layers, lsn
+
+
+def imported_as_final(final: Path, source: Path, tmp_path: Path, write: Writer) -> None:
+    """As live_equals, and no early layer kept: the directory was imported whole."""
+    layers, lsn = live_equals(final, source, tmp_path, write)
+    assert {x.lsn for x in layers} == {lsn}
 
 
 def early_lsn(source: Path) -> int:
@@ -117,9 +123,7 @@ def test_big_files_are_imported_early_and_the_state_is_the_same(
         wait_for_layer_at(timeline, early_lsn(source))  # written before the directory is final
         journal.done()
 
-    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
-    assert live == plain
+    layers, lsn = live_equals(datadir, datadir, tmp_path, write)
     assert {x.lsn for x in layers} == {early_lsn(datadir), lsn}
     early = [x.name.key_range for x in layers if x.lsn == early_lsn(datadir)]
     db = big_db(datadir)
@@ -145,10 +149,7 @@ def test_a_file_changed_after_it_was_read_is_imported_as_final(
         rewrite_page(pgdata, 5, 0x5A)
         journal.done()
 
-    plain, _ = imported_tar(final, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
-    assert live == plain
-    assert {x.lsn for x in layers} == {lsn}
+    imported_as_final(final, datadir, tmp_path, write)
     assert not [p for p in (tmp_path / "live" / "store").rglob(f"*__{early_lsn(datadir):016X}")]
 
 
@@ -224,9 +225,7 @@ def test_a_file_is_read_as_it_grows(datadir: Path, tmp_path: Path) -> None:  # n
         journal.whole(str(big.relative_to(source)), big_file(pgdata).lstat())
         journal.done()
 
-    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
-    assert live == plain
+    layers, lsn = live_equals(datadir, datadir, tmp_path, write)
     assert {x.lsn for x in layers} == {early_lsn(datadir), lsn}
 
 
@@ -249,10 +248,7 @@ def test_a_file_announced_twice_is_imported_as_final(datadir: Path, tmp_path: Pa
         os.utime(big_file(pgdata), ns=(st.st_atime_ns, st.st_mtime_ns))
         journal.done()
 
-    plain, _ = imported_tar(final, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
-    assert live == plain
-    assert {x.lsn for x in layers} == {lsn}
+    imported_as_final(final, datadir, tmp_path, write)
 
 
 def test_a_file_shorter_than_announced_once_final_is_imported_as_final(
@@ -279,15 +275,12 @@ def test_a_file_shorter_than_announced_once_final_is_imported_as_final(
             f.write("failed\n")
 
     work = tmp_path / "live" / "work"
-    plain, _ = imported_tar(final, tmp_path / "plain", 1)
     timer = threading.Timer(30, unstick, (work / "pgdata",))
     timer.start()
     try:
-        live, layers, lsn = live_import(datadir, tmp_path / "live", write)
+        imported_as_final(final, datadir, tmp_path, write)
     finally:
         timer.cancel()
-    assert live == plain
-    assert {x.lsn for x in layers} == {lsn}
 
 
 def test_a_file_changed_while_still_being_read_is_imported_as_final(
@@ -347,10 +340,7 @@ def rewritten_while_read(
             future.result()
         journal.done()
 
-    plain, _ = imported_tar(final, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(source_dir, tmp_path / "live", held)
-    assert live == plain
-    assert {x.lsn for x in layers} == {lsn}
+    imported_as_final(final, source_dir, tmp_path, held)
 
 
 def test_a_file_rewritten_before_the_pageserver_saw_it_whole_is_imported_as_final(
@@ -397,7 +387,4 @@ def test_a_file_without_a_whole_line_is_not_imported_early(
         wait_for_layer_at(timeline, early_lsn(source))
         journal.done()
 
-    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
-    live, layers, lsn = live_import(datadir, tmp_path / "live", write)
-    assert live == plain
-    assert {x.lsn for x in layers} == {lsn}
+    imported_as_final(datadir, datadir, tmp_path, write)

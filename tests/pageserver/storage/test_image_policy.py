@@ -44,6 +44,14 @@ def load(tl: Timeline, lsn: int, blocks: range, fill: int) -> None:
     tl.freeze_and_flush()
 
 
+def imported(tl: Timeline) -> None:
+    """4 pages as an import writes them (images at 0x10), and image layers over them."""
+    tl.put_batch([(page(b), 0x10, Image(bytes([1]) * 8192)) for b in range(4)])
+    tl.advance_last_record_lsn(0x10, None)
+    tl.freeze_and_flush()
+    assert create_image_layers(tl, redo, force=True) > 0
+
+
 def images_over(tl: Timeline, blocks: range, lsn: int) -> bool:
     whole = K.KeyRange(page(blocks.start), page(blocks.stop))
     images, covered = tl.layer_map().images_over(whole, lsn)
@@ -54,10 +62,7 @@ def test_a_bulk_load_under_old_images_gets_images_from_one_layer(tmp_path: Path)
     store = TimelineStore(tmp_path / "store", SETTINGS)
     try:
         tl = store.create_timeline()
-        tl.put_batch([(page(b), 0x10, Image(bytes([1]) * 8192)) for b in range(4)])
-        tl.advance_last_record_lsn(0x10, None)
-        tl.freeze_and_flush()
-        assert create_image_layers(tl, redo, force=True) > 0  # as an import: 4 pages
+        imported(tl)
         load(tl, 0x80000, range(4, 64), fill=2)  # the load: 60 pages the images do not hold
         # One layer above the images: below image_creation_threshold.
         assert len(tl.layer_map().deltas_overlapping(K.FULL_KEYSPACE, 0x10, 0x80000)) == 1
@@ -75,10 +80,7 @@ def test_an_l1_layer_across_an_image_lsn_is_weighed_by_its_share_above(tmp_path:
     store = TimelineStore(tmp_path / "store", SETTINGS)
     try:
         tl = store.create_timeline()
-        tl.put_batch([(page(b), 0x10, Image(bytes([1]) * 8192)) for b in range(4)])
-        tl.advance_last_record_lsn(0x10, None)
-        tl.freeze_and_flush()
-        assert create_image_layers(tl, redo, force=True) > 0
+        imported(tl)
         load(tl, 0x80000, range(4, 64), fill=2)
         assert create_image_layers(tl, redo) == 4
         # A little more WAL (LSNs advance as WAL is written: the load's 480 KiB took
