@@ -6,12 +6,14 @@ sshd) and s3 (moto, parts of 1 MiB) for push, s3 for pull."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,9 +103,44 @@ def kill_points(size: int, salt: int) -> list[int]:
     return sorted(rng.randrange(size // 10, 2 * size // 3) for _ in range(KILLS))
 
 
-def kill_when(home: NeonCli, args: list[str], reached: Callable[[], int], at: int) -> None:
+@contextlib.contextmanager
+def no_part_stored_beyond(number: int) -> Iterator[None]:
+    """moto (in this process) stores no part numbered above `number` until the block ends.
+    With 8 parts in flight a push can send its last parts and its CompleteMultipartUpload
+    between two looks at the bucket, and the server completes the object after the kill;
+    held parts make a push killed once it reached a point one that cannot have completed."""
+    import moto.s3.models
+
+    original = moto.s3.models.S3Backend.upload_part
+    released = threading.Event()
+
+    def upload_part(
+        self: Any, bucket_name: str, multipart_id: str, part_id: int, value: bytes
+    ) -> Any:
+        if part_id > number:
+            released.wait(60)
+        return original(self, bucket_name, multipart_id, part_id, value)
+
+    moto.s3.models.S3Backend.upload_part = upload_part  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        moto.s3.models.S3Backend.upload_part = original  # type: ignore[method-assign]
+        released.set()
+
+
+def kill_when(
+    home: NeonCli, args: list[str], reached: Callable[[], int], at: int,
+    hold: Callable[[int], contextlib.AbstractContextManager[None]] | None = None,
+) -> None:  # fmt: skip
     """Run `neon ARGS` and SIGKILL it once `reached()` (bytes at the far side) is `at`; it
-    must not have finished first."""
+    must not have finished first. `hold(at)`, if given, is entered around the run: what
+    keeps the far side from going much beyond `at` before the kill."""
+    with hold(at) if hold is not None else contextlib.nullcontext():
+        _kill_when(home, args, reached, at)
+
+
+def _kill_when(home: NeonCli, args: list[str], reached: Callable[[], int], at: int) -> None:
     proc = subprocess.Popen(
         [NEON, *args], env=home.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -127,9 +164,10 @@ def file_size(path: Path) -> int:
 def resumed_push(
     sender: NeonCli, url: str, reached: Callable[[], int], visible: Callable[[], bool],
     reference: dict[str, Any], salt: int,
+    hold: Callable[[int], contextlib.AbstractContextManager[None]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     for at in kill_points(reference["size"], salt):
-        kill_when(sender, ["snapshot", "push", "--to", url, SNAP], reached, at)
+        kill_when(sender, ["snapshot", "push", "--to", url, SNAP], reached, at, hold)
         assert not visible(), f"a push killed at {at} bytes left a visible file"
     pushed: dict[str, Any] = sender.json("snapshot", "push", "--to", url, SNAP)
     print(f"resumed push to {url}: {pushed['bytes_sent']} of {reference['size']} bytes sent, "
@@ -197,7 +235,10 @@ def test_push_to_s3_and_pull_killed_and_resumed(
     def visible() -> bool:
         return bool(client.list_objects_v2(Bucket=bucket).get("Contents"))
 
-    pushed = resumed_push(sender, f"s3://{bucket}/snaps/", uploaded, visible, reference, 2)
+    pushed = resumed_push(
+        sender, f"s3://{bucket}/snaps/", uploaded, visible, reference, 2,
+        lambda at: no_part_stored_beyond(-(-at // PART)),
+    )  # fmt: skip
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == reference["sha256"]
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
