@@ -72,7 +72,7 @@ from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, 
 NAME_PREFIX = "replica-"
 SEED_TAG = "replica-seed"
 """Tag prefix of the temporary snapshot a seeding takes (`PGDATA@replica-seed-<pid>-<hex>`)."""
-_PGDATA_NAME_RE = re.compile(r"^pgdata\d+$")
+_PGDATA_NAME_RE = re.compile(r"^pgdata\d+\Z")
 
 
 @dataclass(frozen=True, slots=True)

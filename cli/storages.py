@@ -22,7 +22,7 @@ from proto.errors import InvalidArgument
 DEFAULT_STORAGE = "local"
 STORAGE_TYPES = ("native", "s3", "remote")
 TYPE_LABELS = {"native": "neon-local", "s3": "S3", "remote": "neon-remote"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 # Options that are secrets: stored in a 0600 file, never in the registry nor printed.
 # A secret can come from a file, the environment or a prompt instead of the command line
@@ -155,7 +155,7 @@ def _split_url(url: str, what: str) -> SplitResult:
 
 
 # AWS's naming rules for general purpose buckets (docs.aws.amazon.com, "Bucket naming rules").
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 _S3_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _S3_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 

@@ -50,8 +50,8 @@ PGDATA_SUBDIRS = (
 TABLESPACE_VERSION_DIRECTORY = "PG_15_202209061"
 """`PG_<major>_<catalog version>`: the directory inside a tablespace that belongs to PG 15."""
 
-SLRU_SEGMENT_FILE = re.compile(r"^[0-9A-F]{4,6}$")
-TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}$")
+SLRU_SEGMENT_FILE = re.compile(r"^[0-9A-F]{4,6}\Z")
+TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}\Z")
 _REL_FILE = re.compile(r"([0-9]+)(_fsm|_vm|_init)?(?:\.([0-9]+))?")
 _SUFFIX_FORK = {suffix: fork for fork, suffix in FORK_SUFFIX.items()}
 

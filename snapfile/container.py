@@ -28,9 +28,9 @@ MAX_FRAMES = 10**FRAME_DIGITS
 PAX_PREFIX = "PaxHeaders/"
 MAX_MANIFEST_SIZE = 64 * 1024
 
-_FRAME_NAME_RE = re.compile(r"^frames/(\d{8})\.zst$")
-_COMMENT_RE = re.compile(r"^sha256=([0-9a-f]{64})(?: data_size=(0|[1-9]\d{0,9}))?$")
-_OCTAL_RE = re.compile(rb"^[0-7]{11}\0$")
+_FRAME_NAME_RE = re.compile(r"^frames/(\d{8})\.zst\Z")
+_COMMENT_RE = re.compile(r"^sha256=([0-9a-f]{64})(?: data_size=(0|[1-9]\d{0,9}))?\Z")
+_OCTAL_RE = re.compile(rb"^[0-7]{11}\0\Z")
 _REGULAR = b"0"
 _PAX = b"x"
 
@@ -124,7 +124,7 @@ def _octal(field: bytes, what: str) -> int:
 
 def _block_checksum_ok(block: bytes) -> bool:
     stored = block[148:156]
-    if not re.match(rb"^[0-7]{6}\0 $", stored):
+    if not re.match(rb"^[0-7]{6}\0 \Z", stored):
         return False
     return int(stored[:6], 8) == sum(block[:148]) + 8 * 32 + sum(block[156:])
 

@@ -34,10 +34,10 @@ MIN_FRAME_SIZE = 4096
 MAX_FRAME_SIZE = 64 * 1024 * 1024
 MAX_UINT64 = 2**64 - 1
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{8})$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{8})\Z")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 
 ErrorType = type[NeonError]
 

@@ -27,7 +27,7 @@ OPERATORS = (*COMPARISONS, "in", "is")
 RESERVED = ("select", "order", "limit", "offset")
 MAX_NAME = 63  # NAMEDATALEN - 1: no catalog name is longer
 
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
 
 
 class QueryError(Exception):

@@ -14,10 +14,10 @@ from pathlib import Path
 from pageserver.history.named_records import NamedRecords
 from proto.errors import InvalidArgument
 
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 NAME_RULE = "1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 """What a snapshot tag and a PITR area name may be (they become file names)."""
-_HEAD = re.compile(r"^HEAD\{(\d+)\}$")
+_HEAD = re.compile(r"^HEAD\{(\d+)\}\Z")
 RESERVED_TAGS = ("CURRENT",)
 
 

@@ -22,8 +22,8 @@ from proto.errors import InvalidArgument
 INFINITE = "inf"
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])\Z")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\Z")
 
 MAX_TTL = "36500d"
 """The longest TTL a new area accepts (100 years; 'inf' keeps everything)."""

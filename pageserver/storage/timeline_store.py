@@ -29,7 +29,7 @@ from pageserver.storage.timeline import Timeline
 from pg15.lsn import format_lsn
 from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
-_TIMELINE_ID = re.compile(r"^[0-9a-f]{1,64}$")
+_TIMELINE_ID = re.compile(r"^[0-9a-f]{1,64}\Z")
 _DELETING_SUFFIX = ".deleting"
 _IMPORTING = "importing"
 

@@ -17,8 +17,8 @@ from proto.errors import InvalidArgument
 
 _HEX_KEY = "[0-9A-F]{36}"
 _HEX_LSN = "[0-9A-F]{16}"
-_DELTA_RE = re.compile(rf"^({_HEX_KEY})-({_HEX_KEY})__({_HEX_LSN})-({_HEX_LSN})$")
-_IMAGE_RE = re.compile(rf"^({_HEX_KEY})-({_HEX_KEY})__({_HEX_LSN})$")
+_DELTA_RE = re.compile(rf"^({_HEX_KEY})-({_HEX_KEY})__({_HEX_LSN})-({_HEX_LSN})\Z")
+_IMAGE_RE = re.compile(rf"^({_HEX_KEY})-({_HEX_KEY})__({_HEX_LSN})\Z")
 
 
 @dataclass(frozen=True, slots=True)
