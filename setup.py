@@ -50,6 +50,8 @@ setup(
         Extension(
             "pageserver.redo._redo",
             ["pageserver/redo/_redo.c"],
+            include_dirs=["pg15"],
+            depends=["pg15/walrecord.h"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

@@ -27,6 +27,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "walrecord.h" /* pg15/walrecord.h: the record layout, shared with pg15/_walscan.c */
+
 #define BLCKSZ 8192
 #define SIZE_OF_PAGE_HEADER 24
 #define ITEM_ID_SIZE 4
@@ -58,7 +60,6 @@
 
 #define BKPBLOCK_WILL_INIT 0x40
 #define BKPIMAGE_APPLY 0x02
-#define BKPIMAGE_COMPRESSED (0x04 | 0x08 | 0x10)
 
 /* heap opcodes (info & XLOG_HEAP_OPMASK) */
 #define XLOG_HEAP_OPMASK 0x70
@@ -487,7 +488,7 @@ page_index_multi_delete(uint8_t *p, const uint8_t *offnums_le, unsigned nitems)
 
 /* ---- the record and its block references --------------------------------------------- */
 
-#define MAX_BLOCKS 33 /* XLR_MAX_BLOCK_ID + 1 */
+#define MAX_BLOCKS (XLR_MAX_BLOCK_ID + 1)
 
 /* One block reference, read from a BlockRef tuple (read_record) or from the record bytes
  * (decode_raw). spc/db/rel/fork are filled by decode_raw only (the chain redo matches on them). */
@@ -1730,160 +1731,48 @@ py_try_redo_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
-/* ---- records from their bytes (DecodeXLogRecord, src/backend/access/transam/xlogreader.c) -- */
+/* ---- records from their bytes ---------------------------------------------------------- */
 
-#define RECORD_HEADER 24
-#define XLR_MAX_BLOCK_ID 32
-#define XLR_BLOCK_ID_DATA_SHORT 255
-#define XLR_BLOCK_ID_DATA_LONG 254
-#define XLR_BLOCK_ID_ORIGIN 253
-#define XLR_BLOCK_ID_TOPLEVEL_XID 252
-#define BKPBLOCK_FORK_MASK 0x0F
-#define BKPBLOCK_HAS_IMAGE 0x10
-#define BKPBLOCK_HAS_DATA 0x20
-#define BKPBLOCK_SAME_REL 0x80
-#define BKPIMAGE_HAS_HOLE 0x01
-
-/* The image-header cross-checks of xlogreader (as pg15/_walscan.c and pg15/records.py). */
-static int
-image_header_ok(unsigned bimg_len, unsigned hole_offset, unsigned hole_length, unsigned bimg_info)
-{
-    int has_hole = bimg_info & BKPIMAGE_HAS_HOLE, compressed = bimg_info & BKPIMAGE_COMPRESSED;
-    if (has_hole && (hole_offset == 0 || hole_length == 0 || bimg_len == BLCKSZ))
-        return 0;
-    if (!has_hole && (hole_offset != 0 || hole_length != 0))
-        return 0;
-    if (compressed && bimg_len == BLCKSZ)
-        return 0;
-    if (!has_hole && !compressed && bimg_len != BLCKSZ)
-        return 0;
-    if (hole_offset + hole_length > BLCKSZ)
-        return 0;
-    return 1;
-}
-
-/* The record bytes (XLogRecord header included) ending at end_lsn into r, pointing into data;
- * FALLBACK for anything pg15._walscan.decode_record would hand to the Python decoder (which
- * then decodes or raises, on the Python path). The CRC was checked when the WAL was read. */
+/* The record bytes (XLogRecord header included) ending at end_lsn into r, pointing into data.
+ * The layout is pg15/walrecord.h's (DecodeXLogRecord, src/backend/access/transam/xlogreader.c),
+ * the one pg15/_walscan.c decodes with: FALLBACK for anything it would hand to the Python
+ * decoder (which then decodes or raises, on the Python path). The CRC was checked when the
+ * WAL was read. */
 static int
 decode_raw(const uint8_t *data, Py_ssize_t n, unsigned long long end_lsn, Rec *r)
 {
-    if (n < RECORD_HEADER || g32(data, 0) != (uint64_t)n)
+    RecordLayout layout;
+    if (!wr_record_layout(data, (int64_t)n, &layout))
         return FALLBACK;
-    Py_ssize_t pos = RECORD_HEADER;
-    uint64_t payload = 0, main_len = 0;
-    int have_rel = 0, max_block_id = -1;
-    uint32_t spc = 0, db = 0, rel = 0;
-    r->nblocks = 0;
-    while ((uint64_t)(n - pos) > payload) {
-        int block_id = data[pos];
-        if (block_id <= XLR_MAX_BLOCK_ID) {
-            if (block_id <= max_block_id || n - pos < 4)
-                return FALLBACK;
-            max_block_id = block_id;
-            Blk *b = &r->blocks[r->nblocks++];
-            memset(b, 0, sizeof *b);
-            b->block_id = (unsigned)block_id;
-            b->fork_flags = data[pos + 1];
-            b->fork = b->fork_flags & BKPBLOCK_FORK_MASK;
-            b->len = g16(data, pos + 2);
-            if ((b->fork_flags & BKPBLOCK_HAS_DATA) ? b->len == 0 : b->len != 0)
-                return FALLBACK;
-            pos += 4;
-            payload += (uint64_t)b->len;
-            if (b->fork_flags & BKPBLOCK_HAS_IMAGE) {
-                if (n - pos < 5)
-                    return FALLBACK;
-                b->has_image = 1;
-                b->img_len = g16(data, pos);
-                b->hole_offset = g16(data, pos + 2);
-                b->bimg_info = data[pos + 4];
-                pos += 5;
-                if (b->bimg_info & BKPIMAGE_COMPRESSED) {
-                    if (b->bimg_info & BKPIMAGE_HAS_HOLE) {
-                        if (n - pos < 2)
-                            return FALLBACK;
-                        b->hole_length = g16(data, pos);
-                        pos += 2;
-                    }
-                }
-                else if (b->img_len <= BLCKSZ)
-                    b->hole_length = BLCKSZ - (unsigned long long)b->img_len;
-                else
-                    return FALLBACK;
-                if (!image_header_ok((unsigned)b->img_len, (unsigned)b->hole_offset,
-                                     (unsigned)b->hole_length, (unsigned)b->bimg_info))
-                    return FALLBACK;
-                payload += (uint64_t)b->img_len;
-            }
-            if (b->fork_flags & BKPBLOCK_SAME_REL) {
-                if (!have_rel || n - pos < 4)
-                    return FALLBACK;
-                b->blkno = g32(data, pos);
-                pos += 4;
-            }
-            else {
-                if (n - pos < 16)
-                    return FALLBACK;
-                spc = g32(data, pos);
-                db = g32(data, pos + 4);
-                rel = g32(data, pos + 8);
-                b->blkno = g32(data, pos + 12);
-                have_rel = 1;
-                pos += 16;
-            }
-            b->spc = spc;
-            b->db = db;
-            b->rel = rel;
-            continue;
-        }
-        if (block_id == XLR_BLOCK_ID_DATA_SHORT) {
-            if (n - pos < 2)
-                return FALLBACK;
-            main_len = data[pos + 1];
-            pos += 2;
-            payload += main_len;
-            break;
-        }
-        if (block_id == XLR_BLOCK_ID_DATA_LONG) {
-            if (n - pos < 5)
-                return FALLBACK;
-            main_len = g32(data, pos + 1);
-            pos += 5;
-            payload += main_len;
-            break;
-        }
-        if (block_id == XLR_BLOCK_ID_ORIGIN) {
-            if (n - pos < 3)
-                return FALLBACK;
-            pos += 3;
-            continue;
-        }
-        if (block_id == XLR_BLOCK_ID_TOPLEVEL_XID) {
-            if (n - pos < 5)
-                return FALLBACK;
-            pos += 5;
-            continue;
-        }
-        return FALLBACK;
-    }
-    if (pos > n || (uint64_t)(n - pos) != payload)
-        return FALLBACK;
-    for (int i = 0; i < r->nblocks; i++) {
+    r->nblocks = layout.nheads;
+    for (int i = 0; i < layout.nheads; i++) {
+        const BlockHead *h = &layout.heads[i];
         Blk *b = &r->blocks[i];
-        if (b->has_image) {
-            b->img = data + pos;
-            pos += b->img_len;
+        memset(b, 0, sizeof *b);
+        b->block_id = (unsigned)h->block_id;
+        b->fork_flags = (unsigned)h->fork_flags;
+        b->fork = b->fork_flags & BKPBLOCK_FORK_MASK;
+        b->spc = h->spc;
+        b->db = h->db;
+        b->rel = h->rel;
+        b->blkno = h->blkno;
+        if (h->has_image) {
+            b->has_image = 1;
+            b->img = data + h->image_off;
+            b->img_len = (Py_ssize_t)h->bimg_len;
+            b->hole_offset = h->hole_offset;
+            b->hole_length = h->hole_length;
+            b->bimg_info = h->bimg_info;
         }
-        b->data = data + pos;
-        pos += b->len;
+        b->data = data + h->data_off;
+        b->len = (Py_ssize_t)h->data_len;
     }
-    r->xid = g32(data, 4);
+    r->xid = wr_le32(data + 4);
     r->info = data[16];
     r->rmgr = data[17];
     r->end_lsn = end_lsn;
-    r->main = data + pos;
-    r->main_len = (Py_ssize_t)main_len;
+    r->main = data + layout.main_off;
+    r->main_len = (Py_ssize_t)layout.main_len;
     return OK;
 }
 
