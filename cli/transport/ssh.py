@@ -27,7 +27,9 @@ directory of this process), so the steps of a push or pull (stat, digests, write
 index) pay for one key exchange and login, not one each (each cost a new TCP connection and
 handshake). The master is asked to exit when the process ends (`close_connections`, run at
 exit) and the directory is removed; if the process is killed, the master still exits
-MUX_PERSIST seconds after its last session. Options in NEON_SSH_COMMAND come first and win.
+MUX_PERSIST seconds after its last session, and the directory (its name carries the PID) is
+removed by the next command that opens one, once that PID is gone. Options in
+NEON_SSH_COMMAND come first and win.
 
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
@@ -43,6 +45,7 @@ import os
 import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -84,6 +87,7 @@ SSH_OPTIONS = (
     "-o",
     "ServerAliveCountMax=4",
 )
+MUX_DIR_PREFIX = "neon-ssh-"  # then the PID and mkdtemp's random part
 MUX_PERSIST = 10  # seconds an idle shared connection outlives its last session
 MUX_SOCKET_MAX = 100  # a unix socket path is at most 107 bytes; %C expands to 40
 CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
@@ -206,7 +210,10 @@ def _multiplexed(program: list[str]) -> list[str]:
     key = tuple(program)
     directory = _MUX_DIRS.get(key)
     if directory is None:
-        directory = tempfile.mkdtemp(prefix="neon-ssh-")  # mode 0700: only we reach it
+        if not _MUX_DIRS:
+            sweep_dead_mux_dirs()
+        # mode 0700: only we reach it; the PID in the name tells a later command it is litter
+        directory = tempfile.mkdtemp(prefix=f"{MUX_DIR_PREFIX}{os.getpid()}-")
         if len(directory) + 41 > MUX_SOCKET_MAX:
             os.rmdir(directory)
             return program
@@ -217,6 +224,38 @@ def _multiplexed(program: list[str]) -> list[str]:
         *program, "-o", "ControlMaster=auto", "-o", f"ControlPath={directory}/%C",
         "-o", f"ControlPersist={MUX_PERSIST}",
     ]  # fmt: skip
+
+
+def sweep_dead_mux_dirs(parent: str | None = None) -> list[str]:
+    """Remove the socket directories that killed commands of this user left in `parent`
+    (the temp directory): a `neon-ssh-PID-*` directory of ours whose PID no longer runs.
+    Their masters have exited (MUX_PERSIST) or will, their sockets unused. Returns them."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            pid_text = entry.name.removeprefix(MUX_DIR_PREFIX).partition("-")[0]
+            if not entry.name.startswith(MUX_DIR_PREFIX) or not pid_text.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                    continue
+                if _pid_runs(int(pid_text)):
+                    continue
+                shutil.rmtree(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as someone else
+        return True
+    return True
 
 
 def close_connections() -> None:

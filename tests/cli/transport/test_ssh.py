@@ -5,8 +5,11 @@ and URLs are checked before anything runs."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,7 +17,7 @@ import pytest
 
 from cli.transport import parse_location
 from cli.transport.base import read_object
-from cli.transport.ssh import _MUX_DIRS, SshStore, close_connections
+from cli.transport.ssh import _MUX_DIRS, SshStore, close_connections, sweep_dead_mux_dirs
 from proto.errors import AuthFailed, Conflict, InvalidArgument, NotFound, Unavailable
 from tests.cli.transport.conftest import entries
 from tests.pgtest import free_port
@@ -200,3 +203,33 @@ async def test_a_command_logs_in_once(ssh_env: SshServer, remote_dir: Path) -> N
     assert await store.stat("x.neon") is None
     assert _logins(ssh_env) == before + 2
     close_connections()
+
+
+def test_a_killed_command_s_socket_directory_is_swept() -> None:
+    """A SIGKILLed command cannot remove its socket directory; the next command that opens one
+    removes the directories of PIDs that no longer run, and only those (a living process's,
+    another name, a symlink stay)."""
+    parent = Path(tempfile.mkdtemp(prefix="nsw-"))  # short: socket paths have a limit
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import os, signal\n"
+             "from cli.transport.ssh import _multiplexed\n"
+             "_multiplexed(['ssh'])\n"
+             "os.kill(os.getpid(), signal.SIGKILL)\n"],
+            env={**os.environ, "TMPDIR": str(parent)}, cwd=Path(__file__).parents[3],
+        )  # fmt: skip
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        [left] = list(parent.iterdir())
+        assert left.name.startswith(f"neon-ssh-{child.pid}-") and left.is_dir()
+        living = parent / f"neon-ssh-{os.getpid()}-abcd"
+        living.mkdir()
+        other = parent / "neon-ssh-notapid"
+        other.mkdir()
+        link = parent / f"neon-ssh-{child.pid}-link"
+        link.symlink_to(living)
+        assert sweep_dead_mux_dirs(str(parent)) == [str(left)]
+        assert sorted(p.name for p in parent.iterdir()) == sorted(
+            [living.name, other.name, link.name]
+        )
+    finally:
+        shutil.rmtree(parent)
