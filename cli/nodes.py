@@ -58,7 +58,7 @@ from proto.errors import (
 
 DEFAULT_PORT = 5432
 NODE_ID_PREFIX = "primary"
-NODE_ID_RE = re.compile(rf"^{NODE_ID_PREFIX}\d+$", re.IGNORECASE)
+NODE_ID_RE = re.compile(rf"^{NODE_ID_PREFIX}\d+\Z", re.IGNORECASE)
 """Node IDs, present and future: no data directory name may match it."""
 SUPERUSER = "neon"
 ATTACHED = "attached"

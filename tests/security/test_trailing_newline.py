@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from cli.nodes import NODE_ID_PREFIX, NODE_ID_RE
 from cli.storages import validate_name, validate_s3_bucket
 from pageserver.history.snapshots import check_user_tag, is_valid_name
 from pageserver.storage.layers.names import parse_layer_name
@@ -39,6 +40,8 @@ def test_a_final_newline_is_refused(what: str, check: Callable[[str], object], g
 
 def test_names_matched_as_files_or_snapshots_take_no_final_newline() -> None:
     assert is_valid_name("s1") and not is_valid_name("s1\n")
+    node_id = f"{NODE_ID_PREFIX}12"
+    assert NODE_ID_RE.match(node_id) and not NODE_ID_RE.match(node_id + "\n")
     assert SLRU_SEGMENT_FILE.match("0000") and not SLRU_SEGMENT_FILE.match("0000\n")
     assert TWOPHASE_FILE.match("000002E5") and not TWOPHASE_FILE.match("000002E5\n")
     assert frame_index("frames/00000001.zst") == 1 and frame_index("frames/00000001.zst\n") is None
