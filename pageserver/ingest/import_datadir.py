@@ -34,7 +34,7 @@ import itertools
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
 from pageserver.ingest.live_import import EarlyImport, receive_early
@@ -187,13 +187,12 @@ _READ_PAGES = 128
 """Pages read at once: one read call per 1 MiB, not one per page."""
 
 
-def pages(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """(block within the file, page) of every not-all-zero page (of blocks start..stop-1
-    only, if given); the file's length must be a whole number of pages."""
+def page_chunks(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(block within the file of the first page, whole pages) of blocks start..stop-1 (all,
+    by default), read a MiB at a time; the file's length must be a whole number of pages."""
     size = path.stat().st_size
     if size % BLCKSZ:
         raise CorruptData(f"{path} has {size} bytes, not a whole number of {BLCKSZ}-byte pages")
-    zero = bytes(BLCKSZ)
     with path.open("rb", buffering=0) as f:
         blkno = start
         f.seek(start * BLCKSZ)
@@ -204,11 +203,20 @@ def pages(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple
                 return
             if len(chunk) % BLCKSZ:
                 raise CorruptData(f"{path} changed while it was read (a partial page)")
-            for at in range(0, len(chunk), BLCKSZ):
-                page = chunk[at : at + BLCKSZ]
-                if page != zero:
-                    yield blkno, page
-                blkno += 1
+            yield blkno, chunk
+            blkno += len(chunk) // BLCKSZ
+
+
+def pages(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(block within the file, page) of every not-all-zero page (of blocks start..stop-1
+    only, if given); the file's length must be a whole number of pages."""
+    for blkno, chunk in page_chunks(path, start, stop):
+        for at in range(0, len(chunk), BLCKSZ):
+            if not chunk.startswith(_ZERO_PAGE, at):
+                yield blkno + at // BLCKSZ, chunk[at : at + BLCKSZ]
+
+
+_ZERO_PAGE = bytes(BLCKSZ)
 
 
 def _import_database(
@@ -334,6 +342,29 @@ class ImageSink(Protocol):
     def add(self, key: Key, data: bytes) -> None: ...
 
 
+@runtime_checkable
+class PageSink(ImageSink, Protocol):
+    """An ImageSink that also takes a relation file's pages a chunk at a time."""
+
+    def add_pages(self, key: Key, data: bytes) -> None:
+        """The not-all-zero pages of `data` (whole pages of one relation file) as the values
+        of `key` (a relation block key) and the next blocks' keys, as `add` of each would
+        (ImageRunWriter.add_pages: one call per chunk, not several per page)."""
+        ...
+
+
+def add_file_pages(sink: ImageSink, key: Key, data: bytes) -> None:
+    """`data`'s not-all-zero pages into `sink`, the first at `key`: a chunk at a time when
+    the sink takes that (PageSink), else page by page."""
+    if isinstance(sink, PageSink):
+        sink.add_pages(key, data)
+        return
+    prefix, first = key[:-4], int.from_bytes(key[-4:])
+    for at in range(0, len(data), BLCKSZ):
+        if not data.startswith(_ZERO_PAGE, at):
+            sink.add(Key(prefix + (first + at // BLCKSZ).to_bytes(4)), data[at : at + BLCKSZ])
+
+
 class ForkFiles(Protocol):
     """How a database directory's relation forks are found and imported."""
 
@@ -376,8 +407,8 @@ class _WholeFiles:
             first = segno * RELSEG_SIZE
             start, stop = max(lo, first) - first, min(hi, first + size // BLCKSZ) - first
             if (start < stop or size % BLCKSZ) and path not in self._skip:
-                for blkno, page in pages(path, start, stop):
-                    sink.add(rel_block_key(spc, db, rel, fork, first + blkno), page)
+                for blkno, chunk in page_chunks(path, start, stop):
+                    add_file_pages(sink, rel_block_key(spc, db, rel, fork, first + blkno), chunk)
             nblocks = first + size // BLCKSZ
         sink.add(rel_size_key(spc, db, rel, fork), encode_u32(nblocks))
 
@@ -436,6 +467,12 @@ class _InRange:
         if self._range.start <= key < self._range.end:
             self._run.add(key, data)
 
+    def add_pages(self, key: Key, data: bytes) -> None:
+        """Only the range's pages of a fork are read (_WholeFiles), so they all belong here."""
+        if self._failed.is_set():
+            raise _Stopped
+        self._run.add_pages(key, data)
+
 
 class _InGaps:
     """The sink of an import whose big files are imported already (live_import.py): each
@@ -446,11 +483,22 @@ class _InGaps:
         self._runs, self._gaps, self._at = runs, gaps, 0
 
     def add(self, key: Key, data: bytes) -> None:
-        while self._at < len(self._gaps) and key >= self._gaps[self._at].end:
+        self._gap_of(key, key).add(key, data)
+
+    def add_pages(self, key: Key, data: bytes) -> None:
+        """A chunk of a file that is not an early one: inside one gap, as the file is."""
+        last = Key(key[:-4] + (int.from_bytes(key[-4:]) + len(data) // BLCKSZ - 1).to_bytes(4))
+        self._gap_of(key, last).add_pages(key, data)
+
+    def _gap_of(self, first: Key, last: Key) -> ImageRunWriter:
+        """The run of the gap holding keys first..last (keys come in ascending order)."""
+        while self._at < len(self._gaps) and first >= self._gaps[self._at].end:
             self._at += 1
-        if self._at == len(self._gaps) or key < self._gaps[self._at].start:
-            raise CorruptData(f"import: key {key.hex()} of an early file came again")
-        self._runs[self._at].add(key, data)
+        if self._at == len(self._gaps) or first < self._gaps[self._at].start:
+            raise CorruptData(f"import: key {first.hex()} of an early file came again")
+        if last >= self._gaps[self._at].end:
+            raise CorruptData(f"import: key {last.hex()} of an early file came again")
+        return self._runs[self._at]
 
 
 def _import_ranges(

@@ -98,9 +98,9 @@ class _Journal:
     def pages(
         self, path: Path, size: int, whole: list[os.stat_result]
     ) -> Iterator[tuple[int, bytes]]:
-        """(block, page) of every not-all-zero page of the file being written at `path`, as
-        its first `size` bytes arrive: only whole pages below its current size are read (the
-        extractor writes each file once, in order, so those bytes are final). A file that
+        """(first block, whole pages) of the file being written at `path`, a MiB at most at
+        a time, as its first `size` bytes arrive: only whole pages below its current size are
+        read (the extractor writes each file once, in order, so those bytes are final). A file that
         is not there yet is waited for; one that is not a regular file, or ends short of
         `size` (its writer moved on), ends early: `unchanged` then refuses it.
 
@@ -122,7 +122,6 @@ class _Journal:
                     return  # a link or worse
             if not _regular(os.fstat(fd)):
                 return
-            zero = bytes(BLCKSZ)
             done = 0
             while done < size:
                 final = self._final()  # before the size: a final directory's file stays
@@ -138,10 +137,7 @@ class _Journal:
                 chunk = os.pread(fd, min(have - done, _READ_BYTES), done)
                 if len(chunk) % BLCKSZ or not chunk:
                     return
-                for at in range(0, len(chunk), BLCKSZ):
-                    page = chunk[at : at + BLCKSZ]
-                    if page != zero:
-                        yield (done + at) // BLCKSZ, page
+                yield done // BLCKSZ, chunk
                 done += len(chunk)
         finally:
             if fd is not None:
@@ -248,8 +244,8 @@ class EarlyImport:
                              key_range)  # fmt: skip
         self._runs.append(run)
         whole: list[os.stat_result] = []
-        for blkno, page in journal.pages(path, size, whole):
-            run.add(rel_block_key(spc, db, rel, fork, first + blkno), page)
+        for blkno, chunk in journal.pages(path, size, whole):
+            run.add_pages(rel_block_key(spc, db, rel, fork, first + blkno), chunk)
         self.layers += run.finish()
         if not whole or whole[0].st_size != size:
             self._spoiled = True  # not the file announced: `unchanged` refuses them all

@@ -1,0 +1,129 @@
+"""ImageRunWriter.add_pages (a relation file's pages a chunk at a time, as imports add them):
+the same layer files, byte for byte, as `add` of each not-all-zero page, wherever chunks,
+blocks and layer cuts fall; keys out of order or past the range are refused."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from pageserver.storage.keys import KEY_MAX, Key, KeyRange, make_key, rel_size_key
+from pageserver.storage.layers.image import ImageRunWriter
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.constants import BLCKSZ
+from proto.errors import InvalidArgument
+
+SETTINGS = StoreSettings(image_layer_target_size=7 * BLCKSZ + 100)  # cuts inside chunks
+
+
+def key(rel: int, blk: int) -> Key:
+    return make_key(0, 1663, 5, rel, 0, blk)
+
+
+def relation(rng: random.Random, n: int) -> bytes:
+    """n pages, about a third of them all zeros (holes import_datadir does not store)."""
+    return b"".join(
+        bytes(BLCKSZ) if rng.random() < 0.3 else rng.randbytes(16) * (BLCKSZ // 16)
+        for _ in range(n)
+    )
+
+
+def written(root: Path, chunked: bool, rels: dict[int, bytes], seed: int) -> dict[str, bytes]:
+    """The layer files of a run over `rels` (relnode -> pages), each followed by its size
+    key; pages added chunk by chunk (random chunk sizes) or one by one."""
+    store = TimelineStore(root, SETTINGS)
+    rng = random.Random(seed)
+    try:
+        timeline = store.create_timeline()
+        run = ImageRunWriter(timeline.directory, 100, timeline.settings, timeline.cache)
+        run.add(key(1, 0), b"a small value first")
+        for rel, data in sorted(rels.items()):
+            n, at = len(data) // BLCKSZ, 0
+            while at < n:
+                take = min(n - at, rng.choice([1, 2, 3, 5, 16, 40]))
+                chunk = data[at * BLCKSZ : (at + take) * BLCKSZ]
+                if chunked:
+                    run.add_pages(key(rel, at), chunk)
+                else:
+                    for i in range(take):
+                        page = chunk[i * BLCKSZ : (i + 1) * BLCKSZ]
+                        if page != bytes(BLCKSZ):
+                            run.add(key(rel, at + i), page)
+                at += take
+            run.add(rel_size_key(1663, 5, rel, 0), n.to_bytes(4, "little"))
+        layers = run.finish()
+        assert len(layers) > 5
+        return {x.path.name: x.path.read_bytes() for x in layers}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_chunks_write_the_files_pages_write(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    rels = {1000 + i: relation(rng, rng.randint(1, 60)) for i in range(4)}
+    one_by_one = written(tmp_path / "pages", False, rels, seed)
+    assert written(tmp_path / "chunks", True, rels, seed) == one_by_one
+
+
+def test_chunk_of_zero_pages_adds_nothing(tmp_path: Path) -> None:
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        run = ImageRunWriter(timeline.directory, 100, timeline.settings, timeline.cache)
+        run.add_pages(key(1000, 0), bytes(3 * BLCKSZ))
+        run.add(key(1000, 1), b"x")  # nothing was added at blocks 0..2
+        [layer] = run.finish()
+        assert layer.get(key(1000, 0)) is None
+        assert layer.get(key(1000, 1)) == b"x"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("before", "first", "data", "match"),
+    [
+        (key(1000, 5), key(1000, 5), b"p" * BLCKSZ, "sorted"),  # at the last key
+        (key(1000, 5), key(1000, 3), b"p" * 4 * BLCKSZ, "sorted"),  # starts below it
+        (None, key(1000, 0), b"p" * 100, "whole pages"),
+        (None, key(1000, 0xFFFFFFFE), b"p" * 2 * BLCKSZ, "past the last block"),
+    ],
+)
+def test_bad_chunks_are_refused_and_leave_no_file(
+    tmp_path: Path, before: Key | None, first: Key, data: bytes, match: str
+) -> None:
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        existing = set(timeline.directory.iterdir())
+        run = ImageRunWriter(timeline.directory, 100, timeline.settings, timeline.cache)
+        if before is not None:
+            run.add(before, b"x")
+        with pytest.raises(InvalidArgument, match=match):
+            run.add_pages(first, data)
+        run.abort()
+        assert set(timeline.directory.iterdir()) == existing
+    finally:
+        store.close()
+
+
+def test_chunk_past_the_run_range_is_refused(tmp_path: Path) -> None:
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        existing = set(timeline.directory.iterdir())
+        run = ImageRunWriter(
+            timeline.directory, 100, timeline.settings, timeline.cache,
+            KeyRange(key(1000, 0), key(1000, 4)),
+        )  # fmt: skip
+        with pytest.raises(InvalidArgument, match="outside the image run's key range"):
+            run.add_pages(key(1000, 2), b"p" * 2 * BLCKSZ + b"q" * BLCKSZ)  # block 4
+        assert set(timeline.directory.iterdir()) == existing
+        run = ImageRunWriter(timeline.directory, 100, timeline.settings, timeline.cache)
+        run.add_pages(key(1000, 2), b"p" * 2 * BLCKSZ)
+        assert run.finish()[-1].name.key_range.end == KEY_MAX
+    finally:
+        store.close()
