@@ -33,8 +33,11 @@ class NeonCli:
         env["NEON_HOME"] = str(self.home)
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1...: parallel test runs
         if worker.startswith("gw") and worker[2:].isdigit():
-            # Nodes created without --port search from PGPORT: each worker its own ports.
-            env["PGPORT"] = str(5432 + 200 * int(worker[2:]))
+            # Nodes created without --port search from PGPORT: each worker its own ports, and
+            # (by the pytest main process's PID) mostly apart from another suite's at once;
+            # 10000-30000 stays below the kernel's ephemeral ports, which free_port() hands out.
+            suite = os.getppid() % 20
+            env["PGPORT"] = str(10000 + 1000 * suite + 200 * int(worker[2:]))
         env.update(self.env_extra)
         return env
 
