@@ -292,6 +292,355 @@ done:
     return out;
 }
 
+
+/*
+ * The L0 merge of compaction (pageserver/storage/compaction.py, whose Python loop is the
+ * reference: heapq.merge of every L0 layer's key groups, the groups of one key joined oldest
+ * layer first, each merged key given to LayerFileWriter.add_key). It was the largest part of
+ * compaction's CPU: a tuple, a slice and a heap step per version, for every version of the
+ * WAL. Here the same walk copies each encoded value from its decompressed block straight
+ * into the writer's open block:
+ *
+ *   Merge(inputs) with inputs [(keys, firsts, file, versions_at, read_block), ...] oldest
+ *   first: a layer's key table (LayerFile._keys: keys back to back, array "Q" firsts), its
+ *   mapped file with the version table at versions_at, and read_block(b) -> bytes (the
+ *   block decompressed and checked: LayerFile.read_block);
+ *   .next_key() -> the next key to merge (bytes), or None when every input is exhausted;
+ *   .run(buf, entries, keys_out, limit, block_no, n_versions, lsn_lo, lsn_hi, target,
+ *        added_before, max_keys, max_blocks, cut)
+ *     -> (status, versions, added, last_key, last_lsn, next_key, bad_input, bad_block, bad_lsn)
+ *   adds the next key (unconditionally: the caller decided it goes into this writer) and
+ *   those after it, as add_key does (buf, entries, block_no, limit: see pack_versions; a key
+ *   entry, key + first version ">I", appended to the list keys_out; a full block cut as
+ *   bytes(buf) appended to the list cut, buf emptied, block_no + 1), and stops before a key
+ *   with status
+ *     0  no key is left;
+ *     1  added_before + added >= target (the caller cuts the L1 layer at next_key);
+ *     2  max_keys keys or max_blocks cut blocks (the caller writes them, checks whether it
+ *        is cancelled and calls again);
+ *   or in the key with
+ *     3  a version LSN outside [lsn_lo, lsn_hi) (bad_lsn), 4  an LSN below the one before it,
+ *     5  an invalid value reference (input bad_input, block bad_block),
+ *     6  a key not above the one before it (an input's key table out of order).
+ * A key whose versions are all empty gets no key entry (add_key adds nothing for it).
+ * Inputs must not change while merged; close() releases them (the files' maps can then close).
+ */
+typedef struct {
+    Py_buffer keys, firsts, file;
+    Py_ssize_t n_keys, i, versions_at;
+    PyObject *read_block, *block;
+    long long block_no;
+} MergeInput;
+
+typedef struct {
+    PyObject_HEAD
+    MergeInput *in;
+    Py_ssize_t n;
+    uint8_t prev[KEY_SIZE];
+    int have_prev;
+} Merge;
+
+static void
+merge_release(Merge *m)
+{
+    for (Py_ssize_t j = 0; j < m->n; j++) {
+        MergeInput *in = &m->in[j];
+        if (in->keys.obj)
+            PyBuffer_Release(&in->keys);
+        if (in->firsts.obj)
+            PyBuffer_Release(&in->firsts);
+        if (in->file.obj)
+            PyBuffer_Release(&in->file);
+        Py_CLEAR(in->read_block);
+        Py_CLEAR(in->block);
+    }
+    PyMem_Free(m->in);
+    m->in = NULL;
+    m->n = 0;
+}
+
+static void
+merge_dealloc(Merge *m)
+{
+    merge_release(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static int
+merge_init(Merge *m, PyObject *args, PyObject *kwds)
+{
+    PyObject *inputs;
+    if (!PyArg_ParseTuple(args, "O!:Merge", &PyList_Type, &inputs))
+        return -1;
+    merge_release(m);
+    m->have_prev = 0;
+    Py_ssize_t n = PyList_GET_SIZE(inputs);
+    m->in = PyMem_Calloc(n ? n : 1, sizeof(MergeInput));
+    if (m->in == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    m->n = n;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        MergeInput *in = &m->in[j];
+        in->block_no = -1;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(inputs, j), "y*y*y*nO:Merge input", &in->keys,
+                              &in->firsts, &in->file, &in->versions_at, &in->read_block)) {
+            merge_release(m);
+            return -1;
+        }
+        Py_INCREF(in->read_block);
+        in->n_keys = in->keys.len / KEY_SIZE;
+        if (in->keys.len % KEY_SIZE || in->firsts.len != (in->n_keys + 1) * 8 ||
+            in->versions_at < 0 || in->versions_at > in->file.len ||
+            !PyCallable_Check(in->read_block)) {
+            merge_release(m);
+            PyErr_SetString(PyExc_ValueError, "Merge: inconsistent input index");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static uint64_t
+first_of(const MergeInput *in, Py_ssize_t i)
+{
+    uint64_t v; /* firsts may be any buffer: unaligned load */
+    memcpy(&v, (const char *)in->firsts.buf + 8 * i, 8);
+    return v;
+}
+
+/* The smallest current key over the inputs, or NULL */
+static const uint8_t *
+merge_min(const Merge *m)
+{
+    const uint8_t *best = NULL;
+    for (Py_ssize_t j = 0; j < m->n; j++) {
+        const MergeInput *in = &m->in[j];
+        if (in->i >= in->n_keys)
+            continue;
+        const uint8_t *k = (const uint8_t *)in->keys.buf + in->i * KEY_SIZE;
+        if (best == NULL || memcmp(k, best, KEY_SIZE) < 0)
+            best = k;
+    }
+    return best;
+}
+
+static PyObject *
+merge_next_key(Merge *m, PyObject *noargs)
+{
+    const uint8_t *k = merge_min(m);
+    if (k == NULL)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)k, KEY_SIZE);
+}
+
+static PyObject *
+merge_close(Merge *m, PyObject *noargs)
+{
+    merge_release(m);
+    Py_RETURN_NONE;
+}
+
+static uint64_t
+get_be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* Cut the open block: bytes(buf) onto `cut`, buf emptied */
+static int
+cut_block(PyObject *buf, PyObject *cut)
+{
+    PyObject *raw = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf),
+                                              PyByteArray_GET_SIZE(buf));
+    if (raw == NULL)
+        return -1;
+    int rc = PyList_Append(cut, raw);
+    Py_DECREF(raw);
+    if (rc < 0)
+        return -1;
+    return PyByteArray_Resize(buf, 0);
+}
+
+static PyObject *
+merge_run(Merge *m, PyObject *args)
+{
+    PyObject *buf, *entries, *keys_out, *cut;
+    Py_ssize_t limit, max_keys, max_blocks;
+    unsigned long long block_no, n_versions, lo, hi, target, before;
+    if (!PyArg_ParseTuple(args, "O!O!O!nKKKKKKnnO!:run", &PyByteArray_Type, &buf,
+                          &PyByteArray_Type, &entries, &PyList_Type, &keys_out, &limit,
+                          &block_no, &n_versions, &lo, &hi, &target, &before, &max_keys,
+                          &max_blocks, &PyList_Type, &cut))
+        return NULL;
+    if (limit < 0 || (uint64_t)limit > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "run: block limit out of range");
+        return NULL;
+    }
+    int status = 0;
+    Py_ssize_t keys_done = 0, bad_input = -1;
+    long long bad_block = -1;
+    unsigned long long added = 0, versions = 0, last_lsn = 0, bad_lsn = 0;
+    uint8_t key[KEY_SIZE], last_key[KEY_SIZE];
+    int have_last = 0;
+    for (;;) {
+        const uint8_t *next = merge_min(m);
+        if (next == NULL) {
+            status = 0;
+            break;
+        }
+        if (keys_done > 0) {
+            if (before + added >= target) {
+                status = 1;
+                break;
+            }
+            if (keys_done >= max_keys || PyList_GET_SIZE(cut) >= max_blocks) {
+                status = 2;
+                break;
+            }
+        }
+        memcpy(key, next, KEY_SIZE);
+        if (m->have_prev && memcmp(key, m->prev, KEY_SIZE) <= 0) {
+            status = 6;
+            goto stopped;
+        }
+        memcpy(m->prev, key, KEY_SIZE);
+        m->have_prev = 1;
+        keys_done++;
+        unsigned long long prev = lo;
+        int key_entry = 0;
+        for (Py_ssize_t j = 0; j < m->n; j++) {
+            MergeInput *in = &m->in[j];
+            if (in->i >= in->n_keys ||
+                memcmp((const uint8_t *)in->keys.buf + in->i * KEY_SIZE, key, KEY_SIZE))
+                continue;
+            uint64_t first = first_of(in, in->i), stop = first_of(in, in->i + 1);
+            in->i++;
+            uint64_t in_file = (uint64_t)(in->file.len - in->versions_at) / ENTRY_SIZE;
+            if (stop > in_file || first > stop) {
+                PyErr_SetString(PyExc_ValueError, "Merge: version entry past the file");
+                return NULL;
+            }
+            for (uint64_t v = first; v < stop; v++) {
+                const uint8_t *e =
+                    (const uint8_t *)in->file.buf + in->versions_at + v * ENTRY_SIZE;
+                unsigned long long lsn = get_be(e, 8);
+                uint8_t tag = e[8];
+                long long b = (long long)get_be(e + 9, 4);
+                uint64_t offset = get_be(e + 13, 4), length = get_be(e + 17, 4);
+                if (b != in->block_no) {
+                    PyObject *block = PyObject_CallFunction(in->read_block, "L", b);
+                    if (block == NULL)
+                        return NULL;
+                    if (!PyBytes_Check(block)) {
+                        Py_DECREF(block);
+                        PyErr_SetString(PyExc_TypeError, "read_block must return bytes");
+                        return NULL;
+                    }
+                    Py_XSETREF(in->block, block);
+                    in->block_no = b;
+                }
+                const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(in->block);
+                if (offset + length > (uint64_t)PyBytes_GET_SIZE(in->block) || length == 0 ||
+                    data[offset] != tag) {
+                    status = 5;
+                    bad_input = j;
+                    bad_block = b;
+                    goto stopped;
+                }
+                if (lsn < lo || lsn >= hi) {
+                    status = 3;
+                    bad_lsn = lsn;
+                    goto stopped;
+                }
+                if (lsn < prev) {
+                    status = 4;
+                    bad_lsn = lsn;
+                    goto stopped;
+                }
+                if (!key_entry) {
+                    uint8_t entry[KEY_SIZE + 4];
+                    memcpy(entry, key, KEY_SIZE);
+                    put_be(entry + KEY_SIZE, n_versions + versions, 4);
+                    PyObject *k = PyBytes_FromStringAndSize((const char *)entry, sizeof entry);
+                    if (k == NULL || PyList_Append(keys_out, k) < 0) {
+                        Py_XDECREF(k);
+                        return NULL;
+                    }
+                    Py_DECREF(k);
+                    key_entry = 1;
+                }
+                Py_ssize_t used = PyByteArray_GET_SIZE(buf);
+                if (used > 0 && (uint64_t)used + length > (uint64_t)limit) {
+                    if (cut_block(buf, cut) < 0)
+                        return NULL;
+                    block_no++;
+                    used = 0;
+                }
+                if (used > UINT32_MAX || length > UINT32_MAX || block_no > UINT32_MAX) {
+                    PyErr_SetString(PyExc_ValueError, "run: value does not fit an entry");
+                    return NULL;
+                }
+                Py_ssize_t at = PyByteArray_GET_SIZE(entries);
+                if (PyByteArray_Resize(entries, at + ENTRY_SIZE) < 0 ||
+                    PyByteArray_Resize(buf, used + (Py_ssize_t)length) < 0)
+                    return NULL;
+                uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
+                put_be(out, lsn, 8);
+                out[8] = tag;
+                put_be(out + 9, block_no, 4);
+                put_be(out + 13, (uint64_t)used, 4);
+                put_be(out + 17, length, 4);
+                memcpy(PyByteArray_AS_STRING(buf) + used, data + offset, length);
+                added += length;
+                versions++;
+                prev = lsn;
+            }
+        }
+        if (key_entry) {
+            memcpy(last_key, key, KEY_SIZE);
+            last_lsn = prev;
+            have_last = 1;
+        }
+    }
+    {
+        const uint8_t *next = merge_min(m);
+        return Py_BuildValue(
+            "iKKNKNnLK", status, versions, added,
+            have_last ? PyBytes_FromStringAndSize((const char *)last_key, KEY_SIZE)
+                      : Py_NewRef(Py_None),
+            last_lsn,
+            next ? PyBytes_FromStringAndSize((const char *)next, KEY_SIZE) : Py_NewRef(Py_None),
+            bad_input, bad_block, bad_lsn);
+    }
+stopped:
+    return Py_BuildValue("iKKOKNnLK", status, versions, added, Py_None, last_lsn,
+                         PyBytes_FromStringAndSize((const char *)key, KEY_SIZE), bad_input,
+                         bad_block, bad_lsn);
+}
+
+static PyMethodDef merge_methods[] = {
+    {"next_key", (PyCFunction)merge_next_key, METH_NOARGS, "The next key to merge, or None."},
+    {"run", (PyCFunction)merge_run, METH_VARARGS, "Merge keys into a writer (module comment)."},
+    {"close", (PyCFunction)merge_close, METH_NOARGS, "Release the inputs."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MergeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_blockpack.Merge",
+    .tp_basicsize = sizeof(Merge),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The L0 merge of compaction (see the comment above it in _blockpack.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)merge_init,
+    .tp_dealloc = (destructor)merge_dealloc,
+    .tp_methods = merge_methods,
+};
+
 static PyMethodDef methods[] = {
     {"newest_of_keys", py_newest_of_keys, METH_VARARGS,
      "LayerFile.newest_of_keys' loop (blocks.py)."},
@@ -310,5 +659,14 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__blockpack(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&MergeType) < 0)
+        return NULL;
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(mod, "Merge", (PyObject *)&MergeType) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
 }

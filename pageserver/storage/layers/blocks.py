@@ -25,7 +25,7 @@ import threading
 import uuid
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -462,6 +462,13 @@ class LayerFile:
                 raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), tag, block[offset + 1 : end]
 
+    def merge_input(self) -> MergeInput:
+        """This file as an input of the C L0 merge (`_blockpack.Merge`): its key table, its
+        map with where the version table starts, and `read_block` (each block decompressed
+        and checked, bypassing the cache like iter_key_groups)."""
+        keys, firsts = self._keys()
+        return keys, firsts, self._map, self._versions_at, self.read_block
+
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in file order, bypassing the cache (a sequential
         scan by compaction must not evict the blocks readers use)."""
@@ -489,6 +496,30 @@ class LayerFile:
                     block_no, block = b, self._block(b, use_cache=False)
                 group.append((lsn, self._value_in(block, b, tag, offset, length)))
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
+
+
+MergeInput = tuple[bytes, "array[int]", mmap.mmap, int, Callable[[int], bytes]]
+"""A layer file as the C L0 merge reads it (LayerFile.merge_input)."""
+
+MERGE_MAX_KEYS = 1024
+"""Keys one call of the C merge adds before its caller checks whether it is cancelled (the
+Python loop checks per key; 1024 keys are a few milliseconds)."""
+MERGE_MAX_BLOCKS = 16
+"""Blocks one call of the C merge cuts before they go to the compression pool (two of its
+batches: the pool compresses while the merge goes on)."""
+_MERGE_ERRORS = 3
+"""`_blockpack.Merge.run`'s statuses from 3 are errors (see `add_merged`); below, it stopped
+before a key: none left, the layer reached its target size, or it added its share."""
+
+
+class MergeSource(Protocol):
+    """What LayerFileWriter.add_merged takes: `_blockpack.Merge` (see `_blockpack.c`)."""
+
+    def run(
+        self, buf: bytearray, entries: bytearray, keys_out: list[bytes], limit: int,
+        block_no: int, n_versions: int, lsn_lo: int, lsn_hi: int, target: int,
+        added_before: int, max_keys: int, max_blocks: int, cut: list[bytes], /,
+    ) -> tuple[int, int, int, bytes | None, int, bytes | None, int, int, int]: ...  # fmt: skip
 
 
 VersionList = list[tuple[int, bytes]] | list[tuple[int, Value]]
@@ -778,6 +809,39 @@ class LayerFileWriter:
         self.uncompressed_bytes += added
         if n_keys:
             self._last = (keys[(n_keys - 1) * size : (n_keys - 1) * size + KEY_SIZE], last_lsn)
+
+    def add_merged(self, merge: MergeSource, target: int, paths: list[Path]) -> int:
+        """Add the next key of the C L0 merge and those after it, stopping before a key once
+        the layer holds `target` uncompressed bytes, or after MERGE_MAX_KEYS keys: what
+        add_key of each merged key writes (the same file; compaction's Python merge is the
+        reference). `paths`: the merge's input files (for errors). Returns the merge's status
+        (0: no key left, 1: the target reached, 2: more to come)."""
+        cut: list[bytes] = []
+        status, versions, added, last_key, last_lsn, key, bad_input, bad_block, bad_lsn = (
+            merge.run(
+                self._buf, self._versions, self._keys, self._block_size, self._n_blocks,
+                self._n_versions, self._lsn_start, self._lsn_end, target,
+                self.uncompressed_bytes, MERGE_MAX_KEYS, MERGE_MAX_BLOCKS, cut,
+            )
+        )  # fmt: skip
+        for raw in cut:
+            self._write_block(raw)
+        self._n_versions += versions
+        self.uncompressed_bytes += added
+        if last_key is not None:
+            self._last = (last_key, last_lsn)
+        if status < _MERGE_ERRORS:
+            return status
+        what = describe(Key(key)) if key is not None else "a key"
+        if status == 3:
+            raise InvalidArgument(f"LSN {bad_lsn:X} outside the layer's LSN range")
+        if status == 4:
+            raise InvalidArgument(f"versions of {what} must be added in LSN order")
+        if status == 5:
+            raise LayerCorrupt(
+                paths[bad_input], f"value reference into block {bad_block} is invalid"
+            )
+        raise InvalidArgument("layer values must be added in key order")
 
     def _flush_block(self) -> None:
         self._write_block(bytes(self._buf))

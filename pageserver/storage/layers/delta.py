@@ -13,6 +13,7 @@ from pageserver.storage.layers.blocks import (
     KIND_DELTA,
     BlockCache,
     LayerFileWriter,
+    MergeSource,
     PackSource,
     VersionList,
 )
@@ -53,6 +54,10 @@ class DeltaLayerWriter:
     def add_packed(self, source: PackSource) -> None:
         """Every version of an in-memory layer's arena, into this empty writer."""
         self._writer.add_packed(source)
+
+    def add_merged(self, merge: MergeSource, target: int, paths: list[Path]) -> int:
+        """Keys of the C L0 merge, until `target` bytes (LayerFileWriter.add_merged)."""
+        return self._writer.add_merged(merge, target, paths)
 
     @property
     def uncompressed_bytes(self) -> int:

@@ -5,11 +5,13 @@ creation at its second partition) until the test lets it go on."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,9 @@ from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage import compaction as compaction_module
 from pageserver.storage.keys import FULL_KEYSPACE, Key
+from pageserver.storage.layers import blocks as blocks_module
+from pageserver.storage.layers import native as layers_native
+from pageserver.storage.layers.delta import DeltaLayerWriter
 from pageserver.storage.layers.names import parse_layer_name
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
 from pageserver.storage.settings import StoreSettings
@@ -52,15 +57,12 @@ class Gate:
 def gate_compaction(monkeypatch: pytest.MonkeyPatch, phase: str) -> Gate:
     gate = Gate()
     if phase == "l0":
-        merge = compaction_module._merge_same_keys
 
-        def merging(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
-            for n, item in enumerate(merge(groups)):
-                if n == 100:
-                    gate.hold()
-                yield item
+        def merging(n: int) -> None:
+            if n == 100:
+                gate.hold()
 
-        monkeypatch.setattr(compaction_module, "_merge_same_keys", merging)
+        on_merged_key(monkeypatch, merging)
     else:
         rebuild = node_store_module.rebuild_range
         calls = 0
@@ -115,17 +117,39 @@ def check_directory(timeline_dir: Path) -> None:
     assert on_disk == named
 
 
+def on_merged_key(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int], None]) -> None:
+    """hook(n) as an L0 merge takes its n-th key (from 0), on whichever merge runs: the
+    Python loop (NEON_PURE_PYTHON=1), or the C one made to come back to Python (and check
+    whether it is cancelled) after every key instead of every MERGE_MAX_KEYS."""
+    n = itertools.count()
+    if layers_native.blockpack is None:
+        merge = compaction_module._merge_same_keys
+
+        def merging(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
+            for item in merge(groups):
+                hook(next(n))
+                yield item
+
+        monkeypatch.setattr(compaction_module, "_merge_same_keys", merging)
+        return
+    monkeypatch.setattr(blocks_module, "MERGE_MAX_KEYS", 1)
+    add_merged = DeltaLayerWriter.add_merged
+
+    def adding(self: DeltaLayerWriter, *args: Any) -> int:
+        hook(next(n))
+        return add_merged(self, *args)
+
+    monkeypatch.setattr(DeltaLayerWriter, "add_merged", adding)
+
+
 def count_merged_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A one-item list counting the keys L0 merges have written so far."""
     merged = [0]
-    merge = compaction_module._merge_same_keys
 
-    def counting(groups: Iterable[tuple[Key, int, list[tuple[int, bytes]]]]) -> Iterator:  # type: ignore[type-arg]
-        for item in merge(groups):
-            merged[0] += 1
-            yield item
+    def counting(_n: int) -> None:
+        merged[0] += 1
 
-    monkeypatch.setattr(compaction_module, "_merge_same_keys", counting)
+    on_merged_key(monkeypatch, counting)
     return merged
 
 
