@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 20  # one big read can carry several 128 KiB XLogData messages
 STREAM_LIMIT = 4 << 20  # the transport keeps reading until 2x this is buffered
 BATCH_BYTES = 4 << 20  # XLogData handed over at once (ReplicationStream.batches)
+ARCHIVE_RUN_BYTES = 256 << 10  # BASE_BACKUP data handed over at once (8 of its messages)
 _AUTH_TYPES = (
     AuthenticationOk,
     AuthenticationCleartextPassword,
@@ -402,6 +403,12 @@ class ReplicationConnection:
         await self._send_flush(query_message(f"BASE_BACKUP ({options})"))
         reader = BaseBackupReader()
         while True:
+            if (
+                reader.in_archive
+                and (run := self._parser.archive_data_run(ARCHIVE_RUN_BYTES)) is not None
+            ):
+                yield reader.archive_data(run)  # the messages read so far, as one event
+                continue
             for event in reader.handle(await self._recv()):
                 if isinstance(event, ErrorResponse):
                     raise server_error(self.where, event)

@@ -25,6 +25,7 @@ PG_EPOCH_OFFSET_US = 946_684_800 * 1_000_000
 _HEADER = struct.Struct("!cI")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
+_COPY_DATA, _ARCHIVE_DATA = ord("d"), ord("d")  # message type; BASE_BACKUP's data sub-type
 _I16 = struct.Struct("!h")
 _XLOGDATA = struct.Struct("!QQq")
 _KEEPALIVE = struct.Struct("!Qq?")
@@ -434,6 +435,32 @@ class BackendParser:
     def __iter__(self) -> Iterator[BackendMessage]:
         while (msg := self.next_message()) is not None:
             yield msg
+
+    def archive_data_run(self, max_bytes: int) -> bytes | None:
+        """The archive bytes of the whole BASE_BACKUP data messages at the head of the buffer
+        (CopyData whose payload starts with `d`, what next_message and decode_backup_copy_data
+        make ArchiveData of), joined, about `max_bytes` at most; None when the next message is
+        not one. One copy and a few operations per message: a backup sends 32 KiB messages
+        (basebackup_copy.c), 32768 per GiB, and each went through several objects."""
+        buf, pos, end_of_data = self._buf, self._pos, len(self._buf)
+        parts: list[memoryview] = []
+        size = 0
+        with memoryview(buf) as view:
+            while size < max_bytes and end_of_data - pos >= 6:
+                if buf[pos] != _COPY_DATA or buf[pos + 5] != _ARCHIVE_DATA:
+                    break
+                (length,) = _U32.unpack_from(buf, pos + 1)
+                end = pos + 1 + length
+                if length < 5 or length - 4 > self.max_size or end > end_of_data:
+                    break  # next_message raises, or more bytes are needed
+                parts.append(view[pos + 6 : end])
+                size += end - pos - 6
+                pos = end
+            data = b"".join(parts) if parts else None
+            for part in parts:
+                part.release()
+        self._pos = pos
+        return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,6 +883,19 @@ class BaseBackupReader:
             self._seen_main = True
         self._archive, self._archive_size, self._tail = part, 0, b""
         return [*events, part]
+
+    @property
+    def in_archive(self) -> bool:
+        """Archive data may come now: ArchiveData of it is `archive_data`'s."""
+        return self._state == "copy" and self._archive is not None and not self._in_manifest
+
+    def archive_data(self, data: bytes) -> ArchiveData:
+        """The bytes of data messages taken whole (BackendParser.archive_data_run) while
+        `in_archive`: what `handle` of each message returns, as one event."""
+        if not self.in_archive:
+            raise ProtocolError("archive data outside an archive in the base backup stream")
+        self._take(data)
+        return ArchiveData(data)
 
     def _take(self, data: bytes | memoryview) -> None:
         self._archive_size += len(data)

@@ -285,3 +285,59 @@ def test_error_after_the_end_position_still_fails_the_backup() -> None:
     events = events_of(data)
     assert isinstance(events[-2], BackupEnded)
     assert isinstance(events[-1], ErrorResponse) and events[-1].sqlstate == "XX001"
+
+
+def events_by_runs(data: bytes, step: int, max_bytes: int) -> list[BaseBackupEvent]:
+    """events_of as ReplicationConnection.base_backup takes them: while an archive is open,
+    the whole data messages buffered come as one ArchiveData (BackendParser.archive_data_run)."""
+    parser, reader = BackendParser(), BaseBackupReader()
+    events: list[BaseBackupEvent] = []
+    for i in range(0, len(data), step):
+        parser.feed(data[i : i + step])
+        while True:
+            if reader.in_archive and (run := parser.archive_data_run(max_bytes)) is not None:
+                events.append(reader.archive_data(run))
+                continue
+            m = parser.next_message()
+            if m is None:
+                break
+            events.extend(reader.handle(m))
+    return events
+
+
+def merged(events: list[BaseBackupEvent]) -> list[object]:
+    """Consecutive ArchiveData as one (runs cut the data elsewhere, the bytes are the same)."""
+    out: list[object] = []
+    for e in plain(events):
+        if isinstance(e, ArchiveData) and out and isinstance(out[-1], ArchiveData):
+            out[-1] = ArchiveData(bytes(out[-1].data) + bytes(e.data))
+        else:
+            out.append(e)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(step=st.integers(min_value=1, max_value=3000), max_bytes=st.integers(1, 2000))
+def test_runs_of_data_messages_give_the_same_bytes_and_events(step: int, max_bytes: int) -> None:
+    big = whole_backup(True).replace(copy(b"d" + MEMBER * 3), copy(b"d" + MEMBER) * 3)
+    expected = merged(events_of(big))
+    got = events_by_runs(big, step, max_bytes)
+    assert merged(got) == expected
+    whole = events_by_runs(big, len(big), 1 << 20)  # every message buffered: one run each
+    assert ArchiveData(MEMBER * 3) in plain(whole)
+    assert merged(whole) == expected
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (msg(b"d", b""), "empty CopyData"),
+        (b"d" + struct.pack("!I", 3), "invalid message length 3"),
+        (copy(b"x" + MEMBER), "unknown message type"),
+    ],
+)
+def test_runs_stop_at_a_damaged_message_which_fails_as_before(bad: bytes, match: str) -> None:
+    data = HEAD + new_archive("base.tar") + copy(b"d" + MEMBER) * 2 + bad + copy(b"d" + TAR_END)
+    for step in (7, len(data)):
+        with pytest.raises(ProtocolError, match=match):
+            events_by_runs(data, step, 1 << 20)
