@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
 
 from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
+from pageserver.ingest.import_settings import import_settings
 from pageserver.ingest.live_import import EarlyImport, receive_early
 from pageserver.ingest.live_journal import journal_path
 from pageserver.reconstruct.value_format import (
@@ -313,8 +314,9 @@ def _import_final(
         early.abort()  # the slow way, as if nothing had been imported early
         early = None
     ranges = _key_ranges(datadir, threads) if early is None else early.gaps()
+    settings = import_settings(timeline.settings)
     runs = [
-        ImageRunWriter(timeline.directory, lsn, timeline.settings, timeline.cache, key_range)
+        ImageRunWriter(timeline.directory, lsn, settings, timeline.cache, key_range)
         for key_range in ranges
     ]
     try:

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pageserver.ingest.import_settings import import_settings
 from pageserver.ingest.live_journal import MAGIC, file_key, journal_path
 from pageserver.pid_file import pid_alive
 from pageserver.storage.keys import FULL_KEYSPACE, KeyRange, rel_block_key
@@ -240,8 +241,8 @@ class EarlyImport:
             # maybe after it was read): the whole directory is imported as it ends up.
             self._spoiled = True
             return
-        run = ImageRunWriter(timeline.directory, self.lsn, timeline.settings, timeline.cache,
-                             key_range)  # fmt: skip
+        run = ImageRunWriter(timeline.directory, self.lsn, import_settings(timeline.settings),
+                             timeline.cache, key_range)  # fmt: skip
         self._runs.append(run)
         whole: list[os.stat_result] = []
         for blkno, chunk in journal.pages(path, size, whole):
