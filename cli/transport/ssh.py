@@ -31,6 +31,14 @@ MUX_PERSIST seconds after its last session, and the directory (its name carries 
 removed by the next command that opens one, once that PID is gone. Options in
 NEON_SSH_COMMAND come first and win.
 
+Round trips: each remote command costs a session on the shared connection (a channel, a
+shell; 0.1-0.25 s on a loaded box), so a push asks one PROBE where it needed four: `stat` of
+its target also lists the directory with the head of each `.neon` file (its manifest) and the
+digests of the target's partial file, kept for the `list`, the head reads and the
+`open_resumable` that follow (each used once; anything unparsable: none kept, the commands run
+as before). The append and the commit are started ahead (they wait for a first line on stdin:
+where to cut, the size written), so their sessions open while the snapshot is being made.
+
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
 directory.
@@ -48,7 +56,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -134,6 +144,15 @@ APPEND = _CHECK_TARGET + (
     '[ -L "$2" ] && exit 8; dd if=/dev/null of="$2" bs=1 seek="$5" 2>/dev/null || exit 8; '
     'exec cat >> "$2"'
 )
+# Started ahead: they wait for their argument on the first line of stdin (`read` takes no byte
+# past the newline from a pipe, so `cat` gets the rest); stdin closed before it: nothing done.
+APPEND_WAITING = (
+    'read keep || exit 0; case $keep in ""|*[!0-9]*) exit 8;; esac; set -- "$@" "$keep"; ' + APPEND
+)
+COMMIT_WAITING = (
+    'read size || exit 0; case $size in ""|*[!0-9]*) exit 5;; esac; '
+    'set -- "$1" "$2" "$size" "$3"; ' + COMMIT
+)
 REMOVE_EMPTY = '[ -s "$1" ] || rm -f -- "$1"'
 # $1 file, $2 first byte (1-based): its size on a line, then its bytes from there.
 READ = '[ -f "$1" ] || exit 3; wc -c < "$1" || exit 3; exec tail -c +"$2" -- "$1"'
@@ -144,6 +163,29 @@ LIST = (
     'n=$(wc -c < "$f") && printf \'%s %s\\000\' $n "$f"; fi; done; exit 0'
 )
 DELETE = '[ -e "$1" ] || [ -L "$1" ] || exit 3; exec rm -f -- "$1"'
+# $1 directory, $2 object, $3 its partial file, $4 block size, $5 head bytes: records ending
+# in NUL. `S SIZE` (or `S -`: no such file) and `T dir|exists|none` for the object; `P SIZE`
+# for the partial file, then its digests (DIGESTS' lines) and a NUL; then `L SIZE NAME` per
+# visible regular file, each `.neon` one followed by `H COUNT NAME` and its first COUNT bytes;
+# `D -` instead when the directory is missing.
+PROBE = (
+    'if [ -f "$2" ]; then printf "S %s\\000" $(wc -c < "$2"); else printf "S -\\000"; fi; '
+    'if [ -d "$2" ]; then t=dir; elif [ -e "$2" ] || [ -L "$2" ]; then t=exists; else t=none; fi; '
+    'printf "T %s\\000" $t; h=; '
+    "if command -v sha256sum >/dev/null 2>&1; then h=sha256sum; "
+    'elif command -v shasum >/dev/null 2>&1; then h="shasum -a 256"; '
+    'elif command -v openssl >/dev/null 2>&1; then h="openssl dgst -sha256 -r"; fi; '
+    'n=0; if [ -n "$h" ] && [ -f "$3" ] && [ ! -L "$3" ]; then n=$(wc -c < "$3") || n=0; fi; '
+    'printf "P %s\\000" $n; i=0; '
+    'while [ $((i * $4)) -lt $n ]; do dd if="$3" bs="$4" skip=$i count=1 2>/dev/null | $h; '
+    "i=$((i + 1)); done; printf '\\000'; "
+    "cd -- \"$1\" 2>/dev/null || { printf 'D -\\000'; exit 0; }; "
+    'for f in *; do if [ -f "$f" ]; then n=$(wc -c < "$f") || continue; '
+    "printf 'L %s %s\\000' $n \"$f\"; case $f in *.neon) c=$n; [ $c -gt $5 ] && c=$5; "
+    'printf \'H %s %s\\000\' $c "$f"; dd if="$f" bs=$c count=1 2>/dev/null;; esac; fi; '
+    "done; exit 0"
+)
+HEAD_BYTES = 4096  # of each `.neon` file in a PROBE: its manifest (a few hundred bytes)
 
 
 def parse_location(url: str) -> Location:
@@ -278,6 +320,7 @@ class SshStore(Store):
         netloc = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host)
         self._netloc = netloc + (f":{port}" if port else "")
         self.url = self.path_url(directory).rstrip("/") + "/"
+        self._probe: tuple[str, float, _Probe] | None = None
 
     def path_url(self, path: str) -> str:
         """The URL of a path on the host, for messages."""
@@ -365,14 +408,40 @@ class SshStore(Store):
         return Unavailable(f"{where}: the remote command failed: {last}")
 
     async def stat(self, name: str) -> ObjectInfo | None:
+        """The object's size, by one PROBE that also keeps what a push asks next."""
         path = self._path(name)
-        try:
-            out = await self._run(STAT, path, where=path)
-        except NotFound:
+        tmp = self._join(partial_name(name))
+        out = await self._run(
+            PROBE, self.directory, path, tmp, str(RESUME_BLOCK), str(HEAD_BYTES), where=path
+        )
+        probe = _parse_probe(out)
+        if probe is None:  # an answer we cannot read: the plain command
+            self._probe = None
+            try:
+                raw = await self._run(STAT, path, where=path)
+            except NotFound:
+                return None
+            return ObjectInfo(name, _size(raw, self.object_url(name)))
+        self._probe = (name, time.monotonic(), probe)
+        return None if probe.size is None else ObjectInfo(name, probe.size)
+
+    def _kept(self, name: str | None = None) -> _Probe | None:
+        """The last PROBE's answer while fresh (of `name`'s stat, when given)."""
+        if self._probe is None:
             return None
-        return ObjectInfo(name, _size(out, self.object_url(name)))
+        of, when, probe = self._probe
+        if time.monotonic() - when > PROBE_FRESH or (name is not None and of != name):
+            self._probe = None
+            return None
+        return probe
 
     async def list(self) -> list[ObjectInfo]:
+        probe = self._kept()
+        if probe is not None and probe.listing is not None:
+            listing, probe.listing = probe.listing, None
+            if listing is _NO_DIR:
+                raise self.error(NO_DIR, b"", self.directory)
+            return listing
         out = await self._run(LIST, self.directory, where=self.directory)
         found = []
         for record in out.split(b"\0"):
@@ -386,6 +455,7 @@ class SshStore(Store):
         final = self._path(name)
         tmp = self._join(f".{name}.{secrets.token_hex(4)}.partial")
         flag = "1" if overwrite else "0"
+        self._probe = None
         proc = await self._spawn(WRITE, self.directory, tmp, final, flag, stdin=True)
         return SshWriter(self, proc, tmp, final, flag)
 
@@ -393,13 +463,30 @@ class SshStore(Store):
         final = self._path(name)
         tmp = self._join(partial_name(name))
         flag = "1" if overwrite else "0"
-        out = await self._run(
-            DIGESTS, self.directory, tmp, final, flag, str(RESUME_BLOCK), where=final
-        )
-        return ResumingWriter(_partial(out), SshAppender(self, tmp, final, flag))
+        probe = self._kept(name)
+        self._probe = None
+        if probe is not None:  # what DIGESTS would say, from the PROBE of this name
+            if probe.listing is _NO_DIR:
+                raise self.error(NO_DIR, b"", final)
+            if probe.target == "dir":
+                raise self.error(IS_DIR, b"", final)
+            if probe.target == "exists" and not overwrite:
+                raise self.error(EXISTS, b"", final)
+            partial = probe.partial
+        else:
+            out = await self._run(
+                DIGESTS, self.directory, tmp, final, flag, str(RESUME_BLOCK), where=final
+            )
+            partial = _partial(out)
+        appending = await self._spawn(APPEND_WAITING, self.directory, tmp, final, flag, stdin=True)
+        return ResumingWriter(partial, SshAppender(self, tmp, final, flag, appending))
 
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         path = self._path(name)
+        probe = self._kept()
+        head = None if probe is None or offset != 0 else probe.heads.pop(name, None)
+        if head is not None:  # the PROBE read it: the rest only if asked for
+            return HeadReader(self, name, *head)
         proc = await self._spawn(READ, path, str(offset + 1))
         reader = SshReader(self, proc, path, offset)
         await reader.start()
@@ -407,7 +494,78 @@ class SshStore(Store):
 
     async def delete(self, name: str) -> None:
         path = self._path(name)
+        self._probe = None
         await self._run(DELETE, path, where=path)
+
+
+PROBE_FRESH = 10.0
+"""Seconds a PROBE's answer serves the calls after it (a push makes them at once)."""
+
+
+@dataclass(slots=True)
+class _Probe:
+    """A PROBE's answer: the object's size (None: none), what is at its name, its partial
+    file; the listing (_NO_DIR: no directory; None once used) and `.neon` heads (size, head)."""
+
+    size: int | None
+    target: str
+    partial: Partial
+    listing: list[ObjectInfo] | None
+    heads: dict[str, tuple[int, bytes]]
+
+
+_NO_DIR: list[ObjectInfo] = []
+
+
+def _parse_probe(out: bytes) -> _Probe | None:
+    """PROBE's records; None when they are not as the script writes them."""
+    try:
+        pos = 0
+
+        def record() -> tuple[str, str]:
+            nonlocal pos
+            end = out.index(b"\0", pos)
+            kind, _, rest = out[pos:end].decode(errors="surrogateescape").partition(" ")
+            pos = end + 1
+            return kind, rest
+
+        kind, size = record()
+        if kind != "S":
+            return None
+        kind, target = record()
+        if kind != "T" or target not in ("dir", "exists", "none"):
+            return None
+        kind, partial_size = record()
+        end = out.index(b"\0", pos)
+        if kind != "P":
+            return None
+        lines = out[pos:end].decode(errors="replace").split()
+        partial = Partial(int(partial_size), tuple(ln for ln in lines if len(ln) == 64))
+        pos = end + 1
+        listing: list[ObjectInfo] = []
+        heads: dict[str, tuple[int, bytes]] = {}
+        while pos < len(out):
+            kind, rest = record()
+            if kind == "D":
+                listing = _NO_DIR
+                continue
+            count, _, name = rest.partition(" ")
+            if listing is _NO_DIR:
+                return None
+            if kind == "L":
+                if not name.startswith("."):
+                    listing.append(ObjectInfo(name, int(count)))
+            elif kind == "H":
+                if pos + int(count) > len(out):
+                    return None
+                heads[name] = (listing[-1].size, out[pos : pos + int(count)])
+                pos += int(count)
+            else:
+                return None
+        listing.sort(key=lambda o: o.name)
+        return _Probe(None if size == "-" else int(size), target, partial, listing, heads)
+    except (ValueError, IndexError):
+        return None
 
 
 def _size(raw: bytes, where: str) -> int:
@@ -429,17 +587,34 @@ def _partial(out: bytes) -> Partial:
         return NO_PARTIAL
 
 
+async def _dismiss(proc: asyncio.subprocess.Process | None) -> None:
+    """Let a session started ahead (APPEND_WAITING, COMMIT_WAITING) go unused: its stdin
+    closed before the first line, its script ends doing nothing."""
+    if proc is None or proc.returncode is not None:
+        return
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.communicate(), LANDING_TIMEOUT)
+    except (TimeoutError, OSError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 class SshWriter(ObjectWriter):
-    """`cat` on the far side writing `tmp`, published by COMMIT; `base` bytes were there
-    before (a resumed write), and `resumable` keeps `tmp` when the write is aborted."""
+    """`cat` on the far side writing `tmp`, published by COMMIT (run by `committer`, started
+    ahead, when given); `base` bytes were there before (a resumed write), and `resumable` keeps
+    `tmp` when the write is aborted."""
 
     def __init__(
         self, store: SshStore, proc: asyncio.subprocess.Process, tmp: str, final: str, flag: str,
         base: int = 0, resumable: bool = False,
+        committer: asyncio.subprocess.Process | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self._store, self._proc, self._tmp, self._final, self._flag = store, proc, tmp, final, flag
-        self._base, self._resumable = base, resumable
+        self._base, self._resumable, self._committer = base, resumable, committer
         assert proc.stderr is not None and proc.stdout is not None
         self._stderr = asyncio.ensure_future(proc.stderr.read())
         self._stdout = asyncio.ensure_future(proc.stdout.read())
@@ -471,15 +646,25 @@ class SshWriter(ObjectWriter):
             status = await self._proc.wait()
             if status != 0:
                 raise self._store.error(status, await self._stderr, self._final)
-            await self._store._run(
-                COMMIT, self._tmp, self._final, str(self._base + self.bytes_written), self._flag,
-                where=self._final,
-            )  # fmt: skip
+            size = str(self._base + self.bytes_written)
+            committer, self._committer = self._committer, None
+            if committer is None or committer.returncode is not None:
+                await _dismiss(committer)
+                await self._store._run(
+                    COMMIT, self._tmp, self._final, size, self._flag, where=self._final
+                )
+                return
+            _out, err = await committer.communicate(f"{size}\n".encode())
+            assert committer.returncode is not None
+            if committer.returncode != 0:
+                raise self._store.error(committer.returncode, err, self._final)
         except BaseException:
             await self.abort()
             raise
 
     async def abort(self) -> None:
+        committer, self._committer = self._committer, None
+        await _dismiss(committer)
         if self._resumable and self._proc.returncode is None and self._proc.stdin is not None:
             # What was sent is kept for the next run: let it land rather than cut the pipe.
             self._proc.stdin.close()
@@ -499,18 +684,33 @@ class SshWriter(ObjectWriter):
 
 
 class SshAppender(PartialAppender):
-    """The partial file on the far side, appended to by an SshWriter once cut."""
+    """The partial file on the far side, appended to by an SshWriter once cut: by `appending`
+    (APPEND_WAITING, started ahead) when given."""
 
-    def __init__(self, store: SshStore, tmp: str, final: str, flag: str) -> None:
+    def __init__(
+        self, store: SshStore, tmp: str, final: str, flag: str,
+        appending: asyncio.subprocess.Process | None = None,
+    ) -> None:  # fmt: skip
         self._store, self._tmp, self._final, self._flag = store, tmp, final, flag
+        self._appending = appending
         self._writer: SshWriter | None = None
 
     async def start(self, keep: int) -> None:
         store = self._store
-        proc = await store._spawn(
-            APPEND, store.directory, self._tmp, self._final, self._flag, str(keep), stdin=True
+        committer = await store._spawn(
+            COMMIT_WAITING, self._tmp, self._final, self._flag, stdin=True
         )
-        self._writer = SshWriter(store, proc, self._tmp, self._final, self._flag, keep, True)
+        proc, self._appending = self._appending, None
+        if proc is not None and proc.returncode is None and proc.stdin is not None:
+            proc.stdin.write(f"{keep}\n".encode())
+        else:
+            await _dismiss(proc)
+            proc = await store._spawn(
+                APPEND, store.directory, self._tmp, self._final, self._flag, str(keep), stdin=True
+            )
+        self._writer = SshWriter(
+            store, proc, self._tmp, self._final, self._flag, keep, True, committer
+        )
 
     async def write(self, data: bytes) -> None:
         assert self._writer is not None
@@ -523,8 +723,35 @@ class SshAppender(PartialAppender):
         await self._writer.commit()
 
     async def abort(self) -> None:
+        appending, self._appending = self._appending, None
+        await _dismiss(appending)
         if self._writer is not None:
             await self._writer.abort()
+
+
+class HeadReader(ObjectReader):
+    """An object whose first bytes a PROBE brought (`head`, of `size`): those, then the rest
+    through a READ only if the reader goes on (a manifest's reader stops early)."""
+
+    def __init__(self, store: SshStore, name: str, size: int, head: bytes) -> None:
+        self._store, self._name, self._head = store, name, head
+        self.size = size
+        self._rest: ObjectReader | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        if len(self._head) < (self.size or 0):
+            self._rest = await self._store.open_read(self._name, len(self._head))
+            async for chunk in self._rest:
+                yield chunk
+
+    async def close(self) -> None:
+        if self._rest is not None:
+            await self._rest.close()
 
 
 class SshReader(ObjectReader):

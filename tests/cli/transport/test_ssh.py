@@ -4,6 +4,7 @@ and URLs are checked before anything runs."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -15,12 +16,23 @@ from urllib.parse import quote
 
 import pytest
 
+from cli.snapshot_file_source import snapshots_in
 from cli.transport import parse_location
-from cli.transport.base import read_object
+from cli.transport.base import ObjectInfo, read_object
+from cli.transport.resume import RESUME_BLOCK
 from cli.transport.ssh import _MUX_DIRS, SshStore, close_connections, sweep_dead_mux_dirs
-from proto.errors import AuthFailed, Conflict, InvalidArgument, NotFound, Unavailable
+from proto.errors import (
+    AlreadyExists,
+    AuthFailed,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from snapfile.writer import write_snapshot_file
 from tests.cli.transport.conftest import entries
 from tests.pgtest import free_port
+from tests.snapfile.snapfile_helpers import generated_bytes, make_manifest
 from tests.sshd import SshServer
 
 
@@ -233,3 +245,73 @@ def test_a_killed_command_s_socket_directory_is_swept() -> None:
         )
     finally:
         shutil.rmtree(parent)
+
+
+def _commands(sshd: SshServer) -> int:
+    """Remote commands the server ran so far (a session each, in its VERBOSE log)."""
+    return (sshd.root / "sshd.log").read_text().count("Starting session: command")
+
+
+def _neon_file(manifest_lsn: int, size: int) -> bytes:
+    out = io.BytesIO()
+    tar = generated_bytes(size, manifest_lsn % 1000)
+    write_snapshot_file(out, make_manifest(lsn=manifest_lsn), [tar])
+    return out.getvalue()
+
+
+async def test_a_push_asks_its_questions_in_one_command(
+    ssh_env: SshServer, remote_dir: Path
+) -> None:
+    """The stat before a push also brings the listing, each `.neon` file's manifest and the
+    target's partial file, so the listing, the manifest reads and the resumable open after it
+    run no remote command; their answers are those of the plain commands, each answer is used
+    once, and a partial file of another stream is still cut."""
+    heads = {"a.neon": _neon_file(0x1_0000_0000, 50_000), "b.neon": _neon_file(0x2_0000_0000, 9)}
+    for name, data in heads.items():
+        (remote_dir / name).write_bytes(data)
+    (remote_dir / "notes.txt").write_bytes(b"x" * 10)
+    (remote_dir / ".c.neon.partial").write_bytes(b"z" * (RESUME_BLOCK + 5))  # another stream
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/c.neon"))
+    plain, _ = store_of(ssh_env.url(f"{remote_dir}/c.neon"))
+    expected_list = await plain.list()
+    expected = await snapshots_in(plain)
+    assert sorted(expected) == ["a.neon", "b.neon"]
+    before = _commands(ssh_env)
+    assert await store.stat("c.neon") is None
+    assert await store.list() == expected_list
+    assert await store.stat("a.neon") == ObjectInfo("a.neon", len(heads["a.neon"]))
+    assert await snapshots_in(store) == expected
+    assert _commands(ssh_env) == before + 2  # the two stats, nothing else
+    assert await store.list() == expected_list  # used once: this one asks again
+    assert _commands(ssh_env) == before + 3
+    await store.stat("c.neon")
+    data = _neon_file(0x3_0000_0000, RESUME_BLOCK + 100_000)
+    asked = _commands(ssh_env)
+    async with await store.open_resumable("c.neon", overwrite=False) as writer:
+        for at in range(0, len(data), 300_000):
+            await writer.write(data[at : at + 300_000])
+    assert _commands(ssh_env) == asked + 2  # the append and the commit: no DIGESTS
+    assert writer.bytes_skipped == 0  # the partial file held other bytes
+    assert (remote_dir / "c.neon").read_bytes() == data
+    assert not (remote_dir / ".c.neon.partial").exists()
+    # The target now exists: a resumable open of it is refused as DIGESTS refuses it.
+    await store.stat("c.neon")
+    with pytest.raises(AlreadyExists):
+        await store.open_resumable("c.neon", overwrite=False)
+
+
+async def test_sessions_started_ahead_and_never_used_do_nothing(
+    ssh_env: SshServer, remote_dir: Path
+) -> None:
+    """An append and a commit started ahead, then abandoned (an export that failed before its
+    first byte, or after its last): nothing appears at the name, an empty partial file is
+    removed, and a kept one is not cut."""
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/d.neon"))
+    writer = await store.open_resumable("d.neon", overwrite=False)
+    await writer.abort()
+    assert entries(remote_dir) == []
+    writer = await store.open_resumable("d.neon", overwrite=False)
+    await writer.write(b"k" * (RESUME_BLOCK + 1))
+    await writer.abort()  # the committer started with the append goes unused
+    assert entries(remote_dir) == [".d.neon.partial"]
+    assert (remote_dir / ".d.neon.partial").stat().st_size == RESUME_BLOCK + 1
