@@ -562,8 +562,13 @@ def server_wal_lsn(app: App, status: NodeStatus, checkpoint: bool = False) -> in
         sql += ["-c", "SELECT pg_current_wal_flush_lsn()"]
         args = [f"{connstr(app, status.node)} connect_timeout=5", "-XAtq", "-v", "ON_ERROR_STOP=1"]
         try:
-            out = run_pg("psql", [*args, *sql], timeout=None).stdout.strip()
+            what = f"CHECKPOINT on node {status.node.id}" if checkpoint else None
+            out = run_pg("psql", [*args, *sql], timeout=None, what=what).stdout.strip()
         except ExternalCommandFailed:
+            # Without its CHECKPOINT a snapshot would be named at a position a checkout back
+            # to it cannot start from in place: fail, with psql's error, rather than go on.
+            if checkpoint:
+                raise
             return None
         return parse_lsn(out) if out else None
     from pg15.pg_control import DB_SHUTDOWNED, read_control_file  # here: crc32c is slow to import

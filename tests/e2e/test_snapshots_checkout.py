@@ -76,6 +76,22 @@ def test_transcript_snapshot_checkout_and_back(neon: NeonCli) -> None:
     assert "does not exist" in neon.fail("pg", "checkout", "pgdata1@nosuch")
 
 
+def test_snapshot_create_fails_with_psqls_error_when_the_checkpoint_fails(neon: NeonCli) -> None:
+    """A snapshot of a running node is named after its CHECKPOINT (a checkout back to it
+    starts from that checkpoint: cli/checkout_delta.py); when the CHECKPOINT fails, `snapshot
+    create` fails naming psql's error, and no snapshot is named."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    c = connstr(neon, "pgdata1")
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100000) a")  # buffers to write
+    psql(c, "ALTER ROLE neon SET statement_timeout = '1ms'")  # the CLI's sessions time out
+    line = neon.fail("snapshot", "create", "pgdata1@s")
+    assert "CHECKPOINT on node primary1 failed" in line, line
+    assert "canceling statement due to statement timeout" in line, line
+    assert "pgdata1@s" not in neon.run("snapshot", "list").stdout
+    psql(f"{c} options='-c statement_timeout=0'", "ALTER ROLE neon RESET statement_timeout")
+    neon.run("snapshot", "create", "pgdata1@s")
+
+
 def test_pg_create_from_snapshot_is_an_independent_node(neon: NeonCli) -> None:
     neon.run("pg", "create")
     c1 = connstr(neon, "pgdata1")
