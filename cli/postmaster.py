@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
+from cli.pgbin import give_to_pg_user, make_pg_dir, pg_binary, popen_kwargs, run_pg
 from proto.errors import ExternalCommandFailed, InvalidArgument
 
 NEON_CONF = "neon.conf"
@@ -121,45 +122,82 @@ def running_pid(datadir: Path) -> int | None:
     return pid
 
 
+READY_POLL_SECONDS = 0.005
+"""How often a start looks whether the postmaster is ready (one read of postmaster.pid):
+`pg_ctl start -w` looks every 100 ms (WAITS_PER_SEC, src/bin/pg_ctl/pg_ctl.c), half of
+which every start paid on average, and a checkout starts the node once."""
+READY_STATES = ("ready", "standby")
+"""postmaster.pid's status line once connections are accepted (PM_STATUS_READY, and
+PM_STATUS_STANDBY for a hot standby: src/include/utils/pidfile.h), as pg_ctl waits for."""
+_PID_FILE_STATUS_LINE = 8  # LOCK_FILE_LINE_PM_STATUS (1-based), src/include/utils/pidfile.h
+
+_started: dict[int, subprocess.Popen[bytes]] = {}
+"""Postmasters this process started, reaped once they are gone (stop, or a failed start)."""
+
+
 def start(
     datadir: Path, logfile: Path, *, timeout: int = 60, server_log: Path | None = None
 ) -> int:
     """Start the server and wait until it accepts connections; return the postmaster PID.
 
-    `logfile` gets what the server prints before its logging collector starts; `server_log`,
-    if given, is where the collector writes (searched too for the reason of a failure).
+    As `pg_ctl start -w -l logfile` does (src/bin/pg_ctl/pg_ctl.c start_postmaster and
+    wait_for_postmaster_start): postgres in a session of its own (a terminal's Ctrl-C does not
+    reach it), stdin from /dev/null, its output appended to `logfile`; ready when
+    postmaster.pid names it and says "ready" (or "standby"), failed when it exits first. Run
+    directly and polled every few milliseconds rather than through pg_ctl's 100 ms poll.
+    `server_log`, if given, is where the logging collector writes (searched too for the
+    reason of a failure).
     """
     if not logfile.exists():
         logfile.parent.mkdir(parents=True, exist_ok=True)
         logfile.touch(mode=0o600)
     give_to_pg_user(logfile)
+    what = f"starting PostgreSQL on {datadir}"
+    _reap()
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            [pg_binary("postgres"), "-D", str(datadir)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            **popen_kwargs(),  # type: ignore[call-overload]
+        )
+    _started[proc.pid] = proc
+    deadline = time.monotonic() + timeout
+    while not _ready(datadir, proc.pid):
+        if proc.poll() is not None:
+            del _started[proc.pid]
+            tail = _log_tail([logfile, *([server_log] if server_log else [])])
+            raise ExternalCommandFailed(
+                f"{what} failed: the server exited with code {proc.returncode}"
+                + (f"; log: {tail}" if tail else f"; see {logfile}")
+            )
+        if time.monotonic() > deadline:
+            raise ExternalCommandFailed(
+                f"{what} timed out after {timeout}s (the server is still starting; see {logfile})"
+            )
+        time.sleep(READY_POLL_SECONDS)
+    return proc.pid
+
+
+def _ready(datadir: Path, pid: int) -> bool:
     try:
-        run_pg(
-            "pg_ctl",
-            [
-                "start",
-                "-w",
-                "-t",
-                str(timeout),
-                "-D",
-                str(datadir),
-                "-l",
-                str(logfile),
-                "-o",
-                f"-D {datadir}",
-            ],
-            what=f"starting PostgreSQL on {datadir}",
-            timeout=timeout + 10,
-        )
-    except ExternalCommandFailed as exc:
-        tail = _log_tail([logfile, *([server_log] if server_log else [])])
-        raise ExternalCommandFailed(f"{exc.message}{'; log: ' + tail if tail else ''}") from None
-    pid = running_pid(datadir)
-    if pid is None:
-        raise ExternalCommandFailed(
-            f"PostgreSQL on {datadir} exited right after starting; see {logfile}"
-        )
-    return pid
+        lines = (datadir / "postmaster.pid").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (
+        len(lines) >= _PID_FILE_STATUS_LINE
+        and lines[0].strip() == str(pid)
+        and lines[_PID_FILE_STATUS_LINE - 1].strip() in READY_STATES
+    )
+
+
+def _reap() -> None:
+    """Collect the exit status of started postmasters that are gone (no zombies kept)."""
+    for pid, proc in list(_started.items()):
+        if proc.poll() is not None:
+            del _started[pid]
 
 
 def _log_tail(logfiles: list[Path]) -> str:
@@ -210,6 +248,7 @@ def stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _is_our_postmaster(pid, datadir):
+            _reap()
             return True
         time.sleep(STOP_POLL_SECONDS)
     raise ExternalCommandFailed(
