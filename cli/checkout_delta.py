@@ -26,7 +26,11 @@ Crash safety (the journal's contract: after a kill at any point, the next `pg ch
    repeatable over step 2, which would drop the WAL it wrote, hence step 3's name; its own
    slot is removed first, so a killed run can be repeated; its shutdown checkpoint makes
    its writes durable), the configuration fsynced, then the completion marker (only: the
-   rest is durable); the `.applied` file is removed last, by `remove_leftovers`.
+   rest is durable); the `.applied` file is removed last, by `remove_leftovers`. Where this
+   run's delta left pg_authid as it was, the roles and passwords are the directory's own and
+   only the slot is missing: it is written as the file PostgreSQL would write
+   (cli/slot_file.py), without the single-user run (a start, the SQL and a shutdown
+   checkpoint). After a killed run what changed is not known: the single-user step runs.
 """
 
 from __future__ import annotations
@@ -35,21 +39,26 @@ import asyncio
 import os
 import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cli.context import App
 from cli.delta_apply import DeltaApplier
 from cli.hints_mark import HINTS_MARK, hints_logged_from
-from cli.nodes import CONFIG_FILES, SHUTDOWN_CHECKPOINT_LEN, finish_datadir
+from cli.nodes import CONFIG_FILES, SHUTDOWN_CHECKPOINT_LEN, finish_datadir, write_node_config
 from cli.pageserver_control import local_api
 from cli.postmaster import NEON_CONF
 from cli.registry import NodeRow
+from cli.slot_file import write_physical_slot
 from durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver.follow.followed_nodes import slot_name
 from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest, SnapshotShowRequest
+from pg15.catalogs import parse_relmap
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
-from proto.errors import InvalidArgument, NotFound
+from proto.errors import CorruptData, InvalidArgument, NotFound
+
+AUTHID_RELATION_ID = 1260
+"""pg_authid's OID (src/include/catalog/pg_authid.h): a shared, mapped catalog in global/."""
 
 KEEP = (*CONFIG_FILES, NEON_CONF, HINTS_MARK)
 """What the node's directory keeps that is not page history."""
@@ -74,14 +83,24 @@ def roll_forward(app: App, node: NodeRow, head: str | None, seal: Callable[[Path
     when no delta applies (the caller rebuilds it whole, which a half-patched directory
     allows too: it is replaced)."""
     applying, applied = applying_file(node), applied_file(node)
+    roles_kept = False  # after a killed run: what it changed is not known
     if not applied.exists():
         again = applying.exists()  # a killed run applied some of it, maybe not durably
-        if head is None or not _stream_apply(app, node, head, again):
+        result = None if head is None else _stream_apply(app, node, head, again)
+        if result is None:
             return False
+        roles_kept = result
         os.replace(applying, applied)
         fsync_dir(applied.parent)
-    shutil.rmtree(node.datadir / "pg_replslot" / slot_name(node.id), ignore_errors=True)
-    finish_datadir(app, node)  # its shutdown checkpoint makes its own writes durable
+    slot = slot_name(node.id)
+    shutil.rmtree(node.datadir / "pg_replslot" / slot, ignore_errors=True)
+    if roles_kept:
+        # The roles and passwords are the directory's own (HEAD's, which finish_datadir set
+        # when the node was made or last checked out): only the slot is missing.
+        write_node_config(app, node)
+        write_physical_slot(node.datadir, slot, read_control_file(node.datadir).checkpoint.redo)
+    else:
+        finish_datadir(app, node)  # its shutdown checkpoint makes its own writes durable
     for name in KEEP:
         if (node.datadir / name).is_file():
             _fsync(node.datadir / name)
@@ -112,26 +131,27 @@ def _eligible(datadir: Path) -> tuple[int, int] | None:
     return mark, control.checkpoint_lsn + SHUTDOWN_CHECKPOINT_LEN
 
 
-def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool:
+def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | None:
     """Apply the delta from `head` (the state the directory holds) to the node's branch
-    point; False, the directory untouched, where none is right (see `_eligible`; HEAD short
+    point; None, the directory untouched, where none is right (see `_eligible`; HEAD short
     of the directory's shutdown checkpoint; the pageserver refuses: no common history,
-    hints not logged since its start)."""
+    hints not logged since its start). Else whether the roles are known to be unchanged
+    (`_roles_kept`)."""
     api = local_api(app)
     if again:  # half patched: pg_control may be the target's already; the mark is kept
         mark = hints_logged_from(node.datadir)
         if mark is None:
-            return False
+            return None
     else:
         eligible = _eligible(node.datadir)
         if eligible is None:
-            return False
+            return None
         mark, shut_down_at = eligible
         try:
             if api.snapshot_show(SnapshotShowRequest(head)).lsn < shut_down_at:
-                return False
+                return None
         except NotFound:
-            return False
+            return None
     request = BasebackupRequest(node_id=node.id, checkout_from=head, hints_logged_from=mark)
     applier = DeltaApplier(node.datadir, KEEP)
     marked = again
@@ -151,11 +171,24 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool:
     except (InvalidArgument, NotFound):
         if marked and not again:
             raise
-        return False
+        return None
     finally:
         applier.close()
     if again:
         fsync_tree(node.datadir)
-    else:
-        applier.make_durable()
-    return True
+        return False
+    applier.make_durable()
+    return _roles_kept(node.datadir, applier)
+
+
+def _roles_kept(datadir: Path, applier: DeltaApplier) -> bool:
+    """Whether the delta left pg_authid as it was: no page written, no new size (a new
+    relfilenode after VACUUM FULL is a fork created whole). Then the node's roles and
+    passwords are those the directory held at HEAD, and the single-user step that sets them
+    (finish_datadir) can be left out."""
+    try:
+        mapping = parse_relmap((datadir / "global" / "pg_filenode.map").read_bytes())
+    except (OSError, CorruptData):
+        return False
+    filenode = mapping.get(AUTHID_RELATION_ID)
+    return filenode is not None and not applier.changed_fork(PurePosixPath(f"global/{filenode}"))

@@ -94,12 +94,14 @@ class _Fork:
             if created or st.st_size != size:
                 os.ftruncate(fd, size)
                 self.changed.file(path, created)
+                self.changed.forks.add(self.rel)
             if created or not _owned(st):
                 self.to_own.add(segno)
         segno = nsegs
         while os.path.lexists(self.root / self.segment(segno)):
             os.unlink(self.root / self.segment(segno))
             self.changed.dirs.add(self.root / self.rel.parent)
+            self.changed.forks.add(self.rel)
             segno += 1
 
     def _page(self, record: memoryview) -> None:
@@ -132,16 +134,20 @@ class _Fork:
         segments = [self.root / self.segment(s) for s in sorted(self.to_own)]
         for segno in self.written:
             self.changed.file(self.root / self.segment(segno), False)
+        if self.written:
+            self.changed.forks.add(self.rel)
         self.close()
         return segments
 
 
 class _Changed:
-    """What applying changed: files written or resized, directories whose entries changed."""
+    """What applying changed: files written or resized, directories whose entries changed,
+    relation forks (their paths in the directory) with pages written or a new size."""
 
     def __init__(self) -> None:
         self.files: set[Path] = set()
         self.dirs: set[Path] = set()
+        self.forks: set[PurePosixPath] = set()
 
     def file(self, path: Path, created: bool) -> None:
         self.files.add(path)
@@ -175,6 +181,11 @@ class DeltaApplier:
         if not self._ended:
             raise CorruptData("the delta's archive has no end")
         self._remove_stale()
+
+    def changed_fork(self, rel: PurePosixPath) -> bool:
+        """Whether this applier wrote pages of, resized, created or removed segments of the
+        fork at `rel` (as the delta names it: `base/DB/RELFILENODE`, no segment suffix)."""
+        return rel in self._changed.forks
 
     def make_durable(self) -> None:
         """fsync every file this applier wrote or resized, then every directory whose

@@ -19,6 +19,7 @@ import pytest
 from cli.checkout_delta import KEEP
 from cli.context import App
 from cli.pageserver_control import local_api
+from cli.secrets import read_secret
 from cli.snapshot_file_source import apply_delta_stream
 from cli.tar_reader import MemberData, MemberStart, TarReader
 from cli.untar import extract_stream
@@ -239,6 +240,47 @@ def test_checkout_rebuilds_whole_when_hints_were_not_logged(neon: NeonCli) -> No
     neon.run("pg", "checkout", "pgdata1@s1")
     assert datadir(neon).stat().st_ino != inode
     assert psql(c, INDEX_COUNT).splitlines()[-1] == "201"
+
+
+SLOT_AT_CHECKPOINT = (
+    "SELECT s.restart_lsn = c.redo_lsn FROM pg_replication_slots s, pg_control_checkpoint() c"
+)
+"""True where the server started on the branch point's checkpoint, where the slot starts;
+false after a single-user run, whose shutdown checkpoint comes later."""
+
+
+def test_checkout_in_place_sets_the_roles_only_where_pg_authid_changed(neon: NeonCli) -> None:
+    """The single-user step that sets the node's passwords runs when the delta changed
+    pg_authid (back to a snapshot taken with another password, the node's own is set again);
+    otherwise the node's slot is written as a file and the server starts on the branch
+    point's own checkpoint (no single-user run wrote a later one)."""
+    neon.run("pg", "create")
+    c = connstr(neon)
+    tcp = str(neon.json("pg", "show", "pgdata1")["tcp_connstr"])
+    secret = read_secret(neon.home / "secrets" / "node.primary1.superuser")
+    psql(c, "ALTER ROLE neon PASSWORD 'not-the-nodes'; CREATE TABLE t (a int)")
+    neon.run("snapshot", "create", "pgdata1@other_password")
+    psql(c, f"ALTER ROLE neon PASSWORD '{secret}'; INSERT INTO t VALUES (1)")
+    inode = datadir(neon).stat().st_ino
+
+    neon.run("pg", "checkout", "pgdata1@other_password")
+    assert datadir(neon).stat().st_ino == inode
+    assert psql(tcp, "SELECT count(*) FROM t") == "0"  # the node's password, over TCP
+    assert psql(c, SLOT_AT_CHECKPOINT) == "f"  # the single-user run's checkpoint
+
+    neon.run("snapshot", "create", "pgdata1@same_roles")
+    psql(c, "INSERT INTO t SELECT generate_series(1, 50000)")
+    neon.run("pg", "checkout", "pgdata1@same_roles")
+    assert datadir(neon).stat().st_ino == inode
+    assert psql(c, SLOT_AT_CHECKPOINT) == "t"
+    assert psql(tcp, "SELECT count(*) FROM t") == "0"
+    # The written slot holds the WAL for the pageserver: it follows the node on.
+    psql(c, "INSERT INTO t VALUES (2)")
+    neon.run("snapshot", "create", "pgdata1@after")
+    neon.run("pg", "checkout", "pgdata1@same_roles")
+    assert datadir(neon).stat().st_ino == inode
+    neon.run("pg", "checkout", "pgdata1@after")
+    assert psql(c, "SELECT count(*), max(a) FROM t") == "1|2"
 
 
 @pytest.mark.parametrize("step", ["pgdata1.checkout.applying", "pgdata1.checkout.applied"])
