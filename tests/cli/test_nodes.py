@@ -49,6 +49,8 @@ def test_two_nodes_lifecycle(neon: NeonCli) -> None:
         psql(nodes[0]["connstr"], "select count(*) from pg_class where relname='t_primary2'") == "0"
     )
     assert psql(nodes[1]["connstr"], "show port") == str(nodes[1]["port"])
+    # Backends write back as they go: a snapshot's CHECKPOINT has less to wait for.
+    assert psql(nodes[0]["connstr"], "show backend_flush_after") == "256kB"
     # TCP with the generated superuser (scram) through the passfile the string names.
     assert psql(nodes[0]["tcp_connstr"], "select current_user") == "neon"
 
