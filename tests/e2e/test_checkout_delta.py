@@ -196,9 +196,12 @@ def test_checkout_in_place_equals_full_extraction_both_ways(neon: NeonCli, tmp_p
     assert psql(c, HINT_SCANS).splitlines() == ["19799", "19799"]
     live = node_dumps(c)
     inode = datadir(neon).stat().st_ino
+    wal_inode = (datadir(neon) / "pg_wal").stat().st_ino
 
     neon.run("pg", "checkout", "pgdata1@s1")
     assert datadir(neon).stat().st_ino == inode, "the directory was rebuilt, not patched"
+    # The old pg_wal was set aside whole (and deleted while the delta streamed in).
+    assert (datadir(neon) / "pg_wal").stat().st_ino != wal_inode
     assert not list(datadir(neon).parent.glob("pgdata1.*"))
     assert psql(c, INDEX_COUNT).splitlines()[-1] == "201"
     assert psql(c, "SELECT count(*) FROM ul") == "0"  # unlogged: empty, as after a crash
