@@ -81,24 +81,38 @@ def remove_leftovers(node: NodeRow) -> None:
     """Once no checkout is pending (or it is sealed): its state files are waste."""
     for path in (applying_file(node), applied_file(node)):
         path.unlink(missing_ok=True)
-    shutil.rmtree(old_wal_dir(node), ignore_errors=True)
+    if old_wal_dir(node) not in _removing:  # else this process's thread deletes it
+        shutil.rmtree(old_wal_dir(node), ignore_errors=True)
 
 
-def _set_wal_aside(node: NodeRow) -> threading.Thread | None:
+_removing: set[Path] = set()
+"""Old pg_wal directories a thread of this process is deleting (`_set_wal_aside`)."""
+
+
+def _remove(path: Path) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        _removing.discard(path)
+
+
+def _set_wal_aside(node: NodeRow) -> None:
     """Move the directory's pg_wal out of it and delete it in a thread while the delta
     streams in. None of it is the target's (the delta brings its own segment and history
     file; a full rebuild keeps none either), and unlinking its dozens of 16 MiB segments at
     the end, with the other files the delta does not name, took a fifth of a checkout.
     Called once `.applying` exists: from then on the directory is rolled forward, never
-    started as it is. A linked pg_wal stays (its files go as before)."""
+    started as it is. A linked pg_wal stays (its files go as before). Nothing waits for the
+    thread but the interpreter's exit (it is not a daemon): the deletion goes on while the
+    directory is sealed and the server starts; a killed run's leftover goes with the
+    checkout's other state files (`remove_leftovers`)."""
     wal, aside = node.datadir / "pg_wal", old_wal_dir(node)
     if wal.is_symlink() or not wal.is_dir():
-        return None
+        return
     shutil.rmtree(aside, ignore_errors=True)
     os.rename(wal, aside)
-    remover = threading.Thread(target=shutil.rmtree, args=(aside, True), name="old-wal")
-    remover.start()
-    return remover
+    _removing.add(aside)
+    threading.Thread(target=_remove, args=(aside,), name="old-wal").start()
 
 
 def roll_forward(app: App, node: NodeRow, head: str | None, seal: Callable[[Path], None]) -> bool:
@@ -176,18 +190,17 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | Non
         except NotFound:
             return None
     request = BasebackupRequest(node_id=node.id, checkout_from=head, hints_logged_from=mark)
-    applier = DeltaApplier(node.datadir, KEEP)
+    applier = DeltaApplier(node.datadir, KEEP, sync_early=not again)
     marked = again
-    remover: threading.Thread | None = None
 
     async def fetch(client: PageserverClient) -> None:
-        nonlocal marked, remover
+        nonlocal marked
         async with client.basebackup(request) as download:
             async for chunk in download:
                 if not marked:  # the first byte: the pageserver did not refuse
                     write_file_durably(applying_file(node), b"")
                     marked = True
-                    remover = _set_wal_aside(node)
+                    _set_wal_aside(node)
                 await asyncio.to_thread(applier.feed, chunk)
         await asyncio.to_thread(applier.finish)
 
@@ -199,8 +212,6 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | Non
         return None
     finally:
         applier.close()
-        if remover is not None:
-            remover.join()
     if again:
         fsync_tree(node.datadir)
         return False

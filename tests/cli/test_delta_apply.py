@@ -103,6 +103,45 @@ def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path) -> None:
     ]  # fmt: skip
 
 
+def test_early_fsyncs_cover_every_file_written(parent: Path) -> None:
+    """With sync_early, each file's fsync starts once its member is applied (make_durable
+    then waits for them): every file written or resized, a file written again after its
+    first fsync included, and nothing left unchanged."""
+    (parent / "base" / "5" / "800").write_bytes(page(8))  # named, unchanged: no fsync
+    tar = delta_tar(
+        [
+            ("global/pg_control", b"first"),
+            ("neon-delta/base/5/100", fork_data(6, {1: page(9)})),
+            ("neon-delta/base/5/200", fork_data(2, {})),
+            ("neon-delta/base/5/800", fork_data(1, {})),
+            ("neon-delta/base/7/600_init", fork_data(0, {})),
+            ("global/pg_control", b"new control"),  # again, after its first fsync began
+        ]
+    )
+    control = parent / "global" / "pg_control"
+    second = tar.index(b"global/pg_control", tar.index(b"global/pg_control") + 1)
+    applier = DeltaApplier(parent, sync_early=True)
+    try:
+        applier.feed(tar[: second + 512 + 3])  # into the second pg_control's data
+        assert parent / "base" / "5" / "100" in applier.synced_early
+        assert control not in applier.synced_early  # written again since its fsync began
+        applier.feed(tar[second + 512 + 3 :])
+        applier.finish()
+        assert applier.synced_early == {
+            control,
+            parent / "base" / "5" / "100",
+            parent / "base" / "5" / "200",
+            parent / "base" / "7" / "600_init",
+        }
+        applier.make_durable()
+    finally:
+        applier.close()
+    assert (parent / "global" / "pg_control").read_bytes() == b"new control"
+    assert (parent / "base" / "5" / "100").read_bytes()[BLCKSZ:] == page(9) + page(1) * 2 + bytes(
+        2 * BLCKSZ
+    )
+
+
 def test_segments_follow_the_fork_size(parent: Path) -> None:
     rel = parent / "base" / "5" / "100"
     for segno in (1, 2):
