@@ -1,25 +1,31 @@
 """Checkout benchmark (issue 10 item 3): `neon pg checkout` to a snapshot a few pages away,
 in place (cli/checkout_delta.py), against a full extraction and pg_basebackup, one run.
 
-    .venv/bin/python -m bench.checkout [--scale 60] [--changed-pct 1] [--pgbench-seconds 30]
-                                       [--py-spy DIR]
+    .venv/bin/python -m bench.checkout [--scale 70] [--newcomer-scale 30] [--changed-pct 1]
+                                       [--pgbench-seconds 30] [--py-spy DIR]
 
-Everything through the real `neon` CLI on a private NEON_HOME (the newcomer's path):
+Everything through the real `neon` CLI on a private NEON_HOME, on two nodes, because issue 10
+asks for two sizes: the newcomer's path on a `pgbench -i -s 30` node, and the 1% checkout on
+a 1 GiB node (`-s 70`: 1.05 GiB).
 
-1. `neon pg create`; `pgbench -i -s SCALE` (timed); `neon snapshot create pgdata1@base`
-   (timed: a checkpoint, then ingest catches up).
-2. Reference, node running: `pg_basebackup -X stream -c fast` of it into a directory.
-3. About --changed-pct of the database's pages changed: one row updated on every Nth page
+The newcomer's path (node pgdata1, --newcomer-scale; with --pgbench-seconds 0, step 1 only):
+1. `neon pg create`; `pgbench -i -s NEWCOMER_SCALE` (timed); `neon snapshot create
+   pgdata1@base` (timed: a checkpoint, then ingest catches up).
+2. `pgbench -c 4 -T S`, then `pg checkout pgdata1@base` (timed), compared with
+   `pg_basebackup -X stream -c fast` of the node taken right after it. The node is stopped
+   after this part.
+
+The 1% checkout (node pgdata2, --scale):
+4. `pgbench -i -s SCALE`, `snapshot create pgdata2@base` (both timed), a pg_basebackup.
+5. About --changed-pct of the database's pages changed: one row updated on every Nth page
    of pgbench_accounts (N from the page counts), the new versions go elsewhere (fillfactor
    100) and the primary key gets one entry each; `snapshot diff --stat` counts the pages.
-4. `neon pg checkout pgdata1@base`, timed (stop, HEAD snapshot, delta, apply, single-user
-   step, start); the directory's inode shows it was patched in place.
-5. References in the same run: a full extraction of `pgdata1@base` (the tar streamed from
+6. `neon pg checkout pgdata2@base`, timed (stop, HEAD snapshot, delta, apply, start); the
+   directory's inode shows it was patched in place.
+7. References in the same run: a full extraction of `pgdata2@base` (the tar streamed from
    the pageserver and unpacked, as a full rebuild's download: no start), and the same
    checkout with the full rebuild (the same change made again, the hint mark removed so the
    CLI falls back: what `pg checkout` did before).
-6. With --pgbench-seconds: `pgbench -c 4 -T S`, then `pg checkout pgdata1@base` again
-   (the newcomer's path), compared with a pg_basebackup of the node taken right after it.
 
 `--py-spy DIR` samples the pageserver daemon (by PID) and the CLI during the snapshot create
 after the load and each in-place checkout (bench/pyspy.py) and prints where their time went.
@@ -145,72 +151,95 @@ def diff_pages(neon: NeonCli, a: str, b: str) -> int:
     return int(neon.json("snapshot", "diff", "--stat", a, b)["pages_changed"])
 
 
-def datadir(neon: NeonCli) -> Path:
-    return Path(neon.json("pg", "show", "pgdata1")["datadir"])
+def datadir(neon: NeonCli, node: str) -> Path:
+    return Path(neon.json("pg", "show", node)["datadir"])
 
 
-def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine_before": machine_info(), "scale": args.scale}
-    neon.run("pg", "create", "--port", str(free_port()))
-    c = str(neon.json("pg", "show", "pgdata1")["connstr"])
-    say(f"pgbench -i -s {args.scale}")
+def loaded_node(
+    neon: NeonCli, node: str, scale: int, profile: Path | None, step: str
+) -> tuple[str, dict[str, Any]]:
+    """`pg create`, `pgbench -i -s SCALE` and `snapshot create NODE@base`, timed: the node's
+    connection string and the figures."""
+    neon.run("pg", "create", "-n", node, "--port", str(free_port()))
+    c = str(neon.json("pg", "show", node)["connstr"])
+    say(f"{node}: pgbench -i -s {scale}")
     t0 = time.perf_counter()
-    subprocess.run([pg_binary("pgbench"), "-i", "-q", "-s", str(args.scale), c], check=True,
+    subprocess.run([pg_binary("pgbench"), "-i", "-q", "-s", str(scale), c], check=True,
                    capture_output=True)  # fmt: skip
-    results["load_s"] = time.perf_counter() - t0
-    results["db_mib"] = mib(int(psql(c, "SELECT pg_database_size(current_database())")))
-    say("snapshot create pgdata1@base")
-    results["snapshot_create_s"] = neon_step(
-        neon, args.py_spy, "snapshot_create", "snapshot", "create", "pgdata1@base"
+    figures: dict[str, Any] = {"load_s": time.perf_counter() - t0}
+    figures["db_mib"] = mib(int(psql(c, "SELECT pg_database_size(current_database())")))
+    say(f"snapshot create {node}@base")
+    figures["snapshot_create_s"] = neon_step(
+        neon, profile, step, "snapshot", "create", f"{node}@base"
     ).wall
+    return c, figures
 
+
+def newcomer(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any]:
+    """Issue 10's newcomer: `snapshot create` after `pgbench -i`, and `pg checkout` back to it
+    after `pgbench -c 4`, against pg_basebackup of the node right after that checkout."""
+    c, figures = loaded_node(neon, "pgdata1", args.newcomer_scale, args.py_spy, "snapshot_create")
+    r: dict[str, Any] = {"newcomer_scale": args.newcomer_scale, **figures}
+    if args.pgbench_seconds:
+        say(f"pgbench -c 4 -T {args.pgbench_seconds}, then pg checkout pgdata1@base")
+        subprocess.run([pg_binary("pgbench"), "-n", "-c", "4", "-j", "2", "-T",
+                        str(args.pgbench_seconds), c], check=True, capture_output=True)  # fmt: skip
+        inode = datadir(neon, "pgdata1").stat().st_ino
+        checkout = neon_step(
+            neon, args.py_spy, "newcomer_checkout", "pg", "checkout", "pgdata1@base"
+        )
+        r["newcomer_checkout_s"] = checkout.wall
+        r["newcomer_in_place"] = datadir(neon, "pgdata1").stat().st_ino == inode
+        r["newcomer_pages_changed"] = diff_pages(neon, "pgdata1@base", "pgdata1@HEAD{0}")
+        # The reference of the node as the checkout left it: the daemon's compaction of the
+        # load (or of pgbench's WAL) shares the box with whichever pg_basebackup runs nearer
+        # to it, so the ratio uses this one, taken right after the checkout.
+        say("pg_basebackup of the node after its checkout")
+        r["pg_basebackup_after_s"] = pg_basebackup(c, scratch / "pgbb")
+        shutil.rmtree(scratch / "pgbb")
+    neon.run("pg", "stop", "pgdata1")  # the 1% part has the box (but for the daemon)
+    return r
+
+
+def one_percent(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any]:
+    """The in-place checkout of a 1 GiB node to a snapshot --changed-pct of pages away,
+    against a full extraction of that snapshot (and the full rebuild's checkout)."""
+    c, figures = loaded_node(neon, "pgdata2", args.scale, None, "")
+    r: dict[str, Any] = {"scale": args.scale, **{f"big_{k}": v for k, v in figures.items()}}
     say("pg_basebackup of the node")
-    results["pg_basebackup_s"] = pg_basebackup(c, scratch / "pgbb")
+    r["pg_basebackup_s"] = pg_basebackup(c, scratch / "pgbb")
     shutil.rmtree(scratch / "pgbb")
 
     say(f"changing ~{args.changed_pct}% of the pages")
     sql = change_pages(c, args.changed_pct)
+    say("pg checkout pgdata2@base (in place)")
+    inode = datadir(neon, "pgdata2").stat().st_ino
+    fast = neon_step(neon, args.py_spy, "checkout", "pg", "checkout", "pgdata2@base")
+    r["checkout_s"] = fast.wall
+    r["checkout_cli_rss_mib"] = fast.max_rss_mib
+    r["in_place"] = datadir(neon, "pgdata2").stat().st_ino == inode
+    changed = diff_pages(neon, "pgdata2@base", "pgdata2@HEAD{0}")
+    r["pages_changed"] = changed
+    r["pages_changed_pct"] = 100 * changed / max(1, int(r["big_db_mib"] * 128))
 
-    say("pg checkout pgdata1@base (in place)")
-    inode = datadir(neon).stat().st_ino
-    fast = neon_step(neon, args.py_spy, "checkout", "pg", "checkout", "pgdata1@base")
-    results["checkout_s"] = fast.wall
-    results["checkout_cli_rss_mib"] = fast.max_rss_mib
-    results["in_place"] = datadir(neon).stat().st_ino == inode
-    changed = diff_pages(neon, "pgdata1@base", "pgdata1@HEAD{0}")
-    results["pages_changed"] = changed
-    results["pages_changed_pct"] = 100 * changed / max(1, int(results["db_mib"] * 128))
-
-    say("full extraction of pgdata1@base")
-    results["extraction_s"] = full_extraction(neon, "pgdata1@base", scratch / "full")
+    say("full extraction of pgdata2@base")
+    r["extraction_s"] = full_extraction(neon, "pgdata2@base", scratch / "full")
     shutil.rmtree(scratch / "full")
 
     say("the same change, then pg checkout with a full rebuild")
     psql(c, sql)
-    (datadir(neon) / HINTS_MARK).unlink()
-    full = neon_timed(neon, "pg", "checkout", "pgdata1@base")
-    results["full_checkout_s"] = full.wall
-    results["full_checkout_cli_rss_mib"] = full.max_rss_mib
-    results["full_in_place"] = datadir(neon).stat().st_ino == inode
+    (datadir(neon, "pgdata2") / HINTS_MARK).unlink()
+    full = neon_timed(neon, "pg", "checkout", "pgdata2@base")
+    r["full_checkout_s"] = full.wall
+    r["full_checkout_cli_rss_mib"] = full.max_rss_mib
+    r["full_in_place"] = datadir(neon, "pgdata2").stat().st_ino == inode
+    return r
 
-    if args.pgbench_seconds:
-        # The node was rebuilt whole above: its next start writes a fresh hint mark.
-        say(f"pgbench -c 4 -T {args.pgbench_seconds}, then pg checkout pgdata1@base")
-        subprocess.run([pg_binary("pgbench"), "-n", "-c", "4", "-j", "2", "-T",
-                        str(args.pgbench_seconds), c], check=True, capture_output=True)  # fmt: skip
-        inode = datadir(neon).stat().st_ino
-        newcomer = neon_step(
-            neon, args.py_spy, "newcomer_checkout", "pg", "checkout", "pgdata1@base"
-        )
-        results["newcomer_checkout_s"] = newcomer.wall
-        results["newcomer_in_place"] = datadir(neon).stat().st_ino == inode
-        results["newcomer_pages_changed"] = diff_pages(neon, "pgdata1@base", f"pgdata1@HEAD{{{2}}}")
-        # The reference again, of the node as the checkout left it: the daemon's compaction of
-        # the load (or of pgbench's WAL) shares the box with whichever pg_basebackup runs
-        # nearer to it, so the newcomer's ratio uses this one, taken right after its checkout.
-        say("pg_basebackup of the node after its checkout")
-        results["pg_basebackup_after_s"] = pg_basebackup(c, scratch / "pgbb")
-        shutil.rmtree(scratch / "pgbb")
+
+def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine_before": machine_info()}
+    results.update(newcomer(args, neon, scratch))
+    results.update(one_percent(args, neon, scratch))
     results["pageserver_peak_rss_mib"] = pageserver_hwm_mib(neon)
     results["machine_after"] = machine_info()
     return results
@@ -218,6 +247,27 @@ def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any
 
 def report(r: dict[str, Any]) -> None:
     ext, pgbb = r["extraction_s"], r["pg_basebackup_s"]
+    print(
+        f"newcomer: database {r['db_mib']:.0f} MiB (pgbench -s {r['newcomer_scale']}, loaded "
+        f"in {r['load_s']:.1f} s); snapshot create {r['snapshot_create_s']:.2f} s "
+        f"({r['snapshot_create_s'] / r['load_s']:.3f}x the load)"
+    )
+    goals = [
+        ("snapshot create after the load / load time", r["snapshot_create_s"] / r["load_s"], 0.1),
+    ]
+    if "newcomer_checkout_s" in r:
+        t, pgbb2 = r["newcomer_checkout_s"], r["pg_basebackup_after_s"]
+        print(
+            f"newcomer: pg checkout after pgbench {t:.2f} s"
+            f"{'' if r['newcomer_in_place'] else ' (NOT in place)'}, "
+            f"{r['newcomer_pages_changed']:,} pages changed; pg_basebackup after it {pgbb2:.2f} s"
+        )
+        goals.append(("pg checkout after pgbench / pg_basebackup after it", t / pgbb2, 1.5))
+    print(
+        f"1%: database {r['big_db_mib']:.0f} MiB (pgbench -s {r['scale']}, loaded in "
+        f"{r['big_load_s']:.1f} s, snapshot create {r['big_snapshot_create_s']:.2f} s); "
+        f"pages changed: {r['pages_changed']:,} ({r['pages_changed_pct']:.2f}% of the database)"
+    )
     rows: list[list[object]] = [
         ["pg checkout, in place" + ("" if r["in_place"] else " (NOT in place)"),
          r["checkout_s"], r["checkout_s"] / ext, r["checkout_s"] / pgbb,
@@ -227,29 +277,9 @@ def report(r: dict[str, Any]) -> None:
         ["full extraction (stream + unpack)", ext, 1.0, ext / pgbb, "-"],
         ["pg_basebackup -X stream", pgbb, pgbb / ext, 1.0, "-"],
     ]  # fmt: skip
-    if "newcomer_checkout_s" in r:
-        t, pgbb2 = r["newcomer_checkout_s"], r["pg_basebackup_after_s"]
-        rows.append([
-            "pg checkout after pgbench" + ("" if r["newcomer_in_place"] else " (NOT in place)"),
-            t, t / ext, t / pgbb2, "-",
-        ])  # fmt: skip
-        rows.append(["pg_basebackup after that checkout", pgbb2, pgbb2 / ext, 1.0, "-"])
-    print(
-        f"database {r['db_mib']:.0f} MiB (pgbench -s {r['scale']}, loaded in "
-        f"{r['load_s']:.1f} s); snapshot create {r['snapshot_create_s']:.1f} s "
-        f"({r['snapshot_create_s'] / r['load_s']:.2f}x the load)"
-    )
-    print(f"pages changed: {r['pages_changed']:,} ({r['pages_changed_pct']:.2f}% of the database)")
-    if "newcomer_pages_changed" in r:
-        print(f"pages changed by pgbench: {r['newcomer_pages_changed']:,}")
     print_table(["what", "seconds", "x extraction", "x pg_basebackup", "CLI peak RSS MiB"], rows)
     print(f"pageserver peak RSS (VmHWM, ingest included): {r['pageserver_peak_rss_mib']:.0f} MiB")
-    goals = [
-        ("snapshot create after the load / load time", r["snapshot_create_s"] / r["load_s"], 0.1),
-        ("pg checkout, 1% changed / full extraction", r["checkout_s"] / ext, 0.2),
-    ]
-    if "newcomer_checkout_s" in r:
-        goals.append(("pg checkout after pgbench / pg_basebackup after it", t / pgbb2, 1.5))
+    goals.append(("pg checkout, 1% changed / full extraction", r["checkout_s"] / ext, 0.2))
     print_table(["issue 10 goal", "measured", "goal (<=)"], [list(g) for g in goals])
     print_machine(r)
 
@@ -273,7 +303,8 @@ def _scratch() -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkout", description=__doc__)
-    parser.add_argument("--scale", type=int, default=60)
+    parser.add_argument("--scale", type=int, default=70, help="the 1%% part's node")
+    parser.add_argument("--newcomer-scale", type=int, default=30)
     parser.add_argument("--changed-pct", type=float, default=1.0)
     parser.add_argument("--pgbench-seconds", type=int, default=30)
     parser.add_argument("--py-spy", type=Path, metavar="DIR", help="sample with py-spy into DIR")
