@@ -36,8 +36,11 @@ class StoreSettings:
     be rebuilt from their WAL by every read until three layers pile up there."""
     image_layer_target_size: int = 32 * MiB
     """Approximate uncompressed size of one image layer (4096 pages of 8 KiB)."""
-    block_size: int = 32 * 1024
-    """Uncompressed size of a value block in layer files (the unit of zstd and of the cache)."""
+    block_size: int = 128 * 1024
+    """Uncompressed size of a value block in layer files (the unit of zstd and of the cache).
+    Against 32 KiB, on the L1 blocks of a pgbench backlog: compression 28% and decompression
+    24% faster, 5% smaller (zstd builds its tables per frame), which is most of compaction's
+    CPU; a cold read decompresses ~0.1 ms more per block."""
     zstd_level: int = 2
     """zstd level of the files kept (L1 and image layers). On pgbench WAL and its pages,
     level 2 compresses as small as level 3 (L1 blocks 0.1156 of their bytes against 0.1140,

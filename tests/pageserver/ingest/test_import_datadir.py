@@ -99,7 +99,9 @@ def test_import_writes_bigger_blocks_compressed_faster(
     """Its frames are IMPORT_ZSTD_LEVEL's (the store's when that is lower), not the store's:
     each equals a recompression of its block at that level; its blocks are up to
     IMPORT_BLOCK_SIZE, not the store's block_size."""
-    settings = StoreSettings(image_layer_target_size=TARGET, zstd_level=store_level)
+    settings = StoreSettings(
+        image_layer_target_size=TARGET, zstd_level=store_level, block_size=32 * 1024
+    )
     store = TimelineStore(tmp_path / "store", settings)
     level = min(store_level, IMPORT_ZSTD_LEVEL)
     try:
