@@ -30,15 +30,17 @@ import LSN covers a key, the early layer below is its state there.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from pageserver.ingest.import_settings import import_settings
 from pageserver.ingest.live_journal import MAGIC, file_key, journal_path
 from pageserver.pid_file import pid_alive
-from pageserver.storage.keys import FULL_KEYSPACE, KeyRange, rel_block_key
+from pageserver.storage.keys import FULL_KEYSPACE, Key, KeyRange, rel_block_key
 from pageserver.storage.layers.image import ImageLayer, ImageRunWriter
 from pageserver.storage.timeline import Timeline
 from pg15.constants import BLCKSZ, RELSEG_SIZE
@@ -57,6 +59,12 @@ class _Journal:
         self._path = path
         self._f = path.open("rb")
         self._buf = b""
+        self._lock = threading.Lock()  # the file readers (EARLY_THREADS) share it
+        self._done = False  # `done` was taken
+        self._failed = False  # `failed` was taken
+        self._stopped = False  # the import gave up: the file readers stop
+        self.poll: Callable[[], None] | None = None
+        """Called while `next` waits for a line (the receiver raises a reader's error)."""
         header = self._wait_line(None, deadline=time.monotonic() + HEADER_SECONDS)
         magic, _, pid = header.rpartition(" ")
         if magic != MAGIC or not pid.isdigit():
@@ -67,25 +75,38 @@ class _Journal:
         self._f.close()
 
     def _wait_line(self, pid: int | None, deadline: float | None = None) -> str:
-        while b"\n" not in self._buf:
-            if not self._read_more():
+        while True:
+            with self._lock:
+                if b"\n" in self._buf:
+                    line, _, self._buf = self._buf.partition(b"\n")
+                    return line.decode(errors="replace")
+                more = self._read_more_locked()
+            if not more:
                 self._check_writer(pid)
+                if self.poll is not None:
+                    self.poll()
                 if deadline is not None and time.monotonic() > deadline:
                     raise CorruptData(f"{self._path} has no header line")
                 time.sleep(POLL_SECONDS)
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode(errors="replace")
 
     def _read_more(self) -> bool:
+        with self._lock:
+            return self._read_more_locked()
+
+    def _read_more_locked(self) -> bool:
         more = self._f.read(65536)
         self._buf += more
         return bool(more)
 
     def _check_writer(self, pid: int | None) -> None:
-        """Raise if the writer gave up (a `failed` line, maybe behind lines not yet taken)
-        or is gone."""
-        if b"\nfailed\n" in b"\n" + self._buf:
+        """Raise if the writer gave up (a `failed` line, taken or maybe behind lines not yet
+        taken) or is gone, or if the import stopped (`stop`)."""
+        with self._lock:
+            failed = self._failed or b"\nfailed\n" in b"\n" + self._buf
+        if failed:
             raise Unavailable(f"the import through {self._path} was given up by its writer")
+        if self._stopped:
+            raise _Stopped
         if pid is not None and not pid_alive(pid):
             raise Unavailable(f"the process importing through {self._path} is gone")
 
@@ -93,8 +114,15 @@ class _Journal:
         """The next event line; `done` is the last."""
         line = self._wait_line(self._pid)
         if line == "failed":
+            self._failed = True
             raise Unavailable(f"the import through {self._path} was given up by its writer")
+        if line == "done":
+            self._done = True
         return line
+
+    def stop(self) -> None:
+        """The import gave up: file readers raise _Stopped at their next look."""
+        self._stopped = True
 
     def pages(
         self, path: Path, size: int, whole: list[os.stat_result]
@@ -125,6 +153,8 @@ class _Journal:
                 return
             done = 0
             while done < size:
+                if self._stopped:
+                    raise _Stopped
                 final = self._final()  # before the size: a final directory's file stays
                 st = os.fstat(fd)
                 if not whole and st.st_size >= size:
@@ -148,12 +178,17 @@ class _Journal:
         """Whether the writer said `done` (maybe behind lines not yet taken): the directory
         is final, and a file short of its announced size will not grow (without this, a file
         recovery truncated kept the import waiting for the writer, which waits for it)."""
-        return b"\ndone\n" in b"\n" + self._buf
+        with self._lock:
+            return self._done or b"\ndone\n" in b"\n" + self._buf
 
     def _wait(self) -> None:
         self._read_more()
         self._check_writer(self._pid)
         time.sleep(POLL_SECONDS)
+
+
+class _Stopped(Exception):
+    """The import gave up (another file's reader failed, or the journal did)."""
 
 
 def _regular(st: os.stat_result) -> bool:
@@ -189,6 +224,8 @@ class EarlyImport:
         `whole` lines)."""
         self.layers: list[ImageLayer] = []
         self._runs: list[ImageRunWriter] = []
+        self._announced: list[KeyRange] = []
+        self._lock = threading.Lock()
         self._spoiled = False
 
     def unchanged(self, lsn: int) -> bool:
@@ -225,43 +262,68 @@ class EarlyImport:
             run.abort()
         self._runs, self.layers, self.files = [], [], []
 
-    def _add(
-        self, timeline: Timeline, journal: _Journal, path: Path, size: int,
-        key: tuple[int, int, int, int, int],
-    ) -> None:  # fmt: skip
+    def announce(self, size: int, key: tuple[int, int, int, int, int]) -> KeyRange | None:
+        """The key range of an announced file's pages; None if an earlier announcement
+        overlaps it (a tar with the member twice: the second rewrites the file, maybe after
+        it was read): the whole directory is imported as it ends up."""
         spc, db, rel, fork, segno = key
         first = segno * RELSEG_SIZE
         key_range = KeyRange(
             rel_block_key(spc, db, rel, fork, first),
             rel_block_key(spc, db, rel, fork, first + size // BLCKSZ),
         )
-        if any(f.key_range.start < key_range.end and key_range.start < f.key_range.end
-               for f in self.files):  # fmt: skip
-            # Announced twice (a tar with the member twice: the second rewrites the file,
-            # maybe after it was read): the whole directory is imported as it ends up.
+        if any(r.start < key_range.end and key_range.start < r.end for r in self._announced):
             self._spoiled = True
-            return
+            return None
+        self._announced.append(key_range)
+        return key_range
+
+    def add(
+        self, timeline: Timeline, journal: _Journal, path: Path, size: int, key_range: KeyRange
+    ) -> None:
+        """Write the layers of an announced file's pages as they arrive (on a thread of
+        receive_early's pool, beside the other files')."""
         run = ImageRunWriter(timeline.directory, self.lsn, import_settings(timeline.settings),
                              timeline.cache, key_range)  # fmt: skip
-        self._runs.append(run)
+        with self._lock:
+            self._runs.append(run)
         whole: list[os.stat_result] = []
+        first = key_range.start
         for blkno, chunk in journal.pages(path, size, whole):
-            run.add_pages(rel_block_key(spc, db, rel, fork, first + blkno), chunk)
-        self.layers += run.finish()
-        if not whole or whole[0].st_size != size:
-            self._spoiled = True  # not the file announced: `unchanged` refuses them all
-            return
-        self.files.append(EarlyFile(path, key_range, whole[0]))
+            run.add_pages(Key(first[:-4] + (int.from_bytes(first[-4:]) + blkno).to_bytes(4)), chunk)
+        layers = run.finish()
+        with self._lock:
+            self.layers += layers
+            if not whole or whole[0].st_size != size:
+                self._spoiled = True  # not the file announced: `unchanged` refuses them all
+                return
+            self.files.append(EarlyFile(path, key_range, whole[0]))
+
+
+EARLY_THREADS = 2
+"""Announced files imported at once. A backup's big files come one after the other (a table,
+then its index); imported one after the other, the second waited for the first although it
+had arrived whole, and the import ended that much after the transfer."""
 
 
 def receive_early(timeline: Timeline, datadir: Path) -> EarlyImport | None:
     """Follow the journal of `datadir` until it says `done`, importing each announced file as
-    it is complete; None when nothing was imported early. On any error the early layers are
-    removed."""
+    it is complete (EARLY_THREADS at once); None when nothing was imported early. On any
+    error the early layers are removed."""
     journal = _Journal(journal_path(datadir))
     early: EarlyImport | None = None
+    pool = ThreadPoolExecutor(EARLY_THREADS, thread_name_prefix="live-import")
+    adding: list[Future[None]] = []
+
+    def raise_failed() -> None:
+        for future in adding:
+            if future.done() and future.exception() is not None:
+                future.result()
+
+    journal.poll = raise_failed
     try:
         while (line := journal.next()) != "done":
+            raise_failed()
             kind, _, rest = line.partition(" ")
             if kind == "lsn" and early is None:
                 try:
@@ -273,17 +335,28 @@ def receive_early(timeline: Timeline, datadir: Path) -> EarlyImport | None:
                 key = file_key(name)
                 if key is None or not size.isdigit() or int(size) % BLCKSZ:
                     continue
-                early._add(timeline, journal, datadir / name, int(size), key)
+                key_range = early.announce(int(size), key)
+                if key_range is not None:
+                    adding.append(
+                        pool.submit(
+                            early.add, timeline, journal, datadir / name, int(size), key_range
+                        )
+                    )
             elif kind == "whole" and early is not None:
                 fields = rest.split(" ", 3)
                 if len(fields) != 4 or not all(x.isdigit() for x in fields[:3]):
                     raise CorruptData(f"{journal_path(datadir)}: bad line {line!r}")
                 ino, length, mtime = (int(x) for x in fields[:3])
                 early.extracted[datadir / fields[3]] = (ino, length, mtime)
+        for future in adding:
+            future.result()
     except BaseException:
+        journal.stop()  # a reader still at work raises _Stopped at its next look
+        wait(adding)  # every reader stopped: nothing writes a layer after the abort
         if early is not None:
             early.abort()
         raise
     finally:
+        pool.shutdown(wait=True)
         journal.close()
     return early if early is not None and early.files else None

@@ -20,7 +20,7 @@ import pytest
 
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest.live_journal import JOURNAL_NAME, JournalWriter, early_candidate
-from pageserver.storage.keys import rel_block_key
+from pageserver.storage.keys import key_to_hex, rel_block_key
 from pageserver.storage.layers.blocks import compression_pool
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.timeline import Timeline
@@ -388,3 +388,53 @@ def test_a_file_without_a_whole_line_is_not_imported_early(
         journal.done()
 
     imported_as_final(datadir, datadir, tmp_path, write)
+
+
+def test_a_file_arrived_whole_is_imported_while_the_one_before_still_arrives(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two announced files (a table, then its index): the second, written whole, gets its
+    layers while the first is still half written (EARLY_THREADS), and the state is the final
+    directory's; both files' layers are early ones."""
+    final = tmp_path / "final"
+    shutil.copytree(datadir, final, symlinks=True)
+    second = big_file(final).with_name(str(BIG_RELNODE + 1))
+    shutil.copy(big_file(final), second)
+    half = BIG_PAGES // 2 * BLCKSZ
+
+    def write(journal: JournalWriter, source: Path, pgdata: Path, timeline: Timeline) -> None:
+        journal.lsn(early_lsn(source))
+        first_name = str(big_file(source).relative_to(source))
+        second_name = str(second.relative_to(final))
+
+        def first_file(_directory: str, names: list[str]) -> list[str]:
+            return [n for n in names if n == str(BIG_RELNODE)]
+
+        shutil.copytree(source, pgdata, symlinks=True, copy_function=shutil.copy,
+                        ignore=first_file)  # fmt: skip
+        journal.file(BIG_PAGES * BLCKSZ, first_name)
+        data = big_file(source).read_bytes()
+        with open(pgdata / first_name, "wb") as f:
+            f.write(data[:half])
+            f.flush()
+            journal.file(BIG_PAGES * BLCKSZ, second_name)
+            shutil.copy(second, pgdata / second_name)
+            start = key_to_hex(rel_block_key(DEFAULTTABLESPACE_OID, big_db(source),
+                                             BIG_RELNODE + 1, 0, 0))  # fmt: skip
+            at = f"__{early_lsn(source):016X}"
+            deadline = time.monotonic() + 60
+            while not any(p.name.startswith(start) and p.name.endswith(at)
+                          for p in timeline.directory.iterdir()):  # fmt: skip
+                assert time.monotonic() < deadline, "the second file waited for the first"
+                time.sleep(0.01)
+            f.write(data[half:])
+        for name in (first_name, second_name):
+            journal.whole(name, (pgdata / name).lstat())
+        journal.done()
+
+    layers, _lsn = live_equals(final, datadir, tmp_path, write)
+    db = big_db(datadir)
+    early = {x.name.key_range.start for x in layers if x.lsn == early_lsn(datadir)}
+    for rel in (BIG_RELNODE, BIG_RELNODE + 1):
+        assert rel_block_key(DEFAULTTABLESPACE_OID, db, rel, 0, 0) in early
