@@ -153,6 +153,32 @@ class ObjectReader(ABC):
         await asyncio.shield(self.close())
 
 
+class HeadReader(ObjectReader):
+    """An object whose first bytes were brought along with its store's listing (`head`, of
+    `size` bytes in all): those, then the rest through `store.open_read` only if the reader
+    goes on (a manifest's reader stops after the head)."""
+
+    def __init__(self, store: Store, name: str, size: int, head: bytes) -> None:
+        self._store, self._name, self._head = store, name, head
+        self.size = size
+        self._rest: ObjectReader | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        if len(self._head) < (self.size or 0):
+            self._rest = await self._store.open_read(self._name, len(self._head))
+            async for chunk in self._rest:
+                yield chunk
+
+    async def close(self) -> None:
+        if self._rest is not None:
+            await self._rest.close()
+
+
 class Store(ABC):
     """Named objects at one place; `url` is for messages (no secret in it)."""
 

@@ -39,15 +39,17 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cli.storages import mask_url, validate_s3_bucket
 from cli.transport.base import (
     CHUNK,
+    HeadReader,
     Location,
     ObjectInfo,
     ObjectReader,
@@ -224,10 +226,40 @@ def _session() -> Any:
     return session
 
 
+PROBE_FRESH = 10.0
+"""Seconds a stat's probe serves the calls after it (a push makes them at once)."""
+PROBE_HEADS = 64  # `.neon` objects whose head a probe reads, at most
+HEAD_BYTES = 4096  # of each: its manifest (a few hundred bytes)
+
+T = TypeVar("T")
+
+
+async def _outcome(call: Awaitable[T]) -> T | BaseException:
+    """`call`'s result, or its error (raised later, by the call it is kept for)."""
+    try:
+        return await call
+    except Exception as exc:
+        return exc
+
+
+@dataclass(slots=True)
+class _S3Probe:
+    """What one stat asked at once: the object (None: none), the listing (or its error;
+    None once used), its pending uploads (or their error) and `.neon` heads (size, bytes)."""
+
+    name: str
+    when: float
+    found: ObjectInfo | None
+    listing: list[ObjectInfo] | BaseException | None
+    pending: list[PendingUpload] | BaseException
+    heads: dict[str, tuple[int, bytes]]
+
+
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.url = f"s3://{bucket}/{prefix}"
+        self._probe: _S3Probe | None = None
 
     def object_url(self, name: str) -> str:
         return self.url + name
@@ -264,24 +296,80 @@ class S3Store(Store):
         return ObjectInfo(name, int(answer["ContentLength"]))
 
     async def stat(self, name: str) -> ObjectInfo | None:
+        """The object's HEAD; at once, the listing, the head of each `.neon` object and the
+        object's pending uploads, kept for the `list`, head reads and `open_resumable` that
+        follow in a push (each used once; a request's error is raised by the call it serves,
+        as that call would raise it): requests at once, not one round trip after the other."""
         shown = self.object_url(name)
         with _s3_errors(shown, self.bucket, "reach"):
             async with self.client() as client:
-                return await self._head(client, name)
+                head, listing, pending = await asyncio.gather(
+                    _outcome(self._head(client, name)),
+                    _outcome(self._listing(client)),
+                    _outcome(self._pending(client, self._key(name))),
+                )
+                if isinstance(head, BaseException):
+                    raise head
+                found = head
+                heads: dict[str, tuple[int, bytes]] = {}
+                if isinstance(listing, list):
+                    neon = [o for o in listing if o.name.endswith(".neon")][:PROBE_HEADS]
+                    reads = (_outcome(self._head_bytes(client, o)) for o in neon)
+                    got = await asyncio.gather(*reads)
+                    for info, data in zip(neon, got, strict=True):
+                        if isinstance(data, bytes):
+                            heads[info.name] = (info.size, data)
+        self._probe = _S3Probe(name, time.monotonic(), found, listing, pending, heads)
+        return found
 
-    async def list(self) -> list[ObjectInfo]:
+    def _kept(self, name: str | None = None) -> _S3Probe | None:
+        """The last stat's probe while fresh (of `name`'s stat, when given)."""
+        probe = self._probe
+        if probe is None:
+            return None
+        if time.monotonic() - probe.when > PROBE_FRESH or (name is not None and probe.name != name):
+            self._probe = None
+            return None
+        return probe
+
+    async def _listing(self, client: Any) -> list[ObjectInfo]:
         found = []
         with _s3_errors(self.url, self.bucket, "list"):
-            async with self.client() as client:
-                pages = client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
-                )
-                async for page in pages:
-                    for entry in page.get("Contents", []):
-                        name = entry["Key"][len(self.prefix) :]
-                        if name and not name.startswith("."):
-                            found.append(ObjectInfo(name, int(entry["Size"])))
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+            )
+            async for page in pages:
+                for entry in page.get("Contents", []):
+                    name = entry["Key"][len(self.prefix) :]
+                    if name and not name.startswith("."):
+                        found.append(ObjectInfo(name, int(entry["Size"])))
         return sorted(found, key=lambda o: o.name)
+
+    async def _pending(self, client: Any, key: str) -> list[PendingUpload]:
+        with _s3_errors(self.object_url(key[len(self.prefix) :]), self.bucket, "upload to"):
+            return await pending_uploads(client, self.bucket, key)
+
+    async def _head_bytes(self, client: Any, info: ObjectInfo) -> bytes:
+        if info.size == 0:
+            return b""
+        answer = await client.get_object(
+            Bucket=self.bucket, Key=self._key(info.name), Range=f"bytes=0-{HEAD_BYTES - 1}"
+        )
+        async with answer["Body"] as body:
+            data = bytes(await body.read())
+        if len(data) != min(info.size, HEAD_BYTES):
+            raise ValueError("not the head asked for (the object changed)")
+        return data
+
+    async def list(self) -> list[ObjectInfo]:
+        probe = self._kept()
+        if probe is not None and probe.listing is not None:
+            listing, probe.listing = probe.listing, None
+            if isinstance(listing, BaseException):
+                raise listing
+            return listing
+        async with self.client() as client:
+            return await self._listing(client)
 
     async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
         return await self._open_upload(name, overwrite, resumable=False)
@@ -292,13 +380,22 @@ class S3Store(Store):
     async def _open_upload(self, name: str, overwrite: bool, resumable: bool) -> S3Writer:
         shown = self.object_url(name)
         key = self._key(name)
+        probe = self._kept(name) if resumable else None
+        self._probe = None
         stack = AsyncExitStack()
         with _s3_errors(shown, self.bucket, "upload to"):
             try:
                 client = await stack.enter_async_context(self.client())
-                if not overwrite and await self._head(client, name) is not None:
-                    raise already_exists(shown)
-                pending = await pending_uploads(client, self.bucket, key) if resumable else []
+                if probe is not None:  # what the stat just before found
+                    if not overwrite and probe.found is not None:
+                        raise already_exists(shown)
+                    if isinstance(probe.pending, BaseException):
+                        raise probe.pending
+                    pending = probe.pending
+                else:
+                    if not overwrite and await self._head(client, name) is not None:
+                        raise already_exists(shown)
+                    pending = await pending_uploads(client, self.bucket, key) if resumable else []
                 upload_id = None
                 if not pending:
                     # Started now, so that a missing bucket or a refused write fails before
@@ -320,6 +417,10 @@ class S3Store(Store):
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         key = self._key(name)
         shown = self.object_url(name)
+        probe = self._kept()
+        head = None if probe is None or offset != 0 else probe.heads.pop(name, None)
+        if head is not None:  # the stat's probe read it: the rest only if asked for
+            return HeadReader(self, name, *head)
         stack = AsyncExitStack()
         with _s3_errors(shown, self.bucket, "download"):
             try:
@@ -343,6 +444,7 @@ class S3Store(Store):
 
     async def delete(self, name: str) -> None:
         shown = self.object_url(name)
+        self._probe = None
         with _s3_errors(shown, self.bucket, "delete"):
             async with self.client() as client:
                 # S3 answers a DELETE of a missing key with success: ask first (a racing

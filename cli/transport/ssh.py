@@ -65,6 +65,7 @@ from urllib.parse import unquote, urlsplit
 from cli.storages import mask_url
 from cli.transport.base import (
     CHUNK,
+    HeadReader,
     Location,
     ObjectInfo,
     ObjectReader,
@@ -727,31 +728,6 @@ class SshAppender(PartialAppender):
         await _dismiss(appending)
         if self._writer is not None:
             await self._writer.abort()
-
-
-class HeadReader(ObjectReader):
-    """An object whose first bytes a PROBE brought (`head`, of `size`): those, then the rest
-    through a READ only if the reader goes on (a manifest's reader stops early)."""
-
-    def __init__(self, store: SshStore, name: str, size: int, head: bytes) -> None:
-        self._store, self._name, self._head = store, name, head
-        self.size = size
-        self._rest: ObjectReader | None = None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        if self._head:
-            yield self._head
-        if len(self._head) < (self.size or 0):
-            self._rest = await self._store.open_read(self._name, len(self._head))
-            async for chunk in self._rest:
-                yield chunk
-
-    async def close(self) -> None:
-        if self._rest is not None:
-            await self._rest.close()
 
 
 class SshReader(ObjectReader):

@@ -7,6 +7,7 @@ and malformed URLs are one line each."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -18,14 +19,17 @@ from pathlib import Path
 import pytest
 
 from cli.context import App
+from cli.snapshot_file_source import snapshots_in
 from cli.snapshot_transfer import parse_transfer_url
 from cli.transport import base, parse_location, s3
-from cli.transport.base import Location, read_object
+from cli.transport.base import Location, ObjectInfo, read_object
 from cli.transport.s3 import S3Store, S3Writer
 from proto.errors import AlreadyExists, AuthFailed, InvalidArgument, NotFound, Unavailable
+from snapfile.writer import write_snapshot_file
 from tests.cli.transport.conftest import SMALL_PART, S3Bucket
 from tests.pgtest import free_port, pg_reachable_tmpdir
 from tests.s3d import cutting_proxy
+from tests.snapfile.snapfile_helpers import generated_bytes, make_manifest
 
 DATA = os.urandom(5 * SMALL_PART + 123)  # six parts, the last a short one
 
@@ -303,3 +307,51 @@ async def test_requests_share_one_session(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another")
     assert await store.stat("x.neon") is not None  # (moto checks no signature)
     assert len(s3._SESSIONS) == 2
+
+
+def _neon_file(lsn: int, size: int) -> bytes:
+    out = io.BytesIO()
+    write_snapshot_file(out, make_manifest(lsn=lsn), [generated_bytes(size, lsn % 1000)])
+    return out.getvalue()
+
+
+async def test_a_push_asks_its_questions_at_once(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stat before a push sends, at once, the requests the push makes next (the listing,
+    each `.neon` head, the pending uploads): the listing, the manifest reads and the
+    resumable open after it send none of them again, their answers are those of the plain
+    calls, and each answer is used once."""
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    plain_client = s3_bucket.moto.client()
+    files = {"a.neon": _neon_file(0x1_0000_0000, 9000), "b.neon": _neon_file(0x2_0000_0000, 5)}
+    for name, data in {**files, "notes.txt": b"x"}.items():
+        plain_client.put_object(Bucket=s3_bucket.bucket, Key=s3_bucket.prefix + name, Body=data)
+    store = parse_location(s3_bucket.url("c.neon")).store
+    plain = parse_location(s3_bucket.url("c.neon")).store
+    expected_list = await plain.list()
+    expected = await snapshots_in(plain)
+    assert sorted(expected) == ["a.neon", "b.neon"]
+    sent: list[str] = []
+    s3._session().register(
+        "before-send.s3", lambda event_name, **_: sent.append(event_name.rsplit(".", 1)[1])
+    )
+    assert await store.stat("c.neon") is None
+    assert sorted(sent) == ["GetObject", "GetObject", "HeadObject", "ListMultipartUploads",
+                            "ListObjectsV2"]  # fmt: skip
+    sent.clear()
+    assert await snapshots_in(store) == expected
+    assert sent == []
+    data = _neon_file(0x3_0000_0000, 100_000)
+    async with await store.open_resumable("c.neon", overwrite=False) as writer:
+        await writer.write(data)
+    assert "HeadObject" not in sent and "ListMultipartUploads" not in sent
+    assert s3_bucket.read("c.neon") == data
+    sent.clear()
+    again = sorted([*expected_list, ObjectInfo("c.neon", len(data))], key=lambda o: o.name)
+    assert await store.list() == again  # used once: asked again
+    assert sent == ["ListObjectsV2"]
+    # The object now exists: a resumable open after a stat is refused as a HEAD refuses it.
+    await store.stat("c.neon")
+    with pytest.raises(AlreadyExists):
+        await store.open_resumable("c.neon", overwrite=False)
