@@ -17,6 +17,7 @@ removed before the whole delta was applied).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,14 @@ from snapfile.delta import (
 )
 
 _SEGMENT_BYTES = RELSEG_SIZE * BLCKSZ
+_ALLOCATE_FROM = 1 << 20
+_MAX_WAL_SEGMENT = 1 << 30  # --wal-segsize's largest (src/include/access/xlog_internal.h)
+"""WAL segments (pg_wal members from 1 MiB to 1 GiB) are allocated with posix_fallocate before
+their bytes are written (space reserved, as PostgreSQL's zero-filled segments have it:
+wal_init_zero), so that their pieces of zeros need no writing (`DeltaApplier._write`). Only
+those: a member's size is the archive's word, and at most one member's is reserved ahead of
+its bytes."""
+_ZEROS = bytes(4 << 20)
 
 
 class _Fork:
@@ -179,6 +188,8 @@ class DeltaApplier:
         self._fd: int | None = None
         self._fork: _Fork | None = None
         self._ended = False
+        self._offset = 0
+        self._allocated = False
         self._syncer = ThreadPoolExecutor(2, thread_name_prefix="fsync") if sync_early else None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -240,9 +251,7 @@ class DeltaApplier:
                     if self._fork is not None:
                         self._fork.feed(event.data, self._keep)
                     elif self._fd is not None:
-                        view = event.data
-                        while view:
-                            view = view[os.write(self._fd, view) :]
+                        self._write(event.data)
                 elif isinstance(event, MemberStart):
                     self._start(event)
                 elif isinstance(event, MemberEnd):
@@ -286,6 +295,31 @@ class DeltaApplier:
         self._keep.add(rel)
         self._changed.file(dest, not os.path.lexists(dest))
         self._fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self._offset = 0
+        if rel.parts[0] == "pg_wal" and _ALLOCATE_FROM <= member.size <= _MAX_WAL_SEGMENT:
+            try:
+                os.posix_fallocate(self._fd, 0, member.size)
+                self._allocated = True
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._allocated = False
+        else:
+            self._allocated = False
+
+    def _write(self, data: memoryview) -> None:
+        """A whole file's bytes, at the member's offset. In a file allocated up front, a
+        piece of zeros is not written: the allocation reads as zeros already (a WAL segment
+        is 16 MiB, all zeros but its first records: writing them was most of the fixed cost
+        of a checkout in place)."""
+        assert self._fd is not None
+        if not (self._allocated and _ZEROS.startswith(data)):  # a memcmp
+            view = data
+            at = self._offset
+            while view:
+                written = os.pwrite(self._fd, view, at)
+                view, at = view[written:], at + written
+        self._offset += len(data)
 
     def _end(self) -> None:
         if self._fork is not None:

@@ -142,6 +142,24 @@ def test_early_fsyncs_cover_every_file_written(parent: Path) -> None:
     )
 
 
+def test_a_wal_segment_is_whole_and_allocated_though_its_zeros_are_not_written(
+    parent: Path,
+) -> None:
+    """A pg_wal member is allocated up front and its pieces of zeros skipped: the file is
+    the member's bytes (zeros where an older file of that name had others), and all of it
+    is allocated (a WAL segment is never sparse: no ENOSPC once PostgreSQL writes into it)."""
+    size = 16 << 20
+    segment = bytearray(size)
+    segment[:100] = b"r" * 100  # the checkpoint record's page
+    segment[9 << 20 : (9 << 20) + 10] = b"x" * 10  # a piece of data far in
+    name = "pg_wal/000000020000000000000003"
+    (parent / "pg_wal").mkdir()
+    (parent / name).write_bytes(b"\xff" * size)  # an older segment of that name
+    apply(parent, delta_tar([("pg_wal/", None), (name, bytes(segment))]), chunk=1 << 20)
+    assert (parent / name).read_bytes() == segment
+    assert (parent / name).stat().st_blocks * 512 >= size
+
+
 def test_segments_follow_the_fork_size(parent: Path) -> None:
     rel = parent / "base" / "5" / "100"
     for segno in (1, 2):
