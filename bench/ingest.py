@@ -26,8 +26,8 @@
 6. Bytes stored: layer files on disk after the final flush, less what the import wrote, per
    byte of WAL ingested (the daemon also keeps the raw WAL archive, not counted here).
 7. Compaction: the wall time of image creation and of L0 merges over every pass (the
-   background flusher's included), and the peak RSS of this process (the page store runs in
-   it) right after the ingest.
+   background flusher's included), the peak RSS of this process (the page store runs in
+   it) right after the ingest, and the CPU time of each of its threads (`thread_cpu`).
 
 Prints a table and, last, one JSON line. Run by hand, never by CI.
 """
@@ -37,10 +37,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import logging
+import os
 import pstats
 import random
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +131,7 @@ class IngestResult:
     durable_seconds: float  # inside `measure`: from the start until every L0 file is written
     compaction: CompactionTotals  # every pass, background ones included
     peak_rss_mib: float  # this process (the page store runs in it), after the ingest
+    thread_cpu: dict[str, float]  # CPU seconds by thread (thread_cpu), after the ingest
 
 
 def segments_between(wal_dir: Path, start: int, end: int, seg: int) -> list[tuple[Path, int]]:
@@ -173,8 +176,27 @@ def ingest_backlog(store: NodeStore, wal_dir: Path, start: int, end: int, seg: i
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return IngestResult(
         m, end - start, records, flushes, flush_seconds, durable_seconds,
-        store.compaction_totals, peak,
+        store.compaction_totals, peak, thread_cpu(),
     )  # fmt: skip
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads by name, a pool's threads together
+    (MainThread: reading, decoding, ingest and the final pass; flush-*: L0 writes; compact-*:
+    background compaction; layer-zstd: compression of every layer): on a shared box, wall
+    times say little about where the CPU went (Linux /proc/self/task/<tid>/stat, utime and
+    stime in clock ticks)."""
+    names = {th.native_id: th.name.rsplit("_", 1)[0] for th in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid, name in names.items():
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = round(out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick, 2)
+    return out
 
 
 # -- GetPage latency ---------------------------------------------------------------------------
@@ -339,6 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "images_written": ours.compaction.images_written,
             "l0_merge_s": round(ours.compaction.l0_seconds, 3),
             "peak_rss_mib": round(ours.peak_rss_mib, 1),
+            "thread_cpu_s": ours.thread_cpu,
         },
         ratio=round(our_rate / ref_rate, 4),
         ratio_durable=round(durable_rate / ref_rate, 4),
@@ -377,6 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{ours.compaction.image_seconds:.2f} s ({ours.compaction.images_written} layers), "
         f"L0 merge {ours.compaction.l0_seconds:.2f} s; peak RSS {ours.peak_rss_mib:.0f} MiB"
     )
+    print("CPU by thread (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ours.thread_cpu.items()))
     print()
     print("GetPage (materialize) latency")
     print_table(
