@@ -103,6 +103,9 @@ MUX_PERSIST = 10  # seconds an idle shared connection outlives its last session
 MUX_SOCKET_MAX = 100  # a unix socket path is at most 107 bytes; %C expands to 40
 CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
 LANDING_TIMEOUT = 5  # seconds for an aborted resumable write's bytes to reach its file
+WRITE_BUFFER = 4 * 1024 * 1024
+"""Bytes a write may queue for `ssh` before it waits: with asyncio's default (64 KiB), each
+chunk of the snapshot waited for ssh to take it, and the export behind it stalled meanwhile."""
 
 # Exit statuses of the scripts (ssh itself exits 255).
 NOT_FOUND, EXISTS, SHORT, NO_DIR, IS_DIR, NO_CUT = 3, 4, 5, 6, 7, 8
@@ -617,6 +620,8 @@ class SshWriter(ObjectWriter):
         self._store, self._proc, self._tmp, self._final, self._flag = store, proc, tmp, final, flag
         self._base, self._resumable, self._committer = base, resumable, committer
         assert proc.stderr is not None and proc.stdout is not None
+        if proc.stdin is not None:  # `write` returns once its chunk is queued, not sent
+            proc.stdin.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         self._stderr = asyncio.ensure_future(proc.stderr.read())
         self._stdout = asyncio.ensure_future(proc.stdout.read())
 

@@ -4,6 +4,7 @@ and URLs are checked before anything runs."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -20,7 +21,13 @@ from cli.snapshot_file_source import snapshots_in
 from cli.transport import parse_location
 from cli.transport.base import ObjectInfo, read_object
 from cli.transport.resume import RESUME_BLOCK
-from cli.transport.ssh import _MUX_DIRS, SshStore, close_connections, sweep_dead_mux_dirs
+from cli.transport.ssh import (
+    _MUX_DIRS,
+    SshStore,
+    SshWriter,
+    close_connections,
+    sweep_dead_mux_dirs,
+)
 from proto.errors import (
     AlreadyExists,
     AuthFailed,
@@ -315,3 +322,26 @@ async def test_sessions_started_ahead_and_never_used_do_nothing(
     await writer.abort()  # the committer started with the append goes unused
     assert entries(remote_dir) == [".d.neon.partial"]
     assert (remote_dir / ".d.neon.partial").stat().st_size == RESUME_BLOCK + 1
+
+
+async def test_a_write_does_not_wait_for_ssh_to_take_it(
+    ssh_env: SshServer, remote_dir: Path
+) -> None:
+    """A chunk is queued for `ssh`, not handed over, before `write` returns (up to
+    WRITE_BUFFER): with the ssh client stopped (SIGSTOP), 3 MiB are still taken at once; the
+    export behind a push no longer stalls while ssh sends. Continued, the object is whole."""
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/e.neon"))
+    writer = await store.open_write("e.neon", overwrite=False)
+    assert isinstance(writer, SshWriter)
+    pid = writer._proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    data = os.urandom(3 * 1024 * 1024)
+    try:
+        await asyncio.wait_for(writer.write(data), 10)
+    except BaseException:
+        os.kill(pid, signal.SIGCONT)
+        await writer.abort()
+        raise
+    os.kill(pid, signal.SIGCONT)
+    await writer.commit()
+    assert (remote_dir / "e.neon").read_bytes() == data
