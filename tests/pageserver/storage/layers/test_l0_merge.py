@@ -11,6 +11,8 @@ both alike, with no file left behind.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from pageserver.storage.layers.delta import DeltaLayer
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from tests.native_ext import require_c_extension
-from tests.pageserver.history.test_compaction_stop import read_all
+from tests.pageserver.history.test_compaction_stop import check_directory, read_all
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 
 KiB = 1024
@@ -153,4 +155,67 @@ def test_a_damaged_l0_block_fails_the_merge_and_leaves_no_file(
     # Nothing published, nothing left: the L0 layers stay as they were.
     assert sorted(p.name for p in store.timeline.directory.iterdir()) == names
     assert len(store.timeline.layer_map().level0()) == len(level0)
+    store.history.close()
+
+
+KILLED_MERGE = """
+import sys, time
+from pathlib import Path
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.storage import compaction
+from pageserver.storage.layers import blocks
+from pageserver.storage.layers.delta import DeltaLayerWriter
+from tests.pageserver.storage.layers.test_l0_merge import SETTINGS
+
+blocks.MERGE_MAX_KEYS = 50
+add_merged, calls = DeltaLayerWriter.add_merged, [0]
+
+def adding(self, *args):
+    calls[0] += 1
+    if calls[0] == 40:  # L1 layers published, one being written
+        print("merging", flush=True)
+        time.sleep(600)
+    return add_merged(self, *args)
+
+DeltaLayerWriter.add_merged = adding
+store = NodeStore(StorageHistory(Path(sys.argv[1]), SETTINGS), "n")
+compaction.compact_level0(store.timeline, force=True)
+"""
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_a_killed_c_merge_leaves_the_l0_store_readable(level0_store: Path, tmp_path: Path) -> None:
+    """SIGKILL in the middle of the C merge (some L1 layers published, one half written):
+    the next open names and reads exactly the L0 layers, and the merge then completes."""
+    root = tmp_path / "killed"
+    shutil.copytree(level0_store, root)
+    store = NodeStore(StorageHistory(root, SETTINGS), "n")
+    timeline = store.timeline
+    lsn, level0 = timeline.last_record_lsn, [x.path.name for x in timeline.layer_map().level0()]
+    before = read_all(timeline, lsn)
+    directory = timeline.directory
+    store.history.close()
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MERGE, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[4],  # the repository: `tests` imports
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "merging\n"
+        written = [p.name for p in directory.iterdir() if p.name not in level0]
+        assert len(written) > 2  # the manifest, L1 layers published, one being written
+    finally:
+        child.kill()
+        child.wait()
+
+    store = NodeStore(StorageHistory(root, SETTINGS), "n")
+    timeline = store.timeline
+    check_directory(directory)  # the unnamed L1 files are gone
+    assert [x.path.name for x in timeline.layer_map().level0()] == level0
+    assert read_all(timeline, lsn) == before
+    assert compaction.compact_level0(timeline, force=True)[0] == len(level0)
+    assert read_all(timeline, lsn) == before
     store.history.close()
