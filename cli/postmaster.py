@@ -12,8 +12,9 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from stat import S_ISREG
 
-from cli.pgbin import give_to_pg_user, make_pg_dir, pg_binary, popen_kwargs, run_pg
+from cli.pgbin import give_to_pg_user, make_pg_dir, pg_binary, pg_os_user, popen_kwargs, run_pg
 from proto.errors import ExternalCommandFailed, InvalidArgument
 
 NEON_CONF = "neon.conf"
@@ -148,13 +149,11 @@ def start(
     `server_log`, if given, is where the logging collector writes (searched too for the
     reason of a failure).
     """
-    if not logfile.exists():
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        logfile.touch(mode=0o600)
-    give_to_pg_user(logfile)
     what = f"starting PostgreSQL on {datadir}"
     _reap()
-    with open(logfile, "ab") as out:
+    started = time.time()
+    out = _open_log(logfile)
+    try:
         proc = subprocess.Popen(
             [pg_binary("postgres"), "-D", str(datadir)],
             stdin=subprocess.DEVNULL,
@@ -163,9 +162,11 @@ def start(
             start_new_session=True,
             **popen_kwargs(),  # type: ignore[call-overload]
         )
+    finally:
+        os.close(out)
     _started[proc.pid] = proc
     deadline = time.monotonic() + timeout
-    while not _ready(datadir, proc.pid):
+    while not _ready(datadir, proc.pid, started):
         if proc.poll() is not None:
             del _started[proc.pid]
             tail = _log_tail([logfile, *([server_log] if server_log else [])])
@@ -181,16 +182,60 @@ def start(
     return proc.pid
 
 
-def _ready(datadir: Path, pid: int) -> bool:
+def _open_log(logfile: Path) -> int:
+    """`logfile` opened for appending by the server, as a file of its own. It lies in the
+    node's log directory, which PostgreSQL's OS user owns (its logging collector writes
+    there), and this process may be root: a symlink or a second name of another file put in
+    its place by that user must not make root append to, or hand over, that file (pg_ctl, run
+    as PostgreSQL's user, opened it with that user's rights). Such an entry is replaced; the
+    file is created 0600 and handed to PostgreSQL's user through its descriptor."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(logfile)
+    except FileNotFoundError:
+        pass
+    else:
+        if not S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.unlink(logfile)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(logfile, flags | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ExternalCommandFailed(f"cannot open the server's log {logfile}: {exc}") from None
+    st = os.fstat(fd)
+    if not S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ExternalCommandFailed(f"the server's log {logfile} is not a file of its own")
+    user = pg_os_user()
+    if user is not None:
+        os.fchown(fd, user.uid, user.gid)
+    return fd
+
+
+_START_TIME_SLOP = 2
+"""Seconds a postmaster.pid's start time may be before the start's (pg_ctl's allowance for
+clock skew between processes, wait_for_postmaster_start)."""
+_PID_FILE_START_LINE = 3  # LOCK_FILE_LINE_START_TIME (1-based), src/include/utils/pidfile.h
+
+
+def _ready(datadir: Path, pid: int, started: float) -> bool:
+    """Whether postmaster.pid says the postmaster `pid`, started at or after `started` (wall
+    clock), accepts connections. The start time is checked as pg_ctl checks it: a stale file
+    left by a killed server can name the same PID (a container's PIDs repeat after a
+    restart), and its "ready" is not this server's (the new postmaster overwrites a lock
+    file naming its own PID: CreateLockFile, src/backend/utils/init/miscinit.c)."""
     try:
         lines = (datadir / "postmaster.pid").read_text().splitlines()
     except (OSError, UnicodeDecodeError):
         return False
-    return (
-        len(lines) >= _PID_FILE_STATUS_LINE
-        and lines[0].strip() == str(pid)
-        and lines[_PID_FILE_STATUS_LINE - 1].strip() in READY_STATES
-    )
+    if len(lines) < _PID_FILE_STATUS_LINE or lines[0].strip() != str(pid):
+        return False
+    try:
+        if int(lines[_PID_FILE_START_LINE - 1]) < int(started) - _START_TIME_SLOP:
+            return False
+    except ValueError:
+        return False
+    return lines[_PID_FILE_STATUS_LINE - 1].strip() in READY_STATES
 
 
 def _reap() -> None:
