@@ -27,7 +27,9 @@ against `pg_basebackup -F tar -X none -D - | zstd` piped over the same path, in 
    (the uncompressed tar size push reports, `snapshot_bytes`) per second, on both sides.
 4. Incremental: the delta's bytes against the full push's bytes (goal <= 5%) and its time
    against the full push's time (goal <= 10%), round by round, the worst round shown.
-5. Peak RSS (VmHWM): our CLI process (sampled while it runs, bench.import_export's
+5. CPU seconds of each side (ours: the CLI and its pageserver; the reference: its pipeline's
+   processes, not PostgreSQL's walsender): what a shared box's load does not change.
+6. Peak RSS (VmHWM): our CLI process (sampled while it runs, bench.import_export's
    run_timed) and the pageserver, restarted untimed before each of our commands so its peak
    covers that command (bench.import_export's restart_pageserver); for neon:// also the
    `neon snapshot recv` process and the receiver's pageserver.
@@ -460,6 +462,12 @@ def daemon_hwm(ours: list[Ours]) -> int:
     return max(o.daemon.hwm_kib for o in ours)
 
 
+def ours_cpu(o: Ours) -> float:
+    """CPU seconds of one of our commands: the CLI and its pageserver (load-independent,
+    where the walls of a shared box are not)."""
+    return o.run.cpu + o.daemon.cpu
+
+
 def rss_cells(ours: list[Ours], receiver: list[ReceiverUse]) -> list[str]:
     """Peak RSS in MiB of our CLI and of the pageserver (and of the receiving side)."""
     cli, daemon = f"{cli_hwm(ours) / 1024:.0f}", f"{daemon_hwm(ours) / 1024:.0f}"
@@ -491,12 +499,15 @@ class Report:
                 what, f"{ours_s:.2f} s", f"{ref_s:.2f} s", ratio, f">= {FULL_GOAL}",
                 "yes" if met else "NO", mib_per_s(self.data_bytes, ours_s),
                 mib_per_s(self.data_bytes, ref_s), f"{mib(moved):.1f}",
+                f"{min(ours_cpu(o) for o in ours):.2f} / {min(r.cpu for r in ref):.2f}",
                 *rss_cells(ours, receiver),
             ]
         )  # fmt: skip
         self.json[f"{op}_{t.name}"] = {
             "ours_walls_s": [round(o.run.wall, 3) for o in ours],
             "ref_walls_s": [round(r.wall, 3) for r in ref],
+            "ours_cpu_s": [round(ours_cpu(o), 3) for o in ours],
+            "ref_cpu_s": [round(r.cpu, 3) for r in ref],
             "ratio": round(ratio, 3),
             "ours_mib_per_s": round(mib_per_s(self.data_bytes, ours_s), 1),
             "ref_mib_per_s": round(mib_per_s(self.data_bytes, ref_s), 1),
@@ -531,12 +542,14 @@ class Report:
             what = f"incr {kind} {t.name}"
             met = self.goals[what] = share <= goal
             row = [what, ours, ref, share, f"<= {goal}", "yes" if met else "NO", "", "", ""]
-            self.rows.append([*row, *rss_cells(t.incr, [])])
+            cpu = f"{max(ours_cpu(i) for i in t.incr):.2f} / -" if kind == "time" else ""
+            self.rows.append([*row, cpu, *rss_cells(t.incr, [])])
         self.json[f"incremental_{t.name}"] = {
             "delta_bytes": [d for d, _ in sent],
             "full_bytes": [f for _, f in sent],
             "delta_walls_s": [round(d, 3) for d, _ in walls],
             "full_walls_s": [round(f, 3) for _, f in walls],
+            "delta_cpu_s": [round(ours_cpu(i), 3) for i in t.incr],
             "cli_vmhwm_kib": cli_hwm(t.incr),
             "daemon_vmhwm_kib": daemon_hwm(t.incr),
         }
@@ -550,12 +563,14 @@ class Report:
         print(
             f"reference: pg_basebackup -F tar -X none | zstd -{DEFAULT_LEVEL} | the place (push), "
             "the place | zstd -d | tar -x (pull); incr rows: the delta push of @s2 after @s1 "
-            "against that full push, worst round. RSS: VmHWM of our CLI / the pageserver "
+            "against that full push, worst round. CPU s: ours (CLI + pageserver) / the "
+            "reference pipeline's processes (PostgreSQL's walsender not counted), least of the "
+            "rounds (load-independent, unlike the walls). RSS: VmHWM of our CLI / the pageserver "
             "(neon://: also of recv and the receiver's pageserver)"
         )
         print_table(
             ["", "ours", "reference", "ratio", "goal", "met", "ours MiB/s", "ref MiB/s",
-             "moved MiB", "CLI RSS MiB", "pageserver RSS MiB"],
+             "moved MiB", "CPU s ours / ref", "CLI RSS MiB", "pageserver RSS MiB"],
             self.rows,
         )  # fmt: skip
 
