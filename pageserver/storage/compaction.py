@@ -21,6 +21,7 @@ whole files, as after a kill (Timeline.open deletes the files it does not name).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import time
 import weakref
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
 from pageserver.storage.layers import native as _native
+from pageserver.storage.layers.blocks import VersionList
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from pageserver.storage.layers.layer_map import LayerMap
@@ -151,35 +153,20 @@ def _merge_level0_python(
     timeline: Timeline, level0: list[DeltaLayer], cancelled: Cancelled | None
 ) -> list[DeltaLayer]:
     """The L1 layers of the L0 merge: the reference of `_merge_level0_native`."""
-    lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
     # L0 layers are LSN-disjoint and sorted oldest first, so merging whole per-key groups by
     # (key, layer number) yields every key's versions in LSN order; values are copied as
     # they are encoded, never decoded.
     merged = heapq.merge(*(_numbered_groups(n, layer) for n, layer in enumerate(level0)))
-    target = timeline.settings.compaction_target_size
-    outputs: list[DeltaLayer] = []
-    writer: DeltaLayerWriter | None = None
-    try:
+
+    def keys() -> Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]]:
         for key, versions in _merge_same_keys(merged):
-            if cancelled is not None and cancelled():
-                raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
-            if writer is not None and writer.uncompressed_bytes >= target:
-                outputs.append(_finish_l1(timeline, writer, key))
-                writer = None
-            if writer is None:
-                writer = DeltaLayerWriter(timeline.directory, lsn_start, lsn_end, timeline.settings)
-            writer.add_key(key, versions)
-        if writer is not None:
-            last = writer.last_key
-            assert last is not None
-            outputs.append(_finish_l1(timeline, writer, key_successor(last)))
-            writer = None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        _discard(outputs)
-        raise
-    return outputs
+            yield key, functools.partial(_add_key, key, versions)
+
+    return _write_l1(timeline, level0, cancelled, keys())
+
+
+def _add_key(key: Key, versions: VersionList, writer: DeltaLayerWriter) -> None:
+    writer.add_key(key, versions)
 
 
 def _merge_level0_native(
@@ -189,22 +176,46 @@ def _merge_level0_native(
     same files as `_merge_level0_python` (the Python loop was most of an L0 merge's CPU).
     The cancellation check runs every MERGE_MAX_KEYS keys instead of every key."""
     assert _native.blockpack is not None
-    lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
     target = timeline.settings.compaction_target_size
     paths = [layer.path for layer in level0]
     merge = _native.blockpack.Merge([layer.file.merge_input() for layer in level0])
+
+    def add(writer: DeltaLayerWriter) -> int:
+        return writer.add_merged(merge, target, paths)
+
+    def keys() -> Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]]:
+        while (key := merge.next_key()) is not None:
+            yield Key(key), add
+
+    try:
+        return _write_l1(timeline, level0, cancelled, keys())
+    finally:
+        merge.close()  # the inputs' maps may close once they are replaced
+
+
+def _write_l1(
+    timeline: Timeline,
+    level0: list[DeltaLayer],
+    cancelled: Cancelled | None,
+    keys: Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]],
+) -> list[DeltaLayer]:
+    """The L1 layers of `level0`'s merge: each (key, add) of `keys` calls `add` with the
+    writer of the layer `key` goes to (a new one once the open one reaches the target size;
+    `add` may add the keys after it too). Outputs are deleted on any error."""
+    lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
+    target = timeline.settings.compaction_target_size
     outputs: list[DeltaLayer] = []
     writer: DeltaLayerWriter | None = None
     try:
-        while (key := merge.next_key()) is not None:
+        for key, add in keys:
             if cancelled is not None and cancelled():
                 raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
             if writer is not None and writer.uncompressed_bytes >= target:
-                outputs.append(_finish_l1(timeline, writer, Key(key)))
+                outputs.append(_finish_l1(timeline, writer, key))
                 writer = None
             if writer is None:
                 writer = DeltaLayerWriter(timeline.directory, lsn_start, lsn_end, timeline.settings)
-            writer.add_merged(merge, target, paths)
+            add(writer)
         if writer is not None:
             last = writer.last_key
             assert last is not None
@@ -215,8 +226,6 @@ def _merge_level0_native(
             writer.abort()
         _discard(outputs)
         raise
-    finally:
-        merge.close()  # the inputs' maps may close once they are replaced
     return outputs
 
 

@@ -167,6 +167,12 @@ class ImageRunWriter:
             self.abort()
             raise InvalidArgument(f"key {describe(key)} is outside the image run's key range")
         self._last = key
+        self._writer_at(key).add(key, data)
+        self._bytes += len(data)
+
+    def _writer_at(self, key: Key) -> ImageLayerWriter:
+        """The layer the image at `key` goes to: the open one, cut at `key` once it holds
+        the target size, then a new one from `key`."""
         writer = self._writer
         if writer is not None and self._bytes >= self._settings.image_layer_target_size:
             self._cut(writer, key)
@@ -176,8 +182,7 @@ class ImageRunWriter:
                 self._dir, KeyRange(self._start, self._range.end), self._lsn, self._settings
             )
             self._bytes = 0
-        writer.add(key, data)
-        self._bytes += len(data)
+        return writer
 
     def add_pages(self, key: Key, data: bytes) -> None:
         """Images of the not-all-zero pages of `data` (whole BLCKSZ pages of one relation
@@ -206,16 +211,7 @@ class ImageRunWriter:
             raise InvalidArgument(f"key {describe(hi)} is outside the image run's key range")
         target, i = self._settings.image_layer_target_size, 0
         while i < len(offsets):
-            writer = self._writer
-            at = Key(prefix + (first + offsets[i] // BLCKSZ).to_bytes(4))
-            if writer is not None and self._bytes >= target:
-                self._cut(writer, at)
-                self._start, writer = at, None
-            if writer is None:
-                writer = self._writer = ImageLayerWriter(
-                    self._dir, KeyRange(self._start, self._range.end), self._lsn, self._settings
-                )
-                self._bytes = 0
+            writer = self._writer_at(Key(prefix + (first + offsets[i] // BLCKSZ).to_bytes(4)))
             take = offsets[i : i + max(1, -(-(target - self._bytes) // BLCKSZ))]
             writer.add_pages(prefix, first, data, take)
             self._bytes += len(take) * BLCKSZ
