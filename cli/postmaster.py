@@ -206,6 +206,7 @@ def _open_log(logfile: Path) -> int:
     if not S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
         raise ExternalCommandFailed(f"the server's log {logfile} is not a file of its own")
+    os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from blocking the open
     user = pg_os_user()
     if user is not None:
         os.fchown(fd, user.uid, user.gid)
