@@ -167,6 +167,18 @@ def _finish(node: NodeRow) -> list[Path]:
     return left
 
 
+def remove_checkout_files(node: NodeRow) -> None:
+    """Everything a checkout keeps beside the node's directory (a killed one's rebuilt and old
+    directories, state files, set-aside pg_wal and journal), for `pg destroy`: a node made
+    later gets the same directory name and would take them for its own pending checkout."""
+    for path in (_new_dir(node), _old_dir(node)):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    remove_download_leftovers(_new_dir(node))
+    checkout_delta.remove_leftovers(node)
+    _journal(node).unlink(missing_ok=True)
+
+
 def finish_pending(app: App, node: NodeRow) -> bool:
     """Complete a checkout a crash interrupted; True if there was one."""
     remove_download_leftovers(_new_dir(node))

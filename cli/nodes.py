@@ -162,6 +162,9 @@ def _remove_node_files(app: App, node: NodeRow) -> None:
 
     shutil.rmtree(node.datadir, ignore_errors=True)
     remove_download_leftovers(node.datadir)  # of a killed `pg create --snapshot`
+    from cli.checkout import remove_checkout_files  # here: cli.checkout imports this module
+
+    remove_checkout_files(node)  # of a killed `pg checkout`
     shutil.rmtree(node_log_dir(app, node), ignore_errors=True)
     for path in (
         superuser_secret(app, node.id),
