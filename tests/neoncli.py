@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,20 @@ def run_on_tty(neon: NeonCli, *args: str) -> tuple[int, str]:
             shown += chunk
     os.close(master)
     return proc.wait(timeout=120), shown.decode(errors="replace")
+
+
+def kill_when(neon: NeonCli, caught: Callable[[], bool], *args: str, timeout: float = 120) -> None:
+    """Run `neon ARGS` and SIGKILL it as soon as `caught()` holds: a crash at that step."""
+    proc = subprocess.Popen(
+        [NEON, *args], env=neon.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + timeout
+    while not caught():
+        assert proc.poll() is None, f"neon {' '.join(args)} ended before it was caught"
+        assert time.monotonic() < deadline
+        time.sleep(0.0005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def neon_home() -> Iterator[NeonCli]:

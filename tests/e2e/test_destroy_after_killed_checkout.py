@@ -5,13 +5,9 @@ for its own pending checkout (and the old pg_wal, a GiB after a load, stayed for
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-from tests.neoncli import NEON, NeonCli, psql
+from tests.neoncli import NeonCli, kill_when, psql
 
 
 def test_destroy_removes_a_killed_checkouts_files(neon: NeonCli) -> None:
@@ -25,19 +21,8 @@ def test_destroy_removes_a_killed_checkouts_files(neon: NeonCli) -> None:
     )
     neon.run("snapshot", "create", "pgdata1@s")
     psql(node["connstr"], "UPDATE t SET a = -a")
-    proc = subprocess.Popen(
-        [NEON, "pg", "checkout", "pgdata1@s"],
-        env=neon.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not (storage / "pgdata1.checkout.oldwal").exists():
-        assert proc.poll() is None, "the checkout ended before it set pg_wal aside"
-        assert time.monotonic() < deadline
-        time.sleep(0.0005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    aside = storage / "pgdata1.checkout.oldwal"
+    kill_when(neon, aside.exists, "pg", "checkout", "pgdata1@s")
 
     neon.run("pg", "destroy", "--yes", "pgdata1")
     left = [p.name for p in storage.iterdir() if p.name.startswith(("pgdata1", ".pgdata1"))]
