@@ -12,14 +12,15 @@ stopped directory is pg_control's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from pathlib import Path
 
 import crc32c
 
-from cli.pgbin import give_to_pg_user
-from durable_files import fsync_dir, write_file_durably
+from cli.pgbin import OsUser, pg_os_user
+from proto.errors import CorruptData
 
 SLOT_MAGIC = 0x1051CA1
 SLOT_VERSION = 2
@@ -46,11 +47,62 @@ def slot_state(name: str, restart_lsn: int) -> bytes:
 
 def write_physical_slot(datadir: Path, name: str, restart_lsn: int) -> None:
     """pg_replslot/NAME/state, durably (the file, the slot's directory and pg_replslot), for
-    PostgreSQL's OS user; the server must be stopped."""
-    slots = datadir / "pg_replslot"
-    slot_dir = slots / name
-    os.makedirs(slot_dir, mode=0o700, exist_ok=True)
-    give_to_pg_user(slot_dir)
-    write_file_durably(slot_dir / "state", slot_state(name, restart_lsn))
-    give_to_pg_user(slot_dir / "state")
-    fsync_dir(slots)
+    PostgreSQL's OS user; the server must be stopped.
+
+    Written by this process, which may be root, inside the data directory, which PostgreSQL's
+    OS user owns (the single-user step this replaces ran as that user): every step goes
+    through directory descriptors opened without following a link: a link put in place of
+    pg_replslot or the slot's directory fails the write, one in place of its file is
+    replaced, and what they name is neither written nor handed over."""
+    data = slot_state(name, restart_lsn)
+    user = pg_os_user()
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(datadir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # in a dir of ours
+    try:
+        slots = _open_dir(top, "pg_replslot", nofollow, user)
+        try:
+            slot = _open_dir(slots, name, nofollow, user)
+            try:
+                _write_at(slot, "state", data, user)
+                os.fsync(slot)
+            finally:
+                os.close(slot)
+            os.fsync(slots)
+        finally:
+            os.close(slots)
+    finally:
+        os.close(top)
+
+
+def _open_dir(parent: int, name: str, flags: int, user: OsUser | None) -> int:
+    """The directory `name` in `parent`, PostgreSQL's user's (made 0700 if missing), never
+    through a link."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=parent)
+    try:
+        fd = os.open(name, flags, dir_fd=parent)
+    except OSError as exc:
+        raise CorruptData(f"{name} in the data directory is not a directory: {exc}") from None
+    if user is not None:
+        os.fchown(fd, user.uid, user.gid)
+    return fd
+
+
+def _write_at(directory: int, name: str, data: bytes, user: OsUser | None) -> None:
+    """`name` in `directory` written whole under a temporary name, fsynced, handed to
+    PostgreSQL's user and renamed into place (as SaveSlotToPath writes state.tmp)."""
+    tmp = f"{name}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=directory)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if user is not None:
+            os.fchown(fd, user.uid, user.gid)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
