@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from cli.pgbin import give_to_pg_user, pg_os_user
+from cli.pgbin import pg_os_user
 from cli.tar_reader import ArchiveEnd, MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from cli.untar import UnsafeArchive, member_path
 from durable_files import fsync_dir
@@ -137,17 +137,17 @@ class _Fork:
             os.close(fd)
         self.fds.clear()
 
-    def end(self) -> list[Path]:
-        """The member is complete: the segment files to hand to PostgreSQL, all closed."""
+    def end(self) -> None:
+        """The member is complete: the segment files handed to PostgreSQL, all closed."""
         if self.delta is None or self.buf or self.records != self.delta.pages:
             raise CorruptData(f"delta member {self.member.name!r} ends inside a page record")
-        segments = [self.root / self.segment(s) for s in sorted(self.to_own)]
+        for segno in sorted(self.to_own):
+            _own(self.fds[segno])
         for segno in self.written:
             self.changed.file(self.root / self.segment(segno), False)
         if self.written:
             self.changed.forks.add(self.rel)
         self.close()
-        return segments
 
 
 class _Changed:
@@ -325,16 +325,15 @@ class DeltaApplier:
         if self._fork is not None:
             fork, self._fork = self._fork, None
             segments = [fork.root / fork.segment(s) for s in fork.fds]
-            for path in fork.end():
-                _own(path)
+            fork.end()
             self._sync_soon(segments)
         elif self._fd is not None:
+            _own(self._fd)
             os.close(self._fd)
             self._fd = None
             assert self._member is not None
             rel = member_path(self._member)
             assert rel is not None
-            _own(self.root / rel)
             self._sync_soon([self.root / rel])
 
     def _make_dirs(self, rel: PurePosixPath) -> None:
@@ -346,7 +345,9 @@ class DeltaApplier:
             path.unlink()
         if not path.is_dir():
             os.mkdir(path, 0o700)
-            give_to_pg_user(path)
+            user = pg_os_user()
+            if user is not None:  # the link's own owner if one took its place (see `_own`)
+                os.chown(path, user.uid, user.gid, follow_symlinks=False)
             self._changed.dirs.update((path, path.parent))
         self._keep.add(rel)
 
@@ -382,6 +383,11 @@ def _owned(st: os.stat_result) -> bool:
     return mode_ok and (user is None or (st.st_uid, st.st_gid) == (user.uid, user.gid))
 
 
-def _own(path: Path) -> None:
-    os.chmod(path, 0o600)
-    give_to_pg_user(path)
+def _own(fd: int) -> None:
+    """Hand a file this applier opened to PostgreSQL's OS user, mode 0600: through its
+    descriptor, as the directory is that user's and this process may be root (by its path,
+    a link put in its place would have the chmod and chown follow it)."""
+    os.fchmod(fd, 0o600)
+    user = pg_os_user()
+    if user is not None:
+        os.fchown(fd, user.uid, user.gid)

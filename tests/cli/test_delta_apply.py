@@ -186,6 +186,34 @@ def test_fork_files_end_up_private_whoever_left_them(parent: Path) -> None:
     assert rel.read_bytes() == page(9) + page(1) * 3
 
 
+def test_a_link_put_in_place_of_a_file_being_written_is_not_followed(
+    parent: Path, tmp_path: Path
+) -> None:
+    """The directory is PostgreSQL's OS user's and the applier may be root: a file (or a
+    fork's segment) that user replaces by a link while its member streams in is handed over
+    through the applier's descriptor, never the file the link names."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"root's own")
+    outside.chmod(0o644)
+    before = outside.stat()
+    control = delta_tar([("global/pg_control", b"c" * 20_000)])
+    fork = delta_tar([("neon-delta/base/5/100", fork_data(4, {0: page(9), 3: page(8)}))])
+    for tar, target in ((control, "global/pg_control"), (fork, "base/5/100")):
+        path = parent / target
+        path.chmod(0o644)  # not PostgreSQL's yet: to be handed over at the member's end
+        applier = DeltaApplier(parent)
+        try:
+            applier.feed(tar[:4096])  # the member started: its file is open
+            path.unlink()
+            path.symlink_to(outside)
+            applier.feed(tar[4096:])
+        finally:
+            applier.close()
+        after = outside.stat()
+        assert outside.read_bytes() == b"root's own"
+        assert (stat.S_IMODE(after.st_mode), after.st_uid) == (0o644, before.st_uid)
+
+
 REL = "neon-delta/base/5/100"
 
 
