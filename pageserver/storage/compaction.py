@@ -107,6 +107,8 @@ def compact(
             materialize_range=materialize_range, cancelled=cancelled,
         )  # fmt: skip
         t2 = time.perf_counter()
+        for layer in timeline.layer_map().layers():  # what the pass read of their indexes
+            layer.release_index()
     return CompactionResult(merged, written, images, t1 - t0, t2 - t1)
 
 
@@ -191,6 +193,8 @@ def _merge_level0_native(
         return _write_l1(timeline, level0, cancelled, keys())
     finally:
         merge.close()  # the inputs' maps may close once they are replaced
+        for layer in level0:  # the merge walked their whole version tables
+            layer.file.release_index()
 
 
 def _write_l1(

@@ -17,6 +17,7 @@ table so chain walks and key scans never decompress what they skip.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import os
@@ -174,6 +175,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+FAULT_AROUND = 64 * 1024
+"""Linux maps this much (fault_around_bytes, aligned) around a faulting page of a file map."""
+
 VersionRead = tuple[int, int, bytes]
 """(LSN, tag, encoded value) of one version read from a layer file."""
 
@@ -224,6 +228,7 @@ class LayerFile:
         self._key_index: tuple[bytes, array[int]] | None = None
         self.raw_bytes = self._check_index()
         """Uncompressed bytes of every value block: what reading the whole file decompresses."""
+        self._release(0, h.file_size)  # the header and the index, read by the checks
 
     def _check_index(self) -> int:
         """Structural sanity of the index, so later reads can trust offsets and orderings;
@@ -255,6 +260,27 @@ class LayerFile:
     def close(self) -> None:
         self._map.close()
 
+    def release_index(self) -> None:
+        """Unmap the index's pages (see _release): after a scan that walked all of it (an L0
+        merge, image creation's key listing, a bulk read), as a GetPage needs a few pages."""
+        self._release(self._blocks_at, self.header.file_size)
+
+    def _release(self, start: int, end: int) -> None:
+        """Unmap from this process the pages of [start, end) just copied out (they stay in
+        the kernel's page cache; a later read faults them in again). A block read copies the
+        block, so without this the mapped pages of every block ever read, gigabytes over a
+        store's life, would count in the pageserver's RSS (RssFile) while its files are
+        open. MADV_DONTNEED on a shared read-only file mapping only drops the page table
+        entries: a thread reading a neighbouring block on the same page faults it back in.
+        The range is widened to the kernel's fault-around windows (FAULT_AROUND): a fault
+        maps the window's other pages too, before `start` and after `end`."""
+        lo = start - start % FAULT_AROUND
+        hi = min(end + (-end) % FAULT_AROUND, self.header.file_size)
+        if hi > lo:
+            # ValueError: closed meanwhile (the layer was removed), nothing is mapped
+            with contextlib.suppress(ValueError):
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     # --- index access ---------------------------------------------------------------------
 
     def _keys(self) -> tuple[bytes, array[int]]:
@@ -273,6 +299,7 @@ class LayerFile:
             firsts = array("Q")
             firsts.frombytes(packed_firsts)
             index = self._key_index = (keys, firsts)
+            self._release(self._keys_at, self._versions_at)  # copied out: kept as bytes
         return index
 
     def key_at(self, i: int) -> Key:
@@ -329,6 +356,7 @@ class LayerFile:
             found: list[tuple[Key, int, int]] = _native.blockpack.newest_of_keys(
                 keys, firsts, self._map, self._versions_at, start, end_key
             )
+            self.release_index()
             return iter(found)
         return self.newest_of_keys_python(start, end_key)
 
@@ -402,6 +430,7 @@ class LayerFile:
             self._map, self._blocks_at + b * _BLOCK_ENTRY.size
         )
         raw = self._map[off : off + clen]
+        self._release(off, off + clen)
         if len(raw) != clen or crc32c.crc32c(raw) != crc:
             raise LayerCorrupt(self.path, f"checksum mismatch in value block {b}")
         try:
@@ -461,6 +490,7 @@ class LayerFile:
             if end > len(block) or length == 0 or block[offset] != tag:
                 raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), tag, block[offset + 1 : end]
+        self.release_index()
 
     def merge_input(self) -> MergeInput:
         """This file as an input of the C L0 merge (`_blockpack.Merge`): its key table, its
@@ -496,6 +526,7 @@ class LayerFile:
                     block_no, block = b, self._block(b, use_cache=False)
                 group.append((lsn, self._value_in(block, b, tag, offset, length)))
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
+        self.release_index()
 
 
 MergeInput = tuple[bytes, "array[int]", mmap.mmap, int, Callable[[int], bytes]]

@@ -85,6 +85,11 @@ class EvictedLayer(PersistentLayer):
         self.fetched_at = 0.0
         """When the file last came back (0: not since it was evicted)."""
 
+    def release_index(self) -> None:
+        """Only a fetched file has mapped pages (`file` would fetch it)."""
+        if self._file is not None:
+            self._file.release_index()
+
     @property
     def file(self) -> LayerFile:  # type: ignore[override]
         f = self._file

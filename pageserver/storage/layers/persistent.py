@@ -48,6 +48,10 @@ class PersistentLayer:
     def file_size(self) -> int:
         return self.file.header.file_size
 
+    def release_index(self) -> None:
+        """Unmap the pages of the file's index this process touched (LayerFile.release_index)."""
+        self.file.release_index()
+
     def _last_at_or_below(self, versions: range, lsn: int) -> int:
         """Index of the newest version with LSN <= lsn, or versions.start - 1."""
         return self.file.last_at_or_below(versions, lsn)
