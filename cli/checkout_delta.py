@@ -110,7 +110,10 @@ def _set_wal_aside(node: NodeRow) -> None:
     if wal.is_symlink() or not wal.is_dir():
         return
     shutil.rmtree(aside, ignore_errors=True)
-    os.rename(wal, aside)
+    try:
+        os.rename(wal, aside)
+    except OSError:  # a mount point (EBUSY, EXDEV): it stays, and its files go as before
+        return
     _removing.add(aside)
     threading.Thread(target=_remove, args=(aside,), name="old-wal").start()
 

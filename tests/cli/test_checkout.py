@@ -3,6 +3,7 @@ here, so the test records which paths os.fsync reaches, in order, and what exist
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -98,3 +99,24 @@ def test_a_marker_equal_to_the_journal_in_the_live_directory_means_the_swap_happ
     assert checkout.finish_pending(app, node_at(live))  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pgdata1"]
     assert (live / "base" / "1" / "1259").read_bytes() == b"new" * 100
+
+
+def test_a_pg_wal_that_cannot_be_moved_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pg_wal that is a mount point cannot be renamed (EBUSY, EXDEV: no mount can be made
+    here, so the rename is made to fail): the checkout goes on with it in place, as with a
+    linked pg_wal, instead of failing once `.applying` exists."""
+    from cli import checkout_delta
+
+    node = node_at(tmp_path / "pgdata1")
+    (node.datadir / "pg_wal").mkdir(parents=True)
+    (node.datadir / "pg_wal" / "000000010000000000000001").write_bytes(b"x")
+
+    def busy(src: object, dst: object) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(checkout_delta.os, "rename", busy)
+    checkout_delta._set_wal_aside(node)
+    assert (node.datadir / "pg_wal" / "000000010000000000000001").exists()
+    assert not checkout_delta.old_wal_dir(node).exists()
