@@ -261,9 +261,18 @@ class LayerFile:
         self._map.close()
 
     def release_index(self) -> None:
-        """Unmap the index's pages (see _release): after a scan that walked all of it (an L0
-        merge, image creation's key listing, a bulk read), as a GetPage needs a few pages."""
+        """Unmap the index's pages (see _release): after an L0 merge walked all of it and at
+        the end of a compaction pass; a GetPage needs a few pages of it again."""
         self._release(self._blocks_at, self.header.file_size)
+
+    def _release_versions_of(self, first: int, stop: int) -> None:
+        """Unmap the version entries of keys number first..stop: what a scan of those keys
+        read (the rest of the index stays mapped for the next range's scan)."""
+        firsts = self._keys()[1]
+        self._release(
+            self._versions_at + firsts[first] * _VERSION_ENTRY.size,
+            self._versions_at + firsts[stop] * _VERSION_ENTRY.size,
+        )
 
     def _release(self, start: int, end: int) -> None:
         """Unmap from this process the pages of [start, end) just copied out (they stay in
@@ -356,7 +365,7 @@ class LayerFile:
             found: list[tuple[Key, int, int]] = _native.blockpack.newest_of_keys(
                 keys, firsts, self._map, self._versions_at, start, end_key
             )
-            self.release_index()
+            self._release_versions_of(start, max(start, self.lower_bound(end_key)))
             return iter(found)
         return self.newest_of_keys_python(start, end_key)
 
@@ -479,7 +488,8 @@ class LayerFile:
         m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
         unpack = _VERSION_ENTRY.unpack_from
         block_no, block = -1, b""
-        for i in range(self.lower_bound(key_range.start), self.lower_bound(key_range.end)):
+        first, stop = self.lower_bound(key_range.start), self.lower_bound(key_range.end)
+        for i in range(first, stop):
             last = firsts[i + 1] - 1
             if last < firsts[i]:
                 raise LayerCorrupt(self.path, f"key {i} has no version")
@@ -490,7 +500,7 @@ class LayerFile:
             if end > len(block) or length == 0 or block[offset] != tag:
                 raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), tag, block[offset + 1 : end]
-        self.release_index()
+        self._release_versions_of(first, stop)
 
     def merge_input(self) -> MergeInput:
         """This file as an input of the C L0 merge (`_blockpack.Merge`): its key table, its
@@ -526,7 +536,7 @@ class LayerFile:
                     block_no, block = b, self._block(b, use_cache=False)
                 group.append((lsn, self._value_in(block, b, tag, offset, length)))
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
-        self.release_index()
+        self._release_versions_of(first, stop)
 
 
 MergeInput = tuple[bytes, "array[int]", mmap.mmap, int, Callable[[int], bytes]]
