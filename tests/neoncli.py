@@ -132,17 +132,21 @@ def run_on_tty(neon: NeonCli, *args: str) -> tuple[int, str]:
 
 
 def kill_when(neon: NeonCli, caught: Callable[[], bool], *args: str, timeout: float = 120) -> None:
-    """Run `neon ARGS` and SIGKILL it as soon as `caught()` holds: a crash at that step."""
+    """Run `neon ARGS` and SIGKILL it as soon as `caught()` holds: a crash at that step. It
+    must not have ended first; it is killed and reaped whatever happens."""
     proc = subprocess.Popen(
         [NEON, *args], env=neon.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + timeout
-    while not caught():
-        assert proc.poll() is None, f"neon {' '.join(args)} ended before it was caught"
-        assert time.monotonic() < deadline
-        time.sleep(0.0005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + timeout
+        while not caught():
+            assert proc.poll() is None, f"neon {' '.join(args)} ended before it was caught"
+            assert time.monotonic() < deadline
+            time.sleep(0.0005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"neon {' '.join(args)} ended before the kill"
 
 
 def neon_home() -> Iterator[NeonCli]:

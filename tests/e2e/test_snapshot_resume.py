@@ -11,8 +11,6 @@ import hashlib
 import json
 import random
 import shutil
-import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +22,8 @@ from cli.transport.resume import partial_name
 from cli.transport.spool import SPOOL_DIR
 from tests.e2e.test_snapshot_delta import node_dump
 from tests.e2e.test_snapshot_export import snapshot_dump
-from tests.neoncli import NEON, NeonCli, free_port, psql
+from tests.neoncli import NeonCli, free_port, psql
+from tests.neoncli import kill_when as neoncli_kill_when
 from tests.pgtest import pg_reachable_tmpdir
 from tests.s3d import MotoS3, moto_s3
 from tests.sshd import ssh_server
@@ -134,24 +133,11 @@ def kill_when(
     hold: Callable[[int], contextlib.AbstractContextManager[None]] | None = None,
 ) -> None:  # fmt: skip
     """Run `neon ARGS` and SIGKILL it once `reached()` (bytes at the far side) is `at`; it
-    must not have finished first. `hold(at)`, if given, is entered around the run: what
-    keeps the far side from going much beyond `at` before the kill."""
+    must not have finished first (tests/neoncli.py's kill_when). `hold(at)`, if given, is
+    entered around the run: what keeps the far side from going much beyond `at` before the
+    kill."""
     with hold(at) if hold is not None else contextlib.nullcontext():
-        _kill_when(home, args, reached, at)
-
-
-def _kill_when(home: NeonCli, args: list[str], reached: Callable[[], int], at: int) -> None:
-    proc = subprocess.Popen(
-        [NEON, *args], env=home.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        while proc.poll() is None and reached() < at:
-            pass
-        assert proc.poll() is None, f"neon {' '.join(args)} ended before {at} bytes"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+        neoncli_kill_when(home, lambda: reached() >= at, *args)
 
 
 def file_size(path: Path) -> int:
