@@ -35,7 +35,8 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from cli.pgbin import give_to_pg_user, run_pg
+from cli.pg_files import write_pg_file
+from cli.pgbin import run_pg
 from cli.tablespace_mapping import OPTION, mapped
 from cli.waldump import collect_segments, iter_records
 from pg15.constants import RM_TBLSPC_ID
@@ -198,6 +199,4 @@ def check_catalog_tablespaces(pgdata: Path) -> None:
 def write_tablespace_locations(pgdata: Path, locations: Mapping[int, str]) -> None:
     """After recovery: the source's locations, for import_datadir (see the docstring)."""
     if locations:
-        path = pgdata / TABLESPACE_MAP
-        path.write_bytes(format_tablespace_map(locations))
-        give_to_pg_user(path)
+        write_pg_file(pgdata, TABLESPACE_MAP, format_tablespace_map(locations))

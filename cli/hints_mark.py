@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.pgbin import give_to_pg_user
-from durable_files import write_file_durably
+from cli.pg_files import read_pg_file, write_pg_file
 from pg15.pg_control import read_control_file
+from proto.errors import CorruptData
 
 HINTS_MARK = "neon_hints_logged_from"
 WAL_LOG_HINTS_OFFSET = 176
@@ -32,14 +32,14 @@ backupEndRequired (168) and wal_level (int, 172)."""
 
 def hints_logged_from(datadir: Path) -> int | None:
     try:
-        return int((datadir / HINTS_MARK).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
+        raw = read_pg_file(datadir, HINTS_MARK)
+        return None if raw is None else int(raw.decode().strip())
+    except (CorruptData, UnicodeDecodeError, ValueError):
+        return None  # no usable mark: the checkout rebuilds the whole directory
 
 
 def write_mark(datadir: Path, lsn: int) -> None:
-    write_file_durably(datadir / HINTS_MARK, f"{lsn}\n".encode())
-    give_to_pg_user(datadir / HINTS_MARK)
+    write_pg_file(datadir, HINTS_MARK, f"{lsn}\n".encode())
 
 
 def note_start(datadir: Path) -> None:

@@ -23,7 +23,8 @@ from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
-from cli.pgbin import give_to_pg_user, make_pg_dir, run_pg
+from cli.pg_files import read_pg_file, write_pg_file
+from cli.pgbin import make_pg_dir, run_pg
 from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.rest import control as rest_control
@@ -314,11 +315,13 @@ CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_id
 
 
 def copy_config_files(source: Path, target: Path) -> None:
-    """Carry a node's configuration (not in WAL, so not in page history) to a rebuilt dir."""
+    """Carry a node's configuration (not in WAL, so not in page history) to a rebuilt dir,
+    never through a link PostgreSQL's account put in either (cli/pg_files.py); the caller
+    makes the directory durable."""
     for name in CONFIG_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-            give_to_pg_user(target / name)
+        data = read_pg_file(source, name)
+        if data is not None:
+            write_pg_file(target, name, data, durable=False)
 
 
 def finish_datadir(app: App, node: NodeRow) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from stat import S_ISREG
 
+from cli.pg_files import read_pg_file, write_pg_file
 from cli.pgbin import give_to_pg_user, make_pg_dir, pg_binary, pg_os_user, popen_kwargs, run_pg
 from proto.errors import ExternalCommandFailed, InvalidArgument
 
@@ -69,27 +70,25 @@ def quote_conf_value(value: object) -> str:
 
 def write_config(datadir: Path, settings: Mapping[str, object], hba_lines: list[str]) -> None:
     """Write our settings to neon.conf (included from postgresql.conf) and pg_hba.conf."""
-    conf = datadir / "postgresql.conf"
     # A data directory rebuilt from page history has no configuration files of its own.
-    text = conf.read_text() if conf.exists() else "# written by neon\n"
+    # Read and written through cli/pg_files.py: the directory is PostgreSQL's account's.
+    raw = read_pg_file(datadir, "postgresql.conf")
+    text = "# written by neon\n" if raw is None else raw.decode()
     for name in ("pg_ident.conf", "postgresql.auto.conf"):
-        if not (datadir / name).exists():
-            _write_pg_file(datadir / name, "")
+        if read_pg_file(datadir, name) is None:
+            _write_pg_file(datadir, name, "")
     include = f"include_if_exists = '{NEON_CONF}'"
     if include not in text:
-        _write_pg_file(conf, text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n")
+        text = text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n"
+        _write_pg_file(datadir, "postgresql.conf", text)
     body = "".join(f"{k} = {quote_conf_value(v)}\n" for k, v in settings.items())
-    _write_pg_file(datadir / NEON_CONF, "# written by neon; edits are overwritten\n" + body)
-    _write_pg_file(datadir / "pg_hba.conf", "# written by neon\n" + "\n".join(hba_lines) + "\n")
+    _write_pg_file(datadir, NEON_CONF, "# written by neon; edits are overwritten\n" + body)
+    _write_pg_file(datadir, "pg_hba.conf", "# written by neon\n" + "\n".join(hba_lines) + "\n")
 
 
-def _write_pg_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    give_to_pg_user(tmp)
-    os.replace(tmp, path)
+def _write_pg_file(datadir: Path, name: str, text: str) -> None:
+    # Not fsynced, for the starts that rewrite it (a checkout's seal fsyncs its whole tree).
+    write_pg_file(datadir, name, text.encode(), durable=False)
 
 
 def read_pid_file(datadir: Path) -> int | None:

@@ -57,7 +57,8 @@ from cli.extract import remove_download_leftovers
 from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
-from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
+from cli.pg_files import write_pg_file
+from cli.pgbin import ensure_own_dir, traversal_mode
 from cli.ports import port_is_free
 from cli.registry import NodeRow, ReplicaRow
 from cli.snapshot_commands import READ_ONLY_HBA, read_only_settings, standby_dir_at
@@ -257,9 +258,7 @@ def _seed(app: App, primary: NodeRow, replica: ReplicaRow) -> ReplicaRow:
     for path in wal.iterdir():
         if path.is_file():  # the synthesized segment (and history): the primary streams WAL
             path.unlink()
-    control_path = replica.datadir / "global" / "pg_control"
-    control_path.write_bytes(for_standby(control.raw, backup.lsn, tli))
-    give_to_pg_user(control_path)
+    write_pg_file(replica.datadir, "global/pg_control", for_standby(control.raw, backup.lsn, tli))
     extra = {**extra, "timeline": tli, "seeded_lsn": format_lsn(backup.lsn)}
     _set_extra(app, replica, extra)
     return replace(replica, extra=extra)

@@ -12,15 +12,13 @@ stopped directory is pg_control's.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import crc32c
 
-from cli.pgbin import OsUser, pg_os_user
-from proto.errors import CorruptData
+from cli.pg_files import open_pg_dir, write_pg_file_at
 
 SLOT_MAGIC = 0x1051CA1
 SLOT_VERSION = 2
@@ -55,54 +53,13 @@ def write_physical_slot(datadir: Path, name: str, restart_lsn: int) -> None:
     pg_replslot or the slot's directory fails the write, one in place of its file is
     replaced, and what they name is neither written nor handed over."""
     data = slot_state(name, restart_lsn)
-    user = pg_os_user()
-    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    top = os.open(datadir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # in a dir of ours
+    slot = open_pg_dir(datadir, PurePosixPath("pg_replslot", name), create=True)
     try:
-        slots = _open_dir(top, "pg_replslot", nofollow, user)
-        try:
-            slot = _open_dir(slots, name, nofollow, user)
-            try:
-                _write_at(slot, "state", data, user)
-                os.fsync(slot)
-            finally:
-                os.close(slot)
-            os.fsync(slots)
-        finally:
-            os.close(slots)
+        write_pg_file_at(slot, "state", data)  # fsyncs the file and the slot's directory
     finally:
-        os.close(top)
-
-
-def _open_dir(parent: int, name: str, flags: int, user: OsUser | None) -> int:
-    """The directory `name` in `parent`, PostgreSQL's user's (made 0700 if missing), never
-    through a link."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o700, dir_fd=parent)
+        os.close(slot)
+    slots = open_pg_dir(datadir, PurePosixPath("pg_replslot"))
     try:
-        fd = os.open(name, flags, dir_fd=parent)
-    except OSError as exc:
-        raise CorruptData(f"{name} in the data directory is not a directory: {exc}") from None
-    if user is not None:
-        os.fchown(fd, user.uid, user.gid)
-    return fd
-
-
-def _write_at(directory: int, name: str, data: bytes, user: OsUser | None) -> None:
-    """`name` in `directory` written whole under a temporary name, fsynced, handed to
-    PostgreSQL's user and renamed into place (as SaveSlotToPath writes state.tmp)."""
-    tmp = f"{name}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=directory)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600, dir_fd=directory)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if user is not None:
-            os.fchown(fd, user.uid, user.gid)
-        os.fsync(fd)
+        os.fsync(slots)
     finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        os.close(slots)

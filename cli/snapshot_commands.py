@@ -25,7 +25,8 @@ from cli.node_lock import locked_node, node_lock
 from cli.nodes import HISTORY_DIR
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
-from cli.pgbin import ensure_own_dir, give_to_pg_user, traversal_mode
+from cli.pg_files import write_pg_file
+from cli.pgbin import ensure_own_dir, traversal_mode
 from cli.ports import port_is_free
 from cli.progress import Progress
 from cli.storages import DEFAULT_STORAGE
@@ -475,8 +476,7 @@ def standby_dir_at(app: App, datadir: Path, snapshot: str) -> BasebackupResponse
     from cli.extract import download_basebackup
 
     backup = download_basebackup(app, datadir, snapshot=snapshot)
-    (datadir / "standby.signal").touch()
-    give_to_pg_user(datadir / "standby.signal")
+    write_pg_file(datadir, "standby.signal", b"", durable=False)
     return backup
 
 

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from cli.pgbin import give_to_pg_user, make_pg_dir
+from cli.pg_files import give_fd_to_pg_user
+from cli.pgbin import make_pg_dir
 from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from proto.errors import AlreadyExists, CorruptData
 
@@ -117,10 +118,12 @@ class _Extractor:
     def _end(self) -> None:
         if self._fd is None or self._dest is None:
             return
-        os.close(self._fd)
-        self._fd = None
-        os.chmod(self._dest, 0o600)
-        give_to_pg_user(self._dest)
+        fd, self._fd = self._fd, None
+        try:  # through the descriptor: a link swapped in at the name is never followed
+            os.fchmod(fd, 0o600)
+            give_fd_to_pg_user(fd)
+        finally:
+            os.close(fd)
         self._dest = None
 
     def _make_dirs(self, rel: PurePosixPath) -> None:
@@ -131,8 +134,12 @@ class _Extractor:
         path = self._root / rel
         if not path.is_dir():
             os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)
-            give_to_pg_user(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:  # mode and owner through the descriptor: never through a link put there
+                os.fchmod(fd, 0o700)
+                give_fd_to_pg_user(fd)
+            finally:
+                os.close(fd)
         self._dirs.add(rel)
 
 

@@ -1,0 +1,166 @@
+"""What the CLI (maybe root) writes into a data directory that PostgreSQL's OS user owns goes
+through cli/pg_files.py: a link that user puts at a file's name, at the temporary name beside
+it, or in place of a directory never makes root write, read, truncate or hand over the file a
+link names. Runs as root, as CI does (PostgreSQL's account is `postgres`)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cli import postmaster
+from cli.hints_mark import HINTS_MARK, hints_logged_from, write_mark
+from cli.nodes import copy_config_files
+from cli.pg_files import read_pg_file, write_pg_file
+from cli.pgbin import pg_os_user
+from cli.slot_file import write_physical_slot
+from proto.errors import CorruptData
+
+SECRET = "root's own secret\n"
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim"
+    path.write_text(SECRET)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def datadir(tmp_path: Path) -> Path:
+    """A data directory as PostgreSQL's account has it: its own, mode 0700."""
+    assert os.geteuid() == 0, "these tests run as root, as CI does"
+    user = pg_os_user()
+    assert user is not None and user.name == pwd.getpwuid(user.uid).pw_name
+    path = tmp_path / "pgdata"
+    (path / "global").mkdir(parents=True)
+    for d in (path, path / "global"):
+        os.chown(d, user.uid, user.gid)
+        d.chmod(0o700)
+    return path
+
+
+def _untouched(victim: Path) -> None:
+    st = victim.stat()
+    assert victim.read_text() == SECRET
+    assert (st.st_uid, st.st_gid, st.st_nlink) == (0, 0, 1)
+
+
+def _pg_owned_file(path: Path) -> None:
+    user = pg_os_user()
+    assert user is not None
+    st = path.lstat()
+    assert not path.is_symlink() and path.is_file()
+    assert (st.st_uid, st.st_gid, st.st_nlink) == (user.uid, user.gid, 1)
+
+
+Plant = Callable[[Path, Path], None]
+PLANTS: dict[str, Plant] = {
+    "symlink": lambda name, target: name.symlink_to(target),
+    "hard link": lambda name, target: os.link(target, name),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTS.values(), ids=PLANTS.keys())
+@pytest.mark.parametrize("at", ["name", "temporary name"])
+def test_a_link_at_the_name_or_its_temporary_is_replaced(
+    datadir: Path, victim: Path, plant: Plant, at: str
+) -> None:
+    name = "standby.signal"
+    plant(datadir / (name if at == "name" else f"{name}.tmp"), victim)
+    write_pg_file(datadir, name, b"")
+    _untouched(victim)
+    _pg_owned_file(datadir / name)
+    assert (datadir / name).read_bytes() == b""
+    assert not os.path.lexists(datadir / f"{name}.tmp")
+
+
+def test_a_link_in_place_of_a_directory_fails_the_write(datadir: Path, tmp_path: Path) -> None:
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (datadir / "global").rmdir()
+    (datadir / "global").symlink_to(ours)
+    with pytest.raises(CorruptData, match="'global' in the data directory is not a directory"):
+        write_pg_file(datadir, "global/pg_control", b"x" * 8192)
+    assert list(ours.iterdir()) == []
+    # The same for a replication slot's directories (cli/slot_file.py).
+    (datadir / "pg_replslot").symlink_to(ours)
+    with pytest.raises(CorruptData, match="not a directory"):
+        write_physical_slot(datadir, "neon_slot", 0x1000000)
+    assert list(ours.iterdir()) == []
+
+
+def test_reads_never_go_through_a_link_a_fifo_or_someone_elses_file(
+    datadir: Path, victim: Path
+) -> None:
+    assert read_pg_file(datadir, "postgresql.conf") is None
+    (datadir / "postgresql.conf").symlink_to(victim)
+    with pytest.raises(CorruptData, match=r"postgresql\.conf is not a regular file"):
+        read_pg_file(datadir, "postgresql.conf")
+    os.mkfifo(datadir / "pg_hba.conf")
+    result: list[object] = []
+
+    def read() -> None:
+        try:
+            result.append(read_pg_file(datadir, "pg_hba.conf"))
+        except CorruptData as exc:
+            result.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "a FIFO in the data directory hung the read"
+    assert isinstance(result[0], CorruptData)
+    # A second name of a file neither ours nor PostgreSQL's account's (here `nobody`'s).
+    others = victim.with_name("others")
+    others.write_text(SECRET)
+    os.chown(others, pwd.getpwnam("nobody").pw_uid, -1)
+    os.link(others, datadir / "pg_ident.conf")
+    with pytest.raises(CorruptData, match=r"pg_ident\.conf belongs to uid [0-9]+, neither"):
+        read_pg_file(datadir, "pg_ident.conf")
+
+
+def test_callers_write_config_marks_and_copies_through_pg_files(
+    datadir: Path, victim: Path, tmp_path: Path
+) -> None:
+    # postmaster.write_config: links at its files' temporary names, and at postgresql.conf.
+    for name in ("postgresql.conf.tmp", "neon.conf.tmp", "pg_hba.conf.tmp"):
+        (datadir / name).symlink_to(victim)
+    postmaster.write_config(datadir, {"port": 5999}, ["local all all trust"])
+    _untouched(victim)
+    for name in ("postgresql.conf", "neon.conf", "pg_hba.conf", "pg_ident.conf"):
+        _pg_owned_file(datadir / name)
+    (datadir / "postgresql.conf").unlink()
+    (datadir / "postgresql.conf").symlink_to(victim)
+    with pytest.raises(CorruptData, match=r"postgresql\.conf is not a regular file"):
+        postmaster.write_config(datadir, {"port": 5999}, ["local all all trust"])
+    _untouched(victim)
+    # hints_mark: a link at the mark is replaced; a link there reads as no mark.
+    (datadir / HINTS_MARK).symlink_to(victim)
+    assert hints_logged_from(datadir) is None
+    write_mark(datadir, 0x2000000)
+    _untouched(victim)
+    _pg_owned_file(datadir / HINTS_MARK)
+    assert hints_logged_from(datadir) == 0x2000000
+    # copy_config_files: a link in the old directory is refused, not copied.
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(CorruptData, match=r"postgresql\.conf is not a regular file"):
+        copy_config_files(datadir, target)
+    assert not any(SECRET in p.read_text() for p in target.iterdir())
+    (datadir / "postgresql.conf").unlink()
+    copy_config_files(datadir, target)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "pg_hba.conf",
+        "pg_ident.conf",
+        "postgresql.auto.conf",
+    ]
+    for p in target.iterdir():
+        _pg_owned_file(p)
+        assert p.read_bytes() == (datadir / p.name).read_bytes()
