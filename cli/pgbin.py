@@ -92,10 +92,12 @@ def pg_os_user() -> OsUser | None:
 
 
 def give_to_pg_user(path: Path) -> None:
-    """Hand a file or directory we created to the account PostgreSQL runs as."""
+    """Hand a file or directory we created to the account PostgreSQL runs as; a link at
+    `path` is changed itself, never what it names (inside a data directory, write and hand
+    over through cli/pg_files.py's descriptors instead)."""
     user = pg_os_user()
     if user is not None:
-        os.chown(path, user.uid, user.gid)
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
 
 
 # Directories that hold the system: never a place for pg-neon's files, even when empty.
