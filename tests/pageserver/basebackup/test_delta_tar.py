@@ -1,11 +1,39 @@
-"""delta_tar's counting of tar bytes without building headers."""
+"""delta_tar: its counting of tar bytes without building headers, and the pages it reads."""
 
 from __future__ import annotations
 
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
-from pageserver.basebackup.delta_tar import tar_header_size
+from pageserver.basebackup.delta_tar import DeltaForks, tar_header_size
+from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_header
+from pageserver.history.snapshot_diff import ReadPoint
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.reconstruct.value_format import encode_u32
+from pageserver.redo.native import redo as native_redo
+from pageserver.storage import keys as K
+from pageserver.storage.compaction import create_image_layers
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import TOMBSTONE, Image, Value
+from pg15.constants import BLCKSZ
+
+SETTINGS = StoreSettings(
+    checkpoint_distance=1 << 20,
+    compaction_threshold=3,
+    compaction_target_size=1 << 20,
+    image_creation_threshold=1,
+    image_layer_target_size=1 << 20,
+    block_size=8192,
+    block_cache_bytes=1 << 20,
+)
+SPC, DB = 1663, 5
 
 NAMES = [
     "base/16384/16397",
@@ -31,3 +59,85 @@ def test_the_fast_path_is_taken_and_the_pax_path_too() -> None:
     assert tar_header_size("base/1/2", 8192, 0) == 512
     assert tar_header_size("x" * 101, 8192, 0) > 512
     assert tar_header_size("base/1/2", 8**11, 0) > 512
+
+
+# -- the pages a delta carries ---------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TimelineStore]:
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    s = TimelineStore(tmp_path / "store", SETTINGS)
+    yield s
+    s.close()
+
+
+def _page(lsn: int, fill: int) -> Image:
+    return Image(struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + bytes([fill]) * (BLCKSZ - 8))
+
+
+def _record(tl: Timeline, lsn: int, *puts: tuple[K.Key, Value]) -> None:
+    tl.put_batch([(key, lsn, value) for key, value in puts])
+    tl.advance_last_record_lsn(lsn, tl.last_record_lsn)
+
+
+def _block(rel: int, blkno: int) -> K.Key:
+    return K.rel_block_key(SPC, DB, rel, 0, blkno)
+
+
+def _size(rel: int, n: int) -> tuple[K.Key, Value]:
+    return K.rel_size_key(SPC, DB, rel, 0), Image(encode_u32(n))
+
+
+def _history(store: TimelineStore) -> tuple[Timeline, Timeline]:
+    """A parent at 16; after it, pages rewritten in delta layers, under and over image layers
+    (compaction in the window), a block removed, a relation grown and one created; a branch
+    at 40 writing more, some of it still in its open in-memory layer."""
+    tl = store.create_timeline()
+    _record(tl, 8, _size(16384, 40), *((_block(16384, b), _page(8, b)) for b in range(40)))
+    _record(tl, 16, (_block(16384, 0), _page(16, 1)))
+    tl.freeze_and_flush()
+    _record(tl, 24, *((_block(16384, b), _page(24, 3)) for b in range(5, 15)))
+    _record(tl, 32, _size(16384, 44), *((_block(16384, b), _page(32, 4)) for b in range(40, 44)))
+    tl.freeze_and_flush()
+    assert create_image_layers(tl, reconstruct, force=True) > 0
+    _record(
+        tl, 40, (_block(16384, 7), _page(40, 5)), (_block(16384, 20), TOMBSTONE),
+        _size(16385, 3), *((_block(16385, b), _page(40, 6)) for b in range(3)),
+    )  # fmt: skip
+    tl.freeze_and_flush()
+    child = store.branch(tl.timeline_id, 40)
+    _record(child, 48, (_block(16384, 8), _page(48, 7)), (_block(16384, 39), _page(48, 8)))
+    child.freeze_and_flush()
+    _record(child, 56, (_block(16384, 9), _page(56, 9)), (_block(16385, 1), _page(56, 10)))
+    return tl, child
+
+
+def _members(forks: DeltaForks, nblocks: dict[int, int]) -> list[bytes]:
+    return [
+        b"".join(forks.fork_members(f"base/{DB}/{rel}", SPC, DB, rel, 0, n, 0))
+        for rel, n in sorted(nblocks.items())
+    ]
+
+
+@pytest.mark.skipif(native_redo is None, reason="the bulk path is the C redo's")
+def test_the_delta_pages_read_in_bulk_are_the_per_key_reads(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pages of a delta are rebuilt from the layer files at once, without planning a read
+    of the whole database (`plan_range_read`, `rel_pages`): the same member bytes as the
+    per-key reference reads, at the snapshot's timeline and on a branch with an open layer."""
+    tl, child = _history(store)
+    parent = ReadPoint(tl, 16)
+    nblocks = {16384: 44, 16385: 3}
+    planned: list[object] = []
+    for timeline, lsn in ((tl, 40), (child, 56)):
+        per_key = DeltaForks(TimelineSource(timeline, lsn, bulk=False), parent)
+        reference = _members(per_key, nblocks)
+        with monkeypatch.context() as m:
+            m.setattr(Timeline, "plan_range_read", lambda *a: planned.append(a))
+            m.setattr(TimelineSource, "rel_pages", lambda *a: planned.append(a))
+            bulk = DeltaForks(TimelineSource(timeline, lsn), parent)
+            assert _members(bulk, nblocks) == reference
+        assert planned == []
+        assert bulk.pages == per_key.pages > 10
