@@ -406,6 +406,9 @@ class Bench:
 # -- main ----------------------------------------------------------------------------------------
 
 
+SCHEMES = ("file", "ssh", "s3", "neon")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if shutil.which("zstd") is None:
         raise SystemExit("bench.exchange: error: zstd not found; install it (apt-get install zstd)")
@@ -417,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.profile.mkdir(parents=True, exist_ok=True)
         extra.update(PYTHONPATH=str(PROFILE_SITE), BENCH_PROFILE_DIR=str(args.profile.resolve()))
     sender, receiver = NeonCli(base / "sender", extra), NeonCli(base / "receiver", extra)
-    transports = [Transport(name) for name in ("file", "ssh", "s3", "neon")]
+    transports = [Transport(name) for name in args.schemes]
     orders: dict[str, list[str]] = {}
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: no request log
     try:
@@ -426,7 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bench.make_snapshots(args.scale)
             receiver.run("pageserver", "start")
             bucket = s3.new_bucket()
-            neon = transports[-1]
+            neon = next((t for t in transports if t.name == "neon"), Transport("neon"))
             places: dict[str, Callable[[str], Place]] = {
                 "file": lambda key: FilePlace(bench.work / f"file-{key}"),
                 "ssh": lambda key: SshPlace(bench.work / f"ssh-{key}", sshd),
@@ -611,9 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="picks which side runs first in round 1")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (homes, places)")
     ap.add_argument("--profile", type=Path, metavar="DIR", help="cProfile our processes into DIR")
+    ap.add_argument(
+        "--schemes",
+        type=lambda s: s.split(","),
+        default=list(SCHEMES),
+        metavar="LIST",
+        help=f"comma-separated transports to measure (default: {','.join(SCHEMES)})",
+    )
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.scale < 1:
         ap.error("--rounds and --scale must be at least 1")
+    if not args.schemes or any(s not in SCHEMES for s in args.schemes):
+        ap.error(f"--schemes: a comma-separated list of {', '.join(SCHEMES)}")
     return run_benchmark(BENCH, run, args)
 
 
