@@ -145,7 +145,9 @@ def _compact_level0(
         return 0, 0
     if cancelled is not None and cancelled():
         raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
-    merge_l0 = _merge_level0_python if _native.blockpack is None else _merge_level0_native
+    # the C merge reads format version 1, which L0 layers are written in (blocks.py)
+    native = _native.blockpack is not None and not any(layer.file.narrow for layer in level0)
+    merge_l0 = _merge_level0_native if native else _merge_level0_python
     outputs = merge_l0(timeline, level0, cancelled)
     timeline.replace_layers(add=outputs, remove=level0)
     return len(level0), len(outputs)

@@ -343,7 +343,9 @@ class Timeline:
     def _write_l0(self, layer: InMemoryLayer) -> DeltaLayer:
         assert layer.lsn_end is not None
         settings = replace(self.settings, zstd_level=self.settings.l0_zstd_level)
-        writer = DeltaLayerWriter(self.directory, layer.lsn_start, layer.lsn_end, settings)
+        writer = DeltaLayerWriter(
+            self.directory, layer.lsn_start, layer.lsn_end, settings, level0=True
+        )
         try:
             layer.write_to(writer)
         except BaseException:

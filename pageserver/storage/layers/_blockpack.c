@@ -39,6 +39,7 @@
 #define TAG_DELTA_INIT 3
 #define TAG_TOMBSTONE 4
 #define ENTRY_SIZE 21
+#define NARROW_SIZE 13 /* blocks._NARROW_ENTRY */
 #define KEY_SIZE 18 /* keys.KEY_SIZE */
 
 
@@ -238,16 +239,20 @@ py_key_table(PyObject *self, PyObject *args)
  *   newest_of_keys(keys, firsts, file, versions_at, start, end_key) -> [(key, lsn, tag)]
  * for keys number start.. below end_key: `keys` packed back to back, `firsts` (array "Q") the
  * first version of each key plus n_versions, `file` the mapped layer whose version table
- * (">QBIII" entries) starts at versions_at; the index was checked when the file was opened.
+ * (">QBIII" entries, or narrow ">IBHIH" ones with LSNs above lsn_base: see narrow_versions)
+ * starts at versions_at; the index was checked when the file was opened.
  */
 static PyObject *
 py_newest_of_keys(PyObject *self, PyObject *args)
 {
     Py_buffer keys, firsts, file, end;
     Py_ssize_t versions_at, start;
-    if (!PyArg_ParseTuple(args, "y*y*y*nny*:newest_of_keys", &keys, &firsts, &file,
-                          &versions_at, &start, &end))
+    int narrow;
+    unsigned long long lsn_base;
+    if (!PyArg_ParseTuple(args, "y*y*y*nny*pK:newest_of_keys", &keys, &firsts, &file,
+                          &versions_at, &start, &end, &narrow, &lsn_base))
         return NULL;
+    const Py_ssize_t size = narrow ? NARROW_SIZE : ENTRY_SIZE;
     PyObject *out = NULL;
     Py_ssize_t n_keys = keys.len / KEY_SIZE;
     if (firsts.len != (n_keys + 1) * 8 || start < 0 || versions_at < 0 ||
@@ -257,7 +262,7 @@ py_newest_of_keys(PyObject *self, PyObject *args)
     }
     /* version entries the file holds past versions_at: a first beyond them is refused before
      * any multiplication (a corrupt count must not wrap the offset into the file) */
-    uint64_t in_file = (uint64_t)(file.len - versions_at) / ENTRY_SIZE;
+    uint64_t in_file = (uint64_t)(file.len - versions_at) / (uint64_t)size;
     out = PyList_New(0);
     size_t cmp = end.len < KEY_SIZE ? (size_t)end.len : KEY_SIZE;
     for (Py_ssize_t i = start; out != NULL && i < n_keys; i++) {
@@ -275,11 +280,14 @@ py_newest_of_keys(PyObject *self, PyObject *args)
             Py_CLEAR(out);
             break;
         }
-        const uint8_t *e = (const uint8_t *)file.buf + versions_at + (stop - 1) * ENTRY_SIZE;
+        const uint8_t *e = (const uint8_t *)file.buf + versions_at + (stop - 1) * size;
         unsigned long long lsn = 0;
-        for (int k = 0; k < 8; k++)
+        for (int k = 0; k < (narrow ? 4 : 8); k++)
             lsn = (lsn << 8) | e[k];
-        PyObject *item = Py_BuildValue("(y#Ki)", key, (Py_ssize_t)KEY_SIZE, lsn, (int)e[8]);
+        if (narrow)
+            lsn += lsn_base;
+        PyObject *item = Py_BuildValue("(y#Ki)", key, (Py_ssize_t)KEY_SIZE, lsn,
+                                       (int)e[narrow ? 4 : 8]);
         if (item == NULL || PyList_Append(out, item) < 0)
             Py_CLEAR(out);
         Py_XDECREF(item);
@@ -641,7 +649,90 @@ static PyTypeObject MergeType = {
     .tp_methods = merge_methods,
 };
 
+/*
+ * The version table of a format version 2 layer file (blocks.py: narrow_versions_python and
+ * widen_versions_python are the references):
+ *   narrow_versions(entries, lsn_base) -> bytes, or None if an entry does not fit
+ * turns ">QBIII" entries (LSN, tag, block, offset, length) into ">IBHIH" ones (LSN - lsn_base,
+ * tag, block, offset, length): 13 bytes, not 21, the version table being about 40% of an L1
+ * file of hot pages. None: an LSN below lsn_base or 4 GiB above it, a block number above
+ * 65535 or a length above 65535 (the writer then keeps format version 1).
+ *   widen_versions(raw, lsn_base) -> bytes
+ * the inverse (the chain redo of _redo.c reads ">QBIII" entries).
+ */
+static PyObject *
+py_narrow_versions(PyObject *self, PyObject *args)
+{
+    Py_buffer in;
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "y*K:narrow_versions", &in, &base))
+        return NULL;
+    if (in.len % ENTRY_SIZE) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "narrow_versions: not whole entries");
+        return NULL;
+    }
+    Py_ssize_t n = in.len / ENTRY_SIZE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * NARROW_SIZE);
+    if (out == NULL) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    const uint8_t *p = in.buf;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++, p += ENTRY_SIZE, o += NARROW_SIZE) {
+        uint64_t lsn = get_be(p, 8), block = get_be(p + 9, 4), length = get_be(p + 17, 4);
+        if (lsn < base || lsn - base > UINT32_MAX || block > 0xFFFF || length > 0xFFFF) {
+            Py_DECREF(out);
+            PyBuffer_Release(&in);
+            Py_RETURN_NONE;
+        }
+        put_be(o, lsn - base, 4);
+        o[4] = p[8];
+        put_be(o + 5, block, 2);
+        memcpy(o + 7, p + 13, 4);
+        put_be(o + 11, length, 2);
+    }
+    PyBuffer_Release(&in);
+    return out;
+}
+
+static PyObject *
+py_widen_versions(PyObject *self, PyObject *args)
+{
+    Py_buffer in;
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "y*K:widen_versions", &in, &base))
+        return NULL;
+    if (in.len % NARROW_SIZE) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "widen_versions: not whole entries");
+        return NULL;
+    }
+    Py_ssize_t n = in.len / NARROW_SIZE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * ENTRY_SIZE);
+    if (out == NULL) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    const uint8_t *p = in.buf;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++, p += NARROW_SIZE, o += ENTRY_SIZE) {
+        put_be(o, base + get_be(p, 4), 8);
+        o[8] = p[4];
+        put_be(o + 9, get_be(p + 5, 2), 4);
+        memcpy(o + 13, p + 7, 4);
+        put_be(o + 17, get_be(p + 11, 2), 4);
+    }
+    PyBuffer_Release(&in);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"narrow_versions", py_narrow_versions, METH_VARARGS,
+     "Version entries in format version 2's layout, or None (see the comment above it)."},
+    {"widen_versions", py_widen_versions, METH_VARARGS,
+     "Format version 2's version entries back in version 1's layout."},
     {"newest_of_keys", py_newest_of_keys, METH_VARARGS,
      "LayerFile.newest_of_keys' loop (blocks.py)."},
     {"key_table", py_key_table, METH_VARARGS, "LayerFile._keys' table split (blocks.py)."},

@@ -8,6 +8,15 @@ A layer file is immutable and self-checking::
     index    block table   n_blocks   x (offset u64, compressed len u32, raw len u32, crc u32)
              key table     n_keys     x (key 18s, first version u32)        sorted, bisectable
              version table n_versions x (lsn u64, tag u8, block u32, offset u32, length u32)
+                           in format version 1; in format version 2 (narrow entries)
+                           n_versions x (lsn - header lsn_start u32, tag u8, block u16,
+                           offset u32, length u16)
+
+A writer writes format version 2 unless an entry does not fit it (an LSN 4 GiB above the
+layer's start, a block number or a value length above 65535), then version 1: the version
+table was about 40% of an L1 file of hot pages (21 bytes a version, against 13). L0 layers
+keep version 1 (the C L0 merge reads them; they are rewritten by the next merge). Readers
+read both versions and refuse any other, naming it.
 
 Open checks the header CRC, the recorded file size (truncation) and the index CRC; a read
 checks the CRC of the block it decompresses. Any mismatch raises LayerCorrupt naming the file,
@@ -43,6 +52,10 @@ from proto.errors import CorruptData, InvalidArgument
 
 MAGIC = b"PNLY"
 FORMAT_VERSION = 1
+"""The layout with ">QBIII" version entries."""
+FORMAT_NARROW = 2
+"""The layout with narrow ">IBHIH" version entries (LSNs above the header's lsn_start)."""
+READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_NARROW)
 KIND_DELTA = 1
 KIND_IMAGE = 2
 
@@ -55,6 +68,10 @@ _VERSION_ENTRY = struct.Struct(">QBIII")
 _VERSION_LSN_TAG = struct.Struct(">QB")
 _VERSION_LSN = struct.Struct(">Q")
 _VERSION_BLOCK = struct.Struct(">I")
+_NARROW_ENTRY = struct.Struct(">IBHIH")
+_NARROW_LSN_TAG = struct.Struct(">IB")
+_NARROW_LSN = struct.Struct(">I")
+_NARROW_MAX = 0xFFFF
 _BLOCK_END = struct.Struct(">Q")
 
 
@@ -79,11 +96,12 @@ class LayerHeader:
     index_size: int
     index_crc: int
     file_size: int
+    version: int = FORMAT_VERSION
 
     def pack(self) -> bytes:
         body = _HEADER.pack(
             MAGIC,
-            FORMAT_VERSION,
+            self.version,
             self.kind,
             self.key_range.start,
             self.key_range.end,
@@ -112,12 +130,27 @@ def _parse_header(path: Path, raw: bytes) -> LayerHeader:
     (_, version, kind, kstart, kend, lstart, lend, nk, nv, nb, ioff, isize, icrc, fsize) = (
         _HEADER.unpack(body)
     )
-    if version != FORMAT_VERSION:
-        raise LayerCorrupt(path, f"unsupported format version {version}")
+    if version not in READABLE_VERSIONS:
+        raise LayerCorrupt(
+            path,
+            f"format version {version} is not supported; this pg-neon reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade pg-neon to read this file)",
+        )
     if kind not in (KIND_DELTA, KIND_IMAGE) or kstart > kend or lstart >= lend:
         raise LayerCorrupt(path, "inconsistent header")
     return LayerHeader(
-        kind, KeyRange(Key(kstart), Key(kend)), lstart, lend, nk, nv, nb, ioff, isize, icrc, fsize
+        kind,
+        KeyRange(Key(kstart), Key(kend)),
+        lstart,
+        lend,
+        nk,
+        nv,
+        nb,
+        ioff,
+        isize,
+        icrc,
+        fsize,
+        version,
     )
 
 
@@ -211,10 +244,15 @@ class LayerFile:
         self.header = h = _parse_header(path, self._map[:HEADER_SIZE])
         if h.file_size != size:
             raise LayerCorrupt(path, f"size is {size} bytes, the header says {h.file_size}")
+        self.narrow = h.version == FORMAT_NARROW
+        """Narrow version entries (format version 2): LSNs are stored above _lsn_base."""
+        self._vsize = _NARROW_ENTRY.size if self.narrow else _VERSION_ENTRY.size
+        self._lsn_base = h.lsn_start if self.narrow else 0
+        self._ventry = _NARROW_ENTRY if self.narrow else _VERSION_ENTRY
+        self._vlsn = _NARROW_LSN if self.narrow else _VERSION_LSN
+        self._vlsn_tag = _NARROW_LSN_TAG if self.narrow else _VERSION_LSN_TAG
         expected_index = (
-            h.n_blocks * _BLOCK_ENTRY.size
-            + h.n_keys * _KEY_ENTRY.size
-            + h.n_versions * _VERSION_ENTRY.size
+            h.n_blocks * _BLOCK_ENTRY.size + h.n_keys * _KEY_ENTRY.size + h.n_versions * self._vsize
         )
         if h.index_size != expected_index or h.index_offset + h.index_size != size:
             raise LayerCorrupt(path, "index bounds do not match the header counts")
@@ -270,8 +308,8 @@ class LayerFile:
         read (the rest of the index stays mapped for the next range's scan)."""
         firsts = self._keys()[1]
         self._release(
-            self._versions_at + firsts[first] * _VERSION_ENTRY.size,
-            self._versions_at + firsts[stop] * _VERSION_ENTRY.size,
+            self._versions_at + firsts[first] * self._vsize,
+            self._versions_at + firsts[stop] * self._vsize,
         )
 
     def _release(self, start: int, end: int) -> None:
@@ -325,20 +363,20 @@ class LayerFile:
 
     def version_tuple(self, v: int) -> tuple[int, int, int, int, int]:
         """(lsn, tag, block, offset, length) of version v, without building an object."""
-        lsn, tag, block, offset, length = _VERSION_ENTRY.unpack_from(
-            self._map, self._versions_at + v * _VERSION_ENTRY.size
+        lsn, tag, block, offset, length = self._ventry.unpack_from(
+            self._map, self._versions_at + v * self._vsize
         )
-        return lsn, tag, block, offset, length
+        return lsn + self._lsn_base, tag, block, offset, length
 
     def version_lsn(self, v: int) -> int:
-        return int(
-            _VERSION_LSN.unpack_from(self._map, self._versions_at + v * _VERSION_ENTRY.size)[0]
-        )
+        lsn = self._vlsn.unpack_from(self._map, self._versions_at + v * self._vsize)[0]
+        return int(lsn) + self._lsn_base
 
     def last_at_or_below(self, versions: range, lsn: int) -> int:
         """Index of the newest version in `versions` with LSN <= lsn, or versions.start - 1."""
         lo, hi = versions.start, versions.stop
-        m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN
+        m, at, size, unpack = self._map, self._versions_at, self._vsize, self._vlsn
+        lsn -= self._lsn_base  # as stored
         if hi > lo and unpack.unpack_from(m, at + (hi - 1) * size)[0] <= lsn:
             return hi - 1
         while lo < hi:
@@ -363,8 +401,9 @@ class LayerFile:
         keys, firsts = self._keys()
         if _native.blockpack is not None:
             found: list[tuple[Key, int, int]] = _native.blockpack.newest_of_keys(
-                keys, firsts, self._map, self._versions_at, start, end_key
-            )
+                keys, firsts, self._map, self._versions_at, start, end_key,
+                self.narrow, self._lsn_base,
+            )  # fmt: skip
             self._release_versions_of(start, max(start, self.lower_bound(end_key)))
             return iter(found)
         return self.newest_of_keys_python(start, end_key)
@@ -372,7 +411,8 @@ class LayerFile:
     def newest_of_keys_python(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
         """The reference of `_blockpack.newest_of_keys` (see newest_of_keys)."""
         keys, firsts = self._keys()
-        m, at, size, unpack = self._map, self._versions_at, _VERSION_ENTRY.size, _VERSION_LSN_TAG
+        m, at, size, unpack = self._map, self._versions_at, self._vsize, self._vlsn_tag
+        base = self._lsn_base
         for i in range(start, self.header.n_keys):
             key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
             if key >= end_key:
@@ -380,17 +420,18 @@ class LayerFile:
             last = firsts[i + 1] - 1
             if last >= firsts[i]:
                 lsn, tag = unpack.unpack_from(m, at + last * size)
-                yield Key(key), lsn, tag
+                yield Key(key), lsn + base, tag
 
     def key_versions_raw(
         self, i: int, floor: int = -1, lsn: int | None = None
     ) -> tuple[bytes, int, int]:
-        """The version entries of key number i as stored (21 bytes each, see the module
-        docstring) with LSNs in (floor, lsn] (lsn None: no upper bound), and the first and
-        last block they reference (-1, -2 if none): for the C chain redo, which reads them
-        itself (`_redo.rebuild_page`). The bounds spare the reader the blocks of versions it
-        would skip: an L1 layer spans hundreds of MiB of WAL, a read at a random LSN needs
-        its versions up to that LSN only, and those above the key's image not at all."""
+        """The version entries of key number i in format version 1's layout (21 bytes each,
+        see the module docstring; a narrow table's are widened) with LSNs in (floor, lsn]
+        (lsn None: no upper bound), and the first and last block they reference (-1, -2 if
+        none): for the C chain redo, which reads them itself (`_redo.rebuild_page`). The
+        bounds spare the reader the blocks of versions it would skip: an L1 layer spans
+        hundreds of MiB of WAL, a read at a random LSN needs its versions up to that LSN
+        only, and those above the key's image not at all."""
         versions = self.versions_of(i)
         start, stop = versions.start, versions.stop
         if floor >= 0:
@@ -399,8 +440,11 @@ class LayerFile:
             stop = self.last_at_or_below(versions, lsn) + 1
         if start >= stop:
             return b"", -1, -2
-        at, size = self._versions_at, _VERSION_ENTRY.size
+        at, size = self._versions_at, self._vsize
         raw = self._map[at + start * size : at + stop * size]
+        if self.narrow:
+            raw = widen_versions(raw, self._lsn_base)
+            size = _VERSION_ENTRY.size
         first = _VERSION_BLOCK.unpack_from(raw, 9)[0]
         last = _VERSION_BLOCK.unpack_from(raw, len(raw) - size + 9)[0]
         return raw, first, last
@@ -485,8 +529,8 @@ class LayerFile:
         the payload without its tag byte: a bulk scan of an image layer (a basebackup) at one
         index entry and one slice per key, bypassing the cache like iter_key_groups."""
         keys, firsts = self._keys()
-        m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
-        unpack = _VERSION_ENTRY.unpack_from
+        m, at, size = self._map, self._versions_at, self._vsize
+        unpack = self._ventry.unpack_from
         block_no, block = -1, b""
         first, stop = self.lower_bound(key_range.start), self.lower_bound(key_range.end)
         for i in range(first, stop):
@@ -505,7 +549,10 @@ class LayerFile:
     def merge_input(self) -> MergeInput:
         """This file as an input of the C L0 merge (`_blockpack.Merge`): its key table, its
         map with where the version table starts, and `read_block` (each block decompressed
-        and checked, bypassing the cache like iter_key_groups)."""
+        and checked, bypassing the cache like iter_key_groups). Format version 1 only: the
+        merge reads L0 layers, which keep it (compaction merges narrow inputs in Python)."""
+        if self.narrow:
+            raise InvalidArgument(f"{self.path}: the C merge reads format version 1 only")
         keys, firsts = self._keys()
         return keys, firsts, self._map, self._versions_at, self.read_block
 
@@ -522,8 +569,8 @@ class LayerFile:
         """(key, [(LSN, encoded value), ...] in LSN order) for every key in file order (of
         `key_range` only, if given), bypassing the cache like iter_encoded."""
         keys, firsts = self._keys()
-        m, at, size = self._map, self._versions_at, _VERSION_ENTRY.size
-        unpack = _VERSION_ENTRY.unpack_from
+        m, at, size, base = self._map, self._versions_at, self._vsize, self._lsn_base
+        unpack = self._ventry.unpack_from
         block_no, block = -1, b""
         first, stop = 0, self.header.n_keys
         if key_range is not None:
@@ -534,7 +581,7 @@ class LayerFile:
                 lsn, tag, b, offset, length = unpack(m, at + v * size)
                 if b != block_no:
                     block_no, block = b, self._block(b, use_cache=False)
-                group.append((lsn, self._value_in(block, b, tag, offset, length)))
+                group.append((lsn + base, self._value_in(block, b, tag, offset, length)))
             yield Key(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]), group
         self._release_versions_of(first, stop)
 
@@ -636,6 +683,41 @@ def key_table_python(table: bytes, n_keys: int, n_versions: int) -> tuple[bytes,
     return keys, firsts.tobytes(), -1
 
 
+def narrow_versions_python(entries: bytes | bytearray, lsn_base: int) -> bytes | None:
+    """Format version 1's version entries in version 2's narrow layout, or None if one does
+    not fit it: the reference of `_blockpack.narrow_versions`."""
+    out = bytearray()
+    pack = _NARROW_ENTRY.pack
+    for lsn, tag, block, offset, length in _VERSION_ENTRY.iter_unpack(entries):
+        delta = lsn - lsn_base
+        if not 0 <= delta <= 0xFFFFFFFF or block > _NARROW_MAX or length > _NARROW_MAX:
+            return None
+        out += pack(delta, tag, block, offset, length)
+    return bytes(out)
+
+
+def widen_versions_python(raw: bytes, lsn_base: int) -> bytes:
+    """The inverse of narrow_versions_python: the reference of `_blockpack.widen_versions`."""
+    pack = _VERSION_ENTRY.pack
+    return b"".join(
+        [pack(lsn_base + d, t, b, o, n) for d, t, b, o, n in _NARROW_ENTRY.iter_unpack(raw)]
+    )
+
+
+def narrow_versions(entries: bytes | bytearray, lsn_base: int) -> bytes | None:
+    if _native.blockpack is not None:
+        narrowed: bytes | None = _native.blockpack.narrow_versions(entries, lsn_base)
+        return narrowed
+    return narrow_versions_python(entries, lsn_base)
+
+
+def widen_versions(raw: bytes, lsn_base: int) -> bytes:
+    if _native.blockpack is not None:
+        widened: bytes = _native.blockpack.widen_versions(raw, lsn_base)
+        return widened
+    return widen_versions_python(raw, lsn_base)
+
+
 def lower_bound_python(keys: bytes, n_keys: int, key: bytes) -> int:
     """Index of the first of the `n_keys` keys packed in `keys` that is >= `key`: the
     reference of `_blockpack.lower_bound`."""
@@ -717,7 +799,10 @@ class LayerFileWriter:
         *,
         block_size: int,
         zstd_level: int,
+        narrow: bool = True,
     ) -> None:
+        """narrow: write format version 2 if every version entry fits it (False: version 1,
+        for L0 layers, which the C merge reads)."""
         if lsn_start >= lsn_end:
             raise InvalidArgument(f"empty LSN range [{lsn_start:X}, {lsn_end:X}) for a layer")
         self._dir = directory
@@ -726,6 +811,7 @@ class LayerFileWriter:
         self._lsn_end = lsn_end
         self._block_size = block_size
         self._zstd_level = zstd_level
+        self._narrow = narrow
         self._tmp = temp_path(directory / f".writing-{uuid.uuid4().hex}")
         self._file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
         self._file.write(b"\0" * HEADER_SIZE)
@@ -947,7 +1033,13 @@ class LayerFileWriter:
             if self._buf:
                 self._flush_block()
             self._drain()
-            index = b"".join((b"".join(self._blocks), b"".join(self._keys), self._versions))
+            versions: bytes | bytearray = self._versions
+            version = FORMAT_VERSION
+            if self._narrow:
+                narrowed = narrow_versions(versions, self._lsn_start)
+                if narrowed is not None:
+                    versions, version = narrowed, FORMAT_NARROW
+            index = b"".join((b"".join(self._blocks), b"".join(self._keys), versions))
             self._file.write(index)
             header = LayerHeader(
                 self._kind,
@@ -961,6 +1053,7 @@ class LayerFileWriter:
                 len(index),
                 crc32c.crc32c(index),
                 self._offset + len(index),
+                version,
             )
             self._file.seek(0)
             self._file.write(header.pack())

@@ -30,8 +30,16 @@ class DeltaLayerWriter:
     """Builds one delta layer from (key, LSN, encoded value) in (key, LSN) order."""
 
     def __init__(
-        self, directory: Path, lsn_start: int, lsn_end: int, settings: StoreSettings
+        self,
+        directory: Path,
+        lsn_start: int,
+        lsn_end: int,
+        settings: StoreSettings,
+        *,
+        level0: bool = False,
     ) -> None:
+        """level0: an L0 layer, written in format version 1 (the C L0 merge reads it; see
+        blocks.py), the others in the narrow version 2 where their entries fit."""
         self._dir = directory
         self._lsn_start = lsn_start
         self._lsn_end = lsn_end
@@ -42,6 +50,7 @@ class DeltaLayerWriter:
             lsn_end,
             block_size=settings.block_size,
             zstd_level=settings.zstd_level,
+            narrow=not level0,
         )
 
     def add(self, key: Key, lsn: int, encoded: bytes) -> None:

@@ -175,16 +175,24 @@ def test_hostile_index_arguments_raise_instead_of_reading_out_of_bounds(
     the list before its first item), are refused. firsts may be an unaligned buffer."""
     assert native.blockpack is not None
     key = rel_key(1)
-    file = bytes(21 * 4)
-    for firsts in ([0, 2**61], [0, 2**64 - 1], [0, 5]):
-        packed = struct.pack(f"={len(firsts)}Q", *firsts)
-        with pytest.raises(ValueError, match="past the file"):
-            native.blockpack.newest_of_keys(key, packed, file, 0, 0, K.KEY_MAX)
-    with pytest.raises(ValueError, match="inconsistent index"):
-        native.blockpack.newest_of_keys(key, struct.pack("=2Q", 0, 1), file, 85, 0, K.KEY_MAX)
-    unaligned = memoryview(b"\0" + struct.pack("=2Q", 0, 4))[1:]
-    found = native.blockpack.newest_of_keys(key, unaligned, file, 0, 0, K.KEY_MAX)
-    assert found == [(key, 0, 0)]
+    for narrow, size, base in ((False, 21, 0), (True, 13, 7)):  # format versions 1 and 2
+        file = bytes(size * 4)
+        for firsts in ([0, 2**61], [0, 2**64 - 1], [0, 5]):
+            packed = struct.pack(f"={len(firsts)}Q", *firsts)
+            with pytest.raises(ValueError, match="past the file"):
+                native.blockpack.newest_of_keys(key, packed, file, 0, 0, K.KEY_MAX, narrow, base)
+        with pytest.raises(ValueError, match="inconsistent index"):
+            native.blockpack.newest_of_keys(
+                key, struct.pack("=2Q", 0, 1), file, size * 4 + 1, 0, K.KEY_MAX, narrow, base
+            )
+        unaligned = memoryview(b"\0" + struct.pack("=2Q", 0, 4))[1:]
+        found = native.blockpack.newest_of_keys(key, unaligned, file, 0, 0, K.KEY_MAX, narrow, base)
+        assert found == [(key, base, 0)]
+    for bad in (b"x" * 20, b"x" * 22):
+        with pytest.raises(ValueError, match="not whole entries"):
+            native.blockpack.narrow_versions(bad, 0)
+        with pytest.raises(ValueError, match="not whole entries"):
+            native.blockpack.widen_versions(bad, 0)
     for n_keys in (2**62, 2**63 - 1, -1):
         with pytest.raises(ValueError, match="key count"):
             native.blockpack.key_table(b"x" * 22, n_keys, 0)
