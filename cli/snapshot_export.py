@@ -211,12 +211,15 @@ def _stream_basebackup(
 
 
 def write_snapshot_file(
-    app: App, snap: SnapshotInfo, out: SupportsWrite[bytes], delta_from: list[str] | None = None
-) -> BasebackupResponse:
+    app: App, snap: SnapshotInfo, out: SupportsWrite[bytes], delta_from: list[str] | None = None,
+    plan: BasebackupPlan | None = None,
+) -> BasebackupResponse:  # fmt: skip
     """Write the `.neon` file of `snap` to `out` (`out.write` is called from a worker thread,
     in order): `neon snapshot push` sends it through a transport so. With `delta_from`
-    (snapshots the receiver has), a delta on the newest that is an ancestor of `snap`."""
-    plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=snap.name))
+    (snapshots the receiver has), a delta on the newest that is an ancestor of `snap`;
+    `plan`: the snapshot's basebackup plan when the caller has it already."""
+    if plan is None:
+        plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=snap.name))
     return _stream_basebackup(
         app, snap.name, int(snap.created_at), plan, out, _Meter(False, ""), snapshot_file=True,
         delta_from=delta_from,

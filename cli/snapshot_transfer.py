@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,9 +53,16 @@ from cli.transport.s3 import S3Settings, S3Store, use_endpoint_url, use_settings
 from cli.transport.spool import SPOOL_DIR, PullSpool
 from pageserver.history.snapshots import import_name_from
 from pageserver.remote.proto_objects import tls_context
-from pageserver_api.models import BasebackupPlanRequest, SnapshotShowRequest
+from pageserver_api.client import SyncPageserverClient
+from pageserver_api.models import (
+    BasebackupPlan,
+    BasebackupPlanRequest,
+    SnapshotInfo,
+    SnapshotShowRequest,
+)
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
+from snapfile.manifest import Manifest
 
 URL_FORMS = (
     "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH, "
@@ -164,17 +172,13 @@ class _Sent:
         self._progress.update(self.bytes, None)
 
 
-async def delta_candidates(
-    location: Location, target: str, system_identifier: int, local: dict[str, int]
+def delta_candidates(
+    files: dict[str, Manifest], target: str, system_identifier: int, local: dict[str, int]
 ) -> list[str]:
-    """The snapshots of this home (`local`: name -> LSN) that the store of `location` holds
-    as `.neon` files of the same system (by the name and LSN they were made from), each with
-    its chain of parents complete there; `target`, about to be replaced, does not count. A
-    store that cannot list its objects (a plain http server) holds none as far as we know."""
-    try:
-        files = await snapshots_in(location.store)
-    except InvalidArgument:
-        return []
+    """The snapshots of this home (`local`: name -> LSN) that `files` (the `.neon` files at
+    the destination, by object name) hold, of the same system (by the name and LSN they were
+    made from), each with its chain of parents complete there; `target`, about to be
+    replaced, does not count."""
     found = set()
     for name, manifest in files.items():
         if name == target or manifest.system_identifier != system_identifier:
@@ -188,6 +192,49 @@ async def delta_candidates(
         if not isinstance(chain, SnapshotIdentity):
             found.add(manifest.source)
     return sorted(found)
+
+
+@dataclass(frozen=True, slots=True)
+class _PushPlan:
+    snap: SnapshotInfo
+    plan: BasebackupPlan
+    candidates: list[str]
+
+
+async def _plan_push(
+    api: SyncPageserverClient, location: Location, name: str, force: bool, full: bool
+) -> _PushPlan:
+    """What a push needs before the export: the snapshot and its plan (one connection to the
+    pageserver) and what the destination holds (is the file there; the `.neon` files a delta
+    may build on), asked at once: an incremental push is mostly these fixed costs. The
+    pageserver's error (an unknown snapshot) wins over the destination's."""
+    target = location.object_name
+
+    async def pageserver() -> tuple[SnapshotInfo, BasebackupPlan, dict[str, int]]:
+        async with await api.connect() as client:
+            snap = await client.snapshot_show(SnapshotShowRequest(name))
+            plan = await client.basebackup_plan(BasebackupPlanRequest(snapshot=name))
+            local = {} if full else {s.name: s.lsn for s in await client.snapshot_list()}
+        return snap, plan, local
+
+    async def destination() -> dict[str, Manifest]:
+        if not force and await location.store.stat(target) is not None:
+            raise already_exists(location.url)  # before the export starts, not after it
+        if full:
+            return {}
+        try:
+            return await snapshots_in(location.store)
+        except InvalidArgument:
+            return {}  # a store that cannot list its objects (a plain http server)
+
+    ours, theirs = await asyncio.gather(pageserver(), destination(), return_exceptions=True)
+    if isinstance(ours, BaseException):
+        raise ours
+    if isinstance(theirs, BaseException):
+        raise theirs
+    snap, plan, local = ours
+    candidates = delta_candidates(theirs, target, plan.system_identifier, local)
+    return _PushPlan(snap, plan, candidates)
 
 
 @click.command("push")
@@ -209,23 +256,15 @@ def snapshot_push(
     app = get_app(ctx)
     location = parse_transfer_url(app, url, endpoint_url)
     name = app.registry.snapshot_name(name)
-    api = local_api(app)
-    snap = api.snapshot_show(SnapshotShowRequest(name))
     location = location.named(snapshot_file_name(name))
-    target = location.object_name
-    if not force and asyncio.run(location.store.stat(target)) is not None:
-        raise already_exists(location.url)  # before the export starts, not after it
-    candidates: list[str] = []
-    if not full:
-        system = api.basebackup_plan(BasebackupPlanRequest(snapshot=name)).system_identifier
-        local = {s.name: s.lsn for s in api.snapshot_list()}
-        candidates = asyncio.run(delta_candidates(location, target, system, local))
+    prepared = asyncio.run(_plan_push(local_api(app), location, name, force, full))
+    snap = prepared.snap
     progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
     sent = _Sent(progress)
     started = time.monotonic()
     try:
         with BlockingWriter(location, overwrite=force, on_write=sent.add, resume=True) as out:
-            result = write_snapshot_file(app, snap, out, candidates)
+            result = write_snapshot_file(app, snap, out, prepared.candidates, prepared.plan)
     finally:
         progress.close()
     seconds = time.monotonic() - started

@@ -122,3 +122,21 @@ def test_a_chain_of_deltas_with_dropped_created_and_truncated_relations(
     assert node_dump(receiver, "chained", "copy4") == snapshot_dump(sender, "pgdata1@s3")
     other = str(receiver.json("pg", "show", "copy4")["connstr"])
     assert psql(other, "SELECT x FROM t2", dbname="other") == "1"
+
+
+def test_push_names_an_unknown_snapshot_before_an_unreachable_destination(
+    sender: NeonCli, base: Path
+) -> None:
+    """A push asks the pageserver and the destination at once (cli/snapshot_transfer.py
+    `_plan_push`): the pageserver's answer still decides the error, as when it was asked
+    first, and an existing file is still refused before anything is exported."""
+    closed = free_port()  # nothing listens there: the ssh connection is refused
+    error = sender.fail("snapshot", "push", "--to", f"ssh://127.0.0.1:{closed}/x/", "pgdata1@nope")
+    assert "pgdata1@nope" in error and len(error.strip().splitlines()) == 1, error
+    dest = base / "there"
+    dest.mkdir()
+    (dest / "pgdata1@s2.neon").write_bytes(b"kept")
+    error = sender.fail("snapshot", "push", "--to", f"{dest}/", "pgdata1@s2")
+    assert "already exists" in error, error
+    assert sorted(p.name for p in dest.iterdir()) == ["pgdata1@s2.neon"]
+    assert (dest / "pgdata1@s2.neon").read_bytes() == b"kept"
