@@ -70,6 +70,7 @@ from bench.common import (
     say,
 )
 from bench.import_export import (
+    REFERENCE_LEVEL,
     Daemon,
     DaemonUse,
     Timed,
@@ -83,7 +84,6 @@ from bench.import_export import (
     vm_hwm_kib,
 )
 from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
-from snapfile.writer import DEFAULT_LEVEL
 from tests.neoncli import NEON, NeonCli, psql
 from tests.pgtest import free_port, pg_reachable_tmpdir
 from tests.s3d import MotoS3, moto_s3
@@ -355,7 +355,7 @@ class Bench:
     def ref_push(self, place: Place) -> Timed:
         basebackup = [pg_binary("pg_basebackup"), "-d", self.connstr,
                       "-F", "tar", "-X", "none", "-D", "-", "-c", "fast"]  # fmt: skip
-        zstd = ["zstd", "-q", f"-{DEFAULT_LEVEL}", "-c"]
+        zstd = ["zstd", "-q", f"-{REFERENCE_LEVEL}", "-c"]
         run = timed((basebackup, popen_kwargs()), (zstd, {}), *place.ref_sink())
         say(f"  reference push: {run.wall:.2f} s")
         return run
@@ -564,9 +564,9 @@ class Report:
             f"size push reports), best of {rounds} rounds per side; MiB/s = that size / wall"
         )
         print(
-            f"reference: pg_basebackup -F tar -X none | zstd -{DEFAULT_LEVEL} | the place (push), "
-            "the place | zstd -d | tar -x (pull); incr rows: the delta push of @s2 after @s1 "
-            "against that full push, worst round. CPU s: ours (CLI + pageserver) / the "
+            f"reference: pg_basebackup -F tar -X none | zstd -{REFERENCE_LEVEL} | the place "
+            "(push), the place | zstd -d | tar -x (pull); incr rows: the delta push of @s2 after "
+            "@s1 against that full push, worst round. CPU s: ours (CLI + pageserver) / the "
             "reference pipeline's processes (PostgreSQL's walsender not counted), least of the "
             "rounds (load-independent, unlike the walls). RSS: VmHWM of our CLI / the pageserver "
             "(neon://: also of recv and the receiver's pageserver)"

@@ -26,7 +26,12 @@ from pageserver_api.errors import CorruptData, InvalidArgument, NeonError
 from pg15.constants import PG_MAJOR_VERSION
 from pg15.lsn import format_lsn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""What this pg-neon writes. Version 2 dropped checksums.json's `data_sha256` (the whole tar's
+SHA-256): the frames' own SHA-256s, listed there, already fix every byte of the tar."""
+READABLE_VERSIONS = (1, 2)
+"""What it reads: version 1 files are verified as before, their whole-tar SHA-256 included."""
+_READABLE = " and ".join(str(v) for v in READABLE_VERSIONS)
 COMPRESSION_ZSTD = "zstd"
 DEFAULT_FRAME_SIZE = 4 * 1024 * 1024
 # Bounds a reader's memory (one frame in, one frame out) against a hostile manifest.
@@ -95,11 +100,11 @@ class Manifest:
     def _validate(self, error: ErrorType) -> None:
         what = "snapshot manifest"
         _check(
-            self.format_version == FORMAT_VERSION,
+            self.format_version in READABLE_VERSIONS,
             error,
             what,
             "format_version",
-            f"is {self.format_version!r}; this pg-neon reads version {FORMAT_VERSION} only "
+            f"is {self.format_version!r}; this pg-neon reads versions {_READABLE} only "
             "(a newer pg-neon wrote the file: upgrade pg-neon to read it)",
         )
         _check_int(self.pg_version, error, what, "pg_version", 1, 1000)
@@ -254,7 +259,8 @@ class Checksums:
     manifest: MemberEntry
     frames: tuple[FrameEntry, ...]
     data_size: int
-    data_sha256: str
+    data_sha256: str | None = None
+    """Version 1 only (None in version 2): the SHA-256 of the whole uncompressed tar."""
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -263,11 +269,11 @@ class Checksums:
     def _validate(self, error: ErrorType) -> None:
         what = "snapshot checksums"
         _check(
-            self.format_version == FORMAT_VERSION,
+            self.format_version in READABLE_VERSIONS,
             error,
             what,
             "format_version",
-            f"is {self.format_version!r}; this pg-neon reads version {FORMAT_VERSION} only",
+            f"is {self.format_version!r}; this pg-neon reads versions {_READABLE} only",
         )
         _check(
             isinstance(self.manifest, MemberEntry),
@@ -286,7 +292,10 @@ class Checksums:
             "must be a non-empty list of frame entries",
         )
         _check_int(self.data_size, error, what, "data_size")
-        _check_sha256(self.data_sha256, error, what, "data_sha256")
+        if self.format_version == 1:
+            _check_sha256(self.data_sha256, error, what, "data_sha256")
+        else:
+            _check(self.data_sha256 is None, error, what, "data_sha256", "is not in version 2")
 
     @property
     def content_id(self) -> str:
@@ -301,13 +310,15 @@ class Checksums:
         return (self.manifest, *self.frames)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": self.format_version,
             "manifest": self.manifest.to_json(),
             "frames": [f.to_json() for f in self.frames],
             "data_size": self.data_size,
-            "data_sha256": self.data_sha256,
         }
+        if self.format_version == 1:
+            out["data_sha256"] = self.data_sha256
+        return out
 
 
 def _encode(obj: dict[str, Any]) -> bytes:
@@ -372,15 +383,16 @@ def _decode_lsn(value: object, what: str, name: str) -> int:
     return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
 
 
-def _check_version(obj: dict[str, Any], what: str) -> None:
+def _check_version(obj: dict[str, Any], what: str) -> int:
     """The version first: a newer file's other fields may legitimately differ."""
     version = obj.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         _check_int(version, CorruptData, what, "format_version", 1)
         raise CorruptData(
-            f"{what}: format version {version} is not supported; this pg-neon reads version "
-            f"{FORMAT_VERSION} (upgrade pg-neon to read this file)"
+            f"{what}: format version {version} is not supported; this pg-neon reads versions "
+            f"{_READABLE} (upgrade pg-neon to read this file)"
         )
+    return version
 
 
 def decode_manifest(data: bytes) -> Manifest:
@@ -432,8 +444,9 @@ def decode_checksums(data: bytes) -> Checksums:
     """Parse checksums.json strictly (see the module docstring)."""
     what = "snapshot checksums"
     obj = _load_object(data, what)
-    _check_version(obj, what)
-    f = _fields(obj, Checksums.__dataclass_fields__, what)
+    version = _check_version(obj, what)
+    names = [n for n in Checksums.__dataclass_fields__ if version == 1 or n != "data_sha256"]
+    f = {"data_sha256": None, **_fields(obj, names, what)}
     if not isinstance(f["frames"], list):
         raise CorruptData(f"{what}: field 'frames' must be a list")
     checksums = object.__new__(Checksums)

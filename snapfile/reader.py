@@ -82,9 +82,9 @@ class SnapshotFileReader:
     """Feed it the file with `feed()`, then call `finish()`; iterate what both return."""
 
     def __init__(self, label: str = "snapshot file", *, hash_in_background: bool = False) -> None:
-        """`hash_in_background`: the whole tar's SHA-256 runs on a thread of its own
-        (snapfile/background_hash.py), beside the decompression of the next frames; `close`
-        stops that thread."""
+        """`hash_in_background`: the whole tar's SHA-256 of a version 1 file (version 2 has
+        none) runs on a thread of its own (snapfile/background_hash.py), beside the
+        decompression of the next frames; `close` stops that thread."""
         self.label = label
         self.manifest: Manifest | None = None
         self.checksums: Checksums | None = None
@@ -101,9 +101,8 @@ class SnapshotFileReader:
         self._at_end = False  # checksums.json read; the end-of-archive blocks come next
         self._done = False  # the end-of-archive blocks read
         self._ended = False  # SnapshotEnd yielded
-        self._data_hash: BackgroundSha256 | hashlib._Hash = (
-            BackgroundSha256() if hash_in_background else hashlib.sha256()
-        )
+        self._hash_in_background = hash_in_background
+        self._data_hash: BackgroundSha256 | hashlib._Hash | None = None  # version 1 only
         self._data_size = 0
         self.verified_offset = 0
         """Bytes from the start of the file that are verified: a resumable prefix."""
@@ -309,7 +308,8 @@ class SnapshotFileReader:
             entry = FrameEntry(name, offset, size, header.sha256, header.data_size)
             self._frames.append(entry)
             self._last_frame_full = header.data_size == self.manifest.frame_size
-            self._data_hash.update(data)
+            if self._data_hash is not None:
+                self._data_hash.update(data)
             self._data_size += len(data)
             self._skip(size)
             self._finish_member(size)
@@ -351,6 +351,8 @@ class SnapshotFileReader:
                 MANIFEST_NAME, self._header_offset, "modification time differs from created_at"
             )
         self.manifest = manifest
+        if manifest.format_version == 1:
+            self._data_hash = BackgroundSha256() if self._hash_in_background else hashlib.sha256()
         self._manifest_entry = MemberEntry(MANIFEST_NAME, offset, header.size, header.sha256)
         return ManifestRead(manifest)
 
@@ -362,6 +364,12 @@ class SnapshotFileReader:
             checksums = decode_checksums(raw)
         except CorruptData as exc:
             raise bad(str(exc)) from None
+        assert self.manifest is not None
+        if checksums.format_version != self.manifest.format_version:
+            raise bad(
+                f"its format version {checksums.format_version} differs from the manifest's "
+                f"{self.manifest.format_version}"
+            )
         if checksums.manifest != self._manifest_entry:
             raise bad(f"its manifest entry {checksums.manifest} is not the manifest read")
         if len(checksums.frames) != len(self._frames):
@@ -369,11 +377,14 @@ class SnapshotFileReader:
         for listed, seen in zip(checksums.frames, self._frames, strict=True):
             if listed != seen:
                 raise bad(f"its entry {listed} differs from the frame read ({seen})")
-        if (checksums.data_size, checksums.data_sha256) != (
-            self._data_size,
-            self._data_hash.hexdigest(),
-        ):
-            raise bad("the size or SHA-256 of the whole tar does not match the frames read")
+        if checksums.data_size != self._data_size:
+            raise bad(
+                f"the whole tar's size {checksums.data_size} is not the {self._data_size} bytes "
+                "of the frames read"
+            )
+        digest = None if self._data_hash is None else self._data_hash.hexdigest()
+        if checksums.data_sha256 != digest:  # version 1: the whole tar's SHA-256
+            raise bad("the SHA-256 of the whole tar does not match the frames read")
         if encode_checksums(checksums) != raw:
             raise bad("not in its canonical encoding")
         self.checksums = checksums

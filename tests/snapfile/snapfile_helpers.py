@@ -3,6 +3,8 @@ whole-file encode/decode with a given chunking."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import random
 import tarfile
@@ -10,7 +12,18 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 from snapfile import Checksums, Manifest, SnapshotFileReader, SnapshotFileWriter, TarData
+from snapfile.container import (
+    CHECKSUMS_NAME,
+    END_OF_ARCHIVE,
+    HEADER_SIZE,
+    MANIFEST_NAME,
+    member_header,
+    padded,
+    padding,
+)
+from snapfile.manifest import MemberEntry, encode_checksums, encode_manifest
 from snapfile.reader import ManifestRead, ReaderEvent, SnapshotEnd
+from snapfile.writer import DEFAULT_LEVEL
 
 CREATED = datetime(2026, 12, 3, 17, 0, 0, tzinfo=UTC)
 
@@ -65,7 +78,7 @@ def split(data: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
 
 
 def encode(
-    manifest: Manifest, tar: bytes, chunk_sizes: Sequence[int] = (), level: int = 3
+    manifest: Manifest, tar: bytes, chunk_sizes: Sequence[int] = (), level: int = DEFAULT_LEVEL
 ) -> tuple[bytes, Checksums]:
     writer = SnapshotFileWriter(manifest, level=level)
     out = [writer.write(piece) for piece in split(tar, chunk_sizes)]
@@ -94,3 +107,26 @@ def decode(neon: bytes, chunk_sizes: Sequence[int] = ()) -> tuple[Manifest, byte
     data = [e for e in events[1:-1] if isinstance(e, TarData)]
     assert len(data) == len(events) - 2
     return events[0].manifest, b"".join(e.data for e in data), events[-1].checksums
+
+
+def member(name: str, data: bytes, mtime: int) -> bytes:
+    digest = hashlib.sha256(data).hexdigest()
+    return member_header(name, len(data), mtime, digest, None) + data + padding(len(data))
+
+
+def as_version_1(neon: bytes, checksums: Checksums, tar: bytes) -> tuple[bytes, Checksums]:
+    """The format version 1 file of the same frames (what pg-neon wrote before version 2):
+    the manifest says 1 (the same length, so every offset stays) and checksums.json has
+    the whole tar's SHA-256 as its last field. test_format_v1 checks it against a file the
+    version 1 writer made."""
+    manifest = decode(neon)[0]
+    raw = encode_manifest(dataclasses.replace(manifest, format_version=1))
+    entry = MemberEntry(MANIFEST_NAME, HEADER_SIZE, len(raw), hashlib.sha256(raw).hexdigest())
+    v1 = dataclasses.replace(
+        checksums, manifest=entry, data_sha256=hashlib.sha256(tar).hexdigest(), format_version=1
+    )
+    last = checksums.frames[-1]
+    frames = neon[HEADER_SIZE + padded(len(raw)) : last.offset + padded(last.size)]
+    head = member(MANIFEST_NAME, raw, manifest.mtime)
+    tail = member(CHECKSUMS_NAME, encode_checksums(v1), manifest.mtime)
+    return head + frames + tail + END_OF_ARCHIVE, v1

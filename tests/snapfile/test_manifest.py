@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -57,7 +58,10 @@ def test_created_at_in_another_zone_is_written_in_utc() -> None:
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"format_version": 2}, "format version 2 is not supported"),
+        ({"format_version": 3}, "format version 3 is not supported"),
+        ({"format_version": 0}, "'format_version'"),
+        ({"format_version": True}, "'format_version'"),
+        ({"format_version": 1.0}, "'format_version'"),
         ({"format_version": "1"}, "'format_version'"),
         ({"lsn": KeyError}, "'lsn' is missing"),
         ({"extra": 1}, "'extra' is unknown"),
@@ -113,7 +117,7 @@ def test_bad_manifest_in_code_is_invalid_argument(changes: dict[str, object], fi
     assert field in str(exc.value)
 
 
-def make_checksums() -> Checksums:
+def make_checksums(version: int = FORMAT_VERSION) -> Checksums:
     return Checksums(
         manifest=MemberEntry("manifest.json", 1536, 290, SHA),
         frames=(
@@ -121,22 +125,31 @@ def make_checksums() -> Checksums:
             FrameEntry("frames/00000001.zst", 5120, 10, SHA, 7),
         ),
         data_size=4103,
-        data_sha256=SHA,
+        data_sha256=SHA if version == 1 else None,
+        format_version=version,
     )
 
 
-def test_checksums_round_trip_is_canonical() -> None:
-    data = encode_checksums(make_checksums())
-    assert decode_checksums(data) == make_checksums()
+@pytest.mark.parametrize("version", [1, 2])
+def test_checksums_round_trip_is_canonical(version: int) -> None:
+    data = encode_checksums(make_checksums(version))
+    assert decode_checksums(data) == make_checksums(version)
     assert encode_checksums(decode_checksums(data)) == data
+    assert ("data_sha256" in json.loads(data)) == (version == 1)
+
+
+def test_the_whole_tar_digest_belongs_to_version_1_only() -> None:
+    with pytest.raises(InvalidArgument, match="'data_sha256' is not in version 2"):
+        dataclasses.replace(make_checksums(2), data_sha256=SHA)
+    with pytest.raises(InvalidArgument, match="'data_sha256' must be 64 lowercase hex"):
+        dataclasses.replace(make_checksums(1), data_sha256=None)
 
 
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
         (lambda o: o.update(format_version=3), "format version 3"),
-        (lambda o: o.pop("data_sha256"), "'data_sha256' is missing"),
-        (lambda o: o.update(data_sha256="AB" * 32), "'data_sha256'"),
+        (lambda o: o.update(data_sha256=SHA), "'data_sha256' is unknown"),
         (lambda o: o.update(frames=[]), "'frames'"),
         (lambda o: o.update(frames={}), "'frames'"),
         (lambda o: o["frames"][1].pop("data_size"), "frames[1]: field 'data_size' is missing"),
@@ -147,6 +160,22 @@ def test_checksums_round_trip_is_canonical() -> None:
 )
 def test_bad_checksums_name_the_field(edit: object, field: str) -> None:
     obj = json.loads(encode_checksums(make_checksums()))
+    edit(obj)  # type: ignore[operator]
+    with pytest.raises(CorruptData, match="snapshot checksums") as exc:
+        decode_checksums(json.dumps(obj).encode())
+    assert field in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda o: o.pop("data_sha256"), "'data_sha256' is missing"),
+        (lambda o: o.update(data_sha256="AB" * 32), "'data_sha256'"),
+        (lambda o: o.update(data_sha256=None), "'data_sha256'"),
+    ],
+)
+def test_bad_version_1_checksums_name_the_field(edit: object, field: str) -> None:
+    obj = json.loads(encode_checksums(make_checksums(1)))
     edit(obj)  # type: ignore[operator]
     with pytest.raises(CorruptData, match="snapshot checksums") as exc:
         decode_checksums(json.dumps(obj).encode())
