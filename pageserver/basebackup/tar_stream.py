@@ -136,7 +136,51 @@ class BasebackupInfo:
     has all of them in place (see the module docstring)."""
 
 
+_USTAR_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+"""A ustar header's fields (POSIX.1-1988, as tarfile writes them): name, mode, uid, gid, size,
+mtime, checksum, type, linkname, magic+version, uname, gname, devmajor, devminor, prefix."""
+_USTAR_LIMIT = 8**11
+
+
 def tar_header(name: str, size: int, mtime: int, is_dir: bool = False) -> bytes:
+    """The header tarfile writes for the member (PAX format: a ustar block, with an extended
+    header before it only for a name or number ustar cannot hold). Built directly where one
+    ustar block does (every relation file, directory and small file of a basebackup): a delta
+    of a checkout writes one per fork, ~1000 for a pgbench database, and tarfile's TarInfo
+    took a tenth of a delta's time with no page changed (py-spy)."""
+    raw = name.encode("ascii", "replace")
+    if (
+        len(raw) > 100
+        or not name.isascii()
+        or not 0 <= size < _USTAR_LIMIT
+        or not 0 <= mtime < _USTAR_LIMIT
+        or (is_dir and not name.endswith("/"))
+    ):
+        return _tarfile_header(name, size, mtime, is_dir)
+    header = _USTAR_FIELDS.pack(
+        raw,
+        b"0000700\0" if is_dir else b"0000600\0",
+        b"0000000\0",
+        b"0000000\0",
+        b"%011o\0" % size,
+        b"%011o\0" % mtime,
+        b"        ",
+        tarfile.DIRTYPE if is_dir else tarfile.REGTYPE,
+        b"",
+        tarfile.POSIX_MAGIC,
+        b"",
+        b"",
+        b"",  # device numbers: empty but for character and block devices
+        b"",
+        b"",
+    )
+    # tarfile's calc_chksums: the unsigned sum with the checksum field as spaces, written
+    # as six octal digits, NUL, and the field's last space left in place.
+    return header[:148] + b"%06o\0" % sum(header) + header[155:]
+
+
+def _tarfile_header(name: str, size: int, mtime: int, is_dir: bool) -> bytes:
+    """tar_header's reference (and its path for what one ustar block cannot hold)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = mtime
@@ -304,18 +348,25 @@ class _Plan:
             yield from _tar_bytes(f"{where}/pg_filenode.map", relmap, mtime)
         rels = self.source.list_rels(spc, db)
         unlogged = {rel for rel, fork in rels if fork == INIT_FORKNUM}
-        for rel, fork in rels:
-            if fork == FSM_FORKNUM or (fork == VISIBILITYMAP_FORKNUM and not self.include_vm):
-                continue
-            if rel in unlogged and fork != INIT_FORKNUM:
-                continue  # the main fork comes from the init fork below; fsm/vm are dropped
-            yield from self._fork(spc, db, rel, fork, fork)
+        forks = [
+            (rel, fork)
+            for rel, fork in rels
+            if fork != FSM_FORKNUM
+            and (fork != VISIBILITYMAP_FORKNUM or self.include_vm)
+            # an unlogged relation's main fork comes from its init fork; fsm/vm are dropped
+            and (rel not in unlogged or fork == INIT_FORKNUM)
+        ]
+        sizes = self.source.rel_sizes(spc, db, forks)
+        for (rel, fork), nblocks in zip(forks, sizes, strict=True):
+            yield from self._fork(spc, db, rel, fork, fork, nblocks)
             if fork == INIT_FORKNUM:
-                yield from self._fork(spc, db, rel, INIT_FORKNUM, MAIN_FORKNUM)
+                yield from self._fork(spc, db, rel, INIT_FORKNUM, MAIN_FORKNUM, nblocks)
 
-    def _fork(self, spc: int, db: int, rel: int, src_fork: int, dst_fork: int) -> Iterator[bytes]:
-        """The segment files of fork `dst_fork`, with the content of fork `src_fork`."""
-        nblocks = self.source.get_rel_size(spc, db, rel, src_fork)
+    def _fork(
+        self, spc: int, db: int, rel: int, src_fork: int, dst_fork: int, nblocks: int
+    ) -> Iterator[bytes]:
+        """The segment files of fork `dst_fork` (`nblocks` long), with the content of fork
+        `src_fork`."""
         if self.fork_content is not None:
             path = relation_file_name(spc, db, rel, dst_fork)
             yield from self.fork_content.fork_members(

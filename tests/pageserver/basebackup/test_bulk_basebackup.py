@@ -24,6 +24,7 @@ import pytest
 from pageserver.basebackup.sources import (
     TimelineSource,
     pages_one_by_one,
+    sizes_one_by_one,
     slru_pages_one_by_one,
 )
 from pageserver.basebackup.tar_stream import basebackup
@@ -117,6 +118,9 @@ def _ingest(timeline: Timeline, wal_dir: Path, start: int, stop_after: int) -> l
 class PerPage(TimelineSource):
     """The reference: every relation and SLRU page through get_page / get_slru_page
     (materialize), one by one."""
+
+    def rel_sizes(self, spc: int, db: int, forks: list[tuple[int, int]]) -> list[int]:
+        return sizes_one_by_one(self, spc, db, forks)
 
     def rel_pages(
         self, spc: int, db: int, rel: int, fork: int, first: int, count: int

@@ -5,6 +5,7 @@ from an in-memory source, and the untar's refusal of hostile members."""
 from __future__ import annotations
 
 import io
+import random
 import stat
 import struct
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from cli.pgbin import pg_binary
 from cli.untar import UnsafeArchive, extract_basebackup
 from pageserver.basebackup import tar_stream as bb
-from pageserver.basebackup.sources import pages_one_by_one, slru_pages_one_by_one
+from pageserver.basebackup.sources import pages_one_by_one, sizes_one_by_one, slru_pages_one_by_one
 from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
 from pageserver.basebackup.wal_synthesis import (
     checkpoint_record,
@@ -202,6 +203,9 @@ class FakeSource:
 
     def get_rel_size(self, spc: int, db: int, rel: int, fork: int) -> int:
         return len(self.rels[(spc, db, rel, fork)])
+
+    def rel_sizes(self, spc: int, db: int, forks: list[tuple[int, int]]) -> list[int]:
+        return sizes_one_by_one(self, spc, db, forks)
 
     def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
         return self.rels[(spc, db, rel, fork)][blkno]
@@ -479,3 +483,36 @@ def test_streaming_memory_is_bounded() -> None:
     assert total > 6144 * PAGE + SEG
     assert biggest <= 32 * PAGE
     assert peak < 4 * 1024 * 1024, peak
+
+
+def _header_cases() -> Iterator[tuple[str, int, int, bool]]:
+    yield from [
+        ("PG_VERSION", 3, 0, False),
+        ("base/", 0, 1_700_000_000, True),
+        ("base/16384/2619_vm", 3 * PAGE, 1_700_000_000, False),
+        ("global/pg_control", 8192, 1, False),
+        ("x" * 100, 1, 1, False),  # the longest ustar name
+        ("x" * 101, 1, 1, False),  # a PAX header for the name
+        ("pg_tblspc/é/", 0, 1, True),  # not ASCII: a PAX header
+        ("a", 8**11 - 1, 8**11 - 1, False),
+        ("a", 8**11, 5, False),  # too big for 11 octal digits
+        ("a", 5, 8**11, False),
+        ("pg_wal", 0, 5, True),  # tarfile appends the directory's slash
+    ]
+    rng = random.Random(10)
+    for _ in range(500):
+        name = "".join(rng.choice("abc/_.0123456789") for _ in range(rng.randint(1, 110)))
+        yield name, rng.randint(0, 1 << 40), rng.randint(0, 1 << 35), rng.random() < 0.2
+
+
+def test_tar_header_equals_tarfiles() -> None:
+    """The header built directly is byte for byte tarfile's (PAX format) for every member,
+    the ones that need an extended header included."""
+    for name, size, mtime, is_dir in _header_cases():
+        assert bb.tar_header(name, size, mtime, is_dir) == bb._tarfile_header(
+            name, size, mtime, is_dir
+        ), (name, size, mtime, is_dir)
+    with tarfile.open(fileobj=io.BytesIO(bb.tar_header("base/1/2619", 16, 7))) as tar:
+        member = tar.next()
+    assert member is not None
+    assert (member.name, member.size, member.mtime, member.mode) == ("base/1/2619", 16, 7, 0o600)
