@@ -5,6 +5,7 @@ key a candidate); a branch whose LSNs overlap its parent's; unrelated histories.
 from __future__ import annotations
 
 import os
+import random
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pageserver.history.snapshot_diff import (
     RelationDiff,
     diff_stat,
     keys_changed,
+    not_fully_logged,
     plan_diff,
 )
 from pageserver.reconstruct.apply_delta import reconstruct
@@ -24,7 +26,7 @@ from pageserver.reconstruct.value_format import encode_u32
 from pageserver.storage import keys as K
 from pageserver.storage.compaction import compact_level0, create_image_layers
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline import Timeline, WrittenKeys
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, Value
 from pg15.constants import BLCKSZ
@@ -188,3 +190,30 @@ def test_unrelated_histories_are_refused(store: TimelineStore) -> None:
     record(other, 8, size(16384, 1), (block(16384, 0), page(8, 0)))
     with pytest.raises(DifferentHistories, match="no history in common"):
         diff_stat(a, ReadPoint(other, 8))
+
+
+def test_not_fully_logged_decides_per_stretch_as_per_key() -> None:
+    """The keys `not_fully_logged` keeps are those `fully_logged` says no to, key by key:
+    spans over random stretches of keys (bounds included as keys) and LSN windows with gaps,
+    overlaps and the whole keyspace."""
+    rng = random.Random(7)
+
+    def key(blkno: int) -> K.Key:
+        return K.rel_block_key(1663, 5, 16384 + blkno // 20, 0, blkno % 20)  # in key order
+
+    for _ in range(200):
+        spans: list[tuple[K.KeyRange, int, int]] = []
+        for _ in range(rng.randint(0, 8)):
+            a, b = sorted(rng.sample(range(60), 2))
+            start = rng.randint(0, 90)
+            spans.append((K.KeyRange(key(a), key(b)), start, start + rng.randint(1, 40)))
+        if rng.random() < 0.3:
+            start = rng.randint(0, 90)
+            spans.append((K.FULL_KEYSPACE, start, start + rng.randint(1, 40)))
+        imaged = {key(rng.randrange(60)) for _ in range(rng.randint(0, 40))}
+        imaged |= {r.start for r, _s, _e in spans if r != K.FULL_KEYSPACE}
+        written = WrittenKeys(set(), imaged, tuple(spans))
+        above = rng.randint(0, 60)
+        upto = above + rng.randint(1, 50)
+        expected = {k for k in imaged if not written.fully_logged(k, above, upto)}
+        assert set(not_fully_logged(written, above, upto)) == expected
