@@ -30,6 +30,7 @@ that the timeline's reopen deletes.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +171,44 @@ def _images_pay_off(
         return False
     if settings.image_cost_ratio <= 0:
         return True
-    keys = len(timeline.get_keys(FULL_KEYSPACE, horizon))
-    return gain >= settings.image_cost_ratio * keys * PAGE_SIZE_ESTIMATE
+    return gain >= settings.image_cost_ratio * keys_at(timeline, horizon) * PAGE_SIZE_ESTIMATE
+
+
+def keys_at(timeline: Timeline, horizon: int) -> int:
+    """How many keys have a value at `horizon` (at most disk_consistent_lsn: the layer files
+    hold every version at or below it), remembered per timeline while the layer files that
+    can hold such versions (its own and its ancestors' starting at or below the LSN each is
+    read at) stay the same: a GC pass every few minutes on an idle node otherwise walked the
+    whole keyspace again to reach the same answer (~2.5 s of CPU on a 1 GiB database)."""
+    signature = _layers_below(timeline, horizon)
+    known = _KEYS_AT.get(timeline)
+    if known is not None and known[0] == signature:
+        return known[1]
+    count = len(timeline.get_keys(FULL_KEYSPACE, horizon))
+    _KEYS_AT[timeline] = (signature, count)
+    return count
+
+
+def _layers_below(timeline: Timeline, lsn: int) -> tuple[object, ...]:
+    """What `Timeline.get_keys(..., lsn)` reads, for a lsn at most disk_consistent_lsn: the
+    names of the layers starting at or below it, of the timeline and of its ancestors at
+    their branch points, with the LSN."""
+    out: list[object] = [lsn]
+    at: Timeline | None = timeline
+    while at is not None:
+        names = sorted(
+            layer.name.file_name for layer in at.layer_map().layers() if layer.lsn_start <= lsn
+        )
+        out.append((at.timeline_id, tuple(names)))
+        lsn = min(lsn, at.ancestor_lsn)
+        at = at.ancestor
+    return tuple(out)
+
+
+_KEYS_AT: weakref.WeakKeyDictionary[Timeline, tuple[tuple[object, ...], int]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per timeline, the last keys_at answer and the layers it was computed from."""
 
 
 def prunable_segments(

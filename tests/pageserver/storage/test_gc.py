@@ -19,6 +19,7 @@ from pageserver.storage.compaction import compact_level0, create_image_layers
 from pageserver.storage.gc import (
     GcSettings,
     gc_timeline,
+    keys_at,
     prune_wal_archive,
     removable_layers,
 )
@@ -162,6 +163,46 @@ def test_default_settings_do_not_write_images_for_a_small_gain(store: TimelineSt
     n = len(tl.layer_map().layers())
     result = gc_timeline(tl, [], None, materialize=fake_redo)
     assert result.images_written == 0 and result.removed_layers == () and result.kept == n
+
+
+def test_unchanged_layers_are_not_rescanned_for_the_image_cost(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key count GC weighs images against is remembered while the layers that hold the
+    versions at its horizon (the timeline's and its ancestors') stay the same: an idle
+    node's GC pass no longer walks the keyspace every time; any layer change recounts."""
+    parent = store.create_timeline("aa")
+    lsns = history(parent, 12)
+    child = store.branch("aa", lsns[-1], "bb")
+    history(child, 4)
+    scans: list[tuple[str, int]] = []
+    real = Timeline.get_keys
+
+    def counted(tl: Timeline, key_range: K.KeyRange, lsn: int) -> list[K.Key]:
+        scans.append((tl.timeline_id, lsn))
+        return real(tl, key_range, lsn)
+
+    monkeypatch.setattr(Timeline, "get_keys", counted)
+    never = GcSettings(min_gain_bytes=1, image_cost_ratio=1e9)  # images never pay off
+    for _ in range(3):
+        result = gc_timeline(child, [], None, materialize=fake_redo, settings=never)
+        assert result.images_written == 0 and result.removed_layers == ()
+    assert len(scans) == 1
+    horizon = child.disk_consistent_lsn
+    assert keys_at(child, horizon) == len(real(child, K.FULL_KEYSPACE, horizon)) == 6
+    # the ancestor's layers below the branch point change: counted again
+    compact_level0(parent, force=True)
+    gc_timeline(child, [], None, materialize=fake_redo, settings=never)
+    assert len(scans) == 2
+    # new keys in the child: counted again, and the new count is the fresh one
+    for blk in (6, 7, 8):
+        record(child, child.last_record_lsn + 8, (page(blk), Image(b"new" * 20)))
+    child.freeze_and_flush()
+    gc_timeline(child, [], None, materialize=fake_redo, settings=never)
+    assert len(scans) == 3
+    horizon = child.disk_consistent_lsn
+    assert keys_at(child, horizon) == len(real(child, K.FULL_KEYSPACE, horizon)) == 9
+    assert len(scans) == 3
 
 
 def test_existing_images_let_gc_go_without_writing(store: TimelineStore) -> None:
