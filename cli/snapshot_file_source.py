@@ -30,14 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli.delta_apply import DeltaApplier
 from cli.live_import import LiveImport, announced
 from cli.progress import Progress
 from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, Store, read_object
 from cli.untar import extract_stream
 from pg15.constants import PG_MAJOR_VERSION
-from pg15.pg_control import read_control_file
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest, decode_manifest, origin_of
@@ -319,6 +317,10 @@ def expect_manifest(label: str, expected: Manifest | None) -> Callable[[Manifest
 
 
 def check_control(pgdata: Path, manifest: Manifest, label: str) -> None:
+    # Imported here, as DeltaApplier below: a push reads manifests through this module and
+    # needs neither (pg_control's crc32c and WAL record layouts: 20-40 ms of its start).
+    from pg15.pg_control import read_control_file
+
     control = read_control_file(pgdata)
     if control.system_identifier != manifest.system_identifier:
         raise CorruptData(
@@ -336,6 +338,8 @@ async def apply_delta_stream(
 ) -> None:
     """Apply the delta `.neon` file arriving as `chunks` (its manifest `expected`, read from
     its head before) to its parent's data directory `pgdata` (`keep`: DeltaApplier's)."""
+    from cli.delta_apply import DeltaApplier
+
     applier = DeltaApplier(pgdata, keep)
     try:
         async for data in verified_tar(chunks, label, expect_manifest(label, expected)):

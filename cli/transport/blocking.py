@@ -7,6 +7,12 @@ own queue. Leaving the `with` block normally commits the object; leaving it by a
 (SIGINT included) aborts it, and nothing appears at the destination. With `resume`, the write
 is resumable (`Store.open_resumable`): an abort keeps what was sent for the next run, and
 `bytes_skipped` says how much of what was written the destination already held.
+
+The object is opened while the caller goes on: the first `write` (or the exit) waits for it.
+A push sends its request to the pageserver right after, so opening (an s3 client and its
+multipart upload, ssh sessions) overlaps the pageserver making the file, where it came
+before it: a fixed cost of every incremental push. An error opening is raised by that
+`write` (or by the exit).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class BlockingWriter:
         self._resume = resume
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="transport")
+        self._opening: concurrent.futures.Future[ObjectWriter] | None = None
         self._writer: ObjectWriter | None = None
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self.bytes_written = 0
@@ -49,16 +56,25 @@ class BlockingWriter:
         try:
             store, name = self._location.store, self._location.object_name
             opening = store.open_resumable if self._resume else store.open_write
-            self._writer = self._call(opening(name, overwrite=self._overwrite))
+            self._opening = asyncio.run_coroutine_threadsafe(
+                opening(name, overwrite=self._overwrite), self._loop
+            )
         except BaseException:
             self._stop()
             raise
         return self
 
+    def _opened(self) -> ObjectWriter:
+        """The writer, once open (its error, if opening failed)."""
+        if self._writer is None:
+            assert self._opening is not None
+            self._writer = self._opening.result()
+        return self._writer
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        assert self._writer is not None
+        writer = self._opened()
         chunk = bytes(data)
-        self._call(self._writer.write(chunk))
+        self._call(writer.write(chunk))
         self.bytes_written += len(chunk)
         if self._on_write is not None:
             self._on_write(chunk)
@@ -75,14 +91,19 @@ class BlockingWriter:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._writer is not None
         try:
+            try:
+                writer = self._opened()
+            except BaseException:
+                if exc is None:
+                    raise
+                return  # nothing was opened to abort; the block's exception goes on
             if exc is None:
-                self._call(self._writer.commit())
+                self._call(writer.commit())
             else:
                 for future in list(self._pending):  # a write another thread still waits on
                     future.cancel()
-                self._call(self._writer.abort())
+                self._call(writer.abort())
         finally:
             self._stop()
 

@@ -3,13 +3,17 @@ the transport in order; the object appears on a clean exit only."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import threading
 from pathlib import Path
 
 import pytest
 
 from cli.transport import parse_location
+from cli.transport.base import Location, ObjectWriter
 from cli.transport.blocking import BlockingWriter
+from cli.transport.file import FileStore
 from proto.errors import AlreadyExists
 from tests.cli.transport.conftest import entries
 
@@ -44,3 +48,38 @@ def test_exception_aborts_and_refusal_is_raised(tmp_path: Path) -> None:
     ):
         out.write(b"new")
     assert entries(tmp_path) == ["x.neon"] and (tmp_path / "x.neon").read_bytes() == b"kept"
+
+
+class _GatedStore(FileStore):
+    """A directory whose opens wait until the test lets them (a slow s3 or ssh open)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.gate = threading.Event()
+
+    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        await asyncio.to_thread(self.gate.wait, 10)
+        if not self.gate.is_set():
+            raise TimeoutError("the opening was never let through")
+        return await super().open_write(name, overwrite=overwrite)
+
+
+def test_the_object_opens_while_the_caller_goes_on(tmp_path: Path) -> None:
+    """`with` returns before the object is open (a push asks the pageserver meanwhile); the
+    first write waits for it."""
+    store = _GatedStore(tmp_path)
+    location = Location(store, "x.neon")
+    with BlockingWriter(location, overwrite=False) as out:
+        assert out.bytes_written == 0 and entries(tmp_path) == []  # not open yet
+        store.gate.set()
+        out.write(b"data")
+    assert (tmp_path / "x.neon").read_bytes() == b"data"
+
+
+def test_an_exception_before_the_open_ends_waits_for_it_and_aborts(tmp_path: Path) -> None:
+    store = _GatedStore(tmp_path)
+    location = Location(store, "x.neon")
+    with pytest.raises(KeyboardInterrupt), BlockingWriter(location, overwrite=False):
+        store.gate.set()
+        raise KeyboardInterrupt
+    assert entries(tmp_path) == []
