@@ -33,8 +33,9 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,7 +57,7 @@ from cli.backup_tablespaces import (
     write_tablespace_locations,
 )
 from cli.live_import import LiveImport, announced
-from cli.pgbin import give_to_pg_user, make_pg_dir
+from cli.pgbin import give_to_pg_user, make_pg_dir, pg_os_user
 from cli.progress import Progress
 from cli.snapshot_file_source import (
     ParentHere,
@@ -258,15 +259,61 @@ def copy_plain_backup(
         here = Path(directory) == source / "pg_tblspc"
         return [name for name in names if here and name.isdigit() and int(name) in moved]
 
-    shutil.copytree(source, pgdata, symlinks=False, ignore=elsewhere)
+    copy = _copy_owned_by(source.stat().st_uid)
+    shutil.copytree(source, pgdata, symlinks=False, ignore=elsewhere, copy_function=copy)
     for oid, new in moved.items():
-        shutil.copytree(new, tablespace_target(pgdata, oid), symlinks=False)
+        shutil.copytree(new, tablespace_target(pgdata, oid), symlinks=False, copy_function=copy)
     write_tablespace_locations(pgdata, {**locations, **take_tablespace_map(pgdata)})
     os.chmod(pgdata, 0o700)
     give_to_pg_user(pgdata)
     for root, dirs, files in os.walk(pgdata):
         for name in dirs + files:
             give_to_pg_user(Path(root) / name)
+
+
+def _foreign_owned(path: Path) -> bool:
+    """A directory another account owns, while we run as root: importing it as it is would
+    read, as root, whatever links that account put in it (cli/pg_files.py)."""
+    return pg_os_user() is not None and path.stat().st_uid != os.geteuid()
+
+
+def _copy_owned_by(owner: int) -> Callable[[str, str], object]:
+    """A copy function for shutil.copytree that copies only regular files owned by `owner`
+    (the source directory's) or by PostgreSQL's account (its tablespaces, its pg_wal
+    elsewhere), when we run as root; anything when we do not (then we read nothing we could
+    not read anyway, and hand nothing over).
+
+    Links are followed, as PostgreSQL's own layout needs (pg_wal and pg_tblspc entries, a
+    linked postgresql.conf), but what a link names is checked after it is opened (fstat,
+    no window to swap it): a link the cluster's account put in its directory copies only
+    what it owns itself, never root's file into the page history (and from it to a node)."""
+    user = pg_os_user()
+    allowed = None if user is None else {owner, user.uid}
+
+    def copy(src: str, dst: str) -> object:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{src} is not a regular file; remove it and retry")
+            if allowed is not None and st.st_uid not in allowed:
+                raise InvalidArgument(
+                    f"{src} is owned by uid {st.st_uid}, not by the data directory's owner "
+                    f"(uid {owner}) or PostgreSQL's account: pg-neon does not copy it into "
+                    "page history (a link there could name any file); give it to the owner "
+                    "or remove it"
+                )
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                while os.sendfile(out, fd, None, 1 << 30):
+                    pass
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        return dst
+
+    return copy
 
 
 def manifest_end_lsn(pgdata: Path) -> int | None:
@@ -451,7 +498,7 @@ def prepare_clean_datadir(
         check_path_source(path)
         if path.is_dir() and is_clean_datadir(path):
             check_tablespace_links(path, mappings)
-            if not mappings:
+            if not mappings and not _foreign_owned(path):
                 return CleanDatadir(path)
             copy_plain_backup(path, pgdata, mappings)
             remap_tablespace_locations(pgdata, mappings)

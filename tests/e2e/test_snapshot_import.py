@@ -152,7 +152,7 @@ def test_import_over_base_backup_then_create_node(
 
 
 def test_import_from_stopped_data_directory(
-    home: NeonCli, source: PgTestServer, pg_cluster_module: PgTestCluster
+    home: NeonCli, source: PgTestServer, pg_cluster_module: PgTestCluster, tmp_path: Path
 ) -> None:
     copy = pg_cluster_module.create_standby(source)  # a second cluster we may stop
     copy.psql("SELECT pg_promote()")
@@ -161,6 +161,19 @@ def test_import_from_stopped_data_directory(
         if copy.psql(wait_sql) == "f":
             break
     copy.stop()
+    # Run as root (as CI is), on a directory PostgreSQL's account owns: a link that account
+    # put in it must not carry a file of root's into the page history (and so to a node).
+    assert os.geteuid() == 0 and copy.datadir.stat().st_uid != 0
+    secret = tmp_path / "secret"
+    secret.write_text("root's only\n")
+    secret.chmod(0o600)
+    planted = copy.datadir / "planted.conf"
+    planted.symlink_to(secret)
+    before = names(home)
+    error = home.fail("snapshot", "import", "--from", str(copy.datadir), "stopped")
+    assert "planted.conf is owned by uid 0, not by the data directory's owner" in error
+    assert names(home) == before
+    planted.unlink()
     home.run("snapshot", "import", "--from", str(copy.datadir), "stopped")
     check_node_equals_source(home, source, "stopped")
     # Destroying an imported snapshot nothing branches from removes its history too.
