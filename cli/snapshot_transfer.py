@@ -27,6 +27,7 @@ out is dropped and the pull runs once more from the start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
 import time
@@ -207,7 +208,7 @@ async def _plan_push(
     """What a push needs before the export: the snapshot and its plan (one connection to the
     pageserver) and what the destination holds (is the file there; the `.neon` files a delta
     may build on), asked at once: an incremental push is mostly these fixed costs. The
-    pageserver's error (an unknown snapshot) wins over the destination's."""
+    pageserver's error (an unknown snapshot) wins over the destination's, at once."""
     target = location.object_name
 
     async def pageserver() -> tuple[SnapshotInfo, BasebackupPlan, dict[str, int]]:
@@ -227,13 +228,15 @@ async def _plan_push(
         except InvalidArgument:
             return {}  # a store that cannot list its objects (a plain http server)
 
-    ours, theirs = await asyncio.gather(pageserver(), destination(), return_exceptions=True)
-    if isinstance(ours, BaseException):
-        raise ours
-    if isinstance(theirs, BaseException):
-        raise theirs
-    snap, plan, local = ours
-    candidates = delta_candidates(theirs, target, plan.system_identifier, local)
+    asking = asyncio.ensure_future(destination())
+    try:
+        snap, plan, local = await pageserver()
+    except BaseException:
+        asking.cancel()  # a destination slow to answer does not hold the error back
+        with contextlib.suppress(BaseException):
+            await asking
+        raise
+    candidates = delta_candidates(await asking, target, plan.system_identifier, local)
     return _PushPlan(snap, plan, candidates)
 
 

@@ -7,6 +7,8 @@ line naming it."""
 from __future__ import annotations
 
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,10 +131,15 @@ def test_push_names_an_unknown_snapshot_before_an_unreachable_destination(
 ) -> None:
     """A push asks the pageserver and the destination at once (cli/snapshot_transfer.py
     `_plan_push`): the pageserver's answer still decides the error, as when it was asked
-    first, and an existing file is still refused before anything is exported."""
-    closed = free_port()  # nothing listens there: the ssh connection is refused
-    error = sender.fail("snapshot", "push", "--to", f"ssh://127.0.0.1:{closed}/x/", "pgdata1@nope")
-    assert "pgdata1@nope" in error and len(error.strip().splitlines()) == 1, error
+    first, without waiting for a destination that does not answer, and an existing file is
+    still refused before anything is exported."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never says a word
+        url = f"ssh://127.0.0.1:{silent.getsockname()[1]}/x/"
+        started = time.monotonic()
+        error = sender.fail("snapshot", "push", "--to", url, "pgdata1@nope")
+        # Not held back until ssh gives up on the silent server (ConnectTimeout=30).
+        assert time.monotonic() - started < 20
+    assert "pgdata1@nope" in error, error
     dest = base / "there"
     dest.mkdir()
     (dest / "pgdata1@s2.neon").write_bytes(b"kept")
