@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
+import subprocess
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -77,35 +77,50 @@ def old_wal_dir(node: NodeRow) -> Path:
     return node.datadir.with_name(node.datadir.name + ".checkout.oldwal")
 
 
+def stale_dir(node: NodeRow) -> Path:
+    """Where the files of the directory that the delta does not name are moved to."""
+    return node.datadir.with_name(node.datadir.name + ".checkout.stale")
+
+
 def remove_leftovers(node: NodeRow) -> None:
     """Once no checkout is pending (or it is sealed): its state files are waste."""
     for path in (applying_file(node), applied_file(node)):
         path.unlink(missing_ok=True)
-    if old_wal_dir(node) not in _removing:  # else this process's thread deletes it
-        shutil.rmtree(old_wal_dir(node), ignore_errors=True)
+    for path in (old_wal_dir(node), stale_dir(node)):
+        remover = _removing.get(path)
+        if remover is None or remover.poll() is not None:  # else it is being deleted
+            shutil.rmtree(path, ignore_errors=True)
 
 
-_removing: set[Path] = set()
-"""Old pg_wal directories a thread of this process is deleting (`_set_wal_aside`)."""
+_removing: dict[Path, subprocess.Popen[bytes]] = {}
+"""Directories set aside that a process this one started is deleting (`_remove_later`)."""
 
 
-def _remove(path: Path) -> None:
-    try:
-        shutil.rmtree(path, ignore_errors=True)
-    finally:
-        _removing.discard(path)
+def _remove_later(path: Path) -> None:
+    """Delete a directory set aside beside the node's in a process of its own (`rm -rf`),
+    which this command does not wait for, not even at its exit: on ext4 mounted with
+    `discard` each unlink of a file that was written back waits for its blocks' trim (7 ms
+    a 16 MiB WAL segment), and the old pg_wal of a node that loaded a gigabyte has dozens
+    (a thread deleting them held the CLI's exit, which waits for its threads, by a third of
+    a second). A deletion killed half way is finished by `remove_leftovers` (the next
+    checkout, start or destroy of the node)."""
+    _removing[path] = subprocess.Popen(
+        ["rm", "-rf", "--", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _set_wal_aside(node: NodeRow) -> None:
-    """Move the directory's pg_wal out of it and delete it in a thread while the delta
-    streams in. None of it is the target's (the delta brings its own segment and history
-    file; a full rebuild keeps none either), and unlinking its dozens of 16 MiB segments at
-    the end, with the other files the delta does not name, took a fifth of a checkout.
-    Called once `.applying` exists: from then on the directory is rolled forward, never
-    started as it is. A linked pg_wal stays (its files go as before). Nothing waits for the
-    thread but the interpreter's exit (it is not a daemon): the deletion goes on while the
-    directory is sealed and the server starts; a killed run's leftover goes with the
-    checkout's other state files (`remove_leftovers`)."""
+    """Move the directory's pg_wal out of it and delete it (`_remove_later`) while the
+    delta streams in. None of it is the target's (the delta brings its own segment and
+    history file; a full rebuild keeps none either), and unlinking its dozens of 16 MiB
+    segments at the end, with the other files the delta does not name, took a fifth of a
+    checkout. Called once `.applying` exists: from then on the directory is rolled forward,
+    never started as it is. A linked pg_wal stays (its files go as before); a killed run's
+    leftover goes with the checkout's other state files (`remove_leftovers`)."""
     wal, aside = node.datadir / "pg_wal", old_wal_dir(node)
     if wal.is_symlink() or not wal.is_dir():
         return
@@ -114,8 +129,7 @@ def _set_wal_aside(node: NodeRow) -> None:
         os.rename(wal, aside)
     except OSError:  # a mount point (EBUSY, EXDEV): it stays, and its files go as before
         return
-    _removing.add(aside)
-    threading.Thread(target=_remove, args=(aside,), name="old-wal").start()
+    _remove_later(aside)
 
 
 def roll_forward(app: App, node: NodeRow, head: str | None, seal: Callable[[Path], None]) -> bool:
@@ -193,7 +207,9 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | Non
         except NotFound:
             return None
     request = BasebackupRequest(node_id=node.id, checkout_from=head, hints_logged_from=mark)
-    applier = DeltaApplier(node.datadir, KEEP, sync_early=not again)
+    stale = stale_dir(node)
+    shutil.rmtree(stale, ignore_errors=True)  # a killed run's: its names would be taken
+    applier = DeltaApplier(node.datadir, KEEP, sync_early=not again, aside=stale)
     marked = again
 
     async def fetch(client: PageserverClient) -> None:
@@ -215,6 +231,8 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | Non
         return None
     finally:
         applier.close()
+        if stale.exists():
+            _remove_later(stale)
     if again:
         fsync_tree(node.datadir)
         return False

@@ -174,13 +174,26 @@ class DeltaApplier:
     `make_durable()` then fsyncs what this applier changed (not what an earlier, killed one
     changed without fsyncing: after such a run, fsync the whole tree)."""
 
-    def __init__(self, root: Path, keep: Iterable[str] = (), sync_early: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        keep: Iterable[str] = (),
+        sync_early: bool = False,
+        aside: Path | None = None,
+    ) -> None:
         """`keep`: paths in `root` that stay although the delta does not name them (a
         checkout in place keeps the node's configuration: cli/checkout_delta.py).
         `sync_early`: each file's fsync starts in a thread as soon as its member is applied,
         while the rest streams in, so that `make_durable` finds most of them done (it
-        fsynced them one after another at the end: a tenth of a checkout in place)."""
+        fsynced them one after another at the end: a tenth of a checkout in place).
+        `aside`: a directory to create on `root`'s filesystem that the files not named are
+        moved into instead of being unlinked, for the caller to delete later: on ext4
+        mounted with `discard`, an unlink waits for its blocks to be trimmed (1.2 ms a small
+        file that was written back, 7 ms a 16 MiB one): the ~300 FSM and VM files of a
+        checkout took half a second, the renames a hundredth of that."""
         self.root = root
+        self._aside = aside
+        self._set_aside = 0
         self._reader = TarReader()
         self._keep: set[PurePosixPath] = {PurePosixPath(p) for p in keep}
         self._changed = _Changed()
@@ -355,9 +368,10 @@ class DeltaApplier:
         """Remove what the snapshot does not have: every file and directory not named."""
         for top, dirs, files in os.walk(self.root, topdown=False):
             here = PurePosixPath(Path(top).relative_to(self.root).as_posix())
-            for name in files + [d for d in dirs if (Path(top) / d).is_symlink()]:
+            links = [d for d in dirs if (Path(top) / d).is_symlink()]
+            for name in files + links:
                 if here / name not in self._keep:
-                    os.unlink(Path(top) / name)
+                    self._remove_file(Path(top) / name)
                     self._changed.dirs.add(Path(top))
             for name in dirs:
                 path = Path(top) / name
@@ -365,6 +379,19 @@ class DeltaApplier:
                     os.rmdir(path)
                     self._changed.dirs.add(Path(top))
                     self._changed.dirs.discard(path)
+
+    def _remove_file(self, path: Path) -> None:
+        """Unlink `path`, or move it into the `aside` directory (a regular file there)."""
+        if self._aside is not None and stat.S_ISREG(os.lstat(path).st_mode):
+            try:
+                if self._set_aside == 0:
+                    self._aside.mkdir(exist_ok=True)
+                os.rename(path, self._aside / str(self._set_aside))
+                self._set_aside += 1
+                return
+            except OSError:  # another filesystem (EXDEV): unlinked instead
+                pass
+        os.unlink(path)
 
 
 def _fsync_file(path: Path) -> None:

@@ -48,8 +48,8 @@ def delta_tar(members: list[tuple[str, bytes | None]], kind: bytes = tarfile.REG
     return out.getvalue()
 
 
-def apply(root: Path, tar: bytes, chunk: int = 5000) -> None:
-    applier = DeltaApplier(root)
+def apply(root: Path, tar: bytes, chunk: int = 5000, aside: Path | None = None) -> None:
+    applier = DeltaApplier(root, aside=aside)
     try:
         for i in range(0, len(tar), chunk):  # arbitrary cuts, records split across feeds
             applier.feed(tar[i : i + chunk])
@@ -76,7 +76,8 @@ def parent(tmp_path: Path) -> Path:
     return root
 
 
-def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path) -> None:
+@pytest.mark.parametrize("aside", [False, True])
+def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path, aside: bool) -> None:
     tar = delta_tar(
         [
             ("global/", None),
@@ -88,7 +89,9 @@ def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path) -> None:
             ("neon-delta/base/7/600_init", fork_data(0, {})),  # a new database's empty fork
         ]
     )
-    apply(parent, tar)
+    (parent / "base" / "5" / "link").symlink_to(parent / "global" / "pg_control")
+    set_aside = parent.with_name("set-aside")
+    apply(parent, tar, aside=set_aside if aside else None)
     base = parent / "base"
     assert (base / "5" / "100").read_bytes() == page(1) + page(9) + page(1) * 2 + page(8) + page(7)
     assert (base / "5" / "200").read_bytes() == page(2) * 2
@@ -101,6 +104,13 @@ def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path) -> None:
         "base", "base/5", "base/5/100", "base/5/200", "base/5/500", "base/7", "base/7/600_init",
         "global", "global/pg_control", "pg_xact", "pg_xact/0000",
     ]  # fmt: skip
+    # The files not named were moved aside whole (the link unlinked, never followed), not
+    # unlinked: the caller deletes them later.
+    moved = sorted(p.read_bytes() for p in set_aside.iterdir()) if aside else []
+    gone = [page(3), page(3) * 2, page(4), b"gone since"] if aside else []
+    assert moved == sorted(gone)
+    assert set_aside.exists() == aside
+    assert (parent / "global" / "pg_control").read_bytes() == b"new control"
 
 
 def test_early_fsyncs_cover_every_file_written(parent: Path) -> None:
