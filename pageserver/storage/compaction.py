@@ -26,11 +26,12 @@ import heapq
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
 from pageserver.storage.layers import native as _native
-from pageserver.storage.layers.blocks import VersionList
+from pageserver.storage.layers.blocks import BlockCache, VersionList
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from pageserver.storage.layers.layer_map import LayerMap
@@ -207,32 +208,47 @@ def _write_l1(
 ) -> list[DeltaLayer]:
     """The L1 layers of `level0`'s merge: each (key, add) of `keys` calls `add` with the
     writer of the layer `key` goes to (a new one once the open one reaches the target size;
-    `add` may add the keys after it too). Outputs are deleted on any error."""
+    `add` may add the keys after it too). Outputs are deleted on any error.
+
+    A full layer is sealed here and published (fsync, rename, directory fsync: 2-3 disk
+    flushes) on a thread of its own while the merge goes on, so the flushes of a dozen
+    outputs leave the merge's critical path; every output is published when this returns
+    (before the manifest naming them is written)."""
     lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
     target = timeline.settings.compaction_target_size
-    outputs: list[DeltaLayer] = []
+    publishing: list[Future[DeltaLayer]] = []
     writer: DeltaLayerWriter | None = None
-    try:
-        for key, add in keys:
-            if cancelled is not None and cancelled():
-                raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
-            if writer is not None and writer.uncompressed_bytes >= target:
-                outputs.append(_finish_l1(timeline, writer, key))
+    with ThreadPoolExecutor(1, thread_name_prefix="l1-publish") as publisher:
+
+        def finish(writer: DeltaLayerWriter, end: Key) -> None:
+            first = writer.first_key
+            assert first is not None
+            writer.seal(KeyRange(first, end))
+            publishing.append(publisher.submit(writer.publish, timeline.cache))
+
+        try:
+            for key, add in keys:
+                if cancelled is not None and cancelled():
+                    raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
+                if writer is not None and writer.uncompressed_bytes >= target:
+                    finish(writer, key)
+                    writer = None
+                if writer is None:
+                    writer = DeltaLayerWriter(
+                        timeline.directory, lsn_start, lsn_end, timeline.settings
+                    )
+                add(writer)
+            if writer is not None:
+                last = writer.last_key
+                assert last is not None
+                finish(writer, key_successor(last))
                 writer = None
-            if writer is None:
-                writer = DeltaLayerWriter(timeline.directory, lsn_start, lsn_end, timeline.settings)
-            add(writer)
-        if writer is not None:
-            last = writer.last_key
-            assert last is not None
-            outputs.append(_finish_l1(timeline, writer, key_successor(last)))
-            writer = None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        _discard(outputs)
-        raise
-    return outputs
+            return [future.result() for future in publishing]
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            _discard([f.result() for f in publishing if f.exception() is None])
+            raise
 
 
 def _discard(layers: list[DeltaLayer]) -> None:
@@ -263,12 +279,6 @@ def _merge_same_keys(merged: Iterable[tuple[Key, int, Group]]) -> Iterator[tuple
         current, pending = key, versions
     if current is not None:
         yield current, pending
-
-
-def _finish_l1(timeline: Timeline, writer: DeltaLayerWriter, end: Key) -> DeltaLayer:
-    first = writer.first_key
-    assert first is not None
-    return writer.finish(KeyRange(first, end), timeline.cache)
 
 
 def _partitions(keys: list[Key], keys_per_partition: int) -> list[tuple[KeyRange, list[Key]]]:
@@ -310,30 +320,35 @@ def create_image_layers_at(
     per_partition = max(1, timeline.settings.image_layer_target_size // PAGE_SIZE_ESTIMATE)
     partitions = _partitions(keys, per_partition)
     _LAST_BOUNDS[timeline] = tuple(key_range for key_range, _ in partitions)
-    written: list[ImageLayer] = []
+    # Each layer is published (fsync, rename, directory fsync) on a thread of its own while
+    # the next partition is rebuilt, as the L1 layers of the L0 merge are.
+    publishing: list[Future[ImageLayer]] = []
     stopped = False
-    try:
-        for key_range, part_keys in partitions:
-            if cancelled is not None and cancelled():
-                stopped = True
-                break
-            if not _due(timeline, layer_map, key_range, lsn, force):
-                continue
-            try:
-                written.append(
-                    _write_image(
+    with ThreadPoolExecutor(1, thread_name_prefix="image-publish") as publisher:
+        try:
+            for key_range, part_keys in partitions:
+                if cancelled is not None and cancelled():
+                    stopped = True
+                    break
+                if not _due(timeline, layer_map, key_range, lsn, force):
+                    continue
+                try:
+                    sealed = _write_image(
                         timeline, materialize, materialize_range, key_range, part_keys, lsn,
                         cancelled,
-                    )
-                )  # fmt: skip
-            except CompactionCancelled:
-                stopped = True  # that partition's file is deleted, the whole ones are kept
-                break
-    except BaseException:
-        for layer in written:
-            layer.close()
-            layer.path.unlink(missing_ok=True)
-        raise
+                    )  # fmt: skip
+                except CompactionCancelled:
+                    stopped = True  # that partition's file is deleted, the whole ones are kept
+                    break
+                publishing.append(publisher.submit(_publish_image, sealed, timeline.cache))
+            written = [future.result() for future in publishing]
+        except BaseException:
+            for future in publishing:
+                if future.exception() is None:
+                    layer = future.result()
+                    layer.close()
+                    layer.path.unlink(missing_ok=True)
+            raise
     if written:
         timeline.replace_layers(add=written, remove=())
     if stopped:
@@ -443,7 +458,9 @@ def _write_image(
     keys: list[Key],
     lsn: int,
     cancelled: Cancelled | None = None,
-) -> ImageLayer:
+) -> ImageLayerWriter:
+    """The image layer of one partition, sealed: the caller publishes it."""
+
     def one(key: Key) -> bytes | None:
         data = timeline.get_reconstruct_data(key, lsn)
         if data.deltas:
@@ -462,7 +479,15 @@ def _write_image(
                 writer.add(key, value)
             if cancelled is not None and n % CHECK_EVERY == 0 and cancelled():
                 raise CompactionCancelled(f"image layer of {timeline.timeline_id} cancelled")
+        writer.seal()
     except BaseException:
         writer.abort()
         raise
-    return writer.finish(timeline.cache)
+    return writer
+
+
+def _publish_image(writer: ImageLayerWriter, cache: BlockCache) -> ImageLayer:
+    """A sealed image layer made durable and visible, opened (an unpublished file is
+    deleted if this fails)."""
+    writer.publish()
+    return writer.opened(cache)

@@ -41,6 +41,7 @@ class DeltaLayerWriter:
         """level0: an L0 layer, written in format version 1 (the C L0 merge reads it; see
         blocks.py), the others in the narrow version 2 where their entries fit."""
         self._dir = directory
+        self._name: LayerName | None = None
         self._lsn_start = lsn_start
         self._lsn_end = lsn_end
         self._writer = LayerFileWriter(
@@ -81,8 +82,20 @@ class DeltaLayerWriter:
         return self._writer.last_key
 
     def finish(self, key_range: KeyRange, cache: BlockCache) -> DeltaLayer:
-        name = LayerName.delta(key_range, self._lsn_start, self._lsn_end)
-        self._writer.finish(key_range, name.file_name)
+        self.seal(key_range)
+        return self.publish(cache)
+
+    def seal(self, key_range: KeyRange) -> None:
+        """Complete the file: not yet durable nor visible (`publish`, which may run on
+        another thread while the next layer is written)."""
+        self._name = LayerName.delta(key_range, self._lsn_start, self._lsn_end)
+        self._writer.seal(key_range)
+
+    def publish(self, cache: BlockCache) -> DeltaLayer:
+        """fsync the sealed file and give it its name; the layer, opened."""
+        name = self._name
+        assert name is not None, "a layer is sealed before it is published"
+        self._writer.publish(name.file_name)
         return DeltaLayer(self._dir, name, cache)
 
     def abort(self) -> None:

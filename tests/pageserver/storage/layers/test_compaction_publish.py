@@ -1,0 +1,102 @@
+"""Compaction publishes its outputs (fsync, rename, directory fsync) on a thread of its own
+while it writes the next one (the L1 layers of an L0 merge, the image layers of a pass),
+every one before the manifest naming them; a failed publication leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.storage import compaction
+from pageserver.storage.layers.blocks import LayerFileWriter
+from pageserver.storage.timeline import Timeline
+from tests.pageserver.storage.layers.test_l0_merge import (  # noqa: F401 (fixtures)
+    level0_store,
+    opened,
+    workload,
+)
+
+
+def test_outputs_are_published_off_the_compacting_thread_before_the_manifest(
+    level0_store: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[tuple[str, str, str]] = []
+    publish, replace = LayerFileWriter.publish, Timeline.replace_layers
+
+    def publishing(self: LayerFileWriter, file_name: str) -> Path:
+        path = publish(self, file_name)
+        events.append(("published", file_name, threading.current_thread().name))
+        return path
+
+    def replacing(self: Timeline, *args: object, **kwargs: object) -> None:
+        events.append(("manifest", "", threading.current_thread().name))
+        replace(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LayerFileWriter, "publish", publishing)
+    monkeypatch.setattr(Timeline, "replace_layers", replacing)
+    store = opened(level0_store, tmp_path, "s")
+    try:
+        timeline = store.timeline
+        merged, written = compaction.compact_level0(timeline, force=True)
+        assert merged > 10 and written > 5
+        images = compaction.create_image_layers(timeline, reconstruct, force=True)
+        assert images > 1
+        names = {layer.name.file_name for layer in timeline.layer_map().layers()}
+    finally:
+        store.close()
+        store.history.close()
+    me = threading.current_thread().name
+    assert [e[0] for e in events] == (
+        ["published"] * written + ["manifest"] + ["published"] * images + ["manifest"]
+    )
+    published = [e for e in events if e[0] == "published"]
+    assert all(thread != me for _, _, thread in published)
+    assert {name for _, name, _ in published} <= names
+    assert all(thread == me for kind, _, thread in events if kind == "manifest")
+
+
+@pytest.mark.parametrize("stage", ["merge", "images"])
+def test_a_failed_publication_leaves_no_file(
+    level0_store: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stage: str,
+) -> None:
+    """The second output's fsync fails (EIO): the pass raises it, the outputs published
+    before are deleted, the failed one's temp file too, and the layers stay as they were."""
+    store = opened(level0_store, tmp_path, stage)
+    timeline = store.timeline
+    try:
+        if stage == "images":
+            compaction.compact_level0(timeline, force=True)
+        before = sorted(p.name for p in timeline.directory.iterdir())
+        layers = sorted(x.name.file_name for x in timeline.layer_map().layers())
+        real, calls = os.fsync, [0]
+
+        def failing(fd: int) -> None:
+            if threading.current_thread().name.startswith(("l1-publish", "image-publish")):
+                calls[0] += 1
+                if calls[0] == 3:  # the second file (a file and its directory each)
+                    raise OSError(errno.EIO, "injected")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", failing)
+        with pytest.raises(OSError, match="injected"):
+            if stage == "merge":
+                compaction.compact_level0(timeline, force=True)
+            else:
+                compaction.create_image_layers(timeline, reconstruct, force=True)
+        monkeypatch.setattr(os, "fsync", real)
+        assert calls[0] >= 3
+        assert sorted(p.name for p in timeline.directory.iterdir()) == before
+        assert sorted(x.name.file_name for x in timeline.layer_map().layers()) == layers
+    finally:
+        store.close()
+        store.history.close()
