@@ -369,7 +369,13 @@ class SshStore(Store):
     async def _run(self, script: str, *args: str, where: str) -> bytes:
         """Run a script; its stdout, or the error its exit status means (naming `where`)."""
         proc = await self._spawn(script, *args)
-        out, err = await proc.communicate()
+        try:
+            out, err = await proc.communicate()
+        except BaseException:  # cancelled (a push whose pageserver failed): not left running
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
         assert proc.returncode is not None
         if proc.returncode != 0:
             raise self.error(proc.returncode, err, where)

@@ -345,3 +345,38 @@ async def test_a_write_does_not_wait_for_ssh_to_take_it(
     os.kill(pid, signal.SIGCONT)
     await writer.commit()
     assert (remote_dir / "e.neon").read_bytes() == data
+
+
+CANCELLED_STAT = """
+import asyncio, gc, os, socket
+from pathlib import Path
+from cli.transport import parse_location
+def children():
+    return sorted(p for t in Path(f"/proc/{os.getpid()}/task").iterdir()
+                  for p in (t / "children").read_text().split())
+with socket.create_server(("127.0.0.1", 0)) as silent:
+    location = parse_location(f"ssh://127.0.0.1:{silent.getsockname()[1]}/x/")
+    async def main():
+        asking = asyncio.ensure_future(location.store.stat("a.neon"))
+        await asyncio.sleep(0.5)
+        assert children(), "ssh was started"
+        asking.cancel()
+        try:
+            await asking
+        except asyncio.CancelledError:
+            print("cancelled, children:", children())
+    asyncio.run(main())
+    gc.collect()
+"""
+
+
+def test_a_cancelled_command_leaves_no_ssh_behind() -> None:
+    """A push cancels the destination's stat when the pageserver's answer fails: the ssh
+    process (here, waiting on a server that never answers) is killed and reaped before the
+    loop ends, not left to ConnectTimeout with its transport collected on a closed loop (an
+    'Event loop is closed' traceback after the push's one error line)."""
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, "-c", CANCELLED_STAT], capture_output=True, text=True, timeout=60
+        )
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "cancelled, children: []\n", "")
