@@ -286,14 +286,18 @@ def _copy_owned_by(owner: int) -> Callable[[str, str], object]:
     Links are followed, as PostgreSQL's own layout needs (pg_wal and pg_tblspc entries, a
     linked postgresql.conf), but what a link names is checked after it is opened (fstat,
     no window to swap it): a link the cluster's account put in its directory copies only
-    what it owns itself, never root's file into the page history (and from it to a node)."""
+    what it owns itself, never root's file into the page history (and from it to a node).
+    It is opened O_PATH first, which opens no device and no FIFO (opening /dev/watchdog
+    arms it, a tape device rewinds, a FIFO's writer is released), and only a regular file
+    that passed the checks is then opened for reading, through /proc/self/fd (the same
+    inode: no window either)."""
     user = pg_os_user()
     allowed = None if user is None else {owner, user.uid}
 
     def copy(src: str, dst: str) -> object:
-        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO
+        pinned = os.open(src, os.O_PATH | os.O_CLOEXEC)
         try:
-            st = os.fstat(fd)
+            st = os.fstat(pinned)
             if not stat.S_ISREG(st.st_mode):
                 raise InvalidArgument(f"{src} is not a regular file; remove it and retry")
             if allowed is not None and st.st_uid not in allowed:
@@ -303,6 +307,10 @@ def _copy_owned_by(owner: int) -> Callable[[str, str], object]:
                     "page history (a link there could name any file); give it to the owner "
                     "or remove it"
                 )
+            fd = os.open(f"/proc/self/fd/{pinned}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(pinned)
+        try:
             out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 while os.sendfile(out, fd, None, 1 << 30):
