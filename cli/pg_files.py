@@ -130,6 +130,14 @@ def read_pg_file(datadir: Path, rel: str) -> bytes | None:
                     f"{datadir / rel} belongs to uid {st.st_uid}, neither PostgreSQL's "
                     f"account ({user.name}) nor ours; remove it and retry"
                 )
+            if user is not None and st.st_uid != user.uid and st.st_nlink > 1:
+                # Ours, with another name: a hard link to one of root's files (/etc/shadow
+                # on the same filesystem) that PostgreSQL's account made where the kernel
+                # lets it (fs.protected_hardlinks=0); a file we put here has one name.
+                raise CorruptData(
+                    f"{datadir / rel} belongs to uid {st.st_uid} and has {st.st_nlink} names "
+                    "(a hard link to a file outside the data directory); remove it and retry"
+                )
             return f.read()
     finally:
         os.close(fd)

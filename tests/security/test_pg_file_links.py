@@ -124,6 +124,11 @@ def test_reads_never_go_through_a_link_a_fifo_or_someone_elses_file(
     os.link(others, datadir / "pg_ident.conf")
     with pytest.raises(CorruptData, match=r"pg_ident\.conf belongs to uid [0-9]+, neither"):
         read_pg_file(datadir, "pg_ident.conf")
+    # A second name of one of root's own files (PostgreSQL's account can make one where
+    # fs.protected_hardlinks is 0): root reading its own file for the node is a leak.
+    os.link(victim, datadir / "postgresql.auto.conf")
+    with pytest.raises(CorruptData, match=r"postgresql\.auto\.conf belongs to uid 0 and has 2"):
+        read_pg_file(datadir, "postgresql.auto.conf")
 
 
 def test_callers_write_config_marks_and_copies_through_pg_files(
