@@ -15,8 +15,10 @@ A layer file is immutable and self-checking::
 A writer writes format version 2 unless an entry does not fit it (an LSN 4 GiB above the
 layer's start, a block number or a value length above 65535), then version 1: the version
 table was about 40% of an L1 file of hot pages (21 bytes a version, against 13). L0 layers
-keep version 1 (the C L0 merge reads them; they are rewritten by the next merge). Readers
-read both versions and refuse any other, naming it.
+keep version 1 (the C L0 merge reads them; they are rewritten by the next merge), and so
+does a layer starting above LSN 2^64 - 2^32 (a narrow file's LSNs, its start plus a u32,
+must fit 64 bits: one that says otherwise is refused on open). Readers read both versions
+and refuse any other, naming it.
 
 Open checks the header CRC, the recorded file size (truncation) and the index CRC; a read
 checks the CRC of the block it decompresses. Any mismatch raises LayerCorrupt naming the file,
@@ -72,6 +74,8 @@ _NARROW_ENTRY = struct.Struct(">IBHIH")
 _NARROW_LSN_TAG = struct.Struct(">IB")
 _NARROW_LSN = struct.Struct(">I")
 _NARROW_MAX = 0xFFFF
+_NARROW_BASE_MAX = (1 << 64) - 1 - 0xFFFFFFFF
+"""The highest lsn_start of a narrow file: any stored LSN (lsn_start + a u32) fits 64 bits."""
 _BLOCK_END = struct.Struct(">Q")
 
 
@@ -246,6 +250,9 @@ class LayerFile:
             raise LayerCorrupt(path, f"size is {size} bytes, the header says {h.file_size}")
         self.narrow = h.version == FORMAT_NARROW
         """Narrow version entries (format version 2): LSNs are stored above _lsn_base."""
+        if self.narrow and h.lsn_start > _NARROW_BASE_MAX:
+            # Its LSNs would pass 2^64: the C readers would wrap them, Python's overflow.
+            raise LayerCorrupt(path, f"narrow version entries above LSN {h.lsn_start:X}")
         self._vsize = _NARROW_ENTRY.size if self.narrow else _VERSION_ENTRY.size
         self._lsn_base = h.lsn_start if self.narrow else 0
         self._ventry = _NARROW_ENTRY if self.narrow else _VERSION_ENTRY
@@ -1035,7 +1042,7 @@ class LayerFileWriter:
             self._drain()
             versions: bytes | bytearray = self._versions
             version = FORMAT_VERSION
-            if self._narrow:
+            if self._narrow and self._lsn_start <= _NARROW_BASE_MAX:
                 narrowed = narrow_versions(versions, self._lsn_start)
                 if narrowed is not None:
                     versions, version = narrowed, FORMAT_NARROW

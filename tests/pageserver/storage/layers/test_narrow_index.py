@@ -195,6 +195,26 @@ def test_damaged_narrow_value_references_raise_layer_corrupt(tmp_path: Path) -> 
     reopened.close()
 
 
+def test_narrow_files_whose_lsns_would_pass_64_bits_are_refused(tmp_path: Path) -> None:
+    """A narrow file's LSNs are lsn_start plus 32 bits: a header (re-signed) whose lsn_start
+    leaves no room for them is refused on open (the C readers wrapped them to small LSNs,
+    Python's returned LSNs above 2^64); the writer keeps version 1 for such a start."""
+    top = (1 << 64) - 1
+    layer = write(tmp_path / "top", [(rel_key(1), top - 50, Image(b"a"))], level0=False,
+                  lsns=(top - 100, top))  # fmt: skip
+    assert layer.file.header.version == FORMAT_VERSION
+    assert [lsn for _, lsn, _ in layer.iter_encoded()] == [top - 50]
+    layer = write(tmp_path / "d", [(rel_key(1), 150, Image(b"a"))], level0=False)
+    path, header = layer.path, layer.file.header
+    assert header.version == FORMAT_NARROW
+    layer.close()
+    data = bytearray(path.read_bytes())
+    data[:HEADER_SIZE] = dataclasses.replace(header, lsn_start=top - 100, lsn_end=top).pack()
+    path.write_bytes(bytes(data))
+    with pytest.raises(LayerCorrupt, match="narrow version entries above LSN"):
+        LayerFile(path, BlockCache(1 << 20))
+
+
 class NarrowL0Writer(DeltaLayerWriter):
     """A flush that writes its L0 layers in version 2 (none does: a file is untrusted)."""
 
