@@ -103,14 +103,18 @@ def _remove_later(path: Path) -> None:
     a 16 MiB WAL segment), and the old pg_wal of a node that loaded a gigabyte has dozens
     (a thread deleting them held the CLI's exit, which waits for its threads, by a third of
     a second). A deletion killed half way is finished by `remove_leftovers` (the next
-    checkout, start or destroy of the node)."""
-    _removing[path] = subprocess.Popen(
-        ["rm", "-rf", "--", str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    checkout, start or destroy of the node); one that cannot start (no `rm` on PATH) is
+    done here."""
+    try:
+        _removing[path] = subprocess.Popen(
+            ["rm", "-rf", "--", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _set_wal_aside(node: NodeRow) -> None:

@@ -120,3 +120,23 @@ def test_a_pg_wal_that_cannot_be_moved_stays(
     checkout_delta._set_wal_aside(node)
     assert (node.datadir / "pg_wal" / "000000010000000000000001").exists()
     assert not checkout_delta.old_wal_dir(node).exists()
+
+
+def test_a_set_aside_directory_is_deleted_also_without_rm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old pg_wal is deleted by an `rm -rf` the command does not wait for; where none can
+    be started (no rm on PATH), it is deleted before the call returns, not left."""
+    from cli import checkout_delta
+
+    for path in ("/nonexistent", os.environ.get("PATH", "")):
+        node = node_at(tmp_path / f"pgdata{len(path)}")
+        (node.datadir / "pg_wal").mkdir(parents=True)
+        (node.datadir / "pg_wal" / "000000010000000000000001").write_bytes(b"x")
+        monkeypatch.setenv("PATH", path)
+        checkout_delta._set_wal_aside(node)
+        assert not (node.datadir / "pg_wal").exists()
+        remover = checkout_delta._removing.get(checkout_delta.old_wal_dir(node))
+        if remover is not None:
+            remover.wait(timeout=30)
+        assert not checkout_delta.old_wal_dir(node).exists()
