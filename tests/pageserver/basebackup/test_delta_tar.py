@@ -23,6 +23,7 @@ from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, Value
 from pg15.constants import BLCKSZ
+from tests.native_ext import require_c_extension
 
 SETTINGS = StoreSettings(
     checkpoint_distance=1 << 20,
@@ -120,13 +121,13 @@ def _members(forks: DeltaForks, nblocks: dict[int, int]) -> list[bytes]:
     ]
 
 
-@pytest.mark.skipif(native_redo is None, reason="the bulk path is the C redo's")
 def test_the_delta_pages_read_in_bulk_are_the_per_key_reads(
     store: TimelineStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pages of a delta are rebuilt from the layer files at once, without planning a read
     of the whole database (`plan_range_read`, `rel_pages`): the same member bytes as the
     per-key reference reads, at the snapshot's timeline and on a branch with an open layer."""
+    require_c_extension(native_redo, "pageserver.redo._redo")  # the bulk path is the C redo's
     tl, child = _history(store)
     parent = ReadPoint(tl, 16)
     nblocks = {16384: 44, 16385: 3}
