@@ -95,3 +95,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
+
+# Byte-compile pg-neon's own modules (pip does it for the dependencies it installs, not for
+# an editable install): Python then reads them instead of compiling every module at every
+# `neon` command, even where PYTHONDONTWRITEBYTECODE keeps it from caching them itself
+# (about 0.1 s of every command's start). Up-to-date files are skipped; an edited module's
+# stale .pyc is never used (its source's mtime and size are checked).
+.venv/bin/python -m compileall -q -j 0 cli pageserver pageserver_api pg15 proto snapfile \
+    walreceiver durable_files bench
