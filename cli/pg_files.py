@@ -100,9 +100,18 @@ def write_pg_file(datadir: Path, rel: str, data: bytes, *, durable: bool = True)
         os.close(directory)
 
 
-def read_pg_file(datadir: Path, rel: str) -> bytes | None:
+MAX_READ = 16 << 20
+"""The largest file read_pg_file reads (configuration files, marks, postmaster.pid): a
+sparse file of a terabyte there must not make the CLI, maybe root, allocate as much."""
+
+
+def read_pg_file(
+    datadir: Path, rel: str, *, limit: int = MAX_READ, any_owner: bool = False
+) -> bytes | None:
     """The bytes of regular file `rel` of `datadir`, None when it is missing; a link or a
-    non-regular file there is refused (never read through: its target may be anyone's)."""
+    non-regular file there is refused (never read through: its target may be anyone's), and
+    so is a file of more than `limit` bytes, or (unless `any_owner`: what is read says
+    nothing of the file's) one neither PostgreSQL's account's nor a single-named one of ours."""
     path = PurePosixPath(rel)
     directory = open_pg_dir(datadir, path.parent)
     try:
@@ -123,7 +132,12 @@ def read_pg_file(datadir: Path, rel: str) -> bytes | None:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise CorruptData(f"{datadir / rel} is not a regular file; remove it and retry")
-            user = pg_os_user()
+            if st.st_size > limit:
+                raise CorruptData(
+                    f"{datadir / rel} is {st.st_size} bytes, more than the {limit} pg-neon "
+                    "reads of it; remove it and retry"
+                )
+            user = None if any_owner else pg_os_user()
             if user is not None and st.st_uid not in (user.uid, os.geteuid()):
                 # A second name of someone else's file (a hard link) is not the node's.
                 raise CorruptData(
@@ -138,6 +152,9 @@ def read_pg_file(datadir: Path, rel: str) -> bytes | None:
                     f"{datadir / rel} belongs to uid {st.st_uid} and has {st.st_nlink} names "
                     "(a hard link to a file outside the data directory); remove it and retry"
                 )
-            return f.read()
+            data = f.read(limit + 1)
+            if len(data) > limit:  # it grew after the fstat
+                raise CorruptData(f"{datadir / rel} grew past {limit} bytes while read")
+            return data
     finally:
         os.close(fd)

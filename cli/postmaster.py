@@ -16,7 +16,7 @@ from stat import S_ISREG
 
 from cli.pg_files import read_pg_file, write_pg_file
 from cli.pgbin import give_to_pg_user, make_pg_dir, pg_binary, pg_os_user, popen_kwargs, run_pg
-from proto.errors import ExternalCommandFailed, InvalidArgument
+from proto.errors import CorruptData, ExternalCommandFailed, InvalidArgument
 
 NEON_CONF = "neon.conf"
 STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
@@ -92,11 +92,21 @@ def _write_pg_file(datadir: Path, name: str, text: str) -> None:
 
 
 def read_pid_file(datadir: Path) -> int | None:
+    """The PID on postmaster.pid's first line, None without a usable one. Read through
+    cli/pg_files.py (the CLI may be root, the directory PostgreSQL's account's): a link
+    there to a FIFO hung the read, one to /dev/zero made it read until memory ran out."""
     try:
-        first = (datadir / "postmaster.pid").read_text().splitlines()[0]
-        return int(first.strip())
-    except (OSError, IndexError, ValueError):
+        # Any owner's: a cluster another account runs (snapshot import checks it is stopped).
+        raw = read_pg_file(datadir, "postmaster.pid", limit=PID_FILE_LIMIT, any_owner=True)
+        if raw is None:
+            return None
+        return int(raw.decode().splitlines()[0].strip())
+    except (OSError, CorruptData, UnicodeDecodeError, IndexError, ValueError):
         return None
+
+
+PID_FILE_LIMIT = 4096
+"""postmaster.pid holds eight short lines (PostgreSQL's miscadmin.h, LOCK_FILE_LINE_*)."""
 
 
 def _is_our_postmaster(pid: int, datadir: Path) -> bool:

@@ -169,3 +169,36 @@ def test_callers_write_config_marks_and_copies_through_pg_files(
     for p in target.iterdir():
         _pg_owned_file(p)
         assert p.read_bytes() == (datadir / p.name).read_bytes()
+
+
+def test_the_pid_file_is_read_neither_through_a_link_nor_without_end(datadir: Path) -> None:
+    """postmaster.pid, read by root's status, start, stop and import checks: a link to a
+    FIFO there hung the read, one to /dev/zero read until memory ran out; a sparse config
+    file of a terabyte was read whole."""
+    pid = datadir / "postmaster.pid"
+    fifo = datadir.parent / "fifo"
+    os.mkfifo(fifo)
+    pid.symlink_to(fifo)
+    result: list[object] = []
+    reader = threading.Thread(target=lambda: result.append(postmaster.read_pid_file(datadir)))
+    reader.daemon = True
+    reader.start()
+    reader.join(5)
+    hung = reader.is_alive()
+    if hung:  # release it before failing (and before the /dev/zero link below)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert not hung, "a FIFO at postmaster.pid hung the read"
+    assert result == [None]
+    pid.unlink()
+    pid.symlink_to("/dev/zero")
+    assert postmaster.read_pid_file(datadir) is None
+    pid.unlink()
+    pid.write_text("4242\n/var/lib/x\n")
+    os.chown(pid, pwd.getpwnam("nobody").pw_uid, -1)  # another account's cluster: still read
+    assert postmaster.read_pid_file(datadir) == 4242
+    conf = datadir / "postgresql.conf"
+    with open(conf, "wb") as f:
+        f.truncate(1 << 40)
+    with pytest.raises(CorruptData, match=r"postgresql\.conf is 1099511627776 bytes, more than"):
+        read_pg_file(datadir, "postgresql.conf")
