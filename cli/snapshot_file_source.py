@@ -12,7 +12,10 @@ damaged or cut file raises CorruptData naming the member and offset; the caller'
 directory (with whatever was extracted) is then removed, so nothing is imported.
 
 What the file holds is the data directory of a pageserver basebackup at the snapshot's LSN:
-cleanly shut down, so it is imported as it is, with no recovery.
+cleanly shut down, so it is imported as it is, with no recovery. `neon snapshot import` and
+`pull` of a whole file go another way (cli/neon_file_import.py: the pageserver reads the file
+and writes no big relation file); this module's extraction serves deltas and `recv`, and
+its reader and extractor are what the pageserver runs there.
 
 A delta file (snapfile/delta.py) names its parent: its chain is resolved in the same store
 (the manifests at the heads of the `.neon` files there, `snapshots_in`) down to a whole file,
@@ -61,6 +64,11 @@ def is_snapshot_file(path: Path) -> bool:
         return False
     with path.open("rb") as f:
         return looks_like_snapshot_file(f.read(512))
+
+
+def is_neon_source(source: str) -> bool:
+    """Whether `source` names a `.neon` file: a URL of a transport or a local `.neon` file."""
+    return is_url_source(source) or is_snapshot_file(Path(source))
 
 
 def check_manifest(manifest: Manifest, label: str) -> None:

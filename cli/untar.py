@@ -17,9 +17,9 @@ import shutil
 import tempfile
 import threading
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cli.pg_files import give_fd_to_pg_user
 from cli.pgbin import make_pg_dir
@@ -56,13 +56,32 @@ def tablespace_link_oid(member: MemberStart) -> int | None:
     return None
 
 
+class Diverted(Protocol):
+    """Where a diverted member's data goes instead of its file (see `Divert`)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def end(self, st: os.stat_result) -> None:
+        """The member ended; `st`: its file's stat, as the extractor left it."""
+
+
+Divert = Callable[[str, int], Diverted | None]
+"""Called with each regular file member's checked relative path and size, before its data:
+a Diverted takes that data, and the file is created (same checks, mode and owner) holding
+no data, sparse at the member's size (pageserver/ingest/import_neon.py); None: written."""
+
+
 class _Extractor:
     """Writes the members of a tar fed in chunks into `root` (checked, owned by PostgreSQL's
-    OS user); `tablespace_links` as in extract_basebackup."""
+    OS user); `tablespace_links` as in extract_basebackup; `divert` as `Divert` says."""
 
-    def __init__(self, root: Path, tablespace_links: dict[int, str] | None) -> None:
+    def __init__(
+        self, root: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None
+    ) -> None:
         self._root = root
         self._links = tablespace_links
+        self._divert = divert
+        self._diverted: Diverted | None = None
         self._reader = TarReader()
         self._fd: int | None = None
         self._member: MemberStart | None = None
@@ -84,7 +103,9 @@ class _Extractor:
         try:
             for event in events:
                 if isinstance(event, MemberData):
-                    if self._fd is not None:
+                    if self._diverted is not None:
+                        self._diverted.write(event.data)
+                    elif self._fd is not None:
                         _write_all(self._fd, event.data)
                 elif isinstance(event, MemberStart):
                     self._start(event)
@@ -114,14 +135,21 @@ class _Extractor:
             raise CorruptData(f"tar member {member.name!r} is a file where a directory was")
         self._fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         self._dest = dest
+        if self._divert is not None:
+            self._diverted = self._divert(str(rel), member.size)
 
     def _end(self) -> None:
         if self._fd is None or self._dest is None:
             return
         fd, self._fd = self._fd, None
+        diverted, self._diverted = self._diverted, None
         try:  # through the descriptor: a link swapped in at the name is never followed
+            if diverted is not None and self._member is not None:
+                os.ftruncate(fd, self._member.size)
             os.fchmod(fd, 0o600)
             give_fd_to_pg_user(fd)
+            if diverted is not None:
+                diverted.end(os.fstat(fd))
         finally:
             os.close(fd)
         self._dest = None
@@ -144,7 +172,9 @@ class _Extractor:
 
 
 @contextlib.contextmanager
-def _extracting(target_dir: Path, tablespace_links: dict[int, str] | None) -> Iterator[_Extractor]:
+def _extracting(
+    target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None
+) -> Iterator[_Extractor]:
     """An extractor into a sibling `<name>.tmp-XXXX` renamed to `target_dir` (absent or empty)
     when the block succeeds; removed, with whatever was written, when it fails."""
     target = Path(target_dir)
@@ -152,7 +182,7 @@ def _extracting(target_dir: Path, tablespace_links: dict[int, str] | None) -> It
         raise AlreadyExists(f"{target} exists and is not an empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
-    extractor = _Extractor(tmp, tablespace_links)
+    extractor = _Extractor(tmp, tablespace_links, divert)
     try:
         make_pg_dir(tmp)
         yield extractor
@@ -227,13 +257,14 @@ def _extract_queued(
     failed: threading.Event,
     target: Path,
     tablespace_links: dict[int, str] | None,
+    divert: Divert | None = None,
 ) -> None:
     """Extract the batches put in `batches` until _END (_ABORT: remove what was extracted);
     on failure set `failed` (the producer stops), take them until either (so the producer
     never blocks) and raise."""
     item: list[bytes] | str = []
     try:
-        with _extracting(target, tablespace_links) as extractor:
+        with _extracting(target, tablespace_links, divert) as extractor:
             while isinstance(item := batches.get(), list):
                 for chunk in item:
                     extractor.feed(chunk)
@@ -250,13 +281,15 @@ async def extract_stream(
     chunks: AsyncIterator[bytes | memoryview],
     target: Path,
     tablespace_links: dict[int, str] | None = None,
+    divert: Divert | None = None,
 ) -> None:
     """Extract a tar arriving as async chunks: a thread writes the files while the next
-    bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB queued)."""
+    bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB queued); `divert`:
+    see `Divert` (it runs on that thread)."""
     batches: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
     failed = threading.Event()
     extractor = asyncio.ensure_future(
-        asyncio.to_thread(_extract_queued, batches, failed, target, tablespace_links)
+        asyncio.to_thread(_extract_queued, batches, failed, target, tablespace_links, divert)
     )
 
     async def put(item: list[bytes] | str) -> None:

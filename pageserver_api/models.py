@@ -647,6 +647,11 @@ class SnapshotImportRequest(ApiRequest):
     store_dir: str
     origin: str | None = None
     """The manifest (JSON) of the `.neon` file the directory came from, if it did."""
+    neon_file: str | None = None
+    """A whole `.neon` file to import (pageserver/ingest/import_neon.py), read by the
+    pageserver: `datadir` (absent or empty) then gets its small files; `origin` must be its."""
+    label: str | None = None
+    """How errors name `neon_file` (its URL)."""
 
 
 @method("snapshot.import_delta", SnapshotInfo)

@@ -355,20 +355,36 @@ class Pageserver:
 
     async def import_snapshot(
         self, name: str, datadir: Path, store_dir: Path, abandoned: Callable[[], bool],
-        origin: str | None = None,
+        origin: str | None = None, neon_file: Path | None = None, label: str | None = None,
     ) -> Snapshot:  # fmt: skip
         """Import a cleanly shut-down data directory as snapshot `name` on a new root timeline
         of the storage; on any failure, or if the caller is gone by the end (`abandoned`: an
         interrupted `snapshot import`), the timeline is deleted and no snapshot appears.
-        `origin`: the manifest of the `.neon` file it came from (see Snapshot.origin)."""
+        `origin`: the manifest of the `.neon` file it came from (see Snapshot.origin); with
+        `neon_file`, that whole file is read here, its small files extracted into `datadir`
+        (pageserver/ingest/import_neon.py; `label` names it in errors)."""
         check_import_name(name)
         self._check_name_free(name)
+        if neon_file is not None and datadir.parent.parent != store_dir.parent:
+            raise InvalidArgument(
+                f"{datadir}: a .neon file is extracted into a work directory of its storage"
+            )
         history = self.history(store_dir)
         timeline = history.timelines.create_timeline(importing=True)
         self.imported_roots.remember(store_dir)
-        return await self._import_onto(
-            history, timeline, name, origin, abandoned, lambda t: import_datadir(t, datadir)
-        )
+        if neon_file is not None:
+            from pageserver.ingest.import_neon import import_neon_file
+
+            path, shown = neon_file, label or str(neon_file)
+
+            def write(t: Timeline) -> int:
+                return import_neon_file(t, path, datadir, shown, origin)
+        else:
+
+            def write(t: Timeline) -> int:
+                return import_datadir(t, datadir)
+
+        return await self._import_onto(history, timeline, name, origin, abandoned, write)
 
     async def import_delta_snapshot(
         self, name: str, datadir: Path, parent: str, origin: str, abandoned: Callable[[], bool]

@@ -276,11 +276,7 @@ def import_datadir(
     never had (`neon pg attach` streams the server's WAL from the backup's end). The record
     before `at_lsn` is then unknown here (prev_record_lsn 0: the first record ingested after
     it sets it)."""
-    if timeline.last_record_lsn != 0 or timeline.ancestor is not None:
-        raise Conflict(
-            f"timeline {timeline.timeline_id} is not empty (last record LSN "
-            f"{format_lsn(timeline.last_record_lsn)}); import needs a new root timeline"
-        )
+    check_empty(timeline)
     early = None
     if at_lsn is None and journal_path(datadir).is_file():
         early = receive_early(timeline, datadir)  # the directory is final once it returns
@@ -292,10 +288,22 @@ def import_datadir(
         raise
 
 
+def check_empty(timeline: Timeline) -> None:
+    """An import goes onto a new, empty root timeline."""
+    if timeline.last_record_lsn != 0 or timeline.ancestor is not None:
+        raise Conflict(
+            f"timeline {timeline.timeline_id} is not empty (last record LSN "
+            f"{format_lsn(timeline.last_record_lsn)}); import needs a new root timeline"
+        )
+
+
 def _import_final(
     timeline: Timeline, datadir: Path, at_lsn: int | None, threads: int,
-    early: EarlyImport | None,
+    early: EarlyImport | None, *, early_only: bool = False,
 ) -> int:  # fmt: skip
+    """`early_only`: the early files hold no data in `datadir` (pageserver/ingest/
+    import_neon.py): early layers that cannot stand fail the import instead of the
+    directory being read whole."""
     control = read_control_file(datadir)
     own_lsn = _validate(datadir, control)
     if at_lsn is not None and at_lsn > own_lsn:
@@ -311,6 +319,9 @@ def _import_final(
     # cut into `threads` key ranges of about equal bytes, each written by a thread of its own
     # (`_import_ranges`): a run's Python and another's zstd compression then run at once.
     if early is not None and not early.unchanged(lsn):
+        if early_only:
+            raise CorruptData(f"import of {datadir}: its relation files' early layers do not "
+                              "stand for the final directory (a member twice?)")  # fmt: skip
         early.abort()  # the slow way, as if nothing had been imported early
         early = None
     ranges = _key_ranges(datadir, threads) if early is None else early.gaps()

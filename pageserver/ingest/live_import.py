@@ -278,15 +278,29 @@ class EarlyImport:
         self._announced.append(key_range)
         return key_range
 
+    def run(self, timeline: Timeline, key_range: KeyRange) -> ImageRunWriter:
+        """The run writing an announced file's layers (removed by `abort`)."""
+        run = ImageRunWriter(timeline.directory, self.lsn, import_settings(timeline.settings),
+                             timeline.cache, key_range)  # fmt: skip
+        with self._lock:
+            self._runs.append(run)
+        return run
+
+    def written(self, path: Path, key_range: KeyRange, layers: list[ImageLayer],
+                st: os.stat_result) -> None:  # fmt: skip
+        """An announced file's layers are written: the file (as `st` says, what its writer
+        left; it must be so when the directory is final) stands for its pages."""
+        with self._lock:
+            self.layers += layers
+            self.files.append(EarlyFile(path, key_range, st))
+            self.extracted[path] = _identity(st)
+
     def add(
         self, timeline: Timeline, journal: _Journal, path: Path, size: int, key_range: KeyRange
     ) -> None:
         """Write the layers of an announced file's pages as they arrive (on a thread of
         receive_early's pool, beside the other files')."""
-        run = ImageRunWriter(timeline.directory, self.lsn, import_settings(timeline.settings),
-                             timeline.cache, key_range)  # fmt: skip
-        with self._lock:
-            self._runs.append(run)
+        run = self.run(timeline, key_range)
         whole: list[os.stat_result] = []
         first = key_range.start
         for blkno, chunk in journal.pages(path, size, whole):

@@ -1,0 +1,150 @@
+"""Import a whole `.neon` snapshot file read here, without its big relation files ever being
+written as files.
+
+Why: a pull unpacked the file's tar into a data directory (the CLI wrote ~1 GiB for a 1 GiB
+database: most of its CPU was the kernel copying it into the page cache), and the pageserver
+read the big relation files back to write their image layers (cli/live_import.py). Here the
+pageserver reads the file itself and its relation segment files of EARLY_BYTES or more (a
+database's bulk) go from the decompressed frames straight to image layers; every other
+member is extracted into the data directory as before (cli/untar.py: the same checks of
+every member), the big ones as files of their size holding no data (sparse), so that the
+directory's sizes are right. Once the whole file checked out, the directory is imported
+with those layers standing for the big files (import_datadir's `_import_final`, as a live
+import's early layers), and never read whole: the big files hold nothing to read.
+
+Trust: each frame's SHA-256 is checked before a byte of it is used (snapfile.reader), and the
+import becomes a snapshot only once the whole file checked out (checksums.json at its end),
+the manifest is the one the caller read (its origin), and the directory is a cleanly shut
+down one. Anything else fails the import: the caller deletes the timeline, so nothing shows.
+A member that comes twice where one of them is a big relation file fails it too (its layers
+would not be the final file's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pageserver.ingest.import_datadir import IMPORT_THREADS, _import_final, check_empty
+from pageserver.ingest.live_import import EarlyImport
+from pageserver.ingest.live_journal import early_candidate, file_key
+from pageserver.storage.keys import Key, KeyRange
+from pageserver.storage.layers.image import ImageRunWriter
+from pageserver.storage.timeline import Timeline
+from pg15.constants import BLCKSZ
+from pg15.pg_control import DB_SHUTDOWNED, read_control_file
+from proto.errors import CorruptData
+
+_READ_BYTES = 1 << 20
+
+
+class _Pages:
+    """A big relation file's data, taken in whatever pieces the tar comes in, to its run of
+    image layers as whole pages (cli.untar's Diverted)."""
+
+    def __init__(
+        self, early: EarlyImport, run: ImageRunWriter, path: Path, key_range: KeyRange, size: int
+    ) -> None:  # fmt: skip
+        self._early, self._run, self._path = early, run, path
+        self._range, self._size = key_range, size
+        self._first = int.from_bytes(key_range.start[-4:])
+        self._prefix = key_range.start[:-4]
+        self._done = 0  # bytes passed on to the run
+        self._rest = bytearray()  # a page begun in one piece, to end in the next
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if self._rest:
+            take = BLCKSZ - len(self._rest)
+            self._rest += view[:take]
+            view = view[take:]
+            if len(self._rest) < BLCKSZ:
+                return
+            self._add(bytes(self._rest))
+            self._rest = bytearray()
+        whole = len(view) // BLCKSZ * BLCKSZ
+        if whole:
+            self._add(bytes(view[:whole]))
+        self._rest += view[whole:]
+
+    def _add(self, pages: bytes) -> None:
+        block = self._first + self._done // BLCKSZ
+        self._run.add_pages(Key(self._prefix + block.to_bytes(4)), pages)
+        self._done += len(pages)
+
+    def end(self, st: os.stat_result) -> None:
+        if self._rest or self._done != self._size or st.st_size != self._size:
+            raise CorruptData(f"tar member {self._path.name!r} ended short of its size")
+        self._early.written(self._path, self._range, self._run.finish(), st)
+
+
+class _Diverter:
+    """Which members go to image layers (cli.untar's Divert): big relation segment files,
+    once the manifest gave the LSN of their layers."""
+
+    def __init__(self, timeline: Timeline, pgdata: Path) -> None:
+        self._timeline, self._pgdata = timeline, pgdata
+        self.early: EarlyImport | None = None
+        self._names: set[str] = set()
+        self._diverted: set[str] = set()
+
+    def divert(self, name: str, size: int) -> _Pages | None:
+        if name in self._diverted or (name in self._names and early_candidate(name, size)):
+            raise CorruptData(f"tar member {name!r} comes twice")
+        self._names.add(name)
+        key = file_key(name)
+        if self.early is None or key is None or not early_candidate(name, size):
+            return None
+        key_range = self.early.announce(size, key)
+        if key_range is None:
+            raise CorruptData(f"tar member {name!r} overlaps another relation file")
+        self._diverted.add(name)
+        run = self.early.run(self._timeline, key_range)
+        return _Pages(self.early, run, self._pgdata / name, key_range, size)
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, _READ_BYTES):
+            yield chunk
+
+
+def import_neon_file(
+    timeline: Timeline, path: Path, pgdata: Path, label: str, origin: str | None
+) -> int:
+    """Import the whole `.neon` file at `path` into the empty root `timeline`, extracting
+    its small members into `pgdata` (absent or empty); returns the import LSN. `origin`: the
+    `origin_of` the manifest the caller read (refused if the file's differs)."""
+    # The CLI's reader and extractor, run here: the same checks as a CLI's extraction.
+    from cli.snapshot_file_source import check_control, check_manifest, verified_tar
+    from cli.untar import extract_stream
+    from snapfile.manifest import Manifest, origin_of
+
+    check_empty(timeline)
+    diverter = _Diverter(timeline, pgdata)
+    seen: list[Manifest] = []
+
+    def on_manifest(manifest: Manifest) -> None:
+        check_manifest(manifest, label)
+        if origin is not None and origin_of(manifest) != origin:
+            raise CorruptData(f"{label} changed while it was read (its manifest differs)")
+        seen.append(manifest)
+        diverter.early = EarlyImport(manifest.lsn)
+
+    try:
+        tar = verified_tar(_file_chunks(path), label, on_manifest)
+        asyncio.run(extract_stream(tar, pgdata, divert=diverter.divert))
+        [manifest] = seen
+        check_control(pgdata, manifest, label)
+        control = read_control_file(pgdata)
+        if (pgdata / "backup_label").exists() or control.state != DB_SHUTDOWNED:
+            raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
+        return _import_final(
+            timeline, pgdata, None, IMPORT_THREADS, diverter.early, early_only=True
+        )
+    except BaseException:
+        if diverter.early is not None:
+            diverter.early.abort()
+        raise

@@ -1,0 +1,130 @@
+"""A whole `.neon` file imported by the pageserver itself (pageserver/ingest/import_neon.py):
+its big relation files go from the decompressed frames to image layers and are never written
+as files. The state is a plain import's of the directory the file holds (equal basebackup
+tars), pages cut across frames included; the big files are left holding no data; a damaged,
+cut or hostile file, a big member twice or another manifest fail with no layer left."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pageserver.ingest import import_datadir as imp
+from pageserver.ingest import live_journal
+from pageserver.ingest.import_neon import import_neon_file
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.pg_control import read_control_file
+from proto.errors import CorruptData
+from snapfile.manifest import Manifest, origin_of
+from snapfile.writer import write_snapshot_file
+from tests.pageserver.ingest.test_import_threads import (
+    BIG_PAGES,
+    SETTINGS,
+    basebackup_digest,
+    big_file,
+    datadir,  # noqa: F401 (the fixture)
+    imported_tar,
+    tiling_images,
+)
+from tests.snapfile.snapfile_helpers import make_manifest
+
+FRAME = 5 * 4096  # not whole pages: pages are cut across frames
+
+
+def tar_of(root: Path, extra: list[tuple[str, bytes]] = ()) -> bytes:  # type: ignore[assignment]
+    """The directory as a basebackup tar (relative names), then `extra` members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            tar.add(path, str(path.relative_to(root)), recursive=False)
+        for name, data in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def neon_file(root: Path, out: Path, tar: bytes | None = None) -> Manifest:
+    """`out`: a `.neon` file of `tar` (default: `root`'s), its manifest `root`'s."""
+    manifest = make_manifest(
+        frame_size=FRAME,
+        system_identifier=read_control_file(root).system_identifier,
+        lsn=imp.import_lsn_of(root) - 0x1000,
+    )
+    with out.open("wb") as f:
+        write_snapshot_file(f, manifest, [tar_of(root) if tar is None else tar])
+    return manifest
+
+
+@pytest.fixture(autouse=True)
+def small_early_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relation files from 64 KiB on go to layers: the big one and several catalogs."""
+    monkeypatch.setattr(live_journal, "EARLY_BYTES", 64 * 1024)
+
+
+def imported(path: Path, work: Path, origin: str | None) -> tuple[str, int, int]:
+    """Import the file: its basebackup tar's SHA-256, the import LSN and how many layers
+    lie below it (the diverted files')."""
+    store = TimelineStore(work / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        lsn = import_neon_file(timeline, path, work / "pgdata", str(path), origin)
+        layers = tiling_images(timeline)
+        return basebackup_digest(timeline, lsn), lsn, len([x for x in layers if x.lsn < lsn])
+    finally:
+        store.close()
+
+
+def test_the_state_is_the_directorys_and_big_files_are_never_written(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.neon"
+    manifest = neon_file(datadir, path)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    work = tmp_path / "work"
+    digest, lsn, early = imported(path, work, origin_of(manifest))
+    assert digest == plain
+    assert lsn == imp.import_lsn_of(datadir) and early >= 2
+    left = big_file(work / "pgdata")  # its size, for the directory's sizes; no data
+    assert left.stat().st_size == BIG_PAGES * 8192 and left.stat().st_blocks == 0
+
+
+def layer_files(work: Path) -> list[Path]:
+    return [p for p in (work / "store").rglob("*") if p.is_file() and "__" in p.name]
+
+
+@pytest.mark.parametrize("case", ["twice", "hostile", "flipped", "cut", "origin"])
+def test_a_bad_file_fails_and_leaves_no_layer(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+    case: str,
+) -> None:
+    path = tmp_path / "x.neon"
+    big = str(big_file(datadir).relative_to(datadir))
+    extra = {
+        "twice": [(big, bytes(BIG_PAGES * 8192))],
+        "hostile": [("../escape", b"x")],
+    }.get(case, [])
+    manifest = neon_file(datadir, path, tar_of(datadir, extra))
+    data = bytearray(path.read_bytes())
+    if case == "flipped":
+        data[len(data) * 3 // 4] ^= 0x20
+    elif case == "cut":
+        del data[len(data) * 3 // 4 :]
+    path.write_bytes(data)
+    origin = origin_of(manifest) if case != "origin" else origin_of(make_manifest())
+    work = tmp_path / "work"
+    expected = {
+        "twice": "comes twice",
+        "hostile": "refusing tar member '../escape'",
+        "origin": "changed while it was read",
+    }.get(case, str(path))
+    with pytest.raises(CorruptData, match=re.escape(expected)):
+        imported(path, work, origin)
+    assert layer_files(work) == []
+    assert not (work / "pgdata").exists()
