@@ -95,18 +95,25 @@ def read_pid_file(datadir: Path) -> int | None:
     """The PID on postmaster.pid's first line, None without a usable one. Read through
     cli/pg_files.py (the CLI may be root, the directory PostgreSQL's account's): a link
     there to a FIFO hung the read, one to /dev/zero made it read until memory ran out."""
+    lines = _pid_file_lines(datadir)
     try:
-        # Any owner's: a cluster another account runs (snapshot import checks it is stopped).
-        raw = read_pg_file(datadir, "postmaster.pid", limit=PID_FILE_LIMIT, any_owner=True)
-        if raw is None:
-            return None
-        return int(raw.decode().splitlines()[0].strip())
-    except (OSError, CorruptData, UnicodeDecodeError, IndexError, ValueError):
+        return None if not lines else int(lines[0].strip())
+    except ValueError:
         return None
 
 
 PID_FILE_LIMIT = 4096
 """postmaster.pid holds eight short lines (PostgreSQL's miscadmin.h, LOCK_FILE_LINE_*)."""
+
+
+def _pid_file_lines(datadir: Path) -> list[str] | None:
+    """postmaster.pid's lines, None if it is missing or unreadable (see read_pid_file)."""
+    try:
+        # Any owner's: a cluster another account runs (snapshot import checks it is stopped).
+        raw = read_pg_file(datadir, "postmaster.pid", limit=PID_FILE_LIMIT, any_owner=True)
+        return None if raw is None else raw.decode().splitlines()
+    except (OSError, CorruptData, UnicodeDecodeError):
+        return None
 
 
 def _is_our_postmaster(pid: int, datadir: Path) -> bool:
@@ -234,11 +241,8 @@ def _ready(datadir: Path, pid: int, started: float) -> bool:
     left by a killed server can name the same PID (a container's PIDs repeat after a
     restart), and its "ready" is not this server's (the new postmaster overwrites a lock
     file naming its own PID: CreateLockFile, src/backend/utils/init/miscinit.c)."""
-    try:
-        lines = (datadir / "postmaster.pid").read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return False
-    if len(lines) < _PID_FILE_STATUS_LINE or lines[0].strip() != str(pid):
+    lines = _pid_file_lines(datadir)
+    if lines is None or len(lines) < _PID_FILE_STATUS_LINE or lines[0].strip() != str(pid):
         return False
     try:
         if int(lines[_PID_FILE_START_LINE - 1]) < int(started) - _START_TIME_SLOP:

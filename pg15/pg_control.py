@@ -7,6 +7,8 @@ offset 288. Offsets used here are named below.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +133,17 @@ def for_standby(control: bytes, min_recovery_point: int, min_recovery_tli: int) 
 
 
 def read_control_file(datadir: Path) -> ControlFile:
+    """global/pg_control of `datadir`: its name opened without following a link, a regular
+    file only, its CONTROL_FILE_SIZE bytes at most. The CLI, maybe root, reads it in a
+    directory PostgreSQL's account owns: a link there to /dev/zero was read until memory
+    ran out, one to a FIFO hung the read."""
     path = datadir / "global" / "pg_control"
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptData(f"{path} is not a regular file")
+            data = f.read(CONTROL_FILE_SIZE)
     except OSError as exc:
         raise CorruptData(f"cannot read {path}: {exc.strerror}") from None
     return parse_control_file(data, str(path))

@@ -19,6 +19,7 @@ from cli.nodes import copy_config_files
 from cli.pg_files import read_pg_file, write_pg_file
 from cli.pgbin import pg_os_user
 from cli.slot_file import write_physical_slot
+from pg15.pg_control import read_control_file
 from proto.errors import CorruptData
 
 SECRET = "root's own secret\n"
@@ -202,3 +203,37 @@ def test_the_pid_file_is_read_neither_through_a_link_nor_without_end(datadir: Pa
         f.truncate(1 << 40)
     with pytest.raises(CorruptData, match=r"postgresql\.conf is 1099511627776 bytes, more than"):
         read_pg_file(datadir, "postgresql.conf")
+
+
+def test_pg_control_is_read_neither_through_a_link_nor_without_end(datadir: Path) -> None:
+    """global/pg_control, read by root's status, checkout and import: a link to a FIFO hung
+    the read, one to /dev/zero read until memory ran out."""
+    control = datadir / "global" / "pg_control"
+    fifo = datadir.parent / "fifo"
+    os.mkfifo(fifo)
+    control.symlink_to(fifo)
+    result: list[object] = []
+
+    def read() -> None:
+        try:
+            read_control_file(datadir)
+        except CorruptData as exc:
+            result.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    hung = reader.is_alive()
+    if hung:  # release it before failing (and before the /dev/zero link below)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert not hung, "a FIFO at global/pg_control hung the read"
+    assert "symbolic links" in str(result[0])
+    control.unlink()
+    control.symlink_to("/dev/zero")
+    with pytest.raises(CorruptData, match="cannot read"):
+        read_control_file(datadir)
+    control.unlink()
+    os.mkfifo(control)
+    with pytest.raises(CorruptData, match="is not a regular file"):
+        read_control_file(datadir)
