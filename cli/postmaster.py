@@ -95,24 +95,29 @@ def read_pid_file(datadir: Path) -> int | None:
     """The PID on postmaster.pid's first line, None without a usable one. Read through
     cli/pg_files.py (the CLI may be root, the directory PostgreSQL's account's): a link
     there to a FIFO hung the read, one to /dev/zero made it read until memory ran out."""
-    lines = _pid_file_lines(datadir)
-    try:
-        return None if not lines else int(lines[0].strip())
-    except ValueError:
-        return None
+    return _lock_file_pid(datadir, "postmaster.pid")
 
 
 PID_FILE_LIMIT = 4096
 """postmaster.pid holds eight short lines (PostgreSQL's miscadmin.h, LOCK_FILE_LINE_*)."""
 
 
-def _pid_file_lines(datadir: Path) -> list[str] | None:
-    """postmaster.pid's lines, None if it is missing or unreadable (see read_pid_file)."""
+def _lock_file_lines(directory: Path, name: str) -> list[str] | None:
+    """The lines of a lock file PostgreSQL wrote (postmaster.pid, a socket's .lock: its
+    CreateLockFile), None if it is missing or unreadable (see read_pid_file)."""
     try:
         # Any owner's: a cluster another account runs (snapshot import checks it is stopped).
-        raw = read_pg_file(datadir, "postmaster.pid", limit=PID_FILE_LIMIT, any_owner=True)
+        raw = read_pg_file(directory, name, limit=PID_FILE_LIMIT, any_owner=True)
         return None if raw is None else raw.decode().splitlines()
     except (OSError, CorruptData, UnicodeDecodeError):
+        return None
+
+
+def _lock_file_pid(directory: Path, name: str) -> int | None:
+    lines = _lock_file_lines(directory, name)
+    try:
+        return None if not lines else int(lines[0].strip())
+    except ValueError:
         return None
 
 
@@ -241,7 +246,7 @@ def _ready(datadir: Path, pid: int, started: float) -> bool:
     left by a killed server can name the same PID (a container's PIDs repeat after a
     restart), and its "ready" is not this server's (the new postmaster overwrites a lock
     file naming its own PID: CreateLockFile, src/backend/utils/init/miscinit.c)."""
-    lines = _pid_file_lines(datadir)
+    lines = _lock_file_lines(datadir, "postmaster.pid")
     if lines is None or len(lines) < _PID_FILE_STATUS_LINE or lines[0].strip() != str(pid):
         return False
     try:
@@ -277,11 +282,9 @@ def remove_stale_locks(datadir: Path, socket_dir: Path, port: int, dead_pid: int
     PostgreSQL itself only checks that the PID is alive, and a killed postmaster can linger
     as a zombie under an init that reaps slowly.
     """
-    for lock in (datadir / "postmaster.pid", socket_dir / f".s.PGSQL.{port}.lock"):
-        try:
-            owner = int(lock.read_text().splitlines()[0].strip())
-        except (OSError, IndexError, ValueError):
-            continue
+    for directory, name in ((datadir, "postmaster.pid"), (socket_dir, f".s.PGSQL.{port}.lock")):
+        lock = directory / name
+        owner = _lock_file_pid(directory, name)  # both are PostgreSQL's account's to write
         if owner == dead_pid and not _is_our_postmaster(dead_pid, datadir):
             lock.unlink(missing_ok=True)
             if lock.name.endswith(".lock"):

@@ -198,6 +198,22 @@ def test_the_pid_file_is_read_neither_through_a_link_nor_without_end(datadir: Pa
     pid.write_text("4242\n/var/lib/x\n")
     os.chown(pid, pwd.getpwnam("nobody").pw_uid, -1)  # another account's cluster: still read
     assert postmaster.read_pid_file(datadir) == 4242
+    # remove_stale_locks reads the socket's lock file too, in PostgreSQL's socket directory.
+    sockets = datadir.parent / "run"
+    sockets.mkdir()
+    (sockets / ".s.PGSQL.5999.lock").symlink_to(fifo)
+    remover = threading.Thread(
+        target=postmaster.remove_stale_locks, args=(datadir, sockets, 5999, 4242), daemon=True
+    )
+    remover.start()
+    remover.join(5)
+    hung = remover.is_alive()
+    if hung:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        remover.join(10)
+    assert not hung, "a FIFO at the socket's lock file hung remove_stale_locks"
+    assert not pid.exists()  # it named 4242, no postmaster: removed, the FIFO's link kept
+    assert (sockets / ".s.PGSQL.5999.lock").is_symlink()
     conf = datadir / "postgresql.conf"
     with open(conf, "wb") as f:
         f.truncate(1 << 40)
