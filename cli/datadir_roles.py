@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cli.pg_files import read_pg_file
 from pageserver.reconstruct.catalog_reads import heap_items
 from pg15.catalogs import parse_relmap
 from pg15.constants import BLCKSZ
@@ -28,11 +29,19 @@ _COLUMNS = (Column("oid", "oid"), Column("rolname", "name"))
 
 
 def bootstrap_superuser(datadir: Path) -> str | None:
-    """The name of OID 10 in the directory's pg_authid, None when it cannot be read."""
+    """The name of OID 10 in the directory's pg_authid, None when it cannot be read. Both
+    files are read through cli/pg_files.py: the CLI, maybe root, reads a directory
+    PostgreSQL's account owns (a link there to a FIFO hung the read, to /dev/zero it read
+    until memory ran out)."""
     try:
-        relmap = parse_relmap((datadir / "global" / "pg_filenode.map").read_bytes())
-        data = (datadir / "global" / str(relmap.get(PG_AUTHID_OID, PG_AUTHID_OID))).read_bytes()
+        raw_map = read_pg_file(datadir, "global/pg_filenode.map")
+        if raw_map is None:
+            return None
+        authid = parse_relmap(raw_map).get(PG_AUTHID_OID, PG_AUTHID_OID)
+        data = read_pg_file(datadir, f"global/{authid}")
     except (OSError, CorruptData):
+        return None
+    if data is None:
         return None
     live: str | None = None
     other: str | None = None

@@ -66,7 +66,7 @@ from cli.storages import validate_name
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import SnapshotCreateRequest, SnapshotDestroyRequest, SnapshotShowRequest
 from pg15.lsn import format_lsn
-from pg15.pg_control import ControlFile, for_standby, parse_control_file
+from pg15.pg_control import ControlFile, for_standby, read_control_file
 from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE
 from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 
@@ -287,14 +287,13 @@ def _drop_seed_leftovers(app: App, primary: NodeRow) -> None:
 def _live_control_file(datadir: Path) -> ControlFile:
     """The running primary's pg_control: PostgreSQL rewrites it in one 8 KiB write
     (update_controlfile, src/common/controldata_utils.c); a read racing it fails its CRC and
-    is read again."""
-    path = datadir / "global" / "pg_control"
+    is read again. Read as read_control_file reads it (never through a link, 8 KiB)."""
     for _ in range(50):
         try:
-            return parse_control_file(path.read_bytes(), str(path))
+            return read_control_file(datadir)
         except CorruptData:
             time.sleep(0.02)
-    return parse_control_file(path.read_bytes(), str(path))
+    return read_control_file(datadir)
 
 
 def streaming_settings(app: App, primary: NodeRow, replica: ReplicaRow) -> dict[str, object]:

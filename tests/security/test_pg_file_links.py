@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cli import postmaster
+from cli import postmaster, replicas
+from cli.datadir_roles import bootstrap_superuser
 from cli.hints_mark import HINTS_MARK, hints_logged_from, write_mark
 from cli.nodes import copy_config_files
 from cli.pg_files import read_pg_file, write_pg_file
@@ -253,3 +254,31 @@ def test_pg_control_is_read_neither_through_a_link_nor_without_end(datadir: Path
     os.mkfifo(control)
     with pytest.raises(CorruptData, match="is not a regular file"):
         read_control_file(datadir)
+
+
+def test_catalog_reads_of_a_live_directory_never_hang(datadir: Path) -> None:
+    """pg_filenode.map and pg_authid (the bootstrap superuser's name, read by root for a
+    running server) and a primary's live pg_control (a replica's seed): links to a FIFO
+    hung them."""
+    fifo = datadir.parent / "fifo"
+    os.mkfifo(fifo)
+    (datadir / "global" / "pg_filenode.map").symlink_to(fifo)
+    (datadir / "global" / "pg_control").symlink_to(fifo)
+    result: list[object] = []
+
+    def read() -> None:
+        result.append(bootstrap_superuser(datadir))
+        try:
+            replicas._live_control_file(datadir)
+        except CorruptData as exc:
+            result.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(8)
+    hung = reader.is_alive()
+    while reader.is_alive():  # release each open before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(0.2)
+    assert not hung, "a FIFO in global/ hung a catalog read"
+    assert result[0] is None and isinstance(result[1], CorruptData)
