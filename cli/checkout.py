@@ -38,6 +38,7 @@ from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
 from cli.hints_mark import write_mark
 from cli.pageserver_control import local_api
+from cli.pg_files import read_pg_file, write_pg_file
 from cli.registry import NodeRow
 from cli.tablespace_restore import remove_left_locations, restore_own_locations
 from durable_files import fsync_dir, fsync_tree, write_file_durably
@@ -125,10 +126,12 @@ def _roll_forward(app: App, node: NodeRow) -> list[Path]:
 
 
 def _marker(datadir: Path) -> str | None:
+    # Through cli/pg_files.py, as _mark writes it: the directory is PostgreSQL's account's.
     try:
-        return (datadir / COMPLETE_MARKER).read_text()
-    except FileNotFoundError:
+        raw = read_pg_file(datadir, COMPLETE_MARKER)
+    except FileNotFoundError:  # no such directory (yet, or any more: the swap renames it)
         return None
+    return None if raw is None else raw.decode(errors="replace")
 
 
 def _seal(new: Path, journal: str) -> None:
@@ -138,7 +141,10 @@ def _seal(new: Path, journal: str) -> None:
 
 
 def _mark(datadir: Path, journal: str) -> None:
-    write_file_durably(datadir / COMPLETE_MARKER, journal.encode())
+    """The marker, durably, through cli/pg_files.py (O_EXCL temporary, never through a
+    link): the directory is PostgreSQL's account's, and a link it put at the temporary's
+    fixed name made root truncate and write the file the link named."""
+    write_pg_file(datadir, COMPLETE_MARKER, journal.encode())
 
 
 def _swap(node: NodeRow) -> None:

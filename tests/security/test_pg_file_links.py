@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cli import postmaster, replicas
+from cli import checkout, postmaster, replicas
+from cli.checkout import COMPLETE_MARKER
 from cli.datadir_roles import bootstrap_superuser
 from cli.hints_mark import HINTS_MARK, hints_logged_from, write_mark
 from cli.nodes import copy_config_files
 from cli.pg_files import read_pg_file, write_pg_file
 from cli.pgbin import pg_os_user
 from cli.slot_file import write_physical_slot
+from durable_files import TEMP_SUFFIX
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData
 
@@ -282,3 +284,23 @@ def test_catalog_reads_of_a_live_directory_never_hang(datadir: Path) -> None:
         reader.join(0.2)
     assert not hung, "a FIFO in global/ hung a catalog read"
     assert result[0] is None and isinstance(result[1], CorruptData)
+
+
+def test_the_checkout_marker_is_written_and_read_through_pg_files(
+    datadir: Path, victim: Path
+) -> None:
+    """A checkout seals a directory with a marker (in place: the node's own directory): a
+    link PostgreSQL's account put at the marker's fixed temporary name made root truncate
+    and write the file it named."""
+    journal = '{"snapshot": "pgdata1@s1"}'
+    (datadir / (COMPLETE_MARKER + TEMP_SUFFIX)).symlink_to(victim)
+    (datadir / (COMPLETE_MARKER + ".tmp")).symlink_to(victim)
+    checkout._mark(datadir, journal)
+    _untouched(victim)
+    _pg_owned_file(datadir / COMPLETE_MARKER)
+    assert checkout._marker(datadir) == journal
+    assert checkout._marker(datadir / "missing") is None
+    (datadir / COMPLETE_MARKER).unlink()
+    (datadir / COMPLETE_MARKER).symlink_to(victim)
+    with pytest.raises(CorruptData, match="is not a regular file"):
+        checkout._marker(datadir)
