@@ -8,7 +8,9 @@ archive and the page store alike, so it belongs to none of them.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,15 +36,24 @@ def fsync_dir(path: Path) -> None:
 def fsync_tree(root: Path) -> None:
     """Make a whole directory tree durable in one bottom-up walk: each directory's files, then
     the directory itself (after its subdirectories), `root` last. Symbolic links are not
-    followed (their own entry is made durable by their directory's fsync)."""
+    followed (their own entry is made durable by their directory's fsync), nor FIFOs or
+    sockets waited on or fsynced (O_NONBLOCK; only regular files hold data): the CLI, maybe
+    root, makes PostgreSQL's account's data directory durable, and a FIFO that account put
+    in it hung the open."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.islink(path):
                 continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
-                os.fsync(fd)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link now; a socket
+                    continue
+                raise
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))

@@ -21,7 +21,7 @@ from cli.nodes import copy_config_files
 from cli.pg_files import read_pg_file, write_pg_file
 from cli.pgbin import pg_os_user
 from cli.slot_file import write_physical_slot
-from durable_files import TEMP_SUFFIX
+from durable_files import TEMP_SUFFIX, fsync_tree
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData
 
@@ -304,3 +304,19 @@ def test_the_checkout_marker_is_written_and_read_through_pg_files(
     (datadir / COMPLETE_MARKER).symlink_to(victim)
     with pytest.raises(CorruptData, match="is not a regular file"):
         checkout._marker(datadir)
+
+
+def test_making_the_directory_durable_skips_a_fifo(datadir: Path) -> None:
+    """fsync_tree (a checkout seals the node's directory, or the rebuilt one): a FIFO
+    PostgreSQL's account put in it hung the open."""
+    fifo = datadir / "global" / "fifo"
+    os.mkfifo(fifo)
+    (datadir / "global" / "pg_control").write_bytes(b"x" * 8192)
+    syncer = threading.Thread(target=fsync_tree, args=(datadir,), daemon=True)
+    syncer.start()
+    syncer.join(5)
+    hung = syncer.is_alive()
+    while syncer.is_alive():  # release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        syncer.join(0.2)
+    assert not hung, "a FIFO in the directory hung fsync_tree"
