@@ -23,15 +23,25 @@ after it): once the swap is durable its files at L/PG_15_202209061 belong to no 
 the node will ever run on, so they are removed, as DROP TABLESPACE would (L itself stays,
 the user's directory); the page history keeps them in PG@HEAD{i}, and a checkout back to
 that has the tablespace in place (the node no longer links to L). The checkout says so.
+
+L is read from a symlink in the data directory, which PostgreSQL's account can point
+anywhere; the CLI may be root. So L is resolved, and written or removed only if PostgreSQL's
+account owns it (as PostgreSQL requires of a tablespace location: create_tablespace_directories
+in src/backend/commands/tablespace.c chmods it, which only its owner may) and its version
+directory is not a link: a link to /etc there made root empty a directory of that name in any
+place, or move the tablespace's files into one (`_location`). Else the tablespace stays in
+place, or its files where they are.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from cli.pgbin import pg_os_user
 from durable_files import fsync_dir, fsync_tree
 from pageserver_api.models import TablespaceLocation
 from pg15.datadir_layout import TABLESPACE_VERSION_DIRECTORY
@@ -54,8 +64,8 @@ def restore_own_locations(
         if own is None:
             continue
         in_place = rebuilt / "pg_tblspc" / str(ts.oid)
-        location = Path(own)
-        if not location.is_absolute() or not location.is_dir():
+        location = _location(own)
+        if location is None:
             continue  # not a location PostgreSQL made (or it is gone): stays in place
         target = location / TABLESPACE_VERSION_DIRECTORY
         # The node's files of the state being left: the page history has them as HEAD{i}.
@@ -84,9 +94,32 @@ def remove_left_locations(old: Path, live: Path | None) -> list[Path]:
         location = own_location(old, int(entry.name))
         if location is None or (live and own_location(live, int(entry.name)) == location):
             continue
-        target = Path(location) / TABLESPACE_VERSION_DIRECTORY
+        resolved = _location(location)
+        if resolved is None:
+            continue
+        target = resolved / TABLESPACE_VERSION_DIRECTORY
         if target.is_dir():
             shutil.rmtree(target)
-            fsync_dir(Path(location))
-            removed.append(target)
+            fsync_dir(resolved)
+            removed.append(Path(location) / TABLESPACE_VERSION_DIRECTORY)
     return removed
+
+
+def _location(own: str) -> Path | None:
+    """The tablespace location `own` (a pg_tblspc link's target) resolved, if this command
+    may write and remove its version directory: an absolute path to a directory, owned by
+    PostgreSQL's account when we run as root, whose version directory is not a link (see the
+    module docstring); else None."""
+    if not Path(own).is_absolute():
+        return None
+    location = Path(os.path.realpath(own))
+    try:
+        st = os.stat(location)
+    except OSError:
+        return None
+    user = pg_os_user()
+    if not stat.S_ISDIR(st.st_mode) or (user is not None and st.st_uid != user.uid):
+        return None
+    if (location / TABLESPACE_VERSION_DIRECTORY).is_symlink():
+        return None
+    return location
