@@ -3,9 +3,11 @@ itself (pageserver/ingest/import_neon.py), so that the data directory's big rela
 are never written out and read back (that was most of a pull's CPU: the CLI's kernel copying
 a GiB into the page cache, the pageserver reading it again).
 
-The CLI makes the file local first: a local file is given as it is; a remote one is fetched
-(through the pull's spool, cli/transport/spool.py) into the import's private work directory
-as it is, compressed (the 1 GiB pgbench database of bench.exchange is a 47 MiB file). The
+The file must be local: a local file is given as it is; a remote one is fetched (through the
+pull's spool, cli/transport/spool.py) into the import's private work directory as it is,
+compressed (the 1 GiB pgbench database of bench.exchange is a 47 MiB file), and the
+pageserver reads it as it grows (until a `.done` file beside it; `.failed`: the fetch gave
+up, and the import with it). The
 pageserver verifies every frame before using it and the whole file before anything becomes
 visible. A delta file keeps its own way (cli/snapshot_file_source.py), as does anything that
 is not a `.neon` file.
@@ -14,8 +16,11 @@ is not a `.neon` file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from cli.progress import Progress
 from cli.snapshot_file_source import chained, check_manifest, peek_manifest
@@ -27,6 +32,10 @@ from snapfile.manifest import Manifest, origin_of
 from snapfile.reader import read_manifest
 
 FETCHED_NAME = "fetched.neon"
+DONE_SUFFIX, FAILED_SUFFIX = ".done", ".failed"
+"""Beside a file being fetched: the fetch ended, or gave up (pageserver/ingest/import_neon.py)."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,16 +45,22 @@ class LocalNeonFile:
     """The source's URL (errors name it)."""
     origin: str
     """`origin_of` its manifest."""
+    fetching: bool = False
+    """Still being written here (a remote file: the import reads it as it arrives)."""
 
 
-def local_whole_file(source: str, workdir: Path, progress: Progress) -> LocalNeonFile | None:
-    """The whole `.neon` file at `source` (a path or URL) as a local file, fetched into
-    `workdir` if it is remote; None for a delta (or a file whose manifest is not found: the
-    other way reports why)."""
-    return asyncio.run(_local(source, workdir, progress))
+Send = Callable[[LocalNeonFile], T]
+"""The import request for a local file (blocking: run on a thread of its own)."""
 
 
-async def _local(source: str, workdir: Path, progress: Progress) -> LocalNeonFile | None:
+def import_whole_file(source: str, workdir: Path, progress: Progress, send: Send[T]) -> T | None:
+    """Import the whole `.neon` file at `source` (a path or URL) through `send`: a local
+    file as it is; a remote one fetched into `workdir`, the import reading it as it grows.
+    None for a delta, or when the file's manifest is not found (the other way says why)."""
+    return asyncio.run(_import(source, workdir, progress, send))
+
+
+async def _import(source: str, workdir: Path, progress: Progress, send: Send[T]) -> T | None:
     location = parse_location(source)
     label = location.url
     if isinstance(location.store, FileStore):
@@ -58,19 +73,41 @@ async def _local(source: str, workdir: Path, progress: Progress) -> LocalNeonFil
             return None
         size = path.stat().st_size
         progress.update(size, size)
-        return LocalNeonFile(path, label, origin_of(manifest))
+        return await asyncio.to_thread(send, LocalNeonFile(path, label, origin_of(manifest)))
     chunks = read_object(location, progress.update)
     try:
         head, first = await peek_manifest(chunks, label)
         if head is None or not _whole(head, label):
             return None
         target = workdir / FETCHED_NAME
-        with target.open("xb") as out:
-            async for chunk in chained(first, chunks):
-                out.write(chunk)
-        return LocalNeonFile(target, label, origin_of(head))
+        with target.open("xb", buffering=0) as out:
+            whole = LocalNeonFile(target, label, origin_of(head), fetching=True)
+            request = asyncio.ensure_future(asyncio.to_thread(send, whole))
+            try:
+                async for chunk in chained(first, chunks):
+                    if request.done():  # it failed (it cannot end before the fetch)
+                        await request
+                        raise AssertionError("the import ended before its file was fetched")
+                    _write_all(out, chunk)
+            except BaseException:
+                _mark(target, FAILED_SUFFIX)
+                with contextlib.suppress(BaseException):
+                    await request
+                raise
+        _mark(target, DONE_SUFFIX)
+        return await request
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _write_all(out: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) or 0 :]
+
+
+def _mark(target: Path, suffix: str) -> None:
+    Path(f"{target}{suffix}").touch(0o600)
 
 
 def _whole(manifest: Manifest, label: str) -> bool:

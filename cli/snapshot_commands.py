@@ -201,7 +201,7 @@ def import_snapshot(
     native storage `storage`; nothing is visible unless the whole import succeeded."""
     from cli.delta_import import parent_here
     from cli.live_import import LiveImport
-    from cli.neon_file_import import local_whole_file
+    from cli.neon_file_import import LocalNeonFile, import_whole_file
     from cli.snapshot_file_source import is_neon_source
     from cli.snapshot_import import import_workdir, prepare_clean_datadir
 
@@ -210,14 +210,17 @@ def import_snapshot(
     try:
         with import_workdir(storage_path) as workdir:
             if not tablespace_mapping and is_neon_source(source):  # the pageserver reads it
-                whole = local_whole_file(source, workdir, progress)
-                if whole is not None:
-                    progress.close()
-                    whole_request = SnapshotImportRequest(
+
+                def send(whole: LocalNeonFile) -> SnapshotInfo:
+                    request = SnapshotImportRequest(
                         name, str(workdir / "pgdata"), str(storage_path / HISTORY_DIR),
-                        whole.origin, str(whole.path), whole.label,
+                        whole.origin, str(whole.path), whole.label, whole.fetching,
                     )  # fmt: skip
-                    return api.snapshot_import(whole_request)
+                    return api.snapshot_import(request)
+
+                imported = import_whole_file(source, workdir, progress, send)
+                if imported is not None:
+                    return imported
             live: LiveImport[SnapshotInfo] = LiveImport(
                 workdir / "pgdata",
                 lambda pgdata, origin: register_import(api, name, pgdata, storage_path, origin),

@@ -652,6 +652,9 @@ class SnapshotImportRequest(ApiRequest):
     pageserver: `datadir` (absent or empty) then gets its small files; `origin` must be its."""
     label: str | None = None
     """How errors name `neon_file` (its URL)."""
+    fetching: bool = False
+    """`neon_file` is still being written by the caller (a fetch): read as it grows, until
+    `<neon_file>.done` (or `.failed`: the import fails) appears beside it."""
 
 
 @method("snapshot.import_delta", SnapshotInfo)

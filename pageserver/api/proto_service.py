@@ -125,7 +125,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def snapshot_import(ctx: RequestContext, req: m.SnapshotImportRequest) -> m.SnapshotInfo:
         snap = await ps.import_snapshot(
             req.name, Path(req.datadir), Path(req.store_dir), lambda: ctx.client_left, req.origin,
-            None if req.neon_file is None else Path(req.neon_file), req.label,
+            None if req.neon_file is None else Path(req.neon_file), req.label, req.fetching,
         )  # fmt: skip
         return m.SnapshotInfo(**asdict(snap))
 

@@ -356,13 +356,15 @@ class Pageserver:
     async def import_snapshot(
         self, name: str, datadir: Path, store_dir: Path, abandoned: Callable[[], bool],
         origin: str | None = None, neon_file: Path | None = None, label: str | None = None,
+        fetching: bool = False,
     ) -> Snapshot:  # fmt: skip
         """Import a cleanly shut-down data directory as snapshot `name` on a new root timeline
         of the storage; on any failure, or if the caller is gone by the end (`abandoned`: an
         interrupted `snapshot import`), the timeline is deleted and no snapshot appears.
         `origin`: the manifest of the `.neon` file it came from (see Snapshot.origin); with
         `neon_file`, that whole file is read here, its small files extracted into `datadir`
-        (pageserver/ingest/import_neon.py; `label` names it in errors)."""
+        (pageserver/ingest/import_neon.py; `label` names it in errors; `fetching`: the
+        caller is still writing it)."""
         check_import_name(name)
         self._check_name_free(name)
         if neon_file is not None and datadir.parent.parent != store_dir.parent:
@@ -373,12 +375,13 @@ class Pageserver:
         timeline = history.timelines.create_timeline(importing=True)
         self.imported_roots.remember(store_dir)
         if neon_file is not None:
-            from pageserver.ingest.import_neon import import_neon_file
+            from pageserver.ingest.import_neon import NeonSource, import_neon_file
 
             path, shown = neon_file, label or str(neon_file)
 
             def write(t: Timeline) -> int:
-                return import_neon_file(t, path, datadir, shown, origin)
+                source = NeonSource(path, shown, fetching, abandoned)
+                return import_neon_file(t, source, datadir, origin)
         else:
 
             def write(t: Timeline) -> int:

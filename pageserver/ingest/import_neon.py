@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pageserver.ingest.import_datadir import IMPORT_THREADS, _import_final, check_empty
@@ -35,7 +36,7 @@ from pageserver.storage.layers.image import ImageRunWriter
 from pageserver.storage.timeline import Timeline
 from pg15.constants import BLCKSZ
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
-from proto.errors import CorruptData
+from proto.errors import CorruptData, Unavailable
 
 _READ_BYTES = 1 << 20
 
@@ -105,16 +106,48 @@ class _Diverter:
         return _Pages(self.early, run, self._pgdata / name, key_range, size)
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := await asyncio.to_thread(f.read, _READ_BYTES):
-            yield chunk
+DONE_SUFFIX, FAILED_SUFFIX = ".done", ".failed"
+POLL_SECONDS = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class NeonSource:
+    path: Path
+    label: str
+    """How errors name it (its URL)."""
+    fetching: bool = False
+    """The caller still writes it: read as it grows until `<path>.done` appears beside it
+    (`.failed`: the caller gave up)."""
+    abandoned: Callable[[], bool] = lambda: False
+    """Whether the caller is gone (then a growing file never ends)."""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The file's bytes; for a file being fetched, as they are written."""
+        with self.path.open("rb") as f:
+            while True:
+                chunk = await asyncio.to_thread(f.read, _READ_BYTES)
+                if chunk:
+                    yield chunk
+                elif not self.fetching or self._ended():
+                    if chunk := await asyncio.to_thread(f.read, _READ_BYTES):
+                        yield chunk  # written before the marker, after the read above
+                        continue
+                    return
+                else:
+                    await asyncio.sleep(POLL_SECONDS)
+
+    def _ended(self) -> bool:
+        """The fetch ended (done); raises if it failed or its caller is gone."""
+        base = str(self.path)
+        if os.path.exists(base + FAILED_SUFFIX) or self.abandoned():
+            raise Unavailable(f"the fetch of {self.label} was given up")
+        return os.path.exists(base + DONE_SUFFIX)
 
 
 def import_neon_file(
-    timeline: Timeline, path: Path, pgdata: Path, label: str, origin: str | None
+    timeline: Timeline, source: NeonSource, pgdata: Path, origin: str | None
 ) -> int:
-    """Import the whole `.neon` file at `path` into the empty root `timeline`, extracting
+    """Import the whole `.neon` file `source` into the empty root `timeline`, extracting
     its small members into `pgdata` (absent or empty); returns the import LSN. `origin`: the
     `origin_of` the manifest the caller read (refused if the file's differs)."""
     # The CLI's reader and extractor, run here: the same checks as a CLI's extraction.
@@ -126,6 +159,8 @@ def import_neon_file(
     diverter = _Diverter(timeline, pgdata)
     seen: list[Manifest] = []
 
+    label = source.label
+
     def on_manifest(manifest: Manifest) -> None:
         check_manifest(manifest, label)
         if origin is not None and origin_of(manifest) != origin:
@@ -134,7 +169,7 @@ def import_neon_file(
         diverter.early = EarlyImport(manifest.lsn)
 
     try:
-        tar = verified_tar(_file_chunks(path), label, on_manifest)
+        tar = verified_tar(source.chunks(), label, on_manifest)
         asyncio.run(extract_stream(tar, pgdata, divert=diverter.divert))
         [manifest] = seen
         check_control(pgdata, manifest, label)

@@ -1,15 +1,20 @@
-"""Which `.neon` files the pageserver reads itself (cli/neon_file_import.py): a whole local
-file as it is; a whole remote one fetched byte for byte (through a cut connection too) into
-the work directory; a delta, or a path that is no file, left to the other way (None)."""
+"""How a whole `.neon` file reaches the pageserver that reads it (cli/neon_file_import.py):
+a local file as it is (absolute); a remote one fetched byte for byte (through a cut
+connection too) while the import reads it as it grows, a fetch that fails marked so that the
+import ends too; a delta, or a path that is no file, left to the other way (None)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from cli.neon_file_import import FETCHED_NAME, local_whole_file
+from cli.neon_file_import import FETCHED_NAME, LocalNeonFile, import_whole_file
 from cli.progress import Progress
+from cli.transport import base
+from pageserver.ingest.import_neon import NeonSource
+from proto.errors import NeonError, Unavailable
 from snapfile.manifest import origin_of
 from snapfile.writer import write_snapshot_file
 from tests.httpd import FileServer
@@ -24,34 +29,72 @@ def write_neon(path: Path, **changes: object) -> str:
     return origin_of(manifest)
 
 
+def read_as_the_pageserver(whole: LocalNeonFile) -> tuple[LocalNeonFile, bytes]:
+    """What the pageserver's reader gets (pageserver/ingest/import_neon.py's NeonSource)."""
+
+    async def read() -> bytes:
+        source = NeonSource(whole.path, whole.label, whole.fetching)
+        return b"".join([chunk async for chunk in source.chunks()])
+
+    return whole, asyncio.run(read())
+
+
+def imported(source: str, work: Path) -> tuple[LocalNeonFile, bytes] | None:
+    return import_whole_file(source, work, Progress(False, "t"), read_as_the_pageserver)
+
+
 def test_a_whole_local_file_is_given_as_it_is(
     remote_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = remote_dir / "x.neon"
     origin = write_neon(path)
     for source in (str(path), f"file://{path}"):
-        got = local_whole_file(source, tmp_path, Progress(False, "t"))
-        assert got is not None and (got.path, got.origin) == (path, origin)
+        got = imported(source, tmp_path)
+        assert got is not None
+        assert (got[0].path, got[0].origin, got[0].fetching) == (path, origin, False)
+        assert got[1] == path.read_bytes()
     assert list(tmp_path.iterdir()) == []
-    assert local_whole_file(str(remote_dir / "none.neon"), tmp_path, Progress(False, "t")) is None
+    assert imported(str(remote_dir / "none.neon"), tmp_path) is None
     monkeypatch.chdir(remote_dir)  # the pageserver runs elsewhere: the path is absolute
-    got = local_whole_file("x.neon", tmp_path, Progress(False, "t"))
-    assert got is not None and got.path == path
+    got = imported("x.neon", tmp_path)
+    assert got is not None and got[0].path == path
 
 
-def test_a_whole_remote_file_is_fetched_whole(
+def test_a_whole_remote_file_is_read_as_it_is_fetched(
     httpd: FileServer, remote_dir: Path, tmp_path: Path
 ) -> None:
     origin = write_neon(remote_dir / "x.neon")
     httpd.cut_gets.extend([100_000])  # resumed with Range after the cut
-    got = local_whole_file(httpd.url("x.neon"), tmp_path, Progress(False, "t"))
-    assert got is not None and got.origin == origin and got.path == tmp_path / FETCHED_NAME
-    assert got.path.read_bytes() == (remote_dir / "x.neon").read_bytes()
-    assert got.label == httpd.url("x.neon")
+    got = imported(httpd.url("x.neon"), tmp_path)
+    assert got is not None
+    whole, read = got
+    assert (whole.origin, whole.path, whole.fetching) == (origin, tmp_path / FETCHED_NAME, True)
+    assert read == whole.path.read_bytes() == (remote_dir / "x.neon").read_bytes()
+    assert whole.label == httpd.url("x.neon")
+
+
+def test_a_fetch_that_fails_ends_the_import_too(
+    httpd: FileServer, remote_dir: Path, tmp_path: Path
+) -> None:
+    write_neon(remote_dir / "x.neon")
+    httpd.cut_gets.extend([100_000] + [10] * (base.REOPEN_ATTEMPTS + 1))
+    seen: list[BaseException] = []
+
+    def send(whole: LocalNeonFile) -> tuple[LocalNeonFile, bytes]:
+        try:
+            return read_as_the_pageserver(whole)
+        except Unavailable as exc:
+            seen.append(exc)
+            raise
+
+    with pytest.raises(NeonError) as raised:
+        import_whole_file(httpd.url("x.neon"), tmp_path, Progress(False, "t"), send)
+    assert "the download was cut" in str(raised.value)  # the fetch's own error
+    assert [str(e) for e in seen] == [f"the fetch of {httpd.url('x.neon')} was given up"]
 
 
 def test_a_delta_goes_the_other_way(httpd: FileServer, remote_dir: Path, tmp_path: Path) -> None:
     write_neon(remote_dir / "d.neon", parent="a@s1", parent_lsn=0x1000)
     for source in (str(remote_dir / "d.neon"), httpd.url("d.neon")):
-        assert local_whole_file(source, tmp_path, Progress(False, "t")) is None
+        assert imported(source, tmp_path) is None
     assert list(tmp_path.iterdir()) == []

@@ -9,16 +9,18 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest import live_journal
-from pageserver.ingest.import_neon import import_neon_file
+from pageserver.ingest.import_neon import DONE_SUFFIX, FAILED_SUFFIX, NeonSource, import_neon_file
 from pageserver.storage.timeline_store import TimelineStore
 from pg15.pg_control import read_control_file
-from proto.errors import CorruptData
+from proto.errors import CorruptData, Unavailable
 from snapfile.manifest import Manifest, origin_of
 from snapfile.writer import write_snapshot_file
 from tests.pageserver.ingest.test_import_threads import (
@@ -66,13 +68,16 @@ def small_early_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(live_journal, "EARLY_BYTES", 64 * 1024)
 
 
-def imported(path: Path, work: Path, origin: str | None) -> tuple[str, int, int]:
+def imported(
+    path: Path, work: Path, origin: str | None, fetching: bool = False
+) -> tuple[str, int, int]:
     """Import the file: its basebackup tar's SHA-256, the import LSN and how many layers
     lie below it (the diverted files')."""
     store = TimelineStore(work / "store", SETTINGS)
     try:
         timeline = store.create_timeline()
-        lsn = import_neon_file(timeline, path, work / "pgdata", str(path), origin)
+        source = NeonSource(path, str(path), fetching)
+        lsn = import_neon_file(timeline, source, work / "pgdata", origin)
         layers = tiling_images(timeline)
         return basebackup_digest(timeline, lsn), lsn, len([x for x in layers if x.lsn < lsn])
     finally:
@@ -128,3 +133,51 @@ def test_a_bad_file_fails_and_leaves_no_layer(
         imported(path, work, origin)
     assert layer_files(work) == []
     assert not (work / "pgdata").exists()
+
+
+def fetch_slowly(data: bytes, path: Path, end: str, stop_at: int | None = None) -> None:
+    """Write `data` to `path` in pieces, as a fetch does, then the `end` marker beside it
+    (`stop_at`: only that many bytes first)."""
+    with path.open("wb", buffering=0) as f:
+        for at in range(0, len(data) if stop_at is None else stop_at, 1 << 20):
+            f.write(data[at : at + (1 << 20)])
+            time.sleep(0.005)
+    Path(f"{path}{end}").touch()
+
+
+def test_a_file_being_fetched_is_read_as_it_grows(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    whole = tmp_path / "whole.neon"
+    manifest = neon_file(datadir, whole)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    path = tmp_path / "x.neon"
+    path.touch()
+    writer = threading.Thread(target=fetch_slowly, args=(whole.read_bytes(), path, DONE_SUFFIX))
+    writer.start()
+    try:
+        digest, _lsn, early = imported(path, tmp_path / "work", origin_of(manifest), True)
+    finally:
+        writer.join()
+    assert digest == plain and early >= 2
+
+
+def test_a_fetch_that_gives_up_fails_the_import_and_leaves_no_layer(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    whole = tmp_path / "whole.neon"
+    manifest = neon_file(datadir, whole)
+    path = tmp_path / "x.neon"
+    path.touch()
+    data = whole.read_bytes()
+    writer = threading.Thread(target=fetch_slowly, args=(data, path, FAILED_SUFFIX, len(data) // 2))
+    writer.start()
+    work = tmp_path / "work"
+    try:
+        with pytest.raises(Unavailable, match="given up"):
+            imported(path, work, origin_of(manifest), True)
+    finally:
+        writer.join()
+    assert layer_files(work) == []
