@@ -47,6 +47,7 @@ from cli.delta_apply import DeltaApplier
 from cli.hints_mark import HINTS_MARK, hints_logged_from
 from cli.nodes import CONFIG_FILES, SHUTDOWN_CHECKPOINT_LEN, finish_datadir, write_node_config
 from cli.pageserver_control import local_api
+from cli.pg_files import read_pg_file
 from cli.postmaster import NEON_CONF
 from cli.registry import NodeRow
 from cli.slot_file import write_physical_slot
@@ -250,7 +251,10 @@ def _roles_kept(datadir: Path, applier: DeltaApplier) -> bool:
     passwords are those the directory held at HEAD, and the single-user step that sets them
     (finish_datadir) can be left out."""
     try:
-        mapping = parse_relmap((datadir / "global" / "pg_filenode.map").read_bytes())
+        raw = read_pg_file(datadir, "global/pg_filenode.map")  # no link, no FIFO
+        if raw is None:
+            return False
+        mapping = parse_relmap(raw)
     except (OSError, CorruptData):
         return False
     filenode = mapping.get(AUTHID_RELATION_ID)

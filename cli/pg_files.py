@@ -67,8 +67,15 @@ def write_pg_file_at(directory: int, name: str, data: bytes, *, durable: bool = 
     handed to PostgreSQL's user, fsynced when `durable`, and renamed into place (replacing
     whatever entry had the name, a link included, never writing through it)."""
     tmp = f"{name}.tmp"
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(tmp, dir_fd=directory)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise CorruptData(
+            f"{tmp} in the data directory is a directory, where pg-neon writes {name}; "
+            "remove it and retry"
+        ) from None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600, dir_fd=directory)
     try:

@@ -514,7 +514,9 @@ _STANDBY_PARAMS = struct.Struct("<iiiii")  # pg_control @180: the primary's last
 
 def standby_minimums(datadir: Path) -> dict[str, object]:
     """A hot standby refuses to start with smaller limits than the primary recorded."""
-    raw = (datadir / "global" / "pg_control").read_bytes()
+    from pg15.pg_control import read_control_file
+
+    raw = read_control_file(datadir).raw  # no link, no FIFO, 8 KiB at most
     names = (
         "max_connections",
         "max_worker_processes",

@@ -10,17 +10,21 @@ import pwd
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from cli import checkout, postmaster, replicas
 from cli.checkout import COMPLETE_MARKER
+from cli.checkout_delta import _roles_kept
 from cli.datadir_roles import bootstrap_superuser
+from cli.delta_apply import DeltaApplier
 from cli.hints_mark import HINTS_MARK, hints_logged_from, write_mark
 from cli.nodes import copy_config_files
 from cli.pg_files import read_pg_file, write_pg_file
 from cli.pgbin import pg_os_user
 from cli.slot_file import write_physical_slot
+from cli.snapshot_commands import standby_minimums
 from durable_files import TEMP_SUFFIX, fsync_tree
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData
@@ -62,6 +66,28 @@ def _pg_owned_file(path: Path) -> None:
     st = path.lstat()
     assert not path.is_symlink() and path.is_file()
     assert (st.st_uid, st.st_gid, st.st_nlink) == (user.uid, user.gid, 1)
+
+
+def _returns_without_hanging(call: Callable[[], object], fifo: Path, what: str) -> object:
+    """`call()`'s result, or the CorruptData it raised, asserting it did not hang on `fifo`
+    (released before failing, so the thread ends)."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except CorruptData as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    hung = thread.is_alive()
+    while thread.is_alive():  # release each open before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(0.2)
+    assert not hung, f"a FIFO at {what} hung the read"
+    return result[0]
 
 
 Plant = Callable[[Path, Path], None]
@@ -183,17 +209,10 @@ def test_the_pid_file_is_read_neither_through_a_link_nor_without_end(datadir: Pa
     fifo = datadir.parent / "fifo"
     os.mkfifo(fifo)
     pid.symlink_to(fifo)
-    result: list[object] = []
-    reader = threading.Thread(target=lambda: result.append(postmaster.read_pid_file(datadir)))
-    reader.daemon = True
-    reader.start()
-    reader.join(5)
-    hung = reader.is_alive()
-    if hung:  # release it before failing (and before the /dev/zero link below)
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(10)
-    assert not hung, "a FIFO at postmaster.pid hung the read"
-    assert result == [None]
+    read = _returns_without_hanging(
+        lambda: postmaster.read_pid_file(datadir), fifo, "postmaster.pid"
+    )
+    assert read is None
     pid.unlink()
     pid.symlink_to("/dev/zero")
     assert postmaster.read_pid_file(datadir) is None
@@ -231,23 +250,8 @@ def test_pg_control_is_read_neither_through_a_link_nor_without_end(datadir: Path
     fifo = datadir.parent / "fifo"
     os.mkfifo(fifo)
     control.symlink_to(fifo)
-    result: list[object] = []
-
-    def read() -> None:
-        try:
-            read_control_file(datadir)
-        except CorruptData as exc:
-            result.append(exc)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(5)
-    hung = reader.is_alive()
-    if hung:  # release it before failing (and before the /dev/zero link below)
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(10)
-    assert not hung, "a FIFO at global/pg_control hung the read"
-    assert "symbolic links" in str(result[0])
+    read = _returns_without_hanging(lambda: read_control_file(datadir), fifo, "global/pg_control")
+    assert "symbolic links" in str(read)
     control.unlink()
     control.symlink_to("/dev/zero")
     with pytest.raises(CorruptData, match="cannot read"):
@@ -320,3 +324,27 @@ def test_making_the_directory_durable_skips_a_fifo(datadir: Path) -> None:
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         syncer.join(0.2)
     assert not hung, "a FIFO in the directory hung fsync_tree"
+
+
+def test_standby_settings_and_the_roles_check_never_hang(datadir: Path) -> None:
+    """A read-only server's settings (standby_minimums reads pg_control) and a checkout's
+    roles check (pg_filenode.map) read by root in PostgreSQL's directory: links to a FIFO
+    fail them at once (as no mapping: the single-user step runs), never hang them."""
+    fifo = datadir.parent / "fifo"
+    os.mkfifo(fifo)
+    (datadir / "global" / "pg_control").symlink_to(fifo)
+    (datadir / "global" / "pg_filenode.map").symlink_to(fifo)
+    read = _returns_without_hanging(lambda: standby_minimums(datadir), fifo, "pg_control")
+    assert isinstance(read, CorruptData)
+    applier = cast(DeltaApplier, None)  # not reached: the map is refused first
+    assert (
+        _returns_without_hanging(lambda: _roles_kept(datadir, applier), fifo, "pg_filenode.map")
+        is False
+    )
+
+
+def test_a_directory_at_the_temporary_name_is_a_clear_error(datadir: Path) -> None:
+    (datadir / "standby.signal.tmp").mkdir()
+    with pytest.raises(CorruptData, match=r"standby\.signal\.tmp in the data directory is a "):
+        write_pg_file(datadir, "standby.signal", b"")
+    assert not (datadir / "standby.signal").exists()
