@@ -3,12 +3,14 @@ the holder dies) and two real `neon pg checkout` commands started together on on
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,14 @@ def test_the_waiter_proceeds_when_the_holder_finishes_or_is_killed(tmp_path: Pat
         child.wait()
 
 
-def test_two_checkouts_started_together_end_in_one_state(neon: NeonCli) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_two_checkouts_started_together_end_in_one_state(neon: NeonCli, tmp_path: Path) -> None:
     neon.run("pg", "create", "--port", str(free_port()))
     c = neon.json("pg", "show", "pgdata1")["connstr"]
     psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
@@ -97,17 +106,36 @@ def test_two_checkouts_started_together_end_in_one_state(neon: NeonCli) -> None:
     psql(c, "INSERT INTO t SELECT generate_series(1, 100)")
     rows = {"sA": "100", "sB": "200"}
 
-    procs = {}
-    for tag in ("sA", "sB"):
-        procs[tag] = subprocess.Popen(
-            [NEON, "pg", "checkout", f"pgdata1@{tag}"],
-            env=neon.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(0.3)
-    out = {tag: p.communicate(timeout=300) for tag, p in procs.items()}
+    # The second starts while the first holds the lock, whatever the speed of either: the
+    # first is stopped (SIGSTOP) once the lock file names it, until the second says it waits
+    # (a fixed delay between the two let a fast first checkout end before the second began).
+    lock_file = neon.home / "locks" / "primary1.lock"
+    stderr = {tag: tmp_path / f"{tag}.stderr" for tag in ("sA", "sB")}
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(tag: str) -> None:
+        with open(stderr[tag], "w") as err:
+            procs[tag] = subprocess.Popen(
+                [NEON, "pg", "checkout", f"pgdata1@{tag}"],
+                env=neon.env(), stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+
+    def holder() -> int | None:
+        try:
+            return int(json.loads(lock_file.read_bytes())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    start("sA")
+    _wait_for(lambda: holder() == procs["sA"].pid, "the first checkout to hold the lock")
+    os.kill(procs["sA"].pid, signal.SIGSTOP)
+    try:
+        start("sB")
+        _wait_for(lambda: "waiting for" in stderr["sB"].read_text(), "the second to wait")
+    finally:
+        os.kill(procs["sA"].pid, signal.SIGCONT)
+    stdout = {tag: p.communicate(timeout=300)[0] for tag, p in procs.items()}
+    out = {tag: (stdout[tag], stderr[tag].read_text()) for tag in procs}
     for tag, p in procs.items():
         assert p.returncode == 0, out[tag]
         assert "Traceback" not in out[tag][1]
