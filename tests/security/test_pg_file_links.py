@@ -134,19 +134,10 @@ def test_reads_never_go_through_a_link_a_fifo_or_someone_elses_file(
     with pytest.raises(CorruptData, match=r"postgresql\.conf is not a regular file"):
         read_pg_file(datadir, "postgresql.conf")
     os.mkfifo(datadir / "pg_hba.conf")
-    result: list[object] = []
-
-    def read() -> None:
-        try:
-            result.append(read_pg_file(datadir, "pg_hba.conf"))
-        except CorruptData as exc:
-            result.append(exc)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(10)
-    assert not reader.is_alive(), "a FIFO in the data directory hung the read"
-    assert isinstance(result[0], CorruptData)
+    read = _returns_without_hanging(
+        lambda: read_pg_file(datadir, "pg_hba.conf"), datadir / "pg_hba.conf", "pg_hba.conf"
+    )
+    assert isinstance(read, CorruptData)
     # A second name of a file neither ours nor PostgreSQL's account's (here `nobody`'s).
     others = victim.with_name("others")
     others.write_text(SECRET)
@@ -270,24 +261,12 @@ def test_catalog_reads_of_a_live_directory_never_hang(datadir: Path) -> None:
     os.mkfifo(fifo)
     (datadir / "global" / "pg_filenode.map").symlink_to(fifo)
     (datadir / "global" / "pg_control").symlink_to(fifo)
-    result: list[object] = []
-
-    def read() -> None:
-        result.append(bootstrap_superuser(datadir))
-        try:
-            replicas._live_control_file(datadir)
-        except CorruptData as exc:
-            result.append(exc)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(8)
-    hung = reader.is_alive()
-    while reader.is_alive():  # release each open before failing
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(0.2)
-    assert not hung, "a FIFO in global/ hung a catalog read"
-    assert result[0] is None and isinstance(result[1], CorruptData)
+    superuser = _returns_without_hanging(lambda: bootstrap_superuser(datadir), fifo, "global/")
+    assert superuser is None
+    control = _returns_without_hanging(
+        lambda: replicas._live_control_file(datadir), fifo, "global/pg_control"
+    )
+    assert isinstance(control, CorruptData)
 
 
 def test_the_checkout_marker_is_written_and_read_through_pg_files(

@@ -18,23 +18,12 @@ from pageserver.reconstruct.value_format import encode_u32
 from pageserver.redo.native import redo as native_redo
 from pageserver.storage import keys as K
 from pageserver.storage.compaction import create_image_layers
-from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, Value
 from pg15.constants import BLCKSZ
 from tests.native_ext import require_c_extension
-
-SETTINGS = StoreSettings(
-    checkpoint_distance=1 << 20,
-    compaction_threshold=3,
-    compaction_target_size=1 << 20,
-    image_creation_threshold=1,
-    image_layer_target_size=1 << 20,
-    block_size=8192,
-    block_cache_bytes=1 << 20,
-)
-SPC, DB = 1663, 5
+from tests.pageserver.history.test_snapshot_diff import DB, SETTINGS, SPC
 
 NAMES = [
     "base/16384/16397",

@@ -49,6 +49,18 @@ def c_extension() -> None:
     require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
 
 
+def ingest_workload(store: NodeStore, workload: Workload) -> None:  # noqa: F811
+    """The workload's base imported and its records ingested 500 at a time, flushed as
+    due, then made durable: L0 layers only (SETTINGS' threshold merges none)."""
+    store.import_datadir(workload.base)
+    for i in range(0, len(workload.records), 500):
+        store.ingest_batch(
+            workload.records[i : i + 500], [r.data for r in workload.raws[i : i + 500]]
+        )
+        store.maybe_flush()
+    store.make_durable()
+
+
 @pytest.fixture(scope="module")
 def level0_store(
     workload: Workload,  # noqa: F811
@@ -57,13 +69,7 @@ def level0_store(
     """A store holding the workload in L0 layers only (its history directory)."""
     root = tmp_path_factory.mktemp("l0") / "history"
     store = NodeStore(StorageHistory(root, SETTINGS), "n")
-    store.import_datadir(workload.base)
-    for i in range(0, len(workload.records), 500):
-        store.ingest_batch(
-            workload.records[i : i + 500], [r.data for r in workload.raws[i : i + 500]]
-        )
-        store.maybe_flush()
-    store.make_durable()
+    ingest_workload(store, workload)
     store.close()
     store.history.close()
     return root

@@ -39,6 +39,7 @@ from tests.native_ext import require_c_extension
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 from tests.pageserver.storage.layers.test_l0_merge import SETTINGS as L0_SETTINGS
 from tests.pageserver.storage.layers.test_l0_merge import (  # noqa: F401 (a fixture)
+    ingest_workload,
     level0_store,
     merged_files,
     opened,
@@ -244,13 +245,7 @@ def test_l0_layers_stay_wide_and_narrow_l0_inputs_merge_in_python(
     monkeypatch.setattr(timeline_module, "DeltaLayerWriter", NarrowL0Writer)
     store = NodeStore(StorageHistory(tmp_path / "narrow", L0_SETTINGS), "n")
     try:
-        store.import_datadir(workload.base)
-        for i in range(0, len(workload.records), 500):
-            store.ingest_batch(
-                workload.records[i : i + 500], [r.data for r in workload.raws[i : i + 500]]
-            )
-            store.maybe_flush()
-        store.make_durable()
+        ingest_workload(store, workload)
         level0 = store.timeline.layer_map().level0()
         assert len(level0) > 10 and all(x.file.narrow for x in level0)
         with pytest.raises(InvalidArgument, match="format version 1 only"):
