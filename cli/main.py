@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -109,6 +111,8 @@ def main() -> None:
     # Everything pg-neon writes (history, WAL, registries, logs, secrets) is private to its
     # owner; files PostgreSQL must read are handed to its account explicitly.
     os.umask(PRIVATE_UMASK)
+    # `kill -USR1 PID` of a command that seems stuck prints where each thread waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="neon")
 
 

@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None, extra: ExtraHandlers | None = None) -> i
     config, to_stderr = parse_args(argv)
     setup_logging(config, to_stderr)
     faulthandler.enable()  # a fatal signal leaves the threads' stacks in pageserver.stderr
+    # `kill -USR1 PID` writes every thread's stack there too, the daemon going on: what a
+    # request that never answers waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         uvloop.run(serve(config, extra))
     except NeonError as exc:

@@ -339,14 +339,17 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    async for item in job.follow():
-        if isinstance(item, ProgressReport):
-            data = {"percent": item.percent, "text": progress_text(item)}
-            await response.write(f"event: progress\ndata: {json.dumps(data)}\n\n".encode())
-        else:
-            await response.write(f"data: {json.dumps(item)}\n\n".encode())
-    done = {"returncode": job.returncode, "error": job.error}
-    await response.write(f"event: done\ndata: {json.dumps(done)}\n\n".encode())
+    try:
+        async for item in job.follow():
+            if isinstance(item, ProgressReport):
+                data = {"percent": item.percent, "text": progress_text(item)}
+                await response.write(f"event: progress\ndata: {json.dumps(data)}\n\n".encode())
+            else:
+                await response.write(f"data: {json.dumps(item)}\n\n".encode())
+        done = {"returncode": job.returncode, "error": job.error}
+        await response.write(f"event: done\ndata: {json.dumps(done)}\n\n".encode())
+    except ConnectionResetError:
+        pass  # the page was closed or left: the job goes on, its page shows it again
     return response
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -87,11 +88,55 @@ class Shots:
         self.page.screenshot(path=self.directory / f"{self.count:02d}-{what}.png", full_page=True)
 
 
-def wait_for_job(page: Page, shots: Shots, what: str) -> str:
-    """Wait on a job page until its command ended (the page reloads itself); its output."""
-    expect(page.locator("#job-status")).to_have_text(re.compile("done|failed"), timeout=120_000)
+def wait_for_job(page: Page, shots: Shots, what: str, neon: NeonCli) -> str:
+    """Wait on a job page until its command ended (the page reloads itself); its output. A
+    job still running then fails the test with where its processes wait."""
+    try:
+        expect(page.locator("#job-status")).to_have_text(re.compile("done|failed"), timeout=120_000)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_where_stuck(page, neon)}") from None
     shots.take(what)
     return page.locator("#job-output").inner_text()
+
+
+def _where_stuck(page: Page, neon: NeonCli) -> str:
+    """The stacks of the console's running `neon` commands (in the job's output) and of the
+    pageserver (in its stderr), both dumped on SIGUSR1 (faulthandler), and its log's tail."""
+    pageserver = neon.home / "pageserver"
+    pids = [pid for pid in _descendants(os.getpid()) if b"neon" in _cmdline(pid)]
+    with contextlib.suppress(OSError, ValueError):
+        pids.append(int((pageserver / "pageserver.pid").read_text()))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(2)
+    parts = [f"job output:\n{page.locator('#job-output').inner_text()}"]
+    for name in ("pageserver.stderr", "pageserver.log"):
+        with contextlib.suppress(OSError):
+            parts.append(f"{name}:\n{(pageserver / name).read_text()[-20_000:]}")
+    return "\n".join(parts)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def status_without_session(url: str) -> tuple[int, str]:
@@ -167,7 +212,7 @@ def _walk_through(
     assert "Traceback" not in page.content()
     page.locator("#back").click()
     page.locator('tr[data-node="primary2"] button', has_text="Start").click()
-    out = wait_for_job(page, shots, "start")
+    out = wait_for_job(page, shots, "start", neon)
     assert "Started postgres on localhost:" in out
     expect(page.locator("h1 code.cmd")).to_have_text("neon pg start primary2")
 
@@ -178,7 +223,7 @@ def _walk_through(
     form.locator("input[name=tag]").fill("clicked")
     expect(form.locator("code.cmd")).to_have_text("neon snapshot create pgdata1@clicked")
     form.locator("button").click()
-    wait_for_job(page, shots, "snapshot-create")
+    wait_for_job(page, shots, "snapshot-create", neon)
     expect(page.locator("#job-status")).to_have_text("done")
     page.locator("#back").click()
     expect(page.locator('svg.graph a[data-name="pgdata1@clicked"]')).to_have_count(1)
@@ -202,7 +247,7 @@ def _walk_through(
     )
     shots.take("pitr")
     area.get_by_role("button", name="Extract snapshot").click()
-    out = wait_for_job(page, shots, "pitr-extract")
+    out = wait_for_job(page, shots, "pitr-extract", neon)
     assert out.startswith("pgdata1@onslider at "), out
     extracted = {s["name"]: s for s in neon.json("snapshot", "list")}["pgdata1@onslider"]
     assert low <= extracted["lsn"] <= chosen
@@ -231,7 +276,7 @@ def _walk_through(
     listing = neon.json("pitr", "commits", "pgdata1", "--around", end_lsn, "--limit", "1")
     assert [r["xid"] for r in listing["before"]] == [xid]
     row.locator("button").click()
-    out = wait_for_job(page, shots, "pitr-extract-commit")
+    out = wait_for_job(page, shots, "pitr-extract-commit", neon)
     assert out.rstrip().endswith(f" at {end_lsn}"), out
 
     # A diff between two snapshots: the --stat table names the table that changed.
@@ -260,7 +305,7 @@ def _walk_through(
     page.locator('svg.graph a[data-name="pgdata1@ten"]').click()
     expect(page.locator("#selected")).to_have_text("pgdata1@ten")
     page.get_by_role("button", name="Check out").click()
-    out = wait_for_job(page, shots, "checkout")
+    out = wait_for_job(page, shots, "checkout", neon)
     assert "Rolling back pgdata1@CURRENT to pgdata1@ten." in out
     assert psql(c1, "SELECT count(*) FROM t") == "10"
     page.locator("#back").click()
@@ -276,7 +321,7 @@ def _walk_through(
     shots.take("confirm")
     assert "pgdata1@onslider" in {s["name"] for s in neon.json("snapshot", "list")}
     page.locator("#confirm").click()
-    wait_for_job(page, shots, "destroy")
+    wait_for_job(page, shots, "destroy", neon)
     expect(page.locator("#job-status")).to_have_text("done")
     assert "pgdata1@onslider" not in {s["name"] for s in neon.json("snapshot", "list")}
 
@@ -302,7 +347,7 @@ def _walk_through(
     push.locator("select[name=snapshot]").select_option("pgdata1@ten")
     expect(push.locator("code.cmd")).to_have_text(f"neon snapshot push --to {out_dir} pgdata1@ten")
     push.get_by_role("button", name="Push").click()
-    wait_for_job(page, shots, "push")
+    wait_for_job(page, shots, "push", neon)
     expect(page.locator("#job-status")).to_have_text("done")
     expect(page.locator("#job-progress-text")).to_contain_text("Pushing pgdata1@ten: ")
     (pushed,) = out_dir.glob("*.neon")
@@ -313,7 +358,7 @@ def _walk_through(
     pull.locator("input[name=name]").fill("pulled")
     expect(pull.locator("code.cmd")).to_have_text(f"neon snapshot pull --from {pushed} pulled")
     pull.get_by_role("button", name="Pull").click()
-    wait_for_job(page, shots, "pull")
+    wait_for_job(page, shots, "pull", neon)
     expect(page.locator("#job-status")).to_have_text("done")
     expect(page.locator("#job-progress-text")).to_contain_text("Pulling pulled: 100%")
     assert page.locator("#job-progress-bar").get_attribute("value") == "100.0"
@@ -327,7 +372,7 @@ def _walk_through(
         f"neon snapshot import --from {pushed} imported -s local"
     )
     imp.get_by_role("button", name="Import").click()
-    wait_for_job(page, shots, "import")
+    wait_for_job(page, shots, "import", neon)
     expect(page.locator("#job-status")).to_have_text("done")
     expect(page.locator("#job-progress-text")).to_contain_text("%")
     names = {s["name"] for s in neon.json("snapshot", "list")}
