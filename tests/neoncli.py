@@ -8,7 +8,6 @@ import os
 import pty
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.pgbin import pg_binary
+from tests.pgtest import free_port as free_port  # re-exported: tests import it from here
 from tests.pgtest import pg_reachable_tmpdir
 
 NEON = str(Path(sys.executable).with_name("neon"))
@@ -86,14 +86,6 @@ class NeonCli:
                 os.kill(pid, 0)
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    """A port nothing listens on now, for `pg create --port`: 5432 and its neighbours are
-    often taken by other test runs on the same host."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def psql(connstr: str, sql: str, dbname: str | None = None, timeout: float = 300) -> str:

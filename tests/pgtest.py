@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,8 +23,38 @@ SUPERUSER = "neon_test"
 PASSWORD = "test-secret-pw"
 
 
+FREE_PORTS_FROM = 30400
+"""free_port() searches from here up to the kernel's ephemeral ports; below are the PGPORT
+ranges tests/neoncli.py gives each xdist worker (10000 + 1000 * suite + 200 * worker)."""
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nothing listens on now, never the same twice in this process, for a server
+    started next. Not one the kernel hands out (bind to port 0): that range is also where
+    every outgoing connection on the host takes its local port, and one did take a port
+    between this call and `pg create --port` binding it (another test's client, or a
+    walreceiver connecting), so a random port below it that binds now is used."""
+    low, high = FREE_PORTS_FROM, _ephemeral_low()
+    for _attempt in range(1000 if high - low > 100 else 0):
+        port = random.randrange(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an unusual port range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
