@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import tarfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+import cli.untar
 from cli.untar import UnsafeArchive, extract_basebackup, extract_stream
 from proto.errors import CorruptData
 
@@ -96,3 +98,69 @@ def test_extract_stream_stops_reading_after_a_hostile_member(tmp_path: Path) -> 
     with pytest.raises(UnsafeArchive, match="symbolic link"):
         asyncio.run(extract_stream(chunks(), tmp_path / "pgdata"))
     assert taken < 100 and list(tmp_path.iterdir()) == []
+
+
+class _GatedStream(io.BytesIO):
+    """A stream that says when it has been read to its end."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.drained = threading.Event()
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if not data:
+            self.drained.set()
+        return data
+
+
+def test_extract_basebackup_reads_on_while_files_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream is read while the files are written (a pipe's writer, the pageserver, is not
+    held up by the disk): here the writing of the first MiB waits until the whole 5 MiB
+    stream was read, which reading and writing in turns would never reach."""
+    payload = bytes(range(256)) * 20000  # 5 MiB: several reads
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("base/1/1259")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    stream = _GatedStream(buf.getvalue())
+    feed = cli.untar._Extractor.feed
+    waited: list[bool] = []
+
+    def held_feed(self: cli.untar._Extractor, data: bytes) -> None:
+        if not waited:
+            waited.append(stream.drained.wait(10))
+        feed(self, data)
+
+    monkeypatch.setattr(cli.untar._Extractor, "feed", held_feed)
+    extract_basebackup(stream, tmp_path / "pgdata")
+    assert waited == [True]
+    assert (tmp_path / "pgdata" / "base" / "1" / "1259").read_bytes() == payload
+
+
+def test_extract_basebackup_stops_reading_after_a_hostile_member(tmp_path: Path) -> None:
+    class Endless(io.RawIOBase):
+        taken = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+            if self.taken == 0:
+                data = tar_with_link("base/x", "/etc")
+            else:
+                data = bytes(min(len(b), 1 << 20))  # 10 GiB that must not all be read
+                if self.taken > 10_000:
+                    return 0
+            self.taken += 1
+            n = min(len(b), len(data))
+            b[:n] = data[:n]
+            return n
+
+    source = Endless()
+    with pytest.raises(UnsafeArchive, match="symbolic link"):
+        extract_basebackup(io.BufferedReader(source), tmp_path / "pgdata")
+    assert source.taken < 200 and list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import tarfile
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -516,3 +517,54 @@ def test_tar_header_equals_tarfiles() -> None:
         member = tar.next()
     assert member is not None
     assert (member.name, member.size, member.mtime, member.mode) == ("base/1/2619", 16, 7, 0o600)
+
+
+class _CountedPages(LazyPages):
+    """LazyPages that says once `ready` of them have been read."""
+
+    def __init__(self, n: int, ready: int) -> None:
+        super().__init__(n)
+        self.read = 0
+        self.reached = threading.Event()
+        self.ready = ready
+
+    def __getitem__(self, blkno: int) -> bytes:
+        self.read += 1
+        if self.read >= self.ready:
+            self.reached.set()
+        return super().__getitem__(blkno)
+
+
+class _HeldSink:
+    """A pipe whose reader is slow: the first write returns once the source has been read
+    `ready` pages past the first chunk (or after 10 s)."""
+
+    def __init__(self, pages: _CountedPages) -> None:
+        self.pages = pages
+        self.buf = io.BytesIO()
+        self.waited: list[bool] = []
+
+    def write(self, data: bytes) -> int:
+        if not self.waited:
+            self.waited.append(self.pages.reached.wait(10))
+        return self.buf.write(data)
+
+
+def test_basebackup_makes_the_tar_while_a_write_blocks() -> None:
+    """basebackup() makes the next chunks while `out.write` blocks (a full pipe), instead of
+    making and writing in turns; the tar is the one `basebackup_chunks` makes."""
+    src = fake_source()
+    pages = _CountedPages(400, ready=3 * 32)  # three chunks' pages past the first
+    src.rels[(1663, 5, 16500, 0)] = pages  # type: ignore[assignment]
+    sink = _HeldSink(pages)
+    basebackup(src, src.lsn, out=sink, now=1)  # type: ignore[arg-type]
+    assert sink.waited == [True]
+    _, chunks = basebackup_chunks(src, src.lsn, now=1)
+    assert sink.buf.getvalue() == b"".join(chunks)
+
+
+def test_basebackup_raises_the_sources_error() -> None:
+    src = fake_source()
+    src.rels[(1663, 5, 16384, 0)][3] = page(0x3000000, 0)  # LSN past the checkpoint
+    with pytest.raises(CorruptData, match="page LSN 0/03000000"):
+        basebackup(src, src.lsn, out=io.BytesIO())
