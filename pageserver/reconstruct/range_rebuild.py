@@ -10,6 +10,13 @@ and redoes them (heap, btree, full-page images, CLOG commit/abort bits). What it
 handle it hands back: the rest of the chain (`apply_delta.continue_chain`), or the whole key
 (`reference`: the per-key path, which also reads the ancestors and raises the errors).
 
+A key's layers are asked newest first, and only from its newest chain start on: the C redo
+starts from the newest image, will_init delta or tombstone among the versions it is given, so
+the versions below it, in that layer and in every older one (and the image layer's), are never
+used. The version entries' tags say where it is (index only), so their blocks are not
+decompressed: after a pgbench run most pages have a full-page image after each checkpoint, and
+image creation over an L1 layer spanning several checkpoints decompressed all of them.
+
 The Python per-key path stays the reference (NEON_PURE_PYTHON=1 runs it alone); the tests
 compare image layers written both ways on real WAL (tests/pageserver/reconstruct/
 test_range_rebuild.py).
@@ -26,7 +33,7 @@ from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.layer_map import image_tiles
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.timeline import PersistentView, Timeline
-from pageserver.storage.values import TAG_IMAGE, WalDelta
+from pageserver.storage.values import TAG_DELTA, TAG_IMAGE, WalDelta
 
 Reference = Callable[[Key], "bytes | None"]
 """The per-key path for one key at the range's LSN."""
@@ -37,6 +44,16 @@ block they reference, those blocks decompressed, floor + 1: versions at or below
 shadowed by an image layer)."""
 
 _ENTRY_TAG = 8  # offset of the tag in a version entry (pageserver/storage/layers/blocks.py)
+_ENTRY_BLOCK = 9  # offset of its block number (big-endian u32)
+_ENTRY_SIZE = 21  # format version 1's entry, which key_versions_raw returns
+_DELTA_TAG = bytes((TAG_DELTA,))
+
+
+def chain_start(raw: bytes) -> int:
+    """Index of the newest of `raw`'s version entries that starts a chain (an image, a
+    will_init delta, a tombstone: every tag but TAG_DELTA, as `_redo.rebuild_page` picks its
+    base), -1 if none does."""
+    return len(raw[_ENTRY_TAG::_ENTRY_SIZE].rstrip(_DELTA_TAG)) - 1
 
 
 _PAST_END = Key(b"\xff" * (KEY_SIZE + 1))  # sorts after every key
@@ -58,9 +75,12 @@ class _Cursor:
     def _key(self) -> Key:
         return self.file.key_at(self.i) if self.i < self.n else _PAST_END
 
-    def versions(self, key: Key, floor: int, lsn: int) -> tuple[bytes, int, list[bytes]] | None:
-        """(entries, first block, blocks) of `key`'s versions in (floor, lsn], or None if the
-        layer holds none."""
+    def versions(
+        self, key: Key, floor: int, lsn: int, whole: bool = False
+    ) -> tuple[bytes, int, list[bytes], bool] | None:
+        """(entries, first block, blocks, based) of `key`'s versions in (floor, lsn] from the
+        newest one starting a chain on (`based`: there is one; else, or `whole`, all of
+        them), or None if the layer holds none."""
         if self.next > key:
             return None
         f = self.file
@@ -74,10 +94,14 @@ class _Cursor:
         self.next = self._key()
         if not raw:
             return None
+        start = chain_start(raw)
+        if start > 0 and not whole:  # the versions below it are never used: blocks unread
+            raw = raw[start * _ENTRY_SIZE :]
+            first = int.from_bytes(raw[_ENTRY_BLOCK : _ENTRY_BLOCK + 4], "big")
         held = self.blocks
         blocks = [held[b] if b in held else f.read_block(b) for b in range(first, last + 1)]
         self.blocks = {last: blocks[-1]}
-        return raw, first, blocks
+        return raw, first, blocks, start >= 0
 
 
 def rebuild_range(
@@ -109,8 +133,10 @@ def rebuild_range(
     images, covered = layer_map.images_over(key_range, lsn)
     tiles = image_tiles(key_range, tuple(images))
     above = min((image.lsn for _, image in tiles), default=-1) if covered else -1
-    oldest_first = layer_map.deltas_overlapping(key_range, above, lsn)[::-1]
-    delta_cursors = [_Cursor(layer, key_range.start) for layer in oldest_first]
+    newest_first = [
+        _Cursor(layer, key_range.start)
+        for layer in layer_map.deltas_overlapping(key_range, above, lsn)
+    ]
     image_cursors: dict[int, _Cursor] = {}
     root = timeline.ancestor is None
     t = 0
@@ -120,29 +146,36 @@ def rebuild_range(
             continue
         while t < len(tiles) and tiles[t][0].end <= key:
             t += 1
-        parts: list[Part] = []
         image: ImageLayer | None = None
         if t < len(tiles) and tiles[t][0].start <= key:
             image = tiles[t][1]
-            cursor = image_cursors.get(id(image))
-            if cursor is None:
-                cursor = image_cursors[id(image)] = _Cursor(image, tiles[t][0].start)
-            held = cursor.versions(key, -1, image.lsn)
-            if held is not None:
-                raw, first, blocks = held
-                if len(raw) != 21 or raw[_ENTRY_TAG] != TAG_IMAGE:
-                    yield key, reference(key)  # not one image: LayerCorrupt there
-                    continue
-                parts.append((raw, first, blocks, image.lsn))
         floor_plus_one = image.lsn + 1 if image is not None else 0
-        for cursor in delta_cursors:
+        # Newest layer first, down to the one holding the chain's start (see the docstring).
+        parts: list[Part] = []
+        based = False
+        for cursor in newest_first:
             # A layer wholly at or below the key's image holds nothing the chain uses: its
             # blocks are not decompressed (images are written partition by partition, so
             # most of a range's keys have newer images than the oldest one).
             if cursor.next <= key and cursor.lsn_end > floor_plus_one:
                 held = cursor.versions(key, floor_plus_one - 1, lsn)
                 if held is not None:
-                    parts.append((*held, floor_plus_one))
+                    raw, first, blocks, based = held
+                    parts.append((raw, first, blocks, floor_plus_one))
+                    if based:
+                        break
+        parts.reverse()
+        if image is not None and not based:
+            image_cursor = image_cursors.get(id(image))
+            if image_cursor is None:
+                image_cursor = image_cursors[id(image)] = _Cursor(image, tiles[t][0].start)
+            held = image_cursor.versions(key, -1, image.lsn, whole=True)  # checked as it is
+            if held is not None:
+                raw, first, blocks, _ = held
+                if len(raw) != _ENTRY_SIZE or raw[_ENTRY_TAG] != TAG_IMAGE:
+                    yield key, reference(key)  # not one image: LayerCorrupt there
+                    continue
+                parts.insert(0, (raw, first, blocks, image.lsn))
         value = native.rebuild_page(key, lsn, parts, image is not None or root)
         if value is False:
             value = reference(key)

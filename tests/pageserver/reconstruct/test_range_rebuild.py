@@ -18,6 +18,7 @@ tombstone, chains that fail: the same error as the reference).
 
 from __future__ import annotations
 
+import random
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -371,4 +372,60 @@ def test_hand_built_chains_equal_the_reference(tmp_path: Path) -> None:
     assert set(calls) <= {broken, garbage}, [describe(k) for k in set(calls)]
     page = dict(rebuild_range(tl, FULL_KEYSPACE, [clog], lsns[-1], _reference(tl, lsns[-1])))[clog]
     assert page is not None and page[700 // 4] >> (700 % 4 * 2) & 3 == 1
+    store.close()
+
+
+def test_versions_below_the_newest_chain_start_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's versions below the newest image, will_init delta or tombstone at or below the
+    read LSN are never used: their blocks are not decompressed, in the layer holding it or in
+    any older one (the image layer's included), and the value equals the reference's. Here
+    an older layer holds 40 full-page images of the key (several value blocks) and a newer
+    one an INSERT+INIT chain, then a tombstone and a last image."""
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    tl = store.create_timeline()
+    key = rel_block_key(*REL, 0, 3)
+    rng = random.Random(10)
+    lsn = 0x100000
+    lsns: list[int] = []
+
+    def put(value: Image | WalDelta | Tombstone) -> None:
+        nonlocal lsn
+        tl.put(key, lsn, value)
+        tl.advance_last_record_lsn(lsn, lsn - 8)
+        lsns.append(lsn)
+        lsn += 0x100
+
+    put(Image(rng.randbytes(8192)))
+    tl.freeze_and_flush()
+    assert create_image_layers(tl, reconstruct, force=True) == 1
+    for _ in range(40):
+        put(Image(rng.randbytes(8192)))  # incompressible: 40 pages span 3 blocks of 128 KiB
+    tl.freeze_and_flush()
+    older_lsns = lsns[1:]
+    put(WalDelta(encode_delta(lsn - 0x40, _heap_insert(1, init=True)), True))
+    put(WalDelta(encode_delta(lsn - 0x40, _heap_insert(2)), False))
+    put(TOMBSTONE)
+    put(Image(rng.randbytes(8192)))
+    tl.freeze_and_flush()
+    newest, older = (layer.file for layer in tl.layer_map().deltas[:2])  # newest first
+    assert older.header.n_blocks >= 3
+
+    reads: list[tuple[object, int]] = []
+    read_block = type(older).read_block
+
+    def recording(self: object, b: int) -> bytes:
+        reads.append((self, b))
+        return read_block(self, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(older), "read_block", recording)
+    for at in lsns:
+        reads.clear()
+        got, want = _both(tl, key, at, [])
+        assert got == want, hex(at)
+        if at in older_lsns:  # one of the 40 images: the one block holding it
+            assert [f for f, _ in reads] == [older], hex(at)
+        elif at > older_lsns[-1]:  # the chain starts in the newest layer: its one block
+            assert [f for f, _ in reads] == [newest], hex(at)
     store.close()
