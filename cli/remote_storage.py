@@ -21,8 +21,8 @@ from cli.pageserver_control import local_api
 from cli.registry import StorageRow
 from cli.storages import DEFAULT_STORAGE, secret_path
 from pageserver.storage.retention import parse_size
+from pageserver_api import models
 from pageserver_api.client import SyncPageserverClient
-from pageserver_api.models import RemoteAttachRequest, RemoteStatusResponse
 from pg15.lsn import format_lsn
 from proto.errors import InvalidArgument, NeonError
 
@@ -90,12 +90,12 @@ def sync_remote(
         if row.name in known and not rescan:
             continue
         try:
-            api.remote_attach(RemoteAttachRequest(s3_settings(app, row)))
+            api.remote_attach(models.RemoteAttachRequest(s3_settings(app, row)))
         except NeonError as exc:
             click.echo(f"neon: warning: cannot read storage {row.name}: {exc}", err=True)
 
 
-def remote_status(api: SyncPageserverClient | None) -> RemoteStatusResponse | None:
+def remote_status(api: SyncPageserverClient | None) -> models.RemoteStatusResponse | None:
     """The pageserver's uploads and s3 usage; None when it does not run or cannot say."""
     if api is None:
         return None

@@ -10,71 +10,61 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from ssl import SSLContext
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pageserver_api.models import (
-    ApiRequest,
-    BasebackupPlan,
-    BasebackupPlanRequest,
-    BasebackupRequest,
-    BasebackupResponse,
-    BranchResponse,
-    DbListRequest,
-    DbListResponse,
-    GcResult,
-    GcRunRequest,
-    GcRunResponse,
-    ImportResponse,
-    NodeBranchRequest,
-    NodeImportRequest,
-    NodeListRequest,
-    NodeListResponse,
-    NodePauseRequest,
-    NodeRegisterRequest,
-    NodeStatus,
-    NodeUnregisterRequest,
-    NodeWaitDecodedRequest,
-    PageGetRequest,
-    PageResponse,
-    PitrAreaInfo,
-    PitrCommitsRequest,
-    PitrCommitsResponse,
-    PitrCreateRequest,
-    PitrDestroyRequest,
-    PitrExtractRequest,
-    PitrListRequest,
-    PitrListResponse,
-    R,
-    RelListRequest,
-    RelListResponse,
-    RelSizeRequest,
-    RelSizeResponse,
-    RemoteAttachRequest,
-    RemoteDetachRequest,
-    RemoteStatusRequest,
-    RemoteStatusResponse,
-    RemoteStorageUsage,
-    RetainedInfo,
-    SnapshotCreateRequest,
-    SnapshotDestroyRequest,
-    SnapshotDiffRequest,
-    SnapshotDiffResponse,
-    SnapshotImportDeltaRequest,
-    SnapshotImportRequest,
-    SnapshotInfo,
-    SnapshotListRequest,
-    SnapshotListResponse,
-    SnapshotShowRequest,
-    StatusRequest,
-    StatusResponse,
-    StorageUsageRequest,
-    StorageUsageResponse,
-    TimelineInfo,
-    TimelineInfoRequest,
-    WaitDecodedResponse,
-    decode_result,
-)
+from pageserver_api import models as m
+from pageserver_api.models import ApiRequest, R, decode_result
 from proto.client import DEFAULT_CONNECT_TIMEOUT, Download, ProtoClient
+
+if TYPE_CHECKING:
+    from pageserver_api.models import (
+        BasebackupPlan,
+        BasebackupPlanRequest,
+        BasebackupRequest,
+        BasebackupResponse,
+        BranchResponse,
+        DbListRequest,
+        DbListResponse,
+        GcResult,
+        ImportResponse,
+        NodeBranchRequest,
+        NodeImportRequest,
+        NodePauseRequest,
+        NodeRegisterRequest,
+        NodeStatus,
+        NodeUnregisterRequest,
+        NodeWaitDecodedRequest,
+        PageGetRequest,
+        PageResponse,
+        PitrAreaInfo,
+        PitrCommitsRequest,
+        PitrCommitsResponse,
+        PitrCreateRequest,
+        PitrDestroyRequest,
+        PitrExtractRequest,
+        RelListRequest,
+        RelListResponse,
+        RelSizeRequest,
+        RelSizeResponse,
+        RemoteAttachRequest,
+        RemoteDetachRequest,
+        RemoteStatusResponse,
+        RemoteStorageUsage,
+        RetainedInfo,
+        SnapshotCreateRequest,
+        SnapshotDestroyRequest,
+        SnapshotDiffRequest,
+        SnapshotDiffResponse,
+        SnapshotImportDeltaRequest,
+        SnapshotImportRequest,
+        SnapshotInfo,
+        SnapshotShowRequest,
+        StatusResponse,
+        StorageUsageRequest,
+        TimelineInfo,
+        TimelineInfoRequest,
+        WaitDecodedResponse,
+    )
 
 T = TypeVar("T")
 
@@ -103,97 +93,97 @@ class PageserverClient:
         return decode_result(request, response, raw)
 
     async def status(self) -> StatusResponse:
-        return await self._call(StatusRequest(), StatusResponse)
+        return await self._call(m.StatusRequest(), m.StatusResponse)
 
     async def node_register(self, request: NodeRegisterRequest) -> NodeStatus:
-        return await self._call(request, NodeStatus)
+        return await self._call(request, m.NodeStatus)
 
     async def node_unregister(self, request: NodeUnregisterRequest) -> NodeStatus:
-        return await self._call(request, NodeStatus)
+        return await self._call(request, m.NodeStatus)
 
     async def node_pause(self, request: NodePauseRequest) -> NodeStatus:
-        return await self._call(request, NodeStatus)
+        return await self._call(request, m.NodeStatus)
 
     async def node_list(self) -> list[NodeStatus]:
-        return (await self._call(NodeListRequest(), NodeListResponse)).items
+        return (await self._call(m.NodeListRequest(), m.NodeListResponse)).items
 
     async def node_wait_decoded(self, request: NodeWaitDecodedRequest) -> WaitDecodedResponse:
-        return await self._call(request, WaitDecodedResponse)
+        return await self._call(request, m.WaitDecodedResponse)
 
     async def node_import(self, request: NodeImportRequest) -> ImportResponse:
-        return await self._call(request, ImportResponse)
+        return await self._call(request, m.ImportResponse)
 
     async def node_branch(self, request: NodeBranchRequest) -> BranchResponse:
-        return await self._call(request, BranchResponse)
+        return await self._call(request, m.BranchResponse)
 
     async def timeline_info(self, request: TimelineInfoRequest) -> TimelineInfo:
-        return await self._call(request, TimelineInfo)
+        return await self._call(request, m.TimelineInfo)
 
     async def page_get(self, request: PageGetRequest) -> PageResponse:
-        return await self._call(request, PageResponse)
+        return await self._call(request, m.PageResponse)
 
     async def rel_size(self, request: RelSizeRequest) -> RelSizeResponse:
-        return await self._call(request, RelSizeResponse)
+        return await self._call(request, m.RelSizeResponse)
 
     async def db_list(self, request: DbListRequest) -> DbListResponse:
-        return await self._call(request, DbListResponse)
+        return await self._call(request, m.DbListResponse)
 
     async def rel_list(self, request: RelListRequest) -> RelListResponse:
-        return await self._call(request, RelListResponse)
+        return await self._call(request, m.RelListResponse)
 
     async def snapshot_create(self, request: SnapshotCreateRequest) -> SnapshotInfo:
-        return await self._call(request, SnapshotInfo)
+        return await self._call(request, m.SnapshotInfo)
 
     async def snapshot_list(self) -> list[SnapshotInfo]:
-        return (await self._call(SnapshotListRequest(), SnapshotListResponse)).items
+        return (await self._call(m.SnapshotListRequest(), m.SnapshotListResponse)).items
 
     async def snapshot_show(self, request: SnapshotShowRequest) -> SnapshotInfo:
-        return await self._call(request, SnapshotInfo)
+        return await self._call(request, m.SnapshotInfo)
 
     async def snapshot_destroy(self, request: SnapshotDestroyRequest) -> SnapshotInfo:
-        return await self._call(request, SnapshotInfo)
+        return await self._call(request, m.SnapshotInfo)
 
     async def snapshot_import(self, request: SnapshotImportRequest) -> SnapshotInfo:
-        return await self._call(request, SnapshotInfo)
+        return await self._call(request, m.SnapshotInfo)
 
     async def snapshot_import_delta(self, request: SnapshotImportDeltaRequest) -> SnapshotInfo:
-        return await self._call(request, SnapshotInfo)
+        return await self._call(request, m.SnapshotInfo)
 
     async def snapshot_diff(self, request: SnapshotDiffRequest) -> SnapshotDiffResponse:
-        return await self._call(request, SnapshotDiffResponse)
+        return await self._call(request, m.SnapshotDiffResponse)
 
     async def pitr_create(self, request: PitrCreateRequest) -> PitrAreaInfo:
-        return await self._call(request, PitrAreaInfo)
+        return await self._call(request, m.PitrAreaInfo)
 
     async def pitr_list(self) -> list[PitrAreaInfo]:
-        return (await self._call(PitrListRequest(), PitrListResponse)).items
+        return (await self._call(m.PitrListRequest(), m.PitrListResponse)).items
 
     async def pitr_destroy(self, request: PitrDestroyRequest) -> PitrAreaInfo:
-        return await self._call(request, PitrAreaInfo)
+        return await self._call(request, m.PitrAreaInfo)
 
     async def pitr_extract(self, request: PitrExtractRequest) -> SnapshotInfo:
-        return await self._call(request, SnapshotInfo)
+        return await self._call(request, m.SnapshotInfo)
 
     async def pitr_commits(self, request: PitrCommitsRequest) -> PitrCommitsResponse:
-        return await self._call(request, PitrCommitsResponse)
+        return await self._call(request, m.PitrCommitsResponse)
 
     async def remote_status(self) -> RemoteStatusResponse:
-        return await self._call(RemoteStatusRequest(), RemoteStatusResponse)
+        return await self._call(m.RemoteStatusRequest(), m.RemoteStatusResponse)
 
     async def remote_attach(self, request: RemoteAttachRequest) -> RemoteStorageUsage:
-        return await self._call(request, RemoteStorageUsage)
+        return await self._call(request, m.RemoteStorageUsage)
 
     async def remote_detach(self, request: RemoteDetachRequest) -> RemoteStorageUsage:
-        return await self._call(request, RemoteStorageUsage)
+        return await self._call(request, m.RemoteStorageUsage)
 
     async def storage_usage(self, request: StorageUsageRequest) -> list[RetainedInfo]:
-        return (await self._call(request, StorageUsageResponse)).items
+        return (await self._call(request, m.StorageUsageResponse)).items
 
     async def gc_run(self) -> list[GcResult]:
-        return (await self._call(GcRunRequest(), GcRunResponse)).items
+        return (await self._call(m.GcRunRequest(), m.GcRunResponse)).items
 
     async def basebackup_plan(self, request: BasebackupPlanRequest) -> BasebackupPlan:
-        return await self._call(request, BasebackupPlan)
+        return await self._call(request, m.BasebackupPlan)
 
     def basebackup(self, request: BasebackupRequest) -> BasebackupDownload:
         """The tar stream; iterate it (`async with` so an abandoned one closes the
@@ -213,7 +203,7 @@ class BasebackupDownload:
 
     @property
     def result(self) -> BasebackupResponse:
-        return decode_result(self._request, BasebackupResponse, self._download.result)
+        return decode_result(self._request, m.BasebackupResponse, self._download.result)
 
     async def __aenter__(self) -> BasebackupDownload:
         return self

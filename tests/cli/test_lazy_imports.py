@@ -103,3 +103,26 @@ def test_snapshot_create_and_checkout_import_nothing_heavy(neon: NeonCli) -> Non
     checkout = profiled.run("pg", "checkout", "pgdata1@before")
     assert "cli.checkout" in imported(checkout.stderr)
     assert heavy(imported(checkout.stderr)) == []
+
+
+LAZY_MODEL_AREAS = (
+    "pageserver_api.models_pitr",
+    "pageserver_api.models_remote",
+    "pageserver_api.models_diff",
+    "pageserver_api.models_reads",
+)
+"""API model areas `snapshot create` and `pg checkout` never use (pageserver_api/models.py:
+each area's dataclasses cost their creation, a third of a millisecond each, on every start)."""
+
+
+def test_snapshot_create_and_checkout_create_only_the_models_they_use() -> None:
+    """Their modules' imports leave the other areas' models uncreated (an area module that
+    importlib loads has no `-X importtime` line: sys.modules is read instead)."""
+    code = (
+        "import sys, cli.main, cli.pg_commands, cli.checkout, cli.snapshot_commands\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('pageserver_api.'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(proc.stdout.split())
+    assert {"pageserver_api.models_nodes", "pageserver_api.models_snapshots"} <= loaded
+    assert loaded.isdisjoint(LAZY_MODEL_AREAS), sorted(loaded)

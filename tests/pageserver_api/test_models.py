@@ -322,3 +322,64 @@ def test_the_clients_have_one_method_per_api_call() -> None:
         assert callable(getattr(PageserverClient, attr)), name
         if not m.REQUESTS[name].STREAMS:
             assert callable(getattr(SyncPageserverClient, attr)), name
+
+
+def _area_models(module: Any) -> set[str]:
+    return {
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type)
+        and issubclass(value, m.WireModel)
+        and value.__module__ == module.__name__
+    }
+
+
+def test_every_model_is_served_by_its_area() -> None:
+    """models._AREAS names each area module's models, and only those: a model missing there
+    would be an AttributeError of `pageserver_api.models` although its module defines it."""
+    import importlib
+
+    for module_name, names in m._AREAS.items():
+        module = importlib.import_module(module_name)
+        assert _area_models(module) == set(names), module_name
+        for name in names:
+            assert getattr(m, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="NoSuchModel"):
+        m.NoSuchModel  # noqa: B018
+
+
+def test_type_checking_imports_are_the_area_table() -> None:
+    """mypy sees the models through models.py's TYPE_CHECKING imports: the same names and
+    modules as the table the runtime loads them by."""
+    import ast
+
+    tree = ast.parse(Path(m.__file__).read_text())
+    seen: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                if isinstance(imp, ast.ImportFrom) and imp.module:
+                    seen.setdefault(imp.module, set()).update(a.name for a in imp.names)
+    assert seen == {module: set(names) for module, names in m._AREAS.items()}
+
+
+def test_models_import_creates_no_model_until_used() -> None:
+    """A fresh interpreter: importing pageserver_api.models loads no area; using one model
+    loads its area only; REQUESTS loads them all (every method the daemon serves)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import pageserver_api.models as m\n"
+        "areas = lambda: sorted(k for k in sys.modules if k.startswith('pageserver_api.models_'))\n"
+        "print(areas())\n"
+        "m.SnapshotShowRequest('a@b')\n"
+        "print(areas())\n"
+        "print(len(m.REQUESTS), areas() == sorted(m._AREAS))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[]"
+    assert lines[1] == "['pageserver_api.models_snapshots']"
+    assert lines[2] == f"{len({type(r) for r in REQUESTS})} True"

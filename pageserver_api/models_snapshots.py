@@ -1,0 +1,256 @@
+"""The models of snapshots, branches and basebackups (what `pg checkout` and `snapshot create` use).
+
+Imported on first use through pageserver_api.models (its module docstring says why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pageserver_api.errors import InvalidArgument
+from pageserver_api.models import (
+    DEFAULT_WAIT_SECONDS,
+    ApiRequest,
+    ApiResponse,
+    ListResponse,
+    _check_lsn,
+    _check_positive,
+    _check_wait,
+    method,
+)
+from pg15.lsn import format_lsn
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo(ApiResponse):
+    name: str
+    """PGDATA@TAG"""
+    node_id: str
+    timeline_id: str
+    lsn: int
+    created_at: float
+    parent: str | None = None
+    size_bytes: int | None = None
+    """Bytes of page history the snapshot keeps (listed snapshots only)."""
+    origin: str | None = None
+    """The manifest (JSON) of the `.neon` file it was imported from, if it was."""
+    storage: str | None = None
+    """The s3 storage it was attached from (a history read from a bucket), if it was."""
+
+    _OMIT_WHEN_NONE = frozenset({"size_bytes", "origin", "storage"})
+
+    @property
+    def lsn_text(self) -> str:
+        return format_lsn(self.lsn)
+
+
+@method("snapshot.create", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotCreateRequest(ApiRequest):
+    """Name the node's current record boundary, once ingest reached `lsn` if given."""
+
+    node_id: str
+    name: str
+    lsn: int | None = None
+    wait_timeout: float = DEFAULT_WAIT_SECONDS
+    at_server_lsn: bool = False
+    """Wait for what the server has flushed now (the pageserver asks it: IDENTIFY_SYSTEM), for
+    a CLI that cannot reach the server itself (`--pageserver`)."""
+
+    def __post_init__(self) -> None:
+        _check_lsn("lsn", self.lsn)
+        _check_wait(self.wait_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotListResponse(ListResponse):
+    items: list[SnapshotInfo]
+
+
+@method("snapshot.list", SnapshotListResponse)
+@dataclass(frozen=True, slots=True)
+class SnapshotListRequest(ApiRequest):
+    pass
+
+
+@method("snapshot.show", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotShowRequest(ApiRequest):
+    name: str
+
+
+@method("snapshot.destroy", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotDestroyRequest(ApiRequest):
+    name: str
+
+
+@method("snapshot.import", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotImportRequest(ApiRequest):
+    """Import a cleanly shut-down data directory as snapshot `name` (a bare name) on a new
+    root timeline of the storage whose page history is at `store_dir`."""
+
+    name: str
+    datadir: str
+    store_dir: str
+    origin: str | None = None
+    """The manifest (JSON) of the `.neon` file the directory came from, if it did."""
+    neon_file: str | None = None
+    """A whole `.neon` file to import (pageserver/ingest/import_neon.py), read by the
+    pageserver: `datadir` (absent or empty) then gets its small files; `origin` must be its."""
+    label: str | None = None
+    """How errors name `neon_file` (its URL)."""
+    fetching: bool = False
+    """`neon_file` is still being written by the caller (a fetch): read as it grows, until
+    `<neon_file>.done` (or `.failed`: the import fails) appears beside it."""
+
+
+@method("snapshot.import_delta", SnapshotInfo)
+@dataclass(frozen=True, slots=True)
+class SnapshotImportDeltaRequest(ApiRequest):
+    """Import a delta `.neon` file's tar, extracted as it is at `datadir`, as snapshot `name`
+    on a branch of snapshot `parent` (in its storage): only what changed is written."""
+
+    name: str
+    datadir: str
+    parent: str
+    origin: str
+    """The manifest (JSON) of the snapshot the delta makes, as a whole snapshot's."""
+
+
+@dataclass(frozen=True, slots=True)
+class BranchResponse(ApiResponse):
+    """The node's new state; its WAL decoding starts at `decode_from`."""
+
+    timeline_id: str
+    start_lsn: int
+    wal_segment_size: int
+    pg_timeline: int
+    checkouts: int
+    lsn: int
+    """The snapshot's LSN the timeline branched at."""
+    decode_from: int | None = None
+    parent: str | None = None
+
+
+@method("node.branch", BranchResponse)
+@dataclass(frozen=True, slots=True)
+class NodeBranchRequest(ApiRequest):
+    """Point a node at a new timeline branched from a snapshot."""
+
+    node_id: str
+    snapshot: str
+    pg_timeline: int | None = None
+    """PostgreSQL timeline of the new branch (default: the node's current one + 1)."""
+    checkout: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("pg_timeline", self.pg_timeline)
+
+
+@dataclass(frozen=True, slots=True)
+class BasebackupPlan(ApiResponse):
+    """Where the archive's WAL is: new WAL of a server started on it begins at `end_lsn`."""
+
+    lsn: int
+    checkpoint_lsn: int
+    end_lsn: int
+    pg_timeline: int
+    wal_segment: str
+    system_identifier: int
+    wal_segment_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class TablespaceLocation(ApiResponse):
+    """A non-default tablespace of a basebackup and its location in the page history ("":
+    in-place). The archive always has it in place (pageserver/basebackup/tar_stream.py)."""
+
+    oid: int
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
+class BasebackupResponse(BasebackupPlan):
+    """The plan of a streamed basebackup, known once its tar has been sent."""
+
+    bytes: int
+    """Bytes streamed: of the tar, or of the `.neon` file when one was asked for."""
+    tablespaces: list[TablespaceLocation] = field(default_factory=list)
+    tar_bytes: int = 0
+    """Bytes of the tar (inside the `.neon` file when one was asked for)."""
+    parent: str | None = None
+    """The snapshot a delta `.neon` file applies to (None: a whole one)."""
+    parent_lsn: int | None = None
+    full_tar_bytes: int = 0
+    """Bytes of the whole snapshot's tar: `tar_bytes` for a whole file, what a whole file's
+    tar would hold for a delta."""
+
+
+@method("basebackup", BasebackupResponse, streams=True)
+@dataclass(frozen=True, slots=True)
+class BasebackupRequest(ApiRequest):
+    """A tar of a startable data directory: a snapshot, or a node's branch point."""
+
+    node_id: str | None = None
+    snapshot: str | None = None
+    pg_timeline: int | None = None
+    timeline_history: bytes | None = None
+    """The .history file of `pg_timeline` (default: one line naming the branch point)."""
+    mtime: int | None = None
+    """Unix time written as the members' mtime, pg_control's time and the checkpoint's time
+    (default: the daemon's clock). Fixed, the same state always gives the same bytes."""
+    snapshot_file: bool | None = None
+    """True: stream the tar as a `.neon` snapshot file (snapfile/) instead: the daemon compresses
+    the frames on its threads, so a twentieth of the bytes crosses the socket."""
+    created_at: int | None = None
+    """The `.neon` manifest's creation time, Unix seconds (default: the daemon's clock)."""
+    delta_from: list[str] | None = None
+    """Snapshots the receiver has: the newest of them that lies on `snapshot`'s history
+    (same page history, an ancestor state) becomes the parent of a delta `.neon` file, which
+    carries only the pages written since; none does: a whole file. The result names it."""
+    checkout_from: str | None = None
+    """`pg checkout`: the snapshot of the node's state before it (`HEAD{i}`), whose stopped
+    data directory the delta (tar, or `.neon` file) of the node's branch point applies to, in
+    place (pageserver/basebackup/checkout_delta.py); refused (InvalidArgument) where only a
+    full rebuild is right."""
+    hints_logged_from: int | None = None
+    """With checkout_from: the LSN from which the directory's hint bits are WAL-logged."""
+
+    def __post_init__(self) -> None:
+        if self.node_id is None and self.snapshot is None:
+            raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        if self.checkout_from is not None and not (
+            self.node_id and self.snapshot is None
+            and self.delta_from is None and self.hints_logged_from is not None
+        ):  # fmt: skip
+            raise InvalidArgument(
+                "basebackup checkout_from applies to a node's branch point, with hints_logged_from"
+            )
+        _check_positive("pg_timeline", self.pg_timeline)
+        if self.created_at is not None and not self.snapshot_file:
+            raise InvalidArgument("basebackup created_at applies to a snapshot file only")
+        if self.delta_from is not None and not (self.snapshot_file and self.snapshot):
+            raise InvalidArgument(
+                "basebackup delta_from applies to the snapshot_file of a snapshot only"
+            )
+        if self.mtime is not None and not 0 <= self.mtime < 8**11:
+            raise InvalidArgument(f"basebackup mtime {self.mtime} does not fit a tar header")
+
+
+@method("basebackup.plan", BasebackupPlan)
+@dataclass(frozen=True, slots=True)
+class BasebackupPlanRequest(ApiRequest):
+    """What `basebackup` with the same parameters would describe in its result (LSN, PG
+    timeline, system identifier), before any byte: an export checks against it that the
+    snapshot it streamed is the one it was asked for."""
+
+    node_id: str | None = None
+    snapshot: str | None = None
+    pg_timeline: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.node_id is None and self.snapshot is None:
+            raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        _check_positive("pg_timeline", self.pg_timeline)
