@@ -16,11 +16,12 @@ is not a `.neon` file.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 from cli.progress import Progress
 from cli.snapshot_file_source import chained, check_manifest, peek_manifest
@@ -80,24 +81,56 @@ async def _import(source: str, workdir: Path, progress: Progress, send: Send[T])
         if head is None or not _whole(head, label):
             return None
         target = workdir / FETCHED_NAME
-        with target.open("xb", buffering=0) as out:
-            whole = LocalNeonFile(target, label, origin_of(head), fetching=True)
-            request = asyncio.ensure_future(asyncio.to_thread(send, whole))
-            try:
-                async for chunk in chained(first, chunks):
-                    if request.done():  # it failed (it cannot end before the fetch)
-                        await request
-                        raise AssertionError("the import ended before its file was fetched")
-                    _write_all(out, chunk)
-            except BaseException:
-                _mark(target, FAILED_SUFFIX)
-                with contextlib.suppress(BaseException):
-                    await request
-                raise
-        _mark(target, DONE_SUFFIX)
-        return await request
+        async with GrowingFile(target, label, origin_of(head), send) as growing:
+            await growing.write(chained(first, chunks))
+            return await asyncio.to_thread(growing.finish)
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+
+
+class GrowingFile(Generic[T]):
+    """A whole `.neon` file written at `target` here (a fetch, or a push `neon snapshot
+    recv` takes) while the import `send` (on a thread of its own, begun at once) reads it as
+    it grows: `write` its chunks, then `finish` (the file is complete: the import's answer).
+    Leaving the block without `finish` marks the file failed and waits for the import to end
+    (it fails, and the pageserver removes what it wrote)."""
+
+    def __init__(self, target: Path, label: str, origin: str, send: Send[T]) -> None:
+        self._target = target
+        self._out = target.open("xb", buffering=0)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "neon-file-import")
+        whole = LocalNeonFile(target, label, origin, fetching=True)
+        self._request = self._pool.submit(send, whole)
+        self._ended = False
+
+    async def write(self, chunks: AsyncIterator[bytes]) -> None:
+        """Append `chunks` to the file; an import that ended already (refused: a damaged
+        frame, a name taken) stops the transfer with its error."""
+        async for chunk in chunks:
+            if self._request.done():  # it failed (it cannot end before the file does)
+                self._request.result()
+                raise AssertionError("the import ended before its file was complete")
+            _write_all(self._out, chunk)
+
+    def finish(self) -> T:
+        """The file is complete: the import's answer (blocking; the pageserver may still be
+        reading the file's end)."""
+        self._out.close()
+        _mark(self._target, DONE_SUFFIX)
+        self._ended = True
+        return self._request.result()
+
+    async def __aenter__(self) -> GrowingFile[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._out.close()
+        if not self._ended:
+            self._ended = True
+            _mark(self._target, FAILED_SUFFIX)
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(self._request)
+        self._pool.shutdown(wait=False)
 
 
 def _write_all(out: BinaryIO, data: bytes) -> None:

@@ -6,10 +6,15 @@ fresh one is issued for the next pusher (a push cut short does not consume it, s
 run again). Tokens are compared in constant time; a used one is refused as used, any other as
 wrong.
 
-A received stream goes through the same verifying reader and checked extractor as `neon
-snapshot import` of a file (cli/snapshot_file_source.py) into a private work directory; the
-snapshot is imported only after the file's trailing checksums matched, so a cut, tampered or
-oversized stream leaves nothing but a removed work directory.
+A whole `.neon` file is taken in as `neon snapshot pull` takes a fetched one
+(cli/neon_file_import.py): written, still compressed, into a private work directory of the
+storage while the pageserver reads it as it grows, verifying every frame before using it
+(pageserver/ingest/import_neon.py); the file ends for the pageserver only under the commit
+lock, after the token's second check, and the snapshot is named only once the whole file
+checked out. A delta goes through the same verifying reader and checked extractor as `neon
+snapshot import` of a file (cli/snapshot_file_source.py) into the work directory, and is
+imported once the file's trailing checksums matched. Either way a cut, tampered or oversized
+stream leaves nothing but a removed work directory (and a deleted timeline).
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ from typing import Any, Protocol, cast
 
 from cli.context import App
 from cli.delta_import import parent_here
-from cli.live_import import LiveImport
+from cli.neon_file_import import FETCHED_NAME, GrowingFile
 from cli.pageserver_control import local_api
 from cli.progress import Progress
-from cli.snapshot_commands import check_new_import, native_storage_path, register_import
+from cli.snapshot_commands import (
+    check_new_import,
+    native_storage_path,
+    register_import,
+    register_neon_file,
+)
 from cli.snapshot_file_source import (
     chained,
+    check_manifest,
     missing_parent,
     peek_manifest,
     unpack_delta,
@@ -252,14 +263,8 @@ class Receiver:
         counted = _Counted(chunks, progress)
         label = f"the pushed {file_name}"
         with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
-            live: LiveImport[SnapshotInfo] = LiveImport(
-                workdir / "pgdata",
-                lambda pgdata, origin: register_import(
-                    self.api, name, pgdata, self.storage_path, origin
-                ),
-            )
-            with live:  # a whole file is imported as it comes; named only under the lock
-                register = await self._unpack(counted.chunks(), label, name, workdir, live)
+            async with contextlib.AsyncExitStack() as imports:  # each import ends in the block
+                register = await self._unpack(counted.chunks(), label, name, workdir, imports)
                 async with self._commit:
                     self.tokens.check(token)  # another push with it may have finished meanwhile
                     snap = await asyncio.to_thread(register)
@@ -268,26 +273,34 @@ class Receiver:
 
     async def _unpack(
         self, chunks: AsyncIterator[bytes], label: str, name: str, workdir: Path,
-        live: LiveImport[SnapshotInfo],
+        imports: contextlib.AsyncExitStack,
     ) -> Callable[[], SnapshotInfo]:  # fmt: skip
-        """Extract the pushed `.neon` file into `workdir`; return what imports it as `name`.
-        A whole file is a data directory, imported by `live` as it arrives (its end: once
-        the directory checked out); a delta on a snapshot received here before is imported
-        on a branch of it, writing only what changed."""
+        """Take the pushed `.neon` file in under `workdir`; return what imports it as `name`
+        (called only under the commit lock: nothing is named before). A whole file is written
+        there as it comes and read by the pageserver as it grows (cli/neon_file_import.py: it
+        verifies every frame, and the file ends only when the returned call says so); a delta
+        on a snapshot received here before is extracted and imported on a branch of it,
+        writing only what changed. The imports begun end (fail, unless finished) as
+        `imports` closes."""
         head, first = await peek_manifest(chunks, label)
         rest = chained(first, chunks)
         parent = None if head is None else SnapshotIdentity.parent_of(head)
-        if head is None or parent is None:
+        if head is not None and parent is None:
+            check_manifest(head, label)
+            send = functools.partial(register_neon_file, self.api, name, workdir, self.storage_path)
+            growing = GrowingFile(workdir / FETCHED_NAME, label, origin_of(head), send)
+            await imports.enter_async_context(growing)
+            await growing.write(rest)
+            return growing.finish
+        if head is None:  # no manifest at its head: the extraction says what is wrong
             pgdata = workdir / "pgdata"
-            manifest = await unpack_snapshot_stream(rest, label, pgdata, head, live)
-            live.extracted()
+            manifest = await unpack_snapshot_stream(rest, label, pgdata, head)
             if not is_clean_datadir(pgdata):
                 raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
-            if live.begun:
-                return live.finish
             return functools.partial(
                 register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
             )
+        assert parent is not None
         base = await parent_here(self.api, parent)
         if base is None:
             raise missing_parent(label, parent, "this receiver")

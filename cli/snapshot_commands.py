@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -44,6 +44,9 @@ from pageserver_api.models import (
 )
 from pg15.lsn import format_lsn
 from proto.errors import AlreadyExists, Conflict, ExternalCommandFailed, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from cli.neon_file_import import LocalNeonFile
 
 SNAPSHOT_SERVER_PORT = 55432
 PORT_ATTEMPTS = 3
@@ -201,7 +204,7 @@ def import_snapshot(
     native storage `storage`; nothing is visible unless the whole import succeeded."""
     from cli.delta_import import parent_here
     from cli.live_import import LiveImport
-    from cli.neon_file_import import LocalNeonFile, import_whole_file
+    from cli.neon_file_import import import_whole_file
     from cli.snapshot_file_source import is_neon_source
     from cli.snapshot_import import import_workdir, prepare_clean_datadir
 
@@ -210,14 +213,7 @@ def import_snapshot(
     try:
         with import_workdir(storage_path) as workdir:
             if not tablespace_mapping and is_neon_source(source):  # the pageserver reads it
-
-                def send(whole: LocalNeonFile) -> SnapshotInfo:
-                    request = SnapshotImportRequest(
-                        name, str(workdir / "pgdata"), str(storage_path / HISTORY_DIR),
-                        whole.origin, str(whole.path), whole.label, whole.fetching,
-                    )  # fmt: skip
-                    return api.snapshot_import(request)
-
+                send = functools.partial(register_neon_file, api, name, workdir, storage_path)
                 imported = import_whole_file(source, workdir, progress, send)
                 if imported is not None:
                     return imported
@@ -280,6 +276,20 @@ def register_import(
     """Have the pageserver take the cleanly shut-down `datadir` in as snapshot `name`
     (`origin`: the manifest of the `.neon` file it came from)."""
     request = SnapshotImportRequest(name, str(datadir), str(storage_path / HISTORY_DIR), origin)
+    return api.snapshot_import(request)
+
+
+def register_neon_file(
+    api: SyncPageserverClient, name: str, workdir: Path, storage_path: Path,
+    whole: LocalNeonFile,
+) -> SnapshotInfo:  # fmt: skip
+    """Have the pageserver read the whole `.neon` file `whole` itself and take it in as
+    snapshot `name`, its small files extracted into `workdir`/pgdata
+    (pageserver/ingest/import_neon.py)."""
+    request = SnapshotImportRequest(
+        name, str(workdir / "pgdata"), str(storage_path / HISTORY_DIR),
+        whole.origin, str(whole.path), whole.label, whole.fetching,
+    )  # fmt: skip
     return api.snapshot_import(request)
 
 

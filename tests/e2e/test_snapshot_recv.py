@@ -278,6 +278,79 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
     receiver.run("snapshot", "destroy", "good")
 
 
+def written_by(pid: int) -> int:
+    """Bytes process `pid` has written so far (files, pipes, sockets: /proc/PID/io wchar)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no wchar in /proc/{pid}/io")
+
+
+def timelines(neon: NeonCli) -> list[str]:
+    return sorted(p.name for p in (neon.home / "storage").rglob("timelines/*"))
+
+
+def test_the_pageserver_reads_a_pushed_file_as_it_arrives(
+    homes: tuple[NeonCli, NeonCli], reference: str
+) -> None:
+    """A whole file pushed to recv is written still compressed, and the receiving pageserver
+    reads it as it grows (cli/neon_file_import.py): the receiving CLI writes about the
+    file's bytes, never the data directory (extracting it there wrote every file of it,
+    several times the file's size)."""
+    sender, receiver = homes
+    with receiving(receiver) as recv:
+        url = recv.line()
+        before = written_by(recv.proc.pid)
+        summary = sender.json("snapshot", "push", "--to", url, SNAP)
+        recv.line()  # the next URL: the snapshot is in
+        written = written_by(recv.proc.pid) - before
+        recv.proc.send_signal(signal.SIGTERM)
+        recv.proc.communicate(timeout=60)
+    try:
+        sent, full = summary["bytes_sent"], summary["snapshot_bytes"]
+        assert full > 4 * sent  # a data directory written out would be far more than the file
+        assert sent <= written < sent + 1024 * 1024, (written, sent, full)
+        assert dump(receiver, "pgdata1-snap1") == reference
+    finally:
+        receiver.run("snapshot", "destroy", "pgdata1-snap1")
+
+
+def test_streams_damaged_anywhere_are_refused_by_the_reading_pageserver(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path
+) -> None:
+    """A byte flipped in the first frame (found while the stream still arrives), in the
+    trailing checksums (found only once it ended), bytes after its end, and a stream cut
+    after the head: each refused naming the file, no snapshot, no timeline and no work
+    directory left, the token still good."""
+    sender, receiver = homes
+    good = tmp_path / "good.neon"
+    sender.run("snapshot", "export", SNAP, "-o", str(good))
+    data = good.read_bytes()
+    early, late = bytearray(data), bytearray(data)
+    early[70 * 1024] ^= 0x01  # past the manifest (it ends within 67 KiB): the first frame
+    late[-20] ^= 0x01
+    kept = timelines(receiver)
+    storage = receiver.home / "storage"
+    with receiving(receiver) as recv:
+        url = recv.line()
+        for name, damaged in [
+            ("early.neon", bytes(early)), ("late.neon", bytes(late)),
+            ("longer.neon", data + b"\0" * 4096), ("head.neon", data[: 70 * 1024]),
+        ]:  # fmt: skip
+            with pytest.raises(NeonError, match=re.escape(name)):
+                write_object(url, name, damaged)
+            assert snapshots(receiver) == []
+            assert timelines(receiver) == kept
+            assert list(storage.glob(".import-*")) == []
+        write_object(url, "good.neon", data)
+        assert URL.match(recv.line())
+        recv.proc.send_signal(signal.SIGTERM)
+        _, err = recv.proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert snapshots(receiver) == ["good"]
+    receiver.run("snapshot", "destroy", "good")
+
+
 def test_bad_arguments_are_one_line(homes: tuple[NeonCli, NeonCli]) -> None:
     sender, receiver = homes
     assert "invalid snapshot name" in receiver.fail("snapshot", "recv", "a@b")
