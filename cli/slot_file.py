@@ -16,9 +16,8 @@ import os
 import struct
 from pathlib import Path, PurePosixPath
 
-import crc32c
-
 from cli.pg_files import open_pg_dir, write_pg_file_at
+from pg15.checksum import crc32c
 
 SLOT_MAGIC = 0x1051CA1
 SLOT_VERSION = 2
@@ -40,7 +39,7 @@ def slot_state(name: str, restart_lsn: int) -> bytes:
         raise ValueError(f"slot name {name!r} does not fit NameData")
     data = _SLOT_DATA.pack(raw, 0, RS_PERSISTENT, 0, 0, restart_lsn, 0, 0, 0, False, b"")
     body = struct.pack("<II", SLOT_VERSION, _SLOT_DATA.size) + data
-    return _HEADER.pack(SLOT_MAGIC, crc32c.crc32c(body), SLOT_VERSION, _SLOT_DATA.size) + data
+    return _HEADER.pack(SLOT_MAGIC, crc32c(body), SLOT_VERSION, _SLOT_DATA.size) + data
 
 
 def write_physical_slot(datadir: Path, name: str, restart_lsn: int) -> None:

@@ -13,8 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
-
+from pg15.checksum import crc32c
 from pg15.rmgr.xlog import CheckPoint
 from proto.errors import CorruptData
 
@@ -73,7 +72,7 @@ def parse_control_file(data: bytes, source: str = "pg_control") -> ControlFile:
     if len(data) < _CRC_OFFSET + 4:
         raise CorruptData(f"{source} is truncated ({len(data)} bytes)")
     (stored,) = _CRC.unpack_from(data, _CRC_OFFSET)
-    if crc32c.crc32c(data[:_CRC_OFFSET]) != stored:
+    if crc32c(data[:_CRC_OFFSET]) != stored:
         raise CorruptData(f"{source} has a bad CRC; the file is corrupt")
     sysid, version, catversion, state, _time, checkpoint_lsn = _HEAD.unpack_from(data, 0)
     if version != PG_CONTROL_VERSION:
@@ -110,7 +109,7 @@ def with_checkpoint(
     (unlogged,) = _UNLOGGED_LSN.unpack_from(buf, _UNLOGGED_LSN_OFFSET)
     _UNLOGGED_LSN.pack_into(buf, _UNLOGGED_LSN_OFFSET, max(unlogged, FIRST_NORMAL_UNLOGGED_LSN))
     _RECOVERY_FIELDS.pack_into(buf, _RECOVERY_FIELDS_OFFSET, 0, 0, 0, 0, False)
-    _CRC.pack_into(buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
+    _CRC.pack_into(buf, _CRC_OFFSET, crc32c(bytes(buf[:_CRC_OFFSET])))
     return bytes(buf)
 
 
@@ -128,7 +127,7 @@ def for_standby(control: bytes, min_recovery_point: int, min_recovery_tli: int) 
     _RECOVERY_FIELDS.pack_into(
         buf, _RECOVERY_FIELDS_OFFSET, min_recovery_point, min_recovery_tli, 0, 0, False
     )
-    _CRC.pack_into(buf, _CRC_OFFSET, crc32c.crc32c(bytes(buf[:_CRC_OFFSET])))
+    _CRC.pack_into(buf, _CRC_OFFSET, crc32c(bytes(buf[:_CRC_OFFSET])))
     return bytes(buf)
 
 

@@ -30,8 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from crc32c import crc32c
-
+from pg15.checksum import crc32c
 from pg15.constants import RM_MAX_BUILTIN_ID, RM_MIN_CUSTOM_ID, RM_XLOG_ID, XLOG_BLCKSZ
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, format_lsn, segment_file_name
 from pg15.native import walscan

@@ -33,6 +33,7 @@ HEAVY = (
     "cli.attach",
     "cli.rest_commands",
     "tqdm",  # only a terminal shows a bar
+    "crc32c",  # its import reads package metadata (13-21 ms): pg15/checksum.py
 )
 """Modules (and their submodules) that `neon --help`, `snapshot create` and `pg checkout`
 must not import."""
