@@ -22,6 +22,7 @@ from pageserver.storage.keys import (
     fork_blocks_range,
     rel_block_key,
 )
+from pageserver.storage.layers.blocks import LayerFile
 from pageserver.storage.layers.layer_map import image_tiles
 from pageserver.storage.timeline import RangeRead, Timeline
 
@@ -65,29 +66,70 @@ def rel_pages(
     # Keys sort as their block numbers do: the block is the last, big-endian field
     # (pageserver.storage.keys), after a prefix shared by the fork's keys.
     prefix = wanted.start[:-4]
-    for run in range(first, last, _RUN_BLOCKS):
-        blocks = range(run, min(last, run + _RUN_BLOCKS))
-        keys = [Key(prefix + b.to_bytes(4, "big")) for b in blocks]
-        if plan is None:
+
+    def run_keys(run: int) -> tuple[list[Key], KeyRange]:
+        stop = min(last, run + _RUN_BLOCKS)
+        keys = [Key(prefix + b.to_bytes(4, "big")) for b in range(run, stop)]
+        end = wanted.end if stop == last else Key(prefix + stop.to_bytes(4, "big"))
+        return keys, KeyRange(keys[0], end)
+
+    runs = range(first, last, _RUN_BLOCKS)
+    if plan is None:
+        for run in runs:
+            keys, _ = run_keys(run)
             yield from _pages(
                 slow_values(keys) if slow_values is not None else per_key(timeline, keys, lsn)
             )
-            continue
-        end = wanted.end if blocks.stop == last else Key(prefix + blocks.stop.to_bytes(4, "big"))
-        stored = _images_in(KeyRange(keys[0], end), plan)
-        slow_keys = plan.slow
-        if slow_keys.isdisjoint(keys):
-            # Every page from the images (an imported or compacted database's common
-            # case): no per-key set lookup.
-            yield from _merged(keys, stored, iter(()), frozenset())
-        elif slow_values is not None:
-            # Rebuilt in bulk, the keys only images hold too: the rebuild decompresses each
-            # image block of the run once, where a scan beside it decompressed them again
-            # (a third of a 1 GiB extraction's zstd time after a pgbench run).
-            yield from _pages(slow_values(keys))
-        else:
-            slow = [key for key in keys if key in slow_keys]
-            yield from _merged(keys, stored, per_key(timeline, slow, lsn), slow_keys)
+        return
+    # Each run's image blocks are decompressed on other threads while the run before it is
+    # read (`LayerFile.prefetch`), and those it did not read are dropped after it.
+    slow_keys = plan.slow
+    coming = run_keys(first) if runs else None
+    prefetched: Prefetched = []
+    ahead = _prefetch(coming, plan, slow_values is not None) if coming else []
+    try:
+        for run in runs:
+            assert coming is not None
+            (keys, run_range), prefetched = coming, ahead
+            coming = run_keys(run + _RUN_BLOCKS) if run + _RUN_BLOCKS < last else None
+            ahead = _prefetch(coming, plan, slow_values is not None) if coming else []
+            if slow_keys.isdisjoint(keys):
+                # Every page from the images (an imported or compacted database's common
+                # case): no per-key set lookup.
+                yield from _merged(keys, _images_in(run_range, plan), iter(()), frozenset())
+            elif slow_values is not None:
+                # Rebuilt in bulk, the keys only images hold too: the rebuild decompresses
+                # each image block of the run once, where a scan beside it decompressed them
+                # again (a third of a 1 GiB extraction's zstd time after a pgbench run).
+                yield from _pages(slow_values(keys))
+            else:
+                slow = [key for key in keys if key in slow_keys]
+                stored = _images_in(run_range, plan)
+                yield from _merged(keys, stored, per_key(timeline, slow, lsn), slow_keys)
+            _drop(prefetched)
+    finally:  # the consumer may stop early: nothing stays decompressed for nobody
+        _drop(prefetched)
+        _drop(ahead)
+
+
+Prefetched = list[tuple[LayerFile, list[int]]]
+
+
+def _prefetch(run: tuple[list[Key], KeyRange], plan: RangeRead, bulk: bool) -> Prefetched:
+    """Start decompressing the image blocks a run reads in bulk (an image scan, or the bulk
+    rebuild's image cursors: not the per-key path, which reads through the block cache)."""
+    keys, run_range = run
+    if not bulk and not plan.slow.isdisjoint(keys):
+        return []
+    started: Prefetched = []
+    for piece, image in image_tiles(run_range, plan.images):
+        started.append((image.file, image.file.prefetch(image.file.blocks_of(piece))))
+    return started
+
+
+def _drop(prefetched: Prefetched) -> None:
+    for file, blocks in prefetched:
+        file.drop_prefetched(blocks)
 
 
 def _pages(values: Iterable[bytes | None]) -> Iterator[bytes]:

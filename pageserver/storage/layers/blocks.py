@@ -38,7 +38,7 @@ import uuid
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -271,6 +271,8 @@ class LayerFile:
         self._keys_at = self._blocks_at + h.n_blocks * _BLOCK_ENTRY.size
         self._versions_at = self._keys_at + h.n_keys * _KEY_ENTRY.size
         self._key_index: tuple[bytes, array[int]] | None = None
+        self._ahead: dict[int, Future[bytes]] = {}
+        """Blocks being decompressed on the pool for `read_block` (`prefetch`)."""
         self.raw_bytes = self._check_index()
         """Uncompressed bytes of every value block: what reading the whole file decompresses."""
         self._release(0, h.file_size)  # the header and the index, read by the checks
@@ -457,8 +459,47 @@ class LayerFile:
         return raw, first, last
 
     def read_block(self, b: int) -> bytes:
-        """Block b decompressed and checked, bypassing the cache (bulk reads)."""
+        """Block b decompressed and checked, bypassing the cache (bulk reads); taken from the
+        pool if it was prefetched."""
+        ahead = self._ahead.pop(b, None)
+        if ahead is not None:
+            with contextlib.suppress(CancelledError):  # dropped by another reader meanwhile
+                return ahead.result()  # its LayerCorrupt, as when read here
         return self._block(b, use_cache=False)
+
+    def blocks_of(self, key_range: KeyRange) -> range:
+        """The value blocks holding the newest versions of key_range's keys (an image
+        layer's values: one version per key), from the index."""
+        firsts = self._keys()[1]
+        lo, hi = self.lower_bound(key_range.start), self.lower_bound(key_range.end)
+        if hi <= lo or firsts[hi] <= firsts[lo]:
+            return range(0)
+        first = self.version_tuple(firsts[lo + 1] - 1)[2]
+        last = self.version_tuple(firsts[hi] - 1)[2]
+        return range(min(first, last), max(first, last) + 1)
+
+    def prefetch(self, blocks: range) -> list[int]:
+        """Start decompressing `blocks` on the process's decompression threads (zstd releases
+        the GIL), for `read_block` to take: a bulk reader scanning a layer's blocks in order
+        then finds them ready, decompressed on the other cores while it worked on the ones
+        before (a 1 GiB basebackup's producer spent half its time in zstd). Returns those it
+        started: the caller drops the ones it did not read (`drop_prefetched`), so memory
+        stays what it asked for."""
+        pool = decompression_pool()
+        started = []
+        ahead = self._ahead
+        for b in range(max(blocks.start, 0), min(blocks.stop, self.header.n_blocks)):
+            if b not in ahead:
+                ahead[b] = pool.submit(self._block, b, use_cache=False)
+                started.append(b)
+        return started
+
+    def drop_prefetched(self, blocks: list[int]) -> None:
+        """Forget those of `blocks` not read yet (not started: not decompressed at all)."""
+        for b in blocks:
+            ahead = self._ahead.pop(b, None)
+            if ahead is not None:
+                ahead.cancel()
 
     def raw_bytes_in(self, key_range: KeyRange) -> int:
         """About the uncompressed bytes of the versions of key_range (the file's share of
@@ -546,7 +587,7 @@ class LayerFile:
                 raise LayerCorrupt(self.path, f"key {i} has no version")
             _lsn, tag, b, offset, length = unpack(m, at + last * size)
             if b != block_no:
-                block_no, block = b, self._block(b, use_cache=False)
+                block_no, block = b, self.read_block(b)
             end = offset + length
             if end > len(block) or length == 0 or block[offset] != tag:
                 raise LayerCorrupt(self.path, f"value reference into block {b} is invalid")
@@ -764,10 +805,24 @@ def compression_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+_unzstd_pool: ThreadPoolExecutor | None = None
+
+
+def decompression_pool() -> ThreadPoolExecutor:
+    """The process's threads decompressing blocks ahead of bulk readers (`prefetch`), apart
+    from the compression pool: a basebackup's blocks do not queue behind a flush's."""
+    global _unzstd_pool
+    with _pool_lock:
+        if _unzstd_pool is None:
+            workers = max(1, min(4, os.cpu_count() or 1))
+            _unzstd_pool = ThreadPoolExecutor(workers, thread_name_prefix="layer-unzstd")
+        return _unzstd_pool
+
+
 def _forget_pool() -> None:
-    """A forked child has none of the parent's threads: it starts a pool of its own."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+    """A forked child has none of the parent's threads: it starts pools of its own."""
+    global _pool, _unzstd_pool, _pool_lock
+    _pool, _unzstd_pool, _pool_lock = None, None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)

@@ -6,6 +6,7 @@ branch with versions of its own; a range only partly under image layers is read 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -254,3 +255,39 @@ def test_a_bulk_read_decompresses_each_image_block_once(
         materialize(timeline, rel_block_key(1663, 5, rel, fork, b), at) for b in range(nblocks)
     ]
     assert reads and len(reads) == len(set(reads))
+
+
+def test_a_bulk_read_has_its_image_blocks_decompressed_ahead_and_leaves_none(
+    history: tuple[TimelineStore, Timeline, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image blocks of a run are decompressed on the pool's threads (`LayerFile.prefetch`)
+    and read from there; a reader stopping early leaves none decompressed for nobody."""
+    _store, timeline, lsn0, _end = history
+    plan = timeline.plan_range_read(database_range(1663, 5), lsn0)
+    assert plan is not None and not plan.slow
+    images = {image.path for image in plan.images}
+    on: list[str] = []
+    real = LayerFile._block
+
+    def where(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+        if self.path in images:
+            on.append(threading.current_thread().name)
+        return real(self, b, use_cache=use_cache)
+
+    sizes = {
+        (rel, fork): get_rel_size(timeline, 1663, 5, rel, fork, lsn0) or 0
+        for rel, fork in list_rels(timeline, 1663, 5, lsn0)
+    }
+    (rel, fork), nblocks = max(sizes.items(), key=lambda item: item[1])
+    assert nblocks > 20
+    monkeypatch.setattr(LayerFile, "_block", where)
+    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0))
+    assert on and {name.startswith("layer-unzstd") for name in on} == {True}
+    assert got == [
+        materialize(timeline, rel_block_key(1663, 5, rel, fork, b), lsn0) for b in range(nblocks)
+    ]
+    pages = rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0)
+    next(pages)
+    assert any(image.file._ahead for image in plan.images)
+    pages.close()  # type: ignore[attr-defined]
+    assert not any(image.file._ahead for image in plan.images)

@@ -1,14 +1,18 @@
 """LayerFile.iter_newest (the bulk scan image layers use for basebackups) against the general
-iter_key_groups: the newest version of each key, its tag and payload, over any key range."""
+iter_key_groups: the newest version of each key, its tag and payload, over any key range; the
+blocks a range reads (`blocks_of`) decompressed ahead on the pool (`prefetch`)."""
 
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
+import pytest
+
 from pageserver.storage import keys as K
-from pageserver.storage.layers.blocks import BlockCache
-from pageserver.storage.layers.image import ImageLayerWriter
+from pageserver.storage.layers.blocks import BlockCache, LayerCorrupt, LayerFile
+from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from tests.pageserver.storage.layers.test_layers import (
     SETTINGS,
     rel_key,
@@ -43,3 +47,84 @@ def test_image_scan_yields_the_pages(tmp_path: Path) -> None:
     layer = writer.finish(BlockCache(1 << 20))
     got = list(layer.scan(K.KeyRange(rel_key(10), rel_key(200))))
     assert got == [(rel_key(b), p) for b, p in pages.items() if 10 <= b < 200]
+
+
+def _image_layer(path: Path, n: int = 120) -> tuple[ImageLayer, dict[int, bytes]]:
+    rng = random.Random(11)
+    pages = {blk: rng.randbytes(rng.randint(100, 700)) for blk in range(n)}
+    writer = ImageLayerWriter(path, K.FULL_KEYSPACE, 500, SETTINGS)
+    for blk, page in pages.items():
+        writer.add(rel_key(blk), page)
+    return writer.finish(BlockCache(1 << 20)), pages
+
+
+def test_blocks_of_names_the_blocks_a_scan_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer, _ = _image_layer(tmp_path)
+    f = layer.file
+    assert f.header.n_blocks > 20  # small blocks: many of them
+    read: list[int] = []
+    real = LayerFile._block
+
+    def counting(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+        read.append(b)
+        return real(self, b, use_cache=use_cache)
+
+    monkeypatch.setattr(LayerFile, "_block", counting)
+    for a, b in ((0, 120), (7, 8), (30, 90), (119, 200), (130, 140)):
+        key_range = K.KeyRange(rel_key(a), rel_key(b))
+        read.clear()
+        list(f.iter_newest(key_range))
+        assert list(f.blocks_of(key_range)) == sorted(set(read)), (a, b)
+
+
+def test_prefetched_blocks_are_decompressed_on_the_pool_and_read_as_the_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer, pages = _image_layer(tmp_path)
+    f = layer.file
+    want = {b: f._block(b, use_cache=False) for b in range(f.header.n_blocks)}
+    on: dict[int, str] = {}
+    real = LayerFile._block
+
+    def where(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+        on[b] = threading.current_thread().name
+        return real(self, b, use_cache=use_cache)
+
+    monkeypatch.setattr(LayerFile, "_block", where)
+    blocks = f.blocks_of(K.KeyRange(rel_key(20), rel_key(80)))
+    assert f.prefetch(blocks) == list(blocks)
+    assert f.prefetch(blocks) == []  # already on its way: not twice
+    got = {b: f.read_block(b) for b in blocks}
+    assert got == {b: want[b] for b in blocks}
+    assert {on[b].startswith("layer-unzstd") for b in blocks} == {True}
+    assert f._ahead == {}  # taken by the reads
+    # a scan takes them too, and reads the rest itself; the pages are the layer's
+    on.clear()
+    f.prefetch(blocks)
+    scanned = list(layer.scan(K.FULL_KEYSPACE))
+    assert scanned == [(rel_key(b), p) for b, p in pages.items()]
+    assert {on[b].startswith("layer-unzstd") for b in blocks} == {True}
+    assert f._ahead == {}
+    # dropped: forgotten, and read again from the file
+    started = f.prefetch(range(0, f.header.n_blocks + 5))  # past the end: not started
+    assert started == list(range(f.header.n_blocks))
+    f.drop_prefetched(started)
+    assert f._ahead == {}
+    assert f.read_block(3) == want[3]
+
+
+def test_a_damaged_prefetched_block_is_refused_when_read(tmp_path: Path) -> None:
+    layer, _ = _image_layer(tmp_path)
+    off = layer.file._map.size() // 3  # inside the value blocks
+    raw = bytearray(layer.path.read_bytes())
+    raw[off] ^= 0xFF
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(bytes(raw))
+    f = LayerFile(damaged, BlockCache(1 << 20))
+    assert off < f.header.index_offset
+    f.prefetch(range(f.header.n_blocks))
+    with pytest.raises(LayerCorrupt, match="checksum mismatch in value block"):
+        for b in range(f.header.n_blocks):
+            f.read_block(b)
