@@ -65,9 +65,9 @@ from cli.snapshot_commands import READ_ONLY_HBA, read_only_settings, standby_dir
 from cli.storages import validate_name
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import SnapshotCreateRequest, SnapshotDestroyRequest, SnapshotShowRequest
+from pg15.checkpoint import CHECKPOINT_RECORD_SIZE
 from pg15.lsn import format_lsn
 from pg15.pg_control import ControlFile, for_standby, read_control_file
-from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE
 from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
 
 NAME_PREFIX = "replica-"

@@ -13,8 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from pg15.checkpoint import CheckPoint
 from pg15.checksum import crc32c
-from pg15.rmgr.xlog import CheckPoint
 from proto.errors import CorruptData
 
 PG_CONTROL_VERSION = 1300

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
 
+from pg15.main_data import MainDataError as MainDataError
+from pg15.main_data import unpack as unpack
 from pg15.records import RelFileNode
-from proto.errors import CorruptData
 
 _RELFILENODE = struct.Struct("<III")
-
-
-class MainDataError(CorruptData):
-    """Main data too short or inconsistent for its record type."""
-
-
-def unpack(layout: struct.Struct, data: bytes, offset: int, what: str) -> tuple[Any, ...]:
-    """`layout.unpack_from` that names the record type when the data is too short."""
-    if len(data) < offset + layout.size:
-        raise MainDataError(f"{what}: main data has {len(data)} bytes, need {offset + layout.size}")
-    return layout.unpack_from(data, offset)
 
 
 def array(code: str, data: bytes, offset: int, count: int, what: str) -> tuple[int, ...]:

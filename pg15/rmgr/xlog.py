@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from pg15.checkpoint import CHECKPOINT_RECORD_SIZE as CHECKPOINT_RECORD_SIZE
+from pg15.checkpoint import CheckPoint as CheckPoint
 from pg15.rmgr.fields import MainDataError, unpack
 
 XLOG_CHECKPOINT_SHUTDOWN = 0x00
@@ -21,70 +23,12 @@ XLOG_FPI_FOR_HINT = 0xA0
 XLOG_FPI = 0xB0
 XLOG_OVERWRITE_CONTRECORD = 0xD0
 
-_CHECKPOINT = struct.Struct("<QII?7xQIIIIIII4xqIII4x")
 _PARAMETER_CHANGE = struct.Struct("<iiiiii??2x")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _RESTORE_POINT = struct.Struct("<q64s")
 _END_OF_RECOVERY = struct.Struct("<qII")
 _OVERWRITE = struct.Struct("<Qq")
-
-
-@dataclass(frozen=True, slots=True)
-class CheckPoint:
-    """The 88-byte CheckPoint struct (also pg_control's checkPointCopy)."""
-
-    redo: int
-    this_timeline: int
-    prev_timeline: int
-    full_page_writes: bool
-    next_full_xid: int
-    next_oid: int
-    next_multi: int
-    next_multi_offset: int
-    oldest_xid: int
-    oldest_xid_db: int
-    oldest_multi: int
-    oldest_multi_db: int
-    time: int
-    oldest_commit_ts_xid: int
-    newest_commit_ts_xid: int
-    oldest_active_xid: int
-
-    SIZE = _CHECKPOINT.size
-
-    @property
-    def next_xid_epoch(self) -> int:
-        return self.next_full_xid >> 32
-
-    @property
-    def next_xid(self) -> int:
-        return self.next_full_xid & 0xFFFFFFFF
-
-    @classmethod
-    def unpack(cls, data: bytes, offset: int = 0) -> CheckPoint:
-        return cls(*unpack(_CHECKPOINT, data, offset, "CheckPoint"))
-
-    def pack(self) -> bytes:
-        """The struct bytes with zero padding, for writing pg_control or a checkpoint record."""
-        return _CHECKPOINT.pack(
-            self.redo,
-            self.this_timeline,
-            self.prev_timeline,
-            self.full_page_writes,
-            self.next_full_xid,
-            self.next_oid,
-            self.next_multi,
-            self.next_multi_offset,
-            self.oldest_xid,
-            self.oldest_xid_db,
-            self.oldest_multi,
-            self.oldest_multi_db,
-            self.time,
-            self.oldest_commit_ts_xid,
-            self.newest_commit_ts_xid,
-            self.oldest_active_xid,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +143,3 @@ def decode(info: int, data: bytes) -> XlogMain:
     if op == XLOG_OVERWRITE_CONTRECORD:
         return XlogOverwriteContrecord(*unpack(_OVERWRITE, data, 0, "OVERWRITE_CONTRECORD"))
     raise MainDataError(f"unknown XLOG record info {info:#04x}")
-
-
-CHECKPOINT_RECORD_SIZE = 24 + 2 + 88
-"""A checkpoint record: the 24-byte XLogRecord header, the short main-data header
-(XLR_BLOCK_ID_DATA_SHORT and a length byte) and the 88-byte CheckPoint."""

@@ -34,6 +34,8 @@ HEAVY = (
     "cli.rest_commands",
     "tqdm",  # only a terminal shows a bar
     "crc32c",  # its import reads package metadata (13-21 ms): pg15/checksum.py
+    "pg15.records",  # the WAL record decoders (pg_control needs only pg15/checkpoint.py)
+    "pg15.rmgr",
 )
 """Modules (and their submodules) that `neon --help`, `snapshot create` and `pg checkout`
 must not import."""
