@@ -7,6 +7,7 @@ error for a parent found nowhere."""
 from __future__ import annotations
 
 import io
+import os
 import stat
 import tarfile
 from datetime import UTC, datetime
@@ -179,6 +180,46 @@ def test_segments_follow_the_fork_size(parent: Path) -> None:
     assert rel.stat().st_size == RELSEG_SIZE * BLCKSZ
     assert rel.with_name("100.1").read_bytes() == page(9)
     assert not rel.with_name("100.2").exists()
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, 8197, 1])
+def test_runs_of_pages_go_in_one_write_each(
+    parent: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consecutive blocks of one segment file are written with one pwritev (the real call,
+    counted): runs end at a gap and at a segment's end; records cut across feeds land all
+    the same."""
+    rel = parent / "base" / "5" / "100"
+    top = RELSEG_SIZE + 2
+    blocks = [0, 1, 2, 5, RELSEG_SIZE - 1, RELSEG_SIZE, RELSEG_SIZE + 1]
+    writes: list[tuple[int, int]] = []
+    real = os.pwritev
+
+    def counted(fd: int, buffers: list[memoryview], offset: int) -> int:
+        writes.append((offset // BLCKSZ, len(buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counted)
+    pages = {b: page(10 + i) for i, b in enumerate(blocks)}
+    apply(parent, delta_tar([("neon-delta/base/5/100", fork_data(top, pages))]), chunk=chunk)
+    with rel.open("rb") as f:
+        for b in [*blocks[:4], 3, 4, RELSEG_SIZE - 2]:
+            f.seek(b * BLCKSZ)
+            assert f.read(BLCKSZ) == pages.get(b, page(1) if b < 4 else bytes(BLCKSZ)), b
+    assert rel.with_name("100.1").read_bytes() == pages[RELSEG_SIZE] + pages[RELSEG_SIZE + 1]
+    if chunk > 1 << 20:  # the whole fork member in one feed
+        assert writes == [(0, 3), (5, 1), (RELSEG_SIZE - 1, 1), (0, 2)]
+    assert sum(n for _, n in writes) == len(blocks)
+
+
+def test_pages_before_a_bad_record_are_written(parent: Path) -> None:
+    """A block out of order is refused after the run before it was written, as when each
+    page was written on its own (the directory is thrown away either way)."""
+    rel = parent / "base" / "5" / "100"
+    body = fork_data(4, {0: page(7), 1: page(8)}) + BLOCK_NUMBER.pack(1) + page(9)
+    with pytest.raises(CorruptData, match="block 1 is out of order"):
+        apply(parent, delta_tar([("neon-delta/base/5/100", body)]), chunk=1 << 30)
+    assert rel.read_bytes()[: 2 * BLCKSZ] == page(7) + page(8)
 
 
 def test_fork_files_end_up_private_whoever_left_them(parent: Path) -> None:
