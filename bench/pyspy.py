@@ -9,6 +9,7 @@ samples whose stack holds them (inclusive) and by those where they are on top (s
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -18,8 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-RATE = 50
-"""Samples per second: enough for steps of seconds, little load on a 2-core box."""
+RATE = int(os.environ.get("PYSPY_RATE", "50"))
+"""Samples per second: enough for steps of seconds, little load on a 2-core box (PYSPY_RATE=250
+for steps of a tenth of a second: a small `bench.checkout --scale 10` run's fixed costs)."""
 
 
 def py_spy() -> str:
