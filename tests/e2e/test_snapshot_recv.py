@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,7 +251,7 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
     data = good.read_bytes()
     tampered = bytearray(data)
     tampered[len(data) // 2] ^= 0x40
-    storage = receiver.home / "storage"
+    storage = receiver.home / "storage" / "local"  # the default native storage
     with receiving(receiver) as recv:
         url = recv.line()
         with pytest.raises(CorruptData, match=r"tampered\.neon"):
@@ -330,7 +330,7 @@ def test_streams_damaged_anywhere_are_refused_by_the_reading_pageserver(
     early[70 * 1024] ^= 0x01  # past the manifest (it ends within 67 KiB): the first frame
     late[-20] ^= 0x01
     kept = timelines(receiver)
-    storage = receiver.home / "storage"
+    storage = receiver.home / "storage" / "local"  # the default native storage
     with receiving(receiver) as recv:
         url = recv.line()
         for name, damaged in [
@@ -347,6 +347,59 @@ def test_streams_damaged_anywhere_are_refused_by_the_reading_pageserver(
         recv.proc.send_signal(signal.SIGTERM)
         _, err = recv.proc.communicate(timeout=60)
     assert "Traceback" not in err, err
+    assert snapshots(receiver) == ["good"]
+    receiver.run("snapshot", "destroy", "good")
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_receiver_killed_mid_file_leaves_nothing(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path
+) -> None:
+    """recv SIGKILLed while the pageserver reads a pushed file as it grows: the pageserver
+    sees its caller gone and deletes the import's timeline (no snapshot), and the next
+    receive sweeps the dead one's work directory."""
+    sender, receiver = homes
+    good = tmp_path / "good.neon"
+    sender.run("snapshot", "export", SNAP, "-o", str(good))
+    data = good.read_bytes()
+    kept = timelines(receiver)
+    storage = receiver.home / "storage" / "local"  # the default native storage
+
+    async def push_half_then_kill(url: str, proc: subprocess.Popen[str]) -> None:
+        writer = (
+            await parse_location(url)
+            .named("torn.neon")
+            .store.open_write("torn.neon", overwrite=False)
+        )
+        await writer.write(data[: len(data) // 2])
+
+        def importing() -> bool:
+            spooled = storage.glob(".import-*/fetched.neon")
+            begun = len(timelines(receiver)) > len(kept)
+            sizes = [p.stat().st_size for p in spooled]
+            return begun and any(s > 0 for s in sizes)
+
+        await asyncio.to_thread(wait_for, importing, "the pageserver's import of the spool")
+        proc.kill()
+        proc.wait(timeout=60)
+        with contextlib.suppress(Exception):
+            await writer.abort()
+
+    with receiving(receiver) as recv:
+        asyncio.run(push_half_then_kill(recv.line(), recv.proc))
+    wait_for(lambda: timelines(receiver) == kept, "the torn import's timeline deleted")
+    assert snapshots(receiver) == []
+    assert len(list(storage.glob(".import-*"))) == 1  # the dead receiver's, until the next
+    with receiving(receiver, "--once") as recv:
+        write_object(recv.line(), "good.neon", data)
+        assert recv.proc.wait(timeout=60) == 0
+    assert list(storage.glob(".import-*")) == []
     assert snapshots(receiver) == ["good"]
     receiver.run("snapshot", "destroy", "good")
 
