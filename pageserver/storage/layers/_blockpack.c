@@ -248,9 +248,9 @@ py_newest_of_keys(PyObject *self, PyObject *args)
     Py_buffer keys, firsts, file, end;
     Py_ssize_t versions_at, start;
     int narrow;
-    unsigned long long lsn_base;
-    if (!PyArg_ParseTuple(args, "y*y*y*nny*pK:newest_of_keys", &keys, &firsts, &file,
-                          &versions_at, &start, &end, &narrow, &lsn_base))
+    unsigned long long lsn_base, upto = ~0ULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*nny*pK|K:newest_of_keys", &keys, &firsts, &file,
+                          &versions_at, &start, &end, &narrow, &lsn_base, &upto))
         return NULL;
     const Py_ssize_t size = narrow ? NARROW_SIZE : ENTRY_SIZE;
     PyObject *out = NULL;
@@ -280,12 +280,24 @@ py_newest_of_keys(PyObject *self, PyObject *args)
             Py_CLEAR(out);
             break;
         }
-        const uint8_t *e = (const uint8_t *)file.buf + versions_at + (stop - 1) * size;
+        /* the newest version at or below upto: entries are in LSN order within a key */
+        const uint8_t *e = NULL;
         unsigned long long lsn = 0;
-        for (int k = 0; k < (narrow ? 4 : 8); k++)
-            lsn = (lsn << 8) | e[k];
-        if (narrow)
-            lsn += lsn_base;
+        for (uint64_t v = stop; v > first; v--) {
+            const uint8_t *at = (const uint8_t *)file.buf + versions_at + (v - 1) * size;
+            unsigned long long at_lsn = 0;
+            for (int k = 0; k < (narrow ? 4 : 8); k++)
+                at_lsn = (at_lsn << 8) | at[k];
+            if (narrow)
+                at_lsn += lsn_base;
+            if (at_lsn <= upto) {
+                e = at;
+                lsn = at_lsn;
+                break;
+            }
+        }
+        if (e == NULL)
+            continue; /* every version of the key is above upto */
         PyObject *item = Py_BuildValue("(y#Ki)", key, (Py_ssize_t)KEY_SIZE, lsn,
                                        (int)e[narrow ? 4 : 8]);
         if (item == NULL || PyList_Append(out, item) < 0)

@@ -403,21 +403,31 @@ class LayerFile:
             return _native.blockpack.lower_bound(keys, KEY_SIZE, key)
         return lower_bound_python(keys, self.header.n_keys, key)
 
-    def newest_of_keys(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
-        """(key, LSN, tag) of the last (newest) version of keys number start.. below end_key
-        (the loop in C when the extension is built: key scans of whole layers, such as
-        image creation's listing of every key, walk it for every key of every layer)."""
+    def newest_of_keys(
+        self, start: int, end_key: bytes, upto: int | None = None
+    ) -> Iterator[tuple[Key, int, int]]:
+        """(key, LSN, tag) of the newest version (at or below `upto`, if given; keys with none
+        are left out) of keys number start.. below end_key (the loop in C when the extension
+        is built: key scans of whole layers, such as image creation's listing of every key,
+        walk it for every key of every layer, and a basebackup's plan walks a layer spanning
+        its LSN with `upto`: 0.3-0.4 s of Python per pgbench database before)."""
         keys, firsts = self._keys()
         if _native.blockpack is not None:
-            found: list[tuple[Key, int, int]] = _native.blockpack.newest_of_keys(
-                keys, firsts, self._map, self._versions_at, start, end_key,
-                self.narrow, self._lsn_base,
-            )  # fmt: skip
+            bound = () if upto is None else (upto,)
+            if upto is not None and upto < 0:
+                found: list[tuple[Key, int, int]] = []  # no LSN is negative
+            else:
+                found = _native.blockpack.newest_of_keys(
+                    keys, firsts, self._map, self._versions_at, start, end_key,
+                    self.narrow, self._lsn_base, *bound,
+                )  # fmt: skip
             self._release_versions_of(start, max(start, self.lower_bound(end_key)))
             return iter(found)
-        return self.newest_of_keys_python(start, end_key)
+        return self.newest_of_keys_python(start, end_key, upto)
 
-    def newest_of_keys_python(self, start: int, end_key: bytes) -> Iterator[tuple[Key, int, int]]:
+    def newest_of_keys_python(
+        self, start: int, end_key: bytes, upto: int | None = None
+    ) -> Iterator[tuple[Key, int, int]]:
         """The reference of `_blockpack.newest_of_keys` (see newest_of_keys)."""
         keys, firsts = self._keys()
         m, at, size, unpack = self._map, self._versions_at, self._vsize, self._vlsn_tag
@@ -426,8 +436,9 @@ class LayerFile:
             key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
             if key >= end_key:
                 break
-            last = firsts[i + 1] - 1
-            if last >= firsts[i]:
+            versions = range(firsts[i], firsts[i + 1])
+            last = versions.stop - 1 if upto is None else self.last_at_or_below(versions, upto)
+            if last >= versions.start:
                 lsn, tag = unpack.unpack_from(m, at + last * size)
                 yield Key(key), lsn + base, tag
 

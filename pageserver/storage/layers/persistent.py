@@ -86,20 +86,9 @@ class PersistentLayer:
         """(key, LSN, tag) of the newest version <= lsn of every key in range that has one."""
         f = self.file
         i = f.lower_bound(key_range.start)
-        if lsn >= self.lsn_end - 1:
-            # Every version is visible: the newest is each key's last one.
-            yield from f.newest_of_keys(i, key_range.end)
-            return
-        while i < f.n_keys:
-            key = f.key_at(i)
-            if key >= key_range.end:
-                break
-            versions = f.versions_of(i)
-            v = f.last_at_or_below(versions, lsn)
-            if v >= versions.start:
-                entry_lsn, tag, _, _, _ = f.version_tuple(v)
-                yield key, entry_lsn, tag
-            i += 1
+        # Every version visible: the newest is each key's last one; else the newest at or
+        # below lsn (a layer spanning a basebackup's LSN), both in one C loop.
+        yield from f.newest_of_keys(i, key_range.end, None if lsn >= self.lsn_end - 1 else lsn)
 
     def has_keys_in(self, key_range: KeyRange) -> bool:
         """True if the layer holds at least one key of key_range (index only)."""

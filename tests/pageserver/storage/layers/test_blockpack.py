@@ -166,6 +166,41 @@ def test_newest_of_keys_in_c_equals_the_python_reference(tmp_path: Path, c_exten
     layer.close()
 
 
+@pytest.mark.parametrize("level0", [True, False], ids=["wide", "narrow"])
+def test_newest_of_keys_at_or_below_an_lsn(tmp_path: Path, c_extension: None, level0: bool) -> None:
+    """newest_of_keys with `upto` (a basebackup's plan over a layer spanning its LSN): the
+    newest version at or below it of each key that has one, in C as in the Python reference
+    and as the per-key walk (versions_of + last_at_or_below) found it."""
+    versions = sample_versions(seed=13, n_keys=60)
+    directory = tmp_path / "d"
+    directory.mkdir()
+    writer = DeltaLayerWriter(directory, 100, 200, SETTINGS, level0=level0)
+    for key, group in grouped(versions):
+        writer.add_key(key, group)
+    layer = writer.finish(K.FULL_KEYSPACE, BlockCache(1 << 20))
+    f = layer.file
+    assert f.narrow is not level0
+    lsns = sorted({lsn for _, lsn, _ in versions})
+    for upto in (-1, 0, 99, lsns[0], lsns[len(lsns) // 2], lsns[-1] - 1, lsns[-1], 10**6):
+        walked = []
+        for i in range(f.n_keys):
+            v = f.last_at_or_below(f.versions_of(i), upto)
+            if v >= f.versions_of(i).start:
+                lsn, tag, _, _, _ = f.version_tuple(v)
+                walked.append((f.key_at(i), lsn, tag))
+        for start in (0, 7, 30):
+            want = [entry for entry in walked if entry[0] >= f.key_at(start)]
+            assert list(f.newest_of_keys(start, K.KEY_MAX, upto)) == want, upto
+            assert list(f.newest_of_keys_python(start, K.KEY_MAX, upto)) == want, upto
+        if upto < 100:
+            assert walked == []
+        if upto == lsns[len(lsns) // 2]:  # some keys' newest versions are above it
+            assert walked and walked != list(f.newest_of_keys(0, K.KEY_MAX))
+    assert len(list(f.newest_of_keys(0, K.KEY_MAX, 10**6))) == 60
+    assert list(f.newest_of_keys(0, K.KEY_MAX, 10**6)) == list(f.newest_of_keys(0, K.KEY_MAX))
+    layer.close()
+
+
 def test_hostile_index_arguments_raise_instead_of_reading_out_of_bounds(
     c_extension: None,
 ) -> None:
