@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.extract [--db-gib 1] [--wal-gib 1] [--min-run-mib 256]
                                       [--big-gib 4] [--snapshots 5] [--seed 1] [--keep]
+                                      [--py-spy DIR]
 
 1. A throwaway PostgreSQL 15 server is initdb'd (not started); its data directory is copied
    (BASE, the reference's base backup) and imported into a NodeStore at its shutdown
@@ -37,8 +38,11 @@ Prints a table and, last, one JSON line. Run by hand, never by CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -67,6 +71,7 @@ from bench.common import (
     wal_segment_size,
 )
 from bench.ingest import CHUNK
+from bench.pyspy import recording, summary, wrapped
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
 from pageserver.basebackup.sources import TimelineSource
@@ -166,16 +171,27 @@ def config_files(server: PgTestServer) -> dict[str, bytes]:
 
 
 def ours(
-    cluster: PgTestCluster, store: NodeStore, target: int, config: dict[str, bytes]
+    cluster: PgTestCluster,
+    store: NodeStore,
+    target: int,
+    config: dict[str, bytes],
+    py_spy: Path | None = None,
 ) -> tuple[StartResult, float, int]:
     """basebackup at `target` streamed into a process that unpacks it (as the pageserver
-    streams it to the `neon` CLI), configure, start."""
+    streams it to the `neon` CLI), configure, start. With `py_spy`, both sides are sampled
+    into it (basebackup.txt: this process, every thread; untar.txt: the unpacking process,
+    idle included, so its wait for the pipe shows)."""
     state = store.state
     assert state is not None
     server = cluster.create_empty(cluster.servers[0].settings)
     untar = [sys.executable, "-m", "bench.pipe_ends", "untar", str(server.datadir)]
+    sampling: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if py_spy is not None:
+        untar = wrapped(untar, py_spy / "untar.txt")
+        sampling = recording(os.getpid(), py_spy / "basebackup.txt")
     parts: dict[str, float] = {}
-    with measure() as m:
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with sampling, measure() as m:
         t0 = time.perf_counter()
         with subprocess.Popen(untar, stdin=subprocess.PIPE) as proc:
             assert proc.stdin is not None
@@ -192,6 +208,10 @@ def ours(
         if proc.returncode != 0:
             raise RuntimeError(f"unpacking our basebackup failed (exit {proc.returncode})")
         parts["basebackup_and_unpack_s"] = time.perf_counter() - t0
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        parts["unpack_cpu_s"] = (children1.ru_utime - children0.ru_utime) + (
+            children1.ru_stime - children0.ru_stime
+        )
         t0 = time.perf_counter()
         postmaster.write_config(server.datadir, *server.config())
         server.start()
@@ -410,7 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["machine_before_runs"] = machine_info()
 
             say("ours: basebackup at TARGET → a pipe → unpacked by a process of its own → start")
-            our, our_cpu, tar_bytes = ours(cluster, store, target, config)
+            our, our_cpu, tar_bytes = ours(cluster, store, target, config, args.py_spy)
             say(f"ours: {our.wall:.1f} s; PITR reference: copy BASE, replay to TARGET")
             pitr = pitr_ref(cluster, server, base, archive, target)
             say(f"PITR: {pitr.wall:.1f} s; cross-check")
@@ -528,12 +548,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshots", type=int, default=5, help="snapshot creates timed per size")
     ap.add_argument("--seed", type=int, default=1, help="random seed for the target LSN")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (data, layers)")
+    ap.add_argument("--py-spy", type=Path, metavar="DIR", help="sample our extraction into DIR")
     args = ap.parse_args(argv)
     if args.snapshots < 1:
         ap.error("--snapshots must be at least 1")
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
-    return run_benchmark(BENCH, run, args)
+    code = run_benchmark(BENCH, run, args)
+    if args.py_spy is not None:
+        for out in sorted(args.py_spy.glob("*.txt")):
+            print(summary(out), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
