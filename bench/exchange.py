@@ -28,7 +28,9 @@ against `pg_basebackup -F tar -X none -D - | zstd` piped over the same path, in 
 4. Incremental: the delta's bytes against the full push's bytes (goal <= 5%) and its time
    against the full push's time (goal <= 10%), round by round, the worst round shown.
 5. CPU seconds of each side (ours: the CLI and its pageserver; the reference: its pipeline's
-   processes, not PostgreSQL's walsender): what a shared box's load does not change.
+   processes, not PostgreSQL's walsender): what a shared box's load does not change. For
+   neon:// the receiving side's (recv and the receiver's pageserver) during each round's full
+   push is in the JSON apart (`recv_side_cpu_s`): the reference's sink process is its twin.
 6. Peak RSS (VmHWM): our CLI process (sampled while it runs, bench.import_export's
    run_timed) and the pageserver, restarted untimed before each of our commands so its peak
    covers that command (bench.import_export's restart_pageserver); for neon:// also the
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -66,6 +69,7 @@ from bench.common import (
     mib_per_s,
     print_machine,
     print_table,
+    process_cpu,
     run_benchmark,
     say,
 )
@@ -218,6 +222,7 @@ class ReceiverUse:
 
     recv_hwm_kib: int  # the `neon snapshot recv` process
     daemon: DaemonUse  # the receiver home's pageserver
+    push_cpu_s: list[float]  # recv + that pageserver, CPU seconds of each push taken (in order)
 
 
 class NeonPlace(Place):
@@ -233,6 +238,7 @@ class NeonPlace(Place):
         self.recv: subprocess.Popen[bytes] | None = None
         self.sink: subprocess.Popen[bytes] | None = None
         self.daemon: Daemon | None = None
+        self.cpu_marks: list[float] = []  # the receiving side's CPU when each push began
 
     def push_url(self) -> str:
         """The URL recv printed last: a fresh one-time token for each push."""
@@ -244,7 +250,17 @@ class NeonPlace(Place):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,  # a refused push: the pusher says why
             )
-        return read_line(self.recv, "neon snapshot recv")
+        url = read_line(self.recv, "neon snapshot recv")
+        self.cpu_marks.append(self._receiving_cpu())
+        return url
+
+    def _receiving_cpu(self) -> float:
+        """CPU seconds so far of recv and the receiver's pageserver (the far side's work,
+        which the reference's sink process counts on its side)."""
+        pids = [p.pid for p in (self.recv,) if p is not None]
+        if self.daemon is not None:
+            pids.append(self.daemon.pid)
+        return sum(sum(process_cpu(pid)) for pid in pids)
 
     def ref_sink(self) -> list[Cmd]:
         self.sink = subprocess.Popen(
@@ -255,7 +271,10 @@ class NeonPlace(Place):
 
     def close(self) -> None:
         if self.recv is not None and self.daemon is not None:
-            self.uses.append(ReceiverUse(vm_hwm_kib(self.recv.pid), daemon_use(self.daemon)))
+            marks = [*self.cpu_marks, self._receiving_cpu()]
+            pushes = [round(b - a, 3) for a, b in itertools.pairwise(marks)]
+            use = ReceiverUse(vm_hwm_kib(self.recv.pid), daemon_use(self.daemon), pushes)
+            self.uses.append(use)
         for proc in (self.recv, self.sink):
             if proc is not None:
                 stop_child(proc)
@@ -522,12 +541,14 @@ class Report:
         }
 
     @staticmethod
-    def _receiver(uses: list[ReceiverUse]) -> dict[str, int]:
+    def _receiver(uses: list[ReceiverUse]) -> dict[str, Any]:
         if not uses:
             return {}
         return {
             "recv_vmhwm_kib": max(u.recv_hwm_kib for u in uses),
             "recv_daemon_vmhwm_kib": max(u.daemon.hwm_kib for u in uses),
+            # the full push of each round (the first push a receiver takes)
+            "recv_side_cpu_s": [u.push_cpu_s[0] for u in uses if u.push_cpu_s],
         }
 
     def incremental(self, t: Transport) -> None:
