@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,10 @@ class GrowingFile(Generic[T]):
 
     def __init__(self, target: Path, label: str, origin: str, send: Send[T]) -> None:
         self._target = target
-        self._out = target.open("xb", buffering=0)
+        # The owner's only (the work directory is 0711: PostgreSQL's account enters it),
+        # as the extracted files were: it is the whole database.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._out = os.fdopen(fd, "wb", buffering=0)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "neon-file-import")
         whole = LocalNeonFile(target, label, origin, fetching=True)
         self._request = self._pool.submit(send, whole)

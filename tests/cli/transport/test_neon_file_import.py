@@ -6,6 +6,8 @@ import ends too; a delta, or a path that is no file, left to the other way (None
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,33 @@ def test_a_delta_goes_the_other_way(httpd: FileServer, remote_dir: Path, tmp_pat
     for source in (str(remote_dir / "d.neon"), httpd.url("d.neon")):
         assert imported(source, tmp_path) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_spool_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The file being written (a pushed or fetched database, whole) is the owner's only, as
+    the extracted data directory's files were: its work directory is 0711 (PostgreSQL's
+    account enters it), so a file of the umask's 0644 there was any local user's to read who
+    found its name."""
+    from cli.neon_file_import import GrowingFile
+
+    seen: list[int] = []
+
+    def send(whole: LocalNeonFile) -> bytes:
+        seen.append(whole.path.stat().st_mode & 0o777)
+        return read_as_the_pageserver(whole)[1]  # to its end (.done)
+
+    async def spool() -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"x" * 10
+
+        async with GrowingFile(tmp_path / FETCHED_NAME, "t", "o", send) as growing:
+            await growing.write(chunks())
+            assert await asyncio.to_thread(growing.finish) == b"x" * 10
+
+    old = os.umask(0o022)
+    try:
+        asyncio.run(spool())
+    finally:
+        os.umask(old)
+    assert seen == [0o600]
+    assert (tmp_path / FETCHED_NAME).stat().st_mode & 0o777 == 0o600
