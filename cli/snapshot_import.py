@@ -38,7 +38,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import zstandard
@@ -74,14 +74,15 @@ from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
 from snapfile.manifest import origin_of
-from walreceiver.base_backup import (
-    BackupArchive,
-    BaseBackupOptions,
-    BaseBackupProgress,
-    BaseBackupResult,
-    run_base_backup,
-)
-from walreceiver.receiver import ConnParams
+
+if TYPE_CHECKING:  # the replication client (~50-130 ms of imports): a server's backup only
+    from walreceiver.base_backup import (
+        BackupArchive,
+        BaseBackupOptions,
+        BaseBackupProgress,
+        BaseBackupResult,
+    )
+    from walreceiver.receiver import ConnParams
 
 SCHEME = "basebackup"
 DEFAULT_PORT = 5432
@@ -415,6 +416,8 @@ def remove_stale_workdirs(storage_path: Path) -> None:
 
 
 def server_params(source: ServerSource, application_name: str = "neon import") -> ConnParams:
+    from walreceiver.receiver import ConnParams
+
     return ConnParams(
         source.host, source.port, source.user, source.password, application_name=application_name
     )
@@ -429,6 +432,7 @@ async def fetch_base_backup(
 ) -> BaseBackupResult:
     """BASE_BACKUP from the server into `pgdata`, its WAL cut at the backup's end LSN (`live`
     begun and its big relation files announced as they come: cli/live_import.py)."""
+    from walreceiver.base_backup import BaseBackupOptions, run_base_backup
 
     staged: dict[int, Path] = {}  # tablespace archives come before base.tar
     links: dict[int, str] = {}  # base.tar's pg_tblspc/OID symlinks: the source's locations

@@ -129,3 +129,19 @@ def test_snapshot_create_and_checkout_create_only_the_models_they_use() -> None:
     loaded = set(proc.stdout.split())
     assert {"pageserver_api.models_nodes", "pageserver_api.models_snapshots"} <= loaded
     assert loaded.isdisjoint(LAZY_MODEL_AREAS), sorted(loaded)
+
+
+def test_a_neon_file_is_taken_in_without_the_replication_client() -> None:
+    """`snapshot pull`/`import` of a `.neon` file and `recv` import cli/snapshot_import.py
+    (its work directories) but never talk to a server: the BASE_BACKUP client (walreceiver,
+    scramp, asn1crypto: 50-130 ms of a command's start) loads only for a server's backup."""
+    code = (
+        "import cli.main, cli.snapshot_commands, cli.snapshot_import, cli.snapshot_recv, "
+        "cli.receiver, cli.neon_file_import"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
+    )
+    modules = imported(proc.stderr)
+    assert {"cli.snapshot_import", "cli.receiver", "cli.neon_file_import"} <= modules
+    assert sorted(m for m in modules if m.split(".")[0] in ("walreceiver", "scramp")) == []
