@@ -28,7 +28,7 @@ from pageserver.storage.keys import (
     slru_block_key,
     slru_segment_blocks_range,
 )
-from pageserver.storage.timeline import RangeRead, Timeline
+from pageserver.storage.timeline import PersistentView, RangeRead, Timeline
 from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE
 from pg15.datadir_layout import (
     SLRU_SEGMENT_FILE,
@@ -138,9 +138,9 @@ class TimelineSource:
     bulk: bool = True
     """Rebuild the pages that need redo in bulk (range_rebuild); False: key by key (the
     reference the tests compare with)."""
-    _plans: dict[tuple[int, int], tuple[RangeRead | None, SlowValues | None]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    _plans: dict[
+        tuple[int, int], tuple[RangeRead | None, SlowValues | None, PersistentView | None]
+    ] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def tracks_visibility_map(self) -> bool:
@@ -196,15 +196,16 @@ class TimelineSource:
             key_range = database_range(spc, db)
             plan = self.timeline.plan_range_read(key_range, self.lsn)
             bulk: SlowValues | None = None
+            view: PersistentView | None = None
             if self.bulk and native_redo is not None:
                 view = self.timeline.persistent_view(key_range, self.lsn)
                 bulk = partial(rebuild_keys, self.timeline, self.lsn, view)
-            self._plans[spc, db] = (plan, bulk)
-        plan, bulk = self._plans[spc, db]
+            self._plans[spc, db] = (plan, bulk, view)
+        plan, bulk, view = self._plans[spc, db]
         if plan is None and bulk is None:
             return pages_one_by_one(self, spc, db, rel, fork, first, count)
         return range_reads.rel_pages(
-            self.timeline, plan, spc, db, rel, fork, first, count, self.lsn, bulk
+            self.timeline, plan, spc, db, rel, fork, first, count, self.lsn, bulk, view
         )
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:

@@ -24,7 +24,7 @@ from pageserver.storage.keys import (
 )
 from pageserver.storage.layers.blocks import LayerFile
 from pageserver.storage.layers.layer_map import image_tiles
-from pageserver.storage.timeline import RangeRead, Timeline
+from pageserver.storage.timeline import PersistentView, RangeRead, Timeline
 
 SlowValues = Callable[[list[Key]], Iterable["bytes | None"]]
 """The values of sorted keys at the read's LSN, in order (None: the key has none)."""
@@ -49,13 +49,15 @@ def rel_pages(
     count: int,
     lsn: int,
     slow_values: SlowValues | None = None,
+    view: PersistentView | None = None,
 ) -> Iterator[bytes]:
     """Blocks first..first+count-1 of a fork at lsn, in order; `plan` is the timeline's plan
     for a key range holding them, at the same lsn (None: every key is a slow one). Equal to
     materialize() block by block.
 
     The slow keys' values come from `slow_values`, a run of blocks at a time (a bulk
-    rebuild: `range_rebuild.rebuild_keys`), else key by key from the per-key path."""
+    rebuild: `range_rebuild.rebuild_keys`), else key by key from the per-key path; `view`
+    (the one `slow_values` reads) lets the delta blocks it reads be decompressed ahead."""
     last = first + count  # exclusive; block U32_MAX is the fork's size key, past its pages
     wanted = KeyRange(
         rel_block_key(spc, db, rel, fork, first),
@@ -86,13 +88,13 @@ def rel_pages(
     slow_keys = plan.slow
     coming = run_keys(first) if runs else None
     prefetched: Prefetched = []
-    ahead = _prefetch(coming, plan, slow_values is not None) if coming else []
+    ahead = _prefetch(coming, plan, slow_values is not None, view, lsn) if coming else []
     try:
         for run in runs:
             assert coming is not None
             (keys, run_range), prefetched = coming, ahead
             coming = run_keys(run + _RUN_BLOCKS) if run + _RUN_BLOCKS < last else None
-            ahead = _prefetch(coming, plan, slow_values is not None) if coming else []
+            ahead = _prefetch(coming, plan, slow_values is not None, view, lsn) if coming else []
             if slow_keys.isdisjoint(keys):
                 # Every page from the images (an imported or compacted database's common
                 # case): no per-key set lookup.
@@ -115,15 +117,29 @@ def rel_pages(
 Prefetched = list[tuple[LayerFile, list[int]]]
 
 
-def _prefetch(run: tuple[list[Key], KeyRange], plan: RangeRead, bulk: bool) -> Prefetched:
+def _prefetch(
+    run: tuple[list[Key], KeyRange],
+    plan: RangeRead,
+    bulk: bool,
+    view: PersistentView | None,
+    lsn: int,
+) -> Prefetched:
     """Start decompressing the image blocks a run reads in bulk (an image scan, or the bulk
-    rebuild's image cursors: not the per-key path, which reads through the block cache)."""
+    rebuild's image cursors: not the per-key path, which reads through the block cache),
+    and for a bulk rebuild the blocks of the delta layers above each piece's image up to
+    lsn (its delta cursors read them in file order: ~2300 blocks in line in a 1 GiB
+    extraction after a pgbench run, a third of the tar maker's time)."""
     keys, run_range = run
-    if not bulk and not plan.slow.isdisjoint(keys):
+    slow = not plan.slow.isdisjoint(keys)
+    if not bulk and slow:
         return []
     started: Prefetched = []
     for piece, image in image_tiles(run_range, plan.images):
         started.append((image.file, image.file.prefetch(image.file.blocks_of(piece))))
+        if slow and view is not None:
+            for delta in view.layer_map.deltas_overlapping(piece, image.lsn, lsn):
+                blocks = delta.file.version_blocks_of(piece, image.lsn, lsn)
+                started.append((delta.file, delta.file.prefetch(blocks)))
     return started
 
 

@@ -232,10 +232,10 @@ def test_a_bulk_read_decompresses_each_image_block_once(
     reads: list[tuple[Path, int]] = []
     real = LayerFile._block
 
-    def counting(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+    def counting(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
         if self.path in images:
             reads.append((self.path, b))
-        return real(self, b, use_cache=use_cache)
+        return real(self, b, use_cache=use_cache, release=release)
 
     slow_values = partial(rebuild_keys, timeline, at, timeline.persistent_view(whole, at))
     # The fork with the most slow keys that images hold too.
@@ -269,10 +269,10 @@ def test_a_bulk_read_has_its_image_blocks_decompressed_ahead_and_leaves_none(
     on: list[str] = []
     real = LayerFile._block
 
-    def where(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+    def where(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
         if self.path in images:
             on.append(threading.current_thread().name)
-        return real(self, b, use_cache=use_cache)
+        return real(self, b, use_cache=use_cache, release=release)
 
     sizes = {
         (rel, fork): get_rel_size(timeline, 1663, 5, rel, fork, lsn0) or 0
@@ -291,3 +291,47 @@ def test_a_bulk_read_has_its_image_blocks_decompressed_ahead_and_leaves_none(
     assert any(image.file._ahead for image in plan.images)
     pages.close()  # type: ignore[attr-defined]
     assert not any(image.file._ahead for image in plan.images)
+
+
+def test_a_bulk_rebuild_has_its_delta_blocks_decompressed_ahead(
+    history: tuple[TimelineStore, Timeline, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the view the rebuild reads, the delta blocks of the layers above each image are
+    decompressed on the pool too (`LayerFile.version_blocks_of`), the pages unchanged, and
+    none is left decompressed after the read."""
+    require_c_extension(native_redo, "pageserver.redo._redo")
+    _store, timeline, lsn0, end = history
+    timeline.freeze_and_flush()  # every version in layer files: the rebuild reads them
+    # Below the images other tests have written at `end`: the workload's pages are slow.
+    end = lsn0 + (end - lsn0) * 3 // 8
+    whole = database_range(1663, 5)
+    plan = timeline.plan_range_read(whole, end)
+    assert plan is not None and plan.slow
+    view = timeline.persistent_view(whole, end)
+    deltas = {d.path for d in view.layer_map.deltas_overlapping(whole, -1, end)}
+    on: list[str] = []
+    real = LayerFile._block
+
+    def where(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
+        if self.path in deltas and not use_cache:
+            on.append(threading.current_thread().name)
+        return real(self, b, use_cache=use_cache, release=release)
+
+    slow_values = partial(rebuild_keys, timeline, end, view)
+    counts = Counter(key[:-4] for key in plan.slow if parse_rel_block_key(key))
+    prefix, _n = counts.most_common(1)[0]
+    rel, fork = next(
+        (r, f) for r, f in list_rels(timeline, 1663, 5, end)
+        if rel_block_key(1663, 5, r, f, 0)[:-4] == prefix
+    )  # fmt: skip
+    nblocks = get_rel_size(timeline, 1663, 5, rel, fork, end) or 0
+    monkeypatch.setattr(LayerFile, "_block", where)
+    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, end, slow_values, view))
+    monkeypatch.undo()
+    pooled = sum(name.startswith("layer-unzstd") for name in on)
+    assert on and pooled >= len(on) * 3 // 4, (pooled, len(on))
+    assert got == [
+        materialize(timeline, rel_block_key(1663, 5, rel, fork, b), end) for b in range(nblocks)
+    ]
+    layers = [*plan.images, *view.layer_map.deltas_overlapping(whole, -1, end)]
+    assert not any(layer.file._ahead for layer in layers)

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from pageserver.storage import keys as K
-from pageserver.storage.layers.blocks import PREFETCH_BATCH, BlockCache, LayerCorrupt, LayerFile
+from pageserver.storage.layers.blocks import (
+    HEADER_SIZE,
+    PREFETCH_BATCH,
+    BlockCache,
+    LayerCorrupt,
+    LayerFile,
+)
+from pageserver.storage.layers.delta import DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
+from pageserver.storage.values import encode_value
 from tests.pageserver.storage.layers.test_layers import (
     SETTINGS,
     rel_key,
@@ -67,9 +75,9 @@ def test_blocks_of_names_the_blocks_a_scan_reads(
     read: list[int] = []
     real = LayerFile._block
 
-    def counting(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+    def counting(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
         read.append(b)
-        return real(self, b, use_cache=use_cache)
+        return real(self, b, use_cache=use_cache, release=release)
 
     monkeypatch.setattr(LayerFile, "_block", counting)
     for a, b in ((0, 120), (7, 8), (30, 90), (119, 200), (130, 140)):
@@ -88,9 +96,9 @@ def test_prefetched_blocks_are_decompressed_on_the_pool_and_read_as_the_blocks(
     on: dict[int, str] = {}
     real = LayerFile._block
 
-    def where(self: LayerFile, b: int, *, use_cache: bool = True) -> bytes:
+    def where(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
         on[b] = threading.current_thread().name
-        return real(self, b, use_cache=use_cache)
+        return real(self, b, use_cache=use_cache, release=release)
 
     monkeypatch.setattr(LayerFile, "_block", where)
     blocks = f.blocks_of(K.KeyRange(rel_key(20), rel_key(80)))
@@ -139,3 +147,55 @@ def test_a_damaged_prefetched_block_is_refused_when_read(tmp_path: Path) -> None
             assert "checksum mismatch in value block" in str(exc)
             refused.append(b)
     assert len(refused) == 1
+
+
+@pytest.mark.parametrize("level0", [True, False], ids=["wide", "narrow"])
+def test_version_blocks_of_spans_the_blocks_of_a_window(tmp_path: Path, level0: bool) -> None:
+    """The blocks from the first to the last version in (floor, upto] of a range's keys (a
+    delta layer's share of a bulk rebuild, prefetched): every block holding such a version
+    is in it, and it starts and ends at one; empty when the range has none."""
+    writer = DeltaLayerWriter(tmp_path, 100, 200, SETTINGS, level0=level0)
+    for key, lsn, value in sample_versions(seed=17, n_keys=50):
+        writer.add(key, lsn, encode_value(value))
+    f = writer.finish(K.FULL_KEYSPACE, BlockCache(1 << 20)).file
+    assert f.narrow is not level0 and f.header.n_blocks > 10
+    rng = random.Random(5)
+    empty = 0
+    for _ in range(300):
+        a, b = sorted(rng.sample(range(55), 2))
+        floor, upto = sorted(rng.sample(range(95, 140), 2))
+        key_range = K.KeyRange(rel_key(a), rel_key(b))
+        held = [
+            f.version_tuple(v)[2]
+            for i in range(f.lower_bound(key_range.start), f.lower_bound(key_range.end))
+            for v in f.versions_of(i)
+            if floor < f.version_lsn(v) <= upto
+        ]
+        span = f.version_blocks_of(key_range, floor, upto)
+        assert span == (range(min(held), max(held) + 1) if held else range(0))
+        empty += not held
+    assert 0 < empty < 300
+
+
+def test_a_prefetch_task_unmaps_its_blocks_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One unmapping (MADV_DONTNEED) per task, over its blocks' compressed bytes, not one per
+    block: from the pool's threads each one made the kernel flush the reader's core's TLB."""
+    layer, _ = _image_layer(tmp_path)
+    f = layer.file
+    released: list[tuple[int, int]] = []
+    real = LayerFile._release
+
+    def counting(self: LayerFile, start: int, end: int) -> None:
+        if threading.current_thread().name.startswith("layer-unzstd"):
+            released.append((start, end))
+        real(self, start, end)
+
+    monkeypatch.setattr(LayerFile, "_release", counting)
+    blocks = range(3, 3 + 2 * PREFETCH_BATCH)
+    f.prefetch(blocks)
+    assert [f.read_block(b) for b in blocks] == [f._block(b, use_cache=False) for b in blocks]
+    assert len(released) == 2
+    first_off = f.header.index_offset  # the blocks' bytes end where the index starts
+    assert all(HEADER_SIZE <= start < end <= first_off for start, end in released)
