@@ -98,8 +98,9 @@ class GrowingFile(Generic[T]):
 
     def __init__(self, target: Path, label: str, origin: str, send: Send[T]) -> None:
         self._target = target
-        # The owner's only (the work directory is 0711: PostgreSQL's account enters it),
-        # as the extracted files were: it is the whole database.
+        # The owner's only whatever the umask (the commands and daemons set 077; a caller
+        # that did not, a test or bench, made it 0644 in a 0711 work directory that
+        # PostgreSQL's account enters): it is the whole database.
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._out = os.fdopen(fd, "wb", buffering=0)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "neon-file-import")
