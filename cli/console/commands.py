@@ -215,10 +215,9 @@ class Jobs:
             return
         job.pid = proc.pid
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        async for raw in _lines(proc.stdout):
             # A progress bar redraws with carriage returns: show its latest state.
-            line = raw.decode(errors="replace").rstrip("\n").rsplit("\r", 1)[-1]
-            await job._add(line)
+            await job._add(raw.decode(errors="replace").rsplit("\r", 1)[-1])
         await job._finish(await proc.wait())
 
     async def stop_all(self, timeout: float = 30) -> None:
@@ -229,6 +228,23 @@ class Jobs:
                     os.kill(job.pid, signal.SIGINT)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines (without their newline), however long: iterated as lines, a
+    StreamReader raises at a line past its 64 KiB limit, which ended the job's reading
+    there: the job stayed 'running' for ever and its command blocked on the full pipe."""
+    buf = bytearray()
+    while chunk := await stream.read(1 << 16):
+        start = len(buf)
+        buf += chunk
+        end = buf.rfind(b"\n", start)
+        if end >= 0:
+            for line in buf[:end].split(b"\n"):
+                yield bytes(line)
+            del buf[: end + 1]
+    if buf:
+        yield bytes(buf)
 
 
 def progress_text(report: ProgressReport) -> str:

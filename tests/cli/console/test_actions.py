@@ -3,11 +3,17 @@ action whose node or snapshot changed since the page showed it."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from cli.console import actions
 from cli.console.commands import (
+    Cli,
     Job,
+    Jobs,
+    _lines,
     cli_argv,
     command_line,
     error_line,
@@ -183,3 +189,28 @@ async def test_a_job_keeps_progress_apart_from_its_output() -> None:
     assert [item async for item in job.follow()] == [job.progress, "Resuming", "Pulled x"]
     assert progress_text(ProgressReport("Pulling x", 100, 200)) == "Pulling x: 50% (100B of 200B)"
     assert progress_text(ProgressReport("Pushing x", 3072, None)) == "Pushing x: 3.0K"
+
+
+async def test_a_job_whose_output_has_a_long_line_ends(tmp_path: Path) -> None:
+    """A line longer than asyncio's 64 KiB line limit (here click's error naming a long
+    command) is output like any other: iterated line by line, the stream raised, the job
+    stayed 'running' for ever and the command blocked once the pipe was full."""
+    job = Jobs(Cli(tmp_path)).start(["x" * 70_000], "/")
+    async with asyncio.timeout(60):
+        while not job.done:
+            await asyncio.sleep(0.05)
+    assert job.returncode == 2  # click's usage error
+    assert any("x" * 70_000 in line for line in job.lines), job.lines
+
+
+async def test_output_lines_are_those_a_line_iteration_gives() -> None:
+    """`_lines` splits as StreamReader's iteration did (less the newline), whatever the
+    chunks: empty lines kept, a last line without a newline given too."""
+    data = b"a\n\nprogress\rdone\n" + b"y" * 200_000 + b"\nlast"
+    for cut in (1, 7, 65_536, len(data)):
+        stream = asyncio.StreamReader()
+        for at in range(0, len(data), cut):
+            stream.feed_data(data[at : at + cut])
+        stream.feed_eof()
+        got = [line async for line in _lines(stream)]
+        assert got == [b"a", b"", b"progress\rdone", b"y" * 200_000, b"last"], cut
