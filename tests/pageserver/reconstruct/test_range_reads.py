@@ -16,6 +16,7 @@ import pytest
 
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
+from pageserver.reconstruct import range_reads
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_reads import image_tiles, rel_pages
 from pageserver.reconstruct.range_rebuild import rebuild_keys
@@ -281,12 +282,12 @@ def test_a_bulk_read_has_its_image_blocks_decompressed_ahead_and_leaves_none(
     (rel, fork), nblocks = max(sizes.items(), key=lambda item: item[1])
     assert nblocks > 20
     monkeypatch.setattr(LayerFile, "_block", where)
-    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0))
+    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0, read_ahead=True))
     assert on and {name.startswith("layer-unzstd") for name in on} == {True}
     assert got == [
         materialize(timeline, rel_block_key(1663, 5, rel, fork, b), lsn0) for b in range(nblocks)
     ]
-    pages = rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0)
+    pages = rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0, read_ahead=True)
     next(pages)
     assert any(image.file._ahead for image in plan.images)
     pages.close()  # type: ignore[attr-defined]
@@ -326,7 +327,11 @@ def test_a_bulk_rebuild_has_its_delta_blocks_decompressed_ahead(
     )  # fmt: skip
     nblocks = get_rel_size(timeline, 1663, 5, rel, fork, end) or 0
     monkeypatch.setattr(LayerFile, "_block", where)
-    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, end, slow_values, view))
+    got = list(
+        rel_pages(
+            timeline, plan, 1663, 5, rel, fork, 0, nblocks, end, slow_values, view, read_ahead=True
+        )
+    )
     monkeypatch.undo()
     pooled = sum(name.startswith("layer-unzstd") for name in on)
     assert on and pooled >= len(on) * 3 // 4, (pooled, len(on))
@@ -335,3 +340,36 @@ def test_a_bulk_rebuild_has_its_delta_blocks_decompressed_ahead(
     ]
     layers = [*plan.images, *view.layer_map.deltas_overlapping(whole, -1, end)]
     assert not any(layer.file._ahead for layer in layers)
+
+
+def test_without_read_ahead_every_block_is_read_in_line(
+    history: tuple[TimelineStore, Timeline, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy machine (no spare core) nothing is decompressed ahead: the pool's thread
+    hand-offs only cost CPU there."""
+    _store, timeline, lsn0, _end = history
+    plan = timeline.plan_range_read(database_range(1663, 5), lsn0)
+    assert plan is not None
+    on: list[str] = []
+    real = LayerFile._block
+
+    def where(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
+        on.append(threading.current_thread().name)
+        return real(self, b, use_cache=use_cache, release=release)
+
+    (rel, fork), nblocks = max(
+        (((r, f), get_rel_size(timeline, 1663, 5, r, f, lsn0) or 0)
+         for r, f in list_rels(timeline, 1663, 5, lsn0)),
+        key=lambda item: item[1],
+    )  # fmt: skip
+    monkeypatch.setattr(LayerFile, "_block", where)
+    monkeypatch.setattr(range_reads.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    assert not range_reads.spare_core()
+    got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0))
+    assert on and set(on) == {threading.current_thread().name}
+    monkeypatch.setattr(range_reads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(range_reads.os, "cpu_count", lambda: 2)
+    assert range_reads.spare_core()
+    on.clear()
+    assert list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0)) == got
+    assert {name.startswith("layer-unzstd") for name in on} == {True}
