@@ -35,12 +35,21 @@ from proto.messages import (
 log = logging.getLogger(__name__)
 
 DEFAULT_HELLO_TIMEOUT = 10.0
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 300.0
+"""An upload that sends nothing for this long is dropped: a sender that stalls without closing
+its connection would otherwise hold the handler (a `recv` waiting for the rest of a snapshot,
+its import open) for ever."""
 
 
 class RequestContext:
     """What a handler sees of one request: its params and the byte streams in either direction."""
 
-    def __init__(self, request: Request, stream: MessageStream) -> None:
+    def __init__(
+        self,
+        request: Request,
+        stream: MessageStream,
+        upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    ) -> None:
         self.request_id = request.id
         self.method = request.method
         self.params = request.params
@@ -51,6 +60,7 @@ class RequestContext:
         self.streamed = False
         """True once send() was used: the handler's result then ends the stream (StreamEnd)."""
         self.upload_ended = False
+        self._upload_idle_timeout = upload_idle_timeout
 
     @property
     def client_left(self) -> bool:
@@ -66,7 +76,15 @@ class RequestContext:
     async def upload(self) -> AsyncIterator[bytes]:
         """The bytes the client uploads after its request, chunk by chunk, until its StreamEnd."""
         while not self.upload_ended:
-            msg = await self._stream.recv()
+            try:
+                async with asyncio.timeout(self._upload_idle_timeout):
+                    msg = await self._stream.recv()
+            except TimeoutError:
+                self._stream.failed = True  # a frame may still come: the connection is closed
+                raise ProtocolError(
+                    f"the upload of request {self.request_id} ({self.method}) stalled: nothing "
+                    f"received for {self._upload_idle_timeout:g} s"
+                ) from None
             if isinstance(msg, StreamData) and msg.id == self.request_id:
                 yield msg.data
             elif isinstance(msg, StreamEnd) and msg.id == self.request_id:
@@ -103,6 +121,7 @@ class ProtoServer:
         server_name: str = "pageserver",
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
     ) -> None:
         self._handlers = dict(handlers)
         self._token = token
@@ -111,6 +130,7 @@ class ProtoServer:
         self.server_name = server_name
         self.max_frame_size = max_frame_size
         self.hello_timeout = hello_timeout
+        self.upload_idle_timeout = upload_idle_timeout
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -222,7 +242,7 @@ class ProtoServer:
                 continue
             if not isinstance(msg, Request):
                 raise ProtocolError(f"expected a request, got a {msg.TAG} message")
-            ctx = RequestContext(msg, stream)
+            ctx = RequestContext(msg, stream, self.upload_idle_timeout)
             frame = await self._dispatch(ctx, stream)
             await stream.write_frame(frame)
             unread_upload = None if ctx.upload_ended else msg.id

@@ -436,3 +436,36 @@ async def test_hostile_frame_before_hello_costs_the_server_nothing(
 def test_hello_fits_the_pre_auth_frame_limit() -> None:
     hello = encode_message(Hello(PROTOCOL_VERSION, "t" * 1024, "neon-cli " * 20))
     assert len(hello) < PRE_AUTH_MAX_FRAME_SIZE
+
+
+async def test_a_stalled_upload_is_dropped_and_the_handler_freed() -> None:
+    """A sender that stops sending upload data without closing its connection: after the idle
+    timeout the handler gets a ProtocolError (its work is abandoned) and the connection is
+    closed with that error; without it the handler waited for ever."""
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def watched_upload(ctx: RequestContext) -> Any:
+        try:
+            async for _ in ctx.upload():
+                pass
+        except BaseException as exc:
+            outcome.set_result(exc)
+            raise
+        outcome.set_result(None)
+        return {}
+
+    srv = ProtoServer({**HANDLERS, "upload": watched_upload}, token=TOKEN, upload_idle_timeout=0.3)
+    await srv.start()
+    try:
+        stalled = (
+            HELLO
+            + encode_message(Request(1, "upload", {}))
+            + encode_message(StreamData(1, b"the first chunk, then nothing"))
+        )
+        replies = await raw_exchange(srv.port, stalled, eof=False)
+        assert isinstance(replies[-1], Error) and replies[-1].code == "protocol_error"
+        assert "stalled: nothing received for 0.3 s" in replies[-1].message
+        assert isinstance(await asyncio.wait_for(outcome, STEP), ProtocolError)
+        await assert_serves(srv)
+    finally:
+        await asyncio.wait_for(srv.close(), STEP)
