@@ -56,21 +56,23 @@ class _Pages:
         self._rest = bytearray()  # a page begun in one piece, to end in the next
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        """The whole pages go on as views of `data` (a decompressed frame's bytes: the image
+        writer copies each page once, into its block); a page cut across pieces waits."""
+        view = memoryview(data).cast("B")
         if self._rest:
             take = BLCKSZ - len(self._rest)
             self._rest += view[:take]
             view = view[take:]
             if len(self._rest) < BLCKSZ:
                 return
-            self._add(bytes(self._rest))
+            self._add(self._rest)
             self._rest = bytearray()
         whole = len(view) // BLCKSZ * BLCKSZ
         if whole:
-            self._add(bytes(view[:whole]))
+            self._add(view[:whole])
         self._rest += view[whole:]
 
-    def _add(self, pages: bytes) -> None:
+    def _add(self, pages: bytes | bytearray | memoryview) -> None:
         block = self._first + self._done // BLCKSZ
         self._run.add_pages(Key(self._prefix + block.to_bytes(4)), pages)
         self._done += len(pages)

@@ -161,6 +161,134 @@ py_pack_versions(PyObject *self, PyObject *args)
     return Py_BuildValue("nnKi", i, added, prev, status);
 }
 
+/* Whether the `size` bytes at `p` are all zero: the first byte, then each byte against the
+ * next (memcmp runs at memory speed; a page with data usually differs in its first bytes). */
+static int
+all_zero(const uint8_t *p, Py_ssize_t size)
+{
+    return size == 0 || (p[0] == 0 && memcmp(p, p + 1, (size_t)size - 1) == 0);
+}
+
+/*
+ * nonzero_pages(data, size) -> list of the offsets of data's `size`-byte pages that are not
+ * all zero: ImageRunWriter.add_pages' page filter (image.py, `_nonzero_pages_python` the
+ * reference), on any buffer (a memoryview of a decompressed frame: no copy of the pages).
+ */
+static PyObject *
+py_nonzero_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "y*n:nonzero_pages", &data, &size))
+        return NULL;
+    PyObject *out = NULL;
+    if (size <= 0 || data.len % size) {
+        PyErr_SetString(PyExc_ValueError, "nonzero_pages: not whole pages");
+        goto done;
+    }
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    const uint8_t *p = (const uint8_t *)data.buf;
+    for (Py_ssize_t o = 0; o < data.len; o += size) {
+        if (all_zero(p + o, size))
+            continue;
+        PyObject *v = PyLong_FromSsize_t(o);
+        if (v == NULL || PyList_Append(out, v) < 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_DECREF(v);
+    }
+done:
+    PyBuffer_Release(&data);
+    return out;
+}
+
+/*
+ * pack_images(prefix, first, data, offsets, i, size, keys, buf, limit, block_no, entries, n,
+ *             lsn) -> (next, status)
+ *
+ * LayerFileWriter.add_images' loop (blocks.py, `_pack_images_python` the reference): for each
+ * offset o of offsets[i:], the image data[o : o + size] at `lsn` of key prefix + the u32
+ * block first + o // size: its key entry (">18sI": key, version index n, n + 1...) appended to
+ * the list `keys`, its version entry (as pack_versions) to `entries`, its tag and bytes to
+ * `buf` (the open block). Status 0: all appended; 1: offsets[next] does not fit in the
+ * non-empty block (the caller cuts it and calls again from `next` with block_no + 1).
+ */
+static PyObject *
+py_pack_images(PyObject *self, PyObject *args)
+{
+    Py_buffer prefix, data;
+    PyObject *offsets, *keys, *buf, *entries;
+    unsigned long first, block_no, n;
+    unsigned long long lsn;
+    Py_ssize_t i, size, limit;
+    if (!PyArg_ParseTuple(
+            args, "y*ky*O!nnO!O!nkO!kK:pack_images", &prefix, &first, &data, &PyList_Type,
+            &offsets, &i, &size, &PyList_Type, &keys, &PyByteArray_Type, &buf, &limit,
+            &block_no, &PyByteArray_Type, &entries, &n, &lsn))
+        return NULL;
+    PyObject *result = NULL;
+    int status = 0;
+    if (prefix.len != KEY_SIZE - 4 || size <= 0 || size >= UINT32_MAX || limit < 0 ||
+        (uint64_t)limit > UINT32_MAX || block_no > UINT32_MAX || first > UINT32_MAX || i < 0) {
+        PyErr_SetString(PyExc_ValueError, "pack_images: an argument is out of range");
+        goto done;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(offsets);
+    for (; i < count; i++) {
+        Py_ssize_t o = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, i));
+        if (o == -1 && PyErr_Occurred())
+            goto done;
+        if (o < 0 || o % size || o + size > data.len || first + (uint64_t)(o / size) > UINT32_MAX ||
+            n >= UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "pack_images: an offset is out of range");
+            goto done;
+        }
+        Py_ssize_t used = PyByteArray_GET_SIZE(buf);
+        if (used > 0 && used + size + 1 > limit) {
+            status = 1;
+            break;
+        }
+        if (used + size + 1 > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "pack_images: the block is too large");
+            goto done;
+        }
+        uint8_t key[KEY_SIZE + 4];
+        memcpy(key, prefix.buf, KEY_SIZE - 4);
+        put_be(key + KEY_SIZE - 4, first + (uint64_t)(o / size), 4);
+        put_be(key + KEY_SIZE, n, 4);
+        PyObject *entry = PyBytes_FromStringAndSize((const char *)key, sizeof key);
+        if (entry == NULL)
+            goto done;
+        int failed = PyList_Append(keys, entry);
+        Py_DECREF(entry);
+        if (failed < 0)
+            goto done;
+        Py_ssize_t at = PyByteArray_GET_SIZE(entries);
+        if (PyByteArray_Resize(entries, at + ENTRY_SIZE) < 0 ||
+            PyByteArray_Resize(buf, used + size + 1) < 0)
+            goto done;
+        uint8_t *e = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
+        put_be(e, lsn, 8);
+        e[8] = TAG_IMAGE;
+        put_be(e + 9, block_no, 4);
+        put_be(e + 13, (uint64_t)used, 4);
+        put_be(e + 17, (uint64_t)size + 1, 4);
+        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + used;
+        b[0] = TAG_IMAGE;
+        memcpy(b + 1, (const uint8_t *)data.buf + o, (size_t)size);
+        n++;
+    }
+    result = Py_BuildValue("ni", i, status);
+done:
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *
 py_lower_bound(PyObject *self, PyObject *args)
 {
@@ -750,6 +878,10 @@ static PyMethodDef methods[] = {
     {"key_table", py_key_table, METH_VARARGS, "LayerFile._keys' table split (blocks.py)."},
     {"pack_versions", py_pack_versions, METH_VARARGS,
      "LayerFileWriter.add_key's loop (see the module comment)."},
+    {"nonzero_pages", py_nonzero_pages, METH_VARARGS,
+     "The offsets of a buffer's pages that are not all zero (see the comment above it)."},
+    {"pack_images", py_pack_images, METH_VARARGS,
+     "LayerFileWriter.add_images' loop (see the comment above it)."},
     {"lower_bound", py_lower_bound, METH_VARARGS,
      "LayerFile.lower_bound (see the module comment)."},
     {NULL, NULL, 0, NULL},

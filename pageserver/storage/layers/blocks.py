@@ -732,11 +732,38 @@ class PackSource(Protocol):
 
 
 _PACKED, _BLOCK_FULL, _LSN_OUTSIDE, _LSN_DECREASING, _NOT_A_VALUE = range(5)
+
+Buffer = bytes | bytearray | memoryview
 _VALUE_TYPES = (Image, WalDelta, Tombstone)
 
 
 def _encoded(value: bytes | Value) -> bytes:
     return value if isinstance(value, bytes) else encode_value(value)
+
+
+def pack_images_python(
+    prefix: bytes, first: int, data: Buffer, offsets: list[int], i: int, size: int,
+    keys: list[bytes], buf: bytearray, limit: int, block_no: int, entries: bytearray, n: int,
+    lsn: int,
+) -> tuple[int, int]:  # fmt: skip
+    """The reference of `_blockpack.pack_images` (LayerFileWriter.add_images' loop): the
+    images from offsets[i] on into the open block `buf`, their key and version entries into
+    `keys` and `entries` (version indexes from `n`); (next, _PACKED) once all are in,
+    (next, _BLOCK_FULL) when offsets[next]'s image does not fit in the non-empty block."""
+    view = memoryview(data).cast("B")
+    pack_key, pack_version = _KEY_ENTRY.pack, _VERSION_ENTRY.pack
+    tag = bytes((TAG_IMAGE,))
+    while i < len(offsets):
+        o = offsets[i]
+        if buf and len(buf) + size + 1 > limit:
+            return i, _BLOCK_FULL
+        keys.append(pack_key(prefix + (first + o // size).to_bytes(4), n))
+        entries += pack_version(lsn, TAG_IMAGE, block_no, len(buf), size + 1)
+        buf += tag
+        buf += view[o : o + size]
+        n += 1
+        i += 1
+    return i, _PACKED
 
 
 def _pack_versions(
@@ -896,7 +923,7 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def compress_blocks(level: int, raws: list[bytes | memoryview]) -> list[CompressedBlock]:
+def compress_blocks(level: int, raws: list[Buffer]) -> list[CompressedBlock]:
     """The blocks compressed (one zstd frame each, as `ZstdCompressor(level).compress`
     makes it: the same bytes on any thread, so a layer's file does not depend on which
     thread compressed what: resume and dedup compare files byte for byte)."""
@@ -950,7 +977,7 @@ class LayerFileWriter:
         self._blocks: list[bytes] = []
         self._n_blocks = 0
         """Blocks cut so far: those in _blocks (written), _batch and _in_flight (compressing)."""
-        self._batch: list[bytes | memoryview] = []
+        self._batch: list[Buffer] = []
         self._in_flight: deque[Future[list[CompressedBlock]]] = deque()
         self._keys: list[bytes] = []
         self._versions = bytearray()
@@ -979,12 +1006,14 @@ class LayerFileWriter:
         self.uncompressed_bytes += len(encoded)
 
     def add_images(
-        self, prefix: bytes, first: int, data: bytes, offsets: list[int], lsn: int, size: int
+        self, prefix: bytes, first: int, data: Buffer, offsets: list[int], lsn: int, size: int
     ) -> None:
         """Add images of `size` bytes, `data[o : o + size]` for each offset `o`, as the values
         at `lsn` of keys `prefix` + the u32 block `first + o // size`, ascending: what `add`
         of each would write (the same file), in one call per chunk of a relation file, not
-        several per page (an import's per-page Python was most of its CPU)."""
+        several per page (an import's per-page Python was most of its CPU). `data`: any
+        buffer (a view of a decompressed frame is copied once, into the block); the loop runs
+        in C (`_blockpack.pack_images`) when it is built."""
         if not offsets:
             return
         if not self._lsn_start <= lsn < self._lsn_end:
@@ -992,18 +1021,19 @@ class LayerFileWriter:
         last = self._last
         if last is not None and prefix + (first + offsets[0] // size).to_bytes(4) <= last[0]:
             raise InvalidArgument("layer values must be added in key order")
-        keys, buf, view, limit = self._keys, self._buf, memoryview(data), self._block_size
-        pack_key, pack_version, tag = _KEY_ENTRY.pack, _VERSION_ENTRY.pack, bytes((TAG_IMAGE,))
-        n = self._n_versions
-        for o in offsets:
-            keys.append(pack_key(prefix + (first + o // size).to_bytes(4), n))
-            if buf and len(buf) + size + 1 > limit:
-                self._flush_block()
-            self._versions += pack_version(lsn, TAG_IMAGE, self._n_blocks, len(buf), size + 1)
-            n += 1
-            buf += tag
-            buf += view[o : o + size]
-        self._n_versions = n
+        native = _native.blockpack
+        pack = native.pack_images if native is not None else pack_images_python
+        i = 0
+        while True:
+            at = i
+            i, status = pack(
+                prefix, first, data, offsets, i, size, self._keys, self._buf, self._block_size,
+                self._n_blocks, self._versions, self._n_versions, lsn,
+            )  # fmt: skip
+            self._n_versions += i - at
+            if status == _PACKED:
+                break
+            self._flush_block()
         self.uncompressed_bytes += len(offsets) * (size + 1)
         self._last = (Key(prefix + (first + offsets[-1] // size).to_bytes(4)), lsn)
 
@@ -1101,10 +1131,12 @@ class LayerFileWriter:
         raise InvalidArgument("layer values must be added in key order")
 
     def _flush_block(self) -> None:
-        self._write_block(bytes(self._buf))
-        self._buf.clear()
+        """Cut the open block: its buffer itself goes to the pool (a copy of every block was
+        a copy of the whole layer) and a new one opens."""
+        full, self._buf = self._buf, bytearray()
+        self._write_block(full)
 
-    def _write_block(self, raw: bytes | memoryview) -> None:
+    def _write_block(self, raw: Buffer) -> None:
         """Cut block number _n_blocks (`raw` must not change: it is compressed later, on
         the pool); blocks reach the file in order, whatever order they compress in."""
         self._batch.append(raw)

@@ -11,7 +11,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pageserver.storage.keys import FULL_KEYSPACE, U32_MAX, Key, KeyRange, describe
-from pageserver.storage.layers.blocks import KIND_IMAGE, BlockCache, LayerCorrupt, LayerFileWriter
+from pageserver.storage.layers import native as _native
+from pageserver.storage.layers.blocks import (
+    KIND_IMAGE,
+    BlockCache,
+    Buffer,
+    LayerCorrupt,
+    LayerFileWriter,
+)
 from pageserver.storage.layers.names import LayerName
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.settings import StoreSettings
@@ -20,6 +27,20 @@ from pg15.constants import BLCKSZ
 from proto.errors import InvalidArgument
 
 _ZERO = bytes(BLCKSZ)
+
+
+def nonzero_pages_python(data: Buffer) -> list[int]:
+    """The offsets of `data`'s BLCKSZ pages that are not all zero: the reference of
+    `_blockpack.nonzero_pages` (which takes any buffer without a copy)."""
+    raw = data if isinstance(data, bytes) else bytes(data)
+    return [o for o in range(0, len(raw), BLCKSZ) if not raw.startswith(_ZERO, o)]
+
+
+def nonzero_pages(data: Buffer) -> list[int]:
+    if _native.blockpack is not None:
+        found: list[int] = _native.blockpack.nonzero_pages(data, BLCKSZ)
+        return found
+    return nonzero_pages_python(data)
 
 
 class ImageLayer(PersistentLayer):
@@ -80,7 +101,7 @@ class ImageLayerWriter:
         self._last = key
         self._writer.add(key, self.name.lsn_start, encode_value(Image(data)))
 
-    def add_pages(self, prefix: bytes, first: int, data: bytes, offsets: list[int]) -> None:
+    def add_pages(self, prefix: bytes, first: int, data: Buffer, offsets: list[int]) -> None:
         """Images of `data`'s pages at `offsets` (ImageRunWriter.add_pages), as `add` of each
         would write them."""
         lo = Key(prefix + (first + offsets[0] // BLCKSZ).to_bytes(4))
@@ -184,16 +205,17 @@ class ImageRunWriter:
             self._bytes = 0
         return writer
 
-    def add_pages(self, key: Key, data: bytes) -> None:
+    def add_pages(self, key: Key, data: Buffer) -> None:
         """Images of the not-all-zero pages of `data` (whole BLCKSZ pages of one relation
         file), the first at `key` (a relation block key), each next one at the next block:
         what `add` of each page would write, with one Python call per chunk instead of
         several per page (they were most of an import's CPU). All-zero pages are skipped,
-        as import_datadir skips them (they read as zeros below the relation size)."""
+        as import_datadir skips them (they read as zeros below the relation size). `data`
+        may be a view of a decompressed frame: its pages are copied once, into the blocks."""
         if len(data) % BLCKSZ:
             raise InvalidArgument(f"{len(data)} bytes are not whole pages")
         prefix, first = key[:-4], int.from_bytes(key[-4:])
-        offsets = [o for o in range(0, len(data), BLCKSZ) if not data.startswith(_ZERO, o)]
+        offsets = nonzero_pages(data)
         if not offsets:
             return
         last = first + offsets[-1] // BLCKSZ

@@ -1,6 +1,8 @@
 """ImageRunWriter.add_pages (a relation file's pages a chunk at a time, as imports add them):
 the same layer files, byte for byte, as `add` of each not-all-zero page, wherever chunks,
-blocks and layer cuts fall; keys out of order or past the range are refused."""
+blocks and layer cuts fall, whether the chunks are bytes or views into a larger buffer (an
+import's decompressed frames, not copied) and with the C loop or its Python reference; the
+pages read back as written; keys out of order or past the range are refused."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pageserver.storage.keys import KEY_MAX, Key, KeyRange, make_key, rel_size_key
-from pageserver.storage.layers.image import ImageRunWriter
+from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, Key, KeyRange, make_key, rel_size_key
+from pageserver.storage.layers import native
+from pageserver.storage.layers.image import ImageRunWriter, nonzero_pages_python
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline_store import TimelineStore
 from pg15.constants import BLCKSZ
 from proto.errors import InvalidArgument
+from tests.native_ext import require_c_extension
 
 SETTINGS = StoreSettings(image_layer_target_size=7 * BLCKSZ + 100)  # cuts inside chunks
 
@@ -23,30 +27,51 @@ def key(rel: int, blk: int) -> Key:
     return make_key(0, 1663, 5, rel, 0, blk)
 
 
+def page(rng: random.Random) -> bytes:
+    """About a third all zeros (holes import_datadir does not store); some zero but for
+    their first or last byte (stored: the zero test looks at every byte)."""
+    pick = rng.random()
+    if pick < 0.3:
+        return bytes(BLCKSZ)
+    if pick < 0.4:
+        return bytes(BLCKSZ - 1) + b"\x01" if pick < 0.35 else b"\x01" + bytes(BLCKSZ - 1)
+    return rng.randbytes(16) * (BLCKSZ // 16)
+
+
 def relation(rng: random.Random, n: int) -> bytes:
-    """n pages, about a third of them all zeros (holes import_datadir does not store)."""
-    return b"".join(
-        bytes(BLCKSZ) if rng.random() < 0.3 else rng.randbytes(16) * (BLCKSZ // 16)
-        for _ in range(n)
-    )
+    return b"".join(page(rng) for _ in range(n))
 
 
-def written(root: Path, chunked: bool, rels: dict[int, bytes], seed: int) -> dict[str, bytes]:
+def written(
+    root: Path, chunked: bool, rels: dict[int, bytes], seed: int, views: bool = False
+) -> dict[str, bytes]:
     """The layer files of a run over `rels` (relnode -> pages), each followed by its size
-    key; pages added chunk by chunk (random chunk sizes) or one by one."""
+    key; pages added chunk by chunk (random chunk sizes; `views`: memoryview slices of a
+    larger buffer, as an import passes a frame's pages) or one by one. The run's pages must
+    read back as added."""
     store = TimelineStore(root, SETTINGS)
     rng = random.Random(seed)
+    expected = {key(1, 0): b"a small value first"}
     try:
         timeline = store.create_timeline()
         run = ImageRunWriter(timeline.directory, 100, timeline.settings, timeline.cache)
         run.add(key(1, 0), b"a small value first")
         for rel, data in sorted(rels.items()):
             n, at = len(data) // BLCKSZ, 0
+            framed = memoryview(b"tar header" + data + b"next member")[10 : 10 + len(data)]
+            expected.update(
+                (key(rel, i), data[i * BLCKSZ : (i + 1) * BLCKSZ])
+                for i in range(n)
+                if data[i * BLCKSZ : (i + 1) * BLCKSZ] != bytes(BLCKSZ)
+            )
+            expected[rel_size_key(1663, 5, rel, 0)] = n.to_bytes(4, "little")
             while at < n:
                 take = min(n - at, rng.choice([1, 2, 3, 5, 16, 40]))
                 chunk = data[at * BLCKSZ : (at + take) * BLCKSZ]
                 if chunked:
-                    run.add_pages(key(rel, at), chunk)
+                    run.add_pages(
+                        key(rel, at), framed[at * BLCKSZ : (at + take) * BLCKSZ] if views else chunk
+                    )
                 else:
                     for i in range(take):
                         page = chunk[i * BLCKSZ : (i + 1) * BLCKSZ]
@@ -56,17 +81,39 @@ def written(root: Path, chunked: bool, rels: dict[int, bytes], seed: int) -> dic
             run.add(rel_size_key(1663, 5, rel, 0), n.to_bytes(4, "little"))
         layers = run.finish()
         assert len(layers) > 5
+        read = {k: v for x in layers for k, v in x.scan(FULL_KEYSPACE)}
+        assert read == expected
         return {x.path.name: x.path.read_bytes() for x in layers}
     finally:
         store.close()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_chunks_write_the_files_pages_write(tmp_path: Path, seed: int) -> None:
+def test_chunks_write_the_files_pages_write(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     rels = {1000 + i: relation(rng, rng.randint(1, 60)) for i in range(4)}
     one_by_one = written(tmp_path / "pages", False, rels, seed)
     assert written(tmp_path / "chunks", True, rels, seed) == one_by_one
+    assert written(tmp_path / "views", True, rels, seed, views=True) == one_by_one
+    monkeypatch.setattr(native, "blockpack", None)  # the Python references
+    assert written(tmp_path / "py-chunks", True, rels, seed) == one_by_one
+    assert written(tmp_path / "py-views", True, rels, seed, views=True) == one_by_one
+
+
+def test_nonzero_pages_in_c_equals_the_python_reference() -> None:
+    require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
+    assert native.blockpack is not None
+    rng = random.Random(5)
+    data = relation(rng, 200)
+    found = native.blockpack.nonzero_pages(memoryview(data), BLCKSZ)
+    assert found == nonzero_pages_python(data) == nonzero_pages_python(memoryview(data))
+    assert 0 < len(found) < 200
+    assert native.blockpack.nonzero_pages(memoryview(b"x" + data)[1:], BLCKSZ) == found
+    assert native.blockpack.nonzero_pages(b"", BLCKSZ) == []
+    with pytest.raises(ValueError, match="whole pages"):
+        native.blockpack.nonzero_pages(data[:-1], BLCKSZ)
 
 
 def test_chunk_of_zero_pages_adds_nothing(tmp_path: Path) -> None:
