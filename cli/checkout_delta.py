@@ -26,11 +26,12 @@ Crash safety (the journal's contract: after a kill at any point, the next `pg ch
    repeatable over step 2, which would drop the WAL it wrote, hence step 3's name; its own
    slot is removed first, so a killed run can be repeated; its shutdown checkpoint makes
    its writes durable), the configuration fsynced, then the completion marker (only: the
-   rest is durable); the `.applied` file is removed last, by `remove_leftovers`. Where this
-   run's delta left pg_authid as it was, the roles and passwords are the directory's own and
-   only the slot is missing: it is written as the file PostgreSQL would write
-   (cli/slot_file.py), without the single-user run (a start, the SQL and a shutdown
-   checkpoint). After a killed run what changed is not known: the single-user step runs.
+   rest is durable); the `.applied` file is removed last, by `remove_leftovers`. The state
+   files' names are in cli/checkout_files.py. Where this run's delta left pg_authid as it
+   was, the roles and passwords are the directory's own and only the slot is missing: it is
+   written as the file PostgreSQL would write (cli/slot_file.py), without the single-user
+   run (a start, the SQL and a shutdown checkpoint). After a killed run what changed is not
+   known: the single-user step runs.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from cli.checkout_files import (
+    applied_file,
+    applying_file,
+    old_wal_dir,
+    remove_later,
+    stale_dir,
+)
 from cli.context import App
 from cli.delta_apply import DeltaApplier
 from cli.hints_mark import HINTS_MARK, hints_logged_from
@@ -66,60 +73,8 @@ KEEP = (*CONFIG_FILES, NEON_CONF, HINTS_MARK)
 """What the node's directory keeps that is not page history."""
 
 
-def applying_file(node: NodeRow) -> Path:
-    return node.datadir.with_name(node.datadir.name + ".checkout.applying")
-
-
-def applied_file(node: NodeRow) -> Path:
-    return node.datadir.with_name(node.datadir.name + ".checkout.applied")
-
-
-def old_wal_dir(node: NodeRow) -> Path:
-    return node.datadir.with_name(node.datadir.name + ".checkout.oldwal")
-
-
-def stale_dir(node: NodeRow) -> Path:
-    """Where the files of the directory that the delta does not name are moved to."""
-    return node.datadir.with_name(node.datadir.name + ".checkout.stale")
-
-
-def remove_leftovers(node: NodeRow) -> None:
-    """Once no checkout is pending (or it is sealed): its state files are waste."""
-    for path in (applying_file(node), applied_file(node)):
-        path.unlink(missing_ok=True)
-    for path in (old_wal_dir(node), stale_dir(node)):
-        remover = _removing.get(path)
-        if remover is None or remover.poll() is not None:  # else it is being deleted
-            shutil.rmtree(path, ignore_errors=True)
-
-
-_removing: dict[Path, subprocess.Popen[bytes]] = {}
-"""Directories set aside that a process this one started is deleting (`_remove_later`)."""
-
-
-def _remove_later(path: Path) -> None:
-    """Delete a directory set aside beside the node's in a process of its own (`rm -rf`),
-    which this command does not wait for, not even at its exit: on ext4 mounted with
-    `discard` each unlink of a file that was written back waits for its blocks' trim (7 ms
-    a 16 MiB WAL segment), and the old pg_wal of a node that loaded a gigabyte has dozens
-    (a thread deleting them held the CLI's exit, which waits for its threads, by a third of
-    a second). A deletion killed half way is finished by `remove_leftovers` (the next
-    checkout, start or destroy of the node); one that cannot start (no `rm` on PATH) is
-    done here."""
-    try:
-        _removing[path] = subprocess.Popen(
-            ["rm", "-rf", "--", str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _set_wal_aside(node: NodeRow) -> None:
-    """Move the directory's pg_wal out of it and delete it (`_remove_later`) while the
+    """Move the directory's pg_wal out of it and delete it (`remove_later`) while the
     delta streams in. None of it is the target's (the delta brings its own segment and
     history file; a full rebuild keeps none either), and unlinking its dozens of 16 MiB
     segments at the end, with the other files the delta does not name, took a fifth of a
@@ -134,7 +89,7 @@ def _set_wal_aside(node: NodeRow) -> None:
         os.rename(wal, aside)
     except OSError:  # a mount point (EBUSY, EXDEV): it stays, and its files go as before
         return
-    _remove_later(aside)
+    remove_later(aside)
 
 
 def roll_forward(app: App, node: NodeRow, head: str | None, seal: Callable[[Path], None]) -> bool:
@@ -237,7 +192,7 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | Non
     finally:
         applier.close()
         if stale.exists():
-            _remove_later(stale)
+            remove_later(stale)
     if again:
         fsync_tree(node.datadir)
         return False

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import checkout
+from cli import checkout, checkout_files
 from cli.registry import NodeRow
 
 
@@ -119,7 +119,7 @@ def test_a_pg_wal_that_cannot_be_moved_stays(
     monkeypatch.setattr(checkout_delta.os, "rename", busy)
     checkout_delta._set_wal_aside(node)
     assert (node.datadir / "pg_wal" / "000000010000000000000001").exists()
-    assert not checkout_delta.old_wal_dir(node).exists()
+    assert not checkout_files.old_wal_dir(node).exists()
 
 
 def test_a_set_aside_directory_is_deleted_also_without_rm(
@@ -136,7 +136,7 @@ def test_a_set_aside_directory_is_deleted_also_without_rm(
         monkeypatch.setenv("PATH", path)
         checkout_delta._set_wal_aside(node)
         assert not (node.datadir / "pg_wal").exists()
-        remover = checkout_delta._removing.get(checkout_delta.old_wal_dir(node))
+        remover = checkout_files.removing.get(checkout_files.old_wal_dir(node))
         if remover is not None:
             remover.wait(timeout=30)
-        assert not checkout_delta.old_wal_dir(node).exists()
+        assert not checkout_files.old_wal_dir(node).exists()

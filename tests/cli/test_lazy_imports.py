@@ -108,7 +108,43 @@ def test_snapshot_create_and_checkout_import_nothing_heavy(neon: NeonCli) -> Non
     assert heavy(imported(create.stderr)) == []
     checkout = profiled.run("pg", "checkout", "pgdata1@before")
     assert "cli.checkout" in imported(checkout.stderr)
+    # On the import-ahead thread (importlib.import_module's own module has no line: its imports do)
+    assert "cli.delta_apply" in imported(checkout.stderr)
     assert heavy(imported(checkout.stderr)) == []
+
+
+DELTA_MACHINERY = ("cli.checkout_delta", "cli.delta_apply", "snapfile")
+"""What only an in-place checkout (and snapshot transfer) uses: the delta applier and the
+`.neon` delta reader (50-70 ms of a command's start)."""
+
+
+def test_start_and_stop_import_no_delta_machinery(neon: NeonCli) -> None:
+    """`pg stop`/`pg start` load cli/checkout.py (a start finishes a killed checkout) but only
+    its state files' names (cli/checkout_files.py), not the machinery that applies a delta."""
+    neon.run("pg", "create")
+    profiled = NeonCli(neon.home, {"PYTHONPROFILEIMPORTTIME": "1"})
+    for command in ("stop", "start"):
+        modules = imported(profiled.run("pg", command, "pgdata1").stderr)
+        assert {"cli.checkout", "cli.checkout_files"} <= modules, command
+        loaded = [
+            m for m in modules if any(m == d or m.startswith(d + ".") for d in DELTA_MACHINERY)
+        ]
+        assert loaded == [], command
+
+
+def test_checkout_imports_its_delta_machinery_ahead() -> None:
+    """cli/checkout.py leaves cli/checkout_delta.py to a thread started before PostgreSQL is
+    stopped (`_import_ahead`), which the command joins before importing anything itself."""
+    code = (
+        "import sys, threading, cli.checkout\n"
+        "before = 'cli.checkout_delta' in sys.modules\n"
+        "thread = cli.checkout._import_ahead()\n"
+        "assert thread is not threading.current_thread()\n"
+        "thread.join()\n"
+        "print(before, 'cli.checkout_delta' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "True"]
 
 
 LAZY_MODEL_AREAS = (

@@ -25,7 +25,7 @@ from cli.tar_reader import MemberData, MemberStart, TarReader
 from cli.untar import extract_stream
 from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver_api.client import PageserverClient
-from pageserver_api.models import BasebackupRequest, BasebackupResponse
+from pageserver_api.models import BasebackupRequest, BasebackupResponse, SnapshotCreateRequest
 from pg15.lsn import parse_lsn
 from proto.errors import InvalidArgument
 from snapfile.delta import FORK_HEADER, fork_path_of, record_size
@@ -328,6 +328,30 @@ def test_checkout_in_place_killed_rolls_forward(neon: NeonCli, step: str) -> Non
     psql(c, "INSERT INTO t VALUES (0)")
     neon.run("pg", "checkout", "pgdata1@HEAD{0}")
     assert psql(c, "SELECT count(*), max(a) FROM t") == "100000|-1"
+
+
+def test_checkout_keeps_the_head_a_killed_run_named(neon: NeonCli) -> None:
+    """Killed after naming the stopped node's state `HEAD{0}` but before writing its journal:
+    the next checkout takes that snapshot as the directory's state (the node stayed stopped:
+    it is) instead of failing on the taken name; in place, and `HEAD{0}` holds that state."""
+    neon.run("pg", "create")
+    c = connstr(neon)
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 1000) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    psql(c, "INSERT INTO t VALUES (0)")
+    neon.run("pg", "stop", "pgdata1")  # waits for the pageserver to take the shutdown checkpoint
+    node_id = str(neon.json("pg", "show", "pgdata1")["id"])
+    named = local_api(App.open(neon.home), start=False).snapshot_create(
+        SnapshotCreateRequest(node_id, "pgdata1@HEAD{0}")
+    )
+    inode = datadir(neon).stat().st_ino
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert datadir(neon).stat().st_ino == inode
+    assert psql(c, "SELECT count(*) FROM t") == "1000"
+    heads = [s for s in neon.json("snapshot", "list") if s["name"] == "pgdata1@HEAD{0}"]
+    assert [h["lsn"] for h in heads] == [named.lsn]
+    neon.run("pg", "checkout", "pgdata1@HEAD{0}")
+    assert psql(c, "SELECT count(*), min(a) FROM t") == "1001|0"
 
 
 def test_checkout_delta_request_is_checked() -> None:
