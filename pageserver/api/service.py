@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pageserver.api.metrics import Metrics
+from pageserver.api.own_thread import on_own_thread
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver.config import PageserverConfig
@@ -286,7 +287,8 @@ class Pageserver:
         """Import a node's cleanly shut-down data directory before its first start (or an
         attached server's recovered base backup at its end LSN: NodeStore.import_datadir)."""
         store = self.store(node_id)
-        lsn = await asyncio.to_thread(store.import_datadir, datadir, at_lsn)
+        # A thread of its own: a whole data directory's import (pageserver/api/own_thread.py).
+        lsn = await on_own_thread("import-node", store.import_datadir, datadir, at_lsn)
         await self._refollow(node_id)
         return lsn
 
@@ -410,9 +412,16 @@ class Pageserver:
         """`write` an import onto the new `timeline` (it returns the LSN to read it at) and
         name it; on any failure, or if the caller is gone by the end, the timeline is deleted
         and no snapshot appears."""
+
+        def write_all(t: Timeline) -> int:
+            lsn = write(t)
+            t.freeze_and_flush()
+            return lsn
+
         try:
-            lsn = await asyncio.to_thread(write, timeline)
-            await asyncio.to_thread(timeline.freeze_and_flush)
+            # A thread of its own, not the default executor's: a `.neon` file is read as its
+            # pusher sends it, for as long as that lasts (pageserver/api/own_thread.py).
+            lsn = await on_own_thread("import", write_all, timeline)
             if abandoned():
                 raise Unavailable(f"the import of snapshot {name!r} was abandoned by its caller")
             self._check_name_free(name)

@@ -17,16 +17,20 @@ import threading
 from collections.abc import AsyncGenerator, Iterator
 from typing import TypeVar, cast
 
+from pageserver.api.own_thread import start_own_thread
+
 T = TypeVar("T")
 
 _END = object()
 
 
 async def chunks_in_thread(chunks: Iterator[T], ahead: int = 4) -> AsyncGenerator[T, None]:
-    """Yield what `chunks` yields, run on an executor thread at most `ahead` items ahead of
-    the consumer. Its errors are raised here; when the consumer stops early (close it, e.g.
-    with `contextlib.aclosing`), the producer stops at its next item and `chunks` is closed
-    on its thread (a generator's `finally` stops its own workers there)."""
+    """Yield what `chunks` yields, run on a thread of its own (not the loop's default
+    executor: a stream stalled by a slow reader would hold that thread for its length,
+    pageserver/api/own_thread.py) at most `ahead` items ahead of the consumer. Its errors
+    are raised here; when the consumer stops early (close it, e.g. with
+    `contextlib.aclosing`), the producer stops at its next item and `chunks` is closed on its
+    thread (a generator's `finally` stops its own workers there)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
     slots = threading.Semaphore(ahead)
@@ -50,7 +54,7 @@ async def chunks_in_thread(chunks: Iterator[T], ahead: int = 4) -> AsyncGenerato
             if close is not None:
                 close()
 
-    producer = loop.run_in_executor(None, produce)
+    producer = asyncio.wrap_future(start_own_thread("chunks-in-thread", produce))
     try:
         while True:
             item, exc = await queue.get()
