@@ -237,24 +237,33 @@ py_pack_images(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "pack_images: an argument is out of range");
         goto done;
     }
-    Py_ssize_t count = PyList_GET_SIZE(offsets);
-    for (; i < count; i++) {
+    Py_ssize_t count = PyList_GET_SIZE(offsets), used = PyByteArray_GET_SIZE(buf);
+    Py_ssize_t stride = size + 1, fit = count - i;
+    if (used + stride > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "pack_images: the block is too large");
+        goto done;
+    }
+    /* The images that fit in the block (at least one in an empty block), its buffer and the
+     * entries grown once for all of them: grown per image, each resize could move the block. */
+    if (used > 0 || fit > 1) {
+        Py_ssize_t room = used + stride > limit ? (used > 0 ? 0 : 1) : (limit - used) / stride;
+        if (room < fit) {
+            fit = room;
+            status = 1;
+        }
+    }
+    Py_ssize_t at = PyByteArray_GET_SIZE(entries);
+    if (fit > 0 && (PyByteArray_Resize(entries, at + fit * ENTRY_SIZE) < 0 ||
+                    PyByteArray_Resize(buf, used + fit * stride) < 0))
+        goto done;
+    for (Py_ssize_t end = i + fit; i < end; i++, used += stride, at += ENTRY_SIZE) {
         Py_ssize_t o = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, i));
         if (o == -1 && PyErr_Occurred())
-            goto done;
+            goto failed;
         if (o < 0 || o % size || o + size > data.len || first + (uint64_t)(o / size) > UINT32_MAX ||
             n >= UINT32_MAX) {
             PyErr_SetString(PyExc_ValueError, "pack_images: an offset is out of range");
-            goto done;
-        }
-        Py_ssize_t used = PyByteArray_GET_SIZE(buf);
-        if (used > 0 && used + size + 1 > limit) {
-            status = 1;
-            break;
-        }
-        if (used + size + 1 > UINT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "pack_images: the block is too large");
-            goto done;
+            goto failed;
         }
         uint8_t key[KEY_SIZE + 4];
         memcpy(key, prefix.buf, KEY_SIZE - 4);
@@ -262,27 +271,32 @@ py_pack_images(PyObject *self, PyObject *args)
         put_be(key + KEY_SIZE, n, 4);
         PyObject *entry = PyBytes_FromStringAndSize((const char *)key, sizeof key);
         if (entry == NULL)
-            goto done;
-        int failed = PyList_Append(keys, entry);
+            goto failed;
+        int appended = PyList_Append(keys, entry);
         Py_DECREF(entry);
-        if (failed < 0)
-            goto done;
-        Py_ssize_t at = PyByteArray_GET_SIZE(entries);
-        if (PyByteArray_Resize(entries, at + ENTRY_SIZE) < 0 ||
-            PyByteArray_Resize(buf, used + size + 1) < 0)
-            goto done;
+        if (appended < 0)
+            goto failed;
         uint8_t *e = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
         put_be(e, lsn, 8);
         e[8] = TAG_IMAGE;
         put_be(e + 9, block_no, 4);
         put_be(e + 13, (uint64_t)used, 4);
-        put_be(e + 17, (uint64_t)size + 1, 4);
+        put_be(e + 17, (uint64_t)stride, 4);
         uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + used;
         b[0] = TAG_IMAGE;
         memcpy(b + 1, (const uint8_t *)data.buf + o, (size_t)size);
         n++;
     }
     result = Py_BuildValue("ni", i, status);
+    goto done;
+failed: /* the block and entries hold exactly the images appended before the error */
+    {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        (void)PyByteArray_Resize(buf, used);
+        (void)PyByteArray_Resize(entries, at);
+        PyErr_Restore(type, value, tb);
+    }
 done:
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&data);

@@ -6,6 +6,7 @@ pages read back as written; keys out of order or past the range are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -43,13 +44,14 @@ def relation(rng: random.Random, n: int) -> bytes:
 
 
 def written(
-    root: Path, chunked: bool, rels: dict[int, bytes], seed: int, views: bool = False
-) -> dict[str, bytes]:
+    root: Path, chunked: bool, rels: dict[int, bytes], seed: int, views: bool = False,
+    settings: StoreSettings = SETTINGS,
+) -> dict[str, bytes]:  # fmt: skip
     """The layer files of a run over `rels` (relnode -> pages), each followed by its size
     key; pages added chunk by chunk (random chunk sizes; `views`: memoryview slices of a
     larger buffer, as an import passes a frame's pages) or one by one. The run's pages must
     read back as added."""
-    store = TimelineStore(root, SETTINGS)
+    store = TimelineStore(root, settings)
     rng = random.Random(seed)
     expected = {key(1, 0): b"a small value first"}
     try:
@@ -100,6 +102,38 @@ def test_chunks_write_the_files_pages_write(
     monkeypatch.setattr(native, "blockpack", None)  # the Python references
     assert written(tmp_path / "py-chunks", True, rels, seed) == one_by_one
     assert written(tmp_path / "py-views", True, rels, seed, views=True) == one_by_one
+
+
+@pytest.mark.parametrize("block_size", [BLCKSZ // 2, BLCKSZ + 1, 3 * BLCKSZ + 10])
+def test_block_cuts_in_c_equal_the_python_reference(
+    tmp_path: Path, block_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks smaller than a page (one image each), holding exactly one, and three: the C
+    loop sizes a block's buffer for the images that fit before it copies them."""
+    require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
+    settings = dataclasses.replace(SETTINGS, block_size=block_size)
+    rng = random.Random(block_size)
+    rels = {1000 + i: relation(rng, rng.randint(20, 60)) for i in range(3)}
+    c = written(tmp_path / "c", True, rels, 4, views=True, settings=settings)
+    monkeypatch.setattr(native, "blockpack", None)
+    assert written(tmp_path / "py", True, rels, 4, settings=settings) == c
+    assert written(tmp_path / "pages", False, rels, 4, settings=settings) == c
+
+
+def test_bad_offsets_are_refused_in_c(tmp_path: Path) -> None:
+    require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
+    assert native.blockpack is not None
+    prefix = key(1000, 0)[:-4]
+    for offsets in ([0, BLCKSZ + 1], [0, 4 * BLCKSZ], [-BLCKSZ]):
+        keys: list[bytes] = []
+        buf, entries = bytearray(b"open"), bytearray()
+        with pytest.raises(ValueError, match="offset is out of range"):
+            native.blockpack.pack_images(
+                prefix, 0, bytes(4 * BLCKSZ), offsets, 0, BLCKSZ, keys, buf, 1 << 20, 0,
+                entries, 0, 100,
+            )  # fmt: skip
+        # what was appended before the bad offset, and nothing of it
+        assert len(buf) == 4 + len(keys) * (BLCKSZ + 1) and len(entries) == 21 * len(keys)
 
 
 def test_nonzero_pages_in_c_equals_the_python_reference() -> None:
