@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import cli.neon_file_import as nfi
 from cli.neon_file_import import FETCHED_NAME, LocalNeonFile, import_whole_file
 from cli.progress import Progress
 from cli.transport import base
@@ -130,3 +134,91 @@ def test_the_spool_is_readable_by_its_owner_only(tmp_path: Path) -> None:
         os.umask(old)
     assert seen == [0o600]
     assert (tmp_path / FETCHED_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_the_disk_writes_leave_the_event_loop_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pageserver or `neon snapshot recv` taking pushes, the loop writing the file serves
+    every other connection: a slow disk (each write takes 0.2 s here) must not stop it. The
+    chunks still land in order, the file ends with its `.done`, owner-only."""
+    real_write = nfi._write_all
+
+    def slow_disk(out: Any, data: bytes) -> None:
+        time.sleep(0.2)
+        real_write(out, data)
+
+    monkeypatch.setattr(nfi, "_write_all", slow_disk)
+    pieces = [bytes([i]) * (1000 + 37 * i) for i in range(5)]
+
+    def send(whole: LocalNeonFile) -> bytes:
+        return read_as_the_pageserver(whole)[1]
+
+    async def spool() -> tuple[int, bytes]:
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield piece
+
+        beating = asyncio.ensure_future(heartbeat())
+        await asyncio.sleep(0)
+        async with nfi.GrowingFile(tmp_path / FETCHED_NAME, "t", "o", send) as growing:
+            await growing.write(chunks())  # 1 s of writes
+            during = ticks
+            got = await asyncio.to_thread(growing.finish)
+        beating.cancel()
+        return during, got
+
+    during, got = asyncio.run(spool())
+    assert during >= 30, f"the loop ran {during} times in 1 s of disk writes"
+    assert got == b"".join(pieces) == (tmp_path / FETCHED_NAME).read_bytes()
+    assert (tmp_path / f"{FETCHED_NAME}.done").exists()
+    assert (tmp_path / FETCHED_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_write_cancelled_midway_marks_the_file_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while a chunk is on the disk, the file is closed only once that write ended,
+    and marked failed: the import ends with the fetch."""
+    real_write = nfi._write_all
+    writing = threading.Event()
+
+    def slow_disk(out: Any, data: bytes) -> None:
+        writing.set()
+        time.sleep(0.3)
+        real_write(out, data)  # the file is still open
+
+    monkeypatch.setattr(nfi, "_write_all", slow_disk)
+    seen: list[BaseException] = []
+
+    def send(whole: LocalNeonFile) -> bytes:
+        try:
+            return read_as_the_pageserver(whole)[1]
+        except Unavailable as exc:
+            seen.append(exc)
+            raise
+
+    async def spool() -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"a" * 100
+            await asyncio.Event().wait()  # the sender stalls
+
+        async with nfi.GrowingFile(tmp_path / FETCHED_NAME, "t", "o", send) as growing:
+            task = asyncio.ensure_future(growing.write(chunks()))
+            await asyncio.to_thread(writing.wait, 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(spool())
+    assert (tmp_path / FETCHED_NAME).read_bytes() == b"a" * 100
+    assert (tmp_path / f"{FETCHED_NAME}.failed").exists()
+    assert [str(e) for e in seen] == ["the fetch of t was given up"]
