@@ -217,6 +217,10 @@ done:
  * `buf` (the open block). Status 0: all appended; 1: offsets[next] does not fit in the
  * non-empty block (the caller cuts it and calls again from `next` with block_no + 1).
  */
+#ifndef COPY_WITHOUT_GIL
+#define COPY_WITHOUT_GIL (32 * 1024)
+#endif
+
 static PyObject *
 py_pack_images(PyObject *self, PyObject *args)
 {
@@ -231,6 +235,7 @@ py_pack_images(PyObject *self, PyObject *args)
             &block_no, &PyByteArray_Type, &entries, &n, &lsn))
         return NULL;
     PyObject *result = NULL;
+    Py_ssize_t *sources = NULL; /* the offsets of the pages to copy into the block */
     int status = 0;
     if (prefix.len != KEY_SIZE - 4 || size <= 0 || size >= UINT32_MAX || limit < 0 ||
         (uint64_t)limit > UINT32_MAX || block_no > UINT32_MAX || first > UINT32_MAX || i < 0) {
@@ -252,10 +257,14 @@ py_pack_images(PyObject *self, PyObject *args)
             status = 1;
         }
     }
-    Py_ssize_t at = PyByteArray_GET_SIZE(entries);
-    if (fit > 0 && (PyByteArray_Resize(entries, at + fit * ENTRY_SIZE) < 0 ||
-                    PyByteArray_Resize(buf, used + fit * stride) < 0))
+    Py_ssize_t at = PyByteArray_GET_SIZE(entries), copied = 0, first_used = used;
+    sources = fit > 0 ? PyMem_Malloc((size_t)fit * sizeof *sources) : NULL;
+    if (fit > 0 && (sources == NULL || PyByteArray_Resize(entries, at + fit * ENTRY_SIZE) < 0 ||
+                    PyByteArray_Resize(buf, used + fit * stride) < 0)) {
+        if (sources == NULL)
+            PyErr_NoMemory();
         goto done;
+    }
     for (Py_ssize_t end = i + fit; i < end; i++, used += stride, at += ENTRY_SIZE) {
         Py_ssize_t o = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, i));
         if (o == -1 && PyErr_Occurred())
@@ -282,15 +291,33 @@ py_pack_images(PyObject *self, PyObject *args)
         put_be(e + 9, block_no, 4);
         put_be(e + 13, (uint64_t)used, 4);
         put_be(e + 17, (uint64_t)stride, 4);
-        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + used;
-        b[0] = TAG_IMAGE;
-        memcpy(b + 1, (const uint8_t *)data.buf + o, (size_t)size);
+        ((uint8_t *)PyByteArray_AS_STRING(buf))[used] = TAG_IMAGE;
+        sources[copied++] = o;
         n++;
+    }
+    /* The pages themselves copied without the GIL when they are many (a block's worth: the
+     * frames' decompression and the event loop go on meanwhile); nothing else touches the
+     * block, and `data` is held by its buffer export. */
+    {
+        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + first_used + 1;
+        const uint8_t *src = (const uint8_t *)data.buf;
+        if (copied * size >= COPY_WITHOUT_GIL) {
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t k = 0; k < copied; k++)
+                memcpy(b + k * stride, src + sources[k], (size_t)size);
+            Py_END_ALLOW_THREADS
+        } else {
+            for (Py_ssize_t k = 0; k < copied; k++)
+                memcpy(b + k * stride, src + sources[k], (size_t)size);
+        }
     }
     result = Py_BuildValue("ni", i, status);
     goto done;
 failed: /* the block and entries hold exactly the images appended before the error */
     {
+        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + first_used + 1;
+        for (Py_ssize_t k = 0; k < copied; k++)
+            memcpy(b + k * stride, (const uint8_t *)data.buf + sources[k], (size_t)size);
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         (void)PyByteArray_Resize(buf, used);
@@ -298,6 +325,7 @@ failed: /* the block and entries hold exactly the images appended before the err
         PyErr_Restore(type, value, tb);
     }
 done:
+    PyMem_Free(sources);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&data);
     return result;
