@@ -124,16 +124,18 @@ def test_bad_offsets_are_refused_in_c(tmp_path: Path) -> None:
     require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
     assert native.blockpack is not None
     prefix = key(1000, 0)[:-4]
-    for offsets in ([0, BLCKSZ + 1], [0, 4 * BLCKSZ], [-BLCKSZ]):
+    data = b"".join(bytes([i + 1]) * BLCKSZ for i in range(8))
+    for offsets in ([0, 2 * BLCKSZ, BLCKSZ + 1], [0, 8 * BLCKSZ], [-BLCKSZ]):
         keys: list[bytes] = []
         buf, entries = bytearray(b"open"), bytearray()
         with pytest.raises(ValueError, match="offset is out of range"):
             native.blockpack.pack_images(
-                prefix, 0, bytes(4 * BLCKSZ), offsets, 0, BLCKSZ, keys, buf, 1 << 20, 0,
-                entries, 0, 100,
-            )  # fmt: skip
-        # what was appended before the bad offset, and nothing of it
-        assert len(buf) == 4 + len(keys) * (BLCKSZ + 1) and len(entries) == 21 * len(keys)
+                prefix, 0, data, offsets, 0, BLCKSZ, keys, buf, 1 << 20, 0, entries, 0, 100
+            )
+        # what was appended before the bad offset (its pages too), and nothing of it
+        good = offsets[: len(keys)]
+        assert buf == b"open" + b"".join(b"\x01" + data[o : o + BLCKSZ] for o in good)
+        assert len(entries) == 21 * len(keys) and len(keys) == len(offsets) - 1
 
 
 def test_nonzero_pages_in_c_equals_the_python_reference() -> None:
