@@ -87,18 +87,21 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     finish_pending(app, node)
     echo(f"Stopping postgres on {node.pgdata}.")
     ahead = _import_ahead()
-    nodes.stop_node(app, node, "fast")
-    ahead.join()
+    try:
+        nodes.stop_node(app, node, "fast")
+    finally:
+        ahead.join()
     nodes.wait_for_shutdown_checkpoint(app, node)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
     info = _current_timeline(app, node)
     head = f"{node.pgdata}@{head_tag(info.checkouts or 0)}"
     # One request, not a listing first (which sizes every snapshot of every history): HEAD{i}
     # exists already only where a run was killed before its journal was written.
+    head_lsn = None
     with contextlib.suppress(AlreadyExists):
-        local_api(app).snapshot_create(SnapshotCreateRequest(node.id, head))
+        head_lsn = local_api(app).snapshot_create(SnapshotCreateRequest(node.id, head)).lsn
     _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head})
-    for left in _roll_forward(app, node, on_timeline=info.timeline_id):
+    for left in _roll_forward(app, node, on_timeline=info.timeline_id, head_lsn=head_lsn):
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
@@ -120,9 +123,12 @@ def _import_ahead() -> threading.Thread:
     return thread
 
 
-def _roll_forward(app: App, node: NodeRow, on_timeline: str | None = None) -> list[Path]:
+def _roll_forward(
+    app: App, node: NodeRow, on_timeline: str | None = None, head_lsn: int | None = None
+) -> list[Path]:
     """Redo the journal's checkout from wherever it stopped. `on_timeline`: the node's
-    timeline as the caller read it after writing the journal (else it is asked for)."""
+    timeline as the caller read it after writing the journal, `head_lsn`: the LSN of the
+    journal's HEAD where the caller just made it (else each is asked for)."""
     from cli import checkout_delta
 
     journal = _journal(node).read_text()
@@ -135,7 +141,7 @@ def _roll_forward(app: App, node: NodeRow, on_timeline: str | None = None) -> li
             local_api(app).node_branch(branch)
         new = _new_dir(node)
         if _marker(new) != journal and checkout_delta.roll_forward(
-            app, node, entry.get("head"), lambda datadir: _mark(datadir, journal)
+            app, node, entry.get("head"), lambda datadir: _mark(datadir, journal), head_lsn
         ):
             shutil.rmtree(new, ignore_errors=True)  # a rebuild a killed run had begun
             return _finish(node)  # done in place: no swap

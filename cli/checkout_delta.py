@@ -92,15 +92,22 @@ def _set_wal_aside(node: NodeRow) -> None:
     remove_later(aside)
 
 
-def roll_forward(app: App, node: NodeRow, head: str | None, seal: Callable[[Path], None]) -> bool:
+def roll_forward(
+    app: App,
+    node: NodeRow,
+    head: str | None,
+    seal: Callable[[Path], None],
+    head_lsn: int | None = None,
+) -> bool:
     """Bring the stopped directory to the node's branch point in place and `seal` it; False
     when no delta applies (the caller rebuilds it whole, which a half-patched directory
-    allows too: it is replaced)."""
+    allows too: it is replaced). `head_lsn`: `head`'s LSN where the caller just made it (else
+    it is asked for)."""
     applying, applied = applying_file(node), applied_file(node)
     roles_kept = False  # after a killed run: what it changed is not known
     if not applied.exists():
         again = applying.exists()  # a killed run applied some of it, maybe not durably
-        result = None if head is None else _stream_apply(app, node, head, again)
+        result = None if head is None else _stream_apply(app, node, head, again, head_lsn)
         if result is None:
             return False
         roles_kept = result
@@ -145,7 +152,9 @@ def _eligible(datadir: Path) -> tuple[int, int] | None:
     return mark, control.checkpoint_lsn + SHUTDOWN_CHECKPOINT_LEN
 
 
-def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | None:
+def _stream_apply(
+    app: App, node: NodeRow, head: str, again: bool, head_lsn: int | None = None
+) -> bool | None:
     """Apply the delta from `head` (the state the directory holds) to the node's branch
     point; None, the directory untouched, where none is right (see `_eligible`; HEAD short
     of the directory's shutdown checkpoint; the pageserver refuses: no common history,
@@ -161,10 +170,12 @@ def _stream_apply(app: App, node: NodeRow, head: str, again: bool) -> bool | Non
         if eligible is None:
             return None
         mark, shut_down_at = eligible
-        try:
-            if api.snapshot_show(SnapshotShowRequest(head)).lsn < shut_down_at:
+        if head_lsn is None:
+            try:
+                head_lsn = api.snapshot_show(SnapshotShowRequest(head)).lsn
+            except NotFound:
                 return None
-        except NotFound:
+        if head_lsn < shut_down_at:
             return None
     request = BasebackupRequest(node_id=node.id, checkout_from=head, hints_logged_from=mark)
     stale = stale_dir(node)
