@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
@@ -208,13 +208,25 @@ def extract_basebackup(
     member `pg_tblspc/OID` is not created but recorded there (OID -> its target): the caller
     places that tablespace itself (cli/backup_tablespaces.py); any other link is refused.
     """
+    extract_chunks(_tar_bytes(stream), target_dir, tablespace_links)
+
+
+def extract_chunks(
+    chunks: Iterable[bytes],
+    target_dir: Path,
+    tablespace_links: dict[int, str] | None = None,
+    divert: Divert | None = None,
+) -> None:
+    """Extract a tar arriving as `chunks` (from this thread, which may block between them:
+    no event loop) as extract_basebackup does; `divert`: see `Divert` (it runs on the
+    writer's thread)."""
     batches: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
     failed = threading.Event()
     errors: list[BaseException] = []
 
     def extract() -> None:
         try:
-            _extract_queued(batches, failed, target_dir, tablespace_links)
+            _extract_queued(batches, failed, target_dir, tablespace_links, divert)
         except BaseException as exc:  # raised by the caller's thread
             errors.append(exc)
 
@@ -225,7 +237,7 @@ def extract_basebackup(
     writer = threading.Thread(target=extract, name="untar-writer", daemon=True)
     writer.start()
     try:
-        for data in _tar_bytes(stream):
+        for data in chunks:
             if failed.is_set():
                 break  # its error says why
             batches.put([data])

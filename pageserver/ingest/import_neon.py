@@ -23,8 +23,10 @@ would not be the final file's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,20 +125,30 @@ class NeonSource:
     abandoned: Callable[[], bool] = lambda: False
     """Whether the caller is gone (then a growing file never ends)."""
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The file's bytes; for a file being fetched, as they are written."""
+    def blocks(self) -> Generator[bytes, None, None]:
+        """The file's bytes, read on this thread; for a file being fetched, as they are
+        written (polled every POLL_SECONDS)."""
         with self.path.open("rb") as f:
             while True:
-                chunk = await asyncio.to_thread(f.read, _READ_BYTES)
+                chunk = f.read(_READ_BYTES)
                 if chunk:
                     yield chunk
                 elif not self.fetching or self._ended():
-                    if chunk := await asyncio.to_thread(f.read, _READ_BYTES):
+                    if chunk := f.read(_READ_BYTES):
                         yield chunk  # written before the marker, after the read above
                         continue
                     return
                 else:
-                    await asyncio.sleep(POLL_SECONDS)
+                    time.sleep(POLL_SECONDS)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """`blocks`, each read (or waited for) on a worker thread."""
+        blocks = self.blocks()
+        try:
+            while (chunk := await asyncio.to_thread(next, blocks, b"")) != b"":
+                yield chunk
+        finally:
+            blocks.close()
 
     def _ended(self) -> bool:
         """The fetch ended (done); raises if it failed or its caller is gone."""
@@ -153,8 +165,8 @@ def import_neon_file(
     its small members into `pgdata` (absent or empty); returns the import LSN. `origin`: the
     `origin_of` the manifest the caller read (refused if the file's differs)."""
     # The CLI's reader and extractor, run here: the same checks as a CLI's extraction.
-    from cli.snapshot_file_source import check_control, check_manifest, verified_tar
-    from cli.untar import extract_stream
+    from cli.snapshot_file_source import check_control, check_manifest, verified_tar_blocking
+    from cli.untar import extract_chunks
     from snapfile.manifest import Manifest, origin_of
 
     check_empty(timeline)
@@ -171,8 +183,11 @@ def import_neon_file(
         diverter.early = EarlyImport(manifest.lsn)
 
     try:
-        tar = verified_tar(source.chunks(), label, on_manifest)
-        asyncio.run(extract_stream(tar, pgdata, divert=diverter.divert))
+        # On this thread, no event loop: the frames are verified and decompressed here and
+        # the tar extracted (the big files' pages packed) on the extractor's thread.
+        tar = verified_tar_blocking(source.blocks(), label, on_manifest)
+        with contextlib.closing(tar):  # the file closed now when the extraction failed
+            extract_chunks(tar, pgdata, divert=diverter.divert)
         [manifest] = seen
         check_control(pgdata, manifest, label)
         control = read_control_file(pgdata)

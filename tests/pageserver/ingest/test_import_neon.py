@@ -6,15 +6,19 @@ cut or hostile file, a big member twice or another manifest fail with no layer l
 
 from __future__ import annotations
 
+import asyncio
 import io
+import random
 import re
 import tarfile
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from cli.snapshot_file_source import verified_tar, verified_tar_blocking
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest import live_journal
 from pageserver.ingest.import_neon import DONE_SUFFIX, FAILED_SUFFIX, NeonSource, import_neon_file
@@ -181,3 +185,67 @@ def test_a_fetch_that_gives_up_fails_the_import_and_leaves_no_layer(
     finally:
         writer.join()
     assert layer_files(work) == []
+
+
+def test_the_import_runs_on_the_callers_thread_with_no_event_loop(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No asyncio: each piece of the file used to be verified on a worker thread and
+    handed back to a loop (~400 hops for 1 GiB of pgbench data, each waiting for the GIL in
+    a loaded process); the state is the same."""
+    path = tmp_path / "x.neon"
+    manifest = neon_file(datadir, path)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+
+    def no_loop(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the import used asyncio")
+
+    monkeypatch.setattr(asyncio, "run", no_loop)
+    monkeypatch.setattr(asyncio, "to_thread", no_loop)
+    digest, _lsn, early = imported(path, tmp_path / "work", origin_of(manifest))
+    assert digest == plain and early >= 2
+
+
+@pytest.mark.parametrize("damage", ["none", "flipped", "cut"])
+def test_blocking_verified_tar_equals_the_async_one(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+    damage: str,
+) -> None:
+    """verified_tar_blocking (the import's) gives verified_tar's bytes and errors, the
+    file read in chunks of any size."""
+    path = tmp_path / "x.neon"
+    neon_file(datadir, path)
+    data = bytearray(path.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2] ^= 0x20
+    elif damage == "cut":
+        del data[len(data) // 2 :]
+    rng = random.Random(len(data))
+    chunks, at = [], 0
+    while at < len(data):
+        take = rng.choice([1, 511, 4096, 70_000, 300_000])
+        chunks.append(bytes(data[at : at + take]))
+        at += take
+    manifests: list[Manifest] = []
+
+    async def async_tar() -> bytes:
+        async def source() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        return b"".join([x async for x in verified_tar(source(), "f", manifests.append)])
+
+    def outcome(run: Callable[[], bytes]) -> tuple[str, bytes]:
+        try:
+            return "ok", run()
+        except CorruptData as exc:
+            return str(exc), b""
+
+    blocking = outcome(lambda: b"".join(verified_tar_blocking(chunks, "f", manifests.append)))
+    assert blocking == outcome(lambda: asyncio.run(async_tar()))
+    assert (blocking[0] == "ok") == (damage == "none")
+    assert blocking[1] == (tar_of(datadir) if damage == "none" else b"")
+    assert len(manifests) == 2 and manifests[0] == manifests[1]
