@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pageserver.api.import_paths import check_import_dir, check_import_file, check_outside
 from pageserver.api.metrics import Metrics
 from pageserver.api.own_thread import on_own_thread
 from pageserver.basebackup.sources import TimelineSource
@@ -369,10 +370,18 @@ class Pageserver:
         caller is still writing it)."""
         check_import_name(name)
         self._check_name_free(name)
-        if neon_file is not None and datadir.parent.parent != store_dir.parent:
-            raise InvalidArgument(
-                f"{datadir}: a .neon file is extracted into a work directory of its storage"
-            )
+        own = self._own_dirs(store_dir)
+        if neon_file is not None:
+            check_outside(neon_file, own, "a .neon file")
+            check_import_file(neon_file)  # a FIFO would hang the import's first read
+            if datadir.parent.parent != store_dir.parent:
+                raise InvalidArgument(
+                    f"{datadir}: a .neon file is extracted into a work directory of its storage"
+                )
+            check_outside(datadir, own, "an extraction")
+        else:
+            check_outside(datadir, own, "a data directory")
+            check_import_dir(datadir)
         history = self.history(store_dir)
         timeline = history.timelines.create_timeline(importing=True)
         self.imported_roots.remember(store_dir)
@@ -400,6 +409,8 @@ class Pageserver:
         check_import_name(name)
         self._check_name_free(name)
         history, base = self.find_snapshot(parent)
+        check_outside(datadir, self._own_dirs(history.root), "a delta")
+        check_import_dir(datadir)
         timeline = await asyncio.to_thread(history.timelines.branch, base.timeline_id, base.lsn)
         return await self._import_onto(
             history, timeline, name, origin, abandoned, lambda t: import_delta(t, datadir)
@@ -430,6 +441,13 @@ class Pageserver:
         except BaseException:
             await asyncio.to_thread(history.timelines.delete_timeline, timeline.timeline_id)
             raise
+
+    def _own_dirs(self, store_dir: Path) -> list[Path]:
+        """Where an import's files may not be: the work directory and every page history
+        this pageserver keeps (`store_dir`, the one imported into, included)."""
+        roots = [self.config.workdir, store_dir, *self.imported_roots.all()]
+        roots += [self.store_dir(node) for node in self.nodes.all()]
+        return roots + [Path(root) for root in self.histories]
 
     def _check_name_free(self, name: str) -> None:
         with contextlib.suppress(NotFound):
