@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from cli.context import App
 from cli.delta_import import parent_here
@@ -65,6 +65,7 @@ from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import encode_manifest, origin_of, snapshot_manifest
 
 FILE_SUFFIX = ".neon"
+T = TypeVar("T")
 
 
 def new_token() -> str:
@@ -265,10 +266,7 @@ class Receiver:
         with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
             async with contextlib.AsyncExitStack() as imports:  # each import ends in the block
                 register = await self._unpack(counted.chunks(), label, name, workdir, imports)
-                async with self._commit:
-                    self.tokens.check(token)  # another push with it may have finished meanwhile
-                    snap = await asyncio.to_thread(register)
-                    next_token = self.tokens.consume(token)
+                snap, next_token = await publish_once(self._commit, self.tokens, token, register)
         return Received(snap, counted.bytes, time.monotonic() - started, next_token)
 
     async def _unpack(
@@ -308,6 +306,35 @@ class Receiver:
         await unpack_delta(rest, label, members, head)
         request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
         return functools.partial(self.api.snapshot_import_delta, request)
+
+
+async def publish_once(
+    lock: asyncio.Lock, tokens: Tokens, token: str, register: Callable[[], T]
+) -> tuple[T, str]:
+    """A receive's final step: under `lock`, check `token` again (another push with it may
+    have finished meanwhile), make the snapshot visible (`register`, blocking) and consume
+    the token; the register's answer and the next token.
+
+    Once `register` began, the step runs to its end even when cancelled (the cancellation is
+    raised after): the register goes on on its thread whatever happens here, and left there
+    the snapshot became visible with its token still valid (a second push with it made a
+    second snapshot) and the lock was let go meanwhile (helper-56's review). So a cancelled
+    step either made nothing visible (cancelled waiting for the lock, or `register` failed:
+    the token stays for a push run again) or named the snapshot and consumed the token."""
+    async with lock:
+        tokens.check(token)
+        registering = asyncio.ensure_future(asyncio.to_thread(register))
+        cancelled = False
+        while not registering.done():
+            try:
+                await asyncio.wait({registering})  # cancelled itself, it leaves `registering`
+            except asyncio.CancelledError:
+                cancelled = True
+        snap = registering.result()  # its error: nothing visible, the token kept
+        next_token = tokens.consume(token)
+        if cancelled:
+            raise asyncio.CancelledError
+        return snap, next_token
 
 
 class _Counted:
