@@ -32,8 +32,10 @@ def check_import_file(path: Path) -> None:
         raise InvalidArgument(f"{path} is {_kind(mode)}, not a regular .neon file")
 
 
-def check_import_dir(path: Path) -> None:
-    """`path` is a directory, not through a final link."""
+def check_import_dir(path: Path, missing_ok: bool = False) -> None:
+    """`path` is a directory, not through a final link (or, `missing_ok`, not there yet)."""
+    if missing_ok and not os.path.lexists(path):
+        return
     mode = _mode(path)
     if not stat.S_ISDIR(mode):
         raise InvalidArgument(f"{path} is {_kind(mode)}, not a data directory")

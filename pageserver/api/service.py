@@ -43,6 +43,7 @@ from pageserver.history.snapshots import (
 from pageserver.history.usage import Retained, storage_usage
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.import_delta import import_delta
+from pageserver.ingest.live_journal import journal_path
 from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
 from pageserver.remote.adopt import adopt_snapshot
@@ -381,7 +382,8 @@ class Pageserver:
             check_outside(datadir, own, "an extraction")
         else:
             check_outside(datadir, own, "a data directory")
-            check_import_dir(datadir)
+            # A live import's directory may still be on its way: its journal is there.
+            check_import_dir(datadir, missing_ok=os.path.lexists(journal_path(datadir)))
         history = self.history(store_dir)
         timeline = history.timelines.create_timeline(importing=True)
         self.imported_roots.remember(store_dir)

@@ -101,6 +101,9 @@ def test_a_data_directory_that_is_none_is_refused(ps: Pageserver, tmp_path: Path
     for given, kind in [(work / "fifo", "a FIFO"), (work / "link", "a symbolic link")]:
         with pytest.raises(InvalidArgument, match=f"is {kind}, not a data directory"):
             _import(ps, given, store_dir)
+    # Absent, it is refused unless a live import's journal beside it says it is on its way.
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        _import(ps, work / "pgdata", store_dir)
 
 
 def test_paths_inside_the_pageservers_own_directories_are_refused(
