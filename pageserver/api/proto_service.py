@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pageserver.api.own_thread import on_own_thread
 from pageserver.api.service import Pageserver
 from pageserver.api.thread_chunks import chunks_in_thread
 from pageserver.basebackup.checkout_delta import COALESCE_BYTES, checkout_parent, coalesced
@@ -37,7 +38,10 @@ Route = Callable[[RequestContext, Any], Awaitable[m.ApiResponse]]
 
 def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     """One proto handler per API method: params are parsed into the method's request model
-    and the response model is encoded, in `serve` below, for every method alike."""
+    and the response model is encoded, in `serve` below, for every method alike. What may
+    download from a bucket for as long as that takes (a snapshot or PITR area held there, an
+    upload's evicted layers coming back) runs on a thread of its own, not on the loop's
+    default executor (pageserver/api/own_thread.py)."""
 
     async def status(ctx: RequestContext, req: m.StatusRequest) -> m.StatusResponse:
         status = ps.status()
@@ -172,7 +176,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     ) -> tuple[BasebackupInfo, Iterator[bytes]]:
         """Validate a basebackup and describe it; its tar chunks are produced lazily (a
         delta's relation forks by `delta`)."""
-        source, tli = await asyncio.to_thread(ps.basebackup_source, req.node_id, req.snapshot)
+        source, tli = await on_own_thread(
+            "basebackup-source", ps.basebackup_source, req.node_id, req.snapshot
+        )
         pg_timeline = req.pg_timeline if req.pg_timeline is not None else tli or 1
         history = req.timeline_history if isinstance(req, m.BasebackupRequest) else None
         if history is None and pg_timeline > 1:
@@ -203,13 +209,17 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         or its `.neon` snapshot file (a delta on one of `delta_from` when one is an ancestor)."""
         delta = None
         if req.checkout_from is not None and req.hints_logged_from is not None:
-            source, _tli = await asyncio.to_thread(ps.basebackup_source, req.node_id, None)
+            source, _tli = await on_own_thread(
+                "basebackup-source", ps.basebackup_source, req.node_id, None
+            )
             delta = await asyncio.to_thread(
                 checkout_parent, ps.find_snapshot, req.checkout_from, source,
                 req.hints_logged_from,
             )  # fmt: skip
         elif req.delta_from and req.snapshot is not None:
-            source, _tli = await asyncio.to_thread(ps.basebackup_source, None, req.snapshot)
+            source, _tli = await on_own_thread(
+                "basebackup-source", ps.basebackup_source, None, req.snapshot
+            )
             delta = await asyncio.to_thread(
                 delta_parent, ps.find_snapshot, req.snapshot, source, req.delta_from
             )
@@ -240,9 +250,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         )  # fmt: skip
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
-        area = await asyncio.to_thread(
-            ps.pitr_create, req.name, req.node_id, req.ttl, req.size_limit, req.remote,
-            req.takeover,
+        area = await on_own_thread(
+            "pitr-create", ps.pitr_create, req.name, req.node_id, req.ttl, req.size_limit,
+            req.remote, req.takeover,
         )  # fmt: skip
         return m.PitrAreaInfo(**asdict(area), storage=ps.pitr_storage(area.name))
 
@@ -258,7 +268,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def remote_attach(
         ctx: RequestContext, req: m.RemoteAttachRequest
     ) -> m.RemoteStorageUsage:
-        return _usage(await asyncio.to_thread(ps.remote_attach, req.settings))
+        return _usage(await on_own_thread("remote-attach", ps.remote_attach, req.settings))
 
     async def remote_detach(
         ctx: RequestContext, req: m.RemoteDetachRequest
@@ -270,11 +280,13 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.PitrListResponse([m.PitrAreaInfo(**a) for a in areas])
 
     async def pitr_destroy(ctx: RequestContext, req: m.PitrDestroyRequest) -> m.PitrAreaInfo:
-        return m.PitrAreaInfo(**asdict(await asyncio.to_thread(ps.pitr_destroy, req.name)))
+        return m.PitrAreaInfo(
+            **asdict(await on_own_thread("pitr-destroy", ps.pitr_destroy, req.name))
+        )
 
     async def pitr_extract(ctx: RequestContext, req: m.PitrExtractRequest) -> m.SnapshotInfo:
-        snap = await asyncio.to_thread(
-            ps.pitr_extract, req.name, lsn=req.lsn, at=req.time, tag=req.tag
+        snap = await on_own_thread(
+            "pitr-extract", ps.pitr_extract, req.name, lsn=req.lsn, at=req.time, tag=req.tag
         )
         return m.SnapshotInfo(**asdict(snap))
 

@@ -514,7 +514,8 @@ class Pageserver:
         store = self.store(node_id)
         mirror = self.remote.mirror_of_root(history.root)
         if mirror is not None and store.history is not history:  # held in a bucket
-            await asyncio.to_thread(self._adopt_from_bucket, mirror, snap, store.history)
+            # Its layers download: a thread of its own (pageserver/api/own_thread.py).
+            await on_own_thread("adopt", self._adopt_from_bucket, mirror, snap, store.history)
             history = store.history
         if store.history is not history:
             raise InvalidArgument(

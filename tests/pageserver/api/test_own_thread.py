@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 
 from pageserver.api.own_thread import on_own_thread
+from pageserver.api.proto_service import build_handlers
 from pageserver.api.service import Pageserver
 from pageserver.api.thread_chunks import chunks_in_thread
 from pageserver.config import PageserverConfig
+from pageserver_api import models as m
+from pageserver_api.client import PageserverClient
 from proto.errors import NotFound, Unavailable
+from proto.server import ProtoServer
 
 DEFAULT_EXECUTOR_THREADS = min(32, (os.cpu_count() or 1) + 4)
 """concurrent.futures.ThreadPoolExecutor's default size: what asyncio.to_thread runs on."""
@@ -94,3 +98,31 @@ def test_on_own_thread_returns_and_raises_from_a_new_thread() -> None:
 
     name, loop_thread = asyncio.run(run())
     assert name == "job" and name != loop_thread
+
+
+async def test_bucket_requests_do_not_wait_for_the_default_executor(tmp_path: Path) -> None:
+    """The handlers that may download from a bucket for as long as that takes (a snapshot's
+    basebackup source, a PITR extraction or destroy, an attach) run on threads of their own:
+    with the loop's default executor all taken, they still answer (here: nothing to find)."""
+    (tmp_path / "ps").mkdir()
+    ps = Pageserver(PageserverConfig(tmp_path / "ps"))
+    server = ProtoServer(build_handlers(ps), token="t", server_name="test pageserver")
+    await server.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    held = threading.Event()
+    holders = [loop.run_in_executor(None, held.wait) for _ in range(DEFAULT_EXECUTOR_THREADS)]
+    try:
+        async with await PageserverClient.connect("127.0.0.1", server.port, token="t") as c:
+            calls = [
+                c.basebackup_plan(m.BasebackupPlanRequest(snapshot="nope")),
+                c.pitr_extract(m.PitrExtractRequest("nope", lsn=0x1000)),
+                c.pitr_destroy(m.PitrDestroyRequest("nope")),
+            ]
+            for call in calls:
+                with pytest.raises(NotFound):
+                    await asyncio.wait_for(call, PROMPT)
+    finally:
+        held.set()
+        await asyncio.gather(*holders)
+        await server.close()
+        await ps.stop_following()
