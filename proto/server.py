@@ -9,10 +9,11 @@ allows it) and is closed; other connections are unaffected.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import ssl as ssl_
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -143,7 +144,7 @@ class ProtoServer:
         """Listen; with port 0 the OS picks a free port, readable afterwards as `self.port`;
         with `ssl`, TLS only (the handshake comes before the hello and its token)."""
         self._server = await asyncio.start_server(self._serve_connection, host, port, ssl=ssl)
-        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        self.host, self.port = bound_address(self._server.sockets, host, port)
         log.info("%s listening on %s:%d", self.server_name, self.host, self.port)
 
     async def close(self) -> None:
@@ -280,6 +281,18 @@ class ProtoServer:
             log.error("result of %r cannot be sent: %s", ctx.method, exc)
             message = f"the result of {ctx.method!r} cannot be sent: {exc}"
             return stream.encode(Error(ctx.request_id, InternalError.code, message))
+
+
+def bound_address(sockets: Sequence[Any], host: str, port: int) -> tuple[str, int]:
+    """The address a server just started listens on. Two processes that bind one port with
+    SO_REUSEADDR before either listens both bind; the second's listen() then fails with
+    EADDRINUSE, which uvloop hands to the loop's exception handler, closing the socket, that
+    `sockets` lists as None: the daemon died of an AttributeError instead of the OSError the
+    CLI retries on another port (cli/pageserver_control.py). Raised here as that OSError."""
+    if not sockets or any(sock is None for sock in sockets):
+        raise OSError(errno.EADDRINUSE, f"address already in use: cannot listen on {host}:{port}")
+    bound = sockets[0].getsockname()
+    return str(bound[0]), int(bound[1])
 
 
 def _internal(method: str, exc: BaseException) -> str:

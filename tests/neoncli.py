@@ -44,19 +44,45 @@ class NeonCli:
     def run(
         self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
+        with subprocess.Popen(
             [NEON, *args],
-            capture_output=True,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=self.env(),
-            timeout=timeout,
-            input=input,
-        )
+        ) as child:
+            try:
+                out, err = child.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"neon {' '.join(args)} still running after {timeout:g} s\n"
+                    + self.where_stuck(child)
+                ) from None
+        proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"neon {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
             )
         return proc
+
+    def where_stuck(self, child: subprocess.Popen[str]) -> str:
+        """A command that does not end: the stacks of its threads and of the pageserver's
+        (both dump them on SIGUSR1: faulthandler), its output and the pageserver's log's tail;
+        the command is killed."""
+        pageserver = self.home / "pageserver"
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+            os.kill(int((pageserver / "pageserver.pid").read_text()), signal.SIGUSR1)
+        time.sleep(2)
+        child.kill()
+        out, err = child.communicate()
+        parts = [f"its stdout:\n{out}", f"its stderr:\n{err}"]
+        for name in ("pageserver.stderr", "pageserver.log"):
+            with contextlib.suppress(OSError):
+                parts.append(f"{name}:\n{(pageserver / name).read_text()[-30_000:]}")
+        return "\n".join(parts)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "--json").stdout)

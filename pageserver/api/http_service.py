@@ -12,6 +12,7 @@ import ipaddress
 from aiohttp import web
 
 from pageserver.api.service import Pageserver
+from proto.server import bound_address
 
 _PS_KEY: web.AppKey[Pageserver] = web.AppKey("pageserver", Pageserver)
 
@@ -84,8 +85,8 @@ class HttpService:
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         # uvloop's server is not an asyncio.Server, but both expose the bound sockets.
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        sockets = getattr(site._server, "sockets", None)
+        self.port = port if sockets is None else bound_address(sockets, host, port)[1]
         return self.port
 
     async def close(self) -> None:

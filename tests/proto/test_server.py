@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import socket
 import struct
@@ -40,7 +41,7 @@ from proto.messages import (
     decode_payload,
     encode_message,
 )
-from proto.server import ProtoServer, RequestContext
+from proto.server import ProtoServer, RequestContext, bound_address
 
 TOKEN = "t0ken"
 STEP = 5.0  # generous bound for any single network step on loopback
@@ -469,3 +470,17 @@ async def test_a_stalled_upload_is_dropped_and_the_handler_freed() -> None:
         await assert_serves(srv)
     finally:
         await asyncio.wait_for(srv.close(), STEP)
+
+
+def test_a_listen_that_failed_is_the_os_error_it_was() -> None:
+    """uvloop lists the socket of a server whose listen() failed (another process bound the
+    port first with SO_REUSEADDR) as None: that is EADDRINUSE, which the CLI retries on
+    another port, not an AttributeError that kills the daemon."""
+    with pytest.raises(OSError, match=r"already in use: cannot listen on 127\.0\.0\.1:6400"):
+        bound_address([None], "127.0.0.1", 6400)
+    with pytest.raises(OSError) as raised:
+        bound_address([], "127.0.0.1", 6400)
+    assert raised.value.errno == errno.EADDRINUSE
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert bound_address([sock], "127.0.0.1", 0) == sock.getsockname()
