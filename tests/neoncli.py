@@ -67,18 +67,25 @@ class NeonCli:
         return proc
 
     def where_stuck(self, child: subprocess.Popen[str]) -> str:
-        """A command that does not end: the stacks of its threads and of the pageserver's
-        (both dump them on SIGUSR1: faulthandler), its output and the pageserver's log's tail;
-        the command is killed."""
-        pageserver = self.home / "pageserver"
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signal.SIGUSR1)
-        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-            os.kill(int((pageserver / "pageserver.pid").read_text()), signal.SIGUSR1)
-        time.sleep(2)
+        """A command that does not end: the stacks of its threads and of the pageserver's,
+        its output and the pageserver's log's tail; the command is killed."""
+        pageserver = self.dump_stacks([child.pid])
         child.kill()
         out, err = child.communicate()
-        parts = [f"its stdout:\n{out}", f"its stderr:\n{err}"]
+        return f"its stdout:\n{out}\nits stderr:\n{err}\n{pageserver}"
+
+    def dump_stacks(self, pids: list[int]) -> str:
+        """Make `pids` (`neon` commands: their stderr) and this home's pageserver (its
+        pageserver.stderr) dump every thread's stack (SIGUSR1: faulthandler, they go on);
+        the tails of the pageserver's stderr and log."""
+        pageserver = self.home / "pageserver"
+        with contextlib.suppress(OSError, ValueError):
+            pids = [*pids, int((pageserver / "pageserver.pid").read_text())]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)
+        parts = []
         for name in ("pageserver.stderr", "pageserver.log"):
             with contextlib.suppress(OSError):
                 parts.append(f"{name}:\n{(pageserver / name).read_text()[-30_000:]}")

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -101,20 +100,10 @@ def wait_for_job(page: Page, shots: Shots, what: str, neon: NeonCli) -> str:
 
 def _where_stuck(page: Page, neon: NeonCli) -> str:
     """The stacks of the console's running `neon` commands (in the job's output) and of the
-    pageserver (in its stderr), both dumped on SIGUSR1 (faulthandler), and its log's tail."""
-    pageserver = neon.home / "pageserver"
-    pids = [pid for pid in _descendants(os.getpid()) if b"neon" in _cmdline(pid)]
-    with contextlib.suppress(OSError, ValueError):
-        pids.append(int((pageserver / "pageserver.pid").read_text()))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR1)
-    time.sleep(2)
-    parts = [f"job output:\n{page.locator('#job-output').inner_text()}"]
-    for name in ("pageserver.stderr", "pageserver.log"):
-        with contextlib.suppress(OSError):
-            parts.append(f"{name}:\n{(pageserver / name).read_text()[-20_000:]}")
-    return "\n".join(parts)
+    pageserver, and its log's tail (NeonCli.dump_stacks)."""
+    jobs = [pid for pid in _descendants(os.getpid()) if b"neon" in _cmdline(pid)]
+    pageserver = neon.dump_stacks(jobs)
+    return f"job output:\n{page.locator('#job-output').inner_text()}\n{pageserver}"
 
 
 def _cmdline(pid: int) -> bytes:
