@@ -820,7 +820,7 @@ class Pageserver:
         for node_id, follower in self.followers.items():
             stopped = follower.ingest_state != "ok"
             self.metrics.set("pageserver_ingest_stopped", int(stopped), node=node_id)
-            flushed = follower.receiver.flushed_lsn or 0
+            flushed = follower.flushed_lsn
             ingested = follower.ingested_positions()[0] or 0
             self.metrics.set("pageserver_wal_flushed_lsn", flushed, node=node_id)
             self.metrics.set("pageserver_wal_ingested_lsn", ingested, node=node_id)

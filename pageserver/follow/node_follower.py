@@ -455,6 +455,16 @@ class NodeFollower:
                 await asyncio.wait_for(self._progress.wait(), min(remaining, 0.5))
         return self._decoded_lsn > lsn
 
+    @property
+    def flushed_lsn(self) -> int:
+        """The end of the WAL durable in the archive: what the receiver flushed, or, before a
+        restarted pageserver's receiver has connected, what the archive already held (the
+        decoder re-reads that first; it may stop there on bad WAL without a receiver ever
+        connecting)."""
+        with self._cond:
+            durable = self._durable[1]
+        return max(self.receiver.flushed_lsn, durable)
+
     def ingested_positions(self) -> tuple[int | None, int | None]:
         """(ingested, durable): the end of the last record in the page store (readable from
         now on) and of the last one flushed to layer files; None while it has no history."""
@@ -466,13 +476,14 @@ class NodeFollower:
     def status(self) -> dict[str, Any]:
         r = self.receiver
         ingested, durable = self.ingested_positions()
+        flushed = self.flushed_lsn
         return {
             **self.node.public(),
             "state": "paused" if self.node.paused and not r.running else r.state.value,
             "timeline": r.timeline,
             "received_lsn": format_lsn(r.received_lsn) if r.received_lsn else None,
-            "flushed_lsn": format_lsn(r.flushed_lsn) if r.flushed_lsn else None,
-            "flushed_lsn_int": r.flushed_lsn,
+            "flushed_lsn": format_lsn(flushed) if flushed else None,
+            "flushed_lsn_int": flushed,
             "decoded_lsn": format_lsn(self.decoded_lsn) if self.decoded_lsn else None,
             "ingested_lsn": format_lsn(ingested) if ingested is not None else None,
             "ingested_lsn_int": ingested,
