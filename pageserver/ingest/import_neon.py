@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pageserver.ingest.import_datadir import IMPORT_THREADS, _import_final, check_empty
 from pageserver.ingest.live_import import EarlyImport
@@ -38,7 +40,7 @@ from pageserver.storage.layers.image import ImageRunWriter
 from pageserver.storage.timeline import Timeline
 from pg15.constants import BLCKSZ
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
-from proto.errors import CorruptData, Unavailable
+from proto.errors import CorruptData, InvalidArgument, Unavailable
 
 _READ_BYTES = 1 << 20
 
@@ -128,7 +130,7 @@ class NeonSource:
     def blocks(self) -> Generator[bytes, None, None]:
         """The file's bytes, read on this thread; for a file being fetched, as they are
         written (polled every POLL_SECONDS)."""
-        with self.path.open("rb") as f:
+        with _open_regular(self.path) as f:
             while True:
                 chunk = f.read(_READ_BYTES)
                 if chunk:
@@ -156,6 +158,25 @@ class NeonSource:
         if os.path.exists(base + FAILED_SUFFIX) or self.abandoned():
             raise Unavailable(f"the fetch of {self.label} was given up")
         return os.path.exists(base + DONE_SUFFIX)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, checked on the descriptor read
+    from: a check by path before (the request's) leaves a window in which the name can be
+    swapped for a FIFO (its open would wait for a writer for ever: O_NONBLOCK here) or a
+    link (O_NOFOLLOW)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgument(f"{path} cannot be read ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"{path} is not a regular .neon file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def import_neon_file(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
 import re
 import tarfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from pageserver.ingest import live_journal
 from pageserver.ingest.import_neon import DONE_SUFFIX, FAILED_SUFFIX, NeonSource, import_neon_file
 from pageserver.storage.timeline_store import TimelineStore
 from pg15.pg_control import read_control_file
-from proto.errors import CorruptData, Unavailable
+from proto.errors import CorruptData, InvalidArgument, Unavailable
 from snapfile.manifest import Manifest, origin_of
 from snapfile.writer import write_snapshot_file
 from tests.pageserver.ingest.test_import_threads import (
@@ -249,3 +251,30 @@ def test_blocking_verified_tar_equals_the_async_one(
     assert (blocking[0] == "ok") == (damage == "none")
     assert blocking[1] == (tar_of(datadir) if damage == "none" else b"")
     assert len(manifests) == 2 and manifests[0] == manifests[1]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_name_swapped_after_the_check_is_refused_not_waited_on(
+    kind: str,
+    datadir: Path,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    """The request checked the path; the name is swapped for a FIFO (whose plain open waits
+    for a writer for ever) or a link before the import opens it: refused at once."""
+    real = tmp_path / "x.neon"
+    neon_file(datadir, real)
+    path = tmp_path / "swapped.neon"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(real)
+    source = NeonSource(path, str(path))
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: next(source.blocks()))
+        try:
+            with pytest.raises(InvalidArgument, match=r"swapped\.neon"):
+                future.result(timeout=10)
+        finally:
+            if not future.done():  # the old code: blocked in open(); a writer releases it
+                with open(path, "wb"):
+                    pass
