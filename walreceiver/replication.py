@@ -63,6 +63,7 @@ from walreceiver.replication_codec import (
     startup_message,
     terminate_message,
 )
+from walreceiver.replication_socket import open_streams
 
 log = logging.getLogger(__name__)
 
@@ -476,10 +477,8 @@ async def connect(
     methods answered; any other request fails before a password byte is sent."""
     where = f"{host}:{port}" if socket_dir is None else socket_path(socket_dir, port)
     try:
-        if socket_dir is None:
-            opening = asyncio.open_connection(host, port, limit=STREAM_LIMIT)
-        else:
-            opening = asyncio.open_unix_connection(where, limit=STREAM_LIMIT)
+        unix_path = None if socket_dir is None else where
+        opening = open_streams(host, port, unix_path, STREAM_LIMIT)
         reader, writer = await asyncio.wait_for(opening, timeout)
     except (OSError, TimeoutError) as exc:
         raise Unavailable(

@@ -289,6 +289,11 @@ class Pageserver:
         """Import a node's cleanly shut-down data directory before its first start (or an
         attached server's recovered base backup at its end LSN: NodeStore.import_datadir)."""
         store = self.store(node_id)
+        # Whoever holds the token names the directory: never one of ours, never a FIFO/link.
+        check_outside(
+            datadir, self._own_dirs(self.store_dir(self.nodes.get(node_id))), "a data directory"
+        )
+        check_import_dir(datadir)
         # A thread of its own: a whole data directory's import (pageserver/api/own_thread.py).
         lsn = await on_own_thread("import-node", store.import_datadir, datadir, at_lsn)
         await self._refollow(node_id)

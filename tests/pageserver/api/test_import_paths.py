@@ -125,3 +125,21 @@ def test_paths_inside_the_pageservers_own_directories_are_refused(
     with pytest.raises(InvalidArgument, match="a data directory inside the pageserver's own"):
         _import(ps, tmp_path / "innocent" / "a", store_dir)
     assert ps.list_snapshots() == []
+
+
+def test_a_nodes_import_checks_its_directory_too(ps: Pageserver, tmp_path: Path) -> None:
+    """node.import (a node's first start, an attach) names a directory as the others do."""
+    from pageserver.follow.followed_nodes import FollowedNode
+
+    store_dir, work = _work(tmp_path)
+    ps.nodes.add(FollowedNode("n1", "127.0.0.1", 1, "u", "p", store_dir=str(store_dir)))
+    os.mkfifo(work / "fifo")
+    inside = ps.config.workdir / "pgdata"
+    inside.mkdir()
+    for given, message in [
+        (work / "fifo", "is a FIFO, not a data directory"),
+        (inside, "a data directory inside the pageserver's own"),
+        (store_dir / "x", "a data directory inside the pageserver's own"),
+    ]:
+        with pytest.raises(InvalidArgument, match=message):
+            asyncio.run(asyncio.wait_for(ps.import_node("n1", given), WITHIN))

@@ -1,0 +1,60 @@
+"""The replication connection's reader returns what the server sent before it reset the
+connection, then the error (walreceiver/replication_socket.py): a terminated walsender's
+ErrorResponse arrives just before the reset its exit causes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from walreceiver.replication_socket import open_streams
+
+
+async def test_bytes_sent_before_a_reset_are_read_before_the_error() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"the server's last words")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        # l_onoff=1, l_linger=0: close() sends RST at once (as unread data in the
+        # backend's receive queue makes its kernel do).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await open_streams("127.0.0.1", port, None, 1 << 16)
+        await asyncio.sleep(0.3)  # the bytes and the reset have both arrived and been handled
+        got = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                data = await reader.read(1 << 16)
+                assert data, "an EOF instead of the reset"
+                got += data
+        assert got == b"the server's last words"
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_clean_close_is_an_eof() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await open_streams("127.0.0.1", port, None, 1 << 16)
+        await asyncio.sleep(0.2)
+        assert await reader.read(100) == b"bye"
+        assert await reader.read(100) == b""
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
