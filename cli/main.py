@@ -63,7 +63,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "waldump": ("cli.waldump", "waldump_command", "Decode WAL segment files like pg_waldump."),
     "debug": ("cli.debug_commands", "debug_group", "Developer tools."),
     "snapshot": (
-        "cli.snapshot_commands",
+        "cli.snapshot_group",
         "snapshot_group",
         "Snapshots: cheap named states of a node (PGDATA@TAG), and imported databases (NAME).",
     ),

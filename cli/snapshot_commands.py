@@ -20,7 +20,6 @@ import click
 from cli import nodes, postmaster
 from cli.context import App, get_app
 from cli.ingest_wait import refuse_if_ingest_stopped, wait_for_ingest
-from cli.lazy_group import LazyGroup
 from cli.node_lock import locked_node, node_lock
 from cli.nodes import HISTORY_DIR
 from cli.output import human_size, print_json, print_table
@@ -52,50 +51,7 @@ SNAPSHOT_SERVER_PORT = 55432
 PORT_ATTEMPTS = 3
 
 
-# Commands with modules of their own load on use (cli/lazy_group.py): `snapshot create`, run
-# after every load and before every checkout, imports none of the transfer machinery.
-LAZY_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "diff": (
-        "cli.snapshot_diff",
-        "snapshot_diff",
-        "Show what changed from snapshot A to snapshot B (A may be older or newer).",
-    ),
-    "export": (
-        "cli.snapshot_export",
-        "snapshot_export",
-        "Export a snapshot: a .neon file, a basebackup tar, a pg_dump -Fc dump, or CSV files.",
-    ),
-    "pull": (
-        "cli.snapshot_transfer",
-        "snapshot_pull",
-        "Fetch a .neon file from URL as snapshot NAME (default: the file's name).",
-    ),
-    "push": (
-        "cli.snapshot_transfer",
-        "snapshot_push",
-        "Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon): a delta on the "
-        "newest snapshot of its history the destination has, unless --full.",
-    ),
-    "recv": (
-        "cli.snapshot_recv",
-        "snapshot_recv",
-        "Receive pushed snapshots (prints the URL to push to).",
-    ),
-    "serve": (
-        "cli.snapshot_recv",
-        "snapshot_serve",
-        "Serve this home's snapshots on neon:// (pull, list, push; a token for all).",
-    ),
-}
-"""tests/cli/test_lazy_imports.py checks that each short help is the command's own."""
-
-
-@click.group("snapshot", cls=LazyGroup, lazy=LAZY_SUBCOMMANDS)
-def snapshot_group() -> None:
-    """Snapshots: cheap named states of a node (PGDATA@TAG), and imported databases (NAME)."""
-
-
-@snapshot_group.command("create")
+@click.command("create")
 @click.argument("name", metavar="PGDATA@TAG")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -159,7 +115,7 @@ def _create_on_remote(app: App, ref: str, tag: str) -> SnapshotInfo:
     return api.snapshot_create(request)
 
 
-@snapshot_group.command("import")
+@click.command("import")
 @click.option("--from", "source", required=True, metavar="SOURCE", help=(
     "basebackup://USER[:PASSWORD]@HOST[:PORT]/ (a running server), a stopped cluster's data "
     "directory, pg_basebackup output (plain, or -F tar), or a .neon file (a path or an "
@@ -333,7 +289,7 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-@snapshot_group.command("list")
+@click.command("list")
 @click.option("-s", "--storage", default=None, help="Only the snapshots kept in this storage.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -358,7 +314,7 @@ def snapshot_list(ctx: click.Context, storage: str | None, as_json: bool) -> Non
     )
 
 
-@snapshot_group.command("destroy")
+@click.command("destroy")
 @click.argument("name", metavar="SNAPSHOT")
 @click.pass_context
 def snapshot_destroy(ctx: click.Context, name: str) -> None:
@@ -432,7 +388,7 @@ def login_role(app: App, port: int) -> str:
     return nodes.SUPERUSER
 
 
-@snapshot_group.command("start")
+@click.command("start")
 @click.argument("name", metavar="SNAPSHOT")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -552,7 +508,7 @@ def remove_snapshot_server(app: App, name: str) -> None:
         cur.execute("DELETE FROM snapshot_servers WHERE name = ?", (name,))
 
 
-@snapshot_group.command("stop")
+@click.command("stop")
 @click.argument("name", metavar="SNAPSHOT")
 @click.pass_context
 def snapshot_stop(ctx: click.Context, name: str) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
 
 from cli.lazy_group import SHORT_HELP_LIMIT, LazyGroup, load_command
 from cli.pg_commands import pg_group
-from cli.snapshot_commands import snapshot_group
+from cli.snapshot_group import snapshot_group
 from pg15.native import walscan
 from tests.neoncli import NEON, NeonCli
 
@@ -184,3 +185,37 @@ def test_a_neon_file_is_taken_in_without_the_replication_client() -> None:
     modules = imported(proc.stderr)
     assert {"cli.snapshot_import", "cli.receiver", "cli.neon_file_import"} <= modules
     assert sorted(m for m in modules if m.split(".")[0] in ("walreceiver", "scramp")) == []
+
+
+NODE_MACHINERY = ("cli.nodes", "cli.extract", "cli.rest", "cli.snapshot_commands", "cli.node_lock")
+"""What `create`, `import` and `start` need (the node's lifecycle, the REST control, its
+basebackup download) and a push does not: 40-80 ms of its start, where the whole delta push
+of a 1% change is a few hundred (issue 12: cli/snapshot_group.py)."""
+
+
+def test_push_imports_no_node_machinery(neon: NeonCli, tmp_path: Path) -> None:
+    """A real push to a directory (a whole file, then a delta on it) imports the transfer
+    modules and none of the node machinery or the other schemes' clients."""
+    neon.run("pg", "create")
+    neon.run("snapshot", "create", "pgdata1@s1")
+    neon.run("snapshot", "create", "pgdata1@s2")
+    profiled = NeonCli(neon.home, {"PYTHONPROFILEIMPORTTIME": "1"})
+    for snap in ("pgdata1@s1", "pgdata1@s2"):
+        push = profiled.run("snapshot", "push", "--to", f"{tmp_path}/", snap)
+        modules = imported(push.stderr)
+        # (a module importlib.import_module loads has no line of its own: its imports do)
+        assert {"cli.transport.blocking", "cli.transport.file"} <= modules, snap
+        loaded = [
+            m for m in modules if any(m == n or m.startswith(n + ".") for n in NODE_MACHINERY)
+        ]
+        assert loaded == [], snap
+        clients = (
+            "aiobotocore",
+            "botocore",
+            "aiohttp",
+            "walreceiver",
+            "psycopg",
+            "pageserver.redo",
+        )
+        assert [m for m in modules if m.split(".")[0] in clients or m.startswith(clients)] == []
+    assert "incremental on pgdata1@s1" in push.stdout
