@@ -56,7 +56,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def node_pause(ctx: RequestContext, req: m.NodePauseRequest) -> m.NodeStatus:
         if req.disconnect:
             return m.NodeStatus(**await ps.disconnect_node(req.node_id))
-        return m.NodeStatus(**ps.pause_node(req.node_id))
+        return m.NodeStatus(**await ps.pause_node(req.node_id))
 
     async def node_list(ctx: RequestContext, req: m.NodeListRequest) -> m.NodeListResponse:
         return m.NodeListResponse(_node_statuses(ps.node_statuses()))

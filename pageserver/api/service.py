@@ -235,15 +235,16 @@ class Pageserver:
         self.stores.pop(node.node_id, None)
         return self._follow(node).status()
 
-    def pause_node(self, node_id: str) -> dict[str, Any]:
+    async def pause_node(self, node_id: str) -> dict[str, Any]:
         """The node is being stopped: take its last WAL, then connect no more until it is
-        registered again (`pg start`); kept across pageserver restarts."""
+        registered again (`pg start`); kept across pageserver restarts. Answers once the
+        stream that takes that WAL is open (NodeFollower.pause)."""
         node = replace(self.nodes.get(node_id), paused=True)
         self.nodes.add(node)
         follower = self.followers.get(node_id)
         if follower is None:
             return node.public()
-        follower.pause()
+        await follower.pause()
         return follower.status()
 
     async def disconnect_node(self, node_id: str) -> dict[str, Any]:

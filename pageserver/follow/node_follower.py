@@ -43,6 +43,8 @@ READ_CHUNK = 1 << 20  # archived WAL read and decoded at a time (larger is no fa
 FAILED_RETRY_SECONDS = 10.0
 ENDED_RETRY_SECONDS = 1.0
 STALLED_RETRY_SECONDS = 2.0
+PAUSE_CONNECT_WAIT = 15.0
+"""Seconds a pause waits for a receiver being started to connect (NodeFollower.pause)."""
 # Errors the operator fixes (free space, remount read-write): ingest waits and retries then.
 STALL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
@@ -181,12 +183,17 @@ class NodeFollower:
         cls = CorruptData if self.decode_error is not None else Unavailable
         raise cls(f"node {self.node.node_id}: WAL ingest {self.ingest_state}: {error}")
 
-    def pause(self) -> None:
+    async def pause(self) -> None:
         """Connect no more until resume(): a stream in progress runs to its end (a node that
-        is shutting down sends its last WAL first), then the receiver process exits."""
+        is shutting down sends its last WAL first), then the receiver process exits. Returns
+        once a receiver that was starting or connecting has connected (or failed to, or
+        PAUSE_CONNECT_WAIT passed): the caller stops the node next, and a server shutting down
+        takes no new replication connection, so its last WAL (the shutdown checkpoint a
+        checkout waits for) would reach the pageserver only at its next start."""
         self.node = replace(self.node, paused=True)
         self._active.clear()
         self.receiver.finish_stream()
+        await self.receiver.wait_connected(PAUSE_CONNECT_WAIT)
 
     def resume(self) -> None:
         """Follow the node again, at once (it was just started)."""
@@ -197,6 +204,8 @@ class NodeFollower:
     async def _run(self) -> None:
         while True:
             await self._active.wait()
+            if not self._active.is_set():  # paused again before this task resumed
+                continue
             self._wake.clear()
             delay = ENDED_RETRY_SECONDS
             try:

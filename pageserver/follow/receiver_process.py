@@ -112,8 +112,6 @@ class ReceiverProcess:
         )
         self._proc, self.pid = proc, proc.pid
         self._ready = False
-        if self._finishing:  # finish_stream() came while it was starting: nothing to finish
-            proc.terminate()
         failure: str | None = None
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -125,7 +123,10 @@ class ReceiverProcess:
                 except ValueError:
                     log.warning("walreceiver %s: unexpected output %r", self.slot, line[:200])
                     continue
-                self._ready = True  # its signal handlers are in place
+                if not self._ready:
+                    self._ready = True  # its signal handlers are in place
+                    if self._finishing:  # asked while it was starting: signalled now
+                        self._signal_finish(proc)
                 if "ended" in event:
                     self.end_reason = str(event["ended"])
                 elif "failed" in event:
@@ -177,14 +178,34 @@ class ReceiverProcess:
                 proc.send_signal(signal.SIGUSR1)
 
     def finish_stream(self) -> None:
-        """Let the child finish the stream it is in but connect no more; run() then returns
-        PAUSED. A child that has not reported yet has no stream to finish: it is stopped."""
+        """Let the child finish the stream it is in (or the one it is connecting for) but
+        connect no more; run() then returns PAUSED. A child that has not reported yet is
+        signalled at its first report (before it, SIGUSR2 would kill it): stopped at once, as
+        it used to be, it never received the WAL the node wrote since it was started, and a
+        node stopped meanwhile never sent its shutdown checkpoint to anyone (a checkout then
+        named HEAD{i} short of the node's last writes, after waiting 30 s for them)."""
         self._finishing = True
         proc = self._proc
-        if proc is not None and proc.returncode is None:
+        if proc is not None and self._ready:
+            self._signal_finish(proc)
+
+    @staticmethod
+    def _signal_finish(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                # Before its first report it may not handle SIGUSR2 yet (it would die of it).
-                proc.send_signal(signal.SIGUSR2 if self._ready else signal.SIGTERM)
+                proc.send_signal(signal.SIGUSR2)
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Until a child being started or connecting has connected (streaming), failed to
+        (backing off, ended) or `timeout` passed: a node about to be stopped must not go down
+        before the stream that takes its last WAL is open (a server shutting down accepts no
+        new replication connection)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.running and self.state in (ReceiverState.IDLE, ReceiverState.CONNECTING):
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning("walreceiver %s: not connected after %.0f s", self.slot, timeout)
+                return
+            await asyncio.sleep(0.02)
 
     @staticmethod
     async def _stop_child(proc: asyncio.subprocess.Process) -> None:

@@ -140,6 +140,62 @@ async def test_finish_stream_takes_the_last_wal_then_connects_no_more(
         await stop(task)
 
 
+async def test_finish_stream_while_starting_still_takes_the_last_wal(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """A pause that comes while the child is starting (a node stopped right after `pg start`,
+    the receiver's interpreter still loading on a busy box): the child still connects and
+    takes the server's WAL up to its shutdown checkpoint, then exits. It used to be stopped
+    at once: nothing was received, and a checkout waited 30 s for the shutdown checkpoint,
+    then named HEAD{i} without the node's last writes."""
+    server = pg_cluster.create()
+    rp = ReceiverProcess(params(server), "early", tmp_path / "wal", on_progress=lambda r: None)
+    task = asyncio.create_task(rp.run())
+    try:
+        deadline = time.monotonic() + 30
+        while not rp.running:  # created; its interpreter takes far longer to report
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.001)
+        assert not rp._ready
+        rp.finish_stream()
+        await wait_for(lambda: rp.state == ReceiverState.STREAMING, 30, "the child to connect")
+        server.psql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")
+        await asyncio.to_thread(server.stop, "fast")
+        assert await asyncio.wait_for(task, 30) == PAUSED
+        checkpoint = read_control_file(server.datadir).checkpoint_lsn
+        assert rp.flushed_lsn > checkpoint, "the shutdown checkpoint was not received"
+    finally:
+        await stop(task)
+
+
+async def test_wait_connected_returns_once_streaming_or_failed(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """NodeFollower.pause's wait: from a child being started until it streams; at once when
+    no child runs; bounded when it cannot connect (nothing listens: it backs off)."""
+    server = pg_cluster.create()
+    rp = ReceiverProcess(params(server), "wc", tmp_path / "wal", on_progress=lambda r: None)
+    await asyncio.wait_for(rp.wait_connected(30), 1)  # no child: nothing to wait for
+    task = asyncio.create_task(rp.run())
+    try:
+        while not rp.running:
+            await asyncio.sleep(0.001)
+        await rp.wait_connected(60)
+        assert rp.state == ReceiverState.STREAMING
+    finally:
+        await stop(task)
+    down = ConnParams("127.0.0.1", 1, "u", "p")
+    rp = ReceiverProcess(down, "wd", tmp_path / "wal2", on_progress=lambda r: None)
+    task = asyncio.create_task(rp.run())
+    try:
+        while not rp.running:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(rp.wait_connected(60), 30)  # refused: backing off, not waiting
+        assert rp.state == ReceiverState.BACKOFF
+    finally:
+        await stop(task)
+
+
 async def test_finish_stream_while_starting_or_backing_off(tmp_path: Path) -> None:
     """Nothing listens on the port: whenever the pause comes, run() returns PAUSED at once
     (not after a reconnect backoff) and no connection is tried afterwards."""
