@@ -474,6 +474,18 @@ class NodeFollower:
             durable = self._durable[1]
         return max(self.receiver.flushed_lsn, durable)
 
+    @property
+    def timeline(self) -> int:
+        """The PostgreSQL timeline of the node's WAL: the receiver's, or, before it has
+        connected (a checkout's new follower, a restarted pageserver), the archive's newest,
+        else the one the node's page history is on (0 only when nothing is known)."""
+        if self.receiver.timeline:
+            return self.receiver.timeline
+        with self._cond:
+            archived = self._durable[0]
+        state = self.store.state
+        return archived or (state.pg_timeline if state is not None else 0)
+
     def ingested_positions(self) -> tuple[int | None, int | None]:
         """(ingested, durable): the end of the last record in the page store (readable from
         now on) and of the last one flushed to layer files; None while it has no history."""
@@ -489,7 +501,7 @@ class NodeFollower:
         return {
             **self.node.public(),
             "state": "paused" if self.node.paused and not r.running else r.state.value,
-            "timeline": r.timeline,
+            "timeline": self.timeline,
             "received_lsn": format_lsn(r.received_lsn) if r.received_lsn else None,
             "flushed_lsn": format_lsn(flushed) if flushed else None,
             "flushed_lsn_int": flushed,

@@ -68,3 +68,31 @@ async def test_status_before_the_receiver_connects_shows_the_archive_end(
     finally:
         await follower.stop()
         store.close()
+
+
+async def test_status_before_the_receiver_connects_shows_the_nodes_timeline(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """After a checkout the node's new follower has no receiver connected yet (its child
+    starts with the node): `pg show` said timeline 0 until it had, where the checkout test
+    expects the new timeline at once (its e2e loop here failed on it under load)."""
+    server = pg_cluster.create({"autovacuum": "off"}, start=False)
+    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
+    store.import_datadir(server.datadir)
+    state = store.state
+    assert state is not None and state.pg_timeline == 1
+    branch = store.timelines.branch(state.timeline_id, state.start_lsn)
+    store.switch_to_branch(
+        branch, decode_from=state.start_lsn, pg_timeline=2, segment_size=SEG, parent=None,
+        checkout=True,
+    )  # fmt: skip
+    node = FollowedNode("n", "127.0.0.1", 1, "u", "p", paused=True)  # never connects
+    follower = NodeFollower(node, store, Metrics())
+    follower.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert follower.receiver.timeline == 0
+        assert follower.status()["timeline"] == 2
+    finally:
+        await follower.stop()
+        store.close()
