@@ -256,8 +256,8 @@ def test_blocking_verified_tar_equals_the_async_one(
 @pytest.mark.parametrize("kind", ["fifo", "link"])
 def test_a_name_swapped_after_the_check_is_refused_not_waited_on(
     kind: str,
-    datadir: Path,
-    tmp_path: Path,  # noqa: F811
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """The request checked the path; the name is swapped for a FIFO (whose plain open waits
     for a writer for ever) or a link before the import opens it: refused at once."""
