@@ -53,7 +53,7 @@ from pageserver_api.models import (
     TimelineInfo,
     TimelineInfoRequest,
 )
-from proto.errors import AlreadyExists, InvalidArgument
+from proto.errors import AlreadyExists, InvalidArgument, NeonError, Unavailable
 
 COMPLETE_MARKER = ".neon-checkout-complete"
 
@@ -91,7 +91,8 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
         nodes.stop_node(app, node, "fast")
     finally:
         ahead.join()
-    nodes.wait_for_shutdown_checkpoint(app, node)
+    if nodes.wait_for_shutdown_checkpoint(app, node) is False:
+        _refuse_short_head(app, node)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
     info = _current_timeline(app, node)
     head = f"{node.pgdata}@{head_tag(info.checkouts or 0)}"
@@ -105,6 +106,24 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
+
+
+def _refuse_short_head(app: App, node: NodeRow) -> None:
+    """The pageserver has not decoded the node's shutdown checkpoint (its receiver stalled,
+    or never connected before the node went down): HEAD{i} named now would leave the node's
+    last writes out, and once the node is on the new timeline nothing streams them any more.
+    Nothing has changed yet: the node is started again (its slot kept that WAL, which then
+    streams) and the checkout refused."""
+    started = ""
+    with contextlib.suppress(NeonError):
+        nodes.start_node(app, node)
+        started = f"postgres on {node.pgdata} was started again; "
+    raise Unavailable(
+        f"the pageserver has not received the last WAL of {node.pgdata} (its shutdown "
+        f"checkpoint) within {nodes.SHUTDOWN_CHECKPOINT_WAIT:g} s, so {node.pgdata}@HEAD "
+        f"would miss its last writes; nothing was changed: {started}check out again once "
+        f"`neon pg show {node.pgdata}` shows its WAL ingested"
+    )
 
 
 def _import_ahead() -> threading.Thread:

@@ -499,7 +499,13 @@ def pause_following(app: App, node: NodeRow) -> None:
         local_api(app, start=False).node_pause(NodePauseRequest(node.id))
 
 
-def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float = 30) -> bool | None:
+SHUTDOWN_CHECKPOINT_WAIT = 30.0
+"""Seconds a stop or a checkout waits for the pageserver to decode the shutdown checkpoint."""
+
+
+def wait_for_shutdown_checkpoint(
+    app: App, node: NodeRow, timeout: float = SHUTDOWN_CHECKPOINT_WAIT
+) -> bool | None:
     """After a clean stop, wait until the pageserver decoded the shutdown checkpoint.
 
     None when there is nothing to wait for (not shut down cleanly, pageserver not running).
