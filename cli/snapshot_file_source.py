@@ -348,9 +348,11 @@ async def unpack_snapshot_file(
 async def unpack_delta(
     chunks: AsyncIterator[bytes], label: str, directory: Path, head: Manifest
 ) -> None:
-    """Extract the delta arriving as `chunks` (its manifest `head`, read before) as it is
-    into `directory`, once the whole file checked out."""
-    await extract_stream(verified_tar(chunks, label, expect_manifest(label, head)), directory)
+    """Extract the delta arriving as `chunks` (its manifest `head`, read before) into
+    `directory` as it is, its fork members in one file (snapfile/delta.py PACK_NAME, which
+    pageserver/ingest/import_delta.py reads), once the whole file checked out."""
+    tar = verified_tar(chunks, label, expect_manifest(label, head))
+    await extract_stream(tar, directory, pack_deltas=True)
     check_control(directory, head, label)
 
 

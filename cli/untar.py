@@ -73,15 +73,21 @@ no data, sparse at the member's size (pageserver/ingest/import_neon.py); None: w
 
 class _Extractor:
     """Writes the members of a tar fed in chunks into `root` (checked, owned by PostgreSQL's
-    OS user); `tablespace_links` as in extract_basebackup; `divert` as `Divert` says."""
+    OS user); `tablespace_links` as in extract_basebackup; `divert` as `Divert` says; with
+    `pack_deltas`, a delta's fork members (`neon-delta/...`) go into one file, PACK_NAME
+    (snapfile/delta.py), not a file each."""
 
     def __init__(
-        self, root: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None
-    ) -> None:
+        self, root: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
+        pack_deltas: bool = False,
+    ) -> None:  # fmt: skip
         self._root = root
         self._links = tablespace_links
         self._divert = divert
         self._diverted: Diverted | None = None
+        self._pack_deltas = pack_deltas
+        self._pack: int | None = None  # PACK_NAME's descriptor, once a member went in
+        self._packing = False  # the current member's data goes to the pack
         self._reader = TarReader()
         self._fd: int | None = None
         self._member: MemberStart | None = None
@@ -93,17 +99,24 @@ class _Extractor:
 
     def finish(self) -> None:
         self._handle(self._reader.finish())
+        self.close()
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._pack is not None:
+            os.close(self._pack)
+            self._pack = None
 
     def _handle(self, events: Iterator[object]) -> None:
         try:
             for event in events:
                 if isinstance(event, MemberData):
-                    if self._diverted is not None:
+                    if self._packing:
+                        assert self._pack is not None
+                        _write_all(self._pack, event.data)
+                    elif self._diverted is not None:
                         self._diverted.write(event.data)
                     elif self._fd is not None:
                         _write_all(self._fd, event.data)
@@ -126,6 +139,8 @@ class _Extractor:
         rel = member_path(member)
         if rel is None:
             return
+        if self._pack_deltas and self._packed(rel, member):
+            return
         if member.kind == "directory":
             self._make_dirs(rel)
             return
@@ -138,7 +153,29 @@ class _Extractor:
         if self._divert is not None:
             self._diverted = self._divert(str(rel), member.size)
 
+    def _packed(self, rel: PurePosixPath, member: MemberStart) -> bool:
+        """A delta's fork member goes into the pack (its directories are not made); True
+        when `member` was taken so."""
+        # Imported here: `pg start` and `pg stop` extract nothing of a delta's (snapfile is
+        # the delta machinery, tests/cli/test_lazy_imports.py).
+        from snapfile.delta import DELTA_PREFIX, PACK_NAME, pack_record_header
+
+        if rel == PurePosixPath(PACK_NAME):
+            raise UnsafeArchive(f"refusing tar member {member.name!r}: {PACK_NAME} is the pack's")
+        if rel.parts[0] != DELTA_PREFIX.rstrip("/"):
+            return False
+        if member.kind == "file":
+            if self._pack is None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                self._pack = os.open(self._root / PACK_NAME, flags, 0o600)
+                give_fd_to_pg_user(self._pack)
+            fork_path = str(PurePosixPath(*rel.parts[1:]))
+            _write_all(self._pack, pack_record_header(fork_path, member.size))
+            self._packing = True
+        return True
+
     def _end(self) -> None:
+        self._packing = False
         if self._fd is None or self._dest is None:
             return
         fd, self._fd = self._fd, None
@@ -173,8 +210,9 @@ class _Extractor:
 
 @contextlib.contextmanager
 def _extracting(
-    target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None
-) -> Iterator[_Extractor]:
+    target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
+    pack_deltas: bool = False,
+) -> Iterator[_Extractor]:  # fmt: skip
     """An extractor into a sibling `<name>.tmp-XXXX` renamed to `target_dir` (absent or empty)
     when the block succeeds; removed, with whatever was written, when it fails."""
     target = Path(target_dir)
@@ -182,7 +220,7 @@ def _extracting(
         raise AlreadyExists(f"{target} exists and is not an empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
-    extractor = _Extractor(tmp, tablespace_links, divert)
+    extractor = _Extractor(tmp, tablespace_links, divert, pack_deltas)
     try:
         make_pg_dir(tmp)
         yield extractor
@@ -296,13 +334,14 @@ def _extract_queued(
     target: Path,
     tablespace_links: dict[int, str] | None,
     divert: Divert | None = None,
+    pack_deltas: bool = False,
 ) -> None:
     """Extract the batches put in `batches` until _END (_ABORT: remove what was extracted);
     on failure set `failed` (the producer stops), take them until either (so the producer
     never blocks) and raise."""
     item: list[bytes] | str = []
     try:
-        with _extracting(target, tablespace_links, divert) as extractor:
+        with _extracting(target, tablespace_links, divert, pack_deltas) as extractor:
             while isinstance(item := batches.get(), list):
                 for chunk in item:
                     extractor.feed(chunk)
@@ -320,14 +359,18 @@ async def extract_stream(
     target: Path,
     tablespace_links: dict[int, str] | None = None,
     divert: Divert | None = None,
+    pack_deltas: bool = False,
 ) -> None:
     """Extract a tar arriving as async chunks: a thread writes the files while the next
     bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB queued); `divert`:
-    see `Divert` (it runs on that thread)."""
+    see `Divert` (it runs on that thread); `pack_deltas`: a delta's fork members go into one
+    file (`_Extractor`)."""
     batches: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
     failed = threading.Event()
     extractor = asyncio.ensure_future(
-        asyncio.to_thread(_extract_queued, batches, failed, target, tablespace_links, divert)
+        asyncio.to_thread(
+            _extract_queued, batches, failed, target, tablespace_links, divert, pack_deltas
+        )
     )
 
     async def put(item: list[bytes] | str) -> None:

@@ -16,6 +16,7 @@ bytes arrive, with no buffering.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pageserver_api.errors import CorruptData
@@ -108,3 +109,56 @@ def parse_fork_header(header: bytes, member_size: int, name: str) -> ForkDelta:
     if pages > nblocks:
         raise CorruptData(f"delta member {name!r} has {pages} pages for a fork of {nblocks}")
     return ForkDelta(nblocks, pages)
+
+
+# -- the extracted form of a delta's fork members --------------------------------------------
+
+PACK_NAME = "neon-delta.pack"
+"""Where an extracted delta keeps its fork members (beside the data directory's own files, at
+its top): one file, where a file per member meant creating, reading and removing a few
+hundred (one per relation fork, most of them a bare header) for a change of a few pages."""
+PACK_RECORD = struct.Struct("<HQ")
+"""Before each member's data in the pack: the length of its fork path (UTF-8), then of its
+data; the path follows, then the data (the member's bytes as the tar had them)."""
+
+
+def pack_record_header(fork_path: str, size: int) -> bytes:
+    name = fork_path.encode()
+    return PACK_RECORD.pack(len(name), size) + name
+
+
+@dataclass(frozen=True, slots=True)
+class PackedFork:
+    """A fork member in a pack: its fork path, and where its data lies in the pack."""
+
+    fork_path: str
+    offset: int
+    size: int
+
+
+def read_pack_index(read_at: Callable[[int, int], bytes], pack_size: int) -> list[PackedFork]:
+    """The members of a pack of `pack_size` bytes, read through `read_at(offset, n)`, in the
+    order written; CorruptData for a pack cut short or a path named twice."""
+    found: list[PackedFork] = []
+    seen: set[str] = set()
+    at = 0
+    while at < pack_size:
+        head = read_at(at, PACK_RECORD.size)
+        if len(head) != PACK_RECORD.size:
+            raise CorruptData(f"{PACK_NAME} is cut short at byte {at}")
+        name_len, size = PACK_RECORD.unpack(head)
+        at += PACK_RECORD.size
+        raw = read_at(at, name_len)
+        at += name_len
+        if len(raw) != name_len or at + size > pack_size:
+            raise CorruptData(f"{PACK_NAME} is cut short at byte {at}")
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            raise CorruptData(f"{PACK_NAME} names a member {raw!r} that is not UTF-8") from None
+        if name in seen:
+            raise CorruptData(f"{PACK_NAME} holds delta member {name!r} twice")
+        seen.add(name)
+        found.append(PackedFork(name, at, size))
+        at += size
+    return found

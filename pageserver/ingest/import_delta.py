@@ -2,7 +2,8 @@
 
 A receiver that holds the parent of a pushed delta (snapfile/delta.py) need not rebuild the
 whole data directory: the delta's tar, extracted as it is (every non-relation file whole,
-each relation fork as its `neon-delta/<fork path>` member), goes onto a new timeline branched
+each relation fork's `neon-delta/<fork path>` member in the one file PACK_NAME; a directory
+extracted with a file per member is read too), goes onto a new timeline branched
 from the parent snapshot. What a whole import writes (import_datadir.py) is put again, except
 that a relation fork's pages are only those the member carries (written since the parent;
 an all-zero one too, since below it the parent's page would show) and its size; the relation
@@ -17,7 +18,9 @@ directory would use (the end of its shutdown checkpoint record), above all of th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
 
@@ -31,7 +34,15 @@ from pg15.datadir_layout import parse_relation_file_name
 from pg15.lsn import format_lsn
 from pg15.pg_control import read_control_file
 from proto.errors import Conflict, CorruptData
-from snapfile.delta import BLOCK_NUMBER, DELTA_PREFIX, FORK_HEADER, parse_fork_header
+from snapfile.delta import (
+    BLOCK_NUMBER,
+    DELTA_PREFIX,
+    FORK_HEADER,
+    PACK_NAME,
+    PackedFork,
+    parse_fork_header,
+    read_pack_index,
+)
 
 BATCH_BYTES = 8 * 1024 * 1024
 """Values put at one LSN before the next (the in-memory layer freezes between them)."""
@@ -50,7 +61,12 @@ def import_delta(timeline: Timeline, datadir: Path) -> int:
             f"{format_lsn(start)} on this pageserver"
         )
     sink = _BranchPuts(timeline, start, lsn)
-    add_datadir_values(sink, datadir, control, lsn, _DeltaForks(datadir))
+    pack = datadir / PACK_NAME
+    if pack.exists() or pack.is_symlink():
+        with _PackedForks(datadir, pack) as packed:
+            add_datadir_values(sink, datadir, control, lsn, packed)
+    else:  # extracted a file per member (before the pack)
+        add_datadir_values(sink, datadir, control, lsn, _DeltaForks(datadir))
     sink.finish(control.checkpoint_lsn)
     return lsn
 
@@ -111,18 +127,81 @@ class _DeltaForks:
         path = cast(Path, found)
         name = str(path.relative_to(self._datadir))
         with path.open("rb") as f:
-            delta = parse_fork_header(f.read(FORK_HEADER.size), path.stat().st_size, name)
-            previous = -1
-            for _ in range(delta.pages):
-                (blkno,) = BLOCK_NUMBER.unpack(f.read(BLOCK_NUMBER.size))
-                if not previous < blkno < delta.nblocks:
-                    raise CorruptData(
-                        f"delta member {name!r}: block {blkno} after {previous} in a fork of "
-                        f"{delta.nblocks} blocks"
-                    )
-                previous = blkno
-                page = f.read(BLCKSZ)
-                if len(page) != BLCKSZ:
-                    raise CorruptData(f"delta member {name!r} ends inside block {blkno}")
-                sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
-        sink.add(rel_size_key(spc, db, rel, fork), encode_u32(delta.nblocks))
+            _add_member(sink, spc, db, rel, fork, f.read, path.stat().st_size, name)
+
+
+def _add_member(
+    sink: ImageSink, spc: int, db: int, rel: int, fork: int, read: Callable[[int], bytes],
+    size: int, name: str,
+) -> None:  # fmt: skip
+    """The pages of fork member `name` (`size` bytes, read in order through `read`), then
+    the fork's size."""
+    delta = parse_fork_header(read(FORK_HEADER.size), size, name)
+    previous = -1
+    for _ in range(delta.pages):
+        (blkno,) = BLOCK_NUMBER.unpack(read(BLOCK_NUMBER.size))
+        if not previous < blkno < delta.nblocks:
+            raise CorruptData(
+                f"delta member {name!r}: block {blkno} after {previous} in a fork of "
+                f"{delta.nblocks} blocks"
+            )
+        previous = blkno
+        page = read(BLCKSZ)
+        if len(page) != BLCKSZ:
+            raise CorruptData(f"delta member {name!r} ends inside block {blkno}")
+        sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
+    sink.add(rel_size_key(spc, db, rel, fork), encode_u32(delta.nblocks))
+
+
+class _PackedForks:
+    """As _DeltaForks, the members read from the extraction's one pack file (snapfile/delta.py
+    PACK_NAME), opened without following a link and checked to be a regular file."""
+
+    def __init__(self, datadir: Path, pack: Path) -> None:
+        self._datadir = datadir
+        self._fd = os.open(pack, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptData(f"{pack} is not a regular file")
+            members = read_pack_index(self._read_at, st.st_size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._dirs: dict[str, dict[tuple[int, int], PackedFork]] = {}
+        for member in members:
+            parent, _, file_name = member.fork_path.rpartition("/")
+            parsed = parse_relation_file_name(file_name)
+            if parsed is None:
+                continue  # as a stray file among the members: not a fork
+            rel, fork, segno = parsed
+            if segno != 0:
+                raise CorruptData(f"delta member {member.fork_path}: names a segment, not a fork")
+            self._dirs.setdefault(parent, {})[(rel, fork)] = member
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        return os.pread(self._fd, n, offset)
+
+    def __enter__(self) -> _PackedForks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
+        return self._dirs.get(str(directory.relative_to(self._datadir)), {})
+
+    def add_fork(
+        self, sink: ImageSink, spc: int, db: int, rel: int, fork: int, found: object
+    ) -> None:
+        member = cast(PackedFork, found)
+        at = member.offset
+
+        def read(n: int) -> bytes:
+            nonlocal at
+            data = self._read_at(at, min(n, member.offset + member.size - at))
+            at += len(data)
+            return data
+
+        name = DELTA_PREFIX + member.fork_path
+        _add_member(sink, spc, db, rel, fork, read, member.size, name)
