@@ -41,6 +41,7 @@ from pageserver.config import (
 )
 from pageserver.pid_file import acquire_pid_file
 from pageserver.remote.object_service import OBJECTS_DIR, blob_handlers
+from pageserver.task_stacks import format_task_stacks
 from proto.errors import InvalidArgument, NeonError
 from proto.server import Handler, ProtoServer
 
@@ -119,6 +120,7 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        _dump_tasks_on_usr1(loop)
         await stop.wait()
         log.info("shutting down")
         gc_task.cancel()
@@ -134,6 +136,22 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         config.ports_file.unlink(missing_ok=True)
         config.pid_file.unlink(missing_ok=True)
         log.info("stopped")
+
+
+def _dump_tasks_on_usr1(loop: asyncio.AbstractEventLoop) -> None:
+    """`kill -USR1` once serving: every thread's stack at once, as before (faulthandler,
+    registered again after the loop's handler, chained to it: registering an enabled signal
+    again would not reinstall it), then, from the loop, every task's chain of awaits
+    (pageserver/task_stacks.py) to stderr: an idle loop's thread shows none of them. A
+    loop that is stuck shows its thread in the first dump."""
+
+    def dump() -> None:
+        sys.stderr.write(format_task_stacks(loop))
+        sys.stderr.flush()
+
+    faulthandler.unregister(signal.SIGUSR1)  # else it would restore its predecessor later
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
 
 
 def server_tls(config: PageserverConfig) -> ssl.SSLContext | None:
