@@ -449,20 +449,28 @@ class NodeFollower:
         return self._decoded_lsn
 
     async def wait_decoded(self, lsn: int, timeout: float) -> bool:
-        """Wait until the record that starts at `lsn` has been decoded; raise at once when
+        """Wait until the record that starts at `lsn` has been decoded (by this follower, or
+        ingested already: a restarted pageserver whose layers hold it decodes it no more, and
+        a stopped node's `pg checkout` waited its whole 30 s for it); raise at once when
         ingest stopped on an error."""
         deadline = time.monotonic() + timeout
-        while self._decoded_lsn <= lsn:
+        while not self._decoded_past(lsn):
             self.check_ingesting()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             self._progress.clear()
-            if self._decoded_lsn > lsn:
+            if self._decoded_past(lsn):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), min(remaining, 0.5))
-        return self._decoded_lsn > lsn
+        return True
+
+    def _decoded_past(self, lsn: int) -> bool:
+        if self._decoded_lsn > lsn:
+            return True
+        ingested, _durable = self.ingested_positions()
+        return ingested is not None and ingested > lsn
 
     @property
     def flushed_lsn(self) -> int:

@@ -96,3 +96,28 @@ async def test_status_before_the_receiver_connects_shows_the_nodes_timeline(
     finally:
         await follower.stop()
         store.close()
+
+
+async def test_a_record_the_layers_hold_counts_as_decoded(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """A restarted pageserver's follower of a stopped node decodes nothing when its layers
+    hold all the node's WAL: waiting for the shutdown checkpoint to be decoded (pg checkout,
+    pg stop) must end at once, not after its whole timeout."""
+    server = pg_cluster.create({"autovacuum": "off"}, start=False)
+    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
+    store.import_datadir(server.datadir)
+    checkpoint = read_control_file(server.datadir).checkpoint_lsn
+    assert store.timeline.last_record_lsn > checkpoint  # the shutdown checkpoint is held
+    node = FollowedNode("n", "127.0.0.1", 1, "u", "p", paused=True)  # never connects
+    follower = NodeFollower(node, store, Metrics())
+    follower.start()
+    try:
+        started = time.monotonic()
+        assert await follower.wait_decoded(checkpoint, 20) is True
+        assert time.monotonic() - started < 5
+        assert follower.decoded_lsn == 0  # nothing was decoded here
+        assert await follower.wait_decoded(store.timeline.last_record_lsn, 0.5) is False
+    finally:
+        await follower.stop()
+        store.close()
