@@ -12,6 +12,14 @@ carry its own address (`xlp_pageaddr`), which catches a torn or zero-filled tail
 page cache. Those bytes are truncated and received again; the server resends them because the
 flush position we reported (and so the slot's restart_lsn) is never beyond what was fsynced,
 and the resume point stays inside the segment the slot still retains.
+
+A clean close (`close`: the stream ended, the node stopped, the receiver was told to stop)
+records in CLOSED_MARKER how far the partial segment is durable, and `resume` starts exactly
+there while that file is the newest and still holds those bytes; the next `begin` removes the
+record before it writes. Rounded down to a page, the last bytes of a stopped node's WAL (its
+shutdown checkpoint, its last commits: up to 8 KiB) were left out of what a restarted
+pageserver re-ingests from the archive until the node streamed again: a checkout waited 30 s
+for that checkpoint, a branch at a snapshot in that tail 120 s (`_wait_reingested`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from durable_files import fsync_dir
+from durable_files import fsync_dir, write_file_durably
 from pg15.constants import XLOG_BLCKSZ
 from pg15.lsn import (
     format_lsn,
@@ -33,6 +41,8 @@ from pg15.lsn import (
 from proto.errors import CorruptData, InvalidArgument
 
 PARTIAL = ".partial"
+CLOSED_MARKER = ".closed"
+"""`<timeline> <segno> <bytes>`: the partial segment was durable up to there at a clean close."""
 _PAGEADDR = struct.Struct("<Q")
 _PAGEADDR_OFFSET = 8
 _SYSID_OFFSET = 24  # in the long header of a segment's first page
@@ -121,7 +131,24 @@ class WalArchive:
         start = segment_start(newest.segno, self.segment_size)
         if not newest.partial:
             return newest.timeline, start + self.segment_size
-        return newest.timeline, start + self._valid_prefix(newest.path, start)
+        valid = self._valid_prefix(newest.path, start)
+        closed = self._closed_at(newest)
+        if closed is not None and closed - closed % XLOG_BLCKSZ == valid:
+            return newest.timeline, start + closed  # and its whole pages carry their address
+        return newest.timeline, start + valid
+
+    def _closed_at(self, newest: ArchivedSegment) -> int | None:
+        """The bytes of `newest` a clean close made durable, if it recorded them for this
+        very file and the file still holds them."""
+        try:
+            timeline, segno, size = map(int, (self.directory / CLOSED_MARKER).read_text().split())
+        except (OSError, ValueError):
+            return None
+        if (timeline, segno) != (newest.timeline, newest.segno):
+            return None
+        if not 0 <= size <= min(newest.path.stat().st_size, self.segment_size):
+            return None
+        return size
 
     # -- writing --------------------------------------------------------------------------
 
@@ -136,6 +163,7 @@ class WalArchive:
         `lsn`; anything after it is truncated (it will be received again).
         """
         self._close_current()
+        (self.directory / CLOSED_MARKER).unlink(missing_ok=True)  # the files change from here
         segno = lsn_segno(lsn, self.segment_size)
         offset = lsn - segment_start(segno, self.segment_size)
         if self._path(timeline, segno, False).exists():
@@ -241,6 +269,15 @@ class WalArchive:
         self._begun = False
 
     def close(self) -> int:
-        """Flush and close; the current segment stays `.partial`. Returns the flushed LSN."""
+        """Flush and close; the current segment stays `.partial`, how far it is durable
+        recorded (CLOSED_MARKER). Returns the flushed LSN."""
+        begun, segno, timeline = self._begun, self._segno, self.timeline
         self._close_current()
+        if begun and self.flushed_lsn:
+            partial = self._path(timeline, segno, True)
+            size = self.flushed_lsn - segment_start(segno, self.segment_size)
+            if partial.exists() and 0 <= size < self.segment_size:
+                write_file_durably(
+                    self.directory / CLOSED_MARKER, f"{timeline} {segno} {size}\n".encode()
+                )
         return self.flushed_lsn

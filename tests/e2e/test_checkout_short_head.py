@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from tests.e2e.test_ingest_wait import receiver_pid
 from tests.neoncli import NeonCli, psql
@@ -38,4 +39,32 @@ def test_checkout_refuses_while_the_shutdown_checkpoint_is_not_ingested(neon: Ne
     neon.run("pg", "checkout", "pgdata1@s")
     assert psql(c, "SELECT count(*) FROM t") == "100"
     neon.run("pg", "checkout", "pgdata1@HEAD{0}")  # the state before: with the 50 rows
+    assert psql(c, "SELECT count(*) FROM t") == "150"
+
+
+def test_a_stopped_nodes_whole_wal_is_ingested_again_after_a_pageserver_kill(
+    neon: NeonCli,
+) -> None:
+    """The pageserver dies after `pg stop` with the node's last WAL not yet in layer files:
+    restarted, it re-ingests the archive up to the end its receiver closed it at
+    (walreceiver/archive.py CLOSED_MARKER), the shutdown checkpoint included, without the
+    node. Rounded down to a WAL page, the tail waited for the node's next start: the lag
+    stayed above 0, and a checkout of the stopped node waited 30 s for the checkpoint
+    (then, since 396db70, was refused)."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    c = str(neon.json("pg", "show", "pgdata1")["connstr"])
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    psql(c, "INSERT INTO t SELECT generate_series(1, 50)")
+    neon.run("pg", "stop", "pgdata1")
+    os.kill(neon.json("pageserver", "status")["pid"], signal.SIGKILL)
+    neon.run("pageserver", "start")
+    deadline = time.monotonic() + 30
+    while (wal := neon.json("pg", "show", "pgdata1")["wal"])["lag_bytes"] != 0:
+        assert time.monotonic() < deadline, wal
+        time.sleep(0.2)
+    assert wal["stream"] == "paused", wal  # ingested without the node
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert psql(c, "SELECT count(*) FROM t") == "100"
+    neon.run("pg", "checkout", "pgdata1@HEAD{0}")
     assert psql(c, "SELECT count(*) FROM t") == "150"

@@ -46,8 +46,10 @@ def test_resume_rounds_down_and_drops_torn_pages(tmp_path: Path) -> None:
     a = WalArchive(tmp_path, SEG)
     a.begin(1, 0)
     a.write(0, wal(0, 4 * PAGE) + b"partial page")
+    a.flush()
+    assert a.resume() == (1, 4 * PAGE)  # streaming (a crash now): whole pages only
     a.close()
-    assert a.resume() == (1, 4 * PAGE)
+    assert a.resume() == (1, 4 * PAGE + 12)  # closed cleanly: exactly what is durable
     # A torn tail: page 3 holds garbage (its header does not carry its address).
     path = tmp_path / "000000010000000000000000.partial"
     raw = bytearray(path.read_bytes())
@@ -79,3 +81,29 @@ def test_mid_segment_start_needs_the_segment_head(tmp_path: Path) -> None:
     a = WalArchive(tmp_path, SEG)
     with pytest.raises(CorruptData, match="segment boundary"):
         a.begin(1, 5 * PAGE)
+
+
+def test_a_clean_close_resumes_exactly_where_it_was_durable(tmp_path: Path) -> None:
+    """A stopped node's last WAL ends mid-page (its shutdown checkpoint): a restarted
+    pageserver re-ingests the archive up to `resume()`, so rounded down to the page those
+    bytes were left out until the node streamed again (a checkout waited 30 s for the
+    checkpoint, a branch at a snapshot there 120 s). The record goes with the next begin;
+    a record of another file, or past the file's end, is not used."""
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    a.write(0, wal(0, 2 * PAGE) + b"last record")
+    a.close()
+    assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE + 11)
+    b = WalArchive(tmp_path, SEG)
+    b.begin(1, 2 * PAGE + 11)  # resumes exactly there: nothing truncated
+    assert not (tmp_path / ".closed").exists()  # streaming again: a crash rounds down
+    b.write(2 * PAGE + 11, b"more")
+    b.flush()
+    assert b.resume() == (1, 2 * PAGE)
+    b.close()
+    assert b.resume() == (1, 2 * PAGE + 15)
+    path = tmp_path / "000000010000000000000000.partial"
+    path.write_bytes(path.read_bytes()[: 2 * PAGE + 5])  # shorter than recorded
+    assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE)
+    (tmp_path / ".closed").write_text("2 0 5\n")  # another timeline's file
+    assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE)
