@@ -152,6 +152,10 @@ def test_console_in_chromium(neon: NeonCli, console: str, browser: Browser, tmp_
                       "SELECT pg_current_wal_insert_lsn() - '0/0';").splitlines()  # fmt: skip
 
     page = browser.new_page(viewport={"width": 1300, "height": 900})
+    # Pages that run commands (the schema diff starts two read-only servers and dumps them)
+    # took over Playwright's default 30 s on a box at load 15 (a click waits for the
+    # navigation it started): the same bound as a job's (wait_for_job).
+    page.set_default_timeout(120_000)
     shots = Shots(page, tmp_path / "screenshots")
     try:
         _walk_through(neon, page, shots, console, base, c1, int(xid), int(after), tmp_path / "out")
