@@ -201,7 +201,9 @@ class ReceiverProcess:
         before the stream that takes its last WAL is open (a server shutting down accepts no
         new replication connection)."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.running and self.state in (ReceiverState.IDLE, ReceiverState.CONNECTING):
+        # CONNECTING from run()'s start (the child being created too) until the child says
+        # it streams or backs off, or run() ends.
+        while self.state == ReceiverState.CONNECTING:
             if asyncio.get_running_loop().time() >= deadline:
                 log.warning("walreceiver %s: not connected after %.0f s", self.slot, timeout)
                 return

@@ -178,8 +178,8 @@ async def test_wait_connected_returns_once_streaming_or_failed(
     await asyncio.wait_for(rp.wait_connected(30), 1)  # no child: nothing to wait for
     task = asyncio.create_task(rp.run())
     try:
-        while not rp.running:
-            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # run() began: the child is being created, not there yet
+        assert rp.state == ReceiverState.CONNECTING and not rp.running
         await rp.wait_connected(60)
         assert rp.state == ReceiverState.STREAMING
     finally:
