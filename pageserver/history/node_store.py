@@ -26,7 +26,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,10 +41,15 @@ from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
-from pageserver.storage.compaction import CompactionCancelled, CompactionTotals, compact
+from pageserver.storage.compaction import (
+    CompactionCancelled,
+    CompactionTotals,
+    compact,
+    merge_frozen,
+)
 from pageserver.storage.layers import native as _layers_native
 from pageserver.storage.settings import DEFAULT_SETTINGS, StoreSettings
-from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline import MergeFrozen, Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pg15.lsn import format_lsn
 from pg15.pg_control import read_control_file
@@ -166,6 +172,11 @@ class NodeStore:
         self.catching_up = Foreground()
         """Held while ingest outruns the flusher (CATCHING_UP_FROZEN): compaction pauses so
         the cores write the WAL's layers first, as a request someone waits for does."""
+        self._hurry = threading.Event()
+        """Set while someone waits for the flusher: a lone frozen layer waits no more."""
+        self.merge_flushes = True
+        """Whether a catch-up's waiting frozen layers are written straight as L1 layers
+        (`_merge`); tests that need the L0 layers of the daemon's flushes turn it off."""
         self._flush_failed = False
         self._requested: dict[str, int] = {}
         """Per timeline: the LSN up to which a background flush was last requested."""
@@ -391,9 +402,37 @@ class NodeStore:
     def _flush_frozen(self, timeline: Timeline, index: LsnIndex, upto: int) -> None:
         # The index first: it only holds entries of WAL already durable in the archive, while
         # records the layers hold are never re-ingested (their index entries would be lost).
+        merge = self._merge()
+        if merge is not None and timeline.frozen_count < 2:
+            upto = self._next_frozen(timeline, upto)
         index.flush()
-        timeline.flush_frozen_layers(upto)
+        timeline.flush_frozen_layers(upto, merge=merge)
         self._request_compaction(timeline)
+
+    def _next_frozen(self, timeline: Timeline, upto: int) -> int:
+        """While catching up, a lone frozen layer waits (CATCHING_UP_LINGER at most, on the
+        flusher) for the decode thread to ask for the next one, so the two are merged;
+        returns the LSN asked for then (its records observed by the index, see maybe_flush).
+        A caller waiting for the flusher (`_hurry`) cuts the wait short."""
+        deadline = time.monotonic() + CATCHING_UP_LINGER
+        key = timeline.timeline_id
+        while (
+            self._requested.get(key, -1) <= upto
+            and time.monotonic() < deadline
+            and not self._hurry.is_set()
+            and not self.flusher.cancelled.is_set()
+        ):
+            self._hurry.wait(0.01)
+        return max(upto, self._requested.get(key, -1))
+
+    def _merge(self) -> MergeFrozen | None:
+        """While catching up, frozen layers waiting together are written straight as L1
+        layers (compaction.merge_frozen): the L0 files a catch-up wrote were read back by the
+        L0 merge soon after, their zstd and decompression a third of its CPU (bench.ingest,
+        bench/README). A lone frozen layer then waits for the next one (`_next_frozen`):
+        written alone it would be an L0 layer, read back by the merge of its run. Live
+        ingest keeps its small L0 flushes, merged by compaction."""
+        return merge_frozen if self.merge_flushes and self.catching_up.busy() else None
 
     def _request_compaction(self, timeline: Timeline) -> None:
         def job() -> None:
@@ -441,16 +480,25 @@ class NodeStore:
 
     def _write_layers(self) -> Timeline:
         timeline = self.timeline
-        with self.flusher.mutex:
+        with self._hurrying(), self.flusher.mutex:
             self.index.flush()  # first, as in _flush_frozen
-            timeline.freeze_and_flush()
+            timeline.freeze_and_flush(merge=self._merge())
             self._last_flush = time.monotonic()
         return timeline
 
     def wait_flushed(self) -> None:
         """Until the background flusher is idle: the frozen layers requested so far are
         written (before switching timelines); compaction may go on."""
-        self.flusher.wait_idle()
+        with self._hurrying():
+            self.flusher.wait_idle()
+
+    @contextmanager
+    def _hurrying(self) -> Iterator[None]:
+        self._hurry.set()
+        try:
+            yield
+        finally:
+            self._hurry.clear()
 
     def wait_compacted(self) -> None:
         """Until the flusher and then the compactor are idle (tests, benchmarks)."""

@@ -25,15 +25,17 @@ import functools
 import heapq
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
 from pageserver.storage.layers import native as _native
 from pageserver.storage.layers.blocks import BlockCache, VersionList
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
+from pageserver.storage.layers.inmemory import ArenaLayer, InMemoryLayer
 from pageserver.storage.layers.layer_map import LayerMap
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
@@ -58,6 +60,18 @@ Cancelled = Callable[[], bool]
 block first (pause: pageserver.history.flusher.Foreground)."""
 CHECK_EVERY = 256
 """Pages of an image partition between two checks (a partition is seconds on a busy box)."""
+
+
+class KeyGroups(Protocol):
+    """What a merge reads: an L0 layer, or a frozen in-memory layer (merge_frozen)."""
+
+    @property
+    def lsn_start(self) -> int: ...
+
+    @property
+    def lsn_end(self) -> int | None: ...
+
+    def iter_key_groups(self) -> Iterator[tuple[Key, list[tuple[int, bytes]]]]: ...
 
 
 class CompactionCancelled(Exception):
@@ -141,8 +155,10 @@ def create_image_layers(
 def _compact_level0(
     timeline: Timeline, *, force: bool = False, cancelled: Cancelled | None = None
 ) -> tuple[int, int]:
-    level0 = timeline.layer_map().level0()
-    if len(level0) < (2 if force else timeline.settings.compaction_threshold):
+    level0, closed = level0_run(timeline.layer_map())
+    if not level0 or (
+        not closed and len(level0) < (2 if force else timeline.settings.compaction_threshold)
+    ):
         return 0, 0
     if cancelled is not None and cancelled():
         raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
@@ -154,10 +170,74 @@ def _compact_level0(
     return len(level0), len(outputs)
 
 
+def level0_run(layer_map: LayerMap) -> tuple[list[DeltaLayer], bool]:
+    """The oldest run of L0 layers that no other delta layer interrupts (oldest first), and
+    whether it is closed: a delta layer of a catch-up's merged flush (merge_frozen) lies
+    above it. An L0 merge takes one run, so its L1 layers never overlap the LSNs of that
+    flush's (the layer map's invariant); a closed run never grows, so it is merged whatever
+    its length (else an L0 layer or two left before a catch-up would stay L0 for ever)."""
+    level0 = layer_map.level0()
+    others = [d.lsn_start for d in layer_map.deltas if not d.name.is_l0]
+    for i, layer in enumerate(level0):
+        above = level0[i + 1].lsn_start if i + 1 < len(level0) else None
+        if any(layer.lsn_end <= s and (above is None or s < above) for s in others):
+            return level0[: i + 1], True
+    return level0, False
+
+
+def merge_frozen(timeline: Timeline, frozen: Sequence[InMemoryLayer]) -> list[DeltaLayer]:
+    """Frozen in-memory layers (oldest first, LSN-contiguous) written straight as L1 layers
+    over their LSN range, split by key at compaction_target_size: the same files as their L0
+    flushes merged by compact_level0 (`_merge_level0_python`, the reference), without writing
+    and reading back the L0 files (a catch-up's flush, pageserver.history.node_store). Files
+    only: the caller publishes them in its manifest. The keys go through C (`_inmem`'s
+    merge_cuts and pack_merged: each layer's values copied once, into the blocks) when every
+    layer is an arena."""
+    inmem = _native.inmem
+    if inmem is None or not all(isinstance(layer, ArenaLayer) for layer in frozen):
+        return _merge_level0_python(timeline, frozen, None)
+    arenas = [layer.arena for layer in frozen if isinstance(layer, ArenaLayer)]
+    lsn_start, lsn_end = frozen[0].lsn_start, _lsn_end(frozen[-1])
+    cuts = [Key(cut) for cut in inmem.merge_cuts(arenas, timeline.settings.compaction_target_size)]
+    starts = [KEY_MIN, *cuts]
+    ends: list[Key | None] = [*cuts, None]
+
+    def keys() -> Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]]:
+        for start, end in zip(starts, ends, strict=True):
+            yield start, functools.partial(_add_piece, _MergedPiece(arenas, start, end))
+
+    return _write_l1(timeline, lsn_start, lsn_end, None, keys())
+
+
+@dataclass(frozen=True, slots=True)
+class _MergedPiece:
+    """The keys [start, end) of a merge of arenas, as `DeltaLayerWriter.add_packed` takes
+    an arena (its `pack`)."""
+
+    arenas: list[object]
+    start: Key
+    end: Key | None
+
+    def pack(
+        self, block_size: int, lsn_lo: int, lsn_hi: int
+    ) -> tuple[bytes, bytes, bytes, bytes, int, int, int, int]:
+        inmem = _native.inmem
+        assert inmem is not None
+        packed: tuple[bytes, bytes, bytes, bytes, int, int, int, int] = inmem.pack_merged(
+            self.arenas, self.start, self.end, block_size, lsn_lo, lsn_hi
+        )
+        return packed
+
+
+def _add_piece(piece: _MergedPiece, writer: DeltaLayerWriter) -> None:
+    writer.add_packed(piece)
+
+
 def _merge_level0_python(
-    timeline: Timeline, level0: list[DeltaLayer], cancelled: Cancelled | None
+    timeline: Timeline, level0: Sequence[KeyGroups], cancelled: Cancelled | None
 ) -> list[DeltaLayer]:
-    """The L1 layers of the L0 merge: the reference of `_merge_level0_native`."""
+    """The L1 layers of the L0 merge: the reference of `_merge_level0_native` and of
+    `merge_frozen` (frozen in-memory layers merge as the L0 layers they would be written as)."""
     # L0 layers are LSN-disjoint and sorted oldest first, so merging whole per-key groups by
     # (key, layer number) yields every key's versions in LSN order; values are copied as
     # they are encoded, never decoded.
@@ -167,7 +247,13 @@ def _merge_level0_python(
         for key, versions in _merge_same_keys(merged):
             yield key, functools.partial(_add_key, key, versions)
 
-    return _write_l1(timeline, level0, cancelled, keys())
+    return _write_l1(timeline, level0[0].lsn_start, _lsn_end(level0[-1]), cancelled, keys())
+
+
+def _lsn_end(layer: KeyGroups) -> int:
+    end = layer.lsn_end
+    assert end is not None, "frozen layers and files have an end"
+    return end
 
 
 def _add_key(key: Key, versions: VersionList, writer: DeltaLayerWriter) -> None:
@@ -193,7 +279,7 @@ def _merge_level0_native(
             yield Key(key), add
 
     try:
-        return _write_l1(timeline, level0, cancelled, keys())
+        return _write_l1(timeline, level0[0].lsn_start, level0[-1].lsn_end, cancelled, keys())
     finally:
         merge.close()  # the inputs' maps may close once they are replaced
         for layer in level0:  # the merge walked their whole version tables
@@ -202,19 +288,19 @@ def _merge_level0_native(
 
 def _write_l1(
     timeline: Timeline,
-    level0: list[DeltaLayer],
+    lsn_start: int,
+    lsn_end: int,
     cancelled: Cancelled | None,
     keys: Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]],
 ) -> list[DeltaLayer]:
-    """The L1 layers of `level0`'s merge: each (key, add) of `keys` calls `add` with the
-    writer of the layer `key` goes to (a new one once the open one reaches the target size;
-    `add` may add the keys after it too). Outputs are deleted on any error.
+    """The L1 layers of a merge over [lsn_start, lsn_end): each (key, add) of `keys` calls
+    `add` with the writer of the layer `key` goes to (a new one once the open one reaches the
+    target size; `add` may add the keys after it too). Outputs are deleted on any error.
 
     A full layer is sealed here and published (fsync, rename, directory fsync: 2-3 disk
     flushes) on a thread of its own while the merge goes on, so the flushes of a dozen
     outputs leave the merge's critical path; every output is published when this returns
     (before the manifest naming them is written)."""
-    lsn_start, lsn_end = level0[0].lsn_start, level0[-1].lsn_end
     target = timeline.settings.compaction_target_size
     publishing: list[Future[DeltaLayer]] = []
     writer: DeltaLayerWriter | None = None
@@ -261,7 +347,7 @@ def _discard(layers: list[DeltaLayer]) -> None:
 Group = list[tuple[int, bytes]]
 
 
-def _numbered_groups(n: int, layer: DeltaLayer) -> Iterator[tuple[Key, int, Group]]:
+def _numbered_groups(n: int, layer: KeyGroups) -> Iterator[tuple[Key, int, Group]]:
     for key, versions in layer.iter_key_groups():
         yield key, n, versions
 

@@ -68,6 +68,10 @@ _read_epochs = itertools.count(1)
 AppendRecords = Callable[[Any, int, int], tuple[int, int, int | None, int | None]]
 """See Timeline.put_records."""
 
+MergeFrozen = Callable[["Timeline", list[InMemoryLayer]], list[DeltaLayer]]
+"""Frozen layers (oldest first) to durable L1 files over their LSN range, not yet in the
+manifest (pageserver.storage.compaction.merge_frozen)."""
+
 
 class FutureLsn(InvalidArgument):
     """A read at an LSN the timeline has not ingested yet."""
@@ -309,11 +313,22 @@ class Timeline:
             assert end is not None
             return end - 1
 
-    def flush_frozen_layers(self, upto: int | None = None) -> None:
+    def flush_frozen_layers(
+        self, upto: int | None = None, merge: MergeFrozen | None = None
+    ) -> None:
         """Write every frozen layer (only those ending at or below `upto`, if given) as an L0
         delta file, then the manifest, then advance disk_consistent_lsn. Blocking I/O: run
-        it in a worker thread."""
+        it in a worker thread.
+
+        With `merge` (a catch-up: several layers wait), two or more frozen layers are
+        written at once by it, as L1 layers over their LSN range, published by one manifest
+        (the L0 files and their read-back by compaction saved); a single one still as L0."""
         with self._flush_lock:
+            if merge is not None:
+                with self._lock:
+                    group = [m for m in self._frozen if upto is None or _end(m) - 1 <= upto]
+                if len(group) >= 2:
+                    self._flush_merged(group, merge)
             while True:
                 with self._lock:
                     if not self._frozen:
@@ -335,10 +350,30 @@ class Timeline:
                         self._disk_consistent_lsn = manifest.disk_consistent_lsn
                         self._disk_prev_record_lsn = manifest.prev_record_lsn
 
-    def freeze_and_flush(self) -> None:
-        """Make everything up to last_record_lsn durable."""
+    def _flush_merged(self, group: list[InMemoryLayer], merge: MergeFrozen) -> None:
+        """`group` (the oldest frozen layers) written by `merge`, then one manifest naming its
+        files with disk_consistent_lsn at the group's end: durable all at once, as the L0
+        flushes of each would have been one after another. The frozen layers stay readable
+        until the files replace them (under the lock, with the manifest's map)."""
+        with_versions = [m for m in group if m.n_versions]
+        outputs = merge(self, with_versions) if with_versions else []
+        last = group[-1]
+        with self._manifest_lock:
+            with self._lock:
+                if self._frozen[: len(group)] != group:
+                    raise InvalidArgument("frozen layers were flushed twice at once")
+                del self._frozen[: len(group)]
+                self._map = self._map.replace(add=outputs)
+                manifest = self._manifest_locked(_end(last) - 1, last.prev_record_lsn)
+            write_manifest(self.directory, manifest)
+            with self._lock:
+                self._disk_consistent_lsn = manifest.disk_consistent_lsn
+                self._disk_prev_record_lsn = manifest.prev_record_lsn
+
+    def freeze_and_flush(self, merge: MergeFrozen | None = None) -> None:
+        """Make everything up to last_record_lsn durable (`merge`: see flush_frozen_layers)."""
         self.freeze()
-        self.flush_frozen_layers()
+        self.flush_frozen_layers(merge=merge)
 
     def _write_l0(self, layer: InMemoryLayer) -> DeltaLayer:
         assert layer.lsn_end is not None
@@ -699,6 +734,12 @@ def _above_their_images(
         for key, version_lsn, _tag in source:
             if version_lsn > floor and version_lsn > tiles[bisect_right(starts, key) - 1][1].lsn:
                 yield key
+
+
+def _end(layer: InMemoryLayer) -> int:
+    end = layer.lsn_end
+    assert end is not None, "a frozen layer has an end"
+    return end
 
 
 def _reconstruct_data(versions: list[tuple[int, Value]]) -> ReconstructData:

@@ -22,6 +22,17 @@
  *   a.pack(block_size, lsn_lo, lsn_hi) -> (data, block ends, key table, version table,
  *                                          n_keys, n_versions, uncompressed bytes, last LSN)
  *
+ * and two functions over frozen arenas, oldest first, whose LSN ranges are disjoint (a
+ * catch-up's flush merges them straight into L1 layers: pageserver/storage/compaction.py
+ * merge_frozen, whose reference is the L0 merge of the layers they would have been):
+ *
+ *   merge_cuts(arenas, target) -> list[key]  where the L1 layers of their merge start, the
+ *                                           first excepted: before a key once the keys since
+ *                                           the last cut hold `target` bytes of values
+ *   pack_merged(arenas, start, end, block_size, lsn_lo, lsn_hi) -> what `pack` returns, for
+ *                                           the keys in [start, end) (end None: KEY_MAX) of
+ *                                           all arenas, each key's versions in arena order
+ *
  * with the semantics of the InMemoryLayer methods of the same names. `pack` lays the layer out
  * as blocks.LayerFileWriter.add_key does, key by key in key order (so the file written is the
  * same byte for byte): `data` is the raw value blocks back to back, `block ends` their end
@@ -708,10 +719,255 @@ static PyTypeObject ArenaType = {
     .tp_getset = Arena_getset,
 };
 
+
+/* --- merging frozen arenas (merge_cuts, pack_merged) ------------------------------------- */
+
+typedef struct {
+    Arena *a;
+    Chain **chains; /* sorted, in the range asked */
+    size_t n, i;
+} MSrc;
+
+typedef struct {
+    MSrc *src;
+    Py_ssize_t k;
+    Chain **group; /* k slots: the chains of the current key, NULL where a source has none */
+} Merge;
+
+static void
+merge_close(Merge *m)
+{
+    for (Py_ssize_t j = 0; m->src != NULL && j < m->k; j++)
+        PyMem_Free(m->src[j].chains);
+    PyMem_Free(m->src);
+    PyMem_Free(m->group);
+    m->src = NULL;
+    m->group = NULL;
+}
+
+/* the sources of `arenas` (a list or tuple of Arena) over [start, end) (start NULL: all) */
+static int
+merge_open(Merge *m, PyObject *arenas, const uint8_t *start, const uint8_t *end)
+{
+    PyObject *seq = PySequence_Fast(arenas, "merge: arenas must be a sequence");
+    if (seq == NULL)
+        return -1;
+    m->k = PySequence_Fast_GET_SIZE(seq);
+    m->src = PyMem_Calloc(m->k ? (size_t)m->k : 1, sizeof *m->src);
+    m->group = PyMem_Calloc(m->k ? (size_t)m->k : 1, sizeof *m->group);
+    if (m->src == NULL || m->group == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t j = 0; j < m->k; j++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, j);
+        if (!PyObject_TypeCheck(item, &ArenaType)) {
+            PyErr_SetString(PyExc_TypeError, "merge: arenas must be Arena objects");
+            goto fail;
+        }
+        m->src[j].a = (Arena *)item;
+        m->src[j].chains = sorted_chains(m->src[j].a, start, end, &m->src[j].n);
+        if (m->src[j].chains == NULL)
+            goto fail;
+    }
+    Py_DECREF(seq);
+    return 0;
+fail:
+    Py_DECREF(seq);
+    merge_close(m);
+    return -1;
+}
+
+/* the next key's chains into m->group (advancing past them); its key, NULL when done */
+static const uint8_t *
+merge_next(Merge *m)
+{
+    const uint8_t *key = NULL;
+    for (Py_ssize_t j = 0; j < m->k; j++) {
+        MSrc *s = &m->src[j];
+        if (s->i < s->n && (key == NULL || memcmp(s->chains[s->i]->key, key, KEY_SIZE) < 0))
+            key = s->chains[s->i]->key;
+    }
+    if (key == NULL)
+        return NULL;
+    for (Py_ssize_t j = 0; j < m->k; j++) {
+        MSrc *s = &m->src[j];
+        m->group[j] = NULL;
+        if (s->i < s->n && memcmp(s->chains[s->i]->key, key, KEY_SIZE) == 0)
+            m->group[j] = s->chains[s->i++];
+    }
+    return key;
+}
+
+static void
+merge_rewind(Merge *m)
+{
+    for (Py_ssize_t j = 0; j < m->k; j++)
+        m->src[j].i = 0;
+}
+
+static PyObject *
+inmem_merge_cuts(PyObject *module, PyObject *args)
+{
+    PyObject *arenas;
+    unsigned long long target;
+    if (!PyArg_ParseTuple(args, "OK:merge_cuts", &arenas, &target))
+        return NULL;
+    Merge m = {0};
+    if (merge_open(&m, arenas, NULL, NULL) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    unsigned long long held = 0;
+    const uint8_t *key;
+    while (out != NULL && (key = merge_next(&m)) != NULL) {
+        if (held > 0 && held >= target) {
+            PyObject *k = PyBytes_FromStringAndSize((const char *)key, KEY_SIZE);
+            if (k == NULL || PyList_Append(out, k) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(k);
+            held = 0;
+        }
+        for (Py_ssize_t j = 0; j < m.k; j++) {
+            Chain *c = m.group[j];
+            for (uint32_t i = 0; c != NULL && i < c->n; i++)
+                held += m.src[j].a->versions[c->v[i]].len;
+        }
+    }
+    merge_close(&m);
+    return out;
+}
+
+/* pack_fill over the merge: the same layout, each key's chains one after another */
+static void
+merged_fill(Merge *m, Pack *p)
+{
+    size_t used = 0, at = 0, v_no = 0, i = 0;
+    const uint8_t *key;
+    while ((key = merge_next(m)) != NULL) {
+        memcpy(p->keys + i * KEY_ENTRY_SIZE, key, KEY_SIZE);
+        put_be(p->keys + i * KEY_ENTRY_SIZE + KEY_SIZE, v_no, 4);
+        i++;
+        for (Py_ssize_t j = 0; j < m->k; j++) {
+            Chain *c = m->group[j];
+            Arena *a = m->src[j].a;
+            for (uint32_t n = 0; c != NULL && n < c->n; n++) {
+                Version *v = &a->versions[c->v[n]];
+                if (v->lsn < p->lo || v->lsn >= p->hi) {
+                    p->bad = 1;
+                    p->bad_lsn = v->lsn;
+                    return;
+                }
+                if (used > 0 && used + v->len > (size_t)p->limit) {
+                    p->ends[p->n_blocks++] = at;
+                    used = 0;
+                }
+                uint8_t *e = p->entries + v_no * ENTRY_SIZE;
+                put_be(e, v->lsn, 8);
+                e[8] = (uint8_t)a->data[v->off];
+                put_be(e + 9, p->n_blocks, 4);
+                put_be(e + 13, used, 4);
+                put_be(e + 17, v->len, 4);
+                memcpy(p->data + at, a->data + v->off, v->len);
+                used += v->len;
+                at += v->len;
+                p->last_lsn = v->lsn;
+                v_no++;
+            }
+        }
+    }
+    if (used > 0)
+        p->ends[p->n_blocks++] = at;
+}
+
+static PyObject *
+inmem_pack_merged(PyObject *module, PyObject *args)
+{
+    PyObject *arenas, *startobj, *endobj;
+    const uint8_t *start, *end = NULL;
+    Pack p = {0};
+    if (!PyArg_ParseTuple(args, "OOOnO&O&:pack_merged", &arenas, &startobj, &endobj, &p.limit,
+                          lsn_arg, &p.lo, lsn_arg, &p.hi) ||
+        key_arg(startobj, &start) < 0 || (endobj != Py_None && key_arg(endobj, &end) < 0))
+        return NULL;
+    if (p.limit <= 0 || (uint64_t)p.limit > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "pack_merged: block size out of range");
+        return NULL;
+    }
+    /* no stored key starts with 0xFF (keys.check_key): all FF bounds every key */
+    static const uint8_t key_max[KEY_SIZE] = {
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+    };
+    Merge m = {0};
+    if (merge_open(&m, arenas, start, end != NULL ? end : key_max) < 0)
+        return NULL;
+    size_t n_keys = 0, n_versions = 0, n_bytes = 0;
+    while (merge_next(&m) != NULL) {
+        n_keys++;
+        for (Py_ssize_t j = 0; j < m.k; j++) {
+            Chain *c = m.group[j];
+            for (uint32_t i = 0; c != NULL && i < c->n; i++) {
+                n_versions++;
+                n_bytes += m.src[j].a->versions[c->v[i]].len;
+            }
+        }
+    }
+    merge_rewind(&m);
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_bytes);
+    PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_keys * KEY_ENTRY_SIZE));
+    PyObject *entries = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
+    PyObject *ends = NULL;
+    p.ends = PyMem_Malloc((n_versions + 1) * sizeof *p.ends);
+    if (data == NULL || keys == NULL || entries == NULL || p.ends == NULL) {
+        if (p.ends == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    p.data = (uint8_t *)PyBytes_AS_STRING(data);
+    p.keys = (uint8_t *)PyBytes_AS_STRING(keys);
+    p.entries = (uint8_t *)PyBytes_AS_STRING(entries);
+    for (Py_ssize_t j = 0; j < m.k; j++)
+        m.src[j].a->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    merged_fill(&m, &p);
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < m.k; j++)
+        m.src[j].a->busy--;
+    if (p.bad) {
+        char lsn_hex[17];
+        snprintf(lsn_hex, sizeof lsn_hex, "%llX", p.bad_lsn);
+        PyErr_Format(PyExc_ValueError, "LSN %s outside the layer's LSN range", lsn_hex);
+        goto done;
+    }
+    ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n_blocks * 8));
+    if (ends == NULL)
+        goto done;
+    for (size_t b = 0; b < p.n_blocks; b++)
+        put_be((uint8_t *)PyBytes_AS_STRING(ends) + 8 * b, p.ends[b], 8);
+    PyMem_Free(p.ends);
+    merge_close(&m);
+    return Py_BuildValue("(NNNNnnKK)", data, ends, keys, entries, (Py_ssize_t)n_keys,
+                         (Py_ssize_t)n_versions, (unsigned long long)n_bytes, p.last_lsn);
+done:
+    PyMem_Free(p.ends);
+    merge_close(&m);
+    Py_XDECREF(data);
+    Py_XDECREF(keys);
+    Py_XDECREF(entries);
+    Py_XDECREF(ends);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"merge_cuts", inmem_merge_cuts, METH_VARARGS, NULL},
+    {"pack_merged", inmem_pack_merged, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
 static InmemApi api = {INMEM_API_VERSION, &ArenaType, arena_append, arena_mark, arena_rollback};
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_inmem", "C storage of the in-memory layer.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_inmem", "C storage of the in-memory layer.", -1, module_methods,
 };
 
 PyMODINIT_FUNC

@@ -227,6 +227,11 @@ class ArenaLayer(InMemoryLayer):
             raise InvalidArgument("cannot put into a frozen in-memory layer")
         return self._arena
 
+    @property
+    def arena(self) -> Any:
+        """The C storage (read by compaction.merge_frozen once the layer is frozen)."""
+        return self._arena
+
     def split_above(self, cut: int) -> InMemoryLayer | None:
         if self.max_lsn <= cut:
             return None

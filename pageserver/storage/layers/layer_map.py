@@ -7,7 +7,9 @@ so lookups are linear scans over lists sorted newest first.
 
 Invariant the flush and compaction paths keep: the delta layers covering any one key have
 disjoint LSN ranges (L0 layers are LSN-disjoint; an L1 set replaces an LSN-contiguous run of
-L0 layers and splits it by key). A chain is therefore walked layer by layer, newest first.
+L0 layers, or of frozen in-memory layers in a catch-up's merged flush, and splits it by key;
+an L0 merge takes only a run no such flush interrupts, compaction.level0_run). A chain is
+therefore walked layer by layer, newest first.
 
 Visibility: a read at L sees versions with LSN <= L. An image layer at LSN I covering K
 supersedes every version of K at or below I; if it does not hold K, K does not exist at I.

@@ -86,6 +86,7 @@ def ingested(
     requests wait): many frozen layers written, none compacted; every page read at the last
     LSN; then the compaction the flushes requested starts, and stops at the gate."""
     store = NodeStore(StorageHistory(tmp_path / "history", settings), "n")
+    store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
     store.import_datadir(w.base)
     with store.compactor.mutex:
         for i in range(0, len(w.records), 50):
@@ -258,6 +259,7 @@ def test_compaction_pauses_while_a_foreground_request_runs(
     monkeypatch.setattr(flusher_module, "LINGER", 0.5)
     merged = count_merged_keys(monkeypatch)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
+    store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
     store.import_datadir(workload.base)
     foreground = FOREGROUND.held()
     with store.compactor.mutex:
@@ -298,6 +300,7 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
     merged = count_merged_keys(monkeypatch)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
+    store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
     store.import_datadir(workload.base)
     records, raws = workload.records, workload.raws
     half = len(records) // 2

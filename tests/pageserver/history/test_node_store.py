@@ -90,6 +90,7 @@ def test_failed_background_flush_is_retried_and_raised_on_the_caller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = imported(tmp_path, workload.base)
+    store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
     full = OSError(errno.ENOSPC, "No space left on device")
     original = Timeline._write_l0
     failing = True
@@ -128,6 +129,7 @@ def test_failed_background_compaction_is_logged_and_ingest_goes_on(
     """A compaction is no durability step: its failure (a full disk) neither stops ingest nor
     fails a flush; the next flush's pass compacts."""
     store = imported(tmp_path, workload.base)
+    store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
     full = OSError(errno.ENOSPC, "No space left on device")
     original = node_store_module.compact
     failing = True

@@ -51,7 +51,9 @@ def c_extension() -> None:
 
 def ingest_workload(store: NodeStore, workload: Workload) -> None:  # noqa: F811
     """The workload's base imported and its records ingested 500 at a time, flushed as
-    due, then made durable: L0 layers only (SETTINGS' threshold merges none)."""
+    due, then made durable: L0 layers only (SETTINGS' threshold merges none, and the
+    catch-up's merged flushes are off)."""
+    store.merge_flushes = False
     store.import_datadir(workload.base)
     for i in range(0, len(workload.records), 500):
         store.ingest_batch(

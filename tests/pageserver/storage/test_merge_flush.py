@@ -1,0 +1,312 @@
+"""A catch-up's merged flush (frozen in-memory layers written straight as L1 layers,
+compaction.merge_frozen) against the L0 path it replaces, on real WAL.
+
+The workload of tests/pageserver/ingest/test_native_ingest.py (pgbench, updates, deletes,
+VACUUM, index builds, full-page images) is ingested into stores with small in-memory layers.
+The merged flush must write the files the L0 flushes of the same layers merged by the L0
+merge write (byte for byte, same names), in C and through the Python reference; pages read
+at many LSNs must equal the L0 path's; a store killed at any point of a merged flush must
+reopen naming whole files only, at the LSN of the last manifest, and re-ingest from there to
+the same pages.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.storage import compaction
+from pageserver.storage.layers import native
+from pageserver.storage.layers.inmemory import ArenaLayer
+from pageserver.storage.settings import StoreSettings
+from pageserver.storage.timeline import Timeline
+from tests.native_ext import require_c_extension
+from tests.pageserver.history.test_compaction_stop import check_directory, read_all
+from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
+
+KiB = 1024
+SETTINGS = StoreSettings(
+    checkpoint_distance=512 * KiB,
+    compaction_threshold=1000,
+    compaction_target_size=384 * KiB,
+    image_creation_threshold=1000,
+    image_creation_delta_percent=1_000_000,
+    block_size=8 * KiB,
+)
+"""Many small in-memory layers, none merged nor imaged by compaction unless asked; small L1
+targets and blocks, so a merge cuts many layers and blocks."""
+
+
+def ingest(store: NodeStore, workload: Workload, upto: int | None = None) -> None:  # noqa: F811
+    """The workload's records (those ending at or below `upto`) ingested 500 at a time,
+    nothing flushed: the frozen layers stay in memory."""
+    records = [r for r in workload.records if upto is None or r.end_lsn <= upto]
+    raws = workload.raws[: len(records)]
+    for i in range(0, len(records), 500):
+        store.ingest_batch(records[i : i + 500], [r.data for r in raws[i : i + 500]])
+
+
+def fresh(root: Path, workload: Workload) -> NodeStore:  # noqa: F811
+    store = NodeStore(StorageHistory(root, SETTINGS), "n")
+    store.import_datadir(workload.base)
+    return store
+
+
+def files(layers: list[object]) -> dict[str, bytes]:
+    return {x.path.name: x.path.read_bytes() for x in layers}  # type: ignore[attr-defined]
+
+
+def l1_files(timeline: Timeline, since: int) -> dict[str, bytes]:
+    return files([x for x in timeline.layer_map().deltas if x.lsn_start >= since])
+
+
+@pytest.mark.parametrize("path", ["c", "python-merge", "python-layers"])
+def test_merged_flush_writes_the_files_of_the_l0_merge(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """L0 flushes then the L0 merge (the reference) against the merged flush of the same
+    frozen layers: the same L1 files. c: arenas merged in C; python-merge: arenas merged by
+    the reference loop; python-layers: the reference in-memory layers."""
+    if path == "c":
+        require_c_extension(native.inmem, "pageserver.storage.layers._inmem")
+    if path == "python-layers":
+        monkeypatch.setattr(native, "inmem", None)
+    reference, merged = fresh(tmp_path / "l0", workload), fresh(tmp_path / "merged", workload)
+    try:
+        since = reference.timeline.last_record_lsn + 1
+        for store in (reference, merged):
+            ingest(store, workload)
+            store.timeline.freeze()
+        frozen = merged.timeline._frozen
+        assert len(frozen) > 10
+        assert all(isinstance(m, ArenaLayer) for m in frozen) == (path != "python-layers")
+        if path == "python-merge":
+            monkeypatch.setattr(native, "inmem", None)
+
+        reference.timeline.flush_frozen_layers()
+        level0 = [x for x in reference.timeline.layer_map().level0() if x.lsn_start >= since]
+        merge = compaction._merge_level0_python if path != "c" else compaction._merge_level0_native
+        expected = files(merge(reference.timeline, level0, None))  # type: ignore[operator]
+
+        merged.timeline.flush_frozen_layers(merge=compaction.merge_frozen)
+        got = l1_files(merged.timeline, since)
+        assert len(expected) > 5  # cut at several keys
+        assert sorted(got) == sorted(expected)  # the same key and LSN ranges
+        for name, data in expected.items():
+            assert got[name] == data, name
+        assert not merged.timeline.needs_flush
+        assert merged.timeline.disk_consistent_lsn == merged.timeline.last_record_lsn
+        check_directory(merged.timeline.directory)
+    finally:
+        for store in (reference, merged):
+            store.history.close()
+
+
+def sample_lsns(workload: Workload, n: int) -> list[int]:  # noqa: F811
+    ends = [r.end_lsn for r in workload.records]
+    return [ends[i] for i in range(0, len(ends), max(1, len(ends) // n))] + [ends[-1]]
+
+
+def test_pages_read_through_merged_flushes_equal_the_l0_paths(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The daemon's flushing (maybe_flush per batch) with the store held catching up, so
+    waiting frozen layers are merged, against the same ingest with L0 flushes only and then
+    a full compaction: every page equal at LSNs across the WAL, also after the merged store's
+    own L0 merge (the L0 runs the merged flushes interrupt) and after a reopen."""
+    reference, merged = fresh(tmp_path / "l0", workload), fresh(tmp_path / "merged", workload)
+    try:
+        reference.merge_flushes = False  # L0 flushes only
+        writes: list[int] = []
+        original = merged.timeline.flush_frozen_layers
+
+        def counting(upto: int | None = None, merge: object = None) -> None:
+            writes.append(merge is not None)
+            original(upto, merge)  # type: ignore[arg-type]
+
+        merged.timeline.flush_frozen_layers = counting  # type: ignore[method-assign]
+        for store in (reference, merged):
+            records, raws = workload.records, workload.raws
+            for i in range(0, len(records), 500):
+                if store is merged:
+                    store.catching_up.hold_for(3600)
+                store.ingest_batch(records[i : i + 500], [r.data for r in raws[i : i + 500]])
+                store.maybe_flush()
+            store.make_durable()
+        assert any(writes), "no merged flush ran"
+        l1 = [x for x in merged.timeline.layer_map().deltas if not x.name.is_l0]
+        assert len({(x.lsn_start, x.lsn_end) for x in l1}) >= 2  # several merged flushes
+        merged.catching_up.release()
+        assert compaction.compact_level0(reference.timeline, force=True)[0] > 0
+        lsns = sample_lsns(workload, 12)
+        expected = {lsn: read_all(reference.timeline, lsn) for lsn in lsns}
+        for lsn in lsns:
+            assert read_all(merged.timeline, lsn) == expected[lsn], lsn
+        while compaction.compact_level0(merged.timeline, force=True)[0]:
+            pass
+        left = merged.timeline.layer_map().level0()  # a lone last flush's, forced needs 2
+        assert len(left) <= 1 and all(x.lsn_end == lsns[-1] + 1 for x in left)
+        for lsn in lsns:
+            assert read_all(merged.timeline, lsn) == expected[lsn], lsn
+        merged.close()
+        merged.history.close()
+        reopened = NodeStore(StorageHistory(tmp_path / "merged", SETTINGS), "n")
+        merged = reopened
+        for lsn in lsns[::3]:
+            assert read_all(reopened.timeline, lsn) == expected[lsn], lsn
+    finally:
+        for store in (reference, merged):
+            store.history.close()
+
+
+def test_an_l0_run_before_a_merged_flush_is_merged_alone(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """L0 layers, then a merged flush, then L0 layers again: the L0 merge takes only the
+    run below the merged layers (closed: merged whatever its length), then the run above,
+    so no L1 layer overlaps another's LSNs; pages unchanged."""
+    store = fresh(tmp_path / "s", workload)
+    try:
+        timeline = store.timeline
+        ends = [r.end_lsn for r in workload.records]
+        third, two_thirds = ends[len(ends) // 3], ends[2 * len(ends) // 3]
+        ingest(store, workload, third)
+        timeline.freeze_and_flush()
+        below = [x for x in timeline.layer_map().level0() if x.lsn_start > 0]
+        ingest(store, workload, two_thirds)
+        timeline.freeze_and_flush(merge=compaction.merge_frozen)
+        ingest(store, workload)
+        timeline.freeze_and_flush()
+        lsns = sample_lsns(workload, 6)
+        before = {lsn: read_all(timeline, lsn) for lsn in lsns}
+        run, closed = compaction.level0_run(timeline.layer_map())
+        assert closed and run == timeline.layer_map().level0()[: len(run)]
+        assert run[-1].lsn_end <= third + 1 and set(below) <= set(run)
+        merged, _ = compaction.compact_level0(timeline)  # below the threshold, but closed
+        assert merged == len(run)
+        run, closed = compaction.level0_run(timeline.layer_map())
+        assert not closed and run and run[0].lsn_start > two_thirds
+        assert compaction.compact_level0(timeline)[0] == 0  # open, below the threshold
+        assert compaction.compact_level0(timeline, force=True)[0] == len(run)
+        deltas = [x for x in timeline.layer_map().deltas]
+        for a in deltas:
+            for b in deltas:
+                if a is not b and a.key_range.overlaps(b.key_range):
+                    assert a.lsn_end <= b.lsn_start or b.lsn_end <= a.lsn_start, (a, b)
+        for lsn in lsns:
+            assert read_all(timeline, lsn) == before[lsn], lsn
+    finally:
+        store.history.close()
+
+
+KILLED_FLUSH = """
+import sys, time
+from pathlib import Path
+from pageserver.history.node_store import NodeStore, StorageHistory
+from pageserver.storage import compaction, timeline as timeline_module
+from pageserver.storage.layers.delta import DeltaLayerWriter
+from tests.pageserver.storage.test_merge_flush import SETTINGS
+from tests.pageserver.ingest.test_native_ingest import Workload
+
+root, where, upto = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+import pickle
+workload = pickle.loads(Path(sys.argv[4]).read_bytes())
+
+def stop(*args, **kwargs):
+    print("stopped", flush=True)
+    time.sleep(600)
+
+if where == "publishing":  # some L1 files published, the next one being written
+    publish, calls = DeltaLayerWriter.publish, [0]
+    def publishing(self, *args):
+        calls[0] += 1
+        if calls[0] == 3:
+            stop()
+        return publish(self, *args)
+    DeltaLayerWriter.publish = publishing
+elif where == "manifest":  # every L1 file published, the manifest not written yet
+    write_manifest = timeline_module.write_manifest
+    def writing(directory, manifest):
+        if any(not e.name.is_l0 and not e.name.is_image for e in manifest.layers):
+            stop()
+        return write_manifest(directory, manifest)
+    timeline_module.write_manifest = writing
+
+store = NodeStore(StorageHistory(root, SETTINGS), "n")
+records = [r for r in workload.records if r.end_lsn <= upto]
+raws = workload.raws[: len(records)]
+for i in range(0, len(records), 500):
+    store.ingest_batch(records[i : i + 500], [r.data for r in raws[i : i + 500]])
+print("durable", store.timeline.disk_consistent_lsn, flush=True)
+store.timeline.freeze_and_flush(merge=compaction.merge_frozen)
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def pickled(workload: Workload, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    import pickle
+
+    path = tmp_path_factory.mktemp("wl") / "workload.pickle"
+    path.write_bytes(pickle.dumps(workload))
+    return path
+
+
+@pytest.mark.parametrize("where", ["publishing", "manifest", "after"])
+def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    pickled: Path,
+    where: str,
+) -> None:
+    """SIGKILL while a merged flush publishes its files, after they are all published but
+    before the manifest names them, or after it: the store reopens naming whole files only,
+    at the last manifest's disk_consistent_lsn (the import's, or the flush's end), and the
+    records above it ingested again give the pages of a store that never crashed."""
+    ends = [r.end_lsn for r in workload.records]
+    upto = ends[len(ends) // 2]
+    root = tmp_path / "killed"
+    fresh(root, workload).history.close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_FLUSH, str(root), where, str(upto), str(pickled)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[3],  # the repository: `tests` imports
+    )
+    try:
+        assert child.stdout is not None
+        first = child.stdout.readline().split()
+        assert first[0] == "durable"
+        imported = int(first[1])
+        assert child.stdout.readline() == ("done\n" if where == "after" else "stopped\n")
+    finally:
+        child.kill()
+        child.wait()
+
+    store = NodeStore(StorageHistory(root, SETTINGS), "n")
+    reference = fresh(tmp_path / "reference", workload)
+    try:
+        timeline = store.timeline
+        check_directory(timeline.directory)
+        durable = timeline.disk_consistent_lsn
+        assert durable == (upto if where == "after" else imported)
+        assert timeline.last_record_lsn == durable
+        ingest(store, workload)  # records the history holds are skipped
+        ingest(reference, workload)
+        for s in (store, reference):
+            s.make_durable()
+        for lsn in sample_lsns(workload, 6):
+            assert read_all(timeline, lsn) == read_all(reference.timeline, lsn), lsn
+    finally:
+        store.history.close()
+        reference.history.close()
