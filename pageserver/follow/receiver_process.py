@@ -103,13 +103,24 @@ class ReceiverProcess:
         self.end_reason = None
         self._finishing = False
         self.state = ReceiverState.CONNECTING
-        proc = await asyncio.create_subprocess_exec(
-            *self._argv(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=None,  # its log lines go where ours go
-            limit=1 << 20,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=None,  # its log lines go where ours go
+                limit=1 << 20,
+            )
+        except BaseException as exc:
+            # Not left CONNECTING: a pause (wait_connected) would wait its whole bound for a
+            # child that never came, and the status would say connecting.
+            if isinstance(exc, Exception):
+                self.state = ReceiverState.FAILED
+                self.last_error = ReceiverFailed(f"walreceiver process not started: {exc}")
+                self.on_progress(self)
+                raise self.last_error from exc
+            self.state = ReceiverState.STOPPED
+            raise
         self._proc, self.pid = proc, proc.pid
         self._ready = False
         failure: str | None = None

@@ -236,3 +236,23 @@ async def test_idle_follower_does_not_spin(tmp_path: Path) -> None:
         assert busy < 0.2, f"the pageserver side used {busy:.0%} of a core while idle"
     finally:
         await follower.stop()
+
+
+class _Unstartable(ReceiverProcess):
+    """A child whose program does not exist: the spawn itself fails (ENOENT)."""
+
+    def _argv(self) -> list[str]:
+        return [str(Path("/nonexistent") / "walreceiver-missing")]
+
+
+async def test_failed_spawn_is_not_left_connecting(tmp_path: Path) -> None:
+    """A child that could not be created (no such program here; EAGAIN, EMFILE in the field)
+    leaves the receiver FAILED, not CONNECTING: a pause then returns at once instead of
+    waiting its whole bound for a stream nothing will open (and the status does not say
+    connecting). Fails on 1fadcea: still CONNECTING, wait_connected waits out its timeout."""
+    down = ConnParams("127.0.0.1", 1, "u", "p")
+    rp = _Unstartable(down, "ns", tmp_path / "wal", on_progress=lambda r: None)
+    with pytest.raises(ReceiverFailed, match="not started"):
+        await rp.run()
+    assert rp.state == ReceiverState.FAILED and not rp.running
+    await asyncio.wait_for(rp.wait_connected(30), 2)
