@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.storage import compaction
 from pageserver.storage.layers import native
@@ -310,3 +312,53 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
     finally:
         store.history.close()
         reference.history.close()
+
+
+def test_a_lone_frozen_layer_waits_for_the_next_and_a_waiter_hurries_it(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catching up, one frozen layer waits on the flusher for the next, and the two are
+    merged (no L0 layer); someone waiting for the flusher (wait_flushed) ends that wait at
+    once, and the lone layer is written as L0."""
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
+    store = fresh(tmp_path / "s", workload)
+    timeline = store.timeline
+    records, raws = workload.records, workload.raws
+    at = 0
+
+    def ingest_until_frozen(count: int) -> None:
+        nonlocal at
+        while timeline.frozen_count < count:
+            assert at < len(records), "the workload never froze enough layers"
+            store.ingest_batch(records[at : at + 20], [r.data for r in raws[at : at + 20]])
+            at += 20
+        store.catching_up.hold_for(60)
+        store.maybe_flush()
+
+    try:
+        level0 = len(timeline.layer_map().level0())  # the import's
+        durable = timeline.disk_consistent_lsn
+        ingest_until_frozen(1)
+        time.sleep(0.5)
+        assert timeline.frozen_count == 1 and timeline.disk_consistent_lsn == durable  # waits
+        ingest_until_frozen(2)
+        deadline = time.monotonic() + 30
+        while (
+            timeline.frozen_count or timeline.disk_consistent_lsn == durable
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert timeline.frozen_count == 0 and timeline.disk_consistent_lsn > durable
+        assert len(timeline.layer_map().level0()) == level0  # merged, no L0 written
+        assert any(not x.name.is_l0 for x in timeline.layer_map().deltas)
+
+        ingest_until_frozen(1)
+        t0 = time.monotonic()
+        store.wait_flushed()
+        assert time.monotonic() - t0 < 10  # not the 60 s linger
+        assert timeline.frozen_count == 0
+        assert len(timeline.layer_map().level0()) == level0 + 1  # the lone layer, as L0
+    finally:
+        store.close()
+        store.history.close()
