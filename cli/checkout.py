@@ -91,7 +91,12 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
         nodes.stop_node(app, node, "fast")
     finally:
         ahead.join()
-    if nodes.wait_for_shutdown_checkpoint(app, node) is False:
+    try:
+        reached = nodes.wait_for_shutdown_checkpoint(app, node)
+    except NeonError as exc:  # the pageserver died meanwhile, its ingest stopped on an error
+        exc.message = f"{exc.message}; nothing was changed: {_start_again(app, node)}"
+        raise
+    if reached is False:
         _refuse_short_head(app, node)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
     info = _current_timeline(app, node)
@@ -114,16 +119,21 @@ def _refuse_short_head(app: App, node: NodeRow) -> None:
     last writes out, and once the node is on the new timeline nothing streams them any more.
     Nothing has changed yet: the node is started again (its slot kept that WAL, which then
     streams) and the checkout refused."""
-    started = ""
-    with contextlib.suppress(NeonError):
-        nodes.start_node(app, node)
-        started = f"postgres on {node.pgdata} was started again; "
     raise Unavailable(
         f"the pageserver has not received the last WAL of {node.pgdata} (its shutdown "
         f"checkpoint) within {nodes.SHUTDOWN_CHECKPOINT_WAIT:g} s, so {node.pgdata}@HEAD "
-        f"would miss its last writes; nothing was changed: {started}check out again once "
-        f"`neon pg show {node.pgdata}` shows its WAL ingested"
+        f"would miss its last writes; nothing was changed: {_start_again(app, node)}; check "
+        f"out again once `neon pg show {node.pgdata}` shows its WAL ingested"
     )
+
+
+def _start_again(app: App, node: NodeRow) -> str:
+    """Start the node a refused checkout stopped (as it was before); says whether it did."""
+    try:
+        nodes.start_node(app, node)
+    except NeonError as exc:
+        return f"postgres on {node.pgdata} could not be started again ({exc})"
+    return f"postgres on {node.pgdata} was started again"
 
 
 def _import_ahead() -> threading.Thread:

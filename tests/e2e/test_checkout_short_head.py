@@ -7,12 +7,15 @@ shutdown does not wait a minute for that receiver's reply."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 from tests.e2e.test_ingest_wait import receiver_pid
-from tests.neoncli import NeonCli, psql
+from tests.neoncli import NEON, NeonCli, psql
 from tests.pgtest import free_port
 
 
@@ -68,3 +71,50 @@ def test_a_stopped_nodes_whole_wal_is_ingested_again_after_a_pageserver_kill(
     assert psql(c, "SELECT count(*) FROM t") == "100"
     neon.run("pg", "checkout", "pgdata1@HEAD{0}")
     assert psql(c, "SELECT count(*) FROM t") == "150"
+
+
+def test_checkout_starts_the_node_again_when_the_pageserver_dies_during_the_wait(
+    neon: NeonCli,
+) -> None:
+    """The pageserver dies while the checkout waits for the stopped node's shutdown checkpoint
+    (its receiver stalled, as above): the wait fails with an error, not a timeout. The node is
+    started again as on a refusal, not left stopped with nothing changed (396db70 restarted it
+    only when the wait timed out: fails on it, the node stays stopped)."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    shown = neon.json("pg", "show", "pgdata1")
+    c = str(shown["connstr"])
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    psql(c, "ALTER SYSTEM SET wal_sender_timeout = '2s'; SELECT pg_reload_conf()")
+    pid = receiver_pid(neon)
+    pidfile = neon.home / "pageserver" / "pageserver.pid"
+    os.kill(pid, signal.SIGSTOP)
+    psql(c, "INSERT INTO t SELECT generate_series(1, 50)")  # never received meanwhile
+    checkout = subprocess.Popen(
+        [NEON, "pg", "checkout", "pgdata1@s"],
+        env=neon.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (Path(str(shown["datadir"])) / "postmaster.pid").exists():  # being stopped
+            assert checkout.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2)  # now in the wait for the shutdown checkpoint (30 s)
+        assert checkout.poll() is None
+        os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        _out, err = checkout.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # its parent is gone: it exits
+        if checkout.poll() is None:
+            checkout.kill()
+            checkout.wait()
+    assert checkout.returncode != 0, err
+    assert "postgres on pgdata1 was started again" in err, err
+    assert neon.json("pg", "show", "pgdata1")["state"] == "running"
+    assert psql(c, "SELECT count(*) FROM t") == "150"
+    names = [s["name"] for s in neon.json("snapshot", "list")]
+    assert "pgdata1@HEAD{0}" not in names, names
