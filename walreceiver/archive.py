@@ -15,11 +15,15 @@ and the resume point stays inside the segment the slot still retains.
 
 A clean close (`close`: the stream ended, the node stopped, the receiver was told to stop)
 records in CLOSED_MARKER how far the partial segment is durable, and `resume` starts exactly
-there while that file is the newest and still holds those bytes; the next `begin` removes the
-record before it writes. Rounded down to a page, the last bytes of a stopped node's WAL (its
-shutdown checkpoint, its last commits: up to 8 KiB) were left out of what a restarted
-pageserver re-ingests from the archive until the node streamed again: a checkout waited 30 s
-for that checkpoint, a branch at a snapshot in that tail 120 s (`_wait_reingested`).
+there while that file is the newest and still holds those bytes, its whole pages and the page
+those bytes end in carrying their address; the next `begin` removes the record before it
+writes. Rounded down to a page, the last bytes of a stopped node's WAL (its shutdown
+checkpoint, its last commits: up to 8 KiB) were left out of what a restarted pageserver
+re-ingests from the archive until the node streamed again: a checkout waited 30 s for that
+checkpoint, a branch at a snapshot in that tail 120 s (`_wait_reingested`). Streaming from
+such a mid-page point is what PostgreSQL does anyway: START_REPLICATION sends from exactly
+the requested LSN (walsender.c StartReplication: `sentPtr = cmd->startpoint`; XLogSendPhysical
+sends from sentPtr, its XLogData's dataStart), not from that page's start.
 """
 
 from __future__ import annotations
@@ -133,9 +137,27 @@ class WalArchive:
             return newest.timeline, start + self.segment_size
         valid = self._valid_prefix(newest.path, start)
         closed = self._closed_at(newest)
-        if closed is not None and closed - closed % XLOG_BLCKSZ == valid:
-            return newest.timeline, start + closed  # and its whole pages carry their address
+        if (
+            closed is not None
+            and closed - closed % XLOG_BLCKSZ == valid  # its whole pages carry their address
+            and self._tail_page_ok(newest.path, start, closed)
+        ):
+            return newest.timeline, start + closed
         return newest.timeline, start + valid
+
+    @staticmethod
+    def _tail_page_ok(path: Path, seg_start: int, closed: int) -> bool:
+        """The page `closed` ends in carries its address too, when it holds that far: bytes
+        trusted past the whole pages are never received again, so a torn or zeroed tail page
+        (fsynced data lost after all) would stay in the archive, unlike the rounded-down rule,
+        which receives it again."""
+        page = closed - closed % XLOG_BLCKSZ
+        if closed - page < _PAGEADDR_OFFSET + _PAGEADDR.size:
+            return True  # the header's address is not there yet
+        with open(path, "rb") as f:
+            f.seek(page + _PAGEADDR_OFFSET)
+            raw = f.read(_PAGEADDR.size)
+        return len(raw) == _PAGEADDR.size and _PAGEADDR.unpack(raw)[0] == seg_start + page
 
     def _closed_at(self, newest: ArchivedSegment) -> int | None:
         """The bytes of `newest` a clean close made durable, if it recorded them for this

@@ -107,3 +107,20 @@ def test_a_clean_close_resumes_exactly_where_it_was_durable(tmp_path: Path) -> N
     assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE)
     (tmp_path / ".closed").write_text("2 0 5\n")  # another timeline's file
     assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE)
+
+
+def test_a_clean_close_record_is_not_used_over_a_torn_tail_page(tmp_path: Path) -> None:
+    """The page a clean close ended in must carry its address too (when it holds that far):
+    trusted as it is, a zeroed tail (fsynced data lost after all) would never be received
+    again, the archive no longer the server's bytes and the decoder stopped on it; rounded
+    down to the page, it is received again. Fails on 37e0829: resumes past the zeros."""
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    a.write(0, wal(0, 3 * PAGE)[: 2 * PAGE + 100])  # page 2's header and some records
+    a.close()
+    assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE + 100)
+    path = tmp_path / "000000010000000000000000.partial"
+    raw = bytearray(path.read_bytes())
+    raw[2 * PAGE :] = bytes(100)  # the tail page lost, zeros read back
+    path.write_bytes(bytes(raw))
+    assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE)
