@@ -399,18 +399,45 @@ def reseeded_after_checkout(
     """Around a `pg checkout` of `primary` (its lock held): its streaming replicas stopped
     first, seeded again from the new state after. Their WAL position lies past the branch
     point on the old timeline, which no standby can go back from. A checkout that fails
-    leaves them stopped; `pg start REPLICA` seeds a stale one again."""
+    leaves them stopped; `pg start REPLICA` seeds a stale one again. One refused before
+    anything changed (its primary running again on its timeline: cli/checkout.py
+    _refuse_short_head) starts them again, where they were."""
     streaming = [
         r for r in app.registry.replicas(primary.id) if r.snapshot is None and r.state == "ready"
     ]
-    for replica in streaming:
-        if postmaster.stop(replica.datadir, "fast"):
-            echo(f"Stopped replica {replica.name}.")
-    yield
+    stopped = [r for r in streaming if postmaster.stop(r.datadir, "fast")]
+    for replica in stopped:
+        echo(f"Stopped replica {replica.name}.")
+    try:
+        yield
+    except BaseException:
+        _start_unmoved(app, primary, stopped, echo)
+        raise
     primary = app.registry.get_node(primary.id)
     for replica in streaming:
         echo(f"Seeding replica {replica.name} again from {primary.pgdata}.")
         reseed(app, primary, replica)
+
+
+def _start_unmoved(
+    app: App, primary: NodeRow, stopped: list[ReplicaRow], echo: Callable[[str], None]
+) -> None:
+    """After a failed checkout: start again the replicas it stopped whose primary runs on
+    the timeline they were seeded on, with their slot (the checkout changed nothing); the
+    others stay stopped, for `pg start REPLICA` to seed again. Best effort: the checkout's
+    own error is the one reported."""
+    primary = app.registry.get_node(primary.id)
+    if nodes.node_status(app, primary).state != "running":
+        return
+    for replica in stopped:
+        try:
+            if _stale(app, primary, replica):
+                continue
+            postmaster.start(replica.datadir, _log(app, replica))
+        except Exception as exc:  # reported; the checkout's own error follows
+            echo(f"Replica {replica.name} not started again: {exc}")
+            continue
+        echo(f"Started replica {replica.name} again.")
 
 
 def stop(replica: ReplicaRow, mode: str = "fast") -> bool:

@@ -118,3 +118,31 @@ def test_checkout_starts_the_node_again_when_the_pageserver_dies_during_the_wait
     assert psql(c, "SELECT count(*) FROM t") == "150"
     names = [s["name"] for s in neon.json("snapshot", "list")]
     assert "pgdata1@HEAD{0}" not in names, names
+
+
+def test_a_refused_checkout_starts_the_stopped_replica_again(neon: NeonCli) -> None:
+    """The checkout stops the node's streaming replicas first; refused before anything
+    changed (the shutdown checkpoint not ingested), the node runs again on its timeline and
+    so does its replica, streaming where it was (fails on 396db70: the replica left stopped,
+    though 'nothing was changed')."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    c = str(neon.json("pg", "show", "pgdata1")["connstr"])
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    neon.run("pg", "start", "--replica", "pgdata1", "-n", "ro", "--port", str(free_port()))
+    r = str(neon.json("pg", "show", "ro")["connstr"])
+    psql(c, "ALTER SYSTEM SET wal_sender_timeout = '2s'; SELECT pg_reload_conf()")
+    pid = receiver_pid(neon)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        psql(c, "INSERT INTO t SELECT generate_series(1, 50)")  # never received meanwhile
+        error = neon.fail("pg", "checkout", "pgdata1@s")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "has not received the last WAL of pgdata1" in error, error
+    assert neon.json("pg", "show", "ro")["state"] == "running"
+    psql(c, "INSERT INTO t VALUES (-1)")
+    deadline = time.monotonic() + 60
+    while psql(r, "SELECT count(*) FROM t") != "151":
+        assert time.monotonic() < deadline, "the replica does not replay"
+        time.sleep(0.2)
