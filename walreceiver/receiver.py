@@ -137,6 +137,8 @@ class WalReceiver:
         self._lock_fd: int | None = None
         self._retry_now = asyncio.Event()
         self._finishing = False
+        self._last_tries = 0
+        """Connections still to try once finishing (finish_stream)."""
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._state = ReceiverState.IDLE
@@ -168,8 +170,16 @@ class WalReceiver:
         self._retry_now.set()
 
     def finish_stream(self) -> None:
-        """Connect no more: a stream in progress runs to its end (a server that is shutting
-        down sends its last WAL first), then run() returns PAUSED instead of reconnecting."""
+        """Connect no more: a stream in progress (or being opened) runs to its end (a server
+        that is shutting down sends its last WAL first), then run() returns PAUSED instead of
+        reconnecting. A receiver waiting out a reconnect backoff (or not yet started) tries
+        once more, at once: the server may well be up, about to be stopped, and a server
+        shutting down takes no new replication connection, so its last WAL (the shutdown
+        checkpoint a checkout waits for) would reach us only at its next start."""
+        if not self._finishing:
+            self._last_tries = (
+                1 if self._state in (ReceiverState.IDLE, ReceiverState.BACKOFF) else 0
+            )
         self._finishing = True
         self._retry_now.set()
 
@@ -192,9 +202,11 @@ class WalReceiver:
         try:
             while True:
                 if self._finishing:
-                    self.end_reason = PAUSED
-                    self.state = ReceiverState.ENDED
-                    return PAUSED
+                    if self._last_tries <= 0:
+                        self.end_reason = PAUSED
+                        self.state = ReceiverState.ENDED
+                        return PAUSED
+                    self._last_tries -= 1
                 self.state = ReceiverState.CONNECTING
                 try:
                     reason = await self._session()

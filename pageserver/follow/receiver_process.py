@@ -196,6 +196,10 @@ class ReceiverProcess:
         node stopped meanwhile never sent its shutdown checkpoint to anyone (a checkout then
         named HEAD{i} short of the node's last writes, after waiting 30 s for them)."""
         self._finishing = True
+        if self.state == ReceiverState.BACKOFF:
+            # The child tries once more at the signal (WalReceiver.finish_stream): a pause's
+            # wait_connected waits for that try, not for the child's next report.
+            self.state = ReceiverState.CONNECTING
         proc = self._proc
         if proc is not None and self._ready:
             self._signal_finish(proc)

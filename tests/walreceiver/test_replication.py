@@ -17,10 +17,17 @@ import pytest
 
 from cli.pgbin import pg_binary, popen_kwargs
 from pg15.lsn import lsn_segno, parse_lsn, parse_segment_file_name, segment_file_name
+from pg15.pg_control import read_control_file
 from proto.errors import AuthFailed
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
 from walreceiver.archive import WalArchive
-from walreceiver.receiver import SERVER_ENDED, ConnParams, ReceiverState, WalChunk, WalReceiver
+from walreceiver.receiver import (
+    SERVER_ENDED,
+    ConnParams,
+    ReceiverState,
+    WalChunk,
+    WalReceiver,
+)
 from walreceiver.replication import (
     ReplicationConnection,
     ReplicationStream,
@@ -521,3 +528,30 @@ async def test_batch_is_handed_over_before_answering_a_keepalive() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_finish_stream_during_a_backoff_tries_once_more(
+    pg_cluster: PgTestCluster, tmp_path: Path
+) -> None:
+    """A pause that comes while the receiver waits out a reconnect backoff (the server was
+    not up at its last try, and is now, about to be stopped): it connects once more, at once,
+    and takes the server's WAL up to its shutdown checkpoint. It used to end without trying,
+    and the stopping server's last WAL reached nobody (a checkout waits 30 s for it, then is
+    refused)."""
+    server = pg_cluster.create(start=False)
+    receiver = WalReceiver(
+        params(server), "fin", tmp_path, create_slot=True, status_interval=0.3, min_backoff=60
+    )
+    task, stop = await run_receiver(receiver)
+    try:
+        await wait_for(lambda: receiver.state is ReceiverState.BACKOFF, what="a backoff")
+        await asyncio.to_thread(server.start)
+        receiver.finish_stream()
+        await wait_for(lambda: receiver.state is ReceiverState.STREAMING, 30, "the last try")
+        server.psql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")
+        await asyncio.to_thread(server.stop, "fast")
+        assert await asyncio.wait_for(task, 30) == SERVER_ENDED  # and no reconnecting
+        checkpoint = read_control_file(server.datadir).checkpoint_lsn
+        assert receiver.flushed_lsn > checkpoint, "the shutdown checkpoint was not received"
+    finally:
+        await stop()

@@ -211,6 +211,8 @@ async def test_finish_stream_while_starting_or_backing_off(tmp_path: Path) -> No
         await wait_for(lambda: rp.state == ReceiverState.BACKOFF, what="backing off")
         start = time.monotonic()
         rp.finish_stream()
+        # The child tries once more: a pause's wait_connected waits for that try.
+        assert rp.state == ReceiverState.CONNECTING
         assert await asyncio.wait_for(task, 30) == PAUSED
         assert time.monotonic() - start < 3
     finally:
