@@ -546,43 +546,65 @@ typedef struct {
     size_t n_blocks;
     unsigned long long bad_lsn, last_lsn;
     int bad;
+    size_t used, at, v_no; /* the fill's cursor: bytes in the open block, in data, versions */
 } Pack;
+
+/* The key entry `i`: the key and the number of its first version. */
+static void
+pack_key(Pack *p, size_t i, const uint8_t *key)
+{
+    memcpy(p->keys + i * KEY_ENTRY_SIZE, key, KEY_SIZE);
+    put_be(p->keys + i * KEY_ENTRY_SIZE + KEY_SIZE, p->v_no, 4);
+}
+
+/* Append one version (its entry and its bytes), opening a new block when the value would
+ * take the open one past limit; -1 (p->bad) for an LSN outside [lo, hi). */
+static int
+pack_put(Pack *p, const Arena *a, const Version *v)
+{
+    if (v->lsn < p->lo || v->lsn >= p->hi) {
+        p->bad = 1;
+        p->bad_lsn = v->lsn;
+        return -1;
+    }
+    if (p->used > 0 && p->used + v->len > (size_t)p->limit) {
+        p->ends[p->n_blocks++] = p->at;
+        p->used = 0;
+    }
+    uint8_t *e = p->entries + p->v_no * ENTRY_SIZE;
+    put_be(e, v->lsn, 8);
+    e[8] = (uint8_t)a->data[v->off];
+    put_be(e + 9, p->n_blocks, 4);
+    put_be(e + 13, p->used, 4);
+    put_be(e + 17, v->len, 4);
+    memcpy(p->data + p->at, a->data + v->off, v->len);
+    p->used += v->len;
+    p->at += v->len;
+    p->last_lsn = v->lsn;
+    p->v_no++;
+    return 0;
+}
+
+/* Close the last block. */
+static void
+pack_end(Pack *p)
+{
+    if (p->used > 0)
+        p->ends[p->n_blocks++] = p->at;
+}
 
 static void
 pack_fill(Pack *p)
 {
     Arena *a = p->a;
-    size_t used = 0, at = 0, v_no = 0;
     for (size_t i = 0; i < p->n; i++) {
         Chain *c = p->chains[i];
-        memcpy(p->keys + i * KEY_ENTRY_SIZE, c->key, KEY_SIZE);
-        put_be(p->keys + i * KEY_ENTRY_SIZE + KEY_SIZE, v_no, 4);
-        for (uint32_t j = 0; j < c->n; j++) {
-            Version *v = &a->versions[c->v[j]];
-            if (v->lsn < p->lo || v->lsn >= p->hi) {
-                p->bad = 1;
-                p->bad_lsn = v->lsn;
+        pack_key(p, i, c->key);
+        for (uint32_t j = 0; j < c->n; j++)
+            if (pack_put(p, a, &a->versions[c->v[j]]) < 0)
                 return;
-            }
-            if (used > 0 && used + v->len > (size_t)p->limit) {
-                p->ends[p->n_blocks++] = at;
-                used = 0;
-            }
-            uint8_t *e = p->entries + v_no * ENTRY_SIZE;
-            put_be(e, v->lsn, 8);
-            e[8] = (uint8_t)a->data[v->off];
-            put_be(e + 9, p->n_blocks, 4);
-            put_be(e + 13, used, 4);
-            put_be(e + 17, v->len, 4);
-            memcpy(p->data + at, a->data + v->off, v->len);
-            used += v->len;
-            at += v->len;
-            p->last_lsn = v->lsn;
-            v_no++;
-        }
     }
-    if (used > 0)
-        p->ends[p->n_blocks++] = at;
+    pack_end(p);
 }
 
 static PyObject *
@@ -841,42 +863,19 @@ inmem_merge_cuts(PyObject *module, PyObject *args)
 static void
 merged_fill(Merge *m, Pack *p)
 {
-    size_t used = 0, at = 0, v_no = 0, i = 0;
+    size_t i = 0;
     const uint8_t *key;
     while ((key = merge_next(m)) != NULL) {
-        memcpy(p->keys + i * KEY_ENTRY_SIZE, key, KEY_SIZE);
-        put_be(p->keys + i * KEY_ENTRY_SIZE + KEY_SIZE, v_no, 4);
-        i++;
+        pack_key(p, i++, key);
         for (Py_ssize_t j = 0; j < m->k; j++) {
             Chain *c = m->group[j];
             Arena *a = m->src[j].a;
-            for (uint32_t n = 0; c != NULL && n < c->n; n++) {
-                Version *v = &a->versions[c->v[n]];
-                if (v->lsn < p->lo || v->lsn >= p->hi) {
-                    p->bad = 1;
-                    p->bad_lsn = v->lsn;
+            for (uint32_t n = 0; c != NULL && n < c->n; n++)
+                if (pack_put(p, a, &a->versions[c->v[n]]) < 0)
                     return;
-                }
-                if (used > 0 && used + v->len > (size_t)p->limit) {
-                    p->ends[p->n_blocks++] = at;
-                    used = 0;
-                }
-                uint8_t *e = p->entries + v_no * ENTRY_SIZE;
-                put_be(e, v->lsn, 8);
-                e[8] = (uint8_t)a->data[v->off];
-                put_be(e + 9, p->n_blocks, 4);
-                put_be(e + 13, used, 4);
-                put_be(e + 17, v->len, 4);
-                memcpy(p->data + at, a->data + v->off, v->len);
-                used += v->len;
-                at += v->len;
-                p->last_lsn = v->lsn;
-                v_no++;
-            }
         }
     }
-    if (used > 0)
-        p->ends[p->n_blocks++] = at;
+    pack_end(p);
 }
 
 static PyObject *
