@@ -593,6 +593,63 @@ pack_end(Pack *p)
         p->ends[p->n_blocks++] = p->at;
 }
 
+/* The output buffers of a pack of n_keys keys and n_versions versions of n_bytes (bufs:
+ * data, keys, entries) and the block ends' room; -1 with an exception set (the caller
+ * releases what was made: pack_release). */
+static int
+pack_open(Pack *p, size_t n_keys, size_t n_versions, size_t n_bytes, PyObject **bufs)
+{
+    bufs[0] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_bytes);
+    bufs[1] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_keys * KEY_ENTRY_SIZE));
+    bufs[2] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
+    p->ends = PyMem_Malloc((n_versions + 1) * sizeof *p->ends);
+    if (bufs[0] == NULL || bufs[1] == NULL || bufs[2] == NULL || p->ends == NULL) {
+        if (p->ends == NULL)
+            PyErr_NoMemory();
+        return -1;
+    }
+    p->data = (uint8_t *)PyBytes_AS_STRING(bufs[0]);
+    p->keys = (uint8_t *)PyBytes_AS_STRING(bufs[1]);
+    p->entries = (uint8_t *)PyBytes_AS_STRING(bufs[2]);
+    return 0;
+}
+
+static void
+pack_release(Pack *p, PyObject **bufs)
+{
+    PyMem_Free(p->ends);
+    p->ends = NULL;
+    for (int i = 0; i < 3; i++)
+        Py_CLEAR(bufs[i]);
+}
+
+/* The filled pack as Python's (data, ends, keys, entries, n_keys, n_versions, n_bytes,
+ * last_lsn), or NULL with the error of an LSN outside the range; the buffers are released
+ * either way. */
+static PyObject *
+pack_result(Pack *p, PyObject **bufs, size_t n_keys, size_t n_versions, size_t n_bytes)
+{
+    PyObject *result = NULL;
+    if (p->bad) {
+        /* the reference's message (blocks.py: f"LSN {lsn:X} ..."); PyErr_Format has no %X */
+        char lsn_hex[17];
+        snprintf(lsn_hex, sizeof lsn_hex, "%llX", p->bad_lsn);
+        PyErr_Format(PyExc_ValueError, "LSN %s outside the layer's LSN range", lsn_hex);
+    } else {
+        PyObject *ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p->n_blocks * 8));
+        if (ends != NULL) {
+            for (size_t b = 0; b < p->n_blocks; b++)
+                put_be((uint8_t *)PyBytes_AS_STRING(ends) + 8 * b, p->ends[b], 8);
+            result = Py_BuildValue("(NNNNnnKK)", bufs[0], ends, bufs[1], bufs[2],
+                                   (Py_ssize_t)n_keys, (Py_ssize_t)n_versions,
+                                   (unsigned long long)n_bytes, p->last_lsn);
+            bufs[0] = bufs[1] = bufs[2] = NULL; /* N: the tuple took them */
+        }
+    }
+    pack_release(p, bufs);
+    return result;
+}
+
 static void
 pack_fill(Pack *p)
 {
@@ -628,48 +685,19 @@ Arena_pack(Arena *self, PyObject *args)
         for (uint32_t j = 0; j < p.chains[i]->n; j++)
             n_bytes += self->versions[p.chains[i]->v[j]].len;
     }
-    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_bytes);
-    PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n * KEY_ENTRY_SIZE));
-    PyObject *entries = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
-    PyObject *ends = NULL;
-    p.ends = PyMem_Malloc((n_versions + 1) * sizeof *p.ends);
-    if (data == NULL || keys == NULL || entries == NULL || p.ends == NULL) {
-        if (p.ends == NULL)
-            PyErr_NoMemory();
-        goto done;
+    PyObject *bufs[3] = {NULL, NULL, NULL}, *result = NULL;
+    if (pack_open(&p, p.n, n_versions, n_bytes, bufs) < 0) {
+        pack_release(&p, bufs);
+    } else {
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        pack_fill(&p);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+        result = pack_result(&p, bufs, p.n, n_versions, n_bytes);
     }
-    p.data = (uint8_t *)PyBytes_AS_STRING(data);
-    p.keys = (uint8_t *)PyBytes_AS_STRING(keys);
-    p.entries = (uint8_t *)PyBytes_AS_STRING(entries);
-    self->busy++;
-    Py_BEGIN_ALLOW_THREADS
-    pack_fill(&p);
-    Py_END_ALLOW_THREADS
-    self->busy--;
-    if (p.bad) {
-        /* the reference's message (blocks.py: f"LSN {lsn:X} ..."); PyErr_Format has no %X */
-        char lsn_hex[17];
-        snprintf(lsn_hex, sizeof lsn_hex, "%llX", p.bad_lsn);
-        PyErr_Format(PyExc_ValueError, "LSN %s outside the layer's LSN range", lsn_hex);
-        goto done;
-    }
-    ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n_blocks * 8));
-    if (ends == NULL)
-        goto done;
-    for (size_t b = 0; b < p.n_blocks; b++)
-        put_be((uint8_t *)PyBytes_AS_STRING(ends) + 8 * b, p.ends[b], 8);
-    PyMem_Free(p.ends);
     PyMem_Free(p.chains);
-    return Py_BuildValue("(NNNNnnKK)", data, ends, keys, entries, (Py_ssize_t)p.n,
-                         (Py_ssize_t)n_versions, (unsigned long long)n_bytes, p.last_lsn);
-done:
-    PyMem_Free(p.ends);
-    PyMem_Free(p.chains);
-    Py_XDECREF(data);
-    Py_XDECREF(keys);
-    Py_XDECREF(entries);
-    Py_XDECREF(ends);
-    return NULL;
+    return result;
 }
 
 static PyObject *
@@ -912,49 +940,21 @@ inmem_pack_merged(PyObject *module, PyObject *args)
         }
     }
     merge_rewind(&m);
-    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_bytes);
-    PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_keys * KEY_ENTRY_SIZE));
-    PyObject *entries = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_versions * ENTRY_SIZE));
-    PyObject *ends = NULL;
-    p.ends = PyMem_Malloc((n_versions + 1) * sizeof *p.ends);
-    if (data == NULL || keys == NULL || entries == NULL || p.ends == NULL) {
-        if (p.ends == NULL)
-            PyErr_NoMemory();
-        goto done;
+    PyObject *bufs[3] = {NULL, NULL, NULL}, *result = NULL;
+    if (pack_open(&p, n_keys, n_versions, n_bytes, bufs) < 0) {
+        pack_release(&p, bufs);
+    } else {
+        for (Py_ssize_t j = 0; j < m.k; j++)
+            m.src[j].a->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        merged_fill(&m, &p);
+        Py_END_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < m.k; j++)
+            m.src[j].a->busy--;
+        result = pack_result(&p, bufs, n_keys, n_versions, n_bytes);
     }
-    p.data = (uint8_t *)PyBytes_AS_STRING(data);
-    p.keys = (uint8_t *)PyBytes_AS_STRING(keys);
-    p.entries = (uint8_t *)PyBytes_AS_STRING(entries);
-    for (Py_ssize_t j = 0; j < m.k; j++)
-        m.src[j].a->busy++;
-    Py_BEGIN_ALLOW_THREADS
-    merged_fill(&m, &p);
-    Py_END_ALLOW_THREADS
-    for (Py_ssize_t j = 0; j < m.k; j++)
-        m.src[j].a->busy--;
-    if (p.bad) {
-        char lsn_hex[17];
-        snprintf(lsn_hex, sizeof lsn_hex, "%llX", p.bad_lsn);
-        PyErr_Format(PyExc_ValueError, "LSN %s outside the layer's LSN range", lsn_hex);
-        goto done;
-    }
-    ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(p.n_blocks * 8));
-    if (ends == NULL)
-        goto done;
-    for (size_t b = 0; b < p.n_blocks; b++)
-        put_be((uint8_t *)PyBytes_AS_STRING(ends) + 8 * b, p.ends[b], 8);
-    PyMem_Free(p.ends);
     merge_close(&m);
-    return Py_BuildValue("(NNNNnnKK)", data, ends, keys, entries, (Py_ssize_t)n_keys,
-                         (Py_ssize_t)n_versions, (unsigned long long)n_bytes, p.last_lsn);
-done:
-    PyMem_Free(p.ends);
-    merge_close(&m);
-    Py_XDECREF(data);
-    Py_XDECREF(keys);
-    Py_XDECREF(entries);
-    Py_XDECREF(ends);
-    return NULL;
+    return result;
 }
 
 static PyMethodDef module_methods[] = {
