@@ -147,9 +147,24 @@ def _capture(server: PgTestServer, name: str, dest: Path, *, stopped: bool = Fal
         shutil.copytree(server.datadir / sub, root / sub)
     if stopped:
         control = read_control_file(server.datadir)
-        lsn = control.checkpoint_lsn + 120
+        lsn = _record_end(server.wal_dir, control.checkpoint_lsn)
         next_xid = control.checkpoint.next_xid
     return Capture(name, lsn, root, kinds, next_xid, wal_log_dbs)
+
+
+def _record_end(wal_dir: Path, lsn: int) -> int:
+    """The end of the record at `lsn` (the shutdown checkpoint: 114 bytes, 120 aligned, plus a
+    page header when it crosses a WAL page boundary), as the reader finds it."""
+    segno = lsn // SEG_SIZE
+    reader = WalReader(segno * SEG_SIZE, SEG_SIZE, 1)
+    for seg in (segno, segno + 1):  # it may end in the next segment
+        path = wal_dir / segment_file_name(1, seg, SEG_SIZE)
+        if path.exists():
+            reader.feed(path.read_bytes())
+        for raw in reader.records():
+            if raw.lsn == lsn:
+                return raw.end_lsn
+    raise AssertionError(f"no record starts at {lsn:X} in its segment")
 
 
 def _ingest_wal(
