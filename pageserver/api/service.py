@@ -419,7 +419,7 @@ class Pageserver:
         history, base = self.find_snapshot(parent)
         check_outside(datadir, self._own_dirs(history.root), "a delta")
         check_import_dir(datadir)
-        timeline = await asyncio.to_thread(history.timelines.branch, base.timeline_id, base.lsn)
+        timeline = await self._branch_at(history, base)
         return await self._import_onto(
             history, timeline, name, origin, abandoned, lambda t: import_delta(t, datadir)
         )
@@ -530,9 +530,9 @@ class Pageserver:
                 f"snapshot {snapshot!r} lives in storage {history.root}, node {node_id} in "
                 f"{store.history.root}; branch within one storage"
             )
-        source = history.timelines.get(snap.timeline_id)
+        history.timelines.get(snap.timeline_id)  # NotFound before any wait
         await self._wait_reingested(snap)
-        timeline = await asyncio.to_thread(history.timelines.branch, source.timeline_id, snap.lsn)
+        timeline = await self._branch_at(history, snap)
         segment_size = self._segment_size(history, snap)
         old = store.state
         tli = pg_timeline if pg_timeline is not None else (old.pg_timeline + 1 if old else 1)
@@ -560,17 +560,30 @@ class Pageserver:
         hold yet: a snapshot named before the restart may lie ahead of what its timeline has
         now. Wait for it, rather than refuse to branch there (a checkout the pageserver's
         death interrupted is rolled forward so)."""
+        store = self._ingesting_store(snap)
+        if store is not None and store.timeline.last_record_lsn < snap.lsn:
+            await self.wait_for_lsn(snap.node_id, snap.lsn, timeout)
+
+    def _ingesting_store(self, snap: Snapshot) -> NodeStore | None:
+        """The store of the node that still ingests the snapshot's timeline, if one does."""
         if snap.node_id == IMPORTED_NODE_ID:
-            return
+            return None
         try:
             store = self.store(snap.node_id)
         except NotFound:
-            return  # its node is gone: nothing ingests that timeline any more
+            return None  # its node is gone: nothing ingests that timeline any more
         state = store.state
         if state is None or state.timeline_id != snap.timeline_id:
-            return  # an older timeline of the node: complete since it was left
-        if store.timeline.last_record_lsn < snap.lsn:
-            await self.wait_for_lsn(snap.node_id, snap.lsn, timeout)
+            return None  # an older timeline of the node: complete since it was left
+        return store
+
+    async def _branch_at(self, history: StorageHistory, snap: Snapshot) -> Timeline:
+        """A new timeline branched at the snapshot, in `history`; a node still ingesting the
+        snapshot's timeline makes it durable first, its LSN index included (NodeStore.branch)."""
+        owner = self._ingesting_store(snap)
+        if owner is not None and owner.history is history:
+            return await asyncio.to_thread(owner.branch, snap.timeline_id, snap.lsn)
+        return await asyncio.to_thread(history.timelines.branch, snap.timeline_id, snap.lsn)
 
     # PITR areas and GC
 

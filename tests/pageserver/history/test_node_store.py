@@ -11,6 +11,7 @@ import pytest
 
 from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeState, NodeStore, StorageHistory
+from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import create_image_layers
 from pageserver.storage.keys import KEY_MIN, Key, KeyRange
@@ -220,3 +221,27 @@ def test_a_switch_makes_the_old_timelines_tail_durable(
         assert reopened.disk_consistent_lsn == end
     finally:
         history.close()
+
+
+def test_a_branch_at_the_ingested_end_writes_the_lsn_index_before_the_layers(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A branch where the node's layers do not reach yet (a checkout to a snapshot named a
+    moment ago) makes the layers durable; the LSN index must be durable as far first: the
+    records the layers hold are never re-ingested, so a crash right after would lose their
+    boundaries and commit times for good. Read back from disk without closing the store (a
+    close writes the index anyway)."""
+    store = imported(tmp_path, workload.base)
+    for records, raws in batches(workload):
+        store.ingest_batch(records, raws)
+    store.wait_flushed()
+    timeline = store.timeline
+    at = timeline.last_record_lsn
+    assert timeline.disk_consistent_lsn < at  # the tail is in memory: the branch writes it
+    index = store.index  # in memory: every record ingested observed (sparse entries)
+    assert LsnIndex(index.directory, index.segment_size).last_lsn < index.last_lsn
+    store.branch(timeline.timeline_id, at)
+    assert timeline.disk_consistent_lsn >= at
+    assert LsnIndex(index.directory, index.segment_size).last_lsn == index.last_lsn
+    store.close()
