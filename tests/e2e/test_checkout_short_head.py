@@ -19,19 +19,31 @@ from tests.neoncli import NEON, NeonCli, psql
 from tests.pgtest import free_port
 
 
-def test_checkout_refuses_while_the_shutdown_checkpoint_is_not_ingested(neon: NeonCli) -> None:
+def node_with_snapshot(neon: NeonCli) -> str:
+    """pgdata1 with table t of 100 rows and snapshot pgdata1@s of it; its connstr."""
     neon.run("pg", "create", "--port", str(free_port()))
     c = str(neon.json("pg", "show", "pgdata1")["connstr"])
     psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
     neon.run("snapshot", "create", "pgdata1@s")
+    return c
+
+
+def refused_checkout(neon: NeonCli, c: str) -> str:
+    """50 rows inserted while the node's walreceiver is stopped, then `pg checkout
+    pgdata1@s`, which must fail: its error."""
     psql(c, "ALTER SYSTEM SET wal_sender_timeout = '2s'; SELECT pg_reload_conf()")
     pid = receiver_pid(neon)
     os.kill(pid, signal.SIGSTOP)
     try:
         psql(c, "INSERT INTO t SELECT generate_series(1, 50)")  # never received meanwhile
-        error = neon.fail("pg", "checkout", "pgdata1@s")
+        return neon.fail("pg", "checkout", "pgdata1@s")
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_checkout_refuses_while_the_shutdown_checkpoint_is_not_ingested(neon: NeonCli) -> None:
+    c = node_with_snapshot(neon)
+    error = refused_checkout(neon, c)
     assert "has not received the last WAL of pgdata1" in error, error
     assert "postgres on pgdata1 was started again" in error, error
     assert neon.json("pg", "show", "pgdata1")["state"] == "running"
@@ -54,10 +66,7 @@ def test_a_stopped_nodes_whole_wal_is_ingested_again_after_a_pageserver_kill(
     node. Rounded down to a WAL page, the tail waited for the node's next start: the lag
     stayed above 0, and a checkout of the stopped node waited 30 s for the checkpoint
     (then, since 396db70, was refused)."""
-    neon.run("pg", "create", "--port", str(free_port()))
-    c = str(neon.json("pg", "show", "pgdata1")["connstr"])
-    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
-    neon.run("snapshot", "create", "pgdata1@s")
+    c = node_with_snapshot(neon)
     psql(c, "INSERT INTO t SELECT generate_series(1, 50)")
     neon.run("pg", "stop", "pgdata1")
     os.kill(neon.json("pageserver", "status")["pid"], signal.SIGKILL)
@@ -80,11 +89,8 @@ def test_checkout_starts_the_node_again_when_the_pageserver_dies_during_the_wait
     (its receiver stalled, as above): the wait fails with an error, not a timeout. The node is
     started again as on a refusal, not left stopped with nothing changed (396db70 restarted it
     only when the wait timed out: fails on it, the node stays stopped)."""
-    neon.run("pg", "create", "--port", str(free_port()))
+    c = node_with_snapshot(neon)
     shown = neon.json("pg", "show", "pgdata1")
-    c = str(shown["connstr"])
-    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
-    neon.run("snapshot", "create", "pgdata1@s")
     psql(c, "ALTER SYSTEM SET wal_sender_timeout = '2s'; SELECT pg_reload_conf()")
     pid = receiver_pid(neon)
     pidfile = neon.home / "pageserver" / "pageserver.pid"
@@ -125,20 +131,10 @@ def test_a_refused_checkout_starts_the_stopped_replica_again(neon: NeonCli) -> N
     changed (the shutdown checkpoint not ingested), the node runs again on its timeline and
     so does its replica, streaming where it was (fails on 396db70: the replica left stopped,
     though 'nothing was changed')."""
-    neon.run("pg", "create", "--port", str(free_port()))
-    c = str(neon.json("pg", "show", "pgdata1")["connstr"])
-    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
-    neon.run("snapshot", "create", "pgdata1@s")
+    c = node_with_snapshot(neon)
     neon.run("pg", "start", "--replica", "pgdata1", "-n", "ro", "--port", str(free_port()))
     r = str(neon.json("pg", "show", "ro")["connstr"])
-    psql(c, "ALTER SYSTEM SET wal_sender_timeout = '2s'; SELECT pg_reload_conf()")
-    pid = receiver_pid(neon)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        psql(c, "INSERT INTO t SELECT generate_series(1, 50)")  # never received meanwhile
-        error = neon.fail("pg", "checkout", "pgdata1@s")
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    error = refused_checkout(neon, c)
     assert "has not received the last WAL of pgdata1" in error, error
     assert neon.json("pg", "show", "ro")["state"] == "running"
     psql(c, "INSERT INTO t VALUES (-1)")
