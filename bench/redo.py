@@ -13,6 +13,10 @@
    dict (a page missing there is read from BASE's files when the record needs the previous
    version). Decode time, redo time and the time reading BASE pages are reported apart.
    Not replayed: what is no block reference (CLOG, VM bits cleared by heap records, ...).
+   Then the product's bulk path (`chain_redo`): the same WAL as per-page chains of stored
+   values (images, deltas holding the record bytes) through `_redo.rebuild_page`, as
+   basebackup and image creation rebuild pages; read + rebuild_page are timed, the split
+   into chains (the C ingest's work in the product) is shown apart.
 4. Stock: a copy of BASE whose pg_wal is replaced by the crashed server's (pre-staged, not
    timed) is started: PostgreSQL's crash recovery replays the same WAL. Its redo time is the
    "redo done ... elapsed" of its log; the start-to-ready time of `pg_ctl start -w`, less
@@ -26,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import logging
 import pstats
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -57,6 +63,9 @@ from bench.common import (
     wal_segment_size,
 )
 from cli import postmaster
+from pageserver.ingest.walingest import page_after_image
+from pageserver.reconstruct.apply_delta import continue_chain
+from pageserver.reconstruct.value_format import encode_delta
 from pageserver.redo import (
     REDO_BY_RMGR,
     PageError,
@@ -67,6 +76,8 @@ from pageserver.redo import (
 )
 from pageserver.redo.native import redo as native_redo
 from pageserver.redo.page import get_special, page_is_new
+from pageserver.storage.keys import rel_block_key
+from pageserver.storage.values import TAG_DELTA, TAG_DELTA_INIT, TAG_IMAGE, WalDelta
 from pg15.constants import BLCKSZ, RM_BTREE_ID, RM_HEAP_ID
 from pg15.lsn import format_lsn, parse_lsn, segment_file_name
 from pg15.records import DecodedRecord, RelFileNode, decode_records
@@ -272,6 +283,132 @@ def _redo_batch(
     return base_read
 
 
+# -- ours, the product's bulk path: per-page chains through the C chain redo -----------------
+
+_ENTRY = struct.Struct(">QBIII")  # a version entry: LSN, tag, block, offset, length
+
+
+@dataclass
+class ChainRedo:
+    """The same WAL through the path basebackup and image creation take (range_rebuild)."""
+
+    read_s: float = 0.0  # WalReader.read_batch: framing and CRCs
+    read_cpu: float = 0.0
+    redo_cpu: float = 0.0
+    split_s: float = 0.0  # decode + per-page chains + their entries (C ingest's job)
+    redo_s: float = 0.0  # rebuild_page on every chain segment (C decode + C redo)
+    segments: int = 0  # rebuild_page calls: one per page per chain start
+    deltas: int = 0  # delta versions redone
+    handed_back: int = 0  # segments whose tail the Python redo finished (continue_chain)
+    pages: dict[PageKey, bytes] = field(default_factory=dict)
+
+
+def _segment(versions: list[tuple[int, int, bytes]]) -> tuple[bytes, list[bytes], int]:
+    """One chain segment laid out as a layer holds it: (entries, [block], last LSN)."""
+    entries, off = [], 0
+    for lsn, tag, value in versions:
+        entries.append(_ENTRY.pack(lsn, tag, 0, off, len(value)))
+        off += len(value)
+    return b"".join(entries), [b"".join(v for _, _, v in versions)], versions[-1][0]
+
+
+def chain_redo(w: Workload) -> ChainRedo:
+    """Every page version the WAL makes, rebuilt as the product rebuilds pages in bulk.
+
+    Ingest stores a block's APPLY image as the page (an Image value) and every other block
+    reference as a WalDelta holding the record; `_redo.rebuild_page` (range_rebuild) decodes
+    a key's deltas from their bytes and redoes them in C, one Python call per key, no Python
+    object per record. Here the chains are built in Python (timed apart as `split_s`: the C
+    ingest's work in the product) and cut at every chain start, so that every delta is
+    redone once, as crash recovery redoes every record (the product only needs the newest
+    segment of a page)."""
+    gc.disable()  # the chains are ~a million container objects the product never holds
+    try:
+        return _chain_redo(w)
+    finally:
+        gc.enable()
+
+
+def _chain_redo(w: Workload) -> ChainRedo:
+    out = ChainRedo()
+    base = BasePages(w.base)
+    seg = w.segment_size
+    reader = WalReader(w.redo_lsn, seg, timeline=1)
+    chains: dict[PageKey, list[list[tuple[int, int, bytes]]]] = {}
+    image, delta, init = bytes((TAG_IMAGE,)), bytes((TAG_DELTA,)), bytes((TAG_DELTA_INIT,))
+    cpu, perf = time.process_time, time.perf_counter
+    segno = w.redo_lsn // seg
+    while reader.end_of_wal is None:
+        path = w.crashed_wal / segment_file_name(1, segno, seg)
+        if not path.exists():
+            break
+        c0, t0 = cpu(), perf()
+        data = path.read_bytes()
+        reader.feed(data[w.redo_lsn - segno * seg :] if segno == w.redo_lsn // seg else data)
+        while batch := reader.read_batch():
+            c1, t1 = cpu(), perf()
+            out.read_s += t1 - t0
+            out.read_cpu += c1 - c0
+            for raw, record in zip(batch, decode_records(batch), strict=True):
+                payload: bytes | None = None
+                for ref in record.blocks:
+                    if ref.apply_image:
+                        tag, value = TAG_IMAGE, image + page_after_image(record, ref.block_id)
+                    elif record.rmgr_id not in REDO_BY_RMGR:
+                        continue
+                    else:
+                        if payload is None:
+                            payload = encode_delta(record.lsn, raw.data)
+                        tag = TAG_DELTA_INIT if ref.will_init else TAG_DELTA
+                        value = (init if ref.will_init else delta) + payload
+                    key = (ref.rnode, ref.fork, ref.blkno)
+                    segments = chains.get(key)
+                    if segments is None:
+                        segments = chains[key] = [[]]
+                        if tag == TAG_DELTA and needs_previous(record, ref.block_id):
+                            prev = base.read(key)
+                            if prev is not None:
+                                segments[0].append((w.redo_lsn, TAG_IMAGE, image + prev))
+                    elif tag != TAG_DELTA:
+                        segments.append([])
+                    segments[-1].append((record.end_lsn, tag, value))
+                    out.deltas += tag != TAG_IMAGE
+            c0, t0 = cpu(), perf()
+            out.split_s += t0 - t1
+        out.read_s += perf() - t0
+        out.read_cpu += cpu() - c0
+        segno += 1
+    t1 = perf()
+    laid_out = {
+        key: [_segment(s) for s in segments if s] for key, segments in chains.items()
+    }  # fmt: skip
+    chains.clear()
+    c2, t2 = cpu(), perf()
+    out.split_s += t2 - t1
+    rebuild = native_redo.rebuild_page if native_redo is not None else None
+    if rebuild is None:
+        raise RuntimeError("the C chain redo (pageserver/redo/_redo.c) is not built")
+    for key, laid in laid_out.items():
+        rnode, fork, blkno = key
+        k = rel_block_key(rnode.spc, rnode.db, rnode.rel, fork, blkno)
+        page: bytes | None = None
+        for entries, blocks, last in laid:
+            got = rebuild(k, last, [(entries, 0, blocks, 0)], True)
+            if isinstance(got, tuple):  # the C redo stopped: the Python redo goes on
+                got = continue_chain(
+                    k, got[0], [(lsn, WalDelta(p, init)) for lsn, init, p in got[1]]
+                )
+                out.handed_back += 1
+            if got is False:
+                raise RuntimeError(f"rebuild_page refused {key} at {format_lsn(last)}")
+            page = got
+            out.segments += 1
+        if page is not None:
+            out.pages[key] = page
+    out.redo_s, out.redo_cpu = perf() - t2, cpu() - c2
+    return out
+
+
 # -- stock: PostgreSQL's crash recovery --------------------------------------------------------
 
 
@@ -375,6 +512,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profile.disable()
                 profile.dump_stats(args.profile)
         results["machine_after_ours"] = machine_info()
+        chain: ChainRedo | None = None
+        if native_redo is not None and not args.python_redo:
+            say("ours: the same WAL as per-page chains through the C chain redo (rebuild_page)")
+            chain = chain_redo(w)
+            chain_same = sum(chain.pages.get(k) == v for k, v in pages.items())
+            chain.pages.clear()
+            results["machine_after_chain"] = machine_info()
 
         say("stock: baseline start of BASE (nothing to replay)")
         baseline = start_copy(cluster, w.base, None)
@@ -446,6 +590,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # CPU time is less sensitive to a busy machine than wall time.
         ratio_cpu=round(stock.redo_cpu / m.cpu, 4) if stock.redo_cpu and m.cpu else None,
     )
+    if chain is not None:
+        chain_total = chain.read_s + chain.redo_s
+        chain_cpu = chain.read_cpu + chain.redo_cpu
+        results["chain"] = {
+            "read_s": round(chain.read_s, 3),
+            "split_s": round(chain.split_s, 3),
+            "redo_s": round(chain.redo_s, 3),
+            "read_cpu_s": round(chain.read_cpu, 3),
+            "redo_cpu_s": round(chain.redo_cpu, 3),
+            "segments": chain.segments,
+            "deltas_redone": chain.deltas,
+            "handed_back": chain.handed_back,
+            "pages_equal_to_wal_order": chain_same,
+            "records_per_s": round(rate(ours.records, chain_total)),
+        }
+        results["ratio_chain"] = round(rate(ours.records, chain_total) / stock_rate, 4)
+        results["ratio_chain_cpu"] = (
+            round(stock.redo_cpu / chain_cpu, 4) if stock.redo_cpu and chain_cpu else None
+        )
     print()
     print(
         f"Redo of {results['wal_mib']} MiB of pgbench WAL (scale {w.scale}, {ours.records:,} "
@@ -484,6 +647,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"our final main-fork pages equal to the recovered copy's (masked): "
         f"{comparison.same:,} / {comparison.pages:,} {comparison.differing[:3] or ''}"
     )
+    if chain is not None:
+        c = results["chain"]
+        print(
+            f"product's bulk path (range_rebuild's C chain redo, every chain segment): read "
+            f"{chain.read_s:.3f} s + rebuild_page {chain.redo_s:.3f} s = "
+            f"{c['records_per_s']:,} records/s ({chain.deltas:,} deltas in {chain.segments:,} "
+            f"segments, {chain.handed_back} handed back); split into chains {chain.split_s:.3f} s "
+            f"(the C ingest's work in the product, not counted)"
+        )
+        print(
+            f"ratio ours / stock, chain path: {results['ratio_chain']:.4f}; CPU "
+            f"{results['ratio_chain_cpu']}; final pages equal to the WAL-order replay: "
+            f"{c['pages_equal_to_wal_order']:,} / {ours.distinct_pages:,}"
+        )
     if ours.unsupported or ours.errors:
         print(f"not redone: unsupported {dict(ours.unsupported)}, errors {ours.errors[:3]}")
     print_machine(results)
