@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import uvloop
 
 from bench.common import (
@@ -72,6 +73,7 @@ from pageserver.follow.node_follower import NodeFollower
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pg15.lsn import (
     format_lsn,
+    parse_lsn,
     parse_segment_file_name,
     segment_start,
 )
@@ -116,9 +118,11 @@ def node_store(workdir: Path, node_id: str) -> NodeStore:
 
 
 async def wait_decoded(follower: NodeFollower, lsn: int, timeout: float) -> None:
-    """Until every record ending at or before `lsn` is decoded; raise on failure or timeout."""
+    """Until every record ending at or before `lsn` is decoded (or, for an imported store,
+    in its history already: a server restarted after its import may write nothing past the
+    import's LSN, so the follower decodes nothing); raise on failure or timeout."""
     deadline = time.monotonic() + timeout
-    while follower.decoded_lsn < lsn:
+    while not await follower.wait_decoded(lsn - 1, timeout=0.5):
         if follower.decode_error is not None:
             raise RuntimeError(f"decoding failed: {follower.decode_error}")
         r = follower.receiver
@@ -128,7 +132,6 @@ async def wait_decoded(follower: NodeFollower, lsn: int, timeout: float) -> None
             raise TimeoutError(
                 f"decoded only up to {format_lsn(follower.decoded_lsn)}, wanted {format_lsn(lsn)}"
             )
-        await follower.wait_decoded(lsn - 1, timeout=0.5)
 
 
 async def catch_up(
@@ -177,6 +180,18 @@ def decode_only(archive: Path, segment_size: int) -> tuple[Measure, int, int]:
     return m, nbytes, records
 
 
+async def wait_streaming(follower: NodeFollower, lsn: int, timeout: float) -> None:
+    """Until the receiver streams and its archive is durable up to `lsn`."""
+    deadline = time.monotonic() + timeout
+    while not (follower.receiver.state == ReceiverState.STREAMING and follower.flushed_lsn >= lsn):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"receiver {follower.receiver.state.value}, durable up to "
+                f"{format_lsn(follower.flushed_lsn)}, wanted {format_lsn(lsn)}"
+            )
+        await asyncio.sleep(0.05)
+
+
 @dataclass
 class LiveResult:
     seconds: float
@@ -188,19 +203,63 @@ class LiveResult:
     lag_flushed_bytes: int  # ... - flushed (durable in our archive)
     catchup_after_end: float  # seconds from pgbench's end until we had ingested its WAL
     lag_samples: list[int]  # insert LSN - ingested LSN, every SAMPLE_SECONDS during pgbench
+    lag_parts: list[tuple[int, int, int]]  # each sample's lag split, see LagSample.parts
 
 
 SAMPLE_SECONDS = 0.25
 
 
+@dataclass(frozen=True, slots=True)
+class LagSample:
+    """The positions along the way at one moment, each read just after the one before."""
+
+    insert: int  # the server's WAL insert position
+    server_flushed: int  # what it has flushed: all a walsender may send
+    durable: int  # fsynced in our archive and reported (NodeFollower.flushed_lsn)
+    ingested: int  # in the page store (what a snapshot can name)
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.insert - self.ingested)
+
+    @property
+    def parts(self) -> tuple[int, int, int]:
+        """(not yet flushed by the server, flushed there but not durable here, durable here
+        but not ingested): where the lag is (the server's walwriter, the stream and the
+        receiver's fsync and report, the decode thread)."""
+        flushed = min(self.server_flushed, self.insert)
+        durable = min(self.durable, flushed)
+        return self.insert - flushed, flushed - durable, max(0, durable - self.ingested)
+
+
+def connect(server: PgTestServer) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(server.dsn(), autocommit=True)
+
+
+def server_positions(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+    ).fetchone()
+    assert row is not None
+    return parse_lsn(row[0]), parse_lsn(row[1])
+
+
 async def sample_lag(
-    server: PgTestServer, store: NodeStore, into: list[int], stop: asyncio.Event
+    server: PgTestServer, follower: NodeFollower, into: list[LagSample], stop: asyncio.Event
 ) -> None:
-    while not stop.is_set():
-        at = await asyncio.to_thread(current_lsn, server, "pg_current_wal_insert_lsn")
-        into.append(max(0, at - store.timeline.last_record_lsn))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
+    """Our positions are read just before the server's (over a connection kept open, not a
+    psql process per sample): the lag is never understated by the time the query takes."""
+    timeline = follower.store.timeline
+    conn = await asyncio.to_thread(connect, server)
+    try:
+        while not stop.is_set():
+            durable, ingested = follower.flushed_lsn, timeline.last_record_lsn
+            insert, flushed = await asyncio.to_thread(server_positions, conn)
+            into.append(LagSample(insert, flushed, durable, ingested))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
+    finally:
+        await asyncio.to_thread(conn.close)
 
 
 def imported_store(server: PgTestServer, workdir: Path) -> NodeStore:
@@ -216,17 +275,20 @@ async def live(server: PgTestServer, store: NodeStore, workdir: Path, seconds: i
     create_slot(server, slot_name(LIVE_NODE))
     follower = make_follower(server, LIVE_NODE, workdir, store)
     follower.start()
-    samples: list[int] = []
+    samples: list[LagSample] = []
     stop_sampling = asyncio.Event()
     proc: subprocess.Popen[str] | None = None
     try:
         lsn0 = await asyncio.to_thread(current_lsn, server, "pg_current_wal_insert_lsn")
         await wait_decoded(follower, lsn0, timeout=60)
-        decoded0, records0 = follower.decoded_lsn, follower.records
+        # The page store may hold lsn0 from the import already: wait for the stream too, so
+        # that the lag measured is following, not the receiver process starting.
+        await wait_streaming(follower, lsn0, timeout=60)
+        ingested0, records0 = store.timeline.last_record_lsn, follower.records
         env = {"PGHOST": str(server.sockdir), "PGPORT": str(server.port), "PGUSER": SUPERUSER}
         say(f"live: pgbench -c 4 -T {seconds} while following")
         child0 = process_cpu(follower.receiver.pid)
-        sampler = asyncio.ensure_future(sample_lag(server, store, samples, stop_sampling))
+        sampler = asyncio.ensure_future(sample_lag(server, follower, samples, stop_sampling))
         with measure() as m:
             # uvloop cannot spawn as another user: Popen here, wait in a thread.
             proc = subprocess.Popen(
@@ -252,14 +314,15 @@ async def live(server: PgTestServer, store: NodeStore, workdir: Path, seconds: i
         m.sys += child1[1] - child0[1]
         return LiveResult(
             m.wall,
-            follower.decoded_lsn - decoded0,
+            store.timeline.last_record_lsn - ingested0,
             m.cpu,
             follower.records - records0,
             tps_of(out),
             lag_decoded,
             lag_flushed,
             catchup,
-            samples,
+            [x.lag for x in samples],
+            [x.parts for x in samples],
         )
     finally:
         stop_sampling.set()
@@ -269,16 +332,30 @@ async def live(server: PgTestServer, store: NodeStore, workdir: Path, seconds: i
         await follower.stop()
 
 
-def lag_seconds(lr: LiveResult) -> dict[str, float]:
-    """The sampled ingested lag as seconds of the run's WAL (bytes / its average rate)."""
+def lag_seconds(lr: LiveResult) -> dict[str, Any]:
+    """The sampled ingested lag as seconds of the run's WAL (bytes / its average rate), and
+    where it was: the server's own unflushed WAL, the stream and our receiver, our decoder."""
     rate = lr.wal_bytes / max(lr.seconds, 1e-9)
     secs = [b / rate for b in lr.lag_samples] if rate else []
+    parts = [tuple(round(b / rate, 2) for b in p) for p in lr.lag_parts] if rate else []
     return {
         "samples": len(secs),
         "p50": round(percentile(secs, 50), 3),
         "p99": round(percentile(secs, 99), 3),
         "max": round(max(secs, default=0.0), 3),
         "series": [round(x, 2) for x in secs],
+        "parts_series": parts,  # (server unflushed, stream + receiver, decode + ingest)
+        "parts_p50": [round(percentile([p[i] for p in parts], 50), 3) for i in range(3)],
+        "parts_max": [round(max((p[i] for p in parts), default=0.0), 3) for i in range(3)],
+        # ours alone: the server's flushed WAL (all a walsender may send) not yet ingested
+        "behind_flushed": {
+            q: round(fn([p[1] + p[2] for p in parts]), 3)
+            for q, fn in (
+                ("p50", lambda x: percentile(x, 50)),
+                ("p99", lambda x: percentile(x, 99)),
+                ("max", lambda x: max(x, default=0.0)),
+            )
+        },
     }
 
 
@@ -401,6 +478,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"ingested lag during pgbench, in seconds of WAL: p50 {lag['p50']:.2f}, "
             f"p99 {lag['p99']:.2f}, max {lag['max']:.2f} ({lag['samples']} samples)"
+        )
+        ours = lag["behind_flushed"]
+        print(
+            f"  behind the server's flushed WAL (ours alone): p50 {ours['p50']:.2f}, "
+            f"p99 {ours['p99']:.2f}, max {ours['max']:.2f}"
+        )
+        worst = sorted(range(len(lag["series"])), key=lambda i: -lag["series"][i])[:3]
+        print(
+            "  of which (server unflushed, stream + receiver, decode + ingest): p50 "
+            f"{lag['parts_p50']}, max {lag['parts_max']}; worst samples "
+            + ", ".join(f"#{i} {lag['series'][i]} = {list(lag['parts_series'][i])}" for i in worst)
         )
     print_machine(results)
     return results
