@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.home import NeonHome
+from cli.home import NeonHome, use_home
 from cli.registry import Registry
 from cli.storages import DEFAULT_STORAGE, build_spec, materialize
 from proto.errors import InvalidArgument
@@ -65,6 +65,7 @@ class App:
     def open(cls, home_option: Path | None) -> App:
         home = NeonHome.resolve(home_option)
         home.ensure()
+        use_home(home)
         app = cls(home, Registry(home.registry_path))
         app._ensure_default_storage()
         return app

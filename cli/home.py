@@ -72,6 +72,12 @@ class NeonHome:
         digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"neon-{digest}"
 
+    @property
+    def ssh_dir(self) -> Path:
+        """Control sockets of ssh connections kept open between commands (cli/transport/ssh.py),
+        made on first use."""
+        return self.root / "ssh"
+
     def ensure(self) -> None:
         """Create the layout, or check an existing one; nothing outside the root is changed.
 
@@ -90,3 +96,18 @@ class NeonHome:
         ):
             ensure_own_dir(sub, mode)
         make_pg_dir(self.socket_dir, 0o700)
+
+
+_current: NeonHome | None = None
+
+
+def use_home(home: NeonHome) -> None:
+    """The home this command runs in (App.open): what state kept between commands (ssh
+    connections) belongs to."""
+    global _current
+    _current = home
+
+
+def current_home() -> NeonHome | None:
+    """The home of this command; None outside one (the library used in-process)."""
+    return _current

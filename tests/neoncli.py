@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli.home import NeonHome
 from cli.pgbin import pg_binary
+from cli.transport.ssh import stop_kept_connections
 from tests.pgtest import free_port as free_port  # re-exported: tests import it from here
 from tests.pgtest import pg_reachable_tmpdir
 
@@ -105,7 +107,9 @@ class NeonCli:
         return lines[0]
 
     def cleanup(self) -> None:
-        """Stop every node and the pageserver of this home, by PID."""
+        """Stop every node and the pageserver of this home, by PID, and the ssh connections
+        its commands kept open (`ssh -O exit`)."""
+        stop_kept_connections(NeonHome(self.home))
         with contextlib.suppress(Exception):
             for node in self.json("pg", "list"):
                 if node["pid"]:

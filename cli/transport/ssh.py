@@ -22,14 +22,27 @@ else `shasum -a 256` or `openssl dgst`; with none of them it starts afresh), `dd
 where the regenerated stream first differs, and `cat >>` appends the rest.
 
 One connection per host serves a whole command: every `ssh` of this process runs as a client
-of a shared OpenSSH ControlMaster (ControlMaster=auto, the control socket in a private 0700
-directory of this process), so the steps of a push or pull (stat, digests, write, commit,
-index) pay for one key exchange and login, not one each (each cost a new TCP connection and
-handshake). The master is asked to exit when the process ends (`close_connections`, run at
-exit) and the directory is removed; if the process is killed, the master still exits
-MUX_PERSIST seconds after its last session, and the directory (its name carries the PID) is
-removed by the next command that opens one, once that PID is gone. Options in
-NEON_SSH_COMMAND come first and win.
+of a shared OpenSSH ControlMaster (ControlMaster=auto), so the steps of a push or pull (stat,
+digests, write, commit, index) pay for one key exchange and login, not one each (each cost a
+new TCP connection and handshake).
+
+A `neon` command also leaves its connection open for the next one, as Ansible does by default
+(ControlPersist): the master exits NEON_SSH_PERSIST seconds (DEFAULT_PERSIST, 60) after its
+last session, so a push after a push, or a pull after it, within that time logs in no more
+(the handshake was a third of an incremental push over ssh). Its control socket is in the
+home's `ssh/` directory (0700, checked to be this user's and private before each use; a short
+private `neon-sshc-*` directory of the temp dir when the home's path is too long for a socket),
+named by a hash of the ssh program line (NEON_SSH_COMMAND: another key or config never shares
+a connection) and the destination; OpenSSH's master serves only clients of its own user. It
+holds no secret of ours; what it allows for those seconds is what the user's keys allow their
+own processes anyway, without asking again (an agent's confirmation or a security key's touch
+included: NEON_SSH_PERSIST=0 then). `stop_kept_connections` asks a home's masters to exit.
+With NEON_SSH_PERSIST=0, or outside a command (the library in-process), the socket is in a
+private 0700 directory of the process, the master is asked to exit when the process ends
+(`close_connections`, run at exit) and the directory is removed; if the process is killed,
+the master still exits MUX_PERSIST seconds after its last session, and the directory (its
+name carries the PID) is removed by the next command that opens one, once that PID is gone.
+Options in NEON_SSH_COMMAND come first and win (`-o ControlMaster=no`: no shared connection).
 
 Round trips: each remote command costs a session on the shared connection (a channel, a
 shell; 0.1-0.25 s on a loaded box), so a push asks one PROBE where it needed four: `stat` of
@@ -49,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import os
 import secrets
 import shlex
@@ -62,6 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from cli.home import NeonHome, current_home
 from cli.storages import mask_url
 from cli.transport.base import (
     CHUNK,
@@ -101,6 +116,11 @@ SSH_OPTIONS = (
 MUX_DIR_PREFIX = "neon-ssh-"  # then the PID and mkdtemp's random part
 MUX_PERSIST = 10  # seconds an idle shared connection outlives its last session
 MUX_SOCKET_MAX = 100  # a unix socket path is at most 107 bytes; %C expands to 40
+PERSIST_ENV = "NEON_SSH_PERSIST"
+DEFAULT_PERSIST = 60  # seconds a command's connection stays open for the next command
+KEPT_DIR_PREFIX = "neon-sshc-"  # then a hash of the home: its kept sockets when its path is long
+KEPT_NAME_LEN = 24  # hex digits of a kept connection's socket name
+KEPT_SOCKET_MAX = 90  # ssh binds a new master's socket as PATH.<16 random> first: 107 at most
 CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
 LANDING_TIMEOUT = 5  # seconds for an aborted resumable write's bytes to reach its file
 WRITE_BUFFER = 4 * 1024 * 1024
@@ -250,9 +270,79 @@ _MUX_DIRS: dict[tuple[str, ...], str] = {}
 used: a different program (another config or key) never shares another's connection."""
 
 
-def _multiplexed(program: list[str]) -> list[str]:
-    """`program` as a client of this process's shared connection to the host (module
-    docstring); as it is when no short enough private directory can be had."""
+def persist_seconds() -> int:
+    """NEON_SSH_PERSIST: how long a command's connection waits for the next command."""
+    raw = os.environ.get(PERSIST_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PERSIST
+    if not raw.isdigit():
+        raise InvalidArgument(
+            f"{PERSIST_ENV}={raw!r}: expected seconds (0: close each command's ssh connection "
+            "when it ends)"
+        )
+    return int(raw)
+
+
+def kept_dir(home: NeonHome) -> Path:
+    """Where `home`'s kept connections have their control sockets (module docstring)."""
+    if len(str(home.ssh_dir)) + 1 + KEPT_NAME_LEN <= KEPT_SOCKET_MAX:
+        return home.ssh_dir
+    digest = hashlib.sha256(str(home.root).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"{KEPT_DIR_PREFIX}{digest}"
+
+
+def _private_dir(directory: Path) -> bool:
+    """Make `directory` (0700) if missing; whether it is a directory of this user that no one
+    else may enter (else nothing is kept there)."""
+    try:
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
+
+
+def _kept(program: list[str], destination: str) -> list[str] | None:
+    """`program` as a client of the connection to `destination` kept between commands of
+    this home; None when none is kept (no home, NEON_SSH_PERSIST=0, a directory not private)."""
+    home = current_home()
+    seconds = persist_seconds()
+    if home is None or seconds == 0:
+        return None
+    directory = kept_dir(home)
+    if not _private_dir(directory):
+        return None
+    name = hashlib.sha256("\0".join([*program, destination]).encode()).hexdigest()
+    return [
+        *program, "-o", "ControlMaster=auto", "-o",
+        f"ControlPath={directory}/{name[:KEPT_NAME_LEN]}", "-o", f"ControlPersist={seconds}",
+    ]  # fmt: skip
+
+
+def stop_kept_connections(home: NeonHome) -> list[str]:
+    """Ask every connection `home` keeps open to end now (`ssh -O exit`); their sockets."""
+    directory = kept_dir(home)
+    stopped = []
+    with contextlib.suppress(OSError):
+        for sock in sorted(directory.iterdir()):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    ["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit",
+                     "--", "neon-mux"],
+                    stdin=subprocess.DEVNULL, capture_output=True, timeout=CLEANUP_TIMEOUT,
+                )  # fmt: skip
+                stopped.append(str(sock))
+    return stopped
+
+
+def _multiplexed(program: list[str], destination: str) -> list[str]:
+    """`program` as a client of the connection to `destination` kept by this home, else of
+    this process's shared connection to the host (module docstring); as it is when no short
+    enough private directory can be had."""
+    kept = _kept(program, destination)
+    if kept is not None:
+        return kept
     key = tuple(program)
     directory = _MUX_DIRS.get(key)
     if directory is None:
@@ -347,7 +437,7 @@ class SshStore(Store):
         remote = " ".join(["sh", "-c", shlex.quote(script), "sh", *map(shlex.quote, args)])
         port = ["-p", str(self.port)] if self.port else []
         user = ["-l", self.user] if self.user else []
-        return [*_multiplexed(_ssh_program()), *port, *user, "--", self.host, remote]
+        return [*_multiplexed(_ssh_program(), self._netloc), *port, *user, "--", self.host, remote]
 
     async def _spawn(
         self, script: str, *args: str, stdin: bool = False

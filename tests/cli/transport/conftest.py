@@ -12,12 +12,20 @@ from pathlib import Path
 
 import pytest
 
+import cli.home
 from cli.transport import s3
 from tests.httpd import FileServer, file_server
 from tests.s3d import MotoS3, moto_s3
 from tests.sshd import SshServer, ssh_server
 
 SMALL_PART = 256 * 1024  # S3 parts in tests: many parts from a few MiB
+
+
+@pytest.fixture(autouse=True)
+def no_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transports used in-process belong to no home (an App.open of another test set one):
+    ssh connections end with the process, none is kept between commands."""
+    monkeypatch.setattr(cli.home, "_current", None)
 
 
 @pytest.fixture(scope="module")

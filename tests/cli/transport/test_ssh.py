@@ -5,6 +5,7 @@ and URLs are checked before anything runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -12,20 +13,27 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from cli.home import NeonHome
 from cli.snapshot_file_source import snapshots_in
 from cli.transport import parse_location
 from cli.transport.base import ObjectInfo, read_object
 from cli.transport.resume import RESUME_BLOCK
 from cli.transport.ssh import (
     _MUX_DIRS,
+    KEPT_DIR_PREFIX,
+    PERSIST_ENV,
     SshStore,
     SshWriter,
     close_connections,
+    kept_dir,
+    stop_kept_connections,
     sweep_dead_mux_dirs,
 )
 from proto.errors import (
@@ -233,7 +241,7 @@ def test_a_killed_command_s_socket_directory_is_swept() -> None:
         child = subprocess.Popen(
             [sys.executable, "-c", "import os, signal\n"
              "from cli.transport.ssh import _multiplexed\n"
-             "_multiplexed(['ssh'])\n"
+             "_multiplexed(['ssh'], 'host')\n"
              "os.kill(os.getpid(), signal.SIGKILL)\n"],
             env={**os.environ, "TMPDIR": str(parent)}, cwd=Path(__file__).parents[3],
         )  # fmt: skip
@@ -380,3 +388,110 @@ def test_a_cancelled_command_leaves_no_ssh_behind() -> None:
             [sys.executable, "-c", CANCELLED_STAT], capture_output=True, text=True, timeout=60
         )
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, "cancelled, children: []\n", "")
+
+
+# A command of a home: stat over ssh, as `neon snapshot push` begins (argv: home, URL).
+_COMMAND = (
+    "import asyncio, sys\n"
+    "from pathlib import Path\n"
+    "from cli.home import NeonHome, use_home\n"
+    "from cli.transport import parse_location\n"
+    "use_home(NeonHome(Path(sys.argv[1])))\n"
+    "loc = parse_location(sys.argv[2])\n"
+    "print(asyncio.run(loc.store.stat(loc.object_name)))\n"
+)
+
+
+def _command(home: Path, url: str, **env: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMAND, str(home), url], capture_output=True, text=True,
+        timeout=60, cwd=Path(__file__).parents[3], env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def _masters(sock: Path) -> list[int]:
+    """PIDs of ssh masters serving the control socket `sock` (`ssh: SOCK [mux]`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().startswith(f"ssh: {sock} ".encode()):
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def home() -> Iterator[NeonHome]:
+    """A home with a short path (tmp_path's is too long for a socket in it)."""
+    root = Path(tempfile.mkdtemp(prefix="nk-"))
+    yield NeonHome(root)
+    shutil.rmtree(root)
+
+
+def test_commands_of_a_home_share_one_kept_connection(
+    ssh_env: SshServer, remote_dir: Path, home: NeonHome
+) -> None:
+    """A command's connection outlives it (ControlPersist) in the home's private ssh/
+    directory: the next command logs in no more; stop_kept_connections ends the master (by
+    `ssh -O exit`), after which a command logs in again; with NEON_SSH_PERSIST=0 every
+    command logs in and leaves nothing (fails on the old code: a login per command)."""
+    assert kept_dir(home) == home.ssh_dir
+    url = ssh_env.url(f"{remote_dir}/x.neon")
+    before = _logins(ssh_env)
+    try:
+        _command(home.root, url)
+        _command(home.root, url)
+        assert _logins(ssh_env) == before + 1
+        [sock] = list(home.ssh_dir.iterdir())
+        assert sock.is_socket() and os.stat(home.ssh_dir).st_mode & 0o777 == 0o700
+        assert _masters(sock)  # it outlived both commands
+    finally:
+        stopped = stop_kept_connections(home)
+    assert stopped == [str(sock)]
+    for _ in range(100):  # the master exits once told to, and removes its socket
+        if not _masters(sock) and not sock.exists():
+            break
+        time.sleep(0.05)
+    assert not _masters(sock) and not sock.exists()
+    _command(home.root, url, **{PERSIST_ENV: "0"})
+    _command(home.root, url, **{PERSIST_ENV: "0"})
+    assert _logins(ssh_env) == before + 3
+    assert list(home.ssh_dir.iterdir()) == []
+
+
+def test_a_kept_connection_needs_a_private_directory(
+    ssh_env: SshServer, remote_dir: Path, home: NeonHome
+) -> None:
+    """A home's ssh/ directory others may enter is not used: each command has its own
+    connection, ended at its exit, as with NEON_SSH_PERSIST=0."""
+    home.ssh_dir.mkdir()
+    home.ssh_dir.chmod(0o755)
+    url = ssh_env.url(f"{remote_dir}/x.neon")
+    before = _logins(ssh_env)
+    _command(home.root, url)
+    _command(home.root, url)
+    assert _logins(ssh_env) == before + 2
+    assert list(home.ssh_dir.iterdir()) == []
+
+
+def test_kept_sockets_of_a_long_home_path_go_to_the_temp_dir(tmp_path: Path) -> None:
+    """A socket path holds at most ~100 bytes: a home too deep for one keeps its sockets in
+    a directory of the temp dir named by the home, one per home."""
+    short = NeonHome(Path("/srv/neon"))
+    assert kept_dir(short) == Path("/srv/neon/ssh")
+    deep = NeonHome(tmp_path / ("d" * 80))
+    other = NeonHome(tmp_path / ("e" * 80))
+    assert kept_dir(deep).name.startswith(KEPT_DIR_PREFIX)
+    assert kept_dir(deep).parent == Path(tempfile.gettempdir())
+    assert kept_dir(deep) != kept_dir(other)
+
+
+def test_bad_persist_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.transport.ssh import persist_seconds
+
+    monkeypatch.setenv(PERSIST_ENV, "soon")
+    with pytest.raises(InvalidArgument, match="NEON_SSH_PERSIST='soon': expected seconds"):
+        persist_seconds()
+    monkeypatch.setenv(PERSIST_ENV, "")
+    assert persist_seconds() == 60
