@@ -204,6 +204,7 @@ class LiveResult:
     catchup_after_end: float  # seconds from pgbench's end until we had ingested its WAL
     lag_samples: list[int]  # insert LSN - ingested LSN, every SAMPLE_SECONDS during pgbench
     lag_parts: list[tuple[int, int, int]]  # each sample's lag split, see LagSample.parts
+    lag_times: list[float]  # each sample's lag in time, see lag_in_time
 
 
 SAMPLE_SECONDS = 0.25
@@ -211,8 +212,9 @@ SAMPLE_SECONDS = 0.25
 
 @dataclass(frozen=True, slots=True)
 class LagSample:
-    """The positions along the way at one moment, each read just after the one before."""
+    """The positions along the way at one moment (ours read just before the server's)."""
 
+    at: float  # time.perf_counter() when the server's were read
     insert: int  # the server's WAL insert position
     server_flushed: int  # what it has flushed: all a walsender may send
     durable: int  # fsynced in our archive and reported (NodeFollower.flushed_lsn)
@@ -236,6 +238,30 @@ def connect(server: PgTestServer) -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(server.dsn(), autocommit=True)
 
 
+def lag_in_time(samples: list[LagSample]) -> list[float]:
+    """Per sample, how long ago the server inserted the WAL ingested by then (the insert
+    position interpolated between samples): seconds of WAL at the *rate of that moment*. At
+    the start of a load right after a checkpoint every first touch of a page writes a
+    full-page image, so the WAL rate is several times the run's average and a lag in bytes
+    over the average rate overstates how far behind the follower is."""
+    out: list[float] = []
+    j = 0
+    for s in samples:
+        if s.ingested >= s.insert:
+            out.append(0.0)
+            continue
+        while j + 1 < len(samples) and samples[j + 1].insert <= s.ingested:
+            j += 1
+        a = samples[j]
+        if a.insert > s.ingested:  # before the first sample: at least since then
+            out.append(s.at - a.at)
+            continue
+        b = samples[j + 1]  # exists: s itself has insert > ingested
+        when = a.at + (s.ingested - a.insert) / max(b.insert - a.insert, 1) * (b.at - a.at)
+        out.append(max(0.0, s.at - when))
+    return out
+
+
 def server_positions(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, int]:
     row = conn.execute(
         "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
@@ -255,7 +281,7 @@ async def sample_lag(
         while not stop.is_set():
             durable, ingested = follower.flushed_lsn, timeline.last_record_lsn
             insert, flushed = await asyncio.to_thread(server_positions, conn)
-            into.append(LagSample(insert, flushed, durable, ingested))
+            into.append(LagSample(time.perf_counter(), insert, flushed, durable, ingested))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
     finally:
@@ -323,6 +349,7 @@ async def live(server: PgTestServer, store: NodeStore, workdir: Path, seconds: i
             catchup,
             [x.lag for x in samples],
             [x.parts for x in samples],
+            lag_in_time(samples),
         )
     finally:
         stop_sampling.set()
@@ -344,6 +371,10 @@ def lag_seconds(lr: LiveResult) -> dict[str, Any]:
         "p99": round(percentile(secs, 99), 3),
         "max": round(max(secs, default=0.0), 3),
         "series": [round(x, 2) for x in secs],
+        "time_p50": round(percentile(lr.lag_times, 50), 3),
+        "time_p99": round(percentile(lr.lag_times, 99), 3),
+        "time_max": round(max(lr.lag_times, default=0.0), 3),
+        "time_series": [round(x, 2) for x in lr.lag_times],
         "parts_series": parts,  # (server unflushed, stream + receiver, decode + ingest)
         "parts_p50": [round(percentile([p[i] for p in parts], 50), 3) for i in range(3)],
         "parts_max": [round(max((p[i] for p in parts), default=0.0), 3) for i in range(3)],
@@ -478,6 +509,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"ingested lag during pgbench, in seconds of WAL: p50 {lag['p50']:.2f}, "
             f"p99 {lag['p99']:.2f}, max {lag['max']:.2f} ({lag['samples']} samples)"
+        )
+        print(
+            f"  in time (how long ago the server inserted what was ingested): p50 "
+            f"{lag['time_p50']:.2f}, p99 {lag['time_p99']:.2f}, max {lag['time_max']:.2f} s"
         )
         ours = lag["behind_flushed"]
         print(
