@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
+import time
 
 import pytest
 
@@ -58,3 +60,37 @@ async def test_a_clean_close_is_an_eof() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_bytes_before_a_reset_are_read_when_a_write_meets_the_reset_first() -> None:
+    """Our status update is written after the reset arrived and before the transport read
+    what came ahead of it: the failed write closes the transport; the bytes are read still.
+    The server is a thread and the client's loop is held (time.sleep) while the bytes and
+    the reset arrive, so the write comes first for certain."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b"the server's last words")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # RST
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        reader, writer = await open_streams("127.0.0.1", port, None, 1 << 16)
+        server.join(10)
+        time.sleep(0.3)  # the loop is held: the bytes and the reset arrive unread
+        writer.write(b"a status update")  # fails on the reset: the transport closes
+        got = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                data = await reader.read(1 << 16)
+                assert data, "an EOF instead of the reset"
+                got += data
+        assert got == b"the server's last words"
+        writer.close()
+    finally:
+        server.join(10)
+        listener.close()
