@@ -245,7 +245,7 @@ class WalArchive:
     def _complete_segment(self) -> None:
         """fsync the full segment and give it its final name; the next opens on demand."""
         assert self._fd is not None
-        os.fsync(self._fd)
+        self._fsync_or_forget()
         os.close(self._fd)
         self._fd = None
         os.replace(
@@ -257,10 +257,33 @@ class WalArchive:
         self._segno += 1
         self._dirty = False
 
+    def _fsync_or_forget(self) -> None:
+        """fsync the segment being written. When that fails, what was written since the last
+        good fsync is not durable, and a later fsync would not say so: Linux reports a
+        writeback error once, then marks the lost pages clean ("fsyncgate"; PostgreSQL PANICs
+        on it, data_sync_retry = off). So the file is cut back to the durable end, the archive
+        ends (`begin` again resumes there) and the error is raised: those bytes are received
+        again, never reported as flushed."""
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            path = self._path(self.timeline, self._segno, True)
+            durable = max(0, self.flushed_lsn - segment_start(self._segno, self.segment_size))
+            try:
+                os.ftruncate(self._fd, durable)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+                self._begun = False
+                self.written_lsn = self.flushed_lsn
+                self._dirty = False
+            raise OSError(exc.errno, f"fsync failed: {exc.strerror}", str(path)) from None
+
     def flush(self) -> int:
         """fsync what was written; return the LSN up to which WAL is durable."""
         if self._fd is not None and self._dirty:
-            os.fsync(self._fd)
+            self._fsync_or_forget()
             self._dirty = False
         if self._dir_dirty:
             fsync_dir(self.directory)

@@ -108,6 +108,8 @@ class LsnIndex:
         self._pending = bytearray()
         self._last_lsn = -1
         self._last_sample = -1
+        self._durable_size = 0
+        """Bytes of the file holding entries made durable (by `_load` or `flush`)."""
         self._load()
 
     # --- durability ------------------------------------------------------------------------
@@ -129,6 +131,7 @@ class LsnIndex:
                 f.truncate(valid)
                 f.flush()
                 os.fsync(f.fileno())
+        self._durable_size = valid
 
     def flush(self) -> None:
         """Append the buffered entries and fsync; a no-op when nothing is buffered."""
@@ -138,16 +141,32 @@ class LsnIndex:
             return
         created = not self.path.exists()
         try:
-            with open(self.path, "ab") as f:
-                f.write(pending)
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_at_durable_end(pending)
         except BaseException:
             with self._lock:
                 self._pending[:0] = pending
             raise
+        self._durable_size += len(pending)
         if created:
             fsync_dir(self.directory)
+
+    def _write_at_durable_end(self, data: bytes) -> None:
+        """Write `data` after the entries known durable and fsync. A failed flush may have
+        left some of its bytes in the file (a short write, or all of them with the fsync
+        failing, which Linux reports once and a retry would not): they are cut off and
+        written again, not appended twice (`_load` stops at the first repeated entry and
+        would drop everything after it)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self._durable_size)
+            view = memoryview(data)
+            offset = self._durable_size
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # --- ingest ----------------------------------------------------------------------------
 

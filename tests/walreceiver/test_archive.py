@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
 from proto.errors import CorruptData
+from walreceiver import archive as archive_module
 from walreceiver.archive import WalArchive
 
 SEG = 1 << 20  # the smallest segment size PostgreSQL allows keeps these tests fast
@@ -124,3 +127,47 @@ def test_a_clean_close_record_is_not_used_over_a_torn_tail_page(tmp_path: Path) 
     raw[2 * PAGE :] = bytes(100)  # the tail page lost, zeros read back
     path.write_bytes(bytes(raw))
     assert WalArchive(tmp_path, SEG).resume() == (1, 2 * PAGE)
+
+
+def failing_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next fsync of a WAL file fails with EIO, as a lost writeback reports it once (the
+    kernel then marks the pages clean: a second fsync would succeed). A disk error cannot be
+    made on demand here; the failure is injected at the system call."""
+    real = os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(archive_module.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("where", ["flush", "segment end"])
+def test_a_failed_fsync_never_counts_as_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """What was written since the last good fsync is cut off and received again: a retried
+    fsync would succeed on pages the kernel dropped, and report them flushed."""
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    data = wal(0, SEG)
+    a.write(0, data[: 2 * PAGE])
+    assert a.flush() == 2 * PAGE
+    failing_fsync(monkeypatch)
+    with pytest.raises(OSError, match=r"fsync failed.*000000010000000000000000\.partial"):
+        if where == "flush":
+            a.write(2 * PAGE, data[2 * PAGE : 5 * PAGE])
+            a.flush()
+        else:
+            a.write(2 * PAGE, data[2 * PAGE :])  # completes the segment: its fsync fails
+    assert a.flush() == 2 * PAGE  # still only what the good fsync made durable
+    path = tmp_path / "000000010000000000000000.partial"
+    assert path.stat().st_size == 2 * PAGE
+    assert a.resume() == (1, 2 * PAGE)
+    a.begin(1, 2 * PAGE)  # the receiver's next try: the server resends from there
+    a.write(2 * PAGE, data[2 * PAGE :])
+    a.close()
+    assert (tmp_path / "000000010000000000000000").read_bytes() == data

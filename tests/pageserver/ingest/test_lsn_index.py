@@ -5,7 +5,9 @@ reader reports; lsn_for_time() brackets commits whose times SQL reported)."""
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
+import os
 import random
 import shutil
 from datetime import UTC, datetime, timedelta, timezone
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pageserver.ingest import lsn_index as lsn_index_module
 from pageserver.ingest import native
 from pageserver.ingest.lsn_index import (
     ENTRY_SIZE,
@@ -134,6 +137,42 @@ def test_durability_reingest_and_torn_tails(tmp_path: Path) -> None:
     survivor.observe(rec(7000, at=T0 + timedelta(seconds=7)))
     survivor.flush()
     assert LsnIndex(tmp_path, SEG).lsn_for_time(T0 + timedelta(days=1)) == 7000
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_failed_flush_is_written_again_not_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A flush that fails after its bytes (all, or some) reached the file: the next flush
+    writes them again over the same place. Appended a second time, the repeated entries
+    stopped `_load`, which cut off every entry flushed after them. The disk error is injected
+    at the system call (one cannot be made on demand here)."""
+    index = LsnIndex(tmp_path, SEG)
+    index.observe(rec(1000, at=T0))
+    index.flush()
+    for i in (2, 3):
+        index.observe(rec(1000 * i, at=T0 + timedelta(seconds=i)))
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+
+    def short_pwrite(fd: int, data: bytes, offset: int) -> int:
+        real_pwrite(fd, bytes(data)[: ENTRY_SIZE + 5], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def lost_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    if failing == "write":
+        monkeypatch.setattr(lsn_index_module.os, "pwrite", short_pwrite)
+    else:
+        monkeypatch.setattr(lsn_index_module.os, "fsync", lost_fsync)
+    with pytest.raises(OSError):
+        index.flush()
+    monkeypatch.setattr(lsn_index_module.os, "pwrite", real_pwrite)
+    monkeypatch.setattr(lsn_index_module.os, "fsync", real_fsync)
+    index.observe(rec(4000, at=T0 + timedelta(seconds=4)))
+    index.flush()
+    assert (tmp_path / INDEX_FILE).stat().st_size == 4 * ENTRY_SIZE
+    assert [lsn for lsn, _ in LsnIndex(tmp_path, SEG).commits()] == [1000, 2000, 3000, 4000]
 
 
 # --- against a real server --------------------------------------------------------------------
