@@ -15,6 +15,17 @@ import pytest
 from walreceiver.replication_socket import open_streams
 
 
+async def read_until_reset(reader: asyncio.StreamReader) -> bytes:
+    """Everything read before the read that raises ConnectionResetError (an EOF fails)."""
+    got = b""
+    with pytest.raises(ConnectionResetError):
+        while True:
+            data = await reader.read(1 << 16)
+            assert data, "an EOF instead of the reset"
+            got += data
+    return got
+
+
 async def test_bytes_sent_before_a_reset_are_read_before_the_error() -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"the server's last words")
@@ -30,13 +41,7 @@ async def test_bytes_sent_before_a_reset_are_read_before_the_error() -> None:
     try:
         reader, writer = await open_streams("127.0.0.1", port, None, 1 << 16)
         await asyncio.sleep(0.3)  # the bytes and the reset have both arrived and been handled
-        got = b""
-        with pytest.raises(ConnectionResetError):
-            while True:
-                data = await reader.read(1 << 16)
-                assert data, "an EOF instead of the reset"
-                got += data
-        assert got == b"the server's last words"
+        assert await read_until_reset(reader) == b"the server's last words"
         writer.close()
     finally:
         server.close()
@@ -83,13 +88,7 @@ async def test_bytes_before_a_reset_are_read_when_a_write_meets_the_reset_first(
         server.join(10)
         time.sleep(0.3)  # the loop is held: the bytes and the reset arrive unread
         writer.write(b"a status update")  # fails on the reset: the transport closes
-        got = b""
-        with pytest.raises(ConnectionResetError):
-            while True:
-                data = await reader.read(1 << 16)
-                assert data, "an EOF instead of the reset"
-                got += data
-        assert got == b"the server's last words"
+        assert await read_until_reset(reader) == b"the server's last words"
         writer.close()
     finally:
         server.join(10)
