@@ -343,9 +343,10 @@ async def test_a_push_asks_its_questions_at_once(
     assert await snapshots_in(store) == expected
     assert sent == []
     data = _neon_file(0x3_0000_0000, 100_000)
+    assert len(data) < SMALL_PART  # a delta: one PutObject, no multipart upload begun and aborted
     async with await store.open_resumable("c.neon", overwrite=False) as writer:
         await writer.write(data)
-    assert "HeadObject" not in sent and "ListMultipartUploads" not in sent
+    assert sent == ["PutObject"]
     assert s3_bucket.read("c.neon") == data
     sent.clear()
     again = sorted([*expected_list, ObjectInfo("c.neon", len(data))], key=lambda o: o.name)
@@ -355,3 +356,47 @@ async def test_a_push_asks_its_questions_at_once(
     await store.stat("c.neon")
     with pytest.raises(AlreadyExists):
         await store.open_resumable("c.neon", overwrite=False)
+
+
+async def test_a_push_of_parts_after_its_stat_begins_the_upload_with_its_first_part(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the stat of a push no upload is begun at the open (the stat found the bucket):
+    a stream of whole parts begins it with the first part and completes it."""
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    store = parse_location(s3_bucket.url("d.neon")).store
+    sent: list[str] = []
+    s3._session().register(
+        "before-send.s3", lambda event_name, **_: sent.append(event_name.rsplit(".", 1)[1])
+    )
+    assert await store.stat("d.neon") is None
+    sent.clear()
+    data = os.urandom(2 * SMALL_PART + 1000)
+    async with await store.open_resumable("d.neon", overwrite=False) as writer:
+        assert sent == []
+        await writer.write(data)
+    assert sent[0] == "CreateMultipartUpload" and sent[-1] == "CompleteMultipartUpload"
+    assert sorted(sent[1:-1]) == ["UploadPart"] * 3
+    assert s3_bucket.read("d.neon") == data and s3_bucket.pending_uploads() == []
+
+
+def test_plain_http_endpoints_need_no_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint a client reaches over plain http (where it needs no CA bundle): the given
+    one, else the environment's as botocore picks it; none for https or ignored endpoints."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    assert s3._http_endpoint("http://minio:9000") == "http://minio:9000"
+    assert s3._http_endpoint("https://minio:9000") is None
+    assert s3._http_endpoint(None) is None  # AWS itself
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://a:1")
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    assert s3._http_endpoint(None) == "http://a:1"
+    assert s3._http_endpoint("https://given") is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3only")  # botocore's first choice
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    assert s3._http_endpoint(None) is None
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    assert s3._http_endpoint(None) is None
