@@ -39,6 +39,7 @@ from pageserver.config import (
     gc_interval_from,
     store_settings_from,
 )
+from pageserver.malloc_tuning import tune_malloc
 from pageserver.pid_file import acquire_pid_file
 from pageserver.remote.object_service import OBJECTS_DIR, blob_handlers
 from pageserver.task_stacks import format_task_stacks
@@ -249,6 +250,7 @@ def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
 
 
 def main(argv: list[str] | None = None, extra: ExtraHandlers | None = None) -> int:
+    tune_malloc()  # before any thread allocates (pageserver/malloc_tuning.py)
     os.umask(PRIVATE_UMASK)  # page history, WAL, registries, logs: readable by us only
     config, to_stderr = parse_args(argv)
     setup_logging(config, to_stderr)

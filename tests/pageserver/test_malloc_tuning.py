@@ -1,0 +1,58 @@
+"""pageserver/malloc_tuning.py: glibc's mmap threshold fixed, so large freed blocks go back to
+the system instead of raising the threshold (and staying in an arena's heap); a setting from
+the environment wins. Each case runs in a fresh interpreter: the settings are per process."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from pageserver.malloc_tuning import MMAP_THRESHOLD
+
+# After a 16 MiB block is freed, glibc's dynamic threshold is 16 MiB: a block of twice
+# MMAP_THRESHOLD then comes from the heap unless the threshold was fixed (mallinfo2's hblks
+# counts the mapped blocks).
+PROBE = f"""
+import ctypes, sys
+from pageserver.malloc_tuning import tune_malloc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+        "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+took = tune_malloc() if sys.argv[1] == "tuned" else None
+libc.free(libc.malloc(16 << 20))
+before = libc.mallinfo2().hblks
+block = libc.malloc({2 * MMAP_THRESHOLD})
+print(took, libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+
+
+def _probe(mode: str, **env: str) -> tuple[str, int]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], env={**clean, **env}, check=True,
+        capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    return out[0], int(out[1])
+
+
+def test_large_blocks_are_mapped_after_tuning() -> None:
+    assert _probe("untuned") == ("None", 0)  # the dynamic threshold kept it in the heap
+    assert _probe("tuned") == ("True", 1)
+
+
+def test_a_threshold_from_the_environment_is_kept() -> None:
+    assert _probe("tuned", MALLOC_MMAP_THRESHOLD_=str(32 << 20)) == ("True", 0)
