@@ -13,10 +13,11 @@
    dict (a page missing there is read from BASE's files when the record needs the previous
    version). Decode time, redo time and the time reading BASE pages are reported apart.
    Not replayed: what is no block reference (CLOG, VM bits cleared by heap records, ...).
-   Then the product's bulk path (`chain_redo`): the same WAL as per-page chains of stored
-   values (images, deltas holding the record bytes) through `_redo.rebuild_page`, as
-   basebackup and image creation rebuild pages; read + rebuild_page are timed, the split
-   into chains (the C ingest's work in the product) is shown apart.
+   Then the product's path (`chain_redo`): a cleanly shut-down copy of BASE (taken right
+   after it, before the workload) is imported into a page store, the WAL from there is
+   ingested by the daemon's own call (C), and every page's versions go through
+   `_redo.rebuild_page`, as basebackup and image creation rebuild pages; read, ingest and
+   rebuild are timed, laying the in-memory layers out as layer files (storage) is not.
 4. Stock: a copy of BASE whose pg_wal is replaced by the crashed server's (pre-staged, not
    timed) is started: PostgreSQL's crash recovery replays the same WAL. Its redo time is the
    "redo done ... elapsed" of its log; the start-to-ready time of `pg_ctl start -w`, less
@@ -29,8 +30,8 @@ Prints a table and, last, one JSON line. Run by hand, never by CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
-import gc
 import logging
 import pstats
 import re
@@ -63,9 +64,9 @@ from bench.common import (
     wal_segment_size,
 )
 from cli import postmaster
-from pageserver.ingest.walingest import page_after_image
+from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.reconstruct.apply_delta import continue_chain
-from pageserver.reconstruct.value_format import encode_delta
+from pageserver.reconstruct.reads import materialize
 from pageserver.redo import (
     REDO_BY_RMGR,
     PageError,
@@ -76,12 +77,14 @@ from pageserver.redo import (
 )
 from pageserver.redo.native import redo as native_redo
 from pageserver.redo.page import get_special, page_is_new
-from pageserver.storage.keys import rel_block_key
+from pageserver.storage.keys import Key, describe, parse_rel_block_key
+from pageserver.storage.timeline import Timeline
 from pageserver.storage.values import TAG_DELTA, TAG_DELTA_INIT, TAG_IMAGE, WalDelta
 from pg15.constants import BLCKSZ, RM_BTREE_ID, RM_HEAP_ID
 from pg15.lsn import format_lsn, parse_lsn, segment_file_name
 from pg15.records import DecodedRecord, RelFileNode, decode_records
 from pg15.xlog_reader import WalReader
+from proto.errors import NotFound
 from tests.pgtest import PgTestCluster, PgTestServer
 
 BENCH = "redo"
@@ -132,6 +135,7 @@ class Workload:
     crashed_wal: Path
     scale: int
     rounds: int
+    clean_base: Path  # the same state cleanly shut down (what an import takes)
 
 
 def make_workload(cluster: PgTestCluster, wal_mib: int) -> Workload:
@@ -147,13 +151,18 @@ def make_workload(cluster: PgTestCluster, wal_mib: int) -> Workload:
     say(f"copying the idle data directory after the checkpoint at {ckpt} (redo {redo})")
     copy_tree(server.datadir, base)
     (base / "postmaster.pid").unlink(missing_ok=True)
+    # The product path imports a cleanly shut-down directory; stock recovery needs BASE.
+    server.stop()
+    clean = cluster.base / "base-clean"
+    copy_tree(server.datadir, clean)
+    server.start()
     redo_lsn = parse_lsn(redo)
     rounds = pgbench_rounds(server, redo_lsn, redo_lsn + wal_mib * MIB)
     end = current_lsn(server, "pg_current_wal_insert_lsn")
     say(f"crash: pg_ctl stop -m immediate at {format_lsn(end)}")
     server.stop("immediate")
     return Workload(
-        seg, redo_lsn, parse_lsn(ckpt), end, base, server.wal_dir, scale, rounds
+        seg, redo_lsn, parse_lsn(ckpt), end, base, server.wal_dir, scale, rounds, clean
     )  # fmt: skip
 
 
@@ -283,24 +292,31 @@ def _redo_batch(
     return base_read
 
 
-# -- ours, the product's bulk path: per-page chains through the C chain redo -----------------
+# -- ours, the product's path: its ingest, then its C chain redo ------------------------------
 
 _ENTRY = struct.Struct(">QBIII")  # a version entry: LSN, tag, block, offset, length
 
 
 @dataclass
 class ChainRedo:
-    """The same WAL through the path basebackup and image creation take (range_rebuild)."""
+    """The same WAL through the product: ingest into a page store, then the page rebuild
+    that basebackup and image creation use (range_rebuild's `_redo.rebuild_page`)."""
 
+    import_lsn: int = 0  # where the cleanly shut-down BASE was imported: the replay's start
+    records: int = 0
     read_s: float = 0.0  # WalReader.read_batch: framing and CRCs
     read_cpu: float = 0.0
-    redo_cpu: float = 0.0
-    split_s: float = 0.0  # decode + per-page chains + their entries (C ingest's job)
+    ingest_s: float = 0.0  # NodeStore.ingest_raw_batch: decode, split per page (C)
+    ingest_cpu: float = 0.0
+    layout_s: float = 0.0  # in-memory layers to per-page chain segments (storage; not counted)
     redo_s: float = 0.0  # rebuild_page on every chain segment (C decode + C redo)
-    segments: int = 0  # rebuild_page calls: one per page per chain start
+    redo_cpu: float = 0.0
+    keys: int = 0  # keys with deltas: relation pages of every fork, CLOG pages
+    segments: int = 0  # rebuild_page calls: one per key per chain start
     deltas: int = 0  # delta versions redone
     handed_back: int = 0  # segments whose tail the Python redo finished (continue_chain)
-    pages: dict[PageKey, bytes] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+    pages: dict[Key, bytes] = field(default_factory=dict)  # the newest page of every key
 
 
 def _segment(versions: list[tuple[int, int, bytes]]) -> tuple[bytes, list[bytes], int]:
@@ -312,100 +328,108 @@ def _segment(versions: list[tuple[int, int, bytes]]) -> tuple[bytes, list[bytes]
     return b"".join(entries), [b"".join(v for _, _, v in versions)], versions[-1][0]
 
 
-def chain_redo(w: Workload) -> ChainRedo:
-    """Every page version the WAL makes, rebuilt as the product rebuilds pages in bulk.
+def chain_redo(w: Workload, workdir: Path) -> ChainRedo:
+    """Every page version the WAL makes, as the product makes it.
 
-    Ingest stores a block's APPLY image as the page (an Image value) and every other block
-    reference as a WalDelta holding the record; `_redo.rebuild_page` (range_rebuild) decodes
-    a key's deltas from their bytes and redoes them in C, one Python call per key, no Python
-    object per record. Here the chains are built in Python (timed apart as `split_s`: the C
-    ingest's work in the product) and cut at every chain start, so that every delta is
-    redone once, as crash recovery redoes every record (the product only needs the newest
-    segment of a page)."""
-    gc.disable()  # the chains are ~a million container objects the product never holds
-    try:
-        return _chain_redo(w)
-    finally:
-        gc.enable()
-
-
-def _chain_redo(w: Workload) -> ChainRedo:
+    The cleanly shut-down copy of BASE is imported into a NodeStore (as `neon pg create`
+    does; not timed) and the crashed server's WAL from there is ingested by the daemon's own
+    call (`ingest_raw_batch`: the C path decodes each record and puts every block reference
+    as the page, an APPLY image, or as a WalDelta holding the record, plus CLOG and VM
+    deltas). Ingest keeps the versions in its in-memory layers; they are laid out per key as
+    a layer file holds them (not timed: that is storage) and cut at every chain start, so that
+    every delta is redone once by `_redo.rebuild_page`, as crash recovery redoes every
+    record (the product needs only the newest segment of a page)."""
     out = ChainRedo()
-    base = BasePages(w.base)
+    store = NodeStore(StorageHistory(workdir / "history"), "redo")
+    out.import_lsn = start = store.import_datadir(w.clean_base)
+    timeline = store.timeline
     seg = w.segment_size
-    reader = WalReader(w.redo_lsn, seg, timeline=1)
-    chains: dict[PageKey, list[list[tuple[int, int, bytes]]]] = {}
-    image, delta, init = bytes((TAG_IMAGE,)), bytes((TAG_DELTA,)), bytes((TAG_DELTA_INIT,))
+    reader = WalReader(start, seg, timeline=1)
     cpu, perf = time.process_time, time.perf_counter
-    segno = w.redo_lsn // seg
+    segno = start // seg
     while reader.end_of_wal is None:
         path = w.crashed_wal / segment_file_name(1, segno, seg)
         if not path.exists():
             break
         c0, t0 = cpu(), perf()
         data = path.read_bytes()
-        reader.feed(data[w.redo_lsn - segno * seg :] if segno == w.redo_lsn // seg else data)
+        reader.feed(data[start - segno * seg :] if segno == start // seg else data)
         while batch := reader.read_batch():
             c1, t1 = cpu(), perf()
             out.read_s += t1 - t0
             out.read_cpu += c1 - c0
-            for raw, record in zip(batch, decode_records(batch), strict=True):
-                payload: bytes | None = None
-                for ref in record.blocks:
-                    if ref.apply_image:
-                        tag, value = TAG_IMAGE, image + page_after_image(record, ref.block_id)
-                    elif record.rmgr_id not in REDO_BY_RMGR:
-                        continue
-                    else:
-                        if payload is None:
-                            payload = encode_delta(record.lsn, raw.data)
-                        tag = TAG_DELTA_INIT if ref.will_init else TAG_DELTA
-                        value = (init if ref.will_init else delta) + payload
-                    key = (ref.rnode, ref.fork, ref.blkno)
-                    segments = chains.get(key)
-                    if segments is None:
-                        segments = chains[key] = [[]]
-                        if tag == TAG_DELTA and needs_previous(record, ref.block_id):
-                            prev = base.read(key)
-                            if prev is not None:
-                                segments[0].append((w.redo_lsn, TAG_IMAGE, image + prev))
-                    elif tag != TAG_DELTA:
-                        segments.append([])
-                    segments[-1].append((record.end_lsn, tag, value))
-                    out.deltas += tag != TAG_IMAGE
+            store.ingest_raw_batch(batch)
+            out.records += len(batch)
             c0, t0 = cpu(), perf()
-            out.split_s += t0 - t1
+            out.ingest_s += t0 - t1
+            out.ingest_cpu += c0 - c1
         out.read_s += perf() - t0
         out.read_cpu += cpu() - c0
         segno += 1
-    t1 = perf()
-    laid_out = {
-        key: [_segment(s) for s in segments if s] for key, segments in chains.items()
-    }  # fmt: skip
-    chains.clear()
-    c2, t2 = cpu(), perf()
-    out.split_s += t2 - t1
+    t0 = perf()
+    laid = _lay_out(timeline, out)
+    t1, c1 = perf(), cpu()
+    out.layout_s = t1 - t0
     rebuild = native_redo.rebuild_page if native_redo is not None else None
     if rebuild is None:
         raise RuntimeError("the C chain redo (pageserver/redo/_redo.c) is not built")
-    for key, laid in laid_out.items():
-        rnode, fork, blkno = key
-        k = rel_block_key(rnode.spc, rnode.db, rnode.rel, fork, blkno)
+    for key, segments in laid.items():
         page: bytes | None = None
-        for entries, blocks, last in laid:
-            got = rebuild(k, last, [(entries, 0, blocks, 0)], True)
+        for entries, blocks, last in segments:
+            got = rebuild(key, last, [(entries, 0, blocks, 0)], True)
             if isinstance(got, tuple):  # the C redo stopped: the Python redo goes on
                 got = continue_chain(
-                    k, got[0], [(lsn, WalDelta(p, init)) for lsn, init, p in got[1]]
+                    key, got[0], [(lsn, WalDelta(p, init)) for lsn, init, p in got[1]]
                 )
                 out.handed_back += 1
             if got is False:
-                raise RuntimeError(f"rebuild_page refused {key} at {format_lsn(last)}")
+                out.refused.append(f"{describe(key)} at {format_lsn(last)}")
+                break
             page = got
             out.segments += 1
         if page is not None:
             out.pages[key] = page
-    out.redo_s, out.redo_cpu = perf() - t2, cpu() - c2
+    out.redo_s, out.redo_cpu = perf() - t1, cpu() - c1
+    return out
+
+
+def _lay_out(timeline: Timeline, out: ChainRedo) -> dict[Key, list[tuple[bytes, list[bytes], int]]]:
+    """Each key with deltas: its versions from the in-memory layers, cut into segments at
+    every chain start (image, will_init delta, tombstone); a first segment without one
+    starts from the imported page. Keys with images only go to `out.pages` as they are."""
+    timeline.freeze()
+    chains: dict[Key, list[tuple[int, bytes]]] = {}
+    for layer in timeline._frozen:  # the ingested versions, oldest layer first
+        for key, versions in layer.iter_key_groups():
+            chains.setdefault(key, []).extend(versions)
+    laid: dict[Key, list[tuple[bytes, list[bytes], int]]] = {}
+    for key, versions in chains.items():
+        if all(v[0] not in (TAG_DELTA, TAG_DELTA_INIT) for _, v in versions):
+            if versions[-1][1][0] == TAG_IMAGE:
+                out.pages[key] = versions[-1][1][1:]
+            continue
+        segments: list[list[tuple[int, int, bytes]]] = [[]]
+        for lsn, value in versions:
+            if value[0] != TAG_DELTA and segments[-1]:
+                segments.append([])
+            segments[-1].append((lsn, value[0], value))
+            out.deltas += value[0] in (TAG_DELTA, TAG_DELTA_INIT)
+        if segments[0][0][1] == TAG_DELTA:
+            with contextlib.suppress(NotFound):
+                base = materialize(timeline, key, out.import_lsn)
+                segments[0].insert(0, (out.import_lsn, TAG_IMAGE, bytes((TAG_IMAGE,)) + base))
+        laid[key] = [_segment(s) for s in segments]
+        out.keys += 1
+    return laid
+
+
+def main_fork_pages(pages: dict[Key, bytes]) -> dict[PageKey, bytes]:
+    """The main-fork relation pages of a page store's keys, keyed as the WAL-order replay's."""
+    out: dict[PageKey, bytes] = {}
+    for key, page in pages.items():
+        rel = parse_rel_block_key(key)
+        if rel is not None and rel.fork == 0:
+            out[(RelFileNode(rel.spc, rel.db, rel.rel), rel.fork, rel.blkno)] = page
     return out
 
 
@@ -513,11 +537,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profile.dump_stats(args.profile)
         results["machine_after_ours"] = machine_info()
         chain: ChainRedo | None = None
+        chain_pages: dict[PageKey, bytes] = {}
         if native_redo is not None and not args.python_redo:
-            say("ours: the same WAL as per-page chains through the C chain redo (rebuild_page)")
-            chain = chain_redo(w)
-            chain_same = sum(chain.pages.get(k) == v for k, v in pages.items())
+            say("ours: the product's path: the WAL ingested into a page store, then rebuilt")
+            chain = chain_redo(w, cluster.base / "store")
+            chain_pages = main_fork_pages(chain.pages)
             chain.pages.clear()
+            chain_same = sum(chain_pages.get(k) == v for k, v in pages.items() if k[1] == 0)
             results["machine_after_chain"] = machine_info()
 
         say("stock: baseline start of BASE (nothing to replay)")
@@ -526,6 +552,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stock = start_copy(cluster, w.base, w.crashed_wal, stop_mode="fast")
         say("comparing our pages with the recovered copy's")
         comparison = compare_pages(pages, stock.datadir)
+        chain_comparison = compare_pages(chain_pages, stock.datadir) if chain else None
+        chain_pages.clear()
         pages.clear()
         results["machine_after"] = machine_info()
     if profile is not None:
@@ -590,22 +618,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # CPU time is less sensitive to a busy machine than wall time.
         ratio_cpu=round(stock.redo_cpu / m.cpu, 4) if stock.redo_cpu and m.cpu else None,
     )
-    if chain is not None:
-        chain_total = chain.read_s + chain.redo_s
-        chain_cpu = chain.read_cpu + chain.redo_cpu
+    if chain is not None and chain_comparison is not None:
+        chain_total = chain.read_s + chain.ingest_s + chain.redo_s
+        chain_cpu = chain.read_cpu + chain.ingest_cpu + chain.redo_cpu
+        chain_rate = rate(chain.records, chain_total)
         results["chain"] = {
+            "import_lsn": format_lsn(chain.import_lsn),
+            "records": chain.records,
             "read_s": round(chain.read_s, 3),
-            "split_s": round(chain.split_s, 3),
+            "ingest_s": round(chain.ingest_s, 3),
             "redo_s": round(chain.redo_s, 3),
+            "layout_s": round(chain.layout_s, 3),
             "read_cpu_s": round(chain.read_cpu, 3),
+            "ingest_cpu_s": round(chain.ingest_cpu, 3),
             "redo_cpu_s": round(chain.redo_cpu, 3),
+            "keys": chain.keys,
             "segments": chain.segments,
             "deltas_redone": chain.deltas,
             "handed_back": chain.handed_back,
+            "refused": chain.refused[:10],
             "pages_equal_to_wal_order": chain_same,
-            "records_per_s": round(rate(ours.records, chain_total)),
+            "pages_compared": {
+                "pages": chain_comparison.pages,
+                "same": chain_comparison.same,
+                "differing": chain_comparison.differing,
+            },
+            "records_per_s": round(chain_rate),
         }
-        results["ratio_chain"] = round(rate(ours.records, chain_total) / stock_rate, 4)
+        results["ratio_chain"] = round(chain_rate / stock_rate, 4)
         results["ratio_chain_cpu"] = (
             round(stock.redo_cpu / chain_cpu, 4) if stock.redo_cpu and chain_cpu else None
         )
@@ -647,19 +687,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"our final main-fork pages equal to the recovered copy's (masked): "
         f"{comparison.same:,} / {comparison.pages:,} {comparison.differing[:3] or ''}"
     )
-    if chain is not None:
+    if chain is not None and chain_comparison is not None:
         c = results["chain"]
         print(
-            f"product's bulk path (range_rebuild's C chain redo, every chain segment): read "
-            f"{chain.read_s:.3f} s + rebuild_page {chain.redo_s:.3f} s = "
-            f"{c['records_per_s']:,} records/s ({chain.deltas:,} deltas in {chain.segments:,} "
-            f"segments, {chain.handed_back} handed back); split into chains {chain.split_s:.3f} s "
-            f"(the C ingest's work in the product, not counted)"
+            f"the product's path ({chain.records:,} records from the import at "
+            f"{c['import_lsn']}): read {chain.read_s:.3f} s + ingest {chain.ingest_s:.3f} s + "
+            f"rebuild_page {chain.redo_s:.3f} s = {c['records_per_s']:,} records/s "
+            f"({chain.deltas:,} deltas of {chain.keys:,} keys in {chain.segments:,} segments, "
+            f"{chain.handed_back} handed back, {len(chain.refused)} refused); laying out the "
+            f"in-memory layers {chain.layout_s:.3f} s (storage, not counted)"
         )
         print(
-            f"ratio ours / stock, chain path: {results['ratio_chain']:.4f}; CPU "
-            f"{results['ratio_chain_cpu']}; final pages equal to the WAL-order replay: "
-            f"{c['pages_equal_to_wal_order']:,} / {ours.distinct_pages:,}"
+            f"ratio ours / stock, the product's path: {results['ratio_chain']:.4f}; CPU "
+            f"{results['ratio_chain_cpu']}; its main-fork pages equal to the recovered "
+            f"copy's (masked): {chain_comparison.same:,} / {chain_comparison.pages:,} "
+            f"{chain_comparison.differing[:3] or ''}, to the WAL-order replay's: "
+            f"{chain_same:,}"
         )
     if ours.unsupported or ours.errors:
         print(f"not redone: unsupported {dict(ours.unsupported)}, errors {ours.errors[:3]}")
