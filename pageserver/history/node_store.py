@@ -72,6 +72,12 @@ A pass stands aside MAX_PAUSE (flusher.py) in all at most, so a long catch-up ca
 it (its L0 layers make reads slower)."""
 CATCHING_UP_LINGER = 1.0
 """Seconds compaction stays paused after ingest last had CATCHING_UP_FROZEN layers waiting."""
+CATCHING_UP_FILL = 1.0
+"""A layer frozen full (checkpoint_distance of values) less than this many seconds after
+values began to fill it means a catch-up too, with one frozen layer only (the first of a
+catch-up): its flush then waits for the next layer to merge with (`_next_frozen`); written
+alone it was an L0 layer that the next compaction read back and merged (bench.ingest).
+A busy live node fills one in several seconds; a timed freeze (FLUSH_INTERVAL) never counts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +172,7 @@ class NodeStore:
         self._index_timeline: str | None = None
         self._last_flush = time.monotonic()
         self._filling_since: float | None = None
-        """When maybe_flush first saw values in the open layer: a layer frozen full
-        (checkpoint_distance) less than CATCHING_UP_LINGER later means a catch-up already,
-        with one frozen layer (its flush then waits for the next to merge with, see
-        `_next_frozen`; written alone, the first layer of a catch-up was an L0 layer that
-        the next compaction read back)."""
+        """When maybe_flush first saw values in the open layer (CATCHING_UP_FILL)."""
         self._lock = threading.Lock()
         self.flusher = BackgroundWorker(f"flush-{node_id}")
         self.compactor = BackgroundWorker(f"compact-{node_id}")
@@ -410,17 +412,17 @@ class NodeStore:
         requested = self._requested.get(timeline.timeline_id, -1)
         if upto is not None and upto > requested:
             self._requested[timeline.timeline_id] = upto
-            if not timed and self._filling_since is not None:
-                if now - self._filling_since < CATCHING_UP_LINGER:
-                    self.catching_up.hold_for(CATCHING_UP_LINGER)
+            filling = self._filling_since
+            if not timed and filling is not None and now - filling < CATCHING_UP_FILL:
+                self.catching_up.hold_for(CATCHING_UP_LINGER)
             self._filling_since = None
-        if self._filling_since is None and timeline.open_layer_bytes:
-            self._filling_since = now
             # Every record up to `upto` was observed by the index (ingest_batch returned).
             index = self.index
             self.flusher.request(
                 timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
             )
+        if self._filling_since is None and timeline.open_layer_bytes:
+            self._filling_since = now
         if timeline.frozen_count >= CATCHING_UP_FROZEN:
             self.catching_up.hold_for(CATCHING_UP_LINGER)
         try:
@@ -433,27 +435,33 @@ class NodeStore:
         # The index first: it only holds entries of WAL already durable in the archive, while
         # records the layers hold are never re-ingested (their index entries would be lost).
         merge = self._merge()
-        if merge is not None and timeline.frozen_count < 2:
+        if merge is not None:
             upto = self._next_frozen(timeline, upto)
         index.flush()
         timeline.flush_frozen_layers(upto, merge=merge)
         self._request_compaction(timeline)
 
     def _next_frozen(self, timeline: Timeline, upto: int) -> int:
-        """While catching up, a lone frozen layer waits (CATCHING_UP_LINGER at most, on the
-        flusher) for the decode thread to ask for the next one, so the two are merged;
-        returns the LSN asked for then (its records observed by the index, see maybe_flush).
-        A caller waiting for the flusher (`_hurry`) cuts the wait short."""
+        """While catching up, every frozen layer asked for so far goes into one merged flush;
+        a lone one waits (CATCHING_UP_LINGER at most, on the flusher) for the decode thread
+        to ask for the next, so the two are merged. Returns the LSN asked for by then (its
+        records observed by the index, see maybe_flush). The layers asked for are counted,
+        not the request this job was for: an earlier job's group may have taken that layer
+        already, and the next one, alone in its group, was written as an L0 layer in the
+        middle of a catch-up. A caller waiting for the flusher (`_hurry`) cuts the wait
+        short."""
         deadline = time.monotonic() + CATCHING_UP_LINGER
         key = timeline.timeline_id
-        while (
-            self._requested.get(key, -1) <= upto
-            and time.monotonic() < deadline
-            and not self._hurry.is_set()
-            and not self.flusher.cancelled.is_set()
-        ):
+        while True:
+            upto = max(upto, self._requested.get(key, -1))
+            if (
+                timeline.frozen_count_upto(upto) != 1
+                or time.monotonic() >= deadline
+                or self._hurry.is_set()
+                or self.flusher.cancelled.is_set()
+            ):
+                return upto
             self._hurry.wait(0.01)
-        return max(upto, self._requested.get(key, -1))
 
     def _merge(self) -> MergeFrozen | None:
         """While catching up, frozen layers waiting together are written straight as L1

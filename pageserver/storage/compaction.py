@@ -110,21 +110,42 @@ def compact(
     materialize: Materialize,
     materialize_range: MaterializeRange | None = None,
     cancelled: Cancelled | None = None,
+    defer_images: Callable[[], bool] | None = None,
 ) -> CompactionResult:
     """One compaction pass: L0 -> L1 if due, then image layers where due. Raises
-    CompactionCancelled when `cancelled()` turns true before the pass is done."""
+    CompactionCancelled when `cancelled()` turns true before the pass is done.
+
+    The pass starts with a check of `cancelled`, which may pause it (a catch-up:
+    pageserver.history.node_store), and takes the image LSN (disk_consistent_lsn) after the
+    L0 merge: images at the LSN of the pass's start, written after a pause, were rewritten
+    by the next pass over the layers flushed meanwhile, and an L0 run closed during the
+    pause was left to that pass too. `defer_images()` true (ingest behind its WAL again) stops image
+    creation like `cancelled` (whole layers kept): the next pass, once caught up, writes them
+    at its own LSN."""
     with timeline.compaction_lock:
+        if cancelled is not None and cancelled():
+            raise CompactionCancelled(f"compaction of {timeline.timeline_id} cancelled")
         t0 = time.perf_counter()
         merged, written = _compact_level0(timeline, cancelled=cancelled)
         t1 = time.perf_counter()
         images = create_image_layers_at(
             timeline, materialize, timeline.disk_consistent_lsn,
-            materialize_range=materialize_range, cancelled=cancelled,
+            materialize_range=materialize_range,
+            cancelled=_either(defer_images, cancelled),
         )  # fmt: skip
         t2 = time.perf_counter()
         for layer in timeline.layer_map().layers():  # what the pass read of their indexes
             layer.release_index()
     return CompactionResult(merged, written, images, t1 - t0, t2 - t1)
+
+
+def _either(first: Callable[[], bool] | None, then: Cancelled | None) -> Cancelled | None:
+    """`first()` or `then()`, asked in that order (`then` may pause: it goes last)."""
+    if first is None:
+        return then
+    if then is None:
+        return first
+    return lambda: first() or then()
 
 
 def compact_level0(timeline: Timeline, *, force: bool = False) -> tuple[int, int]:

@@ -313,6 +313,11 @@ class Timeline:
             assert end is not None
             return end - 1
 
+    def frozen_count_upto(self, upto: int) -> int:
+        """Frozen layers ending at or below `upto` (what flush_frozen_layers(upto) writes)."""
+        with self._lock:
+            return sum(1 for m in self._frozen if _end(m) - 1 <= upto)
+
     def flush_frozen_layers(
         self, upto: int | None = None, merge: MergeFrozen | None = None
     ) -> None:

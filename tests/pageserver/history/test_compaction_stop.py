@@ -298,6 +298,7 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     compaction back: a pass stands at its first check for CATCHING_UP_LINGER after; the final
     flush (the caller ingests no more) lets it go on at once."""
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_FILL", 0.0)  # the frozen count alone
     merged = count_merged_keys(monkeypatch)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
     store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
@@ -329,5 +330,92 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     store.flush()
     assert time.monotonic() - t0 < 30  # not the 60 s linger
     assert merged[0] > 100 and store.compaction_totals.passes >= 1
+    store.close()
+    store.history.close()
+
+
+def test_a_layer_filled_fast_is_a_catch_up_and_merged_with_the_next(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layer frozen full within CATCHING_UP_FILL of its first value is a catch-up with one
+    frozen layer: its flush waits for the next layer and the two are merged (no L0 file);
+    make_durable hands a lone layer the flusher holds back the rest of the WAL, so it is
+    merged with it rather than written as an L0 layer before the rest's. Only the tail after
+    the last merged group may be an L0 layer. Every page reads the same afterwards."""
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_FILL", 60.0)
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
+    store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
+    store.import_datadir(workload.base)
+    records, raws = workload.records, workload.raws
+    with store.compactor.mutex:  # no compaction: the layers are the flushes' own
+        i = 0
+        while not store.catching_up.busy():  # as the daemon: maybe_flush after each batch
+            assert store.timeline.frozen_count == 0
+            assert i < len(records), "the workload never froze a layer"
+            store.ingest_batch(records[i : i + 10], [r.data for r in raws[i : i + 10]])
+            store.maybe_flush()
+            i += 10
+        assert store.timeline.frozen_count == 1  # one frozen layer, filled fast
+        t0 = time.monotonic()
+        for j in range(i, len(records), 50):
+            store.ingest_batch(records[j : j + 50], [r.data for r in raws[j : j + 50]])
+            store.maybe_flush()
+        store.make_durable()
+        assert time.monotonic() - t0 < 30  # not the 60 s lingers
+        timeline = store.timeline
+        assert timeline.disk_consistent_lsn == timeline.last_record_lsn
+        layers = timeline.layer_map()
+        # L0 at most for the tail after the last merged group (nothing left to merge with)
+        before_end = [d for d in layers.level0() if d.lsn_end - 1 != timeline.last_record_lsn]
+        assert not before_end, [d.name.file_name for d in before_end]
+        assert len(layers.deltas) >= 2
+        after = read_all(timeline, timeline.last_record_lsn)
+    reference = NodeStore(StorageHistory(tmp_path / "reference", MERGING), "n")
+    reference.merge_flushes = False
+    reference.import_datadir(workload.base)
+    reference.ingest_batch(records, [r.data for r in raws])
+    reference.make_durable()
+    assert after == read_all(reference.timeline, reference.timeline.last_record_lsn)
+    for s in (store, reference):
+        s.close()
+        s.history.close()
+
+
+def test_images_are_made_at_the_lsn_after_a_pause_and_deferred_while_catching_up(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A compaction pass paused at its first check (a catch-up) writes its images at the
+    durable LSN after the pause, not at the one of its start (those images were rewritten
+    by the next pass over the layers flushed meanwhile); with defer_images() true, no image
+    is written and the pass ends as cancelled."""
+    store = NodeStore(StorageHistory(tmp_path / "history", IMAGING), "n")
+    store.import_datadir(workload.base)
+    records, raws = workload.records, workload.raws
+    half = len(records) // 2
+    store.ingest_batch(records[:half], [r.data for r in raws[:half]])
+    store.make_durable()
+    timeline = store.timeline
+    start = timeline.disk_consistent_lsn
+
+    with pytest.raises(compaction_module.CompactionCancelled):
+        compaction_module.compact(timeline, reconstruct, defer_images=lambda: True)
+    assert not timeline.layer_map().images or all(
+        image.lsn < start for image in timeline.layer_map().images
+    )
+
+    def paused() -> bool:  # the pause: the rest is ingested and flushed meanwhile
+        if timeline.last_record_lsn == start:
+            store.ingest_batch(records[half:], [r.data for r in raws[half:]])
+            store.make_durable()
+        return False
+
+    result = compaction_module.compact(timeline, reconstruct, cancelled=paused)
+    end = timeline.disk_consistent_lsn
+    assert end > start and result.images_written > 0
+    new = [image for image in timeline.layer_map().images if image.lsn > start]
+    assert len(new) == result.images_written and all(image.lsn == end for image in new)
     store.close()
     store.history.close()
