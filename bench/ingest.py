@@ -161,7 +161,8 @@ def ingest_backlog(store: NodeStore, wal_dir: Path, start: int, end: int, seg: i
                     records += len(batch)
                 durable = timeline.disk_consistent_lsn
                 t0 = time.perf_counter()
-                store.maybe_flush()
+                # the WAL not read yet, as the daemon's follower tells it (its archive's end)
+                store.maybe_flush(backlog=max(0, end - reader.fed_lsn))
                 if timeline.disk_consistent_lsn != durable:
                     flushes += 1
                     flush_seconds += time.perf_counter() - t0

@@ -275,7 +275,7 @@ class NodeFollower:
                 continue
             self._decode(WalChunk(tli, pos, data), prev_lsn=prev)
             pos += length
-            self._flush_store()
+            self._flush_store(backlog=end - pos)
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
@@ -345,12 +345,13 @@ class NodeFollower:
             f"short in {archive.directory}"
         )
 
-    def _flush_store(self) -> None:
-        """Flush when due; on a full storage wait (nothing more is ingested meanwhile, the
-        archive and the slot keep the WAL) and retry until it succeeds or we stop."""
+    def _flush_store(self, backlog: int = 0) -> None:
+        """Flush when due (`backlog`: archived WAL not decoded yet, NodeStore.maybe_flush); on
+        a full storage wait (nothing more is ingested meanwhile, the archive and the slot keep
+        the WAL) and retry until it succeeds or we stop."""
         while True:
             try:
-                self.store.maybe_flush()
+                self.store.maybe_flush(backlog)
             except OSError as exc:
                 if exc.errno not in STALL_ERRNOS:
                     self.decode_error = f"flushing page history failed: {exc}"

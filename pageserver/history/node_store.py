@@ -71,13 +71,8 @@ a fraction of a second: it never has two waiting, so compaction runs beside it a
 A pass stands aside MAX_PAUSE (flusher.py) in all at most, so a long catch-up cannot starve
 it (its L0 layers make reads slower)."""
 CATCHING_UP_LINGER = 1.0
-"""Seconds compaction stays paused after ingest last had CATCHING_UP_FROZEN layers waiting."""
-CATCHING_UP_FILL = 1.0
-"""A layer frozen full (checkpoint_distance of values) less than this many seconds after
-values began to fill it means a catch-up too, with one frozen layer only (the first of a
-catch-up): its flush then waits for the next layer to merge with (`_next_frozen`); written
-alone it was an L0 layer that the next compaction read back and merged (bench.ingest).
-A busy live node fills one in several seconds; a timed freeze (FLUSH_INTERVAL) never counts."""
+"""Seconds compaction stays paused after ingest last had CATCHING_UP_FROZEN layers waiting
+(or a backlog, see NodeStore.maybe_flush)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +166,6 @@ class NodeStore:
         self._index: LsnIndex | None = None
         self._index_timeline: str | None = None
         self._last_flush = time.monotonic()
-        self._filling_since: float | None = None
-        """When maybe_flush first saw values in the open layer (CATCHING_UP_FILL)."""
         self._lock = threading.Lock()
         self.flusher = BackgroundWorker(f"flush-{node_id}")
         self.compactor = BackgroundWorker(f"compact-{node_id}")
@@ -388,13 +381,21 @@ class NodeStore:
             i = j + 1
         return decoded
 
-    def maybe_flush(self) -> None:
+    def maybe_flush(self, backlog: int = 0) -> None:
         """Have the frozen layers flushed (the open one is frozen when large, or periodically
         so the durable LSN advances) by the background flusher, then compacted by the
         compactor; wait only when MAX_FROZEN_LAYERS are already waiting for the flusher.
         Call after `ingest_batch`, on the decode thread. After a failed background flush,
         flush here until one succeeds (raising meanwhile: the follower treats a full disk as
-        a stall); a failed compaction is logged and tried again after the next flush."""
+        a stall); a failed compaction is logged and tried again after the next flush.
+
+        `backlog`: bytes of WAL at hand not decoded yet (the follower's archived WAL past its
+        read position). A layer's worth (checkpoint_distance) or more is a catch-up even
+        with one frozen layer: the first layer of a catch-up then waits for the next to merge
+        with (`_next_frozen`); written alone it was an L0 layer that the next compaction read
+        back and merged (bench.ingest). A fast live node whose WAL the decoder keeps up with
+        has none (a rule on how fast layers fill made pgbench -i's ingest wait on merged
+        flushes: bench.checkout's snapshot after the load took twice as long)."""
         if self._state is None:
             return
         timeline = self.timeline
@@ -403,26 +404,20 @@ class NodeStore:
             self._flush_durable()
             self._flush_failed = False
             return
-        now = time.monotonic()
-        timed = now - self._last_flush >= FLUSH_INTERVAL
-        if timed:
-            self._last_flush = now
+        if backlog >= timeline.settings.checkpoint_distance:
+            self.catching_up.hold_for(CATCHING_UP_LINGER)
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
+            self._last_flush = time.monotonic()
             timeline.freeze()
         upto = timeline.frozen_upto
         requested = self._requested.get(timeline.timeline_id, -1)
         if upto is not None and upto > requested:
             self._requested[timeline.timeline_id] = upto
-            filling = self._filling_since
-            if not timed and filling is not None and now - filling < CATCHING_UP_FILL:
-                self.catching_up.hold_for(CATCHING_UP_LINGER)
-            self._filling_since = None
             # Every record up to `upto` was observed by the index (ingest_batch returned).
             index = self.index
             self.flusher.request(
                 timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
             )
-        if self._filling_since is None and timeline.open_layer_bytes:
-            self._filling_since = now
         if timeline.frozen_count >= CATCHING_UP_FROZEN:
             self.catching_up.hold_for(CATCHING_UP_LINGER)
         try:

@@ -298,7 +298,6 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     compaction back: a pass stands at its first check for CATCHING_UP_LINGER after; the final
     flush (the caller ingests no more) lets it go on at once."""
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
-    monkeypatch.setattr(node_store_module, "CATCHING_UP_FILL", 0.0)  # the frozen count alone
     merged = count_merged_keys(monkeypatch)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
     store.merge_flushes = False  # L0 layers for the compaction to merge, not merged flushes
@@ -334,34 +333,31 @@ def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     store.history.close()
 
 
-def test_a_layer_filled_fast_is_a_catch_up_and_merged_with_the_next(
+def test_a_backlog_is_a_catch_up_and_its_first_layer_merged_with_the_next(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A layer frozen full within CATCHING_UP_FILL of its first value is a catch-up with one
-    frozen layer: its flush waits for the next layer and the two are merged (no L0 file);
+    """A backlog of a layer's worth of WAL not decoded yet (maybe_flush's `backlog`, from the
+    follower's archive) is a catch-up from the first chunk: the first frozen layer's flush
+    waits for the next layer and the two are merged (no L0 file);
     make_durable hands a lone layer the flusher holds back the rest of the WAL, so it is
     merged with it rather than written as an L0 layer before the rest's. Only the tail after
     the last merged group may be an L0 layer. Every page reads the same afterwards."""
-    monkeypatch.setattr(node_store_module, "CATCHING_UP_FILL", 60.0)
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
     store = NodeStore(StorageHistory(tmp_path / "history", MERGING), "n")
     store.import_datadir(workload.base)
     records, raws = workload.records, workload.raws
+    backlog = MERGING.checkpoint_distance  # as if that much more WAL were archived
     with store.compactor.mutex:  # no compaction: the layers are the flushes' own
-        i = 0
-        while not store.catching_up.busy():  # as the daemon: maybe_flush after each batch
-            assert store.timeline.frozen_count == 0
-            assert i < len(records), "the workload never froze a layer"
-            store.ingest_batch(records[i : i + 10], [r.data for r in raws[i : i + 10]])
-            store.maybe_flush()
-            i += 10
-        assert store.timeline.frozen_count == 1  # one frozen layer, filled fast
+        store.maybe_flush(backlog - 1)
+        assert not store.catching_up.busy()  # less than a layer behind: not a catch-up
+        store.maybe_flush(backlog)
+        assert store.catching_up.busy()
         t0 = time.monotonic()
-        for j in range(i, len(records), 50):
+        for j in range(0, len(records), 50):
             store.ingest_batch(records[j : j + 50], [r.data for r in raws[j : j + 50]])
-            store.maybe_flush()
+            store.maybe_flush(backlog)
         store.make_durable()
         assert time.monotonic() - t0 < 30  # not the 60 s lingers
         timeline = store.timeline
