@@ -36,6 +36,7 @@ from pageserver.reconstruct.catalog_reads import CatalogReader, RelationRow
 from pageserver.reconstruct.reads import get_rel_size, materialize
 from pageserver.redo.page import get_lsn
 from pageserver.storage.keys import (
+    FULL_KEYSPACE,
     RELATION_KEYSPACE,
     Key,
     key_fields,
@@ -111,25 +112,15 @@ def plan_diff(a: ReadPoint, b: ReadPoint) -> DiffPlan:
 
 
 def not_fully_logged(written: WrittenKeys, above: int, upto: int) -> list[Key]:
-    """The keys of `written.imaged` for which `fully_logged` is False, decided once per
-    stretch of keys between two consecutive bounds of the spans' key ranges (the same spans
-    hold every key of a stretch): after compaction wrote image layers over a 1 GiB database
-    in the window, asking per key (130k keys, the spans sorted each time) was half of a
-    checkout's delta (py-spy). Most stretches are logged; keys are compared with the bounds
-    only where one is not."""
-    bounds = sorted({bound for r, _s, _e in written.spans for bound in (r.start, r.end)})
-    # Stretch 0 is below every span (no span holds its keys: fully_logged says `above >=
-    # upto` then); stretch i > 0 starts at bounds[i - 1], a key of it.
-    unsure = [above < upto] + [not written.fully_logged(b, above, upto) for b in bounds]
-    if not any(unsure):
+    """The keys of `written.imaged` for which `fully_logged` is False (decided per stretch of
+    keys: `WrittenKeys.unsure_ranges`)."""
+    ranges = written.unsure_ranges(FULL_KEYSPACE, above, upto)
+    if not ranges:
         return []
-    if not bounds:
-        return list(written.imaged)
-    if not any(unsure[1:-1]):  # at most below the first span and past the last one
-        first, last = bounds[0], bounds[-1]
-        low, high = unsure[0], unsure[-1]
-        return [k for k in written.imaged if (low and k < first) or (high and k >= last)]
-    return [k for k in written.imaged if unsure[bisect_right(bounds, k)]]
+    starts = [r.start for r in ranges]
+    return [
+        k for k in written.imaged if (i := bisect_right(starts, k) - 1) >= 0 and k < ranges[i].end
+    ]
 
 
 def written_keys(

@@ -4,6 +4,7 @@ key a candidate); a branch whose LSNs overlap its parent's; unrelated histories.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import struct
@@ -102,9 +103,11 @@ def test_pages_that_differ_per_relation(store: TimelineStore) -> None:
     tl, a, b = build(store)
     written = tl.keys_written(K.RELATION_KEYSPACE, 16, 56)
     assert written.logged >= {block(16384, 1), block(16384, 3), block(16385, 1)}
-    # Held by the image layers only, their WAL versions all there: unchanged, not candidates.
-    assert written.imaged >= {block(16384, 0), block(16385, 0)}
+    # Held by the image layers only, their WAL versions all there: unchanged, not candidates
+    # (not even listed: the image layers are not read where the spans log the whole window).
+    assert not written.imaged & {block(16384, 0), block(16385, 0)}
     assert written.fully_logged(block(16384, 0), 16, 56)
+    assert written.unsure_ranges(K.RELATION_KEYSPACE, 16, 56) == []
     stat = diff_stat(a, b)
     assert changed(stat.relations) == {
         16384: ("modified", 2),  # blocks 1 and 3; block 2 was rewritten identically
@@ -217,3 +220,11 @@ def test_not_fully_logged_decides_per_stretch_as_per_key() -> None:
         upto = above + rng.randint(1, 50)
         expected = {k for k in imaged if not written.fully_logged(k, above, upto)}
         assert set(not_fully_logged(written, above, upto)) == expected
+        # The ranges keys_written reads image layers over hold exactly those keys, sorted,
+        # disjoint and merged (no two touch), inside the range asked for.
+        part = K.KeyRange(key(rng.randrange(30)), key(30 + rng.randrange(30)))
+        ranges = written.unsure_ranges(part, above, upto)
+        inside = {k for k in imaged if k in part}
+        assert {k for k in inside if any(k in r for r in ranges)} == expected & inside
+        assert all(part.start <= r.start < r.end <= part.end for r in ranges)
+        assert all(a.end < b.start for a, b in itertools.pairwise(ranges))
