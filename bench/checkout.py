@@ -31,7 +31,8 @@ The 1% checkout (node pgdata2, --scale):
 after the load and each in-place checkout (bench/pyspy.py) and prints where their time went.
 
 Peak RSS: the CLI's (wait4) per checkout, the pageserver's high-water mark (VmHWM, since it
-started: ingest included). Prints a table and, last, one JSON line. Run by hand, never by CI.
+started: ingest included), also after each step (the step that raised it reached the peak).
+Prints a table and, last, one JSON line. Run by hand, never by CI.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def pageserver_hwm_mib(neon: NeonCli) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def mark_rss(neon: NeonCli, r: dict[str, Any], step: str) -> None:
+    """The pageserver's peak RSS so far, after `step`: the step that raised it is where
+    the peak the goal counts was reached."""
+    r.setdefault("pageserver_hwm_after_mib", {})[step] = round(pageserver_hwm_mib(neon), 1)
 
 
 def full_extraction(neon: NeonCli, snapshot: str, target: Path) -> float:
@@ -180,6 +187,7 @@ def newcomer(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str
     after `pgbench -c 4`, against pg_basebackup of the node right after that checkout."""
     c, figures = loaded_node(neon, "pgdata1", args.newcomer_scale, args.py_spy, "snapshot_create")
     r: dict[str, Any] = {"newcomer_scale": args.newcomer_scale, **figures}
+    mark_rss(neon, r, "newcomer load + snapshot")
     if args.pgbench_seconds:
         say(f"pgbench -c 4 -T {args.pgbench_seconds}, then pg checkout pgdata1@base")
         subprocess.run([pg_binary("pgbench"), "-n", "-c", "4", "-j", "2", "-T",
@@ -191,6 +199,7 @@ def newcomer(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str
         r["newcomer_checkout_s"] = checkout.wall
         r["newcomer_in_place"] = datadir(neon, "pgdata1").stat().st_ino == inode
         r["newcomer_pages_changed"] = diff_pages(neon, "pgdata1@base", "pgdata1@HEAD{0}")
+        mark_rss(neon, r, "pgbench + newcomer checkout")
         # The reference of the node as the checkout left it: the daemon's compaction of the
         # load (or of pgbench's WAL) shares the box with whichever pg_basebackup runs nearer
         # to it, so the ratio uses this one, taken right after the checkout.
@@ -206,6 +215,7 @@ def one_percent(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[
     against a full extraction of that snapshot (and the full rebuild's checkout)."""
     c, figures = loaded_node(neon, "pgdata2", args.scale, None, "")
     r: dict[str, Any] = {"scale": args.scale, **{f"big_{k}": v for k, v in figures.items()}}
+    mark_rss(neon, r, "1% node load + snapshot")
     say("pg_basebackup of the node")
     r["pg_basebackup_s"] = pg_basebackup(c, scratch / "pgbb")
     shutil.rmtree(scratch / "pgbb")
@@ -221,10 +231,12 @@ def one_percent(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[
     changed = diff_pages(neon, "pgdata2@base", "pgdata2@HEAD{0}")
     r["pages_changed"] = changed
     r["pages_changed_pct"] = 100 * changed / max(1, int(r["big_db_mib"] * 128))
+    mark_rss(neon, r, "1% checkout")
 
     say("full extraction of pgdata2@base")
     r["extraction_s"] = full_extraction(neon, "pgdata2@base", scratch / "full")
     shutil.rmtree(scratch / "full")
+    mark_rss(neon, r, "full extraction")
 
     say("the same change, then pg checkout with a full rebuild")
     psql(c, sql)
@@ -233,13 +245,17 @@ def one_percent(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[
     r["full_checkout_s"] = full.wall
     r["full_checkout_cli_rss_mib"] = full.max_rss_mib
     r["full_in_place"] = datadir(neon, "pgdata2").stat().st_ino == inode
+    mark_rss(neon, r, "full-rebuild checkout")
     return r
 
 
 def run(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"machine_before": machine_info()}
-    results.update(newcomer(args, neon, scratch))
-    results.update(one_percent(args, neon, scratch))
+    newcomer_part = newcomer(args, neon, scratch)
+    one_percent_part = one_percent(args, neon, scratch)
+    marks = {**newcomer_part.pop("pageserver_hwm_after_mib"),
+             **one_percent_part.pop("pageserver_hwm_after_mib")}  # fmt: skip
+    results.update(newcomer_part, **one_percent_part, pageserver_hwm_after_mib=marks)
     results["pageserver_peak_rss_mib"] = pageserver_hwm_mib(neon)
     results["machine_after"] = machine_info()
     return results
@@ -279,6 +295,8 @@ def report(r: dict[str, Any]) -> None:
     ]  # fmt: skip
     print_table(["what", "seconds", "x extraction", "x pg_basebackup", "CLI peak RSS MiB"], rows)
     print(f"pageserver peak RSS (VmHWM, ingest included): {r['pageserver_peak_rss_mib']:.0f} MiB")
+    steps = ", ".join(f"{s} {v:.0f}" for s, v in r["pageserver_hwm_after_mib"].items())
+    print(f"  its peak so far after each step (MiB): {steps}")
     goals.append(("pg checkout, 1% changed / full extraction", r["checkout_s"] / ext, 0.2))
     print_table(["issue 10 goal", "measured", "goal (<=)"], [list(g) for g in goals])
     print_machine(r)
