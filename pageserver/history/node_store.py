@@ -167,6 +167,10 @@ class NodeStore:
         self._index_timeline: str | None = None
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
+        self._ingest_lock = threading.RLock()
+        """Held while a batch is ingested and while another thread freezes (`_freeze_rest`):
+        the LSN index observes a batch's records just after the timeline takes them, so a
+        layer frozen under it holds only records the index has seen."""
         self.flusher = BackgroundWorker(f"flush-{node_id}")
         self.compactor = BackgroundWorker(f"compact-{node_id}")
         self.compaction_totals = CompactionTotals()
@@ -319,27 +323,29 @@ class NodeStore:
         """Ingest one record (records the history already holds are skipped)."""
         if self._state is None:
             return
-        if self._ingest is None:
-            self._ingest = WalIngest(self.timeline)
-        if self._ingest.ingest_record(record, raw):
-            self.index.observe(record)
+        with self._ingest_lock:
+            if self._ingest is None:
+                self._ingest = WalIngest(self.timeline)
+            if self._ingest.ingest_record(record, raw):
+                self.index.observe(record)
 
     def ingest_batch(self, records: list[DecodedRecord], raws: list[bytes | None]) -> None:
         """Ingest records in WAL order, runs of them at once through the C fast path where it
         takes them (each other record one by one): the same result as `ingest` on each."""
         if self._state is None:
             return
-        if self._ingest is None:
-            self._ingest = WalIngest(self.timeline)
-        ingest, index, i = self._ingest, self.index, 0
-        while i < len(records):
-            j = ingest.ingest_native(records, raws, i)
-            index.observe_all(records, i, j)
-            if j == len(records):
-                return
-            if ingest.ingest_record(records[j], raws[j]):
-                index.observe(records[j])
-            i = j + 1
+        with self._ingest_lock:
+            if self._ingest is None:
+                self._ingest = WalIngest(self.timeline)
+            ingest, index, i = self._ingest, self.index, 0
+            while i < len(records):
+                j = ingest.ingest_native(records, raws, i)
+                index.observe_all(records, i, j)
+                if j == len(records):
+                    return
+                if ingest.ingest_record(records[j], raws[j]):
+                    index.observe(records[j])
+                i = j + 1
 
     def ingest_raw_batch(self, batch: list[RawRecord]) -> list[DecodedRecord]:
         """Ingest the reader's records, not decoded yet, in WAL order: the same result as
@@ -365,21 +371,22 @@ class NodeStore:
                 return records
             self.ingest_batch(records, [raw.data for raw in batch])
             return records
-        if self._ingest is None:
-            self._ingest = WalIngest(self.timeline)
-        ingest, index, i = self._ingest, self.index, 0
-        decoded: list[DecodedRecord] = []
-        while i < len(batch):
-            j = ingest.ingest_native_raw(batch, i)
-            index.observe_raw(batch, i, j)
-            if j == len(batch):
-                break
-            record = decode_record(batch[j])
-            decoded.append(record)
-            if ingest.ingest_record(record, batch[j].data):
-                index.observe(record)
-            i = j + 1
-        return decoded
+        with self._ingest_lock:
+            if self._ingest is None:
+                self._ingest = WalIngest(self.timeline)
+            ingest, index, i = self._ingest, self.index, 0
+            decoded: list[DecodedRecord] = []
+            while i < len(batch):
+                j = ingest.ingest_native_raw(batch, i)
+                index.observe_raw(batch, i, j)
+                if j == len(batch):
+                    break
+                record = decode_record(batch[j])
+                decoded.append(record)
+                if ingest.ingest_record(record, batch[j].data):
+                    index.observe(record)
+                i = j + 1
+            return decoded
 
     def maybe_flush(self, backlog: int = 0) -> None:
         """Have the frozen layers flushed (the open one is frozen when large, or periodically
@@ -519,24 +526,31 @@ class NodeStore:
             self._write_layers()
 
     def _write_layers(self) -> Timeline:
+        """Everything ingested so far written, the LSN index first (as in _flush_frozen), up
+        to the cut `_freeze_rest` makes: on a thread other than the decode thread, records
+        ingested after it may not be observed by the index yet, and stay in memory."""
         timeline = self.timeline
-        self._freeze_rest(timeline)
+        upto = self._freeze_rest(timeline)
         with self._hurrying(), self.flusher.mutex:
-            self.index.flush()  # first, as in _flush_frozen
-            timeline.freeze_and_flush(merge=self._merge())
+            self.index.flush()
+            timeline.flush_frozen_layers(-1 if upto is None else upto, merge=self._merge())
             self._last_flush = time.monotonic()
         return timeline
 
-    def _freeze_rest(self, timeline: Timeline) -> None:
-        """Freeze what is ingested and tell the flusher how far, as maybe_flush does: a lone
+    def _freeze_rest(self, timeline: Timeline) -> int | None:
+        """Freeze what is ingested, between two batches (`_ingest_lock`: the index has seen
+        every record frozen), and tell the flusher how far, as maybe_flush does: a lone
         frozen layer it holds back for the next one (`_next_frozen`, catching up) is then
         written with this last one, merged, rather than as an L0 layer of its own before it
-        (which the next compaction read back and merged: 0.2 s of bench.ingest's last pass)."""
-        if timeline.freeze():
+        (which the next compaction read back and merged: 0.2 s of bench.ingest's last pass).
+        Returns the last LSN the frozen layers hold (None: none wait)."""
+        with self._ingest_lock:
+            timeline.freeze()
             upto = timeline.frozen_upto
-            if upto is not None:
-                key = timeline.timeline_id
-                self._requested[key] = max(self._requested.get(key, -1), upto)
+        if upto is not None:
+            key = timeline.timeline_id
+            self._requested[key] = max(self._requested.get(key, -1), upto)
+        return upto
 
     def wait_flushed(self) -> None:
         """Until the background flusher is idle: the frozen layers requested so far are

@@ -245,3 +245,55 @@ def test_a_branch_at_the_ingested_end_writes_the_lsn_index_before_the_layers(
     assert timeline.disk_consistent_lsn >= at
     assert LsnIndex(index.directory, index.segment_size).last_lsn == index.last_lsn
     store.close()
+
+
+def test_a_branch_while_a_batch_is_ingested_keeps_the_index_ahead_of_the_layers(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The node still ingests (pg create --snapshot of a running node): a branch from the API
+    thread lands while a batch is in the timeline but not yet observed by the LSN index. Its
+    flush must not write those records' layers before their index entries (the flush cut
+    between batches); read back without closing, every commit the durable layers hold has
+    its durable index entry. The batch is held between the two steps until the branch has
+    ended, or for 5 s when the branch waits for the batch (as it must)."""
+    store = imported(tmp_path, workload.base)
+    todo = batches(workload)
+    half = len(todo) // 2
+    for records, raws in todo[:half]:
+        store.ingest_batch(records, raws)
+    timeline = store.timeline
+    at = timeline.last_record_lsn
+    index = store.index
+    held, go = threading.Event(), threading.Event()
+    observe_all = index.observe_all
+
+    def held_observe_all(records: list, i: int, j: int) -> None:  # type: ignore[type-arg]
+        if j > i and not held.is_set():  # records in the timeline, not yet in the index
+            held.set()
+            go.wait(30)
+        observe_all(records, i, j)
+
+    index.observe_all = held_observe_all  # type: ignore[method-assign]
+
+    def ingest_rest() -> None:  # in one batch: its first run of records is long
+        records = [r for batch, _ in todo[half:] for r in batch]
+        store.ingest_batch(records, [raw for _, raws in todo[half:] for raw in raws])
+
+    ingesting = threading.Thread(target=ingest_rest)
+    ingesting.start()
+    assert held.wait(30)
+    branching = threading.Thread(target=store.branch, args=(timeline.timeline_id, at))
+    branching.start()
+    branching.join(5)
+    go.set()
+    ingesting.join(60)
+    branching.join(60)
+    index.observe_all = observe_all  # type: ignore[method-assign]
+    durable = timeline.disk_consistent_lsn
+    assert durable >= at
+    expected = [b for b in index.boundaries() if b <= durable]  # what the index observed
+    assert durable > at and any(lsn > at for lsn in expected), "the held batch is not durable"
+    on_disk = LsnIndex(index.directory, index.segment_size).boundaries()
+    assert on_disk == expected
+    store.close()
