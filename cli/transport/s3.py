@@ -217,7 +217,24 @@ def _http_endpoint(given: str | None) -> str | None:
     url = given
     if url is None and not _session().get_config_variable("ignore_configured_endpoint_urls"):
         url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return url if url is not None and url.lower().startswith("http://") else None
+    if url is None or not url.lower().startswith("http://"):
+        return None
+    if _proxied(url):
+        return None  # botocore gives the proxy's connection the endpoint's verify setting
+    return url
+
+
+def _proxied(url: str) -> bool:
+    """Whether a proxy from the environment (HTTP_PROXY and the like, as botocore reads
+    them) would carry requests to `url`: an https proxy's certificate must still be checked."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    proxies = getproxies()
+    if not (proxies.get("http") or proxies.get("all")):
+        return False
+    host = urlsplit(url).hostname or ""
+    return not proxy_bypass(host)
 
 
 _SESSIONS: dict[tuple[tuple[str, str], ...], Any] = {}

@@ -64,6 +64,7 @@ import atexit
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -116,6 +117,9 @@ SSH_OPTIONS = (
 MUX_DIR_PREFIX = "neon-ssh-"  # then the PID and mkdtemp's random part
 MUX_PERSIST = 10  # seconds an idle shared connection outlives its last session
 MUX_SOCKET_MAX = 100  # a unix socket path is at most 107 bytes; %C expands to 40
+_UNSAFE_IN_OPTION = re.compile(r'[\s"\'%\\]')
+"""What `-o ControlPath=...` cannot carry as it is: ssh splits option values at blanks and
+quotes and expands `%` tokens."""
 PERSIST_ENV = "NEON_SSH_PERSIST"
 DEFAULT_PERSIST = 60  # seconds a command's connection stays open for the next command
 KEPT_DIR_PREFIX = "neon-sshc-"  # then a hash of the home: its kept sockets when its path is long
@@ -284,8 +288,11 @@ def persist_seconds() -> int:
 
 
 def kept_dir(home: NeonHome) -> Path:
-    """Where `home`'s kept connections have their control sockets (module docstring)."""
-    if len(str(home.ssh_dir)) + 1 + KEPT_NAME_LEN <= KEPT_SOCKET_MAX:
+    """Where `home`'s kept connections have their control sockets (module docstring): the
+    temp dir's when the home's path is too long for a socket, or holds what ssh's option
+    parser splits at or expands (a space, a quote, `%` tokens)."""
+    path = str(home.ssh_dir)
+    if len(path) + 1 + KEPT_NAME_LEN <= KEPT_SOCKET_MAX and not _UNSAFE_IN_OPTION.search(path):
         return home.ssh_dir
     digest = hashlib.sha256(str(home.root).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"{KEPT_DIR_PREFIX}{digest}"
@@ -323,7 +330,9 @@ def _kept(program: list[str], destination: str) -> list[str] | None:
 def stop_kept_connections(home: NeonHome) -> list[str]:
     """Ask every connection `home` keeps open to end now (`ssh -O exit`); their sockets."""
     directory = kept_dir(home)
-    stopped = []
+    stopped: list[str] = []
+    if not directory.is_dir() or not _private_dir(directory):
+        return stopped  # nothing of ours is kept there (another user's directory: not probed)
     with contextlib.suppress(OSError):
         for sock in sorted(directory.iterdir()):
             with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -139,7 +139,9 @@ class LsnIndex:
             pending, self._pending = bytes(self._pending), bytearray()
         if not pending:
             return
-        created = not self.path.exists()
+        # The file's directory entry is not known durable until a flush succeeded (one that
+        # failed after creating the file leaves that to the next).
+        created = self._durable_size == 0
         try:
             self._write_at_durable_end(pending)
         except BaseException:

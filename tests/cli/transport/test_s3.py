@@ -385,8 +385,17 @@ def test_plain_http_endpoints_need_no_tls_context(monkeypatch: pytest.MonkeyPatc
     one, else the environment's as botocore picks it; none for https or ignored endpoints."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(s3, "_SESSIONS", {})
     assert s3._http_endpoint("http://minio:9000") == "http://minio:9000"
+    # Through a proxy (maybe https) the endpoint's verify setting is the proxy's: kept on.
+    monkeypatch.setenv("HTTP_PROXY", "https://proxy:3128")
+    assert s3._http_endpoint("http://minio:9000") is None
+    monkeypatch.setenv("NO_PROXY", "minio")
+    assert s3._http_endpoint("http://minio:9000") == "http://minio:9000"
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.delenv("NO_PROXY")
     assert s3._http_endpoint("https://minio:9000") is None
     assert s3._http_endpoint(None) is None  # AWS itself
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://a:1")

@@ -487,6 +487,27 @@ def test_kept_sockets_of_a_long_home_path_go_to_the_temp_dir(tmp_path: Path) -> 
     assert kept_dir(deep) != kept_dir(other)
 
 
+def test_a_home_path_ssh_would_split_keeps_its_connection_in_the_temp_dir(
+    ssh_env: SshServer, remote_dir: Path
+) -> None:
+    """`-o ControlPath=` cannot carry a blank, a quote or a `%` (ssh splits the value there
+    or expands a token: "keyword controlpath extra arguments at end of line", exit 255):
+    such a home keeps its sockets in the temp dir, and its commands work (fail on 773adc1)."""
+    root = Path(tempfile.mkdtemp(prefix="nk %d "))
+    home = NeonHome(root)
+    try:
+        assert kept_dir(home).parent == Path(tempfile.gettempdir())
+        url = ssh_env.url(f"{remote_dir}/x.neon")
+        before = _logins(ssh_env)
+        _command(root, url)
+        _command(root, url)
+        assert _logins(ssh_env) == before + 1
+    finally:
+        stop_kept_connections(home)
+        shutil.rmtree(root)
+        shutil.rmtree(kept_dir(home), ignore_errors=True)
+
+
 def test_bad_persist_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from cli.transport.ssh import persist_seconds
 
