@@ -120,6 +120,8 @@ MUX_SOCKET_MAX = 100  # a unix socket path is at most 107 bytes; %C expands to 4
 _UNSAFE_IN_OPTION = re.compile(r'[\s"\'%\\]')
 """What `-o ControlPath=...` cannot carry as it is: ssh splits option values at blanks and
 quotes and expands `%` tokens."""
+_VERBOSE = re.compile(r"(?:^|\s)-[46AaCfGgKkMNnqsTtXxYy]*v|LogLevel", re.IGNORECASE)
+"""An ssh program line that asks for debug output (-v, -vvv, -Cv, -o LogLevel=...)."""
 PERSIST_ENV = "NEON_SSH_PERSIST"
 DEFAULT_PERSIST = 60  # seconds a command's connection stays open for the next command
 KEPT_DIR_PREFIX = "neon-sshc-"  # then a hash of the home: its kept sockets when its path is long
@@ -312,10 +314,12 @@ def _private_dir(directory: Path) -> bool:
 
 def _kept(program: list[str], destination: str) -> list[str] | None:
     """`program` as a client of the connection to `destination` kept between commands of
-    this home; None when none is kept (no home, NEON_SSH_PERSIST=0, a directory not private)."""
+    this home; None when none is kept (no home, NEON_SSH_PERSIST=0, a directory not private,
+    a verbose ssh: a master started with -v keeps the command's stderr open, so the command
+    reading it to its end waited ControlPersist's seconds)."""
     home = current_home()
     seconds = persist_seconds()
-    if home is None or seconds == 0:
+    if home is None or seconds == 0 or _VERBOSE.search(" ".join(program)):
         return None
     directory = kept_dir(home)
     if not _private_dir(directory):

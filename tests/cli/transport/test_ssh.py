@@ -508,6 +508,18 @@ def test_a_home_path_ssh_would_split_keeps_its_connection_in_the_temp_dir(
         shutil.rmtree(kept_dir(home), ignore_errors=True)
 
 
+def test_a_verbose_ssh_keeps_no_connection(home: NeonHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A master started with -v (or a LogLevel) keeps the starting command's stderr open for
+    its ControlPersist seconds: a command reading ssh's stderr to its end would wait them."""
+    from cli.transport import ssh as ssh_module
+
+    monkeypatch.setattr(ssh_module, "current_home", lambda: home)
+    monkeypatch.delenv(PERSIST_ENV, raising=False)
+    assert ssh_module._kept(["ssh", "-F", "/dev/null", "-i", "/k/v"], "h") is not None
+    for program in (["ssh", "-v"], ["ssh", "-Cvv"], ["ssh", "-o", "LogLevel=DEBUG3"]):
+        assert ssh_module._kept(program, "h") is None, program
+
+
 def test_bad_persist_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from cli.transport.ssh import persist_seconds
 
