@@ -11,8 +11,9 @@ checkout, pgbench -i -s 70; load 7-14) the daemon's peak RSS was 381-401 MiB by 
 the daemon's CPU for the same work 24.9 s against 20.6-21.4 s). Blocks below the threshold
 (value blocks, a tar's 1 MiB chunks) still come from the heap, reused without page faults.
 
-A setting given in the environment (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) is left as it
-is. Elsewhere than glibc (musl, macOS) nothing is done.
+A setting given in the environment (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, or its
+GLIBC_TUNABLES name: glibc.malloc.arena_max, glibc.malloc.mmap_threshold) is left as it is.
+Elsewhere than glibc (musl, macOS) nothing is done.
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ MMAP_THRESHOLD = 4 << 20
 """Blocks of this many bytes or more are mapped on their own and unmapped when freed; a fixed
 threshold (mallopt) also stops glibc from raising it."""
 
-_SETTINGS = ((M_ARENA_MAX, ARENAS, "MALLOC_ARENA_MAX"), (M_MMAP_THRESHOLD, MMAP_THRESHOLD,
-             "MALLOC_MMAP_THRESHOLD_"))  # fmt: skip
+_SETTINGS = ((M_ARENA_MAX, ARENAS, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
+             (M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_",
+              "glibc.malloc.mmap_threshold"))  # fmt: skip
+
+
+def _given(env: str, tunable: str) -> bool:
+    """Whether the environment sets this malloc parameter itself (either way glibc reads)."""
+    if env in os.environ:
+        return True
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(part.split("=", 1)[0] == tunable for part in tunables.split(":"))
 
 
 def tune_malloc() -> bool:
@@ -48,7 +58,7 @@ def tune_malloc() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     took = True
-    for param, value, env in _SETTINGS:
-        if env not in os.environ:
+    for param, value, env, tunable in _SETTINGS:
+        if not _given(env, tunable):
             took = bool(mallopt(param, value)) and took
     return took

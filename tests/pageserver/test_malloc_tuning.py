@@ -41,7 +41,9 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 
 def _probe(mode: str, **env: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"
+    }
     out = subprocess.run(
         [sys.executable, "-c", PROBE, mode], env={**clean, **env}, check=True,
         capture_output=True, text=True,
@@ -56,3 +58,8 @@ def test_large_blocks_are_mapped_after_tuning() -> None:
 
 def test_a_threshold_from_the_environment_is_kept() -> None:
     assert _probe("tuned", MALLOC_MMAP_THRESHOLD_=str(32 << 20)) == ("True", 0)
+
+
+def test_a_threshold_from_glibc_tunables_is_kept() -> None:
+    tunables = f"glibc.malloc.check=0:glibc.malloc.mmap_threshold={32 << 20}"
+    assert _probe("tuned", GLIBC_TUNABLES=tunables) == ("True", 0)
