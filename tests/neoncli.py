@@ -20,7 +20,7 @@ from cli.home import NeonHome
 from cli.pgbin import pg_binary
 from cli.transport.ssh import stop_kept_connections
 from tests.pgtest import free_port as free_port  # re-exported: tests import it from here
-from tests.pgtest import pg_reachable_tmpdir
+from tests.pgtest import pg_reachable_tmpdir, pgport_base
 
 NEON = str(Path(sys.executable).with_name("neon"))
 
@@ -33,13 +33,7 @@ class NeonCli:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["NEON_HOME"] = str(self.home)
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1...: parallel test runs
-        if worker.startswith("gw") and worker[2:].isdigit():
-            # Nodes created without --port search from PGPORT: each worker its own ports, and
-            # (by the pytest main process's PID) mostly apart from another suite's at once;
-            # 10000-30000 stays below the kernel's ephemeral ports, which free_port() hands out.
-            suite = os.getppid() % 20
-            env["PGPORT"] = str(10000 + 1000 * suite + 200 * int(worker[2:]))
+        env["PGPORT"] = str(pgport_base())  # nodes created without --port search from it
         env.update(self.env_extra)
         return env
 

@@ -6,6 +6,7 @@ Every server started here is stopped by its PID at fixture teardown, even on fai
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from cli import postmaster
 from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
@@ -25,8 +27,34 @@ PASSWORD = "test-secret-pw"
 
 FREE_PORTS_FROM = 30400
 """free_port() searches from here up to the kernel's ephemeral ports; below are the PGPORT
-ranges tests/neoncli.py gives each xdist worker (10000 + 1000 * suite + 200 * worker)."""
+ranges of pgport_base()."""
+PGPORT_FROM = 10000
+PGPORT_SLOT = 200
 _handed_out: set[int] = set()
+_pgport_claim: tuple[int, TextIO] | None = None
+
+
+def pgport_base() -> int:
+    """The first of PGPORT_SLOT ports this test process alone searches from when a node is
+    created without --port (tests/neoncli.py sets PGPORT to it). The slot is claimed with an
+    flock held for the process's life, so concurrent workers and concurrent suites never
+    share one (a suite's nodes took another suite's port when slots came from PIDs)."""
+    global _pgport_claim
+    if _pgport_claim is None:
+        lock_dir = Path(tempfile.gettempdir()) / "pg-neon-test-pgports"
+        lock_dir.mkdir(exist_ok=True)
+        for slot in range((FREE_PORTS_FROM - PGPORT_FROM) // PGPORT_SLOT):
+            lock = (lock_dir / f"slot-{slot}.lock").open("a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue
+            _pgport_claim = (PGPORT_FROM + PGPORT_SLOT * slot, lock)
+            break
+        else:
+            raise RuntimeError(f"every PGPORT slot under {lock_dir} is claimed")
+    return _pgport_claim[0]
 
 
 def _ephemeral_low() -> int:

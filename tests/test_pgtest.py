@@ -1,4 +1,8 @@
-from tests.pgtest import PgTestCluster
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.pgtest import FREE_PORTS_FROM, PGPORT_FROM, PGPORT_SLOT, PgTestCluster, pgport_base
 
 
 def test_server_starts_and_answers(pg_cluster: PgTestCluster) -> None:
@@ -7,3 +11,34 @@ def test_server_starts_and_answers(pg_cluster: PgTestCluster) -> None:
     assert server.psql("show wal_level") == "replica"
     server.stop()
     assert not (server.datadir / "postmaster.pid").exists()
+
+
+def test_concurrent_test_processes_search_distinct_pgport_slots() -> None:
+    """Nodes created without --port search from PGPORT; two suites (or workers) given the
+    same base raced for the same port (a concurrent suite's node failed to start)."""
+    code = (
+        "import sys\n"
+        "from tests.pgtest import pgport_base\n"
+        "print(pgport_base(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    mine = pgport_base()  # held while the others claim theirs
+    root = Path(__file__).resolve().parent.parent
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        for _ in range(3)
+    ]
+    try:
+        bases = [int(child.stdout.readline()) for child in children if child.stdout]
+    finally:
+        for child in children:
+            child.communicate("", timeout=30)
+    bases.append(mine)
+    assert len(set(bases)) == 4, bases
+    assert all(b >= PGPORT_FROM and b + PGPORT_SLOT <= FREE_PORTS_FROM for b in bases)
