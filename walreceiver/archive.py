@@ -252,7 +252,16 @@ class WalArchive:
             self._path(self.timeline, self._segno, True),
             self._path(self.timeline, self._segno, False),
         )
-        fsync_dir(self.directory)
+        try:
+            fsync_dir(self.directory)
+        except OSError:
+            # The bytes are durable, the new name may not be: the archive ends without
+            # reporting the segment flushed (a write would otherwise reopen this segment's
+            # number); `begin` again resumes after what the directory holds.
+            self._begun = False
+            self.written_lsn = self.flushed_lsn
+            self._dirty = False
+            raise
         self.flushed_lsn = self.written_lsn
         self._segno += 1
         self._dirty = False

@@ -171,3 +171,34 @@ def test_a_failed_fsync_never_counts_as_durable(
     a.write(2 * PAGE, data[2 * PAGE :])
     a.close()
     assert (tmp_path / "000000010000000000000000").read_bytes() == data
+
+
+def test_a_failed_directory_fsync_after_a_segment_ends_the_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The completed segment's rename may not be durable: it is not reported flushed, and
+    nothing more is written (the next write used to reopen the finished segment's number,
+    truncating a `.partial` under the wrong name); the next `begin` resumes after it."""
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    data = wal(0, 2 * SEG)
+    a.write(0, data[:PAGE])
+    assert a.flush() == PAGE
+    real = archive_module.fsync_dir
+
+    def failing_fsync_dir(directory: Path) -> None:
+        monkeypatch.setattr(archive_module, "fsync_dir", real)  # fails once
+        raise OSError(errno.EIO, "Input/output error", str(directory))
+
+    monkeypatch.setattr(archive_module, "fsync_dir", failing_fsync_dir)
+    with pytest.raises(OSError, match="Input/output error"):
+        a.write(PAGE, data[PAGE : SEG + PAGE])
+    assert a.flushed_lsn == PAGE  # the name's durability is unknown
+    with pytest.raises(Exception, match="before begin"):
+        a.write(SEG, data[SEG : SEG + PAGE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000010000000000000000"]
+    assert a.resume() == (1, SEG)
+    a.begin(1, SEG)
+    a.write(SEG, data[SEG:])
+    a.close()
+    assert (tmp_path / "000000010000000000000001").read_bytes() == data[SEG:]
