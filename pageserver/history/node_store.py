@@ -319,14 +319,19 @@ class NodeStore:
 
     # ingest (decode thread)
 
+    def _walingest(self) -> WalIngest:
+        """The record-to-key ingester of the timeline, made on first use (call under
+        `_ingest_lock`)."""
+        if self._ingest is None:
+            self._ingest = WalIngest(self.timeline)
+        return self._ingest
+
     def ingest(self, record: DecodedRecord, raw: bytes | None = None) -> None:
         """Ingest one record (records the history already holds are skipped)."""
         if self._state is None:
             return
         with self._ingest_lock:
-            if self._ingest is None:
-                self._ingest = WalIngest(self.timeline)
-            if self._ingest.ingest_record(record, raw):
+            if self._walingest().ingest_record(record, raw):
                 self.index.observe(record)
 
     def ingest_batch(self, records: list[DecodedRecord], raws: list[bytes | None]) -> None:
@@ -335,9 +340,7 @@ class NodeStore:
         if self._state is None:
             return
         with self._ingest_lock:
-            if self._ingest is None:
-                self._ingest = WalIngest(self.timeline)
-            ingest, index, i = self._ingest, self.index, 0
+            ingest, index, i = self._walingest(), self.index, 0
             while i < len(records):
                 j = ingest.ingest_native(records, raws, i)
                 index.observe_all(records, i, j)
@@ -372,9 +375,7 @@ class NodeStore:
             self.ingest_batch(records, [raw.data for raw in batch])
             return records
         with self._ingest_lock:
-            if self._ingest is None:
-                self._ingest = WalIngest(self.timeline)
-            ingest, index, i = self._ingest, self.index, 0
+            ingest, index, i = self._walingest(), self.index, 0
             decoded: list[DecodedRecord] = []
             while i < len(batch):
                 j = ingest.ingest_native_raw(batch, i)
