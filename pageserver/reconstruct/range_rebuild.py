@@ -17,9 +17,11 @@ used. The version entries' tags say where it is (index only), so their blocks ar
 decompressed: after a pgbench run most pages have a full-page image after each checkpoint, and
 image creation over an L1 layer spanning several checkpoints decompressed all of them.
 
-The Python per-key path stays the reference (NEON_PURE_PYTHON=1 runs it alone); the tests
-compare image layers written both ways on real WAL (tests/pageserver/reconstruct/
-test_range_rebuild.py).
+The walk over the layers runs in C (`_redo.rebuild_run`, RUN_KEYS keys a call: the index
+read in place, only block decompression called back) with `_walk_python` its reference; the
+Python per-key path stays the reference of both (NEON_PURE_PYTHON=1 runs it alone); the tests
+compare the two walks, and image layers written with and without them, on real WAL
+(tests/pageserver/reconstruct/test_range_rebuild.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from collections.abc import Callable, Iterator
 from pageserver.reconstruct.apply_delta import continue_chain, reconstruct
 from pageserver.redo.native import redo as _native
 from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, key_successor
+from pageserver.storage.layers.blocks import RunInput
+from pageserver.storage.layers.delta import DeltaLayer
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.layers.layer_map import image_tiles
 from pageserver.storage.layers.persistent import PersistentLayer
@@ -47,6 +51,9 @@ _ENTRY_TAG = 8  # offset of the tag in a version entry (pageserver/storage/layer
 _ENTRY_BLOCK = 9  # offset of its block number (big-endian u32)
 _ENTRY_SIZE = 21  # format version 1's entry, which key_versions_raw returns
 _DELTA_TAG = bytes((TAG_DELTA,))
+_rebuild_run = getattr(_native, "rebuild_run", None)
+"""The C walk (`_walk_native`); None: the Python one (an extension built before it, or a
+test of the reference)."""
 
 
 def chain_start(raw: bytes) -> int:
@@ -118,31 +125,90 @@ def rebuild_range(
     `view` (`Timeline.persistent_view` over a range holding key_range, at lsn) lets a reader
     of a timeline that is still ingesting scan the layer files for the keys no in-memory
     layer holds; without it, the files must hold every version (`Timeline.persistent_map`)."""
-    native = _native if keys else None
     in_memory: frozenset[Key] = frozenset()
-    if native is None:
+    if _native is None or not keys:
         layer_map = None
     elif view is not None:
         layer_map, in_memory = view.layer_map, view.in_memory
     else:
         layer_map = timeline.persistent_map(lsn)
-    if native is None or layer_map is None:
+    if layer_map is None:
         for key in keys:
             yield key, reference(key)
         return
     images, covered = layer_map.images_over(key_range, lsn)
     tiles = image_tiles(key_range, tuple(images))
     above = min((image.lsn for _, image in tiles), default=-1) if covered else -1
-    newest_first = [
-        _Cursor(layer, key_range.start)
-        for layer in layer_map.deltas_overlapping(key_range, above, lsn)
-    ]
-    image_cursors: dict[int, _Cursor] = {}
+    deltas = layer_map.deltas_overlapping(key_range, above, lsn)
     root = timeline.ancestor is None
+    walk = _walk_python if _rebuild_run is None else _walk_native
+    for key, value in walk(key_range, keys, lsn, tiles, deltas, in_memory, root):
+        if isinstance(value, bool):  # False
+            value = reference(key)
+        elif isinstance(value, tuple):
+            page, rest = value
+            value = continue_chain(key, page, [(d_lsn, WalDelta(rec, i)) for d_lsn, i, rec in rest])
+        yield key, value
+
+
+Tiles = list[tuple[KeyRange, ImageLayer]]
+Walked = Iterator[tuple[Key, "bytes | bool | Chain | None"]]
+"""(key, `_redo.rebuild_page`'s outcome): the value, None, False (the per-key path decides)
+or (page, rest) (the Python redo goes on)."""
+Chain = tuple["bytes | None", list[tuple[int, bool, bytes]]]
+
+RUN_KEYS = 256
+"""Keys one `_redo.rebuild_run` call rebuilds: their pages are held at once (2 MiB), and a
+caller checks between two runs whether it is cancelled (compaction.CHECK_EVERY)."""
+
+
+def _walk_native(
+    key_range: KeyRange,
+    keys: list[Key],
+    lsn: int,
+    tiles: Tiles,
+    deltas: list[DeltaLayer],
+    in_memory: frozenset[Key],
+    root: bool,
+) -> Walked:
+    """`_walk_python` in C (`_redo.rebuild_run`), RUN_KEYS keys a call: the per-key Python
+    of the walk (a cursor step per layer, the version entries sliced and widened, a part
+    tuple per layer) was most of image creation's CPU besides zstd (issue 10)."""
+    assert _rebuild_run is not None
+    layers = [layer.file.run_input(key_range.start, layer.lsn_end) for layer in deltas]
+    numbered: dict[int, int] = {}
+    image_inputs: list[RunInput] = []
+    tile_inputs: list[tuple[bytes, bytes, int, int]] = []
+    for tile_range, image in tiles:
+        n = numbered.get(id(image))
+        if n is None:
+            n = numbered[id(image)] = len(image_inputs)
+            image_inputs.append(image.file.run_input(tile_range.start, image.lsn_end))
+        tile_inputs.append((tile_range.start, tile_range.end, image.lsn, n))
+    for at in range(0, len(keys), RUN_KEYS):
+        run = keys[at : at + RUN_KEYS]
+        values = _rebuild_run(run, lsn, layers, image_inputs, tile_inputs, in_memory, root)
+        yield from zip(run, values, strict=True)
+
+
+def _walk_python(
+    key_range: KeyRange,
+    keys: list[Key],
+    lsn: int,
+    tiles: Tiles,
+    deltas: list[DeltaLayer],
+    in_memory: frozenset[Key],
+    root: bool,
+) -> Walked:
+    """Each key's versions, newest layer first, to `_redo.rebuild_page`: the reference of
+    `_walk_native`."""
+    assert _native is not None
+    newest_first = [_Cursor(layer, key_range.start) for layer in deltas]
+    image_cursors: dict[int, _Cursor] = {}
     t = 0
     for key in keys:
         if key in in_memory:
-            yield key, reference(key)
+            yield key, False
             continue
         while t < len(tiles) and tiles[t][0].end <= key:
             t += 1
@@ -173,17 +239,10 @@ def rebuild_range(
             if held is not None:
                 raw, first, blocks, _ = held
                 if len(raw) != _ENTRY_SIZE or raw[_ENTRY_TAG] != TAG_IMAGE:
-                    yield key, reference(key)  # not one image: LayerCorrupt there
+                    yield key, False  # not one image: LayerCorrupt there
                     continue
                 parts.insert(0, (raw, first, blocks, image.lsn))
-        value = native.rebuild_page(key, lsn, parts, image is not None or root)
-        if value is False:
-            value = reference(key)
-        elif isinstance(value, tuple):
-            page, rest = value
-            deltas = [(d_lsn, WalDelta(rec, init)) for d_lsn, init, rec in rest]
-            value = continue_chain(key, page, deltas)
-        yield key, value
+        yield key, _native.rebuild_page(key, lsn, parts, image is not None or root)
 
 
 def rebuild_keys(

@@ -2120,26 +2120,13 @@ hand_back(const Version *v, Py_ssize_t i, Py_ssize_t n, PyObject *page)
     return Py_BuildValue("(ON)", page, rest);
 }
 
-/* rebuild_page(key, lsn, parts, base_known): see _redo.pyi. */
+/* A key's value at lsn from its versions v[0..n) (oldest first, each floor < LSN <= lsn): the
+ * value, None, False (the per-key path) or (page, rest) (see rebuild_page in _redo.pyi); NULL
+ * on a Python error. `key`: the 18 bytes of the key. v stays the caller's. */
 static PyObject *
-py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+rebuild_versions(const uint8_t *key, uint64_t lsn, const Version *v, Py_ssize_t n,
+                 int base_known)
 {
-    unsigned long long lsn;
-    if (nargs != 4 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != 18 ||
-        as_uint(args[1], &lsn) != OK) {
-        PyErr_SetString(PyExc_TypeError, "rebuild_page(key, lsn, parts, base_known)");
-        return NULL;
-    }
-    int base_known = PyObject_IsTrue(args[3]);
-    if (base_known < 0)
-        return NULL;
-    Version *v = NULL;
-    Py_ssize_t n = 0;
-    int got = gather(args[2], lsn, &v, &n);
-    if (got < 0)
-        return NULL;
-    if (got == 0)
-        Py_RETURN_FALSE;
     PyObject *result = NULL;
     /* The chain's base: the newest image (the image layer's is the first part), will_init
      * delta or tombstone among the versions; else nothing when base_known (an image layer
@@ -2172,7 +2159,6 @@ py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         result = base != NULL ? Py_NewRef(base) : Py_NewRef(Py_None);
         goto done;
     }
-    const uint8_t *key = (const uint8_t *)PyBytes_AS_STRING(args[0]);
     uint32_t f2 = be32(key + 1), f3 = be32(key + 5), f4 = be32(key + 9), f6 = be32(key + 14);
     unsigned f5 = key[13];
     int is_rel = key[0] == 0 && f4 != 0 && f6 != 0xFFFFFFFFu;
@@ -2265,8 +2251,492 @@ py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
 done:
     Py_XDECREF(base);
+    return result;
+}
+
+/* rebuild_page(key, lsn, parts, base_known): see _redo.pyi. */
+static PyObject *
+py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long lsn;
+    if (nargs != 4 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != 18 ||
+        as_uint(args[1], &lsn) != OK) {
+        PyErr_SetString(PyExc_TypeError, "rebuild_page(key, lsn, parts, base_known)");
+        return NULL;
+    }
+    int base_known = PyObject_IsTrue(args[3]);
+    if (base_known < 0)
+        return NULL;
+    Version *v = NULL;
+    Py_ssize_t n = 0;
+    int got = gather(args[2], lsn, &v, &n);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_FALSE;
+    PyObject *result =
+        rebuild_versions((const uint8_t *)PyBytes_AS_STRING(args[0]), lsn, v, n, base_known);
     PyMem_Free(v);
     return result;
+}
+
+/* ---- a run of keys (pageserver/reconstruct/range_rebuild.py, _Cursor and rebuild_range's
+ * per-key loop the reference) ----------------------------------------------------------------
+ *
+ * rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known) -> [value, ...]: see
+ * _redo.pyi. A layer is (keys, firsts, file, versions_at, narrow, lsn_base, lsn_end,
+ * read_block, state): its key table (LayerFile._keys), its mapped file whose version table
+ * (">QBIII" entries, or narrow ">IBHIH" ones above lsn_base) starts at versions_at, the
+ * layer's end LSN, read_block(b) -> the block decompressed and checked, and state, a list
+ * [i, held block number, held block] the walk keeps between calls (_Cursor's i and blocks). */
+
+#define NARROW_ENTRY 13
+#define KEY_BYTES 18
+
+typedef struct {
+    Py_buffer keys, firsts, file;
+    Py_ssize_t n_keys, versions_at, esize;
+    uint64_t lsn_base, lsn_end, in_file;
+    int narrow, open;
+    PyObject *read_block, *state;
+    Py_ssize_t i;
+    long long held_no;
+    PyObject *held;          /* borrowed from state until written back */
+    PyObject **blocks;       /* the blocks of the current key (new references) */
+    Py_ssize_t n_blocks, cap_blocks;
+    long long first_block;
+    Py_ssize_t v_start, v_stop; /* the current key's version entries used */
+} RunLayer;
+
+static void
+run_layer_release(RunLayer *c)
+{
+    for (Py_ssize_t k = 0; k < c->n_blocks; k++)
+        Py_XDECREF(c->blocks[k]);
+    PyMem_Free(c->blocks);
+    if (c->open) {
+        PyBuffer_Release(&c->keys);
+        PyBuffer_Release(&c->firsts);
+        PyBuffer_Release(&c->file);
+    }
+}
+
+static int
+run_layer_open(PyObject *t, RunLayer *c)
+{
+    memset(c, 0, sizeof *c);
+    unsigned long long base, end;
+    if (!PyArg_ParseTuple(t, "y*y*y*npKKOO!:rebuild_run layer", &c->keys, &c->firsts, &c->file,
+                          &c->versions_at, &c->narrow, &base, &end, &c->read_block,
+                          &PyList_Type, &c->state))
+        return -1;
+    c->open = 1;
+    c->lsn_base = base;
+    c->lsn_end = end;
+    c->esize = c->narrow ? NARROW_ENTRY : VERSION_ENTRY;
+    c->n_keys = c->keys.len / KEY_BYTES;
+    if (c->firsts.len != (c->n_keys + 1) * 8 || c->versions_at < 0 ||
+        c->versions_at > c->file.len || PyList_GET_SIZE(c->state) != 3) {
+        PyErr_SetString(PyExc_ValueError, "rebuild_run: inconsistent layer index");
+        return -1;
+    }
+    c->in_file = (uint64_t)(c->file.len - c->versions_at) / (uint64_t)c->esize;
+    long long i = PyLong_AsLongLong(PyList_GET_ITEM(c->state, 0));
+    long long held_no = PyLong_AsLongLong(PyList_GET_ITEM(c->state, 1));
+    if (PyErr_Occurred())
+        return -1;
+    if (i < 0 || i > c->n_keys) {
+        PyErr_SetString(PyExc_ValueError, "rebuild_run: layer position out of range");
+        return -1;
+    }
+    c->i = (Py_ssize_t)i;
+    c->held_no = held_no;
+    c->held = PyList_GET_ITEM(c->state, 2);
+    return 0;
+}
+
+/* Write the walk's position and held block back into the layer's state. */
+static int
+run_layer_save(RunLayer *c)
+{
+    PyObject *i = PyLong_FromSsize_t(c->i), *no = PyLong_FromLongLong(c->held_no);
+    if (i == NULL || no == NULL) {
+        Py_XDECREF(i);
+        Py_XDECREF(no);
+        return -1;
+    }
+    PyList_SetItem(c->state, 0, i);
+    PyList_SetItem(c->state, 1, no);
+    PyList_SetItem(c->state, 2, Py_NewRef(c->held));
+    return 0;
+}
+
+static inline const uint8_t *
+run_key(const RunLayer *c, Py_ssize_t i)
+{
+    return (const uint8_t *)c->keys.buf + i * KEY_BYTES;
+}
+
+static inline uint64_t
+run_first(const RunLayer *c, Py_ssize_t i)
+{
+    uint64_t v;
+    memcpy(&v, (const char *)c->firsts.buf + 8 * i, 8);
+    return v;
+}
+
+static inline const uint8_t *
+run_entry(const RunLayer *c, uint64_t v)
+{
+    return (const uint8_t *)c->file.buf + c->versions_at + v * (uint64_t)c->esize;
+}
+
+static inline uint64_t
+run_lsn(const RunLayer *c, const uint8_t *e)
+{
+    if (c->narrow)
+        return c->lsn_base + be32(e);
+    return ((uint64_t)be32(e) << 32) | be32(e + 4);
+}
+
+static inline int
+run_tag(const RunLayer *c, const uint8_t *e)
+{
+    return e[c->narrow ? 4 : 8];
+}
+
+static inline uint32_t
+run_block(const RunLayer *c, const uint8_t *e)
+{
+    return c->narrow ? ((uint32_t)e[5] << 8 | e[6]) : be32(e + 9);
+}
+
+static inline uint32_t
+run_offset(const RunLayer *c, const uint8_t *e)
+{
+    return c->narrow ? be32(e + 7) : be32(e + 13);
+}
+
+static inline uint32_t
+run_length(const RunLayer *c, const uint8_t *e)
+{
+    return c->narrow ? ((uint32_t)e[11] << 8 | e[12]) : be32(e + 17);
+}
+
+/* -1 if the key at the layer's position sorts before key, 0 if equal, 1 after (or past the
+ * end: _PAST_END). */
+static inline int
+run_next_cmp(const RunLayer *c, const uint8_t *key)
+{
+    if (c->i >= c->n_keys)
+        return 1;
+    int r = memcmp(run_key(c, c->i), key, KEY_BYTES);
+    return r < 0 ? -1 : r > 0;
+}
+
+/* Index of the newest version in [lo, hi) with LSN <= lsn, or lo - 1 (last_at_or_below). */
+static int64_t
+run_at_or_below(const RunLayer *c, int64_t lo, int64_t hi, uint64_t lsn)
+{
+    if (hi > lo && run_lsn(c, run_entry(c, (uint64_t)hi - 1)) <= lsn)
+        return hi - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (run_lsn(c, run_entry(c, (uint64_t)mid)) <= lsn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo - 1;
+}
+
+/* _Cursor.versions: 1 with the key's versions in (floor, lsn) (floor -1: none) from the
+ * newest chain start on (`whole`: all) in v_start..v_stop and their blocks read, *based set;
+ * 0 if the layer holds none; -1 on a Python error; -2 when the entries are out of order (the
+ * per-key path decides). */
+static int
+run_versions(RunLayer *c, const uint8_t *key, int64_t floor, uint64_t lsn, int whole,
+             int *based)
+{
+    int cmp = run_next_cmp(c, key);
+    if (cmp > 0)
+        return 0;
+    if (cmp < 0) { /* lower_bound from the position: keys ascend */
+        Py_ssize_t lo = c->i, hi = c->n_keys;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (memcmp(run_key(c, mid), key, KEY_BYTES) < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        c->i = lo;
+        if (run_next_cmp(c, key) != 0)
+            return 0;
+    }
+    uint64_t vfirst = run_first(c, c->i), vstop = run_first(c, c->i + 1);
+    c->i++;
+    if (vstop < vfirst || vstop > c->in_file) {
+        PyErr_SetString(PyExc_ValueError, "rebuild_run: version entry past the file");
+        return -1;
+    }
+    int64_t start = (int64_t)vfirst, stop = (int64_t)vstop;
+    if (floor >= 0)
+        start = run_at_or_below(c, (int64_t)vfirst, (int64_t)vstop, (uint64_t)floor) + 1;
+    stop = run_at_or_below(c, (int64_t)vfirst, (int64_t)vstop, lsn) + 1;
+    if (start >= stop)
+        return 0;
+    /* chain_start: the newest entry whose tag is not TAG_DELTA */
+    int64_t s = stop - 1;
+    while (s >= start && run_tag(c, run_entry(c, (uint64_t)s)) == TAG_DELTA)
+        s--;
+    *based = s >= start;
+    if (s > start && !whole)
+        start = s;
+    long long first = run_block(c, run_entry(c, (uint64_t)start));
+    long long last = run_block(c, run_entry(c, (uint64_t)stop - 1));
+    if (last < first)
+        return -2;
+    Py_ssize_t nb = (Py_ssize_t)(last - first + 1);
+    PyObject **blocks = PyMem_Calloc((size_t)nb, sizeof *blocks);
+    if (blocks == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        long long b = first + k;
+        PyObject *got;
+        if (b == c->held_no && c->held != Py_None)
+            got = Py_NewRef(c->held);
+        else
+            got = PyObject_CallFunction(c->read_block, "L", b);
+        if (got == NULL) {
+            for (Py_ssize_t j = 0; j < k; j++)
+                Py_DECREF(blocks[j]);
+            PyMem_Free(blocks);
+            return -1;
+        }
+        blocks[k] = got;
+    }
+    for (Py_ssize_t k = 0; k < c->n_blocks; k++)
+        Py_XDECREF(c->blocks[k]);
+    PyMem_Free(c->blocks);
+    c->blocks = blocks;
+    c->n_blocks = nb;
+    c->first_block = first;
+    c->held_no = last;
+    c->held = blocks[nb - 1]; /* kept alive by blocks until replaced */
+    c->v_start = (Py_ssize_t)start;
+    c->v_stop = (Py_ssize_t)stop;
+    return 1;
+}
+
+/* Append layer c's current versions with floor_plus_one <= LSN + 1, LSN <= lsn to v (gather
+ * for one part): 1, 0 on an invalid value reference, -1 on no memory. */
+static int
+run_gather(const RunLayer *c, uint64_t floor_plus_one, uint64_t lsn, Version **v,
+           Py_ssize_t *n, Py_ssize_t *cap)
+{
+    for (Py_ssize_t k = c->v_start; k < c->v_stop; k++) {
+        const uint8_t *e = run_entry(c, (uint64_t)k);
+        uint64_t vlsn = run_lsn(c, e);
+        if (vlsn > lsn || vlsn + 1 <= floor_plus_one)
+            continue;
+        long long b = (long long)run_block(c, e) - c->first_block;
+        uint32_t offset = run_offset(c, e), length = run_length(c, e);
+        if (b < 0 || b >= c->n_blocks)
+            return 0;
+        PyObject *data = c->blocks[b];
+        if (!PyBytes_Check(data) || length == 0 ||
+            (uint64_t)offset + length > (uint64_t)PyBytes_GET_SIZE(data) ||
+            (uint8_t)PyBytes_AS_STRING(data)[offset] != run_tag(c, e))
+            return 0;
+        if (*n == *cap) {
+            *cap = *cap ? 2 * *cap : 64;
+            Version *grown = PyMem_Realloc(*v, (size_t)*cap * sizeof **v);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            *v = grown;
+        }
+        (*v)[*n].lsn = vlsn;
+        (*v)[*n].tag = run_tag(c, e);
+        (*v)[*n].value = (const uint8_t *)PyBytes_AS_STRING(data) + offset;
+        (*v)[*n].len = length;
+        (*n)++;
+    }
+    return 1;
+}
+
+typedef struct {
+    const uint8_t *start, *end; /* keys (18 bytes), or any bytes as KeyRange bounds */
+    Py_ssize_t start_len, end_len;
+    uint64_t lsn;
+    Py_ssize_t image; /* index into the image layers */
+} RunTile;
+
+/* bound <= key, as bytes compare (key: KEY_BYTES long) */
+static inline int
+bound_at_or_below(const uint8_t *bound, Py_ssize_t len, const uint8_t *key)
+{
+    int c = memcmp(bound, key, len < KEY_BYTES ? (size_t)len : KEY_BYTES);
+    return c < 0 || (c == 0 && len <= KEY_BYTES);
+}
+
+static PyObject *
+py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long lsn;
+    if (nargs != 7 || !PyList_Check(args[0]) || as_uint(args[1], &lsn) != OK ||
+        !PyList_Check(args[2]) || !PyList_Check(args[3]) || !PyList_Check(args[4]) ||
+        !PyAnySet_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known)");
+        return NULL;
+    }
+    int root = PyObject_IsTrue(args[6]);
+    if (root < 0)
+        return NULL;
+    PyObject *keys = args[0], *in_memory = args[5];
+    Py_ssize_t nd = PyList_GET_SIZE(args[2]), ni = PyList_GET_SIZE(args[3]);
+    Py_ssize_t nt = PyList_GET_SIZE(args[4]), nk = PyList_GET_SIZE(keys);
+    Py_ssize_t opened = 0;
+    RunLayer *layers = PyMem_Calloc((size_t)(nd + ni + 1), sizeof *layers);
+    RunTile *tiles = PyMem_Calloc((size_t)(nt + 1), sizeof *tiles);
+    Py_ssize_t *order = PyMem_Calloc((size_t)(nd + 1), sizeof *order);
+    Version *v = NULL;
+    Py_ssize_t cap = 0;
+    PyObject *out = NULL;
+    if (layers == NULL || tiles == NULL || order == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; opened < nd + ni; opened++) {
+        PyObject *t = PyList_GET_ITEM(opened < nd ? args[2] : args[3],
+                                      opened < nd ? opened : opened - nd);
+        if (run_layer_open(t, &layers[opened]) < 0) {
+            run_layer_release(&layers[opened]);
+            goto done;
+        }
+    }
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        PyObject *tile = PyList_GET_ITEM(args[4], t);
+        unsigned long long tl;
+        if (!PyTuple_Check(tile) || PyTuple_GET_SIZE(tile) != 4 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(tile, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(tile, 1)) ||
+            as_uint(PyTuple_GET_ITEM(tile, 2), &tl) != OK ||
+            !PyLong_Check(PyTuple_GET_ITEM(tile, 3))) {
+            PyErr_SetString(PyExc_TypeError, "rebuild_run: a tile is (start, end, lsn, image)");
+            goto done;
+        }
+        Py_ssize_t im = PyLong_AsSsize_t(PyTuple_GET_ITEM(tile, 3));
+        if (im < 0 || im >= ni) {
+            PyErr_SetString(PyExc_ValueError, "rebuild_run: a tile's image is out of range");
+            goto done;
+        }
+        tiles[t].start = (const uint8_t *)PyBytes_AS_STRING(PyTuple_GET_ITEM(tile, 0));
+        tiles[t].end = (const uint8_t *)PyBytes_AS_STRING(PyTuple_GET_ITEM(tile, 1));
+        tiles[t].start_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(tile, 0));
+        tiles[t].end_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(tile, 1));
+        tiles[t].lsn = tl;
+        tiles[t].image = nd + im;
+    }
+    out = PyList_New(nk);
+    if (out == NULL)
+        goto done;
+    Py_ssize_t t = 0;
+    for (Py_ssize_t j = 0; j < nk; j++) {
+        PyObject *keyobj = PyList_GET_ITEM(keys, j), *value = NULL;
+        if (!PyBytes_Check(keyobj) || PyBytes_GET_SIZE(keyobj) != KEY_BYTES) {
+            PyErr_SetString(PyExc_TypeError, "rebuild_run: keys are 18-byte keys");
+            goto fail;
+        }
+        const uint8_t *key = (const uint8_t *)PyBytes_AS_STRING(keyobj);
+        if (PySet_GET_SIZE(in_memory) > 0) {
+            int held = PySet_Contains(in_memory, keyobj);
+            if (held < 0)
+                goto fail;
+            if (held) {
+                PyList_SET_ITEM(out, j, Py_NewRef(Py_False));
+                continue;
+            }
+        }
+        /* the tile holding the key: tiles ascend and so do keys */
+        while (t < nt && bound_at_or_below(tiles[t].end, tiles[t].end_len, key))
+            t++;
+        const RunTile *tile = NULL;
+        if (t < nt && bound_at_or_below(tiles[t].start, tiles[t].start_len, key))
+            tile = &tiles[t];
+        uint64_t floor_plus_one = tile != NULL ? tile->lsn + 1 : 0;
+        /* newest layer first, down to the one holding the chain's start */
+        Py_ssize_t parts = 0;
+        int based = 0, bad = 0;
+        for (Py_ssize_t d = 0; d < nd; d++) {
+            RunLayer *c = &layers[d];
+            if (run_next_cmp(c, key) > 0 || c->lsn_end <= floor_plus_one)
+                continue;
+            int b = 0;
+            int got = run_versions(c, key, (int64_t)floor_plus_one - 1, lsn, 0, &b);
+            if (got == -1)
+                goto fail;
+            if (got == -2) {
+                bad = 1;
+                break;
+            }
+            if (got == 1) {
+                order[parts++] = d;
+                based = b;
+                if (based)
+                    break;
+            }
+        }
+        Py_ssize_t n = 0;
+        int gathered = 1;
+        if (!bad && tile != NULL && !based) {
+            RunLayer *c = &layers[tile->image];
+            int b = 0;
+            int got = run_versions(c, key, -1, tile->lsn, 1, &b);
+            if (got == -1)
+                goto fail;
+            if (got == -2)
+                bad = 1;
+            else if (got == 1) {
+                if (c->v_stop - c->v_start != 1 ||
+                    run_tag(c, run_entry(c, (uint64_t)c->v_start)) != TAG_IMAGE)
+                    bad = 1; /* not one image: LayerCorrupt there */
+                else
+                    gathered = run_gather(c, tile->lsn, lsn, &v, &n, &cap);
+            }
+        }
+        for (Py_ssize_t p = parts - 1; !bad && gathered == 1 && p >= 0; p--)
+            gathered = run_gather(&layers[order[p]], floor_plus_one, lsn, &v, &n, &cap);
+        if (gathered < 0)
+            goto fail;
+        if (bad || gathered == 0)
+            value = Py_NewRef(Py_False);
+        else {
+            value = rebuild_versions(key, lsn, v, n, tile != NULL || root);
+            if (value == NULL)
+                goto fail;
+        }
+        PyList_SET_ITEM(out, j, value);
+    }
+    for (Py_ssize_t k = 0; k < opened; k++)
+        if (run_layer_save(&layers[k]) < 0)
+            goto fail;
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    for (Py_ssize_t k = 0; k < opened; k++)
+        run_layer_release(&layers[k]);
+    PyMem_Free(layers);
+    PyMem_Free(tiles);
+    PyMem_Free(order);
+    PyMem_Free(v);
+    return out;
 }
 
 /* The Python redo_block (redo_block_python), called for what try_redo_block hands back. */
@@ -2308,6 +2778,8 @@ static PyMethodDef methods[] = {
     {"init", py_init, METH_O, "Register the Python redo_block for what C hands back."},
     {"rebuild_page", (PyCFunction)(void (*)(void))py_rebuild_page, METH_FASTCALL,
      "rebuild_page(key, lsn, parts, base_known): a key's value from its layer versions."},
+    {"rebuild_run", (PyCFunction)(void (*)(void))py_rebuild_run, METH_FASTCALL,
+     "rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known): keys' values."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,3 +19,24 @@ def rebuild_page(
     Returns the value (None: none), False (use the per-key path for this key), or (page, rest):
     the page so far and the deltas (end LSN, will_init, payload) the Python redo must apply.
     """
+
+def rebuild_run(
+    keys: list[bytes],
+    lsn: int,
+    deltas: list[tuple[Any, ...]],
+    images: list[tuple[Any, ...]],
+    tiles: list[tuple[bytes, bytes, int, int]],
+    in_memory: frozenset[bytes] | set[bytes],
+    base_known: bool,
+    /,
+) -> list[bytes | bool | tuple[bytes | None, list[tuple[int, bool, bytes]]] | None]:
+    """rebuild_page of each of keys (ascending) at lsn, its parts found in the layers
+    (pageserver/reconstruct/range_rebuild.py: _walk_native, _walk_python the reference).
+
+    deltas: the delta layers newest first, images the image layers, each as
+    LayerFile.run_input gives it (key table, map, version table offset, narrow, LSN base,
+    the layer's end LSN, read_block, and a list [position, block number, block] the walk
+    updates, so the next call for the following keys goes on from there); tiles: (start,
+    end, image LSN, index into images) ascending, the image covering each key range. A key
+    in in_memory is False; base_known as for rebuild_page where no tile covers a key.
+    """

@@ -665,6 +665,17 @@ class LayerFile:
         keys, firsts = self._keys()
         return keys, firsts, self._map, self._versions_at, self.read_block
 
+    def run_input(self, start: bytes, lsn_end: int) -> RunInput:
+        """This file as a layer of the C bulk rebuild (`_redo.rebuild_run`), walking from the
+        first key >= start: its key table, its map with where the version table starts and its
+        format, `lsn_end` (the layer's), `read_block` and the walk's state (see _redo.pyi)."""
+        keys, firsts = self._keys()
+        state: list[object] = [self.lower_bound(start), -1, None]
+        return (
+            keys, firsts, self._map, self._versions_at, self.narrow, self._lsn_base, lsn_end,
+            self.read_block, state,
+        )  # fmt: skip
+
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
         """Every (key, LSN, encoded value) in file order, bypassing the cache (a sequential
         scan by compaction must not evict the blocks readers use)."""
@@ -697,6 +708,11 @@ class LayerFile:
 
 MergeInput = tuple[bytes, "array[int]", mmap.mmap, int, Callable[[int], bytes]]
 """A layer file as the C L0 merge reads it (LayerFile.merge_input)."""
+
+RunInput = tuple[
+    bytes, "array[int]", mmap.mmap, int, bool, int, int, Callable[[int], bytes], list[object]
+]
+"""A layer file as the C bulk rebuild reads it (LayerFile.run_input)."""
 
 MERGE_MAX_KEYS = 1024
 """Keys one call of the C merge adds before its caller checks whether it is cancelled (the
