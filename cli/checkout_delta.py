@@ -36,10 +36,9 @@ Crash safety (the journal's contract: after a kill at any point, the next `pg ch
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from cli.checkout_files import (
@@ -58,9 +57,10 @@ from cli.pg_files import read_pg_file
 from cli.postmaster import NEON_CONF
 from cli.registry import NodeRow
 from cli.slot_file import write_physical_slot
+from cli.untar import consume_in_thread
 from durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver.follow.followed_nodes import slot_name
-from pageserver_api.client import PageserverClient
+from pageserver_api.client import BasebackupDownload, PageserverClient
 from pageserver_api.models import BasebackupRequest, SnapshotShowRequest
 from pg15.catalogs import parse_relmap
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
@@ -183,16 +183,27 @@ def _stream_apply(
     applier = DeltaApplier(node.datadir, KEEP, sync_early=not again, aside=stale)
     marked = again
 
-    async def fetch(client: PageserverClient) -> None:
+    async def received(download: BasebackupDownload) -> AsyncIterator[bytes]:
         nonlocal marked
+        async for chunk in download:
+            if not marked:  # the first byte: the pageserver did not refuse
+                write_file_durably(applying_file(node), b"")
+                marked = True
+                _set_wal_aside(node)
+            yield chunk
+
+    def apply(chunks: Iterator[bytes]) -> None:
+        for chunk in chunks:
+            applier.feed(chunk)
+        applier.finish()
+
+    async def fetch(client: PageserverClient) -> None:
+        # Applied on a thread of its own while the next bytes arrive: handed over a chunk
+        # at a time and awaited, the pageserver's sending stood still while each was
+        # written (py-spy of the newcomer's checkout: its tar maker blocked on a full
+        # queue a fifth of its samples).
         async with client.basebackup(request) as download:
-            async for chunk in download:
-                if not marked:  # the first byte: the pageserver did not refuse
-                    write_file_durably(applying_file(node), b"")
-                    marked = True
-                    _set_wal_aside(node)
-                await asyncio.to_thread(applier.feed, chunk)
-        await asyncio.to_thread(applier.finish)
+            await consume_in_thread(received(download), apply)
 
     try:
         api.run(fetch)

@@ -236,6 +236,8 @@ class DeltaApplier:
         self._ended = False
         self._offset = 0
         self._allocated = False
+        self._path = root
+        self._created = self._differs = False
         self._syncer = ThreadPoolExecutor(2, thread_name_prefix="fsync") if sync_early else None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -339,10 +341,19 @@ class DeltaApplier:
         if dest.is_dir() and not dest.is_symlink():
             raise CorruptData(f"delta member {member.name!r} is a file where a directory is")
         self._keep.add(rel)
-        self._changed.file(dest, not os.path.lexists(dest))
-        self._fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # Written over, not truncated first (cut to its size at the end): on ext4 mounted
+        # with `discard` a truncation waits for the freed blocks' trim, and most of these
+        # files (pg_xact, maps, PG_VERSION) hold the same bytes as before.
+        self._path, self._created = dest, not os.path.lexists(dest)
+        self._differs = False
+        if self._created:
+            self._differ()
+        self._fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         self._offset = 0
         if rel.parts[0] == "pg_wal" and _ALLOCATE_FROM <= member.size <= _MAX_WAL_SEGMENT:
+            if not self._created:  # its pieces of zeros are not written: none of it stays
+                self._differ()
+                os.ftruncate(self._fd, 0)
             try:
                 os.posix_fallocate(self._fd, 0, member.size)
                 self._allocated = True
@@ -359,13 +370,18 @@ class DeltaApplier:
         is 16 MiB, all zeros but its first records: writing them was most of the fixed cost
         of a checkout in place)."""
         assert self._fd is not None
-        if not (self._allocated and _ZEROS.startswith(data)):  # a memcmp
-            view = data
-            at = self._offset
-            while view:
-                written = os.pwrite(self._fd, view, at)
-                view, at = view[written:], at + written
+        at = self._offset
         self._offset += len(data)
+        if self._allocated and _ZEROS.startswith(data):  # a memcmp
+            return
+        if not self._differs:  # the file's bytes so far are the member's: written only if not
+            if os.pread(self._fd, len(data), at) == data:
+                return
+            self._differ()
+        view = data
+        while view:
+            written = os.pwrite(self._fd, view, at)
+            view, at = view[written:], at + written
 
     def _end(self) -> None:
         if self._fork is not None:
@@ -374,13 +390,21 @@ class DeltaApplier:
             fork.end()
             self._sync_soon(segments)
         elif self._fd is not None:
-            _own(self._fd)
+            st = os.fstat(self._fd)
+            if st.st_size != self._offset:
+                self._differ()
+                os.ftruncate(self._fd, self._offset)
+            if self._created or not _owned(st):
+                _own(self._fd)
             os.close(self._fd)
             self._fd = None
-            assert self._member is not None
-            rel = member_path(self._member)
-            assert rel is not None
-            self._sync_soon([self.root / rel])
+            if self._differs:  # else as it was: neither written nor to be fsynced
+                self._sync_soon([self._path])
+
+    def _differ(self) -> None:
+        """The whole file being applied is about to differ from what the directory held."""
+        self._differs = True
+        self._changed.file(self._path, self._created)
 
     def _make_dirs(self, rel: PurePosixPath) -> None:
         if rel in self._keep or not rel.parts:

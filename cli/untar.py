@@ -258,13 +258,15 @@ def extract_chunks(
     """Extract a tar arriving as `chunks` (from this thread, which may block between them:
     no event loop) as extract_basebackup does; `divert`: see `Divert` (it runs on the
     writer's thread)."""
-    batches: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
-    failed = threading.Event()
+    batches = _Batches()
     errors: list[BaseException] = []
 
-    def extract() -> None:
+    def extract(chunks: Iterator[bytes]) -> None:
+        _extract_all(chunks, target_dir, tablespace_links, divert)
+
+    def run() -> None:
         try:
-            _extract_queued(batches, failed, target_dir, tablespace_links, divert)
+            batches.consume(extract)
         except BaseException as exc:  # raised by the caller's thread
             errors.append(exc)
 
@@ -272,18 +274,18 @@ def extract_chunks(
     # block in the kernel with the GIL released): read and written in turns, a pipe's
     # writer stood still while the files were written (py-spy: this side idle 78% of a
     # 1 GiB extraction, the pageserver's side blocked on the pipe 38%).
-    writer = threading.Thread(target=extract, name="untar-writer", daemon=True)
+    writer = threading.Thread(target=run, name="untar-writer", daemon=True)
     writer.start()
     try:
         for data in chunks:
-            if failed.is_set():
+            if batches.failed.is_set():
                 break  # its error says why
-            batches.put([data])
+            batches.queue.put([data])
     except BaseException:
-        batches.put(_ABORT)
+        batches.queue.put(_ABORT)
         writer.join()
         raise
-    batches.put(_END)
+    batches.queue.put(_END)
     writer.join()
     if errors:
         raise errors[0]
@@ -328,29 +330,87 @@ class _Abort(Exception):
 _END, _ABORT = "end", "abort"
 
 
-def _extract_queued(
-    batches: queue.Queue[list[bytes] | str],
-    failed: threading.Event,
+class _Batches:
+    """Chunks handed to a consuming thread in batches through a bounded queue: the producer
+    puts lists of chunks, then _END (or _ABORT); the thread's `consume` reads them as one
+    iterator. On the consumer's failure `failed` is set (the producer stops) and the queue
+    is taken until its end, so that the producer never blocks."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
+        self.failed = threading.Event()
+        self._ended = False
+
+    def _chunks(self) -> Iterator[bytes]:
+        while isinstance(item := self.queue.get(), list):
+            yield from item
+        self._ended = True
+        if item == _ABORT:
+            raise _Abort
+
+    def consume(self, consume: Callable[[Iterator[bytes]], None]) -> None:
+        """Run `consume` over the chunks (on the calling thread); raise what it raised."""
+        try:
+            consume(self._chunks())
+        except BaseException:
+            self.failed.set()
+            while not self._ended:
+                self._ended = not isinstance(self.queue.get(), list)
+            raise
+
+
+def _extract_all(
+    chunks: Iterator[bytes],
     target: Path,
     tablespace_links: dict[int, str] | None,
     divert: Divert | None = None,
     pack_deltas: bool = False,
 ) -> None:
-    """Extract the batches put in `batches` until _END (_ABORT: remove what was extracted);
-    on failure set `failed` (the producer stops), take them until either (so the producer
-    never blocks) and raise."""
-    item: list[bytes] | str = []
+    """Extract the archive's chunks (an _Abort from them: remove what was extracted)."""
+    with _extracting(target, tablespace_links, divert, pack_deltas) as extractor:
+        for chunk in chunks:
+            extractor.feed(chunk)
+
+
+async def consume_in_thread(
+    chunks: AsyncIterator[bytes | memoryview], consume: Callable[[Iterator[bytes]], None]
+) -> None:
+    """Hand async `chunks` to `consume` running on a thread of its own, which works on one
+    batch while the next bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB
+    queued). `consume` gets them as an iterator, which raises an exception of its own
+    where `chunks` failed (it is then re-raised here once `consume` ended); this raises what
+    `consume` raised. Both ends are done when this returns or raises."""
+    batches = _Batches()
+    worker = asyncio.ensure_future(asyncio.to_thread(batches.consume, consume))
+
+    async def put(item: list[bytes] | str) -> None:
+        try:
+            batches.queue.put_nowait(item)
+        except queue.Full:
+            await asyncio.to_thread(batches.queue.put, item)
+
     try:
-        with _extracting(target, tablespace_links, divert, pack_deltas) as extractor:
-            while isinstance(item := batches.get(), list):
-                for chunk in item:
-                    extractor.feed(chunk)
-            if item == _ABORT:
-                raise _Abort
+        try:
+            batch: list[bytes] = []  # one queue hop per MiB, not per network message
+            size = 0
+            async for chunk in chunks:
+                if batches.failed.is_set():
+                    break  # its error says why
+                batch.append(bytes(chunk))  # no copy of bytes; a view's buffer may be reused
+                size += len(chunk)
+                if size >= _QUEUE_BATCH:
+                    await put(batch)
+                    batch, size = [], 0
+            if batch and not batches.failed.is_set():
+                await put(batch)
+        except BaseException:
+            await put(_ABORT)
+            raise
+        await put(_END)
+        await worker
     except BaseException:
-        failed.set()
-        while isinstance(item, list):
-            item = batches.get()
+        with contextlib.suppress(BaseException):
+            await worker
         raise
 
 
@@ -362,43 +422,10 @@ async def extract_stream(
     pack_deltas: bool = False,
 ) -> None:
     """Extract a tar arriving as async chunks: a thread writes the files while the next
-    bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB queued); `divert`:
-    see `Divert` (it runs on that thread); `pack_deltas`: a delta's fork members go into one
-    file (`_Extractor`)."""
-    batches: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
-    failed = threading.Event()
-    extractor = asyncio.ensure_future(
-        asyncio.to_thread(
-            _extract_queued, batches, failed, target, tablespace_links, divert, pack_deltas
-        )
-    )
+    bytes arrive (`consume_in_thread`); `divert`: see `Divert` (it runs on that thread);
+    `pack_deltas`: a delta's fork members go into one file (`_Extractor`)."""
 
-    async def put(item: list[bytes] | str) -> None:
-        try:
-            batches.put_nowait(item)
-        except queue.Full:
-            await asyncio.to_thread(batches.put, item)
+    def extract(received: Iterator[bytes]) -> None:
+        _extract_all(received, target, tablespace_links, divert, pack_deltas)
 
-    try:
-        try:
-            batch: list[bytes] = []  # one queue hop per MiB, not per network message
-            size = 0
-            async for chunk in chunks:
-                if failed.is_set():
-                    break  # its error says why
-                batch.append(bytes(chunk))  # no copy of bytes; a view's buffer may be reused
-                size += len(chunk)
-                if size >= _QUEUE_BATCH:
-                    await put(batch)
-                    batch, size = [], 0
-            if batch and not failed.is_set():
-                await put(batch)
-        except BaseException:
-            await put(_ABORT)
-            raise
-        await put(_END)
-        await extractor
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            await extractor
-        raise
+    await consume_in_thread(chunks, extract)

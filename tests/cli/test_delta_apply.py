@@ -334,3 +334,33 @@ def test_a_chain_resolves_to_a_whole_file_and_a_missing_parent_is_named() -> Non
     loop = manifest("pgdata1@s1", 100, ("pgdata1@s2", 200))
     with pytest.raises(CorruptData, match="is not older than it"):
         resolve_chain("a.neon", loop, {"a.neon": loop, "b.neon": s2})
+
+
+def test_a_whole_file_holding_the_members_bytes_is_left_as_it_was(parent: Path) -> None:
+    """A whole file is written over, never truncated first, and only where its bytes differ:
+    one that holds the member's bytes already keeps its blocks and times and needs no fsync
+    (most of a checkout's whole files: pg_xact, maps, PG_VERSION); one that differs is
+    rewritten, one longer than the member cut to its size."""
+    same, cut = parent / "pg_xact" / "0000", parent / "global" / "pg_control"
+    long_ago = 1_000_000_000
+    for path in (same, cut):
+        os.utime(path, (long_ago, long_ago))
+    tar = delta_tar(
+        [
+            ("pg_xact/0000", b"old xact"),  # as it is
+            ("global/pg_control", b"old"),  # its start: cut to it
+            ("pg_xact/0001", b"gone sinCE"),  # differs at its end
+        ]
+    )
+    applier = DeltaApplier(parent, sync_early=True)
+    try:
+        for i in range(0, len(tar), 700):
+            applier.feed(tar[i : i + 700])
+        applier.finish()
+        assert applier.synced_early == {cut, parent / "pg_xact" / "0001"}
+        applier.make_durable()
+    finally:
+        applier.close()
+    assert same.read_bytes() == b"old xact" and same.stat().st_mtime == long_ago
+    assert cut.read_bytes() == b"old" and cut.stat().st_mtime != long_ago
+    assert (parent / "pg_xact" / "0001").read_bytes() == b"gone sinCE"

@@ -7,7 +7,7 @@ import asyncio
 import io
 import tarfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -164,3 +164,67 @@ def test_extract_basebackup_stops_reading_after_a_hostile_member(tmp_path: Path)
     with pytest.raises(UnsafeArchive, match="symbolic link"):
         extract_basebackup(io.BufferedReader(source), tmp_path / "pgdata")
     assert source.taken < 200 and list(tmp_path.iterdir()) == []
+
+
+def test_consume_in_thread_takes_the_next_chunks_while_one_is_consumed() -> None:
+    """The consumer works on a chunk while the next ones arrive (a checkout in place applies
+    on its own thread while the pageserver sends on): here the first chunk's consumption
+    waits until the source gave its third, which taking chunks and consuming them in turns
+    never reaches."""
+    produced = threading.Event()
+    got: list[bytes] = []
+    waited: list[bool] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield bytes([i]) * (cli.untar._QUEUE_BATCH)
+        produced.set()
+
+    def consume(received: Iterator[bytes]) -> None:
+        for chunk in received:
+            if not waited:
+                waited.append(produced.wait(10))
+            got.append(chunk[:1])
+
+    asyncio.run(cli.untar.consume_in_thread(chunks(), consume))
+    assert waited == [True] and got == [b"\0", b"\1", b"\2"]
+
+
+def test_consume_in_thread_raises_either_sides_error_once_both_ended() -> None:
+    """The source's error reaches the consumer as an abort (it stops, unfinished) and is
+    raised; the consumer's error is raised and the source is read no further."""
+    ended: list[str] = []
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"x" * cli.untar._QUEUE_BATCH
+        raise CorruptData("cut off")
+
+    def consume(received: Iterator[bytes]) -> None:
+        try:
+            for _ in received:
+                pass
+            ended.append("finished")
+        except BaseException:
+            ended.append("aborted")
+            raise
+
+    with pytest.raises(CorruptData, match="cut off"):
+        asyncio.run(cli.untar.consume_in_thread(failing(), consume))
+    assert ended == ["aborted"]
+
+    taken = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal taken
+        while True:
+            taken += 1
+            yield bytes(1 << 20)
+            await asyncio.sleep(0)
+
+    def refuse(received: Iterator[bytes]) -> None:
+        next(received)
+        raise UnsafeArchive("no")
+
+    with pytest.raises(UnsafeArchive, match="no"):
+        asyncio.run(cli.untar.consume_in_thread(endless(), refuse))
+    assert taken < 100
