@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -608,11 +609,13 @@ def _write_image(
             if materialize_range is None
             else materialize_range(timeline, key_range, keys, lsn, one)
         )
-        for n, (key, value) in enumerate(values):
-            if value is not None:
-                writer.add(key, value)
-            if cancelled is not None and n % CHECK_EVERY == 0 and cancelled():
+        pending = iter(values)
+        # CHECK_EVERY keys at a time: their pages go into the layer in one call
+        while run := list(itertools.islice(pending, CHECK_EVERY)):
+            if cancelled is not None and cancelled():
                 raise CompactionCancelled(f"image layer of {timeline.timeline_id} cancelled")
+            run_keys, run_values = zip(*run, strict=True)
+            writer.add_values(list(run_keys), list(run_values))
         writer.seal()
     except BaseException:
         writer.abort()

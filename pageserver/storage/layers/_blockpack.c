@@ -331,6 +331,96 @@ done:
     return result;
 }
 
+/*
+ * pack_values(keys, values, i, tag, lsn, keys_out, buf, limit, block_no, entries, n)
+ *   -> (next, status, added, last)
+ *
+ * LayerFileWriter.add_values' loop (blocks.py, pack_values_python the reference): for each
+ * k from i, the value values[k] (bytes; None: nothing) at `lsn` of keys[k], encoded as the
+ * byte `tag` and the value: its key entry (">18sI": key, version index n, n + 1...) appended to
+ * the list keys_out, its version entry (as pack_versions) to `entries`, its bytes to `buf` (the
+ * open block). `added`: the encoded bytes appended, `last`: the index of the last key given a
+ * value (-1: none). Status 0: all appended; 1: values[next] does not fit in the non-empty
+ * block (the caller cuts it and calls again from `next` with block_no + 1); 2: keys[next] is
+ * not above the key before it.
+ */
+static PyObject *
+py_pack_values(PyObject *self, PyObject *args)
+{
+    PyObject *keys, *values, *keys_out, *buf, *entries;
+    Py_ssize_t i, limit;
+    int tag;
+    unsigned long block_no, n;
+    unsigned long long lsn;
+    if (!PyArg_ParseTuple(args, "O!O!niKO!O!nkO!k:pack_values", &PyList_Type, &keys,
+                          &PyList_Type, &values, &i, &tag, &lsn, &PyList_Type, &keys_out,
+                          &PyByteArray_Type, &buf, &limit, &block_no, &PyByteArray_Type,
+                          &entries, &n))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(keys), added = 0, last = -1;
+    if (PyList_GET_SIZE(values) != count || i < 0 || tag < 0 || tag > 255 || limit < 0 ||
+        (uint64_t)limit > UINT32_MAX || block_no > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "pack_values: an argument is out of range");
+        return NULL;
+    }
+    int status = 0;
+    for (; i < count; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *value = PyList_GET_ITEM(values, i);
+        if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != KEY_SIZE) {
+            PyErr_SetString(PyExc_TypeError, "pack_values: keys are 18-byte keys");
+            return NULL;
+        }
+        if (i > 0) {
+            PyObject *before = PyList_GET_ITEM(keys, i - 1);
+            if (!PyBytes_Check(before) || PyBytes_GET_SIZE(before) != KEY_SIZE ||
+                memcmp(PyBytes_AS_STRING(before), PyBytes_AS_STRING(key), KEY_SIZE) >= 0) {
+                status = 2;
+                break;
+            }
+        }
+        if (value == Py_None)
+            continue;
+        if (!PyBytes_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "pack_values: values are bytes or None");
+            return NULL;
+        }
+        Py_ssize_t used = PyByteArray_GET_SIZE(buf), size = PyBytes_GET_SIZE(value) + 1;
+        if (used > 0 && used + size > limit) {
+            status = 1;
+            break;
+        }
+        if ((uint64_t)used + (uint64_t)size > UINT32_MAX || n >= UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "pack_values: the block is too large");
+            return NULL;
+        }
+        uint8_t entry[KEY_SIZE + 4];
+        memcpy(entry, PyBytes_AS_STRING(key), KEY_SIZE);
+        put_be(entry + KEY_SIZE, n, 4);
+        PyObject *key_entry = PyBytes_FromStringAndSize((const char *)entry, sizeof entry);
+        if (key_entry == NULL)
+            return NULL;
+        int appended = PyList_Append(keys_out, key_entry);
+        Py_DECREF(key_entry);
+        Py_ssize_t at = PyByteArray_GET_SIZE(entries);
+        if (appended < 0 || PyByteArray_Resize(entries, at + ENTRY_SIZE) < 0 ||
+            PyByteArray_Resize(buf, used + size) < 0)
+            return NULL; /* (a failed append: the caller aborts the writer) */
+        uint8_t *e = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
+        put_be(e, lsn, 8);
+        e[8] = (uint8_t)tag;
+        put_be(e + 9, block_no, 4);
+        put_be(e + 13, (uint64_t)used, 4);
+        put_be(e + 17, (uint64_t)size, 4);
+        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + used;
+        b[0] = (uint8_t)tag;
+        memcpy(b + 1, PyBytes_AS_STRING(value), (size_t)size - 1);
+        n++;
+        added += size;
+        last = i;
+    }
+    return Py_BuildValue("ninn", i, status, added, last);
+}
+
 static PyObject *
 py_lower_bound(PyObject *self, PyObject *args)
 {
@@ -924,6 +1014,8 @@ static PyMethodDef methods[] = {
      "The offsets of a buffer's pages that are not all zero (see the comment above it)."},
     {"pack_images", py_pack_images, METH_VARARGS,
      "LayerFileWriter.add_images' loop (see the comment above it)."},
+    {"pack_values", py_pack_values, METH_VARARGS,
+     "LayerFileWriter.add_values' loop (see the comment above it)."},
     {"lower_bound", py_lower_bound, METH_VARARGS,
      "LayerFile.lower_bound (see the module comment)."},
     {NULL, NULL, 0, NULL},

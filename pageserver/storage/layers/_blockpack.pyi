@@ -15,6 +15,11 @@ def pack_versions(
     value_types: tuple[type, ...],
     /,
 ) -> tuple[int, int, int, int]: ...
+def pack_values(
+    keys: list[bytes], values: list[bytes | None], i: int, tag: int, lsn: int,
+    keys_out: list[bytes], buf: bytearray, limit: int, block_no: int, entries: bytearray,
+    n: int, /,
+) -> tuple[int, int, int, int]: ...  # fmt: skip
 def lower_bound(keys: bytes, key_size: int, key: bytes, /) -> int: ...
 
 class Merge:

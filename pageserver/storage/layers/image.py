@@ -101,6 +101,29 @@ class ImageLayerWriter:
         self._last = key
         self._writer.add(key, self.name.lsn_start, encode_value(Image(data)))
 
+    def add_values(self, keys: list[Key], values: list[bytes | None]) -> None:
+        """`add` of each key whose value is not None, in one call (keys ascending):
+        `LayerFileWriter.add_values`, the loop in C."""
+        if not keys:
+            return
+        r = self.name.key_range
+        if (
+            keys[0] not in r
+            or keys[-1] not in r
+            or (self._last is not None and keys[0] <= self._last)
+        ):
+            self._writer.abort()
+            raise InvalidArgument(
+                f"image layer keys must be unique, sorted and inside {self.name.key_range}"
+            )
+        try:
+            last = self._writer.add_values(keys, values, self.name.lsn_start, TAG_IMAGE)
+        except InvalidArgument:
+            self._writer.abort()
+            raise
+        if last is not None:
+            self._last = last
+
     def add_pages(self, prefix: bytes, first: int, data: Buffer, offsets: list[int]) -> None:
         """Images of `data`'s pages at `offsets` (ImageRunWriter.add_pages), as `add` of each
         would write them."""

@@ -27,6 +27,7 @@ from pageserver.storage.layers.blocks import (
     lower_bound_python,
 )
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
+from pageserver.storage.layers.image import ImageLayerWriter
 from pageserver.storage.values import TOMBSTONE, Image, Tombstone, Value, WalDelta, encode_value
 from proto.errors import InvalidArgument
 from tests.native_ext import require_c_extension
@@ -289,3 +290,65 @@ def test_a_resigned_damaged_index_raises_layer_corrupt_or_reads(
             outcomes[what] = outcomes.get(what, 0) + 1
     assert sum(outcomes.values()) == 400
     assert len(outcomes) > 2, outcomes  # damage of several kinds was found
+
+
+def _image_layer(directory: Path, pages: list[tuple[K.Key, bytes | None]], how: str) -> bytes:
+    """An image layer of `pages` (None: no value) written per key (`add`) or in runs of 37
+    keys (`add_values`), its bytes."""
+    directory.mkdir()
+    writer = ImageLayerWriter(directory, K.FULL_KEYSPACE, 150, SETTINGS)
+    if how == "add":
+        for key, page in pages:
+            if page is not None:
+                writer.add(key, page)
+    else:
+        for at in range(0, len(pages), 37):
+            run = pages[at : at + 37]
+            writer.add_values([k for k, _ in run], [v for _, v in run])
+    layer = writer.finish(BlockCache(1 << 20))
+    layer.close()
+    return layer.path.read_bytes()
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_add_values_writes_the_bytes_of_add_per_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Image creation's batched add (`_blockpack.pack_values`, `pack_values_python` the
+    reference): pages and small values, some keys without one, blocks cut in between: the
+    same file as `add` of each, in C and in Python."""
+    rng = random.Random(3)
+    sizes = [8192, 8192, 8192, 0, 17, 300]
+    pages: list[tuple[K.Key, bytes | None]] = [
+        (rel_key(blk), None if rng.random() < 0.1 else rng.randbytes(rng.choice(sizes)))
+        for blk in range(400)
+    ]
+    reference = _image_layer(tmp_path / "add", pages, "add")
+    assert _image_layer(tmp_path / "c", pages, "values") == reference
+    monkeypatch.setattr(native, "blockpack", None)
+    assert _image_layer(tmp_path / "py", pages, "values") == reference
+
+
+@pytest.mark.parametrize("in_c", [True, False])
+def test_add_values_refuses_keys_out_of_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_c: bool
+) -> None:
+    if in_c:
+        require_c_extension(native.blockpack, "pageserver.storage.layers._blockpack")
+    else:
+        monkeypatch.setattr(native, "blockpack", None)
+    page = bytes(8192)
+    for n, keys in enumerate(
+        [
+            [rel_key(1), rel_key(3), rel_key(2)],  # inside a run
+            [rel_key(1), rel_key(1)],  # a repeated key
+        ]
+    ):
+        writer = ImageLayerWriter(tmp_path, K.FULL_KEYSPACE, 150 + n, SETTINGS)
+        with pytest.raises(InvalidArgument, match="key order"):
+            writer.add_values(keys, [page] * len(keys))
+    writer = ImageLayerWriter(tmp_path, K.FULL_KEYSPACE, 160, SETTINGS)
+    writer.add_values([rel_key(5)], [page])
+    with pytest.raises(InvalidArgument, match="sorted"):  # not above the last run's
+        writer.add_values([rel_key(5), rel_key(6)], [page, page])
+    assert not list(tmp_path.iterdir())  # every writer aborted: no temp file left
