@@ -16,10 +16,12 @@ every path is one quoted argument, so no path is ever parsed as shell. A write s
 a hidden temporary file (`.NAME.XXXX.partial`) with `cat`; a second command checks its size
 against the bytes sent and only then links (or, with `overwrite`, renames) it to its name.
 A killed push leaves the temporary file, never a file at the name: the remote `cat` sees
-end-of-file, but nothing renames what it wrote. A resumable write (cli/transport/resume.py)
-keeps `.NAME.partial`: the far side sends the SHA-256 of each of its blocks (`sha256sum`,
-else `shasum -a 256` or `openssl dgst`; with none of them it starts afresh), `dd` cuts it
-where the regenerated stream first differs, and `cat >>` appends the rest.
+end-of-file, but nothing renames what it wrote (a small resumable write, sent at its commit
+with its size first, is not published when cut short either). A resumable write
+(cli/transport/resume.py) keeps `.NAME.partial`: the far side sends the SHA-256 of each of
+its blocks (`sha256sum`, else `shasum -a 256` or `openssl dgst`; with none of them it starts
+afresh), `dd` cuts it where the regenerated stream first differs, and `cat >>` appends the
+rest.
 
 One connection per host serves a whole command: every `ssh` of this process runs as a client
 of a shared OpenSSH ControlMaster (ControlMaster=auto), so the steps of a push or pull (stat,
@@ -49,8 +51,11 @@ shell; 0.1-0.25 s on a loaded box), so a push asks one PROBE where it needed fou
 its target also lists the directory with the head of each `.neon` file (its manifest) and the
 digests of the target's partial file, kept for the `list`, the head reads and the
 `open_resumable` that follow (each used once; anything unparsable: none kept, the commands run
-as before). The append and the commit are started ahead (they wait for a first line on stdin:
-where to cut, the size written), so their sessions open while the snapshot is being made.
+as before). The append is started ahead (it waits for a first line on stdin: where to cut),
+so its session opens while the snapshot is being made. A small file (SMALL_WRITE: a delta) is
+held and sent whole at the commit, its size on that line, and the append session checks and
+publishes it too: two sessions in all. A bigger one streams, and its commit is a session
+started at the first byte that waits for the size written.
 
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
@@ -132,6 +137,8 @@ LANDING_TIMEOUT = 5  # seconds for an aborted resumable write's bytes to reach i
 WRITE_BUFFER = 4 * 1024 * 1024
 """Bytes a write may queue for `ssh` before it waits: with asyncio's default (64 KiB), each
 chunk of the snapshot waited for ssh to take it, and the export behind it stalled meanwhile."""
+SMALL_WRITE = 4 * 1024 * 1024
+"""Bytes of a resumable write held and sent at its commit, with its size (SshAppender)."""
 
 # Exit statuses of the scripts (ssh itself exits 255).
 NOT_FOUND, EXISTS, SHORT, NO_DIR, IS_DIR, NO_CUT = 3, 4, 5, 6, 7, 8
@@ -144,14 +151,14 @@ WRITE = (
 )
 # $1 temporary file, $2 final name, $3 expected size, $4 1 to overwrite. `ln` never
 # replaces; where the filesystem has no hard links, a check then `mv`.
-COMMIT = (
-    'n=$(wc -c < "$1") || exit 3; [ $n -eq "$3" ] || { rm -f -- "$1"; exit 5; }; '
+_PUBLISH = (
     'sync -- "$1" 2>/dev/null; '
     '[ "$4" = 1 ] && exec mv -f -- "$1" "$2"; '
     'ln -- "$1" "$2" 2>/dev/null && exec rm -f -- "$1"; '
     'if [ -e "$2" ] || [ -L "$2" ]; then rm -f -- "$1"; exit 4; fi; '
     'exec mv -f -- "$1" "$2"'
 )
+COMMIT = 'n=$(wc -c < "$1") || exit 3; [ $n -eq "$3" ] || { rm -f -- "$1"; exit 5; }; ' + _PUBLISH
 _CHECK_TARGET = (
     '[ -d "$1" ] || exit 6; [ -d "$3" ] && exit 7; '
     '[ "$4" = 1 ] || { [ ! -e "$3" ] && [ ! -L "$3" ]; } || exit 4; '
@@ -170,14 +177,21 @@ DIGESTS = _CHECK_TARGET + (
 )
 # As WRITE, into the partial file cut to its first $5 bytes (POSIX dd truncates its output
 # at `seek` when it copies nothing).
-APPEND = _CHECK_TARGET + (
-    '[ -L "$2" ] && exit 8; dd if=/dev/null of="$2" bs=1 seek="$5" 2>/dev/null || exit 8; '
-    'exec cat >> "$2"'
-)
+_CUT = '[ -L "$2" ] && exit 8; dd if=/dev/null of="$2" bs=1 seek="$5" 2>/dev/null || exit 8; '
+APPEND = _CHECK_TARGET + _CUT + 'exec cat >> "$2"'
 # Started ahead: they wait for their argument on the first line of stdin (`read` takes no byte
 # past the newline from a pipe, so `cat` gets the rest); stdin closed before it: nothing done.
+# The append's line is `KEEP -` (append only; COMMIT_WAITING commits), or `KEEP SIZE` for a
+# small write sent whole at its commit: the file must then hold SIZE bytes once stdin ends,
+# and is published here, in the same session (a cut stream leaves it, short, to resume).
 APPEND_WAITING = (
-    'read keep || exit 0; case $keep in ""|*[!0-9]*) exit 8;; esac; set -- "$@" "$keep"; ' + APPEND
+    'read keep size || exit 0; case $keep in ""|*[!0-9]*) exit 8;; esac; '
+    'case $size in -) ;; ""|*[!0-9]*) exit 5;; esac; set -- "$@" "$keep"; '
+    + _CHECK_TARGET
+    + _CUT
+    + '[ "$size" = - ] && exec cat >> "$2"; cat >> "$2" || exit 9; '
+    'n=$(wc -c < "$2") || exit 3; [ $n -eq "$size" ] || exit 5; '
+    'set -- "$2" "$3" "$size" "$4"; ' + _PUBLISH
 )
 COMMIT_WAITING = (
     'read size || exit 0; case $size in ""|*[!0-9]*) exit 5;; esac; '
@@ -800,7 +814,12 @@ class SshWriter(ObjectWriter):
 
 class SshAppender(PartialAppender):
     """The partial file on the far side, appended to by an SshWriter once cut: by `appending`
-    (APPEND_WAITING, started ahead) when given."""
+    (APPEND_WAITING, started ahead) when given.
+
+    A small write (up to SMALL_WRITE bytes in all, a delta's usual size) is held here and sent
+    at its commit, its size on the first line: the append session checks and publishes it
+    itself, so the push opens no commit session and waits for one round trip less at its end.
+    Past SMALL_WRITE the bytes stream, and a commit session is started, as before."""
 
     def __init__(
         self, store: SshStore, tmp: str, final: str, flag: str,
@@ -809,37 +828,78 @@ class SshAppender(PartialAppender):
         self._store, self._tmp, self._final, self._flag = store, tmp, final, flag
         self._appending = appending
         self._writer: SshWriter | None = None
+        self._keep = 0
+        self._held: bytearray | None = None
+        """The bytes of a write not sent yet (None once it streams)."""
 
     async def start(self, keep: int) -> None:
-        store = self._store
-        committer = await store._spawn(
-            COMMIT_WAITING, self._tmp, self._final, self._flag, stdin=True
-        )
+        self._keep, self._held = keep, bytearray()
+
+    async def _appender(self, line: str) -> asyncio.subprocess.Process:
+        """The append session started ahead, given its first line (a fresh one if it ended)."""
         proc, self._appending = self._appending, None
-        if proc is not None and proc.returncode is None and proc.stdin is not None:
-            proc.stdin.write(f"{keep}\n".encode())
-        else:
+        if proc is None or proc.returncode is not None or proc.stdin is None:
             await _dismiss(proc)
-            proc = await store._spawn(
-                APPEND, store.directory, self._tmp, self._final, self._flag, str(keep), stdin=True
+            proc = await self._store._spawn(
+                APPEND_WAITING, self._store.directory, self._tmp, self._final, self._flag,
+                stdin=True,
+            )  # fmt: skip
+        assert proc.stdin is not None
+        proc.stdin.write(line.encode())
+        return proc
+
+    async def _stream(self) -> SshWriter:
+        """From now on, every write goes straight to the far side (a write past SMALL_WRITE)."""
+        if self._writer is None:
+            committer = await self._store._spawn(
+                COMMIT_WAITING, self._tmp, self._final, self._flag, stdin=True
             )
-        self._writer = SshWriter(
-            store, proc, self._tmp, self._final, self._flag, keep, True, committer
-        )
+            proc = await self._appender(f"{self._keep} -\n")
+            self._writer = SshWriter(
+                self._store, proc, self._tmp, self._final, self._flag, self._keep, True,
+                committer,
+            )  # fmt: skip
+            held, self._held = self._held, None
+            if held:
+                await self._writer.write(bytes(held))
+        return self._writer
 
     async def write(self, data: bytes) -> None:
-        assert self._writer is not None
-        await self._writer.write(data)
+        if self._held is not None and len(self._held) + len(data) <= SMALL_WRITE:
+            self._held += data
+            return
+        await (await self._stream()).write(data)
 
     async def commit(self, size: int) -> None:
-        assert self._writer is not None
-        if size != self._writer._base + self._writer.bytes_written:
+        if self._held is None:
+            assert self._writer is not None
+            if size != self._writer._base + self._writer.bytes_written:
+                raise Conflict(f"{self._store.path_url(self._tmp)}: not the bytes written")
+            await self._writer.commit()
+            return
+        held, self._held = bytes(self._held), None
+        if size != self._keep + len(held):
             raise Conflict(f"{self._store.path_url(self._tmp)}: not the bytes written")
-        await self._writer.commit()
+        proc = await self._appender(f"{self._keep} {size}\n")
+        try:
+            _out, err = await proc.communicate(held)
+        except BaseException:  # cancelled: a cut stream, which the far side does not publish
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        if proc.returncode != 0:
+            with contextlib.suppress(Exception):  # an empty partial file: not kept
+                await asyncio.wait_for(
+                    self._store._run(REMOVE_EMPTY, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
+                )
+            raise self._store.error(proc.returncode, err, self._final)
 
     async def abort(self) -> None:
         appending, self._appending = self._appending, None
         await _dismiss(appending)
+        self._held = None  # never sent: nothing of it to keep
         if self._writer is not None:
             await self._writer.abort()
 

@@ -27,8 +27,10 @@ from cli.transport.base import ObjectInfo, read_object
 from cli.transport.resume import RESUME_BLOCK
 from cli.transport.ssh import (
     _MUX_DIRS,
+    APPEND_WAITING,
     KEPT_DIR_PREFIX,
     PERSIST_ENV,
+    SMALL_WRITE,
     SshStore,
     SshWriter,
     close_connections,
@@ -313,6 +315,49 @@ async def test_a_push_asks_its_questions_in_one_command(
     await store.stat("c.neon")
     with pytest.raises(AlreadyExists):
         await store.open_resumable("c.neon", overwrite=False)
+
+
+async def test_a_small_write_is_appended_and_published_in_one_command(
+    ssh_env: SshServer, remote_dir: Path
+) -> None:
+    """A resumable write of up to SMALL_WRITE bytes (a delta's size) after the push's stat
+    runs one remote command: the append started ahead also checks the size and publishes the
+    file (the commit was a session of its own, and one more round trip at the end). A target
+    taken meanwhile is refused there and no partial file is left."""
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/s.neon"))
+    data = _neon_file(0x4_0000_0000, 900_000)
+    assert len(data) <= SMALL_WRITE
+    assert await store.stat("s.neon") is None
+    asked = _commands(ssh_env)
+    async with await store.open_resumable("s.neon", overwrite=False) as writer:
+        for at in range(0, len(data), 64 * 1024):
+            await writer.write(data[at : at + 64 * 1024])
+    assert _commands(ssh_env) == asked + 1
+    assert (remote_dir / "s.neon").read_bytes() == data
+    assert entries(remote_dir) == ["s.neon"]
+    writer = await store.open_resumable("t.neon", overwrite=False)
+    await writer.write(data)
+    (remote_dir / "t.neon").write_bytes(b"someone else's")
+    with pytest.raises(AlreadyExists):
+        await writer.commit()
+    assert (remote_dir / "t.neon").read_bytes() == b"someone else's"
+    assert entries(remote_dir) == ["s.neon", "t.neon"]
+
+
+async def test_a_small_write_cut_short_is_kept_and_not_published(
+    ssh_env: SshServer, remote_dir: Path
+) -> None:
+    """The append session given a size publishes nothing when fewer bytes arrive (the pusher
+    died while sending): the partial file keeps them for the next run."""
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/u.neon"))
+    proc = await store._spawn(
+        APPEND_WAITING, str(remote_dir), f"{remote_dir}/.u.neon.partial", f"{remote_dir}/u.neon",
+        "0", stdin=True,
+    )  # fmt: skip
+    await proc.communicate(b"0 100\n" + b"x" * 60)
+    assert proc.returncode == 5  # SHORT
+    assert entries(remote_dir) == [".u.neon.partial"]
+    assert (remote_dir / ".u.neon.partial").read_bytes() == b"x" * 60
 
 
 async def test_sessions_started_ahead_and_never_used_do_nothing(
