@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from pg15.datadir_layout import parse_relation_file_name
 from proto.errors import CorruptData
 from snapfile.delta import (
     BLOCK_NUMBER,
+    DELTA_PREFIX,
     FORK_HEADER,
     MAX_BLOCKS,
     ForkDelta,
@@ -50,6 +52,10 @@ wal_init_zero), so that their pieces of zeros need no writing (`DeltaApplier._wr
 those: a member's size is the archive's word, and at most one member's is reserved ahead of
 its bytes."""
 _ZEROS = bytes(4 << 20)
+_PLAIN_FORK = re.compile(
+    re.escape(DELTA_PREFIX) + r"((?:global|base/[0-9]+)/[0-9]+(?:_fsm|_vm|_init)?)"
+)
+"""A fork member's name as a delta's tar writes it outside tablespaces: safe as it is."""
 _MAX_IOV = 1024
 """Buffers one pwritev takes at most (Linux's IOV_MAX)."""
 
@@ -58,9 +64,16 @@ class _Fork:
     """One fork member being applied: its header, then page records."""
 
     def __init__(
-        self, root: Path, rel: PurePosixPath, member: MemberStart, changed: _Changed
+        self,
+        root: Path,
+        rel: PurePosixPath,
+        member: MemberStart,
+        changed: _Changed,
+        names: set[str],
     ) -> None:
+        """`names`: those in the fork's directory (DeltaApplier._listed), kept up to date."""
         self.root, self.rel, self.member, self.changed = root, rel, member, changed
+        self.names = names
         self.buf = bytearray()
         self.delta: ForkDelta | None = None
         self.last_block = -1
@@ -94,10 +107,17 @@ class _Fork:
             rel = self.segment(segno)
             keep.add(rel)
             path = self.root / rel
-            created = not os.path.lexists(path)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            self.fds[segno] = fd
             size = min(nblocks * BLCKSZ - segno * _SEGMENT_BYTES, _SEGMENT_BYTES)
+            if not self.delta.pages and _as_it_should_be(path, size):
+                continue  # most forks of a delta: one lstat, no descriptor
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+                created = False
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                created = True
+                self.names.add(rel.name)
+            self.fds[segno] = fd
             st = os.fstat(fd)
             if created or st.st_size != size:
                 os.ftruncate(fd, size)
@@ -106,8 +126,9 @@ class _Fork:
             if created or not _owned(st):
                 self.to_own.add(segno)
         segno = nsegs
-        while os.path.lexists(self.root / self.segment(segno)):
-            os.unlink(self.root / self.segment(segno))
+        while (past := self.segment(segno)).name in self.names:
+            os.unlink(self.root / past)
+            self.names.discard(past.name)
             self.changed.dirs.add(self.root / self.rel.parent)
             self.changed.forks.add(self.rel)
             segno += 1
@@ -237,6 +258,7 @@ class DeltaApplier:
         self._offset = 0
         self._allocated = False
         self._path = root
+        self._names: dict[Path, set[str]] = {}
         self._created = self._differs = False
         self._syncer = ThreadPoolExecutor(2, thread_name_prefix="fsync") if sync_early else None
 
@@ -319,10 +341,16 @@ class DeltaApplier:
 
     def _start(self, member: MemberStart) -> None:
         self._member = member
-        rel = member_path(member)
-        if rel is None:
-            return
-        fork_path = fork_path_of(rel.as_posix() + ("/" if member.kind == "directory" else ""))
+        plain = _PLAIN_FORK.fullmatch(member.name) if member.kind == "file" else None
+        if plain is not None:  # nearly every member: no path to check part by part
+            fork_path: str | None = plain.group(1)
+            rel = PurePosixPath(plain.group(1))
+        else:
+            found = member_path(member)
+            if found is None:
+                return
+            rel = found
+            fork_path = fork_path_of(rel.as_posix() + ("/" if member.kind == "directory" else ""))
         if fork_path is not None:
             rel = PurePosixPath(fork_path)
             parsed = parse_relation_file_name(rel.name)
@@ -331,7 +359,8 @@ class DeltaApplier:
             if member.size > FORK_HEADER.size + MAX_BLOCKS * record_size():
                 raise CorruptData(f"delta member {member.name!r} is larger than any fork")
             self._make_dirs(rel.parent)
-            self._fork = _Fork(self.root, rel, member, self._changed)
+            names = self._listed(self.root / rel.parent)
+            self._fork = _Fork(self.root, rel, member, self._changed, names)
             return
         if member.kind == "directory":
             self._make_dirs(rel)
@@ -401,6 +430,14 @@ class DeltaApplier:
             if self._differs:  # else as it was: neither written nor to be fsynced
                 self._sync_soon([self._path])
 
+    def _listed(self, directory: Path) -> set[str]:
+        """The names in `directory` (listed once: a fork's segments past its size are looked
+        up here, not with a stat each, for the thousand-odd forks of a delta)."""
+        names = self._names.get(directory)
+        if names is None:
+            names = self._names[directory] = set(os.listdir(directory))
+        return names
+
     def _differ(self) -> None:
         """The whole file being applied is about to differ from what the directory held."""
         self._differs = True
@@ -465,6 +502,16 @@ def _owned(st: os.stat_result) -> bool:
     user = pg_os_user()
     mode_ok = stat.S_IMODE(st.st_mode) == 0o600
     return mode_ok and (user is None or (st.st_uid, st.st_gid) == (user.uid, user.gid))
+
+
+def _as_it_should_be(path: Path, size: int) -> bool:
+    """Whether `path` is a regular file of `size` bytes, PostgreSQL's with mode 0600 (a
+    fork segment with no page in the delta then needs nothing)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size and _owned(st)
 
 
 def _own(fd: int) -> None:

@@ -175,11 +175,25 @@ def test_segments_follow_the_fork_size(parent: Path) -> None:
     rel = parent / "base" / "5" / "100"
     for segno in (1, 2):
         rel.with_name(f"100.{segno}").write_bytes(page(6))
+    rel.with_name("200.1").write_bytes(page(6))  # past a fork with no page in the delta
+    rel.with_name("200_fsm").write_bytes(page(6))  # as long as it should be: left as it is
     last = RELSEG_SIZE  # the first block of segment 1
-    apply(parent, delta_tar([("neon-delta/base/5/100", fork_data(last + 1, {last: page(9)}))]))
+    apply(
+        parent,
+        delta_tar(
+            [
+                ("neon-delta/base/5/100", fork_data(last + 1, {last: page(9)})),
+                ("neon-delta/base/5/200", fork_data(6, {})),
+                ("neon-delta/base/5/200_fsm", fork_data(1, {})),
+            ]
+        ),
+    )
     assert rel.stat().st_size == RELSEG_SIZE * BLCKSZ
     assert rel.with_name("100.1").read_bytes() == page(9)
     assert not rel.with_name("100.2").exists()
+    assert rel.with_name("200").read_bytes() == page(2) * 6
+    assert not rel.with_name("200.1").exists()
+    assert rel.with_name("200_fsm").read_bytes() == page(6)
 
 
 @pytest.mark.parametrize("chunk", [1 << 30, 8197, 1])
