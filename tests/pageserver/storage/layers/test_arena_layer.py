@@ -222,3 +222,31 @@ def test_a_split_arena_keeps_what_it_holds_and_pack_runs_beside_readers() -> Non
         stop.set()
         reader.join()
     assert set(seen) <= {30}
+
+
+def test_an_arena_on_a_dead_arenas_buffers_reads_as_a_new_one(tmp_path: Path) -> None:
+    """A layer-sized arena freed leaves its buffers for the next one of its size (their
+    pages already mapped: faulting fresh ones was most of the ingest's value copy); that
+    arena holds nothing of the old values, and reads and writes as the reference does."""
+    inmem = layers_native.inmem
+    expect = 12 << 20  # both buffers above SPARE_MIN: kept
+    old = ArenaLayer(1000, expect=expect)
+    for key, lsn, value in random_puts(4):
+        old.put(key, lsn, value)
+    before = inmem.recycled()
+    del old
+    rng = random.Random(5)
+    ref, arena = InMemoryLayer(1000), ArenaLayer(1000, expect=expect)
+    assert inmem.recycled() == before + 1
+    assert list(arena.iter_encoded()) == [] and len(arena) == 0
+    for key, lsn, value in random_puts(5, n=500):
+        ref.put(key, lsn, value)
+        arena.put(key, lsn, value)
+    assert_same_reads(ref, arena, rng)
+    end = ref.max_lsn + 1
+    ref.freeze(end, None)
+    arena.freeze(end, None)
+    assert l0_bytes(tmp_path, arena, "arena") == l0_bytes(tmp_path, ref, "ref")
+    small = ArenaLayer(1000, expect=1 << 20)  # a smaller arena takes no large spare
+    assert inmem.recycled() == before + 1
+    del small
