@@ -485,17 +485,9 @@ class SshStore(Store):
 
     async def _run(self, script: str, *args: str, where: str) -> bytes:
         """Run a script; its stdout, or the error its exit status means (naming `where`)."""
-        proc = await self._spawn(script, *args)
-        try:
-            out, err = await proc.communicate()
-        except BaseException:  # cancelled (a push whose pageserver failed): not left running
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        assert proc.returncode is not None
-        if proc.returncode != 0:
-            raise self.error(proc.returncode, err, where)
+        status, out, err = await _finished(await self._spawn(script, *args))
+        if status != 0:
+            raise self.error(status, err, where)
         return out
 
     def error(self, status: int, stderr: bytes, path: str) -> NeonError:
@@ -714,6 +706,22 @@ def _partial(out: bytes) -> Partial:
         return NO_PARTIAL
 
 
+async def _finished(
+    proc: asyncio.subprocess.Process, data: bytes | None = None
+) -> tuple[int, bytes, bytes]:
+    """Send `data` to a remote command and wait for its end: its status, stdout and stderr.
+    Cancelled (a push whose pageserver failed, SIGINT), it is killed, not left running."""
+    try:
+        out, err = await proc.communicate(data)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
 async def _dismiss(proc: asyncio.subprocess.Process | None) -> None:
     """Let a session started ahead (APPEND_WAITING, COMMIT_WAITING) go unused: its stdin
     closed before the first line, its script ends doing nothing."""
@@ -871,30 +879,29 @@ class SshAppender(PartialAppender):
         await (await self._stream()).write(data)
 
     async def commit(self, size: int) -> None:
-        if self._held is None:
-            assert self._writer is not None
-            if size != self._writer._base + self._writer.bytes_written:
-                raise Conflict(f"{self._store.path_url(self._tmp)}: not the bytes written")
-            await self._writer.commit()
-            return
-        held, self._held = bytes(self._held), None
-        if size != self._keep + len(held):
+        writer, held = self._writer, self._held
+        if held is not None:
+            written = self._keep + len(held)
+        else:
+            assert writer is not None
+            written = writer._base + writer.bytes_written
+        if size != written:
             raise Conflict(f"{self._store.path_url(self._tmp)}: not the bytes written")
-        proc = await self._appender(f"{self._keep} {size}\n")
-        try:
-            _out, err = await proc.communicate(held)
-        except BaseException:  # cancelled: a cut stream, which the far side does not publish
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        assert proc.returncode is not None
-        if proc.returncode != 0:
+        if writer is not None:
+            await writer.commit()
+            return
+        assert held is not None
+        self._held = None
+        # Cancelled midway, the stream is cut: the far side does not publish it.
+        status, _out, err = await _finished(
+            await self._appender(f"{self._keep} {size}\n"), bytes(held)
+        )
+        if status != 0:
             with contextlib.suppress(Exception):  # an empty partial file: not kept
                 await asyncio.wait_for(
                     self._store._run(REMOVE_EMPTY, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
                 )
-            raise self._store.error(proc.returncode, err, self._final)
+            raise self._store.error(status, err, self._final)
 
     async def abort(self) -> None:
         appending, self._appending = self._appending, None
