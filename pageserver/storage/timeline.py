@@ -558,9 +558,12 @@ class Timeline:
         at = lsn
         while timeline is not None:
             decided, own_covered = timeline._scan_own(key_range, at)
-            for key, exists in decided.items():
-                if key not in result and not any(key in r for r in covered):
-                    result[key] = exists
+            if not result and not covered:  # this timeline's (an ancestor's come after)
+                result = decided
+            else:
+                for key, exists in decided.items():
+                    if key not in result and not any(key in r for r in covered):
+                        result[key] = exists
             covered.extend(own_covered)
             at = min(at, timeline.ancestor_lsn)
             timeline = timeline.ancestor

@@ -363,15 +363,18 @@ py_pack_values(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "pack_values: an argument is out of range");
         return NULL;
     }
+    /* First the values that go into this block and their bytes (the block and the entries
+     * are then grown once: grown per value, each resize could copy the block) */
     int status = 0;
-    for (; i < count; i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i), *value = PyList_GET_ITEM(values, i);
+    Py_ssize_t used = PyByteArray_GET_SIZE(buf), end = i, room = used, n_new = 0;
+    for (; end < count; end++) {
+        PyObject *key = PyList_GET_ITEM(keys, end), *value = PyList_GET_ITEM(values, end);
         if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != KEY_SIZE) {
             PyErr_SetString(PyExc_TypeError, "pack_values: keys are 18-byte keys");
             return NULL;
         }
-        if (i > 0) {
-            PyObject *before = PyList_GET_ITEM(keys, i - 1);
+        if (end > 0) {
+            PyObject *before = PyList_GET_ITEM(keys, end - 1);
             if (!PyBytes_Check(before) || PyBytes_GET_SIZE(before) != KEY_SIZE ||
                 memcmp(PyBytes_AS_STRING(before), PyBytes_AS_STRING(key), KEY_SIZE) >= 0) {
                 status = 2;
@@ -384,15 +387,29 @@ py_pack_values(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_TypeError, "pack_values: values are bytes or None");
             return NULL;
         }
-        Py_ssize_t used = PyByteArray_GET_SIZE(buf), size = PyBytes_GET_SIZE(value) + 1;
-        if (used > 0 && used + size > limit) {
+        Py_ssize_t size = PyBytes_GET_SIZE(value) + 1;
+        if (room > 0 && room + size > limit) {
             status = 1;
             break;
         }
-        if ((uint64_t)used + (uint64_t)size > UINT32_MAX || n >= UINT32_MAX) {
+        if ((uint64_t)room + (uint64_t)size > UINT32_MAX || n + n_new >= UINT32_MAX) {
             PyErr_SetString(PyExc_ValueError, "pack_values: the block is too large");
             return NULL;
         }
+        room += size;
+        n_new++;
+    }
+    Py_ssize_t at = PyByteArray_GET_SIZE(entries);
+    if (n_new > 0 && (PyByteArray_Resize(entries, at + n_new * ENTRY_SIZE) < 0 ||
+                      PyByteArray_Resize(buf, room) < 0))
+        return NULL; /* (the caller aborts the writer) */
+    uint8_t *e = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
+    uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf);
+    for (; i < end; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *value = PyList_GET_ITEM(values, i);
+        if (value == Py_None)
+            continue;
+        Py_ssize_t size = PyBytes_GET_SIZE(value) + 1;
         uint8_t entry[KEY_SIZE + 4];
         memcpy(entry, PyBytes_AS_STRING(key), KEY_SIZE);
         put_be(entry + KEY_SIZE, n, 4);
@@ -401,19 +418,17 @@ py_pack_values(PyObject *self, PyObject *args)
             return NULL;
         int appended = PyList_Append(keys_out, key_entry);
         Py_DECREF(key_entry);
-        Py_ssize_t at = PyByteArray_GET_SIZE(entries);
-        if (appended < 0 || PyByteArray_Resize(entries, at + ENTRY_SIZE) < 0 ||
-            PyByteArray_Resize(buf, used + size) < 0)
-            return NULL; /* (a failed append: the caller aborts the writer) */
-        uint8_t *e = (uint8_t *)PyByteArray_AS_STRING(entries) + at;
+        if (appended < 0)
+            return NULL;
         put_be(e, lsn, 8);
         e[8] = (uint8_t)tag;
         put_be(e + 9, block_no, 4);
         put_be(e + 13, (uint64_t)used, 4);
         put_be(e + 17, (uint64_t)size, 4);
-        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf) + used;
-        b[0] = (uint8_t)tag;
-        memcpy(b + 1, PyBytes_AS_STRING(value), (size_t)size - 1);
+        e += ENTRY_SIZE;
+        b[used] = (uint8_t)tag;
+        memcpy(b + used + 1, PyBytes_AS_STRING(value), (size_t)size - 1);
+        used += size;
         n++;
         added += size;
         last = i;

@@ -204,12 +204,17 @@ class LayerMap:
         held: list[set[Key]] = [
             {k for k, _, _ in i.newest_versions(key_range, lsn)} for i in images
         ]
+        # (start, end, LSN, keys held) of each image, newest first, read once (not per key)
+        bounds = [
+            (i.key_range.start, i.key_range.end, i.lsn, keys)
+            for i, keys in zip(images, held, strict=True)
+        ]
         decided: dict[Key, bool] = {}
         for key in set(newest).union(*held):
             image_lsn, in_image = -1, False
-            for image, keys in zip(images, held, strict=True):
-                if key in image.key_range:
-                    image_lsn, in_image = image.lsn, key in keys
+            for start, end, i_lsn, keys in bounds:
+                if start <= key < end:
+                    image_lsn, in_image = i_lsn, key in keys
                     break
             version = newest.get(key)
             if version is not None and version[0] > image_lsn:
