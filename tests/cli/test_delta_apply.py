@@ -10,11 +10,13 @@ import io
 import os
 import stat
 import tarfile
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+import cli.delta_apply
 from cli.delta_apply import DeltaApplier
 from cli.pgbin import pg_os_user
 from cli.snapshot_file_source import missing_parent, resolve_chain
@@ -378,3 +380,43 @@ def test_a_whole_file_holding_the_members_bytes_is_left_as_it_was(parent: Path) 
     assert same.read_bytes() == b"old xact" and same.stat().st_mtime == long_ago
     assert cut.read_bytes() == b"old" and cut.stat().st_mtime != long_ago
     assert (parent / "pg_xact" / "0001").read_bytes() == b"gone sinCE"
+
+
+def test_a_large_fork_is_written_back_while_its_pages_arrive(
+    parent: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With sync_early, a segment's fsync starts after every _WRITE_BACK_BYTES of pages
+    written into it, before its member ends (its final fsync then finds little left);
+    make_durable waits for those too and raises their errors."""
+    monkeypatch.setattr(cli.delta_apply, "_WRITE_BACK_BYTES", 2 * BLCKSZ)
+    fsync = cli.delta_apply._fsync_file
+    synced: list[Path] = []
+
+    def recorded(path: Path) -> None:
+        synced.append(path)
+        fsync(path)
+
+    monkeypatch.setattr(cli.delta_apply, "_fsync_file", recorded)
+    rel = parent / "base" / "5" / "100"
+    tar = delta_tar([("neon-delta/base/5/100", fork_data(8, {b: page(b) for b in range(8)}))])
+    applier = DeltaApplier(parent, sync_early=True)
+    try:
+        applier.feed(tar[: len(tar) // 2])  # about half the pages: the member goes on
+        applier._syncer.shutdown(wait=True)  # type: ignore[union-attr]
+        assert rel in synced  # begun before the member's end
+    finally:
+        applier.close()
+
+    def failing(path: Path) -> None:  # the write-back's fsync only: the final one passes
+        if threading.current_thread().name.startswith("fsync"):
+            raise OSError(5, "Input/output error")
+        fsync(path)
+
+    monkeypatch.setattr(cli.delta_apply, "_fsync_file", failing)
+    applier = DeltaApplier(parent, sync_early=True)
+    try:
+        applier.feed(tar[: len(tar) // 2])
+        with pytest.raises(OSError, match="Input/output"):
+            applier.make_durable()
+    finally:
+        applier.close()
