@@ -27,6 +27,7 @@ compare the two walks, and image layers written with and without them, on real W
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from pageserver.reconstruct.apply_delta import continue_chain, reconstruct
 from pageserver.redo.native import redo as _native
@@ -142,7 +143,7 @@ def rebuild_range(
     deltas = layer_map.deltas_overlapping(key_range, above, lsn)
     root = timeline.ancestor is None
     walk = _walk_python if _rebuild_run is None else _walk_native
-    for key, value in walk(key_range, keys, lsn, tiles, deltas, in_memory, root):
+    for key, value in walk(Walk(key_range, keys, lsn, tiles, deltas, in_memory, root)):
         if isinstance(value, bool):  # False
             value = reference(key)
         elif isinstance(value, tuple):
@@ -152,6 +153,24 @@ def rebuild_range(
 
 
 Tiles = list[tuple[KeyRange, ImageLayer]]
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """What a walk over the layers rebuilds: `keys` (sorted, inside key_range) at lsn, the
+    image layers covering pieces of the range (`tiles`), the delta layers above the oldest
+    of them (newest first), the keys an in-memory layer holds (the per-key path's) and
+    whether the timeline is a root (a chain without a base starts from nothing)."""
+
+    key_range: KeyRange
+    keys: list[Key]
+    lsn: int
+    tiles: Tiles
+    deltas: list[DeltaLayer]
+    in_memory: frozenset[Key]
+    root: bool
+
+
 Walked = Iterator[tuple[Key, "bytes | bool | Chain | None"]]
 """(key, `_redo.rebuild_page`'s outcome): the value, None, False (the per-key path decides)
 or (page, rest) (the Python redo goes on)."""
@@ -162,51 +181,36 @@ RUN_KEYS = 256
 caller checks between two runs whether it is cancelled (compaction.CHECK_EVERY)."""
 
 
-def _walk_native(
-    key_range: KeyRange,
-    keys: list[Key],
-    lsn: int,
-    tiles: Tiles,
-    deltas: list[DeltaLayer],
-    in_memory: frozenset[Key],
-    root: bool,
-) -> Walked:
+def _walk_native(w: Walk) -> Walked:
     """`_walk_python` in C (`_redo.rebuild_run`), RUN_KEYS keys a call: the per-key Python
     of the walk (a cursor step per layer, the version entries sliced and widened, a part
     tuple per layer) was most of image creation's CPU besides zstd (issue 10)."""
     assert _rebuild_run is not None
-    layers = [layer.file.run_input(key_range.start, layer.lsn_end) for layer in deltas]
+    layers = [layer.file.run_input(w.key_range.start, layer.lsn_end) for layer in w.deltas]
     numbered: dict[int, int] = {}
     image_inputs: list[RunInput] = []
     tile_inputs: list[tuple[bytes, bytes, int, int]] = []
-    for tile_range, image in tiles:
+    for tile_range, image in w.tiles:
         n = numbered.get(id(image))
         if n is None:
             n = numbered[id(image)] = len(image_inputs)
             image_inputs.append(image.file.run_input(tile_range.start, image.lsn_end))
         tile_inputs.append((tile_range.start, tile_range.end, image.lsn, n))
-    for at in range(0, len(keys), RUN_KEYS):
-        run = keys[at : at + RUN_KEYS]
-        values = _rebuild_run(run, lsn, layers, image_inputs, tile_inputs, in_memory, root)
+    for at in range(0, len(w.keys), RUN_KEYS):
+        run = w.keys[at : at + RUN_KEYS]
+        values = _rebuild_run(run, w.lsn, layers, image_inputs, tile_inputs, w.in_memory, w.root)
         yield from zip(run, values, strict=True)
 
 
-def _walk_python(
-    key_range: KeyRange,
-    keys: list[Key],
-    lsn: int,
-    tiles: Tiles,
-    deltas: list[DeltaLayer],
-    in_memory: frozenset[Key],
-    root: bool,
-) -> Walked:
+def _walk_python(w: Walk) -> Walked:
     """Each key's versions, newest layer first, to `_redo.rebuild_page`: the reference of
     `_walk_native`."""
     assert _native is not None
-    newest_first = [_Cursor(layer, key_range.start) for layer in deltas]
+    key_range, lsn, tiles, in_memory = w.key_range, w.lsn, w.tiles, w.in_memory
+    newest_first = [_Cursor(layer, key_range.start) for layer in w.deltas]
     image_cursors: dict[int, _Cursor] = {}
     t = 0
-    for key in keys:
+    for key in w.keys:
         if key in in_memory:
             yield key, False
             continue
@@ -242,7 +246,7 @@ def _walk_python(
                     yield key, False  # not one image: LayerCorrupt there
                     continue
                 parts.insert(0, (raw, first, blocks, image.lsn))
-        yield key, _native.rebuild_page(key, lsn, parts, image is not None or root)
+        yield key, _native.rebuild_page(key, lsn, parts, image is not None or w.root)
 
 
 def rebuild_keys(
