@@ -95,16 +95,29 @@ class _Fork:
         return self.rel.with_name(self.rel.name + (f".{segno}" if segno else ""))
 
     def feed(self, data: memoryview, keep: set[PurePosixPath]) -> None:
-        self.buf += data
+        """The member's next bytes. Whole records are written from `data` itself; only a
+        header or record cut by the piece's end is copied (into `buf`) to be completed by
+        the next one: copying every page into `buf` first was a copy of all the pages."""
         if self.delta is None:
+            take = FORK_HEADER.size - len(self.buf)
+            self.buf += data[:take]
+            data = data[take:]
             if len(self.buf) < FORK_HEADER.size:
                 return
-            header = bytes(self.buf[: FORK_HEADER.size])
-            del self.buf[: FORK_HEADER.size]
+            header = bytes(self.buf)
+            self.buf.clear()
             self.delta = parse_fork_header(header, self.member.size, self.member.name)
             self._set_size(keep)
-        done = self._pages(self.buf)
-        del self.buf[:done]  # the record views _pages made are gone: the buffer may shrink
+        if self.buf:  # a record begun in the piece before
+            take = record_size() - len(self.buf)
+            self.buf += data[:take]
+            data = data[take:]
+            if len(self.buf) < record_size():
+                return
+            self._pages(self.buf)
+            self.buf.clear()  # the record views _pages made are gone
+        done = self._pages(data)
+        self.buf += data[done:]
 
     def _set_size(self, keep: set[PurePosixPath]) -> None:
         """The fork's segment files as long as its size says, and no more of them."""
@@ -141,7 +154,7 @@ class _Fork:
             self.changed.forks.add(self.rel)
             segno += 1
 
-    def _pages(self, buf: bytearray) -> int:
+    def _pages(self, buf: bytearray | memoryview) -> int:
         """Write the whole page records at the start of `buf`; the bytes they took.
 
         A run of consecutive blocks of one segment file goes in one `pwritev` (up to
