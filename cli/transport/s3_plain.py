@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import http.client
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,19 @@ from urllib.parse import quote, unquote_plus, urlsplit
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 TIMEOUT = 30  # seconds for a connection or an answer (botocore's connect timeout here)
+ATTEMPTS = 3  # s3.S3Store.client's retries: {"max_attempts": 3, "mode": "standard"}
+RETRY_WAIT_MAX = 20  # seconds, botocore's cap
+_TRANSIENT_CODES = frozenset(
+    {
+        "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+        "TooManyRequestsException", "ProvisionedThroughputExceededException",
+        "TransactionInProgressException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+        "LimitExceededException", "RequestThrottled", "SlowDown", "PriorRequestNotComplete",
+        "EC2ThrottledException", "RequestTimeout", "RequestTimeoutException",
+        "InternalError",
+    }
+)  # fmt: skip
+"""botocore's standard retry mode's throttling and transient error codes."""
 _UNRESERVED = "-_.~"
 _TAG = r"<{0}>([^<]*)</{0}>"
 
@@ -114,18 +128,30 @@ class PlainS3:
         self, method: str, bucket: str, key: str = "", query: list[tuple[str, str]] | None = None,
         headers: dict[str, str] | None = None, body: bytes = b"",
     ) -> Answer:  # fmt: skip
-        """One signed request; an error answer (status >= 300) raises PlainS3Error."""
+        """One signed request; an error answer (status >= 300) raises PlainS3Error. A lost
+        connection, a 5xx or a throttling answer is tried again, ATTEMPTS in all, as
+        botocore's standard retry mode does (with its exponential, jittered waits)."""
         path = object_path(bucket, key)
         query = query or []
         digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-        now = datetime.datetime.now(datetime.UTC)
-        sent = self.signed_headers(method, path, query, headers or {}, digest, now)
         target = path + ("?" + canonical_query(query) if query else "")
-        answer = await asyncio.to_thread(self._send, method, target, sent, body)
-        if answer.status >= 300:
-            code = _tag("Code", answer.body) or str(answer.status)
-            raise PlainS3Error(answer.status, code, _tag("Message", answer.body))
-        return answer
+        for attempt in range(ATTEMPTS):
+            now = datetime.datetime.now(datetime.UTC)
+            sent = self.signed_headers(method, path, query, headers or {}, digest, now)
+            try:
+                answer = await asyncio.to_thread(self._send, method, target, sent, body)
+            except PlainS3Unreachable:
+                if attempt + 1 == ATTEMPTS:
+                    raise
+            else:
+                if answer.status < 300:
+                    return answer
+                code = _tag("Code", answer.body) or str(answer.status)
+                error = PlainS3Error(answer.status, code, _tag("Message", answer.body))
+                if attempt + 1 == ATTEMPTS or not _transient(answer.status, code):
+                    raise error
+            await asyncio.sleep(random.random() * min(RETRY_WAIT_MAX, 2**attempt))
+        raise AssertionError("unreachable")
 
     def _send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Answer:
         conn = http.client.HTTPConnection(self.hostname, self.port, timeout=TIMEOUT)
@@ -186,6 +212,10 @@ class PlainS3:
 
     async def put(self, bucket: str, key: str, body: bytes, headers: dict[str, str]) -> None:
         await self.request("PUT", bucket, key, headers=headers, body=body)
+
+
+def _transient(status: int, code: str) -> bool:
+    return status in (500, 502, 503, 504) or code in _TRANSIENT_CODES
 
 
 def object_path(bucket: str, key: str = "") -> str:

@@ -6,19 +6,29 @@ aiobotocore, botocore and aiohttp."""
 from __future__ import annotations
 
 import datetime
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from cli.transport import parse_location
+from cli.transport import parse_location, s3_plain
 from cli.transport.s3 import S3Store
-from cli.transport.s3_plain import PlainS3, canonical_query, object_path, plain_client
+from cli.transport.s3_plain import (
+    PlainS3,
+    PlainS3Error,
+    PlainS3Unreachable,
+    canonical_query,
+    object_path,
+    plain_client,
+)
 from proto.errors import AlreadyExists, AuthFailed
 from tests.cli.transport.conftest import S3Bucket, only_aiobotocore
+from tests.pgtest import free_port
 
 NOW = datetime.datetime(2026, 12, 5, 12, 30, 15, tzinfo=datetime.UTC)
 KEYS = ["a b.neon", "c+d.neon", "é&<x>.neon", "plain.neon", "~t=1?.neon"]
@@ -203,7 +213,7 @@ def test_used_only_where_botocore_sends_the_same(
 
 PUSH = """
 import asyncio, sys
-from cli.transport import parse_location
+from cli.transport import parse_location, s3_plain
 async def main():
     loc = parse_location(sys.argv[1])
     assert await loc.store.stat(loc.name) is None
@@ -226,3 +236,62 @@ def test_a_small_push_imports_no_aws_library(s3_bucket: S3Bucket, tmp_path: Path
     )  # fmt: skip
     assert run.stdout.strip() == "[]", run.stdout
     assert s3_bucket.read("d.neon") == b"a small delta"
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers HEAD with 503 SlowDown `failures` times, then 200 (7 bytes); GET with 400."""
+
+    failures = 0
+    seen = 0
+
+    def do_HEAD(self) -> None:
+        type(self).seen += 1
+        if type(self).seen <= type(self).failures:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "7")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        body = b"<Error><Code>InvalidArgument</Code><Message>no &amp; never</Message></Error>"
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_transient_errors_are_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As botocore's standard mode: a 5xx twice, then the answer; three 5xx: the error; a
+    client error at once; a refused connection three times, then Unreachable."""
+    monkeypatch.setattr(s3_plain, "RETRY_WAIT_MAX", 0)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            plain = PlainS3.of(f"http://127.0.0.1:{server.server_port}", "r", "K", "S", None)
+            for failures, seen in ((2, 3), (0, 1)):
+                _Flaky.failures, _Flaky.seen = failures, 0
+                assert await plain.head("b", "k") == 7
+                assert _Flaky.seen == seen
+            _Flaky.failures, _Flaky.seen = 3, 0
+            with pytest.raises(PlainS3Error, match="503"):
+                await plain.head("b", "k")
+            assert _Flaky.seen == 3
+            _Flaky.seen = 0
+            with pytest.raises(PlainS3Error) as err:
+                await plain.get_range("b", "k", 0, 9)
+            assert _Flaky.seen == 1
+            assert err.value.response["Error"] == {
+                "Code": "InvalidArgument",
+                "Message": "no & never",
+            }
+        finally:
+            server.shutdown()
+    refused = PlainS3.of(f"http://127.0.0.1:{free_port()}", "r", "K", "S", None)
+    with pytest.raises(PlainS3Unreachable, match="could not connect"):
+        await refused.head("b", "k")
