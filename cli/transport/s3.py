@@ -1,8 +1,8 @@
 """`s3://BUCKET/PREFIX/NAME`: objects are keys of an S3 bucket (AWS or any S3-compatible
 service), reached with aiobotocore; a push's stat and the PutObject of a small file (a delta)
 with the plain client of cli/transport/s3_plain.py where botocore would send those very
-requests (an S3-compatible service on plain http with explicit keys), which spares a small
-push importing aiobotocore (~0.25 s of CPU).
+requests (an S3-compatible service's endpoint with explicit keys), which spares a small push
+importing aiobotocore (~0.25 s of CPU).
 
 Credentials and endpoint come from where every AWS tool reads them: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/...), AWS_REGION or

@@ -3,11 +3,13 @@ http.client, without aiobotocore: importing aiohttp, botocore and aiobotocore an
 a client cost a push ~0.25 s of CPU (bench/README.md, exchange), against a whole incremental
 push of a 1% change in ~0.3 s otherwise.
 
-Only where botocore would send the very same requests: an explicit plain-http endpoint
-(`--endpoint-url`, an attached storage's, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL: an
-S3-compatible service, to which botocore sends path-style URLs), explicit keys (the storage's,
-or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, with AWS_SESSION_TOKEN), no AWS profile or
-config file (which may change addressing, endpoints or credentials) and no proxy on the way.
+Only where botocore would send the very same requests: an explicit endpoint (`--endpoint-url`,
+an attached storage's, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL: an S3-compatible service, to
+which botocore sends path-style URLs) over http, or over https verified against the CA
+bundle botocore uses (AWS_CA_BUNDLE, else certifi's), explicit keys (the storage's, or
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, with AWS_SESSION_TOKEN), no AWS profile or
+config file (which may change addressing, endpoints, credentials or the CA bundle) and no
+proxy on the way.
 Anything else goes through aiobotocore, as does everything but the push's stat (HEAD,
 ListObjectsV2, ListMultipartUploads, the ranged GETs of manifests) and the PutObject of a
 file smaller than one part (cli/transport/s3.py). Every payload is signed with its SHA-256,
@@ -24,6 +26,7 @@ import http.client
 import os
 import random
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -71,7 +74,9 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class PlainS3:
-    """An S3-compatible endpoint reached over plain http, path-style, with these keys."""
+    """An S3-compatible endpoint reached path-style with these keys, over http, or over
+    https trusting the certificates of `cafile` only (botocore's: AWS_CA_BUNDLE, else
+    certifi's bundle)."""
 
     netloc: str  # the Host header
     hostname: str
@@ -80,12 +85,23 @@ class PlainS3:
     access_key_id: str
     secret_access_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
+    cafile: str | None = None  # None: plain http
 
     @staticmethod
-    def of(endpoint: str, region: str, key: str, secret: str, token: str | None) -> PlainS3:
+    def of(
+        endpoint: str, region: str, key: str, secret: str, token: str | None,
+        cafile: str | None = None,
+    ) -> PlainS3:  # fmt: skip
         parts = urlsplit(endpoint)
         netloc = parts.netloc.rpartition("@")[2]
-        return PlainS3(netloc, parts.hostname or "", parts.port or 80, region, key, secret, token)
+        tls = parts.scheme.lower() == "https"
+        port = parts.port or (443 if tls else 80)
+        if tls and cafile is None:
+            raise ValueError("an https endpoint needs the CA file its certificate is checked with")
+        return PlainS3(
+            netloc, parts.hostname or "", port, region, key, secret, token,
+            cafile if tls else None,
+        )  # fmt: skip
 
     def signed_headers(
         self, method: str, path: str, query: list[tuple[str, str]], headers: dict[str, str],
@@ -154,7 +170,16 @@ class PlainS3:
         raise AssertionError("unreachable")
 
     def _send(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Answer:
-        conn = http.client.HTTPConnection(self.hostname, self.port, timeout=TIMEOUT)
+        conn: http.client.HTTPConnection
+        try:
+            if self.cafile is None:
+                conn = http.client.HTTPConnection(self.hostname, self.port, timeout=TIMEOUT)
+            else:
+                conn = http.client.HTTPSConnection(
+                    self.hostname, self.port, timeout=TIMEOUT, context=_tls_context(self.cafile)
+                )
+        except (OSError, ValueError) as exc:  # a CA file that cannot be read
+            raise PlainS3Unreachable(f"cannot use the CA bundle {self.cafile}: {exc}") from None
         try:
             conn.request(method, target, body=body or None, headers=headers)
             response = conn.getresponse()
@@ -162,8 +187,9 @@ class PlainS3:
             return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
         except (OSError, http.client.HTTPException) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
+            scheme = "http" if self.cafile is None else "https"
             raise PlainS3Unreachable(
-                f"could not connect to the endpoint URL http://{self.netloc}: {reason}"
+                f"could not connect to the endpoint URL {scheme}://{self.netloc}: {reason}"
             ) from None
         finally:
             conn.close()
@@ -214,6 +240,17 @@ class PlainS3:
         await self.request("PUT", bucket, key, headers=headers, body=body)
 
 
+_TLS_CONTEXTS: dict[str, ssl.SSLContext] = {}
+
+
+def _tls_context(cafile: str) -> ssl.SSLContext:
+    """A verifying TLS context trusting `cafile` (made once: loading a bundle costs ~20 ms)."""
+    context = _TLS_CONTEXTS.get(cafile)
+    if context is None:
+        context = _TLS_CONTEXTS[cafile] = ssl.create_default_context(cafile=cafile)
+    return context
+
+
 def _transient(status: int, code: str) -> bool:
     return status in (500, 502, 503, 504) or code in _TRANSIENT_CODES
 
@@ -253,8 +290,13 @@ def plain_client(
     env = os.environ
     if endpoint is None and env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() != "true":
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint is None or not endpoint.lower().startswith("http://"):
+    if endpoint is None or not endpoint.lower().startswith(("http://", "https://")):
         return None
+    cafile = None
+    if endpoint.lower().startswith("https://"):
+        cafile = env.get("AWS_CA_BUNDLE") or _certifi_bundle()
+        if cafile is None:
+            return None
     if env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE"):
         return None
     config = env.get("AWS_CONFIG_FILE") or os.path.join("~", ".aws", "config")
@@ -266,7 +308,17 @@ def plain_client(
         token = env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN") or None
     if not key_id or not secret:
         return None
-    return PlainS3.of(endpoint, region, key_id, secret, token)
+    return PlainS3.of(endpoint, region, key_id, secret, token, cafile)
+
+
+def _certifi_bundle() -> str | None:
+    """The CA bundle botocore verifies with by default: certifi's, when installed (else
+    botocore's own copy, which is left to it)."""
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return str(certifi.where())
 
 
 def proxied(url: str) -> bool:
@@ -275,7 +327,8 @@ def proxied(url: str) -> bool:
     nothing goes the plain way)."""
     from urllib.request import getproxies, proxy_bypass
 
+    parts = urlsplit(url)
     proxies = getproxies()
-    if not (proxies.get("http") or proxies.get("all")):
+    if not (proxies.get(parts.scheme.lower()) or proxies.get("all")):
         return False
-    return not proxy_bypass(urlsplit(url).hostname or "")
+    return not proxy_bypass(parts.hostname or "")

@@ -5,6 +5,7 @@ aiobotocore, botocore and aiohttp."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.server
 import json
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,10 @@ from cli.transport.s3_plain import (
     object_path,
     plain_client,
 )
-from proto.errors import AlreadyExists, AuthFailed
+from proto.errors import AlreadyExists, AuthFailed, Unavailable
 from tests.cli.transport.conftest import S3Bucket, only_aiobotocore
 from tests.pgtest import free_port
+from tests.tls import self_signed
 
 NOW = datetime.datetime(2026, 12, 5, 12, 30, 15, tzinfo=datetime.UTC)
 KEYS = ["a b.neon", "c+d.neon", "é&<x>.neon", "plain.neon", "~t=1?.neon"]
@@ -182,7 +185,18 @@ def test_used_only_where_botocore_sends_the_same(
     client = plain_client(*given)
     assert client is not None and (client.netloc, client.port) == ("minio:9000", 9000)
     assert client.region == "r1" and client.session_token is None
-    assert plain_client("https://minio:9000", "r1", "AKID", "secret") is None  # TLS: botocore
+    import certifi
+
+    tls = plain_client("https://minio", "r1", "AKID", "secret")
+    assert tls is not None and (tls.port, tls.cafile) == (443, certifi.where())
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/our-ca.pem")
+    tls = plain_client("https://minio:9000", "r1", "AKID", "secret")
+    assert tls is not None and tls.cafile == "/etc/our-ca.pem"
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert plain_client("https://minio:9000", "r1", "AKID", "secret") is None
+    assert plain_client("http://minio:9000", "r1", "AKID", "secret") is not None
+    monkeypatch.delenv("HTTPS_PROXY")
     assert plain_client(None, "r1", "AKID", "secret") is None  # AWS itself
     assert plain_client("http://minio:9000", "r1", None, None) is None  # the credential chain
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://a:1")
@@ -193,7 +207,8 @@ def test_used_only_where_botocore_sends_the_same(
     assert client is not None and (client.netloc, client.access_key_id) == ("a:1", "K")
     assert client.session_token == "T"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3only")  # botocore's first choice
-    assert plain_client(None, "r1", None, None) is None
+    client = plain_client(None, "r1", None, None)
+    assert client is not None and client.netloc == "s3only"
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     for name, value in (
         ("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "True"),
@@ -295,3 +310,41 @@ async def test_transient_errors_are_tried_again(monkeypatch: pytest.MonkeyPatch)
     refused = PlainS3.of(f"http://127.0.0.1:{free_port()}", "r", "K", "S", None)
     with pytest.raises(PlainS3Unreachable, match="could not connect"):
         await refused.head("b", "k")
+
+
+@contextlib.contextmanager
+def moto_over_tls(directory: Path) -> Iterator[tuple[str, Path]]:
+    """moto's S3 (the buckets of the moto_server fixture: one process's memory) served over
+    TLS on 127.0.0.1: its endpoint and the certificate that verifies it."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    cert, key = self_signed(directory)
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=(str(cert), str(key)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.port}", cert
+    finally:
+        server.shutdown()
+
+
+async def test_an_https_endpoint_is_verified(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Over https the stat and the small write go the plain way too, the server's certificate
+    checked against AWS_CA_BUNDLE: one it does not vouch for is refused, nothing sent."""
+    with moto_over_tls(tmp_path / "tls") as (endpoint, cert):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+        store = store_of(s3_bucket, "t.neon")
+        plain = store.plain()
+        assert plain is not None and plain.cafile == str(cert)
+        assert await store.stat("t.neon") is None
+        async with await store.open_resumable("t.neon", overwrite=False) as writer:
+            await writer.write(b"over tls")
+        assert s3_bucket.read("t.neon") == b"over tls"
+        other, _ = self_signed(tmp_path / "other")
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(other))
+        with pytest.raises(Unavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            await store_of(s3_bucket, "u.neon").stat("u.neon")
