@@ -292,6 +292,9 @@ def plain_client(
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint is None or not endpoint.lower().startswith(("http://", "https://")):
         return None
+    parts = urlsplit(endpoint)
+    if parts.path not in ("", "/") or parts.query or parts.username is not None:
+        return None  # a path botocore puts before the bucket, credentials in the URL: its way
     cafile = None
     if endpoint.lower().startswith("https://"):
         cafile = env.get("AWS_CA_BUNDLE") or _certifi_bundle()

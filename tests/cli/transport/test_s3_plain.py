@@ -198,6 +198,8 @@ def test_used_only_where_botocore_sends_the_same(
     assert plain_client("http://minio:9000", "r1", "AKID", "secret") is not None
     monkeypatch.delenv("HTTPS_PROXY")
     assert plain_client(None, "r1", "AKID", "secret") is None  # AWS itself
+    assert plain_client("http://gw:9000/s3", "r1", "AKID", "secret") is None  # a path first
+    assert plain_client("http://gw:9000/", "r1", "AKID", "secret") is not None
     assert plain_client("http://minio:9000", "r1", None, None) is None  # the credential chain
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://a:1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
