@@ -1,8 +1,5 @@
 """`s3://BUCKET/PREFIX/NAME`: objects are keys of an S3 bucket (AWS or any S3-compatible
-service), reached with aiobotocore; a push's stat and the PutObject of a small file (a delta)
-with the plain client of cli/transport/s3_plain.py where botocore would send those very
-requests (an S3-compatible service's endpoint with explicit keys), which spares a small push
-importing aiobotocore (~0.25 s of CPU).
+service), reached with aiobotocore.
 
 Credentials and endpoint come from where every AWS tool reads them: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/...), AWS_REGION or
@@ -43,7 +40,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -61,13 +58,6 @@ from cli.transport.base import (
     StreamCut,
     already_exists,
     check_object_name,
-)
-from cli.transport.s3_plain import (
-    PlainS3,
-    PlainS3Error,
-    PlainS3Unreachable,
-    plain_client,
-    proxied,
 )
 from proto.errors import AuthFailed, InvalidArgument, NeonError, NotFound, Unavailable
 
@@ -169,30 +159,22 @@ def _region() -> str:
 
 @contextlib.contextmanager
 def _s3_errors(shown: str, bucket: str, doing: str) -> Iterator[None]:
-    """botocore's, aiohttp's and the plain client's exceptions as one line naming the URL and
-    the fix (botocore and aiohttp are imported only for an error a push without them did
-    not raise)."""
+    """botocore's and aiohttp's exceptions as one line naming the URL and the fix."""
+    import aiohttp
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
     try:
         yield
-    except PlainS3Error as exc:
+    except ClientError as exc:
         raise _client_error(exc, shown, bucket, doing) from None
-    except PlainS3Unreachable as exc:
-        raise Unavailable(f"cannot {doing} {shown}: {exc}") from None
-    except Exception as exc:
-        import aiohttp
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        if isinstance(exc, ClientError):
-            raise _client_error(exc, shown, bucket, doing) from None
-        if isinstance(exc, NoCredentialsError):
-            raise AuthFailed(
-                f"cannot {doing} {shown}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-            ) from None
-        if isinstance(exc, BotoCoreError | aiohttp.ClientError | TimeoutError):
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise Unavailable(f"cannot {doing} {shown}: {reason}") from None
-        raise
+    except NoCredentialsError:
+        raise AuthFailed(
+            f"cannot {doing} {shown}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from None
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise Unavailable(f"cannot {doing} {shown}: {reason}") from None
 
 
 def _client_error(exc: Any, shown: str, bucket: str, doing: str) -> NeonError:
@@ -237,9 +219,22 @@ def _http_endpoint(given: str | None) -> str | None:
         url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if url is None or not url.lower().startswith("http://"):
         return None
-    if proxied(url):
+    if _proxied(url):
         return None  # botocore gives the proxy's connection the endpoint's verify setting
     return url
+
+
+def _proxied(url: str) -> bool:
+    """Whether a proxy from the environment (HTTP_PROXY and the like, as botocore reads
+    them) would carry requests to `url`: an https proxy's certificate must still be checked."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    proxies = getproxies()
+    if not (proxies.get("http") or proxies.get("all")):
+        return False
+    host = urlsplit(url).hostname or ""
+    return not proxy_bypass(host)
 
 
 _SESSIONS: dict[tuple[tuple[str, str], ...], Any] = {}
@@ -286,72 +281,6 @@ class _S3Probe:
     listing: list[ObjectInfo] | BaseException | None
     pending: list[PendingUpload] | BaseException
     heads: dict[str, tuple[int, bytes]]
-
-
-class _Asks:
-    """A stat's requests through an aiobotocore client."""
-
-    def __init__(self, store: S3Store, client: Any, name: str) -> None:
-        self.store, self.client, self.name = store, client, name
-
-    async def head(self) -> ObjectInfo | None:
-        return await self.store._head(self.client, self.name)
-
-    async def listing(self) -> list[ObjectInfo]:
-        return await self.store._listing(self.client)
-
-    async def pending(self) -> list[PendingUpload]:
-        return await self.store._pending(self.client, self.store._key(self.name))
-
-    async def head_bytes(self, info: ObjectInfo) -> bytes:
-        return await self.store._head_bytes(self.client, info)
-
-
-class _PlainAsks(_Asks):
-    """The same requests through the plain client; pending uploads, if any, are read with
-    aiobotocore (an interrupted push being resumed: rare, and a multipart upload follows)."""
-
-    def __init__(self, store: S3Store, plain: PlainS3, name: str) -> None:
-        super().__init__(store, None, name)
-        self.plain = plain
-
-    async def head(self) -> ObjectInfo | None:
-        size = await self.plain.head(self.store.bucket, self.store._key(self.name))
-        return None if size is None else ObjectInfo(self.name, size)
-
-    async def listing(self) -> list[ObjectInfo]:
-        store = self.store
-        with _s3_errors(store.url, store.bucket, "list"):
-            keys = await self.plain.list_directory(store.bucket, store.prefix)
-        names = ((key[len(store.prefix) :], size) for key, size in keys)
-        return sorted(
-            (ObjectInfo(n, size) for n, size in names if n and not n.startswith(".")),
-            key=lambda o: o.name,
-        )
-
-    async def pending(self) -> list[PendingUpload]:
-        store = self.store
-        key = store._key(self.name)
-        with _s3_errors(store.object_url(self.name), store.bucket, "upload to"):
-            try:
-                if not await self.plain.has_uploads(store.bucket, key):
-                    return []
-            except PlainS3Error as exc:
-                if str(exc.response["Error"]["Code"]) in _AUTH_CODES:
-                    return []  # not allowed to list them: start afresh
-                raise
-            async with store.client() as client:
-                return await pending_uploads(client, store.bucket, key)
-
-    async def head_bytes(self, info: ObjectInfo) -> bytes:
-        if info.size == 0:
-            return b""
-        data = await self.plain.get_range(
-            self.store.bucket, self.store._key(info.name), 0, HEAD_BYTES - 1
-        )
-        if len(data) != min(info.size, HEAD_BYTES):
-            raise ValueError("not the head asked for (the object changed)")
-        return data
 
 
 class S3Store(Store):
@@ -404,43 +333,26 @@ class S3Store(Store):
         follow in a push (each used once; a request's error is raised by the call it serves,
         as that call would raise it): requests at once, not one round trip after the other."""
         shown = self.object_url(name)
-        plain = self.plain()
         with _s3_errors(shown, self.bucket, "reach"):
-            if plain is not None:
-                asks = _PlainAsks(self, plain, name)
-                found, listing, pending, heads = await self._ask(asks)
-            else:
-                async with self.client() as client:
-                    found, listing, pending, heads = await self._ask(_Asks(self, client, name))
+            async with self.client() as client:
+                head, listing, pending = await asyncio.gather(
+                    _outcome(self._head(client, name)),
+                    _outcome(self._listing(client)),
+                    _outcome(self._pending(client, self._key(name))),
+                )
+                if isinstance(head, BaseException):
+                    raise head
+                found = head
+                heads: dict[str, tuple[int, bytes]] = {}
+                if isinstance(listing, list):
+                    neon = [o for o in listing if o.name.endswith(".neon")][:PROBE_HEADS]
+                    reads = (_outcome(self._head_bytes(client, o)) for o in neon)
+                    got = await asyncio.gather(*reads)
+                    for info, data in zip(neon, got, strict=True):
+                        if isinstance(data, bytes):
+                            heads[info.name] = (info.size, data)
         self._probe = _S3Probe(name, time.monotonic(), found, listing, pending, heads)
         return found
-
-    def plain(self) -> PlainS3 | None:
-        """The plain client, where it sends what aiobotocore would (cli/transport/s3_plain.py)."""
-        given = _settings
-        return plain_client(
-            given.endpoint_url, _region(), given.access_key_id, given.secret_access_key
-        )
-
-    @staticmethod
-    async def _ask(asks: _Asks) -> tuple[
-        ObjectInfo | None, list[ObjectInfo] | BaseException,
-        list[PendingUpload] | BaseException, dict[str, tuple[int, bytes]],
-    ]:  # fmt: skip
-        """The HEAD, the listing and the pending uploads at once, then the manifests."""
-        head, listing, pending = await asyncio.gather(
-            _outcome(asks.head()), _outcome(asks.listing()), _outcome(asks.pending())
-        )
-        if isinstance(head, BaseException):
-            raise head
-        heads: dict[str, tuple[int, bytes]] = {}
-        if isinstance(listing, list):
-            neon = [o for o in listing if o.name.endswith(".neon")][:PROBE_HEADS]
-            got = await asyncio.gather(*(_outcome(asks.head_bytes(o)) for o in neon))
-            for info, data in zip(neon, got, strict=True):
-                if isinstance(data, bytes):
-                    heads[info.name] = (info.size, data)
-        return head, listing, pending, heads
 
     def _kept(self, name: str | None = None) -> _S3Probe | None:
         """The last stat's probe while fresh (of `name`'s stat, when given)."""
@@ -502,14 +414,10 @@ class S3Store(Store):
         key = self._key(name)
         probe = self._kept(name) if resumable else None
         self._probe = None
-        # After the stat, opening asks nothing: the plain client may do the rest (a small file).
-        plain = self.plain() if probe is not None else None
         stack = AsyncExitStack()
         with _s3_errors(shown, self.bucket, "upload to"):
             try:
-                client = None
-                if plain is None:
-                    client = await stack.enter_async_context(self.client())
+                client = await stack.enter_async_context(self.client())
                 if probe is not None:  # what the stat just before found
                     if not overwrite and probe.found is not None:
                         raise already_exists(shown)
@@ -517,12 +425,11 @@ class S3Store(Store):
                         raise probe.pending
                     pending = probe.pending
                 else:
-                    assert client is not None  # plain only after a stat
                     if not overwrite and await self._head(client, name) is not None:
                         raise already_exists(shown)
                     pending = await pending_uploads(client, self.bucket, key) if resumable else []
                 upload_id = None
-                if not pending and client is not None and probe is None:
+                if not pending and probe is None:
                     # Started now, so that a missing bucket or a refused write fails before
                     # the caller produces any data. After the stat of a push the bucket has
                     # answered already, and an object smaller than a part (a delta) needs no
@@ -536,7 +443,7 @@ class S3Store(Store):
                 raise
         writer = S3Writer(
             stack, client, self.bucket, key, upload_id, shown, overwrite, PART_SIZE,
-            PARTS_IN_FLIGHT, resumable=resumable, connect=self.client, plain=plain,
+            PARTS_IN_FLIGHT, resumable=resumable,
         )  # fmt: skip
         writer.pending = pending
         return writer
@@ -647,8 +554,7 @@ class PendingUpload:
 class S3Writer(ObjectWriter):
     """Buffers writes into parts of multipart upload `upload_id`; up to `parallel` parts
     upload at once (`write` waits for one to finish beyond that). An object smaller than
-    one part is put whole at commit instead (and the upload aborted): by `plain` when given
-    and no upload is pending. `client` (None: `connect()`'s, created when first needed).
+    one part is put whole at commit instead (and the upload aborted).
 
     `resumable`: an abort leaves the upload pending; `pending` (uploads an interrupted write
     left) are matched with the first part, and the chosen one's parts that match are not
@@ -657,11 +563,9 @@ class S3Writer(ObjectWriter):
     def __init__(
         self, stack: AsyncExitStack, client: Any, bucket: str, key: str, upload_id: str | None,
         shown: str, overwrite: bool, part_size: int, parallel: int, resumable: bool = False,
-        connect: Callable[[], Any] | None = None, plain: PlainS3 | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self._stack, self._client, self._bucket, self._key = stack, client, bucket, key
-        self._connect, self._plain = connect, plain
         self._shown, self._overwrite = shown, overwrite
         self._part_size, self._parallel = part_size, parallel
         self._resumable = resumable
@@ -674,13 +578,6 @@ class S3Writer(ObjectWriter):
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_part = 1
         self._closed = False
-
-    async def _aws(self) -> Any:
-        """The aiobotocore client (a plain writer's is created when first needed)."""
-        if self._client is None:
-            assert self._connect is not None
-            self._client = await self._stack.enter_async_context(self._connect())
-        return self._client
 
     def _size_of(self, number: int) -> int:
         growth = (number - 1) // PART_GROWTH_EVERY
@@ -734,7 +631,7 @@ class S3Writer(ObjectWriter):
             self._upload_id, self._held = chosen.upload_id, chosen.parts
             return
         with self._errors():
-            answer = await (await self._aws()).create_multipart_upload(
+            answer = await self._client.create_multipart_upload(
                 Bucket=self._bucket, Key=self._key, ContentType=CONTENT_TYPE
             )
         self._upload_id = str(answer["UploadId"])
@@ -743,14 +640,14 @@ class S3Writer(ObjectWriter):
         for upload in self.pending:
             if upload is not keep:
                 with contextlib.suppress(Exception):
-                    await (await self._aws()).abort_multipart_upload(
+                    await self._client.abort_multipart_upload(
                         Bucket=self._bucket, Key=self._key, UploadId=upload.upload_id
                     )
         self.pending = []
 
     async def _upload_part(self, number: int, body: bytes) -> None:
         with self._errors():
-            answer = await (await self._aws()).upload_part(
+            answer = await self._client.upload_part(
                 Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
                 PartNumber=number, Body=body,
             )  # fmt: skip
@@ -760,16 +657,10 @@ class S3Writer(ObjectWriter):
         try:
             if self._next_part == 1:  # smaller than one part
                 with self._errors():
-                    if self._plain is not None and not self.pending:
-                        headers = {"Content-Type": CONTENT_TYPE}
-                        if not self._overwrite:
-                            headers["If-None-Match"] = "*"
-                        await self._plain.put(self._bucket, self._key, bytes(self._buffer), headers)
-                    else:
-                        await (await self._aws()).put_object(
-                            Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer),
-                            ContentType=CONTENT_TYPE, **self._condition(),
-                        )  # fmt: skip
+                    await self._client.put_object(
+                        Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer),
+                        ContentType=CONTENT_TYPE, **self._condition(),
+                    )  # fmt: skip
                 await self._abort_pending()
             else:
                 if self._buffer:
@@ -779,7 +670,7 @@ class S3Writer(ObjectWriter):
                     self._raise_failed()
                 parts = [{"ETag": e, "PartNumber": n} for n, e in sorted(self._etags.items())]
                 with self._errors():
-                    await (await self._aws()).complete_multipart_upload(
+                    await self._client.complete_multipart_upload(
                         Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
                         MultipartUpload={"Parts": parts}, **self._condition(),
                     )  # fmt: skip
@@ -799,7 +690,7 @@ class S3Writer(ObjectWriter):
             self._upload_id = None  # left pending for the next resumable write
         if self._upload_id is not None and not self._closed:
             with contextlib.suppress(Exception):
-                await (await self._aws()).abort_multipart_upload(
+                await self._client.abort_multipart_upload(
                     Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
                 )
             self._upload_id = None

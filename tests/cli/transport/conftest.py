@@ -102,29 +102,16 @@ class S3Bucket:
         return sorted(u["Key"] for u in answer.get("Uploads", []))
 
 
-def only_aiobotocore(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
-    """Every S3 request of this process through aiobotocore: an AWS config file exists (an
-    empty one), so the plain client (cli/transport/s3_plain.py) stands aside."""
-    config = directory / "aws-config"
-    config.write_text("")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-
-
 @pytest.fixture
-def s3_bucket(moto_server: MotoS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Bucket:
+def s3_bucket(moto_server: MotoS3, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     """A fresh bucket, this process's AWS_* environment pointing at it, and small parts
-    (moto's 5 MiB minimum part size lowered to match); a push's stat and small write go
-    through the plain client (tests/cli/transport/test_s3.py runs its tests both ways)."""
+    (moto's 5 MiB minimum part size lowered to match)."""
     import moto.s3.models
 
     for key, value in moto_server.env().items():
         monkeypatch.setenv(key, value)
-    for key in (
-        "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION",
-        "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
-    ):  # fmt: skip
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/config of the user's
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 1)
     monkeypatch.setattr(s3, "PART_SIZE", SMALL_PART)
     monkeypatch.setattr(s3, "PARTS_IN_FLIGHT", 3)

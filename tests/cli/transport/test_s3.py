@@ -26,7 +26,7 @@ from cli.transport.base import Location, ObjectInfo, read_object
 from cli.transport.s3 import S3Store, S3Writer
 from proto.errors import AlreadyExists, AuthFailed, InvalidArgument, NotFound, Unavailable
 from snapfile.writer import write_snapshot_file
-from tests.cli.transport.conftest import SMALL_PART, S3Bucket, only_aiobotocore
+from tests.cli.transport.conftest import SMALL_PART, S3Bucket
 from tests.pgtest import free_port, pg_reachable_tmpdir
 from tests.s3d import cutting_proxy
 from tests.snapfile.snapfile_helpers import generated_bytes, make_manifest
@@ -38,18 +38,6 @@ def store_of(url: str) -> tuple[S3Store, str | None]:
     loc = parse_location(url)
     assert isinstance(loc.store, S3Store)
     return loc.store, loc.name
-
-
-@pytest.fixture(params=["plain", "aiobotocore"])
-def s3_bucket(
-    s3_bucket: S3Bucket, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> S3Bucket:  # fmt: skip
-    """Each test both ways: a push's stat and small write through the plain client
-    (cli/transport/s3_plain.py), or every request through aiobotocore."""
-    if request.param == "aiobotocore":
-        only_aiobotocore(monkeypatch, tmp_path)
-    return s3_bucket
 
 
 @pytest.mark.parametrize(
@@ -304,12 +292,11 @@ async def test_endpoint_url_option(
 
 
 async def test_requests_share_one_session(
-    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every request of a process goes through one aiobotocore session (a new one per request
     loaded botocore's S3 model again, 0.15-0.2 s each), and another AWS environment gets a
     session of its own (a session reads the credentials once)."""
-    only_aiobotocore(monkeypatch, tmp_path)
     monkeypatch.setattr(s3, "_SESSIONS", {})
     store = parse_location(s3_bucket.url("x.neon")).store
     async with await store.open_write("x.neon", overwrite=False) as writer:
@@ -329,13 +316,12 @@ def _neon_file(lsn: int, size: int) -> bytes:
 
 
 async def test_a_push_asks_its_questions_at_once(
-    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The stat before a push sends, at once, the requests the push makes next (the listing,
     each `.neon` head, the pending uploads): the listing, the manifest reads and the
     resumable open after it send none of them again, their answers are those of the plain
-    calls, and each answer is used once (through aiobotocore, whose requests are seen)."""
-    only_aiobotocore(monkeypatch, tmp_path)
+    calls, and each answer is used once."""
     monkeypatch.setattr(s3, "_SESSIONS", {})
     plain_client = s3_bucket.moto.client()
     files = {"a.neon": _neon_file(0x1_0000_0000, 9000), "b.neon": _neon_file(0x2_0000_0000, 5)}
