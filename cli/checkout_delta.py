@@ -15,11 +15,13 @@ Crash safety (the journal's contract: after a kill at any point, the next `pg ch
    then on the directory may be half patched and is never started as it is;
 2. the delta's tar is streamed from the pageserver into the applier (no copy on disk, no
    compression: both sides are on this machine). Applying is idempotent and any delta between
-   the same two states will do: whole files are rewritten, a fork is set to the size the
-   delta says and its listed pages written (with the target's content), whatever is not
-   listed removed, and a page the delta does not list is one no WAL changed on either side,
-   which no run touched. So recovery asks for the delta again and applies it over what a
-   killed run left (or rebuilds the directory whole: it is replaced then);
+   the same two states will do: whole files get the member's bytes (written from their
+   first difference; after a failed run, written whole: see `DeltaApplier`'s `compare`), a
+   fork is set to the size the delta says and its listed pages written (with the target's
+   content), whatever is not listed removed, and a page the delta does not list is one no
+   WAL changed on either side, which no run touched. So recovery asks for the delta again
+   and applies it over what a killed run left (or rebuilds the directory whole: it is
+   replaced then);
 3. what it changed is fsynced (the whole tree after a killed run, whose writes may not be),
    then `.applying` is renamed `<datadir>.checkout.applied` (durably);
 4. the node's passwords and slot (cli/nodes.py finish_datadir, single-user mode: not
@@ -180,7 +182,7 @@ def _stream_apply(
     request = BasebackupRequest(node_id=node.id, checkout_from=head, hints_logged_from=mark)
     stale = stale_dir(node)
     shutil.rmtree(stale, ignore_errors=True)  # a killed run's: its names would be taken
-    applier = DeltaApplier(node.datadir, KEEP, sync_early=not again, aside=stale)
+    applier = DeltaApplier(node.datadir, KEEP, sync_early=not again, aside=stale, compare=not again)
     marked = again
 
     async def received(download: BasebackupDownload) -> AsyncIterator[bytes]:

@@ -57,9 +57,9 @@ _PLAIN_FORK = re.compile(
 )
 """A fork member's name as a delta's tar writes it outside tablespaces: safe as it is."""
 _MAX_IOV = 1024
+"""Buffers one pwritev takes at most (Linux's IOV_MAX)."""
 _WRITE_BACK_BYTES = 32 << 20
 """Bytes of pages written into a segment after which an fsync of it starts (sync_early)."""
-"""Buffers one pwritev takes at most (Linux's IOV_MAX)."""
 
 
 class _Fork:
@@ -240,9 +240,9 @@ class _Changed:
         self.dirs: set[Path] = set()
         self.forks: set[PurePosixPath] = set()
         self.synced: dict[Path, Future[None]] = {}
+        """Files whose fsync was started once this applier was done with them."""
         self.written_back: list[Future[None]] = []
         """fsyncs of files still being written (`_Fork.write_back`): their errors count."""
-        """Files whose fsync was started once this applier was done with them."""
 
     def file(self, path: Path, created: bool) -> None:
         self.files.add(path)
@@ -263,6 +263,7 @@ class DeltaApplier:
         keep: Iterable[str] = (),
         sync_early: bool = False,
         aside: Path | None = None,
+        compare: bool = True,
     ) -> None:
         """`keep`: paths in `root` that stay although the delta does not name them (a
         checkout in place keeps the node's configuration: cli/checkout_delta.py).
@@ -273,7 +274,12 @@ class DeltaApplier:
         moved into instead of being unlinked, for the caller to delete later: on ext4
         mounted with `discard`, an unlink waits for its blocks to be trimmed (1.2 ms a small
         file that was written back, 7 ms a 16 MiB one): the ~300 FSM and VM files of a
-        checkout took half a second, the renames a hundredth of that."""
+        checkout took half a second, the renames a hundredth of that.
+        `compare`: a whole file is written only from its first byte that differs (most hold
+        the member's bytes already). Off for a run again after a failed one: after a
+        writeback error Linux marks the lost pages clean, so the page cache may read as
+        the member while the disk does not, and a fresh fsync reports nothing: each file
+        is written again, its pages dirty, so the fsync after makes them durable."""
         self.root = root
         self._aside = aside
         self._set_aside = 0
@@ -289,6 +295,7 @@ class DeltaApplier:
         self._path = root
         self._names: dict[Path, set[str]] = {}
         self._created = self._differs = False
+        self._compare = compare
         self._syncer = ThreadPoolExecutor(2, thread_name_prefix="fsync") if sync_early else None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -405,7 +412,7 @@ class DeltaApplier:
         # files (pg_xact, maps, PG_VERSION) hold the same bytes as before.
         self._path, self._created = dest, not os.path.lexists(dest)
         self._differs = False
-        if self._created:
+        if self._created or not self._compare:
             self._differ()
         self._fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         self._offset = 0

@@ -382,6 +382,26 @@ def test_a_whole_file_holding_the_members_bytes_is_left_as_it_was(parent: Path) 
     assert (parent / "pg_xact" / "0001").read_bytes() == b"gone sinCE"
 
 
+def test_a_run_again_after_a_failed_one_writes_whole_files_even_if_they_read_the_same(
+    parent: Path,
+) -> None:
+    """After a writeback error the page cache may read as the member while the disk holds
+    the old bytes (Linux marks the lost pages clean), and a fresh fsync reports nothing: the
+    run after a failed one (`compare=False`) writes each whole file again, so its fsync
+    makes the bytes durable."""
+    same = parent / "pg_xact" / "0000"
+    long_ago = 1_000_000_000
+    os.utime(same, (long_ago, long_ago))
+    applier = DeltaApplier(parent, compare=False)
+    try:
+        applier.feed(delta_tar([("pg_xact/0000", b"old xact")]))
+        applier.finish()
+        applier.make_durable()
+    finally:
+        applier.close()
+    assert same.read_bytes() == b"old xact" and same.stat().st_mtime != long_ago
+
+
 def test_a_large_fork_is_written_back_while_its_pages_arrive(
     parent: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
