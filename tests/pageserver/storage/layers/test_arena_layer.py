@@ -247,6 +247,9 @@ def test_an_arena_on_a_dead_arenas_buffers_reads_as_a_new_one(tmp_path: Path) ->
     ref.freeze(end, None)
     arena.freeze(end, None)
     assert l0_bytes(tmp_path, arena, "arena") == l0_bytes(tmp_path, ref, "ref")
+    spare = ArenaLayer(1000, expect=expect)  # none is left: its buffers are fresh
+    assert inmem.recycled() == before + 1
+    del spare  # its buffers are the spares now
     small = ArenaLayer(1000, expect=1 << 20)  # a smaller arena takes no large spare
     assert inmem.recycled() == before + 1
     del small
