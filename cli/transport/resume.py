@@ -97,15 +97,17 @@ class PartialAppender(ABC):
 
     @abstractmethod
     async def start(self, keep: int) -> None:
-        """Cut the partial object to its first `keep` bytes; later writes append."""
+        """Keep the partial object's first `keep` bytes (cut now, or by the transport's
+        first write or commit: ssh holds a small write until then); later writes append."""
 
     @abstractmethod
     async def write(self, data: bytes) -> None: ...
 
     @abstractmethod
     async def commit(self, size: int) -> None:
-        """Check the partial object holds `size` bytes and put it at its name (it is
-        removed when it cannot be: a wrong size, the name taken meanwhile)."""
+        """Check the partial object holds `size` bytes and put it at its name, raising when
+        it cannot be (a wrong size, the name taken meanwhile); whether the partial then
+        stays for a resume is the transport's (ssh keeps a short one's bytes)."""
 
     @abstractmethod
     async def abort(self) -> None:

@@ -55,7 +55,7 @@ as before). The append is started ahead (it waits for a first line on stdin: whe
 so its session opens while the snapshot is being made. A small file (SMALL_WRITE: a delta) is
 held and sent whole at the commit, its size on that line, and the append session checks and
 publishes it too: two sessions in all. A bigger one streams, and its commit is a session
-started at the first byte that waits for the size written.
+started once the held bytes would pass SMALL_WRITE, and it waits for the size written.
 
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
