@@ -12,6 +12,7 @@ from typing import Any
 
 from pageserver.api.own_thread import on_own_thread
 from pageserver.api.service import Pageserver
+from pageserver.api.slow_requests import reported_if_slow
 from pageserver.api.thread_chunks import chunks_in_thread
 from pageserver.basebackup.checkout_delta import COALESCE_BYTES, checkout_parent, coalesced
 from pageserver.basebackup.snapshot_file import (
@@ -353,7 +354,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
         async def handler(ctx: RequestContext) -> Any:
             try:
-                with FOREGROUND.held() if waited_for else contextlib.nullcontext():
+                with (
+                    FOREGROUND.held() if waited_for else contextlib.nullcontext(),
+                    reported_if_slow(model.METHOD),
+                ):
                     result = await route(ctx, model.from_wire(ctx.params))
                 if not isinstance(result, model.RESPONSE):
                     raise TypeError(f"{model.METHOD} must answer {model.RESPONSE.__name__}")
