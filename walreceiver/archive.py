@@ -258,9 +258,7 @@ class WalArchive:
             # The bytes are durable, the new name may not be: the archive ends without
             # reporting the segment flushed (a write would otherwise reopen this segment's
             # number); `begin` again resumes after what the directory holds.
-            self._begun = False
-            self.written_lsn = self.flushed_lsn
-            self._dirty = False
+            self._end_unflushed()
             raise
         self.flushed_lsn = self.written_lsn
         self._segno += 1
@@ -284,10 +282,15 @@ class WalArchive:
             finally:
                 os.close(self._fd)
                 self._fd = None
-                self._begun = False
-                self.written_lsn = self.flushed_lsn
-                self._dirty = False
+                self._end_unflushed()
             raise OSError(exc.errno, f"fsync failed: {exc.strerror}", str(path)) from None
+
+    def _end_unflushed(self) -> None:
+        """End the archive at what was last made durable (`flushed_lsn`): nothing more is
+        written until `begin`, and what was written since is not reported flushed."""
+        self._begun = False
+        self.written_lsn = self.flushed_lsn
+        self._dirty = False
 
     def flush(self) -> int:
         """fsync what was written; return the LSN up to which WAL is durable."""
