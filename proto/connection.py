@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 from contextlib import suppress
 from typing import Any
 
-from proto.errors import ProtocolError, Unavailable
-from proto.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
-from proto.messages import Message, StreamData, decode_payload, encode_message
+from proto.errors import Unavailable
+from proto.frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, raw_frame_header
+from proto.messages import Message, decode_payload, encode_message
 
 READ_SIZE = 256 * 1024
 STREAM_CHUNK_SIZE = 1024 * 1024
@@ -61,13 +62,19 @@ class MessageStream:
         try:
             while not self._pending:
                 try:
-                    data = await self._reader.read(READ_SIZE)
+                    # No more than the frame's current part: a raw frame's data then
+                    # come back from the decoder as the bytes read, not copied.
+                    data = await self._reader.read(min(READ_SIZE, self._decoder.wanted))
                 except OSError as exc:
                     raise Unavailable(f"connection to {self.peer} lost: {exc}") from exc
                 if not data:
                     self.failed = True
                     if self._decoder.buffered:
-                        raise ProtocolError("connection closed in the middle of a frame")
+                        # Nothing malformed was read: the peer stopped (a server shut
+                        # down while its client did not read) or the network failed.
+                        raise Unavailable(
+                            f"connection to {self.peer} closed in the middle of a frame"
+                        )
                     return None
                 self._pending.extend(self._decoder.feed(data))
             return decode_payload(self._pending.popleft())
@@ -85,12 +92,16 @@ class MessageStream:
         """Encode before writing, so an unencodable message leaves the stream in sync."""
         return encode_message(msg, max_frame_size=self.max_frame_size)
 
-    async def write_frame(self, frame: bytes) -> None:
-        """Write and wait for the transport to drain below its high-water mark (backpressure)."""
+    async def write_frame(self, *parts: bytes | memoryview) -> None:
+        """Write a frame (in `parts`: one vectored write where the transport has it) and
+        wait for the transport to drain below its high-water mark (backpressure)."""
         try:
             if self._writer.is_closing():
                 raise Unavailable(f"connection to {self.peer} is closed")
-            self._writer.write(frame)
+            if len(parts) == 1:
+                self._writer.write(parts[0])
+            else:
+                self._writer.writelines(parts)
             await self._writer.drain()
         except OSError as exc:
             self.failed = True
@@ -101,9 +112,33 @@ class MessageStream:
 
     async def send_data(self, id: int, data: bytes | bytearray | memoryview) -> None:
         """Send bytes as StreamData chunks of at most `chunk_size` bytes each."""
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), self.chunk_size):
-            await self.send(StreamData(id, bytes(view[start : start + self.chunk_size])))
+        await self.send_pieces(id, (data,))
+
+    async def send_pieces(self, id: int, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Send the concatenation of `pieces` as raw StreamData frames of at most
+        `chunk_size` bytes each, written as they are (`writelines`: a vectored write where
+        the transport has one), not joined. Bytes objects are not copied; a mutable buffer
+        is (it could change before the transport wrote it)."""
+        frame: list[bytes | memoryview] = []
+        held = 0
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            if not view.readonly:
+                view = memoryview(bytes(view))
+            while view:
+                take = view[: self.chunk_size - held]
+                frame.append(take)
+                held += len(take)
+                view = view[len(take) :]
+                if held == self.chunk_size:
+                    await self._write_raw(id, frame, held)
+                    frame, held = [], 0
+        if held:
+            await self._write_raw(id, frame, held)
+
+    async def _write_raw(self, id: int, frame: list[bytes | memoryview], size: int) -> None:
+        header = raw_frame_header(id, size, max_frame_size=self.max_frame_size)
+        await self.write_frame(header, *frame)
 
     async def close(self) -> None:
         """Flush and close; abort if the peer does not let us flush in time."""

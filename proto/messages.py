@@ -11,6 +11,9 @@ Conversation (ids are chosen by the client, unique per connection, >= 1):
     client -> Request                   server -> StreamData* StreamEnd | Error (download)
     client -> Request StreamData* StreamEnd
                                         server -> Response | Error            (upload)
+
+StreamData is sent as raw frames (frames.RAW_FLAG: the bytes without msgpack), which decode
+to it like any other message.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from proto.errors import NeonError, ProtocolError, error_from_code
-from proto.frames import DEFAULT_MAX_FRAME_SIZE, encode_frame
+from proto.frames import DEFAULT_MAX_FRAME_SIZE, STREAM_DATA_TAG, encode_frame
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: stream data may come as raw frames (frames.RAW_FLAG); a peer of version 1 is refused at
+the hello with both versions named."""
 CONNECTION_ID = 0
 """`Error.id` for errors about the connection itself (hello, malformed input), not a request."""
 
@@ -84,9 +89,9 @@ class Error:
 class StreamData:
     """One chunk of a byte stream (download: server to client; upload: client to server)."""
 
-    TAG: ClassVar[str] = "stream_data"
+    TAG: ClassVar[str] = STREAM_DATA_TAG
     id: int
-    data: bytes
+    data: bytes = field(repr=False)  # a MiB in an error message helps nobody
 
 
 @dataclass(frozen=True, slots=True)

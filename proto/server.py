@@ -69,10 +69,12 @@ class RequestContext:
         a long handler checks it before committing what nobody waits for any more."""
         return self._stream.peer_closed
 
-    async def send(self, data: bytes) -> None:
-        """Send download bytes to the client; waits while the client is slow to read."""
+    async def send(self, data: bytes | Sequence[bytes]) -> None:
+        """Send download bytes to the client (or the concatenation of a sequence of them,
+        not joined here: written as they are); waits while the client is slow to read."""
         self.streamed = True
-        await self._stream.send_data(self.request_id, data)
+        pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+        await self._stream.send_pieces(self.request_id, pieces)
 
     async def upload(self) -> AsyncIterator[bytes]:
         """The bytes the client uploads after its request, chunk by chunk, until its StreamEnd."""

@@ -14,7 +14,7 @@ from pageserver.api.own_thread import on_own_thread
 from pageserver.api.service import Pageserver
 from pageserver.api.slow_requests import reported_if_slow
 from pageserver.api.thread_chunks import chunks_in_thread
-from pageserver.basebackup.checkout_delta import COALESCE_BYTES, checkout_parent, coalesced
+from pageserver.basebackup.checkout_delta import checkout_parent
 from pageserver.basebackup.snapshot_file import (
     DeltaParent,
     TarCounter,
@@ -22,7 +22,12 @@ from pageserver.basebackup.snapshot_file import (
     snapshot_file_chunks,
     snapshot_file_manifest,
 )
-from pageserver.basebackup.tar_stream import BasebackupInfo, basebackup_chunks
+from pageserver.basebackup.tar_stream import (
+    HANDOFF_BYTES,
+    BasebackupInfo,
+    basebackup_chunks,
+    batched,
+)
 from pageserver.follow.followed_nodes import followed_node
 from pageserver.history.flusher import FOREGROUND
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
@@ -232,15 +237,17 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             source_name = req.snapshot or req.node_id or ""
             manifest = snapshot_file_manifest(info, source_name, created, delta)
             chunks = snapshot_file_chunks(manifest, tar)
-        elif req.checkout_from is not None:
-            # A delta's tar is mostly small members (a header per unchanged fork): sent one
-            # frame (and one thread hop) each, they cost more than their pages.
-            chunks = coalesced(tar, COALESCE_BYTES)
         sent = 0
-        async with contextlib.aclosing(chunks_in_thread(chunks)) as produced:
-            async for chunk in produced:
-                sent += len(chunk)
-                await ctx.send(chunk)
+        # Handed over and sent a MiB at a time, as the list of chunks the tar maker made
+        # (not joined: raw frames written as they are). One chunk a frame and a thread hop,
+        # a delta's many small members (a header per unchanged fork) cost more than its
+        # pages; joined, every page was copied once more on its way to the socket.
+        async with contextlib.aclosing(
+            chunks_in_thread(batched(chunks, HANDOFF_BYTES))
+        ) as produced:
+            async for batch in produced:
+                sent += sum(map(len, batch))
+                await ctx.send(batch)
         fields = asdict(info)
         spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
         return m.BasebackupResponse(

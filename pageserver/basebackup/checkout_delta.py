@@ -31,7 +31,7 @@ keys alone would keep although the target does not have it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable
 
 from pageserver.basebackup.delta_tar import DeltaForks
 from pageserver.basebackup.snapshot_file import DeltaParent
@@ -82,20 +82,3 @@ def checkout_parent(
     history, snap = find(current)
     point = ReadPoint(history.timelines.get(snap.timeline_id), snap.lsn)
     return DeltaParent(snap.name, snap.lsn, checkout_forks(source, point, hints_logged_from))
-
-
-COALESCE_BYTES = 1 << 20
-
-
-def coalesced(chunks: Iterable[bytes], size: int) -> Generator[bytes, None, None]:
-    """`chunks` joined into pieces of at least `size` bytes (the last one may be shorter)."""
-    batch: list[bytes] = []
-    held = 0
-    for chunk in chunks:
-        batch.append(chunk)
-        held += len(chunk)
-        if held >= size:
-            yield b"".join(batch)
-            batch, held = [], 0
-    if batch:
-        yield b"".join(batch)

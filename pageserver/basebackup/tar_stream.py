@@ -532,18 +532,19 @@ def basebackup(
         prev_lsn=prev_lsn,
         now=now,
     )
-    for batch in chunks_ahead(_batched(chunks, _HANDOFF_BYTES)):
+    for batch in chunks_ahead(batched(chunks, HANDOFF_BYTES)):
         for chunk in batch:
             out.write(chunk)
     return info
 
 
-_HANDOFF_BYTES = 1 << 20
+HANDOFF_BYTES = 1 << 20
 """Tar bytes handed from the thread making them to the writer at a time (a list of chunks:
-no join, no copy); `chunks_ahead` keeps four such batches ahead."""
+no join, no copy); `chunks_ahead` keeps four such batches ahead. The daemon sends a batch
+as raw frames written as they are (proto/connection.py `send_pieces`)."""
 
 
-def _batched(chunks: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+def batched(chunks: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
     """`chunks` in lists of at least `size` bytes (the last one may be shorter)."""
     batch: list[bytes] = []
     held = 0

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto.errors import AuthFailed, NeonError, NotFound, ProtocolError
-from proto.frames import HEADER_SIZE, FrameDecoder, encode_frame
+from proto.frames import (
+    HEADER,
+    HEADER_SIZE,
+    RAW_FLAG,
+    FrameDecoder,
+    encode_frame,
+    raw_frame_header,
+)
 from proto.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -210,12 +217,90 @@ def test_arbitrary_msgpack_frames_never_crash_and_truncations_stay_buffered(
     feed_all(decoder, [data.draw(st.binary(max_size=100))])
 
 
-@given(st.integers(MAX + 1, 2**32 - 1))
-def test_any_oversize_length_fails_before_buffering(length: int) -> None:
+@given(st.integers(MAX + 1, RAW_FLAG - 1), st.booleans())
+def test_any_oversize_length_fails_before_buffering(length: int, raw: bool) -> None:
     decoder = FrameDecoder(max_frame_size=MAX)
     with pytest.raises(ProtocolError, match="exceeds the maximum"):
-        decoder.feed(struct.pack(">I", length) + b"\x00" * 10)
+        decoder.feed(struct.pack(">I", length | (RAW_FLAG if raw else 0)) + b"\x00" * 10)
     assert decoder.buffered == 0
+
+
+def raw_frame(id: int, data: bytes) -> bytes:
+    return raw_frame_header(id, len(data)) + data
+
+
+def joined_stream_data(payloads: list[Any]) -> tuple[set[int], bytes]:
+    """The ids and the concatenated data of StreamData payloads (a raw frame's data come
+    back in pieces, as they were fed)."""
+    msgs = [decode_payload(p) for p in payloads]
+    assert all(isinstance(m, StreamData) for m in msgs)
+    return {m.id for m in msgs}, b"".join(m.data for m in msgs if isinstance(m, StreamData))
+
+
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=4), st.data())
+def test_raw_frames_are_stream_data_in_any_pieces(datas: list[bytes], data: Any) -> None:
+    stream = b"".join(raw_frame(5, d) for d in datas)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    decoder = FrameDecoder(max_frame_size=MAX + 8)
+    out: list[Any] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        out.extend(decoder.feed(stream[start:end]))
+    ids, joined = joined_stream_data(out)
+    assert ids == {5} and joined == b"".join(datas)
+    assert decoder.buffered == 0
+
+
+def test_raw_frames_between_msgpack_frames_split_at_every_byte() -> None:
+    msgs: list[Message] = [Request(1, "upload", {}), StreamEnd(1, None)]
+    stream = (
+        encode_message(msgs[0]) + raw_frame(1, b"abc") + raw_frame(1, b"") + encode_message(msgs[1])
+    )
+    decoder = FrameDecoder()
+    out: list[Message] = []
+    for i in range(len(stream)):
+        out.extend(decode_payload(p) for p in decoder.feed(stream[i : i + 1]))
+    assert out[0] == msgs[0] and out[-1] == msgs[1]
+    assert b"".join(m.data for m in out[1:-1] if isinstance(m, StreamData)) == b"abc"
+    assert {m.id for m in out[1:-1] if isinstance(m, StreamData)} == {1}
+    assert out[-2] == StreamData(1, b"")  # an empty frame still names its stream
+    assert decoder.buffered == 0
+
+
+def test_raw_data_read_as_wanted_is_handed_on_without_a_copy() -> None:
+    """A reader that feeds at most `wanted` bytes gets the very bytes objects back."""
+    data = bytes(range(256)) * 40
+    stream = raw_frame(3, data)
+    decoder = FrameDecoder()
+    pieces: list[bytes] = []
+    at = 0
+    while at < len(stream):
+        chunk = stream[at : at + min(4096, decoder.wanted)]
+        at += len(chunk)
+        for payload in decoder.feed(chunk):
+            assert payload[2] is chunk
+            pieces.append(payload[2])
+    assert b"".join(pieces) == data and len(pieces) == 3
+
+
+def test_a_truncated_raw_frame_stays_incomplete() -> None:
+    decoder = FrameDecoder()
+    frame = raw_frame(2, b"x" * 100)
+    assert decoder.feed(frame[:11]) == []
+    assert decoder.buffered == 11
+    assert len(decoder.feed(frame[11:50])) == 1
+    assert decoder.buffered == 50  # nonzero: the stream ends in the middle of a frame
+
+
+@pytest.mark.parametrize("length", [0, 1, 7])
+def test_a_raw_frame_shorter_than_its_id_is_refused(length: int) -> None:
+    with pytest.raises(ProtocolError, match="shorter than its stream id"):
+        FrameDecoder().feed(HEADER.pack(RAW_FLAG | length) + b"\x00" * 8)
+
+
+def test_a_raw_frame_larger_than_allowed_is_not_sent() -> None:
+    with pytest.raises(ProtocolError, match="exceeds the maximum"):
+        raw_frame_header(1, MAX - 7, max_frame_size=MAX)
+    assert len(raw_frame_header(1, MAX - 8, max_frame_size=MAX)) == HEADER_SIZE + 8
 
 
 def test_header_size() -> None:

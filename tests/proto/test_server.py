@@ -28,7 +28,14 @@ from proto.errors import (
     ProtocolError,
     Unavailable,
 )
-from proto.frames import DEFAULT_MAX_FRAME_SIZE, HEADER, PRE_AUTH_MAX_FRAME_SIZE, FrameDecoder
+from proto.frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER,
+    PRE_AUTH_MAX_FRAME_SIZE,
+    RAW_FLAG,
+    FrameDecoder,
+    raw_frame_header,
+)
 from proto.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -294,6 +301,7 @@ VALID = [
     encode_message(Request(1, "echo", {"a": 1})),
     encode_message(Request(2, "upload", {})),
     encode_message(StreamData(2, b"abc")),
+    raw_frame_header(2, 3) + b"def",
     encode_message(StreamEnd(2, None)),
     encode_message(Request(3, "download", {"size": 10})),
 ]
@@ -332,10 +340,17 @@ async def test_garbage_never_crashes_or_hangs_the_server(server: ProtoServer, da
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "exceeds the maximum frame size"),
         (b"\x00\x00\x00\x01\xc1", "invalid msgpack"),
         (encode_message(Request(1, "echo", {})), "expected a hello"),
-        (HELLO + HELLO[:7], "closed in the middle of a frame"),
         (HELLO + encode_message(StreamData(9, b"x")), "expected a request"),
         (HELLO + encode_message(Request(1, "upload", {})), "expected upload data"),
         (HEADER.pack(PRE_AUTH_MAX_FRAME_SIZE + 1) + b"\x90", "before the hello is verified"),
+        (raw_frame_header(1, 3) + b"abc", "expected a hello"),
+        (HEADER.pack(RAW_FLAG | PRE_AUTH_MAX_FRAME_SIZE + 1) + b"\x00" * 12, "before the hello"),
+        (HELLO + HEADER.pack(RAW_FLAG | 7) + b"\x00" * 7, "shorter than its stream id"),
+        (HELLO + raw_frame_header(9, 1) + b"x", "expected a request"),
+        (
+            HELLO + encode_message(Request(1, "upload", {})) + raw_frame_header(2, 1) + b"x",
+            "expected upload data for request 1",
+        ),
         (HELLO + HEADER.pack(1025) + b"\x91" * 1024 + b"\x90", "nested more than 1024"),
     ],
 )
@@ -345,6 +360,65 @@ async def test_garbage_gets_an_error_then_close(
     replies = await raw_exchange(server.port, data)
     assert isinstance(replies[-1], Error) and replies[-1].code == "protocol_error"
     assert expected in replies[-1].message
+    await assert_serves(server)
+
+
+RAW_DATA = raw_frame_header(1, 10) + b"0123456789"
+
+
+async def test_raw_stream_data_is_an_upload_and_a_download(server: ProtoServer) -> None:
+    """Stream data goes both ways as raw frames and is read as StreamData messages."""
+    upload = (
+        encode_message(Request(1, "upload", {})) + RAW_DATA + encode_message(StreamEnd(1, None))
+    )
+    replies = await raw_exchange(server.port, HELLO + upload)
+    assert replies[-1] == Response(
+        1, {"size": 10, "sha256": hashlib.sha256(b"0123456789").hexdigest()}
+    )
+    received = b""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HELLO + encode_message(Request(1, "download", {"size": 10})))
+        async with asyncio.timeout(STEP):
+            while not received.endswith(
+                encode_message(StreamEnd(1, {"sha256": hashlib.sha256(blob(10)).hexdigest()}))
+            ):
+                received += await reader.read(65536)
+    finally:
+        writer.close()
+    assert raw_frame_header(1, 10) + blob(10) in received  # not msgpack
+
+
+async def test_a_download_piece_for_another_stream_is_refused() -> None:
+    """A client reading a download refuses a raw frame of another stream id."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # the hello
+        writer.write(encode_message(HelloOk(PROTOCOL_VERSION, "fake")))
+        await reader.read(65536)  # the request, id 1
+        writer.write(raw_frame_header(7, 3) + b"abc")
+        await writer.drain()
+        await reader.read(65536)  # until the client closes
+        writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        async with await ProtoClient.connect("127.0.0.1", port, timeout=STEP) as client:
+            with pytest.raises(ProtocolError, match="expected id 1"):
+                await asyncio.wait_for(client.download("download").read(), STEP)
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_a_stream_cut_in_a_frame_is_a_lost_connection(server: ProtoServer) -> None:
+    """Nothing malformed came, the peer stopped sending: what a server that shut down while
+    its client did not read looks like to the client (test_close_with_open_connections)."""
+    for cut in (HELLO[:7], encode_message(Request(1, "upload", {})) + RAW_DATA[:15]):
+        replies = await raw_exchange(server.port, HELLO + cut)
+        assert isinstance(replies[-1], Error) and replies[-1].code == "unavailable"
+        assert "closed in the middle of a frame" in replies[-1].message
     await assert_serves(server)
 
 
