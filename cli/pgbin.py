@@ -33,13 +33,12 @@ class MissingBinaries(NeonError):
 
 @cache
 def pg_bin_dir() -> Path:
-    """The directory of the PostgreSQL 15 binaries: NEON_PG_BIN, Debian's path, or PATH."""
-    candidates: list[Path] = []
+    """The directory of the PostgreSQL 15 binaries: NEON_PG_BIN, Debian's path, or PATH's
+    pg_config's. pg_config runs only when Debian's path has none: on Debian it is a shell
+    script (ls and tail), which every `pg start` and `pg checkout` waited for."""
     env = os.environ.get("NEON_PG_BIN")
-    if env:
-        candidates.append(Path(env))
-    else:
-        candidates.append(DEBIAN_BIN)
+    candidates = [Path(env)] if env else [DEBIAN_BIN]
+    if not env and not _has_binaries(DEBIAN_BIN):
         on_path = shutil.which("pg_config")
         if on_path:
             try:
@@ -50,12 +49,16 @@ def pg_bin_dir() -> Path:
             except (OSError, subprocess.CalledProcessError):
                 pass
     for cand in candidates:
-        if (cand / "postgres").is_file() and (cand / "initdb").is_file():
+        if _has_binaries(cand):
             return cand
     where = ", ".join(str(c) for c in candidates)
     raise MissingBinaries(
         f"PostgreSQL {SUPPORTED_MAJOR} binaries not found (looked in {where}); " + INSTALL_HINT
     )
+
+
+def _has_binaries(directory: Path) -> bool:
+    return (directory / "postgres").is_file() and (directory / "initdb").is_file()
 
 
 def pg_binary(name: str) -> str:
