@@ -379,7 +379,11 @@ async def consume_in_thread(
     batch while the next bytes arrive (bounded memory: at most _QUEUE_DEPTH batches of a MiB
     queued). `consume` gets them as an iterator, which raises an exception of its own
     where `chunks` failed (it is then re-raised here once `consume` ended); this raises what
-    `consume` raised. Both ends are done when this returns or raises."""
+    `consume` raised. Both ends are done when this returns or raises. The process keeps
+    freed heap memory for the pieces still to come (`tune_malloc_for_streams`)."""
+    from pageserver.malloc_tuning import tune_malloc_for_streams  # ctypes: not at CLI start
+
+    tune_malloc_for_streams()
     batches = _Batches()
     worker = asyncio.ensure_future(asyncio.to_thread(batches.consume, consume))
 

@@ -1,4 +1,5 @@
-"""glibc malloc settings for the pageserver process, set before its threads start.
+"""glibc malloc settings for the pageserver process, set before its threads start (and, for
+a CLI receiving a large stream, `tune_malloc_for_streams`).
 
 By default glibc gives each thread that allocates under contention an arena of its own (up to
 8 per core) and raises its mmap threshold to the size of every large block freed (up to
@@ -22,6 +23,7 @@ import ctypes
 import os
 import sys
 
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 """mallopt parameters (glibc's malloc.h)."""
@@ -31,9 +33,14 @@ MMAP_THRESHOLD = 4 << 20
 """Blocks of this many bytes or more are mapped on their own and unmapped when freed; a fixed
 threshold (mallopt) also stops glibc from raising it."""
 
-_SETTINGS = ((M_ARENA_MAX, ARENAS, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
-             (M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_",
-              "glibc.malloc.mmap_threshold"))  # fmt: skip
+TRIM_THRESHOLD = 16 << 20
+"""Free memory at the top of a heap kept for the next allocations up to this much (glibc
+returns what is above it to the system, to be faulted in again when next used)."""
+
+_MMAP = (M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold")
+_SETTINGS = ((M_ARENA_MAX, ARENAS, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"), _MMAP)
+_TRIM = (M_TRIM_THRESHOLD, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold")
+_STREAM_SETTINGS = (_MMAP, _TRIM)
 
 
 def _given(env: str, tunable: str) -> bool:
@@ -46,6 +53,21 @@ def _given(env: str, tunable: str) -> bool:
 
 def tune_malloc() -> bool:
     """Apply the settings (see the module); whether glibc took every one it was given."""
+    return _apply(_SETTINGS)
+
+
+def tune_malloc_for_streams() -> bool:
+    """For a CLI about to receive a stream of hundreds of MiB (a checkout's delta, a whole
+    basebackup): every piece read from the socket is a new 256 KiB bytes object, freed once
+    applied. By default glibc's threshold rises to that size, so the pieces come from the
+    heap, but the heap's top above 2x that is given back after each free and faulted in
+    again at the next piece: receiving 290 MB cost 0.20-0.22 s of CPU and 25-32k page
+    faults, with this 4 MiB threshold and 16 MiB kept at the top 0.11-0.16 s and none
+    (either setting alone: more faults than neither). Whether glibc took both."""
+    return _apply(_STREAM_SETTINGS)
+
+
+def _apply(settings: tuple[tuple[int, int, str, str], ...]) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -58,7 +80,7 @@ def tune_malloc() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     took = True
-    for param, value, env, tunable in _SETTINGS:
+    for param, value, env, tunable in settings:
         if not _given(env, tunable):
             took = bool(mallopt(param, value)) and took
     return took

@@ -18,7 +18,7 @@ from pageserver.malloc_tuning import MMAP_THRESHOLD
 # counts the mapped blocks).
 PROBE = f"""
 import ctypes, sys
-from pageserver.malloc_tuning import tune_malloc
+from pageserver.malloc_tuning import tune_malloc, tune_malloc_for_streams
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
@@ -29,7 +29,12 @@ libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
-took = tune_malloc() if sys.argv[1] == "tuned" else None
+tune = {{"tuned": tune_malloc, "streams": tune_malloc_for_streams}}.get(sys.argv[1])
+took = None if tune is None else tune()
+if sys.argv[1] == "streams":  # a heap block below the threshold, freed at the heap's top
+    libc.free(libc.malloc({MMAP_THRESHOLD // 2}))
+    print(took, int(libc.mallinfo2().keepcost >= {MMAP_THRESHOLD // 2}))
+    sys.exit()
 libc.free(libc.malloc(16 << 20))
 before = libc.mallinfo2().hblks
 block = libc.malloc({2 * MMAP_THRESHOLD})
@@ -63,3 +68,10 @@ def test_a_threshold_from_the_environment_is_kept() -> None:
 def test_a_threshold_from_glibc_tunables_is_kept() -> None:
     tunables = f"glibc.malloc.check=0:glibc.malloc.mmap_threshold={32 << 20}"
     assert _probe("tuned", GLIBC_TUNABLES=tunables) == ("True", 0)
+
+
+def test_streams_keep_the_freed_top_of_the_heap() -> None:
+    """A freed block at the heap's top stays for the next one (not given back and faulted
+    in again); with the daemon's settings alone it is trimmed."""
+    assert _probe("streams") == ("True", 1)
+    assert _probe("streams", MALLOC_TRIM_THRESHOLD_=str(128 << 10)) == ("True", 0)
