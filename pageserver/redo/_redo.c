@@ -2120,14 +2120,30 @@ hand_back(const Version *v, Py_ssize_t i, Py_ssize_t n, PyObject *page)
     return Py_BuildValue("(ON)", page, rest);
 }
 
-/* A key's value at lsn from its versions v[0..n) (oldest first, each floor < LSN <= lsn): the
- * value, None, False (the per-key path) or (page, rest) (see rebuild_page in _redo.pyi); NULL
- * on a Python error. `key`: the 18 bytes of the key. v stays the caller's. */
-static PyObject *
-rebuild_versions(const uint8_t *key, uint64_t lsn, const Version *v, Py_ssize_t n,
-                 int base_known)
+/* A key's chain: what its versions make of it (chain_plan), then its redo (chain_redo). Neither
+ * touches a Python object, so a run of keys is redone without the GIL (rebuild_run). */
+enum { CHAIN_FALSE, CHAIN_NONE, CHAIN_BASE, CHAIN_REDO };
+enum { PAGE_NONE, PAGE_BASE, PAGE_OUT };
+
+typedef struct {
+    int kind;             /* CHAIN_*: False (the per-key path), None, the base as it is, redo */
+    const uint8_t *base;  /* the image the chain starts from, without its tag (NULL: none) */
+    Py_ssize_t base_len;
+    Py_ssize_t first_delta;
+    int is_clog;
+    uint32_t f2, f3, f4, f6;
+    unsigned f5;
+    Py_ssize_t done; /* chain_redo: the versions from done on are left to the Python redo */
+    int page;        /* chain_redo: PAGE_* where the page is (PAGE_OUT: in its out buffer) */
+} Chain;
+
+/* The plan of a key's value at lsn from its versions v[0..n) (oldest first, each floor < LSN
+ * <= lsn); `key`: the 18 bytes of the key. */
+static void
+chain_plan(const uint8_t *key, const Version *v, Py_ssize_t n, int base_known, Chain *ch)
 {
-    PyObject *result = NULL;
+    memset(ch, 0, sizeof *ch);
+    ch->kind = CHAIN_FALSE;
     /* The chain's base: the newest image (the image layer's is the first part), will_init
      * delta or tombstone among the versions; else nothing when base_known (an image layer
      * covers the key without holding it, or there is no ancestor); else the ancestor's: the
@@ -2135,54 +2151,54 @@ rebuild_versions(const uint8_t *key, uint64_t lsn, const Version *v, Py_ssize_t 
     Py_ssize_t start = n;
     while (start > 0 && v[start - 1].tag == TAG_DELTA)
         start--;
-    PyObject *base = NULL; /* new reference, or NULL for None */
-    Py_ssize_t first_delta = start;
+    ch->first_delta = start;
     if (start > 0) {
         const Version *ender = &v[start - 1];
         if (ender->tag == TAG_IMAGE) {
-            base = PyBytes_FromStringAndSize((const char *)ender->value + 1, ender->len - 1);
-            if (base == NULL)
-                goto done;
+            ch->base = ender->value + 1;
+            ch->base_len = ender->len - 1;
         }
         else if (ender->tag == TAG_DELTA_INIT)
-            first_delta = start - 1;
-        else if (ender->tag != TAG_TOMBSTONE) { /* an unknown tag: decode_value raises */
-            result = Py_NewRef(Py_False);
-            goto done;
-        }
+            ch->first_delta = start - 1;
+        else if (ender->tag != TAG_TOMBSTONE) /* an unknown tag: decode_value raises */
+            return;
     }
-    else if (!base_known) {
-        result = Py_NewRef(Py_False);
-        goto done;
+    else if (!base_known)
+        return;
+    if (ch->first_delta == n) { /* no deltas: the base as it is */
+        ch->kind = ch->base != NULL ? CHAIN_BASE : CHAIN_NONE;
+        return;
     }
-    if (first_delta == n) { /* no deltas: the base as it is */
-        result = base != NULL ? Py_NewRef(base) : Py_NewRef(Py_None);
-        goto done;
-    }
-    uint32_t f2 = be32(key + 1), f3 = be32(key + 5), f4 = be32(key + 9), f6 = be32(key + 14);
-    unsigned f5 = key[13];
-    int is_rel = key[0] == 0 && f4 != 0 && f6 != 0xFFFFFFFFu;
+    ch->f2 = be32(key + 1), ch->f3 = be32(key + 5), ch->f4 = be32(key + 9);
+    ch->f6 = be32(key + 14), ch->f5 = key[13];
+    int is_rel = key[0] == 0 && ch->f4 != 0 && ch->f6 != 0xFFFFFFFFu;
     /* (a segment number past what 32-bit xids reach would overflow the page number: Python) */
-    int is_clog = key[0] == 1 && f2 == 0 && f3 == 1 && f6 != 0xFFFFFFFFu && f4 < (1u << 26) &&
-                  f6 < SLRU_PAGES_PER_SEGMENT;
-    if (!is_rel && !is_clog) { /* other SLRUs, or not a page key (Python raises) */
-        result = Py_NewRef(Py_False);
-        goto done;
-    }
-    /* The page is in `cur` once C has changed it; until then it is `base` (NULL: None). */
-    uint8_t bufs[2][BLCKSZ];
-    uint8_t *cur = bufs[0], *next = bufs[1];
-    int in_buf = 0, have = base != NULL;
-    if (base == NULL && v[first_delta].tag != TAG_DELTA_INIT) {
-        if (!is_clog && f5 != VISIBILITYMAP_FORKNUM) { /* no base: Python raises */
-            result = Py_NewRef(Py_False);
-            goto done;
-        }
+    ch->is_clog = key[0] == 1 && ch->f2 == 0 && ch->f3 == 1 && ch->f6 != 0xFFFFFFFFu &&
+                  ch->f4 < (1u << 26) && ch->f6 < SLRU_PAGES_PER_SEGMENT;
+    if (!is_rel && !ch->is_clog) /* other SLRUs, or not a page key (Python raises) */
+        return;
+    if (ch->base == NULL && v[ch->first_delta].tag != TAG_DELTA_INIT && !ch->is_clog &&
+        ch->f5 != VISIBILITYMAP_FORKNUM) /* no base: Python raises */
+        return;
+    ch->kind = CHAIN_REDO;
+}
+
+/* A CHAIN_REDO chain's deltas redone into out (BLCKSZ bytes): sets ch->page and ch->done. */
+static void
+chain_redo(Chain *ch, const Version *v, Py_ssize_t n, uint8_t *out)
+{
+    /* The page is in `cur` once C has changed it; until then it is the base (NULL: None). */
+    uint8_t scratch[BLCKSZ];
+    uint8_t *cur = out, *next = scratch;
+    const uint32_t f2 = ch->f2, f3 = ch->f3, f4 = ch->f4, f6 = ch->f6;
+    const unsigned f5 = ch->f5;
+    int in_buf = 0, have = ch->base != NULL;
+    if (ch->base == NULL && v[ch->first_delta].tag != TAG_DELTA_INIT) {
         memset(cur, 0, BLCKSZ); /* SLRU and VM pages start from zeros */
         in_buf = have = 1;
     }
     Py_ssize_t i;
-    for (i = first_delta; i < n; i++) {
+    for (i = ch->first_delta; i < n; i++) {
         const Version *d = &v[i];
         Rec r;
         if (d->tag == TAG_DELTA_INIT)
@@ -2192,10 +2208,10 @@ rebuild_versions(const uint8_t *key, uint64_t lsn, const Version *v, Py_ssize_t 
         const uint8_t *prev = NULL;
         Py_ssize_t prev_len = 0;
         if (have) {
-            prev = in_buf ? cur : (const uint8_t *)PyBytes_AS_STRING(base);
-            prev_len = in_buf ? BLCKSZ : PyBytes_GET_SIZE(base);
+            prev = in_buf ? cur : ch->base;
+            prev_len = in_buf ? BLCKSZ : ch->base_len;
         }
-        if (is_clog) {
+        if (ch->is_clog) {
             if (have && prev_len != BLCKSZ)
                 break;
             if (have)
@@ -2234,24 +2250,57 @@ rebuild_versions(const uint8_t *key, uint64_t lsn, const Version *v, Py_ssize_t 
         next = t;
         in_buf = have = 1;
     }
+    if (in_buf && cur != out)
+        memcpy(out, cur, BLCKSZ);
+    ch->page = in_buf ? PAGE_OUT : have ? PAGE_BASE : PAGE_NONE;
+    ch->done = i;
+}
+
+/* The key's value as rebuild_page returns it: the value, None, False (the per-key path) or
+ * (page, rest) (see rebuild_page in _redo.pyi); NULL on a Python error. `out`: the page a
+ * CHAIN_REDO chain was redone into (a new reference, taken), NULL for any other. */
+static PyObject *
+chain_value(const Chain *ch, const Version *v, Py_ssize_t n, PyObject *out)
+{
     PyObject *page;
-    if (in_buf)
-        page = PyBytes_FromStringAndSize((const char *)cur, BLCKSZ);
-    else if (have)
-        page = Py_NewRef(base);
-    else
-        page = Py_NewRef(Py_None);
-    if (page == NULL)
-        goto done;
-    if (i == n)
-        result = page;
-    else {
-        result = hand_back(v, i, n, page);
-        Py_DECREF(page);
+    switch (ch->kind) {
+    case CHAIN_FALSE:
+        return Py_NewRef(Py_False);
+    case CHAIN_NONE:
+        return Py_NewRef(Py_None);
+    case CHAIN_BASE:
+        return PyBytes_FromStringAndSize((const char *)ch->base, ch->base_len);
     }
-done:
-    Py_XDECREF(base);
+    if (ch->page == PAGE_OUT)
+        page = out;
+    else {
+        Py_DECREF(out);
+        page = ch->page == PAGE_BASE
+                   ? PyBytes_FromStringAndSize((const char *)ch->base, ch->base_len)
+                   : Py_NewRef(Py_None);
+        if (page == NULL)
+            return NULL;
+    }
+    if (ch->done == n)
+        return page;
+    PyObject *result = hand_back(v, ch->done, n, page);
+    Py_DECREF(page);
     return result;
+}
+
+/* A key's value at lsn from its versions v[0..n), with the GIL (rebuild_page). */
+static PyObject *
+rebuild_versions(const uint8_t *key, const Version *v, Py_ssize_t n, int base_known)
+{
+    Chain ch;
+    chain_plan(key, v, n, base_known, &ch);
+    if (ch.kind != CHAIN_REDO)
+        return chain_value(&ch, v, n, NULL);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, BLCKSZ);
+    if (out == NULL)
+        return NULL;
+    chain_redo(&ch, v, n, (uint8_t *)PyBytes_AS_STRING(out));
+    return chain_value(&ch, v, n, out);
 }
 
 /* rebuild_page(key, lsn, parts, base_known): see _redo.pyi. */
@@ -2275,7 +2324,7 @@ py_rebuild_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (got == 0)
         Py_RETURN_FALSE;
     PyObject *result =
-        rebuild_versions((const uint8_t *)PyBytes_AS_STRING(args[0]), lsn, v, n, base_known);
+        rebuild_versions((const uint8_t *)PyBytes_AS_STRING(args[0]), v, n, base_known);
     PyMem_Free(v);
     return result;
 }
@@ -2454,9 +2503,25 @@ run_at_or_below(const RunLayer *c, int64_t lo, int64_t hi, uint64_t lsn)
  * newest chain start on (`whole`: all) in v_start..v_stop and their blocks read, *based set;
  * 0 if the layer holds none; -1 on a Python error; -2 when the entries are out of order (the
  * per-key path decides). */
+/* The blocks the versions gathered for a run's keys point into: a layer's blocks of its
+ * previous key are kept here, not released, until those keys are redone (rebuild_run). */
+typedef struct {
+    PyObject **items;
+    Py_ssize_t n, cap, bytes;
+} Kept;
+
+static void
+kept_clear(Kept *k)
+{
+    for (Py_ssize_t i = 0; i < k->n; i++)
+        Py_DECREF(k->items[i]);
+    k->n = 0;
+    k->bytes = 0;
+}
+
 static int
 run_versions(RunLayer *c, const uint8_t *key, int64_t floor, uint64_t lsn, int whole,
-             int *based)
+             int *based, Kept *kept)
 {
     int cmp = run_next_cmp(c, key);
     if (cmp > 0)
@@ -2498,6 +2563,16 @@ run_versions(RunLayer *c, const uint8_t *key, int64_t floor, uint64_t lsn, int w
     if (last < first)
         return -2;
     Py_ssize_t nb = (Py_ssize_t)(last - first + 1);
+    if (kept->n + c->n_blocks > kept->cap) {
+        Py_ssize_t cap = 2 * (kept->n + c->n_blocks) + 16;
+        PyObject **grown = PyMem_Realloc(kept->items, (size_t)cap * sizeof *grown);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        kept->items = grown;
+        kept->cap = cap;
+    }
     PyObject **blocks = PyMem_Calloc((size_t)nb, sizeof *blocks);
     if (blocks == NULL) {
         PyErr_NoMemory();
@@ -2518,8 +2593,10 @@ run_versions(RunLayer *c, const uint8_t *key, int64_t floor, uint64_t lsn, int w
         }
         blocks[k] = got;
     }
-    for (Py_ssize_t k = 0; k < c->n_blocks; k++)
-        Py_XDECREF(c->blocks[k]);
+    for (Py_ssize_t k = 0; k < c->n_blocks; k++) { /* the gathered versions point into them */
+        kept->bytes += PyBytes_Check(c->blocks[k]) ? PyBytes_GET_SIZE(c->blocks[k]) : 0;
+        kept->items[kept->n++] = c->blocks[k];
+    }
     PyMem_Free(c->blocks);
     c->blocks = blocks;
     c->n_blocks = nb;
@@ -2584,6 +2661,18 @@ bound_at_or_below(const uint8_t *bound, Py_ssize_t len, const uint8_t *key)
     return c < 0 || (c == 0 && len <= KEY_BYTES);
 }
 
+/* One key of a run: its chain, its versions (v_off, n: in the run's gathered versions) and
+ * the page its redo goes into (a new bytes object, CHAIN_REDO only). */
+typedef struct {
+    Chain ch;
+    Py_ssize_t v_off, n;
+    PyObject *out;
+} RunKey;
+
+/* Bytes of blocks a run keeps for the keys gathered before it redoes them (the versions of a
+ * hot page's long chain can fill many blocks): memory stays bounded whatever the keys. */
+#define RUN_KEPT_BYTES (32 << 20)
+
 static PyObject *
 py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2608,6 +2697,8 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Version *v = NULL;
     Py_ssize_t cap = 0;
     PyObject *out = NULL;
+    RunKey *keys_at = NULL;
+    Kept kept = {0};
     if (layers == NULL || tiles == NULL || order == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -2644,84 +2735,111 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         tiles[t].image = nd + im;
     }
     out = PyList_New(nk);
-    if (out == NULL)
-        goto done;
-    Py_ssize_t t = 0;
-    for (Py_ssize_t j = 0; j < nk; j++) {
-        PyObject *keyobj = PyList_GET_ITEM(keys, j), *value = NULL;
-        if (!PyBytes_Check(keyobj) || PyBytes_GET_SIZE(keyobj) != KEY_BYTES) {
-            PyErr_SetString(PyExc_TypeError, "rebuild_run: keys are 18-byte keys");
-            goto fail;
-        }
-        const uint8_t *key = (const uint8_t *)PyBytes_AS_STRING(keyobj);
-        if (PySet_GET_SIZE(in_memory) > 0) {
-            int held = PySet_Contains(in_memory, keyobj);
-            if (held < 0)
+    keys_at = PyMem_Calloc((size_t)nk + 1, sizeof *keys_at);
+    if (out == NULL || keys_at == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    Py_ssize_t t = 0, j = 0;
+    while (j < nk) {
+        /* The keys' versions gathered (blocks read) with the GIL, up to RUN_KEPT_BYTES of
+         * blocks kept for them, then redone without it, then made into values with it. */
+        Py_ssize_t from = j, n = 0;
+        for (; j < nk; j++) {
+            RunKey *rk = &keys_at[j];
+            PyObject *keyobj = PyList_GET_ITEM(keys, j);
+            if (!PyBytes_Check(keyobj) || PyBytes_GET_SIZE(keyobj) != KEY_BYTES) {
+                PyErr_SetString(PyExc_TypeError, "rebuild_run: keys are 18-byte keys");
                 goto fail;
-            if (held) {
-                PyList_SET_ITEM(out, j, Py_NewRef(Py_False));
-                continue;
             }
-        }
-        /* the tile holding the key: tiles ascend and so do keys */
-        while (t < nt && bound_at_or_below(tiles[t].end, tiles[t].end_len, key))
-            t++;
-        const RunTile *tile = NULL;
-        if (t < nt && bound_at_or_below(tiles[t].start, tiles[t].start_len, key))
-            tile = &tiles[t];
-        uint64_t floor_plus_one = tile != NULL ? tile->lsn + 1 : 0;
-        /* newest layer first, down to the one holding the chain's start */
-        Py_ssize_t parts = 0;
-        int based = 0, bad = 0;
-        for (Py_ssize_t d = 0; d < nd; d++) {
-            RunLayer *c = &layers[d];
-            if (run_next_cmp(c, key) > 0 || c->lsn_end <= floor_plus_one)
-                continue;
-            int b = 0;
-            int got = run_versions(c, key, (int64_t)floor_plus_one - 1, lsn, 0, &b);
-            if (got == -1)
+            const uint8_t *key = (const uint8_t *)PyBytes_AS_STRING(keyobj);
+            rk->ch.kind = CHAIN_FALSE;
+            rk->v_off = n;
+            if (PySet_GET_SIZE(in_memory) > 0) {
+                int held = PySet_Contains(in_memory, keyobj);
+                if (held < 0)
+                    goto fail;
+                if (held)
+                    continue;
+            }
+            /* the tile holding the key: tiles ascend and so do keys */
+            while (t < nt && bound_at_or_below(tiles[t].end, tiles[t].end_len, key))
+                t++;
+            const RunTile *tile = NULL;
+            if (t < nt && bound_at_or_below(tiles[t].start, tiles[t].start_len, key))
+                tile = &tiles[t];
+            uint64_t floor_plus_one = tile != NULL ? tile->lsn + 1 : 0;
+            /* newest layer first, down to the one holding the chain's start */
+            Py_ssize_t parts = 0;
+            int based = 0, bad = 0;
+            for (Py_ssize_t d = 0; d < nd; d++) {
+                RunLayer *c = &layers[d];
+                if (run_next_cmp(c, key) > 0 || c->lsn_end <= floor_plus_one)
+                    continue;
+                int b = 0;
+                int got = run_versions(c, key, (int64_t)floor_plus_one - 1, lsn, 0, &b, &kept);
+                if (got == -1)
+                    goto fail;
+                if (got == -2) {
+                    bad = 1;
+                    break;
+                }
+                if (got == 1) {
+                    order[parts++] = d;
+                    based = b;
+                    if (based)
+                        break;
+                }
+            }
+            int gathered = 1;
+            if (!bad && tile != NULL && !based) {
+                RunLayer *c = &layers[tile->image];
+                int b = 0;
+                int got = run_versions(c, key, -1, tile->lsn, 1, &b, &kept);
+                if (got == -1)
+                    goto fail;
+                if (got == -2)
+                    bad = 1;
+                else if (got == 1) {
+                    if (c->v_stop - c->v_start != 1 ||
+                        run_tag(c, run_entry(c, (uint64_t)c->v_start)) != TAG_IMAGE)
+                        bad = 1; /* not one image: LayerCorrupt there */
+                    else
+                        gathered = run_gather(c, tile->lsn, lsn, &v, &n, &cap);
+                }
+            }
+            for (Py_ssize_t p = parts - 1; !bad && gathered == 1 && p >= 0; p--)
+                gathered = run_gather(&layers[order[p]], floor_plus_one, lsn, &v, &n, &cap);
+            if (gathered < 0)
                 goto fail;
-            if (got == -2) {
-                bad = 1;
+            rk->n = n - rk->v_off;
+            if (!bad && gathered == 1) {
+                chain_plan(key, v + rk->v_off, rk->n, tile != NULL || root, &rk->ch);
+                if (rk->ch.kind == CHAIN_REDO &&
+                    (rk->out = PyBytes_FromStringAndSize(NULL, BLCKSZ)) == NULL)
+                    goto fail;
+            }
+            if (kept.bytes >= RUN_KEPT_BYTES) {
+                j++;
                 break;
             }
-            if (got == 1) {
-                order[parts++] = d;
-                based = b;
-                if (based)
-                    break;
-            }
         }
-        Py_ssize_t n = 0;
-        int gathered = 1;
-        if (!bad && tile != NULL && !based) {
-            RunLayer *c = &layers[tile->image];
-            int b = 0;
-            int got = run_versions(c, key, -1, tile->lsn, 1, &b);
-            if (got == -1)
-                goto fail;
-            if (got == -2)
-                bad = 1;
-            else if (got == 1) {
-                if (c->v_stop - c->v_start != 1 ||
-                    run_tag(c, run_entry(c, (uint64_t)c->v_start)) != TAG_IMAGE)
-                    bad = 1; /* not one image: LayerCorrupt there */
-                else
-                    gathered = run_gather(c, tile->lsn, lsn, &v, &n, &cap);
-            }
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = from; k < j; k++) {
+            RunKey *rk = &keys_at[k];
+            if (rk->ch.kind == CHAIN_REDO)
+                chain_redo(&rk->ch, v + rk->v_off, rk->n, (uint8_t *)PyBytes_AS_STRING(rk->out));
         }
-        for (Py_ssize_t p = parts - 1; !bad && gathered == 1 && p >= 0; p--)
-            gathered = run_gather(&layers[order[p]], floor_plus_one, lsn, &v, &n, &cap);
-        if (gathered < 0)
-            goto fail;
-        if (bad || gathered == 0)
-            value = Py_NewRef(Py_False);
-        else {
-            value = rebuild_versions(key, lsn, v, n, tile != NULL || root);
+        Py_END_ALLOW_THREADS
+        for (Py_ssize_t k = from; k < j; k++) {
+            RunKey *rk = &keys_at[k];
+            PyObject *value = chain_value(&rk->ch, v + rk->v_off, rk->n, rk->out);
+            rk->out = NULL;
             if (value == NULL)
                 goto fail;
+            PyList_SET_ITEM(out, k, value);
         }
-        PyList_SET_ITEM(out, j, value);
+        kept_clear(&kept);
     }
     for (Py_ssize_t k = 0; k < opened; k++)
         if (run_layer_save(&layers[k]) < 0)
@@ -2730,6 +2848,12 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 fail:
     Py_CLEAR(out);
 done:
+    if (keys_at != NULL)
+        for (Py_ssize_t k = 0; k < nk; k++)
+            Py_XDECREF(keys_at[k].out);
+    PyMem_Free(keys_at);
+    kept_clear(&kept);
+    PyMem_Free(kept.items);
     for (Py_ssize_t k = 0; k < opened; k++)
         run_layer_release(&layers[k]);
     PyMem_Free(layers);

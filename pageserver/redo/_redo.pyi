@@ -39,4 +39,6 @@ def rebuild_run(
     updates, so the next call for the following keys goes on from there); tiles: (start,
     end, image LSN, index into images) ascending, the image covering each key range. A key
     in in_memory is False; base_known as for rebuild_page where no tile covers a key.
+    The keys' versions are gathered (blocks read) with the GIL, then their chains redone
+    without it, so another thread's run (image creation's next partition) goes on meanwhile.
     """
