@@ -1,7 +1,7 @@
 """A compaction in progress: the store's shutdown cancels it (no lost or half-visible layer,
 reads after a restart equal those before), and a timeline switch (checkout) does not wait
 for it. The compaction is real; a gate holds it at one point (in the L0 merge, or in image
-creation at its second partition) until the test lets it go on."""
+creation at a partition begun after the first was written) until the test lets it go on."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class Gate:
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.held: object = None  # what the held call was for (an image partition's range)
 
     def hold(self) -> None:
         if not self.entered.is_set():
@@ -65,13 +66,14 @@ def gate_compaction(monkeypatch: pytest.MonkeyPatch, phase: str) -> Gate:
         on_merged_key(monkeypatch, merging)
     else:
         rebuild = node_store_module.rebuild_range
-        calls = 0
+        calls = itertools.count(1)
 
         def rebuilding(*args: object, **kwargs: object) -> object:
-            nonlocal calls
-            calls += 1
-            if calls == 2:
-                gate.hold()  # the first partition's layer is written, the second begins
+            # the first partition's layer is written (IMAGE_WORKERS are rebuilt at once: the
+            # next one begins when the first is done), and this one begins
+            if next(calls) == compaction_module.IMAGE_WORKERS + 1:
+                gate.held = args[1]  # rebuild_range(timeline, key_range, ...)
+                gate.hold()
             return rebuild(*args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(node_store_module, "rebuild_range", rebuilding)
@@ -196,11 +198,12 @@ def test_close_cancels_a_running_compaction(
             old_l1
         )
     else:
-        # The partition written before the cancel was published whole; the one being
-        # written was deleted, the rest never begun.
+        # The first partition, written before the cancel, was published whole; the held one
+        # was deleted (the other worker's partitions ended before the cancel or were
+        # deleted too).
         new = [x for x in after.images if x not in images]
-        assert len(new) == 1
-        assert new[0].lsn == durable  # the pass's LSN
+        assert new and all(x.lsn == durable for x in new)  # the pass's LSN
+        assert gate.held is not None and all(x.key_range != gate.held for x in new)
     timeline_dir = timeline.directory
     store.history.close()
 

@@ -9,7 +9,7 @@ from an image layer, not only from the import's) and small layers (many L0 layer
 * at LSNs across the WAL, every key of every partition rebuilds to the reference's value
   (None included), with the reference called for almost no key and the Python redo for few;
 * image layers written at the end with and without the bulk path are the same files, byte
-  for byte, and so are those written by GC;
+  for byte, and so are those written by GC and those of partitions rebuilt at once;
 * on a branch, keys whose chain goes into the ancestor take the reference path, equal values.
 
 Hand-built chains cover what the workload rarely reaches (a prepared commit in a CLOG chain, a
@@ -18,12 +18,15 @@ tombstone, chains that fail: the same error as the reference).
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +37,7 @@ from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
 from pageserver.reconstruct.value_format import encode_delta
 from pageserver.redo.native import redo as native
+from pageserver.storage import compaction
 from pageserver.storage.compaction import (
     PAGE_SIZE_ESTIMATE,
     _partitions,
@@ -318,6 +322,37 @@ def test_image_layers_are_the_same_bytes_with_and_without_the_bulk_path(
     assert written[0].keys() == written[1].keys()
     for name, data in written[0].items():
         assert written[1][name] == data, name
+
+
+def test_partitions_rebuilt_at_once_write_the_same_bytes_as_one_at_a_time(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compaction.IMAGE_WORKERS partitions at once (the first two meet at a barrier, so they
+    did run at once) write the files one worker writes, byte for byte."""
+    write_image = compaction._write_image
+    met = threading.Barrier(2, timeout=60)
+    calls = itertools.count()
+
+    def meeting(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) < 2:
+            met.wait()  # BrokenBarrierError after the timeout: not rebuilt at once
+        return write_image(*args, **kwargs)
+
+    written: list[dict[str, bytes]] = []
+    for workers in (1, 2):
+        store, timeline = _open(history, tmp_path / f"store-{workers}")
+        with monkeypatch.context() as patched:
+            patched.setattr(compaction, "IMAGE_WORKERS", workers)
+            if workers > 1:
+                patched.setattr(compaction, "_write_image", meeting)
+            n = create_image_layers(
+                timeline, reconstruct, force=True, materialize_range=rebuild_range
+            )
+        assert n > 3
+        written.append(_layer_files(timeline))
+        store.close()
+    assert next(calls) > 3
+    assert written[0] == written[1]
 
 
 def test_gc_and_l1_layers_write_the_same_images(history: History, tmp_path: Path) -> None:

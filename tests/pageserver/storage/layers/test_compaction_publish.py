@@ -5,9 +5,11 @@ every one before the manifest naming them; a failed publication leaves nothing b
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +97,45 @@ def test_a_failed_publication_leaves_no_file(
                 compaction.create_image_layers(timeline, reconstruct, force=True)
         monkeypatch.setattr(os, "fsync", real)
         assert calls[0] >= 3
+        assert sorted(p.name for p in timeline.directory.iterdir()) == before
+        assert sorted(x.name.file_name for x in timeline.layer_map().layers()) == layers
+    finally:
+        store.close()
+        store.history.close()
+
+
+def test_a_failed_partition_removes_the_one_rebuilt_beside_it(
+    level0_store: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Image partitions are rebuilt IMAGE_WORKERS at once: the first fails (EIO) once the
+    second is sealed; the pass raises it, the sealed one's temp file is deleted, nothing is
+    published and the layers stay as they were."""
+    store = opened(level0_store, tmp_path, "failed")
+    timeline = store.timeline
+    write_image = compaction._write_image
+    second_sealed = threading.Event()
+    calls = itertools.count()
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        n = next(calls)
+        if n == 0:
+            assert second_sealed.wait(60), "the second partition was not rebuilt beside the first"
+            raise OSError(errno.EIO, "injected")
+        sealed = write_image(*args, **kwargs)
+        if n == 1:
+            second_sealed.set()
+        return sealed
+
+    try:
+        compaction.compact_level0(timeline, force=True)
+        before = sorted(p.name for p in timeline.directory.iterdir())
+        layers = sorted(x.name.file_name for x in timeline.layer_map().layers())
+        monkeypatch.setattr(compaction, "_write_image", failing)
+        with pytest.raises(OSError, match="injected"):
+            compaction.create_image_layers(timeline, reconstruct, force=True)
+        assert second_sealed.is_set()
         assert sorted(p.name for p in timeline.directory.iterdir()) == before
         assert sorted(x.name.file_name for x in timeline.layer_map().layers()) == layers
     finally:
