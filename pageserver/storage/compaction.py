@@ -15,8 +15,9 @@ Both write their files first and then swap them in with one manifest update
 cancelled (`cancelled`, checked per key while merging, between pieces of image creation's key
 scan, per CHECK_EVERY pages of an image partition): an L0 merge then deletes its unpublished
 L1 files and raises CompactionCancelled, image creation deletes the partitions it was writing
-(IMAGE_WORKERS at once), publishes the complete image layers it has and stops; either way the manifest names only
-whole files, as after a kill (Timeline.open deletes the files it does not name).
+(IMAGE_WORKERS at once), publishes the complete image layers it has and stops; either way the
+manifest names only whole files, as after a kill (Timeline.open deletes the files it does not
+name).
 """
 
 from __future__ import annotations

@@ -292,6 +292,26 @@ def test_compaction_pauses_while_a_foreground_request_runs(
     store.history.close()
 
 
+def test_a_pass_paused_for_a_catch_up_goes_on_at_its_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`release` wakes a paused check at once, not at its next look (PAUSE_POLL, made a
+    minute here): the final image pass of a catch-up began up to 50 ms late."""
+    monkeypatch.setattr(flusher_module, "PAUSE_POLL", 60.0)
+    catching_up = flusher_module.Foreground()
+    catching_up.hold_for(3600)
+    check = flusher_module.Foreground().yielding(threading.Event(), catching_up)
+    said: list[bool] = []
+    paused = run_in_thread(lambda: said.append(check()))
+    paused.join(0.3)
+    assert paused.is_alive()  # paused
+    t0 = time.monotonic()
+    catching_up.release()
+    paused.join(30)
+    assert not paused.is_alive() and said == [False]
+    assert time.monotonic() - t0 < 20
+
+
 def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
