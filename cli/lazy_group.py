@@ -8,6 +8,7 @@ module and attribute instead, with the short help `--help` shows without importi
 
 from __future__ import annotations
 
+import gc
 import importlib
 from collections.abc import Mapping
 
@@ -35,6 +36,12 @@ class LazyGroup(click.Group):
         if command is None and cmd_name in self.lazy:
             command = load_command(self.lazy[cmd_name])
             self.add_command(command, cmd_name)
+            # The command's modules are loaded: their objects (modules, classes, functions:
+            # ~25k for `pg checkout`) live until the process exits. Moved out of the
+            # collector's generations, they are walked neither by the collections during
+            # the command nor by the one at exit: ~12 ms of CPU of every command, as much
+            # as `neon pg checkout` spends on its eight daemon round trips.
+            gc.freeze()
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -36,3 +36,21 @@ def test_a_command_imports_only_its_own_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_commands_modules_are_frozen_for_the_collector() -> None:
+    """Once a command is loaded (here `snapshot push`: a subcommand of a lazy group, itself
+    loaded lazily), what its modules made is out of the collector's generations (gc.freeze):
+    neither the collections during the command nor the one at exit walk it."""
+    code = (
+        "import gc, sys; sys.argv = ['neon', 'snapshot', 'push', '--help']\n"
+        "from cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "push = vars(sys.modules['cli.snapshot_transfer'])\n"
+        "collected = any(o is push for o in gc.get_objects())\n"
+        "print(gc.get_freeze_count(), gc.is_tracked(push), collected)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    frozen, tracked, collected = out.stdout.split()[-3:]
+    assert int(frozen) > 10_000
+    assert (tracked, collected) == ("True", "False")
