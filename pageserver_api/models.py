@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from pageserver_api.errors import InvalidArgument, ProtocolError
+from pageserver_api.lazy_names import load_name
 from pg15.constants import FORK_NAMES
 
 MAX_WAIT_SECONDS = 600
@@ -542,12 +543,7 @@ def __getattr__(name: str) -> Any:
             importlib.import_module(area)
         globals()["REQUESTS"] = _REQUESTS
         return _REQUESTS
-    module = _AREA_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return load_name(globals(), _AREA_OF, name)
 
 
 R = TypeVar("R", bound=ApiResponse)

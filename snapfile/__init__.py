@@ -10,8 +10,9 @@ they were used or not. Import them from here, as always.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from pageserver_api.lazy_names import load_name
 
 _MODULE_OF = {
     "Checksums": "snapfile.manifest",
@@ -54,9 +55,4 @@ if TYPE_CHECKING:  # the names for type checkers (`X as X`: re-exported)
 
 
 def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return load_name(globals(), _MODULE_OF, name)
