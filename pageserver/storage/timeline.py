@@ -631,9 +631,9 @@ class Timeline:
         for source in sources:
             if isinstance(source, ImageLayer):
                 for part in unsure:
-                    imaged.update(_newer_keys(source, part, above, upto))
+                    imaged.update(source.newer_keys(part, above, upto))
             else:
-                logged.update(_newer_keys(source, key_range, above, upto))
+                logged.update(source.newer_keys(key_range, above, upto))
         imaged -= logged
         return written
 
@@ -732,11 +732,6 @@ class WrittenKeys:
                 start = ranges.pop().start
             ranges.append(KeyRange(start, end))
         return ranges
-
-
-def _newer_keys(source: VersionSource, key_range: KeyRange, above: int, upto: int) -> set[Key]:
-    """The keys of key_range whose newest version at or below upto is above `above`."""
-    return {key for key, lsn, _tag in source.newest_versions(key_range, upto) if lsn > above}
 
 
 @dataclass(frozen=True, slots=True)

@@ -511,8 +511,11 @@ py_key_table(PyObject *self, PyObject *args)
 
 /*
  * LayerFile.newest_of_keys (blocks.py, newest_of_keys_python the reference):
- *   newest_of_keys(keys, firsts, file, versions_at, start, end_key) -> [(key, lsn, tag)]
- * for keys number start.. below end_key: `keys` packed back to back, `firsts` (array "Q") the
+ *   newest_of_keys(keys, firsts, file, versions_at, start, end_key, narrow, lsn_base
+ *                  [, upto[, above]]) -> [(key, lsn, tag)]
+ * for keys number start.. below end_key, the newest version at or below upto of each, left
+ * out where it is at or below above (a diff's keys written in a window: most keys of a layer
+ * spanning it are not, and were made into tuples only to be dropped); `keys` packed back to back, `firsts` (array "Q") the
  * first version of each key plus n_versions, `file` the mapped layer whose version table
  * (">QBIII" entries, or narrow ">IBHIH" ones with LSNs above lsn_base: see narrow_versions)
  * starts at versions_at; the index was checked when the file was opened.
@@ -524,8 +527,9 @@ py_newest_of_keys(PyObject *self, PyObject *args)
     Py_ssize_t versions_at, start;
     int narrow;
     unsigned long long lsn_base, upto = ~0ULL;
-    if (!PyArg_ParseTuple(args, "y*y*y*nny*pK|K:newest_of_keys", &keys, &firsts, &file,
-                          &versions_at, &start, &end, &narrow, &lsn_base, &upto))
+    long long above = -1; /* none: every key with a version at or below upto */
+    if (!PyArg_ParseTuple(args, "y*y*y*nny*pK|KL:newest_of_keys", &keys, &firsts, &file,
+                          &versions_at, &start, &end, &narrow, &lsn_base, &upto, &above))
         return NULL;
     const Py_ssize_t size = narrow ? NARROW_SIZE : ENTRY_SIZE;
     PyObject *out = NULL;
@@ -573,6 +577,8 @@ py_newest_of_keys(PyObject *self, PyObject *args)
         }
         if (e == NULL)
             continue; /* every version of the key is above upto */
+        if (above >= 0 && lsn <= (unsigned long long)above)
+            continue; /* not written in (above, upto] */
         PyObject *item = Py_BuildValue("(y#Ki)", key, (Py_ssize_t)KEY_SIZE, lsn,
                                        (int)e[narrow ? 4 : 8]);
         if (item == NULL || PyList_Append(out, item) < 0)

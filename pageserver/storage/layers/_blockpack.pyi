@@ -36,7 +36,7 @@ class Merge:
 
 def newest_of_keys(
     keys: bytes, firsts: Any, file: Any, versions_at: int, start: int, end_key: bytes,
-    narrow: bool, lsn_base: int, /,
+    narrow: bool, lsn_base: int, upto: int = ..., above: int = ..., /,
 ) -> list[tuple[bytes, int, int]]: ...  # fmt: skip
 def key_table(table: bytes, n_keys: int, n_versions: int, /) -> tuple[bytes, bytes, int]: ...
 def narrow_versions(entries: Any, lsn_base: int, /) -> bytes | None: ...

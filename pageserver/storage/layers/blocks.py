@@ -230,6 +230,10 @@ class VersionEntry:
     length: int
 
 
+_NO_UPPER = 2**64 - 1
+"""`_blockpack.newest_of_keys`' upto when only `above` bounds the versions."""
+
+
 class LayerFile:
     """A validated, memory-mapped layer file. Immutable, so reads are safe from any thread."""
 
@@ -404,18 +408,25 @@ class LayerFile:
         return lower_bound_python(keys, self.header.n_keys, key)
 
     def newest_of_keys(
-        self, start: int, end_key: bytes, upto: int | None = None
+        self, start: int, end_key: bytes, upto: int | None = None, above: int | None = None
     ) -> Iterator[tuple[Key, int, int]]:
         """(key, LSN, tag) of the newest version (at or below `upto`, if given; keys with none
         are left out) of keys number start.. below end_key (the loop in C when the extension
         is built: key scans of whole layers, such as image creation's listing of every key,
         walk it for every key of every layer, and a basebackup's plan walks a layer spanning
-        its LSN with `upto`: 0.3-0.4 s of Python per pgbench database before)."""
+        its LSN with `upto`: 0.3-0.4 s of Python per pgbench database before). `above`: only
+        the keys whose newest version is above it (written in the window (above, upto]: a
+        diff's question, which of a layer's ~45k keys of a 1 GiB node 1% changed answers
+        with a few thousand, the rest no longer made into tuples and dropped)."""
         keys, firsts = self._keys()
         if _native.blockpack is not None:
-            bound = () if upto is None else (upto,)
-            if upto is not None and upto < 0:
-                found: list[tuple[Key, int, int]] = []  # no LSN is negative
+            bound: list[int] = []
+            if upto is not None or above is not None:
+                bound.append(_NO_UPPER if upto is None else upto)
+            if above is not None:
+                bound.append(above)
+            if upto is not None and (upto < 0 or (above is not None and upto <= above)):
+                found: list[tuple[Key, int, int]] = []  # no LSN is negative; an empty window
             else:
                 found = _native.blockpack.newest_of_keys(
                     keys, firsts, self._map, self._versions_at, start, end_key,
@@ -423,10 +434,10 @@ class LayerFile:
                 )  # fmt: skip
             self._release_versions_of(start, max(start, self.lower_bound(end_key)))
             return iter(found)
-        return self.newest_of_keys_python(start, end_key, upto)
+        return self.newest_of_keys_python(start, end_key, upto, above)
 
     def newest_of_keys_python(
-        self, start: int, end_key: bytes, upto: int | None = None
+        self, start: int, end_key: bytes, upto: int | None = None, above: int | None = None
     ) -> Iterator[tuple[Key, int, int]]:
         """The reference of `_blockpack.newest_of_keys` (see newest_of_keys)."""
         keys, firsts = self._keys()
@@ -440,7 +451,8 @@ class LayerFile:
             last = versions.stop - 1 if upto is None else self.last_at_or_below(versions, upto)
             if last >= versions.start:
                 lsn, tag = unpack.unpack_from(m, at + last * size)
-                yield Key(key), lsn + base, tag
+                if above is None or lsn + base > above:
+                    yield Key(key), lsn + base, tag
 
     def key_versions_raw(
         self, i: int, floor: int = -1, lsn: int | None = None

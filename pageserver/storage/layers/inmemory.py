@@ -150,6 +150,10 @@ class InMemoryLayer:
                 return out, True
         return out, False
 
+    def newer_keys(self, key_range: KeyRange, above: int, upto: int) -> list[Key]:
+        """The keys of key_range whose newest version at or below upto is above `above`."""
+        return [key for key, lsn, _tag in self.newest_versions(key_range, upto) if lsn > above]
+
     def newest_versions(self, key_range: KeyRange, lsn: int) -> Iterator[tuple[Key, int, int]]:
         """(key, LSN, tag) of the newest version <= lsn of each key in range, in key order."""
         for key in sorted(k for k in self._versions if key_range.start <= k < key_range.end):

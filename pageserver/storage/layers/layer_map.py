@@ -39,6 +39,8 @@ class VersionSource(Protocol):
 
     def newest_versions(self, key_range: KeyRange, lsn: int) -> Iterator[tuple[Key, int, int]]: ...
 
+    def newer_keys(self, key_range: KeyRange, above: int, upto: int) -> list[Key]: ...
+
 
 class ChainEnd(enum.Enum):
     ENDED = "ended"

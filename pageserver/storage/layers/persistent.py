@@ -90,6 +90,14 @@ class PersistentLayer:
         # below lsn (a layer spanning a basebackup's LSN), both in one C loop.
         yield from f.newest_of_keys(i, key_range.end, None if lsn >= self.lsn_end - 1 else lsn)
 
+    def newer_keys(self, key_range: KeyRange, above: int, upto: int) -> list[Key]:
+        """The keys of key_range whose newest version at or below upto is above `above`
+        (a diff's keys written in a window), filtered in the C loop."""
+        f = self.file
+        i = f.lower_bound(key_range.start)
+        bound = None if upto >= self.lsn_end - 1 else upto
+        return [key for key, _lsn, _tag in f.newest_of_keys(i, key_range.end, bound, above)]
+
     def has_keys_in(self, key_range: KeyRange) -> bool:
         """True if the layer holds at least one key of key_range (index only)."""
         f = self.file

@@ -28,6 +28,7 @@ from pageserver.storage.layers.blocks import (
 )
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayerWriter
+from pageserver.storage.layers.inmemory import InMemoryLayer
 from pageserver.storage.values import TOMBSTONE, Image, Tombstone, Value, WalDelta, encode_value
 from proto.errors import InvalidArgument
 from tests.native_ext import require_c_extension
@@ -199,6 +200,42 @@ def test_newest_of_keys_at_or_below_an_lsn(tmp_path: Path, c_extension: None, le
             assert walked and walked != list(f.newest_of_keys(0, K.KEY_MAX))
     assert len(list(f.newest_of_keys(0, K.KEY_MAX, 10**6))) == 60
     assert list(f.newest_of_keys(0, K.KEY_MAX, 10**6)) == list(f.newest_of_keys(0, K.KEY_MAX))
+    layer.close()
+
+
+@pytest.mark.parametrize("level0", [True, False], ids=["wide", "narrow"])
+def test_newest_of_keys_above_an_lsn(tmp_path: Path, c_extension: None, level0: bool) -> None:
+    """newest_of_keys with `above` (a diff's keys written in a window (above, upto]): the keys
+    whose newest version at or below upto is above it, in C as in the Python reference and
+    as the unfiltered listing filtered; `newer_keys` of the layer and of an in-memory layer
+    holding the same versions agree."""
+    versions = sample_versions(seed=17, n_keys=60)
+    directory = tmp_path / "d"
+    directory.mkdir()
+    writer = DeltaLayerWriter(directory, 100, 200, SETTINGS, level0=level0)
+    in_memory = InMemoryLayer(100)
+    for key, group in grouped(versions):
+        writer.add_key(key, group)
+        for lsn, value in group:
+            in_memory.put(key, lsn, value)
+    layer = writer.finish(K.FULL_KEYSPACE, BlockCache(1 << 20))
+    f = layer.file
+    lsns = sorted({lsn for _, lsn, _ in versions})
+    middle = lsns[len(lsns) // 2]
+    for upto in (None, middle, lsns[-1], 10**6):
+        for above in (-1, 0, lsns[0], middle - 1, middle, lsns[-1], 10**6):
+            every = list(f.newest_of_keys(0, K.KEY_MAX, upto))
+            want = [entry for entry in every if entry[1] > above]
+            for start in (0, 7):
+                since = [entry for entry in want if entry[0] >= f.key_at(start)]
+                assert list(f.newest_of_keys(start, K.KEY_MAX, upto, above)) == since
+                assert list(f.newest_of_keys_python(start, K.KEY_MAX, upto, above)) == since
+            if upto is not None:
+                keys = [key for key, _, _ in want]
+                assert layer.newer_keys(K.FULL_KEYSPACE, above, upto) == keys
+                assert in_memory.newer_keys(K.FULL_KEYSPACE, above, upto) == keys
+            if upto == lsns[-1] and above == middle:  # some keys written above it, not all
+                assert 0 < len(want) < len(every)
     layer.close()
 
 
