@@ -180,11 +180,12 @@ async def raw_exchange(port: int, data: bytes, *, eof: bool = True) -> list[Any]
         pytest.fail(f"server sent an undecodable reply: {received!r}")
 
 
-async def test_wrong_protocol_version(server: ProtoServer) -> None:
-    replies = await raw_exchange(server.port, encode_message(Hello(99, TOKEN, "future")))
+@pytest.mark.parametrize("version", [1, 99], ids=["before raw frames", "future"])
+async def test_wrong_protocol_version(server: ProtoServer, version: int) -> None:
+    replies = await raw_exchange(server.port, encode_message(Hello(version, TOKEN, "other")))
     assert len(replies) == 1 and isinstance(replies[0], Error)
     assert replies[0].code == "protocol_error"
-    assert "client speaks version 99" in replies[0].message
+    assert f"client speaks version {version}" in replies[0].message
     assert f"speaks version {PROTOCOL_VERSION}" in replies[0].message
 
 
