@@ -3,9 +3,10 @@ prints exactly such a URL (with a fresh one-time token) for the pusher to use.
 
 The wire is pg-neon's own protocol (proto/: length-prefixed msgpack frames, a hello carrying
 the token and the protocol version, then requests; an object is written as one upload
-request whose chunks follow it as raw frames; both ends must speak the same version). Methods: `object.stat`, `object.list`, `object.write` (upload), `object.read`
-(download from an offset), `object.delete`; a receiver answers what it can (it receives and
-lists, it does not serve reads or deletes) with a typed error for the rest.
+request whose chunks follow it as raw frames; both ends must speak the same version).
+Methods: `object.stat`, `object.list`, `object.write` (upload), `object.read` (download from
+an offset), `object.delete`; a receiver answers what it can (it receives and lists, it does
+not serve reads or deletes) with a typed error for the rest.
 
 The token comes from the URL's `?token=` or, when the URL has none, from an attached remote
 storage of that address (`use_token`, held in this process only) or the NEON_TOKEN
