@@ -36,7 +36,7 @@ from typing import Protocol
 
 from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
 from pageserver.storage.layers import native as _native
-from pageserver.storage.layers.blocks import BlockCache, VersionList
+from pageserver.storage.layers.blocks import BlockCache, Packed, VersionList
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from pageserver.storage.layers.inmemory import ArenaLayer, InMemoryLayer
@@ -243,12 +243,10 @@ class _MergedPiece:
     start: Key
     end: Key | None
 
-    def pack(
-        self, block_size: int, lsn_lo: int, lsn_hi: int
-    ) -> tuple[bytes, bytes, bytes, bytes, int, int, int, int]:
+    def pack(self, block_size: int, lsn_lo: int, lsn_hi: int) -> Packed:
         inmem = _native.inmem
         assert inmem is not None
-        packed: tuple[bytes, bytes, bytes, bytes, int, int, int, int] = inmem.pack_merged(
+        packed: Packed = inmem.pack_merged(
             self.arenas, self.start, self.end, block_size, lsn_lo, lsn_hi
         )
         return packed

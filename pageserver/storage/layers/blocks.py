@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import crc32c
 import zstandard
@@ -751,12 +751,16 @@ VersionList = list[tuple[int, bytes]] | list[tuple[int, Value]]
 """One key's versions in LSN order, encoded or as Value objects."""
 
 
+Packed = tuple[Any, bytes, bytes, bytes, int, int, int, int]
+"""(values, block ends, keys, version entries, keys, versions, value bytes, last LSN) of a
+`pack`: the values are bytes, or a read-only buffer whose memory the next pack reuses
+(`_inmem.Packed`, read through a memoryview)."""
+
+
 class PackSource(Protocol):
     """What LayerFileWriter.add_packed takes: `_inmem.Arena` (see `_inmem.c` for `pack`)."""
 
-    def pack(
-        self, block_size: int, lsn_lo: int, lsn_hi: int
-    ) -> tuple[bytes, bytes, bytes, bytes, int, int, int, int]: ...
+    def pack(self, block_size: int, lsn_lo: int, lsn_hi: int) -> Packed: ...
 
 
 _PACKED, _BLOCK_FULL, _LSN_OUTSIDE, _LSN_DECREASING, _NOT_A_VALUE = range(5)
