@@ -22,7 +22,7 @@ from pageserver.reconstruct.range_rebuild import rebuild_keys
 from pageserver.reconstruct.reads import get_rel_size
 from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
-from pageserver.storage.keys import Key, fork_blocks_range, key_fields, rel_block_key
+from pageserver.storage.keys import Key, fork_blocks_range, keys_fields, rel_block_key
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from pg15.datadir_layout import relation_file_name
 from proto.errors import CorruptData
@@ -63,14 +63,13 @@ class DeltaForks:
         fork's size is its size key's value, which only a version in the windows changes)."""
         if keys is None:
             keys = keys_changed(parent, ReadPoint(source.timeline, source.lsn))
-        for key in keys:
-            f = key_fields(key)
-            if f.field4 == 0:
+        for _kind, spc, db, rel, fork, blkno in keys_fields(keys):
+            if rel == 0:
                 continue
-            if f.field6 == _SIZE_MARKER:
-                self.resized.add((f.field2, f.field3, f.field4, f.field5))
+            if blkno == _SIZE_MARKER:
+                self.resized.add((spc, db, rel, fork))
             else:
-                self.changed[(f.field2, f.field3, f.field4, f.field5)].add(f.field6)
+                self.changed[(spc, db, rel, fork)].add(blkno)
         self.delta_tar_bytes = 0
         """Tar bytes of the fork members written so far."""
         self.whole_tar_bytes = 0

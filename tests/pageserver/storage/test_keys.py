@@ -47,6 +47,20 @@ def test_fields_round_trip(f: tuple[int, ...]) -> None:
     assert K.key_from_hex(K.key_to_hex(key)) == key
 
 
+@given(st.lists(fields, max_size=20))
+def test_many_keys_fields_at_once(many: list[tuple[int, ...]]) -> None:
+    assert K.keys_fields(K.make_key(*f) for f in many) == many
+
+
+@pytest.mark.parametrize("size", [0, 17, 19])
+def test_many_keys_fields_refuse_a_key_of_another_size(size: int) -> None:
+    good = K.make_key(0, 1663, 5, 16384, 0, 7)
+    with pytest.raises(InvalidArgument, match="a key is 18 bytes"):
+        K.keys_fields([good, b"\x00" * size, good])
+    with pytest.raises(InvalidArgument):  # together the size of two keys
+        K.keys_fields([b"\x00" * 17, b"\x00" * 19])
+
+
 def test_field_out_of_range_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument):
         K.make_key(0, 1 << 32, 0, 0, 0, 0)
