@@ -67,11 +67,13 @@ def gate_compaction(monkeypatch: pytest.MonkeyPatch, phase: str) -> Gate:
     else:
         rebuild = node_store_module.rebuild_range
         calls = itertools.count(1)
+        workers = compaction_module.IMAGE_WORKERS
+        monkeypatch.setattr(compaction_module, "image_workers", lambda: workers)
 
         def rebuilding(*args: object, **kwargs: object) -> object:
             # the first partition's layer is written (IMAGE_WORKERS are rebuilt at once: the
             # next one begins when the first is done), and this one begins
-            if next(calls) == compaction_module.IMAGE_WORKERS + 1:
+            if next(calls) == workers + 1:
                 gate.held = args[1]  # rebuild_range(timeline, key_range, ...)
                 gate.hold()
             return rebuild(*args, **kwargs)  # type: ignore[arg-type]

@@ -327,8 +327,8 @@ def test_image_layers_are_the_same_bytes_with_and_without_the_bulk_path(
 def test_partitions_rebuilt_at_once_write_the_same_bytes_as_one_at_a_time(
     history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """compaction.IMAGE_WORKERS partitions at once (the first two meet at a barrier, so they
-    did run at once) write the files one worker writes, byte for byte."""
+    """Two partitions at once (`compaction.image_workers`; the first two meet at a barrier,
+    so they did run at once) write the files one worker writes, byte for byte."""
     write_image = compaction._write_image
     met = threading.Barrier(2, timeout=60)
     calls = itertools.count()
@@ -342,7 +342,7 @@ def test_partitions_rebuilt_at_once_write_the_same_bytes_as_one_at_a_time(
     for workers in (1, 2):
         store, timeline = _open(history, tmp_path / f"store-{workers}")
         with monkeypatch.context() as patched:
-            patched.setattr(compaction, "IMAGE_WORKERS", workers)
+            patched.setattr(compaction, "image_workers", itertools.repeat(workers).__next__)
             if workers > 1:
                 patched.setattr(compaction, "_write_image", meeting)
             n = create_image_layers(

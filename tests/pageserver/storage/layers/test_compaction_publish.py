@@ -109,7 +109,7 @@ def test_a_failed_partition_removes_the_one_rebuilt_beside_it(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Image partitions are rebuilt IMAGE_WORKERS at once: the first fails (EIO) once the
+    """Image partitions rebuilt two at once: the first fails (EIO) once the
     second is sealed; the pass raises it, the sealed one's temp file is deleted, nothing is
     published and the layers stay as they were."""
     store = opened(level0_store, tmp_path, "failed")
@@ -133,6 +133,7 @@ def test_a_failed_partition_removes_the_one_rebuilt_beside_it(
         before = sorted(p.name for p in timeline.directory.iterdir())
         layers = sorted(x.name.file_name for x in timeline.layer_map().layers())
         monkeypatch.setattr(compaction, "_write_image", failing)
+        monkeypatch.setattr(compaction, "image_workers", lambda: 2)
         with pytest.raises(OSError, match="injected"):
             compaction.create_image_layers(timeline, reconstruct, force=True)
         assert second_sealed.is_set()
@@ -141,3 +142,27 @@ def test_a_failed_partition_removes_the_one_rebuilt_beside_it(
     finally:
         store.close()
         store.history.close()
+
+
+@pytest.mark.parametrize(
+    ("loadavg", "workers"),
+    [("0.50 0.40 0.30 1/150 99\n", compaction.IMAGE_WORKERS), ("5.1 4.2 3.3 9/150 99\n", 1)],
+)
+def test_partitions_are_rebuilt_at_once_only_with_a_core_to_spare(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loadavg: str, workers: int
+) -> None:
+    """One task runnable (this one): IMAGE_WORKERS threads; more than cores: one (the threads
+    contended for the GIL on a busy box); no /proc/loadavg: IMAGE_WORKERS."""
+    fake = tmp_path / "loadavg"
+    fake.write_text(loadavg)
+    real_open = open
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def opening(path: str, *args: Any, **kwargs: Any) -> Any:
+        assert path == "/proc/loadavg"
+        return real_open(fake, *args, **kwargs)
+
+    monkeypatch.setattr(compaction, "open", opening, raising=False)
+    assert compaction.image_workers() == workers
+    fake.unlink()
+    assert compaction.image_workers() == compaction.IMAGE_WORKERS
