@@ -22,6 +22,7 @@ does not name).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
@@ -498,16 +499,22 @@ it)."""
 
 
 def image_workers() -> int:
-    """IMAGE_WORKERS while no more tasks are runnable than cores (/proc/loadavg's count,
-    this thread's included), else 1: on a busy box the threads got no second core and
-    contended for the GIL (the final pass of bench.ingest replayed at load 5: 0.45-0.67 s
-    against 0.36-0.43 s on one thread; at load 1.4-2.8: 0.25-0.28 against 0.31-0.44 s)."""
+    """IMAGE_WORKERS while other processes leave a core free (the tasks runnable by
+    /proc/loadavg, less this process's running threads: its pools finish the last flush as the
+    pass begins, then wait), else 1: on a busy box the threads got no second core and
+    contended for the GIL (the final pass of bench.ingest replayed at load 5: 0.45-0.67 s on
+    two threads against 0.36-0.43 s on one; at load 1.4-2.8 two: 0.25-0.28 against 0.31-0.44
+    s)."""
     try:
         with open("/proc/loadavg") as f:
             runnable = int(f.read().split()[3].split("/")[0])
+        ours = 0
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/stat") as f:
+                ours += f.read().rsplit(")", 1)[1].split()[0] == "R"
     except (OSError, ValueError, IndexError):  # not Linux
         return IMAGE_WORKERS
-    return IMAGE_WORKERS if runnable <= (os.cpu_count() or 1) else 1
+    return IMAGE_WORKERS if runnable - ours < (os.cpu_count() or 1) else 1
 
 
 def _one_at_a_time(cancelled: Cancelled | None) -> Cancelled | None:
