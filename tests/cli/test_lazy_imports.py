@@ -216,6 +216,9 @@ def test_push_imports_no_node_machinery(neon: NeonCli, tmp_path: Path) -> None:
             "walreceiver",
             "psycopg",
             "pageserver.redo",
+            "cli.transport.s3",  # the other schemes' transports and the pull's spool
+            "cli.transport.neon",
+            "cli.transport.spool",
         )
         assert [m for m in modules if m.split(".")[0] in clients or m.startswith(clients)] == []
     assert "incremental on pgdata1@s1" in push.stdout
