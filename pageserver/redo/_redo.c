@@ -2670,8 +2670,26 @@ typedef struct {
 } RunKey;
 
 /* Bytes of blocks a run keeps for the keys gathered before it redoes them (the versions of a
- * hot page's long chain can fill many blocks): memory stays bounded whatever the keys. */
-#define RUN_KEPT_BYTES (32 << 20)
+ * hot page's long chain can fill many blocks): memory stays bounded whatever the keys. The
+ * tests lower it (run_kept_bytes) so that runs split after every key. */
+static Py_ssize_t run_kept_limit = 32 << 20;
+#define RUN_KEPT_BYTES run_kept_limit
+
+/* run_kept_bytes(n) -> the limit before: see RUN_KEPT_BYTES. */
+static PyObject *
+py_run_kept_bytes(PyObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "run_kept_bytes: at least 1");
+        return NULL;
+    }
+    Py_ssize_t before = run_kept_limit;
+    run_kept_limit = n;
+    return PyLong_FromSsize_t(before);
+}
 
 static PyObject *
 py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -2904,6 +2922,8 @@ static PyMethodDef methods[] = {
      "rebuild_page(key, lsn, parts, base_known): a key's value from its layer versions."},
     {"rebuild_run", (PyCFunction)(void (*)(void))py_rebuild_run, METH_FASTCALL,
      "rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known): keys' values."},
+    {"run_kept_bytes", py_run_kept_bytes, METH_O,
+     "run_kept_bytes(n) -> the limit before: bytes of blocks a run keeps before it redoes."},
     {NULL, NULL, 0, NULL},
 };
 

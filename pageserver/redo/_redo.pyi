@@ -42,3 +42,7 @@ def rebuild_run(
     The keys' versions are gathered (blocks read) with the GIL, then their chains redone
     without it, so another thread's run (image creation's next partition) goes on meanwhile.
     """
+
+def run_kept_bytes(n: int, /) -> int:
+    """Set the bytes of blocks rebuild_run keeps for the keys it has gathered before it redoes
+    them (32 MiB; tests set 1: a redo after every key); returns the limit before."""

@@ -300,6 +300,32 @@ def test_the_c_walk_equals_the_python_walk(
     store.close()
 
 
+def test_a_run_redone_key_by_key_equals_the_python_walk(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rebuild_run` with its kept blocks bounded to a byte (`run_kept_bytes`): the redo
+    without the GIL after every key gathered, the blocks released between, the same values
+    as the Python walk, over L0 and L1 layers."""
+    assert native is not None and range_rebuild._rebuild_run is not None
+    store, timeline = _open(history, tmp_path / "store")
+    before = native.run_kept_bytes(1)
+    try:
+        for merged in (False, True):
+            if merged:
+                assert compact_level0(timeline, force=True)[1] > 0
+            for lsn in (history.middle, history.end):
+                c = _walked(timeline, lsn, monkeypatch)
+                monkeypatch.setattr(range_rebuild, "_rebuild_run", None)
+                python = _walked(timeline, lsn, monkeypatch)
+                monkeypatch.undo()
+                assert len(c.values) > 100
+                assert c.values == python.values, hex(lsn)
+                assert c.handed_back == python.handed_back, hex(lsn)
+    finally:
+        assert native.run_kept_bytes(before) == 1
+        store.close()
+
+
 def _layer_files(timeline: Timeline) -> dict[str, bytes]:
     return {layer.name.file_name: layer.path.read_bytes() for layer in timeline.layer_map().images}
 
