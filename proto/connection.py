@@ -117,13 +117,14 @@ class MessageStream:
     async def send_pieces(self, id: int, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
         """Send the concatenation of `pieces` as raw StreamData frames of at most
         `chunk_size` bytes each, written as they are (`writelines`: a vectored write where
-        the transport has one), not joined. Bytes objects are not copied; a mutable buffer
-        is (it could change before the transport wrote it)."""
+        the transport has one), not joined. Bytes objects (and views of them) are not
+        copied; any other buffer is, read-only views included (a read-only view of a
+        bytearray or an mmap can still change before the transport wrote it)."""
         frame: list[bytes | memoryview] = []
         held = 0
         for piece in pieces:
             view = memoryview(piece).cast("B")
-            if not view.readonly:
+            if not isinstance(view.obj, bytes):
                 view = memoryview(bytes(view))
             while view:
                 take = view[: self.chunk_size - held]

@@ -144,6 +144,9 @@ class FrameDecoder:
             self._failed = exc
             self._buf = bytearray()
             self._taken = 0
+            # A reader reading `wanted` bytes must not read zero and take the end of its
+            # stream for a clean close: it reads on, and the next feed raises.
+            self._need = HEADER_SIZE
             raise
 
     def _feed(self, data: bytes | bytearray | memoryview, view: memoryview) -> list[Any]:

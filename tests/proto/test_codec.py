@@ -117,6 +117,17 @@ def test_oversize_length_rejected_from_the_header_alone() -> None:
         decoder.feed(b"\x00")
 
 
+def test_a_failed_decoder_still_wants_bytes() -> None:
+    """A reader reads `wanted` bytes: zero after a failure read as a clean end of stream
+    (MessageStream.recv returned None after a ProtocolError)."""
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError, match="zero length"):
+        decoder.feed(struct.pack(">I", 0))
+    assert decoder.wanted > 0
+    with pytest.raises(ProtocolError, match="already failed"):
+        decoder.feed(b"\x00")
+
+
 def test_encode_refuses_oversize_and_unencodable() -> None:
     with pytest.raises(ProtocolError, match="exceeds the maximum frame size"):
         encode_frame(b"x" * 2000, max_frame_size=1024)
