@@ -38,9 +38,15 @@ PAUSE_POLL = 0.05
 pass cancelled); a `release` wakes it at once."""
 
 _released = threading.Condition()
-"""Notified by `Foreground.release`: a pass paused for a catch-up goes on as soon as the
-decode thread says it is done (it polled every PAUSE_POLL: bench.ingest's final image pass
-began 30 ms after the durable point, on average)."""
+"""Notified by `Foreground.release` and `BackgroundWorker.stop` (`_wake_paused`): a pass paused
+for a catch-up goes on as soon as the decode thread says it is done (it polled every
+PAUSE_POLL: bench.ingest's final image pass began 30 ms after the durable point, on average),
+and a cancelled one ends at once."""
+
+
+def _wake_paused() -> None:
+    with _released:
+        _released.notify_all()
 
 
 class Foreground:
@@ -81,8 +87,7 @@ class Foreground:
         a pass paused for it goes on at once."""
         with self._lock:
             self._until = 0.0
-        with _released:
-            _released.notify_all()
+        _wake_paused()
 
     def yielding(self, cancelled: threading.Event, *others: Foreground) -> Callable[[], bool]:
         """A compaction pass's check: pauses while foreground work runs, here or in `others`
@@ -177,6 +182,7 @@ class BackgroundWorker:
             self.cancelled.set()
             thread = self._thread
             self._cond.notify_all()
+        _wake_paused()  # a compaction pass paused for foreground work ends now
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 

@@ -314,6 +314,27 @@ def test_a_pass_paused_for_a_catch_up_goes_on_at_its_release(
     assert time.monotonic() - t0 < 20
 
 
+def test_a_paused_pass_ends_at_once_when_its_worker_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`stop` (a store's close) wakes a check paused for foreground work, not its next look
+    (PAUSE_POLL, made a minute here): the check says cancelled."""
+    monkeypatch.setattr(flusher_module, "PAUSE_POLL", 60.0)
+    worker = flusher_module.BackgroundWorker("test-compactor")
+    busy = flusher_module.Foreground()
+    busy.hold_for(3600)
+    check = busy.yielding(worker.cancelled)
+    said: list[bool] = []
+    paused = run_in_thread(lambda: said.append(check()))
+    paused.join(0.3)
+    assert paused.is_alive()  # paused
+    t0 = time.monotonic()
+    worker.stop()
+    paused.join(30)
+    assert not paused.is_alive() and said == [True]
+    assert time.monotonic() - t0 < 20
+
+
 def test_compaction_stands_aside_while_ingest_outruns_the_flusher(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
