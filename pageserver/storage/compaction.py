@@ -434,7 +434,8 @@ def create_image_layers_at(
     _LAST_BOUNDS[timeline] = tuple(key_range for key_range, _ in partitions)
     # Each layer is published (fsync, rename, directory fsync) on a thread of its own while
     # the next partitions are rebuilt, as the L1 layers of the L0 merge are.
-    check = _one_at_a_time(cancelled)
+    failed = threading.Event()
+    check = _one_at_a_time(cancelled, failed)
     publishing: list[Future[ImageLayer]] = []
     making: deque[Future[ImageLayerWriter]] = deque()
     stopped = False
@@ -453,7 +454,7 @@ def create_image_layers_at(
             todo = iter(partitions)
             while True:
                 while not stopped and len(making) < workers:
-                    if check is not None and check():
+                    if check():
                         stopped = True
                         break
                     due = next(
@@ -472,6 +473,7 @@ def create_image_layers_at(
                 publishing.append(publisher.submit(_publish_image, sealed, timeline.cache))
             written = [future.result() for future in publishing]
         except BaseException:
+            failed.set()  # the partitions still being rebuilt stop at their next check
             for made in making:  # sealed ones not published; a failed one deleted its file
                 if not made.cancel() and made.exception() is None:
                     made.result().abort()
@@ -514,17 +516,21 @@ def image_workers() -> int:
                 ours += f.read().rsplit(")", 1)[1].split()[0] == "R"
     except (OSError, ValueError, IndexError):  # not Linux
         return IMAGE_WORKERS
-    return IMAGE_WORKERS if runnable - ours < (os.cpu_count() or 1) else 1
+    return IMAGE_WORKERS if runnable - ours < len(os.sched_getaffinity(0)) else 1
 
 
-def _one_at_a_time(cancelled: Cancelled | None) -> Cancelled | None:
+def _one_at_a_time(cancelled: Cancelled | None, failed: threading.Event) -> Cancelled:
     """`cancelled` for several threads of one pass: one of them asks (and pauses) while the
-    others wait for it, so a pause is counted once against the pass's budget."""
-    if cancelled is None:
-        return None
+    others wait for it, so a pause is counted once against the pass's budget; and True once
+    `failed` is set (a partition beside failed: the others stop rather than run to their
+    end while the pass holds the compaction lock)."""
     lock = threading.Lock()
 
     def check() -> bool:
+        if failed.is_set():
+            return True
+        if cancelled is None:
+            return False
         with lock:
             return cancelled()
 

@@ -144,6 +144,45 @@ def test_a_failed_partition_removes_the_one_rebuilt_beside_it(
         store.history.close()
 
 
+def test_a_failed_partition_stops_the_one_being_rebuilt_beside_it(
+    level0_store: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first of two partitions rebuilt at once fails (EIO) while the second is being
+    rebuilt: the second's check says stop (it ran to its end, the pass holding the compaction
+    lock), though the pass was given no cancel of its own."""
+    store = opened(level0_store, tmp_path, "stopped")
+    timeline = store.timeline
+    second_started = threading.Event()
+    told_to_stop: list[bool] = []
+    calls = itertools.count()
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        check = args[6]  # _write_image's `cancelled`
+        if next(calls) == 0:
+            assert second_started.wait(60), "the second partition was not rebuilt beside it"
+            raise OSError(errno.EIO, "injected")
+        second_started.set()
+        for _ in range(3000):
+            if check():
+                told_to_stop.append(True)
+                raise compaction.CompactionCancelled("stopped by the test's check")
+            threading.Event().wait(0.01)
+        raise AssertionError("the partition beside a failed one was never told to stop")
+
+    try:
+        compaction.compact_level0(timeline, force=True)
+        monkeypatch.setattr(compaction, "_write_image", failing)
+        monkeypatch.setattr(compaction, "image_workers", lambda: 2)
+        with pytest.raises(OSError, match="injected"):
+            compaction.create_image_layers(timeline, reconstruct, force=True)
+        assert told_to_stop == [True]
+    finally:
+        store.close()
+        store.history.close()
+
+
 @pytest.mark.parametrize(
     ("loadavg", "workers"),
     [("0.50 0.40 0.30 2/150 99\n", compaction.IMAGE_WORKERS), ("5.1 4.2 3.3 9/150 99\n", 1)],
@@ -157,7 +196,7 @@ def test_partitions_are_rebuilt_at_once_only_with_a_core_to_spare(
     fake = tmp_path / "loadavg"
     fake.write_text(loadavg)
     real_open = open
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # the cores it may use
 
     def opening(path: str, *args: Any, **kwargs: Any) -> Any:
         return real_open(fake if path == "/proc/loadavg" else path, *args, **kwargs)
