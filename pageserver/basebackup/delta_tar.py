@@ -12,23 +12,17 @@ whole snapshot's tar size is known without building it (`full_tar_bytes`).
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from itertools import chain, islice
 
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_file, tar_header
 from pageserver.history.snapshot_diff import ReadPoint, keys_changed
-from pageserver.reconstruct.range_rebuild import RUN_KEYS, rebuild_keys
+from pageserver.reconstruct.range_rebuild import rebuild_keys
 from pageserver.reconstruct.reads import get_rel_size
 from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
-from pageserver.storage.compaction import image_workers
 from pageserver.storage.keys import Key, fork_blocks_range, keys_fields, rel_block_key
-from pageserver.storage.timeline import PersistentView, Timeline
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from pg15.datadir_layout import relation_file_name
 from proto.errors import CorruptData
@@ -152,84 +146,9 @@ class DeltaForks:
         for at in range(0, len(blocks), _REBUILD_KEYS):
             part = blocks[at : at + _REBUILD_KEYS]
             keys = [rel_block_key(spc, db, rel, fork, b) for b in part]
-            values = rebuilt_values(source.timeline, source.lsn, view, keys)
+            values = rebuild_keys(source.timeline, source.lsn, view, keys)
             for blkno, value in zip(part, values, strict=True):
                 yield blkno, ZERO_PAGE if value is None else value  # absent: a hole
-
-
-TWO_WAY_KEYS = 3 * RUN_KEYS
-"""Keys of one rebuild from which it runs on two threads (`rebuilt_values`): a 1% checkout's
-~1.4k scattered pages of one fork, not the few of most forks (a thread hop and a second walk
-setup each)."""
-
-
-def rebuilt_values(
-    timeline: Timeline,
-    lsn: int,
-    view: PersistentView | None,
-    keys: list[Key],
-    workers: int | None = None,
-) -> Iterator[bytes | None]:
-    """`rebuild_keys`, on two threads when there are TWO_WAY_KEYS keys and a core is free
-    (`compaction.image_workers`, unless `workers` says): the C walk redoes without the GIL
-    and zstd decompresses without it, and a checkout's delta (one 128 KiB image block
-    decompressed per scattered page, most of its CPU) kept one core busy while the CLI waited.
-
-    The keys are dealt in runs of RUN_KEYS (one C walk call each) alternately to this thread
-    and the other, each walking its sorted share in one `rebuild_keys`; the other's runs
-    wait in a queue of two, so memory stays a few runs' pages, and the values come in key
-    order. An error of either is raised where the keys' order reaches it, as on one thread."""
-    if workers is None:
-        workers = image_workers() if len(keys) >= TWO_WAY_KEYS else 1
-    if workers < 2 or len(keys) <= RUN_KEYS:
-        return rebuild_keys(timeline, lsn, view, keys)
-    runs = [keys[at : at + RUN_KEYS] for at in range(0, len(keys), RUN_KEYS)]
-    return _two_way(timeline, lsn, view, runs)
-
-
-_Run = tuple[list["bytes | None"], BaseException | None]
-"""The other thread's values of one run, and the error that ended it early."""
-
-
-def _two_way(
-    timeline: Timeline, lsn: int, view: PersistentView | None, runs: list[list[Key]]
-) -> Iterator[bytes | None]:
-    theirs: queue.Queue[_Run] = queue.Queue(2)
-    stop = threading.Event()
-
-    def other() -> None:
-        got: list[bytes | None] = []
-        try:
-            values = rebuild_keys(timeline, lsn, view, list(chain.from_iterable(runs[1::2])))
-            for run in runs[1::2]:
-                if stop.is_set():
-                    return
-                got = []
-                for _ in run:
-                    got.append(next(values))
-                theirs.put((got, None))
-        except BaseException as e:  # handed to the reader, which raises it in key order
-            theirs.put((got, e))
-
-    # A thread of its own (~0.1 ms): a shared pool's thread could wait on another delta's
-    # reader, itself waiting on its client.
-    thread = threading.Thread(target=other, name="delta-rebuild", daemon=True)
-    thread.start()
-    try:
-        mine = rebuild_keys(timeline, lsn, view, list(chain.from_iterable(runs[0::2])))
-        for i, run in enumerate(runs):
-            if i % 2 == 0:
-                yield from islice(mine, len(run))
-                continue
-            values, error = theirs.get()
-            yield from values
-            if error is not None:
-                raise error
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock its put; it stops before its next run
-            with contextlib.suppress(queue.Empty):
-                theirs.get(timeout=0.01)
 
 
 _USTAR_HEADER = 512

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pageserver.basebackup import delta_tar
 from pageserver.basebackup.delta_tar import DeltaForks, tar_header_size
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_header
@@ -25,7 +22,6 @@ from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, Value
 from pg15.constants import BLCKSZ
-from proto.errors import CorruptData
 from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_snapshot_diff import DB, SETTINGS, SPC
 
@@ -135,84 +131,3 @@ def test_the_delta_pages_read_in_bulk_are_the_per_key_reads(
             assert _members(bulk, nblocks) == reference
         assert planned == []
         assert bulk.pages == per_key.pages > 10
-
-
-def _two_threads(monkeypatch: pytest.MonkeyPatch, run_keys: int) -> list[str]:
-    """Make `rebuilt_values` split a rebuild of a few keys, in runs of `run_keys`, whatever
-    the box's load; returns the names of the threads that rebuilt keys."""
-    monkeypatch.setattr(delta_tar, "RUN_KEYS", run_keys)
-    monkeypatch.setattr(delta_tar, "TWO_WAY_KEYS", 2 * run_keys)
-    monkeypatch.setattr(delta_tar, "image_workers", lambda: 2)
-    threads: list[str] = []
-    real = delta_tar.rebuild_keys
-
-    def rebuild_keys(*a: Any) -> Iterator[bytes | None]:
-        threads.append(threading.current_thread().name)
-        return real(*a)
-
-    monkeypatch.setattr(delta_tar, "rebuild_keys", rebuild_keys)
-    return threads
-
-
-@pytest.mark.parametrize("run_keys", [1, 2, 3])
-def test_the_rebuild_on_two_threads_gives_the_same_bytes(
-    store: TimelineStore, monkeypatch: pytest.MonkeyPatch, run_keys: int
-) -> None:
-    """A delta's pages rebuilt on two threads (the keys dealt in runs) are the members one
-    thread writes, in the same order, at the timeline and on a branch."""
-    require_c_extension(native_redo, "pageserver.redo._redo")
-    tl, child = _history(store)
-    parent = ReadPoint(tl, 16)
-    nblocks = {16384: 44, 16385: 3}
-    for timeline, lsn in ((tl, 40), (child, 56)):
-        with monkeypatch.context() as m:
-            m.setattr(delta_tar, "image_workers", lambda: 1)
-            one = _members(DeltaForks(TimelineSource(timeline, lsn), parent), nblocks)
-        with monkeypatch.context() as m:
-            threads = _two_threads(m, run_keys)
-            two = _members(DeltaForks(TimelineSource(timeline, lsn), parent), nblocks)
-        assert two == one
-        assert "delta-rebuild" in threads and threading.current_thread().name in threads
-
-
-@pytest.mark.parametrize("failing_run", [0, 1, 2])
-def test_a_failure_in_either_half_fails_the_stream_with_its_error(
-    store: TimelineStore, monkeypatch: pytest.MonkeyPatch, failing_run: int
-) -> None:
-    """A key that cannot be rebuilt raises its error from the stream whichever thread met
-    it, after the pages before it, and the other thread stops."""
-    require_c_extension(native_redo, "pageserver.redo._redo")
-    tl, _ = _history(store)
-    keys = [_block(16384, b) for b in range(44)]
-    bad = keys[4 * failing_run + 1]
-    threads = _two_threads(monkeypatch, 4)
-    real = delta_tar.rebuild_keys
-
-    def failing(timeline: Timeline, lsn: int, view: object, ks: list[K.Key]) -> Iterator[Any]:
-        values = real(timeline, lsn, view, ks)
-        for key in ks:
-            if key == bad:
-                raise CorruptData(f"key {key} broken")
-            yield next(values)
-
-    monkeypatch.setattr(delta_tar, "rebuild_keys", failing)
-    got: list[bytes | None] = []
-    with pytest.raises(CorruptData, match="broken"):
-        got.extend(delta_tar.rebuilt_values(tl, 40, None, keys))
-    assert len(got) == keys.index(bad)
-    assert not any(t.name == "delta-rebuild" for t in threading.enumerate())
-    del threads
-
-
-def test_a_stream_closed_early_stops_the_second_thread(
-    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    require_c_extension(native_redo, "pageserver.redo._redo")
-    tl, _ = _history(store)
-    keys = [_block(16384, b) for b in range(44)]
-    threads = _two_threads(monkeypatch, 2)
-    values = delta_tar.rebuilt_values(tl, 40, None, keys)
-    first = [next(values) for _ in range(5)]
-    assert len(first) == 5 and "delta-rebuild" in threads
-    values.close()  # type: ignore[attr-defined]
-    assert not any(t.name == "delta-rebuild" for t in threading.enumerate())
