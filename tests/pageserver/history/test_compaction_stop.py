@@ -294,44 +294,28 @@ def test_compaction_pauses_while_a_foreground_request_runs(
     store.history.close()
 
 
-def test_a_pass_paused_for_a_catch_up_goes_on_at_its_release(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`release` wakes a paused check at once, not at its next look (PAUSE_POLL, made a
-    minute here): the final image pass of a catch-up began up to 50 ms late."""
-    monkeypatch.setattr(flusher_module, "PAUSE_POLL", 60.0)
-    catching_up = flusher_module.Foreground()
-    catching_up.hold_for(3600)
-    check = flusher_module.Foreground().yielding(threading.Event(), catching_up)
-    said: list[bool] = []
-    paused = run_in_thread(lambda: said.append(check()))
-    paused.join(0.3)
-    assert paused.is_alive()  # paused
-    t0 = time.monotonic()
-    catching_up.release()
-    paused.join(30)
-    assert not paused.is_alive() and said == [False]
-    assert time.monotonic() - t0 < 20
-
-
-def test_a_paused_pass_ends_at_once_when_its_worker_stops(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`stop` (a store's close) wakes a check paused for foreground work, not its next look
-    (PAUSE_POLL, made a minute here): the check says cancelled."""
+@pytest.mark.parametrize("waker", ["release", "stop"])
+def test_a_paused_pass_is_woken_at_once(monkeypatch: pytest.MonkeyPatch, waker: str) -> None:
+    """A check paused for foreground work is woken at once, not at its next look
+    (PAUSE_POLL, made a minute here), by `release` (the final image pass of a catch-up
+    began up to 50 ms late; it goes on) and by its worker's `stop` (a store's close; it says
+    cancelled)."""
     monkeypatch.setattr(flusher_module, "PAUSE_POLL", 60.0)
     worker = flusher_module.BackgroundWorker("test-compactor")
-    busy = flusher_module.Foreground()
-    busy.hold_for(3600)
-    check = busy.yielding(worker.cancelled)
+    catching_up = flusher_module.Foreground()
+    catching_up.hold_for(3600)
+    check = flusher_module.Foreground().yielding(worker.cancelled, catching_up)
     said: list[bool] = []
     paused = run_in_thread(lambda: said.append(check()))
     paused.join(0.3)
     assert paused.is_alive()  # paused
     t0 = time.monotonic()
-    worker.stop()
+    if waker == "release":
+        catching_up.release()
+    else:
+        worker.stop()
     paused.join(30)
-    assert not paused.is_alive() and said == [True]
+    assert not paused.is_alive() and said == [waker == "stop"]
     assert time.monotonic() - t0 < 20
 
 
