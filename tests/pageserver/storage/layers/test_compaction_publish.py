@@ -104,66 +104,36 @@ def test_a_failed_publication_leaves_no_file(
         store.history.close()
 
 
-def test_a_failed_partition_removes_the_one_rebuilt_beside_it(
+@pytest.mark.parametrize("second", ["sealed", "rebuilding"])
+def test_a_failed_partition_ends_the_one_rebuilt_beside_it(
     level0_store: Path,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    second: str,
 ) -> None:
-    """Image partitions rebuilt two at once: the first fails (EIO) once the
-    second is sealed; the pass raises it, the sealed one's temp file is deleted, nothing is
-    published and the layers stay as they were."""
-    store = opened(level0_store, tmp_path, "failed")
+    """Image partitions rebuilt two at once: the first fails (EIO) once the second is sealed,
+    or while it is being rebuilt. The pass raises it, nothing is published, the sealed one's
+    temp file is deleted and the layers stay as they were; one still being rebuilt is told to
+    stop by its check (it ran to its end under the compaction lock), though the pass was
+    given no cancel of its own."""
+    store = opened(level0_store, tmp_path, second)
     timeline = store.timeline
     write_image = compaction._write_image
-    second_sealed = threading.Event()
+    second_there = threading.Event()
+    told_to_stop: list[bool] = []
     calls = itertools.count()
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         n = next(calls)
         if n == 0:
-            assert second_sealed.wait(60), "the second partition was not rebuilt beside the first"
+            assert second_there.wait(60), "the second partition was not rebuilt beside the first"
             raise OSError(errno.EIO, "injected")
-        sealed = write_image(*args, **kwargs)
-        if n == 1:
-            second_sealed.set()
-        return sealed
-
-    try:
-        compaction.compact_level0(timeline, force=True)
-        before = sorted(p.name for p in timeline.directory.iterdir())
-        layers = sorted(x.name.file_name for x in timeline.layer_map().layers())
-        monkeypatch.setattr(compaction, "_write_image", failing)
-        monkeypatch.setattr(compaction, "image_workers", lambda: 2)
-        with pytest.raises(OSError, match="injected"):
-            compaction.create_image_layers(timeline, reconstruct, force=True)
-        assert second_sealed.is_set()
-        assert sorted(p.name for p in timeline.directory.iterdir()) == before
-        assert sorted(x.name.file_name for x in timeline.layer_map().layers()) == layers
-    finally:
-        store.close()
-        store.history.close()
-
-
-def test_a_failed_partition_stops_the_one_being_rebuilt_beside_it(
-    level0_store: Path,  # noqa: F811
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The first of two partitions rebuilt at once fails (EIO) while the second is being
-    rebuilt: the second's check says stop (it ran to its end, the pass holding the compaction
-    lock), though the pass was given no cancel of its own."""
-    store = opened(level0_store, tmp_path, "stopped")
-    timeline = store.timeline
-    second_started = threading.Event()
-    told_to_stop: list[bool] = []
-    calls = itertools.count()
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
+        if n > 1 or second == "sealed":
+            sealed = write_image(*args, **kwargs)
+            second_there.set()
+            return sealed
+        second_there.set()
         check = args[6]  # _write_image's `cancelled`
-        if next(calls) == 0:
-            assert second_started.wait(60), "the second partition was not rebuilt beside it"
-            raise OSError(errno.EIO, "injected")
-        second_started.set()
         for _ in range(3000):
             if check():
                 told_to_stop.append(True)
@@ -173,11 +143,15 @@ def test_a_failed_partition_stops_the_one_being_rebuilt_beside_it(
 
     try:
         compaction.compact_level0(timeline, force=True)
+        before = sorted(p.name for p in timeline.directory.iterdir())
+        layers = sorted(x.name.file_name for x in timeline.layer_map().layers())
         monkeypatch.setattr(compaction, "_write_image", failing)
         monkeypatch.setattr(compaction, "image_workers", lambda: 2)
         with pytest.raises(OSError, match="injected"):
             compaction.create_image_layers(timeline, reconstruct, force=True)
-        assert told_to_stop == [True]
+        assert told_to_stop == ([True] if second == "rebuilding" else [])
+        assert sorted(p.name for p in timeline.directory.iterdir()) == before
+        assert sorted(x.name.file_name for x in timeline.layer_map().layers()) == layers
     finally:
         store.close()
         store.history.close()
