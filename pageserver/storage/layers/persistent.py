@@ -84,19 +84,21 @@ class PersistentLayer:
 
     def newest_versions(self, key_range: KeyRange, lsn: int) -> Iterator[tuple[Key, int, int]]:
         """(key, LSN, tag) of the newest version <= lsn of every key in range that has one."""
-        f = self.file
-        i = f.lower_bound(key_range.start)
-        # Every version visible: the newest is each key's last one; else the newest at or
-        # below lsn (a layer spanning a basebackup's LSN), both in one C loop.
-        yield from f.newest_of_keys(i, key_range.end, None if lsn >= self.lsn_end - 1 else lsn)
+        yield from self._newest_of_keys(key_range, lsn)
 
     def newer_keys(self, key_range: KeyRange, above: int, upto: int) -> list[Key]:
         """The keys of key_range whose newest version at or below upto is above `above`
         (a diff's keys written in a window), filtered in the C loop."""
+        return [key for key, _lsn, _tag in self._newest_of_keys(key_range, upto, above)]
+
+    def _newest_of_keys(
+        self, key_range: KeyRange, lsn: int, above: int | None = None
+    ) -> Iterator[tuple[Key, int, int]]:
         f = self.file
-        i = f.lower_bound(key_range.start)
-        bound = None if upto >= self.lsn_end - 1 else upto
-        return [key for key, _lsn, _tag in f.newest_of_keys(i, key_range.end, bound, above)]
+        # Every version visible: the newest is each key's last one; else the newest at or
+        # below lsn (a layer spanning a basebackup's LSN), both in one C loop.
+        bound = None if lsn >= self.lsn_end - 1 else lsn
+        return f.newest_of_keys(f.lower_bound(key_range.start), key_range.end, bound, above)
 
     def has_keys_in(self, key_range: KeyRange) -> bool:
         """True if the layer holds at least one key of key_range (index only)."""
