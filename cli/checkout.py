@@ -83,7 +83,9 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     _pgdata, tag = split_snapshot_name(snapshot)
     if tag == "CURRENT":
         raise InvalidArgument(f"{snapshot} is the node's current state already")
-    local_api(app).snapshot_show(SnapshotShowRequest(snapshot))  # a clear error if missing
+    # A clear error if missing; the pageserver begins rebuilding the target's pages the
+    # delta will want while the node stops (pageserver/basebackup/prepared_pages.py).
+    local_api(app).snapshot_show(SnapshotShowRequest(snapshot, checkout_node=node.id))
     finish_pending(app, node)
     echo(f"Stopping postgres on {node.pgdata}.")
     ahead = _import_ahead()

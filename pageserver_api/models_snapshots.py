@@ -77,6 +77,11 @@ class SnapshotListRequest(ApiRequest):
 @dataclass(frozen=True, slots=True)
 class SnapshotShowRequest(ApiRequest):
     name: str
+    checkout_node: str | None = None
+    """The node about to be checked out to this snapshot (`pg checkout`'s first request):
+    the pageserver rebuilds the target's pages its delta will want while the node stops
+    (pageserver/basebackup/prepared_pages.py). An older pageserver ignores it (unknown
+    parameters are), and only shows the snapshot."""
 
 
 @method("snapshot.destroy", SnapshotInfo)

@@ -15,6 +15,7 @@ from pageserver.api.service import Pageserver
 from pageserver.api.slow_requests import reported_if_slow
 from pageserver.api.thread_chunks import chunks_in_thread
 from pageserver.basebackup.checkout_delta import checkout_parent
+from pageserver.basebackup.prepared_pages import page_point
 from pageserver.basebackup.snapshot_file import (
     DeltaParent,
     TarCounter,
@@ -148,7 +149,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_show(ctx: RequestContext, req: m.SnapshotShowRequest) -> m.SnapshotInfo:
-        _history, snap = ps.find_snapshot(req.name)
+        history, snap = ps.find_snapshot(req.name)
+        if req.checkout_node is not None:
+            ps.prepare_checkout(req.checkout_node, history, snap)
         return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_diff(
@@ -218,9 +221,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             source, _tli = await on_own_thread(
                 "basebackup-source", ps.basebackup_source, req.node_id, None
             )
+            prepared = ps.prepared_pages.take(page_point(source.timeline, source.lsn))
             delta = await asyncio.to_thread(
                 checkout_parent, ps.find_snapshot, req.checkout_from, source,
-                req.hints_logged_from,
+                req.hints_logged_from, prepared,
             )  # fmt: skip
         elif req.delta_from and req.snapshot is not None:
             source, _tli = await on_own_thread(
@@ -248,6 +252,8 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             async for batch in produced:
                 sent += sum(map(len, batch))
                 await ctx.send(batch)
+        if delta is not None and delta.forks.prepared_used:
+            ps.metrics.inc("pageserver_prepared_pages_used_total", delta.forks.prepared_used)
         fields = asdict(info)
         spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
         return m.BasebackupResponse(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -16,6 +17,7 @@ from typing import Any
 from pageserver.api.import_paths import check_import_dir, check_import_file, check_outside
 from pageserver.api.metrics import Metrics
 from pageserver.api.own_thread import on_own_thread
+from pageserver.basebackup.prepared_pages import PreparedPages, prepare_checkout
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver.config import PageserverConfig
@@ -79,6 +81,11 @@ class Pageserver:
         self.imported_roots = ImportedRoots(config.workdir / "imported_histories.json")
         self.remote = RemoteHistories(config.workdir)
         self._mirror_stores: dict[str, NodeStore] = {}
+        settings = config.store_settings
+        self.prepared_pages = PreparedPages(
+            settings.prepared_pages_bytes, settings.prepared_pages_seconds
+        )
+        """Checkout targets' pages rebuilt ahead of their delta (prepare_checkout)."""
         m = self.metrics
         m.describe("pageserver_up", "gauge", "1 while the pageserver serves.")
         m.set("pageserver_up", 1)
@@ -88,6 +95,11 @@ class Pageserver:
         m.computed("pageserver_followed_nodes", lambda: len(self.nodes.all()))
         m.describe("pageserver_proto_requests_total", "counter", "Proto requests by method.")
         m.describe("pageserver_http_requests_total", "counter", "HTTP requests by path.")
+        m.describe(
+            "pageserver_prepared_pages_used_total",
+            "counter",
+            "Checkout delta pages taken from those rebuilt ahead (prepared_pages.py).",
+        )
         m.describe("pageserver_wal_received_bytes_total", "counter", "Durable WAL bytes per node.")
         m.describe("pageserver_wal_records_total", "counter", "WAL records decoded per node.")
         m.describe(
@@ -319,6 +331,33 @@ class Pageserver:
         return store.history.snapshots.add(
             new_snapshot(name, node_id, state.timeline_id, lsn, parent=state.parent)
         )
+
+    def prepare_checkout(self, node_id: str, history: StorageHistory, snap: Snapshot) -> None:
+        """Begin rebuilding, on a thread, the target's pages `node_id`'s checkout to `snap`
+        will want (pageserver/basebackup/prepared_pages.py). Nothing where its delta could
+        not take them or they could change: the node in another storage or without history,
+        a snapshot held in a bucket, its timeline not (re-)ingested to it yet. Never raises:
+        the delta rebuilds what it does not find."""
+        if self.prepared_pages.max_bytes <= 0:
+            return
+        try:
+            store = self.store(node_id)
+            if store.state is None or store.history is not history:
+                return
+            if self.remote.mirror_of_root(history.root) is not None:
+                return
+            target = history.timelines.get(snap.timeline_id)
+            if target.last_record_lsn < snap.lsn:
+                return
+            current = store.timeline
+        except NeonError:
+            return
+        threading.Thread(
+            target=prepare_checkout,
+            args=(self.prepared_pages, current, target, snap.lsn),
+            name="prepare-pages",
+            daemon=True,
+        ).start()
 
     def find_snapshot(self, name: str) -> tuple[StorageHistory, Snapshot]:
         for node in self.nodes.all():

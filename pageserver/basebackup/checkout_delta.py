@@ -31,7 +31,7 @@ keys alone would keep although the target does not have it:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from pageserver.basebackup.delta_tar import DeltaForks
 from pageserver.basebackup.snapshot_file import DeltaParent
@@ -40,6 +40,7 @@ from pageserver.history.node_store import StorageHistory
 from pageserver.history.snapshot_diff import ReadPoint, plan_diff, written_keys
 from pageserver.history.snapshots import Snapshot
 from pageserver.reconstruct.reads import get_checkpoint
+from pageserver.storage.keys import Key
 from pg15.lsn import format_lsn
 from proto.errors import InvalidArgument
 
@@ -48,12 +49,10 @@ class HintsNotLogged(InvalidArgument):
     """The directory may hold hints the WAL does not show: only a full rebuild is right."""
 
 
-def checkout_forks(
-    source: TimelineSource, current: ReadPoint, hints_logged_from: int
-) -> DeltaForks:
-    """The relation forks of the delta from the live directory at `current` to `source`'s
-    state; HintsNotLogged (see the module) or DifferentHistories when no delta is right."""
-    target = ReadPoint(source.timeline, source.lsn)
+def checkout_keys(current: ReadPoint, target: ReadPoint) -> tuple[set[Key], int]:
+    """The keys a checkout's delta from the live directory at `current` to `target` carries
+    and the checkpoint's redo pointer they start from (see the module); DifferentHistories
+    when the two do not meet."""
     plan = plan_diff(current, target)
     assert plan.common is not None
     common, c = plan.common, plan.common_lsn
@@ -61,14 +60,27 @@ def checkout_forks(
     redo = 0 if checkpoint is None else min(checkpoint.redo, c)
     if common.ancestor is not None:
         redo = max(redo, common.ancestor_lsn)
+    keys = written_keys(plan.windows_a) | written_keys(plan.windows_b)
+    keys |= written_keys(((common, redo, c),))
+    return keys, redo
+
+
+def checkout_forks(
+    source: TimelineSource,
+    current: ReadPoint,
+    hints_logged_from: int,
+    prepared: Mapping[Key, bytes] | None = None,
+) -> DeltaForks:
+    """The relation forks of the delta from the live directory at `current` to `source`'s
+    state; HintsNotLogged (see the module) or DifferentHistories when no delta is right.
+    `prepared`: the target's pages rebuilt ahead (prepared_pages.py)."""
+    keys, redo = checkout_keys(current, ReadPoint(source.timeline, source.lsn))
     if hints_logged_from > redo:
         raise HintsNotLogged(
             f"hints are WAL-logged from {format_lsn(hints_logged_from)} only, after the "
             f"checkpoint {format_lsn(redo)} the delta would start from"
         )
-    keys = written_keys(plan.windows_a) | written_keys(plan.windows_b)
-    keys |= written_keys(((common, redo, c),))
-    return DeltaForks(source, current, keys, whole_copies=True)
+    return DeltaForks(source, current, keys, whole_copies=True, prepared=prepared)
 
 
 def checkout_parent(
@@ -76,9 +88,11 @@ def checkout_parent(
     current: str,
     source: TimelineSource,
     hints_logged_from: int,
+    prepared: Mapping[Key, bytes] | None = None,
 ) -> DeltaParent:
     """The delta of a checkout from snapshot `current` (the node's state before it) to
     `source` (its new branch point), which must be of one history."""
     history, snap = find(current)
     point = ReadPoint(history.timelines.get(snap.timeline_id), snap.lsn)
-    return DeltaParent(snap.name, snap.lsn, checkout_forks(source, point, hints_logged_from))
+    forks = checkout_forks(source, point, hints_logged_from, prepared)
+    return DeltaParent(snap.name, snap.lsn, forks)

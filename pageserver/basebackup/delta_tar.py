@@ -13,7 +13,7 @@ whole snapshot's tar size is known without building it (`full_tar_bytes`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_file, tar_header
@@ -23,6 +23,7 @@ from pageserver.reconstruct.reads import get_rel_size
 from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
 from pageserver.storage.keys import Key, fork_blocks_range, keys_fields, rel_block_key
+from pageserver.storage.timeline import Timeline
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from pg15.datadir_layout import relation_file_name
 from proto.errors import CorruptData
@@ -49,27 +50,26 @@ class DeltaForks:
         parent: ReadPoint,
         keys: Iterable[Key] | None = None,
         whole_copies: bool = False,
+        prepared: Mapping[Key, bytes] | None = None,
     ) -> None:
         """`keys`: the relation keys that may differ (default `keys_changed`); `whole_copies`:
         a fork written from another fork's content (an unlogged relation's main fork, from its
         init fork) is sent whole, for a parent that is a live data directory rather than a
-        basebackup (pageserver/basebackup/checkout_delta.py)."""
+        basebackup (pageserver/basebackup/checkout_delta.py); `prepared`: pages at `source`'s
+        point rebuilt ahead (pageserver/basebackup/prepared_pages.py), taken instead of
+        rebuilt."""
         self.source = source
         self.parent = parent
         self.whole_copies = whole_copies
-        self.changed: dict[Fork, set[int]] = defaultdict(set)
-        self.resized: set[Fork] = set()
-        """Forks whose size key may differ: any other is as long at the parent as here (a
-        fork's size is its size key's value, which only a version in the windows changes)."""
+        self.prepared = prepared or {}
+        self.prepared_used = 0
+        """Pages taken from `prepared`."""
         if keys is None:
             keys = keys_changed(parent, ReadPoint(source.timeline, source.lsn))
-        for _kind, spc, db, rel, fork, blkno in keys_fields(keys):
-            if rel == 0:
-                continue
-            if blkno == _SIZE_MARKER:
-                self.resized.add((spc, db, rel, fork))
-            else:
-                self.changed[(spc, db, rel, fork)].add(blkno)
+        self.changed, self.resized = fork_keys(keys)
+        """`resized`: forks whose size key may differ: any other is as long at the parent as
+        here (a fork's size is its size key's value, which only a version in the windows
+        changes)."""
         self.delta_tar_bytes = 0
         """Tar bytes of the fork members written so far."""
         self.whole_tar_bytes = 0
@@ -133,22 +133,54 @@ class DeltaForks:
         database (`Timeline.plan_range_read` walks every version above its image layers:
         a quarter of the page server's CPU for a 1% delta of a pgbench database, py-spy),
         which only pays off for a whole basebackup. Without the C redo (NEON_PURE_PYTHON)
-        or for the per-key reference source (`bulk=False`), `rel_pages` as before."""
+        or for the per-key reference source (`bulk=False`), `rel_pages` as before. Pages
+        rebuilt ahead (`prepared`) are taken as they are; the rest are rebuilt."""
         source = self.source
         if not source.bulk or native_redo is None:
             for first, count in runs:
                 yield from enumerate(source.rel_pages(spc, db, rel, fork, first, count), first)
             return
         blocks = [b for first, count in runs for b in range(first, first + count)]
-        if not blocks:
+        prepared = self.prepared
+        if prepared:
+            found = {b: prepared.get(rel_block_key(spc, db, rel, fork, b)) for b in blocks}
+            missing = [b for b, page in found.items() if page is None]
+            rebuilt = rebuilt_pages(source.timeline, source.lsn, spc, db, rel, fork, missing)
+            self.prepared_used += len(blocks) - len(missing)
+            for blkno, page in found.items():
+                yield blkno, next(rebuilt) if page is None else page
             return
-        view = source.timeline.persistent_view(fork_blocks_range(spc, db, rel, fork), source.lsn)
-        for at in range(0, len(blocks), _REBUILD_KEYS):
-            part = blocks[at : at + _REBUILD_KEYS]
-            keys = [rel_block_key(spc, db, rel, fork, b) for b in part]
-            values = rebuild_keys(source.timeline, source.lsn, view, keys)
-            for blkno, value in zip(part, values, strict=True):
-                yield blkno, ZERO_PAGE if value is None else value  # absent: a hole
+        pages = rebuilt_pages(source.timeline, source.lsn, spc, db, rel, fork, blocks)
+        yield from zip(blocks, pages, strict=True)
+
+
+def fork_keys(keys: Iterable[Key]) -> tuple[dict[Fork, set[int]], set[Fork]]:
+    """The relation keys among `keys` by fork: the blocks of each, and the forks whose size
+    key is among them."""
+    changed: dict[Fork, set[int]] = defaultdict(set)
+    resized: set[Fork] = set()
+    for _kind, spc, db, rel, fork, blkno in keys_fields(keys):
+        if rel == 0:
+            continue
+        if blkno == _SIZE_MARKER:
+            resized.add((spc, db, rel, fork))
+        else:
+            changed[(spc, db, rel, fork)].add(blkno)
+    return changed, resized
+
+
+def rebuilt_pages(
+    timeline: Timeline, lsn: int, spc: int, db: int, rel: int, fork: int, blocks: list[int]
+) -> Iterator[bytes]:
+    """The page at (timeline, lsn) of each of `blocks` (sorted; a hole: zeros), rebuilt in
+    bulk from the layer files (range_rebuild), `_REBUILD_KEYS` at a time."""
+    if not blocks:
+        return
+    view = timeline.persistent_view(fork_blocks_range(spc, db, rel, fork), lsn)
+    for at in range(0, len(blocks), _REBUILD_KEYS):
+        keys = [rel_block_key(spc, db, rel, fork, b) for b in blocks[at : at + _REBUILD_KEYS]]
+        for value in rebuild_keys(timeline, lsn, view, keys):
+            yield ZERO_PAGE if value is None else value  # absent: a hole
 
 
 _USTAR_HEADER = 512

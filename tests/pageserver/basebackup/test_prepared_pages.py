@@ -1,0 +1,209 @@
+"""prepared_pages: a checkout target's pages rebuilt ahead of its delta, taken by the delta.
+
+The history (test_delta_tar._history): a timeline `tl` (the target at 16) and a branch
+`child` of it at 40 that wrote more (the node's state before the checkout, HEAD at 64). The
+checkout's delta is read on a new branch of `tl` at 16 (the node's new timeline at its branch
+point), from HEAD.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pageserver.basebackup import delta_tar, prepared_pages
+from pageserver.basebackup.checkout_delta import checkout_forks
+from pageserver.basebackup.delta_tar import DeltaForks
+from pageserver.basebackup.prepared_pages import (
+    PagePoint,
+    PreparedPages,
+    page_point,
+    prepare,
+    prepare_checkout,
+)
+from pageserver.basebackup.sources import TimelineSource
+from pageserver.history.snapshot_diff import ReadPoint, keys_changed
+from pageserver.redo.native import redo as native_redo
+from pageserver.storage import keys as K
+from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline_store import TimelineStore
+from pg15.constants import BLCKSZ
+from tests.native_ext import require_c_extension
+from tests.pageserver.basebackup.test_delta_tar import _history, _members, _page, _record, store
+
+__all__ = ["store"]  # the fixture, imported for this module's tests
+
+NBLOCKS = {16384: 44, 16385: 3}
+T = 16
+"""The target's LSN."""
+MiB = 1024 * 1024
+
+
+def _checkout(store: TimelineStore) -> tuple[Timeline, Timeline, TimelineSource]:
+    """(target timeline, HEAD's timeline, the delta's source: a new branch at the target)."""
+    require_c_extension(native_redo, "pageserver.redo._redo")  # the delta's bulk path
+    tl, child = _history(store)
+    _record(child, 64, (K.rel_block_key(1663, 5, 16384, 0, 30), _page(64, 11)))
+    return tl, child, TimelineSource(store.branch(tl.timeline_id, T), T)
+
+
+def _delta(source: TimelineSource, head: ReadPoint, prepared: Any = None) -> DeltaForks:
+    return DeltaForks(source, head, whole_copies=True, prepared=prepared)
+
+
+def test_the_delta_with_prepared_pages_is_the_delta_without(store: TimelineStore) -> None:
+    """Pages prepared at the target, taken by the delta on the node's new branch (the same
+    point), give the same member bytes; the delta took them (a broken page shows)."""
+    tl, child, source = _checkout(store)
+    head = ReadPoint(child, 64)
+    want = _members(_delta(source, head), NBLOCKS)
+    cache = PreparedPages(MiB, 30)
+    entry = prepare(cache, tl, T, keys_changed(head, ReadPoint(tl, T)))
+    assert entry is not None and cache.held_bytes == len(entry.pages) * BLCKSZ > 0
+    assert page_point(source.timeline, source.lsn) == PagePoint(tl.timeline_id, T)
+    pages = cache.take(page_point(source.timeline, source.lsn))
+    assert cache.held_bytes == 0 and cache.take(entry.point) == {}  # consumed
+    delta = _delta(source, head, pages)
+    assert _members(delta, NBLOCKS) == want
+    assert delta.prepared_used == len(pages) > 10
+    broken = dict.fromkeys(pages, bytes(BLCKSZ - 1) + b"x")
+    assert _members(_delta(source, head, broken), NBLOCKS) != want
+
+
+def test_keys_written_after_the_prepare_are_rebuilt(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prepare plans up to the node's LSN when it starts (56 here); what the node wrote
+    after it (during its stop: block 30 at 64, which the target's side never wrote) is
+    rebuilt by the delta, and the rest taken from the cache."""
+    tl, child, source = _checkout(store)
+    head = ReadPoint(child, 64)
+    want = _members(_delta(source, head), NBLOCKS)
+    cache = PreparedPages(MiB, 30)
+    assert prepare(cache, tl, T, keys_changed(ReadPoint(child, 56), ReadPoint(tl, T)))
+    pages = cache.take(PagePoint(tl.timeline_id, T))
+    rebuilt: list[tuple[int, list[int]]] = []
+    real = delta_tar.rebuilt_pages
+
+    def spy(tl: Timeline, lsn: int, *fork_blocks: Any) -> Iterator[bytes]:
+        rebuilt.append((fork_blocks[2], list(fork_blocks[4])))
+        return real(tl, lsn, *fork_blocks)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(delta_tar, "rebuilt_pages", spy)
+    delta = _delta(source, head, pages)
+    assert _members(delta, NBLOCKS) == want
+    assert [(rel, blocks) for rel, blocks in rebuilt if blocks] == [(16384, [30])]
+    assert delta.prepared_used == delta.pages - 1
+
+
+def test_the_bound_stops_the_prepare_and_the_delta_rebuilds_the_rest(
+    store: TimelineStore,
+) -> None:
+    tl, child, source = _checkout(store)
+    head = ReadPoint(child, 64)
+    want = _members(_delta(source, head), NBLOCKS)
+    cache = PreparedPages(3 * BLCKSZ + 100, 30)
+    entry = prepare(cache, tl, T, keys_changed(head, ReadPoint(tl, T)))
+    assert entry is not None and len(entry.pages) == 3 and cache.held_bytes == 3 * BLCKSZ
+    assert PreparedPages(0, 30).begin(entry.point) is None  # 0 bytes: no cache at all
+    delta = _delta(source, head, cache.take(entry.point))
+    assert _members(delta, NBLOCKS) == want and delta.prepared_used == 3
+
+
+def test_entries_expire() -> None:
+    now = [100.0]
+    cache = PreparedPages(MiB, 30, clock=lambda: now[0])
+    point = PagePoint("t", 40)
+    entry = cache.begin(point)
+    assert entry is not None and cache.begin(point) is None  # one entry a point
+    key = K.rel_block_key(1663, 5, 16384, 0, 1)
+    assert cache.put(entry, key, bytes(BLCKSZ)) and cache.held_bytes == BLCKSZ
+    now[0] += 30
+    assert cache.held_bytes == 0 and cache.take(point) == {}
+    assert not cache.put(entry, key, bytes(BLCKSZ))  # a prepare still running stops
+    assert cache.begin(point) is not None  # prepared again
+
+
+def test_an_unclaimed_entry_is_dropped_when_it_expires() -> None:
+    """The prepare's thread holds its entry until taken or expired, then drops it."""
+    cache = PreparedPages(MiB, 0.2)
+    entry = cache.begin(PagePoint("t", 40))
+    assert entry is not None
+    assert cache.put(entry, K.rel_block_key(1663, 5, 16384, 0, 1), bytes(BLCKSZ))
+    t0 = time.monotonic()
+    cache.wait_taken(entry)
+    assert 0.15 < time.monotonic() - t0 < 5 and entry.closed.is_set()
+    assert cache._entries == {} and cache._bytes == 0
+
+
+def test_a_page_is_served_only_at_its_own_point(store: TimelineStore) -> None:
+    """A branch that wrote past its branch point, the same LSN on another timeline, another
+    LSN: none finds the target's entry."""
+    tl, child, source = _checkout(store)
+    cache = PreparedPages(MiB, 30)
+    assert prepare(cache, tl, T, keys_changed(ReadPoint(child, 64), ReadPoint(tl, T)))
+    other = store.create_timeline()
+    _record(other, T, (K.rel_block_key(1663, 5, 16384, 0, 7), _page(T, 1)))
+    for timeline, lsn in ((child, 56), (child, 48), (other, 40), (tl, 32), (tl, 48)):
+        if lsn <= timeline.last_record_lsn:
+            assert page_point(timeline, lsn) != PagePoint(tl.timeline_id, T)
+            assert cache.take(page_point(timeline, lsn)) == {}
+    assert page_point(child, 40) == PagePoint(tl.timeline_id, 40)  # a branch at its start
+    assert page_point(source.timeline, T) == PagePoint(tl.timeline_id, T)
+    assert len(cache.take(page_point(source.timeline, T))) > 10
+
+
+def test_a_failed_prepare_keeps_what_it_made_and_the_delta_rebuilds_the_rest(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tl, child, source = _checkout(store)
+    head = ReadPoint(child, 64)
+    want = _members(_delta(source, head), NBLOCKS)
+    real = prepared_pages.rebuilt_pages
+
+    def failing(*a: Any) -> Iterator[bytes]:
+        pages = real(*a)
+        yield next(pages)
+        yield next(pages)
+        raise OSError("a layer file went away")
+
+    monkeypatch.setattr(prepared_pages, "rebuilt_pages", failing)
+    cache = PreparedPages(MiB, 30)
+    entry = prepare(cache, tl, T, keys_changed(head, ReadPoint(tl, T)))  # does not raise
+    assert entry is not None and len(entry.pages) == 2
+    delta = _delta(source, head, cache.take(entry.point))
+    assert _members(delta, NBLOCKS) == want and delta.prepared_used == 2
+
+
+def test_a_checkout_prepare_that_cannot_plan_does_nothing(store: TimelineStore) -> None:
+    """Histories that never meet (another root timeline): no entry, no error."""
+    tl, _child, _source = _checkout(store)
+    other = store.create_timeline()
+    _record(other, 8, (K.rel_block_key(1663, 5, 16384, 0, 7), _page(8, 1)))
+    cache = PreparedPages(MiB, 0.1)
+    prepare_checkout(cache, other, tl, T)
+    assert cache.take(PagePoint(tl.timeline_id, T)) == {}
+
+
+def test_a_checkout_prepare_is_taken_while_it_waits(store: TimelineStore) -> None:
+    """prepare_checkout plans the checkout's keys from the node's latest LSN (here HEAD's:
+    every page of the delta), rebuilds, and its thread ends once the delta took the entry."""
+    tl, child, source = _checkout(store)
+    cache = PreparedPages(MiB, 30)
+    thread = threading.Thread(target=prepare_checkout, args=(cache, child, tl, T))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while cache.held_bytes == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # let it finish: 16384's and 16385's blocks
+    pages = cache.take(page_point(source.timeline, source.lsn))
+    thread.join(5)
+    assert not thread.is_alive()
+    head = ReadPoint(child, 64)
+    delta = checkout_forks(source, head, 0, pages)
+    assert _members(delta, NBLOCKS) == _members(checkout_forks(source, head, 0), NBLOCKS)
+    assert delta.prepared_used == delta.pages == len(pages) > 10
