@@ -29,17 +29,20 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pageserver.reconstruct.catalog_reads import CatalogReader, RelationRow
+from pageserver.reconstruct.range_rebuild import rebuild_keys
 from pageserver.reconstruct.reads import get_rel_size, materialize
 from pageserver.redo.page import get_lsn
 from pageserver.storage.keys import (
     FULL_KEYSPACE,
     RELATION_KEYSPACE,
     Key,
+    KeyRange,
     key_fields,
+    key_successor,
     rel_block_key,
 )
 from pageserver.storage.timeline import Timeline, WrittenKeys
@@ -141,13 +144,36 @@ def written_keys(
         written = timeline.keys_written(RELATION_KEYSPACE, above, upto)
         keys |= written.logged
         unsure = not_fully_logged(written, above, upto)
-        if read is not None:
-            before, after = ReadPoint(timeline, above), ReadPoint(timeline, upto)
-            unsure = [
-                k for k in unsure if _read_or_none(read, before, k) != _read_or_none(read, after, k)
-            ]
+        if read is not None and unsure:
+            unsure = _differing(read, timeline, sorted(unsure), above, upto)
         keys.update(unsure)
     return keys
+
+
+def _differing(
+    read: Reader, timeline: Timeline, keys: list[Key], above: int, upto: int
+) -> list[Key]:
+    """Those of `keys` (sorted) whose values at `above` and `upto` differ, `read` deciding.
+
+    Both ends are first rebuilt in bulk (`rebuild_keys`, the layer walk in C): read one by
+    one, the ~2500 catalog keys an image layer written after a pgbench load holds took
+    0.17 s of the 0.3 s of CPU a delta push of a 1% change cost its pageserver. A key the
+    bulk read finds equal at both ends is equal by `read` too; where either end has no value
+    (a hole below the fork's size: `materialize` reads zeros) or they differ, `read` says."""
+    before, after = ReadPoint(timeline, above), ReadPoint(timeline, upto)
+    return [
+        key
+        for key, old, new in zip(keys, _bulk(before, keys), _bulk(after, keys), strict=True)
+        if (old is None or old != new)
+        and _read_or_none(read, before, key) != _read_or_none(read, after, key)
+    ]
+
+
+def _bulk(point: ReadPoint, keys: list[Key]) -> Iterator[bytes | None]:
+    """The values of `keys` (sorted) at `point`, None where the key has none there."""
+    span = KeyRange(keys[0], key_successor(keys[-1]))
+    view = point.timeline.persistent_view(span, point.lsn)
+    return rebuild_keys(point.timeline, point.lsn, view, keys)
 
 
 def keys_changed(a: ReadPoint, b: ReadPoint) -> set[Key]:
