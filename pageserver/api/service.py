@@ -100,6 +100,12 @@ class Pageserver:
             "counter",
             "Checkout delta pages taken from those rebuilt ahead (prepared_pages.py).",
         )
+        m.describe(
+            "pageserver_prepared_pages_bytes",
+            "gauge",
+            "Bytes of pages rebuilt ahead, not taken yet.",
+        )
+        m.computed("pageserver_prepared_pages_bytes", lambda: self.prepared_pages.held_bytes)
         m.describe("pageserver_wal_received_bytes_total", "counter", "Durable WAL bytes per node.")
         m.describe("pageserver_wal_records_total", "counter", "WAL records decoded per node.")
         m.describe(

@@ -1,0 +1,113 @@
+"""`pg checkout`'s target pages rebuilt while PostgreSQL stops (prepared_pages.py), with real
+PostgreSQL: the checkout's result and its delta's bytes are the same with and without them."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cli.context import App
+from cli.pageserver_control import local_api
+from pageserver_api.models import (
+    BasebackupRequest,
+    NodeBranchRequest,
+    SnapshotCreateRequest,
+    SnapshotShowRequest,
+)
+from proto.errors import NotFound
+from tests.e2e.test_checkout_delta import (
+    AFTER,
+    BEFORE,
+    MTIME,
+    connstr,
+    download_file,
+    fork_pages,
+    node_dumps,
+    started_dumps,
+)
+from tests.e2e.test_pitr_faithfulness import amcheck, assert_same_dumps
+from tests.neoncli import NeonCli, psql
+
+USED = "pageserver_prepared_pages_used_total"
+HELD = "pageserver_prepared_pages_bytes"
+
+
+def metric(neon: NeonCli, name: str) -> float:
+    ports = json.loads((neon.home / "pageserver" / "pageserver.ports.json").read_text())
+    url = f"http://127.0.0.1:{ports['http_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(values[0]) if values else 0.0
+
+
+def wait_prepared(neon: NeonCli) -> float:
+    """The bytes held once the prepare stopped adding (at most 60 s)."""
+    deadline, last = time.monotonic() + 60, -1.0
+    while time.monotonic() < deadline:
+        held = metric(neon, HELD)
+        if held > 0 and held == last:
+            return held
+        last = held
+        time.sleep(0.3)
+    raise AssertionError("no pages were prepared")
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_checkout_with_and_without_prepared_pages(neon: NeonCli, cache: str) -> None:
+    """The same checkout with the cache and without it (`prepared_pages_bytes` 0): the node
+    equals the target either way, and only the first took prepared pages."""
+    if cache == "off":
+        neon.env_extra["NEON_STORE_PREPARED_PAGES_BYTES"] = "0"
+    neon.run("pg", "create")
+    c = connstr(neon)
+    psql(c, BEFORE)
+    neon.run("snapshot", "create", "pgdata1@s1")
+    psql(c, AFTER)
+    neon.run("pg", "checkout", "pgdata1@s1")
+    used = metric(neon, USED)
+    assert (used > 0) == (cache == "on"), used
+    amcheck(c)
+    assert_same_dumps(node_dumps(c), started_dumps(neon, "pgdata1@s1"), "back to s1")
+
+
+def test_the_delta_is_the_same_with_prepared_pages(neon: NeonCli, tmp_path: Path) -> None:
+    """A checkout's steps by hand: the prepare named while the node runs, writes after it
+    (their keys are rebuilt by the delta, not taken), stop, HEAD, branch, then the delta
+    twice: with the prepared pages (taken: the second finds none) and without. Same bytes."""
+    neon.run("pg", "create")
+    c = connstr(neon)
+    psql(c, BEFORE)
+    neon.run("snapshot", "create", "pgdata1@s1")
+    psql(c, AFTER)
+    app = App.open(neon.home)
+    api = local_api(app)
+    # Naming an unknown node (or an unknown snapshot, as before) does not prepare anything.
+    assert api.snapshot_show(SnapshotShowRequest("pgdata1@s1", checkout_node="nosuch")).lsn
+    with pytest.raises(NotFound):
+        api.snapshot_show(SnapshotShowRequest("pgdata1@nosuch", checkout_node="primary1"))
+    assert metric(neon, HELD) == 0
+    api.snapshot_show(SnapshotShowRequest("pgdata1@s1", checkout_node="primary1"))
+    held = wait_prepared(neon)
+    psql(c, "UPDATE ins SET v = 'late' WHERE id % 500 = 0")  # after the prepare's plan
+    neon.run("pg", "stop", "pgdata1")
+    api.snapshot_create(SnapshotCreateRequest("primary1", "pgdata1@h"))
+    api.node_branch(NodeBranchRequest("primary1", "pgdata1@s1", checkout=True))
+    request = BasebackupRequest(
+        node_id="primary1", snapshot_file=True, checkout_from="pgdata1@h", hints_logged_from=0,
+        mtime=MTIME,
+    )  # fmt: skip
+    with_cache, without = tmp_path / "with.neon", tmp_path / "without.neon"
+    download_file(app, request, with_cache)
+    used = metric(neon, USED)
+    assert metric(neon, HELD) == 0  # taken
+    download_file(app, request, without)
+    assert metric(neon, USED) == used  # nothing left to take
+    assert with_cache.read_bytes() == without.read_bytes()
+    pages = sum(carried for carried, _nblocks in fork_pages(without).values())
+    assert 0 < used < pages  # the late writes' keys were rebuilt
+    assert used * 8192 <= held
