@@ -61,7 +61,7 @@ class DeltaForks:
         self.source = source
         self.parent = parent
         self.whole_copies = whole_copies
-        self.prepared = prepared or {}
+        self.prepared = prepared
         self.prepared_used = 0
         """Pages taken from `prepared`."""
         if keys is None:
@@ -142,7 +142,7 @@ class DeltaForks:
             return
         blocks = [b for first, count in runs for b in range(first, first + count)]
         prepared = self.prepared
-        if prepared:
+        if prepared is not None:
             found = {b: prepared.get(rel_block_key(spc, db, rel, fork, b)) for b in blocks}
             missing = [b for b, page in found.items() if page is None]
             rebuilt = rebuilt_pages(source.timeline, source.lsn, spc, db, rel, fork, missing)

@@ -66,7 +66,8 @@ def test_the_delta_with_prepared_pages_is_the_delta_without(store: TimelineStore
     assert entry is not None and cache.held_bytes == len(entry.pages) * BLCKSZ > 0
     assert page_point(source.timeline, source.lsn) == PagePoint(tl.timeline_id, T)
     pages = cache.take(page_point(source.timeline, source.lsn))
-    assert cache.held_bytes == 0 and cache.take(entry.point) == {}  # consumed
+    assert pages is not None
+    assert cache.held_bytes == 0 and cache.take(entry.point) is None  # consumed
     delta = _delta(source, head, pages)
     assert _members(delta, NBLOCKS) == want
     assert delta.prepared_used == len(pages) > 10
@@ -103,15 +104,27 @@ def test_keys_written_after_the_prepare_are_rebuilt(
 def test_the_bound_stops_the_prepare_and_the_delta_rebuilds_the_rest(
     store: TimelineStore,
 ) -> None:
+    """A bound that holds the first fork's pages only: the prepare stops before the second,
+    which the delta rebuilds."""
     tl, child, source = _checkout(store)
     head = ReadPoint(child, 64)
     want = _members(_delta(source, head), NBLOCKS)
-    cache = PreparedPages(3 * BLCKSZ + 100, 30)
-    entry = prepare(cache, tl, T, keys_changed(head, ReadPoint(tl, T)))
-    assert entry is not None and len(entry.pages) == 3 and cache.held_bytes == 3 * BLCKSZ
+    keys = keys_changed(head, ReadPoint(tl, T))
+    first = sum(1 for f in K.keys_fields(keys) if f[3] == 16384 and f[5] != 0xFFFFFFFF)
+    cache = PreparedPages(first * BLCKSZ + 100, 30)
+    entry = prepare(cache, tl, T, keys)
+    assert entry is not None and not entry.done
+    assert len(entry.pages) == first and cache.held_bytes == first * BLCKSZ
     assert PreparedPages(0, 30).begin(entry.point) is None  # 0 bytes: no cache at all
     delta = _delta(source, head, cache.take(entry.point))
-    assert _members(delta, NBLOCKS) == want and delta.prepared_used == 3
+    assert _members(delta, NBLOCKS) == want and 0 < delta.prepared_used == first < delta.pages
+
+
+FORK = (1663, 5, 16384, 0)
+
+
+def _key(blkno: int, rel: int = 16384) -> K.Key:
+    return K.rel_block_key(1663, 5, rel, 0, blkno)
 
 
 def test_entries_expire() -> None:
@@ -120,11 +133,13 @@ def test_entries_expire() -> None:
     point = PagePoint("t", 40)
     entry = cache.begin(point)
     assert entry is not None and cache.begin(point) is None  # one entry a point
-    key = K.rel_block_key(1663, 5, 16384, 0, 1)
-    assert cache.put(entry, key, bytes(BLCKSZ)) and cache.held_bytes == BLCKSZ
+    assert cache.start_fork(entry, FORK)
+    assert cache.finish_fork(entry, FORK, {_key(1): bytes(BLCKSZ)})
+    assert cache.held_bytes == BLCKSZ
     now[0] += 30
-    assert cache.held_bytes == 0 and cache.take(point) == {}
-    assert not cache.put(entry, key, bytes(BLCKSZ))  # a prepare still running stops
+    assert cache.held_bytes == 0 and cache.take(point) is None
+    other = (1663, 5, 16385, 0)
+    assert not cache.start_fork(entry, other)  # a prepare still running stops
     assert cache.begin(point) is not None  # prepared again
 
 
@@ -132,12 +147,40 @@ def test_an_unclaimed_entry_is_dropped_when_it_expires() -> None:
     """The prepare's thread holds its entry until taken or expired, then drops it."""
     cache = PreparedPages(MiB, 0.2)
     entry = cache.begin(PagePoint("t", 40))
-    assert entry is not None
-    assert cache.put(entry, K.rel_block_key(1663, 5, 16384, 0, 1), bytes(BLCKSZ))
+    assert entry is not None and cache.start_fork(entry, FORK)
+    assert cache.finish_fork(entry, FORK, {_key(1): bytes(BLCKSZ)})
     t0 = time.monotonic()
     cache.wait_taken(entry)
     assert 0.15 < time.monotonic() - t0 < 5 and entry.closed.is_set()
-    assert cache._entries == {} and cache._bytes == 0
+    assert cache._entries == {} and cache.held_bytes == 0
+
+
+def test_the_delta_waits_for_a_fork_being_rebuilt_and_takes_over_the_others() -> None:
+    """A fork the prepare is rebuilding: the delta waits for its pages (at most WAIT_SECONDS,
+    then rebuilds it itself: what the prepare made of it is dropped); a fork it has not
+    begun: the delta's (the prepare skips it)."""
+    cache = PreparedPages(MiB, 30)
+    entry = cache.begin(PagePoint("t", 40))
+    assert entry is not None and cache.start_fork(entry, FORK)
+    taken = cache.take(PagePoint("t", 40))
+    assert taken is not None and len(taken) == 0
+    page = b"p" * BLCKSZ
+    finisher = threading.Timer(0.3, cache.finish_fork, (entry, FORK, {_key(1): page}))
+    finisher.start()
+    t0 = time.monotonic()
+    assert taken.get(_key(1)) == page and time.monotonic() - t0 > 0.2
+    assert taken.get(_key(2)) is None  # written after the prepare's plan: the delta's
+    finisher.join()
+    assert taken.get(_key(1, rel=16385)) is None
+    assert not cache.start_fork(entry, (1663, 5, 16385, 0))  # taken over
+    slow = (1663, 5, 16386, 0)
+    assert cache.start_fork(entry, slow)
+    t0 = time.monotonic()
+    assert cache.fork_pages(entry, slow, wait=0.2) == {}
+    assert 0.15 < time.monotonic() - t0 < 5
+    assert cache.finish_fork(entry, slow, {_key(1, rel=16386): page})
+    assert taken.get(_key(1, rel=16386)) is None  # dropped: the delta rebuilt it
+    assert cache.held_bytes == 0  # taken: the delta's memory
 
 
 def test_a_page_is_served_only_at_its_own_point(store: TimelineStore) -> None:
@@ -151,10 +194,10 @@ def test_a_page_is_served_only_at_its_own_point(store: TimelineStore) -> None:
     for timeline, lsn in ((child, 56), (child, 48), (other, 40), (tl, 32), (tl, 48)):
         if lsn <= timeline.last_record_lsn:
             assert page_point(timeline, lsn) != PagePoint(tl.timeline_id, T)
-            assert cache.take(page_point(timeline, lsn)) == {}
+            assert cache.take(page_point(timeline, lsn)) is None
     assert page_point(child, 40) == PagePoint(tl.timeline_id, 40)  # a branch at its start
     assert page_point(source.timeline, T) == PagePoint(tl.timeline_id, T)
-    assert len(cache.take(page_point(source.timeline, T))) > 10
+    assert len(cache.take(page_point(source.timeline, T)) or ()) > 10
 
 
 def test_a_failed_prepare_keeps_what_it_made_and_the_delta_rebuilds_the_rest(
@@ -168,15 +211,18 @@ def test_a_failed_prepare_keeps_what_it_made_and_the_delta_rebuilds_the_rest(
     def failing(*a: Any) -> Iterator[bytes]:
         pages = real(*a)
         yield next(pages)
-        yield next(pages)
-        raise OSError("a layer file went away")
+        if a[4] == 16385:
+            raise OSError("a layer file went away")
+        yield from pages
 
     monkeypatch.setattr(prepared_pages, "rebuilt_pages", failing)
     cache = PreparedPages(MiB, 30)
     entry = prepare(cache, tl, T, keys_changed(head, ReadPoint(tl, T)))  # does not raise
-    assert entry is not None and len(entry.pages) == 2
+    assert entry is not None and not entry.done and entry.forks
+    first = len(entry.pages)
+    assert all(K.keys_fields([k])[0][3] == 16384 for k in entry.pages)
     delta = _delta(source, head, cache.take(entry.point))
-    assert _members(delta, NBLOCKS) == want and delta.prepared_used == 2
+    assert _members(delta, NBLOCKS) == want and 10 < delta.prepared_used == first < delta.pages
 
 
 def test_a_checkout_prepare_that_cannot_plan_does_nothing(store: TimelineStore) -> None:
@@ -186,7 +232,7 @@ def test_a_checkout_prepare_that_cannot_plan_does_nothing(store: TimelineStore) 
     _record(other, 8, (K.rel_block_key(1663, 5, 16384, 0, 7), _page(8, 1)))
     cache = PreparedPages(MiB, 0.1)
     prepare_checkout(cache, other, tl, T)
-    assert cache.take(PagePoint(tl.timeline_id, T)) == {}
+    assert cache.take(PagePoint(tl.timeline_id, T)) is None
 
 
 def test_a_checkout_prepare_is_taken_while_it_waits(store: TimelineStore) -> None:
