@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import platform
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -228,3 +232,45 @@ def test_consume_in_thread_raises_either_sides_error_once_both_ended() -> None:
     with pytest.raises(UnsafeArchive, match="no"):
         asyncio.run(cli.untar.consume_in_thread(endless(), refuse))
     assert taken < 100
+
+
+_KEPT_TOP = """
+import ctypes, sys
+from pathlib import Path
+from cli.untar import extract_basebackup
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+        "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+extract_basebackup(sys.stdin.buffer, Path(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.free(libc.malloc(2 << 20))
+print(int(libc.mallinfo2().keepcost >= 2 << 20))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_extract_basebackup_keeps_the_freed_heap_for_the_next_reads(tmp_path: Path) -> None:
+    """Each MiB read from the stream is a new buffer freed once written: by default glibc
+    gives the heap's top back after it and faults it in again for the next (a 1 GiB
+    basebackup from a pipe: 26-74k page faults, 6k with the stream settings). After an
+    extraction a freed 2 MiB block stays at the top of the heap: without the settings, the
+    1 MiB reads raised the mmap threshold to 1 MiB only, and the block was mapped."""
+    payload = bytes(range(256)) * 16384  # 4 MiB: several reads
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("base/1/1259")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
+    out = subprocess.run(
+        [sys.executable, "-c", _KEPT_TOP, str(tmp_path / "pgdata")],
+        input=buf.getvalue(), capture_output=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    assert out.split() == [b"1"]
+    assert (tmp_path / "pgdata" / "base" / "1" / "1259").read_bytes() == payload
