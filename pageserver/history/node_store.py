@@ -428,6 +428,8 @@ class NodeStore:
             )
         if timeline.frozen_count >= CATCHING_UP_FROZEN:
             self.catching_up.hold_for(CATCHING_UP_LINGER)
+        if self.catching_up.busy():
+            timeline.prefault_open_layer()  # its pages mapped in off the decode thread
         try:
             self.flusher.wait(lambda: timeline.frozen_count <= MAX_FROZEN_LAYERS)
         except BaseException:

@@ -281,6 +281,13 @@ class Timeline:
             if self._open is not None and self._open.size >= self.settings.checkpoint_distance:
                 self._freeze_locked()
 
+    def prefault_open_layer(self) -> bool:
+        """The open layer's value memory mapped in ahead of its writer, off this thread
+        (InMemoryLayer.prefault; NodeStore.maybe_flush asks while catching up, when the layer
+        fills at once: a slow live node's layer maps only the pages its values take)."""
+        with self._lock:
+            return self._open is not None and self._open.prefault()
+
     def freeze(self) -> bool:
         """Cut the open layer at last_record_lsn; False if nothing new since the last cut."""
         with self._lock:

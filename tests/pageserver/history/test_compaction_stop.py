@@ -29,6 +29,7 @@ from pageserver.storage.layers.names import parse_layer_name
 from pageserver.storage.manifest import MANIFEST_NAME, read_manifest
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
+from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_node_store import check_out
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 
@@ -404,6 +405,44 @@ def test_a_backlog_is_a_catch_up_and_its_first_layer_merged_with_the_next(
     reference.ingest_batch(records, [r.data for r in raws])
     reference.make_durable()
     assert after == read_all(reference.timeline, reference.timeline.last_record_lsn)
+    for s in (store, reference):
+        s.close()
+        s.history.close()
+
+
+def test_a_catch_up_maps_the_open_layer_in_ahead_and_live_ingest_does_not(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """While catching up, maybe_flush has a thread map the open layer's fresh value buffer in
+    (Timeline.prefault_open_layer: the decode thread faulted the first arenas of a catch-up
+    in page by page); live ingest leaves a layer to map only the pages its values take (a
+    slow node's layer would hold its whole buffer resident). Pages read the same after."""
+    require_c_extension(layers_native.inmem, "pageserver.storage.layers._inmem")
+    inmem = layers_native.inmem
+    settings = StoreSettings(checkpoint_distance=6 * 1024 * KiB)  # a buffer above SPARE_MIN
+    store = NodeStore(StorageHistory(tmp_path / "history", settings), "n")
+    store.import_datadir(workload.base)
+    taken = [inmem.Arena(settings.checkpoint_distance) for _ in range(2)]  # the spares left
+    records, raws = workload.records, workload.raws
+    before = inmem.prefaults()
+    store.ingest_batch(records[:50], [r.data for r in raws[:50]])
+    store.maybe_flush()  # live: nothing mapped ahead
+    assert inmem.prefaults() == before
+    store.maybe_flush(settings.checkpoint_distance)  # a layer's worth archived: a catch-up
+    assert inmem.prefaults() == before + 1
+    store.maybe_flush(settings.checkpoint_distance)  # that layer's buffer once
+    assert inmem.prefaults() == before + 1
+    store.ingest_batch(records[50:], [r.data for r in raws[50:]])
+    store.make_durable()
+    timeline = store.timeline
+    after = read_all(timeline, timeline.last_record_lsn)
+    reference = NodeStore(StorageHistory(tmp_path / "reference", settings), "n")
+    reference.import_datadir(workload.base)
+    reference.ingest_batch(records, [r.data for r in raws])
+    reference.make_durable()
+    assert after == read_all(reference.timeline, reference.timeline.last_record_lsn)
+    del taken
     for s in (store, reference):
         s.close()
         s.history.close()

@@ -8,6 +8,7 @@ files written from them must be identical byte for byte.
 from __future__ import annotations
 
 import random
+import resource
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,15 @@ def random_puts(seed: int, n: int = 3000) -> list[tuple[K.Key, int, Value]]:
             value = TOMBSTONE
         out.append((key, lsn, value))
     return out
+
+
+def page_puts(seed: int, n: int) -> list[tuple[K.Key, int, Value]]:
+    """n page images of 8 KiB, one a key, in LSN order (n / 128 MiB of values)."""
+    rng = random.Random(seed)
+    return [
+        (K.rel_block_key(1663, 5, 16384, 0, blk), 1000 + 8 * i, Image(rng.randbytes(8192)))
+        for i, blk in enumerate(rng.sample(range(100_000), n))
+    ]
 
 
 def assert_same_reads(ref: InMemoryLayer, arena: InMemoryLayer, rng: random.Random) -> None:
@@ -260,11 +270,7 @@ def test_a_large_pack_reuses_the_memory_of_the_one_before(tmp_path: Path) -> Non
     written, holds the next pack of its size (faulting fresh pages in was 45% of the flush
     thread's CPU); the files written from both equal the reference's."""
     inmem = layers_native.inmem
-    rng = random.Random(7)
-    puts = [
-        (K.rel_block_key(1663, 5, 16384, 0, blk), 1000 + 8 * i, Image(rng.randbytes(8192)))
-        for i, blk in enumerate(rng.sample(range(10_000), 700))  # 5.6 MiB: above SPARE_MIN
-    ]
+    puts = page_puts(7, 700)  # 5.6 MiB: above SPARE_MIN
     ref = InMemoryLayer(1000)
     for key, lsn, value in sorted(puts, key=lambda p: p[1]):
         ref.put(key, lsn, value)
@@ -285,3 +291,40 @@ def test_a_large_pack_reuses_the_memory_of_the_one_before(tmp_path: Path) -> Non
         assert l0_bytes(tmp_path, arena, f"arena{n}") == want
         del arena
     assert inmem.packs_recycled() >= before + 3
+
+
+@pytest.mark.parametrize("outgrown", [False, True])
+def test_a_fresh_arena_is_mapped_in_off_the_writing_thread(tmp_path: Path, outgrown: bool) -> None:
+    """ArenaLayer.prefault: a thread maps a fresh arena's value buffer in, so the writer's
+    copies fault no page in (the decode thread faulted a catch-up's first arenas in page by
+    page: 23% of its faults); once, and not for a dead arena's buffer (mapped already). The
+    layer reads and writes as the reference does, also when its values outgrow the buffer
+    while the thread may still run (the buffer moves only after the thread is done)."""
+    inmem = layers_native.inmem
+    expect = (4 if outgrown else 20) << 20  # 20 MiB: unlike any spare left by the tests above
+    taken = [ArenaLayer(1000, expect=expect) for _ in range(2)]  # any spare of its size
+    puts = page_puts(8, 1500)  # 12 MiB
+    before = inmem.prefaults()
+    ref, arena = InMemoryLayer(1000), ArenaLayer(1000, expect=expect)
+    assert arena.prefault()
+    assert not arena.prefault()  # started already
+    assert inmem.prefaults() == before + 1
+    if not outgrown:
+        arena.arena.prefault(True)  # until the thread is done
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for key, lsn, value in puts:
+        ref.put(key, lsn, value)
+        arena.put(key, lsn, value)
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
+    if not outgrown:
+        assert faults < 500, faults  # faulted in here: ~3000 (12 MiB of 4 KiB pages)
+    assert_same_reads(ref, arena, random.Random(9))
+    end = ref.max_lsn + 1
+    ref.freeze(end, None)
+    arena.freeze(end, None)
+    assert l0_bytes(tmp_path, arena, "arena") == l0_bytes(tmp_path, ref, "ref")
+    del taken, arena  # their buffers are the spares now
+    spare = ArenaLayer(1000, expect=expect)
+    assert not spare.prefault()  # a dead arena's buffer: its pages are mapped
+    assert not InMemoryLayer(1000).prefault()  # the reference's values are Python objects
+    assert inmem.prefaults() == before + 1
