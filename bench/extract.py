@@ -78,6 +78,7 @@ from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import basebackup
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.snapshots import new_snapshot
+from pageserver.malloc_tuning import tune_malloc
 from pg15.lsn import format_lsn, segment_file_name
 from pg15.records import decode_record
 from pg15.xlog_reader import WalReader
@@ -555,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # This process ingests and makes the tar as the pageserver does: with its malloc settings,
+    # set before any thread starts (pageserver/daemon.py).
+    tune_malloc()
     # Ctrl-C and SIGTERM both unwind through the finally blocks that stop what we started.
     code = run_benchmark(BENCH, run, args)
     if args.py_spy is not None:
