@@ -21,6 +21,15 @@ from cli.untar import UnsafeArchive, extract_basebackup, extract_stream
 from proto.errors import CorruptData
 
 
+def one_file_tar(name: str, payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
 def tar_with_link(name: str, target: str) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -125,12 +134,7 @@ def test_extract_basebackup_reads_on_while_files_are_written(
     held up by the disk): here the writing of the first MiB waits until the whole 5 MiB
     stream was read, which reading and writing in turns would never reach."""
     payload = bytes(range(256)) * 20000  # 5 MiB: several reads
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("base/1/1259")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    stream = _GatedStream(buf.getvalue())
+    stream = _GatedStream(one_file_tar("base/1/1259", payload))
     feed = cli.untar._Extractor.feed
     waited: list[bool] = []
 
@@ -262,15 +266,10 @@ def test_extract_basebackup_keeps_the_freed_heap_for_the_next_reads(tmp_path: Pa
     extraction a freed 2 MiB block stays at the top of the heap: without the settings, the
     1 MiB reads raised the mmap threshold to 1 MiB only, and the block was mapped."""
     payload = bytes(range(256)) * 16384  # 4 MiB: several reads
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("base/1/1259")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
     out = subprocess.run(
         [sys.executable, "-c", _KEPT_TOP, str(tmp_path / "pgdata")],
-        input=buf.getvalue(), capture_output=True, check=True, env=env,
+        input=one_file_tar("base/1/1259", payload), capture_output=True, check=True, env=env,
     ).stdout  # fmt: skip
     assert out.split() == [b"1"]
     assert (tmp_path / "pgdata" / "base" / "1" / "1259").read_bytes() == payload
