@@ -9,7 +9,6 @@ recognised by its magic number, as tarfile's `r|*` did.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import queue
@@ -387,6 +386,8 @@ async def consume_in_thread(
     where `chunks` failed (it is then re-raised here once `consume` ended); this raises what
     `consume` raised. Both ends are done when this returns or raises. The process keeps
     freed heap memory for the pieces still to come (`tune_malloc_for_streams`)."""
+    import asyncio  # here: a file's extraction (extract_basebackup) does without its import
+
     from pageserver.malloc_tuning import tune_malloc_for_streams  # ctypes: not at CLI start
 
     tune_malloc_for_streams()
