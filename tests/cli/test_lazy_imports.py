@@ -219,6 +219,8 @@ def test_push_imports_no_node_machinery(neon: NeonCli, tmp_path: Path) -> None:
             "cli.transport.s3",  # the other schemes' transports and the pull's spool
             "cli.transport.neon",
             "cli.transport.spool",
+            "cli.untar",  # the unpacking of a pull or import (cli/snapshot_file_source.py)
+            "cli.live_import",
         )
         assert [m for m in modules if m.split(".")[0] in clients or m.startswith(clients)] == []
     assert "incremental on pgdata1@s1" in push.stdout
