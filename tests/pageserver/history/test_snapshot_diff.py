@@ -143,9 +143,11 @@ def test_image_layers_over_removed_wal_versions(store: TimelineStore) -> None:
         16385: ("truncated", 1),
         16386: ("created", 3),
     }
-    # A delta .neon reads such keys at both ends: block 1 changed, block 0 did not.
+    # A delta .neon reads such keys at both ends: block 1 changed, block 0 did not, and
+    # relation 16386's blocks exist at B only (no value at A: the per-key read decides).
     changed_keys = keys_changed(a, b)
     assert block(16384, 1) in changed_keys and block(16384, 0) not in changed_keys
+    assert {block(16386, b) for b in range(3)} <= changed_keys
 
 
 def test_keys_an_l0_merge_did_not_span_are_sent_only_when_changed(
