@@ -44,7 +44,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from pageserver.basebackup.checkout_delta import checkout_keys
 from pageserver.basebackup.delta_tar import Fork, fork_keys, rebuilt_pages
+from pageserver.history.flusher import FOREGROUND
+from pageserver.history.snapshot_diff import ReadPoint
 from pageserver.storage.keys import Key, keys_fields, rel_block_key
 from pageserver.storage.timeline import Timeline
 
@@ -77,6 +80,8 @@ it normally ends sooner than the delta's own rebuild would); then the delta rebu
 
 @dataclass(slots=True, eq=False)
 class _Entry:
+    """The pages prepared at one point, and where the prepare stands in each fork."""
+
     point: PagePoint
     expires: float
     pages: dict[Key, bytes] = field(default_factory=dict)
@@ -283,10 +288,6 @@ def prepare_checkout(cache: PreparedPages, current: Timeline, target: Timeline, 
     carry (checkout_delta.checkout_keys, up to the LSN ingested now), rebuild the target's
     pages of them, hold them until taken or expired. Run on a thread of its own, as
     foreground work (compaction pauses for it: a user waits for what it makes). Never raises."""
-    from pageserver.basebackup.checkout_delta import checkout_keys
-    from pageserver.history.flusher import FOREGROUND
-    from pageserver.history.snapshot_diff import ReadPoint
-
     with FOREGROUND.held():
         t0 = time.monotonic()
         try:
