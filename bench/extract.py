@@ -70,7 +70,6 @@ from bench.common import (
     tree_bytes,
     wal_segment_size,
 )
-from bench.ingest import CHUNK
 from bench.pyspy import recording, summary, wrapped
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
@@ -113,6 +112,12 @@ def server_settings(wal_gib: float, db_gib: float) -> dict[str, object]:
 
 
 # -- our ingest: pg_wal → reader → decode → NodeStore, resumable --------------------------------
+
+
+CHUNK = 128 * 1024
+"""WAL fed to the reader at a time: MAX_SEND_SIZE, the largest XLogData message a walsender
+sends (bench.ingest, which this was imported from, now reads as the daemon's archive
+decoder does)."""
 
 
 class WalTail:
