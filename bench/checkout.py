@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,7 +311,7 @@ def installed_bytecode(neon: NeonCli, cache: Path) -> None:
     subprocess.run([sys.executable, "-c", warm], env=neon.env(), check=True)
 
 
-def _scratch() -> Iterator[Path]:
+def _scratch() -> Generator[Path, None, None]:
     base = Path(tempfile.mkdtemp(prefix="neon-bench-checkout-"))
     try:
         yield base

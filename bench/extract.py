@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 from bench.common import (
     MIB,
@@ -228,7 +228,7 @@ def ours(
 class _CountingWriter:
     """A binary sink that counts what goes through it (the tar's size)."""
 
-    def __init__(self, sink: BinaryIO) -> None:
+    def __init__(self, sink: IO[bytes]) -> None:
         self._sink = sink
         self.bytes = 0
 

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,7 @@ def kill_when(neon: NeonCli, caught: Callable[[], bool], *args: str, timeout: fl
     assert proc.returncode == -signal.SIGKILL, f"neon {' '.join(args)} ended before the kill"
 
 
-def neon_home() -> Iterator[NeonCli]:
+def neon_home() -> Generator[NeonCli, None, None]:
     """The real `neon` CLI on a private NEON_HOME (a fixture body); nodes and daemon are
     stopped and the home removed afterwards.
 
