@@ -13,8 +13,9 @@ the daemon's CPU for the same work 24.9 s against 20.6-21.4 s). Blocks below the
 (value blocks, a tar's 1 MiB chunks) still come from the heap, reused without page faults:
 up to DAEMON_TRIM_THRESHOLD free at a heap's top is kept for them.
 
-A setting given in the environment (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, or its
-GLIBC_TUNABLES name: glibc.malloc.arena_max, glibc.malloc.mmap_threshold) is left as it is.
+A setting given in the environment (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_, or its GLIBC_TUNABLES name: glibc.malloc.arena_max,
+glibc.malloc.mmap_threshold, glibc.malloc.trim_threshold) is left as it is.
 Elsewhere than glibc (musl, macOS) nothing is done.
 """
 
