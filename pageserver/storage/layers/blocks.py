@@ -35,6 +35,7 @@ import os
 import struct
 import threading
 import uuid
+import weakref
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -983,38 +984,47 @@ class _BulkReleases:
     """The spans of compressed bytes bulk readers copied out and not yet unmapped, one per
     file: a span grows while the blocks read follow each other and is unmapped once it
     reaches RELEASE_SPAN, when a block elsewhere in the file is read, or when more than
-    RELEASE_FILES files hold one (the oldest)."""
+    RELEASE_FILES files hold one (the oldest). Files are held weakly: a layer compaction or
+    gc removed is unmapped (its disk space freed) when its last user drops it, as without
+    spans; a dead file's span has nothing left to unmap, and its id may be a new file's."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spans: OrderedDict[int, tuple[LayerFile, int, int]] = OrderedDict()
+        self._spans: OrderedDict[int, tuple[weakref.ref[LayerFile], int, int]] = OrderedDict()
 
     def add(self, file: LayerFile, start: int, end: int) -> None:
-        done: list[tuple[LayerFile, int, int]] = []
+        done: list[tuple[weakref.ref[LayerFile], int, int]] = []
         with self._lock:
             held = self._spans.pop(id(file), None)
-            if held is not None:
+            if held is not None and held[0]() is file:
                 _, lo, hi = held
                 if lo <= start <= hi + FAULT_AROUND:
                     start, end = lo, max(hi, end)
                 else:
                     done.append(held)
+            ref = weakref.ref(file)
             if end - start >= RELEASE_SPAN:
-                done.append((file, start, end))
+                done.append((ref, start, end))
             else:
-                self._spans[id(file)] = (file, start, end)
+                self._spans[id(file)] = (ref, start, end)
                 if len(self._spans) > RELEASE_FILES:
                     done.append(self._spans.popitem(last=False)[1])
-        for f, lo, hi in done:  # outside the lock: a syscall each
-            f._release(lo, hi)
+        _release_spans(done)
 
     def flush(self) -> None:
         """Unmap every span held (tests; a reader that wants nothing left mapped)."""
         with self._lock:
             done = list(self._spans.values())
             self._spans.clear()
-        for f, lo, hi in done:
-            f._release(lo, hi)
+        _release_spans(done)
+
+
+def _release_spans(spans: list[tuple[weakref.ref[LayerFile], int, int]]) -> None:
+    """Unmap the spans of the files still alive (outside the lock: a syscall each)."""
+    for ref, lo, hi in spans:
+        file = ref()
+        if file is not None:
+            file._release(lo, hi)
 
 
 _bulk_releases = _BulkReleases()

@@ -6,7 +6,9 @@ read stay right (the pages come back from the page cache when read again)."""
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,20 @@ def test_spans_held_are_bounded_by_files(tmp_path: Path) -> None:
     assert all(kib > 0 for kib in held[2:]), held  # the newest RELEASE_FILES: still held
     B._bulk_releases.flush()
     assert all(mapped_kib(layer.path) <= MAPPED_KIB for layer in layers)
+
+
+def test_a_held_span_does_not_keep_its_file_alive(tmp_path: Path) -> None:
+    """A span waiting to be unmapped holds its file weakly: a layer compaction or gc removed
+    is unmapped, its disk space freed, once its users drop it (a strong reference kept up to
+    RELEASE_FILES deleted files mapped on an idle daemon); the span then unmaps nothing."""
+    B._bulk_releases.flush()
+    layer, _ = image_layer(tmp_path)
+    layer.file.read_block(1)
+    assert mapped_kib(layer.path) > 0  # its span is held
+    path, file = layer.path, weakref.ref(layer.file)
+    path.unlink()  # as gc removes it
+    del layer
+    gc.collect()
+    assert file() is None, "the held span kept the removed layer's file open"
+    assert f" {path} (deleted)" not in Path("/proc/self/maps").read_text()
+    B._bulk_releases.flush()  # the dead file's span: nothing to unmap, no error
