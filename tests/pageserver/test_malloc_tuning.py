@@ -73,7 +73,7 @@ def test_a_threshold_from_glibc_tunables_is_kept() -> None:
 
 def test_streams_keep_the_freed_top_of_the_heap() -> None:
     """A freed block at the heap's top stays for the next one (not given back and faulted
-    in again); with the daemon's settings alone it is trimmed."""
+    in again); a trim threshold from the environment wins."""
     assert _probe("streams") == ("True", 1)
     assert _probe("streams", MALLOC_TRIM_THRESHOLD_=str(128 << 10)) == ("True", 0)
 
