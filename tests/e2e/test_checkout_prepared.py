@@ -99,7 +99,7 @@ def test_the_delta_is_the_same_with_prepared_pages(neon: NeonCli, tmp_path: Path
     api.node_branch(NodeBranchRequest("primary1", "pgdata1@s1", checkout=True))
     request = BasebackupRequest(
         node_id="primary1", snapshot_file=True, checkout_from="pgdata1@h", hints_logged_from=0,
-        mtime=MTIME,
+        mtime=MTIME, created_at=MTIME,  # else the manifest's time is each download's second
     )  # fmt: skip
     with_cache, without = tmp_path / "with.neon", tmp_path / "without.neon"
     download_file(app, request, with_cache)
