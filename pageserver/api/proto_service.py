@@ -217,15 +217,19 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         """Stream a tar of a startable data directory (a snapshot, or a node's branch point),
         or its `.neon` snapshot file (a delta on one of `delta_from` when one is an ancestor)."""
         delta = None
+        prepared = None
         if req.checkout_from is not None and req.hints_logged_from is not None:
             source, _tli = await on_own_thread(
                 "basebackup-source", ps.basebackup_source, req.node_id, None
             )
-            prepared = ps.prepared_pages.take(page_point(source.timeline, source.lsn))
             delta = await asyncio.to_thread(
                 checkout_parent, ps.find_snapshot, req.checkout_from, source,
-                req.hints_logged_from, prepared,
+                req.hints_logged_from,
             )  # fmt: skip
+            # Taken once the delta is sure (HintsNotLogged, DifferentHistories raised above
+            # leave it to expire) and closed however the delta ends (the prepare stops).
+            prepared = ps.prepared_pages.take(page_point(source.timeline, source.lsn))
+            delta.forks.prepared = prepared
         elif req.delta_from and req.snapshot is not None:
             source, _tli = await on_own_thread(
                 "basebackup-source", ps.basebackup_source, None, req.snapshot
@@ -233,27 +237,31 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             delta = await asyncio.to_thread(
                 delta_parent, ps.find_snapshot, req.snapshot, source, req.delta_from
             )
-        info, tar_chunks = await plan_basebackup(req, delta)
-        tar = TarCounter(tar_chunks)
-        chunks: Generator[bytes, None, None] = iter(tar)
-        if req.snapshot_file:
-            created = req.created_at if req.created_at is not None else int(time.time())
-            source_name = req.snapshot or req.node_id or ""
-            manifest = snapshot_file_manifest(info, source_name, created, delta)
-            chunks = snapshot_file_chunks(manifest, tar)
-        sent = 0
-        # Handed over and sent a MiB at a time, as the list of chunks the tar maker made
-        # (not joined: raw frames written as they are). One chunk a frame and a thread hop,
-        # a delta's many small members (a header per unchanged fork) cost more than its
-        # pages; joined, every page was copied once more on its way to the socket.
-        async with contextlib.aclosing(
-            chunks_in_thread(batched(chunks, HANDOFF_BYTES))
-        ) as produced:
-            async for batch in produced:
-                sent += sum(map(len, batch))
-                await ctx.send(batch)
-        if delta is not None and delta.forks.prepared_used:
-            ps.metrics.inc("pageserver_prepared_pages_used_total", delta.forks.prepared_used)
+        try:
+            info, tar_chunks = await plan_basebackup(req, delta)
+            tar = TarCounter(tar_chunks)
+            chunks: Generator[bytes, None, None] = iter(tar)
+            if req.snapshot_file:
+                created = req.created_at if req.created_at is not None else int(time.time())
+                source_name = req.snapshot or req.node_id or ""
+                manifest = snapshot_file_manifest(info, source_name, created, delta)
+                chunks = snapshot_file_chunks(manifest, tar)
+            sent = 0
+            # Handed over and sent a MiB at a time, as the list of chunks the tar maker made
+            # (not joined: raw frames written as they are). One chunk a frame and a thread hop,
+            # a delta's many small members (a header per unchanged fork) cost more than its
+            # pages; joined, every page was copied once more on its way to the socket.
+            async with contextlib.aclosing(
+                chunks_in_thread(batched(chunks, HANDOFF_BYTES))
+            ) as produced:
+                async for batch in produced:
+                    sent += sum(map(len, batch))
+                    await ctx.send(batch)
+            if delta is not None and delta.forks.prepared_used:
+                ps.metrics.inc("pageserver_prepared_pages_used_total", delta.forks.prepared_used)
+        finally:
+            if prepared is not None:
+                prepared.close()
         fields = asdict(info)
         spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
         return m.BasebackupResponse(

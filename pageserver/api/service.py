@@ -106,6 +106,15 @@ class Pageserver:
             "Bytes of pages rebuilt ahead, not taken yet.",
         )
         m.computed("pageserver_prepared_pages_bytes", lambda: self.prepared_pages.held_bytes)
+        m.describe(
+            "pageserver_prepared_pages_prepares_total",
+            "counter",
+            "Checkout prepares that ended (done, stopped or failed).",
+        )
+        m.computed(
+            "pageserver_prepared_pages_prepares_total",
+            lambda: self.prepared_pages.prepares_ended,
+        )
         m.describe("pageserver_wal_received_bytes_total", "counter", "Durable WAL bytes per node.")
         m.describe("pageserver_wal_records_total", "counter", "WAL records decoded per node.")
         m.describe(
@@ -342,28 +351,30 @@ class Pageserver:
         """Begin rebuilding, on a thread, the target's pages `node_id`'s checkout to `snap`
         will want (pageserver/basebackup/prepared_pages.py). Nothing where its delta could
         not take them or they could change: the node in another storage or without history,
-        a snapshot held in a bucket, its timeline not (re-)ingested to it yet. Never raises:
-        the delta rebuilds what it does not find."""
-        if self.prepared_pages.max_bytes <= 0:
+        a snapshot held in a bucket, its timeline not (re-)ingested to it yet, or its store
+        not open (opening one reads its files: not on the event loop this runs on; a
+        followed node's is open). Never raises: the delta rebuilds what it does not find."""
+        if not self.prepared_pages.enabled:
             return
-        try:
-            store = self.store(node_id)
-            if store.state is None or store.history is not history:
-                return
-            if self.remote.mirror_of_root(history.root) is not None:
-                return
-            target = history.timelines.get(snap.timeline_id)
-            if target.last_record_lsn < snap.lsn:
-                return
-            current = store.timeline
-        except NeonError:
+        store = self.stores.get(node_id)
+        if store is None:
             return
-        threading.Thread(
-            target=prepare_checkout,
-            args=(self.prepared_pages, current, target, snap.lsn),
-            name="prepare-pages",
-            daemon=True,
-        ).start()
+
+        def checked() -> None:  # reads files (a target timeline opened): off the event loop
+            try:
+                if store.state is None or store.history is not history:
+                    return
+                if self.remote.mirror_of_root(history.root) is not None:
+                    return
+                target = history.timelines.get(snap.timeline_id)
+                if target.last_record_lsn < snap.lsn:
+                    return
+                current = store.timeline
+            except (NeonError, OSError):
+                return
+            prepare_checkout(self.prepared_pages, current, target, snap.lsn)
+
+        threading.Thread(target=checked, name="prepare-pages", daemon=True).start()
 
     def find_snapshot(self, name: str) -> tuple[StorageHistory, Snapshot]:
         for node in self.nodes.all():

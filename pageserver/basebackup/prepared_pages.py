@@ -21,17 +21,25 @@ Nothing else can be served from an entry:
   may lie ahead of its re-ingesting timeline: refused);
 * a snapshot deleted and re-created under the same name: entries are keyed by the point, not
   the name; a new snapshot at another point misses, one at the same point has the same pages;
-* gc: the prepare reads through one persistent view of the layer files taken while the target
-  snapshot (which keeps its LSN's versions from gc) exists, and a layer file gc removes stays
-  readable through a view holding it; an entry lives `prepared_pages_seconds` at most, far
-  less than a gc interval, and a point gc has moved past cannot be branched at again.
+* gc: the prepare reads each fork through a persistent view of the layer files taken while
+  the target snapshot (which keeps its LSN's versions from gc) exists, and a layer file gc
+  removes stays readable through a view holding it; an entry lives `prepared_pages_seconds`
+  at most, far less than a gc interval, and a point gc has moved past cannot be branched at
+  again.
 
-The delta takes the entry (nothing else finds it then; its pages are freed with the delta);
-an entry nobody takes is dropped when it expires. The prepare and the delta share the work
-fork by fork: the delta takes a fork the prepare has rebuilt, waits for one it is rebuilding
-(`WAIT_SECONDS` at most), and takes over one it has not begun (the prepare skips it). At the
-bound (`prepared_pages_bytes`, the untaken entries together) the prepare stops: the delta
-rebuilds the rest. A failed, slow or refused prepare only means fewer cached pages: the delta
+The entry is made before the keys are planned (a delta arriving meanwhile finds it). The
+delta takes the entry once its own checks passed (nothing else finds it then; its pages are
+freed with the delta, which closes it when it ends or gives up: the prepare stops); an entry
+nobody takes is dropped when it expires. A take during the plan closes the entry: the delta
+rebuilds everything itself. The prepare and the delta share the work fork by fork: the delta
+takes a fork the prepare has rebuilt, waits for one it is rebuilding (`WAIT_SECONDS` at
+most: then both may rebuild it, the prepare's pages dropped), and takes over one it has not
+begun (the prepare skips it). Only the blocks the target's fork has are rebuilt (a fork absent
+there, or a block past its end, is not in the delta). At the bound (`prepared_pages_bytes`,
+the untaken entries together; a taken entry is the delta's memory, outside it but bounded
+alone by the same size) the prepare stops: the delta rebuilds the rest.
+
+A failed, slow or refused prepare only means fewer cached pages: the delta
 rebuilds whatever it does not find, as without a cache. The cache knows only a target
 (timeline, LSN) and a key set: an incremental push's delta could take it as well.
 """
@@ -42,12 +50,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pageserver.basebackup.checkout_delta import checkout_keys
 from pageserver.basebackup.delta_tar import Fork, fork_keys, rebuilt_pages
 from pageserver.history.flusher import FOREGROUND
 from pageserver.history.snapshot_diff import ReadPoint
+from pageserver.reconstruct.reads import get_rel_size
 from pageserver.storage.keys import Key, keys_fields, rel_block_key
 from pageserver.storage.timeline import Timeline
 
@@ -89,16 +99,22 @@ class _Entry:
     bytes: int = 0
     """Of `pages`, counted in the cache's bound (a taken entry's are the delta's)."""
     taken: bool = False
+    planned: bool = False
+    """The prepare knows its keys (forks are begun only then)."""
     closed: threading.Event = field(default_factory=threading.Event)
-    """Set once expired or dropped untaken: the prepare stops."""
+    """Set once expired untaken, taken during the plan, or closed by the delta that took it
+    (ended or gave up): the prepare stops."""
     done: bool = False
     """The prepare rebuilt every fork it meant to (else it is running, stopped or failed)."""
+    ended: threading.Event = field(default_factory=threading.Event)
+    """Set once the prepare left the entry (done, stopped or failed)."""
 
 
 class PreparedPages:
     """The daemon's prepared pages by point, bounded in bytes and seconds. Thread-safe: a
     prepare adds a fork's pages on its thread while a delta takes them on another; the two
-    share the forks (`start_fork`, `TakenPages`), so no fork is rebuilt twice."""
+    share the forks (`start_fork`, `TakenPages`): a fork is rebuilt twice only where the
+    delta stopped waiting for it (`WAIT_SECONDS`)."""
 
     def __init__(
         self, max_bytes: int, seconds: float, clock: Callable[[], float] = time.monotonic
@@ -112,6 +128,13 @@ class PreparedPages:
         self._bytes = 0
         self._preparing = threading.Lock()
         """One prepare at a time: a second one for another target is not started."""
+        self.prepares_ended = 0
+        """Prepares that left their entry (done, stopped or failed): a metric."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything can be prepared (a bound and a lifetime above 0)."""
+        return self.max_bytes > 0 and self.seconds > 0
 
     @property
     def held_bytes(self) -> int:
@@ -125,7 +148,7 @@ class PreparedPages:
         or prepared and not taken yet: its pages are the same)."""
         with self._lock:
             self._expire()
-            if self.max_bytes <= 0 or self.seconds <= 0 or point in self._entries:
+            if not self.enabled or point in self._entries:
                 return None
             entry = _Entry(point, self._clock() + self.seconds)
             self._entries[point] = entry
@@ -164,14 +187,53 @@ class PreparedPages:
                 log.info("prepared pages: bound of %d bytes reached", self.max_bytes)
             return fits
 
+    def planned(self, entry: _Entry) -> bool:
+        """The prepare knows its keys; False (it stops) where the entry was closed meanwhile
+        (taken during the plan, or expired)."""
+        with self._lock:
+            self._expire()
+            entry.planned = not entry.closed.is_set()
+            return entry.planned
+
     def leave(self, entry: _Entry) -> None:
         """The prepare ends (done, stopped or failed): a fork it was rebuilding is the
-        delta's, which stops waiting for it."""
+        delta's, which stops waiting for it; an entry never planned is dropped."""
         with self._changed:
             for fork, state in entry.forks.items():
                 if state == _RUNNING:
                     entry.forks[fork] = _CLAIMED
+            if not entry.planned and self._entries.get(entry.point) is entry:
+                del self._entries[entry.point]
+                entry.closed.set()
+            self.prepares_ended += 1
+            entry.ended.set()
             self._changed.notify_all()
+
+    def close(self, entry: _Entry) -> None:
+        """The delta that took `entry` ended or gave up: the prepare stops, nobody waits."""
+        with self._changed:
+            entry.closed.set()
+            self._changed.notify_all()
+
+    @contextmanager
+    def reserved(self, point: PagePoint) -> Iterator[_Entry | None]:
+        """A new entry for `point` (see `begin`) held by this prepare, the only one running
+        (None where another runs), made before the plan so that a delta finds it; left on
+        exit (`leave`)."""
+        if not self._preparing.acquire(blocking=False):
+            yield None
+            return
+        try:
+            entry = self.begin(point)
+            if entry is None:
+                yield None
+                return
+            try:
+                yield entry
+            finally:
+                self.leave(entry)
+        finally:
+            self._preparing.release()
 
     def take(self, point: PagePoint) -> TakenPages | None:
         """The pages prepared at `point`, if any, for the delta: nothing else finds them any
@@ -184,6 +246,8 @@ class PreparedPages:
                 return None
             entry.taken = True
             self._bytes -= entry.bytes
+            if not entry.planned:  # the delta planned sooner: it rebuilds every fork
+                entry.closed.set()
             log.info(
                 "prepared pages at %s: %d ready when taken (%s)", point, len(entry.pages),
                 "complete" if entry.done else "the prepare goes on",
@@ -191,14 +255,18 @@ class PreparedPages:
             return TakenPages(self, entry)
 
     def fork_pages(
-        self, entry: _Entry, fork: Fork, wait: float = WAIT_SECONDS
+        self, entry: _Entry, fork: Fork, wait: float | None = None
     ) -> Mapping[Key, bytes]:
         """The prepared pages the delta may take for `fork` (a mapping by key, holding other
         forks' too): the fork's once the prepare has rebuilt it, waited for (up to `wait`
-        seconds) while it does; else none, and the prepare leaves the fork alone."""
+        seconds, default `WAIT_SECONDS` read now) while it does; else none, and the prepare
+        leaves the fork alone."""
         with self._changed:
-            if entry.forks.get(fork) == _RUNNING:
-                self._changed.wait_for(lambda: entry.forks.get(fork) != _RUNNING, wait)
+            if entry.forks.get(fork) == _RUNNING and not entry.closed.is_set():
+                self._changed.wait_for(
+                    lambda: entry.forks.get(fork) != _RUNNING or entry.closed.is_set(),
+                    WAIT_SECONDS if wait is None else wait,
+                )
             if entry.forks.get(fork) == _DONE:
                 return entry.pages
             entry.forks[fork] = _CLAIMED
@@ -230,6 +298,10 @@ class TakenPages(Mapping[Key, bytes]):
         self._cache = cache
         self._entry = entry
 
+    def close(self) -> None:
+        """The delta ended or gave up: the prepare stops rebuilding for it."""
+        self._cache.close(self._entry)
+
     def __getitem__(self, key: Key) -> bytes:
         _kind, spc, db, rel, fork, _blkno = keys_fields((key,))[0]
         return self._cache.fork_pages(self._entry, (spc, db, rel, fork))[key]
@@ -241,41 +313,48 @@ class TakenPages(Mapping[Key, bytes]):
         return len(self._entry.pages)
 
 
-def prepare(cache: PreparedPages, target: Timeline, lsn: int, keys: Iterable[Key]) -> _Entry | None:
-    """Rebuild the pages at (target, lsn) of the relation block keys among `keys` into a new
-    entry of `cache`, fork by fork in key order (the delta's), until done, taken or bounded;
-    the entry (None where none was begun: caching off, one there, another prepare running).
-    The caller holds it with `wait_taken`. `lsn` must be ingested on `target` (see the
-    module). Never raises: the delta rebuilds what is missing."""
+def prepare(
+    cache: PreparedPages,
+    target: Timeline,
+    lsn: int,
+    keys: Iterable[Key] | Callable[[], Iterable[Key]],
+) -> _Entry | None:
+    """Rebuild the pages at (target, lsn) of the relation block keys among `keys` (or those a
+    plan gives, called once the entry is made) into a new entry of `cache`, fork by fork in
+    key order (the delta's), until done, bounded, expired or closed (taken during the plan,
+    or the delta that took it ended); the entry (None where none was begun: caching off, one
+    there, another prepare running). The caller holds it with `wait_taken`. `lsn` must be
+    ingested on `target` (see the module). Never raises: the delta rebuilds what is
+    missing."""
     point = page_point(target, lsn)
-    if not cache._preparing.acquire(blocking=False):
-        return None
-    try:
-        entry = cache.begin(point)
+    with cache.reserved(point) as entry:
         if entry is None:
             return None
         try:
-            entry.done = _rebuild_into(cache, entry, target, lsn, keys)
+            planned = set(keys()) if callable(keys) else keys
+            if cache.planned(entry):
+                entry.done = _rebuild_into(cache, entry, target, lsn, planned)
         except Exception:  # a failed prepare costs nothing but its pages
             log.exception("preparing the pages at %s failed", point)
-        finally:
-            cache.leave(entry)
         return entry
-    finally:
-        cache._preparing.release()
 
 
 def _rebuild_into(
     cache: PreparedPages, entry: _Entry, target: Timeline, lsn: int, keys: Iterable[Key]
 ) -> bool:
-    """Rebuild the forks of `keys`, one at a time, those the delta has not taken over."""
+    """Rebuild the forks of `keys`, one at a time, those the delta has not taken over, each
+    only in the blocks the fork has at (target, lsn): one absent there, or a block past its
+    end, is not in the delta (DeltaForks.fork_members) and would only take up the bound."""
     changed, _resized = fork_keys(keys)
     for fork, written in sorted(changed.items()):
+        size = get_rel_size(target, *fork, lsn) or 0
+        blocks = sorted(b for b in written if b < size)
+        if not blocks:
+            continue
         if not cache.start_fork(entry, fork):
             if entry.closed.is_set():
                 return False
             continue
-        blocks = sorted(written)
         pages = rebuilt_pages(target, lsn, *fork, blocks)
         made = {rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)}
         if not cache.finish_fork(entry, fork, made):
@@ -284,24 +363,29 @@ def _rebuild_into(
 
 
 def prepare_checkout(cache: PreparedPages, current: Timeline, target: Timeline, lsn: int) -> None:
-    """A checkout from `current`'s latest state to (target, lsn): plan the keys its delta will
-    carry (checkout_delta.checkout_keys, up to the LSN ingested now), rebuild the target's
-    pages of them, hold them until taken or expired. Run on a thread of its own, as
-    foreground work (compaction pauses for it: a user waits for what it makes). Never raises."""
+    """A checkout from `current`'s latest state to (target, lsn): make the entry, plan the
+    keys its delta will carry (checkout_delta.checkout_keys, up to the LSN ingested now),
+    rebuild the target's pages of them, hold them until taken or expired. Run on a thread of
+    its own, as foreground work (compaction pauses for it: a user waits for what it makes).
+    Never raises."""
+    times: list[float] = []
+
+    def plan() -> set[Key]:
+        times.append(time.monotonic())
+        now = ReadPoint(current, current.last_record_lsn)
+        keys, _redo = checkout_keys(now, ReadPoint(target, lsn))
+        times.append(time.monotonic())
+        return keys
+
     with FOREGROUND.held():
-        t0 = time.monotonic()
-        try:
-            now = ReadPoint(current, current.last_record_lsn)
-            keys, _redo = checkout_keys(now, ReadPoint(target, lsn))
-        except Exception:
-            log.exception("planning the pages of a checkout to %s failed", page_point(target, lsn))
-            return
-        t1 = time.monotonic()
-        entry = prepare(cache, target, lsn, keys)
+        entry = prepare(cache, target, lsn, plan)
     if entry is not None:
+        end = time.monotonic()
+        plan_ms, rebuild_ms = (
+            ((times[1] - times[0]) * 1000, (end - times[1]) * 1000) if len(times) == 2 else (0, 0)
+        )
         log.info(
             "prepared %d pages at %s (%s): plan %.0f ms, rebuild %.0f ms", len(entry.pages),
-            entry.point, "complete" if entry.done else "stopped", (t1 - t0) * 1000,
-            (time.monotonic() - t1) * 1000,
+            entry.point, "complete" if entry.done else "stopped", plan_ms, rebuild_ms,
         )  # fmt: skip
         cache.wait_taken(entry)

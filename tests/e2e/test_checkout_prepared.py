@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from pageserver_api.models import (
     SnapshotCreateRequest,
     SnapshotShowRequest,
 )
-from proto.errors import NotFound
+from proto.errors import InvalidArgument, NotFound
 from tests.e2e.test_checkout_delta import (
     AFTER,
     BEFORE,
@@ -34,6 +35,7 @@ from tests.neoncli import NeonCli, psql
 
 USED = "pageserver_prepared_pages_used_total"
 HELD = "pageserver_prepared_pages_bytes"
+ENDED = "pageserver_prepared_pages_prepares_total"
 
 
 def metric(neon: NeonCli, name: str) -> float:
@@ -45,16 +47,13 @@ def metric(neon: NeonCli, name: str) -> float:
     return float(values[0]) if values else 0.0
 
 
-def wait_prepared(neon: NeonCli) -> float:
-    """The bytes held once the prepare stopped adding (at most 60 s)."""
-    deadline, last = time.monotonic() + 60, -1.0
-    while time.monotonic() < deadline:
-        held = metric(neon, HELD)
-        if held > 0 and held == last:
-            return held
-        last = held
-        time.sleep(0.3)
-    raise AssertionError("no pages were prepared")
+def wait_prepared(neon: NeonCli, prepares: float) -> float:
+    """The bytes held once the prepare after the first `prepares` ended (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while metric(neon, ENDED) <= prepares:
+        assert time.monotonic() < deadline, "the prepare did not end"
+        time.sleep(0.1)
+    return metric(neon, HELD)
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
@@ -91,8 +90,10 @@ def test_the_delta_is_the_same_with_prepared_pages(neon: NeonCli, tmp_path: Path
     with pytest.raises(NotFound):
         api.snapshot_show(SnapshotShowRequest("pgdata1@nosuch", checkout_node="primary1"))
     assert metric(neon, HELD) == 0
+    ended = metric(neon, ENDED)
     api.snapshot_show(SnapshotShowRequest("pgdata1@s1", checkout_node="primary1"))
-    held = wait_prepared(neon)
+    held = wait_prepared(neon, ended)
+    assert held > 0
     psql(c, "UPDATE ins SET v = 'late' WHERE id % 500 = 0")  # after the prepare's plan
     neon.run("pg", "stop", "pgdata1")
     api.snapshot_create(SnapshotCreateRequest("primary1", "pgdata1@h"))
@@ -102,6 +103,11 @@ def test_the_delta_is_the_same_with_prepared_pages(neon: NeonCli, tmp_path: Path
         mtime=MTIME, created_at=MTIME,  # else the manifest's time is each download's second
     )  # fmt: skip
     with_cache, without = tmp_path / "with.neon", tmp_path / "without.neon"
+    # A delta that gives up before it starts (only a full rebuild is right) leaves the pages.
+    unsure = replace(request, hints_logged_from=1 << 62)
+    with pytest.raises(InvalidArgument, match="hints are WAL-logged"):
+        download_file(app, unsure, tmp_path / "refused.neon")
+    assert metric(neon, HELD) == held
     download_file(app, request, with_cache)
     used = metric(neon, USED)
     assert metric(neon, HELD) == 0  # taken

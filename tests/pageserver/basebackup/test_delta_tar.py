@@ -79,12 +79,15 @@ def _size(rel: int, n: int) -> tuple[K.Key, Value]:
     return K.rel_size_key(SPC, DB, rel, 0), Image(encode_u32(n))
 
 
-def _history(store: TimelineStore) -> tuple[Timeline, Timeline]:
+def _history(store: TimelineStore, both_at_start: bool = False) -> tuple[Timeline, Timeline]:
     """A parent at 16; after it, pages rewritten in delta layers, under and over image layers
-    (compaction in the window), a block removed, a relation grown and one created; a branch
-    at 40 writing more, some of it still in its open in-memory layer."""
+    (compaction in the window), a block removed, a relation grown and one created (or, with
+    `both_at_start`, made at 8 too: two forks at 16); a branch at 40 writing more, some of it
+    still in its open in-memory layer."""
     tl = store.create_timeline()
     _record(tl, 8, _size(16384, 40), *((_block(16384, b), _page(8, b)) for b in range(40)))
+    if both_at_start:
+        _record(tl, 12, _size(16385, 3), *((_block(16385, b), _page(12, b)) for b in range(3)))
     _record(tl, 16, (_block(16384, 0), _page(16, 1)))
     tl.freeze_and_flush()
     _record(tl, 24, *((_block(16384, b), _page(24, 3)) for b in range(5, 15)))

@@ -1,9 +1,9 @@
 """prepared_pages: a checkout target's pages rebuilt ahead of its delta, taken by the delta.
 
-The history (test_delta_tar._history): a timeline `tl` (the target at 16) and a branch
-`child` of it at 40 that wrote more (the node's state before the checkout, HEAD at 64). The
-checkout's delta is read on a new branch of `tl` at 16 (the node's new timeline at its branch
-point), from HEAD.
+The history (test_delta_tar._history): a timeline `tl` (the target at 16: relations 16384 of
+40 blocks and 16385 of 3) and a branch `child` of it at 40 that wrote more (the node's state
+before the checkout, HEAD at 64). The checkout's delta is read on a new branch of `tl` at 16
+(the node's new timeline at its branch point), from HEAD.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from pageserver.basebackup.delta_tar import DeltaForks
 from pageserver.basebackup.prepared_pages import (
     PagePoint,
     PreparedPages,
+    _Entry,
     page_point,
     prepare,
     prepare_checkout,
 )
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.history.snapshot_diff import ReadPoint, keys_changed
+from pageserver.reconstruct.reads import get_rel_size
+from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
 from pageserver.storage import keys as K
 from pageserver.storage.timeline import Timeline
@@ -37,7 +40,8 @@ from tests.pageserver.basebackup.test_delta_tar import _history, _members, _page
 
 __all__ = ["store"]  # the fixture, imported for this module's tests
 
-NBLOCKS = {16384: 44, 16385: 3}
+NBLOCKS = {16384: 40, 16385: 3}
+"""The forks' sizes at the target (the delta's `nblocks`)."""
 T = 16
 """The target's LSN."""
 MiB = 1024 * 1024
@@ -46,7 +50,7 @@ MiB = 1024 * 1024
 def _checkout(store: TimelineStore) -> tuple[Timeline, Timeline, TimelineSource]:
     """(target timeline, HEAD's timeline, the delta's source: a new branch at the target)."""
     require_c_extension(native_redo, "pageserver.redo._redo")  # the delta's bulk path
-    tl, child = _history(store)
+    tl, child = _history(store, both_at_start=True)
     _record(child, 64, (K.rel_block_key(1663, 5, 16384, 0, 30), _page(64, 11)))
     return tl, child, TimelineSource(store.branch(tl.timeline_id, T), T)
 
@@ -110,7 +114,7 @@ def test_the_bound_stops_the_prepare_and_the_delta_rebuilds_the_rest(
     head = ReadPoint(child, 64)
     want = _members(_delta(source, head), NBLOCKS)
     keys = keys_changed(head, ReadPoint(tl, T))
-    first = sum(1 for f in K.keys_fields(keys) if f[3] == 16384 and f[5] != 0xFFFFFFFF)
+    first = sum(1 for f in K.keys_fields(keys) if f[3] == 16384 and f[5] < NBLOCKS[16384])
     cache = PreparedPages(first * BLCKSZ + 100, 30)
     entry = prepare(cache, tl, T, keys)
     assert entry is not None and not entry.done
@@ -161,7 +165,7 @@ def test_the_delta_waits_for_a_fork_being_rebuilt_and_takes_over_the_others() ->
     begun: the delta's (the prepare skips it)."""
     cache = PreparedPages(MiB, 30)
     entry = cache.begin(PagePoint("t", 40))
-    assert entry is not None and cache.start_fork(entry, FORK)
+    assert entry is not None and cache.planned(entry) and cache.start_fork(entry, FORK)
     taken = cache.take(PagePoint("t", 40))
     assert taken is not None and len(taken) == 0
     page = b"p" * BLCKSZ
@@ -242,14 +246,131 @@ def test_a_checkout_prepare_is_taken_while_it_waits(store: TimelineStore) -> Non
     cache = PreparedPages(MiB, 30)
     thread = threading.Thread(target=prepare_checkout, args=(cache, child, tl, T))
     thread.start()
-    deadline = time.monotonic() + 30
-    while cache.held_bytes == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)  # let it finish: 16384's and 16385's blocks
+    entry = _entry_made(cache)
+    assert entry.ended.wait(30) and entry.done  # 16384's and 16385's blocks
     pages = cache.take(page_point(source.timeline, source.lsn))
+    assert pages is not None
     thread.join(5)
     assert not thread.is_alive()
     head = ReadPoint(child, 64)
     delta = checkout_forks(source, head, 0, pages)
     assert _members(delta, NBLOCKS) == _members(checkout_forks(source, head, 0), NBLOCKS)
     assert delta.prepared_used == delta.pages == len(pages) > 10
+
+
+def _entry_made(cache: PreparedPages) -> _Entry:
+    """The entry a prepare on another thread makes first (before its plan)."""
+    deadline = time.monotonic() + 30
+    while not cache._entries:
+        assert time.monotonic() < deadline, "no entry was made"
+        time.sleep(0.01)
+    (entry,) = cache._entries.values()
+    return entry
+
+
+def test_only_the_blocks_the_target_has_are_prepared(store: TimelineStore) -> None:
+    """Planned from the node's side, the keys name blocks the target's fork does not have
+    (16384 is 40 blocks long at the target, 44 at HEAD; 16385 does not exist there): the
+    delta never asks for them, and as zero pages they only took up the bound."""
+    require_c_extension(native_redo, "pageserver.redo._redo")
+    tl, child = _history(store)  # 16385 made after the target
+    assert get_rel_size(tl, *FORK, T) == 40 and get_rel_size(tl, 1663, 5, 16385, 0, T) is None
+    cache = PreparedPages(MiB, 30)
+    entry = prepare(cache, tl, T, keys_changed(ReadPoint(child, 56), ReadPoint(tl, T)))
+    assert entry is not None and entry.done and entry.pages
+    assert list(entry.forks) == [FORK]
+    assert all(K.keys_fields([k])[0][5] < 40 for k in entry.pages)
+    assert ZERO_PAGE not in entry.pages.values()
+    assert cache.held_bytes == len(entry.pages) * BLCKSZ
+    source = TimelineSource(store.branch(tl.timeline_id, T), T)
+    head, nblocks = ReadPoint(child, 56), {16384: 40}
+    delta = _delta(source, head, cache.take(entry.point))
+    assert _members(delta, nblocks) == _members(_delta(source, head), nblocks)
+    assert delta.prepared_used == len(entry.pages) == delta.pages
+
+
+def test_a_delta_arriving_during_the_plan_finds_the_entry_and_rebuilds_alone(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry is made before the plan: a delta taking it meanwhile (its own plan was
+    quicker) gets it, the prepare then rebuilds nothing, drops nothing into the cache and
+    its thread ends (not held for the entry's lifetime)."""
+    tl, child, source = _checkout(store)
+    planning, go_on = threading.Event(), threading.Event()
+    real = prepared_pages.checkout_keys
+
+    def slow_plan(*a: Any) -> Any:
+        planning.set()
+        assert go_on.wait(30)
+        return real(*a)
+
+    monkeypatch.setattr(prepared_pages, "checkout_keys", slow_plan)
+    cache = PreparedPages(MiB, 30)
+    thread = threading.Thread(target=prepare_checkout, args=(cache, child, tl, T))
+    thread.start()
+    try:
+        assert planning.wait(30)
+        pages = cache.take(page_point(source.timeline, source.lsn))
+        assert pages is not None and len(pages) == 0
+        assert not prepared_pages.prepare(cache, tl, 32, [])  # one prepare at a time
+    finally:
+        go_on.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert pages._entry.forks == {} and pages._entry.closed.is_set()
+    assert cache.held_bytes == 0 and cache._entries == {}
+    head = ReadPoint(child, 64)
+    delta = checkout_forks(source, head, 0, pages)
+    assert _members(delta, NBLOCKS) == _members(checkout_forks(source, head, 0), NBLOCKS)
+    assert delta.prepared_used == 0
+
+
+def test_a_delta_that_gives_up_stops_the_prepare(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta that took the entry and ended early (its checks failed, its client went
+    away) closes it: the prepare rebuilds no further fork for nobody."""
+    tl, child, _source = _checkout(store)
+    rebuilding, go_on = threading.Event(), threading.Event()
+    real = prepared_pages.rebuilt_pages
+
+    def gated(*a: Any) -> Iterator[bytes]:
+        rebuilding.set()
+        assert go_on.wait(30)
+        return real(*a)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(prepared_pages, "rebuilt_pages", gated)
+    cache = PreparedPages(MiB, 30)
+    keys = keys_changed(ReadPoint(child, 64), ReadPoint(tl, T))
+    done: list[_Entry | None] = []
+    thread = threading.Thread(target=lambda: done.append(prepare(cache, tl, T, keys)))
+    thread.start()
+    try:
+        assert rebuilding.wait(30)  # in its first fork
+        pages = cache.take(PagePoint(tl.timeline_id, T))
+        assert pages is not None
+        pages.close()
+    finally:
+        go_on.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    entry = done[0]
+    assert entry is not None and not entry.done and list(entry.forks) == [FORK]
+    assert entry.pages == {}  # the first fork's pages dropped: nobody takes them
+
+
+def test_the_wait_for_a_fork_is_read_when_the_delta_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`WAIT_SECONDS` is read when the delta asks (a test or a tuning changes it)."""
+    monkeypatch.setattr(prepared_pages, "WAIT_SECONDS", 0.0)
+    cache = PreparedPages(MiB, 30)
+    entry = cache.begin(PagePoint("t", 40))
+    assert entry is not None and cache.planned(entry) and cache.start_fork(entry, FORK)
+    taken = cache.take(PagePoint("t", 40))
+    assert taken is not None
+    finisher = threading.Timer(0.5, cache.finish_fork, (entry, FORK, {_key(1): b"p" * BLCKSZ}))
+    finisher.start()
+    try:
+        assert taken.get(_key(1)) is None  # not waited for: the delta's own
+    finally:
+        finisher.join()
+    assert taken.get(_key(1)) is None and not entry.pages
