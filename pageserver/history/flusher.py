@@ -168,6 +168,23 @@ class BackgroundWorker:
             while self._jobs or self._running:
                 self._cond.wait(0.5)
 
+    def sleep_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        """On the worker's thread, inside a job: block until ready() or `timeout` seconds,
+        ready() checked whenever a job is requested, `wake` is called or the worker is
+        stopped (a job waiting for its owner's next request, with no polling)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def wake(self) -> None:
+        """Have a `sleep_until` check its condition again (the owner changed what it reads)."""
+        with self._cond:
+            self._cond.notify_all()
+
     @property
     def busy(self) -> bool:
         with self._cond:

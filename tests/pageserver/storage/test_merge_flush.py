@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from pageserver.storage import compaction
 from pageserver.storage.layers import native
 from pageserver.storage.layers.inmemory import ArenaLayer
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline import MergeFrozen, Timeline
 from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_compaction_stop import check_directory, read_all
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
@@ -314,16 +315,9 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
         reference.history.close()
 
 
-def test_a_lone_frozen_layer_waits_for_the_next_and_a_waiter_hurries_it(
-    workload: Workload,  # noqa: F811
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Catching up, one frozen layer waits on the flusher for the next, and the two are
-    merged (no L0 layer); someone waiting for the flusher (wait_flushed) ends that wait at
-    once, and the lone layer is written as L0."""
-    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
-    store = fresh(tmp_path / "s", workload)
+def frozen_feeder(store: NodeStore, workload: Workload) -> Callable[[int], None]:  # noqa: F811
+    """A function ingesting the workload's next records, 20 at a time, until `count` layers
+    are frozen, then asking (catching up) for their flush as the decode thread does."""
     timeline = store.timeline
     records, raws = workload.records, workload.raws
     at = 0
@@ -336,6 +330,22 @@ def test_a_lone_frozen_layer_waits_for_the_next_and_a_waiter_hurries_it(
             at += 20
         store.catching_up.hold_for(60)
         store.maybe_flush()
+
+    return ingest_until_frozen
+
+
+def test_a_lone_frozen_layer_waits_for_the_next_and_a_waiter_hurries_it(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catching up, one frozen layer waits on the flusher for the next, and the two are
+    merged (no L0 layer); someone waiting for the flusher (wait_flushed) ends that wait at
+    once, and the lone layer is written as L0."""
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
+    store = fresh(tmp_path / "s", workload)
+    timeline = store.timeline
+    ingest_until_frozen = frozen_feeder(store, workload)
 
     try:
         level0 = len(timeline.layer_map().level0())  # the import's
@@ -359,6 +369,58 @@ def test_a_lone_frozen_layer_waits_for_the_next_and_a_waiter_hurries_it(
         assert time.monotonic() - t0 < 10  # not the 60 s linger
         assert timeline.frozen_count == 0
         assert len(timeline.layer_map().level0()) == level0 + 1  # the lone layer, as L0
+    finally:
+        store.close()
+        store.history.close()
+
+
+def test_a_lone_frozen_layer_sleeps_until_the_next_is_asked_for(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flusher's wait for a lone frozen layer's successor (`_next_frozen`) sleeps until
+    the decode thread asks for it, then the merged flush starts at once: it checked every 10
+    ms before (~50 checks in half a second, a flush up to 10 ms late)."""
+    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
+    store = fresh(tmp_path / "s", workload)
+    timeline = store.timeline
+    checks: list[float] = []
+    count_upto = timeline.frozen_count_upto
+
+    def counted(upto: int) -> int:
+        checks.append(time.monotonic())
+        return count_upto(upto)
+
+    monkeypatch.setattr(timeline, "frozen_count_upto", counted)
+    flushes: list[float] = []
+    flush = timeline.flush_frozen_layers
+
+    def timed_flush(upto: int | None = None, merge: MergeFrozen | None = None) -> None:
+        flushes.append(time.monotonic())
+        flush(upto, merge)
+
+    monkeypatch.setattr(timeline, "flush_frozen_layers", timed_flush)
+    ingest_until_frozen = frozen_feeder(store, workload)
+
+    try:
+        durable = timeline.disk_consistent_lsn
+        ingest_until_frozen(1)
+        deadline = time.monotonic() + 10
+        while not checks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert checks, "the flusher never looked for the next layer"
+        time.sleep(0.5)
+        assert timeline.frozen_count == 1 and timeline.disk_consistent_lsn == durable  # waits
+        assert len(checks) <= 2, f"{len(checks)} checks in 0.5 s: it polls"
+        ingest_until_frozen(2)
+        asked = time.monotonic()
+        while not flushes and time.monotonic() < asked + 10:  # no waiter hurries it
+            time.sleep(0.005)
+        assert flushes and flushes[0] - asked < 0.5  # not the 60 s linger
+        store.wait_flushed()
+        assert timeline.frozen_count == 0 and timeline.disk_consistent_lsn > durable
+        assert not any(x.name.is_l0 for x in timeline.layer_map().deltas if x.lsn_start >= durable)
     finally:
         store.close()
         store.history.close()
