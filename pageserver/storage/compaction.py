@@ -38,7 +38,7 @@ from typing import Protocol
 
 from pageserver.storage.keys import FULL_KEYSPACE, KEY_MAX, KEY_MIN, Key, KeyRange, key_successor
 from pageserver.storage.layers import native as _native
-from pageserver.storage.layers.blocks import BlockCache, Packed, VersionList
+from pageserver.storage.layers.blocks import BlockCache, Packed, PackStream, VersionList
 from pageserver.storage.layers.delta import DeltaLayer, DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from pageserver.storage.layers.inmemory import ArenaLayer, InMemoryLayer
@@ -212,6 +212,13 @@ def level0_run(layer_map: LayerMap) -> tuple[list[DeltaLayer], bool]:
     return level0, False
 
 
+STREAM_PIECES = True
+"""Whether merge_frozen's pieces are packed in steps whose blocks compress as the next are
+packed (`_MergedPiece.stream`), rather than whole and then compressed (`pack`, the same
+file: tests compare the two). Whole, the zstd pool idled while the flusher packed a piece
+(bench/README `ingest`, session 18)."""
+
+
 def merge_frozen(timeline: Timeline, frozen: Sequence[InMemoryLayer]) -> list[DeltaLayer]:
     """Frozen in-memory layers (oldest first, LSN-contiguous) written straight as L1 layers
     over their LSN range, split by key at compaction_target_size: the same files as their L0
@@ -253,9 +260,22 @@ class _MergedPiece:
         )
         return packed
 
+    def stream(self, block_size: int, lsn_lo: int, lsn_hi: int) -> PackStream:
+        """`pack` in steps (`_inmem.MergePacker`): the writer compresses each step's blocks
+        while the next are packed."""
+        inmem = _native.inmem
+        assert inmem is not None
+        stream: PackStream = inmem.merge_packer(
+            self.arenas, self.start, self.end, block_size, lsn_lo, lsn_hi
+        )
+        return stream
+
 
 def _add_piece(piece: _MergedPiece, writer: DeltaLayerWriter) -> None:
-    writer.add_packed(piece)
+    if STREAM_PIECES:
+        writer.add_packed_stream(piece)
+    else:
+        writer.add_packed(piece)
 
 
 def _merge_level0_python(

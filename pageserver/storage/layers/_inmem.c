@@ -32,6 +32,10 @@
  *   pack_merged(arenas, start, end, block_size, lsn_lo, lsn_hi) -> what `pack` returns, for
  *                                           the keys in [start, end) (end None: KEY_MAX) of
  *                                           all arenas, each key's versions in arena order
+ *   merge_packer(same arguments) -> MergePacker: pack_merged in steps, .fill(blocks) ->
+ *                                           (ends of the blocks cut since, done), .data()
+ *                                           (blocks final once reported), .result() (what
+ *                                           pack_merged returns, once done)
  *
  * with the semantics of the InMemoryLayer methods of the same names. `pack` lays the layer out
  * as blocks.LayerFileWriter.add_key does, key by key in key order (so the file written is the
@@ -1208,6 +1212,202 @@ inmem_pack_merged(PyObject *module, PyObject *args)
     return result;
 }
 
+/* --- a merged pack filled in steps (merge_packer) ------------------------------------------
+ * pack_merged's fill, a few blocks at a time: the blocks cut so far are final (the data
+ * buffer is sized for the whole pack up front), so the writer hands them to the zstd pool
+ * while the next ones are packed; the same bytes as pack_merged. */
+
+typedef struct {
+    PyObject_HEAD
+    Merge m;
+    Pack p;
+    PyObject *bufs[3];
+    size_t n_keys, n_versions, n_bytes, key_i, reported;
+    int state; /* 0: filling, 1: filled (pack_end done), 2: result taken or released */
+} MergePacker;
+
+static PyTypeObject MergePackerType;
+
+/* The arenas writable again and the merge's memory freed (once). */
+static void
+packer_unbusy(MergePacker *self)
+{
+    for (Py_ssize_t j = 0; self->m.src != NULL && j < self->m.k; j++) {
+        self->m.src[j].a->busy--;
+        Py_DECREF(self->m.src[j].a);
+    }
+    merge_close(&self->m);
+}
+
+static PyObject *
+inmem_merge_packer(PyObject *module, PyObject *args)
+{
+    PyObject *arenas, *startobj, *endobj;
+    const uint8_t *start, *end = NULL;
+    Py_ssize_t limit;
+    unsigned long long lo, hi;
+    if (!PyArg_ParseTuple(args, "OOOnO&O&:merge_packer", &arenas, &startobj, &endobj, &limit,
+                          lsn_arg, &lo, lsn_arg, &hi) ||
+        key_arg(startobj, &start) < 0 || (endobj != Py_None && key_arg(endobj, &end) < 0))
+        return NULL;
+    if (limit <= 0 || (uint64_t)limit > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "merge_packer: block size out of range");
+        return NULL;
+    }
+    static const uint8_t key_max[KEY_SIZE] = {
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+    };
+    MergePacker *self = PyObject_New(MergePacker, &MergePackerType);
+    if (self == NULL)
+        return NULL;
+    memset(&self->m, 0, sizeof self->m);
+    memset(&self->p, 0, sizeof self->p);
+    self->bufs[0] = self->bufs[1] = self->bufs[2] = NULL;
+    self->n_keys = self->n_versions = self->n_bytes = self->key_i = self->reported = 0;
+    self->state = 2;
+    self->p.limit = limit;
+    self->p.lo = lo;
+    self->p.hi = hi;
+    if (merge_open(&self->m, arenas, start, end != NULL ? end : key_max) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    while (merge_next(&self->m) != NULL) {
+        self->n_keys++;
+        for (Py_ssize_t j = 0; j < self->m.k; j++) {
+            Chain *c = self->m.group[j];
+            for (uint32_t i = 0; c != NULL && i < c->n; i++) {
+                self->n_versions++;
+                self->n_bytes += self->m.src[j].a->versions[c->v[i]].len;
+            }
+        }
+    }
+    merge_rewind(&self->m);
+    if (pack_open(&self->p, self->n_keys, self->n_versions, self->n_bytes, self->bufs) < 0) {
+        pack_release(&self->p, self->bufs);
+        merge_close(&self->m);
+        Py_DECREF(self);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < self->m.k; j++) {
+        Py_INCREF(self->m.src[j].a);
+        self->m.src[j].a->busy++;
+    }
+    self->state = 0;
+    return (PyObject *)self;
+}
+
+/* fill(blocks) -> (ends, done): packs keys until `blocks` more blocks are cut or none is
+ * left; `ends` the ">Q" ends (in data) of the blocks cut since the last call, the last
+ * block's too once done. */
+static PyObject *
+MergePacker_fill(MergePacker *self, PyObject *args)
+{
+    Py_ssize_t want;
+    if (!PyArg_ParseTuple(args, "n:fill", &want))
+        return NULL;
+    if (self->state != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "merge_packer: already filled");
+        return NULL;
+    }
+    Merge *m = &self->m;
+    Pack *p = &self->p;
+    size_t target = p->n_blocks + (size_t)(want > 0 ? want : 1);
+    int done = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (p->n_blocks < target) {
+        const uint8_t *key = merge_next(m);
+        if (key == NULL) {
+            pack_end(p);
+            done = 1;
+            break;
+        }
+        pack_key(p, self->key_i++, key);
+        for (Py_ssize_t j = 0; j < m->k && !p->bad; j++) {
+            Chain *c = m->group[j];
+            Arena *a = m->src[j].a;
+            for (uint32_t n = 0; c != NULL && n < c->n; n++)
+                if (pack_put(p, a, &a->versions[c->v[n]]) < 0)
+                    break;
+        }
+        if (p->bad) {
+            done = 1;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (p->bad) { /* pack_result raises the reference's error and releases the buffers */
+        self->state = 2;
+        packer_unbusy(self);
+        PyObject *r = pack_result(p, self->bufs, self->n_keys, self->n_versions, self->n_bytes);
+        Py_XDECREF(r);
+        return NULL;
+    }
+    PyObject *ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((p->n_blocks - self->reported) * 8));
+    if (ends == NULL)
+        return NULL;
+    for (size_t b = self->reported; b < p->n_blocks; b++)
+        put_be((uint8_t *)PyBytes_AS_STRING(ends) + 8 * (b - self->reported), p->ends[b], 8);
+    self->reported = p->n_blocks;
+    if (done)
+        self->state = 1;
+    return Py_BuildValue("(NO)", ends, done ? Py_True : Py_False);
+}
+
+/* data() -> the pack's data buffer (its blocks final as fill reports them) */
+static PyObject *
+MergePacker_data(MergePacker *self, PyObject *unused)
+{
+    if (self->bufs[0] == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "merge_packer: released");
+        return NULL;
+    }
+    return Py_NewRef(self->bufs[0]);
+}
+
+/* result() -> what pack_merged returns, once filled */
+static PyObject *
+MergePacker_result(MergePacker *self, PyObject *unused)
+{
+    if (self->state != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "merge_packer: not filled");
+        return NULL;
+    }
+    self->state = 2;
+    packer_unbusy(self);
+    return pack_result(&self->p, self->bufs, self->n_keys, self->n_versions, self->n_bytes);
+}
+
+static void
+MergePacker_dealloc(MergePacker *self)
+{
+    if (self->state != 2) {
+        packer_unbusy(self);
+        pack_release(&self->p, self->bufs);
+    } else {
+        merge_close(&self->m);
+        pack_release(&self->p, self->bufs);
+    }
+    PyObject_Free(self);
+}
+
+static PyMethodDef MergePacker_methods[] = {
+    {"fill", (PyCFunction)MergePacker_fill, METH_VARARGS, NULL},
+    {"data", (PyCFunction)MergePacker_data, METH_NOARGS, NULL},
+    {"result", (PyCFunction)MergePacker_result, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MergePackerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pageserver.storage.layers._inmem.MergePacker",
+    .tp_basicsize = sizeof(MergePacker),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "pack_merged filled a few blocks at a time (see merge_packer).",
+    .tp_dealloc = (destructor)MergePacker_dealloc,
+    .tp_methods = MergePacker_methods,
+};
+
 static PyObject *
 inmem_recycled(PyObject *self, PyObject *unused)
 {
@@ -1231,6 +1431,8 @@ static PyMethodDef module_methods[] = {
      "recycled() -> arenas made so far on a dead arena's buffers (see spare_data)"},
     {"prefaults", inmem_prefaults, METH_NOARGS,
      "prefaults() -> fresh arenas whose data a thread mapped in (see prefault_start)"},
+    {"merge_packer", inmem_merge_packer, METH_VARARGS,
+     "merge_packer(arenas, start, end, block_size, lsn_lo, lsn_hi) -> MergePacker"},
     {"packs_recycled", inmem_packs_recycled, METH_NOARGS,
      "packs_recycled() -> packs made so far on a dead pack's memory (see Packed)"},
     {"merge_cuts", inmem_merge_cuts, METH_VARARGS, NULL},
@@ -1247,7 +1449,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__inmem(void)
 {
-    if (PyType_Ready(&ArenaType) < 0 || PyType_Ready(&PackedType) < 0)
+    if (PyType_Ready(&ArenaType) < 0 || PyType_Ready(&PackedType) < 0 ||
+        PyType_Ready(&MergePackerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

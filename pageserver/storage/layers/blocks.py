@@ -770,6 +770,23 @@ class PackSource(Protocol):
     def pack(self, block_size: int, lsn_lo: int, lsn_hi: int) -> Packed: ...
 
 
+class PackStream(Protocol):
+    """A pack filled a few blocks at a time (`_inmem.MergePacker`): the blocks `fill`
+    reports are final, so they compress while the next ones are packed."""
+
+    def fill(self, blocks: int) -> tuple[bytes, bool]: ...
+
+    def data(self) -> Any: ...
+
+    def result(self) -> Packed: ...
+
+
+class StreamSource(Protocol):
+    """What LayerFileWriter.add_packed_stream takes (compaction's merged pieces)."""
+
+    def stream(self, block_size: int, lsn_lo: int, lsn_hi: int) -> PackStream: ...
+
+
 _PACKED, _BLOCK_FULL, _LSN_OUTSIDE, _LSN_DECREASING, _NOT_A_VALUE = range(5)
 
 Buffer = bytes | bytearray | memoryview
@@ -951,6 +968,9 @@ CompressedBlock = tuple[bytes, int, int]
 COMPRESS_BATCH = 8
 """Blocks one task of the compression pool compresses (~256 KiB): a task costs tens of
 microseconds of Python, small against the zstd time of 8 blocks (~1 ms)."""
+PACK_STEP_BLOCKS = 2 * COMPRESS_BATCH
+"""Blocks a streamed pack (`add_packed_stream`) cuts a step: each step's blocks go to the
+zstd pool as the next are packed (the C call and its GIL release ~10 us a step)."""
 COMPRESS_IN_FLIGHT = 4
 """Tasks a writer has queued before it waits for its oldest: memory stays about
 (COMPRESS_IN_FLIGHT + 1) x COMPRESS_BATCH blocks per writer."""
@@ -1254,15 +1274,38 @@ class LayerFileWriter:
         """Add every version `source` holds (an in-memory layer's arena, `_inmem.c`), laid out
         by its `pack` as add_key lays out its keys in order, into this empty writer: the same
         file as add_key per key, with the per-version work done in C."""
+        self._check_empty()
+        packed = source.pack(self._block_size, self._lsn_start, self._lsn_end)
+        self._write_blocks(memoryview(packed[0]), packed[1], 0)
+        self._take_packed(packed)
+
+    def add_packed_stream(self, source: StreamSource) -> None:
+        """add_packed of a pack made a few blocks at a time: each step's blocks go to the
+        zstd pool before the next step is packed (the pool idled while a whole L1 piece was
+        packed on the flusher); the same file."""
+        self._check_empty()
+        stream = source.stream(self._block_size, self._lsn_start, self._lsn_end)
+        view, start, done = memoryview(stream.data()), 0, False
+        while not done:
+            ends, done = stream.fill(PACK_STEP_BLOCKS)
+            start = self._write_blocks(view, ends, start)
+        self._take_packed(stream.result())
+
+    def _check_empty(self) -> None:
         if self._keys or self._buf or self._n_blocks:
             raise InvalidArgument("packed versions go into an empty layer writer")
-        data, ends, keys, versions, n_keys, n_versions, added, last_lsn = source.pack(
-            self._block_size, self._lsn_start, self._lsn_end
-        )
-        view, start = memoryview(data), 0
+
+    def _write_blocks(self, view: memoryview, ends: bytes, start: int) -> int:
+        """The blocks of a pack's `view` ending at `ends` (">Q" each) from `start`; the
+        last end."""
         for (end,) in _BLOCK_END.iter_unpack(ends):
             self._write_block(view[start:end])
             start = end
+        return start
+
+    def _take_packed(self, packed: Packed) -> None:
+        """The key and version tables of a pack whose blocks are written."""
+        _, _, keys, versions, n_keys, n_versions, added, last_lsn = packed
         size = _KEY_ENTRY.size
         self._keys = [keys[i * size : (i + 1) * size] for i in range(n_keys)]
         self._versions += versions

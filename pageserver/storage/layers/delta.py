@@ -15,6 +15,7 @@ from pageserver.storage.layers.blocks import (
     LayerFileWriter,
     MergeSource,
     PackSource,
+    StreamSource,
     VersionList,
 )
 from pageserver.storage.layers.names import LayerName
@@ -64,6 +65,10 @@ class DeltaLayerWriter:
     def add_packed(self, source: PackSource) -> None:
         """Every version of an in-memory layer's arena, into this empty writer."""
         self._writer.add_packed(source)
+
+    def add_packed_stream(self, source: StreamSource) -> None:
+        """add_packed, packed in steps that compress as the next are packed."""
+        self._writer.add_packed_stream(source)
 
     def add_merged(self, merge: MergeSource, target: int, paths: list[Path]) -> int:
         """Keys of the C L0 merge, until `target` bytes (LayerFileWriter.add_merged)."""

@@ -23,7 +23,8 @@ import pytest
 from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.storage import compaction
-from pageserver.storage.layers import native
+from pageserver.storage.keys import KEY_MIN, Key
+from pageserver.storage.layers import blocks, native
 from pageserver.storage.layers.inmemory import ArenaLayer
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import MergeFrozen, Timeline
@@ -67,7 +68,7 @@ def l1_files(timeline: Timeline, since: int) -> dict[str, bytes]:
     return files([x for x in timeline.layer_map().deltas if x.lsn_start >= since])
 
 
-@pytest.mark.parametrize("path", ["c", "python-merge", "python-layers"])
+@pytest.mark.parametrize("path", ["c", "c-step-1", "c-whole", "python-merge", "python-layers"])
 def test_merged_flush_writes_the_files_of_the_l0_merge(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
@@ -75,12 +76,25 @@ def test_merged_flush_writes_the_files_of_the_l0_merge(
     path: str,
 ) -> None:
     """L0 flushes then the L0 merge (the reference) against the merged flush of the same
-    frozen layers: the same L1 files. c: arenas merged in C; python-merge: arenas merged by
-    the reference loop; python-layers: the reference in-memory layers."""
+    frozen layers: the same L1 files. c: arenas merged in C, each piece packed in steps
+    whose blocks compress as the next are packed (c-step-1: a block a step); c-whole: each
+    piece packed whole, then compressed; python-merge: arenas merged by the reference loop;
+    python-layers: the reference in-memory layers."""
     if path != "python-layers":  # python-merge merges arenas too, by the reference loop
         require_c_extension(native.inmem, "pageserver.storage.layers._inmem")
     if path == "python-layers":
         monkeypatch.setattr(native, "inmem", None)
+    monkeypatch.setattr(compaction, "STREAM_PIECES", path != "c-whole")
+    if path == "c-step-1":
+        monkeypatch.setattr(blocks, "PACK_STEP_BLOCKS", 1)
+    streamed: list[int] = []
+    add_stream = blocks.LayerFileWriter.add_packed_stream
+
+    def counted(writer: blocks.LayerFileWriter, source: blocks.StreamSource) -> None:
+        streamed.append(1)
+        add_stream(writer, source)
+
+    monkeypatch.setattr(blocks.LayerFileWriter, "add_packed_stream", counted)
     reference, merged = fresh(tmp_path / "l0", workload), fresh(tmp_path / "merged", workload)
     try:
         since = reference.timeline.last_record_lsn + 1
@@ -101,6 +115,7 @@ def test_merged_flush_writes_the_files_of_the_l0_merge(
         merged.timeline.flush_frozen_layers(merge=compaction.merge_frozen)
         got = l1_files(merged.timeline, since)
         assert len(expected) > 5  # cut at several keys
+        assert len(streamed) == (len(got) if path in ("c", "c-step-1") else 0)
         assert sorted(got) == sorted(expected)  # the same key and LSN ranges
         for name, data in expected.items():
             assert got[name] == data, name
@@ -423,4 +438,52 @@ def test_a_lone_frozen_layer_sleeps_until_the_next_is_asked_for(
         assert not any(x.name.is_l0 for x in timeline.layer_map().deltas if x.lsn_start >= durable)
     finally:
         store.close()
+        store.history.close()
+
+
+@pytest.mark.parametrize("step", [1, 7, 10_000])
+def test_a_merge_packer_fills_what_pack_merged_packs(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    step: int,
+) -> None:
+    """`_inmem.merge_packer` filled `step` blocks at a time: the blocks it reports, its data
+    and its tables are pack_merged's for every piece; an LSN outside the range raises
+    pack_merged's error; a packer dropped half filled releases its arenas (a pack after)."""
+    require_c_extension(native.inmem, "pageserver.storage.layers._inmem")
+    inmem = native.inmem
+    assert inmem is not None
+    store = fresh(tmp_path / "s", workload)
+    try:
+        ingest(store, workload)
+        store.timeline.freeze()
+        frozen = store.timeline._frozen
+        arenas = [m.arena for m in frozen if isinstance(m, ArenaLayer)]
+        assert len(arenas) == len(frozen) > 3
+        lo, hi = frozen[0].lsn_start, compaction._lsn_end(frozen[-1])
+        cuts = [Key(c) for c in inmem.merge_cuts(arenas, 384 * KiB)]
+        assert len(cuts) > 3
+        for start, end in zip([KEY_MIN, *cuts], [*cuts, None], strict=True):
+            whole = inmem.pack_merged(arenas, start, end, 8 * KiB, lo, hi)
+            packer = inmem.merge_packer(arenas, start, end, 8 * KiB, lo, hi)
+            data, ends, done, steps = packer.data(), b"", False, 0
+            while not done:
+                more, done = packer.fill(step)  # whole keys: a hot key may cut more
+                assert len(more) >= 8 * step or done
+                ends += more
+                steps += 1
+            result = packer.result()
+            assert ends == whole[1] == result[1]
+            assert bytes(memoryview(data)) == bytes(memoryview(whole[0]))
+            assert result[2:] == whole[2:]
+            assert steps >= 2 or len(ends) // 8 <= step  # the last block ends at the end
+        with pytest.raises(ValueError, match="outside the layer's LSN range"):
+            packer = inmem.merge_packer(arenas, KEY_MIN, None, 8 * KiB, lo, lo + 1)
+            while not packer.fill(step)[1]:
+                pass
+        half = inmem.merge_packer(arenas, KEY_MIN, None, 8 * KiB, lo, hi)
+        half.fill(1)
+        del half
+        assert inmem.pack_merged(arenas, KEY_MIN, None, 8 * KiB, lo, hi)[4] > 0
+    finally:
         store.history.close()
