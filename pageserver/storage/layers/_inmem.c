@@ -1142,76 +1142,6 @@ inmem_merge_cuts(PyObject *module, PyObject *args)
     return out;
 }
 
-/* pack_fill over the merge: the same layout, each key's chains one after another */
-static void
-merged_fill(Merge *m, Pack *p)
-{
-    size_t i = 0;
-    const uint8_t *key;
-    while ((key = merge_next(m)) != NULL) {
-        pack_key(p, i++, key);
-        for (Py_ssize_t j = 0; j < m->k; j++) {
-            Chain *c = m->group[j];
-            Arena *a = m->src[j].a;
-            for (uint32_t n = 0; c != NULL && n < c->n; n++)
-                if (pack_put(p, a, &a->versions[c->v[n]]) < 0)
-                    return;
-        }
-    }
-    pack_end(p);
-}
-
-static PyObject *
-inmem_pack_merged(PyObject *module, PyObject *args)
-{
-    PyObject *arenas, *startobj, *endobj;
-    const uint8_t *start, *end = NULL;
-    Pack p = {0};
-    if (!PyArg_ParseTuple(args, "OOOnO&O&:pack_merged", &arenas, &startobj, &endobj, &p.limit,
-                          lsn_arg, &p.lo, lsn_arg, &p.hi) ||
-        key_arg(startobj, &start) < 0 || (endobj != Py_None && key_arg(endobj, &end) < 0))
-        return NULL;
-    if (p.limit <= 0 || (uint64_t)p.limit > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "pack_merged: block size out of range");
-        return NULL;
-    }
-    /* no stored key starts with 0xFF (keys.check_key): all FF bounds every key */
-    static const uint8_t key_max[KEY_SIZE] = {
-        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-    };
-    Merge m = {0};
-    if (merge_open(&m, arenas, start, end != NULL ? end : key_max) < 0)
-        return NULL;
-    size_t n_keys = 0, n_versions = 0, n_bytes = 0;
-    while (merge_next(&m) != NULL) {
-        n_keys++;
-        for (Py_ssize_t j = 0; j < m.k; j++) {
-            Chain *c = m.group[j];
-            for (uint32_t i = 0; c != NULL && i < c->n; i++) {
-                n_versions++;
-                n_bytes += m.src[j].a->versions[c->v[i]].len;
-            }
-        }
-    }
-    merge_rewind(&m);
-    PyObject *bufs[3] = {NULL, NULL, NULL}, *result = NULL;
-    if (pack_open(&p, n_keys, n_versions, n_bytes, bufs) < 0) {
-        pack_release(&p, bufs);
-    } else {
-        for (Py_ssize_t j = 0; j < m.k; j++)
-            m.src[j].a->busy++;
-        Py_BEGIN_ALLOW_THREADS
-        merged_fill(&m, &p);
-        Py_END_ALLOW_THREADS
-        for (Py_ssize_t j = 0; j < m.k; j++)
-            m.src[j].a->busy--;
-        result = pack_result(&p, bufs, n_keys, n_versions, n_bytes);
-    }
-    merge_close(&m);
-    return result;
-}
-
 /* --- a merged pack filled in steps (merge_packer) ------------------------------------------
  * pack_merged's fill, a few blocks at a time: the blocks cut so far are final (the data
  * buffer is sized for the whole pack up front), so the writer hands them to the zstd pool
@@ -1239,21 +1169,24 @@ packer_unbusy(MergePacker *self)
     merge_close(&self->m);
 }
 
-static PyObject *
-inmem_merge_packer(PyObject *module, PyObject *args)
+/* A packer over (arenas, start, end, block_size, lsn_lo, lsn_hi) as `name` takes them. */
+static MergePacker *
+packer_open(PyObject *args, const char *name)
 {
     PyObject *arenas, *startobj, *endobj;
     const uint8_t *start, *end = NULL;
     Py_ssize_t limit;
     unsigned long long lo, hi;
-    if (!PyArg_ParseTuple(args, "OOOnO&O&:merge_packer", &arenas, &startobj, &endobj, &limit,
-                          lsn_arg, &lo, lsn_arg, &hi) ||
+    if (!PyArg_ParseTuple(args, "OOOnO&O&", &arenas, &startobj, &endobj, &limit, lsn_arg, &lo,
+                          lsn_arg, &hi) ||
         key_arg(startobj, &start) < 0 || (endobj != Py_None && key_arg(endobj, &end) < 0))
         return NULL;
+    /* block offsets are u32 in the version table */
     if (limit <= 0 || (uint64_t)limit > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "merge_packer: block size out of range");
+        PyErr_Format(PyExc_ValueError, "%s: block size out of range", name);
         return NULL;
     }
+    /* no stored key starts with 0xFF (keys.check_key): all FF bounds every key */
     static const uint8_t key_max[KEY_SIZE] = {
         0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
         0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
@@ -1295,25 +1228,17 @@ inmem_merge_packer(PyObject *module, PyObject *args)
         self->m.src[j].a->busy++;
     }
     self->state = 0;
-    return (PyObject *)self;
+    return self;
 }
 
-/* fill(blocks) -> (ends, done): packs keys until `blocks` more blocks are cut or none is
- * left; `ends` the ">Q" ends (in data) of the blocks cut since the last call, the last
- * block's too once done. */
-static PyObject *
-MergePacker_fill(MergePacker *self, PyObject *args)
+/* Pack keys until `want` more blocks are cut or none is left (then closes the last block);
+ * 1 when done (or p.bad), with the GIL released. */
+static int
+packer_step(MergePacker *self, size_t want)
 {
-    Py_ssize_t want;
-    if (!PyArg_ParseTuple(args, "n:fill", &want))
-        return NULL;
-    if (self->state != 0) {
-        PyErr_SetString(PyExc_RuntimeError, "merge_packer: already filled");
-        return NULL;
-    }
     Merge *m = &self->m;
     Pack *p = &self->p;
-    size_t target = p->n_blocks + (size_t)(want > 0 ? want : 1);
+    size_t target = p->n_blocks + want;
     int done = 0;
     Py_BEGIN_ALLOW_THREADS
     while (p->n_blocks < target) {
@@ -1337,11 +1262,54 @@ MergePacker_fill(MergePacker *self, PyObject *args)
         }
     }
     Py_END_ALLOW_THREADS
+    return done;
+}
+
+/* The filled pack's result (pack_result), the arenas released. */
+static PyObject *
+packer_result(MergePacker *self)
+{
+    self->state = 2;
+    packer_unbusy(self);
+    return pack_result(&self->p, self->bufs, self->n_keys, self->n_versions, self->n_bytes);
+}
+
+static PyObject *
+inmem_merge_packer(PyObject *module, PyObject *args)
+{
+    return (PyObject *)packer_open(args, "merge_packer");
+}
+
+/* pack_merged: a packer filled at once */
+static PyObject *
+inmem_pack_merged(PyObject *module, PyObject *args)
+{
+    MergePacker *self = packer_open(args, "pack_merged");
+    if (self == NULL)
+        return NULL;
+    packer_step(self, SIZE_MAX / 2);
+    PyObject *result = packer_result(self);
+    Py_DECREF(self);
+    return result;
+}
+
+/* fill(blocks) -> (ends, done): packs keys until `blocks` more blocks are cut or none is
+ * left; `ends` the ">Q" ends (in data) of the blocks cut since the last call, the last
+ * block's too once done. */
+static PyObject *
+MergePacker_fill(MergePacker *self, PyObject *args)
+{
+    Py_ssize_t want;
+    if (!PyArg_ParseTuple(args, "n:fill", &want))
+        return NULL;
+    if (self->state != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "merge_packer: already filled");
+        return NULL;
+    }
+    Pack *p = &self->p;
+    int done = packer_step(self, (size_t)(want > 0 ? want : 1));
     if (p->bad) { /* pack_result raises the reference's error and releases the buffers */
-        self->state = 2;
-        packer_unbusy(self);
-        PyObject *r = pack_result(p, self->bufs, self->n_keys, self->n_versions, self->n_bytes);
-        Py_XDECREF(r);
+        Py_XDECREF(packer_result(self));
         return NULL;
     }
     PyObject *ends = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((p->n_blocks - self->reported) * 8));
@@ -1374,21 +1342,16 @@ MergePacker_result(MergePacker *self, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "merge_packer: not filled");
         return NULL;
     }
-    self->state = 2;
-    packer_unbusy(self);
-    return pack_result(&self->p, self->bufs, self->n_keys, self->n_versions, self->n_bytes);
+    return packer_result(self);
 }
 
 static void
 MergePacker_dealloc(MergePacker *self)
 {
-    if (self->state != 2) {
+    if (self->state != 2)
         packer_unbusy(self);
-        pack_release(&self->p, self->bufs);
-    } else {
-        merge_close(&self->m);
-        pack_release(&self->p, self->bufs);
-    }
+    merge_close(&self->m);
+    pack_release(&self->p, self->bufs);
     PyObject_Free(self);
 }
 
