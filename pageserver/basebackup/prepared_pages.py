@@ -111,7 +111,8 @@ class _Entry:
 
 
 class PreparedPages:
-    """The daemon's prepared pages by point, bounded in bytes and seconds. Thread-safe: a
+    """The daemon's prepared pages by point, the untaken ones bounded together in bytes, each
+    entry in seconds (a taken entry is its delta's memory: bounded alone). Thread-safe: a
     prepare adds a fork's pages on its thread while a delta takes them on another; the two
     share the forks (`start_fork`, `TakenPages`): a fork is rebuilt twice only where the
     delta stopped waiting for it (`WAIT_SECONDS`)."""
@@ -237,8 +238,9 @@ class PreparedPages:
 
     def take(self, point: PagePoint) -> TakenPages | None:
         """The pages prepared at `point`, if any, for the delta: nothing else finds them any
-        more, they leave the bound (the delta holds them while it runs) and the prepare goes
-        on with the forks the delta has not reached."""
+        more, they leave the bound (the delta holds them while it runs, and closes them when
+        it ends: `TakenPages.close`) and the prepare goes on with the forks the delta has not
+        reached; taken during the plan, the entry is closed (the delta rebuilds alone)."""
         with self._lock:
             self._expire()
             entry = self._entries.pop(point, None)
