@@ -396,14 +396,19 @@ def test_a_lone_frozen_layer_sleeps_until_the_next_is_asked_for(
 ) -> None:
     """The flusher's wait for a lone frozen layer's successor (`_next_frozen`) sleeps until
     the decode thread asks for it, then the merged flush starts at once: it checked every 10
-    ms before (~50 checks in half a second, a flush up to 10 ms late)."""
+    ms before (~50 checks in half a second, a flush up to 10 ms late). The check (the
+    timeline's lock) runs outside the flusher's lock: a thread holding the timeline's while it
+    asks the flusher for something would deadlock against it."""
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
     store = fresh(tmp_path / "s", workload)
     timeline = store.timeline
     checks: list[float] = []
     count_upto = timeline.frozen_count_upto
+    flusher_lock = store.flusher._cond
+    under_lock: list[bool] = []
 
     def counted(upto: int) -> int:
+        under_lock.append(flusher_lock._is_owned())  # type: ignore[attr-defined]
         checks.append(time.monotonic())
         return count_upto(upto)
 
@@ -428,6 +433,7 @@ def test_a_lone_frozen_layer_sleeps_until_the_next_is_asked_for(
         time.sleep(0.5)
         assert timeline.frozen_count == 1 and timeline.disk_consistent_lsn == durable  # waits
         assert len(checks) <= 2, f"{len(checks)} checks in 0.5 s: it polls"
+        assert not any(under_lock)
         ingest_until_frozen(2)
         asked = time.monotonic()
         while not flushes and time.monotonic() < asked + 10:  # no waiter hurries it
