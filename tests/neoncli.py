@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -64,11 +65,16 @@ class NeonCli:
 
     def where_stuck(self, child: subprocess.Popen[str]) -> str:
         """A command that does not end: the stacks of its threads and of the pageserver's,
-        its output and the pageserver's log's tail; the command is killed."""
+        its output and the pageserver's log's tail; the command is killed. Also kept in a
+        file named in the message (the home is removed, and a run's output is often read
+        by its tail only: a rare hang's stacks were lost that way)."""
         pageserver = self.dump_stacks([child.pid])
         child.kill()
         out, err = child.communicate()
-        return f"its stdout:\n{out}\nits stderr:\n{err}\n{pageserver}"
+        report = f"its stdout:\n{out}\nits stderr:\n{err}\n{pageserver}"
+        kept = Path(tempfile.mkdtemp(prefix="neon-stuck-")) / "where_stuck.txt"
+        kept.write_text(f"neon {' '.join(map(str, child.args[1:]))}\n{report}")
+        return f"(kept in {kept})\n{report}"
 
     def dump_stacks(self, pids: list[int]) -> str:
         """Make `pids` (`neon` commands: their stderr) and this home's pageserver (its

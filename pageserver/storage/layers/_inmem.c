@@ -1153,6 +1153,8 @@ typedef struct {
     Pack p;
     PyObject *bufs[3];
     size_t n_keys, n_versions, n_bytes, key_i, reported;
+    Py_ssize_t at_src; /* within the current key (m.group): its next source, -1 between keys */
+    uint32_t at_version; /* and that source's next version */
     int state; /* 0: filling, 1: filled (pack_end done), 2: result taken or released */
 } MergePacker;
 
@@ -1198,6 +1200,8 @@ packer_open(PyObject *args, const char *name)
     memset(&self->p, 0, sizeof self->p);
     self->bufs[0] = self->bufs[1] = self->bufs[2] = NULL;
     self->n_keys = self->n_versions = self->n_bytes = self->key_i = self->reported = 0;
+    self->at_src = -1;
+    self->at_version = 0;
     self->state = 2;
     self->p.limit = limit;
     self->p.lo = lo;
@@ -1231,8 +1235,9 @@ packer_open(PyObject *args, const char *name)
     return self;
 }
 
-/* Pack keys until `want` more blocks are cut or none is left (then closes the last block);
- * 1 when done (or p.bad), with the GIL released. */
+/* Pack versions until `want` more blocks are cut (a step may end inside a key: a hot page's
+ * versions span many blocks) or none is left (then closes the last block); 1 when done (or
+ * p.bad), with the GIL released. */
 static int
 packer_step(MergePacker *self, size_t want)
 {
@@ -1241,28 +1246,34 @@ packer_step(MergePacker *self, size_t want)
     size_t target = p->n_blocks + want;
     int done = 0;
     Py_BEGIN_ALLOW_THREADS
-    while (p->n_blocks < target) {
-        const uint8_t *key = merge_next(m);
-        if (key == NULL) {
-            pack_end(p);
-            done = 1;
-            break;
+    while (p->n_blocks < target && !p->bad) {
+        if (self->at_src < 0) {
+            const uint8_t *key = merge_next(m);
+            if (key == NULL) {
+                pack_end(p);
+                done = 1;
+                break;
+            }
+            pack_key(p, self->key_i++, key);
+            self->at_src = 0;
+            self->at_version = 0;
         }
-        pack_key(p, self->key_i++, key);
-        for (Py_ssize_t j = 0; j < m->k && !p->bad; j++) {
-            Chain *c = m->group[j];
-            Arena *a = m->src[j].a;
-            for (uint32_t n = 0; c != NULL && n < c->n; n++)
-                if (pack_put(p, a, &a->versions[c->v[n]]) < 0)
+        for (; self->at_src < m->k; self->at_src++, self->at_version = 0) {
+            Chain *c = m->group[self->at_src];
+            Arena *a = m->src[self->at_src].a;
+            while (c != NULL && self->at_version < c->n && p->n_blocks < target) {
+                if (pack_put(p, a, &a->versions[c->v[self->at_version]]) < 0)
                     break;
+                self->at_version++;
+            }
+            if (p->bad || (c != NULL && self->at_version < c->n))
+                break; /* the step ends inside this key */
         }
-        if (p->bad) {
-            done = 1;
-            break;
-        }
+        if (self->at_src >= m->k)
+            self->at_src = -1;
     }
     Py_END_ALLOW_THREADS
-    return done;
+    return done || p->bad;
 }
 
 /* The filled pack's result (pack_result), the arenas released. */
@@ -1293,8 +1304,8 @@ inmem_pack_merged(PyObject *module, PyObject *args)
     return result;
 }
 
-/* fill(blocks) -> (ends, done): packs keys until `blocks` more blocks are cut or none is
- * left; `ends` the ">Q" ends (in data) of the blocks cut since the last call, the last
+/* fill(blocks) -> (ends, done): packs versions until `blocks` more blocks are cut or none
+ * is left; `ends` the ">Q" ends (in data) of the blocks cut since the last call, the last
  * block's too once done. */
 static PyObject *
 MergePacker_fill(MergePacker *self, PyObject *args)

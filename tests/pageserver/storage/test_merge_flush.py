@@ -453,7 +453,9 @@ def test_a_merge_packer_fills_what_pack_merged_packs(
     tmp_path: Path,
     step: int,
 ) -> None:
-    """`_inmem.merge_packer` filled `step` blocks at a time: the blocks it reports, its data
+    """`_inmem.merge_packer` filled `step` blocks at a time (each step exactly that many,
+    ending inside a key if need be: whole keys a step packed a hot page's versions, many
+    blocks, while the zstd pool waited): the blocks it reports, its data
     and its tables are pack_merged's for every piece; an LSN outside the range raises
     pack_merged's error; a packer dropped half filled releases its arenas (a pack after)."""
     require_c_extension(native.inmem, "pageserver.storage.layers._inmem")
@@ -474,8 +476,8 @@ def test_a_merge_packer_fills_what_pack_merged_packs(
             packer = inmem.merge_packer(arenas, start, end, 8 * KiB, lo, hi)
             data, ends, done, steps = packer.data(), b"", False, 0
             while not done:
-                more, done = packer.fill(step)  # whole keys: a hot key may cut more
-                assert len(more) >= 8 * step or done
+                more, done = packer.fill(step)  # also inside a hot key's versions
+                assert len(more) == 8 * step or done
                 ends += more
                 steps += 1
             result = packer.result()
