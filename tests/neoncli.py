@@ -73,7 +73,7 @@ class NeonCli:
         out, err = child.communicate()
         report = f"its stdout:\n{out}\nits stderr:\n{err}\n{pageserver}"
         kept = Path(tempfile.mkdtemp(prefix="neon-stuck-")) / "where_stuck.txt"
-        kept.write_text(f"neon {' '.join(map(str, child.args[1:]))}\n{report}")
+        kept.write_text(f"{child.args!r}\n{report}")
         return f"(kept in {kept})\n{report}"
 
     def dump_stacks(self, pids: list[int]) -> str:
