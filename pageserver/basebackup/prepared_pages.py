@@ -37,7 +37,9 @@ most: then both may rebuild it, the prepare's pages dropped), and takes over one
 begun (the prepare skips it). Only the blocks the target's fork has are rebuilt (a fork absent
 there, or a block past its end, is not in the delta). At the bound (`prepared_pages_bytes`,
 the untaken entries together; a taken entry is the delta's memory, outside it but bounded
-alone by the same size) the prepare stops: the delta rebuilds the rest.
+alone by the same size) a fork whose pages would pass it is not rebuilt (never made whole
+to be dropped: the memory is the bound's) and the prepare goes on with the next; the delta
+rebuilds what is left.
 
 A failed, slow or refused prepare only means fewer cached pages: the delta
 rebuilds whatever it does not find, as without a cache. The cache knows only a target
@@ -60,6 +62,7 @@ from pageserver.history.snapshot_diff import ReadPoint
 from pageserver.reconstruct.reads import get_rel_size
 from pageserver.storage.keys import Key, keys_fields, rel_block_key
 from pageserver.storage.timeline import Timeline
+from pg15.constants import BLCKSZ
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +158,17 @@ class PreparedPages:
             self._entries[point] = entry
             return entry
 
-    def start_fork(self, entry: _Entry, fork: Fork) -> bool:
-        """The prepare begins `fork`; False where it should not (the entry dropped, the fork
-        taken over by the delta)."""
+    def start_fork(self, entry: _Entry, fork: Fork, nbytes: int = 0) -> bool:
+        """The prepare begins `fork`, whose pages will take `nbytes`; False where it should
+        not: the entry dropped, the fork taken over by the delta, or its pages would pass the
+        bound (left to the delta, which rebuilds them as it streams them: made here whole,
+        a newcomer's checkout rebuilt ~320 MiB of pgbench_accounts' pages at once only for
+        finish_fork to drop them, the pageserver's peak RSS 310 -> 540-610 MiB)."""
         with self._lock:
             self._expire()
             if entry.closed.is_set() or fork in entry.forks:
+                return False
+            if (entry.bytes if entry.taken else self._bytes) + nbytes > self.max_bytes:
                 return False
             entry.forks[fork] = _RUNNING
             return True
@@ -348,20 +356,22 @@ def _rebuild_into(
     only in the blocks the fork has at (target, lsn): one absent there, or a block past its
     end, is not in the delta (DeltaForks.fork_members) and would only take up the bound."""
     changed, _resized = fork_keys(keys)
+    every = True
     for fork, written in sorted(changed.items()):
         size = get_rel_size(target, *fork, lsn) or 0
         blocks = sorted(b for b in written if b < size)
         if not blocks:
             continue
-        if not cache.start_fork(entry, fork):
+        if not cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
             if entry.closed.is_set():
                 return False
+            every = every and fork in entry.forks  # taken over; absent: past the bound
             continue
         pages = rebuilt_pages(target, lsn, *fork, blocks)
         made = {rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)}
         if not cache.finish_fork(entry, fork, made):
             return False
-    return True
+    return every
 
 
 def prepare_checkout(cache: PreparedPages, current: Timeline, target: Timeline, lsn: int) -> None:

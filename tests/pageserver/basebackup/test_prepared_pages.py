@@ -108,8 +108,8 @@ def test_keys_written_after_the_prepare_are_rebuilt(
 def test_the_bound_stops_the_prepare_and_the_delta_rebuilds_the_rest(
     store: TimelineStore,
 ) -> None:
-    """A bound that holds the first fork's pages only: the prepare stops before the second,
-    which the delta rebuilds."""
+    """A bound that holds the first fork's pages only: the prepare leaves the second, which
+    the delta rebuilds."""
     tl, child, source = _checkout(store)
     head = ReadPoint(child, 64)
     want = _members(_delta(source, head), NBLOCKS)
@@ -122,6 +122,37 @@ def test_the_bound_stops_the_prepare_and_the_delta_rebuilds_the_rest(
     assert PreparedPages(0, 30).begin(entry.point) is None  # 0 bytes: no cache at all
     delta = _delta(source, head, cache.take(entry.point))
     assert _members(delta, NBLOCKS) == want and 0 < delta.prepared_used == first < delta.pages
+
+
+def test_a_fork_past_the_bound_is_not_rebuilt_and_the_next_is(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork whose pages would pass the bound is left to the delta before it is rebuilt
+    (made whole and then dropped, pgbench_accounts' pages took ~320 MiB of a newcomer's
+    checkout), and the prepare goes on with a smaller one that fits."""
+    tl, child, source = _checkout(store)
+    head = ReadPoint(child, 64)
+    want = _members(_delta(source, head), NBLOCKS)
+    keys = keys_changed(head, ReadPoint(tl, T))
+    fields = K.keys_fields(keys)
+    first = sum(1 for f in fields if f[3] == 16384 and f[5] < NBLOCKS[16384])
+    second = sum(1 for f in fields if f[3] == 16385 and f[5] < NBLOCKS[16385])
+    assert first > second > 0
+    rebuilt: list[int] = []
+    real = prepared_pages.rebuilt_pages
+
+    def spy(timeline: Timeline, lsn: int, *fork_blocks: Any) -> Iterator[bytes]:
+        rebuilt.append(fork_blocks[2])  # the relation
+        return real(timeline, lsn, *fork_blocks)
+
+    monkeypatch.setattr(prepared_pages, "rebuilt_pages", spy)
+    cache = PreparedPages(second * BLCKSZ, 30)
+    entry = prepare(cache, tl, T, keys)
+    assert entry is not None and not entry.done  # not every fork prepared
+    assert rebuilt == [16385]  # 16384 never made
+    assert len(entry.pages) == second and cache.held_bytes == second * BLCKSZ
+    delta = _delta(source, head, cache.take(entry.point))
+    assert _members(delta, NBLOCKS) == want and delta.prepared_used == second
 
 
 FORK = (1663, 5, 16384, 0)
