@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -26,34 +25,44 @@ PASSWORD = "test-secret-pw"
 
 
 FREE_PORTS_FROM = 30400
-"""free_port() searches from here up to the kernel's ephemeral ports; below are the PGPORT
-ranges of pgport_base()."""
+"""free_port() hands out ports from here up to the kernel's ephemeral ports; below are the
+PGPORT ranges of pgport_base()."""
+FREE_PORTS_SLOT = 100
 PGPORT_FROM = 10000
 PGPORT_SLOT = 200
-_handed_out: set[int] = set()
 _pgport_claim: tuple[int, TextIO] | None = None
+_free_ports_claim: tuple[range, TextIO] | None = None
+_free_ports_next = 0
+
+
+def _claim_slot(kind: str, slots: int) -> tuple[int, TextIO] | None:
+    """The first of `slots` slots of `kind` no other process holds, claimed with an flock
+    held for this process's life (so concurrent xdist workers and concurrent suites never
+    share one); None when every slot is held."""
+    lock_dir = Path(tempfile.gettempdir()) / "pg-neon-test-pgports"
+    lock_dir.mkdir(exist_ok=True)
+    for slot in range(slots):
+        prefix = "slot" if kind == "pgport" else kind
+        lock = (lock_dir / f"{prefix}-{slot}.lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        return slot, lock
+    return None
 
 
 def pgport_base() -> int:
     """The first of PGPORT_SLOT ports this test process alone searches from when a node is
-    created without --port (tests/neoncli.py sets PGPORT to it). The slot is claimed with an
-    flock held for the process's life, so concurrent workers and concurrent suites never
-    share one (a suite's nodes took another suite's port when slots came from PIDs)."""
+    created without --port (tests/neoncli.py sets PGPORT to it). The slot is claimed for the
+    process's life (a suite's nodes took another suite's port when slots came from PIDs)."""
     global _pgport_claim
     if _pgport_claim is None:
-        lock_dir = Path(tempfile.gettempdir()) / "pg-neon-test-pgports"
-        lock_dir.mkdir(exist_ok=True)
-        for slot in range((FREE_PORTS_FROM - PGPORT_FROM) // PGPORT_SLOT):
-            lock = (lock_dir / f"slot-{slot}.lock").open("a")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                continue
-            _pgport_claim = (PGPORT_FROM + PGPORT_SLOT * slot, lock)
-            break
-        else:
-            raise RuntimeError(f"every PGPORT slot under {lock_dir} is claimed")
+        claim = _claim_slot("pgport", (FREE_PORTS_FROM - PGPORT_FROM) // PGPORT_SLOT)
+        if claim is None:
+            raise RuntimeError("every PGPORT slot of the test suites is claimed")
+        _pgport_claim = (PGPORT_FROM + PGPORT_SLOT * claim[0], claim[1])
     return _pgport_claim[0]
 
 
@@ -64,27 +73,46 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _free_ports() -> range | None:
+    """This process's own FREE_PORTS_SLOT ports between FREE_PORTS_FROM and the kernel's
+    ephemeral ports, claimed for its life: a port one xdist worker handed to a node created
+    with `--no-start --port P` was bound by another worker's server before the node started
+    when every process drew from the whole range. None when no slot is left (an unusual
+    kernel port range, or every slot held)."""
+    global _free_ports_claim
+    if _free_ports_claim is None:
+        low = FREE_PORTS_FROM
+        claim = _claim_slot("free", (_ephemeral_low() - low) // FREE_PORTS_SLOT)
+        if claim is None:
+            return None
+        first = low + FREE_PORTS_SLOT * claim[0]
+        _free_ports_claim = (range(first, first + FREE_PORTS_SLOT), claim[1])
+    return _free_ports_claim[0]
+
+
 def free_port() -> int:
-    """A port nothing listens on now, never the same twice in this process, for a server
-    started next. Not one the kernel hands out (bind to port 0): that range is also where
-    every outgoing connection on the host takes its local port, and one did take a port
-    between this call and `pg create --port` binding it (another test's client, or a
-    walreceiver connecting), so a random port below it that binds now is used."""
-    low, high = FREE_PORTS_FROM, _ephemeral_low()
-    for _attempt in range(1000 if high - low > 100 else 0):
-        port = random.randrange(low, high)
-        if port in _handed_out:
-            continue
+    """A port nothing listens on now, for a server started next: the next of this process's
+    own ports (`_free_ports`, in turn, so a port is handed out again only after every other
+    one was) that binds now. Not one the kernel hands out (bind to port 0): that range is
+    also where every outgoing connection on the host takes its local port, and one did take
+    a port between this call and `pg create --port` binding it (another test's client, or a
+    walreceiver connecting)."""
+    global _free_ports_next
+    ports = _free_ports()
+    if ports is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _attempt in range(len(ports)):
+        port = ports[_free_ports_next % len(ports)]
+        _free_ports_next += 1
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _handed_out.add(port)
         return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an unusual port range
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    raise RuntimeError(f"every port in {ports.start}-{ports.stop - 1} is in use")
 
 
 @dataclass

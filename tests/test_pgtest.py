@@ -42,3 +42,36 @@ def test_concurrent_test_processes_search_distinct_pgport_slots() -> None:
     bases.append(mine)
     assert len(set(bases)) == 4, bases
     assert all(b >= PGPORT_FROM and b + PGPORT_SLOT <= FREE_PORTS_FROM for b in bases)
+
+
+def test_concurrent_test_processes_get_distinct_free_ports() -> None:
+    """A port free_port() gave one xdist worker for `pg create --no-start --port P` was bound
+    by another worker's server before the node started (both drew from one range)."""
+    code = (
+        "import sys\n"
+        "from tests.pgtest import free_port\n"
+        "print(*[free_port() for _ in range(60)], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        for _ in range(4)
+    ]
+    try:
+        handed = [
+            {int(p) for p in child.stdout.readline().split()} for child in children if child.stdout
+        ]
+    finally:
+        for child in children:
+            child.communicate("", timeout=30)
+    assert [len(ports) for ports in handed] == [60] * 4
+    every = set().union(*handed)
+    assert len(every) == 240, "two test processes were handed the same port"
+    assert all(FREE_PORTS_FROM <= p < 32768 for p in every)
