@@ -168,7 +168,7 @@ class PreparedPages:
             self._expire()
             if entry.closed.is_set() or fork in entry.forks:
                 return False
-            if (entry.bytes if entry.taken else self._bytes) + nbytes > self.max_bytes:
+            if not self._fits(entry, nbytes):
                 return False
             entry.forks[fork] = _RUNNING
             return True
@@ -182,7 +182,7 @@ class PreparedPages:
             if entry.closed.is_set():
                 return False
             size = sum(map(len, pages.values()))
-            fits = (entry.bytes if entry.taken else self._bytes) + size <= self.max_bytes
+            fits = self._fits(entry, size)
             if entry.forks.get(fork) == _RUNNING and fits:
                 entry.pages.update(pages)
                 entry.bytes += size
@@ -195,6 +195,10 @@ class PreparedPages:
             if not fits:
                 log.info("prepared pages: bound of %d bytes reached", self.max_bytes)
             return fits
+
+    def _fits(self, entry: _Entry, nbytes: int) -> bool:
+        """Whether `nbytes` more pages of `entry` stay within the bound (under the lock)."""
+        return (entry.bytes if entry.taken else self._bytes) + nbytes <= self.max_bytes
 
     def planned(self, entry: _Entry) -> bool:
         """The prepare knows its keys; False (it stops) where the entry was closed meanwhile
