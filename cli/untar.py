@@ -208,29 +208,59 @@ class _Extractor:
 
 
 @contextlib.contextmanager
-def _extracting(
-    target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
-    pack_deltas: bool = False,
-) -> Iterator[_Extractor]:  # fmt: skip
-    """An extractor into a sibling `<name>.tmp-XXXX` renamed to `target_dir` (absent or empty)
-    when the block succeeds; removed, with whatever was written, when it fails."""
+def staged_dir(target_dir: Path) -> Iterator[Path]:
+    """A new directory for PostgreSQL's user, a sibling `<name>.tmp-XXXX` of `target_dir`
+    (absent or empty), renamed to it when the block succeeds; removed, with whatever was
+    written, when it fails (cli/extract.py's `remove_download_leftovers` removes one a
+    killed process left)."""
     target = Path(target_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AlreadyExists(f"{target} exists and is not an empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
-    extractor = _Extractor(tmp, tablespace_links, divert, pack_deltas)
     try:
         make_pg_dir(tmp)
-        yield extractor
-        extractor.finish()
+        yield tmp
         if target.exists():
             target.rmdir()
         os.rename(tmp, target)
     except BaseException:
-        extractor.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _extracting(
+    target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
+    pack_deltas: bool = False,
+) -> Iterator[_Extractor]:  # fmt: skip
+    """An extractor into a `staged_dir` of `target_dir`, finished when the block succeeds."""
+    with staged_dir(target_dir) as tmp:
+        extractor = _Extractor(tmp, tablespace_links, divert, pack_deltas)
+        try:
+            yield extractor
+            extractor.finish()
+        finally:
+            extractor.close()
+
+
+def extract_into_dir_fd(batches: Iterable[list[bytes]], dir_fd: int) -> None:
+    """Unpack a tar arriving as lists of chunks into the empty directory open as `dir_fd`,
+    as extract_basebackup does (the same checks, modes and owner; no link member): how the
+    local pageserver writes a basebackup into the directory the CLI handed it
+    (pageserver/api/local_files.py). The caller made the directory and removes it on
+    failure. Paths are resolved through /proc/self/fd/N, which names the directory the
+    descriptor is open on whatever it is called by then."""
+    if os.listdir(dir_fd):
+        raise AlreadyExists("the directory handed for a basebackup is not empty")
+    extractor = _Extractor(Path(f"/proc/self/fd/{dir_fd}"), None)
+    try:
+        for batch in batches:
+            for chunk in batch:
+                extractor.feed(chunk)
+        extractor.finish()
+    finally:
+        extractor.close()
 
 
 def extract_basebackup(

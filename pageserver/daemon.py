@@ -25,7 +25,8 @@ import uvloop
 
 from durable_files import PRIVATE_UMASK
 from pageserver.api.http_service import HttpService
-from pageserver.api.proto_service import build_handlers
+from pageserver.api.local_files import LocalFilesServer, socket_path
+from pageserver.api.proto_service import build_handlers, local_basebackup
 from pageserver.api.service import VERSION, Pageserver
 from pageserver.config import (
     DEFAULT_GC_INTERVAL,
@@ -80,6 +81,7 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
     acquire_pid_file(config.pid_file)
     proto: ProtoServer | None = None
     http: HttpService | None = None
+    local: LocalFilesServer | None = None
     ps: Pageserver | None = None
     try:
         ps = Pageserver(config)
@@ -95,6 +97,10 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         proto_port = proto.port
         http = HttpService(ps)
         http_port = await http.start(config.listen_host, config.http_port)
+        local_path = socket_path(config.workdir)
+        if local_path is not None:  # too long a path: its CLI streams
+            local = LocalFilesServer(local_path, local_basebackup(ps))
+            await local.start()
         ps.config = dataclasses.replace(config, proto_port=proto_port, http_port=http_port)
         _write_json_atomic(
             config.ports_file,
@@ -134,6 +140,8 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
             await proto.close()
         if http is not None:
             await http.close()
+        if local is not None:
+            await local.close()
         config.ports_file.unlink(missing_ok=True)
         config.pid_file.unlink(missing_ok=True)
         log.info("stopped")

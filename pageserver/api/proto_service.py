@@ -8,12 +8,13 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from pageserver.api.local_files import WriteInto, until_gone
 from pageserver.api.own_thread import on_own_thread
 from pageserver.api.service import Pageserver
 from pageserver.api.slow_requests import reported_if_slow
-from pageserver.api.thread_chunks import chunks_in_thread
+from pageserver.api.thread_chunks import chunks_ahead, chunks_in_thread
 from pageserver.basebackup.checkout_delta import checkout_parent
 from pageserver.basebackup.prepared_pages import page_point
 from pageserver.basebackup.snapshot_file import (
@@ -36,11 +37,80 @@ from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
 from pg15.constants import BLCKSZ, FORK_NAMES
 from pg15.lsn import format_lsn
-from proto.errors import NotFound
+from proto.errors import InvalidArgument, NotFound
 from proto.server import Handler, RequestContext
 
 Route = Callable[[RequestContext, Any], Awaitable[m.ApiResponse]]
 """A handler of one method: the parsed request in, the response model out."""
+
+
+async def _plan_basebackup(
+    ps: Pageserver,
+    req: m.BasebackupRequest | m.BasebackupPlanRequest,
+    delta: DeltaParent | None = None,
+) -> tuple[BasebackupInfo, Iterator[bytes]]:
+    """Validate a basebackup and describe it; its tar chunks are produced lazily (a delta's
+    relation forks by `delta`)."""
+    source, tli = await on_own_thread(
+        "basebackup-source", ps.basebackup_source, req.node_id, req.snapshot
+    )
+    pg_timeline = req.pg_timeline if req.pg_timeline is not None else tli or 1
+    history = req.timeline_history if isinstance(req, m.BasebackupRequest) else None
+    if history is None and pg_timeline > 1:
+        # The parent timeline and where this one branched from it (what a promotion's
+        # .history file records); PostgreSQL wants it beside the new timeline's WAL.
+        history = f"{pg_timeline - 1}\t{format_lsn(source.lsn)}\tneon branch\n".encode()
+    return await asyncio.to_thread(
+        basebackup_chunks,
+        source,
+        source.lsn,
+        pg_timeline=pg_timeline,
+        timeline_history=history,
+        now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
+        fork_content=None if delta is None else delta.forks,
+    )
+
+
+def _basebackup_response(
+    info: BasebackupInfo, sent: int, tar_bytes: int, delta: DeltaParent | None
+) -> m.BasebackupResponse:
+    fields = asdict(info)
+    spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
+    return m.BasebackupResponse(
+        **fields, bytes=sent, tar_bytes=tar_bytes, tablespaces=spaces,
+        parent=None if delta is None else delta.name,
+        parent_lsn=None if delta is None else delta.lsn,
+        full_tar_bytes=tar_bytes if delta is None else delta.forks.full_tar_bytes(tar_bytes),
+    )  # fmt: skip
+
+
+def local_basebackup(ps: Pageserver) -> WriteInto:
+    """The daemon's side of a basebackup written into a directory the local CLI handed it
+    (pageserver/api/local_files.py): a plain one (no delta, no `.neon` file), its tar made
+    on one thread as `basebackup` makes it and unpacked on another into the directory by
+    the CLI's own unpacker, with its checks (`cli.untar.extract_into_dir_fd`)."""
+    from cli.untar import extract_into_dir_fd  # the daemon's import of a `.neon` uses it too
+
+    async def write_into(
+        raw: dict[str, Any], dir_fd: int, client_gone: Callable[[], bool]
+    ) -> dict[str, Any]:
+        req = m.BasebackupRequest.from_wire(raw)
+        if req.checkout_from or req.delta_from or req.snapshot_file:
+            raise InvalidArgument("a local basebackup writes a whole data directory only")
+        info, tar_chunks = await _plan_basebackup(ps, req)
+        tar = TarCounter(tar_chunks)
+
+        def write() -> None:
+            batches = chunks_ahead(batched(iter(tar), HANDOFF_BYTES))
+            try:
+                extract_into_dir_fd(until_gone(batches, client_gone), dir_fd)
+            finally:  # its producer stops at its next batch
+                cast(Generator[list[bytes], None, None], batches).close()
+
+        await on_own_thread("basebackup-files", write)
+        return _basebackup_response(info, 0, tar.bytes, None).to_wire()
+
+    return write_into
 
 
 def build_handlers(ps: Pageserver) -> dict[str, Handler]:
@@ -180,29 +250,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         )
         return m.BranchResponse(**state)
 
-    async def plan_basebackup(
+    def plan_basebackup(
         req: m.BasebackupRequest | m.BasebackupPlanRequest, delta: DeltaParent | None = None
-    ) -> tuple[BasebackupInfo, Iterator[bytes]]:
-        """Validate a basebackup and describe it; its tar chunks are produced lazily (a
-        delta's relation forks by `delta`)."""
-        source, tli = await on_own_thread(
-            "basebackup-source", ps.basebackup_source, req.node_id, req.snapshot
-        )
-        pg_timeline = req.pg_timeline if req.pg_timeline is not None else tli or 1
-        history = req.timeline_history if isinstance(req, m.BasebackupRequest) else None
-        if history is None and pg_timeline > 1:
-            # The parent timeline and where this one branched from it (what a promotion's
-            # .history file records); PostgreSQL wants it beside the new timeline's WAL.
-            history = f"{pg_timeline - 1}\t{format_lsn(source.lsn)}\tneon branch\n".encode()
-        return await asyncio.to_thread(
-            basebackup_chunks,
-            source,
-            source.lsn,
-            pg_timeline=pg_timeline,
-            timeline_history=history,
-            now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
-            fork_content=None if delta is None else delta.forks,
-        )
+    ) -> Awaitable[tuple[BasebackupInfo, Iterator[bytes]]]:
+        return _plan_basebackup(ps, req, delta)
 
     async def basebackup_plan(
         ctx: RequestContext, req: m.BasebackupPlanRequest
@@ -262,14 +313,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         finally:
             if prepared is not None:
                 prepared.close()
-        fields = asdict(info)
-        spaces = [m.TablespaceLocation(oid, loc) for oid, loc in fields.pop("tablespaces")]
-        return m.BasebackupResponse(
-            **fields, bytes=sent, tar_bytes=tar.bytes, tablespaces=spaces,
-            parent=None if delta is None else delta.name,
-            parent_lsn=None if delta is None else delta.lsn,
-            full_tar_bytes=tar.bytes if delta is None else delta.forks.full_tar_bytes(tar.bytes),
-        )  # fmt: skip
+        return _basebackup_response(info, sent, tar.bytes, delta)
 
     async def pitr_create(ctx: RequestContext, req: m.PitrCreateRequest) -> m.PitrAreaInfo:
         area = await on_own_thread(
