@@ -19,8 +19,8 @@ from cli.registry import PageserverRow
 from cli.secrets import ensure_secret
 from pageserver.config import DEFAULT_HTTP_PORT, DEFAULT_PROTO_PORT, PageserverConfig
 from pageserver.pid_file import pid_alive
-from pageserver.remote.proto_objects import tls_context
 from pageserver_api.client import SyncPageserverClient
+from proto.client import tls_context
 from proto.errors import Unavailable
 
 DAEMON_MODULE = "cli.pageserver_daemon"

@@ -54,7 +54,6 @@ from cli.transport.file import FileStore
 # (`parse_location` imports the destination's scheme): a push to a file or over ssh imported
 # all three, ~5 ms of its CLI's ~0.17 s of CPU.
 from pageserver.history.snapshots import import_name_from
-from pageserver.remote.proto_objects import tls_context
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (
     BasebackupPlan,
@@ -62,6 +61,7 @@ from pageserver_api.models import (
     SnapshotInfo,
     SnapshotShowRequest,
 )
+from proto.client import tls_context
 from proto.errors import CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest

@@ -16,7 +16,6 @@ from cli.home import NeonHome
 from cli.pgbin import claim_dir, traversal_mode
 from cli.secrets import MASK, prompt_secret, secret_from_source, write_secret
 from durable_files import write_file_durably
-from pageserver.storage.retention import parse_size
 from proto.errors import InvalidArgument
 
 DEFAULT_STORAGE = "local"
@@ -234,6 +233,9 @@ def build_spec(home: NeonHome, name: str, type_: str, raw: dict[str, str]) -> St
     options = {k: v for k, v in raw.items() if k not in SECRET_OPTIONS[type_]}
     secrets = {k: v for k, v in raw.items() if k in SECRET_OPTIONS[type_]}
     if "local_cache" in options:  # bytes of uploaded layers kept on disk (pageserver/remote/)
+        # Imported here: retention's decimal and fractions cost every command's start ~3 ms.
+        from pageserver.storage.retention import parse_size
+
         parse_size(options["local_cache"])
     if type_ == "native":
         given = Path(options.get("path") or home.storage_root / name).expanduser()

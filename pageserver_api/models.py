@@ -289,20 +289,22 @@ _AREAS: dict[str, tuple[str, ...]] = {
     ),
     "pageserver_api.models_snapshots": (
         "SnapshotInfo",
-        "SnapshotCreateRequest",
         "SnapshotListResponse",
         "SnapshotListRequest",
         "SnapshotShowRequest",
-        "SnapshotDestroyRequest",
-        "SnapshotImportRequest",
-        "SnapshotImportDeltaRequest",
-        "BranchResponse",
-        "NodeBranchRequest",
         "BasebackupPlan",
         "TablespaceLocation",
         "BasebackupResponse",
         "BasebackupRequest",
         "BasebackupPlanRequest",
+    ),
+    "pageserver_api.models_snapshot_writes": (
+        "SnapshotCreateRequest",
+        "SnapshotDestroyRequest",
+        "SnapshotImportRequest",
+        "SnapshotImportDeltaRequest",
+        "BranchResponse",
+        "NodeBranchRequest",
     ),
     "pageserver_api.models_pitr": (
         "PitrAreaInfo",
@@ -485,6 +487,24 @@ if TYPE_CHECKING:
     from pageserver_api.models_remote import (
         RemoteUploadStatus as RemoteUploadStatus,
     )
+    from pageserver_api.models_snapshot_writes import (
+        BranchResponse as BranchResponse,
+    )
+    from pageserver_api.models_snapshot_writes import (
+        NodeBranchRequest as NodeBranchRequest,
+    )
+    from pageserver_api.models_snapshot_writes import (
+        SnapshotCreateRequest as SnapshotCreateRequest,
+    )
+    from pageserver_api.models_snapshot_writes import (
+        SnapshotDestroyRequest as SnapshotDestroyRequest,
+    )
+    from pageserver_api.models_snapshot_writes import (
+        SnapshotImportDeltaRequest as SnapshotImportDeltaRequest,
+    )
+    from pageserver_api.models_snapshot_writes import (
+        SnapshotImportRequest as SnapshotImportRequest,
+    )
     from pageserver_api.models_snapshots import (
         BasebackupPlan as BasebackupPlan,
     )
@@ -496,24 +516,6 @@ if TYPE_CHECKING:
     )
     from pageserver_api.models_snapshots import (
         BasebackupResponse as BasebackupResponse,
-    )
-    from pageserver_api.models_snapshots import (
-        BranchResponse as BranchResponse,
-    )
-    from pageserver_api.models_snapshots import (
-        NodeBranchRequest as NodeBranchRequest,
-    )
-    from pageserver_api.models_snapshots import (
-        SnapshotCreateRequest as SnapshotCreateRequest,
-    )
-    from pageserver_api.models_snapshots import (
-        SnapshotDestroyRequest as SnapshotDestroyRequest,
-    )
-    from pageserver_api.models_snapshots import (
-        SnapshotImportDeltaRequest as SnapshotImportDeltaRequest,
-    )
-    from pageserver_api.models_snapshots import (
-        SnapshotImportRequest as SnapshotImportRequest,
     )
     from pageserver_api.models_snapshots import (
         SnapshotInfo as SnapshotInfo,

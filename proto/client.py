@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable
 from typing import Any
 
 from proto.connection import MessageStream
-from proto.errors import AuthFailed, Conflict, ProtocolError, Unavailable
+from proto.errors import AuthFailed, Conflict, InvalidArgument, ProtocolError, Unavailable
 from proto.frames import DEFAULT_MAX_FRAME_SIZE
 from proto.messages import (
     CONNECTION_ID,
@@ -30,6 +30,15 @@ from proto.messages import (
 DEFAULT_CONNECT_TIMEOUT = 10.0
 PAGESERVER = "the pageserver"
 PAGESERVER_HINT = "is it running? (`neon pageserver start` starts the local one)"
+
+
+def tls_context(ca_file: str | None) -> ssl_.SSLContext:
+    """A client context verifying the server's certificate and host name, against `ca_file`
+    (the certificate the user gave, e.g. a self-signed one) or else the system's CAs."""
+    try:
+        return ssl_.create_default_context(cafile=ca_file)
+    except (OSError, ssl_.SSLError) as exc:
+        raise InvalidArgument(f"cannot load the CA file {ca_file}: {exc}") from None
 
 
 class ProtoClient:

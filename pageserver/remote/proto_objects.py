@@ -16,7 +16,6 @@ step; connection failures are Unavailable, so the queue retries them with its ba
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 
 from pageserver.remote.objects import ObjectStore, PreconditionFailed
 from pageserver.remote.settings import RemoteSettings
-from proto.client import ProtoClient
+from proto.client import ProtoClient, tls_context
 from proto.errors import AlreadyExists, InvalidArgument, NotFound, ProtocolError
 
 CHUNK = 1 << 20
@@ -32,15 +31,6 @@ PAGESERVER_NAME = "pg-neon pageserver"
 """How a pageserver names itself in its hello (pageserver/daemon.py)."""
 PEER = "the remote pageserver"
 HINT = "is the pageserver of the storage's url running, and is the url right?"
-
-
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """A client context verifying the server's certificate and host name, against `ca_file`
-    (the certificate the user gave, e.g. a self-signed one) or else the system's CAs."""
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidArgument(f"cannot load the CA file {ca_file}: {exc}") from None
 
 
 class ProtoObjectStore(ObjectStore):
