@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.extract [--db-gib 1] [--wal-gib 1] [--min-run-mib 256]
                                       [--big-gib 4] [--snapshots 5] [--seed 1] [--keep]
-                                      [--py-spy DIR]
+                                      [--py-spy DIR] [--stream]
 
 1. A throwaway PostgreSQL 15 server is initdb'd (not started); its data directory is copied
    (BASE, the reference's base backup) and imported into a NodeStore at its shutdown
@@ -15,10 +15,12 @@
    The segments are copied to a WAL archive for the reference, and TARGET is picked: the end
    of a random record in the second half of the history (and after `pgbench -i`).
 4. Timed until each server accepts connections (read-write), one after the other:
-   - ours: basebackup(TimelineSource(timeline, TARGET)) streamed through a pipe into a process
-     unpacking it (cli/untar.py's extract_basebackup, `bench.pipe_ends untar`), as the
-     pageserver streams a basebackup to the `neon` CLI; configuration written, pg_ctl start
-     -w (no recovery: the tar has a shutdown checkpoint);
+   - ours: basebackup(TimelineSource(timeline, TARGET)) written into the new directory as
+     the home's own daemon writes it into the directory the `neon` CLI hands it
+     (pageserver/api/local_files.py's write_tar_into); with --stream, as a remote
+     pageserver streams it: through a pipe into a process unpacking it (cli/untar.py's
+     extract_basebackup, `bench.pipe_ends untar`); configuration written, pg_ctl start -w
+     (no recovery: the tar has a shutdown checkpoint);
    - pg_basebackup: `pg_basebackup -X stream -c fast` of the live server into a directory,
      configuration written, pg_ctl start -w (replays the WAL of the backup);
    - PITR: copy of BASE, restore_command from the archive, recovery_target_lsn = TARGET
@@ -73,8 +75,11 @@ from bench.common import (
 from bench.pyspy import recording, summary, wrapped
 from cli import postmaster
 from cli.pgbin import give_to_pg_user, make_pg_dir
+from cli.untar import staged_dir
+from pageserver.api.local_files import write_tar_into
+from pageserver.basebackup.snapshot_file import TarCounter
 from pageserver.basebackup.sources import TimelineSource
-from pageserver.basebackup.tar_stream import basebackup
+from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.snapshots import new_snapshot
 from pageserver.malloc_tuning import tune_malloc
@@ -182,11 +187,15 @@ def ours(
     target: int,
     config: dict[str, bytes],
     py_spy: Path | None = None,
+    stream: bool = False,
 ) -> tuple[StartResult, float, int]:
-    """basebackup at `target` streamed into a process that unpacks it (as the pageserver
-    streams it to the `neon` CLI), configure, start. With `py_spy`, both sides are sampled
-    into it (basebackup.txt: this process, every thread; untar.txt: the unpacking process,
-    idle included, so its wait for the pipe shows)."""
+    """basebackup at `target` written into the new data directory as the home's own daemon
+    writes it into the directory the `neon` CLI hands it (pageserver/api/local_files.py:
+    the tar made on one thread, unpacked with the CLI's checks on another), configure,
+    start. With `stream`, as a remote pageserver streams it instead: through a pipe into a
+    process that unpacks it. With `py_spy`, both sides are sampled into it (basebackup.txt:
+    this process, every thread; untar.txt: the unpacking process, idle included, so its
+    wait for the pipe shows)."""
     state = store.state
     assert state is not None
     server = cluster.create_empty(cluster.servers[0].settings)
@@ -197,22 +206,37 @@ def ours(
         sampling = recording(os.getpid(), py_spy / "basebackup.txt")
     parts: dict[str, float] = {}
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    source = TimelineSource(store.timeline, target)
     with sampling, measure() as m:
         t0 = time.perf_counter()
-        with subprocess.Popen(untar, stdin=subprocess.PIPE) as proc:
-            assert proc.stdin is not None
-            counted = _CountingWriter(proc.stdin)
-            with proc.stdin:
-                basebackup(
-                    TimelineSource(store.timeline, target),
-                    target,
-                    pg_timeline=state.pg_timeline,
-                    out=cast(BinaryIO, counted),  # it only writes
-                    config_files=config,
-                )
-            parts["basebackup_s"] = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"unpacking our basebackup failed (exit {proc.returncode})")
+        if stream:
+            with subprocess.Popen(untar, stdin=subprocess.PIPE) as proc:
+                assert proc.stdin is not None
+                counted = _CountingWriter(proc.stdin)
+                with proc.stdin:
+                    basebackup(
+                        source,
+                        target,
+                        pg_timeline=state.pg_timeline,
+                        out=cast(BinaryIO, counted),  # it only writes
+                        config_files=config,
+                    )
+                parts["basebackup_s"] = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"unpacking our basebackup failed (exit {proc.returncode})")
+            tar_bytes = counted.bytes
+        else:
+            _info, chunks = basebackup_chunks(
+                source, target, pg_timeline=state.pg_timeline, config_files=config
+            )
+            tar = TarCounter(chunks)
+            with staged_dir(server.datadir) as tmp:  # what the CLI makes and hands over
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    write_tar_into(iter(tar), fd)
+                finally:
+                    os.close(fd)
+            tar_bytes = tar.bytes
         parts["basebackup_and_unpack_s"] = time.perf_counter() - t0
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         parts["unpack_cpu_s"] = (children1.ru_utime - children0.ru_utime) + (
@@ -222,7 +246,7 @@ def ours(
         postmaster.write_config(server.datadir, *server.config())
         server.start()
         parts["start_s"] = time.perf_counter() - t0
-    return StartResult(m.wall, parts, server), m.cpu, counted.bytes
+    return StartResult(m.wall, parts, server), m.cpu, tar_bytes
 
 
 class _CountingWriter:
@@ -435,8 +459,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = config_files(server)
             results["machine_before_runs"] = machine_info()
 
-            say("ours: basebackup at TARGET → a pipe → unpacked by a process of its own → start")
-            our, our_cpu, tar_bytes = ours(cluster, store, target, config, args.py_spy)
+            way = "a pipe → unpacked by a process of its own" if args.stream else "files"
+            say(f"ours: basebackup at TARGET → {way} → start")
+            our, our_cpu, tar_bytes = ours(cluster, store, target, config, args.py_spy, args.stream)
             say(f"ours: {our.wall:.1f} s; PITR reference: copy BASE, replay to TARGET")
             pitr = pitr_ref(cluster, server, base, archive, target)
             say(f"PITR: {pitr.wall:.1f} s; cross-check")
@@ -479,6 +504,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "layer_bytes": layer_bytes,
         },
         ours={
+            "way": "stream" if args.stream else "files",
             "wall_s": round(our.wall, 3),
             "cpu_s": round(our_cpu, 3),
             "tar_bytes": tar_bytes,
@@ -555,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="random seed for the target LSN")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (data, layers)")
     ap.add_argument("--py-spy", type=Path, metavar="DIR", help="sample our extraction into DIR")
+    ap.add_argument(
+        "--stream",
+        action="store_true",
+        help="ours as a remote pageserver's: the tar through a pipe to an unpacking process",
+    )
     args = ap.parse_args(argv)
     if args.snapshots < 1:
         ap.error("--snapshots must be at least 1")

@@ -30,9 +30,9 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from proto.errors import InternalError, InvalidArgument, NeonError, ProtocolError
 from proto.frames import HEADER, decode_frame_body, encode_frame
@@ -196,10 +196,28 @@ class ClientGone(NeonError):
     """The CLI closed its connection while the daemon wrote its basebackup."""
 
 
-def until_gone(
+def write_tar_into(
+    chunks: Iterator[bytes], dir_fd: int, client_gone: Callable[[], bool] = lambda: False
+) -> None:
+    """Unpack the tar `chunks` make into the empty directory open as `dir_fd` with the CLI's
+    unpacker and its checks (`cli.untar.extract_into_dir_fd`), the tar made on a thread of
+    its own a few MiB ahead of the writes (`chunks_ahead`, as `basebackup` writes a pipe);
+    ClientGone once `client_gone()` says so (checked every MiB)."""
+    # Imported here: the CLI's side of this module is all `neon` loads at its start.
+    from cli.untar import extract_into_dir_fd
+    from pageserver.api.thread_chunks import chunks_ahead
+    from pageserver.basebackup.tar_stream import HANDOFF_BYTES, batched
+
+    batches = chunks_ahead(batched(chunks, HANDOFF_BYTES))
+    try:
+        extract_into_dir_fd(_until_gone(batches, client_gone), dir_fd)
+    finally:  # its producer stops at its next batch
+        cast(Generator[list[bytes], None, None], batches).close()
+
+
+def _until_gone(
     batches: Iterable[list[bytes]], client_gone: Callable[[], bool]
 ) -> Iterator[list[bytes]]:
-    """`batches`, stopping with ClientGone once the client has gone (checked per batch)."""
     for batch in batches:
         if client_gone():
             raise ClientGone("the client of a local basebackup went away")

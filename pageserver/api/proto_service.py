@@ -8,13 +8,13 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from pageserver.api.local_files import WriteInto, until_gone
+from pageserver.api.local_files import WriteInto, write_tar_into
 from pageserver.api.own_thread import on_own_thread
 from pageserver.api.service import Pageserver
 from pageserver.api.slow_requests import reported_if_slow
-from pageserver.api.thread_chunks import chunks_ahead, chunks_in_thread
+from pageserver.api.thread_chunks import chunks_in_thread
 from pageserver.basebackup.checkout_delta import checkout_parent
 from pageserver.basebackup.prepared_pages import page_point
 from pageserver.basebackup.snapshot_file import (
@@ -87,9 +87,7 @@ def _basebackup_response(
 def local_basebackup(ps: Pageserver) -> WriteInto:
     """The daemon's side of a basebackup written into a directory the local CLI handed it
     (pageserver/api/local_files.py): a plain one (no delta, no `.neon` file), its tar made
-    on one thread as `basebackup` makes it and unpacked on another into the directory by
-    the CLI's own unpacker, with its checks (`cli.untar.extract_into_dir_fd`)."""
-    from cli.untar import extract_into_dir_fd  # the daemon's import of a `.neon` uses it too
+    on one thread as `basebackup` makes it and unpacked on another (`write_tar_into`)."""
 
     async def write_into(
         raw: dict[str, Any], dir_fd: int, client_gone: Callable[[], bool]
@@ -99,15 +97,7 @@ def local_basebackup(ps: Pageserver) -> WriteInto:
             raise InvalidArgument("a local basebackup writes a whole data directory only")
         info, tar_chunks = await _plan_basebackup(ps, req)
         tar = TarCounter(tar_chunks)
-
-        def write() -> None:
-            batches = chunks_ahead(batched(iter(tar), HANDOFF_BYTES))
-            try:
-                extract_into_dir_fd(until_gone(batches, client_gone), dir_fd)
-            finally:  # its producer stops at its next batch
-                cast(Generator[list[bytes], None, None], batches).close()
-
-        await on_own_thread("basebackup-files", write)
+        await on_own_thread("basebackup-files", write_tar_into, iter(tar), dir_fd, client_gone)
         return _basebackup_response(info, 0, tar.bytes, None).to_wire()
 
     return write_into
