@@ -134,8 +134,6 @@ class BackgroundWorker:
         self._stopped = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._wakes = 0
-        """Requests, wakes and stops so far: what a `sleep_until` waits to change."""
 
     def request(self, key: str, job: Job) -> None:
         """Queue `job` (ignored once stopped)."""
@@ -144,7 +142,6 @@ class BackgroundWorker:
                 return
             self._jobs.pop(key, None)
             self._jobs[key] = job
-            self._wakes += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -171,32 +168,6 @@ class BackgroundWorker:
             while self._jobs or self._running:
                 self._cond.wait(0.5)
 
-    def sleep_until(self, ready: Callable[[], bool], timeout: float) -> None:
-        """On the worker's thread, inside a job: block until ready() or `timeout` seconds,
-        ready() checked whenever a job is requested, `wake` is called or the worker is
-        stopped (a job waiting for its owner's next request, with no polling). ready() runs
-        outside the worker's lock (it may take others, e.g. a timeline's, which a thread
-        holding one of them while it requests a job would otherwise deadlock against); a
-        wake while it runs is not lost (`_wakes` counted before)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._cond:
-                seen = self._wakes
-            if ready():
-                return
-            with self._cond:
-                while self._wakes == seen:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    self._cond.wait(left)
-
-    def wake(self) -> None:
-        """Have a `sleep_until` check its condition again (the owner changed what it reads)."""
-        with self._cond:
-            self._wakes += 1
-            self._cond.notify_all()
-
     @property
     def busy(self) -> bool:
         with self._cond:
@@ -209,7 +180,6 @@ class BackgroundWorker:
             self._stopped = True
             self._jobs.clear()
             self.cancelled.set()
-            self._wakes += 1
             thread = self._thread
             self._cond.notify_all()
         _wake_paused()  # a compaction pass paused for foreground work ends now

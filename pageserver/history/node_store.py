@@ -26,8 +26,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,8 +176,6 @@ class NodeStore:
         self.catching_up = Foreground()
         """Held while ingest outruns the flusher (CATCHING_UP_FROZEN): compaction pauses so
         the cores write the WAL's layers first, as a request someone waits for does."""
-        self._hurry = threading.Event()
-        """Set while someone waits for the flusher: a lone frozen layer waits no more."""
         self.merge_flushes = True
         """Whether a catch-up's waiting frozen layers are written straight as L1 layers
         (`_merge`); tests that need the L0 layers of the daemon's flushes turn it off."""
@@ -399,11 +396,11 @@ class NodeStore:
 
         `backlog`: bytes of WAL at hand not decoded yet (the follower's archived WAL past its
         read position). A layer's worth (checkpoint_distance) or more is a catch-up even
-        with one frozen layer: the first layer of a catch-up then waits for the next to merge
-        with (`_next_frozen`); written alone it was an L0 layer that the next compaction read
-        back and merged (bench.ingest). A fast live node whose WAL the decoder keeps up with
-        has none (a rule on how fast layers fill made pgbench -i's ingest wait on merged
-        flushes: bench.checkout's snapshot after the load took twice as long)."""
+        with one frozen layer: the first layer of a catch-up is then written as L1 layers
+        (`_merge`); written as an L0 layer, the next compaction read it back and merged it
+        (bench.ingest). A fast live node whose WAL the decoder keeps up with has none (a
+        rule on how fast layers fill made pgbench -i's ingest wait on merged flushes:
+        bench.checkout's snapshot after the load took twice as long)."""
         if self._state is None:
             return
         timeline = self.timeline
@@ -441,41 +438,20 @@ class NodeStore:
         # records the layers hold are never re-ingested (their index entries would be lost).
         merge = self._merge()
         if merge is not None:
-            upto = self._next_frozen(timeline, upto)
+            # every layer asked for so far, in one merged flush (their records observed by
+            # the index, see maybe_flush): an earlier job's group may have taken this job's
+            upto = max(upto, self._requested.get(timeline.timeline_id, -1))
         index.flush()
         timeline.flush_frozen_layers(upto, merge=merge)
         self._request_compaction(timeline)
 
-    def _next_frozen(self, timeline: Timeline, upto: int) -> int:
-        """While catching up, every frozen layer asked for so far goes into one merged flush;
-        a lone one waits (CATCHING_UP_LINGER at most, on the flusher) for the decode thread
-        to ask for the next, so the two are merged. Returns the LSN asked for by then (its
-        records observed by the index, see maybe_flush). The layers asked for are counted,
-        not the request this job was for: an earlier job's group may have taken that layer
-        already, and the next one, alone in its group, was written as an L0 layer in the
-        middle of a catch-up. A caller waiting for the flusher (`_hurry`) cuts the wait
-        short. It sleeps on the flusher's condition, woken by the next request (maybe_flush),
-        `_freeze_rest`, a waiter or a stop: polling every 10 ms started a run's flushes up to
-        10 ms late (~60 ms a bench.ingest run)."""
-        key = timeline.timeline_id
-
-        def ready() -> bool:
-            return (
-                timeline.frozen_count_upto(max(upto, self._requested.get(key, -1))) != 1
-                or self._hurry.is_set()
-                or self.flusher.cancelled.is_set()
-            )
-
-        self.flusher.sleep_until(ready, CATCHING_UP_LINGER)
-        return max(upto, self._requested.get(key, -1))
-
     def _merge(self) -> MergeFrozen | None:
-        """While catching up, frozen layers waiting together are written straight as L1
-        layers (compaction.merge_frozen): the L0 files a catch-up wrote were read back by the
-        L0 merge soon after, their zstd and decompression a third of its CPU (bench.ingest,
-        bench/README). A lone frozen layer then waits for the next one (`_next_frozen`):
-        written alone it would be an L0 layer, read back by the merge of its run. Live
-        ingest keeps its small L0 flushes, merged by compaction."""
+        """While catching up, the frozen layers waiting are written straight as L1 layers
+        (compaction.merge_frozen), a lone one too: the L0 files a catch-up wrote were read
+        back by the L0 merge soon after, their zstd and decompression a third of its CPU
+        (bench.ingest, bench/README). A lone layer waited for the next one to merge with
+        until session 19: the flusher idled meanwhile, and the decode thread then waited for
+        the pair. Live ingest keeps its small L0 flushes, merged by compaction."""
         return merge_frozen if self.merge_flushes and self.catching_up.busy() else None
 
     def _request_compaction(self, timeline: Timeline) -> None:
@@ -535,7 +511,7 @@ class NodeStore:
         ingested after it may not be observed by the index yet, and stay in memory."""
         timeline = self.timeline
         upto = self._freeze_rest(timeline)
-        with self._hurrying(), self.flusher.mutex:
+        with self.flusher.mutex:
             self.index.flush()
             timeline.flush_frozen_layers(-1 if upto is None else upto, merge=self._merge())
             self._last_flush = time.monotonic()
@@ -543,34 +519,21 @@ class NodeStore:
 
     def _freeze_rest(self, timeline: Timeline) -> int | None:
         """Freeze what is ingested, between two batches (`_ingest_lock`: the index has seen
-        every record frozen), and tell the flusher how far, as maybe_flush does: a lone
-        frozen layer it holds back for the next one (`_next_frozen`, catching up) is then
-        written with this last one, merged, rather than as an L0 layer of its own before it
-        (which the next compaction read back and merged: 0.2 s of bench.ingest's last pass).
-        Returns the last LSN the frozen layers hold (None: none wait)."""
+        every record frozen), and tell the flusher how far, as maybe_flush does: a flush
+        job starting after this takes the last layer with the others waiting. Returns the
+        last LSN the frozen layers hold (None: none wait)."""
         with self._ingest_lock:
             timeline.freeze()
             upto = timeline.frozen_upto
         if upto is not None:
             key = timeline.timeline_id
             self._requested[key] = max(self._requested.get(key, -1), upto)
-            self.flusher.wake()  # a lone layer's wait (`_next_frozen`) sees this one
         return upto
 
     def wait_flushed(self) -> None:
         """Until the background flusher is idle: the frozen layers requested so far are
         written (before switching timelines); compaction may go on."""
-        with self._hurrying():
-            self.flusher.wait_idle()
-
-    @contextmanager
-    def _hurrying(self) -> Iterator[None]:
-        self._hurry.set()
-        self.flusher.wake()
-        try:
-            yield
-        finally:
-            self._hurry.clear()
+        self.flusher.wait_idle()
 
     def wait_compacted(self) -> None:
         """Until the flusher and then the compactor are idle (tests, benchmarks)."""

@@ -320,11 +320,6 @@ class Timeline:
             assert end is not None
             return end - 1
 
-    def frozen_count_upto(self, upto: int) -> int:
-        """Frozen layers ending at or below `upto` (what flush_frozen_layers(upto) writes)."""
-        with self._lock:
-            return sum(1 for m in self._frozen if _end(m) - 1 <= upto)
-
     def flush_frozen_layers(
         self, upto: int | None = None, merge: MergeFrozen | None = None
     ) -> None:
@@ -332,14 +327,15 @@ class Timeline:
         delta file, then the manifest, then advance disk_consistent_lsn. Blocking I/O: run
         it in a worker thread.
 
-        With `merge` (a catch-up: several layers wait), two or more frozen layers are
-        written at once by it, as L1 layers over their LSN range, published by one manifest
-        (the L0 files and their read-back by compaction saved); a single one still as L0."""
+        With `merge` (a catch-up), the frozen layers are written at once by it, as L1 layers
+        over their LSN range, published by one manifest (the L0 files and their read-back by
+        compaction saved), a lone one too: waiting for a second to merge with left the flusher
+        idle while the decode thread filled it (bench/README `ingest`, session 19)."""
         with self._flush_lock:
             if merge is not None:
                 with self._lock:
                     group = [m for m in self._frozen if upto is None or _end(m) - 1 <= upto]
-                if len(group) >= 2:
+                if group:
                     self._flush_merged(group, merge)
             while True:
                 with self._lock:

@@ -27,7 +27,7 @@ from pageserver.storage.keys import KEY_MIN, Key
 from pageserver.storage.layers import blocks, native
 from pageserver.storage.layers.inmemory import ArenaLayer
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.timeline import MergeFrozen, Timeline
+from pageserver.storage.timeline import Timeline
 from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_compaction_stop import check_directory, read_all
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
@@ -349,102 +349,43 @@ def frozen_feeder(store: NodeStore, workload: Workload) -> Callable[[int], None]
     return ingest_until_frozen
 
 
-def test_a_lone_frozen_layer_waits_for_the_next_and_a_waiter_hurries_it(
+def test_a_lone_frozen_layer_is_written_at_once_as_l1_layers(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Catching up, one frozen layer waits on the flusher for the next, and the two are
-    merged (no L0 layer); someone waiting for the flusher (wait_flushed) ends that wait at
-    once, and the lone layer is written as L0."""
+    """Catching up, one frozen layer is flushed at once, merged alone into L1 layers (no L0
+    file): it waited for the next one to merge with until session 19 (up to the linger,
+    here 60 s), the flusher idle while the decode thread filled it. Twice, so each is its
+    own group; pages read as after L0 flushes."""
     monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
     store = fresh(tmp_path / "s", workload)
+    reference = fresh(tmp_path / "reference", workload)
     timeline = store.timeline
     ingest_until_frozen = frozen_feeder(store, workload)
-
     try:
         level0 = len(timeline.layer_map().level0())  # the import's
-        durable = timeline.disk_consistent_lsn
-        ingest_until_frozen(1)
-        time.sleep(0.5)
-        assert timeline.frozen_count == 1 and timeline.disk_consistent_lsn == durable  # waits
-        ingest_until_frozen(2)
-        deadline = time.monotonic() + 30
-        while (
-            timeline.frozen_count or timeline.disk_consistent_lsn == durable
-        ) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert timeline.frozen_count == 0 and timeline.disk_consistent_lsn > durable
-        assert len(timeline.layer_map().level0()) == level0  # merged, no L0 written
-        assert any(not x.name.is_l0 for x in timeline.layer_map().deltas)
-
-        ingest_until_frozen(1)
-        t0 = time.monotonic()
-        store.wait_flushed()
-        assert time.monotonic() - t0 < 10  # not the 60 s linger
-        assert timeline.frozen_count == 0
-        assert len(timeline.layer_map().level0()) == level0 + 1  # the lone layer, as L0
+        for _ in range(2):
+            durable = timeline.disk_consistent_lsn
+            ingest_until_frozen(1)
+            deadline = time.monotonic() + 10  # not the 60 s linger
+            while timeline.frozen_count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert timeline.frozen_count == 0, "the lone layer waits for the next"
+            store.flusher.wait_idle()
+            assert timeline.disk_consistent_lsn > durable
+            assert len(timeline.layer_map().level0()) == level0  # no L0 written
+            assert any(x.lsn_start == durable + 1 for x in timeline.layer_map().deltas)
+        reference.merge_flushes = False
+        ingest(reference, workload, timeline.disk_consistent_lsn)
+        reference.make_durable()
+        lsn = timeline.disk_consistent_lsn
+        assert reference.timeline.disk_consistent_lsn == lsn
+        assert read_all(timeline, lsn) == read_all(reference.timeline, lsn)
     finally:
-        store.close()
-        store.history.close()
-
-
-def test_a_lone_frozen_layer_sleeps_until_the_next_is_asked_for(
-    workload: Workload,  # noqa: F811
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The flusher's wait for a lone frozen layer's successor (`_next_frozen`) sleeps until
-    the decode thread asks for it, then the merged flush starts at once: it checked every 10
-    ms before (~50 checks in half a second, a flush up to 10 ms late). The check (the
-    timeline's lock) runs outside the flusher's lock: a thread holding the timeline's while it
-    asks the flusher for something would deadlock against it."""
-    monkeypatch.setattr(node_store_module, "CATCHING_UP_LINGER", 60.0)
-    store = fresh(tmp_path / "s", workload)
-    timeline = store.timeline
-    checks: list[float] = []
-    count_upto = timeline.frozen_count_upto
-    flusher_lock = store.flusher._cond
-    under_lock: list[bool] = []
-
-    def counted(upto: int) -> int:
-        under_lock.append(flusher_lock._is_owned())  # type: ignore[attr-defined]
-        checks.append(time.monotonic())
-        return count_upto(upto)
-
-    monkeypatch.setattr(timeline, "frozen_count_upto", counted)
-    flushes: list[float] = []
-    flush = timeline.flush_frozen_layers
-
-    def timed_flush(upto: int | None = None, merge: MergeFrozen | None = None) -> None:
-        flushes.append(time.monotonic())
-        flush(upto, merge)
-
-    monkeypatch.setattr(timeline, "flush_frozen_layers", timed_flush)
-    ingest_until_frozen = frozen_feeder(store, workload)
-
-    try:
-        durable = timeline.disk_consistent_lsn
-        ingest_until_frozen(1)
-        deadline = time.monotonic() + 10
-        while not checks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert checks, "the flusher never looked for the next layer"
-        time.sleep(0.5)
-        assert timeline.frozen_count == 1 and timeline.disk_consistent_lsn == durable  # waits
-        assert len(checks) <= 2, f"{len(checks)} checks in 0.5 s: it polls"
-        assert not any(under_lock)
-        ingest_until_frozen(2)
-        asked = time.monotonic()
-        while not flushes and time.monotonic() < asked + 10:  # no waiter hurries it
-            time.sleep(0.005)
-        assert flushes and flushes[0] - asked < 0.5  # not the 60 s linger
-        store.wait_flushed()
-        assert timeline.frozen_count == 0 and timeline.disk_consistent_lsn > durable
-        assert not any(x.name.is_l0 for x in timeline.layer_map().deltas if x.lsn_start >= durable)
-    finally:
-        store.close()
-        store.history.close()
+        for s in (store, reference):
+            s.close()
+            s.history.close()
 
 
 @pytest.mark.parametrize("step", [1, 7, 10_000])
