@@ -63,13 +63,13 @@ def test_decoding_a_manifest_leaves_strptime_unimported() -> None:
     day or time that does not exist is refused as before."""
     code = (
         "import sys\n"
-        "from snapfile.manifest import decode_manifest, encode_manifest\n"
-        "from tests.snapfile.snapfile_helpers import make_manifest\n"
-        "created = decode_manifest(encode_manifest(make_manifest())).created_at\n"
+        "from snapfile.manifest import decode_manifest\n"
+        "created = decode_manifest(sys.stdin.buffer.read()).created_at\n"
         "print(created.isoformat(), '_strptime' in sys.modules)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == ["2026-12-03T17:00:00+00:00", "False"]
+    data = encode_manifest(make_manifest())
+    proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True)
+    assert proc.stdout.decode().split() == ["2026-12-03T17:00:00+00:00", "False"]
     for day in ("2026-02-29T17:00:00Z", "2026-12-03T24:00:00Z", "2026-12-03T17:00:60Z"):
         with pytest.raises(CorruptData, match="'created_at' is not a valid time"):
             decode_manifest(manifest_json(created_at=day))
