@@ -25,6 +25,7 @@ from pageserver.basebackup.snapshot_file import (
     snapshot_file_manifest,
 )
 from pageserver.basebackup.tar_stream import (
+    FIRST_HANDOFF_BYTES,
     HANDOFF_BYTES,
     BasebackupInfo,
     basebackup_chunks,
@@ -288,12 +289,13 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
                 manifest = snapshot_file_manifest(info, source_name, created, delta)
                 chunks = snapshot_file_chunks(manifest, tar)
             sent = 0
-            # Handed over and sent a MiB at a time, as the list of chunks the tar maker made
+            # Handed over and sent a MiB at a time (the first batches smaller, so the reader
+            # starts at once: FIRST_HANDOFF_BYTES), as the list of chunks the tar maker made
             # (not joined: raw frames written as they are). One chunk a frame and a thread hop,
             # a delta's many small members (a header per unchanged fork) cost more than its
             # pages; joined, every page was copied once more on its way to the socket.
             async with contextlib.aclosing(
-                chunks_in_thread(batched(chunks, HANDOFF_BYTES))
+                chunks_in_thread(batched(chunks, HANDOFF_BYTES, FIRST_HANDOFF_BYTES))
             ) as produced:
                 async for batch in produced:
                     sent += sum(map(len, batch))

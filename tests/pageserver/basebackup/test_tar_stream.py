@@ -568,3 +568,17 @@ def test_basebackup_raises_the_sources_error() -> None:
     src.rels[(1663, 5, 16384, 0)][3] = page(0x3000000, 0)  # LSN past the checkpoint
     with pytest.raises(CorruptData, match="page LSN 0/03000000"):
         basebackup(src, src.lsn, out=io.BytesIO())
+
+
+def test_batched_grows_from_its_first_size() -> None:
+    """A stream's first batch is handed on after `first` bytes (the reader starts applying
+    while the rest is made), each next one twice the last up to `size`; every chunk once, in
+    order. Without `first`, every batch is `size` bytes (the last shorter)."""
+    chunks = [bytes([i % 256]) * 4096 for i in range(100)]
+    grown = list(bb.batched(chunks, 64 << 10, 16 << 10))
+    assert [sum(map(len, b)) for b in grown] == [16 << 10, 32 << 10, *[64 << 10] * 5, 32 << 10]
+    assert [c for b in grown for c in b] == chunks
+    plain = list(bb.batched(chunks, 64 << 10))
+    assert [sum(map(len, b)) for b in plain] == [*[64 << 10] * 6, 16 << 10]
+    assert [c for b in plain for c in b] == chunks
+    assert bb.FIRST_HANDOFF_BYTES < bb.HANDOFF_BYTES
