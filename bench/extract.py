@@ -79,7 +79,7 @@ from cli.untar import staged_dir
 from pageserver.api.local_files import write_tar_into
 from pageserver.basebackup.snapshot_file import TarCounter
 from pageserver.basebackup.sources import TimelineSource
-from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
+from pageserver.basebackup.tar_stream import AlignedChunks, basebackup, basebackup_chunks
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.history.snapshots import new_snapshot
 from pageserver.malloc_tuning import tune_malloc
@@ -226,14 +226,15 @@ def ours(
                 raise RuntimeError(f"unpacking our basebackup failed (exit {proc.returncode})")
             tar_bytes = counted.bytes
         else:
+            aligned = AlignedChunks()
             _info, chunks = basebackup_chunks(
-                source, target, pg_timeline=state.pg_timeline, config_files=config
+                source, target, pg_timeline=state.pg_timeline, config_files=config, aligned=aligned
             )
             tar = TarCounter(chunks)
             with staged_dir(server.datadir) as tmp:  # what the CLI makes and hands over
                 fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
-                    write_tar_into(iter(tar), fd)
+                    write_tar_into(iter(tar), fd, aligned=aligned)
                 finally:
                     os.close(fd)
             tar_bytes = tar.bytes

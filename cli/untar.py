@@ -23,8 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
-from cli.pg_files import give_fd_to_pg_user
-from cli.pgbin import make_pg_dir
+from cli.pgbin import make_pg_dir, pg_os_user
 from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from proto.errors import AlreadyExists, CorruptData
 
@@ -73,17 +72,37 @@ a Diverted takes that data, and the file is created (same checks, mode and owner
 no data, sparse at the member's size (pageserver/ingest/import_neon.py); None: written."""
 
 
+Owner = tuple[int, int] | None
+"""Whom extracted files and directories are given to (uid, gid); None: left as made."""
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def pg_owner() -> Owner:
+    """PostgreSQL's OS account (`pg_os_user`), to whom the CLI gives what it extracts."""
+    user = pg_os_user()
+    return None if user is None else (user.uid, user.gid)
+
+
 class _Extractor:
-    """Writes the members of a tar fed in chunks into `root` (checked, owned by PostgreSQL's
-    OS user); `tablespace_links` as in extract_basebackup; `divert` as `Divert` says; with
+    """Writes the members of a tar fed in chunks into `root` (checked, given to `owner`);
+    `tablespace_links` as in extract_basebackup; `divert` as `Divert` says; with
     `pack_deltas`, a delta's fork members (`neon-delta/...`) go into one file, PACK_NAME
-    (snapfile/delta.py), not a file each."""
+    (snapfile/delta.py), not a file each.
+
+    `root` is a path (opened here) or the caller's directory descriptor (not closed here).
+    Everything is made relative to descriptors of the directories below it, each opened
+    with O_NOFOLLOW from its parent's: a link put in place of a directory meanwhile (the
+    tree belongs to PostgreSQL's account, which may write in it) fails the member and is
+    never written through."""
 
     def __init__(
-        self, root: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
-        pack_deltas: bool = False,
+        self, root: Path | int, tablespace_links: dict[int, str] | None, owner: Owner,
+        divert: Divert | None = None, pack_deltas: bool = False,
     ) -> None:  # fmt: skip
-        self._root = root
+        self._root_fd = os.open(root, _DIR_FLAGS) if isinstance(root, Path) else root
+        self._own_root = isinstance(root, Path)
+        self._owner = owner
         self._links = tablespace_links
         self._divert = divert
         self._diverted: Diverted | None = None
@@ -94,8 +113,8 @@ class _Extractor:
         self._fd: int | None = None
         self._direct: _DirectWrites | None = None  # the current file's, if written so
         self._member: MemberStart | None = None
-        self._dest: Path | None = None
-        self._dirs: set[PurePosixPath] = set()
+        self._dest: PurePosixPath | None = None
+        self._dirs: dict[PurePosixPath, int] = {}  # made or found below the root: open
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._handle(self._reader.feed(data))
@@ -114,6 +133,17 @@ class _Extractor:
         if self._pack is not None:
             os.close(self._pack)
             self._pack = None
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._own_root and self._root_fd >= 0:
+            os.close(self._root_fd)
+        self._root_fd = -1
+
+    def _give(self, fd: int) -> None:
+        """Hand what `fd` is open on to the owner (fchown: never through a path)."""
+        if self._owner is not None:
+            os.fchown(fd, *self._owner)
 
     def _handle(self, events: Iterator[object]) -> None:
         try:
@@ -150,15 +180,17 @@ class _Extractor:
         if self._pack_deltas and self._packed(rel, member):
             return
         if member.kind == "directory":
-            self._make_dirs(rel)
+            self._dir(rel)
             return
-        self._make_dirs(rel.parent)
-        dest = self._root / rel
-        if dest.is_dir():
-            raise CorruptData(f"tar member {member.name!r} is a file where a directory was")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-        self._fd = os.open(dest, flags, 0o600)
-        self._dest = dest
+        parent = self._dir(rel.parent)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd = os.open(rel.name, flags, 0o600, dir_fd=parent)
+        except IsADirectoryError:
+            raise CorruptData(
+                f"tar member {member.name!r} is a file where a directory was"
+            ) from None
+        self._dest = rel
         if self._divert is not None:
             self._diverted = self._divert(str(rel), member.size)
         elif member.size >= DIRECT_MIN_BYTES and member.size % _DIRECT_ALIGN == 0:
@@ -178,8 +210,8 @@ class _Extractor:
         if member.kind == "file":
             if self._pack is None:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                self._pack = os.open(self._root / PACK_NAME, flags, 0o600)
-                give_fd_to_pg_user(self._pack)
+                self._pack = os.open(PACK_NAME, flags, 0o600, dir_fd=self._root_fd)
+                self._give(self._pack)
             fork_path = str(PurePosixPath(*rel.parts[1:]))
             _write_all(self._pack, pack_record_header(fork_path, member.size))
             self._packing = True
@@ -198,28 +230,34 @@ class _Extractor:
             if diverted is not None and self._member is not None:
                 os.ftruncate(fd, self._member.size)
             os.fchmod(fd, 0o600)
-            give_fd_to_pg_user(fd)
+            self._give(fd)
             if diverted is not None:
                 diverted.end(os.fstat(fd))
         finally:
             os.close(fd)
         self._dest = None
 
-    def _make_dirs(self, rel: PurePosixPath) -> None:
-        """Create `rel`'s directories under the root; each is looked at once per archive."""
-        if rel in self._dirs or not rel.parts:
-            return
-        self._make_dirs(rel.parent)
-        path = self._root / rel
-        if not path.is_dir():
-            os.mkdir(path, 0o700)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:  # mode and owner through the descriptor: never through a link put there
-                os.fchmod(fd, 0o700)
-                give_fd_to_pg_user(fd)
-            finally:
-                os.close(fd)
-        self._dirs.add(rel)
+    def _dir(self, rel: PurePosixPath) -> int:
+        """A descriptor of directory `rel` below the root, made (0700, the owner's) where
+        missing; each component opened from its parent's without following a link, once
+        per archive."""
+        if not rel.parts:
+            return self._root_fd
+        fd = self._dirs.get(rel)
+        if fd is not None:
+            return fd
+        parent = self._dir(rel.parent)
+        made = True
+        try:
+            os.mkdir(rel.name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            made = False
+        fd = os.open(rel.name, _DIR_FLAGS, dir_fd=parent)  # a link there: ELOOP, ENOTDIR
+        self._dirs[rel] = fd
+        if made:  # mode and owner through the descriptor: never through a link put there
+            os.fchmod(fd, 0o700)
+            self._give(fd)
+        return fd
 
 
 @contextlib.contextmanager
@@ -251,7 +289,7 @@ def _extracting(
 ) -> Iterator[_Extractor]:  # fmt: skip
     """An extractor into a `staged_dir` of `target_dir`, finished when the block succeeds."""
     with staged_dir(target_dir) as tmp:
-        extractor = _Extractor(tmp, tablespace_links, divert, pack_deltas)
+        extractor = _Extractor(tmp, tablespace_links, pg_owner(), divert, pack_deltas)
         try:
             yield extractor
             extractor.finish()
@@ -259,20 +297,27 @@ def _extracting(
             extractor.close()
 
 
-def extract_into_dir_fd(batches: Iterable[list[bytes]], dir_fd: int) -> None:
+def extract_into_dir_fd(
+    batches: Iterable[list[bytes]], dir_fd: int, done: Callable[[bytes], None] | None = None
+) -> None:
     """Unpack a tar arriving as lists of chunks into the empty directory open as `dir_fd`,
     as extract_basebackup does (the same checks, modes and owner; no link member): how the
     local pageserver writes a basebackup into the directory the CLI handed it
     (pageserver/api/local_files.py). The caller made the directory and removes it on
-    failure. Paths are resolved through /proc/self/fd/N, which names the directory the
-    descriptor is open on whatever it is called by then."""
+    failure. What is made is given to the directory's owner (root's process only: the CLI
+    gave it to PostgreSQL's account), not to an account looked up here: the daemon's
+    environment is the one of whichever CLI started it. `done` is told of each chunk once
+    it is written (the tar maker's `AlignedChunks` then reuses its buffer)."""
     if os.listdir(dir_fd):
         raise AlreadyExists("the directory handed for a basebackup is not empty")
-    extractor = _Extractor(Path(f"/proc/self/fd/{dir_fd}"), None)
+    st = os.fstat(dir_fd)
+    extractor = _Extractor(dir_fd, None, (st.st_uid, st.st_gid) if os.geteuid() == 0 else None)
     try:
         for batch in batches:
             for chunk in batch:
-                extractor.feed(chunk)
+                extractor.feed(chunk)  # written when it returns: nothing holds the chunk
+                if done is not None:
+                    done(chunk)
         extractor.finish()
     finally:
         extractor.close()
@@ -407,6 +452,9 @@ class _DirectWrites:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
+        if not self._held and len(view) % _DIRECT_ALIGN == 0 and _page_aligned(view):
+            self._write(view)  # from the tar maker's aligned buffer, without a copy
+            return
         while view:
             take = min(len(view), _DIRECT_STAGE - self._held)
             self._view[self._held : self._held + take] = view[:take]
@@ -427,6 +475,10 @@ class _DirectWrites:
 
     def _flush(self) -> None:
         held, self._held = self._view[: self._held], 0
+        self._write(held)
+        held.release()
+
+    def _write(self, held: memoryview) -> None:
         while held:
             try:
                 held = held[os.write(self._fd, held) :]
@@ -437,7 +489,16 @@ class _DirectWrites:
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
                 _write_all(self._fd, held)  # refused here: through the page cache
                 held = held[len(held) :]
-        held.release()
+
+
+def _page_aligned(view: memoryview) -> bool:
+    """Whether a view starts on a page boundary (only a writable one can tell: the tar
+    maker's `AlignedChunks` are; a bytes object's data never is)."""
+    if view.readonly or not view:
+        return False
+    import ctypes  # here: only for files written with O_DIRECT
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % mmap.PAGESIZE == 0
 
 
 class _Abort(Exception):

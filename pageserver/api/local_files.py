@@ -32,10 +32,13 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from proto.errors import InternalError, InvalidArgument, NeonError, ProtocolError
 from proto.frames import HEADER, decode_frame_body, encode_frame
+
+if TYPE_CHECKING:  # the CLI imports this module at its start: not the tar maker
+    from pageserver.basebackup.tar_stream import AlignedChunks
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +200,15 @@ class ClientGone(NeonError):
 
 
 def write_tar_into(
-    chunks: Iterator[bytes], dir_fd: int, client_gone: Callable[[], bool] = lambda: False
+    chunks: Iterator[bytes],
+    dir_fd: int,
+    client_gone: Callable[[], bool] = lambda: False,
+    aligned: AlignedChunks | None = None,
 ) -> None:
     """Unpack the tar `chunks` make into the empty directory open as `dir_fd` with the CLI's
     unpacker and its checks (`cli.untar.extract_into_dir_fd`), the tar made on a thread of
     its own a few MiB ahead of the writes (`chunks_ahead`, as `basebackup` writes a pipe);
+    `aligned`: the buffers the tar maker joins pages into, given back as each is written.
     ClientGone once `client_gone()` says so (checked every MiB)."""
     # Imported here: the CLI's side of this module is all `neon` loads at its start.
     from cli.untar import extract_into_dir_fd
@@ -210,7 +217,8 @@ def write_tar_into(
 
     batches = chunks_ahead(batched(chunks, HANDOFF_BYTES))
     try:
-        extract_into_dir_fd(_until_gone(batches, client_gone), dir_fd)
+        done = None if aligned is None else aligned.release
+        extract_into_dir_fd(_until_gone(batches, client_gone), dir_fd, done)
     finally:  # its producer stops at its next batch
         cast(Generator[list[bytes], None, None], batches).close()
 

@@ -27,6 +27,7 @@ from pageserver.basebackup.snapshot_file import (
 from pageserver.basebackup.tar_stream import (
     FIRST_HANDOFF_BYTES,
     HANDOFF_BYTES,
+    AlignedChunks,
     BasebackupInfo,
     basebackup_chunks,
     batched,
@@ -49,9 +50,10 @@ async def _plan_basebackup(
     ps: Pageserver,
     req: m.BasebackupRequest | m.BasebackupPlanRequest,
     delta: DeltaParent | None = None,
+    aligned: AlignedChunks | None = None,
 ) -> tuple[BasebackupInfo, Iterator[bytes]]:
     """Validate a basebackup and describe it; its tar chunks are produced lazily (a delta's
-    relation forks by `delta`)."""
+    relation forks by `delta`; pages joined into `aligned`'s buffers if given)."""
     source, tli = await on_own_thread(
         "basebackup-source", ps.basebackup_source, req.node_id, req.snapshot
     )
@@ -69,6 +71,7 @@ async def _plan_basebackup(
         timeline_history=history,
         now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
         fork_content=None if delta is None else delta.forks,
+        aligned=aligned,
     )
 
 
@@ -96,9 +99,12 @@ def local_basebackup(ps: Pageserver) -> WriteInto:
         req = m.BasebackupRequest.from_wire(raw)
         if req.checkout_from or req.delta_from or req.snapshot_file:
             raise InvalidArgument("a local basebackup writes a whole data directory only")
-        info, tar_chunks = await _plan_basebackup(ps, req)
+        aligned = AlignedChunks()
+        info, tar_chunks = await _plan_basebackup(ps, req, aligned=aligned)
         tar = TarCounter(tar_chunks)
-        await on_own_thread("basebackup-files", write_tar_into, iter(tar), dir_fd, client_gone)
+        await on_own_thread(
+            "basebackup-files", write_tar_into, iter(tar), dir_fd, client_gone, aligned
+        )
         return _basebackup_response(info, 0, tar.bytes, None).to_wire()
 
     return write_into

@@ -50,12 +50,14 @@ must be off.
 
 from __future__ import annotations
 
+import mmap
+import queue
 import struct
 import tarfile
 import time as time_mod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 import crc32c
 
@@ -219,6 +221,49 @@ class ForkContent(Protocol):
         ...
 
 
+class AlignedChunks:
+    """Page-aligned buffers a fork's pages are joined into, 1 MiB each, lent to the writer
+    and reused once it gives them back (`release`): a writer with O_DIRECT
+    (cli/untar.py's _DirectWrites, when the daemon writes a basebackup's files itself)
+    writes from them as they are, where a bytes chunk's data, never page-aligned, was
+    copied once more into its staging buffer (~0.4 s of CPU a GiB). `join` never waits:
+    with every buffer lent it joins into bytes, as without it (a wait could deadlock
+    against a consumer gathering chunks into a batch before it writes any)."""
+
+    PAGES = 128
+
+    def __init__(self, count: int = 16) -> None:
+        size = self.PAGES * BLCKSZ
+        whole = memoryview(mmap.mmap(-1, count * size))  # anonymous: page-aligned
+        self._slots = [whole[i * size : (i + 1) * size] for i in range(count)]
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(count):
+            self._free.put(i)
+        self._lent: dict[int, tuple[memoryview, int]] = {}  # id(chunk) -> (chunk, slot)
+
+    def join(self, pages: list[bytes]) -> bytes | memoryview:
+        """The pages, one after the other, in a free buffer (lent until `release`), or
+        in bytes when none is free."""
+        try:
+            i = self._free.get_nowait()
+        except queue.Empty:
+            return b"".join(pages)
+        slot = self._slots[i]
+        at = 0
+        for page in pages:
+            slot[at : at + BLCKSZ] = page
+            at += BLCKSZ
+        chunk = slot[:at]
+        self._lent[id(chunk)] = (chunk, i)  # held: its id names it until released
+        return chunk
+
+    def release(self, chunk: object) -> None:
+        """Take a chunk's buffer back (any other chunk: nothing)."""
+        lent = self._lent.pop(id(chunk), None)
+        if lent is not None and lent[0] is chunk:
+            self._free.put(lent[1])
+
+
 class _Plan:
     """Everything validated up front, so that errors come before the first byte."""
 
@@ -233,7 +278,9 @@ class _Plan:
         prev_lsn: int | None,
         now: int,
         fork_content: ForkContent | None = None,
+        aligned: AlignedChunks | None = None,
     ) -> None:
+        self.aligned = aligned
         if pg_timeline < 1 or pg_timeline > 0xFFFFFFFF:
             raise InvalidArgument(f"invalid PostgreSQL timeline {pg_timeline}")
         if timeline_history is not None and pg_timeline == 1:
@@ -391,6 +438,10 @@ class _Plan:
     ) -> Iterator[bytes]:
         limit = self.info.end_lsn
         batch: list[bytes] = []
+        join: Callable[[list[bytes]], bytes | memoryview] = b"".join
+        per_chunk = _CHUNK_PAGES
+        if self.aligned is not None:
+            join, per_chunk = self.aligned.join, AlignedChunks.PAGES
         pages = self.source.rel_pages(spc, db, rel, fork, first, count)
         for blkno, page in enumerate(pages, first):
             if len(page) != BLCKSZ:
@@ -405,10 +456,10 @@ class _Plan:
                     f"{format_lsn(limit)}"
                 )
             batch.append(page)
-            if len(batch) == _CHUNK_PAGES:
-                yield b"".join(batch)
+            if len(batch) == per_chunk:
+                yield cast(bytes, join(batch))  # a view of AlignedChunks: len and buffer
                 batch = []
-        if batch:
+        if batch:  # a fork's tail: a buffer for it would sit in a batch still filling
             yield b"".join(batch)
 
     def _slrus(self) -> Iterator[bytes]:
@@ -487,12 +538,15 @@ def basebackup_chunks(
     prev_lsn: int | None = None,
     now: int | None = None,
     fork_content: ForkContent | None = None,
+    aligned: AlignedChunks | None = None,
 ) -> tuple[BasebackupInfo, Iterator[bytes]]:
     """Validate, then return the archive's description and a lazy iterator of tar chunks.
 
     Memory is bounded by one chunk (256 KiB of pages or one WAL run); errors in the inputs
     are raised here, before any byte; source errors surface while iterating. With
-    `fork_content`, it makes each relation fork's members instead (a delta).
+    `fork_content`, it makes each relation fork's members instead (a delta); with
+    `aligned`, a fork's pages come in its buffers (views lent until the consumer releases
+    them), 1 MiB each.
     """
     plan = _Plan(
         source,
@@ -504,6 +558,7 @@ def basebackup_chunks(
         prev_lsn,
         int(time_mod.time()) if now is None else now,
         fork_content,
+        aligned,
     )
     return plan.info, plan.chunks()
 

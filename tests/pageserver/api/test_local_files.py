@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cli.pgbin import pg_os_user
-from cli.untar import UnsafeArchive, extract_into_dir_fd
+from cli.untar import UnsafeArchive, _page_aligned, extract_into_dir_fd
 from pageserver.api.local_files import (
     ClientGone,
     LocalFilesServer,
@@ -25,7 +25,8 @@ from pageserver.api.local_files import (
     send_frame,
     write_tar_into,
 )
-from pageserver.basebackup.tar_stream import tar_header
+from pageserver.basebackup.tar_stream import AlignedChunks, tar_header
+from pg15.constants import BLCKSZ
 
 
 def one_file_tar(name: str, payload: bytes) -> bytes:
@@ -171,3 +172,22 @@ def test_the_writing_stops_once_the_client_has_gone(tmp_path: Path) -> None:
         os.close(fd)
     assert len(list(tmp_path.iterdir())) == 2
     assert len(made) < 16  # the tar's maker stopped a few batches ahead
+
+
+def test_aligned_chunks_lend_page_aligned_buffers_and_never_wait() -> None:
+    """The tar maker's pages joined into page-aligned buffers the O_DIRECT writer writes as
+    they are; with every buffer lent, bytes (a wait could deadlock against a consumer
+    still gathering its batch); a buffer given back is lent again."""
+    pages = [bytes([i]) * BLCKSZ for i in range(AlignedChunks.PAGES)]
+    chunks = AlignedChunks(count=2)
+    first, second = chunks.join(pages), chunks.join(pages[:3])
+    assert isinstance(first, memoryview) and isinstance(second, memoryview)
+    assert bytes(first) == b"".join(pages) and bytes(second) == b"".join(pages[:3])
+    assert _page_aligned(first) and _page_aligned(second)
+    assert not _page_aligned(memoryview(b"".join(pages)))  # a bytes object's data
+    third = chunks.join(pages[:2])
+    assert isinstance(third, bytes) and third == b"".join(pages[:2])
+    chunks.release(third)  # not lent: nothing
+    chunks.release(first)
+    again = chunks.join(pages[5:7])
+    assert isinstance(again, memoryview) and bytes(again) == b"".join(pages[5:7])
