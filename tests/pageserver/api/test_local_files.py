@@ -27,6 +27,7 @@ from pageserver.api.local_files import (
 )
 from pageserver.basebackup.tar_stream import AlignedChunks, tar_header
 from pg15.constants import BLCKSZ
+from proto.errors import CorruptData
 
 
 def one_file_tar(name: str, payload: bytes) -> bytes:
@@ -191,3 +192,44 @@ def test_aligned_chunks_lend_page_aligned_buffers_and_never_wait() -> None:
     chunks.release(first)
     again = chunks.join(pages[5:7])
     assert isinstance(again, memoryview) and bytes(again) == b"".join(pages[5:7])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
+def test_the_files_go_to_the_owner_of_the_directory_handed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's environment (NEON_PG_USER) is that of whichever CLI started it: what it
+    writes goes to the owner of the directory handed (the CLI gave it to PostgreSQL's
+    account), not to an account it looks up itself."""
+    monkeypatch.setenv("NEON_PG_USER", "nobody")
+    os.chown(tmp_path, 4242, 4343)
+    tar = one_file_tar("d/f", b"x") + bytes(1024)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        extract_into_dir_fd([[tar]], fd)
+    finally:
+        os.close(fd)
+    for path in (tmp_path / "d", tmp_path / "d" / "f"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (4242, 4343)
+
+
+def test_a_link_put_in_place_of_a_directory_is_not_written_through(tmp_path: Path) -> None:
+    """PostgreSQL's account may write in the directory being filled: a link it puts where
+    a member's directory goes fails that member, nothing lands where the link points."""
+    target, outside = tmp_path / "target", tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+
+    def batches() -> Iterator[list[bytes]]:
+        yield [tar_header("a", 1, 0), b"x".ljust(512, b"\0")]
+        (target / "d").symlink_to(outside)
+        yield [tar_header("d/f", 1, 0), b"y".ljust(512, b"\0"), bytes(1024)]
+
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(CorruptData, match="d/f"):
+            extract_into_dir_fd(batches(), fd)
+    finally:
+        os.close(fd)
+    assert (target / "a").read_bytes() == b"x"
+    assert not list(outside.iterdir())
