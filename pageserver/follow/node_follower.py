@@ -107,6 +107,8 @@ class NodeFollower:
         self._durable: tuple[int, int] = (0, 0)
         self._stream_start: int | None = None
         self._stopping = False
+        self._closed = False
+        """Set by stop(): the streaming task ends at its next turn, cancelled or not."""
 
     # life cycle
 
@@ -115,6 +117,7 @@ class NodeFollower:
             return
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        self._closed = False
         self._decoder = threading.Thread(
             target=self._decode_loop, name=f"decode-{self.node.node_id}", daemon=True
         )
@@ -122,8 +125,16 @@ class NodeFollower:
         self._task = asyncio.create_task(self._run(), name=f"follow-{self.node.node_id}")
 
     async def stop(self) -> None:
+        """End the streaming task and the decode thread. The task is told by a flag and
+        woken as well as cancelled: a `pg checkout` hung in `node_branch` on a task that
+        had lost its cancellation (it sat in `_active.wait()` of a paused node, stop() in
+        `await task`, 120 s), which no code path of ours explains (every `except` re-raises
+        CancelledError); the flag ends it wherever a cancellation goes."""
         task, self._task = self._task, None
         if task is not None:
+            self._closed = True
+            self._active.set()
+            self._wake.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -204,6 +215,8 @@ class NodeFollower:
     async def _run(self) -> None:
         while True:
             await self._active.wait()
+            if self._closed:
+                return
             if not self._active.is_set():  # paused again before this task resumed
                 continue
             self._wake.clear()

@@ -1,0 +1,51 @@
+"""A follower's stop() must end its streaming task: `pg checkout`'s branch replaces the
+node's follower (Pageserver._refollow awaits the old one's stop), and a checkout hung 120 s in
+`node_branch` on a task that had lost its cancellation, sitting in the paused node's
+`_active.wait()`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from pageserver.api.metrics import Metrics
+from pageserver.follow.followed_nodes import FollowedNode
+from pageserver.follow.node_follower import NodeFollower
+from pageserver.history.node_store import NodeStore, StorageHistory
+
+
+async def test_stop_ends_a_streaming_task_that_lost_its_cancellation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
+    node = FollowedNode("n", "127.0.0.1", 1, "u", "p")  # nothing listens on port 1
+    follower = NodeFollower(node, store, Metrics())
+    streaming = asyncio.Event()
+
+    async def run_losing_its_cancellation() -> str:
+        """A stream that ends when cancelled, as if the server had ended it then: the
+        cancellation goes no further (however it is lost, stop() must still end)."""
+        streaming.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return "paused"
+
+    monkeypatch.setattr(follower.receiver, "run", run_losing_its_cancellation)
+    follower.start()
+    task = follower._task
+    try:
+        await asyncio.wait_for(streaming.wait(), 10)
+        await follower.pause()  # the checkout stops the node first
+        stopping = asyncio.ensure_future(follower.stop())
+        # Not wait_for: cancelling stop() cancels the task it awaits once more, which ends it.
+        done, _ = await asyncio.wait({stopping}, timeout=10)
+        assert done, "stop() did not end: its task waits in _active.wait()"  # the old code
+        assert task is not None and task.done()
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        await follower.stop()
+        store.close()
