@@ -12,23 +12,33 @@ mode, before its first start, so the slot retains every WAL byte it writes.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from cli.context import App
 from cli.pageserver_control import local_api, local_config
 from cli.untar import extract_stream, staged_dir
-from pageserver.api.local_files import peer_uid, receive_frame, send_frame, socket_path
+from pageserver.api.local_files import (
+    SILENCE_SECONDS,
+    peer_uid,
+    receive_frame,
+    send_frame,
+    socket_path,
+)
 from pageserver_api.client import PageserverClient
-from pageserver_api.errors import ProtocolError, error_from_code
+from pageserver_api.errors import ProtocolError, Unavailable, error_from_code
 from pageserver_api.models import BasebackupRequest, BasebackupResponse
 
 _RANDOM = "?" * 8  # what tempfile.mkstemp/mkdtemp insert between prefix and suffix
+_STOP_WAIT = 30.0  # for the daemon to stop writing into a directory about to be removed
 
 
 def remove_download_leftovers(target: Path) -> list[Path]:
@@ -61,10 +71,10 @@ def download_basebackup(
         written = _written_by_daemon(app, request, target)
         if written is not None:
             return written
-    show = sys.stderr.isatty()
 
     async def fetch(client: PageserverClient) -> BasebackupResponse:
         received = 0
+        progress = Progress("received")
         async with client.basebackup(request) as download:
 
             async def chunks() -> AsyncIterator[bytes]:
@@ -72,15 +82,32 @@ def download_basebackup(
                 async for chunk in download:
                     yield chunk
                     received += len(chunk)
-                    if show:
-                        print(f"\rreceived {received / 1048576:.1f} MiB", end="", file=sys.stderr)
+                    progress(received)
 
             await extract_stream(chunks(), target)
-        if show:
-            print(file=sys.stderr)
+        progress.end()
         return download.result
 
     return api.run(fetch)
+
+
+class Progress:
+    """`<label> N MiB` on a terminal's stderr, over itself as the count grows (nothing where
+    stderr is not a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._show = sys.stderr.isatty()
+        self._shown = False
+
+    def __call__(self, done: int) -> None:
+        if self._show:
+            print(f"\r{self._label} {done / 1048576:.1f} MiB", end="", file=sys.stderr)
+            self._shown = True
+
+    def end(self) -> None:
+        if self._shown:
+            print(file=sys.stderr)
 
 
 def _connect_local(app: App) -> socket.socket | None:
@@ -109,17 +136,66 @@ def _written_by_daemon(
     sock = _connect_local(app)
     if sock is None:
         return None
-    with sock, staged_dir(target) as tmp:
+    with sock:
+        progress = Progress("written")
+        written = written_by_peer(sock, request, target, progress)
+        progress.end()
+        return written
+
+
+def written_by_peer(
+    sock: socket.socket, request: BasebackupRequest, target: Path, progress: Progress
+) -> BasebackupResponse:
+    """The basebackup the daemon at the other end of `sock` writes into a `staged_dir` of
+    `target` (pageserver/api/local_files.py), its progress frames shown. Failed or
+    interrupted (Ctrl-C), our end is shut down and the daemon's close waited for (its
+    writing stops at its next MiB) before the directory is removed: removed under a daemon
+    still writing, new files made the removal fail and left `<name>.tmp-XXXX` behind."""
+    with staged_dir(target) as tmp:
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             send_frame(sock, request.to_wire(), [fd])
         finally:
             os.close(fd)
-        answer, fds = receive_frame(sock)
-        for extra in fds:
-            os.close(extra)
+        try:
+            answer = _final_answer(sock, progress)
+        except BaseException:
+            _wait_for_daemon_close(sock)
+            raise
         if isinstance(answer, dict) and isinstance(error := answer.get("error"), dict):
             raise error_from_code(str(error.get("code")), str(error.get("message")))
         if not isinstance(answer, dict) or "ok" not in answer:
             raise ProtocolError("the pageserver's local basebackup answer is malformed")
         return BasebackupResponse.from_wire(answer["ok"], "local basebackup")
+
+
+def _final_answer(sock: socket.socket, progress: Progress) -> Any:
+    """The daemon's last frame, its progress frames before it shown; Unavailable after
+    SILENCE_SECONDS without a frame (it sends one every second while it writes)."""
+    sock.settimeout(SILENCE_SECONDS)
+    while True:
+        try:
+            answer, fds = receive_frame(sock)
+        except TimeoutError:
+            raise Unavailable(
+                f"the pageserver sent nothing of the local basebackup for {SILENCE_SECONDS:.0f} "
+                "s; see the pageserver log"
+            ) from None
+        for extra in fds:
+            os.close(extra)
+        if isinstance(answer, dict) and isinstance(done := answer.get("progress"), int):
+            progress(done)
+            continue
+        return answer
+
+
+def _wait_for_daemon_close(sock: socket.socket) -> None:
+    """Shut our end down (the daemon's writing stops at its next MiB) and wait, at most
+    _STOP_WAIT seconds, for the daemon to close its end: it has stopped writing then."""
+    deadline = time.monotonic() + _STOP_WAIT
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 16):
+                return

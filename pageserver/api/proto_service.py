@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pageserver.api.local_files import WriteInto, write_tar_into
+from pageserver.api.local_files import LocalWrite, WriteInto, write_on_own_thread, write_tar_into
 from pageserver.api.own_thread import on_own_thread
 from pageserver.api.service import Pageserver
 from pageserver.api.slow_requests import reported_if_slow
@@ -88,24 +88,42 @@ def _basebackup_response(
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def served(ps: Pageserver, model: type[m.ApiRequest]) -> Iterator[None]:
+    """What every request gets, a proto method's and the local basebackup's alike:
+    compaction paused while one a user waits for runs (FOREGROUND_REQUESTS), a report if it
+    is slow (`reported_if_slow`) and its count by outcome (pageserver_proto_requests_total)."""
+    try:
+        with (
+            FOREGROUND.held() if model in FOREGROUND_REQUESTS else contextlib.nullcontext(),
+            reported_if_slow(model.METHOD),
+        ):
+            yield
+    except Exception:
+        ps.metrics.inc("pageserver_proto_requests_total", method=model.METHOD, outcome="error")
+        raise
+    ps.metrics.inc("pageserver_proto_requests_total", method=model.METHOD, outcome="ok")
+
+
 def local_basebackup(ps: Pageserver) -> WriteInto:
     """The daemon's side of a basebackup written into a directory the local CLI handed it
     (pageserver/api/local_files.py): a plain one (no delta, no `.neon` file), its tar made
-    on one thread as `basebackup` makes it and unpacked on another (`write_tar_into`)."""
+    on one thread as `basebackup` makes it and unpacked on another (`write_tar_into`, on a
+    thread owning its own descriptor of the directory), `served` as the method is."""
 
-    async def write_into(
-        raw: dict[str, Any], dir_fd: int, client_gone: Callable[[], bool]
-    ) -> dict[str, Any]:
-        req = m.BasebackupRequest.from_wire(raw)
-        if req.checkout_from or req.delta_from or req.snapshot_file:
-            raise InvalidArgument("a local basebackup writes a whole data directory only")
-        aligned = AlignedChunks()
-        info, tar_chunks = await _plan_basebackup(ps, req, aligned=aligned)
-        tar = TarCounter(tar_chunks)
-        await on_own_thread(
-            "basebackup-files", write_tar_into, iter(tar), dir_fd, client_gone, aligned
-        )
-        return _basebackup_response(info, 0, tar.bytes, None).to_wire()
+    async def write_into(raw: dict[str, Any], dir_fd: int, write: LocalWrite) -> dict[str, Any]:
+        with served(ps, m.BasebackupRequest):
+            req = m.BasebackupRequest.from_wire(raw)
+            if req.checkout_from or req.delta_from or req.snapshot_file:
+                raise InvalidArgument("a local basebackup writes a whole data directory only")
+            aligned = AlignedChunks()
+            info, tar_chunks = await _plan_basebackup(ps, req, aligned=aligned)
+            tar = TarCounter(tar_chunks)
+            await write_on_own_thread(
+                dir_fd,
+                lambda fd: write_tar_into(iter(tar), fd, write.stopped, aligned, write.add),
+            )
+            return _basebackup_response(info, 0, tar.bytes, None).to_wire()
 
     return write_into
 
@@ -413,25 +431,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     }
 
     def serve(model: type[m.ApiRequest], route: Route) -> Handler:
-        waited_for = model in FOREGROUND_REQUESTS
-
         async def handler(ctx: RequestContext) -> Any:
-            try:
-                with (
-                    FOREGROUND.held() if waited_for else contextlib.nullcontext(),
-                    reported_if_slow(model.METHOD),
-                ):
-                    result = await route(ctx, model.from_wire(ctx.params))
+            with served(ps, model):
+                result = await route(ctx, model.from_wire(ctx.params))
                 if not isinstance(result, model.RESPONSE):
                     raise TypeError(f"{model.METHOD} must answer {model.RESPONSE.__name__}")
-                encoded = result.to_wire()
-            except Exception:
-                ps.metrics.inc(
-                    "pageserver_proto_requests_total", method=model.METHOD, outcome="error"
-                )
-                raise
-            ps.metrics.inc("pageserver_proto_requests_total", method=model.METHOD, outcome="ok")
-            return encoded
+                return result.to_wire()
 
         return handler
 

@@ -12,6 +12,7 @@ from cli.context import App
 from cli.extract import _connect_local, download_basebackup
 from cli.pageserver_control import local_config
 from pageserver.api.local_files import socket_path
+from tests.e2e.test_checkout_prepared import metric
 from tests.neoncli import NeonCli, psql
 
 
@@ -39,6 +40,8 @@ def test_the_daemon_writes_what_the_stream_gives_and_an_older_daemon_streams(
     work = neon.home / "work"
     work.mkdir(mode=0o711)
     written = download_basebackup(app, work / "written", snapshot="pgdata1@s")
+    # Counted as the stream's request is (and compaction paused: proto_service.served).
+    assert metric(neon, 'pageserver_proto_requests_total{method="basebackup",outcome="ok"}') == 1
 
     path = socket_path(local_config(app).workdir)
     assert path is not None

@@ -4,30 +4,44 @@ what it refuses, and that the writing keeps the unpacker's checks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import io
 import os
 import shutil
 import socket
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 
+import cli.extract
+from cli.extract import Progress, _final_answer, written_by_peer
 from cli.pgbin import pg_os_user
 from cli.untar import UnsafeArchive, _page_aligned, extract_into_dir_fd
 from pageserver.api.local_files import (
     ClientGone,
     LocalFilesServer,
-    receive_frame,
+    LocalWrite,
+    WriteInto,
     send_frame,
+    write_on_own_thread,
     write_tar_into,
 )
+from pageserver.api.metrics import Metrics
+from pageserver.api.proto_service import local_basebackup
+from pageserver.api.service import Pageserver
 from pageserver.basebackup.tar_stream import AlignedChunks, tar_header
+from pageserver.history.flusher import FOREGROUND
+from pageserver_api.models import BasebackupRequest
 from pg15.constants import BLCKSZ
-from proto.errors import CorruptData
+from proto.errors import CorruptData, NotFound
+
+T = TypeVar("T")
 
 
 def one_file_tar(name: str, payload: bytes) -> bytes:
@@ -39,10 +53,19 @@ def one_file_tar(name: str, payload: bytes) -> bytes:
     return out.getvalue()
 
 
-async def _write_a_file(raw: dict[str, Any], dir_fd: int, gone: Callable[[], bool]) -> Any:
+async def _write_a_file(raw: dict[str, Any], dir_fd: int, write: LocalWrite) -> Any:
     fd = os.open(raw["name"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
     os.close(fd)
-    return {"wrote": raw["name"], "gone": gone()}
+    return {"wrote": raw["name"], "gone": write.stopped()}
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def answer_of(sock: socket.socket) -> Any:
+    """The server's last frame (its progress frames passed over)."""
+    return _final_answer(sock, Progress("written"))
 
 
 def exchange(
@@ -57,7 +80,7 @@ def exchange(
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(str(path))
                 send(sock)
-                return receive_frame(sock)[0]
+                return answer_of(sock)
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: another user's process
@@ -66,7 +89,7 @@ def exchange(
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.connect(str(path))
                     send(sock)
-                    answer = receive_frame(sock)[0]
+                    answer = answer_of(sock)
                 os.write(write, repr(answer).encode())
             except BaseException as exc:
                 os.write(write, f"child failed: {exc!r}".encode())
@@ -233,3 +256,183 @@ def test_a_link_put_in_place_of_a_directory_is_not_written_through(tmp_path: Pat
         os.close(fd)
     assert (target / "a").read_bytes() == b"x"
     assert not list(outside.iterdir())
+
+
+@contextlib.contextmanager
+def serving(path: Path, write_into: WriteInto) -> Iterator[LocalFilesServer]:
+    """A server at `path` on an event loop of its own thread (the test's thread is the
+    CLI's), a progress frame every 50 ms."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = LocalFilesServer(path, write_into, progress_seconds=0.05)
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+def test_a_write_running_at_shutdown_stays_in_its_own_directory(tmp_path: Path) -> None:
+    """The daemon's shutdown cancels a write its thread goes on with (until its next check)
+    after the request's descriptor is closed: through its own duplicate it writes into the
+    directory it was handed, not into one the daemon opened meanwhile under the same
+    number (`os.open` returns the lowest free one)."""
+    target = tmp_path / "target"
+    target.mkdir()
+    entered, release, ended = threading.Event(), threading.Event(), threading.Event()
+    numbers: list[int] = []
+
+    async def blocked(raw: dict[str, Any], dir_fd: int, write: LocalWrite) -> dict[str, Any]:
+        numbers.append(dir_fd)
+
+        def write_late(fd: int) -> dict[str, Any]:
+            entered.set()
+            release.wait(30)
+            try:
+                os.close(os.open("late", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+            finally:
+                ended.set()
+            return {}
+
+        return await write_on_own_thread(dir_fd, write_late)
+
+    async def run() -> list[Path]:
+        server = LocalFilesServer(tmp_path / "s.sock", blocked)
+        await server.start()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(tmp_path / "s.sock"))
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+            send_frame(sock, {}, [fd])
+            os.close(fd)
+            assert await asyncio.to_thread(entered.wait, 30)
+            await server.close(wait=0.1)
+        others: dict[int, Path] = {}
+        while numbers[0] not in others and len(others) < 8:
+            other = tmp_path / f"other{len(others)}"
+            other.mkdir()
+            others[os.open(other, os.O_RDONLY | os.O_DIRECTORY)] = other
+        assert numbers[0] in others  # the request's number, now another directory's
+        release.set()
+        assert await asyncio.to_thread(ended.wait, 30)
+        for fd in others:
+            os.close(fd)
+        return list(others.values())
+
+    others = asyncio.run(run())
+    assert [p.name for p in target.iterdir()] == ["late"]
+    assert not [p for other in others for p in other.iterdir()]
+
+
+def test_the_socket_serves_on_after_a_failed_accept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An accept that fails (EMFILE: too many descriptors open) is retried: it ended the
+    serving for good, with the socket still there, and every later CLI waited forever."""
+    target = tmp_path / "dir"
+    target.mkdir()
+    monkeypatch.setattr(cli.extract, "SILENCE_SECONDS", 10.0)  # a client that gives up
+
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        accept = loop.sock_accept
+        failed: list[int] = []
+
+        async def failing_once(listener: socket.socket) -> tuple[socket.socket, Any]:
+            if not failed:
+                failed.append(1)
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return await accept(listener)
+
+        monkeypatch.setattr(loop, "sock_accept", failing_once)
+        server = LocalFilesServer(tmp_path / "s.sock", _write_a_file)
+        await server.start()
+
+        def client() -> Any:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(tmp_path / "s.sock"))
+                fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    send_frame(sock, {"name": "f"}, [fd])
+                finally:
+                    os.close(fd)
+                return answer_of(sock)
+
+        try:
+            return await asyncio.to_thread(client), failed
+        finally:
+            await server.close()
+
+    answer, failed = asyncio.run(run())
+    assert failed == [1]
+    assert answer == {"ok": {"wrote": "f", "gone": False}}
+
+
+def test_ctrl_c_waits_for_the_daemon_before_removing_the_directory(tmp_path: Path) -> None:
+    """Interrupted once the daemon has written its first MiB, the CLI shuts its end down
+    and waits for the daemon to stop before removing the staged directory: removed under
+    it, the files it went on making left `<name>.tmp-XXXX` behind. The progress frames
+    count the bytes written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "data"
+
+    async def many_files(raw: dict[str, Any], dir_fd: int, write: LocalWrite) -> dict[str, Any]:
+        def chunks() -> Iterator[bytes]:
+            for i in range(200_000):
+                yield tar_header(f"f{i}", 1, 0) + b"x".ljust(512, b"\0")
+            yield bytes(1024)
+
+        def write_all(fd: int) -> dict[str, Any]:
+            write_tar_into(chunks(), fd, write.stopped, None, write.add)
+            return {}
+
+        return await write_on_own_thread(dir_fd, write_all)
+
+    class Interrupting(Progress):
+        seen: list[int] = []
+
+        def __call__(self, done: int) -> None:
+            self.seen.append(done)
+            if done and any(work.glob("data.tmp-*/f*")):
+                raise KeyboardInterrupt
+
+    progress = Interrupting("written")
+    with serving(tmp_path / "s.sock", many_files), socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(tmp_path / "s.sock"))
+        with pytest.raises(KeyboardInterrupt):
+            written_by_peer(sock, BasebackupRequest(snapshot="s"), target, progress)
+        assert not list(work.iterdir())  # nothing left, no `data.tmp-XXXX`
+    assert progress.seen[0] == 0 and progress.seen[-1] >= 1 << 20
+
+
+def test_the_local_basebackup_is_served_as_the_method_is(tmp_path: Path) -> None:
+    """The local path is a basebackup request as the stream's is: compaction pauses while
+    it runs (FOREGROUND held) and it is counted in pageserver_proto_requests_total."""
+    held: list[bool] = []
+
+    class Daemon:
+        metrics = Metrics()
+
+        def basebackup_source(self, node_id: str | None, snapshot: str | None) -> None:
+            held.append(FOREGROUND.busy())
+            raise NotFound(f"snapshot {snapshot} not found")
+
+    daemon = Daemon()
+    write_into = local_basebackup(cast(Pageserver, daemon))
+    FOREGROUND.release()  # no linger of an earlier test's request
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(NotFound):
+            asyncio.run(_awaited(write_into({"snapshot": "s"}, fd, LocalWrite(bool, bool))))
+    finally:
+        os.close(fd)
+        FOREGROUND.release()  # none for later tests either
+    assert held == [True]
+    counted = daemon.metrics.value(
+        "pageserver_proto_requests_total", method="basebackup", outcome="error"
+    )
+    assert counted == 1
