@@ -349,18 +349,24 @@ class Pageserver:
 
     def prepare_checkout(self, node_id: str, history: StorageHistory, snap: Snapshot) -> None:
         """Begin rebuilding, on a thread, the target's pages `node_id`'s checkout to `snap`
-        will want (pageserver/basebackup/prepared_pages.py). Nothing where its delta could
-        not take them or they could change: the node in another storage or without history,
-        a snapshot held in a bucket, its timeline not (re-)ingested to it yet, or its store
-        not open (opening one reads its files: not on the event loop this runs on; a
-        followed node's is open). Never raises: the delta rebuilds what it does not find."""
-        if not self.prepared_pages.enabled:
-            return
+        will want (pageserver/basebackup/prepared_pages.py), after handing what the node
+        ingested to the background flusher (`NodeStore.flush_ahead`: also where prepared
+        pages are off). No pages where its delta could not take them or they could change:
+        the node in another storage or without history, a snapshot held in a bucket, its
+        timeline not (re-)ingested to it yet, or its store not open (opening one reads its
+        files: not on the event loop this runs on; a followed node's is open). Never raises:
+        the delta rebuilds what it does not find."""
         store = self.stores.get(node_id)
         if store is None:
             return
 
         def checked() -> None:  # reads files (a target timeline opened): off the event loop
+            try:
+                store.flush_ahead()  # the node's ingested WAL written while it stops
+            except (NeonError, OSError) as exc:
+                log.warning("checkout of node %s: early flush not begun: %s", node_id, exc)
+            if not self.prepared_pages.enabled:
+                return
             try:
                 if store.state is None or store.history is not history:
                     return

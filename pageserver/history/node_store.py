@@ -505,6 +505,22 @@ class NodeStore:
             self.wait_flushed()
             self._write_layers()
 
+    def flush_ahead(self) -> None:
+        """What is ingested frozen now and handed to the background flusher, as a periodic
+        flush would (a checkout begins: its branch writes the timeline the node leaves to
+        layer files before it returns, and after a change that is most of the branch's
+        time; begun while the node stops, only the shutdown checkpoint's records are left
+        for the branch to write)."""
+        if self._state is None:
+            return
+        timeline = self.timeline
+        upto = self._freeze_rest(timeline)  # every record it froze was observed by the index
+        if upto is not None:
+            index = self.index
+            self.flusher.request(
+                timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
+            )
+
     def _write_layers(self) -> Timeline:
         """Everything ingested so far written, the LSN index first (as in _flush_frozen), up
         to the cut `_freeze_rest` makes: on a thread other than the decode thread, records

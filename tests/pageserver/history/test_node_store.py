@@ -297,3 +297,32 @@ def test_a_branch_while_a_batch_is_ingested_keeps_the_index_ahead_of_the_layers(
     on_disk = LsnIndex(index.directory, index.segment_size).boundaries()
     assert on_disk == expected
     store.close()
+
+
+def test_flush_ahead_writes_what_is_ingested_in_the_background(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A checkout's first request hands what the node ingested to the flusher
+    (`flush_ahead`), so its branch later finds the timeline it leaves durable up to there:
+    the layers and the LSN index (written first, as every flush does) reach the ingested end
+    without the caller writing anything; records ingested after it stay in memory."""
+    store = imported(tmp_path, workload.base)
+    todo = batches(workload)
+    half = len(todo) // 2
+    for records, raws in todo[:half]:
+        store.ingest_batch(records, raws)
+    store.wait_flushed()
+    timeline = store.timeline
+    at = timeline.last_record_lsn
+    assert timeline.disk_consistent_lsn < at  # the tail is in memory
+    index = store.index
+    store.flush_ahead()
+    store.wait_flushed()
+    assert timeline.disk_consistent_lsn == at
+    assert LsnIndex(index.directory, index.segment_size).last_lsn == index.last_lsn
+    for records, raws in todo[half:]:
+        store.ingest_batch(records, raws)
+    store.wait_flushed()
+    assert timeline.disk_consistent_lsn == at < timeline.last_record_lsn
+    store.close()
