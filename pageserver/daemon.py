@@ -134,14 +134,14 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         with contextlib.suppress(asyncio.CancelledError):
             await gc_task
     finally:
+        if local is not None:  # its writes stop (at their next MiB) before the stores close
+            await local.close()
         if ps is not None:
             await ps.stop_following()
         if proto is not None:
             await proto.close()
         if http is not None:
             await http.close()
-        if local is not None:
-            await local.close()
         config.ports_file.unlink(missing_ok=True)
         config.pid_file.unlink(missing_ok=True)
         log.info("stopped")
