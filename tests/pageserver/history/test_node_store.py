@@ -19,6 +19,9 @@ from pageserver.storage.layers.delta import DeltaLayer
 from pageserver.storage.layers.inmemory import InMemoryLayer
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
+from pg15.constants import RM_XACT_ID
+from pg15.records import DecodedRecord
+from pg15.rmgr.xact import XLOG_XACT_COMMIT, XLOG_XACT_OPMASK
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 
 SMALL = StoreSettings(checkpoint_distance=512 * 1024)
@@ -256,7 +259,11 @@ def test_a_branch_while_a_batch_is_ingested_keeps_the_index_ahead_of_the_layers(
     flush must not write those records' layers before their index entries (the flush cut
     between batches); read back without closing, every commit the durable layers hold has
     its durable index entry. The batch is held between the two steps until the branch has
-    ended, or for 5 s when the branch waits for the batch (as it must)."""
+    ended, or for 5 s when the branch waits for the batch (as it must). Held where the index
+    is told of records already in the timeline, on both ingest paths: `observe_all` after a
+    C run, `observe` after a commit the Python reference ingested (the only path under
+    NEON_PURE_PYTHON=1, where the C runs take nothing; the records before it are observed
+    and need no entry)."""
     store = imported(tmp_path, workload.base)
     todo = batches(workload)
     half = len(todo) // 2
@@ -266,15 +273,26 @@ def test_a_branch_while_a_batch_is_ingested_keeps_the_index_ahead_of_the_layers(
     at = timeline.last_record_lsn
     index = store.index
     held, go = threading.Event(), threading.Event()
-    observe_all = index.observe_all
+    observe_all, observe = index.observe_all, index.observe
 
-    def held_observe_all(records: list, i: int, j: int) -> None:  # type: ignore[type-arg]
-        if j > i and not held.is_set():  # records in the timeline, not yet in the index
+    def hold() -> None:  # records in the timeline, not yet in the index
+        if not held.is_set():
+            assert timeline.last_record_lsn > at
             held.set()
             go.wait(30)
+
+    def held_observe_all(records: list, i: int, j: int) -> None:  # type: ignore[type-arg]
+        if j > i:
+            hold()
         observe_all(records, i, j)
 
+    def held_observe(record: DecodedRecord) -> None:
+        if record.rmgr_id == RM_XACT_ID and record.info & XLOG_XACT_OPMASK == XLOG_XACT_COMMIT:
+            hold()  # a record the index keeps an entry for
+        observe(record)
+
     index.observe_all = held_observe_all  # type: ignore[method-assign]
+    index.observe = held_observe  # type: ignore[method-assign]
 
     def ingest_rest() -> None:  # in one batch: its first run of records is long
         records = [r for batch, _ in todo[half:] for r in batch]
@@ -289,7 +307,7 @@ def test_a_branch_while_a_batch_is_ingested_keeps_the_index_ahead_of_the_layers(
     go.set()
     ingesting.join(60)
     branching.join(60)
-    index.observe_all = observe_all  # type: ignore[method-assign]
+    index.observe_all, index.observe = observe_all, observe  # type: ignore[method-assign]
     durable = timeline.disk_consistent_lsn
     assert durable >= at
     expected = [b for b in index.boundaries() if b <= durable]  # what the index observed
