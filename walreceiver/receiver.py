@@ -35,6 +35,7 @@ from typing import ParamSpec, TypeVar
 
 from durable_files import PRIVATE_UMASK
 from pg15.lsn import format_lsn, lsn_segno, segment_start
+from proto.aio import wait_event
 from proto.errors import Conflict, CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.replication import (
@@ -185,8 +186,7 @@ class WalReceiver:
 
     async def _backoff(self, seconds: float) -> None:
         self._retry_now.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._retry_now.wait(), seconds)
+        await wait_event(self._retry_now, seconds)
 
     async def _io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._pool is None:

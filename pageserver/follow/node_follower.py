@@ -31,6 +31,7 @@ from pageserver.redo import REDO_BY_RMGR
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord, decode_record, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
+from proto.aio import wait_event
 from proto.errors import CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import ConnParams, WalChunk
@@ -118,6 +119,8 @@ class NodeFollower:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._closed = False
+        if self.node.paused:  # stop() left it set
+            self._active.clear()
         self._decoder = threading.Thread(
             target=self._decode_loop, name=f"decode-{self.node.node_id}", daemon=True
         )
@@ -125,11 +128,11 @@ class NodeFollower:
         self._task = asyncio.create_task(self._run(), name=f"follow-{self.node.node_id}")
 
     async def stop(self) -> None:
-        """End the streaming task and the decode thread. The task is told by a flag and
-        woken as well as cancelled: a `pg checkout` hung in `node_branch` on a task that
-        had lost its cancellation (it sat in `_active.wait()` of a paused node, stop() in
-        `await task`, 120 s), which no code path of ours explains (every `except` re-raises
-        CancelledError); the flag ends it wherever a cancellation goes."""
+        """End the streaming task and the decode thread. The task is cancelled, and told by
+        a flag too: a `pg checkout` hung 120 s in `node_branch`, stop() in `await task` and
+        the task in `_active.wait()` of a paused node, having lost its cancellation in
+        `asyncio.wait_for` (see `proto.aio.wait_event`); the flag ends the loop at its next turn
+        should a cancellation be lost anywhere else."""
         task, self._task = self._task, None
         if task is not None:
             self._closed = True
@@ -236,8 +239,7 @@ class NodeFollower:
                 log.error("node %s: streaming failed: %s", self.node.node_id, exc)
                 self.receive_error = str(exc)
                 delay = FAILED_RETRY_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
 
     # decoding
 
@@ -476,8 +478,7 @@ class NodeFollower:
             self._progress.clear()
             if self._decoded_past(lsn):
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(remaining, 0.5))
+            await wait_event(self._progress, min(remaining, 0.5))
         return True
 
     def _decoded_past(self, lsn: int) -> bool:

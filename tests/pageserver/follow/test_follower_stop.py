@@ -49,3 +49,31 @@ async def test_stop_ends_a_streaming_task_that_lost_its_cancellation(
             task.cancel()
         await follower.stop()
         store.close()
+
+
+async def test_stop_cancels_a_task_waiting_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() wakes the retry wait (`_wake`) and cancels in the same loop turn: through
+    `asyncio.wait_for` (Python 3.11) that cancellation was lost, the task left only by the
+    flag; it must end cancelled."""
+    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
+    node = FollowedNode("n", "127.0.0.1", 1, "u", "p")
+    follower = NodeFollower(node, store, Metrics())
+    ended = asyncio.Event()
+
+    async def stream_ended_at_once() -> str:
+        ended.set()
+        return "stopped"
+
+    monkeypatch.setattr(follower.receiver, "run", stream_ended_at_once)
+    follower.start()
+    task = follower._task
+    try:
+        await asyncio.wait_for(ended.wait(), 10)
+        await asyncio.sleep(0.05)  # in the retry wait (ENDED_RETRY_SECONDS) now
+        await follower.stop()
+        assert task is not None and task.cancelled()
+    finally:
+        await follower.stop()
+        store.close()
