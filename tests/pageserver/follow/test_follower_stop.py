@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,29 @@ from pageserver.follow.node_follower import NodeFollower
 from pageserver.history.node_store import NodeStore, StorageHistory
 
 
+@contextlib.asynccontextmanager
+async def follower_streaming_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Callable[[], Awaitable[str]]
+) -> AsyncIterator[NodeFollower]:
+    """A started follower of a node nothing listens for (port 1) whose receiver's run() is
+    `run`; stopped and its store closed afterwards, its task cancelled if still running."""
+    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
+    follower = NodeFollower(FollowedNode("n", "127.0.0.1", 1, "u", "p"), store, Metrics())
+    monkeypatch.setattr(follower.receiver, "run", run)
+    follower.start()
+    task = follower._task
+    try:
+        yield follower
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        await follower.stop()
+        store.close()
+
+
 async def test_stop_ends_a_streaming_task_that_lost_its_cancellation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
-    node = FollowedNode("n", "127.0.0.1", 1, "u", "p")  # nothing listens on port 1
-    follower = NodeFollower(node, store, Metrics())
     streaming = asyncio.Event()
 
     async def run_losing_its_cancellation() -> str:
@@ -33,22 +51,15 @@ async def test_stop_ends_a_streaming_task_that_lost_its_cancellation(
             await asyncio.Event().wait()
         return "paused"
 
-    monkeypatch.setattr(follower.receiver, "run", run_losing_its_cancellation)
-    follower.start()
-    task = follower._task
-    try:
+    async with follower_streaming_by(tmp_path, monkeypatch, run_losing_its_cancellation) as f:
+        task = f._task
         await asyncio.wait_for(streaming.wait(), 10)
-        await follower.pause()  # the checkout stops the node first
-        stopping = asyncio.ensure_future(follower.stop())
+        await f.pause()  # the checkout stops the node first
+        stopping = asyncio.ensure_future(f.stop())
         # Not wait_for: cancelling stop() cancels the task it awaits once more, which ends it.
         done, _ = await asyncio.wait({stopping}, timeout=10)
         assert done, "stop() did not end: its task waits in _active.wait()"  # the old code
         assert task is not None and task.done()
-    finally:
-        if task is not None and not task.done():
-            task.cancel()
-        await follower.stop()
-        store.close()
 
 
 async def test_stop_cancels_a_task_waiting_to_retry(
@@ -57,23 +68,15 @@ async def test_stop_cancels_a_task_waiting_to_retry(
     """stop() wakes the retry wait (`_wake`) and cancels in the same loop turn: through
     `asyncio.wait_for` (Python 3.11) that cancellation was lost, the task left only by the
     flag; it must end cancelled."""
-    store = NodeStore(StorageHistory(tmp_path / "history"), "n")
-    node = FollowedNode("n", "127.0.0.1", 1, "u", "p")
-    follower = NodeFollower(node, store, Metrics())
     ended = asyncio.Event()
 
     async def stream_ended_at_once() -> str:
         ended.set()
         return "stopped"
 
-    monkeypatch.setattr(follower.receiver, "run", stream_ended_at_once)
-    follower.start()
-    task = follower._task
-    try:
+    async with follower_streaming_by(tmp_path, monkeypatch, stream_ended_at_once) as f:
+        task = f._task
         await asyncio.wait_for(ended.wait(), 10)
         await asyncio.sleep(0.05)  # in the retry wait (ENDED_RETRY_SECONDS) now
-        await follower.stop()
+        await f.stop()
         assert task is not None and task.cancelled()
-    finally:
-        await follower.stop()
-        store.close()
