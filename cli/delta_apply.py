@@ -140,10 +140,10 @@ class _Fork:
             if not self.delta.pages and _as_it_should_be(path, size):
                 continue  # most forks of a delta: one lstat, no descriptor
             try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+                fd = _open_regular(path, os.O_RDWR, self.member.name)
                 created = False
             except FileNotFoundError:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                fd = _open_regular(path, os.O_RDWR | os.O_CREAT, self.member.name)
                 created = True
                 self.names.add(posixpath.basename(rel))
             self.fds[segno] = fd
@@ -428,7 +428,7 @@ class DeltaApplier:
         self._differs = False
         if self._created or not self._compare:
             self._differ()
-        self._fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        self._fd = _open_regular(str(dest), os.O_RDWR | os.O_CREAT, member.name)
         self._offset = 0
         if rel.partition("/")[0] == "pg_wal" and _ALLOCATE_FROM <= member.size <= _MAX_WAL_SEGMENT:
             if not self._created:  # its pieces of zeros are not written: none of it stays
@@ -556,6 +556,22 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _open_regular(path: str, flags: int, member: str) -> int:
+    """`path` opened with `flags` (0600 where created), refused unless it is a regular
+    file: the directory is PostgreSQL's account's, which may put a FIFO or a device at a
+    name a delta writes (O_NONBLOCK: opening either never waits; written, a device's
+    writes would go to it). UnsafeArchive names the delta's `member`."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeArchive(f"refusing delta member {member!r}: {path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _owned(st: os.stat_result) -> bool:

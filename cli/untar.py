@@ -184,12 +184,16 @@ class _Extractor:
             self._dir(rel)
             return
         parent = self._dir(rel.parent)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_EXCL: the directory was new or checked empty, so every file is new; whatever is
+        # at the name was put there meanwhile (PostgreSQL's account may write here), and a
+        # FIFO opened without it would block this writer for good.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             self._fd = os.open(rel.name, flags, 0o600, dir_fd=parent)
-        except IsADirectoryError:
-            raise CorruptData(
-                f"tar member {member.name!r} is a file where a directory was"
+        except FileExistsError:
+            raise UnsafeArchive(
+                f"refusing tar member {member.name!r}: something is at its path already "
+                "(a repeated member, or put there during the extraction)"
             ) from None
         self._dest = rel
         if self._divert is not None:

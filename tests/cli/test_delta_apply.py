@@ -24,6 +24,7 @@ from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import CorruptData
 from snapfile.delta import BLOCK_NUMBER, FORK_HEADER, MAGIC, SnapshotIdentity, fork_header
 from snapfile.manifest import Manifest
+from tests.fifo import raised_within
 
 
 def page(fill: int) -> bytes:
@@ -279,6 +280,29 @@ def test_a_link_put_in_place_of_a_file_being_written_is_not_followed(
         after = outside.stat()
         assert outside.read_bytes() == b"root's own"
         assert (stat.S_IMODE(after.st_mode), after.st_uid) == (0o644, before.st_uid)
+
+
+@pytest.mark.parametrize(
+    ("target", "member", "data"),
+    [
+        ("global/pg_control", "global/pg_control", b"c" * 200_000),
+        ("base/5/100", "neon-delta/base/5/100", fork_data(40, {0: page(9), 39: page(8)})),
+    ],
+)
+def test_a_fifo_put_in_place_of_a_file_is_refused_not_written(
+    parent: Path, target: str, member: str, data: bytes
+) -> None:
+    """A file a delta writes over (or a fork segment it resizes) exists legitimately, so
+    it is opened without O_EXCL: a FIFO PostgreSQL's account put there instead was opened
+    and written (failing only at a positioned write or the resize, ESPIPE or EINVAL; a
+    device would have been written): refused as not a regular file, naming the member."""
+    fifo = parent / target
+    fifo.unlink()
+    os.mkfifo(fifo)
+    error = raised_within(lambda: apply(parent, delta_tar([(member, data)])), parent)
+    assert isinstance(error, CorruptData)
+    assert f"{member!r}" in str(error) and "not a regular file" in str(error)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 REL = "neon-delta/base/5/100"

@@ -23,7 +23,9 @@ import pytest
 
 import cli.untar
 from cli.untar import UnsafeArchive, extract_basebackup, extract_chunks, extract_stream
+from pageserver.basebackup.tar_stream import tar_header
 from proto.errors import CorruptData
+from tests.fifo import raised_within
 
 
 def one_file_tar(name: str, payload: bytes) -> bytes:
@@ -177,6 +179,29 @@ def test_extract_basebackup_stops_reading_after_a_hostile_member(tmp_path: Path)
     with pytest.raises(UnsafeArchive, match="symbolic link"):
         extract_basebackup(io.BufferedReader(source), tmp_path / "pgdata")
     assert source.taken < 200 and list(tmp_path.iterdir()) == []
+
+
+def test_a_fifo_put_at_a_members_name_fails_the_stream_not_blocks_it(tmp_path: Path) -> None:
+    """The streamed extraction's staged directory is PostgreSQL's account's too: a FIFO it
+    puts at the name of a member still to come is refused (O_EXCL: the directory is new),
+    not opened (the writer blocked for good on it)."""
+    target = tmp_path / "pgdata"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield tar_header("a", 1, 0) + b"x".ljust(512, b"\0")
+        for _ in range(3000):  # the writer's thread makes it as it starts
+            if staged := list(tmp_path.glob("pgdata.tmp-*")):
+                break
+            await asyncio.sleep(0.01)
+        os.mkfifo(staged[0] / "b")
+        yield tar_header("b", 1 << 20, 0) + bytes(1 << 20) + bytes(1024)
+
+    def run() -> None:
+        asyncio.run(extract_stream(chunks(), target))
+
+    error = raised_within(run, tmp_path)
+    assert isinstance(error, UnsafeArchive) and "'b'" in str(error)
+    assert not list(tmp_path.iterdir())  # the staged directory removed
 
 
 def test_consume_in_thread_takes_the_next_chunks_while_one_is_consumed() -> None:

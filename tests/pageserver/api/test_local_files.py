@@ -40,6 +40,7 @@ from pageserver.history.flusher import FOREGROUND
 from pageserver_api.models import BasebackupRequest
 from pg15.constants import BLCKSZ
 from proto.errors import CorruptData, NotFound
+from tests.fifo import raised_within
 
 T = TypeVar("T")
 
@@ -256,6 +257,28 @@ def test_a_link_put_in_place_of_a_directory_is_not_written_through(tmp_path: Pat
         os.close(fd)
     assert (target / "a").read_bytes() == b"x"
     assert not list(outside.iterdir())
+
+
+def test_a_fifo_put_at_a_members_name_is_refused_not_opened(tmp_path: Path) -> None:
+    """PostgreSQL's account may also put a FIFO at the name of a member still to come:
+    opened as a file (O_TRUNC, no O_EXCL), the writer blocked for good, its CLI waiting
+    with progress frames still coming and the daemon unable to exit (the thread is not a
+    daemon's). Every member is new in a directory checked empty: refused, naming it."""
+    target = tmp_path / "target"
+    target.mkdir()
+
+    def batches() -> Iterator[list[bytes]]:
+        yield [tar_header("a", 1, 0), b"x".ljust(512, b"\0")]
+        os.mkfifo(target / "b")
+        yield [tar_header("b", 1 << 20, 0), bytes(1 << 20), bytes(1024)]
+
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        error = raised_within(lambda: extract_into_dir_fd(batches(), fd), target)
+    finally:
+        os.close(fd)
+    assert isinstance(error, UnsafeArchive) and "'b'" in str(error)
+    assert (target / "a").read_bytes() == b"x"
 
 
 @contextlib.contextmanager
