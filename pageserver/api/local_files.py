@@ -67,11 +67,19 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 class LocalWrite:
     """One request as its handler sees it: `stopped()` once the client has gone or the
     daemon shuts down (called from the writing thread); `written`, the tar's bytes written
-    so far (the client's progress), added to by `add` from that thread."""
+    so far (the client's progress), added to by `add` from that thread; `held`, the
+    descriptors its writing thread holds until it ends (`write_on_own_thread`: the client's
+    connection, which then closes only once the writing stopped)."""
 
-    def __init__(self, client_gone: Callable[[], bool], closing: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        client_gone: Callable[[], bool],
+        closing: Callable[[], bool],
+        held: tuple[int, ...] = (),
+    ) -> None:
         self._client_gone = client_gone
         self._closing = closing
+        self.held = held
         self.written = 0
 
     def stopped(self) -> bool:
@@ -158,27 +166,47 @@ def checked_dir(fds: list[int]) -> int:
     return fds[0]
 
 
-async def write_on_own_thread(dir_fd: int, write: Callable[[int], T]) -> T:
+async def write_on_own_thread(
+    dir_fd: int, write: Callable[[int], T], held: Iterable[int] = ()
+) -> T:
     """`write(fd)` on a thread of its own (`on_own_thread`: a write lasts as long as the
     basebackup), `fd` a duplicate of `dir_fd` that thread owns and closes when it ends.
     Cancelled (the daemon's shutdown), the caller closes `dir_fd` while the thread writes on
     until its next check: through `dir_fd`'s number, reused by then for another directory
-    the daemon opened, the rest of the tar would land there."""
+    the daemon opened, the rest of the tar would land there. The thread holds a duplicate of
+    each of `held` too (`LocalWrite.held`: the client's connection, closed by the caller
+    then, stays open until the writing stopped: the CLI waits for its close before it
+    removes the directory, and a write abandoned after `LocalFilesServer.close`'s wait
+    went on under a CLI that had removed it)."""
     from pageserver.api.own_thread import start_own_thread  # the daemon's: not at CLI start
 
-    own = os.dup(dir_fd)  # here, before the thread starts: `dir_fd` may be closed by then
+    owned: list[int] = []  # here, before the thread starts: the originals may be closed by then
+
+    def close_owned() -> None:
+        while owned:
+            os.close(owned.pop())
+
+    try:
+        for fd in (dir_fd, *held):
+            owned.append(os.dup(fd))
+    except BaseException:
+        close_owned()
+        raise
+    own = owned[0]
 
     def run() -> T:
         try:
             return write(own)
         finally:
-            os.close(own)
+            close_owned()
 
     try:
         future = start_own_thread("basebackup-files", run)
     except BaseException:
-        os.close(own)
+        close_owned()
         raise
+    # Cancelled before its thread ran (`set_running_or_notify_cancel`), `run` never runs.
+    future.add_done_callback(lambda done: close_owned() if done.cancelled() else None)
     return await asyncio.wrap_future(future)
 
 
@@ -278,7 +306,7 @@ class LocalFilesServer:
             dir_fd = checked_dir(fds)
             if not isinstance(request, dict):
                 raise InvalidArgument("a local basebackup request must be a map")
-            write = LocalWrite(gone(conn), lambda: self._closing)
+            write = LocalWrite(gone(conn), lambda: self._closing, (conn.fileno(),))
             writing = asyncio.ensure_future(self._write_into(request, dir_fd, write))
             try:
                 sending = True

@@ -116,12 +116,15 @@ def local_basebackup(ps: Pageserver) -> WriteInto:
             req = m.BasebackupRequest.from_wire(raw)
             if req.checkout_from or req.delta_from or req.snapshot_file:
                 raise InvalidArgument("a local basebackup writes a whole data directory only")
-            aligned = AlignedChunks()
+            from cli.untar import direct_writes_enabled  # the CLI's unpacker: on use
+
+            aligned = AlignedChunks() if direct_writes_enabled() else None  # O_DIRECT's only
             info, tar_chunks = await _plan_basebackup(ps, req, aligned=aligned)
             tar = TarCounter(tar_chunks)
             await write_on_own_thread(
                 dir_fd,
                 lambda fd: write_tar_into(iter(tar), fd, write.stopped, aligned, write.add),
+                write.held,
             )
             return _basebackup_response(info, 0, tar.bytes, None).to_wire()
 

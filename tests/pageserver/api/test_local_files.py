@@ -4,6 +4,7 @@ what it refuses, and that the writing keeps the unpacker's checks."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import io
@@ -20,9 +21,10 @@ from typing import Any, TypeVar, cast
 import pytest
 
 import cli.extract
-from cli.extract import Progress, _final_answer, written_by_peer
+from cli.extract import Progress, _final_answer, _wait_for_daemon_close, written_by_peer
 from cli.pgbin import pg_os_user
-from cli.untar import UnsafeArchive, _page_aligned, extract_into_dir_fd
+from cli.untar import DIRECT_WRITES_ENV, UnsafeArchive, _page_aligned, extract_into_dir_fd
+from pageserver.api import own_thread, proto_service
 from pageserver.api.local_files import (
     ClientGone,
     LocalFilesServer,
@@ -35,7 +37,7 @@ from pageserver.api.local_files import (
 from pageserver.api.metrics import Metrics
 from pageserver.api.proto_service import local_basebackup
 from pageserver.api.service import Pageserver
-from pageserver.basebackup.tar_stream import AlignedChunks, tar_header
+from pageserver.basebackup.tar_stream import AlignedChunks, BasebackupInfo, tar_header
 from pageserver.history.flusher import FOREGROUND
 from pageserver_api.models import BasebackupRequest
 from pg15.constants import BLCKSZ
@@ -348,6 +350,98 @@ def test_a_write_running_at_shutdown_stays_in_its_own_directory(tmp_path: Path) 
     others = asyncio.run(run())
     assert [p.name for p in target.iterdir()] == ["late"]
     assert not [p for other in others for p in other.iterdir()]
+
+
+def test_a_write_abandoned_at_shutdown_holds_the_connection_until_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`local_basebackup` as the daemon wires it, its tar maker blocked mid-way: the
+    daemon's shutdown stops waiting for it (`close(wait=...)`) and closes the connection,
+    but the writing thread holds its own duplicate of it, so the CLI (waiting for the
+    close before it removes the directory) waits until the writing has stopped. Closed
+    with the request, the CLI removed the directory under a thread still writing in it
+    (`<name>.tmp-XXXX` left behind)."""
+    target = tmp_path / "target"
+    target.mkdir()
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_tar() -> Iterator[bytes]:
+        yield tar_header("a", 2 << 20, 0) + bytes(2 << 20)  # a batch of its own
+        entered.set()
+        release.wait(30)
+        yield tar_header("b", 1, 0) + b"y".ljust(512, b"\0") + bytes(1024)
+
+    async def planned(*args: Any, **kwargs: Any) -> tuple[BasebackupInfo, Iterator[bytes]]:
+        aligned.append(kwargs["aligned"])
+        return BasebackupInfo(1, 1, 1, 1, "000000010000000000000001", 7, 1 << 24), blocking_tar()
+
+    class Daemon:
+        metrics = Metrics()
+
+    aligned: list[AlignedChunks | None] = []
+    monkeypatch.delenv(DIRECT_WRITES_ENV, raising=False)
+    monkeypatch.setattr(proto_service, "_plan_basebackup", planned)
+    write_into = local_basebackup(cast(Pageserver, Daemon()))
+
+    async def run() -> tuple[bool, bool]:
+        server = LocalFilesServer(tmp_path / "s.sock", write_into)
+        await server.start()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(tmp_path / "s.sock"))
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+            send_frame(sock, BasebackupRequest(snapshot="s").to_wire(), [fd])
+            os.close(fd)
+            assert await asyncio.to_thread(entered.wait, 30)
+            for _ in range(3000):  # its first batch written: the writer waits for the next
+                if (target / "a").exists() and (target / "a").stat().st_size == 2 << 20:
+                    break
+                await asyncio.sleep(0.01)
+            await server.close(wait=0.1)
+            waiting = threading.Thread(target=_wait_for_daemon_close, args=(sock,), daemon=True)
+            waiting.start()
+            await asyncio.to_thread(waiting.join, 1.0)
+            waited_while_writing = waiting.is_alive()
+            release.set()
+            await asyncio.to_thread(waiting.join, 30)
+            return waited_while_writing, waiting.is_alive()
+
+    try:
+        waited_while_writing, still_waiting = asyncio.run(run())
+    finally:
+        release.set()
+        FOREGROUND.release()  # no linger for later tests
+    assert waited_while_writing  # the daemon's close did not say "stopped" while it wrote
+    assert not still_waiting  # it closed once the writing stopped
+    assert [p.name for p in target.iterdir()] == ["a"]  # stopped at its next batch
+    assert aligned == [None]  # no aligned buffers (16 MiB mapped) where O_DIRECT is off
+
+
+def test_a_write_cancelled_before_its_thread_ran_closes_its_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled before its thread took it (`set_running_or_notify_cancel`), the write never
+    runs: the descriptors duplicated for it are closed all the same (they leaked)."""
+
+    def never_started(name: str, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        return concurrent.futures.Future()
+
+    monkeypatch.setattr(own_thread, "start_own_thread", never_started)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+
+    async def run() -> None:
+        writing = asyncio.ensure_future(write_on_own_thread(fd, lambda own: None))
+        await asyncio.sleep(0)  # the descriptors duplicated
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        asyncio.run(run())
+        after = sorted(os.listdir("/proc/self/fd"))
+    finally:
+        os.close(fd)
+    assert after == before
 
 
 def test_the_socket_serves_on_after_a_failed_accept(
