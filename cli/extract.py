@@ -84,8 +84,10 @@ def download_basebackup(
                     received += len(chunk)
                     progress(received)
 
-            await extract_stream(chunks(), target)
-        progress.end()
+            try:
+                await extract_stream(chunks(), target)
+            finally:  # an error on a line of its own, not after `received N MiB`
+                progress.end()
         return download.result
 
     return api.run(fetch)
@@ -138,9 +140,10 @@ def _written_by_daemon(
         return None
     with sock:
         progress = Progress("written")
-        written = written_by_peer(sock, request, target, progress)
-        progress.end()
-        return written
+        try:
+            return written_by_peer(sock, request, target, progress)
+        finally:  # an error on a line of its own, not after `written N MiB`
+            progress.end()
 
 
 def written_by_peer(
@@ -153,11 +156,11 @@ def written_by_peer(
     still writing, new files made the removal fail and left `<name>.tmp-XXXX` behind."""
     with staged_dir(target) as tmp:
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            send_frame(sock, request.to_wire(), [fd])
-        finally:
-            os.close(fd)
-        try:
+        try:  # a Ctrl-C once the request is sent (or part of it) waits as well
+            try:
+                send_frame(sock, request.to_wire(), [fd])
+            finally:
+                os.close(fd)
             answer = _final_answer(sock, progress)
         except BaseException:
             _wait_for_daemon_close(sock)

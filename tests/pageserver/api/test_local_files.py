@@ -14,13 +14,14 @@ import socket
 import tarfile
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
 
 import cli.extract
+from cli.context import App
 from cli.extract import Progress, _final_answer, _wait_for_daemon_close, written_by_peer
 from cli.pgbin import pg_os_user
 from cli.untar import DIRECT_WRITES_ENV, UnsafeArchive, _page_aligned, extract_into_dir_fd
@@ -510,7 +511,9 @@ def test_ctrl_c_waits_for_the_daemon_before_removing_the_directory(tmp_path: Pat
         return await write_on_own_thread(dir_fd, write_all)
 
     class Interrupting(Progress):
-        seen: list[int] = []
+        def __init__(self, label: str) -> None:
+            super().__init__(label)
+            self.seen: list[int] = []
 
         def __call__(self, done: int) -> None:
             self.seen.append(done)
@@ -524,6 +527,49 @@ def test_ctrl_c_waits_for_the_daemon_before_removing_the_directory(tmp_path: Pat
             written_by_peer(sock, BasebackupRequest(snapshot="s"), target, progress)
         assert not list(work.iterdir())  # nothing left, no `data.tmp-XXXX`
     assert progress.seen[0] == 0 and progress.seen[-1] >= 1 << 20
+
+
+def test_ctrl_c_right_after_the_request_waits_and_ends_the_progress_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C between sending the request and reading the answers waits for the daemon
+    too (it skipped the wait: the send was outside the `try`), and the progress line is
+    ended whatever happens (only on success: the error was printed after `written N MiB`)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    waited: list[bool] = []
+    ended: list[bool] = []
+    send = cli.extract.send_frame
+    wait = cli.extract._wait_for_daemon_close
+
+    def interrupted_send(sock: socket.socket, payload: Any, fds: Iterable[int] = ()) -> None:
+        send(sock, payload, fds)
+        raise KeyboardInterrupt
+
+    def recorded_wait(sock: socket.socket) -> None:
+        waited.append(True)
+        wait(sock)
+
+    class Ended(Progress):
+        def end(self) -> None:
+            ended.append(True)
+
+    async def refused(raw: dict[str, Any], dir_fd: int, write: LocalWrite) -> dict[str, Any]:
+        raise NotFound("no such snapshot")
+
+    monkeypatch.setattr(cli.extract, "send_frame", interrupted_send)
+    monkeypatch.setattr(cli.extract, "_wait_for_daemon_close", recorded_wait)
+    monkeypatch.setattr(cli.extract, "Progress", Ended)
+    with serving(tmp_path / "s.sock", refused):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(tmp_path / "s.sock"))
+        monkeypatch.setattr(cli.extract, "_connect_local", lambda app: sock)
+        with pytest.raises(KeyboardInterrupt):
+            cli.extract._written_by_daemon(
+                cast(App, None), BasebackupRequest(snapshot="s"), work / "data"
+            )
+    assert waited == [True] and ended == [True]
+    assert not list(work.iterdir())
 
 
 def test_the_local_basebackup_is_served_as_the_method_is(tmp_path: Path) -> None:
