@@ -365,6 +365,8 @@ class Pageserver:
                 store.flush_ahead()  # the node's ingested WAL written while it stops
             except (NeonError, OSError) as exc:
                 log.warning("checkout of node %s: early flush not begun: %s", node_id, exc)
+            except Exception:  # a bug: logged, and the pages are prepared all the same
+                log.exception("checkout of node %s: early flush failed", node_id)
             if not self.prepared_pages.enabled:
                 return
             try:

@@ -511,12 +511,12 @@ class NodeStore:
         layer files before it returns, and after a change that is most of the branch's
         time; begun while the node stops, only the shutdown checkpoint's records are left
         for the branch to write)."""
-        if self._state is None:
-            return
-        timeline = self.timeline
+        with self._lock:  # one state's pair: a switch_to_branch (under it) never between
+            if self._state is None:
+                return
+            timeline, index = self.timeline, self.index
         upto = self._freeze_rest(timeline)  # every record it froze was observed by the index
         if upto is not None:
-            index = self.index
             self.flusher.request(
                 timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
             )

@@ -11,10 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from pageserver.api import service
 from pageserver.basebackup import delta_tar, prepared_pages
 from pageserver.basebackup.checkout_delta import checkout_forks
 from pageserver.basebackup.delta_tar import DeltaForks
@@ -27,7 +29,9 @@ from pageserver.basebackup.prepared_pages import (
     prepare_checkout,
 )
 from pageserver.basebackup.sources import TimelineSource
+from pageserver.history.node_store import StorageHistory
 from pageserver.history.snapshot_diff import ReadPoint, keys_changed
+from pageserver.history.snapshots import Snapshot
 from pageserver.reconstruct.reads import get_rel_size
 from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
@@ -405,3 +409,35 @@ def test_the_wait_for_a_fork_is_read_when_the_delta_asks(monkeypatch: pytest.Mon
     finally:
         finisher.join()
     assert taken.get(_key(1)) is None and not entry.pages
+
+
+def test_a_failed_early_flush_leaves_the_pages_prepared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Pageserver.prepare_checkout` hands the node's ingested WAL to the flusher first; an
+    error there other than NeonError/OSError (a bug) ended its thread before the pages were
+    prepared: logged, and the pages are prepared all the same."""
+    started = threading.Event()
+
+    class Store:
+        state = object()
+        timeline = "current"
+
+        def flush_ahead(self) -> None:
+            raise RuntimeError("a bug in the early flush")
+
+    history = SimpleNamespace(
+        root="root", timelines=SimpleNamespace(get=lambda tid: SimpleNamespace(last_record_lsn=9))
+    )
+    Store.history = history  # type: ignore[attr-defined]
+    daemon = SimpleNamespace(
+        stores={"n": Store()},
+        prepared_pages=SimpleNamespace(enabled=True),
+        remote=SimpleNamespace(mirror_of_root=lambda root: None),
+    )
+    monkeypatch.setattr(service, "prepare_checkout", lambda *args: started.set())
+    service.Pageserver.prepare_checkout(
+        cast(service.Pageserver, daemon),
+        "n",
+        cast(StorageHistory, history),
+        cast(Snapshot, SimpleNamespace(timeline_id="t", lsn=5)),
+    )
+    assert started.wait(10)

@@ -344,3 +344,46 @@ def test_flush_ahead_writes_what_is_ingested_in_the_background(
     store.wait_flushed()
     assert timeline.disk_consistent_lsn == at < timeline.last_record_lsn
     store.close()
+
+
+def test_flush_ahead_pairs_the_timeline_with_its_own_index(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`flush_ahead` takes the timeline and its LSN index from one state: a checkout's
+    switch_to_branch between the two (here while it freezes) had the timeline the node
+    left flushed with the new timeline's index (its entries written to the wrong file,
+    the old one's never made durable first)."""
+    store = imported(tmp_path, workload.base)
+    todo = batches(workload)
+    half = len(todo) // 2
+    for records, raws in todo[:half]:
+        store.ingest_batch(records, raws)
+    left = store.timeline
+    child = store.branch(left.timeline_id, left.last_record_lsn)  # writes what is ingested
+    for records, raws in todo[half:]:  # in memory for flush_ahead to hand over
+        store.ingest_batch(records, raws)
+    store.wait_flushed()
+    freeze = store._freeze_rest
+
+    switching: list[bool] = []
+
+    def switched_meanwhile(timeline: Timeline) -> int | None:
+        upto = freeze(timeline)
+        if not switching:  # once: the switch's own flush of the timeline it leaves freezes
+            switching.append(True)
+            check_out(store, child, child.ancestor_lsn)
+        return upto
+
+    flushed: list[tuple[str, str]] = []
+
+    def recorded(timeline: Timeline, index: LsnIndex, upto: int) -> None:
+        flushed.append((timeline.timeline_id, index.directory.name))
+
+    monkeypatch.setattr(store, "_freeze_rest", switched_meanwhile)
+    monkeypatch.setattr(store, "_flush_frozen", recorded)
+    store.flush_ahead()
+    store.wait_flushed()
+    assert flushed == [(left.timeline_id, left.timeline_id)]
+    store.close()
