@@ -353,7 +353,10 @@ def test_large_files_are_written_past_the_page_cache_when_asked(
     raw = buf.getvalue()
     extract_chunks([raw[i : i + 100_003] for i in range(0, len(raw), 100_003)], tmp_path / "out")
     cached = resident_pages(tmp_path / "out/big")  # before reading it back
-    assert cached == (0 if direct else len(big) // mmap.PAGESIZE)
+    if direct:
+        assert cached == 0
+    else:  # the kernel may reclaim a few under memory pressure on the shared box
+        assert cached >= len(big) // mmap.PAGESIZE * 9 // 10
     assert resident_pages(tmp_path / "out/small") == 1
     assert (tmp_path / "out/big").read_bytes() == big
     assert (tmp_path / "out/small").read_bytes() == small
