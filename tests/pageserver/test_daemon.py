@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -168,3 +169,42 @@ def test_a_default_port_taken_at_the_last_moment_falls_back_to_free_ones(
             app.registry.close()
     finally:
         holder.close()
+
+
+def test_shutdown_stops_the_local_writes_before_the_stores_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At SIGTERM the local basebackup socket is closed first (its running writes told to
+    stop and waited for), then the stores close (stop_following): closed the other way
+    round, a write mid-way read its tar from closed stores (296065e)."""
+    from pageserver import daemon
+    from pageserver.api.local_files import LocalFilesServer
+    from pageserver.api.service import Pageserver
+
+    order: list[str] = []
+    close, stop_following = LocalFilesServer.close, Pageserver.stop_following
+
+    async def closing_local(self: LocalFilesServer, wait: float = 10.0) -> None:
+        order.append("local basebackup socket")
+        await close(self, wait)
+
+    async def closing_stores(self: Pageserver) -> None:
+        order.append("stores")
+        await stop_following(self)
+
+    monkeypatch.setattr(LocalFilesServer, "close", closing_local)
+    monkeypatch.setattr(Pageserver, "stop_following", closing_stores)
+    config = PageserverConfig(tmp_path / "ps", proto_port=0, http_port=0)
+
+    async def run() -> None:
+        serving = asyncio.ensure_future(daemon.serve(config))
+        for _ in range(3000):
+            if config.ports_file.exists() or serving.done():
+                break
+            await asyncio.sleep(0.01)
+        assert config.ports_file.exists()
+        os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own handler: its `stop`
+        await asyncio.wait_for(serving, 60)
+
+    asyncio.run(run())
+    assert order == ["local basebackup socket", "stores"]
