@@ -40,6 +40,16 @@ def batches(w: Workload, size: int = 50) -> list[tuple[list, list]]:  # type: ig
     ]
 
 
+def half_ingested(tmp_path: Path, w: Workload) -> tuple[NodeStore, list[tuple[list, list]]]:  # type: ignore[type-arg]
+    """A store imported from `w`'s base with the first half of its batches ingested, and
+    the other half."""
+    store = imported(tmp_path, w.base)
+    todo = batches(w)
+    for records, raws in todo[: len(todo) // 2]:
+        store.ingest_batch(records, raws)
+    return store, todo[len(todo) // 2 :]
+
+
 def check_out(store: NodeStore, child: Timeline, lsn: int) -> NodeState:
     """Switch the node to `child`, branched at `lsn`, as a checkout to snapshot n@snap does."""
     state = store.state
@@ -325,11 +335,7 @@ def test_flush_ahead_writes_what_is_ingested_in_the_background(
     (`flush_ahead`), so its branch later finds the timeline it leaves durable up to there:
     the layers and the LSN index (written first, as every flush does) reach the ingested end
     without the caller writing anything; records ingested after it stay in memory."""
-    store = imported(tmp_path, workload.base)
-    todo = batches(workload)
-    half = len(todo) // 2
-    for records, raws in todo[:half]:
-        store.ingest_batch(records, raws)
+    store, rest = half_ingested(tmp_path, workload)
     store.wait_flushed()
     timeline = store.timeline
     at = timeline.last_record_lsn
@@ -339,7 +345,7 @@ def test_flush_ahead_writes_what_is_ingested_in_the_background(
     store.wait_flushed()
     assert timeline.disk_consistent_lsn == at
     assert LsnIndex(index.directory, index.segment_size).last_lsn == index.last_lsn
-    for records, raws in todo[half:]:
+    for records, raws in rest:
         store.ingest_batch(records, raws)
     store.wait_flushed()
     assert timeline.disk_consistent_lsn == at < timeline.last_record_lsn
@@ -355,14 +361,10 @@ def test_flush_ahead_pairs_the_timeline_with_its_own_index(
     switch_to_branch between the two (here while it freezes) had the timeline the node
     left flushed with the new timeline's index (its entries written to the wrong file,
     the old one's never made durable first)."""
-    store = imported(tmp_path, workload.base)
-    todo = batches(workload)
-    half = len(todo) // 2
-    for records, raws in todo[:half]:
-        store.ingest_batch(records, raws)
+    store, rest = half_ingested(tmp_path, workload)
     left = store.timeline
     child = store.branch(left.timeline_id, left.last_record_lsn)  # writes what is ingested
-    for records, raws in todo[half:]:  # in memory for flush_ahead to hand over
+    for records, raws in rest:  # in memory for flush_ahead to hand over
         store.ingest_batch(records, raws)
     store.wait_flushed()
     freeze = store._freeze_rest
