@@ -24,7 +24,8 @@ PROGRESS_SECONDS (the tar's bytes written so far: the CLI shows them, and a sile
 SILENCE_SECONDS means the daemon is stuck or gone), then one frame, `{"ok":
 BasebackupResponse}` or `{"error": {"code", "message"}}`, and closes. A CLI that goes
 shuts its end down: the writing stops at its next MiB, and the CLI waits for the daemon's
-close before it removes the directory.
+close before it removes the directory (the writing thread holds the connection open until
+it ends, also after the daemon's shutdown stopped waiting for it: `LocalWrite.held`).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class LocalFilesServer:
     async def close(self, wait: float = _CLOSE_WAIT) -> None:
         """Stop accepting; running writes are told to stop (at their next MiB) and waited
         for up to `wait` seconds, then cancelled (their threads write on through their own
-        descriptors: `write_on_own_thread`)."""
+        descriptors, their clients' connections open until they end: `write_on_own_thread`)."""
         self._closing = True
         if self._accepting is not None:
             self._accepting.cancel()
