@@ -13,16 +13,15 @@ def test_server_starts_and_answers(pg_cluster: PgTestCluster) -> None:
     assert not (server.datadir / "postmaster.pid").exists()
 
 
-def test_concurrent_test_processes_search_distinct_pgport_slots() -> None:
-    """Nodes created without --port search from PGPORT; two suites (or workers) given the
-    same base raced for the same port (a concurrent suite's node failed to start)."""
+def lines_of_concurrent_processes(expression: str, count: int) -> list[str]:
+    """The line each of `count` test processes, alive at once, prints of `expression` (free_port,
+    pgport_base): each holds what it claimed until all have printed."""
     code = (
         "import sys\n"
-        "from tests.pgtest import pgport_base\n"
-        "print(pgport_base(), flush=True)\n"
+        "from tests.pgtest import free_port, pgport_base\n"
+        f"print({expression}, flush=True)\n"
         "sys.stdin.read()\n"
     )
-    mine = pgport_base()  # held while the others claim theirs
     root = Path(__file__).resolve().parent.parent
     children = [
         subprocess.Popen(
@@ -32,13 +31,20 @@ def test_concurrent_test_processes_search_distinct_pgport_slots() -> None:
             text=True,
             cwd=root,
         )
-        for _ in range(3)
+        for _ in range(count)
     ]
     try:
-        bases = [int(child.stdout.readline()) for child in children if child.stdout]
+        return [child.stdout.readline() for child in children if child.stdout]
     finally:
         for child in children:
             child.communicate("", timeout=30)
+
+
+def test_concurrent_test_processes_search_distinct_pgport_slots() -> None:
+    """Nodes created without --port search from PGPORT; two suites (or workers) given the
+    same base raced for the same port (a concurrent suite's node failed to start)."""
+    mine = pgport_base()  # held while the others claim theirs
+    bases = [int(line) for line in lines_of_concurrent_processes("pgport_base()", 3)]
     bases.append(mine)
     assert len(set(bases)) == 4, bases
     assert all(b >= PGPORT_FROM and b + PGPORT_SLOT <= FREE_PORTS_FROM for b in bases)
@@ -47,30 +53,8 @@ def test_concurrent_test_processes_search_distinct_pgport_slots() -> None:
 def test_concurrent_test_processes_get_distinct_free_ports() -> None:
     """A port free_port() gave one xdist worker for `pg create --no-start --port P` was bound
     by another worker's server before the node started (both drew from one range)."""
-    code = (
-        "import sys\n"
-        "from tests.pgtest import free_port\n"
-        "print(*[free_port() for _ in range(60)], flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    root = Path(__file__).resolve().parent.parent
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=root,
-        )
-        for _ in range(4)
-    ]
-    try:
-        handed = [
-            {int(p) for p in child.stdout.readline().split()} for child in children if child.stdout
-        ]
-    finally:
-        for child in children:
-            child.communicate("", timeout=30)
+    lines = lines_of_concurrent_processes("*[free_port() for _ in range(60)]", 4)
+    handed = [{int(p) for p in line.split()} for line in lines]
     assert [len(ports) for ports in handed] == [60] * 4
     every = set().union(*handed)
     assert len(every) == 240, "two test processes were handed the same port"
