@@ -198,13 +198,16 @@ def test_checkout_in_place_equals_full_extraction_both_ways(neon: NeonCli, tmp_p
     assert psql(c, HINT_SCANS).splitlines() == ["19799", "19799"]
     live = node_dumps(c)
     inode = datadir(neon).stat().st_ino
-    wal_inode = (datadir(neon) / "pg_wal").stat().st_ino
-
-    neon.run("pg", "checkout", "pgdata1@s1")
-    assert datadir(neon).stat().st_ino == inode, "the directory was rebuilt, not patched"
-    # The old pg_wal was set aside whole, the files not in the target too (FSM, VM, stats),
-    # and deleted by a process the command did not wait for.
-    assert (datadir(neon) / "pg_wal").stat().st_ino != wal_inode
+    # Held open: deleted meanwhile, the old pg_wal's inode number was free for the new one.
+    old_wal = os.open(datadir(neon) / "pg_wal", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        neon.run("pg", "checkout", "pgdata1@s1")
+        assert datadir(neon).stat().st_ino == inode, "the directory was rebuilt, not patched"
+        # The old pg_wal was set aside whole, the files not in the target too (FSM, VM,
+        # stats), and deleted by a process the command did not wait for.
+        assert (datadir(neon) / "pg_wal").stat().st_ino != os.fstat(old_wal).st_ino
+    finally:
+        os.close(old_wal)
     deadline = time.monotonic() + 60
     while list(datadir(neon).parent.glob("pgdata1.*")) and time.monotonic() < deadline:
         time.sleep(0.05)
