@@ -37,13 +37,13 @@ import os
 import select
 import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from proto.errors import InternalError, InvalidArgument, NeonError, ProtocolError
 from proto.frames import HEADER, decode_frame_body, encode_frame
+from proto.unix_fds import MessageTooLarge, PeerClosed, peer_uid, receive_with_fds, send_with_fds
 
 if TYPE_CHECKING:  # the CLI imports this module at its start: not the tar maker
     from pageserver.basebackup.tar_stream import AlignedChunks
@@ -62,7 +62,6 @@ _REQUEST_MAX = 1 << 20  # a request is a few fields and maybe a timeline history
 _RECEIVE_TIMEOUT = 30.0
 _CLOSE_WAIT = 10.0  # for writes running at the daemon's shutdown (they stop at their next MiB)
 _ACCEPT_RETRY = (0.1, 5.0)  # after a failed accept (EMFILE): first and longest wait
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class LocalWrite:
@@ -104,46 +103,26 @@ def socket_path(workdir: Path) -> Path | None:
     return path if len(os.fsencode(path)) <= _SUN_PATH_MAX else None
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The user id of the process at the other end of a unix socket (when it connected)."""
-    _pid, uid, _gid = _PEERCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    )
-    return uid
-
-
 def send_frame(sock: socket.socket, payload: Any, fds: Iterable[int] = ()) -> None:
     """One frame, with `fds` attached to its first bytes."""
-    data = encode_frame(payload)
-    sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
-    sock.sendall(data[sent:])
+    send_with_fds(sock, encode_frame(payload), fds)
 
 
 def receive_frame(sock: socket.socket, max_size: int = _REQUEST_MAX) -> tuple[Any, list[int]]:
     """One frame and the descriptors attached to it (the caller closes them). ProtocolError
     if the peer closes before the frame is whole or sends more than `max_size`."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, 4, socket.MSG_CMSG_CLOEXEC)
     try:
-        while len(data) < HEADER.size:
-            data += _receive(sock, HEADER.size - len(data))
-        (size,) = HEADER.unpack(data)
-        if size > max_size:
-            raise ProtocolError(f"a local basebackup frame of {size} bytes is too large")
-        body = bytearray()
-        while len(body) < size:
-            body += _receive(sock, size - len(body))
+        body, fds = receive_with_fds(sock, HEADER, max_size, 4)
+    except PeerClosed:
+        raise ProtocolError("the peer closed the local basebackup connection mid-frame") from None
+    except MessageTooLarge as exc:
+        raise ProtocolError(f"a local basebackup frame of {exc.size} bytes is too large") from None
+    try:
         return decode_frame_body(body), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-
-
-def _receive(sock: socket.socket, n: int) -> bytes:
-    data = sock.recv(n)
-    if not data:
-        raise ProtocolError("the peer closed the local basebackup connection mid-frame")
-    return data
 
 
 def gone(sock: socket.socket) -> Callable[[], bool]:

@@ -1,0 +1,75 @@
+"""Length-prefixed messages with open descriptors attached (SCM_RIGHTS) over a unix socket,
+and the peer's user id (SO_PEERCRED).
+
+Shared by the daemon's local basebackup socket (pageserver/api/local_files.py: msgpack
+bodies) and the warm command server (cli/launch.py, cli/warm_server.py: marshal bodies).
+Standard library only: `neon`'s launcher imports it before anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterable
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class PeerClosed(OSError):
+    """The peer closed the connection before a message was whole."""
+
+
+class MessageTooLarge(OSError):
+    """A message's length is above what the receiver accepts."""
+
+    def __init__(self, size: int, max_size: int) -> None:
+        super().__init__(f"a message of {size} bytes is too large (at most {max_size})")
+        self.size = size
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a unix socket (when it connected)."""
+    _pid, uid, _gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return uid
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Iterable[int] = ()) -> None:
+    """All of `data`, with `fds` attached to its first bytes."""
+    fds = list(fds)
+    sent = socket.send_fds(sock, [data], fds) if fds else 0
+    sock.sendall(data[sent:])
+
+
+def receive_with_fds(
+    sock: socket.socket, header: struct.Struct, max_size: int, max_fds: int
+) -> tuple[bytearray, list[int]]:
+    """One message whose length is `header` (one unsigned field) and the descriptors
+    attached to it (close-on-exec; the caller closes them). PeerClosed if the peer closes
+    first, MessageTooLarge above `max_size`; the descriptors are closed on either."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, header.size, max_fds, socket.MSG_CMSG_CLOEXEC)
+    try:
+        if not data:
+            raise PeerClosed("the peer closed the connection")
+        while len(data) < header.size:
+            data += _receive(sock, header.size - len(data))
+        (size,) = header.unpack(data)
+        if size > max_size:
+            raise MessageTooLarge(size, max_size)
+        body = bytearray()
+        while len(body) < size:
+            body += _receive(sock, size - len(body))
+        return body, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _receive(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n)
+    if not data:
+        raise PeerClosed("the peer closed the connection mid-message")
+    return data
