@@ -56,7 +56,7 @@ from cli.context import App
 from cli.hints_mark import HINTS_MARK
 from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
-from cli.untar import extract_stream
+from datadir_files.untar import extract_stream
 from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest
 from tests.neoncli import NEON, NeonCli, free_port, neon_home, psql

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from cli.pgbin import pg_binary, popen_kwargs
+from datadir_files.pg_account import make_pg_dir
 from pg15.lsn import format_lsn, parse_lsn, segment_file_name
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
 

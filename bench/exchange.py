@@ -87,7 +87,8 @@ from bench.import_export import (
     stop_child,
     vm_hwm_kib,
 )
-from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from cli.pgbin import pg_binary, popen_kwargs
+from datadir_files.pg_account import make_pg_dir
 from tests.neoncli import NEON, NeonCli, psql
 from tests.pgtest import free_port, pg_reachable_tmpdir
 from tests.s3d import MotoS3, moto_s3

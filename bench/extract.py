@@ -18,7 +18,7 @@
    - ours: basebackup(TimelineSource(timeline, TARGET)) written into the new directory as
      the home's own daemon writes it into the directory the `neon` CLI hands it
      (pageserver/api/local_files.py's write_tar_into); with --stream, as a remote
-     pageserver streams it: through a pipe into a process unpacking it (cli/untar.py's
+     pageserver streams it: through a pipe into a process unpacking it (datadir_files/untar.py's
      extract_basebackup, `bench.pipe_ends untar`); configuration written, pg_ctl start -w
      (no recovery: the tar has a shutdown checkpoint);
    - pg_basebackup: `pg_basebackup -X stream -c fast` of the live server into a directory,
@@ -74,8 +74,8 @@ from bench.common import (
 )
 from bench.pyspy import recording, summary, wrapped
 from cli import postmaster
-from cli.pgbin import give_to_pg_user, make_pg_dir
-from cli.untar import staged_dir
+from datadir_files.pg_account import give_to_pg_user, make_pg_dir
+from datadir_files.untar import staged_dir
 from pageserver.api.local_files import write_tar_into
 from pageserver.basebackup.snapshot_file import TarCounter
 from pageserver.basebackup.sources import TimelineSource

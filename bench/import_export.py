@@ -67,7 +67,8 @@ from bench.common import (
     tree_bytes,
 )
 from bench.pyspy import recording, summary, wrapped
-from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from cli.pgbin import pg_binary, popen_kwargs
+from datadir_files.pg_account import make_pg_dir
 from snapfile.writer import DEFAULT_LEVEL
 from tests.neoncli import NEON, NeonCli
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer

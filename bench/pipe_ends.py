@@ -9,7 +9,7 @@ to a sink that stores what it receives.
     python -m bench.pipe_ends untar DIR             # a basebackup tar on stdin -> DIR
 
 `untar` is the receiving end of our own extraction (bench.extract): the CLI's unpacking of a
-basebackup (cli/untar.py) in a process of its own, as `neon` unpacks what the pageserver
+basebackup (datadir_files/untar.py) in a process of its own, as `neon` unpacks what the pageserver
 streams to it.
 
 s3 uses boto3's managed transfers (what `aws s3 cp - s3://...` does), with the part size and
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "untar":
         from pathlib import Path
 
-        from cli.untar import extract_basebackup
+        from datadir_files.untar import extract_basebackup
 
         extract_basebackup(sys.stdin.buffer, Path(args.dir))
     else:

@@ -6,12 +6,12 @@ A backup's tablespaces arrive apart from its main directory: `pg_basebackup -F t
 `tablespace_map` names the source's locations (pg15/tablespace_map.py); BASE_BACKUP (asked
 without TABLESPACE_MAP, so that in-place tablespaces stay in base.tar) sends one archive per
 tablespace and base.tar's pg_tblspc/OID symlinks, which the extractor records instead of
-creating (cli/untar.py); plain output has pg_tblspc/OID symlinks to where pg_basebackup wrote
-them. pg_basebackup -F tar leaves in-place tablespaces out (basebackup.c sendDir skips
-pg_tblspc's directories when it writes a tablespace_map): import those from plain output, the
-stopped directory or basebackup://. Nothing in such a backup says it lacks one, so after
-recovery the catalog's tablespaces (pg_tablespace, read in single-user mode) are checked
-against the directories that arrived, and a missing one refuses the import by OID.
+creating (datadir_files/untar.py); plain output has pg_tblspc/OID symlinks to where
+pg_basebackup wrote them. pg_basebackup -F tar leaves in-place tablespaces out (basebackup.c
+sendDir skips pg_tblspc's directories when it writes a tablespace_map): import those from
+plain output, the stopped directory or basebackup://. Nothing in such a backup says it lacks
+one, so after recovery the catalog's tablespaces (pg_tablespace, read in single-user mode) are
+checked against the directories that arrived, and a missing one refuses the import by OID.
 
 Recovery (cli/snapshot_import.py) runs in a private directory and must never write to those
 locations: they belong to the source server, which may still be running. So every tablespace

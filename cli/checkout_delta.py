@@ -59,7 +59,7 @@ from cli.pg_files import read_pg_file
 from cli.postmaster import NEON_CONF
 from cli.registry import NodeRow
 from cli.slot_file import write_physical_slot
-from cli.untar import consume_in_thread
+from datadir_files.untar import consume_in_thread
 from durable_files import fsync_dir, fsync_tree, write_file_durably
 from pageserver.follow.followed_nodes import slot_name
 from pageserver_api.client import BasebackupDownload, PageserverClient

@@ -26,9 +26,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from cli.pgbin import pg_os_user
-from cli.tar_reader import ArchiveEnd, MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
-from cli.untar import UnsafeArchive, member_path
+from datadir_files.pg_account import pg_os_user
+from datadir_files.tar_reader import (
+    ArchiveEnd,
+    MemberData,
+    MemberEnd,
+    MemberStart,
+    TarFormatError,
+    TarReader,
+)
+from datadir_files.untar import UnsafeArchive, member_path
 from durable_files import fsync_dir
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from pg15.datadir_layout import parse_relation_file_name

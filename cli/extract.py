@@ -1,6 +1,6 @@
 """Downloading data directories from the pageserver.
 
-`download_basebackup` unpacks a basebackup into the target as it arrives (cli/untar.py,
+`download_basebackup` unpacks a basebackup into the target as it arrives (datadir_files/untar.py,
 through a temporary directory renamed at the end), or, from the home's own daemon, has the
 daemon write the files into that directory itself (`_written_by_daemon`: no stream, no
 second unpacking process: pageserver/api/local_files.py); `remove_download_leftovers`
@@ -25,7 +25,7 @@ from typing import Any
 
 from cli.context import App
 from cli.pageserver_control import local_api, local_config
-from cli.untar import extract_stream, staged_dir
+from datadir_files.untar import extract_stream, staged_dir
 from pageserver.api.local_files import (
     SILENCE_SECONDS,
     peer_uid,
@@ -43,7 +43,7 @@ _STOP_WAIT = 30.0  # for the daemon to stop writing into a directory about to be
 
 def remove_download_leftovers(target: Path) -> list[Path]:
     """Delete what a killed `download_basebackup(target)` leaves beside `target`: the
-    extraction's temporary directory (`<name>.tmp-XXXXXXXX`, cli.untar), and the temporary
+    extraction's temporary directory (`<name>.tmp-XXXXXXXX`, datadir_files.untar), and the temporary
     tar (`.<name>.XXXXXXXX.tar`) that versions before 2026-12 downloaded first. The caller
     owns `target` (no download into it runs)."""
     name = glob.escape(target.name)

@@ -8,7 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.pgbin import claim_dir, ensure_own_dir, make_pg_dir, traversal_mode
+from cli.pgbin import claim_dir
+from datadir_files.pg_account import ensure_own_dir, make_pg_dir, traversal_mode
 
 # sockaddr_un holds 108 bytes; PostgreSQL appends "/.s.PGSQL.NNNNN" to the directory.
 _MAX_SOCKET_DIR = 90

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
+from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from pageserver.ingest.live_journal import JournalWriter, early_candidate
 
 T = TypeVar("T")

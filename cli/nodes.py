@@ -24,7 +24,7 @@ from cli.extract import download_basebackup, remove_download_leftovers
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
 from cli.pg_files import read_pg_file, write_pg_file
-from cli.pgbin import make_pg_dir, run_pg
+from cli.pgbin import run_pg
 from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.rest import control as rest_control
@@ -36,6 +36,7 @@ from cli.tablespace_mapping import (
     remove_mapped_tablespaces,
 )
 from cli.tablespace_restore import remove_left_locations
+from datadir_files.pg_account import make_pg_dir
 from pageserver.follow.followed_nodes import slot_name
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import (

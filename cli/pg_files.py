@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from cli.pgbin import pg_os_user
+from datadir_files.pg_account import pg_os_user
 from proto.errors import CorruptData
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

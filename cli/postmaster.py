@@ -15,7 +15,8 @@ from pathlib import Path
 from stat import S_ISREG
 
 from cli.pg_files import read_pg_file, write_pg_file
-from cli.pgbin import give_to_pg_user, make_pg_dir, pg_binary, pg_os_user, popen_kwargs, run_pg
+from cli.pgbin import pg_binary, popen_kwargs, run_pg
+from datadir_files.pg_account import give_to_pg_user, make_pg_dir, pg_os_user
 from proto.errors import CorruptData, ExternalCommandFailed, InvalidArgument
 
 NEON_CONF = "neon.conf"

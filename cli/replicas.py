@@ -58,11 +58,11 @@ from cli.ingest_wait import wait_for_ingest
 from cli.node_lock import node_lock
 from cli.pageserver_control import local_api
 from cli.pg_files import write_pg_file
-from cli.pgbin import ensure_own_dir, traversal_mode
 from cli.ports import port_is_free
 from cli.registry import NodeRow, ReplicaRow
 from cli.snapshot_commands import READ_ONLY_HBA, read_only_settings, standby_dir_at
 from cli.storages import validate_name
+from datadir_files.pg_account import ensure_own_dir, traversal_mode
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import SnapshotCreateRequest, SnapshotDestroyRequest, SnapshotShowRequest
 from pg15.checkpoint import CHECKPOINT_RECORD_SIZE

@@ -25,10 +25,10 @@ from cli.nodes import HISTORY_DIR
 from cli.output import human_size, print_json, print_table
 from cli.pageserver_control import local_api
 from cli.pg_files import write_pg_file
-from cli.pgbin import ensure_own_dir, traversal_mode
 from cli.ports import port_is_free
 from cli.progress import Progress
 from cli.storages import DEFAULT_STORAGE
+from datadir_files.pg_account import ensure_own_dir, traversal_mode
 from pageserver.history.snapshots import check_import_name, check_user_tag, split_snapshot_name
 from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (

@@ -4,12 +4,12 @@
 The file is read as a stream and never staged (a cut connection is resumed at the offset
 reached, see `read_object`): its bytes go through `SnapshotFileReader`
 (snapfile/, which verifies every frame before passing on a byte of it) and the verified
-basebackup tar goes through a pipe into the checked extractor (`cli.untar`). Memory stays about
-one frame whatever the snapshot's size. The reader must also see the end of the file: the
-trailing `checksums.json` proves that no frame is missing and that the frames belong to this
-file, so the extracted directory is only used once the whole file was read and verified. A
-damaged or cut file raises CorruptData naming the member and offset; the caller's work
-directory (with whatever was extracted) is then removed, so nothing is imported.
+basebackup tar goes through a pipe into the checked extractor (`datadir_files.untar`).
+Memory stays about one frame whatever the snapshot's size. The reader must also see the end
+of the file: the trailing `checksums.json` proves that no frame is missing and that the frames
+belong to this file, so the extracted directory is only used once the whole file was read and
+verified. A damaged or cut file raises CorruptData naming the member and offset; the caller's
+work directory (with whatever was extracted) is then removed, so nothing is imported.
 
 What the file holds is the data directory of a pageserver basebackup at the snapshot's LSN:
 cleanly shut down, so it is imported as it is, with no recovery. `neon snapshot import` and
@@ -59,7 +59,7 @@ from snapfile.reader import (
 if TYPE_CHECKING:
     from cli.live_import import LiveImport
 
-# The unpacking machinery (cli/untar.py, cli/live_import.py) is imported where a file is
+# The unpacking machinery (datadir_files/untar.py, cli/live_import.py) is imported where a file is
 # unpacked: a push reads only the manifests at its destination (snapshots_in), and importing
 # it cost ~5 ms of a push's start (8 modules).
 
@@ -356,7 +356,7 @@ async def unpack_delta(
     """Extract the delta arriving as `chunks` (its manifest `head`, read before) into
     `directory` as it is, its fork members in one file (snapfile/delta.py PACK_NAME, which
     pageserver/ingest/import_delta.py reads), once the whole file checked out."""
-    from cli.untar import extract_stream  # on use: see the imports
+    from datadir_files.untar import extract_stream  # on use: see the imports
 
     tar = verified_tar(chunks, label, expect_manifest(label, head))
     await extract_stream(tar, directory, pack_deltas=True)
@@ -417,7 +417,7 @@ async def unpack_snapshot_stream(
     its head was read before). A whole file begins `live` at its LSN, and its big relation
     files are announced to it as they come (cli/live_import.py)."""
     from cli.live_import import announced  # on use: see the imports
-    from cli.untar import extract_stream
+    from datadir_files.untar import extract_stream
 
     seen: list[Manifest] = []
     expect = expect_manifest(label, expected)

@@ -57,7 +57,6 @@ from cli.backup_tablespaces import (
     write_tablespace_locations,
 )
 from cli.live_import import LiveImport, announced
-from cli.pgbin import give_to_pg_user, make_pg_dir, pg_os_user
 from cli.progress import Progress
 from cli.snapshot_file_source import (
     ParentHere,
@@ -68,7 +67,8 @@ from cli.snapshot_file_source import (
 from cli.storages import mask_url
 from cli.tablespace_mapping import check_mapped, mapped
 from cli.tablespace_settings import in_place_tablespace_settings
-from cli.untar import extract_basebackup, extract_stream
+from datadir_files.pg_account import give_to_pg_user, make_pg_dir, pg_os_user
+from datadir_files.untar import extract_basebackup, extract_stream
 from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn, segment_file_name
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file

@@ -13,8 +13,9 @@ from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from cli.home import NeonHome
-from cli.pgbin import claim_dir, traversal_mode
+from cli.pgbin import claim_dir
 from cli.secrets import MASK, prompt_secret, secret_from_source, write_secret
+from datadir_files.pg_account import traversal_mode
 from durable_files import write_file_durably
 from proto.errors import InvalidArgument
 

@@ -23,7 +23,8 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from cli.pgbin import claim_dir, give_to_pg_user, pg_os_user, traversal_mode
+from cli.pgbin import claim_dir
+from datadir_files.pg_account import give_to_pg_user, pg_os_user, traversal_mode
 from durable_files import fsync_dir
 from pg15.datadir_layout import TABLESPACE_VERSION_DIRECTORY
 from proto.errors import InvalidArgument

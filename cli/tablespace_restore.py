@@ -41,7 +41,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from cli.pgbin import pg_os_user
+from datadir_files.pg_account import pg_os_user
 from durable_files import fsync_dir, fsync_tree
 from pageserver_api.models import TablespaceLocation
 from pg15.datadir_layout import TABLESPACE_VERSION_DIRECTORY

@@ -102,4 +102,4 @@ fi
 # (about 0.1 s of every command's start). Up-to-date files are skipped; an edited module's
 # stale .pyc is never used (its source's mtime and size are checked).
 .venv/bin/python -m compileall -q -j 0 cli pageserver pageserver_api pg15 proto snapfile \
-    walreceiver durable_files bench
+    walreceiver datadir_files durable_files bench

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 from cli import postmaster
-from cli.pgbin import make_pg_dir, pg_binary, popen_kwargs
+from cli.pgbin import pg_binary, popen_kwargs
+from datadir_files.pg_account import make_pg_dir
 
 SUPERUSER = "neon_test"
 PASSWORD = "test-secret-pw"

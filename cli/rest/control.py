@@ -19,10 +19,10 @@ from typing import Any
 
 from cli.context import App
 from cli.detached import spawn_detached
-from cli.pgbin import ensure_own_dir
 from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.secrets import generate_secret, write_secret
+from datadir_files.pg_account import ensure_own_dir
 from durable_files import write_file_durably
 from pageserver.pid_file import pid_alive
 from proto.errors import AlreadyExists, Conflict, InvalidArgument, Unavailable

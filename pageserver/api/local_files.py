@@ -6,13 +6,13 @@ the daemon's tar (bench/README.md, `extract`). For a daemon on the same machine 
 instead makes the (empty, temporary) directory itself, opens it and hands the descriptor over
 a unix socket in the daemon's working directory (SCM_RIGHTS); the daemon writes the files
 relative to that descriptor with the same checks, modes and owner as the CLI's unpacker
-(`cli.untar.extract_into_dir_fd`), and answers with the basebackup's description.
+(`datadir_files.untar.extract_into_dir_fd`), and answers with the basebackup's description.
 
 Why this is safe: the socket is in the daemon's working directory, inside the home (private
 to its OS user), and the daemon serves only a peer of its own user id (SO_PEERCRED), so it
 never writes anything that peer could not write itself; it writes only below the directory
 it was handed (never at a path a request names; each directory below it opened from its
-parent's without following a link: `cli.untar._Extractor`), through a duplicate of that
+parent's without following a link: `datadir_files.untar._Extractor`), through a duplicate of that
 descriptor its writing thread owns (`write_on_own_thread`), and only into an empty one. A
 remote pageserver, an older daemon (no socket at SOCKET_NAME) or a peer of another user
 gets the stream.
@@ -323,13 +323,13 @@ def write_tar_into(
     written: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Unpack the tar `chunks` make into the empty directory open as `dir_fd` with the CLI's
-    unpacker and its checks (`cli.untar.extract_into_dir_fd`), the tar made on a thread of
+    unpacker and its checks (`datadir_files.untar.extract_into_dir_fd`), the tar made on a thread of
     its own a few MiB ahead of the writes (`chunks_ahead`, as `basebackup` writes a pipe);
     `aligned`: the buffers the tar maker joins pages into, given back as each is written.
     ClientGone once `client_gone()` says so (checked every MiB); `written` is told of each
     MiB's bytes as it goes to the unpacker."""
     # Imported here: the CLI's side of this module is all `neon` loads at its start.
-    from cli.untar import extract_into_dir_fd
+    from datadir_files.untar import extract_into_dir_fd
     from pageserver.api.thread_chunks import chunks_ahead
     from pageserver.basebackup.tar_stream import HANDOFF_BYTES, batched
 

@@ -116,7 +116,7 @@ def local_basebackup(ps: Pageserver) -> WriteInto:
             req = m.BasebackupRequest.from_wire(raw)
             if req.checkout_from or req.delta_from or req.snapshot_file:
                 raise InvalidArgument("a local basebackup writes a whole data directory only")
-            from cli.untar import direct_writes_enabled  # the CLI's unpacker: on use
+            from datadir_files.untar import direct_writes_enabled  # the CLI's unpacker: on use
 
             aligned = AlignedChunks() if direct_writes_enabled() else None  # O_DIRECT's only
             info, tar_chunks = await _plan_basebackup(ps, req, aligned=aligned)

@@ -26,7 +26,7 @@ belongs to a live server: writing there would overwrite another node's files. An
 tablespace (what allow_in_place_tablespaces creates) is a plain directory that PostgreSQL
 reads through the same path pg_tblspc/OID/PG_15_202209061, with no setting needed to use it,
 so the archive is self-contained and `tar -x` of it starts anywhere; no link ever comes from
-the archive, so the extractor (`cli/untar.py`) keeps refusing every link member. The
+the archive, so the extractor (`datadir_files/untar.py`) keeps refusing every link member. The
 recorded locations come with the archive's description (`BasebackupInfo.tablespaces`):
 `pg checkout` puts a tablespace back at its location when the node has it there
 (cli/tablespace_restore.py).
@@ -224,7 +224,7 @@ class ForkContent(Protocol):
 class AlignedChunks:
     """Page-aligned buffers a fork's pages are joined into, 1 MiB each, lent to the writer
     and reused once it gives them back (`release`): a writer with O_DIRECT
-    (cli/untar.py's _DirectWrites, when the daemon writes a basebackup's files itself)
+    (datadir_files/untar.py's _DirectWrites, when the daemon writes a basebackup's files itself)
     writes from them as they are, where a bytes chunk's data, never page-aligned, was
     copied once more into its staging buffer (~0.4 s of CPU a GiB). `join` never waits:
     with every buffer lent it joins into bytes, as without it (a wait could deadlock

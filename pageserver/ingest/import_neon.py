@@ -6,7 +6,7 @@ database: most of its CPU was the kernel copying it into the page cache), and th
 read the big relation files back to write their image layers (cli/live_import.py). Here the
 pageserver reads the file itself and its relation segment files of EARLY_BYTES or more (a
 database's bulk) go from the decompressed frames straight to image layers; every other
-member is extracted into the data directory as before (cli/untar.py: the same checks of
+member is extracted into the data directory as before (datadir_files/untar.py: the same checks of
 every member), the big ones as files of their size holding no data (sparse), so that the
 directory's sizes are right. Once the whole file checked out, the directory is imported
 with those layers standing for the big files (import_datadir's `_import_final`, as a live
@@ -47,7 +47,7 @@ _READ_BYTES = 1 << 20
 
 class _Pages:
     """A big relation file's data, taken in whatever pieces the tar comes in, to its run of
-    image layers as whole pages (cli.untar's Diverted)."""
+    image layers as whole pages (datadir_files.untar's Diverted)."""
 
     def __init__(
         self, early: EarlyImport, run: ImageRunWriter, path: Path, key_range: KeyRange, size: int
@@ -88,7 +88,7 @@ class _Pages:
 
 
 class _Diverter:
-    """Which members go to image layers (cli.untar's Divert): big relation segment files,
+    """Which members go to image layers (datadir_files.untar's Divert): big relation segment files,
     once the manifest gave the LSN of their layers."""
 
     def __init__(self, timeline: Timeline, pgdata: Path) -> None:
@@ -187,7 +187,7 @@ def import_neon_file(
     `origin_of` the manifest the caller read (refused if the file's differs)."""
     # The CLI's reader and extractor, run here: the same checks as a CLI's extraction.
     from cli.snapshot_file_source import check_control, check_manifest, verified_tar_blocking
-    from cli.untar import extract_chunks
+    from datadir_files.untar import extract_chunks
     from snapfile.manifest import Manifest, origin_of
 
     check_empty(timeline)

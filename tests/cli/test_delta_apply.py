@@ -18,8 +18,8 @@ import pytest
 
 import cli.delta_apply
 from cli.delta_apply import DeltaApplier
-from cli.pgbin import pg_os_user
 from cli.snapshot_file_source import missing_parent, resolve_chain
+from datadir_files.pg_account import pg_os_user
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import CorruptData
 from snapfile.delta import BLOCK_NUMBER, FORK_HEADER, MAGIC, SnapshotIdentity, fork_header

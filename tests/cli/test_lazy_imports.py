@@ -219,7 +219,7 @@ def test_push_imports_no_node_machinery(neon: NeonCli, tmp_path: Path) -> None:
             "cli.transport.s3",  # the other schemes' transports and the pull's spool
             "cli.transport.neon",
             "cli.transport.spool",
-            "cli.untar",  # the unpacking of a pull or import (cli/snapshot_file_source.py)
+            "datadir_files.untar",  # a pull's or import's unpacking (cli/snapshot_file_source.py)
             "cli.live_import",
             "pageserver.remote",  # PITR areas' remote storage (proto.client has tls_context)
             "pageserver.storage.retention",  # a storage's size options (decimal, fractions)

@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 
-from cli.pgbin import pg_os_user
 from cli.tablespace_mapping import (
     check_mapped,
     mapped,
     parse_mappings,
     place_mapped_tablespaces,
 )
+from datadir_files.pg_account import pg_os_user
 from proto.errors import InvalidArgument
 from tests.pgtest import pg_reachable_tmpdir
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cli.pgbin import pg_os_user
 from cli.tablespace_restore import remove_left_locations, restore_own_locations
+from datadir_files.pg_account import pg_os_user
 from pageserver_api.models import TablespaceLocation
 
 VERSION = "PG_15_202209061"

@@ -21,8 +21,8 @@ from cli.context import App
 from cli.pageserver_control import local_api
 from cli.secrets import read_secret
 from cli.snapshot_file_source import apply_delta_stream
-from cli.tar_reader import MemberData, MemberStart, TarReader
-from cli.untar import extract_stream
+from datadir_files.tar_reader import MemberData, MemberStart, TarReader
+from datadir_files.untar import extract_stream
 from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest, BasebackupResponse, SnapshotCreateRequest

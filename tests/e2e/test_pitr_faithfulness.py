@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from cli.pgbin import pg_binary, pg_os_user
+from cli.pgbin import pg_binary
+from datadir_files.pg_account import pg_os_user
 from pg15.lsn import format_lsn, parse_lsn
 from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from cli import nodes, postmaster
-from cli.pgbin import make_pg_dir, pg_binary, pg_os_user
+from cli.pgbin import pg_binary
+from datadir_files.pg_account import make_pg_dir, pg_os_user
 from snapfile import extract_tar
 from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql, run_on_tty

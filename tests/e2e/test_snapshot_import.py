@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from cli.pgbin import give_to_pg_user, pg_binary
+from cli.pgbin import pg_binary
+from datadir_files.pg_account import give_to_pg_user
 from snapfile import read_manifest
 from tests.neoncli import NEON, NeonCli, neon_home, psql, run_on_tty
 from tests.pgtest import (

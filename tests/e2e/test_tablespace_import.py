@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cli.pgbin import give_to_pg_user, make_pg_dir
+from datadir_files.pg_account import give_to_pg_user, make_pg_dir
 from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all
 from tests.e2e.test_tablespaces import files_under
 from tests.neoncli import NeonCli, free_port, neon_home, psql

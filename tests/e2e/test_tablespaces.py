@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.pgbin import make_pg_dir
+from datadir_files.pg_account import make_pg_dir
 from pg15.datadir_layout import parse_relation_file_name
 from tests.e2e.test_pitr_faithfulness import assert_same_dumps, dump_all
 from tests.neoncli import NeonCli, free_port, psql

@@ -22,9 +22,9 @@ from cli.delta_apply import DeltaApplier
 from cli.hints_mark import HINTS_MARK, hints_logged_from, write_mark
 from cli.nodes import copy_config_files
 from cli.pg_files import read_pg_file, write_pg_file
-from cli.pgbin import pg_os_user
 from cli.slot_file import write_physical_slot
 from cli.snapshot_commands import standby_minimums
+from datadir_files.pg_account import pg_os_user
 from durable_files import TEMP_SUFFIX, fsync_tree
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from cli.pgbin import make_pg_dir, pg_os_user
+from datadir_files.pg_account import make_pg_dir, pg_os_user
 from pageserver.basebackup.sources import DatadirSource
 from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks
 from snapfile import Manifest, SnapshotFileWriter, extract_tar

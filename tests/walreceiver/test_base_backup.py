@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from cli.pgbin import make_pg_dir
-from cli.untar import extract_basebackup
+from datadir_files.pg_account import make_pg_dir
+from datadir_files.untar import extract_basebackup
 from pg15.lsn import parse_lsn
 from proto.errors import AuthFailed, CorruptData, Unavailable
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer, free_port

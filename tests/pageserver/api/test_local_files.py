@@ -23,8 +23,8 @@ import pytest
 import cli.extract
 from cli.context import App
 from cli.extract import Progress, _final_answer, _wait_for_daemon_close, written_by_peer
-from cli.pgbin import pg_os_user
-from cli.untar import DIRECT_WRITES_ENV, UnsafeArchive, _page_aligned, extract_into_dir_fd
+from datadir_files.pg_account import pg_os_user
+from datadir_files.untar import DIRECT_WRITES_ENV, UnsafeArchive, _page_aligned, extract_into_dir_fd
 from pageserver.api import own_thread, proto_service
 from pageserver.api.local_files import (
     ClientGone,

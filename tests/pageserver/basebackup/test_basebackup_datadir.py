@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from cli.untar import extract_basebackup
+from datadir_files.untar import extract_basebackup
 from pageserver.basebackup.sources import DatadirSource, SnapshotSource, TimelineSource
 from pageserver.basebackup.tar_stream import basebackup
 from pageserver.ingest.import_datadir import import_datadir

@@ -20,7 +20,7 @@ import crc32c
 import pytest
 
 from cli.pgbin import pg_binary
-from cli.untar import UnsafeArchive, extract_basebackup
+from datadir_files.untar import UnsafeArchive, extract_basebackup
 from pageserver.basebackup import tar_stream as bb
 from pageserver.basebackup.sources import pages_one_by_one, sizes_one_by_one, slru_pages_one_by_one
 from pageserver.basebackup.tar_stream import basebackup, basebackup_chunks

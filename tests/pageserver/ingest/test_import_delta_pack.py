@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.untar import UnsafeArchive, extract_stream
+from datadir_files.untar import UnsafeArchive, extract_stream
 from pageserver.ingest.import_delta import _DeltaForks, _PackedForks
 from pg15.constants import BLCKSZ
 from proto.errors import CorruptData

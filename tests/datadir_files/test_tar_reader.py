@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.tar_reader import (
+from datadir_files.tar_reader import (
     ArchiveEnd,
     MemberData,
     MemberEnd,

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-import cli.untar
-from cli.untar import UnsafeArchive, extract_basebackup, extract_chunks, extract_stream
+import datadir_files.untar
+from datadir_files.untar import UnsafeArchive, extract_basebackup, extract_chunks, extract_stream
 from pageserver.basebackup.tar_stream import tar_header
 from proto.errors import CorruptData
 from tests.fifo import raised_within
@@ -142,15 +142,15 @@ def test_extract_basebackup_reads_on_while_files_are_written(
     stream was read, which reading and writing in turns would never reach."""
     payload = bytes(range(256)) * 20000  # 5 MiB: several reads
     stream = _GatedStream(one_file_tar("base/1/1259", payload))
-    feed = cli.untar._Extractor.feed
+    feed = datadir_files.untar._Extractor.feed
     waited: list[bool] = []
 
-    def held_feed(self: cli.untar._Extractor, data: bytes) -> None:
+    def held_feed(self: datadir_files.untar._Extractor, data: bytes) -> None:
         if not waited:
             waited.append(stream.drained.wait(10))
         feed(self, data)
 
-    monkeypatch.setattr(cli.untar._Extractor, "feed", held_feed)
+    monkeypatch.setattr(datadir_files.untar._Extractor, "feed", held_feed)
     extract_basebackup(stream, tmp_path / "pgdata")
     assert waited == [True]
     assert (tmp_path / "pgdata" / "base" / "1" / "1259").read_bytes() == payload
@@ -215,7 +215,7 @@ def test_consume_in_thread_takes_the_next_chunks_while_one_is_consumed() -> None
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(3):
-            yield bytes([i]) * (cli.untar._QUEUE_BATCH)
+            yield bytes([i]) * (datadir_files.untar._QUEUE_BATCH)
         produced.set()
 
     def consume(received: Iterator[bytes]) -> None:
@@ -224,7 +224,7 @@ def test_consume_in_thread_takes_the_next_chunks_while_one_is_consumed() -> None
                 waited.append(produced.wait(10))
             got.append(chunk[:1])
 
-    asyncio.run(cli.untar.consume_in_thread(chunks(), consume))
+    asyncio.run(datadir_files.untar.consume_in_thread(chunks(), consume))
     assert waited == [True] and got == [b"\0", b"\1", b"\2"]
 
 
@@ -234,7 +234,7 @@ def test_consume_in_thread_raises_either_sides_error_once_both_ended() -> None:
     ended: list[str] = []
 
     async def failing() -> AsyncIterator[bytes]:
-        yield b"x" * cli.untar._QUEUE_BATCH
+        yield b"x" * datadir_files.untar._QUEUE_BATCH
         raise CorruptData("cut off")
 
     def consume(received: Iterator[bytes]) -> None:
@@ -247,7 +247,7 @@ def test_consume_in_thread_raises_either_sides_error_once_both_ended() -> None:
             raise
 
     with pytest.raises(CorruptData, match="cut off"):
-        asyncio.run(cli.untar.consume_in_thread(failing(), consume))
+        asyncio.run(datadir_files.untar.consume_in_thread(failing(), consume))
     assert ended == ["aborted"]
 
     taken = 0
@@ -264,14 +264,14 @@ def test_consume_in_thread_raises_either_sides_error_once_both_ended() -> None:
         raise UnsafeArchive("no")
 
     with pytest.raises(UnsafeArchive, match="no"):
-        asyncio.run(cli.untar.consume_in_thread(endless(), refuse))
+        asyncio.run(datadir_files.untar.consume_in_thread(endless(), refuse))
     assert taken < 100
 
 
 _KEPT_TOP = """
 import ctypes, sys
 from pathlib import Path
-from cli.untar import extract_basebackup
+from datadir_files.untar import extract_basebackup
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
@@ -309,9 +309,22 @@ def test_a_file_extraction_does_without_asyncio() -> None:
     """`extract_basebackup` of a file or pipe (snapshot import from a file, bench.extract's
     unpacking process) needs no event loop: importing the module leaves asyncio out (~20 ms
     of a fresh process's start, more on a loaded box)."""
-    probe = "import sys, cli.untar; print('asyncio' in sys.modules)"
+    probe = "import sys, datadir_files.untar; print('asyncio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True).stdout
     assert out.split() == [b"False"]
+
+
+def test_the_daemons_writing_imports_nothing_of_the_clis() -> None:
+    """The pageserver daemon writes a local basebackup itself (pageserver/api/local_files.py)
+    with the unpacker: it and the daemon's modules that import it on use load no `cli`
+    module (the unpacker lived in cli/ until session 20)."""
+    probe = (
+        "import sys, datadir_files.untar, pageserver.daemon, pageserver.api.local_files\n"
+        "import pageserver.api.proto_service, pageserver.ingest.import_neon\n"
+        "print(sorted(m for m in sys.modules if m == 'cli' or m.startswith('cli.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True).stdout
+    assert out.split() == [b"[]"]
 
 
 def resident_pages(path: Path) -> int:
@@ -339,9 +352,9 @@ def test_large_files_are_written_past_the_page_cache_when_asked(
     none of its pages cached. By default (off: a slow volume would wait for the device at
     every MiB) every page just written is cached, as small files' always are."""
     if direct is None:
-        monkeypatch.delenv(cli.untar.DIRECT_WRITES_ENV, raising=False)
+        monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
     else:
-        monkeypatch.setenv(cli.untar.DIRECT_WRITES_ENV, direct)
+        monkeypatch.setenv(datadir_files.untar.DIRECT_WRITES_ENV, direct)
     big = os.urandom(3 << 20) + bytes(8192)
     small = b"15\n"
     buf = io.BytesIO()
@@ -376,8 +389,8 @@ def test_a_refused_direct_write_goes_through_the_page_cache(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
-    monkeypatch.setattr(cli.untar.os, "write", write)
-    monkeypatch.setenv(cli.untar.DIRECT_WRITES_ENV, "1")
+    monkeypatch.setattr(datadir_files.untar.os, "write", write)
+    monkeypatch.setenv(datadir_files.untar.DIRECT_WRITES_ENV, "1")
     big = os.urandom(5 << 20)
     extract_chunks([one_file_tar("big", big)], tmp_path / "out")
     assert refused

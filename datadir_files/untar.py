@@ -1,10 +1,11 @@
 """Unpack a basebackup tar into a data directory owned by the PostgreSQL OS user.
 
-The CLI's side of extraction: what the pageserver streams is untrusted bytes here, so every
-member is checked before anything is written. The archive is parsed by the sans-I/O
-`cli.tar_reader` and a member's data is written from the bytes received, with no copy (tarfile
-in stream mode copied every byte three times). A gzip archive (pg_basebackup -Ft -z) is
-recognised by its magic number, as tarfile's `r|*` did.
+The receiving side of extraction (the CLI, or the pageserver daemon writing a local
+basebackup itself: pageserver/api/local_files.py): what the pageserver's tar maker sends is
+untrusted bytes here, so every member is checked before anything is written. The archive is
+parsed by the sans-I/O `datadir_files.tar_reader` and a member's data is written from the
+bytes received, with no copy (tarfile in stream mode copied every byte three times). A gzip
+archive (pg_basebackup -Ft -z) is recognised by its magic number, as tarfile's `r|*` did.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
-from cli.pgbin import make_pg_dir, pg_os_user
-from cli.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
+from datadir_files.pg_account import make_pg_dir, pg_os_user
+from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from proto.errors import AlreadyExists, CorruptData
 
 _READ_SIZE = 1 << 20
