@@ -16,8 +16,9 @@ Trust: each frame's SHA-256 is checked before a byte of it is used (snapfile.rea
 import becomes a snapshot only once the whole file checked out (checksums.json at its end),
 the manifest is the one the caller read (its origin), and the directory is a cleanly shut
 down one. Anything else fails the import: the caller deletes the timeline, so nothing shows.
-A member that comes twice where one of them is a big relation file fails it too (its layers
-would not be the final file's).
+A member that comes twice fails it too, big relation file or not (its layers would not be
+the final file's): the extractor opens every member's file with O_EXCL before the diverter
+is asked about it (datadir_files/untar.py `_Extractor._start`).
 """
 
 from __future__ import annotations
@@ -94,20 +95,15 @@ class _Diverter:
     def __init__(self, timeline: Timeline, pgdata: Path) -> None:
         self._timeline, self._pgdata = timeline, pgdata
         self.early: EarlyImport | None = None
-        self._names: set[str] = set()
-        self._diverted: set[str] = set()
 
     def divert(self, name: str, size: int) -> _Pages | None:
-        if name in self._diverted or (name in self._names and early_candidate(name, size)):
-            raise CorruptData(f"tar member {name!r} comes twice")
-        self._names.add(name)
+        """Asked once per name: a repeated member fails at its file's O_EXCL open first."""
         key = file_key(name)
         if self.early is None or key is None or not early_candidate(name, size):
             return None
         key_range = self.early.announce(size, key)
         if key_range is None:
             raise CorruptData(f"tar member {name!r} overlaps another relation file")
-        self._diverted.add(name)
         run = self.early.run(self._timeline, key_range)
         return _Pages(self.early, run, self._pgdata / name, key_range, size)
 

@@ -131,8 +131,8 @@ def test_a_bad_file_fails_and_leaves_no_layer(
     origin = origin_of(manifest) if case != "origin" else origin_of(make_manifest())
     work = tmp_path / "work"
     expected = {
-        # The extractor opens every member's file with O_EXCL (f350735), before the
-        # diverter's own check ("comes twice") is reached.
+        # The extractor opens every member's file with O_EXCL (f350735) before the diverter
+        # is asked: a repeat of a big relation file never reaches its layers.
         "twice": f"refusing tar member {big!r}: something is at its path already",
         "hostile": "refusing tar member '../escape'",
         "origin": "changed while it was read",
