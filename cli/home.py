@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli.home_root import ROOT_DEFAULT_HOME as ROOT_DEFAULT_HOME
+from cli.home_root import chosen_home
 from cli.pgbin import claim_dir
 from datadir_files.pg_account import ensure_own_dir, make_pg_dir, traversal_mode
 
@@ -17,27 +19,15 @@ _MAX_SOCKET_DIR = 90
 HOME_MARKERS = (".pg-neon-home", "registry.db")
 
 
-ROOT_DEFAULT_HOME = "/var/lib/neon"
-"""The default NEON_HOME of root (as in the container image)."""
-
-
 @dataclass(frozen=True, slots=True)
 class NeonHome:
     root: Path
 
     @classmethod
     def resolve(cls, option: Path | None) -> NeonHome:
-        """--home, else $NEON_HOME, else ~/.neon (/var/lib/neon as root: PostgreSQL runs as
-        its own account then and must reach the data directories, and root's home is 0700,
-        which pg-neon never opens up)."""
-        if option is not None:
-            return cls(option.expanduser().absolute())
-        env = os.environ.get("NEON_HOME")
-        if env:
-            return cls(Path(env).expanduser().absolute())
-        if os.geteuid() == 0:
-            return cls(Path(ROOT_DEFAULT_HOME))
-        return cls(Path("~/.neon").expanduser().absolute())
+        """The home of `--home` (None: not given), by `cli.home_root.chosen_home`."""
+        chosen = chosen_home(None if option is None else os.fspath(option))
+        return cls(Path(chosen).expanduser().absolute())
 
     @property
     def registry_path(self) -> Path:

@@ -18,13 +18,14 @@ know. The daemon's work directory is ``<home>/pageserver`` (cli/home.py).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 from cli.home import HOME_MARKERS
 from pageserver.config import PageserverConfig
-from pageserver.daemon import main
+from pageserver.daemon import COMPANION_RESTART, main
 from proto.errors import AuthFailed, InvalidArgument
 from proto.server import Handler, RequestContext
 
@@ -77,5 +78,15 @@ def object_methods(config: PageserverConfig) -> Mapping[str, Handler]:
     return {method: handler(method) for method in OBJECT_METHODS}
 
 
+def warm_server(config: PageserverConfig) -> list[str] | None:
+    """The home's warm command server (cli/warm_server.py), if its socket's path fits."""
+    from cli.warm_server import STALE_EXIT, socket_path
+
+    assert STALE_EXIT == COMPANION_RESTART
+    if socket_path(config.workdir) is None:
+        return None
+    return [sys.executable, "-m", "cli.warm_server", str(config.workdir), str(os.getpid())]
+
+
 if __name__ == "__main__":
-    sys.exit(main(extra=object_methods))
+    sys.exit(main(extra=object_methods, companion=warm_server))

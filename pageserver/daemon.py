@@ -49,6 +49,13 @@ from proto.server import Handler, ProtoServer
 
 log = logging.getLogger("pageserver")
 
+Companion = Callable[[PageserverConfig], list[str] | None]
+"""The command line of a process the daemon keeps beside it once it serves, or None (the
+CLI's: its warm command server, cli/warm_server.py). Started in a session of its own,
+restarted when it exits with COMPANION_RESTART, sent SIGTERM at shutdown."""
+COMPANION_RESTART = 75
+_COMPANION_STOP_WAIT = 1.0  # it may outlive the daemon: it reports its commands' ends first
+
 ExtraHandlers = Callable[[PageserverConfig], Mapping[str, Handler]]
 """More proto methods on the same port (the CLI's entry point, cli/pageserver_daemon.py, adds
 the `object.*` methods that serve the home's snapshots; the pageserver itself knows no home).
@@ -76,13 +83,44 @@ async def _gc_loop(ps: Pageserver) -> None:
             log.info("GC freed %d bytes", freed)
 
 
-async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) -> None:
+async def _keep_companion(argv: list[str], stderr_path: Path) -> None:
+    """Run `argv` (see Companion) until cancelled; SIGTERM to it then."""
+    while True:
+        with open(stderr_path, "ab") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        try:
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_COMPANION_STOP_WAIT):
+                    await proc.wait()
+            raise
+        if code != COMPANION_RESTART:
+            log.warning("%s exited with %d", argv[-3:], code)
+            return
+        await asyncio.sleep(0.5)
+
+
+async def serve(
+    config: PageserverConfig,
+    extra: ExtraHandlers | None = None,
+    companion: Companion | None = None,
+) -> None:
     config.workdir.mkdir(parents=True, exist_ok=True)
     acquire_pid_file(config.pid_file)
     proto: ProtoServer | None = None
     http: HttpService | None = None
     local: LocalFilesServer | None = None
     ps: Pageserver | None = None
+    companion_task: asyncio.Task[None] | None = None
     try:
         ps = Pageserver(config)
         handlers = {
@@ -123,6 +161,10 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         )
         ps.start_following()
         gc_task = asyncio.create_task(_gc_loop(ps), name="gc")
+        companion_argv = companion(config) if companion is not None else None
+        if companion_argv is not None:
+            kept = _keep_companion(companion_argv, config.workdir / "companion.stderr")
+            companion_task = asyncio.create_task(kept, name="companion")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,6 +176,10 @@ async def serve(config: PageserverConfig, extra: ExtraHandlers | None = None) ->
         with contextlib.suppress(asyncio.CancelledError):
             await gc_task
     finally:
+        if companion_task is not None:
+            companion_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await companion_task
         if local is not None:  # its writes stop (at their next MiB) before the stores close
             await local.close()
         if ps is not None:
@@ -257,7 +303,11 @@ def setup_logging(config: PageserverConfig, to_stderr: bool) -> None:
     root.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None, extra: ExtraHandlers | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    extra: ExtraHandlers | None = None,
+    companion: Companion | None = None,
+) -> int:
     tune_malloc()  # before any thread allocates (pageserver/malloc_tuning.py)
     os.umask(PRIVATE_UMASK)  # page history, WAL, registries, logs: readable by us only
     config, to_stderr = parse_args(argv)
@@ -267,7 +317,7 @@ def main(argv: list[str] | None = None, extra: ExtraHandlers | None = None) -> i
     # request that never answers waits on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        uvloop.run(serve(config, extra))
+        uvloop.run(serve(config, extra, companion))
     except NeonError as exc:
         log.error("%s", exc)
         print(f"pageserver: error: {exc}", file=sys.stderr)

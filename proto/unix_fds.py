@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterable
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+SUN_PATH_MAX = 107
+"""The longest path of a unix socket (sockaddr_un's sun_path holds 108 bytes with the NUL)."""
 
 
 class PeerClosed(OSError):

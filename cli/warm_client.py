@@ -1,0 +1,171 @@
+"""The launcher's side of the warm command server (cli/launch.py, cli/warm_server.py).
+
+The exchange, one per connection, each message a 4-byte length and a `marshal`led dict
+(`proto.unix_fds`; the peers are the same interpreter, see `Request.matches`):
+  launcher -> server  the request (`request_of`), descriptors cwd, 0, 1, 2 attached
+  server -> launcher  {"cold": why}: run it yourself (nothing was forked); or {"ready": 1}
+  launcher -> server  {"go": 1}: from here on the command runs warm, whatever happens
+  server -> launcher  {"pid": child}, later {"status": wait status}
+The extra round trip makes the fork the launcher's decision: a launcher that gave up
+waiting (HANDSHAKE_TIMEOUT) and runs the command itself never has it run twice.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import socket
+import struct
+import sys
+from types import FrameType
+from typing import Any, NoReturn
+
+from cli.launch import FORWARDED_SIGNALS, HANDSHAKE_TIMEOUT, REQUEST_MAX
+from proto.unix_fds import peer_uid, receive_with_fds, send_with_fds
+
+HEADER = struct.Struct(">I")
+
+
+def send_message(
+    sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None
+) -> None:
+    body = marshal.dumps(message)
+    send_with_fds(sock, HEADER.pack(len(body)) + body, fds or ())
+
+
+def receive_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    """One message (and its descriptors); OSError (PeerClosed) if the peer closed first."""
+    body, fds = receive_with_fds(sock, HEADER, REQUEST_MAX, max_fds)
+    try:
+        message = marshal.loads(body)
+        if not isinstance(message, dict):
+            raise ValueError("not a map")
+    except (ValueError, EOFError, TypeError) as exc:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"a bad warm server message: {exc}") from None
+    return message, fds
+
+
+def _stream_spec(stream: Any) -> tuple[str, str, bool, bool]:
+    """How this interpreter made sys.stdin/stdout/stderr, for the child to make them alike."""
+    return (stream.encoding, stream.errors, stream.line_buffering, stream.write_through)
+
+
+def request_of(argv: list[str]) -> dict[str, Any]:
+    """What the child needs to run `ARGV` (sys.argv) as this process would have."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return {
+        "argv": argv,
+        "env": dict(os.environb),
+        "umask": umask,
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "path": sys.path,
+        "executable": sys.executable,
+        "flags": tuple(sys.flags),
+        "streams": [_stream_spec(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
+    }
+
+
+class _Forwarder:
+    """Signals that arrive before the child's pid is known are kept, then sent on."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
+        try:  # the terminal's signals go to its foreground process group
+            self.group = os.tcgetpgrp(2) == os.getpgrp()
+        except OSError:
+            self.group = False
+
+    def install(self) -> None:
+        for name in FORWARDED_SIGNALS:
+            signum = getattr(signal, name)
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.pid:
+            self.send(signum)
+        else:
+            self.pending.append(signum)
+
+    def send(self, signum: int) -> None:
+        try:
+            if self.group and signum in (signal.SIGINT, signal.SIGQUIT):
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        for signum in self.pending:
+            self.send(signum)
+        self.pending.clear()
+
+
+def run_warm(path: str) -> None:
+    """Run `neon` with this process's arguments in the warm server at `path`; returns only
+    if the command is to run in this process (nothing ran), else exits as the command did."""
+    forwarder = _Forwarder()
+    sock = _handshake(path, forwarder)
+    if sock is None:
+        forwarder.restore()
+        for signum in forwarder.pending:  # what came meanwhile, as if the command had it
+            os.kill(os.getpid(), signum)
+        return
+    _finish(sock, forwarder)
+
+
+def _handshake(path: str, forwarder: _Forwarder) -> socket.socket | None:
+    """The connected, accepted request (the server forks on our "go"), or None: cold."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.connect(path)
+        if peer_uid(sock) != os.geteuid():
+            raise OSError("the warm server runs as another user")
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            send_message(sock, request_of(sys.argv), [cwd, 0, 1, 2])
+        finally:
+            os.close(cwd)
+        answer, _ = receive_message(sock)
+        if "ready" not in answer:
+            raise OSError(f"the warm server answers {answer!r}")
+        forwarder.install()
+        send_message(sock, {"go": 1})
+    except (OSError, ValueError):
+        sock.close()
+        return None
+    return sock
+
+
+def _finish(sock: socket.socket, forwarder: _Forwarder) -> NoReturn:
+    """Wait for the child's status and exit the same way; signals go on to the child."""
+    sock.settimeout(None)
+    status: int | None = None
+    try:
+        answer, _ = receive_message(sock)
+        forwarder.started(int(answer["pid"]))
+        answer, _ = receive_message(sock)
+        status = int(answer["status"])
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"neon: error: the warm command server went away: {exc}", file=sys.stderr)
+        os._exit(1)
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)  # a signal whose default is not to end the process
+    os._exit(os.waitstatus_to_exitcode(status))

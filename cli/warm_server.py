@@ -1,0 +1,381 @@
+"""The warm command server: a process with the CLI's modules imported that forks a child per
+`neon` command (cli/launch.py says which commands and why; cli/warm_client.py the exchange).
+
+The home's pageserver daemon starts it (`python -m cli.warm_server`, a new process of the
+same interpreter, never a fork of the threaded daemon) once it serves, and stops it by PID
+at its shutdown. It is single-threaded and must stay so (it forks). It serves only a peer
+of its own user id (SO_PEERCRED) on a socket in the daemon's working directory (private to
+that user), so a child never does anything its launcher could not do itself.
+
+Per command, before the fork: "cold" if a module it imported changed on disk since (the
+server then closes its socket and exits once its children ended; the daemon starts a
+fresh one), if an environment variable a preloaded module reads at import time
+(IMPORT_TIME_ENV) or the interpreter's differ from its own, or if the command asks for a
+lower niceness than it can give. The child then takes the launcher's session-less place:
+a session of its own (the launcher forwards the terminal's signals to its group), the
+launcher's descriptors 0-2, working directory, umask, environment, niceness, sys.path and
+argv, signal handlers as a new interpreter has them, sys.stdin/stdout/stderr made as the
+launcher's interpreter made them; it runs `cli.main.main()` at the top of this module's
+stack, so the interpreter's own exit (threads joined, atexit, streams flushed, the exit
+code of a SystemExit, an uncaught KeyboardInterrupt's SIGINT) is the cold command's. The
+server reaps it and sends the launcher its wait status. A launcher that disappears (SIGKILL)
+takes its child with it (SIGKILL), as a cold command would have gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import io
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cli.launch import SOCKET_NAME
+from cli.warm_client import receive_message, send_message
+from proto.unix_fds import SUN_PATH_MAX, peer_uid
+
+PRELOAD = (
+    "cli.main",
+    "cli.context",
+    "cli.pg_commands",
+    "cli.snapshot_group",
+    "cli.snapshot_commands",
+    "cli.snapshot_transfer",
+    "cli.pitr_commands",
+    "cli.storage_commands",
+    "cli.checkout",
+    "cli.checkout_delta",
+    "cli.extract",
+    "cli.transport.file",
+    "cli.transport.neon",
+    "cli.transport.ssh",
+    "cli.transport.s3",
+)
+"""What the allowed commands import (a module not here is imported by the child: slower,
+never wrong)."""
+LATER_PRELOAD = ("aiobotocore.session",)
+"""An s3 push's client library: ~0.23 s of CPU and ~20 MiB, imported only once the server
+has been idle LATER_SECONDS (tests start many short-lived daemons)."""
+LATER_SECONDS = 5.0
+IMPORT_TIME_ENV = frozenset(
+    {
+        "NEON_S3_PART_SIZE",  # cli.transport.s3
+        "NEON_PURE_PYTHON",  # the native modules' fallbacks
+        "NEON_ALLOW_PURE_PYTHON",
+        "AIOHTTP_NO_EXTENSIONS",
+        "YARL_NO_EXTENSIONS",
+        "MULTIDICT_NO_EXTENSIONS",
+        "FROZENLIST_NO_EXTENSIONS",
+        "PROPCACHE_NO_EXTENSIONS",
+        "MSGPACK_PUREPYTHON",
+        "LANG",  # the interpreter's locale, UTF-8 mode and file system encoding
+        "LC_ALL",
+        "LC_CTYPE",
+        "TZ",
+        "TMPDIR",  # tempfile's directory, computed once
+        "HOME",
+    }
+)
+"""Environment variables read while the server imports (tests/cli/test_warm.py finds every
+module-level read in the preloaded modules and checks it is here). Also every PYTHON*."""
+IMPORT_TIME_ENV_PREFIXES = ("PYTHON",)
+STALE_EXIT = 75
+"""The exit code of a server that found a module changed: the daemon starts a fresh one."""
+_POLL_MS = 1000  # the daemon's death is noticed within a second
+_REQUEST_TIMEOUT = 10.0
+
+
+def socket_path(workdir: Path) -> Path | None:
+    """The server's socket for the daemon of `workdir`; None if the path is too long."""
+    path = workdir / SOCKET_NAME
+    return path if len(os.fsencode(path)) <= SUN_PATH_MAX else None
+
+
+def import_time_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The variables of `env` whose values the preloaded modules saw at import."""
+    names = {name.encode() for name in IMPORT_TIME_ENV}
+    prefixes = tuple(p.encode() for p in IMPORT_TIME_ENV_PREFIXES)
+    return {k: v for k, v in env.items() if k in names or k.startswith(prefixes)}
+
+
+@dataclass(slots=True)
+class _Modules:
+    """The source files of what is imported, as they were when imported."""
+
+    seen: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def record(self) -> None:
+        for name, module in list(sys.modules.items()):
+            path = getattr(module, "__file__", None)
+            if name in self.seen or not isinstance(path, str):
+                continue
+            with contextlib.suppress(OSError):
+                self.seen[name] = (path, os.stat(path).st_mtime_ns)
+
+    def changed(self) -> str | None:
+        for path, mtime in self.seen.values():
+            try:
+                if os.stat(path).st_mtime_ns != mtime:
+                    return path
+            except OSError:
+                return path
+        return None
+
+
+@dataclass(slots=True)
+class _Command:
+    conn: socket.socket
+    pid: int
+
+
+class _Server:
+    def __init__(self, path: Path, parent: int) -> None:
+        self.path = path
+        self.parent = parent
+        self.pid = os.getpid()
+        self.modules = _Modules()
+        self.env = import_time_env(dict(os.environb))
+        self.running: dict[int, _Command] = {}  # by the child's pid
+        self.listener: socket.socket | None = None
+        self.stale = False
+        self.stopping = False
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.later = time.monotonic() + LATER_SECONDS
+
+    def preload(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # an optional module missing: its commands import it
+                print(f"warm server: cannot preload {name}: {exc}", file=sys.stderr)
+        self.modules.record()
+        gc.collect()
+        gc.freeze()  # a child's collections never touch (and copy) the server's objects
+
+    def listen(self) -> None:
+        self.path.unlink(missing_ok=True)  # a crashed server's
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        listener.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        listener.listen(64)
+        os.rename(tmp, self.path)  # whole: a launcher never finds a socket not listening
+        self.listener = listener
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._signalled)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def _signalled(self, signum: int, _frame: Any) -> None:
+        if signum != signal.SIGCHLD:
+            self.stopping = True
+
+    def stop_listening(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def serve(self) -> dict[str, Any] | None:
+        """Serve until told to stop and every child ended; in a child, its request."""
+        poller = select.poll()
+        while True:
+            if self.stopping or self.stale or os.getppid() != self.parent:
+                self.stop_listening()
+                if not self.running:
+                    return None
+            if self.listener is not None and not self.running and time.monotonic() > self.later:
+                self.later = float("inf")
+                self.preload(LATER_PRELOAD)
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            if self.listener is not None:
+                poller.register(self.listener, select.POLLIN)
+            for command in self.running.values():
+                poller.register(command.conn, select.POLLIN | select.POLLRDHUP)
+            timeout = _POLL_MS if self.later == float("inf") else min(_POLL_MS, 200)
+            for fd, _events in poller.poll(timeout):
+                if fd == self.wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 512)
+                elif self.listener is not None and fd == self.listener.fileno():
+                    request = self._accept()
+                    if request is not None:
+                        return request  # in the child
+                else:
+                    self._launcher_gone(fd)
+            self._reap()
+
+    def _accept(self) -> dict[str, Any] | None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return None
+        try:
+            return self._answer(conn)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            if os.getpid() != self.pid:
+                raise
+            print(f"warm server: a request failed: {exc!r}", file=sys.stderr)
+            conn.close()
+            return None
+
+    def _answer(self, conn: socket.socket) -> dict[str, Any] | None:
+        """Check and fork; the child's request in the child, None in the server."""
+        conn.settimeout(_REQUEST_TIMEOUT)
+        if peer_uid(conn) != os.geteuid():
+            send_message(conn, {"cold": "refused: the warm server serves its own user only"})
+            conn.close()
+            return None
+        request, fds = receive_message(conn, max_fds=4)
+        try:
+            cold = self._cold(request, fds)
+            if cold is not None:
+                send_message(conn, {"cold": cold})
+                conn.close()
+                return None
+            send_message(conn, {"ready": 1})
+            go, _ = receive_message(conn)
+            if "go" not in go:
+                conn.close()
+                return None
+            pid = os.fork()
+            if pid == 0:
+                request["fds"] = fds
+                request["conn"] = conn
+                return request
+        finally:
+            if os.getpid() == self.pid:
+                for fd in fds:
+                    os.close(fd)
+        conn.settimeout(None)
+        self.running[pid] = _Command(conn, pid)
+        send_message(conn, {"pid": pid})
+        return None
+
+    def _cold(self, request: dict[str, Any], fds: list[int]) -> str | None:
+        """Why this request must run in its launcher, or None."""
+        if len(fds) != 4:
+            return f"{len(fds)} descriptors, not 4"
+        changed = self.modules.changed()
+        if changed is not None:
+            self.stale = True
+            return f"{changed} changed since the server imported it"
+        if import_time_env(request["env"]) != self.env:
+            return "an environment variable read at import time differs"
+        if (request["executable"], request["flags"]) != (sys.executable, tuple(sys.flags)):
+            return "another interpreter"
+        if request["path"][1:] != sys.path[1:]:
+            return "another sys.path"
+        if request["nice"] < os.getpriority(os.PRIO_PROCESS, 0):
+            return "a lower niceness than the server's"
+        return None
+
+    def _launcher_gone(self, fd: int) -> None:
+        """The launcher of a running command closed its end: it was killed (SIGKILL; other
+        signals it forwards): so is its command."""
+        for command in self.running.values():
+            if command.conn.fileno() == fd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(command.pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            command = self.running.pop(pid, None)
+            if command is None:
+                continue
+            with contextlib.suppress(OSError):
+                send_message(command.conn, {"status": status})
+            command.conn.close()
+
+
+def _become_command(request: dict[str, Any]) -> None:
+    """In the child: take the launcher's place (see the module's note)."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cwd, *stdio = request["fds"]
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target, inheritable=True)
+        os.close(fd)
+    os.fchdir(cwd)
+    os.close(cwd)
+    os.umask(request["umask"])
+    if request["nice"] != os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
+    os.environb.clear()
+    os.environb.update(request["env"])
+    sys.path[:] = request["path"]
+    sys.argv[:] = request["argv"]
+    streams = []
+    for fd, (encoding, errors, line_buffering, write_through) in enumerate(request["streams"]):
+        binary = open(fd, "rb" if fd == 0 else "wb", closefd=False)  # noqa: SIM115
+        streams.append(
+            io.TextIOWrapper(
+                binary,
+                encoding=encoding,
+                errors=errors,
+                newline="\n",
+                line_buffering=line_buffering,
+                write_through=write_through,
+            )
+        )
+    sys.stdin, sys.stdout, sys.stderr = streams
+    request.clear()
+
+
+def _close_server_fds(server: _Server) -> None:
+    with contextlib.suppress(OSError):
+        os.close(server.wake_r)
+        os.close(server.wake_w)
+    if server.listener is not None:
+        server.listener.close()  # the child's copy: the server's stays
+    for command in server.running.values():
+        command.conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cli.warm_server WORKDIR PARENT_PID`."""
+    workdir, parent = argv if argv is not None else sys.argv[1:]
+    path = socket_path(Path(workdir))
+    if path is None:
+        return 0
+    server = _Server(path, int(parent))
+    if os.getppid() != server.parent:
+        return 0
+    server.preload(PRELOAD)
+    server.listen()
+    request = server.serve()
+    if request is None:
+        server.stop_listening()
+        return STALE_EXIT if server.stale else 0
+    request.pop("conn").close()  # the child's copies of the server's descriptors
+    _close_server_fds(server)
+    del server
+    _become_command(request)
+    from cli.main import main as command
+
+    command()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
