@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import logging
 import pstats
@@ -79,6 +78,7 @@ from pg15.lsn import (
 )
 from pg15.records import decode_records
 from pg15.xlog_reader import WalReader
+from proto.aio import wait_event
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestServer
 from walreceiver.receiver import ReceiverState
 
@@ -282,8 +282,7 @@ async def sample_lag(
             durable, ingested = follower.flushed_lsn, timeline.last_record_lsn
             insert, flushed = await asyncio.to_thread(server_positions, conn)
             into.append(LagSample(time.perf_counter(), insert, flushed, durable, ingested))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
+            await wait_event(stop, SAMPLE_SECONDS)
     finally:
         await asyncio.to_thread(conn.close)
 

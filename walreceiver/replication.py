@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from pg15.lsn import format_lsn, parse_lsn
+from proto.aio import within
 from proto.errors import (
     AlreadyExists,
     AuthFailed,
@@ -479,7 +480,7 @@ async def connect(
     try:
         unix_path = None if socket_dir is None else where
         opening = open_streams(host, port, unix_path, STREAM_LIMIT)
-        reader, writer = await asyncio.wait_for(opening, timeout)
+        reader, writer = await within(opening, timeout)
     except (OSError, TimeoutError) as exc:
         raise Unavailable(
             f"cannot connect to PostgreSQL at {where}: {exc or 'timed out'}; is it running "
@@ -487,9 +488,7 @@ async def connect(
         ) from None
     conn = ReplicationConnection(reader, writer, where)
     try:
-        await asyncio.wait_for(
-            conn._startup(user, password, application_name, auth_methods), timeout
-        )
+        await within(conn._startup(user, password, application_name, auth_methods), timeout)
     except TimeoutError:
         await conn.close()
         raise Unavailable(f"PostgreSQL at {where} did not finish the login in {timeout}s") from None

@@ -24,6 +24,7 @@ from typing import Any
 from cli.output import human_size
 from cli.progress import PROGRESS_ENV, ProgressReport
 from pg15.lsn import format_lsn
+from proto.aio import within
 
 ERROR_PREFIX = "neon: error: "
 JOBS_KEPT = 100
@@ -90,7 +91,7 @@ class Cli:
             env=self.env(),
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await within(proc.communicate(), timeout)
         except BaseException:  # timeout, or the request went away: the child goes too
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGINT)

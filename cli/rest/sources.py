@@ -21,6 +21,7 @@ import asyncpg
 
 from cli.context import App
 from cli.rest.query import Target
+from proto.aio import within
 from proto.errors import NeonError, NotFound
 
 T = TypeVar("T")
@@ -198,7 +199,7 @@ class Sources:
         """Close the pools, stop the servers started here, destroy the snapshots extracted."""
         for pool in self._pools.values():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pool.close(), 10)
+                await within(pool.close(), 10)
         self._pools.clear()
         await self._run(self._close_worker)
         self._worker.shutdown()

@@ -104,6 +104,7 @@ from cli.transport.resume import (
     ResumingWriter,
     partial_name,
 )
+from proto.aio import within
 from proto.errors import AuthFailed, Conflict, InvalidArgument, NeonError, NotFound, Unavailable
 
 URL_FORM = "ssh://[USER@]HOST[:PORT]/PATH"
@@ -730,7 +731,7 @@ async def _dismiss(proc: asyncio.subprocess.Process | None) -> None:
     if proc.stdin is not None:
         proc.stdin.close()
     try:
-        await asyncio.wait_for(proc.communicate(), LANDING_TIMEOUT)
+        await within(proc.communicate(), LANDING_TIMEOUT)
     except (TimeoutError, OSError):
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -806,7 +807,7 @@ class SshWriter(ObjectWriter):
             # What was sent is kept for the next run: let it land rather than cut the pipe.
             self._proc.stdin.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._proc.wait()), LANDING_TIMEOUT)
+                await within(asyncio.shield(self._proc.wait()), LANDING_TIMEOUT)
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
@@ -815,9 +816,7 @@ class SshWriter(ObjectWriter):
             task.cancel()
         script = REMOVE_EMPTY if self._resumable else DELETE
         with contextlib.suppress(Exception):  # best effort: the file is hidden anyway
-            await asyncio.wait_for(
-                self._store._run(script, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
-            )
+            await within(self._store._run(script, self._tmp, where=self._tmp), CLEANUP_TIMEOUT)
 
 
 class SshAppender(PartialAppender):
@@ -900,7 +899,7 @@ class SshAppender(PartialAppender):
         )
         if status != 0:
             with contextlib.suppress(Exception):  # an empty partial file: not kept
-                await asyncio.wait_for(
+                await within(
                     self._store._run(REMOVE_EMPTY, self._tmp, where=self._tmp), CLEANUP_TIMEOUT
                 )
             raise self._store.error(status, err, self._final)

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from proto.aio import within
 from proto.errors import NeonError
 from walreceiver.receiver import PAUSED, ConnParams, ReceiverState
 
@@ -232,7 +233,7 @@ class ReceiverProcess:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.shield(asyncio.wait_for(proc.wait(), STOP_TIMEOUT))
+            await within(proc.wait(), STOP_TIMEOUT)
         except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
