@@ -50,6 +50,7 @@ must be off.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import queue
 import struct
@@ -69,6 +70,7 @@ from pageserver.basebackup.wal_synthesis import (
     wal_segment_chunks,
 )
 from pageserver.storage.keys import SlruKind
+from pageserver.storage.layers.native import blockpack
 from pg15.constants import (
     BLCKSZ,
     CLOG_XACTS_PER_PAGE,
@@ -436,31 +438,24 @@ class _Plan:
     def _rel_pages(
         self, spc: int, db: int, rel: int, fork: int, first: int, count: int
     ) -> Iterator[bytes]:
+        """The fork's pages, joined a chunk at a time, each checked (`_first_bad_page`:
+        whole, and no page LSN past the WAL's end) before its chunk is yielded."""
         limit = self.info.end_lsn
-        batch: list[bytes] = []
         join: Callable[[list[bytes]], bytes | memoryview] = b"".join
         per_chunk = _CHUNK_PAGES
         if self.aligned is not None:
             join, per_chunk = self.aligned.join, AlignedChunks.PAGES
-        pages = self.source.rel_pages(spc, db, rel, fork, first, count)
-        for blkno, page in enumerate(pages, first):
-            if len(page) != BLCKSZ:
-                raise CorruptData(
-                    f"relation {spc}/{db}/{rel} fork {fork} block {blkno}: short page"
-                )
-            hi, lo = _PD_LSN.unpack_from(page, 0)
-            if (hi << 32 | lo) > limit:
-                raise CorruptData(
-                    f"relation {spc}/{db}/{rel} fork {fork} block {blkno} has page LSN "
-                    f"{format_lsn(hi << 32 | lo)}, past the basebackup's WAL end "
-                    f"{format_lsn(limit)}"
-                )
-            batch.append(page)
+        pages = iter(self.source.rel_pages(spc, db, rel, fork, first, count))
+        blkno = first
+        while batch := list(itertools.islice(pages, per_chunk)):
+            bad = _first_bad_page(batch, limit)
+            if bad >= 0:
+                raise _bad_page(spc, db, rel, fork, blkno + bad, batch[bad], limit)
             if len(batch) == per_chunk:
                 yield cast(bytes, join(batch))  # a view of AlignedChunks: len and buffer
-                batch = []
-        if batch:  # a fork's tail: a buffer for it would sit in a batch still filling
-            yield b"".join(batch)
+            else:  # a fork's tail: a buffer for it would sit in a batch still filling
+                yield b"".join(batch)
+            blkno += len(batch)
 
     def _slrus(self) -> Iterator[bytes]:
         cp = self.checkpoint
@@ -507,6 +502,39 @@ class _Plan:
                 batch = []
         if batch:
             yield b"".join(batch)
+
+
+def _first_bad_page_python(pages: list[bytes], limit: int) -> int:
+    """The index of the first page that is not BLCKSZ long or whose page LSN is past
+    `limit`, or -1: the reference of `_blockpack.first_bad_page`, which spares the tar maker
+    a Python step per page (~140k for a 1 GiB database)."""
+    for i, page in enumerate(pages):
+        if len(page) != BLCKSZ:
+            return i
+        hi, lo = _PD_LSN.unpack_from(page, 0)
+        if (hi << 32 | lo) > limit:
+            return i
+    return -1
+
+
+def _first_bad_page(pages: list[bytes], limit: int) -> int:
+    if blockpack is None:
+        return _first_bad_page_python(pages, limit)
+    return blockpack.first_bad_page(pages, BLCKSZ, limit)
+
+
+def _bad_page(
+    spc: int, db: int, rel: int, fork: int, blkno: int, page: bytes, limit: int
+) -> CorruptData:
+    """The error for a page `_first_bad_page` found."""
+    where = f"relation {spc}/{db}/{rel} fork {fork} block {blkno}"
+    if len(page) != BLCKSZ:
+        return CorruptData(f"{where}: short page")
+    hi, lo = _PD_LSN.unpack_from(page, 0)
+    return CorruptData(
+        f"{where} has page LSN {format_lsn(hi << 32 | lo)}, past the basebackup's WAL end "
+        f"{format_lsn(limit)}"
+    )
 
 
 def _needed_page(counter: int, per_page: int, per_group: int) -> int | None:

@@ -465,6 +465,54 @@ py_lower_bound(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(lo);
 }
 
+/*
+ * first_bad_page(pages, size, limit) -> index of the first page that is not `size` bytes
+ * long or whose pd_lsn (its first 8 bytes: two little-endian uint32, high half first) is
+ * above `limit`, or -1: the basebackup's per-page check (tar_stream._first_bad_page_python
+ * is the reference). `pages` is a list of bytes (or other bytes-like objects); the tar maker
+ * joins them afterwards.
+ */
+static PyObject *
+py_first_bad_page(PyObject *self, PyObject *args)
+{
+    PyObject *pages;
+    Py_ssize_t size;
+    unsigned long long limit;
+    if (!PyArg_ParseTuple(args, "O!nK:first_bad_page", &PyList_Type, &pages, &size, &limit))
+        return NULL;
+    if (size < 8) {
+        PyErr_SetString(PyExc_ValueError, "first_bad_page: a page holds at least its LSN");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(pages);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *page = PyList_GET_ITEM(pages, i);
+        uint8_t p[8];
+        if (PyBytes_Check(page)) {
+            if (PyBytes_GET_SIZE(page) != size)
+                return PyLong_FromSsize_t(i);
+            memcpy(p, PyBytes_AS_STRING(page), 8);
+        } else { /* any other bytes-like page (a test's source may hand bytearrays) */
+            Py_buffer view;
+            if (PyObject_GetBuffer(page, &view, PyBUF_SIMPLE) < 0)
+                return NULL;
+            Py_ssize_t len = view.len;
+            if (len == size)
+                memcpy(p, view.buf, 8);
+            PyBuffer_Release(&view);
+            if (len != size)
+                return PyLong_FromSsize_t(i);
+        }
+        uint64_t hi = (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16
+            | (uint64_t)p[3] << 24;
+        uint64_t lo = (uint64_t)p[4] | (uint64_t)p[5] << 8 | (uint64_t)p[6] << 16
+            | (uint64_t)p[7] << 24;
+        if ((hi << 32 | lo) > limit)
+            return PyLong_FromSsize_t(i);
+    }
+    return PyLong_FromLong(-1);
+}
+
 /* LayerFile._keys: blocks.key_table_python is the reference (its docstring says what) */
 static PyObject *
 py_key_table(PyObject *self, PyObject *args)
@@ -1037,6 +1085,8 @@ static PyMethodDef methods[] = {
      "LayerFileWriter.add_images' loop (see the comment above it)."},
     {"pack_values", py_pack_values, METH_VARARGS,
      "LayerFileWriter.add_values' loop (see the comment above it)."},
+    {"first_bad_page", py_first_bad_page, METH_VARARGS,
+     "The basebackup's per-page check (see the comment above it)."},
     {"lower_bound", py_lower_bound, METH_VARARGS,
      "LayerFile.lower_bound (see the module comment)."},
     {NULL, NULL, 0, NULL},

@@ -21,6 +21,7 @@ def pack_values(
     n: int, /,
 ) -> tuple[int, int, int, int]: ...  # fmt: skip
 def lower_bound(keys: bytes, key_size: int, key: bytes, /) -> int: ...
+def first_bad_page(pages: list[bytes], size: int, limit: int, /) -> int: ...
 
 class Merge:
     """The L0 merge of compaction (see `_blockpack.c`)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pageserver.basebackup import tar_stream
 from pageserver.basebackup.sources import (
     TimelineSource,
     pages_one_by_one,
@@ -35,10 +36,12 @@ from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.redo.native import redo as native
 from pageserver.storage.compaction import create_image_layers
 from pageserver.storage.keys import Key, SlruKind
+from pageserver.storage.layers import native as layers_native
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import ReconstructData
+from pg15.constants import BLCKSZ
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_file_name
 from pg15.records import decode_record
 from pg15.xlog_reader import WalReader
@@ -272,5 +275,47 @@ def test_slru_pages_are_rebuilt_in_bulk(history: History, tmp_path: Path, counts
                     pages += size
         assert pages > 0
         assert counts.bulk_keys >= pages  # every page went through rebuild_range
+    finally:
+        store.close()
+
+
+def test_page_checks_in_c_equal_the_python_reference(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_blockpack.first_bad_page` against `tar_stream._first_bad_page_python` on the real
+    pages of every fork, 32 at a time as the tar maker checks them, at limits below and at
+    their page LSNs and with a page cut short; the tars made with either are the same."""
+    blockpack = layers_native.blockpack
+    require_c_extension(blockpack, "pageserver.storage.layers._blockpack")
+    assert blockpack is not None
+    first_bad_page = blockpack.first_bad_page
+    store, timeline = _open(history, tmp_path / "store")
+    try:
+        ends = _ingest(timeline, history.wal_dir, history.start, parse_lsn("FFFFFFFF/0"))
+        timeline.freeze_and_flush()
+        lsn = ends[len(ends) // 2]
+        source = TimelineSource(timeline, lsn)
+        checked = found = 0
+        for spc, db in source.list_dbs():
+            forks = list(source.list_rels(spc, db))
+            for (rel, fork), nblocks in zip(forks, source.rel_sizes(spc, db, forks), strict=True):
+                pages = list(source.rel_pages(spc, db, rel, fork, 0, nblocks))
+                for at in range(0, len(pages), 32):
+                    batch = pages[at : at + 32]
+                    lsns = sorted({int.from_bytes(p[:4], "little") << 32
+                                   | int.from_bytes(p[4:8], "little") for p in batch})  # fmt: skip
+                    limits = {lsn, lsns[-1], lsns[-1] - 1, lsns[len(lsns) // 2] - 1, 0}
+                    for limit in sorted(x for x in limits if x >= 0):
+                        expected = tar_stream._first_bad_page_python(batch, limit)
+                        assert first_bad_page(batch, BLCKSZ, limit) == expected, (rel, at, limit)
+                        checked += 1
+                        found += expected >= 0
+                    cut = [*batch[:-1], batch[-1][:-1]]
+                    assert first_bad_page(cut, BLCKSZ, lsn) == len(cut) - 1
+                    assert tar_stream._first_bad_page_python(cut, lsn) == len(cut) - 1
+        assert checked > 1000 and found > 100, (checked, found)
+        with_c = _tar(TimelineSource(timeline, lsn))
+        monkeypatch.setattr(tar_stream, "blockpack", None)
+        assert _tar(TimelineSource(timeline, lsn)) == with_c
     finally:
         store.close()

@@ -368,11 +368,21 @@ def test_bad_inputs_fail_before_any_byte() -> None:
         basebackup_chunks(src, src.lsn)
 
 
-def test_bad_state_fails_while_streaming() -> None:
+@pytest.mark.parametrize("pure", [False, True])
+def test_bad_state_fails_while_streaming(monkeypatch: pytest.MonkeyPatch, pure: bool) -> None:
+    """A page past the WAL's end or cut short, found by `_blockpack.first_bad_page` or its
+    Python reference, fails the stream naming the page."""
+    if pure:
+        monkeypatch.setattr(bb, "blockpack", None)
     src = fake_source()
     src.rels[(1663, 5, 16384, 0)][3] = page(0x3000000, 0)  # LSN past the checkpoint
     _, chunks = basebackup_chunks(src, src.lsn)
-    with pytest.raises(CorruptData, match="page LSN 0/03000000"):
+    with pytest.raises(CorruptData, match="block 3 has page LSN 0/03000000"):
+        b"".join(chunks)
+    src = fake_source()
+    src.rels[(1663, 5, 16384, 0)][2] = page(0x100, 0)[:-1]
+    _, chunks = basebackup_chunks(src, src.lsn)
+    with pytest.raises(CorruptData, match="16384 fork 0 block 2: short page"):
         b"".join(chunks)
     src = fake_source()
     src.twophase[0x2DD] = b"\0" * 40
