@@ -395,3 +395,55 @@ def test_a_refused_direct_write_goes_through_the_page_cache(
     extract_chunks([one_file_tar("big", big)], tmp_path / "out")
     assert refused
     assert (tmp_path / "out/big").read_bytes() == big
+
+
+def test_large_files_written_through_the_page_cache_get_their_blocks_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of 1 MiB or more written through the page cache is preallocated at its
+    start (fallocate: its whole size and blocks before its first data arrive), a smaller one
+    is not; both come out whole."""
+    monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
+    big, small = os.urandom(3 << 20), os.urandom(200 << 10)
+    seen: dict[str, tuple[int, int]] = {}
+    out = tmp_path / "out"
+    out.mkdir()
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, payload in (("big", big), ("small", small)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    raw = buf.getvalue()
+    small_at = 512 + len(big) + 512  # its data: after big's header, data and its own header
+
+    def batches() -> Iterator[list[bytes]]:
+        # each member's header and first 100 kB: fed when the next batch is asked for
+        yield [raw[: 512 + 100_000]]
+        st = os.stat(out / "big")
+        seen["big"] = (st.st_size, st.st_blocks * 512)
+        yield [raw[512 + 100_000 : small_at + 100_000]]
+        st = os.stat(out / "small")
+        seen["small"] = (st.st_size, st.st_blocks * 512)
+        yield [raw[small_at + 100_000 :]]
+
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        datadir_files.untar.extract_into_dir_fd(batches(), fd)
+    finally:
+        os.close(fd)
+    assert seen["big"][0] == len(big) and seen["big"][1] >= len(big)
+    assert seen["small"][0] == 100_000
+    assert (out / "big").read_bytes() == big
+    assert (out / "small").read_bytes() == small
+
+
+def test_preallocate_says_where_it_cannot() -> None:
+    """A descriptor fallocate refuses (a pipe: ESPIPE) is left as it is: False."""
+    r, w = os.pipe()
+    try:
+        assert datadir_files.untar.preallocate(w, 1 << 20) is False
+    finally:
+        os.close(r)
+        os.close(w)
