@@ -409,3 +409,38 @@ def test_plain_http_endpoints_need_no_tls_context(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
     monkeypatch.setattr(s3, "_SESSIONS", {})
     assert s3._http_endpoint(None) is None
+
+
+async def test_clients_load_models_without_scanning_every_service(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client and its requests load S3's models from S3's own directory: botocore's loader
+    scanned the directories of all ~440 services once per model type (~24 ms of a push's
+    CPU) to check the name. The models are those botocore's own loader gives, and a service
+    botocore does not know is still refused by botocore."""
+    from botocore.exceptions import UnknownServiceError
+    from botocore.loaders import Loader, create_loader
+
+    scans: list[str] = []
+    plain_scan = Loader.list_available_services
+
+    def counted_scan(self: Loader, type_name: str) -> list[str]:
+        scans.append(type_name)
+        return list(plain_scan(self, type_name))
+
+    monkeypatch.setattr(Loader, "list_available_services", counted_scan)
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    store = parse_location(s3_bucket.url("x.neon")).store
+    assert await store.stat("x.neon") is None
+    assert await store.list() == []
+    assert scans == []
+    assert isinstance(s3._session().get_component("data_loader"), s3._service_loader_class())
+    loader = s3._data_loader(s3._session())  # fresh: a client's handlers change what it loaded
+    for type_name in ("service-2", "endpoint-rule-set-1", "paginators-1", "waiters-2"):
+        model = loader.load_service_model("s3", type_name)
+        assert loader.load_service_model("s3", type_name, "2006-03-01") == model
+        assert scans == []
+        assert model == create_loader().load_service_model("s3", type_name), type_name
+        scans.clear()
+    with pytest.raises(UnknownServiceError):
+        loader.load_service_model("no-such-service", "service-2")
