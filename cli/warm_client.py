@@ -67,7 +67,15 @@ def request_of(argv: list[str]) -> dict[str, Any]:
         "executable": sys.executable,
         "flags": tuple(sys.flags),
         "streams": [_stream_spec(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
+        "ignored": ignored_signals(),
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
     }
+
+
+def ignored_signals() -> list[int]:
+    """The signals this process ignores (a background job of a script ignores SIGINT, and a
+    Python started so keeps it ignored): the child ignores them too."""
+    return [int(s) for s in signal.valid_signals() if signal.getsignal(s) == signal.SIG_IGN]
 
 
 class _Forwarder:
@@ -85,7 +93,8 @@ class _Forwarder:
     def install(self) -> None:
         for name in FORWARDED_SIGNALS:
             signum = getattr(signal, name)
-            self.previous[signum] = signal.signal(signum, self._handle)
+            if signal.getsignal(signum) != signal.SIG_IGN:  # ignored by the child too
+                self.previous[signum] = signal.signal(signum, self._handle)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():

@@ -76,6 +76,8 @@ IMPORT_TIME_ENV = frozenset(
         "FROZENLIST_NO_EXTENSIONS",
         "PROPCACHE_NO_EXTENSIONS",
         "MSGPACK_PUREPYTHON",
+        "BOTO_DISABLE_CRT",  # botocore.compat
+        "WRAPT_DISABLE_EXTENSIONS",  # wrapt (aiobotocore)
         "LANG",  # the interpreter's locale, UTF-8 mode and file system encoding
         "LC_ALL",
         "LC_CTYPE",
@@ -145,6 +147,7 @@ class _Server:
         self.env = import_time_env(dict(os.environb))
         self.running: dict[int, _Command] = {}  # by the child's pid
         self.listener: socket.socket | None = None
+        self.inode = 0
         self.stale = False
         self.stopping = False
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -168,6 +171,7 @@ class _Server:
         listener.bind(str(tmp))
         os.chmod(tmp, 0o600)
         listener.listen(64)
+        self.inode = os.stat(tmp).st_ino
         os.rename(tmp, self.path)  # whole: a launcher never finds a socket not listening
         self.listener = listener
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
@@ -182,8 +186,9 @@ class _Server:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            with contextlib.suppress(OSError):  # not a successor's (its daemon was killed)
+                if os.stat(self.path).st_ino == self.inode:
+                    self.path.unlink()
 
     def serve(self) -> dict[str, Any] | None:
         """Serve until told to stop and every child ended; in a child, its request."""
@@ -241,6 +246,7 @@ class _Server:
         try:
             cold = self._cold(request, fds)
             if cold is not None:
+                print(f"warm server: a command runs cold: {cold}", file=sys.stderr, flush=True)
                 send_message(conn, {"cold": cold})
                 conn.close()
                 return None
@@ -309,9 +315,14 @@ def _become_command(request: dict[str, Any]) -> None:
     """In the child: take the launcher's place (see the module's note)."""
     os.setsid()
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGCHLD, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in signal.valid_signals():  # as the launcher has them, not the server
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+    for signum in request["ignored"]:
+        signal.signal(signum, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # as the interpreter's start does
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])
     cwd, *stdio = request["fds"]
     for target, fd in enumerate(stdio):
         os.dup2(fd, target, inheritable=True)

@@ -1,0 +1,324 @@
+"""The warm command server (cli/warm_server.py) through the real `neon` launcher and daemon:
+warm commands print and exit as cold ones, signals reach them, anything that could make a
+warm command differ makes it cold, and the server goes with its daemon."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.launch import SOCKET_NAME
+from cli.warm_server import IMPORT_TIME_ENV, IMPORT_TIME_ENV_PREFIXES
+from tests.neoncli import NEON, NeonCli
+
+WAIT = 20.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _daemon_pid(neon: NeonCli) -> int:
+    return int((neon.home / "pageserver" / "pageserver.pid").read_text())
+
+
+def _until(what: str, check: object, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not {what} after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def _server_pid(neon: NeonCli) -> int:
+    """The daemon's warm server, once it listens."""
+    found: list[int] = []
+
+    def listening() -> bool:
+        found[:] = [p for p in _children(_daemon_pid(neon)) if "cli.warm_server" in _cmdline(p)]
+        return bool(found) and (neon.home / "pageserver" / SOCKET_NAME).exists()
+
+    _until("a warm server listening", listening)
+    return found[0]
+
+
+@pytest.fixture
+def warm(neon: NeonCli) -> Iterator[NeonCli]:
+    neon.run("pageserver", "start")
+    _server_pid(neon)
+    yield neon
+
+
+def _env(neon: NeonCli, warm: bool, **extra: str) -> dict[str, str]:
+    return {**neon.env(), "NEON_WARM": "1" if warm else "0", **extra}
+
+
+@contextlib.contextmanager
+def _daemon_stopped(neon: NeonCli) -> Iterator[None]:
+    """`pg list` waits on the daemon while it is stopped: a command that runs until told."""
+    pid = _daemon_pid(neon)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _blocked_pg_list(neon: NeonCli, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+    """`neon pg list` started and waiting on the stopped daemon; the warm server's child
+    running it (0: it runs cold, in the launcher)."""
+    server = _server_pid(neon)
+    before = set(_children(server))
+    proc = subprocess.Popen(
+        [NEON, "pg", "list"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 3.0  # far past a cold command's start, even under load
+    while time.monotonic() < deadline and not set(_children(server)) - before:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the child, if any, waits on the daemon by now
+    assert proc.poll() is None, proc.communicate()
+    children = set(_children(server)) - before
+    assert len(children) <= 1
+    return proc, children.pop() if children else 0
+
+
+def _interrupted(neon: NeonCli, warm: bool, **extra: str) -> tuple[int, str, str, bool]:
+    with _daemon_stopped(neon):
+        proc, child = _blocked_pg_list(neon, _env(neon, warm, **extra))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT)
+    if child:
+        _until("the warm child reaped", lambda: not Path(f"/proc/{child}").exists())
+    return proc.returncode, out, err, bool(child)
+
+
+def test_warm_and_cold_commands_print_and_exit_alike(warm: NeonCli) -> None:
+    for args in (
+        ("pg", "list"),
+        ("pg", "list", "--json"),
+        ("pg", "show", "nosuch"),
+        ("snapshot", "list"),
+        ("storage", "list"),
+        ("pg", "checkout", "nosuch@s"),
+    ):
+        got = [
+            subprocess.run(
+                [NEON, *args], env=_env(warm, w), capture_output=True, text=True, check=False
+            )
+            for w in (True, False)
+        ]
+        assert (got[0].returncode, got[0].stdout, got[0].stderr) == (
+            got[1].returncode,
+            got[1].stdout,
+            got[1].stderr,
+        ), args
+    assert got[0].returncode != 0 and got[0].stderr.startswith("neon: error: ")
+
+
+def test_sigint_ends_a_warm_command_as_a_cold_one(warm: NeonCli) -> None:
+    hot = _interrupted(warm, True)
+    cold = _interrupted(warm, False)
+    assert hot[3] and not cold[3], "the first ran in the server's child, the second cold"
+    assert hot[:3] == cold[:3] == (130, "", "neon: interrupted\n")
+
+
+def test_sigusr1_stacks_and_sigterm_reach_the_warm_child(warm: NeonCli) -> None:
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True))
+        assert child
+        warm.dump_stacks([proc.pid])  # SIGUSR1 to the `neon` pid, as a stuck test does
+        assert proc.poll() is None, "the launcher survives SIGUSR1"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=WAIT)
+    assert "most recent call first" in err and "in main" in err, err
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_sigkill_of_the_launcher_ends_its_child(warm: NeonCli) -> None:
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True))
+        assert child
+        proc.kill()
+        proc.communicate(timeout=WAIT)
+        _until("the child killed", lambda: not Path(f"/proc/{child}").exists())
+
+
+def test_an_import_time_variable_that_differs_runs_cold(warm: NeonCli) -> None:
+    assert not _interrupted(warm, True, NEON_S3_PART_SIZE="123456")[3]
+    assert not _interrupted(warm, True, PYTHONWARNINGS="ignore")[3]
+    assert _interrupted(warm, True)[3]
+
+
+def test_a_changed_module_makes_the_next_command_cold(neon: NeonCli, tmp_path: Path) -> None:
+    """A module the server imported (sitecustomize, on PYTHONPATH for this home's daemon and
+    commands) changes: that command runs cold, the server exits, the daemon starts a fresh
+    one, which runs the next warm."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("")
+    neon.env_extra["PYTHONPATH"] = str(site)
+    neon.run("pageserver", "start")
+    first = _server_pid(neon)
+    assert _interrupted(neon, True)[3]
+    module = site / "sitecustomize.py"
+    stat = module.stat()
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert not _interrupted(neon, True)[3], "the changed module: cold"
+    _until("the stale server gone", lambda: not Path(f"/proc/{first}").exists())
+    second = _server_pid(neon)
+    assert second != first
+    assert _interrupted(neon, True)[3], "the fresh server serves warm again"
+
+
+def test_a_peer_of_another_user_is_refused(warm: NeonCli) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")  # CI runs as root
+    path = warm.home / "pageserver" / SOCKET_NAME
+    modes = [(p, p.stat().st_mode & 0o7777) for p in (warm.home, path.parent, path)]
+    read, write = os.pipe()
+    try:
+        for p, mode in modes:
+            p.chmod(mode | 0o007)
+        pid = os.fork()
+        if pid == 0:  # connect as nobody; what the server answers goes to the pipe
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(WAIT)
+                    sock.connect(str(path))
+                    while chunk := sock.recv(4096):
+                        os.write(write, chunk)
+            except BaseException as exc:
+                os.write(write, repr(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as answer:
+            got = answer.read()
+        os.waitpid(pid, 0)
+    finally:
+        for p, mode in modes:
+            p.chmod(mode)
+    assert b"refused: the warm server serves its own user only" in got, got
+
+
+def test_the_server_goes_with_its_daemon(warm: NeonCli) -> None:
+    server = _server_pid(warm)
+    daemon = _daemon_pid(warm)
+    os.kill(daemon, signal.SIGKILL)
+    _until("the server gone", lambda: not Path(f"/proc/{server}").exists())
+    assert not (warm.home / "pageserver" / SOCKET_NAME).exists()
+    # the next command finds no server: it runs (and starts a daemon) cold
+    assert json.loads(warm.run("pg", "list", "--json").stdout) == []
+
+
+def _module_level_env_reads(source: str) -> set[str]:
+    """Names in `os.environ[...]`, `os.environ.get(...)`, `os.getenv(...)`, `... in
+    os.environ` outside functions (what a module reads when it is imported)."""
+    found: set[str] = set()
+
+    def environ(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr in ("environ", "environb")) or (
+            isinstance(node, ast.Name) and node.id in ("environ", "environb")
+        )
+
+    def const(node: ast.AST | None) -> None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+            value = node.value
+            found.add(value if isinstance(value, str) else value.decode())
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            for default in [*node.args.defaults, *node.args.kw_defaults]:
+                if default is not None:
+                    visit(default)  # evaluated at import
+            for decorator in getattr(node, "decorator_list", []):
+                visit(decorator)
+            return
+        if isinstance(node, ast.Subscript) and environ(node.value):
+            const(node.slice)
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in ("get", "getenv", "getenvb"):
+                if environ(func.value) or func.attr != "get":
+                    const(node.args[0] if node.args else None)
+            elif isinstance(func, ast.Name) and func.id in ("getenv", "getenvb"):
+                const(node.args[0] if node.args else None)
+        elif isinstance(node, ast.Compare) and any(environ(c) for c in node.comparators):
+            const(node.left)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return found
+
+
+def test_every_import_time_environment_read_is_listed() -> None:
+    """Every variable a module the server preloads reads at import is in IMPORT_TIME_ENV:
+    a new one would let a command run warm with what another environment configured."""
+    script = (
+        "import json, sys\n"
+        "from cli.warm_server import LATER_PRELOAD, PRELOAD, _Server\n"
+        "from pathlib import Path\n"
+        "server = _Server(Path('/nonexistent'), 0)\n"
+        "server.preload(PRELOAD + LATER_PRELOAD)\n"
+        "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))\n"
+    )
+    files = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    sources = [f for f in files if isinstance(f, str) and f.endswith(".py")]
+    assert len(sources) > 300, "the server's modules were listed"
+    read: dict[str, str] = {}
+    for path in sources:
+        for name in _module_level_env_reads(Path(path).read_text(errors="replace")):
+            read.setdefault(name, path)
+    unlisted = {
+        name: path
+        for name, path in read.items()
+        if name not in IMPORT_TIME_ENV and not name.startswith(IMPORT_TIME_ENV_PREFIXES)
+    }
+    assert not unlisted, unlisted
+    assert "NEON_S3_PART_SIZE" in read, "the scan finds cli.transport.s3's read"
+
+
+def test_the_scan_finds_module_level_reads_only() -> None:
+    source = (
+        "import os\n"
+        "A = os.environ.get('A')\n"
+        "B = os.environ['B']\n"
+        "if 'C' in os.environ: pass\n"
+        "D = os.getenv('D')\n"
+        "def f(e=os.environ.get('E')):\n"
+        "    return os.environ['NOT_AT_IMPORT']\n"
+    )
+    assert _module_level_env_reads(source) == {"A", "B", "C", "D", "E"}
