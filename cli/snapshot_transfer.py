@@ -226,7 +226,7 @@ async def _plan_push(
         return snap, plan, local
 
     async def destination() -> dict[str, Manifest]:
-        if not force and await location.store.stat(target) is not None:
+        if not force and await location.store.stat_for_write(target) is not None:
             raise already_exists(location.url)  # before the export starts, not after it
         if full:
             return {}
@@ -267,16 +267,24 @@ def snapshot_push(
     location = parse_transfer_url(app, url, endpoint_url)
     name = app.registry.snapshot_name(name)
     location = location.named(snapshot_file_name(name))
-    prepared = asyncio.run(_plan_push(local_api(app), location, name, force, full))
-    snap = prepared.snap
-    progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
-    sent = _Sent(progress)
-    started = time.monotonic()
-    try:
-        with BlockingWriter(location, overwrite=force, on_write=sent.add, resume=True) as out:
+    api = local_api(app)
+    # The plan runs on the writer's loop: what the destination's store opened for the write
+    # while it answered (ssh: the session that appends) serves the write.
+    out = BlockingWriter(
+        location, overwrite=force, on_write=lambda chunk: sent.add(chunk), resume=True,
+        deferred=True,
+    )  # fmt: skip
+    with out:
+        prepared = out.run(_plan_push(api, location, name, force, full))
+        snap = prepared.snap
+        progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
+        sent = _Sent(progress)
+        started = time.monotonic()
+        out.open()
+        try:
             result = write_snapshot_file(app, snap, out, prepared.candidates, prepared.plan)
-    finally:
-        progress.close()
+        finally:
+            progress.close()
     seconds = time.monotonic() - started
     full_size = result.full_tar_bytes or result.tar_bytes
     resumed = out.bytes_skipped  # what an interrupted push left there: not sent again

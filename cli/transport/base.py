@@ -192,6 +192,16 @@ class Store(ABC):
     async def stat(self, name: str) -> ObjectInfo | None:
         """The object's size, or None when there is none of that name."""
 
+    async def stat_for_write(self, name: str) -> ObjectInfo | None:
+        """`stat`, before a resumable write of `name` on this event loop (a push): a store
+        may keep what it opened for the write (ssh: the session that appends), until
+        `open_resumable` takes it or `close` lets it go."""
+        return await self.stat(name)
+
+    async def close(self) -> None:
+        """Let go of what `stat_for_write` kept and no write took (on its event loop)."""
+        return None
+
     @abstractmethod
     async def list(self) -> list[ObjectInfo]:
         """The visible objects (temporary ones of unfinished writes are not listed)."""

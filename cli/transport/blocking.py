@@ -13,12 +13,18 @@ A push sends its request to the pageserver right after, so opening (an s3 client
 multipart upload, ssh sessions) overlaps the pageserver making the file, where it came
 before it: a fixed cost of every incremental push. An error opening is raised by that
 `write` (or by the exit).
+
+With `deferred`, the `with` block only starts the loop: `run` runs coroutines on it (a push
+asks the destination what it holds there, `Store.stat_for_write`, so that the store may keep
+what it opened for the write on the same loop: ssh's session that appends), and `open`
+opens the object. The store's `close` runs on the loop before it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
@@ -33,9 +39,10 @@ class BlockingWriter:
     def __init__(
         self, location: Location, *, overwrite: bool,
         on_write: Callable[[bytes], None] | None = None, resume: bool = False,
+        deferred: bool = False,
     ) -> None:  # fmt: skip
         self._location, self._overwrite, self._on_write = location, overwrite, on_write
-        self._resume = resume
+        self._resume, self._deferred = resume, deferred
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="transport")
         self._opening: concurrent.futures.Future[ObjectWriter] | None = None
@@ -51,18 +58,27 @@ class BlockingWriter:
         finally:
             self._pending.discard(future)
 
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """`coro`'s result, run on the writer's loop (inside the `with` block)."""
+        return self._call(coro)
+
     def __enter__(self) -> BlockingWriter:
         self._thread.start()
-        try:
-            store, name = self._location.store, self._location.object_name
-            opening = store.open_resumable if self._resume else store.open_write
-            self._opening = asyncio.run_coroutine_threadsafe(
-                opening(name, overwrite=self._overwrite), self._loop
-            )
-        except BaseException:
-            self._stop()
-            raise
+        if not self._deferred:
+            try:
+                self.open()
+            except BaseException:
+                self._stop()
+                raise
         return self
+
+    def open(self) -> None:
+        """Start opening the object (the first `write` waits for it)."""
+        store, name = self._location.store, self._location.object_name
+        opening = store.open_resumable if self._resume else store.open_write
+        self._opening = asyncio.run_coroutine_threadsafe(
+            opening(name, overwrite=self._overwrite), self._loop
+        )
 
     def _opened(self) -> ObjectWriter:
         """The writer, once open (its error, if opening failed)."""
@@ -92,6 +108,8 @@ class BlockingWriter:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            if self._opening is None:
+                return  # never opened (a deferred open whose preparation failed)
             try:
                 writer = self._opened()
             except BaseException:
@@ -113,6 +131,8 @@ class BlockingWriter:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):  # best effort: what it kept is idle
+                await self._location.store.close()
 
         asyncio.run_coroutine_threadsafe(drain(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -52,10 +52,12 @@ its target also lists the directory with the head of each `.neon` file (its mani
 digests of the target's partial file, kept for the `list`, the head reads and the
 `open_resumable` that follow (each used once; anything unparsable: none kept, the commands run
 as before). The append is started ahead (it waits for a first line on stdin: where to cut),
-so its session opens while the snapshot is being made. A small file (SMALL_WRITE: a delta) is
-held and sent whole at the commit, its size on that line, and the append session checks and
-publishes it too: two sessions in all. A bigger one streams, and its commit is a session
-started once the held bytes would pass SMALL_WRITE, and it waits for the size written.
+so its session opens while the snapshot is being made; a push's stat (`stat_for_write`) is
+that very session (PROBE_THEN_APPEND: the PROBE, then the append waiting). A small file
+(SMALL_WRITE: a delta) is held and sent whole at the commit, its size on that line, and the
+append session checks and publishes it too: one session in all. A bigger one streams, and
+its commit is a session started once the held bytes would pass SMALL_WRITE, and it waits for
+the size written.
 
 Paths: `ssh://host/abs/dir/x.neon` is absolute, `ssh://host/~/dir/x.neon` is relative to the
 login directory (as in git), `ssh://host` is the login directory; a URL ending in '/' names a
@@ -231,6 +233,10 @@ PROBE = (
     "done; exit 0"
 )
 HEAD_BYTES = 4096  # of each `.neon` file in a PROBE: its manifest (a few hundred bytes)
+# A push's one session: PROBE ($1-$5) in a subshell, then $6 between NULs (the client reads
+# up to it), then APPEND_WAITING ($7 directory, $8 partial file, $9 object, ${10} 0: no
+# overwrite), which waits for its first line.
+PROBE_THEN_APPEND = "(" + PROBE + "); printf '\\000%s\\000' \"$6\"; shift 6; " + APPEND_WAITING
 
 
 def parse_location(url: str) -> Location:
@@ -443,6 +449,8 @@ class SshStore(Store):
         self._netloc = netloc + (f":{port}" if port else "")
         self.url = self.path_url(directory).rstrip("/") + "/"
         self._probe: tuple[str, float, _Probe] | None = None
+        self._appending: tuple[str, asyncio.subprocess.Process] | None = None
+        """The session of `stat_for_write(name)`, waiting to append to `name`."""
 
     def path_url(self, path: str) -> str:
         """The URL of a path on the host, for messages."""
@@ -534,6 +542,44 @@ class SshStore(Store):
         out = await self._run(
             PROBE, self.directory, path, tmp, str(RESUME_BLOCK), str(HEAD_BYTES), where=path
         )
+        return await self._probed(name, out)
+
+    async def stat_for_write(self, name: str) -> ObjectInfo | None:
+        """`stat` by PROBE_THEN_APPEND: the PROBE's session goes on waiting as the append of
+        `open_resumable(name)` (no overwrite), so a push opens one session, not two (each
+        session is a channel, a login shell and the script on the far side; 0.1-0.45 s on a
+        loaded box). Not taken by that open, `close` ends it, doing nothing."""
+        await self.close()
+        path = self._path(name)
+        tmp = self._join(partial_name(name))
+        marker = secrets.token_hex(16)
+        proc = await self._spawn(
+            PROBE_THEN_APPEND, self.directory, path, tmp, str(RESUME_BLOCK), str(HEAD_BYTES),
+            marker, self.directory, tmp, path, "0", stdin=True,
+        )  # fmt: skip
+        try:
+            out = await _read_until(proc, f"\0{marker}\0".encode())
+        except BaseException:
+            await _dismiss(proc, kill=True)
+            raise
+        if out is None:  # the session ended before the PROBE did
+            status, _out, err = await _finished(proc)
+            raise self.error(status or 255, err, path)
+        found = await self._probed(name, out)
+        if self._probe is None:
+            await _dismiss(proc)  # an answer not as written: the plain commands follow
+        else:
+            self._appending = (name, proc)
+        return found
+
+    async def close(self) -> None:
+        kept, self._appending = self._appending, None
+        if kept is not None:
+            await _dismiss(kept[1])
+
+    async def _probed(self, name: str, out: bytes) -> ObjectInfo | None:
+        """The object's size from a PROBE's answer `out`, kept for the calls that follow."""
+        path = self._path(name)
         probe = _parse_probe(out)
         if probe is None:  # an answer we cannot read: the plain command
             self._probe = None
@@ -598,7 +644,16 @@ class SshStore(Store):
                 DIGESTS, self.directory, tmp, final, flag, str(RESUME_BLOCK), where=final
             )
             partial = _partial(out)
-        appending = await self._spawn(APPEND_WAITING, self.directory, tmp, final, flag, stdin=True)
+        kept, self._appending = self._appending, None
+        if kept is not None and (kept[0] != name or overwrite):
+            await _dismiss(kept[1])  # waiting for another name, or to refuse an existing one
+            kept = None
+        if kept is not None:
+            appending = kept[1]
+        else:
+            appending = await self._spawn(
+                APPEND_WAITING, self.directory, tmp, final, flag, stdin=True
+            )
         return ResumingWriter(partial, SshAppender(self, tmp, final, flag, appending))
 
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
@@ -723,10 +778,28 @@ async def _finished(
     return proc.returncode, out, err
 
 
-async def _dismiss(proc: asyncio.subprocess.Process | None) -> None:
+async def _read_until(proc: asyncio.subprocess.Process, marker: bytes) -> bytes | None:
+    """What `proc` writes to stdout before `marker` (which it writes last, then waits);
+    None when stdout ends first."""
+    assert proc.stdout is not None
+    out = bytearray()
+    while not out.endswith(marker):
+        chunk = await proc.stdout.read(CHUNK)
+        if not chunk:
+            return None
+        out += chunk
+    return bytes(out[: -len(marker)])
+
+
+async def _dismiss(proc: asyncio.subprocess.Process | None, *, kill: bool = False) -> None:
     """Let a session started ahead (APPEND_WAITING, COMMIT_WAITING) go unused: its stdin
-    closed before the first line, its script ends doing nothing."""
+    closed before the first line, its script ends doing nothing (`kill`: at once)."""
     if proc is None or proc.returncode is not None:
+        return
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
         return
     if proc.stdin is not None:
         proc.stdin.close()

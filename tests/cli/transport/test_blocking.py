@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli.transport import parse_location
-from cli.transport.base import Location, ObjectWriter
+from cli.transport.base import Location, ObjectInfo, ObjectWriter
 from cli.transport.blocking import BlockingWriter
 from cli.transport.file import FileStore
 from proto.errors import AlreadyExists
@@ -83,3 +83,44 @@ def test_an_exception_before_the_open_ends_waits_for_it_and_aborts(tmp_path: Pat
         store.gate.set()
         raise KeyboardInterrupt
     assert entries(tmp_path) == []
+
+
+class _LoopRecordingStore(FileStore):
+    """A directory that records the loop of each `stat_for_write` and `close`."""
+
+    loops: list[tuple[str, asyncio.AbstractEventLoop]]
+
+    async def stat_for_write(self, name: str) -> ObjectInfo | None:
+        self.loops.append(("stat", asyncio.get_running_loop()))
+        return await super().stat_for_write(name)
+
+    async def close(self) -> None:
+        self.loops.append(("close", asyncio.get_running_loop()))
+
+
+def test_a_deferred_writer_runs_the_preparation_on_its_loop_and_closes_the_store(
+    tmp_path: Path,
+) -> None:
+    """With `deferred`, `run` runs on the writer's loop before `open` (a push's stat, whose
+    ssh session then appends), and the store's `close` runs on that loop at the exit, also
+    when nothing was opened; the object appears on a clean exit only."""
+    store = _LoopRecordingStore(tmp_path)
+    store.loops = []
+    location = Location(store, "x.neon")
+    with BlockingWriter(location, overwrite=False, deferred=True) as out:
+        assert out.run(store.stat_for_write("x.neon")) is None
+        assert entries(tmp_path) == []
+        out.open()
+        out.write(b"data")
+    assert (tmp_path / "x.neon").read_bytes() == b"data"
+    assert [kind for kind, _ in store.loops] == ["stat", "close"]
+    assert store.loops[0][1] is store.loops[1][1]
+    store.loops = []
+    with (
+        pytest.raises(AlreadyExists),
+        BlockingWriter(location, overwrite=False, deferred=True) as out,
+    ):
+        if out.run(store.stat_for_write("x.neon")) is not None:
+            raise AlreadyExists("x.neon exists")
+    assert [kind for kind, _ in store.loops] == ["stat", "close"]
+    assert (tmp_path / "x.neon").read_bytes() == b"data"

@@ -344,6 +344,52 @@ async def test_a_small_write_is_appended_and_published_in_one_command(
     assert entries(remote_dir) == ["s.neon", "t.neon"]
 
 
+async def test_a_push_s_stat_goes_on_as_its_append(ssh_env: SshServer, remote_dir: Path) -> None:
+    """The stat of a push (`stat_for_write`) runs in the session that then appends: the
+    manifests at the destination and a small write after it run no other remote command (one
+    session for the push, not two); a big write streams through it. A target taken after the
+    stat is refused with no partial file left, and a session no write took does nothing."""
+    heads = {"a.neon": _neon_file(0x1_0000_0000, 50_000)}
+    (remote_dir / "a.neon").write_bytes(heads["a.neon"])
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/s.neon"))
+    plain, _ = store_of(ssh_env.url(f"{remote_dir}/s.neon"))
+    expected = await snapshots_in(plain)
+    data = _neon_file(0x4_0000_0000, 900_000)
+    assert len(data) <= SMALL_WRITE
+    before = _commands(ssh_env)
+    assert await store.stat_for_write("s.neon") is None
+    assert await snapshots_in(store) == expected
+    async with await store.open_resumable("s.neon", overwrite=False) as writer:
+        for at in range(0, len(data), 64 * 1024):
+            await writer.write(data[at : at + 64 * 1024])
+    await store.close()
+    assert _commands(ssh_env) == before + 1
+    assert (remote_dir / "s.neon").read_bytes() == data
+    big = _neon_file(0x5_0000_0000, SMALL_WRITE + 300_000)
+    assert await store.stat_for_write("b.neon") is None
+    asked = _commands(ssh_env)
+    async with await store.open_resumable("b.neon", overwrite=False) as writer:
+        await writer.write(big)
+    assert _commands(ssh_env) == asked + 1  # the commit session of a streamed write
+    assert (remote_dir / "b.neon").read_bytes() == big
+    assert await store.stat_for_write("t.neon") is None
+    writer = await store.open_resumable("t.neon", overwrite=False)
+    await writer.write(data)
+    (remote_dir / "t.neon").write_bytes(b"someone else's")
+    with pytest.raises(AlreadyExists):
+        await writer.commit()
+    assert (remote_dir / "t.neon").read_bytes() == b"someone else's"
+    assert entries(remote_dir) == ["a.neon", "b.neon", "s.neon", "t.neon"]
+    assert await store.stat_for_write("u.neon") is None
+    await store.close()
+    assert await store.stat_for_write("v.neon") is None
+    async with await store.open_resumable("w.neon", overwrite=False) as writer:
+        await writer.write(b"another name: a session of its own")
+    await store.close()
+    assert entries(remote_dir) == ["a.neon", "b.neon", "s.neon", "t.neon", "w.neon"]
+    assert (remote_dir / "w.neon").read_bytes() == b"another name: a session of its own"
+
+
 async def test_a_small_write_cut_short_is_kept_and_not_published(
     ssh_env: SshServer, remote_dir: Path
 ) -> None:
