@@ -173,6 +173,17 @@ class BackgroundWorker:
         with self._cond:
             return bool(self._jobs) or self._running
 
+    @property
+    def queued(self) -> bool:
+        """Whether a job waits to run after the running one."""
+        with self._cond:
+            return bool(self._jobs)
+
+    def notify(self) -> None:
+        """Wake `wait`'s callers to check again (a job's work ended on another thread)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def stop(self) -> None:
         """Drop the queued jobs, cancel the running one (`cancelled`) and wait until it has
         ended and the thread is gone; later requests are ignored."""

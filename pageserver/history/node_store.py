@@ -442,7 +442,15 @@ class NodeStore:
             # the index, see maybe_flush): an earlier job's group may have taken this job's
             upto = max(upto, self._requested.get(timeline.timeline_id, -1))
         index.flush()
-        timeline.flush_frozen_layers(upto, merge=merge)
+        # A merged group's publication (fsync, rename, manifest) is left to the timeline's
+        # publisher while a job waits to take the next group (the flusher packs it
+        # meanwhile); the last job waits for it, so an idle flusher has everything durable.
+        timeline.flush_frozen_layers(
+            upto,
+            merge=merge,
+            wait=lambda: not self.flusher.queued,
+            published=self.flusher.notify,
+        )
         self._request_compaction(timeline)
 
     def _merge(self) -> MergeFrozen | None:

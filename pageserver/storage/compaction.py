@@ -32,7 +32,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,7 +44,7 @@ from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from pageserver.storage.layers.inmemory import ArenaLayer, InMemoryLayer
 from pageserver.storage.layers.layer_map import LayerMap
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.timeline import Timeline
+from pageserver.storage.timeline import Timeline, discard_layers
 from pageserver.storage.values import ReconstructData
 
 Materialize = Callable[[Key, int, ReconstructData], bytes | None]
@@ -219,17 +219,21 @@ file: tests compare the two). Whole, the zstd pool idled while the flusher packe
 (bench/README `ingest`, session 18)."""
 
 
-def merge_frozen(timeline: Timeline, frozen: Sequence[InMemoryLayer]) -> list[DeltaLayer]:
+def merge_frozen(
+    timeline: Timeline, frozen: Sequence[InMemoryLayer], publisher: Executor
+) -> list[Future[DeltaLayer]]:
     """Frozen in-memory layers (oldest first, LSN-contiguous) written straight as L1 layers
     over their LSN range, split by key at compaction_target_size: the same files as their L0
     flushes merged by compact_level0 (`_merge_level0_python`, the reference), without writing
     and reading back the L0 files (a catch-up's flush, pageserver.history.node_store). Files
-    only: the caller publishes them in its manifest. The keys go through C (`_inmem`'s
-    merge_cuts and pack_merged: each layer's values copied once, into the blocks) when every
-    layer is an arena."""
+    only, each sealed here and published (fsync, rename, directory fsync) by `publisher`:
+    the caller names them in its manifest once the futures are done (Timeline queues that on
+    the same thread, so the flusher packs the next group meanwhile). The keys go through C
+    (`_inmem`'s merge_cuts and pack_merged: each layer's values copied once, into the
+    blocks) when every layer is an arena."""
     inmem = _native.inmem
     if inmem is None or not all(isinstance(layer, ArenaLayer) for layer in frozen):
-        return _merge_level0_python(timeline, frozen, None)
+        return [_done(x) for x in _merge_level0_python(timeline, frozen, None)]
     arenas = [layer.arena for layer in frozen if isinstance(layer, ArenaLayer)]
     lsn_start, lsn_end = frozen[0].lsn_start, _lsn_end(frozen[-1])
     cuts = [Key(cut) for cut in inmem.merge_cuts(arenas, timeline.settings.compaction_target_size)]
@@ -240,7 +244,13 @@ def merge_frozen(timeline: Timeline, frozen: Sequence[InMemoryLayer]) -> list[De
         for start, end in zip(starts, ends, strict=True):
             yield start, functools.partial(_add_piece, _MergedPiece(arenas, start, end))
 
-    return _write_l1(timeline, lsn_start, lsn_end, None, keys())
+    return _queue_l1(timeline, lsn_start, lsn_end, None, keys(), publisher)
+
+
+def _done(layer: DeltaLayer) -> Future[DeltaLayer]:
+    future: Future[DeltaLayer] = Future()
+    future.set_result(layer)
+    return future
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,55 +348,70 @@ def _write_l1(
     cancelled: Cancelled | None,
     keys: Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]],
 ) -> list[DeltaLayer]:
+    """The L1 layers of a merge over [lsn_start, lsn_end) (`_queue_l1`), every output
+    published when this returns (before the manifest naming them is written); outputs are
+    deleted on any error."""
+    with ThreadPoolExecutor(1, thread_name_prefix="l1-publish") as publisher:
+        return published(_queue_l1(timeline, lsn_start, lsn_end, cancelled, keys, publisher))
+
+
+def _queue_l1(
+    timeline: Timeline,
+    lsn_start: int,
+    lsn_end: int,
+    cancelled: Cancelled | None,
+    keys: Iterator[tuple[Key, Callable[[DeltaLayerWriter], object]]],
+    publisher: Executor,
+) -> list[Future[DeltaLayer]]:
     """The L1 layers of a merge over [lsn_start, lsn_end): each (key, add) of `keys` calls
     `add` with the writer of the layer `key` goes to (a new one once the open one reaches the
-    target size; `add` may add the keys after it too). Outputs are deleted on any error.
+    target size; `add` may add the keys after it too).
 
     A full layer is sealed here and published (fsync, rename, directory fsync: 2-3 disk
-    flushes) on a thread of its own while the merge goes on, so the flushes of a dozen
-    outputs leave the merge's critical path; every output is published when this returns
-    (before the manifest naming them is written)."""
+    flushes) by `publisher` while the merge goes on, so the flushes of a dozen outputs leave
+    the merge's critical path; the futures of the publications are returned (`published`
+    waits for them). On an error here, the outputs queued are deleted once published."""
     target = timeline.settings.compaction_target_size
     publishing: list[Future[DeltaLayer]] = []
     writer: DeltaLayerWriter | None = None
-    with ThreadPoolExecutor(1, thread_name_prefix="l1-publish") as publisher:
 
-        def finish(writer: DeltaLayerWriter, end: Key) -> None:
-            first = writer.first_key
-            assert first is not None
-            writer.seal(KeyRange(first, end))
-            publishing.append(publisher.submit(writer.publish, timeline.cache))
+    def finish(writer: DeltaLayerWriter, end: Key) -> None:
+        first = writer.first_key
+        assert first is not None
+        writer.seal(KeyRange(first, end))
+        publishing.append(publisher.submit(writer.publish, timeline.cache))
 
-        try:
-            for key, add in keys:
-                if cancelled is not None and cancelled():
-                    raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
-                if writer is not None and writer.uncompressed_bytes >= target:
-                    finish(writer, key)
-                    writer = None
-                if writer is None:
-                    writer = DeltaLayerWriter(
-                        timeline.directory, lsn_start, lsn_end, timeline.settings
-                    )
-                add(writer)
-            if writer is not None:
-                last = writer.last_key
-                assert last is not None
-                finish(writer, key_successor(last))
+    try:
+        for key, add in keys:
+            if cancelled is not None and cancelled():
+                raise CompactionCancelled(f"L0 merge of {timeline.timeline_id} cancelled")
+            if writer is not None and writer.uncompressed_bytes >= target:
+                finish(writer, key)
                 writer = None
-            return [future.result() for future in publishing]
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            _discard([f.result() for f in publishing if f.exception() is None])
-            raise
+            if writer is None:
+                writer = DeltaLayerWriter(timeline.directory, lsn_start, lsn_end, timeline.settings)
+            add(writer)
+        if writer is not None:
+            last = writer.last_key
+            assert last is not None
+            finish(writer, key_successor(last))
+            writer = None
+        return publishing
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        discard_layers([f.result() for f in publishing if f.exception() is None])
+        raise
 
 
-def _discard(layers: list[DeltaLayer]) -> None:
-    """Delete unpublished outputs (a failed or cancelled merge)."""
-    for layer in layers:
-        layer.close()
-        layer.path.unlink(missing_ok=True)
+def published(publishing: list[Future[DeltaLayer]]) -> list[DeltaLayer]:
+    """The layers of `_queue_l1`'s publications once all are done; if one failed, the others
+    are deleted and its error raised."""
+    try:
+        return [future.result() for future in publishing]
+    except BaseException:
+        discard_layers([f.result() for f in publishing if f.exception() is None])
+        raise
 
 
 Group = list[tuple[int, bytes]]

@@ -19,7 +19,9 @@ Threads: ingest (puts, advance, freeze) may run on the event loop while reads, f
 compaction run in worker threads. One lock guards the mutable state (open layer, frozen list,
 layer map reference, LSNs) and is held only for in-memory work; file I/O happens outside it
 against immutable layers. Manifest writes are serialized by a second lock, flushes by a third;
-compaction takes ``compaction_lock``.
+compaction takes ``compaction_lock``. A merged flush's files are published and its manifest
+written on the timeline's publisher thread, one group after another, while the flusher may
+pack the next group.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import itertools
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -68,9 +71,9 @@ _read_epochs = itertools.count(1)
 AppendRecords = Callable[[Any, int, int], tuple[int, int, int | None, int | None]]
 """See Timeline.put_records."""
 
-MergeFrozen = Callable[["Timeline", list[InMemoryLayer]], list[DeltaLayer]]
-"""Frozen layers (oldest first) to durable L1 files over their LSN range, not yet in the
-manifest (pageserver.storage.compaction.merge_frozen)."""
+MergeFrozen = Callable[["Timeline", list[InMemoryLayer], Executor], list[Future[DeltaLayer]]]
+"""Frozen layers (oldest first) to L1 files over their LSN range, each published (durable) by
+the executor, not yet in the manifest (pageserver.storage.compaction.merge_frozen)."""
 
 
 class FutureLsn(InvalidArgument):
@@ -117,6 +120,12 @@ class Timeline:
         self._last_record_lsn = manifest.disk_consistent_lsn
         self._prev_record_lsn = manifest.prev_record_lsn
         self._next_layer_start = manifest.disk_consistent_lsn + 1
+        self._in_flight = 0
+        """The oldest frozen layers whose merged files are being published (still readable)."""
+        self._publisher: ThreadPoolExecutor | None = None
+        self._publication: Future[None] | None = None
+        """The last publication queued (flush_frozen_layers)."""
+        self._publish_error: BaseException | None = None
         self._closed = False
         self._read_epoch = next(_read_epochs)
         """Names this object's readable history for caches; renewed whenever layers are
@@ -321,7 +330,11 @@ class Timeline:
             return end - 1
 
     def flush_frozen_layers(
-        self, upto: int | None = None, merge: MergeFrozen | None = None
+        self,
+        upto: int | None = None,
+        merge: MergeFrozen | None = None,
+        wait: Callable[[], bool] | None = None,
+        published: Callable[[], None] | None = None,
     ) -> None:
         """Write every frozen layer (only those ending at or below `upto`, if given) as an L0
         delta file, then the manifest, then advance disk_consistent_lsn. Blocking I/O: run
@@ -330,13 +343,24 @@ class Timeline:
         With `merge` (a catch-up), the frozen layers are written at once by it, as L1 layers
         over their LSN range, published by one manifest (the L0 files and their read-back by
         compaction saved), a lone one too: waiting for a second to merge with left the flusher
-        idle while the decode thread filled it (bench/README `ingest`, session 19)."""
+        idle while the decode thread filled it (bench/README `ingest`, session 19). Their
+        publication (the last files' fsync and rename, the manifest) is queued on the
+        timeline's publisher thread, in order; unless `wait()` says False once it is queued,
+        this returns when it is done (`published` is called after each manifest, failed or
+        not: the decode thread's bound counts the group's frozen layers until then)."""
         with self._flush_lock:
+            if self._publish_error is not None:
+                self._wait_published()  # raises it, once the queue is drained
             if merge is not None:
                 with self._lock:
-                    group = [m for m in self._frozen if upto is None or _end(m) - 1 <= upto]
+                    waiting = self._frozen[self._in_flight :]
+                    group = [m for m in waiting if upto is None or _end(m) - 1 <= upto]
+                    self._in_flight += len(group)
                 if group:
-                    self._flush_merged(group, merge)
+                    self._queue_merged(group, merge, published)
+                if wait is not None and not wait():
+                    return  # a group took every layer up to `upto`
+            self._wait_published()
             while True:
                 with self._lock:
                     if not self._frozen:
@@ -358,25 +382,79 @@ class Timeline:
                         self._disk_consistent_lsn = manifest.disk_consistent_lsn
                         self._disk_prev_record_lsn = manifest.prev_record_lsn
 
-    def _flush_merged(self, group: list[InMemoryLayer], merge: MergeFrozen) -> None:
-        """`group` (the oldest frozen layers) written by `merge`, then one manifest naming its
-        files with disk_consistent_lsn at the group's end: durable all at once, as the L0
-        flushes of each would have been one after another. The frozen layers stay readable
-        until the files replace them (under the lock, with the manifest's map)."""
+    def _queue_merged(
+        self,
+        group: list[InMemoryLayer],
+        merge: MergeFrozen,
+        published: Callable[[], None] | None,
+    ) -> None:
+        """`group` (the oldest frozen layers not being published) written by `merge`, then one
+        manifest naming its files with disk_consistent_lsn at the group's end: durable all at
+        once, as the L0 flushes of each would have been one after another. The files are
+        published and the manifest written on the publisher thread, after every group queued
+        before (a file durable before the manifest naming it, manifests in LSN order); the
+        frozen layers stay readable until the files replace them (under the lock, with the
+        manifest's map)."""
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="layer-publish")
         with_versions = [m for m in group if m.n_versions]
-        outputs = merge(self, with_versions) if with_versions else []
+        try:
+            outputs = merge(self, with_versions, self._publisher) if with_versions else []
+        except BaseException:
+            with self._lock:
+                self._in_flight -= len(group)
+            raise
+
+        def publish() -> None:
+            try:
+                self._publish_merged(group, outputs)
+            except BaseException as exc:
+                with self._lock:
+                    self._in_flight -= len(group)
+                    if self._publish_error is None:
+                        self._publish_error = exc
+            finally:
+                if published is not None:
+                    published()
+
+        self._publication = self._publisher.submit(publish)
+
+    def _publish_merged(
+        self, group: list[InMemoryLayer], outputs: list[Future[DeltaLayer]]
+    ) -> None:
+        """On the publisher thread: the group's files once published, then its manifest. After
+        a failed publication the groups queued behind it are dropped (files deleted, layers
+        left frozen): the next flush writes them again after the failed one."""
+        done = [f.result() for f in outputs if f.exception() is None]
+        if self._publish_error is not None or len(done) < len(outputs):
+            discard_layers(done)
+            if self._publish_error is not None:
+                raise self._publish_error
+            for future in outputs:
+                future.result()  # raises the failed one's error
         last = group[-1]
         with self._manifest_lock:
             with self._lock:
                 if self._frozen[: len(group)] != group:
                     raise InvalidArgument("frozen layers were flushed twice at once")
                 del self._frozen[: len(group)]
-                self._map = self._map.replace(add=outputs)
+                self._in_flight -= len(group)
+                self._map = self._map.replace(add=done)
                 manifest = self._manifest_locked(_end(last) - 1, last.prev_record_lsn)
             write_manifest(self.directory, manifest)
             with self._lock:
                 self._disk_consistent_lsn = manifest.disk_consistent_lsn
                 self._disk_prev_record_lsn = manifest.prev_record_lsn
+
+    def _wait_published(self) -> None:
+        """Until every queued publication is done (the publisher's queue is in order); raise
+        the first that failed since the last call."""
+        if self._publication is not None:
+            self._publication.result()
+        with self._lock:
+            error, self._publish_error = self._publish_error, None
+        if error is not None:
+            raise error
 
     def freeze_and_flush(self, merge: MergeFrozen | None = None) -> None:
         """Make everything up to last_record_lsn durable (`merge`: see flush_frozen_layers)."""
@@ -679,7 +757,9 @@ class Timeline:
 
     def close(self) -> None:
         """Release the mappings (the caller guarantees no reads are in flight); unflushed
-        in-memory data is dropped, as in a crash."""
+        in-memory data is dropped, as in a crash (a queued publication ends first)."""
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
         with self._lock:
             self._closed = True
             layers = self._map.layers()
@@ -774,6 +854,13 @@ def _above_their_images(
         for key, version_lsn, _tag in source:
             if version_lsn > floor and version_lsn > tiles[bisect_right(starts, key) - 1][1].lsn:
                 yield key
+
+
+def discard_layers(layers: Iterable[PersistentLayer]) -> None:
+    """Delete layer files no manifest names yet (a failed or cancelled merge or flush)."""
+    for layer in layers:
+        layer.close()
+        layer.path.unlink(missing_ok=True)
 
 
 def _end(layer: InMemoryLayer) -> int:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,9 +147,9 @@ def test_pages_read_through_merged_flushes_equal_the_l0_paths(
         writes: list[int] = []
         original = merged.timeline.flush_frozen_layers
 
-        def counting(upto: int | None = None, merge: object = None) -> None:
+        def counting(upto: int | None = None, merge: object = None, **kwargs: Any) -> None:
             writes.append(merge is not None)
-            original(upto, merge)  # type: ignore[arg-type]
+            original(upto, merge, **kwargs)  # type: ignore[arg-type]
 
         merged.timeline.flush_frozen_layers = counting  # type: ignore[method-assign]
         for store in (reference, merged):
@@ -227,7 +228,7 @@ def test_an_l0_run_before_a_merged_flush_is_merged_alone(
 
 
 KILLED_FLUSH = """
-import sys, time
+import sys, threading, time
 from pathlib import Path
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.storage import compaction, timeline as timeline_module
@@ -258,13 +259,40 @@ elif where == "manifest":  # every L1 file published, the manifest not written y
             stop()
         return write_manifest(directory, manifest)
     timeline_module.write_manifest = writing
+elif where == "queued":  # the first group's manifest waits while the next group is packed
+    packed, merge_frozen, merges = threading.Event(), compaction.merge_frozen, [0]
+    def merging(*args):
+        outputs = merge_frozen(*args)
+        merges[0] += 1
+        if merges[0] == 2:
+            packed.set()
+        return outputs
+    compaction.merge_frozen = merging
+    write_manifest = timeline_module.write_manifest
+    def writing(directory, manifest):
+        if any(not e.name.is_l0 and not e.name.is_image for e in manifest.layers):
+            assert packed.wait(60), "the next group was not packed meanwhile"
+            stop()
+        return write_manifest(directory, manifest)
+    timeline_module.write_manifest = writing
 
 store = NodeStore(StorageHistory(root, SETTINGS), "n")
 records = [r for r in workload.records if r.end_lsn <= upto]
 raws = workload.raws[: len(records)]
+half = len(records) // 2
 for i in range(0, len(records), 500):
+    if where == "queued" and i <= half < i + 500:
+        store.timeline.freeze()
+        first = store.timeline.frozen_upto
     store.ingest_batch(records[i : i + 500], [r.data for r in raws[i : i + 500]])
 print("durable", store.timeline.disk_consistent_lsn, flush=True)
+if where == "queued":  # as the flusher does while a job waits: publications left queued
+    store.timeline.freeze()
+    for group_end in (first, None):
+        store.timeline.flush_frozen_layers(
+            group_end, merge=compaction.merge_frozen, wait=lambda: False
+        )
+    time.sleep(600)
 store.timeline.freeze_and_flush(merge=compaction.merge_frozen)
 print("done", flush=True)
 time.sleep(600)
@@ -280,7 +308,7 @@ def pickled(workload: Workload, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
-@pytest.mark.parametrize("where", ["publishing", "manifest", "after"])
+@pytest.mark.parametrize("where", ["publishing", "manifest", "queued", "after"])
 def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
@@ -288,7 +316,9 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
     where: str,
 ) -> None:
     """SIGKILL while a merged flush publishes its files, after they are all published but
-    before the manifest names them, or after it: the store reopens naming whole files only,
+    before the manifest names them (`queued`: that manifest waits on the publisher thread
+    while the next group is packed and its files queued behind it), or after it: the store
+    reopens naming whole files only,
     at the last manifest's disk_consistent_lsn (the import's, or the flush's end), and the
     records above it ingested again give the pages of a store that never crashed."""
     ends = [r.end_lsn for r in workload.records]
