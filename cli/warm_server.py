@@ -159,6 +159,9 @@ class _Server:
                 importlib.import_module(name)
             except Exception as exc:  # an optional module missing: its commands import it
                 print(f"warm server: cannot preload {name}: {exc}", file=sys.stderr)
+        if sys.modules.get("threading") and sys.modules["threading"].active_count() > 1:
+            # a fork copies one thread and whatever locks the others held: never serve then
+            raise SystemExit(f"warm server: preloading {names} started a thread")
         self.modules.record()
         gc.collect()
         gc.freeze()  # a child's collections never touch (and copy) the server's objects
