@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 from cli.progress import Progress
-from cli.snapshot_file_source import chained, check_manifest, peek_manifest
+from cli.snapshot_file_source import chained, peek_manifest
 from cli.transport import parse_location
 from cli.transport.base import read_object
 from cli.transport.file import FileStore
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest, origin_of
 from snapfile.reader import read_manifest
+from snapfile.verified import check_manifest
 
 FETCHED_NAME = "fetched.neon"
 DONE_SUFFIX, FAILED_SUFFIX = ".done", ".failed"

@@ -43,7 +43,6 @@ from cli.snapshot_commands import (
 )
 from cli.snapshot_file_source import (
     chained,
-    check_manifest,
     missing_parent,
     peek_manifest,
     unpack_delta,
@@ -63,6 +62,7 @@ from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, No
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import encode_manifest, origin_of, snapshot_manifest
+from snapfile.verified import check_manifest
 
 FILE_SUFFIX = ".neon"
 T = TypeVar("T")

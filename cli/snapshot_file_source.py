@@ -32,9 +32,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Generator,
     Iterable,
-    Iterator,
 )
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +41,15 @@ from typing import TYPE_CHECKING, Any
 from cli.progress import Progress
 from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, Store, read_object
-from pg15.constants import PG_MAJOR_VERSION
-from proto.errors import CorruptData, InvalidArgument, NotFound
+from proto.errors import CorruptData, NotFound
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest, decode_manifest, origin_of
 from snapfile.reader import (
     ManifestRead,
-    ReaderEvent,
-    SnapshotEnd,
     SnapshotFileReader,
-    TarData,
     looks_like_snapshot_file,
 )
+from snapfile.verified import check_control, check_manifest, verified_tar
 
 if TYPE_CHECKING:
     from cli.live_import import LiveImport
@@ -81,113 +76,6 @@ def is_snapshot_file(path: Path) -> bool:
 def is_neon_source(source: str) -> bool:
     """Whether `source` names a `.neon` file: a URL of a transport or a local `.neon` file."""
     return is_url_source(source) or is_snapshot_file(Path(source))
-
-
-def check_manifest(manifest: Manifest, label: str) -> None:
-    """Refuse what cannot become a snapshot here, before any data is extracted."""
-    if manifest.pg_version != PG_MAJOR_VERSION:
-        raise InvalidArgument(
-            f"{label} holds a PostgreSQL {manifest.pg_version} snapshot; pg-neon works with "
-            f"PostgreSQL {PG_MAJOR_VERSION} only"
-        )
-    parent = SnapshotIdentity.parent_of(manifest)
-    if parent is not None:
-        raise InvalidArgument(
-            f"{label} is a delta on snapshot {parent}, not a whole snapshot; pull it from the "
-            "store that holds its parent, or push the snapshot whole with "
-            "`neon snapshot push --full`"
-        )
-
-
-_FEED_SIZE = 128 * 1024
-"""Bytes of a `.neon` file verified and decompressed at a time (see verified_tar)."""
-
-
-async def verified_tar(
-    chunks: AsyncIterator[bytes], label: str, on_manifest: Callable[[Manifest], None]
-) -> AsyncIterator[bytes]:
-    """The verified basebackup tar inside the `.neon` file arriving as `chunks`; raises
-    CorruptData (after the tar's last byte at the latest) unless the whole file checks out.
-
-    Three things run at once: the next chunk is read here while the one before is verified
-    and decompressed on a worker thread, and the whole tar's SHA-256 runs on a thread of its
-    own (the reader's background hash); zstd and hashlib release the GIL."""
-    reader = SnapshotFileReader(label, hash_in_background=True)
-    events = _TarEvents(on_manifest)
-    take = events.take
-
-    def feed(chunk: memoryview) -> list[bytes]:
-        return take(reader.feed(chunk))
-
-    working: asyncio.Future[list[bytes]] | None = None  # the chunk before, being read
-    try:
-        async for chunk in chunks:
-            # A copy of a mutable chunk: its source may reuse it while the worker reads it.
-            taken = memoryview(chunk if isinstance(chunk, bytes) else bytes(chunk))
-            # Fed in pieces: what one piece decompresses to (a few frames) is what waits
-            # here, whatever the transport's chunk size (a MiB of a .neon file of pgbench
-            # data is ~40 MiB of tar).
-            for at in range(0, len(taken), _FEED_SIZE):
-                if working is not None:
-                    for data in await working:
-                        yield data
-                piece = taken[at : at + _FEED_SIZE]
-                working = asyncio.ensure_future(asyncio.to_thread(feed, piece))
-        if working is not None:
-            done, working = working, None
-            for data in await done:
-                yield data
-        for data in await asyncio.to_thread(lambda: take(reader.finish())):
-            yield data
-    finally:
-        if working is not None:  # stopped early: the reader's thread finishes its chunk
-            with contextlib.suppress(Exception):
-                await asyncio.shield(working)
-        reader.close()
-    if not events.ended:
-        raise CorruptData(f"{label} ended before its checksums")  # finish() raises first
-
-
-class _TarEvents:
-    """A verified .neon file reader's events: the manifest to `on_manifest`, the tar's
-    bytes returned, whether the file's end (its checksums) was read."""
-
-    def __init__(self, on_manifest: Callable[[Manifest], None]) -> None:
-        self._on_manifest = on_manifest
-        self.ended = False
-
-    def take(self, events: Iterator[ReaderEvent]) -> list[bytes]:
-        out = []
-        for event in events:
-            if isinstance(event, ManifestRead):
-                self._on_manifest(event.manifest)
-            elif isinstance(event, TarData):
-                out.append(event.data)
-            elif isinstance(event, SnapshotEnd):
-                self.ended = True
-        return out
-
-
-def verified_tar_blocking(
-    chunks: Iterable[bytes], label: str, on_manifest: Callable[[Manifest], None]
-) -> Generator[bytes, None, None]:
-    """verified_tar for a caller with a thread of its own and no event loop (the
-    pageserver's import of a .neon file): the same checks, each piece verified and
-    decompressed on this thread (zstd and hashlib release the GIL), with no hop to a
-    worker thread and back per piece (~400 for a 1 GiB pgbench file; in a loaded process
-    each waited for the GIL to wake the loop)."""
-    reader = SnapshotFileReader(label, hash_in_background=True)
-    events = _TarEvents(on_manifest)
-    try:
-        for chunk in chunks:
-            taken = memoryview(chunk)
-            for at in range(0, len(taken), _FEED_SIZE):  # bounded output: see verified_tar
-                yield from events.take(reader.feed(taken[at : at + _FEED_SIZE]))
-        yield from events.take(reader.finish())
-    finally:
-        reader.close()
-    if not events.ended:
-        raise CorruptData(f"{label} ended before its checksums")  # finish() raises first
 
 
 HEAD_LIMIT = 128 * 1024
@@ -369,19 +257,6 @@ def expect_manifest(label: str, expected: Manifest | None) -> Callable[[Manifest
             raise CorruptData(f"{label} changed while it was read (its manifest differs)")
 
     return check
-
-
-def check_control(pgdata: Path, manifest: Manifest, label: str) -> None:
-    # Imported here, as DeltaApplier below: a push reads manifests through this module and
-    # needs neither (pg_control's crc32c and WAL record layouts: 20-40 ms of its start).
-    from pg15.pg_control import read_control_file
-
-    control = read_control_file(pgdata)
-    if control.system_identifier != manifest.system_identifier:
-        raise CorruptData(
-            f"{label}: its data directory's system identifier {control.system_identifier} "
-            f"differs from its manifest's {manifest.system_identifier}"
-        )
 
 
 async def apply_delta_stream(

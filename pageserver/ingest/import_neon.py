@@ -181,10 +181,10 @@ def import_neon_file(
     """Import the whole `.neon` file `source` into the empty root `timeline`, extracting
     its small members into `pgdata` (absent or empty); returns the import LSN. `origin`: the
     `origin_of` the manifest the caller read (refused if the file's differs)."""
-    # The CLI's reader and extractor, run here: the same checks as a CLI's extraction.
-    from cli.snapshot_file_source import check_control, check_manifest, verified_tar_blocking
+    # The reader and extractor a CLI's pull runs: the same checks.
     from datadir_files.untar import extract_chunks
     from snapfile.manifest import Manifest, origin_of
+    from snapfile.verified import check_control, check_manifest, verified_tar_blocking
 
     check_empty(timeline)
     diverter = _Diverter(timeline, pgdata)

@@ -314,19 +314,6 @@ def test_a_file_extraction_does_without_asyncio() -> None:
     assert out.split() == [b"False"]
 
 
-def test_the_daemons_writing_imports_nothing_of_the_clis() -> None:
-    """The pageserver daemon writes a local basebackup itself (pageserver/api/local_files.py)
-    with the unpacker: it and the daemon's modules that import it on use load no `cli`
-    module (the unpacker lived in cli/ until session 20)."""
-    probe = (
-        "import sys, datadir_files.untar, pageserver.daemon, pageserver.api.local_files\n"
-        "import pageserver.api.proto_service, pageserver.ingest.import_neon\n"
-        "print(sorted(m for m in sys.modules if m == 'cli' or m.startswith('cli.')))"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True).stdout
-    assert out.split() == [b"[]"]
-
-
 def resident_pages(path: Path) -> int:
     """How many of the file's pages are in the page cache (mincore on a private mapping,
     whose untouched pages are the file's)."""

@@ -1,5 +1,5 @@
 """The reader's whole-tar SHA-256 of a format version 1 file on a thread of its own
-(hash_in_background, as cli/snapshot_file_source.verified_tar reads every .neon file): the same
+(hash_in_background, as snapfile/verified.py verified_tar reads every .neon file): the same
 events and checksums as hashing inline, and a whole-tar digest that does not match is still
 refused. A version 2 file has no whole-tar digest: no thread is started for it."""
 

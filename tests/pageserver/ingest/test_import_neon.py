@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from cli.snapshot_file_source import verified_tar, verified_tar_blocking
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest import live_journal
 from pageserver.ingest.import_neon import DONE_SUFFIX, FAILED_SUFFIX, NeonSource, import_neon_file
@@ -28,6 +27,7 @@ from pageserver.storage.timeline_store import TimelineStore
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData, InvalidArgument, Unavailable
 from snapfile.manifest import Manifest, origin_of
+from snapfile.verified import verified_tar, verified_tar_blocking
 from snapfile.writer import write_snapshot_file
 from tests.pageserver.ingest.test_import_threads import (
     BIG_PAGES,
