@@ -29,11 +29,17 @@ from tests.fifo import raised_within
 
 
 def one_file_tar(name: str, payload: bytes) -> bytes:
+    return files_tar((name, payload))
+
+
+def files_tar(*files: tuple[str, bytes]) -> bytes:
+    """A tar of regular files (name, data), in order."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+        for name, payload in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
     return buf.getvalue()
 
 
@@ -344,13 +350,7 @@ def test_large_files_are_written_past_the_page_cache_when_asked(
         monkeypatch.setenv(datadir_files.untar.DIRECT_WRITES_ENV, direct)
     big = os.urandom(3 << 20) + bytes(8192)
     small = b"15\n"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, payload in (("big", big), ("small", small)):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    raw = buf.getvalue()
+    raw = files_tar(("big", big), ("small", small))
     extract_chunks([raw[i : i + 100_003] for i in range(0, len(raw), 100_003)], tmp_path / "out")
     cached = resident_pages(tmp_path / "out/big")  # before reading it back
     if direct:
@@ -395,14 +395,7 @@ def test_large_files_written_through_the_page_cache_get_their_blocks_at_once(
     seen: dict[str, tuple[int, int]] = {}
     out = tmp_path / "out"
     out.mkdir()
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, payload in (("big", big), ("small", small)):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    raw = buf.getvalue()
+    raw = files_tar(("big", big), ("small", small))
     small_at = 512 + len(big) + 512  # its data: after big's header, data and its own header
 
     def batches() -> Iterator[list[bytes]]:
