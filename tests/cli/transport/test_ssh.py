@@ -317,6 +317,17 @@ async def test_a_push_asks_its_questions_in_one_command(
         await store.open_resumable("c.neon", overwrite=False)
 
 
+async def _taken_meanwhile_is_refused(store: SshStore, remote_dir: Path, data: bytes) -> None:
+    """A resumable write of t.neon whose name another writer takes before its commit: the
+    commit is refused and the other file kept."""
+    writer = await store.open_resumable("t.neon", overwrite=False)
+    await writer.write(data)
+    (remote_dir / "t.neon").write_bytes(b"someone else's")
+    with pytest.raises(AlreadyExists):
+        await writer.commit()
+    assert (remote_dir / "t.neon").read_bytes() == b"someone else's"
+
+
 async def test_a_small_write_is_appended_and_published_in_one_command(
     ssh_env: SshServer, remote_dir: Path
 ) -> None:
@@ -335,12 +346,7 @@ async def test_a_small_write_is_appended_and_published_in_one_command(
     assert _commands(ssh_env) == asked + 1
     assert (remote_dir / "s.neon").read_bytes() == data
     assert entries(remote_dir) == ["s.neon"]
-    writer = await store.open_resumable("t.neon", overwrite=False)
-    await writer.write(data)
-    (remote_dir / "t.neon").write_bytes(b"someone else's")
-    with pytest.raises(AlreadyExists):
-        await writer.commit()
-    assert (remote_dir / "t.neon").read_bytes() == b"someone else's"
+    await _taken_meanwhile_is_refused(store, remote_dir, data)
     assert entries(remote_dir) == ["s.neon", "t.neon"]
 
 
@@ -373,12 +379,7 @@ async def test_a_push_s_stat_goes_on_as_its_append(ssh_env: SshServer, remote_di
     assert _commands(ssh_env) == asked + 1  # the commit session of a streamed write
     assert (remote_dir / "b.neon").read_bytes() == big
     assert await store.stat_for_write("t.neon") is None
-    writer = await store.open_resumable("t.neon", overwrite=False)
-    await writer.write(data)
-    (remote_dir / "t.neon").write_bytes(b"someone else's")
-    with pytest.raises(AlreadyExists):
-        await writer.commit()
-    assert (remote_dir / "t.neon").read_bytes() == b"someone else's"
+    await _taken_meanwhile_is_refused(store, remote_dir, data)
     assert entries(remote_dir) == ["a.neon", "b.neon", "s.neon", "t.neon"]
     assert await store.stat_for_write("u.neon") is None
     await store.close()
