@@ -468,9 +468,11 @@ def preallocate(fd: int, size: int) -> bool:
 
 @functools.cache
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's fallocate(2), where there is one (Linux)."""
+    """libc's fallocate(2), where there is one (Linux) and its offsets are 64-bit."""
     import ctypes  # here: only where a large file is written
 
+    if ctypes.sizeof(ctypes.c_long) != 8:  # a 32-bit off_t unless built for large files
+        return None
     try:
         call = ctypes.CDLL(None, use_errno=True).fallocate
     except (AttributeError, OSError):
