@@ -487,8 +487,8 @@ def daemon_hwm(ours: list[Ours]) -> int:
 
 def ours_cpu(o: Ours) -> float:
     """CPU seconds of one of our commands: the CLI and its pageserver (load-independent,
-    where the walls of a shared box are not)."""
-    return o.run.cpu + o.daemon.cpu
+    where the walls of a shared box are not; a warm command's run in the server's child)."""
+    return o.run.cpu + o.daemon.cpu + o.daemon.warm_command_cpu
 
 
 def rss_cells(ours: list[Ours], receiver: list[ReceiverUse]) -> list[str]:

@@ -250,14 +250,48 @@ class Daemon:
     pid: int
     start_hwm_kib: int  # VmHWM once started and idle
     start_cpu: float
+    warm_server: int | None = None  # its warm command server (cli/warm_server.py)
 
 
 def restart_pageserver(neon: NeonCli) -> Daemon:
-    """A fresh daemon (untimed), so its VmHWM covers the next command only."""
+    """A fresh daemon (untimed), so its VmHWM covers the next command only; and, unless
+    NEON_WARM=0, its warm command server once it serves (its start is not the command's)."""
     neon.run("pageserver", "stop")
     neon.run("pageserver", "start")
     pid = int(neon.json("pageserver", "status")["pid"])
-    return Daemon(pid, vm_hwm_kib(pid), sum(process_cpu(pid)))
+    server = None if neon.env().get("NEON_WARM") == "0" else warm_server(neon, pid)
+    return Daemon(pid, vm_hwm_kib(pid), sum(process_cpu(pid)), server)
+
+
+def warm_server(neon: NeonCli, daemon: int, timeout: float = 60.0) -> int:
+    """The pid of the daemon's warm command server, once it listens."""
+    from cli.launch import SOCKET_NAME
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in descendants(daemon):
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if (
+                    b"cli.warm_server" in cmdline
+                    and (neon.home / "pageserver" / SOCKET_NAME).exists()
+                ):
+                    return child
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no warm command server beside pageserver {daemon}")
+        time.sleep(0.05)
+
+
+def reaped_cpu(pid: int | None) -> float:
+    """CPU seconds of the children `pid` has reaped (a warm server's: its commands)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +301,7 @@ class DaemonUse:
     children_hwm_kib: int  # the largest VmHWM among its live child processes
     children: int
     cpu: float
+    warm_command_cpu: float = 0.0  # a command run warm: its CPU, in the server's child
 
 
 def daemon_use(daemon: Daemon) -> DaemonUse:
@@ -277,6 +312,7 @@ def daemon_use(daemon: Daemon) -> DaemonUse:
         max((vm_hwm_kib(p) for p in kids), default=0),
         len(kids),
         sum(process_cpu(daemon.pid)) - daemon.start_cpu,
+        reaped_cpu(daemon.warm_server),
     )
 
 

@@ -26,6 +26,18 @@ from cli.launch import FORWARDED_SIGNALS, HANDSHAKE_TIMEOUT, REQUEST_MAX
 from proto.unix_fds import peer_uid, receive_with_fds, send_with_fds
 
 HEADER = struct.Struct(">I")
+LIMITS = (
+    "RLIMIT_NOFILE",
+    "RLIMIT_CORE",
+    "RLIMIT_FSIZE",
+    "RLIMIT_AS",
+    "RLIMIT_DATA",
+    "RLIMIT_STACK",
+    "RLIMIT_NPROC",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_CPU",
+)
+"""The resource limits (`ulimit`) a warm command has as its launcher has them."""
 
 
 def send_message(
@@ -68,8 +80,16 @@ def request_of(argv: list[str]) -> dict[str, Any]:
         "flags": tuple(sys.flags),
         "streams": [_stream_spec(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
         "ignored": ignored_signals(),
+        "limits": resource_limits(),
         "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
     }
+
+
+def resource_limits() -> dict[str, tuple[int, int]]:
+    """This process's limits (`ulimit`) that the child takes on (LIMITS)."""
+    import resource
+
+    return {name: resource.getrlimit(getattr(resource, name)) for name in LIMITS}
 
 
 def ignored_signals() -> list[int]:

@@ -13,7 +13,8 @@ fresh one), if an environment variable a preloaded module reads at import time
 (IMPORT_TIME_ENV) or the interpreter's differ from its own, or if the command asks for a
 lower niceness than it can give. The child then takes the launcher's session-less place:
 a session of its own (the launcher forwards the terminal's signals to its group), the
-launcher's descriptors 0-2, working directory, umask, environment, niceness, sys.path and
+launcher's descriptors 0-2, working directory, umask, environment, niceness, resource
+limits, sys.path and
 argv, signal handlers as a new interpreter has them, sys.stdin/stdout/stderr made as the
 launcher's interpreter made them; it runs `cli.main.main()` at the top of this module's
 stack, so the interpreter's own exit (threads joined, atexit, streams flushed, the exit
@@ -29,6 +30,7 @@ import gc
 import importlib
 import io
 import os
+import resource
 import select
 import signal
 import socket
@@ -84,11 +86,15 @@ IMPORT_TIME_ENV = frozenset(
         "TZ",
         "TMPDIR",  # tempfile's directory, computed once
         "HOME",
+        "GLIBC_TUNABLES",  # read by the C library at the process's start
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
     }
 )
 """Environment variables read while the server imports (tests/cli/test_warm.py finds every
-module-level read in the preloaded modules and checks it is here). Also every PYTHON*."""
-IMPORT_TIME_ENV_PREFIXES = ("PYTHON",)
+module-level read in the preloaded modules and checks it is here), and what the interpreter
+and the C library read at the process's start. Also every PYTHON* and MALLOC_*."""
+IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "MALLOC_")
 STALE_EXIT = 75
 """The exit code of a server that found a module changed: the daemon starts a fresh one."""
 _POLL_MS = 1000  # the daemon's death is noticed within a second
@@ -288,6 +294,11 @@ class _Server:
             return "another sys.path"
         if request["nice"] < os.getpriority(os.PRIO_PROCESS, 0):
             return "a lower niceness than the server's"
+        if os.geteuid() != 0:
+            for name, (_soft, hard) in request["limits"].items():
+                own = resource.getrlimit(getattr(resource, name))[1]
+                if own != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > own):
+                    return f"a higher {name} than the server's"
         return None
 
     def _launcher_gone(self, fd: int) -> None:
@@ -333,6 +344,8 @@ def _become_command(request: dict[str, Any]) -> None:
     os.fchdir(cwd)
     os.close(cwd)
     os.umask(request["umask"])
+    for name, limits in request["limits"].items():
+        resource.setrlimit(getattr(resource, name), limits)
     if request["nice"] != os.getpriority(os.PRIO_PROCESS, 0):
         os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
     os.environb.clear()

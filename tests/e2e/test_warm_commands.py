@@ -8,12 +8,13 @@ import ast
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,9 @@ def _daemon_stopped(neon: NeonCli) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def _blocked_pg_list(neon: NeonCli, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+def _blocked_pg_list(
+    neon: NeonCli, env: dict[str, str], preexec: Callable[[], None] | None = None
+) -> tuple[subprocess.Popen[str], int]:
     """`neon pg list` started and waiting on the stopped daemon; the warm server's child
     running it (0: it runs cold, in the launcher)."""
     server = _server_pid(neon)
@@ -97,6 +100,7 @@ def _blocked_pg_list(neon: NeonCli, env: dict[str, str]) -> tuple[subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec,
     )
     deadline = time.monotonic() + 3.0  # far past a cold command's start, even under load
     while time.monotonic() < deadline and not set(_children(server)) - before:
@@ -158,6 +162,25 @@ def test_sigusr1_stacks_and_sigterm_reach_the_warm_child(warm: NeonCli) -> None:
         _out, err = proc.communicate(timeout=WAIT)
     assert "most recent call first" in err and "in main" in err, err
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_the_child_has_the_launchers_cwd_and_limits(warm: NeonCli, tmp_path: Path) -> None:
+    def launcher() -> None:
+        os.chdir(tmp_path)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))
+
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True), launcher)
+        try:
+            assert child
+            limits = Path(f"/proc/{child}/limits").read_text()
+            cwd = os.readlink(f"/proc/{child}/cwd")
+        finally:
+            proc.kill()
+            proc.communicate(timeout=WAIT)
+    assert cwd == str(tmp_path)
+    assert any(line.split()[3:5] == ["200", "300"] for line in limits.splitlines()
+               if line.startswith("Max open files")), limits  # fmt: skip
 
 
 def test_sigkill_of_the_launcher_ends_its_child(warm: NeonCli) -> None:
