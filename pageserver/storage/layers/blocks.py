@@ -484,21 +484,28 @@ class LayerFile:
 
     def read_block(self, b: int) -> bytes:
         """Block b decompressed and checked, bypassing the cache (bulk reads); taken from the
-        pool if it was prefetched. Its compressed pages are unmapped with those of the blocks
-        read after it (`_BulkReleases`)."""
+        pool if it was prefetched, or from this thread's few blocks read last
+        (`_RecentBlocks`). Its compressed pages are unmapped with those of the blocks read
+        after it (`_BulkReleases`)."""
+        recent = _recent_blocks()
+        held = recent.get(self._id, b)
+        if held is not None:
+            return held
         ahead = self._ahead.pop(b, None)
         if ahead is not None:
             batch, i = ahead
             with contextlib.suppress(CancelledError):  # dropped by another reader meanwhile
-                block = batch.result()[i]
-                if isinstance(block, LayerCorrupt):
-                    raise block  # as when read here
-                return block
+                made = batch.result()[i]
+                if isinstance(made, LayerCorrupt):
+                    raise made  # as when read here
+                recent.put(self._id, b, made)
+                return made
         block = self._block(b, use_cache=False, release=False)
         off, clen, _, _ = _BLOCK_ENTRY.unpack_from(
             self._map, self._blocks_at + b * _BLOCK_ENTRY.size
         )
         _bulk_releases.add(self, off, off + clen)
+        recent.put(self._id, b, block)
         return block
 
     def blocks_of(self, key_range: KeyRange) -> range:
@@ -1048,6 +1055,39 @@ def _release_spans(spans: list[tuple[weakref.ref[LayerFile], int, int]]) -> None
 
 
 _bulk_releases = _BulkReleases()
+
+
+RECENT_BLOCKS = 8
+"""Blocks a thread's bulk reads keep after reading them (`_RecentBlocks`)."""
+
+
+class _RecentBlocks:
+    """The last RECENT_BLOCKS blocks one thread's bulk reads decompressed, by (file id,
+    block). A basebackup scans each fork's keys on its own (`iter_newest`, and the bulk
+    rebuild's walk per run of keys), and a block holding the pages of several small forks,
+    or the end of one run and the start of the next, was decompressed once per scan: 884
+    of 9352 decompressions of a 1 GiB basebackup, some blocks 6-7 times. Per thread, so
+    nothing is shared or locked; at most 1 MiB of 128 KiB blocks, freed with the thread."""
+
+    def __init__(self) -> None:
+        self._blocks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    def get(self, file_id: int, b: int) -> bytes | None:
+        return self._blocks.get((file_id, b))
+
+    def put(self, file_id: int, b: int, block: bytes) -> None:
+        self._blocks[file_id, b] = block
+        while len(self._blocks) > RECENT_BLOCKS:
+            self._blocks.popitem(last=False)
+
+
+def _recent_blocks() -> _RecentBlocks:
+    recent: _RecentBlocks | None = getattr(_tls, "recent_blocks", None)
+    if recent is None:
+        recent = _tls.recent_blocks = _RecentBlocks()
+    return recent
+
+
 _unzstd_pool: ThreadPoolExecutor | None = None
 PREFETCH_BATCH = 8
 _EDGE_KEYS = 64

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pageserver.storage import keys as K
+from pageserver.storage.layers import blocks as blocks_module
 from pageserver.storage.layers.blocks import (
     HEADER_SIZE,
     PREFETCH_BATCH,
@@ -80,11 +81,48 @@ def test_blocks_of_names_the_blocks_a_scan_reads(
         return real(self, b, use_cache=use_cache, release=release)
 
     monkeypatch.setattr(LayerFile, "_block", counting)
+    monkeypatch.setattr(blocks_module, "RECENT_BLOCKS", 0)  # each scan decompresses its own
     for a, b in ((0, 120), (7, 8), (30, 90), (119, 200), (130, 140)):
         key_range = K.KeyRange(rel_key(a), rel_key(b))
         read.clear()
         list(f.iter_newest(key_range))
         assert list(f.blocks_of(key_range)) == sorted(set(read)), (a, b)
+
+
+def test_bulk_reads_keep_their_threads_last_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block a thread's bulk reads decompressed is read again from that thread's last
+    RECENT_BLOCKS (two scans of the keys of one block: one decompression), not from another
+    thread's, and not once RECENT_BLOCKS other blocks were read after it."""
+    layer, pages = _image_layer(tmp_path)
+    f = layer.file
+    assert f.header.n_blocks > blocks_module.RECENT_BLOCKS + 1
+    read: list[tuple[str, int]] = []
+    real = LayerFile._block
+
+    def counting(self: LayerFile, b: int, *, use_cache: bool = True, release: bool = True) -> bytes:
+        read.append((threading.current_thread().name, b))
+        return real(self, b, use_cache=use_cache, release=release)
+
+    monkeypatch.setattr(LayerFile, "_block", counting)
+    one_block = K.KeyRange(rel_key(7), rel_key(8))
+    (first,) = f.blocks_of(one_block)
+    for _ in range(2):
+        assert list(layer.scan(one_block)) == [(rel_key(7), pages[7])]
+    assert f.read_block(first) == real(f, first, use_cache=False)
+    me = threading.current_thread().name
+    assert read == [(me, first)]
+    other = threading.Thread(target=f.read_block, args=(first,), name="other-reader")
+    other.start()
+    other.join()
+    assert read == [(me, first), ("other-reader", first)]
+    others = [b for b in range(f.header.n_blocks) if b != first][: blocks_module.RECENT_BLOCKS]
+    for b in others:
+        f.read_block(b)
+    read.clear()
+    f.read_block(first)
+    assert read == [(me, first)]
 
 
 def test_prefetched_blocks_are_decompressed_on_the_pool_and_read_as_the_blocks(
