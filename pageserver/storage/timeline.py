@@ -410,7 +410,6 @@ class Timeline:
                 self._publish_merged(group, outputs)
             except BaseException as exc:
                 with self._lock:
-                    self._in_flight -= len(group)
                     if self._publish_error is None:
                         self._publish_error = exc
             finally:
@@ -428,6 +427,8 @@ class Timeline:
         done = [f.result() for f in outputs if f.exception() is None]
         if self._publish_error is not None or len(done) < len(outputs):
             discard_layers(done)
+            with self._lock:
+                self._in_flight -= len(group)
             if self._publish_error is not None:
                 raise self._publish_error
             for future in outputs:
@@ -435,10 +436,10 @@ class Timeline:
         last = group[-1]
         with self._manifest_lock:
             with self._lock:
+                self._in_flight -= len(group)  # taken off the frozen layers or left to flush
                 if self._frozen[: len(group)] != group:
                     raise InvalidArgument("frozen layers were flushed twice at once")
                 del self._frozen[: len(group)]
-                self._in_flight -= len(group)
                 self._map = self._map.replace(add=done)
                 manifest = self._manifest_locked(_end(last) - 1, last.prev_record_lsn)
             write_manifest(self.directory, manifest)

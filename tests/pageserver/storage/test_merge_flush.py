@@ -12,8 +12,10 @@ the same pages.
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +26,11 @@ import pytest
 from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.storage import compaction
+from pageserver.storage import timeline as timeline_module
 from pageserver.storage.keys import KEY_MIN, Key
 from pageserver.storage.layers import blocks, native
 from pageserver.storage.layers.inmemory import ArenaLayer
+from pageserver.storage.manifest import TimelineManifest
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from tests.native_ext import require_c_extension
@@ -358,6 +362,82 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
     finally:
         store.history.close()
         reference.history.close()
+
+
+@pytest.mark.parametrize("failing", ["publish", "manifest"])
+def test_a_failed_publication_drops_the_groups_queued_behind_it(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """The first group's file publication (fsync) or manifest fails on the publisher thread
+    while the next group is queued behind it: disk_consistent_lsn stays, the next group's
+    files are deleted and its layers stay frozen, every page stays readable, the next flush
+    raises the error and the one after writes everything (whole files, all named, pages
+    equal to the L0 path's)."""
+    store, reference = fresh(tmp_path / "s", workload), fresh(tmp_path / "l0", workload)
+    reference.merge_flushes = False
+    timeline = store.timeline
+    gate, failed = threading.Event(), []
+
+    def fail() -> None:
+        if not failed:
+            failed.append(True)
+            assert gate.wait(60)
+            raise OSError(errno.EIO, "injected I/O error")
+
+    def inject() -> None:  # once the reference is written: only the store's files fail
+        if failing == "publish":
+            publish = blocks.LayerFileWriter.publish
+
+            def publishing(self: blocks.LayerFileWriter, file_name: str) -> Path:
+                try:
+                    fail()  # as publish's fsync failing: the temp file removed
+                except OSError:
+                    self.abort()
+                    raise
+                return publish(self, file_name)
+
+            monkeypatch.setattr(blocks.LayerFileWriter, "publish", publishing)
+        else:
+            write_manifest = timeline_module.write_manifest
+
+            def writing(directory: Path, manifest: TimelineManifest) -> None:
+                if any(not e.name.is_l0 and not e.name.is_image for e in manifest.layers):
+                    fail()
+                write_manifest(directory, manifest)
+
+            monkeypatch.setattr(timeline_module, "write_manifest", writing)
+
+    try:
+        ends = iter(r.end_lsn for r in workload.records[::20])
+        while not timeline.frozen_count:  # the first group one layer, the next many
+            ingest(store, workload, next(ends))
+        first = timeline.frozen_upto
+        ingest(store, workload)
+        timeline.freeze()
+        ingest(reference, workload)
+        reference.make_durable()
+        durable, last = timeline.disk_consistent_lsn, timeline.last_record_lsn
+        inject()
+        for upto in (first, None):  # as the flusher while a job waits: both groups queued
+            timeline.flush_frozen_layers(upto, merge=compaction.merge_frozen, wait=lambda: False)
+        gate.set()
+        with pytest.raises(OSError, match="injected"):
+            timeline.flush_frozen_layers(merge=compaction.merge_frozen)
+        assert timeline.disk_consistent_lsn == durable
+        assert timeline.frozen_count > 0  # the next group's layers at least
+        assert read_all(timeline, last) == read_all(reference.timeline, last)
+        timeline.flush_frozen_layers(merge=compaction.merge_frozen)
+        assert timeline.disk_consistent_lsn == last and timeline.frozen_count == 0
+        check_directory(timeline.directory)
+        for lsn in sample_lsns(workload, 4):
+            assert read_all(timeline, lsn) == read_all(reference.timeline, lsn), lsn
+    finally:
+        for s in (store, reference):
+            s.close()
+            s.history.close()
 
 
 def frozen_feeder(store: NodeStore, workload: Workload) -> Callable[[int], None]:  # noqa: F811
