@@ -65,7 +65,8 @@ PRELOAD = (
 never wrong)."""
 LATER_PRELOAD = ("aiobotocore.session",)
 """An s3 push's client library: ~0.23 s of CPU and ~20 MiB, imported only once the server
-has been idle LATER_SECONDS (tests start many short-lived daemons)."""
+has been idle LATER_SECONDS since its start and its last command (tests and benchmarks start
+many short-lived daemons: it would compete with their next command)."""
 LATER_SECONDS = 5.0
 IMPORT_TIME_ENV = frozenset(
     {
@@ -201,13 +202,14 @@ class _Server:
 
     def serve(self) -> dict[str, Any] | None:
         """Serve until told to stop and every child ended; in a child, its request."""
-        poller = select.poll()
         while True:
             if self.stopping or self.stale or os.getppid() != self.parent:
                 self.stop_listening()
                 if not self.running:
                     return None
-            if self.listener is not None and not self.running and time.monotonic() > self.later:
+            if self.running:  # idle is counted from the last command's end
+                self.later = max(self.later, time.monotonic() + LATER_SECONDS)
+            elif self.listener is not None and time.monotonic() > self.later:
                 self.later = float("inf")
                 self.preload(LATER_PRELOAD)
             poller = select.poll()
