@@ -13,6 +13,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
 import signal
@@ -20,10 +21,13 @@ import socket
 import struct
 import sys
 from types import FrameType
-from typing import Any, NoReturn
 
 from cli.launch import FORWARDED_SIGNALS, HANDSHAKE_TIMEOUT, REQUEST_MAX
 from proto.unix_fds import peer_uid, receive_with_fds, send_with_fds
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not typing itself: the launcher's every millisecond is every command's
+    from typing import Any, NoReturn
 
 HEADER = struct.Struct(">I")
 LIMITS = (
@@ -127,13 +131,12 @@ class _Forwarder:
             self.pending.append(signum)
 
     def send(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             if self.group and signum in (signal.SIGINT, signal.SIGQUIT):
-                os.killpg(self.pid, signum)
-            else:
-                os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signum)  # its group: the child's session's first act
+                    return
+            os.kill(self.pid, signum)
 
     def started(self, pid: int) -> None:
         self.pid = pid

@@ -276,8 +276,11 @@ class _Server:
                 for fd in fds:
                     os.close(fd)
         conn.settimeout(None)
-        self.running[pid] = _Command(conn, pid)
-        send_message(conn, {"pid": pid})
+        self.running[pid] = _Command(conn, pid)  # reaped and its connection closed in _reap
+        try:
+            send_message(conn, {"pid": pid})
+        except OSError:  # the launcher has gone: so does its command
+            os.kill(pid, signal.SIGKILL)
         return None
 
     def _cold(self, request: dict[str, Any], fds: list[int]) -> str | None:
