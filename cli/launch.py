@@ -55,7 +55,8 @@ WARM_COMMANDS = frozenset(
 )
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1")
 """Sent on to the child (SIGUSR1: the stacks `tests/neoncli.py` asks for). A terminal's
-SIGINT and SIGQUIT go to the child's process group, as the terminal's would."""
+SIGINT and SIGQUIT go to the child's process group, as the terminal's would. Ctrl-Z
+(SIGTSTP) stops the child and then the launcher, SIGCONT continues both (warm_client)."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds the launcher waits for the server before the fork (then it runs the command
 itself): a stuck server never stops a command."""

@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # not typing itself: the launcher's every millisecond is ever
     from typing import Any, NoReturn
 
 HEADER = struct.Struct(">I")
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGSTOP, signal.SIGCONT)
+"""Sent to the child's process group when this launcher is in the terminal's foreground
+group (the terminal would have sent them to every process of a cold command's group)."""
 LIMITS = (
     "RLIMIT_NOFILE",
     "RLIMIT_CORE",
@@ -119,6 +122,22 @@ class _Forwarder:
             signum = getattr(signal, name)
             if signal.getsignal(signum) != signal.SIG_IGN:  # ignored by the child too
                 self.previous[signum] = signal.signal(signum, self._handle)
+        for signum in (signal.SIGTSTP, signal.SIGCONT):
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                self.previous[signum] = signal.signal(signum, self._job_control)
+
+    def _job_control(self, signum: int, _frame: FrameType | None) -> None:
+        """Ctrl-Z (SIGTSTP) stops the child, then this process as the default action would;
+        the shell's `fg`/`bg` (SIGCONT) continues both. The child's session has no terminal,
+        so a SIGTSTP would be discarded there (an orphaned process group): it gets SIGSTOP."""
+        if signum == signal.SIGTSTP:
+            if self.pid:
+                self.send(signal.SIGSTOP)
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until a SIGCONT
+            signal.signal(signal.SIGTSTP, self._job_control)
+        elif self.pid:
+            self.send(signal.SIGCONT)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -132,7 +151,7 @@ class _Forwarder:
 
     def send(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            if self.group and signum in (signal.SIGINT, signal.SIGQUIT):
+            if self.group and signum in GROUP_SIGNALS:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pid, signum)  # its group: the child's session's first act
                     return

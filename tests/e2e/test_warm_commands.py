@@ -192,6 +192,30 @@ def test_sigkill_of_the_launcher_ends_its_child(warm: NeonCli) -> None:
         _until("the child killed", lambda: not Path(f"/proc/{child}").exists())
 
 
+def _state(pid: int) -> str:
+    """R, S, T (stopped)...: /proc/PID/stat's third field (after the command's name)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_z_stops_the_warm_child_and_sigcont_continues_it(warm: NeonCli) -> None:
+    """SIGTSTP stops a cold command; a warm one's launcher stops its child too (with SIGSTOP:
+    a terminal-less session discards SIGTSTP) and SIGCONT (`fg`, `bg`) continues both."""
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True))
+        try:
+            assert child
+            proc.send_signal(signal.SIGTSTP)
+            _until("both stopped", lambda: _state(proc.pid) == _state(child) == "T")
+            proc.send_signal(signal.SIGCONT)
+            _until("both going again", lambda: "T" not in (_state(proc.pid), _state(child)))
+        except BaseException:
+            proc.kill()
+            proc.send_signal(signal.SIGCONT)
+            raise
+    out, err = proc.communicate(timeout=WAIT)
+    assert (proc.returncode, err) == (0, ""), out
+
+
 def test_an_import_time_variable_that_differs_runs_cold(warm: NeonCli) -> None:
     assert not _interrupted(warm, True, NEON_S3_PART_SIZE="123456")[3]
     assert not _interrupted(warm, True, PYTHONWARNINGS="ignore")[3]
