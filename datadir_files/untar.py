@@ -27,6 +27,7 @@ from typing import BinaryIO, Protocol, cast
 
 from datadir_files.pg_account import make_pg_dir, pg_os_user
 from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
+from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import AlreadyExists, CorruptData
 
 _READ_SIZE = 1 << 20
@@ -207,7 +208,8 @@ class _Extractor:
         ):
             self._direct = _DirectWrites.start(self._fd)
         if self._diverted is None and self._direct is None and member.size >= PREALLOCATE_MIN_BYTES:
-            preallocate(self._fd, member.size)  # written through the page cache
+            # written through the page cache; never more than a legitimate file's size
+            preallocate(self._fd, min(member.size, PREALLOCATE_MAX_BYTES))
 
     def _packed(self, rel: PurePosixPath, member: MemberStart) -> bool:
         """A delta's fork member goes into the pack (its directories are not made); True
@@ -450,6 +452,17 @@ def direct_writes_enabled() -> bool:
 PREALLOCATE_MIN_BYTES = 1 << 20
 """Files at least this large written through the page cache get their blocks up front
 (`preallocate`): relation segments and WAL, not the many small forks (a syscall each)."""
+PREALLOCATE_MAX_BYTES = RELSEG_SIZE * BLCKSZ
+"""At most this much is preallocated per member, whatever its tar header says: the largest
+file of a data directory, a relation segment (RELSEG_SIZE x BLCKSZ: 131072 x 8192 = 1 GiB in
+PostgreSQL 15's default build, src/include/pg_config.h, configure's --with-segsize=1; WAL
+segments are 16 MiB by default, at most 1 GiB: WalSegMaxSize in
+src/include/access/xlog_internal.h). The archive may come from a peer we do not trust (a
+remote pageserver, a `.neon` pulled over ssh, s3 or https): a header declaring hundreds of
+GiB would otherwise reserve that much disk before any data arrives (ENOSPC for the
+PostgreSQL clusters on the same disk). Members follow one another, so a stream cut short
+leaves at most what arrived plus this much; a larger member is still written whole, its
+blocks past the cap allocated as its data arrive."""
 
 
 def preallocate(fd: int, size: int) -> bool:

@@ -427,3 +427,46 @@ def test_preallocate_says_where_it_cannot() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_preallocation_never_exceeds_the_largest_legitimate_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tar header declaring more than a relation segment (a hostile or damaged archive)
+    reserves no more than PREALLOCATE_MAX_BYTES before its data arrive, and a stream cut
+    short there leaves no more than what arrived plus that cap; a member above the cap still
+    comes out whole. The cap is lowered to 4 MiB so that a 64 MiB claim shows it (the old
+    code reserved all 64 MiB)."""
+    assert datadir_files.untar.PREALLOCATE_MAX_BYTES == 1 << 30  # RELSEG_SIZE x BLCKSZ
+    monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
+    cap, claimed, arrived = 4 << 20, 64 << 20, 100_000
+    monkeypatch.setattr(datadir_files.untar, "PREALLOCATE_MAX_BYTES", cap)
+
+    def on_disk(path: Path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_size, st.st_blocks * 512
+
+    info = tarfile.TarInfo("huge")
+    info.size = claimed
+    seen: list[tuple[int, int]] = []
+    out = tmp_path / "cut"
+    out.mkdir()
+
+    def cut_short() -> Iterator[list[bytes]]:
+        yield [info.tobuf(format=tarfile.GNU_FORMAT) + os.urandom(arrived)]
+        seen.append(on_disk(out / "huge"))  # the stream then ends inside the member
+
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(CorruptData):
+            datadir_files.untar.extract_into_dir_fd(cut_short(), fd)
+    finally:
+        os.close(fd)
+    seen.append(on_disk(out / "huge"))
+    for size, blocks in seen:
+        assert size <= cap and blocks <= arrived + cap + (1 << 20), (size, blocks)
+    assert seen[0][1] >= cap  # preallocated up to the cap: the test measures something
+
+    above = os.urandom(cap + (2 << 20))  # written whole past its preallocated blocks
+    extract_chunks([one_file_tar("above", above)], tmp_path / "whole")
+    assert (tmp_path / "whole/above").read_bytes() == above
