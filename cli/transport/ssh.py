@@ -565,7 +565,11 @@ class SshStore(Store):
         if out is None:  # the session ended before the PROBE did
             status, _out, err = await _finished(proc)
             raise self.error(status or 255, err, path)
-        found = await self._probed(name, out)
+        try:
+            found = await self._probed(name, out)
+        except BaseException:  # neither kept nor left waiting: the script ends doing nothing
+            await _dismiss(proc)
+            raise
         if self._probe is None:
             await _dismiss(proc)  # an answer not as written: the plain commands follow
         else:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -450,6 +451,7 @@ async def test_a_write_does_not_wait_for_ssh_to_take_it(
 CANCELLED_STAT = """
 import asyncio, gc, os, socket
 from pathlib import Path
+from typing import Any
 from cli.transport import parse_location
 def children():
     return sorted(p for t in Path(f"/proc/{os.getpid()}/task").iterdir()
@@ -620,3 +622,31 @@ def test_bad_persist_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> Non
         persist_seconds()
     monkeypatch.setenv(PERSIST_ENV, "")
     assert persist_seconds() == 60
+
+
+async def test_a_push_s_stat_that_fails_dismisses_its_waiting_session(
+    ssh_env: SshServer, remote_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stat_for_write` whose reading of the PROBE's answer raises (an answer it cannot
+    parse, then a STAT that fails) ends the session waiting to append: not kept for a
+    write, and not left running on either side (the old code left it waiting)."""
+    store, _ = store_of(ssh_env.url(f"{remote_dir}/f.neon"))
+    spawned: list[asyncio.subprocess.Process] = []
+    spawn = store._spawn
+
+    async def spawning(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await spawn(*args, **kwargs)
+        spawned.append(proc)
+        return proc
+
+    async def unreadable(name: str, out: bytes) -> None:
+        raise Unavailable("the STAT after an unreadable answer failed")
+
+    monkeypatch.setattr(store, "_spawn", spawning)
+    monkeypatch.setattr(store, "_probed", unreadable)
+    with pytest.raises(Unavailable, match="STAT after"):
+        await store.stat_for_write("f.neon")
+    assert len(spawned) == 1
+    assert spawned[0].returncode is not None  # dismissed: it ended
+    assert store._appending is None
+    assert entries(remote_dir) == []
