@@ -5,7 +5,10 @@ The home's pageserver daemon starts it (`python -m cli.warm_server`, a new proce
 same interpreter, never a fork of the threaded daemon) once it serves, and stops it by PID
 at its shutdown. It is single-threaded and must stay so (it forks). It serves only a peer
 of its own user id (SO_PEERCRED) on a socket in the daemon's working directory (private to
-that user), so a child never does anything its launcher could not do itself.
+that user), and runs a command warm only for a launcher confined as the server is (`_confinement`:
+the same namespaces, root directory, cgroup, capabilities, no_new_privs, seccomp mode and
+groups), so that a child does nothing its launcher could not do itself; a launcher in a
+sandbox or another container sharing the home runs its command cold.
 
 Per command, before the fork: "cold" if a module it imported changed on disk since (the
 server then closes its socket and exits once its children ended; the daemon starts a
@@ -42,7 +45,7 @@ from typing import Any
 
 from cli.launch import SOCKET_NAME
 from cli.warm_client import receive_message, send_message
-from proto.unix_fds import SUN_PATH_MAX, peer_uid
+from proto.unix_fds import SUN_PATH_MAX, peer_credentials
 
 PRELOAD = (
     "cli.main",
@@ -102,6 +105,27 @@ _POLL_MS = 1000  # the daemon's death is noticed within a second
 _REQUEST_TIMEOUT = 10.0
 
 
+_CONFINING_STATUS = (b"CapEff", b"CapBnd", b"NoNewPrivs", b"Seccomp", b"Groups")
+"""The lines of /proc/PID/status that limit what a process may do (see `_confinement`)."""
+
+
+def _confinement(pid: int) -> tuple[object, ...]:
+    """What confines process `pid`: its namespaces, root directory, cgroup, and the
+    capabilities, no_new_privs, seccomp mode and groups of its status (OSError if it is
+    gone or not ours to read). ~0.1 ms of /proc reads."""
+    proc = f"/proc/{pid}"
+    names = sorted(os.listdir(f"{proc}/ns"))
+    root = os.stat(f"{proc}/root")
+    with open(f"{proc}/cgroup", "rb") as cgroup, open(f"{proc}/status", "rb") as status:
+        return (
+            [(name, os.readlink(f"{proc}/ns/{name}")) for name in names],
+            (root.st_dev, root.st_ino),
+            cgroup.read(),
+            [line for line in status.read().splitlines()
+             if line.partition(b":")[0] in _CONFINING_STATUS],
+        )  # fmt: skip
+
+
 def socket_path(workdir: Path) -> Path | None:
     """The server's socket for the daemon of `workdir`; None if the path is too long."""
     path = workdir / SOCKET_NAME
@@ -152,6 +176,7 @@ class _Server:
         self.pid = os.getpid()
         self.modules = _Modules()
         self.env = import_time_env(dict(os.environb))
+        self.confinement = _confinement(self.pid)
         self.running: dict[int, _Command] = {}  # by the child's pid
         self.listener: socket.socket | None = None
         self.inode = 0
@@ -249,13 +274,14 @@ class _Server:
     def _answer(self, conn: socket.socket) -> dict[str, Any] | None:
         """Check and fork; the child's request in the child, None in the server."""
         conn.settimeout(_REQUEST_TIMEOUT)
-        if peer_uid(conn) != os.geteuid():
+        peer, uid, _gid = peer_credentials(conn)
+        if uid != os.geteuid():
             send_message(conn, {"cold": "refused: the warm server serves its own user only"})
             conn.close()
             return None
         request, fds = receive_message(conn, max_fds=4)
         try:
-            cold = self._cold(request, fds)
+            cold = self._cold(request, fds) or self._confined_otherwise(peer)
             if cold is not None:
                 print(f"warm server: a command runs cold: {cold}", file=sys.stderr, flush=True)
                 send_message(conn, {"cold": cold})
@@ -304,6 +330,19 @@ class _Server:
                 own = resource.getrlimit(getattr(resource, name))[1]
                 if own != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > own):
                     return f"a higher {name} than the server's"
+        return None
+
+    def _confined_otherwise(self, peer: int) -> str | None:
+        """Why the launcher `peer` (its pid, 0 if not in our pid namespace) may not have its
+        command run here: the child would escape the launcher's sandbox or container."""
+        if peer == 0:
+            return "a launcher in another pid namespace"
+        try:
+            confinement = _confinement(peer)
+        except OSError as exc:
+            return f"the launcher's confinement is unknown: {exc}"
+        if confinement != self.confinement:
+            return "a launcher confined otherwise (namespaces, root, cgroup, capabilities, ...)"
         return None
 
     def _launcher_gone(self, fd: int) -> None:

@@ -30,12 +30,18 @@ class MessageTooLarge(OSError):
         self.size = size
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The user id of the process at the other end of a unix socket (when it connected)."""
-    _pid, uid, _gid = _PEERCRED.unpack(
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """The pid, user and group ids of the process at the other end of a unix socket (when
+    it connected; pid 0: in a pid namespace this one cannot see)."""
+    pid, uid, gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     )
-    return uid
+    return pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a unix socket (when it connected)."""
+    return peer_credentials(sock)[1]
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: Iterable[int] = ()) -> None:

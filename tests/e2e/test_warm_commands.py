@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -274,6 +275,36 @@ def test_a_peer_of_another_user_is_refused(warm: NeonCli) -> None:
         for p, mode in modes:
             p.chmod(mode)
     assert b"refused: the warm server serves its own user only" in got, got
+
+
+def _no_new_privs() -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _no_mknod() -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(24, 27, 0, 0, 0) != 0:  # PR_CAPBSET_DROP MKNOD
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _own_uts_namespace() -> None:
+    if ctypes.CDLL(None, use_errno=True).unshare(0x04000000) != 0:  # CLONE_NEWUTS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+
+
+@pytest.mark.parametrize("confine", [None, _no_new_privs, _no_mknod, _own_uts_namespace])
+def test_a_launcher_confined_otherwise_runs_cold(
+    warm: NeonCli, confine: Callable[[], None] | None
+) -> None:
+    """A launcher in a sandbox (no_new_privs, a capability dropped, another namespace) has
+    its command run cold: the server's child would run outside the sandbox."""
+    if confine is not None and confine is not _no_new_privs and os.geteuid() != 0:
+        pytest.skip("needs root to drop a capability or unshare")  # CI runs as root
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True), confine)
+        proc.kill()
+        proc.communicate(timeout=WAIT)
+    assert bool(child) == (confine is None)
 
 
 def test_the_server_goes_with_its_daemon(warm: NeonCli) -> None:
