@@ -5,9 +5,13 @@ The exchange, one per connection, each message a 4-byte length and a `marshal`le
   launcher -> server  the request (`request_of`), descriptors cwd, 0, 1, 2 attached
   server -> launcher  {"cold": why}: run it yourself (nothing was forked); or {"ready": 1}
   launcher -> server  {"go": 1}: from here on the command runs warm, whatever happens
-  server -> launcher  {"pid": child}, later {"status": wait status}
+  server -> launcher  {"pid": child}, later {"status": wait status}; or {"cold": why}
+                      if it could not fork (the launcher runs the command itself)
 The extra round trip makes the fork the launcher's decision: a launcher that gave up
-waiting (HANDSHAKE_TIMEOUT) and runs the command itself never has it run twice.
+waiting (HANDSHAKE_TIMEOUT) and runs the command itself never has it run twice. The child
+keeps a close-on-exec copy of the server's end, so a launcher whose server died (OOM
+killer) sees the connection's end only once its command ended too: it waits for it, as a
+cold command's shell would, and exits 1 (its status went with the server).
 Standard library only.
 """
 
@@ -27,7 +31,7 @@ from proto.unix_fds import peer_uid, receive_with_fds, send_with_fds
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not typing itself: the launcher's every millisecond is every command's
-    from typing import Any, NoReturn
+    from typing import Any
 
 HEADER = struct.Struct(">I")
 GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGSTOP, signal.SIGCONT)
@@ -169,16 +173,18 @@ def run_warm(path: str) -> None:
     if the command is to run in this process (nothing ran), else exits as the command did."""
     forwarder = _Forwarder()
     sock = _handshake(path, forwarder)
-    if sock is None:
-        forwarder.restore()
-        for signum in forwarder.pending:  # what came meanwhile, as if the command had it
-            os.kill(os.getpid(), signum)
-        return
-    _finish(sock, forwarder)
+    if sock is not None:
+        _finish(sock, forwarder)  # returns only if the server could not fork
+    forwarder.restore()
+    for signum in forwarder.pending:  # what came meanwhile, as if the command had it
+        os.kill(os.getpid(), signum)
 
 
 def _handshake(path: str, forwarder: _Forwarder) -> socket.socket | None:
-    """The connected, accepted request (the server forks on our "go"), or None: cold."""
+    """The connected, accepted request (the server forks on our "go"), or None: cold
+    (a closed descriptor 0-2 too: the interpreter has no such sys.stdin/stdout/stderr)."""
+    if sys.stdin is None or sys.stdout is None or sys.stderr is None:
+        return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -195,23 +201,32 @@ def _handshake(path: str, forwarder: _Forwarder) -> socket.socket | None:
             raise OSError(f"the warm server answers {answer!r}")
         forwarder.install()
         send_message(sock, {"go": 1})
-    except (OSError, ValueError):
+    except Exception:  # whatever it is, nothing was forked: the command runs here
         sock.close()
         return None
     return sock
 
 
-def _finish(sock: socket.socket, forwarder: _Forwarder) -> NoReturn:
-    """Wait for the child's status and exit the same way; signals go on to the child."""
+def _finish(sock: socket.socket, forwarder: _Forwarder) -> None:
+    """Wait for the child's status and exit the same way; signals go on to the child.
+    Returns if the server could not fork (nothing ran: the command runs here)."""
     sock.settimeout(None)
     status: int | None = None
     try:
         answer, _ = receive_message(sock)
+        if "cold" in answer:
+            sock.close()
+            return
         forwarder.started(int(answer["pid"]))
         answer, _ = receive_message(sock)
         status = int(answer["status"])
     except (OSError, KeyError, ValueError) as exc:
-        print(f"neon: error: the warm command server went away: {exc}", file=sys.stderr)
+        # the connection ends once the server and the command (its copy) are gone
+        print(
+            f"neon: error: the warm command server went away ({exc}); the command has ended,"
+            " with a status nobody kept",
+            file=sys.stderr,
+        )
         os._exit(1)
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)

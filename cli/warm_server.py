@@ -22,8 +22,9 @@ argv, signal handlers as a new interpreter has them, sys.stdin/stdout/stderr mad
 launcher's interpreter made them; it runs `cli.main.main()` at the top of this module's
 stack, so the interpreter's own exit (threads joined, atexit, streams flushed, the exit
 code of a SystemExit, an uncaught KeyboardInterrupt's SIGINT) is the cold command's. The
-server reaps it and sends the launcher its wait status. A launcher that disappears (SIGKILL)
-takes its child with it (SIGKILL), as a cold command would have gone.
+server reaps it and sends the launcher its wait status (the child keeps a close-on-exec copy
+of the connection: a launcher sees its end only once both are gone). A launcher that
+disappears (SIGKILL) takes its child with it (SIGKILL), as a cold command would have gone.
 """
 
 from __future__ import annotations
@@ -292,7 +293,13 @@ class _Server:
             if "go" not in go:
                 conn.close()
                 return None
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN (RLIMIT_NPROC), ENOMEM: the launcher runs it
+                print(f"warm server: cannot fork: {exc}", file=sys.stderr, flush=True)
+                send_message(conn, {"cold": f"the warm server cannot fork: {exc}"})
+                conn.close()
+                return None
             if pid == 0:
                 request["fds"] = fds
                 request["conn"] = conn
@@ -438,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     if request is None:
         server.stop_listening()
         return STALE_EXIT if server.stale else 0
-    request.pop("conn").close()  # the child's copies of the server's descriptors
+    # kept open (close-on-exec) until the command's end: a launcher whose server died
+    # waits for it (warm_client's note)
+    request.pop("conn").detach()
     _close_server_fds(server)
     del server
     _become_command(request)

@@ -42,6 +42,14 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie its parent (stopped, or init) did not reap yet."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return True
+
+
 def _daemon_pid(neon: NeonCli) -> int:
     return int((neon.home / "pageserver" / "pageserver.pid").read_text())
 
@@ -305,6 +313,86 @@ def test_a_launcher_confined_otherwise_runs_cold(
         proc.kill()
         proc.communicate(timeout=WAIT)
     assert bool(child) == (confine is None)
+
+
+def test_a_closed_stdin_runs_cold(warm: NeonCli) -> None:
+    """`neon pg list <&-`: the launcher has no sys.stdin to describe; the command runs as a
+    cold one does (before: an AttributeError's traceback, exit 1)."""
+    got = [
+        subprocess.run(
+            ["bash", "-c", f"exec {NEON} pg list --json <&-"],
+            env=_env(warm, w),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for w in (True, False)
+    ]
+    assert (got[0].returncode, got[0].stdout, got[0].stderr) == (0, "[]\n", "")
+    assert (got[1].returncode, got[1].stdout, got[1].stderr) == (0, "[]\n", "")
+
+
+_FORKLESS_SERVER = """
+import errno, os, sys
+from cli import warm_server
+
+def fork() -> int:
+    raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+os.fork = fork
+sys.exit(warm_server.main([sys.argv[1], str(os.getppid())]))
+"""
+
+
+def test_a_server_that_cannot_fork_has_the_launcher_run_the_command(warm: NeonCli) -> None:
+    """fork fails (EAGAIN under RLIMIT_NPROC, ENOMEM) after the launcher's "go": the server
+    answers cold and the launcher runs the command (before: "went away", exit 1, not run)."""
+    path = warm.home / "pageserver" / SOCKET_NAME
+    first = path.stat().st_ino
+    env = _env(warm, True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", _FORKLESS_SERVER, str(path.parent)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _until("the fork-less server listening", lambda: path.stat().st_ino != first)
+        got = subprocess.run(
+            [NEON, "pg", "list", "--json"], env=env, capture_output=True, text=True, check=False
+        )
+    finally:
+        server.terminate()
+        _out, log = server.communicate(timeout=WAIT)
+    assert "warm server: cannot fork" in log, log
+    assert (got.returncode, got.stdout, got.stderr) == (0, "[]\n", "")
+
+
+def test_a_dead_server_leaves_the_launcher_waiting_for_its_command(warm: NeonCli) -> None:
+    """The server dies (OOM killer) while a command runs: its launcher waits for the command
+    (Ctrl-C still reaches it), then exits 1, as its status is lost (before: exit 1 at once,
+    the command running on unseen)."""
+    server = _server_pid(warm)
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True))
+        try:
+            assert child
+            os.kill(server, signal.SIGKILL)
+            _until("the server gone", lambda: _ended(server))
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.communicate()
+            assert Path(f"/proc/{child}").exists()
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=WAIT)
+        except BaseException:
+            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            raise
+    assert proc.returncode == 1
+    assert err.startswith("neon: interrupted\nneon: error: the warm command server went away")
+    assert _ended(child)
 
 
 def test_the_server_goes_with_its_daemon(warm: NeonCli) -> None:
