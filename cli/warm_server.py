@@ -85,9 +85,10 @@ IMPORT_TIME_ENV = frozenset(
         "MSGPACK_PUREPYTHON",
         "BOTO_DISABLE_CRT",  # botocore.compat
         "WRAPT_DISABLE_EXTENSIONS",  # wrapt (aiobotocore)
-        "LANG",  # the interpreter's locale, UTF-8 mode and file system encoding
-        "LC_ALL",
-        "LC_CTYPE",
+        "LANG",  # the interpreter's locale, UTF-8 mode and file system encoding; gettext
+        "LANGUAGE",  # gettext (argparse, optparse: translations looked up at import)
+        "AWS_NEW_RETRIES_2026",  # botocore's retry mode, read by a function run at import
+        "SSLKEYLOGFILE",  # ssl's default contexts (aiohttp.connector's, built at import)
         "TZ",
         "TMPDIR",  # tempfile's directory, computed once
         "HOME",
@@ -96,10 +97,14 @@ IMPORT_TIME_ENV = frozenset(
         "LD_LIBRARY_PATH",
     }
 )
-"""Environment variables read while the server imports (tests/cli/test_warm.py finds every
-module-level read in the preloaded modules and checks it is here), and what the interpreter
-and the C library read at the process's start. Also every PYTHON* and MALLOC_*."""
-IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "MALLOC_")
+"""Environment variables read while the server imports (tests/e2e/test_warm_commands.py
+traces every os.environ read of importing PRELOAD and LATER_PRELOAD and checks it is here),
+and what the interpreter and the C library read at the process's start. Also every name
+starting with IMPORT_TIME_ENV_PREFIXES."""
+IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "MALLOC_", "LC_", "SSL_", "OPENSSL_")
+"""The interpreter's, the C allocator's, the locale's, and OpenSSL's own (SSL_CERT_FILE,
+SSL_CERT_DIR, OPENSSL_CONF: read in C, where no trace sees them, when aiohttp.connector
+makes its verifying context at import: a warm https push would trust the server's CAs)."""
 STALE_EXIT = 75
 """The exit code of a server that found a module changed: the daemon starts a fresh one."""
 _POLL_MS = 1000  # the daemon's death is noticed within a second

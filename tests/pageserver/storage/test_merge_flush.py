@@ -513,6 +513,40 @@ def test_a_lone_frozen_layer_is_written_at_once_as_l1_layers(
             s.history.close()
 
 
+def test_a_flush_job_leaves_its_publication_only_to_a_job_of_its_timeline(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A merged flush job returns before its group is published only while a job of the
+    same timeline waits (that job waits for it); while only another timeline's job waits,
+    it waits itself (the other job waits only for its own timeline's publisher, and an idle
+    flusher must mean every timeline durable)."""
+    store = fresh(tmp_path / "s", workload)
+    timeline = store.timeline
+    original = timeline.flush_frozen_layers
+    answers: list[bool] = []
+
+    def flushing(upto: int | None = None, merge: Any = None, **kwargs: Any) -> None:
+        wait = kwargs["wait"]
+        store.flusher.request("another-timeline", lambda: None)
+        answers.append(wait())
+        store.flusher.request(timeline.timeline_id, lambda: None)
+        answers.append(wait())
+        original(upto, merge, **kwargs)
+
+    timeline.flush_frozen_layers = flushing  # type: ignore[method-assign]
+    try:
+        frozen_feeder(store, workload)(1)
+        store.flusher.wait_idle()
+        assert answers == [True, False]
+        timeline.flush_frozen_layers = original  # type: ignore[method-assign]
+        store.make_durable()
+        assert timeline.disk_consistent_lsn == timeline.last_record_lsn
+    finally:
+        store.close()
+        store.history.close()
+
+
 @pytest.mark.parametrize("step", [1, 7, 10_000])
 def test_a_merge_packer_fills_what_pack_merged_packs(
     workload: Workload,  # noqa: F811
