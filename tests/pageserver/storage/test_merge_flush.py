@@ -232,8 +232,9 @@ def test_an_l0_run_before_a_merged_flush_is_merged_alone(
 
 
 KILLED_FLUSH = """
-import sys, threading, time
+import os, sys, threading, time
 from pathlib import Path
+from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.storage import compaction, timeline as timeline_module
 from pageserver.storage.layers.delta import DeltaLayerWriter
@@ -264,18 +265,26 @@ elif where == "manifest":  # every L1 file published, the manifest not written y
         return write_manifest(directory, manifest)
     timeline_module.write_manifest = writing
 elif where == "queued":  # the first group's manifest waits while the next group is packed
-    packed, merge_frozen, merges = threading.Event(), compaction.merge_frozen, [0]
+    # The daemon's flusher: two jobs, the second requested while the first packs its group.
+    node_store_module.MAX_FROZEN_LAYERS = 1 << 30  # the decode thread never waits here
+    packing, asked, packed = threading.Event(), threading.Event(), threading.Event()
+    merge_frozen, merges = node_store_module.merge_frozen, [0]
     def merging(*args):
-        outputs = merge_frozen(*args)
         merges[0] += 1
+        if merges[0] == 1:
+            packing.set()
+            assert asked.wait(60)
+        outputs = merge_frozen(*args)
         if merges[0] == 2:
             packed.set()
         return outputs
-    compaction.merge_frozen = merging
+    node_store_module.merge_frozen = merging
     write_manifest = timeline_module.write_manifest
     def writing(directory, manifest):
         if any(not e.name.is_l0 and not e.name.is_image for e in manifest.layers):
-            assert packed.wait(60), "the next group was not packed meanwhile"
+            if not packed.wait(20):  # the next group waited for this manifest
+                print("not packed meanwhile", flush=True)
+                os._exit(1)
             stop()
         return write_manifest(directory, manifest)
     timeline_module.write_manifest = writing
@@ -284,18 +293,19 @@ store = NodeStore(StorageHistory(root, SETTINGS), "n")
 records = [r for r in workload.records if r.end_lsn <= upto]
 raws = workload.raws[: len(records)]
 half = len(records) // 2
+if where == "queued":
+    store.catching_up.hold_for(3600)  # its flushes merged
 for i in range(0, len(records), 500):
     if where == "queued" and i <= half < i + 500:
         store.timeline.freeze()
-        first = store.timeline.frozen_upto
+        store.maybe_flush()  # the first job: the layers so far
+        assert packing.wait(60)
     store.ingest_batch(records[i : i + 500], [r.data for r in raws[i : i + 500]])
 print("durable", store.timeline.disk_consistent_lsn, flush=True)
-if where == "queued":  # as the flusher does while a job waits: publications left queued
+if where == "queued":
     store.timeline.freeze()
-    for group_end in (first, None):
-        store.timeline.flush_frozen_layers(
-            group_end, merge=compaction.merge_frozen, wait=lambda: False
-        )
+    store.maybe_flush()  # the next job, queued behind the running one
+    asked.set()
     time.sleep(600)
 store.timeline.freeze_and_flush(merge=compaction.merge_frozen)
 print("done", flush=True)
@@ -320,8 +330,10 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
     where: str,
 ) -> None:
     """SIGKILL while a merged flush publishes its files, after they are all published but
-    before the manifest names them (`queued`: that manifest waits on the publisher thread
-    while the next group is packed and its files queued behind it), or after it: the store
+    before the manifest names them (`queued`: the daemon's flusher with a second job asked
+    for while the first packs; the first's manifest waits on the publisher thread until the
+    flusher has packed the next group, which the old flush, writing its manifest on the
+    flusher, never let happen), or after it: the store
     reopens naming whole files only,
     at the last manifest's disk_consistent_lsn (the import's, or the flush's end), and the
     records above it ingested again give the pages of a store that never crashed."""
