@@ -109,6 +109,18 @@ def ignored_signals() -> list[int]:
     return [int(s) for s in signal.valid_signals() if signal.getsignal(s) == signal.SIG_IGN]
 
 
+def in_foreground() -> bool:
+    """Whether this process's group is its terminal's foreground group (the terminal's
+    signals go to all of it), the terminal being whichever of descriptors 0-2 is one
+    (`neon ... 2>log` at a prompt still gets Ctrl-C from it)."""
+    for fd in (0, 1, 2):
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:  # not a terminal, or closed
+            continue
+    return False
+
+
 class _Forwarder:
     """Signals that arrive before the child's pid is known are kept, then sent on."""
 
@@ -116,10 +128,7 @@ class _Forwarder:
         self.pid = 0
         self.pending: list[int] = []
         self.previous: dict[int, Any] = {}
-        try:  # the terminal's signals go to its foreground process group
-            self.group = os.tcgetpgrp(2) == os.getpgrp()
-        except OSError:
-            self.group = False
+        self.group = in_foreground()
 
     def install(self) -> None:
         for name in FORWARDED_SIGNALS:
@@ -230,6 +239,10 @@ def _finish(sock: socket.socket, forwarder: _Forwarder) -> None:
         os._exit(1)
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
+        import resource
+
+        # the child dumped its core (SIGQUIT, SIGABRT...) if it could: not this process too
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cli.launch import SOCKET_NAME
 from cli.warm_client import receive_message, send_message
@@ -132,10 +132,15 @@ def _confinement(pid: int) -> tuple[object, ...]:
         )  # fmt: skip
 
 
+_BINDING = ".tmp"
+"""The suffix of the name the server binds before renaming it to its socket's (`listen`)."""
+
+
 def socket_path(workdir: Path) -> Path | None:
-    """The server's socket for the daemon of `workdir`; None if the path is too long."""
+    """The server's socket for the daemon of `workdir`; None if the path (or the one bound
+    first, with _BINDING) is too long."""
     path = workdir / SOCKET_NAME
-    return path if len(os.fsencode(path)) <= SUN_PATH_MAX else None
+    return path if len(os.fsencode(path)) + len(_BINDING) <= SUN_PATH_MAX else None
 
 
 def import_time_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -147,9 +152,11 @@ def import_time_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 @dataclass(slots=True)
 class _Modules:
-    """The source files of what is imported, as they were when imported."""
+    """The source files of what is imported, as they were when imported: modification time,
+    size and inode (a file replaced or rewritten keeping its time, as a checkout or `cp -p`
+    can, differs in one of the others)."""
 
-    seen: dict[str, tuple[str, int]] = field(default_factory=dict)
+    seen: dict[str, tuple[str, tuple[int, int, int]]] = field(default_factory=dict)
 
     def record(self) -> None:
         for name, module in list(sys.modules.items()):
@@ -157,16 +164,21 @@ class _Modules:
             if name in self.seen or not isinstance(path, str):
                 continue
             with contextlib.suppress(OSError):
-                self.seen[name] = (path, os.stat(path).st_mtime_ns)
+                self.seen[name] = (path, _version(path))
 
     def changed(self) -> str | None:
-        for path, mtime in self.seen.values():
+        for path, version in self.seen.values():
             try:
-                if os.stat(path).st_mtime_ns != mtime:
+                if _version(path) != version:
                     return path
             except OSError:
                 return path
         return None
+
+
+def _version(path: str) -> tuple[int, int, int]:
+    stat = os.stat(path)
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 @dataclass(slots=True)
@@ -190,6 +202,7 @@ class _Server:
         self.stopping = False
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.later = time.monotonic() + LATER_SECONDS
+        self.logged: set[str] = set()  # companion.stderr: each reason to run cold once
 
     def preload(self, names: tuple[str, ...]) -> None:
         for name in names:
@@ -207,7 +220,7 @@ class _Server:
     def listen(self) -> None:
         self.path.unlink(missing_ok=True)  # a crashed server's
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(self.path.name + _BINDING)
         tmp.unlink(missing_ok=True)
         listener.bind(str(tmp))
         os.chmod(tmp, 0o600)
@@ -289,7 +302,9 @@ class _Server:
         try:
             cold = self._cold(request, fds) or self._confined_otherwise(peer)
             if cold is not None:
-                print(f"warm server: a command runs cold: {cold}", file=sys.stderr, flush=True)
+                if cold not in self.logged:
+                    self.logged.add(cold)
+                    print(f"warm server: a command runs cold: {cold}", file=sys.stderr, flush=True)
                 send_message(conn, {"cold": cold})
                 conn.close()
                 return None
@@ -408,9 +423,18 @@ def _become_command(request: dict[str, Any]) -> None:
     os.environb.update(request["env"])
     sys.path[:] = request["path"]
     sys.argv[:] = request["argv"]
-    streams = []
-    for fd, (encoding, errors, line_buffering, write_through) in enumerate(request["streams"]):
-        binary = open(fd, "rb" if fd == 0 else "wb", closefd=False)  # noqa: SIM115
+    sys.stdin, sys.stdout, sys.stderr = std_streams(request["streams"])
+    request.clear()
+
+
+def std_streams(specs: list[tuple[str, str, bool, bool]]) -> list[TextIO]:
+    """sys.stdin, stdout and stderr on descriptors 0-2 as the launcher's interpreter made
+    them (warm_client._stream_spec): write_through is its unbuffered output (-u,
+    PYTHONUNBUFFERED), on an unbuffered file as CPython's start makes it."""
+    streams: list[TextIO] = []
+    for fd, (encoding, errors, line_buffering, write_through) in enumerate(specs):
+        unbuffered = fd != 0 and write_through
+        binary = open(fd, "rb" if fd == 0 else "wb", 0 if unbuffered else -1, closefd=False)  # noqa: SIM115
         streams.append(
             io.TextIOWrapper(
                 binary,
@@ -421,8 +445,7 @@ def _become_command(request: dict[str, Any]) -> None:
                 write_through=write_through,
             )
         )
-    sys.stdin, sys.stdout, sys.stderr = streams
-    request.clear()
+    return streams
 
 
 def _close_server_fds(server: _Server) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from cli.launch import SOCKET_NAME
-from cli.warm_server import IMPORT_TIME_ENV, IMPORT_TIME_ENV_PREFIXES
+from cli.warm_server import (
+    IMPORT_TIME_ENV,
+    IMPORT_TIME_ENV_PREFIXES,
+    _Modules,
+    _version,
+    socket_path,
+)
+from proto.unix_fds import SUN_PATH_MAX
 from tests.neoncli import NEON, NeonCli
 
 WAIT = 20.0
@@ -393,6 +402,114 @@ def test_a_dead_server_leaves_the_launcher_waiting_for_its_command(warm: NeonCli
     assert proc.returncode == 1
     assert err.startswith("neon: interrupted\nneon: error: the warm command server went away")
     assert _ended(child)
+
+
+_STREAMS = """
+import json, sys
+from cli.warm_client import _stream_spec
+from cli.warm_server import std_streams
+
+def described(streams):
+    return [(type(s.buffer).__name__, s.line_buffering, s.write_through) for s in streams]
+
+own = [sys.stdin, sys.stdout, sys.stderr]
+print(json.dumps([described(own), described(std_streams([_stream_spec(s) for s in own]))]))
+"""
+
+
+@pytest.mark.parametrize("flags", [[], ["-u"]])
+def test_the_childs_streams_are_buffered_as_the_launchers(flags: list[str]) -> None:
+    """`python -u`, PYTHONUNBUFFERED: stdout and stderr on unbuffered files (write_through
+    alone left a block buffer that nothing flushed: warm output came in blocks)."""
+    own, made = json.loads(
+        subprocess.run(
+            [sys.executable, *flags, "-c", _STREAMS],
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert made == own
+    assert own[1][0] == ("FileIO" if flags else "BufferedWriter")
+
+
+_FOREGROUND = "from cli.warm_client import in_foreground; print(in_foreground())"
+
+
+def test_the_terminal_may_be_stdin_when_stderr_is_redirected() -> None:
+    """`neon pg list 2>log` at a prompt: the launcher is still in the terminal's foreground
+    group (its Ctrl-C goes to the whole group of the command: so must the launcher's)."""
+    leader, terminal = os.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        got = [
+            subprocess.run(
+                [sys.executable, "-c", _FOREGROUND],
+                stdin=stdin,
+                capture_output=True,
+                text=True,
+                check=True,
+                preexec_fn=own_terminal if stdin == terminal else None,
+            ).stdout
+            for stdin in (terminal, subprocess.DEVNULL)
+        ]
+    finally:
+        os.close(terminal)
+        os.close(leader)
+    assert got == ["True\n", "False\n"]
+
+
+def test_a_launcher_ended_by_its_childs_core_dumping_signal_dumps_no_core(
+    warm: NeonCli, tmp_path: Path
+) -> None:
+    """SIGQUIT: the warm child dumps its core (core_pattern permitting); the launcher, which
+    then ends by the same signal, writes none over it."""
+
+    def launcher() -> None:
+        os.chdir(tmp_path)
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True), launcher)
+        assert child
+        proc.send_signal(signal.SIGQUIT)
+        _pid, status = os.waitpid(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.communicate(timeout=WAIT)
+    for core in tmp_path.glob("core*"):  # the child's (tens of MiB)
+        core.unlink()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGQUIT
+    assert not os.WCOREDUMP(status)
+
+
+def test_the_socket_path_leaves_room_for_the_name_bound_first(tmp_path: Path) -> None:
+    """The server binds the socket's name + ".tmp", then renames it: that must fit too
+    (before: paths of 104-107 bytes made the server fail at every daemon start)."""
+    room = SUN_PATH_MAX - len(os.fsencode(tmp_path / "a" / SOCKET_NAME)) - len(".tmp")
+    fits = tmp_path / ("a" * (1 + room))
+    assert socket_path(fits) is not None
+    assert socket_path(tmp_path / ("a" * (2 + room))) is None
+    fits.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(fits / (SOCKET_NAME + ".tmp")))
+
+
+def test_a_module_rewritten_with_its_old_time_is_changed(tmp_path: Path) -> None:
+    """A source file rewritten or replaced keeping its modification time (`cp -p`, a
+    checkout's restore) is a change: its size or inode differ."""
+    module = tmp_path / "m.py"
+    module.write_text("A = 1\n")
+    mtime = module.stat().st_mtime_ns
+    modules = _Modules({"m": (str(module), _version(str(module)))})
+    assert modules.changed() is None
+    module.write_text("A = 12\n")
+    os.utime(module, ns=(mtime, mtime))
+    assert modules.changed() == str(module)
 
 
 def test_the_server_goes_with_its_daemon(warm: NeonCli) -> None:
