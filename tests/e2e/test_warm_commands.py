@@ -119,14 +119,38 @@ def _blocked_pg_list(
         text=True,
         preexec_fn=preexec,
     )
-    deadline = time.monotonic() + 3.0  # far past a cold command's start, even under load
-    while time.monotonic() < deadline and not set(_children(server)) - before:
-        time.sleep(0.05)
-    time.sleep(1.0)  # the child, if any, waits on the daemon by now
-    assert proc.poll() is None, proc.communicate()
+
+    def waiting() -> bool:  # the launcher's imports done, or the child's start
+        assert proc.poll() is None, proc.communicate()
+        return any(_connected(p) for p in [proc.pid, *(set(_children(server)) - before)])
+
+    try:
+        _until("pg list connected to the daemon", waiting)
+    except BaseException:
+        proc.kill()  # and the warm child with it (the server's _launcher_gone)
+        proc.communicate(timeout=WAIT)
+        raise
     children = set(_children(server)) - before
     assert len(children) <= 1
     return proc, children.pop() if children else 0
+
+
+def _connected(pid: int) -> bool:
+    """Whether process `pid` has an established TCP connection (`neon`'s to its daemon)."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        tables = [Path(f"/proc/{pid}/net/{t}").read_text() for t in ("tcp", "tcp6")]
+    except OSError:  # gone, or a descriptor closed meanwhile: not yet
+        return False
+    sockets = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+    rows = [line.split() for table in tables for line in table.splitlines()[1:]]
+    return any(row[3] == "01" and row[9] in sockets for row in rows)  # 01: ESTABLISHED
+
+
+def _children_faults(pid: int) -> int:
+    """cminflt of /proc/PID/stat: the minor page faults of its reaped children (a forked
+    child that ran a command has many: the server's pages it wrote to were copied)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[8])
 
 
 def _interrupted(neon: NeonCli, warm: bool, **extra: str) -> tuple[int, str, str, bool]:
@@ -148,12 +172,15 @@ def test_warm_and_cold_commands_print_and_exit_alike(warm: NeonCli) -> None:
         ("storage", "list"),
         ("pg", "checkout", "nosuch@s"),
     ):
+        server = _server_pid(warm)
+        faults = _children_faults(server)
         got = [
             subprocess.run(
                 [NEON, *args], env=_env(warm, w), capture_output=True, text=True, check=False
             )
             for w in (True, False)
         ]
+        assert _children_faults(server) > faults, f"{args} ran in a child of the server"
         assert (got[0].returncode, got[0].stdout, got[0].stderr) == (
             got[1].returncode,
             got[1].stdout,
