@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.launch import SOCKET_NAME
+from cli.launch import HANDSHAKE_TIMEOUT, SOCKET_NAME
 from cli.warm_server import (
     IMPORT_TIME_ENV,
     IMPORT_TIME_ENV_PREFIXES,
@@ -403,6 +403,34 @@ def test_a_server_that_cannot_fork_has_the_launcher_run_the_command(warm: NeonCl
         _out, log = server.communicate(timeout=WAIT)
     assert "warm server: cannot fork" in log, log
     assert (got.returncode, got.stdout, got.stderr) == (0, "[]\n", "")
+
+
+def test_a_server_that_never_answers_leaves_the_command_to_the_launcher(
+    warm: NeonCli, tmp_path: Path
+) -> None:
+    """A stuck server (it accepts, it never answers): after HANDSHAKE_TIMEOUT the launcher
+    runs the command itself, as a cold one."""
+    path = warm.home / "pageserver" / SOCKET_NAME
+    path.unlink()  # the real server's socket: it goes on listening, unreachable
+    out, err = tmp_path / "out", tmp_path / "err"
+    with socket.socket(socket.AF_UNIX) as stuck, out.open("w") as stdout, err.open("w") as stderr:
+        stuck.bind(str(path))
+        stuck.listen(4)
+        try:  # files, not pipes: the request never accepted holds the launcher's 0-2
+            start = time.monotonic()
+            code = subprocess.call(
+                [NEON, "pg", "list", "--json"],
+                env=_env(warm, True),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                timeout=WAIT + HANDSHAKE_TIMEOUT,
+            )
+            took = time.monotonic() - start
+        finally:
+            path.unlink()
+    assert (code, out.read_text(), err.read_text()) == (0, "[]\n", "")
+    assert took >= HANDSHAKE_TIMEOUT
 
 
 def test_a_dead_server_leaves_the_launcher_waiting_for_its_command(warm: NeonCli) -> None:
