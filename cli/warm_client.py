@@ -140,15 +140,14 @@ class _Forwarder:
                 self.previous[signum] = signal.signal(signum, self._job_control)
 
     def _job_control(self, signum: int, _frame: FrameType | None) -> None:
-        """Ctrl-Z (SIGTSTP) stops the child, then this process as the default action would;
-        the shell's `fg`/`bg` (SIGCONT) continues both. The child's session has no terminal,
-        so a SIGTSTP would be discarded there (an orphaned process group): it gets SIGSTOP."""
+        """Ctrl-Z (SIGTSTP) stops the child, then this process; the shell's `fg`/`bg`
+        (SIGCONT) continues both. Both with SIGSTOP: the child's session has no terminal, so
+        a SIGTSTP would be discarded there (an orphaned process group), and so would this
+        process's own where its group is orphaned, leaving the child stopped for good."""
         if signum == signal.SIGTSTP:
             if self.pid:
                 self.send(signal.SIGSTOP)
-            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until a SIGCONT
-            signal.signal(signal.SIGTSTP, self._job_control)
+            os.kill(os.getpid(), signal.SIGSTOP)  # stopped here until a SIGCONT
         elif self.pid:
             self.send(signal.SIGCONT)
 
