@@ -173,10 +173,11 @@ class BackgroundWorker:
         with self._cond:
             return bool(self._jobs) or self._running
 
-    def queued_for(self, key: str) -> bool:
-        """Whether a job for `key` waits to run after the running one."""
+    @property
+    def queued(self) -> bool:
+        """Whether a job waits to run after the running one."""
         with self._cond:
-            return key in self._jobs
+            return bool(self._jobs)
 
     def notify(self) -> None:
         """Wake `wait`'s callers to check again (a job's work ended on another thread)."""

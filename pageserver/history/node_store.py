@@ -443,15 +443,12 @@ class NodeStore:
             upto = max(upto, self._requested.get(timeline.timeline_id, -1))
         index.flush()
         # A merged group's publication (fsync, rename, manifest) is left to the timeline's
-        # publisher while a job of the same timeline waits to take the next group (the
-        # flusher packs it meanwhile); that timeline's last job waits for it, so an idle
-        # flusher has every timeline's layers durable. Not while another timeline's job
-        # waits: that job waits only for its own timeline's publisher.
-        key = timeline.timeline_id
+        # publisher while a job waits to take the next group (the flusher packs it
+        # meanwhile); the last job waits for it, so an idle flusher has everything durable.
         timeline.flush_frozen_layers(
             upto,
             merge=merge,
-            wait=lambda: not self.flusher.queued_for(key),
+            wait=lambda: not self.flusher.queued,
             published=self.flusher.notify,
         )
         self._request_compaction(timeline)

@@ -232,9 +232,8 @@ def test_an_l0_run_before_a_merged_flush_is_merged_alone(
 
 
 KILLED_FLUSH = """
-import os, sys, threading, time
+import sys, threading, time
 from pathlib import Path
-from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import NodeStore, StorageHistory
 from pageserver.storage import compaction, timeline as timeline_module
 from pageserver.storage.layers.delta import DeltaLayerWriter
@@ -265,26 +264,18 @@ elif where == "manifest":  # every L1 file published, the manifest not written y
         return write_manifest(directory, manifest)
     timeline_module.write_manifest = writing
 elif where == "queued":  # the first group's manifest waits while the next group is packed
-    # The daemon's flusher: two jobs, the second requested while the first packs its group.
-    node_store_module.MAX_FROZEN_LAYERS = 1 << 30  # the decode thread never waits here
-    packing, asked, packed = threading.Event(), threading.Event(), threading.Event()
-    merge_frozen, merges = node_store_module.merge_frozen, [0]
+    packed, merge_frozen, merges = threading.Event(), compaction.merge_frozen, [0]
     def merging(*args):
-        merges[0] += 1
-        if merges[0] == 1:
-            packing.set()
-            assert asked.wait(60)
         outputs = merge_frozen(*args)
+        merges[0] += 1
         if merges[0] == 2:
             packed.set()
         return outputs
-    node_store_module.merge_frozen = merging
+    compaction.merge_frozen = merging
     write_manifest = timeline_module.write_manifest
     def writing(directory, manifest):
         if any(not e.name.is_l0 and not e.name.is_image for e in manifest.layers):
-            if not packed.wait(20):  # the next group waited for this manifest
-                print("not packed meanwhile", flush=True)
-                os._exit(1)
+            assert packed.wait(60), "the next group was not packed meanwhile"
             stop()
         return write_manifest(directory, manifest)
     timeline_module.write_manifest = writing
@@ -293,19 +284,18 @@ store = NodeStore(StorageHistory(root, SETTINGS), "n")
 records = [r for r in workload.records if r.end_lsn <= upto]
 raws = workload.raws[: len(records)]
 half = len(records) // 2
-if where == "queued":
-    store.catching_up.hold_for(3600)  # its flushes merged
 for i in range(0, len(records), 500):
     if where == "queued" and i <= half < i + 500:
         store.timeline.freeze()
-        store.maybe_flush()  # the first job: the layers so far
-        assert packing.wait(60)
+        first = store.timeline.frozen_upto
     store.ingest_batch(records[i : i + 500], [r.data for r in raws[i : i + 500]])
 print("durable", store.timeline.disk_consistent_lsn, flush=True)
-if where == "queued":
+if where == "queued":  # as the flusher does while a job waits: publications left queued
     store.timeline.freeze()
-    store.maybe_flush()  # the next job, queued behind the running one
-    asked.set()
+    for group_end in (first, None):
+        store.timeline.flush_frozen_layers(
+            group_end, merge=compaction.merge_frozen, wait=lambda: False
+        )
     time.sleep(600)
 store.timeline.freeze_and_flush(merge=compaction.merge_frozen)
 print("done", flush=True)
@@ -330,10 +320,8 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
     where: str,
 ) -> None:
     """SIGKILL while a merged flush publishes its files, after they are all published but
-    before the manifest names them (`queued`: the daemon's flusher with a second job asked
-    for while the first packs; the first's manifest waits on the publisher thread until the
-    flusher has packed the next group, which the old flush, writing its manifest on the
-    flusher, never let happen), or after it: the store
+    before the manifest names them (`queued`: that manifest waits on the publisher thread
+    while the next group is packed and its files queued behind it), or after it: the store
     reopens naming whole files only,
     at the last manifest's disk_consistent_lsn (the import's, or the flush's end), and the
     records above it ingested again give the pages of a store that never crashed."""
@@ -376,7 +364,7 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
         reference.history.close()
 
 
-@pytest.mark.parametrize("failing", ["publish", "manifest", "publish-then-discard"])
+@pytest.mark.parametrize("failing", ["publish", "manifest"])
 def test_a_failed_publication_drops_the_groups_queued_behind_it(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
@@ -387,14 +375,11 @@ def test_a_failed_publication_drops_the_groups_queued_behind_it(
     while the next group is queued behind it: disk_consistent_lsn stays, the next group's
     files are deleted and its layers stay frozen, every page stays readable, the next flush
     raises the error and the one after writes everything (whole files, all named, pages
-    equal to the L0 path's). publish-then-discard: the next group's discard of its files
-    raises too (after deleting them): its layers are still counted out of the ones being
-    published (counted in, the flush after took the wrong layers: 'flushed twice')."""
+    equal to the L0 path's)."""
     store, reference = fresh(tmp_path / "s", workload), fresh(tmp_path / "l0", workload)
     reference.merge_flushes = False
     timeline = store.timeline
     gate, failed = threading.Event(), []
-    discarded: list[int] = []
 
     def fail() -> None:
         if not failed:
@@ -403,16 +388,7 @@ def test_a_failed_publication_drops_the_groups_queued_behind_it(
             raise OSError(errno.EIO, "injected I/O error")
 
     def inject() -> None:  # once the reference is written: only the store's files fail
-        if failing == "publish-then-discard":
-            discard = timeline_module.discard_layers
-
-            def discarding(layers: list[Any]) -> None:
-                discard(layers)
-                discarded.append(len(layers))
-                raise OSError(errno.EIO, "injected discard error")
-
-            monkeypatch.setattr(timeline_module, "discard_layers", discarding)
-        if failing.startswith("publish"):
+        if failing == "publish":
             publish = blocks.LayerFileWriter.publish
 
             def publishing(self: blocks.LayerFileWriter, file_name: str) -> Path:
@@ -451,13 +427,10 @@ def test_a_failed_publication_drops_the_groups_queued_behind_it(
         with pytest.raises(OSError, match="injected"):
             timeline.flush_frozen_layers(merge=compaction.merge_frozen)
         assert timeline.disk_consistent_lsn == durable
-        assert bool(discarded) == (failing == "publish-then-discard")
         assert timeline.frozen_count > 0  # the next group's layers at least
         assert read_all(timeline, last) == read_all(reference.timeline, last)
         timeline.flush_frozen_layers(merge=compaction.merge_frozen)
         assert timeline.disk_consistent_lsn == last and timeline.frozen_count == 0
-        # merged, every layer: none left counted as being published (and so skipped)
-        assert not [x for x in timeline.layer_map().level0() if x.lsn_start > durable]
         check_directory(timeline.directory)
         for lsn in sample_lsns(workload, 4):
             assert read_all(timeline, lsn) == read_all(reference.timeline, lsn), lsn
@@ -523,40 +496,6 @@ def test_a_lone_frozen_layer_is_written_at_once_as_l1_layers(
         for s in (store, reference):
             s.close()
             s.history.close()
-
-
-def test_a_flush_job_leaves_its_publication_only_to_a_job_of_its_timeline(
-    workload: Workload,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    """A merged flush job returns before its group is published only while a job of the
-    same timeline waits (that job waits for it); while only another timeline's job waits,
-    it waits itself (the other job waits only for its own timeline's publisher, and an idle
-    flusher must mean every timeline durable)."""
-    store = fresh(tmp_path / "s", workload)
-    timeline = store.timeline
-    original = timeline.flush_frozen_layers
-    answers: list[bool] = []
-
-    def flushing(upto: int | None = None, merge: Any = None, **kwargs: Any) -> None:
-        wait = kwargs["wait"]
-        store.flusher.request("another-timeline", lambda: None)
-        answers.append(wait())
-        store.flusher.request(timeline.timeline_id, lambda: None)
-        answers.append(wait())
-        original(upto, merge, **kwargs)
-
-    timeline.flush_frozen_layers = flushing  # type: ignore[method-assign]
-    try:
-        frozen_feeder(store, workload)(1)
-        store.flusher.wait_idle()
-        assert answers == [True, False]
-        timeline.flush_frozen_layers = original  # type: ignore[method-assign]
-        store.make_durable()
-        assert timeline.disk_consistent_lsn == timeline.last_record_lsn
-    finally:
-        store.close()
-        store.history.close()
 
 
 @pytest.mark.parametrize("step", [1, 7, 10_000])
