@@ -447,6 +447,11 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
     _require_ready(node)
     status = node_status(app, node)
     if status.state == "running":
+        # Followed again: a `pg stop` or `pg checkout` killed after it paused the following
+        # (stop_node) but before the node went down left it running unfollowed; its writes
+        # would reach the history only at its next start, and a checkout then waited 30 s for
+        # a shutdown checkpoint nothing streamed.
+        register_with_pageserver(app, node)
         return status
     if status.state == "crashed":
         dead = postmaster.read_pid_file(node.datadir)

@@ -14,9 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from cli.context import App
+from cli.pageserver_control import local_api
+from pageserver_api.models import NodePauseRequest
 from tests.e2e.test_ingest_wait import receiver_pid
 from tests.neoncli import NEON, NeonCli, psql
 from tests.pgtest import free_port
+from tests.security.test_port_squatter import followed
 
 
 def node_with_snapshot(neon: NeonCli) -> str:
@@ -142,3 +146,23 @@ def test_a_refused_checkout_starts_the_stopped_replica_again(neon: NeonCli) -> N
     while psql(r, "SELECT count(*) FROM t") != "151":
         assert time.monotonic() < deadline, "the replica does not replay"
         time.sleep(0.2)
+
+
+def test_pg_start_follows_again_a_running_node_a_killed_stop_left_unfollowed(
+    neon: NeonCli,
+) -> None:
+    """`pg stop` (and `pg checkout`) pause the node's following before they stop it; killed
+    in between, they leave the node running unfollowed. `pg start` of the running node
+    follows it again: it returned at once, so the checkout run next waited 30 s for a
+    shutdown checkpoint nothing streamed and was refused (the CI's flaky
+    test_checkout_killed_midway_rolls_forward)."""
+    c = node_with_snapshot(neon)
+    local_api(App.open(neon.home), start=False).node_pause(NodePauseRequest("primary1"))
+    assert followed(neon)["paused"] is True
+    neon.run("pg", "start", "pgdata1")
+    assert followed(neon)["paused"] is False
+    psql(c, "INSERT INTO t SELECT generate_series(1, 50)")
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert psql(c, "SELECT count(*) FROM t") == "100"
+    neon.run("pg", "checkout", "pgdata1@HEAD{0}")
+    assert psql(c, "SELECT count(*) FROM t") == "150"
