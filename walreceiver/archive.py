@@ -75,6 +75,9 @@ class WalArchive:
         self.timeline = 0
         self.written_lsn = 0
         self.flushed_lsn = 0
+        self.attempted_lsn = 0
+        """The end of the WAL last asked to be written: past written_lsn after a failed
+        write, whose bytes may be in the file in part."""
         self._fd: int | None = None
         self._segno = -1
         self._dirty = False
@@ -220,6 +223,7 @@ class WalArchive:
                 f"WAL chunk at {format_lsn(lsn)} does not continue the archive at "
                 f"{format_lsn(self.written_lsn)}"
             )
+        self.attempted_lsn = lsn + len(data)
         view = memoryview(data)
         while view:
             if self._fd is None:  # the previous segment just completed

@@ -34,7 +34,7 @@ from pg15.xlog_reader import RawRecord, WalReader
 from proto.aio import wait_event
 from proto.errors import CorruptData, NeonError, Unavailable
 from walreceiver.archive import WalArchive
-from walreceiver.receiver import ConnParams, WalChunk
+from walreceiver.receiver import ConnParams, ReceiverState, WalChunk
 from walreceiver.replication import connect
 from walreceiver.replication_auth import SCRAM_ONLY, TRUST_OR_SCRAM, parse_auth_methods
 
@@ -91,6 +91,9 @@ class NodeFollower:
         """Why ingest waits (its storage is full or read-only); it retries until it can write."""
         self.receive_error: str | None = None
         """Why the last receiver process failed; kept (across its retries) until WAL flows."""
+        self._receive_stalled_at: int | None = None
+        """Where the receiver's archive write failed on a full or read-only storage: the
+        stall lasts until WAL is durable past it."""
         self.stream_ended = False
         self._decoded_lsn = 0
         self._task: asyncio.Task[None] | None = None
@@ -244,7 +247,12 @@ class NodeFollower:
     # decoding
 
     def _on_progress(self, receiver: ReceiverProcess) -> None:
-        """The receiver reported; let the decoder read what became durable."""
+        """The receiver reported: let the decoder read what became durable, and say what
+        failed."""
+        self._advance_durable(receiver)
+        self._note_receiver_error(receiver)
+
+    def _advance_durable(self, receiver: ReceiverProcess) -> None:
         timeline, lsn = receiver.timeline, receiver.flushed_lsn
         if not timeline or not lsn:
             return
@@ -256,7 +264,9 @@ class NodeFollower:
             # it passes what the old one had, the old files are the ones to read.
             if lsn <= old:
                 return
-            self.receive_error = None  # WAL flows again
+            if self._receive_stalled_at is None or lsn > self._receive_stalled_at:
+                self.receive_error = None  # WAL flows again
+                self._receive_stalled_at = None
             self._durable = (timeline, lsn)
             self._cond.notify_all()
         self.stream_ended = False
@@ -264,6 +274,25 @@ class NodeFollower:
             self.metrics.inc(
                 "pageserver_wal_received_bytes_total", lsn - old, node=self.node.node_id
             )
+
+    def _note_receiver_error(self, receiver: ReceiverProcess) -> None:
+        """A receiver that reports a failure stalls ingest from that report on, not from
+        when its process has exited (`_run`): that may take a while, and `ingest` said ok
+        meanwhile while the archive could not be written."""
+        if receiver.last_error is None:
+            return
+        if receiver.last_errno in STALL_ERRNOS:
+            self.receive_error = str(receiver.last_error)
+            # The failed write may have put part of its bytes in the archive: the next
+            # receiver resumes after them and reports them flushed, which is no new room.
+            self._receive_stalled_at = max(
+                receiver.received_lsn,
+                receiver.flushed_lsn,
+                receiver.attempted_lsn,
+                self._receive_stalled_at or 0,
+            )
+        elif receiver.state == ReceiverState.FAILED:
+            self.receive_error = str(receiver.last_error)
 
     def _decode_loop(self) -> None:
         archive: WalArchive | None = None

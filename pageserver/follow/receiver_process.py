@@ -61,8 +61,12 @@ class ReceiverProcess:
         self.timeline = 0
         self.received_lsn = 0
         self.flushed_lsn = 0
+        self.attempted_lsn = 0
+        """The end of the WAL the child last tried to write to its archive."""
         self.segment_size = 0
         self.last_error: ReceiverFailed | None = None
+        self.last_errno: int | None = None
+        """The errno of last_error when the child failed on an OSError (its archive's)."""
         self.end_reason: str | None = None
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -143,6 +147,7 @@ class ReceiverProcess:
                     self.end_reason = str(event["ended"])
                 elif "failed" in event:
                     failure = str(event["failed"])
+                    self.last_errno = _errno_of(event)
                 else:
                     self._apply(event)
             code = await proc.wait()
@@ -175,9 +180,11 @@ class ReceiverProcess:
         self.timeline = int(event["timeline"]) or self.timeline  # type: ignore[call-overload]
         self.received_lsn = int(event["received"]) or self.received_lsn  # type: ignore[call-overload]
         self.flushed_lsn = int(event["flushed"]) or self.flushed_lsn  # type: ignore[call-overload]
+        self.attempted_lsn = int(event.get("attempted") or 0) or self.attempted_lsn  # type: ignore[call-overload]
         self.segment_size = int(event["segment_size"]) or self.segment_size  # type: ignore[call-overload]
         error = event.get("error")
         self.last_error = ReceiverFailed(str(error)) if error else None
+        self.last_errno = _errno_of(event) if error else None
         self.on_progress(self)
 
     def retry_now(self) -> None:
@@ -238,3 +245,8 @@ class ReceiverProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.shield(proc.wait())
+
+
+def _errno_of(event: dict[str, object]) -> int | None:
+    value = event.get("errno")
+    return value if isinstance(value, int) else None

@@ -104,7 +104,13 @@ def test_full_storage_stalls_ingest_and_loses_nothing(neon: NeonCli) -> None:
                 # rest of the filesystem but a little is taken.
                 psql(c, "SELECT pg_switch_wal()")
                 psql(c, "SELECT pg_logical_emit_message(false, 'neon', 'x')")
-                caught_up = parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()"))
+                # Written by the WAL writer, a moment later (a non-transactional message is
+                # not flushed by its statement): the segment exists once it is flushed.
+                caught_up = parse_lsn(psql(c, "SELECT pg_current_wal_insert_lsn()"))
+                wait_until(
+                    "the server's flush of the new segment",
+                    lambda: parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()")) >= caught_up,
+                )
                 wait_until(
                     "ingest of the switch",
                     lambda: parse_lsn(str(node_wal(neon)["decoded_lsn"])) >= caught_up,
