@@ -548,6 +548,16 @@ def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, A
         received = info.flushed_lsn_int or 0
         ingested = info.ingested_lsn_int or 0
         ingest = info.ingest or "ok"
+        error = info.ingest_error or (info.last_error if info.state != "streaming" else None)
+        if status.state == "running" and info.paused and ingest == "ok":
+            # A `pg stop` or `pg checkout` killed between pausing the following and stopping
+            # the node: its writes reach the history only once it is followed again.
+            ingest = "paused"
+            error = (
+                f"the pageserver does not follow the running node (a `neon pg stop` or `neon pg "
+                f"checkout` was interrupted); run `neon pg start {status.node.pgdata}` to "
+                "follow it again"
+            )
 
         result[status.node.id] = {
             "stream": info.state,
@@ -562,7 +572,7 @@ def wal_positions(app: App, statuses: list[NodeStatus]) -> dict[str, dict[str, A
             "lag_bytes": _behind(server_lsn, ingested),
             "receive_lag_bytes": _behind(server_lsn, received),
             "ingest": ingest,
-            "error": info.ingest_error or (info.last_error if info.state != "streaming" else None),
+            "error": error,
         }
     return result
 

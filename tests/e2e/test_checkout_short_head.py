@@ -159,6 +159,10 @@ def test_pg_start_follows_again_a_running_node_a_killed_stop_left_unfollowed(
     c = node_with_snapshot(neon)
     local_api(App.open(neon.home), start=False).node_pause(NodePauseRequest("primary1"))
     assert followed(neon)["paused"] is True
+    wal = neon.json("pg", "show", "pgdata1")["wal"]
+    assert wal["ingest"] == "paused", wal
+    assert "run `neon pg start pgdata1`" in wal["error"], wal
+    assert "WAL ingest paused" in neon.run("pg", "list").stdout
     neon.run("pg", "start", "pgdata1")
     assert followed(neon)["paused"] is False
     psql(c, "INSERT INTO t SELECT generate_series(1, 50)")
