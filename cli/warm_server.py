@@ -68,10 +68,16 @@ PRELOAD = (
 """What the allowed commands import (a module not here is imported by the child: slower,
 never wrong)."""
 LATER_PRELOAD = ("aiobotocore.session",)
-"""An s3 push's client library: ~0.23 s of CPU and ~20 MiB, imported only once the server
-has been idle LATER_SECONDS since its start and its last command (tests and benchmarks start
-many short-lived daemons: it would compete with their next command)."""
+"""An s3 push's client library: ~0.23 s of CPU and ~20 MiB (with S3's models parsed,
+`cli.transport.s3.preload_models`), imported at the server's start where a warm command of
+this daemon needed it within LATER_HINT_SECONDS (the LATER_HINT file), else only once the
+server has been idle LATER_SECONDS since its start and its last command (tests and benchmarks
+start many short-lived daemons that never push to S3: it would compete with their next
+command)."""
 LATER_SECONDS = 5.0
+LATER_HINT = "warm-later"
+"""Beside the socket: touched by a warm command that imported LATER_PRELOAD itself."""
+LATER_HINT_SECONDS = 7 * 86400.0
 IMPORT_TIME_ENV = frozenset(
     {
         "NEON_S3_PART_SIZE",  # cli.transport.s3
@@ -204,12 +210,32 @@ class _Server:
         self.later = time.monotonic() + LATER_SECONDS
         self.logged: set[str] = set()  # companion.stderr: each reason to run cold once
 
-    def preload(self, names: tuple[str, ...]) -> None:
+    def preload_later(self) -> None:
+        """LATER_PRELOAD, and S3's models parsed for the children's clients."""
+        self.later = float("inf")
+        self.preload(LATER_PRELOAD, "cli.transport.s3.preload_models")
+
+    def hinted(self) -> bool:
+        """A warm command of this daemon needed LATER_PRELOAD lately (LATER_HINT)."""
+        try:
+            age = time.time() - os.stat(self.path.with_name(LATER_HINT)).st_mtime
+        except OSError:
+            return False
+        return age < LATER_HINT_SECONDS
+
+    def preload(self, names: tuple[str, ...], then: str | None = None) -> None:
+        """Import `names`, then call the function `then` names (module.function)."""
         for name in names:
             try:
                 importlib.import_module(name)
             except Exception as exc:  # an optional module missing: its commands import it
                 print(f"warm server: cannot preload {name}: {exc}", file=sys.stderr)
+        if then is not None:
+            module, _, function = then.rpartition(".")
+            try:
+                getattr(importlib.import_module(module), function)()
+            except Exception as exc:  # its commands do without
+                print(f"warm server: {then} failed: {exc}", file=sys.stderr)
         if sys.modules.get("threading") and sys.modules["threading"].active_count() > 1:
             # a fork copies one thread and whatever locks the others held: never serve then
             raise SystemExit(f"warm server: preloading {names} started a thread")
@@ -254,8 +280,7 @@ class _Server:
             if self.running:  # idle is counted from the last command's end
                 self.later = max(self.later, time.monotonic() + LATER_SECONDS)
             elif self.listener is not None and time.monotonic() > self.later:
-                self.later = float("inf")
-                self.preload(LATER_PRELOAD)
+                self.preload_later()
             poller = select.poll()
             poller.register(self.wake_r, select.POLLIN)
             if self.listener is not None:
@@ -468,11 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != server.parent:
         return 0
     server.preload(PRELOAD)
+    if server.hinted():
+        server.preload_later()
     server.listen()
     request = server.serve()
     if request is None:
         server.stop_listening()
         return STALE_EXIT if server.stale else 0
+    later = server.later == float("inf")  # the hint's path is absolute: the child moves
+    hint = None if later else Path(os.path.abspath(server.path.with_name(LATER_HINT)))
     # kept open (close-on-exec) until the command's end: a launcher whose server died
     # waits for it (warm_client's note)
     request.pop("conn").detach()
@@ -481,8 +510,20 @@ def main(argv: list[str] | None = None) -> int:
     _become_command(request)
     from cli.main import main as command
 
-    command()
+    try:
+        command()
+    finally:
+        if hint is not None:
+            note_later_use(hint)
     return 0
+
+
+def note_later_use(hint: Path) -> None:
+    """In a child that imported LATER_PRELOAD itself: touch `hint`, so that the next server
+    of this daemon's directory preloads it at its start (a home that pushes to S3)."""
+    if any(name in sys.modules for name in LATER_PRELOAD):
+        with contextlib.suppress(OSError):
+            hint.touch()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from cli.launch import HANDSHAKE_TIMEOUT, SOCKET_NAME
 from cli.warm_server import (
     IMPORT_TIME_ENV,
     IMPORT_TIME_ENV_PREFIXES,
+    LATER_HINT,
+    LATER_HINT_SECONDS,
     _Modules,
     _version,
     socket_path,
@@ -619,3 +621,41 @@ def test_every_import_time_environment_read_is_listed() -> None:
     assert not unlisted, unlisted
     # the trace sees cli.transport.s3's module-level read and botocore's in a function
     assert {"NEON_S3_PART_SIZE", "AWS_NEW_RETRIES_2026"} <= set(read), read
+
+
+def _maps_aiohttp(pid: int) -> bool:
+    """aiohttp's C parser is mapped: the server has imported LATER_PRELOAD."""
+    return "aiohttp/_http_parser" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_daemon_whose_warm_command_used_s3_preloads_it_at_the_next_start(
+    warm: NeonCli,
+) -> None:
+    """A warm command that imported the S3 client itself leaves LATER_HINT, and the next
+    server preloads it (and S3's models) before it listens: bench.exchange's incremental s3
+    push met a fresh daemon whose server would load it only after 5 s idle, so the command
+    paid ~0.3 s for it as a cold one does; a home that never used S3 pays nothing at start."""
+    hint = warm.home / "pageserver" / LATER_HINT
+    assert not hint.exists()
+    warm.run("pageserver", "stop")
+    warm.run("pageserver", "start")
+    assert not _maps_aiohttp(_server_pid(warm))  # no hint: not at start
+    from tests.s3d import moto_s3
+
+    with moto_s3() as s3:
+        bucket = s3.new_bucket()
+        env = {**warm.env(), **s3.env(), "NEON_WARM": "1"}
+        pull = subprocess.run(
+            [NEON, "snapshot", "pull", "--from", f"s3://{bucket}/p/x.neon"],
+            env=env, capture_output=True, text=True, timeout=WAIT,
+        )  # fmt: skip
+    assert pull.returncode != 0 and "x.neon" in pull.stderr, pull.stderr
+    assert hint.exists()  # the child imported aiobotocore (the server had not yet)
+    warm.run("pageserver", "stop")
+    warm.run("pageserver", "start")
+    server = _server_pid(warm)
+    assert _maps_aiohttp(server)  # loaded before the socket was there
+    os.utime(hint, (time.time() - LATER_HINT_SECONDS - 60,) * 2)
+    warm.run("pageserver", "stop")
+    warm.run("pageserver", "start")
+    assert not _maps_aiohttp(_server_pid(warm))  # an old hint: as without one

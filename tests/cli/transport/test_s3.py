@@ -446,6 +446,38 @@ async def test_clients_load_models_without_scanning_every_service(
         loader.load_service_model("no-such-service", "service-2")
 
 
+async def test_preloaded_models_serve_every_session_s_client(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `preload_models` (the warm server's, before it forks) a session's client and a
+    push's requests read no model file: a warm child's first client parsed S3's models and
+    botocore's shared data again (~35 ms of its CPU)."""
+    from botocore.loaders import JSONFileLoader
+
+    monkeypatch.setattr(s3, "_LOADERS", {})
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    s3.preload_models()
+    read: list[str] = []
+    plain_load = JSONFileLoader.load_file
+
+    def counted_load(self: JSONFileLoader, file_path: str) -> object:
+        data = plain_load(self, file_path)
+        if data is not None:  # (a model's optional extras are looked for, none found)
+            read.append(file_path)
+        return data
+
+    monkeypatch.setattr(JSONFileLoader, "load_file", counted_load)
+    store = parse_location(s3_bucket.url("x.neon")).store
+    async with await store.open_write("x.neon", overwrite=False) as writer:
+        await writer.write(b"z" * 1000)
+    assert await store.stat("x.neon") is not None
+    assert [o.name for o in await store.list()] == ["x.neon"]
+    assert read == []
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another")  # another session, the same loader
+    assert await store.stat("x.neon") is not None
+    assert len(s3._SESSIONS) == 2 and read == []
+
+
 async def test_a_push_s_stat_and_upload_share_one_client(
     s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
