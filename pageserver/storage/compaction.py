@@ -545,23 +545,44 @@ pass of a catch-up ran on one core while the other idled: bench.ingest's headlin
 it)."""
 
 
+IMAGE_WORKER_LOOKS = 3
+"""Readings `image_workers` takes, IMAGE_WORKER_GAP apart, before it settles on one thread."""
+
+IMAGE_WORKER_GAP = 0.001
+"""Seconds between two of them: a task runnable for a moment (the journal's commit after the
+last layer's fsync, a pool thread of this process still counted runnable system-wide when its
+own state is read) passes in less."""
+
+
 def image_workers() -> int:
     """IMAGE_WORKERS while other processes leave a core free (the tasks runnable by
     /proc/loadavg, less this process's running threads: its pools finish the last flush as the
     pass begins, then wait), else 1: on a busy box the threads got no second core and
     contended for the GIL (the final pass of bench.ingest replayed at load 5: 0.45-0.67 s on
     two threads against 0.36-0.43 s on one; at load 1.4-2.8 two: 0.25-0.28 against 0.31-0.44
-    s)."""
+    s). A core counts as free if any of IMAGE_WORKER_LOOKS readings finds it so: one reading
+    is a single instant, and a task passing through it cost a quiet box's final pass its
+    second thread."""
     try:
-        with open("/proc/loadavg") as f:
-            runnable = int(f.read().split()[3].split("/")[0])
-        ours = 0
-        for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/stat") as f:
-                ours += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        for look in range(IMAGE_WORKER_LOOKS):
+            if look:
+                time.sleep(IMAGE_WORKER_GAP)
+            if _others_runnable() < len(os.sched_getaffinity(0)):
+                return IMAGE_WORKERS
     except (OSError, ValueError, IndexError):  # not Linux
         return IMAGE_WORKERS
-    return IMAGE_WORKERS if runnable - ours < len(os.sched_getaffinity(0)) else 1
+    return 1
+
+
+def _others_runnable() -> int:
+    """Tasks runnable on the box now (/proc/loadavg) less this process's running threads."""
+    with open("/proc/loadavg") as f:
+        runnable = int(f.read().split()[3].split("/")[0])
+    ours = 0
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/stat") as f:
+            ours += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    return runnable - ours
 
 
 def _one_at_a_time(cancelled: Cancelled | None, failed: threading.Event) -> Cancelled:

@@ -157,25 +157,42 @@ def test_a_failed_partition_ends_the_one_rebuilt_beside_it(
         store.history.close()
 
 
+QUIET = "0.50 0.40 0.30 2/150 99\n"
+BUSY = "5.1 4.2 3.3 9/150 99\n"
+
+
 @pytest.mark.parametrize(
-    ("loadavg", "workers"),
-    [("0.50 0.40 0.30 2/150 99\n", compaction.IMAGE_WORKERS), ("5.1 4.2 3.3 9/150 99\n", 1)],
+    ("readings", "workers"),
+    [
+        ([QUIET], compaction.IMAGE_WORKERS),
+        ([BUSY] * compaction.IMAGE_WORKER_LOOKS, 1),
+        # a task runnable for a moment (the journal's commit after an fsync): a quiet box
+        ([BUSY, QUIET], compaction.IMAGE_WORKERS),
+        ([BUSY] * (compaction.IMAGE_WORKER_LOOKS - 1) + [QUIET], compaction.IMAGE_WORKERS),
+    ],
 )
 def test_partitions_are_rebuilt_at_once_only_with_a_core_to_spare(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loadavg: str, workers: int
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, readings: list[str], workers: int
 ) -> None:
     """Besides this process's running threads (this one), one task runnable on two cores:
-    IMAGE_WORKERS threads; as many as cores or more: one (the threads contended for the GIL
-    on a busy box); no /proc/loadavg: IMAGE_WORKERS."""
+    IMAGE_WORKERS threads; as many as cores or more in every one of IMAGE_WORKER_LOOKS
+    readings: one (the threads contended for the GIL on a busy box); busy in one reading and
+    not in the next: IMAGE_WORKERS (one reading took a passing task for a busy box); no
+    /proc/loadavg: IMAGE_WORKERS."""
     fake = tmp_path / "loadavg"
-    fake.write_text(loadavg)
+    left = list(readings)
     real_open = open
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # the cores it may use
 
     def opening(path: str, *args: Any, **kwargs: Any) -> Any:
-        return real_open(fake if path == "/proc/loadavg" else path, *args, **kwargs)
+        if path != "/proc/loadavg":
+            return real_open(path, *args, **kwargs)
+        if not left:
+            raise FileNotFoundError(path)
+        fake.write_text(left.pop(0))  # each reading the next one
+        return real_open(fake, *args, **kwargs)
 
     monkeypatch.setattr(compaction, "open", opening, raising=False)
     assert compaction.image_workers() == workers
-    fake.unlink()
+    assert left == []  # every reading taken
     assert compaction.image_workers() == compaction.IMAGE_WORKERS
