@@ -58,13 +58,13 @@ def test_create_streams_decodes_and_stop_waits_for_checkpoint(neon: NeonCli) -> 
     neon.run("pg", "create")
     node = neon.json("pg", "show", "primary1")
     assert node["slot"] == "neon_primary1"
-    assert (
-        psql(
-            node["connstr"],
-            "select count(*) from pg_replication_slots where slot_name='neon_primary1' and active",
-        )
-        == "1"
-    )
+    # The pageserver's receiver connects beside `pg create`, a moment after it returns (a
+    # warm `pg show` comes sooner than that moment).
+    active = "select count(*) from pg_replication_slots where slot_name='neon_primary1' and active"
+    deadline = time.monotonic() + 30
+    while psql(node["connstr"], active) != "1":
+        assert time.monotonic() < deadline, "the pageserver never took the node's slot"
+        time.sleep(0.1)
     pgbench(node["connstr"], "-i", "-s", "1", "-q")
     pgbench(node["connstr"], "-c", "2", "-t", "200")
     wal = wait_caught_up(neon, "primary1")
