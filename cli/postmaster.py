@@ -6,11 +6,13 @@ and stops servers by that PID, never by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from stat import S_ISREG
 
@@ -293,28 +295,71 @@ def remove_stale_locks(datadir: Path, socket_dir: Path, port: int, dead_pid: int
 
 
 STOP_POLL_SECONDS = 0.01
-"""How often a stop looks whether the postmaster is gone (two reads in /proc): a checkout
-stops the node and waits for it, and a coarser poll added half its period on average."""
+"""How often a stop looks whether the postmaster is gone (two reads in /proc) where no
+process descriptor can be had (`_wait_gone`): a coarser poll added half its period on average."""
 
 
 def stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> bool:
-    """Stop the server by its PID; return False if it was not running."""
+    """Stop the server by its PID; return False if it was not running.
+
+    The postmaster is signalled and waited for through a process descriptor opened before it
+    is checked to be ours (pidfd_open: the signal cannot reach a process that took its PID
+    meanwhile), and the wait ends when it exits, not at the next poll."""
     if mode not in STOP_SIGNALS:
         raise InvalidArgument(f"unknown stop mode {mode!r}: use smart, fast or immediate")
-    pid = running_pid(datadir)
+    pid = read_pid_file(datadir)
     if pid is None:
         return False
-    try:
-        os.kill(pid, STOP_SIGNALS[mode])
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    with _process_fd(pid) as pidfd:
         if not _is_our_postmaster(pid, datadir):
+            return False
+        try:
+            if pidfd is None:
+                os.kill(pid, STOP_SIGNALS[mode])
+            else:
+                signal.pidfd_send_signal(pidfd, STOP_SIGNALS[mode])
+        except ProcessLookupError:
+            return False
+        if _wait_gone(pidfd, pid, datadir, timeout):
             _reap()
             return True
-        time.sleep(STOP_POLL_SECONDS)
     raise ExternalCommandFailed(
         f"PostgreSQL (pid {pid}) on {datadir} did not stop within {timeout:.0f}s in {mode} mode; "
         "try `-m immediate`"
     )
+
+
+@contextlib.contextmanager
+def _process_fd(pid: int) -> Iterator[int | None]:
+    """A descriptor of process `pid` (None where the kernel has none to give: then the PID
+    is polled; a process already gone gives None too, and the caller's check says so)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _wait_gone(pidfd: int | None, pid: int, datadir: Path, timeout: float) -> bool:
+    """Whether the postmaster `pid` exited within `timeout` seconds: a process descriptor
+    becomes readable when its process exits (a zombie is gone for our purposes, as in
+    `_is_our_postmaster`)."""
+    deadline = time.monotonic() + timeout
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if poller.poll(max(0, int(left * 1000) + 1)):
+                return True
+            if left <= 0:
+                return False
+    while time.monotonic() < deadline:
+        if not _is_our_postmaster(pid, datadir):
+            return True
+        time.sleep(STOP_POLL_SECONDS)
+    return False

@@ -1,0 +1,99 @@
+"""postmaster.stop against stand-in postmasters (a process named `postgres` with the data
+directory on its command line, as `_is_our_postmaster` checks): the stop signals the process
+through its descriptor and returns once it has exited, raises when it outlives the timeout,
+and signals nothing that is not the directory's postmaster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli import postmaster
+from proto.errors import ExternalCommandFailed
+
+# Exits `delay` seconds after SIGINT (a fast shutdown's checkpoint), or never with "never".
+STAND_IN = """
+import signal, sys, time
+delay = sys.argv[1]
+def on_int(*_):
+    if delay != "never":
+        time.sleep(float(delay))
+        sys.exit(0)
+signal.signal(signal.SIGINT, on_int)
+print("up", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _stand_in(
+    procs: list[subprocess.Popen[bytes]], datadir: Path, delay: str, name: str = "postgres"
+) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [name, "-c", STAND_IN, delay, "-D", str(datadir)],
+        executable=sys.executable,
+        stdout=subprocess.PIPE,
+    )
+    procs.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    (datadir / "postmaster.pid").write_text(f"{proc.pid}\n{datadir}\n")
+    return proc
+
+
+def test_stop_returns_once_the_postmaster_has_exited(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = _stand_in(procs, tmp_path, "0.3")
+    began = time.monotonic()
+    assert postmaster.stop(tmp_path, "fast", timeout=30)
+    assert time.monotonic() - began >= 0.3
+    assert proc.wait(timeout=5) == 0  # exited by itself, after its "checkpoint"
+    assert postmaster.running_pid(tmp_path) is None
+    assert not postmaster.stop(tmp_path, "fast")  # gone: nothing to stop
+
+
+def test_stop_raises_when_the_postmaster_outlives_the_timeout(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = _stand_in(procs, tmp_path, "never")
+    began = time.monotonic()
+    with pytest.raises(ExternalCommandFailed, match="did not stop within"):
+        postmaster.stop(tmp_path, "fast", timeout=0.3)
+    assert time.monotonic() - began >= 0.3
+    assert proc.poll() is None  # SIGINT was delivered and ignored; still there
+
+
+def test_stop_signals_no_process_that_is_not_the_postmaster(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    other = _stand_in(procs, tmp_path, "0", name="not-a-server")
+    assert not postmaster.stop(tmp_path, "immediate")
+    time.sleep(0.1)
+    assert other.poll() is None
+
+
+def test_stop_polls_where_no_process_descriptor_is_given(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(_pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(postmaster.os, "pidfd_open", unsupported)
+    proc = _stand_in(procs, tmp_path, "0.1")
+    assert postmaster.stop(tmp_path, "fast", timeout=30)
+    assert proc.wait(timeout=5) == 0  # exited by its handler, not killed
