@@ -14,10 +14,10 @@ Per command, before the fork: "cold" if a module it imported changed on disk sin
 server then closes its socket and exits once its children ended; the daemon starts a
 fresh one), if an environment variable a preloaded module reads at import time
 (IMPORT_TIME_ENV) or the interpreter's differ from its own, or if the command asks for a
-lower niceness than it can give. The child then takes the launcher's session-less place:
-a session of its own (the launcher forwards the terminal's signals to its group), the
-launcher's descriptors 0-2, working directory, umask, environment, niceness, resource
-limits, sys.path and
+lower niceness, oom_score_adj or a real-time I/O class than it can give. The child then
+takes the launcher's session-less place: a session of its own (the launcher forwards the
+terminal's signals to its group), the launcher's descriptors 0-2, working directory, umask,
+environment, niceness, CPU affinity, I/O priority, oom_score_adj, resource limits, sys.path and
 argv, signal handlers as a new interpreter has them, sys.stdin/stdout/stderr made as the
 launcher's interpreter made them; it runs `cli.main.main()` at the top of this module's
 stack, so the interpreter's own exit (threads joined, atexit, streams flushed, the exit
@@ -30,6 +30,8 @@ disappears (SIGKILL) takes its child with it (SIGKILL), as a cold command would 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
 import importlib
 import io
@@ -136,6 +138,67 @@ def _confinement(pid: int) -> tuple[object, ...]:
             [line for line in status.read().splitlines()
              if line.partition(b":")[0] in _CONFINING_STATUS],
         )  # fmt: skip
+
+
+IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31)}
+"""ioprio_set and ioprio_get by machine (no Python wrapper): elsewhere a child keeps the
+server's I/O priority."""
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_CLASS_RT = 1
+_IOPRIO_CLASS_SHIFT = 13
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduling:
+    """What the kernel runs a process by besides its niceness and limits: its CPUs (taskset),
+    I/O priority (ionice; None where unknown) and oom_score_adj (choom). A forked child has
+    the server's; it takes the launcher's (`_become_command`)."""
+
+    cpus: frozenset[int]
+    ioprio: int | None
+    oom_score_adj: int
+
+
+def scheduling(pid: int) -> Scheduling:
+    """Process `pid`'s (0: this one's); OSError if it is gone."""
+    with open(f"/proc/{pid or 'self'}/oom_score_adj", "rb") as oom:
+        return Scheduling(frozenset(os.sched_getaffinity(pid)), _ioprio(pid), int(oom.read()))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _ioprio(pid: int, value: int | None = None) -> int | None:
+    """ioprio_get of `pid`, or with `value` ioprio_set (None: not on this machine)."""
+    calls = IOPRIO_SYSCALLS.get(os.uname().machine)
+    if calls is None:
+        return None
+    libc = _libc()
+    args = (
+        (calls[1], _IOPRIO_WHO_PROCESS, pid)
+        if value is None
+        else (calls[0], _IOPRIO_WHO_PROCESS, pid, value)
+    )
+    result = int(libc.syscall(*args))
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return result
+
+
+_CAP_SYS_ADMIN = 21  # a real-time I/O class
+_CAP_SYS_RESOURCE = 24  # a lower oom_score_adj (root in a container often lacks it)
+
+
+def capable(capability: int) -> bool:
+    """Whether this process has `capability` in effect (CapEff of its status)."""
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"CapEff:"):
+                return bool(int(line.split()[1], 16) >> capability & 1)
+    return False
 
 
 _BINDING = ".tmp"
@@ -325,7 +388,11 @@ class _Server:
             return None
         request, fds = receive_message(conn, max_fds=4)
         try:
-            cold = self._cold(request, fds) or self._confined_otherwise(peer)
+            cold = (
+                self._cold(request, fds)
+                or self._confined_otherwise(peer)
+                or self._unschedulable(peer, request)
+            )
             if cold is not None:
                 if cold not in self.logged:
                     self.logged.add(cold)
@@ -397,6 +464,26 @@ class _Server:
             return "a launcher confined otherwise (namespaces, root, cgroup, capabilities, ...)"
         return None
 
+    def _unschedulable(self, peer: int, request: dict[str, Any]) -> str | None:
+        """Why the child could not take the launcher's Scheduling (a lower oom_score_adj or a
+        real-time I/O class need privileges the server may lack), or None: then the request
+        carries it."""
+        try:
+            wanted, own = scheduling(peer), scheduling(0)
+        except OSError as exc:
+            return f"the launcher's scheduling is unknown: {exc}"
+        if wanted.oom_score_adj < own.oom_score_adj and not capable(_CAP_SYS_RESOURCE):
+            return "a lower oom_score_adj than the server's"
+        if (
+            wanted.ioprio is not None
+            and wanted.ioprio != own.ioprio
+            and wanted.ioprio >> _IOPRIO_CLASS_SHIFT == _IOPRIO_CLASS_RT
+            and not capable(_CAP_SYS_ADMIN)
+        ):
+            return "a real-time I/O priority"
+        request["scheduling"] = wanted
+        return None
+
     def _launcher_gone(self, fd: int) -> None:
         """The launcher of a running command closed its end: it was killed (SIGKILL; other
         signals it forwards): so is its command."""
@@ -444,12 +531,25 @@ def _become_command(request: dict[str, Any]) -> None:
         resource.setrlimit(getattr(resource, name), limits)
     if request["nice"] != os.getpriority(os.PRIO_PROCESS, 0):
         os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
+    _schedule(request["scheduling"])
     os.environb.clear()
     os.environb.update(request["env"])
     sys.path[:] = request["path"]
     sys.argv[:] = request["argv"]
     sys.stdin, sys.stdout, sys.stderr = std_streams(request["streams"])
     request.clear()
+
+
+def _schedule(wanted: Scheduling) -> None:
+    """This process (the child) scheduled as `wanted` (its launcher's)."""
+    own = scheduling(0)
+    if wanted.cpus != own.cpus:
+        os.sched_setaffinity(0, wanted.cpus)
+    if wanted.ioprio is not None and wanted.ioprio != own.ioprio:
+        _ioprio(0, wanted.ioprio)
+    if wanted.oom_score_adj != own.oom_score_adj:
+        with open("/proc/self/oom_score_adj", "w") as oom:
+            oom.write(str(wanted.oom_score_adj))
 
 
 def std_streams(specs: list[tuple[str, str, bool, bool]]) -> list[TextIO]:

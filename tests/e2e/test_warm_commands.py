@@ -27,8 +27,13 @@ from cli.warm_server import (
     IMPORT_TIME_ENV_PREFIXES,
     LATER_HINT,
     LATER_HINT_SECONDS,
+    Scheduling,
+    _ioprio,
     _Modules,
+    _Server,
     _version,
+    capable,
+    scheduling,
     socket_path,
 )
 from proto.unix_fds import SUN_PATH_MAX
@@ -659,3 +664,57 @@ def test_a_daemon_whose_warm_command_used_s3_preloads_it_at_the_next_start(
     warm.run("pageserver", "stop")
     warm.run("pageserver", "start")
     assert not _maps_aiohttp(_server_pid(warm))  # an old hint: as without one
+
+
+def test_the_child_has_the_launchers_cpus_io_priority_and_oom_score_adj(
+    warm: NeonCli,
+) -> None:
+    """taskset, ionice and choom apply to a warm command as to a cold one: the forked child
+    had the server's (review finding 6, left by session 20)."""
+
+    cpu = max(os.sched_getaffinity(0))  # one of two or more: not the server's set
+
+    def launcher() -> None:
+        os.sched_setaffinity(0, {cpu})
+        _ioprio(0, (3 << 13) | 7)  # ionice -c 3 (idle)
+        Path("/proc/self/oom_score_adj").write_text("500")
+
+    with _daemon_stopped(warm):
+        proc, child = _blocked_pg_list(warm, _env(warm, True), launcher)
+        try:
+            assert child
+            got = scheduling(child)
+        finally:
+            proc.kill()
+            proc.communicate(timeout=WAIT)
+    assert got == Scheduling(frozenset({cpu}), (3 << 13) | 7, 500), got
+
+
+def test_a_launcher_scheduled_beyond_the_servers_rights_runs_cold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lower oom_score_adj or a real-time I/O class than the server's needs a capability
+    (CAP_SYS_RESOURCE, CAP_SYS_ADMIN; root in a container may lack the first): a server
+    without it answers cold, as the child could not take them; with it, the request carries
+    the launcher's scheduling."""
+    import cli.warm_server as warm_server
+
+    own = Scheduling(frozenset({0}), (2 << 13) | 4, 100)
+    launchers = {
+        "oom_score_adj": Scheduling(frozenset({0}), (2 << 13) | 4, 0),
+        "real-time": Scheduling(frozenset({0}), (1 << 13) | 4, 100),
+    }
+    server = _Server(Path("/nonexistent"), 0)
+    for why, launcher in launchers.items():
+        seen = {0: own, 1234: launcher}
+        monkeypatch.setattr(warm_server, "scheduling", seen.__getitem__)
+        monkeypatch.setattr(warm_server, "capable", lambda _capability: False)
+        request: dict[str, object] = {}
+        assert why in (server._unschedulable(1234, request) or ""), why
+        assert "scheduling" not in request
+        monkeypatch.setattr(warm_server, "capable", lambda _capability: True)
+        assert server._unschedulable(1234, request) is None
+        assert request["scheduling"] == launcher
+    assert capable(21) == bool(
+        int(Path("/proc/self/status").read_text().split("CapEff:")[1].split()[0], 16) & 1 << 21
+    )
