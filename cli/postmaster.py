@@ -85,13 +85,26 @@ def write_config(datadir: Path, settings: Mapping[str, object], hba_lines: list[
         text = text.rstrip("\n") + f"\n\n# settings managed by neon\n{include}\n"
         _write_pg_file(datadir, "postgresql.conf", text)
     body = "".join(f"{k} = {quote_conf_value(v)}\n" for k, v in settings.items())
-    _write_pg_file(datadir, NEON_CONF, "# written by neon; edits are overwritten\n" + body)
-    _write_pg_file(datadir, "pg_hba.conf", "# written by neon\n" + "\n".join(hba_lines) + "\n")
+    _write_changed(datadir, NEON_CONF, "# written by neon; edits are overwritten\n" + body)
+    _write_changed(datadir, "pg_hba.conf", "# written by neon\n" + "\n".join(hba_lines) + "\n")
 
 
 def _write_pg_file(datadir: Path, name: str, text: str) -> None:
     # Not fsynced, for the starts that rewrite it (a checkout's seal fsyncs its whole tree).
     write_pg_file(datadir, name, text.encode(), durable=False)
+
+
+def _write_changed(datadir: Path, name: str, text: str) -> None:
+    """`_write_pg_file` unless the file holds `text` already (a regular file of PostgreSQL's
+    account: a link or another's file there is replaced as before). Every start writes the
+    same configuration again, a checkout twice (its seal, then the start): each write was a
+    new file the checkout's seal then fsynced, a journal commit of the file system each."""
+    try:
+        if read_pg_file(datadir, name) == text.encode():
+            return
+    except CorruptData:
+        pass
+    _write_pg_file(datadir, name, text)
 
 
 def read_pid_file(datadir: Path) -> int | None:
