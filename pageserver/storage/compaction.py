@@ -546,7 +546,7 @@ it)."""
 
 
 IMAGE_WORKER_LOOKS = 3
-"""Readings `image_workers` takes, IMAGE_WORKER_GAP apart, before it settles on one thread."""
+"""Readings `image_workers` takes, IMAGE_WORKER_GAP apart, to settle by their majority."""
 
 IMAGE_WORKER_GAP = 0.001
 """Seconds between two of them: a task runnable for a moment (the journal's commit after the
@@ -560,18 +560,20 @@ def image_workers() -> int:
     pass begins, then wait), else 1: on a busy box the threads got no second core and
     contended for the GIL (the final pass of bench.ingest replayed at load 5: 0.45-0.67 s on
     two threads against 0.36-0.43 s on one; at load 1.4-2.8 two: 0.25-0.28 against 0.31-0.44
-    s). A core counts as free if any of IMAGE_WORKER_LOOKS readings finds it so: one reading
-    is a single instant, and a task passing through it cost a quiet box's final pass its
-    second thread."""
+    s). By the majority of IMAGE_WORKER_LOOKS readings: one reading is an instant, and a
+    task passing through it, or a gap between two, decided for the whole pass."""
+    free = busy = 0
     try:
-        for look in range(IMAGE_WORKER_LOOKS):
-            if look:
+        while max(free, busy) <= IMAGE_WORKER_LOOKS // 2:
+            if free or busy:
                 time.sleep(IMAGE_WORKER_GAP)
             if _others_runnable() < len(os.sched_getaffinity(0)):
-                return IMAGE_WORKERS
+                free += 1
+            else:
+                busy += 1
     except (OSError, ValueError, IndexError):  # not Linux
         return IMAGE_WORKERS
-    return 1
+    return IMAGE_WORKERS if free > busy else 1
 
 
 def _others_runnable() -> int:

@@ -164,21 +164,24 @@ BUSY = "5.1 4.2 3.3 9/150 99\n"
 @pytest.mark.parametrize(
     ("readings", "workers"),
     [
-        ([QUIET], compaction.IMAGE_WORKERS),
-        ([BUSY] * compaction.IMAGE_WORKER_LOOKS, 1),
+        ([QUIET, QUIET], compaction.IMAGE_WORKERS),
+        ([BUSY, BUSY], 1),
         # a task runnable for a moment (the journal's commit after an fsync): a quiet box
-        ([BUSY, QUIET], compaction.IMAGE_WORKERS),
-        ([BUSY] * (compaction.IMAGE_WORKER_LOOKS - 1) + [QUIET], compaction.IMAGE_WORKERS),
+        ([BUSY, QUIET, QUIET], compaction.IMAGE_WORKERS),
+        ([QUIET, BUSY, QUIET], compaction.IMAGE_WORKERS),
+        # a gap between two tasks of a busy box
+        ([QUIET, BUSY, BUSY], 1),
+        ([BUSY, QUIET, BUSY], 1),
     ],
 )
 def test_partitions_are_rebuilt_at_once_only_with_a_core_to_spare(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, readings: list[str], workers: int
 ) -> None:
     """Besides this process's running threads (this one), one task runnable on two cores:
-    IMAGE_WORKERS threads; as many as cores or more in every one of IMAGE_WORKER_LOOKS
-    readings: one (the threads contended for the GIL on a busy box); busy in one reading and
-    not in the next: IMAGE_WORKERS (one reading took a passing task for a busy box); no
-    /proc/loadavg: IMAGE_WORKERS."""
+    IMAGE_WORKERS threads; as many as cores or more: one (the threads contended for the GIL
+    on a busy box); by the majority of IMAGE_WORKER_LOOKS readings (one reading took a task
+    passing through it for a busy box, or a gap for a quiet one), no more readings than it
+    takes; no /proc/loadavg: IMAGE_WORKERS."""
     fake = tmp_path / "loadavg"
     left = list(readings)
     real_open = open
