@@ -304,6 +304,7 @@ class _Server:
             raise SystemExit(f"warm server: preloading {names} started a thread")
         self.modules.record()
         gc.collect()
+        _outlive_the_exit()
         gc.freeze()  # a child's collections never touch (and copy) the server's objects
 
     def listen(self) -> None:
@@ -506,6 +507,19 @@ class _Server:
             with contextlib.suppress(OSError):
                 send_message(command.conn, {"status": status})
             command.conn.close()
+
+
+def _outlive_the_exit() -> None:
+    """Copies of every module's namespace in a cycle that nothing else refers to, frozen with
+    the rest (`gc.freeze`, which the collector never looks at again): a child's exit clears
+    the modules as a cold command's does, but what the server made stays referenced, so the
+    child does not walk its heap to free it, copying each page it writes a reference count
+    on (the child's exit: ~18 ms of CPU, ~45 ms with the S3 client and its models loaded).
+    What the command itself made is freed (its files flushed, its __del__ run) as before."""
+    namespaces: list[object] = [
+        dict(vars(module)) for module in list(sys.modules.values()) if module is not None
+    ]
+    namespaces.append(namespaces)
 
 
 def _become_command(request: dict[str, Any]) -> None:
