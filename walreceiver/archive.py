@@ -207,6 +207,16 @@ class WalArchive:
             )
         if size != offset:
             os.ftruncate(fd, offset)
+        if offset:
+            # The bytes before `lsn` are reported flushed from here on (and so to the server,
+            # which may then recycle them); a writer that was killed or failed left them in
+            # the page cache only, so they are made durable first, the file's name too.
+            try:
+                os.fsync(fd)
+                fsync_dir(self.directory)
+            except OSError as exc:
+                os.close(fd)
+                raise OSError(exc.errno, f"fsync failed: {exc.strerror}", str(path)) from None
         os.lseek(fd, offset, os.SEEK_SET)
         self._fd, self._segno, self.timeline = fd, segno, timeline
         self._begun = True

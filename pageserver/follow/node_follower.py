@@ -92,8 +92,9 @@ class NodeFollower:
         self.receive_error: str | None = None
         """Why the last receiver process failed; kept (across its retries) until WAL flows."""
         self._receive_stalled_at: int | None = None
-        """Where the receiver's archive write failed on a full or read-only storage: the
-        stall lasts until WAL is durable past it."""
+        """The end of the receiver's archive write that failed on a full or read-only
+        storage: the stall lasts until WAL is durable up to it (a resume after the part of
+        that write that reached the file ends short of it)."""
         self.stream_ended = False
         self._decoded_lsn = 0
         self._task: asyncio.Task[None] | None = None
@@ -264,7 +265,7 @@ class NodeFollower:
             # it passes what the old one had, the old files are the ones to read.
             if lsn <= old:
                 return
-            if self._receive_stalled_at is None or lsn > self._receive_stalled_at:
+            if self._receive_stalled_at is None or lsn >= self._receive_stalled_at:
                 self.receive_error = None  # WAL flows again
                 self._receive_stalled_at = None
             self._durable = (timeline, lsn)

@@ -202,3 +202,23 @@ def test_a_failed_directory_fsync_after_a_segment_ends_the_archive(
     a.write(SEG, data[SEG:])
     a.close()
     assert (tmp_path / "000000010000000000000001").read_bytes() == data[SEG:]
+
+
+def test_a_resume_makes_what_a_killed_writer_left_durable_before_reporting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes before the resume point count as flushed (the server is told so and may
+    recycle them): a writer killed before its fsync, or failed on a full disk, left them in
+    the page cache only. begin() fsyncs them first; when that fails nothing is reported."""
+    a = WalArchive(tmp_path, SEG)
+    a.begin(1, 0)
+    a.write(0, wal(0, 4 * PAGE))  # never flushed: the writer is killed here
+    b = WalArchive(tmp_path, SEG)
+    assert b.resume() == (1, 4 * PAGE)
+    failing_fsync(monkeypatch)
+    with pytest.raises(OSError, match=r"fsync failed.*000000010000000000000000\.partial"):
+        b.begin(1, 4 * PAGE)
+    assert b.flushed_lsn == 0
+    b.begin(1, 4 * PAGE)  # the next try: its fsync succeeds
+    assert b.flushed_lsn == 4 * PAGE
+    b.close()
