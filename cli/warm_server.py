@@ -515,7 +515,11 @@ def _outlive_the_exit() -> None:
     the modules as a cold command's does, but what the server made stays referenced, so the
     child does not walk its heap to free it, copying each page it writes a reference count
     on (the child's exit: ~18 ms of CPU, ~45 ms with the S3 client and its models loaded).
-    What the command itself made is freed (its files flushed, its __del__ run) as before."""
+    What the command itself made is freed (its files flushed, its __del__ run) as before,
+    unless it is kept in a container the server made (a preloaded module's dict, list, cache
+    or class attribute): that outlives the exit unfinalized. So a preloaded module keeps
+    nothing that needs finalizing (an open buffered file, a transaction) in such a container:
+    it closes or flushes it itself, or leaves it to atexit."""
     namespaces: list[object] = [
         dict(vars(module)) for module in list(sys.modules.values()) if module is not None
     ]

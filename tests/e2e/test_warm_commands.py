@@ -652,14 +652,16 @@ def test_a_daemon_whose_warm_command_used_s3_preloads_it_at_the_next_start(
     paid ~0.3 s for it as a cold one does; a home that never used S3 pays nothing at start."""
     hint = warm.home / "pageserver" / LATER_HINT
     assert not hint.exists()
-    warm.run("pageserver", "stop")
-    warm.run("pageserver", "start")
-    assert _preloaded_at_start(_server_pid(warm)) in (False, None)  # no hint: not at start
     from tests.s3d import moto_s3
 
+    # moto first (its start takes seconds on a loaded box): the pull must come before the
+    # new server's idle preload (LATER_SECONDS), or its child imports nothing and no hint.
     with moto_s3() as s3:
         bucket = s3.new_bucket()
         env = {**warm.env(), **s3.env(), "NEON_WARM": "1"}
+        warm.run("pageserver", "stop")
+        warm.run("pageserver", "start")
+        assert _preloaded_at_start(_server_pid(warm)) in (False, None)  # no hint: not at start
         pull = subprocess.run(
             [NEON, "snapshot", "pull", "--from", f"s3://{bucket}/p/x.neon"],
             env=env, capture_output=True, text=True, timeout=WAIT,
