@@ -423,29 +423,36 @@ class Timeline:
     ) -> None:
         """On the publisher thread: the group's files once published, then its manifest. After
         a failed publication the groups queued behind it are dropped (files deleted, layers
-        left frozen): the next flush writes them again after the failed one."""
-        done = [f.result() for f in outputs if f.exception() is None]
-        if self._publish_error is not None or len(done) < len(outputs):
-            discard_layers(done)
-            with self._lock:
-                self._in_flight -= len(group)
-            if self._publish_error is not None:
-                raise self._publish_error
-            for future in outputs:
-                future.result()  # raises the failed one's error
-        last = group[-1]
-        with self._manifest_lock:
-            with self._lock:
-                self._in_flight -= len(group)  # taken off the frozen layers or left to flush
-                if self._frozen[: len(group)] != group:
-                    raise InvalidArgument("frozen layers were flushed twice at once")
-                del self._frozen[: len(group)]
-                self._map = self._map.replace(add=done)
-                manifest = self._manifest_locked(_end(last) - 1, last.prev_record_lsn)
-            write_manifest(self.directory, manifest)
-            with self._lock:
-                self._disk_consistent_lsn = manifest.disk_consistent_lsn
-                self._disk_prev_record_lsn = manifest.prev_record_lsn
+        left frozen): the next flush writes them again after the failed one. The group is
+        counted out of `_in_flight` exactly once, whatever raises (the futures, the discard):
+        counted too high, the next merged flush would skip frozen layers no one writes."""
+        counted = False
+        try:
+            done = [f.result() for f in outputs if f.exception() is None]
+            if self._publish_error is not None or len(done) < len(outputs):
+                discard_layers(done)
+                if self._publish_error is not None:
+                    raise self._publish_error
+                for future in outputs:
+                    future.result()  # raises the failed one's error
+            last = group[-1]
+            with self._manifest_lock:
+                with self._lock:
+                    self._in_flight -= len(group)  # off the frozen layers or left to flush
+                    counted = True
+                    if self._frozen[: len(group)] != group:
+                        raise InvalidArgument("frozen layers were flushed twice at once")
+                    del self._frozen[: len(group)]
+                    self._map = self._map.replace(add=done)
+                    manifest = self._manifest_locked(_end(last) - 1, last.prev_record_lsn)
+                write_manifest(self.directory, manifest)
+                with self._lock:
+                    self._disk_consistent_lsn = manifest.disk_consistent_lsn
+                    self._disk_prev_record_lsn = manifest.prev_record_lsn
+        finally:
+            if not counted:
+                with self._lock:
+                    self._in_flight -= len(group)
 
     def _wait_published(self) -> None:
         """Until every queued publication is done (the publisher's queue is in order); raise

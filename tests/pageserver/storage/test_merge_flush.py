@@ -364,7 +364,7 @@ def test_a_store_killed_in_a_merged_flush_reopens_and_reingests(
         reference.history.close()
 
 
-@pytest.mark.parametrize("failing", ["publish", "manifest"])
+@pytest.mark.parametrize("failing", ["publish", "manifest", "publish-then-discard"])
 def test_a_failed_publication_drops_the_groups_queued_behind_it(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
@@ -375,11 +375,14 @@ def test_a_failed_publication_drops_the_groups_queued_behind_it(
     while the next group is queued behind it: disk_consistent_lsn stays, the next group's
     files are deleted and its layers stay frozen, every page stays readable, the next flush
     raises the error and the one after writes everything (whole files, all named, pages
-    equal to the L0 path's)."""
+    equal to the L0 path's). publish-then-discard: the next group's discard of its files
+    raises too (after deleting them): its layers are still counted out of the ones being
+    published (counted in, the flush after took the wrong layers: 'flushed twice')."""
     store, reference = fresh(tmp_path / "s", workload), fresh(tmp_path / "l0", workload)
     reference.merge_flushes = False
     timeline = store.timeline
     gate, failed = threading.Event(), []
+    discarded: list[int] = []
 
     def fail() -> None:
         if not failed:
@@ -388,7 +391,16 @@ def test_a_failed_publication_drops_the_groups_queued_behind_it(
             raise OSError(errno.EIO, "injected I/O error")
 
     def inject() -> None:  # once the reference is written: only the store's files fail
-        if failing == "publish":
+        if failing == "publish-then-discard":
+            discard = timeline_module.discard_layers
+
+            def discarding(layers: list[Any]) -> None:
+                discard(layers)
+                discarded.append(len(layers))
+                raise OSError(errno.EIO, "injected discard error")
+
+            monkeypatch.setattr(timeline_module, "discard_layers", discarding)
+        if failing.startswith("publish"):
             publish = blocks.LayerFileWriter.publish
 
             def publishing(self: blocks.LayerFileWriter, file_name: str) -> Path:
@@ -427,10 +439,13 @@ def test_a_failed_publication_drops_the_groups_queued_behind_it(
         with pytest.raises(OSError, match="injected"):
             timeline.flush_frozen_layers(merge=compaction.merge_frozen)
         assert timeline.disk_consistent_lsn == durable
+        assert bool(discarded) == (failing == "publish-then-discard")
         assert timeline.frozen_count > 0  # the next group's layers at least
         assert read_all(timeline, last) == read_all(reference.timeline, last)
         timeline.flush_frozen_layers(merge=compaction.merge_frozen)
         assert timeline.disk_consistent_lsn == last and timeline.frozen_count == 0
+        # merged, every layer: none left counted as being published (and so skipped)
+        assert not [x for x in timeline.layer_map().level0() if x.lsn_start > durable]
         check_directory(timeline.directory)
         for lsn in sample_lsns(workload, 4):
             assert read_all(timeline, lsn) == read_all(reference.timeline, lsn), lsn
