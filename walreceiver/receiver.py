@@ -481,13 +481,18 @@ def progress_event(r: WalReceiver) -> dict[str, object]:
         "timeline": r.timeline,
         "received": r.received_lsn,
         "flushed": r.flushed_lsn,
-        # A supervisor calls a full archive writable again once WAL is durable past this.
+        # A supervisor calls a full archive writable again once WAL is durable up to this.
         "attempted": r.archive.attempted_lsn if r.archive is not None else 0,
         "segment_size": r.archive.segment_size if r.archive is not None else 0,
         "error": str(r.last_error) if r.last_error is not None else None,
         # The supervisor tells a full or read-only archive (it waits for room) from the rest.
-        "errno": r.last_error.errno if isinstance(r.last_error, OSError) else None,
+        "errno": error_errno(r.last_error),
     }
+
+
+def error_errno(exc: BaseException | None) -> int | None:
+    """The errno of an OSError (a full or read-only archive's), else None."""
+    return exc.errno if isinstance(exc, OSError) else None
 
 
 def _read_line(fd: int) -> str:
@@ -577,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NeonError, OSError) as exc:
         print(f"walreceiver: error: {exc}", file=sys.stderr)
         if args.supervised:
-            _emit({"failed": str(exc), "errno": exc.errno if isinstance(exc, OSError) else None})
+            _emit({"failed": str(exc), "errno": error_errno(exc)})
         return 1
     if args.supervised:
         _emit({"ended": reason})
