@@ -767,3 +767,101 @@ def test_a_childs_exit_frees_what_the_command_made_not_what_the_server_did() -> 
         [sys.executable, "-c", _EXIT], capture_output=True, text=True, check=True, timeout=WAIT
     ).stdout
     assert out == "command's freed;", out
+
+
+_INTERPRETERS_EXIT = """
+import atexit, os, sys, threading, time, types
+from pathlib import Path
+from cli.warm_server import _Server, exit_as_the_interpreter
+
+
+class Noisy:
+    def __init__(self, what):
+        self.what = what
+
+    def __del__(self):
+        sys.stdout.write(self.what)
+
+
+server = sys.modules["made_by_the_server"] = types.ModuleType("made_by_the_server")
+server.noisy = Noisy("server's finalized;")
+atexit.register(sys.stdout.write, "server's atexit;")
+_Server(Path("/nonexistent"), 0).preload(())
+sys.stdout.flush()
+pid = os.fork()
+if pid == 0:
+    command = sys.modules["made_by_the_command"] = types.ModuleType("made_by_the_command")
+    command.text = open(sys.argv[1], "w")
+    command.text.write("written through three layers")
+    server.rebound = Noisy("rebound finalized;")
+
+
+    def generator():
+        try:
+            yield 1
+        finally:
+            sys.stdout.write("generator closed;")
+
+
+    command.suspended = generator()
+    next(command.suspended)
+    command.noisy = Noisy("command's finalized;")
+    atexit.register(sys.stdout.write, "command's atexit;")
+    threading.Thread(target=lambda: (time.sleep(0.2), sys.stdout.write("thread joined;"))).start()
+    sys.stdout.write("unflushed;")
+    exit_as_the_interpreter(int(sys.argv[2]))
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(f"exit {os.waitstatus_to_exitcode(status)}")
+os._exit(0)
+"""
+
+
+def test_a_warm_childs_exit_is_the_interpreters_without_its_teardown(tmp_path: Path) -> None:
+    """exit_as_the_interpreter (a warm command's end): threads joined, then every atexit
+    function (the command's, then the server's), stdout flushed, then what the command made
+    finalized (a generator closed, objects' __del__, a text file flushed into its buffer and
+    that into the file, not the other way round), never what the server made; the exit code
+    is the command's. Not the modules' teardown, which writes to every page of the server's
+    heap (copy on write) to free nothing but what the command made."""
+    for code in (0, 3):
+        out = subprocess.run(
+            [sys.executable, "-c", _INTERPRETERS_EXIT, str(tmp_path / "text"), str(code)],
+            capture_output=True, text=True, check=True, timeout=WAIT,
+        ).stdout  # fmt: skip
+        assert out.startswith("unflushed;thread joined;command's atexit;server's atexit;"), out
+        finalized = out.split(";")[4:-1]
+        assert sorted(finalized) == sorted(
+            ["generator closed", "command's finalized", "rebound finalized"]
+        ), out
+        assert out.endswith(f";exit {code}"), out
+        assert (tmp_path / "text").read_text() == "written through three layers"
+
+
+_FULL_STDOUT = """
+import os, sys
+from pathlib import Path
+from cli.warm_server import _Server, exit_as_the_interpreter
+
+_Server(Path("/nonexistent"), 0).preload(())
+pid = os.fork()
+if pid == 0:
+    sys.stdout.write("left in the buffer")
+    exit_as_the_interpreter(0)
+os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_failing_flush_at_a_warm_childs_exit_is_the_interpreters() -> None:
+    """A flush of stdout that fails at the exit (a full device, a reader gone) is left to
+    the interpreter: the same message and exit code (120) as a cold command's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    got = []
+    for script in (_FULL_STDOUT, "import sys; sys.stdout.write('left in the buffer')"):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(
+                [sys.executable, "-c", script], stdout=full, stderr=subprocess.PIPE, text=True,
+                check=False, timeout=WAIT, env=env,
+            )  # fmt: skip
+        got.append((proc.returncode, proc.stderr))
+    assert got[0] == got[1], got
+    assert got[0][0] == 120 and "No space left on device" in got[0][1], got
