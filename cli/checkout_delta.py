@@ -14,7 +14,8 @@ Crash safety (the journal's contract: after a kill at any point, the next `pg ch
 1. `<datadir>.checkout.applying` is written (durably) before the first byte is applied: from
    then on the directory may be half patched and is never started as it is;
 2. the delta's tar is streamed from the pageserver into the applier (no copy on disk, no
-   compression: both sides are on this machine). Applying is idempotent and any delta between
+   compression: both sides are on this machine; its WAL segment a sparse member, two pages
+   instead of 16 MiB of zeros). Applying is idempotent and any delta between
    the same two states will do: whole files get the member's bytes (written from their
    first difference; after a failed run, written whole: see `DeltaApplier`'s `compare`), a
    fork is set to the size the delta says and its listed pages written (with the target's
@@ -179,7 +180,9 @@ def _stream_apply(
                 return None
         if head_lsn < shut_down_at:
             return None
-    request = BasebackupRequest(node_id=node.id, checkout_from=head, hints_logged_from=mark)
+    request = BasebackupRequest(
+        node_id=node.id, checkout_from=head, hints_logged_from=mark, sparse_wal=True
+    )
     stale = stale_dir(node)
     shutil.rmtree(stale, ignore_errors=True)  # a killed run's: its names would be taken
     applier = DeltaApplier(node.datadir, KEEP, sync_early=not again, aside=stale, compare=not again)

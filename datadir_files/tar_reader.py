@@ -8,7 +8,11 @@ writes them straight to the file.
 What it reads: the POSIX ustar header (name, mode, size, typeflag, linkname, prefix; POSIX.1-
 2001 tar, as PostgreSQL writes it: src/port/tar.c tarCreateHeader), pax extended headers
 (`x`: path, linkpath, size records; `g` global headers are skipped) as Python's tarfile writes
-them, and GNU long names (`L`, `K`). Each header block's checksum is verified (the unsigned sum
+them, GNU long names (`L`, `K`) and GNU sparse files of format 1.0 (PAX `GNU.sparse.*` records,
+the map at the data's start: what a checkout's delta carries its WAL segment as,
+pageserver/basebackup/tar_stream.py tar_sparse_file), whose holes are handed on as data of
+zeros, so that a reader sees the file's bytes whatever the format; other sparse formats are
+refused. Each header block's checksum is verified (the unsigned sum
 of the block with the checksum field taken as spaces), sizes are octal or GNU base-256. An
 archive ends with a zero block (a second one is optional, as tar itself allows); data after it
 is ignored. Anything else raises TarFormatError naming the member and the offset.
@@ -16,11 +20,16 @@ is ignored. Anything else raises TarFormatError naming the member and the offset
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 BLOCK = 512
 _MAX_META = 1 << 20  # pax and GNU long-name records: a path, never megabytes
+_SPARSE = "GNU.sparse."
+_SPARSE_MAP_MAX = 64 << 10  # a sparse file's map: (offset, size) pairs in decimal text
+_ZEROS = memoryview(bytes(1 << 20))
+"""What a sparse member's holes are handed on as, a MiB at a time."""
 
 REGULAR, HARD_LINK, SYMLINK, CHAR_DEVICE, BLOCK_DEVICE, DIRECTORY, FIFO = (
     b"0", b"1", b"2", b"3", b"4", b"5", b"6"
@@ -70,6 +79,75 @@ class ArchiveEnd:
 
 
 TarEvent = MemberStart | MemberData | MemberEnd | ArchiveEnd
+
+
+_SPARSE_MAP = b"S"  # not a typeflag: reading a sparse member's map
+
+
+class _Sparse:
+    """A GNU sparse member (format 1.0) being read: its map, then where its data goes."""
+
+    def __init__(self, member: MemberStart) -> None:
+        self.member = member
+        self.text = bytearray()
+        self.regions: deque[tuple[int, int]] = deque()
+        """(offset, size) of the regions whose bytes are still to come."""
+        self.stored = 0
+        self.pad = 0
+        """The zeros after the member's data (set aside while its map is read)."""
+        self.at = 0
+        """The file offset of the next byte handed on."""
+
+    def parse(self, where: str) -> bool:
+        """Whether the map read so far is whole (then checked and taken)."""
+        lines = bytes(self.text).split(b"\n")
+        if not lines[0]:
+            raise TarFormatError(f"the {where} is empty")
+        if len(lines) < 2 or not lines[0].isdigit():
+            return self._partial(lines[0], where)
+        count = int(lines[0])
+        if len(lines) < 2 + 2 * count:
+            return self._partial(b"".join(lines[1:]), where)
+        numbers = lines[1 : 1 + 2 * count]
+        if not all(n.isdigit() for n in numbers):
+            raise TarFormatError(f"the {where} is not decimal numbers")
+        end = 0
+        for i in range(count):
+            offset, size = int(numbers[2 * i]), int(numbers[2 * i + 1])
+            if offset < end or offset + size > self.member.size:
+                raise TarFormatError(f"the {where} has regions out of order or past its end")
+            end = offset + size
+            self.stored += size
+            if size:  # GNU tar ends a file ending in a hole with an empty region
+                self.regions.append((offset, size))
+        return True
+
+    @staticmethod
+    def _partial(text: bytes, where: str) -> bool:
+        if text.strip(b"0123456789\n"):
+            raise TarFormatError(f"the {where} is not decimal numbers")
+        return False
+
+    def data(self, piece: memoryview) -> Iterator[MemberData]:
+        """The regions' next stored bytes, the holes before them as zeros."""
+        while piece:
+            offset, size = self.regions[0]
+            yield from self._zeros_to(offset)
+            take = min(len(piece), offset + size - self.at)
+            yield MemberData(piece[:take])
+            self.at += take
+            piece = piece[take:]
+            if self.at == offset + size:
+                self.regions.popleft()
+
+    def end(self) -> Iterator[MemberData]:
+        yield from self._zeros_to(self.member.size)
+
+    def _zeros_to(self, offset: int) -> Iterator[MemberData]:
+        while self.at < offset:
+            take = min(offset - self.at, len(_ZEROS))
+            yield MemberData(_ZEROS[:take])
+            self.at += take
 
 
 def _number(field: bytes, what: str) -> int:
@@ -134,18 +212,22 @@ class TarReader:
         self._meta_size = 0
         self._pending: dict[str, str] = {}  # path/linkpath/size for the next member
         self._ended = False
+        self._sparse: _Sparse | None = None  # of the current member, if it is sparse
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[TarEvent]:
         view = memoryview(data).cast("B")
         while view and not self._ended:
-            if self._data_left:  # a member's data: handed on without a copy
+            if self._data_left and self._meta_kind is None:  # handed on without a copy
                 take = min(len(view), self._data_left)
                 self._data_left -= take
                 self.offset += take
-                yield MemberData(view[:take])
+                if self._sparse is None:
+                    yield MemberData(view[:take])
+                else:
+                    yield from self._sparse.data(view[:take])
                 view = view[take:]
                 if not self._data_left:
-                    yield MemberEnd()
+                    yield from self._member_end()
                 continue
             if self._pad_left:
                 take = min(len(view), self._pad_left)
@@ -162,15 +244,15 @@ class TarReader:
             region = bytes(self._buf)
             self._buf.clear()
             if self._meta_kind is not None:
-                self._meta_done(region)
+                start = self._meta_done(region)
                 self.offset += need
-                continue
-            start = self._header(region)
-            self.offset += need
+            else:
+                start = self._header(region)
+                self.offset += need
             if start is not None:
                 yield start
                 if not self._data_left:
-                    yield MemberEnd()
+                    yield from self._member_end()
 
     def finish(self) -> Iterator[TarEvent]:
         """The end: ArchiveEnd, or TarFormatError if the archive was cut off."""
@@ -218,17 +300,69 @@ class TarReader:
         self._data_left = size
         self._pad_left = -size % BLOCK
         linkname = pending.get("linkpath", _text(block[157:257]))
-        return MemberStart(name, kind, size, _number(block[100:108], "mode"), linkname)
+        start = MemberStart(name, kind, size, _number(block[100:108], "mode"), linkname)
+        if any(key.startswith(_SPARSE) for key in pending):
+            self._sparse_start(start, pending)
+            return None  # once its map is read
+        return start
 
-    def _meta_done(self, region: bytes) -> None:
+    def _sparse_start(self, start: MemberStart, pending: dict[str, str]) -> None:
+        """A GNU sparse member (format 1.0 only): its map is read next (`_meta_done`)."""
+        if (pending.get(_SPARSE + "major"), pending.get(_SPARSE + "minor")) != ("1", "0"):
+            raise TarFormatError(f"tar member {start.name!r} is sparse in a format not read")
+        name = pending.get(_SPARSE + "name", start.name)
+        realsize = pending.get(_SPARSE + "realsize", "")
+        if start.kind != "file" or not realsize.isdigit():
+            raise TarFormatError(f"tar member {name!r} has a bad sparse header")
+        self._name = name
+        self._sparse = _Sparse(
+            MemberStart(name, start.kind, int(realsize), start.mode, start.linkname)
+        )
+        self._sparse.pad, self._pad_left = self._pad_left, 0
+        self._meta_kind, self._meta_size = _SPARSE_MAP, BLOCK
+
+    def _member_end(self) -> Iterator[TarEvent]:
+        if self._sparse is not None:
+            yield from self._sparse.end()
+            self._sparse = None
+        yield MemberEnd()
+
+    def _meta_done(self, region: bytes) -> MemberStart | None:
+        """An extended header's records read; for a sparse member's map, the member (once
+        the map is whole)."""
         data, kind = region[: self._meta_size], self._meta_kind
         self._meta_kind, self._meta_size = None, 0
+        if kind == _SPARSE_MAP:
+            return self._sparse_map_block(region)
         if kind == _PAX:
             records = _pax_records(data, self.offset)
             self._pending.update(
-                {k: v for k, v in records.items() if k in ("path", "linkpath", "size")}
+                {
+                    k: v
+                    for k, v in records.items()
+                    if k in ("path", "linkpath", "size") or k.startswith(_SPARSE)
+                }
             )
         elif kind == _GNU_LONGNAME:
             self._pending["path"] = _text(data)
         elif kind == _GNU_LONGLINK:
             self._pending["linkpath"] = _text(data)
+        return None
+
+    def _sparse_map_block(self, block: bytes) -> MemberStart | None:
+        """The next block of a sparse member's map (its data's first blocks): the member
+        once the map is whole, its data then the regions' bytes."""
+        sparse = self._sparse
+        assert sparse is not None
+        where = f"sparse map of tar member {self._name!r}"
+        if self._data_left < BLOCK or len(sparse.text) >= _SPARSE_MAP_MAX:
+            raise TarFormatError(f"the {where} is cut off or too large")
+        self._data_left -= BLOCK
+        sparse.text += block
+        if not sparse.parse(where):
+            self._meta_kind, self._meta_size = _SPARSE_MAP, BLOCK  # its next block
+            return None
+        if sparse.stored != self._data_left:
+            raise TarFormatError(f"the {where} does not match the member's size")
+        self._pad_left = sparse.pad
+        return sparse.member

@@ -132,6 +132,10 @@ class BasebackupRequest(ApiRequest):
     full rebuild is right."""
     hints_logged_from: int | None = None
     """With checkout_from: the LSN from which the directory's hint bits are WAL-logged."""
+    sparse_wal: bool | None = None
+    """With checkout_from, as a tar: the WAL segment is a GNU sparse member (its two pages,
+    not 16 MiB of zeros: datadir_files/tar_reader.py reads it). An older daemon sends it
+    whole."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
@@ -142,6 +146,11 @@ class BasebackupRequest(ApiRequest):
         ):  # fmt: skip
             raise InvalidArgument(
                 "basebackup checkout_from applies to a node's branch point, with hints_logged_from"
+            )
+        if self.sparse_wal and (self.checkout_from is None or self.snapshot_file):
+            raise InvalidArgument(
+                "basebackup sparse_wal applies to a checkout's tar only (checkout_from, no "
+                "snapshot_file)"
             )
         _check_positive("pg_timeline", self.pg_timeline)
         if self.created_at is not None and not self.snapshot_file:

@@ -72,6 +72,7 @@ async def _plan_basebackup(
         now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
         fork_content=None if delta is None else delta.forks,
         aligned=aligned,
+        sparse_wal=bool(req.sparse_wal) if isinstance(req, m.BasebackupRequest) else False,
     )
 
 

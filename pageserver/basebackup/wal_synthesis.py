@@ -77,21 +77,33 @@ def _wal_page(
     return bytes(page)
 
 
+def wal_segment_pages(
+    checkpoint_lsn: int, record: bytes, pg_timeline: int, sysid: int, segment_size: int
+) -> list[tuple[int, bytes]]:
+    """The pages of the segment holding `checkpoint_lsn` that are not zeros, by their offset
+    in it, in order: page 0 (its long header) and the record's page (a header, the record).
+    Everything else in the segment is zeros."""
+    seg_start = checkpoint_lsn - checkpoint_lsn % segment_size
+    rec_page = checkpoint_lsn - checkpoint_lsn % XLOG_BLCKSZ
+    page = _wal_page(rec_page, checkpoint_lsn, record, pg_timeline, sysid, segment_size)
+    if rec_page == seg_start:
+        return [(0, page)]
+    first = _wal_page(seg_start, None, b"", pg_timeline, sysid, segment_size)
+    return [(0, first), (rec_page - seg_start, page)]
+
+
 def wal_segment_chunks(
     checkpoint_lsn: int, record: bytes, pg_timeline: int, sysid: int, segment_size: int
 ) -> Iterator[bytes]:
-    """The segment holding `checkpoint_lsn`: long header on page 0, a header on the record's
-    page, the record, zeros elsewhere (full size, as PostgreSQL requires)."""
-    seg_start = checkpoint_lsn - checkpoint_lsn % segment_size
-    rec_page = checkpoint_lsn - checkpoint_lsn % XLOG_BLCKSZ
+    """The segment holding `checkpoint_lsn` (`wal_segment_pages`, zeros elsewhere), full
+    size, as PostgreSQL requires."""
     zeros = bytes(XLOG_BLCKSZ * _CHUNK_PAGES)
-    if rec_page == seg_start:
-        yield _wal_page(seg_start, checkpoint_lsn, record, pg_timeline, sysid, segment_size)
-    else:
-        yield _wal_page(seg_start, None, b"", pg_timeline, sysid, segment_size)
-        yield from _zeros(rec_page - seg_start - XLOG_BLCKSZ, zeros)
-        yield _wal_page(rec_page, checkpoint_lsn, record, pg_timeline, sysid, segment_size)
-    yield from _zeros(seg_start + segment_size - rec_page - XLOG_BLCKSZ, zeros)
+    at = 0
+    for offset, page in wal_segment_pages(checkpoint_lsn, record, pg_timeline, sysid, segment_size):
+        yield from _zeros(offset - at, zeros)
+        yield page
+        at = offset + len(page)
+    yield from _zeros(segment_size - at, zeros)
 
 
 def _zeros(n: int, chunk: bytes) -> Iterator[bytes]:

@@ -60,6 +60,9 @@ REQUESTS: list[m.ApiRequest] = [
     m.BasebackupRequest(snapshot="pgdata1@s1", pg_timeline=2, timeline_history=b"1\t0/3\tx\n"),
     m.BasebackupRequest(snapshot="pgdata1@s1", mtime=1_780_000_000),
     m.BasebackupRequest(snapshot="pgdata1@s2", snapshot_file=True, delta_from=["pgdata1@s1"]),
+    m.BasebackupRequest(
+        node_id="primary1", checkout_from="pgdata1@HEAD1", hints_logged_from=8, sparse_wal=True
+    ),
     m.BasebackupPlanRequest(snapshot="pgdata1@s1"),
     m.PitrCreateRequest("long", "primary1", ttl="30d"),
     m.PitrListRequest(),
@@ -307,6 +310,8 @@ def test_typed_construction_is_checked_the_same_way() -> None:
         InvalidArgument, match="delta_from applies to the snapshot_file of a snapshot"
     ):
         m.BasebackupRequest(snapshot="pgdata1@s2", delta_from=["pgdata1@s1"])
+    with pytest.raises(InvalidArgument, match="sparse_wal applies to a checkout's tar only"):
+        m.BasebackupRequest(snapshot="pgdata1@s2", sparse_wal=True)
     assert m.fork_number("fsm") == 1 and m.fork_number(3) == 3
 
 

@@ -592,3 +592,16 @@ def test_batched_grows_from_its_first_size() -> None:
     assert [sum(map(len, b)) for b in plain] == [*[64 << 10] * 6, 16 << 10]
     assert [c for b in plain for c in b] == chunks
     assert bb.FIRST_HANDOFF_BYTES < bb.HANDOFF_BYTES
+
+
+def test_a_sparse_wal_segment_holds_the_same_bytes() -> None:
+    """`sparse_wal` (a checkout's delta): the archive's files are the same, the WAL segment
+    a GNU sparse member of its two pages that tarfile reads back whole, at a fifth of a
+    percent of the bytes."""
+    src = fake_source()
+    _, whole = basebackup_chunks(src, src.lsn, pg_timeline=2, now=1)
+    info, sparse = basebackup_chunks(src, src.lsn, pg_timeline=2, now=1, sparse_wal=True)
+    whole_tar, sparse_tar = b"".join(whole), b"".join(sparse)
+    assert tar_members(sparse_tar) == tar_members(whole_tar)
+    assert len(tar_members(sparse_tar)[f"pg_wal/{info.wal_segment}"] or b"") == SEG
+    assert len(whole_tar) - len(sparse_tar) > SEG - 8 * PAGE
