@@ -44,7 +44,7 @@ from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
 from pageserver.storage.layers.inmemory import ArenaLayer, InMemoryLayer
 from pageserver.storage.layers.layer_map import LayerMap
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.timeline import Timeline, discard_layers
+from pageserver.storage.timeline import Timeline, discard_layers, merge_gaps
 from pageserver.storage.values import ReconstructData
 
 Materialize = Callable[[Key, int, ReconstructData], bytes | None]
@@ -193,7 +193,8 @@ def _compact_level0(
     native = _native.blockpack is not None and not any(layer.file.narrow for layer in level0)
     merge_l0 = _merge_level0_native if native else _merge_level0_python
     outputs = merge_l0(timeline, level0, cancelled)
-    timeline.replace_layers(add=outputs, remove=level0)
+    # The L0 layers spanned every key: where the L1 files hold none, no WAL version lies.
+    timeline.replace_layers(add=outputs, remove=level0, empty=merge_gaps(outputs))
     return len(level0), len(outputs)
 
 

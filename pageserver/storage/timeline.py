@@ -47,6 +47,7 @@ from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.manifest import (
     MANIFEST_NAME,
+    EmptySpan,
     LayerEntry,
     ManifestCorrupt,
     TimelineManifest,
@@ -78,6 +79,32 @@ the executor, not yet in the manifest (pageserver.storage.compaction.merge_froze
 
 class FutureLsn(InvalidArgument):
     """A read at an LSN the timeline has not ingested yet."""
+
+
+MAX_EMPTY_SPANS = 128
+"""The manifest keeps the newest this many `EmptySpan`s (two a merge; ~110 bytes each in a
+manifest written at every flush): an older window than they reach reads its image layers'
+keys as before (`keys_written`'s `imaged`: compared at both ends), nothing worse."""
+
+
+def merge_gaps(outputs: Iterable[DeltaLayer]) -> tuple[EmptySpan, ...]:
+    """The key ranges the L1 files of one merge of full-keyspace layers (an L0 merge, a
+    merged flush: they tile [first key, last key] over one LSN range) leave out, over that LSN
+    range: no WAL version lies there (`EmptySpan`). None when the outputs do not share one
+    LSN range (not one merge's: nothing is claimed)."""
+    layers = sorted(outputs, key=lambda layer: layer.key_range.start)
+    if not layers or len({(x.lsn_start, x.lsn_end) for x in layers}) != 1:
+        return ()
+    lsn_start, lsn_end = layers[0].lsn_start, layers[0].lsn_end
+    gaps: list[EmptySpan] = []
+    at = FULL_KEYSPACE.start
+    for layer in layers:
+        if at < layer.key_range.start:
+            gaps.append(EmptySpan(KeyRange(at, layer.key_range.start), lsn_start, lsn_end))
+        at = max(at, layer.key_range.end)
+    if at < FULL_KEYSPACE.end:
+        gaps.append(EmptySpan(KeyRange(at, FULL_KEYSPACE.end), lsn_start, lsn_end))
+    return tuple(gaps)
 
 
 def open_layer(directory: Path, name: LayerName, cache: BlockCache) -> PersistentLayer:
@@ -117,6 +144,8 @@ class Timeline:
         """Oldest first."""
         self._disk_consistent_lsn = manifest.disk_consistent_lsn
         self._disk_prev_record_lsn = manifest.prev_record_lsn
+        self._empty_spans = manifest.empty_spans
+        """Oldest first: kept with the layer map (under the lock), written in every manifest."""
         self._last_record_lsn = manifest.disk_consistent_lsn
         self._prev_record_lsn = manifest.prev_record_lsn
         self._next_layer_start = manifest.disk_consistent_lsn + 1
@@ -444,6 +473,7 @@ class Timeline:
                         raise InvalidArgument("frozen layers were flushed twice at once")
                     del self._frozen[: len(group)]
                     self._map = self._map.replace(add=done)
+                    self._add_empty_spans_locked(merge_gaps(done))
                     manifest = self._manifest_locked(_end(last) - 1, last.prev_record_lsn)
                 write_manifest(self.directory, manifest)
                 with self._lock:
@@ -490,7 +520,14 @@ class Timeline:
             disk_consistent_lsn=disk_consistent_lsn,
             prev_record_lsn=prev,
             layers=tuple(LayerEntry(x.name, x.file_size) for x in self._map.layers()),
+            empty_spans=self._empty_spans,
         )
+
+    def _add_empty_spans_locked(self, spans: Iterable[EmptySpan]) -> None:
+        """Keep `spans` (a merge's `merge_gaps`), the newest MAX_EMPTY_SPANS in all."""
+        added = tuple(spans)
+        if added:
+            self._empty_spans = (*self._empty_spans, *added)[-MAX_EMPTY_SPANS:]
 
     def layer_map(self) -> LayerMap:
         """The current snapshot of layer files (immutable)."""
@@ -498,10 +535,14 @@ class Timeline:
             return self._map
 
     def replace_layers(
-        self, add: Iterable[PersistentLayer], remove: Iterable[PersistentLayer]
+        self,
+        add: Iterable[PersistentLayer],
+        remove: Iterable[PersistentLayer],
+        empty: Iterable[EmptySpan] = (),
     ) -> None:
         """Swap layer files atomically (compaction, GC): the new files must be durable
-        already; the manifest is rewritten, then the removed files are deleted."""
+        already; the manifest is rewritten, then the removed files are deleted. `empty`: an
+        L0 merge's `merge_gaps`, kept with its files."""
         add, remove = list(add), list(remove)
         with self._manifest_lock:
             with self._lock:
@@ -509,6 +550,7 @@ class Timeline:
                 if any(id(x) not in current for x in remove):
                     raise InvalidArgument("cannot remove a layer that is not in the layer map")
                 self._map = self._map.replace(add=add, remove=remove)
+                self._add_empty_spans_locked(empty)
                 if remove:
                     self._read_epoch = next(_read_epochs)
                 manifest = self._manifest_locked(
@@ -694,6 +736,7 @@ class Timeline:
         with self._lock:
             layer_map, frozen, head = self._range_view_locked(key_range, upto)
             open_start = self._open.lsn_start if self._open is not None else None
+            empty = self._empty_spans
         logged = {key for key, lsn, _tag in head if lsn > above}
         imaged: set[Key] = set()
         spans: list[tuple[KeyRange, int, int]] = []
@@ -712,6 +755,15 @@ class Timeline:
                 sources.append(file)
                 if not file.name.is_image:
                     spans.append((file.key_range, file.lsn_start, file.lsn_end))
+        # Where a merge's L1 files hold no key, the full-keyspace layers it merged said no
+        # WAL version lies: a span too (else an image layer written in the window made every
+        # key of other databases' catalogs a candidate to read at both ends: ~40 ms of a 1%
+        # delta push's pageserver, bench/README `exchange`).
+        spans.extend(
+            (s.key_range, s.lsn_start, s.lsn_end)
+            for s in empty
+            if s.lsn_end - 1 > above and s.lsn_start <= upto and s.key_range.overlaps(key_range)
+        )
         written = WrittenKeys(logged, imaged, tuple(spans))
         # An image layer's keys count only where the spans leave LSNs of the window out: a
         # layer written in it holds every key of its range (58k keys of a 456 MiB database
@@ -790,7 +842,8 @@ class WrittenKeys:
     ranges the spans do not log over the whole window (`unsure_ranges`; elsewhere such a key
     did not change): unchanged unless the WAL versions below their image are gone (GC)."""
     spans: tuple[tuple[KeyRange, int, int], ...]
-    """(key range, first LSN, end LSN exclusive) of the layers holding WAL versions."""
+    """(key range, first LSN, end LSN exclusive) of the layers holding WAL versions, and of
+    the `EmptySpan`s (no version there at all)."""
 
     def fully_logged(self, key: Key, above: int, upto: int) -> bool:
         """Whether the layers holding WAL versions cover every LSN of (above, upto] for

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pageserver.basebackup.checkout_delta import checkout_keys
+from pageserver.history import snapshot_diff
 from pageserver.history.snapshot_diff import (
     DifferentHistories,
     ReadPoint,
@@ -26,10 +27,12 @@ from pageserver.history.snapshot_diff import (
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.value_format import encode_u32
 from pageserver.redo.native import redo as native_redo
+from pageserver.storage import compaction
 from pageserver.storage import keys as K
 from pageserver.storage.compaction import compact_level0, create_image_layers
+from pageserver.storage.manifest import EmptySpan, read_manifest
 from pageserver.storage.settings import StoreSettings
-from pageserver.storage.timeline import Timeline, WrittenKeys
+from pageserver.storage.timeline import MAX_EMPTY_SPANS, Timeline, WrittenKeys, merge_gaps
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, ReconstructData, Value
 from pg15.checkpoint import CheckPoint
@@ -152,18 +155,10 @@ def test_image_layers_over_removed_wal_versions(store: TimelineStore) -> None:
     assert {block(16386, b) for b in range(3)} <= changed_keys
 
 
-def test_keys_an_l0_merge_did_not_span_are_sent_only_when_changed(
-    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An L0 merge in the window writes L1 files spanning the keys its L0 files held; a key
-    outside them that an image layer written in the window holds is not covered, although
-    no WAL touched it. A delta .neon (keys_changed) reads it at both ends and leaves it out
-    (before, another database's whole catalog went into a delta: bigger than the snapshot),
-    rebuilding those keys in bulk: read one by one (the per-key path), the ~2500 catalog
-    keys of a pgbench database were over half of a 1% delta push's pageserver CPU. A
-    checkout's delta (checkout_keys) reads them too: it carried them, ~1900 unchanged
-    catalog pages beside a 1% change's 2692."""
-    require_c_extension(native_redo, "pageserver.redo._redo")
+def _merged_window(store: TimelineStore) -> tuple[Timeline, list[K.Key]]:
+    """A timeline whose window (12, 40] holds an L0 merge of DB 5's block alone and an image
+    layer at 32 that holds `others` too (another database's keys, below DB 5's), written by
+    compaction: the keys no WAL touched in the window."""
     others = [K.rel_block_key(SPC, 1, 16384, 0, b) for b in range(40)]  # below DB 5's keys
     record(
         tl := store.create_timeline(), 8,
@@ -181,20 +176,109 @@ def test_keys_an_l0_merge_did_not_span_are_sent_only_when_changed(
     assert compact_level0(tl) == (3, 1)  # the window's: DB 5's block alone
     assert create_image_layers(tl, reconstruct, force=True) > 0  # at 32: holds `others` too
     record(tl, 40, (block(16384, 0), page(40, 9)))
-    window = tl.keys_written(K.RELATION_KEYSPACE, 12, 40)
-    assert set(others) <= window.imaged and not window.fully_logged(others[0], 12, 40)
-    read_one_by_one: list[K.Key] = []
+    return tl, others
+
+
+def _reads_one_by_one(monkeypatch: pytest.MonkeyPatch) -> list[K.Key]:
+    read: list[K.Key] = []
     per_key = Timeline.get_reconstruct_data
 
     def counted(timeline: Timeline, key: K.Key, lsn: int) -> ReconstructData:
-        read_one_by_one.append(key)
+        read.append(key)
         return per_key(timeline, key, lsn)
 
     monkeypatch.setattr(Timeline, "get_reconstruct_data", counted)
+    return read
+
+
+def test_keys_an_l0_merge_left_out_are_known_unchanged(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An L0 merge in the window writes L1 files spanning the keys its L0 files held; the
+    L0 files spanned every key, so where the L1 files hold none no WAL version lies
+    (`EmptySpan`, kept in the manifest): a key there that an image layer written in the
+    window holds did not change, known from the indexes. Before, such keys were read at both
+    ends for every delta push and checkout (~40 ms of a 1% delta push's pageserver, the
+    catalogs of a pgbench database after the load's compaction). GC removing an L1 file
+    uncovers its own keys only: they are candidates again, read at both ends."""
+    require_c_extension(native_redo, "pageserver.redo._redo")
+    tl, others = _merged_window(store)
+    window = tl.keys_written(K.RELATION_KEYSPACE, 12, 40)
+    assert window.fully_logged(others[0], 12, 40) and not set(others) & window.imaged
+    assert window.unsure_ranges(K.RELATION_KEYSPACE, 12, 40) == []
+    bulk_reads: list[list[K.Key]] = []
+    bulk = snapshot_diff._bulk
+
+    def counted_bulk(point: ReadPoint, keys: list[K.Key]) -> Iterator[bytes | None]:
+        bulk_reads.append(keys)
+        return bulk(point, keys)
+
+    monkeypatch.setattr(snapshot_diff, "_bulk", counted_bulk)
+    read_one_by_one = _reads_one_by_one(monkeypatch)
+    assert keys_changed(ReadPoint(tl, 12), ReadPoint(tl, 40)) == {block(16384, 0)}
+    assert checkout_keys(ReadPoint(tl, 40), ReadPoint(tl, 12)) == ({block(16384, 0)}, 12)
+    assert bulk_reads == [] and not set(read_one_by_one) & set(others)
+    # The spans outlive a reopening (the manifest keeps them).
+    (reopened,) = [
+        Timeline.open(tl.directory, None, SETTINGS, tl.cache, read_manifest(tl.directory))
+    ]
+    try:
+        again = reopened.keys_written(K.RELATION_KEYSPACE, 12, 32)
+        assert again.fully_logged(others[0], 12, 32) and not set(others) & again.imaged
+    finally:
+        reopened.close()
+    # GC removes the window's L1 file: its key is a candidate again, the others are not.
+    (merged,) = [d for d in tl.layer_map().deltas if (d.lsn_start, d.lsn_end) == (13, 33)]
+    tl.replace_layers(add=[], remove=[merged])
+    window = tl.keys_written(K.RELATION_KEYSPACE, 12, 40)
+    assert not window.fully_logged(block(16384, 0), 12, 40)
+    assert window.fully_logged(others[0], 12, 40) and not set(others) & window.imaged
+
+
+def test_keys_an_l0_merge_did_not_span_are_sent_only_when_changed(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the spans do not say (a store whose merges kept no `EmptySpan`, as before
+    they were kept, or spans dropped past MAX_EMPTY_SPANS), a key outside a merge's L1
+    files that an image layer written in the window holds is a candidate. A delta .neon
+    (keys_changed) reads it at both ends and leaves it out (before, another database's
+    whole catalog went into a delta: bigger than the snapshot), rebuilding those keys in
+    bulk: read one by one (the per-key path), the ~2500 catalog keys of a pgbench database
+    were over half of a 1% delta push's pageserver CPU. A checkout's delta (checkout_keys)
+    reads them too: it carried them, ~1900 unchanged catalog pages beside a 1% change's
+    2692."""
+    require_c_extension(native_redo, "pageserver.redo._redo")
+    monkeypatch.setattr(compaction, "merge_gaps", lambda outputs: ())
+    tl, others = _merged_window(store)
+    window = tl.keys_written(K.RELATION_KEYSPACE, 12, 40)
+    assert set(others) <= window.imaged and not window.fully_logged(others[0], 12, 40)
+    read_one_by_one = _reads_one_by_one(monkeypatch)
     assert keys_changed(ReadPoint(tl, 12), ReadPoint(tl, 40)) == {block(16384, 0)}
     # A checkout's delta from the state at 40 back to 12 reads them too (it carried them).
     assert checkout_keys(ReadPoint(tl, 40), ReadPoint(tl, 12)) == ({block(16384, 0)}, 12)
     assert not set(read_one_by_one) & set(others)
+
+
+def test_merge_gaps_and_their_bound(store: TimelineStore) -> None:
+    """A merge's gaps: below its first file, between files that do not touch, above its
+    last; nothing for files of different LSN ranges (not one merge's). The timeline keeps
+    the newest MAX_EMPTY_SPANS."""
+    tl = store.create_timeline()
+    for lsn in (8, 16):
+        record(tl, lsn, (block(16384, 0), page(lsn, 1)), (block(16390, 0), page(lsn, 2)))
+        tl.freeze_and_flush()
+    assert compact_level0(tl, force=True) == (2, 1)
+    (l1,) = tl.layer_map().deltas
+    gaps = merge_gaps([l1])
+    assert [(g.key_range, g.lsn_start, g.lsn_end) for g in gaps] == [
+        (K.KeyRange(K.FULL_KEYSPACE.start, block(16384, 0)), l1.lsn_start, l1.lsn_end),
+        (K.KeyRange(l1.key_range.end, K.FULL_KEYSPACE.end), l1.lsn_start, l1.lsn_end),
+    ]
+    assert l1.key_range.end == K.key_successor(block(16390, 0))
+    assert read_manifest(tl.directory).empty_spans == gaps
+    spans = [EmptySpan(K.KeyRange(block(16384, 1), block(16384, 2)), n, n + 1) for n in range(200)]
+    tl.replace_layers(add=[], remove=[], empty=spans)
+    assert read_manifest(tl.directory).empty_spans == tuple(spans[-MAX_EMPTY_SPANS:])
 
 
 def test_branch_with_overlapping_lsns(store: TimelineStore) -> None:
