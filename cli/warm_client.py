@@ -17,20 +17,19 @@ Standard library only.
 
 from __future__ import annotations
 
-import contextlib
+import _signal as signal  # not signal, socket, contextlib: with what they import (enum,
+import _socket  # selectors, collections...) this module took ~12 ms of CPU, now ~2
 import marshal
 import os
-import signal
-import socket
 import struct
 import sys
-from types import FrameType
 
 from cli.launch import FORWARDED_SIGNALS, HANDSHAKE_TIMEOUT, REQUEST_MAX
 from proto.unix_fds import peer_uid, receive_with_fds, send_with_fds
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not typing itself: the launcher's every millisecond is every command's
+    from types import FrameType
     from typing import Any
 
 HEADER = struct.Struct(">I")
@@ -52,13 +51,13 @@ LIMITS = (
 
 
 def send_message(
-    sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None
+    sock: _socket.socket, message: dict[str, Any], fds: list[int] | None = None
 ) -> None:
     body = marshal.dumps(message)
     send_with_fds(sock, HEADER.pack(len(body)) + body, fds or ())
 
 
-def receive_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
+def receive_message(sock: _socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
     """One message (and its descriptors); OSError (PeerClosed) if the peer closed first."""
     body, fds = receive_with_fds(sock, HEADER, REQUEST_MAX, max_fds)
     try:
@@ -162,12 +161,16 @@ class _Forwarder:
             self.pending.append(signum)
 
     def send(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        try:  # (contextlib is not imported here)
             if self.group and signum in GROUP_SIGNALS:
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.killpg(self.pid, signum)  # its group: the child's session's first act
                     return
+                except ProcessLookupError:
+                    pass
             os.kill(self.pid, signum)
+        except ProcessLookupError:  # it has ended
+            pass
 
     def started(self, pid: int) -> None:
         self.pid = pid
@@ -188,12 +191,12 @@ def run_warm(path: str) -> None:
         os.kill(os.getpid(), signum)
 
 
-def _handshake(path: str, forwarder: _Forwarder) -> socket.socket | None:
+def _handshake(path: str, forwarder: _Forwarder) -> _socket.socket | None:
     """The connected, accepted request (the server forks on our "go"), or None: cold
     (a closed descriptor 0-2 too: the interpreter has no such sys.stdin/stdout/stderr)."""
     if sys.stdin is None or sys.stdout is None or sys.stderr is None:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.connect(path)
@@ -215,7 +218,7 @@ def _handshake(path: str, forwarder: _Forwarder) -> socket.socket | None:
     return sock
 
 
-def _finish(sock: socket.socket, forwarder: _Forwarder) -> None:
+def _finish(sock: _socket.socket, forwarder: _Forwarder) -> None:
     """Wait for the child's status and exit the same way; signals go on to the child.
     Returns if the server could not fork (nothing ran: the command runs here)."""
     sock.settimeout(None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,31 @@ def test_no_prompting_or_serving_command_is_allowed() -> None:
     for command in (("pg", "connect"), ("pg", "destroy"), ("pg", "attach"), ("storage", "attach")):
         assert command not in WARM_COMMANDS
     assert not any(group in ("pageserver", "console", "debug") for group, _ in WARM_COMMANDS)
+
+
+LAUNCHER_MODULES = ("cli.launch", "cli.home_root", "cli.warm_client")
+LAUNCHER_AVOIDS = frozenset(
+    {"pathlib", "re", "enum", "socket", "selectors", "signal", "contextlib", "collections",
+     "functools", "typing", "types", "importlib.util", "urllib.parse"}
+)  # fmt: skip
+"""What `neon`'s launcher (its interpreter's start and its own modules) must not import:
+every warm command waits for it (~12 ms for setuptools' editable-install hook, ~10 ms for
+socket's and signal's enums, selectors and contextlib's collections)."""
+
+
+def test_the_launcher_imports_little() -> None:
+    """The venv's interpreter starts with no import hook (pyproject's package-dir: a .pth
+    naming the checkout), and the launcher's modules take only the standard library's
+    smallest (_socket, _signal, struct, marshal)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {', '.join(LAUNCHER_MODULES)}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert set(LAUNCHER_MODULES) <= modules, proc.stderr
+    assert not modules & LAUNCHER_AVOIDS, sorted(modules & LAUNCHER_AVOIDS)
+    assert not [m for m in modules if m.startswith("__editable__")], sorted(modules)
