@@ -20,11 +20,13 @@ terminal's signals to its group), the launcher's descriptors 0-2, working direct
 environment, niceness, CPU affinity, I/O priority, oom_score_adj, resource limits, sys.path and
 argv, signal handlers as a new interpreter has them, sys.stdin/stdout/stderr made as the
 launcher's interpreter made them; it runs `cli.main.main()` at the top of this module's
-stack, so the interpreter's own exit (threads joined, atexit, streams flushed, the exit
-code of a SystemExit, an uncaught KeyboardInterrupt's SIGINT) is the cold command's. The
-server reaps it and sends the launcher its wait status (the child keeps a close-on-exec copy
-of the connection: a launcher sees its end only once both are gone). A launcher that
-disappears (SIGKILL) takes its child with it (SIGKILL), as a cold command would have gone.
+stack and ends as the interpreter's own exit would (threads joined, atexit, streams flushed,
+the exit code of a SystemExit: `exit_as_the_interpreter`, without the modules' teardown),
+or through that exit itself (sys.exit("message"), an uncaught exception, an uncaught
+KeyboardInterrupt's SIGINT), as the cold command's. The server reaps it and sends the
+launcher its wait status (the child keeps a close-on-exec copy of the connection: a
+launcher sees its end only once both are gone). A launcher that disappears (SIGKILL)
+takes its child with it (SIGKILL), as a cold command would have gone.
 """
 
 from __future__ import annotations
@@ -519,9 +521,11 @@ def _outlive_the_exit() -> None:
     on (the child's exit: ~18 ms of CPU, ~45 ms with the S3 client and its models loaded).
     What the command itself made is freed (its files flushed, its __del__ run) as before,
     unless it is kept in a container the server made (a preloaded module's dict, list, cache
-    or class attribute): that outlives the exit unfinalized. So a preloaded module keeps
-    nothing that needs finalizing (an open buffered file, a transaction) in such a container:
-    it closes or flushes it itself, or leaves it to atexit."""
+    or class attribute): that outlives the interpreter's exit unfinalized (the usual end,
+    `exit_as_the_interpreter`, finalizes it wherever it is). What the server made is never
+    finalized in a child, so a preloaded module keeps nothing that needs finalizing (an open
+    buffered file, a socket, a generator) in its globals or containers: it closes or flushes
+    it itself, or leaves it to atexit (checked: tests/e2e/test_warm_commands.py)."""
     namespaces: list[object] = [
         dict(vars(module)) for module in list(sys.modules.values()) if module is not None
     ]

@@ -865,3 +865,65 @@ def test_a_failing_flush_at_a_warm_childs_exit_is_the_interpreters() -> None:
         got.append((proc.returncode, proc.stderr))
     assert got[0] == got[1], got
     assert got[0][0] == 120 and "No space left on device" in got[0][1], got
+
+
+_FINALIZABLE_AT_MODULE_LEVEL = """
+import json, sys, types
+from pathlib import Path
+from cli.warm_server import PRELOAD, _Server
+
+server = _Server(Path("/nonexistent"), 0)
+if sys.argv[1] == "planted":
+    planted = sys.modules["planted"] = types.ModuleType("planted")
+    planted.registry = {"log": [open("/dev/null", "w")]}
+server.preload(PRELOAD)
+server.preload_later()
+skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+        str, bytes, int, float)
+streams = {id(s) for s in (sys.stdin, sys.stdout, sys.stderr,
+                           sys.__stdin__, sys.__stdout__, sys.__stderr__)}
+found, seen = [], set(streams)
+for name, module in list(sys.modules.items()):
+    if module is None:
+        continue
+    stack = [(f"{name}.{key}", value, 0) for key, value in list(vars(module).items())]
+    while stack:
+        path, obj, depth = stack.pop()
+        if isinstance(obj, skip) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if not isinstance(obj, type) and getattr(type(obj), "__del__", None) is not None:
+            found.append(f"{path}: {type(obj).__module__}.{type(obj).__qualname__}")
+        if depth < 3:
+            if isinstance(obj, dict):
+                inner = list(obj.values())
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                inner = list(obj)
+            else:  # a class's or an object's attributes
+                try:
+                    namespace = getattr(obj, "__dict__", None)
+                except Exception:
+                    namespace = None
+                mapping = (dict, types.MappingProxyType)
+                inner = list(namespace.values()) if isinstance(namespace, mapping) else []
+            stack.extend((f"{path}.{i}", child, depth + 1) for i, child in enumerate(inner))
+print(json.dumps(sorted(found)))
+"""
+
+
+def test_preloaded_modules_keep_nothing_that_needs_finalizing() -> None:
+    """The rule of a preloaded module (`_outlive_the_exit`): no object that needs
+    finalizing (an open file, a socket, a generator, anything with `__del__`) in its
+    globals or within three levels of its containers, classes and objects. The server made
+    it, so no warm child ever finalizes it (it is frozen, and outlives every exit): what a
+    command writes to such a file would stay in a buffer the child never flushes, where a
+    cold command's exit flushes it. A planted one is found (the check can fail)."""
+    got = {}
+    for case in ("as is", "planted"):
+        out = subprocess.run(
+            [sys.executable, "-c", _FINALIZABLE_AT_MODULE_LEVEL, case],
+            capture_output=True, text=True, check=True, timeout=120,
+        ).stdout  # fmt: skip
+        got[case] = json.loads(out)
+    assert got["as is"] == [], got["as is"]
+    assert [f for f in got["planted"] if f.startswith("planted.registry")], got["planted"]
