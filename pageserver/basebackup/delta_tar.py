@@ -100,6 +100,9 @@ class DeltaForks:
             seg_name = path + (f".{segno}" if segno else "")
             self.whole_tar_bytes += tar_header_size(seg_name, seg_size, mtime) + seg_size
         self.pages += pages
+        if not pages:  # most forks of a delta: one chunk, not a header, records and padding
+            yield tar_header(name, size, mtime) + fork_header(nblocks) + bytes(_padded(size) - size)
+            return
         runs = [
             *_runs(written),
             *([(grown_from, nblocks - grown_from)] if pages > len(written) else []),

@@ -178,7 +178,7 @@ class TimelineSource:
             if raw is None:
                 rel, fork = forks[i]
                 raise NotFound(f"relation {spc}/{db}/{rel} fork {fork} has no size at {self._at}")
-            sizes[i] = decode_u32(raw, describe(keys[i]))
+            sizes[i] = decode_u32(raw, partial(describe, keys[i]))
         return sizes
 
     def get_page(self, spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:

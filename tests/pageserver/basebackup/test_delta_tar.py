@@ -22,6 +22,7 @@ from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, Value
 from pg15.constants import BLCKSZ
+from snapfile.delta import delta_member_name, fork_header, fork_member_size
 from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_snapshot_diff import DB, SETTINGS, SPC
 
@@ -134,3 +135,19 @@ def test_the_delta_pages_read_in_bulk_are_the_per_key_reads(
             assert _members(bulk, nblocks) == reference
         assert planned == []
         assert bulk.pages == per_key.pages > 10
+
+
+def test_a_fork_without_pages_is_one_chunk(store: TimelineStore) -> None:
+    """A fork the delta sends no page of (most of them: ~720 of a pgbench database's ~730)
+    is one chunk, the member's header, fork header and padding at once (three, through two
+    generators, were each a step of the encoder's cut: a tenth of a 1% delta's tar making),
+    with the bytes of the generic path's member."""
+    tl, _child = _history(store)
+    forks = DeltaForks(TimelineSource(tl, 40), ReadPoint(tl, 16))
+    name = f"base/{DB}/16390"
+    (chunk,) = forks.fork_members(name, SPC, DB, 16390, 0, 12, 7)
+    size = fork_member_size(0)
+    assert chunk == tar_header(delta_member_name(name), size, 7) + fork_header(12) + bytes(
+        512 - size
+    )
+    assert forks.pages == 0 and forks.delta_tar_bytes == len(chunk)
