@@ -12,7 +12,7 @@ import ssl as ssl_
 from collections.abc import AsyncIterable
 from typing import Any
 
-from proto.connection import MessageStream
+from proto.connection import READ_BUFFER, MessageStream
 from proto.errors import AuthFailed, Conflict, InvalidArgument, ProtocolError, Unavailable
 from proto.frames import DEFAULT_MAX_FRAME_SIZE
 from proto.messages import (
@@ -78,7 +78,9 @@ class ProtoClient:
         address = f"{host}:{port}"
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=ssl, limit=READ_BUFFER
+                )
         except TimeoutError:
             raise Unavailable(
                 f"timed out after {timeout:g} s connecting to {peer} at {address}"
