@@ -1123,18 +1123,25 @@ os.register_at_fork(after_in_child=_forget_pool)
 def compress_blocks(level: int, raws: list[Buffer]) -> list[CompressedBlock]:
     """The blocks compressed (one zstd frame each, as `ZstdCompressor(level).compress`
     makes it: the same bytes on any thread, so a layer's file does not depend on which
-    thread compressed what: resume and dedup compare files byte for byte)."""
+    thread compressed what: resume and dedup compare files byte for byte).
+
+    All in one call that releases the GIL once (`multi_compress_to_buffer`): `compress`
+    released it per block, and a thread that gives the GIL up waits for it again until the
+    holder is made to drop it (sys.getswitchinterval, 5 ms): beside the decode thread of
+    a catch-up, which holds it all the time it runs, each block waited up to that long
+    (bench/README `ingest`, session 22)."""
     compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_tls, "zstd_c", None)
     if compressors is None:
         compressors = _tls.zstd_c = {}
     zc = compressors.get(level)
     if zc is None:
         zc = compressors[level] = zstandard.ZstdCompressor(level=level)
-    out: list[CompressedBlock] = []
-    for raw in raws:
-        comp = zc.compress(raw)
-        out.append((comp, len(raw), crc32c.crc32c(comp)))
-    return out
+    if not raws or any(len(raw) == 0 for raw in raws):
+        frames = [zc.compress(raw) for raw in raws]  # the batch call refuses empty inputs
+    else:
+        batch = zc.multi_compress_to_buffer(list(raws))
+        frames = [batch[i].tobytes() for i in range(len(raws))]
+    return [(comp, len(raw), crc32c.crc32c(comp)) for raw, comp in zip(raws, frames, strict=True)]
 
 
 class LayerFileWriter:
@@ -1416,6 +1423,10 @@ class LayerFileWriter:
             self._write_compressed(self._in_flight.popleft().result())
 
     def _write_compressed(self, blocks: list[CompressedBlock]) -> None:
+        # One write a block, though each releases the GIL (see compress_blocks): written
+        # together, the page cache took the file in larger folios (Linux 6.18, ext4), which
+        # a read then maps whole, and a reader's mapped pages grew past what
+        # test_mapped_pages allows.
         for comp, raw_len, crc in blocks:
             self._file.write(comp)
             self._blocks.append(_BLOCK_ENTRY.pack(self._offset, len(comp), raw_len, crc))

@@ -11,6 +11,7 @@ import random
 import threading
 from pathlib import Path
 
+import crc32c
 import pytest
 import zstandard
 
@@ -94,3 +95,21 @@ def test_aborted_writer_with_blocks_in_flight_leaves_nothing(tmp_path: Path) -> 
         writer.add(key, 150, encode_value(WalDelta(page(rng), False)))
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_is_compressed_as_one_thread_compresses_each_block() -> None:
+    """compress_blocks makes a task's frames in one call (one GIL release, not one a block):
+    the frames are those `compress` makes of each block, for every kind of block a writer
+    cuts (bytes, a bytearray, slices of a pack's memory), and an empty block among them
+    (which the batch call refuses) too."""
+    rng = random.Random(5)
+    pack = bytearray(b"".join(page(rng) for _ in range(4)))
+    view = memoryview(pack)
+    raws: list[bytes | bytearray | memoryview] = [page(rng), bytearray(page(rng))]
+    raws += [view[:5000], view[5000:20000], view[20000:]]
+    one_thread = zstandard.ZstdCompressor(level=3)
+    for batch in (raws, [*raws[:2], b"", raws[2]]):
+        out = blocks.compress_blocks(3, batch)
+        assert [comp for comp, _, _ in out] == [one_thread.compress(raw) for raw in batch]
+        assert [n for _, n, _ in out] == [len(raw) for raw in batch]
+        assert [crc for _, _, crc in out] == [crc32c.crc32c(comp) for comp, _, _ in out]
