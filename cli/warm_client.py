@@ -7,11 +7,15 @@ The exchange, one per connection, each message a 4-byte length and a `marshal`le
   launcher -> server  {"go": 1}: from here on the command runs warm, whatever happens
   server -> launcher  {"pid": child}, later {"status": wait status}; or {"cold": why}
                       if it could not fork (the launcher runs the command itself)
+  child -> launcher   {"status": wait status} once its command ended and every other
+                      descriptor of it is closed, before its exit (perhaps before the pid);
+                      the server's own report follows when it has reaped it, if at all
 The extra round trip makes the fork the launcher's decision: a launcher that gave up
 waiting (HANDSHAKE_TIMEOUT) and runs the command itself never has it run twice. The child
 keeps a close-on-exec copy of the server's end, so a launcher whose server died (OOM
 killer) sees the connection's end only once its command ended too: it waits for it, as a
-cold command's shell would, and exits 1 (its status went with the server).
+cold command's shell would, and exits as the command did (the child's own report), or 1
+where the child could not report (killed by a signal: its status went with the server).
 Standard library only.
 """
 
@@ -228,8 +232,9 @@ def _finish(sock: _socket.socket, forwarder: _Forwarder) -> None:
         if "cold" in answer:
             sock.close()
             return
-        forwarder.started(int(answer["pid"]))
-        answer, _ = receive_message(sock)
+        if "status" not in answer:  # the child's own report may come first (warm_server)
+            forwarder.started(int(answer["pid"]))
+            answer, _ = receive_message(sock)
         status = int(answer["status"])
     except (OSError, KeyError, ValueError) as exc:
         # the connection ends once the server and the command (its copy) are gone

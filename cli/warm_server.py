@@ -38,6 +38,7 @@ import functools
 import gc
 import importlib
 import io
+import marshal
 import os
 import resource
 import select
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from cli.launch import SOCKET_NAME
-from cli.warm_client import receive_message, send_message
+from cli.warm_client import HEADER, receive_message, send_message
 from proto.unix_fds import SUN_PATH_MAX, peer_credentials
 
 PRELOAD = (
@@ -627,8 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     later = server.later == float("inf")  # the hint's path is absolute: the child moves
     hint = None if later else Path(os.path.abspath(server.path.with_name(LATER_HINT)))
     # kept open (close-on-exec) until the command's end: a launcher whose server died
-    # waits for it (warm_client's note)
-    request.pop("conn").detach()
+    # waits for it (warm_client's note); the child tells it its exit status on it
+    connection = request.pop("conn").detach()
     _close_server_fds(server)
     del server
     _become_command(request)
@@ -645,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if hint is not None:
             note_later_use(hint)
-    exit_as_the_interpreter(code)
+    exit_as_the_interpreter(code, connection)
 
 
-def exit_as_the_interpreter(code: int) -> NoReturn:
+def exit_as_the_interpreter(code: int, launcher: int | None = None) -> NoReturn:
     """End this process (a warm child whose command ended with exit code `code`) as the
     interpreter's own exit would, in its order, without its teardown of the modules: that
     writes a reference count on every object the server made (a copy-on-write fault per
@@ -659,7 +660,11 @@ def exit_as_the_interpreter(code: int) -> NoReturn:
     still reachable and has a finalizer (`__del__`: open files flushed and closed,
     generators closed, temporary files removed...) finalized, newest first, as the teardown
     of the modules would have; the server's objects (frozen, `gc.freeze`) are never listed.
-    Then `os._exit`: the launcher gets the status without waiting for the rest."""
+    Then the C library's streams flushed (`exit` does that), and with a `launcher`
+    connection, every other descriptor closed (files, pipes and the locks on them released
+    as the exit releases them) and the exit status sent to the launcher before `os._exit`:
+    it need not wait for the kernel to take the process's memory down, nor for the server
+    to reap it (~5 ms); the server's own report comes later, to nobody."""
     threading = sys.modules.get("threading")
     if threading is not None:
         threading._shutdown()
@@ -673,7 +678,23 @@ def exit_as_the_interpreter(code: int) -> NoReturn:
     if gc.isenabled():
         gc.collect()
     _finalize_what_the_command_left()
-    os._exit(code if _flushed() or code else 120)
+    code = code if _flushed() or code else 120
+    _libc().fflush(None)
+    if launcher is not None:
+        _report_the_exit(code, launcher)
+    os._exit(code)
+
+
+def _report_the_exit(code: int, launcher: int) -> None:
+    """Close every descriptor but the connection `launcher`, then send on it the wait status
+    of an exit with `code` (a failed send leaves it to the server's report)."""
+    for name in os.listdir("/proc/self/fd"):  # not closerange: without close_range (an old
+        if int(name) != launcher:  # kernel, a seccomp filter) it closes every number in turn
+            with contextlib.suppress(OSError):  # (the listing's own is gone)
+                os.close(int(name))
+    body = marshal.dumps({"status": (code & 0xFF) << 8})
+    with contextlib.suppress(OSError):
+        os.write(launcher, HEADER.pack(len(body)) + body)
 
 
 def _flushed() -> bool:
