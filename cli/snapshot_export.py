@@ -35,7 +35,7 @@ from cli.pageserver_control import local_api
 from cli.pgbin import pg_binary
 from cli.progress import Progress
 from cli.snapshot_servers import databases, snapshot_server, with_db
-from pageserver_api.client import PageserverClient
+from pageserver_api.client import PageserverClient, SyncPageserverClient
 from pageserver_api.errors import ExternalCommandFailed, error_from_os
 from pageserver_api.models import (
     BasebackupPlan,
@@ -164,9 +164,11 @@ def _output_dir(target: _Target) -> Iterator[Path]:
 def _stream_basebackup(
     app: App, name: str, mtime: int, plan: BasebackupPlan, out: SupportsWrite[bytes],
     meter: _Meter, snapshot_file: bool, delta_from: list[str] | None = None,
+    api: SyncPageserverClient | None = None,
 ) -> BasebackupResponse:  # fmt: skip
     """Copy the snapshot's basebackup tar, or its `.neon` file (made by the daemon, which
-    compresses on its threads), to `out`.
+    compresses on its threads), to `out`; through `api` if given (another thread's: the
+    registry behind `local_api` is its own thread's).
 
     Writing runs in a thread beside the download, in order, at most _IN_FLIGHT chunks behind
     it: one after the other, a core would wait for the other's work."""
@@ -207,22 +209,23 @@ def _stream_basebackup(
             raise Conflict(f"snapshot {name} changed during the export (destroyed and recreated?)")
         return result
 
-    return local_api(app).run(fetch)
+    return (local_api(app) if api is None else api).run(fetch)
 
 
 def write_snapshot_file(
     app: App, snap: SnapshotInfo, out: SupportsWrite[bytes], delta_from: list[str] | None = None,
-    plan: BasebackupPlan | None = None,
+    plan: BasebackupPlan | None = None, api: SyncPageserverClient | None = None,
 ) -> BasebackupResponse:  # fmt: skip
     """Write the `.neon` file of `snap` to `out` (`out.write` is called from a worker thread,
     in order): `neon snapshot push` sends it through a transport so. With `delta_from`
     (snapshots the receiver has), a delta on the newest that is an ancestor of `snap`;
-    `plan`: the snapshot's basebackup plan when the caller has it already."""
+    `plan`: the snapshot's basebackup plan when the caller has it already; `api`: the
+    pageserver's client when the caller has it."""
     if plan is None:
         plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=snap.name))
     return _stream_basebackup(
         app, snap.name, int(snap.created_at), plan, out, _Meter(False, ""), snapshot_file=True,
-        delta_from=delta_from,
+        delta_from=delta_from, api=api,
     )  # fmt: skip
 
 

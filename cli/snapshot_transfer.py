@@ -14,7 +14,12 @@ those bytes (cli/transport/resume.py); http and neon:// send everything again.
 Incremental: the pusher first reads the manifests of the `.neon` files at the destination
 (`delta_candidates`); the snapshots of this home among them are offered to the daemon, which
 writes a delta on the newest that is an ancestor of SNAP (only the pages written since), or a
-whole file when none is; `--full` always sends a whole one.
+whole file when none is; `--full` always sends a whole one. Where learning what the
+destination holds takes a round trip (`Store.guess_delta`: ssh, s3, neon://), the pusher
+asks for the delta on its own guess meanwhile (`_Guess`: this home's newest snapshot on
+SNAP's timeline below it, the parent the daemon picks whenever the destination has it and
+nothing newer), and holds what arrives until the answer: passed on if the guess is the
+parent the destination's files call for, else dropped and the push asks again with them.
 
 pull: `neon snapshot import` of the URL (`import_snapshot`): the file is read through the
 transport, a cut stream is resumed where it stopped, every frame is verified before use, and
@@ -30,7 +35,9 @@ import asyncio
 import contextlib
 import hashlib
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -58,11 +65,12 @@ from pageserver_api.client import SyncPageserverClient
 from pageserver_api.models import (
     BasebackupPlan,
     BasebackupPlanRequest,
+    BasebackupResponse,
     SnapshotInfo,
     SnapshotShowRequest,
 )
 from proto.client import tls_context
-from proto.errors import CorruptData, InvalidArgument, NotFound
+from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest
 
@@ -207,23 +215,130 @@ class _PushPlan:
     snap: SnapshotInfo
     plan: BasebackupPlan
     candidates: list[str]
+    local: dict[str, int]
+    """This home's snapshots (name -> LSN)."""
+
+
+def guessed_parent(snap: SnapshotInfo, local: list[SnapshotInfo]) -> str | None:
+    """This home's newest snapshot on `snap`'s timeline below it: an ancestor state of it
+    (the daemon's delta_parent takes it wherever it is the newest candidate)."""
+    below = [s for s in local if s.timeline_id == snap.timeline_id and s.lsn < snap.lsn]
+    return max(below, key=lambda s: s.lsn).name if below else None
+
+
+def guess_holds(guess: str, candidates: list[str], local: dict[str, int]) -> bool:
+    """Whether the delta on `guess` is the one `candidates` call for: the guess is among
+    them and no other is as new (the daemon takes the newest ancestor, and the guess is
+    one: the same parent, the same bytes as asking with the candidates)."""
+    return guess in candidates and all(local[c] < local[guess] for c in candidates if c != guess)
+
+
+class _HeldWrites:
+    """The `.neon` bytes of a guessed delta, held (up to `limit` bytes, then the writer
+    waits) until the destination's answer: then passed on to the real writer in order
+    (`pass_on`), or refused (`refuse`: the next write raises, which ends the download)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._ready = threading.Condition()
+        self._held: list[bytes] = []
+        self._bytes = 0
+        self._out: BlockingWriter | None = None
+        self._refused = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self._ready:
+            while self._out is None and not self._refused and self._bytes >= self._limit:
+                self._ready.wait()
+            if self._refused:
+                raise _GuessRefused("the destination does not hold the guessed parent")
+            if self._out is not None:
+                return self._out.write(data)  # under the lock: after what pass_on wrote
+            self._held.append(bytes(data))
+            self._bytes += len(data)
+            return len(data)
+
+    def pass_on(self, out: BlockingWriter) -> None:
+        with self._ready:
+            for chunk in self._held:
+                out.write(chunk)
+            self._held.clear()
+            self._out = out
+            self._ready.notify_all()
+
+    def refuse(self) -> None:
+        with self._ready:
+            self._refused = True
+            self._held.clear()
+            self._ready.notify_all()
+
+
+class _GuessRefused(Exception):
+    """The guessed delta's download ends: the destination called for another parent."""
+
+
+HOLD_BYTES = 8 << 20
+"""At most this much of a guessed delta waits for the destination's answer (a 1% change of
+a 1 GiB database is ~0.9 MiB); then the download waits too."""
+
+
+class _Guess:
+    """The delta on a guessed parent, downloaded on a thread of its own into `_HeldWrites`
+    while the destination says what it holds."""
+
+    def __init__(
+        self, app: App, api: SyncPageserverClient, snap: SnapshotInfo, plan: BasebackupPlan,
+        parent: str,
+    ) -> None:  # fmt: skip
+        self.parent = parent
+        self.held = _HeldWrites(HOLD_BYTES)
+        self._result: BasebackupResponse | None = None
+        self._error: BaseException | None = None
+
+        def download() -> None:
+            try:
+                self._result = write_snapshot_file(app, snap, self.held, [parent], plan, api)
+            except BaseException as exc:  # handed to `result`
+                self._error = exc
+
+        self._thread = threading.Thread(target=download, name="guessed-delta")
+        self._thread.start()
+
+    def result(self) -> BasebackupResponse:
+        """Once passed on: the download's response (its error raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        if self._result.parent != self.parent:
+            raise Conflict(f"the delta was made on {self._result.parent}, not on {self.parent}")
+        return self._result
+
+    def drop(self) -> None:
+        """Refused: its download ends (its error, the refusal's or any, goes nowhere)."""
+        self.held.refuse()
+        self._thread.join()
 
 
 async def _plan_push(
-    api: SyncPageserverClient, location: Location, name: str, force: bool, full: bool
-) -> _PushPlan:
+    api: SyncPageserverClient, location: Location, name: str, force: bool, full: bool,
+    on_local: Callable[[SnapshotInfo, BasebackupPlan, list[SnapshotInfo]], None] | None = None,
+) -> _PushPlan:  # fmt: skip
     """What a push needs before the export: the snapshot and its plan (one connection to the
     pageserver) and what the destination holds (is the file there; the `.neon` files a delta
     may build on), asked at once: an incremental push is mostly these fixed costs. The
-    pageserver's error (an unknown snapshot) wins over the destination's, at once."""
+    pageserver's error (an unknown snapshot) wins over the destination's, at once.
+    `on_local` is called with the pageserver's part as soon as it is there (the guess)."""
     target = location.object_name
 
     async def pageserver() -> tuple[SnapshotInfo, BasebackupPlan, dict[str, int]]:
         async with await api.connect() as client:
             snap = await client.snapshot_show(SnapshotShowRequest(name))
             plan = await client.basebackup_plan(BasebackupPlanRequest(snapshot=name))
-            local = {} if full else {s.name: s.lsn for s in await client.snapshot_list()}
-        return snap, plan, local
+            listed = [] if full else await client.snapshot_list()
+        if on_local is not None:
+            on_local(snap, plan, listed)
+        return snap, plan, {s.name: s.lsn for s in listed}
 
     async def destination() -> dict[str, Manifest]:
         if not force and await location.store.stat_for_write(target) is not None:
@@ -244,7 +359,7 @@ async def _plan_push(
             await asking
         raise
     candidates = delta_candidates(await asking, target, plan.system_identifier, local)
-    return _PushPlan(snap, plan, candidates)
+    return _PushPlan(snap, plan, candidates, local)
 
 
 @click.command("push")
@@ -274,17 +389,41 @@ def snapshot_push(
         location, overwrite=force, on_write=lambda chunk: sent.add(chunk), resume=True,
         deferred=True,
     )  # fmt: skip
+    guess: _Guess | None = None
+
+    def on_local(snap: SnapshotInfo, plan: BasebackupPlan, local: list[SnapshotInfo]) -> None:
+        nonlocal guess
+        parent = guessed_parent(snap, local)
+        if parent is not None:
+            guess = _Guess(app, api, snap, plan, parent)
+
+    guessing = None if full or not location.store.guess_delta else on_local
     with out:
-        prepared = out.run(_plan_push(api, location, name, force, full))
-        snap = prepared.snap
-        progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
-        sent = _Sent(progress)
-        started = time.monotonic()
-        out.open()
         try:
-            result = write_snapshot_file(app, snap, out, prepared.candidates, prepared.plan)
-        finally:
-            progress.close()
+            prepared = out.run(_plan_push(api, location, name, force, full, guessing))
+            snap = prepared.snap
+            progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
+            sent = _Sent(progress)
+            started = time.monotonic()
+            out.open()
+            try:
+                if guess is not None and guess_holds(
+                    guess.parent, prepared.candidates, prepared.local
+                ):
+                    guess.held.pass_on(out)
+                    result = guess.result()
+                else:
+                    if guess is not None:
+                        guess.drop()
+                    result = write_snapshot_file(
+                        app, snap, out, prepared.candidates, prepared.plan, api
+                    )
+            finally:
+                progress.close()
+        except BaseException:
+            if guess is not None:
+                guess.drop()
+            raise
     seconds = time.monotonic() - started
     full_size = result.full_tar_bytes or result.tar_bytes
     resumed = out.bytes_skipped  # what an interrupted push left there: not sent again

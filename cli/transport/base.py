@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from proto.errors import AlreadyExists, InvalidArgument, Unavailable
 
@@ -183,6 +183,11 @@ class Store(ABC):
     """Named objects at one place; `url` is for messages (no secret in it)."""
 
     url: str
+    guess_delta: ClassVar[bool] = True
+    """Whether a push asks the pageserver for a delta on its own guess of the parent while
+    this store says what it holds (cli/snapshot_transfer.py): worth it where that takes a
+    round trip (ssh, s3, neon://); not for a directory here (it answers at once) nor an http
+    server (it cannot list its files: never a delta)."""
 
     @abstractmethod
     def object_url(self, name: str) -> str:

@@ -77,6 +77,8 @@ async def _io(call: Callable[[], T], where: Path) -> T:
 
 
 class FileStore(Store):
+    guess_delta = False
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.url = str(directory) + "/"

@@ -118,6 +118,8 @@ def _client_error(exc: BaseException, url: str, doing: str) -> Unavailable:
 
 
 class HttpStore(Store):
+    guess_delta = False
+
     def __init__(self, base: str, query: str) -> None:
         self._base, self._query = base, query
         self.url = _shown(base)

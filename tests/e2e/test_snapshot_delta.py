@@ -103,6 +103,29 @@ def test_delta_over_s3(sender: NeonCli, receiver: NeonCli) -> None:
     assert node_dump(receiver, "overs3", "copy3") == snapshot_dump(sender, "pgdata1@s2")
 
 
+def test_a_guessed_delta_is_the_one_the_destination_calls_for(sender: NeonCli, base: Path) -> None:
+    """Over s3 a push asks for the delta on its own guess (@s1, the newest snapshot below
+    @s2) while the bucket is listed (cli/snapshot_transfer.py `_Guess`): kept where the
+    bucket holds @s1, the bytes a push into a directory (which never guesses) sends;
+    dropped where the bucket holds nothing, which gets the whole file a --full push makes."""
+    with moto_s3() as server:
+        bucket = server.new_bucket()
+        a = NeonCli(sender.home, {**sender.env_extra, **server.env()})
+        dest = base / "guess"
+        dest.mkdir()
+        sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@s1")
+        by_file = sender.json("snapshot", "push", "--to", f"{dest}/", "pgdata1@s2")
+        a.run("snapshot", "push", "--to", f"s3://{bucket}/held/", "pgdata1@s1")
+        held = a.json("snapshot", "push", "--to", f"s3://{bucket}/held/", "pgdata1@s2")
+        assert held["parent"] == by_file["parent"] == "pgdata1@s1"
+        assert held["sha256"] == by_file["sha256"] and held["bytes_sent"] == by_file["bytes_sent"]
+        empty = a.json("snapshot", "push", "--to", f"s3://{bucket}/empty/", "pgdata1@s2")
+        whole = sender.json(
+            "snapshot", "push", "--to", f"{base}/guess-whole.neon", "--full", "pgdata1@s2"
+        )
+        assert empty["parent"] is None and empty["sha256"] == whole["sha256"]
+
+
 def test_a_chain_of_deltas_with_dropped_created_and_truncated_relations(
     sender: NeonCli, receiver: NeonCli, base: Path
 ) -> None:

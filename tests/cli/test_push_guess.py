@@ -1,0 +1,105 @@
+"""The guessed delta of `neon snapshot push` (cli/snapshot_transfer.py): which parent is
+guessed, when the destination's files confirm it, and the held bytes: kept in order until
+passed on, refused with an error that ends the download, the download waiting at the bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cli import snapshot_transfer as st
+from cli.transport.base import Store
+from cli.transport.file import FileStore
+from cli.transport.http import HttpStore
+from pageserver_api.models import SnapshotInfo
+
+
+def snap(name: str, lsn: int, timeline: str = "t1") -> SnapshotInfo:
+    return SnapshotInfo(name=name, node_id="n", timeline_id=timeline, lsn=lsn, created_at=0.0)
+
+
+def test_the_guess_is_the_newest_snapshot_below_on_the_timeline() -> None:
+    target = snap("p@s3", 300)
+    local = [
+        snap("p@s1", 100), snap("p@s2", 200), target, snap("p@CURRENT", 310),
+        snap("q@other", 250, timeline="t2"),
+    ]  # fmt: skip
+    assert st.guessed_parent(target, local) == "p@s2"
+    assert st.guessed_parent(snap("p@s1", 100), local) is None
+    assert st.guessed_parent(target, []) is None
+
+
+def test_the_guess_holds_only_as_the_newest_candidate() -> None:
+    local = {"s1": 100, "s2": 200, "other": 200, "old": 50}
+    assert st.guess_holds("s2", ["s1", "s2"], local)
+    assert st.guess_holds("s2", ["s2"], local)
+    assert not st.guess_holds("s2", ["s1"], local)  # not there: a delta on s1 it is
+    assert not st.guess_holds("s2", [], local)  # nothing there: a whole file
+    # as new as the guess (another timeline's at the same LSN): the daemon's pick decides
+    assert not st.guess_holds("s2", ["s2", "other"], local)
+
+
+def test_a_directory_and_an_http_server_are_not_guessed_for() -> None:
+    assert Store.guess_delta
+    assert not FileStore.guess_delta and not HttpStore.guess_delta
+
+
+class _Out:
+    """A BlockingWriter's write, recorded."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+
+def test_held_writes_pass_on_in_order() -> None:
+    held = st._HeldWrites(limit=1 << 20)
+    assert held.write(b"a") == 1 and held.write(memoryview(b"bc")) == 2
+    out = _Out()
+    held.pass_on(out)  # type: ignore[arg-type]
+    held.write(b"d")
+    assert out.chunks == [b"a", b"bc", b"d"]
+
+
+def test_held_writes_refused_end_the_download() -> None:
+    held = st._HeldWrites(limit=1 << 20)
+    held.write(b"a")
+    held.refuse()
+    with pytest.raises(st._GuessRefused):
+        held.write(b"b")
+
+
+@pytest.mark.parametrize("then", ["pass_on", "refuse"])
+def test_held_writes_wait_at_the_bound(then: str) -> None:
+    """Past `limit` bytes held the download waits (memory stays bounded whatever the
+    delta's size) until the answer comes, either way."""
+    held = st._HeldWrites(limit=4)
+    held.write(b"1234")
+    outcome: list[object] = []
+
+    def more() -> None:
+        try:
+            outcome.append(held.write(b"5"))
+        except st._GuessRefused as exc:
+            outcome.append(exc)
+
+    writer = threading.Thread(target=more)
+    writer.start()
+    time.sleep(0.2)
+    assert writer.is_alive() and outcome == []
+    out = _Out()
+    if then == "pass_on":
+        held.pass_on(out)  # type: ignore[arg-type]
+    else:
+        held.refuse()
+    writer.join(5)
+    assert not writer.is_alive()
+    if then == "pass_on":
+        assert outcome == [1] and out.chunks == [b"1234", b"5"]
+    else:
+        assert isinstance(outcome[0], st._GuessRefused) and out.chunks == []
