@@ -44,6 +44,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -629,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     hint = None if later else Path(os.path.abspath(server.path.with_name(LATER_HINT)))
     # kept open (close-on-exec) until the command's end: a launcher whose server died
     # waits for it (warm_client's note); the child tells it its exit status on it
-    connection = request.pop("conn").detach()
+    connection = Launcher.of(request.pop("conn").detach())
     _close_server_fds(server)
     del server
     _become_command(request)
@@ -649,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_as_the_interpreter(code, connection)
 
 
-def exit_as_the_interpreter(code: int, launcher: int | None = None) -> NoReturn:
+def exit_as_the_interpreter(code: int, launcher: Launcher | None = None) -> NoReturn:
     """End this process (a warm child whose command ended with exit code `code`) as the
     interpreter's own exit would, in its order, without its teardown of the modules: that
     writes a reference count on every object the server made (a copy-on-write fault per
@@ -680,9 +681,32 @@ def exit_as_the_interpreter(code: int, launcher: int | None = None) -> NoReturn:
     _finalize_what_the_command_left()
     code = code if _flushed() or code else 120
     _libc().fflush(None)
-    if launcher is not None:
-        _report_the_exit(code, launcher)
+    if launcher is not None and launcher.still_ours():
+        _report_the_exit(code, launcher.fd)
     os._exit(code)
+
+
+@dataclass(frozen=True, slots=True)
+class Launcher:
+    """A warm child's connection to its launcher, as it was before the command ran: the
+    child reports its exit on it only from that process and on that very socket (a command
+    may close the number and open something else on it, or fork a process that ends
+    through `exit_as_the_interpreter` too)."""
+
+    fd: int
+    inode: int
+    pid: int
+
+    @classmethod
+    def of(cls, fd: int) -> Launcher:
+        return cls(fd, os.fstat(fd).st_ino, os.getpid())
+
+    def still_ours(self) -> bool:
+        try:
+            now = os.fstat(self.fd)
+        except OSError:
+            return False
+        return os.getpid() == self.pid and stat.S_ISSOCK(now.st_mode) and now.st_ino == self.inode
 
 
 def _report_the_exit(code: int, launcher: int) -> None:

@@ -772,7 +772,7 @@ def test_a_childs_exit_frees_what_the_command_made_not_what_the_server_did() -> 
 _INTERPRETERS_EXIT = """
 import atexit, marshal, os, socket, sys, threading, time, types
 from pathlib import Path
-from cli.warm_server import _Server, exit_as_the_interpreter
+from cli.warm_server import Launcher, _Server, exit_as_the_interpreter
 
 
 class Noisy:
@@ -811,7 +811,7 @@ if pid == 0:
     atexit.register(sys.stdout.write, "command's atexit;")
     threading.Thread(target=lambda: (time.sleep(0.2), sys.stdout.write("thread joined;"))).start()
     sys.stdout.write("unflushed;")
-    exit_as_the_interpreter(int(sys.argv[2]), connection.detach())
+    exit_as_the_interpreter(int(sys.argv[2]), Launcher.of(connection.detach()))
 connection.close()
 os.close(write)
 report = launcher.recv(1024)  # before the child's exit: its descriptors closed by then
@@ -957,3 +957,38 @@ def test_the_childs_own_report_may_come_before_the_servers_pid() -> None:
         [sys.executable, "-c", _STATUS_FIRST], capture_output=True, text=True, timeout=WAIT
     )
     assert (proc.returncode, proc.stderr) == (3, ""), proc
+
+
+_NOT_OURS = """
+import marshal, os, socket, sys
+from cli.warm_server import Launcher, exit_as_the_interpreter
+
+launcher, connection = socket.socketpair()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    ours = Launcher.of(connection.detach())
+    grandchild = os.fork()
+    if grandchild == 0:  # a process the command forked, ending through the same code
+        exit_as_the_interpreter(5, ours)
+    os.waitpid(grandchild, 0)
+    os.dup2(write, ours.fd)  # the command closed it and the number went to a pipe
+    exit_as_the_interpreter(7, ours)
+connection.close()
+os.close(write)
+launcher.settimeout(30)
+sys.stdout.write(repr(launcher.recv(1024)))
+sys.stdout.write(f" exit {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}")
+sys.stdout.write(f" pipe {os.read(read, 1024)!r}")
+"""
+
+
+def test_only_the_warm_child_reports_and_only_on_its_connection() -> None:
+    """A process the command forked that ends through exit_as_the_interpreter reports
+    nothing (its status is not the command's), nor does a child whose connection's number
+    the command closed and reused: the launcher then hears from the server."""
+    out = subprocess.run(
+        [sys.executable, "-c", _NOT_OURS], capture_output=True, text=True, check=True,
+        timeout=WAIT,
+    ).stdout  # fmt: skip
+    assert out == "b'' exit 7 pipe b''", out
