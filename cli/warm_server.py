@@ -656,7 +656,8 @@ def exit_as_the_interpreter(code: int, launcher: Launcher | None = None) -> NoRe
     writes a reference count on every object the server made (a copy-on-write fault per
     page: ~13 ms of CPU, ~25 with the S3 client loaded, on each warm command) and frees
     nothing the launcher could see. Threads joined, atexit functions run, stdout and stderr
-    flushed (a flush that fails leaves it to the interpreter: its message and exit code 120),
+    flushed (a flush that fails, or a daemon thread still running, leaves the rest to the
+    interpreter: its message and exit code 120; its stop of the thread),
     garbage collected (the command's cycles finalized), then what the command made that is
     still reachable and has a finalizer (`__del__`: open files flushed and closed,
     generators closed, temporary files removed...) finalized, newest first, as the teardown
@@ -670,8 +671,9 @@ def exit_as_the_interpreter(code: int, launcher: Launcher | None = None) -> NoRe
     if threading is not None:
         threading._shutdown()
     atexit._run_exitfuncs()  # and cleared: never run twice
-    if not _flushed():
-        raise SystemExit(code)
+    if not _flushed() or (threading is not None and threading.active_count() > 1):
+        raise SystemExit(code)  # the interpreter's exit (which also stops daemon threads
+        # before it finalizes what they may still be using)
     for signum in signal.valid_signals():  # as the interpreter's exit resets them
         with contextlib.suppress(OSError, ValueError):
             if callable(signal.getsignal(signum)):

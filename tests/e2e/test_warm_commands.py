@@ -983,6 +983,34 @@ sys.stdout.write(f" pipe {os.read(read, 1024)!r}")
 """
 
 
+_DAEMON_THREAD = """
+import os, socket, sys, threading, time
+from cli.warm_server import Launcher, exit_as_the_interpreter
+
+launcher, connection = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    ours = Launcher.of(connection.detach())
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    exit_as_the_interpreter(4, ours)
+connection.close()
+launcher.settimeout(30)
+sys.stdout.write(repr(launcher.recv(1024)))
+sys.stdout.write(f" exit {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}")
+"""
+
+
+def test_a_daemon_thread_still_running_leaves_the_exit_to_the_interpreter() -> None:
+    """A daemon thread alive at the end may still use what the command made: the
+    interpreter's exit stops it before it finalizes anything, so the child ends that way
+    (no report of its own: the server's comes once it is reaped), with the command's code."""
+    out = subprocess.run(
+        [sys.executable, "-c", _DAEMON_THREAD], capture_output=True, text=True, check=True,
+        timeout=WAIT,
+    ).stdout  # fmt: skip
+    assert out == "b'' exit 4", out
+
+
 def test_only_the_warm_child_reports_and_only_on_its_connection() -> None:
     """A process the command forked that ends through exit_as_the_interpreter reports
     nothing (its status is not the command's), nor does a child whose connection's number
