@@ -181,7 +181,11 @@ def _stream_apply(
         if head_lsn < shut_down_at:
             return None
     request = BasebackupRequest(
-        node_id=node.id, checkout_from=head, hints_logged_from=mark, sparse_wal=True
+        node_id=node.id,
+        checkout_from=head,
+        hints_logged_from=mark,
+        sparse_wal=True,
+        fork_sizes=True,
     )
     stale = stale_dir(node)
     shutil.rmtree(stale, ignore_errors=True)  # a killed run's: its names would be taken

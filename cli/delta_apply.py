@@ -46,10 +46,13 @@ from snapfile.delta import (
     BLOCK_NUMBER,
     DELTA_PREFIX,
     FORK_HEADER,
+    FORK_SIZES,
     MAX_BLOCKS,
+    MAX_FORK_SIZES,
     ForkDelta,
     fork_path_of,
     parse_fork_header,
+    parse_fork_sizes,
     record_size,
 )
 
@@ -66,6 +69,10 @@ _PLAIN_FORK = re.compile(
     re.escape(DELTA_PREFIX) + r"((?:global|base/[0-9]+)/[0-9]+(?:_fsm|_vm|_init)?)"
 )
 """A fork member's name as a delta's tar writes it outside tablespaces: safe as it is."""
+_SIZES_MEMBER = re.compile(
+    re.escape(DELTA_PREFIX) + r"(global|base/[0-9]+)/" + re.escape(FORK_SIZES)
+)
+"""A checkout tar's list of a directory's forks with no page (snapfile/delta.py FORK_SIZES)."""
 _MAX_IOV = 1024
 """Buffers one pwritev takes at most (Linux's IOV_MAX)."""
 _WRITE_BACK_BYTES = 32 << 20
@@ -138,6 +145,13 @@ class _Fork:
             self.buf.clear()  # the record views _pages made are gone
         done = self._pages(data)
         self.buf += data[done:]
+
+    def sized(self, nblocks: int, keep: set[str]) -> None:
+        """A fork with no page in the delta, `nblocks` long (from a FORK_SIZES member), as
+        its own member with no page would set it."""
+        self.delta = ForkDelta(nblocks, 0)
+        self._set_size(keep)
+        self.end()
 
     def _set_size(self, keep: set[str]) -> None:
         """The fork's segment files as long as its size says, and no more of them."""
@@ -331,6 +345,8 @@ class DeltaApplier:
         self._member: MemberStart | None = None
         self._fd: int | None = None
         self._fork: _Fork | None = None
+        self._sizes: bytearray | None = None
+        """A FORK_SIZES member being received."""
         self._ended = False
         self._offset = 0
         self._allocated = False
@@ -405,6 +421,8 @@ class DeltaApplier:
                         self._fork.feed(event.data, self._keep)
                     elif self._fd is not None:
                         self._write(event.data)
+                    elif self._sizes is not None:
+                        self._sizes += event.data
                 elif isinstance(event, MemberStart):
                     self._start(event)
                 elif isinstance(event, MemberEnd):
@@ -425,6 +443,12 @@ class DeltaApplier:
     def _start(self, member: MemberStart) -> None:
         self._member = member
         plain = _PLAIN_FORK.fullmatch(member.name) if member.kind == "file" else None
+        if plain is None and (sizes := _SIZES_MEMBER.fullmatch(member.name)) is not None:
+            if member.kind != "file" or member.size > MAX_FORK_SIZES:
+                raise CorruptData(f"delta member {member.name!r} is not a list of forks")
+            self._make_dirs(sizes.group(1))
+            self._sizes = bytearray()
+            return
         if plain is not None:  # nearly every member: no path to check part by part
             rel: str = plain.group(1)
             fork_path: str | None = rel
@@ -500,7 +524,11 @@ class DeltaApplier:
             view, at = view[written:], at + written
 
     def _end(self) -> None:
-        if self._fork is not None:
+        if self._sizes is not None:
+            data, self._sizes = bytes(self._sizes), None
+            assert self._member is not None
+            self._sized(self._member, data)
+        elif self._fork is not None:
             fork, self._fork = self._fork, None
             segments = [fork.path(s) for s in fork.fds]
             fork.end()
@@ -516,6 +544,19 @@ class DeltaApplier:
             self._fd = None
             if self._differs:  # else as it was: neither written nor to be fsynced
                 self._sync_soon([self._path])
+
+    def _sized(self, member: MemberStart, data: bytes) -> None:
+        """The forks a FORK_SIZES member lists, each as its own member with no page would
+        have them."""
+        directory = member.name[len(DELTA_PREFIX) : -len(FORK_SIZES) - 1]
+        names = self._listed(directory)
+        write_back = None if self._syncer is None else self._write_back
+        for name, nblocks in parse_fork_sizes(data, member.name):
+            rel = f"{directory}/{name}"
+            fork = _Fork(
+                self._root, rel, member, self._changed, names, write_back, self._settle_later
+            )
+            fork.sized(nblocks, self._keep)
 
     def _settle_later(self, fork: _Fork, segno: int, size: int) -> None:
         self._unsettled.append((fork, segno, size))

@@ -136,6 +136,10 @@ class BasebackupRequest(ApiRequest):
     """With checkout_from, as a tar: the WAL segment is a GNU sparse member (its two pages,
     not 16 MiB of zeros: datadir_files/tar_reader.py reads it). An older daemon sends it
     whole."""
+    fork_sizes: bool | None = None
+    """With checkout_from, as a tar: the forks of a database directory the delta sends no
+    page of are listed in one member (snapfile/delta.py FORK_SIZES), not a member each. An
+    older daemon sends a member each."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
@@ -147,11 +151,12 @@ class BasebackupRequest(ApiRequest):
             raise InvalidArgument(
                 "basebackup checkout_from applies to a node's branch point, with hints_logged_from"
             )
-        if self.sparse_wal and (self.checkout_from is None or self.snapshot_file):
-            raise InvalidArgument(
-                "basebackup sparse_wal applies to a checkout's tar only (checkout_from, no "
-                "snapshot_file)"
-            )
+        for name in ("sparse_wal", "fork_sizes"):
+            if getattr(self, name) and (self.checkout_from is None or self.snapshot_file):
+                raise InvalidArgument(
+                    f"basebackup {name} applies to a checkout's tar only (checkout_from, no "
+                    "snapshot_file)"
+                )
         _check_positive("pg_timeline", self.pg_timeline)
         if self.created_at is not None and not self.snapshot_file:
             raise InvalidArgument("basebackup created_at applies to a snapshot file only")

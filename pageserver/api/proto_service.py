@@ -300,6 +300,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             # leave it to expire) and closed however the delta ends (the prepare stops).
             prepared = ps.prepared_pages.take(page_point(source.timeline, source.lsn))
             delta.forks.prepared = prepared
+            delta.forks.fork_sizes = bool(req.fork_sizes) and not req.snapshot_file
         elif req.delta_from and req.snapshot is not None:
             source, _tli = await on_own_thread(
                 "basebackup-source", ps.basebackup_source, None, req.snapshot

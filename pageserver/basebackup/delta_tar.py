@@ -27,7 +27,14 @@ from pageserver.storage.timeline import Timeline
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from pg15.datadir_layout import relation_file_name
 from proto.errors import CorruptData
-from snapfile.delta import BLOCK_NUMBER, delta_member_name, fork_header, fork_member_size
+from snapfile.delta import (
+    BLOCK_NUMBER,
+    delta_member_name,
+    fork_header,
+    fork_member_size,
+    fork_sizes_member,
+    pack_fork_sizes,
+)
 
 _SIZE_MARKER = 0xFFFFFFFF
 _BATCH_PAGES = 32
@@ -70,6 +77,12 @@ class DeltaForks:
         """`resized`: forks whose size key may differ: any other is as long at the parent as
         here (a fork's size is its size key's value, which only a version in the windows
         changes)."""
+        self.fork_sizes = False
+        """Set by a checkout's tar (BasebackupRequest.fork_sizes): the forks of a database
+        directory with no page go into one `FORK_SIZES` member (`directory_end`), not a
+        member each."""
+        self._sizes: dict[str, list[tuple[str, int]]] = {}
+        """The forks with no page not yet sent, by directory."""
         self.delta_tar_bytes = 0
         """Tar bytes of the fork members written so far."""
         self.whole_tar_bytes = 0
@@ -94,12 +107,16 @@ class DeltaForks:
         pages = len(written) + nblocks - grown_from
         size = fork_member_size(pages)
         name = delta_member_name(path)
-        self.delta_tar_bytes += tar_header_size(name, size, mtime) + _padded(size)
         for segno in range(max(1, -(-nblocks // RELSEG_SIZE))):
             seg_size = min(nblocks - segno * RELSEG_SIZE, RELSEG_SIZE) * BLCKSZ
             seg_name = path + (f".{segno}" if segno else "")
             self.whole_tar_bytes += tar_header_size(seg_name, seg_size, mtime) + seg_size
         self.pages += pages
+        if not pages and self.fork_sizes:
+            directory, file_name = path.rsplit("/", 1)
+            self._sizes.setdefault(directory, []).append((file_name, nblocks))
+            return
+        self.delta_tar_bytes += tar_header_size(name, size, mtime) + _padded(size)
         if not pages:  # most forks of a delta: one chunk, not a header, records and padding
             yield tar_header(name, size, mtime) + fork_header(nblocks) + bytes(_padded(size) - size)
             return
@@ -108,6 +125,16 @@ class DeltaForks:
             *([(grown_from, nblocks - grown_from)] if pages > len(written) else []),
         ]
         yield from tar_file(name, size, self._records(nblocks, spc, db, rel, fork, runs), mtime)
+
+    def directory_end(self, directory: str, mtime: int) -> Iterator[bytes]:
+        """After the forks of `directory`: the `FORK_SIZES` member of those with no page."""
+        forks = self._sizes.pop(directory, None)
+        if not forks:
+            return
+        data = pack_fork_sizes(forks)
+        name = fork_sizes_member(directory)
+        self.delta_tar_bytes += tar_header_size(name, len(data), mtime) + _padded(len(data))
+        yield from tar_file(name, len(data), [data], mtime)
 
     def _records(
         self, nblocks: int, spc: int, db: int, rel: int, fork: int, runs: list[tuple[int, int]]

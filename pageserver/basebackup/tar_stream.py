@@ -262,6 +262,10 @@ class ForkContent(Protocol):
         of its first segment file."""
         ...
 
+    def directory_end(self, directory: str, mtime: int) -> Iterator[bytes]:
+        """The tar bytes after the forks of a database `directory` (`global`, `base/5`)."""
+        ...
+
 
 class AlignedChunks:
     """Page-aligned buffers a fork's pages are joined into, 1 MiB each, lent to the writer
@@ -455,6 +459,8 @@ class _Plan:
             yield from self._fork(spc, db, rel, fork, fork, nblocks)
             if fork == INIT_FORKNUM:
                 yield from self._fork(spc, db, rel, INIT_FORKNUM, MAIN_FORKNUM, nblocks)
+        if self.fork_content is not None:
+            yield from self.fork_content.directory_end(where, mtime)
 
     def _fork(
         self, spc: int, db: int, rel: int, src_fork: int, dst_fork: int, nblocks: int

@@ -80,17 +80,28 @@ def parent(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("aside", [False, True])
-def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path, aside: bool) -> None:
+@pytest.mark.parametrize(("aside", "sizes"), [(False, False), (True, False), (True, True)])
+def test_a_delta_turns_the_parent_into_the_snapshot(parent: Path, aside: bool, sizes: bool) -> None:
+    """`sizes`: the forks with no page listed in a checkout tar's FORK_SIZES members, one a
+    directory, instead of a member each: the same directory results."""
+    pageless: list[tuple[str, bytes | None]] = [
+        ("neon-delta/base/5/200", fork_data(2, {})),
+        ("neon-delta/base/7/600_init", fork_data(0, {})),  # a new database's empty fork
+    ]
+    if sizes:
+        pageless = [
+            ("neon-delta/base/5/neon-delta-sizes", b"200 2\n"),
+            ("neon-delta/base/7/neon-delta-sizes", b"600_init 0\n"),
+        ]
     tar = delta_tar(
         [
             ("global/", None),
             ("global/pg_control", b"new control"),
             ("pg_xact/0000", b"new xact"),
             ("neon-delta/base/5/100", fork_data(6, {1: page(9), 4: page(8), 5: page(7)})),
-            ("neon-delta/base/5/200", fork_data(2, {})),
+            pageless[0],
             ("neon-delta/base/5/500", fork_data(1, {0: page(5)})),  # created since
-            ("neon-delta/base/7/600_init", fork_data(0, {})),  # a new database's empty fork
+            pageless[1],
         ]
     )
     (parent / "base" / "5" / "link").symlink_to(parent / "global" / "pg_control")
@@ -464,3 +475,19 @@ def test_a_large_fork_is_written_back_while_its_pages_arrive(
             applier.make_durable()
     finally:
         applier.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "why"),
+    [
+        ("neon-delta/base/5/neon-delta-sizes", b"200 2", "ends inside a line"),
+        ("neon-delta/base/5/neon-delta-sizes", b"200.1 2\n", "bad line"),
+        ("neon-delta/base/5/neon-delta-sizes", b"../200 2\n", "bad line"),
+        ("neon-delta/base/5/neon-delta-sizes", b"200 99999999999\n", "bad line"),
+        ("neon-delta/pg_tblspc/9/neon-delta-sizes", b"200 2\n", "names no relation fork"),
+    ],
+)
+def test_a_bad_list_of_forks_is_refused(parent: Path, name: str, data: bytes, why: str) -> None:
+    with pytest.raises(CorruptData, match=why):
+        apply(parent, delta_tar([(name, data)]))
+    assert (parent / "base" / "5" / "200").read_bytes() == page(2) * 6  # not resized

@@ -61,7 +61,11 @@ REQUESTS: list[m.ApiRequest] = [
     m.BasebackupRequest(snapshot="pgdata1@s1", mtime=1_780_000_000),
     m.BasebackupRequest(snapshot="pgdata1@s2", snapshot_file=True, delta_from=["pgdata1@s1"]),
     m.BasebackupRequest(
-        node_id="primary1", checkout_from="pgdata1@HEAD1", hints_logged_from=8, sparse_wal=True
+        node_id="primary1",
+        checkout_from="pgdata1@HEAD1",
+        hints_logged_from=8,
+        sparse_wal=True,
+        fork_sizes=True,
     ),
     m.BasebackupPlanRequest(snapshot="pgdata1@s1"),
     m.PitrCreateRequest("long", "primary1", ttl="30d"),

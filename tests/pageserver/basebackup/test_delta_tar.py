@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,13 @@ from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, Value
 from pg15.constants import BLCKSZ
-from snapfile.delta import delta_member_name, fork_header, fork_member_size
+from snapfile.delta import (
+    delta_member_name,
+    fork_header,
+    fork_member_size,
+    fork_sizes_member,
+    parse_fork_sizes,
+)
 from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_snapshot_diff import DB, SETTINGS, SPC
 
@@ -151,3 +159,28 @@ def test_a_fork_without_pages_is_one_chunk(store: TimelineStore) -> None:
         512 - size
     )
     assert forks.pages == 0 and forks.delta_tar_bytes == len(chunk)
+
+
+def test_forks_without_pages_are_listed_once_a_directory(store: TimelineStore) -> None:
+    """`fork_sizes` (a checkout's tar): a fork with no page makes no member; the directory's
+    end lists them (name, blocks) in one FORK_SIZES member, which the applier reads back;
+    a fork with pages is its member as before, and a directory with none listed adds
+    nothing."""
+    tl, _child = _history(store)
+    forks = DeltaForks(TimelineSource(tl, 40), ReadPoint(tl, 16))
+    forks.fork_sizes = True
+    directory = f"base/{DB}"
+    assert list(forks.fork_members(f"{directory}/16390", SPC, DB, 16390, 0, 12, 7)) == []
+    assert list(forks.fork_members(f"{directory}/16391_vm", SPC, DB, 16391, 2, 0, 7)) == []
+    with_pages = b"".join(forks.fork_members(f"{directory}/16384", SPC, DB, 16384, 0, 44, 7))
+    assert delta_member_name(f"{directory}/16384").encode() in with_pages
+    (member,) = read_members(b"".join(forks.directory_end(directory, 7)) + bytes(1024))
+    assert member == (fork_sizes_member(directory), b"16390 12\n16391_vm 0\n")
+    assert parse_fork_sizes(member[1], member[0]) == [("16390", 12), ("16391_vm", 0)]
+    assert list(forks.directory_end(directory, 7)) == []  # sent once
+    assert list(forks.directory_end("global", 7)) == []
+
+
+def read_members(archive: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
