@@ -1174,7 +1174,12 @@ class LayerFileWriter:
         self._zstd_level = zstd_level
         self._narrow = narrow
         self._tmp = temp_path(directory / f".writing-{uuid.uuid4().hex}")
-        self._file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+        # A FAULT_AROUND buffer: compressed blocks (~16 KiB of L1 deltas) reach the system a
+        # few at a time, each write releasing the GIL and waiting to take it back (see
+        # compress_blocks), in writes no larger than a read maps at once (larger writes
+        # made larger page-cache folios, which a read maps whole: test_mapped_pages). Closed
+        # in finish/abort.
+        self._file: BinaryIO = open(self._tmp, "wb", buffering=FAULT_AROUND)  # noqa: SIM115
         self._file.write(b"\0" * HEADER_SIZE)
         self._offset = HEADER_SIZE
         self._buf = bytearray()
@@ -1423,10 +1428,6 @@ class LayerFileWriter:
             self._write_compressed(self._in_flight.popleft().result())
 
     def _write_compressed(self, blocks: list[CompressedBlock]) -> None:
-        # One write a block, though each releases the GIL (see compress_blocks): written
-        # together, the page cache took the file in larger folios (Linux 6.18, ext4), which
-        # a read then maps whole, and a reader's mapped pages grew past what
-        # test_mapped_pages allows.
         for comp, raw_len, crc in blocks:
             self._file.write(comp)
             self._blocks.append(_BLOCK_ENTRY.pack(self._offset, len(comp), raw_len, crc))
