@@ -505,11 +505,17 @@ class NodeStore:
             self._request_compaction(self._write_layers())
 
     def make_durable(self) -> None:
-        """Everything ingested written to layer files now, on this thread, after the frozen
-        layers the background flusher has; no compaction is asked for (benchmarks: the time
-        until ingested WAL is durable in layers, apart from compaction)."""
+        """Everything ingested written to layer files now, after the frozen layers the
+        background flusher has; a compaction is asked for as after any background flush, not
+        waited for (benchmarks: the time until ingested WAL is durable in layers).
+
+        The rest goes to the flusher as the job after its own (`flush_ahead`): merged on this
+        thread, it waited until the flusher's last group was published too (its files'
+        fsync and its manifest, which a job queued behind lets the flusher leave to the
+        publisher); queued, it is packed while that publication runs, or joins the group if
+        the flusher has not taken it yet. What a failed job left is written here."""
         if self._state is not None:
-            self._freeze_rest(self.timeline)
+            self.flush_ahead()
             self.wait_flushed()
             self._write_layers()
 
