@@ -276,6 +276,7 @@ class _Fork:
             raise CorruptData(f"delta member {self.member.name!r} ends inside a page record")
         for segno in sorted(self.to_own):
             _own(self.fds[segno])
+        self.to_own.clear()  # a fork settled segment by segment comes here once a segment
         for segno in self.written:
             self.changed.file(self.path(segno), False)
         if self.written:

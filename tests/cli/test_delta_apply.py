@@ -491,3 +491,25 @@ def test_a_bad_list_of_forks_is_refused(parent: Path, name: str, data: bytes, wh
     with pytest.raises(CorruptData, match=why):
         apply(parent, delta_tar([(name, data)]))
     assert (parent / "base" / "5" / "200").read_bytes() == page(2) * 6  # not resized
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_every_segment_of_a_fork_with_no_page_is_settled(parent: Path, listed: bool) -> None:
+    """A fork with no page in the delta, of two segments neither of them as it should be
+    (mode 0644; the second also short), is made so once the stream has ended, each
+    segment in turn (as its member, or listed in a FORK_SIZES member)."""
+    rel = parent / "base" / "5" / "900"
+    with rel.open("wb") as f:
+        f.truncate(RELSEG_SIZE * BLCKSZ)  # segment 0, sparse
+    rel.chmod(0o644)
+    rel.with_name("900.1").write_bytes(page(3))
+    rel.with_name("900.1").chmod(0o644)
+    member = (
+        ("neon-delta/base/5/neon-delta-sizes", f"900 {RELSEG_SIZE + 2}\n".encode())
+        if listed
+        else ("neon-delta/base/5/900", fork_data(RELSEG_SIZE + 2, {}))
+    )
+    apply(parent, delta_tar([member]))
+    for path, size in ((rel, RELSEG_SIZE * BLCKSZ), (rel.with_name("900.1"), 2 * BLCKSZ)):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_size) == (0o600, size), path
