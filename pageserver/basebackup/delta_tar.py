@@ -24,7 +24,7 @@ from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.redo.native import redo as native_redo
 from pageserver.storage.keys import Key, fork_blocks_range, keys_fields, rel_block_key
 from pageserver.storage.timeline import Timeline
-from pg15.constants import BLCKSZ, RELSEG_SIZE
+from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE
 from pg15.datadir_layout import relation_file_name
 from proto.errors import CorruptData
 from snapfile.delta import (
@@ -36,6 +36,9 @@ from snapfile.delta import (
     pack_fork_sizes,
 )
 
+_LISTED_SPACES = (DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID)
+"""Where `fork_sizes` lists forks (global/, base/N/: what the applier reads such a list in);
+a tablespace's come as a member each."""
 _SIZE_MARKER = 0xFFFFFFFF
 _BATCH_PAGES = 32
 _REBUILD_KEYS = 4096
@@ -112,7 +115,7 @@ class DeltaForks:
             seg_name = path + (f".{segno}" if segno else "")
             self.whole_tar_bytes += tar_header_size(seg_name, seg_size, mtime) + seg_size
         self.pages += pages
-        if not pages and self.fork_sizes:
+        if not pages and self.fork_sizes and spc in _LISTED_SPACES:
             directory, file_name = path.rsplit("/", 1)
             self._sizes.setdefault(directory, []).append((file_name, nblocks))
             return

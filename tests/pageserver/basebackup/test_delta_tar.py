@@ -179,6 +179,9 @@ def test_forks_without_pages_are_listed_once_a_directory(store: TimelineStore) -
     assert parse_fork_sizes(member[1], member[0]) == [("16390", 12), ("16391_vm", 0)]
     assert list(forks.directory_end(directory, 7)) == []  # sent once
     assert list(forks.directory_end("global", 7)) == []
+    in_a_tablespace = "pg_tblspc/16500/PG_15_202209061/5/16390"  # not listed: as before
+    (chunk,) = forks.fork_members(in_a_tablespace, 16500, DB, 16390, 0, 12, 7)
+    assert chunk.startswith(tar_header(delta_member_name(in_a_tablespace), 16, 7))
 
 
 def read_members(archive: bytes) -> list[tuple[str, bytes]]:
