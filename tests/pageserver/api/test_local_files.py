@@ -9,6 +9,7 @@ import contextlib
 import errno
 import io
 import os
+import select
 import shutil
 import socket
 import tarfile
@@ -92,7 +93,11 @@ def exchange(
                 os.setuid(as_uid)
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.connect(str(path))
-                    send(sock)
+                    # The server refuses another user's peer at once, without reading: it
+                    # may have answered and closed before this send (EPIPE), its answer
+                    # still queued here to read.
+                    with contextlib.suppress(BrokenPipeError):
+                        send(sock)
                     answer = answer_of(sock)
                 os.write(write, repr(answer).encode())
             except BaseException as exc:
@@ -159,6 +164,12 @@ def test_a_peer_of_another_user_is_refused(tmp_path: Path) -> None:
         os.chmod(target, 0o777)
 
         def send(sock: socket.socket) -> None:
+            # The refusal comes before the request is read: wait for the server's close,
+            # so that the request below always meets a server that has answered and gone
+            # (the send's EPIPE, the answer still queued here to read).
+            closed = select.poll()
+            closed.register(sock, select.POLLRDHUP)
+            assert closed.poll(30_000), "the server did not answer and close"
             fd = os.open(target, os.O_RDONLY)
             send_frame(sock, {"name": "f"}, [fd])
 
