@@ -189,7 +189,9 @@ def _stream_apply(
     )
     stale = stale_dir(node)
     shutil.rmtree(stale, ignore_errors=True)  # a killed run's: its names would be taken
-    applier = DeltaApplier(node.datadir, KEEP, sync_early=not again, aside=stale, compare=not again)
+    applier = DeltaApplier(
+        node.datadir, KEEP, sync_early=not again, aside=stale, compare=not again, sparse_wal=True
+    )
     marked = again
 
     async def received(download: BasebackupDownload) -> AsyncIterator[bytes]:

@@ -318,6 +318,7 @@ class DeltaApplier:
         sync_early: bool = False,
         aside: Path | None = None,
         compare: bool = True,
+        sparse_wal: bool = False,
     ) -> None:
         """`keep`: paths in `root` that stay although the delta does not name them (a
         checkout in place keeps the node's configuration: cli/checkout_delta.py).
@@ -333,12 +334,14 @@ class DeltaApplier:
         the member's bytes already). Off for a run again after a failed one: after a
         writeback error Linux marks the lost pages clean, so the page cache may read as
         the member while the disk does not, and a fresh fsync reports nothing: each file
-        is written again, its pages dirty, so the fsync after makes them durable."""
+        is written again, its pages dirty, so the fsync after makes them durable.
+        `sparse_wal`: the tar is a checkout's stream, whose WAL segment is a GNU sparse
+        member (at most _MAX_WAL_SEGMENT bytes); any other tar holding one is refused."""
         self.root = root
         self._root = str(root)
         self._aside = aside
         self._set_aside = 0
-        self._reader = TarReader()
+        self._reader = TarReader(sparse_up_to=_MAX_WAL_SEGMENT if sparse_wal else 0)
         self._keep: set[str] = {PurePosixPath(p).as_posix() for p in keep}
         """Relative paths ('/'-separated, no '.' parts) that stay: named by the delta, or
         kept by the caller."""

@@ -12,10 +12,12 @@ them, GNU long names (`L`, `K`) and GNU sparse files of format 1.0 (PAX `GNU.spa
 the map at the data's start: what a checkout's delta carries its WAL segment as,
 pageserver/basebackup/tar_stream.py tar_sparse_file), whose holes are handed on as data of
 zeros, so that a reader sees the file's bytes whatever the format; other sparse formats are
-refused. Each header block's checksum is verified (the unsigned sum
-of the block with the checksum field taken as spaces), sizes are octal or GNU base-256. An
-archive ends with a zero block (a second one is optional, as tar itself allows); data after it
-is ignored. Anything else raises TarFormatError naming the member and the offset.
+refused. A sparse member is read only by a reader made to (`sparse_up_to`, its largest size):
+a few KiB of archive can declare any size, all of it zeros to write. Each header block's
+checksum is verified (the unsigned sum of the block with the checksum field taken as
+spaces), sizes are octal or GNU base-256; decimal sizes (pax, a sparse map) have 20 digits at
+most. An archive ends with a zero block (a second one is optional, as tar itself allows);
+data after it is ignored. Anything else raises TarFormatError naming the member and the offset.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ BLOCK = 512
 _MAX_META = 1 << 20  # pax and GNU long-name records: a path, never megabytes
 _SPARSE = "GNU.sparse."
 _SPARSE_MAP_MAX = 64 << 10  # a sparse file's map: (offset, size) pairs in decimal text
+_MAX_DIGITS = 20  # of a decimal size or offset: 2^64 has 20 (int() refuses over 4,300 digits)
 _ZEROS = memoryview(bytes(1 << 20))
 """What a sparse member's holes are handed on as, a MiB at a time."""
 
@@ -105,7 +108,7 @@ class _Sparse:
             raise TarFormatError(f"the {where} is empty")
         if len(lines) < 2 or not lines[0].isdigit():
             return self._partial(lines[0], where)
-        count = int(lines[0])
+        count = _decimal(lines[0], f"the {where}")
         if len(lines) < 2 + 2 * count:
             return self._partial(b"".join(lines[1:]), where)
         numbers = lines[1 : 1 + 2 * count]
@@ -113,7 +116,8 @@ class _Sparse:
             raise TarFormatError(f"the {where} is not decimal numbers")
         end = 0
         for i in range(count):
-            offset, size = int(numbers[2 * i]), int(numbers[2 * i + 1])
+            offset = _decimal(numbers[2 * i], f"the {where}")
+            size = _decimal(numbers[2 * i + 1], f"the {where}")
             if offset < end or offset + size > self.member.size:
                 raise TarFormatError(f"the {where} has regions out of order or past its end")
             end = offset + size
@@ -148,6 +152,17 @@ class _Sparse:
             take = min(offset - self.at, len(_ZEROS))
             yield MemberData(_ZEROS[:take])
             self.at += take
+
+
+def _decimal(text: bytes | str, where: str) -> int:
+    """A size or offset in ASCII decimal digits (pax records, a sparse map), at most
+    _MAX_DIGITS of them."""
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    if not raw.isdigit() or len(raw) > _MAX_DIGITS:  # bytes.isdigit: ASCII digits only
+        raise TarFormatError(
+            f"{where}: {bytes(raw[:30])!r} is not a decimal number of {_MAX_DIGITS} digits at most"
+        )
+    return int(raw)
 
 
 def _number(field: bytes, what: str) -> int:
@@ -201,7 +216,9 @@ class TarReader:
     """Feed archive bytes with `feed()`, then call `finish()`; each returns events in order:
     per member MemberStart, MemberData (files only), MemberEnd; finish() gives ArchiveEnd."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sparse_up_to: int = 0) -> None:
+        """`sparse_up_to`: the largest GNU sparse member read (0: each is refused)."""
+        self._sparse_up_to = sparse_up_to
         self._buf = bytearray()
         self.offset = 0
         """Archive bytes consumed."""
@@ -292,9 +309,7 @@ class TarReader:
                 f"tar member {name!r} at offset {self.offset} has unknown type {typeflag!r}"
             )
         if "size" in pending:
-            if not pending["size"].isdigit():
-                raise TarFormatError(f"tar member {name!r} has a bad pax size")
-            size = int(pending["size"])
+            size = _decimal(pending["size"], f"tar member {name!r} has a bad pax size")
         if kind != "file" and size:
             raise TarFormatError(f"tar member {name!r} is a {kind} with {size} bytes of data")
         self._data_left = size
@@ -311,13 +326,19 @@ class TarReader:
         if (pending.get(_SPARSE + "major"), pending.get(_SPARSE + "minor")) != ("1", "0"):
             raise TarFormatError(f"tar member {start.name!r} is sparse in a format not read")
         name = pending.get(_SPARSE + "name", start.name)
+        if not self._sparse_up_to:
+            raise TarFormatError(f"tar member {name!r} is a GNU sparse file, not read here")
         realsize = pending.get(_SPARSE + "realsize", "")
-        if start.kind != "file" or not realsize.isdigit():
+        if start.kind != "file" or not realsize:
             raise TarFormatError(f"tar member {name!r} has a bad sparse header")
+        size = _decimal(realsize, f"tar member {name!r} has a bad sparse header")
+        if size > self._sparse_up_to:
+            raise TarFormatError(
+                f"tar member {name!r} is a GNU sparse file larger than {self._sparse_up_to}"
+                f" bytes: {size}"
+            )
         self._name = name
-        self._sparse = _Sparse(
-            MemberStart(name, start.kind, int(realsize), start.mode, start.linkname)
-        )
+        self._sparse = _Sparse(MemberStart(name, start.kind, size, start.mode, start.linkname))
         self._sparse.pad, self._pad_left = self._pad_left, 0
         self._meta_kind, self._meta_size = _SPARSE_MAP, BLOCK
 

@@ -52,8 +52,10 @@ def delta_tar(members: list[tuple[str, bytes | None]], kind: bytes = tarfile.REG
     return out.getvalue()
 
 
-def apply(root: Path, tar: bytes, chunk: int = 5000, aside: Path | None = None) -> None:
-    applier = DeltaApplier(root, aside=aside)
+def apply(
+    root: Path, tar: bytes, chunk: int = 5000, aside: Path | None = None, sparse_wal: bool = False
+) -> None:
+    applier = DeltaApplier(root, aside=aside, sparse_wal=sparse_wal)
     try:
         for i in range(0, len(tar), chunk):  # arbitrary cuts, records split across feeds
             applier.feed(tar[i : i + chunk])
@@ -183,6 +185,31 @@ def test_a_wal_segment_is_whole_and_allocated_though_its_zeros_are_not_written(
     apply(parent, delta_tar([("pg_wal/", None), (name, bytes(segment))]), chunk=1 << 20)
     assert (parent / name).read_bytes() == segment
     assert (parent / name).stat().st_blocks * 512 >= size
+
+
+def test_a_sparse_wal_segment_is_applied_only_from_a_checkouts_stream(parent: Path) -> None:
+    """A GNU sparse member (the checkout stream's WAL segment) is read where the applier is
+    told it comes (sparse_wal), at most a WAL segment's largest size; a `.neon` file's delta
+    holding one is refused: a few KiB of it would have written any number of zeros."""
+    from pageserver.basebackup.tar_stream import tar_sparse_file
+
+    name = "pg_wal/000000020000000000000003"
+    regions = [(0, b"r" * 100), (9 << 20, b"x" * 10)]
+
+    def tar(size: int) -> bytes:
+        return b"".join([*tar_sparse_file(name, size, regions, 1), bytes(1024)])
+
+    (parent / "pg_wal").mkdir()
+    with pytest.raises(CorruptData, match=f"{name}' is a GNU sparse file, not read here"):
+        apply(parent, tar(16 << 20))
+    with pytest.raises(CorruptData, match="larger than 1073741824 bytes"):
+        apply(parent, tar((1 << 30) + 8192), sparse_wal=True)
+    assert not (parent / name).exists()
+    apply(parent, tar(16 << 20), chunk=1 << 20, sparse_wal=True)
+    segment = bytearray(16 << 20)
+    segment[:100] = b"r" * 100
+    segment[9 << 20 : (9 << 20) + 10] = b"x" * 10
+    assert (parent / name).read_bytes() == segment
 
 
 def test_segments_follow_the_fork_size(parent: Path) -> None:

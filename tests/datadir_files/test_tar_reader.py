@@ -46,9 +46,11 @@ def make_archive(fmt: int, files: dict[str, bytes], *, link_to: str = "") -> byt
     return buf.getvalue()
 
 
-def read_all(archive: bytes, sizes: list[int]) -> list[tuple[str, str, int, bytes, str]]:
+def read_all(
+    archive: bytes, sizes: list[int], *, sparse_up_to: int = 0
+) -> list[tuple[str, str, int, bytes, str]]:
     """(name, kind, size, data, linkname) per member, feeding `archive` in `sizes` pieces."""
-    reader = TarReader()
+    reader = TarReader(sparse_up_to=sparse_up_to)
     events: list[TarEvent] = []
     pos, i = 0, 0
     while pos < len(archive):
@@ -175,7 +177,7 @@ def test_a_sparse_member_reads_as_its_bytes(sizes: list[int]) -> None:
     size = 4 << 20
     archive = sparse_archive("pg_wal/000000010000000000000001", size, SPARSE_REGIONS)
     want = with_regions(size, SPARSE_REGIONS)
-    assert read_all(archive, sizes) == [
+    assert read_all(archive, sizes, sparse_up_to=size) == [
         ("pg_wal/000000010000000000000001", "file", size, want, ""),
         ("after", "file", 3, b"abc", ""),
     ]
@@ -196,7 +198,8 @@ def test_reads_gnu_tar_sparse_output(tmp_path: Path) -> None:
         capture_output=True,
         check=True,
     ).stdout
-    assert read_all(archive, [4096]) == [("f", "file", 3 << 20, path.read_bytes(), "")]
+    got = read_all(archive, [4096], sparse_up_to=3 << 20)
+    assert got == [("f", "file", 3 << 20, path.read_bytes(), "")]
 
 
 def _pax_member(records: dict[str, str], stored: bytes) -> bytes:
@@ -229,4 +232,44 @@ def test_a_bad_sparse_member_is_refused(
 ) -> None:
     stored = sparse_map.ljust(512, b"\0") + data if sparse_map else data
     with pytest.raises(TarFormatError, match=why):
-        read_all(_pax_member(records, stored), [])
+        read_all(_pax_member(records, stored), [], sparse_up_to=1 << 30)
+
+
+def test_a_sparse_member_is_refused_where_not_asked_for() -> None:
+    """Only a checkout's stream carries one (its WAL segment): anywhere else a few KiB of
+    archive would stand for up to 2^63 bytes of zeros written out."""
+    archive = sparse_archive("pg_wal/000000010000000000000001", 4 << 20, SPARSE_REGIONS)
+    with pytest.raises(TarFormatError, match="'pg_wal/000000010000000000000001' is a GNU sparse"):
+        read_all(archive, [])
+    with pytest.raises(TarFormatError, match="larger than"):  # asked for, but not as large
+        read_all(archive, [], sparse_up_to=(4 << 20) - 1)
+
+
+def test_a_huge_sparse_size_is_refused() -> None:
+    """A 3 KiB archive declaring 2^50 bytes and no region was a 2^50-byte member of zeros."""
+    records = {**SPARSE_1_0, "GNU.sparse.realsize": str(1 << 50)}
+    with pytest.raises(TarFormatError, match="'f' is a GNU sparse file larger than"):
+        read_all(_pax_member(records, b"0\n".ljust(512, b"\0")), [], sparse_up_to=1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("records", "sparse_map"),
+    [
+        ({**SPARSE_1_0, "GNU.sparse.realsize": "9" * 5000}, b"0\n"),
+        ({**SPARSE_1_0, "GNU.sparse.realsize": "100"}, b"1\n" + b"0" * 5000 + b"\n5\n"),
+        ({**SPARSE_1_0, "GNU.sparse.realsize": "100"}, b"1\n0\n" + b"0" * 5000 + b"5\n"),
+        ({**SPARSE_1_0, "GNU.sparse.realsize": "100"}, b"0" * 5000 + b"1\n0\n5\n"),
+        ({**SPARSE_1_0, "GNU.sparse.realsize": "\u00b2"}, b"0\n"),  # str.isdigit() holds
+        ({"size": "9" * 5000}, b""),
+        ({"size": "\u00b2"}, b""),
+    ],
+)
+def test_an_overlong_or_odd_number_is_a_format_error(
+    records: dict[str, str], sparse_map: bytes
+) -> None:
+    """Not int()'s ValueError (over 4,300 digits, or a digit that is no ASCII one): a
+    traceback, where a bad archive is refused."""
+    stored = sparse_map.ljust(512 * (len(sparse_map) // 512 + 1), b"\0") + b"x" * 5
+    with pytest.raises(TarFormatError) as caught:
+        read_all(_pax_member(records, stored), [], sparse_up_to=1 << 30)
+    assert type(caught.value) is TarFormatError
