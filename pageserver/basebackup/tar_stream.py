@@ -217,12 +217,15 @@ def tar_sparse_file(
     writes): the archive holds the map and the regions' bytes only. A checkout's WAL
     segment is two pages in 16 MiB of zeros, which were 58% of a 1% checkout's delta and
     most of the daemon's writing into the socket (bench/README.md, `checkout`).
-    datadir_files/tar_reader.py reads the zeros back; `tarfile` and GNU tar extract it."""
+    datadir_files/tar_reader.py reads the zeros back; `tarfile` and GNU tar extract it (a
+    file ending in a hole has an empty last region at its end, as GNU tar writes it)."""
     at = 0
     for offset, data in regions:
         if offset < at or offset + len(data) > size:
             raise CorruptData(f"basebackup: {name}'s sparse regions overlap or pass its end")
         at = offset + len(data)
+    if at < size or not regions:  # GNU tar takes the file's size from the last region only
+        regions = [*regions, (size, b"")]
     sparse_map = "".join(
         [f"{len(regions)}\n", *(f"{offset}\n{len(data)}\n" for offset, data in regions)]
     ).encode()

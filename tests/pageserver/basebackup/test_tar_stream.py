@@ -605,3 +605,25 @@ def test_a_sparse_wal_segment_holds_the_same_bytes() -> None:
     assert tar_members(sparse_tar) == tar_members(whole_tar)
     assert len(tar_members(sparse_tar)[f"pg_wal/{info.wal_segment}"] or b"") == SEG
     assert len(whole_tar) - len(sparse_tar) > SEG - 8 * PAGE
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [
+        [(0, b"a" * PAGE), (5 * PAGE, b"b" * PAGE)],  # ends in a hole
+        [(0, b"a" * PAGE), (SEG - PAGE, b"z" * PAGE)],  # ends in data
+        [],  # all hole
+    ],
+)
+def test_gnu_tar_extracts_a_sparse_member_at_its_size(
+    tmp_path: Path, regions: list[tuple[int, bytes]]
+) -> None:
+    """GNU tar sets a sparse file's size from its map's last region only (so it writes an
+    empty one at the end of a file ending in a hole): without it, `tar -x` made a file
+    ending at the last data (3,153,920 bytes of a 16 MiB segment, tar 1.34)."""
+    tar = b"".join([*bb.tar_sparse_file("pg_wal/seg", SEG, regions, 1), bytes(1024)])
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=tar, check=True)
+    want = bytearray(SEG)
+    for offset, data in regions:
+        want[offset : offset + len(data)] = data
+    assert (tmp_path / "pg_wal" / "seg").read_bytes() == want
