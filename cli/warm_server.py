@@ -743,9 +743,19 @@ def _finalize_what_the_command_left() -> None:
     server's are frozen: `gc.get_objects` does not list them), newest first, in layers as
     freeing a module's globals would reach them: first all but files (a generator's
     `finally` or an object's `__del__` may still write to one), then text files, their
-    buffers, their raw files. The standard streams are left to the end (`_flushed`)."""
-    streams = {id(s) for s in (sys.stdin, sys.stdout, sys.stderr)}
-    streams.update(id(s) for s in (sys.__stdin__, sys.__stdout__, sys.__stderr__))
+    buffers, their raw files. The standard streams, their buffers and raw files are left to
+    the end (`_flushed`): a finalizer's output is still in the text stream when the files
+    would be closed (the child's streams are made after the fork: std_streams)."""
+    streams: set[int] = set()
+    std = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
+    for stream in std:
+        layer: object = stream
+        while layer is not None:  # the text stream, its buffer, its raw file
+            streams.add(id(layer))
+            try:
+                layer = getattr(layer, "buffer", None) or getattr(layer, "raw", None)
+            except ValueError:  # detached
+                break
     layers: tuple[list[object], ...] = ([], [], [], [])
     for obj in reversed(gc.get_objects()):
         if getattr(type(obj), "__del__", None) is None or id(obj) in streams:

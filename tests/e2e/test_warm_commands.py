@@ -876,6 +876,49 @@ def test_a_failing_flush_at_a_warm_childs_exit_is_the_interpreters() -> None:
     assert got[0][0] == 120 and "No space left on device" in got[0][1], got
 
 
+_FINALIZER_WRITES = """
+import os, sys
+from pathlib import Path
+from cli.warm_client import _stream_spec
+from cli.warm_server import _Server, exit_as_the_interpreter, std_streams
+
+_Server(Path("/nonexistent"), 0).preload(())
+pid = os.fork()
+if pid == 0:
+    own = [sys.stdin, sys.stdout, sys.stderr]
+    sys.stdin, sys.stdout, sys.stderr = std_streams([_stream_spec(s) for s in own])
+
+    def lines():
+        try:
+            yield
+        finally:
+            print("written by a finalizer")
+            print("to stderr too", file=sys.stderr)
+
+    left_open = lines()
+    next(left_open)
+    print("the command's output")
+    exit_as_the_interpreter(0)
+os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_what_a_finalizer_writes_at_a_warm_childs_exit_is_output() -> None:
+    """The child's standard streams, made after the fork (std_streams), block-buffered (no
+    PYTHONUNBUFFERED, stdout a pipe): what a generator's `finally` prints at the exit comes
+    out, as a cold command's does. The streams' byte buffers and files were finalized with
+    the command's files, before the text in the streams was flushed into them: lost, exit
+    0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FINALIZER_WRITES],
+        capture_output=True, text=True, check=False, timeout=WAIT, env=env,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0, "the command's output\nwritten by a finalizer\n", "to stderr too\n"
+    ), proc  # fmt: skip
+
+
 _FINALIZABLE_AT_MODULE_LEVEL = """
 import json, sys, types
 from pathlib import Path
