@@ -305,12 +305,13 @@ class _Guess:
         self._thread.start()
 
     def result(self) -> BasebackupResponse:
-        """Once passed on: the download's response (its error raised)."""
+        """Once passed on: the download's response (its error raised). A whole file (the
+        guessed parent destroyed before the daemon made the delta) is valid anywhere."""
         self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._result is not None
-        if self._result.parent != self.parent:
+        if self._result.parent not in (self.parent, None):
             raise Conflict(f"the delta was made on {self._result.parent}, not on {self.parent}")
         return self._result
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,3 +104,28 @@ def test_held_writes_wait_at_the_bound(then: str) -> None:
         assert outcome == [1] and out.chunks == [b"1234", b"5"]
     else:
         assert isinstance(outcome[0], st._GuessRefused) and out.chunks == []
+
+
+@pytest.mark.parametrize(("made_on", "kept"), [("p@s2", True), (None, True), ("p@s1", False)])
+def test_a_guessed_delta_made_whole_is_kept(
+    monkeypatch: pytest.MonkeyPatch, made_on: str | None, kept: bool
+) -> None:
+    """The guessed parent destroyed between the listing and the daemon's delta: the daemon
+    sends a whole file, valid at any destination, so the push goes on with it (it failed
+    with Conflict where asking with the destination's files succeeded); a delta on another
+    parent than the one asked for is still refused."""
+
+    def made(app: object, snap: object, out: st._HeldWrites, *args: object) -> object:
+        out.write(b"file")
+        return SimpleNamespace(parent=made_on)
+
+    monkeypatch.setattr(st, "write_snapshot_file", made)
+    guess = st._Guess(None, None, snap("p@s3", 300), None, "p@s2")  # type: ignore[arg-type]
+    out = _Out()
+    guess.held.pass_on(out)  # type: ignore[arg-type]
+    if kept:
+        assert guess.result().parent == made_on
+    else:
+        with pytest.raises(st.Conflict, match="made on p@s1, not on p@s2"):
+            guess.result()
+    assert out.chunks == [b"file"]
