@@ -421,7 +421,7 @@ class NodeStore:
             # Every record up to `upto` was observed by the index (ingest_batch returned).
             index = self.index
             self.flusher.request(
-                timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
+                timeline.timeline_id, self._flush_job(timeline, index, upto, compact=True)
             )
         if timeline.frozen_count >= CATCHING_UP_FROZEN:
             self.catching_up.hold_for(CATCHING_UP_LINGER)
@@ -434,24 +434,24 @@ class NodeStore:
             raise
 
     def _flush_frozen(self, timeline: Timeline, index: LsnIndex, upto: int) -> None:
-        # The index first: it only holds entries of WAL already durable in the archive, while
-        # records the layers hold are never re-ingested (their index entries would be lost).
         merge = self._merge()
         if merge is not None:
             # every layer asked for so far, in one merged flush (their records observed by
             # the index, see maybe_flush): an earlier job's group may have taken this job's
             upto = max(upto, self._requested.get(timeline.timeline_id, -1))
-        index.flush()
         # A merged group's publication (fsync, rename, manifest) is left to the timeline's
         # publisher while a job waits to take the next group (the flusher packs it
         # meanwhile); the last job waits for it, so an idle flusher has everything durable.
+        # The index before each manifest: it only holds entries of WAL already durable in
+        # the archive, while records the layers hold are never re-ingested (their index
+        # entries would be lost); flushed there, its fsync is off the flusher's path.
         timeline.flush_frozen_layers(
             upto,
             merge=merge,
             wait=lambda: not self.flusher.queued,
             published=self.flusher.notify,
+            before_manifest=index.flush,
         )
-        self._request_compaction(timeline)
 
     def _merge(self) -> MergeFrozen | None:
         """While catching up, the frozen layers waiting are written straight as L1 layers
@@ -506,25 +506,23 @@ class NodeStore:
 
     def make_durable(self) -> None:
         """Everything ingested written to layer files now, after the frozen layers the
-        background flusher has; a compaction is asked for as after any background flush, not
-        waited for (benchmarks: the time until ingested WAL is durable in layers).
+        background flusher has; no compaction is asked for (benchmarks: the time until
+        ingested WAL is durable in layers, apart from compaction; tests that compact by hand
+        after it), unless a flush job of ingest was waiting, which it replaces.
 
-        The rest goes to the flusher as the job after its own (`flush_ahead`): merged on this
-        thread, it waited until the flusher's last group was published too (its files'
-        fsync and its manifest, which a job queued behind lets the flusher leave to the
-        publisher); queued, it is packed while that publication runs, or joins the group if
-        the flusher has not taken it yet. What a failed job left is written here."""
+        The rest goes to the flusher as the job after its own: merged on this thread, it
+        waited until the flusher's last group was published too (its files' fsync and its
+        manifest, which a job queued behind lets the flusher leave to the publisher);
+        queued, it is packed while that publication runs, or joins the group if the flusher
+        has not taken it yet. What a failed job left is written here."""
         if self._state is not None:
-            self.flush_ahead()
+            self._hand_rest(compact=self.flusher.queued)
             self.wait_flushed()
             self._write_layers()
 
-    def flush_ahead(self) -> None:
-        """What is ingested frozen now and handed to the background flusher, as a periodic
-        flush would (a checkout begins: its branch writes the timeline the node leaves to
-        layer files before it returns, and after a change that is most of the branch's
-        time; begun while the node stops, only the shutdown checkpoint's records are left
-        for the branch to write)."""
+    def _hand_rest(self, *, compact: bool) -> None:
+        """What is ingested frozen now and a flusher job requested for it (`compact`: the job
+        asks for a compaction after it, as ingest's flush jobs do)."""
         with self._lock:  # one state's pair: a switch_to_branch (under it) never between
             if self._state is None:
                 return
@@ -532,13 +530,35 @@ class NodeStore:
         upto = self._freeze_rest(timeline)  # every record it froze was observed by the index
         if upto is not None:
             self.flusher.request(
-                timeline.timeline_id, lambda: self._flush_frozen(timeline, index, upto)
+                timeline.timeline_id, self._flush_job(timeline, index, upto, compact=compact)
             )
 
+    def _flush_job(
+        self, timeline: Timeline, index: LsnIndex, upto: int, *, compact: bool
+    ) -> Callable[[], None]:
+        """The flusher's job for the frozen layers up to `upto` (`compact`: a compaction is
+        requested after it, as after ingest's flushes)."""
+
+        def job() -> None:
+            self._flush_frozen(timeline, index, upto)
+            if compact:
+                self._request_compaction(timeline)
+
+        return job
+
+    def flush_ahead(self) -> None:
+        """What is ingested frozen now and handed to the background flusher, as a periodic
+        flush would (a checkout begins: its branch writes the timeline the node leaves to
+        layer files before it returns, and after a change that is most of the branch's
+        time; begun while the node stops, only the shutdown checkpoint's records are left
+        for the branch to write)."""
+        self._hand_rest(compact=True)
+
     def _write_layers(self) -> Timeline:
-        """Everything ingested so far written, the LSN index first (as in _flush_frozen), up
-        to the cut `_freeze_rest` makes: on a thread other than the decode thread, records
-        ingested after it may not be observed by the index yet, and stay in memory."""
+        """Everything ingested so far written, the LSN index first (`_flush_frozen` flushes it
+        before each manifest), up to the cut `_freeze_rest` makes: on a thread other than the
+        decode thread, records ingested after it may not be observed by the index yet, and
+        stay in memory."""
         timeline = self.timeline
         upto = self._freeze_rest(timeline)
         with self.flusher.mutex:

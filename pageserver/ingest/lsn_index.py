@@ -99,6 +99,9 @@ class LsnIndex:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / INDEX_FILE
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        """One flush at a time: a merged group's runs on the timeline's publisher thread, an
+        L0 flush's on the flusher and NodeStore._write_layers' on its caller's."""
         self._b_end = array("Q")
         self._b_start = array("Q")
         self._c_end = array("Q")
@@ -135,22 +138,23 @@ class LsnIndex:
 
     def flush(self) -> None:
         """Append the buffered entries and fsync; a no-op when nothing is buffered."""
-        with self._lock:
-            pending, self._pending = bytes(self._pending), bytearray()
-        if not pending:
-            return
-        # The file's directory entry is not known durable until a flush succeeded (one that
-        # failed after creating the file leaves that to the next).
-        created = self._durable_size == 0
-        try:
-            self._write_at_durable_end(pending)
-        except BaseException:
+        with self._flush_lock:
             with self._lock:
-                self._pending[:0] = pending
-            raise
-        self._durable_size += len(pending)
-        if created:
-            fsync_dir(self.directory)
+                pending, self._pending = bytes(self._pending), bytearray()
+            if not pending:
+                return
+            # The file's directory entry is not known durable until a flush succeeded (one
+            # that failed after creating the file leaves that to the next).
+            created = self._durable_size == 0
+            try:
+                self._write_at_durable_end(pending)
+            except BaseException:
+                with self._lock:
+                    self._pending[:0] = pending
+                raise
+            self._durable_size += len(pending)
+            if created:
+                fsync_dir(self.directory)
 
     def _write_at_durable_end(self, data: bytes) -> None:
         """Write `data` after the entries known durable and fsync. A failed flush may have

@@ -364,6 +364,7 @@ class Timeline:
         merge: MergeFrozen | None = None,
         wait: Callable[[], bool] | None = None,
         published: Callable[[], None] | None = None,
+        before_manifest: Callable[[], None] | None = None,
     ) -> None:
         """Write every frozen layer (only those ending at or below `upto`, if given) as an L0
         delta file, then the manifest, then advance disk_consistent_lsn. Blocking I/O: run
@@ -376,7 +377,13 @@ class Timeline:
         publication (the last files' fsync and rename, the manifest) is queued on the
         timeline's publisher thread, in order; unless `wait()` says False once it is queued,
         this returns when it is done (`published` is called after each manifest, failed or
-        not: the decode thread's bound counts the group's frozen layers until then)."""
+        not: the decode thread's bound counts the group's frozen layers until then).
+
+        `before_manifest` runs before each manifest is written (on the publisher thread for a
+        merged group), and its failure fails that manifest: the node's LSN index flush, whose
+        entries must be durable before the layers holding their records are (those records
+        are never re-ingested). Flushed ahead of the merge, its fsync waited on the flusher's
+        path, 13-30 ms a group on a busy disk (bench/README `ingest`, session 22)."""
         with self._flush_lock:
             if self._publish_error is not None:
                 self._wait_published()  # raises it, once the queue is drained
@@ -386,7 +393,7 @@ class Timeline:
                     group = [m for m in waiting if upto is None or _end(m) - 1 <= upto]
                     self._in_flight += len(group)
                 if group:
-                    self._queue_merged(group, merge, published)
+                    self._queue_merged(group, merge, published, before_manifest)
                 if wait is not None and not wait():
                     return  # a group took every layer up to `upto`
             self._wait_published()
@@ -400,6 +407,13 @@ class Timeline:
                         return
                 delta = self._write_l0(layer) if layer.n_versions else None
                 assert layer.lsn_end is not None
+                if before_manifest is not None:
+                    try:
+                        before_manifest()
+                    except BaseException:
+                        if delta is not None:
+                            discard_layers([delta])
+                        raise
                 with self._manifest_lock:
                     with self._lock:
                         self._frozen.pop(0)
@@ -416,6 +430,7 @@ class Timeline:
         group: list[InMemoryLayer],
         merge: MergeFrozen,
         published: Callable[[], None] | None,
+        before_manifest: Callable[[], None] | None = None,
     ) -> None:
         """`group` (the oldest frozen layers not being published) written by `merge`, then one
         manifest naming its files with disk_consistent_lsn at the group's end: durable all at
@@ -436,7 +451,7 @@ class Timeline:
 
         def publish() -> None:
             try:
-                self._publish_merged(group, outputs)
+                self._publish_merged(group, outputs, before_manifest)
             except BaseException as exc:
                 with self._lock:
                     if self._publish_error is None:
@@ -448,7 +463,10 @@ class Timeline:
         self._publication = self._publisher.submit(publish)
 
     def _publish_merged(
-        self, group: list[InMemoryLayer], outputs: list[Future[DeltaLayer]]
+        self,
+        group: list[InMemoryLayer],
+        outputs: list[Future[DeltaLayer]],
+        before_manifest: Callable[[], None] | None = None,
     ) -> None:
         """On the publisher thread: the group's files once published, then its manifest. After
         a failed publication the groups queued behind it are dropped (files deleted, layers
@@ -464,6 +482,12 @@ class Timeline:
                     raise self._publish_error
                 for future in outputs:
                     future.result()  # raises the failed one's error
+            if before_manifest is not None:
+                try:
+                    before_manifest()
+                except BaseException:
+                    discard_layers(done)
+                    raise
             last = group[-1]
             with self._manifest_lock:
                 with self._lock:
