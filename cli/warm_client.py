@@ -54,11 +54,16 @@ LIMITS = (
 """The resource limits (`ulimit`) a warm command has as its launcher has them."""
 
 
+def encode_message(message: dict[str, Any]) -> bytes:
+    """A message's frame: its length (HEADER), then its marshal form."""
+    body = marshal.dumps(message)
+    return HEADER.pack(len(body)) + body
+
+
 def send_message(
     sock: _socket.socket, message: dict[str, Any], fds: list[int] | None = None
 ) -> None:
-    body = marshal.dumps(message)
-    send_with_fds(sock, HEADER.pack(len(body)) + body, fds or ())
+    send_with_fds(sock, encode_message(message), fds or ())
 
 
 def receive_message(sock: _socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:

@@ -38,7 +38,6 @@ import functools
 import gc
 import importlib
 import io
-import marshal
 import os
 import resource
 import select
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from cli.launch import SOCKET_NAME
-from cli.warm_client import HEADER, receive_message, send_message
+from cli.warm_client import encode_message, receive_message, send_message
 from proto.unix_fds import SUN_PATH_MAX, peer_credentials
 
 PRELOAD = (
@@ -721,9 +720,8 @@ def _report_the_exit(code: int, launcher: int) -> None:
         if int(name) != launcher:  # kernel, a seccomp filter) it closes every number in turn
             with contextlib.suppress(OSError):  # (the listing's own is gone)
                 os.close(int(name))
-    body = marshal.dumps({"status": (code & 0xFF) << 8})
     with contextlib.suppress(OSError):
-        os.write(launcher, HEADER.pack(len(body)) + body)
+        os.write(launcher, encode_message({"status": (code & 0xFF) << 8}))
 
 
 def _flushed() -> bool:
