@@ -141,6 +141,9 @@ class TimelineSource:
     _plans: dict[
         tuple[int, int], tuple[RangeRead | None, SlowValues | None, PersistentView | None]
     ] = field(default_factory=dict, compare=False, repr=False)
+    _views: dict[tuple[int, int], PersistentView] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def tracks_visibility_map(self) -> bool:
@@ -206,6 +209,29 @@ class TimelineSource:
             return pages_one_by_one(self, spc, db, rel, fork, first, count)
         return range_reads.rel_pages(
             self.timeline, plan, spc, db, rel, fork, first, count, self.lsn, bulk, view
+        )
+
+    def rel_chunks(
+        self,
+        spc: int,
+        db: int,
+        rel: int,
+        fork: int,
+        first: int,
+        count: int,
+        take: range_reads.Take,
+        per_chunk: int,
+    ) -> Iterator[range_reads.Filled] | None:
+        """`rel_pages` written into the caller's buffers (`range_reads.rel_chunks`: the C
+        walk writes each page in place, no plan is made); None where it cannot."""
+        if not self.bulk or native_redo is None:
+            return None
+        view = self._views.get((spc, db))
+        if view is None:
+            view = self.timeline.persistent_view(database_range(spc, db), self.lsn)
+            self._views[spc, db] = view
+        return range_reads.rel_chunks(
+            self.timeline, spc, db, rel, fork, first, count, self.lsn, view, take, per_chunk
         )
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:

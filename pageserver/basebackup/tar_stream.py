@@ -55,6 +55,7 @@ import mmap
 import posixpath
 import queue
 import struct
+import sys
 import tarfile
 import time as time_mod
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -71,6 +72,7 @@ from pageserver.basebackup.wal_synthesis import (
     wal_segment_chunks,
     wal_segment_pages,
 )
+from pageserver.reconstruct.range_reads import Filled
 from pageserver.storage.keys import SlruKind
 from pageserver.storage.layers.native import blockpack
 from pg15.constants import (
@@ -306,6 +308,21 @@ class AlignedChunks:
         self._lent[id(chunk)] = (chunk, i)  # held: its id names it until released
         return chunk
 
+    def take(self, pages: int) -> memoryview | bytearray:
+        """A buffer for `pages` pages to be written into: a free buffer's first pages (lent
+        until `release`) when there is one and `pages` fill it, else a new bytearray (a
+        fork's tail, as `join` makes bytes of it)."""
+        if pages == self.PAGES:
+            try:
+                i = self._free.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                chunk = self._slots[i][: pages * BLCKSZ]
+                self._lent[id(chunk)] = (chunk, i)
+                return chunk
+        return bytearray(pages * BLCKSZ)
+
     def release(self, chunk: object) -> None:
         """Take a chunk's buffer back (any other chunk: nothing)."""
         lent = self._lent.pop(id(chunk), None)
@@ -497,7 +514,16 @@ class _Plan:
         join: Callable[[list[bytes]], bytes | memoryview] = b"".join
         per_chunk = _CHUNK_PAGES
         if self.aligned is not None:
-            join, per_chunk = self.aligned.join, AlignedChunks.PAGES
+            join, per_chunk = self.aligned.join, self.aligned.PAGES
+            fills = getattr(self.source, "rel_chunks", None)  # TimelineSource's
+            filled = (
+                None
+                if fills is None
+                else fills(spc, db, rel, fork, first, count, self.aligned.take, per_chunk)
+            )
+            if filled is not None:
+                yield from self._filled_pages(spc, db, rel, fork, first, filled)
+                return
         pages = iter(self.source.rel_pages(spc, db, rel, fork, first, count))
         blkno = first
         while batch := list(itertools.islice(pages, per_chunk)):
@@ -509,6 +535,32 @@ class _Plan:
             else:  # a fork's tail: a buffer for it would sit in a batch still filling
                 yield b"".join(batch)
             blkno += len(batch)
+
+    def _filled_pages(
+        self, spc: int, db: int, rel: int, fork: int, first: int, filled: Iterator[Filled]
+    ) -> Iterator[bytes]:
+        """`_rel_pages` of chunks the source wrote (`TimelineSource.rel_chunks`): the pages
+        it left are put in place (a hole: zeros), each page checked as `_rel_pages` checks
+        them."""
+        limit = self.info.end_lsn
+        blkno = first
+        for out, n, left in filled:
+            short = n
+            for i, value in left:
+                page = _ZERO_PAGE if value is None else value
+                if len(page) != BLCKSZ:
+                    short = min(short, i)
+                    continue
+                out[i * BLCKSZ : (i + 1) * BLCKSZ] = page
+            bad = _first_late_page(out, n, limit)
+            if bad < 0 and short == n:
+                yield cast(bytes, out)  # a view or a bytearray: len and buffer
+                blkno += n
+                continue
+            if 0 <= bad < short:
+                page = bytes(out[bad * BLCKSZ : (bad + 1) * BLCKSZ])
+                raise _bad_page(spc, db, rel, fork, blkno + bad, page, limit)
+            raise _bad_page(spc, db, rel, fork, blkno + short, dict(left)[short] or b"", limit)
 
     def _slrus(self) -> Iterator[bytes]:
         cp = self.checkpoint
@@ -565,6 +617,36 @@ def _first_bad_page_python(pages: list[bytes], limit: int) -> int:
         if len(page) != BLCKSZ:
             return i
         hi, lo = _PD_LSN.unpack_from(page, 0)
+        if (hi << 32 | lo) > limit:
+            return i
+    return -1
+
+
+_LSN_WORDS = BLCKSZ // 4
+"""A page's length in 32-bit words: pd_lsn's halves are words 0 and 1 of each page."""
+
+
+def _first_late_page_python(buf: memoryview | bytearray, n: int, limit: int) -> int:
+    """The index of the first of the `n` whole pages in `buf` whose page LSN is past
+    `limit`, or -1: `_first_late_page`'s reference, a step per page."""
+    for i in range(n):
+        hi, lo = _PD_LSN.unpack_from(buf, i * BLCKSZ)
+        if (hi << 32 | lo) > limit:
+            return i
+    return -1
+
+
+def _first_late_page(buf: memoryview | bytearray, n: int, limit: int) -> int:
+    """`_first_bad_page` of a chunk written in place (its pages whole): the pages' LSN
+    words read as two strided views, no object per page but the high halves' ints."""
+    if sys.byteorder != "little":  # pd_lsn's halves are read little-endian
+        return _first_late_page_python(buf, n, limit)
+    words = memoryview(buf).cast("B")[: n * BLCKSZ].cast("I")
+    his = words[0::_LSN_WORDS].tolist()
+    if max(his, default=0) < limit >> 32:
+        return -1
+    los = words[1::_LSN_WORDS].tolist()
+    for i, (hi, lo) in enumerate(zip(his, los, strict=True)):
         if (hi << 32 | lo) > limit:
             return i
     return -1

@@ -15,12 +15,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.reconstruct.range_rebuild import PageFill
 from pageserver.reconstruct.value_format import ZERO_PAGE
 from pageserver.storage.keys import (
     U32_MAX,
     Key,
     KeyRange,
     fork_blocks_range,
+    key_successor,
     rel_block_key,
 )
 from pageserver.storage.layers.blocks import LayerFile
@@ -122,6 +124,49 @@ def rel_pages(
     finally:  # the consumer may stop early: nothing stays decompressed for nobody
         _drop(prefetched)
         _drop(ahead)
+
+
+Take = Callable[[int], "memoryview | bytearray"]
+"""A writable buffer for that many pages (a basebackup's chunk)."""
+Filled = tuple["memoryview | bytearray", int, list[tuple[int, "bytes | None"]]]
+"""A chunk `rel_chunks` wrote: the buffer, its pages, and (i, value) of those it left to
+the caller (None: the key has none, a hole; a value that is not a whole page)."""
+
+
+def rel_chunks(
+    timeline: Timeline,
+    spc: int,
+    db: int,
+    rel: int,
+    fork: int,
+    first: int,
+    count: int,
+    lsn: int,
+    view: PersistentView,
+    take: Take,
+    per_chunk: int,
+) -> Iterator[Filled] | None:
+    """Blocks first..first+count-1 of a fork at lsn written into buffers from `take`,
+    per_chunk pages each (the last may have fewer), by the bulk rebuild's C walk
+    (`range_rebuild.PageFill`, over `view`): every run of blocks as `rel_pages` rebuilds a
+    run with a slow key, without a bytes object per page or a plan. None where that walk
+    cannot (`PageFill.usable`): the caller reads `rel_pages`."""
+    if not PageFill.usable(timeline):
+        return None
+    last = first + count
+    prefix = rel_block_key(spc, db, rel, fork, first)[:-4]
+
+    def chunks() -> Iterator[Filled]:
+        for run in range(first, last, _RUN_BLOCKS):
+            stop = min(last, run + _RUN_BLOCKS)
+            keys = [Key(prefix + b.to_bytes(4, "big")) for b in range(run, stop)]
+            fill = PageFill(timeline, lsn, view, KeyRange(keys[0], key_successor(keys[-1])))
+            for at in range(0, len(keys), per_chunk):
+                piece = keys[at : at + per_chunk]
+                out = take(len(piece))
+                yield out, len(piece), fill.into(piece, memoryview(out))
+
+    return chunks()
 
 
 Prefetched = list[tuple[LayerFile, list[int]]]

@@ -126,30 +126,42 @@ def rebuild_range(
     `view` (`Timeline.persistent_view` over a range holding key_range, at lsn) lets a reader
     of a timeline that is still ingesting scan the layer files for the keys no in-memory
     layer holds; without it, the files must hold every version (`Timeline.persistent_map`)."""
-    in_memory: frozenset[Key] = frozenset()
-    if _native is None or not keys:
-        layer_map = None
-    elif view is not None:
-        layer_map, in_memory = view.layer_map, view.in_memory
-    else:
-        layer_map = timeline.persistent_map(lsn)
-    if layer_map is None:
+    walk = None if _native is None or not keys else _walk_of(timeline, key_range, keys, lsn, view)
+    if walk is None:
         for key in keys:
             yield key, reference(key)
         return
+    walked = _walk_python if _rebuild_run is None else _walk_native
+    for key, value in walked(walk):
+        yield key, _settled(key, value, reference)
+
+
+def _walk_of(
+    timeline: Timeline, key_range: KeyRange, keys: list[Key], lsn: int, view: PersistentView | None
+) -> Walk | None:
+    """What rebuild_range walks for `keys` (None: no layer map to walk, the per-key path)."""
+    in_memory: frozenset[Key] = frozenset()
+    layer_map = view.layer_map if view is not None else timeline.persistent_map(lsn)
+    if layer_map is None:
+        return None
+    if view is not None:
+        in_memory = view.in_memory
     images, covered = layer_map.images_over(key_range, lsn)
     tiles = image_tiles(key_range, tuple(images))
     above = min((image.lsn for _, image in tiles), default=-1) if covered else -1
     deltas = layer_map.deltas_overlapping(key_range, above, lsn)
     root = timeline.ancestor is None
-    walk = _walk_python if _rebuild_run is None else _walk_native
-    for key, value in walk(Walk(key_range, keys, lsn, tiles, deltas, in_memory, root)):
-        if isinstance(value, bool):  # False
-            value = reference(key)
-        elif isinstance(value, tuple):
-            page, rest = value
-            value = continue_chain(key, page, [(d_lsn, WalDelta(rec, i)) for d_lsn, i, rec in rest])
-        yield key, value
+    return Walk(key_range, keys, lsn, tiles, deltas, in_memory, root)
+
+
+def _settled(key: Key, value: bytes | bool | Chain | None, reference: Reference) -> bytes | None:
+    """A walked key's value: False goes to the per-key path, (page, rest) to the Python redo."""
+    if isinstance(value, bool):  # False
+        return reference(key)
+    if isinstance(value, tuple):
+        page, rest = value
+        return continue_chain(key, page, [(d_lsn, WalDelta(rec, i)) for d_lsn, i, rec in rest])
+    return value
 
 
 Tiles = list[tuple[KeyRange, ImageLayer]]
@@ -181,11 +193,11 @@ RUN_KEYS = 256
 caller checks between two runs whether it is cancelled (compaction.CHECK_EVERY)."""
 
 
-def _walk_native(w: Walk) -> Walked:
-    """`_walk_python` in C (`_redo.rebuild_run`), RUN_KEYS keys a call: the per-key Python
-    of the walk (a cursor step per layer, the version entries sliced and widened, a part
-    tuple per layer) was most of image creation's CPU besides zstd (issue 10)."""
-    assert _rebuild_run is not None
+RunInputs = tuple[list[RunInput], list[RunInput], list[tuple[bytes, bytes, int, int]]]
+"""A walk's layers as `_redo.rebuild_run` takes them: deltas, images, tiles."""
+
+
+def _run_inputs(w: Walk) -> RunInputs:
     layers = [layer.file.run_input(w.key_range.start, layer.lsn_end) for layer in w.deltas]
     numbered: dict[int, int] = {}
     image_inputs: list[RunInput] = []
@@ -196,10 +208,69 @@ def _walk_native(w: Walk) -> Walked:
             n = numbered[id(image)] = len(image_inputs)
             image_inputs.append(image.file.run_input(tile_range.start, image.lsn_end))
         tile_inputs.append((tile_range.start, tile_range.end, image.lsn, n))
+    return layers, image_inputs, tile_inputs
+
+
+def _walk_native(w: Walk) -> Walked:
+    """`_walk_python` in C (`_redo.rebuild_run`), RUN_KEYS keys a call: the per-key Python
+    of the walk (a cursor step per layer, the version entries sliced and widened, a part
+    tuple per layer) was most of image creation's CPU besides zstd (issue 10)."""
+    assert _rebuild_run is not None
+    layers, image_inputs, tile_inputs = _run_inputs(w)
     for at in range(0, len(w.keys), RUN_KEYS):
         run = w.keys[at : at + RUN_KEYS]
         values = _rebuild_run(run, w.lsn, layers, image_inputs, tile_inputs, w.in_memory, w.root)
         yield from zip(run, values, strict=True)
+
+
+_FILLS = _rebuild_run is not None and "into" in (_rebuild_run.__doc__ or "")
+"""Whether the C walk writes pages into a buffer (an extension built before it does not)."""
+
+
+class PageFill:
+    """`rebuild_keys` of consecutive pieces of a key range written into buffers (a
+    basebackup's chunk of a fork): the C walk writes each whole page at its place
+    (`_redo.rebuild_run`'s `into`), where the values path made a bytes object of every page
+    and the tar maker then copied it into its chunk (two user-space copies of each page of
+    a 1 GiB extraction, ~10% of its CPU with the objects' churn). The walk's layers are
+    opened once for the range and go on from piece to piece. Only where `rebuild_keys` is
+    one walk: a root timeline (`fill` is None otherwise, and without the C walk)."""
+
+    __slots__ = ("_inputs", "_lsn", "_reference", "_walk")
+
+    def __init__(
+        self, timeline: Timeline, lsn: int, view: PersistentView, key_range: KeyRange
+    ) -> None:
+        """A fill of key_range's keys at lsn (`usable(timeline)` must be true)."""
+
+        def reference(key: Key) -> bytes | None:
+            return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
+
+        walk = _walk_of(timeline, key_range, [], lsn, view)
+        assert walk is not None  # with a view, always
+        self._walk = walk
+        self._inputs = _run_inputs(walk)
+        self._lsn = lsn
+        self._reference = reference
+
+    @staticmethod
+    def usable(timeline: Timeline) -> bool:
+        """Whether a fill can read the timeline's keys (see the class)."""
+        return _FILLS and _native is not None and timeline.ancestor is None
+
+    def into(self, keys: list[Key], out: memoryview) -> list[tuple[int, bytes | None]]:
+        """Write the values of `keys` (ascending, after those of the calls before, at most
+        RUN_KEYS) into `out`, key i's at i * BLCKSZ where it is a whole page; the others
+        as (i, value) (None: the key has none), for the caller to place or refuse."""
+        assert _rebuild_run is not None
+        w = self._walk
+        layers, images, tiles = self._inputs
+        values = _rebuild_run(keys, self._lsn, layers, images, tiles, w.in_memory, w.root, out)
+        return [
+            (i, _settled(keys[i], value, self._reference))
+            for i, value in enumerate(values)
+            if value is not True
+        ]
 
 
 def _walk_python(w: Walk) -> Walked:

@@ -2691,15 +2691,19 @@ py_run_kept_bytes(PyObject *self, PyObject *arg)
     return PyLong_FromSsize_t(before);
 }
 
+/* With `into` (a writable buffer of len(keys) pages), a key whose value is a whole page is
+ * written at its place in it (key k at k * BLCKSZ) and its value is True: no bytes object
+ * per page, and no copy of it into the basebackup's chunk after (pageserver/reconstruct/
+ * range_rebuild.py PageFiller); other values come as without it. */
 static PyObject *
 py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long lsn;
-    if (nargs != 7 || !PyList_Check(args[0]) || as_uint(args[1], &lsn) != OK ||
+    if ((nargs != 7 && nargs != 8) || !PyList_Check(args[0]) || as_uint(args[1], &lsn) != OK ||
         !PyList_Check(args[2]) || !PyList_Check(args[3]) || !PyList_Check(args[4]) ||
         !PyAnySet_Check(args[5])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known)");
+        PyErr_SetString(PyExc_TypeError, "rebuild_run(keys, lsn, deltas, images, tiles, "
+                                         "in_memory, base_known, into=None)");
         return NULL;
     }
     int root = PyObject_IsTrue(args[6]);
@@ -2708,6 +2712,18 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *keys = args[0], *in_memory = args[5];
     Py_ssize_t nd = PyList_GET_SIZE(args[2]), ni = PyList_GET_SIZE(args[3]);
     Py_ssize_t nt = PyList_GET_SIZE(args[4]), nk = PyList_GET_SIZE(keys);
+    Py_buffer into = {0};
+    uint8_t *pages = NULL; /* into's bytes, NULL: no into */
+    if (nargs == 8 && args[7] != Py_None) {
+        if (PyObject_GetBuffer(args[7], &into, PyBUF_WRITABLE) < 0)
+            return NULL;
+        if (into.len < nk * BLCKSZ) {
+            PyBuffer_Release(&into);
+            PyErr_SetString(PyExc_ValueError, "rebuild_run: into holds fewer pages than keys");
+            return NULL;
+        }
+        pages = (uint8_t *)into.buf;
+    }
     Py_ssize_t opened = 0;
     RunLayer *layers = PyMem_Calloc((size_t)(nd + ni + 1), sizeof *layers);
     RunTile *tiles = PyMem_Calloc((size_t)(nt + 1), sizeof *tiles);
@@ -2833,7 +2849,7 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             rk->n = n - rk->v_off;
             if (!bad && gathered == 1) {
                 chain_plan(key, v + rk->v_off, rk->n, tile != NULL || root, &rk->ch);
-                if (rk->ch.kind == CHAIN_REDO &&
+                if (rk->ch.kind == CHAIN_REDO && pages == NULL &&
                     (rk->out = PyBytes_FromStringAndSize(NULL, BLCKSZ)) == NULL)
                     goto fail;
             }
@@ -2846,12 +2862,33 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         for (Py_ssize_t k = from; k < j; k++) {
             RunKey *rk = &keys_at[k];
             if (rk->ch.kind == CHAIN_REDO)
-                chain_redo(&rk->ch, v + rk->v_off, rk->n, (uint8_t *)PyBytes_AS_STRING(rk->out));
+                chain_redo(&rk->ch, v + rk->v_off, rk->n,
+                           pages != NULL ? pages + k * BLCKSZ
+                                         : (uint8_t *)PyBytes_AS_STRING(rk->out));
+            else if (pages != NULL && rk->ch.kind == CHAIN_BASE && rk->ch.base_len == BLCKSZ)
+                memcpy(pages + k * BLCKSZ, rk->ch.base, BLCKSZ);
         }
         Py_END_ALLOW_THREADS
         for (Py_ssize_t k = from; k < j; k++) {
             RunKey *rk = &keys_at[k];
-            PyObject *value = chain_value(&rk->ch, v + rk->v_off, rk->n, rk->out);
+            PyObject *value;
+            if (pages != NULL && rk->ch.kind == CHAIN_BASE && rk->ch.base_len == BLCKSZ)
+                value = Py_NewRef(Py_True);
+            else if (pages != NULL && rk->ch.kind == CHAIN_REDO) {
+                if (rk->ch.page == PAGE_OUT && rk->ch.done == rk->n)
+                    value = Py_NewRef(Py_True);
+                else { /* the Python redo goes on: the page so far as bytes, as without into */
+                    PyObject *page =
+                        rk->ch.page == PAGE_OUT
+                            ? PyBytes_FromStringAndSize((const char *)pages + k * BLCKSZ, BLCKSZ)
+                            : Py_NewRef(Py_None);
+                    if (page == NULL)
+                        goto fail;
+                    value = chain_value(&rk->ch, v + rk->v_off, rk->n, page);
+                }
+            }
+            else
+                value = chain_value(&rk->ch, v + rk->v_off, rk->n, rk->out);
             rk->out = NULL;
             if (value == NULL)
                 goto fail;
@@ -2878,6 +2915,8 @@ done:
     PyMem_Free(tiles);
     PyMem_Free(order);
     PyMem_Free(v);
+    if (pages != NULL)
+        PyBuffer_Release(&into);
     return out;
 }
 
@@ -2921,7 +2960,8 @@ static PyMethodDef methods[] = {
     {"rebuild_page", (PyCFunction)(void (*)(void))py_rebuild_page, METH_FASTCALL,
      "rebuild_page(key, lsn, parts, base_known): a key's value from its layer versions."},
     {"rebuild_run", (PyCFunction)(void (*)(void))py_rebuild_run, METH_FASTCALL,
-     "rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known): keys' values."},
+     "rebuild_run(keys, lsn, deltas, images, tiles, in_memory, base_known, into=None): keys' "
+     "values."},
     {"run_kept_bytes", py_run_kept_bytes, METH_O,
      "run_kept_bytes(n) -> the limit before: bytes of blocks a run keeps before it redoes."},
     {NULL, NULL, 0, NULL},

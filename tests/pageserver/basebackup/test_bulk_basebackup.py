@@ -28,7 +28,7 @@ from pageserver.basebackup.sources import (
     sizes_one_by_one,
     slru_pages_one_by_one,
 )
-from pageserver.basebackup.tar_stream import basebackup
+from pageserver.basebackup.tar_stream import AlignedChunks, basebackup, basebackup_chunks
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct import range_rebuild
@@ -140,10 +140,25 @@ def _tar(source: TimelineSource) -> bytes:
     return out.getvalue()
 
 
+def _aligned_tar(source: TimelineSource) -> bytes:
+    """The tar as the daemon writes it into a directory: pages in AlignedChunks' buffers
+    (on a root timeline the C walk writes them there: `TimelineSource.rel_chunks`), each
+    given back once taken, with few buffers, so that they are reused and some chunks are
+    bytearrays."""
+    aligned = AlignedChunks(count=2)
+    _info, chunks = basebackup_chunks(source, source.lsn, include_vm=True, now=NOW, aligned=aligned)
+    out = bytearray()
+    for chunk in chunks:
+        out += chunk
+        aligned.release(chunk)
+    return bytes(out)
+
+
 @dataclass
 class Counts:
     bulk_keys: int = 0
     reference: int = 0
+    filled: int = 0
     lsns: list[int] = field(default_factory=list)
 
 
@@ -162,7 +177,17 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
         counted.reference += 1
         return one(key, lsn, data)
 
+    into = range_rebuild.PageFill.into
+
+    def counting_into(
+        fill: range_rebuild.PageFill, keys: list[Key], out: memoryview
+    ) -> list[tuple[int, bytes | None]]:
+        left = into(fill, keys, out)
+        counted.filled += len(keys) - len(left)
+        return left
+
     monkeypatch.setattr(range_rebuild, "rebuild_range", counting_rebuild)
+    monkeypatch.setattr(range_rebuild.PageFill, "into", counting_into)
     monkeypatch.setattr(range_rebuild, "reconstruct", counting_reference)
     return counted
 
@@ -170,6 +195,7 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
 def _same_tar(timeline: Timeline, lsn: int) -> bytes:
     bulk = _tar(TimelineSource(timeline, lsn))
     assert bulk == _tar(PerPage(timeline, lsn, bulk=False)), lsn
+    assert _aligned_tar(TimelineSource(timeline, lsn)) == bulk, lsn
     return bulk
 
 
@@ -199,6 +225,7 @@ def test_bulk_tars_equal_the_per_page_tars(
             _same_tar(timeline, lsn)
         # The C path rebuilt the pages; the per-key path took few (multixact pages).
         assert counts.bulk_keys > 3000, counts
+        assert counts.filled > 3000, counts  # the aligned tars' pages, written in place
         assert counts.reference < counts.bulk_keys // 20, counts
         # Above the flushed layers: the keys of the in-memory layers go key by key.
         for lsn in (rest[len(rest) // 2], rest[-1]):

@@ -12,7 +12,7 @@ import subprocess
 import tarfile
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -627,3 +627,87 @@ def test_gnu_tar_extracts_a_sparse_member_at_its_size(
     for offset, data in regions:
         want[offset : offset + len(data)] = data
     assert (tmp_path / "pg_wal" / "seg").read_bytes() == want
+
+
+# --- pages written in place (TimelineSource.rel_chunks) ----------------------------------------
+
+
+@dataclass
+class FillingSource(FakeSource):
+    """FakeSource whose forks come as `TimelineSource.rel_chunks` gives them: written into
+    the tar maker's buffers, every third page left to the caller (a hole as None)."""
+
+    filled: int = 0
+
+    def rel_chunks(
+        self,
+        spc: int,
+        db: int,
+        rel: int,
+        fork: int,
+        first: int,
+        count: int,
+        take: Callable[[int], memoryview | bytearray],
+        per_chunk: int,
+    ) -> Iterator[tuple[memoryview | bytearray, int, list[tuple[int, bytes | None]]]]:
+        pages = self.rels[(spc, db, rel, fork)][first : first + count]
+        for at in range(0, len(pages), per_chunk):
+            piece = pages[at : at + per_chunk]
+            out = take(len(piece))
+            left: list[tuple[int, bytes | None]] = []
+            for i, p in enumerate(piece):
+                if i % 3 == 1 or len(p) != PAGE:
+                    left.append((i, None if p == bytes(PAGE) else p))
+                else:
+                    out[i * PAGE : (i + 1) * PAGE] = p
+                    self.filled += 1
+            yield out, len(piece), left
+
+
+def _aligned(src: FakeSource, per_chunk: int) -> bytes:
+    aligned = bb.AlignedChunks(count=2)
+    aligned.PAGES = per_chunk  # small buffers: several chunks a fork, some of them tails
+    _, chunks = basebackup_chunks(src, src.lsn, aligned=aligned, now=1_700_000_000)
+    out = bytearray()
+    for chunk in chunks:
+        out += chunk
+        aligned.release(chunk)
+    return bytes(out)
+
+
+def test_pages_written_in_place_make_the_same_tar() -> None:
+    src = fake_source()
+    src.rels[(1663, 5, 16384, 0)][4] = bytes(PAGE)  # a hole
+    want = io.BytesIO()
+    basebackup(src, src.lsn, out=want, now=1_700_000_000)
+    filling = FillingSource(**{f: getattr(src, f) for f in FakeSource.__dataclass_fields__})
+    assert _aligned(filling, 4) == want.getvalue()
+    assert filling.filled > 5
+
+
+@pytest.mark.parametrize("where", [0, 1, 5])
+def test_pages_written_in_place_are_checked(where: int) -> None:
+    """A page past the WAL's end, written by the source or left to the tar maker, and a
+    short page left to it fail the stream naming the page, as `rel_pages`' do."""
+    src = FillingSource(**{f: getattr(fake_source(), f) for f in FakeSource.__dataclass_fields__})
+    src.rels[(1663, 5, 16384, 0)][where] = page(0x3000000, 0)
+    with pytest.raises(CorruptData, match=f"block {where} has page LSN 0/03000000"):
+        _aligned(src, 4)
+    src = FillingSource(**{f: getattr(fake_source(), f) for f in FakeSource.__dataclass_fields__})
+    src.rels[(1663, 5, 16384, 0)][where] = page(0x100, 0)[:-1]
+    src.rels[(1663, 5, 16384, 0)][9] = page(0x3000000, 0)  # a later chunk: not reached
+    with pytest.raises(CorruptData, match=f"16384 fork 0 block {where}: short page"):
+        _aligned(src, 4)
+
+
+def test_the_strided_page_lsn_check_equals_its_reference() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randrange(0, 6)
+        lsns = [rng.choice([0, 0x100, 0x1_0000_0000, 0x1_0000_0100, rng.randrange(1 << 40)])
+                for _ in range(n)]  # fmt: skip
+        buf = bytearray(b"".join(page(lsn, 1) for lsn in lsns) + bytes(PAGE))  # one spare
+        limit = rng.choice([0xFF, 0x100, 0x1_0000_0000, 0x1_0000_00FF, rng.randrange(1 << 40)])
+        want = bb._first_late_page_python(buf, n, limit)
+        assert bb._first_late_page(buf, n, limit) == want
+        assert want == next((i for i, lsn in enumerate(lsns) if lsn > limit), -1)
