@@ -117,9 +117,9 @@ def local_basebackup(ps: Pageserver) -> WriteInto:
             req = m.BasebackupRequest.from_wire(raw)
             if req.checkout_from or req.delta_from or req.snapshot_file:
                 raise InvalidArgument("a local basebackup writes a whole data directory only")
-            from datadir_files.untar import direct_writes_enabled  # the CLI's unpacker: on use
-
-            aligned = AlignedChunks() if direct_writes_enabled() else None  # O_DIRECT's only
+            # The tar maker's C walk writes the pages into these buffers (no copy after it),
+            # which the O_DIRECT writer also writes as they are.
+            aligned = AlignedChunks()
             info, tar_chunks = await _plan_basebackup(ps, req, aligned=aligned)
             tar = TarCounter(tar_chunks)
             await write_on_own_thread(
