@@ -4,14 +4,16 @@ passed on, refused with an error that ends the download, the download waiting at
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import pytest
 
 from cli import snapshot_transfer as st
-from cli.transport.base import Store
+from cli.transport.base import Location, ObjectInfo, ObjectReader, ObjectWriter, Store
 from cli.transport.file import FileStore
 from cli.transport.http import HttpStore
 from pageserver_api.models import SnapshotInfo
@@ -129,3 +131,88 @@ def test_a_guessed_delta_made_whole_is_kept(
         with pytest.raises(st.Conflict, match="made on p@s1, not on p@s2"):
             guess.result()
     assert out.chunks == [b"file"]
+
+
+class _Client:
+    """The pageserver's answers to a push's plan, each after a round trip's wait."""
+
+    async def __aenter__(self) -> _Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def snapshot_show(self, request: object) -> SnapshotInfo:
+        await asyncio.sleep(0.01)
+        return snap("p@s2", 200)
+
+    async def basebackup_plan(self, request: object) -> object:
+        await asyncio.sleep(0.01)
+        return SimpleNamespace(system_identifier=1)
+
+    async def snapshot_list(self) -> list[SnapshotInfo]:
+        await asyncio.sleep(0.01)
+        return [snap("p@s1", 100), snap("p@s2", 200)]
+
+
+class _Api:
+    """SyncPageserverClient's two ways in, on `_Client`."""
+
+    def run(self, call: Callable[[_Client], Awaitable[object]]) -> object:
+        return asyncio.run(call(_Client()))  # type: ignore[arg-type]
+
+    async def connect(self) -> _Client:
+        await asyncio.sleep(0.01)
+        return _Client()
+
+
+class _BusyStore(Store):
+    """A destination whose first answer holds the event loop (s3 making its client: CPU on
+    the loop) until the pageserver's answer was seen, or `hold` seconds."""
+
+    url = "busy://"
+
+    def __init__(self, seen: threading.Event, hold: float) -> None:
+        self.seen, self.hold = seen, hold
+
+    def object_url(self, name: str) -> str:
+        return self.url + name
+
+    async def stat(self, name: str) -> ObjectInfo | None:
+        self.seen.wait(self.hold)  # blocking on purpose: the loop is held
+        return None
+
+    async def list(self) -> list[ObjectInfo]:
+        return []
+
+    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        raise NotImplementedError
+
+    async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
+        raise NotImplementedError
+
+    async def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+
+def test_the_pageserver_answers_beside_a_destination_holding_the_loop() -> None:
+    """The guessed delta is asked from the pageserver's answer (`on_local`); a destination
+    whose first answer keeps the loop busy does not hold that answer back (the pageserver
+    was asked on the same loop, so the guess waited for the destination's CPU)."""
+    seen = threading.Event()
+    hold = 3.0
+    location = Location(_BusyStore(seen, hold), "p@s2.neon")
+    guessed: list[tuple[str, float]] = []
+    started = time.monotonic()
+
+    def on_local(target: SnapshotInfo, plan: object, local: list[SnapshotInfo]) -> None:
+        guessed.append((str(st.guessed_parent(target, local)), time.monotonic() - started))
+        seen.set()
+
+    planned = asyncio.run(
+        st._plan_push(_Api(), location, "p@s2", False, False, on_local)  # type: ignore[arg-type]
+    )
+    assert [parent for parent, _ in guessed] == ["p@s1"]
+    assert guessed[0][1] < hold  # the guess did not wait for the busy destination
+    assert planned.snap.name == "p@s2" and planned.local == {"p@s1": 100, "p@s2": 200}
+    assert planned.candidates == []  # the destination holds nothing: a whole file after all
