@@ -362,6 +362,100 @@ def test_large_files_are_written_past_the_page_cache_when_asked(
     assert (tmp_path / "out/small").read_bytes() == small
 
 
+def dontcache_supported(where: Path) -> bool:
+    """Whether the filesystem of `where` takes RWF_DONTCACHE writes (ext4 and xfs since
+    Linux 6.14/6.15; tmpfs refuses them)."""
+    fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.pwritev(fd, [b"x"], -1, datadir_files.untar.RWF_DONTCACHE)
+    except OSError as exc:
+        assert exc.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(where / "probe")
+    return True
+
+
+def _into_dir(raw: bytes, out: Path, piece: int) -> None:
+    """`raw` unpacked as the daemon writes a basebackup (`extract_into_dir_fd`), fed in
+    pieces of `piece` bytes after the first member's header (the tar maker's page chunks)."""
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pieces = [raw[:512]] + [raw[i : i + piece] for i in range(512, len(raw), piece)]
+        datadir_files.untar.extract_into_dir_fd([pieces], fd)
+    finally:
+        os.close(fd)
+
+
+def test_the_daemons_writing_leaves_large_files_uncached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's writing of a basebackup (`extract_into_dir_fd`) writes a file of 1 MiB
+    or more with RWF_DONTCACHE where the filesystem takes it: once written back (fsync)
+    none of its pages stays cached (elsewhere, and before, all do); a small file's page stays
+    cached; both come out whole. Other extractions (imports read their files back) cache."""
+    monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
+    big, small = os.urandom(3 << 20), b"15\n"
+    raw = files_tar(("big", big), ("small", small))
+    _into_dir(raw, tmp_path / "out", 1 << 20)
+    fd = os.open(tmp_path / "out/big", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written back: its pages dropped at the writeback's completion
+    finally:
+        os.close(fd)
+    for _ in range(100):
+        if (cached := resident_pages(tmp_path / "out/big")) == 0:
+            break
+        threading.Event().wait(0.01)
+    if dontcache_supported(tmp_path):
+        assert cached == 0
+    else:  # the kernel may reclaim a few under memory pressure on the shared box
+        assert cached >= len(big) // mmap.PAGESIZE * 9 // 10
+    assert resident_pages(tmp_path / "out/small") == 1
+    assert (tmp_path / "out/big").read_bytes() == big
+    assert (tmp_path / "out/small").read_bytes() == small
+    extract_chunks([raw], tmp_path / "cached")
+    assert resident_pages(tmp_path / "cached/big") >= len(big) // mmap.PAGESIZE * 9 // 10
+    if dontcache_supported(tmp_path):  # the CLI's unpacking of a remote basebackup too
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield raw
+
+        asyncio.run(extract_stream(chunks(), tmp_path / "streamed", uncached=True))
+        fd = os.open(tmp_path / "streamed/big", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        for _ in range(100):
+            if (cached := resident_pages(tmp_path / "streamed/big")) == 0:
+                break
+            threading.Event().wait(0.01)
+        assert cached == 0
+        assert (tmp_path / "streamed/big").read_bytes() == big
+
+
+def test_a_refused_uncached_write_goes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem refusing RWF_DONTCACHE (tmpfs, a kernel before it: EOPNOTSUPP) at a
+    large file's first write: that file is written without it, whole, and the next large
+    file asks again."""
+    monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
+    refused: list[int] = []
+
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        refused.append(fd)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(datadir_files.untar.os, "pwritev", pwritev)
+    big, other = os.urandom(5 << 20), os.urandom(2 << 20)
+    _into_dir(files_tar(("big", big), ("other", other)), tmp_path / "out", 300_001)
+    assert len(refused) == 2  # once per large file
+    assert (tmp_path / "out/big").read_bytes() == big
+    assert (tmp_path / "out/other").read_bytes() == other
+
+
 def test_a_refused_direct_write_goes_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
