@@ -90,16 +90,37 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     echo(f"Stopping postgres on {node.pgdata}.")
     ahead = _import_ahead()
     try:
-        nodes.stop_node(app, node, "fast")
+        stopping = nodes.begin_stop(app, node, "fast")
+        if stopping is not None:
+            try:
+                nodes.wait_shut_down(app, node, stopping)
+            except BaseException:
+                stopping.close()
+                raise
     finally:
         ahead.join()
+    with contextlib.closing(stopping) if stopping is not None else contextlib.nullcontext():
+        _checkout_stopped(app, node, snapshot, stopping, echo)
+    echo(f"Starting postgres on {node.pgdata}.")
+    nodes.start_node(app, node)
+
+
+def _checkout_stopped(
+    app: App,
+    node: NodeRow,
+    snapshot: str,
+    stopping: postmaster.Stopping | None,
+    echo: Callable[[str], None],
+) -> None:
+    """The checkout once the node has written its shutdown checkpoint (`stopping`: its
+    postmaster may still be exiting, waited for before the directory changes)."""
     try:
         reached = nodes.wait_for_shutdown_checkpoint(app, node)
     except NeonError as exc:  # the pageserver died meanwhile, its ingest stopped on an error
-        exc.message = f"{exc.message}; nothing was changed: {_start_again(app, node)}"
+        exc.message = f"{exc.message}; nothing was changed: {_start_again(app, node, stopping)}"
         raise
     if reached is False:
-        _refuse_short_head(app, node)
+        _refuse_short_head(app, node, stopping)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
     info = _current_timeline(app, node)
     head = f"{node.pgdata}@{head_tag(info.checkouts or 0)}"
@@ -109,29 +130,31 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     with contextlib.suppress(AlreadyExists):
         head_lsn = local_api(app).snapshot_create(SnapshotCreateRequest(node.id, head)).lsn
     _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head})
-    for left in _roll_forward(app, node, on_timeline=info.timeline_id, head_lsn=head_lsn):
+    for left in _roll_forward(app, node, info.timeline_id, head_lsn, stopping):
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
-    echo(f"Starting postgres on {node.pgdata}.")
-    nodes.start_node(app, node)
 
 
-def _refuse_short_head(app: App, node: NodeRow) -> None:
+def _refuse_short_head(app: App, node: NodeRow, stopping: postmaster.Stopping | None) -> None:
     """The pageserver has not decoded the node's shutdown checkpoint (its receiver stalled,
     or never connected before the node went down): HEAD{i} named now would leave the node's
     last writes out, and once the node is on the new timeline nothing streams them any more.
     Nothing has changed yet: the node is started again (its slot kept that WAL, which then
     streams) and the checkout refused."""
+    started = _start_again(app, node, stopping)
     raise Unavailable(
         f"the pageserver has not received the last WAL of {node.pgdata} (its shutdown "
         f"checkpoint) within {nodes.SHUTDOWN_CHECKPOINT_WAIT:g} s, so {node.pgdata}@HEAD "
-        f"would miss its last writes; nothing was changed: {_start_again(app, node)}; check "
+        f"would miss its last writes; nothing was changed: {started}; check "
         f"out again once `neon pg show {node.pgdata}` shows its WAL ingested"
     )
 
 
-def _start_again(app: App, node: NodeRow) -> str:
-    """Start the node a refused checkout stopped (as it was before); says whether it did."""
+def _start_again(app: App, node: NodeRow, stopping: postmaster.Stopping | None) -> str:
+    """Start the node a refused checkout stopped (as it was before), once its postmaster has
+    exited; says whether it did."""
     try:
+        if stopping is not None:
+            nodes.wait_stopped(app, node, stopping)
         nodes.start_node(app, node)
     except NeonError as exc:
         return f"postgres on {node.pgdata} could not be started again ({exc})"
@@ -155,11 +178,16 @@ def _import_ahead() -> threading.Thread:
 
 
 def _roll_forward(
-    app: App, node: NodeRow, on_timeline: str | None = None, head_lsn: int | None = None
+    app: App,
+    node: NodeRow,
+    on_timeline: str | None = None,
+    head_lsn: int | None = None,
+    stopping: postmaster.Stopping | None = None,
 ) -> list[Path]:
     """Redo the journal's checkout from wherever it stopped. `on_timeline`: the node's
     timeline as the caller read it after writing the journal, `head_lsn`: the LSN of the
-    journal's HEAD where the caller just made it (else each is asked for)."""
+    journal's HEAD where the caller just made it (else each is asked for), `stopping`: the
+    caller's stop of the node, its postmaster maybe still exiting."""
     from cli import checkout_delta
 
     journal = _journal(node).read_text()
@@ -170,6 +198,7 @@ def _roll_forward(
         if on_timeline == entry["old_timeline"]:
             branch = NodeBranchRequest(node.id, entry["snapshot"], checkout=True)
             local_api(app).node_branch(branch)
+        _wait_exited(node, stopping)
         new = _new_dir(node)
         if _marker(new) != journal and checkout_delta.roll_forward(
             app, node, entry.get("head"), lambda datadir: _mark(datadir, journal), head_lsn
@@ -188,6 +217,16 @@ def _roll_forward(
             _seal(new, journal)
         _swap(node)
     return _finish(node)
+
+
+def _wait_exited(node: NodeRow, stopping: postmaster.Stopping | None) -> None:
+    """PostgreSQL gone from the directory before anything in it changes: this run's stop
+    (HEAD named and the branch made while its processes exit, 20-30 ms) or a killed run's,
+    still exiting. A postmaster that does not end fails the command; the journal stays."""
+    if stopping is not None:
+        stopping.wait()
+    else:
+        postmaster.wait_exiting(node.datadir)
 
 
 def _marker(datadir: Path) -> str | None:

@@ -51,6 +51,7 @@ from pg15.lsn import format_lsn, parse_lsn
 from proto.errors import (
     AlreadyExists,
     Conflict,
+    CorruptData,
     ExternalCommandFailed,
     InvalidArgument,
     NeonError,
@@ -485,16 +486,64 @@ def start_node(app: App, node: NodeRow) -> NodeStatus:
 
 
 def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
+    stopping = begin_stop(app, node, mode)
+    if stopping is None:
+        return False
+    with contextlib.closing(stopping):
+        wait_stopped(app, node, stopping)
+    return True
+
+
+def begin_stop(app: App, node: NodeRow, mode: str = "fast") -> postmaster.Stopping | None:
+    """A stop's first half: the following paused, the postmaster signalled; the stop in
+    progress (None if the node was not running), waited for with `wait_stopped` (or
+    `wait_shut_down` first) and closed by the caller."""
     refuse_attached(node, "stop")
     _require_ready(node)
     pause_following(app, node)
     try:
-        return postmaster.stop(node.datadir, mode)
+        return postmaster.signal_stop(node.datadir, mode)
     except BaseException:
-        if node_status(app, node).state == "running":
-            with contextlib.suppress(NeonError):
-                register_with_pageserver(app, node)  # still running: follow it again
+        _follow_if_running(app, node)
         raise
+
+
+def wait_stopped(app: App, node: NodeRow, stopping: postmaster.Stopping) -> None:
+    """Until the postmaster `begin_stop` signalled has exited; if it outlives its time it is
+    followed again (it still runs) and ExternalCommandFailed raised."""
+    try:
+        stopping.wait()
+    except BaseException:
+        _follow_if_running(app, node)
+        raise
+
+
+SHUT_DOWN_POLL_SECONDS = 0.002
+"""How often `wait_shut_down` reads pg_control (8 KiB) while the node writes its shutdown
+checkpoint (~20-100 ms)."""
+
+
+def wait_shut_down(app: App, node: NodeRow, stopping: postmaster.Stopping) -> None:
+    """Until the stopping node's pg_control says it is shut down (its shutdown checkpoint is
+    written and flushed: it writes no more WAL) or its postmaster has exited. What comes
+    after that in PostgreSQL (its walsender waits for the pageserver's flush reply, then each
+    process exits: 20-30 ms) a checkout overlaps with naming HEAD and branching; it waits for
+    the exit (`wait_stopped`) before it changes the directory. Raises as `wait_stopped`."""
+    from pg15.pg_control import DB_SHUTDOWNED, read_control_file
+
+    while not stopping.gone(SHUT_DOWN_POLL_SECONDS):
+        with contextlib.suppress(CorruptData):  # read while PostgreSQL writes it: again
+            if read_control_file(node.datadir).state == DB_SHUTDOWNED:
+                return
+        if time.monotonic() - stopping.signalled > stopping.timeout:
+            wait_stopped(app, node, stopping)  # raises: past its time
+
+
+def _follow_if_running(app: App, node: NodeRow) -> None:
+    """After a failed stop: a node still running is followed again."""
+    if node_status(app, node).state == "running":
+        with contextlib.suppress(NeonError):
+            register_with_pageserver(app, node)
 
 
 def pause_following(app: App, node: NodeRow) -> None:

@@ -12,7 +12,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from stat import S_ISREG
 
@@ -168,6 +168,8 @@ READY_STATES = ("ready", "standby")
 """postmaster.pid's status line once connections are accepted (PM_STATUS_READY, and
 PM_STATUS_STANDBY for a hot standby: src/include/utils/pidfile.h), as pg_ctl waits for."""
 _PID_FILE_STATUS_LINE = 8  # LOCK_FILE_LINE_PM_STATUS (1-based), src/include/utils/pidfile.h
+STOPPING_STATE = "stopping"
+"""postmaster.pid's status line once a shutdown has begun (PM_STATUS_STOPPING)."""
 
 _started: dict[int, subprocess.Popen[bytes]] = {}
 """Postmasters this process started, reaped once they are gone (stop, or a failed start)."""
@@ -318,43 +320,105 @@ def stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> bool:
     The postmaster is signalled and waited for through a process descriptor opened before it
     is checked to be ours (pidfd_open: the signal cannot reach a process that took its PID
     meanwhile), and the wait ends when it exits, not at the next poll."""
+    stopping = signal_stop(datadir, mode, timeout=timeout)
+    if stopping is None:
+        return False
+    with contextlib.closing(stopping):
+        stopping.wait()
+    return True
+
+
+class Stopping:
+    """A postmaster signalled to stop (`signal_stop`), its exit waited for later (`wait`):
+    what the caller does meanwhile overlaps PostgreSQL's last steps (a checkout names its
+    HEAD and branches while the processes exit, cli/checkout.py). Closed (`close`) when
+    done: it holds the process descriptor."""
+
+    __slots__ = ("datadir", "fd", "mode", "pid", "signalled", "timeout")
+
+    def __init__(self, datadir: Path, pid: int, mode: str, timeout: float, fd: int | None):
+        self.datadir = datadir
+        self.pid = pid
+        self.mode = mode
+        self.timeout = timeout
+        """Seconds from the signal the postmaster has to exit in (`wait` raises after them)."""
+        self.fd = fd
+        """The process descriptor; None where the kernel gives none (the PID is polled)."""
+        self.signalled = time.monotonic()
+
+    def gone(self, wait: float = 0.0) -> bool:
+        """Whether the postmaster has exited, waiting up to `wait` seconds for it."""
+        return _wait_gone(self.fd, self.pid, self.datadir, wait)
+
+    def wait(self) -> None:
+        """Return once the postmaster has exited; ExternalCommandFailed once `timeout` seconds
+        have passed since the signal."""
+        if self.gone(max(0.0, self.signalled + self.timeout - time.monotonic())):
+            _reap()
+            return
+        raise ExternalCommandFailed(
+            f"PostgreSQL (pid {self.pid}) on {self.datadir} did not stop within "
+            f"{self.timeout:.0f}s in {self.mode} mode; try `-m immediate`"
+        )
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def signal_stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> Stopping | None:
+    """Signal the directory's postmaster to stop in `mode` (see `stop`), without waiting: the
+    stop in progress, to wait for within `timeout` seconds; None if it was not running."""
     if mode not in STOP_SIGNALS:
         raise InvalidArgument(f"unknown stop mode {mode!r}: use smart, fast or immediate")
     pid = read_pid_file(datadir)
     if pid is None:
-        return False
-    with _process_fd(pid) as pidfd:
+        return None
+    fd = _process_fd(pid)
+    stopping = Stopping(datadir, pid, mode, timeout, fd)
+    try:
         if not _is_our_postmaster(pid, datadir):
-            return False
-        try:
-            if pidfd is None:
-                os.kill(pid, STOP_SIGNALS[mode])
-            else:
-                signal.pidfd_send_signal(pidfd, STOP_SIGNALS[mode])
-        except ProcessLookupError:
-            return False
-        if _wait_gone(pidfd, pid, datadir, timeout):
-            _reap()
-            return True
-    raise ExternalCommandFailed(
-        f"PostgreSQL (pid {pid}) on {datadir} did not stop within {timeout:.0f}s in {mode} mode; "
-        "try `-m immediate`"
-    )
+            stopping.close()
+            return None
+        if fd is None:
+            os.kill(pid, STOP_SIGNALS[mode])
+        else:
+            signal.pidfd_send_signal(fd, STOP_SIGNALS[mode])
+    except ProcessLookupError:
+        stopping.close()
+        return None
+    except BaseException:
+        stopping.close()
+        raise
+    return stopping
 
 
-@contextlib.contextmanager
-def _process_fd(pid: int) -> Iterator[int | None]:
+def wait_exiting(datadir: Path, timeout: float = 60) -> None:
+    """Until a postmaster shutting down on `datadir` (postmaster.pid says "stopping") has
+    exited: a killed command's stop goes on without it, and the next command must not change
+    the directory under it. InvalidArgument if one runs that is not stopping."""
+    pid = running_pid(datadir)
+    if pid is None:
+        return
+    lines = _lock_file_lines(datadir, "postmaster.pid")
+    if lines is None:  # gone meanwhile (it removes its lock file as it exits)
+        return
+    status = lines[_PID_FILE_STATUS_LINE - 1].strip() if len(lines) >= _PID_FILE_STATUS_LINE else ""
+    if status != STOPPING_STATE:
+        raise InvalidArgument(f"postgres runs on {datadir}; stop it first")
+    stopping = Stopping(datadir, pid, "fast", timeout, _process_fd(pid))
+    with contextlib.closing(stopping):
+        stopping.wait()
+
+
+def _process_fd(pid: int) -> int | None:
     """A descriptor of process `pid` (None where the kernel has none to give: then the PID
     is polled; a process already gone gives None too, and the caller's check says so)."""
     try:
-        fd = os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except (OSError, AttributeError):
-        yield None
-        return
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+        return None
 
 
 def _wait_gone(pidfd: int | None, pid: int, datadir: Path, timeout: float) -> bool:
@@ -371,8 +435,9 @@ def _wait_gone(pidfd: int | None, pid: int, datadir: Path, timeout: float) -> bo
                 return True
             if left <= 0:
                 return False
-    while time.monotonic() < deadline:
-        if not _is_our_postmaster(pid, datadir):
-            return True
-        time.sleep(STOP_POLL_SECONDS)
-    return False
+    while _is_our_postmaster(pid, datadir):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(STOP_POLL_SECONDS, left))
+    return True

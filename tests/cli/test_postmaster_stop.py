@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli import postmaster
-from proto.errors import ExternalCommandFailed
+from proto.errors import ExternalCommandFailed, InvalidArgument
 
 # Exits `delay` seconds after SIGINT (a fast shutdown's checkpoint), or never with "never".
 STAND_IN = """
@@ -107,3 +107,50 @@ def test_stop_polls_where_no_process_descriptor_is_given(
     proc = _stand_in(procs, tmp_path, "0.1")
     assert postmaster.stop(tmp_path, "fast", timeout=30)
     assert proc.wait(timeout=5) == 0  # exited by its handler, not killed
+
+
+def _pid_file_status(datadir: Path, pid: int, status: str) -> None:
+    """postmaster.pid's eight lines (src/include/utils/pidfile.h), status last."""
+    lines = [str(pid), str(datadir), str(int(time.time())), "5432", "/tmp", "*", "0 0", status]
+    (datadir / "postmaster.pid").write_text("".join(f"{line}\n" for line in lines))
+
+
+def test_wait_exiting_waits_for_a_postmaster_shutting_down(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """A killed checkout's stop goes on without it: the next command waits for the exit."""
+    proc = _stand_in(procs, tmp_path, "0.3")
+    _pid_file_status(tmp_path, proc.pid, "stopping")
+    proc.send_signal(signal.SIGINT)
+    began = time.monotonic()
+    postmaster.wait_exiting(tmp_path, timeout=30)
+    assert time.monotonic() - began >= 0.2
+    assert proc.wait(timeout=5) == 0
+
+
+def test_wait_exiting_refuses_a_postmaster_that_is_not_stopping(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = _stand_in(procs, tmp_path, "0")
+    _pid_file_status(tmp_path, proc.pid, "ready")
+    with pytest.raises(InvalidArgument, match="postgres runs on"):
+        postmaster.wait_exiting(tmp_path, timeout=30)
+    assert proc.poll() is None  # not signalled
+    (tmp_path / "postmaster.pid").unlink()
+    postmaster.wait_exiting(tmp_path, timeout=30)  # none: nothing to wait for
+
+
+def test_a_signalled_stop_is_waited_for_later(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = _stand_in(procs, tmp_path, "0.3")
+    stopping = postmaster.signal_stop(tmp_path, "fast", timeout=30)
+    assert stopping is not None
+    try:
+        assert not stopping.gone()  # signalled, still in its "checkpoint"
+        stopping.wait()
+        assert stopping.gone()
+    finally:
+        stopping.close()
+    assert proc.wait(timeout=5) == 0
+    assert postmaster.signal_stop(tmp_path, "fast") is None  # gone: nothing to stop
