@@ -91,16 +91,20 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     ahead = _import_ahead()
     try:
         stopping = nodes.begin_stop(app, node, "fast")
-        if stopping is not None:
-            try:
+        try:
+            # Asked while PostgreSQL writes its shutdown checkpoint: only this command's
+            # branch (it holds the node's lock) changes the node's timeline and checkouts.
+            info = _current_timeline(app, node)
+            if stopping is not None:
                 nodes.wait_shut_down(app, node, stopping)
-            except BaseException:
+        except BaseException:
+            if stopping is not None:
                 stopping.close()
-                raise
+            raise
     finally:
         ahead.join()
     with contextlib.closing(stopping) if stopping is not None else contextlib.nullcontext():
-        _checkout_stopped(app, node, snapshot, stopping, echo)
+        _checkout_stopped(app, node, snapshot, info, stopping, echo)
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
 
@@ -109,11 +113,13 @@ def _checkout_stopped(
     app: App,
     node: NodeRow,
     snapshot: str,
+    info: TimelineInfo,
     stopping: postmaster.Stopping | None,
     echo: Callable[[str], None],
 ) -> None:
-    """The checkout once the node has written its shutdown checkpoint (`stopping`: its
-    postmaster may still be exiting, waited for before the directory changes)."""
+    """The checkout once the node has written its shutdown checkpoint (`info`: its timeline,
+    `stopping`: its postmaster, maybe still exiting, waited for before the directory
+    changes)."""
     try:
         reached = nodes.wait_for_shutdown_checkpoint(app, node)
     except NeonError as exc:  # the pageserver died meanwhile, its ingest stopped on an error
@@ -122,7 +128,6 @@ def _checkout_stopped(
     if reached is False:
         _refuse_short_head(app, node, stopping)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
-    info = _current_timeline(app, node)
     head = f"{node.pgdata}@{head_tag(info.checkouts or 0)}"
     # One request, not a listing first (which sizes every snapshot of every history): HEAD{i}
     # exists already only where a run was killed before its journal was written.
