@@ -234,7 +234,7 @@ class PageFill:
     and the tar maker then copied it into its chunk (two user-space copies of each page of
     a 1 GiB extraction, ~10% of its CPU with the objects' churn). The walk's layers are
     opened once for the range and go on from piece to piece. Only where `rebuild_keys` is
-    one walk: a root timeline (`fill` is None otherwise, and without the C walk)."""
+    one walk, a root timeline, and with the C walk (`usable`)."""
 
     __slots__ = ("_inputs", "_lsn", "_reference", "_walk")
 
