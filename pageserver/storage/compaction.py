@@ -32,7 +32,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -442,10 +442,38 @@ def _partitions(keys: list[Key], keys_per_partition: int) -> list[tuple[KeyRange
     """Split the whole keyspace into ranges holding about keys_per_partition existing keys."""
     if not keys:
         return [(FULL_KEYSPACE, [])]
-    chunks = [keys[i : i + keys_per_partition] for i in range(0, len(keys), keys_per_partition)]
-    starts = [KEY_MIN, *(chunk[0] for chunk in chunks[1:])]
-    ends = [*starts[1:], KEY_MAX]
-    return [(KeyRange(s, e), chunk) for s, e, chunk in zip(starts, ends, chunks, strict=True)]
+    count = -(-len(keys) // keys_per_partition)
+    return [_partition(keys, i, keys_per_partition) for i in range(count)]
+
+
+def _partition(keys: list[Key], i: int, keys_per_partition: int) -> tuple[KeyRange, list[Key]]:
+    """Partition i of `_partitions(keys, keys_per_partition)`: settled once `keys` holds the
+    first key of the next one (its end) or is the whole scan."""
+    lo, hi = i * keys_per_partition, (i + 1) * keys_per_partition
+    start = KEY_MIN if i == 0 else keys[lo]
+    end = keys[hi] if hi < len(keys) else KEY_MAX
+    return KeyRange(start, end), keys[lo:hi]
+
+
+def _scanned_partitions(
+    timeline: Timeline,
+    layer_map: LayerMap,
+    lsn: int,
+    cancelled: Cancelled | None,
+    keys_per_partition: int,
+) -> Iterator[list[tuple[KeyRange, list[Key]]]]:
+    """`_partitions` of the key scan, a piece of the scan (`_scan_pieces`) at a time: after
+    each piece the partitions it settled, so the first ones are rebuilt while the rest of
+    the key space is scanned (the scan, 0.1 s after a 600 MiB catch-up, ran alone before
+    the final pass's partitions, one core idle)."""
+    keys: list[Key] = []
+    settled = 0
+    for piece in _scan_pieces(timeline, layer_map, lsn, cancelled):
+        keys += piece
+        ready = max(0, (len(keys) - 1) // keys_per_partition)
+        yield [_partition(keys, i, keys_per_partition) for i in range(settled, ready)]
+        settled = max(settled, ready)
+    yield _partitions(keys, keys_per_partition)[settled:]
 
 
 def create_image_layers_at(
@@ -460,8 +488,9 @@ def create_image_layers_at(
     """Write image layers at `lsn` for the key partitions where they are due: with
     image_creation_threshold deltas above their newest image, or (forced) with any delta.
     Their pages come from `materialize_range` when given, else key by key; up to
-    IMAGE_WORKERS partitions are rebuilt at once (`image_workers`). Once `cancelled()`, the
-    layers written whole so far are published and CompactionCancelled raised.
+    IMAGE_WORKERS partitions are rebuilt at once (`image_workers`), the first ones while the
+    key scan goes on (`_scanned_partitions`). Once `cancelled()`, the layers written whole
+    so far are published and CompactionCancelled raised.
 
     The caller holds `timeline.compaction_lock`: compaction writes them at
     disk_consistent_lsn, GC at its horizon inside its own critical section (so the images
@@ -474,16 +503,17 @@ def create_image_layers_at(
     bounds = None if force else _LAST_BOUNDS.get(timeline)
     if bounds is not None and not any(_due(timeline, layer_map, r, lsn, False) for r in bounds):
         return 0
-    keys = _scan_keys(timeline, layer_map, lsn, cancelled)
     per_partition = max(1, timeline.settings.image_layer_target_size // PAGE_SIZE_ESTIMATE)
-    partitions = _partitions(keys, per_partition)
-    _LAST_BOUNDS[timeline] = tuple(key_range for key_range, _ in partitions)
     # Each layer is published (fsync, rename, directory fsync) on a thread of its own while
     # the next partitions are rebuilt, as the L1 layers of the L0 merge are.
     failed = threading.Event()
     check = _one_at_a_time(cancelled, failed)
-    publishing: list[Future[ImageLayer]] = []
-    making: deque[Future[ImageLayerWriter]] = deque()
+    scan = _scanned_partitions(timeline, layer_map, lsn, check, per_partition)
+    scanning = True
+    ranges: list[KeyRange] = []  # of the partitions scanned so far
+    settled: deque[tuple[int, tuple[KeyRange, list[Key]]]] = deque()
+    publishing: list[tuple[int, Future[ImageLayer]]] = []  # (partition number, publication)
+    making: dict[Future[ImageLayerWriter], int] = {}
     stopped = False
     workers = image_workers()
 
@@ -497,33 +527,55 @@ def create_image_layers_at(
         ThreadPoolExecutor(workers, thread_name_prefix="image-make") as maker,
     ):
         try:
-            todo = iter(partitions)
             while True:
-                while not stopped and len(making) < workers:
+                if scanning and not stopped:  # the next piece of the scan
+                    try:
+                        more = next(scan)
+                    except StopIteration:
+                        scanning = False
+                        # (a pass stopped before its scan's end leaves the last bounds)
+                        _LAST_BOUNDS[timeline] = tuple(ranges)
+                    except CompactionCancelled:
+                        stopped = True  # the whole layers made so far are kept
+                    else:
+                        settled.extend(enumerate(more, len(ranges)))
+                        ranges += (key_range for key_range, _ in more)
+                while not stopped and len(making) < workers and settled:
                     if check():
                         stopped = True
                         break
-                    due = next(
-                        (p for p in todo if _due(timeline, layer_map, p[0], lsn, force)), None
-                    )
-                    if due is None:
-                        break
-                    making.append(maker.submit(make, *due))
-                if not making:
-                    break
-                try:
-                    sealed = making.popleft().result()
-                except CompactionCancelled:
-                    stopped = True  # that partition's file is deleted, the whole ones are kept
+                    while settled:
+                        number, due = settled.popleft()
+                        if _due(timeline, layer_map, due[0], lsn, force):
+                            making[maker.submit(make, *due)] = number
+                            break
+                if scanning and not stopped:  # scan on; take what is done meanwhile
+                    done = {made for made in making if made.done()}
+                elif making:
+                    # The first partition done, not the oldest: a worker whose partition
+                    # ended first takes the next one while a longer one goes on.
+                    done, _ = wait(making, return_when=FIRST_COMPLETED)
+                elif settled and not stopped:
                     continue
-                publishing.append(publisher.submit(_publish_image, sealed, timeline.cache))
-            written = [future.result() for future in publishing]
+                else:
+                    break
+                for made in sorted(done, key=making.__getitem__):
+                    number = making.pop(made)
+                    try:
+                        sealed = made.result()
+                    except CompactionCancelled:
+                        stopped = True  # its file is deleted, the whole ones are kept
+                        continue
+                    publication = publisher.submit(_publish_image, sealed, timeline.cache)
+                    publishing.append((number, publication))
+            publishing.sort(key=lambda p: p[0])  # the layers in partition order, as made
+            written = [future.result() for _, future in publishing]
         except BaseException:
             failed.set()  # the partitions still being rebuilt stop at their next check
             for made in making:  # sealed ones not published; a failed one deleted its file
                 if not made.cancel() and made.exception() is None:
                     made.result().abort()
-            for published in publishing:
+            for _, published in publishing:
                 if published.exception() is None:
                     layer = published.result()
                     layer.close()
@@ -610,27 +662,25 @@ SCAN_PIECES = 16
 """Pieces of the key space image creation scans for its keys, with a check between two."""
 
 
-def _scan_keys(
+def _scan_pieces(
     timeline: Timeline, layer_map: LayerMap, lsn: int, cancelled: Cancelled | None
-) -> list[Key]:
-    """`timeline.get_keys(FULL_KEYSPACE, lsn)`, scanned a piece at a time with `cancelled()`
-    between pieces: in one call the scan (up to a second on 1 GiB) could neither stop nor
-    pause for foreground work (py-spy: ~0.24 s of its CPU overlapped a 1% checkout's delta,
-    in the same process, under the same GIL). The pieces end at layer boundaries (L1 and
-    image layers split the key space by key), SCAN_PIECES of them at most; keys of a piece
-    are those of the whole scan inside it, so the list is the same."""
+) -> Iterator[list[Key]]:
+    """The keys of `timeline.get_keys(FULL_KEYSPACE, lsn)`, a piece of the key space at a
+    time with `cancelled()` between pieces: in one call the scan (up to a second on 1 GiB)
+    could neither stop nor pause for foreground work (py-spy: ~0.24 s of its CPU overlapped
+    a 1% checkout's delta, in the same process, under the same GIL). The pieces end at layer
+    boundaries (L1 and image layers split the key space by key), SCAN_PIECES of them at
+    most; keys of a piece are those of the whole scan inside it, in order."""
     starts = sorted({layer.key_range.start for layer in layer_map.layers()} - {FULL_KEYSPACE.start})
     starts = [key for key in starts if key < FULL_KEYSPACE.end]
     step = -(-len(starts) // (SCAN_PIECES - 1))  # ceiling: at most SCAN_PIECES - 1 bounds
     bounds = [*starts[step - 1 :: step], FULL_KEYSPACE.end] if starts else [FULL_KEYSPACE.end]
-    keys: list[Key] = []
     start = FULL_KEYSPACE.start
     for end in bounds:
         if start != FULL_KEYSPACE.start and cancelled is not None and cancelled():
             raise CompactionCancelled(f"image creation of {timeline.timeline_id} cancelled")
-        keys += timeline.get_keys(KeyRange(start, end), lsn)
+        yield timeline.get_keys(KeyRange(start, end), lsn)
         start = end
-    return keys
 
 
 _LAST_BOUNDS: weakref.WeakKeyDictionary[Timeline, tuple[KeyRange, ...]] = (

@@ -192,7 +192,7 @@ def test_an_image_pass_scans_the_keys_only_when_a_partition_is_due(
 
     def counting(self: Timeline, key_range: KeyRange, lsn: int) -> list[Key]:
         nonlocal scans
-        scans += key_range.start == KEY_MIN  # a scan's first piece (compaction._scan_keys)
+        scans += key_range.start == KEY_MIN  # a scan's first piece (compaction._scan_pieces)
         return get_keys(self, key_range, lsn)
 
     monkeypatch.setattr(Timeline, "get_keys", counting)

@@ -1,6 +1,7 @@
-"""Image creation scans the key space a piece at a time (compaction._scan_keys), checking
+"""Image creation scans the key space a piece at a time (compaction._scan_pieces), checking
 `cancelled` (which pauses for foreground work) between pieces: in one call the scan could
-neither stop nor pause while a checkout's delta waited for the same process's GIL."""
+neither stop nor pause while a checkout's delta waited for the same process's GIL. The
+partitions a piece settles are rebuilt while the rest is scanned."""
 
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ def spy_get_keys(monkeypatch: pytest.MonkeyPatch) -> list[K.KeyRange]:
     return asked
 
 
+def scanned(tl: Timeline, lsn: int) -> list[K.Key]:
+    return [
+        key for piece in compaction._scan_pieces(tl, tl.layer_map(), lsn, None) for key in piece
+    ]
+
+
 def test_the_pieces_hold_the_keys_of_the_whole_scan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -80,14 +87,14 @@ def test_the_pieces_hold_the_keys_of_the_whole_scan(
         for lsn in (0x10000, 0x20000, 0x30000):
             whole = tl.get_keys(K.FULL_KEYSPACE, lsn)
             asked = spy_get_keys(monkeypatch)
-            assert compaction._scan_keys(tl, tl.layer_map(), lsn, None) == whole
+            assert scanned(tl, lsn) == whole
             monkeypatch.undo()
             assert 2 < len(asked) <= compaction.SCAN_PIECES
             # The pieces tile the key space, in order.
             assert asked[0].start == K.KEY_MIN and asked[-1].end == K.KEY_MAX
             assert all(a.end == b.start for a, b in pairwise(asked))
         assert page(50) in tl.get_keys(K.FULL_KEYSPACE, 0x20000)
-        assert page(50) not in compaction._scan_keys(tl, tl.layer_map(), 0x30000, None)
+        assert page(50) not in scanned(tl, 0x30000)
     finally:
         store.close()
 
@@ -116,5 +123,40 @@ def test_image_creation_checks_between_pieces_of_its_key_scan(
         assert len(asked) == 1 and asked[0] != K.FULL_KEYSPACE
         assert asked[0].start == K.KEY_MIN
         assert set(map(id, tl.layer_map().layers())) == layers
+    finally:
+        store.close()
+
+
+def test_partitions_are_rebuilt_while_the_scan_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first partition is rebuilt before the scan's last piece (the whole scan ran alone
+    before: 0.1 s of one core after a 600 MiB catch-up); the image layers are those of the
+    partitions of the whole scan, in order, with the same pages."""
+    store, tl = layered(tmp_path)
+    try:
+        whole = tl.get_keys(K.FULL_KEYSPACE, 0x30000)
+        per = SETTINGS.image_layer_target_size // compaction.PAGE_SIZE_ESTIMATE
+        expected = compaction._partitions(whole, per)
+        asked = spy_get_keys(monkeypatch)
+        order: list[str] = []
+        write_image = compaction._write_image
+
+        def writing(*args: object, **kwargs: object) -> object:
+            order.append(f"image after {len(asked)} pieces")
+            return write_image(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(compaction, "_write_image", writing)
+        monkeypatch.setattr(compaction, "image_workers", lambda: 2)
+        with tl.compaction_lock:
+            written = create_image_layers_at(tl, redo, 0x30000, force=True)
+        monkeypatch.undo()
+        assert written == len(expected) == len(order) > 2
+        assert order[0] != f"image after {len(asked)} pieces", order
+        made = [x for x in tl.layer_map().images if x.lsn == 0x30000]
+        assert [x.key_range for x in made] == [r for r, _ in expected]
+        for key_range, keys in expected:
+            assert tl.get_keys(key_range, 0x30000) == keys
+        assert all(tl.get_reconstruct_data(k, 0x30000).image is not None for k in whole)
     finally:
         store.close()

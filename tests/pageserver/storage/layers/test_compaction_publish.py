@@ -199,3 +199,42 @@ def test_partitions_are_rebuilt_at_once_only_with_a_core_to_spare(
     assert compaction.image_workers() == workers
     assert left == []  # every reading taken
     assert compaction.image_workers() == compaction.IMAGE_WORKERS
+
+
+def test_a_worker_done_first_takes_the_next_partition(
+    level0_store: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two partitions rebuilt at once, the first slow: the worker whose partition ends first
+    takes the third while the first goes on (it waited for the oldest one before, idle: the
+    final pass of a catch-up on two cores); the layers are the same, in partition order."""
+    store = opened(level0_store, tmp_path, "first-done")
+    timeline = store.timeline
+    write_image = compaction._write_image
+    third_started = threading.Event()
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def slow_first(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            n = len(started)
+            started.append(n)
+        if n == 0:
+            assert third_started.wait(30), "the third partition waited for the first"
+        elif n == 2:
+            third_started.set()
+        return write_image(*args, **kwargs)
+
+    try:
+        compaction.compact_level0(timeline, force=True)
+        monkeypatch.setattr(compaction, "_write_image", slow_first)
+        monkeypatch.setattr(compaction, "image_workers", lambda: 2)
+        images = compaction.create_image_layers(timeline, reconstruct, force=True)
+        assert images == len(started) >= 3
+        made = [x for x in timeline.layer_map().images if x.lsn == timeline.disk_consistent_lsn]
+        starts = [x.key_range.start for x in made]
+        assert starts == sorted(starts)
+    finally:
+        store.close()
+        store.history.close()
