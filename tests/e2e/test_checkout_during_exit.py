@@ -105,24 +105,35 @@ def _checked_out(neon: NeonCli, c: str, datadir: Path) -> None:
     assert psql(c, "SELECT count(*) FROM t") == "150"
 
 
+def _neon(neon: NeonCli, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [NEON, *args], env=neon.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _ends_once_released(
+    proc: subprocess.Popen[bytes], datadir: Path, held: subprocess.Popen[bytes]
+) -> None:
+    """`proc` leaves the directory alone while the exit is held, then (SIGCONT: the held
+    client answers, the server exits) ends well."""
+    try:
+        _untouched_while_held(datadir, proc)
+        os.kill(held.pid, signal.SIGCONT)
+        _out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+
+
 def test_checkout_names_head_while_postgres_exits(neon: NeonCli, tmp_path: Path) -> None:
     c, datadir = _node(neon)
     with _exit_held(c, tmp_path) as held:
         inode = datadir.stat().st_ino
-        checkout = subprocess.Popen(
-            [NEON, "pg", "checkout", "pgdata1@s"], env=neon.env(),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            _until_journal(datadir, checkout)
-            _untouched_while_held(datadir, checkout)
-            os.kill(held.pid, signal.SIGCONT)  # it answers: the server exits
-            _out, err = checkout.communicate(timeout=WAIT)
-        finally:
-            if checkout.poll() is None:
-                checkout.kill()
-                checkout.wait()
-        assert checkout.returncode == 0, err
+        checkout = _neon(neon, "pg", "checkout", "pgdata1@s")
+        _until_journal(datadir, checkout)
+        _ends_once_released(checkout, datadir, held)
     assert datadir.stat().st_ino == inode  # in place
     _checked_out(neon, c, datadir)
 
@@ -134,24 +145,11 @@ def test_a_killed_checkout_is_rolled_forward_once_postgres_exited(
     waits for that exit before it changes the directory (postmaster.wait_exiting)."""
     c, datadir = _node(neon)
     with _exit_held(c, tmp_path) as held:
-        checkout = subprocess.Popen(
-            [NEON, "pg", "checkout", "pgdata1@s"], env=neon.env(),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        _until_journal(datadir, checkout)
-        checkout.kill()
-        checkout.wait()
-        again = subprocess.Popen(
-            [NEON, "pg", "start", "pgdata1"], env=neon.env(),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        checkout = _neon(neon, "pg", "checkout", "pgdata1@s")
         try:
-            _untouched_while_held(datadir, again)
-            os.kill(held.pid, signal.SIGCONT)
-            _out, err = again.communicate(timeout=WAIT)
+            _until_journal(datadir, checkout)
         finally:
-            if again.poll() is None:
-                again.kill()
-                again.wait()
-        assert again.returncode == 0, err
+            checkout.kill()
+            checkout.wait()
+        _ends_once_released(_neon(neon, "pg", "start", "pgdata1"), datadir, held)
     _checked_out(neon, c, datadir)
