@@ -23,8 +23,8 @@ import pytest
 
 from cli.home import NeonHome
 from cli.snapshot_file_source import snapshots_in
-from cli.transport import parse_location
-from cli.transport.base import ObjectInfo, read_object
+from cli.transport import parse_location, ssh
+from cli.transport.base import CHUNK, ObjectInfo, read_object
 from cli.transport.resume import RESUME_BLOCK
 from cli.transport.ssh import (
     _MUX_DIRS,
@@ -185,6 +185,40 @@ async def test_cut_ssh_stream_is_resumed(ssh_env: SshServer, remote_dir: Path) -
             for pid in _ssh_clients():
                 os.kill(pid, 9)  # the ssh client of this read, as a dropped link ends it
     assert killed and bytes(got) == data
+
+
+async def test_a_read_hands_on_whole_chunks(
+    ssh_env: SshServer, remote_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read over ssh hands on CHUNK-sized chunks (the last one shorter), not each pipe
+    read's 32-64 KiB: every chunk costs a pull's spool and growing file a write on a thread.
+    (The wait for a whole chunk is made long here, so a loaded box cannot cut it.)"""
+    monkeypatch.setattr(ssh, "GATHER_SECONDS", 30.0)
+    data = os.urandom(5 * CHUNK + 123)
+    (remote_dir / "x.neon").write_bytes(data)
+    loc = parse_location(ssh_env.url(f"{remote_dir}/x.neon"))
+    chunks = [chunk async for chunk in read_object(loc)]
+    assert b"".join(chunks) == data
+    assert [len(c) for c in chunks] == [CHUNK] * 5 + [123]
+
+
+async def test_a_slow_stream_is_handed_on_as_it_comes() -> None:
+    """What came is handed on after GATHER_SECONDS without a whole chunk (a slow link: the
+    progress and the import go on); a stream's end hands on what is left, then b""."""
+    stream = asyncio.StreamReader(limit=CHUNK)
+    stream.feed_data(b"x" * 1000)
+    started = time.monotonic()
+    assert await ssh._gathered(stream) == b"x" * 1000
+    assert ssh.GATHER_SECONDS <= time.monotonic() - started < 5
+    pending = asyncio.ensure_future(ssh._gathered(stream))
+    await asyncio.sleep(ssh.GATHER_SECONDS * 3)
+    assert not pending.done()  # nothing came: it waits for a first byte
+    stream.feed_data(b"y")
+    assert await pending == b"y"
+    stream.feed_data(b"z" * 10)
+    stream.feed_eof()
+    assert await ssh._gathered(stream) == b"z" * 10
+    assert await ssh._gathered(stream) == b""
 
 
 def _ssh_clients() -> list[int]:
