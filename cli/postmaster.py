@@ -397,19 +397,30 @@ def signal_stop(datadir: Path, mode: str = "fast", *, timeout: float = 60) -> St
 def wait_exiting(datadir: Path, timeout: float = 60) -> None:
     """Until a postmaster shutting down on `datadir` (postmaster.pid says "stopping") has
     exited: a killed command's stop goes on without it, and the next command must not change
-    the directory under it. InvalidArgument if one runs that is not stopping."""
-    pid = running_pid(datadir)
+    the directory under it. InvalidArgument if one runs that is not stopping. The process
+    descriptor is opened before the PID is checked (as in `signal_stop`): a PID reused after
+    the check would otherwise be waited for."""
+    pid = read_pid_file(datadir)
     if pid is None:
         return
-    lines = _lock_file_lines(datadir, "postmaster.pid")
-    if lines is None:  # gone meanwhile (it removes its lock file as it exits)
-        return
-    status = lines[_PID_FILE_STATUS_LINE - 1].strip() if len(lines) >= _PID_FILE_STATUS_LINE else ""
-    if status != STOPPING_STATE:
-        raise InvalidArgument(f"postgres runs on {datadir}; stop it first")
     stopping = Stopping(datadir, pid, "fast", timeout, _process_fd(pid))
     with contextlib.closing(stopping):
-        stopping.wait()
+        if not _is_our_postmaster(pid, datadir):
+            return
+        lines = _lock_file_lines(datadir, "postmaster.pid")
+        if lines is None:  # gone meanwhile (it removes its lock file as it exits)
+            return
+        has_status = len(lines) >= _PID_FILE_STATUS_LINE
+        status = lines[_PID_FILE_STATUS_LINE - 1].strip() if has_status else ""
+        if status != STOPPING_STATE:
+            raise InvalidArgument(f"postgres runs on {datadir}; stop it first")
+        if stopping.gone(timeout):
+            _reap()
+            return
+        raise ExternalCommandFailed(
+            f"PostgreSQL (pid {pid}) on {datadir}, stopping since a killed checkout, is still "
+            f"exiting after {timeout:.0f}s; retry once it has exited"
+        )
 
 
 def _process_fd(pid: int) -> int | None:

@@ -154,3 +154,40 @@ def test_a_signalled_stop_is_waited_for_later(
         stopping.close()
     assert proc.wait(timeout=5) == 0
     assert postmaster.signal_stop(tmp_path, "fast") is None  # gone: nothing to stop
+
+
+def test_wait_exiting_names_the_killed_checkouts_postmaster_still_exiting(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """No `-m immediate` hint: the user gave no mode, a killed checkout's stop is waited for."""
+    proc = _stand_in(procs, tmp_path, "never")
+    _pid_file_status(tmp_path, proc.pid, "stopping")
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(ExternalCommandFailed, match="killed checkout") as raised:
+        postmaster.wait_exiting(tmp_path, timeout=0.3)
+    assert "immediate" not in str(raised.value)
+    assert proc.poll() is None
+
+
+def test_wait_exiting_waits_for_no_process_that_took_the_pid(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The postmaster exits and its PID names another process by the time the descriptor is
+    opened (the reuse is stood in for: the descriptor given is the other process's): the
+    check after the open sees the postmaster gone and nothing is waited for."""
+    proc = _stand_in(procs, tmp_path, "0")
+    _pid_file_status(tmp_path, proc.pid, "stopping")
+    (tmp_path / "elsewhere").mkdir()
+    other = _stand_in(procs, tmp_path / "elsewhere", "never", name="not-a-server")
+    real = postmaster._process_fd
+
+    def reused(pid: int) -> int | None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=5)
+        return real(other.pid)
+
+    monkeypatch.setattr(postmaster, "_process_fd", reused)
+    began = time.monotonic()
+    postmaster.wait_exiting(tmp_path, timeout=3)
+    assert time.monotonic() - began < 2
+    assert other.poll() is None
