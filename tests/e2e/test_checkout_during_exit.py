@@ -111,19 +111,26 @@ def _neon(neon: NeonCli, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
+@contextlib.contextmanager
+def _killed_at_end(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """`proc`, killed by PID at the end if it still runs: a command left running when an
+    assertion fails would go on changing the directory after `_exit_held`'s SIGCONT."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 def _ends_once_released(
     proc: subprocess.Popen[bytes], datadir: Path, held: subprocess.Popen[bytes]
 ) -> None:
     """`proc` leaves the directory alone while the exit is held, then (SIGCONT: the held
     client answers, the server exits) ends well."""
-    try:
-        _untouched_while_held(datadir, proc)
-        os.kill(held.pid, signal.SIGCONT)
-        _out, err = proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _untouched_while_held(datadir, proc)
+    os.kill(held.pid, signal.SIGCONT)
+    _out, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 0, err
 
 
@@ -131,9 +138,9 @@ def test_checkout_names_head_while_postgres_exits(neon: NeonCli, tmp_path: Path)
     c, datadir = _node(neon)
     with _exit_held(c, tmp_path) as held:
         inode = datadir.stat().st_ino
-        checkout = _neon(neon, "pg", "checkout", "pgdata1@s")
-        _until_journal(datadir, checkout)
-        _ends_once_released(checkout, datadir, held)
+        with _killed_at_end(_neon(neon, "pg", "checkout", "pgdata1@s")) as checkout:
+            _until_journal(datadir, checkout)
+            _ends_once_released(checkout, datadir, held)
     assert datadir.stat().st_ino == inode  # in place
     _checked_out(neon, c, datadir)
 
@@ -145,11 +152,8 @@ def test_a_killed_checkout_is_rolled_forward_once_postgres_exited(
     waits for that exit before it changes the directory (postmaster.wait_exiting)."""
     c, datadir = _node(neon)
     with _exit_held(c, tmp_path) as held:
-        checkout = _neon(neon, "pg", "checkout", "pgdata1@s")
-        try:
-            _until_journal(datadir, checkout)
-        finally:
-            checkout.kill()
-            checkout.wait()
-        _ends_once_released(_neon(neon, "pg", "start", "pgdata1"), datadir, held)
+        with _killed_at_end(_neon(neon, "pg", "checkout", "pgdata1@s")) as checkout:
+            _until_journal(datadir, checkout)  # then killed, still waiting for the exit
+        with _killed_at_end(_neon(neon, "pg", "start", "pgdata1")) as start:
+            _ends_once_released(start, datadir, held)
     _checked_out(neon, c, datadir)
