@@ -219,7 +219,7 @@ class TimelineSource:
         fork: int,
         first: int,
         count: int,
-        take: range_reads.Take,
+        buffers: range_reads.Buffers,
         per_chunk: int,
     ) -> Iterator[range_reads.Filled] | None:
         """`rel_pages` written into the caller's buffers (`range_reads.rel_chunks`: the C
@@ -231,7 +231,7 @@ class TimelineSource:
             view = self.timeline.persistent_view(database_range(spc, db), self.lsn)
             self._views[spc, db] = view
         return range_reads.rel_chunks(
-            self.timeline, spc, db, rel, fork, first, count, self.lsn, view, take, per_chunk
+            self.timeline, spc, db, rel, fork, first, count, self.lsn, view, buffers, per_chunk
         )
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:

@@ -519,7 +519,7 @@ class _Plan:
             filled = (
                 None
                 if fills is None
-                else fills(spc, db, rel, fork, first, count, self.aligned.take, per_chunk)
+                else fills(spc, db, rel, fork, first, count, self.aligned, per_chunk)
             )
             if filled is not None:
                 yield from self._filled_pages(spc, db, rel, fork, first, filled)
@@ -559,8 +559,13 @@ class _Plan:
                 continue
             if 0 <= bad < short:
                 page = bytes(out[bad * BLCKSZ : (bad + 1) * BLCKSZ])
-                raise _bad_page(spc, db, rel, fork, blkno + bad, page, limit)
-            raise _bad_page(spc, db, rel, fork, blkno + short, dict(left)[short] or b"", limit)
+                error = _bad_page(spc, db, rel, fork, blkno + bad, page, limit)
+            else:
+                value = dict(left)[short] or b""
+                error = _bad_page(spc, db, rel, fork, blkno + short, value, limit)
+            assert self.aligned is not None  # filled chunks come only with it
+            self.aligned.release(out)  # never handed on: nobody else gives it back
+            raise error
 
     def _slrus(self) -> Iterator[bytes]:
         cp = self.checkpoint

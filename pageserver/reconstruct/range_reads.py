@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import PageFill
@@ -126,8 +127,18 @@ def rel_pages(
         _drop(ahead)
 
 
-Take = Callable[[int], "memoryview | bytearray"]
-"""A writable buffer for that many pages (a basebackup's chunk)."""
+class Buffers(Protocol):
+    """Where `rel_chunks` writes pages (tar_stream's AlignedChunks)."""
+
+    def take(self, pages: int) -> memoryview | bytearray:
+        """A writable buffer for that many pages (a basebackup's chunk), lent to the caller."""
+        ...
+
+    def release(self, chunk: object) -> None:
+        """Take back a buffer from `take` (one never handed on: its fill failed)."""
+        ...
+
+
 Filled = tuple["memoryview | bytearray", int, list[tuple[int, "bytes | None"]]]
 """A chunk `rel_chunks` wrote: the buffer, its pages, and (i, value) of those it left to
 the caller (None: the key has none, a hole; a value that is not a whole page)."""
@@ -143,10 +154,10 @@ def rel_chunks(
     count: int,
     lsn: int,
     view: PersistentView,
-    take: Take,
+    buffers: Buffers,
     per_chunk: int,
 ) -> Iterator[Filled] | None:
-    """Blocks first..first+count-1 of a fork at lsn written into buffers from `take`,
+    """Blocks first..first+count-1 of a fork at lsn written into buffers `buffers` lends,
     per_chunk pages each (the last may have fewer), by the bulk rebuild's C walk
     (`range_rebuild.PageFill`, over `view`): every run of blocks as `rel_pages` rebuilds a
     run with a slow key, without a bytes object per page or a plan. None where that walk
@@ -163,8 +174,13 @@ def rel_chunks(
             fill = PageFill(timeline, lsn, view, KeyRange(keys[0], key_successor(keys[-1])))
             for at in range(0, len(keys), per_chunk):
                 piece = keys[at : at + per_chunk]
-                out = take(len(piece))
-                yield out, len(piece), fill.into(piece, memoryview(out))
+                out = buffers.take(len(piece))
+                try:
+                    left = fill.into(piece, memoryview(out))
+                except BaseException:
+                    buffers.release(out)  # never handed on: nobody else gives it back
+                    raise
+                yield out, len(piece), left
 
     return chunks()
 

@@ -346,3 +346,39 @@ def test_page_checks_in_c_equal_the_python_reference(
         assert _tar(TimelineSource(timeline, lsn)) == with_c
     finally:
         store.close()
+
+
+class ReadOnlyBuffers:
+    """Buffers the C walk cannot write into (read-only: `_rebuild_run` raises BufferError),
+    each recorded as lent and as given back."""
+
+    def __init__(self) -> None:
+        self.lent: list[object] = []
+        self.released: list[object] = []
+
+    def take(self, pages: int) -> memoryview:
+        buffer = memoryview(bytes(pages * BLCKSZ))
+        self.lent.append(buffer)
+        return buffer
+
+    def release(self, chunk: object) -> None:
+        self.released.append(chunk)
+
+
+@pytest.mark.usefixtures("c_extension")
+def test_a_buffer_whose_fill_fails_is_given_back(history: History, tmp_path: Path) -> None:
+    """A chunk `rel_chunks` took and could not fill is released before the error goes on:
+    never handed on, nobody else would give its AlignedChunks slot back."""
+    store, timeline = _open(history, tmp_path / "store")
+    try:
+        source = TimelineSource(timeline, history.start)
+        spc, db = next((spc, db) for spc, db in source.list_dbs() if spc == 1663)
+        rel, fork = source.list_rels(spc, db)[0]
+        buffers = ReadOnlyBuffers()
+        chunks = source.rel_chunks(spc, db, rel, fork, 0, 1, buffers, AlignedChunks.PAGES)
+        assert chunks is not None  # a root timeline: the C walk fills
+        with pytest.raises(BufferError):
+            next(chunks)
+        assert len(buffers.lent) == 1 and buffers.released == buffers.lent
+    finally:
+        store.close()

@@ -12,7 +12,7 @@ import subprocess
 import tarfile
 import threading
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from pageserver.basebackup.wal_synthesis import (
     normalize_lsn,
     wal_segment_chunks,
 )
+from pageserver.reconstruct.range_reads import Buffers
 from pageserver.storage.keys import SlruKind
 from pg15.lsn import format_lsn, segment_file_name
 from pg15.pg_control import parse_control_file, with_checkpoint
@@ -647,13 +648,13 @@ class FillingSource(FakeSource):
         fork: int,
         first: int,
         count: int,
-        take: Callable[[int], memoryview | bytearray],
+        buffers: Buffers,
         per_chunk: int,
     ) -> Iterator[tuple[memoryview | bytearray, int, list[tuple[int, bytes | None]]]]:
         pages = self.rels[(spc, db, rel, fork)][first : first + count]
         for at in range(0, len(pages), per_chunk):
             piece = pages[at : at + per_chunk]
-            out = take(len(piece))
+            out = buffers.take(len(piece))
             left: list[tuple[int, bytes | None]] = []
             for i, p in enumerate(piece):
                 if i % 3 == 1 or len(p) != PAGE:
@@ -665,13 +666,19 @@ class FillingSource(FakeSource):
 
 
 def _aligned(src: FakeSource, per_chunk: int) -> bytes:
+    """The tar of chunks written in place, each given back once read; every buffer is free
+    again at the end, also when the stream fails."""
     aligned = bb.AlignedChunks(count=2)
     aligned.PAGES = per_chunk  # small buffers: several chunks a fork, some of them tails
     _, chunks = basebackup_chunks(src, src.lsn, aligned=aligned, now=1_700_000_000)
     out = bytearray()
-    for chunk in chunks:
-        out += chunk
-        aligned.release(chunk)
+    try:
+        for chunk in chunks:
+            out += chunk
+            aligned.release(chunk)
+    finally:
+        lent = [aligned.take(per_chunk) for _ in range(2)]
+        assert all(isinstance(buffer, memoryview) for buffer in lent), "a buffer is still lent"
     return bytes(out)
 
 
