@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from pageserver.ingest.datadir_tablespaces import tablespace_locations, tablespaces
 from pageserver.ingest.import_datadir import import_lsn_of
 from pageserver.reconstruct import range_reads
 from pageserver.reconstruct import reads as pr
 from pageserver.reconstruct.range_reads import SlowValues
-from pageserver.reconstruct.range_rebuild import rebuild_keys
+from pageserver.reconstruct.range_rebuild import PageFill, rebuild_keys
 from pageserver.reconstruct.value_format import ZERO_PAGE, decode_u32
 from pageserver.redo.native import redo as native_redo
 from pageserver.storage.keys import (
@@ -129,6 +129,26 @@ class SnapshotSource(Protocol):
         ...
 
 
+@runtime_checkable
+class FillingSource(Protocol):
+    """A source that can also write a fork's pages into the tar maker's buffers
+    (`TimelineSource`): the tar maker uses it when it has AlignedChunks."""
+
+    def rel_chunks(
+        self,
+        spc: int,
+        db: int,
+        rel: int,
+        fork: int,
+        first: int,
+        count: int,
+        buffers: range_reads.Buffers,
+        per_chunk: int,
+    ) -> Iterator[range_reads.Filled] | None:
+        """`rel_pages` written into buffers from `buffers`; None where it cannot."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class TimelineSource:
     """The page store's state of `timeline` at `lsn`, read through pageserver.reconstruct."""
@@ -201,7 +221,7 @@ class TimelineSource:
             bulk: SlowValues | None = None
             view: PersistentView | None = None
             if self.bulk and native_redo is not None:
-                view = self.timeline.persistent_view(key_range, self.lsn)
+                view = self._view(spc, db)
                 bulk = partial(rebuild_keys, self.timeline, self.lsn, view)
             self._plans[spc, db] = (plan, bulk, view)
         plan, bulk, view = self._plans[spc, db]
@@ -224,15 +244,23 @@ class TimelineSource:
     ) -> Iterator[range_reads.Filled] | None:
         """`rel_pages` written into the caller's buffers (`range_reads.rel_chunks`: the C
         walk writes each page in place, no plan is made); None where it cannot."""
-        if not self.bulk or native_redo is None:
+        # Before any view is made: on a branch the C walk cannot fill, and rel_pages makes
+        # its plan (a view scans the in-memory layers under the timeline lock).
+        if not self.bulk or native_redo is None or not PageFill.usable(self.timeline):
             return None
+        view = self._view(spc, db)
+        return range_reads.rel_chunks(
+            self.timeline, spc, db, rel, fork, first, count, self.lsn, view, buffers, per_chunk
+        )
+
+    def _view(self, spc: int, db: int) -> PersistentView:
+        """The persistent layers of database `db` at the LSN, made once per database for
+        `rel_pages` and `rel_chunks`."""
         view = self._views.get((spc, db))
         if view is None:
             view = self.timeline.persistent_view(database_range(spc, db), self.lsn)
             self._views[spc, db] = view
-        return range_reads.rel_chunks(
-            self.timeline, spc, db, rel, fork, first, count, self.lsn, view, buffers, per_chunk
-        )
+        return view
 
     def list_slru_segments(self, kind: SlruKind) -> list[int]:
         return pr.list_slru_segments(self.timeline, kind, self.lsn)

@@ -65,7 +65,7 @@ from typing import BinaryIO, Protocol, cast
 import crc32c
 
 from pageserver.api.thread_chunks import chunks_ahead
-from pageserver.basebackup.sources import SnapshotSource
+from pageserver.basebackup.sources import FillingSource, SnapshotSource
 from pageserver.basebackup.wal_synthesis import (
     checkpoint_record,
     normalize_lsn,
@@ -515,11 +515,10 @@ class _Plan:
         per_chunk = _CHUNK_PAGES
         if self.aligned is not None:
             join, per_chunk = self.aligned.join, self.aligned.PAGES
-            fills = getattr(self.source, "rel_chunks", None)  # TimelineSource's
             filled = (
-                None
-                if fills is None
-                else fills(spc, db, rel, fork, first, count, self.aligned, per_chunk)
+                self.source.rel_chunks(spc, db, rel, fork, first, count, self.aligned, per_chunk)
+                if isinstance(self.source, FillingSource)
+                else None
             )
             if filled is not None:
                 yield from self._filled_pages(spc, db, rel, fork, first, filled)

@@ -223,8 +223,9 @@ def _walk_native(w: Walk) -> Walked:
         yield from zip(run, values, strict=True)
 
 
-_FILLS = _rebuild_run is not None and "into" in (_rebuild_run.__doc__ or "")
-"""Whether the C walk writes pages into a buffer (an extension built before it does not)."""
+_FILLS = _rebuild_run is not None and bool(getattr(_native, "REBUILD_RUN_INTO", 0))
+"""Whether the C walk writes pages into a buffer (`_redo.REBUILD_RUN_INTO`; an extension
+built before it does not)."""
 
 
 class PageFill:

@@ -2990,5 +2990,11 @@ PyInit__redo(void)
         Py_DECREF(m);
         return NULL;
     }
+    /* rebuild_run takes `into`, a buffer it writes whole pages into (range_rebuild.PageFill):
+     * a module built before it has no such constant */
+    if (PyModule_AddIntConstant(m, "REBUILD_RUN_INTO", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -2,6 +2,7 @@ from collections.abc import Callable
 from typing import Any
 
 RECORD_FIELDS: dict[str, dict[str, int]]
+REBUILD_RUN_INTO: int
 
 def init(fallback: Callable[[Any, int, bytes | None], bytes], /) -> None: ...
 def try_redo_block(
