@@ -7,16 +7,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from cli import snapshot_transfer as st
-from cli.transport.base import Location, ObjectInfo, ObjectReader, ObjectWriter, Store
+from cli.context import App
+from cli.pageserver_control import local_api
+from cli.transport.base import Location, ObjectInfo, Store
 from cli.transport.file import FileStore
 from cli.transport.http import HttpStore
 from pageserver_api.models import SnapshotInfo
+from tests.neoncli import NeonCli
+from tests.pgtest import free_port
 
 
 def snap(name: str, lsn: int, timeline: str = "t1") -> SnapshotInfo:
@@ -133,75 +137,33 @@ def test_a_guessed_delta_made_whole_is_kept(
     assert out.chunks == [b"file"]
 
 
-class _Client:
-    """The pageserver's answers to a push's plan, each after a round trip's wait."""
-
-    async def __aenter__(self) -> _Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def snapshot_show(self, request: object) -> SnapshotInfo:
-        await asyncio.sleep(0.01)
-        return snap("p@s2", 200)
-
-    async def basebackup_plan(self, request: object) -> object:
-        await asyncio.sleep(0.01)
-        return SimpleNamespace(system_identifier=1)
-
-    async def snapshot_list(self) -> list[SnapshotInfo]:
-        await asyncio.sleep(0.01)
-        return [snap("p@s1", 100), snap("p@s2", 200)]
-
-
-class _Api:
-    """SyncPageserverClient's two ways in, on `_Client`."""
-
-    def run(self, call: Callable[[_Client], Awaitable[object]]) -> object:
-        return asyncio.run(call(_Client()))  # type: ignore[arg-type]
-
-    async def connect(self) -> _Client:
-        await asyncio.sleep(0.01)
-        return _Client()
-
-
-class _BusyStore(Store):
-    """A destination whose first answer holds the event loop (s3 making its client: CPU on
+class _BusyStore(FileStore):
+    """A directory whose first answer holds the event loop (s3 making its client: CPU on
     the loop) until the pageserver's answer was seen, or `hold` seconds."""
 
-    url = "busy://"
-
-    def __init__(self, seen: threading.Event, hold: float) -> None:
+    def __init__(self, directory: Path, seen: threading.Event, hold: float) -> None:
+        super().__init__(directory)
         self.seen, self.hold = seen, hold
-
-    def object_url(self, name: str) -> str:
-        return self.url + name
 
     async def stat(self, name: str) -> ObjectInfo | None:
         self.seen.wait(self.hold)  # blocking on purpose: the loop is held
-        return None
-
-    async def list(self) -> list[ObjectInfo]:
-        return []
-
-    async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
-        raise NotImplementedError
-
-    async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
-        raise NotImplementedError
-
-    async def delete(self, name: str) -> None:
-        raise NotImplementedError
+        return await super().stat(name)
 
 
-def test_the_pageserver_answers_beside_a_destination_holding_the_loop() -> None:
+def test_the_pageserver_answers_beside_a_destination_holding_the_loop(
+    neon: NeonCli, tmp_path: Path
+) -> None:
     """The guessed delta is asked from the pageserver's answer (`on_local`); a destination
     whose first answer keeps the loop busy does not hold that answer back (the pageserver
     was asked on the same loop, so the guess waited for the destination's CPU)."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    neon.run("snapshot", "create", "pgdata1@s1")
+    neon.run("snapshot", "create", "pgdata1@s2")
+    api = local_api(App.open(neon.home), start=False)
     seen = threading.Event()
     hold = 3.0
-    location = Location(_BusyStore(seen, hold), "p@s2.neon")
+    (tmp_path / "to").mkdir()
+    location = Location(_BusyStore(tmp_path / "to", seen, hold), "pgdata1@s2.neon")
     guessed: list[tuple[str, float]] = []
     started = time.monotonic()
 
@@ -209,10 +171,9 @@ def test_the_pageserver_answers_beside_a_destination_holding_the_loop() -> None:
         guessed.append((str(st.guessed_parent(target, local)), time.monotonic() - started))
         seen.set()
 
-    planned = asyncio.run(
-        st._plan_push(_Api(), location, "p@s2", False, False, on_local)  # type: ignore[arg-type]
-    )
-    assert [parent for parent, _ in guessed] == ["p@s1"]
+    planned = asyncio.run(st._plan_push(api, location, "pgdata1@s2", False, False, on_local))
+    assert [parent for parent, _ in guessed] == ["pgdata1@s1"]
     assert guessed[0][1] < hold  # the guess did not wait for the busy destination
-    assert planned.snap.name == "p@s2" and planned.local == {"p@s1": 100, "p@s2": 200}
+    assert planned.snap.name == "pgdata1@s2"
+    assert {"pgdata1@s1", "pgdata1@s2"} <= set(planned.local)
     assert planned.candidates == []  # the destination holds nothing: a whole file after all
