@@ -115,13 +115,21 @@ def _pid_file_status(datadir: Path, pid: int, status: str) -> None:
     (datadir / "postmaster.pid").write_text("".join(f"{line}\n" for line in lines))
 
 
+def _left_stopping(
+    procs: list[subprocess.Popen[bytes]], datadir: Path, delay: str
+) -> subprocess.Popen[bytes]:
+    """A stand-in postmaster a killed checkout signalled (SIGINT), its status "stopping"."""
+    proc = _stand_in(procs, datadir, delay)
+    _pid_file_status(datadir, proc.pid, "stopping")
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
 def test_wait_exiting_waits_for_a_postmaster_shutting_down(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """A killed checkout's stop goes on without it: the next command waits for the exit."""
-    proc = _stand_in(procs, tmp_path, "0.3")
-    _pid_file_status(tmp_path, proc.pid, "stopping")
-    proc.send_signal(signal.SIGINT)
+    proc = _left_stopping(procs, tmp_path, "0.3")
     began = time.monotonic()
     postmaster.wait_exiting(tmp_path, timeout=30)
     assert time.monotonic() - began >= 0.2
@@ -160,9 +168,7 @@ def test_wait_exiting_names_the_killed_checkouts_postmaster_still_exiting(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """No `-m immediate` hint: the user gave no mode, a killed checkout's stop is waited for."""
-    proc = _stand_in(procs, tmp_path, "never")
-    _pid_file_status(tmp_path, proc.pid, "stopping")
-    proc.send_signal(signal.SIGINT)
+    proc = _left_stopping(procs, tmp_path, "never")
     with pytest.raises(ExternalCommandFailed, match="killed checkout") as raised:
         postmaster.wait_exiting(tmp_path, timeout=0.3)
     assert "immediate" not in str(raised.value)
