@@ -321,6 +321,31 @@ class _Guess:
         self._thread.join()
 
 
+class _Guesser:
+    """Starts the guessed delta from the plan's pageserver part (`on_local`, on the plan's
+    thread) unless the push has failed meanwhile (`end`): a guess not yet started never
+    starts, one started is dropped."""
+
+    def __init__(self, app: App, api: SyncPageserverClient) -> None:
+        self._app, self._api = app, api
+        self._lock = threading.Lock()
+        self._ended = False
+        self.guess: _Guess | None = None
+
+    def on_local(self, snap: SnapshotInfo, plan: BasebackupPlan, local: list[SnapshotInfo]) -> None:
+        parent = guessed_parent(snap, local)
+        with self._lock:
+            if parent is not None and not self._ended:
+                self.guess = _Guess(self._app, self._api, snap, plan, parent)
+
+    def end(self) -> None:
+        """The push failed (the plan's thread may still be about to guess)."""
+        with self._lock:
+            self._ended = True
+        if self.guess is not None:
+            self.guess.drop()
+
+
 async def _plan_push(
     api: SyncPageserverClient, location: Location, name: str, force: bool, full: bool,
     on_local: Callable[[SnapshotInfo, BasebackupPlan, list[SnapshotInfo]], None] | None = None,
@@ -402,18 +427,8 @@ def snapshot_push(
         location, overwrite=force, on_write=lambda chunk: sent.add(chunk), resume=True,
         deferred=True,
     )  # fmt: skip
-    guess: _Guess | None = None
-    guessing_lock = threading.Lock()
-    ended = False  # the push failed: a guess not yet started never starts
-
-    def on_local(snap: SnapshotInfo, plan: BasebackupPlan, local: list[SnapshotInfo]) -> None:
-        nonlocal guess
-        parent = guessed_parent(snap, local)
-        with guessing_lock:
-            if parent is not None and not ended:
-                guess = _Guess(app, api, snap, plan, parent)
-
-    guessing = None if full or not location.store.guess_delta else on_local
+    guesser = _Guesser(app, api)
+    guessing = None if full or not location.store.guess_delta else guesser.on_local
     with out:
         try:
             prepared = out.run(_plan_push(api, location, name, force, full, guessing))
@@ -422,6 +437,7 @@ def snapshot_push(
             sent = _Sent(progress)
             started = time.monotonic()
             out.open()
+            guess = guesser.guess
             try:
                 if guess is not None and guess_holds(
                     guess.parent, prepared.candidates, prepared.local
@@ -437,10 +453,7 @@ def snapshot_push(
             finally:
                 progress.close()
         except BaseException:
-            with guessing_lock:  # the plan's thread may still be about to guess
-                ended = True
-            if guess is not None:
-                guess.drop()
+            guesser.end()
             raise
     seconds = time.monotonic() - started
     full_size = result.full_tar_bytes or result.tar_bytes

@@ -18,7 +18,13 @@ from cli.pageserver_control import local_api
 from cli.transport.base import Location, ObjectInfo, Store
 from cli.transport.file import FileStore
 from cli.transport.http import HttpStore
-from pageserver_api.models import SnapshotInfo
+from pageserver_api.client import PageserverClient, SyncPageserverClient
+from pageserver_api.models import (
+    BasebackupPlan,
+    BasebackupPlanRequest,
+    SnapshotInfo,
+    SnapshotShowRequest,
+)
 from tests.neoncli import NeonCli
 from tests.pgtest import free_port
 
@@ -150,16 +156,21 @@ class _BusyStore(FileStore):
         return await super().stat(name)
 
 
+def _two_snapshots(neon: NeonCli) -> SyncPageserverClient:
+    """A node with snapshots pgdata1@s1 and pgdata1@s2; the daemon's API."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    neon.run("snapshot", "create", "pgdata1@s1")
+    neon.run("snapshot", "create", "pgdata1@s2")
+    return local_api(App.open(neon.home), start=False)
+
+
 def test_the_pageserver_answers_beside_a_destination_holding_the_loop(
     neon: NeonCli, tmp_path: Path
 ) -> None:
     """The guessed delta is asked from the pageserver's answer (`on_local`); a destination
     whose first answer keeps the loop busy does not hold that answer back (the pageserver
     was asked on the same loop, so the guess waited for the destination's CPU)."""
-    neon.run("pg", "create", "--port", str(free_port()))
-    neon.run("snapshot", "create", "pgdata1@s1")
-    neon.run("snapshot", "create", "pgdata1@s2")
-    api = local_api(App.open(neon.home), start=False)
+    api = _two_snapshots(neon)
     seen = threading.Event()
     hold = 3.0
     (tmp_path / "to").mkdir()
@@ -177,3 +188,33 @@ def test_the_pageserver_answers_beside_a_destination_holding_the_loop(
     assert planned.snap.name == "pgdata1@s2"
     assert {"pgdata1@s1", "pgdata1@s2"} <= set(planned.local)
     assert planned.candidates == []  # the destination holds nothing: a whole file after all
+
+
+def _guessing_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "guessed-delta"]
+
+
+def test_no_guess_is_left_once_the_push_failed(neon: NeonCli) -> None:
+    """The push fails (the destination's error) before or after the plan's thread has the
+    pageserver's answer: no guessed delta is left downloading, in either order."""
+    api = _two_snapshots(neon)
+    app = App.open(neon.home)
+
+    async def ask(
+        client: PageserverClient,
+    ) -> tuple[SnapshotInfo, BasebackupPlan, list[SnapshotInfo]]:
+        name = "pgdata1@s2"
+        snap = await client.snapshot_show(SnapshotShowRequest(name))
+        plan = await client.basebackup_plan(BasebackupPlanRequest(snapshot=name))
+        return snap, plan, await client.snapshot_list()
+
+    snap, plan, listed = api.run(ask)
+    failed_first = st._Guesser(app, api)
+    failed_first.end()  # the destination failed; the pageserver answers later
+    failed_first.on_local(snap, plan, listed)
+    assert failed_first.guess is None and not _guessing_threads()
+    answered_first = st._Guesser(app, api)
+    answered_first.on_local(snap, plan, listed)
+    assert answered_first.guess is not None and answered_first.guess.parent == "pgdata1@s1"
+    answered_first.end()
+    assert not _guessing_threads()
