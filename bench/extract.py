@@ -313,9 +313,9 @@ def pitr_ref(
 
 
 def first_scan(server: PgTestServer) -> tuple[str, float]:
-    """The cross-check's query, timed, right after the start: it reads every table, so a
-    directory written past the page cache (datadir_files/untar.py's uncached writes) pays its
-    reads from the device here, outside the extraction's own window."""
+    """The cross-check's query, timed, right after the start: it reads every table, so what a
+    side's writing left out of the page cache is paid here, outside the extraction's own
+    window (f6a84b2's uncached writes moved ~3 s of reads here; reverted)."""
     t0 = time.perf_counter()
     out = server.psql(SANITY_SQL)
     return out, time.perf_counter() - t0

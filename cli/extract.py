@@ -85,7 +85,7 @@ def download_basebackup(
                     progress(received)
 
             try:
-                await extract_stream(chunks(), target, uncached=True)  # a directory to start
+                await extract_stream(chunks(), target)
             finally:  # an error on a line of its own, not after `received N MiB`
                 progress.end()
         return download.result

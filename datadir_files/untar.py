@@ -91,8 +91,7 @@ class _Extractor:
     """Writes the members of a tar fed in chunks into `root` (checked, given to `owner`);
     `tablespace_links` as in extract_basebackup; `divert` as `Divert` says; with
     `pack_deltas`, a delta's fork members (`neon-delta/...`) go into one file, PACK_NAME
-    (snapfile/delta.py), not a file each; with `uncached`, large files written through the
-    page cache are written with RWF_DONTCACHE (`_write_uncached`).
+    (snapfile/delta.py), not a file each.
 
     `root` is a path (opened here) or the caller's directory descriptor (not closed here).
     Everything is made relative to descriptors of the directories below it, each opened
@@ -102,7 +101,7 @@ class _Extractor:
 
     def __init__(
         self, root: Path | int, tablespace_links: dict[int, str] | None, owner: Owner,
-        divert: Divert | None = None, pack_deltas: bool = False, uncached: bool = False,
+        divert: Divert | None = None, pack_deltas: bool = False,
     ) -> None:  # fmt: skip
         self._root_fd = os.open(root, _DIR_FLAGS) if isinstance(root, Path) else root
         self._own_root = isinstance(root, Path)
@@ -117,8 +116,6 @@ class _Extractor:
         self._fd: int | None = None
         self._direct: _DirectWrites | None = None  # the current file's, if written so
         self._direct_writes = direct_writes_enabled()
-        self._uncached_files = uncached
-        self._uncached = False  # the current file's data written with RWF_DONTCACHE
         self._member: MemberStart | None = None
         self._dest: PurePosixPath | None = None
         self._dirs: dict[PurePosixPath, int] = {}  # made or found below the root: open
@@ -163,9 +160,6 @@ class _Extractor:
                         self._diverted.write(event.data)
                     elif self._direct is not None:
                         self._direct.write(event.data)
-                    elif self._uncached:
-                        assert self._fd is not None
-                        self._uncached = _write_uncached(self._fd, event.data)
                     elif self._fd is not None:
                         _write_all(self._fd, event.data)
                 elif isinstance(event, MemberStart):
@@ -216,7 +210,6 @@ class _Extractor:
         if self._diverted is None and self._direct is None and member.size >= PREALLOCATE_MIN_BYTES:
             # written through the page cache; never more than a legitimate file's size
             preallocate(self._fd, min(member.size, PREALLOCATE_MAX_BYTES))
-            self._uncached = self._uncached_files and member.size >= UNCACHED_MIN_BYTES
 
     def _packed(self, rel: PurePosixPath, member: MemberStart) -> bool:
         """A delta's fork member goes into the pack (its directories are not made); True
@@ -241,7 +234,6 @@ class _Extractor:
 
     def _end(self) -> None:
         self._packing = False
-        self._uncached = False
         if self._fd is None or self._dest is None:
             return
         if self._direct is not None:
@@ -308,11 +300,11 @@ def staged_dir(target_dir: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def _extracting(
     target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
-    pack_deltas: bool = False, uncached: bool = False,
+    pack_deltas: bool = False,
 ) -> Iterator[_Extractor]:  # fmt: skip
     """An extractor into a `staged_dir` of `target_dir`, finished when the block succeeds."""
     with staged_dir(target_dir) as tmp:
-        extractor = _Extractor(tmp, tablespace_links, pg_owner(), divert, pack_deltas, uncached)
+        extractor = _Extractor(tmp, tablespace_links, pg_owner(), divert, pack_deltas)
         try:
             yield extractor
             extractor.finish()
@@ -330,14 +322,11 @@ def extract_into_dir_fd(
     failure. What is made is given to the directory's owner (root's process only: the CLI
     gave it to PostgreSQL's account), not to an account looked up here: the daemon's
     environment is the one of whichever CLI started it. `done` is told of each chunk once
-    it is written (the tar maker's `AlignedChunks` then reuses its buffer). Large files are
-    written uncached (`_write_uncached`): a data directory to start, not one the daemon
-    reads back (an import's live reads want the files' pages cached)."""
+    it is written (the tar maker's `AlignedChunks` then reuses its buffer)."""
     if os.listdir(dir_fd):
         raise AlreadyExists("the directory handed for a basebackup is not empty")
     st = os.fstat(dir_fd)
-    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
-    extractor = _Extractor(dir_fd, None, owner, uncached=True)
+    extractor = _Extractor(dir_fd, None, (st.st_uid, st.st_gid) if os.geteuid() == 0 else None)
     try:
         for batch in batches:
             for chunk in batch:
@@ -442,38 +431,6 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-UNCACHED_MIN_BYTES = 1 << 20
-"""Files at least this large written through the page cache (relation segments, WAL) by an
-`uncached` extraction (the daemon's writing of a basebackup: `extract_into_dir_fd`) are
-written with RWF_DONTCACHE (`_write_uncached`)."""
-RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)  # include/uapi/linux/fs.h, Linux 6.14
-_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL)  # the filesystem, or a kernel before the flag
-
-
-def _write_uncached(fd: int, data: bytes | bytearray | memoryview) -> bool:
-    """Write `data` at the file's position as `_write_all` does, with RWF_DONTCACHE
-    (pwritev2: a buffered write whose page-cache pages are written back at once and dropped
-    once clean); False if the file refuses the flag (then written as `_write_all` does:
-    the caller goes on so). The kernel then recycles the same few page-cache pages, where a
-    plain write of a data directory takes a GiB of pages it has not used for a while: on
-    this VM freshly taken memory faults in the hypervisor, and the copy into it
-    (copy_folio_from_iter_atomic) was ~40% of a 1 GiB extraction's CPU (perf, a freshly
-    booted box). 1 GiB in 1 MiB writes, 3 interleaved pairs: plain 2.77 / 1.42 / 1.20 s
-    (system CPU 1.61 / 0.65 / 0.76 s), uncached 0.81 / 0.81 / 0.68 s (0.34-0.35 s).
-    Nothing waits for the device (O_DIRECT's cost on a slow volume: `direct_writes_enabled`);
-    the files are read back from it when PostgreSQL first reads them."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.pwritev(fd, [view], -1, RWF_DONTCACHE) :]
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            _write_all(fd, view)
-            return False
-    return True
 
 
 DIRECT_MIN_BYTES = 1 << 20
@@ -660,10 +617,9 @@ def _extract_all(
     tablespace_links: dict[int, str] | None,
     divert: Divert | None = None,
     pack_deltas: bool = False,
-    uncached: bool = False,
 ) -> None:
     """Extract the archive's chunks (an _Abort from them: remove what was extracted)."""
-    with _extracting(target, tablespace_links, divert, pack_deltas, uncached) as extractor:
+    with _extracting(target, tablespace_links, divert, pack_deltas) as extractor:
         for chunk in chunks:
             extractor.feed(chunk)
 
@@ -722,14 +678,12 @@ async def extract_stream(
     tablespace_links: dict[int, str] | None = None,
     divert: Divert | None = None,
     pack_deltas: bool = False,
-    uncached: bool = False,
 ) -> None:
     """Extract a tar arriving as async chunks: a thread writes the files while the next
     bytes arrive (`consume_in_thread`); `divert`: see `Divert` (it runs on that thread);
-    `pack_deltas`: a delta's fork members go into one file; `uncached`: large files written
-    with RWF_DONTCACHE (`_Extractor`: a data directory to start, not one read back)."""
+    `pack_deltas`: a delta's fork members go into one file (`_Extractor`)."""
 
     def extract(received: Iterator[bytes]) -> None:
-        _extract_all(received, target, tablespace_links, divert, pack_deltas, uncached)
+        _extract_all(received, target, tablespace_links, divert, pack_deltas)
 
     await consume_in_thread(chunks, extract)
