@@ -138,10 +138,10 @@ KEPT_SOCKET_MAX = 90  # ssh binds a new master's socket as PATH.<16 random> firs
 CLEANUP_TIMEOUT = 30  # seconds for removing an aborted write's temporary file
 LANDING_TIMEOUT = 5  # seconds for an aborted resumable write's bytes to reach its file
 WRITE_BUFFER = 4 * 1024 * 1024
-GATHER_SECONDS = 0.02
-"""How long a read waits for a whole CHUNK before it hands on what came (`_gathered`)."""
 """Bytes a write may queue for `ssh` before it waits: with asyncio's default (64 KiB), each
 chunk of the snapshot waited for ssh to take it, and the export behind it stalled meanwhile."""
+GATHER_SECONDS = 0.02
+"""How long a read waits for a whole CHUNK before it hands on what came (`_gathered`)."""
 SMALL_WRITE = 4 * 1024 * 1024
 """Bytes of a resumable write held and sent at its commit, with its size (SshAppender)."""
 
