@@ -555,9 +555,7 @@ def create_image_layers_at(
                     # The first partition done, not the oldest: a worker whose partition
                     # ended first takes the next one while a longer one goes on.
                     done, _ = wait(making, return_when=FIRST_COMPLETED)
-                elif settled and not stopped:
-                    continue
-                else:
+                else:  # nothing in the making: stopped, or `settled` emptied by the loop above
                     break
                 for made in sorted(done, key=making.__getitem__):
                     number = making.pop(made)
