@@ -135,17 +135,9 @@ class FillingSource(Protocol):
     (`TimelineSource`): the tar maker uses it when it has AlignedChunks."""
 
     def rel_chunks(
-        self,
-        spc: int,
-        db: int,
-        rel: int,
-        fork: int,
-        first: int,
-        count: int,
-        buffers: range_reads.Buffers,
-        per_chunk: int,
+        self, span: range_reads.ForkSpan, buffers: range_reads.Buffers, per_chunk: int
     ) -> Iterator[range_reads.Filled] | None:
-        """`rel_pages` written into buffers from `buffers`; None where it cannot."""
+        """`rel_pages` of `span` written into buffers from `buffers`; None where it cannot."""
         ...
 
 
@@ -232,15 +224,7 @@ class TimelineSource:
         )
 
     def rel_chunks(
-        self,
-        spc: int,
-        db: int,
-        rel: int,
-        fork: int,
-        first: int,
-        count: int,
-        buffers: range_reads.Buffers,
-        per_chunk: int,
+        self, span: range_reads.ForkSpan, buffers: range_reads.Buffers, per_chunk: int
     ) -> Iterator[range_reads.Filled] | None:
         """`rel_pages` written into the caller's buffers (`range_reads.rel_chunks`: the C
         walk writes each page in place, no plan is made); None where it cannot."""
@@ -248,10 +232,8 @@ class TimelineSource:
         # its plan (a view scans the in-memory layers under the timeline lock).
         if not self.bulk or native_redo is None or not PageFill.usable(self.timeline):
             return None
-        view = self._view(spc, db)
-        return range_reads.rel_chunks(
-            self.timeline, spc, db, rel, fork, first, count, self.lsn, view, buffers, per_chunk
-        )
+        view = self._view(span.spc, span.db)
+        return range_reads.rel_chunks(self.timeline, span, self.lsn, view, buffers, per_chunk)
 
     def _view(self, spc: int, db: int) -> PersistentView:
         """The persistent layers of database `db` at the LSN, made once per database for

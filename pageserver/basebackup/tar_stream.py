@@ -72,7 +72,7 @@ from pageserver.basebackup.wal_synthesis import (
     wal_segment_chunks,
     wal_segment_pages,
 )
-from pageserver.reconstruct.range_reads import Filled
+from pageserver.reconstruct.range_reads import Filled, ForkSpan
 from pageserver.storage.keys import SlruKind
 from pageserver.storage.layers.native import blockpack
 from pg15.constants import (
@@ -516,7 +516,9 @@ class _Plan:
         if self.aligned is not None:
             join, per_chunk = self.aligned.join, self.aligned.PAGES
             filled = (
-                self.source.rel_chunks(spc, db, rel, fork, first, count, self.aligned, per_chunk)
+                self.source.rel_chunks(
+                    ForkSpan(spc, db, rel, fork, first, count), self.aligned, per_chunk
+                )
                 if isinstance(self.source, FillingSource)
                 else None
             )

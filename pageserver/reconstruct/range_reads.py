@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from pageserver.reconstruct.apply_delta import reconstruct
@@ -144,28 +145,35 @@ Filled = tuple["memoryview | bytearray", int, list[tuple[int, "bytes | None"]]]
 the caller (None: the key has none, a hole; a value that is not a whole page)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ForkSpan:
+    """Blocks first..first+count-1 of one fork of a relation."""
+
+    spc: int
+    db: int
+    rel: int
+    fork: int
+    first: int
+    count: int
+
+
 def rel_chunks(
     timeline: Timeline,
-    spc: int,
-    db: int,
-    rel: int,
-    fork: int,
-    first: int,
-    count: int,
+    span: ForkSpan,
     lsn: int,
     view: PersistentView,
     buffers: Buffers,
     per_chunk: int,
 ) -> Iterator[Filled] | None:
-    """Blocks first..first+count-1 of a fork at lsn written into buffers `buffers` lends,
+    """The blocks of `span` at lsn written into buffers `buffers` lends,
     per_chunk pages each (the last may have fewer), by the bulk rebuild's C walk
     (`range_rebuild.PageFill`, over `view`): every run of blocks as `rel_pages` rebuilds a
     run with a slow key, without a bytes object per page or a plan. None where that walk
     cannot (`PageFill.usable`): the caller reads `rel_pages`."""
     if not PageFill.usable(timeline):
         return None
-    last = first + count
-    prefix = rel_block_key(spc, db, rel, fork, first)[:-4]
+    first, last = span.first, span.first + span.count
+    prefix = rel_block_key(span.spc, span.db, span.rel, span.fork, first)[:-4]
 
     def chunks() -> Iterator[Filled]:
         for run in range(first, last, _RUN_BLOCKS):

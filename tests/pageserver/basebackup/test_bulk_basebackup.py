@@ -33,6 +33,7 @@ from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct import range_rebuild
 from pageserver.reconstruct.apply_delta import reconstruct
+from pageserver.reconstruct.range_reads import ForkSpan
 from pageserver.redo.native import redo as native
 from pageserver.storage.compaction import create_image_layers
 from pageserver.storage.keys import Key, SlruKind
@@ -375,7 +376,7 @@ def test_a_buffer_whose_fill_fails_is_given_back(history: History, tmp_path: Pat
         spc, db = next((spc, db) for spc, db in source.list_dbs() if spc == 1663)
         rel, fork = source.list_rels(spc, db)[0]
         buffers = ReadOnlyBuffers()
-        chunks = source.rel_chunks(spc, db, rel, fork, 0, 1, buffers, AlignedChunks.PAGES)
+        chunks = source.rel_chunks(ForkSpan(spc, db, rel, fork, 0, 1), buffers, AlignedChunks.PAGES)
         assert chunks is not None  # a root timeline: the C walk fills
         with pytest.raises(BufferError):
             next(chunks)

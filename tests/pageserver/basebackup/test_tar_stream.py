@@ -29,7 +29,7 @@ from pageserver.basebackup.wal_synthesis import (
     normalize_lsn,
     wal_segment_chunks,
 )
-from pageserver.reconstruct.range_reads import Buffers
+from pageserver.reconstruct.range_reads import Buffers, ForkSpan
 from pageserver.storage.keys import SlruKind
 from pg15.lsn import format_lsn, segment_file_name
 from pg15.pg_control import parse_control_file, with_checkpoint
@@ -641,17 +641,10 @@ class FillingSource(FakeSource):
     filled: int = 0
 
     def rel_chunks(
-        self,
-        spc: int,
-        db: int,
-        rel: int,
-        fork: int,
-        first: int,
-        count: int,
-        buffers: Buffers,
-        per_chunk: int,
+        self, span: ForkSpan, buffers: Buffers, per_chunk: int
     ) -> Iterator[tuple[memoryview | bytearray, int, list[tuple[int, bytes | None]]]]:
-        pages = self.rels[(spc, db, rel, fork)][first : first + count]
+        fork = self.rels[(span.spc, span.db, span.rel, span.fork)]
+        pages = fork[span.first : span.first + span.count]
         for at in range(0, len(pages), per_chunk):
             piece = pages[at : at + per_chunk]
             out = buffers.take(len(piece))
