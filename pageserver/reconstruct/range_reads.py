@@ -24,7 +24,6 @@ from pageserver.storage.keys import (
     Key,
     KeyRange,
     fork_blocks_range,
-    key_successor,
     rel_block_key,
 )
 from pageserver.storage.layers.blocks import LayerFile
@@ -66,22 +65,11 @@ def rel_pages(
     (the one `slow_values` reads) lets the delta blocks it reads be decompressed ahead.
     `read_ahead`: decompress blocks ahead on the pool (None: when a core is free,
     `spare_core`)."""
-    last = first + count  # exclusive; block U32_MAX is the fork's size key, past its pages
-    wanted = KeyRange(
-        rel_block_key(spc, db, rel, fork, first),
-        rel_block_key(spc, db, rel, fork, last)
-        if last < U32_MAX
-        else fork_blocks_range(spc, db, rel, fork).end,
-    )
-    # Keys sort as their block numbers do: the block is the last, big-endian field
-    # (pageserver.storage.keys), after a prefix shared by the fork's keys.
-    prefix = wanted.start[:-4]
+    last = first + count  # exclusive
+    wanted = _blocks_range(spc, db, rel, fork, first, last)
 
     def run_keys(run: int) -> tuple[list[Key], KeyRange]:
-        stop = min(last, run + _RUN_BLOCKS)
-        keys = [Key(prefix + b.to_bytes(4, "big")) for b in range(run, stop)]
-        end = wanted.end if stop == last else Key(prefix + stop.to_bytes(4, "big"))
-        return keys, KeyRange(keys[0], end)
+        return _run_keys(wanted, last, run)
 
     runs = range(first, last, _RUN_BLOCKS)
     if plan is None:
@@ -173,13 +161,12 @@ def rel_chunks(
     if not PageFill.usable(timeline):
         return None
     first, last = span.first, span.first + span.count
-    prefix = rel_block_key(span.spc, span.db, span.rel, span.fork, first)[:-4]
+    wanted = _blocks_range(span.spc, span.db, span.rel, span.fork, first, last)
 
     def chunks() -> Iterator[Filled]:
         for run in range(first, last, _RUN_BLOCKS):
-            stop = min(last, run + _RUN_BLOCKS)
-            keys = [Key(prefix + b.to_bytes(4, "big")) for b in range(run, stop)]
-            fill = PageFill(timeline, lsn, view, KeyRange(keys[0], key_successor(keys[-1])))
+            keys, run_range = _run_keys(wanted, last, run)
+            fill = PageFill(timeline, lsn, view, run_range)
             for at in range(0, len(keys), per_chunk):
                 piece = keys[at : at + per_chunk]
                 out = buffers.take(len(piece))
@@ -191,6 +178,29 @@ def rel_chunks(
                 yield out, len(piece), left
 
     return chunks()
+
+
+def _blocks_range(spc: int, db: int, rel: int, fork: int, first: int, last: int) -> KeyRange:
+    """The keys of blocks first..last-1 of a fork (block U32_MAX is the fork's size key,
+    past its pages)."""
+    return KeyRange(
+        rel_block_key(spc, db, rel, fork, first),
+        rel_block_key(spc, db, rel, fork, last)
+        if last < U32_MAX
+        else fork_blocks_range(spc, db, rel, fork).end,
+    )
+
+
+def _run_keys(wanted: KeyRange, last: int, run: int) -> tuple[list[Key], KeyRange]:
+    """The keys of blocks run..min(last, run + _RUN_BLOCKS)-1 of the fork whose blocks
+    first..last-1 are `wanted`, and the key range of that run (its end `wanted`'s at the
+    last run). Keys sort as their block numbers do: the block is the last, big-endian field
+    (pageserver.storage.keys), after a prefix shared by the fork's keys."""
+    prefix = wanted.start[:-4]
+    stop = min(last, run + _RUN_BLOCKS)
+    keys = [Key(prefix + b.to_bytes(4, "big")) for b in range(run, stop)]
+    end = wanted.end if stop == last else Key(prefix + stop.to_bytes(4, "big"))
+    return keys, KeyRange(keys[0], end)
 
 
 Prefetched = list[tuple[LayerFile, list[int]]]
