@@ -295,33 +295,32 @@ class AlignedChunks:
     def join(self, pages: list[bytes]) -> bytes | memoryview:
         """The pages, one after the other, in a free buffer (lent until `release`), or
         in bytes when none is free."""
-        try:
-            i = self._free.get_nowait()
-        except queue.Empty:
+        chunk = self._lend(len(pages) * BLCKSZ)
+        if chunk is None:
             return b"".join(pages)
-        slot = self._slots[i]
         at = 0
         for page in pages:
-            slot[at : at + BLCKSZ] = page
+            chunk[at : at + BLCKSZ] = page
             at += BLCKSZ
-        chunk = slot[:at]
-        self._lent[id(chunk)] = (chunk, i)  # held: its id names it until released
         return chunk
 
     def take(self, pages: int) -> memoryview | bytearray:
         """A buffer for `pages` pages to be written into: a free buffer's first pages (lent
         until `release`) when there is one and `pages` fill it, else a new bytearray (a
         fork's tail, as `join` makes bytes of it)."""
-        if pages == self.PAGES:
-            try:
-                i = self._free.get_nowait()
-            except queue.Empty:
-                pass
-            else:
-                chunk = self._slots[i][: pages * BLCKSZ]
-                self._lent[id(chunk)] = (chunk, i)
-                return chunk
-        return bytearray(pages * BLCKSZ)
+        chunk = self._lend(pages * BLCKSZ) if pages == self.PAGES else None
+        return bytearray(pages * BLCKSZ) if chunk is None else chunk
+
+    def _lend(self, size: int) -> memoryview | None:
+        """The first `size` bytes of a free buffer, lent until `release`; None if none is
+        free."""
+        try:
+            i = self._free.get_nowait()
+        except queue.Empty:
+            return None
+        chunk = self._slots[i][:size]
+        self._lent[id(chunk)] = (chunk, i)  # held: its id names it until released
+        return chunk
 
     def release(self, chunk: object) -> None:
         """Take a chunk's buffer back (any other chunk: nothing)."""
