@@ -11,10 +11,11 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pg15.lsn import format_lsn, parse_lsn
-from tests.neoncli import NEON, NeonCli, psql
+from tests.neoncli import NEON, NeonCli, psql, run_on_tty
 from tests.pgtest import free_port
 
 
@@ -77,3 +78,43 @@ def test_extraction_waits_for_wal_the_server_wrote_and_refuses_beyond(neon: Neon
     beyond = format_lsn(flush + 64 * 1024 * 1024)
     error = neon.fail("pitr", "extract-snapshot", "all", "--lsn", beyond, "--as", "future")
     assert f"LSN {beyond} is past what node primary1 has written" in error, error
+
+
+def test_the_wait_shows_progress_on_a_terminal_only(neon: NeonCli) -> None:
+    """Issue 10 item 6: while ingest lags, `pitr extract-snapshot` and `snapshot create` show
+    the wait's bar (percent of the WAL left) on a terminal, and nothing on a pipe."""
+    neon.run("pg", "create", "-n", "main", "--port", str(free_port()))
+    c = str(neon.json("pg", "show", "main")["connstr"])
+    neon.run("pitr", "create", "all", "--ttl", "inf")
+    neon.run("snapshot", "create", "main@synced")  # ingest has caught up
+    for n, command in enumerate(
+        (
+            ("pitr", "extract-snapshot", "all", "--lsn", "{flush}", "--as", "late{n}"),
+            ("snapshot", "create", "main@late{n}"),
+        )
+    ):
+        for tty in (True, False):
+            with ThreadPoolExecutor(1) as pool:
+                pid = receiver_pid(neon)  # looked up each time
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    psql(c, f"CREATE TABLE t{n}_{tty:d} AS SELECT generate_series(1, 1000) a")
+                    flush = format_lsn(parse_lsn(psql(c, "SELECT pg_current_wal_flush_lsn()")))
+                    args = [arg.format(flush=flush, n=f"{n}{tty:d}") for arg in command]
+                    done = pool.submit(run_on_tty if tty else _run_piped, neon, *args)
+                    time.sleep(2)
+                    assert not done.done(), done.result()  # waiting for ingest
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                code, shown = done.result(timeout=120)
+            assert code == 0, shown
+            if tty:
+                assert "Ingesting primary1's WAL" in shown and "%" in shown, shown
+            else:
+                assert "Ingesting" not in shown, shown
+
+
+def _run_piped(neon: NeonCli, *args: str) -> tuple[int, str]:
+    """`neon ARGS` with its stderr on a pipe: its exit code and its stderr."""
+    proc = neon.run(*args, check=False)
+    return proc.returncode, proc.stderr
