@@ -5,7 +5,9 @@ The token comes from the query or an `Authorization: Bearer` header. Answers: 20
 snapshot is imported; 401 for a missing, wrong or used token; 412 when a snapshot of that
 name exists; 400 for a stream that does not check out; 507 when the disk is full; each with
 the reason as one line of plain text (the pushing side shows it). HEAD answers whether the
-name is taken; nothing is served for reading.
+name is taken; `GET /neon-index.json` (with the token) lists the snapshots held here as an
+http store's index does (cli/transport/http.py), each described by its manifest, so that a
+push sends a delta on one of them; no snapshot is served for reading.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from aiohttp import web
 
 from cli.receiver import Received, Receiver
 from cli.transport.base import CHUNK
+from cli.transport.http import INDEX_NAME, LIVE_INDEX
 from proto.errors import AlreadyExists, AuthFailed, NeonError, NotFound
 
 _STATUS: list[tuple[type[NeonError], int]] = [
@@ -39,7 +42,13 @@ def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) ->
         found = await receiver.stat(request.match_info["name"])
         return web.Response(status=404 if found is None else 200)
 
+    async def index(request: web.Request) -> web.Response:
+        receiver.authenticate(_token(request))
+        listed = [info.to_wire() for info in await receiver.list()]
+        return web.json_response(listed, headers={LIVE_INDEX: "live"})
+
     app = web.Application(middlewares=[_errors])
+    app.router.add_get(f"/{INDEX_NAME}", index, allow_head=False)
     app.router.add_put("/{name}", put)
     app.router.add_route("HEAD", "/{name}", head)
     return app

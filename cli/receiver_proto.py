@@ -39,13 +39,10 @@ def object_handlers(
 
     async def stat(ctx: RequestContext) -> Any:
         info = await receiver.stat(_name(ctx))
-        return None if info is None else {"name": info.name, "size": info.size}
+        return None if info is None else info.to_wire()
 
     async def list_(ctx: RequestContext) -> Any:
-        return [
-            {"name": i.name, "size": i.size, "described": i.described}
-            for i in await receiver.list()
-        ]
+        return [info.to_wire() for info in await receiver.list()]
 
     async def write(ctx: RequestContext) -> Any:
         name = _name(ctx)

@@ -5,6 +5,8 @@ PUT streams the body into a hidden temporary file and renames it into place only
 whole body arrived (a cut upload leaves nothing), answers 412 to `If-None-Match: *` when the
 file exists, and 401 without the right basic auth when a password is set. `cut_gets` makes the
 next GETs send part of the body and then drop the connection, as a failing network would.
+`refuse_chunked` answers a chunked PUT as AWS S3 answers a chunked PutObject (501
+NotImplemented naming the Transfer-Encoding header).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from aiohttp import web
 
 from tests.pgtest import free_port
 
+S3_CHUNKED_REFUSAL = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code><Message>A '
+    "header you provided implies functionality that is not implemented</Message><Header>"
+    "Transfer-Encoding</Header><RequestId>0</RequestId><HostId>0</HostId></Error>"
+)
+"""What AWS S3 answers a PutObject sent with `Transfer-Encoding: chunked`."""
+
 
 @dataclass
 class FileServer:
@@ -37,6 +46,10 @@ class FileServer:
     hold_puts: bool = False
     """PUTs stop reading after their first chunk (set `put_started`) until the client goes."""
     put_started: threading.Event = field(default_factory=threading.Event)
+    refuse_chunked: bool = False
+    """PUTs without a Content-Length (chunked) get S3's 501 NotImplemented."""
+    put_lengths: list[str | None] = field(default_factory=list)
+    """The Content-Length header of every PUT (None: chunked)."""
 
     @property
     def base(self) -> str:
@@ -78,6 +91,9 @@ class FileServer:
         return web.FileResponse(path)  # GET and HEAD, with Range
 
     async def _put(self, request: web.Request, path: Path) -> web.StreamResponse:
+        self.put_lengths.append(request.headers.get("Content-Length"))
+        if self.refuse_chunked and "chunked" in request.headers.get("Transfer-Encoding", ""):
+            return web.Response(status=501, text=S3_CHUNKED_REFUSAL, content_type="application/xml")
         if request.headers.get("If-None-Match") == "*" and path.exists():
             return web.Response(status=412)
         if self.refuse_puts is not None:

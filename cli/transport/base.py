@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
 
-from proto.errors import AlreadyExists, InvalidArgument, Unavailable
+from proto.errors import AlreadyExists, InvalidArgument, ProtocolError, Unavailable
 
 CHUNK = 1024 * 1024
 REOPEN_ATTEMPTS = 5  # cuts survived by one read_object
@@ -49,6 +49,25 @@ class ObjectInfo:
     described: dict[str, Any] | None = None
     """What the far side says the object holds, when it can say so without the object being
     read (a `neon snapshot recv` describes each snapshot it has by its `.neon` manifest)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """As a listing sends it (neon://'s `object.list`, an http store's index)."""
+        wire: dict[str, Any] = {"name": self.name, "size": self.size}
+        if self.described is not None:
+            wire["described"] = self.described
+        return wire
+
+    @classmethod
+    def from_wire(cls, value: Any, url: str) -> ObjectInfo:
+        """An entry of a listing `url` sent; ProtocolError for anything else."""
+        if not (
+            isinstance(value, dict)
+            and isinstance(value.get("name"), str)
+            and isinstance(value.get("size"), int)
+            and isinstance(value.get("described"), dict | None)
+        ):
+            raise ProtocolError(f"{url} described an object as {value!r:.80}")
+        return cls(value["name"], value["size"], value.get("described"))
 
 
 class ObjectWriter(ABC):
@@ -186,8 +205,8 @@ class Store(ABC):
     guess_delta: ClassVar[bool] = True
     """Whether a push asks the pageserver for a delta on its own guess of the parent while
     this store says what it holds (cli/snapshot_transfer.py): worth it where that takes a
-    round trip (ssh, s3, neon://); not for a directory here (it answers at once) nor an http
-    server (it cannot list its files: never a delta)."""
+    round trip (ssh, s3, neon://); not for a directory here (it answers at once) nor, for
+    now, an http server (its index, cli/transport/http.py, is one more GET; not measured)."""
 
     @abstractmethod
     def object_url(self, name: str) -> str:

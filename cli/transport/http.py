@@ -7,19 +7,39 @@ the whole object and the first N bytes are skipped). A connection cut mid-body i
 size of a `.neon` file is known only at its end) with `If-None-Match: *` unless overwriting,
 so a server that honours it never replaces an object; the object exists once the server
 answered 2xx to the complete body. An aborted upload closes the connection mid-body: a server
-must not keep an incomplete body (aiohttp, S3, WebDAV servers do not). No listing: plain HTTP
-has none.
+must not keep an incomplete body (aiohttp, S3, WebDAV servers do not).
+
+A presigned URL (a query signing it for one request: S3's `X-Amz-Signature` or `Signature`,
+GCS's `X-Goog-Signature`, Azure's `sig`) is written with its size instead (`SizedWriter`):
+S3 refuses a chunked PutObject (501 NotImplemented), and a signature covers one object, so
+such a store is never listed and keeps no index.
+
+Listing: plain HTTP has none, so the store keeps one, the object `neon-index.json` beside the
+objects (`INDEX_NAME`): a JSON list of `{"name", "size"}`, the wire form of a neon://
+receiver's `object.list` (`ObjectInfo.to_wire`), which a write adds its object to once the
+server took it (a GET, then a PUT of the whole list: two pushes at once may lose one entry,
+which makes the next push on it whole, nothing worse) and a delete removes. `list` reads it
+(none: an empty store), and the pusher then reads the manifest at the head of each `.neon`
+file listed, as over s3 and file. A `neon snapshot recv --http` answers the same GET itself
+(with `X-Neon-Index: live` and each snapshot described by its manifest), and is not written
+to.
 
 Credentials in the URL (`https://user:password@host/...`) are sent as basic auth and masked
-in every message; a query string (a presigned URL's signature) is masked too, and such a URL
-is signed for one method, so `stat` does not try a HEAD with it.
+in every message; a query string (a presigned URL's signature, a receiver's token) is masked
+too and sent with every request, and such a URL may be signed for one method, so `stat` does
+not try a HEAD with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+import asyncio
+import contextlib
+import functools
+import json
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import IO, TYPE_CHECKING
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from cli.storages import mask_url
 from cli.transport.base import (
@@ -34,7 +54,14 @@ from cli.transport.base import (
     already_exists,
     check_object_name,
 )
-from proto.errors import AuthFailed, InvalidArgument, NeonError, NotFound, Unavailable
+from proto.errors import (
+    AuthFailed,
+    CorruptData,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -42,6 +69,11 @@ if TYPE_CHECKING:
 URL_FORM = "http(s)://HOST[:PORT]/PATH"
 CONNECT_TIMEOUT, READ_TIMEOUT = 30, 300  # seconds; no limit on a whole transfer
 _REASON_BYTES = 500
+INDEX_NAME = "neon-index.json"
+"""The store's own listing, beside its objects (not a `.neon` file, never a snapshot)."""
+LIVE_INDEX = "X-Neon-Index"
+"""The header with which a server says it answers the index itself (`live`): not written."""
+SIGNATURE_PARAMS = frozenset({"x-amz-signature", "signature", "x-goog-signature", "sig"})
 
 
 def parse_location(url: str) -> Location:
@@ -61,6 +93,12 @@ def parse_location(url: str) -> Location:
     if not last:
         return Location(store, None)
     return Location(store, check_object_name(unquote(last), shown))
+
+
+def signed(query: str) -> bool:
+    """Whether a URL's query signs it for one request (a presigned URL)."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return any(key.lower() in SIGNATURE_PARAMS for key, _ in pairs)
 
 
 def _shown(url: str) -> str:
@@ -86,13 +124,14 @@ def status_error(status: int, url: str, method: str, reason: str = "") -> NeonEr
         return NotFound(f"{url}: no such file on the server (HTTP 404){why}")
     if status == 412:
         return already_exists(url)
+    if status == 411 or (status == 501 and "Transfer-Encoding" in reason):
+        return InvalidArgument(
+            f"{url}: the server refuses a streamed (chunked) upload (HTTP {status}), as S3 "
+            "does; a presigned URL (X-Amz-Signature=...) is sent with its size, or push to "
+            "s3://BUCKET/KEY"
+        )
     if status in (405, 501):
         return InvalidArgument(f"{url}: the server does not accept {method} (HTTP {status})")
-    if status == 411:
-        return InvalidArgument(
-            f"{url}: the server wants the size before the upload (HTTP 411), which a streamed "
-            "snapshot does not have; use a server that accepts chunked uploads"
-        )
     if status == 507:
         return Unavailable(f"{url}: the server has no space left (HTTP 507){why}")
     if status in (400, 422) and reason:
@@ -101,20 +140,33 @@ def status_error(status: int, url: str, method: str, reason: str = "") -> NeonEr
 
 
 async def _reason(response: aiohttp.ClientResponse) -> str:
-    """The first line of a short plain-text answer body (a server's reason), else ''."""
-    if not response.headers.get("Content-Type", "").startswith("text/plain"):
+    """The first line of a short plain-text answer body (a server's reason), else ''; of a
+    501, S3's XML naming the header it does not implement (`Transfer-Encoding`: chunked)."""
+    kind = response.headers.get("Content-Type", "")
+    if not kind.startswith("text/plain") and not (response.status == 501 and "xml" in kind):
         return ""
     try:
         text = (await response.content.read(_REASON_BYTES)).decode("utf-8", "replace")
     except Exception:  # the reason is a courtesy: the status alone still says enough
         return ""
+    if response.status == 501 and "<Header>Transfer-Encoding</Header>" in text:
+        return "Transfer-Encoding is not implemented"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return "".join(c for c in first if c.isprintable())
 
 
 def _client_error(exc: BaseException, url: str, doing: str) -> Unavailable:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        why = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+        return Unavailable(
+            f"cannot {doing} {url}: the certificate of {exc.host} is not trusted ({why}); set "
+            "SSL_CERT_FILE to a file holding the certificate of the authority that signed it"
+        )
     reason = str(exc) or type(exc).__name__
     return Unavailable(f"cannot {doing} {url}: {reason}")
+
+
+Listing = list[ObjectInfo]
 
 
 class HttpStore(Store):
@@ -123,10 +175,14 @@ class HttpStore(Store):
     def __init__(self, base: str, query: str) -> None:
         self._base, self._query = base, query
         self.url = _shown(base)
+        self._signed = signed(query)
 
     def _real_url(self, name: str) -> str:
         check_object_name(name, self.url)
-        return self._base + quote(name) + (f"?{self._query}" if self._query else "")
+        return self._index_url(quote(name))
+
+    def _index_url(self, path: str = INDEX_NAME) -> str:
+        return self._base + path + (f"?{self._query}" if self._query else "")
 
     def object_url(self, name: str) -> str:
         return _shown(self._real_url(name))
@@ -154,12 +210,59 @@ class HttpStore(Store):
             raise _client_error(exc, shown, "reach") from None
 
     async def list(self) -> list[ObjectInfo]:
-        raise InvalidArgument(
-            f"{self.url}: an http(s) server cannot list its files; give the URL of a .neon file"
-        )
+        found, _live = await self._read_index()
+        return found
+
+    async def _read_index(self) -> tuple[Listing, bool]:
+        """The objects the index lists (none when there is no index yet) and whether the
+        server answers it itself (a receiver: it is not written)."""
+        import aiohttp
+
+        if self._signed:
+            raise InvalidArgument(f"{self.url}: a presigned URL names one object; it lists none")
+        shown = _shown(self._index_url())
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_timeout()) as session,
+                session.get(self._index_url()) as response,
+            ):
+                if response.status == 404:
+                    return [], False
+                if response.status != 200:  # no index to be had: a whole push, no delta
+                    error = status_error(response.status, shown, "GET", await _reason(response))
+                    raise InvalidArgument(f"cannot list the files: {error.message}")
+                listed = await response.read()
+                live = response.headers.get(LIVE_INDEX) == "live"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _client_error(exc, shown, "download") from None
+        try:
+            items = json.loads(listed)
+            if not isinstance(items, list):
+                raise ValueError("not a list")
+            return [ObjectInfo.from_wire(item, shown) for item in items], live
+        except (ValueError, NeonError) as exc:
+            raise CorruptData(f"{shown} is not an index of .neon files: {exc}") from None
+
+    async def _update_index(self, name: str, size: int | None) -> None:
+        """Put object `name` (`size` bytes; None: removed) in the index, unless the server
+        answers the index itself or the URL is signed for one object."""
+        if self._signed:
+            return
+        listed, live = await self._read_index()
+        if live:
+            return
+        kept = [item for item in listed if item.name != name]
+        if size is not None:
+            kept.append(ObjectInfo(name, size))
+        body = json.dumps([item.to_wire() for item in sorted(kept, key=lambda i: i.name)])
+        await _put(self._index_url(), _shown(self._index_url()), body.encode(), {})
 
     async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
-        return HttpWriter(self._real_url(name), self.object_url(name), overwrite)
+        url, shown = self._real_url(name), self.object_url(name)
+        indexed = functools.partial(self._update_index, name) if name != INDEX_NAME else None
+        if self._signed:
+            return SizedWriter(url, shown, overwrite)
+        return HttpWriter(url, shown, overwrite, indexed)
 
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         import aiohttp
@@ -193,30 +296,87 @@ class HttpStore(Store):
                     raise status_error(response.status, shown, "DELETE")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _client_error(exc, shown, "reach") from None
+        await self._update_index(name, None)
+
+
+Body = bytes | AsyncIterator[bytes]
+
+
+async def _put(url: str, shown: str, body: Body, headers: dict[str, str]) -> None:
+    """One PUT of `body`; raises the server's refusal as one line."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/octet-stream", **headers}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=_timeout()) as session,
+            session.put(url, data=body, headers=headers) as response,
+        ):
+            if response.status not in (200, 201, 204):
+                raise status_error(response.status, shown, "PUT", await _reason(response))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _client_error(exc, shown, "upload to") from None
+
+
+def _condition(overwrite: bool) -> dict[str, str]:
+    return {} if overwrite else {"If-None-Match": "*"}
+
+
+Indexed = Callable[[int | None], Awaitable[None]]
 
 
 class HttpWriter(QueuedUploadWriter):
-    """A PUT whose body is fed by `write`; `commit` ends the body and awaits the answer."""
+    """A PUT whose body is fed by `write`; `commit` ends the body and awaits the answer,
+    then puts the object in the store's index (`indexed`)."""
 
-    def __init__(self, url: str, shown: str, overwrite: bool) -> None:
-        self._url, self._overwrite = url, overwrite
+    def __init__(self, url: str, shown: str, overwrite: bool, indexed: Indexed | None) -> None:
+        self._url, self._overwrite, self._indexed = url, overwrite, indexed
         super().__init__(shown)
 
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
-        import aiohttp
+        await _put(self._url, self._shown, body, _condition(self._overwrite))
 
-        headers = {"Content-Type": "application/octet-stream"}
-        if not self._overwrite:
-            headers["If-None-Match"] = "*"
+    async def commit(self) -> None:
+        await super().commit()
+        if self._indexed is not None:
+            # The object is there: an index not updated only makes the next push on it whole.
+            with contextlib.suppress(NeonError):
+                await self._indexed(self.bytes_written)
+
+
+class SizedWriter(ObjectWriter):
+    """A PUT with a Content-Length, for a presigned URL (S3 refuses a chunked PutObject):
+    the bytes go to an unnamed temporary file (gone with the process, however it ends) and
+    `commit` sends it. A spool rather than a first pass counting the bytes: the `.neon`
+    stream is the same at every export, but counting it is the pageserver making the whole
+    file twice (its CPU and the push's wall, twice over), where the spool writes and reads
+    the file's bytes once on the local disk (mostly in the page cache); the cost is the
+    file's size in the temp directory while the push runs."""
+
+    def __init__(self, url: str, shown: str, overwrite: bool) -> None:
+        super().__init__()
+        self._url, self._shown, self._overwrite = url, shown, overwrite
+        # Closed by commit or abort (the writer's block): no `with` can span the calls.
+        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="neon-put-")  # noqa: SIM115
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._file.write, data)
+        self.bytes_written += len(data)
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        await asyncio.to_thread(self._file.seek, 0)
+        while chunk := await asyncio.to_thread(self._file.read, CHUNK):
+            yield chunk
+
+    async def commit(self) -> None:
+        headers = {**_condition(self._overwrite), "Content-Length": str(self.bytes_written)}
         try:
-            async with (
-                aiohttp.ClientSession(timeout=_timeout()) as session,
-                session.put(self._url, data=body, headers=headers) as response,
-            ):
-                if response.status not in (200, 201, 204):
-                    raise status_error(response.status, self._shown, "PUT", await _reason(response))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _client_error(exc, self._shown, "upload to") from None
+            await _put(self._url, self._shown, self._body(), headers)
+        finally:
+            self._file.close()
+
+    async def abort(self) -> None:
+        self._file.close()
 
 
 class HttpReader(ObjectReader):

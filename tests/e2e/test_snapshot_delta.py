@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_snapshot_export import pg_dump_text, snapshot_dump
+from tests.e2e.test_snapshot_recv import receiving
+from tests.httpd import file_server
 from tests.neoncli import NeonCli, free_port, pgbench, psql
 from tests.pgtest import pg_reachable_tmpdir
 from tests.s3d import moto_s3
@@ -101,6 +103,34 @@ def test_delta_over_s3(sender: NeonCli, receiver: NeonCli) -> None:
         assert pushed["bytes_sent"] <= 0.05 * pushed["snapshot_bytes"]
         b.run("snapshot", "pull", "--from", pushed["url"], "overs3")
     assert node_dump(receiver, "overs3", "copy3") == snapshot_dump(sender, "pgdata1@s2")
+
+
+def test_delta_over_http_to_a_plain_server_and_to_recv(
+    sender: NeonCli, receiver: NeonCli, base: Path
+) -> None:
+    """Plain HTTP lists nothing: a push keeps the store's index (`neon-index.json`) on a
+    plain PUT/GET server and reads it on the next push, which sends a delta; a pull of that
+    delta finds its parent through it. A `recv --http` answers the index itself (its
+    snapshots described by their manifests): the second push is a delta there too."""
+    expected = snapshot_dump(sender, "pgdata1@s2")
+    served = base / "served"
+    served.mkdir()
+    with file_server(served) as httpd:
+        sender.run("snapshot", "push", "--to", httpd.url(""), "pgdata1@s1")
+        pushed = sender.json("snapshot", "push", "--to", httpd.url(""), "pgdata1@s2")
+        assert pushed["parent"] == "pgdata1@s1"
+        assert pushed["bytes_sent"] <= 0.05 * pushed["snapshot_bytes"]
+        receiver.run("snapshot", "pull", "--from", pushed["url"], "overhttp")
+    assert snapshot_dump(receiver, "overhttp") == expected
+    with receiving(receiver, "r1", "--http", "--once") as recv:
+        whole = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@s1")
+        assert recv.proc.wait(timeout=60) == 0
+    with receiving(receiver, "r2", "--http", "--once") as recv:
+        delta = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@s2")
+        assert recv.proc.wait(timeout=60) == 0
+    assert whole["parent"] is None and delta["parent"] == "pgdata1@s1"
+    assert delta["bytes_sent"] <= 0.05 * delta["snapshot_bytes"]
+    assert snapshot_dump(receiver, "r2") == expected
 
 
 def test_a_guessed_delta_is_the_one_the_destination_calls_for(sender: NeonCli, base: Path) -> None:

@@ -4,6 +4,7 @@ nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 
 from cli.transport import base, parse_location
 from cli.transport.base import StreamCut, read_object
-from cli.transport.http import HttpStore
-from proto.errors import AuthFailed, InvalidArgument, NotFound, Unavailable
-from tests.cli.transport.conftest import entries
+from cli.transport.http import INDEX_NAME, HttpStore
+from proto.errors import AuthFailed, CorruptData, InvalidArgument, NotFound, Unavailable
+from tests.cli.transport.conftest import S3Bucket, entries
 from tests.httpd import FileServer, file_server
 from tests.pgtest import free_port
 
@@ -133,3 +134,67 @@ async def test_unreachable_server() -> None:
     with pytest.raises(Unavailable, match=rf"cannot upload to {url}"):
         async with await loc.store.open_write("x.neon", overwrite=False) as w:
             await w.write(b"x")
+
+
+async def write_all(location_url: str, data: bytes = DATA) -> None:
+    loc = parse_location(location_url)
+    async with await loc.store.open_write(loc.object_name, overwrite=False) as w:
+        for i in range(0, len(data), 1 << 20):
+            await w.write(data[i : i + (1 << 20)])
+
+
+async def test_presigned_urls_are_sent_with_their_size(httpd: FileServer, remote_dir: Path) -> None:
+    """A server that refuses a chunked PUT as S3 does (501 NotImplemented): a plain URL is one
+    line saying so (nothing kept); a presigned URL is spooled and sent with Content-Length."""
+    httpd.refuse_chunked = True
+    with pytest.raises(
+        InvalidArgument, match=r"refuses a streamed \(chunked\) upload \(HTTP 501\)"
+    ):
+        await write_all(httpd.url("x.neon"))
+    assert entries(remote_dir) == [] and httpd.put_lengths == [None]
+    await write_all(httpd.url("x.neon") + "?X-Amz-Signature=abcdef&X-Amz-Expires=60")
+    assert (remote_dir / "x.neon").read_bytes() == DATA
+    assert httpd.put_lengths == [None, str(len(DATA))]
+    assert entries(remote_dir) == ["x.neon"]  # a signature covers one object: no index
+
+
+async def test_push_to_a_moto_presigned_put_url(s3_bucket: S3Bucket) -> None:
+    """A presigned PutObject URL of a real S3 endpoint (moto), as `aws s3 presign` or boto3
+    makes one: the object arrives whole; the URL's signature never shows."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3", endpoint_url=s3_bucket.moto.endpoint, config=Config(signature_version="s3v4")
+    )
+    url = client.generate_presigned_url(
+        "put_object", Params={"Bucket": s3_bucket.bucket, "Key": "snaps/x.neon"}, ExpiresIn=300
+    )
+    assert "X-Amz-Signature=" in url
+    loc = parse_location(url)
+    assert loc.url.endswith("/snaps/x.neon?****")
+    with pytest.raises(InvalidArgument, match="names one object"):
+        await loc.store.list()
+    await write_all(url)
+    assert s3_bucket.read("x.neon") == DATA
+
+
+async def test_a_plain_server_keeps_an_index_of_what_was_written(
+    httpd: FileServer, remote_dir: Path
+) -> None:
+    """No listing in plain HTTP: the store keeps `neon-index.json` (name, size of each object
+    written, as neon:// lists them); a delete takes its object out."""
+    store = parse_location(httpd.url("")).store
+    assert await store.list() == []
+    await write_all(httpd.url("a.neon"), b"a" * 10)
+    await write_all(httpd.url("b.neon"))
+    assert json.loads((remote_dir / INDEX_NAME).read_bytes()) == [
+        {"name": "a.neon", "size": 10},
+        {"name": "b.neon", "size": len(DATA)},
+    ]
+    assert [(i.name, i.size) for i in await store.list()] == [("a.neon", 10), ("b.neon", len(DATA))]
+    await store.delete("a.neon")
+    assert [i.name for i in await store.list()] == ["b.neon"]
+    (remote_dir / INDEX_NAME).write_text('{"not": "a list"}')
+    with pytest.raises(CorruptData, match=r"is not an index of \.neon files"):
+        await store.list()
