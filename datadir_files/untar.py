@@ -23,7 +23,7 @@ import threading
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 
 from datadir_files.pg_account import make_pg_dir, pg_os_user
 from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
@@ -360,19 +360,21 @@ def extract_basebackup(
 
 
 def extract_chunks(
-    chunks: Iterable[bytes],
+    chunks: Iterable[bytes | memoryview],
     target_dir: Path,
     tablespace_links: dict[int, str] | None = None,
     divert: Divert | None = None,
+    used: Callable[[bytes | memoryview], None] | None = None,
 ) -> None:
     """Extract a tar arriving as `chunks` (from this thread, which may block between them:
     no event loop) as extract_basebackup does; `divert`: see `Divert` (it runs on the
-    writer's thread)."""
-    batches = _Batches()
+    writer's thread); `used` is told of each chunk once nothing reads it any more (its
+    buffer may be used again)."""
+    batches = _Batches[bytes | memoryview]()
     errors: list[BaseException] = []
 
-    def extract(chunks: Iterator[bytes]) -> None:
-        _extract_all(chunks, target_dir, tablespace_links, divert)
+    def extract(chunks: Iterator[bytes | memoryview]) -> None:
+        _extract_all(chunks, target_dir, tablespace_links, divert, used=used)
 
     def run() -> None:
         try:
@@ -582,25 +584,28 @@ class _Abort(Exception):
 _END, _ABORT = "end", "abort"
 
 
-class _Batches:
+_C = TypeVar("_C")  # a chunk: bytes, or a view of a buffer used again
+
+
+class _Batches(Generic[_C]):
     """Chunks handed to a consuming thread in batches through a bounded queue: the producer
     puts lists of chunks, then _END (or _ABORT); the thread's `consume` reads them as one
     iterator. On the consumer's failure `failed` is set (the producer stops) and the queue
     is taken until its end, so that the producer never blocks."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[list[bytes] | str] = queue.Queue(_QUEUE_DEPTH)
+        self.queue: queue.Queue[list[_C] | str] = queue.Queue(_QUEUE_DEPTH)
         self.failed = threading.Event()
         self._ended = False
 
-    def _chunks(self) -> Iterator[bytes]:
+    def _chunks(self) -> Iterator[_C]:
         while isinstance(item := self.queue.get(), list):
             yield from item
         self._ended = True
         if item == _ABORT:
             raise _Abort
 
-    def consume(self, consume: Callable[[Iterator[bytes]], None]) -> None:
+    def consume(self, consume: Callable[[Iterator[_C]], None]) -> None:
         """Run `consume` over the chunks (on the calling thread); raise what it raised."""
         try:
             consume(self._chunks())
@@ -612,16 +617,20 @@ class _Batches:
 
 
 def _extract_all(
-    chunks: Iterator[bytes],
+    chunks: Iterator[bytes | memoryview],
     target: Path,
     tablespace_links: dict[int, str] | None,
     divert: Divert | None = None,
     pack_deltas: bool = False,
+    used: Callable[[bytes | memoryview], None] | None = None,
 ) -> None:
-    """Extract the archive's chunks (an _Abort from them: remove what was extracted)."""
+    """Extract the archive's chunks (an _Abort from them: remove what was extracted);
+    `used`: see extract_chunks (a feed writes or copies all it takes before it returns)."""
     with _extracting(target, tablespace_links, divert, pack_deltas) as extractor:
         for chunk in chunks:
             extractor.feed(chunk)
+            if used is not None:
+                used(chunk)
 
 
 async def consume_in_thread(
@@ -638,7 +647,7 @@ async def consume_in_thread(
     from pageserver.malloc_tuning import tune_malloc_for_streams  # ctypes: not at CLI start
 
     tune_malloc_for_streams()
-    batches = _Batches()
+    batches = _Batches[bytes]()
     worker = asyncio.ensure_future(asyncio.to_thread(batches.consume, consume))
 
     async def put(item: list[bytes] | str) -> None:

@@ -39,6 +39,7 @@ from snapfile.container import (
     padded,
     parse_member_header,
 )
+from snapfile.frame_buffers import FrameBuffers, FrameError, decompress_into
 from snapfile.manifest import (
     Checksums,
     FrameEntry,
@@ -62,9 +63,10 @@ class ManifestRead:
 
 @dataclass(frozen=True, slots=True)
 class TarData:
-    """The next `frame.data_size` bytes of the basebackup tar, verified."""
+    """The next `frame.data_size` bytes of the basebackup tar, verified (a view of a buffer
+    lent by the reader's `buffers`, when it has them)."""
 
-    data: bytes
+    data: bytes | memoryview
     frame: FrameEntry
 
 
@@ -81,11 +83,18 @@ ReaderEvent = ManifestRead | TarData | SnapshotEnd
 class SnapshotFileReader:
     """Feed it the file with `feed()`, then call `finish()`; iterate what both return."""
 
-    def __init__(self, label: str = "snapshot file", *, hash_in_background: bool = False) -> None:
+    def __init__(
+        self, label: str = "snapshot file", *, hash_in_background: bool = False,
+        buffers: FrameBuffers | None = None,
+    ) -> None:  # fmt: skip
         """`hash_in_background`: the whole tar's SHA-256 of a version 1 file (version 2 has
         none) runs on a thread of its own (snapfile/background_hash.py), beside the
-        decompression of the next frames; `close` stops that thread."""
+        decompression of the next frames; `close` stops that thread. `buffers`: each frame
+        is decompressed into a buffer taken from them, which the consumer gives back once it
+        used the TarData's bytes (snapfile/frame_buffers.py)."""
         self.label = label
+        self._buffers = buffers
+        self._dctx = zstandard.ZstdDecompressor()
         self.manifest: Manifest | None = None
         self.checksums: Checksums | None = None
         self._buf = bytearray()
@@ -321,10 +330,20 @@ class SnapshotFileReader:
         self._header = None
         self.verified_offset = self._offset
 
-    def _decompress(self, compressed: memoryview, header: MemberHeader, offset: int) -> bytes:
+    def _decompress(
+        self, compressed: memoryview, header: MemberHeader, offset: int
+    ) -> bytes | memoryview:
         assert header.data_size is not None
+        if self._buffers is not None:
+            out = self._buffers.take(header.data_size)
+            try:
+                decompress_into(self._dctx, compressed, out)
+            except FrameError as exc:
+                self._buffers.give_back(out)
+                raise self._corrupt(header.name, offset, str(exc)) from None
+            return out
         try:
-            data = zstandard.ZstdDecompressor().decompress(
+            data = self._dctx.decompress(
                 compressed, max_output_size=max(header.data_size, 1), allow_extra_data=False
             )
         except zstandard.ZstdError as exc:
@@ -352,7 +371,10 @@ class SnapshotFileReader:
             )
         self.manifest = manifest
         if manifest.format_version == 1:
-            self._data_hash = BackgroundSha256() if self._hash_in_background else hashlib.sha256()
+            # In the background only over bytes nobody reuses: a lent buffer is given back
+            # once its consumer used it, maybe before a background hash reached it.
+            background = self._hash_in_background and self._buffers is None
+            self._data_hash = BackgroundSha256() if background else hashlib.sha256()
         self._manifest_entry = MemberEntry(MANIFEST_NAME, offset, header.size, header.sha256)
         return ManifestRead(manifest)
 

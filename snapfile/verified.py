@@ -14,6 +14,7 @@ from pathlib import Path
 from pg15.constants import PG_MAJOR_VERSION
 from proto.errors import CorruptData, InvalidArgument
 from snapfile.delta import SnapshotIdentity
+from snapfile.frame_buffers import FrameBuffers
 from snapfile.manifest import Manifest
 from snapfile.reader import ManifestRead, ReaderEvent, SnapshotEnd, SnapshotFileReader, TarData
 
@@ -40,7 +41,7 @@ _FEED_SIZE = 128 * 1024
 
 async def verified_tar(
     chunks: AsyncIterator[bytes], label: str, on_manifest: Callable[[Manifest], None]
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | memoryview]:
     """The verified basebackup tar inside the `.neon` file arriving as `chunks`; raises
     CorruptData (after the tar's last byte at the latest) unless the whole file checks out.
 
@@ -51,10 +52,10 @@ async def verified_tar(
     events = _TarEvents(on_manifest)
     take = events.take
 
-    def feed(chunk: memoryview) -> list[bytes]:
+    def feed(chunk: memoryview) -> list[bytes | memoryview]:
         return take(reader.feed(chunk))
 
-    working: asyncio.Future[list[bytes]] | None = None  # the chunk before, being read
+    working: asyncio.Future[list[bytes | memoryview]] | None = None  # the chunk before, being read
     try:
         async for chunk in chunks:
             # A copy of a mutable chunk: its source may reuse it while the worker reads it.
@@ -91,8 +92,8 @@ class _TarEvents:
         self._on_manifest = on_manifest
         self.ended = False
 
-    def take(self, events: Iterator[ReaderEvent]) -> list[bytes]:
-        out = []
+    def take(self, events: Iterator[ReaderEvent]) -> list[bytes | memoryview]:
+        out: list[bytes | memoryview] = []
         for event in events:
             if isinstance(event, ManifestRead):
                 self._on_manifest(event.manifest)
@@ -104,14 +105,16 @@ class _TarEvents:
 
 
 def verified_tar_blocking(
-    chunks: Iterable[bytes], label: str, on_manifest: Callable[[Manifest], None]
-) -> Generator[bytes, None, None]:
+    chunks: Iterable[bytes], label: str, on_manifest: Callable[[Manifest], None],
+    buffers: FrameBuffers | None = None,
+) -> Generator[bytes | memoryview, None, None]:  # fmt: skip
     """verified_tar for a caller with a thread of its own and no event loop (the
     pageserver's import of a .neon file): the same checks, each piece verified and
     decompressed on this thread (zstd and hashlib release the GIL), with no hop to a
     worker thread and back per piece (~400 for a 1 GiB pgbench file; in a loaded process
-    each waited for the GIL to wake the loop)."""
-    reader = SnapshotFileReader(label, hash_in_background=True)
+    each waited for the GIL to wake the loop). With `buffers`, each piece of the tar is a
+    view of a buffer lent from them, for the consumer to give back once used."""
+    reader = SnapshotFileReader(label, hash_in_background=True, buffers=buffers)
     events = _TarEvents(on_manifest)
     try:
         for chunk in chunks:

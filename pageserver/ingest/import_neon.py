@@ -183,6 +183,7 @@ def import_neon_file(
     `origin_of` the manifest the caller read (refused if the file's differs)."""
     # The reader and extractor a CLI's pull runs: the same checks.
     from datadir_files.untar import extract_chunks
+    from snapfile.frame_buffers import FrameBuffers
     from snapfile.manifest import Manifest, origin_of
     from snapfile.verified import check_control, check_manifest, verified_tar_blocking
 
@@ -201,10 +202,14 @@ def import_neon_file(
 
     try:
         # On this thread, no event loop: the frames are verified and decompressed here and
-        # the tar extracted (the big files' pages packed) on the extractor's thread.
-        tar = verified_tar_blocking(source.blocks(), label, on_manifest)
+        # the tar extracted (the big files' pages packed) on the extractor's thread. Each
+        # frame is decompressed into a buffer the extractor gives back once it used it (a
+        # new 4 MiB object per frame is mapped and unmapped by the daemon's malloc settings:
+        # every page of every frame faulted in again, snapfile/frame_buffers.py).
+        buffers = FrameBuffers()
+        tar = verified_tar_blocking(source.blocks(), label, on_manifest, buffers)
         with contextlib.closing(tar):  # the file closed now when the extraction failed
-            extract_chunks(tar, pgdata, divert=diverter.divert)
+            extract_chunks(tar, pgdata, divert=diverter.divert, used=buffers.give_back)
         [manifest] = seen
         check_control(pgdata, manifest, label)
         control = read_control_file(pgdata)

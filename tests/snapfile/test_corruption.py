@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from pageserver_api.errors import CorruptData
 from snapfile import Checksums, SnapshotFileReader, TarData
 from snapfile.container import END_OF_ARCHIVE, HEADER_SIZE, member_header, padded, padding
-from snapfile.reader import ReaderEvent, SnapshotEnd
+from snapfile.frame_buffers import FrameBuffers
+from snapfile.reader import ManifestRead, ReaderEvent, SnapshotEnd
 from tests.snapfile.snapfile_helpers import decode_events, encode, generated_bytes, make_manifest
 
 FRAME = 4096
@@ -188,14 +189,32 @@ def test_frame_consistent_with_its_header_but_not_the_checksums_is_caught_at_the
     ],
 )
 def test_bad_frame_content_is_named(data: object, data_size: int, problem: str) -> None:
+    """The same error whether the reader decompresses into new bytes or into its buffers
+    (snapfile/frame_buffers.py, the pageserver's import), and a buffer taken for a frame
+    that failed is given back."""
     import zstandard
 
     one = zstandard.ZstdCompressor().compress(TAR[FRAME : 2 * FRAME])
     raw = one if data is None else one + one if data == "two frames" else data
     assert isinstance(raw, bytes)
-    _, error = decode_until_error(reframed(1, raw, data_size), [])
+    neon = reframed(1, raw, data_size)
+    _, error = decode_until_error(neon, [])
     assert "frames/00000001.zst at offset" in str(error)
     assert problem in str(error)
+    buffers = FrameBuffers()
+    reader = SnapshotFileReader("x.neon", buffers=buffers)
+    lent = []
+    with pytest.raises(CorruptData) as into:
+        for event in reader.feed(neon):
+            assert isinstance(event, TarData | ManifestRead)
+            if isinstance(event, TarData):
+                assert isinstance(event.data, memoryview) and event.data == TAR[:FRAME]
+                lent.append(event.data.obj)
+                buffers.give_back(event.data)
+    # the same member, offset and problem (zstd's own words after it may differ)
+    assert problem in str(into.value)
+    assert str(into.value).split(problem)[0] == str(error).split(problem)[0]
+    assert buffers.take(FRAME).obj is lent[0]  # frame 1 took it, and gave it back
 
 
 def test_oversized_member_is_refused_before_it_is_buffered() -> None:

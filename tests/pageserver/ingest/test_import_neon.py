@@ -26,6 +26,7 @@ from pageserver.ingest.import_neon import DONE_SUFFIX, FAILED_SUFFIX, NeonSource
 from pageserver.storage.timeline_store import TimelineStore
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData, InvalidArgument, Unavailable
+from snapfile import frame_buffers
 from snapfile.manifest import Manifest, origin_of
 from snapfile.verified import verified_tar, verified_tar_blocking
 from snapfile.writer import write_snapshot_file
@@ -103,6 +104,48 @@ def test_the_state_is_the_directorys_and_big_files_are_never_written(
     assert lsn == imp.import_lsn_of(datadir) and early >= 2
     left = big_file(work / "pgdata")  # its size, for the directory's sizes; no data
     assert left.stat().st_size == BIG_PAGES * 8192 and left.stat().st_blocks == 0
+
+
+def test_frames_are_decompressed_into_buffers_the_extractor_gives_back(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new bytes object per frame was faulted in page by page again on the import's thread
+    (the daemon's malloc settings unmap a freed 4 MiB block): the frames now go into a few
+    buffers used again, each given back once the extractor wrote or packed its bytes, and
+    the state is the same."""
+    made: list[Counted] = []
+
+    class Counted(frame_buffers.FrameBuffers):
+        def __init__(self) -> None:
+            super().__init__()
+            self.taken, self.given, self.buffers = 0, 0, set[int]()
+            made.append(self)
+
+        def take(self, size: int) -> memoryview:
+            view = super().take(size)
+            self.taken += 1
+            self.buffers.add(id(view.obj))
+            return view
+
+        def give_back(self, chunk: object) -> None:
+            self.given += isinstance(chunk, memoryview)
+            super().give_back(chunk)
+
+    monkeypatch.setattr(frame_buffers, "FrameBuffers", Counted)
+    path = tmp_path / "x.neon"
+    manifest = neon_file(datadir, path)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    digest, _lsn, _early = imported(path, tmp_path / "work", origin_of(manifest))
+    assert digest == plain
+    [buffers] = made
+    frames = len(tar_of(datadir)) // FRAME
+    assert buffers.taken >= frames > 100
+    assert buffers.given == buffers.taken  # all given back
+    # those of one piece's frames (a 128 KiB piece of this file holds dozens of its 20 KiB
+    # frames) and of the extractor's queue
+    assert len(buffers.buffers) * 20 < frames
 
 
 def layer_files(work: Path) -> list[Path]:
@@ -219,7 +262,7 @@ def test_blocking_verified_tar_equals_the_async_one(
     damage: str,
 ) -> None:
     """verified_tar_blocking (the import's) gives verified_tar's bytes and errors, the
-    file read in chunks of any size."""
+    file read in chunks of any size, also into buffers given back as used."""
     path = tmp_path / "x.neon"
     neon_file(datadir, path)
     data = bytearray(path.read_bytes())
@@ -248,11 +291,19 @@ def test_blocking_verified_tar_equals_the_async_one(
         except CorruptData as exc:
             return str(exc), b""
 
+    def into_buffers() -> bytes:
+        buffers, out = frame_buffers.FrameBuffers(), bytearray()
+        for data in verified_tar_blocking(chunks, "f", manifests.append, buffers):
+            out += data
+            buffers.give_back(data)
+        return bytes(out)
+
     blocking = outcome(lambda: b"".join(verified_tar_blocking(chunks, "f", manifests.append)))
     assert blocking == outcome(lambda: asyncio.run(async_tar()))
+    assert blocking == outcome(into_buffers)
     assert (blocking[0] == "ok") == (damage == "none")
     assert blocking[1] == (tar_of(datadir) if damage == "none" else b"")
-    assert len(manifests) == 2 and manifests[0] == manifests[1]
+    assert len(manifests) == 3 and manifests[0] == manifests[1] == manifests[2]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link"])
