@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import secrets
 import time
@@ -139,6 +140,8 @@ def snapshot_name_for(file_name: str) -> str:
 class Received:
     snapshot: SnapshotInfo
     bytes: int
+    sha256: str
+    """Of the `.neon` file received (the pusher's `sha256`)."""
     seconds: float
     next_token: str
 
@@ -219,7 +222,7 @@ class Receiver:
         `offset`: the bytes `neon snapshot export` writes for it, the same at every read."""
         if not self.serves:
             raise InvalidArgument(
-                "neon snapshot recv only receives snapshots; `neon snapshot serve` also serves them"
+                "this receiver only takes pushes; pull from a `neon snapshot serve`"
             )
         check_object_name(file_name, "the file name")
         stem = file_name.removesuffix(FILE_SUFFIX)
@@ -267,7 +270,8 @@ class Receiver:
             async with contextlib.AsyncExitStack() as imports:  # each import ends in the block
                 register = await self._unpack(counted.chunks(), label, name, workdir, imports)
                 snap, next_token = await publish_once(self._commit, self.tokens, token, register)
-        return Received(snap, counted.bytes, time.monotonic() - started, next_token)
+        seconds = time.monotonic() - started
+        return Received(snap, counted.bytes, counted.sha256.hexdigest(), seconds, next_token)
 
     async def _unpack(
         self, chunks: AsyncIterator[bytes], label: str, name: str, workdir: Path,
@@ -338,15 +342,18 @@ async def publish_once(
 
 
 class _Counted:
-    """The stream's chunks (`chunks()`), counting the bytes (shown by `progress`)."""
+    """The stream's chunks (`chunks()`), counting the bytes (shown by `progress`) and
+    hashing them."""
 
     def __init__(self, chunks: AsyncIterator[bytes], progress: Progress) -> None:
         self._source = chunks
         self._progress = progress
         self.bytes = 0
+        self.sha256 = hashlib.sha256()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         async for chunk in self._source:
             self.bytes += len(chunk)
+            self.sha256.update(chunk)
             self._progress.update(self.bytes, None)
             yield chunk

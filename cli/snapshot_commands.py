@@ -281,7 +281,7 @@ def _rows(app: App) -> list[dict[str, Any]]:
     return rows
 
 
-def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+def snapshot_json_row(row: dict[str, Any]) -> dict[str, Any]:
     """A listing row for --json: the LSN also as text, an origin manifest as an object."""
     shown = {**row, "lsn_text": format_lsn(row["lsn"])}
     if row.get("origin") is not None:
@@ -306,7 +306,7 @@ def snapshot_list(ctx: click.Context, storage: str | None, as_json: bool) -> Non
     if storage is not None:
         rows = in_storage(app, rows, storage)
     if as_json:
-        print_json([_json_row(r) for r in rows])
+        print_json([snapshot_json_row(r) for r in rows])
         return
     print_table(
         ("ID", "SIZE", "PARENT"),

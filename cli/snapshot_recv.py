@@ -20,6 +20,7 @@ import json
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from cli.output import human_size
 from cli.secrets import generate_secret, read_secret, write_secret
 from cli.storages import DEFAULT_STORAGE
 from pageserver.history.snapshots import check_import_name
+from proto.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from cli.receiver import Received, Receiver
@@ -61,7 +63,7 @@ def snapshot_recv(
     if name is not None:
         check_import_name(name)
     receiver = Receiver(
-        app, storage, name, OneTimeTokens(), on_refused=_refused,
+        app, storage, name, OneTimeTokens(), on_refused=_refused("neon snapshot recv"),
         show_progress=not as_json and sys.stderr.isatty(),
     )  # fmt: skip
     stopped_by = asyncio.run(_serve(receiver, address, port, once, use_http, as_json))
@@ -93,7 +95,8 @@ def snapshot_serve(
     if not token_file.exists():
         write_secret(token_file, generate_secret())
     receiver = Receiver(
-        app, storage, None, StandingToken(read_secret(token_file)), on_refused=_refused,
+        app, storage, None, StandingToken(read_secret(token_file)),
+        on_refused=_refused("neon snapshot serve"),
         show_progress=not as_json and sys.stderr.isatty(), serves=True,
     )  # fmt: skip
     served = asyncio.run(_serve(receiver, address, port, False, False, as_json, token_file))
@@ -122,16 +125,25 @@ async def _serve(
             printer.url(received.next_token)
 
     async with AsyncExitStack() as stack:
-        if use_http:
-            printer.port = await _listen_http(stack, receiver, on_received, address, port)
-        else:
-            printer.port = await _listen_proto(stack, receiver, on_received, address, port)
+        listen = _listen_http if use_http else _listen_proto
+        try:
+            printer.port = await listen(stack, receiver, on_received, address, port)
+        except OSError as exc:  # a name that resolves to nothing, a port taken
+            where = f"[{address}]" if ":" in address else address
+            raise InvalidArgument(
+                f"cannot listen on {where}:{port}: {exc.strerror or exc}"
+            ) from None
         printer.url(receiver.tokens.current)
         return await done
 
 
-def _refused(reason: str) -> None:
-    click.echo(f"neon snapshot recv: {reason}", err=True)
+def _refused(command: str) -> Callable[[str], None]:
+    """What logs a refusal on stderr, naming the command that refused."""
+
+    def log(reason: str) -> None:
+        click.echo(f"{command}: {reason}", err=True)
+
+    return log
 
 
 def _finish(done: asyncio.Future[int | None], value: int | None) -> None:
@@ -195,6 +207,7 @@ class _Printer:
                 "lsn": snap.lsn,
                 "lsn_text": snap.lsn_text,
                 "bytes_received": received.bytes,
+                "sha256": received.sha256,
                 "seconds": round(received.seconds, 3),
             },
             None,

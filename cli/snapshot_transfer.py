@@ -40,11 +40,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import click
 
 from cli.context import App, get_app
+
+if TYPE_CHECKING:
+    from cli.neon_file_summary import NeonFileSummary
 from cli.output import human_size, print_json
 from cli.pageserver_control import local_api
 from cli.progress import Progress
@@ -76,13 +80,16 @@ from snapfile.manifest import Manifest
 
 URL_FORMS = (
     "a path, file:///PATH, ssh://[USER@]HOST[:PORT]/PATH, http(s)://HOST[:PORT]/PATH, "
-    "s3://BUCKET/[PREFIX/]NAME or neon://HOST:PORT/[NAME] (what `neon snapshot recv` printed)"
+    "s3://BUCKET/[PREFIX/]NAME or neon://HOST:PORT/[NAME][?token=TOKEN]"
 )
 PUSH_URL_HELP = (
-    f"a .neon file or a directory (ending in '/'): {URL_FORMS}, or an attached s3 or remote "
-    "storage as STORAGE[:NAME]"
+    f"a .neon file or a directory (ending in '/'): {URL_FORMS} (what `neon snapshot recv` or "
+    "`serve` printed), or an attached s3 or remote storage as STORAGE[:NAME]"
 )
-PULL_URL_HELP = f"a .neon file: {URL_FORMS}, or STORAGE:NAME in an attached s3 or remote storage"
+PULL_URL_HELP = (
+    f"a .neon file: {URL_FORMS} (a `neon snapshot serve`: a receiver only takes pushes), or "
+    "STORAGE:NAME in an attached s3 or remote storage"
+)
 ENDPOINT_HELP = (
     "for s3:// URLs: an S3-compatible service, http(s)://HOST[:PORT] (default: "
     "AWS_ENDPOINT_URL, else AWS)"
@@ -485,6 +492,16 @@ def snapshot_push(
     )
 
 
+def _file_fields(summary: NeonFileSummary) -> dict[str, object]:
+    """The pulled file as push --json describes the file it sent."""
+    return {
+        "file_bytes": summary.bytes,
+        "sha256": summary.sha256,
+        "tar_bytes": summary.tar_bytes,
+        "snapshot_bytes": None if summary.delta else summary.tar_bytes,
+    }
+
+
 class _Received(Progress):
     """The progress bar, also counting the bytes read."""
 
@@ -508,8 +525,9 @@ def snapshot_pull(
 ) -> None:  # fmt: skip
     """Fetch a .neon file from URL as snapshot NAME (default: the file's name)."""
     # Imported here: cli.snapshot_commands imports this module to register the commands.
-    from cli.snapshot_commands import import_snapshot, native_storage_path
-    from cli.transport.neon import NeonStore  # on use: see the imports
+    from cli.neon_file_summary import summarize
+    from cli.snapshot_commands import import_snapshot, native_storage_path, snapshot_json_row
+    from cli.transport.neon import NeonStore, keep_token  # on use: see the imports
     from cli.transport.s3 import S3Store
     from cli.transport.spool import SPOOL_DIR, PullSpool
 
@@ -517,6 +535,8 @@ def snapshot_pull(
     app.require_own_pageserver("neon snapshot pull")
     location = parse_transfer_url(app, url, endpoint_url)
     location.object_name  # noqa: B018 (a directory URL: one line)
+    if isinstance(location.store, NeonStore):
+        keep_token(location.store)  # the import parses the shown URL again, without it
     source = location.url if isinstance(location.store, S3Store | NeonStore) else url
     if not is_transport_url(source):
         path = Path(url).absolute()
@@ -554,19 +574,26 @@ def snapshot_pull(
     received = progress.bytes
     if spool is not None:
         received, resumed = spool.fetched, spool.resumed
-        spool.discard()
     seconds = time.monotonic() - started
     if as_json:
+        if isinstance(location.store, FileStore):
+            kept: Path | None = location.store.directory / location.object_name
+        else:
+            assert spool is not None
+            kept = spool.kept(location.url)
         print_json(
             {
-                **snap.to_wire(),
-                "lsn_text": snap.lsn_text,
+                **snapshot_json_row(snap.to_wire()),
                 "url": location.url,
                 "bytes_received": received,
                 "bytes_resumed": resumed,
                 "seconds": round(seconds, 3),
+                **({} if kept is None else _file_fields(summarize(kept))),
             }
         )
+    if spool is not None:
+        spool.discard()
+    if as_json:
         return
     again = f", resumed at {human_size(resumed)} ({resumed} bytes)" if resumed else ""
     click.echo(

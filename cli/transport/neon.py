@@ -50,6 +50,14 @@ def use_token(host: str, port: int, token: str) -> None:
     _TOKENS[(host, port)] = token
 
 
+def keep_token(store: NeonStore) -> None:
+    """`store`'s token (its URL's) for its address's URLs without one, from here on in this
+    process: a URL shown (its token removed) and parsed again still reaches it."""
+    host, port, token = store.address
+    if token is not None:
+        use_token(host, port, token)
+
+
 def use_tls(host: str, port: int, context: ssl.SSLContext) -> None:
     """neon://HOST:PORT is reached over TLS with `context` (a remote storage attached with
     -c tls=on), from here on in this process."""

@@ -64,6 +64,12 @@ class PullSpool(ReadSpool):
         key = hashlib.sha256(url.encode()).hexdigest()[:32]
         return self.directory / f"{key}.neon", self.directory / f"{key}.json"
 
+    def kept(self, url: str) -> Path | None:
+        """The file this process read `url` through (the whole object once the pull that
+        read it succeeded); None when it read around it (another pull held it)."""
+        data, _meta = self._paths(url)
+        return data if data in self._used else None
+
     def discard(self) -> None:
         """Remove the spools this process used (its pull is done, or they did not check out)."""
         for path in self._used:

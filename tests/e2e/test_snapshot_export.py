@@ -250,13 +250,22 @@ def small_tmpfs(where: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_full_disk_is_one_line_and_leaves_nothing(home: NeonCli, out_dir: Path) -> None:
+def test_full_disk_is_one_line_and_leaves_nothing(
+    home: NeonCli, out_dir: Path, sshd: SshServer
+) -> None:
+    """An export, and a push to a directory or over ssh, onto a full disk: one line, nothing
+    visible (a push keeps its hidden partial file, to resume)."""
     with small_tmpfs(out_dir / "full") as full:
         for fmt in ("tar", "neon"):
             target = full / f"snap.{fmt}"
             message = home.fail("snapshot", "export", SNAP, "--format", fmt, "-o", str(target))
             assert "No space left on device" in message and str(target) in message
             assert list(full.iterdir()) == []
+        pushing = with_env(home, sshd.env())
+        for url in (f"{full}/", sshd.url(f"{full}/")):
+            message = pushing.fail("snapshot", "push", "--to", url, SNAP)
+            assert "No space left on device" in message, message
+            assert [p.name for p in full.iterdir() if not p.name.startswith(".")] == []
 
 
 def test_sigint_stops_the_temporary_server(home: NeonCli, out_dir: Path) -> None:
@@ -345,6 +354,8 @@ def test_push_then_pull_through_a_directory(
     try:
         assert pulled["name"] == "pgdata1-snap1"  # '@' is for node snapshots
         assert pulled["bytes_received"] == path.stat().st_size
+        for key in ("sha256", "file_bytes", "snapshot_bytes"):  # the pushed file's, as push said
+            assert pulled[key] == summary[key], key
         assert snapshot_dump(home, "pgdata1-snap1") == reference_dump
     finally:
         home.run("snapshot", "destroy", "pgdata1-snap1")
@@ -510,3 +521,12 @@ def test_push_progress_on_a_tty_only(home: NeonCli, out_dir: Path) -> None:
         home, "snapshot", "push", "--to", str(out_dir / "push-quiet.neon"), SNAP, "--json"
     )
     assert code == 0 and shown == ""
+    # A pull knows the file's size: percent and ETA.
+    code, shown = run_on_tty(
+        home, "snapshot", "pull", "--from", str(out_dir / "push-tty.neon"), "ttypull"
+    )
+    try:
+        assert code == 0, shown
+        assert re.search(r"Pulling ttypull .*100% \| .*B/s \| ETA 00:00", shown), shown
+    finally:
+        home.run("snapshot", "destroy", "ttypull", check=False)

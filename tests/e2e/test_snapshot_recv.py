@@ -124,11 +124,12 @@ def with_env(neon: NeonCli, env: dict[str, str]) -> NeonCli:
     return NeonCli(neon.home, {**neon.env_extra, **env})
 
 
-@pytest.mark.parametrize("scheme", ["file", "ssh", "http", "s3", "neon", "recv-http"])
+@pytest.mark.parametrize("scheme", ["file", "http", "s3", "neon", "recv-http"])
 def test_round_trip_between_two_homes(
     homes: tuple[NeonCli, NeonCli], reference: str, scheme: str, tmp_path: Path
 ) -> None:
-    """push from A; pull into B (or B receives); `pg create --snapshot` on B: pg_dump equal."""
+    """push from A; pull into B (or B receives); `pg create --snapshot` on B: pg_dump equal
+    (ssh: test_ssh_as_the_transcript_writes_it)."""
     sender, receiver = homes
     name = f"rt-{scheme}"
     with contextlib.ExitStack() as stack:
@@ -140,10 +141,6 @@ def test_round_trip_between_two_homes(
         else:
             if scheme == "file":
                 url = f"file://{tmp_path}/x.neon"
-            elif scheme == "ssh":
-                sshd = stack.enter_context(ssh_server())
-                sender, receiver = with_env(sender, sshd.env()), with_env(receiver, sshd.env())
-                url = sshd.url(f"{tmp_path}/x.neon")
             elif scheme == "http":
                 url = stack.enter_context(file_server(tmp_path)).url("x.neon")
             else:
@@ -162,6 +159,44 @@ def test_round_trip_between_two_homes(
     finally:
         receiver.run("pg", "destroy", "--yes", "pgdata1")
         receiver.run("snapshot", "destroy", name)
+
+
+def test_ssh_as_the_transcript_writes_it(homes: tuple[NeonCli, NeonCli]) -> None:
+    """`neon snapshot push --to ssh://user@host pgdata1@snap1` as cli-rfc.md writes it: no
+    port, no path (the host an ssh_config alias, as a user's would be): the file lands in
+    the login directory. Then a delta over ssh (parent set, a few percent of the bytes), and
+    both pulled over ssh into the other home: pg_dump equal."""
+    sender, receiver = homes
+    c = str(sender.json("pg", "show", "pgdata1")["connstr"])
+    names = ("pgdata1@snap1.neon", "pgdata1@ssh2.neon")
+    login_dir = Path(os.path.expanduser("~"))
+    with ssh_server() as sshd:
+        config = sshd.root / "ssh_config_alias"
+        config.write_text(
+            f"Host db2\n  HostName 127.0.0.1\n  Port {sshd.port}\n" + sshd.client_config.read_text()
+        )
+        env = {"NEON_SSH_COMMAND": f"ssh -F {config}"}
+        a, b = with_env(sender, env), with_env(receiver, env)
+        for name in names:
+            (login_dir / name).unlink(missing_ok=True)
+        try:
+            out = a.run("snapshot", "push", "--to", f"ssh://{sshd.user}@db2", SNAP).stdout
+            assert out.startswith(f"Pushed {SNAP} to ssh://{sshd.user}@db2/"), out
+            assert (login_dir / names[0]).is_file()
+            psql(c, "UPDATE t SET v = 'over ssh' WHERE id <= 10")
+            a.run("snapshot", "create", "pgdata1@ssh2")
+            delta = a.json("snapshot", "push", "--to", f"ssh://{sshd.user}@db2", "pgdata1@ssh2")
+            assert delta["parent"] == SNAP
+            assert delta["bytes_sent"] <= 0.05 * delta["snapshot_bytes"], delta
+            for name, as_name in zip(names, ("ssh1", "ssh2"), strict=True):
+                b.run("snapshot", "pull", "--from", f"ssh://{sshd.user}@db2/~/{name}", as_name)
+            assert dump(receiver, "ssh2") == dump(sender, "pgdata1@ssh2")
+        finally:
+            for name in names:
+                (login_dir / name).unlink(missing_ok=True)
+            for name in ("ssh1", "ssh2"):
+                receiver.run("snapshot", "destroy", name, check=False)
+            sender.run("snapshot", "destroy", "pgdata1@ssh2", check=False)
 
 
 def snapshots(neon: NeonCli) -> list[str]:
@@ -187,6 +222,8 @@ def test_push_to_the_url_recv_printed(homes: tuple[NeonCli, NeonCli], reference:
         assert "wrong token for this receiver" in wrong
         none = sender.fail("snapshot", "push", "--to", url2.partition("?")[0], SNAP)
         assert "needs the token it printed" in none
+        read = sender.fail("snapshot", "pull", "--from", url2.replace("/?", "/x.neon?"))
+        assert "this receiver only takes pushes; pull from a `neon snapshot serve`" in read
         taken = sender.fail("snapshot", "push", "--to", url2, SNAP)
         assert "pgdata1@snap1.neon already exists" in taken
         recv.proc.send_signal(signal.SIGTERM)
@@ -205,18 +242,46 @@ def test_push_to_the_url_recv_printed(homes: tuple[NeonCli, NeonCli], reference:
         receiver.run("snapshot", "destroy", "pgdata1-snap1")
 
 
-def test_http_once_with_a_name_and_json(homes: tuple[NeonCli, NeonCli], reference: str) -> None:
-    """`recv --http --once NAME --json`: a PUT from `push --to http://...` (token in the
-    query, never shown); the receiver exits by itself after the snapshot."""
+def test_http_once_with_a_name_and_json(
+    homes: tuple[NeonCli, NeonCli], reference: str, tmp_path: Path
+) -> None:
+    """`recv --http --once NAME --json`: refusals first (a tampered or cut stream: 400, a
+    wrong or missing token: 401), each one line for the pusher (the token never shown), the
+    reason in the receiver's log, nothing kept, the token still good; then a PUT from `push
+    --to http://...` (token in the query, never shown); the receiver exits by itself after
+    the snapshot. (A used token and a taken name: the same Receiver as neon://, above.)"""
     sender, receiver = homes
+    good = tmp_path / "good.neon"
+    sender.run("snapshot", "export", SNAP, "-o", str(good))
+    data = good.read_bytes()
+    tampered = bytearray(data)
+    tampered[len(data) // 2] ^= 0x40
+    storage = receiver.home / "storage" / "local"  # the default native storage
     with receiving(receiver, "movies", "--http", "--once", "--json") as recv:
         url = json.loads(recv.line())["url"]
         assert re.match(r"^http://127\.0\.0\.1:\d+/\?token=[A-Za-z0-9_-]{32}$", url), url
+        token = url.partition("?token=")[2]
+        with pytest.raises(NeonError, match=r"tampered\.neon"):
+            write_object(url, "tampered.neon", bytes(tampered))
+        with pytest.raises(NeonError, match=r"cut\.neon"):
+            write_object(url, "cut.neon", data[: len(data) * 2 // 3])
+        wrong = sender.fail("snapshot", "push", "--to", url[:-4] + "xxxx", SNAP)
+        assert "wrong token for this receiver" in wrong and token[:-4] not in wrong
+        none = sender.fail("snapshot", "push", "--to", url.partition("?")[0], SNAP)
+        assert "(HTTP 401)" in none or "needs the token it printed" in none  # HEAD: no text
+        assert snapshots(receiver) == []
+        assert list(storage.glob(".import-*")) == []
         summary = sender.json("snapshot", "push", "--to", url, SNAP)
         assert summary["url"].endswith("/pgdata1%40snap1.neon?****")
         got = json.loads(recv.line())
         assert recv.proc.wait(timeout=60) == 0
+        assert recv.proc.stderr is not None
+        err = recv.proc.stderr.read()
+    assert "refused tampered.neon: " in err and "refused cut.neon: " in err, err
+    assert "needs the token it printed" in err and "wrong token" in err
+    assert "Traceback" not in err and token not in err
     assert got["snapshot"] == "movies" and got["bytes_received"] == summary["bytes_sent"]
+    assert got["sha256"] == summary["sha256"]
     try:
         assert dump(receiver, "movies") == reference
     finally:
@@ -414,6 +479,8 @@ def test_bad_arguments_are_one_line(homes: tuple[NeonCli, NeonCli]) -> None:
     sender, receiver = homes
     assert "invalid snapshot name" in receiver.fail("snapshot", "recv", "a@b")
     assert "storage 'nope' does not exist" in receiver.fail("snapshot", "recv", "-s", "nope")
+    bad = receiver.fail("snapshot", "recv", "--listen", "999.1.1.1", "--port", "7")
+    assert "cannot listen on 999.1.1.1:7: Name or service not known" in bad
     error = sender.fail("snapshot", "push", "--to", "neon://127.0.0.1/x.neon", SNAP)
     assert "needs a host and a port" in error
     port = free_port()
@@ -487,17 +554,21 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
 
 def test_progress_on_a_tty_only(homes: tuple[NeonCli, NeonCli]) -> None:
     """A transient bar (bytes, rate) while a snapshot arrives, on a terminal; none with
-    --json or without a terminal (the other tests read recv's stderr through a pipe)."""
+    --json or without a terminal (the other tests read recv's stderr through a pipe). This
+    receiver listens where --listen and --port say, and its URL says so."""
     sender, receiver = homes
     master, slave = pty.openpty()
+    port = free_port()
     proc = subprocess.Popen(
-        [NEON, "snapshot", "recv", "--once", "tty"], env=receiver.env(), text=True,
-        stdout=subprocess.PIPE, stderr=slave,
+        [NEON, "snapshot", "recv", "--once", "tty", "--listen", "127.0.0.2", "--port", str(port)],
+        env=receiver.env(), text=True, stdout=subprocess.PIPE, stderr=slave,
     )  # fmt: skip
     os.close(slave)
     try:
         recv = Recv(proc)
-        sender.run("snapshot", "push", "--to", recv.line(), SNAP)
+        url = recv.line()
+        assert re.match(rf"^neon://127\.0\.0\.2:{port}/\?token=[A-Za-z0-9_-]{{32}}$", url), url
+        sender.run("snapshot", "push", "--to", url, SNAP)
         assert proc.wait(timeout=60) == 0
         shown = b""
         with contextlib.suppress(OSError):  # EIO once the child closed the terminal
@@ -540,6 +611,14 @@ def test_serve_is_a_remote_storage(
         pulled = sender.json("snapshot", "pull", "--from", "zcloud:pgdata1-snap1.neon", "back")
         assert pulled["name"] == "back"
         assert dump(sender, "back") == reference
+        # The token in the URL, as issue 12 writes it (not only an attached storage's).
+        token = token_file.read_text().strip()
+        by_url = sender.run(
+            "snapshot", "pull", "--from", f"{served['url']}pgdata1-snap1.neon?token={token}",
+            "back2", "--json",
+        )  # fmt: skip
+        assert token not in by_url.stdout + by_url.stderr
+        assert json.loads(by_url.stdout)["url"] == f"{served['url']}pgdata1-snap1.neon"
         sender.run("snapshot", "create", "pgdata1@snap3")  # 500 rows more than snap1
         delta = sender.json("snapshot", "push", "--to", "zcloud", "pgdata1@snap3")
         assert delta["parent"] == SNAP and delta["bytes_sent"] < pushed["bytes_sent"] / 2
@@ -549,6 +628,7 @@ def test_serve_is_a_remote_storage(
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert "wrong token for this server" in err and "Traceback" not in err
+        assert "neon snapshot serve: refused" in err and "neon snapshot recv:" not in err
         assert read_token_free(err, token_file)
     finally:
         if proc.poll() is None:
@@ -557,6 +637,7 @@ def test_serve_is_a_remote_storage(
         for storage in ("zcloud", "zbad"):
             sender.run("storage", "detach", storage, check=False)
         sender.run("snapshot", "destroy", "back", check=False)
+        sender.run("snapshot", "destroy", "back2", check=False)
         sender.run("snapshot", "destroy", "pgdata1@snap3", check=False)
         for name in ("pgdata1-snap1", "pgdata1-snap3"):
             server_home.run("snapshot", "destroy", name, check=False)

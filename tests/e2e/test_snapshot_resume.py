@@ -242,6 +242,10 @@ def test_push_to_s3_and_pull_killed_and_resumed(
     print(f"resumed pull: {pulled['bytes_received']} of {reference['size']} bytes fetched, "
           f"resumed at {pulled['bytes_resumed']}")  # fmt: skip
     assert pulled["bytes_resumed"] > 0 and pulled["bytes_received"] < reference["size"]
+    # The pulled file, resumed, is the pushed one: its SHA-256 and size, as push says them.
+    assert (pulled["sha256"], pulled["file_bytes"]) == (pushed["sha256"], pushed["file_bytes"])
+    assert pulled["snapshot_bytes"] == pushed["snapshot_bytes"]
+    assert pulled["origin"]["source"] == SNAP  # an object, as `snapshot list --json` has it
     assert spooled() == 0  # a finished pull removes its spool
     # A damaged spool does not check out: dropped, and the pull runs again from the start.
     kill_when(receiver, ["snapshot", "pull", "--from", pushed["url"], "copy2"], spooled, 2 * PART)
