@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,13 +52,16 @@ class FileServer:
     put_lengths: list[str | None] = field(default_factory=list)
     """The Content-Length header of every PUT (None: chunked)."""
 
+    scheme: str = "http"
+    """https when served with a certificate (`file_server(tls=...)`)."""
+
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def url(self, name: str, *, with_auth: bool = True) -> str:
         if self.auth is not None and with_auth:
-            return f"http://{self.auth[0]}:{self.auth[1]}@127.0.0.1:{self.port}/{name}"
+            return f"{self.scheme}://{self.auth[0]}:{self.auth[1]}@127.0.0.1:{self.port}/{name}"
         return f"{self.base}/{name}"
 
     def _authorized(self, request: web.Request) -> bool:
@@ -146,9 +150,16 @@ async def _cancel_others() -> None:
 
 
 @contextlib.contextmanager
-def file_server(root: Path, auth: tuple[str, str] | None = None) -> Iterator[FileServer]:
-    """A FileServer on 127.0.0.1 serving `root`, in a thread of its own; stopped at exit."""
-    server = FileServer(root, free_port(), auth)
+def file_server(
+    root: Path, auth: tuple[str, str] | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[FileServer]:
+    """A FileServer on 127.0.0.1 serving `root`, in a thread of its own; stopped at exit.
+    With `tls` (a certificate and its key: tests/tls.py), over https."""
+    server = FileServer(root, free_port(), auth, scheme="http" if tls is None else "https")
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
     loop = asyncio.new_event_loop()
     app = web.Application(client_max_size=1 << 40)
     app.router.add_route("*", "/{name}", server.handle)
@@ -156,7 +167,8 @@ def file_server(root: Path, auth: tuple[str, str] | None = None) -> Iterator[Fil
     # the rest for 10 s (aiohttp's lingering), and the server's shutdown waits for it.
     runner = web.AppRunner(app, lingering_time=1.0)
     loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", server.port).start())
+    site = web.TCPSite(runner, "127.0.0.1", server.port, ssl_context=context)
+    loop.run_until_complete(site.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:

@@ -156,6 +156,8 @@ async def _reason(response: aiohttp.ClientResponse) -> str:
 
 
 def _client_error(exc: BaseException, url: str, doing: str) -> Unavailable:
+    import aiohttp  # loaded already: the error came from it
+
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         why = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
         return Unavailable(

@@ -31,6 +31,7 @@ from tests.neoncli import NEON, NeonCli, free_port, psql, run_on_tty
 from tests.pgtest import PgTestCluster, PgTestServer, pg_reachable_tmpdir
 from tests.s3d import moto_s3
 from tests.sshd import SshServer, ssh_server
+from tests.tls import self_signed
 
 SNAP = "pgdata1@snap1"
 DUMP_KEY = "snapshotexporttest"  # pg_dump 15.18 prints a random \restrict key otherwise
@@ -384,6 +385,33 @@ def test_push_over_ssh_then_pull_over_http_with_a_cut(
         assert snapshot_dump(home, "overhttp") == reference_dump
     finally:
         home.run("snapshot", "destroy", "overhttp")
+
+
+def test_push_and_pull_over_https(home: NeonCli, out_dir: Path) -> None:
+    """https:// is http over TLS: a certificate SSL_CERT_FILE trusts takes the push and serves
+    the pull (the same file back); one it does not is one line saying what to set."""
+    dest = out_dir / "over-https"
+    dest.mkdir()
+    cert, key = self_signed(out_dir / "tls")
+    with file_server(dest, tls=(cert, key)) as server:
+        url = server.url("x.neon")
+        refused = home.fail("snapshot", "push", "--to", url, SNAP)
+        assert "certificate of 127.0.0.1 is not trusted" in refused and "SSL_CERT_FILE" in refused
+        assert os.listdir(dest) == []
+        trusting = with_env(home, {"SSL_CERT_FILE": str(cert)})
+        pushed = trusting.json("snapshot", "push", "--to", url, SNAP)
+        pulled = trusting.json("snapshot", "pull", "--from", url, "overhttps")
+        missing = trusting.fail("snapshot", "pull", "--from", server.url("gone.neon"))
+        assert "no such file on the server (HTTP 404)" in missing, missing
+    try:
+        assert pulled["sha256"] == pushed["sha256"] == file_sha256(dest / "x.neon")
+        assert pulled["name"] == "overhttps"
+    finally:
+        home.run("snapshot", "destroy", "overhttps")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_push_then_pull_over_s3(home: NeonCli, reference_dump: str) -> None:
