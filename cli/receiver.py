@@ -36,6 +36,7 @@ from cli.delta_import import parent_here
 from cli.neon_file_import import FETCHED_NAME, GrowingFile
 from cli.pageserver_control import local_api
 from cli.progress import Progress
+from cli.receiver_partials import Partials
 from cli.snapshot_commands import (
     check_new_import,
     native_storage_path,
@@ -51,6 +52,7 @@ from cli.snapshot_file_source import (
 )
 from cli.snapshot_import import import_workdir, is_clean_datadir
 from cli.transport.base import ObjectInfo, check_object_name
+from cli.transport.resume import Partial
 from pageserver.history.snapshots import import_name_from
 from pageserver_api.models import (
     BasebackupPlanRequest,
@@ -59,7 +61,14 @@ from pageserver_api.models import (
     SnapshotInfo,
     SnapshotShowRequest,
 )
-from proto.errors import AuthFailed, CorruptData, InvalidArgument, NeonError, NotFound
+from proto.errors import (
+    AuthFailed,
+    CorruptData,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    ProtocolError,
+)
 from proto.server import token_matches
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import encode_manifest, origin_of, snapshot_manifest
@@ -168,6 +177,8 @@ class Receiver:
         self.storage_path = native_storage_path(app, storage)
         self.api = local_api(app)
         self._commit = asyncio.Lock()
+        self.partials = Partials(self.storage_path)
+        self.partials.sweep(time.time())
 
     def authenticate(self, token: str | None) -> None:
         """The hello's check: the current one-time token, else refused (and reported)."""
@@ -190,6 +201,12 @@ class Receiver:
         except NotFound:
             return None
         return ObjectInfo(file_name, 0)
+
+    async def partial(self, file_name: str) -> Partial:
+        """What a cut push of `file_name` left here (cli/receiver_partials.py): the push run
+        again sends from the first byte that differs."""
+        check_object_name(file_name, "the pushed file name")
+        return await asyncio.to_thread(self.partials.describe, file_name)
 
     async def list(self) -> list[ObjectInfo]:
         """The snapshots held here, as the files that would make them, described by their
@@ -244,32 +261,45 @@ class Receiver:
                 skip = 0
 
     async def receive(
-        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None
+        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int = 0
     ) -> Received:
-        """Import the `.neon` stream `chunks` as a snapshot; raises (and keeps nothing) unless
-        the whole stream checked out."""
+        """Import the `.neon` stream `chunks` (after the first `resume_at` bytes a cut push
+        of the name left here) as a snapshot; raises (and names nothing) unless the whole
+        stream checked out. A cut upload's bytes are kept for the push run again."""
         try:
-            return await self._receive(file_name, chunks, token)
+            return await self._receive(file_name, chunks, token, resume_at)
         except (NeonError, OSError) as exc:
             reason = exc.message if isinstance(exc, NeonError) else str(exc)
             self.on_refused(f"refused {file_name}: {reason}")
             raise
 
     async def _receive(
-        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None
+        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int
     ) -> Received:
         self.tokens.check(token)
         assert token is not None
         name = self.snapshot_name(file_name)
         started = time.monotonic()
         await asyncio.to_thread(check_new_import, self.api, name)
+        if resume_at:
+            chunks = self.partials.prefixed(file_name, resume_at, chunks)
         progress = Progress(self.show_progress, f"Receiving {file_name}", transient=True)
         counted = _Counted(chunks, progress)
         label = f"the pushed {file_name}"
         with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
-            async with contextlib.AsyncExitStack() as imports:  # each import ends in the block
-                register = await self._unpack(counted.chunks(), label, name, workdir, imports)
-                snap, next_token = await publish_once(self._commit, self.tokens, token, register)
+            try:
+                async with contextlib.AsyncExitStack() as imports:  # each ends in the block
+                    register = await self._unpack(counted.chunks(), label, name, workdir, imports)
+                    snap, next_token = await publish_once(
+                        self._commit, self.tokens, token, register
+                    )
+            except ProtocolError:  # the upload was cut: kept for the push run again
+                self.partials.keep(file_name, workdir / FETCHED_NAME)
+                raise
+            except BaseException:
+                self.partials.drop(file_name)
+                raise
+        self.partials.drop(file_name)
         seconds = time.monotonic() - started
         return Received(snap, counted.bytes, counted.sha256.hexdigest(), seconds, next_token)
 

@@ -7,7 +7,10 @@ name exists; 400 for a stream that does not check out; 507 when the disk is full
 the reason as one line of plain text (the pushing side shows it). HEAD answers whether the
 name is taken; `GET /neon-index.json` (with the token) lists the snapshots held here as an
 http store's index does (cli/transport/http.py), each described by its manifest, so that a
-push sends a delta on one of them; no snapshot is served for reading.
+push sends a delta on one of them; no snapshot is served for reading. `GET
+/.partial/NAME.neon` answers what a cut push of that file left here (its size and block
+digests, cli/receiver_partials.py), and a PUT with `X-Neon-Resume-At: N` sends the bytes from
+N on: the kept ones go first.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ from __future__ import annotations
 import errno
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 from cli.receiver import Received, Receiver
 from cli.transport.base import CHUNK
-from cli.transport.http import INDEX_NAME, LIVE_INDEX
-from proto.errors import AlreadyExists, AuthFailed, NeonError, NotFound
+from cli.transport.http import INDEX_NAME, LIVE_INDEX, PARTIAL_PATH, RESUME_AT
+from proto.errors import (
+    AlreadyExists,
+    AuthFailed,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    ProtocolError,
+)
 
 _STATUS: list[tuple[type[NeonError], int]] = [
     (AuthFailed, 401),
@@ -31,8 +41,11 @@ _STATUS: list[tuple[type[NeonError], int]] = [
 
 def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) -> web.Application:
     async def put(request: web.Request) -> web.Response:
+        resume_at = request.headers.get(RESUME_AT, "0")
+        if not resume_at.isdigit():
+            raise InvalidArgument(f"{RESUME_AT} must be a byte count, not {resume_at[:40]!r}")
         received = await receiver.receive(
-            request.match_info["name"], _body(request), _token(request)
+            request.match_info["name"], _body(request), _token(request), int(resume_at)
         )
         on_received(received)
         return web.Response(status=201, text=f"received snapshot {received.snapshot.name}\n")
@@ -47,7 +60,13 @@ def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) ->
         listed = [info.to_wire() for info in await receiver.list()]
         return web.json_response(listed, headers={LIVE_INDEX: "live"})
 
+    async def partial(request: web.Request) -> web.Response:
+        receiver.authenticate(_token(request))
+        found = await receiver.partial(request.match_info["name"])
+        return web.json_response({"size": found.size, "digests": list(found.digests)})
+
     app = web.Application(middlewares=[_errors])
+    app.router.add_get(f"/{PARTIAL_PATH}{{name}}", partial, allow_head=False)
     app.router.add_get(f"/{INDEX_NAME}", index, allow_head=False)
     app.router.add_put("/{name}", put)
     app.router.add_route("HEAD", "/{name}", head)
@@ -62,8 +81,13 @@ def _token(request: web.Request) -> str | None:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
-        yield chunk
+    """The PUT's body; a connection lost midway is a cut upload (ProtocolError, as over
+    neon://), whose bytes the receiver keeps for the push run again."""
+    try:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            yield chunk
+    except (ConnectionError, ClientPayloadError) as exc:
+        raise ProtocolError(f"the upload was cut: {exc or type(exc).__name__}") from None
 
 
 @web.middleware

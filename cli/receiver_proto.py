@@ -51,9 +51,16 @@ def object_handlers(
                 "a receiver never replaces a snapshot: push without --force, or destroy the "
                 "snapshot on the receiving side first"
             )
-        received = await receiver.receive(name, ctx.upload(), ctx.token)
+        resume_at = ctx.params.get("resume_at", 0)
+        if not isinstance(resume_at, int) or resume_at < 0:
+            raise InvalidArgument("object.write needs a resume_at of 0 or more")
+        received = await receiver.receive(name, ctx.upload(), ctx.token, resume_at)
         on_received(received)
         return {"snapshot": received.snapshot.name, "bytes": received.bytes}
+
+    async def partial(ctx: RequestContext) -> Any:
+        found = await receiver.partial(_name(ctx))
+        return {"size": found.size, "digests": list(found.digests)}
 
     async def read(ctx: RequestContext) -> Any:
         offset = ctx.params.get("offset", 0)
@@ -73,6 +80,7 @@ def object_handlers(
         "object.stat": stat,
         "object.list": list_,
         "object.write": write,
+        "object.partial": partial,
         "object.read": read,
         "object.delete": refuse,
     }

@@ -9,7 +9,9 @@ resumable (`Store.open_resumable`): an error, SIGINT or SIGKILL leaves what was 
 at the destination (file, ssh: `.NAME.partial`; s3: the pending multipart upload), and the
 same push run again regenerates the same bytes (a snapshot's `.neon` file is the same at
 every export) and sends only what the destination lacks, after checking what it holds is
-those bytes (cli/transport/resume.py); http and neon:// send everything again.
+those bytes (cli/transport/resume.py); neon:// and http to a receiver too (what a cut push
+of a whole file sent is kept there: cli/receiver_partials.py); another http server gets
+everything again.
 
 Incremental: the pusher first reads the manifests of the `.neon` files at the destination
 (`delta_candidates`); the snapshots of this home among them are offered to the daemon, which

@@ -8,10 +8,11 @@ at its name in one step: a rename, a completed PUT), leaving it by an exception 
 writing leaves at most a hidden temporary object, never one at the final name.
 
 A write may also be resumable (`Store.open_resumable`): the transports that can (file, ssh,
-s3) keep what an interrupted write sent, under a hidden name derived from the object's, and a
-later resumable write of the same name skips what they hold after checking it is the very
-bytes being written again (cli/transport/resume.py); http and neon:// cannot (a PUT has no
-partial form) and send everything again.
+s3, and neon:// or http to a `neon snapshot recv`) keep what an interrupted write sent,
+under a hidden name derived from the object's, and a later resumable write of the same name
+skips what they hold after checking it is the very bytes being written again
+(cli/transport/resume.py); another http server cannot (a PUT has no partial form) and gets
+everything again.
 
 Readers are async iterators of chunks. A stream cut in the middle (a dropped connection)
 raises `StreamCut`; `read_object` reopens at the offset reached, so a transfer survives a

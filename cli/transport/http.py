@@ -24,6 +24,12 @@ file listed, as over s3 and file. A `neon snapshot recv --http` answers the same
 (with `X-Neon-Index: live` and each snapshot described by its manifest), and is not written
 to.
 
+Resumable write: a `neon snapshot recv --http` keeps what a cut push of a whole file sent
+(cli/receiver_partials.py) and answers `GET .partial/NAME` with its size and block digests;
+the pusher compares the stream it makes again with them (cli/transport/resume.py) and PUTs
+the bytes from the first block that differs with `X-Neon-Resume-At`. Any other server has
+no such answer (a 404: `NAME` holds no `/`), and gets the whole file.
+
 Credentials in the URL (`https://user:password@host/...`) are sent as basic auth and masked
 in every message; a query string (a presigned URL's signature, a receiver's token) is masked
 too and sent with every request, and such a URL may be signed for one method, so `stat` does
@@ -54,6 +60,7 @@ from cli.transport.base import (
     already_exists,
     check_object_name,
 )
+from cli.transport.resume import NO_PARTIAL, Partial, RemoteAppender, ResumingWriter
 from proto.errors import (
     AuthFailed,
     CorruptData,
@@ -73,6 +80,10 @@ INDEX_NAME = "neon-index.json"
 """The store's own listing, beside its objects (not a `.neon` file, never a snapshot)."""
 LIVE_INDEX = "X-Neon-Index"
 """The header with which a server says it answers the index itself (`live`): not written."""
+PARTIAL_PATH = ".partial/"
+"""Where a receiver answers what it kept of a cut push of a file (`.partial/NAME`)."""
+RESUME_AT = "X-Neon-Resume-At"
+"""The header of a resumed PUT: the bytes before it are the receiver's kept ones."""
 SIGNATURE_PARAMS = frozenset({"x-amz-signature", "signature", "x-goog-signature", "sig"})
 
 
@@ -266,6 +277,37 @@ class HttpStore(Store):
             return SizedWriter(url, shown, overwrite)
         return HttpWriter(url, shown, overwrite, indexed)
 
+    async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        if self._signed:
+            return await self.open_write(name, overwrite=overwrite)
+        partial = await self._partial(name)
+        if partial == NO_PARTIAL:
+            return await self.open_write(name, overwrite=overwrite)
+        url, shown = self._real_url(name), self.object_url(name)
+        indexed = functools.partial(self._update_index, name)
+
+        async def write_from(resume_at: int) -> ObjectWriter:
+            return HttpWriter(url, shown, overwrite, indexed, resume_at)
+
+        return ResumingWriter(partial, RemoteAppender(write_from))
+
+    async def _partial(self, name: str) -> Partial:
+        """What a receiver kept of a cut push of `name`; NO_PARTIAL from any other server."""
+        import aiohttp
+
+        url = self._index_url(PARTIAL_PATH + quote(check_object_name(name, self.url)))
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_timeout()) as session,
+                session.get(url) as response,
+            ):
+                if response.status != 200 or response.content_type != "application/json":
+                    return NO_PARTIAL
+                found = await response.json()
+                return Partial(found["size"], tuple(found["digests"]))
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, KeyError):
+            return NO_PARTIAL  # the write that follows says what is wrong with the server
+
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         import aiohttp
 
@@ -331,12 +373,17 @@ class HttpWriter(QueuedUploadWriter):
     """A PUT whose body is fed by `write`; `commit` ends the body and awaits the answer,
     then puts the object in the store's index (`indexed`)."""
 
-    def __init__(self, url: str, shown: str, overwrite: bool, indexed: Indexed | None) -> None:
+    def __init__(
+        self, url: str, shown: str, overwrite: bool, indexed: Indexed | None, resume_at: int = 0
+    ) -> None:
         self._url, self._overwrite, self._indexed = url, overwrite, indexed
+        self._headers = _condition(overwrite)
+        if resume_at:
+            self._headers[RESUME_AT] = str(resume_at)
         super().__init__(shown)
 
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
-        await _put(self._url, self._shown, body, _condition(self._overwrite))
+        await _put(self._url, self._shown, body, self._headers)
 
     async def commit(self) -> None:
         await super().commit()

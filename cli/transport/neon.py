@@ -5,8 +5,14 @@ The wire is pg-neon's own protocol (proto/: length-prefixed msgpack frames, a he
 the token and the protocol version, then requests; an object is written as one upload
 request whose chunks follow it as raw frames; both ends must speak the same version).
 Methods: `object.stat`, `object.list`, `object.write` (upload), `object.read` (download from
-an offset), `object.delete`; a receiver answers what it can (it receives and lists, it does
-not serve reads or deletes) with a typed error for the rest.
+an offset), `object.delete`, `object.partial`; a receiver answers what it can (it receives and
+lists, it does not serve reads or deletes) with a typed error for the rest.
+
+A push is resumable (`open_resumable`): a receiver keeps what a cut push of a whole file sent
+(cli/receiver_partials.py) and `object.partial` answers its size and block digests; the
+pusher compares the stream it makes again with them (cli/transport/resume.py) and uploads
+from the first block that differs with `resume_at`, the receiver putting its kept bytes
+before the upload's and verifying the whole as ever.
 
 The token comes from the URL's `?token=` or, when the URL has none, from an attached remote
 storage of that address (`use_token`, held in this process only) or the NEON_TOKEN
@@ -16,6 +22,7 @@ URL in a message is the bare `neon://HOST:PORT/NAME`.
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -32,8 +39,9 @@ from cli.transport.base import (
     StreamCut,
     check_object_name,
 )
+from cli.transport.resume import Partial, RemoteAppender, ResumingWriter
 from proto.client import Download, ProtoClient
-from proto.errors import AlreadyExists, InvalidArgument, ProtocolError, Unavailable
+from proto.errors import AlreadyExists, InvalidArgument, NotFound, ProtocolError, Unavailable
 
 URL_FORM = "neon://HOST:PORT/[NAME][?token=TOKEN]"
 TOKEN_ENV = "NEON_TOKEN"
@@ -124,18 +132,38 @@ class NeonStore(Store):
 
     async def stat(self, name: str) -> ObjectInfo | None:
         found = await self._call("object.stat", name=check_object_name(name, self.url))
-        return None if found is None else _info(found, self.url)
+        return None if found is None else ObjectInfo.from_wire(found, self.url)
 
     async def list(self) -> list[ObjectInfo]:
         found = await self._call("object.list")
         if not isinstance(found, list):
             raise ProtocolError(f"{self.url} answered object.list with {type(found).__name__}")
-        return [_info(item, self.url) for item in found]
+        return [ObjectInfo.from_wire(item, self.url) for item in found]
 
     async def open_write(self, name: str, *, overwrite: bool) -> ObjectWriter:
         check_object_name(name, self.url)
         client = await self._connect()
         return NeonWriter(client, name, overwrite, self.object_url(name))
+
+    async def open_resumable(self, name: str, *, overwrite: bool) -> ObjectWriter:
+        check_object_name(name, self.url)
+        try:
+            found = await self._call("object.partial", name=name)
+        except NotFound:  # a receiver of an older version: no partials
+            return await self.open_write(name, overwrite=overwrite)
+        try:
+            partial = Partial(found["size"], tuple(found["digests"]))
+        except (TypeError, KeyError, ValueError):
+            raise ProtocolError(f"{self.url} described a partial file as {found!r:.80}") from None
+        if partial.size == 0:  # nothing kept: the upload opens now, while the file is made
+            return await self.open_write(name, overwrite=overwrite)
+        resumed = RemoteAppender(functools.partial(self._write_from, name, overwrite))
+        return ResumingWriter(partial, resumed)
+
+    async def _write_from(self, name: str, overwrite: bool, resume_at: int) -> ObjectWriter:
+        """A write of `name` from byte `resume_at` (the receiver holds those before)."""
+        client = await self._connect()
+        return NeonWriter(client, name, overwrite, self.object_url(name), resume_at)
 
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
         check_object_name(name, self.url)
@@ -147,29 +175,22 @@ class NeonStore(Store):
         await self._call("object.delete", name=check_object_name(name, self.url))
 
 
-def _info(value: Any, url: str) -> ObjectInfo:
-    if not (
-        isinstance(value, dict)
-        and isinstance(value.get("name"), str)
-        and isinstance(value.get("size"), int)
-        and isinstance(value.get("described"), dict | None)
-    ):
-        raise ProtocolError(f"{url} described an object as {value!r:.80}")
-    return ObjectInfo(value["name"], value["size"], value.get("described"))
-
-
 class NeonWriter(QueuedUploadWriter):
-    """One `object.write` upload; the receiver answers once it verified and kept it all."""
+    """One `object.write` upload (of the bytes from `resume_at` on: those before are the
+    receiver's kept ones); it answers once it verified and kept it all."""
 
-    def __init__(self, client: ProtoClient, name: str, overwrite: bool, shown: str) -> None:
+    def __init__(
+        self, client: ProtoClient, name: str, overwrite: bool, shown: str, resume_at: int = 0
+    ) -> None:
         self._client, self._name, self._overwrite = client, name, overwrite
+        self._resume = {"resume_at": resume_at} if resume_at else {}
         self.result: Any = None
         super().__init__(shown)
 
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
         try:
             self.result = await self._client.upload(
-                "object.write", body, name=self._name, overwrite=self._overwrite
+                "object.write", body, name=self._name, overwrite=self._overwrite, **self._resume
             )
         except AlreadyExists:
             raise AlreadyExists(

@@ -1,5 +1,6 @@
 """Resuming a write into a partial object that an interrupted write of the same name left
-(file and ssh: a hidden `.NAME.partial` beside the target).
+(file and ssh: a hidden `.NAME.partial` beside the target; a `neon snapshot recv`: what it
+kept of a cut push, cli/receiver_partials.py).
 
 Why regenerate and compare rather than trust: the writer never knows what the partial object
 holds (another snapshot, a full file where this is a delta, a torn tail, damage). A `.neon`
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cli.transport.base import ObjectWriter
@@ -149,3 +151,28 @@ class ResumingWriter(ObjectWriter):
 
     async def abort(self) -> None:
         await self._appender.abort()
+
+
+class RemoteAppender(PartialAppender):
+    """A partial object the far side keeps itself (a `neon snapshot recv`, over neon:// or
+    http): `start` opens a write of the bytes from `keep` on (`open_from`), ahead of which
+    the far side puts its first `keep` kept bytes; it verifies the whole at the commit."""
+
+    def __init__(self, open_from: Callable[[int], Awaitable[ObjectWriter]]) -> None:
+        self._open_from = open_from
+        self._writer: ObjectWriter | None = None
+
+    async def start(self, keep: int) -> None:
+        self._writer = await self._open_from(keep)
+
+    async def write(self, data: bytes) -> None:
+        assert self._writer is not None
+        await self._writer.write(data)
+
+    async def commit(self, size: int) -> None:
+        assert self._writer is not None
+        await self._writer.commit()
+
+    async def abort(self) -> None:
+        if self._writer is not None:
+            await self._writer.abort()

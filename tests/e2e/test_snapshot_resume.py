@@ -2,11 +2,13 @@
 and a pull SIGKILLed at several seeded random points, then run again, end with the very bytes
 of an uninterrupted push (same SHA-256) and send less than a whole transfer; no kill leaves a
 file at the destination's name or a snapshot on the receiver. Over a directory, ssh (a real
-sshd) and s3 (moto, parts of 1 MiB) for push, s3 for pull."""
+sshd), s3 (moto, parts of 1 MiB) and `neon snapshot recv` (neon://, --http) for push, s3 for
+pull."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import random
@@ -18,10 +20,12 @@ from typing import Any
 
 import pytest
 
+from cli.receiver_partials import PARTIALS_DIR
 from cli.transport.resume import partial_name
 from cli.transport.spool import SPOOL_DIR
 from tests.e2e.test_snapshot_delta import node_dump
 from tests.e2e.test_snapshot_export import snapshot_dump
+from tests.e2e.test_snapshot_recv import receiving, wait_for
 from tests.neoncli import NeonCli, free_port, psql
 from tests.neoncli import kill_when as neoncli_kill_when
 from tests.pgtest import pg_reachable_tmpdir
@@ -259,3 +263,41 @@ def test_push_to_s3_and_pull_killed_and_resumed(
     assert again["bytes_resumed"] == 0 and again["bytes_received"] >= reference["size"]
     assert spooled() == 0
     assert node_dump(receiver, "copy", "copy1") == snapshot_dump(sender, SNAP)
+
+
+@pytest.mark.parametrize("wire", ["neon", "http"])
+def test_push_to_recv_killed_and_resumed(
+    sender: NeonCli, receiver: NeonCli, reference: dict[str, Any], wire: str
+) -> None:
+    """A push to `neon snapshot recv` (neon://, and --http) killed at seeded points: the
+    receiver keeps what arrived, out of sight, and names no snapshot; the push run again
+    sends only the rest (compared block by block with the kept bytes' digests), and the
+    snapshot it makes has the sender's data; nothing is kept once it is in."""
+    storage = receiver.home / "storage" / "local"  # the default native storage
+    kept = storage / PARTIALS_DIR / FILE
+
+    def arrived() -> int:
+        return max((file_size(p) for p in storage.glob(".import-*/fetched.neon")), default=0)
+
+    with receiving(receiver, *(["--http"] if wire == "http" else [])) as recv:
+        url = recv.line()
+        for at in kill_points(reference["size"], 5 if wire == "neon" else 6):
+            kill_when(sender, ["snapshot", "push", "--to", url, SNAP], arrived, at)
+            wait_for(functools.partial(holds, kept, at), f"the cut push's {at} bytes kept")
+            assert "pgdata1-s1" not in [s["name"] for s in receiver.json("snapshot", "list")]
+        pushed = sender.json("snapshot", "push", "--to", url, SNAP)
+        recv.line()  # the next URL: the snapshot is in
+    print(f"resumed push to recv: {pushed['bytes_sent']} of {reference['size']} bytes sent, "
+          f"resumed at {pushed['bytes_resumed']}")  # fmt: skip
+    assert pushed["sha256"] == reference["sha256"]
+    assert pushed["bytes_resumed"] > 0 and pushed["bytes_sent"] < reference["size"]
+    assert pushed["bytes_sent"] + pushed["bytes_resumed"] == reference["size"]
+    assert not kept.exists()
+    try:
+        assert snapshot_dump(receiver, "pgdata1-s1") == snapshot_dump(sender, SNAP)
+    finally:
+        receiver.run("snapshot", "destroy", "pgdata1-s1")
+
+
+def holds(path: Path, size: int) -> bool:
+    return file_size(path) >= size
