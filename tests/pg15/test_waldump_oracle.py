@@ -6,7 +6,9 @@ commit, savepoints, sequences, unlogged tables and pgbench; two settings also ru
 wal_consistency_checking=all. For every record, LSN, next LSN, prev, rmgr, type, rec/tot length,
 xid and every block reference (rel, fork, block, image, apply, hole, compression) must equal
 what pg_waldump prints. Decoded rmgr structs are then checked against what the SQL did and
-against pg_controldata.
+against pg_controldata. The decoder runs with the C fast path and, over the uncompressed and
+the lz4 (verification images) WAL, again as the pure-Python reference (NEON_PURE_PYTHON=1:
+`neon waldump` and the checks in a child process): the same rows, the same checks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pg15.rmgr.main_data import decode_main
 from pg15.rmgr.xlog import XlogCheckpoint
 from pg15.xlog_reader import RawRecord, WalReader
 from tests.pgtest import PgTestCluster, PgTestServer
+from tests.pure_python import pure_env, run_pure
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +252,7 @@ def parse_pg_waldump_detailed(text: str) -> list[dict[str, object]]:
     return records
 
 
-def our_rows(run: WalRun) -> list[dict[str, object]]:
+def our_rows(run: WalRun, env: dict[str, str] | None = None) -> list[dict[str, object]]:
     proc = subprocess.run(
         [
             NEON,
@@ -264,6 +267,7 @@ def our_rows(run: WalRun) -> list[dict[str, object]]:
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()]
@@ -326,24 +330,48 @@ def test_decoder_matches_pg_waldump(
     for row, nxt in itertools.pairwise(rows):
         assert next_record_lsn(parse_lsn(str(row["end_lsn"]))) == parse_lsn(str(nxt["lsn"]))
     assert parse_lsn(str(rows[-1]["end_lsn"])) == run.end
+    # The pure-Python reader and decoder (NEON_PURE_PYTHON=1) on two of the four WALs: plain,
+    # and compressed with verification images (pglz and zstd differ from lz4 in one flag bit
+    # of the image header; a pure `neon waldump --json` of one WAL takes 20-25 s at load 14).
+    pure = settings["wal_compression"] in ("off", "lz4")
+    if pure:
+        assert our_rows(run, pure_env()) == rows  # every field
 
     if settings["wal_compression"] == "off":
         # Text mode: the columns pg_waldump prints before the desc details, and the blkrefs.
         check_text_output(run)
+        check_text_output(run, pure_env())
 
-    records = list(iter_records(*collect_segments([run.wal_copy]), run.start, run.end))
-    assert [format_lsn(r.lsn) for r in records] == [row["lsn"] for row in rows]
+    wal = (run.wal_copy, run.start, run.end, run.facts, run.control, settings)
+    lsns = check_decoded(*wal)
+    assert lsns == [row["lsn"] for row in rows]
+    if pure:
+        assert run_pure(check_decoded, *wal) == lsns
+
+
+def check_decoded(
+    wal_copy: Path,
+    start: int,
+    end: int,
+    facts: dict[str, int],
+    control: dict[str, str],
+    settings: dict[str, str],
+) -> list[str]:
+    """The decoded records' images, rmgr structs and coverage checked; their LSNs."""
+    records = list(iter_records(*collect_segments([wal_copy]), start, end))
     check_images(records, settings)
-    check_rmgr_structs(records, run)
+    check_rmgr_structs(records, facts, control)
     check_coverage(records, settings)
+    return [format_lsn(r.lsn) for r in records]
 
 
-def check_text_output(run: WalRun) -> None:
+def check_text_output(run: WalRun, env: dict[str, str] | None = None) -> None:
     proc = subprocess.run(
         [NEON, "waldump", "--end", format_lsn(run.end), str(run.wal_copy)],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     ours = proc.stdout.splitlines()
     theirs = pg_waldump(run).splitlines()
@@ -390,9 +418,10 @@ def check_images(records: list[DecodedRecord], settings: dict[str, str]) -> None
     assert (verify_only > 100) == ("wal_consistency_checking" in settings)
 
 
-def check_rmgr_structs(records: list[DecodedRecord], run: WalRun) -> None:
+def check_rmgr_structs(
+    records: list[DecodedRecord], facts: dict[str, int], control: dict[str, str]
+) -> None:
     decoded = [(rec, decode_main(rec)) for rec in records]  # must not raise on any record
-    facts = run.facts
     mains = [m for _, m in decoded]
 
     prepares = {m.gid: m for m in mains if isinstance(m, xact.XactPrepare)}
@@ -438,7 +467,6 @@ def check_rmgr_structs(records: list[DecodedRecord], run: WalRun) -> None:
     assert any(len(m.members) == 2 for m in creates_mx)
 
     checkpoints = [(rec, m) for rec, m in decoded if isinstance(m, XlogCheckpoint)]
-    control = run.control
     _rec, last = next(
         (rec, m)
         for rec, m in reversed(checkpoints)
