@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import hashlib
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import BinaryIO
 
 import zstandard
@@ -92,14 +92,19 @@ class SnapshotFileWriter:
         out = [self.add_frame(self.compress_frame(raw), size) for raw, size in self.cut(data)]
         return b"".join(out)
 
-    def cut(self, data: bytes | bytearray | memoryview) -> list[tuple[FramePieces, int]]:
+    def cut(
+        self, data: bytes | bytearray | memoryview, *, copy: bool = True
+    ) -> list[tuple[FramePieces, int]]:
         """Take tar bytes; return the whole frames (uncompressed, with their sizes) they
         complete, in order. Each must be given back to `add_frame`, compressed, in the same
         order. Bytes are not copied: a frame is views of the chunks given (a mutable buffer
-        is copied first, as the caller may reuse it)."""
+        is copied first, as the caller may reuse it, unless `copy` is False: the caller
+        then keeps it unchanged until the frame of its last byte, `last_frame`, is
+        compressed)."""
         if self._checksums is not None:
             raise InvalidArgument("the snapshot file is already finished")
-        view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
+        kept = data if isinstance(data, bytes) or not copy else bytes(data)
+        view = memoryview(kept).cast("B")
         self._data_size += len(view)
         frame_size = self.manifest.frame_size
         frames = []
@@ -113,6 +118,11 @@ class SnapshotFileWriter:
                 self._frame, self._frame_fill = [], 0
         self._cut_frames += len(frames)
         return frames
+
+    @property
+    def last_frame(self) -> int:
+        """The index of the frame the last byte cut so far went into (-1: none yet)."""
+        return self._cut_frames - (self._frame_fill == 0)
 
     def cut_rest(self) -> tuple[FramePieces, int] | None:
         """After the last `cut`: the last, short frame (the only frame of an empty tar), or
@@ -210,20 +220,32 @@ def encode_snapshot_file(
     *,
     level: int = DEFAULT_LEVEL,
     workers: int = 2,
+    release: Callable[[object], None] | None = None,
 ) -> Generator[bytes, None, None]:
     """The `.neon` file's bytes for the tar arriving as `tar_chunks`, its frames compressed
     by `workers` threads at once (zstd releases the GIL), in order: the same bytes as
     `SnapshotFileWriter.write`. At most 2 x `workers` frames are in flight, so memory stays a
-    few frames; the thread reading `tar_chunks` (making the tar) does no compression."""
+    few frames; the thread reading `tar_chunks` (making the tar) does no compression.
+
+    `release`: mutable chunks are read where they are, not copied, and each is handed to
+    `release` once every frame holding its bytes is compressed (the tar maker's
+    AlignedChunks then lends its buffer again: pageserver/basebackup/tar_stream.py)."""
     writer = SnapshotFileWriter(manifest, level=level)
     limit = 2 * workers
     Pending = tuple[concurrent.futures.Future[bytes], int]
+    held: collections.deque[tuple[int, object]] = collections.deque()  # (last frame, chunk)
+    added = 0  # frames compressed and added
     with concurrent.futures.ThreadPoolExecutor(workers, "snapfile-zstd") as pool:
         pending: collections.deque[Pending] = collections.deque()
 
         def take() -> bytes:
+            nonlocal added
             compressed, size = pending.popleft()
-            return writer.add_frame(compressed.result(), size)
+            out = writer.add_frame(compressed.result(), size)
+            added += 1
+            while release is not None and held and held[0][0] < added:
+                release(held.popleft()[1])
+            return out
 
         try:
 
@@ -234,7 +256,10 @@ def encode_snapshot_file(
                         yield take()
 
             for chunk in tar_chunks:
-                yield from submit(writer.cut(chunk))
+                frames = writer.cut(chunk, copy=release is None)
+                if release is not None:
+                    held.append((writer.last_frame, chunk))
+                yield from submit(frames)
             rest = writer.cut_rest()
             yield from submit([] if rest is None else [rest])
             while pending:

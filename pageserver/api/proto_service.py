@@ -21,6 +21,7 @@ from pageserver.basebackup.snapshot_file import (
     DeltaParent,
     TarCounter,
     delta_parent,
+    snapshot_file_buffers,
     snapshot_file_chunks,
     snapshot_file_manifest,
 )
@@ -270,9 +271,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         return m.BranchResponse(**state)
 
     def plan_basebackup(
-        req: m.BasebackupRequest | m.BasebackupPlanRequest, delta: DeltaParent | None = None
-    ) -> Awaitable[tuple[BasebackupInfo, Iterator[bytes]]]:
-        return _plan_basebackup(ps, req, delta)
+        req: m.BasebackupRequest | m.BasebackupPlanRequest, delta: DeltaParent | None = None,
+        aligned: AlignedChunks | None = None,
+    ) -> Awaitable[tuple[BasebackupInfo, Iterator[bytes]]]:  # fmt: skip
+        return _plan_basebackup(ps, req, delta, aligned)
 
     async def basebackup_plan(
         ctx: RequestContext, req: m.BasebackupPlanRequest
@@ -309,14 +311,19 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
                 delta_parent, ps.find_snapshot, req.snapshot, source, req.delta_from
             )
         try:
-            info, tar_chunks = await plan_basebackup(req, delta)
+            # A whole .neon file: the tar maker's C walk writes the pages into buffers the
+            # frames are compressed from where they lie, each given back once its frames are
+            # (no bytes object per page, no join: the sender's tar thread is a push's
+            # longest serial stage). Deltas keep their own way.
+            aligned = snapshot_file_buffers() if req.snapshot_file and delta is None else None
+            info, tar_chunks = await plan_basebackup(req, delta, aligned)
             tar = TarCounter(tar_chunks)
             chunks: Generator[bytes, None, None] = iter(tar)
             if req.snapshot_file:
                 created = req.created_at if req.created_at is not None else int(time.time())
                 source_name = req.snapshot or req.node_id or ""
                 manifest = snapshot_file_manifest(info, source_name, created, delta)
-                chunks = snapshot_file_chunks(manifest, tar)
+                chunks = snapshot_file_chunks(manifest, tar, aligned)
             sent = 0
             # Handed over and sent a MiB at a time (the first batches smaller, so the reader
             # starts at once: FIRST_HANDOFF_BYTES), as the list of chunks the tar maker made

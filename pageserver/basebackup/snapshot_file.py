@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pageserver.basebackup.delta_tar import DeltaForks
 from pageserver.basebackup.sources import TimelineSource
-from pageserver.basebackup.tar_stream import BasebackupInfo
+from pageserver.basebackup.tar_stream import AlignedChunks, BasebackupInfo
 from pageserver.history.node_store import StorageHistory
 from pageserver.history.snapshot_diff import ReadPoint, is_ancestor
 from pageserver.history.snapshots import Snapshot
@@ -29,6 +29,10 @@ from snapfile.manifest import snapshot_manifest
 from snapfile.writer import encode_snapshot_file
 
 COMPRESSION_THREADS = 2
+FILE_BUFFERS = 24
+"""The tar maker's 1 MiB buffers for a whole file: the frames in flight (2 x
+COMPRESSION_THREADS and the one being cut, 4 MiB each) and the chunks it is making. With
+none free it makes a bytearray (as before, only without the buffer's reuse)."""
 
 
 class TarCounter:
@@ -89,6 +93,16 @@ def snapshot_file_manifest(
     )  # fmt: skip
 
 
-def snapshot_file_chunks(manifest: Manifest, tar: TarCounter) -> Generator[bytes, None, None]:
-    """The `.neon` file's bytes, about one frame's worth at a time."""
-    return encode_snapshot_file(manifest, tar, workers=COMPRESSION_THREADS)
+def snapshot_file_buffers() -> AlignedChunks:
+    """Buffers for a whole file's tar (see snapshot_file_chunks)."""
+    return AlignedChunks(FILE_BUFFERS)
+
+
+def snapshot_file_chunks(
+    manifest: Manifest, tar: TarCounter, aligned: AlignedChunks | None = None
+) -> Generator[bytes, None, None]:
+    """The `.neon` file's bytes, about one frame's worth at a time. With `aligned` (the
+    tar maker's buffers), its chunks are compressed where they lie and given back once
+    their frames are."""
+    release = None if aligned is None else aligned.release
+    return encode_snapshot_file(manifest, tar, workers=COMPRESSION_THREADS, release=release)

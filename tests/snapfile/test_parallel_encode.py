@@ -61,3 +61,43 @@ def test_a_reused_buffer_is_hashed_as_it_was_given() -> None:
 
     parallel = b"".join(encode_snapshot_file(manifest, chunks(), workers=2))
     assert parallel == encode(manifest, tar)[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_chunks_read_in_place_are_released_only_once_their_frames_are_compressed(
+    workers: int,
+) -> None:
+    """With `release`, mutable chunks are not copied: a producer lending a few buffers (the
+    tar maker's AlignedChunks) gets each back only after every frame holding its bytes was
+    compressed, and overwrites it at once; the bytes are the serial writer's, every buffer
+    comes back, and buffers are lent again (chunks spanning frames, frames spanning chunks)."""
+    tar = generated_bytes(23 * FRAME + 77, 23)
+    manifest = make_manifest(FRAME)
+    free = [bytearray(FRAME // 3) for _ in range(4)]
+    lent: dict[int, bytearray] = {}
+    lends = 0
+
+    def chunks() -> Iterator[bytearray]:
+        nonlocal lends
+        size = len(free[0])
+        for at in range(0, len(tar), size):
+            piece = tar[at : at + size]
+            if free and len(piece) == size:
+                buf = free.pop()
+                buf[:] = piece
+                lent[id(buf)] = buf
+                lends += 1
+            else:
+                buf = bytearray(piece)  # none free (or the tail): a new one, never reused
+            yield buf
+
+    def release(chunk: object) -> None:
+        buf = lent.pop(id(chunk), None)
+        if buf is not None:
+            buf[:] = bytes(len(buf))  # reused: whatever still read it would see zeros
+            free.append(buf)
+
+    out = b"".join(encode_snapshot_file(manifest, chunks(), workers=workers, release=release))
+    assert out == encode(manifest, tar)[0]
+    assert not lent and len(free) == 4  # all given back
+    assert lends > 3 * len(free)  # each buffer lent again and again

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pageserver.basebackup import tar_stream
+from pageserver.basebackup.snapshot_file import TarCounter, snapshot_file_chunks
 from pageserver.basebackup.sources import (
     TimelineSource,
     pages_one_by_one,
@@ -46,9 +47,11 @@ from pg15.constants import BLCKSZ
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_file_name
 from pg15.records import decode_record
 from pg15.xlog_reader import WalReader
+from snapfile.reader import TarData, read_snapshot_file
 from tests.native_ext import require_c_extension
 from tests.pageserver.redo.test_verify import run_workload
 from tests.pgtest import PgTestCluster
+from tests.snapfile.snapfile_helpers import make_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +158,19 @@ def _aligned_tar(source: TimelineSource) -> bytes:
     return bytes(out)
 
 
+def _aligned_neon_tar(source: TimelineSource) -> bytes:
+    """The tar inside a whole `.neon` file as the daemon sends it: the pages in
+    AlignedChunks' buffers, compressed where they lie (frames of 1.5 buffers: frames span
+    buffers and buffers frames), each buffer given back once its frames are; all of them
+    back at the end."""
+    aligned = AlignedChunks(count=3)
+    _info, chunks = basebackup_chunks(source, source.lsn, include_vm=True, now=NOW, aligned=aligned)
+    manifest = make_manifest(frame_size=3 * AlignedChunks.PAGES * BLCKSZ // 2)
+    neon = b"".join(snapshot_file_chunks(manifest, TarCounter(chunks), aligned))
+    assert all(isinstance(aligned.take(AlignedChunks.PAGES), memoryview) for _ in range(3))
+    return b"".join(e.data for e in read_snapshot_file(io.BytesIO(neon)) if isinstance(e, TarData))
+
+
 @dataclass
 class Counts:
     bulk_keys: int = 0
@@ -197,6 +213,7 @@ def _same_tar(timeline: Timeline, lsn: int) -> bytes:
     bulk = _tar(TimelineSource(timeline, lsn))
     assert bulk == _tar(PerPage(timeline, lsn, bulk=False)), lsn
     assert _aligned_tar(TimelineSource(timeline, lsn)) == bulk, lsn
+    assert _aligned_neon_tar(TimelineSource(timeline, lsn)) == bulk, lsn
     return bulk
 
 
