@@ -251,18 +251,14 @@ def test_http_once_with_a_name_and_json(
     --to http://...` (token in the query, never shown); the receiver exits by itself after
     the snapshot. (A used token and a taken name: the same Receiver as neon://, above.)"""
     sender, receiver = homes
-    good = tmp_path / "good.neon"
-    sender.run("snapshot", "export", SNAP, "-o", str(good))
-    data = good.read_bytes()
-    tampered = bytearray(data)
-    tampered[len(data) // 2] ^= 0x40
+    data, tampered = exported(sender, tmp_path)
     storage = receiver.home / "storage" / "local"  # the default native storage
     with receiving(receiver, "movies", "--http", "--once", "--json") as recv:
         url = json.loads(recv.line())["url"]
         assert re.match(r"^http://127\.0\.0\.1:\d+/\?token=[A-Za-z0-9_-]{32}$", url), url
         token = url.partition("?token=")[2]
         with pytest.raises(NeonError, match=r"tampered\.neon"):
-            write_object(url, "tampered.neon", bytes(tampered))
+            write_object(url, "tampered.neon", tampered)
         with pytest.raises(NeonError, match=r"cut\.neon"):
             write_object(url, "cut.neon", data[: len(data) * 2 // 3])
         wrong = sender.fail("snapshot", "push", "--to", url[:-4] + "xxxx", SNAP)
@@ -288,6 +284,16 @@ def test_http_once_with_a_name_and_json(
         receiver.run("snapshot", "destroy", "movies")
 
 
+def exported(neon: NeonCli, tmp_path: Path) -> tuple[bytes, bytes]:
+    """SNAP's `.neon` file (what a push sends), and a copy with a byte flipped mid-way."""
+    good = tmp_path / "good.neon"
+    neon.run("snapshot", "export", SNAP, "-o", str(good))
+    data = good.read_bytes()
+    tampered = bytearray(data)
+    tampered[len(data) // 2] ^= 0x40
+    return data, bytes(tampered)
+
+
 def write_object(url: str, name: str, data: bytes, *, abandon: bool = False) -> None:
     """Send `data` as object `name` through the neon:// transport (what push does with a
     .neon stream), or abandon the upload halfway."""
@@ -311,16 +317,12 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
     homes: tuple[NeonCli, NeonCli], tmp_path: Path
 ) -> None:
     sender, receiver = homes
-    good = tmp_path / "good.neon"
-    sender.run("snapshot", "export", SNAP, "-o", str(good))
-    data = good.read_bytes()
-    tampered = bytearray(data)
-    tampered[len(data) // 2] ^= 0x40
+    data, tampered = exported(sender, tmp_path)
     storage = receiver.home / "storage" / "local"  # the default native storage
     with receiving(receiver) as recv:
         url = recv.line()
         with pytest.raises(CorruptData, match=r"tampered\.neon"):
-            write_object(url, "tampered.neon", bytes(tampered))
+            write_object(url, "tampered.neon", tampered)
         with pytest.raises(NeonError, match=r"cut\.neon"):
             write_object(url, "cut.neon", data[: len(data) * 2 // 3])
         write_object(url, "abandoned.neon", data, abandon=True)
