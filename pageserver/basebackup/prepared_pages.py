@@ -83,9 +83,15 @@ def page_point(timeline: Timeline, lsn: int) -> PagePoint:
     return PagePoint(timeline.timeline_id, lsn)
 
 
-_RUNNING, _DONE, _CLAIMED = 1, 2, 3
-"""A fork's state in an entry: the prepare rebuilds it, its pages are in, or the delta took it
-over (the prepare skips it, or drops what it made of it)."""
+_RUNNING, _DONE, _CLAIMED, _READ = 1, 2, 3, 4
+"""A fork's state in an entry: the prepare rebuilds it, its pages are in, the delta took it
+over (the prepare skips it, or drops what it made of it), or the delta read its pages (a
+later pass adds none: the delta rebuilds those it did not find)."""
+FOLLOW_SECONDS = 5.0
+"""How long after its first plan the prepare follows the node's ingest (the change the node
+made just before the checkout, its shutdown checkpoint), planning again as it advances."""
+FOLLOW_POLL = 0.005
+"""Seconds between two looks at the node's ingested LSN while the prepare follows it."""
 WAIT_SECONDS = 1.0
 """At most this long the delta waits for a fork the prepare is rebuilding (it began earlier:
 it normally ends sooner than the delta's own rebuild would); then the delta rebuilds it."""
@@ -159,14 +165,15 @@ class PreparedPages:
             return entry
 
     def start_fork(self, entry: _Entry, fork: Fork, nbytes: int = 0) -> bool:
-        """The prepare begins `fork`, whose pages will take `nbytes`; False where it should
-        not: the entry dropped, the fork taken over by the delta, or its pages would pass the
+        """The prepare begins `fork` (or adds pages to it, rebuilt and not read by the delta
+        yet: a later pass), whose pages will take `nbytes`; False where it should not: the
+        entry dropped, the fork taken over or read by the delta, or its pages would pass the
         bound (left to the delta, which rebuilds them as it streams them: made here whole,
         a newcomer's checkout rebuilt ~320 MiB of pgbench_accounts' pages at once only for
         finish_fork to drop them, the pageserver's peak RSS 310 -> 540-610 MiB)."""
         with self._lock:
             self._expire()
-            if entry.closed.is_set() or fork in entry.forks:
+            if entry.closed.is_set() or entry.forks.get(fork, _DONE) != _DONE:
                 return False
             if not self._fits(entry, nbytes):
                 return False
@@ -281,7 +288,8 @@ class PreparedPages:
                     lambda: entry.forks.get(fork) != _RUNNING or entry.closed.is_set(),
                     WAIT_SECONDS if wait is None else wait,
                 )
-            if entry.forks.get(fork) == _DONE:
+            if entry.forks.get(fork) in (_DONE, _READ):
+                entry.forks[fork] = _READ  # no later pass adds to it now
                 return entry.pages
             entry.forks[fork] = _CLAIMED
             return {}
@@ -332,14 +340,16 @@ def prepare(
     target: Timeline,
     lsn: int,
     keys: Iterable[Key] | Callable[[], Iterable[Key]],
+    follow: Callable[[_Entry], Iterable[Key] | None] | None = None,
 ) -> _Entry | None:
     """Rebuild the pages at (target, lsn) of the relation block keys among `keys` (or those a
     plan gives, called once the entry is made) into a new entry of `cache`, fork by fork in
     key order (the delta's), until done, bounded, expired or closed (taken during the plan,
-    or the delta that took it ended); the entry (None where none was begun: caching off, one
-    there, another prepare running). The caller holds it with `wait_taken`. `lsn` must be
-    ingested on `target` (see the module). Never raises: the delta rebuilds what is
-    missing."""
+    or the delta that took it ended); then, with `follow`, the keys among those it gives
+    (called after each pass, with the entry) not prepared yet, until it gives None. Returns
+    the entry (None where none was begun: caching off, one there, another prepare running).
+    The caller holds it with `wait_taken`. `lsn` must be ingested on `target` (see the
+    module). Never raises: the delta rebuilds what is missing."""
     point = page_point(target, lsn)
     with cache.reserved(point) as entry:
         if entry is None:
@@ -348,6 +358,11 @@ def prepare(
             planned = set(keys()) if callable(keys) else keys
             if cache.planned(entry):
                 entry.done = _rebuild_into(cache, entry, target, lsn, planned)
+                while follow is not None and not entry.closed.is_set():
+                    more = follow(entry)
+                    if more is None:
+                        break
+                    entry.done = _rebuild_into(cache, entry, target, lsn, more) and entry.done
         except Exception:  # a failed prepare costs nothing but its pages
             log.exception("preparing the pages at %s failed", point)
         return entry
@@ -357,13 +372,19 @@ def _rebuild_into(
     cache: PreparedPages, entry: _Entry, target: Timeline, lsn: int, keys: Iterable[Key]
 ) -> bool:
     """Rebuild the forks of `keys`, one at a time, those the delta has not taken over, each
-    only in the blocks the fork has at (target, lsn): one absent there, or a block past its
-    end, is not in the delta (DeltaForks.fork_members) and would only take up the bound."""
+    only in the blocks the fork has at (target, lsn) and not prepared yet (a later pass): one
+    absent there, or a block past its end, is not in the delta (DeltaForks.fork_members) and
+    would only take up the bound. Only this thread adds to `entry.pages`."""
     changed, _resized = fork_keys(keys)
     every = True
     for fork, written in sorted(changed.items()):
+        if entry.forks.get(fork, _DONE) != _DONE:
+            every = every and fork in entry.forks  # taken over or read by the delta
+            continue
         size = get_rel_size(target, *fork, lsn) or 0
-        blocks = sorted(b for b in written if b < size)
+        blocks = sorted(
+            b for b in written if b < size and rel_block_key(*fork, b) not in entry.pages
+        )
         if not blocks:
             continue
         if not cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
@@ -381,27 +402,47 @@ def _rebuild_into(
 def prepare_checkout(cache: PreparedPages, current: Timeline, target: Timeline, lsn: int) -> None:
     """A checkout from `current`'s latest state to (target, lsn): make the entry, plan the
     keys its delta will carry (checkout_delta.checkout_keys, up to the LSN ingested now),
-    rebuild the target's pages of them, hold them until taken or expired. Run on a thread of
+    rebuild the target's pages of them, then follow the node's ingest (`FOLLOW_SECONDS` at
+    most): the checkout comes right after writes the node's receiver may not have ingested
+    yet (bench.checkout's first plan held 825 of the delta's 1368 keys at load 12, the delta
+    then rebuilt the rest itself, after the stop), so each time the ingested LSN moves the
+    keys are planned again and those not prepared rebuilt, until the delta has taken the
+    entry after the last of them. Holds the pages until taken or expired. Run on a thread of
     its own, as foreground work (compaction pauses for it: a user waits for what it makes).
     Never raises."""
     times: list[float] = []
+    upto = [0]
+    """The node's ingested LSN the last plan went up to."""
 
     def plan() -> set[Key]:
         times.append(time.monotonic())
-        now = ReadPoint(current, current.last_record_lsn)
-        keys, _redo = checkout_keys(now, ReadPoint(target, lsn))
-        times.append(time.monotonic())
+        upto[0] = current.last_record_lsn
+        keys, _redo = checkout_keys(ReadPoint(current, upto[0]), ReadPoint(target, lsn))
+        if len(times) == 1:
+            times.append(time.monotonic())
         return keys
 
+    def follow(entry: _Entry) -> set[Key] | None:
+        """The keys planned again once the node ingested more; None once the delta has taken
+        the entry and nothing came since the last plan, or past `FOLLOW_SECONDS`."""
+        while time.monotonic() < times[0] + FOLLOW_SECONDS:
+            taken = entry.taken  # read first: the delta plans before it takes
+            if current.last_record_lsn > upto[0]:
+                return plan()
+            if taken or entry.closed.wait(FOLLOW_POLL):
+                return None
+        return None
+
     with FOREGROUND.held():
-        entry = prepare(cache, target, lsn, plan)
+        entry = prepare(cache, target, lsn, plan, follow)
     if entry is not None:
         end = time.monotonic()
         plan_ms, rebuild_ms = (
-            ((times[1] - times[0]) * 1000, (end - times[1]) * 1000) if len(times) == 2 else (0, 0)
+            ((times[1] - times[0]) * 1000, (end - times[1]) * 1000) if len(times) >= 2 else (0, 0)
         )
         log.info(
-            "prepared %d pages at %s (%s): plan %.0f ms, rebuild %.0f ms", len(entry.pages),
-            entry.point, "complete" if entry.done else "stopped", plan_ms, rebuild_ms,
+            "prepared %d pages at %s (%s): plan %.0f ms, rebuild and follow %.0f ms "
+            "(%d plans)", len(entry.pages), entry.point,
+            "complete" if entry.done else "stopped", plan_ms, rebuild_ms, len(times) - 1,
         )  # fmt: skip
         cache.wait_taken(entry)

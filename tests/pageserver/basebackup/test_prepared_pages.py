@@ -38,9 +38,19 @@ from pageserver.redo.native import redo as native_redo
 from pageserver.storage import keys as K
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
+from pageserver.storage.values import Image
+from pg15.checkpoint import CheckPoint
 from pg15.constants import BLCKSZ
 from tests.native_ext import require_c_extension
-from tests.pageserver.basebackup.test_delta_tar import _history, _members, _page, _record, store
+from tests.pageserver.basebackup.test_delta_tar import (
+    _block,
+    _history,
+    _members,
+    _page,
+    _record,
+    _size,
+    store,
+)
 
 __all__ = ["store"]  # the fixture, imported for this module's tests
 
@@ -291,6 +301,59 @@ def test_a_checkout_prepare_is_taken_while_it_waits(store: TimelineStore) -> Non
     delta = checkout_forks(source, head, 0, pages)
     assert _members(delta, NBLOCKS) == _members(checkout_forks(source, head, 0), NBLOCKS)
     assert delta.prepared_used == delta.pages == len(pages) > 10
+
+
+def test_a_checkout_prepare_follows_the_node_ingest(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys the node ingests after the prepare's first plan (its last writes, still streaming
+    when the checkout starts: bench.checkout's first plan held 825 of the delta's 1368 keys)
+    are planned again and prepared before the delta takes the entry, so the delta rebuilds
+    none itself (before: block 30, after the stop, on the critical path)."""
+    require_c_extension(native_redo, "pageserver.redo._redo")  # the delta's bulk path
+    tl = store.create_timeline()
+    _record(tl, 8, _size(16384, 40), *((_block(16384, b), _page(8, b)) for b in range(40)))
+    checkpoint = CheckPoint(T, 1, 1, True, *[0] * 12)  # the hints' window starts at T
+    _record(tl, T, (K.CHECKPOINT_KEY, Image(checkpoint.pack())))
+    child = store.branch(tl.timeline_id, T)
+    _record(child, 24, (_block(16384, 5), _page(24, 1)))  # the node ingested up to 24
+    source = TimelineSource(store.branch(tl.timeline_id, T), T)
+    cache = PreparedPages(MiB, 30)
+    thread = threading.Thread(target=prepare_checkout, args=(cache, child, tl, T))
+    thread.start()
+    try:
+        entry = _entry_made(cache)
+
+        def until(done: Any) -> bool:
+            deadline = time.monotonic() + 10
+            while not done():
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.005)
+            return True
+
+        first_pass = lambda: entry.planned and set(entry.forks.values()) == {2}  # noqa: E731
+        assert until(first_pass) and set(entry.pages) == {_block(16384, 5)}
+        _record(child, 32, (_block(16384, 30), _page(32, 2)))  # ingested after the plan
+        assert until(lambda: _block(16384, 30) in entry.pages)
+        pages = cache.take(page_point(source.timeline, source.lsn))
+        assert pages is not None
+        rebuilt: list[list[int]] = []
+        real = delta_tar.rebuilt_pages
+
+        def spy(tl: Timeline, lsn: int, *fork_blocks: Any) -> Iterator[bytes]:
+            rebuilt.append(list(fork_blocks[4]))
+            return real(tl, lsn, *fork_blocks)  # type: ignore[no-any-return]
+
+        head, nblocks = ReadPoint(child, 32), {16384: 40}
+        want = _members(checkout_forks(source, head, 0), nblocks)
+        monkeypatch.setattr(delta_tar, "rebuilt_pages", spy)
+        delta = checkout_forks(source, head, 0, pages)
+        assert _members(delta, nblocks) == want
+        assert not any(rebuilt) and delta.prepared_used == delta.pages == 2
+    finally:
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 def _entry_made(cache: PreparedPages) -> _Entry:
