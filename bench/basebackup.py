@@ -38,6 +38,7 @@ from bench.common import (
     say,
     switch_wal,
     throwaway_cluster,
+    vm_hwm_kib,
     wal_segment_size,
 )
 from bench.extract import WalTail, server_settings
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results[f"{side}_runs_s"] = [round(t, 2) for t in times[side]]
     results["speedup_best"] = round(results["per_key_best_s"] / results["bulk_best_s"], 2)
     results["machine_after"] = machine_info()
+    results["pageserver_peak_rss_mib"] = round(vm_hwm_kib() / 1024, 1)
     print_table(
         ["side", "best s", "median s", "MiB/s (best)"],
         [
@@ -132,6 +134,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for side in SIDES
         ],
     )  # fmt: skip
+    print(
+        f"pageserver peak RSS (VmHWM of this process, which runs the page store: import, "
+        f"ingest, both sides' basebackups): {results['pageserver_peak_rss_mib']:.0f} MiB"
+    )
     print_machine(results)
     return results
 

@@ -112,6 +112,24 @@ def process_cpu(pid: int | None) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
 
 
+def vm_hwm_kib(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM) of a live process since it started or since
+    `reset_peak` (0 if it is gone): the pageserver's, or this process's where the bench runs
+    the page store in-process."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak() -> None:
+    """Reset this process's VmHWM (Linux: clear_refs 5): the next reading covers what follows."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 @dataclass(frozen=True)
 class ChildRun:
     returncode: int

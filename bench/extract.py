@@ -70,6 +70,7 @@ from bench.common import (
     switch_wal,
     throwaway_cluster,
     tree_bytes,
+    vm_hwm_kib,
     wal_segment_size,
 )
 from bench.pyspy import recording, summary, wrapped
@@ -537,6 +538,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         snapshot={"db_bytes": db_bytes, **snaps.summary()},
         snapshot_big=big,
+        pageserver_peak_rss_mib=round(vm_hwm_kib() / 1024, 1),
     )
 
     print()
@@ -577,6 +579,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if big is not None:
         rows.append([f"{mib(big['db_bytes']):.0f} MiB", *_snap_row(big["snapshot"])])
     print_table(["database", "n", "median ms", "max ms", "WAL waited (median bytes)"], rows)
+    print(
+        f"pageserver peak RSS (VmHWM of this process, which runs the page store: ingest, "
+        f"extraction, snapshot create, the big node's import): "
+        f"{results['pageserver_peak_rss_mib']:.0f} MiB"
+    )
     print_machine(results)
     return results
 

@@ -65,6 +65,7 @@ from bench.common import (
     say,
     throwaway_cluster,
     tree_bytes,
+    vm_hwm_kib,
 )
 from bench.pyspy import recording, summary, wrapped
 from cli.pgbin import pg_binary, popen_kwargs
@@ -105,17 +106,6 @@ def database_bytes(server: PgTestServer) -> int:
 
 
 # -- timed children ------------------------------------------------------------------------------
-
-
-def vm_hwm_kib(pid: int) -> int:
-    """Peak resident set size of a live process since it started (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,9 +58,11 @@ from bench.common import (
     pgbench_scale,
     print_machine,
     print_table,
+    reset_peak,
     run_benchmark,
     say,
     throwaway_cluster,
+    vm_hwm_kib,
     wal_segment_size,
 )
 from cli import postmaster
@@ -545,7 +547,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chain_pages: dict[PageKey, bytes] = {}
         if native_redo is not None and not args.python_redo:
             say("ours: the product's path: the WAL ingested into a page store, then rebuilt")
+            reset_peak()  # VmHWM from here: the page store runs in this process
+            results["rss_before_chain_mib"] = round(vm_hwm_kib() / 1024, 1)
             chain = chain_redo(w, cluster.base / "store")
+            results["pageserver_peak_rss_mib"] = round(vm_hwm_kib() / 1024, 1)
             chain_pages = main_fork_pages(chain.pages)
             chain.pages.clear()
             chain_same = sum(chain_pages.get(k) == v for k, v in pages.items() if k[1] == 0)
@@ -713,6 +718,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if ours.unsupported or ours.errors:
         print(f"not redone: unsupported {dict(ours.unsupported)}, errors {ours.errors[:3]}")
+    if chain is not None:
+        print(
+            f"pageserver peak RSS (VmHWM of this process over the product's path, which runs "
+            f"the page store: import, ingest, rebuild): {results['pageserver_peak_rss_mib']:.0f}"
+            f" MiB, of which {results['rss_before_chain_mib']:.0f} MiB held before it (the "
+            f"WAL-order replay's pages)"
+        )
+    else:
+        print("pageserver peak RSS: not measured (no page store without the C chain redo)")
     print_machine(results)
     return results
 

@@ -51,8 +51,10 @@ from bench.common import (
     mib_per_s,
     print_machine,
     print_table,
+    reset_peak,
     run_benchmark,
     say,
+    vm_hwm_kib,
 )
 from pageserver.remote.index import RemoteIndex
 from pageserver.remote.objects import open_bucket
@@ -106,18 +108,6 @@ def s3_client(endpoint: str) -> Any:
         "s3", endpoint_url=endpoint, region_name=REGION,
         aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
     )  # fmt: skip
-
-
-def reset_peak() -> None:
-    """Reset this process's VmHWM (Linux: clear_refs 5)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def vmhwm_kib(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def daemon_pid(neon: NeonCli) -> int:
@@ -205,7 +195,7 @@ def timed(coro: Any) -> tuple[float, int]:
     reset_peak()
     started = time.perf_counter()
     asyncio.run(coro)
-    return time.perf_counter() - started, vmhwm_kib()
+    return time.perf_counter() - started, vm_hwm_kib()
 
 
 def tree_size(root: Path) -> int:
@@ -303,8 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 downloaded_bytes=downloaded,
                 downloaded_per_snapshot=round(downloaded / snap_size, 3),
                 downloaded_per_db=round(downloaded / db_bytes, 3),
-                attached_pageserver_vmhwm_kib=vmhwm_kib(daemon_pid(b)),
-                uploading_pageserver_vmhwm_kib=vmhwm_kib(daemon_pid(a)),
+                attached_pageserver_vmhwm_kib=vm_hwm_kib(daemon_pid(b)),
+                uploading_pageserver_vmhwm_kib=vm_hwm_kib(daemon_pid(a)),
             )  # fmt: skip
             cold = [s for s in b.json("snapshot", "list") if s["name"] == "pgdata1@cold"]
             assert cold and int(cold[0]["lsn"]) <= lsn, cold

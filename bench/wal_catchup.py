@@ -58,12 +58,14 @@ from bench.common import (
     print_machine,
     print_table,
     process_cpu,
+    reset_peak,
     restart_lsn,
     run_benchmark,
     run_pg_receivewal,
     say,
     throwaway_cluster,
     tps_of,
+    vm_hwm_kib,
 )
 from cli.pgbin import pg_binary, popen_kwargs
 from pageserver.api.metrics import Metrics
@@ -418,12 +420,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         say("decode only: WalReader.read_batch + decode_records over our archived segments")
         dec, dec_bytes, dec_records = decode_only(follower.store.wal_dir, seg)
+        # The follower runs in this process (its walreceiver child not counted).
+        results["pageserver_peak_rss_mib"] = {"catchup": round(vm_hwm_kib() / 1024, 1)}
 
         live_result = None
         if args.live_seconds > 0:
             say("live: importing the stopped server's data directory, then following it")
+            reset_peak()
             store = imported_store(server, work)
             live_result = uvloop.run(live(server, store, work, args.live_seconds))
+            results["pageserver_peak_rss_mib"]["live"] = round(vm_hwm_kib() / 1024, 1)
         results["machine_after"] = machine_info()
 
     ref_rate = mib_per_s(ref_bytes, ref.wall)
@@ -524,6 +530,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{lag['parts_p50']}, max {lag['parts_max']}; worst samples "
             + ", ".join(f"#{i} {lag['series'][i]} = {list(lag['parts_series'][i])}" for i in worst)
         )
+    rss = results["pageserver_peak_rss_mib"]
+    print(
+        f"pageserver peak RSS (VmHWM of this process, which runs the follower; its walreceiver "
+        f"child not counted): catch-up and decode {rss['catchup']:.0f} MiB"
+        + (f", live import and ingest {rss['live']:.0f} MiB" if "live" in rss else "")
+    )
     print_machine(results)
     return results
 
