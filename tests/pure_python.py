@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ def run_pure(function: Callable[..., T], *args: Any, timeout: float = 900) -> T:
     """`function(*args)` in a child interpreter with NEON_PURE_PYTHON=1: its result (pickled
     back), or an AssertionError with the child's traceback. `function` is a module-level
     function of an importable module; its arguments and result pickle."""
+    started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "tests.pure_python"],
         input=pickle.dumps((function, args)),
@@ -53,11 +55,13 @@ def run_pure(function: Callable[..., T], *args: Any, timeout: float = 900) -> T:
         timeout=timeout,
         check=False,
     )
+    name = getattr(function, "__qualname__", repr(function))
     if proc.returncode != 0:
-        name = getattr(function, "__qualname__", repr(function))
         raise AssertionError(
             f"{name} with NEON_PURE_PYTHON=1 failed:\n{proc.stderr.decode(errors='replace')}"
         )
+    sys.stderr.write(proc.stderr.decode(errors="replace"))  # its prints (shown by -rP)
+    print(f"{name} with NEON_PURE_PYTHON=1: {time.monotonic() - started:.1f} s", file=sys.stderr)
     result: T = pickle.loads(proc.stdout)
     return result
 

@@ -25,11 +25,16 @@ Known, documented differences that are not failures:
 With wal_consistency_checking off the native redo of every rmgr is exercised; rmgrs without
 native redo (whatever `REDO_BY_RMGR` lacks) give UnsupportedRecord, which the test records
 per rmgr and reports instead of failing, since refusing is the specified behaviour.
+
+The store side (import, ingest, layers, reads, redo) runs twice over the same base copy, WAL
+and captures: with the C fast paths, and as the pure-Python reference (NEON_PURE_PYTHON=1, in
+a child process); both must pass and report the same pages, records and differences.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,6 +75,7 @@ from tests.page_compare import (
     sequence_last_value,
 )
 from tests.pgtest import PgTestCluster, PgTestServer
+from tests.pure_python import run_pure
 
 pytestmark = pytest.mark.slow
 
@@ -416,22 +422,48 @@ def test_pagestore_fidelity(pg_cluster: PgTestCluster, tmp_path: Path, wcc: str)
         },
         start=False,
     )
-    store = TimelineStore(tmp_path / "store")
-    tl = store.create_timeline()
+    base = tmp_path / "base"  # the initdb state, imported at its shutdown checkpoint
+    subprocess.run(["cp", "-a", str(server.datadir), str(base)], check=True)
     started = time.monotonic()
-    lsn0 = import_datadir(tl, server.datadir)
     server.start()
     captures = _run_workload(server, tmp_path / "captures")
-    t_workload = time.monotonic()
+    print(f"\nwcc={wcc}: workload {time.monotonic() - started:.1f}s")
+    ours = _check_store(base, server.wal_dir, captures, tmp_path / "store", wcc)
+    pure = run_pure(_check_store, base, server.wal_dir, captures, tmp_path / "pure", wcc)
+    assert pure == ours  # the same records, pages and known differences
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheck:
+    """What `_check_store` found: the same with and without the C fast paths."""
+
+    types: Counter[str]
+    checked: int
+    pages: int
+    unsupported: Counter[str]
+    known_differences: tuple[int, int, int]
+    twophase_files: int
+    clog_xids: int
+
+
+def _check_store(
+    base: Path, wal_dir: Path, captures: list[Capture], store_dir: Path, wcc: str
+) -> StoreCheck:
+    """Import `base`, ingest the WAL (to the first capture, then, reopened, the rest) and
+    compare every capture with the store at its LSN; fail on any mismatch."""
+    store = TimelineStore(store_dir)
+    tl = store.create_timeline()
+    lsn0 = import_datadir(tl, base)
+    started = time.monotonic()
     # Ingest up to the first capture, make it durable, reopen the store (a restart: the
     # metadata cache must reload from the timeline), then ingest the rest.
-    types = _ingest_wal(WalIngest(tl), server.wal_dir, lsn0, captures[0].lsn)
+    types = _ingest_wal(WalIngest(tl), wal_dir, lsn0, captures[0].lsn)
     tl.freeze_and_flush()
     store.close()
-    store = TimelineStore(tmp_path / "store")
+    store = TimelineStore(store_dir)
     tl = store.get(tl.timeline_id)
     assert tl.last_record_lsn == captures[0].lsn
-    types += _ingest_wal(WalIngest(tl), server.wal_dir, lsn0)
+    types += _ingest_wal(WalIngest(tl), wal_dir, lsn0)
     checked = types.pop("checked", 0)
     assert (checked > 0) == (wcc == "all")
     n_records = sum(types.values())
@@ -444,9 +476,8 @@ def test_pagestore_fidelity(pg_cluster: PgTestCluster, tmp_path: Path, wcc: str)
         _compare(tl, cap, report)
     t_compare = time.monotonic()
     print(
-        f"\nwcc={wcc}: {n_records} records ({checked} with verification images) "
-        f"ingested in {t_ingest - t_workload:.1f}s "
-        f"(workload {t_workload - started:.1f}s); {report.pages} pages compared in "
+        f"wcc={wcc}: {n_records} records ({checked} with verification images) "
+        f"ingested in {t_ingest - started:.1f}s; {report.pages} pages compared in "
         f"{t_compare - t_ingest:.1f}s, {len(report.mismatches)} mismatches, "
         f"{report.clog_xids} CLOG statuses; FSM size differences {report.fsm_size_diffs}, "
         f"empty VM pages not in WAL {report.vm_missing_empty}, VM pages without the bits "
@@ -460,3 +491,12 @@ def test_pagestore_fidelity(pg_cluster: PgTestCluster, tmp_path: Path, wcc: str)
     if wcc == "all":
         assert not report.unsupported
     store.close()
+    return StoreCheck(
+        types,
+        checked,
+        report.pages,
+        report.unsupported,
+        (report.fsm_size_diffs, report.vm_missing_empty, report.vm_bits_lost),
+        report.twophase_files,
+        report.clog_xids,
+    )

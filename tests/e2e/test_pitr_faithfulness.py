@@ -6,7 +6,10 @@ workload in phases. After each phase the flush LSN and `pg_dump` of every databa
 For each phase, `pitr extract-snapshot --lsn` + `snapshot start` give the same dumps; for
 random record boundaries in between, the extracted state equals stock PostgreSQL recovery of
 the same WAL with `recovery_target_lsn` (exclusive, so exactly the records that end at or
-before the target are applied, like ours), and amcheck finds nothing.
+before the target are applied, like ours), and amcheck finds nothing. Then the pageserver is
+restarted with NEON_PURE_PYTHON=1 (no C extension loaded: its reads, redo, tar and ingest of
+what its layers do not hold yet in Python) and extracts the first random target again: equal
+to the same stock recovery's dumps, amcheck clean.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import pytest
 from cli import postmaster
 from cli.pgbin import pg_binary
 from datadir_files.pg_account import pg_os_user
+from pageserver.redo.native import redo as native_redo
 from pg15.lsn import format_lsn, parse_lsn
 from tests.neoncli import NeonCli, psql
 from tests.pgtest import free_port
+from tests.pure_python import PURE_ENV, mapped_extensions
 
 pytestmark = pytest.mark.slow
 
@@ -220,13 +225,17 @@ def archive_wal(neon: NeonCli, node: dict[str, str], work: Path) -> Path:
     return archive
 
 
-def compare_random_targets(neon: NeonCli, oracle: Oracle, start: int, n: int, seed: int) -> None:
-    """Extract at `n` random record boundaries after `start`; each equals stock recovery."""
+def compare_random_targets(
+    neon: NeonCli, oracle: Oracle, start: int, n: int, seed: int
+) -> dict[int, dict[str, str]]:
+    """Extract at `n` random record boundaries after `start`; each equals stock recovery
+    (its dumps, by target, are returned)."""
     records = [
         json.loads(line)
         for line in neon.run("waldump", "--json", str(oracle.archive)).stdout.splitlines()
     ]
     candidates = [r["lsn"] for r in records if parse_lsn(r["lsn"]) > max(start, 0x1600000)]
+    recovered = {}
     for i, target_text in enumerate(random.Random(seed).sample(candidates, n)):
         target = parse_lsn(target_text)
         ours, snapped = extract(neon, target, f"rand{i}")
@@ -234,13 +243,33 @@ def compare_random_targets(neon: NeonCli, oracle: Oracle, start: int, n: int, se
             assert snapped <= target
             odir, theirs = oracle.recover_to(target)
             try:
-                assert_same_dumps(dump_all(ours), dump_all(theirs), f"state at {target_text}")
+                recovered[target] = dump_all(theirs)
+                assert_same_dumps(dump_all(ours), recovered[target], f"state at {target_text}")
                 amcheck(ours)
             finally:
                 postmaster.stop(odir, "immediate")
                 shutil.rmtree(odir, ignore_errors=True)
         finally:
             neon.run("snapshot", "stop", f"pgdata1@rand{i}")
+    return recovered
+
+
+def compare_pure_python(neon: NeonCli, recovered: dict[int, dict[str, str]]) -> None:
+    """The pageserver restarted with every C fast path off extracts the first target again:
+    the same stock recovery's dumps, amcheck clean."""
+    pidfile = neon.home / "pageserver" / "pageserver.pid"
+    c_daemon = mapped_extensions(int(pidfile.read_text().split()[0]))
+    assert ("pageserver.redo._redo" in c_daemon) == (native_redo is not None), c_daemon
+    neon.run("pageserver", "stop")
+    pure = NeonCli(neon.home, {**neon.env_extra, **PURE_ENV})
+    target, theirs = next(iter(recovered.items()))
+    ours, _snapped = extract(pure, target, "pure")
+    try:
+        assert not mapped_extensions(int(pidfile.read_text().split()[0]))
+        assert_same_dumps(dump_all(ours), theirs, f"pure Python, state at {format_lsn(target)}")
+        amcheck(ours)
+    finally:
+        pure.run("snapshot", "stop", "pgdata1@pure")
 
 
 def start_node_with_oracle_base(neon: NeonCli) -> tuple[dict[str, str], Path, Path]:
@@ -310,7 +339,8 @@ def test_extracted_states_equal_stock_recovery(neon: NeonCli, tmp_path: Path) ->
 
     # Random record boundaries between the phases, against stock recovery.
     archive = archive_wal(neon, node, work)
-    compare_random_targets(neon, Oracle(base, archive, work), phases[0][0] - 2_000_000, 3, 7)
+    oracle = Oracle(base, archive, work)
+    compare_pure_python(neon, compare_random_targets(neon, oracle, phases[0][0] - 2_000_000, 3, 7))
 
     # Outside the area: a clear error with its bounds.
     err = neon.fail("pitr", "extract-snapshot", "area", "--lsn", "0/100")
@@ -392,4 +422,4 @@ def test_extracted_states_with_tablespaces_equal_stock_recovery(neon: NeonCli) -
             neon.run("snapshot", "stop", f"pgdata1@phase{i}")
 
     oracle = Oracle(base, archive_wal(neon, node, work), work, locations=(far,))
-    compare_random_targets(neon, oracle, phases[0][0] - 300_000, 4, 11)
+    compare_pure_python(neon, compare_random_targets(neon, oracle, phases[0][0] - 300_000, 4, 11))
