@@ -1658,8 +1658,9 @@ restore_into(const Rec *r, const Blk *b, uint8_t *out)
     return OK;
 }
 
-/* Block b of record r redone over prev (NULL: no previous version; prev_len its size) into
- * out: OK, or FALLBACK where the Python redo must run (out is then garbage). The dispatch of
+/* Block b of record r redone over prev (NULL: no previous version; prev_len its size; out
+ * itself: in place) into out: OK, or FALLBACK where the Python redo must run (out is then
+ * garbage: a chain redone in place redoes its records again, chain_redo). The dispatch of
  * XLogReadBufferForRedoExtended as in the Python redo_block: an APPLY image replaces the page;
  * will-init needs no previous version; BLK_NOTFOUND (all-zero page) and BLK_DONE (pd_lsn at
  * or past the record) leave it as it is; else the rmgr's redo, then pd_lsn = EndRecPtr.
@@ -1685,7 +1686,8 @@ redo_into(const Rec *r, const Blk *b, const uint8_t *prev, Py_ssize_t prev_len, 
          * it (Python raises or reads less on such a page; either way it is Python's case). */
         if (LOWER(prev) > BLCKSZ)
             return FALLBACK;
-        memcpy(out, prev, BLCKSZ);
+        if (prev != out)
+            memcpy(out, prev, BLCKSZ);
         if (UPPER(prev) == 0 || r->end_lsn <= get_lsn(prev)) /* BLK_NOTFOUND, BLK_DONE */
             return OK;
     }
@@ -1895,7 +1897,7 @@ vm_visible_into(const Rec *r, const Blk *b, const uint8_t *prev, Py_ssize_t prev
         memset(out, 0, BLCKSZ);
     else if (prev_len != BLCKSZ)
         return FALLBACK;
-    else
+    else if (prev != out)
         memcpy(out, prev, BLCKSZ);
     if (r->end_lsn <= get_lsn(out)) /* BLK_DONE */
         return OK;
@@ -1978,7 +1980,7 @@ vm_clear_into(const Rec *r, uint32_t spc, uint32_t db, uint32_t rel, uint32_t vm
                 memset(out, 0, BLCKSZ);
             else if (prev_len != BLCKSZ)
                 return FALLBACK;
-            else
+            else if (prev != out)
                 memcpy(out, prev, BLCKSZ);
             any = 1;
         }
@@ -2183,43 +2185,47 @@ chain_plan(const uint8_t *key, const Version *v, Py_ssize_t n, int base_known, C
     ch->kind = CHAIN_REDO;
 }
 
-/* A CHAIN_REDO chain's deltas redone into out (BLCKSZ bytes): sets ch->page and ch->done. */
-static void
-chain_redo(Chain *ch, const Version *v, Py_ssize_t n, uint8_t *out)
+/* A CHAIN_REDO chain's deltas v[first_delta..limit) redone in place in out (BLCKSZ bytes),
+ * each over the page the one before left there (no copy of the page per record): the index
+ * of the first one not redone. *in_buf: the page is in out; *have: there is a page (in out,
+ * else the base); *spoiled: the record C gave up on may have written part of itself into the
+ * page in out, which is then not the page before it. */
+static Py_ssize_t
+chain_apply(const Chain *ch, const Version *v, Py_ssize_t limit, uint8_t *out, int *in_buf,
+            int *have, int *spoiled)
 {
-    /* The page is in `cur` once C has changed it; until then it is the base (NULL: None). */
-    uint8_t scratch[BLCKSZ];
-    uint8_t *cur = out, *next = scratch;
     const uint32_t f2 = ch->f2, f3 = ch->f3, f4 = ch->f4, f6 = ch->f6;
     const unsigned f5 = ch->f5;
-    int in_buf = 0, have = ch->base != NULL;
+    *in_buf = 0;
+    *have = ch->base != NULL;
+    *spoiled = 0;
     if (ch->base == NULL && v[ch->first_delta].tag != TAG_DELTA_INIT) {
-        memset(cur, 0, BLCKSZ); /* SLRU and VM pages start from zeros */
-        in_buf = have = 1;
+        memset(out, 0, BLCKSZ); /* SLRU and VM pages start from zeros */
+        *in_buf = *have = 1;
     }
     Py_ssize_t i;
-    for (i = ch->first_delta; i < n; i++) {
+    for (i = ch->first_delta; i < limit; i++) {
         const Version *d = &v[i];
         Rec r;
         if (d->tag == TAG_DELTA_INIT)
-            have = in_buf = 0;
+            *have = *in_buf = 0;
         if (d->len < 9 || decode_raw(d->value + 9, d->len - 9, d->lsn, &r) != OK)
             break;
         const uint8_t *prev = NULL;
         Py_ssize_t prev_len = 0;
-        if (have) {
-            prev = in_buf ? cur : ch->base;
-            prev_len = in_buf ? BLCKSZ : ch->base_len;
+        if (*have) {
+            prev = *in_buf ? out : ch->base;
+            prev_len = *in_buf ? BLCKSZ : ch->base_len;
         }
+        int done;
         if (ch->is_clog) {
-            if (have && prev_len != BLCKSZ)
+            if (*have && prev_len != BLCKSZ)
                 break;
-            if (have)
-                memcpy(next, prev, BLCKSZ);
-            else
-                memset(next, 0, BLCKSZ);
-            if (clog_apply(&r, f4 * SLRU_PAGES_PER_SEGMENT + f6, next) != OK)
-                break;
+            if (!*have)
+                memset(out, 0, BLCKSZ);
+            else if (prev != out)
+                memcpy(out, prev, BLCKSZ);
+            done = clog_apply(&r, f4 * SLRU_PAGES_PER_SEGMENT + f6, out);
         }
         else {
             const Blk *b = NULL;
@@ -2231,27 +2237,37 @@ chain_redo(Chain *ch, const Version *v, Py_ssize_t n, uint8_t *out)
                     break;
                 }
             }
-            int done;
             if (b == NULL)
                 done = f5 == VISIBILITYMAP_FORKNUM
-                           ? vm_clear_into(&r, f2, f3, f4, f6, prev, prev_len, next)
+                           ? vm_clear_into(&r, f2, f3, f4, f6, prev, prev_len, out)
                            : FALLBACK;
             else if (f5 == VISIBILITYMAP_FORKNUM && r.rmgr == RM_HEAP2_ID &&
                      (r.info & XLOG_HEAP_OPMASK) == XLOG_HEAP2_VISIBLE && b->block_id == 0 &&
                      !(b->has_image && (b->bimg_info & BKPIMAGE_APPLY)))
-                done = vm_visible_into(&r, b, prev, prev_len, next);
+                done = vm_visible_into(&r, b, prev, prev_len, out);
             else
-                done = redo_into(&r, b, prev, prev_len, next);
-            if (done != OK)
-                break;
+                done = redo_into(&r, b, prev, prev_len, out);
         }
-        uint8_t *t = cur;
-        cur = next;
-        next = t;
-        in_buf = have = 1;
+        if (done != OK) {
+            *spoiled = *in_buf;
+            break;
+        }
+        *in_buf = *have = 1;
     }
-    if (in_buf && cur != out)
-        memcpy(out, cur, BLCKSZ);
+    return i;
+}
+
+/* A CHAIN_REDO chain's deltas redone into out (BLCKSZ bytes): sets ch->page and ch->done.
+ * Where C gives up on a record after writing part of it into the page, the records before it
+ * are redone again (they did not fail, and do the same again): the Python redo goes on from
+ * the page as it was before that record. */
+static void
+chain_redo(Chain *ch, const Version *v, Py_ssize_t n, uint8_t *out)
+{
+    int in_buf, have, spoiled;
+    Py_ssize_t i = chain_apply(ch, v, n, out, &in_buf, &have, &spoiled);
+    while (spoiled)
+        i = chain_apply(ch, v, i, out, &in_buf, &have, &spoiled);
     ch->page = in_buf ? PAGE_OUT : have ? PAGE_BASE : PAGE_NONE;
     ch->done = i;
 }

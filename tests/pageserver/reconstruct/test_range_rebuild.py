@@ -36,6 +36,7 @@ from pageserver.reconstruct import range_rebuild
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.range_rebuild import rebuild_range
 from pageserver.reconstruct.value_format import encode_delta
+from pageserver.redo.heap import XLH_UPDATE_PREFIX_FROM_OLD
 from pageserver.redo.native import redo as native
 from pageserver.storage import compaction
 from pageserver.storage.compaction import (
@@ -63,7 +64,7 @@ from pageserver.storage.values import TOMBSTONE, Image, Tombstone, WalDelta
 from pg15.constants import RM_HEAP_ID, RM_XACT_ID, VISIBILITYMAP_FORKNUM
 from pg15.lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_file_name
 from pg15.records import decode_record
-from pg15.rmgr.heap import XLOG_HEAP_INSERT
+from pg15.rmgr.heap import XLOG_HEAP_INSERT, XLOG_HEAP_UPDATE
 from pg15.rmgr.xact import (
     XACT_XINFO_HAS_SUBXACTS,
     XACT_XINFO_HAS_TWOPHASE,
@@ -512,6 +513,50 @@ def test_hand_built_chains_equal_the_reference(tmp_path: Path, walk: str) -> Non
     assert set(calls) <= {broken, garbage}, [describe(k) for k in set(calls)]
     page = dict(rebuild_range(tl, FULL_KEYSPACE, [clog], lsns[-1], _reference(tl, lsns[-1])))[clog]
     assert page is not None and page[700 // 4] >> (700 % 4 * 2) & 3 == 1
+    store.close()
+
+
+def _same_page_update_c_gives_up_on() -> bytes:
+    """A heap UPDATE of tuple 1 into tuple 3 on its own page, the new tuple's prefix taken from
+    the old one, whose logged t_hoff (22) is below a tuple header's size: the C redo marks the
+    old tuple updated (in the page) before it gives the record up; Python redoes it."""
+    main = struct.pack("<IHBBIH", 801, 1, 0, XLH_UPDATE_PREFIX_FROM_OLD, 0, 3)
+    data = struct.pack("<H", 1) + struct.pack("<HHB", 2, 0x0802, 22) + b"\0new"
+    block = {"id": 0, "rnode": REL, "fork": 0, "blkno": 3, "data": data}
+    return build_record(RM_HEAP_ID, XLOG_HEAP_UPDATE, xid=801, blocks=[block], main=main)
+
+
+def test_a_record_c_gives_up_on_midway_is_redone_from_the_page_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, walk: str
+) -> None:
+    """The C chain redo redoes a chain's records in place, in one page: where it gives up on
+    a record after writing part of it there, the Python redo is handed the page as the
+    records before left it (here after two inserts), not the half-redone one, and the value
+    equals the reference's."""
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    tl = store.create_timeline()
+    key = rel_block_key(*REL, 0, 3)
+    lsn = 0x100000
+    lsns: list[int] = []
+    for rec, init in ((_heap_insert(1, init=True), True), (_heap_insert(2), False),
+                      (_same_page_update_c_gives_up_on(), False)):  # fmt: skip
+        tl.put(key, lsn, WalDelta(encode_delta(lsn - 0x40, rec), init))
+        tl.advance_last_record_lsn(lsn, lsn - 8)
+        lsns.append(lsn)
+        lsn += 0x100
+    tl.freeze_and_flush()
+    handed: list[tuple[bytes | None, int]] = []
+    go_on = range_rebuild.continue_chain
+
+    def recording(k: Key, page: bytes | None, deltas: list[tuple[int, WalDelta]]) -> bytes:
+        handed.append((page, deltas[0][0]))
+        return go_on(k, page, deltas)
+
+    monkeypatch.setattr(range_rebuild, "continue_chain", recording)
+    got, want = _both(tl, key, lsns[2], [])
+    assert want[0] == "value" and got == want
+    before = _reference(tl, lsns[1])(key)
+    assert handed == [(before, lsns[2])]
     store.close()
 
 
