@@ -8,9 +8,11 @@ import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pageserver.basebackup import delta_tar
 from pageserver.basebackup.delta_tar import DeltaForks, tar_header_size
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_header
@@ -143,6 +145,35 @@ def test_the_delta_pages_read_in_bulk_are_the_per_key_reads(
             assert _members(bulk, nblocks) == reference
         assert planned == []
         assert bulk.pages == per_key.pages > 10
+
+
+def test_a_root_timelines_delta_pages_are_written_in_place(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a root timeline the C walk writes a delta's pages in place, a chunk of them at a
+    time (`filled_records`), never a bytes object per page (`rebuilt_pages`); a branch, whose
+    chains go on into its ancestor, takes the pages one by one. Both give the per-key reads'
+    member bytes, holes (block 20, removed) included."""
+    require_c_extension(native_redo, "pageserver.redo._redo")
+    tl, child = _history(store)
+    parent = ReadPoint(tl, 16)
+    nblocks = {16384: 44, 16385: 3}
+    one_by_one: list[object] = []
+    rebuilt = delta_tar.rebuilt_pages
+
+    def recorded(*args: Any) -> Iterator[bytes]:
+        one_by_one.append(args)
+        return rebuilt(*args)
+
+    monkeypatch.setattr(delta_tar, "rebuilt_pages", recorded)
+    for timeline, lsn, used in ((tl, 40, False), (child, 56, True)):
+        one_by_one.clear()
+        per_key = _members(DeltaForks(TimelineSource(timeline, lsn, bulk=False), parent), nblocks)
+        assert one_by_one == []
+        bulk = DeltaForks(TimelineSource(timeline, lsn), parent)
+        assert _members(bulk, nblocks) == per_key
+        assert bool(one_by_one) == used, (timeline.timeline_id, lsn)
+        assert bulk.pages > 10
 
 
 def test_a_fork_without_pages_is_one_chunk(store: TimelineStore) -> None:
