@@ -394,7 +394,7 @@ async def _plan_push(
         try:
             return await snapshots_in(location.store)
         except InvalidArgument:
-            return {}  # a store that cannot list its objects (a plain http server)
+            return {}  # a store that cannot list its objects (a presigned http URL)
 
     local_part = asyncio.get_running_loop().run_in_executor(None, pageserver)
     asking = asyncio.ensure_future(destination())

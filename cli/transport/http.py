@@ -189,6 +189,8 @@ class HttpStore(Store):
         self._base, self._query = base, query
         self.url = _shown(base)
         self._signed = signed(query)
+        self._live = False
+        """The server answered the index itself (a receiver): a write does not ask again."""
 
     def _real_url(self, name: str) -> str:
         check_object_name(name, self.url)
@@ -245,7 +247,7 @@ class HttpStore(Store):
                     error = status_error(response.status, shown, "GET", await _reason(response))
                     raise InvalidArgument(f"cannot list the files: {error.message}")
                 listed = await response.read()
-                live = response.headers.get(LIVE_INDEX) == "live"
+                live = self._live = response.headers.get(LIVE_INDEX) == "live"
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _client_error(exc, shown, "download") from None
         try:
@@ -259,7 +261,7 @@ class HttpStore(Store):
     async def _update_index(self, name: str, size: int | None) -> None:
         """Put object `name` (`size` bytes; None: removed) in the index, unless the server
         answers the index itself or the URL is signed for one object."""
-        if self._signed:
+        if self._signed or self._live:
             return
         listed, live = await self._read_index()
         if live:
