@@ -64,7 +64,8 @@ class ObjectInfo:
         if not (
             isinstance(value, dict)
             and isinstance(value.get("name"), str)
-            and isinstance(value.get("size"), int)
+            and type(value.get("size")) is int  # not a bool
+            and value["size"] >= 0
             and isinstance(value.get("described"), dict | None)
         ):
             raise ProtocolError(f"{url} described an object as {value!r:.80}")

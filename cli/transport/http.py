@@ -78,6 +78,9 @@ CONNECT_TIMEOUT, READ_TIMEOUT = 30, 300  # seconds; no limit on a whole transfer
 _REASON_BYTES = 500
 INDEX_NAME = "neon-index.json"
 """The store's own listing, beside its objects (not a `.neon` file, never a snapshot)."""
+INDEX_LIMIT = 16 * 1024 * 1024
+"""The most bytes an index is read to (~100k described snapshots): a longer answer at its
+name is not one (a misconfigured server's download), and is not held in memory."""
 LIVE_INDEX = "X-Neon-Index"
 """The header with which a server says it answers the index itself (`live`): not written."""
 PARTIAL_PATH = ".partial/"
@@ -166,6 +169,19 @@ async def _reason(response: aiohttp.ClientResponse) -> str:
     return "".join(c for c in first if c.isprintable())
 
 
+async def _bounded_body(response: aiohttp.ClientResponse, limit: int, shown: str) -> bytes:
+    """The whole body, unless it is over `limit` bytes (CorruptData, read no further)."""
+    too_long = CorruptData(f"{shown} is not an index of .neon files: over {limit} bytes")
+    if (response.content_length or 0) > limit:
+        raise too_long
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise too_long
+    return bytes(body)
+
+
 def _client_error(exc: BaseException, url: str, doing: str) -> Unavailable:
     import aiohttp  # loaded already: the error came from it
 
@@ -225,7 +241,12 @@ class HttpStore(Store):
             raise _client_error(exc, shown, "reach") from None
 
     async def list(self) -> list[ObjectInfo]:
-        found, _live = await self._read_index()
+        """The objects the index lists; InvalidArgument (no listing: a push sends the whole
+        file) when the server answers something else at its name (a catch-all page)."""
+        try:
+            found, _live = await self._read_index()
+        except CorruptData as exc:
+            raise InvalidArgument(f"cannot list the files: {exc.message}") from None
         return found
 
     async def _read_index(self) -> tuple[Listing, bool]:
@@ -246,7 +267,7 @@ class HttpStore(Store):
                 if response.status != 200:  # no index to be had: a whole push, no delta
                     error = status_error(response.status, shown, "GET", await _reason(response))
                     raise InvalidArgument(f"cannot list the files: {error.message}")
-                listed = await response.read()
+                listed = await _bounded_body(response, INDEX_LIMIT, shown)
                 live = self._live = response.headers.get(LIVE_INDEX) == "live"
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _client_error(exc, shown, "download") from None

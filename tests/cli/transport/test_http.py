@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cli.transport import base, parse_location
+from cli.snapshot_file_source import snapshots_in
+from cli.transport import base, http, parse_location
 from cli.transport.base import StreamCut, read_object
 from cli.transport.http import INDEX_NAME, HttpStore
-from proto.errors import AuthFailed, CorruptData, InvalidArgument, NotFound, Unavailable
+from proto.errors import AuthFailed, InvalidArgument, NotFound, Unavailable
 from tests.cli.transport.conftest import S3Bucket, entries
 from tests.httpd import FileServer, file_server
 from tests.pgtest import free_port
@@ -195,6 +196,30 @@ async def test_a_plain_server_keeps_an_index_of_what_was_written(
     assert [(i.name, i.size) for i in await store.list()] == [("a.neon", 10), ("b.neon", len(DATA))]
     await store.delete("a.neon")
     assert [i.name for i in await store.list()] == ["b.neon"]
-    (remote_dir / INDEX_NAME).write_text('{"not": "a list"}')
-    with pytest.raises(CorruptData, match=r"is not an index of \.neon files"):
-        await store.list()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"<!doctype html><html><body>Welcome</body></html>", "Expecting value"),
+        (b'{"not": "a list"}', "not a list"),
+        (b'[{"name": "a.neon", "size": true}]', "described an object as"),
+        (b'[{"name": "a.neon", "size": -1}]', "described an object as"),
+        (b"[" + b" " * 300 + b"]", "over 256 bytes"),
+    ],
+)
+async def test_a_foreign_file_at_the_index_name_is_no_listing(
+    httpd: FileServer, remote_dir: Path, monkeypatch: pytest.MonkeyPatch, body: bytes, why: str
+) -> None:
+    """What a server answers at `neon-index.json` that is not an index (a catch-all page, a
+    stray file, one too long to hold) is no listing, as a server without one (review M1): the
+    push's destination() sends the whole file (InvalidArgument, where CorruptData failed the
+    push), and a write leaves that file as it was."""
+    monkeypatch.setattr(http, "INDEX_LIMIT", 256)
+    (remote_dir / INDEX_NAME).write_bytes(body)
+    store = parse_location(httpd.url("")).store
+    with pytest.raises(InvalidArgument, match=rf"cannot list the files: .*{INDEX_NAME}.*{why}"):
+        await snapshots_in(store)
+    await write_all(httpd.url("a.neon"), b"a" * 10)
+    assert (remote_dir / "a.neon").read_bytes() == b"a" * 10
+    assert (remote_dir / INDEX_NAME).read_bytes() == body
