@@ -103,6 +103,24 @@ class BasebackupResponse(BasebackupPlan):
     tar would hold for a delta."""
 
 
+_TAR_TOTAL = b"\0neon tar total\0"
+"""Begins the chunk announcing the tar's size: a `.neon` file begins with a tar header
+naming `PaxHeaders/manifest.json`, never with a NUL."""
+
+
+def tar_total_chunk(total: int) -> bytes:
+    """The first chunk of a basebackup asked with `tar_total`."""
+    return _TAR_TOTAL + total.to_bytes(8, "big")
+
+
+def read_tar_total(chunk: bytes) -> int | None:
+    """The tar size a basebackup's first chunk announces; None: it is the file's first
+    bytes (a daemon that announces nothing)."""
+    if len(chunk) != len(_TAR_TOTAL) + 8 or not chunk.startswith(_TAR_TOTAL):
+        return None
+    return int.from_bytes(chunk[len(_TAR_TOTAL) :], "big")
+
+
 @method("basebackup", BasebackupResponse, streams=True)
 @dataclass(frozen=True, slots=True)
 class BasebackupRequest(ApiRequest):
@@ -140,6 +158,11 @@ class BasebackupRequest(ApiRequest):
     """With checkout_from, as a tar: the forks of a database directory the delta sends no
     page of are listed in one member (snapfile/delta.py FORK_SIZES), not a member each. An
     older daemon sends a member each."""
+    tar_total: bool | None = None
+    """With snapshot_file: the stream begins with the tar's exact size (`tar_total_chunk`),
+    the tar's members listed before its first byte, so that a push's progress bar shows a
+    percent and an ETA. An older daemon sends none (`read_tar_total` tells its first chunk
+    from a `.neon` file's)."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
@@ -158,6 +181,8 @@ class BasebackupRequest(ApiRequest):
                     "snapshot_file)"
                 )
         _check_positive("pg_timeline", self.pg_timeline)
+        if self.tar_total and not self.snapshot_file:
+            raise InvalidArgument("basebackup tar_total applies to a snapshot file only")
         if self.created_at is not None and not self.snapshot_file:
             raise InvalidArgument("basebackup created_at applies to a snapshot file only")
         if self.delta_from is not None and not (self.snapshot_file and self.snapshot):

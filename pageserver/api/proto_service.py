@@ -30,6 +30,7 @@ from pageserver.basebackup.tar_stream import (
     HANDOFF_BYTES,
     AlignedChunks,
     BasebackupInfo,
+    PlannedTar,
     basebackup_chunks,
     batched,
 )
@@ -38,6 +39,7 @@ from pageserver.history.flusher import FOREGROUND
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
+from pageserver_api.models_snapshots import tar_total_chunk
 from pg15.constants import BLCKSZ, FORK_NAMES
 from pg15.lsn import format_lsn
 from proto.errors import InvalidArgument, NotFound
@@ -52,7 +54,7 @@ async def _plan_basebackup(
     req: m.BasebackupRequest | m.BasebackupPlanRequest,
     delta: DeltaParent | None = None,
     aligned: AlignedChunks | None = None,
-) -> tuple[BasebackupInfo, Iterator[bytes]]:
+) -> tuple[BasebackupInfo, PlannedTar]:
     """Validate a basebackup and describe it; its tar chunks are produced lazily (a delta's
     relation forks by `delta`; pages joined into `aligned`'s buffers if given)."""
     source, tli = await on_own_thread(
@@ -273,7 +275,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     def plan_basebackup(
         req: m.BasebackupRequest | m.BasebackupPlanRequest, delta: DeltaParent | None = None,
         aligned: AlignedChunks | None = None,
-    ) -> Awaitable[tuple[BasebackupInfo, Iterator[bytes]]]:  # fmt: skip
+    ) -> Awaitable[tuple[BasebackupInfo, PlannedTar]]:  # fmt: skip
         return _plan_basebackup(ps, req, delta, aligned)
 
     async def basebackup_plan(
@@ -317,6 +319,8 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             # longest serial stage). Deltas keep their own way.
             aligned = snapshot_file_buffers() if req.snapshot_file and delta is None else None
             info, tar_chunks = await plan_basebackup(req, delta, aligned)
+            if req.tar_total:
+                await ctx.send(tar_total_chunk(await asyncio.to_thread(tar_chunks.size)))
             tar = TarCounter(tar_chunks)
             chunks: Generator[bytes, None, None] = iter(tar)
             if req.snapshot_file:

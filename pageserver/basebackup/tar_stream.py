@@ -198,17 +198,78 @@ def _tarfile_header(name: str, size: int, mtime: int, is_dir: bool) -> bytes:
     return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
 
 
-def tar_file(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iterator[bytes]:
+@dataclass(frozen=True, slots=True)
+class Content:
+    """A member's data not made yet: `size` bytes that `chunks` (lazy: a generator) makes
+    when the archive is written, so that the archive's size is known before its pages are
+    read (`PlannedTar.size`)."""
+
+    name: str
+    size: int
+    chunks: Iterable[bytes]
+
+
+Piece = bytes | bytearray | memoryview | Content
+"""What an archive is planned as: bytes made already (headers, padding, small files), or a
+member's `Content`."""
+
+
+def tar_member(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iterator[Piece]:
+    """A member's pieces: its header, its `Content` (checked to be `size` bytes when
+    made), its padding."""
     yield tar_header(name, size, mtime)
-    written = 0
-    for chunk in chunks:
-        written += len(chunk)
-        yield chunk
-    if written != size:
-        raise CorruptData(f"basebackup: {name} produced {written} bytes, expected {size}")
+    yield Content(name, size, chunks)
     pad = -size % _TAR_BLOCK
     if pad:
         yield bytes(pad)
+
+
+def _made(content: Content) -> Iterator[bytes]:
+    written = 0
+    for chunk in content.chunks:
+        written += len(chunk)
+        yield chunk
+    if written != content.size:
+        raise CorruptData(
+            f"basebackup: {content.name} produced {written} bytes, expected {content.size}"
+        )
+
+
+def tar_bytes_of(pieces: Iterable[Piece]) -> Iterator[bytes]:
+    """The archive's bytes: each `Content` made where it comes."""
+    for piece in pieces:
+        if isinstance(piece, Content):
+            yield from _made(piece)
+        else:
+            yield cast(bytes, piece)  # bytes, or a view of AlignedChunks: len and buffer
+
+
+def tar_file(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iterator[bytes]:
+    return tar_bytes_of(tar_member(name, size, chunks, mtime))
+
+
+class PlannedTar(Iterator[bytes]):
+    """An archive's bytes, made lazily as they are read; `size()`, asked before the first
+    byte, lists every member first (what the tar maker reads of the page store to name
+    and size them: relation and SLRU sizes, small files, a delta's changed blocks, not
+    the pages) and gives the archive's exact size: the total of a push's progress bar.
+    Unasked, members are listed as they are written (a checkout's delta starts at once)."""
+
+    def __init__(self, pieces: Iterator[Piece]) -> None:
+        self._pieces = pieces
+        self._chunks: Iterator[bytes] | None = None
+
+    def size(self) -> int:
+        if self._chunks is not None:
+            raise RuntimeError("the archive's size is asked before its first byte is read")
+        listed = list(self._pieces)
+        self._pieces = iter(listed)
+        return sum(p.size if isinstance(p, Content) else len(p) for p in listed)
+
+    def __next__(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = tar_bytes_of(self._pieces)
+        return next(self._chunks)
 
 
 def tar_sparse_file(
@@ -252,8 +313,8 @@ def tar_sparse_file(
         yield bytes(-stored % _TAR_BLOCK)
 
 
-def _tar_bytes(name: str, data: bytes, mtime: int) -> Iterator[bytes]:
-    return tar_file(name, len(data), [data], mtime)
+def _tar_bytes(name: str, data: bytes, mtime: int) -> Iterator[Piece]:
+    return tar_member(name, len(data), [data], mtime)
 
 
 class ForkContent(Protocol):
@@ -262,13 +323,13 @@ class ForkContent(Protocol):
 
     def fork_members(
         self, path: str, spc: int, db: int, rel: int, fork: int, nblocks: int, mtime: int
-    ) -> Iterator[bytes]:
-        """The tar bytes for fork `fork` (of `nblocks` blocks) written at `path`, the name
-        of its first segment file."""
+    ) -> Iterator[Piece]:
+        """The tar pieces for fork `fork` (of `nblocks` blocks) written at `path`, the name
+        of its first segment file (pages as `Content`: made only when written)."""
         ...
 
-    def directory_end(self, directory: str, mtime: int) -> Iterator[bytes]:
-        """The tar bytes after the forks of a database `directory` (`global`, `base/5`)."""
+    def directory_end(self, directory: str, mtime: int) -> Iterator[Piece]:
+        """The tar pieces after the forks of a database `directory` (`global`, `base/5`)."""
         ...
 
 
@@ -413,7 +474,7 @@ class _Plan:
         self.tablespaces = dict(sorted(locations.items()))
         self.info = replace(self.info, tablespaces=tuple(self.tablespaces.items()))
 
-    def chunks(self) -> Iterator[bytes]:
+    def pieces(self) -> Iterator[Piece]:
         mtime = self.now
         yield from _tar_bytes("PG_VERSION", PG_VERSION_FILE_CONTENT, mtime)
         for name in sorted(self.config_files):
@@ -446,11 +507,11 @@ class _Plan:
                 name, info.wal_segment_size, wal_segment_pages(*segment), mtime
             )
         else:
-            yield from tar_file(name, info.wal_segment_size, wal_segment_chunks(*segment), mtime)
+            yield from tar_member(name, info.wal_segment_size, wal_segment_chunks(*segment), mtime)
         yield from _tar_bytes("global/pg_control", self.control, mtime)
         yield bytes(2 * _TAR_BLOCK)  # end-of-archive marker
 
-    def _database(self, spc: int, db: int) -> Iterator[bytes]:
+    def _database(self, spc: int, db: int) -> Iterator[Piece]:
         mtime = self.now
         is_global = (spc, db) == (GLOBALTABLESPACE_OID, 0)
         where = database_directory(spc, db)
@@ -483,7 +544,7 @@ class _Plan:
 
     def _fork(
         self, spc: int, db: int, rel: int, src_fork: int, dst_fork: int, nblocks: int
-    ) -> Iterator[bytes]:
+    ) -> Iterator[Piece]:
         """The segment files of fork `dst_fork` (`nblocks` long), with the content of fork
         `src_fork`."""
         if self.fork_content is not None:
@@ -497,7 +558,7 @@ class _Plan:
             first = segno * RELSEG_SIZE
             count = min(nblocks - first, RELSEG_SIZE)
             name = relation_file_name(spc, db, rel, dst_fork, segno)
-            yield from tar_file(
+            yield from tar_member(
                 name,
                 count * BLCKSZ,
                 self._rel_pages(spc, db, rel, src_fork, first, count),
@@ -567,7 +628,7 @@ class _Plan:
             self.aligned.release(out)  # never handed on: nobody else gives it back
             raise error
 
-    def _slrus(self) -> Iterator[bytes]:
+    def _slrus(self) -> Iterator[Piece]:
         cp = self.checkpoint
         needed = {
             SlruKind.CLOG: _needed_page(cp.next_xid, CLOG_XACTS_PER_PAGE, 1),
@@ -589,7 +650,7 @@ class _Plan:
                 segno, blk = divmod(page, SLRU_PAGES_PER_SEGMENT)
                 sizes[segno] = max(sizes.get(segno, 0), blk + 1)
             for segno in sorted(sizes):
-                yield from tar_file(
+                yield from tar_member(
                     f"{kind.directory}/{slru_file_name(segno)}",
                     sizes[segno] * BLCKSZ,
                     self._slru_pages(kind, segno, have.get(segno, 0), sizes[segno]),
@@ -708,7 +769,7 @@ def basebackup_chunks(
     fork_content: ForkContent | None = None,
     aligned: AlignedChunks | None = None,
     sparse_wal: bool = False,
-) -> tuple[BasebackupInfo, Iterator[bytes]]:
+) -> tuple[BasebackupInfo, PlannedTar]:
     """Validate, then return the archive's description and a lazy iterator of tar chunks.
 
     Memory is bounded by one chunk (256 KiB of pages or one WAL run); errors in the inputs
@@ -731,7 +792,7 @@ def basebackup_chunks(
         aligned,
         sparse_wal,
     )
-    return plan.info, plan.chunks()
+    return plan.info, PlannedTar(plan.pieces())
 
 
 def basebackup(

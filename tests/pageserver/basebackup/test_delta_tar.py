@@ -15,7 +15,7 @@ import pytest
 from pageserver.basebackup import delta_tar
 from pageserver.basebackup.delta_tar import DeltaForks, tar_header_size
 from pageserver.basebackup.sources import TimelineSource
-from pageserver.basebackup.tar_stream import tar_header
+from pageserver.basebackup.tar_stream import tar_bytes_of, tar_header
 from pageserver.history.snapshot_diff import ReadPoint
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.reconstruct.value_format import encode_u32
@@ -119,7 +119,7 @@ def _history(store: TimelineStore, both_at_start: bool = False) -> tuple[Timelin
 
 def _members(forks: DeltaForks, nblocks: dict[int, int]) -> list[bytes]:
     return [
-        b"".join(forks.fork_members(f"base/{DB}/{rel}", SPC, DB, rel, 0, n, 0))
+        b"".join(tar_bytes_of(forks.fork_members(f"base/{DB}/{rel}", SPC, DB, rel, 0, n, 0)))
         for rel, n in sorted(nblocks.items())
     ]
 
@@ -203,7 +203,9 @@ def test_forks_without_pages_are_listed_once_a_directory(store: TimelineStore) -
     directory = f"base/{DB}"
     assert list(forks.fork_members(f"{directory}/16390", SPC, DB, 16390, 0, 12, 7)) == []
     assert list(forks.fork_members(f"{directory}/16391_vm", SPC, DB, 16391, 2, 0, 7)) == []
-    with_pages = b"".join(forks.fork_members(f"{directory}/16384", SPC, DB, 16384, 0, 44, 7))
+    with_pages = b"".join(
+        tar_bytes_of(forks.fork_members(f"{directory}/16384", SPC, DB, 16384, 0, 44, 7))
+    )
     assert delta_member_name(f"{directory}/16384").encode() in with_pages
     (member,) = read_members(b"".join(forks.directory_end(directory, 7)) + bytes(1024))
     assert member == (fork_sizes_member(directory), b"16390 12\n16391_vm 0\n")
