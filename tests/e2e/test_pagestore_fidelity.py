@@ -26,9 +26,10 @@ With wal_consistency_checking off the native redo of every rmgr is exercised; rm
 native redo (whatever `REDO_BY_RMGR` lacks) give UnsupportedRecord, which the test records
 per rmgr and reports instead of failing, since refusing is the specified behaviour.
 
-The store side (import, ingest, layers, reads, redo) runs twice over the same base copy, WAL
-and captures: with the C fast paths, and as the pure-Python reference (NEON_PURE_PYTHON=1, in
-a child process); both must pass and report the same pages, records and differences.
+The store side (import, ingest, layers, reads, redo) runs with the C fast paths and, over the
+WAL without verification images (whose decoding test_waldump_oracle checks pure-Python too),
+again as the pure-Python reference over the same base copy, WAL and captures
+(NEON_PURE_PYTHON=1, in a child process): the same pages, records and differences.
 """
 
 from __future__ import annotations
@@ -429,8 +430,9 @@ def test_pagestore_fidelity(pg_cluster: PgTestCluster, tmp_path: Path, wcc: str)
     captures = _run_workload(server, tmp_path / "captures")
     print(f"\nwcc={wcc}: workload {time.monotonic() - started:.1f}s")
     ours = _check_store(base, server.wal_dir, captures, tmp_path / "store", wcc)
-    pure = run_pure(_check_store, base, server.wal_dir, captures, tmp_path / "pure", wcc)
-    assert pure == ours  # the same records, pages and known differences
+    if wcc == "off":  # verification images add to the decoding, not to what is stored or redone
+        pure = run_pure(_check_store, base, server.wal_dir, captures, tmp_path / "pure", wcc)
+        assert pure == ours  # the same records, pages and known differences
 
 
 @dataclass(frozen=True, slots=True)
