@@ -7,10 +7,11 @@ name exists; 400 for a stream that does not check out; 507 when the disk is full
 the reason as one line of plain text (the pushing side shows it). HEAD answers whether the
 name is taken; `GET /neon-index.json` (with the token) lists the snapshots held here as an
 http store's index does (cli/transport/http.py), each described by its manifest, so that a
-push sends a delta on one of them; no snapshot is served for reading. `GET
-/.partial/NAME.neon` answers what a cut push of that file left here (its size and block
-digests, cli/receiver_partials.py), and a PUT with `X-Neon-Resume-At: N` sends the bytes from
-N on: the kept ones go first.
+push sends a delta on one of them (that answer and the 201 say `X-Neon-Index: live`: the
+pusher writes no index here, nor GETs it with the token the PUT used up); no snapshot is
+served for reading. `GET /.partial/NAME.neon` answers what a cut push of that file left
+here (its size and block digests, cli/receiver_partials.py), and a PUT with
+`X-Neon-Resume-At: N` sends the bytes from N on: the kept ones go first.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) ->
             request.match_info["name"], _body(request), _token(request), int(resume_at)
         )
         on_received(received)
-        return web.Response(status=201, text=f"received snapshot {received.snapshot.name}\n")
+        text = f"received snapshot {received.snapshot.name}\n"
+        return web.Response(status=201, text=text, headers={LIVE_INDEX: "live"})
 
     async def head(request: web.Request) -> web.Response:
         receiver.authenticate(_token(request))

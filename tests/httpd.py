@@ -51,6 +51,8 @@ class FileServer:
     """PUTs without a Content-Length (chunked) get S3's 501 NotImplemented."""
     put_lengths: list[str | None] = field(default_factory=list)
     """The Content-Length header of every PUT (None: chunked)."""
+    live_index: bool = False
+    """PUTs are answered with `X-Neon-Index: live`, as a `neon snapshot recv --http` does."""
 
     scheme: str = "http"
     """https when served with a certificate (`file_server(tls=...)`)."""
@@ -118,7 +120,7 @@ class FileServer:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return web.Response(status=201)
+        return web.Response(status=201, headers={"X-Neon-Index": "live"} if self.live_index else {})
 
     async def _cut_get(self, request: web.Request, path: Path, after: int) -> web.StreamResponse:
         data = path.read_bytes()

@@ -369,8 +369,9 @@ class HttpStore(Store):
 Body = bytes | AsyncIterator[bytes]
 
 
-async def _put(url: str, shown: str, body: Body, headers: dict[str, str]) -> None:
-    """One PUT of `body`; raises the server's refusal as one line."""
+async def _put(url: str, shown: str, body: Body, headers: dict[str, str]) -> bool:
+    """One PUT of `body`; raises the server's refusal as one line. Whether the server's
+    answer says it keeps the index itself (a receiver: `X-Neon-Index: live`)."""
     import aiohttp
 
     headers = {"Content-Type": "application/octet-stream", **headers}
@@ -381,6 +382,7 @@ async def _put(url: str, shown: str, body: Body, headers: dict[str, str]) -> Non
         ):
             if response.status not in (200, 201, 204):
                 raise status_error(response.status, shown, "PUT", await _reason(response))
+            return response.headers.get(LIVE_INDEX) == "live"
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise _client_error(exc, shown, "upload to") from None
 
@@ -394,7 +396,8 @@ Indexed = Callable[[int | None], Awaitable[None]]
 
 class HttpWriter(QueuedUploadWriter):
     """A PUT whose body is fed by `write`; `commit` ends the body and awaits the answer,
-    then puts the object in the store's index (`indexed`)."""
+    then puts the object in the store's index (`indexed`), unless the answer said the server
+    keeps it (a receiver, whose one-time token the PUT used up: a GET with it is refused)."""
 
     def __init__(
         self, url: str, shown: str, overwrite: bool, indexed: Indexed | None, resume_at: int = 0
@@ -403,14 +406,15 @@ class HttpWriter(QueuedUploadWriter):
         self._headers = _condition(overwrite)
         if resume_at:
             self._headers[RESUME_AT] = str(resume_at)
+        self._live = False
         super().__init__(shown)
 
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
-        await _put(self._url, self._shown, body, self._headers)
+        self._live = await _put(self._url, self._shown, body, self._headers)
 
     async def commit(self) -> None:
         await super().commit()
-        if self._indexed is not None:
+        if self._indexed is not None and not self._live:
             # The object is there: an index not updated only makes the next push on it whole.
             with contextlib.suppress(NeonError):
                 await self._indexed(self.bytes_written)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import shutil
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -286,8 +287,13 @@ def test_push_to_recv_killed_and_resumed(
             kill_when(sender, ["snapshot", "push", "--to", url, SNAP], arrived, at)
             wait_for(functools.partial(holds, kept, at), f"the cut push's {at} bytes kept")
             assert "pgdata1-s1" not in [s["name"] for s in receiver.json("snapshot", "list")]
-        pushed = sender.json("snapshot", "push", "--to", url, SNAP)
+        # --full: no listing first, so only the PUT's answer tells the pusher the receiver
+        # keeps the index itself (review M2: it GETs it no more with the used-up token).
+        pushed = sender.json("snapshot", "push", "--full", "--to", url, SNAP)
         recv.line()  # the next URL: the snapshot is in
+        recv.proc.send_signal(signal.SIGTERM)
+        _, rest = recv.proc.communicate(timeout=60)
+    assert "refused a connection" not in recv.err + rest, recv.err + rest
     print(f"resumed push to recv: {pushed['bytes_sent']} of {reference['size']} bytes sent, "
           f"resumed at {pushed['bytes_resumed']}")  # fmt: skip
     assert pushed["sha256"] == reference["sha256"]

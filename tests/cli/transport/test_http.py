@@ -198,6 +198,18 @@ async def test_a_plain_server_keeps_an_index_of_what_was_written(
     assert [i.name for i in await store.list()] == ["b.neon"]
 
 
+async def test_a_server_that_keeps_the_index_itself_is_not_asked_for_it(
+    httpd: FileServer, remote_dir: Path
+) -> None:
+    """A PUT answered with `X-Neon-Index: live` (a `recv --http`, whose one-time token that
+    PUT used up) is the end of the write: no GET of the index with the used token (which the
+    receiver refused and logged after every push, review M2), no index written."""
+    httpd.live_index = True
+    await write_all(httpd.url("a.neon"))
+    assert entries(remote_dir) == ["a.neon"]
+    assert [(method, name) for method, name, _ in httpd.requests] == [("PUT", "a.neon")]
+
+
 @pytest.mark.parametrize(
     ("body", "why"),
     [
