@@ -4,8 +4,10 @@ only the rest (issue 12 item 3), as the ssh and file destinations keep `.NAME.pa
 
 Kept: the bytes the import's work file held (`fetched.neon`, written as they arrived), moved
 to `STORAGE/.recv-partials/NAME` (0700, one per file name: the next cut push of that name
-replaces it, a push that ends in any other way removes it, and one left KEEP_SECONDS is
-removed when a receiver starts). Nothing there is a snapshot or is listed. Answered: their
+replaces it, a push that ends in any other way removes it). At most KEEP_FILES are kept, the
+newest, and none older than KEEP_SECONDS (both seen to at each keep and when a receiver
+starts): a token admits any number of cut pushes of different names, and these must not
+fill the receiver's disk. Nothing there is a snapshot or is listed. Answered: their
 size and the SHA-256 of each RESUME_BLOCK (cli/transport/resume.py), which the pusher
 compares with the stream it makes again; a resumed push then says from which byte it sends
 (`resume_at`), and the kept bytes before it are fed to the same verifying import ahead of
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +33,9 @@ from proto.errors import Conflict
 PARTIALS_DIR = ".recv-partials"
 KEEP_SECONDS = 2 * 24 * 3600
 """A cut push nobody ran again for this long is forgotten (its bytes removed)."""
+KEEP_FILES = 2
+"""The most cut pushes kept at once (the newest): the disk they take is at most this many
+of the largest file a push may send."""
 
 
 class Partials:
@@ -38,13 +44,18 @@ class Partials:
     def __init__(self, storage_path: Path) -> None:
         self._dir = storage_path / PARTIALS_DIR
 
-    def sweep(self, now: float) -> None:
-        """Remove what was kept longer than KEEP_SECONDS before `now` (time.time())."""
+    def sweep(self, now: float, spare: str | None = None) -> None:
+        """Remove what was kept longer than KEEP_SECONDS before `now` (time.time()), and all
+        but the newest KEEP_FILES (`spare`, the file name just kept, counted first)."""
+        ages: list[tuple[float, Path]] = []
         with contextlib.suppress(FileNotFoundError):
             for kept in self._dir.iterdir():
                 with contextlib.suppress(FileNotFoundError):
-                    if kept.stat().st_mtime < now - KEEP_SECONDS:
-                        kept.unlink()
+                    ages.append((kept.stat().st_mtime, kept))
+        ages.sort(key=lambda age: (age[1].name == spare, age[0]), reverse=True)
+        for at, (mtime, kept) in enumerate(ages):
+            if at >= KEEP_FILES or (mtime < now - KEEP_SECONDS and kept.name != spare):
+                kept.unlink(missing_ok=True)
 
     def _path(self, file_name: str) -> Path:
         return self._dir / file_name
@@ -77,6 +88,11 @@ class Partials:
             left = resume_at
             while left:
                 block = await asyncio.to_thread(f.read, min(CHUNK, left))
+                if not block:  # cut short since its size was checked (review L6)
+                    raise Conflict(
+                        f"this receiver's kept bytes of {file_name} ended {left} bytes short "
+                        f"of {resume_at}; push again"
+                    )
                 left -= len(block)
                 yield block
         async for chunk in chunks:
@@ -89,6 +105,7 @@ class Partials:
             return
         self._dir.mkdir(mode=0o700, exist_ok=True)
         os.replace(fetched, self._path(file_name))
+        self.sweep(time.time(), spare=file_name)
 
     def drop(self, file_name: str) -> None:
         self._path(file_name).unlink(missing_ok=True)
