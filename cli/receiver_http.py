@@ -42,11 +42,11 @@ _STATUS: list[tuple[type[NeonError], int]] = [
 
 def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) -> web.Application:
     async def put(request: web.Request) -> web.Response:
-        resume_at = request.headers.get(RESUME_AT, "0")
-        if not resume_at.isdigit():
-            raise InvalidArgument(f"{RESUME_AT} must be a byte count, not {resume_at[:40]!r}")
+        token = _token(request)
+        receiver.authenticate(token)  # first: nothing else is looked at without the token
+        resume_at = resume_offset(request.headers.get(RESUME_AT))
         received = await receiver.receive(
-            request.match_info["name"], _body(request), _token(request), int(resume_at)
+            request.match_info["name"], _body(request), token, resume_at
         )
         on_received(received)
         text = f"received snapshot {received.snapshot.name}\n"
@@ -73,6 +73,16 @@ def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) ->
     app.router.add_put("/{name}", put)
     app.router.add_route("HEAD", "/{name}", head)
     return app
+
+
+def resume_offset(header: str | None) -> int:
+    """The byte a PUT's `X-Neon-Resume-At` resumes from (none: 0); InvalidArgument for
+    anything but ASCII digits (`str.isdigit` takes '²', which `int` refuses)."""
+    if header is None:
+        return 0
+    if not (header.isascii() and header.isdecimal()):
+        raise InvalidArgument(f"{RESUME_AT} must be a byte count, not {header[:40]!r}")
+    return int(header)
 
 
 def _token(request: web.Request) -> str | None:

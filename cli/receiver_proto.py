@@ -31,6 +31,15 @@ def _name(ctx: RequestContext) -> str:
     return name
 
 
+def byte_offset(params: dict[str, Any], key: str, method: str) -> int:
+    """A request's byte offset `key` (absent: 0); InvalidArgument for anything but an
+    integer of 0 or more (JSON's `true` is a Python int, and no offset)."""
+    value = params.get(key, 0)
+    if type(value) is not int or value < 0:
+        raise InvalidArgument(f"{method}: {key} must be a byte count, not {value!r:.40}")
+    return value
+
+
 def object_handlers(
     receiver: Receiver, on_received: Callable[[Received], None]
 ) -> dict[str, Handler]:
@@ -51,9 +60,7 @@ def object_handlers(
                 "a receiver never replaces a snapshot: push without --force, or destroy the "
                 "snapshot on the receiving side first"
             )
-        resume_at = ctx.params.get("resume_at", 0)
-        if not isinstance(resume_at, int) or resume_at < 0:
-            raise InvalidArgument("object.write needs a resume_at of 0 or more")
+        resume_at = byte_offset(ctx.params, "resume_at", ctx.method)
         received = await receiver.receive(name, ctx.upload(), ctx.token, resume_at)
         on_received(received)
         return {"snapshot": received.snapshot.name, "bytes": received.bytes}
@@ -63,9 +70,7 @@ def object_handlers(
         return {"size": found.size, "digests": list(found.digests)}
 
     async def read(ctx: RequestContext) -> Any:
-        offset = ctx.params.get("offset", 0)
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidArgument("object.read needs an offset of 0 or more")
+        offset = byte_offset(ctx.params, "offset", ctx.method)
         async for chunk in receiver.read(_name(ctx), offset):
             await ctx.send(chunk)
         return None

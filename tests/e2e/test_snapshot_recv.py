@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import pty
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from cli.transport import parse_location
+from cli.transport.http import RESUME_AT
 from proto.errors import AlreadyExists, AuthFailed, CorruptData, NeonError
 from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql
@@ -170,7 +172,9 @@ def test_ssh_as_the_transcript_writes_it(homes: tuple[NeonCli, NeonCli]) -> None
     c = str(sender.json("pg", "show", "pgdata1")["connstr"])
     names = ("pgdata1@snap1.neon", "pgdata1@ssh2.neon")
     login_dir = Path(os.path.expanduser("~"))
-    with ssh_server() as sshd:
+    # The login directory is the user's, not this run's: another run of this test at once
+    # (a CI clone and a checkout, one user) would remove these files under it (review L3).
+    with held(login_dir / ".pg-neon-tests.lock"), ssh_server() as sshd:
         config = sshd.root / "ssh_config_alias"
         config.write_text(
             f"Host db2\n  HostName 127.0.0.1\n  Port {sshd.port}\n" + sshd.client_config.read_text()
@@ -197,6 +201,14 @@ def test_ssh_as_the_transcript_writes_it(homes: tuple[NeonCli, NeonCli]) -> None
             for name in ("ssh1", "ssh2"):
                 receiver.run("snapshot", "destroy", name, check=False)
             sender.run("snapshot", "destroy", "pgdata1@ssh2", check=False)
+
+
+@contextlib.contextmanager
+def held(lock: Path) -> Iterator[None]:
+    """An exclusive flock on `lock` (made if missing) while the block runs: runs wait."""
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def snapshots(neon: NeonCli) -> list[str]:
@@ -265,6 +277,11 @@ def test_http_once_with_a_name_and_json(
         assert "wrong token for this receiver" in wrong and token[:-4] not in wrong
         none = sender.fail("snapshot", "push", "--to", url.partition("?")[0], SNAP)
         assert "(HTTP 401)" in none or "needs the token it printed" in none  # HEAD: no text
+        # A resume offset that is no byte count ('²'.isdigit(), int('²') fails): looked at
+        # only with the token, then one line (review L5: a 500 and a traceback in the log).
+        assert raw_put(url[:-4] + "xxxx", {RESUME_AT: "²"})[0] == 401
+        status, text = raw_put(url, {RESUME_AT: "²"})
+        assert (status, text) == (400, f"{RESUME_AT} must be a byte count, not '²'\n")
         assert snapshots(receiver) == []
         assert list(storage.glob(".import-*")) == []
         summary = sender.json("snapshot", "push", "--to", url, SNAP)
@@ -282,6 +299,22 @@ def test_http_once_with_a_name_and_json(
         assert dump(receiver, "movies") == reference
     finally:
         receiver.run("snapshot", "destroy", "movies")
+
+
+def raw_put(url: str, headers: dict[str, str]) -> tuple[int, str]:
+    """A PUT of a few bytes as `x.neon` to the receiver at `url` (its printed URL): the
+    answer's status and text."""
+    import aiohttp
+
+    async def run() -> tuple[int, str]:
+        target = url.replace("/?", "/x.neon?")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.put(target, data=b"x", headers=headers) as answer,
+        ):
+            return answer.status, await answer.text()
+
+    return asyncio.run(run())
 
 
 def exported(neon: NeonCli, tmp_path: Path) -> tuple[bytes, bytes]:
