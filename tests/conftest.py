@@ -6,8 +6,20 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.file_costs import costliest_first
 from tests.neoncli import NeonCli, neon_home
 from tests.pgtest import PgTestCluster, cluster_fixture
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist hands files out in the collection's order (tests.file_costs), not most tests
+    first."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items[:] = costliest_first(items)
 
 
 @pytest.fixture
