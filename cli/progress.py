@@ -71,6 +71,11 @@ class Progress:
         self._written: ProgressReport | None = None
         self._written_at = 0.0
 
+    @property
+    def shown(self) -> bool:
+        """Whether updates go anywhere (a bar, or JSON lines): worth a total's cost."""
+        return self._enabled or self._json
+
     def _report(self, done: int, total: int | None, *, final: bool = False) -> None:
         """Write the state as a JSON line: at most every JSON_INTERVAL seconds, and the last."""
         report = self._last = ProgressReport(self._what, done, total)

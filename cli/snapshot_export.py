@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ from pageserver_api.models import (
     SnapshotInfo,
     SnapshotShowRequest,
 )
+from pageserver_api.models_snapshots import read_tar_total
 from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 
 FORMATS = ("neon", "tar", "pg_dump", "csv")
@@ -164,11 +165,13 @@ def _output_dir(target: _Target) -> Iterator[Path]:
 def _stream_basebackup(
     app: App, name: str, mtime: int, plan: BasebackupPlan, out: SupportsWrite[bytes],
     meter: _Meter, snapshot_file: bool, delta_from: list[str] | None = None,
-    api: SyncPageserverClient | None = None,
+    api: SyncPageserverClient | None = None, on_total: Callable[[int], None] | None = None,
 ) -> BasebackupResponse:  # fmt: skip
     """Copy the snapshot's basebackup tar, or its `.neon` file (made by the daemon, which
     compresses on its threads), to `out`; through `api` if given (another thread's: the
-    registry behind `local_api` is its own thread's).
+    registry behind `local_api` is its own thread's). `on_total`: called with the size of
+    the `.neon` file's tar, which the daemon announces before the file (none from an
+    older daemon).
 
     Writing runs in a thread beside the download, in order, at most _IN_FLIGHT chunks behind
     it: one after the other, a core would wait for the other's work."""
@@ -178,7 +181,7 @@ def _stream_basebackup(
     created_at = mtime if snapshot_file else None
     request = BasebackupRequest(
         snapshot=name, mtime=mtime, snapshot_file=snapshot_file, created_at=created_at,
-        delta_from=delta_from or None,
+        delta_from=delta_from or None, tar_total=on_total is not None or None,
     )  # fmt: skip
 
     def sink(chunk: bytes) -> None:
@@ -191,7 +194,14 @@ def _stream_basebackup(
         with concurrent.futures.ThreadPoolExecutor(1, "export-sink") as pool:
             try:
                 async with client.basebackup(request) as download:
+                    first = on_total is not None
                     async for chunk in download:
+                        if first:
+                            first = False
+                            total = read_tar_total(chunk)
+                            if total is not None and on_total is not None:
+                                on_total(total)
+                                continue
                         pending.append(loop.run_in_executor(pool, sink, bytes(chunk)))
                         if len(pending) > _IN_FLIGHT:
                             await pending.popleft()
@@ -215,17 +225,19 @@ def _stream_basebackup(
 def write_snapshot_file(
     app: App, snap: SnapshotInfo, out: SupportsWrite[bytes], delta_from: list[str] | None = None,
     plan: BasebackupPlan | None = None, api: SyncPageserverClient | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> BasebackupResponse:  # fmt: skip
     """Write the `.neon` file of `snap` to `out` (`out.write` is called from a worker thread,
     in order): `neon snapshot push` sends it through a transport so. With `delta_from`
     (snapshots the receiver has), a delta on the newest that is an ancestor of `snap`;
     `plan`: the snapshot's basebackup plan when the caller has it already; `api`: the
-    pageserver's client when the caller has it."""
+    pageserver's client when the caller has it; `on_total`: told the file's tar size
+    before its first byte (`_stream_basebackup`)."""
     if plan is None:
         plan = local_api(app).basebackup_plan(BasebackupPlanRequest(snapshot=snap.name))
     return _stream_basebackup(
         app, snap.name, int(snap.created_at), plan, out, _Meter(False, ""), snapshot_file=True,
-        delta_from=delta_from, api=api,
+        delta_from=delta_from, api=api, on_total=on_total,
     )  # fmt: skip
 
 

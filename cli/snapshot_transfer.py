@@ -77,6 +77,7 @@ from pageserver_api.models import (
 )
 from proto.client import tls_context
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
+from snapfile.container import TarBytesPassed
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest
 
@@ -184,17 +185,29 @@ def snapshot_name_of(location: Location) -> str:
 
 
 class _Sent:
-    """What went into the transport: bytes, their SHA-256, and the progress bar."""
+    """What went into the transport: bytes, their SHA-256, and the progress bar: the tar
+    bytes of the frames passed (the file's size is known only at its end) against the tar's
+    size the daemon announced (`expect`), so that it shows a percent and an ETA."""
 
     def __init__(self, progress: Progress) -> None:
         self.bytes = 0
         self.sha256 = hashlib.sha256()
         self._progress = progress
+        self._tar = TarBytesPassed()
+        self._total: int | None = None
+
+    def expect(self, tar_bytes: int) -> None:
+        """The file's tar size (a dropped guess's is replaced by the next download's)."""
+        self._total = tar_bytes
 
     def add(self, chunk: bytes) -> None:
         self.bytes += len(chunk)
         self.sha256.update(chunk)
-        self._progress.update(self.bytes, None)
+        if self._total is None:
+            self._progress.update(self.bytes, None)
+            return
+        self._tar.feed(chunk)
+        self._progress.update(self._tar.tar_bytes, self._total)
 
 
 def delta_candidates(
@@ -297,7 +310,7 @@ class _Guess:
 
     def __init__(
         self, app: App, api: SyncPageserverClient, snap: SnapshotInfo, plan: BasebackupPlan,
-        parent: str,
+        parent: str, on_total: Callable[[int], None] | None = None,
     ) -> None:  # fmt: skip
         self.parent = parent
         self.held = _HeldWrites(HOLD_BYTES)
@@ -306,7 +319,9 @@ class _Guess:
 
         def download() -> None:
             try:
-                self._result = write_snapshot_file(app, snap, self.held, [parent], plan, api)
+                self._result = write_snapshot_file(
+                    app, snap, self.held, [parent], plan, api, on_total
+                )
             except BaseException as exc:  # handed to `result`
                 self._error = exc
 
@@ -335,8 +350,10 @@ class _Guesser:
     thread) unless the push has failed meanwhile (`end`): a guess not yet started never
     starts, one started is dropped."""
 
-    def __init__(self, app: App, api: SyncPageserverClient) -> None:
-        self._app, self._api = app, api
+    def __init__(
+        self, app: App, api: SyncPageserverClient, on_total: Callable[[int], None] | None = None
+    ) -> None:
+        self._app, self._api, self._on_total = app, api, on_total
         self._lock = threading.Lock()
         self._ended = False
         self.guess: _Guess | None = None
@@ -345,7 +362,7 @@ class _Guesser:
         parent = guessed_parent(snap, local)
         with self._lock:
             if parent is not None and not self._ended:
-                self.guess = _Guess(self._app, self._api, snap, plan, parent)
+                self.guess = _Guess(self._app, self._api, snap, plan, parent, self._on_total)
 
     def end(self) -> None:
         """The push failed (the plan's thread may still be about to guess)."""
@@ -436,14 +453,17 @@ def snapshot_push(
         location, overwrite=force, on_write=lambda chunk: sent.add(chunk), resume=True,
         deferred=True,
     )  # fmt: skip
-    guesser = _Guesser(app, api)
+    progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
+    sent = _Sent(progress)
+    # The tar's size is asked for only where a bar shows: the daemon lists the tar's
+    # members before its first byte for it.
+    on_total = sent.expect if progress.shown else None
+    guesser = _Guesser(app, api, on_total)
     guessing = None if full or not location.store.guess_delta else guesser.on_local
     with out:
         try:
             prepared = out.run(_plan_push(api, location, name, force, full, guessing))
             snap = prepared.snap
-            progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
-            sent = _Sent(progress)
             started = time.monotonic()
             out.open()
             guess = guesser.guess
@@ -457,7 +477,7 @@ def snapshot_push(
                     if guess is not None:
                         guess.drop()
                     result = write_snapshot_file(
-                        app, snap, out, prepared.candidates, prepared.plan, api
+                        app, snap, out, prepared.candidates, prepared.plan, api, on_total
                     )
             finally:
                 progress.close()

@@ -186,3 +186,43 @@ class FrameLog:
             _FRAME_RECORD.iter_unpack(self._packed)
         ):
             yield FrameEntry(frame_name(index), offset, size, digest.hex(), data_size)
+
+
+class TarBytesPassed:
+    """Follows a `.neon` file's bytes as they pass (`feed`), member by member, counting the
+    tar bytes of the frames whose members passed (`tar_bytes`, from their headers): a
+    pusher's progress against the tar's size, without reading the frames' data. What is
+    not a member header where one is due (never from pg-neon's daemon) stops the count."""
+
+    def __init__(self) -> None:
+        self.tar_bytes = 0
+        self._head = bytearray()
+        self._skip = 0
+        self._frame = 0  # the tar bytes of the frame being skipped
+        self._lost = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view and not self._lost:
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                if not self._skip:
+                    self.tar_bytes += self._frame
+                    self._frame = 0
+                continue
+            take = HEADER_SIZE - len(self._head)
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) < HEADER_SIZE:
+                return
+            try:
+                header = parse_member_header(bytes(self._head))
+            except ValueError:  # the end of the archive's zeros, or not a .neon file
+                self._lost = True
+                return
+            self._head.clear()
+            self._skip = padded(header.size)
+            if frame_index(header.name) is not None and header.data_size is not None:
+                self._frame = header.data_size  # counted once its member passed

@@ -5,6 +5,7 @@ passed on, refused with an error that ends the download, the download waiting at
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from pageserver_api.models import (
     SnapshotInfo,
     SnapshotShowRequest,
 )
+from snapfile.container import TarBytesPassed
 from tests.neoncli import NeonCli
 from tests.pgtest import free_port
 
@@ -218,3 +220,33 @@ def test_no_guess_is_left_once_the_push_failed(neon: NeonCli) -> None:
     assert answered_first.guess is not None and answered_first.guess.parent == "pgdata1@s1"
     answered_first.end()
     assert not _guessing_threads()
+
+
+def test_the_announced_tar_size_is_the_tar_streamed(neon: NeonCli) -> None:
+    """Before a `.neon` file the daemon announces its tar's size (push's progress bar
+    total): exactly the tar it then streams, for a whole file and a delta (pages written
+    between the snapshots); the announcement is not part of the file."""
+    import psycopg
+
+    neon.run("pg", "create", "--port", str(free_port()))
+    neon.run("snapshot", "create", "pgdata1@s1")
+    with psycopg.connect(str(neon.json("pg", "show", "pgdata1")["connstr"])) as conn:
+        conn.execute(
+            "CREATE TABLE t AS SELECT g, repeat('x', 500) AS v FROM generate_series(1, 20000) g"
+        )
+    neon.run("snapshot", "create", "pgdata1@s2")
+    api = local_api(App.open(neon.home), start=False)
+    app = App.open(neon.home)
+    snap = api.snapshot_show(SnapshotShowRequest("pgdata1@s2"))
+    for delta_from, parent in (([], None), (["pgdata1@s1"], "pgdata1@s1")):
+        announced: list[int] = []
+        out = io.BytesIO()
+        result = st.write_snapshot_file(
+            app, snap, out, delta_from, api=api, on_total=announced.append
+        )
+        passed = TarBytesPassed()
+        passed.feed(out.getvalue())
+        assert result.parent == parent
+        assert result.bytes == len(out.getvalue())
+        assert announced == [result.tar_bytes] == [passed.tar_bytes]
+        assert result.tar_bytes > 8 << 20  # the table's ~10 MiB of pages, in both

@@ -18,13 +18,14 @@ from snapfile import (
     looks_like_snapshot_file,
     read_manifest,
 )
-from snapfile.container import HEADER_SIZE, frame_name, padded
+from snapfile.container import HEADER_SIZE, TarBytesPassed, frame_name, padded
 from tests.snapfile.snapfile_helpers import (
     decode,
     encode,
     generated_bytes,
     make_manifest,
     make_tar,
+    split,
 )
 
 FRAME = 4096
@@ -146,3 +147,32 @@ def test_looks_like_snapshot_file() -> None:
     assert looks_like_snapshot_file(neon[:512])
     assert not looks_like_snapshot_file(make_tar({"manifest.json": b"{}"})[:512])
     assert not looks_like_snapshot_file(b"")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.sampled_from([0, 1, FRAME, FRAME + 1, 5 * FRAME + 7]),
+    read_chunks=st.lists(st.integers(min_value=1, max_value=2 * FRAME), max_size=8),
+)
+def test_tar_bytes_passed_counts_each_frame_once_it_passed(
+    size: int, read_chunks: list[int]
+) -> None:
+    """A pusher's progress: the frames' tar bytes, each counted once its member passed,
+    however the file comes; all of the tar at its end, never more."""
+    tar = generated_bytes(size, 3)
+    neon, checksums = encode(make_manifest(FRAME), tar)
+    passed = TarBytesPassed()
+    frame_ends = {f.offset + padded(f.size): f.data_size for f in checksums.frames}
+    seen = 0
+    for piece in split(neon, read_chunks):
+        passed.feed(piece)
+        seen += len(piece)
+        assert passed.tar_bytes == sum(n for end, n in frame_ends.items() if end <= seen)
+    assert passed.tar_bytes == size
+
+
+def test_tar_bytes_passed_stops_where_no_member_is() -> None:
+    neon, _ = encode(make_manifest(FRAME), generated_bytes(2 * FRAME, 4))
+    passed = TarBytesPassed()
+    passed.feed(b"x" * HEADER_SIZE + neon)  # not a .neon file: nothing counted, no error
+    assert passed.tar_bytes == 0
