@@ -164,7 +164,7 @@ def test_round_trip_between_two_homes(
 
 
 def test_ssh_as_the_transcript_writes_it(homes: tuple[NeonCli, NeonCli]) -> None:
-    """`neon snapshot push --to ssh://user@host pgdata1@snap1` as cli-rfc.md writes it: no
+    """`neon snapshot push --to ssh://user@host pgdata1@snap1` as the CLI proposal writes it: no
     port, no path (the host an ssh_config alias, as a user's would be): the file lands in
     the login directory. Then a delta over ssh (parent set, a few percent of the bytes), and
     both pulled over ssh into the other home: pg_dump equal."""
