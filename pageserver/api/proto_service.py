@@ -319,8 +319,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
             # longest serial stage). Deltas keep their own way.
             aligned = snapshot_file_buffers() if req.snapshot_file and delta is None else None
             info, tar_chunks = await plan_basebackup(req, delta, aligned)
-            if req.tar_total:
-                await ctx.send(tar_total_chunk(await asyncio.to_thread(tar_chunks.size)))
+            if req.tar_total:  # none for a tar of very many members (PlannedTar.size)
+                total = await asyncio.to_thread(tar_chunks.size)
+                if total is not None:
+                    await ctx.send(tar_total_chunk(total))
             tar = TarCounter(tar_chunks)
             chunks: Generator[bytes, None, None] = iter(tar)
             if req.snapshot_file:

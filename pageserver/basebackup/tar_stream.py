@@ -126,6 +126,7 @@ _U32 = struct.Struct("<I")
 _PD_LSN = struct.Struct("<II")
 _ZERO_PAGE = bytes(BLCKSZ)
 _CHUNK_PAGES = 32  # pages per yielded chunk (256 KiB)
+SIZED_PIECES_MOST = 32768  # pieces PlannedTar.size lists at most (~32 MiB held; review M4)
 _TAR_BLOCK = 512
 
 
@@ -259,10 +260,18 @@ class PlannedTar(Iterator[bytes]):
         self._pieces = pieces
         self._chunks: Iterator[bytes] | None = None
 
-    def size(self) -> int:
+    def size(self, most: int | None = None) -> int | None:
+        """The archive's size; None when it has more than `most` pieces (SIZED_PIECES_MOST
+        by default): the listed pieces are held until written (a header and a lazy content
+        per fork, ~1 KiB), so a store of very many forks gives no total rather than holding
+        them all (the bar then shows bytes and rate only, as with an older daemon)."""
         if self._chunks is not None:
             raise RuntimeError("the archive's size is asked before its first byte is read")
-        listed = list(self._pieces)
+        most = SIZED_PIECES_MOST if most is None else most
+        listed = list(itertools.islice(self._pieces, most + 1))
+        if len(listed) > most:
+            self._pieces = itertools.chain(listed, self._pieces)
+            return None
         self._pieces = iter(listed)
         return sum(p.size if isinstance(p, Content) else len(p) for p in listed)
 

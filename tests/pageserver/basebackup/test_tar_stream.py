@@ -711,3 +711,23 @@ def test_the_strided_page_lsn_check_equals_its_reference() -> None:
         want = bb._first_late_page_python(buf, n, limit)
         assert bb._first_late_page(buf, n, limit) == want
         assert want == next((i for i, lsn in enumerate(lsns) if lsn > limit), -1)
+
+
+def test_a_planned_tar_of_too_many_pieces_gives_no_size() -> None:
+    """`PlannedTar.size` lists at most `most` pieces (review M4: every listed piece is held
+    until written): past it the size is None and the archive's bytes are still all there,
+    in order; at or under it the size is exact."""
+
+    def planned() -> bb.PlannedTar:
+        return bb.PlannedTar(
+            bb.Content(f"f{i}", 3, iter([b"ab", b"c"])) if i % 2 else bytes([i]) * 5
+            for i in range(10)
+        )
+
+    whole = b"".join(b"ab" + b"c" if i % 2 else bytes([i]) * 5 for i in range(10))
+    capped = planned()
+    assert capped.size(most=9) is None
+    assert b"".join(capped) == whole
+    sized = planned()
+    assert sized.size(most=10) == len(whole) == 40
+    assert b"".join(sized) == whole
