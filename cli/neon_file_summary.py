@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto.errors import CorruptData
+from snapfile.container import CHECKSUMS_NAME, MANIFEST_NAME
 from snapfile.manifest import decode_checksums, decode_manifest
-
-MANIFEST, CHECKSUMS = "manifest.json", "checksums.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +36,8 @@ def summarize(path: Path) -> NeonFileSummary:
         f.seek(0)
         # The members' headers only: tarfile seeks over each frame's data.
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            manifest = _member(tar, MANIFEST, path)
-            checksums = _member(tar, CHECKSUMS, path)
+            manifest = _member(tar, MANIFEST_NAME, path)
+            checksums = _member(tar, CHECKSUMS_NAME, path)
     return NeonFileSummary(
         size, digest, decode_checksums(checksums).data_size, decode_manifest(manifest).parent
         is not None,
