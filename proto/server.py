@@ -19,7 +19,7 @@ from typing import Any
 
 from pageserver_api.errors import error_from_os
 from proto.connection import MessageStream
-from proto.errors import AuthFailed, InternalError, NeonError, NotFound, ProtocolError
+from proto.errors import AuthFailed, InternalError, NeonError, NotFound, ProtocolError, Unavailable
 from proto.frames import DEFAULT_MAX_FRAME_SIZE, PRE_AUTH_MAX_FRAME_SIZE
 from proto.messages import (
     CONNECTION_ID,
@@ -82,6 +82,14 @@ class RequestContext:
             try:
                 async with asyncio.timeout(self._upload_idle_timeout):
                     msg = await self._stream.recv()
+            except Unavailable as exc:
+                # The sender died mid-frame or reset the connection (a SIGKILL with unread
+                # bytes in its socket sends an RST): a cut upload as much as a clean end is,
+                # one error type for both, so that a receiver keeps what arrived either way.
+                raise ProtocolError(
+                    f"the upload of request {self.request_id} ({self.method}) was cut: "
+                    f"{exc.message}"
+                ) from None
             except TimeoutError:
                 self._stream.failed = True  # a frame may still come: the connection is closed
                 raise ProtocolError(

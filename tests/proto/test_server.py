@@ -416,11 +416,57 @@ async def test_a_download_piece_for_another_stream_is_refused() -> None:
 async def test_a_stream_cut_in_a_frame_is_a_lost_connection(server: ProtoServer) -> None:
     """Nothing malformed came, the peer stopped sending: what a server that shut down while
     its client did not read looks like to the client (test_close_with_open_connections)."""
-    for cut in (HELLO[:7], encode_message(Request(1, "upload", {})) + RAW_DATA[:15]):
+    for cut, code in [
+        (HELLO[:7], "unavailable"),
+        (encode_message(Request(1, "upload", {})) + RAW_DATA[:15], "protocol_error"),
+    ]:
         replies = await raw_exchange(server.port, HELLO + cut)
-        assert isinstance(replies[-1], Error) and replies[-1].code == "unavailable"
+        assert isinstance(replies[-1], Error) and replies[-1].code == code
         assert "closed in the middle of a frame" in replies[-1].message
     await assert_serves(server)
+
+
+@pytest.mark.parametrize("how", ["at a frame's end", "in a frame", "reset"])
+async def test_an_upload_cut_any_way_is_one_protocol_error_to_its_handler(how: str) -> None:
+    """A sender killed during an upload ends it at a frame's end, in the middle of one, or
+    (SIGKILLed with unread bytes in its socket) with a reset: the handler sees the same
+    ProtocolError "was cut" each time. A receiver keeps a cut push's bytes on that error
+    (cli/receiver.py); a cut in a frame or a reset raised Unavailable, and its bytes were
+    dropped, so the push run again sent everything (a CI run failed on it)."""
+    got_data, outcome = asyncio.Event(), asyncio.get_running_loop().create_future()
+
+    async def watched_upload(ctx: RequestContext) -> Any:
+        try:
+            async for _ in ctx.upload():
+                got_data.set()
+        except BaseException as exc:
+            outcome.set_result(exc)
+            raise
+        outcome.set_result(None)
+        return {}
+
+    srv = ProtoServer({**HANDLERS, "upload": watched_upload}, token=TOKEN)
+    await srv.start()
+    try:
+        sent = HELLO + encode_message(Request(1, "upload", {})) + RAW_DATA
+        sent += RAW_DATA[:15] if how == "in a frame" else b""
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(sent)
+            await asyncio.wait_for(got_data.wait(), STEP)
+            if how == "reset":  # close with a zero linger: an RST, not a FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:  # the hello's answer read: nothing unread, so the close is a FIN
+                hello_ok = encode_message(HelloOk(PROTOCOL_VERSION, "pageserver"))
+                sock.settimeout(STEP)
+                assert sock.recv(len(hello_ok), socket.MSG_WAITALL) == hello_ok
+        raised = await asyncio.wait_for(outcome, STEP)
+        assert isinstance(raised, ProtocolError), raised
+        assert "the upload of request 1 (upload) was cut" in raised.message or (
+            how == "at a frame's end" and "got end of connection" in raised.message
+        ), raised.message
+        await assert_serves(srv)
+    finally:
+        await asyncio.wait_for(srv.close(), STEP)
 
 
 # -- memory an unauthenticated peer can cost -------------------------------------------------
