@@ -173,8 +173,9 @@ class Timeline:
         settings: StoreSettings,
         cache: BlockCache,
     ) -> Timeline:
-        """A new empty timeline; with an ancestor, it starts at ancestor_lsn (nothing copied)."""
-        directory.mkdir(parents=True)
+        """A new empty timeline; with an ancestor, it starts at ancestor_lsn (nothing copied).
+        `directory` may exist (empty, or holding the store's `importing` marker)."""
+        directory.mkdir(parents=True, exist_ok=True)
         manifest = TimelineManifest(
             timeline_id=timeline_id,
             ancestor_id=None if ancestor is None else ancestor.timeline_id,

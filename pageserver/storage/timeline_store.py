@@ -95,10 +95,7 @@ class TimelineStore:
     ) -> Timeline:
         """A new root timeline (no ancestor) with last_record_lsn 0; with `importing`, it is
         removed at the next open of the store unless `complete_import` is called first."""
-        timeline = self._create(timeline_id, None, 0, None)
-        if importing:
-            write_file_durably(timeline.directory / _IMPORTING, b"")
-        return timeline
+        return self._create(timeline_id, None, 0, None, importing=importing)
 
     def complete_import(self, timeline_id: str) -> None:
         """The import into the timeline is whole and durable: keep it from now on."""
@@ -143,21 +140,34 @@ class TimelineStore:
         ancestor: Timeline | None,
         ancestor_lsn: int,
         prev_record_lsn: int | None,
+        *,
+        importing: bool = False,
     ) -> Timeline:
+        """A new timeline's directory, its `importing` marker (before the manifest: a kill at
+        any later point leaves a marked directory, which the next open removes) and its
+        manifest. One that fails midway (a full disk) is removed at once: no directory stays
+        behind, listed or not."""
         with self._lock:
             timeline_id = new_timeline_id() if timeline_id is None else timeline_id
             path = self._path(timeline_id)
             if path.exists():
                 raise AlreadyExists(f"timeline {timeline_id} already exists")
-            timeline = Timeline.create(
-                path,
-                timeline_id,
-                ancestor,
-                ancestor_lsn,
-                prev_record_lsn,
-                self.settings,
-                self.cache,
-            )
+            try:
+                path.mkdir(parents=True)
+                if importing:
+                    write_file_durably(path / _IMPORTING, b"")
+                timeline = Timeline.create(
+                    path,
+                    timeline_id,
+                    ancestor,
+                    ancestor_lsn,
+                    prev_record_lsn,
+                    self.settings,
+                    self.cache,
+                )
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
             self._open[timeline_id] = timeline
             return timeline
 

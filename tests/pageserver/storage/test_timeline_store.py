@@ -3,6 +3,9 @@ concurrent reads."""
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from pageserver.storage.timeline import FutureLsn, Timeline
 from pageserver.storage.timeline_store import TimelineStore
 from pageserver.storage.values import TOMBSTONE, Image, ReconstructData, Value, WalDelta
 from proto.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, NotFound
+from tests.e2e.test_disk_full import take_the_rest
 
 SMALL = StoreSettings(
     checkpoint_distance=4096,
@@ -363,3 +367,27 @@ def test_an_import_cut_short_is_removed_when_the_store_opens(tmp_path: Path) -> 
         assert reopened.get(done.timeline_id).last_record_lsn == 0x100
     finally:
         reopened.close()
+
+
+def test_a_timeline_made_on_a_full_disk_leaves_nothing(tmp_path: Path) -> None:
+    """A full disk while an import's timeline is made (its manifest cannot be written): the
+    error, and no directory left behind (one was, holding neither a manifest to list it by
+    nor the `importing` marker that has it swept); once there is room the same id is made."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], check=True)
+    try:
+        store = TimelineStore(where / "s", SMALL)
+        try:
+            take_the_rest(where / "filler")
+            with pytest.raises(OSError) as failed:
+                store.create_timeline("aa", importing=True)
+            assert failed.value.errno == errno.ENOSPC
+            assert os.listdir(where / "s" / "timelines") == []
+            (where / "filler").unlink()
+            made = store.create_timeline("aa", importing=True)
+            assert store.list_timelines() == ["aa"] and (made.directory / "importing").exists()
+        finally:
+            store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
