@@ -54,6 +54,7 @@ from cli.snapshot_import import import_workdir, is_clean_datadir
 from cli.transport.base import ObjectInfo, check_object_name
 from cli.transport.resume import Partial
 from pageserver.history.snapshots import import_name_from
+from pageserver_api.errors import FREE_SPACE_HINT, is_full
 from pageserver_api.models import (
     BasebackupPlanRequest,
     BasebackupRequest,
@@ -66,6 +67,7 @@ from proto.errors import (
     CorruptData,
     InvalidArgument,
     NeonError,
+    NoSpace,
     NotFound,
     ProtocolError,
 )
@@ -174,6 +176,7 @@ class Receiver:
         """Also serve this home's snapshots (reads, every snapshot described in listings)."""
         # Resolved here, on the CLI's thread: the registry's SQLite connection is not shared
         # with the worker threads the pageserver calls run on.
+        self.storage = storage
         self.storage_path = native_storage_path(app, storage)
         self.api = local_api(app)
         self._commit = asyncio.Lock()
@@ -269,9 +272,29 @@ class Receiver:
         try:
             return await self._receive(file_name, chunks, token, resume_at)
         except (NeonError, OSError) as exc:
+            if is_full(exc):
+                full = self._full(file_name, exc)
+                self.on_refused(f"refused {file_name}: {full.message}")
+                raise full from None
             reason = exc.message if isinstance(exc, NeonError) else str(exc)
             self.on_refused(f"refused {file_name}: {reason}")
             raise
+
+    def _full(self, file_name: str, exc: NeonError | OSError) -> NoSpace:
+        """A push refused for this side's full disk (its own write's, or the pageserver's
+        import's), said for the pusher: whose disk, what to do, and that nothing of it
+        stays here (a cut push's bytes are kept, these are not: they would hold the space
+        the push run again needs)."""
+        cause = (
+            exc.message.removesuffix(FREE_SPACE_HINT)
+            if isinstance(exc, NeonError)
+            else f"{exc.strerror or exc} writing in {exc.filename or self.storage_path}"
+        )
+        return NoSpace(
+            f"the receiver's disk is full ({cause}); "
+            f"free space in its storage {self.storage!r} and push again (nothing of "
+            f"{file_name} was kept there)"
+        )
 
     async def _receive(
         self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int

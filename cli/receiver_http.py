@@ -29,6 +29,7 @@ from proto.errors import (
     AuthFailed,
     InvalidArgument,
     NeonError,
+    NoSpace,
     NotFound,
     ProtocolError,
 )
@@ -37,6 +38,7 @@ _STATUS: list[tuple[type[NeonError], int]] = [
     (AuthFailed, 401),
     (AlreadyExists, 412),
     (NotFound, 404),
+    (NoSpace, 507),
 ]
 
 

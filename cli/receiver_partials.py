@@ -4,7 +4,8 @@ only the rest (issue 12 item 3), as the ssh and file destinations keep `.NAME.pa
 
 Kept: the bytes the import's work file held (`fetched.neon`, written as they arrived), moved
 to `STORAGE/.recv-partials/NAME` (0700, one per file name: the next cut push of that name
-replaces it, a push that ends in any other way removes it). At most KEEP_FILES are kept, the
+replaces it, a push that ends in any other way removes it: one refused for a full disk too,
+whose bytes would hold the space the push run again needs). At most KEEP_FILES are kept, the
 newest, and none older than KEEP_SECONDS (both seen to at each keep and when a receiver
 starts): a token admits any number of cut pushes of different names, and these must not
 fill the receiver's disk. Nothing there is a snapshot or is listed. Answered: their

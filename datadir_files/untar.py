@@ -27,8 +27,9 @@ from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 
 from datadir_files.pg_account import make_pg_dir, pg_os_user
 from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
+from pageserver_api.errors import FULL_ERRNOS
 from pg15.constants import BLCKSZ, RELSEG_SIZE
-from proto.errors import AlreadyExists, CorruptData
+from proto.errors import AlreadyExists, CorruptData, NoSpace
 
 _READ_SIZE = 1 << 20
 
@@ -170,7 +171,9 @@ class _Extractor:
             raise CorruptData(f"the basebackup archive is damaged: {exc}") from None
         except OSError as exc:
             name = self._member.name if self._member is not None else "?"
-            raise CorruptData(f"cannot extract tar member {name!r}: {exc.strerror}") from None
+            # A full disk is not a damaged archive: typed so (a receiver tells its pusher).
+            failed = NoSpace if exc.errno in FULL_ERRNOS else CorruptData
+            raise failed(f"cannot extract tar member {name!r}: {exc.strerror}") from None
 
     def _start(self, member: MemberStart) -> None:
         self._member = member

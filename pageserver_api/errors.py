@@ -51,6 +51,13 @@ class Unavailable(NeonError):
     code = "unavailable"
 
 
+class NoSpace(Unavailable):
+    """A filesystem is full (ENOSPC, EDQUOT): the operator's to fix where it is, not a bug
+    and not a bad input; its own code so that the far side of a wire can say whose disk."""
+
+    code = "no_space"
+
+
 class AuthFailed(NeonError):
     code = "auth_failed"
 
@@ -84,6 +91,7 @@ ERRORS_BY_CODE: dict[str, type[NeonError]] = {
         InvalidArgument,
         Conflict,
         Unavailable,
+        NoSpace,
         AuthFailed,
         ProtocolError,
         CorruptData,
@@ -98,7 +106,16 @@ def error_from_code(code: str, message: str) -> NeonError:
     return ERRORS_BY_CODE.get(code, NeonError)(message)
 
 
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+FREE_SPACE_HINT = "; free space there and run the command again"
+"""What a full filesystem's message ends with (a caller that says what to do itself, e.g.
+a receiver telling its pusher, takes it off)."""
+
+
+def is_full(exc: BaseException) -> bool:
+    """A full filesystem's error: the OSError itself, or the NoSpace made of it (here or on
+    the far side of a wire)."""
+    return isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in FULL_ERRNOS)
 
 
 def error_from_os(exc: OSError, path: str | os.PathLike[str] | None = None) -> NeonError:
@@ -107,12 +124,12 @@ def error_from_os(exc: OSError, path: str | os.PathLike[str] | None = None) -> N
     traceback. `path` names the file when the exception does not."""
     where = exc.filename if exc.filename is not None else path
     what = exc.strerror or str(exc)
-    if exc.errno in _FULL_ERRNOS:
+    if exc.errno in FULL_ERRNOS:
         free = _free_space(where)
-        return Unavailable(
+        return NoSpace(
             f"{what} writing {where or 'a file'}"
             + (f" (its filesystem has {free} left, not enough)" if free else "")
-            + "; free space there and run the command again"
+            + FREE_SPACE_HINT
         )
     if exc.errno == errno.EROFS:
         return Unavailable(

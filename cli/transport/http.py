@@ -66,6 +66,7 @@ from proto.errors import (
     CorruptData,
     InvalidArgument,
     NeonError,
+    NoSpace,
     NotFound,
     Unavailable,
 )
@@ -147,7 +148,7 @@ def status_error(status: int, url: str, method: str, reason: str = "") -> NeonEr
     if status in (405, 501):
         return InvalidArgument(f"{url}: the server does not accept {method} (HTTP {status})")
     if status == 507:
-        return Unavailable(f"{url}: the server has no space left (HTTP 507){why}")
+        return NoSpace(f"{url}: the server has no space left (HTTP 507){why}")
     if status in (400, 422) and reason:
         return InvalidArgument(f"{url}: the server refused the {method} (HTTP {status}){why}")
     return Unavailable(f"{url}: the server answered {method} with HTTP {status}{why}")

@@ -41,7 +41,14 @@ from cli.transport.base import (
 )
 from cli.transport.resume import Partial, RemoteAppender, ResumingWriter
 from proto.client import Download, ProtoClient
-from proto.errors import AlreadyExists, InvalidArgument, NotFound, ProtocolError, Unavailable
+from proto.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    ProtocolError,
+    Unavailable,
+)
 
 URL_FORM = "neon://HOST:PORT/[NAME][?token=TOKEN]"
 TOKEN_ENV = "NEON_TOKEN"
@@ -197,6 +204,8 @@ class NeonWriter(QueuedUploadWriter):
                 f"{self._shown}: the receiver already has a snapshot of that name; push under "
                 "another name or destroy it there first"
             ) from None
+        except NoSpace as exc:  # the receiver's disk, not this side's: say whose
+            raise NoSpace(f"{self._shown}: {exc.message}") from None
         finally:
             await self._client.close()
 

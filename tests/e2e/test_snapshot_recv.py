@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from cli.receiver_partials import PARTIALS_DIR
 from cli.transport import parse_location
 from cli.transport.http import RESUME_AT
 from proto.errors import AlreadyExists, AuthFailed, CorruptData, NeonError
+from tests.e2e.test_disk_full import fill, mounted
 from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql
 from tests.pgtest import pg_reachable_tmpdir
@@ -36,6 +38,7 @@ from tests.s3d import moto_s3
 from tests.sshd import ssh_server
 
 SNAP = "pgdata1@snap1"
+FILE = "pgdata1@snap1.neon"
 DUMP_KEY = "snapshotrecvtest"
 URL = re.compile(r"^neon://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{32})$")
 
@@ -711,3 +714,107 @@ def test_a_pulled_delta_goes_on_the_parent_held_here(
             receiver.run("snapshot", "destroy", name, check=False)
         for name in ("pgdata1@p1", "pgdata1@p2"):
             sender.run("snapshot", "destroy", name)
+
+
+@contextlib.contextmanager
+def storage_on_tmpfs(size: str) -> Iterator[tuple[NeonCli, Path]]:
+    """A receiving home (its own pageserver) whose native storage `small` is on a tmpfs of
+    `size`: the home and the tmpfs's mount point; its pageserver is stopped before the tmpfs
+    is unmounted, both always."""
+    base = pg_reachable_tmpdir("neon-recvfull-")
+    home = NeonCli(base / "home", {})
+    try:
+        (base / "fs").mkdir()
+        with mounted(["-t", "tmpfs", "-o", f"size={size},mode=0711", "tmpfs"], base / "fs") as fs:
+            try:
+                home.run("storage", "attach", "-t", "native", "-n", "small", "-c", f"path={fs}/s")
+                yield home, fs
+            finally:
+                home.cleanup()  # the pageserver holds files there
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def full_disk_line(proc: subprocess.CompletedProcess[str], where: str, token: str) -> str:
+    """A push refused for the receiver's full disk: one `neon: error:` line that names the
+    receiver's URL `where` (no token), says whose disk is full and what to do."""
+    assert proc.returncode == 1 and proc.stdout == "", (proc.returncode, proc.stdout)
+    assert "Traceback" not in proc.stderr and token not in proc.stderr, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"neon: error: {where}: "), line
+    assert "the receiver's disk is full (" in line and "No space left on device" in line, line
+    assert "free space in its storage 'small' and push again" in line, line
+    assert "nothing of pgdata1@snap1.neon was kept there" in line, line
+    return line
+
+
+def left_in(storage: Path) -> list[str]:
+    """What a refused push left in a storage: work directories, kept cut pushes, timelines."""
+    return sorted(
+        [p.name for p in storage.glob(".import-*")]
+        + [p.name for p in storage.glob(f"{PARTIALS_DIR}/*")]
+        + [p.name for p in storage.glob("pagestore/timelines/*")]
+    )
+
+
+def test_a_receiver_whose_disk_fills_keeps_nothing_and_serves_on(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path
+) -> None:
+    """Issue 12's "remote disk full" over neon://: a push to `recv` whose storage fills is
+    one line for the pusher naming the receiver's URL; the receiver names no snapshot, leaves
+    no timeline or work directory, and keeps nothing of it: not even the bytes a cut push of
+    the name had left to resume from (kept, they would hold the space the push needs:
+    cli/receiver_partials.py keeps only cut pushes). Space freed, the same URL (its token
+    unused) takes the same push, whole, and recv prints its next URL."""
+    sender, _ = homes
+    data, _ = exported(sender, tmp_path)
+    with storage_on_tmpfs("64m") as (receiver, fs), receiving(receiver, "-s", "small") as recv:
+        storage = fs / "s"
+        url = recv.line()
+        port, token = URL.match(url).groups()  # type: ignore[union-attr]
+        write_object(url, FILE, data, abandon=True)  # a cut push: kept to resume from
+        recv.wait_logged(f"refused {FILE}: ")
+        assert left_in(storage) == [FILE]
+        fill(fs / "filler", leave=1 << 20)
+        refused = sender.run("snapshot", "push", "--to", url, SNAP, check=False)
+        full_disk_line(refused, f"neon://127.0.0.1:{port}/{FILE}", token)
+        assert snapshots(receiver) == []
+        assert left_in(storage) == []
+        (fs / "filler").unlink()
+        pushed = sender.json("snapshot", "push", "--to", url, SNAP)
+        assert pushed["bytes_resumed"] == 0 and pushed["bytes_sent"] == len(data), pushed
+        assert URL.match(recv.line()) and token not in recv.lines[-1]
+        assert snapshots(receiver) == ["pgdata1-snap1"]
+        recv.proc.send_signal(signal.SIGTERM)
+        _, rest = recv.proc.communicate(timeout=60)
+        receiver.run("snapshot", "destroy", "pgdata1-snap1")
+    err = recv.err + rest
+    assert f"refused {FILE}: the receiver's disk is full (" in err, err
+    assert "Traceback" not in err and token not in err, err
+
+
+def test_a_receiver_over_http_whose_disk_fills(homes: tuple[NeonCli, NeonCli]) -> None:
+    """The same over `recv --http`: a 507 whose reason is the receiver's line; nothing left
+    there; the tmpfs remounted bigger, the same URL takes the push."""
+    sender, _ = homes
+    with (
+        storage_on_tmpfs("6m") as (receiver, fs),
+        receiving(receiver, "-s", "small", "--http") as recv,
+    ):
+        url = recv.line()
+        token = url.partition("?token=")[2]
+        refused = sender.run("snapshot", "push", "--to", url, SNAP, check=False)
+        where = url.partition("?")[0] + "pgdata1%40snap1.neon?****"
+        line = full_disk_line(refused, where, token)
+        assert "(HTTP 507)" in line, line
+        assert snapshots(receiver) == []
+        assert left_in(fs / "s") == []
+        subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+        sender.run("snapshot", "push", "--to", url, SNAP)
+        assert recv.line().startswith(url.partition("?")[0])
+        assert snapshots(receiver) == ["pgdata1-snap1"]
+        recv.proc.send_signal(signal.SIGTERM)
+        _, err = recv.proc.communicate(timeout=60)
+        receiver.run("snapshot", "destroy", "pgdata1-snap1")
+    assert f"refused {FILE}: the receiver's disk is full (" in err, err
+    assert "Traceback" not in err and token not in err, err
