@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pg15.lsn import format_lsn
+from tests.e2e.test_disk_full import mounted
 from tests.neoncli import NeonCli, free_port, psql
 from tests.pgtest import pg_reachable_tmpdir
 from tests.tls import self_signed
@@ -189,3 +190,42 @@ def test_a_pitr_area_kept_by_a_remote_pageserver(
     finally:
         fresh.cleanup()
         a.run("pitr", "destroy", "zarea", check=False)
+
+
+def test_a_remote_pageserver_whose_disk_fills(homes: tuple[NeonCli, NeonCli, Path]) -> None:
+    """Issue 12's "remote disk full" for a pageserver attached as a remote storage: a home
+    whose default storage is on a tmpfs too small for the push. The pusher's one line names
+    the pageserver's URL (not its token) and what to do; nothing is left there (no
+    snapshot, timeline, work directory or kept bytes); the tmpfs remounted bigger, the same
+    push goes through."""
+    a, _b, base = homes
+    full = NeonCli(base / "full", {})
+    full.run("storage", "list")  # the home, its default storage empty but for its marker
+    storage = full.home / "storage" / "local"
+    [marker] = storage.iterdir()
+    kept = marker.read_bytes()
+    with mounted(["-t", "tmpfs", "-o", "size=6m,mode=0711", "tmpfs"], storage):
+        try:
+            marker.write_bytes(kept)  # the same storage, now on the tmpfs
+            marker.chmod(0o600)
+            full.run("pageserver", "start")
+            token = b_token(full).read_text().strip()
+            a.run("storage", "attach", "-t", "remote", "-n", "zfull",
+                  "-c", f"url={b_url(full)}", "-c", f"token=@{b_token(full)}")  # fmt: skip
+            refused = a.run("snapshot", "push", "--to", "zfull", SNAP, check=False)
+            assert refused.returncode == 1 and token not in refused.stderr, refused
+            [line] = refused.stderr.splitlines()
+            assert line.startswith(f"neon: error: {b_url(full)}/pgdata1@snap1.neon: the receiver's "
+                                   "disk is full ("), line  # fmt: skip
+            assert "free space in its storage 'local' and push again" in line, line
+            assert [s["name"] for s in full.json("snapshot", "list")] == []
+            left = [p.name for p in storage.glob("pagestore/timelines/*")]
+            assert left + [p.name for p in storage.glob(".*-*/*")] == [], left
+            subprocess.run(["mount", "-o", "remount,size=64m", str(storage)], check=True)
+            a.run("snapshot", "push", "--to", "zfull", SNAP)
+            assert [s["name"] for s in full.json("snapshot", "list")] == ["pgdata1-snap1"]
+            log = (full.home / "pageserver" / "pageserver.log").read_text()
+            assert "Traceback" not in log and "the receiver's disk is full" in log, log
+        finally:
+            a.run("storage", "detach", "zfull", check=False)
+            full.cleanup()  # its pageserver, before its storage goes
