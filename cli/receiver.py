@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import secrets
 import time
@@ -51,6 +50,7 @@ from cli.snapshot_file_source import (
     unpack_snapshot_stream,
 )
 from cli.snapshot_import import import_workdir, is_clean_datadir
+from cli.stream_count import NeonStreamCount
 from cli.transport.base import ObjectInfo, check_object_name
 from cli.transport.resume import Partial
 from pageserver.history.snapshots import import_name_from
@@ -155,6 +155,17 @@ class Received:
     """Of the `.neon` file received (the pusher's `sha256`)."""
     seconds: float
     next_token: str
+    tar_bytes: int | None = None
+    """Of the tar the file holds (a delta's: the pages it carries), counted from its frames'
+    headers as they passed."""
+    delta: bool = False
+    """A delta file (its tar is not the whole snapshot's)."""
+
+    @property
+    def snapshot_bytes(self) -> int | None:
+        """The whole snapshot's tar size, as the push's `snapshot_bytes` (known for a whole
+        file only, as `neon snapshot pull --json` says it)."""
+        return None if self.delta else self.tar_bytes
 
 
 class Receiver:
@@ -264,13 +275,19 @@ class Receiver:
                 skip = 0
 
     async def receive(
-        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int = 0
-    ) -> Received:
+        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int = 0,
+        tar_total: int | None = None,
+    ) -> Received:  # fmt: skip
         """Import the `.neon` stream `chunks` (after the first `resume_at` bytes a cut push
         of the name left here) as a snapshot; raises (and names nothing) unless the whole
-        stream checked out. A cut upload's bytes are kept for the push run again."""
+        stream checked out. A cut upload's bytes are kept for the push run again.
+
+        `tar_total`: the tar bytes the pusher's daemon announced, the progress bar's total
+        (the kept bytes of a resumed push count towards it). A hint, not a limit: a stream
+        holding more is not refused for that (the manifest's SHA-256s are what is checked),
+        and the bar's total grows."""
         try:
-            return await self._receive(file_name, chunks, token, resume_at)
+            return await self._receive(file_name, chunks, token, resume_at, tar_total)
         except (NeonError, OSError) as exc:
             if is_full(exc):
                 full = self._full(file_name, exc)
@@ -297,8 +314,9 @@ class Receiver:
         )
 
     async def _receive(
-        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int
-    ) -> Received:
+        self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int,
+        tar_total: int | None,
+    ) -> Received:  # fmt: skip
         self.tokens.check(token)
         assert token is not None
         name = self.snapshot_name(file_name)
@@ -307,12 +325,16 @@ class Receiver:
         if resume_at:
             chunks = self.partials.prefixed(file_name, resume_at, chunks)
         progress = Progress(self.show_progress, f"Receiving {file_name}", transient=True)
-        counted = _Counted(chunks, progress)
+        counted = NeonStreamCount(progress, count_tar=True)
+        if tar_total is not None:
+            counted.expect(tar_total)
         label = f"the pushed {file_name}"
         with import_workdir(self.storage_path) as workdir, contextlib.closing(progress):
             try:
                 async with contextlib.AsyncExitStack() as imports:  # each ends in the block
-                    register = await self._unpack(counted.chunks(), label, name, workdir, imports)
+                    register, delta = await self._unpack(
+                        _counting(chunks, counted), label, name, workdir, imports
+                    )
                     snap, next_token = await publish_once(
                         self._commit, self.tokens, token, register
                     )
@@ -324,14 +346,18 @@ class Receiver:
                 raise
         self.partials.drop(file_name)
         seconds = time.monotonic() - started
-        return Received(snap, counted.bytes, counted.sha256.hexdigest(), seconds, next_token)
+        return Received(
+            snap, counted.bytes, counted.sha256.hexdigest(), seconds, next_token,
+            counted.tar_bytes, delta,
+        )  # fmt: skip
 
     async def _unpack(
         self, chunks: AsyncIterator[bytes], label: str, name: str, workdir: Path,
         imports: contextlib.AsyncExitStack,
-    ) -> Callable[[], SnapshotInfo]:  # fmt: skip
+    ) -> tuple[Callable[[], SnapshotInfo], bool]:  # fmt: skip
         """Take the pushed `.neon` file in under `workdir`; return what imports it as `name`
-        (called only under the commit lock: nothing is named before). A whole file is written
+        (called only under the commit lock: nothing is named before), and whether the file
+        is a delta. A whole file is written
         there as it comes and read by the pageserver as it grows (cli/neon_file_import.py: it
         verifies every frame, and the file ends only when the returned call says so); a delta
         on a snapshot received here before is extracted and imported on a branch of it,
@@ -346,15 +372,16 @@ class Receiver:
             growing = GrowingFile(workdir / FETCHED_NAME, label, origin_of(head), send)
             await imports.enter_async_context(growing)
             await growing.write(rest)
-            return growing.finish
+            return growing.finish, False
         if head is None:  # no manifest at its head: the extraction says what is wrong
             pgdata = workdir / "pgdata"
             manifest = await unpack_snapshot_stream(rest, label, pgdata, head)
             if not is_clean_datadir(pgdata):
                 raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
-            return functools.partial(
+            register = functools.partial(
                 register_import, self.api, name, pgdata, self.storage_path, origin_of(manifest)
             )
+            return register, False
         assert parent is not None
         base = await parent_here(self.api, parent)
         if base is None:
@@ -362,7 +389,7 @@ class Receiver:
         members = workdir / "delta"
         await unpack_delta(rest, label, members, head)
         request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
-        return functools.partial(self.api.snapshot_import_delta, request)
+        return functools.partial(self.api.snapshot_import_delta, request), True
 
 
 async def publish_once(
@@ -394,19 +421,8 @@ async def publish_once(
         return snap, next_token
 
 
-class _Counted:
-    """The stream's chunks (`chunks()`), counting the bytes (shown by `progress`) and
-    hashing them."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], progress: Progress) -> None:
-        self._source = chunks
-        self._progress = progress
-        self.bytes = 0
-        self.sha256 = hashlib.sha256()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._source:
-            self.bytes += len(chunk)
-            self.sha256.update(chunk)
-            self._progress.update(self.bytes, None)
-            yield chunk
+async def _counting(chunks: AsyncIterator[bytes], count: NeonStreamCount) -> AsyncIterator[bytes]:
+    """`chunks`, each counted (and shown) as it passes."""
+    async for chunk in chunks:
+        count.add(chunk)
+        yield chunk

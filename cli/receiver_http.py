@@ -11,7 +11,9 @@ push sends a delta on one of them (that answer and the 201 say `X-Neon-Index: li
 pusher writes no index here, nor GETs it with the token the PUT used up); no snapshot is
 served for reading. `GET /.partial/NAME.neon` answers what a cut push of that file left
 here (its size and block digests, cli/receiver_partials.py), and a PUT with
-`X-Neon-Resume-At: N` sends the bytes from N on: the kept ones go first.
+`X-Neon-Resume-At: N` sends the bytes from N on: the kept ones go first. `X-Neon-Tar-Total`
+is the tar size the pusher's daemon announced: the progress bar's total (none: bytes and
+rate, as from an older pusher or a plain `curl -T`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from aiohttp import ClientPayloadError, web
 
 from cli.receiver import Received, Receiver
 from cli.transport.base import CHUNK
-from cli.transport.http import INDEX_NAME, LIVE_INDEX, PARTIAL_PATH, RESUME_AT
+from cli.transport.http import INDEX_NAME, LIVE_INDEX, PARTIAL_PATH, RESUME_AT, TAR_TOTAL
 from proto.errors import (
     AlreadyExists,
     AuthFailed,
@@ -47,8 +49,9 @@ def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) ->
         token = _token(request)
         receiver.authenticate(token)  # first: nothing else is looked at without the token
         resume_at = resume_offset(request.headers.get(RESUME_AT))
+        tar_total = byte_header(request.headers.get(TAR_TOTAL), TAR_TOTAL)
         received = await receiver.receive(
-            request.match_info["name"], _body(request), token, resume_at
+            request.match_info["name"], _body(request), token, resume_at, tar_total
         )
         on_received(received)
         text = f"received snapshot {received.snapshot.name}\n"
@@ -78,12 +81,17 @@ def receiver_app(receiver: Receiver, on_received: Callable[[Received], None]) ->
 
 
 def resume_offset(header: str | None) -> int:
-    """The byte a PUT's `X-Neon-Resume-At` resumes from (none: 0); InvalidArgument for
+    """The byte a PUT's `X-Neon-Resume-At` resumes from (none: 0)."""
+    return byte_header(header, RESUME_AT) or 0
+
+
+def byte_header(header: str | None, name: str) -> int | None:
+    """The byte count a PUT's header `name` holds (none: None); InvalidArgument for
     anything but ASCII digits (`str.isdigit` takes '²', which `int` refuses)."""
     if header is None:
-        return 0
+        return None
     if not (header.isascii() and header.isdecimal()):
-        raise InvalidArgument(f"{RESUME_AT} must be a byte count, not {header[:40]!r}")
+        raise InvalidArgument(f"{name} must be a byte count, not {header[:40]!r}")
     return int(header)
 
 

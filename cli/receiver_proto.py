@@ -40,6 +40,13 @@ def byte_offset(params: dict[str, Any], key: str, method: str) -> int:
     return value
 
 
+def byte_count(params: dict[str, Any], key: str, method: str) -> int | None:
+    """An optional byte count `key` (absent: None), checked as `byte_offset` checks one.
+    Params a receiver does not know are not looked at: a newer pusher's reach an older
+    receiver, which goes on without them."""
+    return byte_offset(params, key, method) if key in params else None
+
+
 def object_handlers(
     receiver: Receiver, on_received: Callable[[Received], None]
 ) -> dict[str, Handler]:
@@ -61,7 +68,8 @@ def object_handlers(
                 "snapshot on the receiving side first"
             )
         resume_at = byte_offset(ctx.params, "resume_at", ctx.method)
-        received = await receiver.receive(name, ctx.upload(), ctx.token, resume_at)
+        tar_total = byte_count(ctx.params, "tar_total", ctx.method)
+        received = await receiver.receive(name, ctx.upload(), ctx.token, resume_at, tar_total)
         on_received(received)
         return {"snapshot": received.snapshot.name, "bytes": received.bytes}
 

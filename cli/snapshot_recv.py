@@ -207,6 +207,8 @@ class _Printer:
                 "lsn": snap.lsn,
                 "lsn_text": snap.lsn_text,
                 "bytes_received": received.bytes,
+                "tar_bytes": received.tar_bytes,
+                "snapshot_bytes": received.snapshot_bytes,
                 "sha256": received.sha256,
                 "seconds": round(received.seconds, 3),
             },

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import functools
 import sys
 import threading
 import time
@@ -58,6 +58,7 @@ from cli.secrets import read_secret
 from cli.snapshot_export import export_file_name, write_snapshot_file
 from cli.snapshot_file_source import is_snapshot_file, resolve_chain, snapshots_in
 from cli.storages import DEFAULT_STORAGE, secret_path
+from cli.stream_count import NeonStreamCount
 from cli.transport import is_transport_url, parse_location
 from cli.transport.base import Location, already_exists, use_spool
 from cli.transport.blocking import BlockingWriter
@@ -77,7 +78,6 @@ from pageserver_api.models import (
 )
 from proto.client import tls_context
 from proto.errors import Conflict, CorruptData, InvalidArgument, NotFound
-from snapfile.container import TarBytesPassed
 from snapfile.delta import SnapshotIdentity
 from snapfile.manifest import Manifest
 
@@ -182,32 +182,6 @@ def snapshot_name_of(location: Location) -> str:
     if name is None:
         raise InvalidArgument(f"no snapshot name can be made from {location.url}; give NAME")
     return name
-
-
-class _Sent:
-    """What went into the transport: bytes, their SHA-256, and the progress bar: the tar
-    bytes of the frames passed (the file's size is known only at its end) against the tar's
-    size the daemon announced (`expect`), so that it shows a percent and an ETA."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.bytes = 0
-        self.sha256 = hashlib.sha256()
-        self._progress = progress
-        self._tar = TarBytesPassed()
-        self._total: int | None = None
-
-    def expect(self, tar_bytes: int) -> None:
-        """The file's tar size (a dropped guess's is replaced by the next download's)."""
-        self._total = tar_bytes
-
-    def add(self, chunk: bytes) -> None:
-        self.bytes += len(chunk)
-        self.sha256.update(chunk)
-        if self._total is None:
-            self._progress.update(self.bytes, None)
-            return
-        self._tar.feed(chunk)
-        self._progress.update(self._tar.tar_bytes, self._total)
 
 
 def delta_candidates(
@@ -454,10 +428,12 @@ def snapshot_push(
         deferred=True,
     )  # fmt: skip
     progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
-    sent = _Sent(progress)
-    # The tar's size is asked for only where a bar shows: the daemon lists the tar's
-    # members before its first byte for it.
-    on_total = sent.expect if progress.shown else None
+    sent = NeonStreamCount(progress)
+    # The tar's size is always asked for: a receiver's bar wants it whatever this one shows
+    # (a `recv` on a terminal). The daemon lists the tar's members before the first byte for
+    # it: measured in 10-20 paired runs at load ~3.5, +22 ms to the first byte of a 1 GiB
+    # snapshot's file and +2 ms for a 1% delta, its CPU and the stream's end unchanged.
+    on_total = functools.partial(_expect_tar, sent if progress.shown else None, out)
     guesser = _Guesser(app, api, on_total)
     guessing = None if full or not location.store.guess_delta else guesser.on_local
     with out:
@@ -512,6 +488,14 @@ def snapshot_push(
         f"Pushed {name} to {location.url}{how}: {human_size(sent_bytes)} sent for "
         f"{human_size(full_size)} of data{share} in {seconds:.1f} s{again}"
     )
+
+
+def _expect_tar(sent: NeonStreamCount | None, out: BlockingWriter, total: int) -> None:
+    """The daemon announced the tar's size: the push's bar (`sent`, where one shows) and
+    the receiver's (sent with the upload) show a percent and an ETA."""
+    if sent is not None:
+        sent.expect(total)
+    out.expect_tar(total)
 
 
 def _file_fields(summary: NeonFileSummary) -> dict[str, object]:

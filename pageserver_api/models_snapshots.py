@@ -160,9 +160,9 @@ class BasebackupRequest(ApiRequest):
     older daemon sends a member each."""
     tar_total: bool | None = None
     """With snapshot_file: the stream begins with the tar's exact size (`tar_total_chunk`),
-    the tar's members listed before its first byte, so that a push's progress bar shows a
-    percent and an ETA. An older daemon sends none (`read_tar_total` tells its first chunk
-    from a `.neon` file's)."""
+    the tar's members listed before its first byte, so that a push's progress bar (and its
+    receiver's) shows a percent and an ETA. An older daemon sends none (`read_tar_total`
+    tells its first chunk from a `.neon` file's)."""
 
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:

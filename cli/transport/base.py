@@ -81,6 +81,12 @@ class ObjectWriter(ABC):
         """Of `bytes_written`, those the destination already held from an interrupted write
         (a resumed one): not sent again."""
 
+    def expect_tar(self, total: int) -> None:
+        """The tar bytes the `.neon` stream about to be written holds (its daemon announced
+        them), told before the first `write`: a writer whose far side shows a progress bar
+        (a `neon snapshot recv`) sends them with its request; the others need nothing."""
+        return None
+
     @abstractmethod
     async def write(self, data: bytes) -> None:
         """Append `data` (waits while the far side is behind: memory stays bounded)."""
@@ -106,20 +112,39 @@ class ObjectWriter(ABC):
 
 
 class QueuedUploadWriter(ObjectWriter):
-    """A writer whose bytes feed one streamed upload request (`_upload`, started at once):
-    `write` queues a chunk (waiting while QUEUED_CHUNKS are not yet sent: bounded memory),
-    `commit` ends the body and awaits the far side's answer, `abort` cancels the request,
-    which closes its connection mid-body so the far side keeps nothing."""
+    """A writer whose bytes feed one streamed upload request (`_upload`, sent with the first
+    chunk, or at the commit of an empty object): `write` queues a chunk (waiting while
+    QUEUED_CHUNKS are not yet sent: bounded memory), `commit` ends the body and awaits the
+    far side's answer, `abort` cancels the request, which closes its connection mid-body so
+    the far side keeps nothing.
+
+    The request waits for the first chunk, not the writer's opening, so that it can carry
+    what is known only then: the tar's size a push learns from its daemon before the first
+    byte (`expect_tar`, for the receiver's progress bar). What opening costs (neon://: the
+    connection and its hello) is still paid while the daemon makes the file."""
 
     def __init__(self, shown: str) -> None:
         super().__init__()
         self._shown = shown
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUED_CHUNKS)
-        self._request = asyncio.ensure_future(self._upload(self._body()))
+        self._request: asyncio.Future[None] | None = None
+        self.tar_total: int | None = None
+        """Sent with the request when known (`expect_tar`)."""
+
+    def expect_tar(self, total: int) -> None:
+        self.tar_total = total
 
     @abstractmethod
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
         """Send `body` as the object; raise the far side's refusal."""
+
+    async def _unsent(self) -> None:
+        """Let go of what was opened for a request never sent (an abort before any chunk)."""
+
+    def _started(self) -> asyncio.Future[None]:
+        if self._request is None:
+            self._request = asyncio.ensure_future(self._upload(self._body()))
+        return self._request
 
     async def _body(self) -> AsyncIterator[bytes]:
         while (chunk := await self._queue.get()) is not None:
@@ -127,12 +152,13 @@ class QueuedUploadWriter(ObjectWriter):
 
     async def _send(self, item: bytes | None) -> None:
         """Queue `item` for the body, or raise why the request ended first."""
+        request = self._started()
         put = asyncio.ensure_future(self._queue.put(item))
-        await asyncio.wait({put, self._request}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({put, request}, return_when=asyncio.FIRST_COMPLETED)
         if put.done():
             return
         put.cancel()
-        self._request.result()  # the far side's refusal or the connection's error
+        request.result()  # the far side's refusal or the connection's error
         raise Unavailable(f"{self._shown}: the far side answered before the upload ended")
 
     async def write(self, data: bytes) -> None:
@@ -142,12 +168,15 @@ class QueuedUploadWriter(ObjectWriter):
     async def commit(self) -> None:
         try:
             await self._send(None)
-            await self._request
+            await self._started()
         except BaseException:
             await self.abort()
             raise
 
     async def abort(self) -> None:
+        if self._request is None:
+            await self._unsent()
+            return
         self._request.cancel()
         with contextlib.suppress(BaseException):
             await self._request

@@ -48,6 +48,7 @@ class BlockingWriter:
         self._opening: concurrent.futures.Future[ObjectWriter] | None = None
         self._writer: ObjectWriter | None = None
         self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._tar_total: int | None = None
         self.bytes_written = 0
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -87,8 +88,16 @@ class BlockingWriter:
             self._writer = self._opening.result()
         return self._writer
 
+    def expect_tar(self, total: int) -> None:
+        """The stream's tar size (`ObjectWriter.expect_tar`), told before the first `write`
+        (from any thread): the writer gets it with that write."""
+        self._tar_total = total
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         writer = self._opened()
+        if self._tar_total is not None:
+            writer.expect_tar(self._tar_total)  # read by the request the write below starts
+            self._tar_total = None
         chunk = bytes(data)
         self._call(writer.write(chunk))
         self.bytes_written += len(chunk)

@@ -7,7 +7,8 @@ the whole object and the first N bytes are skipped). A connection cut mid-body i
 size of a `.neon` file is known only at its end) with `If-None-Match: *` unless overwriting,
 so a server that honours it never replaces an object; the object exists once the server
 answered 2xx to the complete body. An aborted upload closes the connection mid-body: a server
-must not keep an incomplete body (aiohttp, S3, WebDAV servers do not).
+must not keep an incomplete body (aiohttp, S3, WebDAV servers do not). A push that knows the
+tar's size sends it as `X-Neon-Tar-Total` (a receiver's progress bar; others ignore it).
 
 A presigned URL (a query signing it for one request: S3's `X-Amz-Signature` or `Signature`,
 GCS's `X-Goog-Signature`, Azure's `sig`) is written with its size instead (`SizedWriter`):
@@ -88,6 +89,9 @@ PARTIAL_PATH = ".partial/"
 """Where a receiver answers what it kept of a cut push of a file (`.partial/NAME`)."""
 RESUME_AT = "X-Neon-Resume-At"
 """The header of a resumed PUT: the bytes before it are the receiver's kept ones."""
+TAR_TOTAL = "X-Neon-Tar-Total"
+"""The header of a PUT whose tar size the pusher knows: a receiver's progress bar's total
+(any other server ignores it)."""
 SIGNATURE_PARAMS = frozenset({"x-amz-signature", "signature", "x-goog-signature", "sig"})
 
 
@@ -411,7 +415,10 @@ class HttpWriter(QueuedUploadWriter):
         super().__init__(shown)
 
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
-        self._live = await _put(self._url, self._shown, body, self._headers)
+        headers = self._headers
+        if self.tar_total is not None:
+            headers = {**headers, TAR_TOTAL: str(self.tar_total)}
+        self._live = await _put(self._url, self._shown, body, headers)
 
     async def commit(self) -> None:
         await super().commit()

@@ -184,7 +184,9 @@ class NeonStore(Store):
 
 class NeonWriter(QueuedUploadWriter):
     """One `object.write` upload (of the bytes from `resume_at` on: those before are the
-    receiver's kept ones); it answers once it verified and kept it all."""
+    receiver's kept ones); it answers once it verified and kept it all. The tar's size,
+    when known, goes as `tar_total` (its progress bar's total): a receiver that knows no
+    such param ignores it (cli/receiver_proto.py reads the params it knows)."""
 
     def __init__(
         self, client: ProtoClient, name: str, overwrite: bool, shown: str, resume_at: int = 0
@@ -195,10 +197,12 @@ class NeonWriter(QueuedUploadWriter):
         super().__init__(shown)
 
     async def _upload(self, body: AsyncIterator[bytes]) -> None:
+        total = {} if self.tar_total is None else {"tar_total": self.tar_total}
         try:
             self.result = await self._client.upload(
-                "object.write", body, name=self._name, overwrite=self._overwrite, **self._resume
-            )
+                "object.write", body, name=self._name, overwrite=self._overwrite,
+                **self._resume, **total,
+            )  # fmt: skip
         except AlreadyExists:
             raise AlreadyExists(
                 f"{self._shown}: the receiver already has a snapshot of that name; push under "
@@ -208,6 +212,9 @@ class NeonWriter(QueuedUploadWriter):
             raise NoSpace(f"{self._shown}: {exc.message}") from None
         finally:
             await self._client.close()
+
+    async def _unsent(self) -> None:
+        await self._client.close()
 
 
 class NeonReader(ObjectReader):

@@ -97,6 +97,10 @@ class PrefixMatcher:
 class PartialAppender(ABC):
     """A transport's partial object, written by `ResumingWriter`."""
 
+    def expect_tar(self, total: int) -> None:
+        """As `ObjectWriter.expect_tar`, told before `start`."""
+        return None
+
     @abstractmethod
     async def start(self, keep: int) -> None:
         """Keep the partial object's first `keep` bytes (cut now, or by the transport's
@@ -125,6 +129,9 @@ class ResumingWriter(ObjectWriter):
         super().__init__()
         self._matcher: PrefixMatcher | None = PrefixMatcher(partial)
         self._appender = appender
+
+    def expect_tar(self, total: int) -> None:
+        self._appender.expect_tar(total)
 
     async def _start(self, keep: int, data: bytes) -> None:
         self._matcher = None
@@ -156,14 +163,21 @@ class ResumingWriter(ObjectWriter):
 class RemoteAppender(PartialAppender):
     """A partial object the far side keeps itself (a `neon snapshot recv`, over neon:// or
     http): `start` opens a write of the bytes from `keep` on (`open_from`), ahead of which
-    the far side puts its first `keep` kept bytes; it verifies the whole at the commit."""
+    the far side puts its first `keep` kept bytes; it verifies the whole at the commit. The
+    tar's size goes with it: the far side's bar counts the kept bytes too."""
 
     def __init__(self, open_from: Callable[[int], Awaitable[ObjectWriter]]) -> None:
         self._open_from = open_from
         self._writer: ObjectWriter | None = None
+        self._tar_total: int | None = None
+
+    def expect_tar(self, total: int) -> None:
+        self._tar_total = total
 
     async def start(self, keep: int) -> None:
         self._writer = await self._open_from(keep)
+        if self._tar_total is not None:
+            self._writer.expect_tar(self._tar_total)
 
     async def write(self, data: bytes) -> None:
         assert self._writer is not None

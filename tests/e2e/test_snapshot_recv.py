@@ -28,8 +28,8 @@ import pytest
 
 from cli.receiver_partials import PARTIALS_DIR
 from cli.transport import parse_location
-from cli.transport.http import RESUME_AT
-from proto.errors import AlreadyExists, AuthFailed, CorruptData, NeonError
+from cli.transport.http import RESUME_AT, TAR_TOTAL
+from proto.errors import AlreadyExists, AuthFailed, CorruptData, InvalidArgument, NeonError
 from tests.e2e.test_disk_full import fill, mounted
 from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql
@@ -90,14 +90,23 @@ class Recv:
     err: str = ""
     """What `wait_logged` read of its stderr."""
 
+    out: str = ""
+    """What was read of its stdout past the lines `line` returned."""
+
     def line(self, timeout: float = 60) -> str:
-        """The next stdout line."""
+        """The next stdout line (read from the descriptor: two lines printed at once, as
+        --json prints what arrived and the next URL, are both there to take)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "neon snapshot recv printed nothing"
-        text = self.proc.stdout.readline().strip()
-        self.lines.append(text)
-        return text
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while "\n" not in self.out:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 65536) if ready else b""
+            assert chunk, "neon snapshot recv printed nothing"
+            self.out += chunk.decode()
+        text, _, self.out = self.out.partition("\n")
+        self.lines.append(text.strip())
+        return text.strip()
 
     def wait_logged(self, text: str, timeout: float = 60) -> None:
         """Read the receiver's stderr (into `err`) until `text` is in it."""
@@ -285,7 +294,12 @@ def test_http_once_with_a_name_and_json(
         assert raw_put(url[:-4] + "xxxx", {RESUME_AT: "²"})[0] == 401
         status, text = raw_put(url, {RESUME_AT: "²"})
         assert (status, text) == (400, f"{RESUME_AT} must be a byte count, not '²'\n")
+        # The tar's total for the bar: a byte count or refused, before anything is kept.
+        for bad in ("-1", "12x", "²", ""):
+            status, text = raw_put(url, {TAR_TOTAL: bad}, name="badtotal.neon")
+            assert (status, text) == (400, f"{TAR_TOTAL} must be a byte count, not {bad!r}\n")
         assert snapshots(receiver) == []
+        assert not (storage / PARTIALS_DIR).exists() or not any((storage / PARTIALS_DIR).iterdir())
         assert list(storage.glob(".import-*")) == []
         summary = sender.json("snapshot", "push", "--to", url, SNAP)
         assert summary["url"].endswith("/pgdata1%40snap1.neon?****")
@@ -298,22 +312,26 @@ def test_http_once_with_a_name_and_json(
     assert "Traceback" not in err and token not in err
     assert got["snapshot"] == "movies" and got["bytes_received"] == summary["bytes_sent"]
     assert got["sha256"] == summary["sha256"]
+    # The whole snapshot's size, as push and pull say it: the tar the file holds.
+    assert got["snapshot_bytes"] == got["tar_bytes"] == summary["snapshot_bytes"] > 0
     try:
         assert dump(receiver, "movies") == reference
     finally:
         receiver.run("snapshot", "destroy", "movies")
 
 
-def raw_put(url: str, headers: dict[str, str]) -> tuple[int, str]:
-    """A PUT of a few bytes as `x.neon` to the receiver at `url` (its printed URL): the
-    answer's status and text."""
+def raw_put(
+    url: str, headers: dict[str, str], data: bytes = b"x", name: str = "x.neon"
+) -> tuple[int, str]:
+    """A plain PUT of `data` (by default a few bytes) as `name` to the receiver at `url`
+    (its printed URL): the answer's status and text."""
     import aiohttp
 
     async def run() -> tuple[int, str]:
-        target = url.replace("/?", "/x.neon?")
+        target = url.replace("/?", f"/{name}?")
         async with (
             aiohttp.ClientSession() as session,
-            session.put(target, data=b"x", headers=headers) as answer,
+            session.put(target, data=data, headers=headers) as answer,
         ):
             return answer.status, await answer.text()
 
@@ -330,13 +348,18 @@ def exported(neon: NeonCli, tmp_path: Path) -> tuple[bytes, bytes]:
     return data, bytes(tampered)
 
 
-def write_object(url: str, name: str, data: bytes, *, abandon: bool = False) -> None:
+def write_object(
+    url: str, name: str, data: bytes, *, abandon: bool = False, tar_total: int | None = None
+) -> None:
     """Send `data` as object `name` through the neon:// transport (what push does with a
-    .neon stream), or abandon the upload halfway."""
+    .neon stream; `tar_total` announced as push does when its daemon told it), or abandon
+    the upload halfway."""
 
     async def run() -> None:
         location = parse_location(url).named(name)
         writer = await location.store.open_write(name, overwrite=False)
+        if tar_total is not None:
+            writer.expect_tar(tar_total)
         if abandon:
             await writer.write(data[: len(data) // 2])
             await asyncio.sleep(0.5)
@@ -366,8 +389,12 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
         recv.wait_logged("refused abandoned.neon: ")
         with pytest.raises(AuthFailed, match="wrong token"):
             write_object(url.replace("?token=", "?token=x"), "x.neon", data)
+        bad_total = r"object\.write: tar_total must be a byte count, not -1"
+        with pytest.raises(InvalidArgument, match=bad_total):
+            write_object(url, "badtotal.neon", data, tar_total=-1)
         assert snapshots(receiver) == []
         assert list(storage.glob(".import-*")) == []
+        assert not (storage / PARTIALS_DIR / "badtotal.neon").exists()
         write_object(url, "good.neon", data)  # the token still works: nothing consumed it
         assert URL.match(recv.line())
         with pytest.raises(AlreadyExists, match="already has a snapshot of that name"):
@@ -377,6 +404,7 @@ def test_tampered_cut_and_abandoned_streams_change_nothing(
     err = recv.err + rest
     assert "refused tampered.neon: " in err and "refused cut.neon: " in err
     assert "refused abandoned.neon: " in err and "Traceback" not in err
+    assert "refused badtotal.neon: " not in err  # refused before it was looked at
     assert snapshots(receiver) == ["good"]
     receiver.run("snapshot", "destroy", "good")
 
@@ -554,15 +582,23 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
     sender.run("snapshot", "create", "pgdata1@d2")
     psql(c, "UPDATE t SET v = 'later' WHERE id <= 10")
     try:
-        with receiving(receiver) as recv:
-            whole = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@d1")
+        with receiving(receiver, "--json") as recv:
+            url = json.loads(recv.line())["url"]
+            whole = sender.json("snapshot", "push", "--to", url, "pgdata1@d1")
             assert whole["parent"] is None
+            got_whole = json.loads(recv.line())
             before = history_bytes(receiver)
-            delta_push = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@d2")
+            url = json.loads(recv.line())["url"]
+            delta_push = sender.json("snapshot", "push", "--to", url, "pgdata1@d2")
             written = history_bytes(receiver) - before
             assert delta_push["parent"] == "pgdata1@d1"
             assert delta_push["bytes_sent"] < 0.5 * whole["bytes_sent"]  # newdb's catalogs
-            recv.line()
+            got_delta = json.loads(recv.line())
+        # recv --json: the snapshot's size, as push says it, for a whole file; a delta's
+        # tar is the pages it carries (its snapshot's size is the pusher's to say).
+        assert got_whole["snapshot_bytes"] == got_whole["tar_bytes"] == whole["snapshot_bytes"]
+        assert got_delta["snapshot_bytes"] is None
+        assert 0 < got_delta["tar_bytes"] < got_whole["tar_bytes"]
         # A rebuild of the whole directory would have written a whole image run.
         assert written < 0.5 * before, (written, before)
         expected = dump(sender, "pgdata1@d2")
@@ -590,36 +626,84 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
             sender.run("snapshot", "destroy", snap)
 
 
-def test_progress_on_a_tty_only(homes: tuple[NeonCli, NeonCli]) -> None:
-    """A transient bar (bytes, rate) while a snapshot arrives, on a terminal; none with
-    --json or without a terminal (the other tests read recv's stderr through a pipe). This
-    receiver listens where --listen and --port say, and its URL says so."""
-    sender, receiver = homes
+@contextlib.contextmanager
+def on_tty(neon: NeonCli, *args: str) -> Iterator[tuple[Recv, list[str]]]:
+    """`neon snapshot recv ARGS` with its stderr on a pseudo-terminal: the receiver, and
+    (once it exited: --once) what it showed there as the list's one item."""
     master, slave = pty.openpty()
-    port = free_port()
     proc = subprocess.Popen(
-        [NEON, "snapshot", "recv", "--once", "tty", "--listen", "127.0.0.2", "--port", str(port)],
-        env=receiver.env(), text=True, stdout=subprocess.PIPE, stderr=slave,
+        [NEON, "snapshot", "recv", *args], env=neon.env(), text=True,
+        stdout=subprocess.PIPE, stderr=slave,
     )  # fmt: skip
     os.close(slave)
+    shown: list[str] = []
     try:
-        recv = Recv(proc)
-        url = recv.line()
-        assert re.match(rf"^neon://127\.0\.0\.2:{port}/\?token=[A-Za-z0-9_-]{{32}}$", url), url
-        sender.run("snapshot", "push", "--to", url, SNAP)
+        yield Recv(proc), shown
         assert proc.wait(timeout=60) == 0
-        shown = b""
+        got = b""
         with contextlib.suppress(OSError):  # EIO once the child closed the terminal
             while chunk := os.read(master, 4096):
-                shown += chunk
+                got += chunk
+        shown.append(got.decode(errors="replace"))
     finally:
         os.close(master)
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+KNOWN_TOTAL = r"\[[-=]*\] +\d+% \| .*B/s \| ETA "
+"""A bar with a total (cli/progress.py's KNOWN_TOTAL): a percent, the rate, an ETA."""
+
+
+@pytest.mark.parametrize("wire", ["neon", "http"])
+def test_progress_with_a_percent_on_a_tty_only(homes: tuple[NeonCli, NeonCli], wire: str) -> None:
+    """A transient bar while a snapshot arrives, on a terminal, with a percent and an ETA:
+    the pusher sends the tar's size its daemon announced (`tar_total`, `X-Neon-Tar-Total`),
+    though its own output is no terminal; the bar counts the tar bytes of the frames passed,
+    never past 100%. None with --json or without a terminal (the other tests read recv's
+    stderr through a pipe). This receiver listens where --listen and --port say, and its
+    URL says so."""
+    sender, receiver = homes
+    port = free_port()
+    args = ["--once", "tty", "--listen", "127.0.0.2", "--port", str(port)]
+    try:
+        with on_tty(receiver, *args, *(["--http"] if wire == "http" else [])) as (recv, shown):
+            url = recv.line()
+            assert re.match(rf"^{wire}://127\.0\.0\.2:{port}/\?token=[A-Za-z0-9_-]{{32}}$", url)
+            sender.run("snapshot", "push", "--to", url, SNAP)
+    finally:
         receiver.run("snapshot", "destroy", "tty", check=False)
-    text = shown.decode(errors="replace")
-    assert "Receiving pgdata1@snap1.neon" in text and "B/s" in text, text
+    [text] = shown
+    assert re.search(rf"Receiving pgdata1@snap1\.neon {KNOWN_TOTAL}", text), text
+    assert not re.search(r"\b(10[1-9]|1[1-9]\d)%", text), text
     assert "Received snapshot tty" in text
+
+
+@pytest.mark.parametrize("wire", ["neon", "http"])
+def test_progress_without_a_total_shows_bytes(
+    homes: tuple[NeonCli, NeonCli], tmp_path: Path, wire: str
+) -> None:
+    """What an older pusher sends (an upload with no total) or a plain PUT of the file (as
+    `curl -T` sends it): the bar shows the bytes and their rate, and the snapshot is in."""
+    sender, receiver = homes
+    data, _ = exported(sender, tmp_path)
+    try:
+        with on_tty(receiver, "--once", "plain", *(["--http"] if wire == "http" else [])) as (
+            recv,
+            shown,
+        ):
+            url = recv.line()
+            if wire == "neon":
+                write_object(url, "old.neon", data)
+            else:
+                assert raw_put(url, {}, data, "old.neon")[0] == 201
+    finally:
+        receiver.run("snapshot", "destroy", "plain", check=False)
+    [text] = shown
+    assert re.search(r"Receiving old\.neon .*B \| .*B/s", text), text
+    assert "%" not in text and "ETA" not in text, text
+    assert "Received snapshot plain" in text
 
 
 def test_serve_is_a_remote_storage(

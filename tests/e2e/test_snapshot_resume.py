@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from cli.progress import PROGRESS_ENV, ProgressReport
 from cli.receiver_partials import PARTIALS_DIR
 from cli.transport.resume import partial_name
 from cli.transport.spool import SPOOL_DIR
@@ -274,14 +275,17 @@ def test_push_to_recv_killed_and_resumed(
     receiver keeps what arrived, out of sight, and names no snapshot; the push run again
     sends only the rest (compared block by block with the kept bytes' digests), and the
     snapshot it makes has the sender's data; nothing is kept once it is in. Over http (the
-    same receiver behind another wire) two kills, and the SHA-256 stands for the dump."""
+    same receiver behind another wire) two kills, and the SHA-256 stands for the dump.
+    The receiver's progress (as JSON lines) ends at the tar's size the pusher sent: the
+    kept bytes count towards it."""
     storage = receiver.home / "storage" / "local"  # the default native storage
     kept = storage / PARTIALS_DIR / FILE
 
     def arrived() -> int:
         return max((file_size(p) for p in storage.glob(".import-*/fetched.neon")), default=0)
 
-    with receiving(receiver, *(["--http"] if wire == "http" else [])) as recv:
+    showing = NeonCli(receiver.home, {**receiver.env_extra, PROGRESS_ENV: "json"})
+    with receiving(showing, *(["--http"] if wire == "http" else [])) as recv:
         url = recv.line()
         for at in kill_points(reference["size"], 5)[: 3 if wire == "neon" else 2]:
             kill_when(sender, ["snapshot", "push", "--to", url, SNAP], arrived, at)
@@ -294,6 +298,13 @@ def test_push_to_recv_killed_and_resumed(
         recv.proc.send_signal(signal.SIGTERM)
         _, rest = recv.proc.communicate(timeout=60)
     assert "refused a connection" not in recv.err + rest, recv.err + rest
+    reports = [ProgressReport.parse(line) for line in (recv.err + rest).splitlines()]
+    last = [r for r in reports if r is not None][-1]
+    assert (last.what, last.done, last.total) == (
+        f"Receiving {FILE}",
+        pushed["snapshot_bytes"],
+        pushed["snapshot_bytes"],
+    )
     print(f"resumed push to recv: {pushed['bytes_sent']} of {reference['size']} bytes sent, "
           f"resumed at {pushed['bytes_resumed']}")  # fmt: skip
     assert pushed["sha256"] == reference["sha256"]
