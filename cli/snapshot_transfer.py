@@ -429,32 +429,38 @@ def snapshot_push(
     )  # fmt: skip
     progress = Progress(not as_json and sys.stderr.isatty(), f"Pushing {name}")
     sent = NeonStreamCount(progress)
-    # The tar's size is always asked for: a receiver's bar wants it whatever this one shows
-    # (a `recv` on a terminal). The daemon lists the tar's members before the first byte for
-    # it: measured in 10-20 paired runs at load ~3.5, +22 ms to the first byte of a 1 GiB
-    # snapshot's file and +2 ms for a 1% delta, its CPU and the stream's end unchanged.
     on_total = functools.partial(_expect_tar, sent if progress.shown else None, out)
-    guesser = _Guesser(app, api, on_total)
+    guesser = _Guesser(app, api, on_total if progress.shown else None)  # a delta: see below
     guessing = None if full or not location.store.guess_delta else guesser.on_local
     with out:
         try:
             prepared = out.run(_plan_push(api, location, name, force, full, guessing))
             snap = prepared.snap
             started = time.monotonic()
-            out.open()
             guess = guesser.guess
+            holds = guess is not None and guess_holds(
+                guess.parent, prepared.candidates, prepared.local
+            )
+            # The tar's size (for this bar, and the receiver's: it goes with the upload's
+            # request, which then waits for it) is asked for where a bar shows here or the
+            # file is whole. The daemon lists the tar's members before the first byte for it
+            # (+22 ms of a 1 GiB file's ~2 s, measured), and the receiver's work on the
+            # request (its checks, its work directory) waits too, which a delta with no bar
+            # here does not pay: its request goes at once (the receiver's bar: bytes, rate).
+            asks = progress.shown or (not holds and not prepared.candidates)
+            out.open(total_coming=asks)
             try:
-                if guess is not None and guess_holds(
-                    guess.parent, prepared.candidates, prepared.local
-                ):
+                if holds:
+                    assert guess is not None
                     guess.held.pass_on(out)
                     result = guess.result()
                 else:
                     if guess is not None:
                         guess.drop()
                     result = write_snapshot_file(
-                        app, snap, out, prepared.candidates, prepared.plan, api, on_total
-                    )
+                        app, snap, out, prepared.candidates, prepared.plan, api,
+                        on_total if asks else None,
+                    )  # fmt: skip
             finally:
                 progress.close()
         except BaseException:

@@ -87,6 +87,11 @@ class ObjectWriter(ABC):
         (a `neon snapshot recv`) sends them with its request; the others need nothing."""
         return None
 
+    def start_request(self) -> None:
+        """Send now what this writer sends with its first chunk (an upload's request), no
+        total to come: the far side readies itself while the bytes are being made."""
+        return None
+
     @abstractmethod
     async def write(self, data: bytes) -> None:
         """Append `data` (waits while the far side is behind: memory stays bounded)."""
@@ -118,10 +123,12 @@ class QueuedUploadWriter(ObjectWriter):
     far side's answer, `abort` cancels the request, which closes its connection mid-body so
     the far side keeps nothing.
 
-    The request waits for the first chunk, not the writer's opening, so that it can carry
-    what is known only then: the tar's size a push learns from its daemon before the first
-    byte (`expect_tar`, for the receiver's progress bar). What opening costs (neon://: the
-    connection and its hello) is still paid while the daemon makes the file."""
+    The request waits for the first chunk (or `start_request`), not the writer's opening,
+    so that it can carry what is known only then: the tar's size a push learns from its
+    daemon before the first byte (`expect_tar`, for the receiver's progress bar). What
+    opening costs (neon://: the connection and its hello) is still paid while the daemon
+    makes the file; what the far side does on the request (a receiver's checks and work
+    directory) is paid after it, unless the request was started."""
 
     def __init__(self, shown: str) -> None:
         super().__init__()
@@ -133,6 +140,9 @@ class QueuedUploadWriter(ObjectWriter):
 
     def expect_tar(self, total: int) -> None:
         self.tar_total = total
+
+    def start_request(self) -> None:
+        self._started()
 
     @abstractmethod
     async def _upload(self, body: AsyncIterator[bytes]) -> None:

@@ -73,13 +73,19 @@ class BlockingWriter:
                 raise
         return self
 
-    def open(self) -> None:
-        """Start opening the object (the first `write` waits for it)."""
+    def open(self, *, total_coming: bool = False) -> None:
+        """Start opening the object (the first `write` waits for it), and its upload's
+        request unless `total_coming`: then it goes with the first write, carrying the tar's
+        size told meanwhile (`expect_tar`)."""
+        self._opening = asyncio.run_coroutine_threadsafe(self._open(total_coming), self._loop)
+
+    async def _open(self, total_coming: bool) -> ObjectWriter:
         store, name = self._location.store, self._location.object_name
         opening = store.open_resumable if self._resume else store.open_write
-        self._opening = asyncio.run_coroutine_threadsafe(
-            opening(name, overwrite=self._overwrite), self._loop
-        )
+        writer = await opening(name, overwrite=self._overwrite)
+        if not total_coming:
+            writer.start_request()
+        return writer
 
     def _opened(self) -> ObjectWriter:
         """The writer, once open (its error, if opening failed)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.progress import PROGRESS_ENV, ProgressReport
 from cli.receiver_partials import PARTIALS_DIR
 from cli.transport import parse_location
 from cli.transport.http import RESUME_AT, TAR_TOTAL
@@ -582,7 +583,8 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
     sender.run("snapshot", "create", "pgdata1@d2")
     psql(c, "UPDATE t SET v = 'later' WHERE id <= 10")
     try:
-        with receiving(receiver, "--json") as recv:
+        showing = NeonCli(receiver.home, {**receiver.env_extra, PROGRESS_ENV: "json"})
+        with receiving(showing, "--json") as recv:
             url = json.loads(recv.line())["url"]
             whole = sender.json("snapshot", "push", "--to", url, "pgdata1@d1")
             assert whole["parent"] is None
@@ -594,11 +596,22 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
             assert delta_push["parent"] == "pgdata1@d1"
             assert delta_push["bytes_sent"] < 0.5 * whole["bytes_sent"]  # newdb's catalogs
             got_delta = json.loads(recv.line())
+            recv.line()  # the next URL
+            recv.proc.send_signal(signal.SIGTERM)
+            _, err = recv.proc.communicate(timeout=60)
         # recv --json: the snapshot's size, as push says it, for a whole file; a delta's
         # tar is the pages it carries (its snapshot's size is the pusher's to say).
         assert got_whole["snapshot_bytes"] == got_whole["tar_bytes"] == whole["snapshot_bytes"]
         assert got_delta["snapshot_bytes"] is None
         assert 0 < got_delta["tar_bytes"] < got_whole["tar_bytes"]
+        # The whole file came with its tar's size (its bar showed a percent); the delta,
+        # pushed with no bar shown there, with none: its request went at once.
+        reports = [r for r in map(ProgressReport.parse, err.splitlines()) if r is not None]
+        ends = {r.what: (r.done, r.total) for r in reports}
+        assert ends == {
+            "Receiving pgdata1@d1.neon": (got_whole["tar_bytes"], got_whole["tar_bytes"]),
+            "Receiving pgdata1@d2.neon": (got_delta["bytes_received"], None),
+        }, ends
         # A rebuild of the whole directory would have written a whole image run.
         assert written < 0.5 * before, (written, before)
         expected = dump(sender, "pgdata1@d2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,23 +153,32 @@ async def test_no_request_before_the_first_chunk(scheme: str) -> None:
 
 
 def test_a_blocking_writer_hands_the_total_to_its_first_write() -> None:
-    """push's BlockingWriter is told the total on the daemon's thread, before the first
-    write (on another thread): the request carries it."""
+    """push's BlockingWriter, opened with a total coming, is told it on the daemon's thread
+    before the first write (on another thread): the request carries it. Opened without,
+    its request goes at once (the receiver readies itself while the file is made)."""
     seen = Seen()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever)
     thread.start()
     try:
         location, stop = asyncio.run_coroutine_threadsafe(serving("neon", seen), loop).result()
-        with BlockingWriter(location, overwrite=False, resume=True) as out:
+        with BlockingWriter(location, overwrite=False, resume=True, deferred=True) as out:
+            out.open(total_coming=True)
             told = threading.Thread(target=out.expect_tar, args=(4242,))
             told.start()
             told.join()
+            out.write(DATA)
+        # No total coming (a delta pushed with no bar): the request goes at the open.
+        with BlockingWriter(location, overwrite=False, resume=True) as out:
+            deadline = time.monotonic() + 30
+            while len(seen.requests) < 2:
+                assert time.monotonic() < deadline, "no request before the first write"
+                time.sleep(0.01)
             out.write(DATA)
         asyncio.run_coroutine_threadsafe(stop(), loop).result()
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
-    assert [total_sent("neon", r) for r in seen.requests] == [4242]
-    assert seen.bodies == [DATA]
+    assert [total_sent("neon", r) for r in seen.requests] == [4242, None]
+    assert seen.bodies == [DATA, DATA]
