@@ -141,12 +141,11 @@ async def upload_ours(
     index = RemoteIndex(generation=1, area={}, node_id="bench", pgdata="", node_state={},
                         timelines={}, objects={}, snapshots=[])  # fmt: skip
 
-    async def nothing() -> None:
-        return None
-
     async with open_bucket(settings) as store:
         queue = UploadQueue(store, parallel=parallel)
-        await queue.run_round(uploads, settings.key("index.json"), index.encode(), [], nothing)
+        await queue.run_round(
+            uploads, lambda: store.put(settings.key("index.json"), index.encode()), []
+        )
 
 
 async def upload_reference(endpoint: str, bucket: str, files: list[Path]) -> None:

@@ -3,10 +3,16 @@
 ``<area prefix>/lease.json`` holds ``{"owner": <pageserver id>, "generation": N}``. The first
 writer creates it with a conditional put (If-None-Match: *), so of two pageservers creating
 it at once one is refused; a pageserver that finds another owner's lease is refused with the
-owner's name. Before each index upload the writer reads the lease again and stops uploading
-if it is no longer its own (`takeover` by another pageserver, after a disaster): a stale
-writer never replaces the index of the new one. Like Neon's generations, the number grows
-with every takeover and is written into each index.
+owner's name. A takeover (by another pageserver, after a disaster) replaces the lease only if
+it is still the version it read (If-Match), so each generation has one owner. Like Neon's
+generations, the number grows with every takeover and is written into each index.
+
+The lease alone does not fence the old writer: it reads the lease (`check`) before each
+index upload, but a takeover may land between that read and the PUT. The fence is the
+index's own conditional PUT (pageserver/remote/index_fence.py): a writer replaces the index
+only if it is still the version it last read or wrote, and a refusal is resolved by reading
+the lease (LeaseLost when it is no longer ours) and the index: a stale writer never replaces
+the index of the new one.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ async def acquire(
 ) -> Lease:
     """Take the lease (or keep ours): refused when another pageserver holds it."""
     for _ in range(3):
-        current = await read_lease(store, key)
+        found = await store.get_tagged(key)
+        current, version = (None, None) if found is None else (_decode(found[0], key), found[1])
         if current is not None and current.owner == owner:
             return current
         if current is not None and not takeover:
@@ -95,9 +102,9 @@ async def acquire(
             owner, (current.generation if current else 0) + 1, socket.gethostname(), time.time()
         )
         try:
-            await store.put(key, mine.encode(), if_absent=current is None)
+            await store.put(key, mine.encode(), if_absent=current is None, if_match=version)
         except PreconditionFailed:
-            continue  # created meanwhile: look at whose it is
+            continue  # created or taken meanwhile: look at whose it is
         return mine
     raise Conflict(f"cannot take the lease of {what}: it keeps changing")
 

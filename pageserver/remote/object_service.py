@@ -6,8 +6,10 @@ the same five operations as on S3 (put, get, head, delete, list), through
 pageserver/remote/proto_objects.py, so the history kept here has the bucket's layout, index,
 checksums, ordering and lease: nothing of it is interpreted on this side. Each object is
 written crash-safe (a temporary name, fsync, rename: durable_files), so a reader sees it whole
-or not at all, as with S3; a conditional put (the lease's If-None-Match: *) is refused with
-AlreadyExists when the object exists, checked and written under one lock.
+or not at all, as with S3. Conditional puts are checked and written under one lock: with
+`if_absent` (the lease's If-None-Match: *) refused with AlreadyExists when the object exists,
+with `if_match` (the index's fence: pageserver/remote/index_fence.py) refused with Conflict
+unless the object's bytes still hash to that ETag (`etag`, the SHA-256 of the bytes).
 
 Keys are relative paths: components that are empty, `.`, `..`, hidden (temporary files start
 with a dot nowhere, but a key may not name one) or contain NUL are refused, so no key leaves
@@ -17,12 +19,13 @@ the directory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from durable_files import TEMP_SUFFIX, write_chunks_durably
-from proto.errors import AlreadyExists, InvalidArgument, NotFound
+from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from proto.server import Handler, RequestContext
 
 OBJECTS_DIR = "objects"
@@ -43,6 +46,18 @@ def _key(ctx: RequestContext, name: str = "key", *, prefix: bool = False) -> str
     return key
 
 
+def etag(body: bytes) -> str:
+    """An object's version, as S3's ETag names one: here the SHA-256 of its bytes."""
+    return hashlib.sha256(body).hexdigest()
+
+
+def _etag_of(path: Path) -> str | None:
+    try:
+        return etag(path.read_bytes())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
 def blob_handlers(root: Path) -> dict[str, Handler]:
     """The `blob.*` methods over the objects under `root` (made on the first put)."""
     put_lock = asyncio.Lock()
@@ -59,10 +74,15 @@ def blob_handlers(root: Path) -> dict[str, Handler]:
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             return write_chunks_durably(target, (body,))
 
-        if ctx.params.get("if_absent"):
+        if_match = ctx.params.get("if_match")
+        if if_match is not None and not isinstance(if_match, str):
+            raise InvalidArgument("blob.put: if_match is an ETag (a SHA-256 in hex)")
+        if ctx.params.get("if_absent") or if_match is not None:
             async with put_lock:
-                if target.exists():
+                if ctx.params.get("if_absent") and target.exists():
                     raise AlreadyExists(f"object {key} exists already")
+                if if_match is not None and await asyncio.to_thread(_etag_of, target) != if_match:
+                    raise Conflict(f"object {key} is not the version If-Match names")
                 return await asyncio.to_thread(write)
         return await asyncio.to_thread(write)
 

@@ -28,7 +28,8 @@ _AUTH_CODES = {
 
 
 class PreconditionFailed(NeonError):
-    """A conditional put found the object there already (If-None-Match: *)."""
+    """A conditional put found the object not as asked: there already (If-None-Match: *), or
+    changed or gone since the version it names (If-Match)."""
 
 
 def _error(exc: BaseException, settings: RemoteSettings, key: str, doing: str) -> NeonError:
@@ -52,7 +53,7 @@ def _error(exc: BaseException, settings: RemoteSettings, key: str, doing: str) -
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return NotFound(f"{where}: no such object")
         if code in ("PreconditionFailed", "412") or status == 412:
-            return PreconditionFailed(f"{where} exists already")
+            return PreconditionFailed(f"{where} is not the version the conditional put named")
         message = " ".join(str(error.get("Message", "")).split())
         return Unavailable(f"cannot {doing} {where}: S3 answered {code or status} {message}")
     if isinstance(exc, NoCredentialsError):
@@ -114,16 +115,43 @@ class ObjectStore:
             await self._stack.aclose()
         self._stack = self._client = None
 
-    async def put(self, key: str, body: bytes, *, if_absent: bool = False) -> None:
+    async def put(
+        self, key: str, body: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write the object; return its ETag, the version a later `if_match` names.
+        `if_absent`: only if there is no such object; `if_match`: only if it is still the
+        version of that ETag (else PreconditionFailed, nothing written)."""
         extra = {"IfNoneMatch": "*"} if if_absent else {}
-        with _mapped(self.settings, key, "upload to"):
-            await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=body, **extra)
+        if if_match is not None:
+            extra["IfMatch"] = if_match
+        try:
+            with _mapped(self.settings, key, "upload to"):
+                answer = await self._client.put_object(
+                    Bucket=self.settings.bucket, Key=key, Body=body, **extra
+                )
+        except NotFound as exc:  # If-Match on an object deleted since
+            if if_match is None or "(NoSuchBucket)" in str(exc):
+                raise
+            raise PreconditionFailed(f"{exc} any more (If-Match)") from None
+        return str(answer["ETag"])
 
     async def get(self, key: str) -> bytes:
-        with _mapped(self.settings, key, "download"):
-            answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
-            async with answer["Body"] as body:
-                return bytes(await body.read())
+        found = await self.get_tagged(key)
+        if found is None:
+            raise NotFound(f"s3://{self.settings.bucket}/{key}: no such object")
+        return found[0]
+
+    async def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its ETag (one GetObject); None when there is no such object."""
+        try:
+            with _mapped(self.settings, key, "download"):
+                answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
+                async with answer["Body"] as body:
+                    return bytes(await body.read()), str(answer["ETag"])
+        except NotFound as exc:
+            if "(NoSuchBucket)" in str(exc):
+                raise
+            return None
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object (one ranged GetObject); shorter where it ends."""
@@ -135,12 +163,8 @@ class ObjectStore:
                 return bytes(await body.read())
 
     async def get_if_exists(self, key: str) -> bytes | None:
-        try:
-            return await self.get(key)
-        except NotFound as exc:
-            if "(NoSuchBucket)" in str(exc):
-                raise
-            return None
+        found = await self.get_tagged(key)
+        return None if found is None else found[0]
 
     async def size(self, key: str) -> int | None:
         """The object's size; None when there is no such object."""

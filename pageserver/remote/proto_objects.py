@@ -12,6 +12,8 @@ attaching the history elsewhere. The remote pageserver keeps the bytes and inter
 Each operation borrows a connection from a small pool (a proto connection carries one request
 at a time; the upload queue runs several at once) and returns it when the request ended in
 step; connection failures are Unavailable, so the queue retries them with its backoff.
+An object's ETag here is the SHA-256 of its bytes (object_service.etag), which both sides
+compute: a conditional put (`if_match`) is checked by the remote pageserver under its lock.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+from pageserver.remote.object_service import etag
 from pageserver.remote.objects import ObjectStore, PreconditionFailed
 from pageserver.remote.settings import RemoteSettings
 from proto.client import ProtoClient, tls_context
-from proto.errors import AlreadyExists, InvalidArgument, NotFound, ProtocolError
+from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, ProtocolError
 
 CHUNK = 1 << 20
 PAGESERVER_NAME = "pg-neon pageserver"
@@ -77,16 +80,28 @@ class ProtoObjectStore(ObjectStore):
         async with self._connection() as client:
             return await client.call(method, **params)
 
-    async def put(self, key: str, body: bytes, *, if_absent: bool = False) -> None:
+    async def put(
+        self, key: str, body: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
         async def chunks() -> AsyncIterator[bytes]:
             for start in range(0, len(body), CHUNK):
                 yield body[start : start + CHUNK]
 
+        condition: dict[str, Any] = {"if_absent": if_absent}
+        if if_match is not None:
+            condition["if_match"] = if_match
         try:
             async with self._connection() as client:
-                await client.upload("blob.put", chunks(), key=key, if_absent=if_absent)
+                await client.upload("blob.put", chunks(), key=key, **condition)
         except AlreadyExists as exc:
             raise PreconditionFailed(f"{self.settings.url}/{key} exists already") from exc
+        except Conflict as exc:
+            raise PreconditionFailed(f"{self.settings.url}/{key}: {exc}") from exc
+        return etag(body)
+
+    async def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        body = await self.get_if_exists(key)
+        return None if body is None else (body, etag(body))
 
     async def get(self, key: str) -> bytes:
         async with self._connection() as client, client.download("blob.get", key=key) as download:

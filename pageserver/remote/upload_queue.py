@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from pageserver.remote.objects import ObjectStore
-from proto.errors import NeonError
+from proto.errors import Conflict, NeonError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class UploadQueue:
         self.status = QueueStatus()
         self._stopped = stopped
 
-    async def _retrying(self, what: str, request: Callable[[], Awaitable[None]]) -> None:
+    async def _retrying(self, what: str, request: Callable[[], Awaitable[object]]) -> None:
         delay = BACKOFF_BASE
         while True:
             if self._stopped():
@@ -87,8 +87,8 @@ class UploadQueue:
                 await request()
                 return
             except (NeonError, OSError) as exc:
-                if isinstance(exc, RoundAborted | FileNotFoundError):
-                    raise
+                if isinstance(exc, RoundAborted | FileNotFoundError | Conflict):
+                    raise  # plan again, or (Conflict: the lease lost) stop: waiting cures none
                 self.status.retries_total += 1
                 self.status.last_error = f"{what}: {exc}"
                 self.status.last_error_at = time.time()
@@ -113,13 +113,11 @@ class UploadQueue:
     async def run_round(
         self,
         uploads: Sequence[Upload],
-        index_key: str,
-        index_body: bytes,
+        write_index: Callable[[], Awaitable[object]],
         deletions: Sequence[str],
-        before_index: Callable[[], Awaitable[None]],
     ) -> None:
-        """Upload `uploads` (in parallel), then `index_body` at `index_key` (after
-        `before_index`, the lease check), then delete `deletions`."""
+        """Upload `uploads` (in parallel), then the index (`write_index`: the fenced put,
+        pageserver/remote/index_fence.py; retried as a whole), then delete `deletions`."""
         self.status.pending_objects = len(uploads)
         self.status.pending_bytes = sum(u.size for u in uploads)
         slots = asyncio.Semaphore(self.parallel)
@@ -132,8 +130,7 @@ class UploadQueue:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         # Every object the index names is complete in the bucket: now the index.
-        await before_index()
-        await self._retrying("upload the index", lambda: self.store.put(index_key, index_body))
+        await self._retrying("upload the index", write_index)
         self.status.last_error = None
         # The index in the bucket names none of these any more: now they may go.
         for key in deletions:

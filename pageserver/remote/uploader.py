@@ -25,7 +25,8 @@ from typing import Any
 from pageserver.history.node_store import NodeStore
 from pageserver.remote import lease as leases
 from pageserver.remote.eviction import LayerCache
-from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
+from pageserver.remote.index import RemoteIndex
+from pageserver.remote.index_fence import FencedIndex, IndexChanged
 from pageserver.remote.local_objects import OBJECTS, HashCache, plan_index
 from pageserver.remote.objects import ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
@@ -199,8 +200,8 @@ class AreaUploader:
     async def _serve(self, bucket: ObjectStore) -> None:
         key = f"{self.prefix}/{leases.LEASE_NAME}"
         self._lease = await leases.acquire(bucket, key, self.owner, self.what)
-        raw = await bucket.get_if_exists(f"{self.prefix}/{INDEX_NAME}")
-        self.remote = None if raw is None else decode_index(raw, f"{self.prefix}/{INDEX_NAME}")
+        fence = FencedIndex(bucket, self.prefix, self._lease, self.what)
+        self.remote = await fence.read()
         self._error = None
         sweep_due = True  # a killed round of an earlier run may have left orphans
         while not self._stop:
@@ -209,8 +210,10 @@ class AreaUploader:
                 await self._sweep(bucket)
                 sweep_due = False
             try:
-                ran = await self._round(bucket)
+                ran = await self._round(bucket, fence)
             except (RoundAborted, FileNotFoundError) as exc:
+                if isinstance(exc, IndexChanged):
+                    self.remote = exc.found
                 log.debug("remote: round of %s planned again: %s", self.name, exc)
                 sweep_due = True  # what the aborted round uploaded may be needed no more
                 continue
@@ -251,7 +254,7 @@ class AreaUploader:
                 return True
         return False
 
-    async def _round(self, bucket: ObjectStore) -> bool:
+    async def _round(self, bucket: ObjectStore, fence: FencedIndex) -> bool:
         store = self._store()
         if store.state is None:
             return False
@@ -274,15 +277,8 @@ class AreaUploader:
             f"{self.prefix}/{o.key}" for o in old.objects.values() if o.key not in keep
         )  # fmt: skip
         index = replace(index, uploaded_at=time.time())
-        lease_key = f"{self.prefix}/{leases.LEASE_NAME}"
-        lease = self._lease
-
-        async def check_lease() -> None:
-            await leases.check(bucket, lease_key, lease, self.what)
-
-        await self._queue.run_round(
-            uploads, f"{self.prefix}/{INDEX_NAME}", index.encode(), deletions, check_lease
-        )
+        body = index.encode()
+        await self._queue.run_round(uploads, lambda: fence.write(body), deletions)
         self.remote = index
         self._last_upload_at = time.time()
         try:

@@ -210,7 +210,7 @@ def test_an_index_never_names_an_incomplete_upload(s3: MotoS3, settings: RemoteS
     async def run(uploads: list[Upload], bucket_settings: RemoteSettings) -> None:
         async with ObjectStore(bucket_settings) as bucket:
             queue = UploadQueue(bucket)
-            await queue.run_round(uploads, "hist/x/index.json", b"{}", [], never)
+            await queue.run_round(uploads, never, [])
 
     for uploads in ([good, bad], [changed, good]):
         with pytest.raises(RoundAborted):
@@ -224,7 +224,7 @@ def test_an_index_never_names_an_incomplete_upload(s3: MotoS3, settings: RemoteS
             started = time.monotonic()
             queue = UploadQueue(bucket, stopped=lambda: time.monotonic() - started > 1.5)
             with pytest.raises(QueueStopped):
-                await queue.run_round([good], "hist/x/index.json", b"{}", [], never)
+                await queue.run_round([good], never, [])
             assert queue.status.retries_total >= 2
             return queue.status.last_error
 
@@ -475,9 +475,12 @@ class RecordingStore(ObjectStore):
         super().__init__(settings)
         self.calls: list[tuple[str, str]] = []
 
-    async def put(self, key: str, body: bytes, *, if_absent: bool = False) -> None:
-        await super().put(key, body, if_absent=if_absent)
+    async def put(
+        self, key: str, body: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        version = await super().put(key, body, if_absent=if_absent, if_match=if_match)
         self.calls.append(("put", key))
+        return version
 
     async def delete(self, key: str) -> None:
         self.calls.append(("delete", key))
@@ -501,9 +504,11 @@ def test_objects_then_the_index_then_deletions(s3: MotoS3, settings: RemoteSetti
                 )
                 for i in range(6)
             ]
-            await queue.run_round(uploads[:3], "hist/x/index.json", b"1", [], _nothing)
+            await queue.run_round(uploads[:3], lambda: bucket.put("hist/x/index.json", b"1"), [])
             await queue.run_round(
-                uploads[3:], "hist/x/index.json", b"2", ["hist/x/o0", "hist/x/o1"], _nothing
+                uploads[3:],
+                lambda: bucket.put("hist/x/index.json", b"2"),
+                ["hist/x/o0", "hist/x/o1"],
             )
             assert queue.status.pending_objects == 0 and queue.status.deleted_objects_total == 2
             return bucket.calls  # type: ignore[attr-defined, no-any-return]
@@ -517,7 +522,3 @@ def test_objects_then_the_index_then_deletions(s3: MotoS3, settings: RemoteSetti
     assert calls[second + 1 :] == [("delete", "hist/x/o0"), ("delete", "hist/x/o1")]
     left = set(bucket_objects(s3, settings))
     assert left == {"hist/x/index.json", "hist/x/o2", "hist/x/o3", "hist/x/o4", "hist/x/o5"}
-
-
-async def _nothing() -> None:
-    return None

@@ -1,0 +1,259 @@
+"""The index's fence (pageserver/remote/index_fence.py) on both object stores: S3 (moto's server
+on loopback) and a remote pageserver's blob service (a real ProtoServer on loopback).
+
+The races are made deterministic by a hook on the stale writer's store, run inside its index
+PUT, after its lease check passed and before the PUT goes out: there the new owner takes the
+lease over and uploads its index, as a pageserver on another machine would at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pageserver.remote import lease as leases
+from pageserver.remote import uploader as uploader_module
+from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
+from pageserver.remote.index_fence import FencedIndex, IndexChanged
+from pageserver.remote.object_service import blob_handlers
+from pageserver.remote.objects import ObjectStore, PreconditionFailed, open_bucket
+from pageserver.remote.proto_objects import PAGESERVER_NAME
+from pageserver.remote.settings import RemoteSettings
+from pageserver.storage.values import WalDelta
+from proto.errors import Unavailable
+from proto.server import ProtoServer
+from tests.pageserver.remote import test_proto_objects as proto_test
+from tests.pageserver.remote.test_remote_history import make_node, page, uploader, wait_for
+from tests.s3d import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3
+
+PREFIX = "hist/pitr/area"
+INDEX = f"{PREFIX}/{INDEX_NAME}"
+LEASE = f"{PREFIX}/{leases.LEASE_NAME}"
+
+Hook = Callable[[str, bytes], Awaitable[None]]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    with moto_s3() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def blob_server(root: Path) -> Iterator[int]:
+    """A remote pageserver's blob service in a thread of its own (its own event loop, as a
+    daemon's): the uploaders under test run their loops in their threads."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="blob-server", daemon=True)
+    thread.start()
+
+    async def start() -> ProtoServer:
+        server = ProtoServer(
+            blob_handlers(root), token=proto_test.TOKEN, server_name=f"{PAGESERVER_NAME} test"
+        )
+        await server.start("127.0.0.1", 0)
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield server.port
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(params=["s3", "remote"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RemoteSettings]:
+    """An s3 storage (a fresh bucket) or a remote one (a fresh blob service), prefix 'hist'."""
+    if request.param == "s3":
+        s3: MotoS3 = request.getfixturevalue("s3")
+        secret = tmp_path / "secret"
+        secret.write_text(SECRET_KEY)
+        yield RemoteSettings(
+            "s3tank", s3.new_bucket(), "hist", s3.endpoint, REGION, ACCESS_KEY, str(secret)
+        )
+        return
+    with blob_server(tmp_path / "objects") as port:
+        yield replace(proto_test.settings(tmp_path, port), prefix="hist")
+
+
+def run(settings: RemoteSettings, work: Callable[[ObjectStore], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        async with open_bucket(settings) as bucket:
+            return await work(bucket)
+
+    return asyncio.run(go())
+
+
+def bucket_index(settings: RemoteSettings) -> RemoteIndex:
+    async def read(bucket: ObjectStore) -> bytes:
+        return await bucket.get(INDEX)
+
+    return decode_index(run(settings, read), INDEX)
+
+
+def hook_index_puts(monkeypatch: pytest.MonkeyPatch, hook: Hook) -> None:
+    """The uploaders' stores run `hook(key, body)` inside each index PUT, before it goes out."""
+    real_open = uploader_module.open_bucket
+
+    def hooked(settings: RemoteSettings) -> ObjectStore:
+        store = real_open(settings)
+        real_put = store.put
+
+        async def put(key: str, body: bytes, **conditions: Any) -> Any:
+            if key == INDEX:
+                await hook(key, body)
+            return await real_put(key, body, **conditions)
+
+        setattr(store, "put", put)  # noqa: B010 (the instance's, not the class's)
+        return store
+
+    monkeypatch.setattr(uploader_module, "open_bucket", hooked)
+
+
+def grow(store: Any, lsn: int) -> None:
+    """New history at `lsn`: a layer flushed, so the uploader has a round to run."""
+    timeline = store.timeline
+    timeline.put_batch([(page(b), lsn, WalDelta(b"d")) for b in range(2)])
+    timeline.advance_last_record_lsn(lsn, None)
+    timeline.freeze_and_flush()
+
+
+def test_conditional_puts_name_the_version(settings: RemoteSettings) -> None:
+    async def work(bucket: ObjectStore) -> None:
+        first = await bucket.put(INDEX, b"one", if_absent=True)
+        assert await bucket.get_tagged(INDEX) == (b"one", first)
+        with pytest.raises(PreconditionFailed):
+            await bucket.put(INDEX, b"two", if_absent=True)
+        second = await bucket.put(INDEX, b"two", if_match=first)
+        assert second != first and await bucket.get_tagged(INDEX) == (b"two", second)
+        with pytest.raises(PreconditionFailed):  # replaced since that version
+            await bucket.put(INDEX, b"three", if_match=first)
+        assert await bucket.get(INDEX) == b"two"
+        await bucket.delete(INDEX)
+        with pytest.raises(PreconditionFailed):  # gone since that version
+            await bucket.put(INDEX, b"four", if_match=second)
+        assert await bucket.get_tagged(INDEX) is None
+
+    run(settings, work)
+
+
+def test_a_stale_writer_past_its_lease_check_never_replaces_the_new_owners_index(
+    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    taken: list[int] = []
+
+    async def takeover_meanwhile(key: str, body: bytes) -> None:
+        if not armed.is_set() or taken:
+            return
+        async with open_bucket(settings) as other:  # another machine's pageserver
+            mine = await leases.acquire(other, LEASE, "second", "area", takeover=True)
+            theirs = decode_index(await other.get(INDEX), INDEX)
+            new = replace(theirs, generation=mine.generation, uploaded_at=time.time())
+            await other.put(INDEX, new.encode())
+            taken.append(mine.generation)
+
+    armed = threading.Event()
+    hook_index_puts(monkeypatch, takeover_meanwhile)
+    stale = uploader(settings, store, owner="first")
+    stale.start()
+    try:
+        assert stale.wait_uploaded(0x200, 20)
+        armed.set()
+        grow(store, 0x300)
+        stale.poke()
+        wait_for(lambda: stale.status().last_error is not None or stale.status().remote_lsn > 0x200)
+        assert taken == [2]
+        assert bucket_index(settings).generation == 2  # the new owner's, not replaced
+        error = str(stale.status().last_error)
+        assert "written by another pageserver" in error and "uploads stopped" in error
+        assert stale.fatal is not None
+        assert stale.status().remote_lsn == 0x200  # its index never landed
+    finally:
+        stale.stop()
+    index = bucket_index(settings)
+    assert index.generation == 2 and index.disk_consistent_lsn == 0x200
+
+
+def test_a_put_whose_answer_was_lost_is_recognized_as_ours_when_retried(
+    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    lost: list[bytes] = []
+
+    async def answer_lost(key: str, body: bytes) -> None:
+        if len(lost) < 2 and body not in lost:
+            # The PUT reaches the bucket; its answer does not reach us.
+            async with open_bucket(settings) as other:
+                await other.put(key, body)
+            lost.append(body)
+            raise Unavailable("the connection dropped before the answer")
+
+    hook_index_puts(monkeypatch, answer_lost)
+    up = uploader(settings, store, owner="me")
+    up.start()
+    try:
+        # The first index (If-None-Match: *, none was there) and the next (If-Match).
+        assert up.wait_uploaded(0x200, 20)
+        grow(store, 0x300)
+        up.poke()
+        assert up.wait_uploaded(0x300, 20)
+        status = up.status()
+        assert len(lost) == 2 and status.retries_total >= 2
+        assert up.fatal is None and status.last_error is None
+        assert bucket_index(settings).disk_consistent_lsn == 0x300
+    finally:
+        up.stop()
+
+
+def test_what_a_refused_index_put_finds_decides_it(settings: RemoteSettings) -> None:
+    def index(generation: int, lsn: str) -> bytes:
+        timelines = {"aa": {"disk_consistent_lsn": lsn}}
+        return RemoteIndex(
+            generation, {}, "n1", "pgdata1", {"timeline_id": "aa"}, timelines, {},
+        ).encode()  # fmt: skip
+
+    async def work(bucket: ObjectStore) -> None:
+        old = await leases.acquire(bucket, LEASE, "first", "area")
+        await bucket.put(INDEX, index(1, "0/100"))
+        mine = await leases.acquire(bucket, LEASE, "second", "area", takeover=True)
+        fence = FencedIndex(bucket, PREFIX, mine, "area")
+        assert (await fence.read()) is not None
+        # A stale writer of generation 1 got in before our first index: planned again
+        # from its index (what to upload and delete is decided against it), then ours.
+        await bucket.put(INDEX, index(1, "0/180"))
+        with pytest.raises(IndexChanged) as changed:
+            await fence.write(index(2, "0/200"))
+        assert changed.value.found is not None and changed.value.found.generation == 1
+        await fence.write(index(2, "0/200"))
+        assert await bucket.get(INDEX) == index(2, "0/200")
+        # The index gone: planned again from nothing, then created (If-None-Match: *).
+        await bucket.delete(INDEX)
+        with pytest.raises(IndexChanged) as changed:
+            await fence.write(index(2, "0/300"))
+        assert changed.value.found is None
+        await fence.write(index(2, "0/300"))
+        # An index of our generation that is not ours (a twin with our identity) or of a
+        # higher one is never replaced.
+        for generation in (2, 3):
+            await bucket.put(INDEX, index(generation, "0/400"))
+            with pytest.raises(leases.LeaseLost, match=f"generation {generation}"):
+                await fence.write(index(2, "0/500"))
+            assert await bucket.get(INDEX) == index(generation, "0/400")
+        # The stale writer's fence: its lease check refuses it first.
+        stale = FencedIndex(bucket, PREFIX, old, "area")
+        with pytest.raises(leases.LeaseLost, match="written by another pageserver"):
+            await stale.write(index(1, "0/600"))
+
+    run(settings, work)
