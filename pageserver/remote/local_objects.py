@@ -9,16 +9,21 @@ block sums (``wal_sums/<segment>``, pageserver/remote/wal_blocks.py), so a reade
 and verify only the part of the segment it needs.
 
 Every object's key carries the first 16 hex digits of its SHA-256
-(``objects/<path>~<sha>``): an object is never overwritten with other bytes, not even when a
-file of the same name is rewritten (the LSN index, the partial WAL segment, a layer made
-again by compaction), so an index in the bucket always matches the bytes under its keys.
+(``objects/<path>~<sha>~g<generation>``): an object is never overwritten with other bytes,
+not even when a file of the same name is rewritten (the LSN index, the partial WAL segment, a
+layer made again by compaction), so an index in the bucket always matches the bytes under its
+keys. It carries the lease generation that uploaded it too (an object the bucket's index names
+keeps its key): a writer sweeps no orphan of a later generation, so a stale writer never
+deletes what the pageserver that took its history over uploaded (pageserver/remote/uploader.py
+_sweep), and the objects a stale writer's last deletions remove are never ones the new owner
+named (it reuses only the keys of the newest index, whose objects the old writer keeps).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pageserver.history.node_store import NodeStore
@@ -43,16 +48,30 @@ class LocalObject:
     sha256: str
     data: bytes | None = None
     """The bytes as read when planned (files that change: the LSN index, a partial segment)."""
-
-    @property
-    def key(self) -> str:
-        return f"{OBJECTS}/{self.path}~{self.sha256[:16]}"
+    key: str = ""
+    """Its key under the area's prefix (`object_key`, or the bucket's index's), set by
+    plan_index."""
 
     def read(self) -> bytes:
         return self.data if self.data is not None else self.file.read_bytes()
 
     def upload(self, area_prefix: str) -> Upload:
         return Upload(self.path, f"{area_prefix}/{self.key}", self.size, self.sha256, self.read)
+
+
+GENERATION_MARK = "~g"
+
+
+def object_key(path: str, sha256: str, generation: int) -> str:
+    """The key a writer of `generation` uploads the object of `path` with these bytes under."""
+    return f"{OBJECTS}/{path}~{sha256[:16]}{GENERATION_MARK}{generation}"
+
+
+def key_generation(key: str) -> int:
+    """The generation that uploaded the object under `key` (0: a key made before keys had
+    one)."""
+    _head, mark, tail = key.rpartition(GENERATION_MARK)
+    return int(tail) if mark and tail.isdigit() else 0
 
 
 class HashCache:
@@ -151,6 +170,7 @@ def plan_index(
         and s.timeline_id in timelines
         and s.lsn <= parse_lsn(str(timelines[s.timeline_id]["disk_consistent_lsn"]))
     ]
+    objects = [_keyed(o, generation, remote) for o in objects]
     index = RemoteIndex(
         generation=generation,
         area=area,
@@ -162,3 +182,12 @@ def plan_index(
         snapshots=snapshots,
     )
     return index, objects
+
+
+def _keyed(obj: LocalObject, generation: int, remote: RemoteIndex | None) -> LocalObject:
+    """`obj` with its key: the bucket index's for the same bytes (not uploaded again), else a
+    new one of this generation."""
+    known = None if remote is None else remote.objects.get(obj.path)
+    if known is not None and known.sha256 == obj.sha256:
+        return replace(obj, key=known.key)
+    return replace(obj, key=object_key(obj.path, obj.sha256, generation))

@@ -27,7 +27,7 @@ from pageserver.remote import lease as leases
 from pageserver.remote.eviction import LayerCache
 from pageserver.remote.index import RemoteIndex
 from pageserver.remote.index_fence import FencedIndex, IndexChanged
-from pageserver.remote.local_objects import OBJECTS, HashCache, plan_index
+from pageserver.remote.local_objects import OBJECTS, HashCache, key_generation, plan_index
 from pageserver.remote.objects import ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.upload_queue import DEFAULT_PARALLEL, QueueStopped, RoundAborted, UploadQueue
@@ -225,13 +225,18 @@ class AreaUploader:
         """Delete the orphans: objects under the area's objects/ that the bucket's index does
         not name, left by a round killed (or aborted) after some uploads and before its index,
         or after its index and before its deletions. Run between rounds, with the lease: no
-        upload of this area is in flight, and nothing else writes here."""
+        upload of this area is in flight. Only those of this generation or an earlier one: a
+        stale writer (its lease taken over since its check) never deletes what the new owner
+        uploaded (pageserver/remote/local_objects.py)."""
+        assert self._lease is not None
+        await leases.check(bucket, f"{self.prefix}/{leases.LEASE_NAME}", self._lease, self.what)
         named = set() if self.remote is None else {
             f"{self.prefix}/{o.key}" for o in self.remote.objects.values()
         }  # fmt: skip
+        mine = self._lease.generation
         orphans = [
             key async for key, _size in bucket.list_keys(f"{self.prefix}/{OBJECTS}/")
-            if key not in named
+            if key not in named and key_generation(key) <= mine
         ]  # fmt: skip
         for key in orphans:
             await bucket.delete(key)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ import pytest
 
 from pageserver.remote import lease as leases
 from pageserver.remote import uploader as uploader_module
-from pageserver.remote.index import INDEX_NAME, RemoteIndex, decode_index
+from pageserver.remote.index import INDEX_NAME, RemoteIndex, RemoteObject, decode_index
 from pageserver.remote.index_fence import FencedIndex, IndexChanged
+from pageserver.remote.local_objects import key_generation, object_key
 from pageserver.remote.object_service import blob_handlers
 from pageserver.remote.objects import ObjectStore, PreconditionFailed, open_bucket
 from pageserver.remote.proto_objects import PAGESERVER_NAME
 from pageserver.remote.settings import RemoteSettings
+from pageserver.remote.uploader import AreaUploader
 from pageserver.storage.values import WalDelta
 from proto.errors import Unavailable
 from proto.server import ProtoServer
@@ -102,20 +105,32 @@ def bucket_index(settings: RemoteSettings) -> RemoteIndex:
     return decode_index(run(settings, read), INDEX)
 
 
-def hook_index_puts(monkeypatch: pytest.MonkeyPatch, hook: Hook) -> None:
-    """The uploaders' stores run `hook(key, body)` inside each index PUT, before it goes out."""
+def hook_store(
+    monkeypatch: pytest.MonkeyPatch, *, put: Hook | None = None,
+    listing: Callable[[], Awaitable[None]] | None = None,
+) -> None:  # fmt: skip
+    """The uploaders' stores run `put(key, body)` inside each PUT before it goes out, and
+    `listing()` before each listing of keys (the sweep's)."""
     real_open = uploader_module.open_bucket
 
     def hooked(settings: RemoteSettings) -> ObjectStore:
         store = real_open(settings)
-        real_put = store.put
+        real_put, real_list = store.put, store.list_keys
 
-        async def put(key: str, body: bytes, **conditions: Any) -> Any:
-            if key == INDEX:
-                await hook(key, body)
+        async def hooked_put(key: str, body: bytes, **conditions: Any) -> Any:
+            if put is not None:
+                await put(key, body)
             return await real_put(key, body, **conditions)
 
-        setattr(store, "put", put)  # noqa: B010 (the instance's, not the class's)
+        async def hooked_list(prefix: str) -> AsyncIterator[tuple[str, int]]:
+            if listing is not None:
+                await listing()
+            async for entry in real_list(prefix):
+                yield entry
+
+        # The instance's methods, not the class's: only the uploaders' stores are hooked.
+        setattr(store, "put", hooked_put)  # noqa: B010
+        setattr(store, "list_keys", hooked_list)  # noqa: B010
         return store
 
     monkeypatch.setattr(uploader_module, "open_bucket", hooked)
@@ -155,7 +170,7 @@ def test_a_stale_writer_past_its_lease_check_never_replaces_the_new_owners_index
     taken: list[int] = []
 
     async def takeover_meanwhile(key: str, body: bytes) -> None:
-        if not armed.is_set() or taken:
+        if key != INDEX or not armed.is_set() or taken:
             return
         async with open_bucket(settings) as other:  # another machine's pageserver
             mine = await leases.acquire(other, LEASE, "second", "area", takeover=True)
@@ -165,7 +180,7 @@ def test_a_stale_writer_past_its_lease_check_never_replaces_the_new_owners_index
             taken.append(mine.generation)
 
     armed = threading.Event()
-    hook_index_puts(monkeypatch, takeover_meanwhile)
+    hook_store(monkeypatch, put=takeover_meanwhile)
     stale = uploader(settings, store, owner="first")
     stale.start()
     try:
@@ -193,28 +208,144 @@ def test_a_put_whose_answer_was_lost_is_recognized_as_ours_when_retried(
     lost: list[bytes] = []
 
     async def answer_lost(key: str, body: bytes) -> None:
-        if len(lost) < 2 and body not in lost:
+        if key == INDEX and len(lost) < 2 and body not in lost:
             # The PUT reaches the bucket; its answer does not reach us.
             async with open_bucket(settings) as other:
                 await other.put(key, body)
             lost.append(body)
             raise Unavailable("the connection dropped before the answer")
 
-    hook_index_puts(monkeypatch, answer_lost)
+    hook_store(monkeypatch, put=answer_lost)
     up = uploader(settings, store, owner="me")
     up.start()
     try:
         # The first index (If-None-Match: *, none was there) and the next (If-Match).
         assert up.wait_uploaded(0x200, 20)
+        first = bucket_index(settings)
         grow(store, 0x300)
         up.poke()
         assert up.wait_uploaded(0x300, 20)
         status = up.status()
         assert len(lost) == 2 and status.retries_total >= 2
         assert up.fatal is None and status.last_error is None
-        assert bucket_index(settings).disk_consistent_lsn == 0x300
+        second = bucket_index(settings)
+        assert second.disk_consistent_lsn == 0x300
     finally:
         up.stop()
+    # Each object's key names the generation that uploaded it; one the index had keeps its key.
+    assert {key_generation(o.key) for o in second.objects.values()} == {1}
+    segment = "wal/000000010000000000000000"
+    assert second.objects[segment].key == first.objects[segment].key
+    assert len(set(second.objects) - set(first.objects)) == 1  # the new layer
+
+
+async def new_owner_takes_over(settings: RemoteSettings) -> str:
+    """Another pageserver takes the area over, uploads an object of its own and an index
+    naming it (the old one's with it); the new object's key."""
+    async with open_bucket(settings) as other:
+        mine = await leases.acquire(other, LEASE, "second", "area", takeover=True)
+        current = decode_index(await other.get(INDEX), INDEX)
+        data = b"the new owner's"
+        sha = hashlib.sha256(data).hexdigest()
+        path = "wal/000000010000000000000002"
+        key = object_key(path, sha, mine.generation)
+        await other.put(f"{PREFIX}/{key}", data)
+        objects = {**current.objects, path: RemoteObject(key, len(data), sha)}
+        index = replace(current, generation=mine.generation, objects=objects)
+        await other.put(INDEX, index.encode())
+        return key
+
+
+def assert_the_new_index_whole(settings: RemoteSettings) -> None:
+    async def check(bucket: ObjectStore) -> None:
+        index = decode_index(await bucket.get(INDEX), INDEX)
+        assert index.generation == 2
+        for obj in index.objects.values():
+            assert hashlib.sha256(await bucket.get(f"{PREFIX}/{obj.key}")).hexdigest() == obj.sha256
+
+    run(settings, check)
+
+
+def stale_uploader(store: Any, settings: RemoteSettings) -> AreaUploader:
+    """The first pageserver's uploader, one upload at a time (its order is the plan's)."""
+    area = asdict(store.history.pitr.get("area"))
+    return AreaUploader(settings, area, "pgdata1", lambda: store, "first", parallel=1)
+
+
+def test_a_stale_writers_sweep_after_an_aborted_round_stops_at_the_lease(
+    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    theirs: list[str] = []
+    new_layers: list[str] = []
+
+    async def takeover_then_gc(key: str, body: bytes) -> None:
+        if not new_layers or theirs or not any(name in key for name in new_layers):
+            return
+        theirs.append(await new_owner_takes_over(settings))
+        # Meanwhile GC removes the next layer this round was to upload: the round aborts,
+        # and the stale writer would sweep the orphans before planning again.
+        timeline = store.timeline
+        for layer in list(timeline.layer_map().layers()):
+            if layer.name.file_name in new_layers and layer.name.file_name not in key:
+                timeline.replace_layers([], [layer])
+
+    hook_store(monkeypatch, put=takeover_then_gc)
+    stale = stale_uploader(store, settings)
+    stale.start()
+    try:
+        assert stale.wait_uploaded(0x200, 20)
+        before = {layer.name.file_name for layer in store.timeline.layer_map().layers()}
+        grow(store, 0x300)
+        grow(store, 0x400)
+        new_layers.extend(
+            layer.name.file_name
+            for layer in store.timeline.layer_map().layers()
+            if layer.name.file_name not in before
+        )
+        assert len(new_layers) == 2
+        stale.poke()
+        wait_for(lambda: stale.status().last_error is not None or stale.swept_total > 0)
+        assert len(theirs) == 1 and stale.swept_total == 0
+        assert "written by another pageserver" in str(stale.status().last_error)
+    finally:
+        stale.stop()
+    assert_the_new_index_whole(settings)
+
+
+def test_a_sweep_overtaken_by_a_takeover_leaves_the_new_generations_objects(
+    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_node(tmp_path / "pagestore")
+    first = stale_uploader(store, settings)
+    first.start()
+    try:
+        assert first.wait_uploaded(0x200, 20)
+    finally:
+        first.stop()
+    orphan = f"{PREFIX}/{object_key('wal/000000010000000000000009', '0' * 64, 1)}"
+    run(settings, lambda bucket: bucket.put(orphan, b"left by a killed round"))
+    theirs: list[str] = []
+
+    async def takeover_after_the_check() -> None:
+        if not theirs:
+            theirs.append(await new_owner_takes_over(settings))
+
+    # Restarted, the first sweeps at its start: the lease is still its own when it checks,
+    # then taken over before it lists the keys.
+    hook_store(monkeypatch, listing=takeover_after_the_check)
+    stale = stale_uploader(store, settings)
+    stale.start()
+    try:
+        wait_for(lambda: stale.swept_total > 0)
+        grow(store, 0x300)  # its next index: refused
+        stale.poke()
+        wait_for(lambda: stale.status().last_error is not None)
+        assert len(theirs) == 1 and stale.swept_total == 1  # its own generation's orphan only
+        assert "written by another pageserver" in str(stale.status().last_error)
+    finally:
+        stale.stop()
+    assert_the_new_index_whole(settings)
 
 
 def test_what_a_refused_index_put_finds_decides_it(settings: RemoteSettings) -> None:
