@@ -88,9 +88,9 @@ def uploader(settings: RemoteSettings, store: NodeStore, owner: str = "me") -> A
     return AreaUploader(settings, area, "pgdata1", lambda: store, owner, parallel=3)
 
 
-def upload_round(settings: RemoteSettings, store: NodeStore) -> None:
+def upload_round(settings: RemoteSettings, store: NodeStore, owner: str = "me") -> None:
     """Run an uploader until the node's history up to 0x200 is in the bucket, then stop it."""
-    up = uploader(settings, store)
+    up = uploader(settings, store, owner)
     up.start()
     try:
         assert up.wait_uploaded(0x200, 20)
