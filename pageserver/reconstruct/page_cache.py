@@ -31,6 +31,10 @@ class PageCache:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

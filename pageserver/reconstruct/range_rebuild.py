@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pageserver.reconstruct.apply_delta import continue_chain, reconstruct
+from pageserver.reconstruct.apply_delta import continue_chain, reconstruct_uncached
 from pageserver.redo.native import redo as _native
 from pageserver.storage.keys import KEY_SIZE, Key, KeyRange, key_successor
 from pageserver.storage.layers.blocks import RunInput
@@ -245,7 +245,7 @@ class PageFill:
         """A fill of key_range's keys at lsn (`usable(timeline)` must be true)."""
 
         def reference(key: Key) -> bytes | None:
-            return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
+            return reconstruct_uncached(key, lsn, timeline.get_reconstruct_data(key, lsn))
 
         walk = _walk_of(timeline, key_range, [], lsn, view)
         assert walk is not None  # with a view, always
@@ -351,7 +351,7 @@ def _rebuilt(
     timeline: Timeline, lsn: int, view: PersistentView | None, span: KeyRange, keys: list[Key]
 ) -> Iterator[bytes | None]:
     def reference(key: Key) -> bytes | None:
-        return reconstruct(key, lsn, timeline.get_reconstruct_data(key, lsn))
+        return reconstruct_uncached(key, lsn, timeline.get_reconstruct_data(key, lsn))
 
     return (value for _, value in rebuild_range(timeline, span, keys, lsn, reference, view))
 

@@ -183,7 +183,7 @@ class Counts:
 def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
     """Keys that went through rebuild_range, and those of them it read key by key."""
     counted = Counts()
-    rebuild, one = range_rebuild.rebuild_range, range_rebuild.reconstruct
+    rebuild, one = range_rebuild.rebuild_range, range_rebuild.reconstruct_uncached
 
     def counting_rebuild(*args: object, **kwargs: object) -> Iterator[tuple[Key, bytes | None]]:
         for item in rebuild(*args, **kwargs):  # type: ignore[arg-type]
@@ -205,7 +205,7 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
 
     monkeypatch.setattr(range_rebuild, "rebuild_range", counting_rebuild)
     monkeypatch.setattr(range_rebuild.PageFill, "into", counting_into)
-    monkeypatch.setattr(range_rebuild, "reconstruct", counting_reference)
+    monkeypatch.setattr(range_rebuild, "reconstruct_uncached", counting_reference)
     return counted
 
 

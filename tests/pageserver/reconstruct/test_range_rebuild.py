@@ -34,7 +34,8 @@ from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.walingest import WalIngest
 from pageserver.reconstruct import range_rebuild
 from pageserver.reconstruct.apply_delta import reconstruct
-from pageserver.reconstruct.range_rebuild import rebuild_range
+from pageserver.reconstruct.page_cache import PAGE_CACHE
+from pageserver.reconstruct.range_rebuild import rebuild_keys, rebuild_range
 from pageserver.reconstruct.value_format import encode_delta
 from pageserver.redo.heap import XLH_UPDATE_PREFIX_FROM_OLD
 from pageserver.redo.native import redo as native
@@ -513,6 +514,31 @@ def test_hand_built_chains_equal_the_reference(tmp_path: Path, walk: str) -> Non
     assert set(calls) <= {broken, garbage}, [describe(k) for k in set(calls)]
     page = dict(rebuild_range(tl, FULL_KEYSPACE, [clog], lsns[-1], _reference(tl, lsns[-1])))[clog]
     assert page is not None and page[700 // 4] >> (700 % 4 * 2) & 3 == 1
+    store.close()
+
+
+def test_open_layer_keys_of_a_bulk_rebuild_stay_out_of_the_page_cache(tmp_path: Path) -> None:
+    """A key the open layer holds takes a bulk rebuild's per-key path (a delta's keys right
+    after `snapshot create`): rebuilt once, never looked up again, so it neither goes into
+    the page cache (1024 pages, GetPage's hot ones) nor through the chain digest that keys
+    it. Fails where that path used the cached `reconstruct`: the cache then held the page."""
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    tl = store.create_timeline()
+    heap = rel_block_key(*REL, 0, 3)
+    lsn = 0x100000
+    for rec, init in ((_heap_insert(1, init=True), True), (_heap_insert(2), False)):
+        tl.put(heap, lsn, WalDelta(encode_delta(lsn - 0x40, rec), init))
+        tl.advance_last_record_lsn(lsn, lsn - 8)
+        lsn += 0x100
+    last = lsn - 0x100
+    view = tl.persistent_view(KeyRange(heap, key_successor(heap)), last)
+    assert heap in view.in_memory
+    PAGE_CACHE.clear()
+    [page] = list(rebuild_keys(tl, last, view, [heap]))
+    assert len(PAGE_CACHE) == 0
+    assert page is not None and page == reconstruct(heap, last, tl.get_reconstruct_data(heap, last))
+    assert len(PAGE_CACHE) == 1  # GetPage's path still caches it
+    PAGE_CACHE.clear()
     store.close()
 
 
