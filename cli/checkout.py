@@ -135,7 +135,7 @@ def _checkout_stopped(
     with contextlib.suppress(AlreadyExists):
         head_lsn = local_api(app).snapshot_create(SnapshotCreateRequest(node.id, head)).lsn
     _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head})
-    for left in _roll_forward(app, node, info.timeline_id, head_lsn, stopping):
+    for left in _roll_forward(app, node, info, head_lsn, stopping):
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
 
 
@@ -185,29 +185,51 @@ def _import_ahead() -> threading.Thread:
 def _roll_forward(
     app: App,
     node: NodeRow,
-    on_timeline: str | None = None,
+    current: TimelineInfo | None = None,
     head_lsn: int | None = None,
     stopping: postmaster.Stopping | None = None,
 ) -> list[Path]:
-    """Redo the journal's checkout from wherever it stopped. `on_timeline`: the node's
-    timeline as the caller read it after writing the journal, `head_lsn`: the LSN of the
-    journal's HEAD where the caller just made it (else each is asked for), `stopping`: the
-    caller's stop of the node, its postmaster maybe still exiting."""
+    """Redo the journal's checkout from wherever it stopped. `current`: the node's timeline
+    as the caller read it after writing the journal, `head_lsn`: the LSN of the journal's
+    HEAD where the caller just made it (else each is asked for), `stopping`: the caller's
+    stop of the node, its postmaster maybe still exiting.
+
+    The branch (the daemon writes what the node ingested on the timeline it leaves, then the
+    new timeline and the node's state: 45-60 ms of a 1% checkout) runs on a thread while the
+    delta of the target snapshot itself streams in (the same pages at the same LSN as the
+    new branch point, a branch reading its ancestor there), and is waited for before anything
+    after the delta: any order of the two is one a killed run's recovery redoes (it branches
+    where the node is still on the old timeline, and applies the delta again)."""
     from cli import checkout_delta
 
     journal = _journal(node).read_text()
     if _marker(node.datadir) != journal:  # else the swap happened: only the cleanup is left
         entry = json.loads(journal)
-        if on_timeline is None:
-            on_timeline = _current_timeline(app, node).timeline_id
-        if on_timeline == entry["old_timeline"]:
-            branch = NodeBranchRequest(node.id, entry["snapshot"], checkout=True)
-            local_api(app).node_branch(branch)
-        _wait_exited(node, stopping)
+        if current is None:
+            current = _current_timeline(app, node)
+        branching = None
+        if current.timeline_id == entry["old_timeline"]:
+            tli = (current.pg_timeline or 0) + 1  # the daemon's own default, said for both
+            branching = _Branching(
+                app, NodeBranchRequest(node.id, entry["snapshot"], pg_timeline=tli, checkout=True)
+            )
         new = _new_dir(node)
-        if _marker(new) != journal and checkout_delta.roll_forward(
-            app, node, entry.get("head"), lambda datadir: _mark(datadir, journal), head_lsn
-        ):
+        try:
+            _wait_exited(node, stopping)
+            target = None if branching is None else (entry["snapshot"], branching.pg_timeline)
+            branched = branching.wait if branching is not None else (lambda: None)
+            in_place = _marker(new) != journal and checkout_delta.roll_forward(
+                app, node, entry.get("head"), lambda datadir: _mark(datadir, journal),
+                head_lsn, target, branched,
+            )  # fmt: skip
+        except BaseException:
+            if branching is not None:  # ended before the command does; its error is second
+                with contextlib.suppress(BaseException):
+                    branching.wait()
+            raise
+        if branching is not None:
+            branching.wait()  # the rebuild reads the node's branch point; an error raises
+        if in_place:
             shutil.rmtree(new, ignore_errors=True)  # a rebuild a killed run had begun
             return _finish(node)  # done in place: no swap
         if _marker(new) != journal:
@@ -222,6 +244,32 @@ def _roll_forward(
             _seal(new, journal)
         _swap(node)
     return _finish(node)
+
+
+class _Branching:
+    """`node_branch` on a thread of its own; `wait` joins it and raises its error (each
+    call: a failed branch fails every step after it, and the journal stays for the next
+    run)."""
+
+    def __init__(self, app: App, request: NodeBranchRequest) -> None:
+        assert request.pg_timeline is not None
+        self.pg_timeline = request.pg_timeline
+        self._error: BaseException | None = None
+        api = local_api(app)
+
+        def branch() -> None:
+            try:
+                api.node_branch(request)
+            except BaseException as exc:  # raised by `wait`, on the command's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=branch, name="checkout-branch")
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _wait_exited(node: NodeRow, stopping: postmaster.Stopping | None) -> None:

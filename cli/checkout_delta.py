@@ -101,21 +101,28 @@ def roll_forward(
     head: str | None,
     seal: Callable[[Path], None],
     head_lsn: int | None = None,
+    target: tuple[str, int] | None = None,
+    branched: Callable[[], None] = lambda: None,
 ) -> bool:
     """Bring the stopped directory to the node's branch point in place and `seal` it; False
     when no delta applies (the caller rebuilds it whole, which a half-patched directory
     allows too: it is replaced). `head_lsn`: `head`'s LSN where the caller just made it (else
-    it is asked for)."""
+    it is asked for). `target`: (snapshot, PostgreSQL timeline) of a branch point still being
+    made: the delta is asked of that snapshot, and `branched` (waiting for the branch, raising
+    its error) is called once the delta is in, before anything else."""
     applying, applied = applying_file(node), applied_file(node)
     roles_kept = False  # after a killed run: what it changed is not known
     if not applied.exists():
         again = applying.exists()  # a killed run applied some of it, maybe not durably
-        result = None if head is None else _stream_apply(app, node, head, again, head_lsn)
+        result = None
+        if head is not None:
+            result = _stream_apply(app, node, head, again, head_lsn, target)
         if result is None:
             return False
         roles_kept = result
         os.replace(applying, applied)
         fsync_dir(applied.parent)
+    branched()
     slot = slot_name(node.id)
     shutil.rmtree(node.datadir / "pg_replslot" / slot, ignore_errors=True)
     if roles_kept:
@@ -156,8 +163,9 @@ def _eligible(datadir: Path) -> tuple[int, int] | None:
 
 
 def _stream_apply(
-    app: App, node: NodeRow, head: str, again: bool, head_lsn: int | None = None
-) -> bool | None:
+    app: App, node: NodeRow, head: str, again: bool, head_lsn: int | None = None,
+    target: tuple[str, int] | None = None,
+) -> bool | None:  # fmt: skip
     """Apply the delta from `head` (the state the directory holds) to the node's branch
     point; None, the directory untouched, where none is right (see `_eligible`; HEAD short
     of the directory's shutdown checkpoint; the pageserver refuses: no common history,
@@ -180,8 +188,14 @@ def _stream_apply(
                 return None
         if head_lsn < shut_down_at:
             return None
+    # Of the target snapshot itself while the node's branch is made (`target`): no node_id,
+    # so that a daemon older than that refuses it (it would read the node's current branch
+    # point, not made yet) and the checkout rebuilds the directory whole instead.
+    snapshot, pg_timeline = target if target is not None else (None, None)
     request = BasebackupRequest(
-        node_id=node.id,
+        node_id=node.id if target is None else None,
+        snapshot=snapshot,
+        pg_timeline=pg_timeline,
         checkout_from=head,
         hints_logged_from=mark,
         sparse_wal=True,

@@ -147,7 +147,8 @@ class BasebackupRequest(ApiRequest):
     """`pg checkout`: the snapshot of the node's state before it (`HEAD{i}`), whose stopped
     data directory the delta (tar, or `.neon` file) of the node's branch point applies to, in
     place (pageserver/basebackup/checkout_delta.py); refused (InvalidArgument) where only a
-    full rebuild is right."""
+    full rebuild is right. With `snapshot` (and `pg_timeline`), not `node_id`: the delta to
+    that snapshot, the branch point the node's branch is being made at meanwhile."""
     hints_logged_from: int | None = None
     """With checkout_from: the LSN from which the directory's hint bits are WAL-logged."""
     sparse_wal: bool | None = None
@@ -167,12 +168,14 @@ class BasebackupRequest(ApiRequest):
     def __post_init__(self) -> None:
         if self.node_id is None and self.snapshot is None:
             raise InvalidArgument("basebackup needs a node_id or a snapshot")
+        one_point = (self.node_id is None) != (self.snapshot is None)
         if self.checkout_from is not None and not (
-            self.node_id and self.snapshot is None
+            one_point and (self.snapshot is None or self.pg_timeline is not None)
             and self.delta_from is None and self.hints_logged_from is not None
         ):  # fmt: skip
             raise InvalidArgument(
-                "basebackup checkout_from applies to a node's branch point, with hints_logged_from"
+                "basebackup checkout_from applies to a node's branch point or to the snapshot "
+                "it is being branched at (with pg_timeline), with hints_logged_from"
             )
         for name in ("sparse_wal", "fork_sizes"):
             if getattr(self, name) and (self.checkout_from is None or self.snapshot_file):

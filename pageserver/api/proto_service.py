@@ -293,8 +293,10 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         delta = None
         prepared = None
         if req.checkout_from is not None and req.hints_logged_from is not None:
+            # The node's branch point, or the target snapshot itself, which a checkout asks
+            # for while the branch is made (the same pages at the same LSN).
             source, _tli = await on_own_thread(
-                "basebackup-source", ps.basebackup_source, req.node_id, None
+                "basebackup-source", ps.basebackup_source, req.node_id, req.snapshot
             )
             delta = await asyncio.to_thread(
                 checkout_parent, ps.find_snapshot, req.checkout_from, source,

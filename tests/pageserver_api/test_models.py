@@ -67,6 +67,9 @@ REQUESTS: list[m.ApiRequest] = [
         sparse_wal=True,
         fork_sizes=True,
     ),
+    m.BasebackupRequest(
+        snapshot="pgdata1@s1", pg_timeline=3, checkout_from="pgdata1@HEAD1", hints_logged_from=8
+    ),
     m.BasebackupPlanRequest(snapshot="pgdata1@s1"),
     m.PitrCreateRequest("long", "primary1", ttl="30d"),
     m.PitrListRequest(),
@@ -316,6 +319,14 @@ def test_typed_construction_is_checked_the_same_way() -> None:
         m.BasebackupRequest(snapshot="pgdata1@s2", delta_from=["pgdata1@s1"])
     with pytest.raises(InvalidArgument, match="sparse_wal applies to a checkout's tar only"):
         m.BasebackupRequest(snapshot="pgdata1@s2", sparse_wal=True)
+    # A checkout's delta: of the node's branch point, or of the snapshot it is being branched
+    # at, whose PostgreSQL timeline is then said (the branch's is not made yet); never both.
+    for point in (
+        {"node_id": "primary1", "snapshot": "pgdata1@s1", "pg_timeline": 2},
+        {"snapshot": "pgdata1@s1"},
+    ):
+        with pytest.raises(InvalidArgument, match="checkout_from applies to a node's branch"):
+            m.BasebackupRequest(checkout_from="pgdata1@HEAD1", hints_logged_from=8, **point)
     assert m.fork_number("fsm") == 1 and m.fork_number(3) == 3
 
 
