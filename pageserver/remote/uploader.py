@@ -204,9 +204,15 @@ class AreaUploader:
         self.remote = await fence.read()
         self._error = None
         sweep_due = True  # a killed round of an earlier run may have left orphans
+        # No sweep before this generation's own index is in the bucket: until then a stale
+        # writer's index PUT, past its lease check, may still land (the version it read is
+        # the one this writer read) and name objects of its generation the sweep would have
+        # deleted as orphans (review H1, session 25). Once ours is written, its If-Match
+        # refuses every such PUT.
+        own_index = self.remote is not None and self.remote.generation == self._lease.generation
         while not self._stop:
             self._wake.clear()
-            if sweep_due:
+            if sweep_due and own_index:
                 await self._sweep(bucket)
                 sweep_due = False
             try:
@@ -217,6 +223,7 @@ class AreaUploader:
                 log.debug("remote: round of %s planned again: %s", self.name, exc)
                 sweep_due = True  # what the aborted round uploaded may be needed no more
                 continue
+            own_index = own_index or ran  # a round that ran wrote this generation's index
             if not ran:
                 self._idle.set()
                 await asyncio.to_thread(self._wake.wait, POLL)

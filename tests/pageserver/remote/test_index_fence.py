@@ -342,6 +342,40 @@ def test_a_sweep_overtaken_by_a_takeover_leaves_the_new_generations_objects(
     assert_the_new_index_whole(settings)
 
 
+def test_a_new_owner_sweeps_nothing_before_its_own_index_is_in(
+    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review H1 (session 25): after a takeover, a stale writer's index PUT past its lease
+    check may still land on the version the new owner read, naming objects of its round the
+    new owner took for orphans. So the new owner sweeps nothing before its own index is in
+    (its If-Match refuses every such PUT from then on). Fails where it swept at its start:
+    the stale round's object was gone when the new owner's first index went out."""
+    store = make_node(tmp_path / "pagestore")
+    upload_round(settings, store, owner="first")
+    in_flight = f"{PREFIX}/{object_key('wal/000000010000000000000009', '0' * 64, 1)}"
+    run(settings, lambda bucket: bucket.put(in_flight, b"the stale round's, its index unsent"))
+    run(settings, lambda bucket: leases.acquire(bucket, LEASE, "second", "area", takeover=True))
+    seen: list[bool] = []
+
+    async def at_the_first_index(key: str, body: bytes) -> None:
+        if key == INDEX and not seen:
+            async with open_bucket(settings) as bucket:
+                seen.append(await bucket.get_if_exists(in_flight) is not None)
+
+    hook_store(monkeypatch, put=at_the_first_index)
+    area = asdict(store.history.pitr.get("area"))
+    new = AreaUploader(settings, area, "pgdata1", lambda: store, "second", parallel=1)
+    new.start()
+    try:
+        wait_for(lambda: bool(seen) or new.fatal is not None)
+        assert seen == [True], new.fatal
+        wait_for(lambda: new.swept_total > 0)  # swept once its own index is in
+    finally:
+        new.stop()
+    assert run(settings, lambda bucket: bucket.get_if_exists(in_flight)) is None
+    assert decode_index(run(settings, lambda bucket: bucket.get(INDEX)), INDEX).generation == 2
+
+
 def test_what_a_refused_index_put_finds_decides_it(settings: RemoteSettings) -> None:
     def index(generation: int, lsn: str) -> bytes:
         timelines = {"aa": {"disk_consistent_lsn": lsn}}
