@@ -619,6 +619,12 @@ class Pageserver:
         self._prepare_mirror(mirror, snap.lsn, None, exact=True, timeline=snap.timeline_id)
         adopt_snapshot(mirror, snap, into)
 
+    async def wait_snapshot_reingested(self, snapshot: str) -> None:
+        """`_wait_reingested` for a snapshot by name: a checkout's delta asked of its target
+        while the node's branch (which waits so) is made, right after a restart."""
+        _history, snap = self.find_snapshot(snapshot)
+        await self._wait_reingested(snap)
+
     async def _wait_reingested(self, snap: Snapshot, timeout: float = 120.0) -> None:
         """After a restart, a node's follower re-ingests the archived WAL its layers did not
         hold yet: a snapshot named before the restart may lie ahead of what its timeline has
