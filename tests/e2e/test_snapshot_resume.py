@@ -299,12 +299,11 @@ def test_push_to_recv_killed_and_resumed(
         _, rest = recv.proc.communicate(timeout=60)
     assert "refused a connection" not in recv.err + rest, recv.err + rest
     reports = [ProgressReport.parse(line) for line in (recv.err + rest).splitlines()]
-    last = [r for r in reports if r is not None][-1]
-    assert (last.what, last.done, last.total) == (
-        f"Receiving {FILE}",
-        pushed["snapshot_bytes"],
-        pushed["snapshot_bytes"],
-    )
+    # The resumed push's last report: its whole tar of its total, the kept bytes counted. Not
+    # necessarily the last line: a cut push's handler may close its bar (bytes, no total)
+    # after the next push began, on a loaded box (the CI run at dc54477).
+    ends = [(r.what, r.done, r.total) for r in reports if r is not None]
+    assert (f"Receiving {FILE}", pushed["snapshot_bytes"], pushed["snapshot_bytes"]) in ends, ends
     print(f"resumed push to recv: {pushed['bytes_sent']} of {reference['size']} bytes sent, "
           f"resumed at {pushed['bytes_resumed']}")  # fmt: skip
     assert pushed["sha256"] == reference["sha256"]
