@@ -18,6 +18,7 @@ compute: a conditional put (`if_match`) is checked by the remote pageserver unde
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,7 +28,14 @@ from pageserver.remote.object_service import etag
 from pageserver.remote.objects import ObjectStore, PreconditionFailed
 from pageserver.remote.settings import RemoteSettings
 from proto.client import ProtoClient, tls_context
-from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, ProtocolError
+from proto.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NeonError,
+    NotFound,
+    ProtocolError,
+)
 
 CHUNK = 1 << 20
 PAGESERVER_NAME = "pg-neon pageserver"
@@ -47,6 +55,7 @@ class ProtoObjectStore(ObjectStore):
         self._host, self._port = parts.hostname, parts.port
         self._idle: list[ProtoClient] = []
         self._ssl = tls_context(settings.ca_file) if settings.tls else None
+        self._fence_checked = False
 
     async def __aenter__(self) -> ProtoObjectStore:
         return self
@@ -90,6 +99,8 @@ class ProtoObjectStore(ObjectStore):
         condition: dict[str, Any] = {"if_absent": if_absent}
         if if_match is not None:
             condition["if_match"] = if_match
+        if if_match is not None and not self._fence_checked:
+            await self._check_fence(key)
         try:
             async with self._connection() as client:
                 await client.upload("blob.put", chunks(), key=key, **condition)
@@ -98,6 +109,32 @@ class ProtoObjectStore(ObjectStore):
         except Conflict as exc:
             raise PreconditionFailed(f"{self.settings.url}/{key}: {exc}") from exc
         return etag(body)
+
+    async def _check_fence(self, key: str) -> None:
+        """Whether the remote pageserver checks `if_match`, asked once before the first
+        conditional write (review M2): one older than the fence ignores it and writes, so the
+        index put after a takeover could replace a newer owner's. A probe beside `key` with
+        a version no object has: refused (Conflict) by a server that checks; written by an
+        older one, which is then removed, and Conflict raised (the uploads stop, the status
+        says why: waiting cures nothing)."""
+        probe = f"{key}.fence-probe"
+
+        async def one() -> AsyncIterator[bytes]:
+            yield b"a conditional write no object can satisfy"
+
+        try:
+            async with self._connection() as client:
+                await client.upload("blob.put", one(), key=probe, if_match="0" * 64)
+        except Conflict:
+            self._fence_checked = True
+            return
+        with contextlib.suppress(NeonError):
+            await self.delete(probe)
+        raise Conflict(
+            f"the remote pageserver at {self.settings.url} does not check If-Match (an older "
+            "version): it could not keep a stale writer from replacing this history's index; "
+            "upgrade it (uploads of this history stop until then)"
+        )
 
     async def get_tagged(self, key: str) -> tuple[bytes, str] | None:
         body = await self.get_if_exists(key)

@@ -30,8 +30,8 @@ from pageserver.remote.proto_objects import PAGESERVER_NAME
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.uploader import AreaUploader
 from pageserver.storage.values import WalDelta
-from proto.errors import Unavailable
-from proto.server import ProtoServer
+from proto.errors import Conflict, Unavailable
+from proto.server import Handler, ProtoServer, RequestContext
 from tests.pageserver.remote import test_proto_objects as proto_test
 from tests.pageserver.remote.test_remote_history import (
     make_node,
@@ -56,17 +56,19 @@ def s3() -> Iterator[MotoS3]:
 
 
 @contextlib.contextmanager
-def blob_server(root: Path) -> Iterator[int]:
+def blob_server(root: Path, handlers: dict[str, Handler] | None = None) -> Iterator[int]:
     """A remote pageserver's blob service in a thread of its own (its own event loop, as a
-    daemon's): the uploaders under test run their loops in their threads."""
+    daemon's): the uploaders under test run their loops in their threads. `handlers`: other
+    methods than blob_handlers(root)'s (an older version's)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="blob-server", daemon=True)
     thread.start()
 
     async def start() -> ProtoServer:
         server = ProtoServer(
-            blob_handlers(root), token=proto_test.TOKEN, server_name=f"{PAGESERVER_NAME} test"
-        )
+            handlers or blob_handlers(root), token=proto_test.TOKEN,
+            server_name=f"{PAGESERVER_NAME} test",
+        )  # fmt: skip
         await server.start("127.0.0.1", 0)
         return server
 
@@ -166,6 +168,31 @@ def test_conditional_puts_name_the_version(settings: RemoteSettings) -> None:
         assert await bucket.get_tagged(INDEX) is None
 
     run(settings, work)
+
+
+def test_an_older_remote_pageserver_that_ignores_if_match_is_refused(tmp_path: Path) -> None:
+    """Review M2: a remote pageserver older than the fence ignores `if_match` and writes, so a
+    conditional index write there fences nothing. The first conditional write asks first
+    (a probe with a version no object has): such a server is refused in one clear error,
+    the index unchanged, no probe left. Fails where the write went through unchecked."""
+    root = tmp_path / "objects"
+    newer = blob_handlers(root)
+
+    async def older_put(ctx: RequestContext) -> Any:  # before the fence: if_match unknown
+        ctx.params.pop("if_match", None)
+        return await newer["blob.put"](ctx)
+
+    with blob_server(root, {**newer, "blob.put": older_put}) as port:
+        settings = replace(proto_test.settings(tmp_path, port), prefix="hist")
+
+        async def work(bucket: ObjectStore) -> None:
+            first = await bucket.put(INDEX, b"one")
+            with pytest.raises(Conflict, match="does not check If-Match"):
+                await bucket.put(INDEX, b"two", if_match=first)
+            assert await bucket.get(INDEX) == b"one"
+            assert [key async for key, _ in bucket.list_keys(PREFIX)] == [INDEX]
+
+        run(settings, work)
 
 
 def test_a_stale_writer_past_its_lease_check_never_replaces_the_new_owners_index(
