@@ -109,7 +109,8 @@ def roll_forward(
     allows too: it is replaced). `head_lsn`: `head`'s LSN where the caller just made it (else
     it is asked for). `target`: (snapshot, PostgreSQL timeline) of a branch point still being
     made: the delta is asked of that snapshot, and `branched` (waiting for the branch, raising
-    its error) is called once the delta is in, before anything else."""
+    its error) is called once the delta is in, before anything else (refused, the delta is
+    asked again of the branch point once `branched` returned)."""
     applying, applied = applying_file(node), applied_file(node)
     roles_kept = False  # after a killed run: what it changed is not known
     if not applied.exists():
@@ -117,6 +118,12 @@ def roll_forward(
         result = None
         if head is not None:
             result = _stream_apply(app, node, head, again, head_lsn, target)
+            if result is None and target is not None:
+                # Refused before its first byte (a target held in a bucket, which the branch
+                # adopts; or any refusal, which the branch point's delta repeats): asked again
+                # of the node's branch point, once made.
+                branched()
+                result = _stream_apply(app, node, head, again, head_lsn)
         if result is None:
             return False
         roles_kept = result

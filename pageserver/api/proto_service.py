@@ -294,10 +294,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         prepared = None
         if req.checkout_from is not None and req.hints_logged_from is not None:
             # The node's branch point, or the target snapshot itself, which a checkout asks
-            # for while the branch is made (the same pages at the same LSN): re-ingested
-            # first after a restart, as the branch waits for it (a read there raised).
+            # for while the branch is made (the same pages at the same LSN).
             if req.snapshot is not None:
-                await ps.wait_snapshot_reingested(req.snapshot)
+                await ps.checkout_target_ready(req.snapshot)
             source, _tli = await on_own_thread(
                 "basebackup-source", ps.basebackup_source, req.node_id, req.snapshot
             )

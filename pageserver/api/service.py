@@ -619,10 +619,18 @@ class Pageserver:
         self._prepare_mirror(mirror, snap.lsn, None, exact=True, timeline=snap.timeline_id)
         adopt_snapshot(mirror, snap, into)
 
-    async def wait_snapshot_reingested(self, snapshot: str) -> None:
-        """`_wait_reingested` for a snapshot by name: a checkout's delta asked of its target
-        while the node's branch (which waits so) is made, right after a restart."""
-        _history, snap = self.find_snapshot(snapshot)
+    async def checkout_target_ready(self, snapshot: str) -> None:
+        """Before a checkout's delta is read from its target snapshot while the node's branch
+        is made: one named before a restart is re-ingested first, as the branch waits for it
+        (`_wait_reingested`); one held in a bucket is refused (InvalidArgument, nothing read:
+        the branch adopts it into the node's storage, downloading its layers under the
+        mirror's rules, and the CLI then asks the delta of the node's branch point)."""
+        history, snap = self.find_snapshot(snapshot)
+        if self.remote.mirror_of_root(history.root) is not None:
+            raise InvalidArgument(
+                f"snapshot {snapshot!r} is held in a bucket: its checkout's delta is read from "
+                "the node's branch point once the branch has adopted it"
+            )
         await self._wait_reingested(snap)
 
     async def _wait_reingested(self, snap: Snapshot, timeout: float = 120.0) -> None:
