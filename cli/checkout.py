@@ -33,6 +33,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from cli.pg_files import read_pg_file, write_pg_file
 from cli.registry import NodeRow
 from cli.tablespace_restore import remove_left_locations, restore_own_locations
 from durable_files import fsync_dir, fsync_tree, write_file_durably
+from pageserver.api.own_thread import start_own_thread
 from pageserver.history.snapshots import head_tag, split_snapshot_name
 from pageserver_api.models import (
     NodeBranchRequest,
@@ -207,28 +209,29 @@ def _roll_forward(
         entry = json.loads(journal)
         if current is None:
             current = _current_timeline(app, node)
-        branching = None
+        # The branch on a thread of its own; its future's result() waits for it and raises
+        # its error (at every call: a failed branch fails each step after it).
+        branching: Future[Any] | None = None
+        target = None
         if current.timeline_id == entry["old_timeline"]:
             tli = (current.pg_timeline or 0) + 1  # the daemon's own default, said for both
-            branching = _Branching(
-                app, NodeBranchRequest(node.id, entry["snapshot"], pg_timeline=tli, checkout=True)
-            )
+            branch = NodeBranchRequest(node.id, entry["snapshot"], pg_timeline=tli, checkout=True)
+            branching = start_own_thread("checkout-branch", local_api(app).node_branch, branch)
+            target = (entry["snapshot"], tli)
         new = _new_dir(node)
         try:
             _wait_exited(node, stopping)
-            target = None if branching is None else (entry["snapshot"], branching.pg_timeline)
-            branched = branching.wait if branching is not None else (lambda: None)
+            branched = branching.result if branching is not None else (lambda: None)
             in_place = _marker(new) != journal and checkout_delta.roll_forward(
                 app, node, entry.get("head"), lambda datadir: _mark(datadir, journal),
                 head_lsn, target, branched,
             )  # fmt: skip
         except BaseException:
             if branching is not None:  # ended before the command does; its error is second
-                with contextlib.suppress(BaseException):
-                    branching.wait()
+                wait([branching])
             raise
         if branching is not None:
-            branching.wait()  # the rebuild reads the node's branch point; an error raises
+            branching.result()  # the rebuild reads the node's branch point; an error raises
         if in_place:
             shutil.rmtree(new, ignore_errors=True)  # a rebuild a killed run had begun
             return _finish(node)  # done in place: no swap
@@ -244,32 +247,6 @@ def _roll_forward(
             _seal(new, journal)
         _swap(node)
     return _finish(node)
-
-
-class _Branching:
-    """`node_branch` on a thread of its own; `wait` joins it and raises its error (each
-    call: a failed branch fails every step after it, and the journal stays for the next
-    run)."""
-
-    def __init__(self, app: App, request: NodeBranchRequest) -> None:
-        assert request.pg_timeline is not None
-        self.pg_timeline = request.pg_timeline
-        self._error: BaseException | None = None
-        api = local_api(app)
-
-        def branch() -> None:
-            try:
-                api.node_branch(request)
-            except BaseException as exc:  # raised by `wait`, on the command's thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=branch, name="checkout-branch")
-        self._thread.start()
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _wait_exited(node: NodeRow, stopping: postmaster.Stopping | None) -> None:
