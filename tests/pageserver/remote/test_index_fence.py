@@ -339,13 +339,22 @@ def test_a_stale_writers_sweep_after_an_aborted_round_stops_at_the_lease(
     assert_the_new_index_whole(settings)
 
 
-def test_a_sweep_overtaken_by_a_takeover_leaves_the_new_generations_objects(
-    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def indexed_with_an_orphan(
+    settings: RemoteSettings, tmp_path: Path, data: bytes
+) -> tuple[Any, str]:
+    """A node whose first pageserver uploaded a round (its index of generation 1), and an
+    object of that generation the index does not name: (the node's store, its key)."""
     store = make_node(tmp_path / "pagestore")
     upload_round(settings, store, owner="first")
     orphan = f"{PREFIX}/{object_key('wal/000000010000000000000009', '0' * 64, 1)}"
-    run(settings, lambda bucket: bucket.put(orphan, b"left by a killed round"))
+    run(settings, lambda bucket: bucket.put(orphan, data))
+    return store, orphan
+
+
+def test_a_sweep_overtaken_by_a_takeover_leaves_the_new_generations_objects(
+    settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _orphan = indexed_with_an_orphan(settings, tmp_path, b"left by a killed round")
     theirs: list[str] = []
 
     async def takeover_after_the_check() -> None:
@@ -377,10 +386,9 @@ def test_a_new_owner_sweeps_nothing_before_its_own_index_is_in(
     new owner took for orphans. So the new owner sweeps nothing before its own index is in
     (its If-Match refuses every such PUT from then on). Fails where it swept at its start:
     the stale round's object was gone when the new owner's first index went out."""
-    store = make_node(tmp_path / "pagestore")
-    upload_round(settings, store, owner="first")
-    in_flight = f"{PREFIX}/{object_key('wal/000000010000000000000009', '0' * 64, 1)}"
-    run(settings, lambda bucket: bucket.put(in_flight, b"the stale round's, its index unsent"))
+    store, in_flight = indexed_with_an_orphan(
+        settings, tmp_path, b"the stale round's, its index unsent"
+    )
     run(settings, lambda bucket: leases.acquire(bucket, LEASE, "second", "area", takeover=True))
     seen: list[bool] = []
 
