@@ -13,10 +13,13 @@ A refused PUT is resolved, never retried blindly:
 - the lease is no longer ours: LeaseLost (uploads stop; the new owner is named);
 - the index holds our own bytes: our earlier PUT landed and only its answer was lost (then
   retried): it is ours, at the version read back;
-- an index of our generation or a higher one that is not ours: LeaseLost, never replaced;
-- an older generation's (a stale writer whose PUT got in before our first index), or none:
-  IndexChanged, the round is planned again from what is there (what it uploads and deletes
-  is decided against the index in the bucket, never against one that is gone).
+- an index of a higher generation: LeaseLost, never replaced;
+- an older generation's (a stale writer whose PUT got in before our first index), one of
+  our own generation that is not our bytes (the lease check just passed, so it is another
+  uploader of this same pageserver: an earlier uploader of the area, stopped, whose PUT in
+  flight landed late; nothing was taken over), or none: IndexChanged, the round is planned
+  again from what is there (what it uploads and deletes is decided against the index in
+  the bucket, never against one that is gone).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pageserver.remote.upload_queue import RoundAborted
 
 
 class IndexChanged(RoundAborted):
-    """An older generation's index replaced ours (or none is left): plan again from it."""
+    """An older generation's index replaced ours, or our own generation's of another
+    uploader of this pageserver (or none is left): plan again from it."""
 
     def __init__(self, message: str, found: RemoteIndex | None) -> None:
         super().__init__(message)
@@ -73,13 +77,14 @@ class FencedIndex:
         if found is None:
             raise IndexChanged(f"the index of {self.what} is gone from the bucket", None)
         index = decode_index(found[0], self.key)
-        if index.generation >= self.lease.generation:
+        if index.generation > self.lease.generation:
             raise leases.LeaseLost(
                 f"the index of {self.what} was replaced by another writer of generation "
                 f"{index.generation} (ours {self.lease.generation}); uploads stopped"
             )
-        raise IndexChanged(
-            f"a writer of an older generation ({index.generation}) replaced the index of "
-            f"{self.what}",
-            index,
+        whose = (
+            "another uploader of this pageserver"
+            if index.generation == self.lease.generation
+            else f"a writer of an older generation ({index.generation})"
         )
+        raise IndexChanged(f"{whose} replaced the index of {self.what}", index)

@@ -411,13 +411,15 @@ def test_a_new_owner_sweeps_nothing_before_its_own_index_is_in(
     assert decode_index(run(settings, lambda bucket: bucket.get(INDEX)), INDEX).generation == 2
 
 
-def test_what_a_refused_index_put_finds_decides_it(settings: RemoteSettings) -> None:
-    def index(generation: int, lsn: str) -> bytes:
-        timelines = {"aa": {"disk_consistent_lsn": lsn}}
-        return RemoteIndex(
-            generation, {}, "n1", "pgdata1", {"timeline_id": "aa"}, timelines, {},
-        ).encode()  # fmt: skip
+def index(generation: int, lsn: str) -> bytes:
+    """An index body of `generation` at disk_consistent_lsn `lsn` (one timeline, no objects)."""
+    timelines = {"aa": {"disk_consistent_lsn": lsn}}
+    return RemoteIndex(
+        generation, {}, "n1", "pgdata1", {"timeline_id": "aa"}, timelines, {},
+    ).encode()  # fmt: skip
 
+
+def test_what_a_refused_index_put_finds_decides_it(settings: RemoteSettings) -> None:
     async def work(bucket: ObjectStore) -> None:
         old = await leases.acquire(bucket, LEASE, "first", "area")
         await bucket.put(INDEX, index(1, "0/100"))
@@ -438,16 +440,41 @@ def test_what_a_refused_index_put_finds_decides_it(settings: RemoteSettings) -> 
             await fence.write(index(2, "0/300"))
         assert changed.value.found is None
         await fence.write(index(2, "0/300"))
-        # An index of our generation that is not ours (a twin with our identity) or of a
-        # higher one is never replaced.
-        for generation in (2, 3):
-            await bucket.put(INDEX, index(generation, "0/400"))
-            with pytest.raises(leases.LeaseLost, match=f"generation {generation}"):
-                await fence.write(index(2, "0/500"))
-            assert await bucket.get(INDEX) == index(generation, "0/400")
+        # An index of a higher generation is never replaced.
+        await bucket.put(INDEX, index(3, "0/400"))
+        with pytest.raises(leases.LeaseLost, match="generation 3"):
+            await fence.write(index(2, "0/500"))
+        assert await bucket.get(INDEX) == index(3, "0/400")
         # The stale writer's fence: its lease check refuses it first.
         stale = FencedIndex(bucket, PREFIX, old, "area")
         with pytest.raises(leases.LeaseLost, match="written by another pageserver"):
             await stale.write(index(1, "0/600"))
+
+    run(settings, work)
+
+
+def test_an_index_of_our_own_generation_from_another_uploader_is_planned_again(
+    settings: RemoteSettings,
+) -> None:
+    """Review L1 (session 25): two uploaders of one pageserver hold one lease (an earlier
+    uploader of the area, stopped, whose PUT in flight lands after the next one read the
+    index). Its index is of our generation but not our bytes: nothing was taken over, so
+    the round is planned again from it, then ours is written. Fails where that was a fatal
+    LeaseLost ("replaced by another writer of generation 1 (ours 1)")."""
+
+    async def work(bucket: ObjectStore) -> None:
+        lease = await leases.acquire(bucket, LEASE, "me", "area")
+        earlier = FencedIndex(bucket, PREFIX, lease, "area")
+        later = FencedIndex(bucket, PREFIX, lease, "area")
+        assert await earlier.read() is None and await later.read() is None
+        await earlier.write(index(1, "0/100"))  # the late PUT lands after `later` read
+        with pytest.raises(IndexChanged, match="another uploader of this pageserver") as changed:
+            await later.write(index(1, "0/200"))
+        found = changed.value.found
+        assert found is not None and found.generation == 1
+        assert found.timelines["aa"]["disk_consistent_lsn"] == "0/100"
+        await later.write(index(1, "0/200"))  # planned again from it: written
+        assert await bucket.get(INDEX) == index(1, "0/200")
+        assert (await bucket.get(LEASE)) == lease.encode()  # the lease untouched
 
     run(settings, work)
