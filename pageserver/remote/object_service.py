@@ -4,12 +4,18 @@ under ``<workdir>/objects/`` (issue 13 item 3, a remote storage holding PITR his
 The calling pageserver's uploader and mirror (pageserver/remote/uploader.py, mirror.py) use
 the same five operations as on S3 (put, get, head, delete, list), through
 pageserver/remote/proto_objects.py, so the history kept here has the bucket's layout, index,
-checksums, ordering and lease: nothing of it is interpreted on this side. Each object is
-written crash-safe (a temporary name, fsync, rename: durable_files), so a reader sees it whole
-or not at all, as with S3. Conditional puts are checked and written under one lock: with
+checksums, ordering and lease: nothing of it is interpreted on this side but the names of
+the objects that may be written conditionally (below). Each object is written crash-safe (a
+temporary name, fsync, rename: durable_files), so a reader sees it whole or not at all, as
+with S3. Conditional puts are checked and written under one lock: with
 `if_absent` (the lease's If-None-Match: *) refused with AlreadyExists when the object exists,
 with `if_match` (the index's fence: pageserver/remote/index_fence.py) refused with Conflict
 unless the object's bytes still hash to that ETag (`etag`, the SHA-256 of the bytes).
+Only an index or a lease object (and a client's fence probe beside one:
+proto_objects._check_fence) is written conditionally: no version is kept beside an object, so
+checking one hashes the stored bytes under the lock, and a condition on a layer would let any
+token holder stall every area's index and lease writes while a large object is read
+(review L2, session 25). Any other key with a condition is refused before anything is read.
 
 Keys are relative paths: components that are empty, `.`, `..`, hidden (temporary files start
 with a dot nowhere, but a key may not name one) or contain NUL are refused, so no key leaves
@@ -25,11 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from durable_files import TEMP_SUFFIX, write_chunks_durably
+from pageserver.remote.index import INDEX_NAME
+from pageserver.remote.lease import LEASE_NAME
 from proto.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from proto.server import Handler, RequestContext
 
 OBJECTS_DIR = "objects"
 CHUNK = 1 << 20
+FENCE_PROBE = ".fence-probe"
+"""The suffix of the key a client probes the fence with, beside an index's."""
+VERSIONED = (INDEX_NAME, LEASE_NAME)
+"""The objects written conditionally: the only ones whose version is ever checked."""
 
 
 def _key(ctx: RequestContext, name: str = "key", *, prefix: bool = False) -> str:
@@ -44,6 +56,20 @@ def _key(ctx: RequestContext, name: str = "key", *, prefix: bool = False) -> str
     ):
         raise InvalidArgument(f"invalid object key {key!r}")
     return key
+
+
+def _conditions(ctx: RequestContext, key: str) -> tuple[bool, str | None]:
+    """A put's (if_absent, if_match), refused for an object whose version is never kept."""
+    if_absent, if_match = bool(ctx.params.get("if_absent")), ctx.params.get("if_match")
+    if if_match is not None and not isinstance(if_match, str):
+        raise InvalidArgument("blob.put: if_match is an ETag (a SHA-256 in hex)")
+    name = key.rpartition("/")[2].removesuffix(FENCE_PROBE)
+    if (if_absent or if_match is not None) and name not in VERSIONED:
+        raise InvalidArgument(
+            f"blob.put: object {key} cannot be written conditionally: only an index or a "
+            f"lease ({', '.join(VERSIONED)}) is"
+        )
+    return if_absent, if_match
 
 
 def etag(body: bytes) -> str:
@@ -67,6 +93,7 @@ def blob_handlers(root: Path) -> dict[str, Handler]:
 
     async def put(ctx: RequestContext) -> Any:
         key = _key(ctx)
+        if_absent, if_match = _conditions(ctx, key)
         body = b"".join([chunk async for chunk in ctx.upload()])
         target = path(key)
 
@@ -74,12 +101,9 @@ def blob_handlers(root: Path) -> dict[str, Handler]:
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             return write_chunks_durably(target, (body,))
 
-        if_match = ctx.params.get("if_match")
-        if if_match is not None and not isinstance(if_match, str):
-            raise InvalidArgument("blob.put: if_match is an ETag (a SHA-256 in hex)")
-        if ctx.params.get("if_absent") or if_match is not None:
+        if if_absent or if_match is not None:
             async with put_lock:
-                if ctx.params.get("if_absent") and target.exists():
+                if if_absent and target.exists():
                     raise AlreadyExists(f"object {key} exists already")
                 if if_match is not None and await asyncio.to_thread(_etag_of, target) != if_match:
                     raise Conflict(f"object {key} is not the version If-Match names")

@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from pageserver.remote.object_service import etag
+from pageserver.remote.object_service import FENCE_PROBE, etag
 from pageserver.remote.objects import ObjectStore, PreconditionFailed
 from pageserver.remote.settings import RemoteSettings
 from proto.client import ProtoClient, tls_context
@@ -117,7 +117,7 @@ class ProtoObjectStore(ObjectStore):
         a version no object has: refused (Conflict) by a server that checks; written by an
         older one, which is then removed, and Conflict raised (the uploads stop, the status
         says why: waiting cures nothing)."""
-        probe = f"{key}.fence-probe"
+        probe = f"{key}{FENCE_PROBE}"
 
         async def one() -> AsyncIterator[bytes]:
             yield b"a conditional write no object can satisfy"

@@ -80,6 +80,35 @@ async def test_the_bucket_operations_over_proto(tmp_path: Path) -> None:
         assert not (tmp_path / "x").exists()
 
 
+async def test_only_an_index_or_a_lease_is_written_conditionally(tmp_path: Path) -> None:
+    """Review L2 (session 25): checking an object's version hashes its stored bytes under the
+    lock every index and lease write takes, so a token holder naming a large layer in a
+    conditional put stalled them all. A condition on any other object is refused before
+    anything is read or written. Fails where the layer was hashed and replaced."""
+    root = tmp_path / "objects"
+    async with serving(root) as port:
+        s = settings(tmp_path, port)
+        layer = s.key("pitr/a/objects/l1")
+        big = bytes(range(256)) * 12_000
+        async with open_bucket(s) as store:
+            version = await store.put(layer, big)
+            with pytest.raises(InvalidArgument, match="only an index or a lease"):
+                await store.put(layer, b"other", if_match=version)
+            with pytest.raises(InvalidArgument, match="cannot be written conditionally"):
+                await store.put(s.key("pitr/a/objects/l2"), b"new", if_absent=True)
+            assert await store.get(layer) == big
+            assert await store.get_if_exists(s.key("pitr/a/objects/l2")) is None
+            # The index and the lease keep their fence (the probe beside the index too).
+            first = await store.put(s.key("pitr/a/index.json"), b"{}", if_absent=True)
+            await store.put(s.key("pitr/a/index.json"), b"{ }", if_match=first)
+            await store.put(s.key("pitr/a/lease.json"), b"L", if_absent=True)
+            assert [k async for k in store.list_keys(s.key("pitr/a"))] == [
+                (s.key("pitr/a/index.json"), 3),
+                (s.key("pitr/a/lease.json"), 1),
+                (layer, len(big)),
+            ]
+
+
 async def test_a_wrong_token_and_a_server_that_is_no_pageserver_are_refused(
     tmp_path: Path,
 ) -> None:
