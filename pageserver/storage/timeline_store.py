@@ -146,14 +146,16 @@ class TimelineStore:
         """A new timeline's directory, its `importing` marker (before the manifest: a kill at
         any later point leaves a marked directory, which the next open removes) and its
         manifest. One that fails midway (a full disk) is removed at once: no directory stays
-        behind, listed or not."""
+        behind, listed or not. Only what this call made: the mkdir is the existence check
+        (one made by anyone else, even after a look, is refused and left alone)."""
         with self._lock:
             timeline_id = new_timeline_id() if timeline_id is None else timeline_id
             path = self._path(timeline_id)
-            if path.exists():
-                raise AlreadyExists(f"timeline {timeline_id} already exists")
             try:
                 path.mkdir(parents=True)
+            except FileExistsError:
+                raise AlreadyExists(f"timeline {timeline_id} already exists") from None
+            try:
                 if importing:
                     write_file_durably(path / _IMPORTING, b"")
                 timeline = Timeline.create(

@@ -391,3 +391,25 @@ def test_a_timeline_made_on_a_full_disk_leaves_nothing(tmp_path: Path) -> None:
             store.close()
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_directory_made_by_another_is_refused_and_left_alone(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review L4 (session 25): another process makes the timeline's directory after the store
+    looked for it and before its own mkdir. The timeline is refused (AlreadyExists) and the
+    other's directory kept whole: it was removed with what the failed creation "made"."""
+    real_path = store._path
+
+    class Raced(type(Path())):  # type: ignore[misc]
+        def mkdir(self, mode: int = 0o777, parents: bool = False, exist_ok: bool = False) -> None:
+            Path(self).mkdir(parents=True)  # the other process's, just before ours
+            (Path(self) / "theirs").write_bytes(b"not the store's")
+            super().mkdir(mode, parents, exist_ok)
+
+    monkeypatch.setattr(store, "_path", lambda timeline_id: Raced(real_path(timeline_id)))
+    with pytest.raises(AlreadyExists, match="timeline bb already exists"):
+        store.create_timeline("bb")
+    monkeypatch.undo()
+    assert (real_path("bb") / "theirs").read_bytes() == b"not the store's"
+    assert store.list_timelines() == []
