@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -54,7 +56,7 @@ from cli.stream_count import NeonStreamCount
 from cli.transport.base import ObjectInfo, check_object_name
 from cli.transport.resume import Partial
 from pageserver.history.snapshots import import_name_from
-from pageserver_api.errors import FREE_SPACE_HINT, is_full
+from pageserver_api.errors import FREE_SPACE_HINT, FULL_ERRNOS, is_full
 from pageserver_api.models import (
     BasebackupPlanRequest,
     BasebackupRequest,
@@ -291,7 +293,7 @@ class Receiver:
         except (NeonError, OSError) as exc:
             if is_full(exc):
                 full = self._full(file_name, exc)
-                self.on_refused(f"refused {file_name}: {full.message}")
+                self.on_refused(f"refused {file_name}: {full.message} [{self._cause(exc)}]")
                 raise full from None
             reason = exc.message if isinstance(exc, NeonError) else str(exc)
             self.on_refused(f"refused {file_name}: {reason}")
@@ -301,17 +303,23 @@ class Receiver:
         """A push refused for this side's full disk (its own write's, or the pageserver's
         import's), said for the pusher: whose disk, what to do, and that nothing of it
         stays here (a cut push's bytes are kept, these are not: they would hold the space
-        the push run again needs)."""
-        cause = (
-            exc.message.removesuffix(FREE_SPACE_HINT)
-            if isinstance(exc, NeonError)
-            else f"{exc.strerror or exc} writing in {exc.filename or self.storage_path}"
-        )
+        the push run again needs). The error's kind only: where this side keeps its files
+        and how much room is left there are not the pusher's to read (review L6, session
+        25); `_cause` says them in this side's own log."""
+        said = exc.message if isinstance(exc, NeonError) else os.strerror(exc.errno or 0)
+        kinds = [os.strerror(number) for number in sorted(FULL_ERRNOS)]
+        kind = next((k for k in kinds if k in said), os.strerror(errno.ENOSPC))
         return NoSpace(
-            f"the receiver's disk is full ({cause}); "
+            f"the receiver's disk is full ({kind}); "
             f"free space in its storage {self.storage!r} and push again (nothing of "
             f"{file_name} was kept there)"
         )
+
+    def _cause(self, exc: NeonError | OSError) -> str:
+        """The full disk's whole cause (the file, the room left), for this side's log."""
+        if isinstance(exc, NeonError):
+            return exc.message.removesuffix(FREE_SPACE_HINT)
+        return f"{exc.strerror or exc} writing in {exc.filename or self.storage_path}"
 
     async def _receive(
         self, file_name: str, chunks: AsyncIterator[bytes], token: str | None, resume_at: int,

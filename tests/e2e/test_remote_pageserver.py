@@ -196,8 +196,9 @@ def test_a_remote_pageserver_whose_disk_fills(homes: tuple[NeonCli, NeonCli, Pat
     """Issue 12's "remote disk full" for a pageserver attached as a remote storage: a home
     whose default storage is on a tmpfs too small for the push. The pusher's one line names
     the pageserver's URL (not its token) and what to do; nothing is left there (no
-    snapshot, timeline, work directory or kept bytes); the tmpfs remounted bigger, the same
-    push goes through."""
+    snapshot, timeline, work directory or kept bytes), and it names no path of the
+    pageserver's (its own log does); the tmpfs remounted bigger, the same push goes
+    through."""
     a, _b, base = homes
     full = NeonCli(base / "full", {})
     full.run("storage", "list")  # the home, its default storage empty but for its marker
@@ -218,6 +219,7 @@ def test_a_remote_pageserver_whose_disk_fills(homes: tuple[NeonCli, NeonCli, Pat
             assert line.startswith(f"neon: error: {b_url(full)}/pgdata1@snap1.neon: the receiver's "
                                    "disk is full ("), line  # fmt: skip
             assert "free space in its storage 'local' and push again" in line, line
+            assert str(full.home) not in line and "/" not in line.partition("full (")[2], line
             assert [s["name"] for s in full.json("snapshot", "list")] == []
             left = [p.name for p in storage.glob("pagestore/timelines/*")]
             assert left + [p.name for p in storage.glob(".*-*/*")] == [], left
@@ -226,6 +228,9 @@ def test_a_remote_pageserver_whose_disk_fills(homes: tuple[NeonCli, NeonCli, Pat
             assert [s["name"] for s in full.json("snapshot", "list")] == ["pgdata1-snap1"]
             log = (full.home / "pageserver" / "pageserver.log").read_text()
             assert "Traceback" not in log and "the receiver's disk is full" in log, log
+            [logged] = [line for line in log.splitlines() if "disk is full" in line]
+            cause = logged.rpartition(" [")[2]  # the whole cause: for this side only
+            assert cause.endswith("]") and "No space left on device" in cause, logged
         finally:
             a.run("storage", "detach", "zfull", check=False)
             full.cleanup()  # its pageserver, before its storage goes

@@ -832,17 +832,29 @@ def storage_on_tmpfs(size: str) -> Iterator[tuple[NeonCli, Path]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def full_disk_line(proc: subprocess.CompletedProcess[str], where: str, token: str) -> str:
+def full_disk_line(proc: subprocess.CompletedProcess[str], where: str, token: str, fs: Path) -> str:
     """A push refused for the receiver's full disk: one `neon: error:` line that names the
-    receiver's URL `where` (no token), says whose disk is full and what to do."""
+    receiver's URL `where` (no token), says whose disk is full and what to do, and names no
+    path of the receiver's (its home and storage are beside its filesystem `fs`): they are
+    not the pusher's to read (review L6)."""
     assert proc.returncode == 1 and proc.stdout == "", (proc.returncode, proc.stdout)
     assert "Traceback" not in proc.stderr and token not in proc.stderr, proc.stderr
+    assert str(fs.parent) not in proc.stderr, proc.stderr
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"neon: error: {where}: "), line
     assert "the receiver's disk is full (" in line and "No space left on device" in line, line
     assert "free space in its storage 'small' and push again" in line, line
+    assert "/" not in line.partition("disk is full")[2], line
     assert "nothing of pgdata1@snap1.neon was kept there" in line, line
     return line
+
+
+def logged_full(err: str, token: str) -> None:
+    """The receiver's own log line of that refusal: the pusher's, then the whole cause."""
+    [line] = [line for line in err.splitlines() if "disk is full" in line]
+    assert f"refused {FILE}: the receiver's disk is full (" in line, line
+    assert line.endswith("]") and "No space left on device" in line.rpartition(" [")[2], line
+    assert "Traceback" not in err and token not in err, err
 
 
 def left_in(storage: Path) -> list[str]:
@@ -874,7 +886,7 @@ def test_a_receiver_whose_disk_fills_keeps_nothing_and_serves_on(
         assert left_in(storage) == [FILE]
         fill(fs / "filler", leave=1 << 20)
         refused = sender.run("snapshot", "push", "--to", url, SNAP, check=False)
-        full_disk_line(refused, f"neon://127.0.0.1:{port}/{FILE}", token)
+        full_disk_line(refused, f"neon://127.0.0.1:{port}/{FILE}", token, fs)
         assert snapshots(receiver) == []
         assert left_in(storage) == []
         (fs / "filler").unlink()
@@ -885,9 +897,7 @@ def test_a_receiver_whose_disk_fills_keeps_nothing_and_serves_on(
         recv.proc.send_signal(signal.SIGTERM)
         _, rest = recv.proc.communicate(timeout=60)
         receiver.run("snapshot", "destroy", "pgdata1-snap1")
-    err = recv.err + rest
-    assert f"refused {FILE}: the receiver's disk is full (" in err, err
-    assert "Traceback" not in err and token not in err, err
+    logged_full(recv.err + rest, token)
 
 
 def test_a_receiver_over_http_whose_disk_fills(homes: tuple[NeonCli, NeonCli]) -> None:
@@ -902,7 +912,7 @@ def test_a_receiver_over_http_whose_disk_fills(homes: tuple[NeonCli, NeonCli]) -
         token = url.partition("?token=")[2]
         refused = sender.run("snapshot", "push", "--to", url, SNAP, check=False)
         where = url.partition("?")[0] + "pgdata1%40snap1.neon?****"
-        line = full_disk_line(refused, where, token)
+        line = full_disk_line(refused, where, token, fs)
         assert "(HTTP 507)" in line, line
         assert snapshots(receiver) == []
         assert left_in(fs / "s") == []
@@ -913,5 +923,4 @@ def test_a_receiver_over_http_whose_disk_fills(homes: tuple[NeonCli, NeonCli]) -
         recv.proc.send_signal(signal.SIGTERM)
         _, err = recv.proc.communicate(timeout=60)
         receiver.run("snapshot", "destroy", "pgdata1-snap1")
-    assert f"refused {FILE}: the receiver's disk is full (" in err, err
-    assert "Traceback" not in err and token not in err, err
+    logged_full(err, token)
