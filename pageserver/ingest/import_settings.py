@@ -26,7 +26,9 @@ from pageserver.storage.settings import StoreSettings
 IMPORT_ZSTD_LEVEL = 1
 """zstd level of the image layers an import writes (the store's, if lower)."""
 IMPORT_BLOCK_SIZE = 128 * 1024
-"""Uncompressed size of their value blocks (the store's, if larger): 15 pages."""
+"""Uncompressed size of their value blocks (the store's, if larger): 15 pages, also where the
+store cuts image layers into smaller blocks for scattered reads (StoreSettings.image_block_size):
+an import is a bulk write, and compressing 4-page blocks costs ~37% more zstd time."""
 
 
 def import_settings(settings: StoreSettings) -> StoreSettings:
@@ -35,4 +37,5 @@ def import_settings(settings: StoreSettings) -> StoreSettings:
         settings,
         zstd_level=min(settings.zstd_level, IMPORT_ZSTD_LEVEL),
         block_size=max(settings.block_size, IMPORT_BLOCK_SIZE),
+        image_block_size=max(settings.image_block_size, IMPORT_BLOCK_SIZE),
     )

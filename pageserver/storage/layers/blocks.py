@@ -280,6 +280,9 @@ class LayerFile:
         """Blocks being decompressed on the pool for `read_block` (`prefetch`)."""
         self.raw_bytes = self._check_index()
         """Uncompressed bytes of every value block: what reading the whole file decompresses."""
+        self.prefetch_batch = max(1, PREFETCH_BYTES * h.n_blocks // max(self.raw_bytes, 1))
+        """Blocks a prefetch task decompresses: ~PREFETCH_BYTES of this file's blocks (an
+        image layer's are smaller than a delta layer's)."""
         self._release(0, h.file_size)  # the header and the index, read by the checks
 
     def _check_index(self) -> int:
@@ -543,7 +546,7 @@ class LayerFile:
 
     def prefetch(self, blocks: range) -> list[int]:
         """Start decompressing `blocks` on the process's decompression threads (zstd releases
-        the GIL), PREFETCH_BATCH blocks a task, for `read_block` to take: a bulk reader
+        the GIL), about PREFETCH_BYTES a task, for `read_block` to take: a bulk reader
         scanning a layer's blocks in order then finds them ready, decompressed on the other
         cores while it worked on the ones before (a 1 GiB basebackup's producer spent half
         its time in zstd). Returns those it started: the caller drops the ones it did not
@@ -552,8 +555,8 @@ class LayerFile:
         ahead = self._ahead
         wanted = range(max(blocks.start, 0), min(blocks.stop, self.header.n_blocks))
         started = [b for b in wanted if b not in ahead]
-        for at in range(0, len(started), PREFETCH_BATCH):
-            batch = started[at : at + PREFETCH_BATCH]
+        for at in range(0, len(started), self.prefetch_batch):
+            batch = started[at : at + self.prefetch_batch]
             task = pool.submit(self._decompressed, batch)
             for i, b in enumerate(batch):
                 ahead[b] = (task, i)
@@ -1089,13 +1092,13 @@ def _recent_blocks() -> _RecentBlocks:
 
 
 _unzstd_pool: ThreadPoolExecutor | None = None
-PREFETCH_BATCH = 8
+PREFETCH_BYTES = 1 << 20
+"""Uncompressed bytes one decompression task decompresses (8 delta blocks, 31 image blocks):
+each task takes the GIL to start and to end, and one per block made the reader wait for it
+(4 s of CPU in a 1 GiB extraction's producer against 3.5 s read in line, py-spy)."""
 _EDGE_KEYS = 64
 """Keys `version_blocks_of` looks at from each end of a range for one with a version in
 the window (the span is a prefetch hint: not found, nothing is prefetched)."""
-"""Blocks one decompression task decompresses (~1 MiB): each task takes the GIL to start and
-to end, and one per block made the reader wait for it (4 s of CPU in a 1 GiB extraction's
-producer against 3.5 s read in line, py-spy)."""
 
 
 def decompression_pool() -> ThreadPoolExecutor:

@@ -87,7 +87,7 @@ class ImageLayerWriter:
             KIND_IMAGE,
             lsn,
             lsn + 1,
-            block_size=settings.block_size,
+            block_size=settings.image_blocks,
             zstd_level=settings.zstd_level,
         )
         self._last: Key | None = None

@@ -14,13 +14,13 @@ from pageserver.storage import keys as K
 from pageserver.storage.layers import blocks as blocks_module
 from pageserver.storage.layers.blocks import (
     HEADER_SIZE,
-    PREFETCH_BATCH,
     BlockCache,
     LayerCorrupt,
     LayerFile,
 )
 from pageserver.storage.layers.delta import DeltaLayerWriter
 from pageserver.storage.layers.image import ImageLayer, ImageLayerWriter
+from pageserver.storage.settings import StoreSettings
 from pageserver.storage.values import encode_value
 from tests.pageserver.storage.layers.test_layers import (
     SETTINGS,
@@ -65,6 +65,30 @@ def _image_layer(path: Path, n: int = 120) -> tuple[ImageLayer, dict[int, bytes]
     for blk, page in pages.items():
         writer.add(rel_key(blk), page)
     return writer.finish(BlockCache(1 << 20)), pages
+
+
+def _batched(
+    monkeypatch: pytest.MonkeyPatch, path: Path, batch: int
+) -> tuple[ImageLayer, dict[int, bytes]]:
+    """_image_layer with PREFETCH_BYTES set to `batch` of its blocks."""
+    (path / "probe").mkdir()
+    (path / "batched").mkdir()
+    probe = _image_layer(path / "probe")[0].file
+    per_task = -(-batch * probe.raw_bytes // probe.header.n_blocks)
+    monkeypatch.setattr(blocks_module, "PREFETCH_BYTES", per_task)
+    layer, pages = _image_layer(path / "batched")
+    assert layer.file.prefetch_batch == batch
+    return layer, pages
+
+
+def test_a_prefetch_task_decompresses_about_prefetch_bytes(tmp_path: Path) -> None:
+    """8 blocks of a delta layer's 128 KiB, 31 of an image layer's 4 pages: as many tasks (GIL
+    hand-offs) a MiB read, whatever the file's block size."""
+    assert blocks_module.PREFETCH_BYTES // StoreSettings().block_size == 8
+    assert blocks_module.PREFETCH_BYTES // StoreSettings().image_blocks == 31
+    layer, _ = _image_layer(tmp_path)
+    f = layer.file
+    assert f.prefetch_batch == blocks_module.PREFETCH_BYTES * f.header.n_blocks // f.raw_bytes
 
 
 def test_blocks_of_names_the_blocks_a_scan_reads(
@@ -128,7 +152,7 @@ def test_bulk_reads_keep_their_threads_last_blocks(
 def test_prefetched_blocks_are_decompressed_on_the_pool_and_read_as_the_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    layer, pages = _image_layer(tmp_path)
+    layer, pages = _batched(monkeypatch, tmp_path, 8)
     f = layer.file
     want = {b: f._block(b, use_cache=False) for b in range(f.header.n_blocks)}
     on: dict[int, str] = {}
@@ -143,7 +167,7 @@ def test_prefetched_blocks_are_decompressed_on_the_pool_and_read_as_the_blocks(
     assert f.prefetch(blocks) == list(blocks)
     assert f.prefetch(blocks) == []  # already on its way: not twice
     tasks = {id(task) for task, _ in f._ahead.values()}
-    assert len(blocks) > PREFETCH_BATCH and len(tasks) == -(-len(blocks) // PREFETCH_BATCH)
+    assert len(blocks) > 8 and len(tasks) == -(-len(blocks) // 8)
     got = {b: f.read_block(b) for b in blocks}
     assert got == {b: want[b] for b in blocks}
     assert {on[b].startswith("layer-unzstd") for b in blocks} == {True}
@@ -220,7 +244,7 @@ def test_a_prefetch_task_unmaps_its_blocks_once(
 ) -> None:
     """One unmapping (MADV_DONTNEED) per task, over its blocks' compressed bytes, not one per
     block: from the pool's threads each one made the kernel flush the reader's core's TLB."""
-    layer, _ = _image_layer(tmp_path)
+    layer, _ = _batched(monkeypatch, tmp_path, 8)
     f = layer.file
     released: list[tuple[int, int]] = []
     real = LayerFile._release
@@ -231,7 +255,7 @@ def test_a_prefetch_task_unmaps_its_blocks_once(
         real(self, start, end)
 
     monkeypatch.setattr(LayerFile, "_release", counting)
-    blocks = range(3, 3 + 2 * PREFETCH_BATCH)
+    blocks = range(3, 3 + 2 * 8)
     f.prefetch(blocks)
     assert [f.read_block(b) for b in blocks] == [f._block(b, use_cache=False) for b in blocks]
     assert len(released) == 2
