@@ -42,14 +42,16 @@ class StoreSettings:
     Against 32 KiB, on the L1 blocks of a pgbench backlog: compression 28% and decompression
     24% faster, 5% smaller (zstd builds its tables per frame), which is most of compaction's
     CPU; a cold read decompresses ~0.1 ms more per block."""
-    image_block_size: int = 4 * (BLCKSZ + 1)
-    """Uncompressed size of a value block in image layers (at most block_size): four pages
-    (each stored with a 1-byte tag). Image blocks are read scattered (a checkout's changed
-    pages, a delta push's, GetPage), and a page read decompresses its whole block. On the
-    image layers of a 1 GiB pgbench node, against 15 pages (128 KiB): rebuilding a 1%
-    checkout's 1393 pages 83-144 ms against 176-257 (in isolation, 6 runs each); the layers
-    about 17% larger (0.057 of their raw bytes against 0.049); a whole-layer read 60% more
-    zstd time (0.70 s a GiB against 0.43, on the decompression threads)."""
+    image_block_size: int = 8 * (BLCKSZ + 1)
+    """Uncompressed size of a value block in image layers (at most block_size): eight pages
+    (each stored with a 1-byte tag), compressed with the layer's first block as their zstd
+    dictionary where smaller than block_size (layers/blocks.py, format versions 3 and 4).
+    Image blocks are read scattered (GetPage, a delta push's pages, a checkout's), and a page
+    read decompresses its whole block. The image layers of a 1 GiB pgbench node rewritten so
+    (nothing else changed), against 15-page blocks: a 1% checkout's 1393 pages rebuilt in
+    87-130 ms against 170-277, a whole basebackup of the node ~10% slower (1.38-1.71 s against
+    1.11-1.65; 6 runs each, in one process). Four pages: 63-112 ms, but the basebackup ~37%
+    slower (1.47-2.07 s: four times the blocks, each with its Python overhead)."""
     zstd_level: int = 2
     """zstd level of the files kept (L1 and image layers). On pgbench WAL and its pages,
     level 2 compresses as small as level 3 (L1 blocks 0.1156 of their bytes against 0.1140,

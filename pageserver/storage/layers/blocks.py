@@ -12,6 +12,17 @@ A layer file is immutable and self-checking::
                            n_versions x (lsn - header lsn_start u32, tag u8, block u16,
                            offset u32, length u16)
 
+Format versions 3 and 4 are versions 1 and 2 whose value blocks after the first are each
+compressed with the first block's content as their zstd dictionary (a raw-content prefix: the
+frame may copy from it as if it came first). Image layers are written so, in blocks of eight
+pages (settings.image_block_size), because their pages are read scattered (GetPage, a delta
+push's pages, a checkout's) and each read decompresses its whole block: alone, small blocks
+compress worse and decompress slower than 15-page ones; with the first block as dictionary
+they compress better. On the image layers of a 1 GiB pgbench node (zstd level 2, one thread),
+4-page blocks against 15-page ones: 0.0467 of their raw bytes against 0.0491, 1400 scattered
+pages decompressed in 21 ms against 81 ms; without the dictionary 0.0566 and 34 ms. A reader
+decompresses the first block once per open file (`LayerFile._decompressor_of`).
+
 A writer writes format version 2 unless an entry does not fit it (an LSN 4 GiB above the
 layer's start, a block number or a value length above 65535), then version 1: the version
 table was about 40% of an L1 file of hot pages (21 bytes a version, against 13). L0 layers
@@ -58,7 +69,11 @@ FORMAT_VERSION = 1
 """The layout with ">QBIII" version entries."""
 FORMAT_NARROW = 2
 """The layout with narrow ">IBHIH" version entries (LSNs above the header's lsn_start)."""
-READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_NARROW)
+FORMAT_DICT = 3
+"""Version 1 with the first block as the others' zstd dictionary."""
+FORMAT_NARROW_DICT = 4
+"""Version 2 with the first block as the others' zstd dictionary."""
+READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_NARROW, FORMAT_DICT, FORMAT_NARROW_DICT)
 KIND_DELTA = 1
 KIND_IMAGE = 2
 
@@ -213,6 +228,33 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+DICT_DECOMPRESSORS = 8
+"""Decompressors with a file's dictionary a thread keeps (the files it read last)."""
+
+
+def _dict_decompressor(
+    file_id: int, dictionary: zstandard.ZstdCompressionDict
+) -> zstandard.ZstdDecompressor:
+    """This thread's decompressor of a file's dictionary blocks (a decompressor is used by
+    one thread at a time; one holds its file's dictionary, digested once)."""
+    kept: OrderedDict[int, zstandard.ZstdDecompressor] | None = getattr(_tls, "zstd_dict", None)
+    if kept is None:
+        kept = _tls.zstd_dict = OrderedDict()
+    d = kept.get(file_id)
+    if d is None:
+        d = kept[file_id] = zstandard.ZstdDecompressor(dict_data=dictionary)
+        while len(kept) > DICT_DECOMPRESSORS:
+            kept.popitem(last=False)
+    else:
+        kept.move_to_end(file_id)
+    return d
+
+
+def raw_content_dictionary(content: bytes) -> zstandard.ZstdCompressionDict:
+    """A block's content as the zstd dictionary of the blocks after it."""
+    return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
 FAULT_AROUND = 64 * 1024
 """Linux maps this much (fault_around_bytes, aligned) around a faulting page of a file map."""
 
@@ -253,8 +295,12 @@ class LayerFile:
         self.header = h = _parse_header(path, self._map[:HEADER_SIZE])
         if h.file_size != size:
             raise LayerCorrupt(path, f"size is {size} bytes, the header says {h.file_size}")
-        self.narrow = h.version == FORMAT_NARROW
-        """Narrow version entries (format version 2): LSNs are stored above _lsn_base."""
+        self.narrow = h.version in (FORMAT_NARROW, FORMAT_NARROW_DICT)
+        """Narrow version entries (format versions 2, 4): LSNs are stored above _lsn_base."""
+        self.dictionary = h.version in (FORMAT_DICT, FORMAT_NARROW_DICT)
+        """Blocks after the first compressed with the first's content as their dictionary."""
+        self._zstd_dict: zstandard.ZstdCompressionDict | None = None
+        self._dict_lock = threading.Lock()
         if self.narrow and h.lsn_start > _NARROW_BASE_MAX:
             # Its LSNs would pass 2^64: the C readers would wrap them, Python's overflow.
             raise LayerCorrupt(path, f"narrow version entries above LSN {h.lsn_start:X}")
@@ -625,7 +671,7 @@ class LayerFile:
         if len(raw) != clen or crc32c.crc32c(raw) != crc:
             raise LayerCorrupt(self.path, f"checksum mismatch in value block {b}")
         try:
-            data = _decompressor().decompress(raw, max_output_size=ulen)
+            data = self._decompressor_of(b).decompress(raw, max_output_size=ulen)
         except zstandard.ZstdError as exc:
             raise LayerCorrupt(self.path, f"value block {b} does not decompress") from exc
         if len(data) != ulen:
@@ -633,6 +679,18 @@ class LayerFile:
         if use_cache:
             self._cache.put(self._id, b, data)
         return data
+
+    def _decompressor_of(self, b: int) -> zstandard.ZstdDecompressor:
+        if not self.dictionary or b == 0:
+            return _decompressor()
+        dictionary = self._zstd_dict
+        if dictionary is None:
+            with self._dict_lock:
+                dictionary = self._zstd_dict
+                if dictionary is None:
+                    first = self._block(0, use_cache=False)
+                    dictionary = self._zstd_dict = raw_content_dictionary(bytes(first))
+        return _dict_decompressor(self._id, dictionary)
 
     def read_encoded(self, entry: VersionEntry) -> bytes:
         return self.read_value(entry.tag, entry.block, entry.offset, entry.length)
@@ -1093,7 +1151,7 @@ def _recent_blocks() -> _RecentBlocks:
 
 _unzstd_pool: ThreadPoolExecutor | None = None
 PREFETCH_BYTES = 1 << 20
-"""Uncompressed bytes one decompression task decompresses (8 delta blocks, 31 image blocks):
+"""Uncompressed bytes one decompression task decompresses (8 delta blocks, 15 image blocks):
 each task takes the GIL to start and to end, and one per block made the reader wait for it
 (4 s of CPU in a 1 GiB extraction's producer against 3.5 s read in line, py-spy)."""
 _EDGE_KEYS = 64
@@ -1123,7 +1181,12 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def compress_blocks(level: int, raws: list[Buffer]) -> list[CompressedBlock]:
+def compress_blocks(
+    level: int,
+    raws: list[Buffer],
+    dictionary: zstandard.ZstdCompressionDict | None = None,
+    plain_first: bool = False,
+) -> list[CompressedBlock]:
     """The blocks compressed (one zstd frame each, as `ZstdCompressor(level).compress`
     makes it: the same bytes on any thread, so a layer's file does not depend on which
     thread compressed what: resume and dedup compare files byte for byte).
@@ -1132,18 +1195,33 @@ def compress_blocks(level: int, raws: list[Buffer]) -> list[CompressedBlock]:
     released it per block, and a thread that gives the GIL up waits for it again until the
     holder is made to drop it (sys.getswitchinterval, 5 ms): beside the decode thread of
     a catch-up, which holds it all the time it runs, each block waited up to that long
-    (bench/README `ingest`, session 22)."""
+    (bench/README `ingest`, session 22).
+
+    `dictionary`: the blocks compressed with it, but for the first if `plain_first` (a file's
+    first block, whose content the dictionary is)."""
     compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_tls, "zstd_c", None)
     if compressors is None:
         compressors = _tls.zstd_c = {}
     zc = compressors.get(level)
     if zc is None:
         zc = compressors[level] = zstandard.ZstdCompressor(level=level)
-    if not raws or any(len(raw) == 0 for raw in raws):
-        frames = [zc.compress(raw) for raw in raws]  # the batch call refuses empty inputs
+    frames: list[bytes] = []
+    rest = list(raws)
+    if dictionary is not None:
+        if plain_first and rest:
+            frames.append(zc.compress(rest.pop(0)))
+        kept: tuple[Any, zstandard.ZstdCompressor] | None = getattr(_tls, "zstd_c_dict", None)
+        if kept is None or kept[0] is not dictionary:
+            kept = _tls.zstd_c_dict = (
+                dictionary,
+                zstandard.ZstdCompressor(level=level, dict_data=dictionary),
+            )
+        zc = kept[1]
+    if not rest or any(len(raw) == 0 for raw in rest):
+        frames += [zc.compress(raw) for raw in rest]  # the batch call refuses empty inputs
     else:
-        batch = zc.multi_compress_to_buffer(list(raws))
-        frames = [batch[i].tobytes() for i in range(len(raws))]
+        batch = zc.multi_compress_to_buffer(rest)
+        frames += [batch[i].tobytes() for i in range(len(rest))]
     return [(comp, len(raw), crc32c.crc32c(comp)) for raw, comp in zip(raws, frames, strict=True)]
 
 
@@ -1164,9 +1242,11 @@ class LayerFileWriter:
         block_size: int,
         zstd_level: int,
         narrow: bool = True,
+        dictionary: bool = False,
     ) -> None:
         """narrow: write format version 2 if every version entry fits it (False: version 1,
-        for L0 layers, which the C merge reads)."""
+        for L0 layers, which the C merge reads). dictionary: the first block's content is
+        the others' zstd dictionary (versions 3 and 4)."""
         if lsn_start >= lsn_end:
             raise InvalidArgument(f"empty LSN range [{lsn_start:X}, {lsn_end:X}) for a layer")
         self._dir = directory
@@ -1176,6 +1256,9 @@ class LayerFileWriter:
         self._block_size = block_size
         self._zstd_level = zstd_level
         self._narrow = narrow
+        self._dictionary = dictionary
+        self._zstd_dict: zstandard.ZstdCompressionDict | None = None
+        """The first block's content, once cut, when `dictionary`."""
         self._tmp = temp_path(directory / f".writing-{uuid.uuid4().hex}")
         # A FAULT_AROUND buffer: compressed blocks (~16 KiB of L1 deltas) reach the system a
         # few at a time, each write releasing the GIL and waiting to take it back (see
@@ -1411,6 +1494,9 @@ class LayerFileWriter:
     def _write_block(self, raw: Buffer) -> None:
         """Cut block number _n_blocks (`raw` must not change: it is compressed later, on
         the pool); blocks reach the file in order, whatever order they compress in."""
+        if self._dictionary and self._n_blocks == 0:
+            self._zstd_dict = raw_content_dictionary(bytes(raw))
+            self._zstd_dict.precompute_compress(level=self._zstd_level)
         self._batch.append(raw)
         self._n_blocks += 1
         if len(self._batch) >= COMPRESS_BATCH:
@@ -1419,7 +1505,11 @@ class LayerFileWriter:
     def _submit_batch(self) -> None:
         if self._batch:
             pool = compression_pool()
-            self._in_flight.append(pool.submit(compress_blocks, self._zstd_level, self._batch))
+            first = self._n_blocks == len(self._batch)
+            task = pool.submit(
+                compress_blocks, self._zstd_level, self._batch, self._zstd_dict, first
+            )
+            self._in_flight.append(task)
             self._batch = []
         while len(self._in_flight) > COMPRESS_IN_FLIGHT:
             self._write_compressed(self._in_flight.popleft().result())
@@ -1473,6 +1563,8 @@ class LayerFileWriter:
                 narrowed = narrow_versions(versions, self._lsn_start)
                 if narrowed is not None:
                     versions, version = narrowed, FORMAT_NARROW
+            if self._zstd_dict is not None:
+                version = FORMAT_NARROW_DICT if version == FORMAT_NARROW else FORMAT_DICT
             index = b"".join((b"".join(self._blocks), b"".join(self._keys), versions))
             self._file.write(index)
             header = LayerHeader(

@@ -89,6 +89,7 @@ class ImageLayerWriter:
             lsn + 1,
             block_size=settings.image_blocks,
             zstd_level=settings.zstd_level,
+            dictionary=settings.image_blocks < settings.block_size,
         )
         self._last: Key | None = None
 

@@ -1,4 +1,4 @@
-"""Image layers' value blocks are cut at image_blocks (four pages by default), delta layers'
+"""Image layers' value blocks are cut at image_blocks (eight pages by default), delta layers'
 at block_size: a scattered page read decompresses only its image block."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def pages(n: int) -> dict[K.Key, bytes]:
     }
 
 
-def test_image_blocks_hold_four_pages_and_delta_blocks_keep_block_size(tmp_path: Path) -> None:
+def test_image_blocks_hold_eight_pages_and_delta_blocks_keep_block_size(tmp_path: Path) -> None:
     settings = StoreSettings()
-    assert settings.image_blocks == 4 * (BLCKSZ + 1) < settings.block_size
+    assert settings.image_blocks == 8 * (BLCKSZ + 1) < settings.block_size
     written = pages(40)
     cache = BlockCache(1 << 20)
     (tmp_path / "image").mkdir()
@@ -35,7 +35,7 @@ def test_image_blocks_hold_four_pages_and_delta_blocks_keep_block_size(tmp_path:
         image.add(key, page)
     layer = image.finish(cache)
     raw = [len(layer.file.read_block(b)) for b in range(layer.file.header.n_blocks)]
-    assert raw == [4 * (BLCKSZ + 1)] * 10
+    assert raw == [8 * (BLCKSZ + 1)] * 5
     assert {key: layer.get(key) for key in written} == written
     (tmp_path / "delta").mkdir()
     delta = DeltaLayerWriter(tmp_path / "delta", 7, 9, settings)

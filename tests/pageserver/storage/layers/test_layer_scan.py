@@ -82,10 +82,10 @@ def _batched(
 
 
 def test_a_prefetch_task_decompresses_about_prefetch_bytes(tmp_path: Path) -> None:
-    """8 blocks of a delta layer's 128 KiB, 31 of an image layer's 4 pages: as many tasks (GIL
+    """8 blocks of a delta layer's 128 KiB, 15 of an image layer's 8 pages: as many tasks (GIL
     hand-offs) a MiB read, whatever the file's block size."""
     assert blocks_module.PREFETCH_BYTES // StoreSettings().block_size == 8
-    assert blocks_module.PREFETCH_BYTES // StoreSettings().image_blocks == 31
+    assert blocks_module.PREFETCH_BYTES // StoreSettings().image_blocks == 15
     layer, _ = _image_layer(tmp_path)
     f = layer.file
     assert f.prefetch_batch == blocks_module.PREFETCH_BYTES * f.header.n_blocks // f.raw_bytes

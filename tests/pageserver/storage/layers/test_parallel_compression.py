@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import crc32c
 import pytest
@@ -75,9 +76,11 @@ def test_blocks_compress_on_the_pool_threads(tmp_path: Path) -> None:
     seen: set[str] = set()
     real = blocks.compress_blocks
 
-    def spy(level: int, raws: list[bytes | memoryview]) -> list[blocks.CompressedBlock]:
+    def spy(
+        level: int, raws: list[bytes | memoryview], *dictionary: Any
+    ) -> list[blocks.CompressedBlock]:
         seen.add(threading.current_thread().name)
-        return real(level, raws)
+        return real(level, raws, *dictionary)
 
     blocks.compress_blocks = spy  # type: ignore[assignment]
     try:
