@@ -48,10 +48,13 @@ class StoreSettings:
     dictionary where smaller than block_size (layers/blocks.py, format versions 3 and 4).
     Image blocks are read scattered (GetPage, a delta push's pages, a checkout's), and a page
     read decompresses its whole block. The image layers of a 1 GiB pgbench node rewritten so
-    (nothing else changed), against 15-page blocks: a 1% checkout's 1393 pages rebuilt in
-    87-130 ms against 170-277, a whole basebackup of the node ~10% slower (1.38-1.71 s against
-    1.11-1.65; 6 runs each, in one process). Four pages: 63-112 ms, but the basebackup ~37%
-    slower (1.47-2.07 s: four times the blocks, each with its Python overhead)."""
+    (nothing else changed), against 15-page blocks without a dictionary, each in its own
+    process, the three interleaved, load ~1: a 1% checkout's 1393 pages rebuilt in 87-130 ms
+    against 170-277 (6 runs each); a whole basebackup of the node 1.38-1.71 s against
+    1.11-1.65 (6 runs each). Four pages: 63-112 ms, but the basebackup 1.47-2.07 s (four
+    times the blocks, each with its Python overhead). image_block_size >= block_size writes
+    image layers as delta layers are (no dictionary: format versions 1 and 2, which pg-neon
+    before it reads)."""
     zstd_level: int = 2
     """zstd level of the files kept (L1 and image layers). On pgbench WAL and its pages,
     level 2 compresses as small as level 3 (L1 blocks 0.1156 of their bytes against 0.1140,

@@ -18,18 +18,21 @@ frame may copy from it as if it came first). Image layers are written so, in blo
 pages (settings.image_block_size), because their pages are read scattered (GetPage, a delta
 push's pages, a checkout's) and each read decompresses its whole block: alone, small blocks
 compress worse and decompress slower than 15-page ones; with the first block as dictionary
-they compress better. On the image layers of a 1 GiB pgbench node (zstd level 2, one thread),
-4-page blocks against 15-page ones: 0.0467 of their raw bytes against 0.0491, 1400 scattered
-pages decompressed in 21 ms against 81 ms; without the dictionary 0.0566 and 34 ms. A reader
-decompresses the first block once per open file (`LayerFile._decompressor_of`).
+they compress better. The image layers of a 1 GiB pgbench node rewritten so (zstd level 2):
+0.0506 of their raw bytes in 8-page blocks, against 0.0537 in 15-page blocks without it; in a
+test of 4-page blocks, 1400 scattered pages decompressed in 21 ms with the dictionary, 34 ms
+without, 81 ms in 15-page blocks. A reader decompresses the first block once per open file
+(`LayerFile._decompressor_of`) and keeps it (8 pages and zstd's digest of them, ~90 KiB,
+outside block_cache_bytes) until the file is closed; a damaged first block fails every read
+of the blocks after it (LayerCorrupt naming the file), not only its own pages'.
 
 A writer writes format version 2 unless an entry does not fit it (an LSN 4 GiB above the
 layer's start, a block number or a value length above 65535), then version 1: the version
 table was about 40% of an L1 file of hot pages (21 bytes a version, against 13). L0 layers
 keep version 1 (the C L0 merge reads them; they are rewritten by the next merge), and so
 does a layer starting above LSN 2^64 - 2^32 (a narrow file's LSNs, its start plus a u32,
-must fit 64 bits: one that says otherwise is refused on open). Readers read both versions
-and refuse any other, naming it.
+must fit 64 bits: one that says otherwise is refused on open). Readers read the four versions
+and refuse any other, naming it (so does an older pg-neon meeting a version 3 or 4 file).
 
 Open checks the header CRC, the recorded file size (truncation) and the index CRC; a read
 checks the CRC of the block it decompresses. Any mismatch raises LayerCorrupt naming the file,
@@ -253,6 +256,11 @@ def _dict_decompressor(
 def raw_content_dictionary(content: bytes) -> zstandard.ZstdCompressionDict:
     """A block's content as the zstd dictionary of the blocks after it."""
     return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+_EMPTY_FRAME = zstandard.ZstdCompressor().compress(b"")
+"""Decompressed once with a new dictionary, under its file's lock: python-zstandard digests
+a dictionary on its first use without a lock, and threads racing to it leak their copies."""
 
 
 FAULT_AROUND = 64 * 1024
@@ -689,7 +697,9 @@ class LayerFile:
                 dictionary = self._zstd_dict
                 if dictionary is None:
                     first = self._block(0, use_cache=False)
-                    dictionary = self._zstd_dict = raw_content_dictionary(bytes(first))
+                    dictionary = raw_content_dictionary(bytes(first))
+                    _dict_decompressor(self._id, dictionary).decompress(_EMPTY_FRAME)
+                    self._zstd_dict = dictionary
         return _dict_decompressor(self._id, dictionary)
 
     def read_encoded(self, entry: VersionEntry) -> bytes:
@@ -1496,7 +1506,8 @@ class LayerFileWriter:
         the pool); blocks reach the file in order, whatever order they compress in."""
         if self._dictionary and self._n_blocks == 0:
             self._zstd_dict = raw_content_dictionary(bytes(raw))
-            self._zstd_dict.precompute_compress(level=self._zstd_level)
+            # zstd's level 0 is its default, 3 (precompute_compress refuses 0)
+            self._zstd_dict.precompute_compress(level=self._zstd_level or 3)
         self._batch.append(raw)
         self._n_blocks += 1
         if len(self._batch) >= COMPRESS_BATCH:

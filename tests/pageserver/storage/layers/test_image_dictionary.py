@@ -74,7 +74,9 @@ def test_blocks_after_the_first_are_compressed_with_its_content(tmp_path: Path) 
     first = f.read_block(0)
     level = SETTINGS.zstd_level
     plain = zstandard.ZstdCompressor(level=level)
-    with_first = zstandard.ZstdCompressor(level=level, dict_data=raw_content_dictionary(first))
+    dictionary = raw_content_dictionary(first)
+    dictionary.precompute_compress(level=level)  # as the writer does
+    with_first = zstandard.ZstdCompressor(level=level, dict_data=dictionary)
     blocks = [f.read_block(b) for b in range(f.header.n_blocks)]
     compressed = [data for data, _ in frames(f)]
     assert compressed[0] == plain.compress(blocks[0])
@@ -125,3 +127,26 @@ def test_a_damaged_first_block_fails_the_reads_that_need_it(tmp_path: Path) -> N
     with pytest.raises(LayerCorrupt, match="checksum mismatch in value block 0") as info:
         damaged.read_block(2)
     assert str(path) in str(info.value)
+
+
+def test_level_zero_writes_dictionary_layers(tmp_path: Path) -> None:
+    """zstd's level 0 (its default) is a valid zstd_level; precompute_compress refuses 0."""
+    pages = heap_like(20, 4)
+    layer = written(tmp_path / "d", pages, StoreSettings(zstd_level=0))
+    assert layer.file.dictionary
+    assert {key: layer.get(key) for key in pages} == pages
+
+
+def test_a_wide_index_with_a_dictionary_is_version_3(tmp_path: Path) -> None:
+    """An image layer whose version entries do not fit the narrow index (an LSN above
+    2^64 - 2^32) keeps its dictionary in version 3."""
+    pages = heap_like(20, 5)
+    (tmp_path / "d").mkdir()
+    lsn = (1 << 64) - (1 << 31)
+    writer = ImageLayerWriter(tmp_path / "d", RANGE, lsn, SETTINGS)
+    for key, page in pages.items():
+        writer.add(key, page)
+    layer = writer.finish(BlockCache(1 << 20))
+    assert layer.file.header.version == blocks_module.FORMAT_DICT
+    assert layer.file.dictionary and not layer.file.narrow
+    assert {key: layer.get(key) for key in pages} == pages
