@@ -89,21 +89,26 @@ class ProtoObjectStore(ObjectStore):
         async with self._connection() as client:
             return await client.call(method, **params)
 
-    async def put(
-        self, key: str, body: bytes, *, if_absent: bool = False, if_match: str | None = None
-    ) -> str:
+    async def _upload(self, key: str, body: bytes, **params: Any) -> None:
+        """`blob.put` of `body` under `key`, CHUNK bytes a frame."""
+
         async def chunks() -> AsyncIterator[bytes]:
             for start in range(0, len(body), CHUNK):
                 yield body[start : start + CHUNK]
 
+        async with self._connection() as client:
+            await client.upload("blob.put", chunks(), key=key, **params)
+
+    async def put(
+        self, key: str, body: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
         condition: dict[str, Any] = {"if_absent": if_absent}
         if if_match is not None:
             condition["if_match"] = if_match
         if if_match is not None and not self._fence_checked:
             await self._check_fence(key)
         try:
-            async with self._connection() as client:
-                await client.upload("blob.put", chunks(), key=key, **condition)
+            await self._upload(key, body, **condition)
         except AlreadyExists as exc:
             raise PreconditionFailed(f"{self.settings.url}/{key} exists already") from exc
         except Conflict as exc:
@@ -118,13 +123,10 @@ class ProtoObjectStore(ObjectStore):
         older one, which is then removed, and Conflict raised (the uploads stop, the status
         says why: waiting cures nothing)."""
         probe = f"{key}{FENCE_PROBE}"
-
-        async def one() -> AsyncIterator[bytes]:
-            yield b"a conditional write no object can satisfy"
-
         try:
-            async with self._connection() as client:
-                await client.upload("blob.put", one(), key=probe, if_match="0" * 64)
+            await self._upload(
+                probe, b"a conditional write no object can satisfy", if_match="0" * 64
+            )
         except Conflict:
             self._fence_checked = True
             return
