@@ -343,9 +343,13 @@ class Pageserver:
         store, lsn = self._snapshot_lsn_now(node_id)
         state = store.state
         assert state is not None
-        return store.history.snapshots.add(
+        snap = store.history.snapshots.add(
             new_snapshot(name, node_id, state.timeline_id, lsn, parent=state.parent)
         )
+        threading.Thread(
+            target=_images_at, args=(store, lsn), name="snapshot-images", daemon=True
+        ).start()
+        return snap
 
     def prepare_checkout(self, node_id: str, history: StorageHistory, snap: Snapshot) -> None:
         """Begin rebuilding, on a thread, the target's pages `node_id`'s checkout to `snap`
@@ -991,3 +995,16 @@ class Pageserver:
             "http_port": self.config.http_port,
             "nodes": self.node_statuses(),
         }
+
+
+def _images_at(store: NodeStore, lsn: int) -> None:
+    """`store.images_at(lsn)` off the event loop (its freeze waits for a batch being
+    ingested), not waited for (the snapshot is named already); a failure costs only
+    images: logged."""
+    try:
+        store.images_at(lsn)
+    except (NeonError, OSError) as exc:
+        log.warning("images at snapshot %s of node %s not asked for: %s",
+                    format_lsn(lsn), store.node_id, exc)  # fmt: skip
+    except Exception:  # a bug: logged, the snapshot stands
+        log.exception("images at snapshot %s of node %s", format_lsn(lsn), store.node_id)

@@ -69,6 +69,9 @@ Live ingest of a busy node (~10 MiB/s of WAL) freezes a layer every few seconds,
 a fraction of a second: it never has two waiting, so compaction runs beside it as before.
 A pass stands aside MAX_PAUSE (flusher.py) in all at most, so a long catch-up cannot starve
 it (its L0 layers make reads slower)."""
+MAX_IMAGE_POINTS = 4
+"""Snapshot LSNs of a timeline waiting for their image pass (`NodeStore.images_at`); a
+script naming snapshots faster than passes run keeps its newest."""
 CATCHING_UP_LINGER = 1.0
 """Seconds compaction stays paused after ingest last had CATCHING_UP_FROZEN layers waiting
 (or a backlog, see NodeStore.maybe_flush)."""
@@ -182,6 +185,9 @@ class NodeStore:
         self._flush_failed = False
         self._requested: dict[str, int] = {}
         """Per timeline: the LSN up to which a background flush was last requested."""
+        self._image_points: dict[str, set[int]] = {}
+        """Per timeline: the LSNs of snapshots named since, not yet passed by an image pass
+        (`images_at`), MAX_IMAGE_POINTS at most."""
 
     @property
     def timelines(self) -> TimelineStore:
@@ -462,6 +468,23 @@ class NodeStore:
         the pair. Live ingest keeps its small L0 flushes, merged by compaction."""
         return merge_frozen if self.merge_flushes and self.catching_up.busy() else None
 
+    def images_at(self, lsn: int) -> None:
+        """A snapshot named at `lsn` (ingested) on the current timeline: image layers at it
+        where due (compaction.compact's `image_lsns`), by the next compaction pass, for
+        which what is ingested is handed to the flusher now (or, with nothing to flush, a
+        pass requested): an idle node flushed nothing more, and the change a checkout back
+        to the snapshot undoes came first. Cheap: call it where the snapshot is named."""
+        with self._lock:
+            if self._state is None:
+                return
+            timeline = self.timeline
+            points = self._image_points.setdefault(timeline.timeline_id, set())
+            points.add(lsn)
+            while len(points) > MAX_IMAGE_POINTS:
+                points.discard(min(points))
+        if self._hand_rest(compact=True) is None:
+            self._request_compaction(timeline)
+
     def _request_compaction(self, timeline: Timeline) -> None:
         def job() -> None:
             try:
@@ -481,7 +504,11 @@ class NodeStore:
         cancelled: Callable[[], bool] | None = None,
         defer_images: Callable[[], bool] | None = None,
     ) -> None:
-        result = compact(timeline, reconstruct, rebuild_range, cancelled, defer_images)
+        with self._lock:
+            points = set(self._image_points.get(timeline.timeline_id, ()))
+        result = compact(timeline, reconstruct, rebuild_range, cancelled, defer_images, points)
+        with self._lock:  # a pass stopped early left its points for the next one
+            self._image_points.get(timeline.timeline_id, set()).difference_update(result.imaged_at)
         self.compaction_totals.add(result)
         log.debug(
             "flushed %s to %s (%s)",
@@ -520,18 +547,20 @@ class NodeStore:
             self.wait_flushed()
             self._write_layers()
 
-    def _hand_rest(self, *, compact: bool) -> None:
+    def _hand_rest(self, *, compact: bool) -> int | None:
         """What is ingested frozen now and a flusher job requested for it (`compact`: the job
-        asks for a compaction after it, as ingest's flush jobs do)."""
+        asks for a compaction after it, as ingest's flush jobs do). Returns the last LSN
+        the frozen layers hold (None: nothing waits to be written)."""
         with self._lock:  # one state's pair: a switch_to_branch (under it) never between
             if self._state is None:
-                return
+                return None
             timeline, index = self.timeline, self.index
         upto = self._freeze_rest(timeline)  # every record it froze was observed by the index
         if upto is not None:
             self.flusher.request(
                 timeline.timeline_id, self._flush_job(timeline, index, upto, compact=compact)
             )
+        return upto
 
     def _flush_job(
         self, timeline: Timeline, index: LsnIndex, upto: int, *, compact: bool

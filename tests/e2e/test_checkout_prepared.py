@@ -1,5 +1,6 @@
 """`pg checkout`'s target pages rebuilt while PostgreSQL stops (prepared_pages.py), with real
-PostgreSQL: the checkout's result and its delta's bytes are the same with and without them."""
+PostgreSQL: the checkout's result and its delta's bytes are the same with and without them;
+and a snapshot's pages kept as image layers at its LSN, which the prepare reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from cli.context import App
 from cli.pageserver_control import local_api
+from pageserver.storage.layers.names import parse_layer_name
 from pageserver_api.models import (
     BasebackupRequest,
     NodeBranchRequest,
@@ -117,3 +119,27 @@ def test_the_delta_is_the_same_with_prepared_pages(neon: NeonCli, tmp_path: Path
     pages = sum(carried for carried, _nblocks in fork_pages(without).values())
     assert 0 < used < pages  # the late writes' keys were rebuilt
     assert used * 8192 <= held
+
+
+def image_lsns(neon: NeonCli) -> set[int]:
+    names = (parse_layer_name(p.name) for p in (neon.home / "storage").rglob("*__*"))
+    return {name.lsn_start for name in names if name is not None and name.is_image}
+
+
+def test_a_snapshot_gets_image_layers_at_its_lsn(neon: NeonCli) -> None:
+    """`snapshot create` asks the daemon for image layers at the snapshot's LSN (where due:
+    every partition written since, here), written by the compaction after it, though the
+    node wrote on (without: at later LSNs only, which serve no read of the snapshot); the
+    checkout back to it equals it."""
+    neon.env_extra["NEON_STORE_IMAGE_CREATION_THRESHOLD"] = "1"
+    neon.run("pg", "create")
+    c = connstr(neon)
+    psql(c, BEFORE)
+    lsn = int(neon.json("snapshot", "create", "pgdata1@s1")["lsn"])
+    psql(c, AFTER)
+    deadline = time.monotonic() + 60
+    while lsn not in image_lsns(neon):
+        assert time.monotonic() < deadline, f"no image layer at {lsn:X}: {image_lsns(neon)}"
+        time.sleep(0.2)
+    neon.run("pg", "checkout", "pgdata1@s1")
+    assert_same_dumps(node_dumps(c), started_dumps(neon, "pgdata1@s1"), "back to s1")

@@ -352,6 +352,37 @@ def test_flush_ahead_writes_what_is_ingested_in_the_background(
     store.close()
 
 
+def test_a_snapshots_lsn_gets_images_from_the_next_pass(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`images_at` (a snapshot named at the ingested end): what is ingested goes to the
+    flusher, and the pass after it writes image layers at that LSN where due, though ingest
+    went on past it meanwhile."""
+    eager = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
+    store = NodeStore(StorageHistory(tmp_path / "history", eager), "n")
+    store.import_datadir(workload.base)
+    todo = batches(workload)
+    for records, raws in todo[: len(todo) // 2]:
+        store.ingest_batch(records, raws)
+    store.wait_compacted()
+    timeline = store.timeline
+    at = timeline.last_record_lsn
+    assert at not in {image.lsn for image in timeline.layer_map().images}
+    store.images_at(at)
+    for records, raws in todo[len(todo) // 2 :]:
+        store.ingest_batch(records, raws)
+    store.wait_compacted()
+    assert timeline.last_record_lsn > at
+    assert at in {image.lsn for image in timeline.layer_map().images}
+    written = store.compaction_totals.images_written
+    store.flush()
+    images = {image.lsn for image in timeline.layer_map().images}
+    assert at in images and timeline.disk_consistent_lsn in images  # the flush's own pass
+    assert store.compaction_totals.images_written > written
+    store.close()
+
+
 def test_flush_ahead_pairs_the_timeline_with_its_own_index(
     workload: Workload,  # noqa: F811
     tmp_path: Path,

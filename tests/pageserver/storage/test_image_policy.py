@@ -1,7 +1,8 @@
 """Image creation's policy: a partition whose versions above its images outweigh what the
 images hold of it gets an image layer before image_creation_threshold layers pile up (a bulk
 load under older images), and an L1 layer merged across an image's LSN does not make its
-partition due again at every pass."""
+partition due again at every pass; a pass writes images at a named LSN below its own too
+(a snapshot's) where due there."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from pageserver.config import store_settings_from
 from pageserver.storage import keys as K
-from pageserver.storage.compaction import compact_level0, create_image_layers
+from pageserver.storage.compaction import compact, compact_level0, create_image_layers
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.timeline_store import TimelineStore
@@ -91,6 +92,33 @@ def test_an_l1_layer_across_an_image_lsn_is_weighed_by_its_share_above(tmp_path:
         (l1,) = tl.layer_map().deltas_overlapping(K.FULL_KEYSPACE, 0x80000, 0x83000)
         assert l1.lsn_start < 0x80000 < l1.lsn_end  # it straddles the images' LSN
         assert create_image_layers(tl, redo) == 0
+    finally:
+        store.close()
+
+
+def test_a_pass_writes_images_at_a_snapshots_lsn_below_its_own(tmp_path: Path) -> None:
+    """A snapshot named right after a bulk load, then a small change: the pass after both
+    (asked for the snapshot's LSN) writes its images there, where they serve reads at the
+    snapshot and every later one, and none at its own LSN (the change is not due); without
+    the point its images at its own LSN served no read at the snapshot."""
+    store = TimelineStore(tmp_path / "store", SETTINGS)
+    try:
+        tl = store.create_timeline()
+        imported(tl)
+        load(tl, 0x80000, range(4, 64), fill=2)  # the load; the snapshot at its end
+        load(tl, 0x82000, range(5, 6), fill=3)  # the change after it
+        result = compact(tl, redo, image_lsns=[0x80000, 0x90000])  # 0x90000: not ingested
+        assert result.imaged_at == (0x80000, 0x82000)
+        assert result.images_written == 4
+        assert images_over(tl, range(64), 0x80000)
+        assert {image.lsn for image in tl.layer_map().images} == {0x10, 0x80000}
+        at_snapshot = tl.get_reconstruct_data(page(5), 0x80000)
+        assert at_snapshot.deltas == () and at_snapshot.image == (0x80000, bytes([2]) * 8192)
+        assert tl.get_reconstruct_data(page(40), 0x82000).deltas == ()
+        after = tl.get_reconstruct_data(page(5), 0x82000)
+        assert after.image is None or after.image[0] == 0x80000
+        assert after.deltas[-1][1].record == bytes([3]) * 8192
+        assert compact(tl, redo, image_lsns=[0x80000]).images_written == 0
     finally:
         store.close()
 
