@@ -16,12 +16,13 @@ import sys
 import tarfile
 import threading
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 
 import datadir_files.untar
+from datadir_files.tar_reader import MemberStart
 from datadir_files.untar import UnsafeArchive, extract_basebackup, extract_chunks, extract_stream
 from pageserver.basebackup.tar_stream import tar_header
 from proto.errors import CorruptData
@@ -470,3 +471,89 @@ def test_preallocation_never_exceeds_the_largest_legitimate_file(
     above = os.urandom(cap + (2 << 20))  # written whole past its preallocated blocks
     extract_chunks([one_file_tar("above", above)], tmp_path / "whole")
     assert (tmp_path / "whole/above").read_bytes() == above
+
+
+def written_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the extractor's os.write calls from now on (in order)."""
+    sizes: list[int] = []
+    real_write = os.write
+
+    def counting(fd: int, data: Any) -> int:
+        n = real_write(fd, data)
+        sizes.append(n)
+        return n
+
+    monkeypatch.setattr(datadir_files.untar.os, "write", counting)
+    return sizes
+
+
+def test_zeros_of_a_preallocated_file_are_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member allocated up front (fallocate: its blocks read as zeros) is written but for
+    its pieces of zeros (a WAL segment: 16 MiB, its records in the first pages), and reads
+    back whole: data, zeros, data again past them, zeros to its end."""
+    monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
+    piece = 1 << 20
+    segment = bytearray(6 * piece)
+    segment[:300] = os.urandom(300)  # its first records
+    segment[3 * piece + 17 : 3 * piece + 4000] = os.urandom(4000 - 17)  # after skipped zeros
+    raw = one_file_tar("000000010000000000000003", bytes(segment))
+    sizes = written_bytes(monkeypatch)
+    extract_chunks([raw[at : at + piece] for at in range(0, len(raw), piece)], tmp_path / "out")
+    out = tmp_path / "out/000000010000000000000003"
+    assert out.read_bytes() == segment
+    assert sum(sizes) <= 3 * piece, sizes  # the two pieces holding data, not the four of zeros
+
+
+def test_zeros_past_the_preallocated_blocks_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past what was allocated up front (a member above PREALLOCATE_MAX_BYTES, lowered here)
+    every piece is written, zeros too: the file ends at its size."""
+    monkeypatch.delenv(datadir_files.untar.DIRECT_WRITES_ENV, raising=False)
+    monkeypatch.setattr(datadir_files.untar, "PREALLOCATE_MAX_BYTES", 2 << 20)
+    data = os.urandom(100) + bytes((5 << 20) - 100)
+    raw = one_file_tar("big", data)
+    sizes = written_bytes(monkeypatch)
+    extract_chunks([raw[at : at + (1 << 20)] for at in range(0, len(raw), 1 << 20)], tmp_path / "o")
+    assert (tmp_path / "o/big").read_bytes() == data
+    assert sum(sizes) >= len(data) - (2 << 20)
+
+
+def reference_member_path(member: MemberStart) -> PurePosixPath | None:
+    """member_path as it was, through PurePosixPath (the new one splits the name itself)."""
+    name = member.name
+    path = PurePosixPath(name)
+    if "\0" in name or "\\" in name or path.is_absolute():
+        raise UnsafeArchive(f"refusing tar member {name!r}: absolute or unusual path")
+    parts = [p for p in path.parts if p != "."]
+    if ".." in parts:
+        raise UnsafeArchive(f"refusing tar member {name!r}: it leads outside the target")
+    if member.kind not in ("file", "directory"):
+        raise UnsafeArchive(f"refusing tar member {name!r}: it is a {member.kind}")
+    return PurePosixPath(*parts) if parts else None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "base/5/16384", "./base/5/16384", "base//5/./16384", "base/5/", ".", "./", "", "a/../b",
+        "..", "/etc/passwd", "//x", "a\\b", "a\0b", "neon-delta/base/5/1259", "neon-delta",
+        "neon-delta/", "./neon-delta/./global//1260", "x/./.", "....", "a/.../b", " / ",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("kind", ["file", "directory", "symbolic link"])
+def test_member_path_is_pathlibs(name: str, kind: str) -> None:
+    """The member's path, split without pathlib, is what PurePosixPath made of it (the same
+    components, the same refusals)."""
+    member = MemberStart(name, kind, 0, 0o600, "")
+    try:
+        expected: PurePosixPath | str | None = reference_member_path(member)
+    except UnsafeArchive as exc:
+        expected = exc.message
+    try:
+        got: PurePosixPath | str | None = datadir_files.untar.member_path(member)
+    except UnsafeArchive as exc:
+        got = exc.message
+    assert got == expected
