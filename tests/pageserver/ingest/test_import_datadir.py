@@ -128,3 +128,31 @@ def test_import_writes_bigger_blocks_compressed_faster(
         assert max(sizes) > IMPORT_BLOCK_SIZE - BLCKSZ - 1  # full blocks: 15 pages
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("read_size", [64 * 1024, 100, 7])
+def test_the_checkpoint_record_is_found_however_the_segment_is_read(
+    datadir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_size: int
+) -> None:
+    """The shutdown checkpoint record is read from its segment a piece at a time (not the
+    segment's whole rest): the import LSN is its end however small the pieces, and a segment
+    without it is refused as before."""
+    import pageserver.ingest.import_datadir as imp
+    from pg15.pg_control import read_control_file
+    from pg15.rmgr.xlog import CHECKPOINT_RECORD_SIZE
+    from proto.errors import CorruptData
+
+    monkeypatch.setattr(imp, "_CHECKPOINT_READ", read_size)
+    control = read_control_file(datadir)
+    size = control.wal_segment_size
+    end = imp.record_end_lsn(control.checkpoint_lsn, CHECKPOINT_RECORD_SIZE, size)
+    assert imp.import_lsn_of(datadir) == end
+    broken = tmp_path / "broken"
+    shutil.copytree(datadir, broken, symlinks=True)
+    segment = next(p for p in (broken / "pg_wal").iterdir() if len(p.name) == 24)
+    with segment.open("r+b") as f:  # the record's bytes gone: zeros from it to the end
+        offset = control.checkpoint_lsn % control.wal_segment_size
+        f.seek(offset)
+        f.write(bytes(control.wal_segment_size - offset))
+    with pytest.raises(CorruptData, match="no checkpoint record"):
+        imp.import_lsn_of(broken)
