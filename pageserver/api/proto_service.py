@@ -36,6 +36,7 @@ from pageserver.basebackup.tar_stream import (
 )
 from pageserver.follow.followed_nodes import followed_node
 from pageserver.history.flusher import FOREGROUND
+from pageserver.history.snapshots import is_user_snapshot
 from pageserver.reconstruct.reads import get_rel_size, list_dbs, list_rels, materialize
 from pageserver.storage.keys import rel_block_key
 from pageserver_api import models as m
@@ -455,10 +456,17 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     def serve(model: type[m.ApiRequest], route: Route) -> Handler:
         async def handler(ctx: RequestContext) -> Any:
             with served(ps, model):
-                result = await route(ctx, model.from_wire(ctx.params))
+                req = model.from_wire(ctx.params)
+                result = await route(ctx, req)
                 if not isinstance(result, model.RESPONSE):
                     raise TypeError(f"{model.METHOD} must answer {model.RESPONSE.__name__}")
-                return result.to_wire()
+            if isinstance(req, m.SnapshotCreateRequest) and is_user_snapshot(req.name):
+                # Named: the user's wait is over and nothing of theirs follows (`snapshot
+                # create` ends here), so compaction goes on at once, not LINGER later: its
+                # next pass writes the snapshot's image layers (Pageserver.create_snapshot),
+                # which a checkout back to it reads, and that checkout would pause it again.
+                FOREGROUND.release()
+            return result.to_wire()
 
         return handler
 

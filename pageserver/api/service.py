@@ -39,6 +39,7 @@ from pageserver.history.snapshots import (
     Snapshot,
     check_import_name,
     check_user_tag,
+    is_user_snapshot,
     new_snapshot,
     split_snapshot_name,
 )
@@ -346,9 +347,10 @@ class Pageserver:
         snap = store.history.snapshots.add(
             new_snapshot(name, node_id, state.timeline_id, lsn, parent=state.parent)
         )
-        threading.Thread(
-            target=_images_at, args=(store, lsn), name="snapshot-images", daemon=True
-        ).start()
+        if is_user_snapshot(name):  # a checkout's HEAD{i}: no pass while it runs
+            threading.Thread(
+                target=_images_at, args=(store, lsn), name="snapshot-images", daemon=True
+            ).start()
         return snap
 
     def prepare_checkout(self, node_id: str, history: StorageHistory, snap: Snapshot) -> None:

@@ -504,8 +504,11 @@ class NodeStore:
         cancelled: Callable[[], bool] | None = None,
         defer_images: Callable[[], bool] | None = None,
     ) -> None:
-        with self._lock:
-            points = set(self._image_points.get(timeline.timeline_id, ()))
+
+        def points() -> set[int]:
+            with self._lock:
+                return set(self._image_points.get(timeline.timeline_id, ()))
+
         result = compact(timeline, reconstruct, rebuild_range, cancelled, defer_images, points)
         with self._lock:  # a pass stopped early left its points for the next one
             self._image_points.get(timeline.timeline_id, set()).difference_update(result.imaged_at)

@@ -49,8 +49,15 @@ def is_valid_name(name: str) -> bool:
     return _TAG.match(name) is not None
 
 
+def is_user_snapshot(name: str) -> bool:
+    """Whether `name` (PGDATA@TAG) is a snapshot a user named, not a node state (HEAD{i},
+    CURRENT) a checkout names."""
+    tag = name.partition("@")[2]
+    return tag not in RESERVED_TAGS and not _HEAD.match(tag)
+
+
 def check_user_tag(tag: str) -> str:
-    if tag in RESERVED_TAGS or _HEAD.match(tag):
+    if not is_user_snapshot(f"@{tag}"):
         raise InvalidArgument(f"tag {tag!r} is reserved (CURRENT and HEAD{{i}} name node states)")
     if not _TAG.match(tag):
         raise InvalidArgument(

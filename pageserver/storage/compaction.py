@@ -122,15 +122,16 @@ def compact(
     materialize_range: MaterializeRange | None = None,
     cancelled: Cancelled | None = None,
     defer_images: Callable[[], bool] | None = None,
-    image_lsns: Iterable[int] = (),
+    image_lsns: Callable[[], Iterable[int]] = tuple,
 ) -> CompactionResult:
     """One compaction pass: L0 -> L1 if due, then image layers where due. Raises
     CompactionCancelled when `cancelled()` turns true before the pass is done.
 
-    `image_lsns` (a node's snapshots named since its last pass): image layers at each of
-    them at or below the pass's LSN too, where due there, oldest first, before the pass's
-    own. A snapshot named right after a bulk load (pgbench -i: its index build) lies below
-    the first pass after it, whose images serve no read at the snapshot: a 1% checkout
+    `image_lsns()` (a node's snapshots named since its last pass, asked after the L0 merge:
+    a pass paused while a snapshot was named takes it): image layers at each of them at or
+    below the pass's LSN too, where due there, oldest first, before the pass's own. A
+    snapshot named right after a bulk load (pgbench -i: its index build) lies below the
+    first pass after it, whose images serve no read at the snapshot: a 1% checkout
     back to it rebuilt its index pages from the build's page images in 128 KiB delta
     blocks (bench.checkout's prepare: 150-185 ms for 1364 pages, 87-112 ms with images at
     the snapshot; those 8 layers, 27 MiB, took 1.2 s). A partition imaged there is not due
@@ -151,7 +152,7 @@ def compact(
         merged, written = _compact_level0(timeline, cancelled=cancelled)
         t1 = time.perf_counter()
         lsn = timeline.disk_consistent_lsn
-        points = sorted({point for point in image_lsns if 0 < point <= lsn} | {lsn})
+        points = sorted({point for point in image_lsns() if 0 < point <= lsn} | {lsn})
         images = 0
         for point in points:
             images += create_image_layers_at(

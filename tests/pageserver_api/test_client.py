@@ -12,6 +12,8 @@ import pytest
 from pageserver.api.proto_service import build_handlers
 from pageserver.api.service import Pageserver
 from pageserver.config import PageserverConfig
+from pageserver.history.flusher import FOREGROUND
+from pageserver.history.snapshots import Snapshot, new_snapshot
 from pageserver_api import models as m
 from pageserver_api.client import PageserverClient, SyncPageserverClient
 from pageserver_api.errors import InvalidArgument, NotFound
@@ -83,3 +85,33 @@ async def test_sync_client_from_a_thread(client: PageserverClient) -> None:
     sync = SyncPageserverClient(host, int(port), token=TOKEN)
     status = await asyncio.to_thread(sync.status)
     assert status.nodes == [] and status.pid > 0
+
+
+async def test_a_user_snapshot_ends_the_pause_of_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once `snapshot create` has named a user's snapshot compaction goes on at once (its
+    next pass writes the snapshot's image layers), not LINGER later; a checkout's HEAD{i}
+    keeps the pause (the checkout goes on). The naming itself is the service's (a node's
+    history, tested with real PostgreSQL in tests/e2e/test_checkout_prepared.py): here it
+    answers at once, to see what the handler does after it."""
+    (tmp_path / "ps").mkdir()
+    ps = Pageserver(PageserverConfig(tmp_path / "ps"))
+
+    async def named(node_id: str, name: str, wait_lsn: int | None, timeout: float) -> Snapshot:
+        return new_snapshot(name, node_id, "0" * 32, 0x1000)
+
+    monkeypatch.setattr(ps, "create_snapshot", named)
+    server = ProtoServer(build_handlers(ps), token=TOKEN, server_name="test pageserver")
+    await server.start("127.0.0.1", 0)
+    try:
+        async with await PageserverClient.connect("127.0.0.1", server.port, token=TOKEN) as c:
+            FOREGROUND.release()
+            await c.snapshot_create(m.SnapshotCreateRequest("primary1", "pgdata1@HEAD{0}"))
+            assert FOREGROUND.busy()  # LINGER after the request
+            await c.snapshot_create(m.SnapshotCreateRequest("primary1", "pgdata1@s1"))
+            assert not FOREGROUND.busy()
+    finally:
+        FOREGROUND.release()  # no linger for later tests
+        await server.close()
+        await ps.stop_following()
