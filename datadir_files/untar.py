@@ -26,14 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 
 from datadir_files.pg_account import make_pg_dir, pg_os_user
-from datadir_files.tar_reader import (
-    ArchiveEnd,
-    MemberData,
-    MemberEnd,
-    MemberStart,
-    TarFormatError,
-    TarReader,
-)
+from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from pageserver_api.errors import FULL_ERRNOS
 from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import AlreadyExists, CorruptData, NoSpace
@@ -149,7 +142,7 @@ class _Extractor:
         self._handle(self._reader.feed(data))
 
     def finish(self) -> None:
-        self._handle(self._reader.finish())  # its ArchiveEnd writes the pack's last bytes
+        self._handle(self._reader.finish())
         self.close()
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
@@ -205,7 +198,7 @@ class _Extractor:
                     self._start(event)
                 elif isinstance(event, MemberEnd):
                     self._end()
-                elif isinstance(event, ArchiveEnd):
+                else:  # ArchiveEnd (finish): the pack's last bytes
                     self._flush_pack()
         except TarFormatError as exc:
             raise CorruptData(f"the basebackup archive is damaged: {exc}") from None
