@@ -1495,6 +1495,14 @@ class LayerFileWriter:
             )
         raise InvalidArgument("layer values must be added in key order")
 
+    def cut_block(self) -> None:
+        """End the open block here (if it holds anything) once the first block is cut: the
+        values added next begin a block of their own (ImageLayerWriter keeps small values
+        apart from pages). The first block is left to fill: with `dictionary` it is the
+        dictionary of every other block."""
+        if self._buf and self._n_blocks > 0:
+            self._flush_block()
+
     def _flush_block(self) -> None:
         """Cut the open block: its buffer itself goes to the pool (a copy of every block was
         a copy of the whole layer) and a new one opens."""

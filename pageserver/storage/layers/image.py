@@ -74,8 +74,32 @@ class ImageLayer(PersistentLayer):
             yield key, data
 
 
+def _runs_by_size(values: list[bytes | None]) -> Iterator[tuple[int, int, bool | None]]:
+    """(start, end, pages) of the runs of `values` that are all pages (BLCKSZ bytes) or all
+    something else (a relation's size, a directory...), the Nones inside the run they lie in
+    (pages None: a run of Nones only)."""
+    start: int = 0
+    pages: bool | None = None
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        page = len(value) == BLCKSZ
+        if pages is None:
+            pages = page
+        elif page != pages:
+            yield start, i, pages
+            start, pages = i, page
+    yield start, len(values), pages
+
+
 class ImageLayerWriter:
-    """Builds one image layer; keys must be added in order and belong to `key_range`."""
+    """Builds one image layer; keys must be added in order and belong to `key_range`.
+
+    A run of values that are not pages (a relation's size after its pages, a directory)
+    goes into a value block of its own, after the first block: a read of a relation's size
+    decompressed the block of its last pages (64 KiB with 8-page blocks), and a delta push
+    or a checkout reads the size of every relation (helper-138: a quarter of an incremental
+    push's tar thread, ~730 forks). The first block stays as it fills (the dictionary)."""
 
     def __init__(
         self, directory: Path, key_range: KeyRange, lsn: int, settings: StoreSettings
@@ -92,6 +116,17 @@ class ImageLayerWriter:
             dictionary=settings.image_blocks < settings.block_size,
         )
         self._last: Key | None = None
+        self._pages: bool | None = None
+        """Whether the values added last were pages (None: none yet)."""
+
+    def _begin_run(self, pages: bool | None) -> None:
+        """A value block of its own for a run of pages or of other values (see the class);
+        None: nothing is added."""
+        if pages is None:
+            return
+        if self._pages is not None and pages != self._pages:
+            self._writer.cut_block()
+        self._pages = pages
 
     def add(self, key: Key, data: bytes) -> None:
         if key not in self.name.key_range or (self._last is not None and key <= self._last):
@@ -100,6 +135,7 @@ class ImageLayerWriter:
                 f"image layer keys must be unique, sorted and inside {self.name.key_range}"
             )
         self._last = key
+        self._begin_run(len(data) == BLCKSZ)
         self._writer.add(key, self.name.lsn_start, encode_value(Image(data)))
 
     def add_values(self, keys: list[Key], values: list[bytes | None]) -> None:
@@ -118,12 +154,16 @@ class ImageLayerWriter:
                 f"image layer keys must be unique, sorted and inside {self.name.key_range}"
             )
         try:
-            last = self._writer.add_values(keys, values, self.name.lsn_start, TAG_IMAGE)
+            for start, end, pages in _runs_by_size(values):
+                self._begin_run(pages)
+                last = self._writer.add_values(
+                    keys[start:end], values[start:end], self.name.lsn_start, TAG_IMAGE
+                )
+                if last is not None:
+                    self._last = last
         except InvalidArgument:
             self._writer.abort()
             raise
-        if last is not None:
-            self._last = last
 
     def add_pages(self, prefix: bytes, first: int, data: Buffer, offsets: list[int]) -> None:
         """Images of `data`'s pages at `offsets` (ImageRunWriter.add_pages), as `add` of each
@@ -139,6 +179,7 @@ class ImageLayerWriter:
             raise InvalidArgument(
                 f"image layer keys must be unique, sorted and inside {self.name.key_range}"
             )
+        self._begin_run(True)
         self._writer.add_images(prefix, first, data, offsets, self.name.lsn_start, BLCKSZ)
         self._last = hi
 

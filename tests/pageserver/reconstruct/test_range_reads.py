@@ -31,6 +31,7 @@ from pageserver.storage.keys import (
     parse_rel_block_key,
     rel_block_key,
 )
+from pageserver.storage.layers import blocks
 from pageserver.storage.layers.blocks import LayerFile
 from pageserver.storage.layers.image import ImageLayerWriter
 from pageserver.storage.settings import StoreSettings
@@ -363,6 +364,9 @@ def test_without_read_ahead_every_block_is_read_in_line(
         key=lambda item: item[1],
     )  # fmt: skip
     monkeypatch.setattr(LayerFile, "_block", where)
+    # None kept from one read to the next (the relation may span no more blocks than a
+    # thread keeps: its pages begin a block of their own after the previous one's size)
+    monkeypatch.setattr(blocks, "RECENT_BLOCKS", 0)
     monkeypatch.setattr(range_reads.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
     assert not range_reads.spare_core()
     got = list(rel_pages(timeline, plan, 1663, 5, rel, fork, 0, nblocks, lsn0))
