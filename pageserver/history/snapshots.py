@@ -49,15 +49,19 @@ def is_valid_name(name: str) -> bool:
     return _TAG.match(name) is not None
 
 
+def _names_node_state(tag: str) -> bool:
+    """Whether `tag` is one a checkout names node states with (CURRENT, HEAD{i})."""
+    return tag in RESERVED_TAGS or _HEAD.match(tag) is not None
+
+
 def is_user_snapshot(name: str) -> bool:
     """Whether `name` (PGDATA@TAG) is a snapshot a user named, not a node state (HEAD{i},
     CURRENT) a checkout names."""
-    tag = name.partition("@")[2]
-    return tag not in RESERVED_TAGS and not _HEAD.match(tag)
+    return not _names_node_state(name.partition("@")[2])
 
 
 def check_user_tag(tag: str) -> str:
-    if not is_user_snapshot(f"@{tag}"):
+    if _names_node_state(tag):
         raise InvalidArgument(f"tag {tag!r} is reserved (CURRENT and HEAD{{i}} name node states)")
     if not _TAG.match(tag):
         raise InvalidArgument(
