@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.home import NeonHome
+from cli.launch import WARM_ENV
 from cli.pgbin import pg_binary
 from cli.transport.ssh import stop_kept_connections
 from tests.pgtest import free_port as free_port  # re-exported: tests import it from here
@@ -162,9 +163,16 @@ def run_on_tty(neon: NeonCli, *args: str) -> tuple[int, str]:
 
 def kill_when(neon: NeonCli, caught: Callable[[], bool], *args: str, timeout: float = 120) -> None:
     """Run `neon ARGS` and SIGKILL it as soon as `caught()` holds: a crash at that step. It
-    must not have ended first; it is killed and reaped whatever happens."""
+    must not have ended first; it is killed and reaped whatever happens.
+
+    Run cold (WARM_ENV=0): a warm command runs in a child of the home's warm server, which
+    kills it only once it sees its launcher gone (cli/warm_server.py), so on a loaded box it
+    went on for a while after the launcher's SIGKILL: a push cut at 8 of 18 MB finished its
+    upload, and the receiver kept nothing for the push run again (the CI run at 2edaed8).
+    tests/e2e/test_warm_commands.py tests that warm kill itself."""
+    env = {**neon.env(), WARM_ENV: "0"}
     proc = subprocess.Popen(
-        [NEON, *args], env=neon.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [NEON, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + timeout

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.relay import pump
+
 REGION = "us-east-1"
 ACCESS_KEY, SECRET_KEY = "testing-key", "testing-secret"
 
@@ -109,26 +111,8 @@ class CuttingProxy:
             if self.cut_gets:
                 budget = self.cut_gets.pop(0)
         upstream.sendall(first)
-        threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
-        _pump(upstream, client, budget)
-
-
-def _pump(source: socket.socket, sink: socket.socket, budget: int | None) -> None:
-    """Copy `source` to `sink` (at most `budget` bytes), then close both."""
-    try:
-        while data := source.recv(65536):
-            if budget is not None:
-                data = data[:budget]
-                budget -= len(data)
-            sink.sendall(data)
-            if budget == 0:
-                break
-    except OSError:
-        pass
-    for s in (source, sink):
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-        s.close()
+        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
+        pump(upstream, client, budget)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,89 @@
+"""A TCP relay on 127.0.0.1 in front of a local server, for tests that need to bound what
+reaches it: bytes a sender wrote before it was killed still arrive from the kernel's socket
+buffers (on loopback up to tcp_wmem's 4 MiB plus an autotuned receive buffer of up to
+tcp_rmem's 32 MiB on this box), so a kill alone does not say how much a server gets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+
+def pump(
+    source: socket.socket, sink: socket.socket, budget: int | None, hold: bool = False
+) -> None:
+    """Copy `source` to `sink` (at most `budget` bytes), then close both. `hold`: past the
+    budget, read on and drop what comes until `source` ends, so that its sender, still
+    connected as over a stalled network, sees the end only when it dies."""
+    try:
+        while data := source.recv(65536):
+            if budget is not None:
+                data = data[:budget]
+                budget -= len(data)
+            if data:
+                sink.sendall(data)
+            if budget == 0 and not hold:
+                break
+    except OSError:
+        pass
+    for s in (source, sink):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
+@dataclass
+class CappedRelay:
+    """Forwards connections on 127.0.0.1:`port` to 127.0.0.1:`upstream_port`; a connection
+    opened while `cap` is set forwards at most `cap` of its client's bytes (pump's `hold`)."""
+
+    upstream_port: int
+    port: int = 0
+    cap: int | None = None
+    _listener: socket.socket | None = None
+
+    def start(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+    def url(self, url: str) -> str:
+        """`url` (of the upstream) with this relay's port."""
+        parts = urlsplit(url)
+        assert parts.hostname == "127.0.0.1" and parts.port == self.upstream_port, url
+        return urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client, self.cap), daemon=True).start()
+
+    def _serve(self, client: socket.socket, cap: int | None) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        threading.Thread(target=pump, args=(upstream, client, None), daemon=True).start()
+        pump(client, upstream, cap, hold=True)
+
+
+@contextlib.contextmanager
+def capped_relay(url: str) -> Iterator[CappedRelay]:
+    """A relay in front of the server at `url` (on 127.0.0.1)."""
+    port = urlsplit(url).port
+    assert port is not None, url
+    relay = CappedRelay(port)
+    relay.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
