@@ -21,6 +21,7 @@ from cli.home import NeonHome
 from cli.launch import WARM_ENV
 from cli.pgbin import pg_binary
 from cli.transport.ssh import stop_kept_connections
+from pageserver.pid_file import pid_alive
 from tests.pgtest import free_port as free_port  # re-exported: tests import it from here
 from tests.pgtest import pg_reachable_tmpdir, pgport_base
 
@@ -120,8 +121,12 @@ class NeonCli:
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().strip())
             os.kill(pid, signal.SIGTERM)
+            # Until it has exited: a zombie counts as gone (the daemon is init's child here,
+            # and this box's init reaps it ~1.5 s later: a second and a half of every
+            # teardown, ~270 s of the suite's, went to waiting for that).
             for _ in range(100):
-                os.kill(pid, 0)
+                if not pid_alive(pid):
+                    return
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
 

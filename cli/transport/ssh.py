@@ -106,6 +106,7 @@ from cli.transport.resume import (
     ResumingWriter,
     partial_name,
 )
+from pageserver.pid_file import pid_alive
 from proto.aio import within
 from proto.errors import AuthFailed, Conflict, InvalidArgument, NeonError, NotFound, Unavailable
 
@@ -413,21 +414,11 @@ def sweep_dead_mux_dirs(parent: str | None = None) -> list[str]:
                 info = entry.stat(follow_symlinks=False)
                 if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                     continue
-                if _pid_runs(int(pid_text)):
+                if pid_alive(int(pid_text)):
                     continue
                 shutil.rmtree(entry.path)
                 removed.append(entry.path)
     return removed
-
-
-def _pid_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it runs, as someone else
-        return True
-    return True
 
 
 def close_connections() -> None:

@@ -25,6 +25,7 @@ import pytest
 from cli import nodes, postmaster
 from cli.pgbin import pg_binary
 from datadir_files.pg_account import make_pg_dir, pg_os_user
+from pageserver.pid_file import pid_alive
 from snapfile import extract_tar
 from tests.httpd import file_server
 from tests.neoncli import NEON, NeonCli, free_port, psql, run_on_tty
@@ -232,15 +233,6 @@ def test_several_databases_need_db(home: NeonCli, out_dir: Path) -> None:
     assert (csv / "public.a.csv").read_text().splitlines() == ["x", *map(str, range(1, 8))]
 
 
-def is_running(pid: int) -> bool:
-    """Alive and not a zombie (this container's init reaps slowly)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @contextlib.contextmanager
 def small_tmpfs(where: Path) -> Iterator[Path]:
     where.mkdir()
@@ -296,7 +288,7 @@ def test_sigint_stops_the_temporary_server(home: NeonCli, out_dir: Path) -> None
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert not is_running(pid)
+    assert not pid_alive(pid)
     assert "Traceback" not in err
     assert not server_dir.exists()
     assert no_snapshot_server(home)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from pageserver.follow.receiver_process import ReceiverFailed, ReceiverProcess
+from pageserver.pid_file import pid_alive
 from pg15.lsn import parse_lsn
 from pg15.pg_control import read_control_file
 from tests.pgtest import PASSWORD, PgTestCluster
@@ -20,15 +20,6 @@ from tests.walreceiver.test_replication import params, wait_for
 from walreceiver.receiver import PAUSED, ConnParams, ReceiverState
 
 pytestmark = pytest.mark.slow
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 async def stop(task: asyncio.Task[str]) -> None:
@@ -54,14 +45,14 @@ async def test_streams_reports_and_stops(pg_cluster: PgTestCluster, tmp_path: Pa
         assert rp.state == ReceiverState.STREAMING and rp.timeline == 1
         assert rp.segment_size == 16 << 20
         pid = rp.pid
-        assert pid is not None and alive(pid)
+        assert pid is not None and pid_alive(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert PASSWORD.encode() not in f.read()  # the password came on stdin
         assert [s for s in seen if s[0] == "streaming"], seen
     finally:
         await stop(task)
     assert rp.state == ReceiverState.STOPPED
-    assert not alive(pid)
+    assert not pid_alive(pid)
     assert any(p.name.endswith(".partial") for p in (tmp_path / "wal").iterdir())
 
 
@@ -80,7 +71,7 @@ async def test_child_exits_when_its_parent_goes_away(
         assert proc is not None and proc.stdin is not None
         proc.stdin.close()  # what the kernel does for a dead parent
         deadline = time.monotonic() + 15
-        while alive(pid):
+        while pid_alive(pid):
             assert time.monotonic() < deadline, "receiver outlived its parent's pipe"
             await asyncio.sleep(0.05)
     finally:
@@ -114,7 +105,7 @@ async def test_wrong_password_is_a_clear_failure(pg_cluster: PgTestCluster, tmp_
     with pytest.raises(ReceiverFailed, match="password authentication failed"):
         await asyncio.wait_for(rp.run(), 60)
     assert rp.state == ReceiverState.FAILED
-    assert rp.pid is not None and not alive(rp.pid)
+    assert rp.pid is not None and not pid_alive(rp.pid)
 
 
 async def test_finish_stream_takes_the_last_wal_then_connects_no_more(
@@ -135,7 +126,7 @@ async def test_finish_stream_takes_the_last_wal_then_connects_no_more(
         assert await asyncio.wait_for(task, 30) == PAUSED
         checkpoint = read_control_file(server.datadir).checkpoint_lsn
         assert rp.flushed_lsn > checkpoint, "the shutdown checkpoint was not received"
-        assert not rp.running and not alive(pid)
+        assert not rp.running and not pid_alive(pid)
     finally:
         await stop(task)
 
