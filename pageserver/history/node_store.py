@@ -13,9 +13,9 @@ One storage's history lives under `<storage>/pagestore`::
     pitr.json                    PITR areas: a retention policy over one node's history
                                  (pageserver/history/pitr.py)
 
-Durability: layers are flushed when the open layer is big or every FLUSH_INTERVAL seconds
-of ingest; after a crash ingest resumes from the timeline's disk_consistent_lsn by replaying
-the archived WAL from there (see NodeFollower).
+Durability: layers are flushed when the open layer is big (checkpoint_distance) or every
+checkpoint_timeout seconds of ingest (StoreSettings); after a crash ingest resumes from the
+timeline's disk_consistent_lsn by replaying the archived WAL from there (see NodeFollower).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ from proto.errors import Conflict, NeonError, NotFound
 
 log = logging.getLogger(__name__)
 
-FLUSH_INTERVAL = 10.0
 MAX_FROZEN_LAYERS = 2
 """Frozen layers (checkpoint_distance of values each) that may wait for the background
 flusher before ingest waits for it."""
@@ -417,7 +416,7 @@ class NodeStore:
             return
         if backlog >= timeline.settings.checkpoint_distance:
             self.catching_up.hold_for(CATCHING_UP_LINGER)
-        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
+        if time.monotonic() - self._last_flush >= timeline.settings.checkpoint_timeout:
             self._last_flush = time.monotonic()
             timeline.freeze()
         upto = timeline.frozen_upto

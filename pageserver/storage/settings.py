@@ -21,6 +21,10 @@ MiB = 1024 * 1024
 class StoreSettings:
     checkpoint_distance: int = 32 * MiB
     """Freeze the in-memory layer once its values take this many bytes."""
+    checkpoint_timeout: int = 10
+    """Or once this many seconds of ingest passed since the last flush, however small it is
+    (Neon's tenant setting of the name): how far the history on disk, and what an upload to
+    a bucket can take, trails ingest on a quiet node."""
     compaction_threshold: int = 4
     """Merge the L0 delta layers into L1 layers once there are this many. Neon's 10 is for
     256 MiB L0 layers; here an L1 layer of 10 small L0 layers still spans ~800 MiB of WAL,
@@ -81,6 +85,7 @@ class StoreSettings:
     def __post_init__(self) -> None:
         for name in (
             "checkpoint_distance",
+            "checkpoint_timeout",
             "compaction_threshold",
             "compaction_target_size",
             "image_creation_threshold",

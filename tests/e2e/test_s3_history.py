@@ -60,6 +60,9 @@ def third_home() -> Iterator[NeonCli]:
 
 
 def attach(neon: NeonCli, s3: MotoS3, bucket: str, *extra: str) -> None:
+    # A flush a second after ingest (not 10): a bucket's index reaches what a test wrote
+    # (its waits for the upload) seconds sooner.
+    neon.env_extra.setdefault("NEON_STORE_CHECKPOINT_TIMEOUT", "1")
     secret = neon.home.parent / "s3-secret"
     secret.write_text(SECRET_KEY)
     neon.run(
@@ -121,6 +124,9 @@ def flush_lsn(connstr: str) -> int:
 def test_a_fresh_home_extracts_from_the_bucket_alone(
     neon: NeonCli, second_home: NeonCli, third_home: NeonCli, s3: MotoS3
 ) -> None:
+    # Flushes of a MiB: the load's history is cut into several layers (a sleep past
+    # FLUSH_INTERVAL did it before, 12 s of this test).
+    neon.env_extra.update(NEON_STORE_CHECKPOINT_DISTANCE=str(1024 * 1024))
     bucket = s3.new_bucket()
     attach(neon, s3, bucket)
     node, work, base = start_node_with_oracle_base(neon)
@@ -131,7 +137,6 @@ def test_a_fresh_home_extracts_from_the_bucket_alone(
     pgbench = pg_binary("pgbench")
     subprocess.run([pgbench, "-i", "-s", "1", "-q", conn], check=True, capture_output=True)
     early = flush_lsn(conn)
-    time.sleep(12)  # a periodic flush (FLUSH_INTERVAL) cuts the history into more layers
     subprocess.run([pgbench, "-c", "2", "-t", "300", conn], check=True, capture_output=True)
     neon.run("snapshot", "create", "pgdata1@after-bench")
     at_snapshot = dump_all(conn)  # nothing writes after pgbench: the snapshot's content
@@ -263,20 +268,22 @@ def test_sigkill_during_uploads_leaves_a_consistent_index(
         [pg_binary("pgbench"), "-i", "-s", "1", "-q", conn], check=True, capture_output=True
     )
     bench = subprocess.Popen(
-        [pg_binary("pgbench"), "-c", "2", "-T", "40", conn],
+        [pg_binary("pgbench"), "-c", "2", "-T", "120", conn],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     rng = random.Random(13)
     kills = 0
     try:
-        for _ in range(KILLS):  # within pgbench's 40 s: about 1.4 s apart, plus the restarts
+        for _ in range(KILLS):  # while pgbench writes: about 1.4 s apart, plus the restarts
             time.sleep(rng.uniform(0.3, 2.5))
             os.kill(pageserver_pid(neon), signal.SIGKILL)
             kills += 1
             time.sleep(0.3)
             bucket_index(s3, bucket, "area")  # names only whole, checksummed objects
             neon.run("pageserver", "start")
+        assert bench.poll() is None, "pgbench ended before the last kill"
     finally:
+        bench.terminate()  # the kills are done (it waited out a fixed -T 40 before)
         bench.wait(timeout=120)
     target = flush_lsn(conn)
     psql(conn, "SELECT pg_switch_wal(); CHECKPOINT;")

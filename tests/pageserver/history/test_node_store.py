@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -419,4 +420,31 @@ def test_flush_ahead_pairs_the_timeline_with_its_own_index(
     store.flush_ahead()
     store.wait_flushed()
     assert flushed == [(left.timeline_id, left.timeline_id)]
+    store.close()
+
+
+def test_a_small_layer_is_flushed_once_checkpoint_timeout_passed(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The open layer, far below checkpoint_distance, stays in memory until
+    checkpoint_timeout seconds passed since the last flush; the next maybe_flush then
+    freezes it and the flusher writes it."""
+    settings = StoreSettings(checkpoint_timeout=2)
+    store = NodeStore(StorageHistory(tmp_path / "history", settings), "n")
+    store.import_datadir(workload.base)
+    timeline = store.timeline
+    first, second = batches(workload)[:2]
+    time.sleep(settings.checkpoint_timeout)  # the import's flush is the last, then
+    store.maybe_flush()  # a flush of nothing: the timeout counts from here
+    store.wait_flushed()
+    store.ingest_batch(*first)
+    store.maybe_flush()
+    store.wait_flushed()
+    assert timeline.disk_consistent_lsn < timeline.last_record_lsn  # in memory
+    time.sleep(settings.checkpoint_timeout + 0.1)
+    store.ingest_batch(*second)
+    store.maybe_flush()
+    store.wait_flushed()
+    assert timeline.disk_consistent_lsn == timeline.last_record_lsn
     store.close()
