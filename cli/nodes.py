@@ -8,6 +8,7 @@ removes the directory and the row, and a creator that was killed is cleaned up l
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -555,13 +556,31 @@ def pause_following(app: App, node: NodeRow) -> None:
 
 
 SHUTDOWN_CHECKPOINT_WAIT = 30.0
-"""Seconds a stop or a checkout waits for the pageserver to decode the shutdown checkpoint."""
+"""Seconds a stop or a checkout waits for the pageserver to decode the shutdown checkpoint
+(by default: SHUTDOWN_CHECKPOINT_WAIT_ENV)."""
+SHUTDOWN_CHECKPOINT_WAIT_ENV = "NEON_SHUTDOWN_CHECKPOINT_WAIT"
 
 
-def wait_for_shutdown_checkpoint(
-    app: App, node: NodeRow, timeout: float = SHUTDOWN_CHECKPOINT_WAIT
-) -> bool | None:
-    """After a clean stop, wait until the pageserver decoded the shutdown checkpoint.
+def shutdown_checkpoint_wait() -> float:
+    """SHUTDOWN_CHECKPOINT_WAIT, or the seconds NEON_SHUTDOWN_CHECKPOINT_WAIT says (a box
+    slower to ingest, or a test of the refusal that need not wait half a minute)."""
+    raw = os.environ.get(SHUTDOWN_CHECKPOINT_WAIT_ENV, "")
+    if not raw:
+        return SHUTDOWN_CHECKPOINT_WAIT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidArgument(
+            f"{SHUTDOWN_CHECKPOINT_WAIT_ENV}={raw!r} is not a positive number of seconds"
+        )
+    return seconds
+
+
+def wait_for_shutdown_checkpoint(app: App, node: NodeRow, timeout: float) -> bool | None:
+    """After a clean stop, wait until the pageserver decoded the shutdown checkpoint, for at
+    most `timeout` seconds (shutdown_checkpoint_wait()).
 
     None when there is nothing to wait for (not shut down cleanly, pageserver not running).
     """

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cli.context import App
+from cli.nodes import SHUTDOWN_CHECKPOINT_WAIT_ENV
 from cli.pageserver_control import local_api
 from pageserver_api.models import NodePauseRequest
 from tests.e2e.test_ingest_wait import receiver_pid
@@ -32,23 +33,36 @@ def node_with_snapshot(neon: NeonCli) -> str:
     return c
 
 
+WAIT = 3
+"""The checkout's wait for the shutdown checkpoint in these tests (30 s by default)."""
+
+
 def refused_checkout(neon: NeonCli, c: str) -> str:
     """50 rows inserted while the node's walreceiver is stopped, then `pg checkout
-    pgdata1@s`, which must fail: its error."""
+    pgdata1@s` waiting WAIT seconds for the shutdown checkpoint, which must fail: its
+    error."""
     psql(c, "ALTER SYSTEM SET wal_sender_timeout = '2s'; SELECT pg_reload_conf()")
     pid = receiver_pid(neon)
     os.kill(pid, signal.SIGSTOP)
+    waiting = NeonCli(neon.home, {**neon.env_extra, SHUTDOWN_CHECKPOINT_WAIT_ENV: str(WAIT)})
     try:
         psql(c, "INSERT INTO t SELECT generate_series(1, 50)")  # never received meanwhile
-        return neon.fail("pg", "checkout", "pgdata1@s")
+        return waiting.fail("pg", "checkout", "pgdata1@s")
     finally:
         os.kill(pid, signal.SIGCONT)
 
 
 def test_checkout_refuses_while_the_shutdown_checkpoint_is_not_ingested(neon: NeonCli) -> None:
     c = node_with_snapshot(neon)
+    for bad in ("soon", "0", "nan"):  # refused before the node is stopped
+        env = {**neon.env_extra, SHUTDOWN_CHECKPOINT_WAIT_ENV: bad}
+        for command in (["pg", "checkout", "pgdata1@s"], ["pg", "stop", "pgdata1"]):
+            error = NeonCli(neon.home, env).fail(*command)
+            assert f"{SHUTDOWN_CHECKPOINT_WAIT_ENV}={bad!r} is not a positive number" in error
+        assert neon.json("pg", "show", "pgdata1")["state"] == "running"
     error = refused_checkout(neon, c)
     assert "has not received the last WAL of pgdata1" in error, error
+    assert f"within {WAIT} s" in error, error
     assert "postgres on pgdata1 was started again" in error, error
     assert neon.json("pg", "show", "pgdata1")["state"] == "running"
     assert psql(c, "SELECT count(*) FROM t") == "150"
