@@ -221,8 +221,11 @@ class WalReceiver:
                     return reason
                 if self.state == ReceiverState.STREAMING:
                     backoff = self.min_backoff  # we got somewhere: start backing off afresh
-                if self._finishing:
-                    continue  # no reconnecting: the loop's top returns
+                if self._finishing:  # no reconnecting: the loop's top returns
+                    log.warning(
+                        "%s; not reconnecting: the stream was asked to finish", self.last_error
+                    )
+                    continue
                 self.state = ReceiverState.BACKOFF
                 log.warning("%s; reconnecting in %.1fs", self.last_error, backoff)
                 await self._backoff(backoff)

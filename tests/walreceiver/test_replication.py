@@ -22,6 +22,7 @@ from proto.errors import AuthFailed
 from tests.pgtest import PASSWORD, SUPERUSER, PgTestCluster, PgTestServer
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import (
+    PAUSED,
     SERVER_ENDED,
     ConnParams,
     ReceiverState,
@@ -556,7 +557,11 @@ async def test_finish_stream_during_a_backoff_tries_once_more(
         await wait_for(lambda: receiver.state is ReceiverState.STREAMING, 30, "the last try")
         server.psql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")
         await asyncio.to_thread(server.stop, "fast")
-        assert await asyncio.wait_for(task, 30) == SERVER_ENDED  # and no reconnecting
+        # Either means no reconnecting. PAUSED: the last try's connection broke at the
+        # shutdown rather than ended (once, in the CI run at a0e92d5; the receiver now logs
+        # why): what the pause needs is the shutdown checkpoint, checked next.
+        ended = await asyncio.wait_for(task, 30)
+        assert ended in (SERVER_ENDED, PAUSED), f"{ended}: {receiver.last_error!r}"
         checkpoint = read_control_file(server.datadir).checkpoint_lsn
         assert receiver.flushed_lsn > checkpoint, "the shutdown checkpoint was not received"
     finally:
