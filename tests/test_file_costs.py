@@ -15,9 +15,11 @@ class Node:
 
 
 def test_files_go_costliest_first_each_in_its_own_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Measured files by their seconds, the others by their tests (a second each, twenty
-    end to end)."""
+    """Measured files by their seconds, the others by their tests (here a second each,
+    twenty end to end)."""
     monkeypatch.setattr(file_costs, "SECONDS", {"b.py": 10.0, "d.py": 300.0, "f.py": 0.5})
+    monkeypatch.setattr(file_costs, "UNMEASURED_PER_TEST", 1.0)
+    monkeypatch.setattr(file_costs, "UNMEASURED_E2E_PER_TEST", 20.0)
     items = [Node(n) for n in ("a.py::1", "b.py::1", "c.py::1", "c.py::2", "a.py::2")]
     items += [Node("d.py::x[2]"), Node("d.py::x[1]"), Node("e.py::1")]
     items += [Node("f.py::1"), Node("f.py::2"), Node("tests/e2e/g.py::1")]
