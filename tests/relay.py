@@ -37,13 +37,12 @@ def pump(
 
 
 @dataclass
-class CappedRelay:
-    """Forwards connections on 127.0.0.1:`port` to 127.0.0.1:`upstream_port`; a connection
-    opened while `cap` is set forwards at most `cap` of its client's bytes (pump's `hold`)."""
+class Relay:
+    """Listens on 127.0.0.1:`port` (picked at `start`) and serves each connection, meant for
+    127.0.0.1:`upstream_port`, on a thread of its own (`_serve`)."""
 
     upstream_port: int
     port: int = 0
-    cap: int | None = None
     _listener: socket.socket | None = None
 
     def start(self) -> None:
@@ -55,12 +54,6 @@ class CappedRelay:
         if self._listener is not None:
             self._listener.close()
 
-    def url(self, url: str) -> str:
-        """`url` (of the upstream) with this relay's port."""
-        parts = urlsplit(url)
-        assert parts.hostname == "127.0.0.1" and parts.port == self.upstream_port, url
-        return urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
-
     def _accept(self) -> None:
         assert self._listener is not None
         while True:
@@ -68,9 +61,27 @@ class CappedRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client, self.cap), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _serve(self, client: socket.socket, cap: int | None) -> None:
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class CappedRelay(Relay):
+    """Forwards connections to the upstream; a connection opened while `cap` is set forwards
+    at most `cap` of its client's bytes (pump's `hold`)."""
+
+    cap: int | None = None
+
+    def url(self, url: str) -> str:
+        """`url` (of the upstream) with this relay's port."""
+        parts = urlsplit(url)
+        assert parts.hostname == "127.0.0.1" and parts.port == self.upstream_port, url
+        return urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
+
+    def _serve(self, client: socket.socket) -> None:
+        cap = self.cap
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         threading.Thread(target=pump, args=(upstream, client, None), daemon=True).start()
         pump(client, upstream, cap, hold=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.relay import pump
+from tests.relay import Relay, pump
 
 REGION = "us-east-1"
 ACCESS_KEY, SECRET_KEY = "testing-key", "testing-secret"
@@ -71,35 +71,14 @@ _RANGE = re.compile(rb"\r\nrange: *([^\r]*)", re.IGNORECASE)
 
 
 @dataclass
-class CuttingProxy:
+class CuttingProxy(Relay):
     """Forwards connections on 127.0.0.1:`port` to `upstream_port`. Each of the next
     connections whose first request is a GET gets `cut_gets.pop(0)` bytes of the answer
     (headers included), then both sides are dropped."""
 
-    upstream_port: int
-    port: int = 0
     cut_gets: list[int] = field(default_factory=list)
     ranges: list[str | None] = field(default_factory=list)
     """The Range header of every GET that came through (None: without one)."""
-    _listener: socket.socket | None = None
-
-    def start(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
