@@ -82,7 +82,7 @@ def _current_timeline(app: App, node: NodeRow) -> TimelineInfo:
 
 def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]) -> None:
     nodes.refuse_attached(node, "check out a snapshot on")
-    waited = nodes.shutdown_checkpoint_wait()  # a bad setting refused before anything
+    wait_seconds = nodes.shutdown_checkpoint_wait()  # a bad setting refused before anything
     _pgdata, tag = split_snapshot_name(snapshot)
     if tag == "CURRENT":
         raise InvalidArgument(f"{snapshot} is the node's current state already")
@@ -107,7 +107,7 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     finally:
         ahead.join()
     with contextlib.closing(stopping) if stopping is not None else contextlib.nullcontext():
-        _checkout_stopped(app, node, snapshot, info, stopping, waited, echo)
+        _checkout_stopped(app, node, snapshot, info, stopping, wait_seconds, echo)
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
 
@@ -118,19 +118,19 @@ def _checkout_stopped(
     snapshot: str,
     info: TimelineInfo,
     stopping: postmaster.Stopping | None,
-    waited: float,
+    wait_seconds: float,
     echo: Callable[[str], None],
 ) -> None:
     """The checkout once the node has written its shutdown checkpoint (`info`: its timeline,
     `stopping`: its postmaster, maybe still exiting, waited for before the directory
-    changes; `waited`: the seconds the pageserver has to decode that checkpoint)."""
+    changes; `wait_seconds`: how long the pageserver may take to decode that checkpoint)."""
     try:
-        reached = nodes.wait_for_shutdown_checkpoint(app, node, waited)
+        reached = nodes.wait_for_shutdown_checkpoint(app, node, wait_seconds)
     except NeonError as exc:  # the pageserver died meanwhile, its ingest stopped on an error
         exc.message = f"{exc.message}; nothing was changed: {_start_again(app, node, stopping)}"
         raise
     if reached is False:
-        _refuse_short_head(app, node, stopping, waited)
+        _refuse_short_head(app, node, stopping, wait_seconds)
     echo(f"Rolling back {node.pgdata}@CURRENT to {snapshot}.")
     head = f"{node.pgdata}@{head_tag(info.checkouts or 0)}"
     # One request, not a listing first (which sizes every snapshot of every history): HEAD{i}
@@ -144,7 +144,7 @@ def _checkout_stopped(
 
 
 def _refuse_short_head(
-    app: App, node: NodeRow, stopping: postmaster.Stopping | None, waited: float
+    app: App, node: NodeRow, stopping: postmaster.Stopping | None, wait_seconds: float
 ) -> None:
     """The pageserver has not decoded the node's shutdown checkpoint (its receiver stalled,
     or never connected before the node went down): HEAD{i} named now would leave the node's
@@ -154,7 +154,7 @@ def _refuse_short_head(
     started = _start_again(app, node, stopping)
     raise Unavailable(
         f"the pageserver has not received the last WAL of {node.pgdata} (its shutdown "
-        f"checkpoint) within {waited:g} s, so {node.pgdata}@HEAD "
+        f"checkpoint) within {wait_seconds:g} s, so {node.pgdata}@HEAD "
         f"would miss its last writes; nothing was changed: {started}; check "
         f"out again once `neon pg show {node.pgdata}` shows its WAL ingested"
     )

@@ -41,6 +41,7 @@ from datadir_files.pg_account import make_pg_dir
 from pageserver.follow.followed_nodes import slot_name
 from pageserver.pid_file import pid_alive
 from pageserver_api.models import (
+    MAX_WAIT_SECONDS,
     NodeBranchRequest,
     NodeImportRequest,
     NodePauseRequest,
@@ -563,7 +564,9 @@ SHUTDOWN_CHECKPOINT_WAIT_ENV = "NEON_SHUTDOWN_CHECKPOINT_WAIT"
 
 def shutdown_checkpoint_wait() -> float:
     """SHUTDOWN_CHECKPOINT_WAIT, or the seconds NEON_SHUTDOWN_CHECKPOINT_WAIT says (a box
-    slower to ingest, or a test of the refusal that need not wait half a minute)."""
+    slower to ingest, or a test of the refusal that need not wait half a minute), up to the
+    longest wait the pageserver takes (MAX_WAIT_SECONDS): refused here, before a node is
+    stopped, rather than by the pageserver after."""
     raw = os.environ.get(SHUTDOWN_CHECKPOINT_WAIT_ENV, "")
     if not raw:
         return SHUTDOWN_CHECKPOINT_WAIT
@@ -571,9 +574,10 @@ def shutdown_checkpoint_wait() -> float:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_WAIT_SECONDS):
         raise InvalidArgument(
-            f"{SHUTDOWN_CHECKPOINT_WAIT_ENV}={raw!r} is not a positive number of seconds"
+            f"{SHUTDOWN_CHECKPOINT_WAIT_ENV}={raw!r} is not a positive number of seconds "
+            f"up to {MAX_WAIT_SECONDS}; set it so or unset it (30 s)"
         )
     return seconds
 

@@ -276,7 +276,7 @@ def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
         stopped = replicas.stop(standby, mode)
         click.echo(f"{'Stopped' if stopped else 'Was not running:'} replica {standby.name}.")
         return
-    waited = nodes.shutdown_checkpoint_wait()  # a bad setting refused before anything
+    wait_seconds = nodes.shutdown_checkpoint_wait()  # a bad setting refused before anything
     with locked_node(app, node, "pg stop") as row:
         if rest_control.stop(app, row.id):
             click.echo(f"Stopped the REST server of {row.pgdata}.")
@@ -284,7 +284,7 @@ def pg_stop(ctx: click.Context, node: str, mode: str) -> None:
             click.echo(f"postgres on {row.pgdata} was not running.")
             return
         click.echo(f"Stopped postgres on {row.pgdata}.")
-        reached = nodes.wait_for_shutdown_checkpoint(app, row, waited)
+        reached = nodes.wait_for_shutdown_checkpoint(app, row, wait_seconds)
     if reached is False:
         click.echo(
             f"neon: warning: the pageserver has not yet received the shutdown checkpoint of "

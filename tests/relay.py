@@ -44,15 +44,23 @@ class Relay:
     upstream_port: int
     port: int = 0
     _listener: socket.socket | None = None
+    _accepting: threading.Thread | None = None
 
     def start(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def stop(self) -> None:
+        """No more connections: the accept ends (a close alone does not wake an accept
+        blocked in another thread on Linux: shutdown does)."""
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
+        if self._accepting is not None:
+            self._accepting.join(timeout=10)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -82,7 +90,11 @@ class CappedRelay(Relay):
 
     def _serve(self, client: socket.socket) -> None:
         cap = self.cap
-        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            client.close()
+            return
         threading.Thread(target=pump, args=(upstream, client, None), daemon=True).start()
         pump(client, upstream, cap, hold=True)
 

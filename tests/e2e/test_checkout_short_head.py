@@ -54,7 +54,7 @@ def refused_checkout(neon: NeonCli, c: str) -> str:
 
 def test_checkout_refuses_while_the_shutdown_checkpoint_is_not_ingested(neon: NeonCli) -> None:
     c = node_with_snapshot(neon)
-    for bad in ("soon", "0", "nan"):  # refused before the node is stopped
+    for bad in ("soon", "0", "nan", "601"):  # refused before the node is stopped
         env = {**neon.env_extra, SHUTDOWN_CHECKPOINT_WAIT_ENV: bad}
         for command in (["pg", "checkout", "pgdata1@s"], ["pg", "stop", "pgdata1"]):
             error = NeonCli(neon.home, env).fail(*command)

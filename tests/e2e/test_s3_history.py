@@ -124,8 +124,8 @@ def flush_lsn(connstr: str) -> int:
 def test_a_fresh_home_extracts_from_the_bucket_alone(
     neon: NeonCli, second_home: NeonCli, third_home: NeonCli, s3: MotoS3
 ) -> None:
-    # Flushes of a MiB: the load's history is cut into several layers (a sleep past
-    # FLUSH_INTERVAL did it before, 12 s of this test).
+    # Flushes of a MiB: the load's history is cut into several layers (a sleep past the
+    # checkpoint_timeout of 10 s did it before, 12 s of this test).
     neon.env_extra.update(NEON_STORE_CHECKPOINT_DISTANCE=str(1024 * 1024))
     bucket = s3.new_bucket()
     attach(neon, s3, bucket)
