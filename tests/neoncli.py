@@ -131,6 +131,15 @@ class NeonCli:
             os.kill(pid, signal.SIGKILL)
 
 
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    """Until process `pid` has exited (a zombie counts as gone: this box's init reaps late)."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {pid} still alive after {timeout} s")
+        time.sleep(0.05)
+
+
 def psql(connstr: str, sql: str, dbname: str | None = None, timeout: float = 300) -> str:
     """Run SQL (from stdin, ON_ERROR_STOP) over a connection string; the unaligned output."""
     if dbname:

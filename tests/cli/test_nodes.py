@@ -7,7 +7,6 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,7 @@ import pytest
 from cli.nodes import default_port
 from cli.pgbin import pg_binary
 from proto.errors import InvalidArgument
-from tests.neoncli import NeonCli, psql
-
-
-def wait_dead(pid: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state == "Z":
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"pid {pid} still alive")
+from tests.neoncli import NeonCli, psql, wait_gone
 
 
 def test_two_nodes_lifecycle(neon: NeonCli) -> None:
@@ -75,13 +61,13 @@ def test_two_nodes_lifecycle(neon: NeonCli) -> None:
     assert neon.run("pg", "stop", "pgdata1").stdout.startswith("Stopped postgres on pgdata1")
     shown = neon.json("pg", "show", "primary1")
     assert shown["state"] == "stopped" and shown["pid"] is None
-    wait_dead(nodes[0]["pid"])
+    wait_gone(nodes[0]["pid"])
     neon.run("pg", "start", "primary1")
     assert psql(nodes[0]["connstr"], "select a from t_primary1") == "1"
     neon.run("pg", "stop", "-m", "immediate", "primary1")
 
     neon.run("pg", "destroy", "--yes", "primary2")
-    wait_dead(nodes[1]["pid"])
+    wait_gone(nodes[1]["pid"])
     assert not Path(nodes[1]["datadir"]).exists()
     assert [n["id"] for n in neon.json("pg", "list")] == ["primary1"]
     # The ID is free again: the next node reuses the lowest free index.
@@ -94,7 +80,7 @@ def test_sigkill_shows_crashed_and_start_recovers(neon: NeonCli) -> None:
     node = neon.json("pg", "show", "victim")
     psql(node["connstr"], "create table k(a int); insert into k select generate_series(1,100)")
     os.kill(node["pid"], signal.SIGKILL)
-    wait_dead(node["pid"])
+    wait_gone(node["pid"])
     listed = neon.json("pg", "list")[0]
     assert listed["state"] == "crashed" and listed["pid"] is None
     assert neon.run("pg", "list").stdout.splitlines()[1].split()[4:6] == ["-", "crashed"]
@@ -282,7 +268,7 @@ def test_stop_modes(neon: NeonCli, mode: str) -> None:
     neon.run("pg", "create")
     pid = neon.json("pg", "show", "primary1")["pid"]
     neon.run("pg", "stop", "-m", mode, "primary1")
-    wait_dead(pid)
+    wait_gone(pid)
     assert neon.json("pg", "show", "primary1")["state"] == "stopped"
     assert "was not running" in neon.run("pg", "stop", "primary1").stdout
     neon.run("pg", "start", "primary1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pg15.lsn import parse_lsn, segment_file_name
 from proto.client import call_sync
-from tests.neoncli import NeonCli, psql
+from tests.neoncli import NeonCli, psql, wait_gone
 from tests.pgtest import free_port
 
 
@@ -67,8 +67,7 @@ def test_corrupt_archived_wal_is_shown_and_fails_waiters_fast(neon: NeonCli) -> 
         raise AssertionError("every write was flushed to the page history at once")
     pid = int((neon.home / "pageserver" / "pageserver.pid").read_text())
     os.kill(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
-        time.sleep(0.05)
+    wait_gone(pid)
     _flip_byte(neon.home / "storage" / "local" / "pagestore" / "wal" / "primary1", before + 600)
 
     neon.run("pageserver", "start")
@@ -126,10 +125,3 @@ def test_corrupt_archived_wal_is_shown_and_fails_waiters_fast(neon: NeonCli) -> 
     assert time.monotonic() - start < baseline + 10  # the server's own shutdown, then at once
     assert proc.returncode != 0 and error in proc.stderr, proc
     assert "Traceback" not in proc.stderr
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from pageserver.pid_file import pid_alive
-from tests.neoncli import NeonCli, free_port, psql
+from tests.neoncli import NeonCli, free_port, psql, wait_gone
 from tests.pgtest import pg_reachable_tmpdir
 
 SNAP = "pgdata1@before"
@@ -475,10 +475,7 @@ def test_a_killed_daemons_servers_are_stopped_by_stop_rest(rest: Rest) -> None:
     ]
     pid = int(rest.info["pid"])
     os.kill(pid, signal.SIGKILL)
-    for _ in range(100):
-        if not pid_alive(pid):
-            break
-        time.sleep(0.05)
+    wait_gone(pid, timeout=5)
     assert rest.neon.json("pg", "show", "pgdata1")["rest"] is None
     out = rest.neon.run("pg", "stop-rest", "pgdata1").stdout
     assert out.startswith("No REST server was running")
