@@ -129,7 +129,9 @@ def compact(
 
     `image_lsns()` (a node's snapshots named since its last pass, asked after the L0 merge:
     a pass paused while a snapshot was named takes it): image layers at each of them at or
-    below the pass's LSN too, where due there, oldest first, before the pass's own. A
+    below the pass's LSN too, where due there (with `_due`'s snapshot rule: reads at a
+    snapshot are what its delta push, a checkout back to it and its extraction do), oldest
+    first, before the pass's own. A
     snapshot named right after a bulk load (pgbench -i: its index build) lies below the
     first pass after it, whose images serve no read at the snapshot: a 1% checkout
     back to it rebuilt its index pages from the build's page images in 128 KiB delta
@@ -152,12 +154,13 @@ def compact(
         merged, written = _compact_level0(timeline, cancelled=cancelled)
         t1 = time.perf_counter()
         lsn = timeline.disk_consistent_lsn
-        points = sorted({point for point in image_lsns() if 0 < point <= lsn} | {lsn})
+        snapshots = {point for point in image_lsns() if 0 < point <= lsn}
+        points = sorted(snapshots | {lsn})
         images = 0
         for point in points:
             images += create_image_layers_at(
                 timeline, materialize, point, materialize_range=materialize_range,
-                cancelled=_either(defer_images, cancelled),
+                cancelled=_either(defer_images, cancelled), at_snapshot=point in snapshots,
             )  # fmt: skip
         t2 = time.perf_counter()
         for layer in timeline.layer_map().layers():  # what the pass read of their indexes
@@ -504,9 +507,12 @@ def create_image_layers_at(
     force: bool = False,
     materialize_range: MaterializeRange | None = None,
     cancelled: Cancelled | None = None,
+    at_snapshot: bool = False,
 ) -> int:
     """Write image layers at `lsn` for the key partitions where they are due: with
-    image_creation_threshold deltas above their newest image, or (forced) with any delta.
+    image_creation_threshold deltas above their newest image, or (forced) with any delta;
+    `at_snapshot` (`lsn` is a named snapshot's): also where `_due`'s snapshot rule says
+    (the key scan then always runs: that rule weighs each partition's keys).
     Their pages come from `materialize_range` when given, else key by key; up to
     IMAGE_WORKERS partitions are rebuilt at once (`image_workers`), the first ones while the
     key scan goes on (`_scanned_partitions`). Once `cancelled()`, the layers written whole
@@ -520,7 +526,8 @@ def create_image_layers_at(
     if cancelled is not None and cancelled():  # before the key scan (a second on 1 GiB)
         raise CompactionCancelled(f"image creation of {timeline.timeline_id} cancelled")
     layer_map = timeline.layer_map()
-    bounds = None if force else _LAST_BOUNDS.get(timeline)
+    # At a snapshot's LSN the key scan runs (the snapshot rule weighs a partition's keys).
+    bounds = None if force or at_snapshot else _LAST_BOUNDS.get(timeline)
     if bounds is not None and not any(_due(timeline, layer_map, r, lsn, False) for r in bounds):
         return 0
     per_partition = max(1, timeline.settings.image_layer_target_size // PAGE_SIZE_ESTIMATE)
@@ -566,7 +573,8 @@ def create_image_layers_at(
                         break
                     while settled:
                         number, due = settled.popleft()
-                        if _due(timeline, layer_map, due[0], lsn, force):
+                        snapshot_keys = len(due[1]) if at_snapshot else 0
+                        if _due(timeline, layer_map, due[0], lsn, force, snapshot_keys):
                             making[maker.submit(make, *due)] = number
                             break
                 if scanning and not stopped:  # scan on; take what is done meanwhile
@@ -711,10 +719,19 @@ then written over fresh partitions, since an image layer must hold every key of 
 
 
 def _due(
-    timeline: Timeline, layer_map: LayerMap, key_range: KeyRange, lsn: int, force: bool
+    timeline: Timeline,
+    layer_map: LayerMap,
+    key_range: KeyRange,
+    lsn: int,
+    force: bool,
+    snapshot_keys: int = 0,
 ) -> bool:
     """Whether key_range needs an image layer at lsn: image_creation_threshold delta layers
-    holding keys of it above its image floor, or (forced) any delta above its newest image."""
+    holding keys of it above its image floor, or (forced) any delta above its newest image,
+    or versions above its images that outweigh them (`_deltas_outweigh_images`); at a
+    snapshot's LSN (`snapshot_keys`: the partition's key count there), also where
+    snapshot_image_pages_percent of those keys were written since its images
+    (`_keys_written`)."""
     if force:
         image = layer_map.newest_image_covering(key_range, lsn)
         image_lsn = image.lsn if image is not None else -1
@@ -731,7 +748,26 @@ def _due(
     settings = timeline.settings
     if sum(1 for d in deltas if d.has_keys_in(key_range)) >= settings.image_creation_threshold:
         return True
-    return _deltas_outweigh_images(layer_map, key_range, image_lsn, lsn, deltas, settings)
+    if _deltas_outweigh_images(layer_map, key_range, image_lsn, lsn, deltas, settings):
+        return True
+    if not snapshot_keys or image_lsn < 0:
+        return False
+    written = _keys_written(deltas, key_range, image_lsn, lsn)
+    return written * 100 >= settings.snapshot_image_pages_percent * snapshot_keys
+
+
+def _keys_written(deltas: list[DeltaLayer], key_range: KeyRange, floor: int, lsn: int) -> int:
+    """How many keys of key_range have a version in (floor, lsn] (the layers' indexes, in C).
+
+    Exact where the bytes of `_deltas_outweigh_images` are a share: an L1 layer merged
+    across a snapshot holds the versions of both sides, and its LSN share above the floor
+    said 1.9 MB of the 9 MB the pages written after it held (bench.exchange's change)."""
+    written: set[Key] = set()
+    for d in deltas:
+        f = d.file
+        start = f.lower_bound(key_range.start)
+        written.update(key for key, _, _ in f.newest_of_keys(start, key_range.end, lsn, floor))
+    return len(written)
 
 
 def _deltas_outweigh_images(

@@ -6,6 +6,7 @@ partition due again at every pass; a pass writes images at a named LSN below its
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,56 @@ def test_the_ratio_is_an_integer_setting_like_the_others() -> None:
     )
     with pytest.raises(InvalidArgument, match="image_creation_delta_percent must be positive"):
         StoreSettings(image_creation_delta_percent=0)
+
+
+def changed_after_images(tl: Timeline) -> None:
+    """Two partitions of 16 pages imaged at 0x80000; then 5 pages of the first (31% of its
+    keys) written up to 0x82000 and one of the second (6%) up to 0x84000, and the three L0
+    layers merged: one L1 layer holding the load under the images and both changes."""
+    load(tl, 0x80000, range(32), fill=2)
+    assert create_image_layers(tl, redo, force=True) == 2
+    load(tl, 0x82000, range(5), fill=3)
+    load(tl, 0x84000, range(16, 17), fill=4)
+    assert compact_level0(tl, force=True)[0] == 3
+
+
+def test_a_snapshot_point_images_a_partition_a_tenth_of_whose_keys_changed(
+    tmp_path: Path,
+) -> None:
+    """At a snapshot's LSN a partition where snapshot_image_pages_percent of the keys were
+    written since its images gets an image there (reads at the snapshot: its delta push, a
+    checkout back to it), counted exactly from the index where the regular rule's bytes are
+    the L1 layer's LSN share above the images; one changed less does not, nor does the same
+    change at a pass's own LSN (the regular rules only)."""
+    settings = dataclasses.replace(SETTINGS, snapshot_image_pages_percent=10)
+    store = TimelineStore(tmp_path / "store", settings)
+    try:
+        tl = store.create_timeline()
+        changed_after_images(tl)
+        result = compact(tl, redo, image_lsns=lambda: [0x82000])
+        assert result.imaged_at == (0x82000, 0x84000)
+        assert result.images_written == 1
+        assert images_over(tl, range(16), 0x82000)
+        assert not images_over(tl, range(16, 32), 0x82000)
+        assert tl.get_reconstruct_data(page(3), 0x82000).image == (0x82000, bytes([3]) * 8192)
+        assert tl.get_reconstruct_data(page(3), 0x82000).deltas == ()
+        # 1 key of 16 (6%) written since its image: nothing, at a snapshot's LSN too.
+        assert compact(tl, redo, image_lsns=lambda: [0x84000]).images_written == 0
+    finally:
+        store.close()
+    store = TimelineStore(tmp_path / "store2", settings)
+    try:
+        tl = store.create_timeline()
+        changed_after_images(tl)
+        assert compact(tl, redo).images_written == 0  # no snapshot: the regular rules only
+    finally:
+        store.close()
+
+
+def test_the_snapshot_percentage_is_a_setting() -> None:
+    assert (
+        store_settings_from(["snapshot_image_pages_percent=60"], {}).snapshot_image_pages_percent
+        == 60
+    )
+    with pytest.raises(InvalidArgument, match="snapshot_image_pages_percent must be positive"):
+        StoreSettings(snapshot_image_pages_percent=0)
