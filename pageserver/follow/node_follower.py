@@ -298,6 +298,10 @@ class NodeFollower:
     def _decode_loop(self) -> None:
         archive: WalArchive | None = None
         pos, prev = self._start_position()
+        try:  # snapshots named before a restart whose image pass it cut short
+            self.store.recall_image_points()
+        except Exception:  # only images at risk: logged
+            log.exception("node %s: image points not recalled", self.node.node_id)
         while True:
             with self._cond:
                 while not self._stopping and self._nothing_to_read(pos):

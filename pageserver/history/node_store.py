@@ -33,7 +33,7 @@ from pathlib import Path
 from durable_files import write_file_durably
 from pageserver.history.flusher import FOREGROUND, BackgroundWorker, Foreground
 from pageserver.history.pitr import pitr_registry
-from pageserver.history.snapshots import snapshot_registry
+from pageserver.history.snapshots import is_user_snapshot, snapshot_registry
 from pageserver.ingest import native as _ingest_native
 from pageserver.ingest.import_datadir import import_datadir
 from pageserver.ingest.lsn_index import LsnIndex
@@ -187,6 +187,9 @@ class NodeStore:
         self._image_points: dict[str, set[int]] = {}
         """Per timeline: the LSNs of snapshots named since, not yet passed by an image pass
         (`images_at`), MAX_IMAGE_POINTS at most."""
+        self._points_recalled: set[str] = set()
+        """The timelines whose snapshots named before this store opened were looked at for
+        image points (`_recalled_points`), once each."""
 
     @property
     def timelines(self) -> TimelineStore:
@@ -505,8 +508,13 @@ class NodeStore:
     ) -> None:
 
         def points() -> set[int]:
+            recalled = self._recalled_points(timeline)
             with self._lock:
-                return set(self._image_points.get(timeline.timeline_id, ()))
+                points = self._image_points.setdefault(timeline.timeline_id, set())
+                points.update(recalled)
+                while len(points) > MAX_IMAGE_POINTS:
+                    points.discard(min(points))
+                return set(points)
 
         result = compact(timeline, reconstruct, rebuild_range, cancelled, defer_images, points)
         with self._lock:  # a pass stopped early left its points for the next one
@@ -518,6 +526,38 @@ class NodeStore:
             format_lsn(timeline.disk_consistent_lsn),
             result,
         )
+
+    def recall_image_points(self) -> None:
+        """At a follower's start: a pass at the current timeline's snapshots named before
+        this store opened and not imaged yet (`_recalled_points`), if there are any (an idle
+        node flushes nothing that would run one)."""
+        with self._lock:
+            if self._state is None:
+                return
+            timeline = self.timeline
+        recalled = self._recalled_points(timeline)
+        if recalled:
+            with self._lock:
+                self._image_points.setdefault(timeline.timeline_id, set()).update(recalled)
+            self._request_compaction(timeline)
+
+    def _recalled_points(self, timeline: Timeline) -> set[int]:
+        """At a timeline's first pass since this store opened: the LSNs of its user
+        snapshots above its newest image layer, named before (a daemon restarted between a
+        `snapshot create` and its pass forgot them: bench.exchange restarts it before each
+        push, and the delta push of a snapshot read its pages through their WAL); else none.
+        A pass at a point writes images where due, or none (cheap: the indexes, a key scan)."""
+        if timeline.timeline_id in self._points_recalled:
+            return set()
+        self._points_recalled.add(timeline.timeline_id)
+        images = timeline.layer_map().images  # newest first
+        newest = images[0].lsn if images else -1
+        named = (
+            snap.lsn
+            for snap in self.history.snapshots.all()
+            if snap.timeline_id == timeline.timeline_id and is_user_snapshot(snap.name)
+        )
+        return set(sorted(lsn for lsn in named if lsn > newest)[-MAX_IMAGE_POINTS:])
 
     def flush(self) -> None:
         """Make everything ingested durable and compacted now, on this thread (after any

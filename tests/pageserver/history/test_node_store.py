@@ -11,6 +11,7 @@ import pytest
 
 from pageserver.history import node_store as node_store_module
 from pageserver.history.node_store import MAX_FROZEN_LAYERS, NodeState, NodeStore, StorageHistory
+from pageserver.history.snapshots import head_tag, new_snapshot
 from pageserver.ingest.lsn_index import LsnIndex
 from pageserver.reconstruct.apply_delta import reconstruct
 from pageserver.storage.compaction import create_image_layers
@@ -380,6 +381,41 @@ def test_a_snapshots_lsn_gets_images_from_the_next_pass(
     images = {image.lsn for image in timeline.layer_map().images}
     assert at in images and timeline.disk_consistent_lsn in images  # the flush's own pass
     assert store.compaction_totals.images_written > written
+    store.close()
+
+
+def test_a_snapshot_named_before_a_restart_gets_its_images_after_it(
+    workload: Workload,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A daemon stopped between a `snapshot create` and its image pass forgot the point; the
+    store opened again takes it from the snapshots named on the timeline above its newest
+    image layer, when its follower starts (a HEAD{i} of a checkout is no such point)."""
+    eager = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
+    history = StorageHistory(tmp_path / "history", eager)
+    store = NodeStore(history, "n")
+    store.import_datadir(workload.base)
+    todo = batches(workload)
+    for records, raws in todo[: len(todo) // 2]:
+        store.ingest_batch(records, raws)
+    store.wait_compacted()
+    timeline = store.timeline
+    at = timeline.last_record_lsn
+    tid = timeline.timeline_id
+    history.snapshots.add(new_snapshot("n@s1", "n", tid, at))  # no images_at: "stopped"
+    history.snapshots.add(new_snapshot(f"n@{head_tag(1)}", "n", tid, at - 8))
+    store.close()
+    assert at not in {image.lsn for image in history.timelines.get(tid).layer_map().images}
+    store = NodeStore(history, "n")
+    store.recall_image_points()  # a follower's start: the pass runs though nothing is ingested
+    store.wait_compacted()
+    images = {image.lsn for image in store.timeline.layer_map().images}
+    assert at in images and at - 8 not in images
+    store.recall_image_points()  # once a store
+    for records, raws in todo[len(todo) // 2 :]:
+        store.ingest_batch(records, raws)
+    store.flush()
+    assert store.timeline.disk_consistent_lsn in {i.lsn for i in store.timeline.layer_map().images}
     store.close()
 
 
