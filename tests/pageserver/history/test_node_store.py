@@ -353,6 +353,19 @@ def test_flush_ahead_writes_what_is_ingested_in_the_background(
     store.close()
 
 
+def eager_half_ingested(tmp_path: Path, w: Workload) -> tuple[NodeStore, list[tuple[list, list]]]:  # type: ignore[type-arg]
+    """A store imaging a partition with any delta above its image, imported from `w`'s base
+    with the first half of its batches ingested and compacted; the rest of the batches."""
+    eager = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
+    store = NodeStore(StorageHistory(tmp_path / "history", eager), "n")
+    store.import_datadir(w.base)
+    todo = batches(w)
+    for records, raws in todo[: len(todo) // 2]:
+        store.ingest_batch(records, raws)
+    store.wait_compacted()
+    return store, todo[len(todo) // 2 :]
+
+
 def test_a_snapshots_lsn_gets_images_from_the_next_pass(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
@@ -360,18 +373,12 @@ def test_a_snapshots_lsn_gets_images_from_the_next_pass(
     """`images_at` (a snapshot named at the ingested end): what is ingested goes to the
     flusher, and the pass after it writes image layers at that LSN where due, though ingest
     went on past it meanwhile."""
-    eager = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
-    store = NodeStore(StorageHistory(tmp_path / "history", eager), "n")
-    store.import_datadir(workload.base)
-    todo = batches(workload)
-    for records, raws in todo[: len(todo) // 2]:
-        store.ingest_batch(records, raws)
-    store.wait_compacted()
+    store, todo = eager_half_ingested(tmp_path, workload)
     timeline = store.timeline
     at = timeline.last_record_lsn
     assert at not in {image.lsn for image in timeline.layer_map().images}
     store.images_at(at)
-    for records, raws in todo[len(todo) // 2 :]:
+    for records, raws in todo:
         store.ingest_batch(records, raws)
     store.wait_compacted()
     assert timeline.last_record_lsn > at
@@ -391,14 +398,8 @@ def test_a_snapshot_named_before_a_restart_gets_its_images_after_it(
     """A daemon stopped between a `snapshot create` and its image pass forgot the point; the
     store opened again takes it from the snapshots named on the timeline above its newest
     image layer, when its follower starts (a HEAD{i} of a checkout is no such point)."""
-    eager = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
-    history = StorageHistory(tmp_path / "history", eager)
-    store = NodeStore(history, "n")
-    store.import_datadir(workload.base)
-    todo = batches(workload)
-    for records, raws in todo[: len(todo) // 2]:
-        store.ingest_batch(records, raws)
-    store.wait_compacted()
+    store, todo = eager_half_ingested(tmp_path, workload)
+    history = store.history
     timeline = store.timeline
     at = timeline.last_record_lsn
     tid = timeline.timeline_id
@@ -412,7 +413,7 @@ def test_a_snapshot_named_before_a_restart_gets_its_images_after_it(
     images = {image.lsn for image in store.timeline.layer_map().images}
     assert at in images and at - 8 not in images
     store.recall_image_points()  # once a store
-    for records, raws in todo[len(todo) // 2 :]:
+    for records, raws in todo:
         store.ingest_batch(records, raws)
     store.flush()
     assert store.timeline.disk_consistent_lsn in {i.lsn for i in store.timeline.layer_map().images}
