@@ -39,6 +39,7 @@ from pageserver.storage.layers.layer_map import image_tiles
 from pageserver.storage.layers.persistent import PersistentLayer
 from pageserver.storage.timeline import PersistentView, Timeline
 from pageserver.storage.values import TAG_DELTA, TAG_IMAGE, WalDelta
+from pg15.constants import BLCKSZ
 
 Reference = Callable[[Key], "bytes | None"]
 """The per-key path for one key at the range's LSN."""
@@ -223,9 +224,9 @@ def _walk_native(w: Walk) -> Walked:
         yield from zip(run, values, strict=True)
 
 
-_FILLS = _rebuild_run is not None and bool(getattr(_native, "REBUILD_RUN_INTO", 0))
-"""Whether the C walk writes pages into a buffer (`_redo.REBUILD_RUN_INTO`; an extension
-built before it does not)."""
+_FILLS = _rebuild_run is not None and getattr(_native, "REBUILD_RUN_INTO", 0) >= 2
+"""Whether the C walk writes pages into a buffer of records (`_redo.REBUILD_RUN_INTO` 2: an
+extension built before it has none, or writes pages only, 1)."""
 
 
 class PageFill:
@@ -259,14 +260,19 @@ class PageFill:
         """Whether a fill can read the timeline's keys (see the class)."""
         return _FILLS and _native is not None and timeline.ancestor is None
 
-    def into(self, keys: list[Key], out: memoryview) -> list[tuple[int, bytes | None]]:
+    def into(
+        self, keys: list[Key], out: memoryview | bytearray, stride: int = BLCKSZ
+    ) -> list[tuple[int, bytes | None]]:
         """Write the values of `keys` (ascending, after those of the calls before, at most
-        RUN_KEYS) into `out`, key i's at i * BLCKSZ where it is a whole page; the others
-        as (i, value) (None: the key has none), for the caller to place or refuse."""
+        RUN_KEYS) into `out`, a record of `stride` bytes each, key i's page at the end of
+        record i (i * stride + stride - BLCKSZ) where it is a whole page; the others as
+        (i, value) (None: the key has none), for the caller to place or refuse."""
         assert _rebuild_run is not None
         w = self._walk
         layers, images, tiles = self._inputs
-        values = _rebuild_run(keys, self._lsn, layers, images, tiles, w.in_memory, w.root, out)
+        values = _rebuild_run(
+            keys, self._lsn, layers, images, tiles, w.in_memory, w.root, out, stride
+        )
         return [
             (i, _settled(keys[i], value, self._reference))
             for i, value in enumerate(values)

@@ -2707,19 +2707,21 @@ py_run_kept_bytes(PyObject *self, PyObject *arg)
     return PyLong_FromSsize_t(before);
 }
 
-/* With `into` (a writable buffer of len(keys) pages), a key whose value is a whole page is
- * written at its place in it (key k at k * BLCKSZ) and its value is True: no bytes object
- * per page, and no copy of it into the basebackup's chunk after (pageserver/reconstruct/
- * range_rebuild.py PageFiller); other values come as without it. */
+/* With `into` (a writable buffer of len(keys) records of `stride` bytes, BLCKSZ unless
+ * given), a key whose value is a whole page is written at its place in it (key k's at the
+ * end of record k: k * stride + stride - BLCKSZ) and its value is True: no bytes object per
+ * page, and no copy of it into the basebackup's chunk after (pageserver/reconstruct/
+ * range_rebuild.py PageFill; a delta's fork member, whose records are a block number and a
+ * page, is filled so in place); other values come as without it. */
 static PyObject *
 py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long lsn;
-    if ((nargs != 7 && nargs != 8) || !PyList_Check(args[0]) || as_uint(args[1], &lsn) != OK ||
+    if (nargs < 7 || nargs > 9 || !PyList_Check(args[0]) || as_uint(args[1], &lsn) != OK ||
         !PyList_Check(args[2]) || !PyList_Check(args[3]) || !PyList_Check(args[4]) ||
         !PyAnySet_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError, "rebuild_run(keys, lsn, deltas, images, tiles, "
-                                         "in_memory, base_known, into=None)");
+                                         "in_memory, base_known, into=None, stride=BLCKSZ)");
         return NULL;
     }
     int root = PyObject_IsTrue(args[6]);
@@ -2729,16 +2731,26 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t nd = PyList_GET_SIZE(args[2]), ni = PyList_GET_SIZE(args[3]);
     Py_ssize_t nt = PyList_GET_SIZE(args[4]), nk = PyList_GET_SIZE(keys);
     Py_buffer into = {0};
-    uint8_t *pages = NULL; /* into's bytes, NULL: no into */
-    if (nargs == 8 && args[7] != Py_None) {
+    uint8_t *pages = NULL; /* into's bytes, moved to the first page; NULL: no into */
+    Py_ssize_t stride = BLCKSZ;
+    if (nargs == 9 && args[8] != Py_None) {
+        stride = PyLong_AsSsize_t(args[8]);
+        if (stride == -1 && PyErr_Occurred())
+            return NULL;
+        if (stride < BLCKSZ || stride > 16 * BLCKSZ) {
+            PyErr_SetString(PyExc_ValueError, "rebuild_run: stride out of range");
+            return NULL;
+        }
+    }
+    if (nargs >= 8 && args[7] != Py_None) {
         if (PyObject_GetBuffer(args[7], &into, PyBUF_WRITABLE) < 0)
             return NULL;
-        if (into.len < nk * BLCKSZ) {
+        if (into.len / stride < nk) {
             PyBuffer_Release(&into);
             PyErr_SetString(PyExc_ValueError, "rebuild_run: into holds fewer pages than keys");
             return NULL;
         }
-        pages = (uint8_t *)into.buf;
+        pages = (uint8_t *)into.buf + (stride - BLCKSZ);
     }
     Py_ssize_t opened = 0;
     RunLayer *layers = PyMem_Calloc((size_t)(nd + ni + 1), sizeof *layers);
@@ -2879,10 +2891,10 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             RunKey *rk = &keys_at[k];
             if (rk->ch.kind == CHAIN_REDO)
                 chain_redo(&rk->ch, v + rk->v_off, rk->n,
-                           pages != NULL ? pages + k * BLCKSZ
+                           pages != NULL ? pages + k * stride
                                          : (uint8_t *)PyBytes_AS_STRING(rk->out));
             else if (pages != NULL && rk->ch.kind == CHAIN_BASE && rk->ch.base_len == BLCKSZ)
-                memcpy(pages + k * BLCKSZ, rk->ch.base, BLCKSZ);
+                memcpy(pages + k * stride, rk->ch.base, BLCKSZ);
         }
         Py_END_ALLOW_THREADS
         for (Py_ssize_t k = from; k < j; k++) {
@@ -2896,7 +2908,7 @@ py_rebuild_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 else { /* the Python redo goes on: the page so far as bytes, as without into */
                     PyObject *page =
                         rk->ch.page == PAGE_OUT
-                            ? PyBytes_FromStringAndSize((const char *)pages + k * BLCKSZ, BLCKSZ)
+                            ? PyBytes_FromStringAndSize((const char *)pages + k * stride, BLCKSZ)
                             : Py_NewRef(Py_None);
                     if (page == NULL)
                         goto fail;
@@ -3008,7 +3020,7 @@ PyInit__redo(void)
     }
     /* rebuild_run takes `into`, a buffer it writes whole pages into (range_rebuild.PageFill):
      * a module built before it has no such constant */
-    if (PyModule_AddIntConstant(m, "REBUILD_RUN_INTO", 1) < 0) {
+    if (PyModule_AddIntConstant(m, "REBUILD_RUN_INTO", 2) < 0) { /* 2: with its stride */
         Py_DECREF(m);
         return NULL;
     }

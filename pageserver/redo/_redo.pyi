@@ -30,6 +30,7 @@ def rebuild_run(
     in_memory: frozenset[bytes] | set[bytes],
     base_known: bool,
     into: Any = None,
+    stride: int = ...,
     /,
 ) -> list[bytes | bool | tuple[bytes | None, list[tuple[int, bool, bytes]]] | None]:
     """rebuild_page of each of keys (ascending) at lsn, its parts found in the layers
@@ -43,8 +44,9 @@ def rebuild_run(
     in in_memory is False; base_known as for rebuild_page where no tile covers a key.
     The keys' versions are gathered (blocks read) with the GIL, then their chains redone
     without it, so another thread's run (image creation's next partition) goes on meanwhile.
-    into: a writable buffer of len(keys) pages; a key whose value is a whole page has it
-    written there (key k at k * BLCKSZ) and True in the list, the others as without it.
+    into: a writable buffer of len(keys) records of `stride` bytes (BLCKSZ by default); a
+    key whose value is a whole page has it written at the end of its record (key k's at
+    k * stride + stride - BLCKSZ) and True in the list, the others as without it.
     """
 
 def run_kept_bytes(n: int, /) -> int:

@@ -197,9 +197,12 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
     into = range_rebuild.PageFill.into
 
     def counting_into(
-        fill: range_rebuild.PageFill, keys: list[Key], out: memoryview
+        fill: range_rebuild.PageFill,
+        keys: list[Key],
+        out: memoryview | bytearray,
+        stride: int = BLCKSZ,
     ) -> list[tuple[int, bytes | None]]:
-        left = into(fill, keys, out)
+        left = into(fill, keys, out, stride)
         counted.filled += len(keys) - len(left)
         return left
 
