@@ -547,9 +547,10 @@ class NodeStore:
         `snapshot create` and its pass forgot them: bench.exchange restarts it before each
         push, and the delta push of a snapshot read its pages through their WAL); else none.
         A pass at a point writes images where due, or none (cheap: the indexes, a key scan)."""
-        if timeline.timeline_id in self._points_recalled:
-            return set()
-        self._points_recalled.add(timeline.timeline_id)
+        with self._lock:  # the decode thread (a follower's start) or the compactor's
+            if timeline.timeline_id in self._points_recalled:
+                return set()
+            self._points_recalled.add(timeline.timeline_id)
         images = timeline.layer_map().images  # newest first
         newest = images[0].lsn if images else -1
         named = (

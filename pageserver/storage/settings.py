@@ -50,7 +50,9 @@ class StoreSettings:
     (3 partitions imaged), 55-80 ms with images at the snapshot everywhere, 90-110 ms with
     none (the same bytes). Scattered changes (a 1% checkout's every Nth page, ~1% of each
     partition's keys) image nothing; an image costs its partition's pages, compressed (~1
-    MB for 4096 pgbench pages), and a pass at a snapshot's LSN scans the keys."""
+    MB for 4096 pgbench pages), kept while the snapshot is, and a pass at a snapshot's LSN
+    scans the keys: under a write load that touches most partitions between two snapshots,
+    each snapshot costs an image of the database (a larger percentage images less)."""
     image_layer_target_size: int = 32 * MiB
     """Approximate uncompressed size of one image layer (4096 pages of 8 KiB)."""
     block_size: int = 128 * 1024
