@@ -189,7 +189,7 @@ class NodeStore:
         (`images_at`), MAX_IMAGE_POINTS at most."""
         self._points_recalled: set[str] = set()
         """The timelines whose snapshots named before this store opened were looked at for
-        image points (`_recalled_points`), once each."""
+        image points (`recall_image_points`), once each."""
 
     @property
     def timelines(self) -> TimelineStore:
@@ -480,10 +480,7 @@ class NodeStore:
             if self._state is None:
                 return
             timeline = self.timeline
-            points = self._image_points.setdefault(timeline.timeline_id, set())
-            points.add(lsn)
-            while len(points) > MAX_IMAGE_POINTS:
-                points.discard(min(points))
+            self._add_image_points(timeline.timeline_id, {lsn})
         if self._hand_rest(compact=True) is None:
             self._request_compaction(timeline)
 
@@ -508,13 +505,8 @@ class NodeStore:
     ) -> None:
 
         def points() -> set[int]:
-            recalled = self._recalled_points(timeline)
             with self._lock:
-                points = self._image_points.setdefault(timeline.timeline_id, set())
-                points.update(recalled)
-                while len(points) > MAX_IMAGE_POINTS:
-                    points.discard(min(points))
-                return set(points)
+                return set(self._image_points.get(timeline.timeline_id, ()))
 
         result = compact(timeline, reconstruct, rebuild_range, cancelled, defer_images, points)
         with self._lock:  # a pass stopped early left its points for the next one
@@ -538,16 +530,24 @@ class NodeStore:
         recalled = self._recalled_points(timeline)
         if recalled:
             with self._lock:
-                self._image_points.setdefault(timeline.timeline_id, set()).update(recalled)
+                self._add_image_points(timeline.timeline_id, recalled)
             self._request_compaction(timeline)
 
+    def _add_image_points(self, timeline_id: str, lsns: set[int]) -> None:
+        """Points for the timeline's next image pass, MAX_IMAGE_POINTS newest kept (the
+        caller holds the lock)."""
+        points = self._image_points.setdefault(timeline_id, set())
+        points.update(lsns)
+        while len(points) > MAX_IMAGE_POINTS:
+            points.discard(min(points))
+
     def _recalled_points(self, timeline: Timeline) -> set[int]:
-        """At a timeline's first pass since this store opened: the LSNs of its user
-        snapshots above its newest image layer, named before (a daemon restarted between a
-        `snapshot create` and its pass forgot them: bench.exchange restarts it before each
-        push, and the delta push of a snapshot read its pages through their WAL); else none.
-        A pass at a point writes images where due, or none (cheap: the indexes, a key scan)."""
-        with self._lock:  # the decode thread (a follower's start) or the compactor's
+        """Once per timeline and store: the LSNs of its user snapshots above its newest
+        image layer, named before the store opened (a daemon restarted between a `snapshot
+        create` and its pass forgot them: bench.exchange restarts it before each push, and
+        the delta push of a snapshot read its pages through their WAL); else none. A pass at
+        a point writes images where due, or none (cheap: the indexes, a key scan)."""
+        with self._lock:
             if timeline.timeline_id in self._points_recalled:
                 return set()
             self._points_recalled.add(timeline.timeline_id)
@@ -558,7 +558,7 @@ class NodeStore:
             for snap in self.history.snapshots.all()
             if snap.timeline_id == timeline.timeline_id and is_user_snapshot(snap.name)
         )
-        return set(sorted(lsn for lsn in named if lsn > newest)[-MAX_IMAGE_POINTS:])
+        return {lsn for lsn in named if lsn > newest}  # _add_image_points keeps the newest
 
     def flush(self) -> None:
         """Make everything ingested durable and compacted now, on this thread (after any
