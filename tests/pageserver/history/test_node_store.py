@@ -26,10 +26,12 @@ from pg15.rmgr.xact import XLOG_XACT_COMMIT, XLOG_XACT_OPMASK
 from tests.pageserver.ingest.test_native_ingest import Workload, workload  # noqa: F401
 
 SMALL = StoreSettings(checkpoint_distance=512 * 1024)
+EAGER = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
+"""Images for a partition with any delta above its image."""
 
 
-def imported(tmp_path: Path, base: Path) -> NodeStore:
-    store = NodeStore(StorageHistory(tmp_path / "history", SMALL), "n")
+def imported(tmp_path: Path, base: Path, settings: StoreSettings = SMALL) -> NodeStore:
+    store = NodeStore(StorageHistory(tmp_path / "history", settings), "n")
     store.import_datadir(base)
     return store
 
@@ -41,10 +43,12 @@ def batches(w: Workload, size: int = 50) -> list[tuple[list, list]]:  # type: ig
     ]
 
 
-def half_ingested(tmp_path: Path, w: Workload) -> tuple[NodeStore, list[tuple[list, list]]]:  # type: ignore[type-arg]
+def half_ingested(
+    tmp_path: Path, w: Workload, settings: StoreSettings = SMALL
+) -> tuple[NodeStore, list[tuple[list, list]]]:  # type: ignore[type-arg]
     """A store imported from `w`'s base with the first half of its batches ingested, and
     the other half."""
-    store = imported(tmp_path, w.base)
+    store = imported(tmp_path, w.base, settings)
     todo = batches(w)
     for records, raws in todo[: len(todo) // 2]:
         store.ingest_batch(records, raws)
@@ -353,19 +357,6 @@ def test_flush_ahead_writes_what_is_ingested_in_the_background(
     store.close()
 
 
-def eager_half_ingested(tmp_path: Path, w: Workload) -> tuple[NodeStore, list[tuple[list, list]]]:  # type: ignore[type-arg]
-    """A store imaging a partition with any delta above its image, imported from `w`'s base
-    with the first half of its batches ingested and compacted; the rest of the batches."""
-    eager = StoreSettings(checkpoint_distance=512 * 1024, image_creation_threshold=1)
-    store = NodeStore(StorageHistory(tmp_path / "history", eager), "n")
-    store.import_datadir(w.base)
-    todo = batches(w)
-    for records, raws in todo[: len(todo) // 2]:
-        store.ingest_batch(records, raws)
-    store.wait_compacted()
-    return store, todo[len(todo) // 2 :]
-
-
 def test_a_snapshots_lsn_gets_images_from_the_next_pass(
     workload: Workload,  # noqa: F811
     tmp_path: Path,
@@ -373,7 +364,8 @@ def test_a_snapshots_lsn_gets_images_from_the_next_pass(
     """`images_at` (a snapshot named at the ingested end): what is ingested goes to the
     flusher, and the pass after it writes image layers at that LSN where due, though ingest
     went on past it meanwhile."""
-    store, todo = eager_half_ingested(tmp_path, workload)
+    store, todo = half_ingested(tmp_path, workload, EAGER)
+    store.wait_compacted()
     timeline = store.timeline
     at = timeline.last_record_lsn
     assert at not in {image.lsn for image in timeline.layer_map().images}
@@ -398,7 +390,8 @@ def test_a_snapshot_named_before_a_restart_gets_its_images_after_it(
     """A daemon stopped between a `snapshot create` and its image pass forgot the point; the
     store opened again takes it from the snapshots named on the timeline above its newest
     image layer, when its follower starts (a HEAD{i} of a checkout is no such point)."""
-    store, todo = eager_half_ingested(tmp_path, workload)
+    store, todo = half_ingested(tmp_path, workload, EAGER)
+    store.wait_compacted()
     history = store.history
     timeline = store.timeline
     at = timeline.last_record_lsn
