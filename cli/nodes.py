@@ -577,7 +577,7 @@ def shutdown_checkpoint_wait() -> float:
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_WAIT_SECONDS):
         raise InvalidArgument(
             f"{SHUTDOWN_CHECKPOINT_WAIT_ENV}={raw!r} is not a positive number of seconds "
-            f"up to {MAX_WAIT_SECONDS}; set it so or unset it (30 s)"
+            f"up to {MAX_WAIT_SECONDS}; set it so or unset it ({SHUTDOWN_CHECKPOINT_WAIT:g} s)"
         )
     return seconds
 

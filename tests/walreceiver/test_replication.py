@@ -558,7 +558,7 @@ async def test_finish_stream_during_a_backoff_tries_once_more(
         server.psql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")
         await asyncio.to_thread(server.stop, "fast")
         # Either means no reconnecting. PAUSED: the last try's connection broke at the
-        # shutdown rather than ended (once, in the CI run at a0e92d5; the receiver now logs
+        # shutdown rather than ended (once, in the CI run at 2c570c2; the receiver now logs
         # why): what the pause needs is the shutdown checkpoint, checked next.
         ended = await asyncio.wait_for(task, 30)
         assert ended in (SERVER_ENDED, PAUSED), f"{ended}: {receiver.last_error!r}"
