@@ -39,7 +39,7 @@ from datadir_files.tar_reader import (
 )
 from datadir_files.untar import UnsafeArchive, member_path
 from durable_files import fsync_dir
-from pg15.constants import BLCKSZ, RELSEG_SIZE
+from pg15.constants import BLCKSZ, RELSEG_SIZE, WAL_SEGMENT_SIZE_MAX
 from pg15.datadir_layout import parse_relation_file_name
 from proto.errors import CorruptData
 from snapfile.delta import (
@@ -58,7 +58,7 @@ from snapfile.delta import (
 
 _SEGMENT_BYTES = RELSEG_SIZE * BLCKSZ
 _ALLOCATE_FROM = 1 << 20
-_MAX_WAL_SEGMENT = 1 << 30  # --wal-segsize's largest (src/include/access/xlog_internal.h)
+_MAX_WAL_SEGMENT = WAL_SEGMENT_SIZE_MAX
 """WAL segments (pg_wal members from 1 MiB to 1 GiB) are allocated with posix_fallocate before
 their bytes are written (space reserved, as PostgreSQL's zero-filled segments have it:
 wal_init_zero), so that their pieces of zeros need no writing (`DeltaApplier._write`). Only
@@ -335,8 +335,9 @@ class DeltaApplier:
         writeback error Linux marks the lost pages clean, so the page cache may read as
         the member while the disk does not, and a fresh fsync reports nothing: each file
         is written again, its pages dirty, so the fsync after makes them durable.
-        `sparse_wal`: the tar is a checkout's stream, whose WAL segment is a GNU sparse
-        member (at most _MAX_WAL_SEGMENT bytes); any other tar holding one is refused."""
+        `sparse_wal`: the tar is a checkout's stream or a delta `.neon` file's, whose WAL
+        segment may be a GNU sparse member (at most _MAX_WAL_SEGMENT bytes); any other tar
+        holding one is refused."""
         self.root = root
         self._root = str(root)
         self._aside = aside

@@ -270,7 +270,7 @@ async def apply_delta_stream(
     its head before) to its parent's data directory `pgdata` (`keep`: DeltaApplier's)."""
     from cli.delta_apply import DeltaApplier
 
-    applier = DeltaApplier(pgdata, keep)
+    applier = DeltaApplier(pgdata, keep, sparse_wal=True)  # DELTA_FORMAT_VERSION's WAL segment
     try:
         async for data in verified_tar(chunks, label, expect_manifest(label, expected)):
             await asyncio.to_thread(applier.feed, data)

@@ -28,7 +28,7 @@ from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 from datadir_files.pg_account import make_pg_dir, pg_os_user
 from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from pageserver_api.errors import FULL_ERRNOS
-from pg15.constants import BLCKSZ, RELSEG_SIZE
+from pg15.constants import BLCKSZ, RELSEG_SIZE, WAL_SEGMENT_SIZE_MAX
 from proto.errors import AlreadyExists, CorruptData, NoSpace
 
 _READ_SIZE = 1 << 20
@@ -127,7 +127,9 @@ class _Extractor:
         self._pack: int | None = None  # PACK_NAME's descriptor, once a member went in
         self._pack_buffer = bytearray()  # the pack's bytes not yet written (`_to_pack`)
         self._packing = False  # the current member's data goes to the pack
-        self._reader = TarReader()
+        # A delta's WAL segment may be a GNU sparse member (snapfile/manifest.py
+        # DELTA_FORMAT_VERSION); nothing else is read sparse.
+        self._reader = TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX if pack_deltas else 0)
         self._fd: int | None = None
         self._direct: _DirectWrites | None = None  # the current file's, if written so
         self._direct_writes = direct_writes_enabled()

@@ -15,6 +15,10 @@ RELSEG_SIZE = 131072
 """Blocks per relation segment file (1 GiB)."""
 PG_MAJOR_VERSION = 15
 
+# src/include/access/xlog_internal.h
+WAL_SEGMENT_SIZE_MAX = 1 << 30
+"""The largest WAL segment (initdb --wal-segsize, WalSegMaxSize): 1 GiB."""
+
 # src/include/common/relpath.h: ForkNumber and forkNames[]
 MAIN_FORKNUM = 0
 FSM_FORKNUM = 1

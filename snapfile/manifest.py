@@ -27,11 +27,17 @@ from pg15.constants import PG_MAJOR_VERSION
 from pg15.lsn import format_lsn
 
 FORMAT_VERSION = 2
-"""What this pg-neon writes. Version 2 dropped checksums.json's `data_sha256` (the whole tar's
-SHA-256): the frames' own SHA-256s, listed there, already fix every byte of the tar."""
-READABLE_VERSIONS = (1, 2)
+"""What this pg-neon writes for a whole snapshot. Version 2 dropped checksums.json's
+`data_sha256` (the whole tar's SHA-256): the frames' own SHA-256s, listed there, already fix
+every byte of the tar."""
+DELTA_FORMAT_VERSION = 3
+"""What it writes for a delta (a file naming a parent): version 2, whose tar may hold its WAL
+segment as a GNU sparse member (format 1.0, in PAX headers: the segment's records, not its
+16 MiB of zeros to compress, decompress and write). A reader older than that refuses the
+file at its head, by this number, instead of at that member after the whole transfer."""
+READABLE_VERSIONS = (1, 2, 3)
 """What it reads: version 1 files are verified as before, their whole-tar SHA-256 included."""
-_READABLE = " and ".join(str(v) for v in READABLE_VERSIONS)
+_READABLE = ", ".join(str(v) for v in READABLE_VERSIONS[:-1]) + f" and {READABLE_VERSIONS[-1]}"
 COMPRESSION_ZSTD = "zstd"
 DEFAULT_FRAME_SIZE = 4 * 1024 * 1024
 # Bounds a reader's memory (one frame in, one frame out) against a hostile manifest.
@@ -188,7 +194,14 @@ def snapshot_manifest(
         created_at=datetime.fromtimestamp(created_at, UTC),
         parent=parent,
         parent_lsn=parent_lsn,
+        format_version=written_version(parent),
     )
+
+
+def written_version(parent: str | None) -> int:
+    """The format version pg-neon writes a file in: a delta's (naming `parent`) or a whole
+    snapshot's."""
+    return FORMAT_VERSION if parent is None else DELTA_FORMAT_VERSION
 
 
 def _validate_location(entry: MemberEntry | FrameEntry, error: ErrorType, what: str) -> None:
@@ -295,7 +308,13 @@ class Checksums:
         if self.format_version == 1:
             _check_sha256(self.data_sha256, error, what, "data_sha256")
         else:
-            _check(self.data_sha256 is None, error, what, "data_sha256", "is not in version 2")
+            _check(
+                self.data_sha256 is None,
+                error,
+                what,
+                "data_sha256",
+                f"is not in version {self.format_version}",
+            )
 
     @property
     def content_id(self) -> str:
@@ -470,5 +489,7 @@ def decode_checksums(data: bytes) -> Checksums:
 def origin_of(manifest: Manifest) -> str:
     """What a snapshot imported from a `.neon` file is (Snapshot.origin): the file's manifest
     as a whole snapshot's (JSON), whether the file was whole or a delta."""
-    whole = dataclasses.replace(manifest, parent=None, parent_lsn=None)
+    whole = dataclasses.replace(
+        manifest, parent=None, parent_lsn=None, format_version=written_version(None)
+    )
     return encode_manifest(whole).decode()

@@ -38,13 +38,13 @@ from snapfile.container import (
     padding,
 )
 from snapfile.manifest import (
-    FORMAT_VERSION,
     Checksums,
     FrameEntry,
     Manifest,
     MemberEntry,
     encode_checksums,
     encode_manifest,
+    written_version,
 )
 
 DEFAULT_LEVEL = 2
@@ -64,9 +64,11 @@ class SnapshotFileWriter:
     def __init__(self, manifest: Manifest, *, level: int = DEFAULT_LEVEL) -> None:
         if not 1 <= level <= 22:
             raise InvalidArgument(f"zstd level must be between 1 and 22, not {level}")
-        if manifest.format_version != FORMAT_VERSION:
+        version = written_version(manifest.parent)
+        if manifest.format_version != version:
+            kind = "a whole snapshot" if manifest.parent is None else "a delta"
             raise InvalidArgument(
-                f"this pg-neon writes format version {FORMAT_VERSION}, not "
+                f"this pg-neon writes {kind} in format version {version}, not "
                 f"{manifest.format_version}"
             )
         self.manifest = manifest
@@ -157,6 +159,7 @@ class SnapshotFileWriter:
             manifest=self._manifest_entry,
             frames=tuple(self._frames),
             data_size=self._data_size,
+            format_version=self.manifest.format_version,
         )
         encoded = encode_checksums(checksums)
         out = self._member(CHECKSUMS_NAME, encoded, hashlib.sha256(encoded).hexdigest())

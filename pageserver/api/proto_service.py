@@ -76,8 +76,20 @@ async def _plan_basebackup(
         now=req.mtime if isinstance(req, m.BasebackupRequest) else None,
         fork_content=None if delta is None else delta.forks,
         aligned=aligned,
-        sparse_wal=bool(req.sparse_wal) if isinstance(req, m.BasebackupRequest) else False,
+        sparse_wal=_sparse_wal(req, delta),
     )
+
+
+def _sparse_wal(
+    req: m.BasebackupRequest | m.BasebackupPlanRequest, delta: DeltaParent | None
+) -> bool:
+    """Whether the tar's WAL segment is a GNU sparse member: a checkout's tar asks for it
+    (`sparse_wal`); a delta `.neon` file's is always so (its format version,
+    snapfile/manifest.py DELTA_FORMAT_VERSION, says it to a reader: its records, not 16 MiB of
+    zeros compressed, decompressed and written)."""
+    if not isinstance(req, m.BasebackupRequest):
+        return False
+    return bool(req.sparse_wal) or (bool(req.snapshot_file) and delta is not None)
 
 
 def _basebackup_response(

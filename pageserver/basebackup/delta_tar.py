@@ -142,6 +142,12 @@ class DeltaForks:
         self.delta_tar_bytes += tar_header_size(name, len(data), mtime) + _padded(len(data))
         yield from tar_file(name, len(data), [data], mtime)
 
+    def sparse_member(self, name: str, size: int, stored: int, mtime: int) -> None:
+        """A sparse member's `stored` bytes stand for a regular member of `size` in the
+        whole snapshot's tar (`full_tar_bytes`)."""
+        self.delta_tar_bytes += stored
+        self.whole_tar_bytes += tar_header_size(name, size, mtime) + _padded(size)
+
     def _records(
         self, nblocks: int, spc: int, db: int, rel: int, fork: int, runs: list[tuple[int, int]]
     ) -> Iterator[bytes]:

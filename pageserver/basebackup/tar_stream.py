@@ -341,6 +341,11 @@ class ForkContent(Protocol):
         """The tar pieces after the forks of a database `directory` (`global`, `base/5`)."""
         ...
 
+    def sparse_member(self, name: str, size: int, stored: int, mtime: int) -> None:
+        """The member `name` of `size` bytes went in as a sparse one of `stored` tar bytes
+        (the WAL segment: a whole basebackup has it as a regular member)."""
+        ...
+
 
 class AlignedChunks:
     """Page-aligned buffers a fork's pages are joined into, 1 MiB each, lent to the writer
@@ -512,9 +517,13 @@ class _Plan:
         )
         name = f"pg_wal/{info.wal_segment}"
         if self.sparse_wal:
-            yield from tar_sparse_file(
-                name, info.wal_segment_size, wal_segment_pages(*segment), mtime
+            pieces = list(
+                tar_sparse_file(name, info.wal_segment_size, wal_segment_pages(*segment), mtime)
             )
+            if self.fork_content is not None:
+                stored = sum(map(len, pieces))
+                self.fork_content.sparse_member(name, info.wal_segment_size, stored, mtime)
+            yield from pieces
         else:
             yield from tar_member(name, info.wal_segment_size, wal_segment_chunks(*segment), mtime)
         yield from _tar_bytes("global/pg_control", self.control, mtime)

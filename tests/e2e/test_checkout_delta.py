@@ -26,6 +26,7 @@ from datadir_files.untar import extract_stream
 from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest, BasebackupResponse, SnapshotCreateRequest
+from pg15.constants import WAL_SEGMENT_SIZE_MAX
 from pg15.lsn import parse_lsn
 from proto.errors import InvalidArgument
 from snapfile.delta import FORK_HEADER, fork_path_of, record_size
@@ -163,7 +164,7 @@ def assert_delta_equals_full(neon: NeonCli, head: str, work: Path) -> dict[str, 
 def fork_pages(delta: Path) -> dict[str, tuple[int, int]]:
     """(pages carried, blocks) of each relation fork member of a delta `.neon` file, by the
     fork's relation file path."""
-    reader = TarReader()
+    reader = TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX)  # a delta file: its WAL segment
     heads: dict[str, tuple[int, bytearray]] = {}
     current: str | None = None
     with delta.open("rb") as f:

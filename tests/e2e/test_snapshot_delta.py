@@ -6,8 +6,11 @@ line naming it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +83,8 @@ def test_delta_push_is_small_and_pulls_into_another_home(
     assert again["bytes_sent"] <= 0.05 * again["snapshot_bytes"]
     assert again["bytes_sent"] <= 0.05 * whole["bytes_sent"]
 
+    check_wal_segment_sparse(delta, base / "whole.neon", base / "tools")
+
     pulled = receiver.json("snapshot", "pull", "--from", str(delta))
     assert pulled["name"] == "pgdata1-s2"
     assert node_dump(receiver, "pgdata1-s2", "copy2") == snapshot_dump(sender, "pgdata1@s2")
@@ -91,6 +96,37 @@ def test_delta_push_is_small_and_pulls_into_another_home(
     assert "is a delta on snapshot pgdata1@s1 at LSN" in error, error
     assert "neon snapshot push --full" in error and len(error.strip().splitlines()) == 1
     assert "x" not in [s["name"] for s in receiver.json("snapshot", "list")]
+
+
+def check_wal_segment_sparse(delta: Path, whole: Path, work: Path) -> None:
+    """A delta file (format version 3) holds its WAL segment as a GNU sparse member, a few
+    KiB of its 16 MiB (a whole file, version 2, the segment whole); the real tar and zstd
+    extract both (docs/snapshot-format.md's pipeline) to the same segment."""
+    segments = []
+    for path, version in ((delta, 3), (whole, 2)):
+        out = work / path.stem
+        out.mkdir(parents=True)
+        manifest = json.loads(run_tools(f"tar -xOf '{path}' manifest.json", out))
+        assert manifest["format_version"] == version
+        inner = out / "data.tar"
+        inner.write_bytes(run_tools(f"tar -xOf '{path}' --wildcards 'frames/*' | zstd -d", out))
+        with tarfile.open(inner) as archive:
+            wal = [m for m in archive.getmembers() if m.name.startswith("pg_wal/0000")]
+        assert len(wal) == 1 and wal[0].issparse() == (version == 3), wal
+        run_tools(f"tar -xOf '{path}' --wildcards 'frames/*' | zstd -d | tar -x", out)
+        (segment,) = (out / "pg_wal").glob("0000*")
+        segments.append(segment.read_bytes())
+    assert len(segments[0]) == 16 << 20 and segments[0] == segments[1]
+    assert segments[0].rstrip(b"\0"), "the segment holds records"
+
+
+def run_tools(command: str, cwd: Path) -> bytes:
+    """A shell pipeline of standard tools (pipefail); any stderr output fails the test."""
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, check=False
+    )
+    assert done.returncode == 0 and not done.stderr, (command, done.stderr.decode())
+    return done.stdout
 
 
 def test_delta_over_s3(sender: NeonCli, receiver: NeonCli) -> None:

@@ -21,7 +21,7 @@ from snapfile.container import (
     padded,
     padding,
 )
-from snapfile.manifest import MemberEntry, encode_checksums, encode_manifest
+from snapfile.manifest import MemberEntry, encode_checksums, encode_manifest, written_version
 from snapfile.reader import ManifestRead, ReaderEvent, SnapshotEnd
 from snapfile.writer import DEFAULT_LEVEL
 
@@ -39,6 +39,8 @@ def make_manifest(frame_size: int = 4096, **changes: object) -> Manifest:
         "frame_size": frame_size,
     }
     fields.update(changes)
+    if "format_version" not in changes:  # as pg-neon writes it: a delta's is another
+        fields["format_version"] = written_version(changes.get("parent"))  # type: ignore[arg-type]
     return Manifest(**fields)  # type: ignore[arg-type]
 
 

@@ -55,7 +55,7 @@ def test_version_2_is_written_without_the_whole_tar_digest() -> None:
 
 
 def test_the_writer_refuses_to_write_version_1() -> None:
-    with pytest.raises(InvalidArgument, match="writes format version 2, not 1"):
+    with pytest.raises(InvalidArgument, match="writes a whole snapshot in format version 2, not 1"):
         SnapshotFileWriter(make_manifest(format_version=1))
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from pageserver_api.errors import CorruptData, InvalidArgument
 from snapfile.manifest import (
+    DELTA_FORMAT_VERSION,
     FORMAT_VERSION,
     Checksums,
     FrameEntry,
@@ -20,7 +21,9 @@ from snapfile.manifest import (
     decode_manifest,
     encode_checksums,
     encode_manifest,
+    snapshot_manifest,
 )
+from snapfile.writer import SnapshotFileWriter
 from tests.snapfile.snapfile_helpers import make_manifest
 
 SHA = "ab" * 32
@@ -47,7 +50,8 @@ def test_manifest_round_trip_is_canonical() -> None:
     assert obj["parent_lsn"] == "0/03000028"
     assert obj["system_identifier"] == "7312345678901234567"
     assert obj["created_at"] == "2026-12-03T17:00:00Z"
-    assert obj["format_version"] == FORMAT_VERSION
+    assert obj["format_version"] == DELTA_FORMAT_VERSION
+    assert json.loads(encode_manifest(make_manifest()))["format_version"] == FORMAT_VERSION
 
 
 def test_created_at_in_another_zone_is_written_in_utc() -> None:
@@ -78,7 +82,10 @@ def test_decoding_a_manifest_leaves_strptime_unimported() -> None:
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"format_version": 3}, "format version 3 is not supported"),
+        (
+            {"format_version": 4},
+            "format version 4 is not supported; this pg-neon reads versions 1, 2 and 3",
+        ),
         ({"format_version": 0}, "'format_version'"),
         ({"format_version": True}, "'format_version'"),
         ({"format_version": 1.0}, "'format_version'"),
@@ -158,6 +165,23 @@ def test_checksums_round_trip_is_canonical(version: int) -> None:
     assert ("data_sha256" in json.loads(data)) == (version == 1)
 
 
+def test_a_delta_is_written_in_version_3_a_whole_snapshot_in_2() -> None:
+    """Version 3 (a delta whose WAL segment may be a sparse member) is what an older reader
+    refuses at the file's head; a whole file stays readable by it."""
+    whole = snapshot_manifest(7, 0x3000028, 1, "pgdata1@s1", 1_700_000_000)
+    delta = snapshot_manifest(7, 0x4000028, 1, "pgdata1@s2", 1_700_000_000, "pgdata1@s1", 1)
+    assert (whole.format_version, delta.format_version) == (2, 3)
+    assert decode_manifest(encode_manifest(delta)) == delta
+    with pytest.raises(InvalidArgument, match="writes a delta in format version 3, not 2"):
+        SnapshotFileWriter(dataclasses.replace(delta, format_version=2))
+    with pytest.raises(InvalidArgument, match="writes a whole snapshot in format version 2, not 3"):
+        SnapshotFileWriter(dataclasses.replace(whole, format_version=3))
+    writer = SnapshotFileWriter(delta)
+    writer.write(b"\0" * 1024)
+    writer.finish()
+    assert writer.checksums.format_version == 3
+
+
 def test_the_whole_tar_digest_belongs_to_version_1_only() -> None:
     with pytest.raises(InvalidArgument, match="'data_sha256' is not in version 2"):
         dataclasses.replace(make_checksums(2), data_sha256=SHA)
@@ -168,7 +192,7 @@ def test_the_whole_tar_digest_belongs_to_version_1_only() -> None:
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
-        (lambda o: o.update(format_version=3), "format version 3"),
+        (lambda o: o.update(format_version=4), "format version 4"),
         (lambda o: o.update(data_sha256=SHA), "'data_sha256' is unknown"),
         (lambda o: o.update(frames=[]), "'frames'"),
         (lambda o: o.update(frames={}), "'frames'"),
