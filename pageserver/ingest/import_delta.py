@@ -47,6 +47,9 @@ from snapfile.delta import (
 BATCH_BYTES = 8 * 1024 * 1024
 """Values put at one LSN before the next (the in-memory layer freezes between them)."""
 _LSN_STEP = 8
+READ_RECORDS = 128
+"""A fork member's records read at once (~1 MiB)."""
+_RECORD = BLOCK_NUMBER.size + BLCKSZ
 
 
 def import_delta(timeline: Timeline, datadir: Path) -> int:
@@ -135,21 +138,29 @@ def _add_member(
     size: int, name: str,
 ) -> None:  # fmt: skip
     """The pages of fork member `name` (`size` bytes, read in order through `read`), then
-    the fork's size."""
+    the fork's size. Read READ_RECORDS records at a time: a read per block number and one
+    per page were two system calls a page, half of a 1% delta's import (~5,400 preads)."""
     delta = parse_fork_header(read(FORK_HEADER.size), size, name)
     previous = -1
-    for _ in range(delta.pages):
-        (blkno,) = BLOCK_NUMBER.unpack(read(BLOCK_NUMBER.size))
-        if not previous < blkno < delta.nblocks:
-            raise CorruptData(
-                f"delta member {name!r}: block {blkno} after {previous} in a fork of "
-                f"{delta.nblocks} blocks"
-            )
-        previous = blkno
-        page = read(BLCKSZ)
-        if len(page) != BLCKSZ:
-            raise CorruptData(f"delta member {name!r} ends inside block {blkno}")
-        sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
+    for first in range(0, delta.pages, READ_RECORDS):
+        want = min(delta.pages - first, READ_RECORDS) * _RECORD
+        records = read(want)
+        for at in range(0, len(records), _RECORD):
+            if at + BLOCK_NUMBER.size > len(records):
+                raise CorruptData(f"delta member {name!r} ends inside a block number")
+            (blkno,) = BLOCK_NUMBER.unpack_from(records, at)
+            if not previous < blkno < delta.nblocks:
+                raise CorruptData(
+                    f"delta member {name!r}: block {blkno} after {previous} in a fork of "
+                    f"{delta.nblocks} blocks"
+                )
+            previous = blkno
+            if at + _RECORD > len(records):
+                raise CorruptData(f"delta member {name!r} ends inside block {blkno}")
+            page = records[at + BLOCK_NUMBER.size : at + _RECORD]
+            sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
+        if len(records) != want:  # cut where a record ends
+            raise CorruptData(f"delta member {name!r} ends after block {previous}")
     sink.add(rel_size_key(spc, db, rel, fork), encode_u32(delta.nblocks))
 
 

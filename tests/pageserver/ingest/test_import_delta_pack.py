@@ -12,13 +12,14 @@ import asyncio
 import io
 import os
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from datadir_files.untar import UnsafeArchive, extract_stream
-from pageserver.ingest.import_delta import _DeltaForks, _PackedForks
+from pageserver.ingest.import_delta import READ_RECORDS, _add_member, _DeltaForks, _PackedForks
+from pageserver.storage.keys import rel_block_key
 from pg15.constants import BLCKSZ
 from proto.errors import CorruptData
 from snapfile.delta import (
@@ -195,3 +196,30 @@ def test_a_pack_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
     (target / PACK_NAME).symlink_to(elsewhere)
     with pytest.raises(OSError):
         _PackedForks(target, target / PACK_NAME)
+
+
+def test_a_member_is_read_in_few_large_reads_and_a_cut_one_is_refused() -> None:
+    """A fork member's records are read READ_RECORDS at a time (a read per block number and
+    one per page were two system calls a page, half of a 1% delta's import); a member the
+    file cuts short, inside a record or where one ends, is CorruptData naming it."""
+    member = fork_member(600, list(range(0, 600, 2)))  # 300 pages
+    reads: list[int] = []
+
+    def read_from(data: bytes) -> Callable[[int], bytes]:
+        source = io.BytesIO(data)
+
+        def read(n: int) -> bytes:
+            reads.append(n)
+            return source.read(n)
+
+        return read
+
+    sink = Recorded()
+    _add_member(sink, 1663, 5, 16384, 0, read_from(member), len(member), "m")
+    assert len(sink.values) == 301 and len(reads) == 1 + -(-300 // READ_RECORDS)
+    assert sink.values[1] == (rel_block_key(1663, 5, 16384, 0, 2), member[16 + 8196 + 4 :][:BLCKSZ])
+    five = 16 + 5 * (4 + BLCKSZ)  # the header and five records: blocks 0 to 8
+    cuts = {five: "after block 8", five + 2: "inside a block number", five + 99: "inside block 10"}
+    for cut, error in cuts.items():
+        with pytest.raises(CorruptData, match=f"'m' ends {error}"):
+            _add_member(Recorded(), 1663, 5, 16384, 0, read_from(member[:cut]), len(member), "m")
