@@ -40,7 +40,7 @@ from datadir_files.tar_reader import (
 from datadir_files.untar import UnsafeArchive, member_path
 from durable_files import fsync_dir
 from pg15.constants import BLCKSZ, RELSEG_SIZE, WAL_SEGMENT_SIZE_MAX
-from pg15.datadir_layout import parse_relation_file_name
+from pg15.datadir_layout import WAL_SEGMENT_MEMBER, parse_relation_file_name
 from proto.errors import CorruptData
 from snapfile.delta import (
     BLOCK_NUMBER,
@@ -336,13 +336,17 @@ class DeltaApplier:
         the member while the disk does not, and a fresh fsync reports nothing: each file
         is written again, its pages dirty, so the fsync after makes them durable.
         `sparse_wal`: the tar is a checkout's stream or a delta `.neon` file's, whose WAL
-        segment may be a GNU sparse member (at most _MAX_WAL_SEGMENT bytes); any other tar
-        holding one is refused."""
+        segment may be a GNU sparse member (one, named as a segment, at most
+        _MAX_WAL_SEGMENT bytes); any other sparse member is refused."""
         self.root = root
         self._root = str(root)
         self._aside = aside
         self._set_aside = 0
-        self._reader = TarReader(sparse_up_to=_MAX_WAL_SEGMENT if sparse_wal else 0)
+        self._reader = (
+            TarReader(sparse_up_to=_MAX_WAL_SEGMENT, sparse_names=WAL_SEGMENT_MEMBER)
+            if sparse_wal
+            else TarReader()
+        )
         self._keep: set[str] = {PurePosixPath(p).as_posix() for p in keep}
         """Relative paths ('/'-separated, no '.' parts) that stay: named by the delta, or
         kept by the caller."""

@@ -22,6 +22,7 @@ data after it is ignored. Anything else raises TarFormatError naming the member 
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,9 +217,15 @@ class TarReader:
     """Feed archive bytes with `feed()`, then call `finish()`; each returns events in order:
     per member MemberStart, MemberData (files only), MemberEnd; finish() gives ArchiveEnd."""
 
-    def __init__(self, *, sparse_up_to: int = 0) -> None:
-        """`sparse_up_to`: the largest GNU sparse member read (0: each is refused)."""
+    def __init__(
+        self, *, sparse_up_to: int = 0, sparse_names: re.Pattern[str] | None = None
+    ) -> None:
+        """`sparse_up_to`: the largest GNU sparse member read (0: each is refused).
+        `sparse_names`: the name a sparse member must have (all of it), and only one is
+        read (a delta's WAL segment); None: any, and any number."""
         self._sparse_up_to = sparse_up_to
+        self._sparse_names = sparse_names
+        self._sparse_seen = False
         self._buf = bytearray()
         self.offset = 0
         """Archive bytes consumed."""
@@ -337,6 +344,12 @@ class TarReader:
                 f"tar member {name!r} is a GNU sparse file larger than {self._sparse_up_to}"
                 f" bytes: {size}"
             )
+        if self._sparse_names is not None:
+            if not self._sparse_names.fullmatch(name):
+                raise TarFormatError(f"tar member {name!r} is a GNU sparse file, not read so")
+            if self._sparse_seen:
+                raise TarFormatError(f"tar member {name!r} is a second GNU sparse file")
+            self._sparse_seen = True
         self._name = name
         self._sparse = _Sparse(MemberStart(name, start.kind, size, start.mode, start.linkname))
         self._sparse.pad, self._pad_left = self._pad_left, 0

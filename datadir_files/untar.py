@@ -29,6 +29,7 @@ from datadir_files.pg_account import make_pg_dir, pg_os_user
 from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from pageserver_api.errors import FULL_ERRNOS
 from pg15.constants import BLCKSZ, RELSEG_SIZE, WAL_SEGMENT_SIZE_MAX
+from pg15.datadir_layout import WAL_SEGMENT_MEMBER
 from proto.errors import AlreadyExists, CorruptData, NoSpace
 
 _READ_SIZE = 1 << 20
@@ -129,7 +130,11 @@ class _Extractor:
         self._packing = False  # the current member's data goes to the pack
         # A delta's WAL segment may be a GNU sparse member (snapfile/manifest.py
         # DELTA_FORMAT_VERSION); nothing else is read sparse.
-        self._reader = TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX if pack_deltas else 0)
+        self._reader = (
+            TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX, sparse_names=WAL_SEGMENT_MEMBER)
+            if pack_deltas
+            else TarReader()
+        )
         self._fd: int | None = None
         self._direct: _DirectWrites | None = None  # the current file's, if written so
         self._direct_writes = direct_writes_enabled()

@@ -52,6 +52,9 @@ TABLESPACE_VERSION_DIRECTORY = "PG_15_202209061"
 
 SLRU_SEGMENT_FILE = re.compile(r"^[0-9A-F]{4,6}\Z")
 TWOPHASE_FILE = re.compile(r"^[0-9A-F]{8}\Z")
+WAL_SEGMENT_MEMBER = re.compile(r"pg_wal/[0-9A-F]{24}")
+"""A WAL segment's path in a data directory (src/include/access/xlog_internal.h XLogFileName:
+the timeline, the log and the segment number in eight hex digits each), matched whole."""
 _REL_FILE = re.compile(r"([0-9]+)(_fsm|_vm|_init)?(?:\.([0-9]+))?")
 _SUFFIX_FORK = {suffix: fork for fork, suffix in FORK_SUFFIX.items()}
 

@@ -113,6 +113,13 @@ class Manifest:
             f"is {self.format_version!r}; this pg-neon reads versions {_READABLE} only "
             "(a newer pg-neon wrote the file: upgrade pg-neon to read it)",
         )
+        _check(
+            self.format_version != DELTA_FORMAT_VERSION or self.parent is not None,
+            error,
+            what,
+            "format_version",
+            f"is {DELTA_FORMAT_VERSION}, a delta's, but the file names no parent",
+        )
         _check_int(self.pg_version, error, what, "pg_version", 1, 1000)
         _check_int(self.system_identifier, error, what, "system_identifier")
         _check_int(self.lsn, error, what, "lsn")
@@ -489,7 +496,9 @@ def decode_checksums(data: bytes) -> Checksums:
 def origin_of(manifest: Manifest) -> str:
     """What a snapshot imported from a `.neon` file is (Snapshot.origin): the file's manifest
     as a whole snapshot's (JSON), whether the file was whole or a delta."""
+    version = manifest.format_version  # a delta's version is a whole file's, 1 and 2 kept
     whole = dataclasses.replace(
-        manifest, parent=None, parent_lsn=None, format_version=written_version(None)
-    )
+        manifest, parent=None, parent_lsn=None,
+        format_version=FORMAT_VERSION if version == DELTA_FORMAT_VERSION else version,
+    )  # fmt: skip
     return encode_manifest(whole).decode()

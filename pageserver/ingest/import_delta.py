@@ -160,7 +160,8 @@ def _add_member(
             page = records[at + BLOCK_NUMBER.size : at + _RECORD]
             sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
         if len(records) != want:  # cut where a record ends
-            raise CorruptData(f"delta member {name!r} ends after block {previous}")
+            where = f"block {previous}" if previous >= 0 else "its header"
+            raise CorruptData(f"delta member {name!r} ends after {where}")
     sink.add(rel_size_key(spc, db, rel, fork), encode_u32(delta.nblocks))
 
 

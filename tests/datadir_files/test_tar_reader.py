@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from datadir_files.tar_reader import (
     TarFormatError,
     TarReader,
 )
+from pg15.datadir_layout import WAL_SEGMENT_MEMBER
 
 LONG = "base/16384/" + "d" * 120 + "/" + "f" * 90  # beyond ustar's 100 + 155 name fields
 
@@ -47,10 +49,11 @@ def make_archive(fmt: int, files: dict[str, bytes], *, link_to: str = "") -> byt
 
 
 def read_all(
-    archive: bytes, sizes: list[int], *, sparse_up_to: int = 0
-) -> list[tuple[str, str, int, bytes, str]]:
+    archive: bytes, sizes: list[int], *, sparse_up_to: int = 0,
+    sparse_names: re.Pattern[str] | None = None,
+) -> list[tuple[str, str, int, bytes, str]]:  # fmt: skip
     """(name, kind, size, data, linkname) per member, feeding `archive` in `sizes` pieces."""
-    reader = TarReader(sparse_up_to=sparse_up_to)
+    reader = TarReader(sparse_up_to=sparse_up_to, sparse_names=sparse_names)
     events: list[TarEvent] = []
     pos, i = 0, 0
     while pos < len(archive):
@@ -273,3 +276,20 @@ def test_an_overlong_or_odd_number_is_a_format_error(
     with pytest.raises(TarFormatError) as caught:
         read_all(_pax_member(records, stored), [], sparse_up_to=1 << 30)
     assert type(caught.value) is TarFormatError
+
+
+def test_sparse_names_read_one_sparse_member_so_named() -> None:
+    """A delta's reader takes one sparse member, its WAL segment: a few bytes of archive
+    declaring 1 GiB of zeros under any other name, or a second one, are refused."""
+    wal = "pg_wal/000000010000000000000001"
+    archive = sparse_archive(wal, 4 << 20, SPARSE_REGIONS)
+    got = read_all(archive, [], sparse_up_to=1 << 30, sparse_names=WAL_SEGMENT_MEMBER)
+    assert got[0][0] == wal and got[0][3] == with_regions(4 << 20, SPARSE_REGIONS)
+    other = sparse_archive("global/pg_filenode.map", 4 << 20, SPARSE_REGIONS)
+    with pytest.raises(
+        TarFormatError, match=r"'global/pg_filenode\.map' is a GNU sparse file, not"
+    ):
+        read_all(other, [], sparse_up_to=1 << 30, sparse_names=WAL_SEGMENT_MEMBER)
+    twice = archive[: -1024 - 1024] + archive  # the sparse member, then all of it again
+    with pytest.raises(TarFormatError, match="second GNU sparse file"):
+        read_all(twice, [], sparse_up_to=1 << 30, sparse_names=WAL_SEGMENT_MEMBER)

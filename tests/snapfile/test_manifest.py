@@ -21,6 +21,7 @@ from snapfile.manifest import (
     decode_manifest,
     encode_checksums,
     encode_manifest,
+    origin_of,
     snapshot_manifest,
 )
 from snapfile.writer import SnapshotFileWriter
@@ -87,6 +88,7 @@ def test_decoding_a_manifest_leaves_strptime_unimported() -> None:
             "format version 4 is not supported; this pg-neon reads versions 1, 2 and 3",
         ),
         ({"format_version": 0}, "'format_version'"),
+        ({"format_version": 3}, "'format_version' is 3, a delta's, but the file names no parent"),
         ({"format_version": True}, "'format_version'"),
         ({"format_version": 1.0}, "'format_version'"),
         ({"format_version": "1"}, "'format_version'"),
@@ -174,8 +176,13 @@ def test_a_delta_is_written_in_version_3_a_whole_snapshot_in_2() -> None:
     assert decode_manifest(encode_manifest(delta)) == delta
     with pytest.raises(InvalidArgument, match="writes a delta in format version 3, not 2"):
         SnapshotFileWriter(dataclasses.replace(delta, format_version=2))
-    with pytest.raises(InvalidArgument, match="writes a whole snapshot in format version 2, not 3"):
-        SnapshotFileWriter(dataclasses.replace(whole, format_version=3))
+    with pytest.raises(InvalidArgument, match="'format_version' is 3, a delta's, but the file"):
+        dataclasses.replace(whole, format_version=3)  # no such manifest to write
+    # What a snapshot imported from it records: a whole file's manifest, in the version a
+    # whole file of its time has (a version 1 file's origin stays 1, compared as before).
+    assert json.loads(origin_of(delta))["format_version"] == 2
+    old = make_manifest(format_version=1)
+    assert json.loads(origin_of(old))["format_version"] == 1
     writer = SnapshotFileWriter(delta)
     writer.write(b"\0" * 1024)
     writer.finish()

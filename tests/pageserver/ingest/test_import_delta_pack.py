@@ -219,7 +219,31 @@ def test_a_member_is_read_in_few_large_reads_and_a_cut_one_is_refused() -> None:
     assert len(sink.values) == 301 and len(reads) == 1 + -(-300 // READ_RECORDS)
     assert sink.values[1] == (rel_block_key(1663, 5, 16384, 0, 2), member[16 + 8196 + 4 :][:BLCKSZ])
     five = 16 + 5 * (4 + BLCKSZ)  # the header and five records: blocks 0 to 8
-    cuts = {five: "after block 8", five + 2: "inside a block number", five + 99: "inside block 10"}
+    cuts = {five: "after block 8", five + 2: "inside a block number", five + 99: "inside block 10",
+            16: "after its header"}  # fmt: skip
     for cut, error in cuts.items():
         with pytest.raises(CorruptData, match=f"'m' ends {error}"):
             _add_member(Recorded(), 1663, 5, 16384, 0, read_from(member[:cut]), len(member), "m")
+
+
+def test_a_delta_takes_its_wal_segment_sparse_and_nothing_else(tmp_path: Path) -> None:
+    """A delta file's WAL segment is a sparse member (snapfile/manifest.py
+    DELTA_FORMAT_VERSION), extracted whole; a sparse member under another name would make
+    the receiver write up to 1 GiB of zeros for a few bytes pushed: refused."""
+    from pageserver.basebackup.tar_stream import tar_sparse_file
+
+    wal = "pg_wal/000000010000000000000001"
+    for name in (wal, "global/pg_filenode.map"):
+        sparse = b"".join(tar_sparse_file(name, 16 << 20, [(0, b"r" * 8192)], 1))
+        members = delta_tar()
+        with tarfile.open(fileobj=io.BytesIO(members)) as tar:
+            last = tar.getmembers()[-1]
+        end = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive begins
+        archive = members[:end] + sparse + bytes(1024)
+        target = tmp_path / name.replace("/", "-")
+        if name != wal:
+            with pytest.raises(CorruptData, match=r"'global/pg_filenode\.map' is a GNU sparse"):
+                extract(archive, target, pack=True)
+            continue
+        extract(archive, target, pack=True)
+        assert (target / wal).read_bytes() == b"r" * 8192 + bytes((16 << 20) - 8192)
