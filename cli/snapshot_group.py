@@ -62,8 +62,7 @@ LAZY_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "cli.snapshot_transfer",
         "snapshot_push",
         "Send a snapshot's .neon file to URL (a directory gets SNAPSHOT.neon): a delta on the "
-        "newest snapshot of its history the destination has (format version 3, which a "
-        "pg-neon older than December 2026 refuses), unless --full.",
+        "newest snapshot of its history the destination has, unless --full.",
     ),
     "recv": (
         "cli.snapshot_recv",
