@@ -40,7 +40,7 @@ from datadir_files.tar_reader import (
 from datadir_files.untar import UnsafeArchive, member_path
 from durable_files import fsync_dir
 from pg15.constants import BLCKSZ, RELSEG_SIZE, WAL_SEGMENT_SIZE_MAX
-from pg15.datadir_layout import WAL_SEGMENT_MEMBER, parse_relation_file_name
+from pg15.datadir_layout import parse_relation_file_name
 from proto.errors import CorruptData
 from snapfile.delta import (
     BLOCK_NUMBER,
@@ -50,6 +50,7 @@ from snapfile.delta import (
     MAX_BLOCKS,
     MAX_FORK_SIZES,
     ForkDelta,
+    delta_tar_reader,
     fork_path_of,
     parse_fork_header,
     parse_fork_sizes,
@@ -342,11 +343,7 @@ class DeltaApplier:
         self._root = str(root)
         self._aside = aside
         self._set_aside = 0
-        self._reader = (
-            TarReader(sparse_up_to=_MAX_WAL_SEGMENT, sparse_names=WAL_SEGMENT_MEMBER)
-            if sparse_wal
-            else TarReader()
-        )
+        self._reader = delta_tar_reader() if sparse_wal else TarReader()
         self._keep: set[str] = {PurePosixPath(p).as_posix() for p in keep}
         """Relative paths ('/'-separated, no '.' parts) that stay: named by the delta, or
         kept by the caller."""

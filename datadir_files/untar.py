@@ -28,8 +28,7 @@ from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 from datadir_files.pg_account import make_pg_dir, pg_os_user
 from datadir_files.tar_reader import MemberData, MemberEnd, MemberStart, TarFormatError, TarReader
 from pageserver_api.errors import FULL_ERRNOS
-from pg15.constants import BLCKSZ, RELSEG_SIZE, WAL_SEGMENT_SIZE_MAX
-from pg15.datadir_layout import WAL_SEGMENT_MEMBER
+from pg15.constants import BLCKSZ, RELSEG_SIZE
 from proto.errors import AlreadyExists, CorruptData, NoSpace
 
 _READ_SIZE = 1 << 20
@@ -128,13 +127,11 @@ class _Extractor:
         self._pack: int | None = None  # PACK_NAME's descriptor, once a member went in
         self._pack_buffer = bytearray()  # the pack's bytes not yet written (`_to_pack`)
         self._packing = False  # the current member's data goes to the pack
-        # A delta's WAL segment may be a GNU sparse member (snapfile/manifest.py
-        # DELTA_FORMAT_VERSION); nothing else is read sparse.
-        self._reader = (
-            TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX, sparse_names=WAL_SEGMENT_MEMBER)
-            if pack_deltas
-            else TarReader()
-        )
+        self._reader = TarReader()
+        if pack_deltas:  # its WAL segment may be sparse; imported on use, as in `_packed`
+            from snapfile.delta import delta_tar_reader
+
+            self._reader = delta_tar_reader()
         self._fd: int | None = None
         self._direct: _DirectWrites | None = None  # the current file's, if written so
         self._direct_writes = direct_writes_enabled()

@@ -21,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from datadir_files.tar_reader import TarReader
 from pageserver_api.errors import CorruptData
-from pg15.constants import BLCKSZ
+from pg15.constants import BLCKSZ, WAL_SEGMENT_SIZE_MAX
+from pg15.datadir_layout import WAL_SEGMENT_MEMBER
 from pg15.lsn import format_lsn
 
 if TYPE_CHECKING:  # its module costs ~3.5 ms of `pg checkout`'s start, which needs none of it
@@ -110,6 +112,14 @@ def parse_fork_sizes(data: bytes, member: str) -> list[tuple[str, int]]:
 
 def fork_header(nblocks: int) -> bytes:
     return FORK_HEADER.pack(MAGIC, BLCKSZ, nblocks)
+
+
+def delta_tar_reader() -> TarReader:
+    """A reader of a delta's tar (a delta `.neon` file's, format version 3, or a checkout's):
+    its WAL segment may be a GNU sparse member, one, named as a segment, a segment's largest
+    size at most; any other sparse member is refused (a few bytes of archive could declare a
+    GiB of zeros to write)."""
+    return TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX, sparse_names=WAL_SEGMENT_MEMBER)
 
 
 def record_size(page_size: int = BLCKSZ) -> int:

@@ -35,14 +35,13 @@ from snapfile.delta import (
     fork_member_size,
     fork_sizes_member,
     pack_fork_sizes,
+    record_size,
 )
 
 _LISTED_SPACES = (DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID)
 """Where `fork_sizes` lists forks (global/, base/N/: what the applier reads such a list in);
 a tablespace's come as a member each."""
 _SIZE_MARKER = 0xFFFFFFFF
-_RECORD = BLOCK_NUMBER.size + BLCKSZ
-"""A fork member's record: the block number, then the page."""
 _BATCH_PAGES = 32
 _REBUILD_KEYS = 4096
 """Keys rebuilt per call: a bounded key list for a fork sent whole (created in the window)."""
@@ -227,17 +226,18 @@ def filled_records(timeline: Timeline, lsn: int, fork: Fork, blocks: list[int]) 
     spc, db, rel, forknum = fork
     span = fork_blocks_range(spc, db, rel, forknum)
     fill = PageFill(timeline, lsn, timeline.persistent_view(span, lsn), span)
+    record = record_size()
     for at in range(0, len(blocks), RUN_KEYS):
         piece = blocks[at : at + RUN_KEYS]
-        records = bytearray(len(piece) * _RECORD)
+        records = bytearray(len(piece) * record)
         for i, blkno in enumerate(piece):
-            BLOCK_NUMBER.pack_into(records, i * _RECORD, blkno)
+            BLOCK_NUMBER.pack_into(records, i * record, blkno)
         keys = [rel_block_key(spc, db, rel, forknum, b) for b in piece]
-        for i, value in fill.into(keys, records, _RECORD):  # the pages the walk left: here
+        for i, value in fill.into(keys, records, record):  # the pages the walk left: here
             page = ZERO_PAGE if value is None else value  # absent: a hole
             if len(page) != BLCKSZ:
                 raise _short_page(fork, piece[i])
-            records[(i + 1) * _RECORD - BLCKSZ : (i + 1) * _RECORD] = page
+            records[(i + 1) * record - BLCKSZ : (i + 1) * record] = page
         yield cast(bytes, records)  # a bytearray: len and buffer, as AlignedChunks' views
 
 

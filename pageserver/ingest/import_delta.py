@@ -29,7 +29,6 @@ from pageserver.reconstruct.value_format import encode_u32
 from pageserver.storage.keys import Key, rel_block_key, rel_size_key
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.values import Image
-from pg15.constants import BLCKSZ
 from pg15.datadir_layout import parse_relation_file_name
 from pg15.lsn import format_lsn
 from pg15.pg_control import read_control_file
@@ -42,6 +41,7 @@ from snapfile.delta import (
     PackedFork,
     parse_fork_header,
     read_pack_index,
+    record_size,
 )
 
 BATCH_BYTES = 8 * 1024 * 1024
@@ -49,7 +49,6 @@ BATCH_BYTES = 8 * 1024 * 1024
 _LSN_STEP = 8
 READ_RECORDS = 128
 """A fork member's records read at once (~1 MiB)."""
-_RECORD = BLOCK_NUMBER.size + BLCKSZ
 
 
 def import_delta(timeline: Timeline, datadir: Path) -> int:
@@ -141,11 +140,12 @@ def _add_member(
     the fork's size. Read READ_RECORDS records at a time: a read per block number and one
     per page were two system calls a page, half of a 1% delta's import (~5,400 preads)."""
     delta = parse_fork_header(read(FORK_HEADER.size), size, name)
+    record = record_size()
     previous = -1
     for first in range(0, delta.pages, READ_RECORDS):
-        want = min(delta.pages - first, READ_RECORDS) * _RECORD
+        want = min(delta.pages - first, READ_RECORDS) * record
         records = read(want)
-        for at in range(0, len(records), _RECORD):
+        for at in range(0, len(records), record):
             if at + BLOCK_NUMBER.size > len(records):
                 raise CorruptData(f"delta member {name!r} ends inside a block number")
             (blkno,) = BLOCK_NUMBER.unpack_from(records, at)
@@ -155,9 +155,9 @@ def _add_member(
                     f"{delta.nblocks} blocks"
                 )
             previous = blkno
-            if at + _RECORD > len(records):
+            if at + record > len(records):
                 raise CorruptData(f"delta member {name!r} ends inside block {blkno}")
-            page = records[at + BLOCK_NUMBER.size : at + _RECORD]
+            page = records[at + BLOCK_NUMBER.size : at + record]
             sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
         if len(records) != want:  # cut where a record ends
             where = f"block {previous}" if previous >= 0 else "its header"

@@ -21,15 +21,14 @@ from cli.context import App
 from cli.pageserver_control import local_api
 from cli.secrets import read_secret
 from cli.snapshot_file_source import apply_delta_stream
-from datadir_files.tar_reader import MemberData, MemberStart, TarReader
+from datadir_files.tar_reader import MemberData, MemberStart
 from datadir_files.untar import extract_stream
 from pageserver.basebackup.wal_synthesis import normalize_lsn
 from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest, BasebackupResponse, SnapshotCreateRequest
-from pg15.constants import WAL_SEGMENT_SIZE_MAX
 from pg15.lsn import parse_lsn
 from proto.errors import InvalidArgument
-from snapfile.delta import FORK_HEADER, fork_path_of, record_size
+from snapfile.delta import FORK_HEADER, delta_tar_reader, fork_path_of, record_size
 from snapfile.reader import TarData, read_manifest, read_snapshot_file
 from tests.e2e.test_pitr_faithfulness import amcheck, assert_same_dumps, dump_all
 from tests.neoncli import NEON, NeonCli, psql
@@ -164,7 +163,7 @@ def assert_delta_equals_full(neon: NeonCli, head: str, work: Path) -> dict[str, 
 def fork_pages(delta: Path) -> dict[str, tuple[int, int]]:
     """(pages carried, blocks) of each relation fork member of a delta `.neon` file, by the
     fork's relation file path."""
-    reader = TarReader(sparse_up_to=WAL_SEGMENT_SIZE_MAX)  # a delta file: its WAL segment
+    reader = delta_tar_reader()  # a delta file: its WAL segment is sparse
     heads: dict[str, tuple[int, bytearray]] = {}
     current: str | None = None
     with delta.open("rb") as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from tests.httpd import file_server
 from tests.neoncli import NeonCli, free_port, pgbench, psql
 from tests.pgtest import pg_reachable_tmpdir
 from tests.s3d import moto_s3
+from tests.snapfile.test_standard_tools import run as run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -106,27 +106,18 @@ def check_wal_segment_sparse(delta: Path, whole: Path, work: Path) -> None:
     for path, version in ((delta, 3), (whole, 2)):
         out = work / path.stem
         out.mkdir(parents=True)
-        manifest = json.loads(run_tools(f"tar -xOf '{path}' manifest.json", out))
+        manifest = json.loads(run_pipeline(f"tar -xOf '{path}' manifest.json", out))
         assert manifest["format_version"] == version
         inner = out / "data.tar"
-        inner.write_bytes(run_tools(f"tar -xOf '{path}' --wildcards 'frames/*' | zstd -d", out))
+        inner.write_bytes(run_pipeline(f"tar -xOf '{path}' --wildcards 'frames/*' | zstd -d", out))
         with tarfile.open(inner) as archive:
             wal = [m for m in archive.getmembers() if m.name.startswith("pg_wal/0000")]
         assert len(wal) == 1 and wal[0].issparse() == (version == 3), wal
-        run_tools(f"tar -xOf '{path}' --wildcards 'frames/*' | zstd -d | tar -x", out)
+        run_pipeline(f"tar -xOf '{path}' --wildcards 'frames/*' | zstd -d | tar -x", out)
         (segment,) = (out / "pg_wal").glob("0000*")
         segments.append(segment.read_bytes())
     assert len(segments[0]) == 16 << 20 and segments[0] == segments[1]
     assert segments[0].rstrip(b"\0"), "the segment holds records"
-
-
-def run_tools(command: str, cwd: Path) -> bytes:
-    """A shell pipeline of standard tools (pipefail); any stderr output fails the test."""
-    done = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, check=False
-    )
-    assert done.returncode == 0 and not done.stderr, (command, done.stderr.decode())
-    return done.stdout
 
 
 def test_delta_over_s3(sender: NeonCli, receiver: NeonCli) -> None:
