@@ -31,15 +31,16 @@ The entry is made before the keys are planned (a delta arriving meanwhile finds 
 delta takes the entry once its own checks passed (nothing else finds it then; its pages are
 freed with the delta, which closes it when it ends or gives up: the prepare stops); an entry
 nobody takes is dropped when it expires. A take during the plan closes the entry: the delta
-rebuilds everything itself. The prepare and the delta share the work fork by fork: the delta
-takes a fork the prepare has rebuilt, waits for one it is rebuilding (`WAIT_SECONDS` at
-most: then both may rebuild it, the prepare's pages dropped), and takes over one it has not
-begun (the prepare skips it). Only the blocks the target's fork has are rebuilt (a fork absent
-there, or a block past its end, is not in the delta). At the bound (`prepared_pages_bytes`,
-the untaken entries together; a taken entry is the delta's memory, outside it but bounded
-alone by the same size) a fork whose pages would pass it is not rebuilt (never made whole
-to be dropped: the memory is the bound's) and the prepare goes on with the next; the delta
-rebuilds what is left.
+rebuilds everything itself. The prepare (PREPARE_THREADS forks at once, begun in key order)
+and the delta share the work fork by fork: the delta takes a fork the prepare has rebuilt,
+waits for one it is rebuilding (`WAIT_SECONDS` at most: then both may rebuild it, the
+prepare's pages dropped), and takes over one it has not begun (the prepare skips it). Only
+the blocks the target's fork has are rebuilt (a fork absent there, or a block past its end,
+is not in the delta). At the bound (`prepared_pages_bytes`, the untaken entries together
+with the forks they are rebuilding; a taken entry is the delta's memory, outside it but
+bounded alone by the same size) a fork whose pages would pass it is not rebuilt (never made
+whole to be dropped: the memory is the bound's) and the prepare goes on with the next; the
+delta rebuilds what is left.
 
 A failed, slow or refused prepare only means fewer cached pages: the delta
 rebuilds whatever it does not find, as without a cache. The cache knows only a target
@@ -92,6 +93,8 @@ FOLLOW_SECONDS = 5.0
 made just before the checkout, its shutdown checkpoint), planning again as it advances."""
 FOLLOW_POLL = 0.005
 """Seconds between two looks at the node's ingested LSN while the prepare follows it."""
+PREPARE_THREADS = 2
+"""Threads that rebuild a prepare's forks at once (see `_rebuild_into`)."""
 WAIT_SECONDS = 1.0
 """At most this long the delta waits for a fork the prepare is rebuilding (it began earlier:
 it normally ends sooner than the delta's own rebuild would); then the delta rebuilds it."""
@@ -107,6 +110,9 @@ class _Entry:
     forks: dict[Fork, int] = field(default_factory=dict)
     bytes: int = 0
     """Of `pages`, counted in the cache's bound (a taken entry's are the delta's)."""
+    reserved: dict[Fork, int] = field(default_factory=dict)
+    """The bytes of the forks being rebuilt (`start_fork`), counted in the bound as well:
+    several are rebuilt at once (PREPARE_THREADS), each within the bound when it began."""
     taken: bool = False
     planned: bool = False
     """The prepare knows its keys (forks are begun only then)."""
@@ -136,6 +142,7 @@ class PreparedPages:
         self._changed = threading.Condition(self._lock)
         self._entries: dict[PagePoint, _Entry] = {}
         self._bytes = 0
+        """Of the untaken entries: their pages and the forks they are rebuilding."""
         self._preparing = threading.Lock()
         """One prepare at a time: a second one for another target is not started."""
         self.prepares_ended = 0
@@ -148,7 +155,7 @@ class PreparedPages:
 
     @property
     def held_bytes(self) -> int:
-        """The bytes of pages held for a delta to take."""
+        """The bytes of pages held for a delta to take (and of forks being rebuilt)."""
         with self._lock:
             self._expire()
             return self._bytes
@@ -178,7 +185,16 @@ class PreparedPages:
             if not self._fits(entry, nbytes):
                 return False
             entry.forks[fork] = _RUNNING
+            entry.reserved[fork] = nbytes
+            if not entry.taken:
+                self._bytes += nbytes
             return True
+
+    def _unreserve(self, entry: _Entry, fork: Fork) -> None:
+        """The fork's bytes reserved by `start_fork` given back (under the lock)."""
+        nbytes = entry.reserved.pop(fork, 0)
+        if not entry.taken:
+            self._bytes -= nbytes
 
     def finish_fork(self, entry: _Entry, fork: Fork, pages: dict[Key, bytes]) -> bool:
         """The prepare's pages of `fork`; False (the prepare stops) once the entry is dropped
@@ -186,6 +202,7 @@ class PreparedPages:
         counts alone against the bound: it is the delta's memory, freed with the delta."""
         with self._changed:
             self._expire()
+            self._unreserve(entry, fork)
             if entry.closed.is_set():
                 return False
             size = sum(map(len, pages.values()))
@@ -205,7 +222,8 @@ class PreparedPages:
 
     def _fits(self, entry: _Entry, nbytes: int) -> bool:
         """Whether `nbytes` more pages of `entry` stay within the bound (under the lock)."""
-        return (entry.bytes if entry.taken else self._bytes) + nbytes <= self.max_bytes
+        held = entry.bytes + sum(entry.reserved.values()) if entry.taken else self._bytes
+        return held + nbytes <= self.max_bytes
 
     def planned(self, entry: _Entry) -> bool:
         """The prepare knows its keys; False (it stops) where the entry was closed meanwhile
@@ -222,6 +240,7 @@ class PreparedPages:
             for fork, state in entry.forks.items():
                 if state == _RUNNING:
                     entry.forks[fork] = _CLAIMED
+                    self._unreserve(entry, fork)
             if not entry.planned and self._entries.get(entry.point) is entry:
                 del self._entries[entry.point]
                 entry.closed.set()
@@ -265,8 +284,8 @@ class PreparedPages:
             entry = self._entries.pop(point, None)
             if entry is None:
                 return None
-            entry.taken = True
-            self._bytes -= entry.bytes
+            entry.taken = True  # its pages and reservations count alone from now on
+            self._bytes -= entry.bytes + sum(entry.reserved.values())
             if not entry.planned:  # the delta planned sooner: it rebuilds every fork
                 entry.closed.set()
             log.info(
@@ -306,7 +325,8 @@ class PreparedPages:
         for entry in [e for e in self._entries.values() if e.expires <= now]:
             del self._entries[entry.point]
             entry.closed.set()
-            self._bytes -= entry.bytes
+            self._bytes -= entry.bytes + sum(entry.reserved.values())
+            entry.reserved.clear()  # its forks being rebuilt are dropped when they end
 
 
 class TakenPages(Mapping[Key, bytes]):
@@ -344,12 +364,12 @@ def prepare(
 ) -> _Entry | None:
     """Rebuild the pages at (target, lsn) of the relation block keys among `keys` (or those a
     plan gives, called once the entry is made) into a new entry of `cache`, fork by fork in
-    key order (the delta's), until done, bounded, expired or closed (taken during the plan,
-    or the delta that took it ended); then, with `follow`, the keys among those it gives
-    (called after each pass, with the entry) not prepared yet, until it gives None. Returns
-    the entry (None where none was begun: caching off, one there, another prepare running).
-    The caller holds it with `wait_taken`. `lsn` must be ingested on `target` (see the
-    module). Never raises: the delta rebuilds what is missing."""
+    key order (the delta's; PREPARE_THREADS at once), until done, bounded, expired or closed
+    (taken during the plan, or the delta that took it ended); then, with `follow`, the keys
+    among those it gives (called after each pass, with the entry) not prepared yet, until it
+    gives None. Returns the entry (None where none was begun: caching off, one there, another
+    prepare running). The caller holds it with `wait_taken`. `lsn` must be ingested on
+    `target` (see the module). Never raises: the delta rebuilds what is missing."""
     point = page_point(target, lsn)
     with cache.reserved(point) as entry:
         if entry is None:
@@ -371,32 +391,80 @@ def prepare(
 def _rebuild_into(
     cache: PreparedPages, entry: _Entry, target: Timeline, lsn: int, keys: Iterable[Key]
 ) -> bool:
-    """Rebuild the forks of `keys`, one at a time, those the delta has not taken over, each
-    only in the blocks the fork has at (target, lsn) and not prepared yet (a later pass): one
-    absent there, or a block past its end, is not in the delta (DeltaForks.fork_members) and
-    would only take up the bound. Only this thread adds to `entry.pages`."""
+    """Rebuild the forks of `keys`, those the delta has not taken over, each only in the
+    blocks the fork has at (target, lsn) and not prepared yet (a later pass): one absent
+    there, or a block past its end, is not in the delta (DeltaForks.fork_members) and would
+    only take up the bound. Forks are begun in key order (the delta's) by PREPARE_THREADS
+    threads, this one and helpers: a rebuild is mostly zstd, which releases the GIL, and a
+    1% checkout's pages are two forks of about equal size (pgbench_accounts and its primary
+    key), rebuilt one after the other on one core while the other waited for PostgreSQL's
+    stop. True where every fork was rebuilt."""
     changed, _resized = fork_keys(keys)
-    every = True
-    for fork, written in sorted(changed.items()):
-        if entry.forks.get(fork, _DONE) != _DONE:
-            every = every and fork in entry.forks  # taken over or read by the delta
-            continue
-        size = get_rel_size(target, *fork, lsn) or 0
-        blocks = sorted(
-            b for b in written if b < size and rel_block_key(*fork, b) not in entry.pages
-        )
-        if not blocks:
-            continue
-        if not cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
-            if entry.closed.is_set():
-                return False
-            every = every and fork in entry.forks  # taken over; absent: past the bound
-            continue
-        pages = rebuilt_pages(target, lsn, *fork, blocks)
-        made = {rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)}
-        if not cache.finish_fork(entry, fork, made):
-            return False
-    return every
+    forks = iter(sorted(changed.items()))
+    lock = threading.Lock()
+    every = [True]
+    stop = threading.Event()
+
+    def begin() -> tuple[Fork, list[int]] | None:
+        """The next fork to rebuild, begun: in key order (one at a time under `lock`, so a
+        bound that holds one fork of two holds the first, as with one thread); None at the
+        end, or once the entry is closed."""
+        with lock:
+            for fork, written in forks:
+                if stop.is_set():
+                    return None
+                if entry.forks.get(fork, _DONE) != _DONE:
+                    every[0] = every[0] and fork in entry.forks  # taken over or read
+                    continue
+                size = get_rel_size(target, *fork, lsn) or 0
+                blocks = sorted(
+                    b for b in written if b < size and rel_block_key(*fork, b) not in entry.pages
+                )
+                if not blocks:
+                    continue
+                if cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
+                    return fork, blocks
+                if entry.closed.is_set():
+                    every[0] = False
+                    stop.set()
+                    return None
+                every[0] = every[0] and fork in entry.forks  # taken over; absent: the bound
+            return None
+
+    def work() -> None:
+        while (begun := begin()) is not None:
+            fork, blocks = begun
+            pages = rebuilt_pages(target, lsn, *fork, blocks)
+            made = {rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)}
+            if not cache.finish_fork(entry, fork, made):
+                every[0] = False
+                stop.set()
+                return
+
+    failed: list[BaseException] = []
+
+    def helper() -> None:
+        try:
+            work()
+        except BaseException as exc:  # raised on the calling thread, as its own would be
+            failed.append(exc)
+            stop.set()
+
+    helpers = [
+        threading.Thread(target=helper, name=f"prepare-pages-{i + 1}", daemon=True)
+        for i in range(min(PREPARE_THREADS, len(changed)) - 1)
+    ]
+    for thread in helpers:
+        thread.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        for thread in helpers:
+            thread.join()
+    if failed:
+        raise failed[0]
+    return every[0]
 
 
 def prepare_checkout(cache: PreparedPages, current: Timeline, target: Timeline, lsn: int) -> None:

@@ -169,6 +169,34 @@ def test_a_fork_past_the_bound_is_not_rebuilt_and_the_next_is(
     assert _members(delta, NBLOCKS) == want and delta.prepared_used == second
 
 
+def test_two_forks_are_rebuilt_at_once(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forks are shared by PREPARE_THREADS threads (a 1% checkout's two big forks were
+    rebuilt one after the other): each fork's rebuild here waits until the other has begun,
+    which one thread at a time never reaches (the prepare then fails and keeps nothing)."""
+    assert prepared_pages.PREPARE_THREADS >= 2
+    tl, child, source = _checkout(store)
+    head = ReadPoint(child, 64)
+    want = _members(_delta(source, head), NBLOCKS)
+    both_begun = threading.Barrier(2, timeout=5)
+    threads: dict[int, str] = {}
+    real = prepared_pages.rebuilt_pages
+
+    def meeting(timeline: Timeline, lsn: int, *fork_blocks: Any) -> Iterator[bytes]:
+        threads[fork_blocks[2]] = threading.current_thread().name
+        both_begun.wait()
+        return real(timeline, lsn, *fork_blocks)
+
+    monkeypatch.setattr(prepared_pages, "rebuilt_pages", meeting)
+    cache = PreparedPages(MiB, 30)
+    entry = prepare(cache, tl, T, keys_changed(head, ReadPoint(tl, T)))
+    assert entry is not None and entry.done
+    assert set(threads) == {16384, 16385} and len(set(threads.values())) == 2
+    delta = _delta(source, head, cache.take(entry.point))
+    assert _members(delta, NBLOCKS) == want and delta.prepared_used == delta.pages
+
+
 FORK = (1663, 5, 16384, 0)
 
 
@@ -427,7 +455,9 @@ def test_a_delta_that_gives_up_stops_the_prepare(
     store: TimelineStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A delta that took the entry and ended early (its checks failed, its client went
-    away) closes it: the prepare rebuilds no further fork for nobody."""
+    away) closes it: the prepare rebuilds no further fork for nobody (one thread: two
+    would have begun both forks before the close)."""
+    monkeypatch.setattr(prepared_pages, "PREPARE_THREADS", 1)
     tl, child, _source = _checkout(store)
     rebuilding, go_on = threading.Event(), threading.Event()
     real = prepared_pages.rebuilt_pages
