@@ -196,6 +196,15 @@ class PreparedPages:
         if not entry.taken:
             self._bytes -= nbytes
 
+    def abandon_fork(self, entry: _Entry, fork: Fork) -> None:
+        """The prepare's rebuild of `fork` failed: the delta's at once (it does not wait for
+        a fork nobody rebuilds while the prepare's other thread ends its own)."""
+        with self._changed:
+            if entry.forks.get(fork) == _RUNNING:
+                entry.forks[fork] = _CLAIMED
+            self._unreserve(entry, fork)
+            self._changed.notify_all()
+
     def finish_fork(self, entry: _Entry, fork: Fork, pages: dict[Key, bytes]) -> bool:
         """The prepare's pages of `fork`; False (the prepare stops) once the entry is dropped
         or the bound would be passed (the fork is then left to the delta). A taken entry
@@ -425,20 +434,30 @@ def _rebuild_into(
                 if cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
                     return fork, blocks
                 if entry.closed.is_set():
-                    every[0] = False
+                    every[0] = False  # under `lock`, as give_up
                     stop.set()
                     return None
                 every[0] = every[0] and fork in entry.forks  # taken over; absent: the bound
             return None
 
+    def give_up() -> None:
+        with lock:
+            every[0] = False
+            stop.set()
+
     def work() -> None:
         while (begun := begin()) is not None:
             fork, blocks = begun
-            pages = rebuilt_pages(target, lsn, *fork, blocks)
-            made = {rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)}
+            try:
+                pages = rebuilt_pages(target, lsn, *fork, blocks)
+                made = {
+                    rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)
+                }
+            except BaseException:
+                cache.abandon_fork(entry, fork)
+                raise
             if not cache.finish_fork(entry, fork, made):
-                every[0] = False
-                stop.set()
+                give_up()
                 return
 
     failed: list[BaseException] = []

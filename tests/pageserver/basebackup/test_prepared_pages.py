@@ -198,6 +198,7 @@ def test_two_forks_are_rebuilt_at_once(
 
 
 FORK = (1663, 5, 16384, 0)
+OTHER = (1663, 5, 16385, 0)
 
 
 def _key(blkno: int, rel: int = 16384) -> K.Key:
@@ -382,6 +383,91 @@ def test_a_checkout_prepare_follows_the_node_ingest(
     finally:
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_fork_whose_rebuild_failed_is_the_deltas_at_once(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread's rebuild fails while the other's goes on: the failed fork is given to
+    the delta at once (and its bytes back to the bound), not when the prepare ends (the
+    delta waited WAIT_SECONDS for a fork nobody rebuilt)."""
+    tl, child, _source = _checkout(store)
+    failed, go_on = threading.Event(), threading.Event()
+    real = prepared_pages.rebuilt_pages
+
+    def rebuild(timeline: Timeline, lsn: int, *fork_blocks: Any) -> Iterator[bytes]:
+        if fork_blocks[2] == 16385:
+            failed.set()
+            raise OSError("a layer file went away")
+        assert go_on.wait(30)
+        return real(timeline, lsn, *fork_blocks)
+
+    monkeypatch.setattr(prepared_pages, "rebuilt_pages", rebuild)
+    cache = PreparedPages(MiB, 30)
+    keys = keys_changed(ReadPoint(child, 64), ReadPoint(tl, T))
+    thread = threading.Thread(target=prepare, args=(cache, tl, T, keys))
+    thread.start()
+    try:
+        entry = _entry_made(cache)
+        assert failed.wait(30)
+        deadline = time.monotonic() + 5
+        while entry.forks.get(OTHER) != prepared_pages._CLAIMED:
+            assert time.monotonic() < deadline, "the failed fork is still the prepare's"
+            time.sleep(0.01)
+        assert entry.forks[FORK] == prepared_pages._RUNNING  # the other one goes on
+        assert cache.held_bytes == entry.reserved[FORK] and OTHER not in entry.reserved
+    finally:
+        go_on.set()
+        thread.join(30)
+    assert not thread.is_alive() and not entry.done and entry.reserved == {}
+
+
+def _fork_pages(fork: tuple[int, int, int, int], n: int) -> dict[K.Key, bytes]:
+    return {K.rel_block_key(*fork, b): bytes(BLCKSZ) for b in range(n)}
+
+
+def _reserving_cache() -> tuple[PreparedPages, list[float], _Entry]:
+    """A cache of 10 pages, its clock, and a planned entry."""
+    now = [0.0]
+    cache = PreparedPages(10 * BLCKSZ, 30, lambda: now[0])
+    entry = cache.begin(PagePoint("t", 1))
+    assert entry is not None and cache.planned(entry)
+    return cache, now, entry
+
+
+def test_forks_being_rebuilt_count_in_the_bound_together() -> None:
+    cache, _now, entry = _reserving_cache()
+    assert cache.start_fork(entry, FORK, 6 * BLCKSZ) and cache.held_bytes == 6 * BLCKSZ
+    assert not cache.start_fork(entry, OTHER, 6 * BLCKSZ)  # 12 pages would pass 10
+    assert cache.start_fork(entry, OTHER, 4 * BLCKSZ)
+    assert cache.finish_fork(entry, FORK, _fork_pages(FORK, 6))
+    assert cache.held_bytes == 10 * BLCKSZ and entry.reserved == {OTHER: 4 * BLCKSZ}
+
+
+def test_an_entry_taken_while_a_fork_is_rebuilt_takes_its_reservation_along() -> None:
+    cache, _now, entry = _reserving_cache()
+    assert cache.start_fork(entry, FORK, 6 * BLCKSZ)
+    assert cache.take(entry.point) is not None and cache.held_bytes == 0
+    assert cache.finish_fork(entry, FORK, _fork_pages(FORK, 6)) and cache.held_bytes == 0
+    other = cache.begin(PagePoint("t", 2))
+    assert other is not None and cache.planned(other)
+    assert cache.start_fork(other, OTHER, 10 * BLCKSZ)  # the taken entry is outside it
+    cache.leave(entry)
+    assert cache.held_bytes == 10 * BLCKSZ
+
+
+def test_an_entry_expired_or_left_while_a_fork_is_rebuilt_gives_its_bytes_back() -> None:
+    cache, now, entry = _reserving_cache()
+    assert cache.start_fork(entry, FORK, 6 * BLCKSZ)
+    now[0] = 100  # expired
+    assert cache.held_bytes == 0
+    assert not cache.finish_fork(entry, FORK, _fork_pages(FORK, 6)) and cache.held_bytes == 0
+    cache.leave(entry)
+    assert cache.held_bytes == 0
+    cache, _now, entry = _reserving_cache()
+    assert cache.start_fork(entry, FORK, 6 * BLCKSZ)
+    cache.leave(entry)  # the prepare failed in the fork: no finish_fork
+    assert cache.held_bytes == 0 and entry.reserved == {}
 
 
 def _entry_made(cache: PreparedPages) -> _Entry:
