@@ -104,7 +104,7 @@ class Pageserver:
         m.describe(
             "pageserver_prepared_pages_bytes",
             "gauge",
-            "Bytes of pages rebuilt ahead, not taken yet.",
+            "Bytes of pages rebuilt ahead, not taken yet, and of the forks being rebuilt.",
         )
         m.computed("pageserver_prepared_pages_bytes", lambda: self.prepared_pages.held_bytes)
         m.describe(
