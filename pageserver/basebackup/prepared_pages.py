@@ -124,6 +124,11 @@ class _Entry:
     ended: threading.Event = field(default_factory=threading.Event)
     """Set once the prepare left the entry (done, stopped or failed)."""
 
+    @property
+    def held(self) -> int:
+        """What it counts in a bound: its pages and the forks it is rebuilding."""
+        return self.bytes + sum(self.reserved.values())
+
 
 class PreparedPages:
     """The daemon's prepared pages by point, the untaken ones bounded together in bytes, each
@@ -231,8 +236,7 @@ class PreparedPages:
 
     def _fits(self, entry: _Entry, nbytes: int) -> bool:
         """Whether `nbytes` more pages of `entry` stay within the bound (under the lock)."""
-        held = entry.bytes + sum(entry.reserved.values()) if entry.taken else self._bytes
-        return held + nbytes <= self.max_bytes
+        return (entry.held if entry.taken else self._bytes) + nbytes <= self.max_bytes
 
     def planned(self, entry: _Entry) -> bool:
         """The prepare knows its keys; False (it stops) where the entry was closed meanwhile
@@ -294,7 +298,7 @@ class PreparedPages:
             if entry is None:
                 return None
             entry.taken = True  # its pages and reservations count alone from now on
-            self._bytes -= entry.bytes + sum(entry.reserved.values())
+            self._bytes -= entry.held
             if not entry.planned:  # the delta planned sooner: it rebuilds every fork
                 entry.closed.set()
             log.info(
@@ -334,7 +338,7 @@ class PreparedPages:
         for entry in [e for e in self._entries.values() if e.expires <= now]:
             del self._entries[entry.point]
             entry.closed.set()
-            self._bytes -= entry.bytes + sum(entry.reserved.values())
+            self._bytes -= entry.held
             entry.reserved.clear()  # its forks being rebuilt are dropped when they end
 
 
