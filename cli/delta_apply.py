@@ -59,12 +59,11 @@ from snapfile.delta import (
 
 _SEGMENT_BYTES = RELSEG_SIZE * BLCKSZ
 _ALLOCATE_FROM = 1 << 20
-_MAX_WAL_SEGMENT = WAL_SEGMENT_SIZE_MAX
-"""WAL segments (pg_wal members from 1 MiB to 1 GiB) are allocated with posix_fallocate before
-their bytes are written (space reserved, as PostgreSQL's zero-filled segments have it:
-wal_init_zero), so that their pieces of zeros need no writing (`DeltaApplier._write`). Only
-those: a member's size is the archive's word, and at most one member's is reserved ahead of
-its bytes."""
+"""WAL segments (pg_wal members from 1 MiB to WAL_SEGMENT_SIZE_MAX, 1 GiB) are allocated
+with posix_fallocate before their bytes are written (space reserved, as PostgreSQL's
+zero-filled segments have it: wal_init_zero), so that their pieces of zeros need no writing
+(`DeltaApplier._write`). Only those: a member's size is the archive's word, and at most one
+member's is reserved ahead of its bytes."""
 _ZEROS = bytes(4 << 20)
 _PLAIN_FORK = re.compile(
     re.escape(DELTA_PREFIX) + r"((?:global|base/[0-9]+)/[0-9]+(?:_fsm|_vm|_init)?)"
@@ -338,7 +337,7 @@ class DeltaApplier:
         is written again, its pages dirty, so the fsync after makes them durable.
         `sparse_wal`: the tar is a checkout's stream or a delta `.neon` file's, whose WAL
         segment may be a GNU sparse member (one, named as a segment, at most
-        _MAX_WAL_SEGMENT bytes); any other sparse member is refused."""
+        WAL_SEGMENT_SIZE_MAX bytes); any other sparse member is refused."""
         self.root = root
         self._root = str(root)
         self._aside = aside
@@ -496,7 +495,8 @@ class DeltaApplier:
             self._differ()
         self._fd = _open_regular(str(dest), os.O_RDWR | os.O_CREAT, member.name)
         self._offset = 0
-        if rel.partition("/")[0] == "pg_wal" and _ALLOCATE_FROM <= member.size <= _MAX_WAL_SEGMENT:
+        wal_sized = _ALLOCATE_FROM <= member.size <= WAL_SEGMENT_SIZE_MAX
+        if rel.partition("/")[0] == "pg_wal" and wal_sized:
             if not self._created:  # its pieces of zeros are not written: none of it stays
                 self._differ()
                 os.ftruncate(self._fd, 0)
