@@ -98,21 +98,55 @@ def decompress_into(dctx: zstandard.ZstdDecompressor, data: memoryview, out: mem
         raise FrameError(f"decompresses to {got} bytes, its header says {len(out)}")
 
 
+class BufferPool:
+    """Free buffers for `FrameBuffers` to lend (thread-safe); with `keep_bytes`, at most that
+    many bytes of them are kept, the others freed as they come back."""
+
+    def __init__(self, keep_bytes: int | None = None) -> None:
+        self._free: list[bytearray] = []
+        self._bytes = 0
+        self._keep = keep_bytes
+        self._lock = threading.Lock()
+
+    def pop(self) -> bytearray | None:
+        with self._lock:
+            if not self._free:
+                return None
+            buffer = self._free.pop()
+            self._bytes -= len(buffer)
+            return buffer
+
+    def push(self, buffer: bytearray) -> None:
+        with self._lock:
+            if self._keep is None or self._bytes + len(buffer) <= self._keep:
+                self._free.append(buffer)
+                self._bytes += len(buffer)
+
+
+IMPORTS_KEPT_BYTES = 32 << 20
+"""Frame buffers kept between the pageserver's imports of `.neon` files (`IMPORTS`): about as
+many as one import lends at once (the extractor's queue of 8 frames bounds it: 32 MiB of
+4 MiB frames). A small import (a 1% delta is ~6 frames) lent fresh buffers every time, each
+faulted in and zeroed again: with the daemon's malloc settings a freed 4 MiB block is
+unmapped at once (pageserver/malloc_tuning.py)."""
+IMPORTS = BufferPool(IMPORTS_KEPT_BYTES)
+
+
 class FrameBuffers:
     """Buffers for decompressed frames: `take` lends one (a new one when none was given
     back), `give_back` returns it once its bytes are used; thread-safe (taken on the
     reading thread, given back on the consuming one). As many exist as were ever lent at
-    once: the consumer's queue bounds that."""
+    once (the consumer's queue bounds that); those given back go to `pool` (by default
+    one of this object's own: freed with it)."""
 
-    def __init__(self) -> None:
-        self._free: list[bytearray] = []
+    def __init__(self, pool: BufferPool | None = None) -> None:
+        self._pool = pool if pool is not None else BufferPool()
         self._lent: dict[int, tuple[memoryview, bytearray]] = {}
         self._lock = threading.Lock()
 
     def take(self, size: int) -> memoryview:
         """A writable buffer of `size` bytes, lent until `give_back`."""
-        with self._lock:
-            buffer = self._free.pop() if self._free else None
+        buffer = self._pool.pop()
         if buffer is None or len(buffer) < size:
             buffer = bytearray(size)
         view = memoryview(buffer)[:size]
@@ -124,5 +158,5 @@ class FrameBuffers:
         """`chunk` (a view `take` returned) is no longer read; anything else: nothing."""
         with self._lock:
             lent = self._lent.pop(id(chunk), None)
-            if lent is not None and lent[0] is chunk:
-                self._free.append(lent[1])
+        if lent is not None and lent[0] is chunk:
+            self._pool.push(lent[1])

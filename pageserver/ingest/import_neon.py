@@ -183,7 +183,7 @@ def import_neon_file(
     `origin_of` the manifest the caller read (refused if the file's differs)."""
     # The reader and extractor a CLI's pull runs: the same checks.
     from datadir_files.untar import extract_chunks
-    from snapfile.frame_buffers import FrameBuffers
+    from snapfile.frame_buffers import IMPORTS, FrameBuffers
     from snapfile.manifest import Manifest, origin_of
     from snapfile.verified import check_control, check_manifest, verified_tar_blocking
 
@@ -206,7 +206,7 @@ def import_neon_file(
         # frame is decompressed into a buffer the extractor gives back once it used it (a
         # new 4 MiB object per frame is mapped and unmapped by the daemon's malloc settings:
         # every page of every frame faulted in again, snapfile/frame_buffers.py).
-        buffers = FrameBuffers()
+        buffers = FrameBuffers(IMPORTS)
         tar = verified_tar_blocking(source.blocks(), label, on_manifest, buffers)
         with contextlib.closing(tar):  # the file closed now when the extraction failed
             extract_chunks(tar, pgdata, divert=diverter.divert, used=buffers.give_back)

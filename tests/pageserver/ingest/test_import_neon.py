@@ -118,8 +118,8 @@ def test_frames_are_decompressed_into_buffers_the_extractor_gives_back(
     made: list[Counted] = []
 
     class Counted(frame_buffers.FrameBuffers):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, pool: frame_buffers.BufferPool | None = None) -> None:
+            super().__init__(pool)
             self.taken, self.given, self.buffers = 0, 0, set[int]()
             made.append(self)
 
