@@ -2,10 +2,10 @@
 branch of it.
 
 Whoever gets a delta (a `neon snapshot recv` or `serve`, a pull of a delta file) and already
-has the snapshot it applies to need not rebuild the whole data directory: the delta's tar is
-extracted as it is (relation forks stay `neon-delta/` members; snapshot_file_source's
-`unpack_delta`) and the pageserver puts it on a branch of the parent
-(pageserver/ingest/import_delta.py), writing about the delta's size.
+has the snapshot it applies to need not rebuild the whole data directory: the pageserver puts
+the delta on a branch of the parent (pageserver/ingest/import_delta.py), writing about the
+delta's size, reading the file itself as it arrives (a receiver) or its tar extracted as it
+is (a pull: relation forks stay `neon-delta/` members, snapshot_file_source's `unpack_delta`).
 
 Which snapshot here is the parent: one received or pulled as it (its origin manifest has the
 parent's identity), or one of this home's own node snapshots of that name, LSN and system (a

@@ -11,10 +11,10 @@ A whole `.neon` file is taken in as `neon snapshot pull` takes a fetched one
 storage while the pageserver reads it as it grows, verifying every frame before using it
 (pageserver/ingest/import_neon.py); the file ends for the pageserver only under the commit
 lock, after the token's second check, and the snapshot is named only once the whole file
-checked out. A delta goes through the same verifying reader and checked extractor as `neon
-snapshot import` of a file (cli/snapshot_file_source.py) into the work directory, and is
-imported once the file's trailing checksums matched. Either way a cut, tampered or oversized
-stream leaves nothing but a removed work directory (and a deleted timeline).
+checked out. A delta on a snapshot held here is taken in the same way, the pageserver putting
+its pages on a branch of the parent as they arrive (pageserver/ingest/import_delta.py
+`import_delta_file`). Either way a cut, tampered or oversized stream leaves nothing but a
+removed work directory (and a deleted timeline).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from cli.receiver_partials import Partials
 from cli.snapshot_commands import (
     check_new_import,
     native_storage_path,
+    register_delta_file,
     register_import,
     register_neon_file,
 )
@@ -48,7 +49,6 @@ from cli.snapshot_file_source import (
     chained,
     missing_parent,
     peek_manifest,
-    unpack_delta,
     unpack_snapshot_stream,
 )
 from cli.snapshot_import import import_workdir, is_clean_datadir
@@ -60,7 +60,6 @@ from pageserver_api.errors import FREE_SPACE_HINT, FULL_ERRNOS, is_full
 from pageserver_api.models import (
     BasebackupPlanRequest,
     BasebackupRequest,
-    SnapshotImportDeltaRequest,
     SnapshotInfo,
     SnapshotShowRequest,
 )
@@ -368,9 +367,8 @@ class Receiver:
         is a delta. A whole file is written
         there as it comes and read by the pageserver as it grows (cli/neon_file_import.py: it
         verifies every frame, and the file ends only when the returned call says so); a delta
-        on a snapshot received here before is extracted and imported on a branch of it,
-        writing only what changed. The imports begun end (fail, unless finished) as
-        `imports` closes."""
+        on a snapshot received here before likewise, the pageserver putting what changed on
+        a branch of it. The imports begun end (fail, unless finished) as `imports` closes."""
         head, first = await peek_manifest(chunks, label)
         rest = chained(first, chunks)
         parent = None if head is None else SnapshotIdentity.parent_of(head)
@@ -394,10 +392,11 @@ class Receiver:
         base = await parent_here(self.api, parent)
         if base is None:
             raise missing_parent(label, parent, "this receiver")
-        members = workdir / "delta"
-        await unpack_delta(rest, label, members, head)
-        request = SnapshotImportDeltaRequest(name, str(members), base, origin_of(head))
-        return functools.partial(self.api.snapshot_import_delta, request), True
+        send_delta = functools.partial(register_delta_file, self.api, name, workdir, base)
+        delta = GrowingFile(workdir / FETCHED_NAME, label, origin_of(head), send_delta)
+        await imports.enter_async_context(delta)
+        await delta.write(rest)
+        return delta.finish, True
 
 
 async def publish_once(

@@ -249,6 +249,19 @@ def register_neon_file(
     return api.snapshot_import(request)
 
 
+def register_delta_file(
+    api: SyncPageserverClient, name: str, workdir: Path, parent: str, delta: LocalNeonFile
+) -> SnapshotInfo:
+    """Have the pageserver read the delta `.neon` file `delta` itself and take it in as
+    snapshot `name` on a branch of `parent`, its small files extracted into `workdir`/delta
+    (pageserver/ingest/import_delta.py `import_delta_file`)."""
+    request = SnapshotImportDeltaRequest(
+        name, str(workdir / "delta"), parent, delta.origin, str(delta.path), delta.label,
+        delta.fetching,
+    )  # fmt: skip
+    return api.snapshot_import_delta(request)
+
+
 def _rows(app: App) -> list[dict[str, Any]]:
     """User snapshots, each node's HEAD{i} states and its CURRENT, as the proposal lists them."""
     api = local_api(app)

@@ -89,6 +89,21 @@ a Diverted takes that data, and the file is created (same checks, mode and owner
 no data, sparse at the member's size (pageserver/ingest/import_neon.py); None: written."""
 
 
+class DeltaMember(Protocol):
+    """Where a delta's fork member's data goes (see `DeltaMembers`)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def end(self) -> None:
+        """The member ended (its data was all written)."""
+
+
+DeltaMembers = Callable[[str, int], DeltaMember]
+"""Called with each delta fork member's path below `neon-delta/` and its size, before its
+data: the returned DeltaMember takes the data, and nothing is made on disk for the member
+(pageserver/ingest/import_delta.py, the pageserver reading a delta file itself)."""
+
+
 Owner = tuple[int, int] | None
 """Whom extracted files and directories are given to (uid, gid); None: left as made."""
 
@@ -107,6 +122,8 @@ class _Extractor:
     `pack_deltas`, a delta's fork members (`neon-delta/...`) go into one file, PACK_NAME
     (snapfile/delta.py), not a file each.
 
+    `delta_members` instead hands each fork member to a DeltaMember (`DeltaMembers`).
+
     `root` is a path (opened here) or the caller's directory descriptor (not closed here).
     Everything is made relative to descriptors of the directories below it, each opened
     with O_NOFOLLOW from its parent's: a link put in place of a directory meanwhile (the
@@ -116,6 +133,7 @@ class _Extractor:
     def __init__(
         self, root: Path | int, tablespace_links: dict[int, str] | None, owner: Owner,
         divert: Divert | None = None, pack_deltas: bool = False,
+        delta_members: DeltaMembers | None = None,
     ) -> None:  # fmt: skip
         self._root_fd = os.open(root, _DIR_FLAGS) if isinstance(root, Path) else root
         self._own_root = isinstance(root, Path)
@@ -123,12 +141,14 @@ class _Extractor:
         self._links = tablespace_links
         self._divert = divert
         self._diverted: Diverted | None = None
-        self._pack_deltas = pack_deltas
+        self._pack_deltas = pack_deltas or delta_members is not None
+        self._delta_members = delta_members
+        self._delta_member: DeltaMember | None = None  # the current member's, if one
         self._pack: int | None = None  # PACK_NAME's descriptor, once a member went in
         self._pack_buffer = bytearray()  # the pack's bytes not yet written (`_to_pack`)
         self._packing = False  # the current member's data goes to the pack
         self._reader = TarReader()
-        if pack_deltas:  # its WAL segment may be sparse; imported on use, as in `_packed`
+        if self._pack_deltas:  # its WAL segment may be sparse; imported on use, as in `_packed`
             from snapfile.delta import delta_tar_reader
 
             self._reader = delta_tar_reader()
@@ -192,6 +212,8 @@ class _Extractor:
                 if isinstance(event, MemberData):
                     if self._packing:
                         self._to_pack(event.data)
+                    elif self._delta_member is not None:
+                        self._delta_member.write(event.data)
                     elif self._diverted is not None:
                         self._diverted.write(event.data)
                     elif self._direct is not None:
@@ -256,8 +278,8 @@ class _Extractor:
                 self._allocated = size
 
     def _packed(self, parts: list[str], member: MemberStart) -> bool:
-        """A delta's fork member goes into the pack (its directories are not made); True
-        when `member` was taken so."""
+        """A delta's fork member goes into the pack, or to a DeltaMember (its directories
+        are not made); True when `member` was taken so."""
         # Imported here: `pg start` and `pg stop` extract nothing of a delta's (snapfile is
         # the delta machinery, tests/cli/test_lazy_imports.py).
         from snapfile.delta import DELTA_PREFIX, PACK_NAME, pack_record_header
@@ -266,14 +288,18 @@ class _Extractor:
             raise UnsafeArchive(f"refusing tar member {member.name!r}: {PACK_NAME} is the pack's")
         if parts[0] != DELTA_PREFIX.rstrip("/"):
             return False
-        if member.kind == "file":
-            if self._pack is None:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                self._pack = os.open(PACK_NAME, flags, 0o600, dir_fd=self._root_fd)
-                self._give(self._pack)
-            fork_path = "/".join(parts[1:]) or "."  # str(PurePosixPath()) is "."
-            self._to_pack(pack_record_header(fork_path, member.size))
-            self._packing = True
+        if member.kind != "file":
+            return True
+        fork_path = "/".join(parts[1:]) or "."  # str(PurePosixPath()) is "."
+        if self._delta_members is not None:
+            self._delta_member = self._delta_members(fork_path, member.size)
+            return True
+        if self._pack is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._pack = os.open(PACK_NAME, flags, 0o600, dir_fd=self._root_fd)
+            self._give(self._pack)
+        self._to_pack(pack_record_header(fork_path, member.size))
+        self._packing = True
         return True
 
     def _to_pack(self, data: bytes | bytearray | memoryview) -> None:
@@ -299,6 +325,9 @@ class _Extractor:
 
     def _end(self) -> None:
         self._packing = False
+        member, self._delta_member = self._delta_member, None
+        if member is not None:
+            member.end()
         if self._fd is None or self._dest is None:
             return
         if self._direct is not None:
@@ -365,11 +394,13 @@ def staged_dir(target_dir: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def _extracting(
     target_dir: Path, tablespace_links: dict[int, str] | None, divert: Divert | None = None,
-    pack_deltas: bool = False,
+    pack_deltas: bool = False, delta_members: DeltaMembers | None = None,
 ) -> Iterator[_Extractor]:  # fmt: skip
     """An extractor into a `staged_dir` of `target_dir`, finished when the block succeeds."""
     with staged_dir(target_dir) as tmp:
-        extractor = _Extractor(tmp, tablespace_links, pg_owner(), divert, pack_deltas)
+        extractor = _Extractor(
+            tmp, tablespace_links, pg_owner(), divert, pack_deltas, delta_members
+        )
         try:
             yield extractor
             extractor.finish()
@@ -430,16 +461,19 @@ def extract_chunks(
     tablespace_links: dict[int, str] | None = None,
     divert: Divert | None = None,
     used: Callable[[bytes | memoryview], None] | None = None,
+    delta_members: DeltaMembers | None = None,
 ) -> None:
     """Extract a tar arriving as `chunks` (from this thread, which may block between them:
-    no event loop) as extract_basebackup does; `divert`: see `Divert` (it runs on the
-    writer's thread); `used` is told of each chunk once nothing reads it any more (its
-    buffer may be used again)."""
+    no event loop) as extract_basebackup does; `divert`: see `Divert`, `delta_members`: see
+    `DeltaMembers` (both run on the writer's thread); `used` is told of each chunk once
+    nothing reads it any more (its buffer may be used again)."""
     batches = _Batches[bytes | memoryview]()
     errors: list[BaseException] = []
 
     def extract(chunks: Iterator[bytes | memoryview]) -> None:
-        _extract_all(chunks, target_dir, tablespace_links, divert, used=used)
+        _extract_all(
+            chunks, target_dir, tablespace_links, divert, used=used, delta_members=delta_members
+        )
 
     def run() -> None:
         try:
@@ -688,10 +722,11 @@ def _extract_all(
     divert: Divert | None = None,
     pack_deltas: bool = False,
     used: Callable[[bytes | memoryview], None] | None = None,
+    delta_members: DeltaMembers | None = None,
 ) -> None:
     """Extract the archive's chunks (an _Abort from them: remove what was extracted);
     `used`: see extract_chunks (a feed writes or copies all it takes before it returns)."""
-    with _extracting(target, tablespace_links, divert, pack_deltas) as extractor:
+    with _extracting(target, tablespace_links, divert, pack_deltas, delta_members) as extractor:
         for chunk in chunks:
             extractor.feed(chunk)
             if used is not None:

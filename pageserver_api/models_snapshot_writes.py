@@ -79,6 +79,15 @@ class SnapshotImportDeltaRequest(ApiRequest):
     parent: str
     origin: str
     """The manifest (JSON) of the snapshot the delta makes, as a whole snapshot's."""
+    neon_file: str | None = None
+    """The delta `.neon` file itself, read by the pageserver (pageserver/ingest/
+    import_delta.py `import_delta_file`): `datadir` (absent or empty) then gets its small
+    files; `origin` must be its manifest's."""
+    label: str | None = None
+    """How errors name `neon_file` (its URL)."""
+    fetching: bool = False
+    """`neon_file` is still being written by the caller: read as it grows, until
+    `<neon_file>.done` (or `.failed`: the import fails) appears beside it."""
 
 
 @dataclass(frozen=True, slots=True)

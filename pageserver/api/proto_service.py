@@ -249,8 +249,9 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         ctx: RequestContext, req: m.SnapshotImportDeltaRequest
     ) -> m.SnapshotInfo:
         snap = await ps.import_delta_snapshot(
-            req.name, Path(req.datadir), req.parent, req.origin, lambda: ctx.client_left
-        )
+            req.name, Path(req.datadir), req.parent, req.origin, lambda: ctx.client_left,
+            None if req.neon_file is None else Path(req.neon_file), req.label, req.fetching,
+        )  # fmt: skip
         return m.SnapshotInfo(**asdict(snap))
 
     async def snapshot_show(ctx: RequestContext, req: m.SnapshotShowRequest) -> m.SnapshotInfo:

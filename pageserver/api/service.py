@@ -45,7 +45,7 @@ from pageserver.history.snapshots import (
 )
 from pageserver.history.usage import Retained, storage_usage
 from pageserver.ingest.import_datadir import import_datadir
-from pageserver.ingest.import_delta import import_delta
+from pageserver.ingest.import_delta import import_delta, import_delta_file
 from pageserver.ingest.live_journal import journal_path
 from pageserver.reconstruct.reads import get_node_metadata, materialize
 from pageserver.reconstruct.redo_pool import RedoPool
@@ -449,13 +449,7 @@ class Pageserver:
         self._check_name_free(name)
         own = self._own_dirs(store_dir)
         if neon_file is not None:
-            check_outside(neon_file, own, "a .neon file")
-            check_import_file(neon_file)  # a FIFO would hang the import's first read
-            if datadir.parent.parent != store_dir.parent:
-                raise InvalidArgument(
-                    f"{datadir}: a .neon file is extracted into a work directory of its storage"
-                )
-            check_outside(datadir, own, "an extraction")
+            _check_neon_file_import(neon_file, datadir, store_dir, own)
         else:
             check_outside(datadir, own, "a data directory")
             # A live import's directory may still be on its way: its journal is there.
@@ -479,20 +473,36 @@ class Pageserver:
         return await self._import_onto(history, timeline, name, origin, abandoned, write)
 
     async def import_delta_snapshot(
-        self, name: str, datadir: Path, parent: str, origin: str, abandoned: Callable[[], bool]
-    ) -> Snapshot:
+        self, name: str, datadir: Path, parent: str, origin: str, abandoned: Callable[[], bool],
+        neon_file: Path | None = None, label: str | None = None, fetching: bool = False,
+    ) -> Snapshot:  # fmt: skip
         """Import a delta's extracted tar as snapshot `name` on a new branch of snapshot
         `parent` (pageserver/ingest/import_delta.py); on any failure, or if the caller is gone
-        by the end, the branch is deleted and no snapshot appears."""
+        by the end, the branch is deleted and no snapshot appears. With `neon_file`, the
+        delta file itself is read here (`fetching`: as the caller writes it), its small
+        files extracted into `datadir` (absent or empty)."""
         check_import_name(name)
         self._check_name_free(name)
         history, base = self.find_snapshot(parent)
-        check_outside(datadir, self._own_dirs(history.root), "a delta")
-        check_import_dir(datadir)
+        own = self._own_dirs(history.root)
+        write: Callable[[Timeline], int]
+        if neon_file is not None:
+            from pageserver.ingest.import_neon import NeonSource
+
+            _check_neon_file_import(neon_file, datadir, history.root, own)
+            source = NeonSource(neon_file, label or str(neon_file), fetching, abandoned)
+
+            def write(t: Timeline) -> int:
+                return import_delta_file(t, source, datadir, origin)
+        else:
+            check_outside(datadir, own, "a delta")
+            check_import_dir(datadir)
+
+            def write(t: Timeline) -> int:
+                return import_delta(t, datadir)
+
         timeline = await self._branch_at(history, base)
-        return await self._import_onto(
-            history, timeline, name, origin, abandoned, lambda t: import_delta(t, datadir)
-        )
+        return await self._import_onto(history, timeline, name, origin, abandoned, write)
 
     async def _import_onto(
         self, history: StorageHistory, timeline: Timeline, name: str, origin: str | None,
@@ -1010,3 +1020,18 @@ def _images_at(store: NodeStore, lsn: int) -> None:
                     format_lsn(lsn), store.node_id, exc)  # fmt: skip
     except Exception:  # a bug: logged, the snapshot stands
         log.exception("images at snapshot %s of node %s", format_lsn(lsn), store.node_id)
+
+
+def _check_neon_file_import(
+    neon_file: Path, datadir: Path, store_dir: Path, own: list[Path]
+) -> None:
+    """A `.neon` file the pageserver is asked to read itself, and where it extracts its
+    small files: a regular file outside its own directories (a FIFO would hang the import's
+    first read), extracted into a work directory of the storage imported into."""
+    check_outside(neon_file, own, "a .neon file")
+    check_import_file(neon_file)
+    if datadir.parent.parent != store_dir.parent:
+        raise InvalidArgument(
+            f"{datadir}: a .neon file is extracted into a work directory of its storage"
+        )
+    check_outside(datadir, own, "an extraction")

@@ -14,10 +14,19 @@ The values go through the timeline's in-memory layer, in batches put at successi
 above the branch point and advanced one by one, so that layers freeze at the usual size and
 memory stays bounded; the snapshot is read at the import LSN a whole import of the same
 directory would use (the end of its shutdown checkpoint record), above all of them.
+
+A delta `.neon` file can also be read here whole (`import_delta_file`), as it arrives (a
+`neon snapshot recv` writes it as it is pushed): its fork members' pages are put as their
+frames come, verified, from the extractor's thread, and never written as a file; the rest
+(a few small files) is extracted into a directory and put once the whole file checked
+out. Before it, `recv` extracted the whole delta (the ~20 MiB of pages of a 1% change
+into the pack), and only then did the pageserver read the pack back and put its pages:
+~60 ms of a neon:// delta push after its last byte (bench/README.md, session 32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -25,20 +34,24 @@ from pathlib import Path
 from typing import cast
 
 from pageserver.ingest.import_datadir import ImageSink, add_datadir_values, import_lsn_of
+from pageserver.ingest.import_neon import NeonSource
 from pageserver.reconstruct.value_format import encode_u32
 from pageserver.storage.keys import Key, rel_block_key, rel_size_key
 from pageserver.storage.timeline import Timeline
 from pageserver.storage.values import Image
-from pg15.datadir_layout import parse_relation_file_name
+from pg15.constants import DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID
+from pg15.datadir_layout import database_directory, parse_relation_file_name
 from pg15.lsn import format_lsn
-from pg15.pg_control import read_control_file
-from proto.errors import Conflict, CorruptData
+from pg15.pg_control import ControlFile, read_control_file
+from proto.errors import Conflict, CorruptData, InvalidArgument
 from snapfile.delta import (
     BLOCK_NUMBER,
     DELTA_PREFIX,
     FORK_HEADER,
     PACK_NAME,
+    ForkDelta,
     PackedFork,
+    SnapshotIdentity,
     parse_fork_header,
     read_pack_index,
     record_size,
@@ -54,14 +67,8 @@ READ_RECORDS = 128
 def import_delta(timeline: Timeline, datadir: Path) -> int:
     """Put the delta extracted at `datadir` on `timeline` (a fresh branch of its parent);
     returns the LSN to read the snapshot at."""
-    control = read_control_file(datadir)
-    lsn = import_lsn_of(datadir)
     start = timeline.last_record_lsn
-    if lsn <= start:
-        raise Conflict(
-            f"the delta's LSN {format_lsn(lsn)} is not above its parent's "
-            f"{format_lsn(start)} on this pageserver"
-        )
+    control, lsn = _delta_lsn(datadir, start)
     sink = _BranchPuts(timeline, start, lsn)
     pack = datadir / PACK_NAME
     if pack.exists() or pack.is_symlink():
@@ -73,6 +80,61 @@ def import_delta(timeline: Timeline, datadir: Path) -> int:
     return lsn
 
 
+def import_delta_file(timeline: Timeline, source: NeonSource, datadir: Path, origin: str) -> int:
+    """Put the delta `.neon` file `source` on `timeline` (a fresh branch of its parent), its
+    fork members' pages as they are read, its other members extracted into `datadir` (absent
+    or empty); returns the LSN to read the snapshot at. `origin`: the `origin_of` the
+    manifest the caller read (refused if the file's differs). Anything wrong with the file
+    fails the import (the caller deletes the branch: nothing of it shows)."""
+    # The reader and extractor a CLI's pull runs: the same checks (import_neon.py).
+    from datadir_files.untar import extract_chunks
+    from snapfile.frame_buffers import IMPORTS, FrameBuffers
+    from snapfile.manifest import Manifest, origin_of
+    from snapfile.verified import check_control, verified_tar_blocking
+
+    label = source.label
+    start = timeline.last_record_lsn
+    forks = _StreamedForks(datadir)
+    seen: list[Manifest] = []
+
+    def on_manifest(manifest: Manifest) -> None:
+        if origin_of(manifest) != origin:
+            raise CorruptData(f"{label} changed while it was read (its manifest differs)")
+        if SnapshotIdentity.parent_of(manifest) is None:
+            raise CorruptData(f"{label} is a whole snapshot file, not a delta")
+        seen.append(manifest)
+        # Its pages go at LSNs just above the branch point until the file's pg_control (its
+        # last member) says the import LSN: `_delta_lsn` then checks it is above them.
+        forks.sink = _BranchPuts(timeline, start, manifest.lsn)
+
+    buffers = FrameBuffers(IMPORTS)  # each frame decompressed into a buffer used again
+    tar = verified_tar_blocking(source.blocks(), label, on_manifest, buffers)
+    with contextlib.closing(tar):  # the file closed now when the extraction failed
+        extract_chunks(tar, datadir, used=buffers.give_back, delta_members=forks.member)
+    [manifest] = seen
+    assert forks.sink is not None
+    check_control(datadir, manifest, label)
+    control, lsn = _delta_lsn(datadir, forks.sink.last_put)
+    forks.sink.end_at(lsn)
+    add_datadir_values(forks.sink, datadir, control, lsn, forks)
+    forks.check_all_taken()
+    forks.sink.finish(control.checkpoint_lsn)
+    return lsn
+
+
+def _delta_lsn(datadir: Path, below: int) -> tuple[ControlFile, int]:
+    """The extracted delta's pg_control and import LSN, which must be above `below` (its
+    parent's LSN on the branch, or the last LSN its pages were put at)."""
+    control = read_control_file(datadir)
+    lsn = import_lsn_of(datadir)
+    if lsn <= below:
+        raise Conflict(
+            f"the delta's LSN {format_lsn(lsn)} is not above its parent's "
+            f"{format_lsn(below)} on this pageserver"
+        )
+    return control, lsn
+
+
 class _BranchPuts:
     """An ImageSink putting Images on the branch, a batch per LSN (see the module)."""
 
@@ -81,6 +143,16 @@ class _BranchPuts:
         self._next = start + _LSN_STEP
         self._batch: list[tuple[Key, int, Image]] = []
         self._bytes = 0
+
+    @property
+    def last_put(self) -> int:
+        """The LSN of the last batch put before the final one (the branch point if none)."""
+        return self._next - _LSN_STEP
+
+    def end_at(self, final: int) -> None:
+        """The final LSN (above `last_put`), once known."""
+        assert final > self.last_put
+        self._final = final
 
     def add(self, key: Key, data: bytes) -> None:
         self._batch.append((key, 0, Image(data)))
@@ -139,30 +211,101 @@ def _add_member(
     """The pages of fork member `name` (`size` bytes, read in order through `read`), then
     the fork's size. Read READ_RECORDS records at a time: a read per block number and one
     per page were two system calls a page, half of a 1% delta's import (~5,400 preads)."""
-    delta = parse_fork_header(read(FORK_HEADER.size), size, name)
+    records = ForkRecords(_fork_pages(sink, spc, db, rel, fork), size, name)
+    records.write(read(FORK_HEADER.size))
     record = record_size()
-    previous = -1
-    for first in range(0, delta.pages, READ_RECORDS):
-        want = min(delta.pages - first, READ_RECORDS) * record
-        records = read(want)
-        for at in range(0, len(records), record):
-            if at + BLOCK_NUMBER.size > len(records):
-                raise CorruptData(f"delta member {name!r} ends inside a block number")
-            (blkno,) = BLOCK_NUMBER.unpack_from(records, at)
-            if not previous < blkno < delta.nblocks:
-                raise CorruptData(
-                    f"delta member {name!r}: block {blkno} after {previous} in a fork of "
-                    f"{delta.nblocks} blocks"
-                )
-            previous = blkno
-            if at + record > len(records):
-                raise CorruptData(f"delta member {name!r} ends inside block {blkno}")
-            page = records[at + BLOCK_NUMBER.size : at + record]
-            sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
-        if len(records) != want:  # cut where a record ends
-            where = f"block {previous}" if previous >= 0 else "its header"
-            raise CorruptData(f"delta member {name!r} ends after {where}")
-    sink.add(rel_size_key(spc, db, rel, fork), encode_u32(delta.nblocks))
+    pages = 0 if records.delta is None else records.delta.pages  # None: `end` says why
+    for first in range(0, pages, READ_RECORDS):
+        want = min(pages - first, READ_RECORDS) * record
+        data = read(want)
+        records.write(data)
+        if len(data) != want:
+            break
+    records.end()
+    sink.add(rel_size_key(spc, db, rel, fork), encode_u32(records.nblocks))
+
+
+def _fork_pages(
+    sink: ImageSink, spc: int, db: int, rel: int, fork: int
+) -> Callable[[int, bytes], None]:
+    def add(blkno: int, page: bytes) -> None:
+        sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
+
+    return add
+
+
+class ForkRecords:
+    """A delta fork member (snapfile/delta.py) taken in pieces of any size (`write`): each
+    page goes to `add` (block number, page) as soon as its record is whole; `end` checks
+    the member was whole, then `nblocks` is the fork's size. Every reader of a fork member
+    (a file, the pack, a delta file read as it arrives) goes through it."""
+
+    def __init__(self, add: Callable[[int, bytes], None], size: int, name: str) -> None:
+        self._add, self._size, self._name = add, size, name
+        self._record = record_size()
+        self._held = bytearray()  # a header or a record begun in one piece, to end in the next
+        self._taken = 0
+        self._previous = -1
+        self.delta: ForkDelta | None = None
+        """The member's header, once read."""
+        self.nblocks = 0
+        """The fork's size in blocks (once `end` returned)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._taken += len(view)
+        if self._taken > self._size:
+            raise CorruptData(f"delta member {self._name!r} is longer than its {self._size} bytes")
+        if self.delta is None:
+            view = self._hold(view, FORK_HEADER.size)
+            if len(self._held) < FORK_HEADER.size:
+                return
+            self.delta = parse_fork_header(bytes(self._held), self._size, self._name)
+            self._held.clear()
+        if self._held:
+            view = self._hold(view, self._record)
+            if len(self._held) < self._record:
+                return
+            self._page(self._held, 0)
+            self._held.clear()
+        whole = len(view) - len(view) % self._record
+        for at in range(0, whole, self._record):
+            self._page(view, at)
+        self._held += view[whole:]
+
+    def _hold(self, view: memoryview, size: int) -> memoryview:
+        """Hold `view`'s first bytes up to `size` held; the rest of it."""
+        take = size - len(self._held)
+        self._held += view[:take]
+        return view[take:]
+
+    def _page(self, records: bytes | bytearray | memoryview, at: int) -> None:
+        (blkno,) = BLOCK_NUMBER.unpack_from(records, at)
+        assert self.delta is not None
+        if not self._previous < blkno < self.delta.nblocks:
+            raise CorruptData(
+                f"delta member {self._name!r}: block {blkno} after {self._previous} in a fork "
+                f"of {self.delta.nblocks} blocks"
+            )
+        self._previous = blkno
+        if at + self._record <= len(records):
+            self._add(blkno, bytes(records[at + BLOCK_NUMBER.size : at + self._record]))
+
+    def end(self) -> None:
+        """The member ended: CorruptData unless all of it came (named where it was cut)."""
+        if self.delta is None:  # cut in its header
+            parse_fork_header(bytes(self._held), self._size, self._name)
+        assert self.delta is not None
+        if self._taken != self._size:
+            if len(self._held) >= BLOCK_NUMBER.size:
+                self._page(self._held, 0)  # its order checked, as a whole record's
+                (blkno,) = BLOCK_NUMBER.unpack_from(self._held)
+                raise CorruptData(f"delta member {self._name!r} ends inside block {blkno}")
+            if self._held:
+                raise CorruptData(f"delta member {self._name!r} ends inside a block number")
+            where = f"block {self._previous}" if self._previous >= 0 else "its header"
+            raise CorruptData(f"delta member {self._name!r} ends after {where}")
+        self.nblocks = self.delta.nblocks
 
 
 class _PackedForks:
@@ -217,3 +360,91 @@ class _PackedForks:
 
         name = DELTA_PREFIX + member.fork_path
         _add_member(sink, spc, db, rel, fork, read, member.size, name)
+
+
+class _StreamedForks:
+    """The fork members of a delta file read here (`import_delta_file`): `member` (the
+    extractor's DeltaMembers) puts each one's pages on `sink` as they arrive; once the file
+    checked out, its directory is imported with these as its forks (a ForkFiles, adding
+    their sizes) and `check_all_taken` refuses a member of no database directory."""
+
+    def __init__(self, datadir: Path) -> None:
+        self._datadir = datadir
+        self.sink: _BranchPuts | None = None
+        """Set by the manifest, which comes before any member."""
+        self._dirs: dict[str, dict[tuple[int, int], tuple[int, int, ForkRecords]]] = {}
+        self._found: set[str] = set()
+
+    def member(self, fork_path: str, size: int) -> ForkRecords | _Stray:
+        directory, _, file_name = fork_path.rpartition("/")
+        name = DELTA_PREFIX + fork_path
+        parsed = parse_relation_file_name(file_name)
+        if parsed is None:
+            return _Stray()  # as a stray file among the members: not a fork
+        rel, fork, segno = parsed
+        if segno != 0:
+            raise CorruptData(f"delta member {name}: names a segment, not a fork")
+        place = _database_of(directory)
+        if place is None:
+            raise CorruptData(f"delta member {name} is not in a database's directory")
+        forks = self._dirs.setdefault(directory, {})
+        if (rel, fork) in forks:
+            raise CorruptData(f"the delta holds member {name!r} twice")
+        assert self.sink is not None
+        spc, db = place
+        records = ForkRecords(_fork_pages(self.sink, spc, db, rel, fork), size, name)
+        forks[(rel, fork)] = (spc, db, records)
+        return records
+
+    def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
+        relative = str(directory.relative_to(self._datadir))
+        self._found.add(relative)
+        return self._dirs.get(relative, {})
+
+    def add_fork(
+        self, sink: ImageSink, spc: int, db: int, rel: int, fork: int, found: object
+    ) -> None:
+        member_spc, member_db, records = cast(tuple[int, int, ForkRecords], found)
+        if (member_spc, member_db) != (spc, db):  # not what the directory walk says it is
+            raise CorruptData(f"delta member for relation {rel} is in another database's place")
+        sink.add(rel_size_key(spc, db, rel, fork), encode_u32(records.nblocks))
+
+    def check_all_taken(self) -> None:
+        """Every member was in a database directory of the delta (its pages were put)."""
+        for directory in sorted(set(self._dirs) - self._found):
+            raise CorruptData(
+                f"the delta has fork members under {DELTA_PREFIX}{directory} but no database "
+                f"directory {directory}"
+            )
+
+
+class _Stray:
+    """A member under neon-delta/ that is no fork: its bytes are dropped."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+def _database_of(directory: str) -> tuple[int, int] | None:
+    """The (tablespace, database) whose directory inside PGDATA `directory` is (global,
+    base/<db>, pg_tblspc/<spc>/PG_15_.../<db>: datadir_layout's `database_directory`)."""
+    if directory == "global":
+        return GLOBALTABLESPACE_OID, 0
+    head, _, db = directory.rpartition("/")
+    if not db.isdigit():
+        return None
+    if head == "base":
+        spc = DEFAULTTABLESPACE_OID
+    else:
+        parts = head.split("/")
+        if len(parts) != 3 or parts[0] != "pg_tblspc" or not parts[1].isdigit():
+            return None
+        spc = int(parts[1])
+    place = spc, int(db)
+    try:
+        return place if database_directory(*place) == directory else None
+    except InvalidArgument:  # a default tablespace's OID under pg_tblspc
+        return None

@@ -591,8 +591,10 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
             got_whole = json.loads(recv.line())
             before = history_bytes(receiver)
             url = json.loads(recv.line())["url"]
+            recv_before = written_by(recv.proc.pid)
             delta_push = sender.json("snapshot", "push", "--to", url, "pgdata1@d2")
             written = history_bytes(receiver) - before
+            recv_wrote = written_by(recv.proc.pid) - recv_before
             assert delta_push["parent"] == "pgdata1@d1"
             assert delta_push["bytes_sent"] < 0.5 * whole["bytes_sent"]  # newdb's catalogs
             got_delta = json.loads(recv.line())
@@ -614,6 +616,12 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
         }, ends
         # A rebuild of the whole directory would have written a whole image run.
         assert written < 0.5 * before, (written, before)
+        # recv wrote the delta file as it came, still compressed, for the pageserver to read
+        # as it grows (pageserver/ingest/import_delta.py `import_delta_file`), not its tar.
+        sent = delta_push["bytes_sent"]
+        assert sent <= recv_wrote < sent + 256 * 1024 < got_delta["tar_bytes"], (
+            recv_wrote, sent, got_delta["tar_bytes"],
+        )  # fmt: skip
         expected = dump(sender, "pgdata1@d2")
         assert dump(receiver, "pgdata1-d2") == expected
         ro = receiver.run("snapshot", "start", "pgdata1-d2").stdout.strip()
@@ -621,14 +629,28 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
             assert psql(ro, "SELECT answer FROM there", dbname="newdb") == "42"
         finally:
             receiver.run("snapshot", "stop", "pgdata1-d2")
-        receiver.run("snapshot", "destroy", "pgdata1-d1")  # the branch keeps what it reads
-        assert dump(receiver, "pgdata1-d2") == expected
-        # The same delta sent to a receiver that lacks its parent: refused by name.
+        # The same delta, damaged in a frame past its manifest, to a receiver holding its
+        # parent: refused by the pageserver reading it, naming it; nothing left of it.
         dest = tmp_path / "dir"
         dest.mkdir()
         sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@d1")
         sender.run("snapshot", "push", "--to", f"{dest}/", "pgdata1@d2")
         delta = (dest / "pgdata1@d2.neon").read_bytes()
+        damaged = bytearray(delta)
+        damaged[len(damaged) // 2] ^= 0x01
+        kept, held = timelines(receiver), snapshots(receiver)
+        with receiving(receiver) as recv:
+            with pytest.raises(NeonError, match=r"damaged\.neon"):
+                write_object(recv.line(), "damaged.neon", bytes(damaged))
+            recv.proc.send_signal(signal.SIGTERM)
+            _, err = recv.proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert snapshots(receiver) == held
+        assert timelines(receiver) == kept
+        assert list((receiver.home / "storage" / "local").glob(".import-*")) == []
+        receiver.run("snapshot", "destroy", "pgdata1-d1")  # the branch keeps what it reads
+        assert dump(receiver, "pgdata1-d2") == expected
+        # The same delta sent to a receiver that lacks its parent: refused by name.
         refused = pytest.raises(NeonError, match="this receiver does not have; push the snapshot")
         with receiving(receiver) as recv, refused:
             write_object(recv.line(), "pgdata1@d2b.neon", delta)
