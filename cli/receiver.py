@@ -392,7 +392,9 @@ class Receiver:
         base = await parent_here(self.api, parent)
         if base is None:
             raise missing_parent(label, parent, "this receiver")
-        send_delta = functools.partial(register_delta_file, self.api, name, workdir, base)
+        send_delta = functools.partial(
+            register_delta_file, self.api, name, workdir, self.storage_path, base
+        )
         delta = GrowingFile(workdir / FETCHED_NAME, label, origin_of(head), send_delta)
         await imports.enter_async_context(delta)
         await delta.write(rest)

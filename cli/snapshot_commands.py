@@ -250,14 +250,16 @@ def register_neon_file(
 
 
 def register_delta_file(
-    api: SyncPageserverClient, name: str, workdir: Path, parent: str, delta: LocalNeonFile
-) -> SnapshotInfo:
+    api: SyncPageserverClient, name: str, workdir: Path, storage_path: Path, parent: str,
+    delta: LocalNeonFile,
+) -> SnapshotInfo:  # fmt: skip
     """Have the pageserver read the delta `.neon` file `delta` itself and take it in as
-    snapshot `name` on a branch of `parent`, its small files extracted into `workdir`/delta
-    (pageserver/ingest/import_delta.py `import_delta_file`)."""
+    snapshot `name` on a branch of `parent`, its small files extracted into `workdir`/delta,
+    a work directory of the storage at `storage_path` (pageserver/ingest/import_delta.py
+    `import_delta_file`)."""
     request = SnapshotImportDeltaRequest(
         name, str(workdir / "delta"), parent, delta.origin, str(delta.path), delta.label,
-        delta.fetching,
+        delta.fetching, str(storage_path / HISTORY_DIR),
     )  # fmt: skip
     return api.snapshot_import_delta(request)
 

@@ -88,6 +88,9 @@ class SnapshotImportDeltaRequest(ApiRequest):
     fetching: bool = False
     """`neon_file` is still being written by the caller: read as it grows, until
     `<neon_file>.done` (or `.failed`: the import fails) appears beside it."""
+    work_store: str | None = None
+    """With `neon_file`: the page history of the native storage whose work directory
+    `datadir` is in (the caller's, which need not be the parent's)."""
 
 
 @dataclass(frozen=True, slots=True)

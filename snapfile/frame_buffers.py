@@ -108,13 +108,16 @@ class BufferPool:
         self._keep = keep_bytes
         self._lock = threading.Lock()
 
-    def pop(self) -> bytearray | None:
+    def pop(self, size: int) -> bytearray | None:
+        """A free buffer of at least `size` bytes, if one is kept (a file's short last
+        frame's buffer stays for another)."""
         with self._lock:
-            if not self._free:
-                return None
-            buffer = self._free.pop()
-            self._bytes -= len(buffer)
-            return buffer
+            for at in range(len(self._free) - 1, -1, -1):
+                if len(self._free[at]) >= size:
+                    buffer = self._free.pop(at)
+                    self._bytes -= len(buffer)
+                    return buffer
+            return None
 
     def push(self, buffer: bytearray) -> None:
         with self._lock:
@@ -146,8 +149,8 @@ class FrameBuffers:
 
     def take(self, size: int) -> memoryview:
         """A writable buffer of `size` bytes, lent until `give_back`."""
-        buffer = self._pool.pop()
-        if buffer is None or len(buffer) < size:
+        buffer = self._pool.pop(size)
+        if buffer is None:
             buffer = bytearray(size)
         view = memoryview(buffer)[:size]
         with self._lock:

@@ -21,17 +21,22 @@ from snapfile.reader import ManifestRead, ReaderEvent, SnapshotEnd, SnapshotFile
 
 def check_manifest(manifest: Manifest, label: str) -> None:
     """Refuse what cannot become a snapshot here, before any data is extracted."""
-    if manifest.pg_version != PG_MAJOR_VERSION:
-        raise InvalidArgument(
-            f"{label} holds a PostgreSQL {manifest.pg_version} snapshot; pg-neon works with "
-            f"PostgreSQL {PG_MAJOR_VERSION} only"
-        )
+    check_pg_version(manifest, label)
     parent = SnapshotIdentity.parent_of(manifest)
     if parent is not None:
         raise InvalidArgument(
             f"{label} is a delta on snapshot {parent}, not a whole snapshot; pull it from the "
             "store that holds its parent, or push the snapshot whole with "
             "`neon snapshot push --full`"
+        )
+
+
+def check_pg_version(manifest: Manifest, label: str) -> None:
+    """Refuse a snapshot (whole or delta) of another PostgreSQL major version."""
+    if manifest.pg_version != PG_MAJOR_VERSION:
+        raise InvalidArgument(
+            f"{label} holds a PostgreSQL {manifest.pg_version} snapshot; pg-neon works with "
+            f"PostgreSQL {PG_MAJOR_VERSION} only"
         )
 
 

@@ -251,6 +251,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         snap = await ps.import_delta_snapshot(
             req.name, Path(req.datadir), req.parent, req.origin, lambda: ctx.client_left,
             None if req.neon_file is None else Path(req.neon_file), req.label, req.fetching,
+            None if req.work_store is None else Path(req.work_store),
         )  # fmt: skip
         return m.SnapshotInfo(**asdict(snap))
 

@@ -475,12 +475,14 @@ class Pageserver:
     async def import_delta_snapshot(
         self, name: str, datadir: Path, parent: str, origin: str, abandoned: Callable[[], bool],
         neon_file: Path | None = None, label: str | None = None, fetching: bool = False,
+        work_store: Path | None = None,
     ) -> Snapshot:  # fmt: skip
         """Import a delta's extracted tar as snapshot `name` on a new branch of snapshot
         `parent` (pageserver/ingest/import_delta.py); on any failure, or if the caller is gone
         by the end, the branch is deleted and no snapshot appears. With `neon_file`, the
         delta file itself is read here (`fetching`: as the caller writes it), its small
-        files extracted into `datadir` (absent or empty)."""
+        files extracted into `datadir` (absent or empty), in a work directory of the storage
+        whose page history is `work_store` (default: the parent's)."""
         check_import_name(name)
         self._check_name_free(name)
         history, base = self.find_snapshot(parent)
@@ -489,7 +491,8 @@ class Pageserver:
         if neon_file is not None:
             from pageserver.ingest.import_neon import NeonSource
 
-            _check_neon_file_import(neon_file, datadir, history.root, own)
+            store = history.root if work_store is None else work_store
+            _check_neon_file_import(neon_file, datadir, store, [*own, store])
             source = NeonSource(neon_file, label or str(neon_file), fetching, abandoned)
 
             def write(t: Timeline) -> int:

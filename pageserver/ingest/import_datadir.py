@@ -173,7 +173,8 @@ def _validate(datadir: Path, control: ControlFile) -> int:
             f"(redo {format_lsn(control.checkpoint.redo)}, checkpoint "
             f"{format_lsn(control.checkpoint_lsn)})"
         )
-    tablespaces(datadir)  # a dangling or foreign pg_tblspc entry is refused before any put
+    tablespaces(datadir)  # a dangling or foreign pg_tblspc entry is refused (before any put,
+    # but for a delta file's pages put as they arrive: its branch is deleted)
     end = record_end_lsn(control.checkpoint_lsn, CHECKPOINT_RECORD_SIZE, control.wal_segment_size)
     _check_checkpoint_record(datadir, control, end)
     return end

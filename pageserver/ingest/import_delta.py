@@ -26,15 +26,14 @@ into the pack), and only then did the pageserver read the pack back and put its 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pageserver.ingest.import_datadir import ImageSink, add_datadir_values, import_lsn_of
-from pageserver.ingest.import_neon import NeonSource
 from pageserver.reconstruct.value_format import encode_u32
 from pageserver.storage.keys import Key, rel_block_key, rel_size_key
 from pageserver.storage.timeline import Timeline
@@ -56,6 +55,10 @@ from snapfile.delta import (
     read_pack_index,
     record_size,
 )
+
+if TYPE_CHECKING:
+    from pageserver.ingest.import_neon import NeonSource
+    from snapfile.manifest import Manifest
 
 BATCH_BYTES = 8 * 1024 * 1024
 """Values put at one LSN before the next (the in-memory layer freezes between them)."""
@@ -86,35 +89,28 @@ def import_delta_file(timeline: Timeline, source: NeonSource, datadir: Path, ori
     or empty); returns the LSN to read the snapshot at. `origin`: the `origin_of` the
     manifest the caller read (refused if the file's differs). Anything wrong with the file
     fails the import (the caller deletes the branch: nothing of it shows)."""
-    # The reader and extractor a CLI's pull runs: the same checks (import_neon.py).
-    from datadir_files.untar import extract_chunks
-    from snapfile.frame_buffers import IMPORTS, FrameBuffers
-    from snapfile.manifest import Manifest, origin_of
-    from snapfile.verified import check_control, verified_tar_blocking
+    from pageserver.ingest.import_neon import check_origin, read_neon_file
+    from snapfile.verified import check_pg_version
 
     label = source.label
     start = timeline.last_record_lsn
     forks = _StreamedForks(datadir)
-    seen: list[Manifest] = []
 
     def on_manifest(manifest: Manifest) -> None:
-        if origin_of(manifest) != origin:
-            raise CorruptData(f"{label} changed while it was read (its manifest differs)")
+        check_pg_version(manifest, label)
+        check_origin(manifest, origin, label)
         if SnapshotIdentity.parent_of(manifest) is None:
             raise CorruptData(f"{label} is a whole snapshot file, not a delta")
-        seen.append(manifest)
-        # Its pages go at LSNs just above the branch point until the file's pg_control (its
-        # last member) says the import LSN: `_delta_lsn` then checks it is above them.
+        _check_above(manifest.lsn, start, "its parent's")
+        # Its pages go at LSNs just above the branch point, below the manifest's LSN (the
+        # snapshot's: its shutdown checkpoint's record starts there), until the file's
+        # pg_control (its last member) says the import LSN (that record's end): it must be
+        # above them.
         forks.sink = _BranchPuts(timeline, start, manifest.lsn)
 
-    buffers = FrameBuffers(IMPORTS)  # each frame decompressed into a buffer used again
-    tar = verified_tar_blocking(source.blocks(), label, on_manifest, buffers)
-    with contextlib.closing(tar):  # the file closed now when the extraction failed
-        extract_chunks(tar, datadir, used=buffers.give_back, delta_members=forks.member)
-    [manifest] = seen
+    read_neon_file(source, datadir, on_manifest, delta_members=forks.member)
     assert forks.sink is not None
-    check_control(datadir, manifest, label)
-    control, lsn = _delta_lsn(datadir, forks.sink.last_put)
+    control, lsn = _delta_lsn(datadir, start)
     forks.sink.end_at(lsn)
     add_datadir_values(forks.sink, datadir, control, lsn, forks)
     forks.check_all_taken()
@@ -122,17 +118,21 @@ def import_delta_file(timeline: Timeline, source: NeonSource, datadir: Path, ori
     return lsn
 
 
-def _delta_lsn(datadir: Path, below: int) -> tuple[ControlFile, int]:
-    """The extracted delta's pg_control and import LSN, which must be above `below` (its
-    parent's LSN on the branch, or the last LSN its pages were put at)."""
+def _delta_lsn(datadir: Path, start: int) -> tuple[ControlFile, int]:
+    """The extracted delta's pg_control and import LSN, which must be above `start` (its
+    parent's LSN on the branch)."""
     control = read_control_file(datadir)
     lsn = import_lsn_of(datadir)
+    _check_above(lsn, start, "its parent's")
+    return control, lsn
+
+
+def _check_above(lsn: int, below: int, what: str) -> None:
     if lsn <= below:
         raise Conflict(
-            f"the delta's LSN {format_lsn(lsn)} is not above its parent's "
-            f"{format_lsn(below)} on this pageserver"
+            f"the delta's LSN {format_lsn(lsn)} is not above {what} {format_lsn(below)} on "
+            "this pageserver"
         )
-    return control, lsn
 
 
 class _BranchPuts:
@@ -144,20 +144,21 @@ class _BranchPuts:
         self._batch: list[tuple[Key, int, Image]] = []
         self._bytes = 0
 
-    @property
-    def last_put(self) -> int:
-        """The LSN of the last batch put before the final one (the branch point if none)."""
-        return self._next - _LSN_STEP
-
     def end_at(self, final: int) -> None:
-        """The final LSN (above `last_put`), once known."""
-        assert final > self.last_put
+        """The final LSN, once known: above every batch put before it."""
+        _check_above(final, self._next - _LSN_STEP, "the last LSN its pages were put at,")
         self._final = final
 
     def add(self, key: Key, data: bytes) -> None:
         self._batch.append((key, 0, Image(data)))
         self._bytes += len(data)
-        if self._bytes >= BATCH_BYTES and self._next < self._final:
+        if self._bytes >= BATCH_BYTES:
+            if self._next >= self._final:  # the batch would only grow: memory, unbounded
+                raise Conflict(
+                    f"the delta carries more pages than fit between its parent's LSN and its "
+                    f"own ({format_lsn(self._final)}) on this pageserver; push it whole "
+                    "with --full"
+                )
             lsn = self._next
             self._put(lsn)
             self._timeline.advance_last_record_lsn(lsn, None)
@@ -186,13 +187,9 @@ class _DeltaForks:
         if not members.is_dir():
             return found
         for path in members.iterdir():
-            parsed = parse_relation_file_name(path.name)
-            if parsed is None or not path.is_file():
-                continue
-            rel, fork, segno = parsed
-            if segno != 0:
-                raise CorruptData(f"delta member {path}: names a segment, not a fork")
-            found[(rel, fork)] = path
+            rel_fork = _fork_of(path.name, str(path))
+            if rel_fork is not None and path.is_file():
+                found[rel_fork] = path
         return found
 
     def add_fork(
@@ -228,6 +225,8 @@ def _add_member(
 def _fork_pages(
     sink: ImageSink, spc: int, db: int, rel: int, fork: int
 ) -> Callable[[int, bytes], None]:
+    """What a fork's pages go to: `sink`, each at its block's key."""
+
     def add(blkno: int, page: bytes) -> None:
         sink.add(rel_block_key(spc, db, rel, fork, blkno), page)
 
@@ -237,11 +236,15 @@ def _fork_pages(
 class ForkRecords:
     """A delta fork member (snapfile/delta.py) taken in pieces of any size (`write`): each
     page goes to `add` (block number, page) as soon as its record is whole; `end` checks
-    the member was whole, then `nblocks` is the fork's size. Every reader of a fork member
-    (a file, the pack, a delta file read as it arrives) goes through it."""
+    the member was whole, then `nblocks` is the fork's size (also told to `ended`). Every
+    reader of a fork member (a file, the pack, a delta file read as it arrives) goes
+    through it."""
 
-    def __init__(self, add: Callable[[int, bytes], None], size: int, name: str) -> None:
-        self._add, self._size, self._name = add, size, name
+    def __init__(
+        self, add: Callable[[int, bytes], None], size: int, name: str,
+        ended: Callable[[int], None] | None = None,
+    ) -> None:  # fmt: skip
+        self._add, self._size, self._name, self._ended = add, size, name, ended
         self._record = record_size()
         self._held = bytearray()  # a header or a record begun in one piece, to end in the next
         self._taken = 0
@@ -252,6 +255,7 @@ class ForkRecords:
         """The fork's size in blocks (once `end` returned)."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """The member's next bytes: its header first, then whole records go on."""
         view = memoryview(data).cast("B")
         self._taken += len(view)
         if self._taken > self._size:
@@ -306,6 +310,8 @@ class ForkRecords:
             where = f"block {self._previous}" if self._previous >= 0 else "its header"
             raise CorruptData(f"delta member {self._name!r} ends after {where}")
         self.nblocks = self.delta.nblocks
+        if self._ended is not None:
+            self._ended(self.nblocks)
 
 
 class _PackedForks:
@@ -326,13 +332,9 @@ class _PackedForks:
         self._dirs: dict[str, dict[tuple[int, int], PackedFork]] = {}
         for member in members:
             parent, _, file_name = member.fork_path.rpartition("/")
-            parsed = parse_relation_file_name(file_name)
-            if parsed is None:
-                continue  # as a stray file among the members: not a fork
-            rel, fork, segno = parsed
-            if segno != 0:
-                raise CorruptData(f"delta member {member.fork_path}: names a segment, not a fork")
-            self._dirs.setdefault(parent, {})[(rel, fork)] = member
+            rel_fork = _fork_of(file_name, member.fork_path)
+            if rel_fork is not None:
+                self._dirs.setdefault(parent, {})[rel_fork] = member
 
     def _read_at(self, offset: int, n: int) -> bytes:
         return os.pread(self._fd, n, offset)
@@ -372,29 +374,28 @@ class _StreamedForks:
         self._datadir = datadir
         self.sink: _BranchPuts | None = None
         """Set by the manifest, which comes before any member."""
-        self._dirs: dict[str, dict[tuple[int, int], tuple[int, int, ForkRecords]]] = {}
+        self._dirs: dict[str, dict[tuple[int, int], _StreamedFork]] = {}
         self._found: set[str] = set()
 
     def member(self, fork_path: str, size: int) -> ForkRecords | _Stray:
+        """The parser member `fork_path` (below neon-delta/, `size` bytes) is fed to."""
         directory, _, file_name = fork_path.rpartition("/")
         name = DELTA_PREFIX + fork_path
-        parsed = parse_relation_file_name(file_name)
-        if parsed is None:
+        rel_fork = _fork_of(file_name, name)
+        if rel_fork is None:
             return _Stray()  # as a stray file among the members: not a fork
-        rel, fork, segno = parsed
-        if segno != 0:
-            raise CorruptData(f"delta member {name}: names a segment, not a fork")
         place = _database_of(directory)
         if place is None:
             raise CorruptData(f"delta member {name} is not in a database's directory")
         forks = self._dirs.setdefault(directory, {})
-        if (rel, fork) in forks:
+        if rel_fork in forks:
             raise CorruptData(f"the delta holds member {name!r} twice")
         assert self.sink is not None
-        spc, db = place
-        records = ForkRecords(_fork_pages(self.sink, spc, db, rel, fork), size, name)
-        forks[(rel, fork)] = (spc, db, records)
-        return records
+        # Only its place and size are kept once it ended (not the parser: a delta of a
+        # million bare fork headers is a few MiB of file).
+        fork = forks[rel_fork] = _StreamedFork(*place)
+        pages = _fork_pages(self.sink, *place, *rel_fork)
+        return ForkRecords(pages, size, name, ended=fork.ended)
 
     def find(self, directory: Path) -> Mapping[tuple[int, int], object]:
         relative = str(directory.relative_to(self._datadir))
@@ -404,10 +405,10 @@ class _StreamedForks:
     def add_fork(
         self, sink: ImageSink, spc: int, db: int, rel: int, fork: int, found: object
     ) -> None:
-        member_spc, member_db, records = cast(tuple[int, int, ForkRecords], found)
-        if (member_spc, member_db) != (spc, db):  # not what the directory walk says it is
+        streamed = cast(_StreamedFork, found)
+        if (streamed.spc, streamed.db) != (spc, db):  # not what the directory walk says
             raise CorruptData(f"delta member for relation {rel} is in another database's place")
-        sink.add(rel_size_key(spc, db, rel, fork), encode_u32(records.nblocks))
+        sink.add(rel_size_key(spc, db, rel, fork), encode_u32(streamed.nblocks))
 
     def check_all_taken(self) -> None:
         """Every member was in a database directory of the delta (its pages were put)."""
@@ -416,6 +417,30 @@ class _StreamedForks:
                 f"the delta has fork members under {DELTA_PREFIX}{directory} but no database "
                 f"directory {directory}"
             )
+
+
+@dataclass(slots=True)
+class _StreamedFork:
+    """Where a streamed fork member's pages went, and its fork's size once it ended."""
+
+    spc: int
+    db: int
+    nblocks: int = 0
+
+    def ended(self, nblocks: int) -> None:
+        self.nblocks = nblocks
+
+
+def _fork_of(file_name: str, name: str) -> tuple[int, int] | None:
+    """(relnode, fork) of a delta member's file name; None for a file that is no fork (a
+    stray file among the members, skipped); CorruptData for a segment's name."""
+    parsed = parse_relation_file_name(file_name)
+    if parsed is None:
+        return None
+    rel, fork, segno = parsed
+    if segno != 0:
+        raise CorruptData(f"delta member {name}: names a segment, not a fork")
+    return rel, fork
 
 
 class _Stray:
@@ -434,13 +459,13 @@ def _database_of(directory: str) -> tuple[int, int] | None:
     if directory == "global":
         return GLOBALTABLESPACE_OID, 0
     head, _, db = directory.rpartition("/")
-    if not db.isdigit():
+    if not _oid_text(db):
         return None
     if head == "base":
         spc = DEFAULTTABLESPACE_OID
     else:
         parts = head.split("/")
-        if len(parts) != 3 or parts[0] != "pg_tblspc" or not parts[1].isdigit():
+        if len(parts) != 3 or parts[0] != "pg_tblspc" or not _oid_text(parts[1]):
             return None
         spc = int(parts[1])
     place = spc, int(db)
@@ -448,3 +473,8 @@ def _database_of(directory: str) -> tuple[int, int] | None:
         return place if database_directory(*place) == directory else None
     except InvalidArgument:  # a default tablespace's OID under pg_tblspc
         return None
+
+
+def _oid_text(text: str) -> bool:
+    """ASCII digits only (str.isdigit takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()

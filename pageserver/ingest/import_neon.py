@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pageserver.ingest.import_datadir import IMPORT_THREADS, _import_final, check_empty
 from pageserver.ingest.live_import import EarlyImport
@@ -42,6 +42,10 @@ from pageserver.storage.timeline import Timeline
 from pg15.constants import BLCKSZ
 from pg15.pg_control import DB_SHUTDOWNED, read_control_file
 from proto.errors import CorruptData, InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    from datadir_files.untar import DeltaMembers, Divert
+    from snapfile.manifest import Manifest
 
 _READ_BYTES = 1 << 20
 
@@ -181,37 +185,19 @@ def import_neon_file(
     """Import the whole `.neon` file `source` into the empty root `timeline`, extracting
     its small members into `pgdata` (absent or empty); returns the import LSN. `origin`: the
     `origin_of` the manifest the caller read (refused if the file's differs)."""
-    # The reader and extractor a CLI's pull runs: the same checks.
-    from datadir_files.untar import extract_chunks
-    from snapfile.frame_buffers import IMPORTS, FrameBuffers
-    from snapfile.manifest import Manifest, origin_of
-    from snapfile.verified import check_control, check_manifest, verified_tar_blocking
+    from snapfile.verified import check_manifest
 
     check_empty(timeline)
     diverter = _Diverter(timeline, pgdata)
-    seen: list[Manifest] = []
-
     label = source.label
 
     def on_manifest(manifest: Manifest) -> None:
         check_manifest(manifest, label)
-        if origin is not None and origin_of(manifest) != origin:
-            raise CorruptData(f"{label} changed while it was read (its manifest differs)")
-        seen.append(manifest)
+        check_origin(manifest, origin, label)
         diverter.early = EarlyImport(manifest.lsn)
 
     try:
-        # On this thread, no event loop: the frames are verified and decompressed here and
-        # the tar extracted (the big files' pages packed) on the extractor's thread. Each
-        # frame is decompressed into a buffer the extractor gives back once it used it (a
-        # new 4 MiB object per frame is mapped and unmapped by the daemon's malloc settings:
-        # every page of every frame faulted in again, snapfile/frame_buffers.py).
-        buffers = FrameBuffers(IMPORTS)
-        tar = verified_tar_blocking(source.blocks(), label, on_manifest, buffers)
-        with contextlib.closing(tar):  # the file closed now when the extraction failed
-            extract_chunks(tar, pgdata, divert=diverter.divert, used=buffers.give_back)
-        [manifest] = seen
-        check_control(pgdata, manifest, label)
+        read_neon_file(source, pgdata, on_manifest, divert=diverter.divert)
         control = read_control_file(pgdata)
         if (pgdata / "backup_label").exists() or control.state != DB_SHUTDOWNED:
             raise CorruptData(f"{label} does not hold a cleanly shut-down data directory")
@@ -222,3 +208,46 @@ def import_neon_file(
         if diverter.early is not None:
             diverter.early.abort()
         raise
+
+
+def read_neon_file(
+    source: NeonSource, pgdata: Path, on_manifest: Callable[[Manifest], None], *,
+    divert: Divert | None = None, delta_members: DeltaMembers | None = None,
+) -> Manifest:  # fmt: skip
+    """Read the `.neon` file `source` here, extracting its tar into `pgdata` (absent or
+    empty; `divert` and `delta_members`: the extractor's, datadir_files/untar.py); its
+    manifest, once the whole file checked out and `pgdata`'s pg_control is of that
+    database. `on_manifest` is told of the manifest before any member."""
+    # The reader and extractor a CLI's pull runs: the same checks.
+    from datadir_files.untar import extract_chunks
+    from snapfile.frame_buffers import IMPORTS, FrameBuffers
+    from snapfile.verified import check_control, verified_tar_blocking
+
+    seen: list[Manifest] = []
+
+    def take(manifest: Manifest) -> None:
+        on_manifest(manifest)
+        seen.append(manifest)
+
+    # On this thread, no event loop: the frames are verified and decompressed here and the
+    # tar extracted (the big files' pages packed, a delta's pages put) on the extractor's
+    # thread. Each frame is decompressed into a buffer the extractor gives back once it used
+    # it (a new 4 MiB object per frame is mapped and unmapped by the daemon's malloc
+    # settings: every page of every frame faulted in again, snapfile/frame_buffers.py).
+    buffers = FrameBuffers(IMPORTS)
+    tar = verified_tar_blocking(source.blocks(), source.label, take, buffers)
+    with contextlib.closing(tar):  # the file closed now when the extraction failed
+        extract_chunks(
+            tar, pgdata, divert=divert, used=buffers.give_back, delta_members=delta_members
+        )
+    [manifest] = seen
+    check_control(pgdata, manifest, source.label)
+    return manifest
+
+
+def check_origin(manifest: Manifest, origin: str | None, label: str) -> None:
+    """The file's manifest is the one its caller read first (`origin_of` it), if given."""
+    from snapfile.manifest import origin_of
+
+    if origin is not None and origin_of(manifest) != origin:
+        raise CorruptData(f"{label} changed while it was read (its manifest differs)")

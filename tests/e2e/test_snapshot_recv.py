@@ -661,6 +661,38 @@ def test_a_receiver_gets_deltas_on_what_it_holds(
             sender.run("snapshot", "destroy", snap)
 
 
+def test_a_delta_received_into_another_storage_goes_on_its_parent(
+    homes: tuple[NeonCli, NeonCli],
+) -> None:
+    """`recv -s other` takes a delta whose parent it received into the default storage: the
+    pageserver reads the file in the work directory of `other` and puts it on a branch of
+    the parent, where it lives."""
+    sender, receiver = homes
+    c = str(sender.json("pg", "show", "pgdata1")["connstr"])
+    sender.run("snapshot", "create", "pgdata1@e1")
+    psql(c, "UPDATE t SET v = 'other storage' WHERE id <= 5")
+    sender.run("snapshot", "create", "pgdata1@e2")
+    other = pg_reachable_tmpdir("neon-recv-other-") / "other"
+    receiver.run("storage", "attach", "-t", "native", "-n", "other", "-c", f"path={other}")
+    try:
+        with receiving(receiver, "--once") as recv:
+            assert (
+                sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@e1")["parent"] is None
+            )
+        with receiving(receiver, "--once", "-s", "other") as recv:
+            pushed = sender.json("snapshot", "push", "--to", recv.line(), "pgdata1@e2")
+        assert pushed["parent"] == "pgdata1@e1"
+        assert dump(receiver, "pgdata1-e2") == dump(sender, "pgdata1@e2")
+        assert list(other.glob(".import-*")) == []
+    finally:
+        receiver.run("snapshot", "destroy", "pgdata1-e2", check=False)
+        receiver.run("snapshot", "destroy", "pgdata1-e1", check=False)
+        receiver.run("storage", "detach", "other", check=False)
+        shutil.rmtree(other.parent, ignore_errors=True)
+        for snap in ("pgdata1@e1", "pgdata1@e2"):
+            sender.run("snapshot", "destroy", snap)
+
+
 @contextlib.contextmanager
 def on_tty(neon: NeonCli, *args: str) -> Iterator[tuple[Recv, list[str]]]:
     """`neon snapshot recv ARGS` with its stderr on a pseudo-terminal: the receiver, and

@@ -185,6 +185,18 @@ def test_a_kept_pool_lends_the_next_readers_buffers_and_keeps_a_few() -> None:
     assert kept == [True, True, False]  # two kept, the third one freed
 
 
+def test_a_small_buffer_kept_is_passed_over_not_dropped() -> None:
+    """A file's short last frame leaves a small buffer on top of the pool: a full frame's
+    take skips it (and it stays for a small one)."""
+    pool = BufferPool()
+    buffers = FrameBuffers(pool)
+    big, small = buffers.take(4000), buffers.take(100)
+    buffers.give_back(big)
+    buffers.give_back(small)
+    assert buffers.take(4000).obj is big.obj
+    assert buffers.take(50).obj is small.obj
+
+
 def test_imports_of_small_files_one_after_another_fault_their_buffers_in_once() -> None:
     """The pageserver's imports lend frames from IMPORTS, kept between them: with the
     daemon's malloc settings a small import's fresh 4 MiB buffers were each faulted in and

@@ -10,23 +10,35 @@ push after its last byte (issue 12).
 
 from __future__ import annotations
 
+import io
 import random
+import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from datadir_files.untar import extract_chunks
+from pageserver.ingest import import_datadir as imp
 from pageserver.ingest.import_delta import (
     ForkRecords,
     _add_member,
     _database_of,
     _PackedForks,
     _StreamedForks,
+    import_delta_file,
 )
+from pageserver.ingest.import_neon import DONE_SUFFIX, NeonSource
+from pageserver.storage.timeline_store import TimelineStore
 from pg15.constants import BLCKSZ
-from proto.errors import CorruptData
-from snapfile.delta import PACK_NAME, fork_header
+from pg15.datadir_layout import parse_relation_file_name
+from pg15.pg_control import read_control_file
+from proto.errors import Conflict, CorruptData
+from snapfile.delta import BLOCK_NUMBER, FORK_HEADER, PACK_NAME, fork_header
+from snapfile.manifest import Manifest, origin_of
+from snapfile.writer import write_snapshot_file
 from tests.pageserver.ingest.test_import_delta_pack import (
     FORKS,
     Recorded,
@@ -35,6 +47,13 @@ from tests.pageserver.ingest.test_import_delta_pack import (
     fork_member,
     imported,
 )
+from tests.pageserver.ingest.test_import_threads import (
+    SETTINGS,
+    basebackup_digest,
+    datadir,  # noqa: F401 (the fixture)
+    imported_tar,
+)
+from tests.snapfile.snapfile_helpers import make_manifest
 
 
 def pieces(data: bytes, size: int) -> Iterator[bytes]:
@@ -164,3 +183,150 @@ def test_a_member_twice_is_refused(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_the_database_of_a_member_directory(directory: str, place: tuple[int, int] | None) -> None:
     assert _database_of(directory) == place
+
+
+# -- the whole import on a real timeline ------------------------------------------------------
+
+
+def every_page_delta(root: Path, out: Path, **manifest: object) -> Manifest:
+    """`out`: `root` as a delta `.neon` file on a parent with nothing in it: each relation
+    fork a `neon-delta/` member carrying every page (first, as the daemon writes them), the
+    other files whole, pg_control last; its manifest's LSN the shutdown checkpoint's."""
+    control = read_control_file(root)
+    fields: dict[str, object] = {
+        "frame_size": 5 * 4096,  # not whole pages: records are cut across frames
+        "system_identifier": control.system_identifier,
+        "lsn": control.checkpoint_lsn,
+        "parent": "pgdata1@p",
+        "parent_lsn": 0x100,
+    }
+    made = make_manifest(**(fields | manifest))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        paths = sorted(root.rglob("*"))
+        for path in paths:
+            relative = path.relative_to(root)
+            fork = _relation_fork(relative)
+            if fork is None:
+                continue
+            data = path.read_bytes()
+            blocks = len(data) // BLCKSZ
+            body = b"".join(
+                BLOCK_NUMBER.pack(b) + data[b * BLCKSZ : (b + 1) * BLCKSZ] for b in range(blocks)
+            )
+            info = tarfile.TarInfo(f"neon-delta/{relative}")
+            info.size = FORK_HEADER.size + len(body)
+            tar.addfile(info, io.BytesIO(fork_header(blocks) + body))
+        control_path = root / "global" / "pg_control"
+        for path in paths:
+            relative = path.relative_to(root)
+            if _relation_fork(relative) is None and path != control_path:
+                tar.add(path, str(relative), recursive=False)
+        tar.add(control_path, "global/pg_control", recursive=False)
+    with out.open("wb") as f:
+        write_snapshot_file(f, made, [buf.getvalue()])
+    return made
+
+
+def _relation_fork(relative: Path) -> tuple[int, int] | None:
+    parts = relative.parts
+    in_database = (parts[:1] == ("global",) and len(parts) == 2) or parts[:1] == ("base",)
+    if not in_database or len(parts) != (2 if parts[0] == "global" else 3):
+        return None
+    parsed = parse_relation_file_name(parts[-1])
+    return None if parsed is None or parsed.segno else (parsed.relfilenode, parsed.fork)
+
+
+def import_file(
+    path: Path, work: Path, origin: str, start: int = 0, fetching: bool = False
+) -> tuple[str, int]:
+    """`import_delta_file` onto a new timeline whose last record is at `start`: its
+    basebackup tar's SHA-256 and the import LSN."""
+    store = TimelineStore(work / "store", SETTINGS)
+    try:
+        timeline = store.create_timeline()
+        if start:
+            timeline.advance_last_record_lsn(start, None)
+        source = NeonSource(path, path.name, fetching)
+        lsn = import_delta_file(timeline, source, work / "delta", origin)
+        return basebackup_digest(timeline, lsn), lsn
+    finally:
+        store.close()
+
+
+def test_a_delta_of_every_page_imports_what_a_whole_import_does(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.neon"
+    manifest = every_page_delta(datadir, path)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    digest, lsn = import_file(path, tmp_path / "work", origin_of(manifest))
+    assert lsn == imp.import_lsn_of(datadir) and digest == plain
+    left = sorted(str(p.relative_to(tmp_path / "work" / "delta")) for p in
+                  (tmp_path / "work" / "delta").rglob("*") if p.is_file())  # fmt: skip
+    assert not any(_relation_fork(Path(name)) for name in left)  # no fork written as a file
+
+
+def test_a_delta_file_is_refused_for_its_manifest_or_lsns_before_anything_shows(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.neon"
+    manifest = every_page_delta(datadir, path)
+    origin = origin_of(manifest)
+    end = imp.import_lsn_of(datadir)
+    with pytest.raises(CorruptData, match="changed while it was read"):
+        import_file(path, tmp_path / "w1", origin.replace("127.0.0.1", "127.0.0.2"))
+    whole = tmp_path / "whole.neon"
+    whole_manifest = every_page_delta(datadir, whole, parent=None, parent_lsn=None)
+    with pytest.raises(CorruptData, match="whole snapshot file, not a delta"):
+        import_file(whole, tmp_path / "w2", origin_of(whole_manifest))
+    # The manifest's LSN not above the branch point: refused before a page is put (its
+    # batches would have nowhere to go, and grow without bound).
+    with pytest.raises(Conflict, match=r"LSN .* is not above its parent's"):
+        import_file(path, tmp_path / "w3", origin, start=manifest.lsn)
+    # Pages put up to a manifest's LSN that lies above the data directory's: refused once
+    # pg_control says where the snapshot is.
+    far = tmp_path / "far.neon"
+    far_manifest = every_page_delta(datadir, far, lsn=end + (1 << 20))
+    with pytest.raises(Conflict, match="not above the last LSN its pages were put at"):
+        import_file(far, tmp_path / "w4", origin_of(far_manifest), start=end - 16)
+
+
+def test_pages_go_on_the_branch_while_the_file_still_arrives(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A file being written (recv's) is read as it grows: the big fork's pages are put
+    (the branch's last record LSN moves, a batch at a time) before its end is written."""
+    whole = tmp_path / "whole.neon"
+    manifest = every_page_delta(datadir, whole)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    data = whole.read_bytes()
+    path = tmp_path / "d.neon"
+    path.touch()
+    store = TimelineStore(tmp_path / "work" / "store", SETTINGS)
+    timeline = store.create_timeline()
+    seen_before_end: list[int] = []
+
+    def write() -> None:
+        with path.open("wb", buffering=0) as f:
+            f.write(data[: len(data) * 3 // 4])
+            deadline = time.monotonic() + 60
+            while timeline.last_record_lsn == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_before_end.append(timeline.last_record_lsn)
+            f.write(data[len(data) * 3 // 4 :])
+        Path(f"{path}{DONE_SUFFIX}").touch()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        source = NeonSource(path, path.name, fetching=True)
+        lsn = import_delta_file(timeline, source, tmp_path / "work" / "delta", origin_of(manifest))
+        assert basebackup_digest(timeline, lsn) == plain
+    finally:
+        writer.join()
+        store.close()
+    assert seen_before_end[0] > 0
