@@ -101,11 +101,12 @@ def import_delta_file(timeline: Timeline, source: NeonSource, datadir: Path, ori
         check_origin(manifest, origin, label)
         if SnapshotIdentity.parent_of(manifest) is None:
             raise CorruptData(f"{label} is a whole snapshot file, not a delta")
-        _check_above(manifest.lsn, start, "its parent's")
         # Its pages go at LSNs just above the branch point, below the manifest's LSN (the
         # snapshot's: its shutdown checkpoint's record starts there), until the file's
         # pg_control (its last member) says the import LSN (that record's end): it must be
-        # above them.
+        # above them. The manifest's LSN may lie below the branch point (the parent's
+        # import LSN: its checkpoint record's end) where little WAL separates the two
+        # snapshots: only a batch of pages with no LSN left below it is refused.
         forks.sink = _BranchPuts(timeline, start, manifest.lsn)
 
     read_neon_file(source, datadir, on_manifest, delta_members=forks.member)

@@ -22,6 +22,7 @@ import pytest
 
 from datadir_files.untar import extract_chunks
 from pageserver.ingest import import_datadir as imp
+from pageserver.ingest import import_delta
 from pageserver.ingest.import_delta import (
     ForkRecords,
     _add_member,
@@ -282,10 +283,11 @@ def test_a_delta_file_is_refused_for_its_manifest_or_lsns_before_anything_shows(
     whole_manifest = every_page_delta(datadir, whole, parent=None, parent_lsn=None)
     with pytest.raises(CorruptData, match="whole snapshot file, not a delta"):
         import_file(whole, tmp_path / "w2", origin_of(whole_manifest))
-    # The manifest's LSN not above the branch point: refused before a page is put (its
-    # batches would have nowhere to go, and grow without bound).
-    with pytest.raises(Conflict, match=r"LSN .* is not above its parent's"):
+    # The manifest's LSN not above the branch point: refused at its first batch of pages
+    # (the batches would have nowhere to go, and grow without bound).
+    with pytest.raises(Conflict, match="more pages than fit between its parent's LSN"):
         import_file(path, tmp_path / "w3", origin, start=manifest.lsn)
+
     # Pages put up to a manifest's LSN that lies above the data directory's: refused once
     # pg_control says where the snapshot is.
     far = tmp_path / "far.neon"
@@ -330,3 +332,24 @@ def test_pages_go_on_the_branch_while_the_file_still_arrives(
         writer.join()
         store.close()
     assert seen_before_end[0] > 0
+
+
+def test_a_delta_whose_manifest_lsn_is_below_the_branch_point_imports(
+    datadir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two snapshots a few WAL records apart: the parent's branch point here is its
+    checkpoint record's end, above the child's manifest LSN (its checkpoint record's
+    start). Pages that fit in the final batch import all the same."""
+    monkeypatch.setattr(import_delta, "BATCH_BYTES", 1 << 40)  # one batch: the final one
+    path = tmp_path / "d.neon"
+    manifest = every_page_delta(datadir, path)
+    plain, _ = imported_tar(datadir, tmp_path / "plain", 1)
+    end = imp.import_lsn_of(datadir)
+    assert manifest.lsn < end - 16
+    digest, lsn = import_file(path, tmp_path / "work", origin_of(manifest), start=end - 16)
+    assert lsn == end and digest == plain
+    # The data directory's LSN not above the branch point: refused.
+    with pytest.raises(Conflict, match=r"LSN .* is not above its parent's"):
+        import_file(path, tmp_path / "w", origin_of(manifest), start=end)
