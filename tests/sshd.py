@@ -114,6 +114,13 @@ def ssh_server() -> Iterator[SshServer]:
             "X11Forwarding no\n"
             "AllowTcpForwarding no\n"
             "LogLevel VERBOSE\n"
+            # The login shell is told it is not a top-level one: bash sources ~/.bashrc for
+            # a top-level shell started by sshd (SSH_CLIENT set, SHLVL below 2), even with
+            # `-c`. This box's root .bashrc runs `pyenv init` (~110 ms a session: the whole
+            # of a session on the shared connection but ~10 ms), where a stock Debian
+            # .bashrc returns at once when not interactive. A far host's rc is not ours to
+            # measure; each session here still starts the login shell.
+            "SetEnv SHLVL=1\n"
         )
         host_key = (root / "host_key.pub").read_text().split()
         (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
