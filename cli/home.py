@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,12 @@ class NeonHome:
         made on first use."""
         return self.root / "ssh"
 
+    @property
+    def cache_dir(self) -> Path:
+        """What a command remembers of far places for the next one (cli/transport/s3_heads.py),
+        made on first use (0700)."""
+        return self.root / "cache"
+
     def ensure(self) -> None:
         """Create the layout, or check an existing one; nothing outside the root is changed.
 
@@ -87,6 +95,18 @@ class NeonHome:
         ):
             ensure_own_dir(sub, mode)
         make_pg_dir(self.socket_dir, 0o700)
+
+
+def private_dir(directory: Path) -> bool:
+    """Make `directory` (0700) if missing; whether it is a directory of this user that no one
+    else may enter (else nothing is kept there)."""
+    try:
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
 
 
 _current: NeonHome | None = None

@@ -41,7 +41,7 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -60,6 +60,7 @@ from cli.transport.base import (
     already_exists,
     check_object_name,
 )
+from cli.transport.s3_heads import HeadCache
 from proto.errors import AuthFailed, InvalidArgument, NeonError, NotFound, Unavailable
 
 URL_FORM = "s3://BUCKET/[PREFIX/]NAME"
@@ -437,24 +438,71 @@ class S3Store(Store):
         shown = self.object_url(name)
         with _s3_errors(shown, self.bucket, "reach"):
             client = self._stat_client = await stack.enter_async_context(self.client())
-            head, listing, pending = await asyncio.gather(
+            head, listed, pending = await asyncio.gather(
                 _outcome(self._head(client, name)),
-                _outcome(self._listing(client)),
+                _outcome(self._listed(client)),
                 _outcome(self._pending(client, self._key(name))),
             )
             if isinstance(head, BaseException):
                 raise head
             found = head
             heads: dict[str, tuple[int, bytes]] = {}
-            if isinstance(listing, list):
-                neon = [o for o in listing if o.name.endswith(".neon")][:PROBE_HEADS]
-                reads = (_outcome(self._head_bytes(client, o)) for o in neon)
-                got = await asyncio.gather(*reads)
-                for info, data in zip(neon, got, strict=True):
-                    if isinstance(data, bytes):
-                        heads[info.name] = (info.size, data)
+            listing: list[ObjectInfo] | BaseException
+            if isinstance(listed, BaseException):
+                listing = listed
+            else:
+                listing = [info for info, _etag in listed]
+                heads = await self._neon_heads(client, listed)
         self._probe = _S3Probe(name, time.monotonic(), found, listing, pending, heads)
         return found
+
+    def _store_key(self) -> str:
+        """This store among the heads remembered (s3_heads): endpoint, bucket, prefix."""
+        endpoint = (
+            _settings.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or f"aws:{_region()}"
+        )
+        return f"{endpoint} {self.url}"
+
+    async def _neon_heads(
+        self, client: Any, listed: list[tuple[ObjectInfo, str | None]]
+    ) -> dict[str, tuple[int, bytes]]:
+        """The head of each `.neon` object of a listing (PROBE_HEADS at most): remembered
+        (s3_heads), else read; an object whose head cannot be read is left out."""
+        store = self._store_key()
+        cache = HeadCache.of_store(store)
+        heads: dict[str, tuple[int, bytes]] = {}
+        reads: list[tuple[ObjectInfo, str | None]] = []
+        for info, etag in [entry for entry in listed if entry[0].name.endswith(".neon")][
+            :PROBE_HEADS
+        ]:
+            known = cache.get(info.name, info.size, etag)
+            if known is None:
+                reads.append((info, etag))
+            else:
+                heads[info.name] = (info.size, known)
+        got = await asyncio.gather(*(_outcome(self._head_bytes(client, o)) for o, _ in reads))
+        for (info, etag), answer in zip(reads, got, strict=True):
+            if isinstance(answer, BaseException):
+                continue
+            data, read_etag = answer
+            heads[info.name] = (info.size, data)
+            if read_etag == etag:  # the object listed is the one read
+                cache.put(info.name, info.size, etag, data)
+        cache.keep_only(info.name for info, _ in listed)
+        cache.save(store)
+        return heads
+
+    def remember_head(self, name: str, size: int, etag: str | None, head: bytes) -> None:
+        """An object this process wrote (S3Writer's commit): its head for the next probe."""
+        if not name.endswith(".neon"):
+            return
+        store = self._store_key()
+        cache = HeadCache.of_store(store)
+        cache.put(name, size, etag, head[:HEAD_BYTES])
+        cache.save(store)
 
     def _kept(self, name: str | None = None) -> _S3Probe | None:
         """The last stat's probe while fresh (of `name`'s stat, when given)."""
@@ -467,6 +515,10 @@ class S3Store(Store):
         return probe
 
     async def _listing(self, client: Any) -> list[ObjectInfo]:
+        return [info for info, _etag in await self._listed(client)]
+
+    async def _listed(self, client: Any) -> list[tuple[ObjectInfo, str | None]]:
+        """The objects directly under the prefix, each with its ETag (None: not given)."""
         found = []
         with _s3_errors(self.url, self.bucket, "list"):
             pages = client.get_paginator("list_objects_v2").paginate(
@@ -476,16 +528,19 @@ class S3Store(Store):
                 for entry in page.get("Contents", []):
                     name = entry["Key"][len(self.prefix) :]
                     if name and not name.startswith("."):
-                        found.append(ObjectInfo(name, int(entry["Size"])))
-        return sorted(found, key=lambda o: o.name)
+                        etag = entry.get("ETag")
+                        info = ObjectInfo(name, int(entry["Size"]))
+                        found.append((info, etag if isinstance(etag, str) else None))
+        return sorted(found, key=lambda entry: entry[0].name)
 
     async def _pending(self, client: Any, key: str) -> list[PendingUpload]:
         with _s3_errors(self.object_url(key[len(self.prefix) :]), self.bucket, "upload to"):
             return await pending_uploads(client, self.bucket, key)
 
-    async def _head_bytes(self, client: Any, info: ObjectInfo) -> bytes:
+    async def _head_bytes(self, client: Any, info: ObjectInfo) -> tuple[bytes, str | None]:
+        """The object's first HEAD_BYTES and the ETag of the object they were read from."""
         if info.size == 0:
-            return b""
+            return b"", None
         answer = await client.get_object(
             Bucket=self.bucket, Key=self._key(info.name), Range=f"bytes=0-{HEAD_BYTES - 1}"
         )
@@ -493,7 +548,8 @@ class S3Store(Store):
             data = bytes(await body.read())
         if len(data) != min(info.size, HEAD_BYTES):
             raise ValueError("not the head asked for (the object changed)")
-        return data
+        etag = answer.get("ETag")
+        return data, etag if isinstance(etag, str) else None
 
     async def list(self) -> list[ObjectInfo]:
         probe = self._kept()
@@ -552,6 +608,7 @@ class S3Store(Store):
             PARTS_IN_FLIGHT, resumable=resumable,
         )  # fmt: skip
         writer.pending = pending
+        writer.committed = functools.partial(self.remember_head, name)
         return writer
 
     async def open_read(self, name: str, offset: int = 0) -> ObjectReader:
@@ -684,6 +741,10 @@ class S3Writer(ObjectWriter):
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_part = 1
         self._closed = False
+        self._head = bytearray()
+        """The object's first HEAD_BYTES, for `committed`."""
+        self.committed: Callable[[int, str | None, bytes], None] | None = None
+        """Told the object's size, ETag and head once it is committed."""
 
     def _size_of(self, number: int) -> int:
         growth = (number - 1) // PART_GROWTH_EVERY
@@ -697,6 +758,8 @@ class S3Writer(ObjectWriter):
 
     async def write(self, data: bytes) -> None:
         self._raise_failed()
+        if len(self._head) < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - len(self._head)]
         self._buffer += data
         self.bytes_written += len(data)
         while len(self._buffer) >= (size := self._size_of(self._next_part)):
@@ -763,7 +826,7 @@ class S3Writer(ObjectWriter):
         try:
             if self._next_part == 1:  # smaller than one part
                 with self._errors():
-                    await self._client.put_object(
+                    answer = await self._client.put_object(
                         Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer),
                         ContentType=CONTENT_TYPE, **self._condition(),
                     )  # fmt: skip
@@ -776,7 +839,7 @@ class S3Writer(ObjectWriter):
                     self._raise_failed()
                 parts = [{"ETag": e, "PartNumber": n} for n, e in sorted(self._etags.items())]
                 with self._errors():
-                    await self._client.complete_multipart_upload(
+                    answer = await self._client.complete_multipart_upload(
                         Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
                         MultipartUpload={"Parts": parts}, **self._condition(),
                     )  # fmt: skip
@@ -785,6 +848,10 @@ class S3Writer(ObjectWriter):
             await self.abort()
             raise
         await self.abort()  # after a PutObject, the unused multipart upload; else a no-op
+        etag = answer.get("ETag")
+        if self.committed is not None:
+            tag = etag if isinstance(etag, str) else None
+            self.committed(self.bytes_written, tag, bytes(self._head))
 
     async def abort(self) -> None:
         for task in self._tasks:

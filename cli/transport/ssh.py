@@ -47,7 +47,8 @@ name carries the PID) is removed by the next command that opens one, once that P
 Options in NEON_SSH_COMMAND come first and win (`-o ControlMaster=no`: no shared connection).
 
 Round trips: each remote command costs a session on the shared connection (a channel, a
-shell; 0.1-0.25 s on a loaded box), so a push asks one PROBE where it needed four: `stat` of
+login shell: ~10 ms on loopback, 0.1-0.25 s on a loaded box or where the far shell's startup
+files are heavy), so a push asks one PROBE where it needed four: `stat` of
 its target also lists the directory with the head of each `.neon` file (its manifest) and the
 digests of the target's partial file, kept for the `list`, the head reads and the
 `open_resumable` that follow (each used once; anything unparsable: none kept, the commands run
@@ -84,7 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from cli.home import NeonHome, current_home
+from cli.home import NeonHome, current_home, private_dir
 from cli.storages import mask_url
 from cli.transport.base import (
     CHUNK,
@@ -324,18 +325,6 @@ def kept_dir(home: NeonHome) -> Path:
     return Path(tempfile.gettempdir()) / f"{KEPT_DIR_PREFIX}{digest}"
 
 
-def _private_dir(directory: Path) -> bool:
-    """Make `directory` (0700) if missing; whether it is a directory of this user that no one
-    else may enter (else nothing is kept there)."""
-    try:
-        with contextlib.suppress(FileExistsError):
-            directory.mkdir(mode=0o700)
-        info = os.lstat(directory)
-    except OSError:
-        return False
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
-
-
 def _kept(program: list[str], destination: str) -> list[str] | None:
     """`program` as a client of the connection to `destination` kept between commands of
     this home; None when none is kept (no home, NEON_SSH_PERSIST=0, a directory not private,
@@ -346,7 +335,7 @@ def _kept(program: list[str], destination: str) -> list[str] | None:
     if home is None or seconds == 0 or _VERBOSE.search(" ".join(program)):
         return None
     directory = kept_dir(home)
-    if not _private_dir(directory):
+    if not private_dir(directory):
         return None
     name = hashlib.sha256("\0".join([*program, destination]).encode()).hexdigest()
     return [
@@ -359,7 +348,7 @@ def stop_kept_connections(home: NeonHome) -> list[str]:
     """Ask every connection `home` keeps open to end now (`ssh -O exit`); their sockets."""
     directory = kept_dir(home)
     stopped: list[str] = []
-    if not directory.is_dir() or not _private_dir(directory):
+    if not directory.is_dir() or not private_dir(directory):
         return stopped  # nothing of ours is kept there (another user's directory: not probed)
     with contextlib.suppress(OSError):
         for sock in sorted(directory.iterdir()):

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+import cli.home
 from cli.context import App
+from cli.home import NeonHome
 from cli.snapshot_file_source import snapshots_in
 from cli.snapshot_transfer import parse_transfer_url
 from cli.transport import base, parse_location, s3
@@ -509,3 +511,56 @@ async def test_a_push_s_stat_and_upload_share_one_client(
         assert await store.stat_for_write("c.neon") is not None
         await store.open_resumable("c.neon", overwrite=False)
     await store.close()
+
+
+async def test_a_push_reads_no_head_it_wrote_or_read_before(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In a home, the heads of `.neon` objects this home wrote (whole or in parts) or read are
+    remembered with their size and ETag: a later probe reads only the objects it does not
+    know or that changed, finds the same manifests as the plain reads, and forgets the
+    objects no longer listed. The cache is private; one that cannot be read is as none."""
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    home = NeonHome(tmp_path / "home")
+    home.root.mkdir()
+    monkeypatch.setattr(cli.home, "_current", home)
+    sent: list[str] = []
+    s3._session().register(
+        "before-send.s3", lambda event_name, **_: sent.append(event_name.rsplit(".", 1)[1])
+    )
+    store = parse_location(s3_bucket.url("x.neon")).store
+    small, parted = _neon_file(0x1_0000_0000, 9000), _neon_file(0x2_0000_0000, 3 * SMALL_PART)
+    for name, data in (("a.neon", small), ("b.neon", parted)):
+        async with await store.open_write(name, overwrite=False) as writer:
+            await writer.write(data)
+    s3_bucket.write("c.neon", _neon_file(0x3_0000_0000, 5))  # another writer's
+    plain = await snapshots_in(parse_location(s3_bucket.url("x.neon")).store)
+    assert sorted(plain) == ["a.neon", "b.neon", "c.neon"]
+
+    async def probed() -> list[str]:
+        sent.clear()
+        assert await store.stat("x.neon") is None
+        asked = sorted(sent)
+        assert await snapshots_in(store) == await snapshots_in(
+            parse_location(s3_bucket.url("x.neon")).store
+        )
+        return asked
+
+    asked = ["HeadObject", "ListMultipartUploads", "ListObjectsV2"]
+    assert await probed() == ["GetObject", *asked]  # c.neon's head only
+    assert await probed() == asked  # c.neon's remembered too
+    s3_bucket.write("a.neon", _neon_file(0x4_0000_0000, 9000))  # replaced: read again
+    assert await probed() == ["GetObject", *asked]
+    assert await probed() == asked
+    cache_files = list((home.cache_dir / "s3-heads").iterdir())
+    assert len(cache_files) == 1
+    assert cache_files[0].stat().st_mode & 0o777 == 0o600
+    assert (home.cache_dir / "s3-heads").stat().st_mode & 0o777 == 0o700
+    s3_bucket.moto.client().delete_object(Bucket=s3_bucket.bucket, Key=s3_bucket.prefix + "b.neon")
+    await probed()
+    assert "b.neon" not in cache_files[0].read_text()  # no longer listed: forgotten
+    cache_files[0].write_text('{"store": "elsewhere", "objects": {}}')
+    assert await probed() == ["GetObject", "GetObject", *asked]
+    cache_files[0].write_bytes(b"\xff not json")
+    assert await probed() == ["GetObject", "GetObject", *asked]
+    assert await probed() == asked
