@@ -192,6 +192,36 @@ def test_the_pageserver_answers_beside_a_destination_holding_the_loop(
     assert planned.candidates == []  # the destination holds nothing: a whole file after all
 
 
+class _RecordingStore(FileStore):
+    """A directory that notes whether the guess was made when it was first asked."""
+
+    def __init__(self, directory: Path, guessed: threading.Event) -> None:
+        super().__init__(directory)
+        self.guessed = guessed
+        self.asked_after_guess: list[bool] = []
+
+    async def stat(self, name: str) -> ObjectInfo | None:
+        self.asked_after_guess.append(self.guessed.is_set())
+        return await super().stat(name)
+
+
+def test_the_destination_is_asked_once_the_guess_is_made(neon: NeonCli, tmp_path: Path) -> None:
+    """When guessing, the destination's questions wait for the pageserver's answer (the
+    guess started): a store making its client on the loop (s3) held the GIL the answer
+    waited for, and the guess, the push's longest step, started later."""
+    api = _two_snapshots(neon)
+    guessed = threading.Event()
+    (tmp_path / "to").mkdir()
+    store = _RecordingStore(tmp_path / "to", guessed)
+
+    def on_local(target: SnapshotInfo, plan: object, local: list[SnapshotInfo]) -> None:
+        guessed.set()
+
+    location = Location(store, "pgdata1@s2.neon")
+    asyncio.run(st._plan_push(api, location, "pgdata1@s2", False, False, on_local))
+    assert store.asked_after_guess == [True]
+
+
 def _guessing_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "guessed-delta"]
 
