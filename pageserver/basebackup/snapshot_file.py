@@ -101,8 +101,15 @@ def snapshot_file_buffers() -> AlignedChunks:
 def snapshot_file_chunks(
     manifest: Manifest, tar: TarCounter, aligned: AlignedChunks | None = None
 ) -> Generator[bytes, None, None]:
-    """The `.neon` file's bytes, about one frame's worth at a time. With `aligned` (the
-    tar maker's buffers), its chunks are compressed where they lie and given back once
-    their frames are."""
-    release = None if aligned is None else aligned.release
+    """The `.neon` file's bytes, about one frame's worth at a time. Every chunk is
+    compressed where it lies, not copied first: with `aligned` (the tar maker's buffers),
+    each is given back once its frames are; without, the tar maker hands on no buffer it
+    writes again (a delta's records are a bytearray each, everything else bytes), so
+    none is given back. The copy was ~6-7 ms of a 1% delta's tar thread (22 MiB of pages,
+    bench.exchange's), measured in-process."""
+    release = _owned if aligned is None else aligned.release
     return encode_snapshot_file(manifest, tar, workers=COMPRESSION_THREADS, release=release)
+
+
+def _owned(chunk: object) -> None:
+    """A chunk no one writes again: nothing to give back once its frames are compressed."""

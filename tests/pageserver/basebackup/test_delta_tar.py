@@ -14,6 +14,7 @@ import pytest
 
 from pageserver.basebackup import delta_tar
 from pageserver.basebackup.delta_tar import DeltaForks, tar_header_size
+from pageserver.basebackup.snapshot_file import TarCounter, snapshot_file_chunks
 from pageserver.basebackup.sources import TimelineSource
 from pageserver.basebackup.tar_stream import tar_bytes_of, tar_header
 from pageserver.history.snapshot_diff import ReadPoint
@@ -33,8 +34,11 @@ from snapfile.delta import (
     fork_sizes_member,
     parse_fork_sizes,
 )
+from snapfile.reader import TarData, read_snapshot_file
+from snapfile.writer import SnapshotFileWriter
 from tests.native_ext import require_c_extension
 from tests.pageserver.history.test_snapshot_diff import DB, SETTINGS, SPC
+from tests.snapfile.snapfile_helpers import make_manifest
 
 NAMES = [
     "base/16384/16397",
@@ -220,3 +224,40 @@ def test_forks_without_pages_are_listed_once_a_directory(store: TimelineStore) -
 def read_members(archive: bytes) -> list[tuple[str, bytes]]:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+
+
+def test_a_delta_file_compresses_its_chunks_where_they_lie(
+    store: TimelineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta `.neon` file's tar chunks are compressed where they lie, not copied first
+    (no AlignedChunks: `snapshot_file_chunks` gives none back): safe because nothing the
+    delta's tar maker hands on, its pages' bytearrays included, is written again; the file
+    holds the very tar."""
+    require_c_extension(native_redo, "pageserver.redo._redo")  # the records' bytearrays
+    tl, _child = _history(store)
+    forks = DeltaForks(TimelineSource(tl, 40), ReadPoint(tl, 16))
+    handed: list[tuple[bytes | bytearray | memoryview, bytes]] = []
+
+    def chunks() -> Iterator[bytes]:
+        for rel, n in ((16384, 44), (16385, 3), (16390, 12)):
+            members = forks.fork_members(f"base/{DB}/{rel}", SPC, DB, rel, 0, n, 0)
+            for chunk in tar_bytes_of(members):
+                handed.append((chunk, bytes(chunk)))
+                yield chunk
+
+    copies: list[bool] = []
+    cut = SnapshotFileWriter.cut
+
+    def recorded(self: SnapshotFileWriter, data: Any, *, copy: bool = True) -> Any:
+        copies.append(copy)
+        return cut(self, data, copy=copy)
+
+    monkeypatch.setattr(SnapshotFileWriter, "cut", recorded)
+    manifest = make_manifest(frame_size=3 * BLCKSZ)  # frames across chunks
+    neon = b"".join(snapshot_file_chunks(manifest, TarCounter(chunks())))
+    assert any(isinstance(chunk, bytearray) for chunk, _ in handed)
+    assert copies and not any(copies)
+    assert all(bytes(chunk) == made for chunk, made in handed)  # none written again
+    read = read_snapshot_file(io.BytesIO(neon))
+    tar = b"".join(e.data for e in read if isinstance(e, TarData))
+    assert tar == b"".join(made for _, made in handed)
