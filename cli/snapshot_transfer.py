@@ -352,8 +352,8 @@ async def _plan_push(
 ) -> _PushPlan:  # fmt: skip
     """What a push needs before the export: the snapshot and its plan (one connection to the
     pageserver) and what the destination holds (is the file there; the `.neon` files a delta
-    may build on), asked at once (with `on_local`, the destination once the pageserver has
-    answered): an incremental push is mostly these fixed costs. The
+    may build on), asked at once (with `on_local`, a store that is `busy_opening` once the
+    pageserver has answered): an incremental push is mostly these fixed costs. The
     pageserver's error (an unknown snapshot) wins over the destination's, at once.
     `on_local` is called with the pageserver's part as soon as it is there (the guess), on
     the thread that asked for it.
@@ -389,12 +389,12 @@ async def _plan_push(
             return {}  # a store that cannot list its objects (a presigned http URL)
 
     local_part = asyncio.get_running_loop().run_in_executor(None, pageserver)
-    if on_local is not None:
+    if on_local is not None and location.store.busy_opening:
         # The guess first: what the store does on this loop as it starts (s3: its client,
         # ~13 ms of Python) held the GIL the pageserver's answers wait for, and the guess,
         # the push's longest step, started ~20 ms later (84-92 ms into bench.exchange's
         # incremental push over s3, against 61-67 over ssh); the store's questions take
-        # less than the delta they are asked beside.
+        # less than the delta they are asked beside. Other stores are asked at once.
         await asyncio.wait({local_part})
     asking = asyncio.ensure_future(destination())
     try:

@@ -248,6 +248,10 @@ class Store(ABC):
     this store says what it holds (cli/snapshot_transfer.py): worth it where that takes a
     round trip (ssh, s3, neon://); not for a directory here (it answers at once) nor, for
     now, an http server (its index, cli/transport/http.py, is one more GET; not measured)."""
+    busy_opening: ClassVar[bool] = False
+    """Whether its first answer keeps the event loop busy with CPU of its own (s3: making
+    its client, ~13 ms of Python): a push that guesses asks it once the pageserver has
+    answered, whose answers on the plan's thread waited for the GIL meanwhile."""
 
     @abstractmethod
     def object_url(self, name: str) -> str:

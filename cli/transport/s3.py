@@ -361,6 +361,8 @@ class _S3Probe:
 
 
 class S3Store(Store):
+    busy_opening = True
+
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.url = f"s3://{bucket}/{prefix}"
@@ -471,15 +473,13 @@ class S3Store(Store):
     ) -> dict[str, tuple[int, bytes]]:
         """The head of each `.neon` object of a listing (PROBE_HEADS at most): remembered
         (s3_heads), else read; an object whose head cannot be read is left out."""
-        store = self._store_key()
-        cache = HeadCache.of_store(store)
+        cache = HeadCache.of_store(self._store_key())
+        neon = [entry for entry in listed if entry[0].name.endswith(".neon")][:PROBE_HEADS]
         heads: dict[str, tuple[int, bytes]] = {}
         reads: list[tuple[ObjectInfo, str | None]] = []
-        for info, etag in [entry for entry in listed if entry[0].name.endswith(".neon")][
-            :PROBE_HEADS
-        ]:
+        for info, etag in neon:
             known = cache.get(info.name, info.size, etag)
-            if known is None:
+            if known is None or len(known) != min(info.size, HEAD_BYTES):
                 reads.append((info, etag))
             else:
                 heads[info.name] = (info.size, known)
@@ -491,18 +491,19 @@ class S3Store(Store):
             heads[info.name] = (info.size, data)
             if read_etag == etag:  # the object listed is the one read
                 cache.put(info.name, info.size, etag, data)
-        cache.keep_only(info.name for info, _ in listed)
-        cache.save(store)
+        cache.keep_only(info.name for info, _ in neon)
+        cache.save()
         return heads
 
     def remember_head(self, name: str, size: int, etag: str | None, head: bytes) -> None:
-        """An object this process wrote (S3Writer's commit): its head for the next probe."""
+        """An object this process wrote (S3Writer's commit): its head for the next probe.
+        Never raises (the object is written: a push succeeded whatever the cache does)."""
         if not name.endswith(".neon"):
             return
-        store = self._store_key()
-        cache = HeadCache.of_store(store)
-        cache.put(name, size, etag, head[:HEAD_BYTES])
-        cache.save(store)
+        with contextlib.suppress(Exception):
+            cache = HeadCache.of_store(self._store_key())
+            cache.put(name, size, etag, head[:HEAD_BYTES])
+            cache.save()
 
     def _kept(self, name: str | None = None) -> _S3Probe | None:
         """The last stat's probe while fresh (of `name`'s stat, when given)."""

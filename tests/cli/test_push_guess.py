@@ -19,6 +19,7 @@ from cli.pageserver_control import local_api
 from cli.transport.base import Location, ObjectInfo, Store
 from cli.transport.file import FileStore
 from cli.transport.http import HttpStore
+from cli.transport.s3 import S3Store
 from pageserver_api.client import PageserverClient, SyncPageserverClient
 from pageserver_api.models import (
     BasebackupPlan,
@@ -193,7 +194,10 @@ def test_the_pageserver_answers_beside_a_destination_holding_the_loop(
 
 
 class _RecordingStore(FileStore):
-    """A directory that notes whether the guess was made when it was first asked."""
+    """A directory busy as it opens (as s3), noting whether the guess was made when it
+    was first asked."""
+
+    busy_opening = True
 
     def __init__(self, directory: Path, guessed: threading.Event) -> None:
         super().__init__(directory)
@@ -206,9 +210,9 @@ class _RecordingStore(FileStore):
 
 
 def test_the_destination_is_asked_once_the_guess_is_made(neon: NeonCli, tmp_path: Path) -> None:
-    """When guessing, the destination's questions wait for the pageserver's answer (the
-    guess started): a store making its client on the loop (s3) held the GIL the answer
-    waited for, and the guess, the push's longest step, started later."""
+    """When guessing, a store busy as it opens (s3 making its client on the loop: it held
+    the GIL the pageserver's answer waited for, and the guess, the push's longest step,
+    started later) is asked once the pageserver answered (the guess started)."""
     api = _two_snapshots(neon)
     guessed = threading.Event()
     (tmp_path / "to").mkdir()
@@ -220,6 +224,7 @@ def test_the_destination_is_asked_once_the_guess_is_made(neon: NeonCli, tmp_path
     location = Location(store, "pgdata1@s2.neon")
     asyncio.run(st._plan_push(api, location, "pgdata1@s2", False, False, on_local))
     assert store.asked_after_guess == [True]
+    assert S3Store.busy_opening and not FileStore.busy_opening
 
 
 def _guessing_threads() -> list[threading.Thread]:

@@ -564,3 +564,50 @@ async def test_a_push_reads_no_head_it_wrote_or_read_before(
     cache_files[0].write_bytes(b"\xff not json")
     assert await probed() == ["GetObject", "GetObject", *asked]
     assert await probed() == asked
+
+
+async def test_a_head_cache_that_cannot_be_used_fails_nothing(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The cache is a shortcut only: a file too deeply nested to parse, a FIFO, another
+    user's mode, or a cache directory that cannot be made leave the heads to be read and
+    the writes to succeed (a write's cache failure after its commit is no failure)."""
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    home = NeonHome(tmp_path / "home")
+    home.root.mkdir()
+    monkeypatch.setattr(cli.home, "_current", home)
+    sent: list[str] = []
+    s3._session().register(
+        "before-send.s3", lambda event_name, **_: sent.append(event_name.rsplit(".", 1)[1])
+    )
+    store = parse_location(s3_bucket.url("x.neon")).store
+    async with await store.open_write("a.neon", overwrite=False) as writer:
+        await writer.write(_neon_file(0x1_0000_0000, 9000))
+    (cache_file,) = (home.cache_dir / "s3-heads").iterdir()
+
+    async def gets() -> int:
+        sent.clear()
+        assert await store.stat("x.neon") is None
+        assert "a.neon" in await snapshots_in(store)
+        return sent.count("GetObject")
+
+    assert await gets() == 0
+    good = cache_file.read_bytes()
+    for broken in (b"[" * 500_000, b"\x00"):
+        cache_file.write_bytes(broken)
+        assert await gets() == 1  # read, and remembered again
+        assert await gets() == 0
+    cache_file.chmod(0o644)
+    assert await gets() == 1  # not private: as none (and written anew, private)
+    assert cache_file.stat().st_mode & 0o777 == 0o600
+    cache_file.unlink()
+    os.mkfifo(cache_file)
+    assert await asyncio.wait_for(gets(), 10) == 1  # no hang on a FIFO
+    cache_file.unlink()
+    cache_file.write_bytes(good)
+    shutil.rmtree(home.cache_dir)
+    home.cache_dir.write_text("not a directory")
+    async with await store.open_write("b.neon", overwrite=False) as writer:
+        await writer.write(_neon_file(0x2_0000_0000, 9000))
+    assert s3_bucket.exists("b.neon")
+    assert await gets() == 2
