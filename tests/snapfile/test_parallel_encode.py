@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from snapfile.writer import encode_snapshot_file
+from snapfile.writer import COALESCE_BELOW, coalesced, compress_frame, encode_snapshot_file
 from tests.snapfile.snapfile_helpers import decode, encode, generated_bytes, make_manifest, split
 
 FRAME = 64 * 1024
@@ -101,3 +101,21 @@ def test_chunks_read_in_place_are_released_only_once_their_frames_are_compressed
     assert out == encode(manifest, tar)[0]
     assert not lent and len(free) == 4  # all given back
     assert lends > 3 * len(free)  # each buffer lent again and again
+
+
+def test_small_pieces_are_joined_before_compression() -> None:
+    """A frame's runs of small pieces (a delta's ~700 bare fork members) are compressed as
+    one piece each, big ones as they are (not copied); the frame's bytes are those of the
+    pieces joined, so its compression is the same."""
+    data = generated_bytes(3 * COALESCE_BELOW + 5000, 7)
+    big = memoryview(data)[: 2 * COALESCE_BELOW]
+    small = [memoryview(data)[2 * COALESCE_BELOW + i * 100 : 2 * COALESCE_BELOW + (i + 1) * 100]
+             for i in range(50)]  # fmt: skip
+    rest = memoryview(data)[2 * COALESCE_BELOW + 5000 :]
+    pieces = (*small[:10], big, *small[10:], rest)
+    out = coalesced(pieces)
+    assert len(out) == 4 and out[1] is big
+    assert [len(p) for p in out] == [1000, len(big), 4000, len(rest)]
+    assert b"".join(out) == b"".join(pieces)
+    assert coalesced((big,)) == [big] and coalesced(()) == []
+    assert compress_frame(pieces, 2) == compress_frame((memoryview(b"".join(pieces)),), 2)
