@@ -278,6 +278,11 @@ class _Server:
         self.later = time.monotonic() + LATER_SECONDS
         self.logged: set[str] = set()  # companion.stderr: each reason to run cold once
 
+    def preload_commands(self) -> None:
+        """PRELOAD, and the field types of every model they define resolved (each command's
+        decoding would resolve its models' again: a child's cache is its own)."""
+        self.preload(PRELOAD, "pageserver_api.models.resolve_all_hints")
+
     def preload_later(self) -> None:
         """LATER_PRELOAD, and S3's models parsed for the children's clients."""
         self.later = float("inf")
@@ -617,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     server = _Server(path, int(parent))
     if os.getppid() != server.parent:
         return 0
-    server.preload(PRELOAD)
+    server.preload_commands()
     if server.hinted():
         server.preload_later()
     server.listen()

@@ -44,6 +44,7 @@ from pageserver.malloc_tuning import tune_malloc
 from pageserver.pid_file import acquire_pid_file
 from pageserver.remote.object_service import OBJECTS_DIR, blob_handlers
 from pageserver.task_stacks import format_task_stacks
+from pageserver_api.models import resolve_all_hints
 from proto.errors import InvalidArgument, NeonError
 from proto.server import Handler, ProtoServer
 
@@ -128,6 +129,7 @@ async def serve(
             **blob_handlers(config.workdir / OBJECTS_DIR),  # a remote storage's objects
             **(extra(config) if extra is not None else {}),
         }
+        resolve_all_hints()  # every model's types, before the first request (not in it)
         proto = ProtoServer(
             handlers, token=config.token, server_name=f"pg-neon pageserver {VERSION}"
         )

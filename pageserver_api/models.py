@@ -109,6 +109,24 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+def resolve_all_hints() -> int:
+    """The field types of every model defined so far, resolved now (`typing.get_type_hints`
+    evaluates each annotation's string: ~0.1 ms a model, ~13 ms for all 130) and kept: the
+    daemon calls it before it serves, so that no request pays for its models' first
+    decoding (a freshly started daemon's first delta push did: py-spy), and the warm server
+    before it forks, whose every command is a fresh child that otherwise resolved each model
+    it decoded again. Returns how many models there are."""
+    seen: set[type] = set()
+    pending = list(WireModel.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        if cls not in seen:
+            seen.add(cls)
+            _hints(cls)
+            pending.extend(cls.__subclasses__())
+    return len(seen)
+
+
 _KINDS: dict[type, str] = {
     str: "a string",
     int: "an integer",

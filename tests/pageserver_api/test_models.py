@@ -4,6 +4,9 @@ models is exactly the set of methods the pageserver serves."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -403,3 +406,35 @@ def test_models_import_creates_no_model_until_used() -> None:
     assert lines[0] == "[]"
     assert lines[1] == "['pageserver_api.models_snapshots']"
     assert lines[2] == f"{len({type(r) for r in REQUESTS})} True"
+
+
+_RESOLVED_IN_SERVER = """
+import json, typing
+from pathlib import Path
+from cli.warm_server import _Server
+from pageserver_api import models
+
+_Server(Path("/nonexistent"), 0).preload_commands()
+calls = []
+typing.get_type_hints = lambda *a, **k: calls.append(a) or {}
+request = models.BasebackupRequest.from_wire({"snapshot": "p@s", "mtime": 1})
+info = models.SnapshotInfo.from_wire(
+    {"name": "p@s", "node_id": "n", "timeline_id": "t", "lsn": 1, "created_at": 0.0}
+)
+print(json.dumps([request.snapshot, info.lsn, len(calls)]))
+"""
+
+
+def test_every_models_types_are_resolved_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resolve_all_hints` resolves every model's field types once (the daemon before it
+    serves, the warm server before it forks its commands): decoding then never evaluates
+    an annotation again, in the server's forked commands either."""
+    monkeypatch.setattr(m, "_HINTS", {})
+    count = m.resolve_all_hints()
+    assert count > 50 and len(m._HINTS) == count
+    monkeypatch.setattr(m.typing, "get_type_hints", lambda *a, **k: pytest.fail("resolved"))
+    assert m.SnapshotShowRequest.from_wire({"name": "p@s"}).name == "p@s"
+    out = subprocess.run(
+        [sys.executable, "-c", _RESOLVED_IN_SERVER], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == ["p@s", 1, 0]
