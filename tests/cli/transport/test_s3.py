@@ -513,13 +513,10 @@ async def test_a_push_s_stat_and_upload_share_one_client(
     await store.close()
 
 
-async def test_a_push_reads_no_head_it_wrote_or_read_before(
-    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """In a home, the heads of `.neon` objects this home wrote (whole or in parts) or read are
-    remembered with their size and ETag: a later probe reads only the objects it does not
-    know or that changed, finds the same manifests as the plain reads, and forgets the
-    objects no longer listed. The cache is private; one that cannot be read is as none."""
+def _home_recording_requests(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[NeonHome, list[str]]:
+    """A home in use (as a command's) and the list the S3 requests sent from now on go to."""
     monkeypatch.setattr(s3, "_SESSIONS", {})
     home = NeonHome(tmp_path / "home")
     home.root.mkdir()
@@ -528,6 +525,17 @@ async def test_a_push_reads_no_head_it_wrote_or_read_before(
     s3._session().register(
         "before-send.s3", lambda event_name, **_: sent.append(event_name.rsplit(".", 1)[1])
     )
+    return home, sent
+
+
+async def test_a_push_reads_no_head_it_wrote_or_read_before(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In a home, the heads of `.neon` objects this home wrote (whole or in parts) or read are
+    remembered with their size and ETag: a later probe reads only the objects it does not
+    know or that changed, finds the same manifests as the plain reads, and forgets the
+    objects no longer listed. The cache is private; one that cannot be read is as none."""
+    home, sent = _home_recording_requests(monkeypatch, tmp_path)
     store = parse_location(s3_bucket.url("x.neon")).store
     small, parted = _neon_file(0x1_0000_0000, 9000), _neon_file(0x2_0000_0000, 3 * SMALL_PART)
     for name, data in (("a.neon", small), ("b.neon", parted)):
@@ -572,14 +580,7 @@ async def test_a_head_cache_that_cannot_be_used_fails_nothing(
     """The cache is a shortcut only: a file too deeply nested to parse, a FIFO, another
     user's mode, or a cache directory that cannot be made leave the heads to be read and
     the writes to succeed (a write's cache failure after its commit is no failure)."""
-    monkeypatch.setattr(s3, "_SESSIONS", {})
-    home = NeonHome(tmp_path / "home")
-    home.root.mkdir()
-    monkeypatch.setattr(cli.home, "_current", home)
-    sent: list[str] = []
-    s3._session().register(
-        "before-send.s3", lambda event_name, **_: sent.append(event_name.rsplit(".", 1)[1])
-    )
+    home, sent = _home_recording_requests(monkeypatch, tmp_path)
     store = parse_location(s3_bucket.url("x.neon")).store
     async with await store.open_write("a.neon", overwrite=False) as writer:
         await writer.write(_neon_file(0x1_0000_0000, 9000))
