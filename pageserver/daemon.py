@@ -129,7 +129,10 @@ async def serve(
             **blob_handlers(config.workdir / OBJECTS_DIR),  # a remote storage's objects
             **(extra(config) if extra is not None else {}),
         }
-        resolve_all_hints()  # every model's types, before the first request (not in it)
+        try:  # every model's types, before the first request (not in it)
+            resolve_all_hints()
+        except Exception:  # a model that cannot be resolved fails its own requests only
+            log.exception("resolving the API models' field types")
         proto = ProtoServer(
             handlers, token=config.token, server_name=f"pg-neon pageserver {VERSION}"
         )

@@ -219,6 +219,9 @@ def compress_frame(pieces: FramePieces, level: int) -> bytes:
 
 COALESCE_BELOW = 64 * 1024
 """Pieces smaller than this are joined with their neighbours before compression."""
+COALESCE_RUN = 1024 * 1024
+"""A run of small pieces is joined up to this many bytes at a time (a frame of small pieces
+only is not copied whole: frames go up to MAX_FRAME_SIZE, and the join holds the GIL)."""
 
 
 def coalesced(pieces: FramePieces) -> list[bytes | bytearray | memoryview]:
@@ -229,14 +232,17 @@ def coalesced(pieces: FramePieces) -> list[bytes | bytearray | memoryview]:
     joined; every frame of the file waits for it)."""
     out: list[bytes | bytearray | memoryview] = []
     run: list[bytes | bytearray | memoryview] = []
+    run_bytes = 0
     for piece in pieces:
-        if len(piece) < COALESCE_BELOW:
-            run.append(piece)
-            continue
-        if run:
-            out.append(b"".join(run) if len(run) > 1 else run[0])
-            run = []
-        out.append(piece)
+        if len(piece) >= COALESCE_BELOW or run_bytes >= COALESCE_RUN:
+            if run:
+                out.append(b"".join(run) if len(run) > 1 else run[0])
+                run, run_bytes = [], 0
+            if len(piece) >= COALESCE_BELOW:
+                out.append(piece)
+                continue
+        run.append(piece)
+        run_bytes += len(piece)
     if run:
         out.append(b"".join(run) if len(run) > 1 else run[0])
     return out

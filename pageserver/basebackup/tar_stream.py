@@ -212,7 +212,9 @@ class Content:
 
 Piece = bytes | bytearray | memoryview | Content
 """What an archive is planned as: bytes made already (headers, padding, small files), or a
-member's `Content`."""
+member's `Content`. A chunk handed on is never written again (but for AlignedChunks' buffers,
+given back by their consumer): a delta's `.neon` file is compressed from the chunks where
+they lie (pageserver/basebackup/snapshot_file.py)."""
 
 
 def tar_member(name: str, size: int, chunks: Iterable[bytes], mtime: int) -> Iterator[Piece]:

@@ -7,7 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from snapfile.writer import COALESCE_BELOW, coalesced, compress_frame, encode_snapshot_file
+from snapfile.writer import (
+    COALESCE_BELOW,
+    COALESCE_RUN,
+    coalesced,
+    compress_frame,
+    encode_snapshot_file,
+)
 from tests.snapfile.snapfile_helpers import decode, encode, generated_bytes, make_manifest, split
 
 FRAME = 64 * 1024
@@ -118,4 +124,9 @@ def test_small_pieces_are_joined_before_compression() -> None:
     assert [len(p) for p in out] == [1000, len(big), 4000, len(rest)]
     assert b"".join(out) == b"".join(pieces)
     assert coalesced((big,)) == [big] and coalesced(()) == []
+    more = generated_bytes(3 * COALESCE_RUN, 8)
+    many = [memoryview(more)[i * 1000 : (i + 1) * 1000] for i in range(len(more) // 1000)]
+    joined = coalesced(tuple(many))  # runs joined COALESCE_RUN bytes or so at a time
+    assert len(joined) > 1 and max(map(len, joined)) < COALESCE_RUN + 1000
+    assert b"".join(joined) == b"".join(many)
     assert compress_frame(pieces, 2) == compress_frame((memoryview(b"".join(pieces)),), 2)
