@@ -32,7 +32,6 @@ from pageserver.ingest.import_delta import (
     import_delta_file,
 )
 from pageserver.ingest.import_neon import DONE_SUFFIX, NeonSource
-from pageserver.storage.timeline_store import TimelineStore
 from pg15.constants import BLCKSZ
 from pg15.datadir_layout import parse_relation_file_name
 from pg15.pg_control import read_control_file
@@ -49,10 +48,10 @@ from tests.pageserver.ingest.test_import_delta_pack import (
     imported,
 )
 from tests.pageserver.ingest.test_import_threads import (
-    SETTINGS,
     basebackup_digest,
     datadir,  # noqa: F401 (the fixture)
     imported_tar,
+    new_timeline,
 )
 from tests.snapfile.snapfile_helpers import make_manifest
 
@@ -243,16 +242,12 @@ def import_file(
 ) -> tuple[str, int]:
     """`import_delta_file` onto a new timeline whose last record is at `start`: its
     basebackup tar's SHA-256 and the import LSN."""
-    store = TimelineStore(work / "store", SETTINGS)
-    try:
-        timeline = store.create_timeline()
+    with new_timeline(work / "store") as timeline:
         if start:
             timeline.advance_last_record_lsn(start, None)
         source = NeonSource(path, path.name, fetching)
         lsn = import_delta_file(timeline, source, work / "delta", origin)
         return basebackup_digest(timeline, lsn), lsn
-    finally:
-        store.close()
 
 
 def test_a_delta_of_every_page_imports_what_a_whole_import_does(
@@ -308,29 +303,29 @@ def test_pages_go_on_the_branch_while_the_file_still_arrives(
     data = whole.read_bytes()
     path = tmp_path / "d.neon"
     path.touch()
-    store = TimelineStore(tmp_path / "work" / "store", SETTINGS)
-    timeline = store.create_timeline()
     seen_before_end: list[int] = []
+    with new_timeline(tmp_path / "work" / "store") as timeline:
 
-    def write() -> None:
-        with path.open("wb", buffering=0) as f:
-            f.write(data[: len(data) * 3 // 4])
-            deadline = time.monotonic() + 60
-            while timeline.last_record_lsn == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            seen_before_end.append(timeline.last_record_lsn)
-            f.write(data[len(data) * 3 // 4 :])
-        Path(f"{path}{DONE_SUFFIX}").touch()
+        def write() -> None:
+            with path.open("wb", buffering=0) as f:
+                f.write(data[: len(data) * 3 // 4])
+                deadline = time.monotonic() + 60
+                while timeline.last_record_lsn == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen_before_end.append(timeline.last_record_lsn)
+                f.write(data[len(data) * 3 // 4 :])
+            Path(f"{path}{DONE_SUFFIX}").touch()
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        source = NeonSource(path, path.name, fetching=True)
-        lsn = import_delta_file(timeline, source, tmp_path / "work" / "delta", origin_of(manifest))
-        assert basebackup_digest(timeline, lsn) == plain
-    finally:
-        writer.join()
-        store.close()
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            source = NeonSource(path, path.name, fetching=True)
+            lsn = import_delta_file(
+                timeline, source, tmp_path / "work" / "delta", origin_of(manifest)
+            )
+            assert basebackup_digest(timeline, lsn) == plain
+        finally:
+            writer.join()
     assert seen_before_end[0] > 0
 
 

@@ -23,7 +23,6 @@ import pytest
 from pageserver.ingest import import_datadir as imp
 from pageserver.ingest import live_journal
 from pageserver.ingest.import_neon import DONE_SUFFIX, FAILED_SUFFIX, NeonSource, import_neon_file
-from pageserver.storage.timeline_store import TimelineStore
 from pg15.pg_control import read_control_file
 from proto.errors import CorruptData, InvalidArgument, Unavailable
 from snapfile import frame_buffers
@@ -32,11 +31,11 @@ from snapfile.verified import verified_tar, verified_tar_blocking
 from snapfile.writer import write_snapshot_file
 from tests.pageserver.ingest.test_import_threads import (
     BIG_PAGES,
-    SETTINGS,
     basebackup_digest,
     big_file,
     datadir,  # noqa: F401 (the fixture)
     imported_tar,
+    new_timeline,
     tiling_images,
 )
 from tests.snapfile.snapfile_helpers import make_manifest
@@ -80,15 +79,11 @@ def imported(
 ) -> tuple[str, int, int]:
     """Import the file: its basebackup tar's SHA-256, the import LSN and how many layers
     lie below it (the diverted files')."""
-    store = TimelineStore(work / "store", SETTINGS)
-    try:
-        timeline = store.create_timeline()
+    with new_timeline(work / "store") as timeline:
         source = NeonSource(path, str(path), fetching)
         lsn = import_neon_file(timeline, source, work / "pgdata", origin)
         layers = tiling_images(timeline)
         return basebackup_digest(timeline, lsn), lsn, len([x for x in layers if x.lsn < lsn])
-    finally:
-        store.close()
 
 
 def test_the_state_is_the_directorys_and_big_files_are_never_written(

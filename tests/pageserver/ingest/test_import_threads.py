@@ -4,10 +4,12 @@ tiling the keyspace, and a failing range leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,18 +53,24 @@ def big_file(datadir: Path) -> Path:
     return datadir / "base" / str(big_db(datadir)) / str(BIG_RELNODE)
 
 
+@contextlib.contextmanager
+def new_timeline(store_dir: Path) -> Iterator[Timeline]:
+    """A new root timeline in a store of its own at `store_dir` (SETTINGS), closed after."""
+    store = TimelineStore(store_dir, SETTINGS)
+    try:
+        yield store.create_timeline()
+    finally:
+        store.close()
+
+
 def imported_tar(datadir: Path, store_dir: Path, threads: int) -> tuple[str, int]:
     """SHA-256 of the basebackup tar of the import, and its number of layers (checked to
     tile the keyspace)."""
-    store = TimelineStore(store_dir, SETTINGS)
-    try:
-        timeline = store.create_timeline()
+    with new_timeline(store_dir) as timeline:
         lsn = imp.import_datadir(timeline, datadir, threads=threads)
         layers = tiling_images(timeline)
         assert all(x.lsn == lsn for x in layers)
         return basebackup_digest(timeline, lsn), len(layers)
-    finally:
-        store.close()
 
 
 def tiling_images(timeline: Timeline) -> list[ImageLayer]:
@@ -122,12 +130,8 @@ def test_a_failing_range_leaves_no_layer(
     shutil.copytree(datadir, damaged, symlinks=True)
     with open(big_file(damaged), "ab") as f:
         f.write(b"x" * 100)
-    store = TimelineStore(tmp_path / "store", SETTINGS)
-    try:
-        timeline = store.create_timeline()
+    with new_timeline(tmp_path / "store") as timeline:
         with pytest.raises(CorruptData, match=str(BIG_RELNODE)):
             imp.import_datadir(timeline, damaged, threads=2)
         assert not list(timeline.layer_map().layers())
         assert not [p for p in timeline.directory.iterdir() if "image" in p.name.lower()]
-    finally:
-        store.close()

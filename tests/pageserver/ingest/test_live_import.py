@@ -24,18 +24,17 @@ from pageserver.storage.keys import key_to_hex, rel_block_key
 from pageserver.storage.layers.blocks import compression_pool
 from pageserver.storage.layers.image import ImageLayer
 from pageserver.storage.timeline import Timeline
-from pageserver.storage.timeline_store import TimelineStore
 from pg15.constants import BLCKSZ, DEFAULTTABLESPACE_OID
 from proto.errors import Unavailable
 from tests.pageserver.ingest.test_import_threads import (
     BIG_PAGES,
     BIG_RELNODE,
-    SETTINGS,
     basebackup_digest,
     big_db,
     big_file,
     datadir,  # noqa: F401 (the fixture)
     imported_tar,
+    new_timeline,
     tiling_images,
 )
 
@@ -49,9 +48,7 @@ def live_import(source: Path, tmp_path: Path, write: Writer) -> tuple[str, list[
     work = tmp_path / "work"
     work.mkdir(parents=True)
     pgdata = work / "pgdata"
-    store = TimelineStore(tmp_path / "store", SETTINGS)
-    try:
-        timeline = store.create_timeline()
+    with new_timeline(tmp_path / "store") as timeline:
         journal = JournalWriter(pgdata)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             future = pool.submit(imp.import_datadir, timeline, pgdata)
@@ -62,8 +59,6 @@ def live_import(source: Path, tmp_path: Path, write: Writer) -> tuple[str, list[
             lsn = future.result(timeout=120)
         layers = tiling_images(timeline)
         return basebackup_digest(timeline, lsn), layers, lsn
-    finally:
-        store.close()
 
 
 def live_equals(
@@ -162,9 +157,7 @@ def test_a_writer_that_gives_up_or_dies_leaves_no_layer(
     work = tmp_path / "work"
     work.mkdir(parents=True)
     pgdata = work / "pgdata"
-    store = TimelineStore(tmp_path / "store", SETTINGS)
-    try:
-        timeline = store.create_timeline()
+    with new_timeline(tmp_path / "store") as timeline:
         journal = JournalWriter(pgdata)
         if how == "died":  # a writer process that is gone (SIGKILL): its journal header
             journal.close()
@@ -185,8 +178,6 @@ def test_a_writer_that_gives_up_or_dies_leaves_no_layer(
                 future.result(timeout=120)
         assert not list(timeline.layer_map().layers())
         assert not [p for p in timeline.directory.iterdir() if "__" in p.name]
-    finally:
-        store.close()
 
 
 def test_which_members_are_announced() -> None:
