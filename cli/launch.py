@@ -10,6 +10,10 @@ directory and descriptors 0-2, SCM_RIGHTS) over a unix socket in the daemon's wo
 directory, and the server forks a child that runs `cli.main.main()` on them. The launcher
 forwards signals to that child and exits as it did (its code, or the same signal).
 
+`neon` in the venv is usually the native launcher (cli/neon_launcher.c, built by
+cli/native_launcher.py): the same exchange without this interpreter's start, which execs this
+launcher (`neon-python`) for whatever it does not hand to the server.
+
 Anything else runs the command here, exactly as before (`cli.main.main`): NEON_WARM=0, no
 socket, a refused connection, a server that answers "cold" (a module changed on disk since
 it imported it, an environment variable read at import time differs, another interpreter),

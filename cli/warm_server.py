@@ -53,6 +53,7 @@ from typing import Any, NoReturn, TextIO
 
 from cli.launch import SOCKET_NAME
 from cli.warm_client import encode_message, receive_message, send_message
+from cli.warm_native import completed
 from proto.unix_fds import SUN_PATH_MAX, peer_credentials
 
 PRELOAD = (
@@ -400,7 +401,8 @@ class _Server:
         request, fds = receive_message(conn, max_fds=4)
         try:
             cold = (
-                self._cold(request, fds)
+                self._native(request, fds)
+                or self._cold(request, fds)
                 or self._confined_otherwise(peer)
                 or self._unschedulable(peer, request)
             )
@@ -437,6 +439,20 @@ class _Server:
             send_message(conn, {"pid": pid})
         except OSError:  # the launcher has gone: so does its command
             os.kill(pid, signal.SIGKILL)
+        return None
+
+    @staticmethod
+    def _native(request: dict[str, Any], fds: list[int]) -> str | None:
+        """A native launcher's request (cli/neon_launcher.c) made the Python launcher's, in
+        place (cli/warm_native.py); why it cannot be, or None."""
+        if not request.get("native"):
+            return None
+        try:
+            python_request = completed(request, fds)
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"a native launcher's request: {exc}"
+        request.clear()
+        request.update(python_request)
         return None
 
     def _cold(self, request: dict[str, Any], fds: list[int]) -> str | None:

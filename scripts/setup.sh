@@ -96,6 +96,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     touch "$stamp"
 fi
 
+# `neon` itself as a native program (cli/neon_launcher.c): a command the home's warm server
+# runs then starts without an interpreter (~11 ms of each). pip's Python launcher stays
+# beside it as .venv/bin/neon-python, for everything else; without a C compiler it stays
+# .venv/bin/neon. Rebuilt when pip wrote its script again or a source changed.
+.venv/bin/python -m cli.native_launcher .venv/bin
+
 # Byte-compile pg-neon's own modules (pip does it for the dependencies it installs, not for
 # an editable install): Python then reads them instead of compiling every module at every
 # `neon` command, even where PYTHONDONTWRITEBYTECODE keeps it from caching them itself
