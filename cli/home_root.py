@@ -9,6 +9,7 @@ import os
 ROOT_DEFAULT_HOME = "/var/lib/neon"
 """The default NEON_HOME of root (as in the container image)."""
 HOME_ENV = "NEON_HOME"
+USER_DEFAULT_HOME = "~/.neon"
 
 
 def chosen_home(option: str | None) -> str:
@@ -22,4 +23,4 @@ def chosen_home(option: str | None) -> str:
         return env
     if os.geteuid() == 0:
         return ROOT_DEFAULT_HOME
-    return "~/.neon"
+    return USER_DEFAULT_HOME

@@ -35,6 +35,10 @@ SOCKET_NAME = "warm-cli-1.sock"
 """In the daemon's working directory (<home>/pageserver), beside its local basebackup socket."""
 WARM_ENV = "NEON_WARM"
 """NEON_WARM=0: never use the warm server."""
+TRIED_ENV = "NEON_WARM_TRIED"
+"""Set by the native launcher (cli/neon_launcher.c) for this one: the server took its request
+and did not answer in time, or broke off; this launcher does not ask again. Removed from the
+environment before the command runs."""
 WARM_COMMANDS = frozenset(
     {
         ("pg", "checkout"),
@@ -92,7 +96,7 @@ def command_of(argv: list[str]) -> tuple[str | None, tuple[str, ...]]:
 
 def warm_socket(argv: list[str]) -> str | None:
     """The warm server's socket for `neon ARGV`, if the command may run warm and there is one."""
-    if os.environ.get(WARM_ENV) == "0":
+    if os.environ.pop(TRIED_ENV, None) is not None or os.environ.get(WARM_ENV) == "0":
         return None
     home, command = command_of(argv)
     if command not in WARM_COMMANDS:

@@ -21,12 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli.home_root import HOME_ENV, ROOT_DEFAULT_HOME
+from cli.home_root import HOME_ENV, ROOT_DEFAULT_HOME, USER_DEFAULT_HOME
 from cli.launch import (
     FORWARDED_SIGNALS,
     HANDSHAKE_TIMEOUT,
     REQUEST_MAX,
     SOCKET_NAME,
+    TRIED_ENV,
     WARM_COMMANDS,
     WARM_ENV,
 )
@@ -35,58 +36,64 @@ from cli.warm_client import LIMITS
 SOURCE = Path(__file__).with_name("neon_launcher.c")
 PYTHON_LAUNCHER = "neon-python"
 """The Python launcher's name beside the native one."""
-USER_HOME = "~/.neon"
-"""chosen_home's default for a user other than root (cli/home_root.py)."""
 CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror"]
 MARK = b"neon-native-launcher-"
-"""In the program's bytes, followed by the digest of what built it (`_digest`)."""
+"""In the program's bytes, followed by the digest of what built it (`config_header`)."""
 
 
-def _c_string(text: str) -> str:
-    if not text.isascii() or any(c in text for c in '"\\\n'):
-        raise ValueError(f"not a plain C string: {text!r}")
-    return f'"{text}"'
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./~ ")
 
 
-def config_header() -> str:
-    """neon_launcher_config.h: the Python launcher's constants, for the native one."""
+def _c_string(text: str | bytes) -> str:
+    """A C string literal of `text` (bytes as they are: a path in any encoding)."""
+    raw = os.fsencode(text) if isinstance(text, str) else text
+    return '"' + "".join(chr(b) if b in _PLAIN else f"\\{b:03o}" for b in raw) + '"'
+
+
+def interpreter_of(python_launcher: Path) -> str:
+    """The interpreter on the Python launcher's `#!` line (pip's script names its venv's)."""
+    with open(python_launcher, "rb") as f:
+        first = f.readline(4096)
+    if not first.startswith(b"#!") or not first[2:].strip():
+        raise ValueError(f"{python_launcher}: no interpreter on its first line")
+    return os.fsdecode(first[2:].strip().split(b" ", 1)[0])
+
+
+def config_header(bin_dir: Path, executable: str) -> str:
+    """neon_launcher_config.h: the Python launcher's constants, for the native one;
+    `executable`: the Python launcher's interpreter, the one a warm server must run
+    (warm_server._cold's "another interpreter")."""
     commands = ", ".join(f"{{{_c_string(g)}, {_c_string(c)}}}" for g, c in sorted(WARM_COMMANDS))
     signals = ", ".join(name for name in FORWARDED_SIGNALS if hasattr(signal, name))
     limits = ", ".join(f"{{{_c_string(name)}, {name}}}" for name in LIMITS)
-    return "\n".join(
-        [
-            "/* Written by cli/native_launcher.py from cli/launch.py, cli/home_root.py and",
-            " * cli/warm_client.py: edit those. */",
-            f"#define NEON_SOCKET_NAME {_c_string(SOCKET_NAME)}",
-            f"#define NEON_WARM_ENV {_c_string(WARM_ENV)}",
-            f"#define NEON_HOME_ENV {_c_string(HOME_ENV)}",
-            f"#define NEON_ROOT_HOME {_c_string(ROOT_DEFAULT_HOME)}",
-            f"#define NEON_USER_HOME {_c_string(USER_HOME)}",
-            f"#define NEON_PYTHON_LAUNCHER {_c_string(PYTHON_LAUNCHER)}",
-            f"#define NEON_HANDSHAKE_SECONDS {int(HANDSHAKE_TIMEOUT)}",
-            f"#define NEON_REQUEST_MAX {REQUEST_MAX}",
-            f"static const char *const NEON_WARM_COMMANDS[][2] = {{{commands}, {{NULL, NULL}}}};",
-            f"static const int NEON_FORWARDED_SIGNALS[] = {{{signals}}};",
-            "static const struct { const char *name; int resource; } NEON_LIMITS[] = "
-            f"{{{limits}}};",
-            f'static const char NEON_BUILD_MARK[] __attribute__((used)) = "{MARK.decode()}"'
-            f' "{_digest()}";',
-            "",
-        ]
-    )
-
-
-def _digest() -> str:
-    """What the program is built from: the source and the shared constants."""
+    lines = [
+        "/* Written by cli/native_launcher.py from cli/launch.py, cli/home_root.py and",
+        " * cli/warm_client.py: edit those. */",
+        f"#define NEON_SOCKET_NAME {_c_string(SOCKET_NAME)}",
+        f"#define NEON_WARM_ENV {_c_string(WARM_ENV)}",
+        f"#define NEON_TRIED_ENV {_c_string(TRIED_ENV)}",
+        f"#define NEON_HOME_ENV {_c_string(HOME_ENV)}",
+        f"#define NEON_ROOT_HOME {_c_string(ROOT_DEFAULT_HOME)}",
+        f"#define NEON_USER_HOME {_c_string(USER_DEFAULT_HOME)}",
+        f"#define NEON_PYTHON_LAUNCHER {_c_string(PYTHON_LAUNCHER)}",
+        f"#define NEON_BIN_DIR {_c_string(os.path.realpath(bin_dir))}",
+        f"#define NEON_EXECUTABLE {_c_string(executable)}",
+        f"#define NEON_HANDSHAKE_SECONDS {int(HANDSHAKE_TIMEOUT)}",
+        f"#define NEON_REQUEST_MAX {REQUEST_MAX}",
+        f"static const char *const NEON_WARM_COMMANDS[][2] = {{{commands}, {{NULL, NULL}}}};",
+        f"static const int NEON_FORWARDED_SIGNALS[] = {{{signals}}};",
+        f"static const struct {{ const char *name; int resource; }} NEON_LIMITS[] = {{{limits}}};",
+    ]
     import hashlib
 
-    h = hashlib.sha256(SOURCE.read_bytes())
-    for value in (
-        sorted(WARM_COMMANDS), FORWARDED_SIGNALS, LIMITS, SOCKET_NAME, WARM_ENV, HOME_ENV,
-        ROOT_DEFAULT_HOME, USER_HOME, PYTHON_LAUNCHER, HANDSHAKE_TIMEOUT, REQUEST_MAX, CFLAGS,
-    ):  # fmt: skip
-        h.update(repr(value).encode())
-    return h.hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([SOURCE.read_text(), *lines, *CFLAGS]).encode())
+    mark = f"{MARK.decode()}{digest.hexdigest()[:16]}"
+    lines.append(f'static const char NEON_BUILD_MARK[] __attribute__((used)) = "{mark}";')
+    return "\n".join([*lines, ""])
+
+
+def _mark_of(header: str) -> bytes:
+    return header.rsplit(MARK.decode(), 1)[1].split('"', 1)[0].encode()
 
 
 def is_native(path: Path) -> bool:
@@ -98,45 +105,52 @@ def is_native(path: Path) -> bool:
         return False
 
 
-def up_to_date(path: Path) -> bool:
-    """Whether `path` is the native launcher this source and these constants build."""
+def up_to_date(path: Path, header: str) -> bool:
+    """Whether `path` is the native launcher `header` (config_header) builds."""
     try:
-        return is_native(path) and MARK + _digest().encode() in path.read_bytes()
+        return is_native(path) and MARK + _mark_of(header) in path.read_bytes()
     except OSError:
         return False
 
 
+def _install(source: Path, target: Path) -> None:
+    """`source`'s bytes and mode as `target`, whole: a `neon` started meanwhile runs the one
+    or the other (and one running now keeps its own: a new file, not a rewrite)."""
+    staged = target.with_name(f".{target.name}.new")
+    shutil.copy2(source, staged)
+    os.replace(staged, target)
+
+
 def build(bin_dir: Path, compiler: str | None = None) -> str:
     """The native launcher as bin_dir/neon (see the module); what was done, in a line.
-    Raises OSError or CalledProcessError if the build failed (bin_dir/neon is then the
-    Python launcher)."""
+    Raises OSError, ValueError or CalledProcessError if the build failed (bin_dir/neon is
+    then the Python launcher)."""
     neon, python_launcher = bin_dir / "neon", bin_dir / PYTHON_LAUNCHER
     if not is_native(neon) and neon.exists():  # pip's script: kept as the Python launcher
-        os.replace(neon, python_launcher)
+        _install(neon, python_launcher)
     if not python_launcher.exists():
         raise FileNotFoundError(f"{python_launcher}: no Python launcher to fall back on")
-    if up_to_date(neon):
-        return f"{neon}: up to date"
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        shutil.copy2(python_launcher, neon)
-        return f"{neon}: no C compiler; the Python launcher is used"
-    with tempfile.TemporaryDirectory(prefix="neon-launcher-") as tmp:
-        (Path(tmp) / "neon_launcher_config.h").write_text(config_header())
-        out = Path(tmp) / "neon"
-        try:
+    try:
+        header = config_header(bin_dir, interpreter_of(python_launcher))
+        if up_to_date(neon, header):
+            return f"{neon}: up to date"
+        cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            _install(python_launcher, neon)
+            return f"{neon}: no C compiler; the Python launcher is used"
+        with tempfile.TemporaryDirectory(prefix="neon-launcher-") as tmp:
+            (Path(tmp) / "neon_launcher_config.h").write_text(header)
+            out = Path(tmp) / "neon"
             subprocess.run(
-                [cc, *CFLAGS, "-I", tmp, "-o", str(out), str(SOURCE)],
+                [*cc.split(), *CFLAGS, "-I", tmp, "-o", str(out), str(SOURCE)],
                 check=True,
                 capture_output=True,
                 text=True,
             )
-        except (OSError, subprocess.CalledProcessError):
-            shutil.copy2(python_launcher, neon)  # not an older native one: out of date
-            raise
-        staged = bin_dir / ".neon.native"
-        shutil.copy2(out, staged)
-        os.replace(staged, neon)  # whole: a `neon` started meanwhile is one or the other
+            _install(out, neon)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        _install(python_launcher, neon)  # not an older native one: out of date
+        raise
     return f"{neon}: native launcher built"
 
 
@@ -147,12 +161,13 @@ def main() -> int:
     bin_dir = Path(sys.argv[1])
     try:
         print(f"setup: {build(bin_dir)}")
-    except subprocess.CalledProcessError as exc:
-        print(f"setup: the native launcher did not build; `neon` stays the Python launcher\n"
-              f"{exc.stderr}", file=sys.stderr)  # fmt: skip
-    except OSError as exc:
+    except FileNotFoundError as exc:
         print(f"setup: the native launcher: {exc}", file=sys.stderr)
         return 1
+    except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        print(f"setup: the native launcher did not build ({detail}); `neon` stays the Python"
+              " launcher", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <locale.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -202,12 +203,15 @@ static int send_message(int sock, Buf *body, const int *fds, int nfds) {
     return failed ? -1 : 0;
 }
 
+static const char *failure = "";
+/* Why the last exchange failed, for the "went away" message. */
+
 static int receive_exactly(int sock, unsigned char *p, size_t n) {
     while (n) {
         ssize_t got = recv(sock, p, n, 0);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) {
-            if (got == 0) errno = ECONNRESET;
+            failure = got == 0 ? "the connection closed" : strerror(errno);
             return -1;
         }
         p += got;
@@ -221,14 +225,20 @@ static int receive_answer(int sock, Answer *a) {
     if (receive_exactly(sock, be, 4)) return -1;
     uint32_t n = (uint32_t)be[0] << 24 | (uint32_t)be[1] << 16 | (uint32_t)be[2] << 8 | be[3];
     if (n > NEON_REQUEST_MAX) {
-        errno = EMSGSIZE;
+        failure = "a message too large";
         return -1;
     }
     unsigned char *body = malloc(n ? n : 1);
-    if (body == NULL) return -1;
-    int failed = receive_exactly(sock, body, n) || parse_answer(body, n, a);
+    if (body == NULL) {
+        failure = "out of memory";
+        return -1;
+    }
+    int failed = receive_exactly(sock, body, n);
+    if (!failed && parse_answer(body, n, a)) {
+        failed = 1;
+        failure = "a bad warm server message";
+    }
     free(body);
-    if (failed && errno == 0) errno = EBADMSG;
     return failed ? -1 : 0;
 }
 
@@ -298,7 +308,8 @@ static int build_request(Buf *b, int argc, char **argv, const char *argv0, const
         return -1;
     for (int i = 1; i < argc; i++)
         if (m_bytes(b, argv[i], strlen(argv[i]))) return -1;
-    return m_name(b, "path0") || m_bytes(b, path0, strlen(path0)) || m_name(b, "env") ||
+    return m_name(b, "path0") || m_bytes(b, path0, strlen(path0)) || m_name(b, "executable") ||
+           m_bytes(b, NEON_EXECUTABLE, strlen(NEON_EXECUTABLE)) || m_name(b, "env") ||
            m_environ(b) || m_name(b, "umask") || m_int(b, mask) || m_name(b, "nice") ||
            m_int(b, nice) || m_name(b, "ignored") || m_signals(b, NULL, 1) ||
            m_name(b, "limits") || m_limits(b) || m_name(b, "blocked") ||
@@ -347,6 +358,7 @@ static int socket_path(const char *home, char *out, size_t size) {
         const char *env = getenv(NEON_HOME_ENV);
         home = env != NULL && *env ? env : geteuid() == 0 ? NEON_ROOT_HOME : NEON_USER_HOME;
     }
+    if (home[0] == 0) return 0; /* abspath(""): the working directory */
     const char *rest = home, *prefix = "";
     if (home[0] == '~') {
         if (home[1] != 0 && home[1] != '/') return 0;
@@ -452,6 +464,14 @@ static void started(pid_t pid) {
     sigprocmask(SIG_SETMASK, &old, NULL);
 }
 
+/* The child's status came: nothing more goes to its pid (reaped, perhaps reused). */
+static void ended(void) {
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, NULL);
+    child_pid = 0;
+}
+
 /* ---- the run ---- */
 
 static char fallback[PATH_MAX];
@@ -498,7 +518,8 @@ static void went_away(const char *why) {
 
 /* The connected, accepted request (the server forks on our "go"), or -1: the Python
  * launcher's (warm_client._handshake). */
-static int handshake(const char *path, int argc, char **argv, const char *argv0, const char *path0) {
+static int handshake(const char *path, int argc, char **argv, const char *argv0, const char *path0,
+                     int *asked) {
     for (int fd = 0; fd < 3; fd++)
         if (fcntl(fd, F_GETFD) == -1) return -1; /* the interpreter would have no such stream */
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -512,7 +533,7 @@ static int handshake(const char *path, int argc, char **argv, const char *argv0,
     struct ucred peer;
     socklen_t peer_len = sizeof peer;
     Buf request = {0}, go = {0};
-    Answer answer;
+    Answer answer = {{0}, 0, 0};
     int cwd = -1, ok = 0;
     if (connect(sock, (struct sockaddr *)&addr, sizeof addr) == 0 &&
         getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) == 0 &&
@@ -520,8 +541,10 @@ static int handshake(const char *path, int argc, char **argv, const char *argv0,
         (cwd = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0 &&
         build_request(&request, argc, argv, argv0, path0) == 0) {
         int fds[4] = {cwd, 0, 1, 2};
-        ok = send_message(sock, &request, fds, 4) == 0 && receive_answer(sock, &answer) == 0 &&
-             strcmp(answer.name, "ready") == 0;
+        *asked = send_message(sock, &request, fds, 4) == 0;
+        ok = *asked && receive_answer(sock, &answer) == 0 && strcmp(answer.name, "ready") == 0;
+        if (!ok && *asked && strcmp(answer.name, "cold") == 0)
+            *asked = 0; /* a cold answer: the Python launcher may be served (warm_native.py) */
     }
     if (cwd >= 0) close(cwd);
     free(request.data);
@@ -545,7 +568,7 @@ static void finish(int sock) {
     struct timeval none = {0, 0};
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
     Answer answer;
-    if (receive_answer(sock, &answer)) went_away(strerror(errno));
+    if (receive_answer(sock, &answer)) went_away(failure);
     if (strcmp(answer.name, "cold") == 0) {
         close(sock);
         return;
@@ -554,38 +577,57 @@ static void finish(int sock) {
         if (strcmp(answer.name, "pid") != 0 || !answer.has_int || answer.value <= 0)
             went_away("an unexpected answer");
         started((pid_t)answer.value);
-        if (receive_answer(sock, &answer)) went_away(strerror(errno));
+        if (receive_answer(sock, &answer)) went_away(failure);
     }
     if (strcmp(answer.name, "status") != 0 || !answer.has_int) went_away("an unexpected answer");
+    ended();
     exit_as((int)answer.value);
 }
 
-int main(int argc, char **argv) {
-    char exe[PATH_MAX], path0[PATH_MAX], path[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n <= 0) {
-        fprintf(stderr, "neon: error: cannot find this program's directory: %s\n", strerror(errno));
-        return 1;
-    }
-    exe[n] = 0;
-    char *slash = strrchr(exe, '/');
-    size_t dir = slash != NULL ? (size_t)(slash - exe) : 0;
-    snprintf(path0, sizeof path0, "%.*s", (int)(dir ? dir : 1), dir ? exe : "/");
-    if (snprintf(fallback, sizeof fallback, "%s/%s", dir ? path0 : "", NEON_PYTHON_LAUNCHER) >=
-        (int)sizeof fallback) {
+/* Whether CPython would coerce the locale (PEP 538) or turn UTF-8 mode on (PEP 540): its
+ * LC_CTYPE is "C" or "POSIX" and LC_ALL is not set. It then adds LC_CTYPE to its environment
+ * and the server answers cold: the Python launcher asks itself. */
+static int legacy_locale(void) {
+    const char *all = getenv("LC_ALL");
+    if (all != NULL && *all) return 0;
+    const char *ctype = setlocale(LC_CTYPE, "");
+    return ctype == NULL || strcmp(ctype, "C") == 0 || strcmp(ctype, "POSIX") == 0;
+}
+
+/* This program's directory (sys.path[0] of a script here) and the Python launcher's path. */
+static void find_directory(char *path0, size_t size) {
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe);
+    char *slash = n > 0 && (size_t)n < sizeof exe ? memrchr(exe, '/', (size_t)n) : NULL;
+    if (slash != NULL && slash > exe)
+        snprintf(path0, size, "%.*s", (int)(slash - exe), exe);
+    else /* no /proc, or a path too long: where it was built */
+        snprintf(path0, size, "%s", NEON_BIN_DIR);
+    int wrote = snprintf(fallback, sizeof fallback, "%s/%s", path0, NEON_PYTHON_LAUNCHER);
+    if (wrote < 0 || (size_t)wrote >= sizeof fallback) {
         fprintf(stderr, "neon: error: this program's directory is too long: %s\n", path0);
-        return 1;
+        exit(1);
     }
+}
+
+int main(int argc, char **argv) {
+    char path0[PATH_MAX], path[PATH_MAX];
+    find_directory(path0, sizeof path0);
     const char *warm = getenv(NEON_WARM_ENV);
     const char *home;
     int at = command_of(argc, argv, &home);
     if ((warm == NULL || strcmp(warm, "0") != 0) && warm_command(argc, argv, at) &&
-        socket_path(home, path, sizeof path)) {
+        socket_path(home, path, sizeof path) && !legacy_locale()) {
         const char *argv0 = (const char *)getauxval(AT_EXECFN);
-        int sock = handshake(path, argc, argv, argv0 != NULL ? argv0 : argv[0], path0);
+        int asked = 0;
+        int sock = handshake(path, argc, argv, argv0 != NULL ? argv0 : argv[0], path0, &asked);
         if (sock >= 0) {
             finish(sock); /* returns only if the server could not fork */
             restore_forwarder();
+        } else if (asked) {
+            /* the server took the request and did not answer in time, or broke off: the
+             * Python launcher need not ask again (another HANDSHAKE_TIMEOUT) */
+            setenv(NEON_TRIED_ENV, "1", 1);
         }
     }
     run_python_launcher(argc, argv);

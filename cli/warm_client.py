@@ -255,7 +255,8 @@ def _finish(sock: _socket.socket, forwarder: _Forwarder) -> None:
 
         # the child dumped its core (SIGQUIT, SIGABRT...) if it could: not this process too
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-        signal.signal(signum, signal.SIG_DFL)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # theirs cannot be set (nor changed)
+            signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
         os._exit(128 + signum)  # a signal whose default is not to end the process

@@ -2,11 +2,13 @@
 (cli/warm_client.request_of), in the warm command server.
 
 The native launcher sends what only it can know (argv and the environment as bytes, umask,
-niceness, ignored and blocked signals, limits, the directory sys.path[0] would be); what a
-Python launcher would have added from its interpreter is this server's own, which is the same
-interpreter started from the same file: its sys.executable, sys.flags (made from the PYTHON*
+niceness, ignored and blocked signals, limits, the directory sys.path[0] would be, and its
+Python launcher's interpreter, so that a server of another installation answers cold); what
+a Python launcher would have added from its interpreter is then this server's own, the same
+interpreter started from the same file: sys.flags (made from the PYTHON*
 variables alone when no option is given, as none is in the launcher's shebang), sys.path
-after the first entry (from those variables too), and its standard streams' encodings and
+after the first entry (from those variables and the site directories: a .pth added since
+makes the server stale, warm_server._Modules), and its standard streams' encodings and
 error handlers (from those and the locale's variables). The server's check that the
 variables read at start (PYTHON*, LC_*, LANG: `warm_server.import_time_env`) equal its own
 runs on the completed request as on any, so a native launcher with other ones runs cold
@@ -57,6 +59,13 @@ def completed(
     env: dict[bytes, bytes] = native["env"]
     if len(fds) != 4:
         raise ValueError(f"{len(fds)} descriptors, not 4")
+    # sys.path from the environment alone, as the server's was, but for relative entries of
+    # PYTHONPATH (made absolute from the launcher's working directory) and PYTHONSAFEPATH
+    # (no sys.path[0] at all): the Python launcher's own path then decides.
+    if env.get(b"PYTHONSAFEPATH") or any(
+        not entry.startswith(b"/") for entry in env.get(b"PYTHONPATH", b"/").split(b":")
+    ):
+        raise ValueError("PYTHONSAFEPATH or a relative PYTHONPATH entry")
     # CPython's create_stdio: unbuffered (PYTHONUNBUFFERED non-empty; -u is never given):
     # write-through; else line-buffered on a terminal, and stderr always.
     buffered = not env.get(b"PYTHONUNBUFFERED")
@@ -70,7 +79,7 @@ def completed(
         "umask": int(native["umask"]),
         "nice": int(native["nice"]),
         "path": [os.fsdecode(native["path0"]), *own.path_tail],
-        "executable": own.executable,
+        "executable": os.fsdecode(native["executable"]),  # its Python launcher's
         "flags": own.flags,
         "streams": streams,
         "ignored": sorted({int(s) for s in native["ignored"]} | set(PYTHON_IGNORED)),

@@ -234,6 +234,13 @@ class _Modules:
     seen: dict[str, tuple[str, tuple[int, int, int]]] = field(default_factory=dict)
 
     def record(self) -> None:
+        import site
+
+        for directory in [*site.getsitepackages(), site.getusersitepackages()]:
+            # a .pth file added or removed: another sys.path (the native launcher's request
+            # takes this server's, cli/warm_native.py)
+            with contextlib.suppress(OSError):
+                self.seen.setdefault(f"site:{directory}", (directory, _version(directory)))
         for name, module in list(sys.modules.items()):
             path = getattr(module, "__file__", None)
             if name in self.seen or not isinstance(path, str):
@@ -579,7 +586,8 @@ def _become_command(request: dict[str, Any]) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
     _schedule(request["scheduling"])
     os.environb.clear()
-    os.environb.update(request["env"])
+    # (a name the C library cannot set, such as the empty one of an "=x" entry, is left out)
+    os.environb.update({k: v for k, v in request["env"].items() if k and b"=" not in k})
     sys.path[:] = request["path"]
     sys.argv[:] = request["argv"]
     sys.stdin, sys.stdout, sys.stderr = std_streams(request["streams"])

@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from cli.launch import SOCKET_NAME, WARM_COMMANDS
-from cli.native_launcher import PYTHON_LAUNCHER, build, config_header, is_native, up_to_date
+from cli.native_launcher import (
+    PYTHON_LAUNCHER,
+    build,
+    config_header,
+    interpreter_of,
+    is_native,
+    up_to_date,
+)
 from cli.warm_client import receive_message, send_message
 from cli.warm_native import Interpreter, completed
 from tests.neoncli import NEON
@@ -27,9 +34,14 @@ from tests.neoncli import NEON
 PYTHON_NEON = str(Path(NEON).with_name(PYTHON_LAUNCHER))
 
 
+def _header(bin_dir: Path) -> str:
+    return config_header(bin_dir, interpreter_of(bin_dir / PYTHON_LAUNCHER))
+
+
 def test_setup_installed_the_native_launcher_beside_the_python_one() -> None:
-    assert is_native(Path(NEON)) and up_to_date(Path(NEON)), f"{NEON}: run `make setup`"
-    assert Path(PYTHON_NEON).read_bytes().startswith(b"#!")
+    assert is_native(Path(NEON)), f"{NEON}: not the native launcher; run `make setup`"
+    assert up_to_date(Path(NEON), _header(Path(NEON).parent)), f"{NEON}: run `make setup`"
+    assert interpreter_of(Path(PYTHON_NEON)) == sys.executable
 
 
 @dataclass
@@ -191,14 +203,50 @@ def test_a_cold_answer_hands_the_command_to_the_python_launcher(
     assert python["argv"] == [PYTHON_NEON, "--home", str(home), "pg", "list"]
 
 
-@pytest.mark.parametrize("status", [0, 7 << 8, int(signal.SIGTERM)], ids=["0", "7", "SIGTERM"])
+@pytest.mark.parametrize("launcher", [NEON, PYTHON_NEON], ids=["native", "python"])
+@pytest.mark.parametrize(
+    "status", [0, 7 << 8, int(signal.SIGTERM), int(signal.SIGKILL)], ids=["0", "7", "TERM", "KILL"]
+)
 def test_the_launcher_exits_as_the_command_did(
-    home: Path, serving: RecordingServer, status: int
+    home: Path, serving: RecordingServer, status: int, launcher: str
 ) -> None:
     serving.start(status)  # type: ignore[attr-defined]
-    done = _run(NEON, home, "pg", "list")
+    done = _run(launcher, home, "pg", "list")
     assert done.returncode == os.waitstatus_to_exitcode(status), done.stderr
-    assert serving.requests[0].get("native")
+    assert not done.stderr
+    assert bool(serving.requests[0].get("native")) == (launcher == NEON)
+
+
+def test_in_the_c_locale_the_python_launcher_asks(home: Path, serving: RecordingServer) -> None:
+    """CPython coerces a C locale (LC_CTYPE=C.UTF-8 in its environment): the server would
+    answer the native request cold, so the native launcher leaves it to the Python one."""
+    serving.start(0)  # type: ignore[attr-defined]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
+    done = subprocess.run(
+        [NEON, "pg", "list"], env={**base, "NEON_HOME": str(home), "LANG": "C"},
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (request,) = serving.requests
+    assert "native" not in request and request["env"][b"LC_CTYPE"] == b"C.UTF-8"
+
+
+def test_what_the_server_cannot_complete_is_refused(tmp_path: Path) -> None:
+    """A relative PYTHONPATH entry (absolute from the launcher's cwd) or PYTHONSAFEPATH:
+    only the Python launcher's interpreter knows its sys.path."""
+    native = {
+        "argv": [b"neon"], "path0": b"/bin", "executable": b"/usr/bin/python3", "umask": 0,
+        "nice": 0, "ignored": [], "limits": {}, "blocked": [],
+    }  # fmt: skip
+    fds = [os.open("/", os.O_RDONLY) for _ in range(4)]
+    try:
+        assert completed({**native, "env": {b"PYTHONPATH": b"/a:/b"}}, fds)["path"][0] == "/bin"
+        for env in ({b"PYTHONPATH": b"/a:src"}, {b"PYTHONPATH": b""}, {b"PYTHONSAFEPATH": b"1"}):
+            with pytest.raises(ValueError):
+                completed({**native, "env": env}, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_the_home_is_found_as_the_cli_finds_it(tmp_path: Path) -> None:
@@ -244,7 +292,7 @@ def test_what_may_not_run_warm_never_asks_the_server(home: Path) -> None:
 
 
 def _pip_script(path: Path, text: str) -> None:
-    path.write_text(f"#!{os.sys.executable}\n{text}\n")  # type: ignore[attr-defined]
+    path.write_text(f"#!{sys.executable}\n{text}\n")
     path.chmod(0o755)
 
 
@@ -253,7 +301,7 @@ def test_build_keeps_pips_script_as_the_python_launcher_and_rebuilds_when_needed
 ) -> None:
     _pip_script(tmp_path / "neon", "# pip's, first")
     assert build(tmp_path).endswith("native launcher built")
-    assert is_native(tmp_path / "neon") and up_to_date(tmp_path / "neon")
+    assert is_native(tmp_path / "neon") and up_to_date(tmp_path / "neon", _header(tmp_path))
     assert "first" in (tmp_path / PYTHON_LAUNCHER).read_text()
     assert build(tmp_path).endswith("up to date")
     _pip_script(tmp_path / "neon", "# pip's, again")  # a reinstall writes over it
@@ -269,7 +317,7 @@ def test_without_a_compiler_neon_stays_the_python_launcher(tmp_path: Path) -> No
 
 
 def test_the_header_carries_every_allowed_command() -> None:
-    header = config_header()
+    header = _header(Path(NEON).parent)
     for group, command in WARM_COMMANDS:
         assert f'{{"{group}", "{command}"}}' in header
     assert f'"{SOCKET_NAME}"' in header

@@ -438,7 +438,7 @@ def test_a_server_that_never_answers_leaves_the_command_to_the_launcher(
         finally:
             path.unlink()
     assert (code, out.read_text(), err.read_text()) == (0, "[]\n", "")
-    assert took >= HANDSHAKE_TIMEOUT
+    assert HANDSHAKE_TIMEOUT <= took < 1.5 * HANDSHAKE_TIMEOUT  # one wait, not one a launcher
 
 
 def test_a_dead_server_leaves_the_launcher_waiting_for_its_command(warm: NeonCli) -> None:
