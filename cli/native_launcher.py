@@ -51,12 +51,16 @@ def _c_string(text: str | bytes) -> str:
 
 
 def interpreter_of(python_launcher: Path) -> str:
-    """The interpreter on the Python launcher's `#!` line (pip's script names its venv's)."""
+    """The interpreter on the Python launcher's `#!` line (pip's script names its venv's).
+    ValueError where that is not one absolute Python path without options (pip's `/bin/sh`
+    trampoline for a long path, `/usr/bin/env python3`, `-E`...): the native launcher could
+    not say what the Python one runs, so it is not built."""
     with open(python_launcher, "rb") as f:
         first = f.readline(4096)
-    if not first.startswith(b"#!") or not first[2:].strip():
-        raise ValueError(f"{python_launcher}: no interpreter on its first line")
-    return os.fsdecode(first[2:].strip().split(b" ", 1)[0])
+    words = first[2:].split() if first.startswith(b"#!") else []
+    if len(words) != 1 or not words[0].startswith(b"/") or b"python" not in words[0]:
+        raise ValueError(f"{python_launcher}: not a Python path alone on its #! line: {first!r}")
+    return os.fsdecode(words[0])
 
 
 def config_header(bin_dir: Path, executable: str) -> str:
@@ -78,7 +82,7 @@ def config_header(bin_dir: Path, executable: str) -> str:
         f"#define NEON_PYTHON_LAUNCHER {_c_string(PYTHON_LAUNCHER)}",
         f"#define NEON_BIN_DIR {_c_string(os.path.realpath(bin_dir))}",
         f"#define NEON_EXECUTABLE {_c_string(executable)}",
-        f"#define NEON_HANDSHAKE_SECONDS {int(HANDSHAKE_TIMEOUT)}",
+        f"#define NEON_HANDSHAKE_USEC {round(HANDSHAKE_TIMEOUT * 1e6)}LL",
         f"#define NEON_REQUEST_MAX {REQUEST_MAX}",
         f"static const char *const NEON_WARM_COMMANDS[][2] = {{{commands}, {{NULL, NULL}}}};",
         f"static const int NEON_FORWARDED_SIGNALS[] = {{{signals}}};",
@@ -94,6 +98,10 @@ def config_header(bin_dir: Path, executable: str) -> str:
 
 def _mark_of(header: str) -> bytes:
     return header.rsplit(MARK.decode(), 1)[1].split('"', 1)[0].encode()
+
+
+class NoPythonLauncher(Exception):
+    """Neither pip's script nor an earlier build's copy of it: nothing to build beside."""
 
 
 def is_native(path: Path) -> bool:
@@ -129,7 +137,7 @@ def build(bin_dir: Path, compiler: str | None = None) -> str:
     if not is_native(neon) and neon.exists():  # pip's script: kept as the Python launcher
         _install(neon, python_launcher)
     if not python_launcher.exists():
-        raise FileNotFoundError(f"{python_launcher}: no Python launcher to fall back on")
+        raise NoPythonLauncher(f"{python_launcher}: no Python launcher to fall back on")
     try:
         header = config_header(bin_dir, interpreter_of(python_launcher))
         if up_to_date(neon, header):
@@ -161,7 +169,7 @@ def main() -> int:
     bin_dir = Path(sys.argv[1])
     try:
         print(f"setup: {build(bin_dir)}")
-    except FileNotFoundError as exc:
+    except NoPythonLauncher as exc:
         print(f"setup: the native launcher: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError, subprocess.CalledProcessError) as exc:

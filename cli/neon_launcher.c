@@ -527,7 +527,7 @@ static int handshake(const char *path, int argc, char **argv, const char *argv0,
     strcpy(addr.sun_path, path);
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (sock < 0) return -1;
-    struct timeval timeout = {NEON_HANDSHAKE_SECONDS, 0};
+    struct timeval timeout = {NEON_HANDSHAKE_USEC / 1000000, NEON_HANDSHAKE_USEC % 1000000};
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
     struct ucred peer;

@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from cli.launch import WARM_COMMANDS, command_of
+
 PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 """What CPython ignores at its start (besides what it inherits ignored): the Python
 launcher's request lists them, so its child ignores them as the cold command would."""
@@ -63,9 +65,12 @@ def completed(
     # PYTHONPATH (made absolute from the launcher's working directory) and PYTHONSAFEPATH
     # (no sys.path[0] at all): the Python launcher's own path then decides.
     if env.get(b"PYTHONSAFEPATH") or any(
-        not entry.startswith(b"/") for entry in env.get(b"PYTHONPATH", b"/").split(b":")
+        not entry.startswith(b"/") for entry in (env.get(b"PYTHONPATH") or b"/").split(b":")
     ):
         raise ValueError("PYTHONSAFEPATH or a relative PYTHONPATH entry")
+    argv = [os.fsdecode(arg) for arg in native["argv"]]  # as the interpreter decodes argv
+    if command_of(argv[1:])[1] not in WARM_COMMANDS:  # a launcher built from older sources
+        raise ValueError(f"not a command that runs warm: {argv[1:3]}")
     # CPython's create_stdio: unbuffered (PYTHONUNBUFFERED non-empty; -u is never given):
     # write-through; else line-buffered on a terminal, and stderr always.
     buffered = not env.get(b"PYTHONUNBUFFERED")
@@ -74,7 +79,7 @@ def completed(
         for n, ((encoding, errors), fd) in enumerate(zip(own.codecs, fds[1:], strict=True))
     ]
     return {
-        "argv": [os.fsdecode(arg) for arg in native["argv"]],  # as the interpreter decodes argv
+        "argv": argv,
         "env": env,
         "umask": int(native["umask"]),
         "nice": int(native["nice"]),

@@ -236,7 +236,8 @@ class _Modules:
     def record(self) -> None:
         import site
 
-        for directory in [*site.getsitepackages(), site.getusersitepackages()]:
+        user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+        for directory in [*site.getsitepackages(), *user]:
             # a .pth file added or removed: another sys.path (the native launcher's request
             # takes this server's, cli/warm_native.py)
             with contextlib.suppress(OSError):

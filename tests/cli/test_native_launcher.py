@@ -25,6 +25,7 @@ from cli.native_launcher import (
     config_header,
     interpreter_of,
     is_native,
+    main,
     up_to_date,
 )
 from cli.warm_client import receive_message, send_message
@@ -235,15 +236,18 @@ def test_what_the_server_cannot_complete_is_refused(tmp_path: Path) -> None:
     """A relative PYTHONPATH entry (absolute from the launcher's cwd) or PYTHONSAFEPATH:
     only the Python launcher's interpreter knows its sys.path."""
     native = {
-        "argv": [b"neon"], "path0": b"/bin", "executable": b"/usr/bin/python3", "umask": 0,
-        "nice": 0, "ignored": [], "limits": {}, "blocked": [],
+        "argv": [b"neon", b"pg", b"list"], "path0": b"/bin", "executable": b"/usr/bin/python3",
+        "umask": 0, "nice": 0, "ignored": [], "limits": {}, "blocked": [],
     }  # fmt: skip
     fds = [os.open("/", os.O_RDONLY) for _ in range(4)]
     try:
         assert completed({**native, "env": {b"PYTHONPATH": b"/a:/b"}}, fds)["path"][0] == "/bin"
-        for env in ({b"PYTHONPATH": b"/a:src"}, {b"PYTHONPATH": b""}, {b"PYTHONSAFEPATH": b"1"}):
+        assert completed({**native, "env": {b"PYTHONPATH": b""}}, fds)  # ignored by CPython
+        for env in ({b"PYTHONPATH": b"/a:src"}, {b"PYTHONPATH": b"/a:"}, {b"PYTHONSAFEPATH": b"1"}):
             with pytest.raises(ValueError):
                 completed({**native, "env": env}, fds)
+        with pytest.raises(ValueError, match="not a command that runs warm"):
+            completed({**native, "argv": [b"neon", b"pageserver", b"start"], "env": {}}, fds)
     finally:
         for fd in fds:
             os.close(fd)
@@ -309,10 +313,26 @@ def test_build_keeps_pips_script_as_the_python_launcher_and_rebuilds_when_needed
     assert "again" in (tmp_path / PYTHON_LAUNCHER).read_text() and is_native(tmp_path / "neon")
 
 
-def test_without_a_compiler_neon_stays_the_python_launcher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiler", ["false", "/nonexistent/cc"], ids=["fails", "missing"])
+def test_without_a_compiler_neon_stays_the_python_launcher(
+    tmp_path: Path, compiler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _pip_script(tmp_path / "neon", "# pip's")
-    with pytest.raises(subprocess.CalledProcessError):
-        build(tmp_path, compiler="false")
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setattr(sys, "argv", ["native_launcher", str(tmp_path)])
+    assert main() == 0  # setup goes on
+    assert (tmp_path / "neon").read_text() == (tmp_path / PYTHON_LAUNCHER).read_text()
+
+
+@pytest.mark.parametrize(
+    "first", ["#!/bin/sh", "#!/usr/bin/env python3", "#!/usr/bin/python3 -E", "# no #! line"]
+)
+def test_a_python_launcher_whose_interpreter_is_unclear_is_not_built_beside(
+    tmp_path: Path, first: str
+) -> None:
+    (tmp_path / "neon").write_text(f"{first}\nprint()\n")
+    with pytest.raises(ValueError):
+        build(tmp_path)
     assert (tmp_path / "neon").read_text() == (tmp_path / PYTHON_LAUNCHER).read_text()
 
 
