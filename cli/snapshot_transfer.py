@@ -369,9 +369,15 @@ async def _plan_push(
         async def ask(
             client: PageserverClient,
         ) -> tuple[SnapshotInfo, BasebackupPlan, list[SnapshotInfo]]:
-            snap = await client.snapshot_show(SnapshotShowRequest(name))
+            # The plan first: an unknown snapshot is refused there as `show` would refuse it.
+            # A delta's push takes the snapshot from the listing it needs anyway (one round
+            # trip less on the way to the guess: ~3 ms of a ~0.1 s incremental push).
             plan = await client.basebackup_plan(BasebackupPlanRequest(snapshot=name))
-            return snap, plan, [] if full else await client.snapshot_list()
+            listed = [] if full else await client.snapshot_list()
+            snap = next((s for s in listed if s.name == name), None)
+            if snap is None:
+                snap = await client.snapshot_show(SnapshotShowRequest(name))
+            return snap, plan, listed
 
         snap, plan, listed = api.run(ask)
         if on_local is not None:
