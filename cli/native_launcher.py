@@ -13,6 +13,7 @@ they cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ from cli.launch import (
     WARM_COMMANDS,
     WARM_ENV,
 )
-from cli.warm_client import LIMITS
+from cli.warm_client import GROUP_SIGNALS, LIMITS
 
 SOURCE = Path(__file__).with_name("neon_launcher.c")
 PYTHON_LAUNCHER = "neon-python"
@@ -69,6 +70,7 @@ def config_header(bin_dir: Path, executable: str) -> str:
     (warm_server._cold's "another interpreter")."""
     commands = ", ".join(f"{{{_c_string(g)}, {_c_string(c)}}}" for g, c in sorted(WARM_COMMANDS))
     signals = ", ".join(name for name in FORWARDED_SIGNALS if hasattr(signal, name))
+    group_signals = ", ".join(signal.Signals(s).name for s in GROUP_SIGNALS)
     limits = ", ".join(f"{{{_c_string(name)}, {name}}}" for name in LIMITS)
     lines = [
         "/* Written by cli/native_launcher.py from cli/launch.py, cli/home_root.py and",
@@ -86,10 +88,9 @@ def config_header(bin_dir: Path, executable: str) -> str:
         f"#define NEON_REQUEST_MAX {REQUEST_MAX}",
         f"static const char *const NEON_WARM_COMMANDS[][2] = {{{commands}, {{NULL, NULL}}}};",
         f"static const int NEON_FORWARDED_SIGNALS[] = {{{signals}}};",
+        f"static const int NEON_GROUP_SIGNALS[] = {{{group_signals}}};",
         f"static const struct {{ const char *name; int resource; }} NEON_LIMITS[] = {{{limits}}};",
     ]
-    import hashlib
-
     digest = hashlib.sha256("\n".join([SOURCE.read_text(), *lines, *CFLAGS]).encode())
     mark = f"{MARK.decode()}{digest.hexdigest()[:16]}"
     lines.append(f'static const char NEON_BUILD_MARK[] __attribute__((used)) = "{mark}";')

@@ -383,8 +383,11 @@ static int group;             /* this process's group is its terminal's foregrou
 static struct sigaction previous[NSIG];
 static int installed[NSIG];
 
+/* warm_client.GROUP_SIGNALS */
 static int group_signal(int sig) {
-    return sig == SIGINT || sig == SIGQUIT || sig == SIGSTOP || sig == SIGCONT;
+    for (size_t i = 0; i < sizeof NEON_GROUP_SIGNALS / sizeof NEON_GROUP_SIGNALS[0]; i++)
+        if (NEON_GROUP_SIGNALS[i] == sig) return 1;
+    return 0;
 }
 
 static void send_signal(pid_t pid, int sig) {
