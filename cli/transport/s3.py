@@ -211,14 +211,20 @@ def _missing(exc: BaseException) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
+def _endpoint(given: str | None) -> str | None:
+    """The endpoint a client talks to: the one given, else the one botocore takes from the
+    environment (AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL, unless configured endpoints are
+    ignored); None: AWS's own for the region."""
+    if given is None and not _session().get_config_variable("ignore_configured_endpoint_urls"):
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return given
+
+
 def _http_endpoint(given: str | None) -> str | None:
-    """The endpoint when it is plain http://: the one given, else the one botocore takes from
-    the environment (AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL, unless configured endpoints
-    are ignored). A client builds a TLS context for its connections (the CA bundle loaded and
-    parsed, ~45 ms of CPU) even where it makes none."""
-    url = given
-    if url is None and not _session().get_config_variable("ignore_configured_endpoint_urls"):
-        url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    """The endpoint (`_endpoint`) when it is plain http://. A client builds a TLS context for
+    its connections (the CA bundle loaded and parsed, ~45 ms of CPU) even where it makes
+    none."""
+    url = _endpoint(given)
     if url is None or not url.lower().startswith("http://"):
         return None
     if _proxied(url):
@@ -460,13 +466,7 @@ class S3Store(Store):
 
     def _store_key(self) -> str:
         """This store among the heads remembered (s3_heads): endpoint, bucket, prefix."""
-        endpoint = (
-            _settings.endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or f"aws:{_region()}"
-        )
-        return f"{endpoint} {self.url}"
+        return f"{_endpoint(_settings.endpoint_url) or f'aws:{_region()}'} {self.url}"
 
     async def _neon_heads(
         self, client: Any, listed: list[tuple[ObjectInfo, str | None]]
