@@ -31,16 +31,16 @@ The entry is made before the keys are planned (a delta arriving meanwhile finds 
 delta takes the entry once its own checks passed (nothing else finds it then; its pages are
 freed with the delta, which closes it when it ends or gives up: the prepare stops); an entry
 nobody takes is dropped when it expires. A take during the plan closes the entry: the delta
-rebuilds everything itself. The prepare (PREPARE_THREADS forks at once, begun in key order)
-and the delta share the work fork by fork: the delta takes a fork the prepare has rebuilt,
-waits for one it is rebuilding (`WAIT_SECONDS` at most: then both may rebuild it, the
-prepare's pages dropped), and takes over one it has not begun (the prepare skips it). Only
-the blocks the target's fork has are rebuilt (a fork absent there, or a block past its end,
-is not in the delta). At the bound (`prepared_pages_bytes`, the untaken entries together
-with the forks they are rebuilding; a taken entry is the delta's memory, outside it but
-bounded alone by the same size) a fork whose pages would pass it is not rebuilt (never made
-whole to be dropped: the memory is the bound's) and the prepare goes on with the next; the
-delta rebuilds what is left.
+rebuilds everything itself. The prepare (PREPARE_THREADS threads taking the chunks of the
+forks, begun in key order) and the delta share the work fork by fork: the delta takes a
+fork the prepare has rebuilt, waits for one it is rebuilding (`WAIT_SECONDS` at most: then
+both may rebuild it, the prepare's pages dropped), and takes over one it has not begun (the
+prepare skips it). Only the blocks the target's fork has are rebuilt (a fork absent there,
+or a block past its end, is not in the delta). At the bound (`prepared_pages_bytes`, the
+untaken entries together with the forks they are rebuilding; a taken entry is the delta's
+memory, outside it but bounded alone by the same size) a fork whose pages would pass it is
+not rebuilt (never made whole to be dropped: the memory is the bound's) and the prepare goes
+on with the next; the delta rebuilds what is left.
 
 A failed, slow or refused prepare only means fewer cached pages: the delta
 rebuilds whatever it does not find, as without a cache. The cache knows only a target
@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ FOLLOW_POLL = 0.005
 """Seconds between two looks at the node's ingested LSN while the prepare follows it."""
 PREPARE_THREADS = 2
 """Threads that rebuild a prepare's forks at once (see `_rebuild_into`)."""
+CHUNK_PAGES = 64
+"""Blocks of a fork a prepare's thread rebuilds at a time (see `_rebuild_into`): a 1%
+checkout's primary key took twice its heap's CPU, rebuilt on one thread while the other,
+done with the heap, had nothing left."""
 WAIT_SECONDS = 1.0
 """At most this long the delta waits for a fork the prepare is rebuilding (it began earlier:
 it normally ends sooner than the delta's own rebuild would); then the delta rebuilds it."""
@@ -401,47 +406,84 @@ def prepare(
         return entry
 
 
+@dataclass(slots=True, eq=False)
+class _Begun:
+    """A fork `_rebuild_into` began: its chunks not rebuilt yet, the pages made of the others,
+    and whether a chunk failed (its fork is the delta's then)."""
+
+    fork: Fork
+    left: int
+    pages: dict[Key, bytes] = field(default_factory=dict)
+    failed: bool = False
+
+
 def _rebuild_into(
     cache: PreparedPages, entry: _Entry, target: Timeline, lsn: int, keys: Iterable[Key]
 ) -> bool:
     """Rebuild the forks of `keys`, those the delta has not taken over, each only in the
     blocks the fork has at (target, lsn) and not prepared yet (a later pass): one absent
     there, or a block past its end, is not in the delta (DeltaForks.fork_members) and would
-    only take up the bound. Forks are begun in key order (the delta's) by PREPARE_THREADS
-    threads, this one and helpers: a rebuild is mostly zstd, which releases the GIL, and a
-    1% checkout's pages are two forks of about equal size (pgbench_accounts and its primary
-    key), rebuilt one after the other on one core while the other waited for PostgreSQL's
-    stop. True where every fork was rebuilt."""
+    only take up the bound. Forks are begun in key order (the delta's), each cut into chunks
+    of CHUNK_PAGES blocks that PREPARE_THREADS threads, this one and helpers, take in order:
+    a rebuild is mostly zstd, which releases the GIL, and a 1% checkout's pages are two
+    forks of about equal size (pgbench_accounts and its primary key), rebuilt one after the
+    other on one core while the other waited for PostgreSQL's stop; a fork's pages go in
+    (`finish_fork`) once its last chunk is rebuilt. True where every fork was rebuilt."""
     changed, _resized = fork_keys(keys)
     forks = iter(sorted(changed.items()))
     lock = threading.Lock()
     every = [True]
     stop = threading.Event()
+    chunks: deque[tuple[_Begun, list[int]]] = deque()
+    """The chunks of the forks begun, in key order."""
 
-    def begin() -> tuple[Fork, list[int]] | None:
+    def next_fork() -> tuple[Fork, list[int]] | None:
         """The next fork to rebuild, begun: in key order (one at a time under `lock`, so a
         bound that holds one fork of two holds the first, as with one thread); None at the
         end, or once the entry is closed."""
+        for fork, written in forks:
+            if stop.is_set():
+                return None
+            if entry.forks.get(fork, _DONE) != _DONE:
+                every[0] = every[0] and fork in entry.forks  # taken over or read
+                continue
+            size = get_rel_size(target, *fork, lsn) or 0
+            blocks = sorted(
+                b for b in written if b < size and rel_block_key(*fork, b) not in entry.pages
+            )
+            if not blocks:
+                continue
+            if cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
+                return fork, blocks
+            if entry.closed.is_set():
+                every[0] = False  # under `lock`, as give_up
+                stop.set()
+                return None
+            every[0] = every[0] and fork in entry.forks  # taken over; absent: the bound
+        return None
+
+    def take() -> tuple[_Begun, list[int]] | None:
+        """The next chunk to rebuild (of the fork begun last, else of the next one begun
+        now); None at the end, or once stopped or the entry closed (a fork whose chunks are
+        left then stays the prepare's until it leaves the entry: nobody waits on a closed
+        one)."""
         with lock:
-            for fork, written in forks:
-                if stop.is_set():
-                    return None
-                if entry.forks.get(fork, _DONE) != _DONE:
-                    every[0] = every[0] and fork in entry.forks  # taken over or read
-                    continue
-                size = get_rel_size(target, *fork, lsn) or 0
-                blocks = sorted(
-                    b for b in written if b < size and rel_block_key(*fork, b) not in entry.pages
-                )
-                if not blocks:
-                    continue
-                if cache.start_fork(entry, fork, len(blocks) * BLCKSZ):
-                    return fork, blocks
-                if entry.closed.is_set():
-                    every[0] = False  # under `lock`, as give_up
+            while not stop.is_set():
+                if chunks and entry.closed.is_set():
+                    every[0] = False
                     stop.set()
                     return None
-                every[0] = every[0] and fork in entry.forks  # taken over; absent: the bound
+                while chunks:
+                    job, blocks = chunks.popleft()
+                    if not job.failed:
+                        return job, blocks
+                started = next_fork()
+                if started is None:
+                    return None
+                fork, blocks = started
+                job = _Begun(fork, -(-len(blocks) // CHUNK_PAGES))
+                chunks.extend((job, blocks[at : at + CHUNK_PAGES])
+                              for at in range(0, len(blocks), CHUNK_PAGES))  # fmt: skip
             return None
 
     def give_up() -> None:
@@ -450,17 +492,27 @@ def _rebuild_into(
             stop.set()
 
     def work() -> None:
-        while (begun := begin()) is not None:
-            fork, blocks = begun
+        while (chunk := take()) is not None:
+            job, blocks = chunk
+            fork = job.fork
             try:
                 pages = rebuilt_pages(target, lsn, *fork, blocks)
                 made = {
                     rel_block_key(*fork, b): page for b, page in zip(blocks, pages, strict=True)
                 }
             except BaseException:
+                with lock:
+                    job.failed = True
                 cache.abandon_fork(entry, fork)
                 raise
-            if not cache.finish_fork(entry, fork, made):
+            with lock:
+                if job.failed:
+                    continue
+                job.pages.update(made)
+                job.left -= 1
+                if job.left:
+                    continue
+            if not cache.finish_fork(entry, fork, job.pages):
                 give_up()
                 return
 
@@ -473,9 +525,10 @@ def _rebuild_into(
             failed.append(exc)
             stop.set()
 
+    planned = sum(-(-len(written) // CHUNK_PAGES) for written in changed.values())
     helpers = [
         threading.Thread(target=helper, name=f"prepare-pages-{i + 1}", daemon=True)
-        for i in range(min(PREPARE_THREADS, len(changed)) - 1)
+        for i in range(min(PREPARE_THREADS, planned) - 1)
     ]
     for thread in helpers:
         thread.start()
