@@ -16,7 +16,7 @@ setup(
         Extension(
             "pg15._walscan",
             ["pg15/_walscan.c"],
-            depends=["pg15/walrecord.h"],
+            depends=["pg15/crc32c.h", "pg15/walrecord.h"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),
@@ -51,7 +51,7 @@ setup(
             "pageserver.redo._redo",
             ["pageserver/redo/_redo.c"],
             include_dirs=["pg15"],
-            depends=["pg15/walrecord.h"],
+            depends=["pg15/crc32c.h", "pg15/walrecord.h"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

@@ -32,6 +32,7 @@
 #define XLOG_SWITCH 0x40
 #define MAX_RECORD_SIZE 0x3FFFFFFFu
 
+#include "crc32c.h"
 #include "walrecord.h" /* the record layout, shared with the fused C ingest */
 
 /* ---- little-endian loads ------------------------------------------------------------- */
@@ -54,63 +55,7 @@ load64(const uint8_t *p)
     return (uint64_t)load32(p) | ((uint64_t)load32(p + 4) << 32);
 }
 
-/* ---- CRC-32C (Castagnoli), as PostgreSQL's pg_comp_crc32c ---------------------------- */
-
-static uint32_t crc_table[8][256];
-
-static void
-crc_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
-}
-
-static uint32_t
-crc_update_sw(uint32_t crc, const uint8_t *p, size_t n)
-{
-    while (n >= 8) {
-        uint32_t lo = load32(p) ^ crc;
-        uint32_t hi = load32(p + 4);
-        crc = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^
-              crc_table[5][(lo >> 16) & 0xFF] ^ crc_table[4][lo >> 24] ^
-              crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
-              crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
-    return crc;
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-__attribute__((target("sse4.2"))) static uint32_t
-crc_update_hw(uint32_t crc, const uint8_t *p, size_t n)
-{
-    uint64_t c = crc;
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        c = __builtin_ia32_crc32di(c, v);
-        p += 8;
-        n -= 8;
-    }
-    uint32_t c32 = (uint32_t)c;
-    while (n--)
-        c32 = __builtin_ia32_crc32qi(c32, *p++);
-    return c32;
-}
-#define HAVE_HW_CRC 1
-#endif
-
-static uint32_t (*crc_update)(uint32_t, const uint8_t *, size_t) = crc_update_sw;
+/* ---- CRC-32C: pg15/crc32c.h ------------------------------------------------------ */
 
 /* PostgreSQL's record CRC: the body after the header, then header bytes 0..19. */
 static uint32_t
@@ -587,12 +532,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__walscan(void)
 {
-    crc_init();
-#ifdef HAVE_HW_CRC
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("sse4.2"))
-        crc_update = crc_update_hw;
-#endif
+    crc_select();
     empty_tuple = PyTuple_New(0);
     if (empty_tuple == NULL)
         return NULL;

@@ -89,7 +89,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     || [ pg15/_walscan.c -nt "$stamp" ] || [ pageserver/redo/_redo.c -nt "$stamp" ] \
     || [ pageserver/ingest/_walingest.c -nt "$stamp" ] \
     || [ pageserver/storage/layers/_blockpack.c -nt "$stamp" ] \
-    || [ pageserver/native_slots.h -nt "$stamp" ]; then
+    || [ pageserver/storage/layers/_inmem.c -nt "$stamp" ] \
+    || [ pageserver/native_slots.h -nt "$stamp" ] || [ pg15/crc32c.h -nt "$stamp" ]; then
     echo "setup: installing pg-neon and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

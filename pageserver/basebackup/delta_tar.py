@@ -256,7 +256,7 @@ def rebuilt_pages(
     view = timeline.persistent_view(fork_blocks_range(spc, db, rel, fork), lsn)
     for at in range(0, len(blocks), _REBUILD_KEYS):
         keys = [rel_block_key(spc, db, rel, fork, b) for b in blocks[at : at + _REBUILD_KEYS]]
-        for value in rebuild_keys(timeline, lsn, view, keys):
+        for value in rebuild_keys(timeline, lsn, view, keys, scattered=True):
             yield ZERO_PAGE if value is None else value  # absent: a hole
 
 

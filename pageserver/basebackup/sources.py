@@ -188,7 +188,9 @@ class TimelineSource:
         order = sorted(range(len(keys)), key=keys.__getitem__)
         view = self.timeline.persistent_view(database_range(spc, db), self.lsn)
         sizes = [0] * len(keys)
-        values = rebuild_keys(self.timeline, self.lsn, view, [keys[i] for i in order])
+        values = rebuild_keys(
+            self.timeline, self.lsn, view, [keys[i] for i in order], scattered=True
+        )
         for i, raw in zip(order, values, strict=True):
             if raw is None:
                 rel, fork = forks[i]

@@ -173,7 +173,7 @@ def _bulk(point: ReadPoint, keys: list[Key]) -> Iterator[bytes | None]:
     """The values of `keys` (sorted) at `point`, None where the key has none there."""
     span = KeyRange(keys[0], key_successor(keys[-1]))
     view = point.timeline.persistent_view(span, point.lsn)
-    return rebuild_keys(point.timeline, point.lsn, view, keys)
+    return rebuild_keys(point.timeline, point.lsn, view, keys, scattered=True)
 
 
 def keys_changed(a: ReadPoint, b: ReadPoint) -> set[Key]:

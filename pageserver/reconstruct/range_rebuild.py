@@ -26,6 +26,7 @@ compare the two walks, and image layers written with and without them, on real W
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -120,14 +121,21 @@ def rebuild_range(
     lsn: int,
     reference: Reference,
     view: PersistentView | None = None,
+    scattered: bool = False,
 ) -> Iterator[tuple[Key, bytes | None]]:
     """(key, value at lsn, None if it has none) for each of `keys` (sorted, inside
     key_range), equal to `reference(key)` for every key.
 
     `view` (`Timeline.persistent_view` over a range holding key_range, at lsn) lets a reader
     of a timeline that is still ingesting scan the layer files for the keys no in-memory
-    layer holds; without it, the files must hold every version (`Timeline.persistent_map`)."""
-    walk = None if _native is None or not keys else _walk_of(timeline, key_range, keys, lsn, view)
+    layer holds; without it, the files must hold every version (`Timeline.persistent_map`).
+    `scattered`: the keys lie apart (a checkout's or a delta's pages, fork sizes), their
+    blocks read in C (`LayerFile.run_input`'s `native`)."""
+    walk = (
+        None
+        if _native is None or not keys
+        else _walk_of(timeline, key_range, keys, lsn, view, scattered)
+    )
     if walk is None:
         for key in keys:
             yield key, reference(key)
@@ -138,7 +146,12 @@ def rebuild_range(
 
 
 def _walk_of(
-    timeline: Timeline, key_range: KeyRange, keys: list[Key], lsn: int, view: PersistentView | None
+    timeline: Timeline,
+    key_range: KeyRange,
+    keys: list[Key],
+    lsn: int,
+    view: PersistentView | None,
+    scattered: bool = False,
 ) -> Walk | None:
     """What rebuild_range walks for `keys` (None: no layer map to walk, the per-key path)."""
     in_memory: frozenset[Key] = frozenset()
@@ -152,7 +165,7 @@ def _walk_of(
     above = min((image.lsn for _, image in tiles), default=-1) if covered else -1
     deltas = layer_map.deltas_overlapping(key_range, above, lsn)
     root = timeline.ancestor is None
-    return Walk(key_range, keys, lsn, tiles, deltas, in_memory, root)
+    return Walk(key_range, keys, lsn, tiles, deltas, in_memory, root, scattered and _READS)
 
 
 def _settled(key: Key, value: bytes | bool | Chain | None, reference: Reference) -> bytes | None:
@@ -182,6 +195,8 @@ class Walk:
     deltas: list[DeltaLayer]
     in_memory: frozenset[Key]
     root: bool
+    native_reads: bool = False
+    """Blocks read in C (`LayerFile.run_input`'s `native`): scattered keys, a C walk."""
 
 
 Walked = Iterator[tuple[Key, "bytes | bool | Chain | None"]]
@@ -199,7 +214,11 @@ RunInputs = tuple[list[RunInput], list[RunInput], list[tuple[bytes, bytes, int, 
 
 
 def _run_inputs(w: Walk) -> RunInputs:
-    layers = [layer.file.run_input(w.key_range.start, layer.lsn_end) for layer in w.deltas]
+    """The walk's layers as this thread's `_redo.rebuild_run` takes them."""
+    native = w.native_reads
+    layers = [
+        layer.file.run_input(w.key_range.start, layer.lsn_end, native=native) for layer in w.deltas
+    ]
     numbered: dict[int, int] = {}
     image_inputs: list[RunInput] = []
     tile_inputs: list[tuple[bytes, bytes, int, int]] = []
@@ -207,7 +226,9 @@ def _run_inputs(w: Walk) -> RunInputs:
         n = numbered.get(id(image))
         if n is None:
             n = numbered[id(image)] = len(image_inputs)
-            image_inputs.append(image.file.run_input(tile_range.start, image.lsn_end))
+            image_inputs.append(
+                image.file.run_input(tile_range.start, image.lsn_end, native=native)
+            )
         tile_inputs.append((tile_range.start, tile_range.end, image.lsn, n))
     return layers, image_inputs, tile_inputs
 
@@ -218,12 +239,18 @@ def _walk_native(w: Walk) -> Walked:
     tuple per layer) was most of image creation's CPU besides zstd (issue 10)."""
     assert _rebuild_run is not None
     layers, image_inputs, tile_inputs = _run_inputs(w)
+    owner = threading.get_ident()
     for at in range(0, len(w.keys), RUN_KEYS):
         run = w.keys[at : at + RUN_KEYS]
+        if w.native_reads and threading.get_ident() != owner:  # its decompressors: this one's
+            layers, image_inputs, tile_inputs = _run_inputs(w)
+            owner = threading.get_ident()
         values = _rebuild_run(run, w.lsn, layers, image_inputs, tile_inputs, w.in_memory, w.root)
         yield from zip(run, values, strict=True)
 
 
+_READS = _rebuild_run is not None and getattr(_native, "REBUILD_RUN_READS", 0) >= 1
+"""Whether the C walk can read a layer's blocks itself (`_redo.REBUILD_RUN_READS`)."""
 _FILLS = _rebuild_run is not None and getattr(_native, "REBUILD_RUN_INTO", 0) >= 2
 """Whether the C walk writes pages into a buffer of records (`_redo.REBUILD_RUN_INTO` 2: an
 extension built before it has none, or writes pages only, 1)."""
@@ -328,7 +355,11 @@ def _walk_python(w: Walk) -> Walked:
 
 
 def rebuild_keys(
-    timeline: Timeline, lsn: int, view: PersistentView | None, keys: list[Key]
+    timeline: Timeline,
+    lsn: int,
+    view: PersistentView | None,
+    keys: list[Key],
+    scattered: bool = False,
 ) -> Iterator[bytes | None]:
     """The values of `keys` (sorted) at lsn, in order, rebuilt in bulk over the range they
     span (a basebackup's slow keys: `range_reads.SlowValues` with the first three bound).
@@ -336,30 +367,38 @@ def rebuild_keys(
     On a branch, the keys its own layers hold nothing of (and no image layer of its covers)
     have the ancestor's value at the branch point (as `Timeline.get_reconstruct_data` reads
     them): they are rebuilt in bulk there, the rest here, where a chain going on into the
-    ancestor takes the per-key path."""
+    ancestor takes the per-key path. `scattered`: as for `rebuild_range` (keys far apart,
+    each in a block of its own: a checkout's pages, fork sizes, a delta's candidates), not a
+    basebackup's runs of slow keys, whose blocks the thread's recent blocks serve again."""
     if not keys:
         return iter(())
     span = KeyRange(keys[0], key_successor(keys[-1]))
     ancestor = timeline.ancestor
     if ancestor is None or view is None:
-        return _rebuilt(timeline, lsn, view, span, keys)
+        return _rebuilt(timeline, lsn, view, span, keys, scattered)
     own = _own_keys(timeline, view, span, keys, lsn)
     inherited = [key for key in keys if key not in own]
     if not inherited:
-        return _rebuilt(timeline, lsn, view, span, keys)
+        return _rebuilt(timeline, lsn, view, span, keys, scattered)
     at = min(lsn, timeline.ancestor_lsn)
-    theirs = rebuild_keys(ancestor, at, ancestor.persistent_view(span, at), inherited)
-    ours = _rebuilt(timeline, lsn, view, span, [key for key in keys if key in own])
+    theirs = rebuild_keys(ancestor, at, ancestor.persistent_view(span, at), inherited, scattered)
+    ours = _rebuilt(timeline, lsn, view, span, [key for key in keys if key in own], scattered)
     return (next(ours) if key in own else next(theirs) for key in keys)
 
 
 def _rebuilt(
-    timeline: Timeline, lsn: int, view: PersistentView | None, span: KeyRange, keys: list[Key]
+    timeline: Timeline,
+    lsn: int,
+    view: PersistentView | None,
+    span: KeyRange,
+    keys: list[Key],
+    scattered: bool,
 ) -> Iterator[bytes | None]:
     def reference(key: Key) -> bytes | None:
         return reconstruct_uncached(key, lsn, timeline.get_reconstruct_data(key, lsn))
 
-    return (value for _, value in rebuild_range(timeline, span, keys, lsn, reference, view))
+    walked = rebuild_range(timeline, span, keys, lsn, reference, view, scattered)
+    return (value for _, value in walked)
 
 
 def _own_keys(

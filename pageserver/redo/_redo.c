@@ -26,7 +26,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
+#include "crc32c.h"    /* pg15/crc32c.h: CRC-32C, shared with pg15/_walscan.c */
 #include "walrecord.h" /* pg15/walrecord.h: the record layout, shared with pg15/_walscan.c */
 
 #define BLCKSZ 8192
@@ -2371,7 +2373,94 @@ typedef struct {
     Py_ssize_t n_blocks, cap_blocks;
     long long first_block;
     Py_ssize_t v_start, v_stop; /* the current key's version entries used */
+    /* Blocks read here, not through read_block (LayerFile.run_input's `native`): where its
+     * block table starts and its block count, this thread's zstd decompress method, the
+     * file's `_decompressor_of` (None where it has no dictionary; asked once a call, at its
+     * first dictionary block: asked for every layer of a walk, a thread's few kept
+     * dictionary decompressors were made anew at every walk), the blocks being prefetched
+     * for read_block (none read here while any are: it takes them), the fault-around window
+     * and the span of compressed bytes copied out, unmapped at RELEASE_SPAN (blocks.py). */
+    int native;
+    Py_ssize_t blocks_at, file_blocks, fault_around, release_span, span_lo, span_hi;
+    PyObject *plain, *dict_of, *ahead;
+    PyObject *dict; /* the dictionary blocks' decompress method, once asked (owned) */
 } RunLayer;
+
+#define BLOCK_ENTRY 20 /* a block table entry: offset u64, compressed length, length, CRC-32C */
+
+/* The span of compressed bytes copied out of the file unmapped (LayerFile._release: their
+ * pages stay in the page cache; mapped, every block ever read would count in the RSS). */
+static void
+run_release_span(RunLayer *c)
+{
+    if (c->span_hi > c->span_lo) {
+        Py_ssize_t lo = c->span_lo - c->span_lo % c->fault_around;
+        Py_ssize_t hi = c->span_hi + (c->fault_around - c->span_hi % c->fault_around) %
+                                         c->fault_around;
+        if (hi > c->file.len)
+            hi = c->file.len;
+        if (hi > lo)
+            (void)madvise((char *)c->file.buf + lo, (size_t)(hi - lo), MADV_DONTNEED);
+    }
+    c->span_lo = c->span_hi = 0;
+}
+
+/* Block b of a layer read as LayerFile._block reads it (entry, CRC-32C, zstd, length) with no
+ * Python of its own between them: a 1% checkout's scattered pages spent more in read_block's
+ * bookkeeping than in zstd (py-spy). NULL with no error set where anything is off: the caller
+ * asks read_block, which raises the file's error. */
+static PyObject *
+run_read_native(RunLayer *c, long long b)
+{
+    if (b < 0 || b >= c->file_blocks)
+        return NULL;
+    const uint8_t *e = (const uint8_t *)c->file.buf + c->blocks_at + (Py_ssize_t)b * BLOCK_ENTRY;
+    uint64_t off = ((uint64_t)be32(e) << 32) | be32(e + 4);
+    uint32_t clen = be32(e + 8), ulen = be32(e + 12), crc = be32(e + 16);
+    if (off > (uint64_t)c->file.len || clen > (uint64_t)c->file.len - off)
+        return NULL;
+    const uint8_t *src = (const uint8_t *)c->file.buf + off;
+    if (crc32c_of(src, clen) != crc)
+        return NULL;
+    PyObject *dec = c->plain;
+    if (b > 0 && c->dict_of != Py_None) {
+        if (c->dict == NULL) {
+            PyObject *d = PyObject_CallFunction(c->dict_of, "L", b);
+            c->dict = d == NULL ? NULL : PyObject_GetAttrString(d, "decompress");
+            Py_XDECREF(d);
+            if (c->dict == NULL) {
+                PyErr_Clear();
+                return NULL;
+            }
+        }
+        dec = c->dict;
+    }
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)src, clen);
+    PyObject *size = PyLong_FromUnsignedLong(ulen);
+    PyObject *out = NULL;
+    if (raw != NULL && size != NULL)
+        out = PyObject_CallFunctionObjArgs(dec, raw, size, NULL);
+    Py_XDECREF(raw);
+    Py_XDECREF(size);
+    if (out == NULL || !PyBytes_Check(out) || PyBytes_GET_SIZE(out) != (Py_ssize_t)ulen) {
+        PyErr_Clear();
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Py_ssize_t lo = (Py_ssize_t)off, hi = lo + (Py_ssize_t)clen;
+    if (c->span_hi > c->span_lo && lo >= c->span_lo && lo <= c->span_hi + c->fault_around) {
+        if (hi > c->span_hi)
+            c->span_hi = hi;
+    }
+    else {
+        run_release_span(c);
+        c->span_lo = lo;
+        c->span_hi = hi;
+    }
+    if (c->span_hi - c->span_lo >= c->release_span)
+        run_release_span(c);
+    return out;
+}
 
 static void
 run_layer_release(RunLayer *c)
@@ -2380,6 +2469,9 @@ run_layer_release(RunLayer *c)
         Py_XDECREF(c->blocks[k]);
     PyMem_Free(c->blocks);
     if (c->open) {
+        if (c->native)
+            run_release_span(c);
+        Py_CLEAR(c->dict);
         PyBuffer_Release(&c->keys);
         PyBuffer_Release(&c->firsts);
         PyBuffer_Release(&c->file);
@@ -2391,11 +2483,25 @@ run_layer_open(PyObject *t, RunLayer *c)
 {
     memset(c, 0, sizeof *c);
     unsigned long long base, end;
-    if (!PyArg_ParseTuple(t, "y*y*y*npKKOO!:rebuild_run layer", &c->keys, &c->firsts, &c->file,
-                          &c->versions_at, &c->narrow, &base, &end, &c->read_block,
-                          &PyList_Type, &c->state))
+    c->blocks_at = -1;
+    if (!PyArg_ParseTuple(t, "y*y*y*npKKOO!|nnOOO!nn:rebuild_run layer", &c->keys, &c->firsts,
+                          &c->file, &c->versions_at, &c->narrow, &base, &end, &c->read_block,
+                          &PyList_Type, &c->state, &c->blocks_at, &c->file_blocks, &c->plain,
+                          &c->dict_of, &PyDict_Type, &c->ahead, &c->fault_around,
+                          &c->release_span))
         return -1;
     c->open = 1;
+    if (c->blocks_at >= 0) {
+        if (c->ahead == NULL || c->file_blocks < 0 || c->fault_around < 1 ||
+            c->release_span < 0 ||
+            c->file_blocks > (c->file.len - c->blocks_at) / BLOCK_ENTRY ||
+            !PyCallable_Check(c->plain) ||
+            (c->dict_of != Py_None && !PyCallable_Check(c->dict_of))) {
+            PyErr_SetString(PyExc_ValueError, "rebuild_run: inconsistent native block reads");
+            return -1;
+        }
+        c->native = 1;
+    }
     c->lsn_base = base;
     c->lsn_end = end;
     c->esize = c->narrow ? NARROW_ENTRY : VERSION_ENTRY;
@@ -2599,6 +2705,9 @@ run_versions(RunLayer *c, const uint8_t *key, int64_t floor, uint64_t lsn, int w
         PyObject *got;
         if (b == c->held_no && c->held != Py_None)
             got = Py_NewRef(c->held);
+        else if (c->native && PyDict_GET_SIZE(c->ahead) == 0 &&
+                 (got = run_read_native(c, b)) != NULL)
+            ;
         else
             got = PyObject_CallFunction(c->read_block, "L", b);
         if (got == NULL) {
@@ -3021,6 +3130,12 @@ PyInit__redo(void)
     /* rebuild_run takes `into`, a buffer it writes whole pages into (range_rebuild.PageFill):
      * a module built before it has no such constant */
     if (PyModule_AddIntConstant(m, "REBUILD_RUN_INTO", 2) < 0) { /* 2: with its stride */
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* a layer of rebuild_run may say how its blocks are read here (run_read_native) */
+    crc_select();
+    if (PyModule_AddIntConstant(m, "REBUILD_RUN_READS", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

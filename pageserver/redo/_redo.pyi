@@ -3,6 +3,7 @@ from typing import Any
 
 RECORD_FIELDS: dict[str, dict[str, int]]
 REBUILD_RUN_INTO: int
+REBUILD_RUN_READS: int
 
 def init(fallback: Callable[[Any, int, bytes | None], bytes], /) -> None: ...
 def try_redo_block(
@@ -39,7 +40,11 @@ def rebuild_run(
     deltas: the delta layers newest first, images the image layers, each as
     LayerFile.run_input gives it (key table, map, version table offset, narrow, LSN base,
     the layer's end LSN, read_block, and a list [position, block number, block] the walk
-    updates, so the next call for the following keys goes on from there); tiles: (start,
+    updates, so the next call for the following keys goes on from there; with
+    REBUILD_RUN_READS, then where its block table starts, its block count, the calling
+    thread's zstd decompress method, the file's _decompressor_of (None: no dictionary),
+    the blocks prefetched for read_block, and the fault-around and release spans: its
+    blocks are then read here, read_block only for one prefetched or anything off); tiles: (start,
     end, image LSN, index into images) ascending, the image covering each key range. A key
     in in_memory is False; base_known as for rebuild_page where no tile covers a key.
     The keys' versions are gathered (blocks read) with the GIL, then their chains redone

@@ -762,15 +762,30 @@ class LayerFile:
         keys, firsts = self._keys()
         return keys, firsts, self._map, self._versions_at, self.read_block
 
-    def run_input(self, start: bytes, lsn_end: int) -> RunInput:
+    def run_input(self, start: bytes, lsn_end: int, *, native: bool = False) -> RunInput:
         """This file as a layer of the C bulk rebuild (`_redo.rebuild_run`), walking from the
         first key >= start: its key table, its map with where the version table starts and its
-        format, `lsn_end` (the layer's), `read_block` and the walk's state (see _redo.pyi)."""
+        format, `lsn_end` (the layer's), `read_block` and the walk's state (see _redo.pyi).
+
+        `native`: its blocks are read in C (`_redo.c` run_read_native: the block entry, the
+        CRC-32C, this thread's decompressor, the length, then the compressed pages unmapped
+        in spans as `_BulkReleases` does) instead of through read_block, whose bookkeeping
+        (the thread's recent blocks, the prefetch, the spans) cost a scattered read a fifth
+        of its time. For reads of scattered keys, which rarely meet a block twice; the
+        thread calling rebuild_run must be this one (the decompressors are its own)."""
         keys, firsts = self._keys()
         state: list[object] = [self.lower_bound(start), -1, None]
-        return (
+        base = (
             keys, firsts, self._map, self._versions_at, self.narrow, self._lsn_base, lsn_end,
             self.read_block, state,
+        )  # fmt: skip
+        if not native:
+            return base
+        dictionary = self.dictionary and self.header.n_blocks > 1
+        return (
+            *base, self._blocks_at, self.header.n_blocks, _decompressor().decompress,
+            self._decompressor_of if dictionary else None, self._ahead,
+            FAULT_AROUND, RELEASE_SPAN,
         )  # fmt: skip
 
     def iter_encoded(self) -> Iterator[tuple[Key, int, bytes]]:
@@ -806,10 +821,8 @@ class LayerFile:
 MergeInput = tuple[bytes, "array[int]", mmap.mmap, int, Callable[[int], bytes]]
 """A layer file as the C L0 merge reads it (LayerFile.merge_input)."""
 
-RunInput = tuple[
-    bytes, "array[int]", mmap.mmap, int, bool, int, int, Callable[[int], bytes], list[object]
-]
-"""A layer file as the C bulk rebuild reads it (LayerFile.run_input)."""
+RunInput = tuple[object, ...]
+"""A layer file as the C bulk rebuild reads it (LayerFile.run_input; _redo.pyi)."""
 
 MERGE_MAX_KEYS = 1024
 """Keys one call of the C merge adds before its caller checks whether it is cancelled (the

@@ -328,6 +328,112 @@ def test_a_run_redone_key_by_key_equals_the_python_walk(
         store.close()
 
 
+def _scattered_walk(
+    timeline: Timeline, lsn: int, keys: list[Key], native_reads: bool, patched: pytest.MonkeyPatch
+) -> tuple[list[tuple[Key, bytes | None]], list[tuple[str, int]]]:
+    """rebuild_range of `keys` as scattered keys (blocks read in C) or not: the values and
+    the blocks read through LayerFile.read_block."""
+    reads: list[tuple[str, int]] = []
+    read_block = LayerFile.read_block
+
+    def reading(self: LayerFile, b: int) -> bytes:
+        reads.append((self.path.name, b))
+        return read_block(self, b)
+
+    with patched.context() as inside:
+        inside.setattr(LayerFile, "read_block", reading)
+        span = KeyRange(keys[0], key_successor(keys[-1]))
+        one = _reference(timeline, lsn)
+        values = list(rebuild_range(timeline, span, keys, lsn, one, None, native_reads))
+    return values, reads
+
+
+def test_scattered_keys_read_in_c_equal_the_blocks_read_block_reads(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scattered read's blocks decompressed in C (`_redo.c` run_read_native, the block
+    entry, CRC-32C, the thread's decompressor, the length) against read_block's, on real
+    WAL over L0, L1 and image layers (those written with a dictionary): the same values, and
+    no block through read_block where the C walk reads them."""
+    assert range_rebuild._READS, "pageserver.redo._redo lacks REBUILD_RUN_READS"
+    store, timeline = _open(history, tmp_path / "store")
+    for merged in (False, True):
+        if merged:
+            assert compact_level0(timeline, force=True)[1] > 0
+        for lsn in (history.middle, history.end):
+            keys = timeline.get_keys(FULL_KEYSPACE, lsn)[::7]
+            python, python_reads = _scattered_walk(timeline, lsn, keys, False, monkeypatch)
+            c, c_reads = _scattered_walk(timeline, lsn, keys, True, monkeypatch)
+            assert len(c) > 100 and len(python_reads) > 50
+            assert c == python, hex(lsn)
+            assert c_reads == [], hex(lsn)
+    assert any(layer.file.dictionary for layer in timeline.layer_map().images)
+    store.close()
+
+
+def test_a_damaged_block_read_in_c_raises_the_files_error(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block whose bytes do not match their CRC-32C: the C read leaves it to read_block,
+    which raises LayerCorrupt naming the file, as a read without it does."""
+    where = tmp_path / "store"
+    store, timeline = _open(history, where)
+    lsn = history.end
+    image = next(
+        layer
+        for layer in timeline.layer_map().images
+        if layer.file.dictionary and layer.file.header.n_blocks > 4
+    )
+    f = image.file
+    i = f.n_keys - 1  # in a block after the first: decompressed with the dictionary
+    key = f.key_at(i)
+    block = f.version_tuple(f._keys()[1][i + 1] - 1)[2]
+    assert block > 0 and timeline.get_keys(KeyRange(key, key_successor(key)), lsn) == [key]
+    entry_at, path = f._blocks_at + block * 20, image.path  # blocks.py _BLOCK_ENTRY
+    store.close()
+    off, clen = struct.unpack_from(">QI", path.read_bytes(), entry_at)
+    with path.open("r+b") as damaged:  # a byte of its zstd data, past the frame header
+        damaged.seek(off + clen // 2)
+        byte = damaged.read(1)
+        damaged.seek(off + clen // 2)
+        damaged.write(bytes([byte[0] ^ 0x01]))
+    store = TimelineStore(where, SETTINGS)
+    timeline = store.get(history.timeline_id)
+    with pytest.raises(NeonError, match=f"{path.name}.*checksum mismatch in value block"):
+        _scattered_walk(timeline, lsn, [key], True, monkeypatch)
+    store.close()
+
+
+def test_prefetched_blocks_are_read_block_s_and_a_walk_goes_on_in_another_thread(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks being prefetched for read_block are taken there (not read twice in C); a
+    scattered walk taken on by another thread reads with that thread's decompressors (its
+    layers made again), with the same values."""
+    store, timeline = _open(history, tmp_path / "store")
+    lsn = history.end
+    keys = timeline.get_keys(FULL_KEYSPACE, lsn)[::7]
+    want, _ = _scattered_walk(timeline, lsn, keys, False, monkeypatch)
+    files = [layer.file for layer in timeline.layer_map().layers()]
+    started = {id(f): f.prefetch(range(f.header.n_blocks)) for f in files}
+    try:
+        got, reads = _scattered_walk(timeline, lsn, keys, True, monkeypatch)
+    finally:
+        for f in files:
+            f.drop_prefetched(started[id(f)])
+    assert got == want and len(reads) > 50
+    monkeypatch.setattr(range_rebuild, "RUN_KEYS", 3)
+    span = KeyRange(keys[0], key_successor(keys[-1]))
+    walk = rebuild_range(timeline, span, keys, lsn, _reference(timeline, lsn), None, True)
+    first = [next(walk)]
+    rest: list[tuple[Key, bytes | None]] = []
+    other = threading.Thread(target=lambda: rest.extend(walk))
+    other.start()
+    other.join(60)
+    assert first + rest == want
+    store.close()
+
+
 def _layer_files(timeline: Timeline) -> dict[str, bytes]:
     return {layer.name.file_name: layer.path.read_bytes() for layer in timeline.layer_map().images}
 
