@@ -10,12 +10,11 @@
 
 static uint32_t crc_table[8][256];
 
+/* Four bytes as a little-endian value, whatever the machine's order (the table's order). */
 static inline uint32_t
 crc_load32(const uint8_t *p)
 {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
 static void

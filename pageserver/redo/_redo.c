@@ -2408,7 +2408,8 @@ run_release_span(RunLayer *c)
 /* Block b of a layer read as LayerFile._block reads it (entry, CRC-32C, zstd, length) with no
  * Python of its own between them: a 1% checkout's scattered pages spent more in read_block's
  * bookkeeping than in zstd (py-spy). NULL with no error set where anything is off: the caller
- * asks read_block, which raises the file's error. */
+ * asks read_block, which raises the file's error; NULL with one set for what is not the
+ * data's (KeyboardInterrupt, SystemExit): not swallowed. */
 static PyObject *
 run_read_native(RunLayer *c, long long b)
 {
@@ -2429,7 +2430,8 @@ run_read_native(RunLayer *c, long long b)
             c->dict = d == NULL ? NULL : PyObject_GetAttrString(d, "decompress");
             Py_XDECREF(d);
             if (c->dict == NULL) {
-                PyErr_Clear();
+                if (PyErr_ExceptionMatches(PyExc_Exception))
+                    PyErr_Clear();
                 return NULL;
             }
         }
@@ -2443,7 +2445,8 @@ run_read_native(RunLayer *c, long long b)
     Py_XDECREF(raw);
     Py_XDECREF(size);
     if (out == NULL || !PyBytes_Check(out) || PyBytes_GET_SIZE(out) != (Py_ssize_t)ulen) {
-        PyErr_Clear();
+        if (out == NULL && PyErr_ExceptionMatches(PyExc_Exception))
+            PyErr_Clear();
         Py_XDECREF(out);
         return NULL;
     }
@@ -2706,8 +2709,8 @@ run_versions(RunLayer *c, const uint8_t *key, int64_t floor, uint64_t lsn, int w
         if (b == c->held_no && c->held != Py_None)
             got = Py_NewRef(c->held);
         else if (c->native && PyDict_GET_SIZE(c->ahead) == 0 &&
-                 (got = run_read_native(c, b)) != NULL)
-            ;
+                 ((got = run_read_native(c, b)) != NULL || PyErr_Occurred()))
+            ; /* read, or an error that is not the data's: raised (got NULL) */
         else
             got = PyObject_CallFunction(c->read_block, "L", b);
         if (got == NULL) {

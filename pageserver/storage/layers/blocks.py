@@ -775,7 +775,7 @@ class LayerFile:
         thread calling rebuild_run must be this one (the decompressors are its own)."""
         keys, firsts = self._keys()
         state: list[object] = [self.lower_bound(start), -1, None]
-        base = (
+        base: _RunLayer = (
             keys, firsts, self._map, self._versions_at, self.narrow, self._lsn_base, lsn_end,
             self.read_block, state,
         )  # fmt: skip
@@ -821,8 +821,13 @@ class LayerFile:
 MergeInput = tuple[bytes, "array[int]", mmap.mmap, int, Callable[[int], bytes]]
 """A layer file as the C L0 merge reads it (LayerFile.merge_input)."""
 
-RunInput = tuple[object, ...]
-"""A layer file as the C bulk rebuild reads it (LayerFile.run_input; _redo.pyi)."""
+_RunLayer = tuple[
+    bytes, "array[int]", mmap.mmap, int, bool, int, int, Callable[[int], bytes], list[object]
+]
+_NativeReads = tuple[int, int, Callable[..., bytes], Callable[[int], Any] | None, dict[int, Any]]
+RunInput = _RunLayer | tuple[*_RunLayer, *_NativeReads, int, int]
+"""A layer file as the C bulk rebuild reads it (LayerFile.run_input; _redo.pyi): with its
+native block reads' fields after the walk's state, or without them."""
 
 MERGE_MAX_KEYS = 1024
 """Keys one call of the C merge adds before its caller checks whether it is cancelled (the
