@@ -481,9 +481,9 @@ def _rebuild_into(
                 if started is None:
                     return None
                 fork, blocks = started
-                job = _Begun(fork, -(-len(blocks) // CHUNK_PAGES))
-                chunks.extend((job, blocks[at : at + CHUNK_PAGES])
-                              for at in range(0, len(blocks), CHUNK_PAGES))  # fmt: skip
+                parts = [blocks[at : at + CHUNK_PAGES] for at in range(0, len(blocks), CHUNK_PAGES)]
+                job = _Begun(fork, len(parts))
+                chunks.extend((job, part) for part in parts)
             return None
 
     def give_up() -> None:

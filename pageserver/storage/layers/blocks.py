@@ -781,10 +781,9 @@ class LayerFile:
         )  # fmt: skip
         if not native:
             return base
-        dictionary = self.dictionary and self.header.n_blocks > 1
         return (
             *base, self._blocks_at, self.header.n_blocks, _decompressor().decompress,
-            self._decompressor_of if dictionary else None, self._ahead,
+            self._decompressor_of if self.dictionary else None, self._ahead,
             FAULT_AROUND, RELEASE_SPAN,
         )  # fmt: skip
 
