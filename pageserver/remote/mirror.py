@@ -20,8 +20,10 @@ import asyncio
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 from durable_files import write_file_durably
 from pageserver.history.node_store import NodeState
@@ -36,14 +38,14 @@ from pageserver.remote.index import (
     verified,
 )
 from pageserver.remote.layer_selection import layers_for_read
-from pageserver.remote.objects import ObjectStore, open_bucket
+from pageserver.remote.objects import NoSuchObject, ObjectStore, open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.uploader import area_prefix
 from pageserver.remote.wal_blocks import SUMS_DIR, BlockSums, block_sums, decode_sums
 from pageserver.storage.layers.names import LayerName, parse_layer_name
 from pageserver.storage.manifest import LayerEntry, TimelineManifest, write_manifest
 from pg15.lsn import parse_lsn, parse_segment_file_name
-from proto.errors import CorruptData, NotFound
+from proto.errors import CorruptData, NotFound, Unavailable
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -57,6 +59,11 @@ WAL_BLOCKS = "wal_blocks"
 """``wal_blocks/<segment>~<sha>/<block>``: verified blocks of the segments read here, and the
 segment's block sums (SUMS_FILE)."""
 SUMS_FILE = "sums"
+REREADS = 5
+"""How many times a read of the area runs, each from the index read anew, before it gives
+up because the writer replaced what it read each time."""
+
+T = TypeVar("T")
 
 
 def _same_bytes(path: Path, obj: RemoteObject) -> bool:
@@ -104,9 +111,12 @@ class MirrorArea:
         self.index: RemoteIndex | None = None
         self.downloaded_bytes = 0
         self._lock = threading.Lock()
+        self._index_raw: bytes | None = None
+        """The bytes of `index`."""
         kept = root / KEPT_INDEX
         if kept.exists():  # attached before a restart: what the bucket said then
-            self.index = decode_index(kept.read_bytes(), str(kept))
+            self._index_raw = kept.read_bytes()
+            self.index = decode_index(self._index_raw, str(kept))
 
     @property
     def node_id(self) -> str:
@@ -118,11 +128,42 @@ class MirrorArea:
     def refresh(self) -> RemoteIndex:
         """Read the bucket's index and lay the history out from it (layers not fetched)."""
         with self._lock:
-            raw, index = asyncio.run(self._read_index())
-            self._lay_out(index)
-            _write(self.root / KEPT_INDEX, raw)
-            self.index = index
-            return index
+            self._retrying(lambda: None, read_first=True)
+            assert self.index is not None
+            return self.index
+
+    def _adopt_index(self, raw: bytes, index: RemoteIndex) -> None:
+        """Lay the history out from the bucket's index `index` (its bytes: `raw`), the lock
+        held."""
+        self._lay_out(index)
+        _write(self.root / KEPT_INDEX, raw)
+        self.index, self._index_raw = index, raw
+
+    def _retrying(self, work: Callable[[], T], *, read_first: bool) -> T:
+        """`work` (the lock held), which downloads objects the index names. When one is gone
+        from the bucket, its writer has replaced the index since and deleted what the new one
+        no longer names (its deletions follow the index at once: pageserver/remote/uploader.py):
+        read the index again, lay the history out from it and run `work` again. Gone while the
+        index still names it, the bucket is damaged."""
+        read, gone, used = read_first, None, self._index_raw
+        for _ in range(REREADS):
+            try:
+                if read:
+                    raw, index = asyncio.run(self._read_index())
+                    if gone is not None and raw == used:
+                        raise CorruptData(
+                            f"{gone}, though the index of PITR area {self.name!r} in "
+                            f"{self.settings.url} names it"
+                        )
+                    used = raw
+                    self._adopt_index(raw, index)
+                return work()
+            except NoSuchObject as exc:
+                read, gone = True, exc
+        raise Unavailable(
+            f"PITR area {self.name!r} in {self.settings.url} was rewritten during each of "
+            f"{REREADS} reads ({gone}); try again"
+        )
 
     async def _read_index(self) -> tuple[bytes, RemoteIndex]:
         key = f"{self.prefix}/{INDEX_NAME}"
@@ -307,8 +348,8 @@ class MirrorArea:
             directory = self._blocks_dir(path, obj)
             for n in range(low // sums.block, (high - 1) // sums.block + 1):
                 if not (directory / _block_name(n)).exists():
-                    jobs.append(block(path, obj, sums, n))
-        await asyncio.gather(*jobs)
+                    jobs.append((path, obj, sums, n))
+        await asyncio.gather(*(block(*job) for job in jobs))
         return self.downloaded_bytes - before
 
     def wal_reader(self) -> ReadWal:
@@ -355,25 +396,29 @@ class MirrorArea:
         reads, and the layers a read anywhere in that span needs. `timeline`: a snapshot's,
         when not the node's current one."""
         with self._lock:
-            assert self.index is not None
-            since = lsn if exact else self.wal_start(lsn)
-            wanted = self.needed_layers(lsn, since, timeline)
-            missing = {p: o for p, o in wanted.items() if not self._have(p, o)}
+            return self._retrying(lambda: self._download(lsn, exact, timeline), read_first=False)
 
-            async def download() -> int:
-                async with open_bucket(self.settings) as bucket:
-                    bodies = await self._fetch(missing, bucket) if missing else {}
-                    for path, data in bodies.items():
-                        _write(self.root / path, data)
-                    wal = await self._fetch_wal(bucket, since, lsn)
-                return sum(len(b) for b in bodies.values()) + wal
+    def _download(self, lsn: int, exact: bool, timeline: str | None) -> int:
+        """prepare's downloads, from the index read last (the lock held)."""
+        assert self.index is not None
+        since = lsn if exact else self.wal_start(lsn)
+        wanted = self.needed_layers(lsn, since, timeline)
+        missing = {p: o for p, o in wanted.items() if not self._have(p, o)}
 
-            got = asyncio.run(download())
-            if missing:
-                index = self.index
-                for timeline_id, body in index.timelines.items():
-                    self._write_manifest(index, timeline_id, body, self._local_layers(timeline_id))
-            return got
+        async def download() -> int:
+            async with open_bucket(self.settings) as bucket:
+                bodies = await self._fetch(missing, bucket) if missing else {}
+                for path, data in bodies.items():
+                    _write(self.root / path, data)
+                wal = await self._fetch_wal(bucket, since, lsn)
+            return sum(len(b) for b in bodies.values()) + wal
+
+        got = asyncio.run(download())
+        if missing:
+            index = self.index
+            for timeline_id, body in index.timelines.items():
+                self._write_manifest(index, timeline_id, body, self._local_layers(timeline_id))
+        return got
 
     def _have(self, path: str, obj: RemoteObject) -> bool:
         """Downloaded already."""

@@ -27,6 +27,10 @@ _AUTH_CODES = {
 }  # fmt: skip
 
 
+class NoSuchObject(NotFound):
+    """The bucket holds no object of that key (the bucket itself exists)."""
+
+
 class PreconditionFailed(NeonError):
     """A conditional put found the object not as asked: there already (If-None-Match: *), or
     changed or gone since the version it names (If-Match)."""
@@ -51,7 +55,7 @@ def _error(exc: BaseException, settings: RemoteSettings, key: str, doing: str) -
                 f"access key and secret of storage {settings.storage!r} and the bucket's policy"
             )
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return NotFound(f"{where}: no such object")
+            return NoSuchObject(f"{where}: no such object")
         if code in ("PreconditionFailed", "412") or status == 412:
             return PreconditionFailed(f"{where} is not the version the conditional put named")
         message = " ".join(str(error.get("Message", "")).split())
@@ -129,8 +133,8 @@ class ObjectStore:
                 answer = await self._client.put_object(
                     Bucket=self.settings.bucket, Key=key, Body=body, **extra
                 )
-        except NotFound as exc:  # If-Match on an object deleted since
-            if if_match is None or "(NoSuchBucket)" in str(exc):
+        except NoSuchObject as exc:  # If-Match on an object deleted since
+            if if_match is None:
                 raise
             raise PreconditionFailed(f"{exc} any more (If-Match)") from None
         return str(answer["ETag"])
@@ -138,7 +142,7 @@ class ObjectStore:
     async def get(self, key: str) -> bytes:
         found = await self.get_tagged(key)
         if found is None:
-            raise NotFound(f"s3://{self.settings.bucket}/{key}: no such object")
+            raise NoSuchObject(f"s3://{self.settings.bucket}/{key}: no such object")
         return found[0]
 
     async def get_tagged(self, key: str) -> tuple[bytes, str] | None:
@@ -148,9 +152,7 @@ class ObjectStore:
                 answer = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
                 async with answer["Body"] as body:
                     return bytes(await body.read()), str(answer["ETag"])
-        except NotFound as exc:
-            if "(NoSuchBucket)" in str(exc):
-                raise
+        except NoSuchObject:
             return None
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:

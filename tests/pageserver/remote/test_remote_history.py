@@ -16,7 +16,7 @@ import pytest
 
 from pageserver.history.node_store import NodeState, NodeStore, StorageHistory
 from pageserver.history.pitr import new_area
-from pageserver.ingest.lsn_index import LsnIndex
+from pageserver.ingest.lsn_index import INDEX_FILE, LsnIndex
 from pageserver.remote.index import INDEX_NAME, ChecksumMismatch, IndexTooNew, decode_index
 from pageserver.remote.lease import LeaseLost
 from pageserver.remote.manager import RemoteHistories
@@ -32,7 +32,7 @@ from pageserver.storage.layers.evicted import EVICTED_SUFFIX, EvictedLayer
 from pageserver.storage.manifest import read_manifest
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.values import Image, WalDelta
-from proto.errors import Conflict, CorruptData
+from proto.errors import Conflict, CorruptData, Unavailable
 from tests.s3d import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3
 
 SMALL = StoreSettings(
@@ -522,3 +522,90 @@ def test_objects_then_the_index_then_deletions(s3: MotoS3, settings: RemoteSetti
     assert calls[second + 1 :] == [("delete", "hist/x/o0"), ("delete", "hist/x/o1")]
     left = set(bucket_objects(s3, settings))
     assert left == {"hist/x/index.json", "hist/x/o2", "hist/x/o3", "hist/x/o4", "hist/x/o5"}
+
+
+def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer deletes what its new index no longer names as soon as that index is in the
+    bucket, so a reader may find gone an object the index it read names (the LSN index, a
+    partial segment: replaced each round). It reads the index again and goes on from there,
+    in an attach and in an extraction's downloads; an object gone while the index still names
+    it is refused as damage, naming it."""
+    monkeypatch.setattr("pageserver.remote.uploader.WAL_REFRESH", 0.1)  # a round for WAL alone
+    store = make_node(tmp_path / "pagestore")
+    partial = store.wal_dir / "000000010000000000000001.partial"
+    up = uploader(settings, store)
+    up.start()
+    client = s3.client()
+
+    def named(path: str) -> str:
+        raw = client.get_object(Bucket=settings.bucket, Key="hist/pitr/area/index.json")
+        return decode_index(raw["Body"].read(), "index").objects[path].key
+
+    def listed() -> set[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket)
+        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+    def next_round(n: int) -> None:
+        """The writer's next round: a longer partial segment, a new LSN index sample; done
+        once its deletions are."""
+        old = {p: named(p) for p in (f"lsn_index/{INDEX_FILE}", "wal/" + partial.name)}
+        partial.write_bytes(b"p" * (300 + 100 * n))
+        lsn_index = LsnIndex(store.history.root / "lsn_index" / "aa", SEG)
+        lsn_index.add_boundary(0x200 + n)
+        lsn_index.flush()
+        up.poke()
+        wait_for(lambda: all(named(p) != key for p, key in old.items()))
+        wait_for(lambda: not {f"hist/pitr/area/{k}" for k in old.values()} & listed())
+
+    try:
+        assert up.wait_uploaded(0x200, 20)
+        mirror = MirrorArea(settings, "area", tmp_path / "mirror" / "pagestore")
+        read_index = mirror._read_index
+        reads: list[int] = []
+
+        async def read_then_a_round() -> tuple[bytes, object]:
+            found = await read_index()
+            reads.append(len(reads))
+            if len(reads) == 1:  # the writer's round between the index and its objects
+                next_round(1)
+            return found
+
+        monkeypatch.setattr(mirror, "_read_index", read_then_a_round)
+        index = mirror.refresh()
+        assert len(reads) == 2
+        assert index.objects[f"lsn_index/{INDEX_FILE}"].key == named(f"lsn_index/{INDEX_FILE}")
+        kept, ours = (
+            root / "lsn_index" / "aa" / INDEX_FILE for root in (mirror.root, store.history.root)
+        )
+        assert kept.read_bytes() == ours.read_bytes()
+
+        # An extraction reading the partial segment the index read last names, replaced since.
+        next_round(2)
+        lsn = SEG + 450
+        assert mirror.prepare(lsn) > 0 and len(reads) == 3
+        assert mirror.wal_reader()(SEG, lsn) == b"p" * 450
+
+        # Rewritten under every read: given up, saying so.
+        monkeypatch.setattr("pageserver.remote.mirror.REREADS", 2)
+        rounds = iter(range(4, 10))
+
+        async def always_a_round() -> tuple[bytes, object]:
+            found = await read_index()
+            next_round(next(rounds))
+            return found
+
+        monkeypatch.setattr(mirror, "_read_index", always_a_round)
+        next_round(3)  # an index the mirror has not read yet
+        with pytest.raises(Unavailable, match=r"rewritten during each of 2 reads"):
+            mirror.refresh()
+    finally:
+        up.stop()
+
+    # Gone while the index still names it: damage, named.
+    key = f"hist/pitr/area/{named(f'lsn_index/{INDEX_FILE}')}"
+    client.delete_object(Bucket=settings.bucket, Key=key)
+    fresh = MirrorArea(settings, "area", tmp_path / "fresh" / "pagestore")
+    with pytest.raises(CorruptData, match=rf"{key}: no such object, though the index .* names"):
+        fresh.refresh()
