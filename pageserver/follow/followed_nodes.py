@@ -7,11 +7,11 @@ a 0600 file; they are never returned by listing calls.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from durable_files import write_file_durably
 from proto.errors import InvalidArgument, NotFound
 
 
@@ -76,13 +76,11 @@ class FollowedNodes:
                 raise InvalidArgument(f"{path} is corrupt ({exc}); fix or remove it") from None
 
     def _save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump([asdict(n) for n in self._nodes.values()], f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        # Its rename made durable too (the directory fsynced): a node's `paused` mark lost to
+        # a power cut would have a restarted pageserver connect to whoever took the stopped
+        # node's port, with the node's password.
+        records = [asdict(n) for n in self._nodes.values()]
+        write_file_durably(self.path, json.dumps(records).encode())
 
     def add(self, node: FollowedNode) -> None:
         self._nodes[node.node_id] = node
