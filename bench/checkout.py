@@ -2,7 +2,7 @@
 in place (cli/checkout_delta.py), against a full extraction and pg_basebackup, one run.
 
     .venv/bin/python -m bench.checkout [--scale 70] [--newcomer-scale 30] [--changed-pct 1]
-                                       [--pgbench-seconds 30] [--py-spy DIR]
+                                       [--pgbench-seconds 30] [--repeat 3] [--py-spy DIR]
 
 Everything through the real `neon` CLI on a private NEON_HOME, on two nodes, because issue 10
 asks for two sizes: the newcomer's path on a `pgbench -i -s 30` node, and the 1% checkout on
@@ -20,12 +20,14 @@ The 1% checkout (node pgdata2, --scale):
 5. About --changed-pct of the database's pages changed: one row updated on every Nth page
    of pgbench_accounts (N from the page counts), the new versions go elsewhere (fillfactor
    100) and the primary key gets one entry each; `snapshot diff --stat` counts the pages.
-6. `neon pg checkout pgdata2@base`, timed (stop, HEAD snapshot, delta, apply, start); the
-   directory's inode shows it was patched in place.
+6. `neon pg checkout pgdata2@base`, timed (stop, HEAD snapshot, delta, apply, start), then
+   the same change made again and checked out again, --repeat times in all (the first right
+   after the load, as a user would; the others at a steadier state): the median is the
+   figure, each run is printed; the directory's inode shows it was patched in place.
 7. References in the same run: a full extraction of `pgdata2@base` (the tar streamed from
-   the pageserver and unpacked, as a full rebuild's download: no start), and the same
-   checkout with the full rebuild (the same change made again, the hint mark removed so the
-   CLI falls back: what `pg checkout` did before).
+   the pageserver and unpacked, as a full rebuild's download: no start), --repeat times
+   (the median the reference), and the same checkout with the full rebuild (the same change
+   made again, the hint mark removed so the CLI falls back: what `pg checkout` did before).
 
 `--py-spy DIR` samples the pageserver daemon (by PID) and the CLI during the snapshot create
 after the load and each in-place checkout (bench/pyspy.py) and prints where their time went.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -222,20 +225,32 @@ def one_percent(args: argparse.Namespace, neon: NeonCli, scratch: Path) -> dict[
 
     say(f"changing ~{args.changed_pct}% of the pages")
     sql = change_pages(c, args.changed_pct)
-    say("pg checkout pgdata2@base (in place)")
     inode = datadir(neon, "pgdata2").stat().st_ino
-    fast = neon_step(neon, args.py_spy, "checkout", "pg", "checkout", "pgdata2@base")
-    r["checkout_s"] = fast.wall
-    r["checkout_cli_rss_mib"] = fast.max_rss_mib
+    walls: list[float] = []
+    for i in range(args.repeat):
+        if i:
+            psql(c, sql)  # the same change again, from the snapshot the checkout went back to
+        say(f"pg checkout pgdata2@base (in place, {i + 1} of {args.repeat})")
+        profile = args.py_spy if i == 0 else None
+        fast = neon_step(neon, profile, "checkout", "pg", "checkout", "pgdata2@base")
+        walls.append(fast.wall)
+        r["checkout_cli_rss_mib"] = max(r.get("checkout_cli_rss_mib", 0.0), fast.max_rss_mib)
+        if i == 0:
+            changed = diff_pages(neon, "pgdata2@base", "pgdata2@HEAD{0}")
+    r["checkout_runs_s"] = walls
+    r["checkout_s"] = statistics.median(walls)
     r["in_place"] = datadir(neon, "pgdata2").stat().st_ino == inode
-    changed = diff_pages(neon, "pgdata2@base", "pgdata2@HEAD{0}")
     r["pages_changed"] = changed
     r["pages_changed_pct"] = 100 * changed / max(1, int(r["big_db_mib"] * 128))
     mark_rss(neon, r, "1% checkout")
 
-    say("full extraction of pgdata2@base")
-    r["extraction_s"] = full_extraction(neon, "pgdata2@base", scratch / "full")
-    shutil.rmtree(scratch / "full")
+    extractions = []
+    for i in range(args.repeat):
+        say(f"full extraction of pgdata2@base ({i + 1} of {args.repeat})")
+        extractions.append(full_extraction(neon, "pgdata2@base", scratch / "full"))
+        shutil.rmtree(scratch / "full")
+    r["extraction_runs_s"] = extractions
+    r["extraction_s"] = statistics.median(extractions)
     mark_rss(neon, r, "full extraction")
 
     say("the same change, then pg checkout with a full rebuild")
@@ -294,6 +309,9 @@ def report(r: dict[str, Any]) -> None:
         ["pg_basebackup -X stream", pgbb, pgbb / ext, 1.0, "-"],
     ]  # fmt: skip
     print_table(["what", "seconds", "x extraction", "x pg_basebackup", "CLI peak RSS MiB"], rows)
+    runs = ", ".join(f"{t:.3f}" for t in r["checkout_runs_s"])
+    refs = ", ".join(f"{t:.3f}" for t in r["extraction_runs_s"])
+    print(f"1% checkout runs (s): {runs} (median above); full extractions (s): {refs}")
     print(f"pageserver peak RSS (VmHWM, ingest included): {r['pageserver_peak_rss_mib']:.0f} MiB")
     steps = ", ".join(f"{s} {v:.0f}" for s, v in r["pageserver_hwm_after_mib"].items())
     print(f"  its peak so far after each step (MiB): {steps}")
@@ -325,8 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--newcomer-scale", type=int, default=30)
     parser.add_argument("--changed-pct", type=float, default=1.0)
     parser.add_argument("--pgbench-seconds", type=int, default=30)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="the 1%% checkout (the same change made again each time) and the full "
+        "extraction, each timed this many times: their medians make the ratio",
+    )
     parser.add_argument("--py-spy", type=Path, metavar="DIR", help="sample with py-spy into DIR")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     home = neon_home()

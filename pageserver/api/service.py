@@ -950,9 +950,15 @@ class Pageserver:
     def remote_attach(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Know an s3 storage and attach the PITR areas of its bucket read-only. Blocking."""
         parsed = RemoteSettings.from_wire(settings)
-        for name in self.remote.attach(parsed):
+        failed: dict[str, NeonError] = {}
+        for name in self.remote.attach(parsed, failed):
             mirror = self.remote.mirrors[name]
             self._reload_mirror(mirror)
+        if failed:  # the others are attached: said after them
+            said = "; ".join(f"PITR area {name!r}: {exc}" for name, exc in failed.items())
+            raise type(next(iter(failed.values())))(
+                f"{said} (not attached; the storage's other areas are)"
+            )
         return self._usage_of(parsed.storage)
 
     def remote_detach(self, storage: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from durable_files import write_file_durably
+from durable_files import temp_path, write_file_durably
 from proto.errors import InvalidArgument, NotFound
 
 
@@ -68,6 +68,9 @@ class FollowedNodes:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._nodes: dict[str, FollowedNode] = {}
+        # A temporary a crash left holds passwords: gone (".tmp": written so before).
+        for left in (path.with_name(path.name + ".tmp"), temp_path(path)):
+            left.unlink(missing_ok=True)
         if path.exists():
             try:
                 raw = json.loads(path.read_text())

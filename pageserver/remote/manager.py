@@ -29,7 +29,7 @@ from pageserver.remote.mirror import MirrorArea
 from pageserver.remote.objects import open_bucket
 from pageserver.remote.settings import RemoteSettings
 from pageserver.remote.uploader import AreaUploader, UploadStatus, area_prefix
-from proto.errors import NotFound
+from proto.errors import NeonError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,15 @@ class RemoteHistories:
 
     # --- attached areas --------------------------------------------------------------------
 
-    def attach(self, settings: RemoteSettings) -> list[str]:
+    def attach(
+        self, settings: RemoteSettings, failed: dict[str, NeonError] | None = None
+    ) -> list[str]:
         """Know the storage; attach, read-only, every PITR area of the bucket this pageserver
         does not write itself and has not attached yet (one LIST of the areas, then one GET of
-        each new area's index): called again, it finds the areas created since."""
+        each new area's index): called again, it finds the areas created since. An area that
+        cannot be read (damaged, unreachable, rewritten under every read) is not attached and
+        its files here are removed; with `failed`, it is said there (name -> error) and the
+        others are attached, else its error is raised."""
         self.remember_storage(settings)
 
         async def areas() -> list[str]:
@@ -180,8 +185,15 @@ class RemoteHistories:
             )
             try:
                 mirror.refresh()
-            except NotFound:
-                continue  # an area whose first index is not uploaded yet
+            except NeonError as exc:
+                # Half laid out, it would come back as attached at the next start.
+                shutil.rmtree(mirror.root.parent, ignore_errors=True)
+                if isinstance(exc, NotFound):
+                    continue  # an area whose first index is not uploaded yet
+                if failed is None:
+                    raise
+                failed[name] = exc
+                continue
             self.mirrors[name] = mirror
             attached.append(name)
         return attached

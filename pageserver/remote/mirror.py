@@ -180,8 +180,15 @@ class MirrorArea:
         return {p.name for p in directory.iterdir() if parse_layer_name(p.name) is not None}
 
     def _lay_out(self, index: RemoteIndex) -> None:
+        """The history's files as `index` says, its LSN index downloaded first: a download
+        that fails (gone since: the writer's next round) leaves the files as they were."""
         root = self.root
         state = NodeState(**index.node_state)
+        lsn_index = index.objects.get(f"lsn_index/{INDEX_FILE}")
+        target = root / "lsn_index" / state.timeline_id / INDEX_FILE
+        body = None
+        if lsn_index is not None and not _same_bytes(target, lsn_index):
+            body = asyncio.run(self._fetch({f"lsn_index/{INDEX_FILE}": lsn_index}))
         _write(root / "nodes" / f"{index.node_id}.json", json.dumps(asdict(state)).encode())
         area = PitrArea(**index.area)
         _write(root / "pitr.json", json.dumps([asdict(area)], indent=1).encode())
@@ -192,12 +199,9 @@ class MirrorArea:
                 snapshots.setdefault(local["name"], local)
         records = [asdict(Snapshot(**s)) for s in snapshots.values()]
         _write(path, json.dumps(records, indent=1).encode())
-        for timeline_id, body in index.timelines.items():
-            self._write_manifest(index, timeline_id, body, self._local_layers(timeline_id))
-        lsn_index = index.objects.get(f"lsn_index/{INDEX_FILE}")
-        target = root / "lsn_index" / state.timeline_id / INDEX_FILE
-        if lsn_index is not None and not _same_bytes(target, lsn_index):
-            body = asyncio.run(self._fetch({f"lsn_index/{INDEX_FILE}": lsn_index}))
+        for timeline_id, timeline in index.timelines.items():
+            self._write_manifest(index, timeline_id, timeline, self._local_layers(timeline_id))
+        if body is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             _write(target, next(iter(body.values())))
 
@@ -245,7 +249,12 @@ class MirrorArea:
         timeline_id: str | None = timeline or index.timeline_id
         at, low = lsn, lsn if since is None else since
         while timeline_id is not None:
-            body = index.timelines[timeline_id]
+            body = index.timelines.get(timeline_id)
+            if body is None:  # the writer's node left it (a checkout), or gc removed it
+                raise NotFound(
+                    f"timeline {timeline_id} is no longer in the index of PITR area "
+                    f"{self.name!r} in {self.settings.url}"
+                )
             names = list(_layer_names(body).values())
             needed, read_ancestor = layers_for_read(names, at, low)
             for name in needed:

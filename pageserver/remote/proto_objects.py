@@ -19,13 +19,13 @@ compute: a conditional put (`if_match`) is checked by the remote pageserver unde
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 from pageserver.remote.object_service import FENCE_PROBE, etag
-from pageserver.remote.objects import ObjectStore, PreconditionFailed
+from pageserver.remote.objects import NoSuchObject, ObjectStore, PreconditionFailed
 from pageserver.remote.settings import RemoteSettings
 from proto.client import ProtoClient, tls_context
 from proto.errors import (
@@ -143,15 +143,20 @@ class ProtoObjectStore(ObjectStore):
         return None if body is None else (body, etag(body))
 
     async def get(self, key: str) -> bytes:
-        async with self._connection() as client, client.download("blob.get", key=key) as download:
-            return await download.read()
+        with _missing_object():
+            async with (
+                self._connection() as client,
+                client.download("blob.get", key=key) as download,
+            ):
+                return await download.read()
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        async with (
-            self._connection() as client,
-            client.download("blob.get", key=key, offset=start, length=end - start) as download,
-        ):
-            data = await download.read()
+        with _missing_object():
+            async with (
+                self._connection() as client,
+                client.download("blob.get", key=key, offset=start, length=end - start) as d,
+            ):
+                data = await d.read()
         if len(data) > end - start:  # a pageserver that sends whole objects only
             raise ProtocolError(f"{PEER} answered a ranged blob.get with the whole object")
         return data
@@ -180,3 +185,17 @@ class ProtoObjectStore(ObjectStore):
             return await self.get(key)
         except NotFound:
             return None
+
+
+@contextlib.contextmanager
+def _missing_object() -> Iterator[None]:
+    """A blob.get the remote pageserver answers NotFound is of a key it does not hold
+    (pageserver/remote/object_service.py): the same NoSuchObject as an S3 bucket's NoSuchKey,
+    which a reader of an area its writer is rewriting takes as "read the index again"
+    (pageserver/remote/mirror.py)."""
+    try:
+        yield
+    except NoSuchObject:
+        raise
+    except NotFound as exc:
+        raise NoSuchObject(exc.message) from None

@@ -38,3 +38,14 @@ def test_each_change_is_durable_rename_included_and_private(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.json"]  # no temporary left
     nodes.remove("n1")
     assert len(synced) == 3 and not FollowedNodes(path).all()
+
+
+def test_a_temporary_a_crash_left_is_removed(tmp_path: Path) -> None:
+    """A temporary copy a crash left (it holds the nodes' passwords) is removed when the file
+    is next opened; the file itself is read."""
+    path = tmp_path / "nodes.json"
+    FollowedNodes(path).add(FollowedNode("n1", "127.0.0.1", 5432, "neon", "secret"))
+    for left in ("nodes.json.tmp", "nodes.json" + durable_files.TEMP_SUFFIX):
+        (tmp_path / left).write_text("[]")
+    assert [n.node_id for n in FollowedNodes(path).all()] == ["n1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.json"]

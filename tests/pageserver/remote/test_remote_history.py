@@ -609,3 +609,41 @@ def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
     fresh = MirrorArea(settings, "area", tmp_path / "fresh" / "pagestore")
     with pytest.raises(CorruptData, match=rf"{key}: no such object, though the index .* names"):
         fresh.refresh()
+
+
+def test_an_area_that_cannot_be_read_is_not_attached_and_the_others_are(
+    s3: MotoS3, settings: RemoteSettings, tmp_path: Path
+) -> None:
+    """One damaged area of a bucket (an object its index names is gone) is not attached and
+    leaves nothing behind (it would come back as attached at the next start); the bucket's
+    other areas are; the error names the area, and the service says it after attaching them."""
+    store = make_node(tmp_path / "pagestore")
+    area = asdict(store.history.pitr.get("area"))
+    for name in ("good", "bad"):
+        up = AreaUploader(settings, {**area, "name": name}, "pgdata1", lambda: store, "me")
+        up.start()
+        try:
+            assert up.wait_uploaded(0x200, 20)
+        finally:
+            up.stop()
+    client = s3.client()
+    raw = client.get_object(Bucket=settings.bucket, Key="hist/pitr/bad/index.json")["Body"]
+    key = (
+        f"hist/pitr/bad/{decode_index(raw.read(), 'index').objects[f'lsn_index/{INDEX_FILE}'].key}"
+    )
+    client.delete_object(Bucket=settings.bucket, Key=key)
+
+    (tmp_path / "elsewhere").mkdir()
+    histories = RemoteHistories(tmp_path / "elsewhere")
+    failed: dict[str, object] = {}
+    assert histories.attach(settings, failed) == ["good"]  # type: ignore[arg-type]
+    assert list(failed) == ["bad"] and isinstance(failed["bad"], CorruptData)
+    assert key in str(failed["bad"])
+    assert sorted(histories.mirrors) == ["good"]
+    mirrors = tmp_path / "elsewhere"
+    assert not [p for p in mirrors.rglob("*") if "/bad/" in str(p) or p.name == "bad"]
+    # Without `failed`, the error itself; a restarted pageserver knows only the good area.
+    again = RemoteHistories(tmp_path / "elsewhere")
+    assert sorted(again.mirrors) == ["good"]
+    with pytest.raises(CorruptData, match="names it"):
+        again.attach(settings)
