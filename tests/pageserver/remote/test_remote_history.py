@@ -83,14 +83,19 @@ def make_node(root: Path) -> NodeStore:
     return NodeStore(history, "n1")
 
 
-def uploader(settings: RemoteSettings, store: NodeStore, owner: str = "me") -> AreaUploader:
-    area = asdict(store.history.pitr.get("area"))
+def uploader(
+    settings: RemoteSettings, store: NodeStore, owner: str = "me", name: str = "area"
+) -> AreaUploader:
+    """The uploader of the node's area, under `name` in the bucket."""
+    area = {**asdict(store.history.pitr.get("area")), "name": name}
     return AreaUploader(settings, area, "pgdata1", lambda: store, owner, parallel=3)
 
 
-def upload_round(settings: RemoteSettings, store: NodeStore, owner: str = "me") -> None:
+def upload_round(
+    settings: RemoteSettings, store: NodeStore, owner: str = "me", name: str = "area"
+) -> None:
     """Run an uploader until the node's history up to 0x200 is in the bucket, then stop it."""
-    up = uploader(settings, store, owner)
+    up = uploader(settings, store, owner, name)
     up.start()
     try:
         assert up.wait_uploaded(0x200, 20)
@@ -421,21 +426,11 @@ def test_attaching_again_finds_the_areas_created_since(
     s3: MotoS3, settings: RemoteSettings, tmp_path: Path
 ) -> None:
     store = make_node(tmp_path / "pagestore")
-    area = asdict(store.history.pitr.get("area"))
-
-    def upload(name: str) -> None:
-        up = AreaUploader(settings, {**area, "name": name}, "pgdata1", lambda: store, "me")
-        up.start()
-        try:
-            assert up.wait_uploaded(0x200, 20)
-        finally:
-            up.stop()
-
-    upload("area")
+    upload_round(settings, store)
     (tmp_path / "elsewhere").mkdir()
     histories = RemoteHistories(tmp_path / "elsewhere")
     assert histories.attach(settings) == ["area"]
-    upload("later")
+    upload_round(settings, store, name="later")
     # Called again (snapshot list -s S): one LIST; only the new area is read and attached.
     assert histories.attach(settings) == ["later"]
     assert sorted(histories.mirrors) == ["area", "later"]
@@ -618,14 +613,8 @@ def test_an_area_that_cannot_be_read_is_not_attached_and_the_others_are(
     leaves nothing behind (it would come back as attached at the next start); the bucket's
     other areas are; the error names the area, and the service says it after attaching them."""
     store = make_node(tmp_path / "pagestore")
-    area = asdict(store.history.pitr.get("area"))
     for name in ("good", "bad"):
-        up = AreaUploader(settings, {**area, "name": name}, "pgdata1", lambda: store, "me")
-        up.start()
-        try:
-            assert up.wait_uploaded(0x200, 20)
-        finally:
-            up.stop()
+        upload_round(settings, store, name=name)
     client = s3.client()
     raw = client.get_object(Bucket=settings.bucket, Key="hist/pitr/bad/index.json")["Body"]
     key = (
