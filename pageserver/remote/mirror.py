@@ -161,8 +161,8 @@ class MirrorArea:
             except NoSuchObject as exc:
                 read, gone = True, exc
         raise Unavailable(
-            f"PITR area {self.name!r} in {self.settings.url} was rewritten during each of "
-            f"{REREADS} reads ({gone}); try again"
+            f"PITR area {self.name!r} in {self.settings.url} was rewritten while it was read, "
+            f"{REREADS} times in a row ({gone}); try again"
         )
 
     async def _read_index(self) -> tuple[bytes, RemoteIndex]:

@@ -593,7 +593,7 @@ def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
 
         monkeypatch.setattr(mirror, "_read_index", always_a_round)
         next_round(3)  # an index the mirror has not read yet
-        with pytest.raises(Unavailable, match=r"rewritten during each of 2 reads"):
+        with pytest.raises(Unavailable, match=r"rewritten while it was read, 2 times in a row"):
             mirror.refresh()
     finally:
         up.stop()
