@@ -13,6 +13,7 @@ mode, before its first start, so the slot retains every WAL byte it writes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
@@ -53,10 +54,33 @@ def remove_download_leftovers(target: Path) -> list[Path]:
     ]
     for path in found:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
         else:
             path.unlink(missing_ok=True)
     return found
+
+
+_RACING = (errno.ENOTEMPTY, errno.ENOENT)
+"""What a removal meets in a tree still being written: a file made after its directory was
+listed, or one gone before it was reached."""
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a leftover tree, again while a writer adds to it: the daemon writes a download
+    into its directory through a descriptor (pageserver/api/local_files.py), and for a command
+    killed by SIGKILL it stops only at its next MiB once it sees its peer gone, so the next
+    command's recovery could remove the tree under it and a file made meanwhile left the
+    directory behind. Retried for at most _STOP_WAIT seconds while that is all that fails;
+    any other failure leaves the rest as it is."""
+    deadline = time.monotonic() + _STOP_WAIT
+    failures: list[BaseException] = []
+    while True:
+        failures.clear()
+        shutil.rmtree(path, onerror=lambda _f, _p, info: failures.append(info[1]))
+        racing = all(isinstance(e, OSError) and e.errno in _RACING for e in failures)
+        if not os.path.lexists(path) or not racing or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 def download_basebackup(
