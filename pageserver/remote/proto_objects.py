@@ -19,7 +19,7 @@ compute: a conditional put (`if_match`) is checked by the remote pageserver unde
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from pageserver.remote.object_service import FENCE_PROBE, etag
 from pageserver.remote.objects import NoSuchObject, ObjectStore, PreconditionFailed
 from pageserver.remote.settings import RemoteSettings
-from proto.client import ProtoClient, tls_context
+from proto.client import Download, ProtoClient, tls_context
 from proto.errors import (
     AlreadyExists,
     Conflict,
@@ -143,23 +143,32 @@ class ProtoObjectStore(ObjectStore):
         return None if body is None else (body, etag(body))
 
     async def get(self, key: str) -> bytes:
-        with _missing_object():
-            async with (
-                self._connection() as client,
-                client.download("blob.get", key=key) as download,
-            ):
-                return await download.read()
+        async with self._blob(key) as download:
+            return await download.read()
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        with _missing_object():
-            async with (
-                self._connection() as client,
-                client.download("blob.get", key=key, offset=start, length=end - start) as d,
-            ):
-                data = await d.read()
+        async with self._blob(key, offset=start, length=end - start) as download:
+            data = await download.read()
         if len(data) > end - start:  # a pageserver that sends whole objects only
             raise ProtocolError(f"{PEER} answered a ranged blob.get with the whole object")
         return data
+
+    @asynccontextmanager
+    async def _blob(self, key: str, **span: int) -> AsyncIterator[Download]:
+        """A blob.get's download (of `span`: offset, length). A key the remote pageserver
+        does not hold (its NotFound: pageserver/remote/object_service.py) is the same
+        NoSuchObject as an S3 bucket's NoSuchKey, which a reader of an area its writer is
+        rewriting takes as "read the index again" (pageserver/remote/mirror.py)."""
+        try:
+            async with (
+                self._connection() as client,
+                client.download("blob.get", key=key, **span) as download,
+            ):
+                yield download
+        except NoSuchObject:
+            raise
+        except NotFound as exc:
+            raise NoSuchObject(exc.message) from None
 
     async def size(self, key: str) -> int | None:
         found = await self._call("blob.size", key=key)
@@ -185,17 +194,3 @@ class ProtoObjectStore(ObjectStore):
             return await self.get(key)
         except NotFound:
             return None
-
-
-@contextlib.contextmanager
-def _missing_object() -> Iterator[None]:
-    """A blob.get the remote pageserver answers NotFound is of a key it does not hold
-    (pageserver/remote/object_service.py): the same NoSuchObject as an S3 bucket's NoSuchKey,
-    which a reader of an area its writer is rewriting takes as "read the index again"
-    (pageserver/remote/mirror.py)."""
-    try:
-        yield
-    except NoSuchObject:
-        raise
-    except NotFound as exc:
-        raise NoSuchObject(exc.message) from None
