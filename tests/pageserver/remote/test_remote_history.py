@@ -32,7 +32,7 @@ from pageserver.storage.layers.evicted import EVICTED_SUFFIX, EvictedLayer
 from pageserver.storage.manifest import read_manifest
 from pageserver.storage.settings import StoreSettings
 from pageserver.storage.values import Image, WalDelta
-from proto.errors import Conflict, CorruptData, Unavailable
+from proto.errors import Conflict, CorruptData, NeonError, Unavailable
 from tests.s3d import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, moto_s3
 
 SMALL = StoreSettings(
@@ -103,13 +103,24 @@ def upload_round(
         up.stop()
 
 
+def bucket_keys(s3: MotoS3, settings: RemoteSettings) -> set[str]:
+    """The keys the bucket lists (no object read: one deleted meanwhile is no error)."""
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=settings.bucket)
+    return {entry["Key"] for page in pages for entry in page.get("Contents", [])}
+
+
 def bucket_objects(s3: MotoS3, settings: RemoteSettings) -> dict[str, bytes]:
     client = s3.client()
-    out = {}
-    for entry in client.list_objects_v2(Bucket=settings.bucket).get("Contents", []):
-        key = entry["Key"]
-        out[key] = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
-    return out
+    return {
+        key: client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        for key in sorted(bucket_keys(s3, settings))
+    }
+
+
+def named_key(s3: MotoS3, settings: RemoteSettings, area: str, path: str) -> str:
+    """The bucket key of the object the area's index names for `path` now."""
+    raw = s3.client().get_object(Bucket=settings.bucket, Key=f"hist/pitr/{area}/{INDEX_NAME}")
+    return f"hist/pitr/{area}/{decode_index(raw['Body'].read(), 'index').objects[path].key}"
 
 
 def assert_index_consistent(s3: MotoS3, settings: RemoteSettings) -> dict[str, bytes]:
@@ -532,15 +543,9 @@ def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
     partial = store.wal_dir / "000000010000000000000001.partial"
     up = uploader(settings, store)
     up.start()
-    client = s3.client()
 
     def named(path: str) -> str:
-        raw = client.get_object(Bucket=settings.bucket, Key="hist/pitr/area/index.json")
-        return decode_index(raw["Body"].read(), "index").objects[path].key
-
-    def listed() -> set[str]:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket)
-        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+        return named_key(s3, settings, "area", path)
 
     def next_round(n: int) -> None:
         """The writer's next round: a longer partial segment, a new LSN index sample; done
@@ -552,7 +557,7 @@ def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
         lsn_index.flush()
         up.poke()
         wait_for(lambda: all(named(p) != key for p, key in old.items()))
-        wait_for(lambda: not {f"hist/pitr/area/{k}" for k in old.values()} & listed())
+        wait_for(lambda: not set(old.values()) & bucket_keys(s3, settings))
 
     try:
         assert up.wait_uploaded(0x200, 20)
@@ -570,7 +575,8 @@ def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
         monkeypatch.setattr(mirror, "_read_index", read_then_a_round)
         index = mirror.refresh()
         assert len(reads) == 2
-        assert index.objects[f"lsn_index/{INDEX_FILE}"].key == named(f"lsn_index/{INDEX_FILE}")
+        key = f"hist/pitr/area/{index.objects[f'lsn_index/{INDEX_FILE}'].key}"
+        assert key == named(f"lsn_index/{INDEX_FILE}")
         kept, ours = (
             root / "lsn_index" / "aa" / INDEX_FILE for root in (mirror.root, store.history.root)
         )
@@ -599,8 +605,8 @@ def test_a_reader_of_a_live_area_follows_the_writer_across_its_rounds(
         up.stop()
 
     # Gone while the index still names it: damage, named.
-    key = f"hist/pitr/area/{named(f'lsn_index/{INDEX_FILE}')}"
-    client.delete_object(Bucket=settings.bucket, Key=key)
+    key = named(f"lsn_index/{INDEX_FILE}")
+    s3.client().delete_object(Bucket=settings.bucket, Key=key)
     fresh = MirrorArea(settings, "area", tmp_path / "fresh" / "pagestore")
     with pytest.raises(CorruptData, match=rf"{key}: no such object, though the index .* names"):
         fresh.refresh()
@@ -615,17 +621,13 @@ def test_an_area_that_cannot_be_read_is_not_attached_and_the_others_are(
     store = make_node(tmp_path / "pagestore")
     for name in ("good", "bad"):
         upload_round(settings, store, name=name)
-    client = s3.client()
-    raw = client.get_object(Bucket=settings.bucket, Key="hist/pitr/bad/index.json")["Body"]
-    key = (
-        f"hist/pitr/bad/{decode_index(raw.read(), 'index').objects[f'lsn_index/{INDEX_FILE}'].key}"
-    )
-    client.delete_object(Bucket=settings.bucket, Key=key)
+    key = named_key(s3, settings, "bad", f"lsn_index/{INDEX_FILE}")
+    s3.client().delete_object(Bucket=settings.bucket, Key=key)
 
     (tmp_path / "elsewhere").mkdir()
     histories = RemoteHistories(tmp_path / "elsewhere")
-    failed: dict[str, object] = {}
-    assert histories.attach(settings, failed) == ["good"]  # type: ignore[arg-type]
+    failed: dict[str, NeonError] = {}
+    assert histories.attach(settings, failed) == ["good"]
     assert list(failed) == ["bad"] and isinstance(failed["bad"], CorruptData)
     assert key in str(failed["bad"])
     assert sorted(histories.mirrors) == ["good"]
