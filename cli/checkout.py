@@ -40,7 +40,7 @@ from typing import Any
 from cli import checkout_files, nodes, postmaster
 from cli.context import App
 from cli.extract import download_basebackup, remove_download_leftovers
-from cli.hints_mark import write_mark
+from cli.hints_mark import hints_logged_from, write_mark
 from cli.pageserver_control import local_api
 from cli.pg_files import read_pg_file, write_pg_file
 from cli.registry import NodeRow
@@ -50,6 +50,7 @@ from pageserver.api.own_thread import start_own_thread
 from pageserver.history.snapshots import head_tag, split_snapshot_name
 from pageserver_api.models import (
     NodeBranchRequest,
+    NodeWalTailRequest,
     SnapshotCreateRequest,
     SnapshotShowRequest,
     TimelineInfo,
@@ -92,13 +93,16 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     finish_pending(app, node)
     echo(f"Stopping postgres on {node.pgdata}.")
     ahead = _import_ahead()
+    at_once = _may_stop_at_once(node)
     try:
-        stopping = nodes.begin_stop(app, node, "fast")
+        stopping = nodes.begin_stop(app, node, "immediate" if at_once else "fast", at_once)
         try:
-            # Asked while PostgreSQL writes its shutdown checkpoint: only this command's
-            # branch (it holds the node's lock) changes the node's timeline and checkouts.
+            # Asked while PostgreSQL stops: only this command's branch (it holds the node's
+            # lock) changes the node's timeline and checkouts.
             info = _current_timeline(app, node)
-            if stopping is not None:
+            if stopping is not None and at_once:
+                nodes.wait_stopped(app, node, stopping)  # its WAL is read next
+            elif stopping is not None:
                 nodes.wait_shut_down(app, node, stopping)
         except BaseException:
             if stopping is not None:
@@ -107,7 +111,9 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     finally:
         ahead.join()
     with contextlib.closing(stopping) if stopping is not None else contextlib.nullcontext():
-        _checkout_stopped(app, node, snapshot, info, stopping, wait_seconds, echo)
+        _checkout_stopped(
+            app, node, snapshot, info, stopping, wait_seconds, echo, at_once and bool(stopping)
+        )
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
 
@@ -120,12 +126,22 @@ def _checkout_stopped(
     stopping: postmaster.Stopping | None,
     wait_seconds: float,
     echo: Callable[[str], None],
+    stopped_at_once: bool = False,
 ) -> None:
-    """The checkout once the node has written its shutdown checkpoint (`info`: its timeline,
-    `stopping`: its postmaster, maybe still exiting, waited for before the directory
-    changes; `wait_seconds`: how long the pageserver may take to decode that checkpoint)."""
+    """The checkout once the node has written its shutdown checkpoint, or has exited where
+    it was `stopped_at_once` (`info`: its timeline, `stopping`: its postmaster, maybe still
+    exiting, waited for before the directory changes; `wait_seconds`: how long the
+    pageserver may take to decode the node's last WAL)."""
+    crash_end = None
     try:
-        reached = nodes.wait_for_shutdown_checkpoint(app, node, wait_seconds)
+        if stopped_at_once:
+            tail = local_api(app).node_take_wal_tail(
+                NodeWalTailRequest(node.id, str(node.datadir / "pg_wal"), wait_seconds)
+            )
+            reached: bool | None = tail.reached
+            crash_end = tail.end_lsn
+        else:
+            reached = nodes.wait_for_shutdown_checkpoint(app, node, wait_seconds)
     except NeonError as exc:  # the pageserver died meanwhile, its ingest stopped on an error
         exc.message = f"{exc.message}; nothing was changed: {_start_again(app, node, stopping)}"
         raise
@@ -139,22 +155,23 @@ def _checkout_stopped(
     with contextlib.suppress(AlreadyExists):
         head_lsn = local_api(app).snapshot_create(SnapshotCreateRequest(node.id, head)).lsn
     _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head})
-    for left in _roll_forward(app, node, info, head_lsn, stopping):
+    for left in _roll_forward(app, node, info, head_lsn, stopping, crash_end):
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
 
 
 def _refuse_short_head(
     app: App, node: NodeRow, stopping: postmaster.Stopping | None, wait_seconds: float
 ) -> None:
-    """The pageserver has not decoded the node's shutdown checkpoint (its receiver stalled,
-    or never connected before the node went down): HEAD{i} named now would leave the node's
-    last writes out, and once the node is on the new timeline nothing streams them any more.
-    Nothing has changed yet: the node is started again (its slot kept that WAL, which then
-    streams) and the checkout refused."""
+    """The pageserver has not decoded the node's last WAL (its shutdown checkpoint, or the
+    tail it took from a node stopped at once: its receiver stalled, or never connected
+    before the node went down, its ingest is behind): HEAD{i} named now would leave the
+    node's last writes out, and once the node is on the new timeline nothing streams them
+    any more. Nothing has changed yet: the node is started again (its slot kept that WAL,
+    which then streams) and the checkout refused."""
     started = _start_again(app, node, stopping)
     raise Unavailable(
-        f"the pageserver has not received the last WAL of {node.pgdata} (its shutdown "
-        f"checkpoint) within {wait_seconds:g} s, so {node.pgdata}@HEAD "
+        f"the pageserver has not received the last WAL of {node.pgdata} "
+        f"within {wait_seconds:g} s, so {node.pgdata}@HEAD "
         f"would miss its last writes; nothing was changed: {started}; check "
         f"out again once `neon pg show {node.pgdata}` shows its WAL ingested"
     )
@@ -170,6 +187,20 @@ def _start_again(app: App, node: NodeRow, stopping: postmaster.Stopping | None) 
     except NeonError as exc:
         return f"postgres on {node.pgdata} could not be started again ({exc})"
     return f"postgres on {node.pgdata} was started again"
+
+
+def _may_stop_at_once(node: NodeRow) -> bool:
+    """Whether the checkout stops the node at once (immediate: no shutdown checkpoint, its
+    last WAL taken from pg_wal by the pageserver: pageserver/follow/wal_tail.py) rather
+    than fast: where the in-place checkout takes the crashed directory (hints WAL-logged,
+    no tablespace links: cli/checkout_delta.py `_eligible`). The shutdown checkpoint writes
+    and fsyncs every page the node dirtied, pages the delta rewrites anyway (a third of a
+    1% checkout's stop, bench/README), and its WAL waits behind what the receiver has not
+    streamed yet. A directory only a full rebuild takes keeps the fast stop."""
+    spaces = node.datadir / "pg_tblspc"
+    if spaces.is_dir() and any(spaces.iterdir()):
+        return False
+    return hints_logged_from(node.datadir) is not None
 
 
 def _import_ahead() -> threading.Thread:
@@ -194,11 +225,13 @@ def _roll_forward(
     current: TimelineInfo | None = None,
     head_lsn: int | None = None,
     stopping: postmaster.Stopping | None = None,
+    crash_end: int | None = None,
 ) -> list[Path]:
     """Redo the journal's checkout from wherever it stopped. `current`: the node's timeline
     as the caller read it after writing the journal, `head_lsn`: the LSN of the journal's
     HEAD where the caller just made it (else each is asked for), `stopping`: the caller's
-    stop of the node, its postmaster maybe still exiting.
+    stop of the node, its postmaster maybe still exiting, `crash_end`: where the caller
+    stopped it at once, the end of its valid WAL the history was brought to.
 
     The branch (the daemon writes what the node ingested on the timeline it leaves, then the
     new timeline and the node's state: 45-60 ms of a 1% checkout) runs on a thread while the
@@ -228,7 +261,7 @@ def _roll_forward(
             branched = branching.result if branching is not None else (lambda: None)
             in_place = _marker(new) != journal and checkout_delta.roll_forward(
                 app, node, entry.get("head"), lambda datadir: _mark(datadir, journal),
-                head_lsn, target, branched,
+                head_lsn, target, branched, crash_end,
             )  # fmt: skip
         except BaseException:
             if branching is not None:  # ended before the command does; its error is second

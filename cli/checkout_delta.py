@@ -66,7 +66,7 @@ from pageserver.follow.followed_nodes import slot_name
 from pageserver_api.client import BasebackupDownload, PageserverClient
 from pageserver_api.models import BasebackupRequest, SnapshotShowRequest
 from pg15.catalogs import parse_relmap
-from pg15.pg_control import DB_SHUTDOWNED, read_control_file
+from pg15.pg_control import DB_IN_PRODUCTION, DB_SHUTDOWNED, read_control_file
 from proto.errors import CorruptData, InvalidArgument, NotFound
 
 AUTHID_RELATION_ID = 1260
@@ -103,6 +103,7 @@ def roll_forward(
     head_lsn: int | None = None,
     target: tuple[str, int] | None = None,
     branched: Callable[[], None] = lambda: None,
+    crash_end: int | None = None,
 ) -> bool:
     """Bring the stopped directory to the node's branch point in place and `seal` it; False
     when no delta applies (the caller rebuilds it whole, which a half-patched directory
@@ -110,20 +111,22 @@ def roll_forward(
     it is asked for). `target`: (snapshot, PostgreSQL timeline) of a branch point still being
     made: the delta is asked of that snapshot, and `branched` (waiting for the branch, raising
     its error) is called once the delta is in, before anything else (refused, the delta is
-    asked again of the branch point once `branched` returned)."""
+    asked again of the branch point once `branched` returned). `crash_end`: the caller
+    stopped the node at once and brought its history to the end of its valid WAL there
+    (`_eligible`)."""
     applying, applied = applying_file(node), applied_file(node)
     roles_kept = False  # after a killed run: what it changed is not known
     if not applied.exists():
         again = applying.exists()  # a killed run applied some of it, maybe not durably
         result = None
         if head is not None:
-            result = _stream_apply(app, node, head, again, head_lsn, target)
+            result = _stream_apply(app, node, head, again, head_lsn, target, crash_end)
             if result is None and target is not None:
                 # Refused before its first byte (a target held in a bucket, which the branch
                 # adopts; or any refusal, which the branch point's delta repeats): asked again
                 # of the node's branch point, once made.
                 branched()
-                result = _stream_apply(app, node, head, again, head_lsn)
+                result = _stream_apply(app, node, head, again, head_lsn, None, crash_end)
         if result is None:
             return False
         roles_kept = result
@@ -155,23 +158,43 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _eligible(datadir: Path) -> tuple[int, int] | None:
-    """(hint mark, end of the shutdown checkpoint) if the directory may take a delta: shut
-    down cleanly (else its pages may hold WAL the pageserver never received), no tablespace
-    links (the node's tablespaces are placed by a full rebuild: cli/tablespace_restore.py)."""
+def _eligible(datadir: Path, crash_end: int | None = None) -> tuple[int, int] | None:
+    """(hint mark, end of the node's WAL) if the directory may take a delta: no tablespace
+    links (the node's tablespaces are placed by a full rebuild: cli/tablespace_restore.py),
+    and either shut down cleanly (the end: its shutdown checkpoint) or stopped at once by
+    this command, which brought the history to the end of the node's valid WAL (`crash_end`,
+    cli/checkout.py); else its pages may hold WAL the pageserver never received.
+
+    A directory stopped at once holds what its last completed checkpoint wrote and fsynced,
+    and, of any page WAL changed after that checkpoint's redo pointer R, some version at
+    least as old as the node's last (its dirty buffers were lost): a page WAL changed before
+    R was dirty when that checkpoint began and written by it (BufferSync,
+    src/backend/storage/buffer/bufmgr.c: the very guarantee crash recovery redoes from R
+    on), and a hint after R WAL-logs the page (see pageserver/basebackup/checkout_delta.py).
+    The delta rewrites every page WAL changed since the redo pointer of the last checkpoint
+    at or before the histories' common point, which is at or before R: every page that may
+    differ from the history at the WAL's end is written with the target's content, and the
+    non-page files (SLRUs, pg_control, two-phase state) are written whole, as after a clean
+    stop. No page on disk is newer than that end: a page is written only after the WAL up to
+    its LSN is flushed (the WAL-before-data rule, bufmgr.c FlushBuffer), and flushed WAL is
+    valid WAL."""
     spaces = datadir / "pg_tblspc"
     if spaces.is_dir() and any(spaces.iterdir()):
         return None
     control = read_control_file(datadir)
     mark = hints_logged_from(datadir)
-    if control.state != DB_SHUTDOWNED or mark is None:
+    if mark is None:
         return None
-    return mark, control.checkpoint_lsn + SHUTDOWN_CHECKPOINT_LEN
+    if control.state == DB_SHUTDOWNED:
+        return mark, control.checkpoint_lsn + SHUTDOWN_CHECKPOINT_LEN
+    if crash_end is not None and control.state == DB_IN_PRODUCTION:
+        return mark, crash_end
+    return None
 
 
 def _stream_apply(
     app: App, node: NodeRow, head: str, again: bool, head_lsn: int | None = None,
-    target: tuple[str, int] | None = None,
+    target: tuple[str, int] | None = None, crash_end: int | None = None,
 ) -> bool | None:  # fmt: skip
     """Apply the delta from `head` (the state the directory holds) to the node's branch
     point; None, the directory untouched, where none is right (see `_eligible`; HEAD short
@@ -184,7 +207,7 @@ def _stream_apply(
         if mark is None:
             return None
     else:
-        eligible = _eligible(node.datadir)
+        eligible = _eligible(node.datadir, crash_end)
         if eligible is None:
             return None
         mark, shut_down_at = eligible

@@ -496,13 +496,16 @@ def stop_node(app: App, node: NodeRow, mode: str = "fast") -> bool:
     return True
 
 
-def begin_stop(app: App, node: NodeRow, mode: str = "fast") -> postmaster.Stopping | None:
+def begin_stop(
+    app: App, node: NodeRow, mode: str = "fast", wal_tail: bool = False
+) -> postmaster.Stopping | None:
     """A stop's first half: the following paused, the postmaster signalled; the stop in
     progress (None if the node was not running), waited for with `wait_stopped` (or
-    `wait_shut_down` first) and closed by the caller."""
+    `wait_shut_down` first) and closed by the caller. `wal_tail`: the caller has the
+    pageserver take the node's last WAL from its pg_wal once it has exited."""
     refuse_attached(node, "stop")
     _require_ready(node)
-    pause_following(app, node)
+    pause_following(app, node, wal_tail)
     try:
         return postmaster.signal_stop(node.datadir, mode)
     except BaseException:
@@ -548,12 +551,13 @@ def _follow_if_running(app: App, node: NodeRow) -> None:
             register_with_pageserver(app, node)
 
 
-def pause_following(app: App, node: NodeRow) -> None:
-    """Tell a running pageserver the node is stopping: it takes the node's last WAL, then
-    connects no more until `pg start` registers the node again, so whoever takes the node's
-    port meanwhile hears nothing from it."""
+def pause_following(app: App, node: NodeRow, wal_tail: bool = False) -> None:
+    """Tell a running pageserver the node is stopping: it takes the node's last WAL (from
+    its pg_wal once it is stopped, with `wal_tail`: cli/checkout.py), then connects no more
+    until `pg start` registers the node again, so whoever takes the node's port meanwhile
+    hears nothing from it."""
     with contextlib.suppress(Unavailable, NotFound):
-        local_api(app, start=False).node_pause(NodePauseRequest(node.id))
+        local_api(app, start=False).node_pause(NodePauseRequest(node.id, wal_tail=wal_tail))
 
 
 SHUTDOWN_CHECKPOINT_WAIT = 30.0

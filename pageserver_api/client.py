@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         NodeStatus,
         NodeUnregisterRequest,
         NodeWaitDecodedRequest,
+        NodeWalTailRequest,
         PageGetRequest,
         PageResponse,
         PitrAreaInfo,
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
         TimelineInfo,
         TimelineInfoRequest,
         WaitDecodedResponse,
+        WalTailResponse,
     )
 
 T = TypeVar("T")
@@ -109,6 +111,9 @@ class PageserverClient:
 
     async def node_wait_decoded(self, request: NodeWaitDecodedRequest) -> WaitDecodedResponse:
         return await self._call(request, m.WaitDecodedResponse)
+
+    async def node_take_wal_tail(self, request: NodeWalTailRequest) -> WalTailResponse:
+        return await self._call(request, m.WalTailResponse)
 
     async def node_import(self, request: NodeImportRequest) -> ImportResponse:
         return await self._call(request, m.ImportResponse)
@@ -257,6 +262,9 @@ class SyncPageserverClient:
 
     def node_wait_decoded(self, request: NodeWaitDecodedRequest) -> WaitDecodedResponse:
         return self.run(lambda c: c.node_wait_decoded(request))
+
+    def node_take_wal_tail(self, request: NodeWalTailRequest) -> WalTailResponse:
+        return self.run(lambda c: c.node_take_wal_tail(request))
 
     def node_import(self, request: NodeImportRequest) -> ImportResponse:
         return self.run(lambda c: c.node_import(request))

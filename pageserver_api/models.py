@@ -289,6 +289,8 @@ _AREAS: dict[str, tuple[str, ...]] = {
         "NodeListRequest",
         "WaitDecodedResponse",
         "NodeWaitDecodedRequest",
+        "WalTailResponse",
+        "NodeWalTailRequest",
         "ImportResponse",
         "NodeImportRequest",
         "TimelineInfo",
@@ -401,6 +403,9 @@ if TYPE_CHECKING:
         NodeWaitDecodedRequest as NodeWaitDecodedRequest,
     )
     from pageserver_api.models_nodes import (
+        NodeWalTailRequest as NodeWalTailRequest,
+    )
+    from pageserver_api.models_nodes import (
         StatusRequest as StatusRequest,
     )
     from pageserver_api.models_nodes import (
@@ -414,6 +419,9 @@ if TYPE_CHECKING:
     )
     from pageserver_api.models_nodes import (
         WaitDecodedResponse as WaitDecodedResponse,
+    )
+    from pageserver_api.models_nodes import (
+        WalTailResponse as WalTailResponse,
     )
     from pageserver_api.models_pitr import (
         GcResult as GcResult,

@@ -134,6 +134,9 @@ class NodePauseRequest(ApiRequest):
     disconnect: bool = False
     """Stop streaming at once instead of after the stream's end: an attached server being
     detached keeps running, so its stream never ends by itself (`neon pg detach`)."""
+    wal_tail: bool = False
+    """The node is stopped at once next and its last WAL taken from its pg_wal
+    (node.take_wal_tail): the stream is ended now, no connection waited for."""
 
 
 @method("node.unregister", NodeStatus)
@@ -182,6 +185,32 @@ class NodeWaitDecodedRequest(ApiRequest):
 
     def __post_init__(self) -> None:
         _check_lsn("lsn", self.lsn)
+        _check_wait(self.wait_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class WalTailResponse(ApiResponse):
+    """The end of the node's valid WAL its history was brought to, and whether that was
+    decoded within the wait."""
+
+    end_lsn: int
+    reached: bool
+
+
+@method("node.take_wal_tail", WalTailResponse)
+@dataclass(frozen=True, slots=True)
+class NodeWalTailRequest(ApiRequest):
+    """The CLI stopped the paused node at once (immediate: no shutdown checkpoint, its
+    walsender killed): take what it did not send from its `pg_wal` directory, up to the end
+    of its valid WAL (pageserver/follow/wal_tail.py), and wait for it to be decoded."""
+
+    node_id: str
+    pg_wal: str
+    wait_timeout: float = DEFAULT_WAIT_SECONDS
+
+    def __post_init__(self) -> None:
+        if not self.pg_wal.startswith("/"):
+            raise InvalidArgument("parameter 'pg_wal' must be an absolute path")
         _check_wait(self.wait_timeout)
 
 

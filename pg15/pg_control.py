@@ -49,6 +49,7 @@ DB_STATES = {
 }
 DB_SHUTDOWNED = 1
 DB_SHUTDOWNED_IN_RECOVERY = 2
+DB_IN_PRODUCTION = 6
 
 
 @dataclass(frozen=True, slots=True)

@@ -207,6 +207,16 @@ class WalReader:
         """Start of a record that is only partly fed (None between records)."""
         return self._rec_lsn if self._rec_lsn >= 0 and not self._skipping_contrecord else None
 
+    def resume_point(self) -> tuple[int, int | None] | None:
+        """(start, prev-link) where a second reader takes the stream up from the same point:
+        the end of the last record returned (where a record being reassembled begins too, or
+        the page holding its start; past XLOG_SWITCH padding) and the prev-link the next
+        record must carry; None while the reader skips the tail of a record begun before its
+        start (no boundary known yet)."""
+        if self._skipping_contrecord:
+            return None
+        return self.last_end_lsn, self._prev_lsn
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append the next bytes of the stream (no parsing happens here)."""
         if self._end is not None or self._error is not None or not data:

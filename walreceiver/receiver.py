@@ -237,6 +237,10 @@ class WalReceiver:
             await self._close_archive()
 
     async def _close_archive(self) -> None:
+        """Close the archive, then give up its lock: a supervised receiver reports that it
+        ended after this, and the pageserver may write the archive from then on (a stopped
+        node's WAL tail, pageserver/follow/wal_tail.py), without waiting for the process's
+        exit."""
         if self.archive is not None:
             archive, self.archive = self.archive, None
             with contextlib.suppress(Exception):
@@ -244,6 +248,9 @@ class WalReceiver:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- one connection -------------------------------------------------------------------
 

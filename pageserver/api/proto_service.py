@@ -168,7 +168,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def node_pause(ctx: RequestContext, req: m.NodePauseRequest) -> m.NodeStatus:
         if req.disconnect:
             return m.NodeStatus(**await ps.disconnect_node(req.node_id))
-        return m.NodeStatus(**await ps.pause_node(req.node_id))
+        return m.NodeStatus(**await ps.pause_node(req.node_id, req.wal_tail))
 
     async def node_list(ctx: RequestContext, req: m.NodeListRequest) -> m.NodeListResponse:
         return m.NodeListResponse(_node_statuses(ps.node_statuses()))
@@ -179,6 +179,12 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         follower = ps.follower(req.node_id)
         reached = await follower.wait_decoded(req.lsn, req.wait_timeout)
         return m.WaitDecodedResponse(reached, m.NodeStatus(**follower.status()))
+
+    async def node_take_wal_tail(
+        ctx: RequestContext, req: m.NodeWalTailRequest
+    ) -> m.WalTailResponse:
+        end, reached = await ps.follower(req.node_id).take_tail(Path(req.pg_wal), req.wait_timeout)
+        return m.WalTailResponse(end, reached)
 
     async def node_import(ctx: RequestContext, req: m.NodeImportRequest) -> m.ImportResponse:
         lsn = await ps.import_node(req.node_id, Path(req.datadir), req.at_lsn)
@@ -439,6 +445,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
         m.NodePauseRequest: node_pause,
         m.NodeListRequest: node_list,
         m.NodeWaitDecodedRequest: node_wait_decoded,
+        m.NodeWalTailRequest: node_take_wal_tail,
         m.NodeImportRequest: node_import,
         m.TimelineInfoRequest: timeline_info,
         m.PageGetRequest: page_get,
@@ -488,7 +495,7 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
 
 
 FOREGROUND_REQUESTS: frozenset[type[m.ApiRequest]] = frozenset({
-    m.NodeWaitDecodedRequest, m.SnapshotCreateRequest, m.NodeBranchRequest,
+    m.NodeWaitDecodedRequest, m.NodeWalTailRequest, m.SnapshotCreateRequest, m.NodeBranchRequest,
     m.BasebackupRequest, m.PageGetRequest, m.PitrExtractRequest, m.SnapshotShowRequest,
 })  # fmt: skip
 """Requests a user waits for: compaction pauses while they run and shortly after (FOREGROUND).

@@ -263,16 +263,17 @@ class Pageserver:
         self.stores.pop(node.node_id, None)
         return self._follow(node).status()
 
-    async def pause_node(self, node_id: str) -> dict[str, Any]:
+    async def pause_node(self, node_id: str, wal_tail: bool = False) -> dict[str, Any]:
         """The node is being stopped: take its last WAL, then connect no more until it is
         registered again (`pg start`); kept across pageserver restarts. Answers once the
-        stream that takes that WAL is open (NodeFollower.pause)."""
+        stream that takes that WAL is open (NodeFollower.pause), or, where that WAL is
+        taken from the node's pg_wal (`wal_tail`), once the stream is told to end."""
         node = replace(self.nodes.get(node_id), paused=True)
         self.nodes.add(node)
         follower = self.followers.get(node_id)
         if follower is None:
             return node.public()
-        await follower.pause()
+        await follower.pause(wal_tail)
         return follower.status()
 
     async def disconnect_node(self, node_id: str) -> dict[str, Any]:

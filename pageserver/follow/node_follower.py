@@ -15,24 +15,29 @@ meanwhile hears nothing from us) until `resume()`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import itertools
 import logging
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pageserver.api.metrics import Metrics
 from pageserver.follow.followed_nodes import FollowedNode
 from pageserver.follow.receiver_process import ReceiverProcess
+from pageserver.follow.wal_tail import append_tail, locked_archive, pg_wal_bytes, valid_end
 from pageserver.history.node_store import NodeStore
 from pageserver.redo import REDO_BY_RMGR
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord, decode_record, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
 from proto.aio import wait_event
-from proto.errors import CorruptData, NeonError, Unavailable
+from proto.errors import Conflict, CorruptData, InvalidArgument, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import ConnParams, ReceiverState, WalChunk
 from walreceiver.replication import connect
@@ -48,6 +53,17 @@ PAUSE_CONNECT_WAIT = 15.0
 """Seconds a pause waits for a receiver being started to connect (NodeFollower.pause)."""
 # Errors the operator fixes (free space, remount read-write): ingest waits and retries then.
 STALL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+RECEIVER_EXIT_POLL = 0.002
+"""How often `take_tail` looks whether the receiver process has given up the archive (a
+few ms after it is told to end)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _TailJob:
+    """`take_tail`'s work for the decode thread, which owns the reader it starts from."""
+
+    pg_wal: Path
+    result: concurrent.futures.Future[int]
 
 
 class NodeFollower:
@@ -111,6 +127,7 @@ class NodeFollower:
         self._cond = threading.Condition()
         self._durable: tuple[int, int] = (0, 0)
         self._stream_start: int | None = None
+        self._tail_job: _TailJob | None = None
         self._stopping = False
         self._closed = False
         """Set by stop(): the streaming task ends at its next turn, cancelled or not."""
@@ -201,16 +218,22 @@ class NodeFollower:
         cls = CorruptData if self.decode_error is not None else Unavailable
         raise cls(f"node {self.node.node_id}: WAL ingest {self.ingest_state}: {error}")
 
-    async def pause(self) -> None:
+    async def pause(self, wal_tail: bool = False) -> None:
         """Connect no more until resume(): a stream in progress runs to its end (a node that
         is shutting down sends its last WAL first), then the receiver process exits. Returns
         once a receiver that was starting or connecting has connected (or failed to, or
         PAUSE_CONNECT_WAIT passed): the caller stops the node next, and a server shutting down
         takes no new replication connection, so its last WAL (the shutdown checkpoint a
-        checkout waits for) would reach the pageserver only at its next start."""
+        checkout waits for) would reach the pageserver only at its next start. With
+        `wal_tail` the node's last WAL is taken from its pg_wal instead (`take_tail`): the
+        receiver is ended now (a new one still connecting after a checkout's start took a
+        checkout right after it 80-120 ms)."""
         self.node = replace(self.node, paused=True)
         self._active.clear()
         self.receiver.finish_stream()
+        if wal_tail:
+            self.receiver.stop_streaming()
+            return
         await self.receiver.wait_connected(PAUSE_CONNECT_WAIT)
 
     def resume(self) -> None:
@@ -260,21 +283,29 @@ class NodeFollower:
         with self._cond:
             if self._stream_start is None:
                 self._stream_start = lsn  # where the first receiver began (or resumed)
-            old = self._durable[1]
-            # After a timeline switch the new timeline's segment fills from its start; until
-            # it passes what the old one had, the old files are the ones to read.
-            if lsn <= old:
-                return
-            if self._receive_stalled_at is None or lsn >= self._receive_stalled_at:
-                self.receive_error = None  # WAL flows again
-                self._receive_stalled_at = None
-            self._durable = (timeline, lsn)
-            self._cond.notify_all()
+            old = self._durable_to(timeline, lsn)
+        if old is None:
+            return
         self.stream_ended = False
         if old:
             self.metrics.inc(
                 "pageserver_wal_received_bytes_total", lsn - old, node=self.node.node_id
             )
+
+    def _durable_to(self, timeline: int, lsn: int) -> int | None:
+        """Under `_cond`: the archive is durable up to `lsn` on `timeline`, for the decoder
+        to read; the end it had before, None if `lsn` is not past it (after a timeline
+        switch the new timeline's segment fills from its start; until it passes what the
+        old one had, the old files are the ones to read)."""
+        old = self._durable[1]
+        if lsn <= old:
+            return None
+        if self._receive_stalled_at is None or lsn >= self._receive_stalled_at:
+            self.receive_error = None  # WAL flows again
+            self._receive_stalled_at = None
+        self._durable = (timeline, lsn)
+        self._cond.notify_all()
+        return old
 
     def _note_receiver_error(self, receiver: ReceiverProcess) -> None:
         """A receiver that reports a failure stalls ingest from that report on, not from
@@ -304,14 +335,19 @@ class NodeFollower:
             log.exception("node %s: image points not recalled", self.node.node_id)
         while True:
             with self._cond:
-                while not self._stopping and self._nothing_to_read(pos):
+                while not self._stopping and self._nothing_to_read(pos) and not self._tail_due(pos):
                     self._cond.wait()
+                job = self._due_tail_job(pos)
                 if self._stopping:
                     return
                 timeline, end = self._durable
-                if pos is None:
+                if job is None and pos is None:
                     pos = self._stream_start  # no page history: decode what streams from now
                     continue
+            if job is not None or pos is None:  # pos is None only beside a job
+                if job is not None:
+                    self._run_tail_job(job, pos, prev)
+                continue
             try:
                 if archive is None:
                     archive = WalArchive(self.store.wal_dir, self._segment_size())
@@ -329,6 +365,95 @@ class NodeFollower:
             if loop is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._progress.set)
+
+    def _tail_due(self, pos: int | None) -> bool:
+        """A tail job waits and the decoder has read all that is durable (or never will)."""
+        if self._tail_job is None:
+            return False
+        return self.decode_error is not None or pos is None or pos >= self._durable[1]
+
+    def _due_tail_job(self, pos: int | None) -> _TailJob | None:
+        """The tail job to run now (called under `_cond`); one left at a stop fails."""
+        job = self._tail_job
+        if job is None or not (self._stopping or self._tail_due(pos)):
+            return None
+        self._tail_job = None
+        if self._stopping:
+            job.result.set_exception(Unavailable("the pageserver is stopping"))
+            return None
+        return job
+
+    def _run_tail_job(self, job: _TailJob, pos: int | None, prev: int | None) -> None:
+        """On the decode thread: the node's WAL tail into the archive (pageserver/follow/
+        wal_tail.py), from where this thread's reader stands (`pos`, `prev`: where decoding
+        starts, before a reader exists); the job's result is the end of the node's last
+        valid record."""
+        try:
+            if self.decode_error is not None:
+                raise CorruptData(f"node {self.node.node_id}: {self.decode_error}")
+            if pos is None:
+                raise Unavailable(f"node {self.node.node_id} has no page history yet")
+            point = self.reader.resume_point() if self.reader is not None else (pos, prev)
+            if point is None:
+                raise Unavailable(
+                    f"node {self.node.node_id}: decoding has not reached a record boundary"
+                )
+            end = self._append_tail(job.pg_wal, *point)
+        except BaseException as exc:
+            job.result.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            job.result.set_result(end)
+
+    def _append_tail(self, pg_wal: Path, start: int, prev: int | None) -> int:
+        """Scan the archive from `start` (a record boundary), then `pg_wal` from the archive's
+        end, to the end of the node's valid WAL; append what the archive lacks of it and let
+        the decoder read it. Returns that end (else the end of the last record decoded)."""
+        segment_size = self._segment_size()
+        with locked_archive(self.store.wal_dir, segment_size) as archive:
+            resumed = archive.resume()
+            if resumed is None:  # a checkout's new timeline, its receiver never connected
+                timeline, archived = self.timeline, start - start % segment_size
+                if not timeline:
+                    raise Unavailable(f"node {self.node.node_id}: its WAL timeline is unknown")
+            else:
+                timeline, archived = resumed
+            reader = WalReader(
+                start, segment_size, timeline, archive.system_identifier(), prev_lsn=prev
+            )
+            cut = max(start, archived)
+            end = valid_end(
+                reader,
+                itertools.chain(
+                    self._archived_bytes(archive, start, cut, timeline),
+                    pg_wal_bytes(pg_wal, timeline, segment_size, cut),
+                ),
+            )
+            if end is None or end <= archived:
+                ingested, _durable = self.ingested_positions()
+                return max(end or 0, self._decoded_lsn, ingested or 0)
+            append_tail(archive, pg_wal, timeline, archived, end)
+        log.info(
+            "node %s: WAL %s..%s taken from %s",
+            self.node.node_id,
+            format_lsn(archived),
+            format_lsn(end),
+            pg_wal,
+        )
+        with self._cond:
+            self._durable_to(timeline, end)
+        return end
+
+    def _archived_bytes(
+        self, archive: WalArchive, start: int, stop: int, timeline: int
+    ) -> Iterator[tuple[int, bytes]]:
+        lsn = start
+        while lsn < stop:
+            length = min(stop - lsn, archive.segment_size - lsn % archive.segment_size)
+            _tli, data = self._read_archived(archive, lsn, min(length, READ_CHUNK), timeline)
+            yield lsn, data
+            lsn += len(data)
 
     def _nothing_to_read(self, pos: int | None) -> bool:
         if self.decode_error is not None:
@@ -497,6 +622,45 @@ class NodeFollower:
     def decoded_lsn(self) -> int:
         """End of the last record decoded (0 before any)."""
         return self._decoded_lsn
+
+    async def take_tail(self, pg_wal: Path, timeout: float) -> tuple[int, bool]:
+        """After the CLI stopped the paused node at once (no shutdown checkpoint, its
+        walsender killed): bring its history to the end of the valid WAL in its `pg_wal`
+        (pageserver/follow/wal_tail.py) and wait up to `timeout` seconds for it to be
+        decoded. Returns (that end, whether it was decoded in time); (0, False) when the
+        receiver process does not give up the archive in time (stopped, hung)."""
+        if not self.node.paused:
+            raise InvalidArgument(
+                f"node {self.node.node_id} is followed: its WAL tail is taken only once the "
+                "CLI has stopped it"
+            )
+        if self._decoder is None:
+            raise Unavailable(f"node {self.node.node_id} is not being followed")
+        if self.decode_error is not None or self.stall_error is not None:
+            self.check_ingesting()  # a receiver's error is no matter: it is not needed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.receiver.stop_streaming()
+        while not self.receiver.archive_released:
+            if loop.time() >= deadline:
+                log.warning(
+                    "node %s: its walreceiver still writes the archive after %g s: its WAL "
+                    "tail is not taken",
+                    self.node.node_id,
+                    timeout,
+                )
+                return 0, False
+            await asyncio.sleep(RECEIVER_EXIT_POLL)
+        job = _TailJob(pg_wal, concurrent.futures.Future())
+        with self._cond:
+            if self._tail_job is not None:
+                raise Conflict(f"node {self.node.node_id}: its WAL tail is being taken already")
+            self._tail_job = job
+            self._cond.notify_all()
+        end = await asyncio.wrap_future(job.result)
+        reached = await self.wait_decoded(end - 1, max(0.0, deadline - loop.time()))
+
+        return end, reached
 
     async def wait_decoded(self, lsn: int, timeout: float) -> bool:
         """Wait until the record that starts at `lsn` has been decoded (by this follower, or

@@ -212,6 +212,21 @@ class ReceiverProcess:
         if proc is not None and self._ready:
             self._signal_finish(proc)
 
+    def stop_streaming(self) -> None:
+        """End the child now (SIGTERM: it closes the archive and reports it ended): its
+        server is gone, and what it had not written yet is taken from the server's pg_wal
+        (NodeFollower.take_tail) faster than the child would drain it from its socket."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+
+    @property
+    def archive_released(self) -> bool:
+        """No child writes the archive: none runs, or the one running reported that it ended
+        (after closing the archive and giving up its lock: walreceiver/receiver.py)."""
+        return self._proc is None or self.end_reason is not None
+
     @staticmethod
     def _signal_finish(proc: asyncio.subprocess.Process) -> None:
         if proc.returncode is None:

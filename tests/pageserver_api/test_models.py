@@ -46,6 +46,7 @@ REQUESTS: list[m.ApiRequest] = [
     m.NodeUnregisterRequest("primary1"),
     m.NodeListRequest(),
     m.NodeWaitDecodedRequest("primary1", 0x3000028, wait_timeout=5.0),
+    m.NodeWalTailRequest("primary1", "/srv/neon/pgdata1/pg_wal", wait_timeout=5.0),
     m.NodeImportRequest("primary1", "/data/pgdata1"),
     m.TimelineInfoRequest("primary1"),
     m.PageGetRequest("primary1", 1663, 5, 16384, 7, fork="vm", lsn=0x3000028),
@@ -94,6 +95,7 @@ RESPONSES: list[m.ApiResponse] = [
     FOLLOWED,
     m.NodeListResponse([FOLLOWED, NODE]),
     m.WaitDecodedResponse(True, FOLLOWED),
+    m.WalTailResponse(0x3000028, True),
     m.ImportResponse(0x3000028, "0/3000028"),
     m.TimelineInfo("primary1", False),
     m.TimelineInfo(
@@ -299,6 +301,7 @@ def test_bad_response_is_a_protocol_error_naming_the_field() -> None:
         (m.BasebackupRequest, {"pg_timeline": 0}, "'pg_timeline' must be a positive"),
         (m.NodeRegisterRequest, {"port": 0}, "'port' must be a TCP port"),
         (m.NodeWaitDecodedRequest, {"lsn": -5}, "'lsn' must be a non-negative"),
+        (m.NodeWalTailRequest, {"pg_wal": "pg_wal"}, "'pg_wal' must be an absolute path"),
         (m.PitrExtractRequest, {"time": "yesterday"}, "invalid time 'yesterday'"),
         (m.PitrExtractRequest, {"lsn": 5, "time": "2026-01-01T00:00:00Z"}, "exactly one of"),
     ],

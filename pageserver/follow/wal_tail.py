@@ -1,0 +1,145 @@
+"""A stopped node's WAL tail: what its walsender had not sent, taken from its own pg_wal.
+
+`pg checkout` stops the node at once (an immediate shutdown: every process quits, no
+shutdown checkpoint, its walsender too), which saves the checkpoint's writes and fsyncs of
+every dirty page, pages the checkout's delta rewrites anyway (cli/checkout_delta.py). What the
+node last wrote is then in its pg_wal only: the walsender sends WAL once it is flushed and
+was killed with the rest. Stock PostgreSQL, started on that directory, would replay its WAL to
+the end of the valid WAL: recovery stops at the first record that fails validation (a page
+header with the wrong address, a zero or impossible length, a wrong prev-link, a CRC that
+does not match: xlogreader.c XLogReadRecord, "invalid record length", "incorrect resource
+manager data checksum", ... end the redo loop of xlogrecovery.c PerformWalRecovery without an
+error). The node's state is that of its last valid record, so the history is brought there:
+
+1. a reader takes the stream up where the follower's decoder stands (the start of the record
+   it reassembles, or of the next one: `WalReader.resume_point`), fed the archive's bytes up
+   to its durable end, then the node's segment files from there, and finds the end of the
+   last whole valid record (`valid_end`);
+2. the bytes from the archive's end to there are appended to the archive (under the
+   receiver's lock, fsynced, its clean-close mark written: a later receiver resumes exactly
+   there), and only then decoded, as streamed WAL is: the layers never hold a record the
+   archive does not.
+
+The bytes past that end are never taken, so the node's own crash recovery (a failed checkout
+starts it again) continues the archive exactly where it ends: PostgreSQL writes its next WAL
+from the end of the last valid record (or, after a record whose continuation is missing, at
+the page where it should have gone, with XLP_FIRST_IS_OVERWRITE_CONTRECORD: xlog.c
+StartupXLOG), bytes the receiver then streams from there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pg15.lsn import format_lsn, segment_file_name
+from pg15.xlog_reader import WalCorrupt, WalReader
+from proto.errors import Unavailable
+from walreceiver.archive import WalArchive
+from walreceiver.receiver import LOCK_FILE
+
+LOCK_WAIT = 5.0
+LOCK_POLL = 0.002
+"""The archive's lock is free once its receiver reported its end (it gives the lock up
+before): waited for a little, should the report have raced the release."""
+READ_CHUNK = 1 << 20
+"""Bytes of a segment file read (and scanned) at a time: the scan stops at the end of the
+valid WAL, usually in the first MiB of the tail."""
+
+
+def pg_wal_bytes(
+    pg_wal: Path, timeline: int, segment_size: int, start: int, end: int | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """(lsn, bytes) of `timeline`'s WAL from `start` (up to `end`, if given) in the segment
+    files of the directory `pg_wal`, until a file is missing or short. Regular files only,
+    never through a link (the directory is PostgreSQL's account's)."""
+    lsn = start
+    while end is None or lsn < end:
+        segno, offset = divmod(lsn, segment_size)
+        path = pg_wal / segment_file_name(timeline, segno, segment_size)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return
+            while offset < segment_size and (end is None or lsn < end):
+                want = min(READ_CHUNK, segment_size - offset)
+                if end is not None:
+                    want = min(want, end - lsn)
+                data = os.pread(fd, want, offset)
+                if not data:
+                    return
+                yield lsn, data
+                lsn += len(data)
+                offset += len(data)
+                if len(data) < want:
+                    return
+        finally:
+            os.close(fd)
+
+
+def valid_end(reader: WalReader, chunks: Iterable[tuple[int, bytes]]) -> int | None:
+    """The end of the last whole valid record `reader` finds in `chunks` (contiguous, from
+    where it stands), None for none: like recovery, the first record that fails validation
+    (`WalCorrupt` included: a torn last record fails its CRC) or the ordinary end of written
+    WAL ends it."""
+    last = None
+    for lsn, data in chunks:
+        if lsn != reader.fed_lsn:
+            raise ValueError(f"chunk at {format_lsn(lsn)} after {format_lsn(reader.fed_lsn)}")
+        reader.feed(data)
+        try:
+            while batch := reader.read_batch():
+                last = batch[-1].end_lsn
+        except WalCorrupt:
+            return last
+        if reader.end_of_wal is not None:
+            return last
+    return last
+
+
+@contextmanager
+def locked_archive(directory: Path, segment_size: int) -> Iterator[WalArchive]:
+    """The node's archive, for writing, under the lock a receiver process holds for its life
+    (walreceiver/receiver.py lock_archive_dir): none may write it meanwhile."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        f"a walreceiver still writes {directory}: the node's WAL tail "
+                        "cannot be added to it now; try again once `neon pg show` says the "
+                        "node is paused"
+                    ) from None
+                time.sleep(LOCK_POLL)
+        yield WalArchive(directory, segment_size)
+    finally:
+        os.close(fd)
+
+
+def append_tail(archive: WalArchive, pg_wal: Path, timeline: int, start: int, end: int) -> None:
+    """Append the node's WAL [start, end) from `pg_wal` to `archive` (whose durable end is
+    `start`), durably, its clean-close mark at `end`."""
+    archive.begin(timeline, start)
+    try:
+        for lsn, data in pg_wal_bytes(pg_wal, timeline, archive.segment_size, start, end):
+            archive.write(lsn, data)
+    finally:
+        archive.close()  # what it wrote is valid WAL the scan read: kept, whatever follows
+    if archive.flushed_lsn != end:
+        raise Unavailable(
+            f"{pg_wal} changed while its WAL was read: it ends at "
+            f"{format_lsn(archive.flushed_lsn)} now, not {format_lsn(end)}"
+        )
