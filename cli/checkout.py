@@ -56,7 +56,7 @@ from pageserver_api.models import (
     TimelineInfo,
     TimelineInfoRequest,
 )
-from proto.errors import AlreadyExists, InvalidArgument, NeonError, Unavailable
+from proto.errors import AlreadyExists, CorruptData, InvalidArgument, NeonError, Unavailable
 
 COMPLETE_MARKER = ".neon-checkout-complete"
 
@@ -111,9 +111,10 @@ def checkout(app: App, node: NodeRow, snapshot: str, echo: Callable[[str], None]
     finally:
         ahead.join()
     with contextlib.closing(stopping) if stopping is not None else contextlib.nullcontext():
-        _checkout_stopped(
-            app, node, snapshot, info, stopping, wait_seconds, echo, at_once and bool(stopping)
-        )
+        # A node found crashed (a checkout killed after it stopped the node at once, or a
+        # crash of its own) has its tail taken too: its last commits are in its pg_wal only.
+        take_tail = (at_once and stopping is not None) or (stopping is None and _crashed(node))
+        _checkout_stopped(app, node, snapshot, info, stopping, wait_seconds, echo, take_tail)
     echo(f"Starting postgres on {node.pgdata}.")
     nodes.start_node(app, node)
 
@@ -126,18 +127,23 @@ def _checkout_stopped(
     stopping: postmaster.Stopping | None,
     wait_seconds: float,
     echo: Callable[[str], None],
-    stopped_at_once: bool = False,
+    take_tail: bool = False,
 ) -> None:
-    """The checkout once the node has written its shutdown checkpoint, or has exited where
-    it was `stopped_at_once` (`info`: its timeline, `stopping`: its postmaster, maybe still
-    exiting, waited for before the directory changes; `wait_seconds`: how long the
-    pageserver may take to decode the node's last WAL)."""
+    """The checkout once the node has written its shutdown checkpoint, or has exited without
+    one (`take_tail`: stopped at once, or crashed; its last WAL is taken from its pg_wal)
+    (`info`: its timeline, `stopping`: its postmaster, maybe still exiting, waited for before
+    the directory changes; `wait_seconds`: how long the pageserver may take to decode the
+    node's last WAL)."""
     crash_end = None
     try:
-        if stopped_at_once:
-            tail = local_api(app).node_take_wal_tail(
-                NodeWalTailRequest(node.id, str(node.datadir / "pg_wal"), wait_seconds)
+        if take_tail:
+            from pg15.pg_control import read_control_file
+
+            timeline = read_control_file(node.datadir).checkpoint.this_timeline
+            request = NodeWalTailRequest(
+                node.id, str(node.datadir / "pg_wal"), timeline, wait_seconds
             )
+            tail = local_api(app).node_take_wal_tail(request)
             reached: bool | None = tail.reached
             crash_end = tail.end_lsn
         else:
@@ -154,7 +160,10 @@ def _checkout_stopped(
     head_lsn = None
     with contextlib.suppress(AlreadyExists):
         head_lsn = local_api(app).snapshot_create(SnapshotCreateRequest(node.id, head)).lsn
-    _write_journal(node, {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head})
+    entry: dict[str, Any] = {"snapshot": snapshot, "old_timeline": info.timeline_id, "head": head}
+    if crash_end is not None:
+        entry["crash_end"] = crash_end  # a killed run's recovery patches it in place too
+    _write_journal(node, entry)
     for left in _roll_forward(app, node, info, head_lsn, stopping, crash_end):
         echo(f"Removed {left}: its tablespace is not in {snapshot} ({head} keeps it).")
 
@@ -203,6 +212,16 @@ def _may_stop_at_once(node: NodeRow) -> bool:
     return hints_logged_from(node.datadir) is not None
 
 
+def _crashed(node: NodeRow) -> bool:
+    """The stopped node's directory is a primary's that did not shut down cleanly."""
+    from pg15.pg_control import DB_IN_PRODUCTION, read_control_file  # crc32c: slow to import
+
+    try:
+        return read_control_file(node.datadir).state == DB_IN_PRODUCTION
+    except (OSError, CorruptData):
+        return False
+
+
 def _import_ahead() -> threading.Thread:
     """Import the in-place checkout's machinery (cli/checkout_delta.py: the applier, the
     delta reader; 50-70 ms of CPU, several times that on a loaded box) on a thread while
@@ -244,6 +263,8 @@ def _roll_forward(
     journal = _journal(node).read_text()
     if _marker(node.datadir) != journal:  # else the swap happened: only the cleanup is left
         entry = json.loads(journal)
+        if crash_end is None:
+            crash_end = entry.get("crash_end")
         if current is None:
             current = _current_timeline(app, node)
         # The branch on a thread of its own; its future's result() waits for it and raises

@@ -273,6 +273,11 @@ def _stream_apply(
     if again:
         fsync_tree(node.datadir)
         return False
+    if crash_end is not None:
+        # What the crashed server wrote since its last checkpoint and never fsynced, in
+        # files the delta found as they should be (as PostgreSQL's crash recovery syncs the
+        # whole directory first: xlog.c SyncDataDirectory).
+        fsync_tree(node.datadir)
     applier.make_durable()
     return _roles_kept(node.datadir, applier)
 

@@ -206,11 +206,15 @@ class NodeWalTailRequest(ApiRequest):
 
     node_id: str
     pg_wal: str
+    timeline: int
+    """The node's timeline, from its pg_control (its segment files' names)."""
     wait_timeout: float = DEFAULT_WAIT_SECONDS
 
     def __post_init__(self) -> None:
         if not self.pg_wal.startswith("/"):
             raise InvalidArgument("parameter 'pg_wal' must be an absolute path")
+        if not 0 < self.timeline < 1 << 32:
+            raise InvalidArgument("parameter 'timeline' must be a PostgreSQL timeline ID")
         _check_wait(self.wait_timeout)
 
 

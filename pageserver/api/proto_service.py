@@ -183,7 +183,8 @@ def build_handlers(ps: Pageserver) -> dict[str, Handler]:
     async def node_take_wal_tail(
         ctx: RequestContext, req: m.NodeWalTailRequest
     ) -> m.WalTailResponse:
-        end, reached = await ps.follower(req.node_id).take_tail(Path(req.pg_wal), req.wait_timeout)
+        follower = ps.follower(req.node_id)
+        end, reached = await follower.take_tail(Path(req.pg_wal), req.timeline, req.wait_timeout)
         return m.WalTailResponse(end, reached)
 
     async def node_import(ctx: RequestContext, req: m.NodeImportRequest) -> m.ImportResponse:

@@ -36,7 +36,7 @@ from pageserver.redo import REDO_BY_RMGR
 from pg15.lsn import format_lsn
 from pg15.records import DecodedRecord, decode_record, decode_records
 from pg15.xlog_reader import RawRecord, WalReader
-from proto.aio import wait_event
+from proto.aio import wait_event, within
 from proto.errors import Conflict, CorruptData, InvalidArgument, NeonError, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import ConnParams, ReceiverState, WalChunk
@@ -63,6 +63,8 @@ class _TailJob:
     """`take_tail`'s work for the decode thread, which owns the reader it starts from."""
 
     pg_wal: Path
+    timeline: int
+    """The node's timeline, from its pg_control: its segment files' names."""
     result: concurrent.futures.Future[int]
 
 
@@ -379,7 +381,8 @@ class NodeFollower:
             return None
         self._tail_job = None
         if self._stopping:
-            job.result.set_exception(Unavailable("the pageserver is stopping"))
+            if job.result.set_running_or_notify_cancel():
+                job.result.set_exception(Unavailable("the pageserver is stopping"))
             return None
         return job
 
@@ -388,6 +391,8 @@ class NodeFollower:
         wal_tail.py), from where this thread's reader stands (`pos`, `prev`: where decoding
         starts, before a reader exists); the job's result is the end of the node's last
         valid record."""
+        if not job.result.set_running_or_notify_cancel():
+            return  # its waiter gave up (take_tail's deadline)
         try:
             if self.decode_error is not None:
                 raise CorruptData(f"node {self.node.node_id}: {self.decode_error}")
@@ -398,7 +403,7 @@ class NodeFollower:
                 raise Unavailable(
                     f"node {self.node.node_id}: decoding has not reached a record boundary"
                 )
-            end = self._append_tail(job.pg_wal, *point)
+            end = self._append_tail(job, *point)
         except BaseException as exc:
             job.result.set_exception(exc)
             if not isinstance(exc, Exception):
@@ -406,19 +411,24 @@ class NodeFollower:
         else:
             job.result.set_result(end)
 
-    def _append_tail(self, pg_wal: Path, start: int, prev: int | None) -> int:
-        """Scan the archive from `start` (a record boundary), then `pg_wal` from the archive's
-        end, to the end of the node's valid WAL; append what the archive lacks of it and let
-        the decoder read it. Returns that end (else the end of the last record decoded)."""
-        segment_size = self._segment_size()
+    def _append_tail(self, job: _TailJob, start: int, prev: int | None) -> int:
+        """Scan the archive from `start` (where the decoder takes the stream up), then the
+        node's pg_wal from the archive's end, to the end of the node's valid WAL; append
+        what the archive lacks of it (durably, with what it held: a receiver ended by
+        SIGTERM may have written more than it reported) and let the decoder read it.
+        Returns that end: the end of the node's last whole record."""
+        segment_size, timeline = self._segment_size(), job.timeline
         with locked_archive(self.store.wal_dir, segment_size) as archive:
             resumed = archive.resume()
             if resumed is None:  # a checkout's new timeline, its receiver never connected
-                timeline, archived = self.timeline, start - start % segment_size
-                if not timeline:
-                    raise Unavailable(f"node {self.node.node_id}: its WAL timeline is unknown")
+                archived = start - start % segment_size
+            elif resumed[0] != timeline:
+                raise CorruptData(
+                    f"node {self.node.node_id}: its WAL archive is on timeline {resumed[0]}, "
+                    f"its pg_control on timeline {timeline}"
+                )
             else:
-                timeline, archived = resumed
+                archived = resumed[1]
             reader = WalReader(
                 start, segment_size, timeline, archive.system_identifier(), prev_lsn=prev
             )
@@ -427,23 +437,22 @@ class NodeFollower:
                 reader,
                 itertools.chain(
                     self._archived_bytes(archive, start, cut, timeline),
-                    pg_wal_bytes(pg_wal, timeline, segment_size, cut),
+                    pg_wal_bytes(job.pg_wal, timeline, segment_size, cut),
                 ),
             )
-            if end is None or end <= archived:
-                ingested, _durable = self.ingested_positions()
-                return max(end or 0, self._decoded_lsn, ingested or 0)
-            append_tail(archive, pg_wal, timeline, archived, end)
-        log.info(
-            "node %s: WAL %s..%s taken from %s",
-            self.node.node_id,
-            format_lsn(archived),
-            format_lsn(end),
-            pg_wal,
-        )
+            durable = max(end or 0, archived)
+            append_tail(archive, job.pg_wal, timeline, archived, durable)
+        if durable > archived:
+            log.info(
+                "node %s: WAL %s..%s taken from %s",
+                self.node.node_id,
+                format_lsn(archived),
+                format_lsn(durable),
+                job.pg_wal,
+            )
         with self._cond:
-            self._durable_to(timeline, end)
-        return end
+            self._durable_to(timeline, durable)
+        return end if end is not None else start
 
     def _archived_bytes(
         self, archive: WalArchive, start: int, stop: int, timeline: int
@@ -623,18 +632,20 @@ class NodeFollower:
         """End of the last record decoded (0 before any)."""
         return self._decoded_lsn
 
-    async def take_tail(self, pg_wal: Path, timeout: float) -> tuple[int, bool]:
+    async def take_tail(self, pg_wal: Path, timeline: int, timeout: float) -> tuple[int, bool]:
         """After the CLI stopped the paused node at once (no shutdown checkpoint, its
         walsender killed): bring its history to the end of the valid WAL in its `pg_wal`
         (pageserver/follow/wal_tail.py) and wait up to `timeout` seconds for it to be
         decoded. Returns (that end, whether it was decoded in time); (0, False) when the
-        receiver process does not give up the archive in time (stopped, hung)."""
+        receiver process does not give up the archive in time (stopped, hung) or the tail
+        is not taken in time (the decoder catching up first). `timeline`: the node's, from
+        its pg_control."""
         if not self.node.paused:
             raise InvalidArgument(
                 f"node {self.node.node_id} is followed: its WAL tail is taken only once the "
                 "CLI has stopped it"
             )
-        if self._decoder is None:
+        if self._decoder is None or not self._decoder.is_alive():
             raise Unavailable(f"node {self.node.node_id} is not being followed")
         if self.decode_error is not None or self.stall_error is not None:
             self.check_ingesting()  # a receiver's error is no matter: it is not needed
@@ -651,15 +662,21 @@ class NodeFollower:
                 )
                 return 0, False
             await asyncio.sleep(RECEIVER_EXIT_POLL)
-        job = _TailJob(pg_wal, concurrent.futures.Future())
+        job = _TailJob(pg_wal, timeline, concurrent.futures.Future())
         with self._cond:
             if self._tail_job is not None:
                 raise Conflict(f"node {self.node.node_id}: its WAL tail is being taken already")
             self._tail_job = job
             self._cond.notify_all()
-        end = await asyncio.wrap_future(job.result)
+        try:
+            end = await within(asyncio.wrap_future(job.result), deadline - loop.time())
+        except TimeoutError:
+            with self._cond:
+                if self._tail_job is job:
+                    self._tail_job = None  # never begun: the decoder was still catching up
+            log.warning("node %s: its WAL tail not taken in %g s", self.node.node_id, timeout)
+            return 0, False
         reached = await self.wait_decoded(end - 1, max(0.0, deadline - loop.time()))
-
         return end, reached
 
     async def wait_decoded(self, lsn: int, timeout: float) -> bool:

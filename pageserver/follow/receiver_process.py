@@ -72,6 +72,8 @@ class ReceiverProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = False
         self._finishing = False
+        self._terminated: int | None = None
+        """The PID of the child `stop_streaming` signalled."""
 
     @property
     def running(self) -> bool:
@@ -217,7 +219,10 @@ class ReceiverProcess:
         server is gone, and what it had not written yet is taken from the server's pg_wal
         (NodeFollower.take_tail) faster than the child would drain it from its socket."""
         proc = self._proc
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.returncode is None and self._terminated != proc.pid:
+            # Once: a second SIGTERM would cancel its closing of the archive (and it would
+            # report its end before it gave the archive's lock up).
+            self._terminated = proc.pid
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pg15.lsn import format_lsn, segment_file_name
 from pg15.xlog_reader import WalCorrupt, WalReader
-from proto.errors import Unavailable
+from proto.errors import CorruptData, Unavailable
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import LOCK_FILE
 
@@ -53,34 +53,57 @@ valid WAL, usually in the first MiB of the tail."""
 
 
 def pg_wal_bytes(
-    pg_wal: Path, timeline: int, segment_size: int, start: int, end: int | None = None
+    pg_wal: Path,
+    timeline: int,
+    segment_size: int,
+    start: int,
+    end: int | None = None,
+    sync: bool = False,
 ) -> Iterator[tuple[int, bytes]]:
     """(lsn, bytes) of `timeline`'s WAL from `start` (up to `end`, if given) in the segment
-    files of the directory `pg_wal`, until a file is missing or short. Regular files only,
-    never through a link (the directory is PostgreSQL's account's)."""
+    files of the directory `pg_wal`, until the next segment's file does not exist, which is
+    where PostgreSQL's WAL ends too (xlogrecovery.c XLogFileRead: ENOENT only; any other
+    failure is an error there, and here: the WAL read so far would be taken for the end).
+    The segment holding `start` must exist unless `start` begins it. Regular files of a
+    segment's size only, never through a link (the directory is PostgreSQL's account's).
+    `sync`: each file fsynced before its bytes are given (they are made durable elsewhere
+    next: a node that crashed had not flushed all it wrote)."""
     lsn = start
     while end is None or lsn < end:
         segno, offset = divmod(lsn, segment_size)
         path = pg_wal / segment_file_name(timeline, segno, segment_size)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+        except FileNotFoundError:
+            if offset:
+                raise Unavailable(
+                    f"{path} does not exist: the node's WAL from {format_lsn(lsn)} is not "
+                    f"in {pg_wal}"
+                ) from None
             return
+        except OSError as exc:
+            raise Unavailable(f"cannot read {path}: {exc.strerror}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != segment_size:
+                raise CorruptData(
+                    f"{path} is not a WAL segment ({st.st_size} bytes"
+                    f"{'' if stat.S_ISREG(st.st_mode) else ', not a regular file'})"
+                )
+            if sync:
+                os.fsync(fd)
             while offset < segment_size and (end is None or lsn < end):
                 want = min(READ_CHUNK, segment_size - offset)
                 if end is not None:
                     want = min(want, end - lsn)
                 data = os.pread(fd, want, offset)
-                if not data:
-                    return
+                if len(data) != want:
+                    raise CorruptData(f"{path} was cut short while it was read")
                 yield lsn, data
-                lsn += len(data)
-                offset += len(data)
-                if len(data) < want:
-                    return
+                lsn += want
+                offset += want
+        except OSError as exc:
+            raise Unavailable(f"cannot read {path}: {exc.strerror}") from None
         finally:
             os.close(fd)
 
@@ -130,11 +153,13 @@ def locked_archive(directory: Path, segment_size: int) -> Iterator[WalArchive]:
 
 
 def append_tail(archive: WalArchive, pg_wal: Path, timeline: int, start: int, end: int) -> None:
-    """Append the node's WAL [start, end) from `pg_wal` to `archive` (whose durable end is
-    `start`), durably, its clean-close mark at `end`."""
+    """Append the node's WAL [start, end) from `pg_wal` to `archive` (which holds what is
+    before `start`), durably, its clean-close mark at `end` (nothing appended where `end`
+    is `start`: what the archive holds is made durable all the same)."""
     archive.begin(timeline, start)
     try:
-        for lsn, data in pg_wal_bytes(pg_wal, timeline, archive.segment_size, start, end):
+        chunks = pg_wal_bytes(pg_wal, timeline, archive.segment_size, start, end, sync=True)
+        for lsn, data in chunks:
             archive.write(lsn, data)
     finally:
         archive.close()  # what it wrote is valid WAL the scan read: kept, whatever follows

@@ -119,3 +119,26 @@ def test_a_checkout_takes_the_tail_of_a_timeline_no_receiver_streamed(neon: Neon
     assert_same_dumps(node_dumps(c), live, "HEAD{1}: the timeline no receiver streamed")
     psql(c, "INSERT INTO t VALUES (0)")  # followed again: a snapshot waits for it
     neon.run("snapshot", "create", "pgdata1@after")
+
+
+def test_a_checkout_takes_the_tail_of_a_node_found_crashed(neon: NeonCli) -> None:
+    """A node stopped at once whose tail nobody took (a checkout killed right after its
+    stop, here `pg stop -m immediate` with the walsender stopped) is in a crashed state, its
+    last commits in its pg_wal only: the next checkout takes them into HEAD{i} too."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    c = connstr(neon)
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 1000) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    sender = int(psql(c, "SELECT pid FROM pg_stat_replication"))
+    os.kill(sender, signal.SIGSTOP)
+    try:
+        psql(c, "INSERT INTO t SELECT generate_series(1001, 1500)")
+        live = node_dumps(c)
+        neon.run("pg", "stop", "-m", "immediate", "pgdata1", timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sender, signal.SIGCONT)
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert psql(c, "SELECT count(*) FROM t") == "1000"
+    neon.run("pg", "checkout", "pgdata1@HEAD{0}")
+    assert_same_dumps(node_dumps(c), live, "HEAD{0}: the crashed node's last commits")

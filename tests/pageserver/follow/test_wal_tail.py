@@ -16,7 +16,7 @@ from pageserver.follow import wal_tail
 from pageserver.follow.wal_tail import append_tail, locked_archive, pg_wal_bytes, valid_end
 from pg15.lsn import segment_file_name
 from pg15.xlog_reader import WalReader
-from proto.errors import Unavailable
+from proto.errors import CorruptData, Unavailable
 from tests.pg15.test_xlog_reader import SEG, WalWriter, _corrupt, _Stopped, read_all
 from walreceiver.archive import WalArchive
 from walreceiver.receiver import LOCK_FILE
@@ -149,11 +149,26 @@ def test_pg_wal_bytes_reads_across_segments_up_to_a_missing_one(tmp_path: Path) 
     assert b"".join(d for _, d in pg_wal_bytes(tmp_path, 1, SEG, start, end)) == bytes(
         w.out[start - START : end - START]
     )
+    # The WAL ends where the next segment's file does not exist (as recovery's ENOENT).
     (tmp_path / segment_file_name(1, START // SEG + 1, SEG)).unlink()
     assert b"".join(d for _, d in pg_wal_bytes(tmp_path, 1, SEG, start)) == bytes(
         w.out[start - START : SEG]
     )
-    assert list(pg_wal_bytes(tmp_path, 2, SEG, start)) == []  # another timeline's names
+    assert list(pg_wal_bytes(tmp_path, 1, SEG, START + SEG)) == []  # from its very start
+    # ... but never inside a segment: the WAL from there is not in that directory.
+    with pytest.raises(Unavailable, match="does not exist"):
+        list(pg_wal_bytes(tmp_path, 2, SEG, start))  # another timeline's names
+
+
+def test_pg_wal_bytes_fails_on_what_is_no_end_of_wal(tmp_path: Path) -> None:
+    """Any failure but a missing file is an error, not the end of the WAL (which would
+    make the history short of what the node flushed)."""
+    w = big_stream()
+    write_segments(tmp_path, w)
+    name = segment_file_name(1, START // SEG + 1, SEG)
+    os.truncate(tmp_path / name, SEG // 2)
+    with pytest.raises(CorruptData, match="is not a WAL segment"):
+        list(pg_wal_bytes(tmp_path, 1, SEG, START))
 
 
 def test_pg_wal_bytes_never_reads_through_a_link_or_a_fifo(tmp_path: Path) -> None:
@@ -164,10 +179,12 @@ def test_pg_wal_bytes_never_reads_through_a_link_or_a_fifo(tmp_path: Path) -> No
     pg_wal.mkdir()
     name = segment_file_name(1, START // SEG, SEG)
     (pg_wal / name).symlink_to(secret)
-    assert list(pg_wal_bytes(pg_wal, 1, SEG, START)) == []
+    with pytest.raises(Unavailable, match="cannot read"):
+        list(pg_wal_bytes(pg_wal, 1, SEG, START))
     (pg_wal / name).unlink()
     os.mkfifo(pg_wal / name)
-    assert list(pg_wal_bytes(pg_wal, 1, SEG, START)) == []  # not opened blocking either
+    with pytest.raises(CorruptData, match="not a regular file"):  # not opened blocking either
+        list(pg_wal_bytes(pg_wal, 1, SEG, START))
 
 
 def archived(w: WalWriter, archive_dir: Path, upto: int) -> None:
