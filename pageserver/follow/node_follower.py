@@ -53,6 +53,9 @@ PAUSE_CONNECT_WAIT = 15.0
 """Seconds a pause waits for a receiver being started to connect (NodeFollower.pause)."""
 # Errors the operator fixes (free space, remount read-write): ingest waits and retries then.
 STALL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+RECEIVER_KILL_AFTER = 1.0
+"""Seconds `take_tail` gives the receiver process to end on SIGTERM before it SIGKILLs it
+(it ends in a few ms; one signalled between its fork and its exec lost the signal)."""
 RECEIVER_EXIT_POLL = 0.002
 """How often `take_tail` looks whether the receiver process has given up the archive (a
 few ms after it is told to end)."""
@@ -652,7 +655,10 @@ class NodeFollower:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self.receiver.stop_streaming()
+        kill_at = loop.time() + RECEIVER_KILL_AFTER
         while not self.receiver.archive_released:
+            if loop.time() >= kill_at:
+                self.receiver.kill()
             if loop.time() >= deadline:
                 log.warning(
                     "node %s: its walreceiver still writes the archive after %g s: its WAL "

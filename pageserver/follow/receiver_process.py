@@ -226,6 +226,15 @@ class ReceiverProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        """SIGKILL the child: one that did not end when told (it may have been signalled
+        before it had exec'd, and lost it); the archive it leaves resumes at its valid
+        prefix (WalArchive.resume)."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
     @property
     def archive_released(self) -> bool:
         """No child writes the archive: none runs, or the one running reported that it ended

@@ -3,7 +3,12 @@ not decoded the stopped node's shutdown checkpoint in time, the checkout is refu
 anything changes and the node started again; the WAL then streams from its slot and the next
 checkout keeps every write in HEAD{i}. The lag is made deterministic by stopping (SIGSTOP)
 the node's walreceiver process, and the server's wal_sender_timeout is short so that its
-shutdown does not wait a minute for that receiver's reply."""
+shutdown does not wait a minute for that receiver's reply.
+
+This is the fast stop's wait: a checkout that patches the directory in place stops the node
+at once and takes its last WAL from pg_wal instead (SIGKILLing a receiver that does not end:
+tests/e2e/test_checkout_wal_tail.py). The node's hint mark is removed so that these checkouts
+stop it fast (cli/checkout.py _may_stop_at_once)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 from cli.context import App
+from cli.hints_mark import HINTS_MARK
 from cli.nodes import SHUTDOWN_CHECKPOINT_WAIT_ENV
 from cli.pageserver_control import local_api
 from pageserver_api.models import NodePauseRequest
@@ -30,6 +36,7 @@ def node_with_snapshot(neon: NeonCli) -> str:
     c = str(neon.json("pg", "show", "pgdata1")["connstr"])
     psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
     neon.run("snapshot", "create", "pgdata1@s")
+    (Path(str(neon.json("pg", "show", "pgdata1")["datadir"])) / HINTS_MARK).unlink()
     return c
 
 

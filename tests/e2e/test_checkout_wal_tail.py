@@ -22,6 +22,7 @@ from pageserver_api.client import PageserverClient
 from pageserver_api.models import BasebackupRequest
 from pg15.lsn import parse_lsn
 from tests.e2e.test_checkout_delta import connstr, datadir, node_dumps
+from tests.e2e.test_ingest_wait import receiver_pid
 from tests.e2e.test_pitr_faithfulness import amcheck, assert_same_dumps
 from tests.neoncli import NeonCli, psql
 from tests.page_compare import fork_pages, masked_page, relation_files
@@ -142,3 +143,25 @@ def test_a_checkout_takes_the_tail_of_a_node_found_crashed(neon: NeonCli) -> Non
     assert psql(c, "SELECT count(*) FROM t") == "1000"
     neon.run("pg", "checkout", "pgdata1@HEAD{0}")
     assert_same_dumps(node_dumps(c), live, "HEAD{0}: the crashed node's last commits")
+
+
+def test_a_receiver_that_does_not_end_is_killed_and_the_tail_taken(neon: NeonCli) -> None:
+    """The node's receiver process stopped (SIGSTOP): told to end it cannot, and it holds the
+    archive; a second later it is SIGKILLed and the tail taken from pg_wal as ever (a fast
+    stop's checkout waits for the shutdown checkpoint such a receiver never takes and is
+    refused: tests/e2e/test_checkout_short_head.py)."""
+    neon.run("pg", "create", "--port", str(free_port()))
+    c = connstr(neon)
+    psql(c, "CREATE TABLE t AS SELECT generate_series(1, 100) a")
+    neon.run("snapshot", "create", "pgdata1@s")
+    receiver = receiver_pid(neon)
+    os.kill(receiver, signal.SIGSTOP)
+    try:
+        psql(c, "INSERT INTO t SELECT generate_series(101, 150)")  # never received
+        neon.run("pg", "checkout", "pgdata1@s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(receiver, signal.SIGCONT)
+    assert psql(c, "SELECT count(*) FROM t") == "100"
+    neon.run("pg", "checkout", "pgdata1@HEAD{0}")
+    assert psql(c, "SELECT count(*) FROM t") == "150"
