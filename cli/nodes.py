@@ -29,7 +29,7 @@ from cli.pgbin import run_pg
 from cli.ports import port_is_free
 from cli.registry import NodeRow
 from cli.rest import control as rest_control
-from cli.secrets import generate_secret, read_secret, write_secret
+from cli.secrets import generate_secret, read_secret, scram_verifier, write_secret
 from cli.storages import DEFAULT_STORAGE, validate_name
 from cli.tablespace_mapping import (
     check_mapped,
@@ -297,6 +297,17 @@ def _single_user(node: NodeRow, sql: str, what: str) -> None:
     )
 
 
+def _password_sql(role: str, password: str) -> str:
+    """Set `role`'s password (its verifier: cli/secrets.py scram_verifier) unless the role
+    holds that verifier already, so that pg_authid is written only where it changes."""
+    verifier = scram_verifier(password)
+    return (
+        f"DO $neon$BEGIN IF (SELECT rolpassword FROM pg_authid WHERE rolname = '{role}') "
+        f"IS DISTINCT FROM '{verifier}' THEN ALTER ROLE {role} PASSWORD '{verifier}'; "
+        "END IF; END$neon$;\n"
+    )
+
+
 def _slot_sql(node: NodeRow) -> str:
     return f"SELECT pg_create_physical_replication_slot('{slot_name(node.id)}', true);\n"
 
@@ -310,7 +321,9 @@ def _initialize(app: App, node: NodeRow) -> None:
     _single_user(
         node,
         f"CREATE ROLE {node.replication_user} WITH LOGIN REPLICATION "
-        f"PASSWORD '{replication_password}';\n" + _slot_sql(node),
+        f"PASSWORD '{scram_verifier(replication_password)}';\n"
+        + _password_sql(node.superuser, password)  # initdb's with a salt of its own
+        + _slot_sql(node),
         "creating the replication role",
     )
 
@@ -341,8 +354,8 @@ def finish_datadir(app: App, node: NodeRow) -> None:
     sql = (
         ensure.format(role=node.superuser, attrs="SUPERUSER LOGIN")
         + ensure.format(role=node.replication_user, attrs="LOGIN REPLICATION")
-        + f"ALTER ROLE {node.superuser} PASSWORD '{password}';\n"
-        + f"ALTER ROLE {node.replication_user} PASSWORD '{replication_password}';\n"
+        + _password_sql(node.superuser, password)
+        + _password_sql(node.replication_user, replication_password)
         + _slot_sql(node)
     )
     _single_user(node, sql, f"preparing {node.datadir}")

@@ -15,6 +15,32 @@ MASK = "****"  # what listings, JSON and messages show instead of a secret
 SOURCES_HINT = "@FILE (@- for stdin), env:VAR or --prompt-secrets"
 
 
+def scram_verifier(password: str) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (`SCRAM-SHA-256$<iterations>
+    :<salt>$<StoredKey>:<ServerKey>`, base64: src/common/scram-common.c scram_build_secret),
+    with 4096 iterations and a salt derived from the password, so the same on every run.
+    `ALTER ROLE ... PASSWORD` stores a verifier as it is given, and the CLI sets a node's
+    passwords only where its role holds another one (cli/nodes.py): set with the password
+    itself (a new random salt each time), the single-user step of a checkout wrote pg_authid
+    at every run, so the next checkout's delta changed pg_authid and ran the step again, on
+    every checkout after one that had run it (60-70 ms each). The passwords are random
+    (generate_secret): a salt derived from one gives nothing away."""
+    import base64
+    import hashlib
+
+    from scramp import ScramMechanism
+
+    salt = hashlib.sha256(b"pg-neon SCRAM salt\0" + password.encode()).digest()[:16]
+    _salt, stored, server, iterations = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=4096, salt=salt
+    )
+    b64 = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
+        f"${b64(stored).decode()}:{b64(server).decode()}"
+    )
+
+
 def generate_secret(nbytes: int = 24) -> str:
     return _random.token_urlsafe(nbytes)
 

@@ -44,6 +44,7 @@ SECONDS: dict[str, float] = {
     "tests/pageserver/redo/test_native_redo.py": 32,
     "tests/pageserver/api/test_page_service.py": 31,
     "tests/e2e/test_disk_full.py": 30,
+    "tests/e2e/test_checkout_wal_tail.py": 30,
     "tests/pageserver/ingest/test_native_ingest.py": 30,
     "tests/e2e/test_pitr_gc.py": 29,
     "tests/pageserver/storage/layers/test_l0_merge.py": 29,

@@ -297,6 +297,28 @@ def test_checkout_in_place_sets_the_roles_only_where_pg_authid_changed(neon: Neo
     assert psql(c, "SELECT count(*), max(a) FROM t") == "1|2"
 
 
+def test_checkouts_after_a_single_user_run_keep_the_roles(neon: NeonCli) -> None:
+    """Once the single-user step ran (a role was made since the snapshot), the checkouts
+    back to that snapshot after it run it no more: it writes a password only where the role
+    holds another verifier (cli/secrets.py scram_verifier), so it left pg_authid as it was.
+    Set with new salts each time, it wrote pg_authid at every run, and every later
+    checkout's delta changed pg_authid, so it ran again (60-70 ms a checkout)."""
+    neon.run("pg", "create")
+    c = connstr(neon)
+    tcp = str(neon.json("pg", "show", "pgdata1")["tcp_connstr"])
+    psql(c, "CREATE TABLE t (a int)")
+    s = int(neon.json("snapshot", "create", "pgdata1@s")["lsn"])
+    psql(c, "CREATE ROLE someone")
+    neon.run("pg", "checkout", "pgdata1@s")
+    assert not on_branch_checkpoint(c, s)  # pg_authid changed: the step ran
+    assert psql(tcp, "SELECT count(*) FROM pg_roles WHERE rolname = 'someone'") == "0"
+    for _ in range(2):
+        psql(c, "INSERT INTO t VALUES (1)")
+        neon.run("pg", "checkout", "pgdata1@s")
+        assert on_branch_checkpoint(c, s)
+        assert psql(tcp, "SELECT count(*) FROM t") == "0"  # the node's password, over TCP
+
+
 @pytest.mark.parametrize("step", ["pgdata1.checkout.applying", "pgdata1.checkout.applied"])
 def test_checkout_in_place_killed_rolls_forward(neon: NeonCli, step: str) -> None:
     """Killed while the delta is applied (`.applying` present) or while the node's passwords
