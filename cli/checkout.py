@@ -206,8 +206,7 @@ def _may_stop_at_once(node: NodeRow) -> bool:
     and fsyncs every page the node dirtied, pages the delta rewrites anyway (a third of a
     1% checkout's stop, bench/README), and its WAL waits behind what the receiver has not
     streamed yet. A directory only a full rebuild takes keeps the fast stop."""
-    spaces = node.datadir / "pg_tblspc"
-    if spaces.is_dir() and any(spaces.iterdir()):
+    if checkout_files.has_tablespace_links(node.datadir):
         return False
     return hints_logged_from(node.datadir) is not None
 

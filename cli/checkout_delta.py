@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from cli.checkout_files import (
     applied_file,
     applying_file,
+    has_tablespace_links,
     old_wal_dir,
     remove_later,
     stale_dir,
@@ -178,8 +179,7 @@ def _eligible(datadir: Path, crash_end: int | None = None) -> tuple[int, int] | 
     stop. No page on disk is newer than that end: a page is written only after the WAL up to
     its LSN is flushed (the WAL-before-data rule, bufmgr.c FlushBuffer), and flushed WAL is
     valid WAL."""
-    spaces = datadir / "pg_tblspc"
-    if spaces.is_dir() and any(spaces.iterdir()):
+    if has_tablespace_links(datadir):
         return None
     control = read_control_file(datadir)
     mark = hints_logged_from(datadir)

@@ -16,6 +16,13 @@ from pathlib import Path
 from cli.registry import NodeRow
 
 
+def has_tablespace_links(datadir: Path) -> bool:
+    """The directory has tablespace links: only a full rebuild places the node's tablespaces
+    (cli/tablespace_restore.py), so neither an in-place checkout nor its immediate stop."""
+    spaces = datadir / "pg_tblspc"
+    return spaces.is_dir() and any(spaces.iterdir())
+
+
 def applying_file(node: NodeRow) -> Path:
     return node.datadir.with_name(node.datadir.name + ".checkout.applying")
 

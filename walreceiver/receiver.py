@@ -464,24 +464,37 @@ LOCK_FILE = ".receiver.lock"
 LOCK_WAIT_SECONDS = 30.0
 
 
+def open_archive_lock(directory: Path) -> int:
+    """The descriptor of the archive's lock file, for `try_archive_lock`: how the archive is
+    locked, by its receiver and by the pageserver appending a stopped node's WAL tail
+    (pageserver/follow/wal_tail.py)."""
+    return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def try_archive_lock(fd: int) -> bool:
+    """Take the exclusive lock of `open_archive_lock`'s descriptor, if no one holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 async def lock_archive_dir(directory: Path) -> int:
     """An exclusive lock on the archive, held for the life of this process (the fd stays
     open); a receiver of a killed parent may still be finishing, so wait for it."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_archive_lock(directory)
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise Conflict(
-                    f"another walreceiver holds {directory / LOCK_FILE} for more than "
-                    f"{LOCK_WAIT_SECONDS:.0f}s"
-                ) from None
-            await asyncio.sleep(0.1)
+    while not try_archive_lock(fd):
+        if time.monotonic() > deadline:
+            os.close(fd)
+            raise Conflict(
+                f"another walreceiver holds {directory / LOCK_FILE} for more than "
+                f"{LOCK_WAIT_SECONDS:.0f}s"
+            )
+        await asyncio.sleep(0.1)
+    return fd
 
 
 def progress_event(r: WalReceiver) -> dict[str, object]:

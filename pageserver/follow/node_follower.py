@@ -349,10 +349,10 @@ class NodeFollower:
                 if job is None and pos is None:
                     pos = self._stream_start  # no page history: decode what streams from now
                     continue
-            if job is not None or pos is None:  # pos is None only beside a job
-                if job is not None:
-                    self._run_tail_job(job, pos, prev)
+            if job is not None:
+                self._run_tail_job(job, pos, prev)
                 continue
+            assert pos is not None  # set above where no job was due
             try:
                 if archive is None:
                     archive = WalArchive(self.store.wal_dir, self._segment_size())

@@ -29,7 +29,6 @@ StartupXLOG), bytes the receiver then streams from there.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import time
@@ -41,7 +40,7 @@ from pg15.lsn import format_lsn, segment_file_name
 from pg15.xlog_reader import WalCorrupt, WalReader
 from proto.errors import CorruptData, Unavailable
 from walreceiver.archive import WalArchive
-from walreceiver.receiver import LOCK_FILE
+from walreceiver.receiver import open_archive_lock, try_archive_lock
 
 LOCK_WAIT = 5.0
 LOCK_POLL = 0.002
@@ -132,21 +131,17 @@ def valid_end(reader: WalReader, chunks: Iterable[tuple[int, bytes]]) -> int | N
 def locked_archive(directory: Path, segment_size: int) -> Iterator[WalArchive]:
     """The node's archive, for writing, under the lock a receiver process holds for its life
     (walreceiver/receiver.py lock_archive_dir): none may write it meanwhile."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_archive_lock(directory)
     try:
         deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise Unavailable(
-                        f"a walreceiver still writes {directory}: the node's WAL tail "
-                        "cannot be added to it now; try again once `neon pg show` says the "
-                        "node is paused"
-                    ) from None
-                time.sleep(LOCK_POLL)
+        while not try_archive_lock(fd):
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"a walreceiver still writes {directory}: the node's WAL tail "
+                    "cannot be added to it now; try again once `neon pg show` says the "
+                    "node is paused"
+                )
+            time.sleep(LOCK_POLL)
         yield WalArchive(directory, segment_size)
     finally:
         os.close(fd)
